@@ -1,0 +1,1 @@
+"""API clients, bearer tokens and roles for the local API."""

@@ -1,0 +1,282 @@
+"""The `entraide` command: set up, run and administer a node."""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
+import typer
+
+from app.audit.log import record
+from app.auth.service import Role, create_client, list_clients, revoke_client
+from app.config import Settings, get_settings
+from app.crypto.keys import (
+    KeyFileError,
+    NodeIdentity,
+    NodeKeys,
+    format_fingerprint,
+    keys_exist,
+    load_keys,
+    save_identity,
+    save_keys,
+)
+from app.db import unit_of_work
+from app.errors import EntraideError
+from app.migrate import pending, upgrade
+from app.node import Node, load_node
+from app.peers.client import make_http_client
+from app.peers.service import add_peer, list_peers
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+keys_app = typer.Typer(no_args_is_help=True, help="The node's own keys.")
+peers_app = typer.Typer(no_args_is_help=True, help="Pinned peer nodes.")
+clients_app = typer.Typer(no_args_is_help=True, help="API clients of the local API.")
+app.add_typer(keys_app, name="keys")
+app.add_typer(peers_app, name="peers")
+app.add_typer(clients_app, name="clients")
+
+
+def _operator() -> str:
+    try:
+        return f"operator:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "operator:unknown"
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code=1)
+
+
+def _node(settings: Settings) -> Node:
+    try:
+        node = load_node(settings)
+    except (KeyFileError, ValueError) as exc:
+        raise _fail(str(exc)) from exc
+    if pending(node.engine, settings.database_url):
+        node.close()
+        raise _fail("the database is not at the latest schema; run `entraide migrate`")
+    return node
+
+
+@app.command()
+def init(
+    authority_id: Annotated[str, typer.Option(help="This authority's id, e.g. ES/MJ")],
+    name: Annotated[str, typer.Option(help="The authority's name, as peers will see it")],
+    public_url: Annotated[str, typer.Option(help="The URL at which peers reach this node")],
+) -> None:
+    """Create the node's keys, migrate the database, and print the node's fingerprint."""
+    settings = get_settings()
+    keys_dir = settings.keys_dir
+    try:
+        Settings(authority_id=authority_id)
+    except ValueError as exc:
+        raise _fail(f"{authority_id!r} is not an authority id like ES/MJ") from exc
+    if keys_exist(keys_dir):
+        raise _fail(f"{keys_dir} already holds keys; refusing to overwrite them")
+    keys = NodeKeys.generate()
+    save_keys(keys_dir, keys)
+    save_identity(keys_dir, NodeIdentity(authority_id, name, public_url.rstrip("/")))
+    upgrade(settings.database_url)
+    node = load_node(settings)
+    try:
+        with unit_of_work(node.sessions) as session:
+            for purpose, kid in (
+                ("signing", keys.signing_kid),
+                ("encryption", keys.encryption_kid),
+                ("log", keys.log_kid),
+            ):
+                record(
+                    session,
+                    actor=_operator(),
+                    action="key.created",
+                    details={"purpose": purpose, "kid": kid},
+                )
+    finally:
+        node.close()
+    typer.echo(f"Node {authority_id} initialised; keys in {keys_dir}.")
+    typer.echo("Read this fingerprint to your peers' operators, out of band:")
+    typer.echo(format_fingerprint(keys.fingerprint))
+
+
+@app.command()
+def migrate() -> None:
+    """Bring the database schema to the latest migration."""
+    settings = get_settings()
+    upgrade(settings.database_url)
+    typer.echo("database schema is current")
+
+
+@keys_app.command("show")
+def keys_show() -> None:
+    """Print the node's fingerprint and key ids."""
+    settings = get_settings()
+    try:
+        keys = load_keys(settings.keys_dir)
+    except KeyFileError as exc:
+        raise _fail(str(exc)) from exc
+    typer.echo(f"signing key id:    {keys.signing_kid}")
+    typer.echo(f"encryption key id: {keys.encryption_kid}")
+    typer.echo(f"log key id:        {keys.log_kid}")
+    typer.echo(f"fingerprint:       {format_fingerprint(keys.fingerprint)}")
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on")] = 8600,
+) -> None:
+    """Run the node: local API, P2P API and the in-process delivery worker."""
+    import uvicorn
+
+    from app.main import create_app
+
+    settings = get_settings()
+    _node(settings).close()  # fail fast, with a clear message, on keys or schema problems
+    if settings.allow_insecure_http:
+        logging.getLogger("entraide").warning(
+            "ENTRAIDE_ALLOW_INSECURE_HTTP is on: peers may be reached over plain HTTP. "
+            "Use this only for development and tests."
+        )
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=False)
+
+
+@app.command()
+def worker() -> None:
+    """Run a standalone delivery worker (to scale out next to `serve`)."""
+    from app.delivery.worker import Worker
+
+    settings = get_settings()
+    node = _node(settings)
+    runner = Worker(node)
+
+    def _stop(_signum: int, _frame: FrameType | None) -> None:
+        runner.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        runner.run()
+    finally:
+        runner.http.close()
+        node.close()
+
+
+@peers_app.command("add")
+def peers_add(
+    url: Annotated[str, typer.Argument(help="The peer's base URL")],
+    fingerprint: Annotated[str, typer.Option(help="The fingerprint its operator read to you")],
+) -> None:
+    """Fetch a peer's identity document, check it against the fingerprint, and pin it."""
+    settings = get_settings()
+    node = _node(settings)
+    try:
+        with make_http_client(settings.peer_timeout_seconds) as http:
+            with unit_of_work(node.sessions) as session:
+                peer = add_peer(
+                    session,
+                    url=url,
+                    fingerprint=fingerprint,
+                    own_authority=node.authority_id,
+                    allow_insecure_http=settings.allow_insecure_http,
+                    http=http,
+                    actor=_operator(),
+                )
+                typer.echo(f"pinned {peer.authority_id} ({peer.name}) at {peer.public_url}")
+    except EntraideError as exc:
+        raise _fail(exc.detail) from exc
+    finally:
+        node.close()
+
+
+@peers_app.command("list")
+def peers_list() -> None:
+    """List pinned peers."""
+    node = _node(get_settings())
+    try:
+        with unit_of_work(node.sessions) as session:
+            for peer in list_peers(session):
+                typer.echo(
+                    f"{peer.authority_id}\t{peer.name}\t{peer.public_url}\t"
+                    f"{format_fingerprint(peer.fingerprint)}"
+                )
+    finally:
+        node.close()
+
+
+@clients_app.command("create")
+def clients_create(
+    name: Annotated[str, typer.Argument(help="A name for the calling system or person")],
+    role: Annotated[
+        list[Role] | None, typer.Option(help="Role; repeat to grant several explicitly")
+    ] = None,
+) -> None:
+    """Create an API client. The token is printed once, alone on the last line."""
+    roles = set(role or [Role.OFFICER])
+    node = _node(get_settings())
+    try:
+        with unit_of_work(node.sessions) as session:
+            client, token = create_client(session, name=name, roles=roles)
+            record(
+                session,
+                actor=_operator(),
+                action="client.created",
+                details={"client": name, "roles": client.roles},
+            )
+    except EntraideError as exc:
+        raise _fail(exc.detail) from exc
+    finally:
+        node.close()
+    typer.echo(f"created API client {name} with roles {client.roles}; the token follows,")
+    typer.echo("shown only this once (store it in the calling system's secret store):")
+    typer.echo(token)
+
+
+@clients_app.command("list")
+def clients_list() -> None:
+    """List API clients (never their tokens)."""
+    node = _node(get_settings())
+    try:
+        with unit_of_work(node.sessions) as session:
+            for client in list_clients(session):
+                state = "revoked" if client.revoked_at else "active"
+                typer.echo(f"{client.name}\t{client.roles}\t{state}")
+    finally:
+        node.close()
+
+
+@clients_app.command("revoke")
+def clients_revoke(name: Annotated[str, typer.Argument()]) -> None:
+    """Revoke an API client's token at once."""
+    node = _node(get_settings())
+    try:
+        with unit_of_work(node.sessions) as session:
+            revoke_client(session, name=name)
+            record(session, actor=_operator(), action="client.revoked", details={"client": name})
+    except EntraideError as exc:
+        raise _fail(exc.detail) from exc
+    finally:
+        node.close()
+    typer.echo(f"revoked {name}")
+
+
+@app.command()
+def demo(
+    workdir: Annotated[
+        Path | None, typer.Option(help="Keep the nodes' files here instead of a temp dir")
+    ] = None,
+) -> None:
+    """Start two real nodes and walk a request through its exchange, printing a timeline."""
+    from app.demo import run_demo
+
+    sys.exit(run_demo(workdir))
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    app()

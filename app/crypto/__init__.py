@@ -1,0 +1,1 @@
+"""Protocol v1 cryptography: node keys, identity documents, envelopes and receipts."""

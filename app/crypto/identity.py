@@ -1,0 +1,131 @@
+"""The node identity document served at /.well-known/entraide/node.
+
+It binds an authority id, a name and a public URL to the node's three public keys, and is
+self-signed with the signing key. Peers pin the SHA-256 fingerprint of that signing key,
+read to them out of band, so a forged document (other keys) never matches the pin.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from app.config import AUTHORITY_ID_PATTERN
+from app.crypto.encoding import (
+    DecodeError,
+    b64d,
+    b64e,
+    canonical_json,
+    format_time,
+    load_json_object,
+    parse_time,
+)
+from app.crypto.keys import NodeIdentity, NodeKeys, fingerprint, key_id
+from app.crypto.signing import DOMAIN_IDENTITY, sign, verify
+
+IDENTITY_TYPE = "entraide.node-identity"
+MAX_IDENTITY_BYTES = 16 * 1024
+
+
+class IdentityError(ValueError):
+    """An identity document that is malformed or whose signature does not verify."""
+
+
+@dataclass(frozen=True)
+class PublishedKey:
+    kid: str
+    public_key: bytes
+
+
+@dataclass(frozen=True)
+class PeerIdentity:
+    authority_id: str
+    name: str
+    public_url: str
+    issued_at: datetime
+    signing: PublishedKey
+    encryption: PublishedKey
+    log: PublishedKey
+    document: bytes
+    signature: bytes
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.signing.public_key)
+
+
+def build_identity_document(
+    identity: NodeIdentity, keys: NodeKeys, *, issued_at: datetime
+) -> dict[str, str]:
+    body: dict[str, Any] = {
+        "v": 1,
+        "type": IDENTITY_TYPE,
+        "authority_id": identity.authority_id,
+        "name": identity.name,
+        "public_url": identity.public_url,
+        "issued_at": format_time(issued_at),
+        "keys": {
+            "signing": {"kid": keys.signing_kid, "public_key": b64e(keys.signing_public)},
+            "encryption": {
+                "kid": keys.encryption_kid,
+                "public_key": b64e(keys.encryption_public),
+            },
+            "log": {"kid": keys.log_kid, "public_key": b64e(keys.log_public)},
+        },
+    }
+    document = canonical_json(body)
+    return {
+        "document": b64e(document),
+        "signature": b64e(sign(keys.signing, DOMAIN_IDENTITY, document)),
+    }
+
+
+def _published_key(keys: dict[str, Any], purpose: str) -> PublishedKey:
+    entry = keys.get(purpose)
+    if not isinstance(entry, dict):
+        raise IdentityError(f"identity document has no {purpose} key")
+    public_key = b64d(entry.get("public_key"), length=32)
+    kid = entry.get("kid")
+    if kid != key_id(public_key):
+        raise IdentityError(f"{purpose} key id does not match its public key")
+    return PublishedKey(kid=kid, public_key=public_key)
+
+
+def parse_identity_document(wire: object) -> PeerIdentity:
+    """Check shape and self-signature; the caller still checks the pinned fingerprint."""
+    if not isinstance(wire, dict) or set(wire) != {"document", "signature"}:
+        raise IdentityError("identity must be an object with 'document' and 'signature'")
+    try:
+        document = b64d(wire["document"])
+        signature = b64d(wire["signature"], length=64)
+        if len(document) > MAX_IDENTITY_BYTES:
+            raise IdentityError("identity document too large")
+        body = load_json_object(document)
+        if body.get("v") != 1 or body.get("type") != IDENTITY_TYPE:
+            raise IdentityError("not a version 1 Entraide identity document")
+        keys = body.get("keys")
+        if not isinstance(keys, dict):
+            raise IdentityError("identity document has no keys")
+        signing = _published_key(keys, "signing")
+        if not verify(signing.public_key, DOMAIN_IDENTITY, document, signature):
+            raise IdentityError("identity document signature does not verify")
+        authority_id, name, url = body.get("authority_id"), body.get("name"), body.get("public_url")
+        if not isinstance(authority_id, str) or not re.match(AUTHORITY_ID_PATTERN, authority_id):
+            raise IdentityError("identity document has an invalid authority id")
+        if not isinstance(name, str) or not isinstance(url, str):
+            raise IdentityError("identity document lacks a name or public URL")
+        return PeerIdentity(
+            authority_id=authority_id,
+            name=name,
+            public_url=url,
+            issued_at=parse_time(body.get("issued_at")),
+            signing=signing,
+            encryption=_published_key(keys, "encryption"),
+            log=_published_key(keys, "log"),
+            document=document,
+            signature=signature,
+        )
+    except DecodeError as exc:
+        raise IdentityError(f"malformed identity document: {exc}") from exc

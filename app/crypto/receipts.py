@@ -1,0 +1,146 @@
+"""Signed delivery receipts: the recipient's proof that it received exactly this envelope.
+
+The sender keeps the receipt forever; it is the non-repudiation-of-receipt evidence. It says
+nothing about the request's business state (that is a signed message in the conversation).
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from nacl.signing import SigningKey
+
+from app.crypto.encoding import (
+    DecodeError,
+    b64d,
+    b64e,
+    canonical_json,
+    format_time,
+    load_json_object,
+    parse_time,
+)
+from app.crypto.signing import DOMAIN_RECEIPT, sign, verify
+
+RECEIPT_TYPE = "entraide.receipt"
+RECEIPT_FIELDS = {
+    "v",
+    "type",
+    "msg_id",
+    "envelope_hash",
+    "from",
+    "to",
+    "received_at",
+    "status",
+    "signer_kid",
+    "checkpoint",
+}
+MAX_RECEIPT_BYTES = 16 * 1024
+
+
+class ReceiptError(ValueError):
+    """A receipt that is malformed, does not verify, or is for another envelope."""
+
+
+@dataclass(frozen=True)
+class SignedReceipt:
+    body: bytes
+    signature: bytes
+
+    def to_wire(self) -> dict[str, str]:
+        return {"receipt": b64e(self.body), "signature": b64e(self.signature)}
+
+
+@dataclass(frozen=True)
+class Receipt:
+    msg_id: str
+    envelope_hash: str
+    from_authority: str
+    to_authority: str
+    received_at: datetime
+    status: str
+    signer_kid: str
+    checkpoint: str | None
+
+
+def issue_receipt(
+    signing_key: SigningKey,
+    *,
+    signer_kid: str,
+    msg_id: str,
+    envelope_hash: str,
+    from_authority: str,
+    to_authority: str,
+    received_at: datetime,
+    checkpoint: str | None,
+) -> SignedReceipt:
+    body = canonical_json(
+        {
+            "v": 1,
+            "type": RECEIPT_TYPE,
+            "msg_id": msg_id,
+            "envelope_hash": envelope_hash,
+            "from": from_authority,
+            "to": to_authority,
+            "received_at": format_time(received_at),
+            "status": "accepted",
+            "signer_kid": signer_kid,
+            "checkpoint": checkpoint,
+        }
+    )
+    return SignedReceipt(body=body, signature=sign(signing_key, DOMAIN_RECEIPT, body))
+
+
+def decode_receipt(wire: object) -> SignedReceipt:
+    if not isinstance(wire, dict) or set(wire) != {"receipt", "signature"}:
+        raise ReceiptError("a receipt is an object with exactly 'receipt' and 'signature'")
+    try:
+        body = b64d(wire["receipt"])
+        signature = b64d(wire["signature"], length=64)
+    except DecodeError as exc:
+        raise ReceiptError(f"malformed receipt: {exc}") from exc
+    if len(body) > MAX_RECEIPT_BYTES:
+        raise ReceiptError("receipt too large")
+    return SignedReceipt(body=body, signature=signature)
+
+
+def verify_receipt(
+    signed: SignedReceipt,
+    *,
+    signer_public: bytes,
+    msg_id: str,
+    envelope_hash: str,
+    from_authority: str,
+    to_authority: str,
+) -> Receipt:
+    """Check the signature, then that the receipt is for exactly the envelope we sent."""
+    if not verify(signer_public, DOMAIN_RECEIPT, signed.body, signed.signature):
+        raise ReceiptError("receipt signature does not verify")
+    try:
+        body: dict[str, Any] = load_json_object(signed.body)
+        if set(body) != RECEIPT_FIELDS or body["v"] != 1 or body["type"] != RECEIPT_TYPE:
+            raise ReceiptError("not a version 1 receipt")
+        receipt = Receipt(
+            msg_id=str(body["msg_id"]),
+            envelope_hash=str(body["envelope_hash"]),
+            from_authority=str(body["from"]),
+            to_authority=str(body["to"]),
+            received_at=parse_time(body["received_at"]),
+            status=str(body["status"]),
+            signer_kid=str(body["signer_kid"]),
+            checkpoint=body["checkpoint"] if isinstance(body["checkpoint"], str) else None,
+        )
+    except DecodeError as exc:
+        raise ReceiptError(f"malformed receipt: {exc}") from exc
+    matches = (
+        hmac.compare_digest(receipt.msg_id, msg_id)
+        and hmac.compare_digest(receipt.envelope_hash, envelope_hash)
+        and receipt.from_authority == from_authority
+        and receipt.to_authority == to_authority
+        and receipt.status == "accepted"
+    )
+    if not matches:
+        raise ReceiptError("receipt is not for the envelope that was sent")
+    return receipt

@@ -1,0 +1,1 @@
+"""Delivering outbound envelopes to peers and collecting their signed receipts."""

@@ -1,0 +1,74 @@
+"""Domain errors, each carrying its HTTP status and a stable machine-readable code.
+
+    EntraideError
+    ├── BadRequest (400)            malformed input the schema could not catch
+    ├── Unauthenticated (401)       missing, unknown, expired or revoked token
+    ├── Forbidden (403)             authenticated but not allowed
+    ├── NotFound (404)
+    ├── Conflict (409)
+    ├── PayloadTooLarge (413)
+    ├── PeerError (502)             a peer answered badly or not at all
+    └── EnvelopeRefused (4xx)       a P2P envelope failed one of the receiver's checks;
+                                    `code` names the check (see docs/protocol.md)
+
+Services raise these; one handler in `app.main` turns them into
+`{"error": code, "detail": detail}`. Messages never contain secrets or request content.
+"""
+
+from __future__ import annotations
+
+
+class EntraideError(Exception):
+    status_code: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, detail: str, *, code: str | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        if code is not None:
+            self.code = code
+
+
+class BadRequest(EntraideError):
+    status_code = 400
+    code = "bad_request"
+
+
+class Unauthenticated(EntraideError):
+    status_code = 401
+    code = "unauthenticated"
+
+
+class Forbidden(EntraideError):
+    status_code = 403
+    code = "forbidden"
+
+
+class NotFound(EntraideError):
+    status_code = 404
+    code = "not_found"
+
+
+class Conflict(EntraideError):
+    status_code = 409
+    code = "conflict"
+
+
+class PayloadTooLarge(EntraideError):
+    status_code = 413
+    code = "too_large"
+
+
+class PeerError(EntraideError):
+    status_code = 502
+    code = "peer_error"
+
+
+class EnvelopeRefused(EntraideError):
+    """A received envelope failed a check; nothing of it was stored."""
+
+    status_code = 400
+
+    def __init__(self, code: str, detail: str, *, status_code: int = 400) -> None:
+        super().__init__(detail, code=code)
+        self.status_code = status_code

@@ -1,0 +1,196 @@
+"""The application factory: routers, error handling, limits and the node's lifespan."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.config import Settings, get_settings
+from app.crypto.encoding import utc_now
+from app.crypto.identity import build_identity_document
+from app.delivery.worker import Worker
+from app.deps import PUBLIC, NodeDep
+from app.errors import EntraideError
+from app.node import Node, load_node
+from app.p2p.router import router as p2p_router
+from app.peers.router import router as peers_router
+from app.requests.router import router as requests_router
+
+log = logging.getLogger(__name__)
+
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cache-control", b"no-store"),
+    (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'"),
+]
+
+
+class LimitsAndHeaders:
+    """Refuse oversized bodies before any parsing (413), and add security headers.
+
+    The body is read here, up to the limit, and replayed to the app: the app never sees a
+    body over the limit, however it is sent (Content-Length or chunked).
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
+            await send(message)
+
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
+            await self._too_large(send_with_headers)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                await self._too_large(send_with_headers)
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> MutableMapping[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send_with_headers)
+
+    async def _too_large(self, send: Callable[[MutableMapping[str, Any]], Awaitable[None]]) -> None:
+        response = JSONResponse(
+            {"error": "too_large", "detail": f"body larger than {self.max_body_bytes} bytes"},
+            status_code=413,
+        )
+        await send({"type": "http.response.start", "status": 413, "headers": response.raw_headers})
+        await send({"type": "http.response.body", "body": response.body})
+
+
+def _error(status: int, code: str, detail: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail, **extra}, status_code=status)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(EntraideError)
+    async def _domain(_request: Request, exc: EntraideError) -> JSONResponse:
+        return _error(exc.status_code, exc.code, exc.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Field locations and reasons only: echoing the input could leak request content.
+        fields = [
+            {"loc": list(error.get("loc", ())), "msg": error.get("msg"), "type": error.get("type")}
+            for error in exc.errors()[:50]
+        ]
+        return _error(
+            422, "invalid_request", "the request does not match the schema", fields=fields
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error(exc.status_code, code, str(exc.detail))
+
+
+def _public_routes(app: FastAPI) -> None:
+    @app.get("/.well-known/entraide/node", dependencies=[Depends(PUBLIC)], tags=["public"])
+    def identity_document(request: Request) -> dict[str, str]:
+        document: dict[str, str] = request.app.state.identity_document
+        return document
+
+    @app.get("/healthz", dependencies=[Depends(PUBLIC)], tags=["public"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", dependencies=[Depends(PUBLIC)], tags=["public"])
+    def readyz(request: Request, node: NodeDep) -> JSONResponse:
+        checks: dict[str, str] = {}
+        try:
+            with node.engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+        except Exception as exc:  # any driver failure means "not ready", never a 500
+            checks["database"] = f"failing: {type(exc).__name__}"
+        thread: threading.Thread | None = request.app.state.worker_thread
+        if node.settings.run_worker:
+            checks["worker"] = "ok" if thread is not None and thread.is_alive() else "failing"
+        ready = all(value == "ok" for value in checks.values())
+        return JSONResponse(
+            {"status": "ready" if ready else "not_ready", "checks": checks},
+            status_code=200 if ready else 503,
+        )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        node = load_node(settings)
+        app.state.node = node
+        app.state.identity_document = build_identity_document(
+            node.identity, node.keys, issued_at=utc_now()
+        )
+        worker: Worker | None = None
+        app.state.worker_thread = None
+        if settings.run_worker:
+            worker = Worker(node)
+            thread = threading.Thread(target=worker.run, name="delivery-worker", daemon=True)
+            thread.start()
+            app.state.worker_thread = thread
+        try:
+            yield
+        finally:
+            if worker is not None:
+                worker.stop()
+                app.state.worker_thread.join(timeout=settings.peer_timeout_seconds + 5)
+                worker.http.close()
+            node.close()
+
+    app = FastAPI(
+        title="Entraide node",
+        version="0.1.0",
+        lifespan=lifespan,
+        summary="Gateway for sealed international cooperation requests",
+    )
+    install_error_handlers(app)
+    _public_routes(app)
+    app.include_router(requests_router)
+    app.include_router(peers_router)
+    app.include_router(p2p_router)
+    app.add_middleware(LimitsAndHeaders, max_body_bytes=settings.max_body_bytes)
+    return app
+
+
+__all__ = ["Node", "create_app"]

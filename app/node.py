@@ -1,0 +1,51 @@
+"""The running node's resources, built once by the app's lifespan or a CLI command."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.config import Settings
+from app.crypto.keys import NodeIdentity, NodeKeys, load_identity, load_keys
+from app.db import make_engine, make_session_factory
+
+
+@dataclass
+class Node:
+    settings: Settings
+    identity: NodeIdentity
+    keys: NodeKeys
+    engine: Engine
+    sessions: sessionmaker[Session]
+    # Set when new outbound work is committed, so the in-process worker need not wait for
+    # its next poll. Only a hint: the outbox table is the source of truth.
+    outbox_signal: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def authority_id(self) -> str:
+        return self.identity.authority_id
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def load_node(settings: Settings) -> Node:
+    identity = load_identity(settings.keys_dir)
+    if settings.authority_id and settings.authority_id != identity.authority_id:
+        raise ValueError(
+            f"ENTRAIDE_AUTHORITY_ID is {settings.authority_id} but the keys in "
+            f"{settings.keys_dir} belong to {identity.authority_id}"
+        )
+    if settings.public_url and settings.public_url != identity.public_url:
+        identity = NodeIdentity(identity.authority_id, identity.name, settings.public_url)
+    engine = make_engine(settings.database_url)
+    return Node(
+        settings=settings,
+        identity=identity,
+        keys=load_keys(settings.keys_dir),
+        engine=engine,
+        sessions=make_session_factory(engine),
+    )

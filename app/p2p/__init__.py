@@ -1,0 +1,1 @@
+"""The peer-to-peer API: what other nodes call."""

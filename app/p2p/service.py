@@ -1,0 +1,216 @@
+"""Accepting an envelope from a peer, with the receiver's checks in the protocol's order.
+
+Cheap checks come first (shape, sizes, known sender, signature, addressee, time, replay);
+only then the key unwrap and decryption. Any failure raises `EnvelopeRefused` with its code,
+and the caller records the refusal in the audit log in a transaction of its own, so a
+refused envelope leaves exactly one trace and stores nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from pydantic import ValidationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.audit.log import record, signed_checkpoint
+from app.crypto import envelope as env
+from app.crypto.encoding import DecodeError, b64d, utc_now
+from app.crypto.receipts import SignedReceipt, issue_receipt
+from app.domain.document import RequestDocument
+from app.domain.messages import MessageDocument
+from app.errors import EnvelopeRefused
+from app.models import CaseFile, Message, Peer, Receipt
+from app.node import Node
+from app.requests.status import RECEIVED, status_after_message
+from app.requests.store import store_envelope
+
+MAX_TTL = timedelta(days=30)
+
+
+@dataclass(frozen=True)
+class Accepted:
+    receipt: SignedReceipt
+    created: bool  # False when this was a repeat answered with the stored receipt
+
+
+def _refuse(code: str, detail: str, status: int = 400) -> EnvelopeRefused:
+    return EnvelopeRefused(code, detail, status_code=status)
+
+
+def _check_time(node: Node, header: env.Header) -> None:
+    now = utc_now()
+    skew = timedelta(seconds=node.settings.clock_skew_seconds)
+    if header.created_at > now + skew:
+        raise _refuse("not_yet_valid", "the envelope was created in the future")
+    if header.expires_at <= now:
+        raise _refuse("expired", "the envelope has expired")
+    if header.expires_at - header.created_at > MAX_TTL or header.expires_at < header.created_at:
+        raise _refuse("malformed_header", "the envelope's lifetime is invalid")
+
+
+def _stored_receipt(session: Session, message: Message) -> SignedReceipt:
+    receipt = session.scalar(select(Receipt).where(Receipt.message_id == message.id))
+    if receipt is None:  # an inbound message always has its receipt in the same transaction
+        raise RuntimeError(f"inbound message {message.msg_id} has no stored receipt")
+    return SignedReceipt(body=receipt.body, signature=receipt.signature)
+
+
+def _check_content(header: env.Header, opened: env.Opened, case: CaseFile | None) -> str:
+    """Validate the decrypted document against our schema; return the message type."""
+    content = opened.manifest.get("content")
+    if not isinstance(content, dict):
+        raise _refuse("invalid_content", "the manifest has no content", 422)
+    kind = content.get("kind")
+    try:
+        if kind == "request":
+            if case is not None or header.in_reply_to is not None:
+                raise _refuse("unknown_conversation", "a request must open a conversation", 409)
+            document = RequestDocument.model_validate(content.get("document"))
+            if (
+                document.requesting_authority != header.from_authority
+                or document.requested_authority != header.to_authority
+            ):
+                raise _refuse("manifest_mismatch", "the document names other authorities")
+            return "request"
+        if kind == "message":
+            if case is None:
+                raise _refuse("unknown_conversation", "no such conversation", 409)
+            return MessageDocument.model_validate(content.get("document")).type.value
+    except ValidationError as exc:
+        raise _refuse(
+            "invalid_content", f"the document fails validation ({exc.error_count()} errors)", 422
+        ) from exc
+    raise _refuse("invalid_content", "unknown content kind", 422)
+
+
+def accept_envelope(session: Session, node: Node, *, wire: object) -> Accepted:
+    settings = node.settings
+    try:
+        envelope = env.decode_wire(
+            wire, max_parts=settings.max_envelope_parts, max_header_bytes=settings.max_header_bytes
+        )
+        if len(envelope.header) > settings.max_header_bytes:
+            raise _refuse("too_large", "header too large", 413)
+        header = env.parse_header(envelope.header, len(envelope.parts))
+    except env.EnvelopeError as exc:
+        raise _refuse(exc.code, exc.detail, 413 if exc.code == "too_large" else 400) from exc
+
+    peer = session.scalar(select(Peer).where(Peer.authority_id == header.from_authority))
+    if peer is None:
+        raise _refuse("unknown_sender", "the sender is not a pinned peer of this node", 403)
+    if header.from_sig_kid != peer.signing_kid:
+        raise _refuse("unknown_key", "the envelope is signed with a key not pinned here", 403)
+    try:
+        env.verify_header_signature(envelope, peer.signing_key)
+    except env.EnvelopeError as exc:
+        raise _refuse(exc.code, exc.detail) from exc
+    if header.to_authority != node.authority_id:
+        raise _refuse("not_addressed_to_us", "the envelope is addressed to another authority", 421)
+    _check_time(node, header)
+
+    existing = session.scalar(select(Message).where(Message.msg_id == header.msg_id))
+    if existing is not None:
+        if existing.direction == "inbound" and existing.envelope_hash == envelope.envelope_hash:
+            return Accepted(receipt=_stored_receipt(session, existing), created=False)
+        raise _refuse("replayed", "this message id was already used for another envelope", 409)
+
+    try:
+        content_key = env.unwrap_content_key(header, node.keys)
+        env.check_commitment(header, content_key)
+        env.check_parts(header, envelope.parts)
+        opened = env.check_manifest(header, env.decrypt_parts(header, envelope.parts, content_key))
+    except env.EnvelopeError as exc:
+        raise _refuse(exc.code, exc.detail) from exc
+
+    case = session.get(CaseFile, header.conversation_id)
+    if case is not None and case.peer_authority != header.from_authority:
+        raise _refuse("unknown_conversation", "no such conversation with this sender", 409)
+    message_type = _check_content(header, opened, case)
+
+    now = utc_now()
+    if case is None:
+        urgency = opened.manifest["content"]["document"].get("urgency", {}).get("level", "routine")
+        case = CaseFile(
+            id=header.conversation_id,
+            direction="inbound",
+            peer_authority=header.from_authority,
+            status=RECEIVED,
+            urgency=str(urgency),
+            created_at=now,
+            updated_at=now,
+        )
+        session.add(case)
+        session.flush()
+    else:
+        case.status = status_after_message(case.status, message_type)
+        case.updated_at = now
+    message = store_envelope(
+        session, case=case, envelope=envelope, header=header, direction="inbound", received_at=now
+    )
+    actor = f"peer:{header.from_authority}"
+    record(
+        session,
+        actor=actor,
+        action="envelope.received",
+        request_id=case.id,
+        msg_id=header.msg_id,
+        peer=header.from_authority,
+        details={"envelope_hash": envelope.envelope_hash, "type": message_type},
+    )
+    record(
+        session,
+        actor="node",
+        action="receipt.issued",
+        request_id=case.id,
+        msg_id=header.msg_id,
+        peer=header.from_authority,
+        details={"envelope_hash": envelope.envelope_hash},
+    )
+    receipt = issue_receipt(
+        node.keys.signing,
+        signer_kid=node.keys.signing_kid,
+        msg_id=header.msg_id,
+        envelope_hash=envelope.envelope_hash,
+        from_authority=header.from_authority,
+        to_authority=header.to_authority,
+        received_at=now,
+        checkpoint=signed_checkpoint(
+            session, authority_id=node.authority_id, log_key=node.keys.log
+        ),
+    )
+    session.add(
+        Receipt(
+            message_id=message.id,
+            body=receipt.body,
+            signature=receipt.signature,
+            signer_kid=node.keys.signing_kid,
+            received_at=now,
+            stored_at=now,
+        )
+    )
+    session.flush()
+    return Accepted(receipt=receipt, created=True)
+
+
+def record_refusal(session: Session, *, wire: object, refusal: EnvelopeRefused) -> None:
+    """Audit a refused envelope with whatever routing facts can be read without trusting it."""
+    claimed_sender: str | None = None
+    claimed_msg_id: str | None = None
+    if isinstance(wire, dict) and isinstance(wire.get("header"), str):
+        try:
+            header = env.parse_header(b64d(wire["header"]), len(wire.get("parts") or []))
+            claimed_sender, claimed_msg_id = header.from_authority[:40], header.msg_id
+        except (env.EnvelopeError, DecodeError, TypeError):
+            pass
+    record(
+        session,
+        actor=f"peer:{claimed_sender}" if claimed_sender else "peer:unknown",
+        action="envelope.refused",
+        outcome=refusal.code,
+        msg_id=claimed_msg_id,
+        peer=claimed_sender,
+        details={"code": refusal.code, "detail": refusal.detail, "claimed": True},
+    )

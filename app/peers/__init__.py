@@ -1,0 +1,1 @@
+"""Pinned peer nodes: adding them by URL and fingerprint, and calling them."""

@@ -1,0 +1,42 @@
+"""Local API: pinning and listing peers (role: admin)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from app.audit.log import record_alone
+from app.deps import AdminDep, NodeDep, SessionDep
+from app.errors import EntraideError
+from app.peers import service
+from app.peers.client import make_http_client
+from app.peers.schemas import AddPeer, PeerView
+
+router = APIRouter(prefix="/api/v1/admin/peers", tags=["admin"])
+
+
+@router.post("", status_code=201)
+def add_peer(body: AddPeer, session: SessionDep, node: NodeDep, principal: AdminDep) -> PeerView:
+    actor = f"client:{principal.name}"
+    try:
+        with make_http_client(node.settings.peer_timeout_seconds) as http:
+            peer = service.add_peer(
+                session,
+                url=body.url,
+                fingerprint=body.fingerprint,
+                own_authority=node.authority_id,
+                allow_insecure_http=node.settings.allow_insecure_http,
+                http=http,
+                actor=actor,
+            )
+    except EntraideError as exc:
+        details = {"url": body.url, "detail": exc.detail}
+        record_alone(
+            node.sessions, actor=actor, action="peer.add", outcome=exc.code, details=details
+        )
+        raise
+    return PeerView.of(peer)
+
+
+@router.get("")
+def list_peers(session: SessionDep, principal: AdminDep) -> list[PeerView]:
+    return [PeerView.of(peer) for peer in service.list_peers(session)]

@@ -1,0 +1,1 @@
+"""The local API for the authority's own systems: requests, messages, attachments."""

@@ -1,0 +1,92 @@
+"""Local API: requests, their conversations and attachments (role: officer)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+from urllib.parse import quote
+
+from fastapi import APIRouter, Path, Query, Response
+
+from app.deps import NodeDep, OfficerDep, SessionDep
+from app.requests import schemas, service
+
+router = APIRouter(prefix="/api/v1/requests", tags=["requests"])
+
+RequestId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
+MsgId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
+
+
+def _submitted(case_id: str, msg_id: str, status: str) -> schemas.Submitted:
+    return schemas.Submitted(id=case_id, msg_id=msg_id, status=status, delivery="queued")
+
+
+@router.post("", status_code=201)
+def submit_request(
+    body: schemas.SubmitRequest, session: SessionDep, node: NodeDep, principal: OfficerDep
+) -> schemas.Submitted:
+    case, message = service.submit_request(session, node, body=body, principal=principal)
+    return _submitted(case.id, message.msg_id, case.status)
+
+
+@router.get("")
+def list_requests(
+    session: SessionDep,
+    principal: OfficerDep,
+    direction: Literal["inbound", "outbound"] | None = None,
+    status: Annotated[str | None, Query(max_length=40)] = None,
+    peer: Annotated[str | None, Query(max_length=40)] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> schemas.RequestPage:
+    return service.list_requests(
+        session, direction=direction, status=status, peer=peer, limit=limit, cursor=cursor
+    )
+
+
+@router.get("/{request_id}")
+def read_request(
+    request_id: RequestId, session: SessionDep, node: NodeDep, principal: OfficerDep
+) -> schemas.RequestDetail:
+    return service.read_request(session, node, request_id=request_id, principal=principal)
+
+
+@router.post("/{request_id}/messages", status_code=201)
+def add_message(
+    request_id: RequestId,
+    body: schemas.SubmitMessage,
+    session: SessionDep,
+    node: NodeDep,
+    principal: OfficerDep,
+) -> schemas.Submitted:
+    case, message = service.add_message(
+        session, node, request_id=request_id, body=body, principal=principal
+    )
+    return _submitted(case.id, message.msg_id, case.status)
+
+
+@router.get(
+    "/{request_id}/messages/{msg_id}/attachments/{index}",
+    response_class=Response,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+def download_attachment(
+    request_id: RequestId,
+    msg_id: MsgId,
+    index: Annotated[int, Path(ge=1, le=1000)],
+    session: SessionDep,
+    node: NodeDep,
+    principal: OfficerDep,
+) -> Response:
+    download = service.read_attachment(
+        session, node, request_id=request_id, msg_id=msg_id, index=index, principal=principal
+    )
+    # The media type is the peer's claim: it is reported, never used to render the bytes.
+    return Response(
+        content=download.data,
+        media_type="application/octet-stream",
+        headers={
+            "content-disposition": f"attachment; filename*=UTF-8''{quote(download.name)}",
+            "x-entraide-media-type": download.media_type,
+            "x-entraide-sha256": download.sha256,
+        },
+    )

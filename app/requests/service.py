@@ -1,0 +1,421 @@
+"""Submitting requests and messages, listing and reading them.
+
+Sealing happens in the HTTP request's unit of work: the message row, its sealed parts, its
+outbox row and the audit entries commit together, so an accepted request is never lost and
+never exists without its record. Decryption happens only for an authorised reader, and each
+read is itself an audit entry.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import event, or_, select
+from sqlalchemy.orm import Session
+
+from app.audit.log import record
+from app.auth.service import Principal
+from app.crypto.encoding import b64e, format_time, parse_time, utc_now
+from app.crypto.envelope import (
+    Attachment,
+    EnvelopeError,
+    Header,
+    Opened,
+    Recipient,
+    WireEnvelope,
+    open_envelope,
+    parse_header,
+    seal,
+)
+from app.crypto.randomness import SystemRandomness
+from app.errors import BadRequest, EntraideError, NotFound, PayloadTooLarge
+from app.models import CaseFile, Message, OutboxItem, Peer, Receipt
+from app.node import Node
+from app.peers.service import get_peer
+from app.requests import schemas
+from app.requests.status import QUEUED, status_after_message
+from app.requests.store import load_envelope, store_envelope
+
+OUTBOUND = "outbound"
+INBOUND = "inbound"
+
+
+class StoredEnvelopeCorrupt(EntraideError):
+    """A stored envelope no longer opens: storage was altered or damaged. Never input."""
+
+    status_code = 500
+    code = "stored_envelope_corrupt"
+
+
+@dataclass(frozen=True)
+class Download:
+    name: str
+    media_type: str
+    sha256: str
+    data: bytes
+
+
+def actor_of(principal: Principal) -> str:
+    return f"client:{principal.name}"
+
+
+def _attachments(node: Node, items: list[schemas.InlineAttachment]) -> list[Attachment]:
+    attachments = []
+    for item in items:
+        data = item.content()
+        if len(data) > node.settings.max_attachment_bytes:
+            raise PayloadTooLarge(
+                f"attachment {item.name!r} exceeds {node.settings.max_attachment_bytes} bytes"
+            )
+        attachments.append(Attachment(name=item.name, media_type=item.media_type, data=data))
+    return attachments
+
+
+def _seal_and_queue(
+    session: Session,
+    node: Node,
+    *,
+    case_id: str | None,
+    peer: Peer,
+    content: dict[str, Any],
+    attachments: list[Attachment],
+    in_reply_to: str | None,
+) -> tuple[WireEnvelope, Header]:
+    envelope = seal(
+        sender_keys=node.keys,
+        sender_authority=node.authority_id,
+        recipient=Recipient(peer.authority_id, peer.encryption_key),
+        content=content,
+        attachments=attachments,
+        conversation_id=case_id,
+        in_reply_to=in_reply_to,
+        created_at=utc_now(),
+        ttl=timedelta(seconds=node.settings.envelope_ttl_seconds),
+        randomness=SystemRandomness(),
+    )
+    return envelope, parse_header(envelope.header, len(envelope.parts))
+
+
+def _store_outbound(
+    session: Session,
+    node: Node,
+    *,
+    case: CaseFile,
+    envelope: WireEnvelope,
+    header: Header,
+    actor: str,
+) -> Message:
+    message = store_envelope(
+        session, case=case, envelope=envelope, header=header, direction=OUTBOUND, received_at=None
+    )
+    session.add(
+        OutboxItem(
+            message_id=message.id,
+            peer_authority=case.peer_authority,
+            state="queued",
+            attempts=0,
+            next_attempt_at=utc_now(),
+            created_at=utc_now(),
+        )
+    )
+    record(
+        session,
+        actor=actor,
+        action="envelope.sealed",
+        request_id=case.id,
+        msg_id=header.msg_id,
+        peer=case.peer_authority,
+        details={"envelope_hash": envelope.envelope_hash, "size": message.size_bytes},
+    )
+    # Wake the in-process worker once the rows are visible to it, not before.
+    event.listen(session, "after_commit", lambda _session: node.outbox_signal.set(), once=True)
+    return message
+
+
+def submit_request(
+    session: Session, node: Node, *, body: schemas.SubmitRequest, principal: Principal
+) -> tuple[CaseFile, Message]:
+    document = body.document
+    if document.requesting_authority != node.authority_id:
+        raise BadRequest(
+            f"document.requesting_authority must be this node's authority, {node.authority_id}",
+            code="wrong_requesting_authority",
+        )
+    if document.requested_authority != body.to:
+        raise BadRequest("document.requested_authority must equal 'to'", code="recipient_mismatch")
+    peer = get_peer(session, body.to)
+    envelope, header = _seal_and_queue(
+        session,
+        node,
+        case_id=None,
+        peer=peer,
+        content={"kind": "request", "document": document.model_dump(mode="json")},
+        attachments=_attachments(node, body.attachments),
+        in_reply_to=None,
+    )
+    now = utc_now()
+    case = CaseFile(
+        id=header.conversation_id,
+        direction=OUTBOUND,
+        peer_authority=peer.authority_id,
+        status=QUEUED,
+        urgency=document.urgency.level.value,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(case)
+    session.flush()
+    record(
+        session,
+        actor=actor_of(principal),
+        action="request.submitted",
+        request_id=case.id,
+        msg_id=header.msg_id,
+        peer=peer.authority_id,
+        details={"attachments": len(body.attachments), "urgency": case.urgency},
+    )
+    message = _store_outbound(
+        session, node, case=case, envelope=envelope, header=header, actor=actor_of(principal)
+    )
+    return case, message
+
+
+def get_case(session: Session, request_id: str) -> CaseFile:
+    case = session.get(CaseFile, request_id) if len(request_id) == 32 else None
+    if case is None:
+        raise NotFound("no such request", code="unknown_request")
+    return case
+
+
+def add_message(
+    session: Session,
+    node: Node,
+    *,
+    request_id: str,
+    body: schemas.SubmitMessage,
+    principal: Principal,
+) -> tuple[CaseFile, Message]:
+    case = get_case(session, request_id)
+    peer = get_peer(session, case.peer_authority)
+    latest = session.scalar(
+        select(Message.msg_id)
+        .where(Message.request_id == case.id)
+        .order_by(Message.id.desc())
+        .limit(1)
+    )
+    envelope, header = _seal_and_queue(
+        session,
+        node,
+        case_id=case.id,
+        peer=peer,
+        content={"kind": "message", "document": body.document.model_dump(mode="json")},
+        attachments=_attachments(node, body.attachments),
+        in_reply_to=latest,
+    )
+    message = _store_outbound(
+        session, node, case=case, envelope=envelope, header=header, actor=actor_of(principal)
+    )
+    case.status = status_after_message(case.status, body.document.type.value)
+    case.updated_at = utc_now()
+    record(
+        session,
+        actor=actor_of(principal),
+        action="message.submitted",
+        request_id=case.id,
+        msg_id=header.msg_id,
+        peer=case.peer_authority,
+        details={"type": body.document.type.value, "status": case.status},
+    )
+    return case, message
+
+
+# --- listing ------------------------------------------------------------------------------
+
+
+def _encode_cursor(case: CaseFile) -> str:
+    raw = f"{format_time(case.created_at)}|{case.id}".encode()
+    return base64.urlsafe_b64encode(raw).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[Any, str]:
+    try:
+        created, _, case_id = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
+        return parse_time(created), case_id
+    except (binascii.Error, UnicodeError, ValueError) as exc:
+        raise BadRequest("invalid cursor", code="invalid_cursor") from exc
+
+
+def list_requests(
+    session: Session,
+    *,
+    direction: str | None,
+    status: str | None,
+    peer: str | None,
+    limit: int,
+    cursor: str | None,
+) -> schemas.RequestPage:
+    statement = select(CaseFile)
+    if direction is not None:
+        statement = statement.where(CaseFile.direction == direction)
+    if status is not None:
+        statement = statement.where(CaseFile.status == status)
+    if peer is not None:
+        statement = statement.where(CaseFile.peer_authority == peer)
+    if cursor is not None:
+        created, case_id = _decode_cursor(cursor)
+        statement = statement.where(
+            or_(
+                CaseFile.created_at < created,
+                (CaseFile.created_at == created) & (CaseFile.id < case_id),
+            )
+        )
+    # Newest first; the id breaks ties so pages never overlap or skip.
+    statement = statement.order_by(CaseFile.created_at.desc(), CaseFile.id.desc())
+    cases = list(session.scalars(statement.limit(limit + 1)))
+    more = len(cases) > limit
+    cases = cases[:limit]
+    return schemas.RequestPage(
+        items=[summary(case) for case in cases],
+        next_cursor=_encode_cursor(cases[-1]) if more else None,
+    )
+
+
+def summary(case: CaseFile) -> schemas.RequestSummary:
+    return schemas.RequestSummary(
+        id=case.id,
+        direction=case.direction,
+        peer=case.peer_authority,
+        status=case.status,
+        urgency=case.urgency,
+        created_at=case.created_at,
+        updated_at=case.updated_at,
+    )
+
+
+# --- reading ------------------------------------------------------------------------------
+
+
+def _open_stored(session: Session, node: Node, message: Message) -> Opened:
+    try:
+        _, opened = open_envelope(load_envelope(session, message), node.keys)
+    except EnvelopeError as exc:
+        raise StoredEnvelopeCorrupt(
+            f"stored envelope {message.msg_id} does not open ({exc.code}); "
+            "storage was altered or damaged"
+        ) from exc
+    return opened
+
+
+def _message_view(
+    session: Session, node: Node, case: CaseFile, message: Message
+) -> schemas.MessageView:
+    opened = _open_stored(session, node, message)
+    content = opened.manifest.get("content", {})
+    outbox = session.scalar(select(OutboxItem).where(OutboxItem.message_id == message.id))
+    receipt = session.scalar(select(Receipt).where(Receipt.message_id == message.id))
+    return schemas.MessageView(
+        msg_id=message.msg_id,
+        direction=message.direction,
+        kind=str(content.get("kind")),
+        sender=message.sender_authority,
+        recipient=message.recipient_authority,
+        in_reply_to=message.in_reply_to,
+        created_at=message.created_at,
+        received_at=message.received_at,
+        envelope_hash=message.envelope_hash,
+        content=content.get("document", {}),
+        attachments=[
+            schemas.AttachmentView(
+                index=entry["index"],
+                name=entry["name"],
+                media_type=entry["media_type"],
+                size=entry["size"],
+                sha256=entry["sha256"],
+                href=f"/api/v1/requests/{case.id}/messages/{message.msg_id}"
+                f"/attachments/{entry['index']}",
+            )
+            for entry in opened.manifest.get("attachments", [])
+        ],
+        delivery=None
+        if outbox is None
+        else schemas.DeliveryView(
+            state=outbox.state,
+            attempts=outbox.attempts,
+            next_attempt_at=outbox.next_attempt_at if outbox.state != "delivered" else None,
+            last_error=outbox.last_error,
+            delivered_at=outbox.delivered_at,
+        ),
+        receipt=None
+        if receipt is None
+        else schemas.ReceiptView(
+            received_at=receipt.received_at,
+            envelope_hash=message.envelope_hash,
+            signer_kid=receipt.signer_kid,
+            receipt=b64e(receipt.body),
+            signature=b64e(receipt.signature),
+        ),
+    )
+
+
+def read_request(
+    session: Session, node: Node, *, request_id: str, principal: Principal
+) -> schemas.RequestDetail:
+    case = get_case(session, request_id)
+    messages = list(
+        session.scalars(select(Message).where(Message.request_id == case.id).order_by(Message.id))
+    )
+    views = [_message_view(session, node, case, message) for message in messages]
+    record(
+        session,
+        actor=actor_of(principal),
+        action="request.read",
+        request_id=case.id,
+        peer=case.peer_authority,
+        details={"messages": len(views)},
+    )
+    return schemas.RequestDetail(
+        **summary(case).model_dump(),
+        document=views[0].content if views else {},
+        messages=views,
+    )
+
+
+def read_attachment(
+    session: Session,
+    node: Node,
+    *,
+    request_id: str,
+    msg_id: str,
+    index: int,
+    principal: Principal,
+) -> Download:
+    case = get_case(session, request_id)
+    message = session.scalar(
+        select(Message).where(Message.request_id == case.id, Message.msg_id == msg_id)
+    )
+    if message is None:
+        raise NotFound("no such message in this request", code="unknown_message")
+    opened = _open_stored(session, node, message)
+    listed = opened.manifest.get("attachments", [])
+    if not 1 <= index <= len(listed):
+        raise NotFound("no such attachment", code="unknown_attachment")
+    entry = listed[index - 1]
+    record(
+        session,
+        actor=actor_of(principal),
+        action="attachment.downloaded",
+        request_id=case.id,
+        msg_id=message.msg_id,
+        peer=case.peer_authority,
+        details={"index": index, "sha256": entry["sha256"]},
+    )
+    return Download(
+        name=str(entry["name"]),
+        media_type=str(entry["media_type"]),
+        sha256=str(entry["sha256"]),
+        data=opened.attachments[index - 1],
+    )
