@@ -261,7 +261,8 @@ def verify_consistency(
     """
     if not (_is_hash(old_root) and _is_hash(new_root) and all(_is_hash(p) for p in proof)):
         return False
-    pass
+    if not 0 <= old_size <= new_size:
+        return False
     if old_size == 0:
         return not proof and old_root == EMPTY_ROOT and (new_size > 0 or new_root == EMPTY_ROOT)
     if old_size == new_size:
