@@ -279,4 +279,6 @@ def demo(
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # httpx logs every request URL at INFO; the node's own logs say what matters.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     app()

@@ -8,10 +8,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -19,14 +18,17 @@ from app.config import Settings, get_settings
 from app.crypto.encoding import utc_now
 from app.crypto.identity import build_identity_document
 from app.delivery.worker import Worker
-from app.deps import PUBLIC, NodeDep
 from app.errors import EntraideError
 from app.node import Node, load_node
 from app.p2p.router import router as p2p_router
 from app.peers.router import router as peers_router
+from app.public import router as public_router
 from app.requests.router import router as requests_router
 
 log = logging.getLogger(__name__)
+
+# Every route of the application, by router: tests walk these to check each declares a policy.
+ROUTERS = (public_router, requests_router, peers_router, p2p_router)
 
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
@@ -123,35 +125,6 @@ def install_error_handlers(app: FastAPI) -> None:
         return _error(exc.status_code, code, str(exc.detail))
 
 
-def _public_routes(app: FastAPI) -> None:
-    @app.get("/.well-known/entraide/node", dependencies=[Depends(PUBLIC)], tags=["public"])
-    def identity_document(request: Request) -> dict[str, str]:
-        document: dict[str, str] = request.app.state.identity_document
-        return document
-
-    @app.get("/healthz", dependencies=[Depends(PUBLIC)], tags=["public"])
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/readyz", dependencies=[Depends(PUBLIC)], tags=["public"])
-    def readyz(request: Request, node: NodeDep) -> JSONResponse:
-        checks: dict[str, str] = {}
-        try:
-            with node.engine.connect() as connection:
-                connection.execute(text("SELECT 1"))
-            checks["database"] = "ok"
-        except Exception as exc:  # any driver failure means "not ready", never a 500
-            checks["database"] = f"failing: {type(exc).__name__}"
-        thread: threading.Thread | None = request.app.state.worker_thread
-        if node.settings.run_worker:
-            checks["worker"] = "ok" if thread is not None and thread.is_alive() else "failing"
-        ready = all(value == "ok" for value in checks.values())
-        return JSONResponse(
-            {"status": "ready" if ready else "not_ready", "checks": checks},
-            status_code=200 if ready else 503,
-        )
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -185,10 +158,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Gateway for sealed international cooperation requests",
     )
     install_error_handlers(app)
-    _public_routes(app)
-    app.include_router(requests_router)
-    app.include_router(peers_router)
-    app.include_router(p2p_router)
+    for router in ROUTERS:
+        app.include_router(router)
     app.add_middleware(LimitsAndHeaders, max_body_bytes=settings.max_body_bytes)
     return app
 

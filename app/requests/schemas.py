@@ -97,6 +97,10 @@ class MessageView(BaseModel):
     created_at: datetime
     received_at: datetime | None
     envelope_hash: str
+    # The exact signed header bytes and signature, so a reader can check the sender's
+    # signature independently of this node.
+    header: str
+    signature: str
     content: dict[str, Any]
     attachments: list[AttachmentView]
     delivery: DeliveryView | None

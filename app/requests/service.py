@@ -327,6 +327,8 @@ def _message_view(
         created_at=message.created_at,
         received_at=message.received_at,
         envelope_hash=message.envelope_hash,
+        header=b64e(message.header),
+        signature=b64e(message.signature),
         content=content.get("document", {}),
         attachments=[
             schemas.AttachmentView(

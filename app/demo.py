@@ -1,0 +1,223 @@
+"""`entraide demo`: two real nodes exchange a request, its acknowledgement and its answer.
+
+Everything goes through the same commands and HTTP APIs an operator and a case-management
+system would use. At the end, every envelope signature and every receipt is checked again
+here, independently of the nodes, against keys fetched from the nodes' identity documents
+and checked against the fingerprints `entraide init` printed.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from app.crypto.encoding import b64d
+from app.crypto.identity import parse_identity_document
+from app.crypto.keys import fingerprints_match
+from app.crypto.receipts import decode_receipt, verify_receipt
+from app.crypto.signing import DOMAIN_ENVELOPE, verify
+from app.localnodes import LocalNode
+from app.migrate import ROOT
+
+EXAMPLE = ROOT / "docs" / "examples" / "request.json"
+RESULT_TEXT = (
+    "Production order executed on 20 November 2026. Banco del Plata S.A. produced the account "
+    "opening file and statements for account 0000003100012345678901 (1 June to 31 October "
+    "2026). Chain of custody: received from the bank by the Fiscalía on 19 November 2026.\n"
+)
+
+
+class DemoFailure(Exception):
+    pass
+
+
+def _say(event: str, detail: str) -> None:
+    stamp = datetime.now(UTC).strftime("%H:%M:%S.%f")[:-3]
+    print(f"{stamp}  {event:<28} {detail}", flush=True)  # noqa: T201  # the demo's output
+
+
+def _wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise DemoFailure(f"timed out waiting for {what}")
+
+
+def _trusted_keys(node: LocalNode) -> bytes:
+    """The node's signing key, as a peer would get it: fetched, then checked against the pin."""
+    identity = parse_identity_document(httpx.get(node.url + "/.well-known/entraide/node").json())
+    if not fingerprints_match(node.fingerprint, identity.fingerprint):
+        raise DemoFailure(f"{node.authority_id} presents a key that does not match its fingerprint")
+    return identity.signing.public_key
+
+
+def _verify_request(detail: dict[str, Any], keys: dict[str, bytes]) -> tuple[int, int]:
+    signatures = receipts = 0
+    for message in detail["messages"]:
+        header = b64d(message["header"])
+        if hashlib.sha256(header).hexdigest() != message["envelope_hash"]:
+            raise DemoFailure(f"envelope hash mismatch for {message['msg_id']}")
+        if not verify(keys[message["sender"]], DOMAIN_ENVELOPE, header, b64d(message["signature"])):
+            raise DemoFailure(f"envelope signature of {message['msg_id']} does not verify")
+        signatures += 1
+        if message["direction"] == "outbound":
+            if message["receipt"] is None:
+                raise DemoFailure(f"no receipt for {message['msg_id']}")
+            verify_receipt(
+                decode_receipt(
+                    {
+                        "receipt": message["receipt"]["receipt"],
+                        "signature": message["receipt"]["signature"],
+                    }
+                ),
+                signer_public=keys[message["recipient"]],
+                msg_id=message["msg_id"],
+                envelope_hash=message["envelope_hash"],
+                from_authority=message["sender"],
+                to_authority=message["recipient"],
+            )
+            receipts += 1
+    return signatures, receipts
+
+
+def _journey(spain: LocalNode, argentina: LocalNode) -> None:
+    body = json.loads(EXAMPLE.read_text())
+    with spain.client("officer") as es, argentina.client("officer") as ar:
+        submitted = es.post("/api/v1/requests", json=body)
+        if submitted.status_code != 201:
+            raise DemoFailure(f"submission refused: {submitted.text}")
+        request_id = submitted.json()["id"]
+        _say("sent", f"ES/MJ → AR/MPF  request {request_id} (urgent, 1 attachment)")
+
+        def delivered() -> dict[str, Any] | None:
+            detail: dict[str, Any] = es.get(f"/api/v1/requests/{request_id}").json()
+            return detail if detail["messages"][0]["receipt"] else None
+
+        detail = _wait_for("the signed receipt", delivered)
+        receipt = detail["messages"][0]["receipt"]
+        _say(
+            "delivered with receipt",
+            f"signed by AR/MPF key {receipt['signer_kid'][:12]}…, "
+            f"envelope {detail['messages'][0]['envelope_hash'][:16]}…",
+        )
+
+        inbox = ar.get("/api/v1/requests", params={"direction": "inbound"}).json()["items"]
+        if [item["id"] for item in inbox] != [request_id]:
+            raise DemoFailure("the request is not in AR/MPF's inbox")
+        received = ar.get(f"/api/v1/requests/{request_id}").json()
+        attachment = received["messages"][0]["attachments"][0]
+        letter = ar.get(attachment["href"])
+        if hashlib.sha256(letter.content).hexdigest() != attachment["sha256"]:
+            raise DemoFailure("the attachment does not match its manifest hash")
+        _say(
+            "read by AR/MPF",
+            f"{received['document']['request_type']}, {attachment['name']} "
+            f"({attachment['size']} bytes, SHA-256 checked)",
+        )
+
+        ack = {"type": "acknowledgement", "text": "Registered as AR-MPF-2026-4417."}
+        messages = f"/api/v1/requests/{request_id}/messages"
+        if ar.post(messages, json={"document": ack}).status_code != 201:
+            raise DemoFailure("acknowledgement refused")
+        _wait_for(
+            "the acknowledgement at ES/MJ",
+            lambda: es.get(f"/api/v1/requests/{request_id}").json()["status"] == "acknowledged",
+        )
+        _say("acknowledged", "AR/MPF registered the request; ES/MJ sees status acknowledged")
+
+        result = {
+            "document": {"type": "result", "text": "Execution results attached."},
+            "attachments": [
+                {
+                    "name": "execution-report.txt",
+                    "media_type": "text/plain",
+                    "content_base64": base64.b64encode(RESULT_TEXT.encode()).decode(),
+                }
+            ],
+        }
+        if ar.post(messages, json=result).status_code != 201:
+            raise DemoFailure("result refused")
+        answered = _wait_for(
+            "the answer at ES/MJ",
+            lambda: (
+                (d := es.get(f"/api/v1/requests/{request_id}").json())["status"] == "answered" and d
+            ),
+        )
+        report = answered["messages"][-1]["attachments"][0]
+        if es.get(report["href"]).content != RESULT_TEXT.encode():
+            raise DemoFailure("the execution report did not arrive intact")
+        _say("answered", f"ES/MJ downloaded {report['name']} ({report['size']} bytes, intact)")
+
+        # Both sides' receipts must have been stored before we check them all.
+        def all_receipted() -> bool:
+            for http in (es, ar):
+                detail = http.get(f"/api/v1/requests/{request_id}").json()
+                for message in detail["messages"]:
+                    if message["direction"] == "outbound" and message["receipt"] is None:
+                        return False
+            return True
+
+        _wait_for("every receipt", all_receipted)
+        keys = {"ES/MJ": _trusted_keys(spain), "AR/MPF": _trusted_keys(argentina)}
+        signatures = receipts = 0
+        for http in (es, ar):
+            counted = _verify_request(http.get(f"/api/v1/requests/{request_id}").json(), keys)
+            signatures += counted[0]
+            receipts += counted[1]
+        _say(
+            "verified",
+            f"all {signatures} envelope signatures and {receipts} receipts verified "
+            "against the pinned keys",
+        )
+
+
+def run_demo(workdir: Path | None = None) -> int:
+    base = workdir or Path(tempfile.mkdtemp(prefix="entraide-demo-"))
+    spain = LocalNode(
+        "ES/MJ",
+        "Ministerio de Justicia (España)",
+        base / "es-mj",
+        f"sqlite:///{base / 'es-mj' / 'node.db'}",
+    )
+    argentina = LocalNode(
+        "AR/MPF",
+        "Ministerio Público Fiscal (Argentina)",
+        base / "ar-mpf",
+        f"sqlite:///{base / 'ar-mpf' / 'node.db'}",
+    )
+    try:
+        for node in (spain, argentina):
+            node.init()
+            node.create_client("admin", "admin")
+            node.create_client("officer", "officer")
+            node.start()
+            _say("node up", f"{node.authority_id} at {node.url}, fingerprint {node.fingerprint}")
+        spain.pin(argentina)
+        argentina.pin(spain)
+        _say("pinned", "each node checked the other's fingerprint and pinned its keys")
+        _journey(spain, argentina)
+    except (DemoFailure, RuntimeError, httpx.HTTPError) as exc:
+        _say("FAILED", str(exc))
+        for node in (spain, argentina):
+            _say("log", f"{node.authority_id}: {node.log_path}")
+        return 1
+    finally:
+        for node in (spain, argentina):
+            node.stop()
+    _say("done", "both nodes stopped")
+    if workdir is None:
+        shutil.rmtree(base, ignore_errors=True)
+    return 0

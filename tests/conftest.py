@@ -1,0 +1,75 @@
+"""Databases for tests: SQLite files and uniquely named PostgreSQL databases, dropped after.
+
+PostgreSQL is the shared server on 127.0.0.1:5432. Without it the PostgreSQL variants are
+skipped, except in CI (`CI=true`), where a missing PostgreSQL is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+PG_ADMIN = os.environ.get("ENTRAIDE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+BACKENDS = ["sqlite", "postgresql"]
+
+
+def _pg_available() -> bool:
+    try:
+        with psycopg.connect(PG_ADMIN, connect_timeout=3):
+            return True
+    except psycopg.OperationalError:
+        return False
+
+
+def require_postgres() -> None:
+    if not _pg_available():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL is required in CI and is not reachable at {PG_ADMIN}")
+        pytest.skip("PostgreSQL is not reachable; set CI=true to make this a failure")
+
+
+def _admin_execute(statement: str) -> None:
+    with psycopg.connect(PG_ADMIN, autocommit=True) as connection:
+        connection.execute(statement)  # type: ignore[arg-type]  # test-made identifiers
+
+
+class Databases:
+    """Creates databases for one test and drops the PostgreSQL ones afterwards."""
+
+    def __init__(self, backend: str, tmp_path: Path) -> None:
+        self.backend = backend
+        self.tmp_path = tmp_path
+        self.created: list[str] = []
+
+    def new(self, label: str = "db") -> str:
+        if self.backend == "sqlite":
+            return f"sqlite:///{self.tmp_path / f'{label}-{uuid.uuid4().hex[:8]}.db'}"
+        name = f"entraide_test_{uuid.uuid4().hex}"
+        _admin_execute(f'CREATE DATABASE "{name}"')
+        self.created.append(name)
+        return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+
+    def drop_all(self) -> None:
+        for name in self.created:
+            _admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def make_databases(backend: str, tmp_path: Path) -> Databases:
+    if backend == "postgresql":
+        require_postgres()
+    return Databases(backend, tmp_path)
+
+
+@pytest.fixture(params=BACKENDS)
+def databases(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Databases]:
+    dbs = make_databases(request.param, tmp_path)
+    yield dbs
+    dbs.drop_all()
+
+
+DatabaseFactory = Callable[[str], str]

@@ -1,0 +1,53 @@
+"""Every route declares who may call it, next to its definition."""
+
+from __future__ import annotations
+
+from fastapi.routing import APIRoute
+
+from app.deps import Policy, Public
+from app.main import ROUTERS
+
+
+def api_routes() -> list[APIRoute]:
+    return [route for router in ROUTERS for route in router.routes if isinstance(route, APIRoute)]
+
+
+def _markers(route: APIRoute) -> list[object]:
+    return [
+        dependency.call
+        for dependency in route.dependant.dependencies
+        if isinstance(dependency.call, Policy | Public)
+    ]
+
+
+def is_public(route: APIRoute) -> bool:
+    return any(isinstance(marker, Public) for marker in _markers(route))
+
+
+def test_every_route_declares_exactly_one_policy() -> None:
+    routes = api_routes()
+    assert len(routes) >= 10
+    for route in routes:
+        markers = _markers(route)
+        assert len(markers) == 1, f"{sorted(route.methods)} {route.path} declares {markers}"
+
+
+def test_only_identity_health_and_p2p_are_public() -> None:
+    public = sorted(route.path for route in api_routes() if is_public(route))
+    assert public == [
+        "/.well-known/entraide/node",
+        "/healthz",
+        "/p2p/v1/envelopes",
+        "/readyz",
+    ]
+
+
+def test_admin_routes_need_admin_and_request_routes_need_officer() -> None:
+    for route in api_routes():
+        (marker,) = _markers(route)
+        if route.path.startswith("/api/v1/admin/"):
+            assert isinstance(marker, Policy)
+            assert {role.value for role in marker.roles} == {"admin"}
+        elif route.path.startswith("/api/v1/requests"):
+            assert isinstance(marker, Policy)
+            assert {role.value for role in marker.roles} == {"officer"}
