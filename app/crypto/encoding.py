@@ -26,7 +26,8 @@ def canonical_json(value: Any) -> bytes:
 def load_json_object(data: bytes) -> dict[str, Any]:
     try:
         value = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers bad UTF-8, bad JSON and integers too long to convert.
         raise DecodeError("not UTF-8 JSON") from exc
     if not isinstance(value, dict):
         raise DecodeError("not a JSON object")

@@ -22,6 +22,7 @@ from nacl.exceptions import CryptoError
 from nacl.hash import blake2b
 from nacl.public import Box, PrivateKey, PublicKey, SealedBox
 
+from app.config import AUTHORITY_ID_PATTERN
 from app.crypto.encoding import (
     DecodeError,
     b64d,
@@ -50,8 +51,9 @@ WRAP_BYTES = 32 + 32 + 16  # ephemeral public key, content key, Poly1305 tag
 PERSON_PART_KEY = b"entraide:part:v1"
 PERSON_COMMITMENT = b"entraide:comm:v1"
 COMMITMENT_LABEL = b"entraide/v1/key-commitment"
-HEX_ID = re.compile(r"^[0-9a-f]{32}$")
-HEX_HASH = re.compile(r"^[0-9a-f]{64}$")
+HEX_ID = re.compile(r"[0-9a-f]{32}")  # always used with fullmatch
+HEX_HASH = re.compile(r"[0-9a-f]{64}")
+AUTHORITY = re.compile(AUTHORITY_ID_PATTERN)
 
 
 class EnvelopeError(Exception):
@@ -378,7 +380,9 @@ def decode_wire(wire: object, *, max_parts: int, max_header_bytes: int) -> WireE
     if len(parts) > max_parts:
         raise EnvelopeError("too_large", f"more than {max_parts} parts")
     header_text = wire["header"]
-    if not isinstance(header_text, str) or len(header_text) > (max_header_bytes * 4) // 3 + 4:
+    if not isinstance(header_text, str):
+        raise EnvelopeError("malformed_envelope", "the header must be a base64 string")
+    if len(header_text) > (max_header_bytes * 4) // 3 + 4:
         raise EnvelopeError("too_large", f"header larger than {max_header_bytes} bytes")
     try:
         return WireEnvelope(
@@ -392,7 +396,7 @@ def decode_wire(wire: object, *, max_parts: int, max_header_bytes: int) -> WireE
 
 def _text(body: dict[str, Any], key: str, pattern: re.Pattern[str] | None = None) -> str:
     value = body.get(key)
-    if not isinstance(value, str) or (pattern is not None and not pattern.match(value)):
+    if not isinstance(value, str) or (pattern is not None and not pattern.fullmatch(value)):
         raise EnvelopeError("malformed_header", f"header field {key!r} is missing or invalid")
     return value
 
@@ -434,7 +438,9 @@ def parse_header(header: bytes, part_count: int) -> Header:
         raise EnvelopeError("malformed_header", "unsupported chunk size")
     sender, addressee = _object(body, "from"), _object(body, "to")
     in_reply_to = body["in_reply_to"]
-    if in_reply_to is not None and not (isinstance(in_reply_to, str) and HEX_ID.match(in_reply_to)):
+    if in_reply_to is not None and not (
+        isinstance(in_reply_to, str) and HEX_ID.fullmatch(in_reply_to)
+    ):
         raise EnvelopeError("malformed_header", "in_reply_to must be a message id or null")
     try:
         wraps_list = body["wraps"]
@@ -472,10 +478,10 @@ def parse_header(header: bytes, part_count: int) -> Header:
             msg_id=_text(body, "msg_id", HEX_ID),
             created_at=parse_time(body["created_at"]),
             expires_at=parse_time(body["expires_at"]),
-            from_authority=_text(sender, "authority"),
+            from_authority=_text(sender, "authority", AUTHORITY),
             from_sig_kid=_text(sender, "sig_kid", HEX_ID),
             from_enc_kid=_text(sender, "enc_kid", HEX_ID),
-            to_authority=_text(addressee, "authority"),
+            to_authority=_text(addressee, "authority", AUTHORITY),
             to_enc_kid=_text(addressee, "enc_kid", HEX_ID),
             conversation_id=_text(body, "conversation_id", HEX_ID),
             in_reply_to=in_reply_to,

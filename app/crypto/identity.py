@@ -112,7 +112,9 @@ def parse_identity_document(wire: object) -> PeerIdentity:
         if not verify(signing.public_key, DOMAIN_IDENTITY, document, signature):
             raise IdentityError("identity document signature does not verify")
         authority_id, name, url = body.get("authority_id"), body.get("name"), body.get("public_url")
-        if not isinstance(authority_id, str) or not re.match(AUTHORITY_ID_PATTERN, authority_id):
+        if not isinstance(authority_id, str) or not re.fullmatch(
+            AUTHORITY_ID_PATTERN, authority_id
+        ):
             raise IdentityError("identity document has an invalid authority id")
         if not isinstance(name, str) or not isinstance(url, str):
             raise IdentityError("identity document lacks a name or public URL")
