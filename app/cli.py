@@ -12,7 +12,9 @@ from typing import Annotated
 
 import typer
 
+from app.audit.checkpoints import sign_checkpoint
 from app.audit.log import record
+from app.audit.note import NoteError
 from app.auth.service import Role, create_client, list_clients, revoke_client
 from app.config import Settings, get_settings
 from app.crypto.keys import (
@@ -39,6 +41,8 @@ clients_app = typer.Typer(no_args_is_help=True, help="API clients of the local A
 app.add_typer(keys_app, name="keys")
 app.add_typer(peers_app, name="peers")
 app.add_typer(clients_app, name="clients")
+audit_app = typer.Typer(no_args_is_help=True, help="The tamper-evident audit log.")
+app.add_typer(audit_app, name="audit")
 
 
 def _operator() -> str:
@@ -97,6 +101,7 @@ def init(
                     action="key.created",
                     details={"purpose": purpose, "kid": kid},
                 )
+            sign_checkpoint(session, authority_id=authority_id, log_key=keys.log)
     finally:
         node.close()
     typer.echo(f"Node {authority_id} initialised; keys in {keys_dir}.")
@@ -265,6 +270,89 @@ def clients_revoke(name: Annotated[str, typer.Argument()]) -> None:
     typer.echo(f"revoked {name}")
 
 
+@audit_app.command("checkpoint")
+def audit_checkpoint() -> None:
+    """Sign a checkpoint of the audit log now and print it."""
+    node = _node(get_settings())
+    try:
+        with unit_of_work(node.sessions) as session:
+            note = sign_checkpoint(
+                session, authority_id=node.authority_id, log_key=node.keys.log
+            ).note
+    finally:
+        node.close()
+    typer.echo(note, nl=False)
+
+
+@audit_app.command("export")
+def audit_export(
+    out: Annotated[Path, typer.Option(help="Folder to write the export into")],
+) -> None:
+    """Write the entries, the signed checkpoints and the public log key for an auditor."""
+    from app.audit.service import export_log
+
+    node = _node(get_settings())
+    try:
+        with unit_of_work(node.sessions) as session:
+            entries, checkpoints = export_log(session, node, out)
+            record(
+                session,
+                actor=_operator(),
+                action="audit.exported",
+                details={"entries": entries, "checkpoints": checkpoints},
+            )
+    finally:
+        node.close()
+    typer.echo(f"exported {entries} entries and {checkpoints} checkpoints to {out}")
+
+
+@audit_app.command("verify")
+def audit_verify(
+    folder: Annotated[Path | None, typer.Argument(help="An export folder")] = None,
+    db: Annotated[bool, typer.Option("--db", help="Verify the live database instead")] = False,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="A checkpoint note saved earlier: the log must extend it")
+    ] = None,
+    log_key: Annotated[
+        str | None, typer.Option(help="The log's verifier key, to use instead of the export's")
+    ] = None,
+) -> None:
+    """Check an exported (or the live) audit log; exit 1 naming the first bad entry."""
+    from app.audit.service import verify_database, verify_export
+
+    earlier = checkpoint.read_text() if checkpoint else None
+    if db == (folder is not None):
+        raise _fail("give either an export folder or --db")
+    if db:
+        node = _node(get_settings())
+        try:
+            with unit_of_work(node.sessions) as session:
+                report = verify_database(
+                    session,
+                    authority_id=node.authority_id,
+                    log_public=node.keys.log_public,
+                    earlier=earlier,
+                )
+        finally:
+            node.close()
+    else:
+        assert folder is not None  # noqa: S101  # checked just above
+        try:
+            report = verify_export(folder, earlier=earlier, log_key=log_key)
+        except (OSError, ValueError, KeyError, NoteError) as exc:
+            raise _fail(f"cannot read the export: {exc}") from exc
+    if report.first is not None:
+        first = report.first
+        typer.secho(f"FAILED: {first.message}", fg=typer.colors.RED, err=True)
+        for problem in sorted(report.problems)[1:20]:
+            typer.echo(f"  also: {problem.message}", err=True)
+        raise typer.Exit(code=1)
+    typer.echo(
+        f"OK: {report.entries} entries, {report.checkpoints} signed checkpoints, "
+        f"root {report.root.hex()}"
+    )
+
+
 @app.command()
 def demo(
     workdir: Annotated[
@@ -279,6 +367,7 @@ def demo(
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    # httpx logs every request URL at INFO; the node's own logs say what matters.
+    # httpx logs every request URL at INFO, alembic every schema check; neither helps here.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     app()

@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     peer_timeout_seconds: float = 30.0
     lease_seconds: int = 120
 
+    # Audit log checkpoints: every N entries or T seconds, whichever comes first.
+    audit_checkpoint_every: int = 1000
+    audit_checkpoint_seconds: float = 60.0
+
     @field_validator("public_url")
     @classmethod
     def _strip_slash(cls, value: str | None) -> str | None:

@@ -91,6 +91,9 @@ OFFICER = Policy(Role.OFFICER)
 AUDITOR = Policy(Role.AUDITOR)
 ADMIN = Policy(Role.ADMIN)
 
+ANY_ROLE = Policy(Role.OFFICER, Role.AUDITOR, Role.ADMIN)
+
+AnyRoleDep = Annotated[Principal, Depends(ANY_ROLE)]
 OfficerDep = Annotated[Principal, Depends(OFFICER)]
 AuditorDep = Annotated[Principal, Depends(AUDITOR)]
 AdminDep = Annotated[Principal, Depends(ADMIN)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -11,9 +12,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.audit.router import p2p_router as audit_p2p_router
+from app.audit.router import router as audit_router
 from app.config import Settings, get_settings
 from app.crypto.encoding import utc_now
 from app.crypto.identity import build_identity_document
@@ -22,13 +26,22 @@ from app.errors import EntraideError
 from app.node import Node, load_node
 from app.p2p.router import router as p2p_router
 from app.peers.router import router as peers_router
+from app.public import openapi_router
 from app.public import router as public_router
 from app.requests.router import router as requests_router
 
 log = logging.getLogger(__name__)
 
 # Every route of the application, by router: tests walk these to check each declares a policy.
-ROUTERS = (public_router, requests_router, peers_router, p2p_router)
+ROUTERS = (
+    public_router,
+    openapi_router,
+    requests_router,
+    peers_router,
+    audit_router,
+    p2p_router,
+    audit_p2p_router,
+)
 
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
@@ -106,7 +119,10 @@ def _error(status: int, code: str, detail: str, **extra: Any) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EntraideError)
     async def _domain(_request: Request, exc: EntraideError) -> JSONResponse:
-        return _error(exc.status_code, exc.code, exc.detail)
+        response = _error(exc.status_code, exc.code, exc.detail)
+        if exc.status_code == 401:
+            response.headers["www-authenticate"] = 'Bearer realm="entraide"'
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -118,6 +134,19 @@ def install_error_handlers(app: FastAPI) -> None:
         return _error(
             422, "invalid_request", "the request does not match the schema", fields=fields
         )
+
+    @app.exception_handler(OperationalError)
+    async def _database_down(_request: Request, exc: OperationalError) -> JSONResponse:
+        log.error("database unavailable: %s", type(exc.orig).__name__)
+        return _error(503, "database_unavailable", "the database is unavailable; retry later")
+
+    @app.exception_handler(Exception)
+    async def _bug(_request: Request, exc: Exception) -> JSONResponse:
+        # A bug, never input. Log where it happened but not the exception's text, which may
+        # quote request content (a validation error's input, a decoded value).
+        frames = "".join(traceback.format_tb(exc.__traceback__))
+        log.error("unhandled %s\n%s", type(exc).__name__, frames)
+        return _error(500, "internal_error", "an internal error occurred; it has been logged")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -152,6 +181,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             node.close()
 
     app = FastAPI(
+        # No unauthenticated documentation routes: the schema is served to token holders
+        # at /api/v1/openapi.json (app.public), and `app.openapi()` in-process.
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
         title="Entraide node",
         version="0.1.0",
         lifespan=lifespan,

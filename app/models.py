@@ -197,4 +197,59 @@ class AuditHead(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     compact_range: Mapped[bytes] = mapped_column(LargeBinary)
     root_hash: Mapped[bytes] = mapped_column(LargeBinary)
+    last_leaf_hash: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    last_checkpoint_size: Mapped[int] = mapped_column(BigInteger, default=0)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class AuditNode(Base):
+    """A perfect subtree's hash (level 0: a leaf), stored as the log grows.
+
+    With these, inclusion and consistency proofs need O(log² n) lookups, never a leaf scan.
+    """
+
+    __tablename__ = "audit_nodes"
+
+    level: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    position: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    hash: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class AuditCheckpoint(Base):
+    """A signed checkpoint (C2SP tlog-checkpoint note) of this node's own log."""
+
+    __tablename__ = "audit_checkpoints"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger, index=True)
+    root_hash: Mapped[bytes] = mapped_column(LargeBinary)
+    note: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class WitnessedCheckpoint(Base):
+    """A checkpoint a peer showed us (in a receipt), checked and cosigned by this node."""
+
+    __tablename__ = "witnessed_checkpoints"
+    __table_args__ = (UniqueConstraint("peer_authority", "size", "root_hash"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    peer_authority: Mapped[str] = mapped_column(String(40), index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    root_hash: Mapped[bytes] = mapped_column(LargeBinary)
+    note: Mapped[str] = mapped_column(Text)
+    cosignature: Mapped[str | None] = mapped_column(Text, nullable=True)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class WitnessAlarm(Base):
+    """Evidence that a peer showed two histories that cannot both be true."""
+
+    __tablename__ = "witness_alarms"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    peer_authority: Mapped[str] = mapped_column(String(40), index=True)
+    reason: Mapped[str] = mapped_column(String(500))
+    known_note: Mapped[str] = mapped_column(Text)
+    new_note: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)

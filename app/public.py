@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from app.deps import PUBLIC, NodeDep
+from app.deps import PUBLIC, AnyRoleDep, NodeDep
 
 router = APIRouter(tags=["public"], dependencies=[Depends(PUBLIC)])
+openapi_router = APIRouter(tags=["public"])
 
 
 @router.get("/.well-known/entraide/node")
 def identity_document(request: Request) -> dict[str, str]:
     document: dict[str, str] = request.app.state.identity_document
     return document
+
+
+@openapi_router.get("/api/v1/openapi.json", include_in_schema=False)
+def openapi_schema(request: Request, principal: AnyRoleDep) -> dict[str, Any]:
+    schema: dict[str, Any] = request.app.openapi()
+    return schema
 
 
 @router.get("/healthz")

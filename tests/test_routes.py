@@ -37,6 +37,8 @@ def test_only_identity_health_and_p2p_are_public() -> None:
     assert public == [
         "/.well-known/entraide/node",
         "/healthz",
+        "/p2p/v1/audit/consistency",
+        "/p2p/v1/audit/cosignature",
         "/p2p/v1/envelopes",
         "/readyz",
     ]
@@ -48,6 +50,9 @@ def test_admin_routes_need_admin_and_request_routes_need_officer() -> None:
         if route.path.startswith("/api/v1/admin/"):
             assert isinstance(marker, Policy)
             assert {role.value for role in marker.roles} == {"admin"}
+        elif route.path.startswith("/api/v1/audit"):
+            assert isinstance(marker, Policy)
+            assert {role.value for role in marker.roles} == {"auditor"}
         elif route.path.startswith("/api/v1/requests"):
             assert isinstance(marker, Policy)
             assert {role.value for role in marker.roles} == {"officer"}

@@ -3,25 +3,29 @@
 An entry is appended by the same unit of work as the action it records, so an action and its
 entry commit together or not at all. Entries hold ids, hashes, codes and outcomes, never
 request content, tokens or keys.
+
+Each entry is one leaf of the node's RFC 9162 Merkle tree. Appending locks the single head
+row (contiguous indexes), extends the stored compact range, and stores the hashes of the
+perfect subtrees the new leaf completes (for proofs). Each entry also records the previous
+leaf's hash: redundant with the tree, but it lets a verifier name exactly which entry was
+altered instead of only which checkpoint stopped matching.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from nacl.signing import SigningKey
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.audit.merkle import CompactRange, leaf_hash
-from app.audit.note import Checkpoint, sign_note
 from app.crypto.encoding import canonical_json, format_time, utc_now
 from app.db import unit_of_work
-from app.models import AuditEntry, AuditHead
+from app.models import AuditEntry, AuditHead, AuditNode
 
 HEAD_ID = 1
 MAX_DETAIL_CHARS = 500
+ENTRY_VERSION = 1
 
 
 def _bounded(details: dict[str, Any]) -> dict[str, Any]:
@@ -32,7 +36,7 @@ def _bounded(details: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _lock_head(session: Session) -> AuditHead:
+def lock_head(session: Session) -> AuditHead:
     head = session.scalar(select(AuditHead).where(AuditHead.id == HEAD_ID).with_for_update())
     if head is None:
         raise RuntimeError("the audit log head row is missing; run the migrations")
@@ -50,10 +54,10 @@ def record(
     peer: str | None = None,
     details: dict[str, Any] | None = None,
 ) -> AuditEntry:
-    head = _lock_head(session)
+    head = lock_head(session)
     now = utc_now()
     fields: dict[str, Any] = {
-        "v": 1,
+        "v": ENTRY_VERSION,
         "idx": head.size,
         "time": format_time(now),
         "actor": actor,
@@ -63,11 +67,17 @@ def record(
         "msg_id": msg_id,
         "peer": peer,
         "details": _bounded(details or {}),
+        "prev_leaf": head.last_leaf_hash.hex() if head.last_leaf_hash else None,
     }
     entry_bytes = canonical_json(fields)
     leaf = leaf_hash(entry_bytes)
     compact = CompactRange.from_bytes(head.compact_range)
-    compact.append(leaf)
+    nodes: list[AuditNode] = []
+
+    def keep(level: int, position: int, digest: bytes) -> None:
+        nodes.append(AuditNode(level=level, position=position, hash=digest))
+
+    compact.append(leaf, visit=keep)
     entry = AuditEntry(
         idx=head.size,
         recorded_at=now,
@@ -81,9 +91,11 @@ def record(
         leaf_hash=leaf,
     )
     session.add(entry)
+    session.add_all(nodes)
     head.size = compact.size
     head.compact_range = compact.to_bytes()
     head.root_hash = compact.root()
+    head.last_leaf_hash = leaf
     head.updated_at = now
     session.flush()
     return entry
@@ -93,23 +105,3 @@ def record_alone(sessions: sessionmaker[Session], **fields: Any) -> None:
     """Record in a transaction of its own: for refusals, whose own transaction rolls back."""
     with unit_of_work(sessions) as session:
         record(session, **fields)
-
-
-def log_origin(authority_id: str) -> str:
-    return f"entraide/{authority_id}/audit"
-
-
-def signed_checkpoint(session: Session, *, authority_id: str, log_key: SigningKey) -> str:
-    """A checkpoint of the log as this transaction sees it, signed with the log key."""
-    head = session.get(AuditHead, HEAD_ID)
-    if head is None:
-        raise RuntimeError("the audit log head row is missing; run the migrations")
-    checkpoint = Checkpoint(
-        origin=log_origin(authority_id), size=head.size, root_hash=head.root_hash
-    )
-    return sign_note(checkpoint.format(), log_origin(authority_id), log_key)
-
-
-def entry_details(entry: AuditEntry) -> dict[str, Any]:
-    details: dict[str, Any] = json.loads(entry.entry)["details"]
-    return details

@@ -11,6 +11,7 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,7 +21,51 @@ class DecodeError(ValueError):
 
 
 def canonical_json(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode()
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise DecodeError("duplicate key in a JSON object")
+    return result
+
+
+def _no_constants(name: str) -> Any:
+    raise DecodeError(f"{name} is not allowed in protocol JSON")
+
+
+def load_canonical_object(data: bytes) -> dict[str, Any]:
+    """Parse a signed protocol object and insist it is in canonical form.
+
+    Signatures cover bytes; requiring those bytes to be exactly the canonical serialisation
+    of what they parse to means every parser reads the same values from them (no duplicate
+    keys, no NaN, no alternative spellings), whatever its language.
+    """
+    try:
+        value = json.loads(
+            data.decode("utf-8"),
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_no_constants,
+        )
+    except (ValueError, RecursionError) as exc:
+        raise DecodeError(f"not UTF-8 JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise DecodeError("not a JSON object")
+    try:
+        canonical = canonical_json(value)
+    except ValueError as exc:
+        raise DecodeError("not representable canonically") from exc
+    if canonical != data:
+        raise DecodeError("not in canonical form (sorted keys, no spaces, UTF-8)")
+    return value
+
+
+def is_int(value: object) -> bool:
+    """A JSON integer: not a boolean, not a float."""
+    return type(value) is int
 
 
 def load_json_object(data: bytes) -> dict[str, Any]:
@@ -67,9 +112,13 @@ def format_time(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
+
+
 def parse_time(text: object) -> datetime:
-    if not isinstance(text, str):
-        raise DecodeError("expected a timestamp string")
+    # strptime alone accepts unpadded fields and non-ASCII digits: one instant, many spellings.
+    if not isinstance(text, str) or not TIMESTAMP.fullmatch(text):
+        raise DecodeError("timestamp is not YYYY-MM-DDTHH:MM:SSZ")
     try:
         moment = datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ")
     except ValueError as exc:

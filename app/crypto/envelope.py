@@ -29,7 +29,8 @@ from app.crypto.encoding import (
     b64e,
     canonical_json,
     format_time,
-    load_json_object,
+    is_int,
+    load_canonical_object,
     parse_time,
     sha256_hex,
 )
@@ -48,6 +49,7 @@ TAG_FINAL = sodium.crypto_secretstream_xchacha20poly1305_TAG_FINAL
 KEY_BYTES = 32
 MSG_ID_BYTES = 16
 WRAP_BYTES = 32 + 32 + 16  # ephemeral public key, content key, Poly1305 tag
+MAX_WRAPS = 8
 PERSON_PART_KEY = b"entraide:part:v1"
 PERSON_COMMITMENT = b"entraide:comm:v1"
 COMMITMENT_LABEL = b"entraide/v1/key-commitment"
@@ -372,7 +374,7 @@ def decode_wire(wire: object, *, max_parts: int, max_header_bytes: int) -> WireE
     """Shape and size checks only: no cryptography before these pass."""
     if not isinstance(wire, dict) or set(wire) != {"v", "header", "signature", "parts"}:
         raise EnvelopeError("malformed_envelope", "expected exactly v, header, signature, parts")
-    if wire["v"] != VERSION:
+    if not is_int(wire["v"]) or wire["v"] != VERSION:
         raise EnvelopeError("unsupported_version", f"protocol version {wire['v']!r} unknown")
     parts = wire["parts"]
     if not isinstance(parts, list) or not parts:
@@ -427,16 +429,22 @@ HEADER_FIELDS = {
 
 def parse_header(header: bytes, part_count: int) -> Header:
     try:
-        body = load_json_object(header)
+        body = load_canonical_object(header)
     except DecodeError as exc:
         raise EnvelopeError("malformed_header", str(exc)) from exc
+    version = body.get("v")
+    if not is_int(version) or version != VERSION or body.get("type") != ENVELOPE_TYPE:
+        raise EnvelopeError("unsupported_version", "not a version 1 Entraide envelope")
     if set(body) != HEADER_FIELDS:
         raise EnvelopeError("malformed_header", "header fields are not those of version 1")
-    if body["v"] != VERSION or body["type"] != ENVELOPE_TYPE:
-        raise EnvelopeError("unsupported_version", "not a version 1 Entraide envelope")
-    if body["chunk_bytes"] != CHUNK_BYTES:
+    if not is_int(body["chunk_bytes"]) or body["chunk_bytes"] != CHUNK_BYTES:
         raise EnvelopeError("malformed_header", "unsupported chunk size")
     sender, addressee = _object(body, "from"), _object(body, "to")
+    if set(sender) != {"authority", "sig_kid", "enc_kid"} or set(addressee) != {
+        "authority",
+        "enc_kid",
+    }:
+        raise EnvelopeError("malformed_header", "'from' or 'to' has other fields than v1's")
     in_reply_to = body["in_reply_to"]
     if in_reply_to is not None and not (
         isinstance(in_reply_to, str) and HEX_ID.fullmatch(in_reply_to)
@@ -449,11 +457,16 @@ def parse_header(header: bytes, part_count: int) -> Header:
             raise EnvelopeError("malformed_header", "wraps and parts must be lists")
         if len(parts_list) != part_count:
             raise EnvelopeError("malformed_header", "header and body disagree on part count")
+        if not 1 <= len(wraps_list) <= MAX_WRAPS:
+            raise EnvelopeError("malformed_header", f"between 1 and {MAX_WRAPS} key wraps")
         wraps: dict[str, bytes] = {}
-        for wrap in wraps_list[:8]:
+        for wrap in wraps_list:
             if not isinstance(wrap, dict) or set(wrap) != {"kid", "wrap"}:
                 raise EnvelopeError("malformed_header", "a key wrap is malformed")
-            wraps[_text(wrap, "kid", HEX_ID)] = b64d(wrap["wrap"], length=WRAP_BYTES)
+            kid = _text(wrap, "kid", HEX_ID)
+            if kid in wraps:
+                raise EnvelopeError("malformed_header", "two key wraps for one key")
+            wraps[kid] = b64d(wrap["wrap"], length=WRAP_BYTES)
         parts: list[PartInfo] = []
         for index, part in enumerate(parts_list):
             if not isinstance(part, dict) or set(part) != {
@@ -464,7 +477,9 @@ def parse_header(header: bytes, part_count: int) -> Header:
             }:
                 raise EnvelopeError("malformed_header", "a part description is malformed")
             length = part["length"]
-            if part["index"] != index or not isinstance(length, int) or length < ABYTES:
+            if not is_int(part["index"]) or part["index"] != index:
+                raise EnvelopeError("malformed_header", "a part's index is invalid")
+            if not is_int(length) or length < ABYTES:
                 raise EnvelopeError("malformed_header", "a part's index or length is invalid")
             parts.append(
                 PartInfo(
@@ -498,19 +513,19 @@ def verify_header_signature(envelope: WireEnvelope, signing_public: bytes) -> No
         raise EnvelopeError("bad_signature", "the header signature does not verify")
 
 
-def unwrap_content_key(header: Header, keys: NodeKeys) -> bytes:
-    for kid, wrap in header.wraps.items():
-        private = keys.encryption_key_for(kid)
-        if private is None:
-            continue
-        try:
-            content_key = bytes(SealedBox(private).decrypt(wrap))
-        except CryptoError as exc:
-            raise EnvelopeError("bad_key_wrap", "the content key wrap does not open") from exc
-        if len(content_key) != KEY_BYTES:
-            raise EnvelopeError("bad_key_wrap", "the wrapped content key has the wrong size")
-        return content_key
-    raise EnvelopeError("bad_key_wrap", "no content key is wrapped for this node's key")
+def unwrap_content_key(header: Header, keys: NodeKeys, *, kid: str) -> bytes:
+    """Open the wrap made for `kid`: the addressee's key (receiver) or our own (sender)."""
+    private = keys.encryption_key_for(kid)
+    wrap = header.wraps.get(kid)
+    if private is None or wrap is None:
+        raise EnvelopeError("bad_key_wrap", "no content key is wrapped for this node's key")
+    try:
+        content_key = bytes(SealedBox(private).decrypt(wrap))
+    except CryptoError as exc:
+        raise EnvelopeError("bad_key_wrap", "the content key wrap does not open") from exc
+    if len(content_key) != KEY_BYTES:
+        raise EnvelopeError("bad_key_wrap", "the wrapped content key has the wrong size")
+    return content_key
 
 
 def check_commitment(header: Header, content_key: bytes) -> None:
@@ -545,7 +560,7 @@ def decrypt_parts(header: Header, parts: Sequence[bytes], content_key: bytes) ->
 def check_manifest(header: Header, plaintexts: Sequence[bytes]) -> Opened:
     """The inner manifest must name the same sender, addressee and message as the header."""
     try:
-        manifest = load_json_object(plaintexts[0])
+        manifest = load_canonical_object(plaintexts[0])
     except DecodeError as exc:
         raise EnvelopeError("manifest_mismatch", "the inner manifest is not JSON") from exc
     bound = (
@@ -562,20 +577,44 @@ def check_manifest(header: Header, plaintexts: Sequence[bytes]) -> Opened:
     listed = manifest.get("attachments")
     if not isinstance(listed, list) or len(listed) != len(plaintexts) - 1:
         raise EnvelopeError("manifest_mismatch", "the manifest lists other attachments")
-    for entry, data in zip(listed, plaintexts[1:], strict=True):
-        if (
-            not isinstance(entry, dict)
-            or entry.get("size") != len(data)
-            or entry.get("sha256") != sha256_hex(data)
-        ):
+    for number, (entry, data) in enumerate(zip(listed, plaintexts[1:], strict=True), 1):
+        if not _valid_attachment_entry(entry, number):
+            raise EnvelopeError("manifest_mismatch", f"attachment {number} is described badly")
+        if entry["size"] != len(data) or entry["sha256"] != sha256_hex(data):
             raise EnvelopeError("manifest_mismatch", "an attachment differs from the manifest")
     return Opened(manifest=manifest, attachments=list(plaintexts[1:]))
 
 
+ATTACHMENT_FIELDS = {"index", "name", "media_type", "size", "sha256"}
+FILE_NAME = re.compile(r"[^/\\\x00-\x1f\x7f]{1,255}")
+MEDIA_TYPE = re.compile(
+    r"[a-z0-9!#$&^_.+-]{1,63}/[a-z0-9!#$&^_.+-]{1,63}"
+    r"(?:; ?[a-z0-9!#$&^_.+-]{1,63}=[A-Za-z0-9!#$&^_.+-]{1,63}){0,4}"
+)
+
+
+def _valid_attachment_entry(entry: object, number: int) -> bool:
+    """The same rules the local API applies to names and media types, for a peer's manifest."""
+    return (
+        isinstance(entry, dict)
+        and set(entry) == ATTACHMENT_FIELDS
+        and is_int(entry["index"])
+        and entry["index"] == number
+        and isinstance(entry["name"], str)
+        and FILE_NAME.fullmatch(entry["name"]) is not None
+        and isinstance(entry["media_type"], str)
+        and MEDIA_TYPE.fullmatch(entry["media_type"]) is not None
+        and is_int(entry["size"])
+        and isinstance(entry["sha256"], str)
+    )
+
+
 def open_envelope(envelope: WireEnvelope, keys: NodeKeys) -> tuple[Header, Opened]:
-    """Open a stored envelope for an authorised reader (its signature was checked on arrival)."""
+    """Open a stored envelope, as addressee or as sender, for an authorised reader."""
     header = parse_header(envelope.header, len(envelope.parts))
-    content_key = unwrap_content_key(header, keys)
+    own = keys.encryption_kid
+    kid = own if own in (header.to_enc_kid, header.from_enc_kid) else header.to_enc_kid
+    content_key = unwrap_content_key(header, keys, kid=kid)
     check_commitment(header, content_key)
     check_parts(header, envelope.parts)
     return header, check_manifest(header, decrypt_parts(header, envelope.parts, content_key))

@@ -19,7 +19,8 @@ from app.crypto.encoding import (
     b64e,
     canonical_json,
     format_time,
-    load_json_object,
+    is_int,
+    load_canonical_object,
     parse_time,
 )
 from app.crypto.keys import NodeIdentity, NodeKeys, fingerprint, key_id
@@ -102,8 +103,8 @@ def parse_identity_document(wire: object) -> PeerIdentity:
         signature = b64d(wire["signature"], length=64)
         if len(document) > MAX_IDENTITY_BYTES:
             raise IdentityError("identity document too large")
-        body = load_json_object(document)
-        if body.get("v") != 1 or body.get("type") != IDENTITY_TYPE:
+        body = load_canonical_object(document)
+        if not is_int(body.get("v")) or body.get("v") != 1 or body.get("type") != IDENTITY_TYPE:
             raise IdentityError("not a version 1 Entraide identity document")
         keys = body.get("keys")
         if not isinstance(keys, dict):

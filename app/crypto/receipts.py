@@ -19,7 +19,8 @@ from app.crypto.encoding import (
     b64e,
     canonical_json,
     format_time,
-    load_json_object,
+    is_int,
+    load_canonical_object,
     parse_time,
 )
 from app.crypto.signing import DOMAIN_RECEIPT, sign, verify
@@ -106,10 +107,17 @@ def decode_receipt(wire: object) -> SignedReceipt:
     return SignedReceipt(body=body, signature=signature)
 
 
+def _checkpoint(value: object) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise ReceiptError("the receipt's checkpoint must be a signed note or null")
+
+
 def verify_receipt(
     signed: SignedReceipt,
     *,
     signer_public: bytes,
+    signer_kid: str | None = None,
     msg_id: str,
     envelope_hash: str,
     from_authority: str,
@@ -119,8 +127,11 @@ def verify_receipt(
     if not verify(signer_public, DOMAIN_RECEIPT, signed.body, signed.signature):
         raise ReceiptError("receipt signature does not verify")
     try:
-        body: dict[str, Any] = load_json_object(signed.body)
-        if set(body) != RECEIPT_FIELDS or body["v"] != 1 or body["type"] != RECEIPT_TYPE:
+        body: dict[str, Any] = load_canonical_object(signed.body)
+        if set(body) != RECEIPT_FIELDS or not is_int(body["v"]) or body["v"] != 1:
+            raise ReceiptError("not a version 1 receipt")
+        text_fields = ("type", "msg_id", "envelope_hash", "from", "to", "status", "signer_kid")
+        if body["type"] != RECEIPT_TYPE or not all(isinstance(body[k], str) for k in text_fields):
             raise ReceiptError("not a version 1 receipt")
         receipt = Receipt(
             msg_id=str(body["msg_id"]),
@@ -130,16 +141,17 @@ def verify_receipt(
             received_at=parse_time(body["received_at"]),
             status=str(body["status"]),
             signer_kid=str(body["signer_kid"]),
-            checkpoint=body["checkpoint"] if isinstance(body["checkpoint"], str) else None,
+            checkpoint=_checkpoint(body["checkpoint"]),
         )
     except DecodeError as exc:
         raise ReceiptError(f"malformed receipt: {exc}") from exc
     matches = (
-        hmac.compare_digest(receipt.msg_id, msg_id)
-        and hmac.compare_digest(receipt.envelope_hash, envelope_hash)
+        hmac.compare_digest(receipt.msg_id.encode(), msg_id.encode())
+        and hmac.compare_digest(receipt.envelope_hash.encode(), envelope_hash.encode())
         and receipt.from_authority == from_authority
         and receipt.to_authority == to_authority
         and receipt.status == "accepted"
+        and (signer_kid is None or receipt.signer_kid == signer_kid)
     )
     if not matches:
         raise ReceiptError("receipt is not for the envelope that was sent")

@@ -53,7 +53,7 @@ async def receive_envelope(request: Request, node: NodeDep) -> JSONResponse:
     raw = await request.body()
     try:
         wire: object = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # bad UTF-8, bad JSON, absurdly long integers
         wire = None
     try:
         if wire is None:

@@ -15,7 +15,8 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.audit.log import record, signed_checkpoint
+from app.audit.checkpoints import latest_checkpoint
+from app.audit.log import record
 from app.crypto import envelope as env
 from app.crypto.encoding import DecodeError, b64d, utc_now
 from app.crypto.receipts import SignedReceipt, issue_receipt
@@ -24,7 +25,13 @@ from app.domain.messages import MessageDocument
 from app.errors import EnvelopeRefused
 from app.models import CaseFile, Message, Peer, Receipt
 from app.node import Node
-from app.requests.status import RECEIVED, status_after_message
+from app.requests.status import (
+    RECEIVED,
+    may_send,
+    other_role,
+    role_of,
+    status_after_message,
+)
 from app.requests.store import store_envelope
 
 MAX_TTL = timedelta(days=30)
@@ -51,6 +58,12 @@ def _check_time(node: Node, header: env.Header) -> None:
         raise _refuse("malformed_header", "the envelope's lifetime is invalid")
 
 
+def _latest_note(session: Session) -> str | None:
+    """The latest signed checkpoint of our log: the sender witnesses it (DESIGN.md 5)."""
+    checkpoint = latest_checkpoint(session)
+    return checkpoint.note if checkpoint is not None else None
+
+
 def _stored_receipt(session: Session, message: Message) -> SignedReceipt:
     receipt = session.scalar(select(Receipt).where(Receipt.message_id == message.id))
     if receipt is None:  # an inbound message always has its receipt in the same transaction
@@ -66,7 +79,11 @@ def _check_content(header: env.Header, opened: env.Opened, case: CaseFile | None
     kind = content.get("kind")
     try:
         if kind == "request":
-            if case is not None or header.in_reply_to is not None:
+            if (
+                case is not None
+                or header.in_reply_to is not None
+                or header.conversation_id != header.msg_id
+            ):
                 raise _refuse("unknown_conversation", "a request must open a conversation", 409)
             document = RequestDocument.model_validate(content.get("document"))
             if (
@@ -78,7 +95,15 @@ def _check_content(header: env.Header, opened: env.Opened, case: CaseFile | None
         if kind == "message":
             if case is None:
                 raise _refuse("unknown_conversation", "no such conversation", 409)
-            return MessageDocument.model_validate(content.get("document")).type.value
+            message_type = MessageDocument.model_validate(content.get("document")).type.value
+            sender_role = other_role(role_of(case.direction))
+            if not may_send(sender_role, message_type):
+                raise _refuse(
+                    "message_not_allowed",
+                    f"the {sender_role} authority cannot send a {message_type} message",
+                    409,
+                )
+            return message_type
     except ValidationError as exc:
         raise _refuse(
             "invalid_content", f"the document fails validation ({exc.error_count()} errors)", 422
@@ -109,23 +134,30 @@ def accept_envelope(session: Session, node: Node, *, wire: object) -> Accepted:
         raise _refuse(exc.code, exc.detail) from exc
     if header.to_authority != node.authority_id:
         raise _refuse("not_addressed_to_us", "the envelope is addressed to another authority", 421)
-    _check_time(node, header)
+    if header.from_enc_kid != peer.encryption_kid:
+        raise _refuse("unknown_key", "the sender's encryption key is not the one pinned here", 403)
+    if header.to_enc_kid != node.keys.encryption_kid:
+        raise _refuse("unknown_recipient_key", "the envelope is sealed for another key of ours")
 
+    # A repeat of an accepted envelope gets its receipt back even after it expired: its
+    # sender may have lost our first answer, and the receipt is its proof of delivery.
     existing = session.scalar(select(Message).where(Message.msg_id == header.msg_id))
     if existing is not None:
         if existing.direction == "inbound" and existing.envelope_hash == envelope.envelope_hash:
             return Accepted(receipt=_stored_receipt(session, existing), created=False)
         raise _refuse("replayed", "this message id was already used for another envelope", 409)
+    _check_time(node, header)
 
     try:
-        content_key = env.unwrap_content_key(header, node.keys)
+        content_key = env.unwrap_content_key(header, node.keys, kid=header.to_enc_kid)
         env.check_commitment(header, content_key)
         env.check_parts(header, envelope.parts)
         opened = env.check_manifest(header, env.decrypt_parts(header, envelope.parts, content_key))
     except env.EnvelopeError as exc:
         raise _refuse(exc.code, exc.detail) from exc
 
-    case = session.get(CaseFile, header.conversation_id)
+    # Locked: two messages of one conversation arriving together must not lose a status.
+    case = session.get(CaseFile, header.conversation_id, with_for_update=True)
     if case is not None and case.peer_authority != header.from_authority:
         raise _refuse("unknown_conversation", "no such conversation with this sender", 409)
     message_type = _check_content(header, opened, case)
@@ -177,9 +209,7 @@ def accept_envelope(session: Session, node: Node, *, wire: object) -> Accepted:
         from_authority=header.from_authority,
         to_authority=header.to_authority,
         received_at=now,
-        checkpoint=signed_checkpoint(
-            session, authority_id=node.authority_id, log_key=node.keys.log
-        ),
+        checkpoint=_latest_note(session),
     )
     session.add(
         Receipt(

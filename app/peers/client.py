@@ -12,6 +12,7 @@ from app.errors import BadRequest, PeerError
 
 IDENTITY_PATH = "/.well-known/entraide/node"
 ENVELOPES_PATH = "/p2p/v1/envelopes"
+CONSISTENCY_PATH = "/p2p/v1/audit/consistency"
 MAX_RESPONSE_BYTES = 256 * 1024
 
 
@@ -43,7 +44,7 @@ def read_json_bounded(response: httpx.Response) -> Any:
         chunks.append(chunk)
     try:
         return json.loads(b"".join(chunks))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
         raise PeerError("the peer's response is not JSON", code="peer_bad_response") from exc
 
 

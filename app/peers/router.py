@@ -29,6 +29,7 @@ def add_peer(body: AddPeer, session: SessionDep, node: NodeDep, principal: Admin
                 actor=actor,
             )
     except EntraideError as exc:
+        session.rollback()  # release our write lock before the refusal's own transaction
         details = {"url": body.url, "detail": exc.detail}
         record_alone(
             node.sessions, actor=actor, action="peer.add", outcome=exc.code, details=details

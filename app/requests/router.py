@@ -20,6 +20,14 @@ def _submitted(case_id: str, msg_id: str, status: str) -> schemas.Submitted:
     return schemas.Submitted(id=case_id, msg_id=msg_id, status=status, delivery="queued")
 
 
+def _disposition(name: str) -> str:
+    # An ASCII fallback for old clients, then the exact UTF-8 name (RFC 6266, RFC 8187).
+    fallback = "".join(
+        ch if ch.isascii() and ch.isprintable() and ch not in '"\\' else "_" for ch in name
+    )
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name)}"
+
+
 @router.post("", status_code=201)
 def submit_request(
     body: schemas.SubmitRequest, session: SessionDep, node: NodeDep, principal: OfficerDep
@@ -85,7 +93,7 @@ def download_attachment(
         content=download.data,
         media_type="application/octet-stream",
         headers={
-            "content-disposition": f"attachment; filename*=UTF-8''{quote(download.name)}",
+            "content-disposition": _disposition(download.name),
             "x-entraide-media-type": download.media_type,
             "x-entraide-sha256": download.sha256,
         },

@@ -18,7 +18,12 @@ FileName = Annotated[
     str, StringConstraints(min_length=1, max_length=255, pattern=r"^[^/\\\x00-\x1f]+$")
 ]
 MediaType = Annotated[
-    str, StringConstraints(max_length=127, pattern=r"^[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+$")
+    str,
+    StringConstraints(
+        max_length=255,
+        pattern=r"^[a-z0-9!#$&^_.+-]{1,63}/[a-z0-9!#$&^_.+-]{1,63}"
+        r"(?:; ?[a-z0-9!#$&^_.+-]{1,63}=[A-Za-z0-9!#$&^_.+-]{1,63}){0,4}$",
+    ),
 ]
 
 

@@ -11,15 +11,16 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import event, or_, select
 from sqlalchemy.orm import Session
 
 from app.audit.log import record
 from app.auth.service import Principal
-from app.crypto.encoding import b64e, format_time, parse_time, utc_now
+from app.crypto.encoding import b64e, sha256_hex, utc_now
 from app.crypto.envelope import (
     Attachment,
     EnvelopeError,
@@ -32,12 +33,15 @@ from app.crypto.envelope import (
     seal,
 )
 from app.crypto.randomness import SystemRandomness
-from app.errors import BadRequest, EntraideError, NotFound, PayloadTooLarge
+from app.crypto.signing import DOMAIN_ENVELOPE, verify
+from app.domain.document import RequestDocument
+from app.domain.messages import MessageDocument
+from app.errors import BadRequest, Conflict, EntraideError, NotFound, PayloadTooLarge
 from app.models import CaseFile, Message, OutboxItem, Peer, Receipt
 from app.node import Node
 from app.peers.service import get_peer
 from app.requests import schemas
-from app.requests.status import QUEUED, status_after_message
+from app.requests.status import QUEUED, may_send, role_of, status_after_message
 from app.requests.store import load_envelope, store_envelope
 
 OUTBOUND = "outbound"
@@ -97,6 +101,15 @@ def _seal_and_queue(
         ttl=timedelta(seconds=node.settings.envelope_ttl_seconds),
         randomness=SystemRandomness(),
     )
+    # The peer applies the same body limit to the envelope as we do to submissions; refuse
+    # now what it would refuse later, rather than accept a request that can never arrive.
+    sealed = len(envelope.header) + sum(len(part) for part in envelope.parts)
+    wire_size = 4 * -(-sealed // 3) + 4 * len(envelope.parts) + 1024
+    if wire_size > node.settings.max_body_bytes:
+        raise PayloadTooLarge(
+            f"sealed, this would be about {wire_size} bytes, over the "
+            f"{node.settings.max_body_bytes}-byte limit between nodes"
+        )
     return envelope, parse_header(envelope.header, len(envelope.parts))
 
 
@@ -184,8 +197,10 @@ def submit_request(
     return case, message
 
 
-def get_case(session: Session, request_id: str) -> CaseFile:
-    case = session.get(CaseFile, request_id) if len(request_id) == 32 else None
+def get_case(session: Session, request_id: str, *, lock: bool = False) -> CaseFile:
+    case = (
+        session.get(CaseFile, request_id, with_for_update=lock) if len(request_id) == 32 else None
+    )
     if case is None:
         raise NotFound("no such request", code="unknown_request")
     return case
@@ -199,7 +214,13 @@ def add_message(
     body: schemas.SubmitMessage,
     principal: Principal,
 ) -> tuple[CaseFile, Message]:
-    case = get_case(session, request_id)
+    case = get_case(session, request_id, lock=True)
+    message_type = body.document.type.value
+    if not may_send(role_of(case.direction), message_type):
+        raise Conflict(
+            f"as the {role_of(case.direction)} authority you cannot send a {message_type} message",
+            code="message_not_allowed",
+        )
     peer = get_peer(session, case.peer_authority)
     latest = session.scalar(
         select(Message.msg_id)
@@ -237,16 +258,20 @@ def add_message(
 
 
 def _encode_cursor(case: CaseFile) -> str:
-    raw = f"{format_time(case.created_at)}|{case.id}".encode()
+    # Full precision: a cursor rounded to the second would skip rows of that second.
+    raw = f"{case.created_at.isoformat()}|{case.id}".encode()
     return base64.urlsafe_b64encode(raw).decode()
 
 
-def _decode_cursor(cursor: str) -> tuple[Any, str]:
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         created, _, case_id = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
-        return parse_time(created), case_id
+        moment = datetime.fromisoformat(created)
     except (binascii.Error, UnicodeError, ValueError) as exc:
         raise BadRequest("invalid cursor", code="invalid_cursor") from exc
+    if moment.tzinfo is None:
+        raise BadRequest("invalid cursor", code="invalid_cursor")
+    return moment, case_id
 
 
 def list_requests(
@@ -299,15 +324,43 @@ def summary(case: CaseFile) -> schemas.RequestSummary:
 # --- reading ------------------------------------------------------------------------------
 
 
+def _signer_key(session: Session, node: Node, message: Message) -> bytes:
+    if message.direction == OUTBOUND:
+        return node.keys.signing_public
+    return get_peer(session, message.sender_authority).signing_key
+
+
 def _open_stored(session: Session, node: Node, message: Message) -> Opened:
+    """Re-check what was stored before showing it: a row planted or altered in the database
+    (by someone without the sender's signing key) must not read as a genuine message."""
+    envelope = load_envelope(session, message)
+    problem: str | None = None
+    if sha256_hex(envelope.header) != message.envelope_hash:
+        problem = "its header does not hash to the recorded envelope hash"
+    elif not verify(
+        _signer_key(session, node, message), DOMAIN_ENVELOPE, envelope.header, envelope.signature
+    ):
+        problem = "its signature does not verify"
+    if problem is None:
+        try:
+            _, opened = open_envelope(envelope, node.keys)
+            return opened
+        except EnvelopeError as exc:
+            problem = f"it does not open ({exc.code})"
+    raise StoredEnvelopeCorrupt(
+        f"stored envelope {message.msg_id}: {problem}; storage was altered or damaged"
+    )
+
+
+def _validated(content: dict[str, Any]) -> dict[str, Any]:
+    """The document as our schema reads it (what was checked on arrival), not the raw JSON."""
+    model: type[RequestDocument] | type[MessageDocument] = (
+        RequestDocument if content.get("kind") == "request" else MessageDocument
+    )
     try:
-        _, opened = open_envelope(load_envelope(session, message), node.keys)
-    except EnvelopeError as exc:
-        raise StoredEnvelopeCorrupt(
-            f"stored envelope {message.msg_id} does not open ({exc.code}); "
-            "storage was altered or damaged"
-        ) from exc
-    return opened
+        return model.model_validate(content.get("document")).model_dump(mode="json")
+    except ValidationError as exc:
+        raise StoredEnvelopeCorrupt("a stored document no longer matches its schema") from exc
 
 
 def _message_view(
@@ -329,7 +382,7 @@ def _message_view(
         envelope_hash=message.envelope_hash,
         header=b64e(message.header),
         signature=b64e(message.signature),
-        content=content.get("document", {}),
+        content=_validated(content),
         attachments=[
             schemas.AttachmentView(
                 index=entry["index"],

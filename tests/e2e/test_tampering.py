@@ -228,7 +228,12 @@ def test_replay_returns_the_same_receipt_and_stores_one_copy(
     _refused(network, reused.to_wire(), "replayed", 409)
 
 
-EMPTY_HEADER = b'{"v": 1, "header": "e30=", "signature": "' + b"A" * 86 + b'==", "parts": ["AA=="]}'
+# A version 1 header with none of the other fields ({"type":"entraide.envelope","v":1}).
+EMPTY_HEADER = (
+    b'{"v": 1, "header": "eyJ0eXBlIjoiZW50cmFpZGUuZW52ZWxvcGUiLCJ2IjoxfQ==", "signature": "'
+    + b"A" * 86
+    + b'==", "parts": ["AA=="]}'
+)
 
 
 @pytest.mark.parametrize(
@@ -243,9 +248,10 @@ EMPTY_HEADER = b'{"v": 1, "header": "e30=", "signature": "' + b"A" * 86 + b'==",
             "malformed_envelope",
             400,
         ),
+        (EMPTY_HEADER, "malformed_header", 400),
         (
-            b'{"v": 1, "header": "e30=", "signature": "' + b"A" * 86 + b'==", "parts": ["AA=="]}',
-            "malformed_header",
+            EMPTY_HEADER.replace(b"eyJ0eXBlIjoiZW50cmFpZGUuZW52ZWxvcGUiLCJ2IjoxfQ==", b"e30="),
+            "unsupported_version",
             400,
         ),
     ],

@@ -1,0 +1,83 @@
+"""Signed checkpoints of the node's own log (C2SP tlog-checkpoint, signed-note format).
+
+A checkpoint is signed every N entries or T seconds (by whichever delivery worker notices
+first) and on demand. Signing locks the log head, so two workers never sign two different
+checkpoints of the same size.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from nacl.signing import SigningKey
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.audit.log import HEAD_ID, lock_head
+from app.audit.note import Checkpoint, Verifier, format_verifier_key, sign_note
+from app.crypto.encoding import utc_now
+from app.models import AuditCheckpoint, AuditHead
+
+
+def log_origin(authority_id: str) -> str:
+    """The log's name: checkpoint origin line and signer name (no spaces, no '+')."""
+    return f"entraide.log/{authority_id}"
+
+
+def log_verifier(authority_id: str, log_public: bytes) -> Verifier:
+    return Verifier(log_origin(authority_id), log_public)
+
+
+def log_verifier_key(authority_id: str, log_key: SigningKey) -> str:
+    return format_verifier_key(log_origin(authority_id), log_key.verify_key)
+
+
+def sign_checkpoint(session: Session, *, authority_id: str, log_key: SigningKey) -> AuditCheckpoint:
+    """Sign the current head, unless a checkpoint of this size exists already."""
+    head = lock_head(session)
+    existing = session.scalar(
+        select(AuditCheckpoint)
+        .where(AuditCheckpoint.size == head.size)
+        .order_by(AuditCheckpoint.id.desc())
+        .limit(1)
+    )
+    if existing is not None:
+        return existing
+    origin = log_origin(authority_id)
+    body = Checkpoint(origin=origin, size=head.size, root_hash=head.root_hash).format()
+    checkpoint = AuditCheckpoint(
+        size=head.size,
+        root_hash=head.root_hash,
+        note=sign_note(body, origin, log_key),
+        created_at=utc_now(),
+    )
+    session.add(checkpoint)
+    head.last_checkpoint_size = head.size
+    session.flush()
+    return checkpoint
+
+
+def checkpoint_due(head: AuditHead, latest: datetime | None, *, every: int, seconds: float) -> bool:
+    """Pure rule: N new entries, or T seconds since the last checkpoint with anything new."""
+    new_entries = head.size - head.last_checkpoint_size
+    if new_entries <= 0 and latest is not None:
+        return False
+    if new_entries >= every or latest is None:
+        return True
+    return utc_now() - latest >= timedelta(seconds=seconds)
+
+
+def maybe_checkpoint(
+    session: Session, *, authority_id: str, log_key: SigningKey, every: int, seconds: float
+) -> AuditCheckpoint | None:
+    head = session.get(AuditHead, HEAD_ID)
+    if head is None:
+        return None
+    latest = session.scalar(select(AuditCheckpoint.created_at).order_by(AuditCheckpoint.id.desc()))
+    if not checkpoint_due(head, latest, every=every, seconds=seconds):
+        return None
+    return sign_checkpoint(session, authority_id=authority_id, log_key=log_key)
+
+
+def latest_checkpoint(session: Session) -> AuditCheckpoint | None:
+    return session.scalar(select(AuditCheckpoint).order_by(AuditCheckpoint.size.desc()).limit(1))

@@ -1,0 +1,202 @@
+"""Peers as witnesses: check each peer's checkpoints for consistency, and cosign them.
+
+Every receipt carries the receiver's latest signed checkpoint. The sender keeps the
+checkpoints each peer has shown it; when a new one arrives it fetches a consistency proof
+between the largest it knows and the new one, from the peer itself. A proof that does not
+verify, or two different roots for one size, mean the peer has shown two histories: that is
+recorded as an alarm (an entry in our own log, a row, a metric). Consistent checkpoints are
+cosigned (C2SP tlog-cosignature, Ed25519 cosignature/v1), and the peer can fetch the
+cosignature back to show others that a witness saw the same history.
+
+The cosignature is made with the node's log key. The message starts with the fixed line
+`cosignature/v1`, which no checkpoint of ours can start with (our origin line is
+`entraide.log/...`), so the two uses cannot be confused.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.audit.checkpoints import log_origin, log_verifier
+from app.audit.log import record
+from app.audit.merkle import verify_consistency
+from app.audit.note import SIGNATURE_PREFIX, Checkpoint, NoteError, open_note
+from app.crypto.encoding import utc_now
+from app.models import Peer, WitnessAlarm, WitnessedCheckpoint
+
+log = logging.getLogger(__name__)
+
+COSIGNATURE_HEADER = "cosignature/v1\n"
+COSIGNATURE_KEY_TYPE = b"\x04"
+
+ProofFetcher = Callable[[int, int], list[bytes]]
+
+
+class WitnessError(Exception):
+    """A peer's checkpoint could not be checked now (malformed, or no proof obtained)."""
+
+
+@dataclass(frozen=True)
+class Observed:
+    checkpoint: Checkpoint
+    note: str
+
+
+def witness_name(authority_id: str) -> str:
+    return f"entraide.witness/{authority_id}"
+
+
+def cosigner_key_id(name: str, public_key: bytes) -> bytes:
+    return hashlib.sha256(name.encode() + b"\n" + COSIGNATURE_KEY_TYPE + public_key).digest()[:4]
+
+
+def cosign(checkpoint_text: str, *, name: str, key: SigningKey, timestamp: int) -> str:
+    """One signature line, `— name base64(key id || u64 timestamp || Ed25519 signature)`."""
+    message = f"{COSIGNATURE_HEADER}time {timestamp}\n{checkpoint_text}".encode()
+    signature = key.sign(message).signature
+    blob = cosigner_key_id(name, bytes(key.verify_key)) + timestamp.to_bytes(8, "big") + signature
+    return f"{SIGNATURE_PREFIX}{name} {base64.b64encode(blob).decode()}\n"
+
+
+def verify_cosignature(checkpoint_text: str, line: str, *, name: str, public_key: bytes) -> bool:
+    prefix = f"{SIGNATURE_PREFIX}{name} "
+    if not line.startswith(prefix):
+        return False
+    try:
+        blob = base64.b64decode(line[len(prefix) :].strip(), validate=True)
+    except ValueError:
+        return False
+    if len(blob) != 4 + 8 + 64 or blob[:4] != cosigner_key_id(name, public_key):
+        return False
+    timestamp = int.from_bytes(blob[4:12], "big")
+    message = f"{COSIGNATURE_HEADER}time {timestamp}\n{checkpoint_text}".encode()
+    try:
+        VerifyKey(public_key).verify(message, blob[12:])
+    except BadSignatureError:
+        return False
+    return True
+
+
+def parse_peer_checkpoint(peer: Peer, note: str) -> Observed:
+    try:
+        text, _ = open_note(note, [log_verifier(peer.authority_id, peer.log_key)])
+        checkpoint = Checkpoint.parse(text)
+    except NoteError as exc:
+        raise WitnessError(f"checkpoint from {peer.authority_id} does not verify: {exc}") from exc
+    if checkpoint.origin != log_origin(peer.authority_id):
+        raise WitnessError(f"checkpoint from {peer.authority_id} names log {checkpoint.origin}")
+    return Observed(checkpoint, note)
+
+
+def largest_known(session: Session, authority_id: str) -> WitnessedCheckpoint | None:
+    return session.scalar(
+        select(WitnessedCheckpoint)
+        .where(WitnessedCheckpoint.peer_authority == authority_id)
+        .order_by(WitnessedCheckpoint.size.desc(), WitnessedCheckpoint.id.desc())
+        .limit(1)
+    )
+
+
+def _alarm(session: Session, peer: Peer, reason: str, known: str, new: str) -> WitnessAlarm:
+    alarm = WitnessAlarm(
+        peer_authority=peer.authority_id,
+        reason=reason[:500],
+        known_note=known,
+        new_note=new,
+        created_at=utc_now(),
+    )
+    session.add(alarm)
+    record(
+        session,
+        actor="node",
+        action="witness.alarm",
+        outcome="inconsistent",
+        peer=peer.authority_id,
+        details={"reason": reason},
+    )
+    log.error("split view: %s showed an inconsistent checkpoint: %s", peer.authority_id, reason)
+    return alarm
+
+
+def check_consistency(
+    known: WitnessedCheckpoint | None, observed: Observed, fetch: ProofFetcher
+) -> str | None:
+    """None if `observed` is consistent with what we know; otherwise the reason. Pure but for
+    `fetch`, which asks the peer for a consistency proof between two sizes."""
+    if known is None:
+        return None
+    new = observed.checkpoint
+    if new.size == known.size:
+        return None if new.root_hash == known.root_hash else f"two roots for size {new.size}"
+    small_size, small_root, large_size, large_root = (
+        (known.size, known.root_hash, new.size, new.root_hash)
+        if known.size < new.size
+        else (new.size, new.root_hash, known.size, known.root_hash)
+    )
+    proof = fetch(small_size, large_size)
+    if verify_consistency(small_size, large_size, small_root, large_root, proof):
+        return None
+    return f"no valid consistency proof from size {small_size} to {large_size}"
+
+
+def observe(
+    session: Session,
+    *,
+    peer: Peer,
+    observed: Observed,
+    reason: str | None,
+    own_authority: str,
+    log_key: SigningKey,
+) -> WitnessedCheckpoint | WitnessAlarm:
+    """Store the outcome of `check_consistency`: an alarm, or a cosigned checkpoint."""
+    known = largest_known(session, peer.authority_id)
+    if reason is not None:
+        return _alarm(session, peer, reason, known.note if known else "", observed.note)
+    checkpoint = observed.checkpoint
+    existing = session.scalar(
+        select(WitnessedCheckpoint).where(
+            WitnessedCheckpoint.peer_authority == peer.authority_id,
+            WitnessedCheckpoint.size == checkpoint.size,
+            WitnessedCheckpoint.root_hash == checkpoint.root_hash,
+        )
+    )
+    if existing is not None:
+        return existing
+    witnessed = WitnessedCheckpoint(
+        peer_authority=peer.authority_id,
+        size=checkpoint.size,
+        root_hash=checkpoint.root_hash,
+        note=observed.note,
+        cosignature=cosign(
+            checkpoint.format(),
+            name=witness_name(own_authority),
+            key=log_key,
+            timestamp=int(time.time()),
+        ),
+        received_at=utc_now(),
+    )
+    session.add(witnessed)
+    record(
+        session,
+        actor="node",
+        action="witness.cosigned",
+        peer=peer.authority_id,
+        details={"size": checkpoint.size, "root": checkpoint.root_hash.hex()},
+    )
+    session.flush()
+    return witnessed
+
+
+def cosigned_note(witnessed: WitnessedCheckpoint) -> str:
+    """The peer's checkpoint note with our cosignature line appended."""
+    return witnessed.note + (witnessed.cosignature or "")
