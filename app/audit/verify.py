@@ -102,7 +102,9 @@ class LogVerifier:
 
     def feed(self, data: bytes, *, stored_idx: int | None = None) -> None:
         position = self._expected
+        in_place = True
         if stored_idx is not None and stored_idx != position:
+            in_place = False
             if stored_idx > position:
                 self._problem(position, f"entries {position} to {stored_idx - 1} are missing")
             else:
@@ -113,14 +115,19 @@ class LogVerifier:
             time = fields["time"]
         except (orjson.JSONDecodeError, KeyError, TypeError):
             self._problem(position, f"entry {position} is not a valid audit entry")
-            fields, claimed, time = {}, None, ""
-        if claimed is not None and claimed != position:
-            self._problem(position, f"entry at position {position} claims index {claimed}")
+            fields, claimed, time = {}, position, ""
+        if claimed != position:
+            in_place = False
+            # An entry out of place: deleted before it (claims more), inserted or moved
+            # (claims less, the same index as an earlier one). Name the earlier position.
+            first = min(claimed, position) if type(claimed) is int and claimed >= 0 else position
+            self._problem(first, f"entry at position {position} claims index {claimed}")
         if isinstance(time, str) and time < self._last_time:
             self._problem(position, f"entry {position}: time goes backwards ({time})")
         elif isinstance(time, str):
             self._last_time = time
-        if "prev_leaf" in fields and fields["prev_leaf"] != self._last_leaf:
+        # The hash chain names altered entries; entries out of place are named above.
+        if in_place and "prev_leaf" in fields and fields["prev_leaf"] != self._last_leaf:
             self._chain_breaks.append(position)
         leaf = leaf_hash(data)
         self._last_leaf = leaf.hex()
