@@ -1,0 +1,260 @@
+"""The audit trail across two real nodes: the journey's entries on both sides, the auditor's
+API and offline verification, and peers catching a node that rewrites its history."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import delete, select
+
+from app.audit.checkpoints import log_origin
+from app.audit.merkle import CompactRange, leaf_hash, verify_inclusion
+from app.audit.note import Checkpoint, open_note, parse_verifier_key, sign_note
+from app.audit.witness import verify_cosignature, witness_name
+from app.crypto.encoding import canonical_json
+from app.crypto.identity import parse_identity_document
+from app.crypto.keys import load_keys
+from app.db import make_engine, make_session_factory, unit_of_work
+from app.localnodes import LocalNode
+from app.models import AuditCheckpoint, AuditEntry, AuditHead, AuditNode
+from tests.e2e.conftest import EXAMPLE, wait_for
+
+SETUP = ["key.created"] * 3 + ["client.created"] * 3 + ["peer.added"]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalNode, LocalNode]]:
+    base = tmp_path_factory.mktemp("audit-nodes")
+    quiet = {"ENTRAIDE_AUDIT_CHECKPOINT_SECONDS": "3600"}  # checkpoints only when asked
+    es = LocalNode("ES/MJ", "Ministerio", base / "es", f"sqlite:///{base}/es.db", extra_env=quiet)
+    ar = LocalNode("AR/MPF", "Fiscal", base / "ar", f"sqlite:///{base}/ar.db", extra_env=quiet)
+    try:
+        for node in (es, ar):
+            node.init()
+            for role in ("admin", "officer", "auditor"):
+                node.create_client(role, role)
+            node.start()
+        es.pin(ar)
+        ar.pin(es)
+        yield es, ar
+    finally:
+        es.stop()
+        ar.stop()
+
+
+def _entries(node: LocalNode, **filters: Any) -> list[dict[str, Any]]:
+    with node.client("auditor") as http:
+        response = http.get("/api/v1/audit", params={"limit": 500, **filters})
+    assert response.status_code == 200, response.text
+    items: list[dict[str, Any]] = response.json()["items"]
+    return list(reversed(items))
+
+
+def _wait_entry(node: LocalNode, action: str, count: int = 1) -> None:
+    wait_for(
+        f"{count} {action} on {node.authority_id}",
+        lambda: len(_entries(node, action=action)) >= count,
+    )
+
+
+def _actions(node: LocalNode) -> list[str]:
+    return [entry["action"] for entry in _entries(node)]
+
+
+def test_journey_leaves_the_expected_entries_on_both_nodes(
+    pair: tuple[LocalNode, LocalNode],
+) -> None:
+    es, ar = pair
+    with es.client("officer") as http:
+        request_id = http.post("/api/v1/requests", json=EXAMPLE).json()["id"]
+    _wait_entry(es, "witness.cosigned")
+    _wait_entry(ar, "receipt.issued")
+    with ar.client("officer") as http:
+        assert http.get(f"/api/v1/requests/{request_id}").status_code == 200
+        ack = {"document": {"type": "acknowledgement", "text": "Registered."}}
+        assert http.post(f"/api/v1/requests/{request_id}/messages", json=ack).status_code == 201
+    _wait_entry(ar, "witness.cosigned")
+    _wait_entry(es, "receipt.issued")
+    result = {
+        "document": {"type": "result", "text": "Done."},
+        "attachments": [{"name": "r.txt", "media_type": "text/plain", "content_base64": "b2s="}],
+    }
+    with ar.client("officer") as http:
+        assert http.post(f"/api/v1/requests/{request_id}/messages", json=result).status_code == 201
+    _wait_entry(ar, "receipt.received", 2)
+    _wait_entry(es, "receipt.issued", 2)
+    with es.client("officer") as http:
+        detail = http.get(f"/api/v1/requests/{request_id}").json()
+        assert http.get(detail["messages"][2]["attachments"][0]["href"]).content == b"ok"
+
+    assert _actions(es) == [
+        *SETUP,
+        "request.submitted",
+        "envelope.sealed",
+        "delivery.attempt",
+        "receipt.received",
+        "witness.cosigned",
+        "envelope.received",
+        "receipt.issued",
+        "envelope.received",
+        "receipt.issued",
+        "request.read",
+        "attachment.downloaded",
+    ]
+    assert _actions(ar) == [
+        *SETUP,
+        "envelope.received",
+        "receipt.issued",
+        "request.read",
+        "envelope.sealed",
+        "message.submitted",
+        "delivery.attempt",
+        "receipt.received",
+        "witness.cosigned",
+        "envelope.sealed",
+        "message.submitted",
+        "delivery.attempt",
+        "receipt.received",
+    ]
+    reads = _entries(ar, action="request.read")
+    assert reads[0]["actor"] == "client:officer"
+    assert reads[0]["request_id"] == request_id
+    # No entry carries request content.
+    everything = json.dumps(_entries(es) + _entries(ar))
+    assert EXAMPLE["document"]["summary_of_facts"][:40] not in everything
+    assert "Registered." not in everything
+
+
+def test_roles_separate_content_and_audit(pair: tuple[LocalNode, LocalNode]) -> None:
+    es, _ = pair
+    with es.client("officer") as http:
+        assert http.get("/api/v1/audit").status_code == 403
+    with es.client("auditor") as http:
+        assert http.get("/api/v1/requests").status_code == 403
+        assert http.get("/api/v1/audit", params={"action": "request.read"}).status_code == 200
+
+
+def test_inclusion_proof_from_the_api_checks_against_the_checkpoint(
+    pair: tuple[LocalNode, LocalNode],
+) -> None:
+    es, _ = pair
+    with es.client("auditor") as http:
+        checkpoint = http.post("/api/v1/audit/checkpoint").json()
+        key = parse_verifier_key(http.get("/api/v1/audit/checkpoint").json()["log_key"])
+        text, _ = open_note(checkpoint["note"], [key])
+        parsed = Checkpoint.parse(text)
+        entry = _entries(es, action="request.submitted")[0]
+        proof = http.get(
+            "/api/v1/audit/proofs/inclusion", params={"index": entry["idx"], "size": parsed.size}
+        ).json()
+    hashes = [bytes.fromhex(item) for item in proof["proof"]]
+    assert verify_inclusion(
+        bytes.fromhex(entry["leaf_hash"]), entry["idx"], parsed.size, hashes, parsed.root_hash
+    )
+
+
+def test_export_then_verify_offline_and_catch_an_edit(
+    pair: tuple[LocalNode, LocalNode], tmp_path: Path
+) -> None:
+    es, _ = pair
+    out = tmp_path / "export"
+    es.cli("audit", "export", "--out", str(out))
+    verified = es.cli("audit", "verify", str(out))
+    assert verified.stdout.startswith("OK: ")
+    lines = (out / "entries.jsonl").read_bytes().splitlines()
+    fields = json.loads(lines[9])
+    fields["actor"] = "client:someone-else"
+    lines[9] = canonical_json(fields)
+    (out / "entries.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    failed = es.cli("audit", "verify", str(out), check=False)
+    assert failed.returncode == 1
+    assert "entry 9 was altered" in failed.stderr
+
+
+def _rewrite_history(node: LocalNode) -> None:
+    """What an insider holding the log key could do: edit an old entry and rebuild and
+    re-sign everything so that the node's own verification still passes."""
+    keys = load_keys(node.keys_dir)
+    engine = make_engine(node.database_url)
+    try:
+        with unit_of_work(make_session_factory(engine)) as session:
+            entries = list(session.scalars(select(AuditEntry).order_by(AuditEntry.idx)))
+            fields = json.loads(entries[3].entry)
+            fields["actor"] = "operator:nobody"
+            entries[3].entry = canonical_json(fields)
+            compact = CompactRange()
+            session.execute(delete(AuditNode))
+            roots: dict[int, bytes] = {}
+            previous: bytes | None = None
+            for entry in entries:
+                data = json.loads(entry.entry)
+                data["prev_leaf"] = previous.hex() if previous else None
+                entry.entry = canonical_json(data)
+                entry.leaf_hash = leaf_hash(entry.entry)
+                previous = entry.leaf_hash
+
+                def keep(level: int, position: int, digest: bytes) -> None:
+                    session.add(AuditNode(level=level, position=position, hash=digest))
+
+                compact.append(entry.leaf_hash, visit=keep)
+                roots[compact.size] = compact.root()
+            head = session.get(AuditHead, 1)
+            assert head is not None
+            head.compact_range, head.root_hash = compact.to_bytes(), compact.root()
+            head.last_leaf_hash = previous
+            origin = log_origin(node.authority_id)
+            for checkpoint in session.scalars(select(AuditCheckpoint)):
+                checkpoint.root_hash = roots[checkpoint.size]
+                body = Checkpoint(origin, checkpoint.size, checkpoint.root_hash).format()
+                checkpoint.note = sign_note(body, origin, keys.log)
+    finally:
+        engine.dispose()
+
+
+def test_a_node_that_rewrites_history_is_caught_by_its_peer(
+    pair: tuple[LocalNode, LocalNode],
+) -> None:
+    es, ar = pair
+    # AR shows a fresh checkpoint to ES in the next receipt; ES checks and cosigns it.
+    with ar.client("auditor") as http:
+        shown = http.post("/api/v1/audit/checkpoint").json()
+    cosigned_before = len(_entries(es, action="witness.cosigned"))
+    with es.client("officer") as http:
+        assert http.post("/api/v1/requests", json=EXAMPLE).status_code == 201
+    _wait_entry(es, "witness.cosigned", cosigned_before + 1)
+
+    # AR can fetch ES's cosignature of its checkpoint back, and it verifies.
+    identity = parse_identity_document(httpx.get(es.url + "/.well-known/entraide/node").json())
+    note = httpx.get(es.url + "/p2p/v1/audit/cosignature", params={"authority": "AR/MPF"}).json()[
+        "note"
+    ]
+    body, _, _ = note.partition("\n\n")
+    assert Checkpoint.parse(body + "\n").size == shown["size"]
+    cosignature = note.rstrip("\n").rsplit("\n", 1)[1] + "\n"
+    assert verify_cosignature(
+        body + "\n", cosignature, name=witness_name("ES/MJ"), public_key=identity.log.public_key
+    )
+
+    # AR rewrites its past, re-signing every checkpoint: its own verification still passes...
+    ar.stop()
+    _rewrite_history(ar)
+    ar.start()
+    assert ar.cli("audit", "verify", "--db").returncode == 0
+    with ar.client("auditor") as http:
+        assert http.post("/api/v1/audit/checkpoint").json()["size"] > shown["size"]
+
+    # ...but at the next receipt ES finds no consistency proof from what it was shown before.
+    with es.client("officer") as http:
+        assert http.post("/api/v1/requests", json=EXAMPLE).status_code == 201
+    _wait_entry(es, "witness.alarm")
+    with es.client("auditor") as http:
+        alarms = http.get("/api/v1/audit/alarms").json()
+    assert len(alarms) == 1
+    assert alarms[0]["peer"] == "AR/MPF"
+    assert "consistency" in alarms[0]["reason"]
+    assert alarms[0]["known_checkpoint"].startswith(f"{log_origin('AR/MPF')}\n{shown['size']}\n")
