@@ -43,6 +43,8 @@ app.add_typer(peers_app, name="peers")
 app.add_typer(clients_app, name="clients")
 audit_app = typer.Typer(no_args_is_help=True, help="The tamper-evident audit log.")
 app.add_typer(audit_app, name="audit")
+deliveries_app = typer.Typer(no_args_is_help=True, help="Outbound deliveries (operators).")
+app.add_typer(deliveries_app, name="deliveries")
 
 
 def _operator() -> str:
@@ -268,6 +270,63 @@ def clients_revoke(name: Annotated[str, typer.Argument()]) -> None:
     finally:
         node.close()
     typer.echo(f"revoked {name}")
+
+
+@deliveries_app.command("list")
+def deliveries_list(
+    state: Annotated[str | None, typer.Option(help="queued, in_flight, retry, failed, ...")] = None,
+    stuck_minutes: Annotated[
+        int | None, typer.Option(help="Only undelivered rows queued longer than this")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="At most this many rows")] = 50,
+) -> None:
+    """List deliveries, newest first: id, state, attempts, peer, request, last error."""
+    from datetime import timedelta
+
+    from app.delivery.admin import list_deliveries
+
+    node = _node(get_settings())
+    try:
+        with unit_of_work(node.sessions) as session:
+            stuck = timedelta(minutes=stuck_minutes) if stuck_minutes is not None else None
+            rows, _ = list_deliveries(
+                session, state=state, stuck_for=stuck, peer=None, limit=limit, before=None
+            )
+            for row in rows:
+                item = row.item
+                typer.echo(
+                    f"{item.id}\t{item.state}\t{item.attempts}\t{item.peer_authority}\t"
+                    f"{row.message.request_id}\t{item.last_error or ''}"
+                )
+    finally:
+        node.close()
+
+
+def _delivery_action(delivery_id: int, action: str) -> None:
+    from app.delivery.admin import cancel_delivery, retry_delivery
+
+    node = _node(get_settings())
+    try:
+        with unit_of_work(node.sessions) as session:
+            operation = retry_delivery if action == "retry" else cancel_delivery
+            item = operation(session, delivery_id=delivery_id, actor=_operator())
+            typer.echo(f"delivery {item.id} is now {item.state}")
+    except EntraideError as exc:
+        raise _fail(exc.detail) from exc
+    finally:
+        node.close()
+
+
+@deliveries_app.command("retry")
+def deliveries_retry(delivery_id: Annotated[int, typer.Argument()]) -> None:
+    """Make a waiting or failed delivery due now."""
+    _delivery_action(delivery_id, "retry")
+
+
+@deliveries_app.command("cancel")
+def deliveries_cancel(delivery_id: Annotated[int, typer.Argument()]) -> None:
+    """Stop trying to deliver (the request stays, undelivered, in the outbox history)."""
+    _delivery_action(delivery_id, "cancel")
 
 
 @audit_app.command("checkpoint")

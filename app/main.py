@@ -21,6 +21,7 @@ from app.audit.router import router as audit_router
 from app.config import Settings, get_settings
 from app.crypto.encoding import utc_now
 from app.crypto.identity import build_identity_document
+from app.delivery.router import router as deliveries_router
 from app.delivery.worker import Worker
 from app.errors import EntraideError
 from app.node import Node, load_node
@@ -38,6 +39,7 @@ ROUTERS = (
     openapi_router,
     requests_router,
     peers_router,
+    deliveries_router,
     audit_router,
     p2p_router,
     audit_p2p_router,

@@ -1,19 +1,35 @@
-"""The retry schedule is a pure function: exponential, capped, jittered within bounds."""
+"""Retry schedules and deadlines are pure functions: exponential, capped, jittered within
+bounds, faster and shorter-lived for urgent and emergency requests."""
 
 from __future__ import annotations
 
 import random
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from app.delivery.retry import BASE_SECONDS, CAP_SECONDS, backoff
+from app.delivery import outbox
+from app.delivery.retry import (
+    BASE_SECONDS,
+    CAP_SECONDS,
+    POLICIES,
+    backoff,
+    delivery_deadline,
+    next_attempt,
+    policy_for,
+)
+from app.delivery.worker import classify
+
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 
 
+@pytest.mark.parametrize("urgency", sorted(POLICIES))
 @pytest.mark.parametrize("attempts", range(1, 40))
-def test_backoff_stays_within_its_window(attempts: int) -> None:
-    ceiling = min(CAP_SECONDS, BASE_SECONDS * 2 ** (attempts - 1))
-    for seed in range(20):
-        delay = backoff(attempts, rng=random.Random(seed)).total_seconds()
+def test_backoff_stays_within_its_window(urgency: str, attempts: int) -> None:
+    policy = POLICIES[urgency]
+    ceiling = min(policy.cap_seconds, policy.base_seconds * 2 ** (attempts - 1))
+    for seed in range(10):
+        delay = backoff(attempts, policy=policy, rng=random.Random(seed)).total_seconds()
         assert ceiling / 2 <= delay <= ceiling
 
 
@@ -21,8 +37,58 @@ def test_backoff_grows_then_caps() -> None:
     lows = [backoff(n, rng=random.Random(0)).total_seconds() for n in range(1, 20)]
     assert lows[1] > lows[0]
     assert max(lows) <= CAP_SECONDS
+    assert backoff(1, rng=random.Random(0)).total_seconds() <= BASE_SECONDS
 
 
 def test_backoff_refuses_zero_attempts() -> None:
     with pytest.raises(ValueError, match="counts from 1"):
         backoff(0)
+
+
+def test_emergency_retries_faster_and_gives_up_sooner_than_routine() -> None:
+    emergency, urgent, routine = (POLICIES[u] for u in ("emergency", "urgent", "routine"))
+    assert emergency.base_seconds < urgent.base_seconds < routine.base_seconds
+    assert emergency.cap_seconds < urgent.cap_seconds < routine.cap_seconds
+    assert emergency.expiry < urgent.expiry < routine.expiry
+    assert policy_for("unheard-of") == routine
+
+
+def test_deadline_never_outlives_the_envelope() -> None:
+    envelope_expiry = NOW + timedelta(days=7)
+    assert delivery_deadline(NOW, "emergency", envelope_expiry) == NOW + timedelta(hours=2)
+    assert delivery_deadline(NOW, "routine", envelope_expiry) == envelope_expiry
+    short = NOW + timedelta(hours=1)
+    assert delivery_deadline(NOW, "urgent", short) == short
+
+
+def test_next_attempt_stops_at_the_deadline() -> None:
+    deadline = NOW + timedelta(minutes=5)  # shorter than a capped routine backoff
+    first = next_attempt(NOW, 1, "routine", deadline, rng=random.Random(1))
+    assert first is not None
+    assert NOW < first <= NOW + timedelta(seconds=BASE_SECONDS)
+    late = next_attempt(NOW, 30, "routine", deadline, rng=random.Random(1))
+    assert late == deadline  # the last try happens at the deadline, not after
+    assert next_attempt(deadline, 31, "routine", deadline) is None
+    assert next_attempt(NOW, 3, "routine", None) is not None
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "state"),
+    [
+        (500, None, outbox.RETRY),
+        (503, {"error": "database_unavailable"}, outbox.RETRY),
+        (429, {"error": "rate_limited"}, outbox.RETRY),
+        (403, {"error": "unknown_sender"}, outbox.RETRY),
+        (409, {"error": "unknown_conversation"}, outbox.RETRY),
+        (400, {"error": "not_yet_valid"}, outbox.RETRY),
+        (400, {"error": "bad_signature"}, outbox.FAILED),
+        (409, {"error": "replayed"}, outbox.FAILED),
+        (413, {"error": "too_large"}, outbox.FAILED),
+        (400, {"error": ["not", "a", "code"]}, outbox.FAILED),
+        (404, "not json", outbox.FAILED),
+    ],
+)
+def test_peer_answers_are_classified(status: int, body: object, state: str) -> None:
+    outcome = classify(status, body)
+    assert outcome.state == state
+    assert outcome.http_status == status

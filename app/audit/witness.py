@@ -22,17 +22,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import httpx
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
 
 from app.audit.checkpoints import log_origin, log_verifier
 from app.audit.log import record
 from app.audit.merkle import verify_consistency
 from app.audit.note import SIGNATURE_PREFIX, Checkpoint, NoteError, open_note
 from app.crypto.encoding import utc_now
+from app.db import unit_of_work
+from app.errors import PeerError
 from app.models import Peer, WitnessAlarm, WitnessedCheckpoint
+from app.peers.client import CONSISTENCY_PATH, read_json_bounded
 
 log = logging.getLogger(__name__)
 
@@ -200,3 +205,63 @@ def observe(
 def cosigned_note(witnessed: WitnessedCheckpoint) -> str:
     """The peer's checkpoint note with our cosignature line appended."""
     return witnessed.note + (witnessed.cosignature or "")
+
+
+def fetch_consistency_proof(
+    http: httpx.Client, base_url: str, first: int, second: int
+) -> list[bytes]:
+    url = f"{base_url}{CONSISTENCY_PATH}?first={first}&second={second}"
+    try:
+        with http.stream("GET", url) as response:
+            body = read_json_bounded(response)
+            status = response.status_code
+    except (httpx.HTTPError, PeerError) as exc:
+        raise WitnessError(f"no consistency proof: {type(exc).__name__}") from exc
+    if status != 200 or not isinstance(body, dict) or not isinstance(body.get("proof"), list):
+        raise WitnessError(f"no consistency proof: HTTP {status}")
+    try:
+        return [bytes.fromhex(item) for item in body["proof"][:128]]
+    except (TypeError, ValueError) as exc:
+        raise WitnessError("malformed consistency proof") from exc
+
+
+def witness_receipt_checkpoint(
+    sessions: sessionmaker[Session],
+    http: httpx.Client,
+    *,
+    authority: str,
+    note: str,
+    own_authority: str,
+    log_key: SigningKey,
+) -> None:
+    """Check the checkpoint a peer's receipt carried against what it showed us before.
+
+    Runs outside the delivery's transaction: it may call the peer for a proof.
+    """
+    with unit_of_work(sessions) as session:
+        peer = session.scalar(select(Peer).where(Peer.authority_id == authority))
+        if peer is None:
+            return
+        known = largest_known(session, authority)
+    try:
+        observed = parse_peer_checkpoint(peer, note)
+        reason = check_consistency(
+            known,
+            observed,
+            lambda first, second: fetch_consistency_proof(http, peer.public_url, first, second),
+        )
+    except WitnessError as exc:
+        log.warning("could not witness %s's checkpoint: %s", authority, exc)
+        return
+    try:
+        with unit_of_work(sessions) as session:
+            observe(
+                session,
+                peer=peer,
+                observed=observed,
+                reason=reason,
+                own_authority=own_authority,
+                log_key=log_key,
+            )
+    except IntegrityError:
+        pass  # another worker stored the same checkpoint first

@@ -1,9 +1,14 @@
-"""Claiming and settling outbox rows.
+"""Claiming, settling and administering outbox rows.
 
-A claim moves due rows to `in_flight` with a lease. On PostgreSQL, `FOR UPDATE SKIP LOCKED`
-lets any number of workers claim without blocking each other or taking the same row; on
-SQLite, `BEGIN IMMEDIATE` (app.db) makes the claim a single writer's transaction. A row whose
-worker died stays `in_flight` until its lease runs out, then any worker reclaims it.
+A claim moves due rows to `in_flight` with a lease held by one worker. On PostgreSQL,
+`FOR UPDATE SKIP LOCKED` lets any number of workers claim without blocking each other or
+taking the same row; on SQLite, `BEGIN IMMEDIATE` (app.db) makes the claim a single writer's
+transaction. A row whose worker died stays `in_flight` until its lease runs out, then any
+worker reclaims it. The attempt count is the fencing token: a worker whose lease was taken
+over cannot settle the row any more.
+
+States: queued → in_flight → delivered | retry | failed; retry → in_flight; an operator can
+move retry/failed back to queued, or queued/retry/failed to cancelled.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.models import OutboxItem
@@ -21,6 +26,9 @@ IN_FLIGHT = "in_flight"
 RETRY = "retry"
 DELIVERED = "delivered"
 FAILED = "failed"
+CANCELLED = "cancelled"
+STATES = (QUEUED, IN_FLIGHT, RETRY, DELIVERED, FAILED, CANCELLED)
+PENDING = (QUEUED, IN_FLIGHT, RETRY)
 MAX_ERROR_CHARS = 500
 
 
@@ -30,9 +38,13 @@ class Claim:
     message_id: int
     peer_authority: str
     attempts: int
+    trace_id: str | None
+    claimed_at: datetime
 
 
-def claim_due(session: Session, *, now: datetime, lease: timedelta, limit: int) -> list[Claim]:
+def claim_due(
+    session: Session, *, now: datetime, lease: timedelta, limit: int, owner: str
+) -> list[Claim]:
     statement = (
         select(OutboxItem)
         .where(
@@ -49,11 +61,46 @@ def claim_due(session: Session, *, now: datetime, lease: timedelta, limit: int) 
     for item in session.scalars(statement):
         item.state = IN_FLIGHT
         item.lease_until = now + lease
+        item.lease_owner = owner
         item.attempts += 1
-        claims.append(Claim(item.id, item.message_id, item.peer_authority, item.attempts))
+        item.updated_at = now
+        claims.append(
+            Claim(item.id, item.message_id, item.peer_authority, item.attempts, item.trace_id, now)
+        )
     session.flush()
     return claims
 
 
+def release_owned(session: Session, *, owner: str, now: datetime) -> int:
+    """A stopping worker hands back the rows it claimed but did not get to: due at once."""
+    result = session.execute(
+        update(OutboxItem)
+        .where(OutboxItem.state == IN_FLIGHT, OutboxItem.lease_owner == owner)
+        .values(
+            state=RETRY, lease_until=None, lease_owner=None, next_attempt_at=now, updated_at=now
+        )
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
 def truncate_error(text: str) -> str:
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    by_state: dict[str, int]
+    oldest_pending_at: datetime | None
+
+
+def queue_stats(session: Session) -> QueueStats:
+    """Counts by state and the oldest undelivered row: for /readyz, metrics and operators."""
+    counts = dict.fromkeys(STATES, 0)
+    for state, count in session.execute(
+        select(OutboxItem.state, func.count()).group_by(OutboxItem.state)
+    ):
+        counts[state] = int(count)
+    oldest = session.scalar(
+        select(func.min(OutboxItem.created_at)).where(OutboxItem.state.in_(PENDING))
+    )
+    return QueueStats(counts, oldest)

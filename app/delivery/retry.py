@@ -1,15 +1,41 @@
-"""When to try a delivery again: a pure function, so it can be tested exhaustively."""
+"""When to try a delivery again, and when to give up: pure functions, tested exhaustively.
+
+Urgency sets both. An emergency request (a life at risk, evidence about to vanish) retries
+within seconds and fails loudly within hours, so a human takes over; a routine one backs off
+to a quarter of an hour and keeps trying for a week.
+"""
 
 from __future__ import annotations
 
 import random
-from datetime import timedelta
-
-BASE_SECONDS = 2.0
-CAP_SECONDS = 15 * 60.0
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 
-def backoff(attempts: int, *, rng: random.Random | None = None) -> timedelta:
+@dataclass(frozen=True)
+class RetryPolicy:
+    base_seconds: float
+    cap_seconds: float
+    expiry: timedelta
+
+
+POLICIES = {
+    "emergency": RetryPolicy(base_seconds=0.5, cap_seconds=60.0, expiry=timedelta(hours=2)),
+    "urgent": RetryPolicy(base_seconds=1.0, cap_seconds=300.0, expiry=timedelta(hours=24)),
+    "routine": RetryPolicy(base_seconds=2.0, cap_seconds=900.0, expiry=timedelta(days=7)),
+}
+BASE_SECONDS = POLICIES["routine"].base_seconds
+CAP_SECONDS = POLICIES["routine"].cap_seconds
+
+
+def policy_for(urgency: str) -> RetryPolicy:
+    """Unknown urgencies get the routine policy: never a faster give-up than asked for."""
+    return POLICIES.get(urgency, POLICIES["routine"])
+
+
+def backoff(
+    attempts: int, *, policy: RetryPolicy | None = None, rng: random.Random | None = None
+) -> timedelta:
     """Exponential backoff with "equal jitter": half fixed, half random.
 
     The fixed half keeps the schedule growing; the random half spreads a crowd of retries
@@ -17,6 +43,28 @@ def backoff(attempts: int, *, rng: random.Random | None = None) -> timedelta:
     """
     if attempts < 1:
         raise ValueError("attempts counts from 1")
-    ceiling = min(CAP_SECONDS, BASE_SECONDS * 2 ** min(attempts - 1, 32))
+    chosen = policy or POLICIES["routine"]
+    ceiling = min(chosen.cap_seconds, chosen.base_seconds * 2 ** min(attempts - 1, 32))
     draw = (rng or random).random()  # jitter, not a secret
     return timedelta(seconds=ceiling / 2 + draw * ceiling / 2)
+
+
+def delivery_deadline(queued_at: datetime, urgency: str, envelope_expires_at: datetime) -> datetime:
+    """Give up at the policy's expiry, and never after the envelope itself expires (the
+    receiver would refuse it then anyway)."""
+    return min(queued_at + policy_for(urgency).expiry, envelope_expires_at)
+
+
+def next_attempt(
+    now: datetime,
+    attempts: int,
+    urgency: str,
+    deadline: datetime | None,
+    *,
+    rng: random.Random | None = None,
+) -> datetime | None:
+    """When to try again after a failed attempt, or None when the deadline has passed."""
+    when = now + backoff(attempts, policy=policy_for(urgency), rng=rng)
+    if deadline is not None and now >= deadline:
+        return None
+    return min(when, deadline) if deadline is not None else when

@@ -34,6 +34,7 @@ from app.crypto.envelope import (
 )
 from app.crypto.randomness import SystemRandomness
 from app.crypto.signing import DOMAIN_ENVELOPE, verify
+from app.delivery.retry import delivery_deadline
 from app.domain.document import RequestDocument
 from app.domain.messages import MessageDocument
 from app.errors import BadRequest, Conflict, EntraideError, NotFound, PayloadTooLarge
@@ -125,14 +126,17 @@ def _store_outbound(
     message = store_envelope(
         session, case=case, envelope=envelope, header=header, direction=OUTBOUND, received_at=None
     )
+    now = utc_now()
     session.add(
         OutboxItem(
             message_id=message.id,
             peer_authority=case.peer_authority,
             state="queued",
             attempts=0,
-            next_attempt_at=utc_now(),
-            created_at=utc_now(),
+            next_attempt_at=now,
+            created_at=now,
+            updated_at=now,
+            expires_at=delivery_deadline(now, case.urgency, header.expires_at),
         )
     )
     record(

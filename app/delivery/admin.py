@@ -1,0 +1,121 @@
+"""What an operator does with deliveries: find the stuck and failed ones, retry or cancel."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.audit.log import record
+from app.crypto.encoding import utc_now
+from app.delivery import outbox
+from app.errors import Conflict, NotFound
+from app.models import DeliveryAttempt, Message, OutboxItem
+
+
+@dataclass(frozen=True)
+class DeliveryRow:
+    item: OutboxItem
+    message: Message
+    attempts: list[DeliveryAttempt]
+
+
+def list_deliveries(
+    session: Session,
+    *,
+    state: str | None,
+    stuck_for: timedelta | None,
+    peer: str | None,
+    limit: int,
+    before: int | None,
+) -> tuple[list[DeliveryRow], int | None]:
+    """Newest first. `stuck_for`: undelivered rows queued longer than that."""
+    statement = select(OutboxItem, Message).join(Message, Message.id == OutboxItem.message_id)
+    if state is not None:
+        statement = statement.where(OutboxItem.state == state)
+    if stuck_for is not None:
+        statement = statement.where(
+            OutboxItem.state.in_(outbox.PENDING), OutboxItem.created_at <= utc_now() - stuck_for
+        )
+    if peer is not None:
+        statement = statement.where(OutboxItem.peer_authority == peer)
+    if before is not None:
+        statement = statement.where(OutboxItem.id < before)
+    rows = list(session.execute(statement.order_by(OutboxItem.id.desc()).limit(limit + 1)))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    result = [DeliveryRow(item, message, _attempts(session, item.id)) for item, message in rows]
+    return result, (rows[-1][0].id if more and rows else None)
+
+
+def _attempts(session: Session, outbox_id: int) -> list[DeliveryAttempt]:
+    return list(
+        session.scalars(
+            select(DeliveryAttempt)
+            .where(DeliveryAttempt.outbox_id == outbox_id)
+            .order_by(DeliveryAttempt.attempt.desc())
+            .limit(20)
+        )
+    )
+
+
+def _locked(session: Session, delivery_id: int) -> tuple[OutboxItem, Message]:
+    item = session.get(OutboxItem, delivery_id, with_for_update=True)
+    message = session.get(Message, item.message_id) if item is not None else None
+    if item is None or message is None:
+        raise NotFound(f"no delivery {delivery_id}", code="unknown_delivery")
+    return item, message
+
+
+def retry_delivery(
+    session: Session, *, delivery_id: int, actor: str, now: datetime | None = None
+) -> OutboxItem:
+    """Make a waiting or failed delivery due now, with a fresh deadline (never past the
+    envelope's own expiry: an expired envelope must be sent again as a new message)."""
+    moment = now or utc_now()
+    item, message = _locked(session, delivery_id)
+    if item.state not in (outbox.RETRY, outbox.FAILED, outbox.QUEUED):
+        raise Conflict(f"a delivery in state {item.state} cannot be retried", code="not_retryable")
+    if message.expires_at <= moment:
+        raise Conflict(
+            "the envelope has expired; send the request or message again",
+            code="envelope_expired",
+        )
+    previous = item.state
+    item.state = outbox.QUEUED
+    item.next_attempt_at = moment
+    item.expires_at = message.expires_at
+    item.updated_at = moment
+    record(
+        session,
+        actor=actor,
+        action="delivery.retried",
+        request_id=message.request_id,
+        msg_id=message.msg_id,
+        peer=item.peer_authority,
+        details={"delivery": item.id, "from_state": previous},
+    )
+    return item
+
+
+def cancel_delivery(session: Session, *, delivery_id: int, actor: str) -> OutboxItem:
+    item, message = _locked(session, delivery_id)
+    if item.state not in (outbox.QUEUED, outbox.RETRY, outbox.FAILED):
+        raise Conflict(
+            f"a delivery in state {item.state} cannot be cancelled", code="not_cancellable"
+        )
+    previous = item.state
+    item.state = outbox.CANCELLED
+    item.updated_at = utc_now()
+    record(
+        session,
+        actor=actor,
+        action="delivery.cancelled",
+        request_id=message.request_id,
+        msg_id=message.msg_id,
+        peer=item.peer_authority,
+        details={"delivery": item.id, "from_state": previous},
+    )
+    return item

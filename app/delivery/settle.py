@@ -1,0 +1,137 @@
+"""Recording how a delivery attempt ended, in one transaction with its audit entries."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.audit.log import record
+from app.crypto.encoding import utc_now
+from app.crypto.receipts import Receipt as ReceiptBody
+from app.crypto.receipts import SignedReceipt
+from app.delivery import outbox
+from app.delivery.retry import next_attempt
+from app.models import CaseFile, DeliveryAttempt, Message, OutboxItem, Receipt
+from app.requests.status import status_after_receipt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    state: str  # DELIVERED, RETRY or FAILED
+    error: str | None = None
+    http_status: int | None = None
+    signed: SignedReceipt | None = None
+    receipt: ReceiptBody | None = None
+
+
+def settle(session: Session, claim: outbox.Claim, outcome: Outcome, *, worker: str) -> bool:
+    """Apply an attempt's outcome; False if the claim was lost (lease expired and retaken)."""
+    now = utc_now()
+    item = session.get(OutboxItem, claim.outbox_id, with_for_update=True)
+    if item is None or item.state != outbox.IN_FLIGHT or item.attempts != claim.attempts:
+        return False
+    message = session.get(Message, claim.message_id)
+    case = session.get(CaseFile, message.request_id) if message is not None else None
+    if message is None or case is None:  # rows are never deleted; a broken invariant
+        raise RuntimeError(f"outbox row {item.id} lost its message")
+    state = outcome.state
+    error = outcome.error
+    if state == outbox.RETRY:
+        when = next_attempt(now, claim.attempts, case.urgency, item.expires_at)
+        if when is None:
+            state = outbox.FAILED
+            error = f"gave up at the {case.urgency} deadline; last error: {error}"
+        else:
+            item.next_attempt_at = when
+    session.add(
+        DeliveryAttempt(
+            outbox_id=item.id,
+            attempt=claim.attempts,
+            worker=worker,
+            started_at=claim.claimed_at,
+            finished_at=now,
+            outcome=state,
+            http_status=outcome.http_status,
+            error=outbox.truncate_error(error) if error else None,
+        )
+    )
+    record(
+        session,
+        actor="node",
+        action="delivery.attempt",
+        outcome=state,
+        request_id=message.request_id,
+        msg_id=message.msg_id,
+        peer=claim.peer_authority,
+        details={"attempt": claim.attempts, "error": error, "trace_id": claim.trace_id},
+    )
+    item.state = state
+    item.lease_until = None
+    item.lease_owner = None
+    item.updated_at = now
+    if outcome.signed is not None and outcome.receipt is not None:
+        _store_receipt(session, item, message, case, outcome.signed, outcome.receipt, now)
+    else:
+        item.last_error = outbox.truncate_error(error or "")
+    if state == outbox.FAILED:
+        record(
+            session,
+            actor="node",
+            action="delivery.failed",
+            outcome="failed",
+            request_id=message.request_id,
+            msg_id=message.msg_id,
+            peer=claim.peer_authority,
+            details={"attempts": claim.attempts, "urgency": case.urgency},
+        )
+        # Loud on purpose: a request that cannot be delivered needs a person.
+        log.error(
+            "delivery FAILED for request %s to %s after %s attempts (%s)",
+            message.request_id,
+            claim.peer_authority,
+            claim.attempts,
+            case.urgency,
+        )
+    return True
+
+
+def _store_receipt(
+    session: Session,
+    item: OutboxItem,
+    message: Message,
+    case: CaseFile,
+    signed: SignedReceipt,
+    receipt: ReceiptBody,
+    now: datetime,
+) -> None:
+    if session.scalar(select(Receipt).where(Receipt.message_id == message.id)) is None:
+        session.add(
+            Receipt(
+                message_id=message.id,
+                body=signed.body,
+                signature=signed.signature,
+                signer_kid=receipt.signer_kid,
+                received_at=receipt.received_at,
+                stored_at=now,
+            )
+        )
+    item.delivered_at = now
+    item.last_error = None
+    if message.in_reply_to is None:  # the request itself, not a later message
+        case.status = status_after_receipt(case.status)
+        case.updated_at = now
+    record(
+        session,
+        actor="node",
+        action="receipt.received",
+        request_id=message.request_id,
+        msg_id=message.msg_id,
+        peer=item.peer_authority,
+        details={"envelope_hash": message.envelope_hash, "signer_kid": receipt.signer_kid},
+    )

@@ -1,0 +1,194 @@
+"""The outbox on SQLite and PostgreSQL: claims, leases, fencing, release, settling."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.crypto.encoding import utc_now
+from app.db import make_engine, make_session_factory, unit_of_work
+from app.delivery import outbox
+from app.delivery.settle import Outcome, settle
+from app.migrate import upgrade
+from app.models import AuditEntry, CaseFile, DeliveryAttempt, Message, OutboxItem
+from tests.conftest import Databases
+
+LEASE = timedelta(seconds=60)
+
+
+@pytest.fixture
+def sessions(databases: Databases) -> Iterator[tuple[str, sessionmaker[Session]]]:
+    url = databases.new("outbox")
+    upgrade(url)
+    engine = make_engine(url)
+    yield databases.backend, make_session_factory(engine)
+    engine.dispose()
+
+
+def _queue(session: Session, count: int, *, urgency: str = "routine") -> list[int]:
+    now = utc_now()
+    ids = []
+    for _ in range(count):
+        case_id = uuid.uuid4().hex
+        session.add(
+            CaseFile(
+                id=case_id,
+                direction="outbound",
+                peer_authority="AR/MPF",
+                status="queued",
+                urgency=urgency,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        message = Message(
+            msg_id=case_id,
+            request_id=case_id,
+            direction="outbound",
+            sender_authority="ES/MJ",
+            recipient_authority="AR/MPF",
+            created_at=now,
+            expires_at=now + timedelta(days=7),
+            header=b"{}",
+            signature=bytes(64),
+            envelope_hash="0" * 64,
+            size_bytes=2,
+        )
+        session.add(message)
+        session.flush()
+        item = OutboxItem(
+            message_id=message.id,
+            peer_authority="AR/MPF",
+            state=outbox.QUEUED,
+            attempts=0,
+            next_attempt_at=now,
+            created_at=now,
+            expires_at=now + timedelta(hours=1),
+        )
+        session.add(item)
+        session.flush()
+        ids.append(item.id)
+    return ids
+
+
+def test_claim_lease_reclaim_and_fencing(sessions: tuple[str, sessionmaker[Session]]) -> None:
+    _, factory = sessions
+    with unit_of_work(factory) as session:
+        (row,) = _queue(session, 1)
+    with unit_of_work(factory) as session:
+        (first,) = outbox.claim_due(
+            session, now=utc_now(), lease=timedelta(0), limit=10, owner="w1"
+        )
+    assert (first.outbox_id, first.attempts) == (row, 1)
+    # The lease ran out (w1 died): another worker reclaims the row...
+    with unit_of_work(factory) as session:
+        (second,) = outbox.claim_due(
+            session, now=utc_now() + timedelta(seconds=1), lease=LEASE, limit=10, owner="w2"
+        )
+    assert second.attempts == 2
+    # ...and w1, waking up, can no longer settle it.
+    with unit_of_work(factory) as session:
+        assert not settle(session, first, Outcome(outbox.FAILED, "late"), worker="w1")
+    with unit_of_work(factory) as session:
+        assert settle(session, second, Outcome(outbox.RETRY, "HTTP 503"), worker="w2")
+    with unit_of_work(factory) as session:
+        item = session.get(OutboxItem, row)
+        assert item is not None
+        assert item.state == outbox.RETRY
+        assert item.lease_owner is None
+        history = list(session.scalars(select(DeliveryAttempt).order_by(DeliveryAttempt.id)))
+        assert [(a.attempt, a.worker, a.outcome) for a in history] == [(2, "w2", "retry")]
+
+
+def test_nothing_due_is_not_claimed(sessions: tuple[str, sessionmaker[Session]]) -> None:
+    _, factory = sessions
+    with unit_of_work(factory) as session:
+        _queue(session, 3)
+        item = session.scalars(select(OutboxItem)).first()
+        assert item is not None
+        item.next_attempt_at = utc_now() + timedelta(hours=1)
+    with unit_of_work(factory) as session:
+        claims = outbox.claim_due(session, now=utc_now(), lease=LEASE, limit=10, owner="w")
+    assert len(claims) == 2
+    with unit_of_work(factory) as session:
+        assert outbox.claim_due(session, now=utc_now(), lease=LEASE, limit=10, owner="w") == []
+
+
+def test_stopping_worker_releases_its_rows(sessions: tuple[str, sessionmaker[Session]]) -> None:
+    _, factory = sessions
+    with unit_of_work(factory) as session:
+        _queue(session, 4)
+    with unit_of_work(factory) as session:
+        mine = outbox.claim_due(session, now=utc_now(), lease=LEASE, limit=3, owner="me")
+        theirs = outbox.claim_due(session, now=utc_now(), lease=LEASE, limit=3, owner="other")
+    assert (len(mine), len(theirs)) == (3, 1)
+    with unit_of_work(factory) as session:
+        assert outbox.release_owned(session, owner="me", now=utc_now()) == 3
+    with unit_of_work(factory) as session:
+        stats = outbox.queue_stats(session)
+        assert stats.by_state[outbox.RETRY] == 3
+        assert stats.by_state[outbox.IN_FLIGHT] == 1
+        assert stats.oldest_pending_at is not None
+        again = outbox.claim_due(session, now=utc_now(), lease=LEASE, limit=10, owner="new")
+    assert sorted(c.outbox_id for c in again) == sorted(c.outbox_id for c in mine)
+
+
+def test_a_retry_past_the_deadline_fails_loudly(
+    sessions: tuple[str, sessionmaker[Session]],
+) -> None:
+    _, factory = sessions
+    with unit_of_work(factory) as session:
+        (row,) = _queue(session, 1, urgency="emergency")
+        item = session.get(OutboxItem, row)
+        assert item is not None
+        item.expires_at = utc_now() - timedelta(seconds=1)
+    with unit_of_work(factory) as session:
+        (claim,) = outbox.claim_due(session, now=utc_now(), lease=LEASE, limit=1, owner="w")
+    with unit_of_work(factory) as session:
+        assert settle(session, claim, Outcome(outbox.RETRY, "transport: ConnectError"), worker="w")
+    with unit_of_work(factory) as session:
+        item = session.get(OutboxItem, row)
+        assert item is not None
+        assert item.state == outbox.FAILED
+        assert "emergency deadline" in (item.last_error or "")
+        actions = list(session.scalars(select(AuditEntry.action).order_by(AuditEntry.idx)))
+        assert actions[-2:] == ["delivery.attempt", "delivery.failed"]
+
+
+def test_concurrent_claims_never_share_a_row(sessions: tuple[str, sessionmaker[Session]]) -> None:
+    """Four workers claim at once: every row exactly once (SKIP LOCKED on PostgreSQL,
+    serialised IMMEDIATE transactions on SQLite)."""
+    _, factory = sessions
+    with unit_of_work(factory) as session:
+        _queue(session, 40)
+    claimed: list[int] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(4)
+
+    def work(owner: str) -> None:
+        barrier.wait()
+        while True:
+            with unit_of_work(factory) as session:
+                claims = outbox.claim_due(session, now=utc_now(), lease=LEASE, limit=3, owner=owner)
+            if not claims:
+                return
+            with lock:
+                claimed.extend(c.outbox_id for c in claims)
+
+    threads = [threading.Thread(target=work, args=(f"w{n}",)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(claimed) == 40
+    assert len(set(claimed)) == 40
+    with unit_of_work(factory) as session:
+        owners = session.scalar(select(func.count(func.distinct(OutboxItem.lease_owner))))
+    assert owners is not None
+    assert owners >= 1
