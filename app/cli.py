@@ -6,17 +6,20 @@ import getpass
 import logging
 import signal
 import sys
+from datetime import datetime
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
 
 import typer
 
+from app import cli_security
 from app.audit.checkpoints import sign_checkpoint
 from app.audit.log import record
 from app.audit.note import NoteError
 from app.auth.service import Role, create_client, list_clients, revoke_client
 from app.config import Settings, get_settings
+from app.crypto.encoding import utc_now
 from app.crypto.keys import (
     KeyFileError,
     NodeIdentity,
@@ -30,8 +33,8 @@ from app.crypto.keys import (
 from app.db import unit_of_work
 from app.errors import EntraideError
 from app.migrate import pending, upgrade
-from app.node import Node, load_node
-from app.peers.client import make_http_client
+from app.node import Node, key_passphrase, load_node
+from app.peers.client import peer_http_client
 from app.peers.service import add_peer, list_peers
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -43,6 +46,7 @@ app.add_typer(peers_app, name="peers")
 app.add_typer(clients_app, name="clients")
 audit_app = typer.Typer(no_args_is_help=True, help="The tamper-evident audit log.")
 app.add_typer(audit_app, name="audit")
+cli_security.register(keys_app, peers_app)
 deliveries_app = typer.Typer(no_args_is_help=True, help="Outbound deliveries (operators).")
 app.add_typer(deliveries_app, name="deliveries")
 
@@ -86,7 +90,10 @@ def init(
     if keys_exist(keys_dir):
         raise _fail(f"{keys_dir} already holds keys; refusing to overwrite them")
     keys = NodeKeys.generate()
-    save_keys(keys_dir, keys)
+    try:
+        save_keys(keys_dir, keys, passphrase=key_passphrase(settings))
+    except KeyFileError as exc:
+        raise _fail(str(exc)) from exc
     save_identity(keys_dir, NodeIdentity(authority_id, name, public_url.rstrip("/")))
     upgrade(settings.database_url)
     node = load_node(settings)
@@ -124,7 +131,7 @@ def keys_show() -> None:
     """Print the node's fingerprint and key ids."""
     settings = get_settings()
     try:
-        keys = load_keys(settings.keys_dir)
+        keys = load_keys(settings.keys_dir, passphrase=key_passphrase(settings))
     except KeyFileError as exc:
         raise _fail(str(exc)) from exc
     typer.echo(f"signing key id:    {keys.signing_kid}")
@@ -142,15 +149,29 @@ def serve(
     import uvicorn
 
     from app.main import create_app
+    from app.tls import server_options
 
     settings = get_settings()
     _node(settings).close()  # fail fast, with a clear message, on keys or schema problems
+    try:
+        tls = server_options(settings)
+    except KeyFileError as exc:
+        raise _fail(str(exc)) from exc
     if settings.allow_insecure_http:
         logging.getLogger("entraide").warning(
             "ENTRAIDE_ALLOW_INSECURE_HTTP is on: peers may be reached over plain HTTP. "
             "Use this only for development and tests."
         )
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=False)
+    # log_config=None: uvicorn's records go through our (JSON) handler like everything else.
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level="info",
+        log_config=None,
+        access_log=False,
+        **tls,
+    )
 
 
 @app.command()
@@ -183,7 +204,7 @@ def peers_add(
     settings = get_settings()
     node = _node(settings)
     try:
-        with make_http_client(settings.peer_timeout_seconds) as http:
+        with peer_http_client(settings) as http:
             with unit_of_work(node.sessions) as session:
                 peer = add_peer(
                     session,
@@ -222,18 +243,32 @@ def clients_create(
     role: Annotated[
         list[Role] | None, typer.Option(help="Role; repeat to grant several explicitly")
     ] = None,
+    expires_in: Annotated[
+        str | None, typer.Option(help="The token expires after this long: 90d, 12h, 30m")
+    ] = None,
+    expires_at: Annotated[
+        datetime | None, typer.Option(help="Or at this time (ISO 8601, UTC if no offset)")
+    ] = None,
 ) -> None:
     """Create an API client. The token is printed once, alone on the last line."""
     roles = set(role or [Role.OFFICER])
+    try:
+        expiry = cli_security.parse_expiry(expires_in, expires_at)
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
     node = _node(get_settings())
     try:
         with unit_of_work(node.sessions) as session:
-            client, token = create_client(session, name=name, roles=roles)
+            client, token = create_client(session, name=name, roles=roles, expires_at=expiry)
             record(
                 session,
                 actor=_operator(),
                 action="client.created",
-                details={"client": name, "roles": client.roles},
+                details={
+                    "client": name,
+                    "roles": client.roles,
+                    "expires_at": expiry.isoformat() if expiry else None,
+                },
             )
     except EntraideError as exc:
         raise _fail(exc.detail) from exc
@@ -250,9 +285,13 @@ def clients_list() -> None:
     node = _node(get_settings())
     try:
         with unit_of_work(node.sessions) as session:
+            now = utc_now()
             for client in list_clients(session):
                 state = "revoked" if client.revoked_at else "active"
-                typer.echo(f"{client.name}\t{client.roles}\t{state}")
+                if not client.revoked_at and client.expires_at and client.expires_at <= now:
+                    state = "expired"
+                expiry = client.expires_at.isoformat() if client.expires_at else "never"
+                typer.echo(f"{client.name}\t{client.roles}\t{state}\texpires {expiry}")
     finally:
         node.close()
 
@@ -413,6 +452,100 @@ def audit_verify(
 
 
 @app.command()
+def backup(
+    out: Annotated[Path, typer.Option(help="The backup file to write (refuses to overwrite)")],
+    include_private_keys: Annotated[
+        bool,
+        typer.Option(
+            help="Also the private keys, sealed under a passphrase (see --passphrase-file)"
+        ),
+    ] = False,
+    passphrase_file: Annotated[
+        Path | None,
+        typer.Option(help="File holding the passphrase (else ENTRAIDE_BACKUP_PASSPHRASE)"),
+    ] = None,
+) -> None:
+    """Write the database, the node's identity and public keys (and, if asked, its private
+    keys) to one file. Safe while the node runs."""
+    from app.backup.sealed import PassphraseError, read_passphrase
+    from app.backup.service import BackupError, create_backup
+
+    try:
+        passphrase = read_passphrase(passphrase_file) if include_private_keys else None
+        summary = create_backup(
+            get_settings(),
+            out=out,
+            include_private_keys=include_private_keys,
+            passphrase=passphrase,
+        )
+    except (BackupError, PassphraseError, KeyFileError, OSError, ValueError) as exc:
+        raise _fail(str(exc)) from exc
+    rows = sum(summary.tables.values())
+    keys = "with the private keys (sealed)" if summary.private_keys else "without private keys"
+    typer.echo(
+        f"backup written to {summary.path}: {len(summary.tables)} tables, {rows} rows, {keys}"
+    )
+
+
+@app.command()
+def restore(
+    file: Annotated[Path, typer.Argument(help="A file written by `entraide backup`")],
+    passphrase_file: Annotated[
+        Path | None,
+        typer.Option(help="File holding the passphrase (else ENTRAIDE_BACKUP_PASSPHRASE)"),
+    ] = None,
+) -> None:
+    """Restore a backup into a fresh node (empty database; empty keys folder or the node's
+    own keys), then verify the whole audit log."""
+    from app.backup.sealed import PassphraseError, read_passphrase
+    from app.backup.service import BackupError, restore_backup
+
+    try:
+        summary = restore_backup(
+            get_settings(),
+            archive_path=file,
+            passphrase=read_passphrase(passphrase_file),
+            actor=_operator(),
+        )
+    except (BackupError, PassphraseError, KeyFileError, OSError, ValueError) as exc:
+        raise _fail(str(exc)) from exc
+    rows = sum(summary.tables.values())
+    typer.echo(f"restored {summary.authority_id}: {len(summary.tables)} tables, {rows} rows")
+    report = summary.report
+    if report.first is not None:
+        typer.secho(f"audit log FAILED verification: {report.first.message}", err=True)
+        raise typer.Exit(code=1)
+    typer.echo(
+        f"audit log verified: {report.entries} entries, {report.checkpoints} signed checkpoints; "
+        "the restore is recorded in it"
+    )
+
+
+@app.command()
+def doctor() -> None:
+    """Check the configuration, keys, database, peers and clocks; say what is wrong."""
+    from pydantic import ValidationError
+
+    from app.doctor import FAIL, diagnose
+
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        for error in exc.errors():
+            name = "ENTRAIDE_" + "_".join(str(part) for part in error["loc"]).upper()
+            typer.echo(f"FAIL  configuration   {name}: {error['msg']}")
+        raise typer.Exit(code=1) from exc
+    findings = diagnose(settings)
+    for finding in findings:
+        typer.echo(f"{finding.level:<5} {finding.area:<16} {finding.message}")
+    failures = sum(finding.level == FAIL for finding in findings)
+    if failures:
+        typer.echo(f"{failures} problem(s) found.")
+        raise typer.Exit(code=1)
+    typer.echo("No problem found.")
+
+
+@app.command()
 def demo(
     workdir: Annotated[
         Path | None, typer.Option(help="Keep the nodes' files here instead of a temp dir")
@@ -425,8 +558,11 @@ def demo(
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    # httpx logs every request URL at INFO, alembic every schema check; neither helps here.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    from app.obs.logs import configure_logging
+
+    try:
+        settings = get_settings()
+        configure_logging(settings.log_format, settings.log_level)
+    except ValueError:  # invalid settings: the command itself (or `doctor`) explains them
+        configure_logging()
     app()

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.requests.deadlines import (
+    DEFAULT_LIMITS,
+    DEFAULT_OVERRIDES,
+    TimeLimits,
+    check_override_key,
+)
 
 AUTHORITY_ID_PATTERN = r"^[A-Z]{2}/[A-Z0-9_-]{1,32}$"
 
@@ -30,6 +38,16 @@ class Settings(BaseSettings):
     max_header_bytes: int = 64 * 1024
     max_attachment_bytes: int = 16 * 1024 * 1024
 
+    # Large evidence (app/evidence): sealed parts in a blob store outside the database,
+    # uploaded and transferred in streams. The blob directory defaults to `blobs` next to
+    # the keys directory.
+    blob_dir: Path | None = None
+    max_evidence_attachment_bytes: int = Field(default=64 * 1024**3, ge=0)
+    max_evidence_request_bytes: int = Field(default=256 * 1024**3, ge=0)
+    max_evidence_attachments: int = Field(default=32, ge=1, le=63)
+    # Unfinished uploads and unreferenced blobs older than this are removed by cleanup.
+    evidence_orphan_hours: float = Field(default=72.0, gt=0)
+
     # Envelope lifetime and tolerated clock skew between nodes.
     envelope_ttl_seconds: int = 7 * 24 * 3600
     clock_skew_seconds: int = 300
@@ -39,10 +57,60 @@ class Settings(BaseSettings):
     worker_poll_seconds: float = 0.5
     peer_timeout_seconds: float = 30.0
     lease_seconds: int = 120
+    # Deliveries posted at once by one worker (one slow peer must not hold up the rest).
+    worker_concurrency: int = Field(default=4, ge=1, le=64)
+
+    # Key files: optional passphrase protection (Argon2id + secretbox), from the environment
+    # or from a file readable only by the node's user.
+    key_passphrase: SecretStr | None = None
+    key_passphrase_file: Path | None = None
+
+    # TLS (docs/operations.md): the node serves HTTPS when a certificate is configured.
+    # tls_ca verifies peers' server certificates (default: the system's CAs); tls_client_ca
+    # lists the CAs (or self-signed certificates) that issue peers' client certificates, and
+    # with p2p_require_client_cert every P2P call must present a certificate pinned for a peer.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    tls_client_ca: Path | None = None
+    tls_client_cert: Path | None = None
+    tls_client_key: Path | None = None
+    p2p_require_client_cert: bool = False
+
+    # Refusals per source address (and per API client) before answering 429 for a while;
+    # counted in the database, so every process of the node shares them.
+    auth_failure_limit: int = Field(default=20, ge=1)
+    auth_failure_window_seconds: int = Field(default=300, ge=1)
+    auth_block_seconds: int = Field(default=300, ge=1)
+    p2p_refusal_limit: int = Field(default=200, ge=1)
+    # At most one identity-document fetch per peer in this many seconds (key rotation).
+    peer_refresh_seconds: int = Field(default=60, ge=0)
+    # All request headers together (names and values), checked before anything else.
+    max_http_header_bytes: int = Field(default=8 * 1024, ge=1024)
+
+    # Logs on stderr: one JSON object per line (for a log shipper), or plain text.
+    log_format: Literal["json", "text"] = "json"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     # Audit log checkpoints: every N entries or T seconds, whichever comes first.
     audit_checkpoint_every: int = 1000
     audit_checkpoint_seconds: float = 60.0
+
+    # Deadlines (docs/domain.md, "Deadlines"): days from a request's arrival to acknowledge,
+    # decide and execute it, and overrides per request type or legal basis, e.g.
+    # ENTRAIDE_TIME_LIMIT_OVERRIDES='{"legal_basis:EU_EIO": {"decide": 30, "execute": 120}}'
+    # (a value given replaces the whole default table of overrides).
+    time_limits: TimeLimits = DEFAULT_LIMITS
+    time_limit_overrides: dict[str, TimeLimits] = Field(
+        default_factory=lambda: dict(DEFAULT_OVERRIDES)
+    )
+
+    @field_validator("time_limit_overrides")
+    @classmethod
+    def _known_override_keys(cls, value: dict[str, TimeLimits]) -> dict[str, TimeLimits]:
+        for key in value:
+            check_override_key(key)
+        return value
 
     @field_validator("public_url")
     @classmethod

@@ -2,36 +2,177 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import PoolProxiedConnection
+
+BUSY_TIMEOUT_SECONDS = 30
+_HOLDS_WRITER = "entraide_holds_writer"
+_CHANGES = "entraide_changes_at_begin"
+_GROUP_SYNC = "entraide_group_sync"
+
+
+class _SQLiteWriters:
+    """One engine's writers: queued on a mutex, and made durable together (group commit).
+
+    Queueing: this process's transactions wait for SQLite's write lock on a mutex, woken the
+    moment it is free. Left to SQLite, a waiting writer sleeps and polls (busy_timeout backs
+    off up to 100 ms a try): under load the lock sits free while waiters sleep, and the
+    delivery worker's thread starves behind the API's. This only orders waiters: SQLite's lock
+    still guards the data and orders this process against others (`entraide worker`).
+
+    Group commit: with synchronous=FULL, SQLite fsyncs the WAL inside every COMMIT, holding
+    the write lock, so a node commits at most one transaction per fsync (4 ms and more on a
+    virtual disk). Instead the connection runs with synchronous=NORMAL (commits are atomic and
+    ordered, the WAL is synced at checkpoints) and every commit that wrote returns only once
+    an fsync of the WAL that began after it has finished; the transactions that committed
+    meanwhile share that fsync. A 201 still means the rows are on disk: the commit returns,
+    as before, only when they are.
+    """
+
+    def __init__(self, wal: Path | None) -> None:
+        self.wal = wal  # None: no file to sync (in-memory); SQLite's own FULL syncing stays
+        self._mutex = threading.Lock()
+        self._sync = threading.Condition()
+        self._committed = 0  # commits that wrote, numbered in order
+        self._synced = 0  # every commit up to this number is on disk
+        self._syncing = False
+        self._wal_inode: int | None = None
+
+    def begin(self, connection: Any) -> None:
+        info = connection.info
+        if not info.get(_HOLDS_WRITER):
+            # Past the busy timeout, go on without it and let SQLite's own wait decide, as
+            # before (a transaction nested in another of the same thread fails, not hangs).
+            info[_HOLDS_WRITER] = self._mutex.acquire(timeout=BUSY_TIMEOUT_SECONDS)
+        info[_CHANGES] = connection.connection.dbapi_connection.total_changes
+
+    def end(self, pooled: Any, *, committed: bool) -> None:
+        """After the COMMIT or ROLLBACK itself: let the next writer in, then wait for disk."""
+        try:
+            info = pooled.info
+        except NotImplementedError:  # the engine's first-connect check, outside the pool
+            return
+        before = info.pop(_CHANGES, None)
+        wrote = (
+            committed
+            and info.get(_GROUP_SYNC, False)
+            and before is not None
+            and before != pooled.dbapi_connection.total_changes
+        )
+        if info.pop(_HOLDS_WRITER, False):
+            self._mutex.release()
+        if wrote:
+            self._durable()
+
+    def _durable(self) -> None:
+        with self._sync:
+            self._committed += 1
+            ticket = self._committed
+        while True:
+            with self._sync:
+                while self._syncing and self._synced < ticket:
+                    self._sync.wait()
+                if self._synced >= ticket:
+                    return
+                self._syncing = True
+                target = self._committed  # every commit numbered so far is in the file
+            synced = False
+            try:
+                self._fsync_wal()
+                synced = True
+            finally:
+                with self._sync:
+                    self._syncing = False
+                    if synced:
+                        self._synced = max(self._synced, target)
+                    self._sync.notify_all()
+
+    def _fsync_wal(self) -> None:
+        if self.wal is None:
+            return
+        try:
+            fd = os.open(self.wal, os.O_RDONLY)
+        except FileNotFoundError:
+            return  # checkpointed into the database (synced by SQLite) and removed
+        try:
+            inode = os.fstat(fd).st_ino
+            os.fsync(fd)
+            if inode != self._wal_inode:
+                # A new WAL file: its directory entry must reach the disk too.
+                directory = os.open(self.wal.parent, os.O_RDONLY)
+                try:
+                    os.fsync(directory)
+                finally:
+                    os.close(directory)
+                self._wal_inode = inode
+        finally:
+            os.close(fd)
 
 
 def _configure_sqlite(engine: Engine) -> None:
+    database = engine.url.database or ""
+    file_backed = database not in ("", ":memory:") and not database.startswith("file:")
+    writers = _SQLiteWriters(Path(f"{database}-wal").resolve() if file_backed else None)
+
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+    def _on_connect(dbapi_connection: Any, record: Any) -> None:
         # Let SQLAlchemy, not the sqlite3 module, decide when transactions begin.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")  # a 201 must survive a power cut
+        mode = cursor.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        # A 201 must survive a power cut: either the commit waits for our fsync of the WAL
+        # (group commit, _SQLiteWriters), or SQLite syncs inside every COMMIT.
+        group_sync = writers.wal is not None and str(mode).lower() == "wal"
+        record.info[_GROUP_SYNC] = group_sync
+        cursor.execute(f"PRAGMA synchronous={'NORMAL' if group_sync else 'FULL'}")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_SECONDS * 1000}")
         cursor.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
+        writers.begin(connection)
         # IMMEDIATE takes the write lock up front: a deferred transaction that later writes
         # can fail with SQLITE_BUSY without waiting, which busy_timeout cannot help.
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
+    # After the statement, not before it as the engine's commit/rollback events are: the
+    # pool's reset on return goes through do_rollback too.
+    dialect = engine.dialect
+    commit, rollback = dialect.do_commit, dialect.do_rollback
+
+    def do_commit(pooled: PoolProxiedConnection) -> None:
+        try:
+            commit(pooled)
+        except BaseException:
+            writers.end(pooled, committed=False)
+            raise
+        writers.end(pooled, committed=True)
+
+    def do_rollback(pooled: PoolProxiedConnection) -> None:
+        try:
+            rollback(pooled)
+        finally:
+            writers.end(pooled, committed=False)
+
+    # Per engine, on its own dialect instance: SQLAlchemy has no event after a COMMIT.
+    dialect.do_commit = do_commit  # type: ignore[method-assign,assignment]  # see above
+    dialect.do_rollback = do_rollback  # type: ignore[method-assign,assignment]  # see above
+
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": BUSY_TIMEOUT_SECONDS}
+        )
         _configure_sqlite(engine)
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)

@@ -1,4 +1,5 @@
-"""`entraide demo`: two real nodes exchange a request, its acknowledgement and its answer.
+"""`entraide demo`: two real nodes carry a request through its life: acknowledgement, a
+question and its answer, acceptance, execution with a result and its evidence, closure.
 
 Everything goes through the same commands and HTTP APIs an operator and a case-management
 system would use. At the end, every envelope signature and every receipt is checked again
@@ -43,7 +44,7 @@ class DemoFailure(Exception):
 
 def _say(event: str, detail: str) -> None:
     stamp = datetime.now(UTC).strftime("%H:%M:%S.%f")[:-3]
-    print(f"{stamp}  {event:<28} {detail}", flush=True)  # noqa: T201  # the demo's output
+    print(f"{stamp}  {event:<33} {detail}", flush=True)  # noqa: T201  # the demo's output
 
 
 def _wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
@@ -93,6 +94,37 @@ def _verify_request(detail: dict[str, Any], keys: dict[str, bytes]) -> tuple[int
     return signatures, receipts
 
 
+class _Steps:
+    """One lifecycle step at a time: a message from one side, then both nodes must show the
+    same new status (each derives it from the same signed messages)."""
+
+    def __init__(self, es: httpx.Client, ar: httpx.Client, request_id: str) -> None:
+        self.es, self.ar, self.request_id = es, ar, request_id
+
+    def send(
+        self,
+        sender: httpx.Client,
+        document: dict[str, Any],
+        status: str,
+        event: str,
+        attachments: list[dict[str, str]] | None = None,
+    ) -> dict[str, Any]:
+        path = f"/api/v1/requests/{self.request_id}/messages"
+        body = {"document": document, "attachments": attachments or []}
+        response = sender.post(path, json=body)
+        if response.status_code != 201:
+            raise DemoFailure(f"{document['type']} refused: {response.text}")
+
+        def agreed() -> dict[str, Any] | None:
+            es = self.es.get(f"/api/v1/requests/{self.request_id}").json()
+            ar = self.ar.get(f"/api/v1/requests/{self.request_id}").json()
+            return es if es["status"] == ar["status"] == status else None
+
+        detail: dict[str, Any] = _wait_for(f"both nodes to show {status}", agreed)
+        _say(status, f"{event}; both nodes show {status}")
+        return detail
+
+
 def _journey(spain: LocalNode, argentina: LocalNode) -> None:
     body = json.loads(EXAMPLE.read_text())
     with spain.client("officer") as es, argentina.client("officer") as ar:
@@ -128,38 +160,92 @@ def _journey(spain: LocalNode, argentina: LocalNode) -> None:
             f"({attachment['size']} bytes, SHA-256 checked)",
         )
 
-        ack = {"type": "acknowledgement", "text": "Registered as AR-MPF-2026-4417."}
-        messages = f"/api/v1/requests/{request_id}/messages"
-        if ar.post(messages, json={"document": ack}).status_code != 201:
-            raise DemoFailure("acknowledgement refused")
-        _wait_for(
-            "the acknowledgement at ES/MJ",
-            lambda: es.get(f"/api/v1/requests/{request_id}").json()["status"] == "acknowledged",
+        step = _Steps(es, ar, request_id)
+        step.send(
+            ar,
+            {"type": "acknowledgement", "text": "Registered as AR-MPF-2026-4417."},
+            "acknowledged",
+            "AR/MPF registered the request",
         )
-        _say("acknowledged", "AR/MPF registered the request; ES/MJ sees status acknowledged")
-
+        step.send(
+            ar,
+            {
+                "type": "additional_information_request",
+                "text": "Please confirm the period of the statements sought.",
+            },
+            "additional_information_requested",
+            "AR/MPF asked a question",
+        )
+        step.send(
+            es,
+            {
+                "type": "additional_information",
+                "text": "From 1 August 2026 to the date of execution.",
+            },
+            "additional_information_supplied",
+            "ES/MJ answered it",
+        )
+        step.send(
+            ar,
+            {"type": "acceptance", "text": "The request will be executed."},
+            "accepted",
+            "AR/MPF accepted the request",
+        )
+        report_bytes = RESULT_TEXT.encode()
         result = {
-            "document": {"type": "result", "text": "Execution results attached."},
-            "attachments": [
+            "type": "result",
+            "text": "Execution results attached.",
+            "evidence": [
                 {
-                    "name": "execution-report.txt",
-                    "media_type": "text/plain",
-                    "content_base64": base64.b64encode(RESULT_TEXT.encode()).decode(),
+                    "ref": "E1",
+                    "description": "Execution report: bank records produced by Banco del Plata",
+                    "obtained_at": "2026-11-19T15:00:00-03:00",
+                    "obtained_from": "Banco del Plata S.A.",
+                    "sha256": hashlib.sha256(report_bytes).hexdigest(),
+                    "attachment": 1,
+                    "use_limitation": "Only in proceedings DP 1873/2026 (Juzgado n.º 4 Valencia).",
+                    "custody": [
+                        {
+                            "at": "2026-11-19T16:30:00-03:00",
+                            "action": "received",
+                            "by": "Fiscalía Nacional en lo Criminal y Correccional n.º 12",
+                        }
+                    ],
                 }
             ],
         }
-        if ar.post(messages, json=result).status_code != 201:
-            raise DemoFailure("result refused")
-        answered = _wait_for(
-            "the answer at ES/MJ",
-            lambda: (
-                (d := es.get(f"/api/v1/requests/{request_id}").json())["status"] == "answered" and d
-            ),
+        executed = step.send(
+            ar,
+            result,
+            "executed",
+            "AR/MPF sent the result with 1 evidence item",
+            attachments=[
+                {
+                    "name": "execution-report.txt",
+                    "media_type": "text/plain",
+                    "content_base64": base64.b64encode(report_bytes).decode(),
+                }
+            ],
         )
-        report = answered["messages"][-1]["attachments"][0]
-        if es.get(report["href"]).content != RESULT_TEXT.encode():
-            raise DemoFailure("the execution report did not arrive intact")
-        _say("answered", f"ES/MJ downloaded {report['name']} ({report['size']} bytes, intact)")
+        last = executed["messages"][-1]
+        report = last["attachments"][0]
+        evidence = last["content"]["evidence"][0]
+        downloaded = es.get(report["href"]).content
+        if (
+            downloaded != report_bytes
+            or hashlib.sha256(downloaded).hexdigest() != evidence["sha256"]
+        ):
+            raise DemoFailure("the execution report does not match its attested hash")
+        _say(
+            "evidence checked",
+            f"ES/MJ downloaded {report['name']}; its SHA-256 is the attested one",
+        )
+        step.send(
+            es,
+            {"type": "closure", "text": "Results received; the request is closed."},
+            "closed",
+            "ES/MJ closed the request",
+        )
 
         # Both sides' receipts must have been stored before we check them all.
         def all_receipted() -> bool:

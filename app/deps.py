@@ -7,16 +7,19 @@ a test walks the application's routes and fails on any route that declares none.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from app.audit.log import record_alone
-from app.auth.service import Principal, Role, authenticate
+from app.audit.log import record
+from app.auth.service import Principal, Role, TokenRefused, authenticate
+from app.auth.throttle import Limits, TooManyRequests, blocked_for, register_refusal
 from app.db import unit_of_work
 from app.errors import Forbidden, Unauthenticated
 from app.node import Node
+from app.tls import check_peer_certificate
 
 
 def get_node(request: Request) -> Node:
@@ -44,6 +47,19 @@ def _bearer_token(request: Request) -> str:
     return token.strip()
 
 
+def source_address(request: Request) -> str:
+    return request.client.host[:60] if request.client else "unknown"
+
+
+def auth_limits(node: Node) -> Limits:
+    settings = node.settings
+    return Limits(
+        limit=settings.auth_failure_limit,
+        window=timedelta(seconds=settings.auth_failure_window_seconds),
+        block=timedelta(seconds=settings.auth_block_seconds),
+    )
+
+
 class Policy:
     """Requires a valid token holding at least one of `roles`."""
 
@@ -52,22 +68,41 @@ class Policy:
 
     def __call__(self, request: Request, node: NodeDep) -> Principal:
         token = _bearer_token(request)
+        source = source_address(request)
+        address_key = f"address:{source}"
         # Authentication gets its own short transaction: a refused token must not depend on
-        # (or roll back) the route's unit of work.
-        try:
+        # (or roll back) the route's unit of work. A blocked address is refused before its
+        # token is looked at.
+        refused: TokenRefused | None = None
+        with unit_of_work(node.sessions) as session:
+            retry_after = blocked_for(session, [address_key])
+            if retry_after is None:
+                try:
+                    principal = authenticate(session, token)
+                except TokenRefused as exc:
+                    refused = exc
+        if retry_after is not None:
+            raise TooManyRequests(retry_after)
+        if refused is not None:
+            keys = [address_key]
+            if refused.client_id is not None:
+                keys.append(f"client:{refused.client_id}")
             with unit_of_work(node.sessions) as session:
-                principal = authenticate(session, token)
-        except Unauthenticated as exc:
-            # Never the token itself: only the fact, the reason and where it came from.
-            source = request.client.host if request.client else "unknown"
-            record_alone(
-                node.sessions,
-                actor=f"address:{source}",
-                action="auth.failed",
-                outcome=exc.code,
-                details={"route": request.url.path[:200]},
-            )
-            raise
+                verdict = register_refusal(
+                    session, keys, auth_limits(node), actor=f"address:{source}"
+                )
+                if verdict.audit:
+                    # Never the token itself: only the fact, the reason and where it came from.
+                    record(
+                        session,
+                        actor=f"address:{source}",
+                        action="auth.failed",
+                        outcome=refused.code,
+                        details={"route": request.url.path[:200]},
+                    )
+            if verdict.retry_after is not None:
+                raise TooManyRequests(verdict.retry_after) from refused
+            raise refused
         if not principal.roles & self.roles:
             allowed = ", ".join(sorted(self.roles))
             raise Forbidden(f"this operation requires the role {allowed}")
@@ -85,8 +120,29 @@ class Public:
         return None
 
 
+class PeerTransport(Public):
+    """P2P routes: no token (every envelope is signed), but an address whose envelopes keep
+    being refused is throttled, and with mutual TLS on, only pinned peer certificates pass."""
+
+    def __call__(self, request: Request, node: NodeDep) -> None:  # type: ignore[override]  # a dependency with its own parameters
+        with unit_of_work(node.sessions) as session:
+            retry_after = blocked_for(session, [f"p2p:{source_address(request)}"])
+            if retry_after is None:
+                check_peer_certificate(session, node.settings, request.scope)
+        if retry_after is not None:
+            raise TooManyRequests(retry_after)
+
+
+def record_p2p_refusal(session: Session, node: Node, source: str) -> bool:
+    """Count a refused envelope from `source`; True if it is still to be audited by itself."""
+    limits = auth_limits(node)
+    limits = Limits(node.settings.p2p_refusal_limit, limits.window, limits.block)
+    verdict = register_refusal(session, [f"p2p:{source}"], limits, actor=f"address:{source}")
+    return verdict.audit
+
+
 PUBLIC = Public("public information: identity document, health, readiness")
-PEER_SIGNED = Public("peer-to-peer: every envelope is authenticated by its signature")
+PEER_SIGNED = PeerTransport("peer-to-peer: every envelope is authenticated by its signature")
 OFFICER = Policy(Role.OFFICER)
 AUDITOR = Policy(Role.AUDITOR)
 ADMIN = Policy(Role.ADMIN)

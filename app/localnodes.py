@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -37,10 +38,14 @@ class LocalNode:
     process: subprocess.Popen[bytes] | None = None
     fingerprint: str = ""
     tokens: dict[str, str] = field(default_factory=dict)
+    # "https" when the node is given a certificate (ENTRAIDE_TLS_CERT in extra_env); `verify`
+    # then trusts its CA, for our own test clients.
+    scheme: str = "http"
+    verify: ssl.SSLContext | bool = True
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     @property
     def keys_dir(self) -> Path:
@@ -58,6 +63,10 @@ class LocalNode:
                 "ENTRAIDE_KEYS_DIR": str(self.keys_dir),
                 "ENTRAIDE_ALLOW_INSECURE_HTTP": "true",
                 "ENTRAIDE_WORKER_POLL_SECONDS": "0.2",
+                # Test suites refuse many requests from 127.0.0.1 on purpose; throttling has
+                # its own tests (tests/security/test_throttle.py), with low limits.
+                "ENTRAIDE_AUTH_FAILURE_LIMIT": "100000",
+                "ENTRAIDE_P2P_REFUSAL_LIMIT": "100000",
                 **self.extra_env,
             }
         )
@@ -113,7 +122,8 @@ class LocalNode:
             if self.process.poll() is not None:
                 raise RuntimeError(f"node {self.authority_id} exited; see {self.log_path}")
             try:
-                if httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200:
+                ready = httpx.get(self.url + "/readyz", timeout=1.0, verify=self.verify)
+                if ready.status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -138,6 +148,7 @@ class LocalNode:
             base_url=self.url,
             headers={"authorization": f"Bearer {self.tokens[token_name]}"},
             timeout=30.0,
+            verify=self.verify,
         )
 
     def pin(self, other: LocalNode, admin: str = "admin") -> Any:

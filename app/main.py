@@ -18,17 +18,27 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.audit.router import p2p_router as audit_p2p_router
 from app.audit.router import router as audit_router
+from app.auth.throttle import TooManyRequests
 from app.config import Settings, get_settings
 from app.crypto.encoding import utc_now
 from app.crypto.identity import build_identity_document
 from app.delivery.router import router as deliveries_router
 from app.delivery.worker import Worker
-from app.errors import EntraideError
+from app.errors import EntraideError, EnvelopeRefused
+from app.evidence.p2p_router import router as evidence_p2p_router
+from app.evidence.router import router as evidence_router
+from app.limits import HeaderLimit
 from app.node import Node, load_node
+from app.obs.health import expected_heads
+from app.obs.metrics import Metrics
+from app.obs.middleware import Observability
+from app.obs.router import router as metrics_router
+from app.openapi import install_openapi
 from app.p2p.router import router as p2p_router
 from app.peers.router import router as peers_router
 from app.public import openapi_router
 from app.public import router as public_router
+from app.requests.admin_router import router as request_admin_router
 from app.requests.router import router as requests_router
 
 log = logging.getLogger(__name__)
@@ -38,11 +48,22 @@ ROUTERS = (
     public_router,
     openapi_router,
     requests_router,
+    request_admin_router,
     peers_router,
     deliveries_router,
     audit_router,
     p2p_router,
     audit_p2p_router,
+    metrics_router,
+    evidence_router,
+    evidence_p2p_router,
+)
+
+# Evidence bodies (app/evidence) are streamed to their route, never buffered here: each such
+# route enforces its own bound, the attachment's declared size or the part's signed length.
+STREAMED_BODIES = (
+    ("PATCH", "/api/v1/evidence/drafts/"),
+    ("PUT", "/p2p/v1/evidence/envelopes/"),
 )
 
 SECURITY_HEADERS = [
@@ -75,6 +96,12 @@ class LimitsAndHeaders:
                 message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
             await send(message)
 
+        if any(
+            scope.get("method") == method and str(scope.get("path", "")).startswith(prefix)
+            for method, prefix in STREAMED_BODIES
+        ):
+            await self.app(scope, receive, send_with_headers)
+            return
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
             await self._too_large(send_with_headers)
@@ -121,9 +148,13 @@ def _error(status: int, code: str, detail: str, **extra: Any) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EntraideError)
     async def _domain(_request: Request, exc: EntraideError) -> JSONResponse:
+        if isinstance(exc, EnvelopeRefused):
+            _request.app.state.metrics.envelope_refused(exc.code)
         response = _error(exc.status_code, exc.code, exc.detail)
         if exc.status_code == 401:
             response.headers["www-authenticate"] = 'Bearer realm="entraide"'
+        if isinstance(exc, TooManyRequests):
+            response.headers["retry-after"] = str(exc.retry_after)
         return response
 
     @app.exception_handler(RequestValidationError)
@@ -153,7 +184,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _error(exc.status_code, code, str(exc.detail))
+        response = _error(exc.status_code, code, str(exc.detail))
+        for name, value in (exc.headers or {}).items():  # a 405's Allow
+            response.headers[name] = value
+        return response
+
+
+def _alive(thread: threading.Thread | None) -> bool:
+    return thread is not None and thread.is_alive()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -168,6 +206,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         worker: Worker | None = None
         app.state.worker_thread = None
+        app.state.migration_heads = expected_heads(settings.database_url)
+        app.state.metrics.watch(
+            node,
+            lambda: _alive(app.state.worker_thread) if settings.run_worker else None,
+        )
         if settings.run_worker:
             worker = Worker(node)
             thread = threading.Thread(target=worker.run, name="delivery-worker", daemon=True)
@@ -178,7 +221,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             if worker is not None:
                 worker.stop()
-                app.state.worker_thread.join(timeout=settings.peer_timeout_seconds + 5)
+                app.state.worker_thread.join(timeout=4 * settings.peer_timeout_seconds + 10)
                 worker.http.close()
             node.close()
 
@@ -196,7 +239,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
+    install_openapi(app, ROUTERS)
     app.add_middleware(LimitsAndHeaders, max_body_bytes=settings.max_body_bytes)
+    # Outside the body limit: headers are refused before any body is read.
+    app.add_middleware(
+        HeaderLimit, max_bytes=settings.max_http_header_bytes, headers=SECURITY_HEADERS
+    )
+    # Outermost, so the request id and the counters cover every answer, 413s included.
+    app.state.metrics = Metrics()
+    app.add_middleware(Observability, metrics=app.state.metrics)
     return app
 
 

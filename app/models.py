@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
+    Date,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -15,6 +18,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -71,6 +75,8 @@ class Peer(Base):
     identity_signature: Mapped[bytes] = mapped_column(LargeBinary)
     added_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # SHA-256 of the DER client certificate this peer presents on our P2P API (mutual TLS).
+    tls_client_cert_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class ApiClient(Base):
@@ -100,6 +106,32 @@ class CaseFile(Base):
     urgency: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # Deadlines (app/requests/deadlines.py), routing metadata like the status they follow:
+    # the requested date, each stage's limit, the end of a postponement, and the deadline
+    # the request is working towards in its current state.
+    requested_date: Mapped[date | None] = mapped_column(Date, nullable=True)
+    acknowledge_by: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    decide_by: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    execute_by: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    postponed_until: Mapped[date | None] = mapped_column(Date, nullable=True)
+    due_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True, index=True)
+    # Need-to-know (app/requests/access.py): the handling the requesting authority asked for,
+    # and whether only the officers named in request_officers may see the request here.
+    handling: Mapped[str] = mapped_column(String(16), server_default="standard")
+    restricted: Mapped[bool] = mapped_column(Boolean, server_default=false())
+
+
+class RequestOfficer(Base):
+    """An officer (an API client) named to see a restricted request on this node."""
+
+    __tablename__ = "request_officers"
+    __table_args__ = (UniqueConstraint("request_id", "client_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_id: Mapped[str] = mapped_column(ForeignKey("requests.id"))
+    client_name: Mapped[str] = mapped_column(String(100))
+    assigned_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    assigned_by: Mapped[str] = mapped_column(String(140))
 
 
 class Message(Base):
@@ -193,15 +225,25 @@ class AuditEntry(Base):
     """One audit event: a leaf of the node's Merkle log (app/audit). Never holds content."""
 
     __tablename__ = "audit_entries"
+    # The auditor's query filters on these and reads newest first: with `idx` second, each
+    # index hands over the matches already in order, from the cursor backwards.
+    __table_args__ = (
+        Index("ix_audit_entries_recorded_at_idx", "recorded_at", "idx"),
+        Index("ix_audit_entries_actor_idx", "actor", "idx"),
+        Index("ix_audit_entries_action_idx", "action", "idx"),
+        Index("ix_audit_entries_request_id_idx", "request_id", "idx"),
+        Index("ix_audit_entries_peer_idx", "peer", "idx"),
+        Index("ix_audit_entries_outcome_idx", "outcome", "idx"),
+    )
 
     idx: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
-    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
-    actor: Mapped[str] = mapped_column(String(140), index=True)
-    action: Mapped[str] = mapped_column(String(64), index=True)
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    actor: Mapped[str] = mapped_column(String(140))
+    action: Mapped[str] = mapped_column(String(64))
     outcome: Mapped[str] = mapped_column(String(64))
-    request_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    request_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     msg_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    peer: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)
+    peer: Mapped[str | None] = mapped_column(String(40), nullable=True)
     # The exact leaf bytes (canonical JSON of every field above plus details): what the
     # Merkle tree commits to; the columns are only an index for queries.
     entry: Mapped[bytes] = mapped_column(LargeBinary)
@@ -276,3 +318,116 @@ class WitnessAlarm(Base):
     known_note: Mapped[str] = mapped_column(Text)
     new_note: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class PeerKey(Base):
+    """Every signing and encryption key a peer has published, current or superseded.
+
+    Stored envelopes and receipts stay verifiable after a peer rotates its keys: they are
+    checked against the key that was pinned when they were received, not the current one.
+    """
+
+    __tablename__ = "peer_keys"
+    __table_args__ = (UniqueConstraint("peer_authority", "purpose", "kid"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    peer_authority: Mapped[str] = mapped_column(String(40), index=True)
+    purpose: Mapped[str] = mapped_column(String(16))  # signing | encryption
+    kid: Mapped[str] = mapped_column(String(32))
+    public_key: Mapped[bytes] = mapped_column(LargeBinary)
+    pinned_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # When a signed rotation replaced it; None while it is the current key.
+    superseded_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class AuthThrottle(Base):
+    """Refusal counters per source address or API client, shared by every node process.
+
+    `key` is `address:<ip>`, `client:<id>` or `peer-refresh:<authority>`. Once `failures`
+    in the current window reach the limit the key is blocked until `blocked_until`; further
+    refusals are only counted (`suppressed`), never audited one by one.
+    """
+
+    __tablename__ = "auth_throttle"
+
+    key: Mapped[str] = mapped_column(String(120), primary_key=True)
+    window_start: Mapped[datetime] = mapped_column(UTCDateTime)
+    failures: Mapped[int] = mapped_column(Integer)
+    blocked_until: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    suppressed: Mapped[int] = mapped_column(Integer)
+
+
+class EvidenceDraft(Base):
+    """A request being prepared with large evidence (app/evidence): attachments are streamed
+    into the blob store, encrypted as they arrive, before the envelope is sealed.
+
+    The message id, the content key and each attachment's stream header are fixed here, at
+    creation. The content key is stored sealed to this node's own encryption key
+    (`key_wrap`, for `key_kid`), and the document and attachment names only encrypted under
+    it (`sealed_content`): a copy of the database reveals no more than it does of a sealed
+    envelope.
+    """
+
+    __tablename__ = "evidence_drafts"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # the envelope's msg_id
+    peer_authority: Mapped[str] = mapped_column(String(40))
+    created_by: Mapped[str] = mapped_column(String(120))
+    state: Mapped[str] = mapped_column(String(12))  # open | submitted
+    key_kid: Mapped[str] = mapped_column(String(32))
+    key_wrap: Mapped[bytes] = mapped_column(LargeBinary)
+    sealed_content: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class EvidenceUpload(Base):
+    """One attachment of a draft: declared size, stream header, and once complete its blob."""
+
+    __tablename__ = "evidence_uploads"
+    __table_args__ = (UniqueConstraint("draft_id", "part_index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    draft_id: Mapped[str] = mapped_column(ForeignKey("evidence_drafts.id"), index=True)
+    part_index: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(BigInteger)
+    stream_header: Mapped[bytes] = mapped_column(LargeBinary)
+    digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    length: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    plaintext_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class BlobPart(Base):
+    """A sealed part kept in the blob store instead of a `parts` row; `digest` names the blob
+    (the part's ciphertext SHA-256, as the signed header lists it)."""
+
+    __tablename__ = "blob_parts"
+    __table_args__ = (UniqueConstraint("message_id", "part_index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    message_id: Mapped[int] = mapped_column(ForeignKey("messages.id"))
+    part_index: Mapped[int] = mapped_column(Integer)
+    digest: Mapped[str] = mapped_column(String(64), index=True)
+    length: Mapped[int] = mapped_column(BigInteger)
+
+
+class InboundTransfer(Base):
+    """An envelope announced by a peer whose large parts are still arriving.
+
+    Its header passed the receiver's checks and its manifest opened; parts arrive in order,
+    each checked while it streams in. `parts_done` counts the parts, from 1, that are
+    complete and checked. Once all are, the envelope is accepted and the receipt issued.
+    """
+
+    __tablename__ = "inbound_transfers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    msg_id: Mapped[str] = mapped_column(String(32), unique=True)
+    sender_authority: Mapped[str] = mapped_column(String(40))
+    envelope_hash: Mapped[str] = mapped_column(String(64))
+    header: Mapped[bytes] = mapped_column(LargeBinary)
+    signature: Mapped[bytes] = mapped_column(LargeBinary)
+    manifest_part: Mapped[bytes] = mapped_column(LargeBinary)
+    parts_done: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)

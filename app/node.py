@@ -9,6 +9,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
+from app.crypto.keyfile import read_passphrase
 from app.crypto.keys import NodeIdentity, NodeKeys, load_identity, load_keys
 from app.db import make_engine, make_session_factory
 
@@ -32,6 +33,12 @@ class Node:
         self.engine.dispose()
 
 
+def key_passphrase(settings: Settings) -> bytes | None:
+    """The key files' passphrase, if the operator configured one (never logged)."""
+    value = settings.key_passphrase.get_secret_value() if settings.key_passphrase else None
+    return read_passphrase(value, settings.key_passphrase_file)
+
+
 def load_node(settings: Settings) -> Node:
     identity = load_identity(settings.keys_dir)
     if settings.authority_id and settings.authority_id != identity.authority_id:
@@ -45,7 +52,7 @@ def load_node(settings: Settings) -> Node:
     return Node(
         settings=settings,
         identity=identity,
-        keys=load_keys(settings.keys_dir),
+        keys=load_keys(settings.keys_dir, passphrase=key_passphrase(settings)),
         engine=engine,
         sessions=make_session_factory(engine),
     )

@@ -7,9 +7,9 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
 
 from app.deps import PUBLIC, AnyRoleDep, NodeDep
+from app.obs.health import OK, readiness
 
 router = APIRouter(tags=["public"], dependencies=[Depends(PUBLIC)])
 openapi_router = APIRouter(tags=["public"])
@@ -34,18 +34,10 @@ def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 def readyz(request: Request, node: NodeDep) -> JSONResponse:
-    checks: dict[str, str] = {}
-    try:
-        with node.engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
-        checks["database"] = "ok"
-    except Exception as exc:  # any driver failure means "not ready", never a 500
-        checks["database"] = f"failing: {type(exc).__name__}"
     thread: threading.Thread | None = request.app.state.worker_thread
-    if node.settings.run_worker:
-        checks["worker"] = "ok" if thread is not None and thread.is_alive() else "failing"
-    ready = all(value == "ok" for value in checks.values())
+    checks = readiness(node, heads=request.app.state.migration_heads, worker=thread)
+    failing = [name for name, value in checks.items() if value != OK]
     return JSONResponse(
-        {"status": "ready" if ready else "not_ready", "checks": checks},
-        status_code=200 if ready else 503,
+        {"status": "not_ready" if failing else "ready", "checks": checks, "failing": failing},
+        status_code=503 if failing else 200,
     )

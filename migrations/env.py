@@ -34,9 +34,20 @@ def run_migrations_online() -> None:
     engine = make_engine(url)
     try:
         with engine.connect() as connection:
+            sqlite = connection.dialect.name == "sqlite"
+            if sqlite:
+                # Batch mode rebuilds a table by copy, drop and rename; with foreign keys
+                # enforced, dropping a table that rows elsewhere reference fails. SQLite's
+                # own procedure: keys off (only possible outside a transaction, hence the
+                # raw connection), rebuild, then check every key before committing.
+                connection.connection.driver_connection.execute("PRAGMA foreign_keys=OFF")
             _configure(connection)
             with context.begin_transaction():
                 context.run_migrations()
+                if sqlite:
+                    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").first()
+                    if broken is not None:
+                        raise RuntimeError(f"migration left a dangling foreign key: {broken}")
     finally:
         engine.dispose()
 

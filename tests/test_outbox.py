@@ -139,26 +139,61 @@ def test_stopping_worker_releases_its_rows(sessions: tuple[str, sessionmaker[Ses
     assert sorted(c.outbox_id for c in again) == sorted(c.outbox_id for c in mine)
 
 
-def test_a_retry_past_the_deadline_fails_loudly(
-    sessions: tuple[str, sessionmaker[Session]],
-) -> None:
-    _, factory = sessions
+def _expired_claim(
+    factory: sessionmaker[Session], expired_for: timedelta
+) -> tuple[int, outbox.Claim]:
     with unit_of_work(factory) as session:
         (row,) = _queue(session, 1, urgency="emergency")
         item = session.get(OutboxItem, row)
         assert item is not None
-        item.expires_at = utc_now() - timedelta(seconds=1)
+        item.expires_at = utc_now() - expired_for
     with unit_of_work(factory) as session:
         (claim,) = outbox.claim_due(session, now=utc_now(), lease=LEASE, limit=1, owner="w")
-    with unit_of_work(factory) as session:
-        assert settle(session, claim, Outcome(outbox.RETRY, "transport: ConnectError"), worker="w")
+    return row, claim
+
+
+def _state(factory: sessionmaker[Session], row: int) -> tuple[str, str]:
     with unit_of_work(factory) as session:
         item = session.get(OutboxItem, row)
         assert item is not None
-        assert item.state == outbox.FAILED
-        assert "emergency deadline" in (item.last_error or "")
+        return item.state, item.last_error or ""
+
+
+def test_a_refusal_past_the_deadline_fails_loudly(
+    sessions: tuple[str, sessionmaker[Session]],
+) -> None:
+    _, factory = sessions
+    row, claim = _expired_claim(factory, timedelta(seconds=1))
+    refused = Outcome(outbox.RETRY, "HTTP 503 database_unavailable", http_status=503)
+    with unit_of_work(factory) as session:
+        assert settle(session, claim, refused, worker="w")
+    state, error = _state(factory, row)
+    assert state == outbox.FAILED
+    assert "emergency deadline" in error
+    with unit_of_work(factory) as session:
         actions = list(session.scalars(select(AuditEntry.action).order_by(AuditEntry.idx)))
-        assert actions[-2:] == ["delivery.attempt", "delivery.failed"]
+    assert actions[-2:] == ["delivery.attempt", "delivery.failed"]
+
+
+def test_silence_past_the_deadline_keeps_asking_then_fails(
+    sessions: tuple[str, sessionmaker[Session]],
+) -> None:
+    """No answer at all: the peer may hold the envelope; keep asking for its receipt during
+    a grace period (loudly overdue), and give up only after it."""
+    _, factory = sessions
+    silent = Outcome(outbox.RETRY, "transport: ReadTimeout")
+    row, claim = _expired_claim(factory, timedelta(seconds=1))
+    with unit_of_work(factory) as session:
+        assert settle(session, claim, silent, worker="w")
+    assert _state(factory, row)[0] == outbox.RETRY
+    with unit_of_work(factory) as session:
+        entry = session.scalars(select(AuditEntry).order_by(AuditEntry.idx.desc())).first()
+        assert entry is not None
+        assert b'"overdue":true' in entry.entry
+    past_grace, claim = _expired_claim(factory, timedelta(hours=3))
+    with unit_of_work(factory) as session:
+        assert settle(session, claim, silent, worker="w")
+    assert _state(factory, past_grace)[0] == outbox.FAILED
 
 
 def test_concurrent_claims_never_share_a_row(sessions: tuple[str, sessionmaker[Session]]) -> None:

@@ -37,6 +37,7 @@ def test_only_identity_health_and_p2p_are_public() -> None:
     assert public == [
         "/.well-known/entraide/node",
         "/healthz",
+        "/metrics",
         "/p2p/v1/audit/consistency",
         "/p2p/v1/audit/cosignature",
         "/p2p/v1/envelopes",

@@ -26,6 +26,7 @@ from app.models import AuditEntry, AuditHead, AuditNode
 HEAD_ID = 1
 MAX_DETAIL_CHARS = 500
 ENTRY_VERSION = 1
+_HELD_HEAD = "entraide_audit_head"  # session.info: (transaction, the head row it locked)
 
 
 def _bounded(details: dict[str, Any]) -> dict[str, Any]:
@@ -37,10 +38,26 @@ def _bounded(details: dict[str, Any]) -> dict[str, Any]:
 
 
 def lock_head(session: Session) -> AuditHead:
-    head = session.scalar(select(AuditHead).where(AuditHead.id == HEAD_ID).with_for_update())
-    if head is None:
+    """The head row, locked until the transaction ends.
+
+    Locked once per transaction: an action's later entries (a request writes two, a delivery
+    three) reuse the row this transaction already holds, and its in-memory state. Keyed by
+    the innermost transaction, so a savepoint rolled back (and the lock it took with it, on
+    PostgreSQL) means locking again.
+    """
+    held = session.info.get(_HELD_HEAD)
+    current = session.get_nested_transaction() or session.get_transaction()
+    if held is not None and current is not None and held[0] is current:
+        head: AuditHead = held[1]
+        return head
+    locked = session.scalar(select(AuditHead).where(AuditHead.id == HEAD_ID).with_for_update())
+    if locked is None:
         raise RuntimeError("the audit log head row is missing; run the migrations")
-    return head
+    session.info[_HELD_HEAD] = (
+        session.get_nested_transaction() or session.get_transaction(),
+        locked,
+    )
+    return locked
 
 
 def record(
@@ -97,7 +114,8 @@ def record(
     head.root_hash = compact.root()
     head.last_leaf_hash = leaf
     head.updated_at = now
-    session.flush()
+    # No flush here: the rows go out with the action's own at commit (or at the next query,
+    # by autoflush), in one batch per table instead of one round trip per entry.
     return entry
 
 

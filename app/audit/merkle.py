@@ -120,18 +120,39 @@ class CompactRange:
         """Add one leaf; ``visit`` sees the leaf and every perfect subtree it completes."""
         if not _is_hash(leaf_hash):
             raise ValueError("a leaf hash is 32 bytes")
-        index, level, merged = self._size, 0, leaf_hash
         if visit is not None:
-            visit(0, index, merged)
+            visit(0, self._size, leaf_hash)
+        self._push(0, leaf_hash, visit)
+
+    def append_subtree(self, level: int, subtree_hash: bytes) -> None:
+        """Add ``2**level`` leaves at once, given the hash of the perfect subtree they form.
+
+        Only where that subtree is one of the log's: the size must be a multiple of its width.
+        """
+        if not _is_hash(subtree_hash):
+            raise ValueError("a subtree hash is 32 bytes")
+        if level < 0 or self._size & ((1 << level) - 1):
+            raise ValueError(f"a subtree of 2**{level} leaves cannot start at {self._size}")
+        self._push(level, subtree_hash, None)
+
+    def _push(self, level: int, merged: bytes, visit: NodeVisitor | None) -> None:
+        width = 1 << level
+        index = self._size >> level
         # Each trailing 1 bit of the old size is a perfect subtree of the same height as the one
         # being carried; they merge like a binary increment.
-        while (index >> level) & 1:
+        while index & 1:
             merged = node_hash(self._hashes.pop(), merged)
+            index >>= 1
             level += 1
             if visit is not None:
-                visit(level, index >> level, merged)
+                visit(level, index, merged)
         self._hashes.append(merged)
-        self._size += 1
+        self._size += width
+
+    def copy(self) -> CompactRange:
+        twin = CompactRange()
+        twin._size, twin._hashes = self._size, list(self._hashes)
+        return twin
 
     def root(self) -> bytes:
         if not self._hashes:
@@ -164,6 +185,33 @@ def frontier_from_leaf_hashes(leaf_hashes: Iterable[bytes]) -> CompactRange:
     for leaf in leaf_hashes:
         compact.append(leaf)
     return compact
+
+
+def subtree_levels(leaf_hashes: Sequence[bytes]) -> list[list[bytes]]:
+    """Every complete node over ``leaf_hashes``, level by level: ``levels[k][i]`` is the hash of
+    the perfect subtree over leaves ``[i << k, (i + 1) << k)`` of the sequence."""
+    levels = [list(leaf_hashes)]
+    while len(levels[-1]) > 1:
+        below = iter(levels[-1])
+        # zip pairs neighbours and leaves out an unpaired last node: it completes nothing.
+        levels.append([node_hash(left, right) for left, right in zip(below, below, strict=False)])
+    return levels
+
+
+def covering_subtrees(levels: list[list[bytes]], count: int) -> list[tuple[int, bytes]]:
+    """The perfect subtrees, largest first, that together cover the first ``count`` leaves of
+    :func:`subtree_levels`: one per set bit of ``count``. They are subtrees of the log, as
+    :meth:`CompactRange.append_subtree` needs, when the sequence starts at a multiple of
+    ``2**(len(levels) - 1)`` leaves."""
+    if not 0 <= count <= len(levels[0]):
+        raise ValueError(f"cannot cover {count} of {len(levels[0])} leaves")
+    pieces: list[tuple[int, bytes]] = []
+    offset = 0
+    for level in reversed(range(len(levels))):
+        if count - offset >= 1 << level:
+            pieces.append((level, levels[level][offset >> level]))
+            offset += 1 << level
+    return pieces
 
 
 # --- proof generation (RFC 9162 §2.1.3.1 and §2.1.4.1) --------------------------------------------

@@ -8,8 +8,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, select
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from app.audit.checkpoints import log_origin, log_verifier, log_verifier_key, sign_checkpoint
 from app.audit.log import HEAD_ID
@@ -45,27 +45,92 @@ class EntryFilter:
 def query_entries(
     session: Session, *, where: EntryFilter, before: int | None, limit: int
 ) -> tuple[list[AuditEntry], int | None]:
-    """Newest first; `before` is the cursor (an index), so pages never overlap or shift."""
-    statement = select(AuditEntry)
+    """Newest first; `before` is the cursor (an index), so pages never overlap or shift.
+
+    Each filter column has an index on (column, idx), read backwards from the cursor. A time
+    range becomes a range of indexes first: entries are appended in time order (the verifier
+    checks that times never go backwards), so the first entry at or after a moment bounds the
+    indexes exactly as the moment bounds the times.
+    """
+    bounds: list[ColumnElement[bool]] = []
     if where.since is not None:
-        statement = statement.where(AuditEntry.recorded_at >= where.since)
+        first = _first_index_at(session, where.since)
+        if first is None:
+            return [], None
+        bounds.append(AuditEntry.idx >= first)
     if where.until is not None:
-        statement = statement.where(AuditEntry.recorded_at < where.until)
-    for column, value in (
-        (AuditEntry.actor, where.actor),
-        (AuditEntry.action, where.action),
-        (AuditEntry.request_id, where.request_id),
-        (AuditEntry.peer, where.peer),
-        (AuditEntry.outcome, where.outcome),
-    ):
-        if value is not None:
-            statement = statement.where(column == value)
+        end = _first_index_at(session, where.until)
+        if end is not None:
+            bounds.append(AuditEntry.idx < end)
     if before is not None:
-        statement = statement.where(AuditEntry.idx < before)
+        bounds.append(AuditEntry.idx < before)
+    equal = [
+        (column, value)
+        for column, value in (
+            (AuditEntry.actor, where.actor),
+            (AuditEntry.action, where.action),
+            (AuditEntry.request_id, where.request_id),
+            (AuditEntry.peer, where.peer),
+            (AuditEntry.outcome, where.outcome),
+        )
+        if value is not None
+    ]
+    conditions = [column == value for column, value in equal]
+    if len(equal) > 1 and session.get_bind().dialect.name == "sqlite":
+        rarest = _rarest_filter(session, equal, bounds, depth=limit)
+        # `column || ''` matches exactly what `column` does, but no index can serve it: this
+        # leaves SQLite one index to read, the rarest filter's.
+        conditions = [
+            column == value if column is rarest else column.concat("") == value
+            for column, value in equal
+        ]
+    statement = select(AuditEntry).where(*bounds, *conditions)
     rows = list(session.scalars(statement.order_by(AuditEntry.idx.desc()).limit(limit + 1)))
     more = len(rows) > limit
     rows = rows[:limit]
     return rows, (rows[-1].idx if more and rows else None)
+
+
+def _first_index_at(session: Session, moment: datetime) -> int | None:
+    """The index of the first entry recorded at or after `moment`, if any."""
+    return session.scalar(
+        select(AuditEntry.idx)
+        .where(AuditEntry.recorded_at >= moment)
+        .order_by(AuditEntry.recorded_at, AuditEntry.idx)
+        .limit(1)
+    )
+
+
+def _rarest_filter(
+    session: Session,
+    equal: list[tuple[InstrumentedAttribute[Any], str]],
+    bounds: list[ColumnElement[bool]],
+    *,
+    depth: int,
+) -> InstrumentedAttribute[Any]:
+    """The filter whose index to read, on SQLite, when several filters apply.
+
+    PostgreSQL's statistics tell it which filter is rare; SQLite has none (nothing runs
+    ANALYZE), and walking a common value's index to find a rare one's matches reads most of
+    the log. So ask each filter's index where its `depth`-th newest match lies: the filter
+    whose matches reach back furthest (or run out) is the rarest here. Each probe reads at
+    most `depth` entries of one index and never the table.
+    """
+    rarest, reach = equal[0][0], -1
+    for column, value in equal:
+        probe = (
+            select(AuditEntry.idx)
+            .where(*bounds, column == value)
+            .order_by(AuditEntry.idx.desc())
+            .offset(depth)
+            .limit(1)
+        )
+        found = session.scalar(probe)
+        if found is None:
+            return column
+        if reach < 0 or found < reach:
+            rarest, reach = column, found
+    return rarest
 
 
 def entry_view(entry: AuditEntry) -> dict[str, Any]:

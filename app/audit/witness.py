@@ -243,6 +243,10 @@ def witness_receipt_checkpoint(
         if peer is None:
             return
         known = largest_known(session, authority)
+    if known is not None and known.note == note:
+        # The very note we checked and cosigned already (receipts repeat the receiver's
+        # latest checkpoint until it signs a new one): checking it again would change nothing.
+        return
     try:
         observed = parse_peer_checkpoint(peer, note)
         reason = check_consistency(

@@ -70,15 +70,23 @@ def list_clients(session: Session) -> list[ApiClient]:
     return list(session.scalars(select(ApiClient).order_by(ApiClient.name)))
 
 
+class TokenRefused(Unauthenticated):
+    """A bearer token that does not authenticate; `client_id` when it names a known client."""
+
+    def __init__(self, detail: str, *, code: str, client_id: int | None = None) -> None:
+        super().__init__(detail, code=code)
+        self.client_id = client_id
+
+
 def authenticate(session: Session, token: str) -> Principal:
     digest = hash_token(token)
     client = session.scalar(select(ApiClient).where(ApiClient.token_hash == digest))
     if client is None or not hmac.compare_digest(client.token_hash, digest):
-        raise Unauthenticated("unknown token", code="invalid_token")
+        raise TokenRefused("unknown token", code="invalid_token")
     if client.revoked_at is not None:
-        raise Unauthenticated("token revoked", code="revoked_token")
+        raise TokenRefused("token revoked", code="revoked_token", client_id=client.id)
     if client.expires_at is not None and client.expires_at <= utc_now():
-        raise Unauthenticated("token expired", code="expired_token")
+        raise TokenRefused("token expired", code="expired_token", client_id=client.id)
     return Principal(
         client_id=client.id,
         name=client.name,

@@ -103,6 +103,11 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def key_id(public_key: bytes) -> str:
+    """First 16 bytes of SHA-256 of the raw public key, lower-case hex."""
+    return sha256(public_key)[:16].hex()
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 

@@ -565,6 +565,7 @@ def check_manifest(header: Header, plaintexts: Sequence[bytes]) -> Opened:
         raise EnvelopeError("manifest_mismatch", "the inner manifest is not JSON") from exc
     bound = (
         manifest.get("type") == MANIFEST_TYPE
+        and is_int(manifest.get("v"))
         and manifest.get("v") == VERSION
         and manifest.get("msg_id") == header.msg_id
         and manifest.get("from") == header.from_authority
@@ -612,8 +613,12 @@ def _valid_attachment_entry(entry: object, number: int) -> bool:
 def open_envelope(envelope: WireEnvelope, keys: NodeKeys) -> tuple[Header, Opened]:
     """Open a stored envelope, as addressee or as sender, for an authorised reader."""
     header = parse_header(envelope.header, len(envelope.parts))
-    own = keys.encryption_kid
-    kid = own if own in (header.to_enc_kid, header.from_enc_kid) else header.to_enc_kid
+    # Ours is the addressee's or the sender's wrap, sealed to our current key or to one a
+    # rotation retired (NodeKeys keeps those, so archives stay readable).
+    kid = next(
+        (k for k in (header.to_enc_kid, header.from_enc_kid) if keys.encryption_key_for(k)),
+        header.to_enc_kid,
+    )
     content_key = unwrap_content_key(header, keys, kid=kid)
     check_commitment(header, content_key)
     check_parts(header, envelope.parts)

@@ -24,10 +24,12 @@ from app.crypto.encoding import (
     parse_time,
 )
 from app.crypto.keys import NodeIdentity, NodeKeys, fingerprint, key_id
+from app.crypto.rotation import Rotation, RotationError, parse_chain, path_from
 from app.crypto.signing import DOMAIN_IDENTITY, sign, verify
 
 IDENTITY_TYPE = "entraide.node-identity"
-MAX_IDENTITY_BYTES = 16 * 1024
+# Room for the full rotation chain (at most 32 statements of under 1 KiB each, base64).
+MAX_IDENTITY_BYTES = 64 * 1024
 
 
 class IdentityError(ValueError):
@@ -51,10 +53,18 @@ class PeerIdentity:
     log: PublishedKey
     document: bytes
     signature: bytes
+    rotations: tuple[Rotation, ...] = ()
 
     @property
     def fingerprint(self) -> str:
         return fingerprint(self.signing.public_key)
+
+    def rotation_path(self, pinned_signing: bytes) -> list[Rotation] | None:
+        """The signed links from a pinned signing key to this document's keys: [] if the pin
+        is the current key, None if this document is no rotation of the pinned one."""
+        if pinned_signing == self.signing.public_key:
+            return []
+        return path_from(self.rotations, pinned_signing)
 
 
 def build_identity_document(
@@ -76,6 +86,9 @@ def build_identity_document(
             "log": {"kid": keys.log_kid, "public_key": b64e(keys.log_public)},
         },
     }
+    if keys.rotations:
+        # Only after a rotation: a node that never rotated publishes the original v1 bytes.
+        body["rotations"] = [rotation.to_wire() for rotation in keys.rotations]
     document = canonical_json(body)
     return {
         "document": b64e(document),
@@ -119,16 +132,28 @@ def parse_identity_document(wire: object) -> PeerIdentity:
             raise IdentityError("identity document has an invalid authority id")
         if not isinstance(name, str) or not isinstance(url, str):
             raise IdentityError("identity document lacks a name or public URL")
+        encryption = _published_key(keys, "encryption")
+        rotations: tuple[Rotation, ...] = ()
+        if "rotations" in body:
+            rotations = parse_chain(
+                body["rotations"],
+                authority_id=authority_id,
+                current_signing=signing.public_key,
+                current_encryption=encryption.public_key,
+            )
         return PeerIdentity(
             authority_id=authority_id,
             name=name,
             public_url=url,
             issued_at=parse_time(body.get("issued_at")),
             signing=signing,
-            encryption=_published_key(keys, "encryption"),
+            encryption=encryption,
             log=_published_key(keys, "log"),
             document=document,
             signature=signature,
+            rotations=rotations,
         )
     except DecodeError as exc:
         raise IdentityError(f"malformed identity document: {exc}") from exc
+    except RotationError as exc:
+        raise IdentityError(f"invalid key rotation chain: {exc}") from exc

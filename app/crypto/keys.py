@@ -10,27 +10,31 @@ from __future__ import annotations
 
 import hmac
 import json
-import os
-import stat
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from nacl.public import PrivateKey
 from nacl.signing import SigningKey
 
-from app.crypto.encoding import DecodeError, b64d, b64e, format_time, sha256, utc_now
+from app.crypto.encoding import format_time, key_id, parse_time, sha256, utc_now
+from app.crypto.keyfile import (
+    KeyFileError,
+    encode_key_file,
+    read_key_file,
+    write_private,
+)
+from app.crypto.rotation import Rotation, RotationError, make_rotation, parse_rotation
 
 KEY_FILES = {"signing": "signing.key", "encryption": "encryption.key", "log": "log.key"}
 IDENTITY_FILE = "node.json"
+# Public: every rotation statement this node made, oldest first (docs/protocol.md §5.4).
+ROTATIONS_FILE = "rotations.json"
+# Retired private encryption keys, kept (protected like the others) so archived envelopes
+# sealed to them stay readable.
+RETIRED_DIR = "retired"
 
-
-class KeyFileError(Exception):
-    """A key file is missing, unreadable, malformed or too widely readable."""
-
-
-def key_id(public_key: bytes) -> str:
-    """First 16 bytes of SHA-256 of the raw public key, lower-case hex."""
-    return sha256(public_key)[:16].hex()
+__all__ = ["KeyFileError", "NodeKeys", "RetiredKey", "key_id", "load_keys", "save_keys"]
 
 
 def fingerprint(signing_public_key: bytes) -> str:
@@ -61,10 +65,26 @@ class NodeIdentity:
 
 
 @dataclass(frozen=True)
+class RetiredKey:
+    """An encryption key replaced by a rotation: opens archives forever, and still accepts
+    new envelopes from peers that have not seen the rotation until `accept_until`."""
+
+    private: PrivateKey
+    retired_at: datetime
+    accept_until: datetime
+
+    @property
+    def kid(self) -> str:
+        return key_id(bytes(self.private.public_key))
+
+
+@dataclass(frozen=True)
 class NodeKeys:
     signing: SigningKey
     encryption: PrivateKey
     log: SigningKey
+    retired: tuple[RetiredKey, ...] = ()
+    rotations: tuple[Rotation, ...] = ()
 
     @property
     def signing_public(self) -> bytes:
@@ -95,66 +115,173 @@ class NodeKeys:
         return fingerprint(self.signing_public)
 
     def encryption_key_for(self, kid: str) -> PrivateKey | None:
-        return self.encryption if hmac.compare_digest(kid, self.encryption_kid) else None
+        """Current or retired: an archived envelope opens with whichever key it was sealed to."""
+        if hmac.compare_digest(kid, self.encryption_kid):
+            return self.encryption
+        for retired in self.retired:
+            if hmac.compare_digest(kid, retired.kid):
+                return retired.private
+        return None
+
+    def accepts_encryption_kid(self, kid: str, now: datetime) -> bool:
+        """May a new envelope be sealed to `kid`? The current key, or a retired one within
+        its overlap period (peers that have not yet seen our rotation)."""
+        if hmac.compare_digest(kid, self.encryption_kid):
+            return True
+        return any(
+            hmac.compare_digest(kid, retired.kid) and now < retired.accept_until
+            for retired in self.retired
+        )
+
+    def signing_public_for(self, kid: str) -> bytes | None:
+        """Our signing public key named `kid`, current or rotated away (own stored envelopes)."""
+        if hmac.compare_digest(kid, self.signing_kid):
+            return self.signing_public
+        for rotation in self.rotations:
+            if hmac.compare_digest(kid, rotation.old.signing_kid):
+                return rotation.old.signing
+        return None
 
     @classmethod
     def generate(cls) -> NodeKeys:
         return cls(SigningKey.generate(), PrivateKey.generate(), SigningKey.generate())
 
 
-def _write_private(path: Path, content: bytes) -> None:
-    # O_EXCL: never overwrite an existing key; 0600 from creation, so there is no window in
-    # which the file is readable by others.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(content)
-
-
-def _check_private_mode(path: Path) -> None:
-    mode = path.stat().st_mode
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise KeyFileError(
-            f"{path} is accessible by group or others (mode {stat.S_IMODE(mode):04o}); "
-            f"run: chmod 600 {path}"
-        )
-
-
 def keys_exist(keys_dir: Path) -> bool:
     return any((keys_dir / name).exists() for name in KEY_FILES.values())
 
 
-def save_keys(keys_dir: Path, keys: NodeKeys) -> None:
+def save_keys(keys_dir: Path, keys: NodeKeys, *, passphrase: bytes | None = None) -> None:
+    """Write new key files (never over existing ones), protected if a passphrase is given."""
     keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    created = format_time(utc_now())
     secrets = {
         "signing": bytes(keys.signing),
         "encryption": bytes(keys.encryption),
         "log": bytes(keys.log),
     }
     for kind, secret in secrets.items():
-        document = {"v": 1, "kind": kind, "created_at": created, "secret": b64e(secret)}
-        _write_private(keys_dir / KEY_FILES[kind], json.dumps(document, indent=1).encode())
+        write_private(
+            keys_dir / KEY_FILES[kind], encode_key_file(kind, secret, passphrase=passphrase)
+        )
 
 
-def _read_secret(path: Path, kind: str) -> bytes:
+def _read_secret(path: Path, kind: str, passphrase: bytes | None) -> bytes:
+    return read_key_file(path, kind=kind, passphrase=passphrase)[0]
+
+
+def _load_rotations(keys_dir: Path) -> tuple[Rotation, ...]:
+    path = keys_dir / ROTATIONS_FILE
     if not path.exists():
-        raise KeyFileError(f"{path} does not exist; run `entraide init` first")
-    _check_private_mode(path)
+        return ()
     try:
-        document = json.loads(path.read_bytes())
-        if document.get("v") != 1 or document.get("kind") != kind:
-            raise KeyFileError(f"{path} is not a version 1 {kind} key file")
-        return b64d(document.get("secret"), length=32)
-    except (ValueError, DecodeError, AttributeError) as exc:
-        raise KeyFileError(f"{path} is not a valid key file") from exc
+        wire = json.loads(path.read_bytes())
+        if not isinstance(wire, list):
+            raise KeyFileError(f"{path} is not a list of rotation statements")
+        return tuple(parse_rotation(item) for item in wire)
+    except (ValueError, RecursionError, RotationError) as exc:
+        raise KeyFileError(f"{path} is not a valid rotation chain: {exc}") from exc
 
 
-def load_keys(keys_dir: Path) -> NodeKeys:
-    return NodeKeys(
-        signing=SigningKey(_read_secret(keys_dir / KEY_FILES["signing"], "signing")),
-        encryption=PrivateKey(_read_secret(keys_dir / KEY_FILES["encryption"], "encryption")),
-        log=SigningKey(_read_secret(keys_dir / KEY_FILES["log"], "log")),
+def _load_retired(keys_dir: Path, passphrase: bytes | None) -> tuple[RetiredKey, ...]:
+    folder = keys_dir / RETIRED_DIR
+    if not folder.exists():
+        return ()
+    retired = []
+    for path in sorted(folder.glob("encryption-*.key")):
+        secret, document = read_key_file(path, kind="encryption", passphrase=passphrase)
+        try:
+            retired.append(
+                RetiredKey(
+                    private=PrivateKey(secret),
+                    retired_at=parse_time(document.get("retired_at")),
+                    accept_until=parse_time(document.get("accept_until")),
+                )
+            )
+        except ValueError as exc:
+            raise KeyFileError(f"{path} lacks valid retired_at and accept_until") from exc
+    return tuple(retired)
+
+
+def load_keys(keys_dir: Path, *, passphrase: bytes | None = None) -> NodeKeys:
+    keys = NodeKeys(
+        signing=SigningKey(_read_secret(keys_dir / KEY_FILES["signing"], "signing", passphrase)),
+        encryption=PrivateKey(
+            _read_secret(keys_dir / KEY_FILES["encryption"], "encryption", passphrase)
+        ),
+        log=SigningKey(_read_secret(keys_dir / KEY_FILES["log"], "log", passphrase)),
+        retired=_load_retired(keys_dir, passphrase),
+        rotations=_load_rotations(keys_dir),
     )
+    if keys.rotations:
+        last = keys.rotations[-1].new
+        if last.signing != keys.signing_public or last.encryption != keys.encryption_public:
+            raise KeyFileError(
+                f"the keys in {keys_dir} are not the ones its last rotation introduced: "
+                "a rotation was interrupted; restore the keys directory from its backup"
+            )
+    return keys
+
+
+def rotate_keys(
+    keys_dir: Path, *, authority_id: str, passphrase: bytes | None, overlap: timedelta
+) -> tuple[NodeKeys, NodeKeys]:
+    """Replace the signing and encryption keys; the old signing key signs the new ones.
+
+    Order matters for a crash: the retired key is saved first (nothing is lost), then the
+    chain, then the new keys; `load_keys` refuses the mixed state an interruption leaves
+    between the last two, rather than run with keys its peers cannot verify. The log key
+    is not rotated: peers witness checkpoints with it.
+    """
+    old = load_keys(keys_dir, passphrase=passphrase)
+    now = utc_now()
+    new_signing, new_encryption = SigningKey.generate(), PrivateKey.generate()
+    rotation = make_rotation(
+        authority_id=authority_id,
+        seq=len(old.rotations) + 1,
+        old_signing=old.signing,
+        old_encryption=old.encryption,
+        new_signing=new_signing,
+        new_encryption=new_encryption,
+        rotated_at=now,
+        accepted_until=now + overlap,
+    )
+    retired_dir = keys_dir / RETIRED_DIR
+    retired_dir.mkdir(exist_ok=True, mode=0o700)
+    write_private(
+        retired_dir / f"encryption-{old.encryption_kid}.key",
+        encode_key_file(
+            "encryption",
+            bytes(old.encryption),
+            passphrase=passphrase,
+            extra={"retired_at": format_time(now), "accept_until": format_time(now + overlap)},
+        ),
+    )
+    chain = [item.to_wire() for item in (*old.rotations, rotation)]
+    write_private(
+        keys_dir / ROTATIONS_FILE, json.dumps(chain, indent=1).encode() + b"\n", replace=True
+    )
+    for kind, secret in (("signing", bytes(new_signing)), ("encryption", bytes(new_encryption))):
+        write_private(
+            keys_dir / KEY_FILES[kind],
+            encode_key_file(kind, secret, passphrase=passphrase),
+            replace=True,
+        )
+    return old, load_keys(keys_dir, passphrase=passphrase)
+
+
+def protect_keys(keys_dir: Path, *, passphrase: bytes, current: bytes | None = None) -> int:
+    """Rewrite every private key file under `passphrase` (from plain, or from `current`)."""
+    paths = [(keys_dir / name, kind) for kind, name in KEY_FILES.items()]
+    paths += [(path, "encryption") for path in sorted((keys_dir / RETIRED_DIR).glob("*.key"))]
+    for path, kind in paths:
+        secret, document = read_key_file(path, kind=kind, passphrase=current)
+        extra: dict[str, object] = {
+            key: document[key] for key in ("retired_at", "accept_until") if key in document
+        }
+        write_private(
+            path, encode_key_file(kind, secret, passphrase=passphrase, extra=extra), replace=True
+        )
+    return len(paths)
 
 
 def save_identity(keys_dir: Path, identity: NodeIdentity) -> None:

@@ -14,6 +14,7 @@ from app.crypto.encoding import sha256
 DOMAIN_ENVELOPE = b"entraide/v1/envelope-header\x00"
 DOMAIN_RECEIPT = b"entraide/v1/receipt\x00"
 DOMAIN_IDENTITY = b"entraide/v1/node-identity\x00"
+DOMAIN_ROTATION = b"entraide/v1/key-rotation\x00"
 
 SIGNATURE_BYTES = 64
 

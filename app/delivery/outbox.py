@@ -16,10 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from app.models import OutboxItem
+from app.models import CaseFile, Message, OutboxItem
 
 QUEUED = "queued"
 IN_FLIGHT = "in_flight"
@@ -45,17 +45,23 @@ class Claim:
 def claim_due(
     session: Session, *, now: datetime, lease: timedelta, limit: int, owner: str
 ) -> list[Claim]:
+    # Emergencies first, then urgent, then routine; oldest due first within each.
+    priority = case(
+        (CaseFile.urgency == "emergency", 0), (CaseFile.urgency == "urgent", 1), else_=2
+    )
     statement = (
         select(OutboxItem)
+        .join(Message, Message.id == OutboxItem.message_id)
+        .join(CaseFile, CaseFile.id == Message.request_id)
         .where(
             or_(
                 OutboxItem.state.in_((QUEUED, RETRY)) & (OutboxItem.next_attempt_at <= now),
                 (OutboxItem.state == IN_FLIGHT) & (OutboxItem.lease_until < now),
             )
         )
-        .order_by(OutboxItem.next_attempt_at, OutboxItem.id)
+        .order_by(priority, OutboxItem.next_attempt_at, OutboxItem.id)
         .limit(limit)
-        .with_for_update(skip_locked=True)
+        .with_for_update(skip_locked=True, of=OutboxItem)
     )
     claims = []
     for item in session.scalars(statement):
@@ -69,6 +75,25 @@ def claim_due(
         )
     session.flush()
     return claims
+
+
+def renew(session: Session, claim: Claim, *, now: datetime, lease: timedelta) -> bool:
+    """Extend the lease just before posting; False if the row was taken over meanwhile.
+
+    A batch's rows are claimed together but posted one after another: renewing each lease
+    right before its post keeps a slow batch from letting its later rows be reclaimed (and
+    posted twice), and doubles as the fencing check before any network call.
+    """
+    result = session.execute(
+        update(OutboxItem)
+        .where(
+            OutboxItem.id == claim.outbox_id,
+            OutboxItem.state == IN_FLIGHT,
+            OutboxItem.attempts == claim.attempts,
+        )
+        .values(lease_until=now + lease, updated_at=now)
+    )
+    return bool(getattr(result, "rowcount", 0))
 
 
 def release_owned(session: Session, *, owner: str, now: datetime) -> int:

@@ -14,7 +14,7 @@ from app.crypto.encoding import utc_now
 from app.crypto.receipts import Receipt as ReceiptBody
 from app.crypto.receipts import SignedReceipt
 from app.delivery import outbox
-from app.delivery.retry import next_attempt
+from app.delivery.retry import next_attempt, policy_for
 from app.models import CaseFile, DeliveryAttempt, Message, OutboxItem, Receipt
 from app.requests.status import status_after_receipt
 
@@ -42,8 +42,17 @@ def settle(session: Session, claim: outbox.Claim, outcome: Outcome, *, worker: s
         raise RuntimeError(f"outbox row {item.id} lost its message")
     state = outcome.state
     error = outcome.error
+    overdue = False
     if state == outbox.RETRY:
         when = next_attempt(now, claim.attempts, case.urgency, item.expires_at)
+        if when is None and outcome.http_status is None and item.expires_at is not None:
+            # No answer at all: the peer may hold the envelope and only our copy of its
+            # receipt was lost. Keep asking (a repeat is answered with the stored receipt,
+            # even after expiry) until it answers or the grace period ends; but say loudly
+            # that the deadline has passed.
+            grace_end = item.expires_at + policy_for(case.urgency).expiry
+            when = next_attempt(now, claim.attempts, case.urgency, grace_end)
+            overdue = True
         if when is None:
             state = outbox.FAILED
             error = f"gave up at the {case.urgency} deadline; last error: {error}"
@@ -69,8 +78,20 @@ def settle(session: Session, claim: outbox.Claim, outcome: Outcome, *, worker: s
         request_id=message.request_id,
         msg_id=message.msg_id,
         peer=claim.peer_authority,
-        details={"attempt": claim.attempts, "error": error, "trace_id": claim.trace_id},
+        details={
+            "attempt": claim.attempts,
+            "error": error,
+            "trace_id": claim.trace_id,
+            "overdue": overdue,
+        },
     )
+    if overdue:
+        log.error(
+            "delivery OVERDUE for request %s to %s: no answer by the %s deadline; still asking",
+            message.request_id,
+            claim.peer_authority,
+            case.urgency,
+        )
     item.state = state
     item.lease_until = None
     item.lease_owner = None

@@ -14,6 +14,7 @@ import os
 import socket
 import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import httpx
@@ -22,29 +23,39 @@ from sqlalchemy import select
 from app.audit.checkpoints import maybe_checkpoint
 from app.audit.witness import witness_receipt_checkpoint
 from app.crypto.encoding import utc_now
-from app.crypto.receipts import ReceiptError, decode_receipt, verify_receipt
+from app.crypto.receipts import ReceiptError, decode_receipt
 from app.db import unit_of_work
 from app.delivery import outbox
 from app.delivery.settle import Outcome, settle
 from app.errors import PeerError
+from app.evidence.node_store import blob_store
+from app.evidence.transfer import blob_parts, send_streamed
 from app.models import Message, Peer
 from app.node import Node
-from app.peers.client import ENVELOPES_PATH, make_http_client, read_json_bounded
+from app.obs.logs import request_context
+from app.peers.client import ENVELOPES_PATH, peer_http_client, read_json_bounded
+from app.peers.keys import verify_peer_receipt
 from app.requests.store import load_envelope
 
 log = logging.getLogger(__name__)
 
 # Refusals a peer may lift without the envelope changing: it may pin us later, recover, or
-# shed load. Every other 4xx is a permanent verdict on this envelope.
+# shed load. Every other 4xx is a permanent verdict on this envelope (unknown_recipient_key
+# too: the envelope is sealed to a key the peer no longer accepts; it must be sent again).
 RETRYABLE_CODES = {
     "unknown_sender",
     "unknown_key",
-    "unknown_recipient_key",
     # A message can overtake the request that opens its conversation (the request's own
     # delivery may be backing off); and a receiver whose clock is behind ours refuses an
     # envelope "from the future" only until its clock catches up.
     "unknown_conversation",
     "not_yet_valid",
+    # Streamed parts (app/evidence): another attempt is sending the part, or ours is behind
+    # the peer's offset; the next attempt asks the peer where to resume.
+    "part_busy",
+    "offset_mismatch",
+    "part_out_of_order",
+    "unknown_transfer",
 }
 RETRYABLE_STATUS = {408, 425, 429}
 
@@ -65,10 +76,13 @@ def classify(status: int, body: object) -> Outcome:
 class Worker:
     def __init__(self, node: Node, *, http: httpx.Client | None = None, batch: int = 16) -> None:
         self.node = node
-        self.http = http or make_http_client(node.settings.peer_timeout_seconds)
+        self.http = http or peer_http_client(node.settings)
         self.batch = batch
         self.id = worker_id()
         self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(
+            max_workers=node.settings.worker_concurrency, thread_name_prefix="delivery"
+        )
 
     def run(self) -> None:
         log.info("delivery worker %s started", self.id)
@@ -82,6 +96,7 @@ class Worker:
             if handled == 0:
                 self.node.outbox_signal.wait(self.node.settings.worker_poll_seconds)
                 self.node.outbox_signal.clear()
+        self._pool.shutdown(wait=True)
         self.release()
         log.info("delivery worker %s stopped", self.id)
 
@@ -106,19 +121,23 @@ class Worker:
             claims = outbox.claim_due(
                 session, now=utc_now(), lease=lease, limit=self.batch, owner=self.id
             )
-        for claim in claims:
-            if self._stop.is_set():
-                break  # release() hands the rest back
-            try:
-                self._deliver(claim)
-            except Exception as exc:  # one bad peer answer must not stall the whole batch
-                log.error(
-                    "delivery of outbox row %s failed unexpectedly: %s",
-                    claim.outbox_id,
-                    type(exc).__name__,
-                )
-                self._settle(claim, Outcome(outbox.RETRY, f"internal: {type(exc).__name__}"))
+        # Several posts at once, so one slow or stalled peer does not hold up the others.
+        list(self._pool.map(self._deliver_one, claims))
         return len(claims)
+
+    def _deliver_one(self, claim: outbox.Claim) -> None:
+        if self._stop.is_set():
+            return  # release() hands it back
+        try:
+            with request_context(claim.trace_id):  # log lines carry the request id
+                self._deliver(claim)
+        except Exception as exc:  # one bad peer answer must not stall the whole batch
+            log.error(
+                "delivery of outbox row %s failed unexpectedly: %s",
+                claim.outbox_id,
+                type(exc).__name__,
+            )
+            self._settle(claim, Outcome(outbox.RETRY, f"internal: {type(exc).__name__}"))
 
     def _checkpoint_if_due(self) -> None:
         settings = self.node.settings
@@ -130,6 +149,10 @@ class Worker:
                 every=settings.audit_checkpoint_every,
                 seconds=settings.audit_checkpoint_seconds,
             )
+
+    def _renew(self, claim: outbox.Claim, lease: timedelta) -> bool:
+        with unit_of_work(self.node.sessions) as session:
+            return outbox.renew(session, claim, now=utc_now(), lease=lease)
 
     def _settle(self, claim: outbox.Claim, outcome: Outcome) -> bool:
         with unit_of_work(self.node.sessions) as session:
@@ -143,16 +166,31 @@ class Worker:
                 self._settle(claim, Outcome(outbox.FAILED, "message or peer no longer exists"))
                 return
             wire = load_envelope(session, message).to_wire()
-            expired = message.expires_at <= utc_now()
+            # Large evidence: parts in the blob store go by the part-transfer protocol.
+            streamed = blob_parts(session, message)
             base_url = peer.public_url
             signer = (peer.signing_key, peer.signing_kid)
             expected = (message.msg_id, message.envelope_hash, message.sender_authority)
             recipient = message.recipient_authority
-        if expired:
-            self._settle(claim, Outcome(outbox.FAILED, "the envelope expired before delivery"))
-            return
+        # An expired envelope is still posted: if the peer already holds it, it answers with
+        # the stored receipt; if not, it refuses it as expired, a definite answer.
+        lease = timedelta(seconds=self.node.settings.lease_seconds)
+        with unit_of_work(self.node.sessions) as session:
+            if not outbox.renew(session, claim, now=utc_now(), lease=lease):
+                return  # taken over by another worker while this batch was being posted
         try:
-            status, body = self._post(base_url + ENVELOPES_PATH, wire, claim.trace_id)
+            if streamed:
+                status, body = send_streamed(
+                    self.http,
+                    base_url,
+                    wire,
+                    streamed,
+                    blob_store(self.node.settings),
+                    headers={"x-request-id": claim.trace_id} if claim.trace_id else {},
+                    keep_alive=lambda: self._renew(claim, lease),
+                )
+            else:
+                status, body = self._post(base_url + ENVELOPES_PATH, wire, claim.trace_id)
         except (httpx.HTTPError, PeerError) as exc:
             self._settle(claim, Outcome(outbox.RETRY, f"transport: {type(exc).__name__}"))
             return
@@ -161,14 +199,17 @@ class Worker:
             return
         try:
             signed = decode_receipt(body)
-            receipt = verify_receipt(
+            # A receipt signed by a new key of the peer: follow its signed key rotation.
+            receipt = verify_peer_receipt(
+                self.node,
+                self.http,
                 signed,
+                authority=recipient,
                 signer_public=signer[0],
                 signer_kid=signer[1],
                 msg_id=expected[0],
                 envelope_hash=expected[1],
                 from_authority=expected[2],
-                to_authority=recipient,
             )
         except ReceiptError as exc:
             self._settle(claim, Outcome(outbox.RETRY, f"bad receipt: {exc}", http_status=status))

@@ -10,7 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
 from app.db import unit_of_work
-from app.deps import PEER_SIGNED, NodeDep
+from app.deps import PEER_SIGNED, NodeDep, record_p2p_refusal, source_address
 from app.errors import EnvelopeRefused
 from app.p2p.service import Accepted, accept_envelope, record_refusal
 
@@ -60,11 +60,13 @@ async def receive_envelope(request: Request, node: NodeDep) -> JSONResponse:
             raise EnvelopeRefused("malformed_envelope", "the body is not a JSON object")
         accepted = await run_in_threadpool(_accept, node, wire)
     except EnvelopeRefused as refusal:
-        await run_in_threadpool(_record_refusal, node, wire, refusal)
+        await run_in_threadpool(_record_refusal, node, wire, refusal, source_address(request))
         raise
     return JSONResponse(accepted.receipt.to_wire(), status_code=201 if accepted.created else 200)
 
 
-def _record_refusal(node: NodeDep, wire: object, refusal: EnvelopeRefused) -> None:
+def _record_refusal(node: NodeDep, wire: object, refusal: EnvelopeRefused, source: str) -> None:
     with unit_of_work(node.sessions) as session:
-        record_refusal(session, wire=wire, refusal=refusal)
+        # Anyone can post garbage here: past a limit per address, refusals are only counted.
+        if record_p2p_refusal(session, node, source):
+            record_refusal(session, wire=wire, refusal=refusal)

@@ -8,8 +8,9 @@ refused envelope leaves exactly one trace and stores nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from pydantic import ValidationError
 from sqlalchemy import select
@@ -25,13 +26,8 @@ from app.domain.messages import MessageDocument
 from app.errors import EnvelopeRefused
 from app.models import CaseFile, Message, Peer, Receipt
 from app.node import Node
-from app.requests.status import (
-    RECEIVED,
-    may_send,
-    other_role,
-    role_of,
-    status_after_message,
-)
+from app.peers.keys import peer_encryption_kid_known, peer_signing_key, refresh_peer_keys
+from app.requests import conversation
 from app.requests.store import store_envelope
 
 MAX_TTL = timedelta(days=30)
@@ -71,8 +67,10 @@ def _stored_receipt(session: Session, message: Message) -> SignedReceipt:
     return SignedReceipt(body=receipt.body, signature=receipt.signature)
 
 
-def _check_content(header: env.Header, opened: env.Opened, case: CaseFile | None) -> str:
-    """Validate the decrypted document against our schema; return the message type."""
+def _check_content(
+    header: env.Header, opened: env.Opened, case: CaseFile | None
+) -> RequestDocument | MessageDocument:
+    """Validate the decrypted document against our schema."""
     content = opened.manifest.get("content")
     if not isinstance(content, dict):
         raise _refuse("invalid_content", "the manifest has no content", 422)
@@ -91,19 +89,17 @@ def _check_content(header: env.Header, opened: env.Opened, case: CaseFile | None
                 or document.requested_authority != header.to_authority
             ):
                 raise _refuse("manifest_mismatch", "the document names other authorities")
-            return "request"
+            return document
         if kind == "message":
             if case is None:
                 raise _refuse("unknown_conversation", "no such conversation", 409)
-            message_type = MessageDocument.model_validate(content.get("document")).type.value
-            sender_role = other_role(role_of(case.direction))
-            if not may_send(sender_role, message_type):
+            message = MessageDocument.model_validate(content.get("document"))
+            hashes = [str(entry.get("sha256")) for entry in opened.manifest.get("attachments", [])]
+            if any(True for _ in message.attachment_problems(hashes)):
                 raise _refuse(
-                    "message_not_allowed",
-                    f"the {sender_role} authority cannot send a {message_type} message",
-                    409,
+                    "invalid_content", "an evidence item does not match its attachment", 422
                 )
-            return message_type
+            return message
     except ValidationError as exc:
         raise _refuse(
             "invalid_content", f"the document fails validation ({exc.error_count()} errors)", 422
@@ -111,77 +107,76 @@ def _check_content(header: env.Header, opened: env.Opened, case: CaseFile | None
     raise _refuse("invalid_content", "unknown content kind", 422)
 
 
-def accept_envelope(session: Session, node: Node, *, wire: object) -> Accepted:
-    settings = node.settings
-    try:
-        envelope = env.decode_wire(
-            wire, max_parts=settings.max_envelope_parts, max_header_bytes=settings.max_header_bytes
-        )
-        if len(envelope.header) > settings.max_header_bytes:
-            raise _refuse("too_large", "header too large", 413)
-        header = env.parse_header(envelope.header, len(envelope.parts))
-    except env.EnvelopeError as exc:
-        raise _refuse(exc.code, exc.detail, 413 if exc.code == "too_large" else 400) from exc
-
+def check_sender(
+    session: Session, node: Node, envelope: env.WireEnvelope, header: env.Header
+) -> None:
+    """Steps 14 to 19 of docs/protocol.md section 9: a pinned sender, its key, the signature,
+    the addressee and both encryption keys (shared with the streamed-parts path, app/evidence)."""
     peer = session.scalar(select(Peer).where(Peer.authority_id == header.from_authority))
     if peer is None:
         raise _refuse("unknown_sender", "the sender is not a pinned peer of this node", 403)
-    if header.from_sig_kid != peer.signing_kid:
-        raise _refuse("unknown_key", "the envelope is signed with a key not pinned here", 403)
+    signing_key = peer_signing_key(session, peer, header.from_sig_kid, signed_at=header.created_at)
+    if signing_key is None:
+        # Perhaps the peer rotated its keys: follow its signed rotation (docs/protocol.md
+        # §5.4). Nothing was written yet; end this transaction so the fetch, which may take
+        # the whole peer timeout, holds no lock.
+        session.rollback()
+        refresh_peer_keys(node, header.from_authority)
+        peer = session.scalar(select(Peer).where(Peer.authority_id == header.from_authority))
+        if peer is None or peer.signing_kid != header.from_sig_kid:
+            raise _refuse("unknown_key", "the envelope is signed with a key not pinned here", 403)
+        signing_key = peer.signing_key
     try:
-        env.verify_header_signature(envelope, peer.signing_key)
+        env.verify_header_signature(envelope, signing_key)
     except env.EnvelopeError as exc:
         raise _refuse(exc.code, exc.detail) from exc
     if header.to_authority != node.authority_id:
         raise _refuse("not_addressed_to_us", "the envelope is addressed to another authority", 421)
-    if header.from_enc_kid != peer.encryption_kid:
+    if not peer_encryption_kid_known(session, peer, header.from_enc_kid):
         raise _refuse("unknown_key", "the sender's encryption key is not the one pinned here", 403)
-    if header.to_enc_kid != node.keys.encryption_kid:
+    if not node.keys.accepts_encryption_kid(header.to_enc_kid, utc_now()):
+        # A retired key of ours past its overlap period, or none of ours at all.
         raise _refuse("unknown_recipient_key", "the envelope is sealed for another key of ours")
 
-    # A repeat of an accepted envelope gets its receipt back even after it expired: its
-    # sender may have lost our first answer, and the receipt is its proof of delivery.
-    existing = session.scalar(select(Message).where(Message.msg_id == header.msg_id))
-    if existing is not None:
-        if existing.direction == "inbound" and existing.envelope_hash == envelope.envelope_hash:
-            return Accepted(receipt=_stored_receipt(session, existing), created=False)
-        raise _refuse("replayed", "this message id was already used for another envelope", 409)
-    _check_time(node, header)
 
-    try:
-        content_key = env.unwrap_content_key(header, node.keys, kid=header.to_enc_kid)
-        env.check_commitment(header, content_key)
-        env.check_parts(header, envelope.parts)
-        opened = env.check_manifest(header, env.decrypt_parts(header, envelope.parts, content_key))
-    except env.EnvelopeError as exc:
-        raise _refuse(exc.code, exc.detail) from exc
-
+def admit_opened(
+    session: Session,
+    node: Node,
+    *,
+    header: env.Header,
+    envelope_hash: str,
+    opened: env.Opened,
+    store: Callable[[CaseFile, datetime], Message],
+) -> Accepted:
+    """Steps 31 on of section 9 for an envelope whose parts all checked out: content, the
+    conversation's lifecycle, storage (`store`: the parts in rows, or in the blob store for
+    streamed parts), audit entries and the signed receipt."""
     # Locked: two messages of one conversation arriving together must not lose a status.
     case = session.get(CaseFile, header.conversation_id, with_for_update=True)
     if case is not None and case.peer_authority != header.from_authority:
         raise _refuse("unknown_conversation", "no such conversation with this sender", 409)
-    message_type = _check_content(header, opened, case)
+    document = _check_content(header, opened, case)
 
     now = utc_now()
-    if case is None:
-        urgency = opened.manifest["content"]["document"].get("urgency", {}).get("level", "routine")
-        case = CaseFile(
-            id=header.conversation_id,
-            direction="inbound",
-            peer_authority=header.from_authority,
-            status=RECEIVED,
-            urgency=str(urgency),
-            created_at=now,
-            updated_at=now,
+    if case is None and isinstance(document, RequestDocument):
+        message_type = "request"
+        case = conversation.open_inbound(
+            session,
+            node.settings,
+            request_id=header.conversation_id,
+            peer=header.from_authority,
+            document=document,
+            now=now,
         )
-        session.add(case)
-        session.flush()
-    else:
-        case.status = status_after_message(case.status, message_type)
-        case.updated_at = now
-    message = store_envelope(
-        session, case=case, envelope=envelope, header=header, direction="inbound", received_at=now
-    )
+    elif case is not None and isinstance(document, MessageDocument):
+        # The lifecycle's checks: who may send it, after what, in which state (409 / 425).
+        message_type = document.type.value
+        conversation.receive(
+            session, case, in_reply_to=header.in_reply_to, document=document, now=now
+        )
+    else:  # _check_content pairs a request with a new conversation, a message with a known one
+        raise _refuse("invalid_content", "unexpected content", 422)
+    message = store(case, now)
     actor = f"peer:{header.from_authority}"
     record(
         session,
@@ -190,7 +185,11 @@ def accept_envelope(session: Session, node: Node, *, wire: object) -> Accepted:
         request_id=case.id,
         msg_id=header.msg_id,
         peer=header.from_authority,
-        details={"envelope_hash": envelope.envelope_hash, "type": message_type},
+        details={
+            "envelope_hash": envelope_hash,
+            "type": message_type,
+            "status": case.status,
+        },
     )
     record(
         session,
@@ -199,13 +198,13 @@ def accept_envelope(session: Session, node: Node, *, wire: object) -> Accepted:
         request_id=case.id,
         msg_id=header.msg_id,
         peer=header.from_authority,
-        details={"envelope_hash": envelope.envelope_hash},
+        details={"envelope_hash": envelope_hash},
     )
     receipt = issue_receipt(
         node.keys.signing,
         signer_kid=node.keys.signing_kid,
         msg_id=header.msg_id,
-        envelope_hash=envelope.envelope_hash,
+        envelope_hash=envelope_hash,
         from_authority=header.from_authority,
         to_authority=header.to_authority,
         received_at=now,
@@ -223,6 +222,63 @@ def accept_envelope(session: Session, node: Node, *, wire: object) -> Accepted:
     )
     session.flush()
     return Accepted(receipt=receipt, created=True)
+
+
+def accept_envelope(session: Session, node: Node, *, wire: object) -> Accepted:
+    settings = node.settings
+    try:
+        envelope = env.decode_wire(
+            wire, max_parts=settings.max_envelope_parts, max_header_bytes=settings.max_header_bytes
+        )
+        if len(envelope.header) > settings.max_header_bytes:
+            raise _refuse("too_large", "header too large", 413)
+        header = env.parse_header(envelope.header, len(envelope.parts))
+    except env.EnvelopeError as exc:
+        raise _refuse(exc.code, exc.detail, 413 if exc.code == "too_large" else 400) from exc
+
+    check_sender(session, node, envelope, header)
+
+    # A repeat of an accepted envelope gets its receipt back even after it expired: its
+    # sender may have lost our first answer, and the receipt is its proof of delivery.
+    existing = session.scalar(select(Message).where(Message.msg_id == header.msg_id))
+    if existing is not None:
+        if existing.direction == "inbound" and existing.envelope_hash == envelope.envelope_hash:
+            record(
+                session,
+                actor=f"peer:{header.from_authority}",
+                action="envelope.repeated",
+                request_id=existing.request_id,
+                msg_id=header.msg_id,
+                peer=header.from_authority,
+                details={"envelope_hash": envelope.envelope_hash},
+            )
+            return Accepted(receipt=_stored_receipt(session, existing), created=False)
+        raise _refuse("replayed", "this message id was already used for another envelope", 409)
+    _check_time(node, header)
+
+    try:
+        content_key = env.unwrap_content_key(header, node.keys, kid=header.to_enc_kid)
+        env.check_commitment(header, content_key)
+        env.check_parts(header, envelope.parts)
+        opened = env.check_manifest(header, env.decrypt_parts(header, envelope.parts, content_key))
+    except env.EnvelopeError as exc:
+        raise _refuse(exc.code, exc.detail) from exc
+
+    return admit_opened(
+        session,
+        node,
+        header=header,
+        envelope_hash=envelope.envelope_hash,
+        opened=opened,
+        store=lambda case, now: store_envelope(
+            session,
+            case=case,
+            envelope=envelope,
+            header=header,
+            direction="inbound",
+            received_at=now,
+        ),
+    )
 
 
 def record_refusal(session: Session, *, wire: object, refusal: EnvelopeRefused) -> None:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import socket
+import ssl
+import threading
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
+from app.config import Settings
 from app.errors import BadRequest, PeerError
+from app.tls import client_context
 
 IDENTITY_PATH = "/.well-known/entraide/node"
 ENVELOPES_PATH = "/p2p/v1/envelopes"
@@ -17,8 +22,12 @@ MAX_RESPONSE_BYTES = 256 * 1024
 
 
 def check_peer_url(url: str, *, allow_insecure_http: bool) -> str:
-    parts = urlsplit(url)
-    if parts.scheme not in {"https", "http"} or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        hostname, _port = parts.hostname, parts.port  # both parse lazily, and may raise
+    except ValueError as exc:  # "http://[::1", "http://host:99999"
+        raise BadRequest(f"{url[:100]!r} is not a valid URL", code="invalid_peer_url") from exc
+    if parts.scheme not in {"https", "http"} or not hostname:
         raise BadRequest(f"{url!r} is not an http(s) URL", code="invalid_peer_url")
     if parts.scheme == "http" and not allow_insecure_http:
         raise BadRequest(
@@ -64,9 +73,61 @@ def fetch_identity(client: httpx.Client, base_url: str) -> Any:
         ) from exc
 
 
-def make_http_client(timeout_seconds: float) -> httpx.Client:
+class _Watchdog:
+    """Ends an exchange with a peer at a deadline, however slowly the peer answers.
+
+    httpx's timeouts bound each socket read, not the whole exchange: a peer answering one
+    byte at a time, just faster than the read timeout, could hold a worker forever. httpcore
+    reports each new connection to the request's trace callback; the watchdog keeps the
+    socket and shuts it down at the deadline, which makes the blocked read fail at once.
+    Connections are not kept alive, so every exchange gets its own socket (and watchdog).
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __call__(self, event: str, info: dict[str, Any]) -> None:
+        if event not in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+            return
+        stream = info.get("return_value")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        if isinstance(sock, socket.socket):
+            timer = threading.Timer(self.seconds, _shutdown, args=(sock,))
+            timer.daemon = True
+            timer.start()
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # the exchange finished and closed the socket first
+
+
+def make_http_client(
+    timeout_seconds: float,
+    *,
+    tls: ssl.SSLContext | None = None,
+    deadline_seconds: float | None = None,
+) -> httpx.Client:
+    """A client whose every exchange ends within `deadline_seconds` (default: four times
+    the per-operation timeout), however slowly the peer answers."""
+    total = deadline_seconds if deadline_seconds is not None else 4 * timeout_seconds
+    watchdog = _Watchdog(total)
+
+    def arm(request: httpx.Request) -> None:
+        request.extensions["trace"] = watchdog
+
     return httpx.Client(
         timeout=httpx.Timeout(timeout_seconds, connect=min(timeout_seconds, 10.0)),
+        limits=httpx.Limits(max_keepalive_connections=0),
         follow_redirects=False,
         headers={"user-agent": "entraide/0.1"},
+        verify=tls if tls is not None else True,
+        event_hooks={"request": [arm]},
     )
+
+
+def peer_http_client(settings: Settings) -> httpx.Client:
+    """The client for calling peers: their CA bundle, our client certificate (app.tls)."""
+    return make_http_client(settings.peer_timeout_seconds, tls=client_context(settings))

@@ -8,7 +8,7 @@ from app.audit.log import record_alone
 from app.deps import AdminDep, NodeDep, SessionDep
 from app.errors import EntraideError
 from app.peers import service
-from app.peers.client import make_http_client
+from app.peers.client import peer_http_client
 from app.peers.schemas import AddPeer, PeerView
 
 router = APIRouter(prefix="/api/v1/admin/peers", tags=["admin"])
@@ -18,7 +18,7 @@ router = APIRouter(prefix="/api/v1/admin/peers", tags=["admin"])
 def add_peer(body: AddPeer, session: SessionDep, node: NodeDep, principal: AdminDep) -> PeerView:
     actor = f"client:{principal.name}"
     try:
-        with make_http_client(node.settings.peer_timeout_seconds) as http:
+        with peer_http_client(node.settings) as http:
             peer = service.add_peer(
                 session,
                 url=body.url,

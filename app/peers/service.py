@@ -13,6 +13,7 @@ from app.crypto.keys import fingerprints_match, normalise_fingerprint
 from app.errors import BadRequest, Conflict, NotFound
 from app.models import Peer
 from app.peers.client import check_peer_url, fetch_identity
+from app.peers.keys import apply_rotation, remember_current_keys
 
 
 class FingerprintMismatch(BadRequest):
@@ -34,17 +35,28 @@ def verify_identity(document: object, *, expected_fingerprint: str) -> PeerIdent
     return identity
 
 
-def pin_peer(session: Session, *, identity: PeerIdentity, url: str, own_authority: str) -> Peer:
+def pin_peer(
+    session: Session,
+    *,
+    identity: PeerIdentity,
+    url: str,
+    own_authority: str,
+    actor: str = "node",
+) -> Peer:
     if identity.authority_id == own_authority:
         raise BadRequest("a node cannot pin itself", code="self_pin")
     peer = session.scalar(select(Peer).where(Peer.authority_id == identity.authority_id))
     now = utc_now()
     if peer is not None and peer.fingerprint != identity.fingerprint:
-        raise Conflict(
-            f"{identity.authority_id} is already pinned with another signing key; "
-            "remove it first or rotate keys through a signed rotation",
-            code="peer_key_conflict",
-        )
+        # Re-adding a peer that rotated: accepted only along its chain from our pin.
+        path = identity.rotation_path(peer.signing_key)
+        if not path:
+            raise Conflict(
+                f"{identity.authority_id} is already pinned with another signing key; "
+                "remove it first or rotate keys through a signed rotation",
+                code="peer_key_conflict",
+            )
+        apply_rotation(session, peer, identity, path, actor=actor)
     if peer is None:
         peer = Peer(authority_id=identity.authority_id, added_at=now)
         session.add(peer)
@@ -61,6 +73,7 @@ def pin_peer(session: Session, *, identity: PeerIdentity, url: str, own_authorit
     peer.identity_signature = identity.signature
     peer.updated_at = now
     session.flush()
+    remember_current_keys(session, peer, now)
     return peer
 
 
@@ -89,7 +102,9 @@ def add_peer(
     base_url = check_peer_url(url, allow_insecure_http=allow_insecure_http)
     identity = verify_identity(fetch_identity(http, base_url), expected_fingerprint=fingerprint)
     existed = session.scalar(select(Peer.id).where(Peer.authority_id == identity.authority_id))
-    peer = pin_peer(session, identity=identity, url=base_url, own_authority=own_authority)
+    peer = pin_peer(
+        session, identity=identity, url=base_url, own_authority=own_authority, actor=actor
+    )
     record(
         session,
         actor=actor,

@@ -6,9 +6,12 @@ from typing import Annotated, Literal
 from urllib.parse import quote
 
 from fastapi import APIRouter, Path, Query, Response
+from pydantic import AwareDatetime
 
+from app.clock import ClockDep
 from app.deps import NodeDep, OfficerDep, SessionDep
-from app.requests import schemas, service
+from app.evidence.download import maybe_streamed
+from app.requests import access, schemas, service
 
 router = APIRouter(prefix="/api/v1/requests", tags=["requests"])
 
@@ -45,17 +48,37 @@ def list_requests(
     peer: Annotated[str | None, Query(max_length=40)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
+    overdue: bool | None = None,
+    due_before: AwareDatetime | None = None,
+    *,
+    clock: ClockDep,
 ) -> schemas.RequestPage:
     return service.list_requests(
-        session, direction=direction, status=status, peer=peer, limit=limit, cursor=cursor
+        session,
+        direction=direction,
+        status=status,
+        peer=peer,
+        limit=limit,
+        cursor=cursor,
+        principal=principal,
+        now=clock(),
+        overdue=overdue,
+        due_before=due_before,
     )
 
 
 @router.get("/{request_id}")
 def read_request(
-    request_id: RequestId, session: SessionDep, node: NodeDep, principal: OfficerDep
+    request_id: RequestId,
+    session: SessionDep,
+    node: NodeDep,
+    principal: OfficerDep,
+    clock: ClockDep,
 ) -> schemas.RequestDetail:
-    return service.read_request(session, node, request_id=request_id, principal=principal)
+    access.check_visible(node, request_id=request_id, principal=principal, action="request.read")
+    return service.read_request(
+        session, node, request_id=request_id, principal=principal, now=clock()
+    )
 
 
 @router.post("/{request_id}/messages", status_code=201)
@@ -66,6 +89,9 @@ def add_message(
     node: NodeDep,
     principal: OfficerDep,
 ) -> schemas.Submitted:
+    access.check_visible(
+        node, request_id=request_id, principal=principal, action="message.submitted"
+    )
     case, message = service.add_message(
         session, node, request_id=request_id, body=body, principal=principal
     )
@@ -85,6 +111,14 @@ def download_attachment(
     node: NodeDep,
     principal: OfficerDep,
 ) -> Response:
+    access.check_visible(
+        node, request_id=request_id, principal=principal, action="attachment.downloaded"
+    )
+    streamed = maybe_streamed(
+        session, node, request_id=request_id, msg_id=msg_id, index=index, principal=principal
+    )
+    if streamed is not None:  # large evidence, in the blob store (app/evidence)
+        return streamed
     download = service.read_attachment(
         session, node, request_id=request_id, msg_id=msg_id, index=index, principal=principal
     )

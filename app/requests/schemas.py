@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import base64
 import binascii
-from datetime import datetime
-from typing import Annotated, Any
+import hashlib
+from datetime import date, datetime
+from typing import Annotated, Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from app.config import AUTHORITY_ID_PATTERN
 from app.domain.document import RequestDocument
@@ -15,7 +25,7 @@ from app.domain.messages import MessageDocument
 
 AuthorityId = Annotated[str, StringConstraints(pattern=AUTHORITY_ID_PATTERN)]
 FileName = Annotated[
-    str, StringConstraints(min_length=1, max_length=255, pattern=r"^[^/\\\x00-\x1f]+$")
+    str, StringConstraints(min_length=1, max_length=255, pattern=r"^[^/\\\x00-\x1f\x7f]+$")
 ]
 MediaType = Annotated[
     str,
@@ -58,6 +68,19 @@ class SubmitRequest(Strict):
 class SubmitMessage(Strict):
     document: MessageDocument
     attachments: list[InlineAttachment] = Field(default_factory=list, max_length=32)
+
+    @model_validator(mode="after")
+    def _evidence_matches_attachments(self) -> Self:
+        hashes = [hashlib.sha256(item.content()).hexdigest() for item in self.attachments]
+        details = [
+            InitErrorDetails(
+                type=PydanticCustomError(code, message), loc=("document", *loc), input=value
+            )
+            for loc, code, message, value in self.document.attachment_problems(hashes)
+        ]
+        if details:
+            raise ValidationError.from_exception_data(type(self).__name__, details)
+        return self
 
 
 class Submitted(BaseModel):
@@ -112,6 +135,14 @@ class MessageView(BaseModel):
     receipt: ReceiptView | None
 
 
+class DeadlinesView(BaseModel):
+    requested_date: date | None
+    acknowledge_by: datetime | None
+    decide_by: datetime | None
+    execute_by: datetime | None
+    postponed_until: date | None
+
+
 class RequestSummary(BaseModel):
     id: str
     direction: str
@@ -120,11 +151,36 @@ class RequestSummary(BaseModel):
     urgency: str
     created_at: datetime
     updated_at: datetime
+    # The deadline the request is working towards in its status, and whether it has passed.
+    due_at: datetime | None
+    overdue: bool
+    deadlines: DeadlinesView
+    handling: str
+    restricted: bool
 
 
 class RequestDetail(RequestSummary):
     document: dict[str, Any]
     messages: list[MessageView]
+    # The message types this node may send now (docs/domain.md, "The life of a request").
+    allowed_messages: list[str]
+
+
+OfficerName = Annotated[str, StringConstraints(min_length=1, max_length=100)]
+
+
+class SetOfficers(Strict):
+    officers: list[OfficerName] = Field(max_length=50)
+
+
+class RestrictionView(BaseModel):
+    id: str
+    direction: str
+    peer: str
+    handling: str
+    restricted: bool
+    officers: list[str]
+    created_at: datetime
 
 
 class RequestPage(BaseModel):

@@ -34,15 +34,19 @@ from app.crypto.envelope import (
 )
 from app.crypto.randomness import SystemRandomness
 from app.crypto.signing import DOMAIN_ENVELOPE, verify
+from app.delivery.outbox import CANCELLED, FAILED
 from app.delivery.retry import delivery_deadline
 from app.domain.document import RequestDocument
 from app.domain.messages import MessageDocument
-from app.errors import BadRequest, Conflict, EntraideError, NotFound, PayloadTooLarge
+from app.errors import BadRequest, EntraideError, NotFound, PayloadTooLarge
+from app.evidence.reading import has_blob_parts, open_stored_head
 from app.models import CaseFile, Message, OutboxItem, Peer, Receipt
 from app.node import Node
+from app.obs.logs import current_request_id
+from app.peers.keys import stored_envelope_signer
 from app.peers.service import get_peer
-from app.requests import schemas
-from app.requests.status import QUEUED, may_send, role_of, status_after_message
+from app.requests import access, conversation, deadlines, lifecycle, schemas
+from app.requests.status import QUEUED
 from app.requests.store import load_envelope, store_envelope
 
 OUTBOUND = "outbound"
@@ -137,6 +141,8 @@ def _store_outbound(
             created_at=now,
             updated_at=now,
             expires_at=delivery_deadline(now, case.urgency, header.expires_at),
+            # The local API request that queued it: the worker sends it on as X-Request-Id.
+            trace_id=current_request_id(),
         )
     )
     record(
@@ -184,6 +190,7 @@ def submit_request(
         created_at=now,
         updated_at=now,
     )
+    conversation.set_deadlines(case, node.settings, document, now=now)
     session.add(case)
     session.flush()
     record(
@@ -219,16 +226,19 @@ def add_message(
     principal: Principal,
 ) -> tuple[CaseFile, Message]:
     case = get_case(session, request_id, lock=True)
-    message_type = body.document.type.value
-    if not may_send(role_of(case.direction), message_type):
-        raise Conflict(
-            f"as the {role_of(case.direction)} authority you cannot send a {message_type} message",
-            code="message_not_allowed",
-        )
+    # The lifecycle judges the move before anything is sealed: 409 message_not_allowed or
+    # transition_not_allowed, and the peer applies the same rule when the envelope arrives.
+    conversation.send(case, document=body.document, now=utc_now())
     peer = get_peer(session, case.peer_authority)
+    # The peer accepts a message only after the one it replies to; a message of ours the peer
+    # refused for good will never be there, so it is not the one to follow.
     latest = session.scalar(
         select(Message.msg_id)
-        .where(Message.request_id == case.id)
+        .outerjoin(OutboxItem, OutboxItem.message_id == Message.id)
+        .where(
+            Message.request_id == case.id,
+            or_(OutboxItem.id.is_(None), OutboxItem.state.not_in((FAILED, CANCELLED))),
+        )
         .order_by(Message.id.desc())
         .limit(1)
     )
@@ -237,15 +247,13 @@ def add_message(
         node,
         case_id=case.id,
         peer=peer,
-        content={"kind": "message", "document": body.document.model_dump(mode="json")},
+        content={"kind": "message", "document": body.document.wire_form()},
         attachments=_attachments(node, body.attachments),
         in_reply_to=latest,
     )
     message = _store_outbound(
         session, node, case=case, envelope=envelope, header=header, actor=actor_of(principal)
     )
-    case.status = status_after_message(case.status, body.document.type.value)
-    case.updated_at = utc_now()
     record(
         session,
         actor=actor_of(principal),
@@ -286,8 +294,19 @@ def list_requests(
     peer: str | None,
     limit: int,
     cursor: str | None,
+    principal: Principal,
+    now: datetime,
+    overdue: bool | None = None,
+    due_before: datetime | None = None,
 ) -> schemas.RequestPage:
-    statement = select(CaseFile)
+    # Restricted requests this officer is not named on do not exist for them.
+    statement = select(CaseFile).where(access.visible_to(principal.name))
+    if overdue is True:
+        statement = statement.where(CaseFile.due_at < now)
+    elif overdue is False:
+        statement = statement.where(or_(CaseFile.due_at.is_(None), CaseFile.due_at >= now))
+    if due_before is not None:
+        statement = statement.where(CaseFile.due_at < due_before)
     if direction is not None:
         statement = statement.where(CaseFile.direction == direction)
     if status is not None:
@@ -308,12 +327,12 @@ def list_requests(
     more = len(cases) > limit
     cases = cases[:limit]
     return schemas.RequestPage(
-        items=[summary(case) for case in cases],
+        items=[summary(case, now=now) for case in cases],
         next_cursor=_encode_cursor(cases[-1]) if more else None,
     )
 
 
-def summary(case: CaseFile) -> schemas.RequestSummary:
+def summary(case: CaseFile, *, now: datetime) -> schemas.RequestSummary:
     return schemas.RequestSummary(
         id=case.id,
         direction=case.direction,
@@ -322,27 +341,52 @@ def summary(case: CaseFile) -> schemas.RequestSummary:
         urgency=case.urgency,
         created_at=case.created_at,
         updated_at=case.updated_at,
+        due_at=case.due_at,
+        overdue=deadlines.is_overdue(case.due_at, now),
+        deadlines=schemas.DeadlinesView(
+            requested_date=case.requested_date,
+            acknowledge_by=case.acknowledge_by,
+            decide_by=case.decide_by,
+            execute_by=case.execute_by,
+            postponed_until=case.postponed_until,
+        ),
+        handling=case.handling,
+        restricted=case.restricted,
     )
 
 
 # --- reading ------------------------------------------------------------------------------
 
 
-def _signer_key(session: Session, node: Node, message: Message) -> bytes:
-    if message.direction == OUTBOUND:
-        return node.keys.signing_public
-    return get_peer(session, message.sender_authority).signing_key
+def _signer_key(session: Session, node: Node, message: Message, envelope: WireEnvelope) -> bytes:
+    """The key pinned for its signer when it was stored: either side may have rotated since.
+    Empty (never verifies) if no key of that id was ever pinned."""
+    key = stored_envelope_signer(
+        session,
+        node.keys,
+        outbound=message.direction == OUTBOUND,
+        sender=message.sender_authority,
+        header=envelope.header,
+        parts=len(envelope.parts),
+    )
+    return key or b""
 
 
 def _open_stored(session: Session, node: Node, message: Message) -> Opened:
     """Re-check what was stored before showing it: a row planted or altered in the database
     (by someone without the sender's signing key) must not read as a genuine message."""
+    if has_blob_parts(session, message):
+        # Large evidence (app/evidence): header and manifest here, attachments streamed.
+        return open_stored_head(session, node, message)[1]
     envelope = load_envelope(session, message)
     problem: str | None = None
     if sha256_hex(envelope.header) != message.envelope_hash:
         problem = "its header does not hash to the recorded envelope hash"
     elif not verify(
-        _signer_key(session, node, message), DOMAIN_ENVELOPE, envelope.header, envelope.signature
+        _signer_key(session, node, message, envelope),
+        DOMAIN_ENVELOPE,
+        envelope.header,
+        envelope.signature,
     ):
         problem = "its signature does not verify"
     if problem is None:
@@ -421,7 +465,7 @@ def _message_view(
 
 
 def read_request(
-    session: Session, node: Node, *, request_id: str, principal: Principal
+    session: Session, node: Node, *, request_id: str, principal: Principal, now: datetime
 ) -> schemas.RequestDetail:
     case = get_case(session, request_id)
     messages = list(
@@ -436,10 +480,15 @@ def read_request(
         peer=case.peer_authority,
         details={"messages": len(views)},
     )
+    state = lifecycle.parse_state(case.status)
     return schemas.RequestDetail(
-        **summary(case).model_dump(),
+        **summary(case, now=now).model_dump(),
         document=views[0].content if views else {},
         messages=views,
+        allowed_messages=[
+            message.value
+            for message in lifecycle.allowed_messages(state, lifecycle.role_of(case.direction))
+        ],
     )
 
 

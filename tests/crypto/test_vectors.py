@@ -507,7 +507,7 @@ def check_checkpoint_note(note: str, signer: dict[str, Any]) -> None:
     text, _, signatures = note.partition("\n\n")
     text += "\n"
     origin, size, root = text.splitlines()
-    assert origin == f"entraide/{signer['authority_id']}/audit"
+    assert origin == f"entraide.log/{signer['authority_id']}"
     assert (size, b64(root)) == ("0", sha256(b""))  # the RFC 6962 root of an empty tree
     [line] = signatures.splitlines()
     prefix, name, blob_b64 = line.split(" ")

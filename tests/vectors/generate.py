@@ -23,6 +23,7 @@ from nacl.hash import blake2b
 from nacl.public import PrivateKey
 from nacl.signing import SigningKey
 
+from app.audit.checkpoints import log_origin
 from app.audit.note import Checkpoint, sign_note
 from app.crypto import envelope as env
 from app.crypto.encoding import b64d, b64e, format_time, sha256, sha256_hex
@@ -30,7 +31,8 @@ from app.crypto.identity import build_identity_document
 from app.crypto.keys import NodeIdentity, NodeKeys, format_fingerprint
 from app.crypto.randomness import SeededRandomness
 from app.crypto.receipts import issue_receipt
-from app.crypto.signing import DOMAIN_ENVELOPE, DOMAIN_IDENTITY, DOMAIN_RECEIPT
+from app.crypto.rotation import make_rotation
+from app.crypto.signing import DOMAIN_ENVELOPE, DOMAIN_IDENTITY, DOMAIN_RECEIPT, DOMAIN_ROTATION
 
 OUTPUT = Path(__file__).with_name("envelope-v1.json")
 
@@ -77,7 +79,7 @@ def node_keys(name: str) -> NodeKeys:
 
 def empty_log_checkpoint(name: str) -> str:
     """A checkpoint of an empty audit log, signed with the node's log key (a signed note)."""
-    origin = f"entraide/{NODES[name]['authority_id']}/audit"
+    origin = log_origin(NODES[name]["authority_id"])
     body = Checkpoint(origin=origin, size=0, root_hash=sha256(b"")).format()
     return sign_note(body, origin, node_keys(name).log)
 
@@ -182,6 +184,56 @@ def describe_node(name: str) -> dict[str, Any]:
             "document_text": document.decode(),
             "document_sha256_hex": sha256_hex(document),
             "signature_message_hex": (DOMAIN_IDENTITY + sha256(document)).hex(),
+            "wire": identity,
+        },
+    }
+
+
+# FR's rotation (docs/protocol.md §5.4): new signing seed c0…df, new encryption secret e0…ff.
+ROTATION = {
+    "signing_seed": bytes(range(192, 224)),
+    "encryption_secret": bytes(range(224, 256)),
+    "rotated_at": datetime(2025, 6, 1, tzinfo=UTC),
+    "accepted_until": datetime(2025, 7, 1, tzinfo=UTC),
+}
+
+
+def describe_rotation() -> dict[str, Any]:
+    old = node_keys("FR")
+    new_signing = SigningKey(ROTATION["signing_seed"])
+    new_encryption = PrivateKey(ROTATION["encryption_secret"])
+    rotation = make_rotation(
+        authority_id=NODES["FR"]["authority_id"],
+        seq=1,
+        old_signing=old.signing,
+        old_encryption=old.encryption,
+        new_signing=new_signing,
+        new_encryption=new_encryption,
+        rotated_at=ROTATION["rotated_at"],
+        accepted_until=ROTATION["accepted_until"],
+    )
+    keys = NodeKeys(new_signing, new_encryption, old.log, rotations=(rotation,))
+    identity = build_identity_document(node_identity("FR"), keys, issued_at=ROTATION["rotated_at"])
+    return {
+        "node": "FR",
+        "new_signing": {
+            "seed_hex": ROTATION["signing_seed"].hex(),
+            "public_key_hex": keys.signing_public.hex(),
+            "kid": keys.signing_kid,
+        },
+        "new_encryption": {
+            "secret_key_hex": ROTATION["encryption_secret"].hex(),
+            "public_key_hex": keys.encryption_public.hex(),
+            "kid": keys.encryption_kid,
+        },
+        "rotated_at": format_time(ROTATION["rotated_at"]),
+        "old_encryption_accepted_until": format_time(ROTATION["accepted_until"]),
+        "statement_text": rotation.statement.decode(),
+        "signature_message_hex": (DOMAIN_ROTATION + sha256(rotation.statement)).hex(),
+        "wire": rotation.to_wire(),
+        "identity": {
+            "issued_at": format_time(ROTATION["rotated_at"]),
+            "document_text": b64d(identity["document"]).decode(),
             "wire": identity,
         },
     }
@@ -449,6 +501,7 @@ def build_vectors() -> dict[str, Any]:
             "domain_envelope_hex": DOMAIN_ENVELOPE.hex(),
             "domain_receipt_hex": DOMAIN_RECEIPT.hex(),
             "domain_identity_hex": DOMAIN_IDENTITY.hex(),
+            "domain_rotation_hex": DOMAIN_ROTATION.hex(),
             "person_part_key_hex": env.PERSON_PART_KEY.hex(),
             "person_commitment_hex": env.PERSON_COMMITMENT.hex(),
             "person_randomness_hex": b"entraide:rand:v1".hex(),
@@ -456,6 +509,7 @@ def build_vectors() -> dict[str, Any]:
             "generator": GENERATOR,
         },
         "nodes": {name: describe_node(name) for name in NODES},
+        "rotation": describe_rotation(),
         "cases": [build_case(case) for case in cases()],
     }
 

@@ -1,0 +1,446 @@
+"""`entraide backup` and `entraide restore`.
+
+A backup is one gzipped tar file, written 0600:
+
+    manifest.json          format, node, schema revision, row counts, SHA-256 of every member,
+                           the public keys and the audit checkpoint signed just before the copy
+    manifest.sig           Ed25519 signature of manifest.json by the node's signing key
+    database/<table>.jsonl every row of every table (app.backup.dump)
+    keys/node.json         the node's identity file (authority id, name, public URL)
+    keys/identity.json     the signed identity document: the public keys
+    keys/private.sealed    only with --include-private-keys: a tar of the keys folder, sealed
+                           under a passphrase (app.backup.sealed)
+
+The database holds only ciphertext and routing metadata, so a backup without the private keys
+reveals no request content. Restoring goes into a fresh node (an empty database; an empty keys
+folder, or the backed-up node's own keys), then checks the whole audit log against its signed
+checkpoints and against the checkpoint in the manifest, and records the restore in the log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+
+from alembic import command
+from alembic.util.exc import CommandError
+from sqlalchemy.orm import Session
+
+from app.audit.checkpoints import sign_checkpoint
+from app.audit.log import record
+from app.audit.service import verify_database
+from app.audit.verify import Report
+from app.backup.dump import current_revisions, dump_database, holds_data, load_database
+from app.backup.sealed import PassphraseError, seal, unseal
+from app.config import Settings
+from app.crypto.encoding import b64d, b64e, format_time, utc_now
+from app.crypto.identity import build_identity_document
+from app.crypto.keys import IDENTITY_FILE, keys_exist
+from app.crypto.signing import sign, verify
+from app.db import make_engine, unit_of_work
+from app.migrate import alembic_config, pending, upgrade
+from app.node import Node, load_node
+
+FORMAT = "entraide-backup"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
+DATABASE_DIR = "database"
+NODE_MEMBER = "keys/node.json"
+IDENTITY_MEMBER = "keys/identity.json"
+PRIVATE_MEMBER = "keys/private.sealed"
+DOMAIN_BACKUP = b"entraide/v1/backup-manifest\x00"
+MAX_MANIFEST_BYTES = 1024 * 1024
+CHUNK = 1024 * 1024
+
+
+class BackupError(Exception):
+    """A backup that cannot be made or restored; the message says why, in plain words."""
+
+
+@dataclass(frozen=True)
+class BackupSummary:
+    path: Path
+    tables: dict[str, int]
+    private_keys: bool
+    schema_revisions: list[str]
+
+
+@dataclass(frozen=True)
+class RestoreSummary:
+    authority_id: str
+    tables: dict[str, int]
+    keys_restored: bool
+    report: Report
+
+
+def _public_keys(node: Node) -> dict[str, str]:
+    return {
+        "signing": b64e(node.keys.signing_public),
+        "encryption": b64e(node.keys.encryption_public),
+        "log": b64e(node.keys.log_public),
+        "fingerprint": node.keys.fingerprint,
+    }
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _private_keys_tar(keys_dir: Path) -> bytes:
+    """Every regular file of the keys folder (current and retired keys), but node.json."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for path in sorted(keys_dir.rglob("*")):
+            if path.is_symlink() or not path.is_file() or path.name == IDENTITY_FILE:
+                continue
+            info = tar.gettarinfo(str(path), arcname=path.relative_to(keys_dir).as_posix())
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            with path.open("rb") as handle:
+                tar.addfile(info, handle)
+    return buffer.getvalue()
+
+
+def _checkpoint_before_copy(session: Session, node: Node, *, private_keys: bool) -> str:
+    record(
+        session,
+        actor="node",
+        action="backup.created",
+        details={"private_keys": private_keys},
+    )
+    return sign_checkpoint(session, authority_id=node.authority_id, log_key=node.keys.log).note
+
+
+def create_backup(
+    settings: Settings, *, out: Path, include_private_keys: bool, passphrase: bytes | None
+) -> BackupSummary:
+    if out.exists():
+        raise BackupError(f"{out} exists; refusing to overwrite it")
+    if include_private_keys and passphrase is None:
+        raise PassphraseError(
+            "--include-private-keys needs a passphrase: --passphrase-file FILE or "
+            "ENTRAIDE_BACKUP_PASSPHRASE"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    node = load_node(settings)
+    try:
+        # The copy covers a signed checkpoint: a restore proves the log it brings back extends
+        # it. A database still one schema behind the code (backed up before an upgrade) is
+        # copied as it is, without writing to it.
+        checkpoint: str | None = None
+        if not pending(node.engine, settings.database_url):
+            with unit_of_work(node.sessions) as session:
+                checkpoint = _checkpoint_before_copy(
+                    session, node, private_keys=include_private_keys
+                )
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".entraide-backup-") as folder:
+            staging = Path(folder)
+            (staging / DATABASE_DIR).mkdir()
+            (staging / "keys").mkdir()
+
+            def open_member(name: str) -> IO[bytes]:
+                return (staging / DATABASE_DIR / name).open("wb")
+
+            database = dump_database(settings.database_url, open_member)
+            shutil.copyfile(settings.keys_dir / IDENTITY_FILE, staging / NODE_MEMBER)
+            document = build_identity_document(node.identity, node.keys, issued_at=utc_now())
+            (staging / IDENTITY_MEMBER).write_text(json.dumps(document, indent=1) + "\n")
+            private: dict[str, Any] | None = None
+            if include_private_keys:
+                assert passphrase is not None  # noqa: S101  # checked above
+                sealed, private = seal(_private_keys_tar(settings.keys_dir), passphrase)
+                (staging / PRIVATE_MEMBER).write_bytes(sealed)
+            members = sorted(
+                path.relative_to(staging).as_posix()
+                for path in staging.rglob("*")
+                if path.is_file()
+            )
+            manifest = {
+                "format": FORMAT,
+                "version": FORMAT_VERSION,
+                "created_at": format_time(utc_now()),
+                "authority_id": node.authority_id,
+                "database": database,
+                "audit_checkpoint": checkpoint,
+                "public_keys": _public_keys(node),
+                "private_keys": private,
+                "files": {name: _sha256_file(staging / name) for name in members},
+            }
+            manifest_bytes = json.dumps(manifest, indent=1, sort_keys=True).encode()
+            signature = sign(node.keys.signing, DOMAIN_BACKUP, manifest_bytes)
+            partial = out.with_name(out.name + ".partial")
+            descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "wb") as raw:
+                with tarfile.open(fileobj=raw, mode="w:gz") as tar:
+                    _add_bytes(tar, MANIFEST, manifest_bytes)
+                    _add_bytes(tar, SIGNATURE, b64e(signature).encode())
+                    for name in members:
+                        tar.add(str(staging / name), arcname=name, recursive=False, filter=_private)
+                raw.flush()
+                os.fsync(raw.fileno())
+            os.replace(partial, out)
+    finally:
+        node.close()
+    return BackupSummary(
+        path=out,
+        tables=database["tables"],
+        private_keys=include_private_keys,
+        schema_revisions=database["schema_revisions"],
+    )
+
+
+def _private(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    info.mode, info.uid, info.gid, info.uname, info.gname = 0o600, 0, 0, "", ""
+    return info
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o600
+    info.mtime = int(utc_now().timestamp())
+    tar.addfile(info, io.BytesIO(data))
+
+
+# --- restore ------------------------------------------------------------------------------
+
+
+class _Archive:
+    """Reads only the members the manifest lists, each checked against its hash first."""
+
+    def __init__(self, tar: tarfile.TarFile) -> None:
+        self.tar = tar
+        self.members = {member.name: member for member in tar.getmembers() if member.isreg()}
+        manifest_bytes = self._read(MANIFEST, limit=MAX_MANIFEST_BYTES)
+        try:
+            self.manifest: dict[str, Any] = json.loads(manifest_bytes)
+            self.signature = b64d(self._read(SIGNATURE, limit=1024).decode(), length=64)
+        except ValueError as exc:
+            raise BackupError("the backup's manifest is not readable") from exc
+        self.manifest_bytes = manifest_bytes
+        if self.manifest.get("format") != FORMAT or self.manifest.get("version") != FORMAT_VERSION:
+            raise BackupError("this file is not an Entraide backup (format 1)")
+        files = self.manifest.get("files")
+        if not isinstance(files, dict):
+            raise BackupError("the backup's manifest lists no files")
+        self.files: dict[str, str] = files
+        for name, expected in self.files.items():
+            if self._digest(name) != expected:
+                raise BackupError(f"{name} in the backup is damaged (its SHA-256 differs)")
+
+    def _member(self, name: str) -> tarfile.TarInfo:
+        path = PurePosixPath(name)
+        if path.is_absolute() or ".." in path.parts or name not in self.members:
+            raise BackupError(f"the backup lacks {name}")
+        return self.members[name]
+
+    def _open(self, name: str) -> IO[bytes]:
+        handle = self.tar.extractfile(self._member(name))
+        if handle is None:
+            raise BackupError(f"the backup lacks {name}")
+        return handle
+
+    def _read(self, name: str, *, limit: int) -> bytes:
+        with self._open(name) as handle:
+            data = handle.read(limit + 1)
+        if len(data) > limit:
+            raise BackupError(f"{name} in the backup is too large")
+        return data
+
+    def _digest(self, name: str) -> str:
+        digest = hashlib.sha256()
+        with self._open(name) as handle:
+            while chunk := handle.read(CHUNK):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    def read(self, name: str) -> bytes:
+        if name not in self.files:
+            raise BackupError(f"the backup lacks {name}")
+        with self._open(name) as handle:
+            return handle.read()
+
+    def lines(self, name: str) -> Iterator[bytes]:
+        if name not in self.files:
+            raise BackupError(f"the backup lacks {name}")
+        with self._open(name) as handle:
+            yield from handle
+
+
+def _check_public_keys(node: Node, manifest: dict[str, Any], source: str) -> None:
+    if _public_keys(node) != manifest.get("public_keys"):
+        raise BackupError(
+            f"the keys {source} are not the keys of the node this backup was made from "
+            f"({manifest.get('authority_id')}); restore into an empty keys folder"
+        )
+
+
+def _write_private_keys(keys_dir: Path, archive: _Archive, passphrase: bytes | None) -> None:
+    if PRIVATE_MEMBER not in archive.files:
+        raise BackupError(
+            f"{keys_dir} holds no keys and this backup has no private keys: put the node's "
+            "keys there first, or restore a backup made with --include-private-keys"
+        )
+    if passphrase is None:
+        raise PassphraseError(
+            "this backup's private keys need its passphrase: --passphrase-file FILE or "
+            "ENTRAIDE_BACKUP_PASSPHRASE"
+        )
+    params = archive.manifest.get("private_keys")
+    if not isinstance(params, dict):
+        raise BackupError("the backup's manifest lacks the private keys' parameters")
+    blob = unseal(archive.read(PRIVATE_MEMBER), passphrase, params)
+    keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(keys_dir, 0o700)
+    with tarfile.open(fileobj=io.BytesIO(blob), mode="r") as tar:
+        for member in tar.getmembers():
+            path = PurePosixPath(member.name)
+            if not member.isreg() or path.is_absolute() or ".." in path.parts:
+                raise BackupError(f"unexpected entry {member.name!r} among the private keys")
+            source = tar.extractfile(member)
+            if source is None:
+                continue
+            target = keys_dir.joinpath(*path.parts)
+            target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "wb") as handle, source:
+                handle.write(source.read())
+
+
+def _restore_keys(settings: Settings, archive: _Archive, passphrase: bytes | None) -> bool:
+    """Put the backed-up node's keys in place (or check those present). True if written."""
+    keys_dir = settings.keys_dir
+    written = False
+    if not keys_exist(keys_dir):
+        # Stage next to the keys folder, check, then move: a wrong passphrase or a damaged
+        # backup leaves the keys folder as it was.
+        keys_dir.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=keys_dir.parent, prefix=".entraide-keys-") as tmp:
+            staged = Path(tmp) / "keys"
+            _write_private_keys(staged, archive, passphrase)
+            (staged / IDENTITY_FILE).write_bytes(archive.read(NODE_MEMBER))
+            probe = load_node(settings.model_copy(update={"keys_dir": staged}))
+            try:
+                _check_public_keys(probe, archive.manifest, "in the backup")
+            finally:
+                probe.close()
+            keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            for path in sorted(staged.rglob("*")):
+                target = keys_dir / path.relative_to(staged)
+                if path.is_dir():
+                    target.mkdir(exist_ok=True, mode=0o700)
+                elif not target.exists():
+                    os.replace(path, target)
+        written = True
+    elif not (keys_dir / IDENTITY_FILE).exists():
+        (keys_dir / IDENTITY_FILE).write_bytes(archive.read(NODE_MEMBER))
+    node = load_node(settings)
+    try:
+        if not written:
+            _check_public_keys(node, archive.manifest, f"in {keys_dir}")
+        if not verify(
+            node.keys.signing_public, DOMAIN_BACKUP, archive.manifest_bytes, archive.signature
+        ):
+            raise BackupError("the backup's manifest is not signed by the node's key")
+    finally:
+        node.close()
+    return written
+
+
+def _restore_database(settings: Settings, archive: _Archive) -> dict[str, int]:
+    database = archive.manifest.get("database")
+    if not isinstance(database, dict):
+        raise BackupError("the backup's manifest describes no database")
+    revisions = database.get("schema_revisions")
+    tables = database.get("tables")
+    if not isinstance(revisions, list) or len(revisions) != 1 or not isinstance(tables, dict):
+        raise BackupError("the backup's manifest has no single schema revision")
+    url = settings.database_url
+    engine = make_engine(url)
+    try:
+        current = current_revisions(engine)
+        if current and current != revisions:
+            # The schema exists, empty (checked before), at another revision: start over.
+            command.downgrade(alembic_config(url), "base")
+        try:
+            upgrade(url, revisions[0])
+        except CommandError as exc:
+            raise BackupError(
+                f"the backup's schema revision {revisions[0]} is unknown to this version of "
+                "Entraide; restore it with the version that made it, or a newer one"
+            ) from exc
+        load_database(engine, lambda name: archive.lines(f"{DATABASE_DIR}/{name}"), tables)
+    finally:
+        engine.dispose()
+    upgrade(url, "head")
+    return {str(name): int(count) for name, count in tables.items()}
+
+
+def check_target_empty(settings: Settings) -> None:
+    engine = make_engine(settings.database_url)
+    try:
+        busy = holds_data(engine)
+    finally:
+        engine.dispose()
+    if busy:
+        raise BackupError(
+            "the database already holds data (" + ", ".join(busy) + "); restore into an "
+            "empty database (create a new one, or drop this one's tables)"
+        )
+
+
+def restore_backup(
+    settings: Settings, *, archive_path: Path, passphrase: bytes | None, actor: str
+) -> RestoreSummary:
+    try:
+        tar = tarfile.open(archive_path, mode="r:gz")
+    except (OSError, tarfile.TarError) as exc:
+        raise BackupError(f"cannot read {archive_path}: {exc}") from exc
+    with tar:
+        archive = _Archive(tar)
+        check_target_empty(settings)
+        keys_restored = _restore_keys(settings, archive, passphrase)
+        tables = _restore_database(settings, archive)
+    node = load_node(settings)
+    try:
+        with unit_of_work(node.sessions) as session:
+            report = verify_database(
+                session,
+                authority_id=node.authority_id,
+                log_public=node.keys.log_public,
+                earlier=archive.manifest.get("audit_checkpoint"),
+            )
+            if report.ok:
+                record(
+                    session,
+                    actor=actor,
+                    action="node.restored",
+                    details={
+                        "backup_created_at": str(archive.manifest.get("created_at")),
+                        "entries": report.entries,
+                        "keys_restored": keys_restored,
+                    },
+                )
+                sign_checkpoint(session, authority_id=node.authority_id, log_key=node.keys.log)
+    finally:
+        node.close()
+    return RestoreSummary(
+        authority_id=node.authority_id,
+        tables=tables,
+        keys_restored=keys_restored,
+        report=report,
+    )

@@ -1,0 +1,180 @@
+"""`entraide` commands for key management and peer trust (registered by app.cli).
+
+entraide keys rotate [--overlap-days N]     new signing and encryption keys, vouched
+                                            for by the old signing key
+entraide keys protect                       encrypt the key files under the passphrase
+entraide peers refresh AUTHORITY            follow a peer's signed key rotation now
+entraide peers pin-cert AUTHORITY ...       pin the peer's TLS client certificate
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from sqlalchemy import select
+
+from app.audit.log import record
+from app.config import get_settings
+from app.crypto.encoding import utc_now
+from app.crypto.keyfile import KeyFileError
+from app.crypto.keys import format_fingerprint, load_identity, protect_keys, rotate_keys
+from app.db import unit_of_work
+from app.models import Peer
+from app.node import key_passphrase
+from app.tls import normalise_cert_pin, pin_of_certificate_file
+
+DURATION = re.compile(r"([0-9]{1,6})([smhd]?)")
+UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_expiry(expires_in: str | None, expires_at: datetime | None) -> datetime | None:
+    """`--expires-in 90d` (s, m, h, d; bare seconds) or `--expires-at` an ISO time."""
+    if expires_in is not None and expires_at is not None:
+        raise ValueError("give --expires-in or --expires-at, not both")
+    if expires_in is not None:
+        match = DURATION.fullmatch(expires_in.strip())
+        if match is None or int(match.group(1)) == 0:
+            raise ValueError(f"{expires_in!r} is not a duration like 90d, 12h, 30m or 3600")
+        return utc_now() + timedelta(seconds=int(match.group(1)) * UNITS[match.group(2)])
+    if expires_at is not None:
+        moment = expires_at if expires_at.tzinfo else expires_at.replace(tzinfo=utc_now().tzinfo)
+        if moment <= utc_now():
+            raise ValueError("--expires-at is in the past")
+        return moment
+    return None
+
+
+def keys_rotate(
+    overlap_days: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=365,
+            help="Days during which envelopes sealed to the old encryption key are still "
+            "accepted from peers that have not yet seen the rotation",
+        ),
+    ] = 30,
+) -> None:
+    """Replace the signing and encryption keys; the old signing key signs the new ones.
+
+    Restart the node afterwards. Peers pick the new keys up at their next contact; the old
+    encryption key is kept, protected like the others, so archived requests stay readable.
+    """
+    from app.cli import _fail, _node, _operator
+
+    settings = get_settings()
+    node = _node(settings)  # keys readable, schema current
+    node.close()
+    try:
+        identity = load_identity(settings.keys_dir)
+        old, new = rotate_keys(
+            settings.keys_dir,
+            authority_id=identity.authority_id,
+            passphrase=key_passphrase(settings),
+            overlap=timedelta(days=overlap_days),
+        )
+    except (KeyFileError, OSError) as exc:
+        raise _fail(str(exc)) from exc
+    node = _node(settings)
+    try:
+        with unit_of_work(node.sessions) as session:
+            record(
+                session,
+                actor=_operator(),
+                action="key.rotated",
+                details={
+                    "old_signing_kid": old.signing_kid,
+                    "new_signing_kid": new.signing_kid,
+                    "old_encryption_kid": old.encryption_kid,
+                    "new_encryption_kid": new.encryption_kid,
+                    "seq": len(new.rotations),
+                    "old_encryption_accepted_until": new.rotations[
+                        -1
+                    ].old_encryption_accepted_until.isoformat(),
+                },
+            )
+    finally:
+        node.close()
+    typer.echo(f"rotated: signing key {old.signing_kid} -> {new.signing_kid}")
+    typer.echo(f"         encryption key {old.encryption_kid} -> {new.encryption_kid}")
+    typer.echo("restart the node; peers follow the signed rotation at their next contact.")
+    typer.echo("new fingerprint (for peers that pin from scratch):")
+    typer.echo(format_fingerprint(new.fingerprint))
+
+
+def keys_protect() -> None:
+    """Encrypt every key file under ENTRAIDE_KEY_PASSPHRASE(_FILE) (Argon2id, secretbox)."""
+    from app.cli import _fail
+
+    settings = get_settings()
+    try:
+        passphrase = key_passphrase(settings)
+        if passphrase is None:
+            raise KeyFileError("set ENTRAIDE_KEY_PASSPHRASE or ENTRAIDE_KEY_PASSPHRASE_FILE first")
+        count = protect_keys(settings.keys_dir, passphrase=passphrase, current=passphrase)
+    except (KeyFileError, OSError) as exc:
+        raise _fail(str(exc)) from exc
+    typer.echo(f"{count} key files are protected by the passphrase")
+
+
+def peers_refresh(authority: Annotated[str, typer.Argument(help="The peer, e.g. AR/MPF")]) -> None:
+    """Fetch a peer's identity document now and follow a signed key rotation from its pin."""
+    from app.cli import _fail, _node, _operator
+    from app.peers.keys import refresh_peer_keys
+
+    node = _node(get_settings())
+    try:
+        peer = refresh_peer_keys(node, authority, actor=_operator(), force=True)
+        if peer is None:
+            raise _fail(
+                f"could not refresh {authority}: unknown, unreachable, or its new keys are "
+                "not signed by a chain from the pinned key (see the audit log)"
+            )
+        typer.echo(f"{peer.authority_id}\t{format_fingerprint(peer.fingerprint)}")
+    finally:
+        node.close()
+
+
+def peers_pin_cert(
+    authority: Annotated[str, typer.Argument(help="The peer, e.g. AR/MPF")],
+    cert: Annotated[Path | None, typer.Option(help="The peer's client certificate (PEM)")] = None,
+    sha256: Annotated[str | None, typer.Option(help="Or its SHA-256, read out of band")] = None,
+) -> None:
+    """Pin the TLS client certificate a peer presents on our P2P API (mutual TLS)."""
+    from app.cli import _fail, _node, _operator
+
+    if (cert is None) == (sha256 is None):
+        raise _fail("give --cert or --sha256")
+    try:
+        pin = pin_of_certificate_file(cert) if cert else normalise_cert_pin(sha256 or "")
+    except (OSError, ValueError) as exc:
+        raise _fail(str(exc)) from exc
+    node = _node(get_settings())
+    try:
+        with unit_of_work(node.sessions) as session:
+            peer = session.scalar(select(Peer).where(Peer.authority_id == authority))
+            if peer is None:
+                raise _fail(f"{authority} is not a pinned peer")
+            peer.tls_client_cert_sha256 = pin
+            peer.updated_at = utc_now()
+            record(
+                session,
+                actor=_operator(),
+                action="peer.changed",
+                peer=authority,
+                details={"tls_client_cert_sha256": pin},
+            )
+    finally:
+        node.close()
+    typer.echo(f"pinned the client certificate {pin} for {authority}")
+
+
+def register(keys_app: typer.Typer, peers_app: typer.Typer) -> None:
+    keys_app.command("rotate")(keys_rotate)
+    keys_app.command("protect")(keys_protect)
+    peers_app.command("refresh")(peers_refresh)
+    peers_app.command("pin-cert")(peers_pin_cert)

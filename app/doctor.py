@@ -1,0 +1,366 @@
+"""`entraide doctor`: what is wrong with this node, in plain words, and what to do about it.
+
+Every check runs even when an earlier one failed (a broken key does not hide a pending
+migration), and each finding says what was found and the command that fixes it. Nothing here
+changes the node; peers are only asked for their public identity document.
+"""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+
+import httpx
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Engine, func, select
+from sqlalchemy.engine import make_url
+
+from app.config import Settings
+from app.crypto.encoding import utc_now
+from app.crypto.identity import IdentityError, parse_identity_document
+from app.crypto.keys import IDENTITY_FILE, KEY_FILES, load_identity
+from app.db import make_engine
+from app.errors import PeerError
+from app.models import OutboxItem, Peer, WitnessAlarm
+from app.node import load_node
+from app.obs.health import expected_heads
+from app.obs.metrics import key_dates
+from app.peers.client import IDENTITY_PATH, make_http_client, read_json_bounded
+
+OK, WARN, FAIL = "ok", "warn", "FAIL"
+KEY_ROTATE_AFTER = timedelta(days=365)
+KEY_EXPIRY_WARNING = timedelta(days=30)
+STUCK_AFTER = timedelta(hours=1)
+PEER_TIMEOUT_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str
+    area: str
+    message: str
+
+
+def clock_verdict(skew_seconds: float, tolerance_seconds: float) -> str:
+    """Past the tolerance, envelopes are refused; past a quarter of it, time to fix NTP."""
+    if abs(skew_seconds) > tolerance_seconds:
+        return FAIL
+    if abs(skew_seconds) > tolerance_seconds / 4:
+        return WARN
+    return OK
+
+
+def skew_from_date_header(date_header: str | None, sent: datetime, received: datetime) -> float:
+    """The peer's clock minus ours, from its HTTP Date (whole seconds: ±1 s of noise)."""
+    if not date_header:
+        raise ValueError("no Date header")
+    theirs = parsedate_to_datetime(date_header)
+    ours = sent + (received - sent) / 2
+    return (theirs - ours).total_seconds()
+
+
+def _mode_problem(path: Path, *, directory: bool = False) -> str | None:
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        fix = "700" if directory else "600"
+        return (
+            f"{path} can be read or changed by other users (mode {mode:04o}); "
+            f"run: chmod {fix} {path}"
+        )
+    return None
+
+
+def check_configuration(settings: Settings) -> Iterator[Finding]:
+    scheme = settings.database_url.split(":", 1)[0]
+    if not scheme.startswith(("sqlite", "postgresql")):
+        yield Finding(
+            FAIL,
+            "configuration",
+            f"ENTRAIDE_DATABASE_URL uses {scheme!r}: "
+            "use sqlite:///FILE or postgresql+psycopg://...",
+        )
+    public_url = settings.public_url
+    try:
+        identity = load_identity(settings.keys_dir)
+        public_url = public_url or identity.public_url
+        if settings.authority_id and settings.authority_id != identity.authority_id:
+            yield Finding(
+                FAIL,
+                "configuration",
+                f"ENTRAIDE_AUTHORITY_ID is {settings.authority_id} but the keys belong to "
+                f"{identity.authority_id}: fix the variable or point ENTRAIDE_KEYS_DIR elsewhere",
+            )
+    except Exception:  # noqa: S110  # reported by check_keys, in its own words
+        pass
+    if public_url and public_url.startswith("http://"):
+        level = WARN if settings.allow_insecure_http else FAIL
+        yield Finding(
+            level,
+            "configuration",
+            f"the public URL {public_url} is plain HTTP: peers need HTTPS (put the node "
+            "behind a TLS proxy or configure ENTRAIDE_TLS_CERT, then set ENTRAIDE_PUBLIC_URL)",
+        )
+    if settings.allow_insecure_http:
+        yield Finding(
+            WARN,
+            "configuration",
+            "ENTRAIDE_ALLOW_INSECURE_HTTP is on: only for development and tests",
+        )
+    if not settings.run_worker:
+        yield Finding(
+            OK,
+            "configuration",
+            "no delivery worker inside `serve` (ENTRAIDE_RUN_WORKER=false): keep at least one "
+            "`entraide worker` running",
+        )
+    yield Finding(OK, "configuration", "settings are valid")
+
+
+def check_keys(settings: Settings) -> Iterator[Finding]:
+    keys_dir = settings.keys_dir
+    if not keys_dir.is_dir():
+        yield Finding(
+            FAIL,
+            "keys",
+            f"{keys_dir} does not exist: run `entraide init` (a new node) or "
+            "`entraide restore` (from a backup), or set ENTRAIDE_KEYS_DIR",
+        )
+        return
+    problems = 0
+    if (problem := _mode_problem(keys_dir, directory=True)) is not None:
+        problems += 1
+        yield Finding(FAIL, "keys", problem)
+    for purpose, name in KEY_FILES.items():
+        path = keys_dir / name
+        if not path.exists():
+            problems += 1
+            yield Finding(FAIL, "keys", f"the {purpose} key {path} is missing")
+        elif (problem := _mode_problem(path)) is not None:
+            problems += 1
+            yield Finding(FAIL, "keys", problem)
+    if not (keys_dir / IDENTITY_FILE).exists():
+        problems += 1
+        yield Finding(FAIL, "keys", f"{keys_dir / IDENTITY_FILE} (the node's identity) is missing")
+    if problems:
+        return
+    try:
+        node = load_node(settings)
+    except Exception as exc:  # any failure to load is the finding itself
+        yield Finding(FAIL, "keys", f"the keys do not load: {exc}")
+        return
+    node.close()
+    now = utc_now()
+    for purpose, (created, expires) in key_dates(keys_dir).items():
+        if expires is not None and expires <= now:
+            yield Finding(
+                FAIL,
+                "keys",
+                f"the {purpose} key expired on {expires:%Y-%m-%d}: run `entraide keys rotate`",
+            )
+        elif expires is not None and expires - now <= KEY_EXPIRY_WARNING:
+            yield Finding(
+                WARN,
+                "keys",
+                f"the {purpose} key expires on {expires:%Y-%m-%d}: plan `entraide keys rotate`",
+            )
+        elif created is not None and now - created >= KEY_ROTATE_AFTER:
+            yield Finding(
+                WARN,
+                "keys",
+                f"the {purpose} key is {(now - created).days} days old: "
+                "consider `entraide keys rotate`",
+            )
+    yield Finding(
+        OK, "keys", f"keys load, {node.authority_id}, fingerprint {node.keys.fingerprint[:16]}…"
+    )
+
+
+def _redacted(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # a URL SQLAlchemy cannot parse is reported elsewhere
+        return "(unparseable URL)"
+
+
+def check_database(settings: Settings, engine: Engine) -> Iterator[Finding]:
+    """Reachable and current; then the state a busy operator should know about."""
+    try:
+        with engine.connect() as connection:
+            current = set(MigrationContext.configure(connection).get_current_heads())
+    except Exception as exc:  # any driver failure: unreachable, wrong credentials, no file
+        yield Finding(
+            FAIL,
+            "database",
+            f"cannot reach {_redacted(settings.database_url)} "
+            f"({type(exc).__name__}): is it running, and is the URL right?",
+        )
+        return
+    heads = set(expected_heads(settings.database_url))
+    if not current:
+        yield Finding(FAIL, "database", "the database has no schema: run `entraide migrate`")
+        return
+    if current != heads:
+        yield Finding(
+            FAIL,
+            "database",
+            f"migrations pending: the database is at {', '.join(sorted(current))}, this "
+            f"version needs {', '.join(sorted(heads))}: back up, then run `entraide migrate`",
+        )
+        return
+    yield Finding(OK, "database", f"reachable ({engine.dialect.name}), schema current")
+    now = utc_now()
+    with engine.connect() as connection:
+        failed = connection.scalar(
+            select(func.count()).select_from(OutboxItem).where(OutboxItem.state == "failed")
+        )
+        oldest = connection.scalar(
+            select(func.min(OutboxItem.created_at)).where(
+                OutboxItem.state.in_(("queued", "in_flight", "retry"))
+            )
+        )
+        alarms = list(connection.execute(select(WitnessAlarm.peer_authority).distinct()))
+    if failed:
+        yield Finding(
+            WARN,
+            "deliveries",
+            f"{failed} deliveries failed for good: see `entraide deliveries list --state failed`",
+        )
+    if oldest is not None and now - oldest > STUCK_AFTER:
+        hours = (now - oldest).total_seconds() / 3600
+        yield Finding(
+            WARN,
+            "deliveries",
+            f"a message has waited {hours:.1f} h for delivery: "
+            "see `entraide deliveries list --stuck-minutes 60`",
+        )
+    for (peer,) in alarms:
+        yield Finding(
+            FAIL,
+            "audit",
+            f"{peer} showed two different histories of its audit log "
+            "(a witness alarm): tell its operator and your security officer",
+        )
+
+
+def check_peers(settings: Settings, engine: Engine, http: httpx.Client) -> Iterator[Finding]:
+    try:
+        with engine.connect() as connection:
+            peers = list(
+                connection.execute(
+                    select(
+                        Peer.authority_id,
+                        Peer.public_url,
+                        Peer.fingerprint,
+                        Peer.encryption_kid,
+                        Peer.log_kid,
+                    ).order_by(Peer.authority_id)
+                )
+            )
+    except Exception:  # the database findings already say why
+        return
+    if not peers:
+        yield Finding(
+            WARN, "peers", "no peer is pinned yet: `entraide peers add URL --fingerprint ...`"
+        )
+        return
+    for authority, url, fingerprint, encryption_kid, log_kid in peers:
+        yield from _check_peer(settings, http, authority, url, fingerprint, encryption_kid, log_kid)
+
+
+def _check_peer(
+    settings: Settings,
+    http: httpx.Client,
+    authority: str,
+    url: str,
+    fingerprint: str,
+    encryption_kid: str,
+    log_kid: str,
+) -> Iterator[Finding]:
+    area = f"peer {authority}"
+    if url.startswith("http://") and not settings.allow_insecure_http:
+        yield Finding(
+            FAIL,
+            area,
+            f"pinned at plain-HTTP {url}: the worker will not deliver "
+            "there; re-pin it at its HTTPS URL",
+        )
+    sent = utc_now()
+    try:
+        with http.stream("GET", url + IDENTITY_PATH) as response:
+            status, date_header = response.status_code, response.headers.get("date")
+            document = read_json_bounded(response) if status == 200 else None
+    except httpx.HTTPError as exc:
+        yield Finding(
+            FAIL,
+            area,
+            f"unreachable at {url} ({type(exc).__name__}): deliveries "
+            "to it wait; check the network, its firewall and that its node runs",
+        )
+        return
+    except PeerError as exc:
+        yield Finding(FAIL, area, f"{url} serves no valid identity document: {exc.detail}")
+        return
+    received = utc_now()
+    if status != 200:
+        yield Finding(FAIL, area, f"{url} answered HTTP {status} for its identity document")
+        return
+    try:
+        identity = parse_identity_document(document)
+    except IdentityError as exc:
+        yield Finding(FAIL, area, f"{url} serves no valid identity document: {exc}")
+        return
+    if identity.authority_id != authority:
+        yield Finding(
+            FAIL,
+            area,
+            f"{url} now says it is {identity.authority_id}: "
+            "check with its operator before anything else",
+        )
+    elif identity.fingerprint != fingerprint:
+        yield Finding(
+            FAIL,
+            area,
+            "presents a signing key other than the pinned one: if its operator rotated its "
+            f"keys, `entraide peers refresh {authority}` follows the signed rotation; if that "
+            "fails, treat it as an impersonation and check the fingerprint out of band",
+        )
+    elif identity.encryption.kid != encryption_kid or identity.log.kid != log_kid:
+        yield Finding(
+            WARN,
+            area,
+            "has published new keys; the pinned ones are out of date: "
+            f"`entraide peers refresh {authority}`",
+        )
+    else:
+        yield Finding(OK, area, f"reachable at {url}, keys current")
+    try:
+        skew = skew_from_date_header(date_header, sent, received)
+    except (TypeError, ValueError):
+        yield Finding(WARN, area, "sent no usable Date header: clock skew unknown")
+        return
+    verdict = clock_verdict(skew, settings.clock_skew_seconds)
+    if verdict != OK:
+        whose = "ahead of" if skew > 0 else "behind"
+        yield Finding(
+            verdict,
+            f"clock vs {authority}",
+            f"its clock is {abs(skew):.0f} s {whose} ours (envelopes are refused beyond "
+            f"{settings.clock_skew_seconds} s): check NTP on both nodes",
+        )
+
+
+def diagnose(settings: Settings) -> list[Finding]:
+    findings = [*check_configuration(settings), *check_keys(settings)]
+    engine = make_engine(settings.database_url)
+    try:
+        findings += check_database(settings, engine)
+        timeout = min(settings.peer_timeout_seconds, PEER_TIMEOUT_SECONDS)
+        with make_http_client(timeout) as http:
+            findings += check_peers(settings, engine, http)
+    finally:
+        engine.dispose()
+    return findings

@@ -1,0 +1,1 @@
+"""Electronic evidence of any size: blob store outside the database, streamed part encryption."""

@@ -1,0 +1,222 @@
+"""Sealed parts live here, outside the database, named by the SHA-256 of their ciphertext.
+
+A blob is written through an *upload*: a staging object that can be appended to, made
+durable (`sync`), cut back to a durable boundary after a crash (`truncate`), and finally
+published under its content address (`finalise`, atomic). Readers only ever see finished
+blobs. `BlobStore` is the interface an S3-compatible store would implement (multipart upload
+for the staging object, a conditional copy for `finalise`); `DirectoryBlobStore` is the
+default, a directory on the node's disk:
+
+    ROOT/uploads/<upload id>            staging, append-only
+    ROOT/blobs/<aa>/<bb>/<sha256 hex>   finished, read-only, never rewritten
+
+Only ciphertext is ever written: the store sees nothing a database copy would not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
+UPLOAD_ID = re.compile(r"[0-9A-Za-z_-]{8,128}")
+READ_BYTES = 1 << 20
+
+
+class BlobError(Exception):
+    """An unknown blob or upload, or a name that is not one."""
+
+
+class UploadBusy(BlobError):
+    """Another request (in this process or another) is writing this upload now."""
+
+
+class Upload(Protocol):
+    """An unfinished blob. Appends are durable only after `sync` returns."""
+
+    upload_id: str
+
+    def size(self) -> int: ...
+    def write(self, data: bytes) -> None: ...
+    def sync(self) -> None: ...
+    def truncate(self, size: int) -> None: ...
+    def read_chunks(self, chunk_bytes: int) -> Iterator[bytes]: ...
+    def close(self) -> None: ...
+
+
+class BlobStore(Protocol):
+    def upload(self, upload_id: str) -> Upload:
+        """Open the staging object `upload_id`, creating it empty if it does not exist."""
+
+    def upload_exists(self, upload_id: str) -> bool: ...
+    def discard_upload(self, upload_id: str) -> None: ...
+    def finalise(self, upload: Upload, digest: str) -> None:
+        """Publish the upload as blob `digest` (its ciphertext SHA-256), atomically."""
+
+    def exists(self, digest: str) -> bool: ...
+    def size(self, digest: str) -> int: ...
+    def open(self, digest: str) -> BinaryIO: ...
+    def delete(self, digest: str) -> None: ...
+
+
+def _check_digest(digest: str) -> str:
+    if not HEX_DIGEST.fullmatch(digest):
+        raise BlobError(f"not a SHA-256 hex digest: {digest!r}")
+    return digest
+
+
+def _check_upload_id(upload_id: str) -> str:
+    if not UPLOAD_ID.fullmatch(upload_id):
+        raise BlobError(f"not an upload id: {upload_id!r}")
+    return upload_id
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class DirectoryUpload:
+    def __init__(self, path: Path, upload_id: str) -> None:
+        self.upload_id = upload_id
+        self.path = path
+        # Binary append mode, unbuffered: every write goes straight to the kernel, so the
+        # process never holds more than the caller's chunk.
+        self._file: BinaryIO = open(path, "a+b", buffering=0)
+        # One writer at a time, across processes: two interleaved appends would corrupt it.
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            self._file.close()
+            raise UploadBusy(f"upload {upload_id} is being written") from exc
+
+    def size(self) -> int:
+        return os.fstat(self._file.fileno()).st_size
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            written = self._file.write(view)
+            if written is None:  # pragma: no cover - only for non-blocking files
+                raise BlobError("short write")
+            view = view[written:]
+
+    def sync(self) -> None:
+        os.fsync(self._file.fileno())
+
+    def truncate(self, size: int) -> None:
+        self._file.truncate(size)
+        os.fsync(self._file.fileno())
+
+    def read_chunks(self, chunk_bytes: int) -> Iterator[bytes]:
+        with open(self.path, "rb") as reader:
+            while chunk := reader.read(chunk_bytes):
+                yield chunk
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> DirectoryUpload:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class DirectoryBlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.uploads = root / "uploads"
+        self.blobs = root / "blobs"
+        self.uploads.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.blobs.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def _blob_path(self, digest: str) -> Path:
+        _check_digest(digest)
+        return self.blobs / digest[:2] / digest[2:4] / digest
+
+    def upload(self, upload_id: str) -> DirectoryUpload:
+        return DirectoryUpload(self.uploads / _check_upload_id(upload_id), upload_id)
+
+    def upload_exists(self, upload_id: str) -> bool:
+        return (self.uploads / _check_upload_id(upload_id)).exists()
+
+    def discard_upload(self, upload_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.uploads / _check_upload_id(upload_id)).unlink()
+
+    def finalise(self, upload: Upload, digest: str) -> None:
+        if not isinstance(upload, DirectoryUpload):
+            raise BlobError("an upload from another store")
+        target = self._blob_path(digest)
+        upload.sync()
+        upload.close()
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Same file system, so rename is atomic: a reader sees the whole blob or none. If
+        # the same ciphertext is already stored, the rename replaces it with equal bytes.
+        os.replace(upload.path, target)
+        _fsync_dir(target.parent)
+        _fsync_dir(self.uploads)
+
+    def exists(self, digest: str) -> bool:
+        return self._blob_path(digest).is_file()
+
+    def size(self, digest: str) -> int:
+        try:
+            return self._blob_path(digest).stat().st_size
+        except FileNotFoundError as exc:
+            raise BlobError(f"no blob {digest}") from exc
+
+    def open(self, digest: str) -> BinaryIO:
+        try:
+            return open(self._blob_path(digest), "rb")
+        except FileNotFoundError as exc:
+            raise BlobError(f"no blob {digest}") from exc
+
+    def delete(self, digest: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._blob_path(digest).unlink()
+
+    def iter_blobs(self) -> Iterator[tuple[str, float]]:
+        for path in self.blobs.glob("*/*/*"):
+            if HEX_DIGEST.fullmatch(path.name):
+                yield path.name, path.stat().st_mtime
+
+    def cleanup(
+        self,
+        *,
+        is_referenced: Callable[[str], bool],
+        upload_is_live: Callable[[str], bool],
+        older_than_seconds: float,
+        now: float | None = None,
+    ) -> tuple[int, int]:
+        """Remove abandoned uploads and unreferenced blobs, both older than the grace period.
+
+        The grace period keeps a blob that was just finalised, and whose row is not yet
+        committed, from being collected. Returns (uploads removed, blobs removed).
+        """
+        cutoff = (time.time() if now is None else now) - older_than_seconds
+        uploads = blobs = 0
+        for path in list(self.uploads.iterdir()):
+            if path.stat().st_mtime < cutoff and not upload_is_live(path.name):
+                path.unlink(missing_ok=True)
+                uploads += 1
+        for digest, mtime in list(self.iter_blobs()):
+            if mtime < cutoff and not is_referenced(digest):
+                self.delete(digest)
+                blobs += 1
+        return uploads, blobs
+
+
+def blob_root(blob_dir: Path | None, keys_dir: Path) -> Path:
+    """ENTRAIDE_BLOB_DIR, or `blobs` next to the node's keys directory."""
+    return blob_dir if blob_dir is not None else keys_dir.resolve().parent / "blobs"

@@ -1,0 +1,465 @@
+"""Drafts with large evidence: declare, upload (streamed, resumable), then submit.
+
+Creating a draft fixes what sealing needs before any byte arrives: the message id, the content
+key `K` (stored sealed to this node's own encryption key, as envelopes are) and each
+attachment's stream header. Each attachment is then encrypted as it is uploaded
+(`app.evidence.stream.PartWriter`) into the blob store; submission seals the header and the
+manifest and queues the envelope, with its case, outbox row and audit entries, in the caller's
+unit of work. Plaintext is never written anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from nacl.encoding import RawEncoder
+from nacl.exceptions import CryptoError
+from nacl.hash import blake2b
+from nacl.public import SealedBox
+from nacl.secret import SecretBox
+from nacl.utils import random as random_bytes
+from sqlalchemy import event, select
+from sqlalchemy.orm import Session
+
+from app.audit.log import record
+from app.auth.service import Principal
+from app.crypto.encoding import canonical_json, utc_now
+from app.crypto.envelope import (
+    CHUNK_BYTES,
+    KEY_BYTES,
+    MSG_ID_BYTES,
+    STREAM_HEADER_BYTES,
+    Recipient,
+    part_ad,
+    part_key,
+)
+from app.delivery.retry import delivery_deadline
+from app.domain.document import RequestDocument
+from app.errors import BadRequest, Conflict, EntraideError, NotFound, PayloadTooLarge
+from app.evidence import schemas
+from app.evidence.blobstore import DirectoryBlobStore
+from app.evidence.seal import StreamedAttachment, seal_streamed
+from app.evidence.stream import CIPHER_CHUNK, FinishedPart, PartWriter, chunk_count
+from app.models import BlobPart, CaseFile, EvidenceDraft, EvidenceUpload, Message, OutboxItem, Part
+from app.node import Node
+from app.obs.logs import current_request_id
+from app.peers.service import get_peer
+from app.requests import conversation
+from app.requests.status import QUEUED
+
+OPEN = "open"
+SUBMITTED = "submitted"
+PERSON_DRAFT = b"entraide:draft:1"
+IDLE_WRITER_SECONDS = 300.0
+
+
+class DraftCorrupt(EntraideError):
+    """A stored draft no longer opens with this node's keys: storage was altered."""
+
+    status_code = 500
+    code = "stored_envelope_corrupt"
+
+
+def actor_of(principal: Principal) -> str:
+    return f"client:{principal.name}"
+
+
+def _draft_key(content_key: bytes, msg_id: bytes) -> bytes:
+    return bytes(
+        blake2b(msg_id, digest_size=32, key=content_key, person=PERSON_DRAFT, encoder=RawEncoder)
+    )
+
+
+def upload_id(draft_id: str, index: int) -> str:
+    return f"out-{draft_id}-{index}"
+
+
+def _href(draft_id: str, index: int) -> str:
+    return f"/api/v1/evidence/drafts/{draft_id}/attachments/{index}"
+
+
+def staged_offset(store: DirectoryBlobStore, row: EvidenceUpload) -> int:
+    """The durable offset without decrypting anything: whole stored chunks, never the last."""
+    if row.digest is not None:
+        return row.size
+    path = store.uploads / upload_id(row.draft_id, row.part_index)
+    try:
+        stored = path.stat().st_size
+    except FileNotFoundError:
+        return 0
+    return min(stored // CIPHER_CHUNK, chunk_count(row.size) - 1) * CHUNK_BYTES
+
+
+# --- creating -----------------------------------------------------------------------------
+
+
+def create_draft(
+    session: Session, node: Node, *, body: schemas.CreateDraft, principal: Principal
+) -> EvidenceDraft:
+    settings = node.settings
+    document = body.document
+    if document.requesting_authority != node.authority_id:
+        raise BadRequest(
+            f"document.requesting_authority must be this node's authority, {node.authority_id}",
+            code="wrong_requesting_authority",
+        )
+    if document.requested_authority != body.to:
+        raise BadRequest("document.requested_authority must equal 'to'", code="recipient_mismatch")
+    if len(body.attachments) > settings.max_evidence_attachments:
+        raise PayloadTooLarge(f"more than {settings.max_evidence_attachments} attachments")
+    for item in body.attachments:
+        if item.size > settings.max_evidence_attachment_bytes:
+            raise PayloadTooLarge(
+                f"attachment {item.name!r} exceeds {settings.max_evidence_attachment_bytes} bytes"
+            )
+    if sum(item.size for item in body.attachments) > settings.max_evidence_request_bytes:
+        raise PayloadTooLarge(f"attachments exceed {settings.max_evidence_request_bytes} bytes")
+    get_peer(session, body.to)
+    msg_id = bytes(random_bytes(MSG_ID_BYTES))
+    content_key = bytes(random_bytes(KEY_BYTES))
+    sealed = canonical_json(
+        {
+            "document": document.model_dump(mode="json"),
+            "attachments": [
+                {"name": item.name, "media_type": item.media_type} for item in body.attachments
+            ],
+        }
+    )
+    now = utc_now()
+    draft = EvidenceDraft(
+        id=msg_id.hex(),
+        peer_authority=body.to,
+        created_by=principal.name,
+        state=OPEN,
+        key_kid=node.keys.encryption_kid,
+        key_wrap=bytes(SealedBox(node.keys.encryption.public_key).encrypt(content_key)),
+        sealed_content=bytes(SecretBox(_draft_key(content_key, msg_id)).encrypt(sealed)),
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(draft)
+    session.flush()
+    session.add_all(
+        EvidenceUpload(
+            draft_id=draft.id,
+            part_index=index,
+            size=item.size,
+            stream_header=bytes(random_bytes(STREAM_HEADER_BYTES)),
+        )
+        for index, item in enumerate(body.attachments, 1)
+    )
+    record(
+        session,
+        actor=actor_of(principal),
+        action="evidence.draft_created",
+        msg_id=draft.id,
+        peer=body.to,
+        details={
+            "attachments": len(body.attachments),
+            "bytes": sum(item.size for item in body.attachments),
+        },
+    )
+    session.flush()
+    return draft
+
+
+def get_draft(
+    session: Session, draft_id: str, principal: Principal, *, lock: bool = False
+) -> EvidenceDraft:
+    draft = session.get(EvidenceDraft, draft_id, with_for_update=lock)
+    # Drafts are their author's until submitted: another officer sees no such draft.
+    if draft is None or draft.created_by != principal.name:
+        raise NotFound("no such draft", code="unknown_draft")
+    return draft
+
+
+def _uploads(session: Session, draft: EvidenceDraft) -> list[EvidenceUpload]:
+    return list(
+        session.scalars(
+            select(EvidenceUpload)
+            .where(EvidenceUpload.draft_id == draft.id)
+            .order_by(EvidenceUpload.part_index)
+        )
+    )
+
+
+def _content_key(node: Node, draft: EvidenceDraft) -> bytes:
+    private = node.keys.encryption_key_for(draft.key_kid)
+    if private is None:
+        raise DraftCorrupt("the draft's key was sealed to a key this node no longer has")
+    try:
+        return bytes(SealedBox(private).decrypt(draft.key_wrap))
+    except CryptoError as exc:
+        raise DraftCorrupt("the draft's content key does not open") from exc
+
+
+def _opened_content(node: Node, draft: EvidenceDraft) -> tuple[bytes, dict[str, Any]]:
+    content_key = _content_key(node, draft)
+    try:
+        plain = SecretBox(_draft_key(content_key, bytes.fromhex(draft.id))).decrypt(
+            draft.sealed_content
+        )
+    except CryptoError as exc:
+        raise DraftCorrupt("the draft's content does not open") from exc
+    content: dict[str, Any] = json.loads(plain)
+    return content_key, content
+
+
+def draft_view(
+    session: Session, node: Node, store: DirectoryBlobStore, draft: EvidenceDraft
+) -> schemas.DraftView:
+    _, content = _opened_content(node, draft)
+    return schemas.DraftView(
+        id=draft.id,
+        to=draft.peer_authority,
+        state=draft.state,
+        attachments=[
+            schemas.UploadView(
+                index=row.part_index,
+                name=content["attachments"][row.part_index - 1]["name"],
+                size=row.size,
+                offset=staged_offset(store, row),
+                complete=row.digest is not None,
+                href=_href(draft.id, row.part_index),
+            )
+            for row in _uploads(session, draft)
+        ],
+    )
+
+
+# --- uploading ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UploadTarget:
+    draft_id: str
+    index: int
+    size: int
+    upload_id: str
+    key: bytes
+    ad: bytes
+    stream_header: bytes
+    complete: bool
+
+
+def upload_target(
+    session: Session, node: Node, *, draft_id: str, index: int, principal: Principal
+) -> tuple[UploadTarget, EvidenceUpload]:
+    draft = get_draft(session, draft_id, principal)
+    row = session.scalar(
+        select(EvidenceUpload).where(
+            EvidenceUpload.draft_id == draft.id, EvidenceUpload.part_index == index
+        )
+    )
+    if row is None:
+        raise NotFound("no such attachment in this draft", code="unknown_attachment")
+    msg_id = bytes.fromhex(draft.id)
+    content_key = _content_key(node, draft)
+    target = UploadTarget(
+        draft_id=draft.id,
+        index=index,
+        size=row.size,
+        upload_id=upload_id(draft.id, index),
+        key=part_key(content_key, msg_id, index),
+        ad=part_ad(msg_id, index),
+        stream_header=row.stream_header,
+        complete=row.digest is not None or draft.state != OPEN,
+    )
+    return target, row
+
+
+class WriterCache:
+    """Writers kept between a client's successive PATCH requests in this process, so that
+    only a restart (or a long pause) costs a rebuild from the stored chunks."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._writers: dict[str, tuple[PartWriter, float]] = {}
+
+    def take(self, store: DirectoryBlobStore, target: UploadTarget) -> PartWriter:
+        now = time.monotonic()
+        with self._lock:
+            for name, (idle, since) in list(self._writers.items()):
+                if now - since > IDLE_WRITER_SECONDS:
+                    idle.close()
+                    del self._writers[name]
+            cached = self._writers.pop(target.upload_id, None)
+        if cached is not None:
+            return cached[0]
+        return PartWriter.open(
+            store,
+            target.upload_id,
+            key=target.key,
+            ad=target.ad,
+            stream_header=target.stream_header,
+            size=target.size,
+        )
+
+    def put_back(self, upload: str, writer: PartWriter) -> None:
+        writer.drop_pending()
+        with self._lock:
+            self._writers[upload] = (writer, time.monotonic())
+
+    def close(self) -> None:
+        with self._lock:
+            for writer, _ in self._writers.values():
+                writer.close()
+            self._writers.clear()
+
+
+def record_uploaded(
+    session: Session, *, target: UploadTarget, part: FinishedPart, principal: Principal
+) -> None:
+    row = session.scalar(
+        select(EvidenceUpload).where(
+            EvidenceUpload.draft_id == target.draft_id,
+            EvidenceUpload.part_index == target.index,
+        )
+    )
+    if row is None:  # pragma: no cover - the row was read before the upload began
+        raise NotFound("no such attachment in this draft", code="unknown_attachment")
+    row.digest = part.digest
+    row.length = part.length
+    row.plaintext_sha256 = part.plaintext_sha256
+    record(
+        session,
+        actor=actor_of(principal),
+        action="evidence.uploaded",
+        msg_id=target.draft_id,
+        details={"index": target.index, "size": part.plaintext_size, "sha256": part.digest},
+    )
+
+
+# --- submitting ---------------------------------------------------------------------------
+
+
+def submit_draft(
+    session: Session,
+    node: Node,
+    store: DirectoryBlobStore,
+    *,
+    draft_id: str,
+    principal: Principal,
+) -> tuple[CaseFile, Message]:
+    draft = get_draft(session, draft_id, principal, lock=True)
+    if draft.state != OPEN:
+        raise Conflict("this draft was already submitted", code="draft_submitted")
+    uploads = _uploads(session, draft)
+    missing = [
+        row.part_index for row in uploads if row.digest is None or not store.exists(row.digest)
+    ]
+    if missing:
+        raise Conflict(f"attachments {missing} are not completely uploaded", code="incomplete")
+    content_key, content = _opened_content(node, draft)
+    peer = get_peer(session, draft.peer_authority)
+    msg_id = bytes.fromhex(draft.id)
+    now = utc_now()
+    head = seal_streamed(
+        sender_keys=node.keys,
+        sender_authority=node.authority_id,
+        recipient=Recipient(peer.authority_id, peer.encryption_key),
+        msg_id=msg_id,
+        content_key=content_key,
+        content={"kind": "request", "document": content["document"]},
+        attachments=[
+            StreamedAttachment(
+                name=content["attachments"][row.part_index - 1]["name"],
+                media_type=content["attachments"][row.part_index - 1]["media_type"],
+                stream_header=row.stream_header,
+                part=FinishedPart(
+                    digest=str(row.digest),
+                    length=int(row.length or 0),
+                    plaintext_sha256=str(row.plaintext_sha256),
+                    plaintext_size=row.size,
+                ),
+            )
+            for row in uploads
+        ],
+        conversation_id=None,
+        in_reply_to=None,
+        created_at=now,
+        ttl=timedelta(seconds=node.settings.envelope_ttl_seconds),
+        manifest_stream_header=None,
+    )
+    document = RequestDocument.model_validate(content["document"])
+    case = CaseFile(
+        id=draft.id,
+        direction="outbound",
+        peer_authority=peer.authority_id,
+        status=QUEUED,
+        urgency=document.urgency.level.value,
+        created_at=now,
+        updated_at=now,
+    )
+    conversation.set_deadlines(case, node.settings, document, now=now)
+    session.add(case)
+    session.flush()
+    actor = actor_of(principal)
+    record(
+        session,
+        actor=actor,
+        action="request.submitted",
+        request_id=case.id,
+        msg_id=draft.id,
+        peer=peer.authority_id,
+        details={"attachments": len(uploads), "urgency": case.urgency, "streamed": True},
+    )
+    size = len(head.header) + len(head.manifest_part) + sum(int(r.length or 0) for r in uploads)
+    message = Message(
+        msg_id=draft.id,
+        request_id=case.id,
+        direction="outbound",
+        sender_authority=node.authority_id,
+        recipient_authority=peer.authority_id,
+        in_reply_to=None,
+        created_at=now,
+        expires_at=now + timedelta(seconds=node.settings.envelope_ttl_seconds),
+        received_at=None,
+        header=head.header,
+        signature=head.signature,
+        envelope_hash=head.envelope_hash,
+        size_bytes=size,
+    )
+    session.add(message)
+    session.flush()
+    session.add(Part(message_id=message.id, part_index=0, ciphertext=head.manifest_part))
+    session.add_all(
+        BlobPart(
+            message_id=message.id,
+            part_index=row.part_index,
+            digest=str(row.digest),
+            length=int(row.length or 0),
+        )
+        for row in uploads
+    )
+    session.add(
+        OutboxItem(
+            message_id=message.id,
+            peer_authority=peer.authority_id,
+            state="queued",
+            attempts=0,
+            next_attempt_at=now,
+            created_at=now,
+            updated_at=now,
+            expires_at=delivery_deadline(now, case.urgency, message.expires_at),
+            trace_id=current_request_id(),
+        )
+    )
+    record(
+        session,
+        actor=actor,
+        action="envelope.sealed",
+        request_id=case.id,
+        msg_id=draft.id,
+        peer=peer.authority_id,
+        details={"envelope_hash": head.envelope_hash, "size": size},
+    )
+    draft.state = SUBMITTED
+    draft.updated_at = now
+    event.listen(session, "after_commit", lambda _session: node.outbox_signal.set(), once=True)
+    return case, message

@@ -1,0 +1,366 @@
+"""Receiving an envelope whose large parts are streamed (docs/protocol.md section 8.5).
+
+The peer first announces the envelope: header, signature and part 0 (the manifest), checked
+as section 9 says up to the manifest (steps 1 to 30, with only part 0's bytes at hand: each
+attachment's ciphertext length must be the one its manifest size implies). Then each part
+arrives, in order, by offset: each whole chunk is authenticated before it is stored, and the
+part's length, ciphertext SHA-256 and plaintext SHA-256 are checked at its end. When the last
+part checks out, the remaining steps (31 on) run and the signed receipt is issued, in one
+transaction with the stored message. Nothing but checked ciphertext is ever stored.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.audit.log import record
+from app.crypto import envelope as env
+from app.crypto.encoding import (
+    DecodeError,
+    canonical_json,
+    load_canonical_object,
+    sha256_hex,
+    utc_now,
+)
+from app.crypto.receipts import SignedReceipt
+from app.errors import EnvelopeRefused
+from app.evidence.blobstore import DirectoryBlobStore
+from app.evidence.stream import CIPHER_CHUNK, PartReceiver
+from app.models import BlobPart, CaseFile, InboundTransfer, Message, Part
+from app.node import Node
+from app.p2p.service import (
+    Accepted,
+    _check_time,
+    _refuse,
+    _stored_receipt,
+    admit_opened,
+    check_sender,
+)
+
+
+@dataclass(frozen=True)
+class Announced:
+    accepted: Accepted | None  # set when the envelope is (now, or already) accepted
+    offsets: list[dict[str, int]]
+
+
+def receive_upload_id(msg_id: str, index: int) -> str:
+    return f"in-{msg_id}-{index}"
+
+
+def _declared_parts(header: bytes) -> int:
+    try:
+        parts = load_canonical_object(header).get("parts")
+    except DecodeError as exc:
+        raise env.EnvelopeError("malformed_header", str(exc)) from exc
+    if not isinstance(parts, list) or not parts:
+        raise env.EnvelopeError("malformed_header", "parts must be a non-empty list")
+    return len(parts)
+
+
+def _manifest(header: env.Header, manifest_part: bytes, content_key: bytes) -> env.Opened:
+    """Steps 26 to 30 for part 0, and for each attachment the length its size implies."""
+    info = header.parts[0]
+    if len(manifest_part) != info.length:
+        raise env.EnvelopeError("truncated_part", "part 0 is not its declared length")
+    if not hmac.compare_digest(sha256_hex(manifest_part), info.sha256):
+        raise env.EnvelopeError("part_hash_mismatch", "part 0 hash does not match")
+    msg_id = header.msg_id_bytes
+    plain = env.decrypt_part(
+        manifest_part,
+        env.part_key(content_key, msg_id, 0),
+        env.part_ad(msg_id, 0),
+        info.stream_header,
+    )
+    try:
+        manifest = load_canonical_object(plain)
+    except DecodeError as exc:
+        raise env.EnvelopeError("manifest_mismatch", "the inner manifest is not JSON") from exc
+    # check_manifest binds the manifest to the header; its attachment checks need the
+    # plaintext, so they run here on sizes and, as each part arrives, on hashes.
+    listed = manifest.get("attachments")
+    if not isinstance(listed, list) or len(listed) != len(header.parts) - 1:
+        raise env.EnvelopeError("manifest_mismatch", "the manifest lists other attachments")
+    env.check_manifest(header, [canonical_json(dict(manifest, attachments=[]))])
+    for number, entry in enumerate(listed, 1):
+        if not env._valid_attachment_entry(entry, number):  # the same rule as check_manifest
+            raise env.EnvelopeError("manifest_mismatch", f"attachment {number} is described badly")
+        if env.ciphertext_length(entry["size"]) != header.parts[number].length:
+            raise env.EnvelopeError("manifest_mismatch", "an attachment differs from the manifest")
+    return env.Opened(manifest=manifest, attachments=[])
+
+
+def _content_key(node: Node, header: env.Header) -> bytes:
+    content_key = env.unwrap_content_key(header, node.keys, kid=header.to_enc_kid)
+    env.check_commitment(header, content_key)
+    return content_key
+
+
+def _offsets(
+    store: DirectoryBlobStore, transfer: InboundTransfer, header: env.Header
+) -> list[dict[str, int]]:
+    return [
+        {"index": info.index, "offset": received_offset(store, transfer, header, info.index)}
+        for info in header.parts[1:]
+    ]
+
+
+def received_offset(
+    store: DirectoryBlobStore, transfer: InboundTransfer, header: env.Header, index: int
+) -> int:
+    """Ciphertext bytes of part `index` stored and checked (whole chunks), without reading."""
+    info = header.parts[index]
+    if index <= transfer.parts_done:
+        return info.length
+    if index > transfer.parts_done + 1:
+        return 0
+    path = store.uploads / receive_upload_id(transfer.msg_id, index)
+    try:
+        stored = path.stat().st_size
+    except FileNotFoundError:
+        return 0
+    # The last chunk is never counted before the part completes (it must carry TAG_FINAL).
+    chunks = -(-info.length // CIPHER_CHUNK)
+    return min(stored // CIPHER_CHUNK, chunks - 1) * CIPHER_CHUNK
+
+
+def _limits(node: Node, header: env.Header) -> None:
+    settings = node.settings
+    lengths = [info.length for info in header.parts[1:]]
+    if any(
+        length > env.ciphertext_length(settings.max_evidence_attachment_bytes) for length in lengths
+    ):
+        raise _refuse("too_large", "an attachment is larger than this node accepts", 413)
+    if sum(lengths) > env.ciphertext_length(settings.max_evidence_request_bytes) + 17 * len(
+        lengths
+    ):
+        raise _refuse("too_large", "the attachments are larger than this node accepts", 413)
+
+
+def announce(session: Session, node: Node, store: DirectoryBlobStore, *, wire: object) -> Announced:
+    settings = node.settings
+    try:
+        head = env.decode_wire(wire, max_parts=1, max_header_bytes=settings.max_header_bytes)
+        if len(head.header) > settings.max_header_bytes:
+            raise _refuse("too_large", "header too large", 413)
+        count = _declared_parts(head.header)
+        if count > settings.max_envelope_parts:
+            raise _refuse("too_large", f"more than {settings.max_envelope_parts} parts", 413)
+        header = env.parse_header(head.header, count)
+    except env.EnvelopeError as exc:
+        raise _refuse(exc.code, exc.detail, 413 if exc.code == "too_large" else 400) from exc
+    check_sender(session, node, head, header)
+    envelope_hash = sha256_hex(head.header)
+    existing = session.scalar(select(Message).where(Message.msg_id == header.msg_id))
+    if existing is not None:
+        if existing.direction == "inbound" and existing.envelope_hash == envelope_hash:
+            return Announced(
+                Accepted(receipt=_stored_receipt(session, existing), created=False), []
+            )
+        raise _refuse("replayed", "this message id was already used for another envelope", 409)
+    transfer = session.scalar(
+        select(InboundTransfer).where(InboundTransfer.msg_id == header.msg_id)
+    )
+    if transfer is not None:
+        if transfer.envelope_hash != envelope_hash:
+            raise _refuse("replayed", "this message id was announced with another envelope", 409)
+        if transfer.parts_done == len(header.parts) - 1:
+            return Announced(complete(session, node, transfer, header), [])
+        return Announced(None, _offsets(store, transfer, header))
+    _check_time(node, header)
+    _limits(node, header)
+    try:
+        content_key = _content_key(node, header)
+        _manifest(header, head.parts[0], content_key)
+    except env.EnvelopeError as exc:
+        raise _refuse(exc.code, exc.detail) from exc
+    now = utc_now()
+    transfer = InboundTransfer(
+        msg_id=header.msg_id,
+        sender_authority=header.from_authority,
+        envelope_hash=envelope_hash,
+        header=head.header,
+        signature=head.signature,
+        manifest_part=head.parts[0],
+        parts_done=0,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(transfer)
+    record(
+        session,
+        actor=f"peer:{header.from_authority}",
+        action="envelope.announced",
+        msg_id=header.msg_id,
+        peer=header.from_authority,
+        details={
+            "envelope_hash": envelope_hash,
+            "parts": len(header.parts),
+            "bytes": sum(info.length for info in header.parts),
+        },
+    )
+    session.flush()
+    if len(header.parts) == 1:
+        return Announced(complete(session, node, transfer, header), [])
+    return Announced(None, _offsets(store, transfer, header))
+
+
+def transfer_header(transfer: InboundTransfer) -> env.Header:
+    return env.parse_header(transfer.header, _declared_parts(transfer.header))
+
+
+def get_transfer(session: Session, msg_id: str, *, lock: bool = False) -> InboundTransfer:
+    statement = select(InboundTransfer).where(InboundTransfer.msg_id == msg_id)
+    transfer = session.scalar(statement.with_for_update() if lock else statement)
+    if transfer is None:
+        raise EnvelopeRefused(
+            "unknown_transfer", "no envelope with this id is being received", status_code=404
+        )
+    return transfer
+
+
+@dataclass(frozen=True)
+class PartTarget:
+    msg_id: str
+    index: int
+    length: int
+    offset: int
+    kwargs: dict[str, Any]
+    done: bool
+
+
+def part_target(
+    session: Session, node: Node, store: DirectoryBlobStore, *, msg_id: str, index: int
+) -> PartTarget:
+    transfer = get_transfer(session, msg_id)
+    header = transfer_header(transfer)
+    if not 1 <= index < len(header.parts):
+        raise EnvelopeRefused("unknown_part", "the envelope has no such part", status_code=404)
+    info = header.parts[index]
+    if index <= transfer.parts_done:
+        return PartTarget(msg_id, index, info.length, info.length, {}, True)
+    if index != transfer.parts_done + 1:
+        raise EnvelopeRefused(
+            "part_out_of_order", f"send part {transfer.parts_done + 1} first", status_code=409
+        )
+    content_key = _content_key(node, header)
+    opened = _manifest(header, transfer.manifest_part, content_key)
+    entry = opened.manifest["attachments"][index - 1]
+    msg = header.msg_id_bytes
+    return PartTarget(
+        msg_id,
+        index,
+        info.length,
+        received_offset(store, transfer, header, index),
+        {
+            "key": env.part_key(content_key, msg, index),
+            "ad": env.part_ad(msg, index),
+            "stream_header": info.stream_header,
+            "length": info.length,
+            "sha256": info.sha256,
+            "plaintext_size": entry["size"],
+            "plaintext_sha256": entry["sha256"],
+        },
+        False,
+    )
+
+
+def open_receiver(store: DirectoryBlobStore, target: PartTarget) -> PartReceiver:
+    return PartReceiver.open(
+        store,
+        receive_upload_id(target.msg_id, target.index),
+        key=target.kwargs["key"],
+        ad=target.kwargs["ad"],
+        stream_header=target.kwargs["stream_header"],
+        length=target.kwargs["length"],
+        sha256=target.kwargs["sha256"],
+        plaintext_size=target.kwargs["plaintext_size"],
+        plaintext_sha256=target.kwargs["plaintext_sha256"],
+    )
+
+
+def part_received(
+    session: Session, node: Node, *, msg_id: str, index: int, from_offset: int
+) -> Accepted | None:
+    """Part `index` is complete and published: count it; after the last, accept."""
+    transfer = get_transfer(session, msg_id, lock=True)
+    header = transfer_header(transfer)
+    if transfer.parts_done < index:
+        transfer.parts_done = index
+        transfer.updated_at = utc_now()
+    record(
+        session,
+        actor=f"peer:{transfer.sender_authority}",
+        action="evidence.part_received",
+        msg_id=msg_id,
+        peer=transfer.sender_authority,
+        details={
+            "index": index,
+            "length": header.parts[index].length,
+            "sha256": header.parts[index].sha256,
+            # Where the request that completed the part began: bytes before it were not
+            # sent again after an interruption.
+            "from_offset": from_offset,
+        },
+    )
+    session.flush()
+    if transfer.parts_done == len(header.parts) - 1:
+        return complete(session, node, transfer, header)
+    return None
+
+
+def complete(
+    session: Session, node: Node, transfer: InboundTransfer, header: env.Header
+) -> Accepted:
+    """Steps 31 on, then store the message with its parts in the blob store, and the receipt."""
+    try:
+        opened = _manifest(header, transfer.manifest_part, _content_key(node, header))
+    except env.EnvelopeError as exc:
+        raise _refuse(exc.code, exc.detail) from exc
+
+    def store(case: CaseFile, now: Any) -> Message:
+        message = Message(
+            msg_id=header.msg_id,
+            request_id=case.id,
+            direction="inbound",
+            sender_authority=header.from_authority,
+            recipient_authority=header.to_authority,
+            in_reply_to=header.in_reply_to,
+            created_at=header.created_at,
+            expires_at=header.expires_at,
+            received_at=now,
+            header=transfer.header,
+            signature=transfer.signature,
+            envelope_hash=transfer.envelope_hash,
+            size_bytes=len(transfer.header) + sum(info.length for info in header.parts),
+        )
+        session.add(message)
+        session.flush()
+        session.add(Part(message_id=message.id, part_index=0, ciphertext=transfer.manifest_part))
+        session.add_all(
+            BlobPart(
+                message_id=message.id, part_index=info.index, digest=info.sha256, length=info.length
+            )
+            for info in header.parts[1:]
+        )
+        session.delete(transfer)
+        return message
+
+    return admit_opened(
+        session,
+        node,
+        header=header,
+        envelope_hash=transfer.envelope_hash,
+        opened=opened,
+        store=store,
+    )
+
+
+def receipt_wire(accepted: Accepted) -> dict[str, str]:
+    receipt: SignedReceipt = accepted.receipt
+    return receipt.to_wire()

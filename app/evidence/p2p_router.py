@@ -1,0 +1,186 @@
+"""P2P routes for envelopes with streamed parts (docs/protocol.md section 8.5).
+
+    POST /p2p/v1/evidence/envelopes                          announce: header, signature, part 0
+    HEAD /p2p/v1/evidence/envelopes/{msg_id}/parts/{index}   Upload-Offset: bytes held
+    PUT  /p2p/v1/evidence/envelopes/{msg_id}/parts/{index}   the part's ciphertext from an offset
+
+No bearer token, as for `POST /p2p/v1/envelopes`: the announce is signed, and every part byte
+is checked against the signed header (its length and hash) and authenticated chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Path, Request, Response
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+
+from app.audit.log import record_alone
+from app.crypto import envelope as env
+from app.db import unit_of_work
+from app.deps import PEER_SIGNED, NodeDep, record_p2p_refusal, source_address
+from app.errors import EnvelopeRefused
+from app.evidence import inbound
+from app.evidence.blobstore import UploadBusy
+from app.evidence.node_store import blob_store
+from app.evidence.stream import PartReceiver
+from app.p2p.service import Accepted, record_refusal
+
+router = APIRouter(prefix="/p2p/v1/evidence", tags=["p2p"], dependencies=[Depends(PEER_SIGNED)])
+
+MsgId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
+Index = Annotated[int, Path(ge=1, le=63)]
+BATCH_BYTES = 1 << 20
+
+
+def _announce(node: NodeDep, wire: object) -> inbound.Announced:
+    with unit_of_work(node.sessions) as session:
+        return inbound.announce(session, node, blob_store(node.settings), wire=wire)
+
+
+def _record_refusal(node: NodeDep, wire: object, refusal: EnvelopeRefused, source: str) -> None:
+    with unit_of_work(node.sessions) as session:
+        if record_p2p_refusal(session, node, source):
+            record_refusal(session, wire=wire, refusal=refusal)
+
+
+@router.post(
+    "/envelopes",
+    status_code=202,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        }
+    },
+)
+async def announce(request: Request, node: NodeDep) -> JSONResponse:
+    raw = await request.body()
+    try:
+        wire: object = json.loads(raw)
+    except (ValueError, RecursionError):
+        wire = None
+    try:
+        if wire is None:
+            raise EnvelopeRefused("malformed_envelope", "the body is not a JSON object")
+        announced = await run_in_threadpool(_announce, node, wire)
+    except EnvelopeRefused as refusal:
+        await run_in_threadpool(_record_refusal, node, wire, refusal, source_address(request))
+        raise
+    if announced.accepted is not None:
+        return JSONResponse(
+            announced.accepted.receipt.to_wire(),
+            status_code=201 if announced.accepted.created else 200,
+        )
+    return JSONResponse({"parts": announced.offsets}, status_code=202)
+
+
+def _target(node: NodeDep, msg_id: str, index: int) -> inbound.PartTarget:
+    with unit_of_work(node.sessions) as session:
+        return inbound.part_target(
+            session, node, blob_store(node.settings), msg_id=msg_id, index=index
+        )
+
+
+def _headers(offset: int, length: int) -> dict[str, str]:
+    return {"upload-offset": str(offset), "upload-length": str(length)}
+
+
+@router.head("/envelopes/{msg_id}/parts/{index}")
+async def part_offset(msg_id: MsgId, index: Index, node: NodeDep) -> Response:
+    target = await run_in_threadpool(_target, node, msg_id, index)
+    return Response(status_code=204, headers=_headers(target.offset, target.length))
+
+
+def _refused_part(node: NodeDep, msg_id: str, index: int, refusal: EnvelopeRefused) -> None:
+    record_alone(
+        node.sessions,
+        actor="peer:unknown",
+        action="envelope.refused",
+        outcome=refusal.code,
+        msg_id=msg_id,
+        details={"code": refusal.code, "detail": refusal.detail, "part": index},
+    )
+
+
+def _completed(
+    node: NodeDep, msg_id: str, index: int, receiver: PartReceiver, from_offset: int
+) -> Accepted | None:
+    receiver.finalise(blob_store(node.settings))
+    with unit_of_work(node.sessions) as session:
+        return inbound.part_received(
+            session, node, msg_id=msg_id, index=index, from_offset=from_offset
+        )
+
+
+@router.put("/envelopes/{msg_id}/parts/{index}", status_code=204)
+async def put_part(
+    msg_id: MsgId,
+    index: Index,
+    request: Request,
+    node: NodeDep,
+    upload_offset: Annotated[int, Header(ge=0)],
+) -> Response:
+    target = await run_in_threadpool(_target, node, msg_id, index)
+    if target.done:
+        return Response(status_code=204, headers=_headers(target.length, target.length))
+    declared = request.headers.get("content-length")
+    if declared is not None and (
+        not declared.isdigit() or int(declared) > target.length - upload_offset
+    ):
+        raise EnvelopeRefused("too_large", "more bytes than the part's length", status_code=413)
+    store = blob_store(node.settings)
+    try:
+        receiver = await run_in_threadpool(inbound.open_receiver, store, target)
+    except UploadBusy as exc:
+        raise EnvelopeRefused("part_busy", "this part is being received", status_code=409) from exc
+    except env.EnvelopeError as exc:
+        # The stored prefix no longer opens: start the part again.
+        store.discard_upload(inbound.receive_upload_id(msg_id, index))
+        raise EnvelopeRefused(exc.code, exc.detail, status_code=409) from exc
+    try:
+        if upload_offset != receiver.durable_offset:
+            return JSONResponse(
+                {"error": "offset_mismatch", "detail": "resume from Upload-Offset"},
+                status_code=409,
+                headers=_headers(receiver.durable_offset, target.length),
+            )
+        batch = bytearray()
+        try:
+            async for data in request.stream():
+                batch += data
+                if len(batch) >= BATCH_BYTES:
+                    await run_in_threadpool(receiver.write, bytes(batch))
+                    batch.clear()
+            if batch:
+                await run_in_threadpool(receiver.write, bytes(batch))
+        except ClientDisconnect:
+            await run_in_threadpool(receiver.checkpoint)
+            raise
+        except env.EnvelopeError as exc:
+            refusal = EnvelopeRefused(exc.code, exc.detail)
+            store.discard_upload(inbound.receive_upload_id(msg_id, index))
+            await run_in_threadpool(_refused_part, node, msg_id, index, refusal)
+            raise refusal from exc
+        if not receiver.complete:
+            offset = await run_in_threadpool(receiver.checkpoint)
+            return Response(status_code=204, headers=_headers(offset, target.length))
+        try:
+            accepted = await run_in_threadpool(
+                _completed, node, msg_id, index, receiver, upload_offset
+            )
+        except EnvelopeRefused as refusal:  # steps 31 on: content, conversation, lifecycle
+            await run_in_threadpool(_refused_part, node, msg_id, index, refusal)
+            raise
+    finally:
+        receiver.close()
+    if accepted is not None:
+        return JSONResponse(
+            accepted.receipt.to_wire(),
+            status_code=201,
+            headers=_headers(target.length, target.length),
+        )
+    return Response(status_code=204, headers=_headers(target.length, target.length))

@@ -1,0 +1,154 @@
+"""Local API for large evidence (role: officer): drafts, resumable uploads, submission.
+
+    POST  /api/v1/evidence/drafts                              declare document + attachments
+    GET   /api/v1/evidence/drafts/{id}                         progress of each attachment
+    HEAD  /api/v1/evidence/drafts/{id}/attachments/{index}     Upload-Offset: durable offset
+    PATCH /api/v1/evidence/drafts/{id}/attachments/{index}     bytes from Upload-Offset on
+    POST  /api/v1/evidence/drafts/{id}/submit                  seal and queue
+
+Upload bodies are streamed (the node's body limit does not apply to the PATCH route: the
+declared size does), encrypted chunk by chunk, and never held whole in memory.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Path, Request, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+
+from app.db import unit_of_work
+from app.deps import NodeDep, OfficerDep, SessionDep
+from app.errors import Conflict, PayloadTooLarge
+from app.evidence import drafts, schemas
+from app.evidence.blobstore import UploadBusy
+from app.evidence.node_store import blob_store
+from app.evidence.stream import PartWriter, UploadError
+from app.requests.schemas import Submitted
+
+router = APIRouter(prefix="/api/v1/evidence", tags=["evidence"])
+
+DraftId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
+Index = Annotated[int, Path(ge=1, le=63)]
+BATCH_BYTES = 1 << 20
+_writers = drafts.WriterCache()
+
+
+@router.post("/drafts", status_code=201)
+def create_draft(
+    body: schemas.CreateDraft, session: SessionDep, node: NodeDep, principal: OfficerDep
+) -> schemas.DraftView:
+    draft = drafts.create_draft(session, node, body=body, principal=principal)
+    return drafts.draft_view(session, node, blob_store(node.settings), draft)
+
+
+@router.get("/drafts/{draft_id}")
+def read_draft(
+    draft_id: DraftId, session: SessionDep, node: NodeDep, principal: OfficerDep
+) -> schemas.DraftView:
+    draft = drafts.get_draft(session, draft_id, principal)
+    return drafts.draft_view(session, node, blob_store(node.settings), draft)
+
+
+def _offset_headers(offset: int, size: int) -> dict[str, str]:
+    return {
+        "upload-offset": str(offset),
+        "upload-length": str(size),
+        "upload-complete": "?1" if offset == size else "?0",
+    }
+
+
+@router.head("/drafts/{draft_id}/attachments/{index}")
+def upload_offset(
+    draft_id: DraftId, index: Index, session: SessionDep, node: NodeDep, principal: OfficerDep
+) -> Response:
+    _, row = drafts.upload_target(
+        session, node, draft_id=draft_id, index=index, principal=principal
+    )
+    offset = drafts.staged_offset(blob_store(node.settings), row)
+    return Response(status_code=204, headers=_offset_headers(offset, row.size))
+
+
+def _finish(
+    node: NodeDep, target: drafts.UploadTarget, writer: PartWriter, principal: OfficerDep
+) -> None:
+    store = blob_store(node.settings)
+    part = writer.finalise(store)
+    with unit_of_work(node.sessions) as session:
+        drafts.record_uploaded(session, target=target, part=part, principal=principal)
+
+
+@router.patch("/drafts/{draft_id}/attachments/{index}", status_code=204)
+async def upload(
+    draft_id: DraftId,
+    index: Index,
+    request: Request,
+    node: NodeDep,
+    principal: OfficerDep,
+    upload_offset: Annotated[int, Header(ge=0)],
+) -> Response:
+    def target() -> drafts.UploadTarget:
+        with unit_of_work(node.sessions) as session:
+            found, _ = drafts.upload_target(
+                session, node, draft_id=draft_id, index=index, principal=principal
+            )
+            return found
+
+    found = await run_in_threadpool(target)
+    if found.complete:
+        raise Conflict("this attachment is already complete", code="upload_complete")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > found.size - upload_offset:
+        raise PayloadTooLarge(f"more bytes than the attachment's declared {found.size}")
+    store = blob_store(node.settings)
+    try:
+        writer = await run_in_threadpool(_writers.take, store, found)
+    except UploadBusy as exc:
+        raise Conflict(
+            "another upload of this attachment is in progress", code="upload_busy"
+        ) from exc
+    keep = True
+    try:
+        if upload_offset != writer.durable_offset:
+            return Response(
+                status_code=409,
+                content=b'{"error":"offset_mismatch","detail":"resume from Upload-Offset"}',
+                media_type="application/json",
+                headers=_offset_headers(writer.durable_offset, found.size),
+            )
+        batch = bytearray()
+        try:
+            async for data in request.stream():
+                batch += data
+                if len(batch) >= BATCH_BYTES:
+                    await run_in_threadpool(writer.write, bytes(batch))
+                    batch.clear()
+            if batch or writer.offset == found.size:
+                await run_in_threadpool(writer.write, bytes(batch))
+        except ClientDisconnect:
+            await run_in_threadpool(writer.checkpoint)
+            raise
+        except UploadError as exc:
+            raise PayloadTooLarge(str(exc), code="too_large") from exc
+        if writer.finished is not None:
+            keep = False
+            await run_in_threadpool(_finish, node, found, writer, principal)
+            return Response(status_code=204, headers=_offset_headers(found.size, found.size))
+        offset = await run_in_threadpool(writer.checkpoint)
+        return Response(status_code=204, headers=_offset_headers(offset, found.size))
+    finally:
+        if keep:
+            _writers.put_back(found.upload_id, writer)
+        else:
+            writer.close()
+
+
+@router.post("/drafts/{draft_id}/submit", status_code=201)
+def submit_draft(
+    draft_id: DraftId, session: SessionDep, node: NodeDep, principal: OfficerDep
+) -> Submitted:
+    case, message = drafts.submit_draft(
+        session, node, blob_store(node.settings), draft_id=draft_id, principal=principal
+    )
+    return Submitted(id=case.id, msg_id=message.msg_id, status=case.status, delivery="queued")

@@ -1,0 +1,454 @@
+"""One envelope part, encrypted while its plaintext arrives and decrypted while it leaves.
+
+The construction is exactly `app.crypto.envelope.encrypt_part`'s (docs/protocol.md 6.4): the
+part key and associated data of (msg_id, index), CHUNK_BYTES plaintext chunks, `TAG_FINAL` on
+the last one, so a streamed part and one sealed in memory are the same bytes. The plaintext
+and ciphertext SHA-256 are computed in the same pass. Memory is one chunk, whatever the size.
+
+Resumption. Only whole ciphertext chunks are durable: a partial chunk lives in memory until
+it is complete. After an interruption `PartWriter.open` cuts the staging object back to its
+last whole chunk and rebuilds the secretstream state and both hashes by reading the stored
+ciphertext and decrypting it: libsodium's pull state advances exactly as the push state did,
+so the rebuilt state pushes the next chunk as if nothing had happened, and no byte the node
+already holds is sent again over the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import nacl.bindings as sodium
+from nacl.exceptions import CryptoError
+
+from app.crypto.envelope import (
+    ABYTES,
+    CHUNK_BYTES,
+    TAG_FINAL,
+    TAG_MESSAGE,
+    EnvelopeError,
+    ciphertext_length,
+)
+from app.evidence.blobstore import BlobStore, Upload
+
+CIPHER_CHUNK = CHUNK_BYTES + ABYTES
+
+
+def chunk_count(plaintext_size: int) -> int:
+    return max(1, -(-plaintext_size // CHUNK_BYTES))
+
+
+class UploadError(Exception):
+    """The client sent bytes the part cannot take: wrong offset, or more than declared."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class FinishedPart:
+    digest: str  # ciphertext SHA-256, the blob's name and the header's part hash
+    length: int  # ciphertext length
+    plaintext_sha256: str
+    plaintext_size: int
+
+
+def _new_state(
+    key: bytes, stream_header: bytes
+) -> sodium.crypto_secretstream_xchacha20poly1305_state:
+    state = sodium.crypto_secretstream_xchacha20poly1305_state()
+    # init_pull derives the same state init_push derives from this header.
+    sodium.crypto_secretstream_xchacha20poly1305_init_pull(state, stream_header, key)
+    return state
+
+
+class PartWriter:
+    """Encrypts a part of a declared plaintext size into a blob store upload."""
+
+    def __init__(
+        self,
+        upload: Upload,
+        *,
+        key: bytes,
+        ad: bytes,
+        stream_header: bytes,
+        size: int,
+    ) -> None:
+        self._upload = upload
+        self._key = key
+        self._ad = ad
+        self.size = size
+        self._chunks_total = chunk_count(size)
+        self._state = _new_state(key, stream_header)
+        self._plain_hash = hashlib.sha256()
+        self._cipher_hash = hashlib.sha256()
+        self._chunks_done = 0
+        self._pending = bytearray()
+        self.finished: FinishedPart | None = None
+        self.resumed_bytes = 0
+
+    @classmethod
+    def open(
+        cls,
+        store: BlobStore,
+        upload_id: str,
+        *,
+        key: bytes,
+        ad: bytes,
+        stream_header: bytes,
+        size: int,
+    ) -> PartWriter:
+        """Start a part, or resume it from the whole chunks its upload already holds."""
+        writer = cls(
+            store.upload(upload_id), key=key, ad=ad, stream_header=stream_header, size=size
+        )
+        writer._rebuild()
+        return writer
+
+    @property
+    def offset(self) -> int:
+        """Plaintext bytes received, durable or still pending in memory."""
+        if self.finished is not None:
+            return self.size
+        return self._chunks_done * CHUNK_BYTES + len(self._pending)
+
+    @property
+    def durable_offset(self) -> int:
+        """Plaintext bytes whose ciphertext is stored (whole chunks only)."""
+        if self.finished is not None:
+            return self.size
+        return self._chunks_done * CHUNK_BYTES
+
+    def _rebuild(self) -> None:
+        stored = self._upload.size()
+        whole = min(stored // CIPHER_CHUNK, self._chunks_total - 1)
+        if stored != whole * CIPHER_CHUNK:
+            # A torn chunk from a crash, or a final chunk whose finalise did not happen:
+            # drop it; its plaintext will be sent again.
+            self._upload.truncate(whole * CIPHER_CHUNK)
+        for number, chunk in enumerate(self._upload.read_chunks(CIPHER_CHUNK)):
+            if number >= whole:  # pragma: no cover - truncated above
+                break
+            try:
+                message, tag = sodium.crypto_secretstream_xchacha20poly1305_pull(
+                    self._state, chunk, self._ad
+                )
+            except (CryptoError, ValueError) as exc:
+                raise EnvelopeError("decrypt_failed", "a stored chunk does not open") from exc
+            if tag != TAG_MESSAGE:
+                raise EnvelopeError("decrypt_failed", "a stored chunk has an unexpected tag")
+            self._plain_hash.update(message)
+            self._cipher_hash.update(chunk)
+            self._chunks_done += 1
+        self.resumed_bytes = self._chunks_done * CHUNK_BYTES
+
+    def write(self, data: bytes) -> None:
+        if self.finished is not None and not data:
+            return
+        if self.finished is not None or self.offset + len(data) > self.size:
+            raise UploadError("too_large", "more bytes than the attachment's declared size")
+        view = memoryview(data)
+        while view:
+            room = CHUNK_BYTES - len(self._pending)
+            if not self._pending and len(view) >= CHUNK_BYTES:
+                self._push(bytes(view[:CHUNK_BYTES]))
+                view = view[CHUNK_BYTES:]
+                continue
+            self._pending += view[:room]
+            view = view[room:]
+            if len(self._pending) == CHUNK_BYTES:
+                self._push(bytes(self._pending))
+                self._pending.clear()
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if self.finished is None and self.offset == self.size:
+            self._push(bytes(self._pending))
+            self._pending.clear()
+
+    def _push(self, message: bytes) -> None:
+        final = self._chunks_done == self._chunks_total - 1
+        if final and self._chunks_done * CHUNK_BYTES + len(message) != self.size:
+            raise AssertionError("the final chunk was pushed before its last byte")
+        tag = TAG_FINAL if final else TAG_MESSAGE
+        chunk = sodium.crypto_secretstream_xchacha20poly1305_push(
+            self._state, message, self._ad, tag
+        )
+        self._plain_hash.update(message)
+        self._cipher_hash.update(chunk)
+        self._upload.write(chunk)
+        self._chunks_done += 1
+        if final:
+            self.finished = FinishedPart(
+                digest=self._cipher_hash.hexdigest(),
+                length=ciphertext_length(self.size),
+                plaintext_sha256=self._plain_hash.hexdigest(),
+                plaintext_size=self.size,
+            )
+
+    def drop_pending(self) -> None:
+        """Forget the partial chunk: it was never pushed, so the state is unchanged and the
+        client resends those bytes from `durable_offset`."""
+        if self.finished is None:
+            self._pending.clear()
+
+    def checkpoint(self) -> int:
+        """Make the whole chunks durable; returns the offset the client resumes from."""
+        self._upload.sync()
+        return self.durable_offset
+
+    def finalise(self, store: BlobStore) -> FinishedPart:
+        self._maybe_finish()
+        if self.finished is None:
+            raise UploadError("incomplete", f"{self.offset} of {self.size} bytes received")
+        store.finalise(self._upload, self.finished.digest)
+        return self.finished
+
+    def close(self) -> None:
+        self._upload.close()
+
+
+def encrypt_stream(
+    store: BlobStore,
+    upload_id: str,
+    source: Iterable[bytes],
+    *,
+    key: bytes,
+    ad: bytes,
+    stream_header: bytes,
+    size: int,
+) -> FinishedPart:
+    """Encrypt an entire plaintext stream into the store (resuming what the upload holds)."""
+    writer = PartWriter.open(
+        store, upload_id, key=key, ad=ad, stream_header=stream_header, size=size
+    )
+    for data in source:
+        writer.write(data)
+    return writer.finalise(store)
+
+
+def check_blob(reader: BinaryIO, *, length: int, sha256: str) -> None:
+    """Length and ciphertext hash, in one streaming pass, before any plaintext is released."""
+    digest = hashlib.sha256()
+    seen = 0
+    while chunk := reader.read(CIPHER_CHUNK * 4):
+        seen += len(chunk)
+        if seen > length:
+            raise EnvelopeError("malformed_envelope", "the part is longer than declared")
+        digest.update(chunk)
+    if seen < length:
+        raise EnvelopeError("truncated_part", "the part is shorter than declared")
+    if not hmac.compare_digest(digest.hexdigest(), sha256):
+        raise EnvelopeError("part_hash_mismatch", "the part's hash does not match")
+
+
+def decrypt_stream(
+    chunks: Iterable[bytes],
+    *,
+    key: bytes,
+    ad: bytes,
+    stream_header: bytes,
+    plaintext_size: int | None = None,
+    plaintext_sha256: str | None = None,
+) -> Iterator[bytes]:
+    """Yield the plaintext chunk by chunk; raise, never end short, on any fault.
+
+    `chunks` may be cut anywhere (network reads); they are regrouped into whole ciphertext
+    chunks. The stream must end with TAG_FINAL and nothing after it, and, when given, the
+    plaintext must have the manifest's size and SHA-256; the caller aborts its output on
+    the exception, so a reader never takes a short or altered file for the real one.
+    """
+    try:
+        state = _new_state(key, stream_header)
+    except (CryptoError, ValueError) as exc:
+        raise EnvelopeError("decrypt_failed", "invalid secretstream header") from exc
+    plain_hash = hashlib.sha256()
+    produced = 0
+    final = False
+    buffer = bytearray()
+
+    def pull(chunk: bytes) -> bytes:
+        nonlocal final, produced
+        if final:
+            raise EnvelopeError("decrypt_failed", "data after a part's final chunk")
+        try:
+            message, tag = sodium.crypto_secretstream_xchacha20poly1305_pull(state, chunk, ad)
+        except (CryptoError, ValueError) as exc:
+            raise EnvelopeError("decrypt_failed", "a part chunk failed authentication") from exc
+        if tag == TAG_FINAL:
+            final = True
+        elif tag != TAG_MESSAGE:
+            raise EnvelopeError("decrypt_failed", "a part chunk carries an unexpected tag")
+        produced += len(message)
+        plain_hash.update(message)
+        return bytes(message)
+
+    for data in chunks:
+        buffer += data
+        while len(buffer) >= CIPHER_CHUNK:
+            message = pull(bytes(buffer[:CIPHER_CHUNK]))
+            del buffer[:CIPHER_CHUNK]
+            yield message
+    if buffer:
+        if len(buffer) < ABYTES:
+            raise EnvelopeError("truncated_part", "part ends inside a chunk")
+        yield pull(bytes(buffer))
+    if not final:
+        raise EnvelopeError("truncated_part", "part ends without a final chunk")
+    if plaintext_size is not None and produced != plaintext_size:
+        raise EnvelopeError("manifest_mismatch", "the attachment's size differs from the manifest")
+    if plaintext_sha256 is not None and not hmac.compare_digest(
+        plain_hash.hexdigest(), plaintext_sha256
+    ):
+        raise EnvelopeError("manifest_mismatch", "the attachment's hash differs from the manifest")
+
+
+def read_blob(reader: BinaryIO, read_bytes: int = CIPHER_CHUNK) -> Iterator[bytes]:
+    while chunk := reader.read(read_bytes):
+        yield chunk
+
+
+class PartReceiver:
+    """Takes a part's ciphertext as it arrives from a peer, checking it while it streams.
+
+    Each whole chunk is authenticated (pulled) before it is written, so the stored prefix is
+    always a valid prefix of the part; the last chunk must carry TAG_FINAL, and at the end the
+    length, the ciphertext SHA-256 (from the signed header) and the plaintext size and SHA-256
+    (from the manifest) must all match before the blob is published. Resumption works as for
+    `PartWriter`: the state and both hashes are rebuilt from the stored whole chunks.
+    """
+
+    def __init__(
+        self,
+        upload: Upload,
+        *,
+        key: bytes,
+        ad: bytes,
+        stream_header: bytes,
+        length: int,
+        sha256: str,
+        plaintext_size: int,
+        plaintext_sha256: str,
+    ) -> None:
+        if length < ABYTES or length != ciphertext_length(plaintext_size):
+            raise EnvelopeError("manifest_mismatch", "the part's length does not fit its size")
+        self._upload = upload
+        self._ad = ad
+        self.length = length
+        self._sha256 = sha256
+        self._plaintext_size = plaintext_size
+        self._plaintext_sha256 = plaintext_sha256
+        self._chunks_total = chunk_count(plaintext_size)
+        try:
+            self._state = _new_state(key, stream_header)
+        except (CryptoError, ValueError) as exc:
+            raise EnvelopeError("decrypt_failed", "invalid secretstream header") from exc
+        self._plain_hash = hashlib.sha256()
+        self._cipher_hash = hashlib.sha256()
+        self._chunks_done = 0
+        self._stored = 0
+        self._pending = bytearray()
+        self.complete = False
+
+    @classmethod
+    def open(
+        cls,
+        store: BlobStore,
+        upload_id: str,
+        *,
+        key: bytes,
+        ad: bytes,
+        stream_header: bytes,
+        length: int,
+        sha256: str,
+        plaintext_size: int,
+        plaintext_sha256: str,
+    ) -> PartReceiver:
+        upload = store.upload(upload_id)
+        try:
+            receiver = cls(
+                upload,
+                key=key,
+                ad=ad,
+                stream_header=stream_header,
+                length=length,
+                sha256=sha256,
+                plaintext_size=plaintext_size,
+                plaintext_sha256=plaintext_sha256,
+            )
+            receiver._rebuild()
+        except BaseException:
+            upload.close()
+            raise
+        return receiver
+
+    @property
+    def durable_offset(self) -> int:
+        """Ciphertext bytes stored and checked: whole chunks only."""
+        return self.length if self.complete else self._stored
+
+    def _rebuild(self) -> None:
+        stored = self._upload.size()
+        whole = min(stored // CIPHER_CHUNK, self._chunks_total - 1)
+        if stored != whole * CIPHER_CHUNK:
+            self._upload.truncate(whole * CIPHER_CHUNK)
+        for number, chunk in enumerate(self._upload.read_chunks(CIPHER_CHUNK)):
+            if number >= whole:  # pragma: no cover - truncated above
+                break
+            self._pull(chunk, store=False)
+
+    def _pull(self, chunk: bytes, *, store: bool) -> None:
+        final = self._chunks_done == self._chunks_total - 1
+        try:
+            message, tag = sodium.crypto_secretstream_xchacha20poly1305_pull(
+                self._state, chunk, self._ad
+            )
+        except (CryptoError, ValueError) as exc:
+            raise EnvelopeError("decrypt_failed", "a part chunk failed authentication") from exc
+        if tag != (TAG_FINAL if final else TAG_MESSAGE):
+            raise EnvelopeError("decrypt_failed", "a part chunk carries the wrong tag")
+        self._plain_hash.update(message)
+        self._cipher_hash.update(chunk)
+        if store:
+            self._upload.write(chunk)
+        self._chunks_done += 1
+        self._stored += len(chunk)
+
+    def write(self, data: bytes) -> None:
+        if self.complete or self._stored + len(self._pending) + len(data) > self.length:
+            raise EnvelopeError("malformed_envelope", "the part is longer than declared")
+        self._pending += data
+        while self._pending:
+            final = self._chunks_done == self._chunks_total - 1
+            need = self.length - self._stored if final else CIPHER_CHUNK
+            if len(self._pending) < need:
+                break
+            chunk = bytes(self._pending[:need])
+            del self._pending[:need]
+            self._pull(chunk, store=True)
+        if self._stored == self.length:
+            self._complete()
+
+    def _complete(self) -> None:
+        if not hmac.compare_digest(self._cipher_hash.hexdigest(), self._sha256):
+            raise EnvelopeError("part_hash_mismatch", "the part's hash does not match")
+        if not hmac.compare_digest(self._plain_hash.hexdigest(), self._plaintext_sha256):
+            raise EnvelopeError("manifest_mismatch", "an attachment differs from the manifest")
+        self.complete = True
+
+    def checkpoint(self) -> int:
+        self._upload.sync()
+        return self.durable_offset
+
+    def finalise(self, store: BlobStore) -> str:
+        if not self.complete:
+            raise EnvelopeError("truncated_part", "the part is not complete")
+        store.finalise(self._upload, self._sha256)
+        return self._sha256
+
+    def close(self) -> None:
+        self._upload.close()

@@ -1,0 +1,101 @@
+"""Structured logs: one JSON object per line, carrying the request id that caused them.
+
+The request id comes from the caller's `X-Request-Id` when it is well formed, else is made
+here. It follows the work: the local API request that queues a message stores it in the outbox
+row (`trace_id`), the worker sends it to the peer as `X-Request-Id`, and the peer logs it and
+echoes it. Log records hold ids, codes and outcomes, never request content or secrets.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from datetime import UTC, datetime
+
+REQUEST_ID_HEADER = "x-request-id"
+# Letters, digits and a few separators: enough for UUIDs, W3C trace ids and ULIDs, and
+# nothing that could forge a log line or a header.
+_WELL_FORMED = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{7,63}")
+
+_request_id: ContextVar[str | None] = ContextVar("entraide_request_id", default=None)
+
+# LogRecord attributes that are not "extra" fields given by the caller.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def accept_request_id(value: str | None) -> str:
+    """The caller's id if it is well formed, else a fresh one."""
+    if value is not None and _WELL_FORMED.fullmatch(value):
+        return value
+    return new_request_id()
+
+
+def current_request_id() -> str | None:
+    return _request_id.get()
+
+
+@contextmanager
+def request_context(request_id: str | None) -> Iterator[None]:
+    token = _request_id.set(request_id)
+    try:
+        yield
+    finally:
+        _request_id.reset(token)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        document: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        request_id = current_request_id()
+        if request_id is not None:
+            document["request_id"] = request_id
+        for key, value in vars(record).items():
+            if key not in _STANDARD and not key.startswith("_"):
+                document[key] = value
+        if record.exc_info and record.exc_info[0] is not None:
+            # The type and the frames, not the exception's text, which may quote input.
+            document["exception"] = record.exc_info[0].__name__
+            document["stack"] = self.formatException(record.exc_info).splitlines()[:-1]
+        return json.dumps(document, default=str, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        request_id = current_request_id()
+        return f"{line} [request_id={request_id}]" if request_id else line
+
+
+def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
+    """Send every logger's records to stderr, in JSON (the default) or plain text."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    root = logging.getLogger()
+    for existing in list(root.handlers):
+        root.removeHandler(existing)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # httpx logs every request URL at INFO, alembic every schema check; neither helps here.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    # Our middleware writes the access log, with the request id and the route template.
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)

@@ -1,0 +1,242 @@
+"""Prometheus metrics: per-process counters, and gauges read from the database at scrape time.
+
+Several processes (API replicas, `entraide worker`s) may share one database, so anything the
+database knows (the delivery queue, the audit log, witness alarms) is computed from it when
+/metrics is scraped, with a few cheap COUNT / GROUP BY / MAX queries: every replica reports the
+same value, so aggregate those with `max`, not `sum`. What only a process knows (the HTTP
+requests it served, the envelopes it refused) is a counter of that process: aggregate with
+`sum(rate(...))`.
+
+Labels hold route templates, status codes, states, error codes, key purposes: never request
+content, request ids, client names or tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from app.audit.log import HEAD_ID
+from app.crypto.encoding import parse_time, utc_now
+from app.delivery import outbox
+from app.models import (
+    AuditCheckpoint,
+    AuditHead,
+    DeliveryAttempt,
+    OutboxItem,
+    Peer,
+    WitnessAlarm,
+)
+from app.node import Node
+from app.requests.overdue import overdue_counts
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+OUTBOX_STATES = (outbox.QUEUED, outbox.IN_FLIGHT, outbox.RETRY, outbox.DELIVERED, outbox.FAILED)
+PENDING_STATES = (outbox.QUEUED, outbox.IN_FLIGHT, outbox.RETRY)
+UNMATCHED_ROUTE = "unmatched"
+
+
+class Metrics:
+    """The process's registry. One per application, so tests can build many apps."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
+        self.http_requests = Counter(
+            "entraide_http_requests",
+            "HTTP requests served by this process, by route template and status.",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.http_duration = Histogram(
+            "entraide_http_request_duration_seconds",
+            "Time to answer an HTTP request, by route template.",
+            ["route"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=self.registry,
+        )
+        self.envelopes_refused = Counter(
+            "entraide_envelopes_refused",
+            "Envelopes from peers refused by this process, by refusal code.",
+            ["code"],
+            registry=self.registry,
+        )
+        self._node_collector: NodeCollector | None = None
+
+    def watch(self, node: Node, worker_alive: Callable[[], bool | None]) -> None:
+        """Add the gauges read from the node's database and keys (called by the lifespan)."""
+        if self._node_collector is not None:
+            self.registry.unregister(self._node_collector)
+        self._node_collector = NodeCollector(node, worker_alive)
+        self.registry.register(self._node_collector)
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.http_requests.labels(method, route, str(status)).inc()
+        self.http_duration.labels(route).observe(seconds)
+
+    def envelope_refused(self, code: str) -> None:
+        self.envelopes_refused.labels(code).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def _age(now: datetime, moment: datetime | None) -> float | None:
+    return None if moment is None else max((now - moment).total_seconds(), 0.0)
+
+
+def key_dates(keys_dir: Path) -> dict[str, tuple[datetime | None, datetime | None]]:
+    """Each key file's purpose with its creation and (if any) expiry time.
+
+    Only the dates are kept: the file also holds the secret, which is dropped at once.
+    """
+    dates: dict[str, tuple[datetime | None, datetime | None]] = {}
+    for path in sorted(keys_dir.glob("*.key")):
+        try:
+            document = json.loads(path.read_bytes())
+            if document.get("retired_at"):
+                continue  # a retired key kept to reopen old messages, not in use
+            purpose = str(document["kind"])
+            created = document.get("created_at")
+            expires = document.get("expires_at")
+            dates[purpose] = (
+                parse_time(created) if created else None,
+                parse_time(expires) if expires else None,
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # `entraide doctor` explains unreadable key files; metrics stay quiet
+    return dates
+
+
+class NodeCollector(Collector):
+    def __init__(self, node: Node, worker_alive: Callable[[], bool | None]) -> None:
+        self.node = node
+        self.worker_alive = worker_alive
+
+    def collect(self) -> Iterable[Metric]:
+        now = utc_now()
+        yield from self._keys(now)
+        alive = self.worker_alive()
+        if alive is not None:
+            yield GaugeMetricFamily(
+                "entraide_worker_alive",
+                "1 if this process's in-process delivery worker is running.",
+                value=1.0 if alive else 0.0,
+            )
+        try:
+            families = list(self._database(now))
+        except SQLAlchemyError as exc:
+            log.warning("metrics: database unavailable: %s", type(exc).__name__)
+            families = []
+        yield GaugeMetricFamily(
+            "entraide_database_up",
+            "1 if the database answered the metrics queries.",
+            value=1.0 if families else 0.0,
+        )
+        yield from families
+
+    def _keys(self, now: datetime) -> Iterable[Metric]:
+        age = GaugeMetricFamily(
+            "entraide_key_age_seconds",
+            "Age of the node's own keys, by purpose.",
+            labels=["purpose"],
+        )
+        expiry = GaugeMetricFamily(
+            "entraide_key_expires_in_seconds",
+            "Time left before a key of the node expires (negative: expired), by purpose.",
+            labels=["purpose"],
+        )
+        for purpose, (created, expires) in key_dates(self.node.settings.keys_dir).items():
+            created_age = _age(now, created)
+            if created_age is not None:
+                age.add_metric([purpose], created_age)
+            if expires is not None:
+                expiry.add_metric([purpose], (expires - now).total_seconds())
+        yield age
+        yield expiry
+
+    def _database(self, now: datetime) -> Iterable[Metric]:
+        with self.node.sessions() as session:
+            states = dict.fromkeys(OUTBOX_STATES, 0)
+            for state, count in session.execute(
+                select(OutboxItem.state, func.count()).group_by(OutboxItem.state)
+            ):
+                states[state] = int(count)
+            oldest = session.scalar(
+                select(func.min(OutboxItem.created_at)).where(OutboxItem.state.in_(PENDING_STATES))
+            )
+            attempts: dict[str, int] = {
+                str(outcome): int(count)
+                for outcome, count in session.execute(
+                    select(DeliveryAttempt.outcome, func.count()).group_by(DeliveryAttempt.outcome)
+                )
+            }
+            head = session.get(AuditHead, HEAD_ID)
+            last_checkpoint = session.scalar(select(func.max(AuditCheckpoint.created_at)))
+            alarms = session.scalar(select(func.count()).select_from(WitnessAlarm)) or 0
+            peers = session.scalar(select(func.count()).select_from(Peer)) or 0
+            overdue = overdue_counts(session, now=now)
+
+        queue = GaugeMetricFamily(
+            "entraide_outbox_messages", "Outbound messages by delivery state.", labels=["state"]
+        )
+        for state, count in states.items():
+            queue.add_metric([state], count)
+        yield queue
+        yield GaugeMetricFamily(
+            "entraide_outbox_oldest_pending_age_seconds",
+            "Age of the oldest message not yet delivered (queued, in flight or retrying); "
+            "0 when none is pending.",
+            value=_age(now, oldest) or 0.0,
+        )
+        tries = CounterMetricFamily(
+            "entraide_delivery_attempts",
+            "Delivery attempts recorded in the database (all workers), by outcome.",
+            labels=["outcome"],
+        )
+        for outcome, count in sorted(attempts.items()):
+            tries.add_metric([outcome], count)
+        yield tries
+        if head is not None:
+            yield GaugeMetricFamily(
+                "entraide_audit_log_entries", "Entries in the audit log.", value=head.size
+            )
+            yield GaugeMetricFamily(
+                "entraide_audit_entries_since_checkpoint",
+                "Audit entries not yet covered by a signed checkpoint.",
+                value=head.size - head.last_checkpoint_size,
+            )
+        checkpoint_age = _age(now, last_checkpoint)
+        if checkpoint_age is not None:
+            yield GaugeMetricFamily(
+                "entraide_audit_last_checkpoint_age_seconds",
+                "Time since the audit log's last signed checkpoint.",
+                value=checkpoint_age,
+            )
+        yield GaugeMetricFamily(
+            "entraide_witness_alarms",
+            "Split-view alarms: a peer showed two histories of its log that cannot both be true.",
+            value=int(alarms),
+        )
+        yield GaugeMetricFamily("entraide_peers", "Pinned peer nodes.", value=int(peers))
+        late = GaugeMetricFamily(
+            "entraide_requests_overdue",
+            "Requests past their current deadline (docs/domain.md, Deadlines), by direction "
+            "and status.",
+            labels=["direction", "status"],
+        )
+        for (direction, status), count in sorted(overdue.items()):
+            late.add_metric([direction, status], count)
+        yield late

@@ -1,0 +1,285 @@
+"""Peers' keys over time: the history of what was pinned, and signed rotations.
+
+A peer that rotates its keys (docs/protocol.md §5.4) is picked up at the next contact: an
+envelope signed with a key id we have not pinned, or a receipt signed by one, makes us fetch
+the peer's identity document from its pinned URL (with the peer timeout), walk the signed
+chain from the pinned signing key to the new keys, and re-pin, recording `peer.keys_changed`.
+A document that does not chain back to the pin is refused, audited, and changes nothing.
+
+The keys a peer used before stay in `peer_keys`, so envelopes and receipts stored earlier are
+still checked against the key that was valid when they arrived.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from datetime import datetime, timedelta
+
+import httpx
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.audit.log import record
+from app.auth.throttle import counter_row
+from app.crypto.encoding import utc_now
+from app.crypto.envelope import EnvelopeError, parse_header
+from app.crypto.identity import IdentityError, PeerIdentity, parse_identity_document
+from app.crypto.keys import NodeKeys
+from app.crypto.receipts import Receipt, ReceiptError, SignedReceipt, verify_receipt
+from app.crypto.rotation import Rotation
+from app.db import unit_of_work
+from app.errors import PeerError
+from app.models import Peer, PeerKey
+from app.node import Node
+from app.peers.client import fetch_identity, peer_http_client
+
+log = logging.getLogger(__name__)
+
+SIGNING = "signing"
+ENCRYPTION = "encryption"
+
+
+def _history(session: Session, authority: str, purpose: str, kid: str) -> PeerKey | None:
+    return session.scalar(
+        select(PeerKey).where(
+            PeerKey.peer_authority == authority, PeerKey.purpose == purpose, PeerKey.kid == kid
+        )
+    )
+
+
+def _remember(
+    session: Session,
+    authority: str,
+    purpose: str,
+    public_key: bytes,
+    kid: str,
+    *,
+    pinned_at: datetime,
+    superseded_at: datetime | None,
+) -> None:
+    row = _history(session, authority, purpose, kid)
+    if row is None:
+        row = PeerKey(
+            peer_authority=authority,
+            purpose=purpose,
+            kid=kid,
+            public_key=public_key,
+            pinned_at=pinned_at,
+        )
+        session.add(row)
+    row.superseded_at = superseded_at
+
+
+def remember_current_keys(session: Session, peer: Peer, now: datetime) -> None:
+    """Record a freshly pinned peer's keys in its history."""
+    _remember(
+        session, peer.authority_id, SIGNING, peer.signing_key, peer.signing_kid,
+        pinned_at=now, superseded_at=None,
+    )  # fmt: skip
+    _remember(
+        session, peer.authority_id, ENCRYPTION, peer.encryption_key, peer.encryption_kid,
+        pinned_at=now, superseded_at=None,
+    )  # fmt: skip
+    session.flush()
+
+
+def apply_rotation(
+    session: Session, peer: Peer, identity: PeerIdentity, path: list[Rotation], *, actor: str
+) -> None:
+    """Re-pin `peer` to `identity`'s keys along a verified `path` from the pinned key."""
+    now = utc_now()
+    authority = peer.authority_id
+    old_signing_kid, old_encryption_kid = peer.signing_kid, peer.encryption_kid
+    for link in path:
+        # Each generation the path passes through was valid until its successor's rotation.
+        for purpose, public_key, kid in (
+            (SIGNING, link.old.signing, link.old.signing_kid),
+            (ENCRYPTION, link.old.encryption, link.old.encryption_kid),
+        ):
+            existing = _history(session, authority, purpose, kid)
+            _remember(
+                session, authority, purpose, public_key, kid,
+                pinned_at=existing.pinned_at if existing else now,
+                superseded_at=link.rotated_at,
+            )  # fmt: skip
+    peer.fingerprint = identity.fingerprint
+    peer.name = identity.name
+    peer.signing_kid = identity.signing.kid
+    peer.signing_key = identity.signing.public_key
+    peer.encryption_kid = identity.encryption.kid
+    peer.encryption_key = identity.encryption.public_key
+    peer.log_kid = identity.log.kid
+    peer.log_key = identity.log.public_key
+    peer.identity_document = identity.document
+    peer.identity_signature = identity.signature
+    peer.updated_at = now
+    remember_current_keys(session, peer, now)
+    record(
+        session,
+        actor=actor,
+        action="peer.keys_changed",
+        peer=authority,
+        details={
+            "old_signing_kid": old_signing_kid,
+            "new_signing_kid": peer.signing_kid,
+            "old_encryption_kid": old_encryption_kid,
+            "new_encryption_kid": peer.encryption_kid,
+            "rotations": len(path),
+            "fingerprint": peer.fingerprint,
+        },
+    )
+
+
+def _due(session: Session, authority: str, interval: timedelta, now: datetime) -> bool:
+    """At most one fetch per peer per interval, across processes: anyone can send an
+    envelope claiming a new key id, and each must not cost us a request to the peer."""
+    row = counter_row(session, f"peer-refresh:{authority}", now)
+    if row.failures and now - row.window_start < interval:
+        return False
+    row.window_start, row.failures = now, 1
+    return True
+
+
+def refresh_peer_keys(
+    node: Node,
+    authority: str,
+    *,
+    actor: str = "node",
+    http: httpx.Client | None = None,
+    force: bool = False,
+) -> Peer | None:
+    """Fetch the peer's identity document and follow a signed rotation from the pin.
+
+    Runs in transactions of its own, never while the caller holds one (the fetch can take
+    the whole peer timeout). Returns the peer as pinned afterwards, or None when nothing
+    could be fetched or the document was refused.
+    """
+    now = utc_now()
+    interval = timedelta(seconds=node.settings.peer_refresh_seconds)
+    with unit_of_work(node.sessions) as session:
+        peer = session.scalar(select(Peer).where(Peer.authority_id == authority))
+        if peer is None or (not force and not _due(session, authority, interval, now)):
+            return None
+        url, pinned = peer.public_url, peer.signing_key
+    try:
+        if http is None:
+            with peer_http_client(node.settings) as client:
+                document = fetch_identity(client, url)
+        else:
+            document = fetch_identity(http, url)
+        identity = parse_identity_document(document)
+        if identity.authority_id != authority:
+            raise IdentityError("the document at the pinned URL is another authority's")
+        path = identity.rotation_path(pinned)
+        if path is None:
+            raise IdentityError("the new keys are not signed by a chain from the pinned key")
+    except PeerError as exc:
+        log.warning("could not fetch %s's identity document: %s", authority, exc.code)
+        return None
+    except IdentityError as exc:
+        with unit_of_work(node.sessions) as session:
+            record(
+                session,
+                actor=actor,
+                action="peer.keys_changed",
+                outcome="rotation_refused",
+                peer=authority,
+                details={"reason": str(exc)},
+            )
+        log.warning("refused a key change for %s: %s", authority, exc)
+        return None
+    with unit_of_work(node.sessions) as session:
+        peer = session.scalar(select(Peer).where(Peer.authority_id == authority).with_for_update())
+        if peer is None:
+            return None
+        if path and peer.signing_key == pinned:  # else another process re-pinned first
+            apply_rotation(session, peer, identity, path, actor=actor)
+        session.flush()
+        return peer
+
+
+# --- which key checks what ----------------------------------------------------------------
+
+
+def peer_signing_key(
+    session: Session, peer: Peer, kid: str, *, signed_at: datetime | None
+) -> bytes | None:
+    """The pinned key `kid` of `peer`, if it was valid at `signed_at` (None: any time)."""
+    if hmac.compare_digest(kid, peer.signing_kid):
+        return peer.signing_key
+    row = _history(session, peer.authority_id, SIGNING, kid)
+    if row is None:
+        return None
+    if row.superseded_at is not None and signed_at is not None and signed_at > row.superseded_at:
+        return None
+    return row.public_key
+
+
+def peer_encryption_kid_known(session: Session, peer: Peer, kid: str) -> bool:
+    if hmac.compare_digest(kid, peer.encryption_kid):
+        return True
+    return _history(session, peer.authority_id, ENCRYPTION, kid) is not None
+
+
+def stored_envelope_signer(
+    session: Session, keys: NodeKeys, *, outbound: bool, sender: str, header: bytes, parts: int
+) -> bytes | None:
+    """The key that signed a stored envelope, as pinned when it was sealed or received."""
+    try:
+        sig_kid = parse_header(header, parts).from_sig_kid
+    except EnvelopeError:
+        return None
+    if outbound:
+        return keys.signing_public_for(sig_kid)
+    peer = session.scalar(select(Peer).where(Peer.authority_id == sender))
+    if peer is None:
+        return None
+    return peer_signing_key(session, peer, sig_kid, signed_at=None)
+
+
+def verify_peer_receipt(
+    node: Node,
+    http: httpx.Client,
+    signed: SignedReceipt,
+    *,
+    authority: str,
+    signer_public: bytes,
+    signer_kid: str,
+    msg_id: str,
+    envelope_hash: str,
+    from_authority: str,
+) -> Receipt:
+    """Verify a receipt with the pinned key; if it names another key, the peer may have
+    rotated: follow its signed rotation and verify with the new pin."""
+    expected = {
+        "msg_id": msg_id,
+        "envelope_hash": envelope_hash,
+        "from_authority": from_authority,
+        "to_authority": authority,
+    }
+    try:
+        return verify_receipt(
+            signed, signer_public=signer_public, signer_kid=signer_kid, **expected
+        )
+    except ReceiptError:
+        claimed = claimed_signer_kid(signed)
+        if claimed is None or claimed == signer_kid:
+            raise
+    peer = refresh_peer_keys(node, authority, http=http)
+    if peer is None or peer.signing_kid != claimed:
+        raise ReceiptError("the receipt is signed by a key the peer's identity does not vouch for")
+    return verify_receipt(
+        signed, signer_public=peer.signing_key, signer_kid=peer.signing_kid, **expected
+    )
+
+
+def claimed_signer_kid(signed: SignedReceipt) -> str | None:
+    """The receipt's own claim of its signer, read without trusting it."""
+    try:
+        body = json.loads(signed.body)
+    except (ValueError, RecursionError):
+        return None
+    kid = body.get("signer_kid") if isinstance(body, dict) else None
+    return kid if isinstance(kid, str) and len(kid) == 32 else None

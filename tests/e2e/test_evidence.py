@@ -1,0 +1,288 @@
+"""Large evidence between two real nodes: upload, resume, transfer, receipt, download.
+
+Attachments are uploaded to ES/MJ's local API in pieces (each PATCH may stop anywhere),
+sealed and sent to AR/MPF by the part-transfer protocol, and downloaded back at both ends,
+byte for byte, with the manifest's SHA-256 shown and checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from app.crypto.envelope import CHUNK_BYTES
+from app.db import make_engine
+from app.localnodes import LocalNode
+from app.models import AuditEntry
+from tests.conftest import BACKENDS, Databases, make_databases
+from tests.e2e.conftest import EXAMPLE, wait_for
+
+CHUNK = CHUNK_BYTES
+MIB = 1 << 20
+
+
+class Pair:
+    def __init__(self, es: LocalNode, ar: LocalNode, databases: Databases) -> None:
+        self.es, self.ar, self.databases = es, ar, databases
+
+
+def _prepare(node: LocalNode) -> None:
+    node.init()
+    node.create_client("admin", "admin")
+    node.create_client("officer", "officer")
+    node.start()
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def pair(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Pair]:
+    databases = make_databases(request.param, tmp_path_factory.mktemp("db"))
+    base = tmp_path_factory.mktemp("nodes")
+    es = LocalNode("ES/MJ", "Ministerio de Justicia", base / "es", databases.new("es"))
+    ar = LocalNode("AR/MPF", "Ministerio Publico Fiscal", base / "ar", databases.new("ar"))
+    try:
+        for node in (es, ar):
+            _prepare(node)
+        es.pin(ar)
+        ar.pin(es)
+        yield Pair(es, ar, databases)
+    finally:
+        for node in (es, ar):
+            node.stop()
+        databases.drop_all()
+
+
+def blob_dir(node: LocalNode) -> Path:
+    return node.workdir / "blobs"
+
+
+def create_draft(node: LocalNode, sizes: list[int]) -> dict[str, Any]:
+    body = json.loads(json.dumps(EXAMPLE))
+    del body["attachments"]
+    body["attachments"] = [
+        {"name": f"evidence-{n}.bin", "media_type": "application/octet-stream", "size": size}
+        for n, size in enumerate(sizes, 1)
+    ]
+    with node.client("officer") as http:
+        response = http.post("/api/v1/evidence/drafts", json=body)
+    assert response.status_code == 201, response.text
+    draft: dict[str, Any] = response.json()
+    return draft
+
+
+def head_offset(http: httpx.Client, href: str) -> int:
+    response = http.head(href)
+    assert response.status_code == 204, response.status_code
+    return int(response.headers["upload-offset"])
+
+
+def upload(http: httpx.Client, href: str, data: bytes, piece: int) -> int:
+    """PATCH in requests of `piece` bytes, each resuming from the node's answer; returns
+    the number of bytes sent in all."""
+    sent = 0
+    offset = head_offset(http, href)
+    while True:
+        body = data[offset : offset + piece]
+        response = http.patch(href, content=body, headers={"upload-offset": str(offset)})
+        assert response.status_code == 204, response.text
+        sent += len(body)
+        offset = int(response.headers["upload-offset"])
+        if response.headers["upload-complete"] == "?1":
+            return sent
+
+
+def submit(node: LocalNode, draft_id: str) -> dict[str, Any]:
+    with node.client("officer") as http:
+        response = http.post(f"/api/v1/evidence/drafts/{draft_id}/submit")
+    assert response.status_code == 201, response.text
+    submitted: dict[str, Any] = response.json()
+    return submitted
+
+
+def detail(node: LocalNode, request_id: str) -> dict[str, Any] | None:
+    with node.client("officer") as http:
+        response = http.get(f"/api/v1/requests/{request_id}")
+    if response.status_code == 404:
+        return None
+    assert response.status_code == 200, response.text
+    found: dict[str, Any] = response.json()
+    return found
+
+
+def wait_receipt(node: LocalNode, request_id: str, timeout: float = 120.0) -> dict[str, Any]:
+    def receipted() -> dict[str, Any] | None:
+        found = detail(node, request_id)
+        return found if found and found["messages"][0]["receipt"] else None
+
+    result: dict[str, Any] = wait_for("the receipt", receipted, timeout=timeout)
+    return result
+
+
+def download(node: LocalNode, href: str) -> tuple[bytes, str]:
+    with node.client("officer") as http, http.stream("GET", href) as response:
+        assert response.status_code == 200, response.read()
+        data = b"".join(response.iter_bytes())
+        return data, response.headers["x-entraide-sha256"]
+
+
+def audit_details(node: LocalNode, action: str) -> list[dict[str, Any]]:
+    engine = make_engine(node.database_url)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(
+                select(AuditEntry.entry, AuditEntry.outcome)
+                .where(AuditEntry.action == action)
+                .order_by(AuditEntry.idx)
+            )
+            return [
+                {**(json.loads(entry).get("details") or {}), "outcome": outcome}
+                for entry, outcome in rows
+            ]
+    finally:
+        engine.dispose()
+
+
+def test_attachments_of_every_boundary_size_round_trip(pair: Pair) -> None:
+    sizes = [0, 1, CHUNK, CHUNK + 1, 50 * MIB]
+    blobs = [os.urandom(size) for size in sizes]
+    draft = create_draft(pair.es, sizes)
+    with pair.es.client("officer") as http:
+        for item, data in zip(draft["attachments"], blobs, strict=True):
+            upload(http, item["href"], data, piece=7 * MIB + 3)
+    submitted = submit(pair.es, draft["id"])
+    sent = wait_receipt(pair.es, submitted["id"])
+    received = wait_for("the request at AR", lambda: detail(pair.ar, submitted["id"]))
+    for node, view in ((pair.ar, received), (pair.es, sent)):
+        listed = view["messages"][0]["attachments"]
+        assert [entry["size"] for entry in listed] == sizes
+        for entry, data in zip(listed, blobs, strict=True):
+            assert entry["sha256"] == hashlib.sha256(data).hexdigest()
+            got, shown = download(node, entry["href"])
+            assert got == data
+            assert shown == entry["sha256"]
+    # No plaintext on disk, anywhere under either node's blob store.
+    for node in (pair.es, pair.ar):
+        for path in blob_dir(node).rglob("*"):
+            if path.is_file() and path.stat().st_size >= 64:
+                assert blobs[-1][:64] not in path.read_bytes()
+
+
+def test_an_upload_interrupted_at_random_offsets_resumes(pair: Pair) -> None:
+    """Each attempt breaks off at a random byte (the client drops the connection); the next
+    asks the node where to resume. Only bytes of the chunk a break cut are sent again."""
+    rng = random.Random(6)
+    size = 9 * MIB + 12345
+    data = os.urandom(size)
+    draft = create_draft(pair.es, [size])
+    href = draft["attachments"][0]["href"]
+    sent = interruptions = 0
+    with pair.es.client("officer") as http:
+        while True:
+            offset = head_offset(http, href)
+            assert offset % CHUNK == 0 or offset == size
+            if offset == size:
+                break
+            stop = rng.randrange(offset + 1, size + 1) if interruptions < 5 else size
+            body = data[offset:stop]
+
+            def body_then_break(body: bytes = body, stop: int = stop) -> Iterator[bytes]:
+                for start in range(0, len(body), 256 * 1024):
+                    yield body[start : start + 256 * 1024]
+                if stop < size:
+                    raise ConnectionAbortedError("the link broke")
+
+            try:
+                response = http.patch(
+                    href,
+                    content=body_then_break(),
+                    headers={"upload-offset": str(offset), "content-length": str(size - offset)},
+                )
+                assert response.status_code == 204, response.text
+            except ConnectionAbortedError:
+                interruptions += 1
+            sent += len(body)
+            time.sleep(0.05)  # the node notices the disconnect and keeps its whole chunks
+    assert interruptions == 5
+    assert sent - size < interruptions * CHUNK
+    submitted = submit(pair.es, draft["id"])
+    wait_receipt(pair.es, submitted["id"])
+    received = wait_for("the request at AR", lambda: detail(pair.ar, submitted["id"]))
+    got, _ = download(pair.ar, received["messages"][0]["attachments"][0]["href"])
+    assert got == data
+
+
+def test_declared_sizes_over_the_limits_are_refused_early(pair: Pair) -> None:
+    body = json.loads(json.dumps(EXAMPLE))
+    body["attachments"] = [{"name": "huge.img", "size": 1 << 50}]
+    with pair.es.client("officer") as http:
+        response = http.post("/api/v1/evidence/drafts", json=body)
+        assert response.status_code == 413, response.text
+        draft = create_draft(pair.es, [10])
+        href = draft["attachments"][0]["href"]
+        response = http.patch(href, content=b"x" * 11, headers={"upload-offset": "0"})
+        assert response.status_code == 413, response.text
+
+
+def test_a_receiver_killed_mid_part_resumes_without_resending(pair: Pair) -> None:
+    size = 48 * MIB
+    data = os.urandom(size)
+    draft = create_draft(pair.es, [size])
+    with pair.es.client("officer") as http:
+        upload(http, draft["attachments"][0]["href"], data, piece=size)
+    staging = blob_dir(pair.ar) / "uploads" / f"in-{draft['id']}-1"
+    submit(pair.es, draft["id"])
+    wait_for("AR to be mid-part", lambda: staging.exists() and staging.stat().st_size > 8 * MIB)
+    pair.ar.kill()
+    held = staging.stat().st_size
+    pair.ar.start()
+    wait_receipt(pair.es, draft["id"], timeout=180)
+    completed = [d for d in audit_details(pair.ar, "evidence.part_received") if d.get("index") == 1]
+    resumed_from = completed[-1]["from_offset"]
+    # The peer resumed where AR's whole chunks ended: nothing AR held was sent again.
+    assert resumed_from > 0
+    assert held - (CHUNK + 17) < resumed_from <= held
+    received = wait_for("the request at AR", lambda: detail(pair.ar, draft["id"]))
+    got, _ = download(pair.ar, received["messages"][0]["attachments"][0]["href"])
+    assert got == data
+
+
+@pytest.mark.parametrize("damage", ["altered", "truncated"])
+def test_a_damaged_blob_is_refused_at_download_on_both_sides(pair: Pair, damage: str) -> None:
+    size = 3 * MIB + 5
+    data = os.urandom(size)
+    draft = create_draft(pair.es, [size])
+    with pair.es.client("officer") as http:
+        upload(http, draft["attachments"][0]["href"], data, piece=size)
+    submit(pair.es, draft["id"])
+    sent = wait_receipt(pair.es, draft["id"])
+    received = wait_for("the request at AR", lambda: detail(pair.ar, draft["id"]))
+    for node, view in ((pair.ar, received), (pair.es, sent)):
+        digest = view["messages"][0]["attachments"][0]
+        href = digest["href"]
+        blobs = [p for p in (blob_dir(node) / "blobs").rglob("*") if p.is_file()]
+        # The blob of this part is the one whose download we are about to check.
+        target = next(p for p in blobs if p.stat().st_size == size + 4 * 17)
+        original = target.read_bytes()
+        if damage == "altered":
+            target.write_bytes(original[:1000] + bytes([original[1000] ^ 1]) + original[1001:])
+        else:
+            target.write_bytes(original[: len(original) - CHUNK])
+        with node.client("officer") as http:
+            response = http.get(href)
+        assert response.status_code == 500
+        assert response.json()["error"] == "stored_envelope_corrupt"
+        refused = audit_details(node, "attachment.downloaded")
+        assert refused[-1]["outcome"] == "stored_envelope_corrupt"
+        target.write_bytes(original)
+        assert download(node, href)[0] == data

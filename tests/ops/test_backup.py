@@ -1,0 +1,237 @@
+"""`entraide backup` and `entraide restore`, with real node processes, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from app.audit.log import record
+from app.audit.service import verify_database
+from app.audit.verify import Report
+from app.auth.service import Role, create_client
+from app.backup.sealed import PassphraseError, read_passphrase
+from app.backup.service import BackupError, create_backup, restore_backup
+from app.config import Settings
+from app.db import make_engine, unit_of_work
+from app.localnodes import LocalNode
+from app.models import AuditEntry
+from app.node import load_node
+from tests.conftest import BACKENDS, make_databases
+from tests.e2e.conftest import EXAMPLE, read_request, submit_example, wait_delivered, wait_for
+from tests.ops.nodes import pinned_pair
+
+PASSPHRASE = "a long backup passphrase, kept apart"
+
+
+def passphrase_file(tmp_path: Path, text: str = PASSPHRASE) -> Path:
+    path = tmp_path / "backup.pass"
+    path.write_text(text + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def audit_actions(url: str) -> list[str]:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            return list(connection.scalars(select(AuditEntry.action).order_by(AuditEntry.idx)))
+    finally:
+        engine.dispose()
+
+
+def audit_size(url: str) -> int:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            return int(connection.scalar(select(func.count()).select_from(AuditEntry)) or 0)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_restored_node_reads_old_requests_and_continues_its_audit_log(
+    backend: str, tmp_path: Path
+) -> None:
+    with pinned_pair(backend, tmp_path) as pair:
+        es, ar = pair.es, pair.ar
+        request_id = submit_example(es)
+        before = wait_delivered(es, request_id)
+        secret = tmp_path / "pass"
+        secret.write_text(PASSPHRASE)
+        secret.chmod(0o600)
+        archive = tmp_path / "backups" / "es.tar.gz"
+        # Taken while the node runs, as an operator's nightly job would.
+        es.cli(
+            "backup",
+            "--out",
+            str(archive),
+            "--include-private-keys",
+            "--passphrase-file",
+            str(secret),
+        )
+        assert archive.stat().st_mode & 0o077 == 0
+        # Only ciphertext and routing metadata: the request's facts are nowhere in it.
+        raw = gzip.decompress(archive.read_bytes())
+        assert EXAMPLE["document"]["summary_of_facts"][:40].encode() not in raw
+        es.stop()
+
+        # The machine is lost: a new one, empty database and keys folder, same address.
+        restored = LocalNode(
+            "ES/MJ",
+            "Ministerio de Justicia",
+            tmp_path / "es-new",
+            pair.databases.new("es-new"),
+            port=es.port,
+        )
+        restored.workdir.mkdir()
+        out = restored.cli("restore", str(archive), "--passphrase-file", str(secret))
+        assert "audit log verified" in out.stdout, out.stdout + out.stderr
+        restored.tokens = dict(es.tokens)  # API clients come back with the database
+        size_after_restore = audit_size(restored.database_url)
+        try:
+            restored.start()
+            # Old requests open with the restored keys.
+            after = read_request(restored, request_id)
+            assert after["document"] == before["document"]
+            assert after["messages"][0]["receipt"] == before["messages"][0]["receipt"]
+            # The peer talks to it as before: AR/MPF's acknowledgement arrives...
+            with ar.client("officer") as http:
+                ack = {"document": {"type": "acknowledgement", "text": "Registered."}}
+                response = http.post(f"/api/v1/requests/{request_id}/messages", json=ack)
+                assert response.status_code == 201, response.text
+            wait_for(
+                "the acknowledgement at the restored node",
+                lambda: read_request(restored, request_id)["status"] == "acknowledged",
+            )
+            # ...and a new request from the restored node is delivered with a receipt.
+            wait_delivered(restored, submit_example(restored))
+        finally:
+            restored.stop()
+        # The audit log goes on from where the backup left it, and still verifies.
+        verified = restored.cli("audit", "verify", "--db")
+        assert verified.stdout.startswith("OK"), verified.stdout + verified.stderr
+        actions = audit_actions(restored.database_url)
+        assert len(actions) > size_after_restore
+        assert "backup.created" in actions
+        assert actions.index("node.restored") < actions.index("request.read", size_after_restore)
+
+
+def _initialised(tmp_path: Path, url: str, name: str = "es") -> LocalNode:
+    node = LocalNode("ES/MJ", "Ministerio de Justicia", tmp_path / name, url)
+    node.init()
+    return node
+
+
+def settings_of(node: LocalNode) -> Settings:
+    return Settings(database_url=node.database_url, keys_dir=node.keys_dir)
+
+
+def backup_of(node: LocalNode, out: Path, passphrase: bytes | None = None) -> Path:
+    create_backup(
+        settings_of(node),
+        out=out,
+        include_private_keys=passphrase is not None,
+        passphrase=passphrase,
+    )
+    return out
+
+
+def restore_into(url: str, keys_dir: Path, archive: Path, passphrase: bytes | None) -> Report:
+    settings = Settings(database_url=url, keys_dir=keys_dir)
+    summary = restore_backup(settings, archive_path=archive, passphrase=passphrase, actor="test")
+    return summary.report
+
+
+def test_restore_refuses_what_would_lose_or_mix_data(tmp_path: Path) -> None:
+    databases = make_databases("sqlite", tmp_path)
+    node = _initialised(tmp_path, databases.new("es"))
+    plain = backup_of(node, tmp_path / "plain.tar.gz")
+    sealed = backup_of(node, tmp_path / "sealed.tar.gz", PASSPHRASE.encode())
+    # Never overwrite a backup; never a short passphrase, nor one on the command line.
+    with pytest.raises(BackupError, match="refusing to overwrite"):
+        backup_of(node, plain)
+    with pytest.raises(PassphraseError, match="at least 12"):
+        read_passphrase(passphrase_file(tmp_path, "short"))
+    on_the_command_line = node.cli("backup", "--out", "x", "--passphrase", PASSPHRASE, check=False)
+    assert "No such option" in on_the_command_line.stderr
+    # Into the node's own, non-empty database: refused.
+    with pytest.raises(BackupError, match="already holds data"):
+        restore_into(node.database_url, node.keys_dir, sealed, PASSPHRASE.encode())
+    fresh_keys = tmp_path / "fresh" / "keys"
+    fresh_url = databases.new("fresh")
+    # No private keys in the backup and none in the keys folder: says what to do.
+    with pytest.raises(BackupError, match="has no private keys"):
+        restore_into(fresh_url, fresh_keys, plain, None)
+    with pytest.raises(PassphraseError, match="need its passphrase"):
+        restore_into(fresh_url, fresh_keys, sealed, None)
+    # The wrong passphrase: refused, and the keys folder is left as it was.
+    with pytest.raises(PassphraseError, match="passphrase does not open"):
+        restore_into(fresh_url, fresh_keys, sealed, b"not the right passphrase at all")
+    assert not fresh_keys.exists() or not any(fresh_keys.iterdir())
+    # Another node's keys in the keys folder: refused.
+    other = LocalNode("FR/DACG", "Direction", tmp_path / "other", databases.new("other"))
+    other.init()
+    with pytest.raises(BackupError, match="not the keys of the node"):
+        restore_into(databases.new("mixed"), other.keys_dir, plain, None)
+    # With the node's own keys already in place, the plain backup is enough.
+    assert restore_into(databases.new("own-keys"), node.keys_dir, plain, None).ok
+
+
+def test_a_damaged_backup_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    databases = make_databases("sqlite", tmp_path)
+    node = _initialised(tmp_path, databases.new("es"))
+    good = backup_of(node, tmp_path / "good.tar.gz", PASSPHRASE.encode())
+    # Alter one row of the audit log inside the archive, keeping it a valid tar.gz.
+    damaged = tmp_path / "damaged.tar.gz"
+    with tarfile.open(good) as source, tarfile.open(damaged, "w:gz") as target:
+        for member in source.getmembers():
+            data = source.extractfile(member).read()  # type: ignore[union-attr]
+            if member.name == "database/audit_entries.jsonl":
+                data = data.replace(b"key.created", b"key.deleted", 1)
+            member.size = len(data)
+            target.addfile(member, io.BytesIO(data))
+    fresh_keys = tmp_path / "fresh" / "keys"
+    with pytest.raises(BackupError, match=r"audit_entries\.jsonl in the backup is damaged"):
+        restore_into(databases.new("fresh"), fresh_keys, damaged, PASSPHRASE.encode())
+    assert not fresh_keys.exists()
+
+
+def test_a_sqlite_node_moves_to_postgresql_by_backup_and_restore(tmp_path: Path) -> None:
+    sqlite = make_databases("sqlite", tmp_path)
+    postgres = make_databases("postgresql", tmp_path)
+    try:
+        node = _initialised(tmp_path, sqlite.new("es"))
+        archive = backup_of(node, tmp_path / "es.tar.gz", PASSPHRASE.encode())
+        moved = LocalNode("ES/MJ", "x", tmp_path / "pg", postgres.new("es"))
+        moved.workdir.mkdir()
+        secret = passphrase_file(tmp_path)
+        out = moved.cli("restore", str(archive), "--passphrase-file", str(secret))
+        assert "audit log verified" in out.stdout
+        # The PostgreSQL sequences moved past the restored ids: new rows insert.
+        restored = load_node(settings_of(moved))
+        try:
+            with unit_of_work(restored.sessions) as session:
+                create_client(session, name="after-move", roles={Role.OFFICER})
+                record(session, actor="test", action="client.created")
+                report = verify_database(
+                    session,
+                    authority_id=restored.authority_id,
+                    log_public=restored.keys.log_public,
+                )
+            assert report.ok, report.problems
+        finally:
+            restored.close()
+        with tarfile.open(archive) as tar:
+            manifest = json.loads(tar.extractfile("manifest.json").read())  # type: ignore[union-attr]
+        assert manifest["database"]["dialect"] == "sqlite"
+        assert manifest["private_keys"]["kdf"] == "argon2id13"
+        assert "secret" not in json.dumps(manifest)
+    finally:
+        postgres.drop_all()

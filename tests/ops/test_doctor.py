@@ -1,0 +1,104 @@
+"""`entraide doctor` names each problem of a broken node in plain words; a healthy one passes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from pathlib import Path
+
+import pytest
+from alembic import command
+from alembic.script import ScriptDirectory
+
+from app.doctor import FAIL, OK, WARN, clock_verdict, skew_from_date_header
+from app.localnodes import LocalNode
+from app.migrate import alembic_config
+from tests.conftest import make_databases
+
+
+def _previous_revision(url: str) -> str:
+    scripts = ScriptDirectory.from_config(alembic_config(url))
+    (head,) = scripts.get_heads()
+    previous = scripts.get_revision(head).down_revision
+    assert isinstance(previous, str)
+    return previous
+
+
+@pytest.mark.e2e
+def test_doctor_names_each_problem_then_passes_once_they_are_fixed(tmp_path: Path) -> None:
+    databases = make_databases("sqlite", tmp_path)
+    es = LocalNode("ES/MJ", "Ministerio de Justicia", tmp_path / "es", databases.new("es"))
+    ar = LocalNode("AR/MPF", "Ministerio Publico Fiscal", tmp_path / "ar", databases.new("ar"))
+    try:
+        es.init()
+        ar.init()
+        ar.start()
+        es.cli("peers", "add", ar.url, "--fingerprint", ar.fingerprint)
+        healthy = es.cli("doctor", check=False)
+        assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+        assert "No problem found." in healthy.stdout
+        assert f"reachable at {ar.url}, keys current" in healthy.stdout
+
+        # Break three things, as they break in real life.
+        ar.stop()  # the peer is down
+        (es.keys_dir / "signing.key").chmod(0o644)  # someone copied the keys carelessly
+        previous = _previous_revision(es.database_url)
+        command.downgrade(alembic_config(es.database_url), previous)  # code upgraded, DB not
+
+        broken = es.cli("doctor", check=False)
+        report = broken.stdout
+        assert broken.returncode == 1, report
+        problems = [line for line in report.splitlines() if line.startswith(FAIL)]
+        assert len(problems) == 3, report
+        assert f"chmod 600 {es.keys_dir / 'signing.key'}" in report
+        assert "can be read or changed by other users (mode 0644)" in report
+        assert f"unreachable at {ar.url}" in report
+        assert f"migrations pending: the database is at {previous}" in report
+        assert "run `entraide migrate`" in report
+        assert "3 problem(s) found." in report
+
+        # Fixed with the commands it gave: passes again.
+        (es.keys_dir / "signing.key").chmod(0o600)
+        es.cli("migrate")
+        ar.start()
+        again = es.cli("doctor", check=False)
+        assert again.returncode == 0, again.stdout
+    finally:
+        ar.stop()
+
+
+def test_doctor_explains_invalid_settings_and_missing_keys(tmp_path: Path) -> None:
+    node = LocalNode(
+        "ES/MJ",
+        "x",
+        tmp_path / "none",
+        f"sqlite:///{tmp_path / 'none.db'}",
+        extra_env={"ENTRAIDE_LOG_FORMAT": "yaml"},
+    )
+    invalid = node.cli("doctor", check=False)
+    assert invalid.returncode == 1
+    assert "ENTRAIDE_LOG_FORMAT" in invalid.stdout
+    node.extra_env.clear()
+    missing = node.cli("doctor", check=False)
+    assert missing.returncode == 1
+    assert "run `entraide init`" in missing.stdout
+    assert "the database has no schema: run `entraide migrate`" in missing.stdout
+
+
+@pytest.mark.parametrize(
+    ("skew", "verdict"),
+    [(0, OK), (30, OK), (-74, OK), (76, WARN), (-200, WARN), (301, FAIL), (-3600, FAIL)],
+)
+def test_clock_verdict(skew: float, verdict: str) -> None:
+    assert clock_verdict(skew, 300) == verdict
+
+
+def test_skew_is_read_from_the_peers_date_header() -> None:
+    sent = datetime(2026, 11, 28, 10, 0, 0, tzinfo=UTC)
+    received = sent + timedelta(seconds=2)
+    ahead = format_datetime(sent + timedelta(seconds=601), usegmt=True)
+    assert skew_from_date_header(ahead, sent, received) == 600.0
+    behind = format_datetime(sent - timedelta(hours=1), usegmt=True)
+    assert skew_from_date_header(behind, sent, received) == -3601.0
+    with pytest.raises(ValueError, match="no Date header"):
+        skew_from_date_header(None, sent, received)

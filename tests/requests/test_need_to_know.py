@@ -1,0 +1,125 @@
+"""Need-to-know: a restricted request exists only for the officers named on it, and every
+read of it, allowed or refused, is an audit entry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.requests.conftest import Harness
+
+REFUSED = "refused_need_to_know"
+NEED_TO_KNOW = {
+    "confidential": True,
+    "level": "need_to_know",
+    "use_limitation": "Only in proceedings DP 1873/2026.",
+}
+
+
+def _officers(ar: Harness, request_id: str, names: list[str]) -> Any:
+    return ar.http.put(
+        f"/api/v1/admin/requests/{request_id}/officers",
+        headers=ar.as_("admin"),
+        json={"officers": names},
+    )
+
+
+def _listed(ar: Harness, client: str) -> set[str]:
+    items = ar.get("/api/v1/requests", client, limit=200).json()["items"]
+    return {item["id"] for item in items}
+
+
+def test_a_restricted_request_is_invisible_to_officers_not_named_on_it(ar: Harness) -> None:
+    request_id = ar.receive_request(confidentiality=NEED_TO_KNOW)
+    path = f"/api/v1/requests/{request_id}"
+    attachment = f"{path}/messages/{request_id}/attachments/1"
+
+    # Marked need-to-know by the requesting authority: it arrives seen by nobody.
+    for client in ("officer", "alice", "bob"):
+        response = ar.get(path, client)
+        assert (response.status_code, response.json()["error"]) == (404, "unknown_request")
+        assert request_id not in _listed(ar, client)
+    restricted = ar.get("/api/v1/admin/requests/restricted", "admin").json()
+    assert [
+        (r["id"], r["handling"], r["officers"]) for r in restricted if r["id"] == request_id
+    ] == [(request_id, "need_to_know", [])]
+
+    named = _officers(ar, request_id, ["alice"])
+    assert named.status_code == 200, named.text
+    assert named.json()["officers"] == ["alice"]
+    assert named.json()["restricted"] is True
+
+    reads_before = ar.audit("request.read")
+    allowed = ar.get(path, "alice")
+    assert allowed.status_code == 200
+    assert allowed.json()["restricted"] is True
+    assert allowed.json()["handling"] == "need_to_know"
+    refused = ar.get(path, "bob")
+    assert refused.status_code == 404
+    # Exactly what an id that was never used gets: nothing tells bob the request exists.
+    never = ar.get("/api/v1/requests/" + "0" * 32, "bob")
+    assert (refused.json(), refused.status_code) == (never.json(), never.status_code)
+    assert ar.audit("request.read")[len(reads_before) :] == [
+        ("client:alice", "ok", request_id),
+        ("client:bob", REFUSED, request_id),
+    ]
+
+    assert request_id in _listed(ar, "alice")
+    assert request_id not in _listed(ar, "bob")
+    assert ar.get(attachment, "alice").content == b"letter of request"
+    assert ar.get(attachment, "bob").status_code == 404
+    ack = {"document": {"type": "acknowledgement", "text": "Registered."}}
+    assert ar.post(f"{path}/messages", ack, "bob").status_code == 404
+    assert ar.post(f"{path}/messages", ack, "alice").status_code == 201
+    assert ar.audit("attachment.downloaded")[-2:] == [
+        ("client:alice", "ok", request_id),
+        ("client:bob", REFUSED, request_id),
+    ]
+    assert ar.audit("message.submitted")[-2:] == [
+        ("client:bob", REFUSED, request_id),
+        ("client:alice", "ok", request_id),
+    ]
+    assert ar.audit("request.restricted")[-1] == ("client:admin", "ok", request_id)
+
+    # The requesting authority's marking stands: the list can change, not be emptied.
+    lifted = _officers(ar, request_id, [])
+    assert (lifted.status_code, lifted.json()["error"]) == (409, "restriction_required")
+    moved = _officers(ar, request_id, ["bob"])
+    assert moved.json()["officers"] == ["bob"]
+    assert ar.get(path, "bob").status_code == 200
+    assert ar.get(path, "alice").status_code == 404
+
+
+def test_an_administrator_may_restrict_any_request_and_lift_it(ar: Harness) -> None:
+    request_id = ar.receive_request()
+    path = f"/api/v1/requests/{request_id}"
+    assert ar.get(path, "bob").json()["restricted"] is False
+    assert _officers(ar, request_id, ["alice", "alice"]).json()["officers"] == ["alice"]
+    assert ar.get(path, "bob").status_code == 404
+    lifted = _officers(ar, request_id, [])
+    assert lifted.json() | {"created_at": None} == {
+        "id": request_id,
+        "direction": "inbound",
+        "peer": "ES/MJ",
+        "handling": "no_tipping_off",
+        "restricted": False,
+        "officers": [],
+        "created_at": None,
+    }
+    assert ar.get(path, "bob").status_code == 200
+    assert ar.audit("request.unrestricted")[-1] == ("client:admin", "ok", request_id)
+
+
+def test_only_active_officers_can_be_named_and_only_by_an_administrator(ar: Harness) -> None:
+    request_id = ar.receive_request()
+    for names in (["auditor"], ["admin"], ["nobody"], ["alice", "nobody"]):
+        response = _officers(ar, request_id, names)
+        assert (response.status_code, response.json()["error"]) == (400, "unknown_officer")
+    assert ar.get(f"/api/v1/admin/requests/{request_id}/officers", "admin").json()["officers"] == []
+    as_officer = ar.http.put(
+        f"/api/v1/admin/requests/{request_id}/officers",
+        headers=ar.as_("alice"),
+        json={"officers": ["alice"]},
+    )
+    assert as_officer.status_code == 403
+    missing = _officers(ar, "0" * 32, ["alice"])
+    assert (missing.status_code, missing.json()["error"]) == (404, "unknown_request")

@@ -1,0 +1,239 @@
+"""The lifecycle through the API: field-level validation, and forbidden moves refused on both
+sides (the sender at submission, the receiver when the envelope arrives), storing nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import pytest
+
+from tests.requests.conftest import Harness, example_document
+
+ACK = {"type": "acknowledgement", "text": "Registered."}
+
+
+def _fields(response: Any) -> list[tuple[tuple[str | int, ...], str]]:
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["error"] == "invalid_request"
+    return [(tuple(field["loc"]), field["type"]) for field in body["fields"]]
+
+
+def _outbound(**changes: Any) -> dict[str, Any]:
+    document = example_document(requesting_authority="AR/MPF", requested_authority="ES/MJ")
+    document.update(changes)
+    return {"to": "ES/MJ", "document": document}
+
+
+# --- validation: every refusal names the field -----------------------------------------------
+
+
+def test_an_urgent_request_without_reason_or_date_is_refused(ar: Harness) -> None:
+    response = ar.post("/api/v1/requests", _outbound(urgency={"level": "urgent"}))
+    assert _fields(response) == [
+        (("body", "document", "urgency", "reason"), "urgency_reason_required"),
+        (("body", "document", "urgency", "requested_date"), "urgency_date_required"),
+    ]
+
+
+def test_an_unknown_legal_basis_is_refused(ar: Harness) -> None:
+    body = _outbound()
+    body["document"]["legal_basis"][0]["instrument"] = "HAGUE_1970"
+    assert _fields(ar.post("/api/v1/requests", body)) == [
+        (("body", "document", "legal_basis", 0, "instrument"), "enum")
+    ]
+
+
+def test_a_person_without_a_role_is_refused(ar: Harness) -> None:
+    body = _outbound()
+    del body["document"]["persons"][1]["role"]
+    assert _fields(ar.post("/api/v1/requests", body)) == [
+        (("body", "document", "persons", 1, "role"), "missing")
+    ]
+
+
+def test_a_refusal_without_reasons_is_refused(ar: Harness) -> None:
+    request_id = ar.receive_request()
+    assert ar.reply(request_id, ACK).status_code == 201
+    refusal = ar.reply(request_id, {"type": "refusal", "text": "We refuse."})
+    assert _fields(refusal) == [(("body", "document", "reasons"), "refusal_reasons_required")]
+    postponement = ar.reply(request_id, {"type": "postponement", "text": "Later."})
+    assert _fields(postponement) == [
+        (("body", "document", "reason"), "postponement_reason_required"),
+        (("body", "document", "until"), "postponement_until_required"),
+    ]
+    assert ar.status(request_id) == "acknowledged"
+    assert ar.messages(request_id) == 2
+
+
+def test_evidence_must_attest_the_hash_of_its_attachment(ar: Harness) -> None:
+    request_id = ar.receive_request()
+    for document in (ACK, {"type": "acceptance", "text": "Accepted."}):
+        assert ar.reply(request_id, document).status_code == 201
+    data = b"bank statements"
+    item = {
+        "ref": "E1",
+        "description": "Statements",
+        "obtained_at": "2026-11-19T15:00:00-03:00",
+        "sha256": hashlib.sha256(b"other bytes").hexdigest(),
+        "attachment": 1,
+        "use_limitation": "Proceedings DP 1873/2026 only.",
+    }
+    attachment = {"name": "s.txt", "content_base64": "YmFuayBzdGF0ZW1lbnRz"}
+    body = {"document": {"type": "result", "text": "x", "evidence": [item]}}
+    path = f"/api/v1/requests/{request_id}/messages"
+    refused = ar.post(path, {**body, "attachments": [attachment]})
+    assert _fields(refused) == [
+        (("body", "document", "evidence", 0, "sha256"), "evidence_hash_mismatch")
+    ]
+    assert _fields(ar.post(path, body)) == [
+        (("body", "document", "evidence", 0, "attachment"), "unknown_attachment")
+    ]
+    item["sha256"] = hashlib.sha256(data).hexdigest()
+    accepted = ar.post(path, {**body, "attachments": [attachment]})
+    assert accepted.status_code == 201, accepted.text
+    assert accepted.json()["status"] == "executed"
+
+
+# --- forbidden moves, at the sender ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("document", "code"),
+    [
+        ({"type": "result", "text": "Done."}, "transition_not_allowed"),
+        ({"type": "acceptance", "text": "Accepted."}, "transition_not_allowed"),
+        ({"type": "withdrawal", "text": "We withdraw."}, "message_not_allowed"),
+        ({"type": "status_query", "text": "News?"}, "message_not_allowed"),
+    ],
+)
+def test_the_sender_refuses_a_forbidden_move_before_sealing(
+    ar: Harness, document: dict[str, Any], code: str
+) -> None:
+    request_id = ar.receive_request()
+    response = ar.reply(request_id, document)
+    assert response.status_code == 409
+    assert response.json()["error"] == code
+    assert ar.status(request_id) == "delivered"
+    assert ar.messages(request_id) == 1  # nothing sealed, nothing queued
+    detail = ar.get(f"/api/v1/requests/{request_id}").json()
+    assert detail["allowed_messages"] == [
+        "acknowledgement",
+        "consultation",
+        "status_answer",
+        "note",
+    ]
+
+
+def test_nothing_moves_a_closed_request(ar: Harness) -> None:
+    request_id = ar.receive_request()
+    for document in (
+        ACK,
+        {"type": "acceptance", "text": "Accepted."},
+        {"type": "result", "text": "Done."},
+    ):
+        assert ar.reply(request_id, document).status_code == 201
+    assert ar.peer_sends(request_id, {"type": "closure", "text": "Thanks."}).status_code == 201
+    note = ar.reply(request_id, {"type": "note", "text": "One more thing."})
+    assert (note.status_code, note.json()["error"]) == (409, "transition_not_allowed")
+    assert ar.get(f"/api/v1/requests/{request_id}").json()["allowed_messages"] == []
+
+
+# --- forbidden moves, at the receiver -----------------------------------------------------------
+
+
+def _refused(
+    ar: Harness, request_id: str, document: dict[str, Any], code: str, status: int
+) -> None:
+    before = (ar.status(request_id), ar.messages(request_id), len(ar.audit("envelope.refused")))
+    response = ar.peer_sends(request_id, document)
+    assert response.status_code == status, response.text
+    assert response.json()["error"] == code
+    assert (ar.status(request_id), ar.messages(request_id)) == before[:2], "something was stored"
+    refusals = ar.audit("envelope.refused")
+    assert len(refusals) == before[2] + 1
+    assert refusals[-1] == ("peer:ES/MJ", code, None)
+
+
+def test_the_receiver_refuses_a_forbidden_move_and_stores_nothing(ar: Harness) -> None:
+    request_id = ar.receive_request()
+    assert ar.reply(request_id, ACK).status_code == 201
+    # A requesting authority never accepts or sends results ...
+    _refused(ar, request_id, {"type": "acceptance", "text": "x"}, "message_not_allowed", 409)
+    _refused(ar, request_id, {"type": "result", "text": "x"}, "message_not_allowed", 409)
+    # ... answers only a question that was asked, and closes only what was decided.
+    _refused(
+        ar,
+        request_id,
+        {"type": "additional_information", "text": "x"},
+        "transition_not_allowed",
+        409,
+    )
+    _refused(ar, request_id, {"type": "closure", "text": "x"}, "transition_not_allowed", 409)
+    # An allowed move still goes through afterwards.
+    assert (
+        ar.peer_sends(request_id, {"type": "withdrawal", "text": "No longer needed."}).status_code
+        == 201
+    )
+    assert ar.status(request_id) == "withdrawn"
+    _refused(ar, request_id, {"type": "status_query", "text": "x"}, "transition_not_allowed", 409)
+
+
+def test_a_message_that_overtook_its_predecessor_is_deferred_not_refused(ar: Harness) -> None:
+    request_id = ar.receive_request()
+    assert ar.reply(request_id, ACK).status_code == 201
+    assert (
+        ar.reply(request_id, {"type": "additional_information_request", "text": "?"}).status_code
+        == 201
+    )
+    # ES/MJ answers, then withdraws; the withdrawal arrives first (its answer is backing off).
+    answer = ar.seal_message(request_id, {"type": "additional_information", "text": "Here."})
+    answer_id = json.loads(answer.header)["msg_id"]
+    withdrawal = ar.seal_message(
+        request_id, {"type": "withdrawal", "text": "Withdrawn."}, in_reply_to=answer_id
+    )
+    early = ar.post_envelope(withdrawal)
+    assert (early.status_code, early.json()["error"]) == (425, "predecessor_missing")
+    assert ar.status(request_id) == "additional_information_requested"
+    assert ar.post_envelope(answer).status_code == 201
+    assert ar.status(request_id) == "additional_information_supplied"
+    assert ar.post_envelope(withdrawal).status_code == 201  # the sender's retry
+    assert ar.status(request_id) == "withdrawn"
+
+
+def test_evidence_from_a_peer_must_match_its_attachment(ar: Harness) -> None:
+    # Here AR/MPF is the requesting side: ES/MJ executes and sends results.
+    body = {
+        "to": "ES/MJ",
+        "document": example_document(requesting_authority="AR/MPF", requested_authority="ES/MJ"),
+    }
+    sent = ar.post("/api/v1/requests", body)
+    assert sent.status_code == 201, sent.text
+    request_id = sent.json()["id"]
+    ar.last_msg[request_id] = sent.json()["msg_id"]
+    for document in (ACK, {"type": "acceptance", "text": "Accepted."}):
+        assert ar.peer_sends(request_id, document).status_code == 201
+    item = {
+        "ref": "E1",
+        "description": "The letter",
+        "obtained_at": "2026-11-19T15:00:00Z",
+        "sha256": "0" * 64,  # the harness attaches "letter of request"
+        "attachment": 1,
+        "use_limitation": "Proceedings only.",
+    }
+    result = {"type": "result", "text": "x", "evidence": [item]}
+    _refused(ar, request_id, result, "invalid_content", 422)
+    item["sha256"] = hashlib.sha256(b"letter of request").hexdigest()
+    assert ar.peer_sends(request_id, result).status_code == 201
+    assert ar.status(request_id) == "executed"
+    shown = ar.get(f"/api/v1/requests/{request_id}").json()
+    assert shown["messages"][-1]["content"]["evidence"][0]["sha256"] == item["sha256"]
+    assert shown["allowed_messages"] == [
+        "consultation",
+        "closure",
+        "withdrawal",
+        "status_query",
+        "note",
+    ]

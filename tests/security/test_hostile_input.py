@@ -1,0 +1,210 @@
+"""Acceptance (issue 5, hostile input): size limits on bodies and headers, strict schemas,
+explicit error codes, closed CORS, and no input that produces a 500 — against a real node."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from app.config import Settings
+from app.localnodes import LocalNode
+from app.main import SECURITY_HEADERS, create_app
+from tests.security.conftest import headers, new_node, prepare
+
+MAX_BODY = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNode]:
+    local = new_node(
+        tmp_path_factory.mktemp("hostile"),
+        ENTRAIDE_MAX_BODY_BYTES=str(MAX_BODY),
+        ENTRAIDE_MAX_ENVELOPE_PARTS="4",
+        ENTRAIDE_MAX_HEADER_BYTES="2048",
+    )
+    try:
+        prepare([local])
+        yield local
+    finally:
+        local.stop()
+
+
+def _raw(node: LocalNode, request: bytes) -> bytes:
+    """What the node answers to bytes no well-behaved client would send."""
+    with socket.create_connection(("127.0.0.1", node.port), timeout=10) as sock:
+        sock.sendall(request)
+        return sock.recv(4096)
+
+
+def _error(response: httpx.Response, status: int, code: str) -> None:
+    assert (response.status_code, response.json()["error"]) == (status, code), response.text
+    assert set(response.json()) <= {"error", "detail", "fields"}
+    for name, value in SECURITY_HEADERS:
+        assert response.headers.get(name.decode()) == value.decode()
+
+
+def test_bodies_over_the_limit_are_refused_before_anything_else(node: LocalNode) -> None:
+    big = b"{" + b" " * MAX_BODY + b"}"
+    # No token at all: the size is checked first, so no authentication work is done.
+    _error(httpx.post(node.url + "/api/v1/requests", content=big), 413, "too_large")
+    _error(httpx.post(node.url + "/p2p/v1/envelopes", content=big), 413, "too_large")
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(MAX_BODY // 1024 + 2):
+            yield b" " * 1024
+
+    _error(httpx.post(node.url + "/p2p/v1/envelopes", content=chunks()), 413, "too_large")
+    lying = b"POST /p2p/v1/envelopes HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n"
+    assert _raw(node, lying).startswith(b"HTTP/1.1 413")
+
+
+def test_headers_over_the_limit_are_refused(node: LocalNode) -> None:
+    _error(
+        httpx.get(node.url + "/healthz", headers={"x-padding": "a" * 9000}),
+        413,
+        "headers_too_large",
+    )
+    many = {f"x-h{number}": "v" * 90 for number in range(100)}
+    _error(httpx.get(node.url + "/healthz", headers=many), 413, "headers_too_large")
+    _error(httpx.get(node.url + "/healthz?" + "q=1&" * 2500), 413, "headers_too_large")
+    # Beyond what the HTTP parser buffers at all: refused by the server, not a 500.
+    response = httpx.get(node.url + "/healthz", headers={"x-padding": "a" * 70_000})
+    assert 400 <= response.status_code < 500
+
+
+def test_envelope_caps_apply_before_any_cryptography(node: LocalNode) -> None:
+    parts = ["AAAA"] * 5
+    wire = {"v": 1, "header": "e30=", "signature": "A" * 88, "parts": parts}
+    _error(httpx.post(node.url + "/p2p/v1/envelopes", json=wire), 413, "too_large")
+    wire = {"v": 1, "header": "A" * 4000, "signature": "A" * 88, "parts": ["AAAA"]}
+    _error(httpx.post(node.url + "/p2p/v1/envelopes", json=wire), 413, "too_large")
+
+
+def _closed_objects(schema: dict[str, Any]) -> list[str]:
+    """Names of request-body object schemas that accept unknown members (should be none)."""
+    components = schema["components"]["schemas"]
+    seen: set[str] = set()
+    open_ones: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            reference = node.get("$ref")
+            if isinstance(reference, str):
+                name = reference.rsplit("/", 1)[1]
+                if name not in seen:
+                    seen.add(name)
+                    target = components[name]
+                    if target.get("type") == "object" and "properties" in target:
+                        if target.get("additionalProperties") is not False:
+                            open_ones.append(name)
+                    walk(target)
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    for path in schema["paths"].values():
+        for operation in path.values():
+            walk(operation.get("requestBody", {}))
+    return open_ones
+
+
+def test_every_request_body_schema_refuses_unknown_fields() -> None:
+    schema = create_app(Settings()).openapi()
+    assert _closed_objects(schema) == []
+
+
+def test_unknown_fields_and_wrong_types_are_422_without_echo(node: LocalNode) -> None:
+    with node.client("officer") as http:
+        response = http.post("/api/v1/requests", json={"to": "AR/MPF", "sneaky": "VALUE-X"})
+        _error(response, 422, "invalid_request")
+        assert "extra_forbidden" in {field["type"] for field in response.json()["fields"]}
+        assert "VALUE-X" not in response.text
+    with node.client("admin") as http:
+        body = {"url": "http://127.0.0.1:1", "fingerprint": "00", "pin_anything": True}
+        _error(http.post("/api/v1/admin/peers", json=body), 422, "invalid_request")
+
+
+HOSTILE_BODIES: list[bytes] = [
+    b"[" * 100_000 + b"]" * 100_000,  # nesting deep enough to exhaust a recursive parser
+    b'{"to": ' + b"9" * 5000 + b"}",  # an integer too long to convert
+    b"\xff\xfe{}",  # not UTF-8
+    b'{"to": "\\ud800"}',  # a lone surrogate
+    b"",
+    b"null",
+    json.dumps({"document": {"persons": [{}] * 5000}}).encode(),
+]
+
+
+@pytest.mark.parametrize("body", HOSTILE_BODIES, ids=range(len(HOSTILE_BODIES)))
+def test_hostile_bodies_never_cause_a_server_error(node: LocalNode, body: bytes) -> None:
+    typed = {"content-type": "application/json"}
+    for token, path in (
+        ("officer", "/api/v1/requests"),
+        ("officer", f"/api/v1/requests/{'0' * 32}/messages"),
+        ("admin", "/api/v1/admin/peers"),
+        (None, "/p2p/v1/envelopes"),
+    ):
+        auth = headers(node, token) if token else {}
+        response = httpx.post(node.url + path, content=body, headers={**typed, **auth}, timeout=30)
+        assert 400 <= response.status_code < 500, (path, response.status_code, response.text)
+        assert response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "javascript:alert(1)",
+        "file:///etc/passwd",
+        "http://user:secret@127.0.0.1:1",
+        "http://127.0.0.1:1/?q=1",
+        "http://127.0.0.1:1#x",
+        "http://",
+        "http://127.0.0.1:1",  # nothing listens there
+        "http://[::1",
+        "\x00",
+    ],
+)
+def test_hostile_peer_urls_are_refused_with_a_code(node: LocalNode, url: str) -> None:
+    with node.client("admin") as http:
+        response = http.post("/api/v1/admin/peers", json={"url": url, "fingerprint": "00" * 32})
+    assert response.status_code in (400, 502), response.text
+    assert response.json()["error"] in {"invalid_peer_url", "peer_unreachable"}
+
+
+def test_cors_is_closed_and_methods_answer_with_allow(node: LocalNode) -> None:
+    origin = {"origin": "https://evil.example", "access-control-request-method": "POST"}
+    preflight = httpx.options(node.url + "/api/v1/requests", headers=origin)
+    assert preflight.status_code == 405
+    assert "access-control-allow-origin" not in preflight.headers
+    assert (
+        "access-control-allow-origin"
+        not in httpx.get(node.url + "/healthz", headers=origin).headers
+    )
+    wrong = httpx.request("DELETE", node.url + "/api/v1/requests")
+    _error(wrong, 405, "method_not_allowed")
+    assert wrong.headers["allow"]
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/api/v1/requests/..%2f..%2fadmin",
+        "/api/v1/requests/%00",
+        "/api/v1/requests/" + "f" * 5000,
+        "/p2p/v1/audit/consistency?first=-1&second=99999999999999999999999",
+        "/%ff%fe",
+    ],
+)
+def test_odd_targets_are_4xx(node: LocalNode, target: str) -> None:
+    auth = f"Bearer {node.tokens['officer']}"
+    request = f"GET {target} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n\r\n"
+    status_line = _raw(node, request.encode()).split(b"\r\n", 1)[0]
+    status = int(status_line.split()[1])
+    assert 400 <= status < 500, (target, status_line)

@@ -1,0 +1,101 @@
+"""Acceptance 6: key files — permissions and optional passphrase protection — with real
+`entraide` processes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from app.crypto.keyfile import KeyFileError, decode_key_file, encode_key_file, read_passphrase
+from app.localnodes import LocalNode
+from tests.security.conftest import new_node
+
+PASSPHRASE = "correct horse battery staple, but longer"
+
+
+def _serve(node: LocalNode, **env: str) -> tuple[int, str]:
+    node.extra_env.update(env)
+    result = node.cli("serve", "--port", str(node.port), check=False)
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_a_key_file_readable_by_others_stops_the_node(tmp_path: Path) -> None:
+    node = new_node(tmp_path)
+    node.init()
+    key = node.keys_dir / "signing.key"
+    assert key.stat().st_mode & 0o777 == 0o600
+    key.chmod(0o644)
+    code, output = _serve(node)
+    assert code == 1
+    assert f"{key} is accessible by group or others (mode 0644)" in output
+    assert f"run: chmod 600 {key}" in output
+
+
+def test_passphrase_protected_keys(tmp_path: Path) -> None:
+    node = new_node(tmp_path, ENTRAIDE_KEY_PASSPHRASE=PASSPHRASE)
+    node.init()
+    for name in ("signing.key", "encryption.key", "log.key"):
+        document = json.loads((node.keys_dir / name).read_bytes())
+        assert document["v"] == 2
+        assert "secret" not in document
+        assert document["kdf"]["alg"] == "argon2id13"
+
+    del node.extra_env["ENTRAIDE_KEY_PASSPHRASE"]
+    code, output = _serve(node)
+    assert code == 1
+    assert "is protected by a passphrase; set ENTRAIDE_KEY_PASSPHRASE" in output
+
+    code, output = _serve(node, ENTRAIDE_KEY_PASSPHRASE="not the passphrase")
+    assert code == 1
+    assert "does not open with the configured passphrase" in output
+    assert "not the passphrase" not in output
+
+    # From a file: refused while others can read it, used once it is private.
+    secret = tmp_path / "passphrase"
+    secret.write_text(PASSPHRASE + "\n")
+    secret.chmod(0o640)
+    del node.extra_env["ENTRAIDE_KEY_PASSPHRASE"]
+    code, output = _serve(node, ENTRAIDE_KEY_PASSPHRASE_FILE=str(secret))
+    assert code == 1
+    assert f"{secret} is accessible by group or others" in output
+    secret.chmod(0o600)
+    node.start()
+    node.stop()
+    assert PASSPHRASE not in node.log_path.read_text()
+
+
+def test_keys_protect_encrypts_an_existing_node(tmp_path: Path) -> None:
+    node = new_node(tmp_path)
+    node.init()
+    before = node.cli("keys", "show").stdout
+    node.extra_env["ENTRAIDE_KEY_PASSPHRASE"] = PASSPHRASE
+    assert "3 key files are protected" in node.cli("keys", "protect").stdout
+    assert node.cli("keys", "show").stdout == before
+    del node.extra_env["ENTRAIDE_KEY_PASSPHRASE"]
+    assert node.cli("keys", "show", check=False).returncode == 1
+
+
+def test_a_protected_file_of_one_kind_does_not_open_as_another() -> None:
+    sealed = encode_key_file("encryption", bytes(range(32)), passphrase=b"pw")
+    assert decode_key_file(sealed, kind="encryption", passphrase=b"pw")[0] == bytes(range(32))
+    relabelled = json.dumps({**json.loads(sealed), "kind": "signing"}).encode()
+    with pytest.raises(KeyFileError, match="is not a signing key file"):
+        decode_key_file(relabelled, kind="signing", passphrase=b"pw")
+
+
+def test_passphrase_sources(tmp_path: Path) -> None:
+    assert read_passphrase(None, None) is None
+    assert read_passphrase("x", None) == b"x"
+    with pytest.raises(KeyFileError, match="not both"):
+        read_passphrase("x", tmp_path / "file")
+    with pytest.raises(KeyFileError, match="empty"):
+        read_passphrase("", None)
+    path = tmp_path / "file"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, b"\xff\xfe\n")
+    os.close(fd)
+    with pytest.raises(KeyFileError, match="not UTF-8"):
+        read_passphrase(None, path)

@@ -1,0 +1,142 @@
+"""Acceptance (issue 5, clients): failed authentications are audited and rate-limited per
+source address and per client, across processes, and bound what anonymous callers can write.
+
+Two `entraide serve` processes share one node's database: refusals counted by one count for
+the other. Callers use distinct loopback source addresses (127.0.0.x) to stand for distinct
+machines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from app.db import make_engine
+from app.localnodes import LocalNode, free_port
+from app.models import AuditEntry, AuthThrottle
+from tests.security.conftest import new_node
+
+LIMIT = 4
+LIMITS = {
+    "ENTRAIDE_AUTH_FAILURE_LIMIT": str(LIMIT),
+    "ENTRAIDE_AUTH_FAILURE_WINDOW_SECONDS": "120",
+    "ENTRAIDE_AUTH_BLOCK_SECONDS": "90",
+    "ENTRAIDE_P2P_REFUSAL_LIMIT": "3",
+}
+
+
+def client_from(address: str) -> httpx.Client:
+    return httpx.Client(transport=httpx.HTTPTransport(local_address=address), timeout=30.0)
+
+
+def count(node: LocalNode, action: str) -> int:
+    engine = make_engine(node.database_url)
+    try:
+        with engine.connect() as connection:
+            statement = select(func.count()).select_from(AuditEntry)
+            return int(connection.scalar(statement.where(AuditEntry.action == action)) or 0)
+    finally:
+        engine.dispose()
+
+
+def throttle_row(node: LocalNode, key: str) -> AuthThrottle | None:
+    engine = make_engine(node.database_url)
+    try:
+        with engine.connect() as connection:
+            statement = select(AuthThrottle).where(AuthThrottle.key == key)
+            row = connection.execute(statement).one_or_none()
+            return AuthThrottle(**row._asdict()) if row is not None else None
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalNode, ...]]:
+    first = new_node(tmp_path_factory.mktemp("throttle"), **LIMITS)
+    # The LocalNode defaults lift the limits for other suites; these tests want them low.
+    first.init()
+    first.create_client("officer", "officer")
+    first.create_client("gone", "officer")
+    first.cli("clients", "revoke", "gone")
+    second = replace(first, port=free_port(), process=None)
+    try:
+        first.start()
+        second.start()
+        yield first, second
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_failures_from_one_address_are_limited_across_processes(
+    two_processes: tuple[LocalNode, ...],
+) -> None:
+    first, second = two_processes
+    bad = {"authorization": "Bearer ent_guessing"}
+    with client_from("127.0.0.2") as http:
+        # No credentials at all: refused, neither audited nor counted.
+        assert http.get(first.url + "/api/v1/requests").status_code == 401
+        statuses = [
+            http.get(node.url + "/api/v1/requests", headers=bad).status_code
+            for node in (first, second, first, second)
+        ]
+        assert statuses == [401] * LIMIT
+        blocked = http.get(second.url + "/api/v1/requests", headers=bad)
+        assert blocked.status_code == 429
+        assert blocked.json()["error"] == "rate_limited"
+        assert 0 < int(blocked.headers["retry-after"]) <= 90
+        # Blocked means blocked: even a valid token is not looked at from this address.
+        officer = {"authorization": f"Bearer {first.tokens['officer']}"}
+        assert http.get(first.url + "/api/v1/requests", headers=officer).status_code == 429
+        audited = count(first, "auth.failed")
+        for _ in range(20):
+            assert http.get(first.url + "/api/v1/requests", headers=bad).status_code == 429
+    # Twenty more refusals, no more audit entries: only a counter moved.
+    assert count(first, "auth.failed") == audited == LIMIT
+    assert count(first, "auth.throttled") == 1
+    row = throttle_row(first, "address:127.0.0.2")
+    assert row is not None
+    assert row.suppressed >= 21
+    # Another address is not affected.
+    with client_from("127.0.0.3") as http:
+        assert http.get(second.url + "/api/v1/requests", headers=officer).status_code == 200
+
+
+def test_a_revoked_clients_token_is_limited_whatever_the_address(
+    two_processes: tuple[LocalNode, ...],
+) -> None:
+    first, second = two_processes
+    revoked = {"authorization": f"Bearer {first.tokens['gone']}"}
+    answers = []
+    for number in range(LIMIT + 1):
+        with client_from(f"127.0.1.{number + 1}") as http:
+            node = (first, second)[number % 2]
+            response = http.get(node.url + "/api/v1/audit", headers=revoked)
+            answers.append((response.status_code, response.json()["error"]))
+    assert answers[:LIMIT] == [(401, "revoked_token")] * LIMIT
+    assert answers[LIMIT] == (429, "rate_limited")
+
+
+def test_refused_envelopes_from_one_address_stop_being_audited(
+    two_processes: tuple[LocalNode, ...],
+) -> None:
+    first, second = two_processes
+    before = count(first, "envelope.refused")
+    with client_from("127.0.2.1") as http:
+        statuses = [
+            http.post(node.url + "/p2p/v1/envelopes", json={"v": 1}).status_code
+            for node in (first, second, first)
+        ]
+        assert statuses == [400, 400, 400]
+        for _ in range(10):
+            response = http.post(second.url + "/p2p/v1/envelopes", json={"garbage": True})
+            assert response.status_code == 429
+            assert int(response.headers["retry-after"]) > 0
+    assert count(first, "envelope.refused") == before + 3
+    with client_from("127.0.2.2") as http:
+        response = http.post(first.url + "/p2p/v1/envelopes", json={"v": 1})
+        assert (response.status_code, response.json()["error"]) == (400, "malformed_envelope")
