@@ -23,5 +23,12 @@ lint: $(BIN)/.installed
 test: lint
 	$(BIN)/pytest -q
 
+# Every benchmark at moderate sizes (about 25 minutes on a 2-core machine); each prints its
+# figures and writes bench/results/NAME.json. docs/benchmarks.md has the full-size runs.
+bench: $(BIN)/.installed
+	$(BIN)/python bench/throughput.py --runs 3 --duration 8 --prefill 100000
+	$(BIN)/python bench/audit.py --entries 100000 --runs 1
+	$(BIN)/python bench/soak.py --requests 100
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

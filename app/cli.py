@@ -32,6 +32,7 @@ from app.crypto.keys import (
 )
 from app.db import unit_of_work
 from app.errors import EntraideError
+from app.evidence.cli import requests_app
 from app.migrate import pending, upgrade
 from app.node import Node, key_passphrase, load_node
 from app.peers.client import peer_http_client
@@ -49,6 +50,7 @@ app.add_typer(audit_app, name="audit")
 cli_security.register(keys_app, peers_app)
 deliveries_app = typer.Typer(no_args_is_help=True, help="Outbound deliveries (operators).")
 app.add_typer(deliveries_app, name="deliveries")
+app.add_typer(requests_app, name="requests")  # app/evidence/cli.py
 
 
 def _operator() -> str:

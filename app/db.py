@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import PoolProxiedConnection
 
 BUSY_TIMEOUT_SECONDS = 30
+MUTEX_WAIT_SECONDS = 10
 _HOLDS_WRITER = "entraide_holds_writer"
 _CHANGES = "entraide_changes_at_begin"
 _GROUP_SYNC = "entraide_group_sync"
@@ -49,9 +50,9 @@ class _SQLiteWriters:
     def begin(self, connection: Any) -> None:
         info = connection.info
         if not info.get(_HOLDS_WRITER):
-            # Past the busy timeout, go on without it and let SQLite's own wait decide, as
-            # before (a transaction nested in another of the same thread fails, not hangs).
-            info[_HOLDS_WRITER] = self._mutex.acquire(timeout=BUSY_TIMEOUT_SECONDS)
+            # Past a while, go on without it and let SQLite's own busy wait decide, as before
+            # (a transaction nested in another of the same thread fails, it does not hang).
+            info[_HOLDS_WRITER] = self._mutex.acquire(timeout=MUTEX_WAIT_SECONDS)
         info[_CHANGES] = connection.connection.dbapi_connection.total_changes
 
     def end(self, pooled: Any, *, committed: bool) -> None:
@@ -67,10 +68,13 @@ class _SQLiteWriters:
             and before is not None
             and before != pooled.dbapi_connection.total_changes
         )
-        if info.pop(_HOLDS_WRITER, False):
-            self._mutex.release()
+        self.release(info)
         if wrote:
             self._durable()
+
+    def release(self, info: dict[Any, Any]) -> None:
+        if info.pop(_HOLDS_WRITER, False):
+            self._mutex.release()
 
     def _durable(self) -> None:
         with self._sync:
@@ -143,6 +147,12 @@ def _configure_sqlite(engine: Engine) -> None:
         # IMMEDIATE takes the write lock up front: a deferred transaction that later writes
         # can fail with SQLITE_BUSY without waiting, which busy_timeout cannot help.
         connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
+        # Normally released at COMMIT or ROLLBACK; this catches a connection invalidated
+        # mid-transaction (closed without either), so the mutex is never lost with it.
+        writers.release(record.info)
 
     # After the statement, not before it as the engine's commit/rollback events are: the
     # pool's reset on return goes through do_rollback too.

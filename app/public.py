@@ -8,7 +8,11 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
+from app.crypto.encoding import utc_now
+from app.db import unit_of_work
+from app.delivery.outbox import queue_stats
 from app.deps import PUBLIC, AnyRoleDep, NodeDep
+from app.node import Node
 from app.obs.health import OK, readiness
 
 router = APIRouter(tags=["public"], dependencies=[Depends(PUBLIC)])
@@ -37,7 +41,22 @@ def readyz(request: Request, node: NodeDep) -> JSONResponse:
     thread: threading.Thread | None = request.app.state.worker_thread
     checks = readiness(node, heads=request.app.state.migration_heads, worker=thread)
     failing = [name for name, value in checks.items() if value != OK]
-    return JSONResponse(
-        {"status": "not_ready" if failing else "ready", "checks": checks, "failing": failing},
-        status_code=503 if failing else 200,
-    )
+    body: dict[str, Any] = {
+        "status": "not_ready" if failing else "ready",
+        "checks": checks,
+        "failing": failing,
+    }
+    if "database" not in failing:
+        body["delivery"] = _backlog(node)
+    return JSONResponse(body, status_code=503 if failing else 200)
+
+
+def _backlog(node: Node) -> dict[str, Any]:
+    """The delivery backlog, for operators and load balancers: counts and oldest age."""
+    try:
+        with unit_of_work(node.sessions) as session:
+            stats = queue_stats(session)
+    except Exception as exc:  # readiness never fails on its own report
+        return {"error": type(exc).__name__}
+    age = (utc_now() - stats.oldest_pending_at).total_seconds() if stats.oldest_pending_at else 0
+    return {"by_state": stats.by_state, "oldest_pending_age_seconds": round(age, 1)}

@@ -1,25 +1,21 @@
-"""Large evidence: one attachment streamed, encrypted, transferred, checked and decrypted.
+"""Large evidence between two nodes: one attachment uploaded, sealed, sent, downloaded.
 
     python bench/evidence.py [--size 1GiB] [--runs 3]
 
-What each run measures, all on the same file of random bytes:
+Two `entraide serve` processes on loopback (app/localnodes.py, SQLite, shipped defaults but
+quiet logs). Each run, on the same file of random bytes:
 
+- throughput: from the first byte uploaded to ES/MJ's local API (one streamed PATCH; the node
+  encrypts and hashes as it receives) to the last byte downloaded from AR/MPF (streamed
+  decryption, final tag and manifest SHA-256 checked), through submission, the part transfer
+  between the nodes (checked chunk by chunk by the receiver) and the signed receipt;
+- peak resident memory of each node process (VmHWM), over all runs so far;
 - ceiling: this machine's single-pass hash-and-encrypt speed (SHA-256 of the plaintext,
   secretstream push, SHA-256 of the ciphertext, 1 MiB chunks), one core, file in page cache;
-- gpg: `gpg --symmetric` (AES-256, passphrase, no compression) on the same file;
-- throughput: the evidence pipeline end to end, in two separate processes. The sender
-  process reads the file and encrypts it into its blob store (app.evidence.stream.PartWriter),
-  then streams the blob to the receiver process over loopback TCP; the receiver writes it
-  into its own blob store while hashing it, checks length and ciphertext SHA-256, then
-  decrypts it streaming (final tag required) and checks the plaintext SHA-256, as a download
-  does. Peak resident memory of each process is reported.
+- gpg: `gpg --symmetric` (AES-256, passphrase, no compression) on the same file.
 
-LIMITATION (stated, not hidden): the two processes are the evidence pipeline of app/evidence,
-not `entraide serve` nodes: the node's upload API and the peer part-transfer endpoints are not
-built yet, so the transfer is raw TCP, not HTTP between nodes.
-
-Prints the figures, writes bench/results/evidence.json, and prints the summary as its last
-line, one JSON object.
+Prints each run, writes bench/results/evidence.json, and prints the summary (medians; peak
+memory as the maximum) as its last line, one JSON object.
 """
 
 from __future__ import annotations
@@ -31,16 +27,17 @@ import os
 import re
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import httpx
 import nacl.bindings as sodium
 
 from app.crypto.envelope import (
@@ -50,15 +47,8 @@ from app.crypto.envelope import (
     part_ad,
     part_key,
 )
-from app.evidence.blobstore import DirectoryBlobStore
-from app.evidence.stream import (
-    CIPHER_CHUNK,
-    PartWriter,
-    check_blob,
-    decrypt_stream,
-    read_blob,
-)
-from bench._common import machine, median, medians, write_results
+from app.localnodes import LocalNode
+from bench._common import machine, medians, write_results
 
 KEY = bytes(range(32))
 MSG_ID = bytes(16)
@@ -78,90 +68,6 @@ def parse_size(text: str) -> int:
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-# --- roles (child processes) --------------------------------------------------------------
-
-
-def sender(path: Path, root: Path, port: int) -> dict[str, Any]:
-    size = path.stat().st_size
-    store = DirectoryBlobStore(root)
-    wall_started = time.time()  # compared across processes: wall clock
-    started = time.perf_counter()
-    writer = PartWriter.open(
-        store, "bench-upload", key=PART_KEY, ad=AD, stream_header=STREAM_HEADER, size=size
-    )
-    with path.open("rb") as source:
-        while piece := source.read(256 * 1024):
-            writer.write(piece)
-    part = writer.finalise(store)
-    encrypted = time.perf_counter()
-    with socket.create_connection(("127.0.0.1", port), timeout=60) as connection:
-        header = json.dumps(
-            {"length": part.length, "sha256": part.digest, "plain": part.plaintext_sha256}
-        ).encode()
-        connection.sendall(len(header).to_bytes(4, "big") + header)
-        with store.open(part.digest) as blob:
-            connection.sendfile(blob)
-        connection.shutdown(socket.SHUT_WR)
-        answer = connection.recv(4096)
-    done = time.perf_counter()
-    return {
-        "wall_started": wall_started,
-        "encrypt_s": encrypted - started,
-        "send_s": done - encrypted,
-        "receiver_answer": answer.decode(),
-        "peak_rss_mib": peak_rss_mib(),
-    }
-
-
-def receiver(root: Path, ready: Path) -> dict[str, Any]:
-    store = DirectoryBlobStore(root)
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        ready.write_text(str(server.getsockname()[1]))
-        connection, _ = server.accept()
-        with connection:
-            length_prefix = connection.recv(4, socket.MSG_WAITALL)
-            meta = json.loads(
-                connection.recv(int.from_bytes(length_prefix, "big"), socket.MSG_WAITALL)
-            )
-            started = time.perf_counter()
-            digest = hashlib.sha256()
-            received = 0
-            with store.upload("bench-receive") as upload:
-                while chunk := connection.recv(CIPHER_CHUNK):
-                    received += len(chunk)
-                    if received > meta["length"]:
-                        raise SystemExit("longer than declared")
-                    digest.update(chunk)
-                    upload.write(chunk)
-                if received != meta["length"] or digest.hexdigest() != meta["sha256"]:
-                    connection.sendall(b"refused")
-                    raise SystemExit("part refused: length or hash")
-                store.finalise(upload, meta["sha256"])
-            received_at = time.perf_counter()
-            # The download: ciphertext hash checked before any plaintext, then decrypted.
-            with store.open(meta["sha256"]) as blob:
-                check_blob(blob, length=meta["length"], sha256=meta["sha256"])
-            plain = 0
-            with store.open(meta["sha256"]) as blob:
-                for message in decrypt_stream(
-                    read_blob(blob),
-                    key=PART_KEY,
-                    ad=AD,
-                    stream_header=STREAM_HEADER,
-                    plaintext_sha256=meta["plain"],
-                ):
-                    plain += len(message)
-            connection.sendall(b"ok")
-    done = time.perf_counter()
-    return {
-        "wall_done": time.time(),
-        "receive_s": received_at - started,
-        "download_s": done - received_at,
-        "plaintext_bytes": plain,
-        "peak_rss_mib": peak_rss_mib(),
-    }
 
 
 # --- measurements in the parent -----------------------------------------------------------
@@ -222,63 +128,94 @@ def gpg(path: Path, workdir: Path) -> float | None:
     return path.stat().st_size / MIB / elapsed
 
 
-def pipeline(path: Path, workdir: Path) -> dict[str, Any]:
-    for name in ("sender-blobs", "receiver-blobs"):
-        shutil.rmtree(workdir / name, ignore_errors=True)
-    ready = workdir / "port"
-    ready.unlink(missing_ok=True)
-    me = [sys.executable, str(Path(__file__).resolve())]
+# --- between two `entraide serve` nodes -----------------------------------------------------
+
+
+def vm_hwm_mib(pid: int) -> float:
+    """Peak resident memory of a running process (VmHWM), MiB."""
+    text = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(r"^VmHWM:\s*(\d+) kB", text, re.MULTILINE)
+    return int(match.group(1)) / 1024 if match else float("nan")
+
+
+def start_nodes(workdir: Path) -> tuple[Any, Any]:
+    nodes = []
+    for authority, name in (("ES/MJ", "Ministerio de Justicia"), ("AR/MPF", "Ministerio Publico")):
+        label = authority.split("/")[0].lower()
+        node = LocalNode(
+            authority,
+            name,
+            workdir / label,
+            f"sqlite:///{workdir / label}.db",
+            extra_env={"ENTRAIDE_LOG_LEVEL": "WARNING"},
+        )
+        node.init()
+        node.create_client("officer", "officer")
+        node.create_client("admin", "admin")
+        node.start()
+        nodes.append(node)
+    es, ar = nodes
+    es.pin(ar)
+    ar.pin(es)
+    return es, ar
+
+
+def _example() -> dict[str, Any]:
+    body: dict[str, Any] = json.loads(
+        (Path(__file__).resolve().parents[1] / "docs" / "examples" / "request.json").read_text()
+    )
+    body.pop("attachments", None)
+    return body
+
+
+def between_nodes(path: Path, es: Any, ar: Any) -> dict[str, Any]:
+    """Upload to ES's local API, seal, transfer to AR, receipt back, download at AR."""
+    size = path.stat().st_size
+    body = _example()
+    body["attachments"] = [{"name": path.name, "size": size}]
     started = time.perf_counter()
-    receiving = subprocess.Popen(
-        [
-            *me,
-            "--role",
-            "receiver",
-            "--root",
-            str(workdir / "receiver-blobs"),
-            "--ready",
-            str(ready),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    while not ready.exists() or not ready.read_text():
-        time.sleep(0.01)
-    sending = subprocess.run(
-        [
-            *me,
-            "--role",
-            "sender",
-            "--root",
-            str(workdir / "sender-blobs"),
-            "--file",
-            str(path),
-            "--port",
-            ready.read_text(),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    out, _ = receiving.communicate(timeout=3600)
-    elapsed = time.perf_counter() - started
-    if receiving.returncode != 0:
-        raise SystemExit("receiver failed")
-    sent, got = json.loads(sending.stdout.splitlines()[-1]), json.loads(out.splitlines()[-1])
-    if got["plaintext_bytes"] != path.stat().st_size or sent["receiver_answer"] != "ok":
-        raise SystemExit("the pipeline did not deliver the file intact")
-    data_path = got["wall_done"] - sent["wall_started"]
+    with es.client("officer") as http:
+        http.timeout = httpx.Timeout(600.0)
+        draft = http.post("/api/v1/evidence/drafts", json=body).json()
+        href = draft["attachments"][0]["href"]
+
+        def read_file() -> Iterator[bytes]:
+            with path.open("rb") as source:
+                while data := source.read(MIB):
+                    yield data
+
+        response = http.patch(
+            href, content=read_file(), headers={"upload-offset": "0", "content-length": str(size)}
+        )
+        if response.headers.get("upload-complete") != "?1":
+            raise SystemExit(f"upload failed: {response.status_code} {response.text}")
+        uploaded = time.perf_counter()
+        submitted = http.post(f"/api/v1/evidence/drafts/{draft['id']}/submit").json()
+        request_id = submitted["id"]
+        while True:
+            view = http.get(f"/api/v1/requests/{request_id}").json()
+            if view["messages"][0]["receipt"]:
+                break
+            time.sleep(0.05)
+    delivered = time.perf_counter()
+    with ar.client("officer") as http:
+        http.timeout = httpx.Timeout(600.0)
+        entry = http.get(f"/api/v1/requests/{request_id}").json()["messages"][0]["attachments"][0]
+        digest = hashlib.sha256()
+        received = 0
+        with http.stream("GET", entry["href"]) as response:
+            for data in response.iter_bytes(MIB):
+                digest.update(data)
+                received += len(data)
+    done = time.perf_counter()
+    if received != size or digest.hexdigest() != entry["sha256"]:
+        raise SystemExit("the file did not arrive intact")
     return {
-        # From the sender's first byte read to the receiver's last byte decrypted and checked,
-        # both processes already running (as nodes are); elapsed_s adds their start-up.
-        "throughput_mib_s": path.stat().st_size / MIB / data_path,
-        "data_path_s": data_path,
-        "elapsed_s": elapsed,
-        "encrypt_s": sent["encrypt_s"],
-        "transfer_s": got["receive_s"],
-        "download_s": got["download_s"],
-        "peak_rss_mib_sender": sent["peak_rss_mib"],
-        "peak_rss_mib_receiver": got["peak_rss_mib"],
+        "throughput_mib_s": size / MIB / (done - started),
+        "elapsed_s": done - started,
+        "upload_s": uploaded - started,
+        "transfer_s": delivered - uploaded,
+        "download_s": done - delivered,
     }
 
 
@@ -286,20 +223,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=parse_size, default=parse_size("64MiB"))
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--role", choices=["sender", "receiver"])
-    parser.add_argument("--root", type=Path)
-    parser.add_argument("--ready", type=Path)
-    parser.add_argument("--file", type=Path)
-    parser.add_argument("--port", type=int)
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
-    if args.role == "sender":
-        print(json.dumps(sender(args.file, args.root, args.port)))
-        return
-    if args.role == "receiver":
-        print(json.dumps(receiver(args.root, args.ready)))
-        return
-
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         workdir = Path(tmp)
         path = workdir / "evidence.bin"
@@ -309,16 +234,19 @@ def main() -> None:
                 out.write(os.urandom(min(left, 8 * MIB)))
                 left -= min(left, 8 * MIB)
         runs = []
-        for number in range(args.runs):
-            run = {"ceiling_mib_s": ceiling(path), "gpg_mib_s": gpg(path, workdir)}
-            run.update(pipeline(path, workdir))
-            runs.append(run)
-            print(
-                f"run {number + 1}: "
-                + json.dumps(
-                    {k: round(v, 1) if isinstance(v, float) else v for k, v in run.items()}
-                )
-            )
+        es, ar = start_nodes(workdir)
+        try:
+            for number in range(args.runs):
+                run = {"ceiling_mib_s": ceiling(path), "gpg_mib_s": gpg(path, workdir)}
+                run.update(between_nodes(path, es, ar))
+                run["peak_rss_mib_sender"] = vm_hwm_mib(es.process.pid)
+                run["peak_rss_mib_receiver"] = vm_hwm_mib(ar.process.pid)
+                runs.append(run)
+                rounded = {k: round(v, 1) if isinstance(v, float) else v for k, v in run.items()}
+                print(f"run {number + 1}: {json.dumps(rounded)}", flush=True)
+        finally:
+            es.stop()
+            ar.stop()
     figures = medians(runs)
     summary = {
         "size_bytes": args.size,
@@ -329,7 +257,6 @@ def main() -> None:
         "peak_rss_mib_sender": round(max(run["peak_rss_mib_sender"] for run in runs), 1),
         "peak_rss_mib_receiver": round(max(run["peak_rss_mib_receiver"] for run in runs), 1),
         "throughput_over_ceiling": round(figures["throughput_mib_s"] / figures["ceiling_mib_s"], 2),
-        "mode": "pipeline: two processes over loopback TCP, not entraide serve nodes",
     }
     write_results(
         "evidence",
@@ -339,7 +266,6 @@ def main() -> None:
             "runs": runs,
             "medians": figures,
             "summary": summary,
-            "median_of": median.__name__,
         },
     )
     print(json.dumps(summary))

@@ -233,20 +233,22 @@ def witness_receipt_checkpoint(
     note: str,
     own_authority: str,
     log_key: SigningKey,
-) -> None:
+) -> bool:
     """Check the checkpoint a peer's receipt carried against what it showed us before.
 
-    Runs outside the delivery's transaction: it may call the peer for a proof.
+    Runs outside the delivery's transaction: it may call the peer for a proof. True when the
+    note is now a witnessed checkpoint of ours (consistent, stored, cosigned): the caller may
+    skip that same note when the next receipt repeats it.
     """
     with unit_of_work(sessions) as session:
         peer = session.scalar(select(Peer).where(Peer.authority_id == authority))
         if peer is None:
-            return
+            return False
         known = largest_known(session, authority)
     if known is not None and known.note == note:
         # The very note we checked and cosigned already (receipts repeat the receiver's
         # latest checkpoint until it signs a new one): checking it again would change nothing.
-        return
+        return True
     try:
         observed = parse_peer_checkpoint(peer, note)
         reason = check_consistency(
@@ -256,10 +258,10 @@ def witness_receipt_checkpoint(
         )
     except WitnessError as exc:
         log.warning("could not witness %s's checkpoint: %s", authority, exc)
-        return
+        return False
     try:
         with unit_of_work(sessions) as session:
-            observe(
+            outcome = observe(
                 session,
                 peer=peer,
                 observed=observed,
@@ -268,4 +270,5 @@ def witness_receipt_checkpoint(
                 log_key=log_key,
             )
     except IntegrityError:
-        pass  # another worker stored the same checkpoint first
+        return True  # another worker stored the same checkpoint first
+    return isinstance(outcome, WitnessedCheckpoint)

@@ -83,6 +83,9 @@ class Worker:
         self._pool = ThreadPoolExecutor(
             max_workers=node.settings.worker_concurrency, thread_name_prefix="delivery"
         )
+        # Per peer, the last checkpoint note witnessed and stored: the receiver's receipts
+        # repeat it until it signs a new one, and a note once witnessed stays witnessed.
+        self._witnessed: dict[str, str] = {}
 
     def run(self) -> None:
         log.info("delivery worker %s started", self.id)
@@ -215,15 +218,21 @@ class Worker:
             self._settle(claim, Outcome(outbox.RETRY, f"bad receipt: {exc}", http_status=status))
             return
         outcome = Outcome(outbox.DELIVERED, http_status=status, signed=signed, receipt=receipt)
-        if self._settle(claim, outcome) and receipt.checkpoint is not None:
-            witness_receipt_checkpoint(
+        note = receipt.checkpoint
+        if (
+            self._settle(claim, outcome)
+            and note is not None
+            and self._witnessed.get(claim.peer_authority) != note
+            and witness_receipt_checkpoint(
                 self.node.sessions,
                 self.http,
                 authority=claim.peer_authority,
-                note=receipt.checkpoint,
+                note=note,
                 own_authority=self.node.authority_id,
                 log_key=self.node.keys.log,
             )
+        ):
+            self._witnessed[claim.peer_authority] = note
 
     def _post(self, url: str, wire: dict[str, object], trace_id: str | None) -> tuple[int, object]:
         content = json.dumps(wire).encode()

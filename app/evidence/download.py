@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.auth.service import Principal
 from app.errors import NotFound
 from app.evidence.node_store import blob_store
-from app.evidence.reading import has_blob_parts, streamed_download
+from app.evidence.reading import StoredEvidenceCorrupt, has_blob_parts, streamed_download
 from app.models import Message
 from app.node import Node
 from app.requests.service import actor_of, get_case
@@ -32,7 +32,7 @@ def maybe_streamed(
     msg_id: str,
     index: int,
     principal: Principal,
-) -> StreamingResponse | None:
+) -> StreamingResponse | JSONResponse | None:
     """The streamed response if this message's attachments are in the blob store, else None."""
     case = get_case(session, request_id)
     message = session.scalar(
@@ -42,14 +42,18 @@ def maybe_streamed(
         raise NotFound("no such message in this request", code="unknown_message")
     if not has_blob_parts(session, message):
         return None
-    download = streamed_download(
-        session,
-        node,
-        blob_store(node.settings),
-        message=message,
-        index=index,
-        actor=actor_of(principal),
-    )
+    try:
+        download = streamed_download(
+            session,
+            node,
+            blob_store(node.settings),
+            message=message,
+            index=index,
+            actor=actor_of(principal),
+        )
+    except StoredEvidenceCorrupt as exc:
+        # Answered, not raised, so that the refusal's audit entry commits with this request.
+        return JSONResponse({"error": exc.code, "detail": exc.detail}, status_code=500)
     # The media type is the peer's claim: reported, never used to render the bytes.
     return StreamingResponse(
         download.chunks,

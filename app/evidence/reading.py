@@ -101,9 +101,10 @@ class StreamedDownload:
     chunks: Iterator[bytes]
 
 
-def _refuse(node: Node, message: Message, index: int, actor: str, detail: str) -> NoReturn:
-    record_alone(
-        node.sessions,
+def _refuse(session: Session, message: Message, index: int, actor: str, detail: str) -> NoReturn:
+    # In the route's own transaction: the caller answers without raising, so it commits.
+    record(
+        session,
         actor=actor,
         action="attachment.downloaded",
         outcome="stored_envelope_corrupt",
@@ -133,9 +134,9 @@ def streamed_download(
         with store.open(info.sha256) as blob:
             check_blob(blob, length=info.length, sha256=info.sha256)
     except BlobError:
-        _refuse(node, message, index, actor, "the blob is missing")
+        _refuse(session, message, index, actor, "the blob is missing")
     except env.EnvelopeError as exc:
-        _refuse(node, message, index, actor, f"the blob fails its check ({exc.code})")
+        _refuse(session, message, index, actor, f"the blob fails its check ({exc.code})")
     record(
         session,
         actor=actor,

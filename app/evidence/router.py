@@ -51,11 +51,12 @@ def read_draft(
     return drafts.draft_view(session, node, blob_store(node.settings), draft)
 
 
-def _offset_headers(offset: int, size: int) -> dict[str, str]:
+def _offset_headers(offset: int, size: int, *, complete: bool = False) -> dict[str, str]:
+    # Complete means sealed and stored: an empty attachment is at offset 0 until it is.
     return {
         "upload-offset": str(offset),
         "upload-length": str(size),
-        "upload-complete": "?1" if offset == size else "?0",
+        "upload-complete": "?1" if complete else "?0",
     }
 
 
@@ -67,7 +68,9 @@ def upload_offset(
         session, node, draft_id=draft_id, index=index, principal=principal
     )
     offset = drafts.staged_offset(blob_store(node.settings), row)
-    return Response(status_code=204, headers=_offset_headers(offset, row.size))
+    return Response(
+        status_code=204, headers=_offset_headers(offset, row.size, complete=row.digest is not None)
+    )
 
 
 def _finish(
@@ -134,7 +137,9 @@ async def upload(
         if writer.finished is not None:
             keep = False
             await run_in_threadpool(_finish, node, found, writer, principal)
-            return Response(status_code=204, headers=_offset_headers(found.size, found.size))
+            return Response(
+                status_code=204, headers=_offset_headers(found.size, found.size, complete=True)
+            )
         offset = await run_in_threadpool(writer.checkpoint)
         return Response(status_code=204, headers=_offset_headers(offset, found.size))
     finally:

@@ -271,8 +271,11 @@ def test_a_damaged_blob_is_refused_at_download_on_both_sides(pair: Pair, damage:
         digest = view["messages"][0]["attachments"][0]
         href = digest["href"]
         blobs = [p for p in (blob_dir(node) / "blobs").rglob("*") if p.is_file()]
-        # The blob of this part is the one whose download we are about to check.
-        target = next(p for p in blobs if p.stat().st_size == size + 4 * 17)
+        # This test's part: the newest blob of its ciphertext length.
+        target = max(
+            (p for p in blobs if p.stat().st_size == size + 4 * 17),
+            key=lambda p: p.stat().st_mtime_ns,
+        )
         original = target.read_bytes()
         if damage == "altered":
             target.write_bytes(original[:1000] + bytes([original[1000] ^ 1]) + original[1001:])
@@ -286,3 +289,98 @@ def test_a_damaged_blob_is_refused_at_download_on_both_sides(pair: Pair, damage:
         assert refused[-1]["outcome"] == "stored_envelope_corrupt"
         target.write_bytes(original)
         assert download(node, href)[0] == data
+
+
+def test_cli_sends_and_downloads_with_attachments(pair: Pair, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    files = []
+    for name, size in (("mailbox.pst", 2 * MIB + 7), ("empty.txt", 0)):
+        path = tmp_path / name
+        path.write_bytes(os.urandom(size))
+        files.append(path)
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({key: EXAMPLE[key] for key in ("to", "document")}))
+
+    def entraide(node: LocalNode, *args: str) -> str:
+        env = {**os.environ, "ENTRAIDE_URL": node.url, "ENTRAIDE_TOKEN": node.tokens["officer"]}
+        done = subprocess.run(
+            [sys.executable, "-m", "app", "requests", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    attach = [argument for path in files for argument in ("--attach", str(path))]
+    request_id = entraide(pair.es, "send", str(request), *attach).strip().splitlines()[-1]
+    wait_receipt(pair.es, request_id)
+    wait_for("the request at AR", lambda: detail(pair.ar, request_id))
+    listing = entraide(pair.ar, "download", request_id, "--out", str(tmp_path / "got"))
+    for path in files:
+        assert (tmp_path / "got" / path.name).read_bytes() == path.read_bytes()
+        assert f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.name}" in listing
+
+
+def test_node_memory_stays_flat_under_an_address_space_limit(
+    pair: Pair, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Both node processes get at most HEADROOM more address space than they have when idle
+    (RLIMIT_AS, set on the running processes); an attachment of twice that goes through."""
+    if pair.databases.backend != "sqlite":
+        pytest.skip("one backend is enough for the memory bound")
+    import resource
+
+    # Virtual address space, not resident memory: thread stacks and arenas reserve plenty
+    # that is never touched, so the headroom is generous; the file is still twice it.
+    headroom = 128 * MIB
+    size = 2 * headroom
+    for node in (pair.es, pair.ar):
+        assert node.process is not None
+        status = Path(f"/proc/{node.process.pid}/status").read_text()
+        vm_size = (
+            int(next(line for line in status.splitlines() if line.startswith("VmSize")).split()[1])
+            * 1024
+        )
+        limit = vm_size + headroom
+        resource.prlimit(node.process.pid, resource.RLIMIT_AS, (limit, limit))
+    path = tmp_path_factory.mktemp("big") / "disk.img"
+    digest = hashlib.sha256()
+    with path.open("wb") as out:
+        block = os.urandom(MIB)
+        for number in range(size // MIB):
+            piece = number.to_bytes(8, "big") + block[8:]
+            digest.update(piece)
+            out.write(piece)
+    draft = create_draft(pair.es, [size])
+
+    def read_file() -> Iterator[bytes]:
+        with path.open("rb") as source:
+            while data := source.read(MIB):
+                yield data
+
+    with pair.es.client("officer") as http:
+        http.timeout = httpx.Timeout(300.0)
+        response = http.patch(
+            draft["attachments"][0]["href"],
+            content=read_file(),
+            headers={"upload-offset": "0", "content-length": str(size)},
+        )
+        assert response.headers["upload-complete"] == "?1", response.text
+    submit(pair.es, draft["id"])
+    wait_receipt(pair.es, draft["id"], timeout=300)
+    received = wait_for("the request at AR", lambda: detail(pair.ar, draft["id"]))
+    href = received["messages"][0]["attachments"][0]["href"]
+    got = hashlib.sha256()
+    with pair.ar.client("officer") as http, http.stream("GET", href, timeout=300.0) as response:
+        assert response.status_code == 200
+        for data in response.iter_bytes(MIB):
+            got.update(data)
+    assert got.hexdigest() == digest.hexdigest()
+    for node in (pair.es, pair.ar):
+        assert node.process is not None
+        assert node.process.poll() is None  # still running, under its limit

@@ -95,8 +95,10 @@ def test_worker_killed_between_posting_and_storing_the_receipt(lab: Lab) -> None
     accepted = pair.submit(3)
 
     first = pair.start_worker("first")
-    proxy.wait_for("held_total", 1, timeout=30)
-    wait_until("the receiver stored the envelope", lambda: pair.inbound_count() == 1)
+    # The worker posts its claimed rows in parallel: all three reach the receiver, and all
+    # three answers are held.
+    proxy.wait_for("held_total", 3, timeout=30)
+    wait_until("the receiver stored the envelopes", lambda: pair.inbound_count() == 3)
     first.kill()
     states = pair.outbox_states()
     with pair.engine(pair.sender).connect() as connection:
@@ -114,7 +116,7 @@ def test_worker_killed_between_posting_and_storing_the_receipt(lab: Lab) -> None
     ledger.check()
     assert ledger.delivered == 3
     assert ledger.attempts == {2: 3}  # reclaimed after the lease, posted once more each
-    assert proxy.count("hold") == 1
+    assert proxy.count("hold") == 3
     assert proxy.count("proxy_errors") == 0
     with pair.engine(pair.receiver).connect() as connection:
         stored = connection.scalar(

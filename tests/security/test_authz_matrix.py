@@ -71,7 +71,9 @@ def test_route_answers_each_credential_as_its_policy_says(
         assert response.status_code < 500, response.text
     else:
         status = 403 if outcome == "forbidden" else 401
-        assert (response.status_code, response.json()["error"]) == (status, outcome)
+        assert response.status_code == status, response.text
+        if method != "HEAD":  # an answer to HEAD has no body
+            assert response.json()["error"] == outcome
 
 
 def _protected(prefix: str) -> list[APIRoute]:

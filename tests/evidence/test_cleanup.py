@@ -1,0 +1,72 @@
+"""Orphan cleanup against a real database: only what no row names, and only when old."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from app.db import make_engine
+from app.evidence.blobstore import DirectoryBlobStore
+from app.evidence.cleanup import cleanup_orphans
+from app.models import Base, EvidenceDraft, EvidenceUpload
+from tests.conftest import Databases
+
+NOW = datetime(2026, 11, 28, tzinfo=UTC)
+
+
+def _draft(draft_id: str, state: str) -> EvidenceDraft:
+    return EvidenceDraft(
+        id=draft_id,
+        peer_authority="AR/MPF",
+        created_by="officer",
+        state=state,
+        key_kid="0" * 32,
+        key_wrap=b"w",
+        sealed_content=b"c",
+        created_at=NOW,
+        updated_at=NOW,
+    )
+
+
+def _blob(store: DirectoryBlobStore, data: bytes) -> str:
+    digest = hashlib.sha256(data).hexdigest()
+    with store.upload(f"tmp-{digest[:16]}") as upload:
+        upload.write(data)
+        store.finalise(upload, digest)
+    return digest
+
+
+def test_cleanup_keeps_what_rows_name(databases: Databases, tmp_path: Path) -> None:
+    engine = make_engine(databases.new())
+    Base.metadata.create_all(engine)
+    store = DirectoryBlobStore(tmp_path / "blobs")
+    kept, orphan = _blob(store, b"named by an upload row"), _blob(store, b"named by nothing")
+    live, dead = "a" * 32, "b" * 32
+    for name in (f"out-{live}-1", f"out-{dead}-1", f"in-{'c' * 32}-1"):
+        with store.upload(name) as upload:
+            upload.write(b"partial")
+    old = time.time() - 100 * 3600
+    for path in [*store.uploads.iterdir(), *store.blobs.glob("*/*/*")]:
+        os.utime(path, (old, old))
+    try:
+        with Session(engine) as session:
+            session.add_all([_draft(live, "open"), _draft(dead, "submitted")])
+            session.flush()
+            session.add(
+                EvidenceUpload(
+                    draft_id=dead, part_index=1, size=1, stream_header=b"h" * 24, digest=kept
+                )
+            )
+            session.commit()
+            assert cleanup_orphans(session, store, older_than_hours=72) == (2, 1)
+        assert store.exists(kept)
+        assert not store.exists(orphan)
+        assert [path.name for path in store.uploads.iterdir()] == [f"out-{live}-1"]
+    finally:
+        Base.metadata.drop_all(engine)
+        engine.dispose()
