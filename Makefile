@@ -27,6 +27,7 @@ test: lint
 # figures and writes bench/results/NAME.json. docs/benchmarks.md has the full-size runs.
 bench: $(BIN)/.installed
 	$(BIN)/python bench/throughput.py --runs 3 --duration 8 --prefill 100000
+	$(BIN)/python bench/request_steps.py --requests 150 --runs 3
 	$(BIN)/python bench/audit.py --entries 100000 --runs 1
 	$(BIN)/python bench/soak.py --requests 100
 

@@ -1,0 +1,284 @@
+"""Where a request's CPU goes: each step of the request path, one thread, no HTTP.
+
+    python bench/request_steps.py [--backend sqlite|postgresql|both] [--requests 200]
+                                  [--runs 3] [--profile]
+
+Two nodes are set up by the operator's commands (as bench/throughput.py does), then stopped;
+their databases and keys are driven here in-process, step by step, with the real functions the
+routes and the worker call: authenticate the officer's token, validate the 2 KiB document,
+seal and store the submission, the worker's checkpoint check, claim, lease renewal and
+envelope load, the receiver's transport check and acceptance, the receipt's verification,
+the settlement and the witnessing of the receiver's checkpoint. For each step: CPU of this
+thread (time.thread_time, so other work on the machine weighs less than in wall time), wall
+time, and SQL statements executed. HTTP is left out: bench/throughput.py's floor is its cost.
+
+The baseline, in the same run: the machine's raw cryptographic rates. `--profile` also writes
+a cProfile of the last run (CPU time) to bench/results/request_steps-BACKEND.prof.
+
+Prints the table, writes bench/results/request_steps.json and ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from sqlalchemy import event, select  # noqa: E402
+
+from app.audit.checkpoints import maybe_checkpoint  # noqa: E402
+from app.audit.witness import witness_receipt_checkpoint  # noqa: E402
+from app.auth.service import authenticate  # noqa: E402
+from app.auth.throttle import blocked_for  # noqa: E402
+from app.config import Settings  # noqa: E402
+from app.crypto.encoding import utc_now  # noqa: E402
+from app.crypto.receipts import decode_receipt  # noqa: E402
+from app.db import unit_of_work  # noqa: E402
+from app.delivery import outbox  # noqa: E402
+from app.delivery.settle import Outcome, settle  # noqa: E402
+from app.models import Message, Peer  # noqa: E402
+from app.node import Node, load_node  # noqa: E402
+from app.p2p.service import accept_envelope  # noqa: E402
+from app.peers.client import peer_http_client  # noqa: E402
+from app.peers.keys import verify_peer_receipt  # noqa: E402
+from app.requests import service as requests_service  # noqa: E402
+from app.requests.schemas import SubmitRequest  # noqa: E402
+from app.requests.store import load_envelope  # noqa: E402
+from bench._common import machine, median, postgres_available, write_results  # noqa: E402
+from bench._load import crypto_rates, request_bodies  # noqa: E402
+from bench._pair import make_pair  # noqa: E402
+from bench.throughput import databases  # noqa: E402
+
+STEPS = [
+    ("auth", "sender", "authenticate the token (own transaction)"),
+    ("validate", "sender", "validate the document"),
+    ("submit", "sender", "seal, store, outbox, audit entries"),
+    ("checkpoint", "sender", "worker: checkpoint check"),
+    ("claim", "sender", "worker: claim"),
+    ("renew", "sender", "worker: renew the lease"),
+    ("load", "sender", "worker: load the envelope, serialise"),
+    ("transport", "receiver", "parse the body, transport check"),
+    ("accept", "receiver", "accept: checks, open, store, audit, receipt"),
+    ("verify", "sender", "verify the receipt"),
+    ("settle", "sender", "settle: attempt, receipt, status, audit"),
+    ("witness", "sender", "witness the receiver's checkpoint"),
+]
+
+
+class Meter:
+    def __init__(self, nodes: list[Node]) -> None:
+        self.cpu: dict[str, float] = defaultdict(float)
+        self.wall: dict[str, float] = defaultdict(float)
+        self.sql: dict[str, int] = defaultdict(int)
+        self.statements = 0
+        for node in nodes:
+            event.listen(node.engine, "before_cursor_execute", self._count)
+
+    def _count(self, *_args: Any, **_kwargs: Any) -> None:
+        self.statements += 1
+
+    def reset(self) -> None:
+        self.cpu.clear()
+        self.wall.clear()
+        self.sql.clear()
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        cpu, wall, sql = time.thread_time(), time.perf_counter(), self.statements
+        try:
+            yield
+        finally:
+            self.cpu[name] += time.thread_time() - cpu
+            self.wall[name] += time.perf_counter() - wall
+            self.sql[name] += self.statements - sql
+
+
+def journey(
+    es: Node, ar: Node, token: str, bodies: list[bytes], meter: Meter, http: Any
+) -> Callable[[int], None]:
+    worker_id = "bench:request_steps"
+    lease = timedelta(seconds=es.settings.lease_seconds)
+
+    def one(number: int) -> None:
+        with meter.step("auth"), unit_of_work(es.sessions) as session:
+            blocked_for(session, ["address:127.0.0.1"])
+            principal = authenticate(session, token)
+        with meter.step("validate"):
+            body = SubmitRequest.model_validate_json(bodies[number % len(bodies)])
+        with meter.step("submit"), unit_of_work(es.sessions) as session:
+            requests_service.submit_request(session, es, body=body, principal=principal)
+        with meter.step("checkpoint"), unit_of_work(es.sessions) as session:
+            maybe_checkpoint(
+                session,
+                authority_id=es.authority_id,
+                log_key=es.keys.log,
+                every=es.settings.audit_checkpoint_every,
+                seconds=es.settings.audit_checkpoint_seconds,
+            )
+        with meter.step("claim"), unit_of_work(es.sessions) as session:
+            claims = outbox.claim_due(
+                session, now=utc_now(), lease=lease, limit=16, owner=worker_id
+            )
+        claim = claims[0]
+        with meter.step("renew"), unit_of_work(es.sessions) as session:
+            outbox.renew(session, claim, now=utc_now(), lease=lease)
+        with meter.step("load"), unit_of_work(es.sessions) as session:
+            message = session.get(Message, claim.message_id)
+            peer = session.scalar(select(Peer).where(Peer.authority_id == claim.peer_authority))
+            assert message is not None
+            assert peer is not None
+            content = json.dumps(load_envelope(session, message).to_wire()).encode()
+            signer = (peer.signing_key, peer.signing_kid)
+            expected = (message.msg_id, message.envelope_hash, message.sender_authority)
+        with meter.step("transport"):
+            wire = json.loads(content)
+            with unit_of_work(ar.sessions) as session:
+                blocked_for(session, ["p2p:127.0.0.1"])
+        with meter.step("accept"):
+            with unit_of_work(ar.sessions) as session:
+                accepted = accept_envelope(session, ar, wire=wire)
+            answer = json.loads(json.dumps(accepted.receipt.to_wire()))
+        with meter.step("verify"):
+            signed = decode_receipt(answer)
+            receipt = verify_peer_receipt(
+                es,
+                http,
+                signed,
+                authority=ar.authority_id,
+                signer_public=signer[0],
+                signer_kid=signer[1],
+                msg_id=expected[0],
+                envelope_hash=expected[1],
+                from_authority=expected[2],
+            )
+        with meter.step("settle"), unit_of_work(es.sessions) as session:
+            outcome = Outcome(outbox.DELIVERED, http_status=201, signed=signed, receipt=receipt)
+            settle(session, claim, outcome, worker=worker_id)
+        with meter.step("witness"):
+            if receipt.checkpoint is not None:
+                witness_receipt_checkpoint(
+                    es.sessions,
+                    http,
+                    authority=ar.authority_id,
+                    note=receipt.checkpoint,
+                    own_authority=es.authority_id,
+                    log_key=es.keys.log,
+                )
+
+    return one
+
+
+def run_backend(backend: str, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    with databases(backend, workdir, "steps", ["es", "ar"]) as (es_url, ar_url):
+        pair = make_pair(workdir / f"{backend}-steps", es_url, ar_url)
+        pair.stop()
+
+        def node(local: Any) -> Node:
+            return load_node(
+                Settings(
+                    database_url=local.database_url,
+                    keys_dir=local.keys_dir,
+                    allow_insecure_http=True,
+                    run_worker=False,
+                )
+            )
+
+        es, ar = node(pair.es), node(pair.ar)
+        http = peer_http_client(es.settings)
+        try:
+            meter = Meter([es, ar])
+            one = journey(es, ar, pair.es.tokens["officer"], request_bodies(64), meter, http)
+            for number in range(20):  # warm-up: caches, first checkpoint
+                one(number)
+            runs = []
+            profile = cProfile.Profile(time.thread_time) if args.profile else None
+            for run in range(args.runs):
+                meter.reset()
+                last = run == args.runs - 1
+                if profile is not None and last:
+                    profile.enable()
+                for number in range(args.requests):
+                    one(number)
+                if profile is not None and last:
+                    profile.disable()
+                n = args.requests
+                runs.append(
+                    {
+                        **{f"{name}_cpu_ms": 1000 * meter.cpu[name] / n for name, *_ in STEPS},
+                        **{f"{name}_sql": meter.sql[name] / n for name, *_ in STEPS},
+                        "cpu_ms": 1000 * sum(meter.cpu.values()) / n,
+                        "wall_ms": 1000 * sum(meter.wall.values()) / n,
+                        "statements": sum(meter.sql.values()) / n,
+                    }
+                )
+            if profile is not None:
+                profile.dump_stats(
+                    str(ROOT / "bench" / "results" / f"request_steps-{backend}.prof")
+                )
+        finally:
+            http.close()
+            es.close()
+            ar.close()
+    return {"backend": backend, "runs": runs}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", choices=["sqlite", "postgresql", "both"], default="both")
+    parser.add_argument("--requests", type=int, default=200, help="requests per run")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    backends = ["sqlite", "postgresql"] if args.backend == "both" else [args.backend]
+    if "postgresql" in backends and not postgres_available():
+        backends = ["sqlite"]
+    (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="entraide-steps-"))
+    try:
+        crypto = crypto_rates()
+        results = [run_backend(backend, workdir, args) for backend in backends]
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    summaries = []
+    for result in results:
+        runs = result["runs"]
+        mid = {key: round(median([run[key] for run in runs]), 3) for key in runs[0]}
+        print(f"\n{result['backend']}: median of {len(runs)} runs of {args.requests} requests")
+        for name, node, label in STEPS:
+            print(
+                f"  {label:46s} {node:8s} {mid[f'{name}_cpu_ms']:7.3f} ms CPU"
+                f"  {mid[f'{name}_sql']:5.1f} statements"
+            )
+        print(f"  {'total':46s} {'':8s} {mid['cpu_ms']:7.3f} ms CPU  {mid['statements']:5.1f}")
+        summaries.append({"backend": result["backend"], **mid})
+    write_results(
+        "request_steps",
+        {
+            "machine": machine(),
+            "args": vars(args),
+            "crypto": crypto,
+            "runs": results,
+            "medians": summaries,
+            "summary": summaries,
+        },
+    )
+    print(json.dumps({"benchmark": "request_steps", "results": summaries, "crypto": crypto}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
