@@ -506,6 +506,12 @@ def run_growth(
                 fixed = measure_nodes(
                     setup, rate=args.rate, duration=args.duration, concurrency=args.concurrency
                 )
+                light = measure_nodes(
+                    setup,
+                    rate=args.light_rate,
+                    duration=args.duration,
+                    concurrency=args.concurrency,
+                )
                 maxed = measure_nodes(
                     setup, rate=None, duration=args.duration, concurrency=args.concurrency
                 )
@@ -524,9 +530,16 @@ def run_growth(
                         "backlog_growing": found["backlog_growing"],
                         "p50_ms": fixed["p50_ms"],
                         "p99_ms": fixed["p99_ms"],
+                        "light_p50_ms": light["p50_ms"],
+                        "light_p99_ms": light["p99_ms"],
                         "max_submitted_per_s": maxed["submitted_per_s"],
                         "max_receipted_per_s": maxed["receipted_per_s"],
-                        "details": {"fixed": fixed, "max": maxed, "sustained": found},
+                        "details": {
+                            "fixed": fixed,
+                            "light": light,
+                            "max": maxed,
+                            "sustained": found,
+                        },
                     }
                 )
                 say(f"    sustained {runs[-1]['requests_per_s']}/s, p50 {fixed['p50_ms']} ms")
@@ -587,6 +600,9 @@ def summarise(
                 "grown_requests_per_s": grown,
                 "grown_p50_ms": median([run["p50_ms"] for run in growth["runs"]]),
                 "grown_p99_ms": median([run["p99_ms"] for run in growth["runs"]]),
+                "grown_light_p50_ms": median(
+                    [run.get("light_p50_ms", float("nan")) for run in growth["runs"]]
+                ),
                 "growth_ratio": round(grown / rate, 3) if rate else None,
             }
         )
