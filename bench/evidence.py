@@ -9,7 +9,8 @@ quiet logs). Each run, on the same file of random bytes:
   encrypts and hashes as it receives) to the last byte downloaded from AR/MPF (streamed
   decryption, final tag and manifest SHA-256 checked), through submission, the part transfer
   between the nodes (checked chunk by chunk by the receiver) and the signed receipt;
-- peak resident memory of each node process (VmHWM), over all runs so far;
+- peak resident memory of each node process (VmHWM), over all runs so far, and its resident
+  memory when idle (VmRSS once started and pinned, before the first run);
 - ceiling: this machine's single-pass hash-and-encrypt speed (SHA-256 of the plaintext,
   secretstream push, SHA-256 of the ciphertext, 1 MiB chunks), one core, file in page cache;
 - gpg: `gpg --symmetric` (AES-256, passphrase, no compression) on the same file.
@@ -56,6 +57,9 @@ AD = part_ad(MSG_ID, 1)
 STREAM_HEADER = bytes(range(24))
 PART_KEY = part_key(KEY, MSG_ID, 1)
 MIB = 1 << 20
+# How often the client looks for the receipt: each look is a full request view at ES, a few
+# milliseconds of its CPU, so polling much faster would slow the transfer it waits for.
+POLL_SECONDS = 0.1
 
 
 def parse_size(text: str) -> int:
@@ -131,11 +135,20 @@ def gpg(path: Path, workdir: Path) -> float | None:
 # --- between two `entraide serve` nodes -----------------------------------------------------
 
 
+def _status_mib(pid: int, field: str) -> float:
+    text = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(rf"^{field}:\s*(\d+) kB", text, re.MULTILINE)
+    return int(match.group(1)) / 1024 if match else float("nan")
+
+
 def vm_hwm_mib(pid: int) -> float:
     """Peak resident memory of a running process (VmHWM), MiB."""
-    text = Path(f"/proc/{pid}/status").read_text()
-    match = re.search(r"^VmHWM:\s*(\d+) kB", text, re.MULTILINE)
-    return int(match.group(1)) / 1024 if match else float("nan")
+    return _status_mib(pid, "VmHWM")
+
+
+def vm_rss_mib(pid: int) -> float:
+    """Resident memory of a running process now (VmRSS), MiB."""
+    return _status_mib(pid, "VmRSS")
 
 
 def start_nodes(workdir: Path) -> tuple[Any, Any]:
@@ -196,7 +209,7 @@ def between_nodes(path: Path, es: Any, ar: Any) -> dict[str, Any]:
             view = http.get(f"/api/v1/requests/{request_id}").json()
             if view["messages"][0]["receipt"]:
                 break
-            time.sleep(0.05)
+            time.sleep(POLL_SECONDS)
     delivered = time.perf_counter()
     with ar.client("officer") as http:
         http.timeout = httpx.Timeout(600.0)
@@ -204,7 +217,7 @@ def between_nodes(path: Path, es: Any, ar: Any) -> dict[str, Any]:
         digest = hashlib.sha256()
         received = 0
         with http.stream("GET", entry["href"]) as response:
-            for data in response.iter_bytes(MIB):
+            for data in response.iter_raw():
                 digest.update(data)
                 received += len(data)
     done = time.perf_counter()
@@ -235,6 +248,11 @@ def main() -> None:
                 left -= min(left, 8 * MIB)
         runs = []
         es, ar = start_nodes(workdir)
+        # Idle: started, pinned, nothing sent yet (the peak includes start-up).
+        idle = {
+            "idle_rss_mib_sender": vm_rss_mib(es.process.pid),
+            "idle_rss_mib_receiver": vm_rss_mib(ar.process.pid),
+        }
         try:
             for number in range(args.runs):
                 run = {"ceiling_mib_s": ceiling(path), "gpg_mib_s": gpg(path, workdir)}
@@ -256,6 +274,7 @@ def main() -> None:
         "gpg_mib_s": round(figures["gpg_mib_s"], 1) if "gpg_mib_s" in figures else None,
         "peak_rss_mib_sender": round(max(run["peak_rss_mib_sender"] for run in runs), 1),
         "peak_rss_mib_receiver": round(max(run["peak_rss_mib_receiver"] for run in runs), 1),
+        **{name: round(value, 1) for name, value in idle.items()},
         "throughput_over_ceiling": round(figures["throughput_mib_s"] / figures["ceiling_mib_s"], 2),
     }
     write_results(
@@ -263,6 +282,7 @@ def main() -> None:
         {
             "machine": machine(),
             "args": {"size": args.size, "runs": args.runs},
+            "idle": idle,
             "runs": runs,
             "medians": figures,
             "summary": summary,

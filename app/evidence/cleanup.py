@@ -4,15 +4,29 @@ A blob is kept while any row names it: a stored message's part (`blob_parts`) or
 a draft (`evidence_uploads`). A staging upload is kept while its draft is open or its inbound
 transfer exists. Everything else older than `evidence_orphan_hours` goes; the grace period
 covers a blob finalised whose row is not yet committed.
+
+`OrphanSweep` runs it from a node's background loop, at most once per period: the pass
+only reads rows and removes files, and is safe to run in several processes at once (a file
+already removed by another is skipped).
 """
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.db import unit_of_work
 from app.evidence.blobstore import DirectoryBlobStore
+from app.evidence.node_store import blob_store
 from app.models import BlobPart, EvidenceDraft, EvidenceUpload, InboundTransfer
+from app.node import Node
+
+log = logging.getLogger(__name__)
+SWEEP_EVERY_SECONDS = 3600.0
 
 
 def cleanup_orphans(
@@ -40,3 +54,38 @@ def cleanup_orphans(
         upload_is_live=upload_is_live,
         older_than_seconds=older_than_hours * 3600,
     )
+
+
+class OrphanSweep:
+    """`cleanup_orphans` for a node's background loop: `run_due()` on every turn of the loop
+    sweeps when a period has passed since the last sweep (the first one runs at once)."""
+
+    def __init__(
+        self,
+        node: Node,
+        *,
+        every_seconds: float = SWEEP_EVERY_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.node = node
+        self.every_seconds = every_seconds
+        self._clock = clock
+        self._due = clock()
+
+    def run_due(self) -> tuple[int, int] | None:
+        """(uploads removed, blobs removed), or None when no sweep was due."""
+        now = self._clock()
+        if now < self._due:
+            return None
+        self._due = now + self.every_seconds
+        settings = self.node.settings
+        with unit_of_work(self.node.sessions) as session:
+            removed = cleanup_orphans(
+                session, blob_store(settings), older_than_hours=settings.evidence_orphan_hours
+            )
+        if any(removed):
+            log.info(
+                "evidence cleanup removed %d abandoned uploads and %d unreferenced blobs",
+                *removed,
+            )
+        return removed

@@ -12,6 +12,8 @@ transaction with the stored message. Nothing but checked ciphertext is ever stor
 from __future__ import annotations
 
 import hmac
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +49,9 @@ from app.p2p.service import (
 class Announced:
     accepted: Accepted | None  # set when the envelope is (now, or already) accepted
     offsets: list[dict[str, int]]
+
+
+IDLE_RECEIVER_SECONDS = 300.0
 
 
 def receive_upload_id(msg_id: str, index: int) -> str:
@@ -284,6 +289,47 @@ def open_receiver(store: DirectoryBlobStore, target: PartTarget) -> PartReceiver
     )
 
 
+class ReceiverCache:
+    """Receivers kept between a peer's successive PUTs of a part in this process.
+
+    A sender sends a long part in several requests (app/evidence/transfer.py), and opening a
+    receiver rebuilds its secretstream state and hashes by reading back every stored chunk:
+    kept here, only a restart or a long pause costs that. A kept receiver holds the staging
+    object's lock, so another process answers `part_busy` until it expires.
+    """
+
+    def __init__(self, idle_seconds: float = IDLE_RECEIVER_SECONDS) -> None:
+        self.idle_seconds = idle_seconds
+        self._lock = threading.Lock()
+        self._kept: dict[str, tuple[PartReceiver, float]] = {}
+
+    def take(self, store: DirectoryBlobStore, target: PartTarget) -> PartReceiver:
+        name = receive_upload_id(target.msg_id, target.index)
+        now = time.monotonic()
+        with self._lock:
+            expired = [
+                self._kept.pop(key)[0]
+                for key, (_, since) in list(self._kept.items())
+                if now - since > self.idle_seconds
+            ]
+            kept = self._kept.pop(name, None)
+        for receiver in expired:
+            receiver.close()
+        if kept is not None:
+            if store.upload_exists(name) and kept[0].stored_matches():
+                return kept[0]
+            kept[0].close()  # its staging object was removed or changed meanwhile
+        return open_receiver(store, target)
+
+    def put_back(self, target: PartTarget, receiver: PartReceiver) -> None:
+        receiver.drop_pending()
+        with self._lock:
+            self._kept[receive_upload_id(target.msg_id, target.index)] = (
+                receiver,
+                time.monotonic(),
+            )
+
+
 def part_received(
     session: Session, node: Node, *, msg_id: str, index: int, from_offset: int
 ) -> Accepted | None:
@@ -303,8 +349,8 @@ def part_received(
             "index": index,
             "length": header.parts[index].length,
             "sha256": header.parts[index].sha256,
-            # Where the request that completed the part began: bytes before it were not
-            # sent again after an interruption.
+            # Where the receiver that completed the part was opened (rebuilt from the stored
+            # chunks): bytes before it were not sent again after an interruption.
             "from_offset": from_offset,
         },
     )

@@ -26,6 +26,7 @@ from app.errors import EnvelopeRefused
 from app.evidence import inbound
 from app.evidence.blobstore import UploadBusy
 from app.evidence.node_store import blob_store
+from app.evidence.pump import feed_in_thread
 from app.evidence.stream import PartReceiver
 from app.p2p.service import Accepted, record_refusal
 
@@ -33,7 +34,7 @@ router = APIRouter(prefix="/p2p/v1/evidence", tags=["p2p"], dependencies=[Depend
 
 MsgId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
 Index = Annotated[int, Path(ge=1, le=63)]
-BATCH_BYTES = 1 << 20
+_receivers = inbound.ReceiverCache()
 
 
 def _announce(node: NodeDep, wire: object) -> inbound.Announced:
@@ -134,13 +135,14 @@ async def put_part(
         raise EnvelopeRefused("too_large", "more bytes than the part's length", status_code=413)
     store = blob_store(node.settings)
     try:
-        receiver = await run_in_threadpool(inbound.open_receiver, store, target)
+        receiver = await run_in_threadpool(_receivers.take, store, target)
     except UploadBusy as exc:
         raise EnvelopeRefused("part_busy", "this part is being received", status_code=409) from exc
     except env.EnvelopeError as exc:
         # The stored prefix no longer opens: start the part again.
         store.discard_upload(inbound.receive_upload_id(msg_id, index))
         raise EnvelopeRefused(exc.code, exc.detail, status_code=409) from exc
+    keep = True  # for the sender's next request, unless the part is done or refused
     try:
         if upload_offset != receiver.durable_offset:
             return JSONResponse(
@@ -148,19 +150,14 @@ async def put_part(
                 status_code=409,
                 headers=_headers(receiver.durable_offset, target.length),
             )
-        batch = bytearray()
         try:
-            async for data in request.stream():
-                batch += data
-                if len(batch) >= BATCH_BYTES:
-                    await run_in_threadpool(receiver.write, bytes(batch))
-                    batch.clear()
-            if batch:
-                await run_in_threadpool(receiver.write, bytes(batch))
+            # Checked and stored in a worker thread while the next batch arrives.
+            await feed_in_thread(request.stream(), receiver.write_all)
         except ClientDisconnect:
             await run_in_threadpool(receiver.checkpoint)
             raise
         except env.EnvelopeError as exc:
+            keep = False
             refusal = EnvelopeRefused(exc.code, exc.detail)
             store.discard_upload(inbound.receive_upload_id(msg_id, index))
             await run_in_threadpool(_refused_part, node, msg_id, index, refusal)
@@ -168,15 +165,19 @@ async def put_part(
         if not receiver.complete:
             offset = await run_in_threadpool(receiver.checkpoint)
             return Response(status_code=204, headers=_headers(offset, target.length))
+        keep = False
         try:
             accepted = await run_in_threadpool(
-                _completed, node, msg_id, index, receiver, upload_offset
+                _completed, node, msg_id, index, receiver, receiver.opened_at
             )
         except EnvelopeRefused as refusal:  # steps 31 on: content, conversation, lifecycle
             await run_in_threadpool(_refused_part, node, msg_id, index, refusal)
             raise
     finally:
-        receiver.close()
+        if keep:
+            _receivers.put_back(target, receiver)
+        else:
+            receiver.close()
     if accepted is not None:
         return JSONResponse(
             accepted.receipt.to_wire(),

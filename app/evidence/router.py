@@ -24,6 +24,7 @@ from app.errors import Conflict, PayloadTooLarge
 from app.evidence import drafts, schemas
 from app.evidence.blobstore import UploadBusy
 from app.evidence.node_store import blob_store
+from app.evidence.pump import feed_in_thread
 from app.evidence.stream import PartWriter, UploadError
 from app.requests.schemas import Submitted
 
@@ -31,7 +32,6 @@ router = APIRouter(prefix="/api/v1/evidence", tags=["evidence"])
 
 DraftId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
 Index = Annotated[int, Path(ge=1, le=63)]
-BATCH_BYTES = 1 << 20
 _writers = drafts.WriterCache()
 
 
@@ -120,15 +120,11 @@ async def upload(
                 media_type="application/json",
                 headers=_offset_headers(writer.durable_offset, found.size),
             )
-        batch = bytearray()
         try:
-            async for data in request.stream():
-                batch += data
-                if len(batch) >= BATCH_BYTES:
-                    await run_in_threadpool(writer.write, bytes(batch))
-                    batch.clear()
-            if batch or writer.offset == found.size:
-                await run_in_threadpool(writer.write, bytes(batch))
+            # Encrypted in a worker thread while the next batch arrives.
+            await feed_in_thread(request.stream(), writer.write_all)
+            if writer.offset == found.size:
+                await run_in_threadpool(writer.write, b"")  # an empty part ends here
         except ClientDisconnect:
             await run_in_threadpool(writer.checkpoint)
             raise

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import nacl.bindings as sodium
 from nacl.exceptions import CryptoError
@@ -39,6 +41,56 @@ CIPHER_CHUNK = CHUNK_BYTES + ABYTES
 
 def chunk_count(plaintext_size: int) -> int:
     return max(1, -(-plaintext_size // CHUNK_BYTES))
+
+
+class Pieces:
+    """Bytes that arrive in pieces of any size, taken out again in exact lengths.
+
+    A piece is kept as it came (bytes are immutable; anything else is copied once) and a
+    length is taken with at most one copy: none when a piece is exactly that long, as a
+    whole read of a blob is. Holding a list of pieces, not one growing buffer, avoids
+    copying each byte in and again out.
+    """
+
+    __slots__ = ("_queue", "size")
+
+    def __init__(self) -> None:
+        self._queue: deque[bytes | memoryview] = deque()
+        self.size = 0
+
+    def append(self, data: bytes | bytearray | memoryview) -> None:
+        if len(data):
+            self._queue.append(data if isinstance(data, bytes) else bytes(data))
+            self.size += len(data)
+
+    def take(self, length: int) -> bytes:
+        """The next `length` bytes; the caller checks that `size` holds them."""
+        queue = self._queue
+        if not length:
+            return b""
+        first = queue[0]
+        if len(first) == length and isinstance(first, bytes):
+            queue.popleft()
+            self.size -= length
+            return first
+        parts: list[bytes | memoryview] = []
+        need = length
+        while need:
+            piece = queue[0]
+            if len(piece) <= need:
+                parts.append(queue.popleft())
+                need -= len(piece)
+            else:
+                view = memoryview(piece)
+                parts.append(view[:need])
+                queue[0] = view[need:]
+                need = 0
+        self.size -= length
+        return b"".join(parts)
+
+    def clear(self) -> None:
+        self._queue.clear()
+        self.size = 0
 
 
 class UploadError(Exception):
@@ -87,7 +139,7 @@ class PartWriter:
         self._plain_hash = hashlib.sha256()
         self._cipher_hash = hashlib.sha256()
         self._chunks_done = 0
-        self._pending = bytearray()
+        self._pending = Pieces()
         self.finished: FinishedPart | None = None
         self.resumed_bytes = 0
 
@@ -114,7 +166,7 @@ class PartWriter:
         """Plaintext bytes received, durable or still pending in memory."""
         if self.finished is not None:
             return self.size
-        return self._chunks_done * CHUNK_BYTES + len(self._pending)
+        return self._chunks_done * CHUNK_BYTES + self._pending.size
 
     @property
     def durable_offset(self) -> int:
@@ -146,29 +198,23 @@ class PartWriter:
             self._chunks_done += 1
         self.resumed_bytes = self._chunks_done * CHUNK_BYTES
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         if self.finished is not None and not data:
             return
         if self.finished is not None or self.offset + len(data) > self.size:
             raise UploadError("too_large", "more bytes than the attachment's declared size")
-        view = memoryview(data)
-        while view:
-            room = CHUNK_BYTES - len(self._pending)
-            if not self._pending and len(view) >= CHUNK_BYTES:
-                self._push(bytes(view[:CHUNK_BYTES]))
-                view = view[CHUNK_BYTES:]
-                continue
-            self._pending += view[:room]
-            view = view[room:]
-            if len(self._pending) == CHUNK_BYTES:
-                self._push(bytes(self._pending))
-                self._pending.clear()
+        self._pending.append(data)
+        while self._pending.size >= CHUNK_BYTES:
+            self._push(self._pending.take(CHUNK_BYTES))
         self._maybe_finish()
+
+    def write_all(self, pieces: Iterable[bytes]) -> None:
+        for data in pieces:
+            self.write(data)
 
     def _maybe_finish(self) -> None:
         if self.finished is None and self.offset == self.size:
-            self._push(bytes(self._pending))
-            self._pending.clear()
+            self._push(self._pending.take(self._pending.size))
 
     def _push(self, message: bytes) -> None:
         final = self._chunks_done == self._chunks_total - 1
@@ -235,11 +281,14 @@ def check_blob(reader: BinaryIO, *, length: int, sha256: str) -> None:
     """Length and ciphertext hash, in one streaming pass, before any plaintext is released."""
     digest = hashlib.sha256()
     seen = 0
-    while chunk := reader.read(CIPHER_CHUNK * 4):
-        seen += len(chunk)
+    buffer = bytearray(CIPHER_CHUNK)  # one buffer, read into again and again
+    view = memoryview(buffer)
+    raw = cast(io.BufferedIOBase, reader)  # a file: typing.BinaryIO omits readinto
+    while read := raw.readinto(buffer):
+        seen += read
         if seen > length:
             raise EnvelopeError("malformed_envelope", "the part is longer than declared")
-        digest.update(chunk)
+        digest.update(view[:read])
     if seen < length:
         raise EnvelopeError("truncated_part", "the part is shorter than declared")
     if not hmac.compare_digest(digest.hexdigest(), sha256):
@@ -269,7 +318,7 @@ def decrypt_stream(
     plain_hash = hashlib.sha256()
     produced = 0
     final = False
-    buffer = bytearray()
+    pending = Pieces()
 
     def pull(chunk: bytes) -> bytes:
         nonlocal final, produced
@@ -288,15 +337,13 @@ def decrypt_stream(
         return bytes(message)
 
     for data in chunks:
-        buffer += data
-        while len(buffer) >= CIPHER_CHUNK:
-            message = pull(bytes(buffer[:CIPHER_CHUNK]))
-            del buffer[:CIPHER_CHUNK]
-            yield message
-    if buffer:
-        if len(buffer) < ABYTES:
+        pending.append(data)
+        while pending.size >= CIPHER_CHUNK:
+            yield pull(pending.take(CIPHER_CHUNK))
+    if pending.size:
+        if pending.size < ABYTES:
             raise EnvelopeError("truncated_part", "part ends inside a chunk")
-        yield pull(bytes(buffer))
+        yield pull(pending.take(pending.size))
     if not final:
         raise EnvelopeError("truncated_part", "part ends without a final chunk")
     if plaintext_size is not None and produced != plaintext_size:
@@ -351,8 +398,9 @@ class PartReceiver:
         self._cipher_hash = hashlib.sha256()
         self._chunks_done = 0
         self._stored = 0
-        self._pending = bytearray()
+        self._pending = Pieces()
         self.complete = False
+        self.opened_at = 0  # the offset it was opened (rebuilt from disk) at
 
     @classmethod
     def open(
@@ -384,6 +432,7 @@ class PartReceiver:
         except BaseException:
             upload.close()
             raise
+        receiver.opened_at = receiver.durable_offset
         return receiver
 
     @property
@@ -418,20 +467,22 @@ class PartReceiver:
         self._chunks_done += 1
         self._stored += len(chunk)
 
-    def write(self, data: bytes) -> None:
-        if self.complete or self._stored + len(self._pending) + len(data) > self.length:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.complete or self._stored + self._pending.size + len(data) > self.length:
             raise EnvelopeError("malformed_envelope", "the part is longer than declared")
-        self._pending += data
-        while self._pending:
+        self._pending.append(data)
+        while self._pending.size:
             final = self._chunks_done == self._chunks_total - 1
             need = self.length - self._stored if final else CIPHER_CHUNK
-            if len(self._pending) < need:
+            if self._pending.size < need:
                 break
-            chunk = bytes(self._pending[:need])
-            del self._pending[:need]
-            self._pull(chunk, store=True)
+            self._pull(self._pending.take(need), store=True)
         if self._stored == self.length:
             self._complete()
+
+    def write_all(self, pieces: Iterable[bytes]) -> None:
+        for data in pieces:
+            self.write(data)
 
     def _complete(self) -> None:
         if not hmac.compare_digest(self._cipher_hash.hexdigest(), self._sha256):
@@ -439,6 +490,14 @@ class PartReceiver:
         if not hmac.compare_digest(self._plain_hash.hexdigest(), self._plaintext_sha256):
             raise EnvelopeError("manifest_mismatch", "an attachment differs from the manifest")
         self.complete = True
+
+    def drop_pending(self) -> None:
+        """Forget a partial chunk (never stored): the sender resends it from `durable_offset`."""
+        self._pending.clear()
+
+    def stored_matches(self) -> bool:
+        """Whether the staging object still holds exactly what this receiver stored."""
+        return not self.complete and self._upload.size() == self._stored
 
     def checkpoint(self) -> int:
         self._upload.sync()

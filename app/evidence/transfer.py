@@ -1,10 +1,12 @@
 """Sending an envelope whose large parts are in the blob store (docs/protocol.md section 8.5).
 
 Announce the envelope (header, signature, part 0), then, part by part in order, ask the peer
-how many bytes it already holds (HEAD) and stream the rest from there (PUT). A broken
-connection costs at most the chunk it cut: the next attempt resumes at the peer's durable
-offset. The peer's answer to the last part, or to a repeated announce once everything
-arrived, is the signed receipt, handled exactly as the answer to an inline envelope.
+how many bytes it already holds (HEAD) and stream the rest from there, in one or more PUTs of
+whole chunks (each answered with the peer's new offset), so that no single request has to
+outlast the client's deadline however large the part. A broken connection costs at most the
+chunk it cut: the next attempt resumes at the peer's durable offset. The peer's answer to the
+last part, or to a repeated announce once everything arrived, is the signed receipt, handled
+exactly as the answer to an inline envelope.
 """
 
 from __future__ import annotations
@@ -21,11 +23,17 @@ from sqlalchemy.orm import Session
 from app.crypto.encoding import b64d, load_canonical_object
 from app.errors import PeerError
 from app.evidence.blobstore import BlobStore
+from app.evidence.stream import CIPHER_CHUNK
 from app.models import BlobPart, Message
 from app.peers.client import read_json_bounded
 
 ANNOUNCE_PATH = "/p2p/v1/evidence/envelopes"
 READ_BYTES = 1 << 20
+# A part goes in one or more PUTs (segments) of whole chunks, sized by SegmentSizer.
+FIRST_SEGMENT_CHUNKS = 32
+MIN_SEGMENT_CHUNKS = 4
+MAX_SEGMENT_CHUNKS = 4096
+DEFAULT_SEGMENT_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -49,13 +57,48 @@ def _answer(response: httpx.Response) -> object:
         return None
 
 
+def _offset(response: httpx.Response) -> int:
+    value = response.headers.get("upload-offset", "0")
+    return int(value) if value.isdigit() else 0
+
+
+def _segment_seconds(http: httpx.Client) -> float:
+    # The peer client ends any exchange at a deadline (four times its timeout, see
+    # app.peers.client): a request lasting about one timeout stays well inside it.
+    return http.timeout.read or DEFAULT_SEGMENT_SECONDS
+
+
+class SegmentSizer:
+    """How many bytes the next PUT of a part carries: whole chunks, about `seconds` worth at
+    the rate the last one went, so that no request outlives the client's deadline on a slow
+    link and a fast one pays for few requests (each ends with the receiver's fsync)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._chunks = FIRST_SEGMENT_CHUNKS
+
+    def next_bytes(self) -> int:
+        return self._chunks * CIPHER_CHUNK
+
+    def observe(self, sent: int, seconds: float) -> None:
+        rate = sent / max(seconds, 1e-3)
+        chunks = int(rate * self.seconds) // CIPHER_CHUNK
+        self._chunks = max(MIN_SEGMENT_CHUNKS, min(MAX_SEGMENT_CHUNKS, chunks))
+
+
 def _body(
-    store: BlobStore, part: StreamedPart, offset: int, keep_alive: Callable[[], bool]
+    store: BlobStore,
+    part: StreamedPart,
+    offset: int,
+    end: int,
+    keep_alive: Callable[[], bool],
 ) -> Iterator[bytes]:
     renewed = time.monotonic()
+    left = end - offset
     with store.open(part.digest) as blob:
         blob.seek(offset)
-        while chunk := blob.read(READ_BYTES):
+        while left and (chunk := blob.read(min(READ_BYTES, left))):
+            left -= len(chunk)
             if time.monotonic() - renewed > 10:
                 # Long transfers keep their outbox lease; a lost lease stops this one.
                 if not keep_alive():
@@ -83,28 +126,36 @@ def send_streamed(
     if status != 202:
         return status, body
     msg_id = _msg_id(wire)
+    sizer = SegmentSizer(_segment_seconds(http))
     for part in parts:
         url = f"{base_url}/p2p/v1/evidence/envelopes/{msg_id}/parts/{part.index}"
         head = http.head(url, headers=headers)
         if head.status_code != 204:
             return head.status_code, None
-        offset = int(head.headers.get("upload-offset", "0"))
-        if offset >= part.length:
-            continue
-        put_headers = {
-            **headers,
-            "upload-offset": str(offset),
-            "content-length": str(part.length - offset),
-            "content-type": "application/octet-stream",
-        }
-        with http.stream(
-            "PUT", url, content=_body(store, part, offset, keep_alive), headers=put_headers
-        ) as response:
-            status, body = response.status_code, _answer(response)
-        if status in (200, 201):
-            return status, body
-        if status != 204:
-            return status, body
+        offset = _offset(head)
+        while offset < part.length:
+            end = min(part.length, offset + sizer.next_bytes())
+            put_headers = {
+                **headers,
+                "upload-offset": str(offset),
+                "content-length": str(end - offset),
+                "content-type": "application/octet-stream",
+            }
+            started = time.monotonic()
+            with http.stream(
+                "PUT",
+                url,
+                content=_body(store, part, offset, end, keep_alive),
+                headers=put_headers,
+            ) as response:
+                status, body = response.status_code, _answer(response)
+            if status != 204:
+                return status, body  # the receipt (200, 201) or a refusal
+            reached = _offset(response)
+            if reached <= offset:  # the delivery is retried later, from the peer's offset
+                raise PeerError("the peer's offset did not advance")
+            sizer.observe(reached - offset, time.monotonic() - started)
+            offset = reached
     # Every part was already there (an earlier attempt's answer was lost): announce again,
     # and the peer, now complete, answers with the receipt.
     with http.stream("POST", announce_url, content=content, headers=json_headers) as response:

@@ -8,12 +8,16 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
+from app.config import Settings
+from app.crypto.keys import NodeIdentity, NodeKeys
 from app.db import make_engine
 from app.evidence.blobstore import DirectoryBlobStore
-from app.evidence.cleanup import cleanup_orphans
+from app.evidence.cleanup import OrphanSweep, cleanup_orphans
+from app.evidence.node_store import blob_store
 from app.models import Base, EvidenceDraft, EvidenceUpload
+from app.node import Node
 from tests.conftest import Databases
 
 NOW = datetime(2026, 11, 28, tzinfo=UTC)
@@ -67,6 +71,43 @@ def test_cleanup_keeps_what_rows_name(databases: Databases, tmp_path: Path) -> N
         assert store.exists(kept)
         assert not store.exists(orphan)
         assert [path.name for path in store.uploads.iterdir()] == [f"out-{live}-1"]
+    finally:
+        Base.metadata.drop_all(engine)
+        engine.dispose()
+
+
+def test_the_sweep_runs_once_per_period(databases: Databases, tmp_path: Path) -> None:
+    url = databases.new()
+    engine = make_engine(url)
+    Base.metadata.create_all(engine)
+    settings = Settings(database_url=url, keys_dir=tmp_path / "keys", blob_dir=tmp_path / "blobs")
+    node = Node(
+        settings=settings,
+        identity=NodeIdentity("ES/MJ", "Ministerio de Justicia", "http://127.0.0.1:1"),
+        keys=NodeKeys.generate(),
+        engine=engine,
+        sessions=sessionmaker(engine),
+    )
+    store = blob_store(settings)
+    now = [1000.0]
+    sweep = OrphanSweep(node, every_seconds=3600, clock=lambda: now[0])
+    old = time.time() - 100 * 3600
+
+    def abandon(name: str) -> None:
+        with store.upload(name) as upload:
+            upload.write(b"partial")
+        os.utime(store.uploads / name, (old, old))
+
+    try:
+        abandon(f"out-{'d' * 32}-1")
+        assert sweep.run_due() == (1, 0)  # the first sweep runs at once
+        abandon(f"out-{'e' * 32}-1")
+        now[0] += 3599
+        assert sweep.run_due() is None  # not yet due: the abandoned upload stays
+        assert store.upload_exists(f"out-{'e' * 32}-1")
+        now[0] += 1
+        assert sweep.run_due() == (1, 0)
+        assert not any(store.uploads.iterdir())
     finally:
         Base.metadata.drop_all(engine)
         engine.dispose()

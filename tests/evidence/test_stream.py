@@ -12,6 +12,7 @@ import pytest
 from app.crypto import envelope as env
 from app.crypto.encoding import sha256_hex
 from app.evidence.blobstore import DirectoryBlobStore
+from app.evidence.inbound import PartTarget, ReceiverCache, receive_upload_id
 from app.evidence.stream import (
     CIPHER_CHUNK,
     PartReceiver,
@@ -283,3 +284,50 @@ def test_receiver_refuses_a_bad_part(store: DirectoryBlobStore, fault: str) -> N
     assert not receiver.complete
     receiver.close()
     assert not store.exists(sha256_hex(cipher))
+
+
+def test_a_kept_receiver_is_reused_until_its_staging_object_changes(
+    store: DirectoryBlobStore,
+) -> None:
+    data = os.urandom(3 * CHUNK + 1)
+    cipher = env.encrypt_part(data, KEY, AD, HEADER)[1]
+    msg_id = "cd" * 16
+    target = PartTarget(
+        msg_id,
+        1,
+        len(cipher),
+        0,
+        {
+            "key": KEY,
+            "ad": AD,
+            "stream_header": HEADER,
+            "length": len(cipher),
+            "sha256": sha256_hex(cipher),
+            "plaintext_size": len(data),
+            "plaintext_sha256": sha256_hex(data),
+        },
+        False,
+    )
+    cache = ReceiverCache()
+    first = cache.take(store, target)
+    first.write(cipher[: CIPHER_CHUNK + 5])
+    first.checkpoint()
+    cache.put_back(target, first)  # the partial chunk is dropped: resent from the offset
+    again = cache.take(store, target)
+    assert again is first
+    assert (again.durable_offset, again.opened_at) == (CIPHER_CHUNK, 0)
+    again.write(cipher[CIPHER_CHUNK : 2 * CIPHER_CHUNK])
+    again.checkpoint()
+    cache.put_back(target, again)
+    # Another process (or a crash) cut the staging object back: the kept receiver no longer
+    # matches it, so a new one is rebuilt from what is stored.
+    with open(store.uploads / receive_upload_id(msg_id, 1), "r+b") as staging:
+        staging.truncate(CIPHER_CHUNK)
+    rebuilt = cache.take(store, target)
+    assert rebuilt is not first
+    assert (rebuilt.durable_offset, rebuilt.opened_at) == (CIPHER_CHUNK, CIPHER_CHUNK)
+    rebuilt.write(cipher[CIPHER_CHUNK:])
+    assert rebuilt.complete
+    rebuilt.finalise(store)
+    with store.open(sha256_hex(cipher)) as blob:
+        assert blob.read() == cipher

@@ -1,0 +1,68 @@
+"""Overlapping the network with the crypto while a part streams into the node.
+
+Encrypting or checking a chunk (libsodium, hashlib) and writing it release the GIL, so a
+worker thread can process one batch while the event loop receives the next. At most two
+batches are held, whatever the size of the part, and no worker thread is left running on a
+writer the caller is about to checkpoint or close.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, Callable
+
+import anyio
+import anyio.to_thread
+
+BATCH_BYTES = 1 << 20
+
+
+async def feed_in_thread(
+    chunks: AsyncIterable[bytes],
+    sink: Callable[[list[bytes]], None],
+    *,
+    batch_bytes: int = BATCH_BYTES,
+) -> None:
+    """Give what `chunks` yields to `sink`, in batches of about `batch_bytes`, in order.
+
+    `sink` runs in a worker thread on one batch while the next batch is received. An
+    exception from `sink` stops the receiving and is raised; one from `chunks` (a client
+    that disconnects) is raised once the batch in flight is done. The last batch, shorter
+    than `batch_bytes`, is given before this returns.
+    """
+    failures: list[Exception] = []
+
+    async def run(batch: list[bytes], done: anyio.Event) -> None:
+        try:
+            await anyio.to_thread.run_sync(sink, batch)
+        except Exception as exc:  # handed to the caller below, after the task group
+            failures.append(exc)
+        finally:
+            done.set()
+
+    received: Exception | None = None
+    batch: list[bytes] = []
+    size = 0
+    async with anyio.create_task_group() as tasks:
+        idle = anyio.Event()
+        idle.set()
+        try:
+            async for data in chunks:
+                if not data:
+                    continue
+                batch.append(data)
+                size += len(data)
+                if size >= batch_bytes:
+                    await idle.wait()
+                    if failures:
+                        break
+                    idle = anyio.Event()
+                    tasks.start_soon(run, batch, idle)
+                    batch, size = [], 0
+        except Exception as exc:  # raised after the batch in flight, which the caller keeps
+            received = exc
+    if failures:
+        raise failures[0]
+    if received is not None:
+        raise received
+    if batch:
+        await anyio.to_thread.run_sync(sink, batch)
