@@ -28,6 +28,9 @@ COPY migrations ./migrations
 COPY app ./app
 COPY deploy ./deploy
 COPY docs/examples ./docs/examples
+# Compiled once at build time: PYTHONDONTWRITEBYTECODE would otherwise make every process
+# compile the whole app before it starts.
+RUN python -m compileall -q app migrations
 
 USER entraide
 EXPOSE 8600

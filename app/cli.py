@@ -9,36 +9,46 @@ import sys
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+from typer.core import TyperGroup
 
 from app import cli_security
-from app.audit.checkpoints import sign_checkpoint
-from app.audit.log import record
-from app.audit.note import NoteError
-from app.auth.service import Role, create_client, list_clients, revoke_client
-from app.config import Settings, get_settings
-from app.crypto.encoding import utc_now
-from app.crypto.keys import (
-    KeyFileError,
-    NodeIdentity,
-    NodeKeys,
-    format_fingerprint,
-    keys_exist,
-    load_keys,
-    save_identity,
-    save_keys,
-)
-from app.db import unit_of_work
-from app.errors import EntraideError
-from app.evidence.cli import requests_app
-from app.migrate import pending, upgrade
-from app.node import Node, key_passphrase, load_node
-from app.peers.client import peer_http_client
-from app.peers.service import add_peer, list_peers
+from app.auth.service import Role
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+if TYPE_CHECKING:
+    from typer import _click as click  # typer's own copy of Click, whose classes it extends
+
+    from app.config import Settings
+    from app.node import Node
+
+# Each command imports what it needs when it runs: `entraide clients create` has no use for
+# the web application, the HTTP client or Alembic, and the test suites and the benchmarks start
+# many such processes. Only what typer needs to build the commands (their parameter types) is
+# imported here.
+
+
+class _Commands(TyperGroup):
+    """The root group. `requests` (app/evidence/cli.py, with an HTTP client and progress bars)
+    is imported only when it runs or the help lists it: Click's documented lazy subcommand."""
+
+    LAZY = "requests"
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [*super().list_commands(ctx), self.LAZY]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name != self.LAZY:
+            return super().get_command(ctx, cmd_name)
+        from app.evidence.cli import requests_app
+
+        group = typer.main.get_group(requests_app)
+        group.name = cmd_name
+        return group
+
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, cls=_Commands)
 keys_app = typer.Typer(no_args_is_help=True, help="The node's own keys.")
 peers_app = typer.Typer(no_args_is_help=True, help="Pinned peer nodes.")
 clients_app = typer.Typer(no_args_is_help=True, help="API clients of the local API.")
@@ -50,7 +60,6 @@ app.add_typer(audit_app, name="audit")
 cli_security.register(keys_app, peers_app)
 deliveries_app = typer.Typer(no_args_is_help=True, help="Outbound deliveries (operators).")
 app.add_typer(deliveries_app, name="deliveries")
-app.add_typer(requests_app, name="requests")  # app/evidence/cli.py
 
 
 def _operator() -> str:
@@ -65,12 +74,39 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(code=1)
 
 
+# Imports a node process never uses, which its libraries make whenever they can: httpx
+# imports its command-line client (rich, pygments, click) when those are installed, and
+# FastAPI imports pydantic.v1 to check that no route uses a v1 model. Together about 4 MiB
+# resident and 0.1 s at each start. A None entry in sys.modules makes such an import fail;
+# both libraries expect that and carry on (httpx's own `main` then says it is not installed,
+# FastAPI then knows no v1 model can be in use). Not for the `requests` commands, which
+# draw progress bars with rich.
+UNUSED_IN_NODE = ("httpx._main", "pydantic.v1")
+
+
+def _skip_unused_imports() -> None:
+    for module in UNUSED_IN_NODE:
+        # None is how the import system spells "cannot be imported" (typeshed knows only
+        # modules as values).
+        sys.modules.setdefault(module, None)  # type: ignore[arg-type]
+
+
+def _settings() -> Settings:
+    from app.config import get_settings
+
+    return get_settings()
+
+
 def _node(settings: Settings) -> Node:
+    from app.crypto.keys import KeyFileError
+    from app.node import load_node
+    from app.obs.health import schema_pending
+
     try:
         node = load_node(settings)
     except (KeyFileError, ValueError) as exc:
         raise _fail(str(exc)) from exc
-    if pending(node.engine, settings.database_url):
+    if schema_pending(node.engine):
         node.close()
         raise _fail("the database is not at the latest schema; run `entraide migrate`")
     return node
@@ -83,7 +119,23 @@ def init(
     public_url: Annotated[str, typer.Option(help="The URL at which peers reach this node")],
 ) -> None:
     """Create the node's keys, migrate the database, and print the node's fingerprint."""
-    settings = get_settings()
+    from app.audit.checkpoints import sign_checkpoint
+    from app.audit.log import record
+    from app.config import Settings
+    from app.crypto.keys import (
+        KeyFileError,
+        NodeIdentity,
+        NodeKeys,
+        format_fingerprint,
+        keys_exist,
+        save_identity,
+        save_keys,
+    )
+    from app.db import unit_of_work
+    from app.migrate import upgrade
+    from app.node import key_passphrase, load_node
+
+    settings = _settings()
     keys_dir = settings.keys_dir
     try:
         Settings(authority_id=authority_id)
@@ -123,7 +175,9 @@ def init(
 @app.command()
 def migrate() -> None:
     """Bring the database schema to the latest migration."""
-    settings = get_settings()
+    from app.migrate import upgrade
+
+    settings = _settings()
     upgrade(settings.database_url)
     typer.echo("database schema is current")
 
@@ -131,7 +185,10 @@ def migrate() -> None:
 @keys_app.command("show")
 def keys_show() -> None:
     """Print the node's fingerprint and key ids."""
-    settings = get_settings()
+    from app.crypto.keys import KeyFileError, format_fingerprint, load_keys
+    from app.node import key_passphrase
+
+    settings = _settings()
     try:
         keys = load_keys(settings.keys_dir, passphrase=key_passphrase(settings))
     except KeyFileError as exc:
@@ -148,16 +205,19 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to listen on")] = 8600,
 ) -> None:
     """Run the node: local API, P2P API and the in-process delivery worker."""
+    _skip_unused_imports()
     import uvicorn
 
+    from app.crypto.keys import KeyFileError
     from app.main import create_app
     from app.tls import server_options
 
-    settings = get_settings()
-    _node(settings).close()  # fail fast, with a clear message, on keys or schema problems
+    settings = _settings()
+    node = _node(settings)  # fail fast, with a clear message, on keys or schema problems
     try:
         tls = server_options(settings)
     except KeyFileError as exc:
+        node.close()
         raise _fail(str(exc)) from exc
     if settings.allow_insecure_http:
         logging.getLogger("entraide").warning(
@@ -166,7 +226,7 @@ def serve(
         )
     # log_config=None: uvicorn's records go through our (JSON) handler like everything else.
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, node=node),
         host=host,
         port=port,
         log_level="info",
@@ -179,9 +239,10 @@ def serve(
 @app.command()
 def worker() -> None:
     """Run a standalone delivery worker (to scale out next to `serve`)."""
+    _skip_unused_imports()
     from app.delivery.worker import Worker
 
-    settings = get_settings()
+    settings = _settings()
     node = _node(settings)
     runner = Worker(node)
 
@@ -203,7 +264,12 @@ def peers_add(
     fingerprint: Annotated[str, typer.Option(help="The fingerprint its operator read to you")],
 ) -> None:
     """Fetch a peer's identity document, check it against the fingerprint, and pin it."""
-    settings = get_settings()
+    from app.db import unit_of_work
+    from app.errors import EntraideError
+    from app.peers.client import peer_http_client
+    from app.peers.service import add_peer
+
+    settings = _settings()
     node = _node(settings)
     try:
         with peer_http_client(settings) as http:
@@ -227,7 +293,11 @@ def peers_add(
 @peers_app.command("list")
 def peers_list() -> None:
     """List pinned peers."""
-    node = _node(get_settings())
+    from app.crypto.keys import format_fingerprint
+    from app.db import unit_of_work
+    from app.peers.service import list_peers
+
+    node = _node(_settings())
     try:
         with unit_of_work(node.sessions) as session:
             for peer in list_peers(session):
@@ -253,12 +323,17 @@ def clients_create(
     ] = None,
 ) -> None:
     """Create an API client. The token is printed once, alone on the last line."""
+    from app.audit.log import record
+    from app.auth.service import create_client
+    from app.db import unit_of_work
+    from app.errors import EntraideError
+
     roles = set(role or [Role.OFFICER])
     try:
         expiry = cli_security.parse_expiry(expires_in, expires_at)
     except ValueError as exc:
         raise _fail(str(exc)) from exc
-    node = _node(get_settings())
+    node = _node(_settings())
     try:
         with unit_of_work(node.sessions) as session:
             client, token = create_client(session, name=name, roles=roles, expires_at=expiry)
@@ -284,7 +359,11 @@ def clients_create(
 @clients_app.command("list")
 def clients_list() -> None:
     """List API clients (never their tokens)."""
-    node = _node(get_settings())
+    from app.auth.service import list_clients
+    from app.crypto.encoding import utc_now
+    from app.db import unit_of_work
+
+    node = _node(_settings())
     try:
         with unit_of_work(node.sessions) as session:
             now = utc_now()
@@ -301,7 +380,12 @@ def clients_list() -> None:
 @clients_app.command("revoke")
 def clients_revoke(name: Annotated[str, typer.Argument()]) -> None:
     """Revoke an API client's token at once."""
-    node = _node(get_settings())
+    from app.audit.log import record
+    from app.auth.service import revoke_client
+    from app.db import unit_of_work
+    from app.errors import EntraideError
+
+    node = _node(_settings())
     try:
         with unit_of_work(node.sessions) as session:
             revoke_client(session, name=name)
@@ -324,9 +408,10 @@ def deliveries_list(
     """List deliveries, newest first: id, state, attempts, peer, request, last error."""
     from datetime import timedelta
 
+    from app.db import unit_of_work
     from app.delivery.admin import list_deliveries
 
-    node = _node(get_settings())
+    node = _node(_settings())
     try:
         with unit_of_work(node.sessions) as session:
             stuck = timedelta(minutes=stuck_minutes) if stuck_minutes is not None else None
@@ -344,9 +429,11 @@ def deliveries_list(
 
 
 def _delivery_action(delivery_id: int, action: str) -> None:
+    from app.db import unit_of_work
     from app.delivery.admin import cancel_delivery, retry_delivery
+    from app.errors import EntraideError
 
-    node = _node(get_settings())
+    node = _node(_settings())
     try:
         with unit_of_work(node.sessions) as session:
             operation = retry_delivery if action == "retry" else cancel_delivery
@@ -373,7 +460,10 @@ def deliveries_cancel(delivery_id: Annotated[int, typer.Argument()]) -> None:
 @audit_app.command("checkpoint")
 def audit_checkpoint() -> None:
     """Sign a checkpoint of the audit log now and print it."""
-    node = _node(get_settings())
+    from app.audit.checkpoints import sign_checkpoint
+    from app.db import unit_of_work
+
+    node = _node(_settings())
     try:
         with unit_of_work(node.sessions) as session:
             note = sign_checkpoint(
@@ -389,9 +479,11 @@ def audit_export(
     out: Annotated[Path, typer.Option(help="Folder to write the export into")],
 ) -> None:
     """Write the entries, the signed checkpoints and the public log key for an auditor."""
+    from app.audit.log import record
     from app.audit.service import export_log
+    from app.db import unit_of_work
 
-    node = _node(get_settings())
+    node = _node(_settings())
     try:
         with unit_of_work(node.sessions) as session:
             entries, checkpoints = export_log(session, node, out)
@@ -418,13 +510,15 @@ def audit_verify(
     ] = None,
 ) -> None:
     """Check an exported (or the live) audit log; exit 1 naming the first bad entry."""
+    from app.audit.note import NoteError
     from app.audit.service import verify_database, verify_export
+    from app.db import unit_of_work
 
     earlier = checkpoint.read_text() if checkpoint else None
     if db == (folder is not None):
         raise _fail("give either an export folder or --db")
     if db:
-        node = _node(get_settings())
+        node = _node(_settings())
         try:
             with unit_of_work(node.sessions) as session:
                 report = verify_database(
@@ -471,11 +565,12 @@ def backup(
     keys) to one file. Safe while the node runs."""
     from app.backup.sealed import PassphraseError, read_passphrase
     from app.backup.service import BackupError, create_backup
+    from app.crypto.keys import KeyFileError
 
     try:
         passphrase = read_passphrase(passphrase_file) if include_private_keys else None
         summary = create_backup(
-            get_settings(),
+            _settings(),
             out=out,
             include_private_keys=include_private_keys,
             passphrase=passphrase,
@@ -501,10 +596,11 @@ def restore(
     own keys), then verify the whole audit log."""
     from app.backup.sealed import PassphraseError, read_passphrase
     from app.backup.service import BackupError, restore_backup
+    from app.crypto.keys import KeyFileError
 
     try:
         summary = restore_backup(
-            get_settings(),
+            _settings(),
             archive_path=file,
             passphrase=read_passphrase(passphrase_file),
             actor=_operator(),
@@ -528,6 +624,7 @@ def doctor() -> None:
     """Check the configuration, keys, database, peers and clocks; say what is wrong."""
     from pydantic import ValidationError
 
+    from app.config import Settings
     from app.doctor import FAIL, diagnose
 
     try:
@@ -563,7 +660,7 @@ def main() -> None:
     from app.obs.logs import configure_logging
 
     try:
-        settings = get_settings()
+        settings = _settings()
         configure_logging(settings.log_format, settings.log_level)
     except ValueError:  # invalid settings: the command itself (or `doctor`) explains them
         configure_logging()

@@ -15,17 +15,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from sqlalchemy import select
 
-from app.audit.log import record
-from app.config import get_settings
 from app.crypto.encoding import utc_now
-from app.crypto.keyfile import KeyFileError
-from app.crypto.keys import format_fingerprint, load_identity, protect_keys, rotate_keys
-from app.db import unit_of_work
-from app.models import Peer
-from app.node import key_passphrase
-from app.tls import normalise_cert_pin, pin_of_certificate_file
+
+# Each command imports what it needs when it runs (see app.cli).
 
 DURATION = re.compile(r"([0-9]{1,6})([smhd]?)")
 UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -64,9 +57,14 @@ def keys_rotate(
     Restart the node afterwards. Peers pick the new keys up at their next contact; the old
     encryption key is kept, protected like the others, so archived requests stay readable.
     """
-    from app.cli import _fail, _node, _operator
+    from app.audit.log import record
+    from app.cli import _fail, _node, _operator, _settings
+    from app.crypto.keyfile import KeyFileError
+    from app.crypto.keys import format_fingerprint, load_identity, rotate_keys
+    from app.db import unit_of_work
+    from app.node import key_passphrase
 
-    settings = get_settings()
+    settings = _settings()
     node = _node(settings)  # keys readable, schema current
     node.close()
     try:
@@ -108,9 +106,12 @@ def keys_rotate(
 
 def keys_protect() -> None:
     """Encrypt every key file under ENTRAIDE_KEY_PASSPHRASE(_FILE) (Argon2id, secretbox)."""
-    from app.cli import _fail
+    from app.cli import _fail, _settings
+    from app.crypto.keyfile import KeyFileError
+    from app.crypto.keys import protect_keys
+    from app.node import key_passphrase
 
-    settings = get_settings()
+    settings = _settings()
     try:
         passphrase = key_passphrase(settings)
         if passphrase is None:
@@ -123,10 +124,11 @@ def keys_protect() -> None:
 
 def peers_refresh(authority: Annotated[str, typer.Argument(help="The peer, e.g. AR/MPF")]) -> None:
     """Fetch a peer's identity document now and follow a signed key rotation from its pin."""
-    from app.cli import _fail, _node, _operator
+    from app.cli import _fail, _node, _operator, _settings
+    from app.crypto.keys import format_fingerprint
     from app.peers.keys import refresh_peer_keys
 
-    node = _node(get_settings())
+    node = _node(_settings())
     try:
         peer = refresh_peer_keys(node, authority, actor=_operator(), force=True)
         if peer is None:
@@ -145,7 +147,13 @@ def peers_pin_cert(
     sha256: Annotated[str | None, typer.Option(help="Or its SHA-256, read out of band")] = None,
 ) -> None:
     """Pin the TLS client certificate a peer presents on our P2P API (mutual TLS)."""
-    from app.cli import _fail, _node, _operator
+    from sqlalchemy import select
+
+    from app.audit.log import record
+    from app.cli import _fail, _node, _operator, _settings
+    from app.db import unit_of_work
+    from app.models import Peer
+    from app.tls import normalise_cert_pin, pin_of_certificate_file
 
     if (cert is None) == (sha256 is None):
         raise _fail("give --cert or --sha256")
@@ -153,7 +161,7 @@ def peers_pin_cert(
         pin = pin_of_certificate_file(cert) if cert else normalise_cert_pin(sha256 or "")
     except (OSError, ValueError) as exc:
         raise _fail(str(exc)) from exc
-    node = _node(get_settings())
+    node = _node(_settings())
     try:
         with unit_of_work(node.sessions) as session:
             peer = session.scalar(select(Peer).where(Peer.authority_id == authority))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import types
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from app.requests.deadlines import (
     DEFAULT_LIMITS,
@@ -17,10 +19,55 @@ from app.requests.deadlines import (
 )
 
 AUTHORITY_ID_PATTERN = r"^[A-Z]{2}/[A-Z0-9_-]{1,32}$"
+ENV_PREFIX = "ENTRAIDE_"
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ENTRAIDE_", extra="ignore")
+def _structured(annotation: Any) -> bool:
+    """Whether a field's environment variable holds JSON (a model, a mapping, a list)."""
+    origin = get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        return any(_structured(arg) for arg in get_args(annotation) if arg is not type(None))
+    if origin in (dict, list, set, frozenset, tuple) or annotation in (dict, list, set, tuple):
+        return True
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def environment_values(model: type[BaseModel], environ: dict[str, str]) -> dict[str, Any]:
+    """The fields set by ENTRAIDE_<FIELD> variables (any case), as pydantic-settings reads
+    them: structured fields are decoded from JSON, others are left as text for the field's
+    own validation. Text that is not JSON is left as it is, so validation names the field."""
+    wanted = {ENV_PREFIX.lower() + name: name for name in model.model_fields}
+    values: dict[str, Any] = {}
+    for key, text in environ.items():
+        name = wanted.get(key.lower())
+        if name is None:
+            continue
+        value: Any = text
+        if _structured(model.model_fields[name].annotation):
+            try:
+                value = json.loads(text)
+            except ValueError:
+                pass
+        values[name] = value
+    return values
+
+
+class Settings(BaseModel):
+    """Read from ENTRAIDE_* environment variables; values given to the constructor win.
+
+    A plain model rather than pydantic-settings' BaseSettings, whose import (sources for
+    cloud secret stores, dotenv, TOML, YAML and a command line) costs every process about
+    4 MiB for the one source used here.
+    """
+
+    model_config = ConfigDict(extra="ignore", validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_environment(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return {**environment_values(cls, dict(os.environ)), **data}
 
     database_url: str = "sqlite:///./entraide.db"
     keys_dir: Path = Path("./keys")

@@ -15,7 +15,6 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import httpx
-from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, func, select
 from sqlalchemy.engine import make_url
 
@@ -27,7 +26,7 @@ from app.db import make_engine
 from app.errors import PeerError
 from app.models import OutboxItem, Peer, WitnessAlarm
 from app.node import load_node
-from app.obs.health import expected_heads
+from app.obs.health import current_heads, expected_heads
 from app.obs.metrics import key_dates
 from app.peers.client import IDENTITY_PATH, make_http_client, read_json_bounded
 
@@ -190,7 +189,7 @@ def check_database(settings: Settings, engine: Engine) -> Iterator[Finding]:
     """Reachable and current; then the state a busy operator should know about."""
     try:
         with engine.connect() as connection:
-            current = set(MigrationContext.configure(connection).get_current_heads())
+            current = set(current_heads(connection))
     except Exception as exc:  # any driver failure: unreachable, wrong credentials, no file
         yield Finding(
             FAIL,
@@ -199,7 +198,7 @@ def check_database(settings: Settings, engine: Engine) -> Iterator[Finding]:
             f"({type(exc).__name__}): is it running, and is the URL right?",
         )
         return
-    heads = set(expected_heads(settings.database_url))
+    heads = set(expected_heads())
     if not current:
         yield Finding(FAIL, "database", "the database has no schema: run `entraide migrate`")
         return

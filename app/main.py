@@ -194,19 +194,23 @@ def _alive(thread: threading.Thread | None) -> bool:
     return thread is not None and thread.is_alive()
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, node: Node | None = None) -> FastAPI:
+    """`node`: one already loaded from these settings (`entraide serve` checks it before it
+    starts the server), used by the first lifespan instead of loading the keys again, which
+    with a key passphrase means an Argon2id derivation per key file."""
     settings = settings or get_settings()
+    loaded = [node] if node is not None else []
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        node = load_node(settings)
+        node = loaded.pop() if loaded else load_node(settings)
         app.state.node = node
         app.state.identity_document = build_identity_document(
             node.identity, node.keys, issued_at=utc_now()
         )
         worker: Worker | None = None
         app.state.worker_thread = None
-        app.state.migration_heads = expected_heads(settings.database_url)
+        app.state.migration_heads = expected_heads()
         app.state.metrics.watch(
             node,
             lambda: _alive(app.state.worker_thread) if settings.run_worker else None,
