@@ -18,6 +18,7 @@ MUTEX_WAIT_SECONDS = 10
 _HOLDS_WRITER = "entraide_holds_writer"
 _CHANGES = "entraide_changes_at_begin"
 _GROUP_SYNC = "entraide_group_sync"
+_NO_WAIT = "entraide_commit_no_wait"
 
 
 class _SQLiteWriters:
@@ -54,6 +55,7 @@ class _SQLiteWriters:
             # (a transaction nested in another of the same thread fails, it does not hang).
             info[_HOLDS_WRITER] = self._mutex.acquire(timeout=MUTEX_WAIT_SECONDS)
         info[_CHANGES] = connection.connection.dbapi_connection.total_changes
+        info.pop(_NO_WAIT, None)
 
     def end(self, pooled: Any, *, committed: bool) -> None:
         """After the COMMIT or ROLLBACK itself: let the next writer in, then wait for disk."""
@@ -62,8 +64,10 @@ class _SQLiteWriters:
         except NotImplementedError:  # the engine's first-connect check, outside the pool
             return
         before = info.pop(_CHANGES, None)
+        no_wait = info.pop(_NO_WAIT, False)
         wrote = (
             committed
+            and not no_wait
             and info.get(_GROUP_SYNC, False)
             and before is not None
             and before != pooled.dbapi_connection.total_changes
@@ -190,6 +194,22 @@ def make_engine(url: str) -> Engine:
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def commit_without_waiting(session: Session) -> None:
+    """Let this transaction's commit return before its rows reach the disk.
+
+    Only for a transaction whose loss in a power cut is harmless and that nobody outside sees
+    before a later commit: the delivery worker's claim (lost, the row is claimed and posted
+    again, and the receiver answers a repeat with its stored receipt). It is still atomic and
+    ordered: the next commit that waits for the disk takes it along (SQLite: the WAL fsync;
+    PostgreSQL: `synchronous_commit` off for this transaction only).
+    """
+    connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+    else:
+        connection.info[_NO_WAIT] = True
 
 
 @contextmanager

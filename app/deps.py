@@ -6,23 +6,29 @@ a test walks the application's routes and fails on any route that declares none.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from app.audit.log import record
-from app.auth.service import Principal, Role, TokenRefused, authenticate
+from app.auth.cache import TokenCache
+from app.auth.service import Principal, Role, TokenRefused, authenticate, hash_token
 from app.auth.throttle import Limits, TooManyRequests, blocked_for, register_refusal
+from app.crypto.encoding import utc_now
 from app.db import unit_of_work
 from app.errors import Forbidden, Unauthenticated
 from app.node import Node
 from app.tls import check_peer_certificate
 
 
-def get_node(request: Request) -> Node:
+async def get_node(request: Request) -> Node:
+    # async: an attribute read needs no trip through the thread pool (nor does a cached token,
+    # below); every sync dependency costs one per request.
     node: Node = request.app.state.node
     return node
 
@@ -37,6 +43,21 @@ def get_session(node: NodeDep) -> Iterator[Session]:
 
 # scope="function": commit before the response is sent, so a 201 means the row is durable.
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
+_CACHE_LOCK = threading.Lock()
+
+
+def token_cache(request: Request) -> TokenCache:
+    """The application's cache of recently authenticated tokens (app/auth/cache.py)."""
+    state = request.app.state
+    cache: TokenCache | None = getattr(state, "token_cache", None)
+    if cache is None:
+        with _CACHE_LOCK:
+            cache = getattr(state, "token_cache", None)
+            if cache is None:
+                cache = state.token_cache = TokenCache()
+    return cache
 
 
 def _bearer_token(request: Request) -> str:
@@ -66,9 +87,23 @@ class Policy:
     def __init__(self, *roles: Role) -> None:
         self.roles = frozenset(roles)
 
-    def __call__(self, request: Request, node: NodeDep) -> Principal:
+    async def __call__(self, request: Request, node: NodeDep) -> Principal:
         token = _bearer_token(request)
         source = source_address(request)
+        cache = token_cache(request)
+        digest, now = hash_token(token), utc_now()
+        principal = cache.get(digest, source, now)
+        if principal is None:
+            # The database, in the thread pool as a sync dependency would be.
+            principal = await run_in_threadpool(self._authenticate, request, node, token, source)
+            cache.put(digest, source, principal, now, expires_at=principal.expires_at)
+        if not principal.roles & self.roles:
+            allowed = ", ".join(sorted(self.roles))
+            raise Forbidden(f"this operation requires the role {allowed}")
+        request.state.principal = principal
+        return principal
+
+    def _authenticate(self, request: Request, node: Node, token: str, source: str) -> Principal:
         address_key = f"address:{source}"
         # Authentication gets its own short transaction: a refused token must not depend on
         # (or roll back) the route's unit of work. A blocked address is refused before its
@@ -83,31 +118,27 @@ class Policy:
                     refused = exc
         if retry_after is not None:
             raise TooManyRequests(retry_after)
-        if refused is not None:
-            keys = [address_key]
-            if refused.client_id is not None:
-                keys.append(f"client:{refused.client_id}")
-            with unit_of_work(node.sessions) as session:
-                verdict = register_refusal(
-                    session, keys, auth_limits(node), actor=f"address:{source}"
+        if refused is None:
+            return principal
+        # A refusal may block an address: recently trusted tokens are checked again.
+        token_cache(request).clear()
+        keys = [address_key]
+        if refused.client_id is not None:
+            keys.append(f"client:{refused.client_id}")
+        with unit_of_work(node.sessions) as session:
+            verdict = register_refusal(session, keys, auth_limits(node), actor=f"address:{source}")
+            if verdict.audit:
+                # Never the token itself: only the fact, the reason and where it came from.
+                record(
+                    session,
+                    actor=f"address:{source}",
+                    action="auth.failed",
+                    outcome=refused.code,
+                    details={"route": request.url.path[:200]},
                 )
-                if verdict.audit:
-                    # Never the token itself: only the fact, the reason and where it came from.
-                    record(
-                        session,
-                        actor=f"address:{source}",
-                        action="auth.failed",
-                        outcome=refused.code,
-                        details={"route": request.url.path[:200]},
-                    )
-            if verdict.retry_after is not None:
-                raise TooManyRequests(verdict.retry_after) from refused
-            raise refused
-        if not principal.roles & self.roles:
-            allowed = ", ".join(sorted(self.roles))
-            raise Forbidden(f"this operation requires the role {allowed}")
-        request.state.principal = principal
-        return principal
+        if verdict.retry_after is not None:
+            raise TooManyRequests(verdict.retry_after) from refused
+        raise refused
 
 
 class Public:

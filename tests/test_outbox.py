@@ -8,13 +8,13 @@ from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.crypto.encoding import utc_now
-from app.db import make_engine, make_session_factory, unit_of_work
+from app.db import commit_without_waiting, make_engine, make_session_factory, unit_of_work
 from app.delivery import outbox
-from app.delivery.settle import Outcome, settle
+from app.delivery.settle import Outcome, settle, settle_batch
 from app.migrate import upgrade
 from app.models import AuditEntry, CaseFile, DeliveryAttempt, Message, OutboxItem
 from tests.conftest import Databases
@@ -227,3 +227,64 @@ def test_concurrent_claims_never_share_a_row(sessions: tuple[str, sessionmaker[S
         owners = session.scalar(select(func.count(func.distinct(OutboxItem.lease_owner))))
     assert owners is not None
     assert owners >= 1
+
+
+def test_a_claim_committed_without_waiting_is_committed_and_nothing_else_is(
+    sessions: tuple[str, sessionmaker[Session]],
+) -> None:
+    backend, factory = sessions
+    with unit_of_work(factory) as session:
+        ids = _queue(session, 3)
+    with unit_of_work(factory) as session:
+        claims = outbox.claim_due(session, now=utc_now(), lease=LEASE, limit=10, owner="w")
+        commit_without_waiting(session)
+    assert sorted(claim.outbox_id for claim in claims) == sorted(ids)
+    with unit_of_work(factory) as session:
+        states = session.scalars(select(OutboxItem.state).where(OutboxItem.id.in_(ids)))
+        assert set(states) == {outbox.IN_FLIGHT}
+        if backend == "postgresql":  # SET LOCAL: the next transaction waits for the disk again
+            assert session.scalar(text("SHOW synchronous_commit")) == "on"
+        else:
+            assert "entraide_commit_no_wait" not in session.connection().info
+    with unit_of_work(factory) as session:
+        assert settle_batch(
+            session,
+            [(claim, Outcome(outbox.RETRY, "HTTP 503", http_status=503)) for claim in claims],
+            worker="w",
+        ) == [True, True, True]
+    with unit_of_work(factory) as session:
+        states = session.scalars(select(OutboxItem.state).where(OutboxItem.id.in_(ids)))
+        assert set(states) == {outbox.RETRY}
+        attempts = session.scalar(select(func.count()).select_from(DeliveryAttempt))
+        assert attempts == 3
+
+
+def test_settling_a_batch_skips_only_the_claims_that_were_lost(
+    sessions: tuple[str, sessionmaker[Session]],
+) -> None:
+    _, factory = sessions
+    with unit_of_work(factory) as session:
+        _queue(session, 2)
+    with unit_of_work(factory) as session:
+        lost, kept = outbox.claim_due(session, now=utc_now(), lease=LEASE, limit=2, owner="w1")
+    with unit_of_work(factory) as session:  # w1's lease on `lost` ran out: w2 reclaimed it
+        later = utc_now() + LEASE + timedelta(seconds=1)
+        (taken,) = outbox.claim_due(session, now=later, lease=LEASE, limit=1, owner="w2")
+        item = session.get(OutboxItem, kept.outbox_id)
+        assert item is not None
+        item.lease_until = later + LEASE  # `kept` was renewed meanwhile
+    assert taken.outbox_id == lost.outbox_id
+    with unit_of_work(factory) as session:
+        results = [
+            (lost, Outcome(outbox.FAILED, "HTTP 400", http_status=400)),
+            (kept, Outcome(outbox.RETRY, "HTTP 503", http_status=503)),
+        ]
+        assert settle_batch(session, results, worker="w1") == [False, True]
+    with unit_of_work(factory) as session:
+        states = {
+            item.id: (item.state, item.lease_owner) for item in session.scalars(select(OutboxItem))
+        }
+    assert states == {
+        lost.outbox_id: (outbox.IN_FLIGHT, "w2"),
+        kept.outbox_id: (outbox.RETRY, None),
+    }

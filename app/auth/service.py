@@ -33,6 +33,7 @@ class Principal:
     client_id: int
     name: str
     roles: frozenset[Role]
+    expires_at: datetime | None = None  # the token's, when it has one
 
 
 def hash_token(token: str) -> str:
@@ -91,4 +92,5 @@ def authenticate(session: Session, token: str) -> Principal:
         client_id=client.id,
         name=client.name,
         roles=frozenset(Role(role) for role in client.roles.split(",") if role),
+        expires_at=client.expires_at,
     )

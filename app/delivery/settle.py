@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -32,14 +33,71 @@ class Outcome:
 
 def settle(session: Session, claim: outbox.Claim, outcome: Outcome, *, worker: str) -> bool:
     """Apply an attempt's outcome; False if the claim was lost (lease expired and retaken)."""
+    return settle_batch(session, [(claim, outcome)], worker=worker)[0]
+
+
+def settle_batch(
+    session: Session, results: Sequence[tuple[outbox.Claim, Outcome]], *, worker: str
+) -> list[bool]:
+    """Apply a batch's outcomes in one transaction: its rows are read with one query per table
+    (the outbox rows locked, in id order so two workers never wait on each other in a cycle),
+    written together at the commit, and made durable by one commit instead of one each.
+    Per claim: False if the claim was lost (lease expired and retaken)."""
+    if not results:
+        return []
     now = utc_now()
-    item = session.get(OutboxItem, claim.outbox_id, with_for_update=True)
-    if item is None or item.state != outbox.IN_FLIGHT or item.attempts != claim.attempts:
-        return False
-    message = session.get(Message, claim.message_id)
-    case = session.get(CaseFile, message.request_id) if message is not None else None
-    if message is None or case is None:  # rows are never deleted; a broken invariant
-        raise RuntimeError(f"outbox row {item.id} lost its message")
+    items = {
+        item.id: item
+        for item in session.scalars(
+            select(OutboxItem)
+            .where(OutboxItem.id.in_([claim.outbox_id for claim, _ in results]))
+            .order_by(OutboxItem.id)
+            .with_for_update()
+        )
+    }
+    message_ids = [claim.message_id for claim, _ in results]
+    messages = {
+        message.id: message
+        for message in session.scalars(select(Message).where(Message.id.in_(message_ids)))
+    }
+    cases = {
+        case.id: case
+        for case in session.scalars(
+            select(CaseFile).where(
+                CaseFile.id.in_({message.request_id for message in messages.values()})
+            )
+        )
+    }
+    receipted = set(
+        session.scalars(select(Receipt.message_id).where(Receipt.message_id.in_(message_ids)))
+    )
+    settled = []
+    for claim, outcome in results:
+        item = items.get(claim.outbox_id)
+        if item is None or item.state != outbox.IN_FLIGHT or item.attempts != claim.attempts:
+            settled.append(False)
+            continue
+        message = messages.get(claim.message_id)
+        case = cases.get(message.request_id) if message is not None else None
+        if message is None or case is None:  # rows are never deleted; a broken invariant
+            raise RuntimeError(f"outbox row {item.id} lost its message")
+        _apply(session, claim, outcome, item, message, case, receipted, worker=worker, now=now)
+        settled.append(True)
+    return settled
+
+
+def _apply(
+    session: Session,
+    claim: outbox.Claim,
+    outcome: Outcome,
+    item: OutboxItem,
+    message: Message,
+    case: CaseFile,
+    receipted: set[int],
+    *,
+    worker: str,
+    now: datetime,
+) -> None:
     state = outcome.state
     error = outcome.error
     overdue = False
@@ -97,7 +155,19 @@ def settle(session: Session, claim: outbox.Claim, outcome: Outcome, *, worker: s
     item.lease_owner = None
     item.updated_at = now
     if outcome.signed is not None and outcome.receipt is not None:
-        _store_receipt(session, item, message, case, outcome.signed, outcome.receipt, now)
+        if message.id not in receipted:
+            receipted.add(message.id)
+            session.add(
+                Receipt(
+                    message_id=message.id,
+                    body=outcome.signed.body,
+                    signature=outcome.signed.signature,
+                    signer_kid=outcome.receipt.signer_kid,
+                    received_at=outcome.receipt.received_at,
+                    stored_at=now,
+                )
+            )
+        _receipted(session, item, message, case, outcome.receipt, now)
     else:
         item.last_error = outbox.truncate_error(error or "")
     if state == outbox.FAILED:
@@ -119,29 +189,16 @@ def settle(session: Session, claim: outbox.Claim, outcome: Outcome, *, worker: s
             claim.attempts,
             case.urgency,
         )
-    return True
 
 
-def _store_receipt(
+def _receipted(
     session: Session,
     item: OutboxItem,
     message: Message,
     case: CaseFile,
-    signed: SignedReceipt,
     receipt: ReceiptBody,
     now: datetime,
 ) -> None:
-    if session.scalar(select(Receipt).where(Receipt.message_id == message.id)) is None:
-        session.add(
-            Receipt(
-                message_id=message.id,
-                body=signed.body,
-                signature=signed.signature,
-                signer_kid=receipt.signer_kid,
-                received_at=receipt.received_at,
-                stored_at=now,
-            )
-        )
     item.delivered_at = now
     item.last_error = None
     if message.in_reply_to is None:  # the request itself, not a later message

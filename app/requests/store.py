@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 
 from sqlalchemy import select
@@ -49,3 +50,21 @@ def load_envelope(session: Session, message: Message) -> WireEnvelope:
         select(Part.ciphertext).where(Part.message_id == message.id).order_by(Part.part_index)
     )
     return WireEnvelope(header=message.header, signature=message.signature, parts=list(parts))
+
+
+def load_envelopes(session: Session, messages: Sequence[Message]) -> dict[int, WireEnvelope]:
+    """`load_envelope` for a batch (the delivery worker's claim), in one query."""
+    parts: dict[int, list[bytes]] = {message.id: [] for message in messages}
+    rows = session.execute(
+        select(Part.message_id, Part.ciphertext)
+        .where(Part.message_id.in_(list(parts)))
+        .order_by(Part.message_id, Part.part_index)
+    )
+    for message_id, ciphertext in rows:
+        parts[message_id].append(ciphertext)
+    return {
+        message.id: WireEnvelope(
+            header=message.header, signature=message.signature, parts=parts[message.id]
+        )
+        for message in messages
+    }
