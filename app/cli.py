@@ -379,7 +379,7 @@ def clients_list() -> None:
 
 @clients_app.command("revoke")
 def clients_revoke(name: Annotated[str, typer.Argument()]) -> None:
-    """Revoke an API client's token at once."""
+    """Revoke an API client's token: running nodes refuse it within a second."""
     from app.audit.log import record
     from app.auth.service import revoke_client
     from app.db import unit_of_work

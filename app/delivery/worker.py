@@ -30,6 +30,7 @@ from app.db import commit_without_waiting, unit_of_work
 from app.delivery import outbox
 from app.delivery.settle import Outcome, settle_batch
 from app.errors import PeerError
+from app.evidence.cleanup import OrphanSweep
 from app.evidence.node_store import blob_store
 from app.evidence.transfer import StreamedPart, blob_parts, send_streamed
 from app.models import BlobPart, Message, Peer
@@ -161,12 +162,15 @@ class Worker:
         # Per peer, the last checkpoint note witnessed and stored: the receiver's receipts
         # repeat it until it signs a new one, and a note once witnessed stays witnessed.
         self._witnessed: dict[str, str] = {}
+        # Abandoned evidence uploads and unreferenced blobs, swept from this loop (hourly).
+        self._sweep = OrphanSweep(node)
 
     def run(self) -> None:
         log.info("delivery worker %s started", self.id)
         while not self._stop.is_set():
             try:
                 handled = self.run_once()
+                self._sweep.run_due()
             except Exception as exc:  # a database outage must not kill the worker
                 log.error("delivery round failed (%s); retrying", type(exc).__name__)
                 handled = 0

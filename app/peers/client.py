@@ -85,8 +85,15 @@ class _Watchdog:
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
+        self.timers: list[threading.Timer] = []
 
     def __call__(self, event: str, info: dict[str, Any]) -> None:
+        # The exchange is over: its timers must not outlive it (one thread each, for the
+        # whole deadline, would pile up under load).
+        if event.startswith("http11.response_closed."):
+            for timer in self.timers:
+                timer.cancel()
+            return
         if event not in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
             return
         stream = info.get("return_value")
@@ -95,6 +102,7 @@ class _Watchdog:
             timer = threading.Timer(self.seconds, _shutdown, args=(sock,))
             timer.daemon = True
             timer.start()
+            self.timers.append(timer)
 
 
 def _shutdown(sock: socket.socket) -> None:
@@ -113,10 +121,9 @@ def make_http_client(
     """A client whose every exchange ends within `deadline_seconds` (default: four times
     the per-operation timeout), however slowly the peer answers."""
     total = deadline_seconds if deadline_seconds is not None else 4 * timeout_seconds
-    watchdog = _Watchdog(total)
 
     def arm(request: httpx.Request) -> None:
-        request.extensions["trace"] = watchdog
+        request.extensions["trace"] = _Watchdog(total)
 
     return httpx.Client(
         timeout=httpx.Timeout(timeout_seconds, connect=min(timeout_seconds, 10.0)),
