@@ -225,16 +225,6 @@ class AuditEntry(Base):
     """One audit event: a leaf of the node's Merkle log (app/audit). Never holds content."""
 
     __tablename__ = "audit_entries"
-    # The auditor's query filters on these and reads newest first: with `idx` second, each
-    # index hands over the matches already in order, from the cursor backwards.
-    __table_args__ = (
-        Index("ix_audit_entries_recorded_at_idx", "recorded_at", "idx"),
-        Index("ix_audit_entries_actor_idx", "actor", "idx"),
-        Index("ix_audit_entries_action_idx", "action", "idx"),
-        Index("ix_audit_entries_request_id_idx", "request_id", "idx"),
-        Index("ix_audit_entries_peer_idx", "peer", "idx"),
-        Index("ix_audit_entries_outcome_idx", "outcome", "idx"),
-    )
 
     idx: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     recorded_at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -245,9 +235,36 @@ class AuditEntry(Base):
     msg_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     peer: Mapped[str | None] = mapped_column(String(40), nullable=True)
     # The exact leaf bytes (canonical JSON of every field above plus details): what the
-    # Merkle tree commits to; the columns are only an index for queries.
+    # Merkle tree commits to; the columns are only for queries.
     entry: Mapped[bytes] = mapped_column(LargeBinary)
     leaf_hash: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class AuditIndex(Base):
+    """The auditor's filters over the log, filled in batches behind the appends (app/audit).
+
+    Not indexing `audit_entries` itself keeps an append to one row and one index; this table
+    indexes a batch of entries at a time. With `idx` second in each index, an index hands over
+    its matches already in order, newest first from the cursor backwards.
+    """
+
+    __tablename__ = "audit_index"
+    __table_args__ = (
+        Index("ix_audit_index_recorded_at_idx", "recorded_at", "idx"),
+        Index("ix_audit_index_actor_idx", "actor", "idx"),
+        Index("ix_audit_index_action_idx", "action", "idx"),
+        Index("ix_audit_index_request_id_idx", "request_id", "idx"),
+        Index("ix_audit_index_peer_idx", "peer", "idx"),
+        Index("ix_audit_index_outcome_idx", "outcome", "idx"),
+    )
+
+    idx: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    actor: Mapped[str] = mapped_column(String(140))
+    action: Mapped[str] = mapped_column(String(64))
+    outcome: Mapped[str] = mapped_column(String(64))
+    request_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    peer: Mapped[str | None] = mapped_column(String(40), nullable=True)
 
 
 class AuditHead(Base):
@@ -268,9 +285,10 @@ class AuditHead(Base):
 
 
 class AuditNode(Base):
-    """A perfect subtree's hash (level 0: a leaf), stored as the log grows.
+    """A large perfect subtree's hash, stored as the log grows (app/audit/log.STORED_LEVEL).
 
-    With these, inclusion and consistency proofs need O(log² n) lookups, never a leaf scan.
+    With these, inclusion and consistency proofs need O(log² n) lookups and a few short
+    reads of leaf hashes, never a leaf scan.
     """
 
     __tablename__ = "audit_nodes"

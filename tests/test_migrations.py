@@ -5,16 +5,22 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from typing import Any
 
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import select
+from sqlalchemy import Engine, delete, insert, inspect, select
 
+from app.audit.log import STORED_LEVEL, record
 from app.audit.merkle import EMPTY_ROOT, CompactRange
-from app.db import make_engine
-from app.migrate import ROOT, pending
-from app.models import AuditHead, Base
+from app.audit.service import prove_consistency
+from app.db import make_engine, make_session_factory, unit_of_work
+from app.migrate import ROOT, alembic_config, pending, upgrade
+from app.models import AuditEntry, AuditHead, AuditIndex, AuditNode, Base
 from tests.conftest import Databases
+
+BEFORE_AUDIT_INDEX = "2d3babec7b5b"
 
 
 def test_alembic_upgrade_head_on_an_empty_database(databases: Databases) -> None:
@@ -42,3 +48,53 @@ def test_alembic_upgrade_head_on_an_empty_database(databases: Databases) -> None
             assert CompactRange.from_bytes(head.compact_range).size == 0
     finally:
         engine.dispose()
+
+
+def test_audit_index_revision_keeps_the_log_provable_both_ways(databases: Databases) -> None:
+    """49a8eff55d00 indexes the existing log, drops the small subtrees; downgrading puts the
+    small subtrees back exactly as appends used to store them."""
+    url = databases.new("audit-index")
+    upgrade(url, BEFORE_AUDIT_INDEX)
+    engine = make_engine(url)
+    sessions = make_session_factory(engine)
+    count = 300
+    try:
+        with unit_of_work(sessions) as session:
+            for number in range(count):
+                record(session, actor="node", action="test.event", details={"n": number})
+        every_node = _all_nodes(engine)
+        with engine.begin() as connection:  # what appends stored before this revision
+            connection.execute(delete(AuditNode))
+            connection.execute(insert(AuditNode), every_node)
+        upgrade(url)
+        with engine.connect() as connection:
+            indexed = connection.scalars(select(AuditIndex.idx).order_by(AuditIndex.idx))
+            assert list(indexed) == list(range(count))
+            levels = set(connection.scalars(select(AuditNode.level)))
+            assert min(levels) == STORED_LEVEL
+        with unit_of_work(sessions) as session:
+            proof = prove_consistency(session, first=100, second=count)
+            assert len(proof["proof"]) > 0
+        command.downgrade(alembic_config(url), BEFORE_AUDIT_INDEX)
+        assert not inspect(engine).has_table("audit_index")
+        with engine.connect() as connection:
+            stored = connection.execute(select(AuditNode.level, AuditNode.position, AuditNode.hash))
+            assert sorted(tuple(row) for row in stored) == sorted(
+                (node["level"], node["position"], node["hash"]) for node in every_node
+            )
+    finally:
+        engine.dispose()
+
+
+def _all_nodes(engine: Engine) -> list[dict[str, Any]]:
+    nodes: list[dict[str, Any]] = []
+    compact = CompactRange()
+    with engine.connect() as connection:
+        for leaf in connection.scalars(select(AuditEntry.leaf_hash).order_by(AuditEntry.idx)):
+            compact.append(
+                leaf,
+                visit=lambda level, position, digest: nodes.append(
+                    {"level": level, "position": position, "hash": digest}
+                ),
+            )
+    return nodes

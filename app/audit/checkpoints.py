@@ -7,16 +7,29 @@ checkpoints of the same size.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Protocol
 
 from nacl.signing import SigningKey
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.audit.log import HEAD_ID, lock_head
+from app.audit.index import INDEX_BATCH, catch_up
+from app.audit.log import HEAD_ID, lock_head, mark_checkpointed
 from app.audit.note import Checkpoint, Verifier, format_verifier_key, sign_note
 from app.crypto.encoding import utc_now
-from app.models import AuditCheckpoint, AuditHead
+from app.models import AuditCheckpoint, AuditHead, AuditIndex
+
+
+class LogProgress(Protocol):
+    """How far the log is, and how far its last checkpoint reached (the head row)."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def last_checkpoint_size(self) -> int: ...
 
 
 def log_origin(authority_id: str) -> str:
@@ -52,12 +65,14 @@ def sign_checkpoint(session: Session, *, authority_id: str, log_key: SigningKey)
         created_at=utc_now(),
     )
     session.add(checkpoint)
-    head.last_checkpoint_size = head.size
+    mark_checkpointed(session)
     session.flush()
     return checkpoint
 
 
-def checkpoint_due(head: AuditHead, latest: datetime | None, *, every: int, seconds: float) -> bool:
+def checkpoint_due(
+    head: LogProgress, latest: datetime | None, *, every: int, seconds: float
+) -> bool:
     """Pure rule: N new entries, or T seconds since the last checkpoint with anything new."""
     new_entries = head.size - head.last_checkpoint_size
     if new_entries <= 0 and latest is not None:
@@ -67,14 +82,43 @@ def checkpoint_due(head: AuditHead, latest: datetime | None, *, every: int, seco
     return utc_now() - latest >= timedelta(seconds=seconds)
 
 
+@dataclass(frozen=True)
+class Progress:
+    size: int
+    last_checkpoint_size: int
+    latest_checkpoint_at: datetime | None
+    indexed: int  # entries in the query index (app/audit/index.py)
+
+
+def read_progress(session: Session) -> Progress | None:
+    """What the worker's log upkeep needs, in one query."""
+    latest = select(AuditCheckpoint.created_at).order_by(AuditCheckpoint.id.desc()).limit(1)
+    indexed = select(func.max(AuditIndex.idx))
+    row = session.execute(
+        select(
+            AuditHead.size,
+            AuditHead.last_checkpoint_size,
+            latest.scalar_subquery(),
+            indexed.scalar_subquery(),
+        ).where(AuditHead.id == HEAD_ID)
+    ).one_or_none()
+    if row is None:
+        return None
+    size, checkpointed, latest_at, largest = row
+    return Progress(size, checkpointed, latest_at, 0 if largest is None else largest + 1)
+
+
 def maybe_checkpoint(
     session: Session, *, authority_id: str, log_key: SigningKey, every: int, seconds: float
 ) -> AuditCheckpoint | None:
-    head = session.get(AuditHead, HEAD_ID)
-    if head is None:
+    """The delivery worker's upkeep of the log: index new entries, sign a checkpoint if due."""
+    progress = read_progress(session)
+    if progress is None:
         return None
-    latest = session.scalar(select(AuditCheckpoint.created_at).order_by(AuditCheckpoint.id.desc()))
-    if not checkpoint_due(head, latest, every=every, seconds=seconds):
+    due = checkpoint_due(progress, progress.latest_checkpoint_at, every=every, seconds=seconds)
+    # In batches; everything up to the new checkpoint when one is signed.
+    catch_up(session, size=progress.size, indexed=progress.indexed, batch=1 if due else INDEX_BATCH)
+    if not due:
         return None
     return sign_checkpoint(session, authority_id=authority_id, log_key=log_key)
 

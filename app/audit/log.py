@@ -6,27 +6,237 @@ request content, tokens or keys.
 
 Each entry is one leaf of the node's RFC 9162 Merkle tree. Appending locks the single head
 row (contiguous indexes), extends the stored compact range, and stores the hashes of the
-perfect subtrees the new leaf completes (for proofs). Each entry also records the previous
-leaf's hash: redundant with the tree, but it lets a verifier name exactly which entry was
-altered instead of only which checkpoint stopped matching.
+large perfect subtrees the new leaf completes (for proofs; see `STORED_LEVEL`). Each entry
+also records the previous leaf's hash: redundant with the tree, but it lets a verifier name
+exactly which entry was altered instead of only which checkpoint stopped matching.
+
+Appends sit on the request path, several per request, so they are written as plain SQL
+through the DB-API cursor of the transaction's own connection (no ORM unit of work, no
+statement compilation, no result objects), as soon as they are recorded: the rows are in the
+transaction at once, exactly as if they had been flushed, and whatever reads the log later in
+the same transaction sees them. (SQLAlchemy's statement events do not see these statements.)
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
+from weakref import WeakKeyDictionary
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+import orjson
+from sqlalchemy import Dialect
+from sqlalchemy.engine.interfaces import DBAPICursor
+from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from app.audit.merkle import CompactRange, leaf_hash
 from app.crypto.encoding import canonical_json, format_time, utc_now
 from app.db import unit_of_work
-from app.models import AuditEntry, AuditHead, AuditNode
+from app.models import AuditEntry
 
 HEAD_ID = 1
 MAX_DETAIL_CHARS = 500
 ENTRY_VERSION = 1
-_HELD_HEAD = "entraide_audit_head"  # session.info: (transaction, the head row it locked)
+STORED_LEVEL = 8
+"""`audit_nodes` holds the perfect subtrees of 2**8 leaves and more. A smaller one is hashed
+again from its entries' leaf hashes (at most 128 of them) when a proof asks for it: an append
+then writes a node row once every 256 entries, instead of two rows per entry."""
+
+_HELD_HEAD = "entraide_audit_head"  # session.info: what the current transaction holds
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """The log's head row: its size, its right edge (compact range) and root, the last leaf.
+
+    Never changed in place (an append makes a new one, on a copy of the compact range), so
+    that transactions and threads can share one."""
+
+    size: int
+    compact: CompactRange
+    root_hash: bytes
+    last_leaf_hash: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Statements:
+    """The append's SQL in the driver's own parameter style, and how it stores a time."""
+
+    read: str
+    lock: str
+    update_head: str  # params: the new head, then the one expected
+    insert_entry: str
+    combined: bool  # both in one statement (_combined_append): one round trip
+    insert_node: str
+    mark_checkpoint: str
+    db_time: Callable[[datetime], Any]
+
+
+_READ = "SELECT size, compact_range, root_hash, last_leaf_hash FROM audit_head WHERE id = ?"
+# Only if the head is still the one the entry was built on: its size and root. A writer that
+# moved it meanwhile (another process, or a transaction this one waited for) changed both.
+_UPDATE_HEAD = (
+    "UPDATE audit_head SET size = ?, compact_range = ?, root_hash = ?, last_leaf_hash = ?, "
+    "updated_at = ? WHERE id = ? AND size = ? AND root_hash = ?"
+)
+_INTO_ENTRIES = (
+    "INSERT INTO audit_entries "
+    "(idx, recorded_at, actor, action, outcome, request_id, msg_id, peer, entry, leaf_hash) "
+)
+_INSERT_ENTRY = _INTO_ENTRIES + "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_SELECT_ENTRY = "SELECT %s, %s, %s, %s, %s, %s, %s, %s, %s, %s FROM head"
+
+
+@functools.cache
+def _combined_append(count: int) -> str:
+    """PostgreSQL: the head and `count` entries in one statement, the entries only if the
+    head was updated (params: the new head, the one expected, then each entry's row)."""
+    update = _UPDATE_HEAD.replace("?", "%s")
+    entries = " UNION ALL ".join([_SELECT_ENTRY] * count)
+    return f"WITH head AS ({update} RETURNING id) {_INTO_ENTRIES}{entries}"
+
+
+_INSERT_NODE = "INSERT INTO audit_nodes (level, position, hash) VALUES (?, ?, ?)"
+_MARK_CHECKPOINT = "UPDATE audit_head SET last_checkpoint_size = ? WHERE id = ?"
+_statements_by_dialect: dict[str, _Statements] = {}
+
+
+def _statements(dialect: Dialect) -> _Statements:
+    statements = _statements_by_dialect.get(dialect.name)
+    if statements is not None:
+        return statements
+
+    def sql(text: str) -> str:
+        return text if dialect.paramstyle == "qmark" else text.replace("?", "%s")
+
+    sqlite = dialect.name == "sqlite"
+    # Times go in exactly as the column's type would write them (naive UTC text on SQLite).
+    column_type = AuditEntry.__table__.c.recorded_at.type
+    processor = column_type.dialect_impl(dialect).bind_processor(dialect)
+    statements = _Statements(
+        read=sql(_READ),
+        # SQLite has no row locks: BEGIN IMMEDIATE (app/db.py) already serialises writers.
+        lock=sql(_READ if sqlite else _READ + " FOR UPDATE"),
+        update_head=sql(_UPDATE_HEAD),
+        insert_entry=sql(_INSERT_ENTRY),
+        combined=not sqlite,
+        insert_node=sql(_INSERT_NODE),
+        mark_checkpoint=sql(_MARK_CHECKPOINT),
+        db_time=processor if processor is not None else (lambda moment: moment),
+    )
+    _statements_by_dialect[dialect.name] = statements
+    return statements
+
+
+_last_written: WeakKeyDictionary[object, Head] = WeakKeyDictionary()
+"""Per database (engine), the head as this process last wrote it. A transaction's first
+append builds on it without reading the head row first: the head row is locked by the
+append's own conditional update, and only if another writer moved the head meanwhile is it
+read (under lock) and the entry built again. One statement per append, none per transaction,
+for a node that is the log's only writer, as it normally is."""
+
+
+@dataclass(slots=True)
+class _Held:
+    transaction: SessionTransaction
+    cursor: DBAPICursor
+    sql: _Statements
+    head: Head
+    locked: bool  # the head row is locked and `head` is what it holds
+
+
+def _cursor(session: Session) -> tuple[DBAPICursor, _Statements]:
+    """A DB-API cursor on the session's connection, inside its transaction."""
+    connection = session.connection()
+    dbapi = connection.connection.dbapi_connection
+    if dbapi is None:
+        raise RuntimeError("the session's connection is closed")
+    return dbapi.cursor(), _statements(connection.dialect)
+
+
+def _read(cursor: DBAPICursor, statement: str) -> Head:
+    cursor.execute(statement, (HEAD_ID,))
+    row = cursor.fetchone()
+    if row is None:
+        raise RuntimeError("the audit log head row is missing; run the migrations")
+    size, compact_range, root_hash, last_leaf_hash = row
+    return Head(
+        size=size,
+        compact=CompactRange.from_bytes(bytes(compact_range)),
+        root_hash=bytes(root_hash),
+        last_leaf_hash=bytes(last_leaf_hash) if last_leaf_hash is not None else None,
+    )
+
+
+def _hold(session: Session) -> _Held:
+    """This transaction's view of the head, kept current by its appends.
+
+    Keyed by the innermost transaction, so a savepoint rolled back (and whatever it wrote)
+    means starting again from the head row as it is.
+    """
+    current = session.get_nested_transaction() or session.get_transaction()
+    held: _Held | None = session.info.get(_HELD_HEAD)
+    if held is not None and held.transaction is current:
+        return held
+    cursor, sql = _cursor(session)
+    # session.connection() has begun a transaction if there was none.
+    transaction = session.get_nested_transaction() or session.get_transaction()
+    if transaction is None:
+        raise RuntimeError("no transaction to append the audit entry in")
+    last = _last_written.get(session.get_bind())
+    if last is None:
+        held = _Held(transaction, cursor, sql, _read(cursor, sql.lock), locked=True)
+    else:
+        held = _Held(transaction, cursor, sql, last, locked=False)
+    session.info[_HELD_HEAD] = held
+    return held
+
+
+def _lock(held: _Held) -> Head:
+    if not held.locked:
+        held.head = _read(held.cursor, held.sql.lock)
+        held.locked = True
+    return held.head
+
+
+def lock_head(session: Session) -> Head:
+    """The head, locked for the rest of the transaction; appends in it keep it current."""
+    return _lock(_hold(session))
+
+
+def read_head(session: Session) -> Head:
+    """The head as committed (or as this transaction left it), without locking it."""
+    cursor, sql = _cursor(session)
+    try:
+        return _read(cursor, sql.read)
+    finally:
+        cursor.close()
+
+
+def mark_checkpointed(session: Session) -> None:
+    """Record that a checkpoint now covers the whole log (the head stays locked)."""
+    held = _hold(session)
+    held.cursor.execute(held.sql.mark_checkpoint, (_lock(held).size, HEAD_ID))
+
+
+_PLAIN = frozenset({str, int, bool, type(None)})
+
+
+def entry_bytes(fields: dict[str, Any]) -> bytes:
+    """`canonical_json(fields)`, faster where that is safe.
+
+    For strings, integers (up to 64 bits), booleans and null in objects with string keys,
+    orjson with sorted keys writes exactly the bytes `canonical_json` does; it spells floats
+    differently, so anything else in the details goes the standard way.
+    """
+    if all(type(value) in _PLAIN for value in fields["details"].values()):
+        try:
+            return orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)
+        except orjson.JSONEncodeError:  # an integer beyond 64 bits, a key that is not a string
+            pass
+    return canonical_json(fields)
 
 
 def _bounded(details: dict[str, Any]) -> dict[str, Any]:
@@ -37,27 +247,17 @@ def _bounded(details: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def lock_head(session: Session) -> AuditHead:
-    """The head row, locked until the transaction ends.
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One entry to append (`record_many`): the fields `record` takes."""
 
-    Locked once per transaction: an action's later entries (a request writes two, a delivery
-    three) reuse the row this transaction already holds, and its in-memory state. Keyed by
-    the innermost transaction, so a savepoint rolled back (and the lock it took with it, on
-    PostgreSQL) means locking again.
-    """
-    held = session.info.get(_HELD_HEAD)
-    current = session.get_nested_transaction() or session.get_transaction()
-    if held is not None and current is not None and held[0] is current:
-        head: AuditHead = held[1]
-        return head
-    locked = session.scalar(select(AuditHead).where(AuditHead.id == HEAD_ID).with_for_update())
-    if locked is None:
-        raise RuntimeError("the audit log head row is missing; run the migrations")
-    session.info[_HELD_HEAD] = (
-        session.get_nested_transaction() or session.get_transaction(),
-        locked,
-    )
-    return locked
+    actor: str
+    action: str
+    outcome: str = "ok"
+    request_id: str | None = None
+    msg_id: str | None = None
+    peer: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 def record(
@@ -70,53 +270,94 @@ def record(
     msg_id: str | None = None,
     peer: str | None = None,
     details: dict[str, Any] | None = None,
-) -> AuditEntry:
-    head = lock_head(session)
-    now = utc_now()
-    fields: dict[str, Any] = {
-        "v": ENTRY_VERSION,
-        "idx": head.size,
-        "time": format_time(now),
-        "actor": actor,
-        "action": action,
-        "outcome": outcome,
-        "request_id": request_id,
-        "msg_id": msg_id,
-        "peer": peer,
-        "details": _bounded(details or {}),
-        "prev_leaf": head.last_leaf_hash.hex() if head.last_leaf_hash else None,
-    }
-    entry_bytes = canonical_json(fields)
-    leaf = leaf_hash(entry_bytes)
-    compact = CompactRange.from_bytes(head.compact_range)
-    nodes: list[AuditNode] = []
+) -> int:
+    """Append one entry in the session's transaction; returns its index."""
+    event = Event(actor, action, outcome, request_id, msg_id, peer, details or {})
+    return record_many(session, [event])[0]
+
+
+def record_many(session: Session, events: Sequence[Event]) -> list[int]:
+    """Append entries in the session's transaction, in order; returns their indexes.
+
+    As `record` for each, but written together: one statement on PostgreSQL (one round trip
+    for all of them), two on SQLite. For an action that records several events at once.
+    """
+    held = _hold(session)
+    while True:
+        written = _append(held, events)
+        if written is not None:
+            _last_written[session.get_bind()] = held.head
+            return written
+        if held.locked:
+            raise RuntimeError("the audit log head moved while this transaction held it")
+        _lock(held)  # another writer moved the head: build the entries again on the real one
+
+
+def _append(held: _Held, events: Sequence[Event]) -> list[int] | None:
+    """Write entries on top of `held.head`; None if the head row is no longer that."""
+    head, sql, cursor = held.head, held.sql, held.cursor
+    compact, last_leaf = head.compact.copy(), head.last_leaf_hash
+    nodes: list[tuple[int, int, bytes]] = []
 
     def keep(level: int, position: int, digest: bytes) -> None:
-        nodes.append(AuditNode(level=level, position=position, hash=digest))
+        if level >= STORED_LEVEL:
+            nodes.append((level, position, digest))
 
-    compact.append(leaf, visit=keep)
-    entry = AuditEntry(
-        idx=head.size,
-        recorded_at=now,
-        actor=actor,
-        action=action,
-        outcome=outcome,
-        request_id=request_id,
-        msg_id=msg_id,
-        peer=peer,
-        entry=entry_bytes,
-        leaf_hash=leaf,
-    )
-    session.add(entry)
-    session.add_all(nodes)
-    head.size = compact.size
-    head.compact_range = compact.to_bytes()
-    head.root_hash = compact.root()
-    head.last_leaf_hash = leaf
-    head.updated_at = now
-    # No flush here: the rows go out with the action's own at commit (or at the next query,
-    # by autoflush), in one batch per table instead of one round trip per entry.
-    return entry
+    rows: list[tuple[Any, ...]] = []
+    now = utc_now()
+    moment, time = sql.db_time(now), format_time(now)
+    for event in events:
+        entry = entry_bytes(
+            {
+                "v": ENTRY_VERSION,
+                "idx": compact.size,
+                "time": time,
+                "actor": event.actor,
+                "action": event.action,
+                "outcome": event.outcome,
+                "request_id": event.request_id,
+                "msg_id": event.msg_id,
+                "peer": event.peer,
+                "details": _bounded(event.details),
+                "prev_leaf": last_leaf.hex() if last_leaf else None,
+            }
+        )
+        last_leaf = leaf_hash(entry)
+        rows.append(
+            (
+                compact.size,
+                moment,
+                event.actor,
+                event.action,
+                event.outcome,
+                event.request_id,
+                event.msg_id,
+                event.peer,
+                entry,
+                last_leaf,
+            )
+        )
+        compact.append(last_leaf, visit=keep)
+    if not rows:
+        return []
+    root = compact.root()
+    new_head = (compact.size, compact.to_bytes(), root, last_leaf, moment, HEAD_ID)
+    expected = (head.size, head.root_hash)
+    if sql.combined:
+        statement = _combined_append(len(rows))
+        cursor.execute(statement, (*new_head, *expected, *(value for row in rows for value in row)))
+        if cursor.rowcount != len(rows):
+            return None
+    else:
+        cursor.execute(sql.update_head, (*new_head, *expected))
+        if cursor.rowcount != 1:
+            return None
+        cursor.executemany(sql.insert_entry, rows)
+    if nodes:
+        cursor.executemany(sql.insert_node, nodes)
+    held.head = Head(compact.size, compact, root, last_leaf)
+    held.locked = True  # the update holds the head row until the transaction ends
+    return [row[0] for row in rows]
 
 
 def record_alone(sessions: sessionmaker[Session], **fields: Any) -> None:

@@ -190,11 +190,13 @@ def frontier_from_leaf_hashes(leaf_hashes: Iterable[bytes]) -> CompactRange:
 def subtree_levels(leaf_hashes: Sequence[bytes]) -> list[list[bytes]]:
     """Every complete node over ``leaf_hashes``, level by level: ``levels[k][i]`` is the hash of
     the perfect subtree over leaves ``[i << k, (i + 1) << k)`` of the sequence."""
+    sha256 = hashlib.sha256  # node_hash, inline: a verifier hashes millions of these
     levels = [list(leaf_hashes)]
     while len(levels[-1]) > 1:
         below = iter(levels[-1])
         # zip pairs neighbours and leaves out an unpaired last node: it completes nothing.
-        levels.append([node_hash(left, right) for left, right in zip(below, below, strict=False)])
+        pairs = zip(below, below, strict=False)
+        levels.append([sha256(b"\x01" + left + right).digest() for left, right in pairs])
     return levels
 
 

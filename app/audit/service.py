@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -12,17 +13,19 @@ from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from app.audit.checkpoints import log_origin, log_verifier, log_verifier_key, sign_checkpoint
-from app.audit.log import HEAD_ID
+from app.audit.index import MAX_TAIL, index_entries, indexed_size
+from app.audit.log import STORED_LEVEL, read_head
 from app.audit.merkle import (
     RangeHasher,
     consistency_proof,
     inclusion_proof,
     range_hasher_from_nodes,
+    root_from_leaf_hashes,
 )
 from app.audit.note import parse_verifier_key
 from app.audit.verify import LogVerifier, Problem, Report
 from app.errors import BadRequest, NotFound
-from app.models import AuditCheckpoint, AuditEntry, AuditHead, AuditNode
+from app.models import AuditCheckpoint, AuditEntry, AuditIndex, AuditNode
 from app.node import Node
 
 EXPORT_ENTRIES = "entries.jsonl"
@@ -47,63 +50,100 @@ def query_entries(
 ) -> tuple[list[AuditEntry], int | None]:
     """Newest first; `before` is the cursor (an index), so pages never overlap or shift.
 
-    Each filter column has an index on (column, idx), read backwards from the cursor. A time
-    range becomes a range of indexes first: entries are appended in time order (the verifier
-    checks that times never go backwards), so the first entry at or after a moment bounds the
-    indexes exactly as the moment bounds the times.
+    Entries not yet in the query index (the tail, app/audit/index.py) are the newest: they
+    are read from the log itself, a short range of its primary key, then the index is read
+    for the rest of the page. In the index, each filter column has an index on
+    (column, idx), read backwards from the cursor. A time range becomes a range of indexes
+    first: entries are appended in time order (the verifier checks that times never go
+    backwards), so the first entry at or after a moment bounds the indexes exactly as the
+    moment bounds the times.
     """
-    bounds: list[ColumnElement[bool]] = []
+    indexed = indexed_size(session)
+    size = read_head(session).size
+    if size - indexed > MAX_TAIL:  # nothing has indexed the log for a while: do it now
+        index_entries(session, start=indexed, end=size)
+        indexed = size
+    low, high = 0, before
     if where.since is not None:
-        first = _first_index_at(session, where.since)
+        first = _first_index_at(session, where.since, indexed)
         if first is None:
             return [], None
-        bounds.append(AuditEntry.idx >= first)
+        low = first
     if where.until is not None:
-        end = _first_index_at(session, where.until)
+        end = _first_index_at(session, where.until, indexed)
         if end is not None:
-            bounds.append(AuditEntry.idx < end)
-    if before is not None:
-        bounds.append(AuditEntry.idx < before)
+            high = end if high is None else min(high, end)
     equal = [
-        (column, value)
-        for column, value in (
-            (AuditEntry.actor, where.actor),
-            (AuditEntry.action, where.action),
-            (AuditEntry.request_id, where.request_id),
-            (AuditEntry.peer, where.peer),
-            (AuditEntry.outcome, where.outcome),
+        (name, value)
+        for name, value in (
+            ("actor", where.actor),
+            ("action", where.action),
+            ("request_id", where.request_id),
+            ("peer", where.peer),
+            ("outcome", where.outcome),
         )
         if value is not None
     ]
-    conditions = [column == value for column, value in equal]
-    if len(equal) > 1 and session.get_bind().dialect.name == "sqlite":
-        rarest = _rarest_filter(session, equal, bounds, depth=limit)
+    # The tail: a range of the log's primary key, every row of it read and filtered.
+    tail = select(AuditEntry.idx).where(
+        AuditEntry.idx >= max(low, indexed),
+        *([AuditEntry.idx < high] if high is not None else []),
+        *(getattr(AuditEntry, name) == value for name, value in equal),
+    )
+    found = list(session.scalars(tail.order_by(AuditEntry.idx.desc()).limit(limit + 1)))
+    if len(found) <= limit and low < indexed:
+        top = indexed if high is None else min(high, indexed)
+        found += _indexed_matches(session, equal, low, top, limit + 1 - len(found))
+    more = len(found) > limit
+    page = found[:limit]
+    rows = list(
+        session.scalars(
+            select(AuditEntry).where(AuditEntry.idx.in_(page)).order_by(AuditEntry.idx.desc())
+        )
+    )
+    return rows, (page[-1] if more and page else None)
+
+
+def _indexed_matches(
+    session: Session, equal: list[tuple[str, str]], low: int, high: int, count: int
+) -> list[int]:
+    """The `count` newest indexes in [low, high) whose entries match, from the query index."""
+    bounds = [AuditIndex.idx >= low, AuditIndex.idx < high]
+    filters = [(getattr(AuditIndex, name), value) for name, value in equal]
+    conditions = [column == value for column, value in filters]
+    if len(filters) > 1 and session.get_bind().dialect.name == "sqlite":
+        rarest = _rarest_filter(session, filters, bounds, depth=count)
         # `column || ''` matches exactly what `column` does, but no index can serve it: this
         # leaves SQLite one index to read, the rarest filter's.
         conditions = [
             column == value if column is rarest else column.concat("") == value
-            for column, value in equal
+            for column, value in filters
         ]
-    statement = select(AuditEntry).where(*bounds, *conditions)
-    rows = list(session.scalars(statement.order_by(AuditEntry.idx.desc()).limit(limit + 1)))
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return rows, (rows[-1].idx if more and rows else None)
+    statement = select(AuditIndex.idx).where(*bounds, *conditions)
+    return list(session.scalars(statement.order_by(AuditIndex.idx.desc()).limit(count)))
 
 
-def _first_index_at(session: Session, moment: datetime) -> int | None:
+def _first_index_at(session: Session, moment: datetime, indexed: int) -> int | None:
     """The index of the first entry recorded at or after `moment`, if any."""
+    found = session.scalar(
+        select(AuditIndex.idx)
+        .where(AuditIndex.recorded_at >= moment, AuditIndex.idx < indexed)
+        .order_by(AuditIndex.recorded_at, AuditIndex.idx)
+        .limit(1)
+    )
+    if found is not None:
+        return found
     return session.scalar(
         select(AuditEntry.idx)
-        .where(AuditEntry.recorded_at >= moment)
-        .order_by(AuditEntry.recorded_at, AuditEntry.idx)
+        .where(AuditEntry.idx >= indexed, AuditEntry.recorded_at >= moment)
+        .order_by(AuditEntry.idx)
         .limit(1)
     )
 
 
 def _rarest_filter(
     session: Session,
-    equal: list[tuple[InstrumentedAttribute[Any], str]],
+    filters: list[tuple[InstrumentedAttribute[Any], str]],
     bounds: list[ColumnElement[bool]],
     *,
     depth: int,
@@ -116,12 +156,12 @@ def _rarest_filter(
     whose matches reach back furthest (or run out) is the rarest here. Each probe reads at
     most `depth` entries of one index and never the table.
     """
-    rarest, reach = equal[0][0], -1
-    for column, value in equal:
+    rarest, reach = filters[0][0], -1
+    for column, value in filters:
         probe = (
-            select(AuditEntry.idx)
+            select(AuditIndex.idx)
             .where(*bounds, column == value)
-            .order_by(AuditEntry.idx.desc())
+            .order_by(AuditIndex.idx.desc())
             .offset(depth)
             .limit(1)
         )
@@ -138,25 +178,42 @@ def entry_view(entry: AuditEntry) -> dict[str, Any]:
     return {**fields, "leaf_hash": entry.leaf_hash.hex()}
 
 
-def _head(session: Session) -> AuditHead:
-    head = session.get(AuditHead, HEAD_ID)
-    if head is None:
-        raise RuntimeError("the audit log head row is missing; run the migrations")
-    return head
-
-
 def _node_reader(session: Session) -> RangeHasher:
+    """Subtree hashes for proofs: stored ones from `audit_nodes`, smaller ones (fewer than
+    2**STORED_LEVEL leaves, which appends do not store) from their entries' leaf hashes."""
+    block = 1 << (STORED_LEVEL - 1)  # the largest subtree not stored: one read covers it
+    blocks: dict[int, list[bytes]] = {}
+
     def read(level: int, position: int) -> bytes:
-        node = session.get(AuditNode, (level, position))
-        if node is None:
+        if level >= STORED_LEVEL:
+            node = session.get(AuditNode, (level, position))
+            if node is None:
+                raise NotFound(
+                    f"the log has no subtree {level}/{position}", code="proof_unavailable"
+                )
+            return node.hash
+        start = position << level
+        first = start - start % block
+        if first not in blocks:
+            rows = session.execute(
+                select(AuditEntry.idx, AuditEntry.leaf_hash)
+                .where(AuditEntry.idx >= first, AuditEntry.idx < first + block)
+                .order_by(AuditEntry.idx)
+            )
+            # Up to the first missing entry, if any: a proof cannot go past it.
+            blocks[first] = [
+                leaf for expected, (idx, leaf) in enumerate(rows, first) if idx == expected
+            ]
+        leaves = blocks[first][start - first : start - first + (1 << level)]
+        if len(leaves) != 1 << level:
             raise NotFound(f"the log has no subtree {level}/{position}", code="proof_unavailable")
-        return node.hash
+        return root_from_leaf_hashes(leaves)
 
     return range_hasher_from_nodes(read)
 
 
 def prove_inclusion(session: Session, *, index: int, size: int | None) -> dict[str, Any]:
-    head = _head(session)
+    head = read_head(session)
     tree_size = head.size if size is None else size
     if not 0 <= index < tree_size <= head.size:
         raise BadRequest(
@@ -175,7 +232,7 @@ def prove_inclusion(session: Session, *, index: int, size: int | None) -> dict[s
 
 
 def prove_consistency(session: Session, *, first: int, second: int | None) -> dict[str, Any]:
-    head = _head(session)
+    head = read_head(session)
     new_size = head.size if second is None else second
     if not 0 <= first <= new_size <= head.size:
         raise BadRequest(
@@ -200,11 +257,10 @@ def verify_database(
         _checkpoint_notes(session),
         earlier,
     )
-    statement = select(AuditEntry.idx, AuditEntry.entry).order_by(AuditEntry.idx)
-    for idx, data in session.execute(statement.execution_options(yield_per=5000)):
-        verifier.feed(data, stored_idx=idx)
+    for indexes, entries in _stored_entries(session):
+        verifier.feed_many(entries, indexes)
     report = verifier.finish()
-    head = _head(session)
+    head = read_head(session)
     if head.size != report.entries:
         report.problems.append(
             Problem(
@@ -217,6 +273,35 @@ def verify_database(
             Problem(report.entries - 1, "the log head's root differs from the entries' root")
         )
     return report
+
+
+READ_CHUNK = 20_000  # rows per fetch from the database
+READ_BYTES = 1 << 23  # bytes per read of an export
+
+
+def _stored_entries(session: Session) -> Iterator[tuple[list[int], list[bytes]]]:
+    """Every stored entry with its index column, in index order, a chunk at a time.
+
+    Straight from the driver: a log has millions of rows, and building a result row object
+    for each would cost more than checking it. On PostgreSQL a server-side cursor streams
+    them (binary, so bytea needs no decoding) instead of loading the whole log at once.
+    """
+    connection = session.connection()
+    dbapi = connection.connection.dbapi_connection
+    if dbapi is None:
+        raise RuntimeError("the session's connection is closed")
+    query = "SELECT idx, entry FROM audit_entries ORDER BY idx"
+    if connection.dialect.name == "postgresql":
+        cursor = dbapi.cursor(name="entraide_audit_verify", binary=True)
+    else:
+        cursor = dbapi.cursor()
+    try:
+        cursor.execute(query)
+        while rows := cursor.fetchmany(READ_CHUNK):
+            indexes, entries = zip(*rows, strict=True)
+            yield list(indexes), [bytes(entry) for entry in entries]
+    finally:
+        cursor.close()
 
 
 def export_log(session: Session, node: Node, out: Path) -> tuple[int, int]:
@@ -255,6 +340,11 @@ def verify_export(
     ]
     checker = LogVerifier(verifier_key, verifier_key.name, notes, earlier)
     with (folder / EXPORT_ENTRIES).open("rb") as handle:
-        for line in handle:
-            checker.feed(line.rstrip(b"\n"))
+        rest = b""
+        while chunk := handle.read(READ_BYTES):
+            lines = (rest + chunk).split(b"\n")
+            rest = lines.pop()  # an unfinished line, completed by the next chunk
+            checker.feed_many(lines)
+        if rest:
+            checker.feed(rest)  # the last line had no newline
     return checker.finish()

@@ -68,6 +68,9 @@ class _Signed:
 
 _MISSING = object()
 
+Stored = list[int | None] | None
+"""The stored index of each entry of a batch, where the log keeps one (a database)."""
+
 BATCH_SIZE = 1 << 15
 """Entries per batch, a power of two: a full batch is one perfect subtree of the log. Worker
 processes, if any, start with a log's second batch."""
@@ -86,7 +89,7 @@ class Checked:
 
 
 def check_batch(
-    start: int, entries: Sequence[bytes], stored: Sequence[int | None], checkpoints: Iterable[int]
+    start: int, entries: Sequence[bytes], stored: Stored, checkpoints: Iterable[int]
 ) -> Checked | None:
     """Check entries `start`, `start + 1`, ... for the common case and hash their subtrees.
 
@@ -97,43 +100,45 @@ def check_batch(
     `start` is a multiple of the batch size, so the batch's subtrees are the log's; for each
     checkpoint size inside the batch it also returns the subtrees up to that size.
     """
+    if not entries or (stored is not None and stored != list(range(start, start + len(entries)))):
+        return None
     sha256, loads = hashlib.sha256, orjson.loads
-    leaves = [sha256(b"\x00" + data).digest() for data in entries]
+    leaves: list[bytes] = []
+    keep = leaves.append
+    position, last_time = start, ""
     try:
-        first = loads(entries[0]) if entries else None
+        first = loads(entries[0])
+        # The first entry's link is the caller's to check; every later one names the leaf
+        # hashed just before it. One pass: hash, parse, compare.
+        link = first.get("prev_leaf", _MISSING) if type(first) is dict else _MISSING
+        if link is _MISSING:
+            return None
+        first_prev_leaf = link
+        for data in entries:
+            fields = loads(data)
+            if type(fields) is not dict:
+                return None
+            time = fields.get("time")
+            if (
+                type(time) is not str
+                or time < last_time
+                or fields.get("idx") != position
+                or fields.get("prev_leaf", _MISSING) != link
+            ):
+                return None
+            leaf = sha256(b"\x00" + data).digest()
+            keep(leaf)
+            link, last_time = leaf.hex(), time
+            position += 1
     except orjson.JSONDecodeError:
         return None
-    if type(first) is not dict or "prev_leaf" not in first:
-        return None
-    # The leaf each entry must name: the one before it (for the first, the caller checks).
-    links = [first["prev_leaf"], *(leaf.hex() for leaf in leaves[:-1])]
-    last_time = ""
-    for position, data, link, stored_idx in zip(
-        itertools.count(start), entries, links, stored, strict=False
-    ):
-        try:
-            fields = loads(data)
-        except orjson.JSONDecodeError:
-            return None
-        if type(fields) is not dict:
-            return None
-        time = fields.get("time")
-        if (
-            type(time) is not str
-            or time < last_time
-            or fields.get("idx") != position
-            or fields.get("prev_leaf", _MISSING) != link
-            or (stored_idx is not None and stored_idx != position)
-        ):
-            return None
-        last_time = time
     levels = subtree_levels(leaves)
     return Checked(
         subtrees=covering_subtrees(levels, len(leaves)),
         at_checkpoints={size: covering_subtrees(levels, size - start) for size in checkpoints},
         first_time=first["time"],
         last_time=last_time,
-        first_prev_leaf=links[0],
+        first_prev_leaf=first_prev_leaf,
         last_leaf=leaves[-1].hex(),
     )
 
@@ -196,9 +201,9 @@ class LogVerifier:
         self._workers = _default_workers() if workers is None else workers
         self._pool: ProcessPoolExecutor | None = None
         self._pending: list[bytes] = []
-        self._pending_stored: list[int | None] = []
+        self._pending_stored: list[int | None] | None = None  # None: no stored indexes
         self._dispatched = 0
-        self._in_flight: deque[tuple[int, list[bytes], list[int | None], Future[Checked | None]]]
+        self._in_flight: deque[tuple[int, list[bytes], Stored, Future[Checked | None]]]
         self._in_flight = deque()
 
     def _problem(self, idx: int, message: str) -> None:
@@ -223,14 +228,26 @@ class LogVerifier:
             self._roots.setdefault(checked.checkpoint.size, []).append(checked)
 
     def feed(self, data: bytes, *, stored_idx: int | None = None) -> None:
-        self._pending.append(data)
-        self._pending_stored.append(stored_idx)
-        if len(self._pending) >= self._batch_size:
-            self._dispatch()
+        self.feed_many([data], None if stored_idx is None else [stored_idx])
 
-    def _dispatch(self) -> None:
-        entries, stored = self._pending, self._pending_stored
-        self._pending, self._pending_stored = [], []
+    def feed_many(self, entries: Sequence[bytes], stored: Sequence[int] | None = None) -> None:
+        """The next entries in order; `stored`: their indexes as stored beside them, if any
+        (a database keeps them in a column of their own, an export does not)."""
+        if stored is not None and len(stored) != len(entries):
+            raise ValueError("one stored index per entry")
+        if stored is not None and self._pending_stored is None:
+            self._pending_stored = [None] * len(self._pending)
+        self._pending.extend(entries)
+        if self._pending_stored is not None:
+            self._pending_stored.extend(stored if stored is not None else [None] * len(entries))
+        while len(self._pending) >= self._batch_size:
+            self._dispatch(self._batch_size)
+
+    def _dispatch(self, count: int) -> None:
+        entries, self._pending = self._pending[:count], self._pending[count:]
+        stored = self._pending_stored
+        if stored is not None:
+            stored, self._pending_stored = stored[:count], stored[count:]
         start = self._dispatched
         self._dispatched += len(entries)
         checkpoints = [size for size in self._roots if start < size <= self._dispatched]
@@ -256,7 +273,7 @@ class LogVerifier:
         self._fold(start, entries, stored, future.result())
 
     def _fold(
-        self, start: int, entries: list[bytes], stored: list[int | None], checked: Checked | None
+        self, start: int, entries: list[bytes], stored: Stored, checked: Checked | None
     ) -> None:
         if (
             checked is not None
@@ -275,7 +292,7 @@ class LogVerifier:
             self._last_time = checked.last_time
             self._last_leaf = checked.last_leaf
             return
-        for data, stored_idx in zip(entries, stored, strict=True):
+        for data, stored_idx in zip(entries, stored or itertools.repeat(None), strict=False):
             self._feed_one(data, stored_idx)
 
     def _feed_one(self, data: bytes, stored_idx: int | None) -> None:
@@ -334,7 +351,7 @@ class LogVerifier:
 
     def finish(self) -> Report:
         if self._pending:
-            self._dispatch()
+            self._dispatch(len(self._pending))
         while self._in_flight:
             self._fold_oldest()
         if self._pool is not None:

@@ -1,22 +1,26 @@
-"""The stored log: appends keep a correct compact range, and proofs served from the stored
-subtree hashes verify against signed checkpoints (SQLite and PostgreSQL)."""
+"""The stored log: appends keep a correct compact range, entries are canonical JSON, and
+proofs served from the stored subtree hashes verify against signed checkpoints (SQLite and
+PostgreSQL)."""
 
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
 from sqlalchemy import select
 
 from app.audit.checkpoints import checkpoint_due, log_verifier, sign_checkpoint
-from app.audit.log import record
+from app.audit.log import STORED_LEVEL, Event, entry_bytes, record, record_many
 from app.audit.merkle import root_from_leaf_hashes, verify_consistency, verify_inclusion
 from app.audit.note import Checkpoint, open_note
-from app.audit.service import prove_consistency, prove_inclusion
-from app.crypto.encoding import utc_now
+from app.audit.service import prove_consistency, prove_inclusion, verify_database
+from app.crypto.encoding import canonical_json, utc_now
 from app.crypto.keys import NodeKeys
 from app.db import make_engine, make_session_factory, unit_of_work
 from app.migrate import upgrade
-from app.models import AuditEntry, AuditHead
+from app.models import AuditEntry, AuditHead, AuditNode
 from tests.conftest import Databases
 
 SIZES = [1, 2, 3, 5, 8, 13, 21, 37]
@@ -75,3 +79,98 @@ def test_checkpoint_schedule_rule() -> None:
     assert checkpoint_due(head, utc_now() - timedelta(seconds=61), every=5, seconds=60)
     head.size = 10
     assert not checkpoint_due(head, utc_now() - timedelta(days=1), every=5, seconds=60)
+
+
+def test_proofs_across_stored_and_recomputed_subtrees(databases: Databases) -> None:
+    """Past 2**STORED_LEVEL entries a proof mixes stored subtrees with subtrees hashed again
+    from leaf hashes; only the large ones are stored."""
+    url = databases.new("large-proofs")
+    upgrade(url)
+    engine = make_engine(url)
+    sessions = make_session_factory(engine)
+    sizes = [255, 256, 257, 511, 512, 700, 1023, 1100]
+    try:
+        with unit_of_work(sessions) as session:
+            for number in range(1, sizes[-1] + 1):
+                record(session, actor="node", action="test.event", details={"n": number})
+        with unit_of_work(sessions) as session:
+            leaves = list(session.scalars(select(AuditEntry.leaf_hash).order_by(AuditEntry.idx)))
+            levels = set(session.scalars(select(AuditNode.level)))
+            assert levels == set(range(STORED_LEVEL, 11))  # 1100 entries: up to 2**10
+            roots = {size: root_from_leaf_hashes(leaves[:size]) for size in sizes}
+            for size in sizes:
+                for index in {0, 1, 127, 128, 255, size // 2, size - 2, size - 1} & set(
+                    range(size)
+                ):
+                    proof = prove_inclusion(session, index=index, size=size)
+                    hashes = [bytes.fromhex(item) for item in proof["proof"]]
+                    assert verify_inclusion(leaves[index], index, size, hashes, roots[size])
+            for old in sizes:
+                for new in sizes:
+                    if old <= new:
+                        proof = prove_consistency(session, first=old, second=new)
+                        hashes = [bytes.fromhex(item) for item in proof["proof"]]
+                        assert verify_consistency(old, new, roots[old], roots[new], hashes)
+    finally:
+        engine.dispose()
+
+
+TEXT = st.text(st.characters(codec="utf-8"), max_size=12)
+PLAIN = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), TEXT)
+
+
+@given(
+    fields=st.fixed_dictionaries(
+        {"actor": TEXT, "idx": st.integers(0, 2**62), "prev_leaf": st.none() | TEXT},
+        optional={"peer": st.none() | TEXT},
+    ),
+    details=st.dictionaries(
+        TEXT,
+        PLAIN | st.floats(allow_nan=False, allow_infinity=False) | st.lists(PLAIN, max_size=3),
+        max_size=4,
+    )
+    | st.dictionaries(st.integers(), PLAIN, max_size=2)
+    | st.dictionaries(TEXT, st.integers(2**64, 2**70), max_size=2),
+)
+def test_entry_bytes_are_canonical_json(fields: dict[str, Any], details: dict[Any, Any]) -> None:
+    document = {**fields, "details": details}
+    assert entry_bytes(document) == canonical_json(document)
+
+
+def test_writers_that_share_a_log_keep_it_contiguous(databases: Databases) -> None:
+    """Each process appends on top of the head it last wrote; another writer's appends, or a
+    transaction of its own rolled back, make it read the head again, never fork the log."""
+    url = databases.new("writers")
+    upgrade(url)
+    engines = [make_engine(url), make_engine(url)]  # two processes, as to the log
+    writers = [make_session_factory(engine) for engine in engines]
+    keys = NodeKeys.generate()
+    expected = 0
+    try:
+        for turn in range(12):
+            with unit_of_work(writers[turn % 3 % 2]) as session:
+                count = 1 + turn % 3
+                if turn % 2:  # several at once
+                    events = [Event(actor="node", action="test.event")] * count
+                    assert record_many(session, events) == list(range(expected, expected + count))
+                    expected += count
+                for _ in range(count):
+                    assert record(session, actor="node", action="test.event") == expected
+                    expected += 1
+            if turn % 4 == 1:
+                session = writers[0]()
+                record(session, actor="node", action="test.rolled_back")
+                session.rollback()
+                session.close()
+            if turn % 5 == 2:
+                with unit_of_work(writers[1]) as session:
+                    sign_checkpoint(session, authority_id="ES/MJ", log_key=keys.log)
+        with unit_of_work(writers[0]) as session:
+            report = verify_database(session, authority_id="ES/MJ", log_public=keys.log_public)
+            assert report.ok, report.first
+            assert report.entries == expected
+            actions = set(session.scalars(select(AuditEntry.action)))
+            assert actions == {"test.event"}
+    finally:
+        for engine in engines:
+            engine.dispose()
