@@ -59,7 +59,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
@@ -80,6 +80,7 @@ from app.audit import log as audit_log  # noqa: E402
 from app.audit import witness as audit_witness  # noqa: E402
 from app.audit.checkpoints import log_origin, sign_checkpoint  # noqa: E402
 from app.audit.index import INDEX_BATCH  # noqa: E402
+from app.audit.log import Event  # noqa: E402
 from app.audit.merkle import CompactRange, leaf_hash  # noqa: E402
 from app.audit.note import Checkpoint, sign_note  # noqa: E402
 from app.audit.service import (  # noqa: E402
@@ -377,17 +378,6 @@ def request_path_run(
 PEERS = ["AR/MPF", "FR/DACG", "DE/BMJ", "IT/MG", "PT/PGR", "BR/MJSP", "MX/FGR", "CL/MP"]
 PEERS += ["CO/FGN", "PE/MP", "UY/MEC", "BE/SPF"]
 OFFICERS = [f"client:officer{number:02d}" for number in range(40)]
-
-
-@dataclass
-class Event:
-    actor: str
-    action: str
-    outcome: str = "ok"
-    request_id: str | None = None
-    msg_id: str | None = None
-    peer: str | None = None
-    details: dict[str, Any] = field(default_factory=dict)
 
 
 def traffic(rng: random.Random) -> Iterator[Event]:

@@ -4,12 +4,14 @@ PostgreSQL)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from app.audit.checkpoints import checkpoint_due, log_verifier, sign_checkpoint
 from app.audit.log import STORED_LEVEL, Event, entry_bytes, record, record_many
@@ -53,19 +55,30 @@ def test_proofs_from_stored_nodes_verify_against_signed_checkpoints(databases: D
                 assert checkpoint.size == size
                 assert checkpoint.root_hash == root_from_leaf_hashes(leaves[:size])
                 roots[size] = checkpoint.root_hash
-            for size in SIZES:
-                for index in range(size):
-                    proof = prove_inclusion(session, index=index, size=size)
-                    hashes = [bytes.fromhex(item) for item in proof["proof"]]
-                    assert verify_inclusion(leaves[index], index, size, hashes, roots[size])
-            for old in SIZES:
-                for new in SIZES:
-                    if old <= new:
-                        proof = prove_consistency(session, first=old, second=new)
-                        hashes = [bytes.fromhex(item) for item in proof["proof"]]
-                        assert verify_consistency(old, new, roots[old], roots[new], hashes)
+            _assert_proofs_verify(session, leaves, roots, lambda size: range(size))
     finally:
         engine.dispose()
+
+
+def _assert_proofs_verify(
+    session: Session,
+    leaves: list[bytes],
+    roots: dict[int, bytes],
+    indexes: Callable[[int], Iterable[int]],
+) -> None:
+    """Inclusion proofs for `indexes(size)` at every size of `roots`, and consistency proofs
+    between every two of them, served by the node, verify against those roots."""
+    for size, root in roots.items():
+        for index in indexes(size):
+            proof = prove_inclusion(session, index=index, size=size)
+            hashes = [bytes.fromhex(item) for item in proof["proof"]]
+            assert verify_inclusion(leaves[index], index, size, hashes, root)
+    for old, old_root in roots.items():
+        for new, new_root in roots.items():
+            if old <= new:
+                proof = prove_consistency(session, first=old, second=new)
+                hashes = [bytes.fromhex(item) for item in proof["proof"]]
+                assert verify_consistency(old, new, old_root, new_root, hashes)
 
 
 def test_checkpoint_schedule_rule() -> None:
@@ -98,19 +111,14 @@ def test_proofs_across_stored_and_recomputed_subtrees(databases: Databases) -> N
             levels = set(session.scalars(select(AuditNode.level)))
             assert levels == set(range(STORED_LEVEL, 11))  # 1100 entries: up to 2**10
             roots = {size: root_from_leaf_hashes(leaves[:size]) for size in sizes}
-            for size in sizes:
-                for index in {0, 1, 127, 128, 255, size // 2, size - 2, size - 1} & set(
-                    range(size)
-                ):
-                    proof = prove_inclusion(session, index=index, size=size)
-                    hashes = [bytes.fromhex(item) for item in proof["proof"]]
-                    assert verify_inclusion(leaves[index], index, size, hashes, roots[size])
-            for old in sizes:
-                for new in sizes:
-                    if old <= new:
-                        proof = prove_consistency(session, first=old, second=new)
-                        hashes = [bytes.fromhex(item) for item in proof["proof"]]
-                        assert verify_consistency(old, new, roots[old], roots[new], hashes)
+            _assert_proofs_verify(
+                session,
+                leaves,
+                roots,
+                lambda size: (
+                    {0, 1, 127, 128, 255, size // 2, size - 2, size - 1} & set(range(size))
+                ),
+            )
     finally:
         engine.dispose()
 
