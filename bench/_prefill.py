@@ -33,6 +33,7 @@ import orjson
 import psycopg
 
 from app.audit.checkpoints import log_origin
+from app.audit.log import STORED_LEVEL
 from app.audit.merkle import CompactRange, leaf_hash
 from app.audit.note import Checkpoint, sign_note
 from app.crypto.encoding import canonical_json, format_time
@@ -65,6 +66,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
         "idx recorded_at actor action outcome request_id msg_id peer entry leaf_hash"
     ).split(),
     "audit_nodes": "level position hash".split(),
+    "audit_index": "idx recorded_at actor action outcome request_id peer".split(),
     "audit_checkpoints": "id size root_hash note created_at".split(),
 }
 
@@ -175,6 +177,14 @@ class AuditTail:
         ]
         head.close()
         self.compact = CompactRange.from_bytes(bytes(row[1]))
+        # The auditor's query index must stay a prefix of the log (app/audit/index.py): the
+        # node's own entries so far go in before the pre-filled ones that follow them.
+        writer.execute(
+            "INSERT INTO audit_index (idx, recorded_at, actor, action, outcome, request_id, peer) "
+            "SELECT idx, recorded_at, actor, action, outcome, request_id, peer FROM audit_entries "
+            "WHERE idx < %s ON CONFLICT (idx) DO NOTHING",
+            [self.compact.size],
+        )
         self.last_leaf: bytes | None = bytes(row[2]) if row[2] is not None else None
         self.origin = log_origin(node.authority_id)
         self.log_key = load_keys(node.keys_dir).log
@@ -183,6 +193,7 @@ class AuditTail:
         )
         self.entries: list[tuple[Any, ...]] = []
         self.nodes: list[tuple[Any, ...]] = []
+        self.index: list[tuple[Any, ...]] = []
         self.checkpoints: list[tuple[Any, ...]] = []
         self.moment = datetime.now(UTC)
         self.checked = 0
@@ -220,14 +231,19 @@ class AuditTail:
                 raise RuntimeError("orjson and canonical_json disagree on an audit entry")
             self.checked += 1
         leaf = leaf_hash(data)
+        # The node stores only subtrees of 2**STORED_LEVEL leaves and more (app/audit/log.py).
         self.compact.append(
-            leaf, visit=lambda level, position, digest: self.nodes.append((level, position, digest))
+            leaf,
+            visit=lambda level, position, digest: (
+                self.nodes.append((level, position, digest)) if level >= STORED_LEVEL else None
+            ),
         )
         self.last_leaf = leaf
         self.moment = moment
         self.entries.append(
             (idx, moment, actor, action, outcome, request_id, msg_id, peer, data, leaf)
         )
+        self.index.append((idx, moment, actor, action, outcome, request_id, peer))
         if self.compact.size % CHECKPOINT_EVERY == 0:
             body = Checkpoint(
                 origin=self.origin, size=self.compact.size, root_hash=self.compact.root()
@@ -247,9 +263,10 @@ class AuditTail:
         out = {
             "audit_entries": self.entries,
             "audit_nodes": self.nodes,
+            "audit_index": self.index,
             "audit_checkpoints": self.checkpoints,
         }
-        self.entries, self.nodes, self.checkpoints = [], [], []
+        self.entries, self.nodes, self.index, self.checkpoints = [], [], [], []
         return out
 
     def close(self, writer: Writer) -> None:

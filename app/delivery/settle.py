@@ -10,7 +10,7 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.audit.log import record
+from app.audit.log import Event, record_many
 from app.crypto.encoding import utc_now
 from app.crypto.receipts import Receipt as ReceiptBody
 from app.crypto.receipts import SignedReceipt
@@ -72,6 +72,7 @@ def settle_batch(
         session.scalars(select(Receipt.message_id).where(Receipt.message_id.in_(message_ids)))
     )
     settled = []
+    events: list[Event] = []  # the batch's audit entries, written with one statement
     for claim, outcome in results:
         item = items.get(claim.outbox_id)
         if item is None or item.state != outbox.IN_FLIGHT or item.attempts != claim.attempts:
@@ -81,8 +82,12 @@ def settle_batch(
         case = cases.get(message.request_id) if message is not None else None
         if message is None or case is None:  # rows are never deleted; a broken invariant
             raise RuntimeError(f"outbox row {item.id} lost its message")
-        _apply(session, claim, outcome, item, message, case, receipted, worker=worker, now=now)
+        _apply(
+            session, claim, outcome, item, message, case, receipted, events, worker=worker, now=now
+        )
         settled.append(True)
+    if events:
+        record_many(session, events)
     return settled
 
 
@@ -94,6 +99,7 @@ def _apply(
     message: Message,
     case: CaseFile,
     receipted: set[int],
+    events: list[Event],
     *,
     worker: str,
     now: datetime,
@@ -128,20 +134,21 @@ def _apply(
             error=outbox.truncate_error(error) if error else None,
         )
     )
-    record(
-        session,
-        actor="node",
-        action="delivery.attempt",
-        outcome=state,
-        request_id=message.request_id,
-        msg_id=message.msg_id,
-        peer=claim.peer_authority,
-        details={
-            "attempt": claim.attempts,
-            "error": error,
-            "trace_id": claim.trace_id,
-            "overdue": overdue,
-        },
+    events.append(
+        Event(
+            actor="node",
+            action="delivery.attempt",
+            outcome=state,
+            request_id=message.request_id,
+            msg_id=message.msg_id,
+            peer=claim.peer_authority,
+            details={
+                "attempt": claim.attempts,
+                "error": error,
+                "trace_id": claim.trace_id,
+                "overdue": overdue,
+            },
+        )
     )
     if overdue:
         log.error(
@@ -167,19 +174,20 @@ def _apply(
                     stored_at=now,
                 )
             )
-        _receipted(session, item, message, case, outcome.receipt, now)
+        _receipted(item, message, case, outcome.receipt, now, events)
     else:
         item.last_error = outbox.truncate_error(error or "")
     if state == outbox.FAILED:
-        record(
-            session,
-            actor="node",
-            action="delivery.failed",
-            outcome="failed",
-            request_id=message.request_id,
-            msg_id=message.msg_id,
-            peer=claim.peer_authority,
-            details={"attempts": claim.attempts, "urgency": case.urgency},
+        events.append(
+            Event(
+                actor="node",
+                action="delivery.failed",
+                outcome="failed",
+                request_id=message.request_id,
+                msg_id=message.msg_id,
+                peer=claim.peer_authority,
+                details={"attempts": claim.attempts, "urgency": case.urgency},
+            )
         )
         # Loud on purpose: a request that cannot be delivered needs a person.
         log.error(
@@ -192,24 +200,25 @@ def _apply(
 
 
 def _receipted(
-    session: Session,
     item: OutboxItem,
     message: Message,
     case: CaseFile,
     receipt: ReceiptBody,
     now: datetime,
+    events: list[Event],
 ) -> None:
     item.delivered_at = now
     item.last_error = None
     if message.in_reply_to is None:  # the request itself, not a later message
         case.status = status_after_receipt(case.status)
         case.updated_at = now
-    record(
-        session,
-        actor="node",
-        action="receipt.received",
-        request_id=message.request_id,
-        msg_id=message.msg_id,
-        peer=item.peer_authority,
-        details={"envelope_hash": message.envelope_hash, "signer_kid": receipt.signer_kid},
+    events.append(
+        Event(
+            actor="node",
+            action="receipt.received",
+            request_id=message.request_id,
+            msg_id=message.msg_id,
+            peer=item.peer_authority,
+            details={"envelope_hash": message.envelope_hash, "signer_kid": receipt.signer_kid},
+        )
     )

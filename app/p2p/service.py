@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.audit.checkpoints import latest_checkpoint
-from app.audit.log import record
+from app.audit.log import Event, record, record_many
 from app.crypto import envelope as env
 from app.crypto.encoding import DecodeError, b64d, utc_now
 from app.crypto.receipts import SignedReceipt, issue_receipt
@@ -178,27 +178,31 @@ def admit_opened(
         raise _refuse("invalid_content", "unexpected content", 422)
     message = store(case, now)
     actor = f"peer:{header.from_authority}"
-    record(
+    # Both entries in one statement: one round trip to PostgreSQL, not two.
+    record_many(
         session,
-        actor=actor,
-        action="envelope.received",
-        request_id=case.id,
-        msg_id=header.msg_id,
-        peer=header.from_authority,
-        details={
-            "envelope_hash": envelope_hash,
-            "type": message_type,
-            "status": case.status,
-        },
-    )
-    record(
-        session,
-        actor="node",
-        action="receipt.issued",
-        request_id=case.id,
-        msg_id=header.msg_id,
-        peer=header.from_authority,
-        details={"envelope_hash": envelope_hash},
+        [
+            Event(
+                actor=actor,
+                action="envelope.received",
+                request_id=case.id,
+                msg_id=header.msg_id,
+                peer=header.from_authority,
+                details={
+                    "envelope_hash": envelope_hash,
+                    "type": message_type,
+                    "status": case.status,
+                },
+            ),
+            Event(
+                actor="node",
+                action="receipt.issued",
+                request_id=case.id,
+                msg_id=header.msg_id,
+                peer=header.from_authority,
+                details={"envelope_hash": envelope_hash},
+            ),
+        ],
     )
     receipt = issue_receipt(
         node.keys.signing,

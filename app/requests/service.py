@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -18,7 +19,7 @@ from pydantic import ValidationError
 from sqlalchemy import event, or_, select
 from sqlalchemy.orm import Session
 
-from app.audit.log import record
+from app.audit.log import Event, record, record_many
 from app.auth.service import Principal
 from app.crypto.encoding import b64e, sha256_hex, utc_now
 from app.crypto.envelope import (
@@ -126,7 +127,11 @@ def _store_outbound(
     envelope: WireEnvelope,
     header: Header,
     actor: str,
+    before: Sequence[Event] = (),
+    after: Sequence[Event] = (),
 ) -> Message:
+    """Store a sealed envelope, queue it, and record `envelope.sealed` with the caller's own
+    entries (`before` and `after` it): one audit statement, one round trip to PostgreSQL."""
     message = store_envelope(
         session, case=case, envelope=envelope, header=header, direction=OUTBOUND, received_at=None
     )
@@ -145,8 +150,7 @@ def _store_outbound(
             trace_id=current_request_id(),
         )
     )
-    record(
-        session,
+    sealed = Event(
         actor=actor,
         action="envelope.sealed",
         request_id=case.id,
@@ -154,6 +158,7 @@ def _store_outbound(
         peer=case.peer_authority,
         details={"envelope_hash": envelope.envelope_hash, "size": message.size_bytes},
     )
+    record_many(session, [*before, sealed, *after])
     # Wake the in-process worker once the rows are visible to it, not before.
     event.listen(session, "after_commit", lambda _session: node.outbox_signal.set(), once=True)
     return message
@@ -193,8 +198,7 @@ def submit_request(
     conversation.set_deadlines(case, node.settings, document, now=now)
     session.add(case)
     session.flush()
-    record(
-        session,
+    submitted = Event(
         actor=actor_of(principal),
         action="request.submitted",
         request_id=case.id,
@@ -203,7 +207,13 @@ def submit_request(
         details={"attachments": len(body.attachments), "urgency": case.urgency},
     )
     message = _store_outbound(
-        session, node, case=case, envelope=envelope, header=header, actor=actor_of(principal)
+        session,
+        node,
+        case=case,
+        envelope=envelope,
+        header=header,
+        actor=actor_of(principal),
+        before=[submitted],
     )
     return case, message
 
@@ -251,17 +261,22 @@ def add_message(
         attachments=_attachments(node, body.attachments),
         in_reply_to=latest,
     )
-    message = _store_outbound(
-        session, node, case=case, envelope=envelope, header=header, actor=actor_of(principal)
-    )
-    record(
-        session,
+    added = Event(
         actor=actor_of(principal),
         action="message.submitted",
         request_id=case.id,
         msg_id=header.msg_id,
         peer=case.peer_authority,
         details={"type": body.document.type.value, "status": case.status},
+    )
+    message = _store_outbound(
+        session,
+        node,
+        case=case,
+        envelope=envelope,
+        header=header,
+        actor=actor_of(principal),
+        after=[added],
     )
     return case, message
 
