@@ -13,13 +13,16 @@ move retry/failed back to queued, or queued/retry/failed to cancelled.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import case, func, or_, select, update
+from sqlalchemy import case, event, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from app.delivery.retry import delivery_deadline
 from app.models import CaseFile, Message, OutboxItem
+from app.obs.logs import current_request_id
 
 QUEUED = "queued"
 IN_FLIGHT = "in_flight"
@@ -31,6 +34,34 @@ STATES = (QUEUED, IN_FLIGHT, RETRY, DELIVERED, FAILED, CANCELLED)
 PENDING = (QUEUED, IN_FLIGHT, RETRY)
 BACKLOG = (*PENDING, FAILED)  # what /readyz reports; delivered and cancelled are history
 MAX_ERROR_CHARS = 500
+
+
+def enqueue(
+    session: Session,
+    wake: threading.Event,
+    *,
+    message: Message,
+    case: CaseFile,
+    now: datetime,
+    message_expires_at: datetime,
+) -> None:
+    """Queue an outbound message for delivery, and wake the worker once it can see the row."""
+    session.add(
+        OutboxItem(
+            message_id=message.id,
+            peer_authority=case.peer_authority,
+            state=QUEUED,
+            attempts=0,
+            next_attempt_at=now,
+            created_at=now,
+            updated_at=now,
+            expires_at=delivery_deadline(now, case.urgency, message_expires_at),
+            # The local API request that queued it: the worker sends it on as X-Request-Id.
+            trace_id=current_request_id(),
+        )
+    )
+    # Wake the in-process worker once the rows are visible to it, not before.
+    event.listen(session, "after_commit", lambda _session: wake.set(), once=True)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from nacl.hash import blake2b
 from nacl.public import SealedBox
 from nacl.secret import SecretBox
 from nacl.utils import random as random_bytes
-from sqlalchemy import event, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.audit.log import record
@@ -38,16 +38,15 @@ from app.crypto.envelope import (
     part_ad,
     part_key,
 )
-from app.delivery.retry import delivery_deadline
+from app.delivery import outbox
 from app.domain.document import RequestDocument
 from app.errors import BadRequest, Conflict, EntraideError, NotFound, PayloadTooLarge
 from app.evidence import schemas
 from app.evidence.blobstore import DirectoryBlobStore
 from app.evidence.seal import StreamedAttachment, seal_streamed
 from app.evidence.stream import CIPHER_CHUNK, FinishedPart, PartWriter, chunk_count
-from app.models import BlobPart, CaseFile, EvidenceDraft, EvidenceUpload, Message, OutboxItem, Part
+from app.models import BlobPart, CaseFile, EvidenceDraft, EvidenceUpload, Message, Part
 from app.node import Node
-from app.obs.logs import current_request_id
 from app.peers.service import get_peer
 from app.requests import conversation
 from app.requests.status import QUEUED
@@ -437,18 +436,13 @@ def submit_draft(
         )
         for row in uploads
     )
-    session.add(
-        OutboxItem(
-            message_id=message.id,
-            peer_authority=peer.authority_id,
-            state="queued",
-            attempts=0,
-            next_attempt_at=now,
-            created_at=now,
-            updated_at=now,
-            expires_at=delivery_deadline(now, case.urgency, message.expires_at),
-            trace_id=current_request_id(),
-        )
+    outbox.enqueue(
+        session,
+        node.outbox_signal,
+        message=message,
+        case=case,
+        now=now,
+        message_expires_at=message.expires_at,
     )
     record(
         session,
@@ -461,5 +455,4 @@ def submit_draft(
     )
     draft.state = SUBMITTED
     draft.updated_at = now
-    event.listen(session, "after_commit", lambda _session: node.outbox_signal.set(), once=True)
     return case, message

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import event, or_, select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from app.audit.log import Event, record, record_many
@@ -35,15 +35,14 @@ from app.crypto.envelope import (
 )
 from app.crypto.randomness import SystemRandomness
 from app.crypto.signing import DOMAIN_ENVELOPE, verify
+from app.delivery import outbox
 from app.delivery.outbox import CANCELLED, FAILED
-from app.delivery.retry import delivery_deadline
 from app.domain.document import RequestDocument
 from app.domain.messages import MessageDocument
 from app.errors import BadRequest, EntraideError, NotFound, PayloadTooLarge
 from app.evidence.reading import has_blob_parts, open_stored_head
 from app.models import CaseFile, Message, OutboxItem, Peer, Receipt
 from app.node import Node
-from app.obs.logs import current_request_id
 from app.peers.keys import stored_envelope_signer
 from app.peers.service import get_peer
 from app.requests import access, conversation, deadlines, lifecycle, schemas
@@ -135,20 +134,13 @@ def _store_outbound(
     message = store_envelope(
         session, case=case, envelope=envelope, header=header, direction=OUTBOUND, received_at=None
     )
-    now = utc_now()
-    session.add(
-        OutboxItem(
-            message_id=message.id,
-            peer_authority=case.peer_authority,
-            state="queued",
-            attempts=0,
-            next_attempt_at=now,
-            created_at=now,
-            updated_at=now,
-            expires_at=delivery_deadline(now, case.urgency, header.expires_at),
-            # The local API request that queued it: the worker sends it on as X-Request-Id.
-            trace_id=current_request_id(),
-        )
+    outbox.enqueue(
+        session,
+        node.outbox_signal,
+        message=message,
+        case=case,
+        now=utc_now(),
+        message_expires_at=header.expires_at,
     )
     sealed = Event(
         actor=actor,
@@ -159,8 +151,6 @@ def _store_outbound(
         details={"envelope_hash": envelope.envelope_hash, "size": message.size_bytes},
     )
     record_many(session, [*before, sealed, *after])
-    # Wake the in-process worker once the rows are visible to it, not before.
-    event.listen(session, "after_commit", lambda _session: node.outbox_signal.set(), once=True)
     return message
 
 
@@ -431,7 +421,7 @@ def _message_view(
 ) -> schemas.MessageView:
     opened = _open_stored(session, node, message)
     content = opened.manifest.get("content", {})
-    outbox = session.scalar(select(OutboxItem).where(OutboxItem.message_id == message.id))
+    queued = session.scalar(select(OutboxItem).where(OutboxItem.message_id == message.id))
     receipt = session.scalar(select(Receipt).where(Receipt.message_id == message.id))
     return schemas.MessageView(
         msg_id=message.msg_id,
@@ -459,13 +449,13 @@ def _message_view(
             for entry in opened.manifest.get("attachments", [])
         ],
         delivery=None
-        if outbox is None
+        if queued is None
         else schemas.DeliveryView(
-            state=outbox.state,
-            attempts=outbox.attempts,
-            next_attempt_at=outbox.next_attempt_at if outbox.state != "delivered" else None,
-            last_error=outbox.last_error,
-            delivered_at=outbox.delivered_at,
+            state=queued.state,
+            attempts=queued.attempts,
+            next_attempt_at=queued.next_attempt_at if queued.state != "delivered" else None,
+            last_error=queued.last_error,
+            delivered_at=queued.delivered_at,
         ),
         receipt=None
         if receipt is None
