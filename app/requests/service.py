@@ -473,10 +473,22 @@ def read_request(
     session: Session, node: Node, *, request_id: str, principal: Principal, now: datetime
 ) -> schemas.RequestDetail:
     case = get_case(session, request_id)
-    messages = list(
-        session.scalars(select(Message).where(Message.request_id == case.id).order_by(Message.id))
-    )
-    views = [_message_view(session, node, case, message) for message in messages]
+    # Under PostgreSQL's READ COMMITTED each statement sees its own snapshot: a delivery settled
+    # between reading the case and reading its receipts would show a receipt beside the status
+    # from before it. The status and its messages change together in one transaction, so the
+    # view is consistent when the case is the same before and after reading them; else again.
+    for _ in range(3):
+        seen = (case.status, case.updated_at)
+        messages = list(
+            session.scalars(
+                select(Message).where(Message.request_id == case.id).order_by(Message.id)
+            )
+        )
+        views = [_message_view(session, node, case, message) for message in messages]
+        session.refresh(case)
+        if (case.status, case.updated_at) == seen:
+            break
+        session.expire_all()  # read every row again, not the copies loaded on this pass
     record(
         session,
         actor=actor_of(principal),
