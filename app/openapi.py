@@ -57,6 +57,7 @@ WITH_TOKEN = {401, 403, 429}
 WITH_INPUT = {400, 404, 409, 422}
 P2P = {403, 429}
 ENVELOPES = {400, 403, 409, 421, 422}
+BATCH = {400}  # malformed_batch; each envelope's own refusal is inside the 200's answers
 
 
 def _marker(route: APIRoute) -> object | None:
@@ -80,6 +81,8 @@ def error_statuses(route: APIRoute) -> set[int]:
         statuses |= P2P | ({400, 404, 422} if has_input else set())
         if route.path.endswith("/envelopes"):
             statuses |= ENVELOPES
+        if route.path.endswith("/envelopes/batch"):
+            statuses |= BATCH
     elif has_input:
         statuses.add(422)
     return statuses

@@ -41,6 +41,8 @@ def test_only_identity_health_and_p2p_are_public() -> None:
         "/p2p/v1/audit/consistency",
         "/p2p/v1/audit/cosignature",
         "/p2p/v1/envelopes",
+        # Several envelopes in one call: each is signed and checked as if posted alone.
+        "/p2p/v1/envelopes/batch",
         # Streamed parts (app/evidence): the announce is signed, every part byte checked
         # against the signed header; HEAD and PUT share the part's path.
         "/p2p/v1/evidence/envelopes",

@@ -20,7 +20,8 @@ the same transaction sees them. (SQLAlchemy's statement events do not see these 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -45,6 +46,7 @@ again from its entries' leaf hashes (at most 128 of them) when a proof asks for 
 then writes a node row once every 256 entries, instead of two rows per entry."""
 
 _HELD_HEAD = "entraide_audit_head"  # session.info: what the current transaction holds
+_DEFERRED = "entraide_audit_deferred"  # session.info: entries kept back by `deferred_entries`
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,10 +272,31 @@ def record(
     msg_id: str | None = None,
     peer: str | None = None,
     details: dict[str, Any] | None = None,
-) -> int:
-    """Append one entry in the session's transaction; returns its index."""
+) -> int | None:
+    """Append one entry in the session's transaction; returns its index (None if deferred)."""
     event = Event(actor, action, outcome, request_id, msg_id, peer, details or {})
-    return record_many(session, [event])[0]
+    written = record_many(session, [event])
+    return written[0] if written else None
+
+
+@contextmanager
+def deferred_entries(session: Session) -> Iterator[list[Event]]:
+    """Keep the entries recorded in the session inside this block, instead of appending them.
+
+    For a transaction that does several actions (a batch of envelopes, app/p2p/batch.py):
+    appending locks the log's head until the commit, so appending as it goes would make the
+    head the first lock such a transaction takes and hold it while it takes others, an
+    order other transactions (which append last) can deadlock against. The caller drops the
+    entries of an action it rolls back, and appends the rest with `record_many` at the end.
+    """
+    if _DEFERRED in session.info:
+        raise RuntimeError("audit entries are already deferred in this session")
+    kept: list[Event] = []
+    session.info[_DEFERRED] = kept
+    try:
+        yield kept
+    finally:
+        del session.info[_DEFERRED]
 
 
 def record_many(session: Session, events: Sequence[Event]) -> list[int]:
@@ -281,7 +304,12 @@ def record_many(session: Session, events: Sequence[Event]) -> list[int]:
 
     As `record` for each, but written together: one statement on PostgreSQL (one round trip
     for all of them), two on SQLite. For an action that records several events at once.
+    Inside `deferred_entries` they are kept back instead, and no index is returned.
     """
+    kept: list[Event] | None = session.info.get(_DEFERRED)
+    if kept is not None:
+        kept.extend(events)
+        return []
     held = _hold(session)
     while True:
         written = _append(held, events)

@@ -36,7 +36,14 @@ from app.evidence.transfer import StreamedPart, blob_parts, send_streamed
 from app.models import BlobPart, Message, Peer
 from app.node import Node
 from app.obs.logs import request_context
-from app.peers.client import ENVELOPES_PATH, peer_http_client, read_json_bounded
+from app.peers.client import (
+    BATCH_PATH,
+    ENVELOPES_PATH,
+    MAX_BATCH_ENVELOPES,
+    MAX_RESPONSE_BYTES,
+    peer_http_client,
+    read_json_bounded,
+)
 from app.peers.keys import verify_peer_receipt
 from app.requests.store import load_envelope, load_envelopes
 
@@ -68,6 +75,8 @@ RENEW_AFTER = 0.25
 # Envelopes up to this size are read with the claim; larger ones (up to the 32 MiB body limit)
 # by the thread that posts them, so a batch never holds more than a few of them in memory.
 PRELOAD_BYTES = 256 * 1024
+# Answers to a batch that mean "this peer takes no batches": post its envelopes one by one.
+NO_BATCH_STATUS = {404, 405}
 
 
 def worker_id() -> str:
@@ -98,6 +107,22 @@ class Job:
     envelope_hash: str = ""
     sender: str = ""
     recipient: str = ""
+
+
+def group_jobs(jobs: list[Job]) -> list[list[Job]]:
+    """The posts of a round: preloaded envelopes for one peer together (docs/protocol.md
+    section 8.6), in the order they were queued; streamed or large ones alone."""
+    groups: list[list[Job]] = []
+    by_peer: dict[str, list[Job]] = {}
+    for job in sorted(jobs, key=lambda job: job.claim.outbox_id):
+        if job.gone or job.streamed or job.wire is None:
+            groups.append([job])
+        else:
+            by_peer.setdefault(job.base_url, []).append(job)
+    for batch in by_peer.values():
+        for start in range(0, len(batch), MAX_BATCH_ENVELOPES):
+            groups.append(batch[start : start + MAX_BATCH_ENVELOPES])
+    return groups
 
 
 def load_jobs(session: Session, claims: list[outbox.Claim]) -> list[Job]:
@@ -164,6 +189,8 @@ class Worker:
         self._witnessed: dict[str, str] = {}
         # Abandoned evidence uploads and unreferenced blobs, swept from this loop (hourly).
         self._sweep = OrphanSweep(node)
+        # Peers that answered a batch as an older node would: posted one by one from then on.
+        self._no_batch: set[str] = set()
 
     def run(self) -> None:
         log.info("delivery worker %s started", self.id)
@@ -211,8 +238,11 @@ class Worker:
                 # again; no need to wait for the disk before posting. A new checkpoint must
                 # wait: peers may fetch it as soon as it is committed.
                 commit_without_waiting(session)
-        # Several posts at once, so one slow or stalled peer does not hold up the others.
-        futures = {self._pool.submit(self._deliver_one, job): job.claim for job in jobs}
+        # Several posts at once, so one slow or stalled peer does not hold up the others; the
+        # small envelopes for one peer go in one post.
+        futures = {
+            self._pool.submit(self._deliver_group, group): group for group in group_jobs(jobs)
+        }
         # Outcomes are settled together, one transaction (and one commit) for the lot; a
         # slow peer's outcome does not keep the others' waiting past a second.
         done, pending = wait(futures, timeout=SETTLE_WAIT_SECONDS)
@@ -221,6 +251,15 @@ class Worker:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             self._settle_done(done, futures)
         return len(claims)
+
+    def _deliver_group(self, group: list[Job]) -> list[Outcome | None]:
+        if len(group) == 1 or group[0].base_url in self._no_batch:
+            return [self._deliver_one(job) for job in group]
+        try:
+            return self._deliver_batch(group)
+        except Exception as exc:  # as for one post: the batch is tried again, not lost
+            log.error("delivery of a batch failed unexpectedly: %s", type(exc).__name__)
+            return [Outcome(outbox.RETRY, f"internal: {type(exc).__name__}") for _ in group]
 
     def _deliver_one(self, job: Job) -> Outcome | None:
         if self._stop.is_set():
@@ -253,13 +292,19 @@ class Worker:
             return outbox.renew(session, claim, now=utc_now(), lease=lease)
 
     def _settle_done(
-        self, done: set[Future[Outcome | None]], futures: dict[Future[Outcome | None], outbox.Claim]
+        self,
+        done: set[Future[list[Outcome | None]]],
+        futures: dict[Future[list[Outcome | None]], list[Job]],
     ) -> None:
-        results = [
-            (futures[future], outcome)
-            for future in sorted(done, key=lambda f: futures[f].outbox_id)
-            if (outcome := future.result()) is not None
-        ]
+        results = sorted(
+            (
+                (job.claim, outcome)
+                for future in done
+                for job, outcome in zip(futures[future], future.result(), strict=True)
+                if outcome is not None
+            ),
+            key=lambda result: result[0].outbox_id,
+        )
         settled = self._settle(results)
         # Witness each new checkpoint note the receipts carried (a repeated note is skipped).
         for (claim, outcome), ok in zip(results, settled, strict=True):
@@ -307,12 +352,9 @@ class Worker:
         if job.gone:
             return Outcome(outbox.FAILED, "message or peer no longer exists")
         wire = job.wire if job.wire is not None else self._load_wire(claim)
-        # The claim set the lease; renew it (a write, doubling as the fencing check) only when
-        # this post starts late in it, behind slow posts of the same batch. A lease not yet
-        # run out is ours alone: only an expired lease is reclaimed.
-        lease = timedelta(seconds=self.node.settings.lease_seconds)
-        if utc_now() - claim.claimed_at > lease * RENEW_AFTER and not self._renew(claim, lease):
+        if self._started_late(claim):
             return None  # taken over by another worker while this batch was being posted
+        lease = timedelta(seconds=self.node.settings.lease_seconds)
         # An expired envelope is still posted: if the peer already holds it, it answers with
         # the stored receipt; if not, it refuses it as expired, a definite answer.
         try:
@@ -330,6 +372,73 @@ class Worker:
                 status, body = self._post(job.base_url + ENVELOPES_PATH, wire, claim.trace_id)
         except (httpx.HTTPError, PeerError) as exc:
             return Outcome(outbox.RETRY, f"transport: {type(exc).__name__}")
+        return self._outcome(job, status, body)
+
+    def _started_late(self, claim: outbox.Claim) -> bool:
+        """True if the lease had to be renewed and was lost: another worker has the row.
+
+        The claim set the lease; it is renewed (a write, doubling as the fencing check) only
+        when a post starts late in it, behind slow posts of the same round. A lease not yet
+        run out is ours alone: only an expired lease is reclaimed.
+        """
+        lease = timedelta(seconds=self.node.settings.lease_seconds)
+        return utc_now() - claim.claimed_at > lease * RENEW_AFTER and not self._renew(claim, lease)
+
+    def _deliver_batch(self, group: list[Job]) -> list[Outcome | None]:
+        """One post for several envelopes to one peer; each gets the outcome its own post
+        would have had. A peer that takes no batches gets them one by one."""
+        if self._stop.is_set():
+            return [None for _ in group]
+        outcomes: dict[int, Outcome | None] = {}
+        live = []
+        for job in group:
+            if self._started_late(job.claim):
+                outcomes[job.claim.outbox_id] = None
+            else:
+                live.append(job)
+        if live:
+            for job, outcome in zip(live, self._post_live(live), strict=True):
+                outcomes[job.claim.outbox_id] = outcome
+        return [outcomes[job.claim.outbox_id] for job in group]
+
+    def _post_live(self, jobs: list[Job]) -> list[Outcome | None]:
+        base_url = jobs[0].base_url
+        try:
+            status, body = self._post(
+                base_url + BATCH_PATH,
+                {"v": 1, "envelopes": [job.wire for job in jobs]},
+                None,
+                max_bytes=MAX_RESPONSE_BYTES * len(jobs),
+            )
+        except (httpx.HTTPError, PeerError) as exc:
+            return [Outcome(outbox.RETRY, f"transport: {type(exc).__name__}") for _ in jobs]
+        if status in NO_BATCH_STATUS:
+            log.info("peer at %s takes no batches; posting one by one", base_url)
+            self._no_batch.add(base_url)
+            return [self._deliver_one(job) for job in jobs]
+        if 400 <= status < 500 and status not in RETRYABLE_STATUS:
+            # Refused as a whole (too large for the peer or for a proxy in between, or not
+            # understood): each envelope may still go on its own, which settles it for good.
+            return [self._deliver_one(job) for job in jobs]
+        if status != 200:
+            return [classify(status, body) for _ in jobs]
+        answers = body.get("results") if isinstance(body, dict) else None
+        if not isinstance(answers, list) or len(answers) != len(jobs):
+            log.warning("peer at %s answered a batch with no answer per envelope", base_url)
+            return [self._deliver_one(job) for job in jobs]
+        outcomes: list[Outcome | None] = []
+        for job, answer in zip(jobs, answers, strict=True):
+            item_status = answer.get("status") if isinstance(answer, dict) else None
+            if not isinstance(item_status, int) or isinstance(item_status, bool):
+                outcomes.append(Outcome(outbox.RETRY, "bad batch answer", http_status=status))
+                continue
+            item = {key: value for key, value in answer.items() if key != "status"}
+            outcomes.append(self._outcome(job, item_status, item))
+        return outcomes
+
+    def _outcome(self, job: Job, status: int, body: object) -> Outcome:
+        """What the peer's answer to one envelope means: delivered with a verified receipt,
+        to be tried again, or refused for good."""
         if status not in (200, 201):
             return classify(status, body)
         try:
@@ -357,14 +466,21 @@ class Worker:
                 raise RuntimeError(f"outbox row {claim.outbox_id} lost its message")
             return load_envelope(session, message).to_wire()
 
-    def _post(self, url: str, wire: dict[str, object], trace_id: str | None) -> tuple[int, object]:
+    def _post(
+        self,
+        url: str,
+        wire: dict[str, object],
+        trace_id: str | None,
+        *,
+        max_bytes: int = MAX_RESPONSE_BYTES,
+    ) -> tuple[int, object]:
         content = json.dumps(wire).encode()
         headers = {"content-type": "application/json"}
         if trace_id:
             headers["x-request-id"] = trace_id
         with self.http.stream("POST", url, content=content, headers=headers) as response:
             try:
-                body = read_json_bounded(response)
+                body = read_json_bounded(response, max_bytes=max_bytes)
             except PeerError:
                 body = None
             return response.status_code, body

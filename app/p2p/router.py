@@ -12,7 +12,9 @@ from starlette.concurrency import run_in_threadpool
 from app.db import unit_of_work
 from app.deps import PEER_SIGNED, NodeDep, record_p2p_refusal, source_address
 from app.errors import EnvelopeRefused
+from app.p2p.batch import accept_batch, parse_batch
 from app.p2p.service import Accepted, accept_envelope, record_refusal
+from app.peers.client import MAX_BATCH_ENVELOPES
 
 router = APIRouter(prefix="/p2p/v1", tags=["p2p"], dependencies=[Depends(PEER_SIGNED)])
 
@@ -63,6 +65,68 @@ async def receive_envelope(request: Request, node: NodeDep) -> JSONResponse:
         await run_in_threadpool(_record_refusal, node, wire, refusal, source_address(request))
         raise
     return JSONResponse(accepted.receipt.to_wire(), status_code=201 if accepted.created else 200)
+
+
+BATCH_ANSWER_SCHEMA = {
+    "type": "object",
+    "required": ["results"],
+    "properties": {
+        "results": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["status"],
+                "properties": {
+                    "status": {"type": "integer"},
+                    "receipt": {"type": "string"},
+                    "signature": {"type": "string"},
+                    "error": {"type": "string"},
+                    "detail": {"type": "string"},
+                },
+            },
+        }
+    },
+}
+
+
+@router.post(
+    "/envelopes/batch",
+    status_code=200,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["v", "envelopes"],
+                        "properties": {
+                            "v": {"type": "integer", "enum": [1]},
+                            "envelopes": {
+                                "type": "array",
+                                "minItems": 1,
+                                "maxItems": MAX_BATCH_ENVELOPES,
+                                "items": {"type": "object"},
+                            },
+                        },
+                    }
+                }
+            },
+        }
+    },
+    responses={200: {"content": {"application/json": {"schema": BATCH_ANSWER_SCHEMA}}}},
+)
+async def receive_batch(request: Request, node: NodeDep) -> JSONResponse:
+    """Several envelopes, one answer each, in order (docs/protocol.md section 8.6)."""
+    raw = await request.body()
+    source = source_address(request)
+    try:
+        wires = parse_batch(raw)
+    except EnvelopeRefused as refusal:
+        await run_in_threadpool(_record_refusal, node, None, refusal, source)
+        raise
+    answers = await run_in_threadpool(lambda: accept_batch(node, wires, source=source))
+    return JSONResponse({"results": [answer.to_wire() for answer in answers]})
 
 
 def _record_refusal(node: NodeDep, wire: object, refusal: EnvelopeRefused, source: str) -> None:

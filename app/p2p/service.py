@@ -108,14 +108,25 @@ def _check_content(
 
 
 def check_sender(
-    session: Session, node: Node, envelope: env.WireEnvelope, header: env.Header
+    session: Session,
+    node: Node,
+    envelope: env.WireEnvelope,
+    header: env.Header,
+    *,
+    may_refresh: bool = True,
 ) -> None:
     """Steps 14 to 19 of docs/protocol.md section 9: a pinned sender, its key, the signature,
-    the addressee and both encryption keys (shared with the streamed-parts path, app/evidence)."""
+    the addressee and both encryption keys (shared with the streamed-parts path, app/evidence).
+
+    `may_refresh=False` (a batch, app/p2p/batch.py, which refreshed keys before its
+    transaction) refuses an unknown signing key at once instead of ending the transaction to
+    fetch the sender's identity document."""
     peer = session.scalar(select(Peer).where(Peer.authority_id == header.from_authority))
     if peer is None:
         raise _refuse("unknown_sender", "the sender is not a pinned peer of this node", 403)
     signing_key = peer_signing_key(session, peer, header.from_sig_kid, signed_at=header.created_at)
+    if signing_key is None and not may_refresh:
+        raise _refuse("unknown_key", "the envelope is signed with a key not pinned here", 403)
     if signing_key is None:
         # Perhaps the peer rotated its keys: follow its signed rotation (docs/protocol.md
         # §5.4). Nothing was written yet; end this transaction so the fetch, which may take
@@ -228,7 +239,9 @@ def admit_opened(
     return Accepted(receipt=receipt, created=True)
 
 
-def accept_envelope(session: Session, node: Node, *, wire: object) -> Accepted:
+def accept_envelope(
+    session: Session, node: Node, *, wire: object, may_refresh: bool = True
+) -> Accepted:
     settings = node.settings
     try:
         envelope = env.decode_wire(
@@ -240,7 +253,7 @@ def accept_envelope(session: Session, node: Node, *, wire: object) -> Accepted:
     except env.EnvelopeError as exc:
         raise _refuse(exc.code, exc.detail, 413 if exc.code == "too_large" else 400) from exc
 
-    check_sender(session, node, envelope, header)
+    check_sender(session, node, envelope, header, may_refresh=may_refresh)
 
     # A repeat of an accepted envelope gets its receipt back even after it expired: its
     # sender may have lost our first answer, and the receipt is its proof of delivery.

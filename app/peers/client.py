@@ -17,6 +17,8 @@ from app.tls import client_context
 
 IDENTITY_PATH = "/.well-known/entraide/node"
 ENVELOPES_PATH = "/p2p/v1/envelopes"
+BATCH_PATH = "/p2p/v1/envelopes/batch"
+MAX_BATCH_ENVELOPES = 64  # docs/protocol.md section 8.6
 CONSISTENCY_PATH = "/p2p/v1/audit/consistency"
 MAX_RESPONSE_BYTES = 256 * 1024
 
@@ -42,13 +44,13 @@ def check_peer_url(url: str, *, allow_insecure_http: bool) -> str:
     return url.rstrip("/")
 
 
-def read_json_bounded(response: httpx.Response) -> Any:
-    """Read at most MAX_RESPONSE_BYTES of a streamed response and parse it as JSON."""
+def read_json_bounded(response: httpx.Response, *, max_bytes: int = MAX_RESPONSE_BYTES) -> Any:
+    """Read at most `max_bytes` of a streamed response and parse it as JSON."""
     chunks: list[bytes] = []
     size = 0
     for chunk in response.iter_bytes():
         size += len(chunk)
-        if size > MAX_RESPONSE_BYTES:
+        if size > max_bytes:
             raise PeerError("the peer's response is too large", code="peer_response_too_large")
         chunks.append(chunk)
     try:

@@ -150,6 +150,7 @@ def test_hostile_bodies_never_cause_a_server_error(node: LocalNode, body: bytes)
         ("officer", f"/api/v1/requests/{'0' * 32}/messages"),
         ("admin", "/api/v1/admin/peers"),
         (None, "/p2p/v1/envelopes"),
+        (None, "/p2p/v1/envelopes/batch"),
     ):
         auth = headers(node, token) if token else {}
         response = httpx.post(node.url + path, content=body, headers={**typed, **auth}, timeout=30)

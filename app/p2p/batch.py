@@ -1,0 +1,188 @@
+"""Several envelopes in one peer call (docs/protocol.md section 8.6).
+
+Each envelope of a batch goes through exactly the checks of a single post (section 9, in
+`accept_envelope`) and gets its own answer; what a batch changes is only the transport: one
+HTTP exchange and one transaction (so one commit, one fsync) for up to `MAX_BATCH_ENVELOPES`
+envelopes. Each envelope is accepted inside a savepoint, so a refused one leaves nothing
+behind, and the accepted ones commit together before any receipt is sent: a receipt is never
+sent for an envelope that is not durably stored.
+
+Lock order. The batch's audit entries are appended once, at the end of its transaction, so
+the audit head is the last lock it takes, as for a single post (whose entries are its last
+writes): taking the head first and the conversations' rows after would deadlock against
+single posts on PostgreSQL. Refusals are audited after the transaction, in one of their own,
+as a single post's are, so they are kept whatever becomes of the batch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.audit.log import Event, deferred_entries, record_many
+from app.crypto import envelope as env
+from app.db import unit_of_work
+from app.deps import record_p2p_refusal
+from app.errors import EnvelopeRefused
+from app.models import Peer
+from app.node import Node
+from app.p2p.service import accept_envelope, record_refusal
+from app.peers.client import MAX_BATCH_ENVELOPES
+from app.peers.keys import peer_signing_key, refresh_peer_keys
+
+# Past this many refusals in one batch the rest are not checked (429, retryable): a hostile
+# batch costs the receiver no more than a few single posts before the throttle.
+MAX_REFUSED_PER_BATCH = 8
+# Identity documents fetched for one batch at most (a peer's rotated signing key).
+MAX_REFRESHES_PER_BATCH = 2
+
+
+@dataclass(frozen=True)
+class ItemAnswer:
+    """One envelope's answer: the status and body a single post would have had."""
+
+    status: int
+    body: dict[str, object]
+
+    def to_wire(self) -> dict[str, object]:
+        return {"status": self.status, **self.body}
+
+
+def parse_batch(raw: bytes) -> list[object]:
+    """The batch's envelopes, still unchecked; refuses a body that is not a batch at all."""
+    try:
+        body: object = json.loads(raw)
+    except (ValueError, RecursionError):
+        body = None
+    if (
+        not isinstance(body, dict)
+        or set(body) != {"v", "envelopes"}
+        or type(body["v"]) is not int
+        or body["v"] != 1
+        or not isinstance(body["envelopes"], list)
+        or not body["envelopes"]
+    ):
+        raise EnvelopeRefused(
+            "malformed_batch", 'the body is not {"v": 1, "envelopes": [envelope, ...]}'
+        )
+    envelopes: list[object] = body["envelopes"]
+    if len(envelopes) > MAX_BATCH_ENVELOPES:
+        raise EnvelopeRefused(
+            "too_many_envelopes",
+            f"a batch holds at most {MAX_BATCH_ENVELOPES} envelopes",
+            status_code=413,
+        )
+    return envelopes
+
+
+def _claimed_header(node: Node, wire: object) -> env.Header | None:
+    """The header as claimed, past section 9's size and shape checks, not yet verified."""
+    settings = node.settings
+    try:
+        envelope = env.decode_wire(
+            wire, max_parts=settings.max_envelope_parts, max_header_bytes=settings.max_header_bytes
+        )
+        if len(envelope.header) > settings.max_header_bytes:
+            return None
+        return env.parse_header(envelope.header, len(envelope.parts))
+    except env.EnvelopeError:
+        return None
+
+
+def refresh_unknown_signers(node: Node, wires: list[object]) -> None:
+    """Follow the key rotation of pinned senders whose signing key this node does not know.
+
+    A single post does this in the middle of its checks (ending its transaction for the
+    fetch); a batch does it first, outside its transaction, so that an envelope signed with
+    a peer's new key neither holds the batch's locks during a fetch nor fails for want of it.
+    """
+    headers = [header for wire in wires if (header := _claimed_header(node, wire)) is not None]
+    if not headers:
+        return
+    stale: set[str] = set()
+    with unit_of_work(node.sessions) as session:
+        peers = {
+            peer.authority_id: peer
+            for peer in session.scalars(
+                select(Peer).where(Peer.authority_id.in_({h.from_authority for h in headers}))
+            )
+        }
+        for header in headers:
+            peer = peers.get(header.from_authority)
+            if peer is None or header.from_sig_kid == peer.signing_kid:
+                continue
+            if peer_signing_key(session, peer, header.from_sig_kid, signed_at=header.created_at):
+                continue
+            stale.add(peer.authority_id)
+    for authority in sorted(stale)[:MAX_REFRESHES_PER_BATCH]:
+        refresh_peer_keys(node, authority)
+
+
+def _admit(session: Session, node: Node, wire: object, entries: list[Event]) -> ItemAnswer:
+    kept = len(entries)
+    try:
+        with session.begin_nested():
+            accepted = accept_envelope(session, node, wire=wire, may_refresh=False)
+    except EnvelopeRefused:
+        del entries[kept:]  # rolled back with the savepoint: nothing of it happened
+        raise
+    return ItemAnswer(201 if accepted.created else 200, dict(accepted.receipt.to_wire()))
+
+
+def _accept_one(session: Session, node: Node, wire: object, entries: list[Event]) -> ItemAnswer:
+    try:
+        return _admit(session, node, wire, entries)
+    except IntegrityError:
+        # Another transaction stored the same envelope first (PostgreSQL, parallel retries):
+        # the savepoint is gone, and a second look finds the stored copy and its receipt.
+        return _admit(session, node, wire, entries)
+
+
+def _refused(refusal: EnvelopeRefused) -> ItemAnswer:
+    return ItemAnswer(refusal.status_code, {"error": refusal.code, "detail": refusal.detail})
+
+
+def _record_refusals(
+    node: Node, refusals: list[tuple[object, EnvelopeRefused]], source: str
+) -> None:
+    with unit_of_work(node.sessions) as session:
+        for wire, refusal in refusals:
+            # Counted against the sender's address, and audited until it is throttled.
+            if record_p2p_refusal(session, node, source):
+                record_refusal(session, wire=wire, refusal=refusal)
+
+
+def accept_batch(node: Node, wires: list[object], *, source: str) -> list[ItemAnswer]:
+    """Every envelope's answer, in order, once the accepted ones are committed."""
+    refresh_unknown_signers(node, wires)
+    answers: list[ItemAnswer] = []
+    refusals: list[tuple[object, EnvelopeRefused]] = []
+    try:
+        with unit_of_work(node.sessions) as session:
+            with deferred_entries(session) as entries:
+                for wire in wires:
+                    if len(refusals) >= MAX_REFUSED_PER_BATCH:
+                        answers.append(
+                            ItemAnswer(
+                                429,
+                                {
+                                    "error": "rate_limited",
+                                    "detail": "too many envelopes of this batch were refused",
+                                },
+                            )
+                        )
+                        continue
+                    try:
+                        answers.append(_accept_one(session, node, wire, entries))
+                    except EnvelopeRefused as refusal:
+                        refusals.append((wire, refusal))
+                        answers.append(_refused(refusal))
+            record_many(session, entries)
+    finally:
+        if refusals:
+            _record_refusals(node, refusals, source)
+    return answers
