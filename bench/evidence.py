@@ -13,7 +13,9 @@ quiet logs). Each run, on the same file of random bytes:
   memory when idle (VmRSS once started and pinned, before the first run);
 - ceiling: this machine's single-pass hash-and-encrypt speed (SHA-256 of the plaintext,
   secretstream push, SHA-256 of the ciphertext, 1 MiB chunks), one core, file in page cache;
-- gpg: `gpg --symmetric` (AES-256, passphrase, no compression) on the same file.
+- gpg: `gpg --symmetric` (AES-256, passphrase, no compression) on the same file;
+- where the time goes: the CPU seconds, user and system apart, that the sender node, the
+  receiver node and this client each spent in each phase (upload, transfer, download).
 
 Prints each run, writes bench/results/evidence.json, and prints the summary (medians; peak
 memory as the maximum) as its last line, one JSON object.
@@ -181,11 +183,45 @@ def _example() -> dict[str, Any]:
     return body
 
 
+def cpu_seconds(pid: int | None = None) -> tuple[float, float]:
+    """User and system CPU seconds of a process so far (this one when `pid` is None)."""
+    if pid is None:
+        times = os.times()
+        return times.user, times.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def phase_cpu(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
+) -> dict[str, float]:
+    """CPU seconds each process spent in a phase: `<process>_user_s`, `<process>_sys_s`."""
+    spent: dict[str, float] = {}
+    for name in before:
+        spent[f"{name}_user_s"] = round(after[name][0] - before[name][0], 2)
+        spent[f"{name}_sys_s"] = round(after[name][1] - before[name][1], 2)
+    return spent
+
+
 def between_nodes(path: Path, es: Any, ar: Any) -> dict[str, Any]:
-    """Upload to ES's local API, seal, transfer to AR, receipt back, download at AR."""
+    """Upload to ES's local API, seal, transfer to AR, receipt back, download at AR.
+
+    Besides the times, the CPU each process (sender, receiver, this client) spent in each
+    phase, user and system apart: where the time goes, for a figure that misses its goal.
+    """
     size = path.stat().st_size
     body = _example()
     body["attachments"] = [{"name": path.name, "size": size}]
+
+    def cpu() -> dict[str, tuple[float, float]]:
+        return {
+            "sender": cpu_seconds(es.process.pid),
+            "receiver": cpu_seconds(ar.process.pid),
+            "client": cpu_seconds(),
+        }
+
+    cpu_started = cpu()
     started = time.perf_counter()
     with es.client("officer") as http:
         http.timeout = httpx.Timeout(600.0)
@@ -203,6 +239,7 @@ def between_nodes(path: Path, es: Any, ar: Any) -> dict[str, Any]:
         if response.headers.get("upload-complete") != "?1":
             raise SystemExit(f"upload failed: {response.status_code} {response.text}")
         uploaded = time.perf_counter()
+        cpu_uploaded = cpu()
         submitted = http.post(f"/api/v1/evidence/drafts/{draft['id']}/submit").json()
         request_id = submitted["id"]
         while True:
@@ -211,6 +248,7 @@ def between_nodes(path: Path, es: Any, ar: Any) -> dict[str, Any]:
                 break
             time.sleep(POLL_SECONDS)
     delivered = time.perf_counter()
+    cpu_delivered = cpu()
     with ar.client("officer") as http:
         http.timeout = httpx.Timeout(600.0)
         entry = http.get(f"/api/v1/requests/{request_id}").json()["messages"][0]["attachments"][0]
@@ -221,6 +259,7 @@ def between_nodes(path: Path, es: Any, ar: Any) -> dict[str, Any]:
                 digest.update(data)
                 received += len(data)
     done = time.perf_counter()
+    cpu_done = cpu()
     if received != size or digest.hexdigest() != entry["sha256"]:
         raise SystemExit("the file did not arrive intact")
     return {
@@ -229,6 +268,11 @@ def between_nodes(path: Path, es: Any, ar: Any) -> dict[str, Any]:
         "upload_s": uploaded - started,
         "transfer_s": delivered - uploaded,
         "download_s": done - delivered,
+        "cpu": {
+            "upload": phase_cpu(cpu_started, cpu_uploaded),
+            "transfer": phase_cpu(cpu_uploaded, cpu_delivered),
+            "download": phase_cpu(cpu_delivered, cpu_done),
+        },
     }
 
 
@@ -266,6 +310,10 @@ def main() -> None:
             es.stop()
             ar.stop()
     figures = medians(runs)
+    figures["cpu"] = {
+        phase: medians([run["cpu"][phase] for run in runs])
+        for phase in ("upload", "transfer", "download")
+    }
     summary = {
         "size_bytes": args.size,
         "runs": args.runs,
@@ -276,6 +324,8 @@ def main() -> None:
         "peak_rss_mib_receiver": round(max(run["peak_rss_mib_receiver"] for run in runs), 1),
         **{name: round(value, 1) for name, value in idle.items()},
         "throughput_over_ceiling": round(figures["throughput_mib_s"] / figures["ceiling_mib_s"], 2),
+        # Median CPU seconds per phase and process: where the time goes.
+        "cpu_s": figures["cpu"],
     }
     write_results(
         "evidence",
