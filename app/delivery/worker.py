@@ -404,11 +404,12 @@ class Worker:
     def _post_live(self, jobs: list[Job]) -> list[Outcome | None]:
         base_url = jobs[0].base_url
         try:
+            batch: dict[str, object] = {"v": 1, "envelopes": [job.wire for job in jobs]}
+            if any(job.claim.trace_id for job in jobs):
+                # Each request's id travels with its envelope, as X-Request-Id does alone.
+                batch["request_ids"] = [job.claim.trace_id for job in jobs]
             status, body = self._post(
-                base_url + BATCH_PATH,
-                {"v": 1, "envelopes": [job.wire for job in jobs]},
-                None,
-                max_bytes=MAX_RESPONSE_BYTES * len(jobs),
+                base_url + BATCH_PATH, batch, None, max_bytes=MAX_RESPONSE_BYTES * len(jobs)
             )
         except (httpx.HTTPError, PeerError) as exc:
             return [Outcome(outbox.RETRY, f"transport: {type(exc).__name__}") for _ in jobs]

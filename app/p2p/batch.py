@@ -17,6 +17,7 @@ as a single post's are, so they are kept whatever becomes of the batch.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -30,9 +31,12 @@ from app.deps import record_p2p_refusal
 from app.errors import EnvelopeRefused
 from app.models import Peer
 from app.node import Node
+from app.obs.logs import accept_request_id, current_request_id, request_context
 from app.p2p.service import accept_envelope, record_refusal
 from app.peers.client import MAX_BATCH_ENVELOPES
 from app.peers.keys import peer_signing_key, refresh_peer_keys
+
+log = logging.getLogger(__name__)
 
 # Past this many refusals in one batch the rest are not checked (429, retryable): a hostile
 # batch costs the receiver no more than a few single posts before the throttle.
@@ -52,7 +56,14 @@ class ItemAnswer:
         return {"status": self.status, **self.body}
 
 
-def parse_batch(raw: bytes) -> list[object]:
+@dataclass(frozen=True)
+class Batch:
+    envelopes: list[object]
+    # Each envelope's request id at its sender (X-Request-Id of a single post), for the logs.
+    request_ids: list[str | None]
+
+
+def parse_batch(raw: bytes) -> Batch:
     """The batch's envelopes, still unchecked; refuses a body that is not a batch at all."""
     try:
         body: object = json.loads(raw)
@@ -60,7 +71,7 @@ def parse_batch(raw: bytes) -> list[object]:
         body = None
     if (
         not isinstance(body, dict)
-        or set(body) != {"v", "envelopes"}
+        or not {"v", "envelopes"} <= set(body) <= {"v", "envelopes", "request_ids"}
         or type(body["v"]) is not int
         or body["v"] != 1
         or not isinstance(body["envelopes"], list)
@@ -76,7 +87,18 @@ def parse_batch(raw: bytes) -> list[object]:
             f"a batch holds at most {MAX_BATCH_ENVELOPES} envelopes",
             status_code=413,
         )
-    return envelopes
+    ids = body.get("request_ids", [None] * len(envelopes))
+    if (
+        not isinstance(ids, list)
+        or len(ids) != len(envelopes)
+        or not all(value is None or isinstance(value, str) for value in ids)
+    ):
+        raise EnvelopeRefused(
+            "malformed_batch", "request_ids must be one string or null per envelope"
+        )
+    # As for the X-Request-Id header: a malformed id is replaced, never logged as given.
+    request_ids = [None if value is None else accept_request_id(value) for value in ids]
+    return Batch(envelopes, request_ids)
 
 
 def _claimed_header(node: Node, wire: object) -> env.Header | None:
@@ -156,8 +178,9 @@ def _record_refusals(
                 record_refusal(session, wire=wire, refusal=refusal)
 
 
-def accept_batch(node: Node, wires: list[object], *, source: str) -> list[ItemAnswer]:
+def accept_batch(node: Node, batch: Batch, *, source: str) -> list[ItemAnswer]:
     """Every envelope's answer, in order, once the accepted ones are committed."""
+    wires = batch.envelopes
     refresh_unknown_signers(node, wires)
     answers: list[ItemAnswer] = []
     refusals: list[tuple[object, EnvelopeRefused]] = []
@@ -185,4 +208,22 @@ def accept_batch(node: Node, wires: list[object], *, source: str) -> list[ItemAn
     finally:
         if refusals:
             _record_refusals(node, refusals, source)
+    _log_answers(batch, answers)
     return answers
+
+
+def _log_answers(batch: Batch, answers: list[ItemAnswer]) -> None:
+    """One line per envelope under its sender's request id, as a single post's access line,
+    so one request can still be followed across both nodes' logs."""
+    count = len(answers)
+    for number, (request_id, answer) in enumerate(
+        zip(batch.request_ids, answers, strict=True), start=1
+    ):
+        with request_context(request_id or current_request_id()):
+            log.info(
+                "envelope %s of %s in a batch: %s %s",
+                number,
+                count,
+                answer.status,
+                answer.body.get("error", "accepted" if answer.status == 201 else "repeat"),
+            )

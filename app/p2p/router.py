@@ -102,6 +102,10 @@ BATCH_ANSWER_SCHEMA = {
                         "required": ["v", "envelopes"],
                         "properties": {
                             "v": {"type": "integer", "enum": [1]},
+                            "request_ids": {
+                                "type": "array",
+                                "items": {"type": ["string", "null"]},
+                            },
                             "envelopes": {
                                 "type": "array",
                                 "minItems": 1,
@@ -121,11 +125,11 @@ async def receive_batch(request: Request, node: NodeDep) -> JSONResponse:
     raw = await request.body()
     source = source_address(request)
     try:
-        wires = parse_batch(raw)
+        batch = parse_batch(raw)
     except EnvelopeRefused as refusal:
         await run_in_threadpool(_record_refusal, node, None, refusal, source)
         raise
-    answers = await run_in_threadpool(lambda: accept_batch(node, wires, source=source))
+    answers = await run_in_threadpool(lambda: accept_batch(node, batch, source=source))
     return JSONResponse({"results": [answer.to_wire() for answer in answers]})
 
 

@@ -7,6 +7,8 @@ nothing of it stored; and a refused envelope must not keep the others from being
 
 from __future__ import annotations
 
+import json
+import uuid
 from typing import Any
 
 import httpx
@@ -181,3 +183,43 @@ def test_a_batch_of_refusals_is_checked_no_further_than_a_few(
         *refusals_before,
         *["part_hash_mismatch"] * MAX_REFUSED_PER_BATCH,
     ]
+
+
+def test_each_envelope_is_logged_under_its_senders_request_id(
+    network: Network, es_keys: NodeKeys, ar_recipient: Recipient
+) -> None:
+    first, second = (_seal(es_keys, "ES/MJ", ar_recipient) for _ in range(2))
+    trace = f"case-{uuid.uuid4().hex[:12]}"
+    response = httpx.post(
+        network.ar.url + BATCH,
+        json={
+            "v": 1,
+            "envelopes": [first.to_wire(), second.to_wire()],
+            "request_ids": [trace, None],
+        },
+        timeout=30.0,
+    )
+    assert [answer["status"] for answer in response.json()["results"]] == [201, 201]
+    lines = [
+        json.loads(line)
+        for line in network.ar.log_path.read_text().splitlines()
+        if line.startswith("{") and trace in line
+    ]
+    assert [line["message"] for line in lines] == ["envelope 1 of 2 in a batch: 201 accepted"]
+    assert lines[0]["request_id"] == trace
+
+
+@pytest.mark.parametrize("request_ids", [[], ["a"], ["a", "b", "c"], [1, None], "a", {"a": 1}])
+def test_malformed_request_ids(
+    network: Network, es_keys: NodeKeys, ar_recipient: Recipient, request_ids: object
+) -> None:
+    envelopes = [_seal(es_keys, "ES/MJ", ar_recipient).to_wire() for _ in range(2)]
+    stored_before = count_messages(network, network.ar)
+    response = httpx.post(
+        network.ar.url + BATCH,
+        json={"v": 1, "envelopes": envelopes, "request_ids": request_ids},
+        timeout=30.0,
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "malformed_batch"
+    assert count_messages(network, network.ar) == stored_before

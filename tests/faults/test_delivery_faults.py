@@ -17,6 +17,7 @@ seconds; what remains is mostly the retry backoff of app/delivery/retry.py and n
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -259,6 +260,16 @@ def test_a_backlog_goes_to_the_peer_in_batches(lab: Lab) -> None:
     # Claimed 16 at a time: two posts of several envelopes each, none one by one.
     assert _posts(pair, "/p2p/v1/envelopes/batch") == 2
     assert _posts(pair, "/p2p/v1/envelopes") == 0
+    # Each request's id still reaches the peer's log, one line per envelope.
+    with pair.engine(pair.sender).connect() as connection:
+        traces = set(connection.scalars(select(OutboxItem.trace_id)))
+    logged = {
+        json.loads(line).get("request_id")
+        for line in pair.receiver.log_path.read_text().splitlines()
+        if line.startswith("{") and "in a batch" in line
+    }
+    assert len(traces) == backlog
+    assert traces <= logged
 
 
 def test_a_batch_over_the_peers_body_limit_goes_one_by_one(lab: Lab) -> None:
