@@ -10,13 +10,16 @@ import httpx
 import pytest
 from alembic import command
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import select
+from sqlalchemy import event, select
 
+from app.config import Settings
 from app.db import make_engine
 from app.demo import _journey as demo_journey
 from app.localnodes import LocalNode
 from app.migrate import alembic_config
 from app.models import Message, OutboxItem
+from app.node import load_node
+from app.obs.metrics import Metrics, NodeCollector
 from tests.e2e.conftest import EXAMPLE, wait_delivered, wait_for
 from tests.ops.nodes import Pair, pinned_pair
 from tests.ops.test_doctor import _previous_revision
@@ -176,3 +179,24 @@ def test_readyz_answers_503_naming_the_failing_check(pair: Pair) -> None:
     finally:
         command.stamp(config, "head")
     assert httpx.get(es.url + "/readyz").status_code == 200
+
+
+def test_watching_a_node_runs_no_query_and_describes_every_family(pair: Pair) -> None:
+    # Registering the node's collector happens in start-up: it must not run the scrape's
+    # queries (they grow with history), and the names it declares must cover what it yields.
+    node = load_node(Settings(database_url=pair.es.database_url, keys_dir=pair.es.keys_dir))
+    statements: list[str] = []
+    listener = lambda *args: statements.append(args[2])  # noqa: E731
+    event.listen(node.engine, "before_cursor_execute", listener)
+    try:
+        metrics = Metrics()
+        metrics.watch(node, lambda: True)
+        assert statements == []
+        collector = NodeCollector(node, lambda: True)
+        described = {family.name for family in collector.describe()}
+        collected = {family.name for family in collector.collect()}
+        assert statements, "collect() reads the database"
+        assert collected <= described
+    finally:
+        event.remove(node.engine, "before_cursor_execute", listener)
+        node.close()
