@@ -15,6 +15,7 @@ from app.crypto.encoding import utc_now
 from app.db import commit_without_waiting, make_engine, make_session_factory, unit_of_work
 from app.delivery import outbox
 from app.delivery.settle import Outcome, settle, settle_batch
+from app.delivery.worker import ROUND_PRELOAD_BYTES, round_preload
 from app.migrate import upgrade
 from app.models import AuditEntry, CaseFile, DeliveryAttempt, Message, OutboxItem
 from tests.conftest import Databases
@@ -288,3 +289,30 @@ def test_settling_a_batch_skips_only_the_claims_that_were_lost(
         lost.outbox_id: (outbox.IN_FLIGHT, "w2"),
         kept.outbox_id: (outbox.RETRY, None),
     }
+
+
+def test_a_round_preloads_small_envelopes_within_its_byte_budget(
+    sessions: tuple[str, sessionmaker[Session]],
+) -> None:
+    """Claims of 64 large envelopes must not all sit in memory at once: past the budget (or
+    past the preload size) the thread that posts an envelope reads it."""
+    _, factory = sessions
+    kib = 1024
+    sizes = [300 * kib] + [200 * kib] * 22  # one over PRELOAD_BYTES, then 22 under it
+    with unit_of_work(factory) as session:
+        rows = _queue(session, len(sizes))
+        for row, size in zip(rows, sizes, strict=True):
+            item = session.get(OutboxItem, row)
+            assert item is not None
+            message = session.get(Message, item.message_id)
+            assert message is not None
+            message.size_bytes = size
+    with unit_of_work(factory) as session:
+        claims = outbox.claim_due(session, now=utc_now(), lease=LEASE, limit=64, owner="w")
+        messages = {m.id: m for m in session.scalars(select(Message))}
+        chosen = round_preload(claims, messages)
+        by_message = {claim.message_id: claim.outbox_id for claim in claims}
+        chosen_rows = [by_message[message.id] for message in chosen]
+    budget = ROUND_PRELOAD_BYTES // (200 * kib)  # 20 of them fit
+    assert chosen_rows == rows[1 : 1 + budget]  # in queue order, the large one left out
+    assert sum(sizes[1 : 1 + budget]) <= ROUND_PRELOAD_BYTES < sum(sizes[1 : 2 + budget])

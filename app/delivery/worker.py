@@ -72,9 +72,16 @@ RETRYABLE_STATUS = {408, 425, 429}
 SETTLE_WAIT_SECONDS = 1.0
 # A post starting later than this share of the lease after the claim renews the lease first.
 RENEW_AFTER = 0.25
-# Envelopes up to this size are read with the claim; larger ones (up to the 32 MiB body limit)
-# by the thread that posts them, so a batch never holds more than a few of them in memory.
+# Envelopes up to this size are read with the claim, while a round's preloaded envelopes total
+# at most ROUND_PRELOAD_BYTES; others (up to the 32 MiB body limit) are read by the thread that
+# posts them, so a round never holds more than a few of them in memory.
 PRELOAD_BYTES = 256 * 1024
+ROUND_PRELOAD_BYTES = 4 * 1024 * 1024
+# Rows claimed a round: as many as one batch post carries. A round's claim, post and settlement
+# each cost about the same whatever their size, so under a backlog a round of 16 capped a node
+# at 16 per round trip (about 80 requests/s here, docs/benchmarks.md); an idle node's rounds
+# carry what is due, one or two, so this costs no latency.
+ROUND_CLAIMS = MAX_BATCH_ENVELOPES
 # Answers to a batch that mean "this peer takes no batches": post its envelopes one by one.
 NO_BATCH_STATUS = {404, 405}
 
@@ -125,6 +132,21 @@ def group_jobs(jobs: list[Job]) -> list[list[Job]]:
     return groups
 
 
+def round_preload(claims: list[outbox.Claim], messages: dict[int, Message]) -> list[Message]:
+    """The claimed messages read with the claim: small ones, in queue order, within the
+    round's budget (a round of 64 large envelopes would otherwise hold 16 MiB at once)."""
+    chosen, total = [], 0
+    for claim in sorted(claims, key=lambda claim: claim.outbox_id):
+        message = messages.get(claim.message_id)
+        if message is None or message.size_bytes > PRELOAD_BYTES:
+            continue
+        if total + message.size_bytes > ROUND_PRELOAD_BYTES:
+            break
+        chosen.append(message)
+        total += message.size_bytes
+    return chosen
+
+
 def load_jobs(session: Session, claims: list[outbox.Claim]) -> list[Job]:
     if not claims:
         return []
@@ -140,8 +162,7 @@ def load_jobs(session: Session, claims: list[outbox.Claim]) -> list[Job]:
             select(Peer).where(Peer.authority_id.in_({claim.peer_authority for claim in claims}))
         )
     }
-    small = [message for message in messages.values() if message.size_bytes <= PRELOAD_BYTES]
-    envelopes = load_envelopes(session, small)
+    envelopes = load_envelopes(session, round_preload(claims, messages))
     # Large evidence: parts in the blob store go by the part-transfer protocol.
     with_blobs = set(
         session.scalars(
@@ -175,7 +196,9 @@ def load_jobs(session: Session, claims: list[outbox.Claim]) -> list[Job]:
 
 
 class Worker:
-    def __init__(self, node: Node, *, http: httpx.Client | None = None, batch: int = 16) -> None:
+    def __init__(
+        self, node: Node, *, http: httpx.Client | None = None, batch: int = ROUND_CLAIMS
+    ) -> None:
         self.node = node
         self.http = http or peer_http_client(node.settings)
         self.batch = batch

@@ -246,7 +246,7 @@ def _posts(pair: Pair, route: str) -> float:
 def test_a_backlog_goes_to_the_peer_in_batches(lab: Lab) -> None:
     pair = lab.pair(sender_env={"ENTRAIDE_RUN_WORKER": "false"})
     pair.start()
-    backlog = 20
+    backlog = 70
     accepted = pair.submit(backlog, concurrency=4)
     assert pair.outbox_states() == {"queued": backlog}
 
@@ -257,7 +257,7 @@ def test_a_backlog_goes_to_the_peer_in_batches(lab: Lab) -> None:
     ledger.check()
     assert ledger.delivered == backlog
     assert ledger.attempts == {1: backlog}
-    # Claimed 16 at a time: two posts of several envelopes each, none one by one.
+    # Claimed 64 at a time (a batch's most): two posts, 64 and 6, none one by one.
     assert _posts(pair, "/p2p/v1/envelopes/batch") == 2
     assert _posts(pair, "/p2p/v1/envelopes") == 0
     # Each request's id still reaches the peer's log, one line per envelope.
