@@ -6,12 +6,15 @@ a test walks the application's routes and fails on any route that declares none.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
-from typing import Annotated
+from typing import Annotated, Any, ParamSpec, TypeVar
 
 from fastapi import Depends, Request
+from fastapi.routing import APIRoute
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -24,6 +27,9 @@ from app.db import unit_of_work
 from app.errors import Forbidden, Unauthenticated
 from app.node import Node
 from app.tls import check_peer_certificate
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 async def get_node(request: Request) -> Node:
@@ -42,7 +48,40 @@ def get_session(node: NodeDep) -> Iterator[Session]:
 
 
 # scope="function": commit before the response is sent, so a 201 means the row is durable.
+# Routes of a `UnitOfWorkRoute` commit earlier still, in their own thread (below); this exit
+# then commits nothing, or rolls back what a failing route left.
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
+def commit_on_return(endpoint: Callable[P, R]) -> Callable[P, R]:
+    """Commit a sync route's `session` in the route's own worker thread as it returns.
+
+    Left to `get_session`'s exit, the commit is a second trip through the thread pool, queued
+    behind whatever the event loop has to do first; meanwhile the transaction holds the audit
+    log's head (every action appends to it) and, on SQLite, the writer lock, so under load
+    that wait, not the work, set the pace of every writer (docs/benchmarks.md, fifth round).
+    """
+
+    @functools.wraps(endpoint)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        result = endpoint(*args, **kwargs)
+        session = kwargs.get("session")
+        if isinstance(session, Session):
+            session.commit()
+        return result
+
+    return run
+
+
+class UnitOfWorkRoute(APIRoute):
+    """A route whose sync endpoint takes `session: SessionDep` commits as it returns."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        if not inspect.iscoroutinefunction(endpoint) and (
+            "session" in inspect.signature(endpoint).parameters
+        ):
+            endpoint = commit_on_return(endpoint)
+        super().__init__(path, endpoint, **kwargs)
 
 
 _CACHE_LOCK = threading.Lock()

@@ -12,12 +12,17 @@ from sqlalchemy import select
 from app.audit import service
 from app.audit.checkpoints import latest_checkpoint, log_verifier_key, sign_checkpoint
 from app.audit.witness import cosigned_note, largest_known
-from app.deps import PEER_SIGNED, AuditorDep, NodeDep, SessionDep
+from app.deps import PEER_SIGNED, AuditorDep, NodeDep, SessionDep, UnitOfWorkRoute
 from app.errors import NotFound
 from app.models import WitnessAlarm, WitnessedCheckpoint
 
-router = APIRouter(prefix="/api/v1/audit", tags=["audit"])
-p2p_router = APIRouter(prefix="/p2p/v1/audit", tags=["p2p"], dependencies=[Depends(PEER_SIGNED)])
+router = APIRouter(prefix="/api/v1/audit", tags=["audit"], route_class=UnitOfWorkRoute)
+p2p_router = APIRouter(
+    prefix="/p2p/v1/audit",
+    tags=["p2p"],
+    dependencies=[Depends(PEER_SIGNED)],
+    route_class=UnitOfWorkRoute,
+)
 
 Name = Annotated[str | None, Query(max_length=140)]
 Size = Annotated[int | None, Query(ge=0, le=2**62)]

@@ -12,9 +12,9 @@ from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel
 
 from app.delivery import admin
-from app.deps import AdminDep, SessionDep
+from app.deps import AdminDep, SessionDep, UnitOfWorkRoute
 
-router = APIRouter(prefix="/api/v1/admin/deliveries", tags=["admin"])
+router = APIRouter(prefix="/api/v1/admin/deliveries", tags=["admin"], route_class=UnitOfWorkRoute)
 
 DeliveryId = Annotated[int, Path(ge=1, le=2**62)]
 

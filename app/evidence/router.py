@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from app.db import unit_of_work
-from app.deps import NodeDep, OfficerDep, SessionDep
+from app.deps import NodeDep, OfficerDep, SessionDep, UnitOfWorkRoute
 from app.errors import Conflict, PayloadTooLarge
 from app.evidence import drafts, schemas
 from app.evidence.blobstore import UploadBusy
@@ -28,7 +28,7 @@ from app.evidence.pump import feed_in_thread
 from app.evidence.stream import PartWriter, UploadError
 from app.requests.schemas import Submitted
 
-router = APIRouter(prefix="/api/v1/evidence", tags=["evidence"])
+router = APIRouter(prefix="/api/v1/evidence", tags=["evidence"], route_class=UnitOfWorkRoute)
 
 DraftId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
 Index = Annotated[int, Path(ge=1, le=63)]

@@ -39,6 +39,9 @@ class Accepted:
     created: bool  # False when this was a repeat answered with the stored receipt
 
 
+_LATEST_NOTE = "entraide.latest_note"
+
+
 def _refuse(code: str, detail: str, status: int = 400) -> EnvelopeRefused:
     return EnvelopeRefused(code, detail, status_code=status)
 
@@ -55,9 +58,19 @@ def _check_time(node: Node, header: env.Header) -> None:
 
 
 def _latest_note(session: Session) -> str | None:
-    """The latest signed checkpoint of our log: the sender witnesses it (DESIGN.md 5)."""
+    """The latest signed checkpoint of our log: the sender witnesses it (DESIGN.md 5).
+
+    Read once a transaction: a batch's receipts (app/p2p/batch.py) all carry the checkpoint
+    that was the latest when the batch began, one query instead of one per envelope."""
+    transaction = session.get_transaction()
+    seen = session.info.get(_LATEST_NOTE)
+    if seen is not None and transaction is not None and seen[0] is transaction:
+        note: str | None = seen[1]
+        return note
     checkpoint = latest_checkpoint(session)
-    return checkpoint.note if checkpoint is not None else None
+    note = checkpoint.note if checkpoint is not None else None
+    session.info[_LATEST_NOTE] = (transaction, note)
+    return note
 
 
 def _stored_receipt(session: Session, message: Message) -> SignedReceipt:

@@ -5,13 +5,13 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from app.audit.log import record_alone
-from app.deps import AdminDep, NodeDep, SessionDep
+from app.deps import AdminDep, NodeDep, SessionDep, UnitOfWorkRoute
 from app.errors import EntraideError
 from app.peers import service
 from app.peers.client import peer_http_client
 from app.peers.schemas import AddPeer, PeerView
 
-router = APIRouter(prefix="/api/v1/admin/peers", tags=["admin"])
+router = APIRouter(prefix="/api/v1/admin/peers", tags=["admin"], route_class=UnitOfWorkRoute)
 
 
 @router.post("", status_code=201)

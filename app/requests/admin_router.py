@@ -12,12 +12,12 @@ from fastapi import APIRouter, Path
 from sqlalchemy import select, true
 from sqlalchemy.orm import Session
 
-from app.deps import AdminDep, SessionDep
+from app.deps import AdminDep, SessionDep, UnitOfWorkRoute
 from app.models import CaseFile
 from app.requests import access, schemas
 from app.requests.service import get_case
 
-router = APIRouter(prefix="/api/v1/admin/requests", tags=["admin"])
+router = APIRouter(prefix="/api/v1/admin/requests", tags=["admin"], route_class=UnitOfWorkRoute)
 
 RequestId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
 

@@ -9,11 +9,11 @@ from fastapi import APIRouter, Path, Query, Response
 from pydantic import AwareDatetime
 
 from app.clock import ClockDep
-from app.deps import NodeDep, OfficerDep, SessionDep
+from app.deps import NodeDep, OfficerDep, SessionDep, UnitOfWorkRoute
 from app.evidence.download import maybe_streamed
 from app.requests import access, schemas, service
 
-router = APIRouter(prefix="/api/v1/requests", tags=["requests"])
+router = APIRouter(prefix="/api/v1/requests", tags=["requests"], route_class=UnitOfWorkRoute)
 
 RequestId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
 MsgId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
