@@ -9,6 +9,7 @@ from fastapi import APIRouter, Path, Query, Response
 from pydantic import AwareDatetime
 
 from app.clock import ClockDep
+from app.db import unit_of_work
 from app.deps import NodeDep, OfficerDep, SessionDep, UnitOfWorkRoute
 from app.evidence.download import maybe_streamed
 from app.requests import access, schemas, service
@@ -33,10 +34,13 @@ def _disposition(name: str) -> str:
 
 @router.post("", status_code=201)
 def submit_request(
-    body: schemas.SubmitRequest, session: SessionDep, node: NodeDep, principal: OfficerDep
+    body: schemas.SubmitRequest, node: NodeDep, principal: OfficerDep
 ) -> schemas.Submitted:
-    case, message = service.submit_request(session, node, body=body, principal=principal)
-    return _submitted(case.id, message.msg_id, case.status)
+    # The unit of work in the route's own thread, begun and committed there: SessionDep would
+    # cost two more trips through the thread pool on the busiest route (docs/benchmarks.md).
+    with unit_of_work(node.sessions) as session:
+        case, message = service.submit_request(session, node, body=body, principal=principal)
+        return _submitted(case.id, message.msg_id, case.status)
 
 
 @router.get("")
@@ -85,17 +89,17 @@ def read_request(
 def add_message(
     request_id: RequestId,
     body: schemas.SubmitMessage,
-    session: SessionDep,
     node: NodeDep,
     principal: OfficerDep,
 ) -> schemas.Submitted:
     access.check_visible(
         node, request_id=request_id, principal=principal, action="message.submitted"
     )
-    case, message = service.add_message(
-        session, node, request_id=request_id, body=body, principal=principal
-    )
-    return _submitted(case.id, message.msg_id, case.status)
+    with unit_of_work(node.sessions) as session:  # as submit_request: in this thread
+        case, message = service.add_message(
+            session, node, request_id=request_id, body=body, principal=principal
+        )
+        return _submitted(case.id, message.msg_id, case.status)
 
 
 @router.get(
