@@ -74,12 +74,21 @@ def commit_on_return(endpoint: Callable[P, R]) -> Callable[P, R]:
 
 
 class UnitOfWorkRoute(APIRoute):
-    """A route whose sync endpoint takes `session: SessionDep` commits as it returns."""
+    """A route whose sync endpoint takes `session: SessionDep` commits as it returns.
+
+    The commit comes before FastAPI validates and serialises what the route returned (its
+    return annotation is the response model): a route builds that model itself, from the
+    session's objects, before returning (every route here does), so the check after cannot
+    turn a committed action into a 500. A generator endpoint would commit before its body
+    ran: refused here."""
 
     def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
-        if not inspect.iscoroutinefunction(endpoint) and (
-            "session" in inspect.signature(endpoint).parameters
+        takes_session = "session" in inspect.signature(endpoint).parameters
+        if takes_session and (
+            inspect.isgeneratorfunction(endpoint) or inspect.isasyncgenfunction(endpoint)
         ):
+            raise TypeError(f"{path}: a generator route cannot commit as it returns")
+        if takes_session and not inspect.iscoroutinefunction(endpoint):
             endpoint = commit_on_return(endpoint)
         super().__init__(path, endpoint, **kwargs)
 

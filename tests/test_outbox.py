@@ -15,7 +15,14 @@ from app.crypto.encoding import utc_now
 from app.db import commit_without_waiting, make_engine, make_session_factory, unit_of_work
 from app.delivery import outbox
 from app.delivery.settle import Outcome, settle, settle_batch
-from app.delivery.worker import ROUND_PRELOAD_BYTES, round_preload
+from app.delivery.worker import (
+    ROUND_LARGE,
+    ROUND_PRELOAD_BYTES,
+    Job,
+    RoundBudget,
+    group_jobs,
+    round_preload,
+)
 from app.migrate import upgrade
 from app.models import AuditEntry, CaseFile, DeliveryAttempt, Message, OutboxItem
 from tests.conftest import Databases
@@ -316,3 +323,60 @@ def test_a_round_preloads_small_envelopes_within_its_byte_budget(
     budget = ROUND_PRELOAD_BYTES // (200 * kib)  # 20 of them fit
     assert chosen_rows == rows[1 : 1 + budget]  # in queue order, the large one left out
     assert sum(sizes[1 : 1 + budget]) <= ROUND_PRELOAD_BYTES < sum(sizes[1 : 2 + budget])
+
+
+def _sized(factory: sessionmaker[Session], sizes: list[int]) -> list[int]:
+    with unit_of_work(factory) as session:
+        rows = _queue(session, len(sizes))
+        for row, size in zip(rows, sizes, strict=True):
+            item = session.get(OutboxItem, row)
+            assert item is not None
+            message = session.get(Message, item.message_id)
+            assert message is not None
+            message.size_bytes = size
+    return rows
+
+
+def test_a_round_claims_no_more_than_its_budget_and_leaves_the_rest_queued(
+    sessions: tuple[str, sessionmaker[Session]],
+) -> None:
+    """Past the budget a row is not claimed at all (so never posted alone for want of
+    memory): it waits for the next round, still queued."""
+    _, factory = sessions
+    kib = 1024
+    small = ROUND_PRELOAD_BYTES // (200 * kib)  # 20 of 200 KiB fit
+    rows = _sized(factory, [200 * kib] * (small + 3) + [300 * kib] * (ROUND_LARGE + 2))
+    with unit_of_work(factory) as session:
+        claims = outbox.claim_due(
+            session, now=utc_now(), lease=LEASE, limit=64, owner="w", admit=RoundBudget().admit
+        )
+    claimed = [claim.outbox_id for claim in claims]
+    assert claimed == rows[:small] + rows[small + 3 : small + 3 + ROUND_LARGE]
+    with unit_of_work(factory) as session:
+        states = {row: session.get(OutboxItem, row).state for row in rows}  # type: ignore[union-attr]
+        again = outbox.claim_due(
+            session, now=utc_now(), lease=LEASE, limit=64, owner="w", admit=RoundBudget().admit
+        )
+    assert [row for row in rows if states[row] == outbox.QUEUED] == [
+        row for row in rows if row not in claimed
+    ]
+    assert sorted(claim.outbox_id for claim in again) == [r for r in rows if r not in claimed]
+
+
+def _job(outbox_id: int, peer: str, *, small: bool) -> Job:
+    claim = outbox.Claim(outbox_id, outbox_id, peer, 1, None, utc_now())
+    return Job(claim, gone=False, wire={"v": 1} if small else None, base_url=f"http://{peer}")
+
+
+def test_the_most_pressing_envelope_is_posted_first_and_batches_keep_queue_order() -> None:
+    # In the claim's order: an emergency for B (queued last), then A's routine rows, large
+    # ones (alone) and small ones (one batch), these claimed out of queue order.
+    jobs = [
+        _job(90, "b", small=True),
+        _job(10, "a", small=False),
+        _job(11, "a", small=False),
+        _job(13, "a", small=True),
+        _job(12, "a", small=True),
+    ]
+    groups = [[job.claim.outbox_id for job in group] for group in group_jobs(jobs)]
+    assert groups == [[90], [10], [11], [12, 13]]

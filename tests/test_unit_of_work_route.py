@@ -80,3 +80,11 @@ def test_every_route_with_a_session_commits_on_return() -> None:
     for route in with_session:
         assert isinstance(route, UnitOfWorkRoute), f"{sorted(route.methods)} {route.path}"
         assert route.endpoint.__wrapped__ is not None  # type: ignore[attr-defined]
+
+
+def test_a_generator_route_taking_a_session_is_refused() -> None:
+    def stream(session: Session) -> Iterator[bytes]:
+        yield b""
+
+    with pytest.raises(TypeError, match="generator route"):
+        UnitOfWorkRoute("/stream", stream)

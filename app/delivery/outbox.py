@@ -14,6 +14,7 @@ move retry/failed back to queued, or queued/retry/failed to cancelled.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -75,14 +76,23 @@ class Claim:
 
 
 def claim_due(
-    session: Session, *, now: datetime, lease: timedelta, limit: int, owner: str
+    session: Session,
+    *,
+    now: datetime,
+    lease: timedelta,
+    limit: int,
+    owner: str,
+    admit: Callable[[int], bool] | None = None,
 ) -> list[Claim]:
-    # Emergencies first, then urgent, then routine; oldest due first within each.
+    """Claim up to `limit` due rows, most pressing first (emergencies, then urgent, then
+    routine; oldest due first within each). `admit`, given each row's envelope size in that
+    order, may leave a row out (it stays queued for a later round): the worker's budget of
+    what one round holds in memory."""
     priority = case(
         (CaseFile.urgency == "emergency", 0), (CaseFile.urgency == "urgent", 1), else_=2
     )
     statement = (
-        select(OutboxItem)
+        select(OutboxItem, Message.size_bytes)
         .join(Message, Message.id == OutboxItem.message_id)
         .join(CaseFile, CaseFile.id == Message.request_id)
         .where(
@@ -96,7 +106,9 @@ def claim_due(
         .with_for_update(skip_locked=True, of=OutboxItem)
     )
     claims = []
-    for item in session.scalars(statement):
+    for item, size in session.execute(statement).tuples():
+        if admit is not None and not admit(size):
+            continue
         item.state = IN_FLIGHT
         item.lease_until = now + lease
         item.lease_owner = owner

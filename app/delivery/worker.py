@@ -77,6 +77,9 @@ RENEW_AFTER = 0.25
 # posts them, so a round never holds more than a few of them in memory.
 PRELOAD_BYTES = 256 * 1024
 ROUND_PRELOAD_BYTES = 4 * 1024 * 1024
+# Large envelopes a round may claim (each posted alone): as many as a whole round held before
+# rounds grew to a batch's size.
+ROUND_LARGE = 16
 # Rows claimed a round: as many as one batch post carries. A round's claim, post and settlement
 # each cost about the same whatever their size, so under a backlog a round of 16 capped a node
 # at 16 per round trip (about 80 requests/s here, docs/benchmarks.md); an idle node's rounds
@@ -117,26 +120,52 @@ class Job:
 
 
 def group_jobs(jobs: list[Job]) -> list[list[Job]]:
-    """The posts of a round: preloaded envelopes for one peer together (docs/protocol.md
-    section 8.6), in the order they were queued; streamed or large ones alone."""
+    """The posts of a round, the most pressing first: `jobs` come in the claim's order
+    (emergencies first), and a post goes as early as its most pressing envelope. Preloaded
+    envelopes for one peer go together (docs/protocol.md section 8.6), in the order they were
+    queued (a conversation's request before its replies); streamed or large ones alone."""
+    rank = {job.claim.outbox_id: position for position, job in enumerate(jobs)}
     groups: list[list[Job]] = []
     by_peer: dict[str, list[Job]] = {}
-    for job in sorted(jobs, key=lambda job: job.claim.outbox_id):
+    for job in jobs:
         if job.gone or job.streamed or job.wire is None:
             groups.append([job])
         else:
             by_peer.setdefault(job.base_url, []).append(job)
     for batch in by_peer.values():
+        batch.sort(key=lambda job: job.claim.outbox_id)
         for start in range(0, len(batch), MAX_BATCH_ENVELOPES):
             groups.append(batch[start : start + MAX_BATCH_ENVELOPES])
-    return groups
+    return sorted(groups, key=lambda group: min(rank[job.claim.outbox_id] for job in group))
+
+
+class RoundBudget:
+    """What one round may claim: `ROUND_PRELOAD_BYTES` of small envelopes (read with the
+    claim and batched) and `ROUND_LARGE` large ones (each read and posted alone by a posting
+    thread, as many at a time as `worker_concurrency`). A row past either stays queued for the
+    next round rather than be posted alone or keep the round's end, and the next claim, late."""
+
+    def __init__(self) -> None:
+        self.small_bytes = 0
+        self.large = 0
+
+    def admit(self, size: int) -> bool:
+        if size > PRELOAD_BYTES:
+            if self.large >= ROUND_LARGE:
+                return False
+            self.large += 1
+            return True
+        if self.small_bytes + size > ROUND_PRELOAD_BYTES:
+            return False
+        self.small_bytes += size
+        return True
 
 
 def round_preload(claims: list[outbox.Claim], messages: dict[int, Message]) -> list[Message]:
-    """The claimed messages read with the claim: small ones, in queue order, within the
-    round's budget (a round of 64 large envelopes would otherwise hold 16 MiB at once)."""
+    """The claimed messages read with the claim: small ones, most pressing first, within the
+    round's budget (`RoundBudget` already keeps a round's claims within it)."""
     chosen, total = [], 0
-    for claim in sorted(claims, key=lambda claim: claim.outbox_id):
+    for claim in claims:
         message = messages.get(claim.message_id)
         if message is None or message.size_bytes > PRELOAD_BYTES:
             continue
@@ -253,7 +282,12 @@ class Worker:
         with unit_of_work(self.node.sessions) as session:
             signed = self._checkpoint_if_due(session)
             claims = outbox.claim_due(
-                session, now=utc_now(), lease=lease, limit=self.batch, owner=self.id
+                session,
+                now=utc_now(),
+                lease=lease,
+                limit=self.batch,
+                owner=self.id,
+                admit=RoundBudget().admit,
             )
             jobs = load_jobs(session, claims)
             if claims and not signed:

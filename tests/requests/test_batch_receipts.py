@@ -51,3 +51,24 @@ def test_a_batch_reads_the_latest_checkpoint_once_and_every_receipt_carries_it(
     }
     assert notes == {note}
     assert len(reads) == 1, reads
+
+    # The next batch is another transaction: it reads the checkpoint signed since.
+    with unit_of_work(node.sessions) as session:
+        newer = sign_checkpoint(session, authority_id=node.authority_id, log_key=node.keys.log)
+        assert newer is not None
+        assert newer.note != note
+    second = fresh_ar.http.post(
+        "/p2p/v1/envelopes/batch",
+        json={
+            "v": 1,
+            "envelopes": [
+                fresh_ar._seal(
+                    {"kind": "request", "document": example_document()}, None, None
+                ).to_wire()
+            ],
+        },
+    )
+    assert second.status_code == 200, second.text
+    (answer,) = second.json()["results"]
+    body = decode_receipt({k: v for k, v in answer.items() if k != "status"}).body
+    assert json.loads(body)["checkpoint"] == newer.note
