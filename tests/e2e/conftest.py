@@ -14,6 +14,9 @@ import httpx
 import pytest
 from sqlalchemy import Engine, func, select
 
+from app.crypto.envelope import Recipient
+from app.crypto.identity import parse_identity_document
+from app.crypto.keys import NodeKeys, load_keys
 from app.db import make_engine
 from app.localnodes import LocalNode
 from app.migrate import ROOT
@@ -139,3 +142,20 @@ def post_envelope(node: LocalNode, wire: object) -> httpx.Response:
 
 def read_bytes(path: Path) -> bytes:
     return path.read_bytes() if path.exists() else b""
+
+
+def recipient_of(node: LocalNode) -> Recipient:
+    """A node's encryption key as its identity document publishes it."""
+    document = httpx.get(node.url + "/.well-known/entraide/node").json()
+    identity = parse_identity_document(document)
+    return Recipient(identity.authority_id, identity.encryption.public_key)
+
+
+@pytest.fixture(scope="module")
+def es_keys(network: Network) -> NodeKeys:
+    return load_keys(network.es.keys_dir)
+
+
+@pytest.fixture(scope="module")
+def ar_recipient(network: Network) -> Recipient:
+    return recipient_of(network.ar)

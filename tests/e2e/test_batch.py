@@ -16,24 +16,14 @@ import pytest
 
 from app.crypto.envelope import Recipient, WireEnvelope, parse_header
 from app.crypto.identity import parse_identity_document
-from app.crypto.keys import NodeKeys, load_keys
+from app.crypto.keys import NodeKeys
 from app.crypto.receipts import decode_receipt, verify_receipt
 from app.p2p.batch import MAX_REFUSED_PER_BATCH
 from app.peers.client import MAX_BATCH_ENVELOPES
 from tests.e2e.conftest import Network, audit_outcomes, count_messages
-from tests.e2e.test_tampering import _flip, _recipient, _seal
+from tests.e2e.test_tampering import _flip, _seal
 
 BATCH = "/p2p/v1/envelopes/batch"
-
-
-@pytest.fixture(scope="module")
-def es_keys(network: Network) -> NodeKeys:
-    return load_keys(network.es.keys_dir)
-
-
-@pytest.fixture(scope="module")
-def ar_recipient(network: Network) -> Recipient:
-    return _recipient(network.ar)
 
 
 def post_batch(network: Network, envelopes: list[object]) -> httpx.Response:

@@ -19,18 +19,17 @@ from nacl.signing import SigningKey
 
 from app.crypto.encoding import b64d, b64e, canonical_json, load_json_object, utc_now
 from app.crypto.envelope import Attachment, Recipient, WireEnvelope, seal
-from app.crypto.identity import parse_identity_document
 from app.crypto.keys import NodeKeys, load_keys
 from app.crypto.randomness import SystemRandomness
 from app.crypto.signing import DOMAIN_ENVELOPE, sign
-from app.localnodes import LocalNode
-from tests.e2e.conftest import EXAMPLE, Network, audit_outcomes, count_messages, post_envelope
-
-
-def _recipient(node: LocalNode) -> Recipient:
-    document = httpx.get(node.url + "/.well-known/entraide/node").json()
-    identity = parse_identity_document(document)
-    return Recipient(identity.authority_id, identity.encryption.public_key)
+from tests.e2e.conftest import (
+    EXAMPLE,
+    Network,
+    audit_outcomes,
+    count_messages,
+    post_envelope,
+    recipient_of,
+)
 
 
 def _seal(
@@ -85,16 +84,6 @@ def _refused(network: Network, wire: object, code: str, status: int) -> None:
     assert set(body) == {"error", "detail"}
     assert count_messages(network, network.ar) == before, "a refused envelope was stored"
     assert audit_outcomes(network, network.ar, "envelope.refused") == [*refusals_before, code]
-
-
-@pytest.fixture(scope="module")
-def es_keys(network: Network) -> NodeKeys:
-    return load_keys(network.es.keys_dir)
-
-
-@pytest.fixture(scope="module")
-def ar_recipient(network: Network) -> Recipient:
-    return _recipient(network.ar)
 
 
 def test_flipped_header_byte(network: Network, es_keys: NodeKeys, ar_recipient: Recipient) -> None:
@@ -158,7 +147,7 @@ def test_truncated_part(network: Network, es_keys: NodeKeys, ar_recipient: Recip
 
 
 def test_envelope_for_another_authority(network: Network, es_keys: NodeKeys) -> None:
-    fr = _recipient(network.fr)
+    fr = recipient_of(network.fr)
     envelope = _seal(es_keys, "ES/MJ", fr, document_to="FR/DACG")
     _refused(network, envelope.to_wire(), "not_addressed_to_us", 421)
 
