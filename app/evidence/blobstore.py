@@ -29,8 +29,11 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol, cast
+
+from app.evidence.beside import run_beside
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -53,6 +56,11 @@ def _flush_data(fd: int) -> None:
         os.fdatasync(fd)
     else:  # pragma: no cover - macOS
         os.fsync(fd)
+
+
+def _flush_behind(fd: int) -> None:
+    _flush_data(fd)
+    _drop_cached(fd)
 
 
 class BlobReader(io.FileIO):
@@ -152,6 +160,7 @@ class DirectoryUpload:
             self._file.close()
             raise UploadBusy(f"upload {upload_id} is being written") from exc
         self._unflushed = 0
+        self._flushing: Future[None] | None = None
 
     def size(self) -> int:
         return os.fstat(self._file.fileno()).st_size
@@ -166,16 +175,26 @@ class DirectoryUpload:
         self._unflushed += len(data)
         if self._unflushed >= DROP_BEHIND_BYTES:
             # Written out now, a little at a time, so the cache never fills with it (and the
-            # final fsync has little left to do).
+            # final fsync has little left to do). The flush waits for the disk, so it runs
+            # beside the writer, which goes on encrypting; one flush at a time keeps the
+            # dirty pages to about two windows.
             self._unflushed = 0
-            _flush_data(self._file.fileno())
-            _drop_cached(self._file.fileno())
+            self._wait_flushed()
+            fd = self._file.fileno()
+            self._flushing = run_beside(lambda: _flush_behind(fd))
+
+    def _wait_flushed(self) -> None:
+        flushing, self._flushing = self._flushing, None
+        if flushing is not None:
+            flushing.result()
 
     def sync(self) -> None:
+        self._wait_flushed()
         os.fsync(self._file.fileno())
         self._unflushed = 0
 
     def truncate(self, size: int) -> None:
+        self._wait_flushed()
         self._file.truncate(size)
         os.fsync(self._file.fileno())
 
@@ -185,7 +204,11 @@ class DirectoryUpload:
                 yield chunk
 
     def close(self) -> None:
-        self._file.close()
+        # The descriptor stays open until its flush is done (a closed number may be reused).
+        try:
+            self._wait_flushed()
+        finally:
+            self._file.close()
 
     def __enter__(self) -> DirectoryUpload:
         return self

@@ -15,13 +15,11 @@ already holds is sent again over the network.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-import io
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, cast
+from typing import BinaryIO
 
 import nacl.bindings as sodium
 from nacl.exceptions import CryptoError
@@ -34,6 +32,7 @@ from app.crypto.envelope import (
     EnvelopeError,
     ciphertext_length,
 )
+from app.evidence.beside import BesideHash
 from app.evidence.blobstore import BlobStore, Upload
 
 CIPHER_CHUNK = CHUNK_BYTES + ABYTES
@@ -136,8 +135,8 @@ class PartWriter:
         self.size = size
         self._chunks_total = chunk_count(size)
         self._state = _new_state(key, stream_header)
-        self._plain_hash = hashlib.sha256()
-        self._cipher_hash = hashlib.sha256()
+        self._plain_hash = BesideHash()
+        self._cipher_hash = BesideHash()
         self._chunks_done = 0
         self._pending = Pieces()
         self.finished: FinishedPart | None = None
@@ -221,10 +220,11 @@ class PartWriter:
         if final and self._chunks_done * CHUNK_BYTES + len(message) != self.size:
             raise AssertionError("the final chunk was pushed before its last byte")
         tag = TAG_FINAL if final else TAG_MESSAGE
+        # The plaintext is hashed beside the push, the ciphertext beside the write.
+        self._plain_hash.update(message)
         chunk = sodium.crypto_secretstream_xchacha20poly1305_push(
             self._state, message, self._ad, tag
         )
-        self._plain_hash.update(message)
         self._cipher_hash.update(chunk)
         self._upload.write(chunk)
         self._chunks_done += 1
@@ -278,17 +278,16 @@ def encrypt_stream(
 
 
 def check_blob(reader: BinaryIO, *, length: int, sha256: str) -> None:
-    """Length and ciphertext hash, in one streaming pass, before any plaintext is released."""
-    digest = hashlib.sha256()
+    """Length and ciphertext hash, in one streaming pass, before any plaintext is released.
+
+    Each read is a new buffer, hashed beside the next read."""
+    digest = BesideHash()
     seen = 0
-    buffer = bytearray(CIPHER_CHUNK)  # one buffer, read into again and again
-    view = memoryview(buffer)
-    raw = cast(io.BufferedIOBase, reader)  # a file: typing.BinaryIO omits readinto
-    while read := raw.readinto(buffer):
-        seen += read
+    while data := reader.read(CIPHER_CHUNK):
+        seen += len(data)
         if seen > length:
             raise EnvelopeError("malformed_envelope", "the part is longer than declared")
-        digest.update(view[:read])
+        digest.update(data)
     if seen < length:
         raise EnvelopeError("truncated_part", "the part is shorter than declared")
     if not hmac.compare_digest(digest.hexdigest(), sha256):
@@ -315,7 +314,7 @@ def decrypt_stream(
         state = _new_state(key, stream_header)
     except (CryptoError, ValueError) as exc:
         raise EnvelopeError("decrypt_failed", "invalid secretstream header") from exc
-    plain_hash = hashlib.sha256()
+    plain_hash = BesideHash()
     produced = 0
     final = False
     pending = Pieces()
@@ -394,8 +393,8 @@ class PartReceiver:
             self._state = _new_state(key, stream_header)
         except (CryptoError, ValueError) as exc:
             raise EnvelopeError("decrypt_failed", "invalid secretstream header") from exc
-        self._plain_hash = hashlib.sha256()
-        self._cipher_hash = hashlib.sha256()
+        self._plain_hash = BesideHash()
+        self._cipher_hash = BesideHash()
         self._chunks_done = 0
         self._stored = 0
         self._pending = Pieces()
@@ -452,6 +451,9 @@ class PartReceiver:
 
     def _pull(self, chunk: bytes, *, store: bool) -> None:
         final = self._chunks_done == self._chunks_total - 1
+        # The ciphertext is hashed beside the pull, the plaintext beside the write. A chunk
+        # that fails is never stored, and the receiver is not used again after a failure.
+        self._cipher_hash.update(chunk)
         try:
             message, tag = sodium.crypto_secretstream_xchacha20poly1305_pull(
                 self._state, chunk, self._ad
@@ -461,7 +463,6 @@ class PartReceiver:
         if tag != (TAG_FINAL if final else TAG_MESSAGE):
             raise EnvelopeError("decrypt_failed", "a part chunk carries the wrong tag")
         self._plain_hash.update(message)
-        self._cipher_hash.update(chunk)
         if store:
             self._upload.write(chunk)
         self._chunks_done += 1

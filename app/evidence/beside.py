@@ -1,0 +1,73 @@
+"""Work a streamed part needs done, run in helper threads beside the cipher.
+
+A part's chunk goes through three passes of about the same cost: the plaintext hash, the
+secretstream push or pull, and the ciphertext hash. hashlib releases the GIL while it hashes
+a large buffer, as libsodium does while it encrypts, so the hashes can run on the machine's
+other core while the calling thread encrypts, decrypts or writes: the part's critical path
+becomes the cipher alone instead of the sum of the three (docs/benchmarks.md, evidence).
+
+Updates to one hash run in order, one at a time: `update` waits for the same hash's previous
+update before queueing the next, so a hash holds at most one buffer beyond its caller's,
+whatever the part's size, and `hexdigest` waits for the last. The blob store flushes what
+it has written the same way (app/evidence/blobstore.py). The helper threads never wait on
+one another, so a full pool only delays a task, never deadlocks it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+# Below this, handing a buffer to another thread costs more than hashing it here.
+BESIDE_MIN_BYTES = 64 << 10
+# Per part in flight: two hashes (plaintext and ciphertext) and a flush; for two parts at once.
+POOL_THREADS = 6
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        with _pool_lock:
+            if _pool is None:
+                _pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="evidence-hash")
+    return _pool
+
+
+def run_beside(task: Callable[[], None]) -> Future[None]:
+    """Run `task` in a helper thread; the caller waits for the future before relying on it."""
+    return _executor().submit(task)
+
+
+class BesideHash:
+    """A SHA-256 whose large updates run in a helper thread, in order.
+
+    The buffer given to `update` is `bytes`, never a buffer the caller reuses: it is read by
+    the helper thread after `update` returns.
+    """
+
+    __slots__ = ("_hash", "_pending")
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self._pending: Future[None] | None = None
+
+    def update(self, data: bytes) -> None:
+        self._wait()
+        if len(data) < BESIDE_MIN_BYTES:
+            self._hash.update(data)
+        else:
+            self._pending = run_beside(lambda: self._hash.update(data))
+
+    def hexdigest(self) -> str:
+        self._wait()
+        return self._hash.hexdigest()
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
