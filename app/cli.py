@@ -82,6 +82,7 @@ def _fail(message: str) -> typer.Exit:
 # FastAPI then knows no v1 model can be in use). Not for the `requests` commands, which
 # draw progress bars with rich.
 UNUSED_IN_NODE = ("httpx._main", "pydantic.v1")
+GIL_SWITCH_SECONDS = 0.001
 
 
 def _skip_unused_imports() -> None:
@@ -224,6 +225,10 @@ def serve(
             "ENTRAIDE_ALLOW_INSECURE_HTTP is on: peers may be reached over plain HTTP. "
             "Use this only for development and tests."
         )
+    # Threads hand the GIL back and forth (the event loop, the thread pool, the evidence
+    # helpers that hash and flush beside the cipher), and one whose C call returns waits up
+    # to the switch interval for it: 1 ms, not CPython's 5 (docs/benchmarks.md, evidence).
+    sys.setswitchinterval(GIL_SWITCH_SECONDS)
     # log_config=None: uvicorn's records go through our (JSON) handler like everything else.
     uvicorn.run(
         create_app(settings, node=node),

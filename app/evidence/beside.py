@@ -29,18 +29,16 @@ _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
-def _executor() -> ThreadPoolExecutor:
+def run_beside(task: Callable[[], None]) -> Future[None]:
+    """Run `task` in a helper thread; the caller waits for the future before relying on it.
+
+    `task` must not wait for another task of this pool (see the module's note)."""
     global _pool
     if _pool is None:
         with _pool_lock:
             if _pool is None:
-                _pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="evidence-hash")
-    return _pool
-
-
-def run_beside(task: Callable[[], None]) -> Future[None]:
-    """Run `task` in a helper thread; the caller waits for the future before relying on it."""
-    return _executor().submit(task)
+                _pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="evidence-beside")
+    return _pool.submit(task)
 
 
 class BesideHash:
