@@ -200,6 +200,13 @@ def keys_show() -> None:
     typer.echo(f"fingerprint:       {format_fingerprint(keys.fingerprint)}")
 
 
+def _share_the_gil() -> None:
+    """Threads hand the GIL back and forth (the event loop, the thread pool, the evidence
+    helpers that hash and flush beside the cipher), and one whose C call returns waits up
+    to the switch interval for it: 1 ms, not CPython's 5 (docs/benchmarks.md, evidence)."""
+    sys.setswitchinterval(GIL_SWITCH_SECONDS)
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
@@ -225,10 +232,7 @@ def serve(
             "ENTRAIDE_ALLOW_INSECURE_HTTP is on: peers may be reached over plain HTTP. "
             "Use this only for development and tests."
         )
-    # Threads hand the GIL back and forth (the event loop, the thread pool, the evidence
-    # helpers that hash and flush beside the cipher), and one whose C call returns waits up
-    # to the switch interval for it: 1 ms, not CPython's 5 (docs/benchmarks.md, evidence).
-    sys.setswitchinterval(GIL_SWITCH_SECONDS)
+    _share_the_gil()
     # log_config=None: uvicorn's records go through our (JSON) handler like everything else.
     uvicorn.run(
         create_app(settings, node=node),
@@ -249,6 +253,7 @@ def worker() -> None:
 
     settings = _settings()
     node = _node(settings)
+    _share_the_gil()
     runner = Worker(node)
 
     def _stop(_signum: int, _frame: FrameType | None) -> None:

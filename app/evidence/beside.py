@@ -22,23 +22,34 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 # Below this, handing a buffer to another thread costs more than hashing it here.
 BESIDE_MIN_BYTES = 64 << 10
-# Per part in flight: two hashes (plaintext and ciphertext) and a flush; for two parts at once.
-POOL_THREADS = 6
+# Per part in flight: two hashes (plaintext and ciphertext); for a couple of parts at once.
+HASH_THREADS = 4
+# Flushes wait for the disk: a pool of their own, so no hash ever queues behind one.
+FLUSH_THREADS = 2
 
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
+_pools: dict[str, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _submit(name: str, threads: int, task: Callable[[], None]) -> Future[None]:
+    pool = _pools.get(name)
+    if pool is None:
+        with _pools_lock:
+            pool = _pools.get(name)
+            if pool is None:
+                pool = _pools[name] = ThreadPoolExecutor(threads, thread_name_prefix=name)
+    return pool.submit(task)
 
 
 def run_beside(task: Callable[[], None]) -> Future[None]:
-    """Run `task` in a helper thread; the caller waits for the future before relying on it.
+    """Run a hash update in a helper thread; the caller waits for the future before relying
+    on it. `task` must not wait for another task (see the module's note)."""
+    return _submit("evidence-hash", HASH_THREADS, task)
 
-    `task` must not wait for another task of this pool (see the module's note)."""
-    global _pool
-    if _pool is None:
-        with _pool_lock:
-            if _pool is None:
-                _pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="evidence-beside")
-    return _pool.submit(task)
+
+def flush_beside(task: Callable[[], None]) -> Future[None]:
+    """Run a blob store flush in a helper thread of the flush pool."""
+    return _submit("evidence-flush", FLUSH_THREADS, task)
 
 
 class BesideHash:

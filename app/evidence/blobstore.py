@@ -29,11 +29,11 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol, cast
 
-from app.evidence.beside import run_beside
+from app.evidence.beside import flush_beside
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -161,11 +161,23 @@ class DirectoryUpload:
             raise UploadBusy(f"upload {upload_id} is being written") from exc
         self._unflushed = 0
         self._flushing: Future[None] | None = None
+        # A flush that failed: the kernel reports a write-back error once, so it is kept and
+        # raised by every later write and sync, never taken for durable again.
+        self._failed: BaseException | None = None
 
     def size(self) -> int:
         return os.fstat(self._file.fileno()).st_size
 
     def write(self, data: bytes) -> None:
+        self._raise_failed()
+        # Written out a window at a time, so the cache never fills with it (and the final
+        # fsync has little left to do). The flush waits for the disk, so it runs beside the
+        # writer, which goes on encrypting; one flush at a time keeps the dirty pages to
+        # about two windows. The previous window's flush is awaited before this chunk is
+        # appended, so a failure is raised with nothing of the chunk written.
+        crossing = self._unflushed + len(data) >= DROP_BEHIND_BYTES
+        if crossing:
+            self._wait_flushed()
         view = memoryview(data)
         while view:
             written = self._file.write(view)
@@ -173,20 +185,26 @@ class DirectoryUpload:
                 raise BlobError("short write")
             view = view[written:]
         self._unflushed += len(data)
-        if self._unflushed >= DROP_BEHIND_BYTES:
-            # Written out now, a little at a time, so the cache never fills with it (and the
-            # final fsync has little left to do). The flush waits for the disk, so it runs
-            # beside the writer, which goes on encrypting; one flush at a time keeps the
-            # dirty pages to about two windows.
+        if crossing:
             self._unflushed = 0
-            self._wait_flushed()
             fd = self._file.fileno()
-            self._flushing = run_beside(lambda: _flush_behind(fd))
+            self._flushing = flush_beside(lambda: _flush_behind(fd))
+
+    def _raise_failed(self) -> None:
+        flushing = self._flushing
+        if flushing is not None and flushing.done():
+            self._wait_flushed()
+        if self._failed is not None:
+            raise BlobError("writing the upload out to disk failed") from self._failed
 
     def _wait_flushed(self) -> None:
         flushing, self._flushing = self._flushing, None
         if flushing is not None:
-            flushing.result()
+            try:
+                flushing.result()
+            except Exception as exc:
+                self._failed = exc
+        self._raise_failed()
 
     def sync(self) -> None:
         self._wait_flushed()
@@ -204,11 +222,13 @@ class DirectoryUpload:
                 yield chunk
 
     def close(self) -> None:
-        # The descriptor stays open until its flush is done (a closed number may be reused).
-        try:
-            self._wait_flushed()
-        finally:
-            self._file.close()
+        """Close, after the flush in flight (its descriptor number could be reused). A failed
+        flush is not raised here: close runs in cleanup, after whatever went wrong first, and
+        durability is what `sync` reports."""
+        flushing, self._flushing = self._flushing, None
+        if flushing is not None:
+            wait([flushing])
+        self._file.close()
 
     def __enter__(self) -> DirectoryUpload:
         return self

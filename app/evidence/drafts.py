@@ -300,6 +300,9 @@ class WriterCache:
         )
 
     def put_back(self, upload: str, writer: PartWriter) -> None:
+        if writer.broken:  # the next request rebuilds a writer from the stored chunks
+            writer.close()
+            return
         writer.drop_pending()
         with self._lock:
             self._writers[upload] = (writer, time.monotonic())

@@ -141,6 +141,9 @@ class PartWriter:
         self._pending = Pieces()
         self.finished: FinishedPart | None = None
         self.resumed_bytes = 0
+        # A push that failed part-way (the disk, say) left the state ahead of what is stored:
+        # this writer is never used again; a new one rebuilds from the stored chunks.
+        self.broken = False
 
     @classmethod
     def open(
@@ -198,6 +201,8 @@ class PartWriter:
         self.resumed_bytes = self._chunks_done * CHUNK_BYTES
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.broken:
+            raise RuntimeError("a PartWriter was used again after a failed push")
         if self.finished is not None and not data:
             return
         if self.finished is not None or self.offset + len(data) > self.size:
@@ -216,6 +221,13 @@ class PartWriter:
             self._push(self._pending.take(self._pending.size))
 
     def _push(self, message: bytes) -> None:
+        try:
+            self._push_chunk(message)
+        except BaseException:
+            self.broken = True
+            raise
+
+    def _push_chunk(self, message: bytes) -> None:
         final = self._chunks_done == self._chunks_total - 1
         if final and self._chunks_done * CHUNK_BYTES + len(message) != self.size:
             raise AssertionError("the final chunk was pushed before its last byte")
@@ -399,6 +411,9 @@ class PartReceiver:
         self._stored = 0
         self._pending = Pieces()
         self.complete = False
+        # A chunk that failed its check (or its write) was hashed already: the receiver is
+        # never used again, and its part restarts from what is stored.
+        self.failed = False
         self.opened_at = 0  # the offset it was opened (rebuilt from disk) at
 
     @classmethod
@@ -450,6 +465,13 @@ class PartReceiver:
             self._pull(chunk, store=False)
 
     def _pull(self, chunk: bytes, *, store: bool) -> None:
+        try:
+            self._pull_chunk(chunk, store=store)
+        except BaseException:
+            self.failed = True
+            raise
+
+    def _pull_chunk(self, chunk: bytes, *, store: bool) -> None:
         final = self._chunks_done == self._chunks_total - 1
         # The ciphertext is hashed beside the pull, the plaintext beside the write. A chunk
         # that fails is never stored, and the receiver is not used again after a failure.
@@ -469,6 +491,8 @@ class PartReceiver:
         self._stored += len(chunk)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.failed:
+            raise RuntimeError("a PartReceiver was used again after a failed chunk")
         if self.complete or self._stored + self._pending.size + len(data) > self.length:
             raise EnvelopeError("malformed_envelope", "the part is longer than declared")
         self._pending.append(data)
@@ -498,7 +522,7 @@ class PartReceiver:
 
     def stored_matches(self) -> bool:
         """Whether the staging object still holds exactly what this receiver stored."""
-        return not self.complete and self._upload.size() == self._stored
+        return not self.complete and not self.failed and self._upload.size() == self._stored
 
     def checkpoint(self) -> int:
         self._upload.sync()

@@ -1,5 +1,6 @@
 """Hashes and flushes that run beside the cipher (app/evidence/beside.py): same results, in
-order, with at most one buffer held per hash, and nothing left running on a closed file."""
+order, with at most one buffer held per hash, nothing done to a file while its flush runs, a
+failed flush never taken for durable, and a writer or receiver that failed never reused."""
 
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from app.crypto.envelope import CHUNK_BYTES, EnvelopeError
 from app.evidence import beside, blobstore
 from app.evidence.beside import BESIDE_MIN_BYTES, BesideHash
-from app.evidence.blobstore import DROP_BEHIND_BYTES, DirectoryBlobStore
+from app.evidence.blobstore import DROP_BEHIND_BYTES, BlobError, DirectoryBlobStore
+from app.evidence.drafts import UploadTarget, WriterCache
+from app.evidence.stream import CIPHER_CHUNK, PartReceiver, encrypt_stream
 
 
 def _pieces(seed: int) -> list[bytes]:
@@ -38,7 +42,7 @@ def test_the_digest_is_hashlibs_whatever_the_sizes_and_order() -> None:
 def test_many_hashes_at_once_more_than_the_pool_has_threads() -> None:
     # More hashers than helper threads, each fed from its own thread: each must still see
     # its own updates in order, and none may wait forever for a busy pool.
-    jobs = [_pieces(seed) for seed in range(3 * beside.POOL_THREADS)]
+    jobs = [_pieces(seed) for seed in range(3 * beside.HASH_THREADS)]
 
     def run(pieces: list[bytes]) -> bool:
         digest = BesideHash()
@@ -80,9 +84,7 @@ def test_a_hash_holds_at_most_one_buffer_beyond_its_caller(monkeypatch: pytest.M
     assert most == 1
 
 
-def test_uploads_flush_beside_the_writer_and_close_after_the_flush(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_uploads_flush_beside_the_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = DirectoryBlobStore(tmp_path)
     flushed: list[int] = []
     real = blobstore._flush_behind
@@ -91,34 +93,155 @@ def test_uploads_flush_beside_the_writer_and_close_after_the_flush(
         real(fd)
         flushed.append(fd)
 
-    chunk = os.urandom(1 << 20)
-    count = 2 * DROP_BEHIND_BYTES // len(chunk) + 3
     monkeypatch.setattr(blobstore, "_flush_behind", counting)
+    chunk = os.urandom(1 << 20)
     upload = store.upload("flushing")
-    for _ in range(count):
+    for _ in range(2 * DROP_BEHIND_BYTES // len(chunk) + 3):
         upload.write(chunk)
-    upload.sync()  # waits for the flush in flight, then makes everything durable
-    assert len(flushed) == 2
-    upload.truncate(len(chunk))  # never races a flush of the same descriptor
-    upload.write(chunk)
+    upload.sync()
     upload.close()
-    assert (store.uploads / "flushing").read_bytes() == chunk * 2
+    assert len(flushed) == 2
+    assert (store.uploads / "flushing").stat().st_size == 2 * DROP_BEHIND_BYTES + 3 * len(chunk)
 
 
-def test_a_failed_flush_is_raised_to_the_writer(
+def _blocked_flush(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    started, release = threading.Event(), threading.Event()
+    real = blobstore._flush_behind
+
+    def blocked(fd: int) -> None:
+        started.set()
+        release.wait(30)
+        real(fd)
+
+    monkeypatch.setattr(blobstore, "_flush_behind", blocked)
+    return started, release
+
+
+def _one_window(upload: blobstore.DirectoryUpload) -> None:
+    chunk = os.urandom(1 << 20)
+    for _ in range(DROP_BEHIND_BYTES // len(chunk)):
+        upload.write(chunk)
+
+
+@pytest.mark.parametrize("step", ["close", "truncate", "sync", "next window"])
+def test_nothing_touches_the_file_while_its_flush_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    started, release = _blocked_flush(monkeypatch)
+    upload = DirectoryBlobStore(tmp_path).upload("blocked1")
+    _one_window(upload)  # its flush now waits for `release`
+    assert started.wait(10)
+    actions = {
+        "close": upload.close,
+        "truncate": lambda: upload.truncate(1 << 20),
+        "sync": upload.sync,
+        "next window": lambda: _one_window(upload),
+    }
+    waiting = threading.Thread(target=actions[step])
+    waiting.start()
+    waiting.join(0.3)
+    assert waiting.is_alive()  # it waits for the flush in flight ...
+    assert not upload._file.closed  # ... with the descriptor still open
+    release.set()
+    waiting.join(10)
+    assert not waiting.is_alive()
+    upload.close()
+
+
+def test_a_failed_flush_is_raised_before_anything_more_is_written_and_stays_raised(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def failing(fd: int) -> None:
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(blobstore, "_flush_behind", failing)
-    upload = DirectoryBlobStore(tmp_path).upload("failing1")
-    chunk = os.urandom(1 << 20)
+    store = DirectoryBlobStore(tmp_path)
+    upload = store.upload("failing1")
+    _one_window(upload)  # the first window's flush fails in its helper thread
+    with pytest.raises(BlobError) as raised:
+        _one_window(upload)
+    assert isinstance(raised.value.__cause__, OSError)
+    # Raised before the chunk that would have started the next flush was appended, at the
+    # latest; and every later write and sync raises it again: never taken for durable.
+    assert (store.uploads / "failing1").stat().st_size < 2 * DROP_BEHIND_BYTES
+    with pytest.raises(BlobError):
+        upload.write(b"more")
+    with pytest.raises(BlobError):
+        upload.sync()
+    upload.close()  # cleanup does not raise it: the error was reported already
 
-    def write_three_windows() -> None:
-        for _ in range(3 * DROP_BEHIND_BYTES // len(chunk)):
-            upload.write(chunk)
 
-    with pytest.raises(OSError, match="Input/output"):
-        write_three_windows()
-    upload.close()
+def test_a_writer_whose_push_failed_is_not_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = DirectoryBlobStore(tmp_path)
+    size = 3 * CHUNK_BYTES
+    target = UploadTarget(
+        draft_id="d",
+        index=1,
+        size=size,
+        upload_id="upload-broken",
+        key=bytes(32),
+        ad=b"ad",
+        stream_header=bytes(24),
+        complete=False,
+    )
+    cache = WriterCache()
+    writer = cache.take(store, target)
+    data = os.urandom(size)
+    writer.write(data[:CHUNK_BYTES])
+    upload = writer._upload
+    assert isinstance(upload, blobstore.DirectoryUpload)
+
+    def disk_full(chunk: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(upload, "write", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        writer.write(data[CHUNK_BYTES : 2 * CHUNK_BYTES])  # pushed, then not stored
+    assert writer.broken
+    with pytest.raises(RuntimeError):
+        writer.write(b"x")
+    cache.put_back(target.upload_id, writer)  # closed, not kept
+    monkeypatch.undo()
+    again = cache.take(store, target)  # rebuilt from the one stored chunk
+    assert again is not writer
+    assert again.durable_offset == CHUNK_BYTES
+    again.write(data[CHUNK_BYTES:])
+    finished = again.finalise(store)
+    assert finished.plaintext_sha256 == hashlib.sha256(data).hexdigest()
+    cache.close()
+
+
+def test_a_receiver_whose_chunk_failed_is_not_reused(tmp_path: Path) -> None:
+    store = DirectoryBlobStore(tmp_path)
+    key, ad, stream_header = bytes(range(32)), b"ad", bytes(24)
+    plain = os.urandom(2 * CHUNK_BYTES)
+    sealed = DirectoryBlobStore(tmp_path / "sender")
+    part = encrypt_stream(
+        sealed, "sealing1", [plain], key=key, ad=ad, stream_header=stream_header, size=len(plain)
+    )
+    with sealed.open(part.digest) as blob:
+        ciphertext = blob.read()
+    receiver = PartReceiver.open(
+        store,
+        "receiving1",
+        key=key,
+        ad=ad,
+        stream_header=stream_header,
+        length=part.length,
+        sha256=part.digest,
+        plaintext_size=len(plain),
+        plaintext_sha256=part.plaintext_sha256,
+    )
+    tampered = bytearray(ciphertext[:CIPHER_CHUNK])
+    tampered[100] ^= 1
+    with pytest.raises(EnvelopeError):
+        receiver.write(bytes(tampered))
+    assert receiver.failed
+    assert not receiver.stored_matches()
+    assert receiver.durable_offset == 0
+    with pytest.raises(RuntimeError):
+        receiver.write(ciphertext[:CIPHER_CHUNK])
+    receiver.close()
+    assert (store.uploads / "receiving1").stat().st_size == 0  # nothing of it stored
