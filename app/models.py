@@ -221,6 +221,18 @@ class DeliveryAttempt(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
+class DeliveryCounter(Base):
+    """A running total kept by settlement, in the attempt's own transaction, for /metrics:
+    `attempts:<outcome>` (attempts recorded, by outcome) and `delivered` (rows delivered).
+    Counting them in the history at every scrape grew with it; attempts are never deleted
+    and delivered is a final state, so a total never goes down."""
+
+    __tablename__ = "delivery_counters"
+
+    name: Mapped[str] = mapped_column(String(40), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger)
+
+
 class AuditEntry(Base):
     """One audit event: a leaf of the node's Merkle log (app/audit). Never holds content."""
 

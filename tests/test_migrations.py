@@ -15,10 +15,21 @@ from sqlalchemy import Engine, delete, insert, inspect, select
 from app.audit.log import STORED_LEVEL, record
 from app.audit.merkle import EMPTY_ROOT, CompactRange
 from app.audit.service import prove_consistency
+from app.crypto.encoding import utc_now
 from app.db import make_engine, make_session_factory, unit_of_work
 from app.migrate import ROOT, alembic_config, pending, upgrade
-from app.models import AuditEntry, AuditHead, AuditIndex, AuditNode, Base
+from app.models import (
+    AuditEntry,
+    AuditHead,
+    AuditIndex,
+    AuditNode,
+    Base,
+    DeliveryAttempt,
+    DeliveryCounter,
+    OutboxItem,
+)
 from tests.conftest import Databases
+from tests.test_outbox import _history_totals, _queue
 
 BEFORE_AUDIT_INDEX = "2d3babec7b5b"
 
@@ -98,3 +109,43 @@ def _all_nodes(engine: Engine) -> list[dict[str, Any]]:
                 ),
             )
     return nodes
+
+
+BEFORE_DELIVERY_COUNTERS = "49a8eff55d00"
+
+
+def test_delivery_counters_start_from_the_stored_history(databases: Databases) -> None:
+    """ae9b40612b43 gives /metrics running totals: they start from what is already stored."""
+    url = databases.new("delivery-counters")
+    upgrade(url, BEFORE_DELIVERY_COUNTERS)
+    engine = make_engine(url)
+    sessions = make_session_factory(engine)
+    try:
+        with unit_of_work(sessions) as session:
+            rows = _queue(session, 3)
+            now = utc_now()
+            for number, (row, outcome) in enumerate(
+                zip(rows, ["delivered", "retry", "retry"], strict=True)
+            ):
+                session.add(
+                    DeliveryAttempt(
+                        outbox_id=row,
+                        attempt=number + 1,
+                        worker="w",
+                        started_at=now,
+                        finished_at=now,
+                        outcome=outcome,
+                    )
+                )
+            item = session.get(OutboxItem, rows[0])
+            assert item is not None
+            item.state = "delivered"
+        upgrade(url)
+        with unit_of_work(sessions) as session:
+            kept = dict(session.execute(select(DeliveryCounter.name, DeliveryCounter.value)).all())
+            assert kept == _history_totals(session)
+            assert kept == {"attempts:delivered": 1, "attempts:retry": 2, "delivered": 1}
+        command.downgrade(alembic_config(url), BEFORE_DELIVERY_COUNTERS)
+        assert not inspect(engine).has_table("delivery_counters")
+    finally:
+        engine.dispose()

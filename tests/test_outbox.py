@@ -24,7 +24,14 @@ from app.delivery.worker import (
     round_preload,
 )
 from app.migrate import upgrade
-from app.models import AuditEntry, CaseFile, DeliveryAttempt, Message, OutboxItem
+from app.models import (
+    AuditEntry,
+    CaseFile,
+    DeliveryAttempt,
+    DeliveryCounter,
+    Message,
+    OutboxItem,
+)
 from tests.conftest import Databases
 
 LEASE = timedelta(seconds=60)
@@ -374,3 +381,57 @@ def test_the_most_pressing_envelope_is_posted_first_and_batches_keep_queue_order
     ]
     groups = [[job.claim.outbox_id for job in group] for group in group_jobs(jobs)]
     assert groups == [[90], [10], [11], [12, 13]]
+
+
+def _history_totals(session: Session) -> dict[str, int]:
+    """What /metrics used to count over the whole history at every scrape."""
+    totals = {
+        f"attempts:{outcome}": count
+        for outcome, count in session.execute(
+            select(DeliveryAttempt.outcome, func.count()).group_by(DeliveryAttempt.outcome)
+        )
+    }
+    delivered = session.scalar(
+        select(func.count()).select_from(OutboxItem).where(OutboxItem.state == outbox.DELIVERED)
+    )
+    if delivered:
+        totals["delivered"] = delivered
+    return totals
+
+
+def test_settlement_keeps_the_totals_metrics_read(
+    sessions: tuple[str, sessionmaker[Session]],
+) -> None:
+    _, factory = sessions
+    with unit_of_work(factory) as session:
+        _queue(session, 3)
+    with unit_of_work(factory) as session:
+        lost, retried, refused = outbox.claim_due(
+            session, now=utc_now(), lease=LEASE, limit=3, owner="w1"
+        )
+    with unit_of_work(factory) as session:  # w1's lease on `lost` ran out: w2 reclaimed it
+        later = utc_now() + LEASE + timedelta(seconds=1)
+        (taken,) = outbox.claim_due(session, now=later, lease=LEASE, limit=1, owner="w2")
+        for claim in (retried, refused):
+            item = session.get(OutboxItem, claim.outbox_id)
+            assert item is not None
+            item.lease_until = later + LEASE
+    assert taken.outbox_id == lost.outbox_id
+    with unit_of_work(factory) as session:
+        results = [
+            (lost, Outcome(outbox.DELIVERED, http_status=201)),  # lost: counted by nobody
+            (retried, Outcome(outbox.RETRY, "HTTP 503", http_status=503)),
+            (refused, Outcome(outbox.FAILED, "HTTP 400", http_status=400)),
+        ]
+        assert settle_batch(session, results, worker="w1") == [False, True, True]
+    with unit_of_work(factory) as session:
+        assert settle(session, taken, Outcome(outbox.DELIVERED, http_status=201), worker="w2")
+    with unit_of_work(factory) as session:
+        kept = dict(session.execute(select(DeliveryCounter.name, DeliveryCounter.value)).all())
+        assert kept == _history_totals(session)
+        assert kept == {
+            "attempts:retry": 1,
+            "attempts:failed": 1,
+            "attempts:delivered": 1,
+            "delivered": 1,
+        }

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from app.audit.log import Event, record_many
@@ -16,7 +16,7 @@ from app.crypto.receipts import Receipt as ReceiptBody
 from app.crypto.receipts import SignedReceipt
 from app.delivery import outbox
 from app.delivery.retry import next_attempt, policy_for
-from app.models import CaseFile, DeliveryAttempt, Message, OutboxItem, Receipt
+from app.models import CaseFile, DeliveryAttempt, DeliveryCounter, Message, OutboxItem, Receipt
 from app.requests.status import status_after_receipt
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ def settle_batch(
     )
     settled = []
     events: list[Event] = []  # the batch's audit entries, written with one statement
+    tally: dict[str, int] = {}  # the running totals /metrics reads (DeliveryCounter)
     for claim, outcome in results:
         item = items.get(claim.outbox_id)
         if item is None or item.state != outbox.IN_FLIGHT or item.attempts != claim.attempts:
@@ -86,9 +87,30 @@ def settle_batch(
             session, claim, outcome, item, message, case, receipted, events, worker=worker, now=now
         )
         settled.append(True)
+        _count(tally, f"attempts:{item.state}")
+        if item.state == outbox.DELIVERED:
+            _count(tally, "delivered")
     if events:
         record_many(session, events)
+    add_to_counters(session, tally)
     return settled
+
+
+def _count(tally: dict[str, int], name: str) -> None:
+    tally[name] = tally.get(name, 0) + 1
+
+
+def add_to_counters(session: Session, tally: dict[str, int]) -> None:
+    """Add to the running totals. After the audit append, whose head row every settlement
+    locks first: the counters' rows are only ever taken in that order, never in a cycle."""
+    for name in sorted(tally):
+        changed = session.execute(
+            update(DeliveryCounter)
+            .where(DeliveryCounter.name == name)
+            .values(value=DeliveryCounter.value + tally[name])
+        )
+        if not getattr(changed, "rowcount", 0):  # a total not seen before
+            session.execute(insert(DeliveryCounter).values(name=name, value=tally[name]))
 
 
 def _apply(

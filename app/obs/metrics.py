@@ -2,7 +2,8 @@
 
 Several processes (API replicas, `entraide worker`s) may share one database, so anything the
 database knows (the delivery queue, the audit log, witness alarms) is computed from it when
-/metrics is scraped, with a few cheap COUNT / GROUP BY / MAX queries: every replica reports the
+/metrics is scraped, with a few cheap queries that do not grow with history (totals of delivered
+rows and attempts are kept by settlement, app/delivery/settle.py): every replica reports the
 same value, so aggregate those with `max`, not `sum`. What only a process knows (the HTTP
 requests it served, the envelopes it refused) is a counter of that process: aggregate with
 `sum(rate(...))`.
@@ -32,8 +33,7 @@ from app.delivery import outbox
 from app.models import (
     AuditCheckpoint,
     AuditHead,
-    DeliveryAttempt,
-    OutboxItem,
+    DeliveryCounter,
     Peer,
     WitnessAlarm,
 )
@@ -196,24 +196,19 @@ class NodeCollector(Collector):
 
     def _database(self, now: datetime) -> Iterable[Metric]:
         with self.node.sessions() as session:
-            # The backlog through the state index (outbox.queue_stats, as /readyz), and the
-            # delivered rows by a count on that index alone: no GROUP BY over all history.
+            # The backlog through the state index (outbox.queue_stats, as /readyz); what
+            # grows with history (delivered rows, attempts) from the totals settlement keeps.
             backlog = outbox.queue_stats(session)
             states = dict.fromkeys(OUTBOX_STATES, 0) | backlog.by_state
-            states[outbox.DELIVERED] = int(
-                session.scalar(
-                    select(func.count())
-                    .select_from(OutboxItem)
-                    .where(OutboxItem.state == outbox.DELIVERED)
-                )
-                or 0
+            totals = dict(
+                session.execute(select(DeliveryCounter.name, DeliveryCounter.value)).tuples().all()
             )
+            states[outbox.DELIVERED] = int(totals.get("delivered", 0))
             oldest = backlog.oldest_pending_at
             attempts: dict[str, int] = {
-                str(outcome): int(count)
-                for outcome, count in session.execute(
-                    select(DeliveryAttempt.outcome, func.count()).group_by(DeliveryAttempt.outcome)
-                )
+                name.removeprefix("attempts:"): int(value)
+                for name, value in totals.items()
+                if name.startswith("attempts:")
             }
             head = session.get(AuditHead, HEAD_ID)
             last_checkpoint = session.scalar(select(func.max(AuditCheckpoint.created_at)))
