@@ -20,10 +20,12 @@ the same transaction sees them. (SQLAlchemy's statement events do not see these 
 from __future__ import annotations
 
 import functools
+import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -35,9 +37,13 @@ from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 from app.audit.merkle import CompactRange, leaf_hash
 from app.crypto.encoding import canonical_json, format_time, utc_now
 from app.db import unit_of_work
-from app.models import AuditEntry
+from app.models import AuditEntry, AuditHead
+
+log = logging.getLogger(__name__)
 
 HEAD_ID = 1
+# Lags shorter than this (replicas' clocks a few milliseconds apart) are mended silently.
+CLOCK_BEHIND_WARNING = timedelta(seconds=1)
 MAX_DETAIL_CHARS = 500
 ENTRY_VERSION = 1
 STORED_LEVEL = 8
@@ -60,6 +66,7 @@ class Head:
     compact: CompactRange
     root_hash: bytes
     last_leaf_hash: bytes | None
+    last_time: datetime | None = None  # the last entry's time (the row's updated_at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,9 +81,12 @@ class _Statements:
     insert_node: str
     mark_checkpoint: str
     db_time: Callable[[datetime], Any]
+    read_time: Callable[[Any], datetime | None]
 
 
-_READ = "SELECT size, compact_range, root_hash, last_leaf_hash FROM audit_head WHERE id = ?"
+_READ = (
+    "SELECT size, compact_range, root_hash, last_leaf_hash, updated_at FROM audit_head WHERE id = ?"
+)
 # Only if the head is still the one the entry was built on: its size and root. A writer that
 # moved it meanwhile (another process, or a transaction this one waited for) changed both.
 _UPDATE_HEAD = (
@@ -117,6 +127,9 @@ def _statements(dialect: Dialect) -> _Statements:
     # Times go in exactly as the column's type would write them (naive UTC text on SQLite).
     column_type = AuditEntry.__table__.c.recorded_at.type
     processor = column_type.dialect_impl(dialect).bind_processor(dialect)
+    reader = AuditHead.__table__.c.updated_at.type.dialect_impl(dialect).result_processor(
+        dialect, None
+    )
     statements = _Statements(
         read=sql(_READ),
         # SQLite has no row locks: BEGIN IMMEDIATE (app/db.py) already serialises writers.
@@ -127,6 +140,7 @@ def _statements(dialect: Dialect) -> _Statements:
         insert_node=sql(_INSERT_NODE),
         mark_checkpoint=sql(_MARK_CHECKPOINT),
         db_time=processor if processor is not None else (lambda moment: moment),
+        read_time=reader if reader is not None else (lambda value: value),
     )
     _statements_by_dialect[dialect.name] = statements
     return statements
@@ -158,17 +172,18 @@ def _cursor(session: Session) -> tuple[DBAPICursor, _Statements]:
     return dbapi.cursor(), _statements(connection.dialect)
 
 
-def _read(cursor: DBAPICursor, statement: str) -> Head:
+def _read(cursor: DBAPICursor, sql: _Statements, statement: str) -> Head:
     cursor.execute(statement, (HEAD_ID,))
     row = cursor.fetchone()
     if row is None:
         raise RuntimeError("the audit log head row is missing; run the migrations")
-    size, compact_range, root_hash, last_leaf_hash = row
+    size, compact_range, root_hash, last_leaf_hash, updated_at = row
     return Head(
         size=size,
         compact=CompactRange.from_bytes(bytes(compact_range)),
         root_hash=bytes(root_hash),
         last_leaf_hash=bytes(last_leaf_hash) if last_leaf_hash is not None else None,
+        last_time=sql.read_time(updated_at) if updated_at is not None else None,
     )
 
 
@@ -189,7 +204,7 @@ def _hold(session: Session) -> _Held:
         raise RuntimeError("no transaction to append the audit entry in")
     last = _last_written.get(session.get_bind())
     if last is None:
-        held = _Held(transaction, cursor, sql, _read(cursor, sql.lock), locked=True)
+        held = _Held(transaction, cursor, sql, _read(cursor, sql, sql.lock), locked=True)
     else:
         held = _Held(transaction, cursor, sql, last, locked=False)
     session.info[_HELD_HEAD] = held
@@ -198,7 +213,7 @@ def _hold(session: Session) -> _Held:
 
 def _lock(held: _Held) -> Head:
     if not held.locked:
-        held.head = _read(held.cursor, held.sql.lock)
+        held.head = _read(held.cursor, held.sql, held.sql.lock)
         held.locked = True
     return held.head
 
@@ -212,7 +227,7 @@ def read_head(session: Session) -> Head:
     """The head as committed (or as this transaction left it), without locking it."""
     cursor, sql = _cursor(session)
     try:
-        return _read(cursor, sql.read)
+        return _read(cursor, sql, sql.read)
     finally:
         cursor.close()
 
@@ -321,6 +336,31 @@ def record_many(session: Session, events: Sequence[Event]) -> list[int]:
         _lock(held)  # another writer moved the head: build the entries again on the real one
 
 
+_warned_at = -1e9  # time.monotonic() of the last warning: at most one a minute
+
+
+def _entry_time(head: Head) -> datetime:
+    """Now, or the last entry's time if the clock says earlier: entry times never go back.
+
+    A verifier (app/audit/verify.py) reports a time that goes backwards as a fault of the
+    log, so a wall clock stepped back (NTP, a restored VM) or a replica whose clock lags
+    another's must not write one; the entry takes the latest time instead, and it is said.
+    """
+    global _warned_at
+    now = utc_now()
+    last = head.last_time
+    if last is not None and now < last:
+        if last - now > CLOCK_BEHIND_WARNING and time.monotonic() - _warned_at > 60:
+            _warned_at = time.monotonic()
+            log.warning(
+                "this node's clock is %.3f s behind the audit log's last entry; "
+                "new entries take that entry's time until the clock catches up",
+                (last - now).total_seconds(),
+            )
+        return last
+    return now
+
+
 def _append(held: _Held, events: Sequence[Event]) -> list[int] | None:
     """Write entries on top of `held.head`; None if the head row is no longer that."""
     head, sql, cursor = held.head, held.sql, held.cursor
@@ -332,14 +372,14 @@ def _append(held: _Held, events: Sequence[Event]) -> list[int] | None:
             nodes.append((level, position, digest))
 
     rows: list[tuple[Any, ...]] = []
-    now = utc_now()
-    moment, time = sql.db_time(now), format_time(now)
+    now = _entry_time(head)
+    moment, stamp = sql.db_time(now), format_time(now)
     for event in events:
         entry = entry_bytes(
             {
                 "v": ENTRY_VERSION,
                 "idx": compact.size,
-                "time": time,
+                "time": stamp,
                 "actor": event.actor,
                 "action": event.action,
                 "outcome": event.outcome,
@@ -383,7 +423,7 @@ def _append(held: _Held, events: Sequence[Event]) -> list[int] | None:
         cursor.executemany(sql.insert_entry, rows)
     if nodes:
         cursor.executemany(sql.insert_node, nodes)
-    held.head = Head(compact.size, compact, root, last_leaf)
+    held.head = Head(compact.size, compact, root, last_leaf, now)
     held.locked = True  # the update holds the head row until the transaction ends
     return [row[0] for row in rows]
 

@@ -4,21 +4,25 @@ PostgreSQL)."""
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.audit import log as audit_log
 from app.audit.checkpoints import checkpoint_due, log_verifier, sign_checkpoint
 from app.audit.log import STORED_LEVEL, Event, entry_bytes, record, record_many
 from app.audit.merkle import root_from_leaf_hashes, verify_consistency, verify_inclusion
 from app.audit.note import Checkpoint, open_note
 from app.audit.service import prove_consistency, prove_inclusion, verify_database
-from app.crypto.encoding import canonical_json, utc_now
+from app.crypto.encoding import canonical_json, format_time, utc_now
 from app.crypto.keys import NodeKeys
 from app.db import make_engine, make_session_factory, unit_of_work
 from app.migrate import upgrade
@@ -179,6 +183,45 @@ def test_writers_that_share_a_log_keep_it_contiguous(databases: Databases) -> No
             assert report.entries == expected
             actions = set(session.scalars(select(AuditEntry.action)))
             assert actions == {"test.event"}
+    finally:
+        for engine in engines:
+            engine.dispose()
+
+
+def test_entry_times_never_go_back_when_a_clock_does(
+    databases: Databases, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A verifier reports a time going backwards as a fault of the log: a clock stepped back,
+    or a replica whose clock lags another's, must not write one. Two writers, as two
+    processes sharing the log: one whose clock runs an hour ahead, then one on time."""
+    url = databases.new("clock")
+    upgrade(url)
+    engines = [make_engine(url), make_engine(url)]
+    ahead, on_time = (make_session_factory(engine) for engine in engines)
+    keys = NodeKeys.generate()
+    later = utc_now() + timedelta(hours=1)
+    try:
+        with unit_of_work(on_time) as session:  # the on-time writer's head is now cached
+            record(session, actor="node", action="test.before")
+        monkeypatch.setattr(audit_log, "utc_now", lambda: later)
+        with unit_of_work(ahead) as session:
+            record(session, actor="node", action="test.ahead")
+        monkeypatch.undo()
+        monkeypatch.setattr(audit_log, "_warned_at", -1e9)  # at most one a minute, per process
+        with caplog.at_level(logging.WARNING, logger="app.audit.log"):
+            for sessions in (on_time, ahead, on_time):  # another's head, then one's own
+                with unit_of_work(sessions) as session:
+                    record(session, actor="node", action="test.behind")
+        with unit_of_work(on_time) as session:
+            report = verify_database(session, authority_id="ES/MJ", log_public=keys.log_public)
+            assert report.ok, report.first
+            times = [
+                json.loads(entry)["time"]
+                for entry in session.scalars(select(AuditEntry.entry).order_by(AuditEntry.idx))
+            ]
+        assert times == sorted(times)
+        assert times[1:] == [format_time(later)] * 4  # the latest time, until the clock catches up
+        assert "clock is" in caplog.text  # and the operator is told
     finally:
         for engine in engines:
             engine.dispose()
