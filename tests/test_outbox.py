@@ -274,21 +274,31 @@ def test_a_claim_committed_without_waiting_is_committed_and_nothing_else_is(
         assert attempts == 3
 
 
+def _first_claim_lost(
+    factory: sessionmaker[Session], count: int
+) -> tuple[list[outbox.Claim], outbox.Claim]:
+    """`count` rows claimed by w1; its lease on the first ran out and w2 reclaimed that one,
+    while w1 renewed the others. Returns w1's claims and w2's."""
+    with unit_of_work(factory) as session:
+        _queue(session, count)
+    with unit_of_work(factory) as session:
+        claims = outbox.claim_due(session, now=utc_now(), lease=LEASE, limit=count, owner="w1")
+    with unit_of_work(factory) as session:
+        later = utc_now() + LEASE + timedelta(seconds=1)
+        (taken,) = outbox.claim_due(session, now=later, lease=LEASE, limit=1, owner="w2")
+        for claim in claims[1:]:
+            item = session.get(OutboxItem, claim.outbox_id)
+            assert item is not None
+            item.lease_until = later + LEASE
+    assert taken.outbox_id == claims[0].outbox_id
+    return claims, taken
+
+
 def test_settling_a_batch_skips_only_the_claims_that_were_lost(
     sessions: tuple[str, sessionmaker[Session]],
 ) -> None:
     _, factory = sessions
-    with unit_of_work(factory) as session:
-        _queue(session, 2)
-    with unit_of_work(factory) as session:
-        lost, kept = outbox.claim_due(session, now=utc_now(), lease=LEASE, limit=2, owner="w1")
-    with unit_of_work(factory) as session:  # w1's lease on `lost` ran out: w2 reclaimed it
-        later = utc_now() + LEASE + timedelta(seconds=1)
-        (taken,) = outbox.claim_due(session, now=later, lease=LEASE, limit=1, owner="w2")
-        item = session.get(OutboxItem, kept.outbox_id)
-        assert item is not None
-        item.lease_until = later + LEASE  # `kept` was renewed meanwhile
-    assert taken.outbox_id == lost.outbox_id
+    (lost, kept), _ = _first_claim_lost(factory, 2)
     with unit_of_work(factory) as session:
         results = [
             (lost, Outcome(outbox.FAILED, "HTTP 400", http_status=400)),
@@ -403,20 +413,7 @@ def test_settlement_keeps_the_totals_metrics_read(
     sessions: tuple[str, sessionmaker[Session]],
 ) -> None:
     _, factory = sessions
-    with unit_of_work(factory) as session:
-        _queue(session, 3)
-    with unit_of_work(factory) as session:
-        lost, retried, refused = outbox.claim_due(
-            session, now=utc_now(), lease=LEASE, limit=3, owner="w1"
-        )
-    with unit_of_work(factory) as session:  # w1's lease on `lost` ran out: w2 reclaimed it
-        later = utc_now() + LEASE + timedelta(seconds=1)
-        (taken,) = outbox.claim_due(session, now=later, lease=LEASE, limit=1, owner="w2")
-        for claim in (retried, refused):
-            item = session.get(OutboxItem, claim.outbox_id)
-            assert item is not None
-            item.lease_until = later + LEASE
-    assert taken.outbox_id == lost.outbox_id
+    (lost, retried, refused), taken = _first_claim_lost(factory, 3)
     with unit_of_work(factory) as session:
         results = [
             (lost, Outcome(outbox.DELIVERED, http_status=201)),  # lost: counted by nobody
