@@ -516,6 +516,13 @@ def _fill(
         if (number + 1) % CHUNK == 0:
             flush()
     flush()
+    if outbound:  # the totals settlement keeps for /metrics (app/delivery/settle.py)
+        for name in ("attempts:delivered", "delivered"):
+            writer.execute(
+                "INSERT INTO delivery_counters (name, value) VALUES (%s, %s) ON CONFLICT (name) "
+                "DO UPDATE SET value = delivery_counters.value + excluded.value",
+                (name, count),
+            )
     audit.close(writer)
     writer.finish()
     return {"rows": written, "seconds": round(time.perf_counter() - started, 1)}
