@@ -25,6 +25,7 @@ from app.crypto.identity import build_identity_document
 from app.delivery.router import router as deliveries_router
 from app.delivery.worker import Worker
 from app.errors import EntraideError, EnvelopeRefused
+from app.evidence.blobstore import StorageFailed
 from app.evidence.p2p_router import router as evidence_p2p_router
 from app.evidence.router import router as evidence_router
 from app.limits import HeaderLimit
@@ -172,6 +173,23 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _database_down(_request: Request, exc: OperationalError) -> JSONResponse:
         log.error("database unavailable: %s", type(exc.orig).__name__)
         return _error(503, "database_unavailable", "the database is unavailable; retry later")
+
+    @app.exception_handler(StorageFailed)
+    async def _storage_failed(_request: Request, exc: StorageFailed) -> JSONResponse:
+        # Not the caller's fault and nothing lost: what was stored before stays, and the
+        # upload or part resumes from its offset once the operator has made room.
+        log.error("evidence storage: %s", exc)
+        if exc.full:
+            return _error(
+                507,
+                "insufficient_storage",
+                "this node's evidence storage is full; resume from the upload offset later",
+            )
+        return _error(
+            503,
+            "storage_unavailable",
+            "this node could not write to its evidence storage; resume from the offset later",
+        )
 
     @app.exception_handler(Exception)
     async def _bug(_request: Request, exc: Exception) -> JSONResponse:

@@ -50,7 +50,8 @@ REASONS = {
     422: "Does not match the schema",
     429: "Too many refused attempts from this address or client; see Retry-After",
     502: "A peer could not be reached or answered badly",
-    503: "The database is unavailable",
+    503: "The database (or, for evidence, its storage) is unavailable",
+    507: "The evidence storage is full: resume from the offset once there is room",
 }
 ALWAYS = {413, 503}
 WITH_TOKEN = {401, 403, 429}
@@ -58,6 +59,8 @@ WITH_INPUT = {400, 404, 409, 422}
 P2P = {403, 429}
 ENVELOPES = {400, 403, 409, 421, 422}
 BATCH = {400}  # malformed_batch; each envelope's own refusal is inside the 200's answers
+# Routes that write evidence to the blob store: uploads (PATCH) and received parts (PUT).
+STORES_EVIDENCE = ("/api/v1/evidence/drafts/{draft_id}/attachments/", "/p2p/v1/evidence/")
 
 
 def _marker(route: APIRoute) -> object | None:
@@ -85,6 +88,8 @@ def error_statuses(route: APIRoute) -> set[int]:
             statuses |= BATCH
     elif has_input:
         statuses.add(422)
+    if route.path.startswith(STORES_EVIDENCE) and (route.methods or set()) & {"PATCH", "PUT"}:
+        statuses.add(507)
     return statuses
 
 

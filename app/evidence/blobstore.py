@@ -23,6 +23,7 @@ written through a cache already holding a few GiB took 3.3-3.7 s of kernel time,
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import io
 import os
@@ -96,6 +97,28 @@ class BlobError(Exception):
 
 class UploadBusy(BlobError):
     """Another request (in this process or another) is writing this upload now."""
+
+
+# The disk or a limit on it is full: only freeing space helps, not a plain retry.
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+class StorageFailed(BlobError):
+    """The store could not write: what the OS said, by name (never a path or content)."""
+
+    def __init__(self, action: str, cause: OSError) -> None:
+        self.reason = errno.errorcode.get(cause.errno or 0, "unknown error")
+        self.full = cause.errno in FULL_ERRNOS
+        super().__init__(f"{action} failed: {self.reason}")
+
+
+@contextlib.contextmanager
+def _storage(action: str) -> Iterator[None]:
+    """OS errors of the store's writes, raised as StorageFailed (a BlobError)."""
+    try:
+        yield
+    except OSError as exc:
+        raise StorageFailed(action, exc) from exc
 
 
 class Upload(Protocol):
@@ -179,11 +202,12 @@ class DirectoryUpload:
         if crossing:
             self._wait_flushed()
         view = memoryview(data)
-        while view:
-            written = self._file.write(view)
-            if written is None:  # pragma: no cover - only for non-blocking files
-                raise BlobError("short write")
-            view = view[written:]
+        with _storage("writing the upload"):
+            while view:
+                written = self._file.write(view)
+                if written is None:  # pragma: no cover - only for non-blocking files
+                    raise BlobError("short write")
+                view = view[written:]
         self._unflushed += len(data)
         if crossing:
             self._unflushed = 0
@@ -194,8 +218,11 @@ class DirectoryUpload:
         flushing = self._flushing
         if flushing is not None and flushing.done():
             self._wait_flushed()
-        if self._failed is not None:
-            raise BlobError("writing the upload out to disk failed") from self._failed
+        failed = self._failed
+        if isinstance(failed, OSError):
+            raise StorageFailed("writing the upload out to disk", failed) from failed
+        if failed is not None:
+            raise BlobError("writing the upload out to disk failed") from failed
 
     def _wait_flushed(self) -> None:
         flushing, self._flushing = self._flushing, None
@@ -208,13 +235,15 @@ class DirectoryUpload:
 
     def sync(self) -> None:
         self._wait_flushed()
-        os.fsync(self._file.fileno())
+        with _storage("syncing the upload"):
+            os.fsync(self._file.fileno())
         self._unflushed = 0
 
     def truncate(self, size: int) -> None:
         self._wait_flushed()
-        self._file.truncate(size)
-        os.fsync(self._file.fileno())
+        with _storage("truncating the upload"):
+            self._file.truncate(size)
+            os.fsync(self._file.fileno())
 
     def read_chunks(self, chunk_bytes: int) -> Iterator[bytes]:
         with open(self.path, "rb") as reader:
@@ -250,7 +279,9 @@ class DirectoryBlobStore:
         return self.blobs / digest[:2] / digest[2:4] / digest
 
     def upload(self, upload_id: str) -> DirectoryUpload:
-        return DirectoryUpload(self.uploads / _check_upload_id(upload_id), upload_id)
+        path = self.uploads / _check_upload_id(upload_id)
+        with _storage("opening the upload"):
+            return DirectoryUpload(path, upload_id)
 
     def upload_exists(self, upload_id: str) -> bool:
         return (self.uploads / _check_upload_id(upload_id)).exists()
@@ -265,12 +296,13 @@ class DirectoryBlobStore:
         target = self._blob_path(digest)
         upload.sync()
         upload.close()
-        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # Same file system, so rename is atomic: a reader sees the whole blob or none. If
-        # the same ciphertext is already stored, the rename replaces it with equal bytes.
-        os.replace(upload.path, target)
-        _fsync_dir(target.parent)
-        _fsync_dir(self.uploads)
+        with _storage("publishing the blob"):
+            target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # Same file system, so rename is atomic: a reader sees the whole blob or none. If
+            # the same ciphertext is already stored, the rename replaces it with equal bytes.
+            os.replace(upload.path, target)
+            _fsync_dir(target.parent)
+            _fsync_dir(self.uploads)
 
     def exists(self, digest: str) -> bool:
         return self._blob_path(digest).is_file()

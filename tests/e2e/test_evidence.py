@@ -11,8 +11,10 @@ import hashlib
 import json
 import os
 import random
+import resource
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from sqlalchemy import select
 from app.crypto.envelope import CHUNK_BYTES
 from app.db import make_engine
 from app.localnodes import LocalNode
-from app.models import AuditEntry
+from app.models import AuditEntry, DeliveryAttempt
 from tests.conftest import BACKENDS, Databases, make_databases
 from tests.e2e.conftest import EXAMPLE, wait_for
 
@@ -252,6 +254,85 @@ def test_a_receiver_killed_mid_part_resumes_without_resending(pair: Pair) -> Non
     # The peer resumed where AR's whole chunks ended: nothing AR held was sent again.
     assert resumed_from > 0
     assert held - (CHUNK + 17) < resumed_from <= held
+    received = wait_for("the request at AR", lambda: detail(pair.ar, draft["id"]))
+    got, _ = download(pair.ar, received["messages"][0]["attachments"][0]["href"])
+    assert got == data
+
+
+@contextmanager
+def disk_full_past(node: LocalNode, limit: int) -> Iterator[None]:
+    """The running node's writes past `limit` bytes of any file fail (EFBIG), as on a full
+    disk: RLIMIT_FSIZE set from outside (CPython ignores SIGXFSZ), lifted on exit. The
+    node's database and log must stay under it: they are checked, not assumed."""
+    assert node.process is not None
+    if node.database_url.startswith("sqlite:///"):
+        database = Path(node.database_url.removeprefix("sqlite:///"))
+        for path in database.parent.glob(database.name + "*"):  # with its WAL
+            assert path.stat().st_size < limit // 2, path
+    assert node.log_path.stat().st_size < limit // 2
+    pid = node.process.pid
+    # The soft limit only: raising a hard limit again takes privileges.
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def attempt_statuses(node: LocalNode) -> list[int | None]:
+    engine = make_engine(node.database_url)
+    try:
+        with engine.connect() as connection:
+            return list(
+                connection.scalars(select(DeliveryAttempt.http_status).order_by(DeliveryAttempt.id))
+            )
+    finally:
+        engine.dispose()
+
+
+def test_a_full_disk_refuses_an_upload_with_507_and_loses_nothing(pair: Pair) -> None:
+    size, limit = 40 * MIB, 24 * MIB
+    data = os.urandom(size)
+    draft = create_draft(pair.es, [size])
+    href = draft["attachments"][0]["href"]
+    with pair.es.client("officer") as http:
+        with disk_full_past(pair.es, limit):
+            response = http.patch(href, content=data, headers={"upload-offset": "0"})
+            assert response.status_code == 507, response.text
+            assert response.json()["error"] == "insufficient_storage"
+            held = head_offset(http, href)
+            assert limit - 2 * CHUNK < held < limit
+            # Still full: refused again, and what was stored stays.
+            response = http.patch(href, content=data[held:], headers={"upload-offset": str(held)})
+            assert response.status_code == 507, response.text
+            assert head_offset(http, href) == held
+        # Room again: the upload resumes where it stopped, and nothing stored is sent again.
+        assert upload(http, href, data, piece=size) == size - held
+    submit(pair.es, draft["id"])
+    wait_receipt(pair.es, draft["id"])
+    received = wait_for("the request at AR", lambda: detail(pair.ar, draft["id"]))
+    got, _ = download(pair.ar, received["messages"][0]["attachments"][0]["href"])
+    assert got == data
+
+
+def test_a_receiver_with_a_full_disk_answers_507_and_the_part_resumes(pair: Pair) -> None:
+    size, limit = 40 * MIB, 24 * MIB
+    data = os.urandom(size)
+    draft = create_draft(pair.es, [size])
+    with pair.es.client("officer") as http:
+        upload(http, draft["attachments"][0]["href"], data, piece=size)
+    staging = blob_dir(pair.ar) / "uploads" / f"in-{draft['id']}-1"
+    before = len(attempt_statuses(pair.es))
+    with disk_full_past(pair.ar, limit):
+        submit(pair.es, draft["id"])
+        wait_for("a 507 from AR", lambda: 507 in attempt_statuses(pair.es)[before:] or None)
+        held = staging.stat().st_size
+        assert limit - 2 * (CHUNK + 17) < held <= limit
+    wait_receipt(pair.es, draft["id"], timeout=180)
+    completed = [d for d in audit_details(pair.ar, "evidence.part_received") if d.get("index") == 1]
+    # The part resumed after AR's whole chunks: nothing AR held was sent again.
+    assert held - (CHUNK + 17) < completed[-1]["from_offset"] <= held
     received = wait_for("the request at AR", lambda: detail(pair.ar, draft["id"]))
     got, _ = download(pair.ar, received["messages"][0]["attachments"][0]["href"])
     assert got == data
