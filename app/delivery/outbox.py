@@ -17,13 +17,16 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import cast
 
-from sqlalchemy import case, event, func, or_, select, update
+from sqlalchemy import Table, case, event, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.delivery.retry import delivery_deadline
 from app.models import CaseFile, Message, OutboxItem
 from app.obs.logs import current_request_id
+
+OUTBOX = cast(Table, OutboxItem.__table__)
 
 QUEUED = "queued"
 IN_FLIGHT = "in_flight"
@@ -41,25 +44,27 @@ def enqueue(
     session: Session,
     wake: threading.Event,
     *,
-    message: Message,
+    message_id: int,
     case: CaseFile,
     now: datetime,
     message_expires_at: datetime,
 ) -> None:
     """Queue an outbound message for delivery, and wake the worker once it can see the row."""
-    session.add(
-        OutboxItem(
-            message_id=message.id,
-            peer_authority=case.peer_authority,
-            state=QUEUED,
-            attempts=0,
-            next_attempt_at=now,
-            created_at=now,
-            updated_at=now,
-            expires_at=delivery_deadline(now, case.urgency, message_expires_at),
+    # A Core insert, as for the message it follows (app/requests/store.py).
+    session.connection().execute(
+        OUTBOX.insert(),
+        {
+            "message_id": message_id,
+            "peer_authority": case.peer_authority,
+            "state": QUEUED,
+            "attempts": 0,
+            "next_attempt_at": now,
+            "created_at": now,
+            "updated_at": now,
+            "expires_at": delivery_deadline(now, case.urgency, message_expires_at),
             # The local API request that queued it: the worker sends it on as X-Request-Id.
-            trace_id=current_request_id(),
-        )
+            "trace_id": current_request_id(),
+        },
     )
     # Wake the in-process worker once the rows are visible to it, not before.
     event.listen(session, "after_commit", lambda _session: wake.set(), once=True)

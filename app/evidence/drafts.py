@@ -442,7 +442,7 @@ def submit_draft(
     outbox.enqueue(
         session,
         node.outbox_signal,
-        message=message,
+        message_id=message.id,
         case=case,
         now=now,
         message_expires_at=message.expires_at,

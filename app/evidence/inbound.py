@@ -369,7 +369,7 @@ def complete(
     except env.EnvelopeError as exc:
         raise _refuse(exc.code, exc.detail) from exc
 
-    def store(case: CaseFile, now: Any) -> Message:
+    def store(case: CaseFile, now: Any) -> int:
         message = Message(
             msg_id=header.msg_id,
             request_id=case.id,
@@ -395,7 +395,7 @@ def complete(
             for info in header.parts[1:]
         )
         session.delete(transfer)
-        return message
+        return message.id
 
     return admit_opened(
         session,

@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import cast
 
 from pydantic import ValidationError
-from sqlalchemy import select
+from sqlalchemy import Table, select
 from sqlalchemy.orm import Session
 
 from app.audit.checkpoints import latest_checkpoint
@@ -31,6 +32,7 @@ from app.requests import conversation
 from app.requests.store import store_envelope
 
 MAX_TTL = timedelta(days=30)
+RECEIPTS = cast(Table, Receipt.__table__)  # a Core insert, as for the message (store.py)
 
 
 @dataclass(frozen=True)
@@ -170,11 +172,11 @@ def admit_opened(
     header: env.Header,
     envelope_hash: str,
     opened: env.Opened,
-    store: Callable[[CaseFile, datetime], Message],
+    store: Callable[[CaseFile, datetime], int],
 ) -> Accepted:
     """Steps 31 on of section 9 for an envelope whose parts all checked out: content, the
     conversation's lifecycle, storage (`store`: the parts in rows, or in the blob store for
-    streamed parts), audit entries and the signed receipt."""
+    streamed parts; returns the message's id), audit entries and the signed receipt."""
     # Locked: two messages of one conversation arriving together must not lose a status.
     case = session.get(CaseFile, header.conversation_id, with_for_update=True)
     if case is not None and case.peer_authority != header.from_authority:
@@ -200,7 +202,7 @@ def admit_opened(
         )
     else:  # _check_content pairs a request with a new conversation, a message with a known one
         raise _refuse("invalid_content", "unexpected content", 422)
-    message = store(case, now)
+    message_id = store(case, now)
     actor = f"peer:{header.from_authority}"
     # Both entries in one statement: one round trip to PostgreSQL, not two.
     record_many(
@@ -238,17 +240,18 @@ def admit_opened(
         received_at=now,
         checkpoint=_latest_note(session),
     )
-    session.add(
-        Receipt(
-            message_id=message.id,
-            body=receipt.body,
-            signature=receipt.signature,
-            signer_kid=node.keys.signing_kid,
-            received_at=now,
-            stored_at=now,
-        )
+    session.flush()  # the conversation's changes, before the receipt's own insert
+    session.connection().execute(
+        RECEIPTS.insert(),
+        {
+            "message_id": message_id,
+            "body": receipt.body,
+            "signature": receipt.signature,
+            "signer_kid": node.keys.signing_kid,
+            "received_at": now,
+            "stored_at": now,
+        },
     )
-    session.flush()
     return Accepted(receipt=receipt, created=True)
 
 
@@ -300,13 +303,15 @@ def accept_envelope(
         header=header,
         envelope_hash=envelope.envelope_hash,
         opened=opened,
-        store=lambda case, now: store_envelope(
-            session,
-            case=case,
-            envelope=envelope,
-            header=header,
-            direction="inbound",
-            received_at=now,
+        store=lambda case, now: (
+            store_envelope(
+                session,
+                case=case,
+                envelope=envelope,
+                header=header,
+                direction="inbound",
+                received_at=now,
+            ).id
         ),
     )
 

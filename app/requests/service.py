@@ -47,7 +47,7 @@ from app.peers.keys import stored_envelope_signer
 from app.peers.service import get_peer
 from app.requests import access, conversation, deadlines, lifecycle, schemas
 from app.requests.status import QUEUED
-from app.requests.store import load_envelope, store_envelope
+from app.requests.store import StoredMessage, load_envelope, store_envelope
 
 OUTBOUND = "outbound"
 INBOUND = "inbound"
@@ -128,7 +128,7 @@ def _store_outbound(
     actor: str,
     before: Sequence[Event] = (),
     after: Sequence[Event] = (),
-) -> Message:
+) -> StoredMessage:
     """Store a sealed envelope, queue it, and record `envelope.sealed` with the caller's own
     entries (`before` and `after` it): one audit statement, one round trip to PostgreSQL."""
     message = store_envelope(
@@ -137,7 +137,7 @@ def _store_outbound(
     outbox.enqueue(
         session,
         node.outbox_signal,
-        message=message,
+        message_id=message.id,
         case=case,
         now=utc_now(),
         message_expires_at=header.expires_at,
@@ -156,7 +156,7 @@ def _store_outbound(
 
 def submit_request(
     session: Session, node: Node, *, body: schemas.SubmitRequest, principal: Principal
-) -> tuple[CaseFile, Message]:
+) -> tuple[CaseFile, StoredMessage]:
     document = body.document
     if document.requesting_authority != node.authority_id:
         raise BadRequest(
@@ -224,7 +224,7 @@ def add_message(
     request_id: str,
     body: schemas.SubmitMessage,
     principal: Principal,
-) -> tuple[CaseFile, Message]:
+) -> tuple[CaseFile, StoredMessage]:
     case = get_case(session, request_id, lock=True)
     # The lifecycle judges the move before anything is sealed: 409 message_not_allowed or
     # transition_not_allowed, and the peer applies the same rule when the envelope arrives.

@@ -3,13 +3,30 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
+from typing import cast
 
-from sqlalchemy import select
+from sqlalchemy import Table, select
 from sqlalchemy.orm import Session
 
 from app.crypto.envelope import Header, WireEnvelope
 from app.models import CaseFile, Message, Part
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """What callers need of a message just stored."""
+
+    id: int
+    msg_id: str
+    size_bytes: int
+
+
+# Written with Core inserts, not added to the session: the ORM's unit of work cost several
+# times the statements themselves (about a fifth of a submission's CPU, and of an arrival's).
+MESSAGES = cast(Table, Message.__table__)
+PARTS = cast(Table, Part.__table__)
 
 
 def store_envelope(
@@ -20,29 +37,40 @@ def store_envelope(
     header: Header,
     direction: str,
     received_at: datetime | None,
-) -> Message:
-    message = Message(
-        msg_id=header.msg_id,
-        request_id=case.id,
-        direction=direction,
-        sender_authority=header.from_authority,
-        recipient_authority=header.to_authority,
-        in_reply_to=header.in_reply_to,
-        created_at=header.created_at,
-        expires_at=header.expires_at,
-        received_at=received_at,
-        header=envelope.header,
-        signature=envelope.signature,
-        envelope_hash=envelope.envelope_hash,
-        size_bytes=len(envelope.header) + sum(len(part) for part in envelope.parts),
+) -> StoredMessage:
+    session.flush()  # the conversation's row first: the message refers to it
+    size = len(envelope.header) + sum(len(part) for part in envelope.parts)
+    connection = session.connection()
+    inserted = connection.execute(
+        MESSAGES.insert(),
+        {
+            "msg_id": header.msg_id,
+            "request_id": case.id,
+            "direction": direction,
+            "sender_authority": header.from_authority,
+            "recipient_authority": header.to_authority,
+            "in_reply_to": header.in_reply_to,
+            "created_at": header.created_at,
+            "expires_at": header.expires_at,
+            "received_at": received_at,
+            "header": envelope.header,
+            "signature": envelope.signature,
+            "envelope_hash": envelope.envelope_hash,
+            "size_bytes": size,
+        },
     )
-    session.add(message)
-    session.flush()
-    session.add_all(
-        Part(message_id=message.id, part_index=index, ciphertext=data)
-        for index, data in enumerate(envelope.parts)
+    key = inserted.inserted_primary_key
+    if key is None:  # pragma: no cover - a single-row insert always has one
+        raise RuntimeError("the message insert returned no id")
+    message_id = int(key[0])
+    connection.execute(
+        PARTS.insert(),
+        [
+            {"message_id": message_id, "part_index": index, "ciphertext": data}
+            for index, data in enumerate(envelope.parts)
+        ],
     )
-    return message
+    return StoredMessage(message_id, header.msg_id, size)
 
 
 def load_envelope(session: Session, message: Message) -> WireEnvelope:
