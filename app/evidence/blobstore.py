@@ -26,6 +26,7 @@ import contextlib
 import errno
 import fcntl
 import io
+import logging
 import os
 import re
 import time
@@ -38,6 +39,8 @@ from app.evidence.beside import flush_beside
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
+
+log = logging.getLogger(__name__)
 
 HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 UPLOAD_ID = re.compile(r"[0-9A-Za-z_-]{8,128}")
@@ -92,7 +95,8 @@ class BlobReader(io.FileIO):
 
 
 class BlobError(Exception):
-    """An unknown blob or upload, or a name that is not one."""
+    """An unknown blob or upload, or a name that is not one; `StorageFailed`: a write the
+    OS refused."""
 
 
 class UploadBusy(BlobError):
@@ -202,7 +206,7 @@ class DirectoryUpload:
         if crossing:
             self._wait_flushed()
         view = memoryview(data)
-        with _storage("writing the upload"):
+        with self._recorded("writing the upload"):
             while view:
                 written = self._file.write(view)
                 if written is None:  # pragma: no cover - only for non-blocking files
@@ -233,15 +237,25 @@ class DirectoryUpload:
                 self._failed = exc
         self._raise_failed()
 
+    @contextlib.contextmanager
+    def _recorded(self, action: str) -> Iterator[None]:
+        """As `_storage`, and the failure is kept: a failed fsync is reported once by Linux,
+        so a later one that succeeds proves nothing about the pages before it."""
+        try:
+            yield
+        except OSError as exc:
+            self._failed = exc
+            raise StorageFailed(action, exc) from exc
+
     def sync(self) -> None:
         self._wait_flushed()
-        with _storage("syncing the upload"):
+        with self._recorded("syncing the upload"):
             os.fsync(self._file.fileno())
         self._unflushed = 0
 
     def truncate(self, size: int) -> None:
         self._wait_flushed()
-        with _storage("truncating the upload"):
+        with self._recorded("truncating the upload"):
             self._file.truncate(size)
             os.fsync(self._file.fileno())
 
@@ -287,8 +301,11 @@ class DirectoryBlobStore:
         return (self.uploads / _check_upload_id(upload_id)).exists()
 
     def discard_upload(self, upload_id: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            (self.uploads / _check_upload_id(upload_id)).unlink()
+        path = self.uploads / _check_upload_id(upload_id)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:  # the caller's answer matters more; the sweep retries later
+            log.warning("could not discard an upload: %s", errno.errorcode.get(exc.errno or 0))
 
     def finalise(self, upload: Upload, digest: str) -> None:
         if not isinstance(upload, DirectoryUpload):

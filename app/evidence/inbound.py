@@ -322,6 +322,9 @@ class ReceiverCache:
         return open_receiver(store, target)
 
     def put_back(self, target: PartTarget, receiver: PartReceiver) -> None:
+        if receiver.failed:  # the next request rebuilds a receiver from the stored chunks
+            receiver.close()
+            return
         receiver.drop_pending()
         with self._lock:
             self._kept[receive_upload_id(target.msg_id, target.index)] = (

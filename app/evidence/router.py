@@ -18,6 +18,7 @@ from fastapi import APIRouter, Header, Path, Request, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from app.crypto.envelope import EnvelopeError
 from app.db import unit_of_work
 from app.deps import NodeDep, OfficerDep, SessionDep, UnitOfWorkRoute
 from app.errors import Conflict, PayloadTooLarge
@@ -58,6 +59,15 @@ def _offset_headers(offset: int, size: int, *, complete: bool = False) -> dict[s
         "upload-length": str(size),
         "upload-complete": "?1" if complete else "?0",
     }
+
+
+def _offset_mismatch(offset: int, size: int) -> Response:
+    return Response(
+        status_code=409,
+        content=b'{"error":"offset_mismatch","detail":"resume from Upload-Offset"}',
+        media_type="application/json",
+        headers=_offset_headers(offset, size),
+    )
 
 
 @router.head("/drafts/{draft_id}/attachments/{index}")
@@ -111,15 +121,15 @@ async def upload(
         raise Conflict(
             "another upload of this attachment is in progress", code="upload_busy"
         ) from exc
+    except EnvelopeError:
+        # The stored chunks no longer open (the staging file was damaged on disk): they are
+        # dropped, and the client starts the attachment again, as after any offset mismatch.
+        store.discard_upload(found.upload_id)
+        return _offset_mismatch(0, found.size)
     keep = True
     try:
         if upload_offset != writer.durable_offset:
-            return Response(
-                status_code=409,
-                content=b'{"error":"offset_mismatch","detail":"resume from Upload-Offset"}',
-                media_type="application/json",
-                headers=_offset_headers(writer.durable_offset, found.size),
-            )
+            return _offset_mismatch(writer.durable_offset, found.size)
         try:
             # Encrypted in a worker thread while the next batch arrives.
             await feed_in_thread(request.stream(), writer.write_all)

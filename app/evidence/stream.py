@@ -256,7 +256,11 @@ class PartWriter:
 
     def checkpoint(self) -> int:
         """Make the whole chunks durable; returns the offset the client resumes from."""
-        self._upload.sync()
+        try:
+            self._upload.sync()
+        except BaseException:
+            self.broken = True  # what was written may not be on disk: rebuild from it
+            raise
         return self.durable_offset
 
     def finalise(self, store: BlobStore) -> FinishedPart:
@@ -525,7 +529,11 @@ class PartReceiver:
         return not self.complete and not self.failed and self._upload.size() == self._stored
 
     def checkpoint(self) -> int:
-        self._upload.sync()
+        try:
+            self._upload.sync()
+        except BaseException:
+            self.failed = True  # what was written may not be on disk: rebuild from it
+            raise
         return self.durable_offset
 
     def finalise(self, store: BlobStore) -> str:

@@ -14,7 +14,7 @@ import random
 import resource
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -277,7 +277,8 @@ def disk_full_past(node: LocalNode, limit: int) -> Iterator[None]:
     try:
         yield
     finally:
-        resource.prlimit(pid, resource.RLIMIT_FSIZE, (soft, hard))
+        with suppress(ProcessLookupError):  # a node that died: its own failure says why
+            resource.prlimit(pid, resource.RLIMIT_FSIZE, (soft, hard))
 
 
 def attempt_statuses(node: LocalNode) -> list[int | None]:
@@ -333,6 +334,35 @@ def test_a_receiver_with_a_full_disk_answers_507_and_the_part_resumes(pair: Pair
     completed = [d for d in audit_details(pair.ar, "evidence.part_received") if d.get("index") == 1]
     # The part resumed after AR's whole chunks: nothing AR held was sent again.
     assert held - (CHUNK + 17) < completed[-1]["from_offset"] <= held
+    received = wait_for("the request at AR", lambda: detail(pair.ar, draft["id"]))
+    got, _ = download(pair.ar, received["messages"][0]["attachments"][0]["href"])
+    assert got == data
+
+
+def test_an_upload_whose_stored_chunks_were_damaged_starts_again(pair: Pair) -> None:
+    size = 5 * CHUNK + 10
+    data = os.urandom(size)
+    draft = create_draft(pair.es, [size])
+    href = draft["attachments"][0]["href"]
+    with pair.es.client("officer") as http:
+        response = http.patch(href, content=data[: 3 * CHUNK + 5], headers={"upload-offset": "0"})
+        assert response.status_code == 204, response.text
+        assert response.headers["upload-offset"] == str(3 * CHUNK)
+    staging = blob_dir(pair.es) / "uploads" / f"out-{draft['id']}-1"
+    stored = bytearray(staging.read_bytes())
+    stored[100] ^= 1
+    staging.write_bytes(bytes(stored))
+    pair.es.stop()  # the writer kept in memory goes: the next one is rebuilt from the disk
+    pair.es.start()
+    with pair.es.client("officer") as http:
+        offset = head_offset(http, href)
+        response = http.patch(href, content=data[offset:], headers={"upload-offset": str(offset)})
+        assert response.status_code == 409, response.text
+        assert response.json()["error"] == "offset_mismatch"
+        assert response.headers["upload-offset"] == "0"
+        assert upload(http, href, data, piece=size) == size
+    submit(pair.es, draft["id"])
+    wait_receipt(pair.es, draft["id"])
     received = wait_for("the request at AR", lambda: detail(pair.ar, draft["id"]))
     got, _ = download(pair.ar, received["messages"][0]["attachments"][0]["href"])
     assert got == data

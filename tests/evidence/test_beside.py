@@ -213,6 +213,43 @@ def test_a_writer_whose_push_failed_is_not_reused(
     cache.close()
 
 
+def test_a_writer_whose_checkpoint_failed_is_not_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = DirectoryBlobStore(tmp_path)
+    size = 3 * CHUNK_BYTES
+    target = UploadTarget(
+        draft_id="d",
+        index=1,
+        size=size,
+        upload_id="upload-unsynced",
+        key=bytes(32),
+        ad=b"ad",
+        stream_header=bytes(24),
+        complete=False,
+    )
+    cache = WriterCache()
+    writer = cache.take(store, target)
+    data = os.urandom(size)
+    writer.write(data[:CHUNK_BYTES])
+
+    def failing(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(BlobError):
+        writer.checkpoint()
+    monkeypatch.undo()
+    assert writer.broken
+    cache.put_back(target.upload_id, writer)  # closed, not kept
+    again = cache.take(store, target)  # rebuilt from what the file holds
+    assert again is not writer
+    again.write(data[again.durable_offset :])
+    finished = again.finalise(store)
+    assert finished.plaintext_sha256 == hashlib.sha256(data).hexdigest()
+    cache.close()
+
+
 def test_a_receiver_whose_chunk_failed_is_not_reused(tmp_path: Path) -> None:
     store = DirectoryBlobStore(tmp_path)
     key, ad, stream_header = bytes(range(32)), b"ad", bytes(24)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import time
@@ -9,7 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from app.evidence.blobstore import BlobError, DirectoryBlobStore, UploadBusy, blob_root
+from app.evidence.blobstore import (
+    BlobError,
+    DirectoryBlobStore,
+    StorageFailed,
+    UploadBusy,
+    blob_root,
+)
 
 
 def test_upload_is_invisible_until_finalised(tmp_path: Path) -> None:
@@ -79,3 +86,39 @@ def test_cleanup_removes_only_old_orphans(tmp_path: Path) -> None:
 def test_default_root_is_next_to_the_keys(tmp_path: Path) -> None:
     assert blob_root(None, tmp_path / "keys") == tmp_path.resolve() / "blobs"
     assert blob_root(tmp_path / "elsewhere", tmp_path / "keys") == tmp_path / "elsewhere"
+
+
+@pytest.mark.parametrize(
+    ("number", "full"),
+    [(errno.ENOSPC, True), (errno.EDQUOT, True), (errno.EFBIG, True), (errno.EIO, False)],
+)
+def test_a_storage_failure_says_what_the_os_said_and_nothing_else(number: int, full: bool) -> None:
+    cause = OSError(number, os.strerror(number), "/srv/entraide/blobs/uploads/out-secret-1")
+    failure = StorageFailed("writing the upload", cause)
+    assert failure.full is full
+    assert str(failure) == f"writing the upload failed: {errno.errorcode[number]}"
+    assert "/srv" not in str(failure)
+    assert "secret" not in str(failure)
+
+
+def test_a_failed_write_or_fsync_is_kept_for_every_later_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Linux reports a write-back error once: a later fsync that succeeds proves nothing."""
+    store = DirectoryBlobStore(tmp_path)
+    upload = store.upload("upload-fsync")
+    upload.write(b"x" * 4096)
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(StorageFailed) as raised:
+        upload.sync()
+    assert not raised.value.full
+    monkeypatch.undo()
+    with pytest.raises(StorageFailed):
+        upload.sync()
+    with pytest.raises(StorageFailed):
+        upload.write(b"more")
+    upload.close()
