@@ -42,6 +42,7 @@ from app.p2p.service import (
     _stored_receipt,
     admit_opened,
     check_sender,
+    stored_message,
 )
 
 
@@ -161,7 +162,7 @@ def announce(session: Session, node: Node, store: DirectoryBlobStore, *, wire: o
         raise _refuse(exc.code, exc.detail, 413 if exc.code == "too_large" else 400) from exc
     check_sender(session, node, head, header)
     envelope_hash = sha256_hex(head.header)
-    existing = session.scalar(select(Message).where(Message.msg_id == header.msg_id))
+    existing = stored_message(session, header.msg_id)
     if existing is not None:
         if existing.direction == "inbound" and existing.envelope_hash == envelope_hash:
             return Announced(

@@ -15,10 +15,12 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import cast
 
 import httpx
-from sqlalchemy import select
+from sqlalchemy import Table, select
 from sqlalchemy.orm import Session
 
 from app.audit.log import record
@@ -203,8 +205,35 @@ def refresh_peer_keys(
 # --- which key checks what ----------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class PinnedKeys:
+    """A peer's current keys as pinned: what checking its envelopes and sealing to it need,
+    read with one Core query (`pinned_keys`) rather than a whole `Peer` through the ORM."""
+
+    authority_id: str
+    signing_kid: str
+    signing_key: bytes
+    encryption_kid: str
+    encryption_key: bytes
+
+
+_PEERS = cast(Table, Peer.__table__)
+_PINNED = select(
+    _PEERS.c.authority_id,
+    _PEERS.c.signing_kid,
+    _PEERS.c.signing_key,
+    _PEERS.c.encryption_kid,
+    _PEERS.c.encryption_key,
+)
+
+
+def pinned_keys(session: Session, authority_id: str) -> PinnedKeys | None:
+    row = session.connection().execute(_PINNED.where(_PEERS.c.authority_id == authority_id)).first()
+    return None if row is None else PinnedKeys(*row)
+
+
 def peer_signing_key(
-    session: Session, peer: Peer, kid: str, *, signed_at: datetime | None
+    session: Session, peer: Peer | PinnedKeys, kid: str, *, signed_at: datetime | None
 ) -> bytes | None:
     """The pinned key `kid` of `peer`, if it was valid at `signed_at` (None: any time)."""
     if hmac.compare_digest(kid, peer.signing_kid):
@@ -217,7 +246,7 @@ def peer_signing_key(
     return row.public_key
 
 
-def peer_encryption_kid_known(session: Session, peer: Peer, kid: str) -> bool:
+def peer_encryption_kid_known(session: Session, peer: Peer | PinnedKeys, kid: str) -> bool:
     if hmac.compare_digest(kid, peer.encryption_kid):
         return True
     return _history(session, peer.authority_id, ENCRYPTION, kid) is not None

@@ -41,10 +41,9 @@ from app.domain.document import RequestDocument
 from app.domain.messages import MessageDocument
 from app.errors import BadRequest, EntraideError, NotFound, PayloadTooLarge
 from app.evidence.reading import has_blob_parts, open_stored_head
-from app.models import CaseFile, Message, OutboxItem, Peer, Receipt
+from app.models import CaseFile, Message, OutboxItem, Receipt
 from app.node import Node
-from app.peers.keys import stored_envelope_signer
-from app.peers.service import get_peer
+from app.peers.keys import PinnedKeys, pinned_keys, stored_envelope_signer
 from app.requests import access, conversation, deadlines, lifecycle, schemas
 from app.requests.status import QUEUED
 from app.requests.store import StoredMessage, load_envelope, store_envelope
@@ -84,12 +83,19 @@ def _attachments(node: Node, items: list[schemas.InlineAttachment]) -> list[Atta
     return attachments
 
 
+def _pinned_peer(session: Session, authority_id: str) -> PinnedKeys:
+    peer = pinned_keys(session, authority_id)
+    if peer is None:  # as app.peers.service.get_peer says it
+        raise NotFound(f"{authority_id} is not a pinned peer", code="unknown_peer")
+    return peer
+
+
 def _seal_and_queue(
     session: Session,
     node: Node,
     *,
     case_id: str | None,
-    peer: Peer,
+    peer: PinnedKeys,
     content: dict[str, Any],
     attachments: list[Attachment],
     in_reply_to: str | None,
@@ -165,7 +171,7 @@ def submit_request(
         )
     if document.requested_authority != body.to:
         raise BadRequest("document.requested_authority must equal 'to'", code="recipient_mismatch")
-    peer = get_peer(session, body.to)
+    peer = _pinned_peer(session, body.to)
     envelope, header = _seal_and_queue(
         session,
         node,
@@ -229,7 +235,7 @@ def add_message(
     # The lifecycle judges the move before anything is sealed: 409 message_not_allowed or
     # transition_not_allowed, and the peer applies the same rule when the envelope arrives.
     conversation.send(case, document=body.document, now=utc_now())
-    peer = get_peer(session, case.peer_authority)
+    peer = _pinned_peer(session, case.peer_authority)
     # The peer accepts a message only after the one it replies to; a message of ours the peer
     # refused for good will never be there, so it is not the one to follow.
     latest = session.scalar(
