@@ -274,7 +274,8 @@ def admit_opened(
         received_at=now,
         checkpoint=_latest_note(session),
     )
-    session.flush()  # the conversation's changes, before the receipt's own insert
+    # Whatever `store` left pending (a streamed envelope's parts), before the receipt's insert.
+    session.flush()
     session.connection().execute(
         RECEIPTS.insert(),
         {

@@ -25,6 +25,8 @@ class StoredMessage:
 
 # Written with Core inserts, not added to the session: the ORM's unit of work cost several
 # times the statements themselves (about a fifth of a submission's CPU, and of an arrival's).
+# Such rows never enter the session's identity map, and Core statements do not autoflush:
+# code that mixes the two in one transaction flushes the session first (store_envelope does).
 MESSAGES = cast(Table, Message.__table__)
 PARTS = cast(Table, Part.__table__)
 
