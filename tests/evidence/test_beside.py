@@ -19,7 +19,7 @@ from app.evidence import beside, blobstore
 from app.evidence.beside import BESIDE_MIN_BYTES, BesideHash
 from app.evidence.blobstore import DROP_BEHIND_BYTES, BlobError, DirectoryBlobStore
 from app.evidence.drafts import UploadTarget, WriterCache
-from app.evidence.stream import CIPHER_CHUNK, PartReceiver, encrypt_stream
+from app.evidence.stream import CIPHER_CHUNK, PartReceiver, PartWriter, encrypt_stream
 
 
 def _pieces(seed: int) -> list[bytes]:
@@ -171,16 +171,17 @@ def test_a_failed_flush_is_raised_before_anything_more_is_written_and_stays_rais
     upload.close()  # cleanup does not raise it: the error was reported already
 
 
-def test_a_writer_whose_push_failed_is_not_reused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _writer_one_chunk_in(
+    tmp_path: Path, upload_id: str
+) -> tuple[DirectoryBlobStore, UploadTarget, WriterCache, PartWriter, bytes]:
+    """A cached writer for a three-chunk upload, with its first chunk written."""
     store = DirectoryBlobStore(tmp_path)
     size = 3 * CHUNK_BYTES
     target = UploadTarget(
         draft_id="d",
         index=1,
         size=size,
-        upload_id="upload-broken",
+        upload_id=upload_id,
         key=bytes(32),
         ad=b"ad",
         stream_header=bytes(24),
@@ -190,6 +191,13 @@ def test_a_writer_whose_push_failed_is_not_reused(
     writer = cache.take(store, target)
     data = os.urandom(size)
     writer.write(data[:CHUNK_BYTES])
+    return store, target, cache, writer, data
+
+
+def test_a_writer_whose_push_failed_is_not_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, target, cache, writer, data = _writer_one_chunk_in(tmp_path, "upload-broken")
     upload = writer._upload
     assert isinstance(upload, blobstore.DirectoryUpload)
 
@@ -216,22 +224,7 @@ def test_a_writer_whose_push_failed_is_not_reused(
 def test_a_writer_whose_checkpoint_failed_is_not_reused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = DirectoryBlobStore(tmp_path)
-    size = 3 * CHUNK_BYTES
-    target = UploadTarget(
-        draft_id="d",
-        index=1,
-        size=size,
-        upload_id="upload-unsynced",
-        key=bytes(32),
-        ad=b"ad",
-        stream_header=bytes(24),
-        complete=False,
-    )
-    cache = WriterCache()
-    writer = cache.take(store, target)
-    data = os.urandom(size)
-    writer.write(data[:CHUNK_BYTES])
+    store, target, cache, writer, data = _writer_one_chunk_in(tmp_path, "upload-unsynced")
 
     def failing(fd: int) -> None:
         raise OSError(5, "Input/output error")
