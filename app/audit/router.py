@@ -3,10 +3,10 @@ fetch to witness our log."""
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
+from pydantic import AwareDatetime
 from sqlalchemy import select
 
 from app.audit import service
@@ -32,8 +32,9 @@ Size = Annotated[int | None, Query(ge=0, le=2**62)]
 def list_entries(
     session: SessionDep,
     principal: AuditorDep,
-    since: datetime | None = None,
-    until: datetime | None = None,
+    # With a zone: a naive time is ambiguous in a log kept in UTC (422, never a guess).
+    since: AwareDatetime | None = None,
+    until: AwareDatetime | None = None,
     actor: Name = None,
     action: Name = None,
     request_id: Annotated[str | None, Query(pattern=r"^[0-9a-f]{32}$")] = None,

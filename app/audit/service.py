@@ -250,7 +250,16 @@ def _checkpoint_notes(session: Session) -> list[str]:
 def verify_database(
     session: Session, *, authority_id: str, log_public: bytes, earlier: str | None = None
 ) -> Report:
-    """`audit verify --db`: the live log against its own signed checkpoints."""
+    """`audit verify --db`: the live log against its own signed checkpoints.
+
+    In one snapshot: a running node appends while the check streams its entries, and under
+    PostgreSQL's default (read committed) each statement would see a later log than the one
+    before, so the head would not match the entries read. SQLite's transactions here take
+    the write lock, which holds appends off until the check is done. (A session that has
+    already begun keeps its own isolation.)
+    """
+    if session.get_bind().dialect.name == "postgresql" and not session.in_transaction():
+        session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
     verifier = LogVerifier(
         log_verifier(authority_id, log_public),
         log_origin(authority_id),

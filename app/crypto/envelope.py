@@ -375,7 +375,8 @@ def decode_wire(wire: object, *, max_parts: int, max_header_bytes: int) -> WireE
     if not isinstance(wire, dict) or set(wire) != {"v", "header", "signature", "parts"}:
         raise EnvelopeError("malformed_envelope", "expected exactly v, header, signature, parts")
     if not is_int(wire["v"]) or wire["v"] != VERSION:
-        raise EnvelopeError("unsupported_version", f"protocol version {wire['v']!r} unknown")
+        # The value is not echoed: anyone may post one, as long as the body limit allows.
+        raise EnvelopeError("unsupported_version", f"unknown protocol version; this is {VERSION}")
     parts = wire["parts"]
     if not isinstance(parts, list) or not parts:
         raise EnvelopeError("malformed_envelope", "parts must be a non-empty list")

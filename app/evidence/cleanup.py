@@ -1,9 +1,10 @@
 """Removing what abandoned uploads and transfers leave in the blob store.
 
-A blob is kept while any row names it: a stored message's part (`blob_parts`) or an upload of
-a draft (`evidence_uploads`). A staging upload is kept while its draft is open or its inbound
-transfer exists. Everything else older than `evidence_orphan_hours` goes; the grace period
-covers a blob finalised whose row is not yet committed.
+A blob is kept while any row names it: a stored message's part (`blob_parts`), an upload of
+a draft (`evidence_uploads`) or a part already received of an inbound transfer. A staging
+upload is kept while its draft is open or its inbound transfer exists. Everything else older
+than `evidence_orphan_hours` goes; the grace period covers a blob finalised whose row is not
+yet committed.
 
 `OrphanSweep` runs it from a node's background loop, at most once per period: the pass
 only reads rows and removes files, and is safe to run in several processes at once (a file
@@ -21,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from app.db import unit_of_work
 from app.evidence.blobstore import DirectoryBlobStore
+from app.evidence.inbound import transfer_header
 from app.evidence.node_store import blob_store
 from app.models import BlobPart, EvidenceDraft, EvidenceUpload, InboundTransfer
 from app.node import Node
@@ -40,7 +42,13 @@ def cleanup_orphans(
     open_drafts = set(
         session.scalars(select(EvidenceDraft.id).where(EvidenceDraft.state == "open"))
     )
-    transfers = set(session.scalars(select(InboundTransfer.msg_id)))
+    transfers: set[str] = set()
+    for transfer in session.scalars(select(InboundTransfer)):
+        transfers.add(transfer.msg_id)
+        # Parts already received of a transfer still under way: no row names them until the
+        # last part arrives, which may be days later on a slow or broken link.
+        header = transfer_header(transfer)
+        referenced.update(header.parts[index].sha256 for index in range(1, transfer.parts_done + 1))
 
     def upload_is_live(upload_id: str) -> bool:
         direction, _, rest = upload_id.partition("-")

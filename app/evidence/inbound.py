@@ -110,20 +110,39 @@ def _content_key(node: Node, header: env.Header) -> bytes:
 def _offsets(
     store: DirectoryBlobStore, transfer: InboundTransfer, header: env.Header
 ) -> list[dict[str, int]]:
+    done = held_parts(store, transfer, header)
     return [
-        {"index": info.index, "offset": received_offset(store, transfer, header, info.index)}
+        {"index": info.index, "offset": received_offset(store, transfer, header, info.index, done)}
         for info in header.parts[1:]
     ]
 
 
+def held_parts(store: DirectoryBlobStore, transfer: InboundTransfer, header: env.Header) -> int:
+    """Parts, from 1, complete, checked and still in the blob store.
+
+    Normally `parts_done`. A part counted done whose blob has gone since (removed by hand, a
+    restore from an older backup) is asked for again rather than receipted: a receipt for
+    bytes this node no longer holds would be a false proof of delivery.
+    """
+    for index in range(1, transfer.parts_done + 1):
+        if not store.exists(header.parts[index].sha256):
+            return index - 1
+    return transfer.parts_done
+
+
 def received_offset(
-    store: DirectoryBlobStore, transfer: InboundTransfer, header: env.Header, index: int
+    store: DirectoryBlobStore,
+    transfer: InboundTransfer,
+    header: env.Header,
+    index: int,
+    done: int,
 ) -> int:
-    """Ciphertext bytes of part `index` stored and checked (whole chunks), without reading."""
+    """Ciphertext bytes of part `index` stored and checked (whole chunks), without reading;
+    `done` is `held_parts`."""
     info = header.parts[index]
-    if index <= transfer.parts_done:
+    if index <= done:
         return info.length
-    if index > transfer.parts_done + 1:
+    if index > done + 1:
         return 0
     path = store.uploads / receive_upload_id(transfer.msg_id, index)
     try:
@@ -175,7 +194,7 @@ def announce(session: Session, node: Node, store: DirectoryBlobStore, *, wire: o
     if transfer is not None:
         if transfer.envelope_hash != envelope_hash:
             raise _refuse("replayed", "this message id was announced with another envelope", 409)
-        if transfer.parts_done == len(header.parts) - 1:
+        if held_parts(store, transfer, header) == len(header.parts) - 1:
             return Announced(complete(session, node, transfer, header), [])
         return Announced(None, _offsets(store, transfer, header))
     _check_time(node, header)
@@ -248,12 +267,11 @@ def part_target(
     if not 1 <= index < len(header.parts):
         raise EnvelopeRefused("unknown_part", "the envelope has no such part", status_code=404)
     info = header.parts[index]
-    if index <= transfer.parts_done:
+    done = held_parts(store, transfer, header)
+    if index <= done:
         return PartTarget(msg_id, index, info.length, info.length, {}, True)
-    if index != transfer.parts_done + 1:
-        raise EnvelopeRefused(
-            "part_out_of_order", f"send part {transfer.parts_done + 1} first", status_code=409
-        )
+    if index != done + 1:
+        raise EnvelopeRefused("part_out_of_order", f"send part {done + 1} first", status_code=409)
     content_key = _content_key(node, header)
     opened = _manifest(header, transfer.manifest_part, content_key)
     entry = opened.manifest["attachments"][index - 1]
@@ -262,7 +280,7 @@ def part_target(
         msg_id,
         index,
         info.length,
-        received_offset(store, transfer, header, index),
+        received_offset(store, transfer, header, index, done),
         {
             "key": env.part_key(content_key, msg, index),
             "ad": env.part_ad(msg, index),
@@ -335,7 +353,13 @@ class ReceiverCache:
 
 
 def part_received(
-    session: Session, node: Node, *, msg_id: str, index: int, from_offset: int
+    session: Session,
+    node: Node,
+    store: DirectoryBlobStore,
+    *,
+    msg_id: str,
+    index: int,
+    from_offset: int,
 ) -> Accepted | None:
     """Part `index` is complete and published: count it; after the last, accept."""
     transfer = get_transfer(session, msg_id, lock=True)
@@ -359,7 +383,7 @@ def part_received(
         },
     )
     session.flush()
-    if transfer.parts_done == len(header.parts) - 1:
+    if held_parts(store, transfer, header) == len(header.parts) - 1:
         return complete(session, node, transfer, header)
     return None
 

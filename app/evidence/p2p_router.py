@@ -10,7 +10,6 @@ is checked against the signed header (its length and hash) and authenticated chu
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Path, Request, Response
@@ -21,14 +20,15 @@ from starlette.requests import ClientDisconnect
 from app.audit.log import record_alone
 from app.crypto import envelope as env
 from app.db import unit_of_work
-from app.deps import PEER_SIGNED, NodeDep, record_p2p_refusal, source_address
+from app.deps import PEER_SIGNED, NodeDep, source_address
 from app.errors import EnvelopeRefused
 from app.evidence import inbound
 from app.evidence.blobstore import UploadBusy
 from app.evidence.node_store import blob_store
 from app.evidence.pump import feed_in_thread
 from app.evidence.stream import PartReceiver
-from app.p2p.service import Accepted, record_refusal
+from app.p2p.refusals import audit_refusals, json_body
+from app.p2p.service import Accepted
 
 router = APIRouter(prefix="/p2p/v1/evidence", tags=["p2p"], dependencies=[Depends(PEER_SIGNED)])
 
@@ -42,12 +42,6 @@ def _announce(node: NodeDep, wire: object) -> inbound.Announced:
         return inbound.announce(session, node, blob_store(node.settings), wire=wire)
 
 
-def _record_refusal(node: NodeDep, wire: object, refusal: EnvelopeRefused, source: str) -> None:
-    with unit_of_work(node.sessions) as session:
-        if record_p2p_refusal(session, node, source):
-            record_refusal(session, wire=wire, refusal=refusal)
-
-
 @router.post(
     "/envelopes",
     status_code=202,
@@ -59,17 +53,14 @@ def _record_refusal(node: NodeDep, wire: object, refusal: EnvelopeRefused, sourc
     },
 )
 async def announce(request: Request, node: NodeDep) -> JSONResponse:
-    raw = await request.body()
-    try:
-        wire: object = json.loads(raw)
-    except (ValueError, RecursionError):
-        wire = None
+    wire = await json_body(request)
     try:
         if wire is None:
             raise EnvelopeRefused("malformed_envelope", "the body is not a JSON object")
         announced = await run_in_threadpool(_announce, node, wire)
     except EnvelopeRefused as refusal:
-        await run_in_threadpool(_record_refusal, node, wire, refusal, source_address(request))
+        source = source_address(request)
+        await run_in_threadpool(audit_refusals, node, [(wire, refusal)], source=source)
         raise
     if announced.accepted is not None:
         return JSONResponse(
@@ -110,10 +101,11 @@ def _refused_part(node: NodeDep, msg_id: str, index: int, refusal: EnvelopeRefus
 def _completed(
     node: NodeDep, msg_id: str, index: int, receiver: PartReceiver, from_offset: int
 ) -> Accepted | None:
-    receiver.finalise(blob_store(node.settings))
+    store = blob_store(node.settings)
+    receiver.finalise(store)
     with unit_of_work(node.sessions) as session:
         return inbound.part_received(
-            session, node, msg_id=msg_id, index=index, from_offset=from_offset
+            session, node, store, msg_id=msg_id, index=index, from_offset=from_offset
         )
 
 

@@ -27,16 +27,10 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.audit.log import HEAD_ID
+from app.audit.checkpoints import read_progress
 from app.crypto.encoding import parse_time, utc_now
 from app.delivery import outbox
-from app.models import (
-    AuditCheckpoint,
-    AuditHead,
-    DeliveryCounter,
-    Peer,
-    WitnessAlarm,
-)
+from app.models import DeliveryCounter, Peer, WitnessAlarm
 from app.node import Node
 from app.requests.overdue import overdue_counts
 
@@ -210,8 +204,9 @@ class NodeCollector(Collector):
                 for name, value in totals.items()
                 if name.startswith("attempts:")
             }
-            head = session.get(AuditHead, HEAD_ID)
-            last_checkpoint = session.scalar(select(func.max(AuditCheckpoint.created_at)))
+            # The worker's own one-query read (the newest checkpoint through its primary key),
+            # not a scan of every checkpoint on each scrape.
+            log_progress = read_progress(session)
             alarms = session.scalar(select(func.count()).select_from(WitnessAlarm)) or 0
             peers = session.scalar(select(func.count()).select_from(Peer)) or 0
             overdue = overdue_counts(session, now=now)
@@ -236,16 +231,18 @@ class NodeCollector(Collector):
         for outcome, count in sorted(attempts.items()):
             tries.add_metric([outcome], count)
         yield tries
-        if head is not None:
+        if log_progress is not None:
             yield GaugeMetricFamily(
-                "entraide_audit_log_entries", "Entries in the audit log.", value=head.size
+                "entraide_audit_log_entries", "Entries in the audit log.", value=log_progress.size
             )
             yield GaugeMetricFamily(
                 "entraide_audit_entries_since_checkpoint",
                 "Audit entries not yet covered by a signed checkpoint.",
-                value=head.size - head.last_checkpoint_size,
+                value=log_progress.size - log_progress.last_checkpoint_size,
             )
-        checkpoint_age = _age(now, last_checkpoint)
+        checkpoint_age = (
+            None if log_progress is None else _age(now, log_progress.latest_checkpoint_at)
+        )
         if checkpoint_age is not None:
             yield GaugeMetricFamily(
                 "entraide_audit_last_checkpoint_age_seconds",

@@ -16,7 +16,6 @@ as a single post's are, so they are kept whatever becomes of the batch.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 
@@ -27,12 +26,12 @@ from sqlalchemy.orm import Session
 from app.audit.log import Event, deferred_entries, record_many
 from app.crypto import envelope as env
 from app.db import unit_of_work
-from app.deps import record_p2p_refusal
 from app.errors import EnvelopeRefused
 from app.models import Peer
 from app.node import Node
 from app.obs.logs import accept_request_id, current_request_id, request_context
-from app.p2p.service import accept_envelope, record_refusal
+from app.p2p.refusals import audit_refusals
+from app.p2p.service import accept_envelope
 from app.peers.client import MAX_BATCH_ENVELOPES
 from app.peers.keys import peer_signing_key, refresh_peer_keys
 
@@ -63,12 +62,8 @@ class Batch:
     request_ids: list[str | None]
 
 
-def parse_batch(raw: bytes) -> Batch:
+def parse_batch(body: object) -> Batch:
     """The batch's envelopes, still unchecked; refuses a body that is not a batch at all."""
-    try:
-        body: object = json.loads(raw)
-    except (ValueError, RecursionError):
-        body = None
     if (
         not isinstance(body, dict)
         or not {"v", "envelopes"} <= set(body) <= {"v", "envelopes", "request_ids"}
@@ -168,16 +163,6 @@ def _refused(refusal: EnvelopeRefused) -> ItemAnswer:
     return ItemAnswer(refusal.status_code, {"error": refusal.code, "detail": refusal.detail})
 
 
-def _record_refusals(
-    node: Node, refusals: list[tuple[object, EnvelopeRefused]], source: str
-) -> None:
-    with unit_of_work(node.sessions) as session:
-        for wire, refusal in refusals:
-            # Counted against the sender's address, and audited until it is throttled.
-            if record_p2p_refusal(session, node, source):
-                record_refusal(session, wire=wire, refusal=refusal)
-
-
 def accept_batch(node: Node, batch: Batch, *, source: str) -> list[ItemAnswer]:
     """Every envelope's answer, in order, once the accepted ones are committed."""
     wires = batch.envelopes
@@ -207,7 +192,7 @@ def accept_batch(node: Node, batch: Batch, *, source: str) -> list[ItemAnswer]:
             record_many(session, entries)
     finally:
         if refusals:
-            _record_refusals(node, refusals, source)
+            audit_refusals(node, refusals, source=source)
     _log_answers(batch, answers)
     return answers
 

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import json
-
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
 from app.db import unit_of_work
-from app.deps import PEER_SIGNED, NodeDep, record_p2p_refusal, source_address
+from app.deps import PEER_SIGNED, NodeDep, source_address
 from app.errors import EnvelopeRefused
 from app.p2p.batch import accept_batch, parse_batch
-from app.p2p.service import Accepted, accept_envelope, record_refusal
+from app.p2p.refusals import audit_refusals, json_body
+from app.p2p.service import Accepted, accept_envelope
 from app.peers.client import MAX_BATCH_ENVELOPES
 
 router = APIRouter(prefix="/p2p/v1", tags=["p2p"], dependencies=[Depends(PEER_SIGNED)])
@@ -52,17 +51,14 @@ def _accept(node: NodeDep, wire: object) -> Accepted:
     },
 )
 async def receive_envelope(request: Request, node: NodeDep) -> JSONResponse:
-    raw = await request.body()
-    try:
-        wire: object = json.loads(raw)
-    except (ValueError, RecursionError):  # bad UTF-8, bad JSON, absurdly long integers
-        wire = None
+    wire = await json_body(request)
     try:
         if wire is None:
             raise EnvelopeRefused("malformed_envelope", "the body is not a JSON object")
         accepted = await run_in_threadpool(_accept, node, wire)
     except EnvelopeRefused as refusal:
-        await run_in_threadpool(_record_refusal, node, wire, refusal, source_address(request))
+        source = source_address(request)
+        await run_in_threadpool(audit_refusals, node, [(wire, refusal)], source=source)
         raise
     return JSONResponse(accepted.receipt.to_wire(), status_code=201 if accepted.created else 200)
 
@@ -122,19 +118,12 @@ BATCH_ANSWER_SCHEMA = {
 )
 async def receive_batch(request: Request, node: NodeDep) -> JSONResponse:
     """Several envelopes, one answer each, in order (docs/protocol.md section 8.6)."""
-    raw = await request.body()
+    body = await json_body(request)
     source = source_address(request)
     try:
-        batch = parse_batch(raw)
+        batch = parse_batch(body)
     except EnvelopeRefused as refusal:
-        await run_in_threadpool(_record_refusal, node, None, refusal, source)
+        await run_in_threadpool(audit_refusals, node, [(None, refusal)], source=source)
         raise
     answers = await run_in_threadpool(lambda: accept_batch(node, batch, source=source))
     return JSONResponse({"results": [answer.to_wire() for answer in answers]})
-
-
-def _record_refusal(node: NodeDep, wire: object, refusal: EnvelopeRefused, source: str) -> None:
-    with unit_of_work(node.sessions) as session:
-        # Anyone can post garbage here: past a limit per address, refusals are only counted.
-        if record_p2p_refusal(session, node, source):
-            record_refusal(session, wire=wire, refusal=refusal)

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from app.audit.log import Event, record, record_many
 from app.crypto import envelope as env
-from app.crypto.encoding import DecodeError, b64d, utc_now
+from app.crypto.encoding import utc_now
 from app.crypto.receipts import SignedReceipt, issue_receipt
 from app.domain.document import RequestDocument
 from app.domain.messages import MessageDocument
@@ -348,25 +348,4 @@ def accept_envelope(
                 received_at=now,
             ).id
         ),
-    )
-
-
-def record_refusal(session: Session, *, wire: object, refusal: EnvelopeRefused) -> None:
-    """Audit a refused envelope with whatever routing facts can be read without trusting it."""
-    claimed_sender: str | None = None
-    claimed_msg_id: str | None = None
-    if isinstance(wire, dict) and isinstance(wire.get("header"), str):
-        try:
-            header = env.parse_header(b64d(wire["header"]), len(wire.get("parts") or []))
-            claimed_sender, claimed_msg_id = header.from_authority[:40], header.msg_id
-        except (env.EnvelopeError, DecodeError, TypeError):
-            pass
-    record(
-        session,
-        actor=f"peer:{claimed_sender}" if claimed_sender else "peer:unknown",
-        action="envelope.refused",
-        outcome=refusal.code,
-        msg_id=claimed_msg_id,
-        peer=claimed_sender,
-        details={"code": refusal.code, "detail": refusal.detail, "claimed": True},
     )

@@ -88,6 +88,8 @@ def applicable_limits(
 
 def end_of_day(day: dt.date) -> dt.datetime:
     """A date as a deadline: it is past once that day is over in UTC."""
+    if day == dt.date.max:  # a peer or an officer may send 9999-12-31: it has no next day
+        return dt.datetime.max.replace(tzinfo=dt.UTC)
     return dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
 
 

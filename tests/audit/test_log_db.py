@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,17 +18,19 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.audit import log as audit_log
+from app.audit import service as audit_service
 from app.audit.checkpoints import checkpoint_due, log_verifier, sign_checkpoint
 from app.audit.log import STORED_LEVEL, Event, entry_bytes, record, record_many
 from app.audit.merkle import root_from_leaf_hashes, verify_consistency, verify_inclusion
 from app.audit.note import Checkpoint, open_note
 from app.audit.service import prove_consistency, prove_inclusion, verify_database
+from app.audit.verify import Report
 from app.crypto.encoding import canonical_json, format_time, utc_now
 from app.crypto.keys import NodeKeys
 from app.db import make_engine, make_session_factory, unit_of_work
 from app.migrate import upgrade
 from app.models import AuditEntry, AuditHead, AuditNode
-from tests.conftest import Databases
+from tests.conftest import Databases, make_databases
 
 SIZES = [1, 2, 3, 5, 8, 13, 21, 37]
 
@@ -186,6 +189,52 @@ def test_writers_that_share_a_log_keep_it_contiguous(databases: Databases) -> No
     finally:
         for engine in engines:
             engine.dispose()
+
+
+def test_verifying_a_live_log_on_postgresql_reads_one_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`audit verify --db` on a running node: appends committed while the entries stream
+    (read committed) once made the head disagree with them, a false FAILED for an intact
+    log. SQLite's check holds the write lock, so only PostgreSQL can race."""
+    databases = make_databases("postgresql", tmp_path)
+    url = databases.new("live")
+    upgrade(url)
+    engine = make_engine(url)
+    sessions = make_session_factory(engine)
+    keys = NodeKeys.generate()
+
+    def append(count: int) -> None:
+        with unit_of_work(sessions) as session:
+            for number in range(count):
+                record(session, actor="node", action="test.event", details={"n": number})
+            sign_checkpoint(session, authority_id="ES/MJ", log_key=keys.log)
+
+    def verify() -> Report:
+        with unit_of_work(sessions) as session:
+            return verify_database(session, authority_id="ES/MJ", log_public=keys.log_public)
+
+    streamed = audit_service._stored_entries
+
+    def appended_meanwhile(session: Session) -> Iterator[tuple[list[int], list[bytes]]]:
+        chunks = streamed(session)
+        yield next(chunks)  # the cursor has run: what it returns is fixed
+        append(5)  # the node, committing while the check goes on
+        yield from chunks
+
+    try:
+        append(20)
+        monkeypatch.setattr(audit_service, "_stored_entries", appended_meanwhile)
+        report = verify()
+        assert report.ok, report.problems
+        assert report.entries == 20
+        monkeypatch.undo()
+        report = verify()
+        assert report.ok, report.problems
+        assert report.entries == 25
+    finally:
+        engine.dispose()
+        databases.drop_all()
 
 
 def test_entry_times_never_go_back_when_a_clock_does(

@@ -473,6 +473,14 @@ def test_malformed_wire(build: Callable[[], object], code: str) -> None:
     assert refusal(build()) == code
 
 
+def test_an_unknown_version_is_refused_without_echoing_it() -> None:
+    for version in (2, "Juan Pérez, IBAN ES91 2100 0418 4502 0005 1332", ["x" * 1000]):
+        with pytest.raises(env.EnvelopeError) as caught:
+            env.decode_wire(_wire(v=version), **LIMITS)
+        assert caught.value.code == "unsupported_version"
+        assert str(version) not in caught.value.detail
+
+
 def test_non_string_header_is_malformed_envelope() -> None:
     assert refusal(_wire(header=5)) == "malformed_envelope"
 

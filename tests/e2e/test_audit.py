@@ -141,6 +141,16 @@ def test_roles_separate_content_and_audit(pair: tuple[LocalNode, LocalNode]) -> 
         assert http.get("/api/v1/audit", params={"action": "request.read"}).status_code == 200
 
 
+def test_a_time_without_a_zone_is_refused_not_guessed(pair: tuple[LocalNode, LocalNode]) -> None:
+    es, _ = pair
+    with es.client("auditor") as http:
+        for name in ("since", "until"):
+            naive = http.get("/api/v1/audit", params={name: "2024-01-01T00:00:00"})
+            assert naive.status_code == 422, naive.text  # was a 500
+            aware = http.get("/api/v1/audit", params={name: "2024-01-01T00:00:00+01:00"})
+            assert aware.status_code == 200, aware.text
+
+
 def test_inclusion_proof_from_the_api_checks_against_the_checkpoint(
     pair: tuple[LocalNode, LocalNode],
 ) -> None:

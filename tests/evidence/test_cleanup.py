@@ -11,14 +11,18 @@ from pathlib import Path
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
+from app.crypto.encoding import b64d
+from app.crypto.envelope import parse_header
 from app.crypto.keys import NodeIdentity, NodeKeys
 from app.db import make_engine
 from app.evidence.blobstore import DirectoryBlobStore
 from app.evidence.cleanup import OrphanSweep, cleanup_orphans
+from app.evidence.inbound import held_parts, received_offset, transfer_header
 from app.evidence.node_store import blob_store
-from app.models import Base, EvidenceDraft, EvidenceUpload
+from app.models import Base, EvidenceDraft, EvidenceUpload, InboundTransfer
 from app.node import Node
 from tests.conftest import Databases
+from tests.crypto.test_envelope import seal
 
 NOW = datetime(2026, 11, 28, tzinfo=UTC)
 
@@ -111,3 +115,58 @@ def test_the_sweep_runs_once_per_period(databases: Databases, tmp_path: Path) ->
     finally:
         Base.metadata.drop_all(engine)
         engine.dispose()
+
+
+def _transfer_under_way(parts_done: int) -> tuple[InboundTransfer, list[bytes]]:
+    """An inbound transfer of two attachments, as announced, and its parts' ciphertexts."""
+    wire = seal(attachments=[b"first attachment", b"second attachment"]).to_wire()
+    header = b64d(wire["header"])
+    transfer = InboundTransfer(
+        msg_id=parse_header(header, 3).msg_id,
+        sender_authority="FR/MJ",
+        envelope_hash=hashlib.sha256(header).hexdigest(),
+        header=header,
+        signature=b64d(wire["signature"]),
+        manifest_part=b64d(wire["parts"][0]),
+        parts_done=parts_done,
+        created_at=NOW,
+        updated_at=NOW,
+    )
+    return transfer, [b64d(part) for part in wire["parts"]]
+
+
+def test_parts_received_of_a_transfer_under_way_are_kept(
+    databases: Databases, tmp_path: Path
+) -> None:
+    engine = make_engine(databases.new())
+    Base.metadata.create_all(engine)
+    store = DirectoryBlobStore(tmp_path / "blobs")
+    transfer, parts = _transfer_under_way(parts_done=1)
+    received, orphan = _blob(store, parts[1]), _blob(store, b"named by nothing")
+    assert received == transfer_header(transfer).parts[1].sha256
+    old = time.time() - 100 * 3600  # the last part is days late: a slow or broken link
+    for path in store.blobs.glob("*/*/*"):
+        os.utime(path, (old, old))
+    try:
+        with Session(engine) as session:
+            session.add(transfer)
+            session.commit()
+            assert cleanup_orphans(session, store, older_than_hours=72) == (0, 1)
+        assert store.exists(received)
+        assert not store.exists(orphan)
+    finally:
+        Base.metadata.drop_all(engine)
+        engine.dispose()
+
+
+def test_a_received_part_whose_blob_is_gone_is_asked_for_again(tmp_path: Path) -> None:
+    store = DirectoryBlobStore(tmp_path / "blobs")
+    transfer, parts = _transfer_under_way(parts_done=2)
+    header = transfer_header(transfer)
+    digests = [_blob(store, part) for part in parts[1:]]
+    assert held_parts(store, transfer, header) == 2
+    store.delete(digests[0])  # removed by hand, or a restore from an older backup
+    assert held_parts(store, transfer, header) == 0
+    # Part 1 from its start, part 2 after it: never a receipt for bytes no longer held.
+    offsets = [received_offset(store, transfer, header, index, 0) for index in (1, 2)]
+    assert offsets == [0, 0]

@@ -182,3 +182,28 @@ def test_overdue_requests_are_counted_in_metrics(fresh_ar: Harness) -> None:
     metrics = ar.http.get("/metrics").text
     assert 'entraide_requests_overdue{direction="inbound",status="acknowledged"} 1.0' in metrics
     assert 'status="delivered"' not in metrics.split("entraide_requests_overdue", 1)[1]
+
+
+def test_the_last_date_there_is_makes_a_deadline_not_a_server_error(fresh_ar: Harness) -> None:
+    # 9999-12-31 has no next day: its end used to overflow, a 500 for the officer and for the
+    # peer whose request or postponement carried it (its whole batch refused with it).
+    ar = fresh_ar
+    last = str(dt.date.max)
+    urgency = {"level": "urgent", "reason": "A hearing.", "requested_date": last}
+    urgent = ar.receive_request(urgency=urgency)
+    document = example_document(
+        requesting_authority="AR/MPF", requested_authority="ES/MJ", urgency=urgency
+    )
+    sent = ar.post("/api/v1/requests", {"to": "ES/MJ", "document": document})
+    assert sent.status_code == 201, sent.text
+    postponed = ar.receive_request(urgency=_routine())
+    ack = {"type": "acknowledgement", "text": "Registered."}
+    assert ar.reply(postponed, ack).status_code == 201
+    until = {"type": "postponement", "text": "Postponed.", "reason": "Later.", "until": last}
+    assert ar.reply(postponed, until).status_code == 201
+
+    created = {item["id"]: item for item in ar.get("/api/v1/requests", limit=200).json()["items"]}
+    arrived = dt.datetime.fromisoformat(created[urgent]["created_at"])
+    assert dt.datetime.fromisoformat(created[urgent]["due_at"]) == arrived + 7 * DAY
+    assert created[postponed]["due_at"].startswith("9999-12-31T23:59:59")
+    assert _ids(ar, overdue="true") == set()
