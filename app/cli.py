@@ -555,6 +555,11 @@ def audit_verify(
         f"OK: {report.entries} entries, {report.checkpoints} signed checkpoints, "
         f"root {report.root.hex()}"
     )
+    if report.entries > report.signed:  # a live log: its newest entries await a checkpoint
+        typer.echo(
+            f"  {report.entries - report.signed} entries after the newest checkpoint "
+            f"(size {report.signed}) are not signed yet"
+        )
 
 
 @app.command()

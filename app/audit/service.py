@@ -356,4 +356,16 @@ def verify_export(
             checker.feed_many(lines)
         if rest:
             checker.feed(rest)  # the last line had no newline
-    return checker.finish()
+    report = checker.finish()
+    if report.entries > report.signed:
+        # An export is written under a checkpoint of every entry it holds (`export_log`):
+        # entries past the last signed one mean that checkpoint was taken out, and with it
+        # the only signature over what follows, which could then be rewritten unseen.
+        report.problems.append(
+            Problem(
+                report.signed,
+                f"entries {report.signed} to {report.entries - 1} are covered by no signed "
+                "checkpoint (an export ends with a checkpoint of all its entries)",
+            )
+        )
+    return report

@@ -48,6 +48,7 @@ class Problem:
 class Report:
     entries: int = 0
     checkpoints: int = 0
+    signed: int = 0  # entries covered by the largest signed checkpoint
     root: bytes = b""
     problems: list[Problem] = field(default_factory=list)
 
@@ -370,6 +371,9 @@ class LogVerifier:
                 # have changed: any earlier one would have broken the link to its successor.
                 self._problem(end - 1, f"{message}: entry {end - 1} was altered")
         size = self._compact.size
+        for item in self._roots.get(0, []):  # never reached by appending: checked here
+            if item.checkpoint.root_hash != CompactRange().root():
+                self._problem(-1, f"{item.label} (size 0) does not have the empty log's root")
         for checkpoint_size, signed in self._roots.items():
             if checkpoint_size > size:
                 for item in signed:
@@ -379,5 +383,6 @@ class LogVerifier:
                         f"entries {size} to {checkpoint_size - 1} are missing",
                     )
         self.report.entries = size
+        self.report.signed = min(max(self._roots, default=0), size)
         self.report.root = self._compact.root()
         return self.report

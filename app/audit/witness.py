@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import httpx
 from nacl.exceptions import BadSignatureError
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 COSIGNATURE_HEADER = "cosignature/v1\n"
 COSIGNATURE_KEY_TYPE = b"\x04"
+WITNESS_ATTEMPTS = 3  # checks of one note when other workers witness the same peer meanwhile
 
 ProofFetcher = Callable[[int, int], list[bytes]]
 
@@ -154,20 +156,45 @@ def check_consistency(
     return f"no valid consistency proof from size {small_size} to {large_size}"
 
 
+class KnownMoved(Exception):
+    """Another worker witnessed a checkpoint of this peer meanwhile: check again against it."""
+
+
 def observe(
     session: Session,
     *,
     peer: Peer,
     observed: Observed,
     reason: str | None,
+    checked_against: WitnessedCheckpoint | None,
     own_authority: str,
     log_key: SigningKey,
 ) -> WitnessedCheckpoint | WitnessAlarm:
-    """Store the outcome of `check_consistency`: an alarm, or a cosigned checkpoint."""
+    """Store the outcome of `check_consistency` against `checked_against`: an alarm, or a
+    cosigned checkpoint.
+
+    The check ran outside any transaction (it may fetch a proof from the peer), so two
+    workers may each have checked a different checkpoint against the same one. The peer's
+    row is locked here and the largest known read again: if it moved, `KnownMoved`, and the
+    caller checks again, so that two histories are never both cosigned.
+    """
+    session.scalar(select(Peer.id).where(Peer.id == peer.id).with_for_update())
     known = largest_known(session, peer.authority_id)
     if reason is not None:
         return _alarm(session, peer, reason, known.note if known else "", observed.note)
+    if (known.id if known else None) != (checked_against.id if checked_against else None):
+        raise KnownMoved
     checkpoint = observed.checkpoint
+    same_size = session.scalar(
+        select(WitnessedCheckpoint).where(
+            WitnessedCheckpoint.peer_authority == peer.authority_id,
+            WitnessedCheckpoint.size == checkpoint.size,
+            WitnessedCheckpoint.root_hash != checkpoint.root_hash,
+        )
+    )
+    if same_size is not None:
+        reason = f"two roots for size {checkpoint.size}"
+        return _alarm(session, peer, reason, same_size.note, observed.note)
     existing = session.scalar(
         select(WitnessedCheckpoint).where(
             WitnessedCheckpoint.peer_authority == peer.authority_id,
@@ -240,35 +267,41 @@ def witness_receipt_checkpoint(
     note is now a witnessed checkpoint of ours (consistent, stored, cosigned): the caller may
     skip that same note when the next receipt repeats it.
     """
-    with unit_of_work(sessions) as session:
-        peer = session.scalar(select(Peer).where(Peer.authority_id == authority))
-        if peer is None:
-            return False
-        known = largest_known(session, authority)
-    if known is not None and known.note == note:
-        # The very note we checked and cosigned already (receipts repeat the receiver's
-        # latest checkpoint until it signs a new one): checking it again would change nothing.
-        return True
-    try:
-        observed = parse_peer_checkpoint(peer, note)
-        reason = check_consistency(
-            known,
-            observed,
-            lambda first, second: fetch_consistency_proof(http, peer.public_url, first, second),
-        )
-    except WitnessError as exc:
-        log.warning("could not witness %s's checkpoint: %s", authority, exc)
-        return False
-    try:
+    for _ in range(WITNESS_ATTEMPTS):
         with unit_of_work(sessions) as session:
-            outcome = observe(
-                session,
-                peer=peer,
-                observed=observed,
-                reason=reason,
-                own_authority=own_authority,
-                log_key=log_key,
+            peer = session.scalar(select(Peer).where(Peer.authority_id == authority))
+            if peer is None:
+                return False
+            known = largest_known(session, authority)
+        if known is not None and known.note == note:
+            # The very note we checked and cosigned already (receipts repeat the receiver's
+            # latest checkpoint until it signs a new one): checking again would change nothing.
+            return True
+        try:
+            observed = parse_peer_checkpoint(peer, note)
+            reason = check_consistency(
+                known,
+                observed,
+                partial(fetch_consistency_proof, http, peer.public_url),
             )
-    except IntegrityError:
-        return True  # another worker stored the same checkpoint first
-    return isinstance(outcome, WitnessedCheckpoint)
+        except WitnessError as exc:
+            log.warning("could not witness %s's checkpoint: %s", authority, exc)
+            return False
+        try:
+            with unit_of_work(sessions) as session:
+                outcome = observe(
+                    session,
+                    peer=peer,
+                    observed=observed,
+                    reason=reason,
+                    checked_against=known,
+                    own_authority=own_authority,
+                    log_key=log_key,
+                )
+        except KnownMoved:
+            continue
+        except IntegrityError:
+            return True  # another worker stored the same checkpoint first
+        return isinstance(outcome, WitnessedCheckpoint)
+    log.warning("could not witness %s's checkpoint: other workers kept witnessing", authority)
+    return False

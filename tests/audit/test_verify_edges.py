@@ -1,0 +1,76 @@
+"""The verifier at its edges: an export that lost its last checkpoint, a checkpoint of the
+empty log. Both were accepted before a review (nothing signed covered what they held)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sqlalchemy import select
+
+from app.audit.checkpoints import log_origin, log_verifier, log_verifier_key, sign_checkpoint
+from app.audit.log import record
+from app.audit.note import Checkpoint, sign_note
+from app.audit.service import EXPORT_CHECKPOINTS, EXPORT_ENTRIES, EXPORT_KEY, verify_export
+from app.audit.verify import LogVerifier
+from app.crypto.keys import NodeKeys
+from app.db import make_engine, make_session_factory, unit_of_work
+from app.migrate import upgrade
+from app.models import AuditCheckpoint, AuditEntry
+
+AUTHORITY = "ES/MJ"
+
+
+def _export(tmp_path: Path, keys: NodeKeys) -> Path:
+    """A log of 40 entries signed at 16, 32 and, as `audit export` does, at the end."""
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    try:
+        with unit_of_work(make_session_factory(engine)) as session:
+            for number in range(40):
+                record(session, actor="node", action="test.event", details={"n": number})
+                if number + 1 in (16, 32, 40):
+                    sign_checkpoint(session, authority_id=AUTHORITY, log_key=keys.log)
+            entries = list(session.scalars(select(AuditEntry.entry).order_by(AuditEntry.idx)))
+            notes = list(session.scalars(select(AuditCheckpoint.note).order_by("id")))
+    finally:
+        engine.dispose()
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / EXPORT_ENTRIES).write_bytes(b"".join(entry + b"\n" for entry in entries))
+    (out / EXPORT_CHECKPOINTS).write_text("".join(json.dumps({"note": n}) + "\n" for n in notes))
+    (out / EXPORT_KEY).write_text(log_verifier_key(AUTHORITY, keys.log) + "\n")
+    return out
+
+
+def test_an_export_whose_last_checkpoint_was_removed_fails(tmp_path: Path) -> None:
+    keys = NodeKeys.generate()
+    out = _export(tmp_path, keys)
+    report = verify_export(out)
+    assert report.ok, report.problems
+    assert (report.entries, report.signed) == (40, 40)
+    # Take the last checkpoint out, and with it the only signature over entries 32 to 39:
+    # drop four of them (their hash chain stays whole up to the cut).
+    notes = (out / EXPORT_CHECKPOINTS).read_text().splitlines()
+    (out / EXPORT_CHECKPOINTS).write_text("\n".join(notes[:-1]) + "\n")
+    entries = (out / EXPORT_ENTRIES).read_bytes().splitlines()
+    (out / EXPORT_ENTRIES).write_bytes(b"\n".join(entries[:36]) + b"\n")
+    report = verify_export(out)
+    assert not report.ok
+    assert report.first is not None
+    assert report.first.idx == 32
+    assert "entries 32 to 35 are covered by no signed checkpoint" in report.first.message
+
+
+def test_a_checkpoint_of_the_empty_log_must_have_its_root() -> None:
+    keys = NodeKeys.generate()
+    origin = log_origin(AUTHORITY)
+    wrong = Checkpoint(origin=origin, size=0, root_hash=b"\x01" * 32).format()
+    verifier = log_verifier(AUTHORITY, keys.log_public)
+    report = LogVerifier(verifier, origin, [sign_note(wrong, origin, keys.log)]).finish()
+    assert not report.ok
+    assert "does not have the empty log's root" in report.problems[0].message
+    empty_root = LogVerifier(verifier, origin, []).finish().root
+    right = Checkpoint(origin=origin, size=0, root_hash=empty_root).format()
+    assert LogVerifier(verifier, origin, [sign_note(right, origin, keys.log)]).finish().ok

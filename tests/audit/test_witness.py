@@ -1,0 +1,111 @@
+"""Witnessing a peer's log with several delivery workers: two workers that each check a
+different checkpoint against the same one must never both cosign (a review found they did:
+two roots for one size, both cosigned, no alarm). SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import httpx
+from sqlalchemy import select
+
+from app.audit.checkpoints import log_origin
+from app.audit.merkle import consistency_proof_from_leaves, leaf_hash, root_from_leaf_hashes
+from app.audit.note import Checkpoint, sign_note
+from app.audit.witness import witness_receipt_checkpoint
+from app.crypto.encoding import utc_now
+from app.crypto.keys import NodeKeys
+from app.db import make_engine, make_session_factory, unit_of_work
+from app.migrate import upgrade
+from app.models import Peer, WitnessAlarm, WitnessedCheckpoint
+from tests.conftest import Databases
+
+PEER = "AR/MPF"
+COMMON = [leaf_hash(f"entry {n}".encode()) for n in range(10)]
+SHOWN_TO_A = COMMON + [leaf_hash(f"entry {n}".encode()) for n in range(10, 20)]
+SHOWN_TO_B = COMMON + [leaf_hash(f"rewritten {n}".encode()) for n in range(10, 20)]
+
+
+def _peer(keys: NodeKeys) -> Peer:
+    now = utc_now()
+    return Peer(
+        authority_id=PEER,
+        name="Ministerio Público Fiscal",
+        public_url="http://ar.invalid",
+        fingerprint="0" * 64,
+        signing_kid="0" * 32,
+        signing_key=keys.signing_public,
+        encryption_kid="1" * 32,
+        encryption_key=keys.encryption_public,
+        log_kid="2" * 32,
+        log_key=keys.log_public,
+        identity_document=b"{}",
+        identity_signature=b"",
+        added_at=now,
+        updated_at=now,
+    )
+
+
+def _note(keys: NodeKeys, leaves: list[bytes]) -> str:
+    origin = log_origin(PEER)
+    text = Checkpoint(origin=origin, size=len(leaves), root_hash=root_from_leaf_hashes(leaves))
+    return sign_note(text.format(), origin, keys.log)
+
+
+def _peer_answering(leaves: list[bytes], before: Callable[[], None]) -> httpx.Client:
+    """The peer's consistency proofs over `leaves`; `before` runs as the first one is asked."""
+    calls = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if not calls:
+            calls.append(request)
+            before()
+        first = int(request.url.params["first"])
+        second = int(request.url.params["second"])
+        proof = consistency_proof_from_leaves(first, leaves[:second])
+        return httpx.Response(200, json={"proof": [digest.hex() for digest in proof]})
+
+    return httpx.Client(transport=httpx.MockTransport(handle))
+
+
+def test_two_workers_never_cosign_two_histories(databases: Databases) -> None:
+    url = databases.new("witness")
+    upgrade(url)
+    engine = make_engine(url)
+    sessions = make_session_factory(engine)
+    peer_keys, own_keys = NodeKeys.generate(), NodeKeys.generate()
+
+    def witness(http: httpx.Client, leaves: list[bytes]) -> bool:
+        return witness_receipt_checkpoint(
+            sessions,
+            http,
+            authority=PEER,
+            note=_note(peer_keys, leaves),
+            own_authority="ES/MJ",
+            log_key=own_keys.log,
+        )
+
+    try:
+        with unit_of_work(sessions) as session:
+            session.add(_peer(peer_keys))
+        nobody = httpx.Client(transport=httpx.MockTransport(lambda _: httpx.Response(500)))
+        assert witness(nobody, COMMON)  # the first checkpoint needs no proof
+        # Worker B checks a rewritten history of size 20 against size 10 while worker A
+        # witnesses the real one: B's proof is valid for what B was shown.
+        worker_a = _peer_answering(SHOWN_TO_A, lambda: None)
+        worker_b = _peer_answering(SHOWN_TO_B, lambda: witness(worker_a, SHOWN_TO_A))
+        assert not witness(worker_b, SHOWN_TO_B)
+        with unit_of_work(sessions) as session:
+            cosigned = session.execute(
+                select(WitnessedCheckpoint.size, WitnessedCheckpoint.root_hash).order_by(
+                    WitnessedCheckpoint.size
+                )
+            ).all()
+            alarms = list(session.scalars(select(WitnessAlarm.reason)))
+        assert [tuple(row) for row in cosigned] == [
+            (10, root_from_leaf_hashes(COMMON)),
+            (20, root_from_leaf_hashes(SHOWN_TO_A)),
+        ]
+        assert alarms == ["two roots for size 20"]
+    finally:
+        engine.dispose()
