@@ -2,9 +2,11 @@
 
 A blob is kept while any row names it: a stored message's part (`blob_parts`), an upload of
 a draft (`evidence_uploads`) or a part already received of an inbound transfer. A staging
-upload is kept while its draft is open or its inbound transfer exists. Everything else older
-than `evidence_orphan_hours` goes; the grace period covers a blob finalised whose row is not
-yet committed.
+upload is kept while its draft is open or its inbound transfer is live: a transfer whose
+envelope expired more than the grace period ago was abandoned by its sender, and what it
+received goes (were it resumed, its parts would be asked for again, never receipted).
+Everything else older than `evidence_orphan_hours` goes; the grace period covers a blob
+finalised whose row is not yet committed.
 
 `OrphanSweep` runs it from a node's background loop, at most once per period: the pass
 only reads rows and removes files, and is safe to run in several processes at once (a file
@@ -16,10 +18,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from datetime import timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.crypto.encoding import utc_now
 from app.db import unit_of_work
 from app.evidence.blobstore import DirectoryBlobStore
 from app.evidence.inbound import transfer_header
@@ -43,11 +47,14 @@ def cleanup_orphans(
         session.scalars(select(EvidenceDraft.id).where(EvidenceDraft.state == "open"))
     )
     transfers: set[str] = set()
+    abandoned_before = utc_now() - timedelta(hours=older_than_hours)
     for transfer in session.scalars(select(InboundTransfer)):
+        header = transfer_header(transfer)
+        if header.expires_at < abandoned_before:
+            continue  # its envelope expired long ago: a sender that gave up, not a slow link
         transfers.add(transfer.msg_id)
         # Parts already received of a transfer still under way: no row names them until the
         # last part arrives, which may be days later on a slow or broken link.
-        header = transfer_header(transfer)
         referenced.update(header.parts[index].sha256 for index in range(1, transfer.parts_done + 1))
 
     def upload_is_live(upload_id: str) -> bool:

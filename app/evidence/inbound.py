@@ -392,6 +392,14 @@ def complete(
     session: Session, node: Node, transfer: InboundTransfer, header: env.Header
 ) -> Accepted:
     """Steps 31 on, then store the message with its parts in the blob store, and the receipt."""
+    existing = stored_message(session, header.msg_id)
+    if existing is not None:
+        # The same message id arrived meanwhile on the inline route (a sender may change how
+        # it carries an envelope between attempts): that copy's receipt, if it is this one.
+        if existing.direction == "inbound" and existing.envelope_hash == transfer.envelope_hash:
+            session.delete(transfer)
+            return Accepted(receipt=_stored_receipt(session, existing), created=False)
+        raise _refuse("replayed", "this message id was already used for another envelope", 409)
     try:
         opened = _manifest(header, transfer.manifest_part, _content_key(node, header))
     except env.EnvelopeError as exc:

@@ -14,13 +14,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Path, Request, Response
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from app.audit.log import record_alone
+from app.audit.log import record
 from app.crypto import envelope as env
 from app.db import unit_of_work
-from app.deps import PEER_SIGNED, NodeDep, source_address
+from app.deps import PEER_SIGNED, NodeDep, record_p2p_refusal, source_address
 from app.errors import EnvelopeRefused
 from app.evidence import inbound
 from app.evidence.blobstore import UploadBusy
@@ -38,8 +39,14 @@ _receivers = inbound.ReceiverCache()
 
 
 def _announce(node: NodeDep, wire: object) -> inbound.Announced:
-    with unit_of_work(node.sessions) as session:
-        return inbound.announce(session, node, blob_store(node.settings), wire=wire)
+    try:
+        with unit_of_work(node.sessions) as session:
+            return inbound.announce(session, node, blob_store(node.settings), wire=wire)
+    except IntegrityError:
+        # Two copies of one announcement raced past the check for a transfer (PostgreSQL,
+        # parallel retries): the loser rolled back, and a second look finds the winner's.
+        with unit_of_work(node.sessions) as session:
+            return inbound.announce(session, node, blob_store(node.settings), wire=wire)
 
 
 @router.post(
@@ -87,15 +94,22 @@ async def part_offset(msg_id: MsgId, index: Index, node: NodeDep) -> Response:
     return Response(status_code=204, headers=_headers(target.offset, target.length))
 
 
-def _refused_part(node: NodeDep, msg_id: str, index: int, refusal: EnvelopeRefused) -> None:
-    record_alone(
-        node.sessions,
-        actor="peer:unknown",
-        action="envelope.refused",
-        outcome=refusal.code,
-        msg_id=msg_id,
-        details={"code": refusal.code, "detail": refusal.detail, "part": index},
-    )
+def _refused_part(
+    node: NodeDep, msg_id: str, index: int, refusal: EnvelopeRefused, source: str
+) -> None:
+    """Counted against the sending address like any refused envelope (a part needs no
+    signature of its own: anyone who knows a message id can send one), and audited until
+    that address is throttled."""
+    with unit_of_work(node.sessions) as session:
+        if record_p2p_refusal(session, node, source):
+            record(
+                session,
+                actor="peer:unknown",
+                action="envelope.refused",
+                outcome=refusal.code,
+                msg_id=msg_id,
+                details={"code": refusal.code, "detail": refusal.detail, "part": index},
+            )
 
 
 def _completed(
@@ -152,7 +166,9 @@ async def put_part(
             keep = False
             refusal = EnvelopeRefused(exc.code, exc.detail)
             store.discard_upload(inbound.receive_upload_id(msg_id, index))
-            await run_in_threadpool(_refused_part, node, msg_id, index, refusal)
+            await run_in_threadpool(
+                _refused_part, node, msg_id, index, refusal, source_address(request)
+            )
             raise refusal from exc
         if not receiver.complete:
             offset = await run_in_threadpool(receiver.checkpoint)
@@ -163,7 +179,9 @@ async def put_part(
                 _completed, node, msg_id, index, receiver, receiver.opened_at
             )
         except EnvelopeRefused as refusal:  # steps 31 on: content, conversation, lifecycle
-            await run_in_threadpool(_refused_part, node, msg_id, index, refusal)
+            await run_in_threadpool(
+                _refused_part, node, msg_id, index, refusal, source_address(request)
+            )
             raise
     finally:
         if keep:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
-from app.crypto.encoding import b64d
+from app.crypto.encoding import b64d, utc_now
 from app.crypto.envelope import parse_header
 from app.crypto.keys import NodeIdentity, NodeKeys
 from app.db import make_engine
@@ -117,9 +117,13 @@ def test_the_sweep_runs_once_per_period(databases: Databases, tmp_path: Path) ->
         engine.dispose()
 
 
-def _transfer_under_way(parts_done: int) -> tuple[InboundTransfer, list[bytes]]:
-    """An inbound transfer of two attachments, as announced, and its parts' ciphertexts."""
-    wire = seal(attachments=[b"first attachment", b"second attachment"]).to_wire()
+def _transfer_under_way(
+    parts_done: int, *, sent: datetime | None = None
+) -> tuple[InboundTransfer, list[bytes]]:
+    """An inbound transfer of two attachments (sealed now, for seven days, unless `sent`
+    says when), as announced, and its parts' ciphertexts."""
+    attachments = [b"first attachment", b"second attachment"]
+    wire = seal(attachments=attachments, created_at=sent or utc_now()).to_wire()
     header = b64d(wire["header"])
     transfer = InboundTransfer(
         msg_id=parse_header(header, 3).msg_id,
@@ -154,6 +158,31 @@ def test_parts_received_of_a_transfer_under_way_are_kept(
             assert cleanup_orphans(session, store, older_than_hours=72) == (0, 1)
         assert store.exists(received)
         assert not store.exists(orphan)
+    finally:
+        Base.metadata.drop_all(engine)
+        engine.dispose()
+
+
+def test_what_an_abandoned_transfer_received_goes(databases: Databases, tmp_path: Path) -> None:
+    engine = make_engine(databases.new())
+    Base.metadata.create_all(engine)
+    store = DirectoryBlobStore(tmp_path / "blobs")
+    # Sealed 20 days ago for 7: its envelope expired 13 days ago, long past the grace period.
+    transfer, parts = _transfer_under_way(parts_done=1, sent=utc_now() - timedelta(days=20))
+    received = _blob(store, parts[1])
+    staged = f"in-{transfer.msg_id}-2"
+    with store.upload(staged) as upload:
+        upload.write(b"partial")
+    old = time.time() - 100 * 3600
+    for path in [*store.uploads.iterdir(), *store.blobs.glob("*/*/*")]:
+        os.utime(path, (old, old))
+    try:
+        with Session(engine) as session:
+            session.add(transfer)
+            session.commit()
+            assert cleanup_orphans(session, store, older_than_hours=72) == (1, 1)
+        assert not store.exists(received)
+        assert not store.upload_exists(staged)
     finally:
         Base.metadata.drop_all(engine)
         engine.dispose()

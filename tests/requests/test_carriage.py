@@ -1,0 +1,61 @@
+"""One envelope, two carriages: a sender may post inline an envelope whose streamed transfer
+it had begun. The transfer's last part then finds the message stored: it answers with that
+receipt. It used to refuse it (409 unknown_conversation for a request, and for a message the
+unique message id, a 500 on every retry), though the envelope had been accepted."""
+
+from __future__ import annotations
+
+import json
+
+from app.crypto.encoding import b64d
+from tests.requests.conftest import Harness, example_document
+
+
+def test_an_envelope_received_inline_during_its_transfer_is_receipted_once(
+    fresh_ar: Harness,
+) -> None:
+    ar = fresh_ar
+    envelope = ar._seal({"kind": "request", "document": example_document()}, None, None)
+    wire = envelope.to_wire()
+    msg_id = json.loads(envelope.header)["msg_id"]
+    announced = ar.http.post(
+        "/p2p/v1/evidence/envelopes", json={**wire, "parts": wire["parts"][:1]}
+    )
+    assert announced.status_code == 202, announced.text
+    inline = ar.post_envelope(envelope)
+    assert inline.status_code == 201, inline.text
+    part = b64d(wire["parts"][1])
+    last = ar.http.put(
+        f"/p2p/v1/evidence/envelopes/{msg_id}/parts/1",
+        content=part,
+        headers={"upload-offset": "0", "content-type": "application/octet-stream"},
+    )
+    assert last.status_code in (200, 201), last.text
+    assert last.json() == inline.json()  # the one receipt, for the one message
+    assert ar.messages(msg_id) == 1
+    again = ar.http.post("/p2p/v1/evidence/envelopes", json={**wire, "parts": wire["parts"][:1]})
+    assert (again.status_code, again.json()) == (200, inline.json())
+
+
+def test_bad_parts_from_one_address_are_counted_and_throttled(fresh_ar: Harness) -> None:
+    ar = fresh_ar
+    ar.node.settings.p2p_refusal_limit = 3  # this test's node only
+    envelope = ar._seal({"kind": "request", "document": example_document()}, None, None)
+    wire = envelope.to_wire()
+    msg_id = json.loads(envelope.header)["msg_id"]
+    announced = ar.http.post(
+        "/p2p/v1/evidence/envelopes", json={**wire, "parts": wire["parts"][:1]}
+    )
+    assert announced.status_code == 202, announced.text
+    garbage = bytes(len(b64d(wire["parts"][1])))  # the right length, not the right bytes
+    statuses = [
+        ar.http.put(
+            f"/p2p/v1/evidence/envelopes/{msg_id}/parts/1",
+            content=garbage,
+            headers={"upload-offset": "0", "content-type": "application/octet-stream"},
+        ).status_code
+        for _ in range(5)
+    ]
+    assert statuses[:3] == [400, 400, 400]
+    assert statuses[-1] == 429  # as for any refused envelope from that address
+    assert len(ar.audit("envelope.refused")) == 3  # then only counted
