@@ -19,6 +19,7 @@ from app.audit.merkle import (
     RangeHasher,
     consistency_proof,
     inclusion_proof,
+    leaf_hash,
     range_hasher_from_nodes,
     root_from_leaf_hashes,
 )
@@ -175,7 +176,9 @@ def _rarest_filter(
 
 def entry_view(entry: AuditEntry) -> dict[str, Any]:
     fields: dict[str, Any] = json.loads(entry.entry)
-    return {**fields, "leaf_hash": entry.leaf_hash.hex()}
+    # From the bytes shown, not the stored column: entry bytes altered in the database with
+    # their column left alone then fail the auditor's inclusion proof instead of passing it.
+    return {**fields, "leaf_hash": leaf_hash(entry.entry).hex()}
 
 
 def _node_reader(session: Session) -> RangeHasher:
@@ -226,7 +229,7 @@ def prove_inclusion(session: Session, *, index: int, size: int | None) -> dict[s
     return {
         "index": index,
         "tree_size": tree_size,
-        "leaf_hash": entry.leaf_hash.hex(),
+        "leaf_hash": leaf_hash(entry.entry).hex(),  # as entry_view: from the bytes
         "proof": [digest.hex() for digest in proof],
     }
 

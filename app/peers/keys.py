@@ -112,8 +112,15 @@ def apply_rotation(
     peer.signing_key = identity.signing.public_key
     peer.encryption_kid = identity.encryption.kid
     peer.encryption_key = identity.encryption.public_key
-    peer.log_kid = identity.log.kid
-    peer.log_key = identity.log.public_key
+    # A log key never rotates (protocol.md §5.4): witnesses check every checkpoint of the
+    # peer's log with the one pinned. A rotation that also changes it is followed for the
+    # other keys only; an operator who pins the peer again takes the new log key (§5.3).
+    log_key_kept = identity.log.public_key != peer.log_key
+    if log_key_kept:
+        log.warning(
+            "%s rotated its keys and published another log key: the pinned one is kept",
+            authority,
+        )
     peer.identity_document = identity.document
     peer.identity_signature = identity.signature
     peer.updated_at = now
@@ -130,6 +137,11 @@ def apply_rotation(
             "new_encryption_kid": peer.encryption_kid,
             "rotations": len(path),
             "fingerprint": peer.fingerprint,
+            **(
+                {"log_key": "kept: the rotation changed it, which §5.4 forbids"}
+                if log_key_kept
+                else {}
+            ),
         },
     )
 

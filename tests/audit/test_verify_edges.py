@@ -10,8 +10,16 @@ from sqlalchemy import select
 
 from app.audit.checkpoints import log_origin, log_verifier, log_verifier_key, sign_checkpoint
 from app.audit.log import record
+from app.audit.merkle import leaf_hash, verify_inclusion
 from app.audit.note import Checkpoint, sign_note
-from app.audit.service import EXPORT_CHECKPOINTS, EXPORT_ENTRIES, EXPORT_KEY, verify_export
+from app.audit.service import (
+    EXPORT_CHECKPOINTS,
+    EXPORT_ENTRIES,
+    EXPORT_KEY,
+    entry_view,
+    prove_inclusion,
+    verify_export,
+)
 from app.audit.verify import LogVerifier
 from app.crypto.keys import NodeKeys
 from app.db import make_engine, make_session_factory, unit_of_work
@@ -74,3 +82,36 @@ def test_a_checkpoint_of_the_empty_log_must_have_its_root() -> None:
     empty_root = LogVerifier(verifier, origin, []).finish().root
     right = Checkpoint(origin=origin, size=0, root_hash=empty_root).format()
     assert LogVerifier(verifier, origin, [sign_note(right, origin, keys.log)]).finish().ok
+
+
+def test_an_entry_altered_in_the_database_fails_its_inclusion_proof(tmp_path: Path) -> None:
+    """Someone with SQL access edits an entry's bytes and leaves its leaf_hash column: the
+    API shows the edited entry, and its proof must not verify (it did, with the column)."""
+    keys = NodeKeys.generate()
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    sessions = make_session_factory(engine)
+    try:
+        with unit_of_work(sessions) as session:
+            for number in range(8):
+                record(
+                    session, actor="client:officer", action="request.read", details={"n": number}
+                )
+            note = sign_checkpoint(session, authority_id=AUTHORITY, log_key=keys.log).note
+        root = Checkpoint.parse(note.split("\n\n")[0] + "\n").root_hash
+        with unit_of_work(sessions) as session:
+            entry = session.get(AuditEntry, 5)
+            assert entry is not None
+            entry.entry = entry.entry.replace(b"client:officer", b"client:nobodyx")
+        with unit_of_work(sessions) as session:
+            entry = session.get(AuditEntry, 5)
+            assert entry is not None
+            shown = entry_view(entry)
+            proof = prove_inclusion(session, index=5, size=8)
+        assert shown["actor"] == "client:nobodyx"
+        assert proof["leaf_hash"] == shown["leaf_hash"] == leaf_hash(entry.entry).hex()
+        hashes = [bytes.fromhex(item) for item in proof["proof"]]
+        assert not verify_inclusion(bytes.fromhex(shown["leaf_hash"]), 5, 8, hashes, root)
+    finally:
+        engine.dispose()

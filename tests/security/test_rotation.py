@@ -248,11 +248,11 @@ def _envelope_from(keys: NodeKeys, recipient: LocalNode) -> dict[str, Any]:
     ).to_wire()
 
 
-def _rotation(old: NodeKeys, new: NodeKeys, signer: SigningKey) -> Rotation:
+def _rotation(old: NodeKeys, new: NodeKeys, signer: SigningKey, seq: int = 1) -> Rotation:
     """A rotation statement from `old` to `new`, signed by `signer` (forged unless old's)."""
     genuine = make_rotation(
         authority_id="IT/MG",
-        seq=1,
+        seq=seq,
         old_signing=old.signing,
         old_encryption=old.encryption,
         new_signing=new.signing,
@@ -324,5 +324,29 @@ def test_forged_rotation_is_refused_and_the_genuine_one_followed(
         with es.client("admin") as http:
             peers = {peer["authority_id"]: peer for peer in http.get("/api/v1/admin/peers").json()}
         assert peers["IT/MG"]["signing_kid"] == second.signing_kid
+
+        # A genuine rotation that also changes the log key, which §5.4 forbids: the signing
+        # and encryption keys are followed, the pinned log key is kept (witnesses go on
+        # checking the peer's checkpoints with it), and the audit entry says so.
+        third = NodeKeys.generate()
+        assert third.log_kid != first.log_kid
+        server.document = _document(
+            NodeKeys(third.signing, third.encryption, third.log, rotations=()),
+            server.url,
+            rotations=[
+                _rotation(first, second, first.signing).to_wire(),
+                _rotation(second, third, second.signing, seq=2).to_wire(),
+            ],
+        )
+        response = httpx.post(
+            es.url + "/p2p/v1/envelopes", json=_envelope_from(third, es), timeout=30
+        )
+        assert response.status_code == 201, response.text
+        with es.client("admin") as http:
+            peers = {peer["authority_id"]: peer for peer in http.get("/api/v1/admin/peers").json()}
+        assert peers["IT/MG"]["signing_kid"] == third.signing_kid
+        assert peers["IT/MG"]["log_kid"] == first.log_kid
+        last = [entry for outcome, entry in audit(es, "peer.keys_changed") if outcome == "ok"][-1]
+        assert last["log_key"].startswith("kept")
     finally:
         server.close()
