@@ -25,6 +25,7 @@ from app.audit.merkle import (
 )
 from app.audit.note import parse_verifier_key
 from app.audit.verify import LogVerifier, Problem, Report
+from app.crypto.encoding import format_time
 from app.errors import BadRequest, NotFound
 from app.models import AuditCheckpoint, AuditEntry, AuditIndex, AuditNode
 from app.node import Node
@@ -284,7 +285,72 @@ def verify_database(
         report.problems.append(
             Problem(report.entries - 1, "the log head's root differs from the entries' root")
         )
+    report.problems.extend(_column_problems(session))
     return report
+
+
+# The columns queries and proofs read beside an entry's bytes, named as in the entry.
+_ENTRY_COLUMNS = ("actor", "action", "outcome", "request_id", "msg_id", "peer")
+_INDEX_COLUMNS = ("actor", "action", "outcome", "request_id", "peer")
+
+
+def _listed(names: list[str]) -> str:
+    return f"{', '.join(names)} {'differs' if len(names) == 1 else 'differ'} from"
+
+
+def _column_problems(session: Session) -> Iterator[Problem]:
+    """Entries whose stored columns say something else than their bytes.
+
+    The bytes are what the checkpoints sign; the columns and the query index are what the
+    auditor's filters and proofs read. Someone with SQL access who edits a column (or an
+    index row) but not the bytes leaves the signed log intact, and makes an entry vanish from
+    `?request_id=…` or show under another actor: the main pass cannot see that, this one does.
+    """
+    entry_table, index_table = AuditEntry.__table__, AuditIndex.__table__
+    entries, index = entry_table.c, index_table.c
+    statement = (
+        select(
+            entries.idx,
+            entries.entry,
+            entries.leaf_hash,
+            entries.recorded_at,
+            *(entries[name] for name in _ENTRY_COLUMNS),
+            index.idx.label("indexed"),
+            index.recorded_at.label("indexed_at"),
+            *(index[name].label(f"indexed_{name}") for name in _INDEX_COLUMNS),
+        )
+        .select_from(entry_table.outerjoin(index_table, index.idx == entries.idx))
+        .order_by(entries.idx)
+    )
+    indexed = indexed_size(session)
+    for row in session.execute(statement.execution_options(yield_per=READ_CHUNK)):
+        try:
+            fields = json.loads(row.entry)
+        except ValueError:
+            continue  # the main pass names it
+        if not isinstance(fields, dict):
+            continue
+        differ = [name for name in _ENTRY_COLUMNS if getattr(row, name) != fields.get(name)]
+        if format_time(row.recorded_at) != fields.get("time"):
+            differ.append("recorded_at")
+        if row.leaf_hash != leaf_hash(row.entry):
+            differ.append("leaf_hash")
+        if differ:
+            yield Problem(row.idx, f"entry {row.idx}: its stored {_listed(differ)} its bytes")
+        if row.indexed is None:
+            if row.idx < indexed:
+                yield Problem(row.idx, f"entry {row.idx} is missing from the query index")
+            continue
+        differ = [
+            name for name in _INDEX_COLUMNS if getattr(row, f"indexed_{name}") != fields.get(name)
+        ]
+        if format_time(row.indexed_at) != fields.get("time"):
+            differ.append("recorded_at")
+        if differ:
+            yield Problem(
+                row.idx,
+                f"entry {row.idx}: the query index's {_listed(differ)} its bytes",
+            )
 
 
 READ_CHUNK = 20_000  # rows per fetch from the database

@@ -22,6 +22,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.audit.checkpoints import sign_checkpoint
+from app.audit.index import index_entries
 from app.audit.log import record
 from app.audit.merkle import leaf_hash
 from app.audit.service import verify_database
@@ -29,7 +30,7 @@ from app.crypto.encoding import canonical_json
 from app.crypto.keys import NodeIdentity, NodeKeys, save_identity, save_keys
 from app.db import make_engine, make_session_factory, unit_of_work
 from app.migrate import ROOT, upgrade
-from app.models import AuditCheckpoint, AuditEntry
+from app.models import AuditCheckpoint, AuditEntry, AuditIndex
 from tests.conftest import Databases
 
 AUTHORITY = "ES/MJ"
@@ -182,6 +183,36 @@ def test_every_random_tampering_is_detected_and_located(log: Log) -> None:
             session.close()
     assert len(seen) == len(TAMPERS)
     assert sum(seen.values()) >= 100
+
+
+def test_columns_edited_beside_intact_bytes_are_detected(log: Log) -> None:
+    """The signed bytes intact, what queries and proofs read edited: an entry hidden from
+    `?request_id=`, filed under another actor, or served with a leaf hash of other bytes."""
+    with unit_of_work(log.sessions) as session:
+        index_entries(session, start=0, end=ENTRIES)
+    edits = {
+        5: update(AuditEntry).where(AuditEntry.idx == 5).values(request_id=None),
+        7: update(AuditIndex).where(AuditIndex.idx == 7).values(request_id=None),
+        9: update(AuditEntry).where(AuditEntry.idx == 9).values(leaf_hash=b"\0" * 32),
+        11: update(AuditIndex).where(AuditIndex.idx == 11).values(actor="client:someone"),
+        13: delete(AuditIndex).where(AuditIndex.idx == 13),
+    }
+    expected = {
+        5: "entry 5: its stored request_id differs from its bytes",
+        7: "entry 7: the query index's request_id differs from its bytes",
+        9: "entry 9: its stored leaf_hash differs from its bytes",
+        11: "entry 11: the query index's actor differs from its bytes",
+        13: "entry 13 is missing from the query index",
+    }
+    for idx, edit in edits.items():
+        session = log.sessions()
+        try:
+            session.execute(edit)
+            session.flush()
+            assert _verify(session, log.keys) == (idx, expected[idx])
+        finally:
+            session.rollback()
+            session.close()
 
 
 def test_cli_verify_db_names_the_first_bad_entry(log: Log, tmp_path: Path) -> None:
