@@ -36,6 +36,8 @@ router = APIRouter(prefix="/p2p/v1/evidence", tags=["p2p"], dependencies=[Depend
 MsgId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
 Index = Annotated[int, Path(ge=1, le=63)]
 _receivers = inbound.ReceiverCache()
+# Checks of a whole part, made once every chunk has opened (app/evidence/stream.py).
+WHOLE_PART_CHECKS = frozenset({"part_hash_mismatch", "manifest_mismatch"})
 
 
 def _announce(node: NodeDep, wire: object) -> inbound.Announced:
@@ -165,7 +167,13 @@ async def put_part(
         except env.EnvelopeError as exc:
             keep = False
             refusal = EnvelopeRefused(exc.code, exc.detail)
-            store.discard_upload(inbound.receive_upload_id(msg_id, index))
+            if exc.code in WHOLE_PART_CHECKS:
+                # Every chunk opened, yet the whole part is not what the header and manifest
+                # say: made so by whoever holds the content key. Start it again.
+                store.discard_upload(inbound.receive_upload_id(msg_id, index))
+            # Otherwise a chunk failed (bytes that do not open, or past the part's end): it
+            # was never stored, and the chunks before it are authentic. Kept, so that anyone
+            # who knows the message id cannot undo the sender's progress with a bad chunk.
             await run_in_threadpool(
                 _refused_part, node, msg_id, index, refusal, source_address(request)
             )

@@ -6,8 +6,14 @@ unique message id, a 500 on every retry), though the envelope had been accepted.
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 
-from app.crypto.encoding import b64d
+import httpx
+
+from app.crypto.encoding import b64d, utc_now
+from app.crypto.envelope import Attachment, Recipient, seal
+from app.crypto.randomness import SystemRandomness
+from app.evidence.stream import CIPHER_CHUNK
 from tests.requests.conftest import Harness, example_document
 
 
@@ -59,3 +65,41 @@ def test_bad_parts_from_one_address_are_counted_and_throttled(fresh_ar: Harness)
     assert statuses[:3] == [400, 400, 400]
     assert statuses[-1] == 429  # as for any refused envelope from that address
     assert len(ar.audit("envelope.refused")) == 3  # then only counted
+
+
+def test_a_bad_chunk_from_anyone_keeps_the_chunks_stored_before_it(fresh_ar: Harness) -> None:
+    ar = fresh_ar
+    evidence = bytes(range(256)) * (10 * 1024)  # 2.5 MiB: three chunks
+    envelope = seal(
+        sender_keys=ar.peer_keys,
+        sender_authority="ES/MJ",
+        recipient=Recipient("AR/MPF", ar.node.keys.encryption_public),
+        content={"kind": "request", "document": example_document()},
+        attachments=[Attachment("ledger.bin", "application/octet-stream", evidence)],
+        conversation_id=None,
+        in_reply_to=None,
+        created_at=utc_now(),
+        ttl=timedelta(days=1),
+        randomness=SystemRandomness(),
+    )
+    wire = envelope.to_wire()
+    msg_id = json.loads(envelope.header)["msg_id"]
+    url = f"/p2p/v1/evidence/envelopes/{msg_id}/parts/1"
+    part = b64d(wire["parts"][1])
+    announced = ar.http.post(
+        "/p2p/v1/evidence/envelopes", json={**wire, "parts": wire["parts"][:1]}
+    )
+    assert announced.status_code == 202, announced.text
+
+    def put(offset: int, body: bytes) -> httpx.Response:
+        headers = {"upload-offset": str(offset), "content-type": "application/octet-stream"}
+        return ar.http.put(url, content=body, headers=headers)
+
+    two = 2 * CIPHER_CHUNK
+    assert put(0, part[:two]).headers["upload-offset"] == str(two)  # the sender's progress
+    refused = put(two, bytes(len(part) - two))  # zeros for the last chunk, from anyone
+    assert (refused.status_code, refused.json()["error"]) == (400, "decrypt_failed")
+    assert ar.http.head(url).headers["upload-offset"] == str(two)  # was 0: sent again
+    done = put(two, part[two:])
+    assert done.status_code == 201, done.text
+    assert len(ar.audit("evidence.part_received")) == 1
