@@ -627,6 +627,11 @@ def restore(
     report = summary.report
     if report.first is not None:
         typer.secho(f"audit log FAILED verification: {report.first.message}", err=True)
+        typer.echo(
+            "the restore is recorded in the log as having failed (node.restored, log_failed); "
+            "keep the backup as evidence, and do not start the node before you know why",
+            err=True,
+        )
         raise typer.Exit(code=1)
     typer.echo(
         f"audit log verified: {report.entries} entries, {report.checkpoints} signed checkpoints; "

@@ -424,17 +424,23 @@ def restore_backup(
                 log_public=node.keys.log_public,
                 earlier=archive.manifest.get("audit_checkpoint"),
             )
+            details: dict[str, object] = {
+                "backup_created_at": str(archive.manifest.get("created_at")),
+                "entries": report.entries,
+                "keys_restored": keys_restored,
+            }
+            if report.first is not None:
+                details["first_problem"] = report.first.message
+            # Recorded either way: a restore whose log fails is a fact for the next auditor
+            # too. Only a log that verified gets a checkpoint signed over it.
+            record(
+                session,
+                actor=actor,
+                action="node.restored",
+                outcome="ok" if report.ok else "log_failed",
+                details=details,
+            )
             if report.ok:
-                record(
-                    session,
-                    actor=actor,
-                    action="node.restored",
-                    details={
-                        "backup_created_at": str(archive.manifest.get("created_at")),
-                        "entries": report.entries,
-                        "keys_restored": keys_restored,
-                    },
-                )
                 sign_checkpoint(session, authority_id=node.authority_id, log_key=node.keys.log)
     finally:
         node.close()

@@ -9,7 +9,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from app.audit.log import record
 from app.audit.service import verify_database
@@ -201,6 +201,32 @@ def test_a_damaged_backup_is_refused_before_anything_is_written(tmp_path: Path) 
     with pytest.raises(BackupError, match=r"audit_entries\.jsonl in the backup is damaged"):
         restore_into(databases.new("fresh"), fresh_keys, damaged, PASSPHRASE.encode())
     assert not fresh_keys.exists()
+
+
+def test_a_restore_whose_log_fails_is_recorded_as_failed(tmp_path: Path) -> None:
+    databases = make_databases("sqlite", tmp_path)
+    node = _initialised(tmp_path, databases.new("es"))
+    engine = make_engine(node.database_url)
+    try:  # the log altered before the backup was taken: the backup itself is intact
+        with engine.begin() as connection:
+            entry = connection.scalar(select(AuditEntry.entry).where(AuditEntry.idx == 0))
+            altered = entry.replace(b"key.created", b"key.deleted", 1)
+            connection.execute(update(AuditEntry).where(AuditEntry.idx == 0).values(entry=altered))
+    finally:
+        engine.dispose()
+    archive = backup_of(node, tmp_path / "altered.tar.gz", PASSPHRASE.encode())
+    fresh = databases.new("fresh")
+    report = restore_into(fresh, tmp_path / "fresh" / "keys", archive, PASSPHRASE.encode())
+    assert not report.ok
+    engine = make_engine(fresh)
+    try:
+        with engine.connect() as connection:
+            last = connection.execute(
+                select(AuditEntry.action, AuditEntry.outcome).order_by(AuditEntry.idx.desc())
+            ).first()
+    finally:
+        engine.dispose()
+    assert tuple(last or ()) == ("node.restored", "log_failed")
 
 
 def test_a_sqlite_node_moves_to_postgresql_by_backup_and_restore(tmp_path: Path) -> None:
