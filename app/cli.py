@@ -627,9 +627,14 @@ def restore(
     report = summary.report
     if report.first is not None:
         typer.secho(f"audit log FAILED verification: {report.first.message}", err=True)
+        recorded = (
+            "the restore is recorded in the log as having failed (node.restored, log_failed)"
+            if summary.recorded
+            else "the log is too damaged to record the restore in it"
+        )
         typer.echo(
-            "the restore is recorded in the log as having failed (node.restored, log_failed); "
-            "keep the backup as evidence, and do not start the node before you know why",
+            f"{recorded}; keep the backup as evidence, and do not start the node before you "
+            "know why",
             err=True,
         )
         raise typer.Exit(code=1)

@@ -327,12 +327,20 @@ def _check_peer(
             f"keys, `entraide peers refresh {authority}` follows the signed rotation; if that "
             "fails, treat it as an impersonation and check the fingerprint out of band",
         )
-    elif identity.encryption.kid != encryption_kid or identity.log.kid != log_kid:
+    elif identity.encryption.kid != encryption_kid:
         yield Finding(
             WARN,
             area,
             "has published new keys; the pinned ones are out of date: "
             f"`entraide peers refresh {authority}`",
+        )
+    elif identity.log.kid != log_kid:
+        yield Finding(
+            WARN,
+            area,
+            "publishes another log key than the pinned one, which a rotation never changes "
+            "(its checkpoints no longer verify here): ask its operator why; pinning it again "
+            "(`entraide peers add URL --fingerprint …`) takes the new one",
         )
     else:
         yield Finding(OK, area, f"reachable at {url}, keys current")

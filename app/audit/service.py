@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
@@ -289,13 +290,28 @@ def verify_database(
     return report
 
 
-# The columns queries and proofs read beside an entry's bytes, named as in the entry.
+# The columns queries and proofs read beside an entry's bytes, named as in the entry, in the
+# order `_COLUMNS_QUERY` reads them.
 _ENTRY_COLUMNS = ("actor", "action", "outcome", "request_id", "msg_id", "peer")
 _INDEX_COLUMNS = ("actor", "action", "outcome", "request_id", "peer")
+_COLUMNS_QUERY = (
+    "SELECT e.idx, e.entry, e.leaf_hash, e.recorded_at,"
+    " e.actor, e.action, e.outcome, e.request_id, e.msg_id, e.peer,"
+    " i.idx, i.recorded_at, i.actor, i.action, i.outcome, i.request_id, i.peer"
+    " FROM audit_entries e LEFT JOIN audit_index i ON i.idx = e.idx ORDER BY e.idx"
+)
 
 
 def _listed(names: list[str]) -> str:
     return f"{', '.join(names)} {'differs' if len(names) == 1 else 'differ'} from"
+
+
+def _entry_time(value: object) -> str:
+    """A stored `recorded_at` as the entry spells its time (to the second, UTC)."""
+    if isinstance(value, datetime):  # PostgreSQL: timestamptz
+        return format_time(value)
+    text = str(value)  # SQLite: naive UTC text, "YYYY-MM-DD HH:MM:SS[.ffffff]"
+    return f"{text[:10]}T{text[11:19]}Z"
 
 
 def _column_problems(session: Session) -> Iterator[Problem]:
@@ -305,52 +321,71 @@ def _column_problems(session: Session) -> Iterator[Problem]:
     auditor's filters and proofs read. Someone with SQL access who edits a column (or an
     index row) but not the bytes leaves the signed log intact, and makes an entry vanish from
     `?request_id=…` or show under another actor: the main pass cannot see that, this one does.
+    Straight from the driver, as `_stored_entries`: a row object per entry would cost more
+    than the check.
     """
-    entry_table, index_table = AuditEntry.__table__, AuditIndex.__table__
-    entries, index = entry_table.c, index_table.c
-    statement = (
-        select(
-            entries.idx,
-            entries.entry,
-            entries.leaf_hash,
-            entries.recorded_at,
-            *(entries[name] for name in _ENTRY_COLUMNS),
-            index.idx.label("indexed"),
-            index.recorded_at.label("indexed_at"),
-            *(index[name].label(f"indexed_{name}") for name in _INDEX_COLUMNS),
-        )
-        .select_from(entry_table.outerjoin(index_table, index.idx == entries.idx))
-        .order_by(entries.idx)
+    # Index rows of no entry: one past the log's end makes queries take the entries before
+    # it as indexed already, and hides them from every filter.
+    strays = (
+        select(AuditIndex.idx)
+        .outerjoin(AuditEntry, AuditEntry.idx == AuditIndex.idx)
+        .where(AuditEntry.idx.is_(None))
+        .order_by(AuditIndex.idx)
+        .limit(20)
     )
+    for idx in session.scalars(strays):
+        yield Problem(idx, f"the query index holds an entry {idx} that the log does not")
     indexed = indexed_size(session)
-    for row in session.execute(statement.execution_options(yield_per=READ_CHUNK)):
-        try:
-            fields = json.loads(row.entry)
-        except ValueError:
-            continue  # the main pass names it
-        if not isinstance(fields, dict):
-            continue
-        differ = [name for name in _ENTRY_COLUMNS if getattr(row, name) != fields.get(name)]
-        if format_time(row.recorded_at) != fields.get("time"):
-            differ.append("recorded_at")
-        if row.leaf_hash != leaf_hash(row.entry):
-            differ.append("leaf_hash")
-        if differ:
-            yield Problem(row.idx, f"entry {row.idx}: its stored {_listed(differ)} its bytes")
-        if row.indexed is None:
-            if row.idx < indexed:
-                yield Problem(row.idx, f"entry {row.idx} is missing from the query index")
-            continue
-        differ = [
-            name for name in _INDEX_COLUMNS if getattr(row, f"indexed_{name}") != fields.get(name)
-        ]
-        if format_time(row.indexed_at) != fields.get("time"):
-            differ.append("recorded_at")
-        if differ:
-            yield Problem(
-                row.idx,
-                f"entry {row.idx}: the query index's {_listed(differ)} its bytes",
-            )
+    width = len(_ENTRY_COLUMNS)
+    for rows in _driver_rows(session, _COLUMNS_QUERY, "entraide_audit_columns"):
+        for row in rows:
+            idx, entry = row[0], bytes(row[1])
+            try:
+                fields = orjson.loads(entry)
+            except orjson.JSONDecodeError:
+                continue  # the main pass names it
+            if not isinstance(fields, dict):
+                continue
+            expected = tuple(map(fields.get, _ENTRY_COLUMNS))
+            time = fields.get("time")
+            columns, index_row = row[4 : 4 + width], row[4 + width :]
+            # The usual case, everything as the bytes say, in a few comparisons.
+            if (
+                columns != expected
+                or _entry_time(row[3]) != time
+                or bytes(row[2]) != leaf_hash(entry)
+            ):
+                yield from _entry_problems(idx, entry, row, expected, time)
+            if index_row[0] is None:
+                if idx < indexed:
+                    yield Problem(idx, f"entry {idx} is missing from the query index")
+                continue
+            wanted = tuple(map(fields.get, _INDEX_COLUMNS))
+            if tuple(index_row[2:]) != wanted or _entry_time(index_row[1]) != time:
+                differ = [
+                    name
+                    for name, value, want in zip(_INDEX_COLUMNS, index_row[2:], wanted, strict=True)
+                    if value != want
+                ]
+                if _entry_time(index_row[1]) != time:
+                    differ.append("recorded_at")
+                yield Problem(idx, f"entry {idx}: the query index's {_listed(differ)} its bytes")
+
+
+def _entry_problems(
+    idx: int, entry: bytes, row: tuple[Any, ...], expected: tuple[Any, ...], time: object
+) -> Iterator[Problem]:
+    columns = row[4 : 4 + len(_ENTRY_COLUMNS)]
+    differ = [
+        name
+        for name, value, want in zip(_ENTRY_COLUMNS, columns, expected, strict=True)
+        if value != want
+    ]
+    if _entry_time(row[3]) != time:
+        differ.append("recorded_at")
+    if bytes(row[2]) != leaf_hash(entry):
+        differ.append("leaf_hash")
+    yield Problem(idx, f"entry {idx}: its stored {_listed(differ)} its bytes")
 
 
 READ_CHUNK = 20_000  # rows per fetch from the database
@@ -361,23 +396,30 @@ def _stored_entries(session: Session) -> Iterator[tuple[list[int], list[bytes]]]
     """Every stored entry with its index column, in index order, a chunk at a time.
 
     Straight from the driver: a log has millions of rows, and building a result row object
-    for each would cost more than checking it. On PostgreSQL a server-side cursor streams
-    them (binary, so bytea needs no decoding) instead of loading the whole log at once.
+    for each would cost more than checking it.
     """
+    query = "SELECT idx, entry FROM audit_entries ORDER BY idx"
+    for rows in _driver_rows(session, query, "entraide_audit_verify"):
+        indexes, entries = zip(*rows, strict=True)
+        yield list(indexes), [bytes(entry) for entry in entries]
+
+
+def _driver_rows(session: Session, query: str, name: str) -> Iterator[Sequence[Any]]:
+    """The rows of `query` from the session's own connection, `READ_CHUNK` at a time. On
+    PostgreSQL a server-side cursor (`name`) streams them (binary, so bytea needs no
+    decoding) instead of loading the whole result at once."""
     connection = session.connection()
     dbapi = connection.connection.dbapi_connection
     if dbapi is None:
         raise RuntimeError("the session's connection is closed")
-    query = "SELECT idx, entry FROM audit_entries ORDER BY idx"
     if connection.dialect.name == "postgresql":
-        cursor = dbapi.cursor(name="entraide_audit_verify", binary=True)
+        cursor = dbapi.cursor(name=name, binary=True)
     else:
         cursor = dbapi.cursor()
     try:
         cursor.execute(query)
         while rows := cursor.fetchmany(READ_CHUNK):
-            indexes, entries = zip(*rows, strict=True)
-            yield list(indexes), [bytes(entry) for entry in entries]
+            yield rows
     finally:
         cursor.close()
 

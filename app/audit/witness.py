@@ -180,8 +180,9 @@ def observe(
     """
     session.scalar(select(Peer.id).where(Peer.id == peer.id).with_for_update())
     known = largest_known(session, peer.authority_id)
-    if reason is not None:
-        return _alarm(session, peer, reason, known.note if known else "", observed.note)
+    if reason is not None:  # about the note it was checked against, whatever moved since
+        against = checked_against.note if checked_against else ""
+        return _alarm(session, peer, reason, against, observed.note)
     if (known.id if known else None) != (checked_against.id if checked_against else None):
         raise KnownMoved
     checkpoint = observed.checkpoint

@@ -33,6 +33,7 @@ from typing import IO, Any
 
 from alembic import command
 from alembic.util.exc import CommandError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.audit.checkpoints import sign_checkpoint
@@ -81,6 +82,7 @@ class RestoreSummary:
     tables: dict[str, int]
     keys_restored: bool
     report: Report
+    recorded: bool = True  # False: the log was too damaged to take the restore's entry
 
 
 def _public_keys(node: Node) -> dict[str, str]:
@@ -424,15 +426,40 @@ def restore_backup(
                 log_public=node.keys.log_public,
                 earlier=archive.manifest.get("audit_checkpoint"),
             )
-            details: dict[str, object] = {
-                "backup_created_at": str(archive.manifest.get("created_at")),
-                "entries": report.entries,
-                "keys_restored": keys_restored,
-            }
-            if report.first is not None:
-                details["first_problem"] = report.first.message
-            # Recorded either way: a restore whose log fails is a fact for the next auditor
-            # too. Only a log that verified gets a checkpoint signed over it.
+        recorded = record_restore(
+            node,
+            report,
+            backup_created_at=str(archive.manifest.get("created_at")),
+            keys_restored=keys_restored,
+            actor=actor,
+        )
+    finally:
+        node.close()
+    return RestoreSummary(
+        authority_id=node.authority_id,
+        tables=tables,
+        keys_restored=keys_restored,
+        report=report,
+        recorded=recorded,
+    )
+
+
+def record_restore(
+    node: Node, report: Report, *, backup_created_at: str, keys_restored: bool, actor: str
+) -> bool:
+    """Recorded either way: a restore whose log fails is a fact for the next auditor too.
+    Only a log that verified gets a checkpoint signed over it. False if the log was too
+    damaged to take the entry (its head behind its entries, say): the failed verification
+    is then the whole story, and the command says so."""
+    details: dict[str, object] = {
+        "backup_created_at": backup_created_at,
+        "entries": report.entries,
+        "keys_restored": keys_restored,
+    }
+    if report.first is not None:
+        details["first_problem"] = report.first.message
+    try:
+        with unit_of_work(node.sessions) as session:
             record(
                 session,
                 actor=actor,
@@ -442,11 +469,10 @@ def restore_backup(
             )
             if report.ok:
                 sign_checkpoint(session, authority_id=node.authority_id, log_key=node.keys.log)
-    finally:
-        node.close()
-    return RestoreSummary(
-        authority_id=node.authority_id,
-        tables=tables,
-        keys_restored=keys_restored,
-        report=report,
-    )
+    except Exception as exc:
+        # The log writes through the driver's own cursor: its errors come unwrapped.
+        driver_error = getattr(node.engine.dialect.dbapi, "Error", SQLAlchemyError)
+        if report.ok or not isinstance(exc, (SQLAlchemyError, driver_error)):
+            raise
+        return False
+    return True

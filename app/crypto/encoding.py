@@ -56,7 +56,7 @@ def load_canonical_object(data: bytes) -> dict[str, Any]:
         raise DecodeError("not a JSON object")
     try:
         canonical = canonical_json(value)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # nesting json.loads took, json.dumps not
         raise DecodeError("not representable canonically") from exc
     if canonical != data:
         raise DecodeError("not in canonical form (sorted keys, no spaces, UTF-8)")

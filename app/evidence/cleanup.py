@@ -23,6 +23,7 @@ from datetime import timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.crypto import envelope as env
 from app.crypto.encoding import utc_now
 from app.db import unit_of_work
 from app.evidence.blobstore import DirectoryBlobStore
@@ -47,9 +48,18 @@ def cleanup_orphans(
         session.scalars(select(EvidenceDraft.id).where(EvidenceDraft.state == "open"))
     )
     transfers: set[str] = set()
+    unreadable = False
     abandoned_before = utc_now() - timedelta(hours=older_than_hours)
     for transfer in session.scalars(select(InboundTransfer)):
-        header = transfer_header(transfer)
+        try:
+            header = transfer_header(transfer)
+        except env.EnvelopeError:
+            # Which blobs it received cannot be told: none is removed this time, and the
+            # operator hears of it (the sweep goes on removing abandoned uploads).
+            log.error("evidence cleanup: transfer %s has an unreadable header", transfer.msg_id)
+            transfers.add(transfer.msg_id)
+            unreadable = True
+            continue
         if header.expires_at < abandoned_before:
             continue  # its envelope expired long ago: a sender that gave up, not a slow link
         transfers.add(transfer.msg_id)
@@ -65,7 +75,7 @@ def cleanup_orphans(
         )
 
     return store.cleanup(
-        is_referenced=referenced.__contains__,
+        is_referenced=(lambda _digest: True) if unreadable else referenced.__contains__,
         upload_is_live=upload_is_live,
         older_than_seconds=older_than_hours * 3600,
     )

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from app.audit.log import record
@@ -184,6 +184,8 @@ def announce(session: Session, node: Node, store: DirectoryBlobStore, *, wire: o
     existing = stored_message(session, header.msg_id)
     if existing is not None:
         if existing.direction == "inbound" and existing.envelope_hash == envelope_hash:
+            # A transfer of it begun before it arrived inline is of no further use.
+            session.execute(delete(InboundTransfer).where(InboundTransfer.msg_id == header.msg_id))
             return Announced(
                 Accepted(receipt=_stored_receipt(session, existing), created=False), []
             )

@@ -17,7 +17,7 @@ from starlette.requests import Request
 
 from app.audit.log import record
 from app.crypto import envelope as env
-from app.crypto.encoding import DecodeError, b64d
+from app.crypto.encoding import DecodeError, b64d, load_canonical_object
 from app.db import unit_of_work
 from app.deps import record_p2p_refusal
 from app.errors import EnvelopeRefused
@@ -63,7 +63,10 @@ def claimed_routing(wire: object, *, max_header_bytes: int) -> Claimed:
     if len(encoded) > 4 * (max_header_bytes // 3 + 1):  # base64 of max_header_bytes
         return Claimed()
     try:
-        header = env.parse_header(b64d(encoded), len(wire.get("parts") or []))
+        raw = b64d(encoded)
+        # The header's own part count: an announcement (app/evidence) carries part 0 only.
+        declared = load_canonical_object(raw).get("parts")
+        header = env.parse_header(raw, len(declared) if isinstance(declared, list) else 0)
     except (env.EnvelopeError, DecodeError, TypeError):
         return Claimed()
     return Claimed(header.from_authority[:40], header.msg_id)

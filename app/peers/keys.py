@@ -88,9 +88,16 @@ def remember_current_keys(session: Session, peer: Peer, now: datetime) -> None:
 
 
 def apply_rotation(
-    session: Session, peer: Peer, identity: PeerIdentity, path: list[Rotation], *, actor: str
+    session: Session,
+    peer: Peer,
+    identity: PeerIdentity,
+    path: list[Rotation],
+    *,
+    actor: str,
+    repinned: bool = False,
 ) -> None:
-    """Re-pin `peer` to `identity`'s keys along a verified `path` from the pinned key."""
+    """Re-pin `peer` to `identity`'s keys along a verified `path` from the pinned key.
+    `repinned`: an operator pins the peer again (`pin_peer`), which also takes its log key."""
     now = utc_now()
     authority = peer.authority_id
     old_signing_kid, old_encryption_kid = peer.signing_kid, peer.encryption_kid
@@ -115,7 +122,7 @@ def apply_rotation(
     # A log key never rotates (protocol.md §5.4): witnesses check every checkpoint of the
     # peer's log with the one pinned. A rotation that also changes it is followed for the
     # other keys only; an operator who pins the peer again takes the new log key (§5.3).
-    log_key_kept = identity.log.public_key != peer.log_key
+    log_key_kept = identity.log.public_key != peer.log_key and not repinned
     if log_key_kept:
         log.warning(
             "%s rotated its keys and published another log key: the pinned one is kept",

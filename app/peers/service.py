@@ -56,7 +56,7 @@ def pin_peer(
                 "remove it first or rotate keys through a signed rotation",
                 code="peer_key_conflict",
             )
-        apply_rotation(session, peer, identity, path, actor=actor)
+        apply_rotation(session, peer, identity, path, actor=actor, repinned=True)
     if peer is None:
         peer = Peer(authority_id=identity.authority_id, added_at=now)
         session.add(peer)

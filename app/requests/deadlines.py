@@ -88,8 +88,11 @@ def applicable_limits(
 
 def end_of_day(day: dt.date) -> dt.datetime:
     """A date as a deadline: it is past once that day is over in UTC."""
-    if day == dt.date.max:  # a peer or an officer may send 9999-12-31: it has no next day
-        return dt.datetime.max.replace(tzinfo=dt.UTC)
+    if day == dt.date.max:
+        # 9999-12-31, which a peer or an officer may send, has no next day; and a time near
+        # datetime.max overflows as soon as a PostgreSQL session east of UTC shows it. Its
+        # start is a deadline as far off as any.
+        return dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
     return dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
 
 

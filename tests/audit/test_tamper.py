@@ -15,10 +15,11 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.audit.checkpoints import sign_checkpoint
@@ -196,6 +197,13 @@ def test_columns_edited_beside_intact_bytes_are_detected(log: Log) -> None:
         9: update(AuditEntry).where(AuditEntry.idx == 9).values(leaf_hash=b"\0" * 32),
         11: update(AuditIndex).where(AuditIndex.idx == 11).values(actor="client:someone"),
         13: delete(AuditIndex).where(AuditIndex.idx == 13),
+        ENTRIES + 5: insert(AuditIndex).values(
+            idx=ENTRIES + 5,
+            recorded_at=datetime.now(UTC),
+            actor="client:officer0",
+            action="request.read",
+            outcome="ok",
+        ),
     }
     expected = {
         5: "entry 5: its stored request_id differs from its bytes",
@@ -203,6 +211,7 @@ def test_columns_edited_beside_intact_bytes_are_detected(log: Log) -> None:
         9: "entry 9: its stored leaf_hash differs from its bytes",
         11: "entry 11: the query index's actor differs from its bytes",
         13: "entry 13 is missing from the query index",
+        ENTRIES + 5: f"the query index holds an entry {ENTRIES + 5} that the log does not",
     }
     for idx, edit in edits.items():
         session = log.sessions()

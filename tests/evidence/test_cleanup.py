@@ -199,3 +199,28 @@ def test_a_received_part_whose_blob_is_gone_is_asked_for_again(tmp_path: Path) -
     # Part 1 from its start, part 2 after it: never a receipt for bytes no longer held.
     offsets = [received_offset(store, transfer, header, index, 0) for index in (1, 2)]
     assert offsets == [0, 0]
+
+
+def test_a_transfer_whose_header_cannot_be_read_keeps_every_blob(
+    databases: Databases, tmp_path: Path
+) -> None:
+    engine = make_engine(databases.new())
+    Base.metadata.create_all(engine)
+    store = DirectoryBlobStore(tmp_path / "blobs")
+    transfer, parts = _transfer_under_way(parts_done=1)
+    transfer.header = b"not a header"  # damaged, or written by a version that read it
+    received, orphan = _blob(store, parts[1]), _blob(store, b"named by nothing")
+    old = time.time() - 100 * 3600
+    for path in store.blobs.glob("*/*/*"):
+        os.utime(path, (old, old))
+    try:
+        with Session(engine) as session:
+            session.add(transfer)
+            session.commit()
+            # Which blobs it received cannot be told: none goes, and the sweep goes on.
+            assert cleanup_orphans(session, store, older_than_hours=72) == (0, 0)
+        assert store.exists(received)
+        assert store.exists(orphan)
+    finally:
+        Base.metadata.drop_all(engine)
+        engine.dispose()

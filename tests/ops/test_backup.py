@@ -16,11 +16,11 @@ from app.audit.service import verify_database
 from app.audit.verify import Report
 from app.auth.service import Role, create_client
 from app.backup.sealed import PassphraseError, read_passphrase
-from app.backup.service import BackupError, create_backup, restore_backup
+from app.backup.service import BackupError, create_backup, record_restore, restore_backup
 from app.config import Settings
 from app.db import make_engine, unit_of_work
 from app.localnodes import LocalNode
-from app.models import AuditEntry
+from app.models import AuditEntry, AuditHead
 from app.node import load_node
 from tests.conftest import BACKENDS, make_databases
 from tests.e2e.conftest import EXAMPLE, read_request, submit_example, wait_delivered, wait_for
@@ -261,3 +261,36 @@ def test_a_sqlite_node_moves_to_postgresql_by_backup_and_restore(tmp_path: Path)
         assert "secret" not in json.dumps(manifest)
     finally:
         postgres.drop_all()
+
+
+def test_a_restore_whose_log_cannot_take_an_entry_is_reported_without_crashing(
+    tmp_path: Path,
+) -> None:
+    """A restored log whose head row is behind its entries fails verification, and no
+    entry can be appended on it: the restore says so instead of an IntegrityError."""
+    databases = make_databases("sqlite", tmp_path)
+    node = _initialised(tmp_path, databases.new("es"))
+    settings = Settings(database_url=databases.new("fresh"), keys_dir=tmp_path / "fresh" / "keys")
+    archive = backup_of(node, tmp_path / "good.tar.gz", PASSPHRASE.encode())
+    restore_backup(settings, archive_path=archive, passphrase=PASSPHRASE.encode(), actor="test")
+    restored = load_node(settings)
+    try:
+        with restored.engine.connect() as connection:
+            head = connection.execute(select(AuditHead)).one()._asdict()
+        with unit_of_work(restored.sessions) as session:
+            for number in range(2):
+                record(session, actor="node", action="test.later", details={"n": number})
+        with restored.engine.begin() as connection:
+            connection.execute(update(AuditHead).values(**head))
+        with unit_of_work(restored.sessions) as session:
+            report = verify_database(
+                session, authority_id="ES/MJ", log_public=restored.keys.log_public
+            )
+        assert report.first is not None
+        assert "the log head says" in report.first.message
+        recorded = record_restore(
+            restored, report, backup_created_at="then", keys_restored=True, actor="test"
+        )
+        assert not recorded  # was an IntegrityError out of `entraide restore`
+    finally:
+        restored.close()

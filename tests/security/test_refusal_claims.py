@@ -39,3 +39,18 @@ def test_bodies_that_are_not_json_parse_to_none() -> None:
     assert parse_json(b'{"v": 1}') == {"v": 1}
     for raw in (b"\xff", b"{", b"[" * 100_000, b"1" * 5000):
         assert parse_json(raw) is None
+
+
+def test_an_announcement_names_its_claimed_sender_too() -> None:
+    wire = seal(attachments=[b"evidence", b"more evidence"]).to_wire()
+    announced = {**wire, "parts": wire["parts"][:1]}  # app/evidence: part 0 travels alone
+    assert claimed_routing(announced, max_header_bytes=64 * 1024).sender == fr().authority
+
+
+def test_nesting_deep_enough_to_recurse_claims_nothing_and_raises_nothing() -> None:
+    # A depth that json.loads accepts and json.dumps cannot write back: once a 500 that the
+    # refusal throttle never counted. Every depth around it, in canonical form.
+    for depth in range(3000):  # the window depends on the stack already in use: all of them
+        nested = b'{"a":' + b"[" * depth + b"]" * depth + b"}"
+        wire = {"v": 1, "signature": "", "parts": [], "header": base64.b64encode(nested).decode()}
+        assert claimed_routing(wire, max_header_bytes=64 * 1024) == Claimed()
