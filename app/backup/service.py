@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import tarfile
@@ -62,6 +63,8 @@ PRIVATE_MEMBER = "keys/private.sealed"
 DOMAIN_BACKUP = b"entraide/v1/backup-manifest\x00"
 MAX_MANIFEST_BYTES = 1024 * 1024
 CHUNK = 1024 * 1024
+
+log = logging.getLogger(__name__)
 
 
 class BackupError(Exception):
@@ -145,9 +148,22 @@ def create_backup(
         # copied as it is, without writing to it.
         checkpoint: str | None = None
         if not pending(node.engine, settings.database_url):
-            with unit_of_work(node.sessions) as session:
-                checkpoint = _checkpoint_before_copy(
-                    session, node, private_keys=include_private_keys
+            try:
+                with unit_of_work(node.sessions) as session:
+                    checkpoint = _checkpoint_before_copy(
+                        session, node, private_keys=include_private_keys
+                    )
+            except Exception as exc:
+                # A log too damaged to take an entry (its head behind its entries, say) is
+                # evidence to keep: copied as it is, without a checkpoint; its restore will
+                # say what is wrong with it. The log writes through the driver's cursor, so
+                # its errors come unwrapped.
+                if not isinstance(exc, (SQLAlchemyError, _driver_error(node))):
+                    raise
+                log.warning(
+                    "the audit log could not take the backup's entry (%s): backing it up as "
+                    "it is, without a checkpoint; run `entraide audit verify --db`",
+                    type(exc).__name__,
                 )
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=".entraide-backup-") as folder:
             staging = Path(folder)
@@ -471,8 +487,12 @@ def record_restore(
                 sign_checkpoint(session, authority_id=node.authority_id, log_key=node.keys.log)
     except Exception as exc:
         # The log writes through the driver's own cursor: its errors come unwrapped.
-        driver_error = getattr(node.engine.dialect.dbapi, "Error", SQLAlchemyError)
-        if report.ok or not isinstance(exc, (SQLAlchemyError, driver_error)):
+        if report.ok or not isinstance(exc, (SQLAlchemyError, _driver_error(node))):
             raise
         return False
     return True
+
+
+def _driver_error(node: Node) -> type[Exception]:
+    error: type[Exception] = getattr(node.engine.dialect.dbapi, "Error", SQLAlchemyError)
+    return error

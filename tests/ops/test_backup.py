@@ -16,9 +16,9 @@ from app.audit.service import verify_database
 from app.audit.verify import Report
 from app.auth.service import Role, create_client
 from app.backup.sealed import PassphraseError, read_passphrase
-from app.backup.service import BackupError, create_backup, record_restore, restore_backup
+from app.backup.service import BackupError, create_backup, restore_backup
 from app.config import Settings
-from app.db import make_engine, unit_of_work
+from app.db import make_engine, make_session_factory, unit_of_work
 from app.localnodes import LocalNode
 from app.models import AuditEntry, AuditHead
 from app.node import load_node
@@ -263,34 +263,30 @@ def test_a_sqlite_node_moves_to_postgresql_by_backup_and_restore(tmp_path: Path)
         postgres.drop_all()
 
 
-def test_a_restore_whose_log_cannot_take_an_entry_is_reported_without_crashing(
+def test_a_log_that_cannot_take_an_entry_is_backed_up_and_restored_without_crashing(
     tmp_path: Path,
 ) -> None:
-    """A restored log whose head row is behind its entries fails verification, and no
-    entry can be appended on it: the restore says so instead of an IntegrityError."""
+    """A log whose head row is behind its entries fails verification, and no entry can be
+    appended on it: the backup keeps it as it is (evidence), and the restore says what is
+    wrong instead of an IntegrityError, in both commands."""
     databases = make_databases("sqlite", tmp_path)
     node = _initialised(tmp_path, databases.new("es"))
-    settings = Settings(database_url=databases.new("fresh"), keys_dir=tmp_path / "fresh" / "keys")
-    archive = backup_of(node, tmp_path / "good.tar.gz", PASSPHRASE.encode())
-    restore_backup(settings, archive_path=archive, passphrase=PASSPHRASE.encode(), actor="test")
-    restored = load_node(settings)
-    try:
-        with restored.engine.connect() as connection:
+    engine = make_engine(node.database_url)
+    try:  # the head row put back behind two later entries
+        with engine.connect() as connection:
             head = connection.execute(select(AuditHead)).one()._asdict()
-        with unit_of_work(restored.sessions) as session:
+        with unit_of_work(make_session_factory(engine)) as session:
             for number in range(2):
                 record(session, actor="node", action="test.later", details={"n": number})
-        with restored.engine.begin() as connection:
+        with engine.begin() as connection:
             connection.execute(update(AuditHead).values(**head))
-        with unit_of_work(restored.sessions) as session:
-            report = verify_database(
-                session, authority_id="ES/MJ", log_public=restored.keys.log_public
-            )
-        assert report.first is not None
-        assert "the log head says" in report.first.message
-        recorded = record_restore(
-            restored, report, backup_created_at="then", keys_restored=True, actor="test"
-        )
-        assert not recorded  # was an IntegrityError out of `entraide restore`
     finally:
-        restored.close()
+        engine.dispose()
+    archive = backup_of(node, tmp_path / "damaged-log.tar.gz", PASSPHRASE.encode())
+    settings = Settings(database_url=databases.new("fresh"), keys_dir=tmp_path / "fresh" / "keys")
+    summary = restore_backup(
+        settings, archive_path=archive, passphrase=PASSPHRASE.encode(), actor="test"
+    )
+    assert summary.report.first is not None
+    assert "the log head says" in summary.report.first.message
+    assert not summary.recorded
