@@ -272,6 +272,10 @@ def part_target(
     done = held_parts(store, transfer, header)
     if index <= done:
         return PartTarget(msg_id, index, info.length, info.length, {}, True)
+    if header.expires_at <= utc_now():
+        # As for an envelope posted whole (§8.2's sender stops at expiry): no new bytes, and
+        # the clean-up may remove what an abandoned transfer received (app/evidence/cleanup).
+        raise _refuse("expired", "the envelope has expired")
     if index != done + 1:
         raise EnvelopeRefused("part_out_of_order", f"send part {done + 1} first", status_code=409)
     content_key = _content_key(node, header)

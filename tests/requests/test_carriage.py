@@ -6,12 +6,13 @@ unique message id, a 500 on every retry), though the envelope had been accepted.
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+import time
+from datetime import datetime, timedelta
 
 import httpx
 
-from app.crypto.encoding import b64d, utc_now
-from app.crypto.envelope import Attachment, Recipient, seal
+from app.crypto.encoding import b64d, parse_time, utc_now
+from app.crypto.envelope import Attachment, Recipient, WireEnvelope, seal
 from app.crypto.randomness import SystemRandomness
 from app.evidence.stream import CIPHER_CHUNK
 from tests.requests.conftest import Harness, example_document
@@ -103,3 +104,37 @@ def test_a_bad_chunk_from_anyone_keeps_the_chunks_stored_before_it(fresh_ar: Har
     done = put(two, part[two:])
     assert done.status_code == 201, done.text
     assert len(ar.audit("evidence.part_received")) == 1
+
+
+def test_parts_of_an_expired_transfer_are_refused(fresh_ar: Harness) -> None:
+    ar = fresh_ar
+    envelope = seal(
+        sender_keys=ar.peer_keys,
+        sender_authority="ES/MJ",
+        recipient=Recipient("AR/MPF", ar.node.keys.encryption_public),
+        content={"kind": "request", "document": example_document()},
+        attachments=[Attachment("letter.txt", "text/plain", b"letter of request")],
+        conversation_id=None,
+        in_reply_to=None,
+        created_at=utc_now(),
+        ttl=timedelta(seconds=2),
+        randomness=SystemRandomness(),
+    )
+    wire = envelope.to_wire()
+    msg_id = json.loads(envelope.header)["msg_id"]
+    announced = ar.http.post(
+        "/p2p/v1/evidence/envelopes", json={**wire, "parts": wire["parts"][:1]}
+    )
+    assert announced.status_code == 202, announced.text
+    time.sleep(max(0.0, (envelope_expiry(envelope) - utc_now()).total_seconds()) + 0.1)
+    late = ar.http.put(
+        f"/p2p/v1/evidence/envelopes/{msg_id}/parts/1",
+        content=b64d(wire["parts"][1]),
+        headers={"upload-offset": "0", "content-type": "application/octet-stream"},
+    )
+    assert (late.status_code, late.json()["error"]) == (400, "expired")
+    assert ar.messages(msg_id) == 0
+
+
+def envelope_expiry(envelope: WireEnvelope) -> datetime:
+    return parse_time(json.loads(envelope.header)["expires_at"])
