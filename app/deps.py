@@ -26,7 +26,7 @@ from app.crypto.encoding import utc_now
 from app.db import unit_of_work
 from app.errors import Forbidden, Unauthenticated
 from app.node import Node
-from app.tls import check_peer_certificate
+from app.tls import CertificateRefused, check_peer_certificate
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -204,12 +204,30 @@ class PeerTransport(Public):
     being refused is throttled, and with mutual TLS on, only pinned peer certificates pass."""
 
     def __call__(self, request: Request, node: NodeDep) -> None:  # type: ignore[override]  # a dependency with its own parameters
+        source = source_address(request)
+        refused: CertificateRefused | None = None
         with unit_of_work(node.sessions) as session:
-            retry_after = blocked_for(session, [f"p2p:{source_address(request)}"])
+            retry_after = blocked_for(session, [f"p2p:{source}"])
             if retry_after is None:
-                check_peer_certificate(session, node.settings, request.scope)
+                try:
+                    check_peer_certificate(session, node.settings, request.scope)
+                except CertificateRefused as exc:
+                    refused = exc
         if retry_after is not None:
             raise TooManyRequests(retry_after)
+        if refused is not None:
+            # Counted against the address like a refused envelope, and audited until it is
+            # throttled: a certificate probe is an authentication failure (DESIGN.md 5).
+            with unit_of_work(node.sessions) as session:
+                if record_p2p_refusal(session, node, source):
+                    record(
+                        session,
+                        actor=f"address:{source}",
+                        action="peer.certificate_refused",
+                        outcome=refused.code,
+                        details={"detail": refused.detail},
+                    )
+            raise refused
 
 
 def record_p2p_refusal(session: Session, node: Node, source: str) -> bool:

@@ -20,8 +20,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from sqlalchemy import select
 
+from app.db import make_engine
 from app.localnodes import LocalNode
+from app.models import AuditEntry
 from tests.e2e.conftest import read_request, submit_example, wait_delivered
 from tests.security.conftest import new_node, prepare
 
@@ -157,6 +160,20 @@ def test_p2p_refuses_missing_and_unpinned_client_certificates(
     stranger = Authority(tmp_path, "other-ca").issue("stranger-client", server=False)
     with pytest.raises(httpx.HTTPError):
         _p2p(es, pki, stranger)
+    # Both refusals are authentication failures: audited (and counted against the address).
+    engine = make_engine(es.database_url)
+    try:
+        with engine.connect() as connection:
+            outcomes = list(
+                connection.scalars(
+                    select(AuditEntry.outcome)
+                    .where(AuditEntry.action == "peer.certificate_refused")
+                    .order_by(AuditEntry.idx)
+                )
+            )
+    finally:
+        engine.dispose()
+    assert outcomes == ["client_certificate_required", "client_certificate_refused"]
 
 
 def test_local_api_needs_no_client_certificate_and_plain_http_is_refused(
