@@ -300,6 +300,40 @@ def peers_add(
         node.close()
 
 
+@peers_app.command("replace-key")
+def peers_replace_key(
+    url: Annotated[str, typer.Argument(help="The peer's base URL")],
+    fingerprint: Annotated[
+        str, typer.Option(help="The NEW fingerprint its operator read to you out of band")
+    ],
+) -> None:
+    """A peer's signing key was compromised and it made new keys: pin them, and revoke the
+    old ones (they verify nothing new again; what was received under them stays readable)."""
+    from app.db import unit_of_work
+    from app.errors import EntraideError
+    from app.peers.client import peer_http_client
+    from app.peers.service import replace_peer_key
+
+    settings = _settings()
+    node = _node(settings)
+    try:
+        with peer_http_client(settings) as http:
+            with unit_of_work(node.sessions) as session:
+                peer = replace_peer_key(
+                    session,
+                    url=url,
+                    fingerprint=fingerprint,
+                    allow_insecure_http=settings.allow_insecure_http,
+                    http=http,
+                    actor=_operator(),
+                )
+                typer.echo(f"replaced the keys of {peer.authority_id}; the old ones are revoked")
+    except EntraideError as exc:
+        raise _fail(exc.detail) from exc
+    finally:
+        node.close()
+
+
 @peers_app.command("list")
 def peers_list() -> None:
     """List pinned peers."""

@@ -368,6 +368,9 @@ class PeerKey(Base):
     pinned_at: Mapped[datetime] = mapped_column(UTCDateTime)
     # When a signed rotation replaced it; None while it is the current key.
     superseded_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # When an operator replaced it as compromised (`entraide peers replace-key`): from then
+    # on it verifies nothing new, only what was received under it before.
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class AuthThrottle(Base):

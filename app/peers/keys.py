@@ -60,7 +60,7 @@ def _remember(
     *,
     pinned_at: datetime,
     superseded_at: datetime | None,
-) -> None:
+) -> PeerKey:
     row = _history(session, authority, purpose, kid)
     if row is None:
         row = PeerKey(
@@ -72,6 +72,24 @@ def _remember(
         )
         session.add(row)
     row.superseded_at = superseded_at
+    return row
+
+
+def revoke_current_keys(session: Session, peer: Peer, now: datetime) -> None:
+    """Keep `peer`'s current keys in its history as revoked: replaced by an operator because
+    they were compromised. The archive received under them stays verifiable; nothing new is
+    accepted with them, whatever time it claims (`peer_signing_key`)."""
+    for purpose, public_key, kid in (
+        (SIGNING, peer.signing_key, peer.signing_kid),
+        (ENCRYPTION, peer.encryption_key, peer.encryption_kid),
+    ):
+        existing = _history(session, peer.authority_id, purpose, kid)
+        row = _remember(
+            session, peer.authority_id, purpose, public_key, kid,
+            pinned_at=existing.pinned_at if existing else now, superseded_at=now,
+        )  # fmt: skip
+        row.revoked_at = now
+    session.flush()
 
 
 def remember_current_keys(session: Session, peer: Peer, now: datetime) -> None:
@@ -254,12 +272,15 @@ def pinned_keys(session: Session, authority_id: str) -> PinnedKeys | None:
 def peer_signing_key(
     session: Session, peer: Peer | PinnedKeys, kid: str, *, signed_at: datetime | None
 ) -> bytes | None:
-    """The pinned key `kid` of `peer`, if it was valid at `signed_at` (None: any time)."""
+    """The pinned key `kid` of `peer`, if it was valid at `signed_at` (None: any time, for
+    what is already stored)."""
     if hmac.compare_digest(kid, peer.signing_kid):
         return peer.signing_key
     row = _history(session, peer.authority_id, SIGNING, kid)
     if row is None:
         return None
+    if row.revoked_at is not None and signed_at is not None:
+        return None  # compromised: a thief can claim any time it likes
     if row.superseded_at is not None and signed_at is not None and signed_at > row.superseded_at:
         return None
     return row.public_key
@@ -268,7 +289,8 @@ def peer_signing_key(
 def peer_encryption_kid_known(session: Session, peer: Peer | PinnedKeys, kid: str) -> bool:
     if hmac.compare_digest(kid, peer.encryption_kid):
         return True
-    return _history(session, peer.authority_id, ENCRYPTION, kid) is not None
+    row = _history(session, peer.authority_id, ENCRYPTION, kid)
+    return row is not None and row.revoked_at is None  # a new envelope's: never a revoked one
 
 
 def stored_envelope_signer(

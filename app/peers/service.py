@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import httpx
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -13,7 +15,7 @@ from app.crypto.keys import fingerprints_match, normalise_fingerprint
 from app.errors import BadRequest, Conflict, NotFound
 from app.models import Peer
 from app.peers.client import check_peer_url, fetch_identity
-from app.peers.keys import apply_rotation, remember_current_keys
+from app.peers.keys import apply_rotation, remember_current_keys, revoke_current_keys
 
 
 class FingerprintMismatch(BadRequest):
@@ -52,14 +54,22 @@ def pin_peer(
         path = identity.rotation_path(peer.signing_key)
         if not path:
             raise Conflict(
-                f"{identity.authority_id} is already pinned with another signing key; "
-                "remove it first or rotate keys through a signed rotation",
+                f"{identity.authority_id} is already pinned with another signing key: it must "
+                "rotate through a signed rotation, or, if its key was compromised, "
+                "`entraide peers replace-key` with the new fingerprint read out of band",
                 code="peer_key_conflict",
             )
         apply_rotation(session, peer, identity, path, actor=actor, repinned=True)
     if peer is None:
         peer = Peer(authority_id=identity.authority_id, added_at=now)
         session.add(peer)
+    _take_identity(session, peer, identity, url, now)
+    return peer
+
+
+def _take_identity(
+    session: Session, peer: Peer, identity: PeerIdentity, url: str, now: datetime
+) -> None:
     peer.name = identity.name
     peer.public_url = url
     peer.fingerprint = identity.fingerprint
@@ -74,6 +84,51 @@ def pin_peer(
     peer.updated_at = now
     session.flush()
     remember_current_keys(session, peer, now)
+
+
+def replace_peer_key(
+    session: Session,
+    *,
+    url: str,
+    fingerprint: str,
+    allow_insecure_http: bool,
+    http: httpx.Client,
+    actor: str,
+) -> Peer:
+    """A pinned peer's signing key was compromised: a rotation cannot answer that (the thief
+    can sign one too). Its operator made new keys and read you the new fingerprint out of
+    band; this pins them and revokes the old ones, which verify nothing new again, whatever
+    time it claims, while what was received under them before stays verifiable."""
+    base_url = check_peer_url(url, allow_insecure_http=allow_insecure_http)
+    identity = verify_identity(fetch_identity(http, base_url), expected_fingerprint=fingerprint)
+    peer = session.scalar(
+        select(Peer).where(Peer.authority_id == identity.authority_id).with_for_update()
+    )
+    if peer is None:
+        raise NotFound(
+            f"{identity.authority_id} is not pinned: `entraide peers add`", code="unknown_peer"
+        )
+    if peer.fingerprint == identity.fingerprint:
+        raise Conflict(
+            f"{identity.authority_id} already has this key pinned: nothing to replace",
+            code="same_key",
+        )
+    now = utc_now()
+    old_fingerprint, old_signing_kid = peer.fingerprint, peer.signing_kid
+    revoke_current_keys(session, peer, now)
+    _take_identity(session, peer, identity, base_url, now)
+    record(
+        session,
+        actor=actor,
+        action="peer.key_replaced",
+        peer=peer.authority_id,
+        details={
+            "old_fingerprint": old_fingerprint,
+            "new_fingerprint": peer.fingerprint,
+            "old_signing_kid": old_signing_kid,
+            "new_signing_kid": peer.signing_kid,
+        },
+    )
     return peer
 
 

@@ -216,8 +216,8 @@ class IdentityServer:
         self.server.server_close()
 
 
-def _document(keys: NodeKeys, url: str, **extra: Any) -> dict[str, str]:
-    node = NodeIdentity("IT/MG", "Ministero", url)
+def _document(keys: NodeKeys, url: str, authority: str = "IT/MG", **extra: Any) -> dict[str, str]:
+    node = NodeIdentity(authority, "Ministero", url)
     wire = build_identity_document(node, keys, issued_at=utc_now())
     if not extra:
         return wire
@@ -230,13 +230,15 @@ def _document(keys: NodeKeys, url: str, **extra: Any) -> dict[str, str]:
     }
 
 
-def _envelope_from(keys: NodeKeys, recipient: LocalNode) -> dict[str, Any]:
+def _envelope_from(
+    keys: NodeKeys, recipient: LocalNode, authority: str = "IT/MG"
+) -> dict[str, Any]:
     target = identity(recipient)
     document = json.loads(json.dumps(EXAMPLE["document"]))
-    document["requesting_authority"], document["requested_authority"] = "IT/MG", "ES/MJ"
+    document["requesting_authority"], document["requested_authority"] = authority, "ES/MJ"
     return seal(
         sender_keys=keys,
-        sender_authority="IT/MG",
+        sender_authority=authority,
         recipient=Recipient("ES/MJ", target.encryption.public_key),
         content={"kind": "request", "document": document},
         attachments=[Attachment("letter.txt", "text/plain", b"letter")],
@@ -350,3 +352,77 @@ def test_forged_rotation_is_refused_and_the_genuine_one_followed(
         assert last["log_key"].startswith("kept")
     finally:
         server.close()
+
+
+def test_a_compromised_key_is_replaced_and_never_verifies_again(
+    trio: dict[str, LocalNode],
+) -> None:
+    """The threat model's answer to a stolen signing key (a rotation cannot answer it: the
+    thief can sign one too): the peer's operator makes new keys and reads the new
+    fingerprint out of band; `entraide peers replace-key` pins them and revokes the old."""
+    es = trio["es"]
+    server = IdentityServer()
+    try:
+        stolen = NodeKeys.generate()
+        server.document = _document(stolen, server.url, "PT/PGR")
+        with es.client("admin") as http:
+            pinned = http.post(
+                "/api/v1/admin/peers",
+                json={"url": server.url, "fingerprint": format_fingerprint(stolen.fingerprint)},
+            )
+        assert pinned.status_code == 201, pinned.text
+        before = _envelope_from(stolen, es, "PT/PGR")
+        response = httpx.post(es.url + "/p2p/v1/envelopes", json=before, timeout=30)
+        assert response.status_code == 201, response.text  # before anyone knew of the theft
+
+        new = NodeKeys.generate()
+        server.document = _document(new, server.url, "PT/PGR")
+        # Without the out-of-band fingerprint, nothing moves.
+        wrong = es.cli(
+            "peers", "replace-key", server.url,
+            "--fingerprint", format_fingerprint(stolen.fingerprint), check=False,
+        )  # fmt: skip
+        assert wrong.returncode != 0
+        es.cli(
+            "peers", "replace-key", server.url, "--fingerprint", format_fingerprint(new.fingerprint)
+        )
+
+        # The thief's envelopes, whenever they claim to be from: refused.
+        for age in (timedelta(0), timedelta(days=20)):
+            forged = _envelope_from(stolen, es, "PT/PGR")
+            if age:  # back-dated, to before the replacement
+                forged = seal(
+                    # claiming the peer's new encryption key id: only the signing key is
+                    # left to tell the thief apart
+                    sender_keys=NodeKeys(stolen.signing, new.encryption, stolen.log, rotations=()),
+                    sender_authority="PT/PGR",
+                    recipient=Recipient("ES/MJ", identity(es).encryption.public_key),
+                    content={"kind": "request", "document": _document_for("PT/PGR")},
+                    attachments=[Attachment("letter.txt", "text/plain", b"letter")],
+                    conversation_id=None,
+                    in_reply_to=None,
+                    created_at=utc_now() - age,
+                    ttl=timedelta(days=25),
+                    randomness=SystemRandomness(),
+                ).to_wire()
+            refused = httpx.post(es.url + "/p2p/v1/envelopes", json=forged, timeout=30)
+            assert (refused.status_code, refused.json()["error"]) == (403, "unknown_key")
+        # The peer's own, under its new keys: accepted.
+        after = httpx.post(
+            es.url + "/p2p/v1/envelopes", json=_envelope_from(new, es, "PT/PGR"), timeout=30
+        )
+        assert after.status_code == 201, after.text
+        # What was received under the old key before the replacement still reads, verified.
+        request_id = json.loads(b64d(before["header"]))["msg_id"]
+        assert read_request(es, request_id)["document"]["summary_of_facts"]
+        (entry,) = [details for _, details in audit(es, "peer.key_replaced")]
+        assert entry["old_fingerprint"] == stolen.fingerprint
+        assert entry["new_fingerprint"] == new.fingerprint
+    finally:
+        server.close()
+
+
+def _document_for(authority: str) -> dict[str, Any]:
+    document: dict[str, Any] = json.loads(json.dumps(EXAMPLE["document"]))
+    document["requesting_authority"], document["requested_authority"] = authority, "ES/MJ"
+    return document
