@@ -631,6 +631,12 @@ def backup(
     typer.echo(
         f"backup written to {summary.path}: {len(summary.tables)} tables, {rows} rows, {keys}"
     )
+    if not summary.checkpoint:
+        typer.secho(
+            "the backup holds no signed checkpoint (a database one schema behind, or an audit "
+            "log that could not take an entry): run `entraide audit verify --db`",
+            err=True,
+        )
 
 
 @app.command()

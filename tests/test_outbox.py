@@ -12,6 +12,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.crypto.encoding import utc_now
+from app.crypto.receipts import Receipt as ReceiptBody
 from app.db import commit_without_waiting, make_engine, make_session_factory, unit_of_work
 from app.delivery import outbox
 from app.delivery.settle import Outcome, settle, settle_batch
@@ -31,6 +32,7 @@ from app.models import (
     DeliveryCounter,
     Message,
     OutboxItem,
+    PeerKey,
 )
 from tests.conftest import Databases
 
@@ -209,6 +211,46 @@ def test_silence_past_the_deadline_keeps_asking_then_fails(
     with unit_of_work(factory) as session:
         assert settle(session, claim, silent, worker="w")
     assert _state(factory, past_grace)[0] == outbox.FAILED
+
+
+def test_a_receipt_signed_by_a_revoked_key_is_not_a_delivery(
+    sessions: tuple[str, sessionmaker[Session]],
+) -> None:
+    """A delivery under way when an operator replaced the peer's compromised key keeps the
+    key it started with: its receipt, verified with that key, proves nothing any more."""
+    _, factory = sessions
+    now = utc_now()
+    with unit_of_work(factory) as session:
+        (row,) = _queue(session, 1)
+        session.add(
+            PeerKey(
+                peer_authority="AR/MPF",
+                purpose="signing",
+                kid="5" * 32,
+                public_key=bytes(32),
+                pinned_at=now,
+                superseded_at=now,
+                revoked_at=now,
+            )
+        )
+    with unit_of_work(factory) as session:
+        (claim,) = outbox.claim_due(session, now=utc_now(), lease=LEASE, limit=1, owner="w")
+    receipt = ReceiptBody(
+        msg_id="0" * 32,
+        envelope_hash="0" * 64,
+        from_authority="ES/MJ",
+        to_authority="AR/MPF",
+        received_at=now,
+        status="received",
+        signer_kid="5" * 32,
+        checkpoint=None,
+    )
+    delivered = Outcome(outbox.DELIVERED, http_status=201, receipt=receipt)
+    with unit_of_work(factory) as session:
+        assert settle(session, claim, delivered, worker="w")
+    state, error = _state(factory, row)
+    assert state == outbox.RETRY
+    assert "revoked" in error
 
 
 def test_concurrent_claims_never_share_a_row(sessions: tuple[str, sessionmaker[Session]]) -> None:

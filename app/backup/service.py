@@ -34,7 +34,7 @@ from typing import IO, Any
 
 from alembic import command
 from alembic.util.exc import CommandError
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.audit.checkpoints import sign_checkpoint
@@ -77,6 +77,7 @@ class BackupSummary:
     tables: dict[str, int]
     private_keys: bool
     schema_revisions: list[str]
+    checkpoint: bool = True  # False: copied without a signed checkpoint (see create_backup)
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,9 @@ def create_backup(
                 # evidence to keep: copied as it is, without a checkpoint; its restore will
                 # say what is wrong with it. The log writes through the driver's cursor, so
                 # its errors come unwrapped.
-                if not isinstance(exc, (SQLAlchemyError, _driver_error(node))):
+                # Only that: a locked database or any other failure is not a reason to write
+                # a backup without its checkpoint.
+                if not isinstance(exc, (IntegrityError, _driver_error(node, "IntegrityError"))):
                     raise
                 log.warning(
                     "the audit log could not take the backup's entry (%s): backing it up as "
@@ -218,6 +221,7 @@ def create_backup(
         tables=database["tables"],
         private_keys=include_private_keys,
         schema_revisions=database["schema_revisions"],
+        checkpoint=checkpoint is not None,
     )
 
 
@@ -487,12 +491,13 @@ def record_restore(
                 sign_checkpoint(session, authority_id=node.authority_id, log_key=node.keys.log)
     except Exception as exc:
         # The log writes through the driver's own cursor: its errors come unwrapped.
-        if report.ok or not isinstance(exc, (SQLAlchemyError, _driver_error(node))):
+        if report.ok or not isinstance(exc, (SQLAlchemyError, _driver_error(node, "Error"))):
             raise
         return False
     return True
 
 
-def _driver_error(node: Node) -> type[Exception]:
-    error: type[Exception] = getattr(node.engine.dialect.dbapi, "Error", SQLAlchemyError)
+def _driver_error(node: Node, name: str) -> type[Exception]:
+    """The driver's own exception class `name` (PEP 249)."""
+    error: type[Exception] = getattr(node.engine.dialect.dbapi, name, SQLAlchemyError)
     return error

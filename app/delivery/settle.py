@@ -16,7 +16,15 @@ from app.crypto.receipts import Receipt as ReceiptBody
 from app.crypto.receipts import SignedReceipt
 from app.delivery import outbox
 from app.delivery.retry import next_attempt, policy_for
-from app.models import CaseFile, DeliveryAttempt, DeliveryCounter, Message, OutboxItem, Receipt
+from app.models import (
+    CaseFile,
+    DeliveryAttempt,
+    DeliveryCounter,
+    Message,
+    OutboxItem,
+    PeerKey,
+    Receipt,
+)
 from app.requests.status import status_after_receipt
 
 log = logging.getLogger(__name__)
@@ -71,6 +79,7 @@ def settle_batch(
     receipted = set(
         session.scalars(select(Receipt.message_id).where(Receipt.message_id.in_(message_ids)))
     )
+    results = _without_revoked_signers(session, results)
     settled = []
     events: list[Event] = []  # the batch's audit entries, written with one statement
     tally: dict[str, int] = {}  # the running totals /metrics reads (DeliveryCounter)
@@ -94,6 +103,33 @@ def settle_batch(
         record_many(session, events)
     add_to_counters(session, tally)
     return settled
+
+
+def _without_revoked_signers(
+    session: Session, results: Sequence[tuple[outbox.Claim, Outcome]]
+) -> Sequence[tuple[outbox.Claim, Outcome]]:
+    """A receipt verified with a key that an operator revoked meanwhile (`entraide peers
+    replace-key`: a delivery under way keeps the key it started with) proves nothing: the
+    attempt is tried again, with the peer's new key. One query for the batch's signers."""
+    signers = {
+        outcome.receipt.signer_kid
+        for _, outcome in results
+        if outcome.state == outbox.DELIVERED and outcome.receipt is not None
+    }
+    if not signers:
+        return results
+    revoked = set(
+        session.scalars(
+            select(PeerKey.kid).where(PeerKey.kid.in_(signers), PeerKey.revoked_at.is_not(None))
+        )
+    )
+    if not revoked:
+        return results
+    retry = Outcome(outbox.RETRY, "bad receipt: signed by a revoked key of the peer")
+    return [
+        (claim, retry if outcome.receipt and outcome.receipt.signer_kid in revoked else outcome)
+        for claim, outcome in results
+    ]
 
 
 def _count(tally: dict[str, int], name: str) -> None:

@@ -61,7 +61,7 @@ def cleanup_orphans(
             unreadable = True
             continue
         if header.expires_at < abandoned_before:
-            continue  # its envelope expired long ago: a sender that gave up, not a slow link
+            continue  # expired long ago: no part can arrive for it now (inbound.part_target)
         transfers.add(transfer.msg_id)
         # Parts already received of a transfer still under way: no row names them until the
         # last part arrives, which may be days later on a slow or broken link.

@@ -76,9 +76,10 @@ def _remember(
 
 
 def revoke_current_keys(session: Session, peer: Peer, now: datetime) -> None:
-    """Keep `peer`'s current keys in its history as revoked: replaced by an operator because
-    they were compromised. The archive received under them stays verifiable; nothing new is
-    accepted with them, whatever time it claims (`peer_signing_key`)."""
+    """Keep `peer`'s current keys in its history as revoked, with every key it had before:
+    replaced by an operator because they were compromised. The archive received under them
+    stays verifiable; nothing new is accepted with them, whatever time it claims
+    (`peer_signing_key`)."""
     for purpose, public_key, kid in (
         (SIGNING, peer.signing_key, peer.signing_kid),
         (ENCRYPTION, peer.encryption_key, peer.encryption_kid),
@@ -89,6 +90,16 @@ def revoke_current_keys(session: Session, peer: Peer, now: datetime) -> None:
             pinned_at=existing.pinned_at if existing else now, superseded_at=now,
         )  # fmt: skip
         row.revoked_at = now
+    # And every earlier key of the peer: a thief who held one may have signed the rotations
+    # that followed it (with whatever `rotated_at` it liked). Only the archive reads them.
+    session.flush()
+    for row in session.scalars(
+        select(PeerKey).where(
+            PeerKey.peer_authority == peer.authority_id, PeerKey.revoked_at.is_(None)
+        )
+    ):
+        row.revoked_at = now
+        row.superseded_at = row.superseded_at or now
     session.flush()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 import httpx
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from app.audit.log import record
@@ -13,7 +13,7 @@ from app.crypto.encoding import utc_now
 from app.crypto.identity import IdentityError, PeerIdentity, parse_identity_document
 from app.crypto.keys import fingerprints_match, normalise_fingerprint
 from app.errors import BadRequest, Conflict, NotFound
-from app.models import Peer
+from app.models import InboundTransfer, Peer
 from app.peers.client import check_peer_url, fetch_identity
 from app.peers.keys import apply_rotation, remember_current_keys, revoke_current_keys
 
@@ -116,6 +116,15 @@ def replace_peer_key(
     now = utc_now()
     old_fingerprint, old_signing_kid = peer.fingerprint, peer.signing_kid
     revoke_current_keys(session, peer, now)
+    # Transfers it announced were checked under the keys now revoked, and their parts need
+    # no signature: dropped (what they received is then cleaned up). The peer sends again.
+    dropped = len(
+        session.scalars(
+            delete(InboundTransfer)
+            .where(InboundTransfer.sender_authority == peer.authority_id)
+            .returning(InboundTransfer.id)
+        ).all()
+    )
     _take_identity(session, peer, identity, base_url, now)
     record(
         session,
@@ -127,6 +136,7 @@ def replace_peer_key(
             "new_fingerprint": peer.fingerprint,
             "old_signing_kid": old_signing_kid,
             "new_signing_kid": peer.signing_kid,
+            "transfers_dropped": dropped,
         },
     )
     return peer

@@ -374,6 +374,14 @@ def test_a_compromised_key_is_replaced_and_never_verifies_again(
         before = _envelope_from(stolen, es, "PT/PGR")
         response = httpx.post(es.url + "/p2p/v1/envelopes", json=before, timeout=30)
         assert response.status_code == 201, response.text  # before anyone knew of the theft
+        # And a streamed transfer the thief announced then: its parts need no signature.
+        streamed = _envelope_from(stolen, es, "PT/PGR")
+        announced = httpx.post(
+            es.url + "/p2p/v1/evidence/envelopes",
+            json={**streamed, "parts": streamed["parts"][:1]},
+            timeout=30,
+        )
+        assert announced.status_code == 202, announced.text
 
         new = NodeKeys.generate()
         server.document = _document(new, server.url, "PT/PGR")
@@ -387,6 +395,15 @@ def test_a_compromised_key_is_replaced_and_never_verifies_again(
             "peers", "replace-key", server.url, "--fingerprint", format_fingerprint(new.fingerprint)
         )
 
+        # The transfer announced under the stolen key is gone: its parts go nowhere.
+        streamed_id = json.loads(b64d(streamed["header"]))["msg_id"]
+        part = httpx.put(
+            f"{es.url}/p2p/v1/evidence/envelopes/{streamed_id}/parts/1",
+            content=b64d(streamed["parts"][1]),
+            headers={"upload-offset": "0", "content-type": "application/octet-stream"},
+            timeout=30,
+        )
+        assert (part.status_code, part.json()["error"]) == (404, "unknown_transfer")
         # The thief's envelopes, whenever they claim to be from: refused.
         for age in (timedelta(0), timedelta(days=20)):
             forged = _envelope_from(stolen, es, "PT/PGR")
