@@ -133,14 +133,24 @@ async def put_part(
     node: NodeDep,
     upload_offset: Annotated[int, Header(ge=0)],
 ) -> Response:
-    target = await run_in_threadpool(_target, node, msg_id, index)
+    try:
+        target = await run_in_threadpool(_target, node, msg_id, index)
+        declared = request.headers.get("content-length")
+        if (
+            not target.done
+            and declared is not None
+            and (not declared.isdigit() or int(declared) > target.length - upload_offset)
+        ):
+            raise EnvelopeRefused("too_large", "more bytes than the part's length", status_code=413)
+    except EnvelopeRefused as refused:
+        # No transfer, no such part, not its turn, expired, or too long: audited and counted
+        # like any refused part (anyone may send one).
+        await run_in_threadpool(
+            _refused_part, node, msg_id, index, refused, source_address(request)
+        )
+        raise
     if target.done:
         return Response(status_code=204, headers=_headers(target.length, target.length))
-    declared = request.headers.get("content-length")
-    if declared is not None and (
-        not declared.isdigit() or int(declared) > target.length - upload_offset
-    ):
-        raise EnvelopeRefused("too_large", "more bytes than the part's length", status_code=413)
     store = blob_store(node.settings)
     try:
         receiver = await run_in_threadpool(_receivers.take, store, target)

@@ -134,6 +134,7 @@ def test_parts_of_an_expired_transfer_are_refused(fresh_ar: Harness) -> None:
     )
     assert (late.status_code, late.json()["error"]) == (400, "expired")
     assert ar.messages(msg_id) == 0
+    assert [outcome for _, outcome, _ in ar.audit("envelope.refused")] == ["expired"]
 
 
 def envelope_expiry(envelope: WireEnvelope) -> datetime:
