@@ -21,12 +21,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import partial
 
 import httpx
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -34,10 +35,11 @@ from app.audit.checkpoints import log_origin, log_verifier
 from app.audit.log import record
 from app.audit.merkle import verify_consistency
 from app.audit.note import SIGNATURE_PREFIX, Checkpoint, NoteError, open_note
+from app.auth.throttle import counter_row
 from app.crypto.encoding import utc_now
 from app.db import unit_of_work
 from app.errors import PeerError
-from app.models import Peer, WitnessAlarm, WitnessedCheckpoint
+from app.models import AuthThrottle, Peer, WitnessAlarm, WitnessedCheckpoint
 from app.peers.client import CONSISTENCY_PATH, read_json_bounded
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,8 @@ log = logging.getLogger(__name__)
 COSIGNATURE_HEADER = "cosignature/v1\n"
 COSIGNATURE_KEY_TYPE = b"\x04"
 WITNESS_ATTEMPTS = 3  # checks of one note when other workers witness the same peer meanwhile
+# A peer that answers no consistency proof for this long, while it shows new checkpoints: alarm.
+UNPROVEN_ALARM_AFTER = timedelta(hours=24)
 
 ProofFetcher = Callable[[int, int], list[bytes]]
 
@@ -280,6 +284,10 @@ def witness_receipt_checkpoint(
             return True
         try:
             observed = parse_peer_checkpoint(peer, note)
+        except WitnessError as exc:
+            log.warning("could not witness %s's checkpoint: %s", authority, exc)
+            return False
+        try:
             reason = check_consistency(
                 known,
                 observed,
@@ -287,6 +295,7 @@ def witness_receipt_checkpoint(
             )
         except WitnessError as exc:
             log.warning("could not witness %s's checkpoint: %s", authority, exc)
+            _proof_refused(sessions, peer, known, observed)
             return False
         try:
             with unit_of_work(sessions) as session:
@@ -303,6 +312,44 @@ def witness_receipt_checkpoint(
             continue
         except IntegrityError:
             return True  # another worker stored the same checkpoint first
+        if isinstance(outcome, WitnessedCheckpoint) and reason is None and known is not None:
+            _proof_given(sessions, authority)
         return isinstance(outcome, WitnessedCheckpoint)
     log.warning("could not witness %s's checkpoint: other workers kept witnessing", authority)
     return False
+
+
+def _unproven_key(authority: str) -> str:
+    return f"witness-unproven:{authority}"
+
+
+def _proof_refused(
+    sessions: sessionmaker[Session],
+    peer: Peer,
+    known: WitnessedCheckpoint | None,
+    observed: Observed,
+) -> None:
+    """A peer that keeps showing checkpoints but gives no proof that they extend what it
+    showed before may be hiding a second history behind its errors. Each failure is counted
+    (shared by every worker); after UNPROVEN_ALARM_AFTER of them with no proof in between,
+    one alarm, until a proof comes."""
+    now = utc_now()
+    with unit_of_work(sessions) as session:
+        row = counter_row(session, _unproven_key(peer.authority_id), now)
+        if row.failures == 0:
+            row.window_start = now
+        row.failures += 1
+        if now - row.window_start < UNPROVEN_ALARM_AFTER or row.suppressed:
+            return
+        row.suppressed = 1  # alarmed for this run of failures
+        hours = int((now - row.window_start).total_seconds() // 3600)
+        reason = (
+            f"no consistency proof for {hours} hours ({row.failures} attempts): "
+            "its newer checkpoints cannot be shown to extend what it showed before"
+        )
+        _alarm(session, peer, reason, known.note if known else "", observed.note)
+
+
+def _proof_given(sessions: sessionmaker[Session], authority: str) -> None:
+    with unit_of_work(sessions) as session:
+        session.execute(delete(AuthThrottle).where(AuthThrottle.key == _unproven_key(authority)))

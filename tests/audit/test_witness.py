@@ -5,6 +5,7 @@ two roots for one size, both cosigned, no alarm). SQLite and PostgreSQL."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 
 import httpx
 from sqlalchemy import select
@@ -17,7 +18,7 @@ from app.crypto.encoding import utc_now
 from app.crypto.keys import NodeKeys
 from app.db import make_engine, make_session_factory, unit_of_work
 from app.migrate import upgrade
-from app.models import Peer, WitnessAlarm, WitnessedCheckpoint
+from app.models import AuthThrottle, Peer, WitnessAlarm, WitnessedCheckpoint
 from tests.conftest import Databases
 
 PEER = "AR/MPF"
@@ -107,5 +108,52 @@ def test_two_workers_never_cosign_two_histories(databases: Databases) -> None:
             (20, root_from_leaf_hashes(SHOWN_TO_A)),
         ]
         assert alarms == ["two roots for size 20"]
+    finally:
+        engine.dispose()
+
+
+def test_a_peer_that_never_proves_its_checkpoints_raises_one_alarm(databases: Databases) -> None:
+    """Refusing every consistency proof (a fork hidden behind 503s) was only logged: after a
+    day of it, with new checkpoints all along, one alarm; a proof ends the run."""
+    url = databases.new("unproven")
+    upgrade(url)
+    engine = make_engine(url)
+    sessions = make_session_factory(engine)
+    peer_keys, own_keys = NodeKeys.generate(), NodeKeys.generate()
+
+    def witness(http: httpx.Client, leaves: list[bytes]) -> bool:
+        return witness_receipt_checkpoint(
+            sessions,
+            http,
+            authority=PEER,
+            note=_note(peer_keys, leaves),
+            own_authority="ES/MJ",
+            log_key=own_keys.log,
+        )
+
+    def alarms() -> list[str]:
+        with unit_of_work(sessions) as session:
+            return list(session.scalars(select(WitnessAlarm.reason)))
+
+    refusing = httpx.Client(transport=httpx.MockTransport(lambda _: httpx.Response(503)))
+    try:
+        with unit_of_work(sessions) as session:
+            session.add(_peer(peer_keys))
+        assert witness(refusing, COMMON)  # the first checkpoint needs no proof
+        for size in (12, 14):
+            assert not witness(refusing, SHOWN_TO_A[:size])
+        assert alarms() == []  # an outage is not a fork
+        with unit_of_work(sessions) as session:  # a day on, still no proof
+            row = session.get(AuthThrottle, f"witness-unproven:{PEER}")
+            assert row is not None
+            assert row.failures == 2
+            row.window_start -= timedelta(hours=25)
+        assert not witness(refusing, SHOWN_TO_A[:16])
+        assert not witness(refusing, SHOWN_TO_A[:18])
+        (reason,) = alarms()  # once for the run, not once per checkpoint
+        assert reason.startswith("no consistency proof for 25 hours (3 attempts)")
+        assert witness(_peer_answering(SHOWN_TO_A, lambda: None), SHOWN_TO_A)
+        with unit_of_work(sessions) as session:
+            assert session.get(AuthThrottle, f"witness-unproven:{PEER}") is None
     finally:
         engine.dispose()
