@@ -18,9 +18,14 @@ from app import cli_security
 from app.auth.service import Role
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import httpx
+    from sqlalchemy.orm import Session
     from typer import _click as click  # typer's own copy of Click, whose classes it extends
 
     from app.config import Settings
+    from app.models import Peer
     from app.node import Node
 
 # Each command imports what it needs when it runs: `entraide clients create` has no use for
@@ -268,36 +273,44 @@ def worker() -> None:
         node.close()
 
 
+def _pin_with(pin: Callable[[Session, Node, Settings, httpx.Client], Peer]) -> Peer:
+    """Run `pin` (it fetches a peer's identity document) in a unit of work; a refusal ends
+    the command with its message."""
+    from app.db import unit_of_work
+    from app.errors import EntraideError
+    from app.peers.client import peer_http_client
+
+    settings = _settings()
+    node = _node(settings)
+    try:
+        with peer_http_client(settings) as http, unit_of_work(node.sessions) as session:
+            return pin(session, node, settings, http)
+    except EntraideError as exc:
+        raise _fail(exc.detail) from exc
+    finally:
+        node.close()
+
+
 @peers_app.command("add")
 def peers_add(
     url: Annotated[str, typer.Argument(help="The peer's base URL")],
     fingerprint: Annotated[str, typer.Option(help="The fingerprint its operator read to you")],
 ) -> None:
     """Fetch a peer's identity document, check it against the fingerprint, and pin it."""
-    from app.db import unit_of_work
-    from app.errors import EntraideError
-    from app.peers.client import peer_http_client
     from app.peers.service import add_peer
 
-    settings = _settings()
-    node = _node(settings)
-    try:
-        with peer_http_client(settings) as http:
-            with unit_of_work(node.sessions) as session:
-                peer = add_peer(
-                    session,
-                    url=url,
-                    fingerprint=fingerprint,
-                    own_authority=node.authority_id,
-                    allow_insecure_http=settings.allow_insecure_http,
-                    http=http,
-                    actor=_operator(),
-                )
-                typer.echo(f"pinned {peer.authority_id} ({peer.name}) at {peer.public_url}")
-    except EntraideError as exc:
-        raise _fail(exc.detail) from exc
-    finally:
-        node.close()
+    peer = _pin_with(
+        lambda session, node, settings, http: add_peer(
+            session,
+            url=url,
+            fingerprint=fingerprint,
+            own_authority=node.authority_id,
+            allow_insecure_http=settings.allow_insecure_http,
+            http=http,
+            actor=_operator(),
+        )
+    )
+    typer.echo(f"pinned {peer.authority_id} ({peer.name}) at {peer.public_url}")
 
 
 @peers_app.command("replace-key")
@@ -309,29 +322,19 @@ def peers_replace_key(
 ) -> None:
     """A peer's signing key was compromised and it made new keys: pin them, and revoke the
     old ones (they verify nothing new again; what was received under them stays readable)."""
-    from app.db import unit_of_work
-    from app.errors import EntraideError
-    from app.peers.client import peer_http_client
     from app.peers.service import replace_peer_key
 
-    settings = _settings()
-    node = _node(settings)
-    try:
-        with peer_http_client(settings) as http:
-            with unit_of_work(node.sessions) as session:
-                peer = replace_peer_key(
-                    session,
-                    url=url,
-                    fingerprint=fingerprint,
-                    allow_insecure_http=settings.allow_insecure_http,
-                    http=http,
-                    actor=_operator(),
-                )
-                typer.echo(f"replaced the keys of {peer.authority_id}; the old ones are revoked")
-    except EntraideError as exc:
-        raise _fail(exc.detail) from exc
-    finally:
-        node.close()
+    peer = _pin_with(
+        lambda session, _node, settings, http: replace_peer_key(
+            session,
+            url=url,
+            fingerprint=fingerprint,
+            allow_insecure_http=settings.allow_insecure_http,
+            http=http,
+            actor=_operator(),
+        )
+    )
+    typer.echo(f"replaced the keys of {peer.authority_id}; the old ones are revoked")
 
 
 @peers_app.command("list")

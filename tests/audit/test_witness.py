@@ -4,11 +4,14 @@ two roots for one size, both cosigned, no alarm). SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 
 import httpx
+import pytest
 from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
 from app.audit.checkpoints import log_origin
 from app.audit.merkle import consistency_proof_from_leaves, leaf_hash, root_from_leaf_hashes
@@ -69,91 +72,86 @@ def _peer_answering(leaves: list[bytes], before: Callable[[], None]) -> httpx.Cl
     return httpx.Client(transport=httpx.MockTransport(handle))
 
 
-def test_two_workers_never_cosign_two_histories(databases: Databases) -> None:
+@dataclass(frozen=True)
+class Witnessing:
+    """Our node's database, with the peer pinned, and its keys and ours."""
+
+    sessions: sessionmaker[Session]
+    peer_keys: NodeKeys
+    own_keys: NodeKeys
+
+    def witness(self, http: httpx.Client, leaves: list[bytes]) -> bool:
+        """What a delivery worker does with a receipt carrying the peer's checkpoint of
+        `leaves`, asking the peer at `http` for proofs."""
+        return witness_receipt_checkpoint(
+            self.sessions,
+            http,
+            authority=PEER,
+            note=_note(self.peer_keys, leaves),
+            own_authority="ES/MJ",
+            log_key=self.own_keys.log,
+        )
+
+
+@pytest.fixture
+def witnessing(databases: Databases) -> Iterator[Witnessing]:
     url = databases.new("witness")
     upgrade(url)
     engine = make_engine(url)
     sessions = make_session_factory(engine)
-    peer_keys, own_keys = NodeKeys.generate(), NodeKeys.generate()
-
-    def witness(http: httpx.Client, leaves: list[bytes]) -> bool:
-        return witness_receipt_checkpoint(
-            sessions,
-            http,
-            authority=PEER,
-            note=_note(peer_keys, leaves),
-            own_authority="ES/MJ",
-            log_key=own_keys.log,
-        )
-
-    try:
-        with unit_of_work(sessions) as session:
-            session.add(_peer(peer_keys))
-        nobody = httpx.Client(transport=httpx.MockTransport(lambda _: httpx.Response(500)))
-        assert witness(nobody, COMMON)  # the first checkpoint needs no proof
-        # Worker B checks a rewritten history of size 20 against size 10 while worker A
-        # witnesses the real one: B's proof is valid for what B was shown.
-        worker_a = _peer_answering(SHOWN_TO_A, lambda: None)
-        worker_b = _peer_answering(SHOWN_TO_B, lambda: witness(worker_a, SHOWN_TO_A))
-        assert not witness(worker_b, SHOWN_TO_B)
-        with unit_of_work(sessions) as session:
-            cosigned = session.execute(
-                select(WitnessedCheckpoint.size, WitnessedCheckpoint.root_hash).order_by(
-                    WitnessedCheckpoint.size
-                )
-            ).all()
-            alarms = list(session.scalars(select(WitnessAlarm.reason)))
-        assert [tuple(row) for row in cosigned] == [
-            (10, root_from_leaf_hashes(COMMON)),
-            (20, root_from_leaf_hashes(SHOWN_TO_A)),
-        ]
-        assert alarms == ["two roots for size 20"]
-    finally:
-        engine.dispose()
+    peer_keys = NodeKeys.generate()
+    with unit_of_work(sessions) as session:
+        session.add(_peer(peer_keys))
+    yield Witnessing(sessions, peer_keys, NodeKeys.generate())
+    engine.dispose()
 
 
-def test_a_peer_that_never_proves_its_checkpoints_raises_one_alarm(databases: Databases) -> None:
+def test_two_workers_never_cosign_two_histories(witnessing: Witnessing) -> None:
+    sessions, witness = witnessing.sessions, witnessing.witness
+    nobody = httpx.Client(transport=httpx.MockTransport(lambda _: httpx.Response(500)))
+    assert witness(nobody, COMMON)  # the first checkpoint needs no proof
+    # Worker B checks a rewritten history of size 20 against size 10 while worker A
+    # witnesses the real one: B's proof is valid for what B was shown.
+    worker_a = _peer_answering(SHOWN_TO_A, lambda: None)
+    worker_b = _peer_answering(SHOWN_TO_B, lambda: witness(worker_a, SHOWN_TO_A))
+    assert not witness(worker_b, SHOWN_TO_B)
+    with unit_of_work(sessions) as session:
+        cosigned = session.execute(
+            select(WitnessedCheckpoint.size, WitnessedCheckpoint.root_hash).order_by(
+                WitnessedCheckpoint.size
+            )
+        ).all()
+        alarms = list(session.scalars(select(WitnessAlarm.reason)))
+    assert [tuple(row) for row in cosigned] == [
+        (10, root_from_leaf_hashes(COMMON)),
+        (20, root_from_leaf_hashes(SHOWN_TO_A)),
+    ]
+    assert alarms == ["two roots for size 20"]
+
+
+def test_a_peer_that_never_proves_its_checkpoints_raises_one_alarm(witnessing: Witnessing) -> None:
     """Refusing every consistency proof (a fork hidden behind 503s) was only logged: after a
     day of it, with new checkpoints all along, one alarm; a proof ends the run."""
-    url = databases.new("unproven")
-    upgrade(url)
-    engine = make_engine(url)
-    sessions = make_session_factory(engine)
-    peer_keys, own_keys = NodeKeys.generate(), NodeKeys.generate()
-
-    def witness(http: httpx.Client, leaves: list[bytes]) -> bool:
-        return witness_receipt_checkpoint(
-            sessions,
-            http,
-            authority=PEER,
-            note=_note(peer_keys, leaves),
-            own_authority="ES/MJ",
-            log_key=own_keys.log,
-        )
+    sessions, witness = witnessing.sessions, witnessing.witness
 
     def alarms() -> list[str]:
         with unit_of_work(sessions) as session:
             return list(session.scalars(select(WitnessAlarm.reason)))
 
     refusing = httpx.Client(transport=httpx.MockTransport(lambda _: httpx.Response(503)))
-    try:
-        with unit_of_work(sessions) as session:
-            session.add(_peer(peer_keys))
-        assert witness(refusing, COMMON)  # the first checkpoint needs no proof
-        for size in (12, 14):
-            assert not witness(refusing, SHOWN_TO_A[:size])
-        assert alarms() == []  # an outage is not a fork
-        with unit_of_work(sessions) as session:  # a day on, still no proof
-            row = session.get(AuthThrottle, f"witness-unproven:{PEER}")
-            assert row is not None
-            assert row.failures == 2
-            row.window_start -= timedelta(hours=25)
-        assert not witness(refusing, SHOWN_TO_A[:16])
-        assert not witness(refusing, SHOWN_TO_A[:18])
-        (reason,) = alarms()  # once for the run, not once per checkpoint
-        assert reason.startswith("no consistency proof for 25 hours (3 attempts)")
-        assert witness(_peer_answering(SHOWN_TO_A, lambda: None), SHOWN_TO_A)
-        with unit_of_work(sessions) as session:
-            assert session.get(AuthThrottle, f"witness-unproven:{PEER}") is None
-    finally:
-        engine.dispose()
+    assert witness(refusing, COMMON)  # the first checkpoint needs no proof
+    for size in (12, 14):
+        assert not witness(refusing, SHOWN_TO_A[:size])
+    assert alarms() == []  # an outage is not a fork
+    with unit_of_work(sessions) as session:  # a day on, still no proof
+        row = session.get(AuthThrottle, f"witness-unproven:{PEER}")
+        assert row is not None
+        assert row.failures == 2
+        row.window_start -= timedelta(hours=25)
+    assert not witness(refusing, SHOWN_TO_A[:16])
+    assert not witness(refusing, SHOWN_TO_A[:18])
+    (reason,) = alarms()  # once for the run, not once per checkpoint
+    assert reason.startswith("no consistency proof for 25 hours (3 attempts)")
+    assert witness(_peer_answering(SHOWN_TO_A, lambda: None), SHOWN_TO_A)
+    with unit_of_work(sessions) as session:
+        assert session.get(AuthThrottle, f"witness-unproven:{PEER}") is None

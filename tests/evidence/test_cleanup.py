@@ -139,33 +139,40 @@ def _transfer_under_way(
     return transfer, [b64d(part) for part in wire["parts"]]
 
 
-def test_parts_received_of_a_transfer_under_way_are_kept(
-    databases: Databases, tmp_path: Path
-) -> None:
+def _sweep_old_files_with(
+    databases: Databases, store: DirectoryBlobStore, transfer: InboundTransfer
+) -> tuple[int, int]:
+    """Every file of `store` 100 hours old, `transfer` stored, then one sweep with 72 hours'
+    grace: (uploads removed, blobs removed)."""
+    old = time.time() - 100 * 3600
+    for path in [*store.uploads.glob("*"), *store.blobs.glob("*/*/*")]:
+        os.utime(path, (old, old))
     engine = make_engine(databases.new())
     Base.metadata.create_all(engine)
-    store = DirectoryBlobStore(tmp_path / "blobs")
-    transfer, parts = _transfer_under_way(parts_done=1)
-    received, orphan = _blob(store, parts[1]), _blob(store, b"named by nothing")
-    assert received == transfer_header(transfer).parts[1].sha256
-    old = time.time() - 100 * 3600  # the last part is days late: a slow or broken link
-    for path in store.blobs.glob("*/*/*"):
-        os.utime(path, (old, old))
     try:
         with Session(engine) as session:
             session.add(transfer)
             session.commit()
-            assert cleanup_orphans(session, store, older_than_hours=72) == (0, 1)
-        assert store.exists(received)
-        assert not store.exists(orphan)
+            return cleanup_orphans(session, store, older_than_hours=72)
     finally:
         Base.metadata.drop_all(engine)
         engine.dispose()
 
 
+def test_parts_received_of_a_transfer_under_way_are_kept(
+    databases: Databases, tmp_path: Path
+) -> None:
+    store = DirectoryBlobStore(tmp_path / "blobs")
+    transfer, parts = _transfer_under_way(parts_done=1)
+    received, orphan = _blob(store, parts[1]), _blob(store, b"named by nothing")
+    assert received == transfer_header(transfer).parts[1].sha256
+    # The last part is days late: a slow or broken link.
+    assert _sweep_old_files_with(databases, store, transfer) == (0, 1)
+    assert store.exists(received)
+    assert not store.exists(orphan)
+
+
 def test_what_an_abandoned_transfer_received_goes(databases: Databases, tmp_path: Path) -> None:
-    engine = make_engine(databases.new())
-    Base.metadata.create_all(engine)
     store = DirectoryBlobStore(tmp_path / "blobs")
     # Sealed 20 days ago for 7: its envelope expired 13 days ago, long past the grace period.
     transfer, parts = _transfer_under_way(parts_done=1, sent=utc_now() - timedelta(days=20))
@@ -173,19 +180,9 @@ def test_what_an_abandoned_transfer_received_goes(databases: Databases, tmp_path
     staged = f"in-{transfer.msg_id}-2"
     with store.upload(staged) as upload:
         upload.write(b"partial")
-    old = time.time() - 100 * 3600
-    for path in [*store.uploads.iterdir(), *store.blobs.glob("*/*/*")]:
-        os.utime(path, (old, old))
-    try:
-        with Session(engine) as session:
-            session.add(transfer)
-            session.commit()
-            assert cleanup_orphans(session, store, older_than_hours=72) == (1, 1)
-        assert not store.exists(received)
-        assert not store.upload_exists(staged)
-    finally:
-        Base.metadata.drop_all(engine)
-        engine.dispose()
+    assert _sweep_old_files_with(databases, store, transfer) == (1, 1)
+    assert not store.exists(received)
+    assert not store.upload_exists(staged)
 
 
 def test_a_received_part_whose_blob_is_gone_is_asked_for_again(tmp_path: Path) -> None:
@@ -204,23 +201,11 @@ def test_a_received_part_whose_blob_is_gone_is_asked_for_again(tmp_path: Path) -
 def test_a_transfer_whose_header_cannot_be_read_keeps_every_blob(
     databases: Databases, tmp_path: Path
 ) -> None:
-    engine = make_engine(databases.new())
-    Base.metadata.create_all(engine)
     store = DirectoryBlobStore(tmp_path / "blobs")
     transfer, parts = _transfer_under_way(parts_done=1)
     transfer.header = b"not a header"  # damaged, or written by a version that read it
     received, orphan = _blob(store, parts[1]), _blob(store, b"named by nothing")
-    old = time.time() - 100 * 3600
-    for path in store.blobs.glob("*/*/*"):
-        os.utime(path, (old, old))
-    try:
-        with Session(engine) as session:
-            session.add(transfer)
-            session.commit()
-            # Which blobs it received cannot be told: none goes, and the sweep goes on.
-            assert cleanup_orphans(session, store, older_than_hours=72) == (0, 0)
-        assert store.exists(received)
-        assert store.exists(orphan)
-    finally:
-        Base.metadata.drop_all(engine)
-        engine.dispose()
+    # Which blobs it received cannot be told: none goes, and the sweep goes on.
+    assert _sweep_old_files_with(databases, store, transfer) == (0, 0)
+    assert store.exists(received)
+    assert store.exists(orphan)

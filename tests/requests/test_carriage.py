@@ -71,17 +71,8 @@ def test_bad_parts_from_one_address_are_counted_and_throttled(fresh_ar: Harness)
 def test_a_bad_chunk_from_anyone_keeps_the_chunks_stored_before_it(fresh_ar: Harness) -> None:
     ar = fresh_ar
     evidence = bytes(range(256)) * (10 * 1024)  # 2.5 MiB: three chunks
-    envelope = seal(
-        sender_keys=ar.peer_keys,
-        sender_authority="ES/MJ",
-        recipient=Recipient("AR/MPF", ar.node.keys.encryption_public),
-        content={"kind": "request", "document": example_document()},
-        attachments=[Attachment("ledger.bin", "application/octet-stream", evidence)],
-        conversation_id=None,
-        in_reply_to=None,
-        created_at=utc_now(),
-        ttl=timedelta(days=1),
-        randomness=SystemRandomness(),
+    envelope = _request_from_es(
+        ar, [Attachment("ledger.bin", "application/octet-stream", evidence)]
     )
     wire = envelope.to_wire()
     msg_id = json.loads(envelope.header)["msg_id"]
@@ -108,17 +99,8 @@ def test_a_bad_chunk_from_anyone_keeps_the_chunks_stored_before_it(fresh_ar: Har
 
 def test_parts_of_an_expired_transfer_are_refused(fresh_ar: Harness) -> None:
     ar = fresh_ar
-    envelope = seal(
-        sender_keys=ar.peer_keys,
-        sender_authority="ES/MJ",
-        recipient=Recipient("AR/MPF", ar.node.keys.encryption_public),
-        content={"kind": "request", "document": example_document()},
-        attachments=[Attachment("letter.txt", "text/plain", b"letter of request")],
-        conversation_id=None,
-        in_reply_to=None,
-        created_at=utc_now(),
-        ttl=timedelta(seconds=2),
-        randomness=SystemRandomness(),
+    envelope = _request_from_es(
+        ar, [Attachment("letter.txt", "text/plain", b"letter of request")], ttl=timedelta(seconds=2)
     )
     wire = envelope.to_wire()
     msg_id = json.loads(envelope.header)["msg_id"]
@@ -139,3 +121,21 @@ def test_parts_of_an_expired_transfer_are_refused(fresh_ar: Harness) -> None:
 
 def envelope_expiry(envelope: WireEnvelope) -> datetime:
     return parse_time(json.loads(envelope.header)["expires_at"])
+
+
+def _request_from_es(
+    ar: Harness, attachments: list[Attachment], *, ttl: timedelta = timedelta(days=1)
+) -> WireEnvelope:
+    """A request from ES/MJ, the harness's peer, with these attachments."""
+    return seal(
+        sender_keys=ar.peer_keys,
+        sender_authority="ES/MJ",
+        recipient=Recipient("AR/MPF", ar.node.keys.encryption_public),
+        content={"kind": "request", "document": example_document()},
+        attachments=attachments,
+        conversation_id=None,
+        in_reply_to=None,
+        created_at=utc_now(),
+        ttl=ttl,
+        randomness=SystemRandomness(),
+    )
