@@ -25,22 +25,16 @@ def test_an_envelope_received_inline_during_its_transfer_is_receipted_once(
     envelope = ar._seal({"kind": "request", "document": example_document()}, None, None)
     wire = envelope.to_wire()
     msg_id = json.loads(envelope.header)["msg_id"]
-    announced = ar.http.post(
-        "/p2p/v1/evidence/envelopes", json={**wire, "parts": wire["parts"][:1]}
-    )
+    announced = _announce(ar, wire)
     assert announced.status_code == 202, announced.text
     inline = ar.post_envelope(envelope)
     assert inline.status_code == 201, inline.text
     part = b64d(wire["parts"][1])
-    last = ar.http.put(
-        f"/p2p/v1/evidence/envelopes/{msg_id}/parts/1",
-        content=part,
-        headers={"upload-offset": "0", "content-type": "application/octet-stream"},
-    )
+    last = _put_part(ar, msg_id, part)
     assert last.status_code in (200, 201), last.text
     assert last.json() == inline.json()  # the one receipt, for the one message
     assert ar.messages(msg_id) == 1
-    again = ar.http.post("/p2p/v1/evidence/envelopes", json={**wire, "parts": wire["parts"][:1]})
+    again = _announce(ar, wire)
     assert (again.status_code, again.json()) == (200, inline.json())
 
 
@@ -50,19 +44,10 @@ def test_bad_parts_from_one_address_are_counted_and_throttled(fresh_ar: Harness)
     envelope = ar._seal({"kind": "request", "document": example_document()}, None, None)
     wire = envelope.to_wire()
     msg_id = json.loads(envelope.header)["msg_id"]
-    announced = ar.http.post(
-        "/p2p/v1/evidence/envelopes", json={**wire, "parts": wire["parts"][:1]}
-    )
+    announced = _announce(ar, wire)
     assert announced.status_code == 202, announced.text
     garbage = bytes(len(b64d(wire["parts"][1])))  # the right length, not the right bytes
-    statuses = [
-        ar.http.put(
-            f"/p2p/v1/evidence/envelopes/{msg_id}/parts/1",
-            content=garbage,
-            headers={"upload-offset": "0", "content-type": "application/octet-stream"},
-        ).status_code
-        for _ in range(5)
-    ]
+    statuses = [_put_part(ar, msg_id, garbage).status_code for _ in range(5)]
     assert statuses[:3] == [400, 400, 400]
     assert statuses[-1] == 429  # as for any refused envelope from that address
     assert len(ar.audit("envelope.refused")) == 3  # then only counted
@@ -78,21 +63,15 @@ def test_a_bad_chunk_from_anyone_keeps_the_chunks_stored_before_it(fresh_ar: Har
     msg_id = json.loads(envelope.header)["msg_id"]
     url = f"/p2p/v1/evidence/envelopes/{msg_id}/parts/1"
     part = b64d(wire["parts"][1])
-    announced = ar.http.post(
-        "/p2p/v1/evidence/envelopes", json={**wire, "parts": wire["parts"][:1]}
-    )
+    announced = _announce(ar, wire)
     assert announced.status_code == 202, announced.text
-
-    def put(offset: int, body: bytes) -> httpx.Response:
-        headers = {"upload-offset": str(offset), "content-type": "application/octet-stream"}
-        return ar.http.put(url, content=body, headers=headers)
-
     two = 2 * CIPHER_CHUNK
-    assert put(0, part[:two]).headers["upload-offset"] == str(two)  # the sender's progress
-    refused = put(two, bytes(len(part) - two))  # zeros for the last chunk, from anyone
+    progress = _put_part(ar, msg_id, part[:two])
+    assert progress.headers["upload-offset"] == str(two)  # the sender's progress
+    refused = _put_part(ar, msg_id, bytes(len(part) - two), two)  # zeros, from anyone
     assert (refused.status_code, refused.json()["error"]) == (400, "decrypt_failed")
     assert ar.http.head(url).headers["upload-offset"] == str(two)  # was 0: sent again
-    done = put(two, part[two:])
+    done = _put_part(ar, msg_id, part[two:], two)
     assert done.status_code == 201, done.text
     assert len(ar.audit("evidence.part_received")) == 1
 
@@ -104,16 +83,10 @@ def test_parts_of_an_expired_transfer_are_refused(fresh_ar: Harness) -> None:
     )
     wire = envelope.to_wire()
     msg_id = json.loads(envelope.header)["msg_id"]
-    announced = ar.http.post(
-        "/p2p/v1/evidence/envelopes", json={**wire, "parts": wire["parts"][:1]}
-    )
+    announced = _announce(ar, wire)
     assert announced.status_code == 202, announced.text
     time.sleep(max(0.0, (envelope_expiry(envelope) - utc_now()).total_seconds()) + 0.1)
-    late = ar.http.put(
-        f"/p2p/v1/evidence/envelopes/{msg_id}/parts/1",
-        content=b64d(wire["parts"][1]),
-        headers={"upload-offset": "0", "content-type": "application/octet-stream"},
-    )
+    late = _put_part(ar, msg_id, b64d(wire["parts"][1]))
     assert (late.status_code, late.json()["error"]) == (400, "expired")
     assert ar.messages(msg_id) == 0
     assert [outcome for _, outcome, _ in ar.audit("envelope.refused")] == ["expired"]
@@ -138,4 +111,19 @@ def _request_from_es(
         created_at=utc_now(),
         ttl=ttl,
         randomness=SystemRandomness(),
+    )
+
+
+def _announce(ar: Harness, wire: dict[str, object]) -> httpx.Response:
+    """As a sender of streamed evidence does first: the envelope with part 0 only."""
+    parts = wire["parts"]
+    assert isinstance(parts, list)
+    return ar.http.post("/p2p/v1/evidence/envelopes", json={**wire, "parts": parts[:1]})
+
+
+def _put_part(ar: Harness, msg_id: str, body: bytes, offset: int = 0) -> httpx.Response:
+    """Part 1's bytes from `offset`."""
+    headers = {"upload-offset": str(offset), "content-type": "application/octet-stream"}
+    return ar.http.put(
+        f"/p2p/v1/evidence/envelopes/{msg_id}/parts/1", content=body, headers=headers
     )
