@@ -12,9 +12,12 @@ asyncio HTTP/1.1, keep-alive connections) submits 2 KiB requests, each different
 POST /api/v1/requests with an officer's token. Per run:
 
 - floor: the bare endpoint of bench/_floor.py (same uvicorn settings, one row per request
-  into the same kind of database), as fast as the same connections allow;
+  into the same kind of database), as fast as the same connections allow, then at --rate and
+  --light-rate: its latency (due time to response) is the baseline beside the nodes';
 - fixed: the nodes at --rate requests/s (open loop): latency from the moment a request was
-  due to be sent to its receipt being stored at the sender (receipts.stored_at), p50/p99;
+  due to be sent to its receipt being stored at the sender (receipts.stored_at), p50/p99,
+  and the same time in legs (LEGS: submitted, claimed, received, receipted) from the nodes'
+  own timestamps;
 - max: the nodes as fast as the connections allow (closed loop): how fast submissions are
   accepted, and how fast envelopes are received and receipts stored while they are;
 - sustained: open-loop runs from just under the max run's end-to-end rate, lowered by 15% a
@@ -178,25 +181,53 @@ def _drain(setup: Setup, marks: Marks, timeout: float) -> float | None:
     return None
 
 
-def _latencies(setup: Setup, marks: Marks, load: LoadResult) -> tuple[list[float], int]:
-    """Milliseconds from each request's due time to its receipt stored at the sender."""
-    stored = {
-        request_id: as_utc(moment).timestamp()
-        for request_id, moment in setup.sender.rows(
-            "SELECT m.request_id, r.stored_at FROM receipts r "
-            "JOIN messages m ON m.id = r.message_id WHERE r.id > %s",
-            (marks.receipts,),
+# The legs of one request's journey, from the nodes' own timestamps (one clock: both nodes
+# run on this machine). Their sum is the end-to-end latency.
+LEGS = (
+    "submitted",  # due at the load generator -> the outbox row written (sealed, in the txn)
+    "claimed",  # -> the delivery worker claimed it (delivery_attempts.started_at)
+    "received",  # -> the receiver stored it (its messages.received_at: post, checks, store)
+    "receipted",  # -> its signed receipt stored at the sender (receipts.stored_at)
+)
+
+
+def _latencies(
+    setup: Setup, marks: Marks, load: LoadResult
+) -> tuple[list[float], int, dict[str, list[float]]]:
+    """Milliseconds from each request's due time to its receipt stored at the sender, the
+    number with no receipt, and the same time split into LEGS."""
+    rows = setup.sender.rows(
+        "SELECT m.request_id, m.msg_id, o.created_at, a.started_at, r.stored_at FROM receipts r "
+        "JOIN messages m ON m.id = r.message_id JOIN outbox o ON o.message_id = m.id "
+        "JOIN delivery_attempts a ON a.outbox_id = o.id AND a.outcome = 'delivered' "
+        "WHERE r.id > %s",
+        (marks.receipts,),
+    )
+    arrived = {
+        msg_id: as_utc(moment).timestamp()
+        for msg_id, moment in setup.receiver.rows(
+            "SELECT msg_id, received_at FROM messages WHERE id > %s", (marks.received,)
         )
     }
-    values = []
+    journeys = {
+        request_id: (msg_id, *(as_utc(moment).timestamp() for moment in moments))
+        for request_id, msg_id, *moments in rows
+    }
+    values: list[float] = []
+    legs: dict[str, list[float]] = {leg: [] for leg in LEGS}
     missing = 0
     for item in load.ok:
-        request_id = json.loads(item.body).get("id")
-        if request_id in stored:
-            values.append(1000 * (stored[request_id] - item.scheduled))
-        else:
+        journey = journeys.get(json.loads(item.body).get("id"))
+        if journey is None:
             missing += 1
-    return values, missing
+            continue
+        msg_id, queued, claimed, stored = journey
+        values.append(1000 * (stored - item.scheduled))
+        if msg_id in arrived:
+            moments = (item.scheduled, queued, claimed, arrived[msg_id], stored)
+            for leg, start, end in zip(LEGS, moments, moments[1:], strict=False):
+                legs[leg].append(1000 * (end - start))
+    return values, missing, legs
 
 
 def measure_nodes(
@@ -232,7 +263,7 @@ def measure_nodes(
     steady = [(item.at, float(item.pending)) for item in samples if lower <= item.at <= upper]
     slope = _slope(steady)
     end_backlog = _at(samples, upper, "pending")
-    e2e, missing = _latencies(setup, marks, load)
+    e2e, missing, legs = _latencies(setup, marks, load)
     backlog_after = _at(samples, samples[-1].at, "pending") if samples else 0.0
     accepted = [1000 * (item.finished - item.scheduled) for item in load.ok]
     count = max(final.queued, 1)
@@ -257,6 +288,7 @@ def measure_nodes(
         "p50_ms": round(percentile(e2e, 0.5), 1),
         "p99_ms": round(percentile(e2e, 0.99), 1),
         "receipts_missing": missing,
+        "legs_p50_ms": {leg: round(percentile(legs[leg], 0.5), 1) for leg in LEGS},
         "cpu_ms_per_request": {
             **{
                 name: round(1000 * (cpu_after[name] - cpu_before[name]) / count, 2) for name in pids
@@ -339,8 +371,17 @@ def floor_server(database_url: str, workdir: Path) -> Iterator[tuple[int, int]]:
 
 
 def measure_floor(
-    database_url: str, workdir: Path, bodies: list[bytes], *, duration: float, concurrency: int
+    database_url: str,
+    workdir: Path,
+    bodies: list[bytes],
+    *,
+    duration: float,
+    concurrency: int,
+    rates: dict[str, float],
 ) -> dict[str, Any]:
+    """The bare endpoint as fast as it goes, then at each of `rates` (name: requests/s) for
+    the latency beside the nodes' at the same rates: one request's whole cost, accepted and
+    committed by the simplest gateway, measured as the nodes' is, from its due time."""
     with floor_server(database_url, workdir) as (port, pid):
         raw = [http_request("127.0.0.1", port, "/floor", body) for body in bodies]
         run_load("127.0.0.1", port, raw, rate=None, duration=1.0, concurrency=concurrency)
@@ -349,13 +390,24 @@ def measure_floor(
             "127.0.0.1", port, raw, rate=None, duration=duration, concurrency=concurrency
         )
         cpu = process_cpu_seconds(pid) - cpu_before
+        fixed = {
+            name: run_load(
+                "127.0.0.1", port, raw, rate=rate, duration=duration, concurrency=concurrency
+            )
+            for name, rate in rates.items()
+        }
     accepted = [1000 * (item.finished - item.started) for item in load.ok]
-    return {
+    figures: dict[str, Any] = {
         "floor_requests_per_s": round(load.rate(since=WARMUP_FRACTION * duration), 1),
         "floor_p50_ms": round(percentile(accepted, 0.5), 1),
         "floor_statuses": load.statuses(),
         "floor_cpu_ms_per_request": round(1000 * cpu / max(len(load.ok), 1), 3),
     }
+    for name, at_rate in fixed.items():
+        due = [1000 * (item.finished - item.scheduled) for item in at_rate.ok]
+        figures[f"floor_{name}_p50_ms"] = round(percentile(due, 0.5), 1)
+        figures[f"floor_{name}_p99_ms"] = round(percentile(due, 0.99), 1)
+    return figures
 
 
 # --- one backend -----------------------------------------------------------------------------
@@ -400,23 +452,32 @@ def one_run(
 ) -> dict[str, Any]:
     say("  floor (bare endpoint, max rate)")
     floor = measure_floor(
-        floor_url, workdir, bodies, duration=args.duration, concurrency=args.concurrency
+        floor_url,
+        workdir,
+        bodies,
+        duration=args.duration,
+        concurrency=args.concurrency,
+        rates={"fixed": args.rate, "light": args.light_rate},
     )
-    say(f"    {floor['floor_requests_per_s']} requests/s")
+    say(
+        f"    {floor['floor_requests_per_s']} requests/s; at {args.rate}/s p50 "
+        f"{floor['floor_fixed_p50_ms']} ms, p99 {floor['floor_fixed_p99_ms']} ms; at "
+        f"{args.light_rate}/s p50 {floor['floor_light_p50_ms']} ms"
+    )
     say(f"  nodes at a fixed {args.rate} requests/s")
     fixed = measure_nodes(
         setup, rate=args.rate, duration=args.duration, concurrency=args.concurrency
     )
     say(
         f"    p50 {fixed['p50_ms']} ms, p99 {fixed['p99_ms']} ms, "
-        f"backlog growing {fixed['backlog_growing']}"
+        f"backlog growing {fixed['backlog_growing']}; legs p50 {fixed['legs_p50_ms']} ms"
     )
     light = measure_nodes(
         setup, rate=args.light_rate, duration=args.duration, concurrency=args.concurrency
     )
     say(
         f"  nodes at a light {args.light_rate}/s: "
-        f"p50 {light['p50_ms']} ms, p99 {light['p99_ms']} ms"
+        f"p50 {light['p50_ms']} ms, p99 {light['p99_ms']} ms; legs p50 {light['legs_p50_ms']} ms"
     )
     say("  nodes at max rate")
     maxed = measure_nodes(setup, rate=None, duration=args.duration, concurrency=args.concurrency)
@@ -444,6 +505,9 @@ def one_run(
         "light_rate": args.light_rate,
         "light_p50_ms": light["p50_ms"],
         "light_p99_ms": light["p99_ms"],
+        # Where the time of one request goes, leg by leg (LEGS), at each fixed rate.
+        "legs_p50_ms": fixed["legs_p50_ms"],
+        "light_legs_p50_ms": light["legs_p50_ms"],
         "max_submitted_per_s": maxed["submitted_per_s"],
         "max_received_per_s": maxed["received_per_s"],
         "max_receipted_per_s": maxed["receipted_per_s"],
@@ -561,6 +625,10 @@ def run_growth(
 # --- the report ------------------------------------------------------------------------------
 
 
+def _median_legs(runs: list[dict[str, Any]], key: str) -> dict[str, float]:
+    return {leg: median([run[key][leg] for run in runs]) for leg in LEGS}
+
+
 def summarise(
     result: dict[str, Any], growth: dict[str, Any] | None, crypto: dict[str, float]
 ) -> dict[str, Any]:
@@ -580,6 +648,13 @@ def summarise(
         "light_rate": runs[0]["light_rate"],
         "light_p50_ms": mid.get("light_p50_ms"),
         "light_p99_ms": mid.get("light_p99_ms"),
+        # The latency baseline: the bare endpoint at the same rates, in the same runs.
+        "floor_p50_ms_at_rate": mid.get("floor_fixed_p50_ms"),
+        "floor_p99_ms_at_rate": mid.get("floor_fixed_p99_ms"),
+        "floor_light_p50_ms": mid.get("floor_light_p50_ms"),
+        "floor_light_p99_ms": mid.get("floor_light_p99_ms"),
+        "legs_p50_ms": _median_legs(runs, "legs_p50_ms"),
+        "light_legs_p50_ms": _median_legs(runs, "light_legs_p50_ms"),
         "sustained_p50_ms": mid.get("sustained_p50_ms"),
         "sustained_p99_ms": mid.get("sustained_p99_ms"),
         "backlog_growing": any(run["backlog_growing"] for run in runs),
@@ -612,8 +687,16 @@ def summarise(
             "target": TARGET_FLOOR_SHARE,
             "met": bool(floor) and rate / floor >= TARGET_FLOOR_SHARE,
         },
-        "p50_ms": {"target": TARGET_P50_MS, "met": (mid.get("p50_ms") or 1e9) < TARGET_P50_MS},
-        "p99_ms": {"target": TARGET_P99_MS, "met": (mid.get("p99_ms") or 1e9) < TARGET_P99_MS},
+        "p50_ms": {
+            "target": TARGET_P50_MS,
+            "met": (mid.get("p50_ms") or 1e9) < TARGET_P50_MS,
+            "floor": summary["floor_p50_ms_at_rate"],
+        },
+        "p99_ms": {
+            "target": TARGET_P99_MS,
+            "met": (mid.get("p99_ms") or 1e9) < TARGET_P99_MS,
+            "floor": summary["floor_p99_ms_at_rate"],
+        },
         "idle_rss_mib": {
             "target": TARGET_IDLE_MIB,
             "met": summary["idle_rss_mib"] < TARGET_IDLE_MIB,
@@ -703,7 +786,9 @@ def main() -> int:
             f"{summary['backend']}: {summary['requests_per_s']} requests/s end to end "
             f"(floor {summary['floor_requests_per_s']}/s, {summary['share_of_floor']} of it), "
             f"at {summary['latency_at_rate']}/s p50 {summary['p50_ms']} ms p99 "
-            f"{summary['p99_ms']} ms, backlog growing {summary['backlog_growing']}, "
+            f"{summary['p99_ms']} ms (floor {summary['floor_p50_ms_at_rate']} / "
+            f"{summary['floor_p99_ms_at_rate']} ms), legs p50 {summary['legs_p50_ms']} ms, "
+            f"backlog growing {summary['backlog_growing']}, "
             f"idle {summary['idle_rss_mib']} MiB, ready {summary['ready_s']} s"
             + (
                 f", with {summary['grown_stored_requests']} stored: "
