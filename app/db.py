@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,14 +41,25 @@ class _SQLiteWriters:
     as before, only when they are.
     """
 
-    def __init__(self, wal: Path | None) -> None:
-        self.wal = wal  # None: no file to sync (in-memory); SQLite's own FULL syncing stays
+    def __init__(self) -> None:
+        # The WAL SQLite writes (`use`); None: no file to sync (in memory), SQLite's own FULL
+        # syncing stays.
+        self.wal: Path | None = None
+        self._database: Path | None = None
+        # Set once a sync failed: see DurabilityLost.
+        self.failure: str | None = None
         self._mutex = threading.Lock()
         self._sync = threading.Condition()
         self._committed = 0  # commits that wrote, numbered in order
         self._synced = 0  # every commit up to this number is on disk
         self._syncing = False
         self._wal_inode: int | None = None
+
+    def use(self, database: Path) -> None:
+        """The database file as SQLite opened it (symbolic links resolved, as SQLite does:
+        its WAL is beside the real file, not beside the link)."""
+        self._database = database
+        self.wal = database.with_name(database.name + "-wal")
 
     def begin(self, connection: Any) -> None:
         info = connection.info
@@ -88,6 +101,8 @@ class _SQLiteWriters:
             with self._sync:
                 while self._syncing and self._synced < ticket:
                     self._sync.wait()
+                if self.failure is not None:
+                    raise DurabilityLost(self.failure)
                 if self._synced >= ticket:
                     return
                 self._syncing = True
@@ -96,6 +111,17 @@ class _SQLiteWriters:
             try:
                 self._fsync_wal()
                 synced = True
+            except OSError as exc:
+                # Never retried: after a failed fsync the kernel may have dropped the dirty
+                # pages, and a second fsync would succeed without writing them.
+                with self._sync:
+                    self.failure = (
+                        f"a sync of the database failed ({errno.errorcode.get(exc.errno or 0, '')}"
+                        f"{' ' if exc.errno else ''}{type(exc).__name__}); what was committed "
+                        "since the last sync may not be on disk: check the disk, then restart "
+                        "the node"
+                    )
+                raise DurabilityLost(self.failure) from exc
             finally:
                 with self._sync:
                     self._syncing = False
@@ -104,12 +130,14 @@ class _SQLiteWriters:
                     self._sync.notify_all()
 
     def _fsync_wal(self) -> None:
-        if self.wal is None:
+        if self.wal is None or self._database is None:
             return
         try:
             fd = os.open(self.wal, os.O_RDONLY)
         except FileNotFoundError:
-            return  # checkpointed into the database (synced by SQLite) and removed
+            # Checkpointed into the database and removed (its last connection closed): sync
+            # the database file itself rather than assume SQLite did.
+            fd = os.open(self._database, os.O_RDONLY)
         try:
             inode = os.fstat(fd).st_ino
             os.fsync(fd)
@@ -125,10 +153,26 @@ class _SQLiteWriters:
             os.close(fd)
 
 
+class DurabilityLost(RuntimeError):
+    """A sync of the SQLite database failed. What was committed since the last good sync may
+    not be on disk, and the failure is not retried (a second fsync can succeed without
+    writing the pages the first one lost): every later commit that wrote fails with this, so
+    nothing more is acknowledged as stored, until the node is restarted (as PostgreSQL stops
+    on a failed fsync)."""
+
+
+_WRITERS: weakref.WeakKeyDictionary[Engine, _SQLiteWriters] = weakref.WeakKeyDictionary()
+
+
+def durability_failure(engine: Engine) -> str | None:
+    """Why this engine's commits can no longer be acknowledged, or None (readiness)."""
+    writers = _WRITERS.get(engine)
+    return writers.failure if writers is not None else None
+
+
 def _configure_sqlite(engine: Engine) -> None:
-    database = engine.url.database or ""
-    file_backed = database not in ("", ":memory:") and not database.startswith("file:")
-    writers = _SQLiteWriters(Path(f"{database}-wal").resolve() if file_backed else None)
+    writers = _SQLiteWriters()
+    _WRITERS[engine] = writers
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, record: Any) -> None:
@@ -136,9 +180,16 @@ def _configure_sqlite(engine: Engine) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         mode = cursor.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        # The file SQLite opened, as it names it ('' in memory): with a symbolic link, the
+        # real file, beside which SQLite keeps the WAL that must be synced.
+        opened = next(
+            (row[2] for row in cursor.execute("PRAGMA database_list") if row[1] == "main"), ""
+        )
         # A 201 must survive a power cut: either the commit waits for our fsync of the WAL
         # (group commit, _SQLiteWriters), or SQLite syncs inside every COMMIT.
-        group_sync = writers.wal is not None and str(mode).lower() == "wal"
+        group_sync = bool(opened) and str(mode).lower() == "wal"
+        if group_sync and writers.wal is None:
+            writers.use(Path(opened))
         record.info[_GROUP_SYNC] = group_sync
         cursor.execute(f"PRAGMA synchronous={'NORMAL' if group_sync else 'FULL'}")
         cursor.execute("PRAGMA foreign_keys=ON")

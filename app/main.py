@@ -22,6 +22,7 @@ from app.auth.throttle import TooManyRequests
 from app.config import Settings, get_settings
 from app.crypto.encoding import utc_now
 from app.crypto.identity import build_identity_document
+from app.db import DurabilityLost
 from app.delivery.router import router as deliveries_router
 from app.delivery.worker import Worker
 from app.errors import EntraideError, EnvelopeRefused
@@ -173,6 +174,16 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _database_down(_request: Request, exc: OperationalError) -> JSONResponse:
         log.error("database unavailable: %s", type(exc.orig).__name__)
         return _error(503, "database_unavailable", "the database is unavailable; retry later")
+
+    @app.exception_handler(DurabilityLost)
+    async def _durability_lost(_request: Request, exc: DurabilityLost) -> JSONResponse:
+        log.critical("database durability lost: %s", exc)
+        return _error(
+            503,
+            "database_unavailable",
+            "this node cannot make its writes durable; its operator must check the disk and "
+            "restart it",
+        )
 
     @app.exception_handler(StorageFailed)
     async def _storage_failed(_request: Request, exc: StorageFailed) -> JSONResponse:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from sqlalchemy import Connection, Engine, inspect, text
 
+from app.db import durability_failure
 from app.node import Node
 
 OK = "ok"
@@ -81,7 +82,8 @@ def readiness(
         with node.engine.connect() as connection:
             connection.execute(text("SELECT 1"))
             current = current_heads(connection)
-        checks["database"] = OK
+        lost = durability_failure(node.engine)
+        checks["database"] = OK if lost is None else f"failing: {lost}"
         if current == heads:
             checks["migrations"] = OK
         else:
