@@ -133,14 +133,15 @@ async def upload(
         try:
             # Encrypted in a worker thread while the next batch arrives.
             await feed_in_thread(request.stream(), writer.write_all)
-            if writer.offset == found.size:
-                await run_in_threadpool(writer.write, b"")  # an empty part ends here
         except ClientDisconnect:
             await run_in_threadpool(writer.checkpoint)
             raise
         except UploadError as exc:
+            # More than declared: the client is sending something else than it announced,
+            # so none of this request's bytes are kept (HEAD says where to start again).
+            await run_in_threadpool(writer.rewind, upload_offset)
             raise PayloadTooLarge(str(exc), code="too_large") from exc
-        if writer.finished is not None:
+        if writer.offset == found.size:  # the whole body taken: the part ends here
             keep = False
             await run_in_threadpool(_finish, node, found, writer, principal)
             return Response(

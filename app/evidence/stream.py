@@ -208,9 +208,11 @@ class PartWriter:
         if self.finished is not None or self.offset + len(data) > self.size:
             raise UploadError("too_large", "more bytes than the attachment's declared size")
         self._pending.append(data)
-        while self._pending.size >= CHUNK_BYTES:
+        # The final chunk waits for `finalise`: pushed as the last bytes arrive, it would
+        # close the part even if the same request then sent more than declared (refused).
+        last = self._chunks_total - 1
+        while self._pending.size >= CHUNK_BYTES and self._chunks_done < last:
             self._push(self._pending.take(CHUNK_BYTES))
-        self._maybe_finish()
 
     def write_all(self, pieces: Iterable[bytes]) -> None:
         for data in pieces:
@@ -247,6 +249,14 @@ class PartWriter:
                 plaintext_sha256=self._plain_hash.hexdigest(),
                 plaintext_size=self.size,
             )
+
+    def rewind(self, offset: int) -> None:
+        """Keep nothing past `offset`, a whole-chunk offset this writer held when a request
+        began: the bytes of a refused request are not evidence. The writer is not used again
+        (the next request rebuilds one from what is stored)."""
+        self.broken = True
+        self._pending.clear()
+        self._upload.truncate(offset // CHUNK_BYTES * CIPHER_CHUNK)
 
     def drop_pending(self) -> None:
         """Forget the partial chunk: it was never pushed, so the state is unchanged and the
@@ -519,6 +529,14 @@ class PartReceiver:
         if not hmac.compare_digest(self._plain_hash.hexdigest(), self._plaintext_sha256):
             raise EnvelopeError("manifest_mismatch", "an attachment differs from the manifest")
         self.complete = True
+
+    def rewind(self, offset: int) -> None:
+        """Keep nothing past `offset`, a whole-chunk offset this writer held when a request
+        began: the bytes of a refused request are not evidence. The writer is not used again
+        (the next request rebuilds one from what is stored)."""
+        self.broken = True
+        self._pending.clear()
+        self._upload.truncate(offset // CHUNK_BYTES * CIPHER_CHUNK)
 
     def drop_pending(self) -> None:
         """Forget a partial chunk (never stored): the sender resends it from `durable_offset`."""

@@ -180,6 +180,33 @@ def test_attachments_of_every_boundary_size_round_trip(pair: Pair) -> None:
                 assert blobs[-1][:64] not in path.read_bytes()
 
 
+def test_an_upload_refused_for_sending_more_than_declared_keeps_none_of_it(pair: Pair) -> None:
+    # Chunked, so no Content-Length lets the node refuse it before reading: the declared size
+    # is reached exactly by the first piece (for the larger one, after two whole chunks),
+    # and the request goes on.
+    sizes = [5, 2 * CHUNK + 10]
+    right = [os.urandom(size) for size in sizes]
+    draft = create_draft(pair.es, sizes)
+    with pair.es.client("officer") as http:
+        for item, data in zip(draft["attachments"], right, strict=True):
+            wrong = os.urandom(len(data) + 20)
+            refused = http.patch(
+                item["href"],
+                content=iter([wrong[: len(data)], wrong[len(data) :]]),
+                headers={"upload-offset": "0"},
+            )
+            assert refused.status_code == 413, refused.text
+            assert refused.json()["error"] == "too_large"
+            assert head_offset(http, item["href"]) == 0
+            upload(http, item["href"], data, piece=len(data))
+    submitted = submit(pair.es, draft["id"])
+    sent = detail(pair.es, submitted["id"])
+    assert sent is not None
+    for entry, data in zip(sent["messages"][0]["attachments"], right, strict=True):
+        assert entry["sha256"] == hashlib.sha256(data).hexdigest()
+        assert download(pair.es, entry["href"])[0] == data
+
+
 def test_an_upload_interrupted_at_random_offsets_resumes(pair: Pair) -> None:
     """Each attempt breaks off at a random byte (the client drops the connection); the next
     asks the node where to resume. Only bytes of the chunk a break cut are sent again."""
