@@ -11,9 +11,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.audit.router import p2p_router as audit_p2p_router
@@ -184,6 +185,14 @@ def install_error_handlers(app: FastAPI) -> None:
             "this node cannot make its writes durable; its operator must check the disk and "
             "restart it",
         )
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(_request: Request, _exc: ClientDisconnect) -> Response:
+        # The caller closed the connection before the end of its body: nobody reads this
+        # answer, and it is no fault of the node (an upload or a peer's part resumes from its
+        # offset). Not logged as an error.
+        log.info("the client closed the connection before the end of its request")
+        return Response(status_code=499)
 
     @app.exception_handler(StorageFailed)
     async def _storage_failed(_request: Request, exc: StorageFailed) -> JSONResponse:

@@ -73,15 +73,22 @@ class BlobReader(io.FileIO):
     def __init__(self, path: Path) -> None:
         super().__init__(path, "rb")
         self._since_drop = 0
+        self._position = 0
+        self._advise(0, os.POSIX_FADV_SEQUENTIAL)
+
+    def _advise(self, length: int, advice: int) -> None:
+        # Hints only: a file system (or a file) that takes none is still read.
         if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(self.fileno(), 0, length, advice)
 
     def _read_some(self, count: int) -> None:
+        self._position += count
         self._since_drop += count
-        if self._since_drop >= DROP_BEHIND_BYTES and hasattr(os, "posix_fadvise"):
+        if self._since_drop >= DROP_BEHIND_BYTES:
             self._since_drop = 0
             # Only what lies behind the reader: the read-ahead in front of it is still to come.
-            os.posix_fadvise(self.fileno(), 0, self.tell(), os.POSIX_FADV_DONTNEED)
+            self._advise(self._position, os.POSIX_FADV_DONTNEED)
 
     def read(self, size: int | None = -1) -> bytes:
         data = super().read(size)

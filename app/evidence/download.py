@@ -9,9 +9,17 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.auth.service import Principal
+from app.db import unit_of_work
 from app.errors import NotFound
 from app.evidence.node_store import blob_store
-from app.evidence.reading import StoredEvidenceCorrupt, has_blob_parts, streamed_download
+from app.evidence.reading import (
+    PlannedDownload,
+    check_download,
+    download_chunks,
+    has_blob_parts,
+    plan_download,
+    record_download,
+)
 from app.models import Message
 from app.node import Node
 from app.requests.service import actor_of, get_case
@@ -24,16 +32,10 @@ def _disposition(name: str) -> str:
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name)}"
 
 
-def maybe_streamed(
-    session: Session,
-    node: Node,
-    *,
-    request_id: str,
-    msg_id: str,
-    index: int,
-    principal: Principal,
-) -> StreamingResponse | JSONResponse | None:
-    """The streamed response if this message's attachments are in the blob store, else None."""
+def plan_streamed(
+    session: Session, node: Node, *, request_id: str, msg_id: str, index: int
+) -> PlannedDownload | None:
+    """The download of an attachment in the blob store, or None (an inline attachment)."""
     case = get_case(session, request_id)
     message = session.scalar(
         select(Message).where(Message.request_id == case.id, Message.msg_id == msg_id)
@@ -42,26 +44,30 @@ def maybe_streamed(
         raise NotFound("no such message in this request", code="unknown_message")
     if not has_blob_parts(session, message):
         return None
-    try:
-        download = streamed_download(
-            session,
-            node,
-            blob_store(node.settings),
-            message=message,
-            index=index,
-            actor=actor_of(principal),
-        )
-    except StoredEvidenceCorrupt as exc:
-        # Answered, not raised, so that the refusal's audit entry commits with this request.
-        return JSONResponse({"error": exc.code, "detail": exc.detail}, status_code=500)
+    return plan_download(session, node, message=message, index=index)
+
+
+def streamed_response(
+    node: Node, plan: PlannedDownload, principal: Principal
+) -> StreamingResponse | JSONResponse:
+    """Checks the whole blob with no transaction open (SQLite has one writer: a long read
+    inside a transaction would hold every other write), then records the download."""
+    store = blob_store(node.settings)
+    actor = actor_of(principal)
+    problem = check_download(store, plan)
+    with unit_of_work(node.sessions) as session:
+        record_download(session, plan, actor=actor, problem=problem)
+    if problem is not None:
+        detail = f"attachment {plan.index} of {plan.msg_id}: {problem}"
+        return JSONResponse({"error": "stored_envelope_corrupt", "detail": detail}, status_code=500)
     # The media type is the peer's claim: reported, never used to render the bytes.
     return StreamingResponse(
-        download.chunks,
+        download_chunks(node, store, plan, actor=actor),
         media_type="application/octet-stream",
         headers={
-            "content-length": str(download.size),
-            "content-disposition": _disposition(download.name),
-            "x-entraide-media-type": download.media_type,
-            "x-entraide-sha256": download.sha256,
+            "content-length": str(plan.size),
+            "content-disposition": _disposition(plan.name),
+            "x-entraide-media-type": plan.media_type,
+            "x-entraide-sha256": plan.sha256,
         },
     )

@@ -11,10 +11,10 @@ response (the client sees a broken transfer, never a complete shorter file) and 
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import NoReturn
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -93,93 +93,113 @@ def open_stored_head(
 
 
 @dataclass(frozen=True)
-class StreamedDownload:
+class PlannedDownload:
+    """What downloading an attachment needs once the transaction that read it is over: the
+    blob check and the streaming hold no database lock (a blob may be tens of GiB)."""
+
+    request_id: str
+    msg_id: str
+    peer: str
+    index: int
     name: str
     media_type: str
-    size: int
-    sha256: str
-    chunks: Iterator[bytes]
+    size: int  # plaintext, as the manifest states
+    sha256: str  # plaintext, as the manifest states
+    part: env.PartInfo  # the signed header's length, ciphertext hash, stream header
+    key: bytes
+    ad: bytes
 
 
-def _refuse(session: Session, message: Message, index: int, actor: str, detail: str) -> NoReturn:
-    # In the route's own transaction: the caller answers without raising, so it commits.
-    record(
-        session,
-        actor=actor,
-        action="attachment.downloaded",
-        outcome="stored_envelope_corrupt",
-        request_id=message.request_id,
-        msg_id=message.msg_id,
-        details={"index": index, "detail": detail[:200]},
-    )
-    raise StoredEvidenceCorrupt(f"attachment {index} of {message.msg_id}: {detail}")
-
-
-def streamed_download(
-    session: Session,
-    node: Node,
-    store: BlobStore,
-    *,
-    message: Message,
-    index: int,
-    actor: str,
-) -> StreamedDownload:
+def plan_download(session: Session, node: Node, *, message: Message, index: int) -> PlannedDownload:
     header, opened, content_key = open_stored_head(session, node, message)
     listed = opened.manifest["attachments"]
     if not 1 <= index <= len(listed):
         raise NotFound("no such attachment", code="unknown_attachment")
-    entry, info = listed[index - 1], header.parts[index]
-    # The whole blob is checked against the signed header before the first plaintext byte.
-    try:
-        with store.open(info.sha256) as blob:
-            check_blob(blob, length=info.length, sha256=info.sha256)
-    except BlobError:
-        _refuse(session, message, index, actor, "the blob is missing")
-    except env.EnvelopeError as exc:
-        _refuse(session, message, index, actor, f"the blob fails its check ({exc.code})")
-    record(
-        session,
-        actor=actor,
-        action="attachment.downloaded",
+    entry = listed[index - 1]
+    msg_id = header.msg_id_bytes
+    return PlannedDownload(
         request_id=message.request_id,
         msg_id=message.msg_id,
         peer=message.sender_authority
         if message.direction == "inbound"
         else message.recipient_authority,
-        details={"index": index, "sha256": entry["sha256"], "streamed": True},
-    )
-    msg_id = header.msg_id_bytes
-    key = env.part_key(content_key, msg_id, index)
-
-    def chunks() -> Iterator[bytes]:
-        try:
-            with store.open(info.sha256) as blob:
-                yield from decrypt_stream(
-                    read_blob(blob),
-                    key=key,
-                    ad=env.part_ad(msg_id, index),
-                    stream_header=info.stream_header,
-                    plaintext_size=int(entry["size"]),
-                    plaintext_sha256=str(entry["sha256"]),
-                )
-        except (env.EnvelopeError, BlobError) as exc:
-            # Altered after the check: abort the response; the client sees a broken transfer.
-            log.error("download of %s/%s aborted: %s", message.msg_id, index, exc)
-            record_alone(
-                node.sessions,
-                actor=actor,
-                action="attachment.downloaded",
-                outcome="stored_envelope_corrupt",
-                request_id=message.request_id,
-                msg_id=message.msg_id,
-                details={"index": index, "detail": "aborted while streaming"},
-            )
-            raise
-
-    return StreamedDownload(
+        index=index,
         name=str(entry["name"]),
         media_type=str(entry["media_type"]),
         size=int(entry["size"]),
         sha256=str(entry["sha256"]),
-        chunks=chunks(),
+        part=header.parts[index],
+        key=env.part_key(content_key, msg_id, index),
+        ad=env.part_ad(msg_id, index),
     )
+
+
+def check_download(store: BlobStore, plan: PlannedDownload) -> str | None:
+    """The whole blob against the signed header, before the first plaintext byte: None, or
+    what is wrong with it. Outside any transaction."""
+    try:
+        with store.open(plan.part.sha256) as blob:
+            check_blob(blob, length=plan.part.length, sha256=plan.part.sha256)
+    except BlobError:
+        return "the blob is missing"
+    except env.EnvelopeError as exc:
+        return f"the blob fails its check ({exc.code})"
+    except OSError as exc:  # unreadable: damaged media, permissions
+        return (
+            f"the blob cannot be read ({errno.errorcode.get(exc.errno or 0, type(exc).__name__)})"
+        )
+    return None
+
+
+def record_download(
+    session: Session, plan: PlannedDownload, *, actor: str, problem: str | None
+) -> None:
+    if problem is not None:
+        record(
+            session,
+            actor=actor,
+            action="attachment.downloaded",
+            outcome="stored_envelope_corrupt",
+            request_id=plan.request_id,
+            msg_id=plan.msg_id,
+            details={"index": plan.index, "detail": problem[:200]},
+        )
+        return
+    record(
+        session,
+        actor=actor,
+        action="attachment.downloaded",
+        request_id=plan.request_id,
+        msg_id=plan.msg_id,
+        peer=plan.peer,
+        details={"index": plan.index, "sha256": plan.sha256, "streamed": True},
+    )
+
+
+def download_chunks(
+    node: Node, store: BlobStore, plan: PlannedDownload, *, actor: str
+) -> Iterator[bytes]:
+    """The plaintext, decrypted as it is sent (final tag and manifest hash checked)."""
+    try:
+        with store.open(plan.part.sha256) as blob:
+            yield from decrypt_stream(
+                read_blob(blob),
+                key=plan.key,
+                ad=plan.ad,
+                stream_header=plan.part.stream_header,
+                plaintext_size=plan.size,
+                plaintext_sha256=plan.sha256,
+            )
+    except (env.EnvelopeError, BlobError, OSError) as exc:
+        # Altered after the check: abort the response; the client sees a broken transfer.
+        log.error("download of %s/%s aborted: %s", plan.msg_id, plan.index, exc)
+        record_alone(
+            node.sessions,
+            actor=actor,
+            action="attachment.downloaded",
+            outcome="stored_envelope_corrupt",
+            request_id=plan.request_id,
+            msg_id=plan.msg_id,
+            details={"index": plan.index, "detail": "aborted while streaming"},
+        )
+        raise

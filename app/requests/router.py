@@ -11,7 +11,7 @@ from pydantic import AwareDatetime
 from app.clock import ClockDep
 from app.db import unit_of_work
 from app.deps import NodeDep, OfficerDep, SessionDep, UnitOfWorkRoute
-from app.evidence.download import maybe_streamed
+from app.evidence.download import plan_streamed, streamed_response
 from app.requests import access, schemas, service
 
 router = APIRouter(prefix="/api/v1/requests", tags=["requests"], route_class=UnitOfWorkRoute)
@@ -111,21 +111,27 @@ def download_attachment(
     request_id: RequestId,
     msg_id: MsgId,
     index: Annotated[int, Path(ge=1, le=1000)],
-    session: SessionDep,
     node: NodeDep,
     principal: OfficerDep,
 ) -> Response:
     access.check_visible(
         node, request_id=request_id, principal=principal, action="attachment.downloaded"
     )
-    streamed = maybe_streamed(
-        session, node, request_id=request_id, msg_id=msg_id, index=index, principal=principal
-    )
-    if streamed is not None:  # large evidence, in the blob store (app/evidence)
-        return streamed
-    download = service.read_attachment(
-        session, node, request_id=request_id, msg_id=msg_id, index=index, principal=principal
-    )
+    # Transactions of its own, not SessionDep's: evidence in the blob store is checked
+    # between them (app/evidence/download.py).
+    with unit_of_work(node.sessions) as session:
+        planned = plan_streamed(session, node, request_id=request_id, msg_id=msg_id, index=index)
+        if planned is None:  # small, inline in the envelope: read in this transaction
+            download = service.read_attachment(
+                session,
+                node,
+                request_id=request_id,
+                msg_id=msg_id,
+                index=index,
+                principal=principal,
+            )
+    if planned is not None:  # large evidence, in the blob store (app/evidence)
+        return streamed_response(node, planned, principal)
     # The media type is the peer's claim: it is reported, never used to render the bytes.
     return Response(
         content=download.data,

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import resource
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -427,6 +428,64 @@ def test_a_damaged_blob_is_refused_at_download_on_both_sides(pair: Pair, damage:
         assert refused[-1]["outcome"] == "stored_envelope_corrupt"
         target.write_bytes(original)
         assert download(node, href)[0] == data
+
+
+def test_a_download_checks_its_blob_with_no_transaction_open(pair: Pair) -> None:
+    # The blob is replaced by a pipe: the node's check of it waits, as a check of tens of
+    # GiB would, until the test writes the bytes. Meanwhile the node must take other
+    # writes: SQLite has one writer, and a check inside a transaction would hold it.
+    size = 2 * MIB + 7
+    data = os.urandom(size)
+    draft = create_draft(pair.es, [size])
+    with pair.es.client("officer") as http:
+        upload(http, draft["attachments"][0]["href"], data, piece=size)
+    submit(pair.es, draft["id"])
+    view = wait_receipt(pair.es, draft["id"])  # the transfer to AR/MPF is over
+    href = view["messages"][0]["attachments"][0]["href"]
+    blobs = [p for p in (blob_dir(pair.es) / "blobs").rglob("*") if p.is_file()]
+    target = max(
+        (p for p in blobs if p.stat().st_size == size + 3 * 17),
+        key=lambda p: p.stat().st_mtime_ns,
+    )
+    original = target.read_bytes()
+    kept = target.with_name(target.name + ".kept")
+    target.rename(kept)
+    os.mkfifo(target)
+    downloaded: list[bytes] = []
+    reader = threading.Thread(target=lambda: downloaded.append(download(pair.es, href)[0]))
+    reader.start()
+    try:
+        time.sleep(1.0)  # the download reaches the pipe in milliseconds; then it waits there
+        with pair.es.client("officer") as http:
+            started = time.monotonic()
+            response = http.post("/api/v1/requests", json=EXAMPLE, timeout=8)
+            assert response.status_code == 201, response.text
+            assert time.monotonic() - started < 5
+        assert reader.is_alive()  # the download was still waiting on the pipe meanwhile
+        assert not downloaded
+    finally:
+        _feed_and_restore(target, kept, original)
+        reader.join(timeout=60)
+    assert downloaded == [data]
+
+
+def _feed_and_restore(fifo: Path, kept: Path, data: bytes) -> None:
+    """Writes `data` into the pipe for the reader waiting on it, and puts the real file
+    back in its place first (the reader's next open finds the file)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:  # non-blocking: fails with ENXIO until the node holds the pipe open
+            descriptor = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                os.replace(kept, fifo)
+                return
+            time.sleep(0.05)
+    os.set_blocking(descriptor, True)
+    os.replace(kept, fifo)
+    with os.fdopen(descriptor, "wb") as pipe:
+        pipe.write(data)
 
 
 def test_cli_sends_and_downloads_with_attachments(pair: Pair, tmp_path: Path) -> None:
