@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import Depends
+from pydantic import AfterValidator, AwareDatetime
 
 from app.crypto.encoding import utc_now
 
@@ -19,3 +20,16 @@ def get_clock() -> Clock:
 
 
 ClockDep = Annotated[Clock, Depends(get_clock)]
+
+
+def in_utc(moment: datetime) -> datetime:
+    """The moment in UTC, as the database stores it; ValueError for one that UTC cannot
+    hold (0001-01-01 east of UTC, 9999-12-31 west of it): a 422, not a 500 at the query."""
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError as exc:
+        raise ValueError("the moment is outside the range of dates this node stores") from exc
+
+
+# A query parameter that is a moment: with a zone (a naive time is ambiguous), in range.
+UtcMoment = Annotated[AwareDatetime, AfterValidator(in_utc)]

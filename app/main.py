@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -78,6 +78,14 @@ SECURITY_HEADERS = [
 ]
 
 
+async def _refuse(
+    send: Callable[[MutableMapping[str, Any]], Awaitable[None]], status: int, code: str, detail: str
+) -> None:
+    response = JSONResponse({"error": code, "detail": detail}, status_code=status)
+    await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
+    await send({"type": "http.response.body", "body": response.body})
+
+
 class LimitsAndHeaders:
     """Refuse oversized bodies before any parsing (413), and add security headers.
 
@@ -99,6 +107,13 @@ class LimitsAndHeaders:
                 message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
             await send(message)
 
+        if b"%00" in bytes(scope.get("query_string", b"")):
+            # Never meaningful, and PostgreSQL cannot compare text holding it: refused the
+            # same on both backends, before anything reads the query.
+            await _refuse(
+                send_with_headers, 400, "invalid_request", "a query parameter holds a NUL"
+            )
+            return
         if any(
             scope.get("method") == method and str(scope.get("path", "")).startswith(prefix)
             for method, prefix in STREAMED_BODIES
@@ -136,12 +151,7 @@ class LimitsAndHeaders:
         await self.app(scope, replay, send_with_headers)
 
     async def _too_large(self, send: Callable[[MutableMapping[str, Any]], Awaitable[None]]) -> None:
-        response = JSONResponse(
-            {"error": "too_large", "detail": f"body larger than {self.max_body_bytes} bytes"},
-            status_code=413,
-        )
-        await send({"type": "http.response.start", "status": 413, "headers": response.raw_headers})
-        await send({"type": "http.response.body", "body": response.body})
+        await _refuse(send, 413, "too_large", f"body larger than {self.max_body_bytes} bytes")
 
 
 def _error(status: int, code: str, detail: str, **extra: Any) -> JSONResponse:
@@ -175,6 +185,17 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _database_down(_request: Request, exc: OperationalError) -> JSONResponse:
         log.error("database unavailable: %s", type(exc.orig).__name__)
         return _error(503, "database_unavailable", "the database is unavailable; retry later")
+
+    @app.exception_handler(DataError)
+    async def _unstorable(_request: Request, exc: DataError) -> JSONResponse:
+        # PostgreSQL refuses some values the schemas let through (a NUL character in a text
+        # parameter): the caller's input, not a fault. The value itself is not logged.
+        log.warning("a value was refused by the database: %s", type(exc.orig).__name__)
+        return _error(
+            400,
+            "invalid_value",
+            "a value in the request cannot be stored or compared (a NUL character, say)",
+        )
 
     @app.exception_handler(DurabilityLost)
     async def _durability_lost(_request: Request, exc: DurabilityLost) -> JSONResponse:

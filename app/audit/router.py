@@ -6,12 +6,12 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
-from pydantic import AwareDatetime
 from sqlalchemy import select
 
 from app.audit import service
 from app.audit.checkpoints import latest_checkpoint, log_verifier_key, sign_checkpoint
 from app.audit.witness import cosigned_note, largest_known
+from app.clock import UtcMoment
 from app.deps import PEER_SIGNED, AuditorDep, NodeDep, SessionDep, UnitOfWorkRoute
 from app.errors import NotFound
 from app.models import WitnessAlarm, WitnessedCheckpoint
@@ -33,8 +33,8 @@ def list_entries(
     session: SessionDep,
     principal: AuditorDep,
     # With a zone: a naive time is ambiguous in a log kept in UTC (422, never a guess).
-    since: AwareDatetime | None = None,
-    until: AwareDatetime | None = None,
+    since: UtcMoment | None = None,
+    until: UtcMoment | None = None,
     actor: Name = None,
     action: Name = None,
     request_id: Annotated[str | None, Query(pattern=r"^[0-9a-f]{32}$")] = None,

@@ -7,7 +7,7 @@ import socket
 import ssl
 import threading
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -23,14 +23,31 @@ CONSISTENCY_PATH = "/p2p/v1/audit/consistency"
 MAX_RESPONSE_BYTES = 256 * 1024
 
 
+def shown_url(url: str) -> str:
+    """A peer URL for error messages and the audit trail: never its credentials (a URL with
+    a password is refused, and the refusal must not record the password), bounded."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return repr(url[:100])
+    if "@" in parts.netloc:
+        parts = parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1])
+    return repr(urlunsplit(parts)[:200])
+
+
 def check_peer_url(url: str, *, allow_insecure_http: bool) -> str:
+    shown = shown_url(url)
     try:
         parts = urlsplit(url)
         hostname, _port = parts.hostname, parts.port  # both parse lazily, and may raise
-    except ValueError as exc:  # "http://[::1", "http://host:99999"
-        raise BadRequest(f"{url[:100]!r} is not a valid URL", code="invalid_peer_url") from exc
-    if parts.scheme not in {"https", "http"} or not hostname:
-        raise BadRequest(f"{url!r} is not an http(s) URL", code="invalid_peer_url")
+        # As the client will: IDNA host names (an empty label, a code point IDNA forbids)
+        # and characters no URL may carry.
+        decoded = httpx.URL(url).host  # decodes an IDNA (xn--) host, which may raise
+        (hostname or "").encode("idna")
+    except (ValueError, httpx.InvalidURL) as exc:  # UnicodeError is a ValueError
+        raise BadRequest(f"{shown} is not a valid URL", code="invalid_peer_url") from exc
+    if parts.scheme not in {"https", "http"} or not hostname or not decoded:
+        raise BadRequest(f"{shown} is not an http(s) URL", code="invalid_peer_url")
     if parts.scheme == "http" and not allow_insecure_http:
         raise BadRequest(
             "peers must be reached over HTTPS; set ENTRAIDE_ALLOW_INSECURE_HTTP=true only "

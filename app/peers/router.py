@@ -8,7 +8,7 @@ from app.audit.log import record_alone
 from app.deps import AdminDep, NodeDep, SessionDep, UnitOfWorkRoute
 from app.errors import EntraideError
 from app.peers import service
-from app.peers.client import peer_http_client
+from app.peers.client import peer_http_client, shown_url
 from app.peers.schemas import AddPeer, PeerView
 
 router = APIRouter(prefix="/api/v1/admin/peers", tags=["admin"], route_class=UnitOfWorkRoute)
@@ -30,7 +30,7 @@ def add_peer(body: AddPeer, session: SessionDep, node: NodeDep, principal: Admin
             )
     except EntraideError as exc:
         session.rollback()  # release our write lock before the refusal's own transaction
-        details = {"url": body.url, "detail": exc.detail}
+        details = {"url": shown_url(body.url), "detail": exc.detail}
         record_alone(
             node.sessions, actor=actor, action="peer.add", outcome=exc.code, details=details
         )

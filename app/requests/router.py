@@ -6,9 +6,8 @@ from typing import Annotated, Literal
 from urllib.parse import quote
 
 from fastapi import APIRouter, Path, Query, Response
-from pydantic import AwareDatetime
 
-from app.clock import ClockDep
+from app.clock import ClockDep, UtcMoment
 from app.db import unit_of_work
 from app.deps import NodeDep, OfficerDep, SessionDep, UnitOfWorkRoute
 from app.evidence.download import plan_streamed, streamed_response
@@ -53,7 +52,7 @@ def list_requests(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
     overdue: bool | None = None,
-    due_before: AwareDatetime | None = None,
+    due_before: UtcMoment | None = None,
     *,
     clock: ClockDep,
 ) -> schemas.RequestPage:

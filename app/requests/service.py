@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from app.audit.log import Event, record, record_many
 from app.auth.service import Principal
+from app.clock import in_utc
 from app.crypto.encoding import b64e, sha256_hex, utc_now
 from app.crypto.envelope import (
     Attachment,
@@ -290,10 +291,11 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         created, _, case_id = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
         moment = datetime.fromisoformat(created)
+        if moment.tzinfo is None or "\x00" in case_id:
+            raise ValueError("a cursor's moment has a zone, and its id no NUL")
+        moment = in_utc(moment)
     except (binascii.Error, UnicodeError, ValueError) as exc:
         raise BadRequest("invalid cursor", code="invalid_cursor") from exc
-    if moment.tzinfo is None:
-        raise BadRequest("invalid cursor", code="invalid_cursor")
     return moment, case_id
 
 

@@ -1,0 +1,85 @@
+"""Query parameters and small bodies that a schema lets through but a database may not take:
+moments that UTC cannot hold, NUL characters (PostgreSQL refuses them in text), host names
+IDNA refuses. Each is a 4xx with a code, on both backends, never a 500."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from urllib.parse import quote
+
+import pytest
+
+from app.localnodes import LocalNode
+from tests.conftest import BACKENDS, make_databases
+from tests.e2e.test_evidence import audit_details
+
+FAR_EAST = quote("0001-01-01T00:00:00+14:00")
+FAR_WEST = quote("9999-12-31T23:00:00-05:00")
+CURSOR = base64.urlsafe_b64encode(b"0001-01-01T00:00:00+14:00|x").decode()
+NUL_CURSOR = base64.urlsafe_b64encode(b"2026-01-01T00:00:00+00:00|\x00").decode()
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def node(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalNode]:
+    databases = make_databases(request.param, tmp_path_factory.mktemp("db"))
+    local = LocalNode(
+        "ES/MJ", "Ministerio de Justicia", tmp_path_factory.mktemp("es"), databases.new("es")
+    )
+    try:
+        local.init()
+        for role in ("admin", "officer", "auditor"):
+            local.create_client(role, role)
+        local.start()
+        yield local
+    finally:
+        local.stop()
+        databases.drop_all()
+
+
+@pytest.mark.parametrize(
+    ("role", "target"),
+    [
+        ("officer", f"/api/v1/requests?due_before={FAR_EAST}"),
+        ("officer", f"/api/v1/requests?due_before={FAR_WEST}"),
+        ("officer", f"/api/v1/requests?cursor={CURSOR}"),
+        ("officer", f"/api/v1/requests?cursor={NUL_CURSOR}"),
+        ("officer", "/api/v1/requests?status=%00"),
+        ("officer", "/api/v1/requests?peer=%00"),
+        ("auditor", f"/api/v1/audit?since={FAR_EAST}"),
+        ("auditor", f"/api/v1/audit?until={FAR_WEST}"),
+        ("auditor", "/api/v1/audit?actor=%00"),
+        ("auditor", "/api/v1/audit?action=%00"),
+        ("auditor", "/api/v1/audit?peer=%00"),
+        ("auditor", "/api/v1/audit?outcome=%00"),
+        ("auditor", "/api/v1/audit/witnessed?peer=%00"),
+        ("admin", "/api/v1/admin/deliveries?peer=%00"),
+    ],
+)
+def test_unstorable_query_values_are_4xx(node: LocalNode, role: str, target: str) -> None:
+    with node.client(role) as http:
+        response = http.get(target)
+    assert 400 <= response.status_code < 500, (target, response.status_code, response.text)
+    assert response.json()["error"] in {"invalid_request", "invalid_cursor", "invalid_value"}
+
+
+@pytest.mark.parametrize("url", ["https://a..b", "https://xn--a.com", "https://\u2488.com"])
+def test_host_names_idna_refuses_are_refused_and_audited(node: LocalNode, url: str) -> None:
+    with node.client("admin") as http:
+        response = http.post("/api/v1/admin/peers", json={"url": url, "fingerprint": "00" * 32})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "invalid_peer_url"
+    assert audit_details(node, "peer.add")[-1]["outcome"] == "invalid_peer_url"
+
+
+def test_a_refused_peer_url_never_records_its_password(node: LocalNode) -> None:
+    with node.client("admin") as http:
+        for url in ("https://user:hunter2@x.invalid", "ftp://user:hunter2@x.invalid"):
+            response = http.post("/api/v1/admin/peers", json={"url": url, "fingerprint": "00" * 32})
+            assert response.status_code == 400, response.text
+            assert "hunter2" not in response.text
+    recorded = json.dumps(audit_details(node, "peer.add"))
+    assert "hunter2" not in recorded
