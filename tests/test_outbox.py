@@ -216,6 +216,45 @@ def test_silence_past_the_deadline_keeps_asking_then_fails(
     assert _state(factory, past_grace)[0] == outbox.FAILED
 
 
+def _claim_again(factory: sessionmaker[Session], row: int) -> outbox.Claim:
+    with unit_of_work(factory) as session:
+        item = session.get(OutboxItem, row)
+        assert item is not None
+        item.next_attempt_at = utc_now() - timedelta(seconds=1)
+    with unit_of_work(factory) as session:
+        claims = outbox.claim_due(session, now=utc_now(), lease=LEASE, limit=10, owner="w")
+    (claim,) = [claim for claim in claims if claim.outbox_id == row]
+    return claim
+
+
+def test_an_answer_past_the_deadline_after_a_lost_one_keeps_asking(
+    sessions: tuple[str, sessionmaker[Session]],
+) -> None:
+    """An earlier attempt had no answer (the peer may hold the envelope); the last one is a
+    503 from the peer's proxy: still unknown, so the grace period applies, not a failure."""
+    _, factory = sessions
+    row, claim = _expired_claim(factory, timedelta(seconds=1))
+    with unit_of_work(factory) as session:
+        assert settle(session, claim, Outcome(outbox.RETRY, "transport: ReadTimeout"), worker="w")
+    claim = _claim_again(factory, row)
+    refused = Outcome(outbox.RETRY, "HTTP 503 database_unavailable", http_status=503)
+    with unit_of_work(factory) as session:
+        assert settle(session, claim, refused, worker="w")
+    assert _state(factory, row)[0] == outbox.RETRY
+
+
+def test_a_bad_receipt_past_the_deadline_keeps_asking(
+    sessions: tuple[str, sessionmaker[Session]],
+) -> None:
+    """A 2xx whose receipt does not check out: the peer holds the envelope."""
+    _, factory = sessions
+    row, claim = _expired_claim(factory, timedelta(seconds=1))
+    bad = Outcome(outbox.RETRY, "bad receipt: receipt signature does not verify", http_status=201)
+    with unit_of_work(factory) as session:
+        assert settle(session, claim, bad, worker="w")
+    assert _state(factory, row)[0] == outbox.RETRY
+
+
 def test_a_receipt_signed_by_a_revoked_key_is_not_a_delivery(
     sessions: tuple[str, sessionmaker[Session]],
 ) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.audit.log import Event, record_many
@@ -149,6 +149,26 @@ def add_to_counters(session: Session, tally: dict[str, int]) -> None:
             session.execute(insert(DeliveryCounter).values(name=name, value=tally[name]))
 
 
+def _may_hold_it(session: Session, item: OutboxItem, outcome: Outcome) -> bool:
+    """Whether the peer may hold the envelope: this attempt or an earlier one ended with no
+    answer (a transport error) or with a 2xx whose receipt did not check out. Only a peer
+    that answered every attempt, and never with a 2xx, is known not to."""
+    if outcome.http_status is None or 200 <= outcome.http_status < 300:
+        return True
+    uncertain = session.scalar(
+        select(DeliveryAttempt.id)
+        .where(
+            DeliveryAttempt.outbox_id == item.id,
+            or_(
+                DeliveryAttempt.http_status.is_(None),
+                DeliveryAttempt.http_status.between(200, 299),
+            ),
+        )
+        .limit(1)
+    )
+    return uncertain is not None
+
+
 def _apply(
     session: Session,
     claim: outbox.Claim,
@@ -167,11 +187,10 @@ def _apply(
     overdue = False
     if state == outbox.RETRY:
         when = next_attempt(now, claim.attempts, case.urgency, item.expires_at)
-        if when is None and outcome.http_status is None and item.expires_at is not None:
-            # No answer at all: the peer may hold the envelope and only our copy of its
-            # receipt was lost. Keep asking (a repeat is answered with the stored receipt,
-            # even after expiry) until it answers or the grace period ends; but say loudly
-            # that the deadline has passed.
+        if when is None and item.expires_at is not None and _may_hold_it(session, item, outcome):
+            # The peer may hold the envelope and only our copy of its receipt was lost. Keep
+            # asking (a repeat is answered with the stored receipt, even after expiry) until
+            # it answers or the grace period ends; but say loudly that the deadline passed.
             grace_end = item.expires_at + policy_for(case.urgency).expiry
             when = next_attempt(now, claim.attempts, case.urgency, grace_end)
             overdue = True

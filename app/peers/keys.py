@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from app.audit.log import record
 from app.auth.throttle import counter_row
-from app.crypto.encoding import utc_now
+from app.crypto.encoding import DecodeError, parse_time, utc_now
 from app.crypto.envelope import EnvelopeError, parse_header
 from app.crypto.identity import IdentityError, PeerIdentity, parse_identity_document
 from app.crypto.keys import NodeKeys
@@ -348,12 +348,40 @@ def verify_peer_receipt(
         claimed = claimed_signer_kid(signed)
         if claimed is None or claimed == signer_kid:
             raise
+    # A receipt the peer stored before it rotated (our earlier post's answer was lost, this
+    # repeat is answered with the stored receipt): signed by a key of the peer's history,
+    # valid when the receipt says it was signed (never a revoked key).
+    earlier = _earlier_signing_key(node, authority, claimed, claimed_received_at(signed))
+    if earlier is not None:
+        return verify_receipt(signed, signer_public=earlier, signer_kid=claimed, **expected)
     peer = refresh_peer_keys(node, authority, http=http)
     if peer is None or peer.signing_kid != claimed:
         raise ReceiptError("the receipt is signed by a key the peer's identity does not vouch for")
     return verify_receipt(
         signed, signer_public=peer.signing_key, signer_kid=peer.signing_kid, **expected
     )
+
+
+def _earlier_signing_key(
+    node: Node, authority: str, kid: str, signed_at: datetime | None
+) -> bytes | None:
+    if signed_at is None:
+        return None
+    with unit_of_work(node.sessions) as session:
+        pinned = pinned_keys(session, authority)
+        return (
+            None if pinned is None else peer_signing_key(session, pinned, kid, signed_at=signed_at)
+        )
+
+
+def claimed_received_at(signed: SignedReceipt) -> datetime | None:
+    """The receipt's own claim of when it was signed, read without trusting it (the
+    signature, checked after, covers it)."""
+    try:
+        body = json.loads(signed.body)
+        return parse_time(body["received_at"]) if isinstance(body, dict) else None
+    except (ValueError, RecursionError, KeyError, TypeError, DecodeError):
+        return None
 
 
 def claimed_signer_kid(signed: SignedReceipt) -> str | None:

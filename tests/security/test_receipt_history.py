@@ -1,0 +1,103 @@
+"""A receipt the peer stored before it rotated its key verifies with that key, from our pin
+history, when it was valid; so a delivery whose first answer was lost is not failed because
+the peer's key has moved on since (its repeat is answered with the stored receipt)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from app.crypto.encoding import utc_now
+from app.crypto.keys import NodeKeys
+from app.crypto.receipts import ReceiptError, SignedReceipt, issue_receipt
+from app.db import unit_of_work
+from app.models import Peer, PeerKey
+from app.peers.keys import verify_peer_receipt
+from tests.requests.conftest import Harness, serve_node
+
+MSG_ID = "ab" * 16
+ENVELOPE_HASH = "cd" * 32
+
+
+@pytest.fixture
+def rotated(tmp_path: Path) -> Iterator[tuple[Harness, NodeKeys, datetime]]:
+    """AR/MPF has ES/MJ pinned, then follows a rotation of ES/MJ's signing key: the first
+    key is kept in the history, superseded at the returned moment."""
+    with serve_node(f"sqlite:///{tmp_path / 'ar.db'}", tmp_path / "ar") as ar:
+        first = ar.peer_keys
+        second = NodeKeys.generate()
+        rotated_at = utc_now() - timedelta(hours=1)
+        with unit_of_work(ar.node.sessions) as session:
+            peer = session.scalar(select(Peer).where(Peer.authority_id == "ES/MJ"))
+            assert peer is not None
+            row = session.scalar(
+                select(PeerKey).where(
+                    PeerKey.peer_authority == "ES/MJ", PeerKey.kid == first.signing_kid
+                )
+            )
+            assert row is not None  # pinning recorded it
+            row.superseded_at = rotated_at
+            peer.signing_key, peer.signing_kid = second.signing_public, second.signing_kid
+        yield ar, second, rotated_at
+
+
+def _receipt(keys: NodeKeys, received_at: datetime) -> SignedReceipt:
+    return issue_receipt(
+        keys.signing,
+        signer_kid=keys.signing_kid,
+        msg_id=MSG_ID,
+        envelope_hash=ENVELOPE_HASH,
+        from_authority="AR/MPF",
+        to_authority="ES/MJ",
+        received_at=received_at,
+        checkpoint=None,
+    )
+
+
+def _verify(ar: Harness, second: NodeKeys, signed: SignedReceipt) -> object:
+    with httpx.Client(timeout=2) as http:
+        return verify_peer_receipt(
+            ar.node,
+            http,
+            signed,
+            authority="ES/MJ",
+            signer_public=second.signing_public,
+            signer_kid=second.signing_kid,
+            msg_id=MSG_ID,
+            envelope_hash=ENVELOPE_HASH,
+            from_authority="AR/MPF",
+        )
+
+
+def test_a_stored_receipt_signed_before_the_rotation_verifies(
+    rotated: tuple[Harness, NodeKeys, datetime],
+) -> None:
+    ar, second, rotated_at = rotated
+    before = _receipt(ar.peer_keys, rotated_at - timedelta(minutes=5))
+    assert _verify(ar, second, before) is not None
+
+
+def test_the_old_key_signs_nothing_after_its_rotation(
+    rotated: tuple[Harness, NodeKeys, datetime],
+) -> None:
+    ar, second, rotated_at = rotated
+    after = _receipt(ar.peer_keys, rotated_at + timedelta(minutes=5))
+    with pytest.raises(ReceiptError):
+        _verify(ar, second, after)
+
+
+def test_a_revoked_key_verifies_no_receipt_whatever_its_time(
+    rotated: tuple[Harness, NodeKeys, datetime],
+) -> None:
+    ar, second, rotated_at = rotated
+    with unit_of_work(ar.node.sessions) as session:
+        for row in session.scalars(select(PeerKey).where(PeerKey.peer_authority == "ES/MJ")):
+            row.revoked_at = rotated_at
+    before = _receipt(ar.peer_keys, rotated_at - timedelta(minutes=5))
+    with pytest.raises(ReceiptError):
+        _verify(ar, second, before)
