@@ -141,17 +141,18 @@ def group_jobs(jobs: list[Job]) -> list[list[Job]]:
 
 class RoundBudget:
     """What one round may claim: `ROUND_PRELOAD_BYTES` of small envelopes (read with the
-    claim and batched) and `ROUND_LARGE` large ones (each read and posted alone by a posting
+    claim and batched) and `large` large ones (each read and posted alone by a posting
     thread, as many at a time as `worker_concurrency`). A row past either stays queued for the
     next round rather than be posted alone or keep the round's end, and the next claim, late."""
 
-    def __init__(self) -> None:
+    def __init__(self, large: int = ROUND_LARGE) -> None:
         self.small_bytes = 0
         self.large = 0
+        self.large_limit = large
 
     def admit(self, size: int) -> bool:
         if size > PRELOAD_BYTES:
-            if self.large >= ROUND_LARGE:
+            if self.large >= self.large_limit:
                 return False
             self.large += 1
             return True
@@ -159,6 +160,11 @@ class RoundBudget:
             return False
         self.small_bytes += size
         return True
+
+
+def _is_large(jobs: list[Job]) -> bool:
+    """A post of one envelope read when it is posted, or streamed: it may take long."""
+    return len(jobs) == 1 and (bool(jobs[0].streamed) or jobs[0].wire is None)
 
 
 def round_preload(claims: list[outbox.Claim], messages: dict[int, Message]) -> list[Message]:
@@ -243,6 +249,10 @@ class Worker:
         self._sweep = OrphanSweep(node)
         # Peers that answered a batch as an older node would: posted one by one from then on.
         self._no_batch: set[str] = set()
+        # Posts under way, across rounds: a slow one (a long evidence transfer, a peer that
+        # answers slowly) is settled by the round in which it ends, and the rounds between
+        # go on claiming and posting everything else.
+        self._in_flight: dict[Future[list[Outcome | None]], list[Job]] = {}
 
     def run(self) -> None:
         log.info("delivery worker %s started", self.id)
@@ -257,9 +267,19 @@ class Worker:
             if handled == 0:
                 self.node.outbox_signal.wait(self.node.settings.worker_poll_seconds)
                 self.node.outbox_signal.clear()
+        self._finish_in_flight()
         self._pool.shutdown(wait=True)
         self.release()
         log.info("delivery worker %s stopped", self.id)
+
+    def _finish_in_flight(self) -> None:
+        """At a stop: the posts under way finish (none starts), and what they got is kept."""
+        if self._in_flight:
+            wait(self._in_flight)
+            try:
+                self._settle_done(set(self._in_flight))
+            except Exception as exc:  # their leases run out; the peer keeps their receipts
+                log.warning("could not settle the last deliveries (%s)", type(exc).__name__)
 
     def stop(self) -> None:
         self._stop.set()
@@ -276,7 +296,38 @@ class Worker:
             log.info("released %s claimed deliveries for other workers", released)
 
     def run_once(self) -> int:
+        """One round: claim what is due while a posting thread is free, post it, and settle
+        every post that has ended by the time this round's posts have (or after
+        SETTLE_WAIT_SECONDS). A post still under way then is settled by a later round: it
+        never holds up the claims and posts of everything else. Returns the rows claimed and
+        settled (0: nothing to do)."""
+        concurrency = self.node.settings.worker_concurrency
+        if len(self._in_flight) < concurrency:
+            posting = self._claim_and_post(concurrency)
+        else:  # every posting thread busy: claim nothing yet, but keep signing checkpoints
+            posting = []
+            with unit_of_work(self.node.sessions) as session:
+                self._checkpoint_if_due(session)
+        # Outcomes are settled together, one transaction (and one commit) for the lot; a
+        # slow post does not keep the others waiting past SETTLE_WAIT_SECONDS.
+        if posting:
+            wait(posting, timeout=SETTLE_WAIT_SECONDS)
+        done = {future for future in self._in_flight if future.done()}
+        if done:
+            self._settle_done(done)
+        elif self._in_flight and not posting:
+            # Only slow posts under way and nothing claimable: wait for one of them, or for
+            # new work (a submission wakes the signal), rather than spin.
+            wait(self._in_flight, timeout=self.node.settings.worker_poll_seconds,
+                 return_when=FIRST_COMPLETED)  # fmt: skip
+        return len(posting) + len(done)
+
+    def _claim_and_post(self, concurrency: int) -> list[Future[list[Outcome | None]]]:
         lease = timedelta(seconds=self.node.settings.lease_seconds)
+        # Large envelopes and evidence transfers may take every posting thread but one, so
+        # that a long transfer never keeps a small envelope (an emergency) waiting for it.
+        large_in_flight = sum(1 for jobs in self._in_flight.values() if _is_large(jobs))
+        large = max(0, min(ROUND_LARGE, max(1, concurrency - 1) - large_in_flight))
         # One transaction for the round's bookkeeping: the checkpoint check, the claim and the
         # claimed envelopes, read with one query per table.
         with unit_of_work(self.node.sessions) as session:
@@ -287,7 +338,7 @@ class Worker:
                 lease=lease,
                 limit=self.batch,
                 owner=self.id,
-                admit=RoundBudget().admit,
+                admit=RoundBudget(large).admit,
             )
             jobs = load_jobs(session, claims)
             if claims and not signed:
@@ -297,17 +348,14 @@ class Worker:
                 commit_without_waiting(session)
         # Several posts at once, so one slow or stalled peer does not hold up the others; the
         # small envelopes for one peer go in one post.
-        futures = {
-            self._pool.submit(self._deliver_group, group): group for group in group_jobs(jobs)
-        }
-        # Outcomes are settled together, one transaction (and one commit) for the lot; a
-        # slow peer's outcome does not keep the others' waiting past a second.
-        done, pending = wait(futures, timeout=SETTLE_WAIT_SECONDS)
-        self._settle_done(done, futures)
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            self._settle_done(done, futures)
-        return len(claims)
+        posting = []
+        for group in group_jobs(jobs):
+            future = self._pool.submit(self._deliver_group, group)
+            self._in_flight[future] = group
+            # A post that ends after its round wakes the loop, which settles it.
+            future.add_done_callback(lambda _future: self.node.outbox_signal.set())
+            posting.append(future)
+        return posting
 
     def _deliver_group(self, group: list[Job]) -> list[Outcome | None]:
         if len(group) == 1 or group[0].base_url in self._no_batch:
@@ -348,16 +396,13 @@ class Worker:
         with unit_of_work(self.node.sessions) as session:
             return outbox.renew(session, claim, now=utc_now(), lease=lease)
 
-    def _settle_done(
-        self,
-        done: set[Future[list[Outcome | None]]],
-        futures: dict[Future[list[Outcome | None]], list[Job]],
-    ) -> None:
+    def _settle_done(self, done: set[Future[list[Outcome | None]]]) -> None:
+        finished = {future: self._in_flight.pop(future) for future in done}
         results = sorted(
             (
                 (job.claim, outcome)
-                for future in done
-                for job, outcome in zip(futures[future], future.result(), strict=True)
+                for future, jobs in finished.items()
+                for job, outcome in zip(jobs, future.result(), strict=True)
                 if outcome is not None
             ),
             key=lambda result: result[0].outbox_id,

@@ -341,3 +341,26 @@ def test_answers_lost_until_expiry_still_end_with_the_receipt(lab: Lab) -> None:
     proxy.force(None)
     pair.wait_delivered(1, timeout=15)
     pair.ledger(accepted).check()
+
+
+def test_a_slow_post_does_not_hold_up_the_next_deliveries(lab: Lab) -> None:
+    """A post whose answer takes long (a peer behind a slow link, a long evidence transfer)
+    is settled when it ends; meanwhile the worker claims and delivers what comes next."""
+    pair = lab.pair(
+        sender_env={"ENTRAIDE_PEER_TIMEOUT_SECONDS": "30", "ENTRAIDE_LEASE_SECONDS": "120"}
+    )
+    proxy = lab.proxy(pair.receiver.port)
+    pair.start(sender_pins_receiver_at=proxy.url)
+    proxy.script("hold")  # the first post reaches the receiver; its answer is held
+    first = pair.submit(1)
+    wait_until("the receiver stored the first request", lambda: pair.inbound_count() == 1)
+    second = pair.submit(1)
+    wait_until(
+        "the second request delivered while the first post waits",
+        lambda: pair.outbox_states()["delivered"] == 1,
+        timeout=10,
+    )
+    assert pair.outbox_states()["in_flight"] == 1
+    proxy.release()
+    pair.wait_delivered(2, timeout=30)
+    pair.ledger(first + second).check()
