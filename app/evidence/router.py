@@ -18,6 +18,7 @@ from fastapi import APIRouter, Header, Path, Request, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from app.auth.service import Principal
 from app.crypto.envelope import EnvelopeError
 from app.db import unit_of_work
 from app.deps import NodeDep, OfficerDep, SessionDep, UnitOfWorkRoute
@@ -27,6 +28,8 @@ from app.evidence.blobstore import UploadBusy
 from app.evidence.node_store import blob_store
 from app.evidence.pump import feed_in_thread
 from app.evidence.stream import PartWriter, UploadError
+from app.node import Node
+from app.requests import access
 from app.requests.schemas import Submitted
 
 router = APIRouter(prefix="/api/v1/evidence", tags=["evidence"], route_class=UnitOfWorkRoute)
@@ -44,10 +47,19 @@ def create_draft(
     return drafts.draft_view(session, node, blob_store(node.settings), draft)
 
 
+def _check_visible(node: Node, draft_id: str, principal: Principal) -> None:
+    """A submitted draft is a request (same id): once an administrator restricts it to other
+    officers, its author no longer sees it here either (refused as unknown, audited)."""
+    access.check_visible(
+        node, request_id=draft_id, principal=principal, action="evidence.draft_read"
+    )
+
+
 @router.get("/drafts/{draft_id}")
 def read_draft(
     draft_id: DraftId, session: SessionDep, node: NodeDep, principal: OfficerDep
 ) -> schemas.DraftView:
+    _check_visible(node, draft_id, principal)
     draft = drafts.get_draft(session, draft_id, principal)
     return drafts.draft_view(session, node, blob_store(node.settings), draft)
 
@@ -74,6 +86,7 @@ def _offset_mismatch(offset: int, size: int) -> Response:
 def upload_offset(
     draft_id: DraftId, index: Index, session: SessionDep, node: NodeDep, principal: OfficerDep
 ) -> Response:
+    _check_visible(node, draft_id, principal)
     _, row = drafts.upload_target(
         session, node, draft_id=draft_id, index=index, principal=principal
     )
@@ -102,6 +115,7 @@ async def upload(
     upload_offset: Annotated[int, Header(ge=0)],
 ) -> Response:
     def target() -> drafts.UploadTarget:
+        _check_visible(node, draft_id, principal)
         with unit_of_work(node.sessions) as session:
             found, _ = drafts.upload_target(
                 session, node, draft_id=draft_id, index=index, principal=principal

@@ -3,9 +3,10 @@ read of it, allowed or refused, is an audit entry."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from tests.requests.conftest import Harness
+from tests.requests.conftest import EXAMPLE, Harness
 
 REFUSED = "refused_need_to_know"
 NEED_TO_KNOW = {
@@ -123,3 +124,28 @@ def test_only_active_officers_can_be_named_and_only_by_an_administrator(ar: Harn
     assert as_officer.status_code == 403
     missing = _officers(ar, "0" * 32, ["alice"])
     assert (missing.status_code, missing.json()["error"]) == (404, "unknown_request")
+
+
+def test_a_submitted_draft_follows_its_request_restriction(ar: Harness) -> None:
+    """A draft's id is its request's: once the request is restricted to other officers, its
+    author no longer reads it through the draft routes either (refused as unknown, audited)."""
+    body: dict[str, Any] = json.loads(json.dumps(EXAMPLE))
+    body["to"] = "ES/MJ"
+    body["document"].update(requesting_authority="AR/MPF", requested_authority="ES/MJ")
+    body["attachments"] = [{"name": "e.bin", "media_type": "application/octet-stream", "size": 3}]
+    created = ar.post("/api/v1/evidence/drafts", body, "alice")
+    assert created.status_code == 201, created.text
+    draft_id, href = created.json()["id"], created.json()["attachments"][0]["href"]
+    sent = ar.http.patch(href, content=b"abc", headers={**ar.as_("alice"), "upload-offset": "0"})
+    assert sent.status_code == 204, sent.text
+    assert ar.post(f"/api/v1/evidence/drafts/{draft_id}/submit", {}, "alice").status_code == 201
+    assert ar.get(f"/api/v1/evidence/drafts/{draft_id}", "alice").status_code == 200
+
+    assert _officers(ar, draft_id, ["bob"]).status_code == 200
+    read = ar.get(f"/api/v1/evidence/drafts/{draft_id}", "alice")
+    assert (read.status_code, read.json()["error"]) == (404, "unknown_request")
+    assert ar.http.head(href, headers=ar.as_("alice")).status_code == 404
+    assert ar.audit("evidence.draft_read")[-2:] == [
+        ("client:alice", REFUSED, draft_id),
+        ("client:alice", REFUSED, draft_id),
+    ]
