@@ -143,6 +143,12 @@ class Upload(Protocol):
     def truncate(self, size: int) -> None: ...
     def read_chunks(self, chunk_bytes: int) -> Iterator[bytes]: ...
     def close(self) -> None: ...
+    def suspend(self) -> None:
+        """Between requests: let another process write it (the next `resume` sees that)."""
+
+    def resume(self) -> bool:
+        """Take it again (UploadBusy if another request writes it now); False if it changed
+        meanwhile, and the caller rebuilds what it knows from what it holds."""
 
 
 class BlobStore(Protocol):
@@ -194,6 +200,7 @@ class DirectoryUpload:
             self._file.close()
             raise UploadBusy(f"upload {upload_id} is being written") from exc
         self._unflushed = 0
+        self._suspended: tuple[int, int] | None = None  # (inode, size) when last suspended
         self._flushing: Future[None] | None = None
         # A flush that failed: the kernel reports a write-back error once, so it is kept and
         # raised by every later write and sync, never taken for durable again.
@@ -270,6 +277,24 @@ class DirectoryUpload:
         with open(self.path, "rb") as reader:
             while chunk := reader.read(chunk_bytes):
                 yield chunk
+
+    def suspend(self) -> None:
+        self._wait_flushed()
+        stat = os.fstat(self._file.fileno())
+        self._suspended = (stat.st_ino, stat.st_size)
+        fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+
+    def resume(self) -> bool:
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise UploadBusy(f"upload {self.upload_id} is being written") from exc
+        try:
+            named = os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return False  # removed meanwhile (the draft expired, say): start again
+        stat = os.fstat(self._file.fileno())
+        return named == stat.st_ino and (stat.st_ino, stat.st_size) == self._suspended
 
     def close(self) -> None:
         """Close, after the flush in flight (its descriptor number could be reused). A failed

@@ -42,7 +42,7 @@ from app.delivery import outbox
 from app.domain.document import RequestDocument
 from app.errors import BadRequest, Conflict, EntraideError, NotFound, PayloadTooLarge
 from app.evidence import schemas
-from app.evidence.blobstore import DirectoryBlobStore
+from app.evidence.blobstore import BlobError, DirectoryBlobStore, UploadBusy
 from app.evidence.seal import StreamedAttachment, seal_streamed
 from app.evidence.stream import CIPHER_CHUNK, FinishedPart, PartWriter, chunk_count
 from app.models import BlobPart, CaseFile, EvidenceDraft, EvidenceUpload, Message, Part
@@ -289,7 +289,14 @@ class WriterCache:
                     del self._writers[name]
             cached = self._writers.pop(target.upload_id, None)
         if cached is not None:
-            return cached[0]
+            writer = cached[0]
+            try:
+                if writer.resume():
+                    return writer
+            except UploadBusy:
+                writer.close()  # written elsewhere now: rebuilt when that request is over
+                raise
+            writer.close()  # written elsewhere since (another replica): rebuild from it
         return PartWriter.open(
             store,
             target.upload_id,
@@ -304,6 +311,12 @@ class WriterCache:
             writer.close()
             return
         writer.drop_pending()
+        try:
+            # Unlocked between requests: a client may resume through another replica.
+            writer.suspend()
+        except (OSError, BlobError):
+            writer.close()
+            return
         with self._lock:
             self._writers[upload] = (writer, time.monotonic())
 

@@ -250,6 +250,16 @@ class PartWriter:
                 plaintext_size=self.size,
             )
 
+    def suspend(self) -> None:
+        """Between two requests of the client: the staging object is left to whoever writes
+        next (another replica, say); `resume` tells whether this writer is still current."""
+        self._upload.suspend()
+
+    def resume(self) -> bool:
+        """True if the staging object is as this writer left it (UploadBusy if another
+        request writes it now)."""
+        return self._upload.resume()
+
     def rewind(self, offset: int) -> None:
         """Keep nothing past `offset`, a whole-chunk offset this writer held when a request
         began: the bytes of a refused request are not evidence. The writer is not used again
@@ -529,6 +539,16 @@ class PartReceiver:
         if not hmac.compare_digest(self._plain_hash.hexdigest(), self._plaintext_sha256):
             raise EnvelopeError("manifest_mismatch", "an attachment differs from the manifest")
         self.complete = True
+
+    def suspend(self) -> None:
+        """Between two requests of the client: the staging object is left to whoever writes
+        next (another replica, say); `resume` tells whether this writer is still current."""
+        self._upload.suspend()
+
+    def resume(self) -> bool:
+        """True if the staging object is as this writer left it (UploadBusy if another
+        request writes it now)."""
+        return self._upload.resume()
 
     def rewind(self, offset: int) -> None:
         """Keep nothing past `offset`, a whole-chunk offset this writer held when a request

@@ -17,7 +17,7 @@ import pytest
 from app.crypto.envelope import CHUNK_BYTES, EnvelopeError
 from app.evidence import beside, blobstore
 from app.evidence.beside import BESIDE_MIN_BYTES, BesideHash
-from app.evidence.blobstore import DROP_BEHIND_BYTES, BlobError, DirectoryBlobStore
+from app.evidence.blobstore import DROP_BEHIND_BYTES, BlobError, DirectoryBlobStore, UploadBusy
 from app.evidence.drafts import UploadTarget, WriterCache
 from app.evidence.stream import CIPHER_CHUNK, PartReceiver, PartWriter, encrypt_stream
 
@@ -275,3 +275,27 @@ def test_a_receiver_whose_chunk_failed_is_not_reused(tmp_path: Path) -> None:
         receiver.write(ciphertext[:CIPHER_CHUNK])
     receiver.close()
     assert (store.uploads / "receiving1").stat().st_size == 0  # nothing of it stored
+
+
+def test_an_upload_resumes_through_another_replica_and_back(tmp_path: Path) -> None:
+    """Two server processes (two caches) behind one address: a client's PATCH requests may
+    reach either. Between requests a cached writer holds no lock, and one that finds the
+    staging file written by the other since rebuilds from it."""
+    store, target, first, writer, data = _writer_one_chunk_in(tmp_path, "upload-replicas")
+    assert writer.checkpoint() == CHUNK_BYTES
+    first.put_back(target.upload_id, writer)
+    second = WriterCache()  # the other replica
+    other = second.take(store, target)  # was UploadBusy for as long as the first kept it
+    assert other.durable_offset == CHUNK_BYTES
+    other.write(data[CHUNK_BYTES : 2 * CHUNK_BYTES])
+    assert other.checkpoint() == 2 * CHUNK_BYTES
+    with pytest.raises(UploadBusy):  # while a request writes it, nobody else does
+        WriterCache().take(store, target)
+    second.put_back(target.upload_id, other)
+    back = first.take(store, target)  # its old writer is stale: rebuilt from the file
+    assert back.durable_offset == 2 * CHUNK_BYTES
+    back.write(data[2 * CHUNK_BYTES :])
+    finished = back.finalise(store)
+    assert finished.plaintext_sha256 == hashlib.sha256(data).hexdigest()
+    first.close()
+    second.close()
