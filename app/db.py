@@ -62,6 +62,10 @@ class _SQLiteWriters:
         self.wal = database.with_name(database.name + "-wal")
 
     def begin(self, connection: Any) -> None:
+        if self.failure is not None:
+            # Nothing more is committed, read or written, once durability is lost: a write
+            # committed now could not be acknowledged, yet the worker would deliver it.
+            raise DurabilityLost(self.failure)
         info = connection.info
         if not info.get(_HOLDS_WRITER):
             # Past a while, go on without it and let SQLite's own busy wait decide, as before
@@ -101,27 +105,32 @@ class _SQLiteWriters:
             with self._sync:
                 while self._syncing and self._synced < ticket:
                     self._sync.wait()
+                if self._synced >= ticket:  # made durable by a sync before any failure
+                    return
                 if self.failure is not None:
                     raise DurabilityLost(self.failure)
-                if self._synced >= ticket:
-                    return
                 self._syncing = True
                 target = self._committed  # every commit numbered so far is in the file
             synced = False
             try:
                 self._fsync_wal()
                 synced = True
-            except OSError as exc:
+            except _FsyncFailed as failed:
                 # Never retried: after a failed fsync the kernel may have dropped the dirty
                 # pages, and a second fsync would succeed without writing them.
                 with self._sync:
                     self.failure = (
-                        f"a sync of the database failed ({errno.errorcode.get(exc.errno or 0, '')}"
-                        f"{' ' if exc.errno else ''}{type(exc).__name__}); what was committed "
-                        "since the last sync may not be on disk: check the disk, then restart "
-                        "the node"
+                        f"a sync of the database failed ({_errno_name(failed.cause)}); what "
+                        "was committed since the last sync may not be on disk: check the "
+                        "disk, then restart the node"
                     )
-                raise DurabilityLost(self.failure) from exc
+                raise DurabilityLost(self.failure) from failed.cause
+            except OSError as exc:
+                # The file could not be opened to sync it (out of descriptors, say): nothing
+                # was lost, and the next sync covers this commit too. Only this one fails.
+                raise DurabilityLost(
+                    f"the database could not be synced ({_errno_name(exc)}); retry"
+                ) from exc
             finally:
                 with self._sync:
                     self._syncing = False
@@ -140,12 +149,12 @@ class _SQLiteWriters:
             fd = os.open(self._database, os.O_RDONLY)
         try:
             inode = os.fstat(fd).st_ino
-            os.fsync(fd)
+            _fsync(fd)
             if inode != self._wal_inode:
                 # A new WAL file: its directory entry must reach the disk too.
                 directory = os.open(self.wal.parent, os.O_RDONLY)
                 try:
-                    os.fsync(directory)
+                    _fsync(directory)
                 finally:
                     os.close(directory)
                 self._wal_inode = inode
@@ -153,12 +162,30 @@ class _SQLiteWriters:
             os.close(fd)
 
 
+class _FsyncFailed(Exception):
+    def __init__(self, cause: OSError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _fsync(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        raise _FsyncFailed(exc) from exc
+
+
+def _errno_name(exc: OSError) -> str:
+    return errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+
+
 class DurabilityLost(RuntimeError):
     """A sync of the SQLite database failed. What was committed since the last good sync may
     not be on disk, and the failure is not retried (a second fsync can succeed without
-    writing the pages the first one lost): every later commit that wrote fails with this, so
-    nothing more is acknowledged as stored, until the node is restarted (as PostgreSQL stops
-    on a failed fsync)."""
+    writing the pages the first one lost): every later transaction fails with this at its
+    start, so nothing more is committed or acknowledged, until the node is restarted (as
+    PostgreSQL stops on a failed fsync). Also raised, once and without that, when the file
+    could not even be opened to sync it."""
 
 
 _WRITERS: weakref.WeakKeyDictionary[Engine, _SQLiteWriters] = weakref.WeakKeyDictionary()

@@ -17,6 +17,7 @@ from app.db import commit_without_waiting, make_engine, make_session_factory, un
 from app.delivery import outbox
 from app.delivery.settle import Outcome, settle, settle_batch
 from app.delivery.worker import (
+    PRELOAD_BYTES,
     ROUND_LARGE,
     ROUND_PRELOAD_BYTES,
     Job,
@@ -516,3 +517,34 @@ def test_settlement_keeps_the_totals_metrics_read(
             "attempts:delivered": 1,
             "delivered": 1,
         }
+
+
+def test_a_round_without_room_for_large_envelopes_claims_the_small_ones_behind_them(
+    sessions: tuple[str, sessionmaker[Session]],
+) -> None:
+    """While long transfers take the posting threads a round may give them, the large rows
+    queued first must not fill the round's claims: the small ones behind them go."""
+    _, factory = sessions
+    kib = 1024
+    rows = _sized(factory, [300 * kib] * 5 + [2 * kib] * 3)
+    with unit_of_work(factory) as session:
+        claims = outbox.claim_due(
+            session, now=utc_now(), lease=LEASE, limit=4, owner="w", max_size=PRELOAD_BYTES
+        )
+    assert [claim.outbox_id for claim in claims] == rows[5:]
+
+
+def test_a_row_still_being_posted_is_not_claimed_again_by_its_worker(
+    sessions: tuple[str, sessionmaker[Session]],
+) -> None:
+    """A long post may outlive its lease: the worker posting it does not claim it again."""
+    _, factory = sessions
+    rows = _sized(factory, [2 * 1024] * 2)
+    with unit_of_work(factory) as session:
+        claims = outbox.claim_due(session, now=utc_now(), lease=LEASE, limit=10, owner="w")
+    later = utc_now() + 2 * LEASE  # both leases run out
+    with unit_of_work(factory) as session:
+        again = outbox.claim_due(
+            session, now=later, lease=LEASE, limit=10, owner="w", skip=[claims[0].outbox_id]
+        )
+    assert [claim.outbox_id for claim in again] == rows[1:]

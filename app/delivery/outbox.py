@@ -14,12 +14,12 @@ move retry/failed back to queued, or queued/retry/failed to cancelled.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import cast
 
-from sqlalchemy import Table, case, event, func, or_, select, update
+from sqlalchemy import Table, case, event, func, or_, select, true, update
 from sqlalchemy.orm import Session
 
 from app.delivery.retry import delivery_deadline
@@ -88,11 +88,15 @@ def claim_due(
     limit: int,
     owner: str,
     admit: Callable[[int], bool] | None = None,
+    max_size: int | None = None,
+    skip: Collection[int] = (),
 ) -> list[Claim]:
     """Claim up to `limit` due rows, most pressing first (emergencies, then urgent, then
     routine; oldest due first within each). `admit`, given each row's envelope size in that
     order, may leave a row out (it stays queued for a later round): the worker's budget of
-    what one round holds in memory."""
+    what one round holds in memory. `max_size`: only envelopes up to this size (so that
+    large ones a round cannot take do not fill its `limit`). `skip`: rows the caller is
+    still posting (its lease may have run out during a long post: not posted twice)."""
     priority = case(
         (CaseFile.urgency == "emergency", 0), (CaseFile.urgency == "urgent", 1), else_=2
     )
@@ -106,6 +110,8 @@ def claim_due(
                 (OutboxItem.state == IN_FLIGHT) & (OutboxItem.lease_until < now),
             )
         )
+        .where(Message.size_bytes <= max_size if max_size is not None else true())
+        .where(OutboxItem.id.not_in(list(skip)) if skip else true())
         .order_by(priority, OutboxItem.next_attempt_at, OutboxItem.id)
         .limit(limit)
         .with_for_update(skip_locked=True, of=OutboxItem)

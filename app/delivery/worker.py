@@ -14,9 +14,9 @@ import os
 import socket
 import threading
 import uuid
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import httpx
 from sqlalchemy import select
@@ -117,6 +117,7 @@ class Job:
     envelope_hash: str = ""
     sender: str = ""
     recipient: str = ""
+    sealed_at: datetime | None = None  # when the envelope was sealed (its created_at)
 
 
 def group_jobs(jobs: list[Job]) -> list[list[Job]]:
@@ -225,6 +226,7 @@ def load_jobs(session: Session, claims: list[outbox.Claim]) -> list[Job]:
                 envelope_hash=message.envelope_hash,
                 sender=message.sender_authority,
                 recipient=message.recipient_authority,
+                sealed_at=message.created_at,
             )
         )
     return jobs
@@ -315,11 +317,8 @@ class Worker:
         done = {future for future in self._in_flight if future.done()}
         if done:
             self._settle_done(done)
-        elif self._in_flight and not posting:
-            # Only slow posts under way and nothing claimable: wait for one of them, or for
-            # new work (a submission wakes the signal), rather than spin.
-            wait(self._in_flight, timeout=self.node.settings.worker_poll_seconds,
-                 return_when=FIRST_COMPLETED)  # fmt: skip
+        # 0 with slow posts under way: the loop waits on the signal, which new work, a stop
+        # and the end of any post set.
         return len(posting) + len(done)
 
     def _claim_and_post(self, concurrency: int) -> list[Future[list[Outcome | None]]]:
@@ -328,6 +327,7 @@ class Worker:
         # that a long transfer never keeps a small envelope (an emergency) waiting for it.
         large_in_flight = sum(1 for jobs in self._in_flight.values() if _is_large(jobs))
         large = max(0, min(ROUND_LARGE, max(1, concurrency - 1) - large_in_flight))
+        posting_now = [job.claim.outbox_id for jobs in self._in_flight.values() for job in jobs]
         # One transaction for the round's bookkeeping: the checkpoint check, the claim and the
         # claimed envelopes, read with one query per table.
         with unit_of_work(self.node.sessions) as session:
@@ -339,6 +339,9 @@ class Worker:
                 limit=self.batch,
                 owner=self.id,
                 admit=RoundBudget(large).admit,
+                # No large one this round: they must not fill its claims either.
+                max_size=PRELOAD_BYTES if large == 0 else None,
+                skip=posting_now,
             )
             jobs = load_jobs(session, claims)
             if claims and not signed:
@@ -557,6 +560,7 @@ class Worker:
                 msg_id=job.msg_id,
                 envelope_hash=job.envelope_hash,
                 from_authority=job.sender,
+                sealed_at=job.sealed_at,
             )
         except ReceiptError as exc:
             return Outcome(outbox.RETRY, f"bad receipt: {exc}", http_status=status)

@@ -344,14 +344,19 @@ class DirectoryBlobStore:
             raise BlobError("an upload from another store")
         target = self._blob_path(digest)
         upload.sync()
-        upload.close()
-        with _storage("publishing the blob"):
-            target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            # Same file system, so rename is atomic: a reader sees the whole blob or none. If
-            # the same ciphertext is already stored, the rename replaces it with equal bytes.
-            os.replace(upload.path, target)
-            _fsync_dir(target.parent)
-            _fsync_dir(self.uploads)
+        # Renamed while still locked: a writer of another process waiting for the upload
+        # then finds it gone (and starts a new one), never a complete file it would cut back.
+        try:
+            with _storage("publishing the blob"):
+                target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                # Same file system, so rename is atomic: a reader sees the whole blob or none.
+                # If the same ciphertext is already stored, the rename replaces it with equal
+                # bytes.
+                os.replace(upload.path, target)
+                _fsync_dir(target.parent)
+                _fsync_dir(self.uploads)
+        finally:
+            upload.close()
 
     def exists(self, digest: str) -> bool:
         return self._blob_path(digest).is_file()

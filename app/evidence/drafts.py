@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -240,7 +240,7 @@ class UploadTarget:
     index: int
     size: int
     upload_id: str
-    key: bytes
+    key: bytes = field(repr=False)  # never in a log line or a traceback
     ad: bytes
     stream_header: bytes
     complete: bool

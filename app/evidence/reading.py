@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -106,7 +106,7 @@ class PlannedDownload:
     size: int  # plaintext, as the manifest states
     sha256: str  # plaintext, as the manifest states
     part: env.PartInfo  # the signed header's length, ciphertext hash, stream header
-    key: bytes
+    key: bytes = field(repr=False)  # never in a log line or a traceback's locals
     ad: bytes
 
 

@@ -540,24 +540,6 @@ class PartReceiver:
             raise EnvelopeError("manifest_mismatch", "an attachment differs from the manifest")
         self.complete = True
 
-    def suspend(self) -> None:
-        """Between two requests of the client: the staging object is left to whoever writes
-        next (another replica, say); `resume` tells whether this writer is still current."""
-        self._upload.suspend()
-
-    def resume(self) -> bool:
-        """True if the staging object is as this writer left it (UploadBusy if another
-        request writes it now)."""
-        return self._upload.resume()
-
-    def rewind(self, offset: int) -> None:
-        """Keep nothing past `offset`, a whole-chunk offset this writer held when a request
-        began: the bytes of a refused request are not evidence. The writer is not used again
-        (the next request rebuilds one from what is stored)."""
-        self.broken = True
-        self._pending.clear()
-        self._upload.truncate(offset // CHUNK_BYTES * CIPHER_CHUNK)
-
     def drop_pending(self) -> None:
         """Forget a partial chunk (never stored): the sender resends it from `durable_offset`."""
         self._pending.clear()

@@ -73,17 +73,13 @@ def schema_pending(engine: Engine) -> bool:
         return current_heads(connection) != expected_heads()
 
 
-def readiness(
-    node: Node, *, heads: frozenset[str], worker: threading.Thread | None
-) -> dict[str, str]:
-    """Every check, `ok` or `failing: <why>`: database, migrations, keys, delivery worker."""
+def _database_checks(node: Node, heads: frozenset[str]) -> dict[str, str]:
     checks: dict[str, str] = {}
     try:
         with node.engine.connect() as connection:
             connection.execute(text("SELECT 1"))
             current = current_heads(connection)
-        lost = durability_failure(node.engine)
-        checks["database"] = OK if lost is None else f"failing: {lost}"
+        checks["database"] = OK
         if current == heads:
             checks["migrations"] = OK
         else:
@@ -95,6 +91,20 @@ def readiness(
     except Exception as exc:  # any driver failure means "not ready", never a 500
         checks["database"] = f"failing: unreachable ({type(exc).__name__})"
         checks["migrations"] = "failing: unknown, the database is unreachable"
+    return checks
+
+
+def readiness(
+    node: Node, *, heads: frozenset[str], worker: threading.Thread | None
+) -> dict[str, str]:
+    """Every check, `ok` or `failing: <why>`: database, migrations, keys, delivery worker."""
+    checks: dict[str, str] = {}
+    lost = durability_failure(node.engine)
+    if lost is not None:  # no transaction starts any more: say why, not "unreachable"
+        checks["database"] = f"failing: {lost}"
+        checks["migrations"] = "failing: unknown, the database takes no transaction"
+    else:
+        checks.update(_database_checks(node, heads))
     # Keys are loaded before the server accepts connections; a node without them never
     # starts. The check is listed so an operator sees it was made.
     checks["keys"] = OK if getattr(node, "keys", None) is not None else "failing: not loaded"

@@ -7,7 +7,7 @@ import socket
 import ssl
 import threading
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -25,14 +25,15 @@ MAX_RESPONSE_BYTES = 256 * 1024
 
 def shown_url(url: str) -> str:
     """A peer URL for error messages and the audit trail: never its credentials (a URL with
-    a password is refused, and the refusal must not record the password), bounded."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return repr(url[:100])
-    if "@" in parts.netloc:
-        parts = parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1])
-    return repr(urlunsplit(parts)[:200])
+    a password is refused, and the refusal must not record the password), bounded. Nothing
+    is parsed: whatever precedes the last "@" after the scheme is hidden, even in a URL no
+    parser takes or one whose password holds a "/"."""
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        scheme, rest = "", url
+    if "@" in rest:
+        rest = "***@" + rest.rsplit("@", 1)[1]
+    return repr((scheme + separator + rest)[:200])
 
 
 def check_peer_url(url: str, *, allow_insecure_http: bool) -> str:

@@ -331,9 +331,12 @@ def verify_peer_receipt(
     msg_id: str,
     envelope_hash: str,
     from_authority: str,
+    sealed_at: datetime | None = None,
 ) -> Receipt:
     """Verify a receipt with the pinned key; if it names another key, the peer may have
-    rotated: follow its signed rotation and verify with the new pin."""
+    rotated: follow its signed rotation and verify with the new pin. `sealed_at`, when our
+    envelope was sealed, lets a receipt signed before a rotation verify with the key of
+    then (never one the peer had already rotated away from when we sealed)."""
     expected = {
         "msg_id": msg_id,
         "envelope_hash": envelope_hash,
@@ -351,7 +354,9 @@ def verify_peer_receipt(
     # A receipt the peer stored before it rotated (our earlier post's answer was lost, this
     # repeat is answered with the stored receipt): signed by a key of the peer's history,
     # valid when the receipt says it was signed (never a revoked key).
-    earlier = _earlier_signing_key(node, authority, claimed, claimed_received_at(signed))
+    earlier = _earlier_signing_key(
+        node, authority, claimed, received_at=claimed_received_at(signed), sealed_at=sealed_at
+    )
     if earlier is not None:
         return verify_receipt(signed, signer_public=earlier, signer_kid=claimed, **expected)
     peer = refresh_peer_keys(node, authority, http=http)
@@ -363,15 +368,27 @@ def verify_peer_receipt(
 
 
 def _earlier_signing_key(
-    node: Node, authority: str, kid: str, signed_at: datetime | None
+    node: Node,
+    authority: str,
+    kid: str,
+    *,
+    received_at: datetime | None,
+    sealed_at: datetime | None,
 ) -> bytes | None:
-    if signed_at is None:
+    """A key of the peer's history that was current both when we sealed the envelope and
+    when the receipt says the peer received it, which cannot be before we sealed it (within
+    the clock skew we allow): a retired key cannot sign a receipt for an envelope sealed
+    after its retirement, whatever time it claims."""
+    if received_at is None or sealed_at is None:
+        return None
+    skew = timedelta(seconds=node.settings.clock_skew_seconds)
+    if received_at < sealed_at - skew:
         return None
     with unit_of_work(node.sessions) as session:
         pinned = pinned_keys(session, authority)
-        return (
-            None if pinned is None else peer_signing_key(session, pinned, kid, signed_at=signed_at)
-        )
+        if pinned is None or peer_signing_key(session, pinned, kid, signed_at=sealed_at) is None:
+            return None
+        return peer_signing_key(session, pinned, kid, signed_at=received_at)
 
 
 def claimed_received_at(signed: SignedReceipt) -> datetime | None:

@@ -77,7 +77,12 @@ def test_host_names_idna_refuses_are_refused_and_audited(node: LocalNode, url: s
 
 def test_a_refused_peer_url_never_records_its_password(node: LocalNode) -> None:
     with node.client("admin") as http:
-        for url in ("https://user:hunter2@x.invalid", "ftp://user:hunter2@x.invalid"):
+        for url in (
+            "https://user:hunter2@x.invalid",
+            "ftp://user:hunter2@x.invalid",
+            "https://admin:hunter2@[::1",  # no parser takes it
+            "https://user:hunter2/x@x.invalid",  # a "/" puts the "@" in the path
+        ):
             response = http.post("/api/v1/admin/peers", json={"url": url, "fingerprint": "00" * 32})
             assert response.status_code == 400, response.text
             assert "hunter2" not in response.text

@@ -59,7 +59,7 @@ def _receipt(keys: NodeKeys, received_at: datetime) -> SignedReceipt:
     )
 
 
-def _verify(ar: Harness, second: NodeKeys, signed: SignedReceipt) -> object:
+def _verify(ar: Harness, second: NodeKeys, signed: SignedReceipt, *, sealed_at: datetime) -> object:
     with httpx.Client(timeout=2) as http:
         return verify_peer_receipt(
             ar.node,
@@ -71,6 +71,7 @@ def _verify(ar: Harness, second: NodeKeys, signed: SignedReceipt) -> object:
             msg_id=MSG_ID,
             envelope_hash=ENVELOPE_HASH,
             from_authority="AR/MPF",
+            sealed_at=sealed_at,
         )
 
 
@@ -79,7 +80,7 @@ def test_a_stored_receipt_signed_before_the_rotation_verifies(
 ) -> None:
     ar, second, rotated_at = rotated
     before = _receipt(ar.peer_keys, rotated_at - timedelta(minutes=5))
-    assert _verify(ar, second, before) is not None
+    assert _verify(ar, second, before, sealed_at=rotated_at - timedelta(minutes=6)) is not None
 
 
 def test_the_old_key_signs_nothing_after_its_rotation(
@@ -88,7 +89,18 @@ def test_the_old_key_signs_nothing_after_its_rotation(
     ar, second, rotated_at = rotated
     after = _receipt(ar.peer_keys, rotated_at + timedelta(minutes=5))
     with pytest.raises(ReceiptError):
-        _verify(ar, second, after)
+        _verify(ar, second, after, sealed_at=rotated_at - timedelta(minutes=6))
+
+
+def test_the_old_key_cannot_backdate_a_receipt_for_a_later_envelope(
+    rotated: tuple[Harness, NodeKeys, datetime],
+) -> None:
+    # Whoever still holds the retired key signs a receipt for an envelope we sealed after the
+    # rotation, claiming a time before it: refused, the envelope did not exist then.
+    ar, second, rotated_at = rotated
+    backdated = _receipt(ar.peer_keys, rotated_at - timedelta(minutes=5))
+    with pytest.raises(ReceiptError):
+        _verify(ar, second, backdated, sealed_at=utc_now())
 
 
 def test_a_revoked_key_verifies_no_receipt_whatever_its_time(
@@ -100,4 +112,4 @@ def test_a_revoked_key_verifies_no_receipt_whatever_its_time(
             row.revoked_at = rotated_at
     before = _receipt(ar.peer_keys, rotated_at - timedelta(minutes=5))
     with pytest.raises(ReceiptError):
-        _verify(ar, second, before)
+        _verify(ar, second, before, sealed_at=rotated_at - timedelta(minutes=6))
