@@ -244,6 +244,18 @@ def test_an_answer_past_the_deadline_after_a_lost_one_keeps_asking(
     assert _state(factory, row)[0] == outbox.RETRY
 
 
+def test_a_peer_never_reached_past_the_deadline_fails(
+    sessions: tuple[str, sessionmaker[Session]],
+) -> None:
+    """No connection could be made: nothing was sent, so no grace period."""
+    _, factory = sessions
+    row, claim = _expired_claim(factory, timedelta(seconds=1))
+    refused = Outcome(outbox.RETRY, "transport: ConnectError")
+    with unit_of_work(factory) as session:
+        assert settle(session, claim, refused, worker="w")
+    assert _state(factory, row)[0] == outbox.FAILED
+
+
 def test_a_bad_receipt_past_the_deadline_keeps_asking(
     sessions: tuple[str, sessionmaker[Session]],
 ) -> None:

@@ -109,6 +109,9 @@ def cancel_delivery(session: Session, *, delivery_id: int, actor: str) -> Outbox
     previous = item.state
     item.state = outbox.CANCELLED
     item.updated_at = utc_now()
+    # Cancelling stops our attempts; it cannot recall an envelope the peer may already hold
+    # (an earlier answer was lost): the record says so rather than imply it was never sent.
+    may_hold = outbox.peer_may_hold(session, item.id)
     record(
         session,
         actor=actor,
@@ -116,6 +119,6 @@ def cancel_delivery(session: Session, *, delivery_id: int, actor: str) -> Outbox
         request_id=message.request_id,
         msg_id=message.msg_id,
         peer=item.peer_authority,
-        details={"delivery": item.id, "from_state": previous},
+        details={"delivery": item.id, "from_state": previous, "peer_may_hold_it": may_hold},
     )
     return item

@@ -23,7 +23,7 @@ from sqlalchemy import Table, case, event, func, or_, select, true, update
 from sqlalchemy.orm import Session
 
 from app.delivery.retry import delivery_deadline
-from app.models import CaseFile, Message, OutboxItem
+from app.models import CaseFile, DeliveryAttempt, Message, OutboxItem
 from app.obs.logs import current_request_id
 
 OUTBOX = cast(Table, OutboxItem.__table__)
@@ -38,6 +38,9 @@ STATES = (QUEUED, IN_FLIGHT, RETRY, DELIVERED, FAILED, CANCELLED)
 PENDING = (QUEUED, IN_FLIGHT, RETRY)
 BACKLOG = (*PENDING, FAILED)  # what /readyz reports; delivered and cancelled are history
 MAX_ERROR_CHARS = 500
+# How an attempt whose connection could not be made is recorded (httpx's ConnectError and
+# ConnectTimeout): nothing of the envelope left this node.
+NOT_SENT = "transport: Connect"
 
 
 def enqueue(
@@ -130,6 +133,27 @@ def claim_due(
         )
     session.flush()
     return claims
+
+
+def peer_may_hold(session: Session, outbox_id: int) -> bool:
+    """Whether an attempt so far ended without telling us the peer does not hold the
+    envelope: no answer once the envelope was on its way (a transport error after the
+    connection was made), or a 2xx whose receipt did not check out. A connection that could
+    not be made sent nothing; a peer that answered every attempt, never with a 2xx, holds
+    nothing."""
+    uncertain = session.scalar(
+        select(DeliveryAttempt.id)
+        .where(
+            DeliveryAttempt.outbox_id == outbox_id,
+            or_(
+                DeliveryAttempt.http_status.is_(None)
+                & ~func.coalesce(DeliveryAttempt.error, "").like(f"{NOT_SENT}%"),
+                DeliveryAttempt.http_status.between(200, 299),
+            ),
+        )
+        .limit(1)
+    )
+    return uncertain is not None
 
 
 def renew(session: Session, claim: Claim, *, now: datetime, lease: timedelta) -> bool:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import insert, or_, select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from app.audit.log import Event, record_many
@@ -151,22 +151,13 @@ def add_to_counters(session: Session, tally: dict[str, int]) -> None:
 
 def _may_hold_it(session: Session, item: OutboxItem, outcome: Outcome) -> bool:
     """Whether the peer may hold the envelope: this attempt or an earlier one ended with no
-    answer (a transport error) or with a 2xx whose receipt did not check out. Only a peer
-    that answered every attempt, and never with a 2xx, is known not to."""
-    if outcome.http_status is None or 200 <= outcome.http_status < 300:
+    answer (a transport error) or with a 2xx whose receipt did not check out."""
+    status = outcome.http_status
+    if status is not None and 200 <= status < 300:
         return True
-    uncertain = session.scalar(
-        select(DeliveryAttempt.id)
-        .where(
-            DeliveryAttempt.outbox_id == item.id,
-            or_(
-                DeliveryAttempt.http_status.is_(None),
-                DeliveryAttempt.http_status.between(200, 299),
-            ),
-        )
-        .limit(1)
-    )
-    return uncertain is not None
+    if status is None and not (outcome.error or "").startswith(outbox.NOT_SENT):
+        return True
+    return outbox.peer_may_hold(session, item.id)
 
 
 def _apply(

@@ -136,6 +136,23 @@ def audit_outcomes(network: Network, node: LocalNode, action: str) -> list[str]:
         engine.dispose()
 
 
+def audit_details(node: LocalNode, action: str) -> list[dict[str, Any]]:
+    engine = make_engine(node.database_url)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(
+                select(AuditEntry.entry, AuditEntry.outcome)
+                .where(AuditEntry.action == action)
+                .order_by(AuditEntry.idx)
+            )
+            return [
+                {**(json.loads(entry).get("details") or {}), "outcome": outcome}
+                for entry, outcome in rows
+            ]
+    finally:
+        engine.dispose()
+
+
 def post_envelope(node: LocalNode, wire: object) -> httpx.Response:
     return httpx.post(node.url + "/p2p/v1/envelopes", json=wire, timeout=30.0)
 

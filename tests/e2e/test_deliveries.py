@@ -13,7 +13,7 @@ from sqlalchemy import select
 from app.db import make_engine
 from app.localnodes import LocalNode
 from app.models import OutboxItem
-from tests.e2e.conftest import EXAMPLE, wait_for
+from tests.e2e.conftest import EXAMPLE, audit_details, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +101,9 @@ def test_operator_cancels_one_waiting_delivery_and_retries_another(
         ]
     assert "delivery.cancelled" in actions
     assert "delivery.retried" in actions
+    # Every attempt found the peer down (no connection made): nothing of it was sent.
+    (cancel,) = audit_details(es, "delivery.cancelled")
+    assert cancel["peer_may_hold_it"] is False
 
 
 def test_stopping_the_node_leaves_no_delivery_in_flight(pair: tuple[LocalNode, LocalNode]) -> None:

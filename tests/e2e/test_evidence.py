@@ -26,9 +26,9 @@ from sqlalchemy import select
 from app.crypto.envelope import CHUNK_BYTES
 from app.db import make_engine
 from app.localnodes import LocalNode
-from app.models import AuditEntry, DeliveryAttempt
+from app.models import DeliveryAttempt
 from tests.conftest import BACKENDS, Databases, make_databases
-from tests.e2e.conftest import EXAMPLE, wait_for
+from tests.e2e.conftest import EXAMPLE, audit_details, wait_for
 
 CHUNK = CHUNK_BYTES
 MIB = 1 << 20
@@ -137,23 +137,6 @@ def download(node: LocalNode, href: str) -> tuple[bytes, str]:
         assert response.status_code == 200, response.read()
         data = b"".join(response.iter_bytes())
         return data, response.headers["x-entraide-sha256"]
-
-
-def audit_details(node: LocalNode, action: str) -> list[dict[str, Any]]:
-    engine = make_engine(node.database_url)
-    try:
-        with engine.connect() as connection:
-            rows = connection.execute(
-                select(AuditEntry.entry, AuditEntry.outcome)
-                .where(AuditEntry.action == action)
-                .order_by(AuditEntry.idx)
-            )
-            return [
-                {**(json.loads(entry).get("details") or {}), "outcome": outcome}
-                for entry, outcome in rows
-            ]
-    finally:
-        engine.dispose()
 
 
 def test_attachments_of_every_boundary_size_round_trip(pair: Pair) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from app.localnodes import LocalNode
 from tests.conftest import BACKENDS, make_databases
-from tests.e2e.test_evidence import audit_details
+from tests.e2e.conftest import audit_details
 
 FAR_EAST = quote("0001-01-01T00:00:00+14:00")
 FAR_WEST = quote("9999-12-31T23:00:00-05:00")
