@@ -187,7 +187,7 @@ def announce(session: Session, node: Node, store: DirectoryBlobStore, *, wire: o
             # A transfer of it begun before it arrived inline is of no further use.
             session.execute(delete(InboundTransfer).where(InboundTransfer.msg_id == header.msg_id))
             return Announced(
-                Accepted(receipt=_stored_receipt(session, existing), created=False), []
+                Accepted(receipt=_stored_receipt(session, node, existing), created=False), []
             )
         raise _refuse("replayed", "this message id was already used for another envelope", 409)
     transfer = session.scalar(
@@ -404,7 +404,7 @@ def complete(
         # it carries an envelope between attempts): that copy's receipt, if it is this one.
         if existing.direction == "inbound" and existing.envelope_hash == transfer.envelope_hash:
             session.delete(transfer)
-            return Accepted(receipt=_stored_receipt(session, existing), created=False)
+            return Accepted(receipt=_stored_receipt(session, node, existing), created=False)
         raise _refuse("replayed", "this message id was already used for another envelope", 409)
     try:
         opened = _manifest(header, transfer.manifest_part, _content_key(node, header))

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from app.audit.log import Event, record, record_many
 from app.crypto import envelope as env
-from app.crypto.encoding import utc_now
+from app.crypto.encoding import load_canonical_object, parse_time, utc_now
 from app.crypto.receipts import SignedReceipt, issue_receipt
 from app.domain.document import RequestDocument
 from app.domain.messages import MessageDocument
@@ -109,11 +109,28 @@ def stored_message(session: Session, msg_id: str) -> Stored | None:
     return None if row is None else Stored(*row)
 
 
-def _stored_receipt(session: Session, message: Stored) -> SignedReceipt:
+def _stored_receipt(session: Session, node: Node, message: Stored) -> SignedReceipt:
+    """The receipt of an envelope we hold, for a sender that lost our first answer. Signed
+    again with our current key if the stored one is not (a rotation or a replaced key since):
+    the same statement, its time unchanged, that the sender can verify with the key it pins;
+    the receipt as first issued stays stored."""
     row = session.connection().execute(_RECEIPT.where(RECEIPTS.c.message_id == message.id)).first()
     if row is None:  # an inbound message always has its receipt in the same transaction
         raise RuntimeError(f"inbound message {message.msg_id} has no stored receipt")
-    return SignedReceipt(body=row.body, signature=row.signature)
+    stored = SignedReceipt(body=row.body, signature=row.signature)
+    body = load_canonical_object(stored.body)
+    if body.get("signer_kid") == node.keys.signing_kid:
+        return stored
+    return issue_receipt(
+        node.keys.signing,
+        signer_kid=node.keys.signing_kid,
+        msg_id=str(body["msg_id"]),
+        envelope_hash=str(body["envelope_hash"]),
+        from_authority=str(body["from"]),
+        to_authority=str(body["to"]),
+        received_at=parse_time(body["received_at"]),
+        checkpoint=body["checkpoint"] if isinstance(body["checkpoint"], str) else None,
+    )
 
 
 def _check_content(
@@ -320,7 +337,7 @@ def accept_envelope(
                 peer=header.from_authority,
                 details={"envelope_hash": envelope.envelope_hash},
             )
-            return Accepted(receipt=_stored_receipt(session, existing), created=False)
+            return Accepted(receipt=_stored_receipt(session, node, existing), created=False)
         raise _refuse("replayed", "this message id was already used for another envelope", 409)
     _check_time(node, header)
 

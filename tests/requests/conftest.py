@@ -167,13 +167,17 @@ def _pin_es(node: Node, es_keys: NodeKeys) -> None:
 
 
 @contextmanager
-def serve_node(url: str, workdir: Path) -> Iterator[Harness]:
+def serve_node(
+    url: str, workdir: Path, *, keys: NodeKeys | None = None, es_keys: NodeKeys | None = None
+) -> Iterator[Harness]:
+    """`keys` (AR/MPF's) and `es_keys`: to serve the same node again, as after a restart."""
     keys_dir = workdir / "keys"
-    save_keys(keys_dir, NodeKeys.generate())
+    save_keys(keys_dir, keys or NodeKeys.generate())
     save_identity(
         keys_dir, NodeIdentity("AR/MPF", "Ministerio Publico Fiscal", "http://ar.invalid")
     )
-    upgrade(url)
+    if es_keys is None:
+        upgrade(url)
     settings = Settings(
         database_url=url, keys_dir=keys_dir, run_worker=False, allow_insecure_http=True
     )
@@ -193,8 +197,10 @@ def serve_node(url: str, workdir: Path) -> Iterator[Harness]:
         time.sleep(0.02)
     try:
         node: Node = app.state.node
-        es_keys = NodeKeys.generate()
-        _pin_es(node, es_keys)
+        again = es_keys is not None
+        es_keys = es_keys or NodeKeys.generate()
+        if not again:
+            _pin_es(node, es_keys)
         tokens = {}
         with unit_of_work(node.sessions) as session:
             for name, role in [
@@ -204,7 +210,8 @@ def serve_node(url: str, workdir: Path) -> Iterator[Harness]:
                 ("admin", Role.ADMIN),
                 ("auditor", Role.AUDITOR),
             ]:
-                tokens[name] = create_client(session, name=name, roles={role})[1]
+                if not again:  # served again: the clients exist (no token of theirs here)
+                    tokens[name] = create_client(session, name=name, roles={role})[1]
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
             yield Harness(http, node, es_keys, tokens, clock)
     finally:

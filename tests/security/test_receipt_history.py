@@ -4,6 +4,7 @@ the peer's key has moved on since (its repeat is answered with the stored receip
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -14,11 +15,17 @@ from sqlalchemy import select
 
 from app.crypto.encoding import utc_now
 from app.crypto.keys import NodeKeys
-from app.crypto.receipts import ReceiptError, SignedReceipt, issue_receipt
+from app.crypto.receipts import (
+    ReceiptError,
+    SignedReceipt,
+    decode_receipt,
+    issue_receipt,
+    verify_receipt,
+)
 from app.db import unit_of_work
 from app.models import Peer, PeerKey
 from app.peers.keys import verify_peer_receipt
-from tests.requests.conftest import Harness, serve_node
+from tests.requests.conftest import Harness, example_document, serve_node
 
 MSG_ID = "ab" * 16
 ENVELOPE_HASH = "cd" * 32
@@ -113,3 +120,36 @@ def test_a_revoked_key_verifies_no_receipt_whatever_its_time(
     before = _receipt(ar.peer_keys, rotated_at - timedelta(minutes=5))
     with pytest.raises(ReceiptError):
         _verify(ar, second, before, sealed_at=rotated_at - timedelta(minutes=6))
+
+
+def test_a_repeat_after_our_key_changed_gets_the_receipt_signed_with_the_new_key(
+    tmp_path: Path,
+) -> None:
+    """Our signing key changed (a rotation, or a key replaced after a compromise, which the
+    sender then no longer trusts) after we stored an envelope whose receipt the sender lost:
+    its repeat gets the same receipt, time unchanged, signed with our current key."""
+    url = f"sqlite:///{tmp_path / 'ar.db'}"
+    first = NodeKeys.generate()
+    with serve_node(url, tmp_path / "one", keys=first) as ar:
+        envelope = ar._seal({"kind": "request", "document": example_document()}, None, None)
+        stored = ar.post_envelope(envelope)
+        assert stored.status_code == 201, stored.text
+        es_keys = ar.peer_keys
+    replaced = NodeKeys(
+        signing=NodeKeys.generate().signing, encryption=first.encryption, log=first.log
+    )
+    with serve_node(url, tmp_path / "two", keys=replaced, es_keys=es_keys) as ar:
+        repeat = ar.post_envelope(envelope)
+    assert repeat.status_code == 200, repeat.text
+    old, new = decode_receipt(stored.json()), decode_receipt(repeat.json())
+    header = json.loads(envelope.header)
+    expected = {
+        "msg_id": header["msg_id"],
+        "envelope_hash": envelope.envelope_hash,
+        "from_authority": "ES/MJ",
+        "to_authority": "AR/MPF",
+    }
+    before = verify_receipt(old, signer_public=first.signing_public, **expected)
+    after = verify_receipt(new, signer_public=replaced.signing_public, **expected)
+    assert after.signer_kid == replaced.signing_kid
+    assert after.received_at == before.received_at
