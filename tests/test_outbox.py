@@ -244,28 +244,27 @@ def test_an_answer_past_the_deadline_after_a_lost_one_keeps_asking(
     assert _state(factory, row)[0] == outbox.RETRY
 
 
-def test_a_peer_never_reached_past_the_deadline_fails(
-    sessions: tuple[str, sessionmaker[Session]],
+@pytest.mark.parametrize(
+    ("outcome", "state"),
+    [
+        # No connection could be made: nothing was sent, so no grace period.
+        (Outcome(outbox.RETRY, "transport: ConnectError"), outbox.FAILED),
+        # A 2xx whose receipt does not check out: the peer holds the envelope.
+        (
+            Outcome(outbox.RETRY, "bad receipt: signature does not verify", http_status=201),
+            outbox.RETRY,
+        ),
+    ],
+    ids=["never_reached", "bad_receipt"],
+)
+def test_a_first_attempt_past_the_deadline_keeps_asking_only_if_the_peer_may_hold_it(
+    sessions: tuple[str, sessionmaker[Session]], outcome: Outcome, state: str
 ) -> None:
-    """No connection could be made: nothing was sent, so no grace period."""
     _, factory = sessions
     row, claim = _expired_claim(factory, timedelta(seconds=1))
-    refused = Outcome(outbox.RETRY, "transport: ConnectError")
     with unit_of_work(factory) as session:
-        assert settle(session, claim, refused, worker="w")
-    assert _state(factory, row)[0] == outbox.FAILED
-
-
-def test_a_bad_receipt_past_the_deadline_keeps_asking(
-    sessions: tuple[str, sessionmaker[Session]],
-) -> None:
-    """A 2xx whose receipt does not check out: the peer holds the envelope."""
-    _, factory = sessions
-    row, claim = _expired_claim(factory, timedelta(seconds=1))
-    bad = Outcome(outbox.RETRY, "bad receipt: receipt signature does not verify", http_status=201)
-    with unit_of_work(factory) as session:
-        assert settle(session, claim, bad, worker="w")
-    assert _state(factory, row)[0] == outbox.RETRY
+        assert settle(session, claim, outcome, worker="w")
+    assert _state(factory, row)[0] == state
 
 
 def test_a_receipt_signed_by_a_revoked_key_is_not_a_delivery(

@@ -9,7 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import DurabilityLost, durability_failure, make_engine, make_session_factory
 from app.db import unit_of_work as unit
@@ -40,6 +41,14 @@ def _failing_fsync(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
     return lambda: monkeypatch.setattr(os, "fsync", real)
 
 
+def _with_a_table(tmp_path: Path) -> tuple[Engine, sessionmaker[Session]]:
+    engine = make_engine(f"sqlite:///{tmp_path / 'node.db'}")
+    sessions = make_session_factory(engine)
+    with unit(sessions) as session:
+        session.execute(text("CREATE TABLE t (a INTEGER)"))
+    return engine, sessions
+
+
 def test_a_database_reached_through_a_symbolic_link_syncs_the_real_wal(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -66,10 +75,7 @@ def test_a_database_reached_through_a_symbolic_link_syncs_the_real_wal(
 def test_a_failed_sync_fails_every_later_write_until_restart(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path / 'node.db'}")
-    sessions = make_session_factory(engine)
-    with unit(sessions) as session:
-        session.execute(text("CREATE TABLE t (a INTEGER)"))
+    engine, sessions = _with_a_table(tmp_path)
     restore = _failing_fsync(monkeypatch)
     with pytest.raises(DurabilityLost), unit(sessions) as session:
         session.execute(text("INSERT INTO t VALUES (1)"))
@@ -99,10 +105,7 @@ def test_a_sync_that_cannot_open_the_file_fails_only_its_commit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Out of descriptors for a moment: nothing was lost, the next sync covers this commit.
-    engine = make_engine(f"sqlite:///{tmp_path / 'node.db'}")
-    sessions = make_session_factory(engine)
-    with unit(sessions) as session:
-        session.execute(text("CREATE TABLE t (a INTEGER)"))
+    engine, sessions = _with_a_table(tmp_path)
     real = os.open
 
     def no_descriptors(path: object, *args: object, **kwargs: object) -> int:
