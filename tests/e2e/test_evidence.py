@@ -70,6 +70,12 @@ def blob_dir(node: LocalNode) -> Path:
     return node.workdir / "blobs"
 
 
+def newest_blob(node: LocalNode, length: int) -> Path:
+    """The newest blob of this ciphertext length: the part a test has just sent."""
+    blobs = [p for p in (blob_dir(node) / "blobs").rglob("*") if p.is_file()]
+    return max((p for p in blobs if p.stat().st_size == length), key=lambda p: p.stat().st_mtime_ns)
+
+
 def create_draft(node: LocalNode, sizes: list[int]) -> dict[str, Any]:
     body = json.loads(json.dumps(EXAMPLE))
     del body["attachments"]
@@ -392,12 +398,7 @@ def test_a_damaged_blob_is_refused_at_download_on_both_sides(pair: Pair, damage:
     for node, view in ((pair.ar, received), (pair.es, sent)):
         digest = view["messages"][0]["attachments"][0]
         href = digest["href"]
-        blobs = [p for p in (blob_dir(node) / "blobs").rglob("*") if p.is_file()]
-        # This test's part: the newest blob of its ciphertext length.
-        target = max(
-            (p for p in blobs if p.stat().st_size == size + 4 * 17),
-            key=lambda p: p.stat().st_mtime_ns,
-        )
+        target = newest_blob(node, size + 4 * 17)  # this test's part
         original = target.read_bytes()
         if damage == "altered":
             target.write_bytes(original[:1000] + bytes([original[1000] ^ 1]) + original[1001:])
@@ -425,11 +426,7 @@ def test_a_download_checks_its_blob_with_no_transaction_open(pair: Pair) -> None
     submit(pair.es, draft["id"])
     view = wait_receipt(pair.es, draft["id"])  # the transfer to AR/MPF is over
     href = view["messages"][0]["attachments"][0]["href"]
-    blobs = [p for p in (blob_dir(pair.es) / "blobs").rglob("*") if p.is_file()]
-    target = max(
-        (p for p in blobs if p.stat().st_size == size + 3 * 17),
-        key=lambda p: p.stat().st_mtime_ns,
-    )
+    target = newest_blob(pair.es, size + 3 * 17)
     original = target.read_bytes()
     kept = target.with_name(target.name + ".kept")
     target.rename(kept)
