@@ -41,6 +41,7 @@ from app.p2p.service import (
     _refuse,
     _stored_receipt,
     admit_opened,
+    check_encryption_keys,
     check_sender,
     stored_message,
 )
@@ -179,7 +180,7 @@ def announce(session: Session, node: Node, store: DirectoryBlobStore, *, wire: o
         header = env.parse_header(head.header, count)
     except env.EnvelopeError as exc:
         raise _refuse(exc.code, exc.detail, 413 if exc.code == "too_large" else 400) from exc
-    check_sender(session, node, head, header)
+    peer = check_sender(session, node, head, header)
     envelope_hash = sha256_hex(head.header)
     existing = stored_message(session, header.msg_id)
     if existing is not None:
@@ -199,6 +200,8 @@ def announce(session: Session, node: Node, store: DirectoryBlobStore, *, wire: o
         if held_parts(store, transfer, header) == len(header.parts) - 1:
             return Announced(complete(session, node, transfer, header), [])
         return Announced(None, _offsets(store, transfer, header))
+    # A new transfer only: one under way was checked when it was announced.
+    check_encryption_keys(session, node, peer, header)
     _check_time(node, header)
     _limits(node, header)
     try:

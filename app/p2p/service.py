@@ -27,6 +27,7 @@ from app.errors import EnvelopeRefused
 from app.models import AuditCheckpoint, CaseFile, Message, Receipt
 from app.node import Node
 from app.peers.keys import (
+    PinnedKeys,
     peer_encryption_kid_known,
     peer_signing_key,
     pinned_keys,
@@ -180,9 +181,10 @@ def check_sender(
     header: env.Header,
     *,
     may_refresh: bool = True,
-) -> None:
-    """Steps 14 to 19 of docs/protocol.md section 9: a pinned sender, its key, the signature,
-    the addressee and both encryption keys (shared with the streamed-parts path, app/evidence).
+) -> PinnedKeys:
+    """Steps 14 to 17 of docs/protocol.md section 9: a pinned sender, its key, the signature
+    and the addressee (shared with the streamed-parts path, app/evidence). Returns the
+    sender's pinned keys, for `check_encryption_keys`.
 
     `may_refresh=False` (a batch, app/p2p/batch.py, which refreshed keys before its
     transaction) refuses an unknown signing key at once instead of ending the transaction to
@@ -209,6 +211,16 @@ def check_sender(
         raise _refuse(exc.code, exc.detail) from exc
     if header.to_authority != node.authority_id:
         raise _refuse("not_addressed_to_us", "the envelope is addressed to another authority", 421)
+    return peer
+
+
+def check_encryption_keys(
+    session: Session, node: Node, peer: PinnedKeys, header: env.Header
+) -> None:
+    """Steps 19 and 20: both encryption keys, for an envelope not yet stored. A repeat of one
+    we hold skips them: it was sealed to keys valid when it first arrived, and its sender,
+    which may have lost our first answer, needs the stored receipt even if either key has
+    been retired or replaced since (refusing it would make a delivered request failed)."""
     if not peer_encryption_kid_known(session, peer, header.from_enc_kid):
         raise _refuse("unknown_key", "the sender's encryption key is not the one pinned here", 403)
     if not node.keys.accepts_encryption_kid(header.to_enc_kid, utc_now()):
@@ -321,7 +333,7 @@ def accept_envelope(
     except env.EnvelopeError as exc:
         raise _refuse(exc.code, exc.detail, 413 if exc.code == "too_large" else 400) from exc
 
-    check_sender(session, node, envelope, header, may_refresh=may_refresh)
+    peer = check_sender(session, node, envelope, header, may_refresh=may_refresh)
 
     # A repeat of an accepted envelope gets its receipt back even after it expired: its
     # sender may have lost our first answer, and the receipt is its proof of delivery.
@@ -339,6 +351,7 @@ def accept_envelope(
             )
             return Accepted(receipt=_stored_receipt(session, node, existing), created=False)
         raise _refuse("replayed", "this message id was already used for another envelope", 409)
+    check_encryption_keys(session, node, peer, header)
     _check_time(node, header)
 
     try:

@@ -153,3 +153,33 @@ def test_a_repeat_after_our_key_changed_gets_the_receipt_signed_with_the_new_key
     after = verify_receipt(new, signer_public=replaced.signing_public, **expected)
     assert after.signer_kid == replaced.signing_kid
     assert after.received_at == before.received_at
+
+
+def test_a_repeat_after_our_encryption_key_changed_still_gets_its_receipt(
+    tmp_path: Path,
+) -> None:
+    """Our encryption key was replaced (no overlap left for the old one) after we stored an
+    envelope whose receipt its sender lost: its repeat, inline or announced for the part
+    transfer, gets the stored receipt (it was sealed to a key valid when it arrived), while a
+    new envelope sealed to the old key is refused as before."""
+    url = f"sqlite:///{tmp_path / 'ar.db'}"
+    first = NodeKeys.generate()
+    with serve_node(url, tmp_path / "one", keys=first) as ar:
+        envelope = ar._seal({"kind": "request", "document": example_document()}, None, None)
+        stored = ar.post_envelope(envelope)
+        assert stored.status_code == 201, stored.text
+        late = ar._seal({"kind": "request", "document": example_document()}, None, None)
+        es_keys = ar.peer_keys
+    replaced = NodeKeys(
+        signing=first.signing, encryption=NodeKeys.generate().encryption, log=first.log
+    )
+    with serve_node(url, tmp_path / "two", keys=replaced, es_keys=es_keys) as ar:
+        repeat = ar.post_envelope(envelope)
+        head = {**envelope.to_wire(), "parts": envelope.to_wire()["parts"][:1]}
+        announced = ar.http.post("/p2p/v1/evidence/envelopes", json=head)
+        new = ar.post_envelope(late)
+    assert repeat.status_code == 200, repeat.text
+    assert announced.status_code == 200, announced.text
+    assert repeat.json() == stored.json() == announced.json()
+    assert new.status_code == 400
+    assert new.json()["error"] == "unknown_recipient_key"
