@@ -8,11 +8,12 @@ from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.crypto.encoding import utc_now
 from app.crypto.receipts import Receipt as ReceiptBody
+from app.crypto.receipts import SignedReceipt
 from app.db import commit_without_waiting, make_engine, make_session_factory, unit_of_work
 from app.delivery import outbox
 from app.delivery.settle import Outcome, settle, settle_batch
@@ -559,3 +560,45 @@ def test_a_row_still_being_posted_is_not_claimed_again_by_its_worker(
             session, now=later, lease=LEASE, limit=10, owner="w", skip=[claims[0].outbox_id]
         )
     assert [claim.outbox_id for claim in again] == rows[1:]
+
+
+@pytest.mark.parametrize("moved_to", ["acknowledged", "withdrawn"])
+def test_a_receipt_never_undoes_a_status_that_moved_while_it_was_settled(
+    sessions: tuple[str, sessionmaker[Session]], moved_to: str
+) -> None:
+    """Settlement reads the request's status without a lock; the peer's acknowledgement (or
+    the officer's withdrawal) committed meanwhile must survive the receipt's queued →
+    delivered, else the two nodes disagree for good on where the request stands."""
+    backend, factory = sessions
+    if backend == "sqlite":
+        pytest.skip("SQLite runs one writer at a time: the two transactions cannot interleave")
+    with unit_of_work(factory) as session:
+        (row,) = _queue(session, 1)
+    with unit_of_work(factory) as session:
+        (claim,) = outbox.claim_due(session, now=utc_now(), lease=LEASE, limit=1, owner="w")
+    receipt = ReceiptBody(
+        msg_id="0" * 32,
+        envelope_hash="0" * 64,
+        from_authority="ES/MJ",
+        to_authority="AR/MPF",
+        received_at=utc_now(),
+        status="received",
+        signer_kid="5" * 32,
+        checkpoint=None,
+    )
+    signed = SignedReceipt(body=b"{}", signature=bytes(64))
+    delivered = Outcome(outbox.DELIVERED, http_status=201, signed=signed, receipt=receipt)
+    with unit_of_work(factory) as settling:
+        message = settling.get(Message, claim.message_id)
+        assert message is not None
+        case = settling.get(CaseFile, message.request_id)  # read as settlement reads it
+        assert case is not None
+        assert case.status == "queued"
+        with unit_of_work(factory) as other:
+            other.execute(update(CaseFile).where(CaseFile.id == case.id).values(status=moved_to))
+        assert settle_batch(settling, [(claim, delivered)], worker="w") == [True]
+    with unit_of_work(factory) as session:
+        stored = session.get(CaseFile, message.request_id)
+        assert stored is not None
+        assert stored.status == moved_to
+        assert session.get(OutboxItem, row).state == outbox.DELIVERED  # type: ignore[union-attr]

@@ -9,6 +9,7 @@ from datetime import datetime
 
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from app.audit.log import Event, record_many
 from app.crypto.encoding import utc_now
@@ -242,7 +243,7 @@ def _apply(
                     stored_at=now,
                 )
             )
-        _receipted(item, message, case, outcome.receipt, now, events)
+        _receipted(session, item, message, case, outcome.receipt, now, events)
     else:
         item.last_error = outbox.truncate_error(error or "")
     if state == outbox.FAILED:
@@ -268,6 +269,7 @@ def _apply(
 
 
 def _receipted(
+    session: Session,
     item: OutboxItem,
     message: Message,
     case: CaseFile,
@@ -278,8 +280,7 @@ def _receipted(
     item.delivered_at = now
     item.last_error = None
     if message.in_reply_to is None:  # the request itself, not a later message
-        case.status = status_after_receipt(case.status)
-        case.updated_at = now
+        _status_after_receipt(session, case, now)
     events.append(
         Event(
             actor="node",
@@ -290,3 +291,24 @@ def _receipted(
             details={"envelope_hash": message.envelope_hash, "signer_kid": receipt.signer_kid},
         )
     )
+
+
+def _status_after_receipt(session: Session, case: CaseFile, now: datetime) -> None:
+    """queued → delivered, only if the request is still in the status this batch read: the
+    cases are read without a lock, and meanwhile the peer's first answer (an
+    acknowledgement) or the officer's withdrawal may have moved it on, which a plain write
+    would undo (PostgreSQL re-checks the condition against the row as committed)."""
+    read = case.status
+    after = status_after_receipt(read)
+    if after == read:
+        return
+    changed = session.execute(
+        update(CaseFile)
+        .where(CaseFile.id == case.id, CaseFile.status == read)
+        .values(status=after, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if getattr(changed, "rowcount", 0):
+        # What the row now holds, without the session writing it again at its flush.
+        set_committed_value(case, "status", after)
+        set_committed_value(case, "updated_at", now)
