@@ -13,10 +13,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import DataError, OperationalError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.audit.log import record_alone
 from app.audit.router import p2p_router as audit_p2p_router
 from app.audit.router import router as audit_router
 from app.auth.throttle import TooManyRequests
@@ -43,6 +45,7 @@ from app.public import openapi_router
 from app.public import router as public_router
 from app.requests.admin_router import router as request_admin_router
 from app.requests.router import router as requests_router
+from app.requests.service import StoredEnvelopeCorrupt
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +172,18 @@ def install_error_handlers(app: FastAPI) -> None:
         if isinstance(exc, TooManyRequests):
             response.headers["retry-after"] = str(exc.retry_after)
         return response
+
+    @app.exception_handler(StoredEnvelopeCorrupt)
+    async def _corrupt(request: Request, exc: StoredEnvelopeCorrupt) -> JSONResponse:
+        # Tampering or damage found while reading: an operator must look, and the read it
+        # stopped is in the audit log (its own transaction: the route's has rolled back).
+        log.error("%s", exc.detail)
+        if exc.audit is not None:
+            try:
+                await run_in_threadpool(record_alone, request.app.state.node.sessions, **exc.audit)
+            except Exception as failure:  # the answer still goes out; the log line stays
+                log.error("could not audit a corrupt stored envelope (%s)", type(failure).__name__)
+        return _error(exc.status_code, exc.code, exc.detail)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -54,10 +55,25 @@ INBOUND = "inbound"
 
 
 class StoredEnvelopeCorrupt(EntraideError):
-    """A stored envelope no longer opens: storage was altered or damaged. Never input."""
+    """A stored envelope no longer opens: storage was altered or damaged. Never input.
+
+    `audit`: the entry recording the read it stopped (outcome `stored_envelope_corrupt`),
+    written by the error handler once the route's transaction has rolled back."""
 
     status_code = 500
     code = "stored_envelope_corrupt"
+    audit: dict[str, Any] | None = None
+
+
+@contextmanager
+def audited_if_corrupt(**entry: Any) -> Iterator[None]:
+    """A read stopped by a damaged stored envelope leaves its trace in the audit log."""
+    try:
+        yield
+    except StoredEnvelopeCorrupt as exc:
+        exc.audit = {**entry, "outcome": StoredEnvelopeCorrupt.code}
+        exc.audit["details"] = {**entry.get("details", {}), "detail": exc.detail[:200]}
+        raise
 
 
 @dataclass(frozen=True)
@@ -492,7 +508,13 @@ def read_request(
                 select(Message).where(Message.request_id == case.id).order_by(Message.id)
             )
         )
-        views = [_message_view(session, node, case, message) for message in messages]
+        with audited_if_corrupt(
+            actor=actor_of(principal),
+            action="request.read",
+            request_id=case.id,
+            peer=case.peer_authority,
+        ):
+            views = [_message_view(session, node, case, message) for message in messages]
         session.refresh(case)
         if (case.status, case.updated_at) == seen:
             break
@@ -532,7 +554,15 @@ def read_attachment(
     )
     if message is None:
         raise NotFound("no such message in this request", code="unknown_message")
-    opened = _open_stored(session, node, message)
+    with audited_if_corrupt(
+        actor=actor_of(principal),
+        action="attachment.downloaded",
+        request_id=case.id,
+        msg_id=message.msg_id,
+        peer=case.peer_authority,
+        details={"index": index},
+    ):
+        opened = _open_stored(session, node, message)
     listed = opened.manifest.get("attachments", [])
     if not 1 <= index <= len(listed):
         raise NotFound("no such attachment", code="unknown_attachment")

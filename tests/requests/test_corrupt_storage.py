@@ -1,0 +1,83 @@
+"""A stored envelope altered or damaged in the database is never shown as genuine: reading its
+request or downloading its attachment answers 500 `stored_envelope_corrupt`, and the read it
+stopped is in the audit log (the route's own transaction rolled back). Nothing is changed by
+the refusal: once the bytes are put back, the request reads again."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from sqlalchemy import select, update
+
+from app.db import unit_of_work
+from app.models import Message, Part
+from tests.requests.conftest import Harness
+
+
+def _flip_part(ar: Harness, msg_id: str, index: int) -> Callable[[], None]:
+    """Flip one byte of a stored part; returns how to put it back."""
+    with unit_of_work(ar.node.sessions) as session:
+        part = session.scalar(
+            select(Part)
+            .join(Message, Message.id == Part.message_id)
+            .where(Message.msg_id == msg_id, Part.part_index == index)
+        )
+        assert part is not None
+        part_id, original = part.id, bytes(part.ciphertext)
+        altered = bytearray(original)
+        altered[len(altered) // 2] ^= 0x01
+        part.ciphertext = bytes(altered)
+
+    def restore() -> None:
+        with unit_of_work(ar.node.sessions) as session:
+            session.execute(update(Part).where(Part.id == part_id).values(ciphertext=original))
+
+    return restore
+
+
+def _flip_header(ar: Harness, msg_id: str) -> Callable[[], None]:
+    with unit_of_work(ar.node.sessions) as session:
+        message = session.scalar(select(Message).where(Message.msg_id == msg_id))
+        assert message is not None
+        original = bytes(message.header)
+        message.header = original.replace(b'"routine"', b'"urgent"', 1) + b" "
+
+    def restore() -> None:
+        with unit_of_work(ar.node.sessions) as session:
+            session.execute(update(Message).where(Message.msg_id == msg_id).values(header=original))
+
+    return restore
+
+
+@pytest.mark.parametrize("damage", ["part", "header"])
+def test_a_damaged_stored_envelope_is_refused_and_audited(ar: Harness, damage: str) -> None:
+    request_id = ar.receive_request()
+    restore = _flip_part(ar, request_id, 0) if damage == "part" else _flip_header(ar, request_id)
+    reads = len(ar.audit("request.read"))
+    response = ar.http.get(f"/api/v1/requests/{request_id}", headers=ar.as_("officer"))
+    assert response.status_code == 500
+    assert response.json()["error"] == "stored_envelope_corrupt"
+    assert request_id in response.json()["detail"]
+    entries = ar.audit("request.read")[reads:]
+    assert entries == [("client:officer", "stored_envelope_corrupt", request_id)]
+    restore()
+    again = ar.http.get(f"/api/v1/requests/{request_id}", headers=ar.as_("officer"))
+    assert again.status_code == 200, again.text
+    assert ar.audit("request.read")[-1] == ("client:officer", "ok", request_id)
+
+
+def test_an_inline_attachment_of_a_damaged_envelope_is_refused_and_audited(ar: Harness) -> None:
+    request_id = ar.receive_request()
+    url = f"/api/v1/requests/{request_id}/messages/{request_id}/attachments/1"
+    restore = _flip_part(ar, request_id, 1)
+    downloads = len(ar.audit("attachment.downloaded"))
+    response = ar.http.get(url, headers=ar.as_("officer"))
+    assert response.status_code == 500
+    assert response.json()["error"] == "stored_envelope_corrupt"
+    entries = ar.audit("attachment.downloaded")[downloads:]
+    assert entries == [("client:officer", "stored_envelope_corrupt", request_id)]
+    restore()
+    again = ar.http.get(url, headers=ar.as_("officer"))
+    assert again.status_code == 200
+    assert again.content == b"letter of request"
