@@ -1,13 +1,14 @@
-"""Request-header limits, checked before anything else reads the request.
+"""Request-header and JSON limits, checked before anything else reads the request.
 
-Bodies are bounded by `LimitsAndHeaders` (app.main); this bounds what comes before the body:
-the request line's target and all header fields together. Answers 413 with the usual error
+Bodies are bounded by `LimitsAndHeaders` (app.main); `HeaderLimit` bounds what comes before
+the body: the request line's target and all header fields together. Answers 413 with the usual error
 body, like an oversized body (HTTP also has 431 for this; one status for "too large" keeps
 clients simple, and the `error` code says which part).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from fastapi.responses import JSONResponse
@@ -40,3 +41,31 @@ class HeaderLimit:
                 await send({"type": "http.response.body", "body": response.body})
                 return
         await self.app(scope, receive, send)
+
+
+# The values a JSON body may hold. The largest valid document (app/domain, every list at its
+# maximum) holds about 100,000; an envelope or a batch of 64 a few hundred. Parsing is what
+# costs: 32 MiB of `[{},{},...]` is 11 million dicts, about 770 MiB, built before any check
+# or authentication runs (FastAPI parses a body before it resolves the route's token).
+MAX_JSON_VALUES = 250_000
+# A string (escapes included), or a byte that starts a value inside a container.
+_JSON_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[,:\[{]')
+_JSON_START = re.compile(rb"[ \t\r\n]*[\[{]")
+
+
+def json_values_exceed(raw: bytes, limit: int = MAX_JSON_VALUES) -> bool:
+    """Whether `raw`, read as JSON, would hold more than `limit` values: every value after
+    the first follows a comma, a colon or an opening bracket outside strings. Those bytes
+    counted anywhere bound the count from above, so most bodies are cleared by four
+    `bytes.count` calls; otherwise strings are skipped whole and the scan stops at `limit`."""
+    if not _JSON_START.match(raw):
+        return False  # a scalar, or not JSON: nothing to build
+    if sum(raw.count(byte) for byte in (b",", b":", b"[", b"{")) <= limit:
+        return False
+    count = 0
+    for token in _JSON_TOKEN.finditer(raw):
+        if token.end() - token.start() == 1:  # a string is at least two bytes
+            count += 1
+            if count > limit:
+                return True
+    return False

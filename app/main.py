@@ -32,7 +32,7 @@ from app.errors import EntraideError, EnvelopeRefused
 from app.evidence.blobstore import StorageFailed
 from app.evidence.p2p_router import router as evidence_p2p_router
 from app.evidence.router import router as evidence_router
-from app.limits import HeaderLimit
+from app.limits import MAX_JSON_VALUES, HeaderLimit, json_values_exceed
 from app.node import Node, load_node
 from app.obs.health import expected_heads
 from app.obs.metrics import Metrics
@@ -72,6 +72,9 @@ STREAMED_BODIES = (
     ("PUT", "/p2p/v1/evidence/envelopes/"),
 )
 
+# Below this a body holds too few JSON values to cost anything to parse (app/limits.py).
+JSON_CHECK_BYTES = 64 * 1024
+
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),
@@ -90,7 +93,8 @@ async def _refuse(
 
 
 class LimitsAndHeaders:
-    """Refuse oversized bodies before any parsing (413), and add security headers.
+    """Refuse oversized bodies before any parsing (413), bodies whose JSON would hold too many
+    values too (app/limits.py), and add security headers.
 
     The body is read here, up to the limit, and replayed to the app: the app never sees a
     body over the limit, however it is sent (Content-Length or chunked).
@@ -142,6 +146,15 @@ class LimitsAndHeaders:
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = b"".join(chunks)
+        # Small bodies cannot hold enough values to matter, and are not worth a thread hop.
+        if len(body) > JSON_CHECK_BYTES and await run_in_threadpool(json_values_exceed, body):
+            await _refuse(
+                send_with_headers,
+                413,
+                "too_large",
+                f"the body holds more than {MAX_JSON_VALUES} JSON values",
+            )
+            return
         replayed = False
 
         async def replay() -> MutableMapping[str, Any]:

@@ -1,0 +1,89 @@
+"""A body within the size limit whose JSON would hold millions of values (32 MiB of
+`[{},{},...]` is 11 million dicts, about 770 MiB once parsed) is refused before it is parsed,
+on the peer API and on the local API alike (FastAPI parses a body before it checks the
+token): 413 `too_large`, the node's memory barely moves, and it goes on serving."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.limits import MAX_JSON_VALUES, json_values_exceed
+from app.localnodes import LocalNode
+from tests.security.conftest import new_node, prepare
+
+MIB = 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("raw", "limit", "exceeds"),
+    [
+        (b"[1,2,3]", 2, True),  # [ , ,
+        (b"[1,2,3]", 3, False),
+        (b' \n{"a": [1, {"b": 2}]}', 6, False),  # { : [ , { :
+        (b' \n{"a": [1, {"b": 2}]}', 5, True),
+        (b'{"text": "commas, colons: [brackets] {braces}, inside a string"}', 2, False),
+        (b'["an \\" escaped quote, then commas, ,,,", 1]', 2, False),
+        (b'["a \\\\", ",", ","]', 3, False),  # an escaped backslash ends its string
+        (b'"a top-level string, with commas, ,,,"', 0, False),
+        (b"12345", 0, False),
+        (b"not json, at all, ,,,", 0, False),  # the parser refuses it cheaply
+    ],
+)
+def test_values_are_counted_outside_strings(raw: bytes, limit: int, exceeds: bool) -> None:
+    assert json_values_exceed(raw, limit) is exceeds
+
+
+def test_the_largest_documents_are_far_below_the_limit() -> None:
+    # A list at every maximum the domain schemas allow is about 100,000 values; this is a
+    # generous stand-in: 200 persons of 20 identifiers, 100 data items of 100 identifiers.
+    person = {"name": "x", "identifiers": [{"type": "passport", "value": "X1"}] * 20}
+    item = {"identifiers": [{"type": "email", "value": "a@b.example"}] * 100}
+    document = {"persons": [person] * 200, "electronic_data": [item] * 100}
+    assert not json_values_exceed(json.dumps(document).encode())
+
+
+def _bomb(size: int) -> bytes:
+    count = (size - 2) // 3
+    return b"[" + b"{}," * (count - 1) + b"{}]"
+
+
+def _peak_rss_mib(node: LocalNode) -> float:
+    assert node.process is not None
+    status = Path(f"/proc/{node.process.pid}/status").read_text()
+    line = next(line for line in status.splitlines() if line.startswith("VmHWM"))
+    return int(line.split()[1]) / 1024
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNode]:
+    local = new_node(tmp_path_factory.mktemp("bombs"))
+    try:
+        prepare([local])
+        yield local
+    finally:
+        local.stop()
+
+
+@pytest.mark.parametrize(
+    "path", ["/p2p/v1/envelopes", "/p2p/v1/envelopes/batch", "/api/v1/requests"]
+)
+def test_a_body_of_millions_of_values_is_refused_unparsed(node: LocalNode, path: str) -> None:
+    body = _bomb(30 * MIB)
+    assert json_values_exceed(body)
+    before = _peak_rss_mib(node)
+    response = httpx.post(
+        node.url + path, content=body, headers={"content-type": "application/json"}, timeout=60
+    )
+    assert response.status_code == 413, response.text
+    assert response.json() == {
+        "error": "too_large",
+        "detail": f"the body holds more than {MAX_JSON_VALUES} JSON values",
+    }
+    # The body itself is held (30 MiB) and scanned; parsing it would have taken ~700 MiB.
+    assert _peak_rss_mib(node) - before < 160
+    assert httpx.get(node.url + "/readyz", timeout=10).status_code == 200
