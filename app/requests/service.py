@@ -477,7 +477,10 @@ def _message_view(
         else schemas.DeliveryView(
             state=queued.state,
             attempts=queued.attempts,
-            next_attempt_at=queued.next_attempt_at if queued.state != "delivered" else None,
+            # As the admin view shows it: only while another attempt is to come.
+            next_attempt_at=queued.next_attempt_at
+            if queued.state in (outbox.QUEUED, outbox.RETRY)
+            else None,
             last_error=queued.last_error,
             delivered_at=queued.delivered_at,
         ),

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from app.db import make_engine
 from app.localnodes import LocalNode
 from app.models import OutboxItem
-from tests.e2e.conftest import EXAMPLE, audit_details, wait_for
+from tests.e2e.conftest import EXAMPLE, audit_details, read_request, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +83,10 @@ def test_operator_cancels_one_waiting_delivery_and_retries_another(
         assert again.json()["error"] == "not_cancellable"
     listed = es.cli("deliveries", "list", "--state", "cancelled").stdout
     assert drop in listed
+    # The officer sees it cancelled, with no next attempt announced (as the admin view).
+    (message,) = read_request(es, drop)["messages"]
+    assert message["delivery"]["state"] == "cancelled"
+    assert message["delivery"]["next_attempt_at"] is None
 
     retried = es.cli("deliveries", "retry", str(by_request[keep]["id"]))
     assert "is now queued" in retried.stdout
