@@ -31,7 +31,7 @@ from app.crypto.encoding import (
 )
 from app.crypto.receipts import SignedReceipt
 from app.errors import EnvelopeRefused
-from app.evidence.blobstore import DirectoryBlobStore
+from app.evidence.blobstore import BlobError, DirectoryBlobStore, UploadBusy
 from app.evidence.stream import CIPHER_CHUNK, PartReceiver
 from app.models import BlobPart, CaseFile, InboundTransfer, Message, Part
 from app.node import Node
@@ -322,8 +322,9 @@ class ReceiverCache:
 
     A sender sends a long part in several requests (app/evidence/transfer.py), and opening a
     receiver rebuilds its secretstream state and hashes by reading back every stored chunk:
-    kept here, only a restart or a long pause costs that. A kept receiver holds the staging
-    object's lock, so another process answers `part_busy` until it expires.
+    kept here, only a restart or a long pause costs that. Between requests a kept receiver
+    holds no lock: the sender's next request may reach another replica behind the same
+    address, and a receiver that finds its staging object written elsewhere since rebuilds.
     """
 
     def __init__(self, idle_seconds: float = IDLE_RECEIVER_SECONDS) -> None:
@@ -344,9 +345,15 @@ class ReceiverCache:
         for receiver in expired:
             receiver.close()
         if kept is not None:
-            if store.upload_exists(name) and kept[0].stored_matches():
-                return kept[0]
-            kept[0].close()  # its staging object was removed or changed meanwhile
+            receiver = kept[0]
+            try:
+                current = receiver.resume()
+            except UploadBusy:
+                receiver.close()  # received elsewhere now: rebuilt when that request is over
+                raise
+            if current and receiver.stored_matches():
+                return receiver
+            receiver.close()  # its staging object was removed or changed meanwhile
         return open_receiver(store, target)
 
     def put_back(self, target: PartTarget, receiver: PartReceiver) -> None:
@@ -354,11 +361,22 @@ class ReceiverCache:
             receiver.close()
             return
         receiver.drop_pending()
+        try:
+            receiver.suspend()  # unlocked between requests, as upload writers are
+        except (OSError, BlobError):
+            receiver.close()
+            return
         with self._lock:
             self._kept[receive_upload_id(target.msg_id, target.index)] = (
                 receiver,
                 time.monotonic(),
             )
+
+    def close(self) -> None:
+        with self._lock:
+            for receiver, _ in self._kept.values():
+                receiver.close()
+            self._kept.clear()
 
 
 def part_received(

@@ -548,6 +548,15 @@ class PartReceiver:
         """Whether the staging object still holds exactly what this receiver stored."""
         return not self.complete and not self.failed and self._upload.size() == self._stored
 
+    def suspend(self) -> None:
+        """Between two requests of the sender: another replica may receive the next one."""
+        self._upload.suspend()
+
+    def resume(self) -> bool:
+        """True if the staging object is as this receiver left it (UploadBusy if another
+        request writes it now)."""
+        return self._upload.resume()
+
     def checkpoint(self) -> int:
         try:
             self._upload.sync()

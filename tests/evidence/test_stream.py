@@ -11,7 +11,7 @@ import pytest
 
 from app.crypto import envelope as env
 from app.crypto.encoding import sha256_hex
-from app.evidence.blobstore import DirectoryBlobStore
+from app.evidence.blobstore import DirectoryBlobStore, UploadBusy
 from app.evidence.inbound import PartTarget, ReceiverCache, receive_upload_id
 from app.evidence.stream import (
     CIPHER_CHUNK,
@@ -286,12 +286,10 @@ def test_receiver_refuses_a_bad_part(store: DirectoryBlobStore, fault: str) -> N
     assert not store.exists(sha256_hex(cipher))
 
 
-def test_a_kept_receiver_is_reused_until_its_staging_object_changes(
-    store: DirectoryBlobStore,
-) -> None:
+def _part_target(msg_id: str) -> tuple[bytes, PartTarget]:
+    """Part 1 of `msg_id`, 3 chunks and a byte, sealed: its ciphertext and its target."""
     data = os.urandom(3 * CHUNK + 1)
     cipher = env.encrypt_part(data, KEY, AD, HEADER)[1]
-    msg_id = "cd" * 16
     target = PartTarget(
         msg_id,
         1,
@@ -308,6 +306,14 @@ def test_a_kept_receiver_is_reused_until_its_staging_object_changes(
         },
         False,
     )
+    return cipher, target
+
+
+def test_a_kept_receiver_is_reused_until_its_staging_object_changes(
+    store: DirectoryBlobStore,
+) -> None:
+    msg_id = "cd" * 16
+    cipher, target = _part_target(msg_id)
     cache = ReceiverCache()
     first = cache.take(store, target)
     first.write(cipher[: CIPHER_CHUNK + 5])
@@ -331,3 +337,33 @@ def test_a_kept_receiver_is_reused_until_its_staging_object_changes(
     rebuilt.finalise(store)
     with store.open(sha256_hex(cipher)) as blob:
         assert blob.read() == cipher
+
+
+def test_a_part_is_received_through_another_replica_and_back(store: DirectoryBlobStore) -> None:
+    """Two server processes (two caches) behind one address: the sender's PUTs of one part
+    may reach either. Between requests a kept receiver holds no lock (else the other
+    replica answered part_busy for as long as it was kept), and one that finds the staging
+    object written by the other since rebuilds from it."""
+    cipher, target = _part_target("ef" * 16)
+    first, second = ReceiverCache(), ReceiverCache()
+    receiver = first.take(store, target)
+    receiver.write(cipher[:CIPHER_CHUNK])
+    receiver.checkpoint()
+    first.put_back(target, receiver)
+    other = second.take(store, target)
+    assert other.durable_offset == CIPHER_CHUNK
+    other.write(cipher[CIPHER_CHUNK : 2 * CIPHER_CHUNK])
+    other.checkpoint()
+    with pytest.raises(UploadBusy):  # while a request receives it, nobody else does
+        ReceiverCache().take(store, target)
+    second.put_back(target, other)
+    back = first.take(store, target)  # its kept receiver is stale: rebuilt from the file
+    assert back is not receiver
+    assert (back.durable_offset, back.opened_at) == (2 * CIPHER_CHUNK, 2 * CIPHER_CHUNK)
+    back.write(cipher[2 * CIPHER_CHUNK :])
+    assert back.complete
+    back.finalise(store)
+    with store.open(sha256_hex(cipher)) as blob:
+        assert blob.read() == cipher
+    first.close()
+    second.close()
