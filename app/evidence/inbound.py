@@ -387,8 +387,11 @@ def part_received(
     msg_id: str,
     index: int,
     from_offset: int,
-) -> Accepted | None:
-    """Part `index` is complete and published: count it; after the last, accept."""
+) -> bool:
+    """Part `index` is complete and published: count it. True once every part is held, for
+    `complete_held`, in a transaction of its own: a refusal of the whole envelope (a reply
+    whose predecessor has not arrived yet, say: 425, tried again) must not undo the count,
+    or the sender would send the whole last part again on every attempt."""
     transfer = get_transfer(session, msg_id, lock=True)
     header = transfer_header(transfer)
     if transfer.parts_done < index:
@@ -410,9 +413,28 @@ def part_received(
         },
     )
     session.flush()
-    if held_parts(store, transfer, header) == len(header.parts) - 1:
-        return complete(session, node, transfer, header)
-    return None
+    return held_parts(store, transfer, header) == len(header.parts) - 1
+
+
+def complete_held(
+    session: Session, node: Node, store: DirectoryBlobStore, *, msg_id: str
+) -> Accepted | None:
+    """Accept the envelope whose parts are all held (steps 31 on), or None if one is missing
+    again; if another request completed it meanwhile, its stored receipt."""
+    transfer = session.scalar(
+        select(InboundTransfer).where(InboundTransfer.msg_id == msg_id).with_for_update()
+    )
+    if transfer is None:
+        existing = stored_message(session, msg_id)
+        if existing is None or existing.direction != "inbound":
+            raise EnvelopeRefused(
+                "unknown_transfer", "no envelope with this id is being received", status_code=404
+            )
+        return Accepted(receipt=_stored_receipt(session, node, existing), created=False)
+    header = transfer_header(transfer)
+    if held_parts(store, transfer, header) != len(header.parts) - 1:
+        return None
+    return complete(session, node, transfer, header)
 
 
 def complete(

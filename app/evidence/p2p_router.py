@@ -120,9 +120,13 @@ def _completed(
     store = blob_store(node.settings)
     receiver.finalise(store)
     with unit_of_work(node.sessions) as session:
-        return inbound.part_received(
+        last = inbound.part_received(
             session, node, store, msg_id=msg_id, index=index, from_offset=from_offset
         )
+    if not last:
+        return None
+    with unit_of_work(node.sessions) as session:
+        return inbound.complete_held(session, node, store, msg_id=msg_id)
 
 
 @router.put("/envelopes/{msg_id}/parts/{index}", status_code=204)

@@ -127,3 +127,32 @@ def _put_part(ar: Harness, msg_id: str, body: bytes, offset: int = 0) -> httpx.R
     return ar.http.put(
         f"/p2p/v1/evidence/envelopes/{msg_id}/parts/1", content=body, headers=headers
     )
+
+
+def test_a_last_part_whose_envelope_is_refused_for_now_is_not_sent_again(
+    fresh_ar: Harness,
+) -> None:
+    """The last part arrived whole, but the envelope cannot be accepted yet (it follows a
+    message still on its way: 425, tried again later). The part stays counted: the sender's
+    next attempt completes the envelope from its announcement, with no byte sent again
+    (the whole part was asked for again on every attempt, up to the delivery deadline)."""
+    ar = fresh_ar
+    request_id = ar.receive_request()
+    first = ar.seal_message(request_id, {"type": "status_query", "text": "Any news?"})
+    first_id = json.loads(first.header)["msg_id"]
+    second = ar.seal_message(
+        request_id, {"type": "status_query", "text": "Still none?"}, in_reply_to=first_id
+    )
+    wire = second.to_wire()
+    msg_id = json.loads(second.header)["msg_id"]
+    part = b64d(wire["parts"][1])
+    assert _announce(ar, wire).status_code == 202
+    early = _put_part(ar, msg_id, part)
+    assert (early.status_code, early.json()["error"]) == (425, "predecessor_missing")
+    held = ar.http.head(f"/p2p/v1/evidence/envelopes/{msg_id}/parts/1")
+    assert held.headers["upload-offset"] == str(len(part))  # was 0: all of it again
+    assert ar.post_envelope(first).status_code == 201
+    again = _announce(ar, wire)
+    assert again.status_code == 201, again.text  # accepted, nothing more to send
+    assert ar.messages(request_id) == 3  # the request, then the two queries
+    assert len(ar.audit("evidence.part_received")) == 1
