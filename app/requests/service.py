@@ -445,8 +445,15 @@ def _message_view(
 ) -> schemas.MessageView:
     opened = _open_stored(session, node, message)
     content = opened.manifest.get("content", {})
-    queued = session.scalar(select(OutboxItem).where(OutboxItem.message_id == message.id))
-    receipt = session.scalar(select(Receipt).where(Receipt.message_id == message.id))
+    # One statement, so one snapshot on PostgreSQL: read apart, a receipt settled between
+    # them showed beside the delivery state from before it.
+    queued, receipt = session.execute(
+        select(OutboxItem, Receipt)
+        .select_from(Message)
+        .outerjoin(OutboxItem, OutboxItem.message_id == Message.id)
+        .outerjoin(Receipt, Receipt.message_id == Message.id)
+        .where(Message.id == message.id)
+    ).one()
     return schemas.MessageView(
         msg_id=message.msg_id,
         direction=message.direction,
