@@ -602,3 +602,61 @@ def test_a_receipt_never_undoes_a_status_that_moved_while_it_was_settled(
         assert stored is not None
         assert stored.status == moved_to
         assert session.get(OutboxItem, row).state == outbox.DELIVERED  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("before", "lost"),
+    [
+        ("cancelled", True),  # cancelled before any attempt: the peer never had it
+        ("refused", True),  # refused for good (a 4xx)
+        ("no_answer", False),  # gave up with no answer once sent: the peer may hold it
+        ("retry", False),  # still on its way
+    ],
+)
+def test_a_message_whose_predecessor_will_never_arrive_fails_at_once(
+    sessions: tuple[str, sessionmaker[Session]], before: str, lost: bool
+) -> None:
+    """The peer answers 425 predecessor_missing to a message that follows one it has not
+    received. If that one will never come (ours, refused for good or cancelled, with no
+    attempt that may have left it there), asking until the deadline (7 days for routine)
+    hides that this one cannot arrive either: it fails now, and says why."""
+    _, factory = sessions
+    now = utc_now()
+    with unit_of_work(factory) as session:
+        first, second = _queue(session, 2)
+        earlier, later = session.get(OutboxItem, first), session.get(OutboxItem, second)
+        assert earlier is not None
+        assert later is not None
+        predecessor = session.get(Message, earlier.message_id)
+        follower = session.get(Message, later.message_id)
+        assert predecessor is not None
+        assert follower is not None
+        follower.in_reply_to = predecessor.msg_id
+        earlier.next_attempt_at = now + timedelta(days=1)  # only the follower is claimed
+        earlier.state = {"cancelled": outbox.CANCELLED, "retry": outbox.RETRY}.get(
+            before, outbox.FAILED
+        )
+        if before in ("refused", "no_answer"):
+            session.add(
+                DeliveryAttempt(
+                    outbox_id=first,
+                    attempt=1,
+                    worker="w",
+                    started_at=now,
+                    finished_at=now,
+                    outcome=outbox.FAILED,
+                    http_status=409 if before == "refused" else None,
+                    error="HTTP 409 transition_not_allowed"
+                    if before == "refused"
+                    else "transport: ReadTimeout",
+                )
+            )
+    with unit_of_work(factory) as session:
+        (claim,) = outbox.claim_due(session, now=utc_now(), lease=LEASE, limit=2, owner="w")
+    assert claim.outbox_id == second
+    early = Outcome(outbox.RETRY, "HTTP 425 predecessor_missing", http_status=425)
+    with unit_of_work(factory) as session:
+        assert settle(session, claim, early, worker="w")
+    state, error = _state(factory, second)
+    assert state == (outbox.FAILED if lost else outbox.RETRY)
+    assert ("will never reach the peer" in error) is lost

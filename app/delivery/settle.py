@@ -161,6 +161,22 @@ def _may_hold_it(session: Session, item: OutboxItem, outcome: Outcome) -> bool:
     return outbox.peer_may_hold(session, item.id)
 
 
+def _predecessor_lost(session: Session, message: Message) -> bool:
+    """Whether the message this one follows (`in_reply_to`), one of ours, was refused for good
+    or cancelled with no attempt that may have left it with the peer: the peer's answer to
+    this one would then be 425 predecessor_missing until the deadline."""
+    if message.in_reply_to is None:
+        return False
+    row = session.execute(
+        select(OutboxItem.id, OutboxItem.state)
+        .join(Message, Message.id == OutboxItem.message_id)
+        .where(Message.msg_id == message.in_reply_to)
+    ).first()
+    if row is None or row.state not in (outbox.FAILED, outbox.CANCELLED):
+        return False
+    return not outbox.peer_may_hold(session, row.id)
+
+
 def _apply(
     session: Session,
     claim: outbox.Claim,
@@ -177,6 +193,14 @@ def _apply(
     state = outcome.state
     error = outcome.error
     overdue = False
+    if state == outbox.RETRY and outcome.http_status == 425 and _predecessor_lost(session, message):
+        # The peer waits for a message that will never come: asking until the deadline
+        # (7 days for routine) would only hide that this one cannot arrive either.
+        state = outbox.FAILED
+        error = (
+            f"the message it follows ({message.in_reply_to}) will never reach the peer; "
+            f"last error: {error}"
+        )
     if state == outbox.RETRY:
         when = next_attempt(now, claim.attempts, case.urgency, item.expires_at)
         if when is None and item.expires_at is not None and _may_hold_it(session, item, outcome):
