@@ -187,6 +187,15 @@ def announce(session: Session, node: Node, store: DirectoryBlobStore, *, wire: o
         if existing.direction == "inbound" and existing.envelope_hash == envelope_hash:
             # A transfer of it begun before it arrived inline is of no further use.
             session.execute(delete(InboundTransfer).where(InboundTransfer.msg_id == header.msg_id))
+            record(  # as a repeat posted whole is (app/p2p/service.py)
+                session,
+                actor=f"peer:{header.from_authority}",
+                action="envelope.repeated",
+                request_id=existing.request_id,
+                msg_id=header.msg_id,
+                peer=header.from_authority,
+                details={"envelope_hash": envelope_hash, "announced": True},
+            )
             return Announced(
                 Accepted(receipt=_stored_receipt(session, node, existing), created=False), []
             )
@@ -241,7 +250,12 @@ def announce(session: Session, node: Node, store: DirectoryBlobStore, *, wire: o
 
 
 def transfer_header(transfer: InboundTransfer) -> env.Header:
-    return env.parse_header(transfer.header, _declared_parts(transfer.header))
+    return announced_header(transfer.header)
+
+
+def announced_header(raw: bytes) -> env.Header:
+    """A transfer's stored header, parsed (the announcement carried part 0 only)."""
+    return env.parse_header(raw, _declared_parts(raw))
 
 
 def get_transfer(session: Session, msg_id: str, *, lock: bool = False) -> InboundTransfer:
@@ -262,6 +276,7 @@ class PartTarget:
     offset: int
     kwargs: dict[str, Any]
     done: bool
+    sender: str = ""  # the authority that announced it (signed); not who sends the bytes
 
 
 def part_target(
@@ -274,7 +289,9 @@ def part_target(
     info = header.parts[index]
     done = held_parts(store, transfer, header)
     if index <= done:
-        return PartTarget(msg_id, index, info.length, info.length, {}, True)
+        return PartTarget(
+            msg_id, index, info.length, info.length, {}, True, transfer.sender_authority
+        )
     if header.expires_at <= utc_now():
         # As for an envelope posted whole (§8.2's sender stops at expiry): no new bytes, and
         # the clean-up may remove what an abandoned transfer received (app/evidence/cleanup).
@@ -300,6 +317,7 @@ def part_target(
             "plaintext_sha256": entry["sha256"],
         },
         False,
+        transfer.sender_authority,
     )
 
 

@@ -10,6 +10,7 @@ is checked against the signed header (its length and hash) and authenticated chu
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Path, Request, Response
@@ -91,25 +92,39 @@ def _headers(offset: int, length: int) -> dict[str, str]:
 
 
 @router.head("/envelopes/{msg_id}/parts/{index}")
-async def part_offset(msg_id: MsgId, index: Index, node: NodeDep) -> Response:
-    target = await run_in_threadpool(_target, node, msg_id, index)
+async def part_offset(msg_id: MsgId, index: Index, request: Request, node: NodeDep) -> Response:
+    try:
+        target = await run_in_threadpool(_target, node, msg_id, index)
+    except EnvelopeRefused as refused:  # anyone may ask: audited and counted as a PUT is
+        await run_in_threadpool(
+            _refused_part, node, msg_id, index, refused, source_address(request)
+        )
+        raise
     return Response(status_code=204, headers=_headers(target.offset, target.length))
 
 
 def _refused_part(
-    node: NodeDep, msg_id: str, index: int, refusal: EnvelopeRefused, source: str
+    node: NodeDep,
+    msg_id: str,
+    index: int,
+    refusal: EnvelopeRefused,
+    source: str,
+    *,
+    sender: str | None = None,
 ) -> None:
     """Counted against the sending address like any refused envelope (a part needs no
     signature of its own: anyone who knows a message id can send one), and audited until
-    that address is throttled."""
+    that address is throttled. `sender`: the envelope's own (signed) sender, for a refusal
+    of the envelope itself once its parts are all in; a refused part's bytes are anyone's."""
     with unit_of_work(node.sessions) as session:
         if record_p2p_refusal(session, node, source):
             record(
                 session,
-                actor="peer:unknown",
+                actor=f"peer:{sender or 'unknown'}",
                 action="envelope.refused",
                 outcome=refusal.code,
                 msg_id=msg_id,
+                peer=sender,
                 details={"code": refusal.code, "detail": refusal.detail, "part": index},
             )
 
@@ -202,7 +217,12 @@ async def put_part(
             )
         except EnvelopeRefused as refusal:  # steps 31 on: content, conversation, lifecycle
             await run_in_threadpool(
-                _refused_part, node, msg_id, index, refusal, source_address(request)
+                functools.partial(_refused_part, sender=target.sender or None),
+                node,
+                msg_id,
+                index,
+                refusal,
+                source_address(request),
             )
             raise
     finally:

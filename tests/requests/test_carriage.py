@@ -36,6 +36,8 @@ def test_an_envelope_received_inline_during_its_transfer_is_receipted_once(
     assert ar.messages(msg_id) == 1
     again = _announce(ar, wire)
     assert (again.status_code, again.json()) == (200, inline.json())
+    # The repeat is on record, as a repeat posted whole is.
+    assert [actor for actor, _, _ in ar.audit("envelope.repeated")] == ["peer:ES/MJ"]
 
 
 def test_bad_parts_from_one_address_are_counted_and_throttled(fresh_ar: Harness) -> None:
@@ -149,6 +151,8 @@ def test_a_last_part_whose_envelope_is_refused_for_now_is_not_sent_again(
     assert _announce(ar, wire).status_code == 202
     early = _put_part(ar, msg_id, part)
     assert (early.status_code, early.json()["error"]) == (425, "predecessor_missing")
+    # A refusal of the (signed) envelope itself: on record as its sender's.
+    assert ar.audit("envelope.refused")[-1] == ("peer:ES/MJ", "predecessor_missing", None)
     held = ar.http.head(f"/p2p/v1/evidence/envelopes/{msg_id}/parts/1")
     assert held.headers["upload-offset"] == str(len(part))  # was 0: all of it again
     assert ar.post_envelope(first).status_code == 201
@@ -156,3 +160,13 @@ def test_a_last_part_whose_envelope_is_refused_for_now_is_not_sent_again(
     assert again.status_code == 201, again.text  # accepted, nothing more to send
     assert ar.messages(request_id) == 3  # the request, then the two queries
     assert len(ar.audit("evidence.part_received")) == 1
+
+
+def test_asking_for_the_offset_of_no_transfer_is_refused_and_audited(fresh_ar: Harness) -> None:
+    """HEAD needs no signature either: anyone who guesses at message ids is on record and
+    counted against its address, as for a PUT."""
+    ar = fresh_ar
+    before = len(ar.audit("envelope.refused"))
+    asked = ar.http.head(f"/p2p/v1/evidence/envelopes/{'ab' * 16}/parts/1")
+    assert asked.status_code == 404
+    assert ar.audit("envelope.refused")[before:] == [("peer:unknown", "unknown_transfer", None)]
