@@ -4,13 +4,14 @@ A blob is kept while any row names it: a stored message's part (`blob_parts`), a
 a draft (`evidence_uploads`) or a part already received of an inbound transfer. A staging
 upload is kept while its draft is open or its inbound transfer is live: a transfer whose
 envelope expired more than the grace period ago was abandoned by its sender, and what it
-received goes (were it resumed, its parts would be asked for again, never receipted).
+received goes, with its row (were it announced again, it would be refused as expired).
 Everything else older than `evidence_orphan_hours` goes; the grace period covers a blob
 finalised whose row is not yet committed.
 
 `OrphanSweep` runs it from a node's background loop, at most once per period: the pass
-only reads rows and removes files, and is safe to run in several processes at once (a file
-already removed by another is skipped).
+reads rows (only the columns it needs: a transfer's row holds its manifest part, megabytes),
+removes files and abandoned transfers' rows, and is safe to run in several processes at once
+(a file or row already removed by another is skipped).
 """
 
 from __future__ import annotations
@@ -20,14 +21,14 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from app.crypto import envelope as env
 from app.crypto.encoding import utc_now
 from app.db import unit_of_work
 from app.evidence.blobstore import DirectoryBlobStore
-from app.evidence.inbound import transfer_header
+from app.evidence.inbound import announced_header
 from app.evidence.node_store import blob_store
 from app.models import BlobPart, EvidenceDraft, EvidenceUpload, InboundTransfer
 from app.node import Node
@@ -50,22 +51,35 @@ def cleanup_orphans(
     transfers: set[str] = set()
     unreadable = False
     abandoned_before = utc_now() - timedelta(hours=older_than_hours)
-    for transfer in session.scalars(select(InboundTransfer)):
+    abandoned: list[str] = []
+    rows = session.execute(
+        select(InboundTransfer.msg_id, InboundTransfer.header, InboundTransfer.parts_done)
+    )
+    for msg_id, raw, parts_done in rows:
         try:
-            header = transfer_header(transfer)
+            header = announced_header(raw)
         except env.EnvelopeError:
             # Which blobs it received cannot be told: none is removed this time, and the
             # operator hears of it (the sweep goes on removing abandoned uploads).
-            log.error("evidence cleanup: transfer %s has an unreadable header", transfer.msg_id)
-            transfers.add(transfer.msg_id)
+            log.error("evidence cleanup: transfer %s has an unreadable header", msg_id)
+            transfers.add(msg_id)
             unreadable = True
             continue
         if header.expires_at < abandoned_before:
-            continue  # expired long ago: no part can arrive for it now (inbound.part_target)
-        transfers.add(transfer.msg_id)
+            # Expired long ago: no part can arrive for it now (inbound.part_target), nor can
+            # it be announced again (_check_time). Its row goes with what it received.
+            abandoned.append(msg_id)
+            continue
+        transfers.add(msg_id)
         # Parts already received of a transfer still under way: no row names them until the
         # last part arrives, which may be days later on a slow or broken link.
-        referenced.update(header.parts[index].sha256 for index in range(1, transfer.parts_done + 1))
+        referenced.update(header.parts[index].sha256 for index in range(1, parts_done + 1))
+    for start in range(0, len(abandoned), 500):
+        session.execute(
+            delete(InboundTransfer).where(
+                InboundTransfer.msg_id.in_(abandoned[start : start + 500])
+            )
+        )
 
     def upload_is_live(upload_id: str) -> bool:
         direction, _, rest = upload_id.partition("-")

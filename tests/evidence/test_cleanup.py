@@ -8,6 +8,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
@@ -141,9 +142,9 @@ def _transfer_under_way(
 
 def _sweep_old_files_with(
     databases: Databases, store: DirectoryBlobStore, transfer: InboundTransfer
-) -> tuple[int, int]:
+) -> tuple[int, int, int]:
     """Every file of `store` 100 hours old, `transfer` stored, then one sweep with 72 hours'
-    grace: (uploads removed, blobs removed)."""
+    grace: (uploads removed, blobs removed, transfer rows left)."""
     old = time.time() - 100 * 3600
     for path in [*store.uploads.glob("*"), *store.blobs.glob("*/*/*")]:
         os.utime(path, (old, old))
@@ -153,7 +154,10 @@ def _sweep_old_files_with(
         with Session(engine) as session:
             session.add(transfer)
             session.commit()
-            return cleanup_orphans(session, store, older_than_hours=72)
+            removed = cleanup_orphans(session, store, older_than_hours=72)
+            session.commit()
+            left = len(list(session.scalars(select(InboundTransfer.msg_id))))
+            return (*removed, left)
     finally:
         Base.metadata.drop_all(engine)
         engine.dispose()
@@ -167,7 +171,7 @@ def test_parts_received_of_a_transfer_under_way_are_kept(
     received, orphan = _blob(store, parts[1]), _blob(store, b"named by nothing")
     assert received == transfer_header(transfer).parts[1].sha256
     # The last part is days late: a slow or broken link.
-    assert _sweep_old_files_with(databases, store, transfer) == (0, 1)
+    assert _sweep_old_files_with(databases, store, transfer) == (0, 1, 1)
     assert store.exists(received)
     assert not store.exists(orphan)
 
@@ -180,7 +184,8 @@ def test_what_an_abandoned_transfer_received_goes(databases: Databases, tmp_path
     staged = f"in-{transfer.msg_id}-2"
     with store.upload(staged) as upload:
         upload.write(b"partial")
-    assert _sweep_old_files_with(databases, store, transfer) == (1, 1)
+    # What it received, its staging upload and its row go.
+    assert _sweep_old_files_with(databases, store, transfer) == (1, 1, 0)
     assert not store.exists(received)
     assert not store.upload_exists(staged)
 
@@ -206,6 +211,6 @@ def test_a_transfer_whose_header_cannot_be_read_keeps_every_blob(
     transfer.header = b"not a header"  # damaged, or written by a version that read it
     received, orphan = _blob(store, parts[1]), _blob(store, b"named by nothing")
     # Which blobs it received cannot be told: none goes, and the sweep goes on.
-    assert _sweep_old_files_with(databases, store, transfer) == (0, 0)
+    assert _sweep_old_files_with(databases, store, transfer) == (0, 0, 1)
     assert store.exists(received)
     assert store.exists(orphan)
