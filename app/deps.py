@@ -21,7 +21,13 @@ from starlette.concurrency import run_in_threadpool
 from app.audit.log import record
 from app.auth.cache import TokenCache
 from app.auth.service import Principal, Role, TokenRefused, authenticate, hash_token
-from app.auth.throttle import Limits, TooManyRequests, blocked_for, register_refusal
+from app.auth.throttle import (
+    Limits,
+    TooManyRequests,
+    address_unit,
+    blocked_for,
+    register_refusal,
+)
 from app.crypto.encoding import utc_now
 from app.db import unit_of_work
 from app.errors import Forbidden, Unauthenticated
@@ -152,7 +158,7 @@ class Policy:
         return principal
 
     def _authenticate(self, request: Request, node: Node, token: str, source: str) -> Principal:
-        address_key = f"address:{source}"
+        address_key = f"address:{address_unit(source)}"
         # Authentication gets its own short transaction: a refused token must not depend on
         # (or roll back) the route's unit of work. A blocked address is refused before its
         # token is looked at.
@@ -207,7 +213,7 @@ class PeerTransport(Public):
         source = source_address(request)
         refused: CertificateRefused | None = None
         with unit_of_work(node.sessions) as session:
-            retry_after = blocked_for(session, [f"p2p:{source}"])
+            retry_after = blocked_for(session, [f"p2p:{address_unit(source)}"])
             if retry_after is None:
                 try:
                     check_peer_certificate(session, node.settings, request.scope)
@@ -234,7 +240,8 @@ def record_p2p_refusal(session: Session, node: Node, source: str) -> bool:
     """Count a refused envelope from `source`; True if it is still to be audited by itself."""
     limits = auth_limits(node)
     limits = Limits(node.settings.p2p_refusal_limit, limits.window, limits.block)
-    verdict = register_refusal(session, [f"p2p:{source}"], limits, actor=f"address:{source}")
+    key = f"p2p:{address_unit(source)}"
+    verdict = register_refusal(session, [key], limits, actor=f"address:{source}")
     return verdict.audit
 
 

@@ -1,7 +1,8 @@
 """Refusal throttling: failed authentications and refused envelopes, per address and client.
 
 Counters live in the database (`auth_throttle`), so every process of a node (API replicas,
-workers) shares them. Each key (`address:<ip>`, `client:<id>`, `p2p:<ip>`) counts refusals
+workers) shares them. Each key (`address:<ip>`, `client:<id>`, `p2p:<ip>`; an IPv6 address
+by its /64, `address_unit`) counts refusals
 in a fixed window; the refusal that reaches the limit blocks the key for a while, and the
 caller is answered 429 with `Retry-After` until then.
 
@@ -13,6 +14,7 @@ fast it sends. (Requests without any credentials are refused without writing at 
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +27,21 @@ from app.audit.log import record
 from app.crypto.encoding import utc_now
 from app.errors import EntraideError
 from app.models import AuthThrottle
+
+
+def address_unit(address: str) -> str:
+    """What is throttled for a caller's address: an IPv6 host is given a /64 to itself and can
+    send from any address in it, so the /64 is one key (else each new address had its own
+    `limit` audited refusals); an IPv4 address (IPv4-mapped too) by itself."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address  # "unknown", or a Unix socket's name
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 class TooManyRequests(EntraideError):
