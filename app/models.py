@@ -119,6 +119,9 @@ class CaseFile(Base):
     # and whether only the officers named in request_officers may see the request here.
     handling: Mapped[str] = mapped_column(String(16), server_default="standard")
     restricted: Mapped[bool] = mapped_column(Boolean, server_default=false())
+    # The msg_id of the latest question (additional_information_request) this node sent: an
+    # answer must follow it (app/requests/conversation.py), not an earlier one it crossed.
+    question_msg_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
 
 class RequestOfficer(Base):

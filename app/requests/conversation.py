@@ -20,6 +20,8 @@ from app.models import CaseFile, Message
 from app.requests import deadlines, lifecycle
 from app.requests.lifecycle import OPEN, Role, State
 
+OUTBOUND = "outbound"  # a message this node sent (Message.direction)
+
 
 def _stored_deadlines(case: CaseFile) -> deadlines.Deadlines:
     return deadlines.Deadlines(case.acknowledge_by, case.decide_by, case.execute_by)
@@ -117,10 +119,57 @@ def receive(
             "the message this one follows (in_reply_to) has not arrived yet; retry later",
             status_code=425,
         )
+    if (
+        document.type is MessageType.ADDITIONAL_INFORMATION
+        and case.question_msg_id is not None
+        and not _follows(session, case, in_reply_to, case.question_msg_id)
+    ):
+        # Its sender had not seen our latest question: it answers an earlier one, which a
+        # decision of ours and a new question crossed. Taken as the answer here, it would
+        # leave the two nodes at different statuses (the sender's officer answers again).
+        raise EnvelopeRefused(
+            "transition_not_allowed",
+            "this additional information answers an earlier question than the latest one",
+            status_code=409,
+        )
     try:
         return apply(case, sender=sender, document=document, now=now)
     except lifecycle.TransitionNotAllowed as exc:
         raise EnvelopeRefused(exc.code, exc.detail, status_code=409) from exc
+
+
+# How far back `_follows` walks a conversation: a question is answered within a few
+# messages; past this many, the answer is taken as following it (the judgement before).
+FOLLOWS_WALK = 1000
+
+
+def _follows(session: Session, case: CaseFile, msg_id: str | None, question: str) -> bool:
+    """Whether the peer sent `msg_id` (the message an answer follows) having seen our
+    `question`. Each message names the newest one its sender knew (`in_reply_to`): walking
+    back from `msg_id`, reaching the question, or one of our messages sent after it, says it
+    had; reaching a message stored here before the question says it had not (its answer
+    crossed the question). The peer's own messages on the way are walked through."""
+    rows = {
+        found_id: (number, previous, direction)
+        for found_id, number, previous, direction in session.execute(
+            select(Message.msg_id, Message.id, Message.in_reply_to, Message.direction).where(
+                Message.request_id == case.id
+            )
+        )
+    }
+    asked = rows.get(question)
+    if asked is None:  # not stored here (a restore from an older backup): judged as before
+        return True
+    for _ in range(FOLLOWS_WALK):
+        if msg_id is None or msg_id not in rows:
+            return False
+        number, previous, direction = rows[msg_id]
+        if number < asked[0]:
+            return False  # stored before the question: sent without having seen it
+        if msg_id == question or direction == OUTBOUND:
+            return True
+        msg_id = previous
+    return True
 
 
 def _known(session: Session, case: CaseFile, msg_id: str) -> bool:

@@ -40,7 +40,7 @@ from app.crypto.signing import DOMAIN_ENVELOPE, verify
 from app.delivery import outbox
 from app.delivery.outbox import CANCELLED, FAILED
 from app.domain.document import RequestDocument
-from app.domain.messages import MessageDocument
+from app.domain.messages import MessageDocument, MessageType
 from app.errors import BadRequest, EntraideError, NotFound, PayloadTooLarge
 from app.evidence.reading import has_blob_parts, open_stored_head
 from app.models import CaseFile, Message, OutboxItem, Receipt
@@ -274,6 +274,8 @@ def add_message(
         attachments=_attachments(node, body.attachments),
         in_reply_to=latest,
     )
+    if body.document.type is MessageType.ADDITIONAL_INFORMATION_REQUEST:
+        case.question_msg_id = header.msg_id  # the answer must follow this one
     added = Event(
         actor=actor_of(principal),
         action="message.submitted",

@@ -203,6 +203,44 @@ def test_a_message_that_overtook_its_predecessor_is_deferred_not_refused(ar: Har
     assert ar.status(request_id) == "withdrawn"
 
 
+@pytest.mark.parametrize("decision", ["acceptance", "postponement"])
+def test_an_answer_that_crossed_a_newer_question_is_not_taken_for_its_answer(
+    ar: Harness, decision: str
+) -> None:
+    """ES/MJ answers the first question while AR/MPF decides and asks a second one: the
+    answer arrives after both. Taken as the answer, AR/MPF would read 'supplied' while ES/MJ,
+    once both messages reach it, reads 'requested' (docs/domain.md promises equal ends)."""
+    request_id = ar.receive_request()
+    assert ar.reply(request_id, ACK).status_code == 201
+    first = {"type": "additional_information_request", "text": "Which account?"}
+    assert ar.reply(request_id, first).status_code == 201
+    first_id = ar.last_msg[request_id]
+    answer = ar.seal_message(request_id, {"type": "additional_information", "text": "This."})
+    document = {"type": decision, "text": "Decided."}
+    if decision == "postponement":
+        document.update(until="2030-01-01", reason="An investigation here.")
+    assert ar.reply(request_id, document).status_code == 201, document
+    second = {"type": "additional_information_request", "text": "And the other one?"}
+    assert ar.reply(request_id, second).status_code == 201
+    crossed = ar.post_envelope(answer)
+    assert (crossed.status_code, crossed.json()["error"]) == (409, "transition_not_allowed")
+    assert ar.status(request_id) == "additional_information_requested"
+    # A note sent before the second question reached ES/MJ, then an answer after the note:
+    # that answer had not seen the question either.
+    note = ar.seal_message(request_id, {"type": "note", "text": "By the way."}, first_id)
+    assert ar.post_envelope(note).status_code == 201
+    note_id = json.loads(note.header)["msg_id"]
+    after_note = ar.seal_message(
+        request_id, {"type": "additional_information", "text": "That."}, in_reply_to=note_id
+    )
+    refused = ar.post_envelope(after_note)
+    assert (refused.status_code, refused.json()["error"]) == (409, "transition_not_allowed")
+    # The answer sent after the second question is its answer.
+    taken = ar.peer_sends(request_id, {"type": "additional_information", "text": "The other."})
+    assert taken.status_code == 201, taken.text
+    assert ar.status(request_id) == "additional_information_supplied"
+
+
 def test_evidence_from_a_peer_must_match_its_attachment(ar: Harness) -> None:
     # Here AR/MPF is the requesting side: ES/MJ executes and sends results.
     body = {
