@@ -559,7 +559,7 @@ def audit_verify(
     """Check an exported (or the live) audit log; exit 1 naming the first bad entry."""
     from app.audit.note import NoteError
     from app.audit.service import verify_database, verify_export
-    from app.db import unit_of_work
+    from app.db import read_snapshot
 
     earlier = checkpoint.read_text() if checkpoint else None
     if db == (folder is not None):
@@ -567,7 +567,8 @@ def audit_verify(
     if db:
         node = _node(_settings())
         try:
-            with unit_of_work(node.sessions) as session:
+            # A snapshot that holds off no writer: the node goes on serving while it runs.
+            with read_snapshot(node.sessions) as session:
                 report = verify_database(
                     session,
                     authority_id=node.authority_id,

@@ -225,6 +225,11 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
+        if connection.get_execution_options().get(READ_SNAPSHOT):
+            # Deferred: in WAL mode a reader sees one snapshot from its first read and holds
+            # off no writer (`read_snapshot`); it never writes, so it needs no writer's turn.
+            connection.exec_driver_sql("BEGIN")
+            return
         writers.begin(connection)
         # IMMEDIATE takes the write lock up front: a deferred transaction that later writes
         # can fail with SQLITE_BUSY without waiting, which busy_timeout cannot help.
@@ -288,6 +293,27 @@ def commit_without_waiting(session: Session) -> None:
         connection.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
     else:
         connection.info[_NO_WAIT] = True
+
+
+READ_SNAPSHOT = "entraide_read_snapshot"
+
+
+@contextmanager
+def read_snapshot(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """A read-only transaction that sees the database as it stood at its first read and
+    holds off no writer, for long reads of a running node (`audit verify --db`): on SQLite
+    a deferred transaction in WAL mode (a unit of work takes the writer's lock up front, so
+    the node could append nothing until the read ended), on PostgreSQL REPEATABLE READ."""
+    session = factory()
+    try:
+        options: dict[str, Any] = {READ_SNAPSHOT: True}
+        if session.get_bind().dialect.name == "postgresql":
+            options["isolation_level"] = "REPEATABLE READ"
+        session.connection(execution_options=options)
+        yield session
+    finally:
+        session.rollback()  # nothing was written
+        session.close()
 
 
 @contextmanager

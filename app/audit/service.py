@@ -259,9 +259,9 @@ def verify_database(
 
     In one snapshot: a running node appends while the check streams its entries, and under
     PostgreSQL's default (read committed) each statement would see a later log than the one
-    before, so the head would not match the entries read. SQLite's transactions here take
-    the write lock, which holds appends off until the check is done. (A session that has
-    already begun keeps its own isolation.)
+    before, so the head would not match the entries read. `app.db.read_snapshot` gives one
+    on both backends without holding appends off (the CLI's session); a session that has
+    already begun keeps its own isolation (a unit of work on SQLite holds the writer's lock).
     """
     if session.get_bind().dialect.name == "postgresql" and not session.in_transaction():
         session.connection(execution_options={"isolation_level": "REPEATABLE READ"})

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -27,10 +28,10 @@ from app.audit.service import prove_consistency, prove_inclusion, verify_databas
 from app.audit.verify import Report
 from app.crypto.encoding import canonical_json, format_time, utc_now
 from app.crypto.keys import NodeKeys
-from app.db import make_engine, make_session_factory, unit_of_work
+from app.db import make_engine, make_session_factory, read_snapshot, unit_of_work
 from app.migrate import upgrade
 from app.models import AuditEntry, AuditHead, AuditNode
-from tests.conftest import Databases, make_databases
+from tests.conftest import BACKENDS, Databases, make_databases
 
 SIZES = [1, 2, 3, 5, 8, 13, 21, 37]
 
@@ -191,13 +192,16 @@ def test_writers_that_share_a_log_keep_it_contiguous(databases: Databases) -> No
             engine.dispose()
 
 
-def test_verifying_a_live_log_on_postgresql_reads_one_snapshot(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_verifying_a_live_log_reads_one_snapshot_and_holds_off_no_append(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str
 ) -> None:
     """`audit verify --db` on a running node: appends committed while the entries stream
-    (read committed) once made the head disagree with them, a false FAILED for an intact
-    log. SQLite's check holds the write lock, so only PostgreSQL can race."""
-    databases = make_databases("postgresql", tmp_path)
+    (PostgreSQL's read committed) once made the head disagree with them, a false FAILED for
+    an intact log; on SQLite the check held the writer's lock, and the node could append
+    nothing (every request it served waited, then failed) until the check was done. The
+    node's append here commits while the check is under way, which verifies what it saw."""
+    databases = make_databases(backend, tmp_path)
     url = databases.new("live")
     upgrade(url)
     engine = make_engine(url)
@@ -211,7 +215,7 @@ def test_verifying_a_live_log_on_postgresql_reads_one_snapshot(
             sign_checkpoint(session, authority_id="ES/MJ", log_key=keys.log)
 
     def verify() -> Report:
-        with unit_of_work(sessions) as session:
+        with read_snapshot(sessions) as session:
             return verify_database(session, authority_id="ES/MJ", log_public=keys.log_public)
 
     streamed = audit_service._stored_entries
@@ -219,7 +223,9 @@ def test_verifying_a_live_log_on_postgresql_reads_one_snapshot(
     def appended_meanwhile(session: Session) -> Iterator[tuple[list[int], list[bytes]]]:
         chunks = streamed(session)
         yield next(chunks)  # the cursor has run: what it returns is fixed
+        started = time.monotonic()
         append(5)  # the node, committing while the check goes on
+        assert time.monotonic() - started < 2, "the append waited for the check"
         yield from chunks
 
     try:
