@@ -27,6 +27,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -425,15 +426,30 @@ def check_target_empty(settings: Settings) -> None:
         )
 
 
+def _damaged(archive_path: Path, exc: BaseException) -> BackupError:
+    return BackupError(
+        f"{archive_path} is damaged or truncated ({type(exc).__name__}); use another copy of "
+        "this backup"
+    )
+
+
 def restore_backup(
     settings: Settings, *, archive_path: Path, passphrase: bytes | None, actor: str
 ) -> RestoreSummary:
+    broken = (tarfile.TarError, EOFError, zlib.error)
     try:
         tar = tarfile.open(archive_path, mode="r:gz")
-    except (OSError, tarfile.TarError) as exc:
-        raise BackupError(f"cannot read {archive_path}: {exc}") from exc
+    except broken as exc:
+        raise _damaged(archive_path, exc) from exc
+    except OSError as exc:
+        raise BackupError(f"cannot read {archive_path}: {exc.strerror or exc}") from exc
     with tar:
-        archive = _Archive(tar)
+        try:
+            # Read to its end (every member's hash is checked here): a file cut short or
+            # altered in transit fails in the compressed stream, before anything is written.
+            archive = _Archive(tar)
+        except (*broken, OSError) as exc:
+            raise _damaged(archive_path, exc) from exc
         check_target_empty(settings)
         keys_restored = _restore_keys(settings, archive, passphrase)
         tables = _restore_database(settings, archive)

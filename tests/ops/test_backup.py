@@ -203,6 +203,29 @@ def test_a_damaged_backup_is_refused_before_anything_is_written(tmp_path: Path) 
     assert not fresh_keys.exists()
 
 
+@pytest.mark.parametrize("harm", ["truncated", "overwritten"])
+def test_a_backup_file_cut_short_or_overwritten_is_refused_in_plain_words(
+    tmp_path: Path, harm: str
+) -> None:
+    """The compressed stream itself is broken (a copy cut short, bytes overwritten on the
+    way): `entraide restore` says so and writes nothing; it ended in a traceback, or in a
+    bare 'Aborted.'."""
+    databases = make_databases("sqlite", tmp_path)
+    node = _initialised(tmp_path, databases.new("es"))
+    good = backup_of(node, tmp_path / "good.tar.gz", PASSPHRASE.encode()).read_bytes()
+    broken = tmp_path / "broken.tar.gz"
+    if harm == "truncated":
+        broken.write_bytes(good[: len(good) // 2])
+    else:  # past the gzip header, in the first deflate block: the stream no longer inflates
+        broken.write_bytes(good[:30] + b"\xff" * 40 + good[70:])
+    fresh = LocalNode("ES/MJ", "Ministerio de Justicia", tmp_path / "fresh", databases.new("new"))
+    restored = fresh.cli("restore", str(broken), check=False)
+    assert restored.returncode == 1
+    assert "is damaged or truncated" in restored.stderr, restored.stderr
+    assert "Traceback" not in restored.stderr + restored.stdout
+    assert not fresh.keys_dir.exists()
+
+
 def test_a_restore_whose_log_fails_is_recorded_as_failed(tmp_path: Path) -> None:
     databases = make_databases("sqlite", tmp_path)
     node = _initialised(tmp_path, databases.new("es"))
