@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     import httpx
+    from pydantic import ValidationError
     from sqlalchemy.orm import Session
     from typer import _click as click  # typer's own copy of Click, whose classes it extends
 
@@ -98,9 +99,25 @@ def _skip_unused_imports() -> None:
 
 
 def _settings() -> Settings:
+    from pydantic import ValidationError
+
     from app.config import get_settings
 
-    return get_settings()
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        for line in _setting_problems(exc):
+            typer.secho(f"error: {line}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1) from exc
+
+
+def _setting_problems(exc: ValidationError) -> list[str]:
+    """Each invalid setting by its environment variable, with pydantic's reason only: never
+    the value, which may hold a password (a database URL's)."""
+    return [
+        "ENTRAIDE_" + "_".join(str(part) for part in error["loc"]).upper() + f": {error['msg']}"
+        for error in exc.errors()
+    ]
 
 
 def _node(settings: Settings) -> Node:
@@ -138,7 +155,6 @@ def init(
         save_keys,
     )
     from app.db import unit_of_work
-    from app.migrate import upgrade
     from app.node import key_passphrase, load_node
 
     settings = _settings()
@@ -149,13 +165,14 @@ def init(
         raise _fail(f"{authority_id!r} is not an authority id like ES/MJ") from exc
     if keys_exist(keys_dir):
         raise _fail(f"{keys_dir} already holds keys; refusing to overwrite them")
+    # The database first: unreachable, nothing is created, and `init` can simply run again.
+    _upgrade(settings)
     keys = NodeKeys.generate()
     try:
         save_keys(keys_dir, keys, passphrase=key_passphrase(settings))
     except KeyFileError as exc:
         raise _fail(str(exc)) from exc
     save_identity(keys_dir, NodeIdentity(authority_id, name, public_url.rstrip("/")))
-    upgrade(settings.database_url)
     node = load_node(settings)
     try:
         with unit_of_work(node.sessions) as session:
@@ -173,7 +190,9 @@ def init(
             sign_checkpoint(session, authority_id=authority_id, log_key=keys.log)
     finally:
         node.close()
-    typer.echo(f"Node {authority_id} initialised; keys in {keys_dir}.")
+    # Absolute: a relative default (./keys) is where the command ran, which a service
+    # started elsewhere would not find (set ENTRAIDE_KEYS_DIR for it).
+    typer.echo(f"Node {authority_id} initialised; keys in {keys_dir.resolve()}.")
     typer.echo("Read this fingerprint to your peers' operators, out of band:")
     typer.echo(format_fingerprint(keys.fingerprint))
 
@@ -181,11 +200,26 @@ def init(
 @app.command()
 def migrate() -> None:
     """Bring the database schema to the latest migration."""
+    settings = _settings()
+    _upgrade(settings)
+    typer.echo("database schema is current")
+
+
+def _upgrade(settings: Settings) -> None:
+    """Migrate, or say in plain words why the database cannot be reached (no traceback, no
+    password: the URL is shown as `doctor` shows it)."""
+    from sqlalchemy.exc import OperationalError
+
+    from app.doctor import redacted_url
     from app.migrate import upgrade
 
-    settings = _settings()
-    upgrade(settings.database_url)
-    typer.echo("database schema is current")
+    try:
+        upgrade(settings.database_url)
+    except OperationalError as exc:
+        raise _fail(
+            f"cannot reach {redacted_url(settings.database_url)} "
+            f"({type(exc.orig).__name__}): is it running, and is ENTRAIDE_DATABASE_URL right?"
+        ) from exc
 
 
 @keys_app.command("show")
@@ -699,9 +733,8 @@ def doctor() -> None:
     try:
         settings = Settings()
     except ValidationError as exc:
-        for error in exc.errors():
-            name = "ENTRAIDE_" + "_".join(str(part) for part in error["loc"]).upper()
-            typer.echo(f"FAIL  configuration   {name}: {error['msg']}")
+        for line in _setting_problems(exc):
+            typer.echo(f"FAIL  configuration   {line}")
         raise typer.Exit(code=1) from exc
     findings = diagnose(settings)
     for finding in findings:
@@ -726,10 +759,11 @@ def demo(
 
 
 def main() -> None:
+    from app.config import get_settings
     from app.obs.logs import configure_logging
 
     try:
-        settings = _settings()
+        settings = get_settings()
         configure_logging(settings.log_format, settings.log_level)
     except ValueError:  # invalid settings: the command itself (or `doctor`) explains them
         configure_logging()

@@ -159,6 +159,24 @@ class Settings(BaseModel):
             check_override_key(key)
         return value
 
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, value: str) -> str:
+        """SQLite, or PostgreSQL through psycopg (the driver installed): a URL as a DBA
+        hands it out (`postgres://`, `postgresql://`) is taken for the latter. Anything else
+        is refused here, in plain words, rather than as a driver's traceback later."""
+        scheme, separator, rest = value.partition("://")
+        if not separator:
+            raise ValueError("must be a URL: sqlite:///PATH or postgresql+psycopg://USER@HOST/DB")
+        if scheme in ("postgres", "postgresql"):
+            return f"postgresql+psycopg://{rest}"
+        if scheme not in ("sqlite", "postgresql+psycopg"):
+            raise ValueError(
+                f"unsupported database {scheme!r}: use sqlite:///PATH or "
+                "postgresql+psycopg://USER@HOST/DB"
+            )
+        return value
+
     @field_validator("public_url")
     @classmethod
     def _strip_slash(cls, value: str | None) -> str | None:

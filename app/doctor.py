@@ -178,7 +178,7 @@ def check_keys(settings: Settings) -> Iterator[Finding]:
     )
 
 
-def _redacted(url: str) -> str:
+def redacted_url(url: str) -> str:
     try:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # a URL SQLAlchemy cannot parse is reported elsewhere
@@ -194,7 +194,7 @@ def check_database(settings: Settings, engine: Engine) -> Iterator[Finding]:
         yield Finding(
             FAIL,
             "database",
-            f"cannot reach {_redacted(settings.database_url)} "
+            f"cannot reach {redacted_url(settings.database_url)} "
             f"({type(exc).__name__}): is it running, and is the URL right?",
         )
         return

@@ -86,6 +86,36 @@ def test_doctor_explains_invalid_settings_and_missing_keys(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("mysql://entraide:S3cretPW@db.example/entraide", "unsupported database 'mysql'"),
+        ("postgresql+psycopg2://entraide:S3cretPW@db/x", "unsupported database"),
+        ("/var/lib/entraide/entraide.db", "must be a URL"),
+        # As a DBA hands it out: taken for psycopg, then found unreachable.
+        ("postgres://entraide:S3cretPW@127.0.0.1:1/entraide", "cannot reach postgresql+psycopg"),
+    ],
+)
+def test_commands_explain_a_bad_database_url_without_its_password(
+    tmp_path: Path, url: str, says: str
+) -> None:
+    """Each command said it with a driver's traceback (a missing psycopg2, SQLAlchemy's
+    NoSuchModuleError, a refused connection); `init` had written the keys first, so running
+    it again, once the URL was fixed, refused to overwrite them."""
+    node = LocalNode("ES/MJ", "x", tmp_path / "es", url)
+    for args in (
+        ["migrate"],
+        ["init", "--authority-id", "ES/MJ", "--name", "x", "--public-url", "https://es.example"],
+    ):
+        result = node.cli(*args, check=False)
+        output = result.stdout + result.stderr
+        assert result.returncode == 1, output
+        assert says in output, output
+        assert "Traceback" not in output
+        assert "S3cretPW" not in output
+    assert not node.keys_dir.exists()
+
+
+@pytest.mark.parametrize(
     ("skew", "verdict"),
     [(0, OK), (30, OK), (-74, OK), (76, WARN), (-200, WARN), (301, FAIL), (-3600, FAIL)],
 )
