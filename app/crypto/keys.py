@@ -151,8 +151,24 @@ def keys_exist(keys_dir: Path) -> bool:
     return any((keys_dir / name).exists() for name in KEY_FILES.values())
 
 
+# As for a backup's passphrase (app/backup/sealed.py): Argon2id slows each guess, it cannot
+# make a short passphrase long. Checked where one is chosen (init, protect), not when keys
+# are read or rotated: a node protected before this rule still starts and rotates.
+MIN_KEY_PASSPHRASE_CHARS = 12
+
+
+def _chosen(passphrase: bytes) -> bytes:
+    if len(passphrase.decode("utf-8", "replace")) < MIN_KEY_PASSPHRASE_CHARS:
+        raise KeyFileError(
+            f"the key passphrase must have at least {MIN_KEY_PASSPHRASE_CHARS} characters"
+        )
+    return passphrase
+
+
 def save_keys(keys_dir: Path, keys: NodeKeys, *, passphrase: bytes | None = None) -> None:
     """Write new key files (never over existing ones), protected if a passphrase is given."""
+    if passphrase is not None:
+        _chosen(passphrase)
     keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     secrets = {
         "signing": bytes(keys.signing),
@@ -271,6 +287,7 @@ def rotate_keys(
 
 def protect_keys(keys_dir: Path, *, passphrase: bytes, current: bytes | None = None) -> int:
     """Rewrite every private key file under `passphrase` (from plain, or from `current`)."""
+    _chosen(passphrase)
     paths = [(keys_dir / name, kind) for kind, name in KEY_FILES.items()]
     paths += [(path, "encryption") for path in sorted((keys_dir / RETIRED_DIR).glob("*.key"))]
     for path, kind in paths:

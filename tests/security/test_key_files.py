@@ -71,6 +71,13 @@ def test_keys_protect_encrypts_an_existing_node(tmp_path: Path) -> None:
     node = new_node(tmp_path)
     node.init()
     before = node.cli("keys", "show").stdout
+    # A passphrase as short as a backup's may not be is refused, and nothing is rewritten.
+    node.extra_env["ENTRAIDE_KEY_PASSPHRASE"] = "a" * 11
+    short = node.cli("keys", "protect", check=False)
+    assert short.returncode == 1
+    assert "at least 12 characters" in short.stderr
+    del node.extra_env["ENTRAIDE_KEY_PASSPHRASE"]
+    assert node.cli("keys", "show").stdout == before  # still plain, still readable
     node.extra_env["ENTRAIDE_KEY_PASSPHRASE"] = PASSPHRASE
     assert "3 key files are protected" in node.cli("keys", "protect").stdout
     assert node.cli("keys", "show").stdout == before
