@@ -14,6 +14,8 @@ import json
 import mimetypes
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -51,6 +53,43 @@ def _client(url: str | None, token: str | None) -> httpx.Client:
         headers={"authorization": f"Bearer {token}"},
         timeout=httpx.Timeout(60.0, connect=10.0),
     )
+
+
+@contextmanager
+def _reaching(http: httpx.Client) -> Iterator[httpx.Client]:
+    """A node that cannot be reached (down, a wrong URL, a broken TLS set-up) is an error
+    message, not a traceback; the upload's own retries handle a link that breaks mid-way."""
+    try:
+        yield http
+    except httpx.HTTPError as exc:
+        typer.echo(f"error: cannot reach the node at {http.base_url}: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    finally:
+        http.close()
+
+
+def _request_body(path: Path) -> dict[str, Any]:
+    try:
+        body = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        typer.echo(f"error: cannot read {path}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(2) from exc
+    except ValueError as exc:
+        typer.echo(f"error: {path} is not JSON: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if not isinstance(body, dict):
+        typer.echo(f"error: {path} must hold a JSON object: {{to, document}}", err=True)
+        raise typer.Exit(2)
+    return body
+
+
+def _files(paths: list[Path]) -> list[Path]:
+    """Every file to attach, readable, before anything is created at the node."""
+    for path in paths:
+        if not path.is_file() or not os.access(path, os.R_OK):
+            typer.echo(f"error: {path} is not a readable file", err=True)
+            raise typer.Exit(2)
+    return paths
 
 
 def _check(response: httpx.Response, *expected: int) -> Any:
@@ -118,10 +157,10 @@ def send(
     token: TokenOption = None,
 ) -> None:
     """Create a draft, upload each attached file (resumable), then submit the request."""
-    files = attach or []
-    with _client(url, token) as http:
+    files = _files(attach or [])
+    body = _request_body(request) if draft is None else {}
+    with _reaching(_client(url, token)) as http:
         if draft is None:
-            body = json.loads(request.read_text())
             body.pop("attachments", None)
             body["attachments"] = [
                 {
@@ -157,7 +196,7 @@ def download(
 ) -> None:
     """Download every attachment of a request, each checked against the manifest's SHA-256."""
     out.mkdir(parents=True, exist_ok=True)
-    with _client(url, token) as http:
+    with _reaching(_client(url, token)) as http:
         detail = _check(http.get(f"/api/v1/requests/{request_id}"), 200)
         entries = [entry for message in detail["messages"] for entry in message["attachments"]]
         with _progress() as progress:
@@ -181,7 +220,10 @@ def _download(http: httpx.Client, entry: dict[str, Any], out: Path, progress: Pr
             if response.headers.get("x-entraide-sha256") != entry["sha256"]:
                 typer.echo(f"error: {name}: the node reports another SHA-256", err=True)
                 raise typer.Exit(1)
-            with partial.open("wb") as sink:
+            # Decrypted evidence: readable by this user only, as the node's own files are.
+            partial.unlink(missing_ok=True)  # a leftover keeps its mode through O_TRUNC
+            descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "wb") as sink:
                 for data in response.iter_bytes(READ):
                     digest.update(data)
                     sink.write(data)

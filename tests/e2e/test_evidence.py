@@ -499,7 +499,9 @@ def test_cli_sends_and_downloads_with_attachments(pair: Pair, tmp_path: Path) ->
     wait_for("the request at AR", lambda: detail(pair.ar, request_id))
     listing = entraide(pair.ar, "download", request_id, "--out", str(tmp_path / "got"))
     for path in files:
-        assert (tmp_path / "got" / path.name).read_bytes() == path.read_bytes()
+        got = tmp_path / "got" / path.name
+        assert got.read_bytes() == path.read_bytes()
+        assert got.stat().st_mode & 0o777 == 0o600  # decrypted evidence: this user's only
         assert f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.name}" in listing
 
 

@@ -1,0 +1,66 @@
+"""`entraide requests send|download` given what an operator may well give it: a file that is
+not there, a request that is not JSON, a node that cannot be reached. Each is one line
+saying so and a non-zero exit, never a traceback, and nothing is created at the node."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.localnodes import free_port
+
+
+def _entraide(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "ENTRAIDE_URL": f"http://127.0.0.1:{free_port()}",  # nothing listens there
+        "ENTRAIDE_TOKEN": "not-a-real-token",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "app", "requests", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("case", "says"),
+    [
+        ("missing attachment", "is not a readable file"),
+        ("missing request", "cannot read"),
+        ("request not JSON", "is not JSON"),
+        ("request not an object", "must hold a JSON object"),
+        ("node unreachable", "cannot reach the node at http://127.0.0.1:"),
+    ],
+)
+def test_send_says_what_is_wrong_in_one_line(tmp_path: Path, case: str, says: str) -> None:
+    request = tmp_path / "request.json"
+    request.write_text('{"to": "AR/MPF", "document": {}}')
+    attachment = tmp_path / "ledger.csv"
+    attachment.write_text("a,b\n")
+    if case == "missing attachment":
+        attachment = tmp_path / "no-such-file.csv"
+    elif case == "missing request":
+        request = tmp_path / "no-such-request.json"
+    elif case == "request not JSON":
+        request.write_text("to: AR/MPF")
+    elif case == "request not an object":
+        request.write_text("[1, 2]")
+    done = _entraide("send", str(request), "--attach", str(attachment))
+    assert done.returncode != 0
+    assert says in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_download_from_an_unreachable_node_says_so(tmp_path: Path) -> None:
+    done = _entraide("download", "ab" * 16, "--out", str(tmp_path / "got"))
+    assert done.returncode == 1
+    assert "cannot reach the node at http://127.0.0.1:" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
