@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import logging
+import os
 import signal
 import sys
 from datetime import datetime
@@ -761,6 +762,11 @@ def demo(
 def main() -> None:
     from app.config import get_settings
     from app.obs.logs import configure_logging
+
+    # Everything a node or a command writes is for its own user only: the database and its
+    # WAL (the audit trail, client names), evidence blobs, audit exports, downloads of
+    # decrypted evidence. The usual umask (022) made them readable by every local user.
+    os.umask(0o077)
 
     try:
         settings = get_settings()

@@ -427,7 +427,7 @@ def _driver_rows(session: Session, query: str, name: str) -> Iterator[Sequence[A
 def export_log(session: Session, node: Node, out: Path) -> tuple[int, int]:
     """Write entries, checkpoints and the public log key: all an auditor needs, offline."""
     sign_checkpoint(session, authority_id=node.authority_id, log_key=node.keys.log)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)  # case metadata (docs/audit.md)
     count = 0
     with (out / EXPORT_ENTRIES).open("wb") as handle:
         statement = select(AuditEntry.entry).order_by(AuditEntry.idx)

@@ -205,7 +205,11 @@ def create_backup(
             manifest_bytes = json.dumps(manifest, indent=1, sort_keys=True).encode()
             signature = sign(node.keys.signing, DOMAIN_BACKUP, manifest_bytes)
             partial = out.with_name(out.name + ".partial")
-            descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            # Never an existing file's mode, nor a link planted in a shared folder.
+            partial.unlink(missing_ok=True)
+            descriptor = os.open(
+                partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600
+            )
             with os.fdopen(descriptor, "wb") as raw:
                 with tarfile.open(fileobj=raw, mode="w:gz") as tar:
                     _add_bytes(tar, MANIFEST, manifest_bytes)
