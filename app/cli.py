@@ -55,7 +55,15 @@ class _Commands(TyperGroup):
         return group
 
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, cls=_Commands)
+# A crash's traceback never shows local variables: they hold settings (a database URL with
+# its password), tokens, passphrases. (Typer's default has changed between versions.)
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help=__doc__,
+    cls=_Commands,
+    pretty_exceptions_show_locals=False,
+)
 keys_app = typer.Typer(no_args_is_help=True, help="The node's own keys.")
 peers_app = typer.Typer(no_args_is_help=True, help="Pinned peer nodes.")
 clients_app = typer.Typer(no_args_is_help=True, help="API clients of the local API.")

@@ -159,3 +159,12 @@ def test_no_secret_or_content_in_logs_errors_or_audit(marked: tuple[LocalNode, L
                 data = path.read_bytes()
                 for needle in [PASSPHRASE, WRONG_TOKEN, *tokens]:
                     assert needle.encode() not in data, f"{needle[:24]}… found in {path}"
+
+
+def test_a_command_that_crashes_shows_no_local_variable() -> None:
+    """Typer's pretty tracebacks print each frame's locals unless told not to (the default
+    changed between releases): a crash would print the settings, a database URL's password
+    with them."""
+    from app.cli import app
+
+    assert app.pretty_exceptions_show_locals is False
