@@ -608,6 +608,9 @@ def _valid_attachment_entry(entry: object, number: int) -> bool:
         and MEDIA_TYPE.fullmatch(entry["media_type"]) is not None
         and is_int(entry["size"])
         and isinstance(entry["sha256"], str)
+        # Lowercase hex, as hex(SHA-256) is spelt: compared in constant time later, which
+        # hmac refuses (TypeError) for text that is not ASCII.
+        and HEX_HASH.fullmatch(entry["sha256"]) is not None
     )
 
 

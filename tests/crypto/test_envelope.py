@@ -873,3 +873,16 @@ def test_validly_signed_but_malformed_identity_is_refused(
 def test_malformed_identity_wire(wire: object) -> None:
     with pytest.raises(IdentityError):
         parse_identity_document(wire)
+
+
+@pytest.mark.parametrize(
+    ("sha256", "valid"),
+    [("ab" * 32, True), ("AB" * 32, False), ("ab" * 31, False), ("é" * 64, False)],
+)
+def test_a_manifest_entry_spells_its_hash_in_lowercase_hex(sha256: str, valid: bool) -> None:
+    """A streamed part's plaintext hash is compared with hmac.compare_digest, which raises
+    (a 500) on text that is not ASCII: the manifest is refused at announcement instead."""
+    from app.crypto.envelope import _valid_attachment_entry
+
+    entry = {"index": 1, "name": "a.txt", "media_type": "text/plain", "size": 1, "sha256": sha256}
+    assert _valid_attachment_entry(entry, 1) is valid
