@@ -45,6 +45,15 @@ class _Commands(TyperGroup):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return [*super().list_commands(ctx), self.LAZY]
 
+    def invoke(self, ctx: click.Context) -> object:
+        from app.errors import EntraideError
+
+        try:
+            return super().invoke(ctx)
+        except EntraideError as exc:  # the node's own refusal (an audit log rolled back, say)
+            typer.secho(f"error: {exc.detail}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=1) from exc
+
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name != self.LAZY:
             return super().get_command(ctx, cmd_name)
@@ -196,7 +205,9 @@ def init(
                     action="key.created",
                     details={"purpose": purpose, "kid": kid},
                 )
-            sign_checkpoint(session, authority_id=authority_id, log_key=keys.log)
+            sign_checkpoint(
+                session, authority_id=authority_id, log_key=keys.log, anchor=node.log_anchor
+            )
     finally:
         node.close()
     # Absolute: a relative default (./keys) is where the command ran, which a service
@@ -557,7 +568,10 @@ def audit_checkpoint() -> None:
     try:
         with unit_of_work(node.sessions) as session:
             note = sign_checkpoint(
-                session, authority_id=node.authority_id, log_key=node.keys.log
+                session,
+                authority_id=node.authority_id,
+                log_key=node.keys.log,
+                anchor=node.log_anchor,
             ).note
     finally:
         node.close()
@@ -617,6 +631,7 @@ def audit_verify(
                     authority_id=node.authority_id,
                     log_public=node.keys.log_public,
                     earlier=earlier,
+                    anchor=node.log_anchor,
                 )
         finally:
             node.close()

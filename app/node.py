@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -12,6 +13,9 @@ from app.config import Settings
 from app.crypto.keyfile import read_passphrase
 from app.crypto.keys import NodeIdentity, NodeKeys, load_identity, load_keys
 from app.db import make_engine, make_session_factory
+
+if TYPE_CHECKING:
+    from app.audit.anchor import SignedLogAnchor
 
 
 @dataclass
@@ -28,6 +32,13 @@ class Node:
     @property
     def authority_id(self) -> str:
         return self.identity.authority_id
+
+    @property
+    def log_anchor(self) -> SignedLogAnchor:
+        """What this node's log key signed, beside its keys (app/audit/anchor.py)."""
+        from app.audit.anchor import SignedLogAnchor  # app.audit imports this module
+
+        return SignedLogAnchor(self.settings.keys_dir)
 
     def close(self) -> None:
         self.engine.dispose()

@@ -7,19 +7,23 @@ checkpoints of the same size.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
 from nacl.signing import SigningKey
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
 
 from app.audit.index import INDEX_BATCH, catch_up
 from app.audit.log import HEAD_ID, lock_head, mark_checkpointed
 from app.audit.note import Checkpoint, Verifier, format_verifier_key, sign_note
 from app.crypto.encoding import utc_now
+from app.errors import EntraideError
 from app.models import AuditCheckpoint, AuditHead, AuditIndex
+
+log = logging.getLogger(__name__)
 
 
 class LogProgress(Protocol):
@@ -45,9 +49,23 @@ def log_verifier_key(authority_id: str, log_key: SigningKey) -> str:
     return format_verifier_key(log_origin(authority_id), log_key.verify_key)
 
 
-def sign_checkpoint(session: Session, *, authority_id: str, log_key: SigningKey) -> AuditCheckpoint:
-    """Sign the current head, unless a checkpoint of this size exists already."""
+class Anchor(Protocol):
+    """What the log key signed, kept outside the database (app/audit/anchor.py)."""
+
+    def problem(self, session: Session, size: int, root: bytes) -> str | None: ...
+    def check(self, session: Session, size: int, root: bytes) -> None: ...
+    def remember(self, size: int, root: bytes) -> None: ...
+
+
+def sign_checkpoint(
+    session: Session, *, authority_id: str, log_key: SigningKey, anchor: Anchor | None = None
+) -> AuditCheckpoint:
+    """Sign the current head, unless a checkpoint of this size exists already. With `anchor`,
+    only a head that extends what was signed before (LogRolledBack otherwise), and what is
+    signed is recorded there once committed."""
     head = lock_head(session)
+    if anchor is not None:
+        anchor.check(session, head.size, head.root_hash)
     existing = session.scalar(
         select(AuditCheckpoint)
         .where(AuditCheckpoint.size == head.size)
@@ -67,7 +85,19 @@ def sign_checkpoint(session: Session, *, authority_id: str, log_key: SigningKey)
     session.add(checkpoint)
     mark_checkpointed(session)
     session.flush()
+    if anchor is not None:
+        size, root = head.size, head.root_hash
+        event.listen(
+            session, "after_commit", lambda _session: _remember(anchor, size, root), once=True
+        )
     return checkpoint
+
+
+def _remember(anchor: Anchor, size: int, root: bytes) -> None:
+    try:
+        anchor.remember(size, root)
+    except OSError as exc:  # committed and signed already; the next checkpoint records it
+        log.error("could not record the signed checkpoint beside the keys (%s)", exc.strerror)
 
 
 def checkpoint_due(
@@ -109,7 +139,13 @@ def read_progress(session: Session) -> Progress | None:
 
 
 def maybe_checkpoint(
-    session: Session, *, authority_id: str, log_key: SigningKey, every: int, seconds: float
+    session: Session,
+    *,
+    authority_id: str,
+    log_key: SigningKey,
+    every: int,
+    seconds: float,
+    anchor: Anchor | None = None,
 ) -> AuditCheckpoint | None:
     """The delivery worker's upkeep of the log: index new entries, sign a checkpoint if due."""
     progress = read_progress(session)
@@ -120,7 +156,13 @@ def maybe_checkpoint(
     catch_up(session, size=progress.size, indexed=progress.indexed, batch=1 if due else INDEX_BATCH)
     if not due:
         return None
-    return sign_checkpoint(session, authority_id=authority_id, log_key=log_key)
+    try:
+        return sign_checkpoint(session, authority_id=authority_id, log_key=log_key, anchor=anchor)
+    except EntraideError as exc:  # LogRolledBack: no checkpoint, deliveries go on
+        # Logged critical where found; signing nothing more over a rewritten log is the
+        # point, stopping every delivery with it is not (peers see no new checkpoint).
+        log.warning("no checkpoint signed: %s", exc.code)
+        return None
 
 
 def latest_checkpoint(session: Session) -> AuditCheckpoint | None:

@@ -64,7 +64,9 @@ def get_checkpoint(session: SessionDep, node: NodeDep, principal: AuditorDep) ->
 
 @router.post("/checkpoint", status_code=201)
 def new_checkpoint(session: SessionDep, node: NodeDep, principal: AuditorDep) -> dict[str, Any]:
-    checkpoint = sign_checkpoint(session, authority_id=node.authority_id, log_key=node.keys.log)
+    checkpoint = sign_checkpoint(
+        session, authority_id=node.authority_id, log_key=node.keys.log, anchor=node.log_anchor
+    )
     return {
         "size": checkpoint.size,
         "root_hash": checkpoint.root_hash.hex(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -13,7 +14,13 @@ import orjson
 from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
-from app.audit.checkpoints import log_origin, log_verifier, log_verifier_key, sign_checkpoint
+from app.audit.checkpoints import (
+    Anchor,
+    log_origin,
+    log_verifier,
+    log_verifier_key,
+    sign_checkpoint,
+)
 from app.audit.index import MAX_TAIL, index_entries, indexed_size
 from app.audit.log import STORED_LEVEL, read_head
 from app.audit.merkle import (
@@ -21,13 +28,14 @@ from app.audit.merkle import (
     consistency_proof,
     inclusion_proof,
     leaf_hash,
+    node_hash,
     range_hasher_from_nodes,
     root_from_leaf_hashes,
 )
 from app.audit.note import parse_verifier_key
 from app.audit.verify import LogVerifier, Problem, Report
 from app.crypto.encoding import format_time
-from app.errors import BadRequest, NotFound
+from app.errors import BadRequest, EntraideError, NotFound
 from app.models import AuditCheckpoint, AuditEntry, AuditIndex, AuditNode
 from app.node import Node
 
@@ -253,7 +261,12 @@ def _checkpoint_notes(session: Session) -> list[str]:
 
 
 def verify_database(
-    session: Session, *, authority_id: str, log_public: bytes, earlier: str | None = None
+    session: Session,
+    *,
+    authority_id: str,
+    log_public: bytes,
+    earlier: str | None = None,
+    anchor: Anchor | None = None,
 ) -> Report:
     """`audit verify --db`: the live log against its own signed checkpoints.
 
@@ -271,8 +284,10 @@ def verify_database(
         _checkpoint_notes(session),
         earlier,
     )
+    subtrees = _Subtrees()
     for indexes, entries in _stored_entries(session):
         verifier.feed_many(entries, indexes)
+        subtrees.feed(entries)
     report = verifier.finish()
     head = read_head(session)
     if head.size != report.entries:
@@ -287,7 +302,69 @@ def verify_database(
             Problem(report.entries - 1, "the log head's root differs from the entries' root")
         )
     report.problems.extend(_column_problems(session))
+    if report.first is None:  # entries contiguous and signed: what the subtrees must hash
+        report.problems.extend(_node_problems(session, subtrees.levels()))
+    if report.first is None and anchor is not None:
+        # The checkpoints in the database may not be all that were signed: one removed with
+        # the entries after it leaves an intact-looking shorter (or rewritten) log.
+        try:
+            found = anchor.problem(session, report.entries, report.root)
+        except EntraideError as exc:
+            found = exc.detail
+        if found is not None:
+            report.problems.append(Problem(report.entries, found))
     return report
+
+
+class _Subtrees:
+    """The perfect subtrees of 2**STORED_LEVEL leaves and more that the entries make, as
+    appends store them in `audit_nodes`, built while the entries stream (one root per
+    2**STORED_LEVEL entries is kept, not the leaves)."""
+
+    def __init__(self) -> None:
+        self._leaves: list[bytes] = []
+        self._bottom: list[bytes] = []
+
+    def feed(self, entries: Sequence[bytes]) -> None:
+        for entry in entries:
+            self._leaves.append(leaf_hash(entry))
+            if len(self._leaves) == 1 << STORED_LEVEL:
+                self._bottom.append(root_from_leaf_hashes(self._leaves))
+                self._leaves.clear()
+
+    def levels(self) -> dict[tuple[int, int], bytes]:
+        nodes: dict[tuple[int, int], bytes] = {}
+        level, row = STORED_LEVEL, self._bottom
+        while row:
+            nodes.update(((level, position), digest) for position, digest in enumerate(row))
+            row = [node_hash(row[i], row[i + 1]) for i in range(0, len(row) - 1, 2)]
+            level += 1
+        return nodes
+
+
+def _node_problems(session: Session, expected: dict[tuple[int, int], bytes]) -> Iterator[Problem]:
+    """Stored subtree hashes that the entries do not make. Proofs read them, not the entries:
+    one altered made every inclusion proof under it fail against the signed root, and every
+    peer's consistency check across it raise a split-view alarm against this node."""
+    stored = {
+        (level, position): digest
+        for level, position, digest in session.execute(
+            select(AuditNode.level, AuditNode.position, AuditNode.hash)
+        )
+    }
+    for (level, position), digest in sorted(expected.items()):
+        found = stored.pop((level, position), None)
+        if found is None or not hmac.compare_digest(found, digest):
+            state = "is missing" if found is None else "differs from its entries"
+            yield Problem(
+                position << level,
+                f"the stored subtree hash {level}/{position}, which proofs read, {state}",
+            )
+    for level, position in sorted(stored):
+        yield Problem(
+            position << level,
+            f"the stored subtree hash {level}/{position} belongs to no entries of the log",
+        )
 
 
 # The columns queries and proofs read beside an entry's bytes, named as in the entry, in the
@@ -426,7 +503,9 @@ def _driver_rows(session: Session, query: str, name: str) -> Iterator[Sequence[A
 
 def export_log(session: Session, node: Node, out: Path) -> tuple[int, int]:
     """Write entries, checkpoints and the public log key: all an auditor needs, offline."""
-    sign_checkpoint(session, authority_id=node.authority_id, log_key=node.keys.log)
+    sign_checkpoint(
+        session, authority_id=node.authority_id, log_key=node.keys.log, anchor=node.log_anchor
+    )
     out.mkdir(parents=True, exist_ok=True, mode=0o700)  # case metadata (docs/audit.md)
     count = 0
     with (out / EXPORT_ENTRIES).open("wb") as handle:

@@ -39,7 +39,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.audit.checkpoints import sign_checkpoint
-from app.audit.log import record
+from app.audit.log import read_head, record
 from app.audit.service import verify_database
 from app.audit.verify import Report
 from app.backup.dump import current_revisions, dump_database, holds_data, load_database
@@ -129,7 +129,9 @@ def _checkpoint_before_copy(session: Session, node: Node, *, private_keys: bool)
         action="backup.created",
         details={"private_keys": private_keys},
     )
-    return sign_checkpoint(session, authority_id=node.authority_id, log_key=node.keys.log).note
+    return sign_checkpoint(
+        session, authority_id=node.authority_id, log_key=node.keys.log, anchor=node.log_anchor
+    ).note
 
 
 def create_backup(
@@ -312,15 +314,21 @@ def _check_public_keys(node: Node, manifest: dict[str, Any], source: str) -> Non
     if _public_keys(node) != manifest.get("public_keys"):
         raise BackupError(
             f"the keys {source} are not the keys of the node this backup was made from "
-            f"({manifest.get('authority_id')}); restore into an empty keys folder"
+            f"({manifest.get('authority_id')}), as they stood when it was made: another "
+            "node's, or this node's since a key rotation. Restore into an empty keys folder, "
+            "with a backup made with --include-private-keys after that rotation, or the "
+            "keys backup taken with this one"
         )
 
 
-def _write_private_keys(keys_dir: Path, archive: _Archive, passphrase: bytes | None) -> None:
+def _write_private_keys(
+    keys_dir: Path, archive: _Archive, passphrase: bytes | None, *, shown: Path | None = None
+) -> None:
+    """`shown`: the keys folder the operator named (`keys_dir` may be a staging folder)."""
     if PRIVATE_MEMBER not in archive.files:
         raise BackupError(
-            f"{keys_dir} holds no keys and this backup has no private keys: put the node's "
-            "keys there first, or restore a backup made with --include-private-keys"
+            f"{shown or keys_dir} holds no keys and this backup has no private keys: put the "
+            "node's keys there first, or restore a backup made with --include-private-keys"
         )
     if passphrase is None:
         raise PassphraseError(
@@ -358,7 +366,7 @@ def _restore_keys(settings: Settings, archive: _Archive, passphrase: bytes | Non
         keys_dir.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=keys_dir.parent, prefix=".entraide-keys-") as tmp:
             staged = Path(tmp) / "keys"
-            _write_private_keys(staged, archive, passphrase)
+            _write_private_keys(staged, archive, passphrase, shown=keys_dir)
             (staged / IDENTITY_FILE).write_bytes(archive.read(NODE_MEMBER))
             probe = load_node(settings.model_copy(update={"keys_dir": staged}))
             try:
@@ -508,7 +516,16 @@ def record_restore(
                 details=details,
             )
             if report.ok:
-                sign_checkpoint(session, authority_id=node.authority_id, log_key=node.keys.log)
+                # The log moved back to the backup's on purpose: what was signed since is
+                # no longer this node's to extend (app/audit/anchor.py).
+                head = read_head(session)
+                node.log_anchor.reset(head.size, head.root_hash)
+                sign_checkpoint(
+                    session,
+                    authority_id=node.authority_id,
+                    log_key=node.keys.log,
+                    anchor=node.log_anchor,
+                )
     except Exception as exc:
         # The log writes through the driver's own cursor: its errors come unwrapped.
         if report.ok or not isinstance(exc, (SQLAlchemyError, _driver_error(node, "Error"))):

@@ -392,6 +392,7 @@ class Worker:
             log_key=self.node.keys.log,
             every=settings.audit_checkpoint_every,
             seconds=settings.audit_checkpoint_seconds,
+            anchor=self.node.log_anchor,
         )
         return checkpoint is not None
 

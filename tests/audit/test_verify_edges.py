@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 
 from app.audit.checkpoints import log_origin, log_verifier, log_verifier_key, sign_checkpoint
@@ -18,13 +19,14 @@ from app.audit.service import (
     EXPORT_KEY,
     entry_view,
     prove_inclusion,
+    verify_database,
     verify_export,
 )
 from app.audit.verify import LogVerifier
 from app.crypto.keys import NodeKeys
-from app.db import make_engine, make_session_factory, unit_of_work
+from app.db import make_engine, make_session_factory, read_snapshot, unit_of_work
 from app.migrate import upgrade
-from app.models import AuditCheckpoint, AuditEntry
+from app.models import AuditCheckpoint, AuditEntry, AuditNode
 
 AUTHORITY = "ES/MJ"
 
@@ -113,5 +115,51 @@ def test_an_entry_altered_in_the_database_fails_its_inclusion_proof(tmp_path: Pa
         assert proof["leaf_hash"] == shown["leaf_hash"] == leaf_hash(entry.entry).hex()
         hashes = [bytes.fromhex(item) for item in proof["proof"]]
         assert not verify_inclusion(bytes.fromhex(shown["leaf_hash"]), 5, 8, hashes, root)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("edit", ["altered", "deleted", "planted"])
+def test_a_stored_subtree_hash_edited_in_the_database_fails_verify_db(
+    tmp_path: Path, edit: str
+) -> None:
+    """Proofs read the stored hashes of subtrees of 256 entries and more, not the entries:
+    one edited with SQL made every inclusion proof under it fail against the signed root, and
+    every peer's consistency check across it raise a split-view alarm against this node,
+    while `audit verify --db` (which read only the entries) said OK."""
+    keys = NodeKeys.generate()
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    sessions = make_session_factory(engine)
+
+    def verify() -> list[str]:
+        with read_snapshot(sessions) as session:
+            report = verify_database(session, authority_id=AUTHORITY, log_public=keys.log_public)
+        return [problem.message for problem in report.problems]
+
+    try:
+        with unit_of_work(sessions) as session:
+            for number in range(600):  # two subtrees of 256, and their parent of 512
+                record(session, actor="node", action="test.event", details={"n": number})
+            sign_checkpoint(session, authority_id=AUTHORITY, log_key=keys.log)
+        assert verify() == []
+        with unit_of_work(sessions) as session:
+            stored = {(node.level, node.position) for node in session.scalars(select(AuditNode))}
+            assert stored == {(8, 0), (8, 1), (9, 0)}
+            if edit == "altered":
+                node = session.get(AuditNode, (8, 1))
+                assert node is not None
+                node.hash = bytes(32)
+            elif edit == "deleted":
+                session.delete(session.get(AuditNode, (9, 0)))
+            else:
+                session.add(AuditNode(level=8, position=2, hash=bytes(32)))
+        expected = {
+            "altered": "the stored subtree hash 8/1, which proofs read, differs from its entries",
+            "deleted": "the stored subtree hash 9/0, which proofs read, is missing",
+            "planted": "the stored subtree hash 8/2 belongs to no entries of the log",
+        }[edit]
+        assert verify() == [expected]
     finally:
         engine.dispose()

@@ -167,8 +167,9 @@ def test_restore_refuses_what_would_lose_or_mix_data(tmp_path: Path) -> None:
     fresh_keys = tmp_path / "fresh" / "keys"
     fresh_url = databases.new("fresh")
     # No private keys in the backup and none in the keys folder: says what to do.
-    with pytest.raises(BackupError, match="has no private keys"):
+    with pytest.raises(BackupError, match="has no private keys") as named:
         restore_into(fresh_url, fresh_keys, plain, None)
+    assert str(named.value).startswith(f"{fresh_keys} holds no keys")  # not a staging folder
     with pytest.raises(PassphraseError, match="need its passphrase"):
         restore_into(fresh_url, fresh_keys, sealed, None)
     # The wrong passphrase: refused, and the keys folder is left as it was.

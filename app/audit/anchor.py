@@ -1,0 +1,116 @@
+"""What this node's log key has signed, kept beside its keys, outside the database.
+
+A checkpoint is signed over whatever the database's log head says. Someone who can write to
+the database but holds no key could cut the log back to an older checkpoint (deleting the
+later checkpoints with the entries), or rewrite it from there, and the node would sign the
+result: `audit verify --db` and an export would verify, and only a peer or an auditor holding
+one of the deleted checkpoints could tell. So every checkpoint's size and root is also
+written to a file in the keys folder (`log-signed.json`, mode 0600, replaced atomically, only
+ever forward), and no checkpoint is signed, nor a live log verified, unless the log extends
+it: the same size and root, or a consistency proof from it that verifies.
+
+Restoring a backup moves the log back on purpose: `entraide restore` records the restored
+head in its place (`reset`).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from app.audit.merkle import verify_consistency
+from app.audit.service import prove_consistency
+from app.errors import EntraideError
+
+log = logging.getLogger(__name__)
+
+RECORD_FILE = "log-signed.json"
+
+
+class LogRolledBack(EntraideError):
+    """The database's log does not extend what this node signed: never input, an alarm."""
+
+    status_code = 500
+    code = "audit_log_rolled_back"
+
+
+@dataclass(frozen=True)
+class Signed:
+    size: int
+    root: bytes
+
+
+class SignedLogAnchor:
+    def __init__(self, keys_dir: Path) -> None:
+        self.path = keys_dir / RECORD_FILE
+
+    def read(self) -> Signed | None:
+        try:
+            document = json.loads(self.path.read_text(encoding="utf-8"))
+            return Signed(int(document["size"]), bytes.fromhex(document["root"]))
+        except FileNotFoundError:
+            return None  # a node from before this record: it starts at the next checkpoint
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise LogRolledBack(
+                f"{self.path} cannot be read ({type(exc).__name__}); it records what this "
+                "node's log key signed: restore it from the keys backup"
+            ) from exc
+
+    def problem(self, session: Session, size: int, root: bytes) -> str | None:
+        """Why the log of `size` entries under `root` does not extend what was signed."""
+        signed = self.read()
+        if signed is None:
+            return None
+        if size < signed.size:
+            return (
+                f"the log holds {size} entries, but this node signed a checkpoint of "
+                f"{signed.size}: entries were removed from the database"
+            )
+        if size == signed.size:
+            if hmac.compare_digest(root, signed.root):
+                return None
+            return f"the log's first {size} entries are not those this node signed"
+        try:
+            proof = [
+                bytes.fromhex(item)
+                for item in prove_consistency(session, first=signed.size, second=size)["proof"]
+            ]
+        except EntraideError as exc:  # a subtree the proof needs is missing
+            return f"the log cannot be proved to extend what this node signed ({exc.detail})"
+        if verify_consistency(signed.size, size, signed.root, root, proof):
+            return None
+        return f"the log's first {signed.size} entries are not those this node signed"
+
+    def check(self, session: Session, size: int, root: bytes) -> None:
+        found = self.problem(session, size, root)
+        if found is not None:
+            log.critical("audit log rolled back or rewritten: %s", found)
+            raise LogRolledBack(found)
+
+    def remember(self, size: int, root: bytes) -> None:
+        """After the checkpoint's commit: forward only (another process may have recorded a
+        later one meanwhile; a record left a little behind only checks a little less)."""
+        try:
+            signed = self.read()
+        except LogRolledBack:
+            signed = None  # unreadable: replaced by this good one
+        if signed is not None and signed.size >= size:
+            return
+        self.reset(size, root)
+
+    def reset(self, size: int, root: bytes) -> None:
+        document = json.dumps({"v": 1, "size": size, "root": root.hex()}).encode()
+        partial = self.path.with_name(f".{RECORD_FILE}.{os.getpid()}")
+        partial.unlink(missing_ok=True)
+        descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(document)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, self.path)

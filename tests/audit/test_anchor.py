@@ -1,0 +1,144 @@
+"""The log never goes back on what its key signed, whatever the database says.
+
+Someone who can write to the database but holds no key puts back an older copy of the log
+(or rewrites it from an older checkpoint on, dropping the later checkpoints with the entries):
+`audit verify --db` said OK, and the node signed the result. The record beside the keys
+(app/audit/anchor.py) now stops both, and lets a log that only grew go on as before.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.audit.anchor import LogRolledBack, SignedLogAnchor
+from app.audit.checkpoints import maybe_checkpoint, sign_checkpoint
+from app.audit.log import record
+from app.audit.service import verify_database
+from app.crypto.keys import NodeKeys
+from app.db import make_engine, make_session_factory, read_snapshot, unit_of_work
+from app.migrate import upgrade
+
+AUTHORITY = "ES/MJ"
+
+
+@dataclass
+class Log:
+    path: Path
+    keys: NodeKeys
+    anchor: SignedLogAnchor
+    sessions: sessionmaker[Session]
+
+    def append(self, count: int, tag: str = "genuine") -> None:
+        with unit_of_work(self.sessions) as session:
+            for number in range(count):
+                record(session, actor="node", action="test.event", details={tag: number})
+
+    def sign(self, anchor: SignedLogAnchor | None = None) -> int:
+        with unit_of_work(self.sessions) as session:
+            return sign_checkpoint(
+                session, authority_id=AUTHORITY, log_key=self.keys.log, anchor=anchor
+            ).size
+
+    def copy_to(self, target: Path) -> None:
+        with sqlite3.connect(self.path) as source, sqlite3.connect(target) as copy:
+            source.backup(copy)
+
+    def put_back(self, copy: Path) -> None:
+        """What a database writer does: the older copy in place of the live log."""
+        with sqlite3.connect(copy) as source, sqlite3.connect(self.path) as live:
+            source.backup(live)
+
+    def problems(self) -> list[str]:
+        with read_snapshot(self.sessions) as session:
+            report = verify_database(
+                session, authority_id=AUTHORITY, log_public=self.keys.log_public, anchor=self.anchor
+            )
+        return [problem.message for problem in report.problems]
+
+
+@pytest.fixture
+def log(tmp_path: Path) -> Iterator[Log]:
+    path = tmp_path / "log.db"
+    upgrade(f"sqlite:///{path}")
+    engine = make_engine(f"sqlite:///{path}")
+    (tmp_path / "keys").mkdir(mode=0o700)
+    try:
+        yield Log(
+            path,
+            NodeKeys.generate(),
+            SignedLogAnchor(tmp_path / "keys"),
+            make_session_factory(engine),
+        )
+    finally:
+        engine.dispose()
+
+
+def test_a_log_put_back_to_an_older_copy_is_not_signed_again(log: Log, tmp_path: Path) -> None:
+    log.append(300)
+    assert log.sign(log.anchor) == 300
+    log.copy_to(tmp_path / "older.db")
+    log.append(300)
+    assert log.sign(log.anchor) == 600
+    assert log.anchor.read() is not None
+    assert log.anchor.read().size == 600  # type: ignore[union-attr]
+    log.put_back(tmp_path / "older.db")
+    log.append(5)  # the node goes on appending over the older log
+    assert log.problems() == [
+        "the log holds 305 entries, but this node signed a checkpoint of 600: entries were "
+        "removed from the database"
+    ]
+    with pytest.raises(LogRolledBack, match="entries were removed"):
+        log.sign(log.anchor)
+    # The worker's upkeep signs nothing more over it, and does not stop the deliveries.
+    with unit_of_work(log.sessions) as session:
+        signed = maybe_checkpoint(
+            session,
+            authority_id=AUTHORITY,
+            log_key=log.keys.log,
+            every=1,
+            seconds=0,
+            anchor=log.anchor,
+        )
+    assert signed is None
+    # Without the record, as before: an intact-looking log, and a new signature over it.
+    assert log.sign(None) == 305
+
+
+def test_a_log_rewritten_from_an_older_checkpoint_is_not_signed(log: Log, tmp_path: Path) -> None:
+    log.append(100)
+    log.sign(log.anchor)
+    log.copy_to(tmp_path / "at-100.db")
+    log.append(200)
+    assert log.sign(log.anchor) == 300
+    log.put_back(tmp_path / "at-100.db")
+    log.append(200, tag="rewritten")  # as long as the signed one, other entries
+    with pytest.raises(LogRolledBack, match="first 300 entries are not those this node signed"):
+        log.sign(log.anchor)
+    log.append(10, tag="rewritten")  # and longer: no consistency proof from what was signed
+    assert log.problems() == ["the log's first 300 entries are not those this node signed"]
+    with pytest.raises(LogRolledBack, match="first 300 entries are not those"):
+        log.sign(log.anchor)
+
+
+def test_a_log_that_only_grows_is_signed_and_recorded_once_committed(log: Log) -> None:
+    log.append(3)
+    assert log.sign(log.anchor) == 3
+    log.append(300)
+    assert log.sign(log.anchor) == 303
+    assert log.problems() == []
+    log.append(2)
+    # A checkpoint whose transaction rolls back was never signed for anyone: not recorded.
+    with log.sessions() as session:
+        sign_checkpoint(session, authority_id=AUTHORITY, log_key=log.keys.log, anchor=log.anchor)
+        session.rollback()
+    recorded = log.anchor.read()
+    assert recorded is not None
+    assert recorded.size == 303
+    assert log.sign(log.anchor) == 305
+    assert log.anchor.path.stat().st_mode & 0o777 == 0o600
