@@ -12,7 +12,9 @@ import httpx
 import pytest
 from sqlalchemy import delete, select, update
 
+from app.audit.anchor import SignedLogAnchor
 from app.audit.checkpoints import log_origin
+from app.audit.log import STORED_LEVEL
 from app.audit.merkle import CompactRange, leaf_hash, verify_inclusion
 from app.audit.note import Checkpoint, open_note, parse_verifier_key, sign_note
 from app.audit.witness import verify_cosignature, witness_name
@@ -189,8 +191,9 @@ def test_export_then_verify_offline_and_catch_an_edit(
 
 
 def _rewrite_history(node: LocalNode) -> None:
-    """What an insider holding the log key could do: edit an old entry and rebuild and
-    re-sign everything so that the node's own verification still passes."""
+    """What an insider holding the log key (the keys folder) could do: edit an old entry and
+    rebuild and re-sign everything, the record of what was signed beside the keys included,
+    so that the node's own verification still passes."""
     keys = load_keys(node.keys_dir)
     engine = make_engine(node.database_url)
     try:
@@ -215,7 +218,8 @@ def _rewrite_history(node: LocalNode) -> None:
                 previous = entry.leaf_hash
 
                 def keep(level: int, position: int, digest: bytes) -> None:
-                    session.add(AuditNode(level=level, position=position, hash=digest))
+                    if level >= STORED_LEVEL:  # as appends store them
+                        session.add(AuditNode(level=level, position=position, hash=digest))
 
                 compact.append(entry.leaf_hash, visit=keep)
                 roots[compact.size] = compact.root()
@@ -228,6 +232,9 @@ def _rewrite_history(node: LocalNode) -> None:
                 checkpoint.root_hash = roots[checkpoint.size]
                 body = Checkpoint(origin, checkpoint.size, checkpoint.root_hash).format()
                 checkpoint.note = sign_note(body, origin, keys.log)
+            signed = SignedLogAnchor(node.keys_dir).read()
+            assert signed is not None
+            SignedLogAnchor(node.keys_dir).reset(signed.size, roots[signed.size])
     finally:
         engine.dispose()
 
