@@ -511,7 +511,10 @@ def deliveries_list(
 
     from app.db import unit_of_work
     from app.delivery.admin import list_deliveries
+    from app.delivery.outbox import STATES
 
+    if state is not None and state not in STATES:
+        raise _fail(f"no state {state!r}: one of {', '.join(STATES)}")  # not silently nothing
     node = _node(_settings())
     try:
         with unit_of_work(node.sessions) as session:

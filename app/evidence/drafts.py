@@ -23,7 +23,7 @@ from nacl.hash import blake2b
 from nacl.public import SealedBox
 from nacl.secret import SecretBox
 from nacl.utils import random as random_bytes
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.audit.log import record
@@ -270,6 +270,17 @@ def upload_target(
         complete=row.digest is not None or draft.state != OPEN,
     )
     return target, row
+
+
+def renew_stream_header(session: Session, *, draft_id: str, index: int) -> None:
+    """A new stream header for an attachment started again from its first byte: chunks
+    encrypted under the old one and thrown away must never be encrypted again, with other
+    bytes, under the same key stream (app/evidence/router.py)."""
+    session.execute(
+        update(EvidenceUpload)
+        .where(EvidenceUpload.draft_id == draft_id, EvidenceUpload.part_index == index)
+        .values(stream_header=bytes(random_bytes(STREAM_HEADER_BYTES)))
+    )
 
 
 class WriterCache:

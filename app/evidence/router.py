@@ -153,7 +153,7 @@ async def upload(
         except UploadError as exc:
             # More than declared: the client is sending something else than it announced,
             # so none of this request's bytes are kept (HEAD says where to start again).
-            await run_in_threadpool(writer.rewind, upload_offset)
+            await run_in_threadpool(_refuse_overrun, node, found, writer, upload_offset)
             raise PayloadTooLarge(str(exc), code="too_large") from exc
         if writer.offset == found.size:  # the whole body taken: the part ends here
             keep = False
@@ -168,6 +168,21 @@ async def upload(
             _writers.put_back(found.upload_id, writer)
         else:
             writer.close()
+
+
+def _refuse_overrun(node: Node, found: drafts.UploadTarget, writer: PartWriter, start: int) -> None:
+    """Keep nothing of a refused request. If it had chunks encrypted and written, they are
+    not cut off and written again: other bytes under the same stream state would reuse its
+    key stream, and the discarded ciphertext may linger on the disk. The attachment starts
+    again from its first byte under a new stream header (a client sending more than it
+    declared is sending something else than it announced)."""
+    if not writer.stored_past(start):
+        writer.rewind(start)
+        return
+    writer.rewind(0)
+    blob_store(node.settings).discard_upload(found.upload_id)
+    with unit_of_work(node.sessions) as session:
+        drafts.renew_stream_header(session, draft_id=found.draft_id, index=found.index)
 
 
 @router.post("/drafts/{draft_id}/submit", status_code=201)

@@ -260,6 +260,10 @@ class PartWriter:
         request writes it now)."""
         return self._upload.resume()
 
+    def stored_past(self, offset: int) -> bool:
+        """Whether chunks past the whole-chunk `offset` were encrypted and written."""
+        return self._upload.size() > offset // CHUNK_BYTES * CIPHER_CHUNK
+
     def rewind(self, offset: int) -> None:
         """Keep nothing past `offset`, a whole-chunk offset this writer held when a request
         began: the bytes of a refused request are not evidence. The writer is not used again

@@ -83,6 +83,9 @@ def test_operator_cancels_one_waiting_delivery_and_retries_another(
         assert again.json()["error"] == "not_cancellable"
     listed = es.cli("deliveries", "list", "--state", "cancelled").stdout
     assert drop in listed
+    misspelt = es.cli("deliveries", "list", "--state", "canceled", check=False)
+    assert misspelt.returncode == 1  # not an empty list, as if nothing were cancelled
+    assert "no state 'canceled'" in misspelt.stderr
     # The officer sees it cancelled, with no next attempt announced (as the admin view).
     (message,) = read_request(es, drop)["messages"]
     assert message["delivery"]["state"] == "cancelled"

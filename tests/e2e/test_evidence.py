@@ -26,7 +26,7 @@ from sqlalchemy import select
 from app.crypto.envelope import CHUNK_BYTES
 from app.db import make_engine
 from app.localnodes import LocalNode
-from app.models import DeliveryAttempt
+from app.models import DeliveryAttempt, EvidenceUpload
 from tests.conftest import BACKENDS, Databases, make_databases
 from tests.e2e.conftest import EXAMPLE, audit_details, wait_for
 
@@ -170,6 +170,20 @@ def test_attachments_of_every_boundary_size_round_trip(pair: Pair) -> None:
                 assert blobs[-1][:64] not in path.read_bytes()
 
 
+def _stream_headers(node: LocalNode, draft_id: str) -> list[bytes]:
+    engine = make_engine(node.database_url)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(
+                select(EvidenceUpload.stream_header)
+                .where(EvidenceUpload.draft_id == draft_id)
+                .order_by(EvidenceUpload.part_index)
+            )
+            return [bytes(header) for (header,) in rows]
+    finally:
+        engine.dispose()
+
+
 def test_an_upload_refused_for_sending_more_than_declared_keeps_none_of_it(pair: Pair) -> None:
     # Chunked, so no Content-Length lets the node refuse it before reading: the declared size
     # is reached exactly by the first piece (for the larger one, after two whole chunks),
@@ -177,6 +191,7 @@ def test_an_upload_refused_for_sending_more_than_declared_keeps_none_of_it(pair:
     sizes = [5, 2 * CHUNK + 10]
     right = [os.urandom(size) for size in sizes]
     draft = create_draft(pair.es, sizes)
+    first_headers = _stream_headers(pair.es, draft["id"])
     with pair.es.client("officer") as http:
         for item, data in zip(draft["attachments"], right, strict=True):
             wrong = os.urandom(len(data) + 20)
@@ -189,6 +204,12 @@ def test_an_upload_refused_for_sending_more_than_declared_keeps_none_of_it(pair:
             assert refused.json()["error"] == "too_large"
             assert head_offset(http, item["href"]) == 0
             upload(http, item["href"], data, piece=len(data))
+    # The larger one had two chunks encrypted and written before the refusal: the right
+    # bytes are encrypted under a new stream header, never under the wrong ones' key stream.
+    # The smaller one had none (its only chunk waits for the end): it keeps its header.
+    later_headers = _stream_headers(pair.es, draft["id"])
+    assert later_headers[0] == first_headers[0]
+    assert later_headers[1] != first_headers[1]
     submitted = submit(pair.es, draft["id"])
     sent = detail(pair.es, submitted["id"])
     assert sent is not None
