@@ -6,8 +6,9 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import cast
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Table, insert, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -29,6 +30,7 @@ from app.models import (
 from app.requests.status import status_after_receipt
 
 log = logging.getLogger(__name__)
+CASES = cast(Table, CaseFile.__table__)
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ def settle_batch(
     settled = []
     events: list[Event] = []  # the batch's audit entries, written with one statement
     tally: dict[str, int] = {}  # the running totals /metrics reads (DeliveryCounter)
+    first_receipts: list[CaseFile] = []  # requests whose own receipt came: one UPDATE
     for claim, outcome in results:
         item = items.get(claim.outbox_id)
         if item is None or item.state != outbox.IN_FLIGHT or item.attempts != claim.attempts:
@@ -94,12 +97,23 @@ def settle_batch(
         if message is None or case is None:  # rows are never deleted; a broken invariant
             raise RuntimeError(f"outbox row {item.id} lost its message")
         _apply(
-            session, claim, outcome, item, message, case, receipted, events, worker=worker, now=now
+            session,
+            claim,
+            outcome,
+            item,
+            message,
+            case,
+            receipted,
+            events,
+            worker=worker,
+            now=now,
+            first_receipts=first_receipts,
         )
         settled.append(True)
         _count(tally, f"attempts:{item.state}")
         if item.state == outbox.DELIVERED:
             _count(tally, "delivered")
+    _statuses_after_receipt(session, first_receipts, now)
     if events:
         record_many(session, events)
     add_to_counters(session, tally)
@@ -189,6 +203,7 @@ def _apply(
     *,
     worker: str,
     now: datetime,
+    first_receipts: list[CaseFile],
 ) -> None:
     state = outcome.state
     error = outcome.error
@@ -267,7 +282,9 @@ def _apply(
                     stored_at=now,
                 )
             )
-        _receipted(session, item, message, case, outcome.receipt, now, events)
+        _receipted(item, message, outcome.receipt, now, events)
+        if message.in_reply_to is None:  # the request itself, not a later message
+            first_receipts.append(case)
     else:
         item.last_error = outbox.truncate_error(error or "")
     if state == outbox.FAILED:
@@ -293,18 +310,14 @@ def _apply(
 
 
 def _receipted(
-    session: Session,
     item: OutboxItem,
     message: Message,
-    case: CaseFile,
     receipt: ReceiptBody,
     now: datetime,
     events: list[Event],
 ) -> None:
     item.delivered_at = now
     item.last_error = None
-    if message.in_reply_to is None:  # the request itself, not a later message
-        _status_after_receipt(session, case, now)
     events.append(
         Event(
             actor="node",
@@ -317,22 +330,31 @@ def _receipted(
     )
 
 
-def _status_after_receipt(session: Session, case: CaseFile, now: datetime) -> None:
-    """queued → delivered, only if the request is still in the status this batch read: the
-    cases are read without a lock, and meanwhile the peer's first answer (an
-    acknowledgement) or the officer's withdrawal may have moved it on, which a plain write
-    would undo (PostgreSQL re-checks the condition against the row as committed)."""
-    read = case.status
-    after = status_after_receipt(read)
-    if after == read:
-        return
-    changed = session.execute(
-        update(CaseFile)
-        .where(CaseFile.id == case.id, CaseFile.status == read)
-        .values(status=after, updated_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    if getattr(changed, "rowcount", 0):
-        # What the row now holds, without the session writing it again at its flush.
-        set_committed_value(case, "status", after)
-        set_committed_value(case, "updated_at", now)
+def _statuses_after_receipt(session: Session, cases: list[CaseFile], now: datetime) -> None:
+    """queued → delivered for the requests whose own receipt the batch stored, only where
+    the status is still the one read: the cases are read without a lock, and meanwhile the
+    peer's first answer (an acknowledgement) or the officer's withdrawal may have moved one
+    on, which a plain write would undo (PostgreSQL re-checks the condition against the row
+    as committed). One statement per status read (in practice one, `queued`), on the
+    connection: no flush of the batch's other rows in between."""
+    moves: dict[str, list[CaseFile]] = {}
+    for case in cases:
+        if status_after_receipt(case.status) != case.status:
+            moves.setdefault(case.status, []).append(case)
+    for read, moving in moves.items():
+        after = status_after_receipt(read)
+        changed = set(
+            session.connection()
+            .execute(
+                update(CASES)
+                .where(CASES.c.id.in_([case.id for case in moving]), CASES.c.status == read)
+                .values(status=after, updated_at=now)
+                .returning(CASES.c.id)
+            )
+            .scalars()
+        )
+        for case in moving:
+            if case.id in changed:
+                # What the row now holds, without the session writing it again at its flush.
+                set_committed_value(case, "status", after)
+                set_committed_value(case, "updated_at", now)
