@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from sqlalchemy import func, insert, select, text, update
@@ -269,6 +269,20 @@ def test_a_first_attempt_past_the_deadline_keeps_asking_only_if_the_peer_may_hol
     assert _state(factory, row)[0] == state
 
 
+def _receipt(received_at: datetime) -> ReceiptBody:
+    """A receipt as a verified one reads (its signature is not what settlement checks)."""
+    return ReceiptBody(
+        msg_id="0" * 32,
+        envelope_hash="0" * 64,
+        from_authority="ES/MJ",
+        to_authority="AR/MPF",
+        received_at=received_at,
+        status="received",
+        signer_kid="5" * 32,
+        checkpoint=None,
+    )
+
+
 def test_a_receipt_signed_by_a_revoked_key_is_not_a_delivery(
     sessions: tuple[str, sessionmaker[Session]],
 ) -> None:
@@ -291,16 +305,7 @@ def test_a_receipt_signed_by_a_revoked_key_is_not_a_delivery(
         )
     with unit_of_work(factory) as session:
         (claim,) = outbox.claim_due(session, now=utc_now(), lease=LEASE, limit=1, owner="w")
-    receipt = ReceiptBody(
-        msg_id="0" * 32,
-        envelope_hash="0" * 64,
-        from_authority="ES/MJ",
-        to_authority="AR/MPF",
-        received_at=now,
-        status="received",
-        signer_kid="5" * 32,
-        checkpoint=None,
-    )
+    receipt = _receipt(now)
     delivered = Outcome(outbox.DELIVERED, http_status=201, receipt=receipt)
     with unit_of_work(factory) as session:
         assert settle(session, claim, delivered, worker="w")
@@ -577,16 +582,7 @@ def test_a_receipt_never_undoes_a_status_that_moved_while_it_was_settled(
         (row,) = _queue(session, 1)
     with unit_of_work(factory) as session:
         (claim,) = outbox.claim_due(session, now=utc_now(), lease=LEASE, limit=1, owner="w")
-    receipt = ReceiptBody(
-        msg_id="0" * 32,
-        envelope_hash="0" * 64,
-        from_authority="ES/MJ",
-        to_authority="AR/MPF",
-        received_at=utc_now(),
-        status="received",
-        signer_kid="5" * 32,
-        checkpoint=None,
-    )
+    receipt = _receipt(utc_now())
     signed = SignedReceipt(body=b"{}", signature=bytes(64))
     delivered = Outcome(outbox.DELIVERED, http_status=201, signed=signed, receipt=receipt)
     with unit_of_work(factory) as settling:

@@ -41,6 +41,7 @@ from app.p2p.service import (
     _refuse,
     _stored_receipt,
     admit_opened,
+    answer_repeat,
     check_encryption_keys,
     check_sender,
     stored_message,
@@ -187,18 +188,7 @@ def announce(session: Session, node: Node, store: DirectoryBlobStore, *, wire: o
         if existing.direction == "inbound" and existing.envelope_hash == envelope_hash:
             # A transfer of it begun before it arrived inline is of no further use.
             session.execute(delete(InboundTransfer).where(InboundTransfer.msg_id == header.msg_id))
-            record(  # as a repeat posted whole is (app/p2p/service.py)
-                session,
-                actor=f"peer:{header.from_authority}",
-                action="envelope.repeated",
-                request_id=existing.request_id,
-                msg_id=header.msg_id,
-                peer=header.from_authority,
-                details={"envelope_hash": envelope_hash, "announced": True},
-            )
-            return Announced(
-                Accepted(receipt=_stored_receipt(session, node, existing), created=False), []
-            )
+            return Announced(answer_repeat(session, node, header, existing, announced=True), [])
         raise _refuse("replayed", "this message id was already used for another envelope", 409)
     transfer = session.scalar(
         select(InboundTransfer).where(InboundTransfer.msg_id == header.msg_id)

@@ -110,6 +110,23 @@ def stored_message(session: Session, msg_id: str) -> Stored | None:
     return None if row is None else Stored(*row)
 
 
+def answer_repeat(
+    session: Session, node: Node, header: env.Header, existing: Stored, **details: object
+) -> Accepted:
+    """A repeat of an envelope we hold (posted whole or announced): on record, and answered
+    with its stored receipt."""
+    record(
+        session,
+        actor=f"peer:{header.from_authority}",
+        action="envelope.repeated",
+        request_id=existing.request_id,
+        msg_id=header.msg_id,
+        peer=header.from_authority,
+        details={"envelope_hash": existing.envelope_hash, **details},
+    )
+    return Accepted(receipt=_stored_receipt(session, node, existing), created=False)
+
+
 def _stored_receipt(session: Session, node: Node, message: Stored) -> SignedReceipt:
     """The receipt of an envelope we hold, for a sender that lost our first answer. Signed
     again with our current key if the stored one is not (a rotation or a replaced key since):
@@ -340,16 +357,7 @@ def accept_envelope(
     existing = stored_message(session, header.msg_id)
     if existing is not None:
         if existing.direction == "inbound" and existing.envelope_hash == envelope.envelope_hash:
-            record(
-                session,
-                actor=f"peer:{header.from_authority}",
-                action="envelope.repeated",
-                request_id=existing.request_id,
-                msg_id=header.msg_id,
-                peer=header.from_authority,
-                details={"envelope_hash": envelope.envelope_hash},
-            )
-            return Accepted(receipt=_stored_receipt(session, node, existing), created=False)
+            return answer_repeat(session, node, header, existing)
         raise _refuse("replayed", "this message id was already used for another envelope", 409)
     check_encryption_keys(session, node, peer, header)
     _check_time(node, header)
