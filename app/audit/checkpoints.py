@@ -93,11 +93,22 @@ def sign_checkpoint(
     return checkpoint
 
 
+# Processes that could not write the record (a keys folder mounted read-only, as in
+# docker-compose.yml): said once, not at every checkpoint.
+_UNRECORDED: set[int] = set()
+
+
 def _remember(anchor: Anchor, size: int, root: bytes) -> None:
     try:
         anchor.remember(size, root)
-    except OSError as exc:  # committed and signed already; the next checkpoint records it
-        log.error("could not record the signed checkpoint beside the keys (%s)", exc.strerror)
+    except OSError as exc:  # committed and signed already; the next checkpoint may record it
+        if exc.errno not in _UNRECORDED:
+            _UNRECORDED.add(exc.errno or 0)
+            log.warning(
+                "could not record the signed checkpoint beside the keys (%s): this process "
+                "cannot tell a rolled-back audit log from the database alone",
+                exc.strerror,
+            )
 
 
 def checkpoint_due(
