@@ -74,6 +74,14 @@ def _mode_problem(path: Path, *, directory: bool = False) -> str | None:
 
 
 def check_configuration(settings: Settings) -> Iterator[Finding]:
+    findings = list(_configuration_findings(settings))
+    yield from findings
+    # Not after a FAIL of its own: "valid" beside it would contradict it.
+    if not any(finding.level == FAIL for finding in findings):
+        yield Finding(OK, "configuration", "settings are valid")
+
+
+def _configuration_findings(settings: Settings) -> Iterator[Finding]:
     scheme = settings.database_url.split(":", 1)[0]
     if not scheme.startswith(("sqlite", "postgresql")):
         yield Finding(
@@ -116,7 +124,6 @@ def check_configuration(settings: Settings) -> Iterator[Finding]:
             "no delivery worker inside `serve` (ENTRAIDE_RUN_WORKER=false): keep at least one "
             "`entraide worker` running",
         )
-    yield Finding(OK, "configuration", "settings are valid")
 
 
 def check_keys(settings: Settings) -> Iterator[Finding]:
@@ -137,7 +144,12 @@ def check_keys(settings: Settings) -> Iterator[Finding]:
         path = keys_dir / name
         if not path.exists():
             problems += 1
-            yield Finding(FAIL, "keys", f"the {purpose} key {path} is missing")
+            yield Finding(
+                FAIL,
+                "keys",
+                f"the {purpose} key {path} is missing: put back the keys folder from the keys "
+                "backup (`entraide restore`), or point ENTRAIDE_KEYS_DIR at the node's keys",
+            )
         elif (problem := _mode_problem(path)) is not None:
             problems += 1
             yield Finding(FAIL, "keys", problem)

@@ -83,6 +83,19 @@ def test_doctor_explains_invalid_settings_and_missing_keys(tmp_path: Path) -> No
     assert missing.returncode == 1
     assert "run `entraide init`" in missing.stdout
     assert "the database has no schema: run `entraide migrate`" in missing.stdout
+    # A node whose peers would be told to use plain HTTP: refused, and not "valid" beside it.
+    node.init()
+    node.extra_env["ENTRAIDE_ALLOW_INSECURE_HTTP"] = "false"
+    plain = node.cli("doctor", check=False)
+    assert plain.returncode == 1
+    assert "is plain HTTP: peers need HTTPS" in plain.stdout
+    assert "settings are valid" not in plain.stdout
+    # A key file gone: the fix is named, as for every other problem.
+    node.extra_env.clear()
+    (node.keys_dir / "log.key").unlink()
+    lost = node.cli("doctor", check=False)
+    assert "the log key" in lost.stdout
+    assert "`entraide restore`" in lost.stdout
 
 
 @pytest.mark.parametrize(
