@@ -438,6 +438,14 @@ def check_target_empty(settings: Settings) -> None:
         )
 
 
+def _new_sqlite_file(url: str) -> Path | None:
+    """The SQLite file a restore would create, if it does not exist yet."""
+    if not url.startswith("sqlite:///"):
+        return None
+    path = Path(url.removeprefix("sqlite:///"))
+    return None if path.exists() or str(path) == ":memory:" else path
+
+
 def _damaged(archive_path: Path, exc: BaseException) -> BackupError:
     return BackupError(
         f"{archive_path} is damaged or truncated ({type(exc).__name__}); use another copy of "
@@ -462,8 +470,17 @@ def restore_backup(
             archive = _Archive(tar)
         except (*broken, OSError) as exc:
             raise _damaged(archive_path, exc) from exc
-        check_target_empty(settings)
-        keys_restored = _restore_keys(settings, archive, passphrase)
+        created = _new_sqlite_file(settings.database_url)
+        try:
+            check_target_empty(settings)
+            keys_restored = _restore_keys(settings, archive, passphrase)
+        except BaseException:
+            # Refused before any row was loaded: "changes nothing" includes not leaving an
+            # empty database file where there was none.
+            if created is not None:
+                for suffix in ("", "-wal", "-shm"):
+                    created.with_name(created.name + suffix).unlink(missing_ok=True)
+            raise
         tables = _restore_database(settings, archive)
     node = load_node(settings)
     try:

@@ -172,10 +172,12 @@ def test_restore_refuses_what_would_lose_or_mix_data(tmp_path: Path) -> None:
     assert str(named.value).startswith(f"{fresh_keys} holds no keys")  # not a staging folder
     with pytest.raises(PassphraseError, match="need its passphrase"):
         restore_into(fresh_url, fresh_keys, sealed, None)
-    # The wrong passphrase: refused, and the keys folder is left as it was.
+    # The wrong passphrase: refused, and the keys folder is left as it was, and no database
+    # file is left where there was none.
     with pytest.raises(PassphraseError, match="passphrase does not open"):
         restore_into(fresh_url, fresh_keys, sealed, b"not the right passphrase at all")
     assert not fresh_keys.exists() or not any(fresh_keys.iterdir())
+    assert not Path(fresh_url.removeprefix("sqlite:///")).exists()
     # Another node's keys in the keys folder: refused.
     other = LocalNode("FR/DACG", "Direction", tmp_path / "other", databases.new("other"))
     other.init()
