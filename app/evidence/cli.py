@@ -21,6 +21,7 @@ from typing import Annotated, Any
 
 import httpx
 import typer
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -100,12 +101,15 @@ def _check(response: httpx.Response, *expected: int) -> Any:
 
 
 def _progress() -> Progress:
+    # On stderr, as every other message: stdout carries only the result (the request id,
+    # the checked files), for scripts to read; the bar's last refresh left a blank line there.
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         DownloadColumn(binary_units=True),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
+        console=Console(stderr=True),
     )
 
 

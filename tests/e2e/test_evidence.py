@@ -515,7 +515,9 @@ def test_cli_sends_and_downloads_with_attachments(pair: Pair, tmp_path: Path) ->
         return done.stdout
 
     attach = [argument for path in files for argument in ("--attach", str(path))]
-    request_id = entraide(pair.es, "send", str(request), *attach).strip().splitlines()[-1]
+    sent = entraide(pair.es, "send", str(request), *attach)
+    assert sent.count("\n") == 1  # stdout holds the request id alone, for scripts
+    request_id = sent.strip()
     wait_receipt(pair.es, request_id)
     wait_for("the request at AR", lambda: detail(pair.ar, request_id))
     listing = entraide(pair.ar, "download", request_id, "--out", str(tmp_path / "got"))
