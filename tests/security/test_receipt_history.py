@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import select
 
 from app.crypto.encoding import utc_now
+from app.crypto.envelope import WireEnvelope
 from app.crypto.keys import NodeKeys
 from app.crypto.receipts import (
     ReceiptError,
@@ -122,6 +123,20 @@ def test_a_revoked_key_verifies_no_receipt_whatever_its_time(
         _verify(ar, second, before, sealed_at=rotated_at - timedelta(minutes=6))
 
 
+def _stored_before_a_key_change(
+    url: str, tmp_path: Path, keys: NodeKeys
+) -> tuple[WireEnvelope, httpx.Response, WireEnvelope, NodeKeys]:
+    """AR/MPF, with `keys`, stores one envelope from ES/MJ (its answer, the receipt the
+    sender lost); a second is sealed to the same keys and kept. Then the node stops, to be
+    served again with another key."""
+    with serve_node(url, tmp_path / "one", keys=keys) as ar:
+        envelope = ar._seal({"kind": "request", "document": example_document()}, None, None)
+        stored = ar.post_envelope(envelope)
+        assert stored.status_code == 201, stored.text
+        late = ar._seal({"kind": "request", "document": example_document()}, None, None)
+        return envelope, stored, late, ar.peer_keys
+
+
 def test_a_repeat_after_our_key_changed_gets_the_receipt_signed_with_the_new_key(
     tmp_path: Path,
 ) -> None:
@@ -130,11 +145,7 @@ def test_a_repeat_after_our_key_changed_gets_the_receipt_signed_with_the_new_key
     its repeat gets the same receipt, time unchanged, signed with our current key."""
     url = f"sqlite:///{tmp_path / 'ar.db'}"
     first = NodeKeys.generate()
-    with serve_node(url, tmp_path / "one", keys=first) as ar:
-        envelope = ar._seal({"kind": "request", "document": example_document()}, None, None)
-        stored = ar.post_envelope(envelope)
-        assert stored.status_code == 201, stored.text
-        es_keys = ar.peer_keys
+    envelope, stored, _, es_keys = _stored_before_a_key_change(url, tmp_path, first)
     replaced = NodeKeys(
         signing=NodeKeys.generate().signing, encryption=first.encryption, log=first.log
     )
@@ -164,12 +175,7 @@ def test_a_repeat_after_our_encryption_key_changed_still_gets_its_receipt(
     new envelope sealed to the old key is refused as before."""
     url = f"sqlite:///{tmp_path / 'ar.db'}"
     first = NodeKeys.generate()
-    with serve_node(url, tmp_path / "one", keys=first) as ar:
-        envelope = ar._seal({"kind": "request", "document": example_document()}, None, None)
-        stored = ar.post_envelope(envelope)
-        assert stored.status_code == 201, stored.text
-        late = ar._seal({"kind": "request", "document": example_document()}, None, None)
-        es_keys = ar.peer_keys
+    envelope, stored, late, es_keys = _stored_before_a_key_change(url, tmp_path, first)
     replaced = NodeKeys(
         signing=first.signing, encryption=NodeKeys.generate().encryption, log=first.log
     )
