@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated
@@ -33,3 +34,20 @@ def in_utc(moment: datetime) -> datetime:
 
 # A query parameter that is a moment: with a zone (a naive time is ambiguous), in range.
 UtcMoment = Annotated[AwareDatetime, AfterValidator(in_utc)]
+
+
+class Every:
+    """When a background job of a node's loop is due: at once the first time it is asked,
+    then once per period (a monotonic clock, so a changed wall clock moves nothing)."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds = seconds
+        self._clock = clock
+        self._due = clock()
+
+    def due(self) -> bool:
+        now = self._clock()
+        if now < self._due:
+            return False
+        self._due = now + self.seconds
+        return True

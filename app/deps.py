@@ -10,7 +10,6 @@ import functools
 import inspect
 import threading
 from collections.abc import Callable, Iterator
-from datetime import timedelta
 from typing import Annotated, Any, ParamSpec, TypeVar
 
 from fastapi import Depends, Request
@@ -25,6 +24,7 @@ from app.auth.throttle import (
     Limits,
     TooManyRequests,
     address_unit,
+    auth_limits,
     blocked_for,
     register_refusal,
 )
@@ -126,15 +126,6 @@ def source_address(request: Request) -> str:
     return request.client.host[:60] if request.client else "unknown"
 
 
-def auth_limits(node: Node) -> Limits:
-    settings = node.settings
-    return Limits(
-        limit=settings.auth_failure_limit,
-        window=timedelta(seconds=settings.auth_failure_window_seconds),
-        block=timedelta(seconds=settings.auth_block_seconds),
-    )
-
-
 class Policy:
     """Requires a valid token holding at least one of `roles`."""
 
@@ -180,7 +171,9 @@ class Policy:
         if refused.client_id is not None:
             keys.append(f"client:{refused.client_id}")
         with unit_of_work(node.sessions) as session:
-            verdict = register_refusal(session, keys, auth_limits(node), actor=f"address:{source}")
+            verdict = register_refusal(
+                session, keys, auth_limits(node.settings), actor=f"address:{source}"
+            )
             if verdict.audit:
                 # Never the token itself: only the fact, the reason and where it came from.
                 record(
@@ -238,7 +231,7 @@ class PeerTransport(Public):
 
 def record_p2p_refusal(session: Session, node: Node, source: str) -> bool:
     """Count a refused envelope from `source`; True if it is still to be audited by itself."""
-    limits = auth_limits(node)
+    limits = auth_limits(node.settings)
     limits = Limits(node.settings.p2p_refusal_limit, limits.window, limits.block)
     key = f"p2p:{address_unit(source)}"
     verdict = register_refusal(session, [key], limits, actor=f"address:{source}")

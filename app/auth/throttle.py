@@ -9,24 +9,39 @@ caller is answered 429 with `Retry-After` until then.
 What this bounds: the audit log. Each refusal is audited until the key is blocked; while it
 is blocked, refusals are only counted (`suppressed`), and the count is reported in the next
 `auth.throttled` entry. So one address writes at most `limit + 1` entries per window, however
-fast it sends. (Requests without any credentials are refused without writing at all.)
+fast it sends, and one more when the block's counters are pruned (`prune_idle`) if it went
+on sending while blocked. (Requests without any credentials are refused without writing at
+all.)
+
+What bounds the table: every source address (an IPv6 /64) that was ever refused has a row, so
+without pruning, refusals from many addresses grow it for good. A row whose window and block
+are both over holds nothing the next refusal would not reset; `prune_idle` deletes those, from
+the node's hourly housekeeping (`ThrottlePrune`).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import update
-from sqlalchemy.orm import Session
+from sqlalchemy import delete, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
 
 from app.audit.log import record
+from app.clock import Every
+from app.config import Settings
 from app.crypto.encoding import utc_now
+from app.db import unit_of_work
 from app.errors import EntraideError
 from app.models import AuthThrottle
+
+log = logging.getLogger(__name__)
+PRUNE_EVERY_SECONDS = 3600.0
 
 
 def address_unit(address: str) -> str:
@@ -64,6 +79,15 @@ class Limits:
 class Verdict:
     audit: bool  # audit this refusal individually
     retry_after: int | None  # set when the caller is (now) blocked
+
+
+def auth_limits(settings: Settings) -> Limits:
+    """The limits on refused tokens (`p2p:` keys have their own count, the same timings)."""
+    return Limits(
+        limit=settings.auth_failure_limit,
+        window=timedelta(seconds=settings.auth_failure_window_seconds),
+        block=timedelta(seconds=settings.auth_block_seconds),
+    )
 
 
 def _seconds(delta: timedelta) -> int:
@@ -146,3 +170,81 @@ def register_refusal(
             )
             row.suppressed = 0
     return Verdict(audit=audit, retry_after=retry_after)
+
+
+PRUNE_BATCH = 500
+REFUSAL_KEYS = ("address:", "client:", "p2p:")
+
+
+def prune_idle(session: Session, limits: Limits, now: datetime | None = None) -> int:
+    """Deletes the counters whose window and block are over; returns how many went.
+
+    Such a row is reset by the next refusal anyway (`register_refusal`); only its `suppressed`
+    count would be lost, so a row that still holds one is audited as it goes (the refusals
+    made while it was blocked, which no `auth.throttled` entry reported)."""
+    now = now or utc_now()
+    # Only the refusal counters: the table also holds other processes' timers
+    # (`peer-refresh:`, `witness-unproven:`), whose windows are not these.
+    refusals = or_(*(AuthThrottle.key.startswith(prefix) for prefix in REFUSAL_KEYS))
+    idle = (
+        refusals
+        & (AuthThrottle.window_start <= now - limits.window)
+        & or_(AuthThrottle.blocked_until.is_(None), AuthThrottle.blocked_until <= now)
+    )
+    removed = 0
+    while True:
+        rows = session.execute(
+            select(AuthThrottle.key, AuthThrottle.suppressed)
+            .where(idle)
+            .order_by(AuthThrottle.key)
+            .limit(PRUNE_BATCH)
+            .with_for_update()  # PostgreSQL: a refusal of another process waits for this
+        ).all()
+        if not rows:
+            return removed
+        for key, suppressed in rows:
+            if suppressed:
+                record(
+                    session,
+                    actor="node",
+                    action="auth.throttle_ended",
+                    outcome="pruned",
+                    details={"key": key, "suppressed_before": suppressed},
+                )
+        keys = [key for key, _ in rows]
+        result = session.execute(
+            delete(AuthThrottle)
+            .where(AuthThrottle.key.in_(keys), idle)
+            .execution_options(synchronize_session=False)
+        )
+        deleted = int(getattr(result, "rowcount", 0) or 0)
+        removed += deleted
+        if len(rows) < PRUNE_BATCH or deleted == 0:
+            return removed
+
+
+class ThrottlePrune:
+    """`prune_idle` for a node's background loop, at most once per period (the first at once);
+    several processes may prune at the same time."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        *,
+        every_seconds: float = PRUNE_EVERY_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limits = auth_limits(settings)
+        self.sessions = sessions
+        self._every = Every(every_seconds, clock)
+
+    def run_due(self) -> int | None:
+        """How many counters went, or None when no pruning was due."""
+        if not self._every.due():
+            return None
+        with unit_of_work(self.sessions) as session:
+            removed = prune_idle(session, self.limits)
+        if removed:
+            log.info("removed %d idle refusal counters", removed)
+        return removed

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from app.audit.checkpoints import maybe_checkpoint
 from app.audit.witness import witness_receipt_checkpoint
+from app.auth.throttle import ThrottlePrune
 from app.crypto.encoding import utc_now
 from app.crypto.receipts import ReceiptError, decode_receipt
 from app.db import commit_without_waiting, unit_of_work
@@ -249,6 +250,8 @@ class Worker:
         self._witnessed: dict[str, str] = {}
         # Abandoned evidence uploads and unreferenced blobs, swept from this loop (hourly).
         self._sweep = OrphanSweep(node)
+        # Refusal counters of addresses that stopped sending (hourly too).
+        self._prune = ThrottlePrune(node.settings, node.sessions)
         # Peers that answered a batch as an older node would: posted one by one from then on.
         self._no_batch: set[str] = set()
         # Posts under way, across rounds: a slow one (a long evidence transfer, a peer that
@@ -262,6 +265,7 @@ class Worker:
             try:
                 handled = self.run_once()
                 self._sweep.run_due()
+                self._prune.run_due()
             except Exception as exc:  # a database outage must not kill the worker
                 log.error("delivery round failed (%s); retrying", type(exc).__name__)
                 handled = 0

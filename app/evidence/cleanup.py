@@ -24,6 +24,7 @@ from datetime import timedelta
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from app.clock import Every
 from app.crypto import envelope as env
 from app.crypto.encoding import utc_now
 from app.db import unit_of_work
@@ -107,16 +108,12 @@ class OrphanSweep:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.node = node
-        self.every_seconds = every_seconds
-        self._clock = clock
-        self._due = clock()
+        self._every = Every(every_seconds, clock)
 
     def run_due(self) -> tuple[int, int] | None:
         """(uploads removed, blobs removed), or None when no sweep was due."""
-        now = self._clock()
-        if now < self._due:
+        if not self._every.due():
             return None
-        self._due = now + self.every_seconds
         settings = self.node.settings
         with unit_of_work(self.node.sessions) as session:
             removed = cleanup_orphans(
