@@ -71,6 +71,10 @@ class Settings(BaseModel):
 
     database_url: str = "sqlite:///./entraide.db"
     keys_dir: Path = Path("./keys")
+    # What the log key signed (app/audit/anchor.py), kept outside the database so that a
+    # database writer cannot roll the audit log back. Default: `log-signed.json` in the keys
+    # folder. Set it to a writable place where the keys folder is mounted read-only.
+    signed_log_file: Path | None = None
     authority_id: str | None = Field(default=None, pattern=AUTHORITY_ID_PATTERN)
     name: str | None = None
     public_url: str | None = None

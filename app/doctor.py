@@ -7,6 +7,7 @@ changes the node; peers are only asked for their public identity document.
 
 from __future__ import annotations
 
+import os
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import httpx
 from sqlalchemy import Engine, func, select
 from sqlalchemy.engine import make_url
 
+from app.audit.anchor import LogRolledBack, SignedLogAnchor
 from app.config import Settings
 from app.crypto.encoding import utc_now
 from app.crypto.identity import IdentityError, parse_identity_document
@@ -372,8 +374,38 @@ def _check_peer(
         )
 
 
+def check_signed_log(settings: Settings) -> Iterator[Finding]:
+    """The record of what the log key signed (docs/audit.md §4) must be writable, or the
+    node cannot tell a rolled-back audit log from the database alone."""
+    anchor = SignedLogAnchor.of(settings)
+    try:
+        signed = anchor.read()
+    except LogRolledBack as exc:
+        yield Finding(FAIL, "audit", exc.detail)
+        return
+    folder = anchor.path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # the node creates the missing folders
+    # The record is replaced by a rename: the folder must take new files.
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        yield Finding(
+            WARN,
+            "audit",
+            f"{anchor.path} cannot be written: the node keeps no record of what its log key "
+            "signed and cannot tell a rolled-back audit log from the database alone; set "
+            "ENTRAIDE_SIGNED_LOG_FILE to a writable file outside the database",
+        )
+        return
+    held = "nothing signed yet" if signed is None else f"checkpoint of {signed.size} entries"
+    yield Finding(OK, "audit", f"signed log record {anchor.path} ({held})")
+
+
 def diagnose(settings: Settings) -> list[Finding]:
-    findings = [*check_configuration(settings), *check_keys(settings)]
+    findings = [
+        *check_configuration(settings),
+        *check_keys(settings),
+        *check_signed_log(settings),
+    ]
     engine = make_engine(settings.database_url)
     try:
         findings += check_database(settings, engine)

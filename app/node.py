@@ -35,10 +35,10 @@ class Node:
 
     @property
     def log_anchor(self) -> SignedLogAnchor:
-        """What this node's log key signed, beside its keys (app/audit/anchor.py)."""
+        """What this node's log key signed, outside the database (app/audit/anchor.py)."""
         from app.audit.anchor import SignedLogAnchor  # app.audit imports this module
 
-        return SignedLogAnchor(self.settings.keys_dir)
+        return SignedLogAnchor.of(self.settings)
 
     def close(self) -> None:
         self.engine.dispose()

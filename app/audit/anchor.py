@@ -5,7 +5,8 @@ the database but holds no key could cut the log back to an older checkpoint (del
 later checkpoints with the entries), or rewrite it from there, and the node would sign the
 result: `audit verify --db` and an export would verify, and only a peer or an auditor holding
 one of the deleted checkpoints could tell. So every checkpoint's size and root is also
-written to a file in the keys folder (`log-signed.json`, mode 0600, replaced atomically, only
+written to a file outside the database (`log-signed.json` in the keys folder, or
+`ENTRAIDE_SIGNED_LOG_FILE` where that folder is read-only; mode 0600, replaced atomically, only
 ever forward), and no checkpoint is signed, nor a live log verified, unless the log extends
 it: the same size and root, or a consistency proof from it that verifies.
 
@@ -26,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from app.audit.merkle import verify_consistency
 from app.audit.service import prove_consistency
+from app.config import Settings
 from app.errors import EntraideError
 
 log = logging.getLogger(__name__)
@@ -47,19 +49,23 @@ class Signed:
 
 
 class SignedLogAnchor:
-    def __init__(self, keys_dir: Path) -> None:
-        self.path = keys_dir / RECORD_FILE
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def of(cls, settings: Settings) -> SignedLogAnchor:
+        return cls(settings.signed_log_file or settings.keys_dir / RECORD_FILE)
 
     def read(self) -> Signed | None:
         try:
             document = json.loads(self.path.read_text(encoding="utf-8"))
             return Signed(int(document["size"]), bytes.fromhex(document["root"]))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None  # a node from before this record: it starts at the next checkpoint
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise LogRolledBack(
                 f"{self.path} cannot be read ({type(exc).__name__}); it records what this "
-                "node's log key signed: restore it from the keys backup"
+                "node's log key signed: restore it from its backup"
             ) from exc
 
     def problem(self, session: Session, size: int, root: bytes) -> str | None:
@@ -106,7 +112,8 @@ class SignedLogAnchor:
 
     def reset(self, size: int, root: bytes) -> None:
         document = json.dumps({"v": 1, "size": size, "root": root.hex()}).encode()
-        partial = self.path.with_name(f".{RECORD_FILE}.{os.getpid()}")
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        partial = self.path.with_name(f".{self.path.name}.{os.getpid()}")
         partial.unlink(missing_ok=True)
         descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(descriptor, "wb") as handle:

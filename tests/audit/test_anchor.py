@@ -8,6 +8,7 @@ Someone who can write to the database but holds no key puts back an older copy o
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from app.audit.log import record
 from app.audit.service import verify_database
 from app.crypto.keys import NodeKeys
 from app.db import make_engine, make_session_factory, read_snapshot, unit_of_work
+from app.localnodes import LocalNode
 from app.migrate import upgrade
 
 AUTHORITY = "ES/MJ"
@@ -72,7 +74,7 @@ def log(tmp_path: Path) -> Iterator[Log]:
         yield Log(
             path,
             NodeKeys.generate(),
-            SignedLogAnchor(tmp_path / "keys"),
+            SignedLogAnchor(tmp_path / "keys" / "log-signed.json"),
             make_session_factory(engine),
         )
     finally:
@@ -142,3 +144,39 @@ def test_a_log_that_only_grows_is_signed_and_recorded_once_committed(log: Log) -
     assert recorded.size == 303
     assert log.sign(log.anchor) == 305
     assert log.anchor.path.stat().st_mode & 0o777 == 0o600
+
+
+def test_the_record_goes_where_it_is_told_when_the_keys_are_read_only(tmp_path: Path) -> None:
+    """docker-compose.yml mounts the keys read-only: ENTRAIDE_SIGNED_LOG_FILE puts the record
+    in a writable place, and `doctor` says when there is none."""
+    url = f"sqlite:///{tmp_path / 'es.db'}"
+    node = LocalNode("ES/MJ", "Ministerio de Justicia", tmp_path / "es", url)
+    node.init()
+    # Where nothing can be written (root ignores modes: a path through a file stands in for
+    # a read-only mount): checkpoints are still signed, and doctor names the fix.
+    (tmp_path / "not-a-folder").write_text("")
+    node.extra_env["ENTRAIDE_SIGNED_LOG_FILE"] = str(tmp_path / "not-a-folder" / "log.json")
+    node.cli("audit", "checkpoint")
+    warned = node.cli("doctor", check=False).stdout
+    assert "cannot be written" in warned and "set ENTRAIDE_SIGNED_LOG_FILE" in warned, warned
+
+    in_keys = (node.keys_dir / "log-signed.json").read_bytes()  # init's checkpoint
+    record = tmp_path / "state" / "entraide" / "log-signed.json"
+    node.extra_env["ENTRAIDE_SIGNED_LOG_FILE"] = str(record)
+    node.create_client("first", "officer")  # something new to sign
+    node.cli("audit", "checkpoint")
+    assert record.stat().st_mode & 0o777 == 0o600  # its folders are created for it
+    assert (node.keys_dir / "log-signed.json").read_bytes() == in_keys  # left alone
+    signed = SignedLogAnchor(record).read()
+    assert signed is not None
+    doctor = node.cli("doctor", check=False).stdout
+    assert f"signed log record {record} (checkpoint of {signed.size} entries)" in doctor
+
+    # The record protects the log from there: a database put back is caught.
+    shutil.copy(tmp_path / "es.db", tmp_path / "older.db")
+    node.create_client("another", "officer")
+    node.cli("audit", "checkpoint")
+    shutil.copy(tmp_path / "older.db", tmp_path / "es.db")
+    verified = node.cli("audit", "verify", "--db", check=False)
+    assert verified.returncode != 0
+    assert "entries were removed from the database" in verified.stdout + verified.stderr

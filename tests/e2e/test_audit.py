@@ -232,9 +232,10 @@ def _rewrite_history(node: LocalNode) -> None:
                 checkpoint.root_hash = roots[checkpoint.size]
                 body = Checkpoint(origin, checkpoint.size, checkpoint.root_hash).format()
                 checkpoint.note = sign_note(body, origin, keys.log)
-            signed = SignedLogAnchor(node.keys_dir).read()
+            anchor = SignedLogAnchor(node.keys_dir / "log-signed.json")
+            signed = anchor.read()
             assert signed is not None
-            SignedLogAnchor(node.keys_dir).reset(signed.size, roots[signed.size])
+            anchor.reset(signed.size, roots[signed.size])
     finally:
         engine.dispose()
 

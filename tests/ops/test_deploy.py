@@ -54,6 +54,25 @@ def test_compose_file_is_valid_against_the_compose_specification() -> None:
     assert compose_errors(compose()) == []
 
 
+def test_every_node_with_read_only_keys_records_its_signed_log_where_it_can_write() -> None:
+    """Without a writable record of what the log key signed, a database writer could roll
+    the audit log back unseen (docs/audit.md §4): the keys are mounted read-only here."""
+    document = compose()
+    checked = []
+    for name, service in document["services"].items():
+        mounts = [mount.split(":") for mount in service.get("volumes", [])]
+        environment = service.get("environment", {})
+        keys = environment.get("ENTRAIDE_KEYS_DIR")
+        if keys is None or not any(m[1] == keys and m[2:] == ["ro"] for m in mounts):
+            continue
+        record = environment.get("ENTRAIDE_SIGNED_LOG_FILE")
+        assert record is not None, name
+        writable = [m[1] for m in mounts if m[2:] != ["ro"] and record.startswith(m[1] + "/")]
+        assert writable, f"{name}: {record} is not in a writable volume"
+        checked.append(name)
+    assert {"es", "es-worker", "ar"} <= set(checked)
+
+
 def test_the_schema_check_catches_mistakes() -> None:
     for mutate in (
         lambda d: d["services"]["es"].update(comand=["entraide", "serve"]),
@@ -312,6 +331,9 @@ def test_compose_services_run_in_order_and_exchange_a_request(tmp_path: Path) ->
         # The worker container, not ES/MJ's `serve` (ENTRAIDE_RUN_WORKER=false), delivered it.
         assert "delivery worker" in emulator.log("es-worker")
         assert "delivery worker" not in emulator.log("es")
+        # What each log key signed is recorded in a writable volume, not the keys.
+        for volume in ("es-state", "ar-data"):
+            assert (tmp_path / "volumes" / volume / "log-signed.json").is_file(), volume
         # Fingerprints went through the shared volume, as an operator reads them out.
         shared = tmp_path / "volumes" / "shared"
         for side in ("es", "ar"):
