@@ -186,6 +186,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _make_durable_dirs(folder: Path) -> None:
+    """`mkdir -p`, each new folder's entry flushed in its parent: a rename is durable only
+    once the folders above it are (after a power cut, a blob whose fan-out folder was never
+    written would be gone, with its receipt already given)."""
+    missing: list[Path] = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another writer made it meanwhile
+            new.mkdir(mode=0o700)
+        _fsync_dir(new.parent)
+
+
 class DirectoryUpload:
     def __init__(self, path: Path, upload_id: str) -> None:
         self.upload_id = upload_id
@@ -199,12 +213,30 @@ class DirectoryUpload:
         except BlockingIOError as exc:
             self._file.close()
             raise UploadBusy(f"upload {upload_id} is being written") from exc
+        # Locked, but perhaps not the upload any more: a writer that held the lock between
+        # our open and our lock may have finalised it (renamed it into the blobs, a complete
+        # file that a rebuild here would cut back) or discarded it. Only the file the path
+        # still names is the upload; the caller tries again and finds what became of it.
+        if not self._is_named():
+            self._file.close()
+            raise UploadBusy(f"upload {upload_id} was just finished or discarded")
         self._unflushed = 0
+        # The staging file's own name is flushed with its first sync: acknowledged bytes
+        # survive a power cut only if the file that holds them does.
+        self._name_synced = False
         self._suspended: tuple[int, int] | None = None  # (inode, size) when last suspended
         self._flushing: Future[None] | None = None
         # A flush that failed: the kernel reports a write-back error once, so it is kept and
         # raised by every later write and sync, never taken for durable again.
         self._failed: BaseException | None = None
+
+    def _is_named(self) -> bool:
+        try:
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        opened = os.fstat(self._file.fileno())
+        return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
 
     def size(self) -> int:
         return os.fstat(self._file.fileno()).st_size
@@ -265,6 +297,9 @@ class DirectoryUpload:
         self._wait_flushed()
         with self._recorded("syncing the upload"):
             os.fsync(self._file.fileno())
+            if not self._name_synced:
+                _fsync_dir(self.path.parent)
+                self._name_synced = True
         self._unflushed = 0
 
     def truncate(self, size: int) -> None:
@@ -274,9 +309,11 @@ class DirectoryUpload:
             os.fsync(self._file.fileno())
 
     def read_chunks(self, chunk_bytes: int) -> Iterator[bytes]:
-        with open(self.path, "rb") as reader:
-            while chunk := reader.read(chunk_bytes):
-                yield chunk
+        # From the locked descriptor, never by name: the name could be another file by now.
+        fd, offset = self._file.fileno(), 0
+        while chunk := os.pread(fd, chunk_bytes, offset):
+            offset += len(chunk)
+            yield chunk
 
     def suspend(self) -> None:
         self._wait_flushed()
@@ -348,7 +385,7 @@ class DirectoryBlobStore:
         # then finds it gone (and starts a new one), never a complete file it would cut back.
         try:
             with _storage("publishing the blob"):
-                target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                _make_durable_dirs(target.parent)
                 # Same file system, so rename is atomic: a reader sees the whole blob or none.
                 # If the same ciphertext is already stored, the rename replaces it with equal
                 # bytes.

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from app.evidence import blobstore
 from app.evidence.blobstore import (
     BlobError,
     DirectoryBlobStore,
@@ -41,6 +44,62 @@ def test_upload_is_invisible_until_finalised(tmp_path: Path) -> None:
     assert not store.exists(digest)
     with pytest.raises(BlobError):
         store.open(digest)
+
+
+@pytest.mark.parametrize("meanwhile", ["finalised", "discarded"])
+def test_a_writer_that_locks_a_file_no_longer_the_upload_gives_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, meanwhile: str
+) -> None:
+    """A retry opens the upload while the first writer holds it, and gets the lock only
+    after that writer published the file as a blob: it must not take (and cut back) the
+    published blob for the upload."""
+    store = DirectoryBlobStore(tmp_path)
+    data = os.urandom(3000)
+    digest = hashlib.sha256(data).hexdigest()
+    first = store.upload("abcdefgh")
+    first.write(data)
+    real_flock = blobstore.fcntl.flock
+    opened, go = threading.Event(), threading.Event()
+
+    def flock_after_the_first_writer(fd: int, operation: int) -> None:
+        if threading.current_thread().name == "retry" and operation & fcntl.LOCK_EX:
+            opened.set()  # opened; preempted before the lock
+            go.wait(10)
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(blobstore.fcntl, "flock", flock_after_the_first_writer)
+    outcome: list[BaseException | None] = []
+
+    def retry() -> None:
+        try:
+            upload = store.upload("abcdefgh")
+        except BaseException as exc:
+            outcome.append(exc)
+            return
+        outcome.append(None)
+        upload.truncate(1000)  # what a writer rebuilding its stored chunks does
+        upload.close()
+
+    thread = threading.Thread(target=retry, name="retry")
+    thread.start()
+    assert opened.wait(10)
+    if meanwhile == "finalised":
+        store.finalise(first, digest)
+    else:
+        first.close()
+        store.discard_upload("abcdefgh")
+    go.set()
+    thread.join(10)
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], UploadBusy)
+    if meanwhile == "finalised":
+        with store.open(digest) as blob:
+            assert blob.read() == data  # whole
+    monkeypatch.undo()
+    # Tried again, it finds what became of the upload: nothing left to write.
+    again = store.upload("abcdefgh")
+    assert again.size() == 0
+    again.close()
 
 
 @pytest.mark.parametrize("name", ["../etc/passwd", "short", "a/b/c/d/e/f/g"])
@@ -122,3 +181,25 @@ def test_a_failed_write_or_fsync_is_kept_for_every_later_sync(
     with pytest.raises(StorageFailed):
         upload.write(b"more")
     upload.close()
+
+
+def test_new_folders_and_staging_names_are_flushed_with_what_they_hold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rename or a new file is durable only once the folder entries above it are."""
+    store = DirectoryBlobStore(tmp_path)
+    flushed: list[Path] = []
+    real = blobstore._fsync_dir
+    monkeypatch.setattr(blobstore, "_fsync_dir", lambda path: (flushed.append(path), real(path)))
+    data = b"the first blob of an empty store"
+    digest = hashlib.sha256(data).hexdigest()
+    upload = store.upload("abcdefgh")
+    upload.write(data)
+    upload.sync()
+    assert flushed == [store.uploads]  # the staging file's name, with its first bytes
+    upload.sync()
+    assert flushed == [store.uploads]  # once
+    flushed.clear()
+    store.finalise(upload, digest)
+    fan_out = store.blobs / digest[:2]
+    assert flushed == [store.blobs, fan_out, fan_out / digest[2:4], store.uploads]
