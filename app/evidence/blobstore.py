@@ -186,6 +186,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _mtime(path: Path) -> float | None:
+    """None for a file gone since it was listed (finalised, discarded, or swept by another
+    process's cleanup at the same time)."""
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
 def _make_durable_dirs(folder: Path) -> None:
     """`mkdir -p`, each new folder's entry flushed in its parent: a rename is durable only
     once the folders above it are (after a power cut, a blob whose fan-out folder was never
@@ -416,8 +425,8 @@ class DirectoryBlobStore:
 
     def iter_blobs(self) -> Iterator[tuple[str, float]]:
         for path in self.blobs.glob("*/*/*"):
-            if HEX_DIGEST.fullmatch(path.name):
-                yield path.name, path.stat().st_mtime
+            if HEX_DIGEST.fullmatch(path.name) and (mtime := _mtime(path)) is not None:
+                yield path.name, mtime
 
     def cleanup(
         self,
@@ -435,7 +444,8 @@ class DirectoryBlobStore:
         cutoff = (time.time() if now is None else now) - older_than_seconds
         uploads = blobs = 0
         for path in list(self.uploads.iterdir()):
-            if path.stat().st_mtime < cutoff and not upload_is_live(path.name):
+            mtime = _mtime(path)
+            if mtime is not None and mtime < cutoff and not upload_is_live(path.name):
                 path.unlink(missing_ok=True)
                 uploads += 1
         for digest, mtime in list(self.iter_blobs()):

@@ -41,7 +41,16 @@ SWEEP_EVERY_SECONDS = 3600.0
 def cleanup_orphans(
     session: Session, store: DirectoryBlobStore, *, older_than_hours: float
 ) -> tuple[int, int]:
-    """Returns (uploads removed, blobs removed)."""
+    """Returns (uploads removed, blobs removed).
+
+    Its reads must see one moment: a transfer that completes between them moves its parts
+    from the transfer's row to `blob_parts`, and a read of `blob_parts` before the move and
+    of the transfers after it would find neither. SQLite's unit of work is the only writer;
+    PostgreSQL's READ COMMITTED would show each statement a newer database, so the sweep
+    reads one snapshot (REPEATABLE READ; a row it deletes that another changed meanwhile
+    fails the sweep, which runs again in an hour)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
     referenced = set(session.scalars(select(BlobPart.digest)))
     referenced.update(
         digest for digest in session.scalars(select(EvidenceUpload.digest)) if digest is not None

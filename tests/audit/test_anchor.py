@@ -158,7 +158,8 @@ def test_the_record_goes_where_it_is_told_when_the_keys_are_read_only(tmp_path: 
     node.extra_env["ENTRAIDE_SIGNED_LOG_FILE"] = str(tmp_path / "not-a-folder" / "log.json")
     node.cli("audit", "checkpoint")
     warned = node.cli("doctor", check=False).stdout
-    assert "cannot be written" in warned and "set ENTRAIDE_SIGNED_LOG_FILE" in warned, warned
+    assert "cannot be written" in warned, warned
+    assert "set ENTRAIDE_SIGNED_LOG_FILE" in warned
 
     in_keys = (node.keys_dir / "log-signed.json").read_bytes()  # init's checkpoint
     record = tmp_path / "state" / "entraide" / "log-signed.json"

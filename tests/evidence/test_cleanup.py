@@ -8,21 +8,31 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import select
+import pytest
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.crypto.encoding import b64d, utc_now
 from app.crypto.envelope import parse_header
 from app.crypto.keys import NodeIdentity, NodeKeys
-from app.db import make_engine
+from app.db import make_engine, unit_of_work
+from app.evidence import cleanup
 from app.evidence.blobstore import DirectoryBlobStore
 from app.evidence.cleanup import OrphanSweep, cleanup_orphans
 from app.evidence.inbound import held_parts, received_offset, transfer_header
 from app.evidence.node_store import blob_store
-from app.models import Base, EvidenceDraft, EvidenceUpload, InboundTransfer
+from app.models import (
+    Base,
+    BlobPart,
+    CaseFile,
+    EvidenceDraft,
+    EvidenceUpload,
+    InboundTransfer,
+    Message,
+)
 from app.node import Node
-from tests.conftest import Databases
+from tests.conftest import Databases, make_databases
 from tests.crypto.test_envelope import seal
 
 NOW = datetime(2026, 11, 28, tzinfo=UTC)
@@ -214,3 +224,113 @@ def test_a_transfer_whose_header_cannot_be_read_keeps_every_blob(
     assert _sweep_old_files_with(databases, store, transfer) == (0, 0, 1)
     assert store.exists(received)
     assert store.exists(orphan)
+
+
+def test_a_transfer_completing_during_the_sweep_keeps_its_parts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL: the sweep read `blob_parts` before the completion committed and the
+    transfers after it, found the parts named by neither, and deleted a receipted message's
+    evidence (a part received days before, on a slow link). It reads one snapshot now."""
+    databases = make_databases("postgresql", tmp_path)
+    engine = make_engine(databases.new())
+    Base.metadata.create_all(engine)
+    sessions = sessionmaker(engine, expire_on_commit=False)
+    store = DirectoryBlobStore(tmp_path / "blobs")
+    try:
+        transfer, parts = _transfer_under_way(parts_done=1)
+        header = transfer_header(transfer)
+        first = _blob(store, parts[1])
+        old = time.time() - 100 * 3600  # received 100 hours ago; the envelope lives 7 days
+        for path in store.blobs.glob("*/*/*"):
+            os.utime(path, (old, old))
+        _blob(store, parts[2])  # the last part, just in
+        with unit_of_work(sessions) as session:
+            session.add(transfer)
+
+        def complete() -> None:
+            """What `inbound.complete` commits: the message and its parts; no transfer."""
+            now = utc_now()
+            with unit_of_work(sessions) as session:
+                session.add(
+                    CaseFile(
+                        id=transfer.msg_id,
+                        direction="inbound",
+                        peer_authority="FR/MJ",
+                        status="received",
+                        urgency="normal",
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+                session.flush()
+                message = Message(
+                    msg_id=transfer.msg_id,
+                    request_id=transfer.msg_id,
+                    direction="inbound",
+                    sender_authority="FR/MJ",
+                    recipient_authority="DE/BMJ",
+                    created_at=now,
+                    expires_at=now + timedelta(days=7),
+                    received_at=now,
+                    header=transfer.header,
+                    signature=transfer.signature,
+                    envelope_hash=transfer.envelope_hash,
+                    size_bytes=1,
+                )
+                session.add(message)
+                session.flush()
+                session.add_all(
+                    BlobPart(
+                        message_id=message.id,
+                        part_index=index,
+                        digest=header.parts[index].sha256,
+                        length=header.parts[index].length,
+                    )
+                    for index in (1, 2)
+                )
+                session.execute(
+                    delete(InboundTransfer).where(InboundTransfer.msg_id == transfer.msg_id)
+                )
+
+        completed: list[bool] = []
+
+        def now_after_completion() -> datetime:
+            # Called after the sweep read blob_parts, before it reads the transfers.
+            if not completed:
+                completed.append(True)
+                complete()
+            return utc_now()
+
+        monkeypatch.setattr(cleanup, "utc_now", now_after_completion)
+        with unit_of_work(sessions) as session:
+            assert cleanup_orphans(session, store, older_than_hours=72) == (0, 0)
+        assert completed
+        assert store.exists(first)
+    finally:
+        engine.dispose()
+        databases.drop_all()
+
+
+def test_files_gone_while_the_sweep_runs_are_skipped(tmp_path: Path) -> None:
+    """Finalised, discarded, or swept by another process between the listing and the look:
+    the sweep goes on (it stopped, and rolled back its deletions of abandoned transfers)."""
+    store = DirectoryBlobStore(tmp_path)
+    for name in ("out-aaaa-1", "out-bbbb-1", "out-cccc-1"):
+        with store.upload(name) as upload:
+            upload.write(b"partial")
+    old = time.time() - 100 * 3600
+    for path in store.uploads.iterdir():
+        os.utime(path, (old, old))
+
+    def taken_by_another_sweep(name: str) -> bool:
+        for path in store.uploads.iterdir():
+            if path.name != name:
+                path.unlink()
+        return False
+
+    assert store.cleanup(
+        is_referenced=lambda _digest: False,
+        upload_is_live=taken_by_another_sweep,
+        older_than_seconds=72 * 3600,
+    ) == (1, 0)

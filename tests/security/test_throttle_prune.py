@@ -73,7 +73,9 @@ def test_idle_counters_go_and_live_ones_stay(databases: Databases) -> None:
             # A pruned address starts afresh: its next refusal is counted from one.
             refuse(session, "address:192.0.2.2", 1, now)
             row = session.get(AuthThrottle, "address:192.0.2.2")
-            assert row is not None and row.failures == 1 and row.blocked_until is None
+            assert row is not None
+            assert row.failures == 1
+            assert row.blocked_until is None
     finally:
         engine.dispose()
 
