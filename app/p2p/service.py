@@ -261,6 +261,16 @@ def admit_opened(
     case = session.get(CaseFile, header.conversation_id, with_for_update=True)
     if case is not None and case.peer_authority != header.from_authority:
         raise _refuse("unknown_conversation", "no such conversation with this sender", 409)
+    if case is not None:
+        # Step 18 again, under the lock: two copies of one message (a retry after a timeout,
+        # PostgreSQL) both passed it before either was stored; the second, seeing the status
+        # the first moved, would be refused for good (409) although the message is here. A
+        # new request's copy needs no second look: its conversation's insert collides.
+        existing = stored_message(session, header.msg_id)
+        if existing is not None:
+            if existing.direction == "inbound" and existing.envelope_hash == envelope_hash:
+                return answer_repeat(session, node, header, existing)
+            raise _refuse("replayed", "this message id was already used for another envelope", 409)
     document = _check_content(header, opened, case)
 
     now = utc_now()
