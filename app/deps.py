@@ -144,7 +144,9 @@ class Policy:
             cache.put(digest, source, principal, now, expires_at=principal.expires_at)
         if not principal.roles & self.roles:
             allowed = ", ".join(sorted(self.roles))
-            raise Forbidden(f"this operation requires the role {allowed}")
+            refused = Forbidden(f"this operation requires the role {allowed}")
+            await run_in_threadpool(_record_forbidden, request, node, principal, allowed)
+            raise refused
         request.state.principal = principal
         return principal
 
@@ -186,6 +188,33 @@ class Policy:
         if verdict.retry_after is not None:
             raise TooManyRequests(verdict.retry_after) from refused
         raise refused
+
+
+def _record_forbidden(request: Request, node: Node, principal: Principal, allowed: str) -> None:
+    """A valid token used outside its role (an auditor reaching for request content, an
+    officer for the audit log) is on record: audited until the client reaches the refusal
+    limit, then counted (the next `auth.throttled` says how many) and answered 429, so no
+    client can flood the log with them. Only the forbidden calls are held back: the client's
+    own work goes on."""
+    route = request.scope.get("route")
+    template = getattr(route, "path", None) or request.url.path[:200]
+    with unit_of_work(node.sessions) as session:
+        verdict = register_refusal(
+            session,
+            [f"forbidden:{principal.client_id}"],
+            auth_limits(node.settings),
+            actor=f"client:{principal.name}",
+        )
+        if verdict.audit:
+            record(
+                session,
+                actor=f"client:{principal.name}",
+                action="auth.forbidden",
+                outcome="forbidden",
+                details={"route": f"{request.method} {template}", "requires": allowed},
+            )
+    if verdict.retry_after is not None:
+        raise TooManyRequests(verdict.retry_after)
 
 
 class Public:

@@ -8,6 +8,7 @@ machines.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -61,6 +62,7 @@ def two_processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lo
     first.init()
     first.create_client("officer", "officer")
     first.create_client("gone", "officer")
+    first.create_client("auditor", "auditor")
     first.cli("clients", "revoke", "gone")
     second = replace(first, port=free_port(), process=None)
     try:
@@ -119,6 +121,44 @@ def test_a_revoked_clients_token_is_limited_whatever_the_address(
             answers.append((response.status_code, response.json()["error"]))
     assert answers[:LIMIT] == [(401, "revoked_token")] * LIMIT
     assert answers[LIMIT] == (429, "rate_limited")
+
+
+def test_calls_outside_a_tokens_role_are_audited_then_limited(
+    two_processes: tuple[LocalNode, ...],
+) -> None:
+    """An auditor reaching for request content is on record (they went unaudited), up to
+    the limit; then answered 429 without an entry each, while its own work goes on."""
+    first, second = two_processes
+    auditor = {"authorization": f"Bearer {first.tokens['auditor']}"}
+    before = count(first, "auth.forbidden")
+    throttled_before = count(first, "auth.throttled")
+    answers = []
+    with client_from("127.0.3.1") as http:
+        for number in range(LIMIT + 2):
+            node = (first, second)[number % 2]
+            response = http.get(node.url + "/api/v1/requests", headers=auditor)
+            answers.append((response.status_code, response.json()["error"]))
+        # What the role allows still works.
+        assert http.get(first.url + "/api/v1/audit", headers=auditor).status_code == 200
+    assert answers[:LIMIT] == [(403, "forbidden")] * LIMIT
+    assert answers[LIMIT:] == [(429, "rate_limited")] * 2
+    assert count(first, "auth.forbidden") == before + LIMIT
+    assert count(first, "auth.throttled") == throttled_before + 1
+    engine = make_engine(first.database_url)
+    try:
+        with engine.connect() as connection:
+            entry = connection.scalar(
+                select(AuditEntry.entry)
+                .where(AuditEntry.action == "auth.forbidden")
+                .order_by(AuditEntry.idx.desc())
+                .limit(1)
+            )
+    finally:
+        engine.dispose()
+    assert entry is not None
+    recorded = json.loads(entry)
+    assert recorded["actor"] == "client:auditor"
+    assert recorded["details"] == {"route": "GET /api/v1/requests", "requires": "officer"}
 
 
 def test_refused_envelopes_from_one_address_stop_being_audited(
