@@ -12,11 +12,14 @@ import json
 import logging
 import re
 import sys
+import traceback
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any
 
 REQUEST_ID_HEADER = "x-request-id"
 # Letters, digits and a few separators: enough for UUIDs, W3C trace ids and ULIDs, and
@@ -53,6 +56,29 @@ def request_context(request_id: str | None) -> Iterator[None]:
         _request_id.reset(token)
 
 
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+
+
+def exception_lines(exc_info: ExcInfo) -> list[str]:
+    """An exception for a log: the type and frames of it and of each exception it was raised
+    from or during, never their text, which may quote input or decrypted content (a
+    validation error's input, a decoded value). Whoever logs it (our handlers, uvicorn's
+    "Exception in ASGI application", a library) goes through here."""
+    lines: list[str] = []
+    seen: set[int] = set()
+    exc: BaseException | None = exc_info[1]
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if lines:
+            lines.append("raised from or while handling:")
+        lines.append(type(exc).__qualname__)
+        lines.extend(
+            line for frame in traceback.format_tb(exc.__traceback__) for line in frame.splitlines()
+        )
+        exc = exc.__cause__ or exc.__context__
+    return lines
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         document: dict[str, object] = {
@@ -67,16 +93,18 @@ class JsonFormatter(logging.Formatter):
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
                 document[key] = value
-        if record.exc_info and record.exc_info[0] is not None:
-            # The type and the frames, not the exception's text, which may quote input.
-            document["exception"] = record.exc_info[0].__name__
-            document["stack"] = self.formatException(record.exc_info).splitlines()[:-1]
+        if record.exc_info and record.exc_info[1] is not None:
+            document["exception"] = type(record.exc_info[1]).__name__
+            document["stack"] = exception_lines(record.exc_info)
         return json.dumps(document, default=str, ensure_ascii=False)
 
 
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def formatException(self, ei: Any) -> str:  # logging's name
+        return "\n".join(exception_lines(ei)) if ei[1] is not None else ""
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
+import sys
 import uuid
 from collections.abc import Iterator
 
@@ -21,6 +23,7 @@ from sqlalchemy import select
 from app.db import make_engine
 from app.localnodes import LocalNode
 from app.models import AuditEntry
+from app.obs.logs import JsonFormatter, TextFormatter
 from tests.e2e.conftest import EXAMPLE, read_request, wait_delivered, wait_for
 from tests.security.conftest import new_node, prepare
 
@@ -168,3 +171,35 @@ def test_a_command_that_crashes_shows_no_local_variable() -> None:
     from app.cli import app
 
     assert app.pretty_exceptions_show_locals is False
+
+
+@pytest.mark.parametrize("formatter", [JsonFormatter(), TextFormatter()])
+def test_a_logged_exception_shows_its_frames_never_its_text(formatter: logging.Formatter) -> None:
+    """uvicorn logs an application's crash itself ("Exception in ASGI application", after
+    our handler answered 500), with the exception: its text, and the text of the exception
+    it was raised from, may quote what was decrypted. Only types and frames are written."""
+
+    def decode(value: str) -> int:
+        return int(value)
+
+    content = "-".join(["SECRET", "SUSPECT", "NAME Martin Rivas"])  # in no source line
+    try:
+        try:
+            decode(content)
+        except ValueError as inner:
+            raise RuntimeError(f"while reading {content}") from inner
+    except RuntimeError:
+        record = logging.LogRecord(
+            "uvicorn.error",
+            logging.ERROR,
+            __file__,
+            1,
+            "Exception in ASGI application",
+            None,
+            sys.exc_info(),
+        )
+    line = formatter.format(record)
+    assert "SECRET" not in line
+    assert "Martin" not in line
+    for shown in ("RuntimeError", "ValueError", "in decode", "Exception in ASGI application"):
+        assert shown in line
