@@ -22,7 +22,7 @@ from app.evidence.reading import (
 )
 from app.models import Message
 from app.node import Node
-from app.requests.service import actor_of, get_case
+from app.requests.service import actor_of, visible_case
 
 
 def _disposition(name: str) -> str:
@@ -33,10 +33,16 @@ def _disposition(name: str) -> str:
 
 
 def plan_streamed(
-    session: Session, node: Node, *, request_id: str, msg_id: str, index: int
+    session: Session,
+    node: Node,
+    *,
+    request_id: str,
+    msg_id: str,
+    index: int,
+    principal: Principal,
 ) -> PlannedDownload | None:
     """The download of an attachment in the blob store, or None (an inline attachment)."""
-    case = get_case(session, request_id)
+    case = visible_case(session, request_id, principal)
     message = session.scalar(
         select(Message).where(Message.request_id == case.id, Message.msg_id == msg_id)
     )

@@ -111,10 +111,11 @@ def create_draft(
         raise BadRequest("document.requested_authority must equal 'to'", code="recipient_mismatch")
     if len(body.attachments) > settings.max_evidence_attachments:
         raise PayloadTooLarge(f"more than {settings.max_evidence_attachments} attachments")
-    for item in body.attachments:
+    for number, item in enumerate(body.attachments, start=1):
         if item.size > settings.max_evidence_attachment_bytes:
+            # By its place, not its name (case content, which error bodies must not echo).
             raise PayloadTooLarge(
-                f"attachment {item.name!r} exceeds {settings.max_evidence_attachment_bytes} bytes"
+                f"attachment {number} exceeds {settings.max_evidence_attachment_bytes} bytes"
             )
     if sum(item.size for item in body.attachments) > settings.max_evidence_request_bytes:
         raise PayloadTooLarge(f"attachments exceed {settings.max_evidence_request_bytes} bytes")

@@ -22,7 +22,7 @@ from app.auth.service import Principal
 from app.crypto.envelope import EnvelopeError
 from app.db import unit_of_work
 from app.deps import NodeDep, OfficerDep, SessionDep, UnitOfWorkRoute
-from app.errors import Conflict, PayloadTooLarge
+from app.errors import Conflict, NotFound, PayloadTooLarge
 from app.evidence import drafts, schemas
 from app.evidence.blobstore import UploadBusy
 from app.evidence.node_store import blob_store
@@ -50,9 +50,14 @@ def create_draft(
 def _check_visible(node: Node, draft_id: str, principal: Principal) -> None:
     """A submitted draft is a request (same id): once an administrator restricts it to other
     officers, its author no longer sees it here either (refused as unknown, audited)."""
-    access.check_visible(
-        node, request_id=draft_id, principal=principal, action="evidence.draft_read"
-    )
+    try:
+        access.check_visible(
+            node, request_id=draft_id, principal=principal, action="evidence.draft_read"
+        )
+    except NotFound as exc:
+        # What an id never used gets on these routes: `unknown_request` here would tell
+        # the caller that a restricted request has this id.
+        raise NotFound("no such draft", code="unknown_draft") from exc
 
 
 @router.get("/drafts/{draft_id}")

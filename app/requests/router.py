@@ -119,7 +119,9 @@ def download_attachment(
     # Transactions of its own, not SessionDep's: evidence in the blob store is checked
     # between them (app/evidence/download.py).
     with unit_of_work(node.sessions) as session:
-        planned = plan_streamed(session, node, request_id=request_id, msg_id=msg_id, index=index)
+        planned = plan_streamed(
+            session, node, request_id=request_id, msg_id=msg_id, index=index, principal=principal
+        )
         if planned is None:  # small, inline in the envelope: read in this transaction
             download = service.read_attachment(
                 session,

@@ -90,11 +90,13 @@ def actor_of(principal: Principal) -> str:
 
 def _attachments(node: Node, items: list[schemas.InlineAttachment]) -> list[Attachment]:
     attachments = []
-    for item in items:
+    for number, item in enumerate(items, start=1):
         data = item.content()
         if len(data) > node.settings.max_attachment_bytes:
+            # By its place, not its name: a file name is case content, and error bodies
+            # end up in the calling system's logs.
             raise PayloadTooLarge(
-                f"attachment {item.name!r} exceeds {node.settings.max_attachment_bytes} bytes"
+                f"attachment {number} exceeds {node.settings.max_attachment_bytes} bytes"
             )
         attachments.append(Attachment(name=item.name, media_type=item.media_type, data=data))
     return attachments
@@ -240,6 +242,20 @@ def get_case(session: Session, request_id: str, *, lock: bool = False) -> CaseFi
     return case
 
 
+def visible_case(
+    session: Session, request_id: str, principal: Principal, *, lock: bool = False
+) -> CaseFile:
+    """The request, in the route's own transaction, if this officer may see it now: the
+    route's first check (`access.check_visible`, audited) ran in a transaction before, and an
+    administrator's restriction committed between the two must still hold. Refused as
+    unknown, like the first check (that check's audit entry is the record of the attempt;
+    this one only closes the gap)."""
+    case = get_case(session, request_id, lock=lock)
+    if not access.may_see(session, case, principal):
+        raise NotFound("no such request", code="unknown_request")
+    return case
+
+
 def add_message(
     session: Session,
     node: Node,
@@ -248,7 +264,7 @@ def add_message(
     body: schemas.SubmitMessage,
     principal: Principal,
 ) -> tuple[CaseFile, StoredMessage]:
-    case = get_case(session, request_id, lock=True)
+    case = visible_case(session, request_id, principal, lock=True)
     # The lifecycle judges the move before anything is sealed: 409 message_not_allowed or
     # transition_not_allowed, and the peer applies the same rule when the envelope arrives.
     conversation.send(case, document=body.document, now=utc_now())
@@ -508,7 +524,7 @@ def _message_view(
 def read_request(
     session: Session, node: Node, *, request_id: str, principal: Principal, now: datetime
 ) -> schemas.RequestDetail:
-    case = get_case(session, request_id)
+    case = visible_case(session, request_id, principal)
     # Under PostgreSQL's READ COMMITTED each statement sees its own snapshot: a delivery settled
     # between reading the case and reading its receipts would show a receipt beside the status
     # from before it. The status and its messages change together in one transaction, so the
@@ -560,7 +576,7 @@ def read_attachment(
     index: int,
     principal: Principal,
 ) -> Download:
-    case = get_case(session, request_id)
+    case = visible_case(session, request_id, principal)
     message = session.scalar(
         select(Message).where(Message.request_id == case.id, Message.msg_id == msg_id)
     )

@@ -268,6 +268,9 @@ def test_declared_sizes_over_the_limits_are_refused_early(pair: Pair) -> None:
     with pair.es.client("officer") as http:
         response = http.post("/api/v1/evidence/drafts", json=body)
         assert response.status_code == 413, response.text
+        # The attachment by its place: a file name is case content, not for error bodies.
+        assert "huge.img" not in response.text
+        assert "attachment 1 exceeds" in response.json()["detail"]
         draft = create_draft(pair.es, [10])
         href = draft["attachments"][0]["href"]
         response = http.patch(href, content=b"x" * 11, headers={"upload-offset": "0"})

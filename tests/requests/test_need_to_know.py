@@ -6,6 +6,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
+
+from app.db import unit_of_work
+from app.models import CaseFile
+from app.node import Node
+from app.requests import access
 from tests.requests.conftest import EXAMPLE, Harness
 
 REFUSED = "refused_need_to_know"
@@ -143,9 +149,45 @@ def test_a_submitted_draft_follows_its_request_restriction(ar: Harness) -> None:
 
     assert _officers(ar, draft_id, ["bob"]).status_code == 200
     read = ar.get(f"/api/v1/evidence/drafts/{draft_id}", "alice")
-    assert (read.status_code, read.json()["error"]) == (404, "unknown_request")
+    never = ar.get(f"/api/v1/evidence/drafts/{'0' * 32}", "alice")
+    # What an id never used gets on these routes: nothing says a request has this id.
+    assert (read.status_code, read.json()) == (never.status_code, never.json())
+    assert (read.status_code, read.json()["error"]) == (404, "unknown_draft")
     assert ar.http.head(href, headers=ar.as_("alice")).status_code == 404
     assert ar.audit("evidence.draft_read")[-2:] == [
         ("client:alice", REFUSED, draft_id),
         ("client:alice", REFUSED, draft_id),
     ]
+
+
+@pytest.mark.parametrize("route", ["read", "message", "attachment"])
+def test_a_restriction_made_just_after_the_check_still_holds(
+    ar: Harness, monkeypatch: pytest.MonkeyPatch, route: str
+) -> None:
+    """The route checks visibility in a transaction of its own, then reads in another: an
+    administrator's restriction committed between the two let an officer no longer named
+    read the request (and its evidence) all the same."""
+    request_id = ar.receive_request()
+    real = access.check_visible
+
+    def restricted_right_after(node: Node, **arguments: Any) -> None:
+        real(node, **arguments)  # bob may see it: not restricted yet
+        with unit_of_work(node.sessions) as session:
+            case = session.get(CaseFile, request_id)
+            assert case is not None
+            access.restrict(session, case=case, officers=["alice"], actor="client:admin")
+
+    monkeypatch.setattr(access, "check_visible", restricted_right_after)
+    path = f"/api/v1/requests/{request_id}"
+    if route == "read":
+        response = ar.get(path, "bob")
+    elif route == "message":
+        ack = {"document": {"type": "acknowledgement", "text": "Registered."}}
+        response = ar.post(f"{path}/messages", ack, "bob")
+    else:
+        response = ar.get(f"{path}/messages/{request_id}/attachments/1", "bob")
+    assert (response.status_code, response.json()["error"]) == (404, "unknown_request")
+    monkeypatch.undo()
+    seen = ar.get(path, "alice")
+    assert seen.status_code == 200
+    assert seen.json()["status"] == "delivered"  # bob's acknowledgement was not sent
