@@ -203,17 +203,44 @@ def download(
     with _reaching(_client(url, token)) as http:
         detail = _check(http.get(f"/api/v1/requests/{request_id}"), 200)
         entries = [entry for message in detail["messages"] for entry in message["attachments"]]
+        names = file_names([entry["name"] for entry in entries])
+        taken = [name for name in names if (out / name).exists() or (out / name).is_symlink()]
+        if taken:
+            typer.echo(
+                f"error: {', '.join(taken)} already in {out}: nothing is overwritten; "
+                "download into another --out folder",
+                err=True,
+            )
+            raise typer.Exit(1)
         with _progress() as progress:
-            for entry in entries:
-                _download(http, entry, out, progress)
-    for entry in entries:
-        typer.echo(f"{entry['sha256']}  {entry['name']}")
+            for entry, name in zip(entries, names, strict=True):
+                _download(http, entry, out / name, progress)
+    # As `sha256sum` prints them: `sha256sum -c` in the folder checks the files again.
+    for entry, name in zip(entries, names, strict=True):
+        typer.echo(f"{entry['sha256']}  {name}")
 
 
-def _download(http: httpx.Client, entry: dict[str, Any], out: Path, progress: Progress) -> None:
-    name = Path(entry["name"]).name  # never a path from the peer
-    target = out / name
-    partial = out / f".{name}.partial"
+def file_names(names: list[str]) -> list[str]:
+    """Where each attachment goes in the folder: its own name, never a path (a peer chooses
+    it), one file each (two attachments of one name, a reply's and a request's say, are
+    both kept: `evidence (2).bin`), and a name that is no file name (`..`) by its place."""
+    chosen: list[str] = []
+    for number, name in enumerate(names, start=1):
+        base = Path(name).name
+        if base in {"", ".", ".."}:
+            base = f"attachment-{number}"
+        candidate, copy = base, 1
+        while candidate in chosen:
+            copy += 1
+            stem, dot, suffix = base.partition(".") if not base.startswith(".") else (base, "", "")
+            candidate = f"{stem} ({copy}){dot}{suffix}"
+        chosen.append(candidate)
+    return chosen
+
+
+def _download(http: httpx.Client, entry: dict[str, Any], target: Path, progress: Progress) -> None:
+    name = target.name
+    partial = target.with_name(f".{name}.partial")
     task = progress.add_task(name, total=entry["size"])
     digest = hashlib.sha256()
     try:
@@ -240,4 +267,10 @@ def _download(http: httpx.Client, entry: dict[str, Any], out: Path, progress: Pr
         partial.unlink(missing_ok=True)
         typer.echo(f"error: {name}: SHA-256 differs from the manifest; nothing was kept", err=True)
         raise typer.Exit(1)
-    partial.replace(target)
+    try:
+        os.link(partial, target)  # never over a file that appeared meanwhile
+    except FileExistsError:
+        typer.echo(f"error: {target} appeared meanwhile; it was not overwritten", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        partial.unlink(missing_ok=True)

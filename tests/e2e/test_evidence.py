@@ -497,14 +497,16 @@ def test_cli_sends_and_downloads_with_attachments(pair: Pair, tmp_path: Path) ->
     import sys
 
     files = []
-    for name, size in (("mailbox.pst", 2 * MIB + 7), ("empty.txt", 0)):
+    (tmp_path / "copy").mkdir()
+    # Two attachments of one name (from two folders): both are kept at download.
+    for name, size in (("mailbox.pst", 2 * MIB + 7), ("empty.txt", 0), ("copy/mailbox.pst", 9)):
         path = tmp_path / name
         path.write_bytes(os.urandom(size))
         files.append(path)
     request = tmp_path / "request.json"
     request.write_text(json.dumps({key: EXAMPLE[key] for key in ("to", "document")}))
 
-    def entraide(node: LocalNode, *args: str) -> str:
+    def entraide(node: LocalNode, *args: str, exit_code: int = 0) -> str:
         env = {**os.environ, "ENTRAIDE_URL": node.url, "ENTRAIDE_TOKEN": node.tokens["officer"]}
         done = subprocess.run(
             [sys.executable, "-m", "app", "requests", *args],
@@ -514,8 +516,8 @@ def test_cli_sends_and_downloads_with_attachments(pair: Pair, tmp_path: Path) ->
             timeout=120,
             check=False,
         )
-        assert done.returncode == 0, done.stderr
-        return done.stdout
+        assert done.returncode == exit_code, done.stderr
+        return done.stdout if exit_code == 0 else done.stderr
 
     attach = [argument for path in files for argument in ("--attach", str(path))]
     sent = entraide(pair.es, "send", str(request), *attach)
@@ -524,11 +526,15 @@ def test_cli_sends_and_downloads_with_attachments(pair: Pair, tmp_path: Path) ->
     wait_receipt(pair.es, request_id)
     wait_for("the request at AR", lambda: detail(pair.ar, request_id))
     listing = entraide(pair.ar, "download", request_id, "--out", str(tmp_path / "got"))
-    for path in files:
-        got = tmp_path / "got" / path.name
+    for path, saved in zip(files, ["mailbox.pst", "empty.txt", "mailbox (2).pst"], strict=True):
+        got = tmp_path / "got" / saved
         assert got.read_bytes() == path.read_bytes()
         assert got.stat().st_mode & 0o777 == 0o600  # decrypted evidence: this user's only
-        assert f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.name}" in listing
+        assert f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {saved}" in listing
+    # Again into the same folder: nothing is overwritten, and it says why.
+    again = entraide(pair.ar, "download", request_id, "--out", str(tmp_path / "got"), exit_code=1)
+    assert "already in" in again
+    assert (tmp_path / "got" / "mailbox.pst").read_bytes() == files[0].read_bytes()
 
 
 def test_node_memory_stays_flat_under_an_address_space_limit(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from app.evidence.cli import file_names
 from app.localnodes import free_port
 
 
@@ -64,3 +65,17 @@ def test_download_from_an_unreachable_node_says_so(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "cannot reach the node at http://127.0.0.1:" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_each_attachment_gets_a_file_of_its_own() -> None:
+    """A peer names attachments: never a path, never `..`, and two of one name are two
+    files (the second one overwrote the first before)."""
+    names = ["evidence.tar.gz", "../../etc/evidence.tar.gz", "..", ".bashrc", ".bashrc", "."]
+    assert file_names(names) == [
+        "evidence.tar.gz",
+        "evidence (2).tar.gz",
+        "attachment-3",
+        ".bashrc",
+        ".bashrc (2)",
+        "attachment-6",
+    ]
