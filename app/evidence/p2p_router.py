@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from app.audit.log import record
+from app.audit.log import record, record_alone
 from app.crypto import envelope as env
 from app.db import unit_of_work
 from app.deps import PEER_SIGNED, NodeDep, record_p2p_refusal, source_address
@@ -176,9 +176,28 @@ async def put_part(
     except UploadBusy as exc:
         raise EnvelopeRefused("part_busy", "this part is being received", status_code=409) from exc
     except env.EnvelopeError as exc:
-        # The stored prefix no longer opens: start the part again.
+        # What we stored of the part no longer opens (our disk, not the sender's bytes:
+        # every chunk was checked before it was stored). Start the part again, and tell the
+        # sender where, as for any other offset it does not know: a refusal in its own
+        # name would be final, and fail a delivery that the next attempt completes.
         store.discard_upload(inbound.receive_upload_id(msg_id, index))
-        raise EnvelopeRefused(exc.code, exc.detail, status_code=409) from exc
+        await run_in_threadpool(
+            functools.partial(
+                record_alone,
+                node.sessions,
+                actor="node",
+                action="evidence.part_restarted",
+                outcome=exc.code,
+                msg_id=msg_id,
+                peer=target.sender or None,
+                details={"part": index, "detail": exc.detail},
+            )
+        )
+        return JSONResponse(
+            {"error": "offset_mismatch", "detail": "resume from Upload-Offset"},
+            status_code=409,
+            headers=_headers(0, target.length),
+        )
     keep = True  # for the sender's next request, unless the part is done or refused
     try:
         if upload_offset != receiver.durable_offset:

@@ -300,6 +300,33 @@ def test_a_receiver_killed_mid_part_resumes_without_resending(pair: Pair) -> Non
     assert got == data
 
 
+def test_a_receivers_damaged_staging_restarts_the_part_without_failing_it(pair: Pair) -> None:
+    """What the receiver stored of a part no longer opens (its disk's fault, not the
+    sender's): it starts the part again and says where, as for any unknown offset. It was
+    refused with a final code, and the sender failed a delivery the next attempt completes."""
+    size = 24 * MIB
+    data = os.urandom(size)
+    draft = create_draft(pair.es, [size])
+    with pair.es.client("officer") as http:
+        upload(http, draft["attachments"][0]["href"], data, piece=size)
+    staging = blob_dir(pair.ar) / "uploads" / f"in-{draft['id']}-1"
+    submit(pair.es, draft["id"])
+    wait_for("AR to be mid-part", lambda: staging.exists() and staging.stat().st_size > 4 * MIB)
+    pair.ar.kill()
+    with staging.open("r+b") as stored:
+        stored.seek(100)
+        byte = stored.read(1)
+        stored.seek(100)
+        stored.write(bytes([byte[0] ^ 1]))
+    pair.ar.start()
+    wait_receipt(pair.es, draft["id"], timeout=180)
+    restarted = audit_details(pair.ar, "evidence.part_restarted")
+    assert [d["outcome"] for d in restarted if d.get("part") == 1][-1:] == ["decrypt_failed"]
+    received = wait_for("the request at AR", lambda: detail(pair.ar, draft["id"]))
+    got, _ = download(pair.ar, received["messages"][0]["attachments"][0]["href"])
+    assert got == data
+
+
 @contextmanager
 def disk_full_past(node: LocalNode, limit: int) -> Iterator[None]:
     """The running node's writes past `limit` bytes of any file fail (EFBIG), as on a full
