@@ -279,7 +279,12 @@ def renew_stream_header(session: Session, *, draft_id: str, index: int) -> None:
     bytes, under the same key stream (app/evidence/router.py)."""
     session.execute(
         update(EvidenceUpload)
-        .where(EvidenceUpload.draft_id == draft_id, EvidenceUpload.part_index == index)
+        .where(
+            EvidenceUpload.draft_id == draft_id,
+            EvidenceUpload.part_index == index,
+            # Never under a finished attachment: its blob opens with the header it has.
+            EvidenceUpload.digest.is_(None),
+        )
         .values(stream_header=bytes(random_bytes(STREAM_HEADER_BYTES)))
     )
 

@@ -12,6 +12,7 @@ declared size does), encrypted chunk by chunk, and never held whole in memory.
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Request, Response
@@ -32,6 +33,7 @@ from app.node import Node
 from app.requests import access
 from app.requests.schemas import Submitted
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1/evidence", tags=["evidence"], route_class=UnitOfWorkRoute)
 
 DraftId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
@@ -106,8 +108,25 @@ def _finish(
 ) -> None:
     store = blob_store(node.settings)
     part = writer.finalise(store)
-    with unit_of_work(node.sessions) as session:
-        drafts.record_uploaded(session, target=target, part=part, principal=principal)
+    try:
+        with unit_of_work(node.sessions) as session:
+            drafts.record_uploaded(session, target=target, part=part, principal=principal)
+    except Exception:
+        # Published but not recorded: the attachment starts again from its first byte
+        # (HEAD says 0), and must not do so under the key stream that made this blob.
+        _restart(node, target)
+        raise
+
+
+def _restart(node: Node, target: drafts.UploadTarget) -> None:
+    """An attachment that starts again from its first byte gets a new stream header: other
+    bytes under the old key stream would reuse it (docs/api.md §4.8). Best effort: if the
+    database refuses this too, the next request fails the same way and nothing is written."""
+    try:
+        with unit_of_work(node.sessions) as session:
+            drafts.renew_stream_header(session, draft_id=target.draft_id, index=target.index)
+    except Exception as exc:
+        log.warning("could not renew an attachment's stream header (%s)", type(exc).__name__)
 
 
 @router.patch("/drafts/{draft_id}/attachments/{index}", status_code=204)
@@ -131,7 +150,12 @@ async def upload(
     if found.complete:
         raise Conflict("this attachment is already complete", code="upload_complete")
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > found.size - upload_offset:
+    if (
+        declared is not None
+        and declared.isdigit()
+        and upload_offset <= found.size  # past the end: only an offset mismatch (below)
+        and int(declared) > found.size - upload_offset
+    ):
         raise PayloadTooLarge(f"more bytes than the attachment's declared {found.size}")
     store = blob_store(node.settings)
     try:
@@ -144,6 +168,7 @@ async def upload(
         # The stored chunks no longer open (the staging file was damaged on disk): they are
         # dropped, and the client starts the attachment again, as after any offset mismatch.
         store.discard_upload(found.upload_id)
+        await run_in_threadpool(_restart, node, found)
         return _offset_mismatch(0, found.size)
     keep = True
     try:

@@ -420,6 +420,7 @@ def test_an_upload_whose_stored_chunks_were_damaged_starts_again(pair: Pair) -> 
     stored = bytearray(staging.read_bytes())
     stored[100] ^= 1
     staging.write_bytes(bytes(stored))
+    header_before = _stream_headers(pair.es, draft["id"])
     pair.es.stop()  # the writer kept in memory goes: the next one is rebuilt from the disk
     pair.es.start()
     with pair.es.client("officer") as http:
@@ -428,6 +429,13 @@ def test_an_upload_whose_stored_chunks_were_damaged_starts_again(pair: Pair) -> 
         assert response.status_code == 409, response.text
         assert response.json()["error"] == "offset_mismatch"
         assert response.headers["upload-offset"] == "0"
+        # Started again from its first byte, under a new key stream: the client may now
+        # send other bytes (a corrected file), never under the stream of the damaged ones.
+        assert _stream_headers(pair.es, draft["id"]) != header_before
+        # An offset past the attachment's end is a mismatch too, not "too large".
+        past = http.patch(href, content=b"", headers={"upload-offset": str(size + 1)})
+        assert (past.status_code, past.json()["error"]) == (409, "offset_mismatch")
+        assert past.headers["upload-offset"] == "0"
         assert upload(http, href, data, piece=size) == size
     submit(pair.es, draft["id"])
     wait_receipt(pair.es, draft["id"])
