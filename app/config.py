@@ -107,7 +107,10 @@ class Settings(BaseModel):
     run_worker: bool = True
     worker_poll_seconds: float = 0.5
     peer_timeout_seconds: float = 30.0
-    lease_seconds: int = 120
+    # How long a claimed delivery is a worker's alone. A post may last up to
+    # `longest_exchange_seconds`; a worker renews the lease before a post that could
+    # outlive it, so the default leaves room for the longest post without a renewal.
+    lease_seconds: int = 300
     # Deliveries posted at once by one worker (one slow peer must not hold up the rest).
     worker_concurrency: int = Field(default=4, ge=1, le=64)
 
@@ -190,3 +193,10 @@ class Settings(BaseModel):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+def longest_exchange_seconds(settings: Settings) -> float:
+    """The longest one exchange with a peer can last: the connection (at most 10 s of the
+    timeout) and the client's deadline of four timeouts (app/peers/client.py)."""
+    timeout = settings.peer_timeout_seconds
+    return min(timeout, 10.0) + 4 * timeout

@@ -20,7 +20,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.engine import make_url
 
 from app.audit.anchor import LogRolledBack, SignedLogAnchor
-from app.config import Settings
+from app.config import Settings, longest_exchange_seconds
 from app.crypto.encoding import utc_now
 from app.crypto.identity import IdentityError, parse_identity_document
 from app.crypto.keys import IDENTITY_FILE, KEY_FILES, load_identity
@@ -118,6 +118,16 @@ def _configuration_findings(settings: Settings) -> Iterator[Finding]:
             WARN,
             "configuration",
             "ENTRAIDE_ALLOW_INSECURE_HTTP is on: only for development and tests",
+        )
+    longest = longest_exchange_seconds(settings)
+    if settings.lease_seconds <= longest:
+        yield Finding(
+            WARN,
+            "configuration",
+            f"ENTRAIDE_LEASE_SECONDS ({settings.lease_seconds}) is not longer than a post to a "
+            f"peer may last ({longest:g} s with ENTRAIDE_PEER_TIMEOUT_SECONDS="
+            f"{settings.peer_timeout_seconds:g}): with several workers, a second one may post a "
+            "delivery while the first still is; raise the lease or lower the timeout",
         )
     if not settings.run_worker:
         yield Finding(

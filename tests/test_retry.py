@@ -18,7 +18,8 @@ from app.delivery.retry import (
     next_attempt,
     policy_for,
 )
-from app.delivery.worker import classify
+from app.config import Settings
+from app.delivery.worker import classify, renew_before_post
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 
@@ -92,3 +93,27 @@ def test_peer_answers_are_classified(status: int, body: object, state: str) -> N
     outcome = classify(status, body)
     assert outcome.state == state
     assert outcome.http_status == status
+
+
+@pytest.mark.parametrize(
+    ("lease", "timeout", "elapsed", "renew"),
+    [
+        # The defaults: a post may last 130 s; a 300 s lease needs no renewal for most of it.
+        (300, 30, 0, False),
+        (300, 30, 160, False),
+        (300, 30, 170, True),
+        # A lease shorter than the longest post (120 s against 130 s: the old default): a
+        # post starting 29 s after the claim could outlive it by 40 s, and a second worker
+        # would post the same envelope meanwhile. Renewed before every post.
+        (120, 30, 0, True),
+        (120, 30, 29, True),
+        # Short timeouts, short leases (the fault tests): renewed once the margin is gone.
+        (60, 3, 30, False),
+        (60, 3, 41, True),
+    ],
+)
+def test_a_post_that_could_outlive_its_lease_renews_it_first(
+    lease: int, timeout: float, elapsed: int, renew: bool
+) -> None:
+    settings = Settings(lease_seconds=lease, peer_timeout_seconds=timeout)
+    assert renew_before_post(timedelta(seconds=elapsed), settings) is renew

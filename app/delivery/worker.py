@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from app.audit.checkpoints import maybe_checkpoint
 from app.audit.witness import witness_receipt_checkpoint
 from app.auth.throttle import ThrottlePrune
+from app.config import Settings, longest_exchange_seconds
 from app.crypto.encoding import utc_now
 from app.crypto.receipts import ReceiptError, decode_receipt
 from app.db import commit_without_waiting, unit_of_work
@@ -71,8 +72,9 @@ RETRYABLE_CODES = {
 RETRYABLE_STATUS = {408, 425, 429}
 # A batch's outcomes are settled together once all are in, or whatever is in after this long.
 SETTLE_WAIT_SECONDS = 1.0
-# A post starting later than this share of the lease after the claim renews the lease first.
-RENEW_AFTER = 0.25
+# Seconds between a post's last renewal check and its first byte, at most (loading the
+# envelope, the thread pool's queue): kept in hand when judging whether a lease would last.
+LEASE_MARGIN_SECONDS = 5.0
 # Envelopes up to this size are read with the claim, while a round's preloaded envelopes total
 # at most ROUND_PRELOAD_BYTES; others (up to the 32 MiB body limit) are read by the thread that
 # posts them, so a round never holds more than a few of them in memory.
@@ -231,6 +233,12 @@ def load_jobs(session: Session, claims: list[outbox.Claim]) -> list[Job]:
             )
         )
     return jobs
+
+
+def renew_before_post(elapsed: timedelta, settings: Settings) -> bool:
+    """Whether a post starting `elapsed` after its claim could outlive the claim's lease."""
+    left = settings.lease_seconds - elapsed.total_seconds()
+    return left < longest_exchange_seconds(settings) + LEASE_MARGIN_SECONDS
 
 
 class Worker:
@@ -488,11 +496,16 @@ class Worker:
         """True if the lease had to be renewed and was lost: another worker has the row.
 
         The claim set the lease; it is renewed (a write, doubling as the fencing check) only
-        when a post starts late in it, behind slow posts of the same round. A lease not yet
-        run out is ours alone: only an expired lease is reclaimed.
+        when the longest post could outlive what is left of it (a post starting late, behind
+        slow posts of the same round, or a lease set shorter than a post may last): a lease
+        not yet run out is ours alone, and only an expired lease is reclaimed, so no other
+        worker posts the same envelope while ours is still being posted.
         """
-        lease = timedelta(seconds=self.node.settings.lease_seconds)
-        return utc_now() - claim.claimed_at > lease * RENEW_AFTER and not self._renew(claim, lease)
+        settings = self.node.settings
+        elapsed = utc_now() - claim.claimed_at
+        if not renew_before_post(elapsed, settings):
+            return False
+        return not self._renew(claim, timedelta(seconds=settings.lease_seconds))
 
     def _deliver_batch(self, group: list[Job]) -> list[Outcome | None]:
         """One post for several envelopes to one peer; each gets the outcome its own post
