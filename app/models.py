@@ -206,6 +206,15 @@ class OutboxItem(Base):
     # The local API request id that queued this delivery, carried to the peer and back.
     trace_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # The move this message made to its request when it was sent (app/requests/moves.py):
+    # the status before and after, and what a postponement or a question replaced. Put back
+    # if the message is lost for good, so that this node does not stay where the peer never
+    # went. None for a message that moved nothing (a note, a status query, the request).
+    moved_from: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    moved_to: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    postponed_before: Mapped[date | None] = mapped_column(Date, nullable=True)
+    question_before: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    move_undone_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class DeliveryAttempt(Base):

@@ -82,18 +82,20 @@ def _queue(session: Session, count: int, *, urgency: str = "routine") -> list[in
         )
         session.add(message)
         session.flush()
-        item = OutboxItem(
-            message_id=message.id,
-            peer_authority="AR/MPF",
-            state=outbox.QUEUED,
-            attempts=0,
-            next_attempt_at=now,
-            created_at=now,
-            expires_at=now + timedelta(hours=1),
+        row = session.execute(
+            insert(OutboxItem)
+            .values(
+                message_id=message.id,
+                peer_authority="AR/MPF",
+                state=outbox.QUEUED,
+                attempts=0,
+                next_attempt_at=now,
+                created_at=now,
+                expires_at=now + timedelta(hours=1),
+            )
+            .returning(OutboxItem.id)
         )
-        session.add(item)
-        session.flush()
-        ids.append(item.id)
+        ids.append(int(row.scalar_one()))
     return ids
 
 

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from app.config import Settings
 from app.delivery import outbox
 from app.delivery.retry import (
     BASE_SECONDS,
@@ -18,7 +19,6 @@ from app.delivery.retry import (
     next_attempt,
     policy_for,
 )
-from app.config import Settings
 from app.delivery.worker import classify, renew_before_post
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)

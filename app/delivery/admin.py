@@ -8,11 +8,12 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.audit.log import record
+from app.audit.log import record, record_many
 from app.crypto.encoding import utc_now
 from app.delivery import outbox
 from app.errors import Conflict, NotFound
 from app.models import DeliveryAttempt, Message, OutboxItem
+from app.requests import moves
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ def retry_delivery(
     item, message = _locked(session, delivery_id)
     if item.state not in (outbox.RETRY, outbox.FAILED, outbox.QUEUED):
         raise Conflict(f"a delivery in state {item.state} cannot be retried", code="not_retryable")
+    moves.check_retry(item)
     if message.expires_at <= moment:
         raise Conflict(
             "the envelope has expired; send the request or message again",
@@ -121,4 +123,8 @@ def cancel_delivery(session: Session, *, delivery_id: int, actor: str) -> Outbox
         peer=item.peer_authority,
         details={"delivery": item.id, "from_state": previous, "peer_may_hold_it": may_hold},
     )
+    if not may_hold:  # it never reached the peer: nor does its move stay here
+        undone = moves.undo_if_lost(session, item, message, now=item.updated_at, why="cancelled")
+        if undone is not None:
+            record_many(session, [undone])
     return item

@@ -14,7 +14,7 @@ move retry/failed back to queued, or queued/retry/failed to cancelled.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import cast
@@ -51,8 +51,10 @@ def enqueue(
     case: CaseFile,
     now: datetime,
     message_expires_at: datetime,
+    moved: Mapping[str, object] | None = None,
 ) -> None:
-    """Queue an outbound message for delivery, and wake the worker once it can see the row."""
+    """Queue an outbound message for delivery, and wake the worker once it can see the row.
+    `moved`: the move the message made to its request (app/requests/moves.py)."""
     # A Core insert, as for the message it follows (app/requests/store.py).
     session.connection().execute(
         OUTBOX.insert(),
@@ -67,6 +69,7 @@ def enqueue(
             "expires_at": delivery_deadline(now, case.urgency, message_expires_at),
             # The local API request that queued it: the worker sends it on as X-Request-Id.
             "trace_id": current_request_id(),
+            **(moved or {}),
         },
     )
     # Wake the in-process worker once the rows are visible to it, not before.

@@ -27,6 +27,7 @@ from app.models import (
     PeerKey,
     Receipt,
 )
+from app.requests import moves
 from app.requests.status import status_after_receipt
 
 log = logging.getLogger(__name__)
@@ -287,6 +288,12 @@ def _apply(
             first_receipts.append(case)
     else:
         item.last_error = outbox.truncate_error(error or "")
+    if state == outbox.FAILED and not _may_hold_it(session, item, outcome):
+        # Lost for good: the request goes back to where it was before this message, as the
+        # peer never moved (app/requests/moves.py).
+        undone = moves.undo_if_lost(session, item, message, now=now, why="failed")
+        if undone is not None:
+            events.append(undone)
     if state == outbox.FAILED:
         events.append(
             Event(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -46,7 +46,7 @@ from app.evidence.reading import has_blob_parts, open_stored_head
 from app.models import CaseFile, Message, OutboxItem, Receipt
 from app.node import Node
 from app.peers.keys import PinnedKeys, pinned_keys, stored_envelope_signer
-from app.requests import access, conversation, deadlines, lifecycle, schemas
+from app.requests import access, conversation, deadlines, lifecycle, moves, schemas
 from app.requests.status import QUEUED
 from app.requests.store import StoredMessage, load_envelope, store_envelope
 
@@ -153,6 +153,7 @@ def _store_outbound(
     actor: str,
     before: Sequence[Event] = (),
     after: Sequence[Event] = (),
+    moved: Mapping[str, object] | None = None,
 ) -> StoredMessage:
     """Store a sealed envelope, queue it, and record `envelope.sealed` with the caller's own
     entries (`before` and `after` it): one audit statement, one round trip to PostgreSQL."""
@@ -166,6 +167,7 @@ def _store_outbound(
         case=case,
         now=utc_now(),
         message_expires_at=header.expires_at,
+        moved=moved,
     )
     sealed = Event(
         actor=actor,
@@ -265,6 +267,7 @@ def add_message(
     principal: Principal,
 ) -> tuple[CaseFile, StoredMessage]:
     case = visible_case(session, request_id, principal, lock=True)
+    before = moves.Before.of(case)
     # The lifecycle judges the move before anything is sealed: 409 message_not_allowed or
     # transition_not_allowed, and the peer applies the same rule when the envelope arrives.
     conversation.send(case, document=body.document, now=utc_now())
@@ -308,6 +311,7 @@ def add_message(
         header=header,
         actor=actor_of(principal),
         after=[added],
+        moved=moves.move_columns(before, case),
     )
     return case, message
 

@@ -1,0 +1,122 @@
+"""A sent message's move of its request, kept with its delivery and put back if it is lost.
+
+This node moves its request's status when its officer sends a message (the lifecycle judges
+the move before anything is sealed, app/requests/lifecycle.py); the peer moves its own when
+the message arrives. A message lost for good (refused with a final answer, given up at its
+deadline, cancelled) with no attempt that may have left it with the peer never moved the
+peer: left alone, this node stays where the peer never went, and every later decision is
+refused by the peer as not allowed from where it is. So the move is kept with the delivery
+(`OutboxItem.moved_*`) and put back when the message is lost, if nothing came after it in
+the conversation (a later message was judged from the moved status: undoing under it would
+split the nodes another way, so the move stays, and the entry says so).
+
+A delivery whose move was put back is not retried: the message would move the peer and not
+this node. The officer sends it again, as a new message, judged from where the request is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, datetime
+
+from sqlalchemy import and_, exists, or_, select
+from sqlalchemy.orm import Session
+
+from app.audit.log import Event
+from app.delivery.outbox import CANCELLED, FAILED
+from app.errors import Conflict
+from app.models import CaseFile, Message, OutboxItem
+from app.requests import deadlines, lifecycle
+
+
+@dataclass(frozen=True)
+class Before:
+    """What a message may change of its request, as it was before the message."""
+
+    status: str
+    postponed_until: date | None
+    question: str | None
+
+    @classmethod
+    def of(cls, case: CaseFile) -> Before:
+        return cls(case.status, case.postponed_until, case.question_msg_id)
+
+
+def move_columns(before: Before, case: CaseFile) -> dict[str, object]:
+    """The delivery's record of the move from `before` to the request as it is now; none
+    for a message that moved nothing."""
+    if Before.of(case) == before:
+        return {}
+    return {
+        "moved_from": before.status,
+        "moved_to": case.status,
+        "postponed_before": before.postponed_until,
+        "question_before": before.question,
+    }
+
+
+def undo_if_lost(
+    session: Session, item: OutboxItem, message: Message, *, now: datetime, why: str
+) -> Event | None:
+    """Put the request back where it was before `message`, lost for good (the caller knows
+    no attempt may have left it with the peer). Returns the audit entry to record, if the
+    message had moved anything."""
+    if item.moved_to is None or item.moved_from is None or item.move_undone_at is not None:
+        return None
+    # Locked: an arriving message of the peer (which locks it too) is judged before or
+    # after this, never against a status changing underneath.
+    case = session.get(CaseFile, message.request_id, with_for_update=True, populate_existing=True)
+    if case is None:  # pragma: no cover - requests are never deleted
+        return None
+    later = session.scalar(
+        select(
+            exists().where(
+                Message.request_id == case.id,
+                Message.id > message.id,
+                # A later message of ours lost too moved nothing at the peer either.
+                ~exists().where(
+                    and_(
+                        OutboxItem.message_id == Message.id,
+                        or_(OutboxItem.state == FAILED, OutboxItem.state == CANCELLED),
+                    )
+                ),
+            )
+        )
+    )
+    details: dict[str, object] = {"lost": why, "from": item.moved_to, "to": item.moved_from}
+    if later or case.status != item.moved_to:
+        # Something came after it, judged from the moved status: the move stays.
+        return Event(
+            actor="node",
+            action="request.move_kept",
+            outcome="later_messages",
+            request_id=case.id,
+            msg_id=message.msg_id,
+            peer=case.peer_authority,
+            details={**details, "status": case.status},
+        )
+    case.status = item.moved_from
+    case.postponed_until = item.postponed_before
+    case.question_msg_id = item.question_before
+    stored = deadlines.Deadlines(case.acknowledge_by, case.decide_by, case.execute_by)
+    case.due_at = deadlines.due_at(lifecycle.parse_state(case.status), stored, case.postponed_until)
+    case.updated_at = now
+    item.move_undone_at = now
+    return Event(
+        actor="node",
+        action="request.move_undone",
+        request_id=case.id,
+        msg_id=message.msg_id,
+        peer=case.peer_authority,
+        details=details,
+    )
+
+
+def check_retry(item: OutboxItem) -> None:
+    """A delivery whose move was put back is not sent again: it would move the peer only."""
+    if item.move_undone_at is not None:
+        raise Conflict(
+            "this message was lost and the request's status put back to where it was before "
+            "it: send the message again, as a new one",
+            code="move_undone",
+        )
