@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.audit.log import record
 from app.auth.cache import TokenCache
+from app.auth.refusals import already_audited, route_of
 from app.auth.service import Principal, Role, TokenRefused, authenticate, hash_token
 from app.auth.throttle import (
     Limits,
@@ -146,7 +147,7 @@ class Policy:
             allowed = ", ".join(sorted(self.roles))
             refused = Forbidden(f"this operation requires the role {allowed}")
             await run_in_threadpool(_record_forbidden, request, node, principal, allowed)
-            raise refused
+            raise already_audited(refused)
         request.state.principal = principal
         return principal
 
@@ -196,8 +197,6 @@ def _record_forbidden(request: Request, node: Node, principal: Principal, allowe
     limit, then counted (the next `auth.throttled` says how many) and answered 429, so no
     client can flood the log with them. Only the forbidden calls are held back: the client's
     own work goes on."""
-    route = request.scope.get("route")
-    template = getattr(route, "path", None) or request.url.path[:200]
     with unit_of_work(node.sessions) as session:
         verdict = register_refusal(
             session,
@@ -211,7 +210,7 @@ def _record_forbidden(request: Request, node: Node, principal: Principal, allowe
                 actor=f"client:{principal.name}",
                 action="auth.forbidden",
                 outcome="forbidden",
-                details={"route": f"{request.method} {template}", "requires": allowed},
+                details={"route": route_of(request), "requires": allowed},
             )
     if verdict.retry_after is not None:
         raise TooManyRequests(verdict.retry_after)

@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from app.audit.log import record_alone
 from app.audit.router import p2p_router as audit_p2p_router
 from app.audit.router import router as audit_router
+from app.auth.refusals import audit_refusal, should_audit
 from app.auth.throttle import TooManyRequests
 from app.config import Settings, get_settings
 from app.crypto.encoding import utc_now
@@ -174,11 +175,28 @@ def _error(status: int, code: str, detail: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": code, "detail": detail, **extra}, status_code=status)
 
 
+async def _on_record(
+    request: Request, status: int, code: str, exc: BaseException | None = None
+) -> None:
+    """A local API refusal of a token holder, audited (app/auth/refusals.py). The answer goes
+    out even if the log cannot take the entry: the failure is logged instead."""
+    principal = should_audit(request, status, exc)
+    if principal is None:
+        return
+    try:
+        await run_in_threadpool(
+            audit_refusal, request, request.app.state.node, principal, status, code
+        )
+    except Exception as failure:
+        log.error("could not audit a refused call (%s)", type(failure).__name__)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EntraideError)
     async def _domain(_request: Request, exc: EntraideError) -> JSONResponse:
         if isinstance(exc, EnvelopeRefused):
             _request.app.state.metrics.envelope_refused(exc.code)
+        await _on_record(_request, exc.status_code, exc.code, exc)
         response = _error(exc.status_code, exc.code, exc.detail)
         if exc.status_code == 401:
             response.headers["www-authenticate"] = 'Bearer realm="entraide"'
@@ -205,6 +223,7 @@ def install_error_handlers(app: FastAPI) -> None:
             {"loc": list(error.get("loc", ())), "msg": error.get("msg"), "type": error.get("type")}
             for error in exc.errors()[:50]
         ]
+        await _on_record(_request, 422, "invalid_request", exc)
         return _error(
             422, "invalid_request", "the request does not match the schema", fields=fields
         )
@@ -219,6 +238,7 @@ def install_error_handlers(app: FastAPI) -> None:
         # PostgreSQL refuses some values the schemas let through (a NUL character in a text
         # parameter): the caller's input, not a fault. The value itself is not logged.
         log.warning("a value was refused by the database: %s", type(exc.orig).__name__)
+        await _on_record(_request, 400, "invalid_value", exc)
         return _error(
             400,
             "invalid_value",
@@ -271,7 +291,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        response = _error(exc.status_code, code, str(exc.detail))
+        detail = str(exc.detail)
+        if exc.status_code == 400:
+            # FastAPI's only 400: a body that does not parse as JSON at all (too deeply
+            # nested, a number of thousands of digits): a code of ours, documented.
+            code, detail = "invalid_json", "the body could not be parsed as JSON"
+        await _on_record(_request, exc.status_code, code, exc)
+        response = _error(exc.status_code, code, detail)
         for name, value in (exc.headers or {}).items():  # a 405's Allow
             response.headers[name] = value
         return response

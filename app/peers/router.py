@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from app.audit.log import record_alone
+from app.auth.refusals import already_audited
 from app.deps import AdminDep, NodeDep, SessionDep, UnitOfWorkRoute
 from app.errors import EntraideError
 from app.peers import service
@@ -34,7 +35,7 @@ def add_peer(body: AddPeer, session: SessionDep, node: NodeDep, principal: Admin
         record_alone(
             node.sessions, actor=actor, action="peer.add", outcome=exc.code, details=details
         )
-        raise
+        raise already_audited(exc) from None
     return PeerView.of(peer)
 
 

@@ -20,6 +20,7 @@ from sqlalchemy import ColumnElement, delete, exists, false, or_, select
 from sqlalchemy.orm import Session
 
 from app.audit.log import record, record_alone
+from app.auth.refusals import already_audited
 from app.auth.service import Principal, Role
 from app.crypto.encoding import utc_now
 from app.db import unit_of_work
@@ -69,7 +70,7 @@ def check_visible(node: Node, *, request_id: str, principal: Principal, action: 
             peer=peer,
             details={"reason": "not named on a restricted request"},
         )
-        raise NotFound("no such request", code="unknown_request")
+        raise already_audited(NotFound("no such request", code="unknown_request"))
 
 
 def officers_of(session: Session, case: CaseFile) -> list[str]:
