@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Annotated, Any, ParamSpec, TypeVar
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Response
 from fastapi.routing import APIRoute
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -80,6 +81,38 @@ def commit_on_return(endpoint: Callable[P, R]) -> Callable[P, R]:
     return run
 
 
+DUPLICATE_KEY = "duplicate key in a JSON object"
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise _DuplicateKey
+    return result
+
+
+def strict_json(body: bytes) -> Any:
+    """JSON with each key once per object: parsers disagree on which of two copies wins (a
+    proxy in front of the node may read `"to"` from the first, the node from the last), so
+    the local API refuses them as the protocol does (app/crypto/encoding.py)."""
+    try:
+        return json.loads(body, object_pairs_hook=_unique_keys)
+    except _DuplicateKey:
+        # As FastAPI reports a body that does not decode: 422 with the reason (never the key).
+        raise json.JSONDecodeError(DUPLICATE_KEY, "", 0) from None
+
+
+class StrictJsonRequest(Request):
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = strict_json(await self.body())
+        return self._json
+
+
 class UnitOfWorkRoute(APIRoute):
     """A route whose sync endpoint takes `session: SessionDep` commits as it returns.
 
@@ -98,6 +131,14 @@ class UnitOfWorkRoute(APIRoute):
         if takes_session and not inspect.iscoroutinefunction(endpoint):
             endpoint = commit_on_return(endpoint)
         super().__init__(path, endpoint, **kwargs)
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            return await handler(StrictJsonRequest(request.scope, request.receive))
+
+        return strict
 
 
 _CACHE_LOCK = threading.Lock()

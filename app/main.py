@@ -29,6 +29,7 @@ from app.crypto.identity import build_identity_document
 from app.db import DurabilityLost
 from app.delivery.router import router as deliveries_router
 from app.delivery.worker import Worker
+from app.deps import DUPLICATE_KEY
 from app.errors import EntraideError, EnvelopeRefused
 from app.evidence.blobstore import StorageFailed
 from app.evidence.p2p_router import router as evidence_p2p_router
@@ -221,6 +222,8 @@ def install_error_handlers(app: FastAPI) -> None:
         # Field locations and reasons only: echoing the input could leak request content.
         fields = [
             {"loc": list(error.get("loc", ())), "msg": error.get("msg"), "type": error.get("type")}
+            if (error.get("ctx") or {}).get("error") != DUPLICATE_KEY
+            else {"loc": ["body"], "msg": DUPLICATE_KEY, "type": "duplicate_key"}
             for error in exc.errors()[:50]
         ]
         await _on_record(_request, 422, "invalid_request", exc)

@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from app.db import unit_of_work
 from app.models import AuditEntry
-from tests.requests.conftest import Harness
+from tests.requests.conftest import EXAMPLE, Harness
 
 
 def _entries(ar: Harness, action: str, since: int) -> list[dict[str, Any]]:
@@ -91,3 +91,37 @@ def test_a_clients_entries_are_bounded_and_its_calls_go_on(fresh_ar: Harness) ->
     throttled = _entries(ar, "auth.throttled", since)
     assert [e["details"]["key"] for e in throttled] == ["refused"]
     assert ar.get("/api/v1/requests").status_code == 200
+
+
+def test_a_key_given_twice_is_refused_not_read_one_way(fresh_ar: Harness) -> None:
+    """`{"to": "FR/MJ", "to": "AR/MPF"}`: a proxy in front of the node may read the first,
+    the node read the last (and sealed it to AR/MPF). Refused, as the protocol refuses it."""
+    ar = fresh_ar
+    body = json.dumps({**_request_body(), "document": _request_body()["document"]})
+    twice = body.replace('{"to": "ES/MJ"', '{"to": "FR/MJ", "to": "ES/MJ"', 1)
+    assert twice != body
+    answer = ar.http.post(
+        "/api/v1/requests",
+        content=twice.encode(),
+        headers={**ar.as_("officer"), "content-type": "application/json"},
+    )
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["error"] == "invalid_request"
+    assert answer.json()["fields"] == [
+        {"loc": ["body"], "msg": "duplicate key in a JSON object", "type": "duplicate_key"}
+    ]
+    assert ar.get("/api/v1/requests").json()["items"] == []  # nothing was sealed
+    # The same body with each key once goes through.
+    once = ar.http.post(
+        "/api/v1/requests",
+        content=body.encode(),
+        headers={**ar.as_("officer"), "content-type": "application/json"},
+    )
+    assert once.status_code == 201, once.text
+
+
+def _request_body() -> dict[str, Any]:
+    body: dict[str, Any] = json.loads(json.dumps(EXAMPLE))
+    body["to"] = "ES/MJ"
+    body["document"].update(requesting_authority="AR/MPF", requested_authority="ES/MJ")
+    return {"to": body.pop("to"), **body}
