@@ -96,6 +96,11 @@ class Settings(BaseModel):
     max_evidence_attachment_bytes: int = Field(default=64 * 1024**3, ge=0)
     max_evidence_request_bytes: int = Field(default=256 * 1024**3, ge=0)
     max_evidence_attachments: int = Field(default=32, ge=1, le=63)
+    # What one peer may have under way at once (envelopes announced whose parts are still
+    # arriving, and their declared bytes): a pinned peer cannot fill this node's disk with
+    # transfers it never finishes. More waits (429) until some complete or expire.
+    max_inbound_transfers_per_peer: int = Field(default=16, ge=1)
+    max_inbound_bytes_per_peer: int = Field(default=512 * 1024**3, ge=0)
     # Unfinished uploads and unreferenced blobs older than this are removed by cleanup.
     evidence_orphan_hours: float = Field(default=72.0, gt=0)
 

@@ -33,7 +33,7 @@ from app.crypto.receipts import SignedReceipt
 from app.errors import EnvelopeRefused
 from app.evidence.blobstore import BlobError, DirectoryBlobStore, UploadBusy
 from app.evidence.stream import CIPHER_CHUNK, PartReceiver
-from app.models import BlobPart, CaseFile, InboundTransfer, Message, Part
+from app.models import BlobPart, CaseFile, InboundTransfer, Message, Part, Peer
 from app.node import Node
 from app.p2p.service import (
     Accepted,
@@ -169,6 +169,45 @@ def _limits(node: Node, header: env.Header) -> None:
         raise _refuse("too_large", "the attachments are larger than this node accepts", 413)
 
 
+def _within_peer_budget(session: Session, node: Node, header: env.Header) -> None:
+    """A new transfer only while its sender's others leave room (ENTRAIDE_MAX_INBOUND_*):
+    staged parts stay until their envelope expires, and a peer that announces without
+    finishing would fill the blob store for everyone. Announcements of one peer take turns
+    (its pin row locked), so two at once cannot both take the last place."""
+    settings = node.settings
+    session.execute(
+        select(Peer.id).where(Peer.authority_id == header.from_authority).with_for_update()
+    )
+    under_way = list(
+        session.scalars(
+            select(InboundTransfer.header).where(
+                InboundTransfer.sender_authority == header.from_authority
+            )
+        )
+    )
+    declared = sum(info.length for info in header.parts[1:])
+    now, live = utc_now(), 0
+    for raw in under_way:
+        try:
+            other = announced_header(raw)
+        except env.EnvelopeError:
+            continue  # unreadable: the sweep reports it; it holds nothing we can count
+        if other.expires_at <= now:
+            continue  # no part can arrive for it any more; the sweep removes it
+        live += 1
+        declared += sum(info.length for info in other.parts[1:])
+    if (
+        live >= settings.max_inbound_transfers_per_peer
+        or declared > settings.max_inbound_bytes_per_peer
+    ):
+        raise _refuse(
+            "too_many_transfers",
+            f"{live} transfers of yours are still under way here; announce this "
+            "one again once some have completed",
+            429,
+        )
+
+
 def announce(session: Session, node: Node, store: DirectoryBlobStore, *, wire: object) -> Announced:
     settings = node.settings
     try:
@@ -203,6 +242,7 @@ def announce(session: Session, node: Node, store: DirectoryBlobStore, *, wire: o
     check_encryption_keys(session, node, peer, header)
     _check_time(node, header)
     _limits(node, header)
+    _within_peer_budget(session, node, header)
     try:
         content_key = _content_key(node, header)
         _manifest(header, head.parts[0], content_key)

@@ -1,0 +1,61 @@
+"""A pinned peer cannot fill this node's disk with transfers it never finishes: past its
+number of transfers under way (or their declared bytes), a new announcement waits (429,
+retried by its sender) until some complete or expire. One under way is answered as before."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from app.crypto.encoding import utc_now
+from app.crypto.envelope import Attachment, Recipient, seal
+from app.crypto.randomness import SystemRandomness
+from tests.requests.conftest import Harness, example_document
+
+ANNOUNCE = "/p2p/v1/evidence/envelopes"
+
+
+def _announcement(ar: Harness, size: int = 64) -> dict[str, Any]:
+    """A new request from ES/MJ with one attachment, as announced: its header and manifest."""
+    envelope = seal(
+        sender_keys=ar.peer_keys,
+        sender_authority="ES/MJ",
+        recipient=Recipient("AR/MPF", ar.node.keys.encryption_public),
+        content={"kind": "request", "document": example_document()},
+        attachments=[Attachment("disk.img", "application/octet-stream", b"x" * size)],
+        conversation_id=None,
+        in_reply_to=None,
+        created_at=utc_now(),
+        ttl=timedelta(days=1),
+        randomness=SystemRandomness(),
+    )
+    wire = envelope.to_wire()
+    wire["parts"] = wire["parts"][:1]
+    return wire
+
+
+def test_a_peer_has_only_so_many_transfers_under_way(fresh_ar: Harness) -> None:
+    ar = fresh_ar
+    limit = 3
+    ar.node.settings = replace_settings(ar, max_inbound_transfers_per_peer=limit)
+    first = _announcement(ar)
+    for wire in [first] + [_announcement(ar) for _ in range(limit - 1)]:
+        assert ar.http.post(ANNOUNCE, json=wire).status_code == 202
+    refused = ar.http.post(ANNOUNCE, json=_announcement(ar))
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["error"] == "too_many_transfers"
+    # One already under way is answered as before (its sender resumes it).
+    assert ar.http.post(ANNOUNCE, json=first).status_code == 202
+
+
+def test_a_peer_has_only_so_many_bytes_under_way(fresh_ar: Harness) -> None:
+    ar = fresh_ar
+    ar.node.settings = replace_settings(ar, max_inbound_bytes_per_peer=3000)
+    assert ar.http.post(ANNOUNCE, json=_announcement(ar, 1000)).status_code == 202
+    refused = ar.http.post(ANNOUNCE, json=_announcement(ar, 2500))
+    assert (refused.status_code, refused.json()["error"]) == (429, "too_many_transfers")
+    assert ar.http.post(ANNOUNCE, json=_announcement(ar, 1000)).status_code == 202
+
+
+def replace_settings(ar: Harness, **changes: Any) -> Any:
+    return ar.node.settings.model_copy(update=changes)
