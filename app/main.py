@@ -74,6 +74,9 @@ STREAMED_BODIES = (
     ("PUT", "/p2p/v1/evidence/envelopes/"),
 )
 
+# Methods whose local API calls carry a body: refused before it is read without a token.
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
 # Below this a body holds too few JSON values to cost anything to parse (app/limits.py).
 JSON_CHECK_BYTES = 64 * 1024
 
@@ -87,9 +90,13 @@ SECURITY_HEADERS = [
 
 
 async def _refuse(
-    send: Callable[[MutableMapping[str, Any]], Awaitable[None]], status: int, code: str, detail: str
+    send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
+    status: int,
+    code: str,
+    detail: str,
+    headers: dict[str, str] | None = None,
 ) -> None:
-    response = JSONResponse({"error": code, "detail": detail}, status_code=status)
+    response = JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
     await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
     await send({"type": "http.response.body", "body": response.body})
 
@@ -123,13 +130,29 @@ class LimitsAndHeaders:
                 send_with_headers, 400, "invalid_request", "a query parameter holds a NUL"
             )
             return
+        headers = dict(scope.get("headers", []))
+        if (
+            scope.get("method") in BODY_METHODS
+            and str(scope.get("path", "")).startswith("/api/v1/")
+            and b"authorization" not in headers
+        ):
+            # No token, no work: the body is neither read nor parsed (a 422 for its JSON
+            # would come before the 401 the route gives), and nothing is written.
+            await _refuse(
+                send_with_headers,
+                401,
+                "missing_token",
+                "a bearer token is required",
+                headers={"www-authenticate": 'Bearer realm="entraide"'},
+            )
+            return
         if any(
             scope.get("method") == method and str(scope.get("path", "")).startswith(prefix)
             for method, prefix in STREAMED_BODIES
         ):
             await self.app(scope, receive, send_with_headers)
             return
-        declared = dict(scope.get("headers", [])).get(b"content-length")
+        declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
             await self._too_large(send_with_headers)
             return
