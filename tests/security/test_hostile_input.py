@@ -50,8 +50,11 @@ def _error(response: httpx.Response, status: int, code: str) -> None:
 
 def test_bodies_over_the_limit_are_refused_before_anything_else(node: LocalNode) -> None:
     big = b"{" + b" " * MAX_BODY + b"}"
-    # No token at all: the size is checked first, so no authentication work is done.
-    _error(httpx.post(node.url + "/api/v1/requests", content=big), 413, "too_large")
+    # No token at all: refused before the body is read, so no work is done at all.
+    _error(httpx.post(node.url + "/api/v1/requests", content=big), 401, "missing_token")
+    # A token (even a wrong one): the size is checked first, so no authentication work.
+    bearer = {"authorization": "Bearer ent_not-a-token"}
+    _error(httpx.post(node.url + "/api/v1/requests", content=big, headers=bearer), 413, "too_large")
     _error(httpx.post(node.url + "/p2p/v1/envelopes", content=big), 413, "too_large")
 
     def chunks() -> Iterator[bytes]:
