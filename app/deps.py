@@ -251,7 +251,7 @@ def _record_forbidden(request: Request, node: Node, principal: Principal, allowe
                 actor=f"client:{principal.name}",
                 action="auth.forbidden",
                 outcome="forbidden",
-                details={"route": route_of(request), "requires": allowed},
+                details={"route": route_of(request.scope), "requires": allowed},
             )
     if verdict.retry_after is not None:
         raise TooManyRequests(verdict.retry_after)

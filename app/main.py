@@ -154,7 +154,7 @@ class LimitsAndHeaders:
             return
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
-            await self._too_large(send_with_headers)
+            await self._too_large(scope, send_with_headers)
             return
         chunks: list[bytes] = []
         size = 0
@@ -166,13 +166,15 @@ class LimitsAndHeaders:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
-                await self._too_large(send_with_headers)
+                await self._too_large(scope, send_with_headers)
                 return
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = b"".join(chunks)
         # Small bodies cannot hold enough values to matter, and are not worth a thread hop.
         if len(body) > JSON_CHECK_BYTES and await run_in_threadpool(json_values_exceed, body):
+            # On record before the answer: the caller may query the log once it has it.
+            await _record_refusal(scope, scope["app"].state.node, 413, "too_large")
             await _refuse(
                 send_with_headers,
                 413,
@@ -191,7 +193,10 @@ class LimitsAndHeaders:
 
         await self.app(scope, replay, send_with_headers)
 
-    async def _too_large(self, send: Callable[[MutableMapping[str, Any]], Awaitable[None]]) -> None:
+    async def _too_large(
+        self, scope: Scope, send: Callable[[MutableMapping[str, Any]], Awaitable[None]]
+    ) -> None:
+        await _record_refusal(scope, scope["app"].state.node, 413, "too_large")
         await _refuse(send, 413, "too_large", f"body larger than {self.max_body_bytes} bytes")
 
 
@@ -204,13 +209,16 @@ async def _on_record(
 ) -> None:
     """A local API refusal of a token holder, audited (app/auth/refusals.py). The answer goes
     out even if the log cannot take the entry: the failure is logged instead."""
-    principal = should_audit(request, status, exc)
-    if principal is None:
+    await _record_refusal(request.scope, request.app.state.node, status, code, exc)
+
+
+async def _record_refusal(
+    scope: Scope, node: Node, status: int, code: str, exc: BaseException | None = None
+) -> None:
+    if not should_audit(scope, status, exc):
         return
     try:
-        await run_in_threadpool(
-            audit_refusal, request, request.app.state.node, principal, status, code
-        )
+        await run_in_threadpool(audit_refusal, scope, node, status, code)
     except Exception as failure:
         log.error("could not audit a refused call (%s)", type(failure).__name__)
 

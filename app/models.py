@@ -215,6 +215,8 @@ class OutboxItem(Base):
     postponed_before: Mapped[date | None] = mapped_column(Date, nullable=True)
     question_before: Mapped[str | None] = mapped_column(String(32), nullable=True)
     move_undone_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # Lost too, but a message after it held its move then: undone once those are lost.
+    move_kept_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class DeliveryAttempt(Base):

@@ -18,10 +18,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from fastapi import Request
+from sqlalchemy.orm import Session
+from starlette.types import Scope
 
 from app.audit.log import record
-from app.auth.service import Principal
+from app.auth.service import Principal, TokenRefused, authenticate
 from app.auth.throttle import auth_limits, register_refusal
 from app.db import unit_of_work
 from app.node import Node
@@ -38,34 +39,52 @@ def already_audited(exc: BaseException) -> BaseException:
     return exc
 
 
-def route_of(request: Request) -> str:
+def route_of(scope: Scope) -> str:
     """The method and the route's template (`/api/v1/requests/{request_id}`): the path itself
-    may carry whatever the caller sent."""
-    route = request.scope.get("route")
-    template = getattr(route, "path", None) or request.url.path[:200]
-    return f"{request.method} {template}"
+    may carry whatever the caller sent (before routing, its first 200 characters)."""
+    route = scope.get("route")
+    template = getattr(route, "path", None) or str(scope.get("path", ""))[:200]
+    return f"{scope.get('method', '')} {template}"
 
 
-def should_audit(request: Request, status: int, exc: BaseException | None) -> Principal | None:
-    """The caller to put on record for this refusal, or None when it is not recorded here."""
+def should_audit(scope: Scope, status: int, exc: BaseException | None) -> bool:
+    """Whether this refusal is recorded here (the caller is found by `audit_refusal`)."""
     if not 400 <= status < 500 or status in NOT_HERE:
-        return None
-    if not request.url.path.startswith(LOCAL_API):
-        return None
+        return False
+    if not str(scope.get("path", "")).startswith(LOCAL_API):
+        return False
     if exc is not None and getattr(exc, AUDITED, False):
+        return False
+    return any(name == b"authorization" for name, _ in scope.get("headers", []))
+
+
+def _caller(scope: Scope, session: Session) -> Principal | None:
+    """Who made the call: as the route's policy found it, or, for a refusal that came before
+    the policy ran (a body that does not parse, one too large), the token's own client. A
+    token that does not authenticate is not on record here (its refusal would have been)."""
+    principal = scope.get("state", {}).get("principal")
+    if isinstance(principal, Principal):
+        return principal
+    header = dict(scope.get("headers", [])).get(b"authorization", b"")
+    scheme, _, token = header.decode("latin-1").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
         return None
-    principal = getattr(request.state, "principal", None)
-    return principal if isinstance(principal, Principal) else None
+    try:
+        return authenticate(session, token.strip())
+    except TokenRefused:
+        return None
 
 
-def audit_refusal(
-    request: Request, node: Node, principal: Principal, status: int, code: str
-) -> None:
+def audit_refusal(scope: Scope, node: Node, status: int, code: str) -> None:
     """One `api.refused` entry, within the client's bound (module docstring)."""
-    details: dict[str, Any] = {"route": route_of(request), "status": status}
-    request_id = request.path_params.get("request_id") or request.path_params.get("draft_id")
-    actor = f"client:{principal.name}"
+    details: dict[str, Any] = {"route": route_of(scope), "status": status}
+    params = scope.get("path_params", {})
+    request_id = params.get("request_id") or params.get("draft_id")
     with unit_of_work(node.sessions) as session:
+        principal = _caller(scope, session)
+        if principal is None:
+            return
+        actor = f"client:{principal.name}"
         verdict = register_refusal(
             session, [f"refused:{principal.client_id}"], auth_limits(node.settings), actor=actor
         )

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.audit.log import record, record_many
+from app.audit.log import Event, record, record_many
 from app.crypto.encoding import utc_now
 from app.delivery import outbox
 from app.errors import Conflict, NotFound
@@ -114,8 +114,13 @@ def cancel_delivery(session: Session, *, delivery_id: int, actor: str) -> Outbox
     # Cancelling stops our attempts; it cannot recall an envelope the peer may already hold
     # (an earlier answer was lost): the record says so rather than imply it was never sent.
     may_hold = outbox.peer_may_hold(session, item.id)
-    record(
-        session,
+    # The request's lock (for the undo) before the audit log's, as every writer takes them.
+    undone = (
+        []
+        if may_hold  # it may have reached the peer: its move stays
+        else moves.undo_if_lost(session, item, message, now=item.updated_at, why="cancelled")
+    )
+    cancelled = Event(
         actor=actor,
         action="delivery.cancelled",
         request_id=message.request_id,
@@ -123,8 +128,5 @@ def cancel_delivery(session: Session, *, delivery_id: int, actor: str) -> Outbox
         peer=item.peer_authority,
         details={"delivery": item.id, "from_state": previous, "peer_may_hold_it": may_hold},
     )
-    if not may_hold:  # it never reached the peer: nor does its move stay here
-        undone = moves.undo_if_lost(session, item, message, now=item.updated_at, why="cancelled")
-        if undone is not None:
-            record_many(session, [undone])
+    record_many(session, [cancelled, *undone])
     return item

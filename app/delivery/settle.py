@@ -291,9 +291,7 @@ def _apply(
     if state == outbox.FAILED and not _may_hold_it(session, item, outcome):
         # Lost for good: the request goes back to where it was before this message, as the
         # peer never moved (app/requests/moves.py).
-        undone = moves.undo_if_lost(session, item, message, now=now, why="failed")
-        if undone is not None:
-            events.append(undone)
+        events.extend(moves.undo_if_lost(session, item, message, now=now, why="failed"))
     if state == outbox.FAILED:
         events.append(
             Event(

@@ -19,6 +19,7 @@ from fastapi import APIRouter, Header, Path, Request, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from app.auth.refusals import already_audited
 from app.auth.service import Principal
 from app.crypto.envelope import EnvelopeError
 from app.db import unit_of_work
@@ -59,7 +60,7 @@ def _check_visible(node: Node, draft_id: str, principal: Principal) -> None:
     except NotFound as exc:
         # What an id never used gets on these routes: `unknown_request` here would tell
         # the caller that a restricted request has this id.
-        raise NotFound("no such draft", code="unknown_draft") from exc
+        raise already_audited(NotFound("no such draft", code="unknown_draft")) from exc
 
 
 @router.get("/drafts/{draft_id}")

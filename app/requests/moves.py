@@ -57,54 +57,81 @@ def move_columns(before: Before, case: CaseFile) -> dict[str, object]:
 
 def undo_if_lost(
     session: Session, item: OutboxItem, message: Message, *, now: datetime, why: str
-) -> Event | None:
+) -> list[Event]:
     """Put the request back where it was before `message`, lost for good (the caller knows
-    no attempt may have left it with the peer). Returns the audit entry to record, if the
-    message had moved anything."""
+    no attempt may have left it with the peer). Returns the audit entries to record: none
+    if the message moved nothing. Earlier lost messages whose move was kept for this one
+    (it came after them) are undone with it, newest first: a chain of lost messages leaves
+    the request where it was before the first."""
     if item.moved_to is None or item.moved_from is None or item.move_undone_at is not None:
-        return None
+        return []
     # Locked: an arriving message of the peer (which locks it too) is judged before or
     # after this, never against a status changing underneath.
     case = session.get(CaseFile, message.request_id, with_for_update=True, populate_existing=True)
     if case is None:  # pragma: no cover - requests are never deleted
-        return None
-    later = session.scalar(
-        select(
-            exists().where(
-                Message.request_id == case.id,
-                Message.id > message.id,
-                # A later message of ours lost too moved nothing at the peer either.
-                ~exists().where(
-                    and_(
-                        OutboxItem.message_id == Message.id,
-                        or_(OutboxItem.state == FAILED, OutboxItem.state == CANCELLED),
-                    )
-                ),
+        return []
+    events: list[Event] = []
+    while True:
+        details: dict[str, object] = {"lost": why, "from": item.moved_to, "to": item.moved_from}
+        if case.status != item.moved_to or _followed(session, case, message):
+            # Something came after it, judged from the moved status: the move stays, until
+            # what came after is lost too.
+            item.move_kept_at = now
+            events.append(
+                _event("request.move_kept", case, message, {**details, "status": case.status})
             )
+            return events
+        _undo(case, item, now)
+        events.append(_event("request.move_undone", case, message, details))
+        earlier = session.execute(
+            select(OutboxItem, Message)
+            .join(Message, Message.id == OutboxItem.message_id)
+            .where(
+                Message.request_id == case.id,
+                Message.id < message.id,
+                OutboxItem.move_kept_at.is_not(None),
+                OutboxItem.move_undone_at.is_(None),
+            )
+            .order_by(Message.id.desc())
+            .limit(1)
+        ).first()
+        if earlier is None:
+            return events
+        item, message = earlier
+        why = "failed" if item.state == FAILED else "cancelled"
+
+
+def _followed(session: Session, case: CaseFile, message: Message) -> bool:
+    """Whether a message of the conversation came after `message` and still counts: any of
+    the peer's, or one of ours not lost itself (a lost one moved nothing at the peer)."""
+    lost = exists().where(
+        and_(
+            OutboxItem.message_id == Message.id,
+            or_(OutboxItem.state == FAILED, OutboxItem.state == CANCELLED),
         )
     )
-    details: dict[str, object] = {"lost": why, "from": item.moved_to, "to": item.moved_from}
-    if later or case.status != item.moved_to:
-        # Something came after it, judged from the moved status: the move stays.
-        return Event(
-            actor="node",
-            action="request.move_kept",
-            outcome="later_messages",
-            request_id=case.id,
-            msg_id=message.msg_id,
-            peer=case.peer_authority,
-            details={**details, "status": case.status},
+    return bool(
+        session.scalar(
+            select(exists().where(Message.request_id == case.id, Message.id > message.id, ~lost))
         )
-    case.status = item.moved_from
+    )
+
+
+def _undo(case: CaseFile, item: OutboxItem, now: datetime) -> None:
+    case.status = item.moved_from or case.status
     case.postponed_until = item.postponed_before
     case.question_msg_id = item.question_before
     stored = deadlines.Deadlines(case.acknowledge_by, case.decide_by, case.execute_by)
     case.due_at = deadlines.due_at(lifecycle.parse_state(case.status), stored, case.postponed_until)
     case.updated_at = now
     item.move_undone_at = now
+
+
+def _event(action: str, case: CaseFile, message: Message, details: dict[str, object]) -> Event:
     return Event(
         actor="node",
-        action="request.move_undone",
+        action=action,
+        outcome="later_messages" if action == "request.move_kept" else "ok",
         request_id=case.id,
         msg_id=message.msg_id,
         peer=case.peer_authority,

@@ -1,5 +1,5 @@
 """outbox: the move each sent message made to its request (moved_from, moved_to,
-postponed_before, question_before) and when it was undone (move_undone_at)
+postponed_before, question_before) and when it was undone or kept (move_undone_at, move_kept_at)
 
 A message lost for good (refused, given up, cancelled, with no attempt that may have left it
 with the peer) had moved this node's status where the peer never went, and the two nodes
@@ -33,10 +33,14 @@ def upgrade() -> None:
         batch_op.add_column(
             sa.Column("move_undone_at", app.models.UTCDateTime(timezone=True), nullable=True)
         )
+        batch_op.add_column(
+            sa.Column("move_kept_at", app.models.UTCDateTime(timezone=True), nullable=True)
+        )
 
 
 def downgrade() -> None:
     with op.batch_alter_table("outbox") as batch_op:
+        batch_op.drop_column("move_kept_at")
         batch_op.drop_column("move_undone_at")
         batch_op.drop_column("question_before")
         batch_op.drop_column("postponed_before")

@@ -151,3 +151,26 @@ def test_a_move_with_a_message_after_it_stays(ar: Harness) -> None:
     assert _details(ar, "request.move_kept", ack_id) == [
         {"lost": "failed", "from": "acknowledged", "to": "delivered", "status": "acknowledged"}
     ]
+
+
+ACCEPT = {"type": "acceptance", "text": "Accepted."}
+REFUSED_FOR_GOOD = (400, {"error": "unknown_recipient_key", "detail": "x"})
+
+
+def test_a_chain_of_lost_messages_goes_back_to_before_the_first(ar: Harness) -> None:
+    """An acknowledgement, then an acceptance that follows it, both refused for good: the
+    first was settled while the second was still to come (its move kept), then the second
+    was lost too. The request goes back to `delivered`, not to the acknowledgement's
+    `acknowledged` (where the peer never was)."""
+    request_id = ar.receive_request()
+    ack_id = ar.reply(request_id, ACK).json()["msg_id"]
+    accept_id = ar.reply(request_id, ACCEPT).json()["msg_id"]
+    assert ar.status(request_id) == "accepted"
+    _claim_and_settle(ar, ack_id, *REFUSED_FOR_GOOD)
+    assert ar.status(request_id) == "accepted"  # the acceptance may still arrive
+    _claim_and_settle(ar, accept_id, *REFUSED_FOR_GOOD)
+    detail = ar.get(f"/api/v1/requests/{request_id}").json()
+    assert detail["status"] == "delivered"
+    assert "acknowledgement" in detail["allowed_messages"]
+    assert [d["to"] for d in _details(ar, "request.move_undone", accept_id)] == ["acknowledged"]
+    assert [d["to"] for d in _details(ar, "request.move_undone", ack_id)] == ["delivered"]

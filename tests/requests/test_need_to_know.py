@@ -158,6 +158,8 @@ def test_a_submitted_draft_follows_its_request_restriction(ar: Harness) -> None:
         ("client:alice", REFUSED, draft_id),
         ("client:alice", REFUSED, draft_id),
     ]
+    # Audited where it was refused, and not a second time as a refused call.
+    assert [r for r in ar.audit("api.refused") if r[2] == draft_id] == []
 
 
 @pytest.mark.parametrize("route", ["read", "message", "attachment"])

@@ -43,6 +43,12 @@ def test_a_token_holders_refused_calls_are_on_record(fresh_ar: Harness) -> None:
         content=b"[" * 5000 + b"]" * 5000,
         headers={**ar.as_("officer"), "content-type": "application/json"},
     )
+    bomb = ar.http.post(
+        "/api/v1/requests",
+        content=b"[" + b"0," * 300_000 + b"0]",
+        headers={**ar.as_("officer"), "content-type": "application/json"},
+    )
+    assert (bomb.status_code, bomb.json()["error"]) == (413, "too_large")
     assert invalid.status_code == 422
     assert missing.status_code == 404
     assert (broken.status_code, broken.json()["error"]) in {
@@ -50,13 +56,16 @@ def test_a_token_holders_refused_calls_are_on_record(fresh_ar: Harness) -> None:
         (422, "invalid_request"),
     }
     refused = _entries(ar, "api.refused", since)
-    assert [(e["actor"], e["outcome"], e["details"]) for e in refused[:2]] == [
+    assert [(e["actor"], e["outcome"], e["details"]) for e in refused] == [
         ("client:officer", "invalid_request", {"route": "POST /api/v1/requests", "status": 422}),
         (
             "client:officer",
             "unknown_request",
             {"route": "GET /api/v1/requests/{request_id}", "status": 404},
         ),
+        # Refused before the route's policy ran: the token's client is found all the same.
+        ("client:officer", "invalid_json", {"route": "POST /api/v1/requests", "status": 400}),
+        ("client:officer", "too_large", {"route": "POST /api/v1/requests", "status": 413}),
     ]
     assert refused[1]["request_id"] == unknown  # an auditor finds the probes of an id
 
@@ -113,6 +122,7 @@ def test_a_key_given_twice_is_refused_not_read_one_way(fresh_ar: Harness) -> Non
         {"loc": ["body"], "msg": "duplicate key in a JSON object", "type": "duplicate_key"}
     ]
     assert ar.get("/api/v1/requests").json()["items"] == []  # nothing was sealed
+    assert [e["outcome"] for e in _entries(ar, "api.refused", 0)] == ["invalid_request"]
     # The same body with each key once goes through.
     once = ar.http.post(
         "/api/v1/requests",
