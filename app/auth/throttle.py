@@ -95,7 +95,16 @@ def _seconds(delta: timedelta) -> int:
 
 
 def counter_row(session: Session, key: str, now: datetime) -> AuthThrottle:
-    """The key's row, locked; created if missing without racing another process."""
+    """The key's row, locked; created if missing without racing another process (nor the
+    hourly pruning, which may delete it between our insert and our lock: then again)."""
+    for _ in range(3):
+        row = _insert_and_lock(session, key, now)
+        if row is not None:
+            return row
+    raise RuntimeError(f"throttle row {key!r} keeps vanishing")
+
+
+def _insert_and_lock(session: Session, key: str, now: datetime) -> AuthThrottle | None:
     values = {"key": key, "window_start": now, "failures": 0, "suppressed": 0}
     dialect = session.get_bind().dialect.name
     # Each dialect's insert is imported where it is used: the PostgreSQL dialect alone costs
@@ -111,10 +120,8 @@ def counter_row(session: Session, key: str, now: datetime) -> AuthThrottle:
     elif session.get(AuthThrottle, key) is None:
         session.add(AuthThrottle(**values))
         session.flush()
-    row = session.get(AuthThrottle, key, with_for_update=True, populate_existing=True)
-    if row is None:  # inserted just above, or already there
-        raise RuntimeError(f"throttle row {key!r} vanished")
-    return row
+    # None if it was pruned after our insert found it there (`prune_idle`, PostgreSQL).
+    return session.get(AuthThrottle, key, with_for_update=True, populate_existing=True)
 
 
 def blocked_for(session: Session, keys: Sequence[str], now: datetime | None = None) -> int | None:

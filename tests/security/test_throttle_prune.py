@@ -4,9 +4,12 @@ pruned, what it suppressed is audited as it goes, and live blocks and other time
 from __future__ import annotations
 
 import json
+import threading
+import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.auth.throttle import (
@@ -22,7 +25,7 @@ from app.config import Settings
 from app.db import make_engine
 from app.migrate import upgrade
 from app.models import AuditEntry, AuthThrottle
-from tests.conftest import Databases
+from tests.conftest import Databases, make_databases
 
 LIMITS = Limits(limit=3, window=timedelta(minutes=5), block=timedelta(minutes=10))
 T0 = datetime(2026, 11, 28, 12, tzinfo=UTC)
@@ -116,3 +119,47 @@ def test_many_counters_are_pruned_in_batches_and_the_sweep_runs_hourly(
             assert keys(session) == set()
     finally:
         engine.dispose()
+
+
+def test_a_refusal_counted_while_its_row_is_pruned_is_counted_again(tmp_path: Path) -> None:
+    """PostgreSQL: the pruning locks an idle row and deletes it; a refusal of that address
+    meanwhile found the row there (its insert did nothing), waited for the lock, then found
+    nothing: a 500 instead of a 401. It counts on a new row instead."""
+    databases = make_databases("postgresql", tmp_path)
+    url = databases.new()
+    upgrade(url)
+    engine = make_engine(url)
+    sessions = sessionmaker(engine)
+    try:
+        with sessions.begin() as session:
+            session.add(
+                AuthThrottle(key="address:192.0.2.9", window_start=T0, failures=1, suppressed=0)
+            )
+        pruning = sessions()
+        pruning.begin()
+        pruning.execute(
+            select(AuthThrottle.key)
+            .where(AuthThrottle.key == "address:192.0.2.9")
+            .with_for_update()
+        ).all()
+        outcome: list[object] = []
+
+        def refusal() -> None:
+            with sessions.begin() as session:
+                try:
+                    row = counter_row(session, "address:192.0.2.9", T0 + timedelta(hours=1))
+                    outcome.append(row.failures)
+                except Exception as exc:  # the defect: "throttle row ... vanished"
+                    outcome.append(exc)
+
+        thread = threading.Thread(target=refusal)
+        thread.start()
+        time.sleep(0.5)  # the refusal waits on the pruning's lock
+        pruning.execute(delete(AuthThrottle).where(AuthThrottle.key == "address:192.0.2.9"))
+        pruning.commit()
+        pruning.close()
+        thread.join(10)
+        assert outcome == [0]  # a fresh counter, locked, for the refusal to count on
+    finally:
+        engine.dispose()
+        databases.drop_all()
