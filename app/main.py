@@ -22,7 +22,6 @@ from app.audit.log import record_alone
 from app.audit.router import p2p_router as audit_p2p_router
 from app.audit.router import router as audit_router
 from app.auth.refusals import audit_refusal, should_audit
-from app.auth.throttle import TooManyRequests
 from app.config import Settings, get_settings
 from app.crypto.encoding import utc_now
 from app.crypto.identity import build_identity_document
@@ -232,8 +231,9 @@ def install_error_handlers(app: FastAPI) -> None:
         response = _error(exc.status_code, exc.code, exc.detail)
         if exc.status_code == 401:
             response.headers["www-authenticate"] = 'Bearer realm="entraide"'
-        if isinstance(exc, TooManyRequests):
-            response.headers["retry-after"] = str(exc.retry_after)
+        retry_after = getattr(exc, "retry_after", None)
+        if isinstance(retry_after, int):  # TooManyRequests, TooManyTransfers
+            response.headers["retry-after"] = str(retry_after)
         return response
 
     @app.exception_handler(StoredEnvelopeCorrupt)

@@ -30,7 +30,7 @@ from app.crypto.encoding import (
     utc_now,
 )
 from app.crypto.receipts import SignedReceipt
-from app.errors import EnvelopeRefused
+from app.errors import EntraideError, EnvelopeRefused
 from app.evidence.blobstore import BlobError, DirectoryBlobStore, UploadBusy
 from app.evidence.stream import CIPHER_CHUNK, PartReceiver
 from app.models import BlobPart, CaseFile, InboundTransfer, Message, Part, Peer
@@ -200,12 +200,19 @@ def _within_peer_budget(session: Session, node: Node, header: env.Header) -> Non
         live >= settings.max_inbound_transfers_per_peer
         or declared > settings.max_inbound_bytes_per_peer
     ):
-        raise _refuse(
-            "too_many_transfers",
-            f"{live} transfers of yours are still under way here; announce this "
-            "one again once some have completed",
-            429,
+        raise TooManyTransfers(
+            f"{live} transfers of yours are still under way here; announce this one again "
+            "once some have completed"
         )
+
+
+class TooManyTransfers(EntraideError):
+    """Not a refusal of the envelope (neither audited nor counted against the sender's
+    address, whose other traffic goes on): flow control, answered 429 with Retry-After."""
+
+    status_code = 429
+    code = "too_many_transfers"
+    retry_after = 60
 
 
 def announce(session: Session, node: Node, store: DirectoryBlobStore, *, wire: object) -> Announced:

@@ -41,9 +41,14 @@ def test_a_peer_has_only_so_many_transfers_under_way(fresh_ar: Harness) -> None:
     first = _announcement(ar)
     for wire in [first] + [_announcement(ar) for _ in range(limit - 1)]:
         assert ar.http.post(ANNOUNCE, json=wire).status_code == 202
+    refused_before = len(ar.audit("envelope.refused"))
     refused = ar.http.post(ANNOUNCE, json=_announcement(ar))
     assert refused.status_code == 429, refused.text
     assert refused.json()["error"] == "too_many_transfers"
+    assert int(refused.headers["retry-after"]) > 0
+    # Flow control, not a refusal: neither audited nor counted against the peer's address
+    # (whose part uploads for the transfers under way must go on).
+    assert len(ar.audit("envelope.refused")) == refused_before
     # One already under way is answered as before (its sender resumes it).
     assert ar.http.post(ANNOUNCE, json=first).status_code == 202
 
