@@ -200,6 +200,11 @@ def get_settings() -> Settings:
     return Settings()
 
 
+# Seconds between a post's last lease check and its first byte, at most (loading the
+# envelope, the thread pool's queue): kept in hand when judging whether a lease would last.
+LEASE_MARGIN_SECONDS = 5.0
+
+
 def longest_exchange_seconds(settings: Settings) -> float:
     """The longest one exchange with a peer can last: the connection (at most 10 s of the
     timeout) and the client's deadline of four timeouts (app/peers/client.py)."""

@@ -20,7 +20,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.engine import make_url
 
 from app.audit.anchor import LogRolledBack, SignedLogAnchor
-from app.config import Settings, longest_exchange_seconds
+from app.config import LEASE_MARGIN_SECONDS, Settings, longest_exchange_seconds
 from app.crypto.encoding import utc_now
 from app.crypto.identity import IdentityError, parse_identity_document
 from app.crypto.keys import IDENTITY_FILE, KEY_FILES, load_identity
@@ -120,13 +120,14 @@ def _configuration_findings(settings: Settings) -> Iterator[Finding]:
             "ENTRAIDE_ALLOW_INSECURE_HTTP is on: only for development and tests",
         )
     longest = longest_exchange_seconds(settings)
-    if settings.lease_seconds <= longest:
+    if settings.lease_seconds < longest + LEASE_MARGIN_SECONDS:  # the worker's rule
         yield Finding(
             WARN,
             "configuration",
-            f"ENTRAIDE_LEASE_SECONDS ({settings.lease_seconds}) is not longer than a post to a "
-            f"peer may last ({longest:g} s with ENTRAIDE_PEER_TIMEOUT_SECONDS="
-            f"{settings.peer_timeout_seconds:g}): with several workers, a second one may post a "
+            f"ENTRAIDE_LEASE_SECONDS ({settings.lease_seconds}) leaves no room for the longest "
+            f"post to a peer ({longest:g} s with ENTRAIDE_PEER_TIMEOUT_SECONDS="
+            f"{settings.peer_timeout_seconds:g}, and {LEASE_MARGIN_SECONDS:g} s in hand): every "
+            "post renews its lease first, and with several workers a second one may post a "
             "delivery while the first still is; raise the lease or lower the timeout",
         )
     if not settings.run_worker:

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from app.audit.checkpoints import maybe_checkpoint
 from app.audit.witness import witness_receipt_checkpoint
 from app.auth.throttle import ThrottlePrune
-from app.config import Settings, longest_exchange_seconds
+from app.config import LEASE_MARGIN_SECONDS, Settings, longest_exchange_seconds
 from app.crypto.encoding import utc_now
 from app.crypto.receipts import ReceiptError, decode_receipt
 from app.db import commit_without_waiting, unit_of_work
@@ -72,9 +72,6 @@ RETRYABLE_CODES = {
 RETRYABLE_STATUS = {408, 425, 429}
 # A batch's outcomes are settled together once all are in, or whatever is in after this long.
 SETTLE_WAIT_SECONDS = 1.0
-# Seconds between a post's last renewal check and its first byte, at most (loading the
-# envelope, the thread pool's queue): kept in hand when judging whether a lease would last.
-LEASE_MARGIN_SECONDS = 5.0
 # Envelopes up to this size are read with the claim, while a round's preloaded envelopes total
 # at most ROUND_PRELOAD_BYTES; others (up to the 32 MiB body limit) are read by the thread that
 # posts them, so a round never holds more than a few of them in memory.

@@ -267,10 +267,32 @@ def _download(http: httpx.Client, entry: dict[str, Any], target: Path, progress:
         partial.unlink(missing_ok=True)
         typer.echo(f"error: {name}: SHA-256 differs from the manifest; nothing was kept", err=True)
         raise typer.Exit(1)
+    _publish(partial, target)
+
+
+def _publish(partial: Path, target: Path) -> None:
+    """The checked file under its name, never over a file that appeared meanwhile: a hard
+    link fails if the name is taken. On a file system without hard links (FAT, some network
+    shares) a rename after a last look instead. A failure keeps the checked partial file."""
     try:
-        os.link(partial, target)  # never over a file that appeared meanwhile
+        os.link(partial, target)
     except FileExistsError:
         typer.echo(f"error: {target} appeared meanwhile; it was not overwritten", err=True)
-        raise typer.Exit(1) from None
-    finally:
         partial.unlink(missing_ok=True)
+        raise typer.Exit(1) from None
+    except OSError:
+        if target.exists() or target.is_symlink():
+            typer.echo(f"error: {target} appeared meanwhile; it was not overwritten", err=True)
+            partial.unlink(missing_ok=True)
+            raise typer.Exit(1) from None
+        try:
+            partial.rename(target)
+        except OSError as exc:
+            typer.echo(
+                f"error: {target} could not be written ({exc.strerror}); the checked file "
+                f"is kept as {partial}",
+                err=True,
+            )
+            raise typer.Exit(1) from None
+        return
+    partial.unlink(missing_ok=True)

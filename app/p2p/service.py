@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from typing import cast
 
 from pydantic import ValidationError
-from sqlalchemy import Table, select
+from sqlalchemy import Table, delete, select
 from sqlalchemy.orm import Session
 
 from app.audit.log import Event, record, record_many
@@ -24,7 +24,7 @@ from app.crypto.receipts import SignedReceipt, issue_receipt
 from app.domain.document import RequestDocument
 from app.domain.messages import MessageDocument
 from app.errors import EnvelopeRefused
-from app.models import AuditCheckpoint, CaseFile, Message, Receipt
+from app.models import AuditCheckpoint, CaseFile, InboundTransfer, Message, Receipt
 from app.node import Node
 from app.peers.keys import (
     PinnedKeys,
@@ -269,6 +269,11 @@ def admit_opened(
         existing = stored_message(session, header.msg_id)
         if existing is not None:
             if existing.direction == "inbound" and existing.envelope_hash == envelope_hash:
+                # A streamed copy completing here has nothing more to receive: its transfer
+                # goes (as when a repeat is found before the lock, app/evidence/inbound.py).
+                session.execute(
+                    delete(InboundTransfer).where(InboundTransfer.msg_id == header.msg_id)
+                )
                 return answer_repeat(session, node, header, existing)
             raise _refuse("replayed", "this message id was already used for another envelope", 409)
     document = _check_content(header, opened, case)

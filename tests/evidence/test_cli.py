@@ -79,3 +79,29 @@ def test_each_attachment_gets_a_file_of_its_own() -> None:
         ".bashrc (2)",
         "attachment-6",
     ]
+
+
+def test_a_checked_download_is_published_without_hard_links(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FAT drives and some network shares have no hard links: the checked file is renamed
+    into place instead, still never over a file that is there."""
+    import errno
+
+    import typer
+
+    from app.evidence import cli
+
+    def no_links(_source: object, _target: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(cli.os, "link", no_links)
+    partial, target = tmp_path / ".evidence.bin.partial", tmp_path / "evidence.bin"
+    partial.write_bytes(b"checked")
+    cli._publish(partial, target)
+    assert target.read_bytes() == b"checked"
+    assert not partial.exists()
+    partial.write_bytes(b"another")
+    with pytest.raises(typer.Exit):
+        cli._publish(partial, target)
+    assert target.read_bytes() == b"checked"  # not overwritten

@@ -145,3 +145,17 @@ def test_skew_is_read_from_the_peers_date_header() -> None:
     assert skew_from_date_header(behind, sent, received) == -3601.0
     with pytest.raises(ValueError, match="no Date header"):
         skew_from_date_header(None, sent, received)
+
+
+@pytest.mark.parametrize(
+    ("lease", "warned"), [(120, True), (134, True), (135, False), (300, False)]
+)
+def test_doctor_warns_of_a_lease_the_worker_must_renew_before_every_post(
+    lease: int, warned: bool
+) -> None:
+    from app.config import Settings
+    from app.doctor import check_configuration
+
+    findings = check_configuration(Settings(lease_seconds=lease, peer_timeout_seconds=30))
+    said = [f.message for f in findings if "ENTRAIDE_LEASE_SECONDS" in f.message]
+    assert bool(said) is warned
