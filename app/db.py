@@ -5,8 +5,9 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -328,3 +329,29 @@ def unit_of_work(factory: sessionmaker[Session]) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+class PeriodicJob:
+    """A transaction of a node's background loop (pruning, sweeping), run at most once per
+    period, the first at once; several processes may run it at the same time."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        job: Callable[[Session], int],
+        *,
+        every_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        from app.clock import Every  # app.clock imports FastAPI: only a node's loop needs it
+
+        self.sessions = sessions
+        self.job = job
+        self._every = Every(every_seconds, clock)
+
+    def run_due(self) -> int | None:
+        """What the job returned (how many rows it removed, say), or None when not due."""
+        if not self._every.due():
+            return None
+        with unit_of_work(self.sessions) as session:
+            return self.job(session)

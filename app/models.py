@@ -93,6 +93,22 @@ class ApiClient(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
+class IdempotencyKey(Base):
+    """A case system's `Idempotency-Key` on a submission, and the answer it got: the same key
+    again (a retry after a timeout) gets that answer, and nothing is sent twice
+    (app/requests/idempotency.py). Kept for IDEMPOTENCY_DAYS."""
+
+    __tablename__ = "idempotency_keys"
+
+    client_id: Mapped[int] = mapped_column(ForeignKey("api_clients.id"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(100), primary_key=True)
+    # SHA-256 of the call (route and body): the key again with another call is refused.
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    response: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
 class CaseFile(Base):
     """One cooperation request and its conversation of sealed messages, as this node sees it."""
 

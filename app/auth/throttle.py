@@ -33,10 +33,9 @@ from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.audit.log import record
-from app.clock import Every
 from app.config import Settings
 from app.crypto.encoding import utc_now
-from app.db import unit_of_work
+from app.db import PeriodicJob
 from app.errors import EntraideError
 from app.models import AuthThrottle
 
@@ -230,7 +229,7 @@ def prune_idle(session: Session, limits: Limits, now: datetime | None = None) ->
             return removed
 
 
-class ThrottlePrune:
+class ThrottlePrune(PeriodicJob):
     """`prune_idle` for a node's background loop, at most once per period (the first at once);
     several processes may prune at the same time."""
 
@@ -242,16 +241,17 @@ class ThrottlePrune:
         every_seconds: float = PRUNE_EVERY_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.limits = auth_limits(settings)
-        self.sessions = sessions
-        self._every = Every(every_seconds, clock)
+        limits = auth_limits(settings)
+        super().__init__(
+            sessions,
+            lambda session: _pruned(session, limits),
+            every_seconds=every_seconds,
+            clock=clock,
+        )
 
-    def run_due(self) -> int | None:
-        """How many counters went, or None when no pruning was due."""
-        if not self._every.due():
-            return None
-        with unit_of_work(self.sessions) as session:
-            removed = prune_idle(session, self.limits)
-        if removed:
-            log.info("removed %d idle refusal counters", removed)
-        return removed
+
+def _pruned(session: Session, limits: Limits) -> int:
+    removed = prune_idle(session, limits)
+    if removed:
+        log.info("removed %d idle refusal counters", removed)
+    return removed

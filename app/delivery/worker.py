@@ -28,7 +28,7 @@ from app.auth.throttle import ThrottlePrune
 from app.config import LEASE_MARGIN_SECONDS, Settings, longest_exchange_seconds
 from app.crypto.encoding import utc_now
 from app.crypto.receipts import ReceiptError, decode_receipt
-from app.db import commit_without_waiting, unit_of_work
+from app.db import PeriodicJob, commit_without_waiting, unit_of_work
 from app.delivery import outbox
 from app.delivery.settle import Outcome, settle_batch
 from app.errors import PeerError
@@ -47,6 +47,7 @@ from app.peers.client import (
     read_json_bounded,
 )
 from app.peers.keys import verify_peer_receipt
+from app.requests import idempotency
 from app.requests.store import load_envelope, load_envelopes
 
 log = logging.getLogger(__name__)
@@ -255,8 +256,10 @@ class Worker:
         self._witnessed: dict[str, str] = {}
         # Abandoned evidence uploads and unreferenced blobs, swept from this loop (hourly).
         self._sweep = OrphanSweep(node)
-        # Refusal counters of addresses that stopped sending (hourly too).
+        # Refusal counters of addresses that stopped sending, and idempotency keys past their
+        # days (hourly too).
         self._prune = ThrottlePrune(node.settings, node.sessions)
+        self._forget_keys = PeriodicJob(node.sessions, idempotency.prune, every_seconds=3600.0)
         # Peers that answered a batch as an older node would: posted one by one from then on.
         self._no_batch: set[str] = set()
         # Posts under way, across rounds: a slow one (a long evidence transfer, a peer that
@@ -271,6 +274,7 @@ class Worker:
                 handled = self.run_once()
                 self._sweep.run_due()
                 self._prune.run_due()
+                self._forget_keys.run_due()
             except Exception as exc:  # a database outage must not kill the worker
                 log.error("delivery round failed (%s); retrying", type(exc).__name__)
                 handled = 0

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Literal
 from urllib.parse import quote
 
 from fastapi import APIRouter, Path, Query, Response
+from pydantic import BaseModel
+from sqlalchemy.orm import Session
 
 from app.clock import ClockDep, UtcMoment
 from app.db import unit_of_work
 from app.deps import NodeDep, OfficerDep, SessionDep, UnitOfWorkRoute
 from app.evidence.download import plan_streamed, streamed_response
-from app.requests import access, schemas, service
+from app.requests import access, idempotency, schemas, service
 
 router = APIRouter(prefix="/api/v1/requests", tags=["requests"], route_class=UnitOfWorkRoute)
 
@@ -31,15 +34,48 @@ def _disposition(name: str) -> str:
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name)}"
 
 
+def _once(
+    node: NodeDep,
+    principal: OfficerDep,
+    key: str,
+    route: str,
+    body: BaseModel,
+    response: Response,
+    submit: Callable[[Session], schemas.Submitted],
+) -> schemas.Submitted:
+    """A submission under the caller's Idempotency-Key (app/requests/idempotency.py)."""
+    answer = idempotency.answer_once(
+        node.sessions,
+        principal,
+        key,
+        idempotency.fingerprint(route, body),
+        lambda session: (201, submit(session)),
+    )
+    if answer.replayed:
+        response.headers[idempotency.REPLAYED_HEADER] = "true"
+    return schemas.Submitted.model_validate(answer.body)
+
+
 @router.post("", status_code=201)
 def submit_request(
-    body: schemas.SubmitRequest, node: NodeDep, principal: OfficerDep
+    body: schemas.SubmitRequest,
+    node: NodeDep,
+    principal: OfficerDep,
+    response: Response,
+    idempotency_key: idempotency.KeyHeader = None,
 ) -> schemas.Submitted:
+    def submit(session: Session) -> schemas.Submitted:
+        case, message = service.submit_request(session, node, body=body, principal=principal)
+        return _submitted(case.id, message.msg_id, case.status)
+
+    if idempotency_key is not None:
+        return _once(
+            node, principal, idempotency_key, "POST /api/v1/requests", body, response, submit
+        )
     # The unit of work in the route's own thread, begun and committed there: SessionDep would
     # cost two more trips through the thread pool on the busiest route (docs/benchmarks.md).
     with unit_of_work(node.sessions) as session:
-        case, message = service.submit_request(session, node, body=body, principal=principal)
-        return _submitted(case.id, message.msg_id, case.status)
+        return submit(session)
 
 
 @router.get("")
@@ -90,15 +126,24 @@ def add_message(
     body: schemas.SubmitMessage,
     node: NodeDep,
     principal: OfficerDep,
+    response: Response,
+    idempotency_key: idempotency.KeyHeader = None,
 ) -> schemas.Submitted:
     access.check_visible(
         node, request_id=request_id, principal=principal, action="message.submitted"
     )
-    with unit_of_work(node.sessions) as session:  # as submit_request: in this thread
+
+    def submit(session: Session) -> schemas.Submitted:
         case, message = service.add_message(
             session, node, request_id=request_id, body=body, principal=principal
         )
         return _submitted(case.id, message.msg_id, case.status)
+
+    if idempotency_key is not None:
+        route = f"POST /api/v1/requests/{request_id}/messages"
+        return _once(node, principal, idempotency_key, route, body, response, submit)
+    with unit_of_work(node.sessions) as session:  # as submit_request: in this thread
+        return submit(session)
 
 
 @router.get(
