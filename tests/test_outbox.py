@@ -125,7 +125,13 @@ def test_claim_lease_reclaim_and_fencing(sessions: tuple[str, sessionmaker[Sessi
         assert item.state == outbox.RETRY
         assert item.lease_owner is None
         history = list(session.scalars(select(DeliveryAttempt).order_by(DeliveryAttempt.id)))
-        assert [(a.attempt, a.worker, a.outcome) for a in history] == [(2, "w2", "retry")]
+        # The lost claim's attempt is on record too, its outcome unknown: whatever its post
+        # did, the peer may hold the envelope (outbox.peer_may_hold).
+        assert [(a.attempt, a.worker, a.outcome) for a in history] == [
+            (1, "w1", outbox.LEASE_EXPIRED),
+            (2, "w2", "retry"),
+        ]
+        assert outbox.peer_may_hold(session, row)
 
 
 def test_nothing_due_is_not_claimed(sessions: tuple[str, sessionmaker[Session]]) -> None:
@@ -532,6 +538,7 @@ def test_settlement_keeps_the_totals_metrics_read(
         kept = dict(session.execute(select(DeliveryCounter.name, DeliveryCounter.value)).all())
         assert kept == _history_totals(session)
         assert kept == {
+            "attempts:lease_expired": 1,  # the lost claim, taken over: its outcome unknown
             "attempts:retry": 1,
             "attempts:failed": 1,
             "attempts:delivered": 1,

@@ -80,6 +80,7 @@ def retry_delivery(
     if item.state not in (outbox.RETRY, outbox.FAILED, outbox.QUEUED):
         raise Conflict(f"a delivery in state {item.state} cannot be retried", code="not_retryable")
     moves.check_retry(item)
+    moves.kept_move_retried(item)
     if message.expires_at <= moment:
         raise Conflict(
             "the envelope has expired; send the request or message again",

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import cast
 
-from sqlalchemy import Table, case, event, func, or_, select, true, update
+from sqlalchemy import Table, case, event, func, insert, or_, select, true, update
 from sqlalchemy.orm import Session
 
 from app.delivery.retry import delivery_deadline
-from app.models import CaseFile, DeliveryAttempt, Message, OutboxItem
+from app.models import CaseFile, DeliveryAttempt, DeliveryCounter, Message, OutboxItem
 from app.obs.logs import current_request_id
 
 OUTBOX = cast(Table, OutboxItem.__table__)
@@ -41,6 +41,8 @@ MAX_ERROR_CHARS = 500
 # How an attempt whose connection could not be made is recorded (httpx's ConnectError and
 # ConnectTimeout): nothing of the envelope left this node.
 NOT_SENT = "transport: Connect"
+# A claim taken over after its lease ran out: whatever its post did went unrecorded.
+LEASE_EXPIRED = "lease_expired"
 
 
 def enqueue(
@@ -86,6 +88,19 @@ class Claim:
     claimed_at: datetime
 
 
+def add_to_counters(session: Session, tally: dict[str, int]) -> None:
+    """Add to the running totals. After the audit append, whose head row every settlement
+    locks first: the counters' rows are only ever taken in that order, never in a cycle."""
+    for name in sorted(tally):
+        changed = session.execute(
+            update(DeliveryCounter)
+            .where(DeliveryCounter.name == name)
+            .values(value=DeliveryCounter.value + tally[name])
+        )
+        if not getattr(changed, "rowcount", 0):  # a total not seen before
+            session.execute(insert(DeliveryCounter).values(name=name, value=tally[name]))
+
+
 def claim_due(
     session: Session,
     *,
@@ -123,9 +138,27 @@ def claim_due(
         .with_for_update(skip_locked=True, of=OutboxItem)
     )
     claims = []
+    unknown = 0
     for item, size in session.execute(statement).tuples():
         if admit is not None and not admit(size):
             continue
+        if item.state == IN_FLIGHT:
+            # Taken over from a worker whose lease ran out (it died, or its settlement
+            # failed): its post may have reached the peer, and nothing recorded it. On record
+            # as an attempt whose outcome is unknown, which `peer_may_hold` counts.
+            session.add(
+                DeliveryAttempt(
+                    outbox_id=item.id,
+                    attempt=item.attempts,
+                    worker=item.lease_owner or "unknown",
+                    started_at=item.updated_at or now,
+                    finished_at=now,
+                    outcome=LEASE_EXPIRED,
+                    http_status=None,
+                    error="lease expired: the outcome of this attempt is unknown",
+                )
+            )
+            unknown += 1
         item.state = IN_FLIGHT
         item.lease_until = now + lease
         item.lease_owner = owner
@@ -134,16 +167,25 @@ def claim_due(
         claims.append(
             Claim(item.id, item.message_id, item.peer_authority, item.attempts, item.trace_id, now)
         )
+    if unknown:
+        add_to_counters(session, {f"attempts:{LEASE_EXPIRED}": unknown})
     session.flush()
     return claims
+
+
+# Answers after which the envelope may have been stored all the same: a server error (the
+# peer may have committed before failing) and a gateway's (a proxy in front of the peer gave
+# up waiting, or lost the answer). 503 and 408 say the request was not processed.
+UNCERTAIN_STATUSES = (500, 502, 504)
 
 
 def peer_may_hold(session: Session, outbox_id: int) -> bool:
     """Whether an attempt so far ended without telling us the peer does not hold the
     envelope: no answer once the envelope was on its way (a transport error after the
-    connection was made), or a 2xx whose receipt did not check out. A connection that could
-    not be made sent nothing; a peer that answered every attempt, never with a 2xx, holds
-    nothing."""
+    connection was made), a 2xx whose receipt did not check out, a server or gateway error,
+    or a claim taken over when its lease ran out (its outcome unknown, `claim_due`). A
+    connection that could not be made sent nothing; a peer that answered every attempt with
+    a refusal holds nothing."""
     uncertain = session.scalar(
         select(DeliveryAttempt.id)
         .where(
@@ -152,6 +194,7 @@ def peer_may_hold(session: Session, outbox_id: int) -> bool:
                 DeliveryAttempt.http_status.is_(None)
                 & ~func.coalesce(DeliveryAttempt.error, "").like(f"{NOT_SENT}%"),
                 DeliveryAttempt.http_status.between(200, 299),
+                DeliveryAttempt.http_status.in_(UNCERTAIN_STATUSES),
             ),
         )
         .limit(1)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import cast
 
-from sqlalchemy import Table, insert, select, update
+from sqlalchemy import Table, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -21,7 +21,6 @@ from app.delivery.retry import next_attempt, policy_for
 from app.models import (
     CaseFile,
     DeliveryAttempt,
-    DeliveryCounter,
     Message,
     OutboxItem,
     PeerKey,
@@ -88,6 +87,7 @@ def settle_batch(
     events: list[Event] = []  # the batch's audit entries, written with one statement
     tally: dict[str, int] = {}  # the running totals /metrics reads (DeliveryCounter)
     first_receipts: list[CaseFile] = []  # requests whose own receipt came: one UPDATE
+    lost: list[tuple[OutboxItem, Message]] = []  # lost for good: their moves undone
     for claim, outcome in results:
         item = items.get(claim.outbox_id)
         if item is None or item.state != outbox.IN_FLIGHT or item.attempts != claim.attempts:
@@ -109,15 +109,20 @@ def settle_batch(
             worker=worker,
             now=now,
             first_receipts=first_receipts,
+            lost=lost,
         )
         settled.append(True)
         _count(tally, f"attempts:{item.state}")
         if item.state == outbox.DELIVERED:
             _count(tally, "delivered")
+    # Requests in id order (two workers' batches never lock two of them in opposite
+    # orders), the latest message of each first (a chain of lost ones is undone in one go).
+    for item, message in sorted(lost, key=lambda pair: (pair[1].request_id, -pair[1].id)):
+        events.extend(moves.undo_if_lost(session, item, message, now=now, why="failed"))
     _statuses_after_receipt(session, first_receipts, now)
     if events:
         record_many(session, events)
-    add_to_counters(session, tally)
+    outbox.add_to_counters(session, tally)
     return settled
 
 
@@ -152,24 +157,12 @@ def _count(tally: dict[str, int], name: str) -> None:
     tally[name] = tally.get(name, 0) + 1
 
 
-def add_to_counters(session: Session, tally: dict[str, int]) -> None:
-    """Add to the running totals. After the audit append, whose head row every settlement
-    locks first: the counters' rows are only ever taken in that order, never in a cycle."""
-    for name in sorted(tally):
-        changed = session.execute(
-            update(DeliveryCounter)
-            .where(DeliveryCounter.name == name)
-            .values(value=DeliveryCounter.value + tally[name])
-        )
-        if not getattr(changed, "rowcount", 0):  # a total not seen before
-            session.execute(insert(DeliveryCounter).values(name=name, value=tally[name]))
-
-
 def _may_hold_it(session: Session, item: OutboxItem, outcome: Outcome) -> bool:
     """Whether the peer may hold the envelope: this attempt or an earlier one ended with no
-    answer (a transport error) or with a 2xx whose receipt did not check out."""
+    answer (a transport error), a 2xx whose receipt did not check out, a server or gateway
+    error, or was taken over unrecorded (outbox.peer_may_hold)."""
     status = outcome.http_status
-    if status is not None and 200 <= status < 300:
+    if status is not None and (200 <= status < 300 or status in outbox.UNCERTAIN_STATUSES):
         return True
     if status is None and not (outcome.error or "").startswith(outbox.NOT_SENT):
         return True
@@ -205,11 +198,15 @@ def _apply(
     worker: str,
     now: datetime,
     first_receipts: list[CaseFile],
+    lost: list[tuple[OutboxItem, Message]],
 ) -> None:
     state = outcome.state
     error = outcome.error
     overdue = False
-    if state == outbox.RETRY and outcome.http_status == 425 and _predecessor_lost(session, message):
+    predecessor_lost = (
+        state == outbox.RETRY and outcome.http_status == 425 and _predecessor_lost(session, message)
+    )
+    if predecessor_lost:
         # The peer waits for a message that will never come: asking until the deadline
         # (7 days for routine) would only hide that this one cannot arrive either.
         state = outbox.FAILED
@@ -288,10 +285,11 @@ def _apply(
             first_receipts.append(case)
     else:
         item.last_error = outbox.truncate_error(error or "")
-    if state == outbox.FAILED and not _may_hold_it(session, item, outcome):
-        # Lost for good: the request goes back to where it was before this message, as the
-        # peer never moved (app/requests/moves.py).
-        events.extend(moves.undo_if_lost(session, item, message, now=now, why="failed"))
+    if state == outbox.FAILED and (predecessor_lost or not _may_hold_it(session, item, outcome)):
+        # Lost for good (the peer refuses it until its lost predecessor comes, or no attempt
+        # may have left it there): the request goes back to where it was before it, as the
+        # peer never moved (app/requests/moves.py), once the batch's outcomes are applied.
+        lost.append((item, message))
     if state == outbox.FAILED:
         events.append(
             Event(

@@ -23,10 +23,13 @@ from sqlalchemy import and_, exists, or_, select
 from sqlalchemy.orm import Session
 
 from app.audit.log import Event
-from app.delivery.outbox import CANCELLED, FAILED
+from app.delivery.outbox import CANCELLED, FAILED, peer_may_hold
 from app.errors import Conflict
-from app.models import CaseFile, Message, OutboxItem
+from app.models import CaseFile, Message, OutboxItem, Receipt
 from app.requests import deadlines, lifecycle
+from app.requests.status import QUEUED, status_after_receipt
+
+OUTBOUND, INBOUND = "outbound", "inbound"
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,12 @@ def move_columns(before: Before, case: CaseFile) -> dict[str, object]:
 
 
 def undo_if_lost(
-    session: Session, item: OutboxItem, message: Message, *, now: datetime, why: str
+    session: Session,
+    item: OutboxItem,
+    message: Message,
+    *,
+    now: datetime,
+    why: str,
 ) -> list[Event]:
     """Put the request back where it was before `message`, lost for good (the caller knows
     no attempt may have left it with the peer). Returns the audit entries to record: none
@@ -65,45 +73,71 @@ def undo_if_lost(
     the request where it was before the first."""
     if item.moved_to is None or item.moved_from is None or item.move_undone_at is not None:
         return []
-    # Locked: an arriving message of the peer (which locks it too) is judged before or
-    # after this, never against a status changing underneath.
+    # Locks in the order every writer takes them: the deliveries a chain may undo, in id
+    # order, then the request (an arriving message of the peer locks it too, so it is
+    # judged before or after this, never against a status changing underneath).
+    kept = list(
+        session.scalars(
+            select(OutboxItem)
+            .join(Message, Message.id == OutboxItem.message_id)
+            .where(
+                Message.request_id == message.request_id,
+                OutboxItem.move_kept_at.is_not(None),
+                OutboxItem.move_undone_at.is_(None),
+            )
+            .order_by(OutboxItem.id)
+            .with_for_update()
+        )
+    )
     case = session.get(CaseFile, message.request_id, with_for_update=True, populate_existing=True)
     if case is None:  # pragma: no cover - requests are never deleted
         return []
     events: list[Event] = []
     while True:
         details: dict[str, object] = {"lost": why, "from": item.moved_to, "to": item.moved_from}
-        if case.status != item.moved_to or _followed(session, case, message):
-            # Something came after it, judged from the moved status: the move stays, until
-            # what came after is lost too.
-            item.move_kept_at = now
-            events.append(
-                _event("request.move_kept", case, message, {**details, "status": case.status})
-            )
+        if _peer_has_it(session, case, message):
+            # The peer answered after it: it holds it, whatever our attempts said.
+            events.append(_event("request.move_kept", "peer_has_it", case, message, details))
             return events
-        _undo(case, item, now)
-        events.append(_event("request.move_undone", case, message, details))
-        earlier = session.execute(
-            select(OutboxItem, Message)
-            .join(Message, Message.id == OutboxItem.message_id)
-            .where(
-                Message.request_id == case.id,
-                Message.id < message.id,
-                OutboxItem.move_kept_at.is_not(None),
-                OutboxItem.move_undone_at.is_(None),
-            )
-            .order_by(Message.id.desc())
-            .limit(1)
-        ).first()
+        if case.status != item.moved_to or _followed(session, case, message):
+            # A message of ours came after it, judged from the moved status: the move stays,
+            # until what came after is lost too.
+            item.move_kept_at = now
+            details = {**details, "status": case.status}
+            events.append(_event("request.move_kept", "later_messages", case, message, details))
+            return events
+        _undo(session, case, item, now)
+        events.append(_event("request.move_undone", "ok", case, message, details))
+        earlier = _kept_before(session, kept, message)
         if earlier is None:
             return events
         item, message = earlier
         why = "failed" if item.state == FAILED else "cancelled"
 
 
+def _kept_before(
+    session: Session, kept: list[OutboxItem], message: Message
+) -> tuple[OutboxItem, Message] | None:
+    """The latest earlier delivery whose move was kept for a later message and which is
+    still lost for good (not retried since, not possibly with the peer)."""
+    for item in sorted(kept, key=lambda row: row.message_id, reverse=True):
+        if (
+            item.message_id < message.id
+            and item.move_undone_at is None
+            and item.state in (FAILED, CANCELLED)
+            and not peer_may_hold(session, item.id)
+        ):
+            earlier = session.get(Message, item.message_id)
+            if earlier is not None:
+                return item, earlier
+    return None
+
+
 def _followed(session: Session, case: CaseFile, message: Message) -> bool:
-    """Whether a message of the conversation came after `message` and still counts: any of
-    the peer's, or one of ours not lost itself (a lost one moved nothing at the peer)."""
+    """Whether a message of ours came after `message` and still counts (one lost itself
+    moved nothing at the peer). The peer's later messages do not count: one that moved this
+    request already changed its status, and one that moved nothing (a status query, a
+    note) was judged from where the peer was, without `message`."""
     lost = exists().where(
         and_(
             OutboxItem.message_id == Message.id,
@@ -112,13 +146,44 @@ def _followed(session: Session, case: CaseFile, message: Message) -> bool:
     )
     return bool(
         session.scalar(
-            select(exists().where(Message.request_id == case.id, Message.id > message.id, ~lost))
+            select(
+                exists().where(
+                    Message.request_id == case.id,
+                    Message.id > message.id,
+                    Message.direction == OUTBOUND,
+                    ~lost,
+                )
+            )
         )
     )
 
 
-def _undo(case: CaseFile, item: OutboxItem, now: datetime) -> None:
-    case.status = item.moved_from or case.status
+def _peer_has_it(session: Session, case: CaseFile, message: Message) -> bool:
+    """Whether a message of the peer replies to `message` or to a later one of ours: the
+    peer took it (it takes a message only after the one it follows)."""
+    ours = select(Message.msg_id).where(
+        Message.request_id == case.id,
+        Message.id >= message.id,
+        Message.direction == OUTBOUND,
+    )
+    return bool(
+        session.scalar(
+            select(
+                exists().where(
+                    Message.request_id == case.id,
+                    Message.direction == INBOUND,
+                    Message.in_reply_to.in_(ours),
+                )
+            )
+        )
+    )
+
+
+def _undo(session: Session, case: CaseFile, item: OutboxItem, now: datetime) -> None:
+    status = item.moved_from or case.status
+    if status == QUEUED and _first_receipted(session, case):
+        status = status_after_receipt(status)  # the request's receipt came meanwhile
+    case.status = status
     case.postponed_until = item.postponed_before
     case.question_msg_id = item.question_before
     stored = deadlines.Deadlines(case.acknowledge_by, case.decide_by, case.execute_by)
@@ -127,16 +192,31 @@ def _undo(case: CaseFile, item: OutboxItem, now: datetime) -> None:
     item.move_undone_at = now
 
 
-def _event(action: str, case: CaseFile, message: Message, details: dict[str, object]) -> Event:
+def _first_receipted(session: Session, case: CaseFile) -> bool:
+    return bool(
+        session.scalar(
+            select(exists().where(Receipt.message_id == Message.id, Message.msg_id == case.id))
+        )
+    )
+
+
+def _event(
+    action: str, outcome: str, case: CaseFile, message: Message, details: dict[str, object]
+) -> Event:
     return Event(
         actor="node",
         action=action,
-        outcome="later_messages" if action == "request.move_kept" else "ok",
+        outcome=outcome,
         request_id=case.id,
         msg_id=message.msg_id,
         peer=case.peer_authority,
         details=details,
     )
+
+
+def kept_move_retried(item: OutboxItem) -> None:
+    """A delivery retried by an operator is no longer lost: its kept move is not undone."""
+    item.move_kept_at = None
 
 
 def check_retry(item: OutboxItem) -> None:

@@ -15,17 +15,21 @@ import json
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from app.crypto.encoding import utc_now
+from app.crypto.receipts import Receipt as ReceiptBody
+from app.crypto.receipts import SignedReceipt
 from app.db import unit_of_work
 from app.delivery import outbox
 from app.delivery.settle import Outcome, settle
 from app.delivery.worker import classify
 from app.models import AuditEntry, Message, OutboxItem
-from tests.requests.conftest import Harness
+from tests.requests.conftest import EXAMPLE, Harness
 
 ACK = {"type": "acknowledgement", "text": "Registered."}
+ACCEPT = {"type": "acceptance", "text": "Accepted."}
+REFUSED_FOR_GOOD = (400, {"error": "unknown_recipient_key", "detail": "x"})
 POSTPONE = {
     "type": "postponement",
     "text": "Postponed.",
@@ -37,6 +41,20 @@ POSTPONE = {
 def _claim_and_settle(ar: Harness, msg_id: str, status: int | None, body: Any) -> None:
     """The worker's attempt at `msg_id`'s delivery, answered with `status` and `body` (None:
     no answer at all, a transport error)."""
+    outcome = Outcome(outbox.RETRY, "transport: ReadTimeout") if status is None else None
+    _settle_with(ar, msg_id, outcome or classify(status or 0, body))
+
+
+def _settle_with(ar: Harness, msg_id: str, outcome: Outcome) -> None:
+    with unit_of_work(ar.node.sessions) as session:
+        session.execute(  # due now, whatever its back-off said
+            update(OutboxItem)
+            .where(
+                OutboxItem.message_id
+                == select(Message.id).where(Message.msg_id == msg_id).scalar_subquery()
+            )
+            .values(next_attempt_at=utc_now() - timedelta(seconds=1))
+        )
     with unit_of_work(ar.node.sessions) as session:
         claims = outbox.claim_due(
             session, now=utc_now(), lease=timedelta(seconds=300), limit=100, owner="test"
@@ -50,8 +68,6 @@ def _claim_and_settle(ar: Harness, msg_id: str, status: int | None, body: Any) -
         )
     mine = [claim for claim in claims if claim.outbox_id == ids[msg_id]]
     assert len(mine) == 1
-    outcome = Outcome(outbox.RETRY, "transport: ReadTimeout") if status is None else None
-    outcome = outcome or classify(status or 0, body)
     with unit_of_work(ar.node.sessions) as session:
         assert settle(session, mine[0], outcome, worker="test")
     others = [claim for claim in claims if claim.outbox_id != ids[msg_id]]
@@ -137,24 +153,49 @@ def test_a_message_that_may_have_reached_the_peer_keeps_its_move(ar: Harness) ->
     assert _details(ar, "request.move_undone", msg_id) == []
 
 
-def test_a_move_with_a_message_after_it_stays(ar: Harness) -> None:
+def test_a_move_the_peer_answered_stays(ar: Harness) -> None:
+    """A message of ES/MJ replies to the acknowledgement: ES/MJ holds it, whatever our
+    attempts said. The move stays, and the log says why."""
     request_id = ar.receive_request()
     ack_id = ar.reply(request_id, ACK).json()["msg_id"]
-    # A message of ES/MJ arrives after it (here it follows the acknowledgement): it was
-    # judged from `acknowledged`, and undoing the move under it would split the nodes
-    # another way. The move stays, and the log says why.
     query = ar.peer_sends(request_id, {"type": "status_query", "text": "Any news?"})
     assert query.status_code == 201, query.text
     _claim_and_settle(ar, ack_id, 400, {"error": "unknown_recipient_key", "detail": "x"})
     assert ar.status(request_id) == "acknowledged"
     assert _details(ar, "request.move_undone", ack_id) == []
     assert _details(ar, "request.move_kept", ack_id) == [
-        {"lost": "failed", "from": "acknowledged", "to": "delivered", "status": "acknowledged"}
+        {"lost": "failed", "from": "acknowledged", "to": "delivered"}
     ]
 
 
-ACCEPT = {"type": "acceptance", "text": "Accepted."}
-REFUSED_FOR_GOOD = (400, {"error": "unknown_recipient_key", "detail": "x"})
+def test_a_peer_message_that_did_not_see_the_lost_one_does_not_keep_its_move(
+    ar: Harness,
+) -> None:
+    """ES/MJ, never reached by the acknowledgement, asks how things stand (its query
+    follows its own request): the acknowledgement is lost all the same, and undone."""
+    request_id = ar.receive_request()
+    ack_id = ar.reply(request_id, ACK).json()["msg_id"]
+    ar.last_msg[request_id] = request_id  # ES/MJ has seen only its request
+    query = ar.peer_sends(request_id, {"type": "status_query", "text": "Any news?"})
+    assert query.status_code == 201, query.text
+    _claim_and_settle(ar, ack_id, 400, {"error": "unknown_recipient_key", "detail": "x"})
+    assert ar.status(request_id) == "delivered"
+    assert len(_details(ar, "request.move_undone", ack_id)) == 1
+
+
+def test_a_retried_message_is_not_undone_with_a_later_lost_one(ar: Harness) -> None:
+    """The acknowledgement was refused and kept (the acceptance after it was pending); an
+    operator retries it, then cancels the acceptance: only the acceptance is undone."""
+    request_id = ar.receive_request()
+    ack_id = ar.reply(request_id, ACK).json()["msg_id"]
+    accept_id = ar.reply(request_id, ACCEPT).json()["msg_id"]
+    _claim_and_settle(ar, ack_id, 400, {"error": "unknown_recipient_key", "detail": "x"})
+    retried = ar.post(f"/api/v1/admin/deliveries/{_delivery_id(ar, ack_id)}/retry", {}, "admin")
+    assert retried.status_code == 200, retried.text
+    cancel = ar.post(f"/api/v1/admin/deliveries/{_delivery_id(ar, accept_id)}/cancel", {}, "admin")
+    assert cancel.status_code == 200, cancel.text
+    assert ar.status(request_id) == "acknowledged"
+    assert _details(ar, "request.move_undone", ack_id) == []
 
 
 def test_a_chain_of_lost_messages_goes_back_to_before_the_first(ar: Harness) -> None:
@@ -174,3 +215,57 @@ def test_a_chain_of_lost_messages_goes_back_to_before_the_first(ar: Harness) -> 
     assert "acknowledgement" in detail["allowed_messages"]
     assert [d["to"] for d in _details(ar, "request.move_undone", accept_id)] == ["acknowledged"]
     assert [d["to"] for d in _details(ar, "request.move_undone", ack_id)] == ["delivered"]
+
+
+def test_a_successor_refused_until_a_lost_predecessor_comes_is_undone_with_it(
+    ar: Harness,
+) -> None:
+    """The acceptance once went unanswered (the peer may hold it), then the peer answered
+    425: it waits for the acknowledgement, refused for good. It can never hold the
+    acceptance: both moves are undone, although an attempt of the acceptance timed out."""
+    request_id = ar.receive_request()
+    ack_id = ar.reply(request_id, ACK).json()["msg_id"]
+    accept_id = ar.reply(request_id, ACCEPT).json()["msg_id"]
+    _claim_and_settle(ar, accept_id, None, None)  # no answer: a timeout
+    _claim_and_settle(ar, ack_id, *REFUSED_FOR_GOOD)
+    waiting = {"error": "predecessor_missing", "detail": "x"}
+    _claim_and_settle(ar, accept_id, 425, waiting)
+    assert ar.status(request_id) == "delivered"
+    assert len(_details(ar, "request.move_undone", accept_id)) == 1
+    assert len(_details(ar, "request.move_undone", ack_id)) == 1
+
+
+def test_a_request_whose_receipt_came_goes_back_to_delivered_not_queued(
+    ar: Harness,
+) -> None:
+    """Here the requesting side: a withdrawal sent while the request was `queued`, then the
+    request's receipt came, then the withdrawal was refused for good. Back to `delivered`."""
+    body: dict[str, Any] = json.loads(json.dumps(EXAMPLE))
+    body["to"] = "ES/MJ"
+    body["document"].update(requesting_authority="AR/MPF", requested_authority="ES/MJ")
+    submitted = ar.post("/api/v1/requests", body)
+    assert submitted.status_code == 201, submitted.text
+    request_id = submitted.json()["id"]
+    ar.last_msg[request_id] = request_id
+    withdrawn = ar.reply(request_id, {"type": "withdrawal", "text": "No longer needed."})
+    assert withdrawn.status_code == 201, withdrawn.text
+    assert ar.status(request_id) == "withdrawn"
+    receipt = ReceiptBody(
+        msg_id=request_id,
+        envelope_hash="0" * 64,
+        from_authority="ES/MJ",
+        to_authority="AR/MPF",
+        received_at=utc_now(),
+        status="received",
+        signer_kid=ar.peer_keys.signing_kid,
+        checkpoint=None,
+    )
+    signed = SignedReceipt(body=b"{}", signature=bytes(64))  # settlement stores, not checks
+    _settle_with(
+        ar,
+        request_id,
+        Outcome(outbox.DELIVERED, http_status=201, signed=signed, receipt=receipt),
+    )
+    assert ar.status(request_id) == "withdrawn"
+    _claim_and_settle(ar, withdrawn.json()["msg_id"], *REFUSED_FOR_GOOD)
+    assert ar.status(request_id) == "delivered"
