@@ -12,7 +12,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # The node never runs as root; keys and the SQLite database live in volumes it owns.
 RUN useradd --system --uid 10001 --home-dir /var/lib/entraide --shell /usr/sbin/nologin entraide \
     && mkdir -p /var/lib/entraide/keys /var/lib/entraide/data /var/lib/entraide/state \
-        /var/lib/entraide/shared \
+        /var/lib/entraide/blobs /var/lib/entraide/shared \
     && chown -R entraide:entraide /var/lib/entraide \
     && chmod 700 /var/lib/entraide/keys
 

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from typer import _click as click  # typer's own copy of Click, whose classes it extends
 
     from app.config import Settings
-    from app.models import Peer
+    from app.models import OutboxItem, Peer
     from app.node import Node
 
 # Each command imports what it needs when it runs: `entraide clients create` has no use for
@@ -221,8 +221,34 @@ def init(
 def migrate() -> None:
     """Bring the database schema to the latest migration."""
     settings = _settings()
+    before = _schema_revisions(settings)
     _upgrade(settings)
-    typer.echo("database schema is current")
+    after = _schema_revisions(settings)
+    if before == after:
+        typer.echo(f"database schema is current ({', '.join(after) or 'none'})")
+    else:
+        # Processes of the version before now report not ready (/readyz: migrations) until
+        # the new version replaces them (docs/operations.md §7).
+        typer.echo(
+            f"database migrated: {', '.join(before) or 'empty'} -> {', '.join(after)}; "
+            "start this version's processes now"
+        )
+
+
+def _schema_revisions(settings: Settings) -> list[str]:
+    """The database's Alembic revisions, or none (an empty or unreachable database: the
+    migration itself says which)."""
+    from app.db import make_engine
+    from app.obs.health import current_heads
+
+    engine = make_engine(settings.database_url)
+    try:
+        with engine.connect() as connection:
+            return sorted(current_heads(connection))
+    except Exception:  # reported by the migration, in its own words
+        return []
+    finally:
+        engine.dispose()
 
 
 def _upgrade(settings: Settings) -> None:
@@ -543,10 +569,30 @@ def _delivery_action(delivery_id: int, action: str) -> None:
             operation = retry_delivery if action == "retry" else cancel_delivery
             item = operation(session, delivery_id=delivery_id, actor=_operator())
             typer.echo(f"delivery {item.id} is now {item.state}")
+            if action == "cancel":
+                typer.echo(_cancelled_says(session, item))
     except EntraideError as exc:
         raise _fail(exc.detail) from exc
     finally:
         node.close()
+
+
+def _cancelled_says(session: Session, item: OutboxItem) -> str:
+    """What a cancel did beyond the delivery: the request's status, and whether the peer
+    may hold the message all the same (docs/domain.md, "The life of a request")."""
+    from app.delivery.outbox import peer_may_hold
+
+    if item.move_undone_at is not None:
+        return (
+            f"the request's status is put back: {item.moved_to} -> {item.moved_from} (the peer "
+            "never had the message); send it again as a new message if it is still meant"
+        )
+    if peer_may_hold(session, item.id):
+        return (
+            "an earlier attempt may have reached the peer: it may hold the message, and the "
+            "request's status stays as the message left it"
+        )
+    return "the peer never had the message"
 
 
 @deliveries_app.command("retry")
@@ -557,7 +603,8 @@ def deliveries_retry(delivery_id: Annotated[int, typer.Argument()]) -> None:
 
 @deliveries_app.command("cancel")
 def deliveries_cancel(delivery_id: Annotated[int, typer.Argument()]) -> None:
-    """Stop trying to deliver (the request stays, undelivered, in the outbox history)."""
+    """Stop trying to deliver. A message that never reached the peer puts its request's
+    status back to where it was before it; says so, or that the peer may hold it."""
     _delivery_action(delivery_id, "cancel")
 
 

@@ -115,7 +115,7 @@ class Settings(BaseModel):
     # How long a claimed delivery is a worker's alone. A post may last up to
     # `longest_exchange_seconds`; a worker renews the lease before a post that could
     # outlive it, so the default leaves room for the longest post without a renewal.
-    lease_seconds: int = 300
+    lease_seconds: int = Field(default=300, ge=1)
     # Deliveries posted at once by one worker (one slow peer must not hold up the rest).
     worker_concurrency: int = Field(default=4, ge=1, le=64)
 

@@ -20,13 +20,14 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.engine import make_url
 
 from app.audit.anchor import LogRolledBack, SignedLogAnchor
+from app.audit.log import read_head
 from app.config import LEASE_MARGIN_SECONDS, Settings, longest_exchange_seconds
 from app.crypto.encoding import utc_now
 from app.crypto.identity import IdentityError, parse_identity_document
 from app.crypto.keys import IDENTITY_FILE, KEY_FILES, load_identity
-from app.db import make_engine
+from app.db import make_engine, make_session_factory, read_snapshot
 from app.errors import PeerError
-from app.models import OutboxItem, Peer, WitnessAlarm
+from app.models import AuditCheckpoint, OutboxItem, Peer, WitnessAlarm
 from app.node import load_node
 from app.obs.health import current_heads, expected_heads
 from app.obs.metrics import key_dates
@@ -118,6 +119,15 @@ def _configuration_findings(settings: Settings) -> Iterator[Finding]:
             WARN,
             "configuration",
             "ENTRAIDE_ALLOW_INSECURE_HTTP is on: only for development and tests",
+        )
+    if settings.max_inbound_bytes_per_peer < settings.max_evidence_request_bytes:
+        yield Finding(
+            WARN,
+            "configuration",
+            f"ENTRAIDE_MAX_INBOUND_BYTES_PER_PEER ({settings.max_inbound_bytes_per_peer}) is "
+            "below ENTRAIDE_MAX_EVIDENCE_REQUEST_BYTES "
+            f"({settings.max_evidence_request_bytes}): a peer's large request waits until its "
+            "other transfers are done",
         )
     longest = longest_exchange_seconds(settings)
     if settings.lease_seconds < longest + LEASE_MARGIN_SECONDS:  # the worker's rule
@@ -385,9 +395,9 @@ def _check_peer(
         )
 
 
-def check_signed_log(settings: Settings) -> Iterator[Finding]:
-    """The record of what the log key signed (docs/audit.md §4) must be writable, or the
-    node cannot tell a rolled-back audit log from the database alone."""
+def check_signed_log(settings: Settings, engine: Engine) -> Iterator[Finding]:
+    """The record of what the log key signed (docs/audit.md §4): it must be writable, and
+    the database's log must extend it, or the node signs nothing more."""
     anchor = SignedLogAnchor.of(settings)
     try:
         signed = anchor.read()
@@ -407,18 +417,39 @@ def check_signed_log(settings: Settings) -> Iterator[Finding]:
             "ENTRAIDE_SIGNED_LOG_FILE to a writable file outside the database",
         )
         return
+    try:
+        with read_snapshot(make_session_factory(engine)) as session:
+            head = read_head(session)
+            checkpoints = session.scalar(select(func.count()).select_from(AuditCheckpoint))
+            problem = None if signed is None else anchor.problem(session, head.size, head.root_hash)
+    except Exception:  # no database, no schema yet: check_database says which
+        problem, checkpoints = None, None
+    if problem is not None:
+        yield Finding(
+            FAIL,
+            "audit",
+            f"audit log rolled back or rewritten: {problem}; the node signs no checkpoint "
+            "until it is resolved (docs/operations.md §8)",
+        )
+        return
+    if signed is None and checkpoints:
+        yield Finding(
+            WARN,
+            "audit",
+            f"no record of what the log key signed at {anchor.path}, though it signed "
+            f"{checkpoints} checkpoint(s): the record was lost or moved (copy log-signed.json "
+            "there); the next checkpoint starts a new one",
+        )
+        return
     held = "nothing signed yet" if signed is None else f"checkpoint of {signed.size} entries"
     yield Finding(OK, "audit", f"signed log record {anchor.path} ({held})")
 
 
 def diagnose(settings: Settings) -> list[Finding]:
-    findings = [
-        *check_configuration(settings),
-        *check_keys(settings),
-        *check_signed_log(settings),
-    ]
+    findings = [*check_configuration(settings), *check_keys(settings)]
     engine = make_engine(settings.database_url)
     try:
+        findings += check_signed_log(settings, engine)
         findings += check_database(settings, engine)
         timeout = min(settings.peer_timeout_seconds, PEER_TIMEOUT_SECONDS)
         with make_http_client(timeout) as http:

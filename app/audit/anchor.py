@@ -49,22 +49,35 @@ class Signed:
 
 
 class SignedLogAnchor:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, moved_from: Path | None = None) -> None:
         self.path = path
+        # The record kept before ENTRAIDE_SIGNED_LOG_FILE moved it: read until the new one
+        # exists (setting the variable must not drop what the node already signed).
+        self.moved_from = moved_from
 
     @classmethod
     def of(cls, settings: Settings) -> SignedLogAnchor:
-        return cls(settings.signed_log_file or settings.keys_dir / RECORD_FILE)
+        in_keys = settings.keys_dir / RECORD_FILE
+        if settings.signed_log_file is None:
+            return cls(in_keys)
+        return cls(settings.signed_log_file, moved_from=in_keys)
 
     def read(self) -> Signed | None:
+        found = self._read(self.path)
+        if found is None and self.moved_from is not None:
+            return self._read(self.moved_from)
+        return found
+
+    @staticmethod
+    def _read(path: Path) -> Signed | None:
         try:
-            document = json.loads(self.path.read_text(encoding="utf-8"))
+            document = json.loads(path.read_text(encoding="utf-8"))
             return Signed(int(document["size"]), bytes.fromhex(document["root"]))
         except (FileNotFoundError, NotADirectoryError):
             return None  # a node from before this record: it starts at the next checkpoint
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise LogRolledBack(
-                f"{self.path} cannot be read ({type(exc).__name__}); it records what this "
+                f"{path} cannot be read ({type(exc).__name__}); it records what this "
                 "node's log key signed: restore it from its backup"
             ) from exc
 

@@ -223,17 +223,26 @@ def download(
 def file_names(names: list[str]) -> list[str]:
     """Where each attachment goes in the folder: its own name, never a path (a peer chooses
     it), one file each (two attachments of one name, a reply's and a request's say, are
-    both kept: `evidence (2).bin`), and a name that is no file name (`..`) by its place."""
-    chosen: list[str] = []
+    both kept: `evidence (2).bin`, a name no attachment has), and a name that is no file name
+    (`..`) by its place."""
+    bases = []
     for number, name in enumerate(names, start=1):
         base = Path(name).name
-        if base in {"", ".", ".."}:
-            base = f"attachment-{number}"
-        candidate, copy = base, 1
-        while candidate in chosen:
+        bases.append(base if base not in {"", ".", ".."} else f"attachment-{number}")
+    # Every attachment's own name is its own first: a copy never takes one of them.
+    taken = set(bases)
+    chosen: list[str] = []
+    seen: set[str] = set()
+    for base in bases:
+        if base not in seen:
+            seen.add(base)
+            chosen.append(base)
+            continue
+        stem, dot, suffix = base.partition(".") if not base.startswith(".") else (base, "", "")
+        copy = 2
+        while (candidate := f"{stem} ({copy}){dot}{suffix}") in taken:
             copy += 1
-            stem, dot, suffix = base.partition(".") if not base.startswith(".") else (base, "", "")
-            candidate = f"{stem} ({copy}){dot}{suffix}"
+        taken.add(candidate)
         chosen.append(candidate)
     return chosen
 

@@ -196,13 +196,17 @@ def _within_peer_budget(session: Session, node: Node, header: env.Header) -> Non
             continue  # no part can arrive for it any more; the sweep removes it
         live += 1
         declared += sum(info.length for info in other.parts[1:])
-    if (
+    # One transfer is always taken, whatever its size (the per-request limit bounds it):
+    # a budget smaller than one transfer would otherwise turn it away for ever.
+    if live and (
         live >= settings.max_inbound_transfers_per_peer
         or declared > settings.max_inbound_bytes_per_peer
     ):
         raise TooManyTransfers(
-            f"{live} transfers of yours are still under way here; announce this one again "
-            "once some have completed"
+            f"{live} transfers of yours are still under way here, declaring {declared} bytes "
+            f"with this one (at most {settings.max_inbound_transfers_per_peer} transfers and "
+            f"{settings.max_inbound_bytes_per_peer} bytes at once); announce it again once "
+            "some have completed"
         )
 
 

@@ -181,3 +181,24 @@ def test_the_record_goes_where_it_is_told_when_the_keys_are_read_only(tmp_path: 
     verified = node.cli("audit", "verify", "--db", check=False)
     assert verified.returncode != 0
     assert "entries were removed from the database" in verified.stdout + verified.stderr
+    # And doctor, which said "No problem found" over a rolled-back log, says so too.
+    doctor = node.cli("doctor", check=False)
+    assert doctor.returncode == 1
+    assert "audit log rolled back or rewritten" in doctor.stdout
+
+
+def test_moving_the_record_keeps_what_was_signed(tmp_path: Path) -> None:
+    """ENTRAIDE_SIGNED_LOG_FILE set on a node that kept its record in the keys folder: the
+    record there still counts until the new one is written, so a database put back between
+    the two is caught (it was taken for a node that had signed nothing)."""
+    url = f"sqlite:///{tmp_path / 'es.db'}"
+    node = LocalNode("ES/MJ", "Ministerio de Justicia", tmp_path / "es", url)
+    node.init()
+    shutil.copy(tmp_path / "es.db", tmp_path / "older.db")
+    node.create_client("first", "officer")
+    node.cli("audit", "checkpoint")  # recorded in the keys folder
+    shutil.copy(tmp_path / "older.db", tmp_path / "es.db")
+    node.extra_env["ENTRAIDE_SIGNED_LOG_FILE"] = str(tmp_path / "state" / "log-signed.json")
+    verified = node.cli("audit", "verify", "--db", check=False)
+    assert verified.returncode != 0
+    assert "entries were removed from the database" in verified.stdout + verified.stderr

@@ -79,6 +79,12 @@ def test_each_attachment_gets_a_file_of_its_own() -> None:
         ".bashrc (2)",
         "attachment-6",
     ]
+    # A copy's name is never another attachment's own.
+    assert file_names(["x.tar.gz", "x.tar.gz", "x (2).tar.gz"]) == [
+        "x.tar.gz",
+        "x (3).tar.gz",
+        "x (2).tar.gz",
+    ]
 
 
 def test_a_checked_download_is_published_without_hard_links(

@@ -73,6 +73,28 @@ def test_every_node_with_read_only_keys_records_its_signed_log_where_it_can_writ
     assert {"es", "es-worker", "ar"} <= set(checked)
 
 
+def test_a_nodes_processes_share_one_evidence_store_on_a_volume() -> None:
+    """`es` takes uploads, `es-worker` sends them: the same store, on a volume (a folder of
+    the container would be each process's own, and gone with the container)."""
+    document = compose()
+    stores: dict[str, str] = {}
+    for name in ("es", "es-worker", "ar"):
+        service = document["services"][name]
+        blob_dir = (
+            service["environment"].get("ENTRAIDE_BLOB_DIR")
+            if isinstance(service["environment"], dict)
+            else None
+        )
+        assert blob_dir, name
+        volumes = [m.split(":") for m in service.get("volumes", [])]
+        under = [
+            v for v, target, *mode in volumes if blob_dir.startswith(target) and mode != ["ro"]
+        ]
+        assert under, f"{name}: {blob_dir} is not on a writable volume"
+        stores[name] = under[0]
+    assert stores["es"] == stores["es-worker"]
+
+
 def test_the_schema_check_catches_mistakes() -> None:
     for mutate in (
         lambda d: d["services"]["es"].update(comand=["entraide", "serve"]),

@@ -59,7 +59,9 @@ def test_doctor_names_each_problem_then_passes_once_they_are_fixed(tmp_path: Pat
 
         # Fixed with the commands it gave: passes again.
         (es.keys_dir / "signing.key").chmod(0o600)
-        es.cli("migrate")
+        migrated = es.cli("migrate").stdout
+        assert f"database migrated: {previous} -> " in migrated  # says what it did
+        assert "database schema is current (" in es.cli("migrate").stdout
         ar.start()
         again = es.cli("doctor", check=False)
         assert again.returncode == 0, again.stdout

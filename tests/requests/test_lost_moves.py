@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 
+from app.cli import _cancelled_says
 from app.crypto.encoding import utc_now
 from app.crypto.receipts import Receipt as ReceiptBody
 from app.crypto.receipts import SignedReceipt
@@ -141,6 +142,12 @@ def test_a_cancelled_postponement_puts_back_the_status_and_the_date_before_it(
     assert _details(ar, "request.move_undone", msg_id) == [
         {"lost": "cancelled", "from": "postponed", "to": "acknowledged"}
     ]
+    # `entraide deliveries cancel` says what happened to the request, not just the delivery.
+    with unit_of_work(ar.node.sessions) as session:
+        item = session.get(OutboxItem, _delivery_id(ar, msg_id))
+        assert item is not None
+        said = _cancelled_says(session, item)
+    assert "status is put back: postponed -> acknowledged" in said
 
 
 def test_a_message_that_may_have_reached_the_peer_keeps_its_move(ar: Harness) -> None:
@@ -151,6 +158,10 @@ def test_a_message_that_may_have_reached_the_peer_keeps_its_move(ar: Harness) ->
     assert cancelled.status_code == 200, cancelled.text
     assert ar.status(request_id) == "acknowledged"
     assert _details(ar, "request.move_undone", msg_id) == []
+    with unit_of_work(ar.node.sessions) as session:
+        item = session.get(OutboxItem, _delivery_id(ar, msg_id))
+        assert item is not None
+        assert "may have reached the peer" in _cancelled_says(session, item)
 
 
 def test_a_move_the_peer_answered_stays(ar: Harness) -> None:
