@@ -579,13 +579,34 @@ def _delivery_action(delivery_id: int, action: str) -> None:
 
 def _cancelled_says(session: Session, item: OutboxItem) -> str:
     """What a cancel did beyond the delivery: the request's status, and whether the peer
-    may hold the message all the same (docs/domain.md, "The life of a request")."""
-    from app.delivery.outbox import peer_may_hold
+    may hold the message all the same (docs/domain.md, "The life of a request"), as the
+    cancel's own audit entries say."""
+    from sqlalchemy import select
 
+    from app.delivery.outbox import peer_may_hold
+    from app.models import AuditEntry, Message
+
+    msg_id = session.scalar(select(Message.msg_id).where(Message.id == item.message_id))
+    said = session.scalar(
+        select(AuditEntry.outcome)
+        .where(
+            AuditEntry.msg_id == msg_id,
+            AuditEntry.action.in_(("request.move_undone", "request.move_kept")),
+        )
+        .order_by(AuditEntry.idx.desc())
+        .limit(1)
+    )
     if item.move_undone_at is not None:
         return (
             f"the request's status is put back: {item.moved_to} -> {item.moved_from} (the peer "
             "never had the message); send it again as a new message if it is still meant"
+        )
+    if said == "peer_has_it":
+        return "the peer has the message (it replied to it): the request's status stays"
+    if said == "later_messages":
+        return (
+            "the request's status stays as the message left it: a message sent after it was "
+            "judged from there"
         )
     if peer_may_hold(session, item.id):
         return (

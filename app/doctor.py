@@ -18,8 +18,9 @@ from pathlib import Path
 import httpx
 from sqlalchemy import Engine, func, select
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 
-from app.audit.anchor import LogRolledBack, SignedLogAnchor
+from app.audit.anchor import LogRolledBack, Signed, SignedLogAnchor
 from app.audit.log import read_head
 from app.config import LEASE_MARGIN_SECONDS, Settings, longest_exchange_seconds
 from app.crypto.encoding import utc_now
@@ -418,12 +419,14 @@ def check_signed_log(settings: Settings, engine: Engine) -> Iterator[Finding]:
         )
         return
     try:
-        with read_snapshot(make_session_factory(engine)) as session:
-            head = read_head(session)
-            checkpoints = session.scalar(select(func.count()).select_from(AuditCheckpoint))
-            problem = None if signed is None else anchor.problem(session, head.size, head.root_hash)
-    except Exception:  # no database, no schema yet: check_database says which
-        problem, checkpoints = None, None
+        problem, checkpoints = _log_against_record(anchor, signed, engine)
+    except Exception as exc:  # the check itself failed: never an OK beside it
+        yield Finding(
+            FAIL,
+            "audit",
+            f"the audit log could not be checked against {anchor.path} ({type(exc).__name__})",
+        )
+        return
     if problem is not None:
         yield Finding(
             FAIL,
@@ -436,13 +439,36 @@ def check_signed_log(settings: Settings, engine: Engine) -> Iterator[Finding]:
         yield Finding(
             WARN,
             "audit",
-            f"no record of what the log key signed at {anchor.path}, though it signed "
-            f"{checkpoints} checkpoint(s): the record was lost or moved (copy log-signed.json "
-            "there); the next checkpoint starts a new one",
+            f"no record at {anchor.path} of what the log key signed, though it signed "
+            f"{checkpoints} checkpoint(s): a node from before this record, or the record was "
+            "moved or lost (copy log-signed.json there if you have it); "
+            "`entraide audit checkpoint` writes it",
         )
         return
     held = "nothing signed yet" if signed is None else f"checkpoint of {signed.size} entries"
     yield Finding(OK, "audit", f"signed log record {anchor.path} ({held})")
+
+
+def _log_against_record(
+    anchor: SignedLogAnchor, signed: Signed | None, engine: Engine
+) -> tuple[str | None, int | None]:
+    """(why the log does not extend the record, how many checkpoints it holds); both None
+    when there is no database or no schema yet (check_database says which)."""
+    try:
+        with read_snapshot(make_session_factory(engine)) as session:
+            try:
+                head = read_head(session)
+                checkpoints = session.scalar(select(func.count()).select_from(AuditCheckpoint))
+            except Exception:  # no schema yet
+                return None, None
+            if signed is None:
+                return None, int(checkpoints or 0)
+            # Against the record read before the log: one read now could be of a checkpoint
+            # signed meanwhile, newer than this snapshot.
+            found = anchor.problem(session, head.size, head.root_hash, signed=signed)
+            return found, int(checkpoints or 0)
+    except OperationalError:  # unreachable
+        return None, None
 
 
 def diagnose(settings: Settings) -> list[Finding]:

@@ -666,3 +666,16 @@ def test_a_message_whose_predecessor_will_never_arrive_fails_at_once(
     state, error = _state(factory, second)
     assert state == (outbox.FAILED if lost else outbox.RETRY)
     assert ("will never reach the peer" in error) is lost
+
+
+def test_a_running_total_another_process_inserted_first_is_added_to(
+    sessions: tuple[str, sessionmaker[Session]],
+) -> None:
+    """Two workers take over expired leases at once, and both find no `lease_expired` total:
+    the second insert adds to the first's row (it failed the claim's whole transaction)."""
+    _, factory = sessions
+    with unit_of_work(factory) as session:
+        session.execute(outbox._upsert(session, "attempts:lease_expired", 1))
+        session.execute(outbox._upsert(session, "attempts:lease_expired", 2))
+    with unit_of_work(factory) as session:
+        assert session.get(DeliveryCounter, "attempts:lease_expired").value == 3  # type: ignore[union-attr]

@@ -81,9 +81,13 @@ class SignedLogAnchor:
                 "node's log key signed: restore it from its backup"
             ) from exc
 
-    def problem(self, session: Session, size: int, root: bytes) -> str | None:
-        """Why the log of `size` entries under `root` does not extend what was signed."""
-        signed = self.read()
+    def problem(
+        self, session: Session, size: int, root: bytes, *, signed: Signed | None = None
+    ) -> str | None:
+        """Why the log of `size` entries under `root` does not extend what was signed (the
+        record as read now, or `signed`, read before the caller read the log: a record read
+        after could be of a checkpoint newer than that log)."""
+        signed = signed if signed is not None else self.read()
         if signed is None:
             return None
         if size < signed.size:

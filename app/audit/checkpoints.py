@@ -73,6 +73,9 @@ def sign_checkpoint(
         .limit(1)
     )
     if existing is not None:
+        # Recorded too (forward only: nothing if it is already): a node from before the
+        # record gets one on its first checkpoint, even with nothing new to sign.
+        _remember_after_commit(session, anchor, head.size, head.root_hash)
         return existing
     origin = log_origin(authority_id)
     body = Checkpoint(origin=origin, size=head.size, root_hash=head.root_hash).format()
@@ -85,12 +88,15 @@ def sign_checkpoint(
     session.add(checkpoint)
     mark_checkpointed(session)
     session.flush()
+    _remember_after_commit(session, anchor, head.size, head.root_hash)
+    return checkpoint
+
+
+def _remember_after_commit(session: Session, anchor: Anchor | None, size: int, root: bytes) -> None:
     if anchor is not None:
-        size, root = head.size, head.root_hash
         event.listen(
             session, "after_commit", lambda _session: _remember(anchor, size, root), once=True
         )
-    return checkpoint
 
 
 # Processes that could not write the record (a keys folder mounted read-only, as in

@@ -104,6 +104,30 @@ def retry_delivery(
 
 
 def cancel_delivery(session: Session, *, delivery_id: int, actor: str) -> OutboxItem:
+    # Locked with the deliveries whose kept moves the cancel may undo, in id order, as the
+    # undo (app/requests/moves.py) and every other writer take them: two cancels, or a cancel
+    # and a settlement, of one request never wait on each other in a cycle.
+    found = session.get(OutboxItem, delivery_id)
+    request_id = (
+        session.scalar(select(Message.request_id).where(Message.id == found.message_id))
+        if found is not None
+        else None
+    )
+    if request_id is not None:
+        session.scalars(
+            select(OutboxItem.id)
+            .join(Message, Message.id == OutboxItem.message_id)
+            .where(
+                (OutboxItem.id == delivery_id)
+                | (
+                    (Message.request_id == request_id)
+                    & OutboxItem.move_kept_at.is_not(None)
+                    & OutboxItem.move_undone_at.is_(None)
+                )
+            )
+            .order_by(OutboxItem.id)
+            .with_for_update(of=OutboxItem)
+        ).all()
     item, message = _locked(session, delivery_id)
     if item.state not in (outbox.QUEUED, outbox.RETRY, outbox.FAILED):
         raise Conflict(

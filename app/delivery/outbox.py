@@ -17,9 +17,9 @@ import threading
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import cast
+from typing import Any, cast
 
-from sqlalchemy import Table, case, event, func, insert, or_, select, true, update
+from sqlalchemy import Table, case, event, func, or_, select, true, update
 from sqlalchemy.orm import Session
 
 from app.delivery.retry import delivery_deadline
@@ -98,7 +98,28 @@ def add_to_counters(session: Session, tally: dict[str, int]) -> None:
             .values(value=DeliveryCounter.value + tally[name])
         )
         if not getattr(changed, "rowcount", 0):  # a total not seen before
-            session.execute(insert(DeliveryCounter).values(name=name, value=tally[name]))
+            # Another process may insert it at the same moment (a worker's claim holds no
+            # lock of the audit log): one of the two adds to the other's row.
+            session.execute(_upsert(session, name, tally[name]))
+
+
+def _upsert(session: Session, name: str, value: int) -> Any:
+    # Each dialect's insert is imported where it is used (as app/auth/throttle.py does).
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        on_pg = pg_insert(DeliveryCounter).values(name=name, value=value)
+        return on_pg.on_conflict_do_update(
+            index_elements=[DeliveryCounter.name],
+            set_={"value": DeliveryCounter.value + on_pg.excluded.value},
+        )
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    on_sqlite = sqlite_insert(DeliveryCounter).values(name=name, value=value)
+    return on_sqlite.on_conflict_do_update(
+        index_elements=[DeliveryCounter.name],
+        set_={"value": DeliveryCounter.value + on_sqlite.excluded.value},
+    )
 
 
 def claim_due(

@@ -71,7 +71,7 @@ def undo_if_lost(
     if the message moved nothing. Earlier lost messages whose move was kept for this one
     (it came after them) are undone with it, newest first: a chain of lost messages leaves
     the request where it was before the first."""
-    if item.moved_to is None or item.moved_from is None or item.move_undone_at is not None:
+    if item.move_undone_at is not None:
         return []
     # Locks in the order every writer takes them: the deliveries a chain may undo, in id
     # order, then the request (an arriving message of the peer locks it too, so it is
@@ -86,13 +86,23 @@ def undo_if_lost(
                 OutboxItem.move_undone_at.is_(None),
             )
             .order_by(OutboxItem.id)
-            .with_for_update()
+            .with_for_update(of=OutboxItem)
         )
     )
     case = session.get(CaseFile, message.request_id, with_for_update=True, populate_existing=True)
     if case is None:  # pragma: no cover - requests are never deleted
         return []
     events: list[Event] = []
+    if item.moved_to is None or item.moved_from is None:
+        # It moved nothing itself (a note, a status query), but a move kept for it, earlier
+        # in the conversation, may be undone now that it is lost too.
+        if _peer_has_it(session, case, message):
+            return []
+        earlier = _kept_before(session, kept, message)
+        if earlier is None:
+            return []
+        item, message = earlier
+        why = "failed" if item.state == FAILED else "cancelled"
     while True:
         details: dict[str, object] = {"lost": why, "from": item.moved_to, "to": item.moved_from}
         if _peer_has_it(session, case, message):

@@ -202,3 +202,20 @@ def test_moving_the_record_keeps_what_was_signed(tmp_path: Path) -> None:
     verified = node.cli("audit", "verify", "--db", check=False)
     assert verified.returncode != 0
     assert "entries were removed from the database" in verified.stdout + verified.stderr
+
+
+def test_a_node_from_before_the_record_gets_one_on_its_next_checkpoint(tmp_path: Path) -> None:
+    """Upgraded from before `log-signed.json`: checkpoints and no record. doctor says so and
+    names the command, which writes the record even with nothing new to sign."""
+    url = f"sqlite:///{tmp_path / 'es.db'}"
+    node = LocalNode("ES/MJ", "Ministerio de Justicia", tmp_path / "es", url)
+    node.init()
+    (node.keys_dir / "log-signed.json").unlink()  # as before the record existed
+    warned = node.cli("doctor", check=False).stdout
+    assert "a node from before this record" in warned, warned
+    assert "`entraide audit checkpoint` writes it" in warned
+    node.cli("audit", "checkpoint")  # nothing new to sign
+    assert SignedLogAnchor(node.keys_dir / "log-signed.json").read() is not None
+    doctor = node.cli("doctor", check=False).stdout
+    assert "ok    audit" in doctor or "signed log record" in doctor
+    assert "a node from before this record" not in doctor

@@ -280,3 +280,18 @@ def test_a_request_whose_receipt_came_goes_back_to_delivered_not_queued(
     assert ar.status(request_id) == "withdrawn"
     _claim_and_settle(ar, withdrawn.json()["msg_id"], *REFUSED_FOR_GOOD)
     assert ar.status(request_id) == "delivered"
+
+
+def test_a_lost_note_undoes_the_move_kept_for_it(ar: Harness) -> None:
+    """The acknowledgement was refused for good and its move kept, a note being on its way
+    after it; the note is lost too (cancelled): the acknowledgement's move goes, although the
+    note itself moved nothing."""
+    request_id = ar.receive_request()
+    ack_id = ar.reply(request_id, ACK).json()["msg_id"]
+    note_id = ar.reply(request_id, {"type": "note", "text": "Working on it."}).json()["msg_id"]
+    _claim_and_settle(ar, ack_id, *REFUSED_FOR_GOOD)
+    assert ar.status(request_id) == "acknowledged"
+    cancel = ar.post(f"/api/v1/admin/deliveries/{_delivery_id(ar, note_id)}/cancel", {}, "admin")
+    assert cancel.status_code == 200, cancel.text
+    assert ar.status(request_id) == "delivered"
+    assert len(_details(ar, "request.move_undone", ack_id)) == 1
