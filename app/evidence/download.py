@@ -5,12 +5,10 @@ from __future__ import annotations
 from urllib.parse import quote
 
 from fastapi.responses import JSONResponse, StreamingResponse
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.auth.service import Principal
 from app.db import unit_of_work
-from app.errors import NotFound
 from app.evidence.node_store import blob_store
 from app.evidence.reading import (
     PlannedDownload,
@@ -20,9 +18,8 @@ from app.evidence.reading import (
     plan_download,
     record_download,
 )
-from app.models import Message
 from app.node import Node
-from app.requests.service import actor_of, visible_case
+from app.requests.service import actor_of, message_of, visible_case
 
 
 def _disposition(name: str) -> str:
@@ -42,12 +39,7 @@ def plan_streamed(
     principal: Principal,
 ) -> PlannedDownload | None:
     """The download of an attachment in the blob store, or None (an inline attachment)."""
-    case = visible_case(session, request_id, principal)
-    message = session.scalar(
-        select(Message).where(Message.request_id == case.id, Message.msg_id == msg_id)
-    )
-    if message is None:
-        raise NotFound("no such message in this request", code="unknown_message")
+    message = message_of(session, visible_case(session, request_id, principal), msg_id)
     if not has_blob_parts(session, message):
         return None
     return plan_download(session, node, message=message, index=index)

@@ -571,6 +571,16 @@ def read_request(
     )
 
 
+def message_of(session: Session, case: CaseFile, msg_id: str) -> Message:
+    """A message of this request, or 404 `unknown_message`."""
+    message = session.scalar(
+        select(Message).where(Message.request_id == case.id, Message.msg_id == msg_id)
+    )
+    if message is None:
+        raise NotFound("no such message in this request", code="unknown_message")
+    return message
+
+
 def read_attachment(
     session: Session,
     node: Node,
@@ -581,11 +591,7 @@ def read_attachment(
     principal: Principal,
 ) -> Download:
     case = visible_case(session, request_id, principal)
-    message = session.scalar(
-        select(Message).where(Message.request_id == case.id, Message.msg_id == msg_id)
-    )
-    if message is None:
-        raise NotFound("no such message in this request", code="unknown_message")
+    message = message_of(session, case, msg_id)
     with audited_if_corrupt(
         actor=actor_of(principal),
         action="attachment.downloaded",

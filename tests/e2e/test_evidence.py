@@ -277,16 +277,24 @@ def test_declared_sizes_over_the_limits_are_refused_early(pair: Pair) -> None:
         assert response.status_code == 413, response.text
 
 
-def test_a_receiver_killed_mid_part_resumes_without_resending(pair: Pair) -> None:
-    size = 48 * MIB
+def _receiver_killed_mid_part(
+    pair: Pair, size: int, past: int
+) -> tuple[bytes, dict[str, Any], Path]:
+    """An attachment of `size` bytes submitted at ES/MJ; AR/MPF killed once it has staged
+    more than `past` bytes of it. Returns the data, the draft and AR's staging file."""
     data = os.urandom(size)
     draft = create_draft(pair.es, [size])
     with pair.es.client("officer") as http:
         upload(http, draft["attachments"][0]["href"], data, piece=size)
     staging = blob_dir(pair.ar) / "uploads" / f"in-{draft['id']}-1"
     submit(pair.es, draft["id"])
-    wait_for("AR to be mid-part", lambda: staging.exists() and staging.stat().st_size > 8 * MIB)
+    wait_for("AR to be mid-part", lambda: staging.exists() and staging.stat().st_size > past)
     pair.ar.kill()
+    return data, draft, staging
+
+
+def test_a_receiver_killed_mid_part_resumes_without_resending(pair: Pair) -> None:
+    data, draft, staging = _receiver_killed_mid_part(pair, 48 * MIB, 8 * MIB)
     held = staging.stat().st_size
     pair.ar.start()
     wait_receipt(pair.es, draft["id"], timeout=180)
@@ -304,15 +312,7 @@ def test_a_receivers_damaged_staging_restarts_the_part_without_failing_it(pair: 
     """What the receiver stored of a part no longer opens (its disk's fault, not the
     sender's): it starts the part again and says where, as for any unknown offset. It was
     refused with a final code, and the sender failed a delivery the next attempt completes."""
-    size = 24 * MIB
-    data = os.urandom(size)
-    draft = create_draft(pair.es, [size])
-    with pair.es.client("officer") as http:
-        upload(http, draft["attachments"][0]["href"], data, piece=size)
-    staging = blob_dir(pair.ar) / "uploads" / f"in-{draft['id']}-1"
-    submit(pair.es, draft["id"])
-    wait_for("AR to be mid-part", lambda: staging.exists() and staging.stat().st_size > 4 * MIB)
-    pair.ar.kill()
+    data, draft, staging = _receiver_killed_mid_part(pair, 24 * MIB, 4 * MIB)
     with staging.open("r+b") as stored:
         stored.seek(100)
         byte = stored.read(1)
