@@ -419,7 +419,7 @@ def peers_replace_key(
 
 @peers_app.command("list")
 def peers_list() -> None:
-    """List pinned peers."""
+    """List pinned peers (and whether exchanges with them are suspended)."""
     from app.crypto.keys import format_fingerprint
     from app.db import unit_of_work
     from app.peers.service import list_peers
@@ -428,12 +428,58 @@ def peers_list() -> None:
     try:
         with unit_of_work(node.sessions) as session:
             for peer in list_peers(session):
+                suspended = (
+                    f"\tSUSPENDED since {peer.suspended_at.isoformat(timespec='seconds')}: "
+                    f"{peer.suspended_reason}"
+                    if peer.suspended_at is not None
+                    else ""
+                )
                 typer.echo(
                     f"{peer.authority_id}\t{peer.name}\t{peer.public_url}\t"
-                    f"{format_fingerprint(peer.fingerprint)}"
+                    f"{format_fingerprint(peer.fingerprint)}{suspended}"
                 )
     finally:
         node.close()
+
+
+@peers_app.command("suspend")
+def peers_suspend(
+    authority_id: Annotated[str, typer.Argument(help="The peer's authority id, e.g. AR/MPF")],
+    reason: Annotated[str, typer.Option(help="Why (kept in the audit trail)")],
+) -> None:
+    """Suspend every exchange with a pinned peer: nothing is accepted from it or sent to it
+    until `entraide peers resume`. Its pin and keys stay; its queued deliveries wait."""
+    from app.db import unit_of_work
+    from app.peers.service import suspend_peer
+
+    node = _node(_settings())
+    try:
+        with unit_of_work(node.sessions) as session:
+            suspend_peer(session, authority_id=authority_id, reason=reason, actor=_operator())
+    finally:
+        node.close()
+    typer.echo(
+        f"exchanges with {authority_id} are suspended: its envelopes are refused "
+        "(its node keeps trying) and deliveries to it wait; "
+        f"`entraide peers resume {authority_id}` ends this"
+    )
+
+
+@peers_app.command("resume")
+def peers_resume(
+    authority_id: Annotated[str, typer.Argument(help="The peer's authority id, e.g. AR/MPF")],
+) -> None:
+    """Resume exchanges with a peer suspended by `entraide peers suspend`."""
+    from app.db import unit_of_work
+    from app.peers.service import resume_peer
+
+    node = _node(_settings())
+    try:
+        with unit_of_work(node.sessions) as session:
+            resume_peer(session, authority_id=authority_id, actor=_operator())
+    finally:
+        node.close()
+    typer.echo(f"exchanges with {authority_id} resume: deliveries waiting for it go now")
 
 
 @clients_app.command("create")

@@ -77,6 +77,11 @@ class Peer(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
     # SHA-256 of the DER client certificate this peer presents on our P2P API (mutual TLS).
     tls_client_cert_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # Set while the operator has suspended exchanges with this peer (a compromised node with
+    # no new keys yet, relations broken off): nothing is accepted from it or sent to it, and
+    # its pin and key history stay, for what was exchanged before.
+    suspended_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    suspended_reason: Mapped[str | None] = mapped_column(String(500), nullable=True)
 
 
 class ApiClient(Base):

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, case, event, func, or_, select, true, update
+from sqlalchemy import Table, case, event, exists, func, or_, select, true, update
 from sqlalchemy.orm import Session
 
 from app.delivery.retry import delivery_deadline
-from app.models import CaseFile, DeliveryAttempt, DeliveryCounter, Message, OutboxItem
+from app.models import CaseFile, DeliveryAttempt, DeliveryCounter, Message, OutboxItem, Peer
 from app.obs.logs import current_request_id
 
 OUTBOX = cast(Table, OutboxItem.__table__)
@@ -74,7 +74,11 @@ def enqueue(
             **(moved or {}),
         },
     )
-    # Wake the in-process worker once the rows are visible to it, not before.
+    wake_after_commit(session, wake)
+
+
+def wake_after_commit(session: Session, wake: threading.Event) -> None:
+    """Wake the in-process worker once what this transaction queued is visible to it."""
     event.listen(session, "after_commit", lambda _session: wake.set(), once=True)
 
 
@@ -153,6 +157,12 @@ def claim_due(
             )
         )
         .where(Message.size_bytes <= max_size if max_size is not None else true())
+        # Deliveries to a peer whose exchanges are suspended wait, untried, for a resumption.
+        .where(
+            ~exists().where(
+                Peer.authority_id == OutboxItem.peer_authority, Peer.suspended_at.is_not(None)
+            )
+        )
         .where(OutboxItem.id.not_in(list(skip)) if skip else true())
         .order_by(priority, OutboxItem.next_attempt_at, OutboxItem.id)
         .limit(limit)

@@ -69,6 +69,8 @@ RETRYABLE_CODES = {
     "offset_mismatch",
     "part_out_of_order",
     "unknown_transfer",
+    # The peer's operator suspended exchanges with us, perhaps for a while (docs/operations.md).
+    "peer_suspended",
 }
 RETRYABLE_STATUS = {408, 425, 429}
 # A batch's outcomes are settled together once all are in, or whatever is in after this long.

@@ -47,7 +47,7 @@ from app.evidence.seal import StreamedAttachment, seal_streamed
 from app.evidence.stream import CIPHER_CHUNK, FinishedPart, PartWriter, chunk_count
 from app.models import BlobPart, CaseFile, EvidenceDraft, EvidenceUpload, Message, Part
 from app.node import Node
-from app.peers.service import get_peer
+from app.peers.service import get_peer, refuse_if_suspended
 from app.requests import conversation
 from app.requests.status import QUEUED
 
@@ -119,7 +119,8 @@ def create_draft(
             )
     if sum(item.size for item in body.attachments) > settings.max_evidence_request_bytes:
         raise PayloadTooLarge(f"attachments exceed {settings.max_evidence_request_bytes} bytes")
-    get_peer(session, body.to)
+    peer = get_peer(session, body.to)
+    refuse_if_suspended(peer.authority_id, peer.suspended_at)
     msg_id = bytes(random_bytes(MSG_ID_BYTES))
     content_key = bytes(random_bytes(KEY_BYTES))
     sealed = canonical_json(
@@ -389,6 +390,7 @@ def submit_draft(
         raise Conflict(f"attachments {missing} are not completely uploaded", code="incomplete")
     content_key, content = _opened_content(node, draft)
     peer = get_peer(session, draft.peer_authority)
+    refuse_if_suspended(peer.authority_id, peer.suspended_at)
     msg_id = bytes.fromhex(draft.id)
     now = utc_now()
     head = seal_streamed(

@@ -130,7 +130,11 @@ def refresh_unknown_signers(node: Node, wires: list[object]) -> None:
         }
         for header in headers:
             peer = peers.get(header.from_authority)
-            if peer is None or header.from_sig_kid == peer.signing_kid:
+            if (
+                peer is None
+                or peer.suspended_at is not None
+                or header.from_sig_kid == peer.signing_kid
+            ):
                 continue
             if peer_signing_key(session, peer, header.from_sig_kid, signed_at=header.created_at):
                 continue

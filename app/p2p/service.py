@@ -210,7 +210,9 @@ def check_sender(
     if peer is None:
         raise _refuse("unknown_sender", "the sender is not a pinned peer of this node", 403)
     signing_key = peer_signing_key(session, peer, header.from_sig_kid, signed_at=header.created_at)
-    if signing_key is None and not may_refresh:
+    # A suspended peer's rotations are not followed: its operator may have suspended it
+    # because its keys are no longer trusted.
+    if signing_key is None and (not may_refresh or peer.suspended_at is not None):
         raise _refuse("unknown_key", "the envelope is signed with a key not pinned here", 403)
     if signing_key is None:
         # Perhaps the peer rotated its keys: follow its signed rotation (docs/protocol.md
@@ -226,6 +228,12 @@ def check_sender(
         env.verify_header_signature(envelope, signing_key)
     except env.EnvelopeError as exc:
         raise _refuse(exc.code, exc.detail) from exc
+    if peer.suspended_at is not None:
+        # Said only to the key's holder (after its signature): a stranger learns nothing of
+        # which peers are suspended. Its node tries again until exchanges resume.
+        raise _refuse(
+            "peer_suspended", "this node has suspended exchanges with your authority", 403
+        )
     if header.to_authority != node.authority_id:
         raise _refuse("not_addressed_to_us", "the envelope is addressed to another authority", 421)
     return peer

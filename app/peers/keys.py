@@ -263,6 +263,7 @@ class PinnedKeys:
     signing_key: bytes
     encryption_kid: str
     encryption_key: bytes
+    suspended_at: datetime | None
 
 
 _PEERS = cast(Table, Peer.__table__)
@@ -272,6 +273,7 @@ _PINNED = select(
     _PEERS.c.signing_key,
     _PEERS.c.encryption_kid,
     _PEERS.c.encryption_key,
+    _PEERS.c.suspended_at,
 )
 
 

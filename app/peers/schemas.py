@@ -16,6 +16,19 @@ class AddPeer(BaseModel):
     fingerprint: str = Field(max_length=100)
 
 
+class SuspendPeer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    authority_id: str = Field(max_length=40)
+    reason: str = Field(min_length=1, max_length=500)
+
+
+class ResumePeer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    authority_id: str = Field(max_length=40)
+
+
 class PeerView(BaseModel):
     authority_id: str
     name: str
@@ -26,6 +39,8 @@ class PeerView(BaseModel):
     log_kid: str
     added_at: datetime
     updated_at: datetime
+    suspended_at: datetime | None = None
+    suspended_reason: str | None = None
 
     @classmethod
     def of(cls, peer: Peer) -> PeerView:
@@ -39,4 +54,6 @@ class PeerView(BaseModel):
             log_kid=peer.log_kid,
             added_at=peer.added_at,
             updated_at=peer.updated_at,
+            suspended_at=peer.suspended_at,
+            suspended_reason=peer.suspended_reason,
         )

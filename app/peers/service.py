@@ -142,6 +142,78 @@ def replace_peer_key(
     return peer
 
 
+class PeerSuspended(Conflict):
+    code = "peer_suspended"
+
+
+def refuse_if_suspended(authority_id: str, suspended_at: datetime | None) -> None:
+    """Nothing new is sealed for a peer while exchanges with it are suspended."""
+    if suspended_at is not None:
+        raise PeerSuspended(
+            f"exchanges with {authority_id} are suspended (since "
+            f"{suspended_at.isoformat(timespec='seconds')}): nothing can be sent to it until "
+            "an administrator resumes them"
+        )
+
+
+def suspend_peer(session: Session, *, authority_id: str, reason: str, actor: str) -> Peer:
+    """Stop every exchange with a pinned peer, without unpinning it: its envelopes are
+    refused (`peer_suspended`, which its node retries), nothing new is sealed for it, and
+    its queued deliveries wait. Its keys stay, so what was exchanged before stays
+    verifiable; transfers it announced are dropped (sent again after a resumption)."""
+    reason = reason.strip()
+    if not reason or len(reason) > 500:
+        raise BadRequest(
+            "say in at most 500 characters why exchanges are suspended", code="invalid_reason"
+        )
+    peer = _locked_peer(session, authority_id)
+    if peer.suspended_at is not None:
+        raise Conflict(
+            f"exchanges with {authority_id} are already suspended", code="already_suspended"
+        )
+    now = utc_now()
+    peer.suspended_at, peer.suspended_reason, peer.updated_at = now, reason, now
+    dropped = len(
+        session.scalars(
+            delete(InboundTransfer)
+            .where(InboundTransfer.sender_authority == peer.authority_id)
+            .returning(InboundTransfer.id)
+        ).all()
+    )
+    record(
+        session,
+        actor=actor,
+        action="peer.suspended",
+        peer=peer.authority_id,
+        details={"reason": reason, "transfers_dropped": dropped},
+    )
+    return peer
+
+
+def resume_peer(session: Session, *, authority_id: str, actor: str) -> Peer:
+    """Exchanges with the peer go on: its queued deliveries are posted again."""
+    peer = _locked_peer(session, authority_id)
+    if peer.suspended_at is None:
+        raise Conflict(f"exchanges with {authority_id} are not suspended", code="not_suspended")
+    suspended_at = peer.suspended_at
+    peer.suspended_at, peer.suspended_reason, peer.updated_at = None, None, utc_now()
+    record(
+        session,
+        actor=actor,
+        action="peer.resumed",
+        peer=peer.authority_id,
+        details={"suspended_at": suspended_at.isoformat()},
+    )
+    return peer
+
+
+def _locked_peer(session: Session, authority_id: str) -> Peer:
+    peer = session.scalar(select(Peer).where(Peer.authority_id == authority_id).with_for_update())
+    if peer is None:
+        raise NotFound(f"{authority_id} is not a pinned peer", code="unknown_peer")
+    return peer
+
+
 def get_peer(session: Session, authority_id: str) -> Peer:
     peer = session.scalar(select(Peer).where(Peer.authority_id == authority_id))
     if peer is None:

@@ -46,6 +46,7 @@ from app.evidence.reading import has_blob_parts, open_stored_head
 from app.models import CaseFile, Message, OutboxItem, Receipt
 from app.node import Node
 from app.peers.keys import PinnedKeys, pinned_keys, stored_envelope_signer
+from app.peers.service import refuse_if_suspended
 from app.requests import access, conversation, deadlines, lifecycle, moves, schemas
 from app.requests.status import QUEUED
 from app.requests.store import StoredMessage, load_envelope, store_envelope
@@ -106,6 +107,7 @@ def _pinned_peer(session: Session, authority_id: str) -> PinnedKeys:
     peer = pinned_keys(session, authority_id)
     if peer is None:  # as app.peers.service.get_peer says it
         raise NotFound(f"{authority_id} is not a pinned peer", code="unknown_peer")
+    refuse_if_suspended(peer.authority_id, peer.suspended_at)
     return peer
 
 
