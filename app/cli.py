@@ -735,7 +735,10 @@ def audit_verify(
     from app.audit.service import verify_database, verify_export
     from app.db import read_snapshot
 
-    earlier = checkpoint.read_text() if checkpoint else None
+    try:
+        earlier = checkpoint.read_text() if checkpoint else None
+    except (OSError, UnicodeError) as exc:
+        raise _fail(f"cannot read the checkpoint {checkpoint}: {exc}") from exc
     if db == (folder is not None):
         raise _fail("give either an export folder or --db")
     if db:

@@ -21,6 +21,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from app.audit.anchor import LogRolledBack, Signed, SignedLogAnchor
+from app.audit.checkpoints import read_progress
 from app.audit.log import read_head
 from app.config import LEASE_MARGIN_SECONDS, Settings, longest_exchange_seconds
 from app.crypto.encoding import utc_now
@@ -39,6 +40,9 @@ KEY_ROTATE_AFTER = timedelta(days=365)
 KEY_EXPIRY_WARNING = timedelta(days=30)
 STUCK_AFTER = timedelta(hours=1)
 PEER_TIMEOUT_SECONDS = 10.0
+# Unsigned audit entries are worth a word once checkpoints are this late (or three times
+# ENTRAIDE_AUDIT_CHECKPOINT_SECONDS, if longer).
+UNSIGNED_WARNING_SECONDS = 600.0
 
 
 @dataclass(frozen=True)
@@ -449,6 +453,30 @@ def check_signed_log(settings: Settings, engine: Engine) -> Iterator[Finding]:
     yield Finding(OK, "audit", f"signed log record {anchor.path} ({held})")
 
 
+def check_checkpoints(settings: Settings, engine: Engine) -> Iterator[Finding]:
+    """Entries left unsigned long after checkpoints were due: until signed, whoever can write
+    to the database can rewrite them without a trace (docs/audit.md §4)."""
+    try:
+        with read_snapshot(make_session_factory(engine)) as session:
+            progress = read_progress(session)
+    except Exception:  # no database or no schema yet: check_database says which
+        return
+    if progress is None or progress.size <= progress.last_checkpoint_size:
+        return
+    due_for = max(3 * settings.audit_checkpoint_seconds, UNSIGNED_WARNING_SECONDS)
+    last = progress.latest_checkpoint_at
+    if last is None or utc_now() - last < timedelta(seconds=due_for):
+        return  # None: a node never started yet (its first worker round signs one)
+    yield Finding(
+        WARN,
+        "audit",
+        f"{progress.size - progress.last_checkpoint_size} audit entries are not covered by a "
+        f"signed checkpoint, and none was signed since {last.isoformat(timespec='seconds')}: "
+        "if the node is running, its delivery worker is not (it signs them), or signing "
+        "fails (see its log); until signed, they could be rewritten without a trace",
+    )
+
+
 def _log_against_record(
     anchor: SignedLogAnchor, signed: Signed | None, engine: Engine
 ) -> tuple[str | None, int | None]:
@@ -476,6 +504,7 @@ def diagnose(settings: Settings) -> list[Finding]:
     engine = make_engine(settings.database_url)
     try:
         findings += check_signed_log(settings, engine)
+        findings += check_checkpoints(settings, engine)
         findings += check_database(settings, engine)
         timeout = min(settings.peer_timeout_seconds, PEER_TIMEOUT_SECONDS)
         with make_http_client(timeout) as http:

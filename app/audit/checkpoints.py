@@ -138,13 +138,19 @@ class Progress:
 
 
 def read_progress(session: Session) -> Progress | None:
-    """What the worker's log upkeep needs, in one query."""
+    """What the worker's log upkeep needs, in one query.
+
+    How far checkpoints reach is read from the checkpoints themselves, not from the head
+    row's `last_checkpoint_size`: a number anyone with SQL access could raise to stop every
+    checkpoint, leaving new entries unsigned (and rewritable) for as long as they liked. A
+    forged checkpoint row would fail `entraide audit verify` instead."""
     latest = select(AuditCheckpoint.created_at).order_by(AuditCheckpoint.id.desc()).limit(1)
+    signed = select(func.max(AuditCheckpoint.size))
     indexed = select(func.max(AuditIndex.idx))
     row = session.execute(
         select(
             AuditHead.size,
-            AuditHead.last_checkpoint_size,
+            func.coalesce(signed.scalar_subquery(), 0),
             latest.scalar_subquery(),
             indexed.scalar_subquery(),
         ).where(AuditHead.id == HEAD_ID)

@@ -35,7 +35,7 @@ from sqlalchemy.engine.interfaces import DBAPICursor
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from app.audit.merkle import CompactRange, leaf_hash
-from app.crypto.encoding import canonical_json, format_time, utc_now
+from app.crypto.encoding import DecodeError, canonical_json, format_time, parse_time, utc_now
 from app.db import unit_of_work
 from app.models import AuditEntry, AuditHead
 
@@ -66,7 +66,7 @@ class Head:
     compact: CompactRange
     root_hash: bytes
     last_leaf_hash: bytes | None
-    last_time: datetime | None = None  # the last entry's time (the row's updated_at)
+    last_time: datetime | None = None  # the last entry's time (as the entry itself says)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +75,7 @@ class _Statements:
 
     read: str
     lock: str
+    last_entry: str
     update_head: str  # params: the new head, then the one expected
     insert_entry: str
     combined: bool  # both in one statement (_combined_append): one round trip
@@ -110,6 +111,7 @@ def _combined_append(count: int) -> str:
     return f"WITH head AS ({update} RETURNING id) {_INTO_ENTRIES}{entries}"
 
 
+_LAST_ENTRY = "SELECT entry FROM audit_entries WHERE idx = ?"
 _INSERT_NODE = "INSERT INTO audit_nodes (level, position, hash) VALUES (?, ?, ?)"
 _MARK_CHECKPOINT = "UPDATE audit_head SET last_checkpoint_size = ? WHERE id = ?"
 _statements_by_dialect: dict[str, _Statements] = {}
@@ -134,6 +136,7 @@ def _statements(dialect: Dialect) -> _Statements:
         read=sql(_READ),
         # SQLite has no row locks: BEGIN IMMEDIATE (app/db.py) already serialises writers.
         lock=sql(_READ if sqlite else _READ + " FOR UPDATE"),
+        last_entry=sql(_LAST_ENTRY),
         update_head=sql(_UPDATE_HEAD),
         insert_entry=sql(_INSERT_ENTRY),
         combined=not sqlite,
@@ -183,8 +186,36 @@ def _read(cursor: DBAPICursor, sql: _Statements, statement: str) -> Head:
         compact=CompactRange.from_bytes(bytes(compact_range)),
         root_hash=bytes(root_hash),
         last_leaf_hash=bytes(last_leaf_hash) if last_leaf_hash is not None else None,
-        last_time=sql.read_time(updated_at) if updated_at is not None else None,
+        last_time=_last_entry_time(cursor, sql, size, updated_at),
     )
+
+
+def _last_entry_time(
+    cursor: DBAPICursor, sql: _Statements, size: int, updated: Any
+) -> datetime | None:
+    """The time the last entry itself carries (hashed into the log), not the head row's copy:
+    one UPDATE of that copy to a far future would otherwise stamp every later entry with it,
+    since entry times never go back (`_entry_time`)."""
+    head_time = sql.read_time(updated) if updated is not None else None
+    if size == 0:
+        return head_time
+    cursor.execute(sql.last_entry, (size - 1,))
+    row = cursor.fetchone()
+    try:
+        entry_time = parse_time(orjson.loads(bytes(row[0])).get("time")) if row else None
+    except (orjson.JSONDecodeError, AttributeError, DecodeError):
+        entry_time = None
+    if entry_time is None:  # `entraide audit verify` reports the entry itself
+        log.error("the audit log's last entry (%s) has no readable time", size - 1)
+        return head_time
+    if head_time is not None and head_time - entry_time > timedelta(seconds=1):
+        log.error(
+            "the audit log's head row is dated %s, its last entry %s: the head row was "
+            "altered; new entries follow the entry's time",
+            format_time(head_time),
+            format_time(entry_time),
+        )
+    return entry_time
 
 
 def _hold(session: Session) -> _Held:

@@ -254,6 +254,8 @@ def _index_verifiers(verifiers: Iterable[Verifier]) -> dict[tuple[str, bytes], V
 
 
 def _decode_note(note: str | bytes) -> str:
+    if not isinstance(note, str | bytes):
+        raise MalformedNote("a note is text")
     try:
         raw = note.encode() if isinstance(note, str) else note
         if len(raw) > MAX_NOTE_BYTES:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hmac
 import json
 from collections.abc import Iterator, Sequence
@@ -185,10 +186,23 @@ def _rarest_filter(
 
 
 def entry_view(entry: AuditEntry) -> dict[str, Any]:
-    fields: dict[str, Any] = json.loads(entry.entry)
     # From the bytes shown, not the stored column: entry bytes altered in the database with
     # their column left alone then fail the auditor's inclusion proof instead of passing it.
-    return {**fields, "leaf_hash": leaf_hash(entry.entry).hex()}
+    digest = leaf_hash(entry.entry).hex()
+    try:
+        fields = json.loads(entry.entry)
+    except (ValueError, UnicodeError):
+        fields = None
+    if not isinstance(fields, dict):
+        # Damaged or altered bytes: shown as they are, so the auditor can page past them and
+        # see that they no longer match the log (`entraide audit verify` names the entry).
+        return {
+            "idx": entry.idx,
+            "malformed": True,
+            "entry_base64": base64.b64encode(bytes(entry.entry)).decode(),
+            "leaf_hash": digest,
+        }
+    return {**fields, "leaf_hash": digest}
 
 
 def _node_reader(session: Session) -> RangeHasher:
@@ -523,6 +537,15 @@ def export_log(session: Session, node: Node, out: Path) -> tuple[int, int]:
     return count, len(notes)
 
 
+def _export_note(number: int, line: str) -> str:
+    """A line of checkpoints.jsonl: an object whose `note` is a string (ValueError if not)."""
+    record = json.loads(line)
+    note = record.get("note") if isinstance(record, dict) else None
+    if not isinstance(note, str):
+        raise ValueError(f"line {number} of {EXPORT_CHECKPOINTS} holds no checkpoint note")
+    return note
+
+
 def verify_export(
     folder: Path, *, earlier: str | None = None, log_key: str | None = None
 ) -> Report:
@@ -533,8 +556,10 @@ def verify_export(
     """
     verifier_key = parse_verifier_key(log_key or (folder / EXPORT_KEY).read_text().strip())
     notes = [
-        json.loads(line)["note"]
-        for line in (folder / EXPORT_CHECKPOINTS).read_text().splitlines()
+        _export_note(number, line)
+        for number, line in enumerate(
+            (folder / EXPORT_CHECKPOINTS).read_text().splitlines(), start=1
+        )
         if line.strip()
     ]
     checker = LogVerifier(verifier_key, verifier_key.name, notes, earlier)

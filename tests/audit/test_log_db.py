@@ -8,19 +8,24 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.audit import log as audit_log
 from app.audit import service as audit_service
-from app.audit.checkpoints import checkpoint_due, log_verifier, sign_checkpoint
+from app.audit.checkpoints import (
+    checkpoint_due,
+    log_verifier,
+    maybe_checkpoint,
+    sign_checkpoint,
+)
 from app.audit.log import STORED_LEVEL, Event, entry_bytes, record, record_many
 from app.audit.merkle import root_from_leaf_hashes, verify_consistency, verify_inclusion
 from app.audit.note import Checkpoint, open_note
@@ -280,3 +285,51 @@ def test_entry_times_never_go_back_when_a_clock_does(
     finally:
         for engine in engines:
             engine.dispose()
+
+
+def test_an_altered_head_row_neither_stops_checkpoints_nor_dates_entries_ahead(
+    databases: Databases, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two numbers of the head row that no signature covers, each of which someone with SQL
+    access could change to leave later entries unsigned (rewritable at leisure) or stamped in
+    the future: how far checkpoints reach is read from the checkpoints, and the last entry's
+    time from the entry (a fresh engine: a process that starts after the change)."""
+    url = databases.new("head")
+    upgrade(url)
+    keys = NodeKeys.generate()
+    engine = make_engine(url)
+    try:
+        with unit_of_work(make_session_factory(engine)) as session:
+            for number in range(3):
+                record(session, actor="node", action="test.event", details={"n": number})
+            sign_checkpoint(session, authority_id="ES/MJ", log_key=keys.log)
+            record(session, actor="node", action="test.unsigned")
+            session.execute(
+                update(AuditHead).values(
+                    last_checkpoint_size=10**9, updated_at=datetime(2031, 6, 1, 12, tzinfo=UTC)
+                )
+            )
+    finally:
+        engine.dispose()
+    engine = make_engine(url)
+    try:
+        sessions = make_session_factory(engine)
+        with caplog.at_level(logging.ERROR, logger="app.audit.log"):
+            with unit_of_work(sessions) as session:
+                record(session, actor="node", action="test.after")
+        assert "head row was altered" in caplog.text
+        with unit_of_work(sessions) as session:
+            signed = maybe_checkpoint(
+                session, authority_id="ES/MJ", log_key=keys.log, every=2, seconds=3600
+            )
+            assert signed is not None
+            assert signed.size == 5
+            times = [
+                json.loads(entry)["time"]
+                for entry in session.scalars(select(AuditEntry.entry).order_by(AuditEntry.idx))
+            ]
+            assert not any(time.startswith("2031") for time in times)
+            report = verify_database(session, authority_id="ES/MJ", log_public=keys.log_public)
+            assert report.ok, report.first
+    finally:
+        engine.dispose()

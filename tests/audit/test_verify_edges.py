@@ -163,3 +163,55 @@ def test_a_stored_subtree_hash_edited_in_the_database_fails_verify_db(
         assert verify() == [expected]
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("line", ["[1]", '"x"', '{"note": 5}', '{"note": null}', "{}"])
+def test_a_checkpoint_line_that_is_no_note_is_refused_by_name(tmp_path: Path, line: str) -> None:
+    """Each was a TypeError traceback out of `entraide audit verify` (from review)."""
+    out = _export(tmp_path, NodeKeys.generate())
+    with (out / EXPORT_CHECKPOINTS).open("a") as handle:
+        handle.write(line + "\n")
+    with pytest.raises(ValueError, match=f"line 4 of {EXPORT_CHECKPOINTS} holds no"):
+        verify_export(out)
+
+
+def test_an_export_cut_back_fails_against_a_checkpoint_fetched_afterwards(
+    tmp_path: Path,
+) -> None:
+    """A cut-back export is a verifiable prefix on its own (docs/audit.md §9): the auditor's
+    own fresh checkpoint is what shows entries missing at its end."""
+    keys = NodeKeys.generate()
+    out = _export(tmp_path, keys)
+    fresh = (out / EXPORT_CHECKPOINTS).read_text().splitlines()[-1]
+    notes = (out / EXPORT_CHECKPOINTS).read_text().splitlines()
+    (out / EXPORT_CHECKPOINTS).write_text("\n".join(notes[:-1]) + "\n")
+    entries = (out / EXPORT_ENTRIES).read_bytes().splitlines()
+    (out / EXPORT_ENTRIES).write_bytes(b"\n".join(entries[:32]) + b"\n")
+    assert verify_export(out).ok  # alone, it passes: a prefix the node did sign
+    report = verify_export(out, earlier=json.loads(fresh)["note"])
+    assert not report.ok
+
+
+def test_a_damaged_entry_is_shown_as_it_is_not_a_500(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    sessions = make_session_factory(engine)
+    try:
+        with unit_of_work(sessions) as session:
+            record(session, actor="node", action="test.event")
+            entry = session.get(AuditEntry, 0)
+            assert entry is not None
+            entry.entry = b"\xff\x00"
+        with read_snapshot(sessions) as session:
+            entry = session.get(AuditEntry, 0)
+            assert entry is not None
+            shown = entry_view(entry)
+        assert shown == {
+            "idx": 0,
+            "malformed": True,
+            "entry_base64": "/wA=",
+            "leaf_hash": leaf_hash(b"\xff\x00").hex(),
+        }
+    finally:
+        engine.dispose()

@@ -161,3 +161,40 @@ def test_doctor_warns_of_a_lease_the_worker_must_renew_before_every_post(
     findings = check_configuration(Settings(lease_seconds=lease, peer_timeout_seconds=30))
     said = [f.message for f in findings if "ENTRAIDE_LEASE_SECONDS" in f.message]
     assert bool(said) is warned
+
+
+def test_doctor_warns_of_entries_left_unsigned_long_after_checkpoints_were_due(
+    tmp_path: Path,
+) -> None:
+    from sqlalchemy import update
+
+    from app.audit.checkpoints import sign_checkpoint
+    from app.audit.log import record
+    from app.config import Settings
+    from app.crypto.keys import NodeKeys
+    from app.db import make_engine, make_session_factory, unit_of_work
+    from app.doctor import check_checkpoints
+    from app.migrate import upgrade
+    from app.models import AuditCheckpoint
+
+    url = make_databases("sqlite", tmp_path).new("log")
+    upgrade(url)
+    engine = make_engine(url)
+    settings = Settings(database_url=url)
+    try:
+        sessions = make_session_factory(engine)
+        with unit_of_work(sessions) as session:
+            record(session, actor="node", action="test.event")
+            sign_checkpoint(session, authority_id="ES/MJ", log_key=NodeKeys.generate().log)
+        assert list(check_checkpoints(settings, engine)) == []  # everything signed
+        with unit_of_work(sessions) as session:
+            record(session, actor="node", action="test.unsigned")
+        assert list(check_checkpoints(settings, engine)) == []  # a checkpoint is not due yet
+        with unit_of_work(sessions) as session:
+            an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
+            session.execute(update(AuditCheckpoint).values(created_at=an_hour_ago))
+        (finding,) = check_checkpoints(settings, engine)
+        assert finding.level == WARN
+        assert "1 audit entries are not covered by a signed checkpoint" in finding.message
+    finally:
+        engine.dispose()
