@@ -267,6 +267,31 @@ class Public:
         return None
 
 
+# Set in a P2P request's scope by the body limit (app/main.py), which looked for a block
+# before reading the body: the route's dependency need not look again.
+P2P_UNBLOCKED = "entraide.p2p_unblocked"
+
+
+def p2p_blocked_for(node: Node, source: str) -> int | None:
+    """Seconds an address whose envelopes keep being refused must still wait, or None."""
+    with unit_of_work(node.sessions) as session:
+        return blocked_for(session, [f"p2p:{address_unit(source)}"])
+
+
+def refuse_p2p_body(node: Node, source: str, detail: str) -> None:
+    """A P2P body refused before it was read as an envelope (too large): counted against the
+    address, and audited until it is throttled, like any refused envelope."""
+    with unit_of_work(node.sessions) as session:
+        if record_p2p_refusal(session, node, source):
+            record(
+                session,
+                actor=f"address:{source}",
+                action="envelope.refused",
+                outcome="too_large",
+                details={"code": "too_large", "detail": detail},
+            )
+
+
 class PeerTransport(Public):
     """P2P routes: no token (every envelope is signed), but an address whose envelopes keep
     being refused is throttled, and with mutual TLS on, only pinned peer certificates pass."""
@@ -275,7 +300,11 @@ class PeerTransport(Public):
         source = source_address(request)
         refused: CertificateRefused | None = None
         with unit_of_work(node.sessions) as session:
-            retry_after = blocked_for(session, [f"p2p:{address_unit(source)}"])
+            retry_after = (
+                None
+                if request.scope.get(P2P_UNBLOCKED)
+                else blocked_for(session, [f"p2p:{address_unit(source)}"])
+            )
             if retry_after is None:
                 try:
                     check_peer_certificate(session, node.settings, request.scope)

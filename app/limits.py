@@ -48,8 +48,12 @@ class HeaderLimit:
 # costs: 32 MiB of `[{},{},...]` is 11 million dicts, about 770 MiB, built before any check
 # or authentication runs (FastAPI parses a body before it resolves the route's token).
 MAX_JSON_VALUES = 250_000
-# A string (escapes included), or a byte that starts a value inside a container.
-_JSON_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[,:\[{]')
+# A string (escapes included), or a byte that starts a value inside a container. A string
+# left open runs to the end of the body (and a lone backslash may end it): the pattern then
+# matches at every quote it starts at, and the scan stays linear. A string that could fail to
+# match was tried again from each later quote, to the end each time: a body of escaped quotes
+# with no closing one took minutes, holding the interpreter (from review).
+_JSON_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*\\?(?:"|\Z)|[,:\[{]', re.DOTALL)
 _JSON_START = re.compile(rb"[ \t\r\n]*[\[{]")
 
 

@@ -22,13 +22,14 @@ from app.audit.log import record_alone
 from app.audit.router import p2p_router as audit_p2p_router
 from app.audit.router import router as audit_router
 from app.auth.refusals import audit_refusal, should_audit
+from app.auth.throttle import TooManyRequests
 from app.config import Settings, get_settings
 from app.crypto.encoding import utc_now
 from app.crypto.identity import build_identity_document
 from app.db import DurabilityLost
 from app.delivery.router import router as deliveries_router
 from app.delivery.worker import Worker
-from app.deps import DUPLICATE_KEY
+from app.deps import DUPLICATE_KEY, P2P_UNBLOCKED, p2p_blocked_for, refuse_p2p_body
 from app.errors import EntraideError, EnvelopeRefused
 from app.evidence.blobstore import StorageFailed
 from app.evidence.p2p_router import router as evidence_p2p_router
@@ -151,6 +152,22 @@ class LimitsAndHeaders:
         ):
             await self.app(scope, receive, send_with_headers)
             return
+        if _p2p_body(scope):
+            # A throttled address gets its 429 before its body is read or scanned, not after
+            # up to 32 MiB of it (from review); the route's dependency then need not look.
+            node = scope["app"].state.node
+            retry_after = await run_in_threadpool(p2p_blocked_for, node, _source(scope))
+            if retry_after is not None:
+                blocked = TooManyRequests(retry_after)
+                await _refuse(
+                    send_with_headers,
+                    429,
+                    blocked.code,
+                    blocked.detail,
+                    headers={"retry-after": str(retry_after), "connection": "close"},
+                )
+                return
+            scope[P2P_UNBLOCKED] = True
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
             await self._too_large(scope, send_with_headers)
@@ -172,14 +189,10 @@ class LimitsAndHeaders:
         body = b"".join(chunks)
         # Small bodies cannot hold enough values to matter, and are not worth a thread hop.
         if len(body) > JSON_CHECK_BYTES and await run_in_threadpool(json_values_exceed, body):
+            detail = f"the body holds more than {MAX_JSON_VALUES} JSON values"
             # On record before the answer: the caller may query the log once it has it.
-            await _record_refusal(scope, scope["app"].state.node, 413, "too_large")
-            await _refuse(
-                send_with_headers,
-                413,
-                "too_large",
-                f"the body holds more than {MAX_JSON_VALUES} JSON values",
-            )
+            await _record_body_refusal(scope, detail)
+            await _refuse(send_with_headers, 413, "too_large", detail)
             return
         replayed = False
 
@@ -195,8 +208,31 @@ class LimitsAndHeaders:
     async def _too_large(
         self, scope: Scope, send: Callable[[MutableMapping[str, Any]], Awaitable[None]]
     ) -> None:
-        await _record_refusal(scope, scope["app"].state.node, 413, "too_large")
-        await _refuse(send, 413, "too_large", f"body larger than {self.max_body_bytes} bytes")
+        detail = f"body larger than {self.max_body_bytes} bytes"
+        await _record_body_refusal(scope, detail)
+        await _refuse(send, 413, "too_large", detail)
+
+
+def _p2p_body(scope: Scope) -> bool:
+    return scope.get("method") in BODY_METHODS and str(scope.get("path", "")).startswith("/p2p/")
+
+
+def _source(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0])[:60] if client else "unknown"
+
+
+async def _record_body_refusal(scope: Scope, detail: str) -> None:
+    """A body refused as too large: a local API caller's refusal is audited for its token's
+    client; a peer API caller's counts against its address, as any refused envelope."""
+    node = scope["app"].state.node
+    if not _p2p_body(scope):
+        await _record_refusal(scope, node, 413, "too_large")
+        return
+    try:
+        await run_in_threadpool(refuse_p2p_body, node, _source(scope), detail)
+    except Exception as failure:  # the answer still goes out
+        log.error("could not record a refused peer body (%s)", type(failure).__name__)
 
 
 def _error(status: int, code: str, detail: str, **extra: Any) -> JSONResponse:

@@ -6,6 +6,7 @@ token): 413 `too_large`, the node's memory barely moves, and it goes on serving.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +37,25 @@ MIB = 1024 * 1024
 )
 def test_values_are_counted_outside_strings(raw: bytes, limit: int, exceeds: bool) -> None:
     assert json_values_exceed(raw, limit) is exceeds
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'["' + b'\\"' * 6000 + b"," * 300_001,  # a string of escaped quotes never closed
+        b'["' + b'\\"' * 6000 + b"," * 300_001 + b"\\",  # ... ending in a lone backslash
+        b'{"a":"' + b"\\\n" * 6000 + b"," * 300_001,  # escaped newlines
+    ],
+    ids=["open", "open-backslash", "newlines"],
+)
+def test_a_string_left_open_is_scanned_once(raw: bytes) -> None:
+    """Each of these kept the scan (and with it the whole node, whose interpreter the regular
+    expression holds) busy for about 50 s: a string that failed to match was tried again from
+    every later quote, to the end each time. Now one pass: far under a second on any machine
+    this runs on (the bound is a guard against the quadratic scan, not a speed target)."""
+    started = time.perf_counter()
+    json_values_exceed(raw)
+    assert time.perf_counter() - started < 1.0
 
 
 def test_the_largest_documents_are_far_below_the_limit() -> None:

@@ -180,3 +180,43 @@ def test_refused_envelopes_from_one_address_stop_being_audited(
     with client_from("127.0.2.2") as http:
         response = http.post(first.url + "/p2p/v1/envelopes", json={"v": 1})
         assert (response.status_code, response.json()["error"]) == (400, "malformed_envelope")
+
+
+def test_oversized_peer_bodies_are_counted_and_a_blocked_address_is_not_read(
+    two_processes: tuple[LocalNode, ...],
+) -> None:
+    """From review: a body refused as too large on the peer API was neither audited nor
+    counted, and a throttled address still had up to 32 MiB of each body read (and scanned)
+    before its 429."""
+    first, second = two_processes
+    before = count(first, "envelope.refused")
+    too_many_values = b"[" + b"1," * 300_000 + b"1]"  # within the size limit
+    too_long = b"x" * (33 * 1024 * 1024)  # over the 32 MiB body limit
+    with client_from("127.0.2.3") as http:
+        statuses = [
+            http.post(node.url + "/p2p/v1/envelopes", content=body).status_code
+            for node, body in ((first, too_many_values), (second, too_long), (first, too_long))
+        ]
+        assert statuses == [413, 413, 413]
+        assert count(first, "envelope.refused") == before + 3
+        (refused,) = [
+            json.loads(entry)
+            for entry in _entries(first, "envelope.refused")
+            if json.loads(entry)["actor"] == "address:127.0.2.3"
+        ][:1]
+        assert refused["outcome"] == "too_large"
+        # Blocked: answered before the body is read (the server closes the connection).
+        response = http.post(second.url + "/p2p/v1/envelopes", content=too_long)
+        assert response.status_code == 429
+        assert int(response.headers["retry-after"]) > 0
+    assert count(first, "envelope.refused") == before + 3
+
+
+def _entries(node: LocalNode, action: str) -> list[bytes]:
+    engine = make_engine(node.database_url)
+    try:
+        with engine.connect() as connection:
+            statement = select(AuditEntry.entry).where(AuditEntry.action == action)
+            return list(connection.scalars(statement.order_by(AuditEntry.idx)))
+    finally:
+        engine.dispose()
