@@ -322,6 +322,17 @@ def stored_envelope_signer(
     return peer_signing_key(session, peer, sig_kid, signed_at=None)
 
 
+def stored_receipt_signer(
+    session: Session, keys: NodeKeys, *, outbound: bool, peer: str, kid: str
+) -> bytes | None:
+    """The key that signed a stored receipt: the peer's (pinned then) for a message we sent,
+    ours for one we received."""
+    if not outbound:
+        return keys.signing_public_for(kid)
+    pinned = session.scalar(select(Peer).where(Peer.authority_id == peer))
+    return None if pinned is None else peer_signing_key(session, pinned, kid, signed_at=None)
+
+
 def verify_peer_receipt(
     node: Node,
     http: httpx.Client,

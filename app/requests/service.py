@@ -36,6 +36,8 @@ from app.crypto.envelope import (
     seal,
 )
 from app.crypto.randomness import SystemRandomness
+from app.crypto.receipts import Receipt as VerifiedReceipt
+from app.crypto.receipts import ReceiptError, SignedReceipt, verify_receipt
 from app.crypto.signing import DOMAIN_ENVELOPE, verify
 from app.delivery import outbox
 from app.delivery.outbox import CANCELLED, FAILED
@@ -45,7 +47,12 @@ from app.errors import BadRequest, EntraideError, NotFound, PayloadTooLarge
 from app.evidence.reading import has_blob_parts, open_stored_head
 from app.models import CaseFile, Message, OutboxItem, Receipt
 from app.node import Node
-from app.peers.keys import PinnedKeys, pinned_keys, stored_envelope_signer
+from app.peers.keys import (
+    PinnedKeys,
+    pinned_keys,
+    stored_envelope_signer,
+    stored_receipt_signer,
+)
 from app.peers.service import refuse_if_suspended
 from app.requests import access, conversation, deadlines, lifecycle, moves, schemas
 from app.requests.status import QUEUED
@@ -453,6 +460,38 @@ def _open_stored(session: Session, node: Node, message: Message) -> Opened:
     )
 
 
+def _checked_receipt(
+    session: Session, node: Node, message: Message, stored: Receipt
+) -> VerifiedReceipt:
+    """A stored receipt checked again before it is shown, as its envelope is: a row planted
+    or altered in the database (a backdated `received_at`, a zeroed signature) must not be
+    shown as the peer's signed word. What is shown comes from the signed body."""
+    peer = (
+        message.recipient_authority if message.direction == OUTBOUND else message.sender_authority
+    )
+    signer = stored_receipt_signer(
+        session,
+        node.keys,
+        outbound=message.direction == OUTBOUND,
+        peer=peer,
+        kid=stored.signer_kid,
+    )
+    try:
+        return verify_receipt(
+            SignedReceipt(body=stored.body, signature=stored.signature),
+            signer_public=signer or b"",
+            signer_kid=stored.signer_kid,
+            msg_id=message.msg_id,
+            envelope_hash=message.envelope_hash,
+            from_authority=message.sender_authority,
+            to_authority=message.recipient_authority,
+        )
+    except ReceiptError as exc:
+        raise StoredEnvelopeCorrupt(
+            f"stored receipt of {message.msg_id}: {exc}; storage was altered or damaged"
+        ) from exc
+
+
 def _validated(content: dict[str, Any]) -> dict[str, Any]:
     """The document as our schema reads it (what was checked on arrival), not the raw JSON."""
     model: type[RequestDocument] | type[MessageDocument] = (
@@ -478,6 +517,7 @@ def _message_view(
         .outerjoin(Receipt, Receipt.message_id == Message.id)
         .where(Message.id == message.id)
     ).one()
+    checked = None if receipt is None else _checked_receipt(session, node, message, receipt)
     return schemas.MessageView(
         msg_id=message.msg_id,
         direction=message.direction,
@@ -516,11 +556,11 @@ def _message_view(
             delivered_at=queued.delivered_at,
         ),
         receipt=None
-        if receipt is None
+        if receipt is None or checked is None
         else schemas.ReceiptView(
-            received_at=receipt.received_at,
-            envelope_hash=message.envelope_hash,
-            signer_kid=receipt.signer_kid,
+            received_at=checked.received_at,
+            envelope_hash=checked.envelope_hash,
+            signer_kid=checked.signer_kid,
             receipt=b64e(receipt.body),
             signature=b64e(receipt.signature),
         ),

@@ -6,12 +6,13 @@ the refusal: once the bytes are put back, the request reads again."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import select, update
 
 from app.db import unit_of_work
-from app.models import Message, Part
+from app.models import Message, Part, Receipt
 from tests.requests.conftest import Harness
 
 
@@ -81,3 +82,35 @@ def test_an_inline_attachment_of_a_damaged_envelope_is_refused_and_audited(ar: H
     again = ar.http.get(url, headers=ar.as_("officer"))
     assert again.status_code == 200
     assert again.content == b"letter of request"
+
+
+def test_a_stored_receipt_is_checked_again_before_it_is_shown(ar: Harness) -> None:
+    """From an auditor's review: the receipt's time and signer were shown from their columns,
+    unchecked; a backdated `received_at` or a zeroed signature read as the signed word."""
+    request_id = ar.receive_request()
+    url = f"/api/v1/requests/{request_id}"
+    shown = ar.http.get(url, headers=ar.as_("officer")).json()["messages"][0]["receipt"]
+    with unit_of_work(ar.node.sessions) as session:
+        receipt = session.scalar(select(Receipt).join(Message).where(Message.msg_id == request_id))
+        assert receipt is not None
+        receipt.received_at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    backdated = ar.http.get(url, headers=ar.as_("officer"))
+    assert backdated.status_code == 200, backdated.text
+    assert backdated.json()["messages"][0]["receipt"]["received_at"] == shown["received_at"]
+
+    with unit_of_work(ar.node.sessions) as session:
+        receipt = session.scalar(select(Receipt).join(Message).where(Message.msg_id == request_id))
+        assert receipt is not None
+        receipt_id, original = receipt.id, bytes(receipt.signature)
+        receipt.signature = bytes(64)
+    reads = len(ar.audit("request.read"))
+    response = ar.http.get(url, headers=ar.as_("officer"))
+    assert response.status_code == 500
+    assert response.json()["error"] == "stored_envelope_corrupt"
+    assert "stored receipt" in response.json()["detail"]
+    assert ar.audit("request.read")[reads:] == [
+        ("client:officer", "stored_envelope_corrupt", request_id)
+    ]
+    with unit_of_work(ar.node.sessions) as session:
+        session.execute(update(Receipt).where(Receipt.id == receipt_id).values(signature=original))
+    assert ar.http.get(url, headers=ar.as_("officer")).status_code == 200
