@@ -15,6 +15,7 @@ import hmac
 import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import delete, select
@@ -186,14 +187,18 @@ def _within_peer_budget(session: Session, node: Node, header: env.Header) -> Non
         )
     )
     declared = sum(info.length for info in header.parts[1:])
-    now, live = utc_now(), 0
+    # An expired transfer receives nothing more, but what it received stays on disk until
+    # the sweep may remove it (app/evidence/cleanup.py): counted until then, or a peer could
+    # stage without limit by letting short-lived transfers lapse (from review).
+    swept_before = utc_now() - timedelta(hours=settings.evidence_orphan_hours)
+    live = 0
     for raw in under_way:
         try:
             other = announced_header(raw)
         except env.EnvelopeError:
             continue  # unreadable: the sweep reports it; it holds nothing we can count
-        if other.expires_at <= now:
-            continue  # no part can arrive for it any more; the sweep removes it
+        if other.expires_at < swept_before:
+            continue  # the sweep removes it and what it received
         live += 1
         declared += sum(info.length for info in other.parts[1:])
     # One transfer is always taken, whatever its size (the per-request limit bounds it):

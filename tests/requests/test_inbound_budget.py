@@ -4,6 +4,7 @@ retried by its sender) until some complete or expire. One under way is answered 
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -19,7 +20,9 @@ from tests.requests.conftest import Harness, example_document
 ANNOUNCE = "/p2p/v1/evidence/envelopes"
 
 
-def _announcement(ar: Harness, size: int = 64) -> dict[str, Any]:
+def _announcement(
+    ar: Harness, size: int = 64, ttl: timedelta = timedelta(days=1)
+) -> dict[str, Any]:
     """A new request from ES/MJ with one attachment, as announced: its header and manifest."""
     envelope = seal(
         sender_keys=ar.peer_keys,
@@ -30,7 +33,7 @@ def _announcement(ar: Harness, size: int = 64) -> dict[str, Any]:
         conversation_id=None,
         in_reply_to=None,
         created_at=utc_now(),
-        ttl=timedelta(days=1),
+        ttl=ttl,
         randomness=SystemRandomness(),
     )
     wire = envelope.to_wire()
@@ -70,6 +73,26 @@ def test_a_peer_has_only_so_many_bytes_under_way(fresh_ar: Harness) -> None:
     refused = ar.http.post(ANNOUNCE, json=_announcement(ar, 2500))
     assert (refused.status_code, refused.json()["error"]) == (429, "too_many_transfers")
     assert ar.http.post(ANNOUNCE, json=_announcement(ar, 1000)).status_code == 202
+
+
+def test_a_lapsed_transfer_counts_until_the_sweep_may_remove_what_it_staged(
+    fresh_ar: Harness,
+) -> None:
+    """From review: expired transfers were not counted, though what they received stays on
+    disk until the sweep (evidence_orphan_hours later): a peer letting short-lived transfers
+    lapse could stage without limit."""
+    ar = fresh_ar
+    ar.node.settings = replace_settings(ar, max_inbound_transfers_per_peer=1)
+    lapsing = _announcement(ar, ttl=timedelta(seconds=1))
+    assert ar.http.post(ANNOUNCE, json=lapsing).status_code == 202
+    time.sleep(1.5)  # it has expired: no part can arrive for it any more
+    refused = ar.http.post(ANNOUNCE, json=_announcement(ar))
+    assert (refused.status_code, refused.json()["error"]) == (429, "too_many_transfers")
+    # Once the sweep may remove it, it counts no more.
+    ar.node.settings = replace_settings(
+        ar, max_inbound_transfers_per_peer=1, evidence_orphan_hours=0
+    )
+    assert ar.http.post(ANNOUNCE, json=_announcement(ar)).status_code == 202
 
 
 def replace_settings(ar: Harness, **changes: Any) -> Any:
