@@ -83,9 +83,9 @@ def test_a_lapsed_transfer_counts_until_the_sweep_may_remove_what_it_staged(
     lapse could stage without limit."""
     ar = fresh_ar
     ar.node.settings = replace_settings(ar, max_inbound_transfers_per_peer=1)
-    lapsing = _announcement(ar, ttl=timedelta(seconds=1))
+    lapsing = _announcement(ar, ttl=timedelta(seconds=2))  # times are to the second
     assert ar.http.post(ANNOUNCE, json=lapsing).status_code == 202
-    time.sleep(1.5)  # it has expired: no part can arrive for it any more
+    time.sleep(2.5)  # it has expired: no part can arrive for it any more
     refused = ar.http.post(ANNOUNCE, json=_announcement(ar))
     assert (refused.status_code, refused.json()["error"]) == (429, "too_many_transfers")
     # Once the sweep may remove it, it counts no more.
