@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     import httpx
     from pydantic import ValidationError
+    from sqlalchemy.exc import OperationalError
     from sqlalchemy.orm import Session
     from typer import _click as click  # typer's own copy of Click, whose classes it extends
 
@@ -139,18 +140,47 @@ def _setting_problems(exc: ValidationError) -> list[str]:
 
 
 def _node(settings: Settings) -> Node:
+    """The node of an existing database and keys folder, or the command ends saying why."""
+    from sqlalchemy.exc import OperationalError
+
     from app.crypto.keys import KeyFileError
     from app.node import load_node
     from app.obs.health import schema_pending
 
+    _sqlite_file_exists(settings)
     try:
         node = load_node(settings)
     except (KeyFileError, ValueError) as exc:
         raise _fail(str(exc)) from exc
-    if schema_pending(node.engine):
+    try:
+        pending = schema_pending(node.engine)
+    except OperationalError as exc:
+        node.close()
+        raise _unreachable(settings, exc) from exc
+    if pending:
         node.close()
         raise _fail("the database is not at the latest schema; run `entraide migrate`")
     return node
+
+
+def _sqlite_file_exists(settings: Settings) -> None:
+    """SQLite creates a missing database file on first connection: a mistyped (or relative)
+    path would give a command an empty database of its own, a backup of nothing that says
+    it succeeded (from review). Only `init` and `migrate` create one."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        url = make_url(settings.database_url)
+    except Exception:  # reported by whatever reads it next
+        return
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return
+    path = Path(url.database)
+    if not path.exists():
+        raise _fail(
+            f"no database at {path.absolute()}: check ENTRAIDE_DATABASE_URL (a relative path "
+            "is taken from the folder you run the command in); `entraide init` creates one"
+        )
 
 
 @app.command()
@@ -185,6 +215,7 @@ def init(
         raise _fail(f"{keys_dir} already holds keys; refusing to overwrite them")
     # The database first: unreachable, nothing is created, and `init` can simply run again.
     _upgrade(settings)
+    _refuse_a_used_database(settings)
     keys = NodeKeys.generate()
     try:
         save_keys(keys_dir, keys, passphrase=key_passphrase(settings))
@@ -256,16 +287,46 @@ def _upgrade(settings: Settings) -> None:
     password: the URL is shown as `doctor` shows it)."""
     from sqlalchemy.exc import OperationalError
 
-    from app.doctor import redacted_url
     from app.migrate import upgrade
 
     try:
         upgrade(settings.database_url)
     except OperationalError as exc:
+        raise _unreachable(settings, exc) from exc
+
+
+def _refuse_a_used_database(settings: Settings) -> None:
+    """New keys over another node's database would leave it unable to open what it received
+    or to verify its own audit log (its keys are what made them): refused (from review)."""
+    from sqlalchemy import func, select
+
+    from app.db import make_engine
+    from app.doctor import redacted_url
+    from app.models import AuditEntry
+
+    engine = make_engine(settings.database_url)
+    try:
+        with engine.connect() as connection:
+            entries = connection.scalar(select(func.count()).select_from(AuditEntry)) or 0
+    finally:
+        engine.dispose()
+    if entries:
         raise _fail(
-            f"cannot reach {redacted_url(settings.database_url)} "
-            f"({type(exc.orig).__name__}): is it running, and is ENTRAIDE_DATABASE_URL right?"
-        ) from exc
+            f"{redacted_url(settings.database_url)} already holds a node's data ({entries} "
+            "audit entries): its keys folder is elsewhere, or this is another node's database. "
+            "`init` makes a new node: give it a new database (docs/operations.md §2)"
+        )
+
+
+def _unreachable(settings: Settings, exc: OperationalError) -> typer.Exit:
+    """The database cannot be reached: said in plain words (no traceback, no password: the
+    URL is shown as `doctor` shows it)."""
+    from app.doctor import redacted_url
+
+    return _fail(
+        f"cannot reach {redacted_url(settings.database_url)} "
+        f"({type(exc.orig).__name__}): is it running, and is ENTRAIDE_DATABASE_URL right?"
+    )
 
 
 @keys_app.command("show")
@@ -794,20 +855,26 @@ def backup(
 ) -> None:
     """Write the database, the node's identity and public keys (and, if asked, its private
     keys) to one file. Safe while the node runs."""
+    from sqlalchemy.exc import OperationalError
+
     from app.backup.sealed import PassphraseError, read_passphrase
     from app.backup.service import BackupError, create_backup
     from app.crypto.keys import KeyFileError
 
+    settings = _settings()
+    _sqlite_file_exists(settings)  # else a backup of an empty database it just created
     try:
         passphrase = read_passphrase(passphrase_file) if include_private_keys else None
         summary = create_backup(
-            _settings(),
+            settings,
             out=out,
             include_private_keys=include_private_keys,
             passphrase=passphrase,
         )
     except (BackupError, PassphraseError, KeyFileError, OSError, ValueError) as exc:
         raise _fail(str(exc)) from exc
+    except OperationalError as exc:
+        raise _unreachable(settings, exc) from exc
     rows = sum(summary.tables.values())
     keys = "with the private keys (sealed)" if summary.private_keys else "without private keys"
     typer.echo(
@@ -831,19 +898,24 @@ def restore(
 ) -> None:
     """Restore a backup into a fresh node (empty database; empty keys folder or the node's
     own keys), then verify the whole audit log."""
+    from sqlalchemy.exc import OperationalError
+
     from app.backup.sealed import PassphraseError, read_passphrase
     from app.backup.service import BackupError, restore_backup
     from app.crypto.keys import KeyFileError
 
+    settings = _settings()
     try:
         summary = restore_backup(
-            _settings(),
+            settings,
             archive_path=file,
             passphrase=read_passphrase(passphrase_file),
             actor=_operator(),
         )
     except (BackupError, PassphraseError, KeyFileError, OSError, ValueError) as exc:
         raise _fail(str(exc)) from exc
+    except OperationalError as exc:
+        raise _unreachable(settings, exc) from exc
     rows = sum(summary.tables.values())
     typer.echo(f"restored {summary.authority_id}: {len(summary.tables)} tables, {rows} rows")
     report = summary.report

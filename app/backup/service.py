@@ -39,7 +39,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.audit.checkpoints import sign_checkpoint
-from app.audit.log import read_head, record
+from app.audit.log import read_head, record, record_alone
 from app.audit.service import verify_database
 from app.audit.verify import Report
 from app.backup.dump import current_revisions, dump_database, holds_data, load_database
@@ -134,6 +134,19 @@ def _checkpoint_before_copy(session: Session, node: Node, *, private_keys: bool)
     ).note
 
 
+def _record_failed_backup(node: Node, exc: BaseException) -> None:
+    try:
+        record_alone(
+            node.sessions,
+            actor="node",
+            action="backup.created",
+            outcome="failed",
+            details={"error": type(exc).__name__},
+        )
+    except Exception as failure:  # the backup's own error is the one to report
+        log.error("could not record the failed backup (%s)", type(failure).__name__)
+
+
 def create_backup(
     settings: Settings, *, out: Path, include_private_keys: bool, passphrase: bytes | None
 ) -> BackupSummary:
@@ -145,6 +158,8 @@ def create_backup(
             "ENTRAIDE_BACKUP_PASSPHRASE"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise BackupError(f"cannot write into {out.parent}")
     node = load_node(settings)
     try:
         # The copy covers a signed checkpoint: a restore proves the log it brings back extends
@@ -171,56 +186,63 @@ def create_backup(
                     "it is, without a checkpoint; run `entraide audit verify --db`",
                     type(exc).__name__,
                 )
-        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".entraide-backup-") as folder:
-            staging = Path(folder)
-            (staging / DATABASE_DIR).mkdir()
-            (staging / "keys").mkdir()
+        try:
+            with tempfile.TemporaryDirectory(dir=out.parent, prefix=".entraide-backup-") as folder:
+                staging = Path(folder)
+                (staging / DATABASE_DIR).mkdir()
+                (staging / "keys").mkdir()
 
-            def open_member(name: str) -> IO[bytes]:
-                return (staging / DATABASE_DIR / name).open("wb")
+                def open_member(name: str) -> IO[bytes]:
+                    return (staging / DATABASE_DIR / name).open("wb")
 
-            database = dump_database(settings.database_url, open_member)
-            shutil.copyfile(settings.keys_dir / IDENTITY_FILE, staging / NODE_MEMBER)
-            document = build_identity_document(node.identity, node.keys, issued_at=utc_now())
-            (staging / IDENTITY_MEMBER).write_text(json.dumps(document, indent=1) + "\n")
-            private: dict[str, Any] | None = None
-            if include_private_keys:
-                assert passphrase is not None  # noqa: S101  # checked above
-                sealed, private = seal(_private_keys_tar(settings.keys_dir), passphrase)
-                (staging / PRIVATE_MEMBER).write_bytes(sealed)
-            members = sorted(
-                path.relative_to(staging).as_posix()
-                for path in staging.rglob("*")
-                if path.is_file()
-            )
-            manifest = {
-                "format": FORMAT,
-                "version": FORMAT_VERSION,
-                "created_at": format_time(utc_now()),
-                "authority_id": node.authority_id,
-                "database": database,
-                "audit_checkpoint": checkpoint,
-                "public_keys": _public_keys(node),
-                "private_keys": private,
-                "files": {name: _sha256_file(staging / name) for name in members},
-            }
-            manifest_bytes = json.dumps(manifest, indent=1, sort_keys=True).encode()
-            signature = sign(node.keys.signing, DOMAIN_BACKUP, manifest_bytes)
-            partial = out.with_name(out.name + ".partial")
-            # Never an existing file's mode, nor a link planted in a shared folder.
-            partial.unlink(missing_ok=True)
-            descriptor = os.open(
-                partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600
-            )
-            with os.fdopen(descriptor, "wb") as raw:
-                with tarfile.open(fileobj=raw, mode="w:gz") as tar:
-                    _add_bytes(tar, MANIFEST, manifest_bytes)
-                    _add_bytes(tar, SIGNATURE, b64e(signature).encode())
-                    for name in members:
-                        tar.add(str(staging / name), arcname=name, recursive=False, filter=_private)
-                raw.flush()
-                os.fsync(raw.fileno())
-            os.replace(partial, out)
+                database = dump_database(settings.database_url, open_member)
+                shutil.copyfile(settings.keys_dir / IDENTITY_FILE, staging / NODE_MEMBER)
+                document = build_identity_document(node.identity, node.keys, issued_at=utc_now())
+                (staging / IDENTITY_MEMBER).write_text(json.dumps(document, indent=1) + "\n")
+                private: dict[str, Any] | None = None
+                if include_private_keys:
+                    assert passphrase is not None  # noqa: S101  # checked above
+                    sealed, private = seal(_private_keys_tar(settings.keys_dir), passphrase)
+                    (staging / PRIVATE_MEMBER).write_bytes(sealed)
+                members = sorted(
+                    path.relative_to(staging).as_posix()
+                    for path in staging.rglob("*")
+                    if path.is_file()
+                )
+                manifest = {
+                    "format": FORMAT,
+                    "version": FORMAT_VERSION,
+                    "created_at": format_time(utc_now()),
+                    "authority_id": node.authority_id,
+                    "database": database,
+                    "audit_checkpoint": checkpoint,
+                    "public_keys": _public_keys(node),
+                    "private_keys": private,
+                    "files": {name: _sha256_file(staging / name) for name in members},
+                }
+                manifest_bytes = json.dumps(manifest, indent=1, sort_keys=True).encode()
+                signature = sign(node.keys.signing, DOMAIN_BACKUP, manifest_bytes)
+                partial = out.with_name(out.name + ".partial")
+                # Never an existing file's mode, nor a link planted in a shared folder.
+                partial.unlink(missing_ok=True)
+                descriptor = os.open(
+                    partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600
+                )
+                with os.fdopen(descriptor, "wb") as raw:
+                    with tarfile.open(fileobj=raw, mode="w:gz") as tar:
+                        _add_bytes(tar, MANIFEST, manifest_bytes)
+                        _add_bytes(tar, SIGNATURE, b64e(signature).encode())
+                        for name in members:
+                            tar.add(
+                                str(staging / name), arcname=name, recursive=False, filter=_private
+                            )
+                    raw.flush()
+                    os.fsync(raw.fileno())
+                os.replace(partial, out)
+        except BaseException as exc:
+            if checkpoint is not None:  # its entry says a backup was made: it was not
+                _record_failed_backup(node, exc)
+            raise
     finally:
         node.close()
     return BackupSummary(

@@ -320,3 +320,32 @@ def test_a_log_that_cannot_take_an_entry_is_backed_up_and_restored_without_crash
     assert summary.report.first is not None
     assert "the log head says" in summary.report.first.message
     assert not summary.recorded
+
+
+def test_a_backup_that_could_not_be_written_is_recorded_as_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From an operator's review: the log said `backup.created ok` for a backup whose file was
+    never written (its entry is made first, so that the copy covers a checkpoint of it)."""
+    node = _initialised(tmp_path, make_databases("sqlite", tmp_path).new("es"))
+
+    def full_disk(*_args: object, **_kwargs: object) -> object:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("app.backup.service.dump_database", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        backup_of(node, tmp_path / "never.tar.gz")
+    assert not (tmp_path / "never.tar.gz").exists()
+    engine = make_engine(node.database_url)
+    try:
+        with engine.connect() as connection:
+            outcomes = list(
+                connection.execute(
+                    select(AuditEntry.action, AuditEntry.outcome)
+                    .where(AuditEntry.action == "backup.created")
+                    .order_by(AuditEntry.idx)
+                ).tuples()
+            )
+    finally:
+        engine.dispose()
+    assert outcomes == [("backup.created", "ok"), ("backup.created", "failed")]

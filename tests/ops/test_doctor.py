@@ -198,3 +198,34 @@ def test_doctor_warns_of_entries_left_unsigned_long_after_checkpoints_were_due(
         assert "1 audit entries are not covered by a signed checkpoint" in finding.message
     finally:
         engine.dispose()
+
+
+def test_commands_refuse_a_missing_sqlite_file_and_init_a_used_database(tmp_path: Path) -> None:
+    """From an operator's review: a mistyped SQLite path gave `backup` an empty database of
+    its own and a backup of nothing that said it succeeded; `init` over a node's database
+    (its keys moved aside) left it unable to open its archive or verify its log."""
+    node = LocalNode("ES/MJ", "x", tmp_path / "es", f"sqlite:///{tmp_path / 'es.db'}")
+    node.init()
+    typo = tmp_path / "es-typo.db"
+    mistyped = LocalNode("ES/MJ", "x", tmp_path / "es", f"sqlite:///{typo}")
+    for args in (["backup", "--out", str(tmp_path / "b.tar.gz")], ["audit", "verify", "--db"]):
+        result = mistyped.cli(*args, check=False)
+        assert result.returncode == 1, result.stdout
+        assert f"no database at {typo}" in result.stderr
+        assert not typo.exists()
+    assert not (tmp_path / "b.tar.gz").exists()
+
+    again = LocalNode("ES/MJ", "x", tmp_path / "other", node.database_url)
+    result = again.cli(
+        "init",
+        "--authority-id",
+        "ES/MJ",
+        "--name",
+        "x",
+        "--public-url",
+        "https://es.example",
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "already holds a node's data" in result.stderr
+    assert not again.keys_dir.exists()
