@@ -936,6 +936,11 @@ def restore(
         f"audit log verified: {report.entries} entries, {report.checkpoints} signed checkpoints; "
         "the restore is recorded in it"
     )
+    typer.echo(
+        "before you start the node, tell your peers' operators that you restored it, and from "
+        "when: their nodes witnessed your log after this backup and will report a split view "
+        "(docs/operations.md §5)"
+    )
 
 
 @app.command()
