@@ -158,7 +158,13 @@ def _node(settings: Settings) -> Node:
         node.close()
         raise _unreachable(settings, exc) from exc
     if pending:
+        from app.doctor import NEWER_SCHEMA
+        from app.obs.health import unknown_revisions
+
         node.close()
+        newer = unknown_revisions(frozenset(_schema_revisions(settings)))
+        if newer:
+            raise _fail(NEWER_SCHEMA.format(revisions=", ".join(sorted(newer))))
         raise _fail("the database is not at the latest schema; run `entraide migrate`")
     return node
 
@@ -285,14 +291,22 @@ def _schema_revisions(settings: Settings) -> list[str]:
 def _upgrade(settings: Settings) -> None:
     """Migrate, or say in plain words why the database cannot be reached (no traceback, no
     password: the URL is shown as `doctor` shows it)."""
+    from alembic.util.exc import CommandError
     from sqlalchemy.exc import OperationalError
 
+    from app.doctor import NEWER_SCHEMA
     from app.migrate import upgrade
+    from app.obs.health import unknown_revisions
 
     try:
         upgrade(settings.database_url)
     except OperationalError as exc:
         raise _unreachable(settings, exc) from exc
+    except CommandError as exc:  # "Can't locate revision": a database of a newer version
+        newer = unknown_revisions(frozenset(_schema_revisions(settings)))
+        if not newer:
+            raise _fail(f"cannot migrate: {exc}") from exc
+        raise _fail(NEWER_SCHEMA.format(revisions=", ".join(sorted(newer)))) from exc
 
 
 def _refuse_a_used_database(settings: Settings) -> None:

@@ -31,7 +31,7 @@ from app.db import make_engine, make_session_factory, read_snapshot
 from app.errors import PeerError
 from app.models import AuditCheckpoint, OutboxItem, Peer, WitnessAlarm
 from app.node import load_node
-from app.obs.health import current_heads, expected_heads
+from app.obs.health import current_heads, expected_heads, unknown_revisions
 from app.obs.metrics import key_dates
 from app.peers.client import IDENTITY_PATH, make_http_client, read_json_bounded
 
@@ -40,6 +40,10 @@ KEY_ROTATE_AFTER = timedelta(days=365)
 KEY_EXPIRY_WARNING = timedelta(days=30)
 STUCK_AFTER = timedelta(hours=1)
 PEER_TIMEOUT_SECONDS = 10.0
+NEWER_SCHEMA = (
+    "the database was migrated by a newer version of Entraide (revision {revisions}, unknown "
+    "to this one): run that version, or restore a backup made with this one"
+)
 # Unsigned audit entries are worth a word once checkpoints are this late (or three times
 # ENTRAIDE_AUDIT_CHECKPOINT_SECONDS, if longer).
 UNSIGNED_WARNING_SECONDS = 600.0
@@ -241,6 +245,10 @@ def check_database(settings: Settings, engine: Engine) -> Iterator[Finding]:
     heads = set(expected_heads())
     if not current:
         yield Finding(FAIL, "database", "the database has no schema: run `entraide migrate`")
+        return
+    newer = unknown_revisions(frozenset(current))
+    if newer:
+        yield Finding(FAIL, "database", NEWER_SCHEMA.format(revisions=", ".join(sorted(newer))))
         return
     if current != heads:
         yield Finding(

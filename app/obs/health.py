@@ -47,6 +47,18 @@ def _revisions(source: str) -> tuple[str, tuple[str, ...]]:
 @lru_cache(maxsize=1)
 def expected_heads() -> frozenset[str]:
     """The migrations this code was shipped with: those no other migration follows."""
+    revisions, followed = _migrations()
+    return frozenset(revisions - followed)
+
+
+def unknown_revisions(current: frozenset[str]) -> frozenset[str]:
+    """Revisions the database is at that this code does not know: a newer version of the
+    node migrated it (this one cannot, and must not, migrate it back)."""
+    return frozenset(current - _migrations()[0])
+
+
+def _migrations() -> tuple[set[str], set[str]]:
+    """Every revision shipped, and every revision another follows."""
     revisions: set[str] = set()
     followed: set[str] = set()
     for path in sorted(VERSIONS.glob("*.py")):
@@ -56,7 +68,7 @@ def expected_heads() -> frozenset[str]:
             raise ValueError(f"cannot read the migration {path.name}: {exc}") from exc
         revisions.add(revision)
         followed.update(downs)
-    return frozenset(revisions - followed)
+    return revisions, followed
 
 
 def current_heads(connection: Connection) -> frozenset[str]:

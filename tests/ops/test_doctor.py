@@ -229,3 +229,26 @@ def test_commands_refuse_a_missing_sqlite_file_and_init_a_used_database(tmp_path
     assert result.returncode == 1
     assert "already holds a node's data" in result.stderr
     assert not again.keys_dir.exists()
+
+
+def test_a_database_of_a_newer_version_is_named_as_such(tmp_path: Path) -> None:
+    """From an operator's review: `doctor` said "migrations pending: run `entraide migrate`"
+    and `migrate` then crashed with a traceback ("Can't locate revision")."""
+    from sqlalchemy import text
+
+    from app.db import make_engine
+
+    node = LocalNode("ES/MJ", "x", tmp_path / "es", f"sqlite:///{tmp_path / 'es.db'}")
+    node.init()
+    engine = make_engine(node.database_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("UPDATE alembic_version SET version_num = 'f0f0f0f0f0f0'"))
+    finally:
+        engine.dispose()
+    for args in (("doctor",), ("migrate",), ("peers", "list")):
+        result = node.cli(*args, check=False)
+        output = result.stdout + result.stderr
+        assert result.returncode == 1, output
+        assert "migrated by a newer version of Entraide (revision f0f0f0f0f0f0" in output
+        assert "Traceback" not in output
