@@ -292,8 +292,11 @@ def protect_keys(keys_dir: Path, *, passphrase: bytes, current: bytes | None = N
     paths += [(path, "encryption") for path in sorted((keys_dir / RETIRED_DIR).glob("*.key"))]
     for path, kind in paths:
         secret, document = read_key_file(path, kind=kind, passphrase=current)
+        # Its dates stay: the key is the same (its age is what rotation advice reads).
         extra: dict[str, object] = {
-            key: document[key] for key in ("retired_at", "accept_until") if key in document
+            key: document[key]
+            for key in ("created_at", "retired_at", "accept_until")
+            if key in document
         }
         write_private(
             path, encode_key_file(kind, secret, passphrase=passphrase, extra=extra), replace=True

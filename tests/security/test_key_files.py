@@ -78,9 +78,21 @@ def test_keys_protect_encrypts_an_existing_node(tmp_path: Path) -> None:
     assert "at least 12 characters" in short.stderr
     del node.extra_env["ENTRAIDE_KEY_PASSPHRASE"]
     assert node.cli("keys", "show").stdout == before  # still plain, still readable
+    # Made long ago: protecting the keys does not make them new (their age is what
+    # `doctor` advises rotation by; from review, every date was reset).
+    for name in ("signing.key", "encryption.key", "log.key"):
+        path = node.keys_dir / name
+        document = json.loads(path.read_text())
+        path.write_text(json.dumps({**document, "created_at": "2024-10-01T00:00:00Z"}))
     node.extra_env["ENTRAIDE_KEY_PASSPHRASE"] = PASSPHRASE
     assert "3 key files are protected" in node.cli("keys", "protect").stdout
     assert node.cli("keys", "show").stdout == before
+    for name in ("signing.key", "encryption.key", "log.key"):
+        created = json.loads((node.keys_dir / name).read_text())["created_at"]
+        assert created == "2024-10-01T00:00:00Z"
+    advice = node.cli("doctor", check=False).stdout
+    assert "the signing key is" in advice
+    assert "the log key is" not in advice  # `keys rotate` keeps it: nothing to advise
     del node.extra_env["ENTRAIDE_KEY_PASSPHRASE"]
     assert node.cli("keys", "show", check=False).returncode == 1
 
