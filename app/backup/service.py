@@ -378,10 +378,11 @@ def _write_private_keys(
                 handle.write(source.read())
 
 
-def _restore_keys(settings: Settings, archive: _Archive, passphrase: bytes | None) -> bool:
-    """Put the backed-up node's keys in place (or check those present). True if written."""
+def _restore_keys(settings: Settings, archive: _Archive, passphrase: bytes | None) -> list[Path]:
+    """Put the backed-up node's keys in place (or check those present). Returns the files
+    written (none when the node's own keys were there)."""
     keys_dir = settings.keys_dir
-    written = False
+    written: list[Path] = []
     if not keys_exist(keys_dir):
         # Stage next to the keys folder, check, then move: a wrong passphrase or a damaged
         # backup leaves the keys folder as it was.
@@ -392,7 +393,9 @@ def _restore_keys(settings: Settings, archive: _Archive, passphrase: bytes | Non
             (staged / IDENTITY_FILE).write_bytes(archive.read(NODE_MEMBER))
             probe = load_node(settings.model_copy(update={"keys_dir": staged}))
             try:
+                # Both checks before any key is moved in: a refused backup leaves no keys.
                 _check_public_keys(probe, archive.manifest, "in the backup")
+                _check_manifest_signature(probe, archive)
             finally:
                 probe.close()
             keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -402,20 +405,33 @@ def _restore_keys(settings: Settings, archive: _Archive, passphrase: bytes | Non
                     target.mkdir(exist_ok=True, mode=0o700)
                 elif not target.exists():
                     os.replace(path, target)
-        written = True
-    elif not (keys_dir / IDENTITY_FILE).exists():
+                    written.append(target)
+        return written
+    if not (keys_dir / IDENTITY_FILE).exists():
         (keys_dir / IDENTITY_FILE).write_bytes(archive.read(NODE_MEMBER))
+        written.append(keys_dir / IDENTITY_FILE)
     node = load_node(settings)
     try:
-        if not written:
-            _check_public_keys(node, archive.manifest, f"in {keys_dir}")
-        if not verify(
-            node.keys.signing_public, DOMAIN_BACKUP, archive.manifest_bytes, archive.signature
-        ):
-            raise BackupError("the backup's manifest is not signed by the node's key")
+        _check_public_keys(node, archive.manifest, f"in {keys_dir}")
+        _check_manifest_signature(node, archive)
+    except BaseException:
+        _remove(written)
+        raise
     finally:
         node.close()
     return written
+
+
+def _check_manifest_signature(node: Node, archive: _Archive) -> None:
+    if not verify(
+        node.keys.signing_public, DOMAIN_BACKUP, archive.manifest_bytes, archive.signature
+    ):
+        raise BackupError("the backup's manifest is not signed by the node's key")
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in reversed(paths):
+        path.unlink(missing_ok=True)
 
 
 def _restore_database(settings: Settings, archive: _Archive) -> dict[str, int]:
@@ -493,17 +509,20 @@ def restore_backup(
         except (*broken, OSError) as exc:
             raise _damaged(archive_path, exc) from exc
         created = _new_sqlite_file(settings.database_url)
+        written: list[Path] = []
         try:
             check_target_empty(settings)
-            keys_restored = _restore_keys(settings, archive, passphrase)
+            written = _restore_keys(settings, archive, passphrase)
+            tables = _restore_database(settings, archive)
         except BaseException:
-            # Refused before any row was loaded: "changes nothing" includes not leaving an
-            # empty database file where there was none.
+            # Refused: "changes nothing" includes not leaving keys, nor an empty database
+            # file where there was none (a schema the backup's revision refused, say).
+            _remove(written)
             if created is not None:
                 for suffix in ("", "-wal", "-shm"):
                     created.with_name(created.name + suffix).unlink(missing_ok=True)
             raise
-        tables = _restore_database(settings, archive)
+        keys_restored = any(path.name != IDENTITY_FILE for path in written)
     node = load_node(settings)
     try:
         with unit_of_work(node.sessions) as session:

@@ -206,6 +206,29 @@ def test_a_damaged_backup_is_refused_before_anything_is_written(tmp_path: Path) 
     assert not fresh_keys.exists()
 
 
+def test_a_backup_whose_manifest_is_not_the_signed_one_leaves_no_keys(tmp_path: Path) -> None:
+    """From a recovery review: the manifest's signature was checked after the backup's keys
+    had been moved into the keys folder, and a refusal left them there."""
+    databases = make_databases("sqlite", tmp_path)
+    node = _initialised(tmp_path, databases.new("es"))
+    good = backup_of(node, tmp_path / "good.tar.gz", PASSPHRASE.encode())
+    forged = tmp_path / "forged.tar.gz"
+    with tarfile.open(good) as source, tarfile.open(forged, "w:gz") as target:
+        for member in source.getmembers():
+            data = source.extractfile(member).read()  # type: ignore[union-attr]
+            if member.name == "manifest.json":
+                manifest = json.loads(data)
+                manifest["created_at"] = "2020-01-01T00:00:00Z"
+                data = json.dumps(manifest, indent=1, sort_keys=True).encode()
+            member.size = len(data)
+            target.addfile(member, io.BytesIO(data))
+    fresh = databases.new("fresh")
+    fresh_keys = tmp_path / "fresh" / "keys"
+    with pytest.raises(BackupError, match="not signed by the node's key"):
+        restore_into(fresh, fresh_keys, forged, PASSPHRASE.encode())
+    assert not fresh_keys.exists() or not any(fresh_keys.rglob("*.key"))
+
+
 @pytest.mark.parametrize("harm", ["truncated", "overwritten"])
 def test_a_backup_file_cut_short_or_overwritten_is_refused_in_plain_words(
     tmp_path: Path, harm: str
