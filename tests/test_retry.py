@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from datetime import UTC, datetime, timedelta
 
+import httpx
 import pytest
 
 from app.config import Settings
@@ -20,6 +21,7 @@ from app.delivery.retry import (
     policy_for,
 )
 from app.delivery.worker import classify, renew_before_post
+from app.peers.client import retry_after_of
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 
@@ -117,3 +119,41 @@ def test_a_post_that_could_outlive_its_lease_renews_it_first(
 ) -> None:
     settings = Settings(lease_seconds=lease, peer_timeout_seconds=timeout)
     assert renew_before_post(timedelta(seconds=elapsed), settings) is renew
+
+
+@pytest.mark.parametrize(
+    ("status", "value", "seconds"),
+    [
+        (429, "120", 120.0),
+        (503, "0", 0.0),
+        (429, "99999999", 3600.0),  # honoured up to an hour: a peer may shed load, not park us
+        (429, "Fri, 27 Nov 2026 12:02:00 GMT", 120.0),  # an HTTP date
+        (429, "Fri, 27 Nov 2026 11:00:00 GMT", 0.0),  # one already past
+        (429, "soon", None),
+        (429, "", None),
+        (429, "-5", None),
+        (400, "120", None),  # only where RFC 9110 gives it that meaning here
+    ],
+)
+def test_retry_after_is_read_as_rfc_9110_says(
+    status: int, value: str, seconds: float | None
+) -> None:
+    response = httpx.Response(status, headers={"retry-after": value} if value else {})
+    assert retry_after_of(response, NOW) == seconds
+
+
+def test_the_next_attempt_waits_for_what_the_peer_asked_within_the_deadline() -> None:
+    asked = NOW + timedelta(minutes=10)
+    rng = random.Random(1)
+    assert next_attempt(NOW, 1, "routine", None, not_before=asked, rng=rng) == asked
+    deadline = NOW + timedelta(minutes=5)
+    assert next_attempt(NOW, 1, "routine", deadline, not_before=asked, rng=rng) == deadline
+    sooner = NOW + timedelta(milliseconds=1)  # the back-off is longer: it stands
+    later = next_attempt(NOW, 5, "routine", None, not_before=sooner, rng=rng)
+    assert later is not None
+    assert later > sooner
+
+
+def test_only_a_retry_keeps_the_peers_retry_after() -> None:
+    assert classify(429, {"error": "rate_limited"}, 60.0).retry_after == 60.0
+    assert classify(400, {"error": "malformed_envelope"}, 60.0).retry_after is None

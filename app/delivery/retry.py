@@ -61,10 +61,15 @@ def next_attempt(
     urgency: str,
     deadline: datetime | None,
     *,
+    not_before: datetime | None = None,
     rng: random.Random | None = None,
 ) -> datetime | None:
-    """When to try again after a failed attempt, or None when the deadline has passed."""
+    """When to try again after a failed attempt (never before `not_before`, the time the
+    peer asked us to wait for, nor after the deadline), or None when the deadline has
+    passed."""
     when = now + backoff(attempts, policy=policy_for(urgency), rng=rng)
+    if not_before is not None:
+        when = max(when, not_before)
     if deadline is not None and now >= deadline:
         return None
     return min(when, deadline) if deadline is not None else when

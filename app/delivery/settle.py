@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import cast
 
 from sqlalchemy import Table, select, update
@@ -40,6 +40,7 @@ class Outcome:
     http_status: int | None = None
     signed: SignedReceipt | None = None
     receipt: ReceiptBody | None = None
+    retry_after: float | None = None  # seconds the peer asked us to wait (Retry-After)
 
 
 def settle(session: Session, claim: outbox.Claim, outcome: Outcome, *, worker: str) -> bool:
@@ -215,13 +216,17 @@ def _apply(
             f"last error: {error}"
         )
     if state == outbox.RETRY:
-        when = next_attempt(now, claim.attempts, case.urgency, item.expires_at)
+        # A peer shedding load (429, 503) may say when to come back: not before then.
+        not_before = now + timedelta(seconds=outcome.retry_after) if outcome.retry_after else None
+        when = next_attempt(
+            now, claim.attempts, case.urgency, item.expires_at, not_before=not_before
+        )
         if when is None and item.expires_at is not None and _may_hold_it(session, item, outcome):
             # The peer may hold the envelope and only our copy of its receipt was lost. Keep
             # asking (a repeat is answered with the stored receipt, even after expiry) until
             # it answers or the grace period ends; but say loudly that the deadline passed.
             grace_end = item.expires_at + policy_for(case.urgency).expiry
-            when = next_attempt(now, claim.attempts, case.urgency, grace_end)
+            when = next_attempt(now, claim.attempts, case.urgency, grace_end, not_before=not_before)
             overdue = True
         if when is None:
             state = outbox.FAILED

@@ -43,8 +43,10 @@ from app.peers.client import (
     ENVELOPES_PATH,
     MAX_BATCH_ENVELOPES,
     MAX_RESPONSE_BYTES,
+    PeerAnswer,
     peer_http_client,
     read_json_bounded,
+    retry_after_of,
 )
 from app.peers.keys import verify_peer_receipt
 from app.requests import idempotency
@@ -96,13 +98,16 @@ def worker_id() -> str:
     return f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def classify(status: int, body: object) -> Outcome:
-    """What a peer's non-receipt answer means for this envelope: try again, or give up."""
+def classify(status: int, body: object, retry_after: float | None = None) -> Outcome:
+    """What a peer's non-receipt answer means for this envelope: try again (not before the
+    peer's Retry-After, if it gave one), or give up."""
     code = body.get("error") if isinstance(body, dict) else None
     code = code if isinstance(code, str) else None
     error = f"HTTP {status} {code or ''}".strip()
     retry = status >= 500 or status in RETRYABLE_STATUS or code in RETRYABLE_CODES
-    return Outcome(outbox.RETRY if retry else outbox.FAILED, error, http_status=status)
+    if not retry:
+        return Outcome(outbox.FAILED, error, http_status=status)
+    return Outcome(outbox.RETRY, error, http_status=status, retry_after=retry_after)
 
 
 @dataclass(frozen=True)
@@ -480,7 +485,7 @@ class Worker:
         # the stored receipt; if not, it refuses it as expired, a definite answer.
         try:
             if job.streamed:
-                status, body = send_streamed(
+                answer = send_streamed(
                     self.http,
                     job.base_url,
                     wire,
@@ -490,10 +495,10 @@ class Worker:
                     keep_alive=lambda: self._renew(claim, lease),
                 )
             else:
-                status, body = self._post(job.base_url + ENVELOPES_PATH, wire, claim.trace_id)
+                answer = self._post(job.base_url + ENVELOPES_PATH, wire, claim.trace_id)
         except (httpx.HTTPError, PeerError) as exc:
             return Outcome(outbox.RETRY, f"transport: {type(exc).__name__}")
-        return self._outcome(job, status, body)
+        return self._outcome(job, *answer)
 
     def _started_late(self, claim: outbox.Claim) -> bool:
         """True if the lease had to be renewed and was lost: another worker has the row.
@@ -534,7 +539,7 @@ class Worker:
             if any(job.claim.trace_id for job in jobs):
                 # Each request's id travels with its envelope, as X-Request-Id does alone.
                 batch["request_ids"] = [job.claim.trace_id for job in jobs]
-            status, body = self._post(
+            status, body, retry_after = self._post(
                 base_url + BATCH_PATH, batch, None, max_bytes=MAX_RESPONSE_BYTES * len(jobs)
             )
         except (httpx.HTTPError, PeerError) as exc:
@@ -548,7 +553,7 @@ class Worker:
             # understood): each envelope may still go on its own, which settles it for good.
             return [self._deliver_one(job) for job in jobs]
         if status != 200:
-            return [classify(status, body) for _ in jobs]
+            return [classify(status, body, retry_after) for _ in jobs]
         answers = body.get("results") if isinstance(body, dict) else None
         if not isinstance(answers, list) or len(answers) != len(jobs):
             log.warning("peer at %s answered a batch with no answer per envelope", base_url)
@@ -563,11 +568,13 @@ class Worker:
             outcomes.append(self._outcome(job, item_status, item))
         return outcomes
 
-    def _outcome(self, job: Job, status: int, body: object) -> Outcome:
+    def _outcome(
+        self, job: Job, status: int, body: object, retry_after: float | None = None
+    ) -> Outcome:
         """What the peer's answer to one envelope means: delivered with a verified receipt,
         to be tried again, or refused for good."""
         if status not in (200, 201):
-            return classify(status, body)
+            return classify(status, body, retry_after)
         try:
             signed = decode_receipt(body)
             # A receipt signed by a new key of the peer: follow its signed key rotation.
@@ -601,7 +608,7 @@ class Worker:
         trace_id: str | None,
         *,
         max_bytes: int = MAX_RESPONSE_BYTES,
-    ) -> tuple[int, object]:
+    ) -> PeerAnswer:
         content = json.dumps(wire).encode()
         headers = {"content-type": "application/json"}
         if trace_id:
@@ -611,4 +618,4 @@ class Worker:
                 body = read_json_bounded(response, max_bytes=max_bytes)
             except PeerError:
                 body = None
-            return response.status_code, body
+            return PeerAnswer(response.status_code, body, retry_after_of(response, utc_now()))

@@ -20,12 +20,12 @@ import httpx
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.crypto.encoding import b64d, load_canonical_object
+from app.crypto.encoding import b64d, load_canonical_object, utc_now
 from app.errors import PeerError
 from app.evidence.blobstore import BlobStore
 from app.evidence.stream import CIPHER_CHUNK
 from app.models import BlobPart, Message
-from app.peers.client import read_json_bounded
+from app.peers.client import PeerAnswer, read_json_bounded, retry_after_of
 
 ANNOUNCE_PATH = "/p2p/v1/evidence/envelopes"
 READ_BYTES = 1 << 20
@@ -50,11 +50,12 @@ def blob_parts(session: Session, message: Message) -> list[StreamedPart]:
     return [StreamedPart(row.part_index, row.digest, row.length) for row in rows]
 
 
-def _answer(response: httpx.Response) -> object:
+def _answer(response: httpx.Response) -> PeerAnswer:
     try:
-        return read_json_bounded(response)
+        body = read_json_bounded(response)
     except PeerError:
-        return None
+        body = None
+    return PeerAnswer(response.status_code, body, retry_after_of(response, utc_now()))
 
 
 def _offset(response: httpx.Response) -> int:
@@ -116,22 +117,22 @@ def send_streamed(
     *,
     headers: dict[str, str],
     keep_alive: Callable[[], bool],
-) -> tuple[int, object]:
-    """Returns the peer's final (status, body): a receipt (200/201) or a refusal."""
+) -> PeerAnswer:
+    """Returns the peer's final answer: a receipt (200/201) or a refusal."""
     announce_url = base_url + ANNOUNCE_PATH
     content = json.dumps(wire).encode()
     json_headers = {**headers, "content-type": "application/json"}
     with http.stream("POST", announce_url, content=content, headers=json_headers) as response:
-        status, body = response.status_code, _answer(response)
-    if status != 202:
-        return status, body
+        answer = _answer(response)
+    if answer.status != 202:
+        return answer
     msg_id = _msg_id(wire)
     sizer = SegmentSizer(_segment_seconds(http))
     for part in parts:
         url = f"{base_url}/p2p/v1/evidence/envelopes/{msg_id}/parts/{part.index}"
         head = http.head(url, headers=headers)
         if head.status_code != 204:
-            return head.status_code, None
+            return PeerAnswer(head.status_code, None, retry_after_of(head, utc_now()))
         offset = _offset(head)
         while offset < part.length:
             end = min(part.length, offset + sizer.next_bytes())
@@ -148,9 +149,9 @@ def send_streamed(
                 content=_body(store, part, offset, end, keep_alive),
                 headers=put_headers,
             ) as response:
-                status, body = response.status_code, _answer(response)
-            if status != 204:
-                return status, body  # the receipt (200, 201) or a refusal
+                answer = _answer(response)
+            if answer.status != 204:
+                return answer  # the receipt (200, 201) or a refusal
             reached = _offset(response)
             if reached <= offset:  # the delivery is retried later, from the peer's offset
                 raise PeerError("the peer's offset did not advance")
@@ -159,7 +160,7 @@ def send_streamed(
     # Every part was already there (an earlier attempt's answer was lost): announce again,
     # and the peer, now complete, answers with the receipt.
     with http.stream("POST", announce_url, content=content, headers=json_headers) as response:
-        return response.status_code, _answer(response)
+        return _answer(response)
 
 
 def _msg_id(wire: dict[str, object]) -> str:

@@ -6,7 +6,9 @@ import json
 import socket
 import ssl
 import threading
-from typing import Any
+from datetime import datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import httpx
@@ -21,6 +23,35 @@ BATCH_PATH = "/p2p/v1/envelopes/batch"
 MAX_BATCH_ENVELOPES = 64  # docs/protocol.md section 8.6
 CONSISTENCY_PATH = "/p2p/v1/audit/consistency"
 MAX_RESPONSE_BYTES = 256 * 1024
+# A peer's Retry-After is honoured up to this: it may shed load, not park our deliveries.
+MAX_RETRY_AFTER_SECONDS = 3600.0
+
+
+class PeerAnswer(NamedTuple):
+    """A peer's answer to a post: its status, its JSON body (None if unreadable), and how
+    long it asked us to wait before trying again (Retry-After), if it did."""
+
+    status: int
+    body: object
+    retry_after: float | None = None
+
+
+def retry_after_of(response: httpx.Response, now: datetime) -> float | None:
+    """Seconds a 429 or 503 answer asks us to wait (RFC 9110 §10.2.3: a number of seconds or
+    an HTTP date), within [0, MAX_RETRY_AFTER_SECONDS]; None when not asked or unreadable."""
+    if response.status_code not in (429, 503):
+        return None
+    value = response.headers.get("retry-after", "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        seconds = float(int(value[:12]))
+    else:
+        try:
+            seconds = (parsedate_to_datetime(value) - now).total_seconds()
+        except (TypeError, ValueError, OverflowError):
+            return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
 
 
 def shown_url(url: str) -> str:

@@ -19,6 +19,7 @@ from app.evidence import transfer
 from app.evidence.blobstore import DirectoryBlobStore
 from app.evidence.stream import CIPHER_CHUNK
 from app.evidence.transfer import SegmentSizer, StreamedPart, send_streamed
+from app.peers.client import PeerAnswer
 
 MSG_ID = "ab" * 16
 
@@ -59,7 +60,7 @@ class Peer:
         return httpx.Response(204, headers={"upload-offset": str(len(self.held))})
 
 
-def _send(peer: Peer, store: DirectoryBlobStore, part: StreamedPart) -> tuple[int, object]:
+def _send(peer: Peer, store: DirectoryBlobStore, part: StreamedPart) -> PeerAnswer:
     header = b64e(canonical_json({"msg_id": MSG_ID}))
     with httpx.Client(transport=httpx.MockTransport(peer), timeout=30.0) as http:
         return send_streamed(
@@ -82,7 +83,7 @@ def test_a_part_goes_in_segments_of_whole_chunks(
     length = 7 * CIPHER_CHUNK + 18
     store, part, data = _blob(tmp_path, length)
     peer = Peer(length)
-    status, body = _send(peer, store, part)
+    status, body, _ = _send(peer, store, part)
     assert (status, body) == (201, {"receipt": "signed"})
     assert bytes(peer.held) == data
     # Every segment but the last ends on a chunk boundary; none is sent twice.
