@@ -100,7 +100,12 @@ def strict_json(body: bytes) -> Any:
     proxy in front of the node may read `"to"` from the first, the node from the last), so
     the local API refuses them as the protocol does (app/crypto/encoding.py)."""
     try:
-        return json.loads(body, object_pairs_hook=_unique_keys)
+        # UTF-8 only, as the peer API (app/p2p/refusals.py parse_json says why).
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise json.JSONDecodeError("the body is not UTF-8", "", 0) from None
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
     except _DuplicateKey:
         # As FastAPI reports a body that does not decode: 422 with the reason (never the key).
         raise json.JSONDecodeError(DUPLICATE_KEY, "", 0) from None

@@ -156,7 +156,18 @@ class LimitsAndHeaders:
             # A throttled address gets its 429 before its body is read or scanned, not after
             # up to 32 MiB of it (from review); the route's dependency then need not look.
             node = scope["app"].state.node
-            retry_after = await run_in_threadpool(p2p_blocked_for, node, _source(scope))
+            try:
+                retry_after = await run_in_threadpool(p2p_blocked_for, node, _source(scope))
+            except (OperationalError, DurabilityLost) as exc:
+                # Out here the app's handlers do not answer: as they would, not a 500.
+                log.error("database unavailable: %s", type(exc).__name__)
+                await _refuse(
+                    send_with_headers,
+                    503,
+                    "database_unavailable",
+                    "the database is unavailable; retry later",
+                )
+                return
             if retry_after is not None:
                 blocked = TooManyRequests(retry_after)
                 await _refuse(

@@ -191,7 +191,7 @@ def entry_view(entry: AuditEntry) -> dict[str, Any]:
     digest = leaf_hash(entry.entry).hex()
     try:
         fields = json.loads(entry.entry)
-    except (ValueError, UnicodeError):
+    except (ValueError, UnicodeError, RecursionError):
         fields = None
     if not isinstance(fields, dict):
         # Damaged or altered bytes: shown as they are, so the auditor can page past them and
@@ -539,7 +539,10 @@ def export_log(session: Session, node: Node, out: Path) -> tuple[int, int]:
 
 def _export_note(number: int, line: str) -> str:
     """A line of checkpoints.jsonl: an object whose `note` is a string (ValueError if not)."""
-    record = json.loads(line)
+    try:
+        record = json.loads(line)
+    except RecursionError:
+        record = None
     note = record.get("note") if isinstance(record, dict) else None
     if not isinstance(note, str):
         raise ValueError(f"line {number} of {EXPORT_CHECKPOINTS} holds no checkpoint note")

@@ -176,9 +176,17 @@ def _within_peer_budget(session: Session, node: Node, header: env.Header) -> Non
     finishing would fill the blob store for everyone. Announcements of one peer take turns
     (its pin row locked), so two at once cannot both take the last place."""
     settings = node.settings
-    session.execute(
-        select(Peer.id).where(Peer.authority_id == header.from_authority).with_for_update()
+    suspended = session.scalar(
+        select(Peer.suspended_at)
+        .where(Peer.authority_id == header.from_authority)
+        .with_for_update()
     )
+    if suspended is not None:
+        # Suspended since `check_sender` looked (which took no lock): a suspension drops the
+        # peer's transfers under this same lock, so none may begin after it.
+        raise _refuse(
+            "peer_suspended", "this node has suspended exchanges with your authority", 403
+        )
     under_way = list(
         session.scalars(
             select(InboundTransfer.header).where(
@@ -188,10 +196,13 @@ def _within_peer_budget(session: Session, node: Node, header: env.Header) -> Non
     )
     declared = sum(info.length for info in header.parts[1:])
     # An expired transfer receives nothing more, but what it received stays on disk until
-    # the sweep may remove it (app/evidence/cleanup.py): counted until then, or a peer could
-    # stage without limit by letting short-lived transfers lapse (from review).
-    swept_before = utc_now() - timedelta(hours=settings.evidence_orphan_hours)
-    live = 0
+    # the sweep may remove it (app/evidence/cleanup.py): its declared bytes (at most what it
+    # holds) count until then, or a peer could stage without limit by letting short-lived
+    # transfers lapse (from review). Not its place among those under way: transfers that
+    # lapsed while this node was down must not keep new ones out for days.
+    now = utc_now()
+    swept_before = now - timedelta(hours=settings.evidence_orphan_hours)
+    live = lapsed = 0
     for raw in under_way:
         try:
             other = announced_header(raw)
@@ -199,19 +210,23 @@ def _within_peer_budget(session: Session, node: Node, header: env.Header) -> Non
             continue  # unreadable: the sweep reports it; it holds nothing we can count
         if other.expires_at < swept_before:
             continue  # the sweep removes it and what it received
-        live += 1
+        if other.expires_at <= now:
+            lapsed += 1
+        else:
+            live += 1
         declared += sum(info.length for info in other.parts[1:])
     # One transfer is always taken, whatever its size (the per-request limit bounds it):
     # a budget smaller than one transfer would otherwise turn it away for ever.
-    if live and (
+    if (live or lapsed) and (
         live >= settings.max_inbound_transfers_per_peer
         or declared > settings.max_inbound_bytes_per_peer
     ):
         raise TooManyTransfers(
-            f"{live} transfers of yours are still under way here, declaring {declared} bytes "
-            f"with this one (at most {settings.max_inbound_transfers_per_peer} transfers and "
-            f"{settings.max_inbound_bytes_per_peer} bytes at once); announce it again once "
-            "some have completed"
+            f"{live} transfers of yours are under way here and {lapsed} lapsed ones await "
+            f"removal, declaring {declared} bytes with this one (at most "
+            f"{settings.max_inbound_transfers_per_peer} transfers under way and "
+            f"{settings.max_inbound_bytes_per_peer} bytes); announce it again once some have "
+            "completed"
         )
 
 

@@ -28,9 +28,14 @@ INLINE_PARSE_BYTES = 64 * 1024
 
 
 def parse_json(raw: bytes) -> object | None:
-    """The body as JSON, or None if it is not (bad UTF-8, bad JSON, absurd nesting)."""
+    """The body as JSON, or None if it is not (bad UTF-8, bad JSON, absurd nesting).
+
+    UTF-8 only (RFC 8259 §8.1): `json.loads` of bytes would also take UTF-16 and UTF-32,
+    whose bytes the value count before parsing (app/limits.py) does not read as JSON, so a
+    body in them went uncounted and built millions of values (from review). A byte order
+    mark is refused too."""
     try:
-        value: object = json.loads(raw)
+        value: object = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError):
         return None
     return value

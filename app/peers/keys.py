@@ -210,7 +210,10 @@ def refresh_peer_keys(
     interval = timedelta(seconds=node.settings.peer_refresh_seconds)
     with unit_of_work(node.sessions) as session:
         peer = session.scalar(select(Peer).where(Peer.authority_id == authority))
-        if peer is None or (not force and not _due(session, authority, interval, now)):
+        # A suspended peer's rotations are followed only when an operator asks (`force`):
+        # it may be suspended because its keys are no longer trusted.
+        suspended = peer is not None and peer.suspended_at is not None and not force
+        if peer is None or suspended or (not force and not _due(session, authority, interval, now)):
             return None
         url, pinned = peer.public_url, peer.signing_key
     try:
@@ -242,8 +245,8 @@ def refresh_peer_keys(
         return None
     with unit_of_work(node.sessions) as session:
         peer = session.scalar(select(Peer).where(Peer.authority_id == authority).with_for_update())
-        if peer is None:
-            return None
+        if peer is None or (peer.suspended_at is not None and not force):
+            return None  # suspended meanwhile
         if path and peer.signing_key == pinned:  # else another process re-pinned first
             apply_rotation(session, peer, identity, path, actor=actor)
         session.flush()

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import httpx
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from app.audit.log import record
 from app.crypto.encoding import utc_now
 from app.crypto.identity import IdentityError, PeerIdentity, parse_identity_document
 from app.crypto.keys import fingerprints_match, normalise_fingerprint
+from app.delivery import outbox
 from app.errors import BadRequest, Conflict, NotFound
-from app.models import InboundTransfer, Peer
+from app.models import InboundTransfer, OutboxItem, Peer
 from app.peers.client import check_peer_url, fetch_identity
 from app.peers.keys import apply_rotation, remember_current_keys, revoke_current_keys
 
@@ -142,6 +143,10 @@ def replace_peer_key(
     return peer
 
 
+# Where a suspended peer's deliveries wait: past any deadline, until a resumption.
+SUSPENDED_FOR = timedelta(days=36500)
+
+
 class PeerSuspended(Conflict):
     code = "peer_suspended"
 
@@ -173,6 +178,19 @@ def suspend_peer(session: Session, *, authority_id: str, reason: str, actor: str
         )
     now = utc_now()
     peer.suspended_at, peer.suspended_reason, peer.updated_at = now, reason, now
+    # Its deliveries wait out of the due range (the claim, which also skips a suspended
+    # peer's rows, would otherwise sort through them at every round): due again on resuming.
+    waiting = len(
+        session.scalars(
+            update(OutboxItem)
+            .where(
+                OutboxItem.peer_authority == peer.authority_id,
+                OutboxItem.state.in_((outbox.QUEUED, outbox.RETRY)),
+            )
+            .values(next_attempt_at=now + SUSPENDED_FOR)
+            .returning(OutboxItem.id)
+        ).all()
+    )
     dropped = len(
         session.scalars(
             delete(InboundTransfer)
@@ -185,7 +203,7 @@ def suspend_peer(session: Session, *, authority_id: str, reason: str, actor: str
         actor=actor,
         action="peer.suspended",
         peer=peer.authority_id,
-        details={"reason": reason, "transfers_dropped": dropped},
+        details={"reason": reason, "transfers_dropped": dropped, "deliveries_held": waiting},
     )
     return peer
 
@@ -195,8 +213,16 @@ def resume_peer(session: Session, *, authority_id: str, actor: str) -> Peer:
     peer = _locked_peer(session, authority_id)
     if peer.suspended_at is None:
         raise Conflict(f"exchanges with {authority_id} are not suspended", code="not_suspended")
-    suspended_at = peer.suspended_at
-    peer.suspended_at, peer.suspended_reason, peer.updated_at = None, None, utc_now()
+    suspended_at, now = peer.suspended_at, utc_now()
+    peer.suspended_at, peer.suspended_reason, peer.updated_at = None, None, now
+    session.execute(
+        update(OutboxItem)
+        .where(
+            OutboxItem.peer_authority == peer.authority_id,
+            OutboxItem.state.in_((outbox.QUEUED, outbox.RETRY)),
+        )
+        .values(next_attempt_at=now)
+    )
     record(
         session,
         actor=actor,

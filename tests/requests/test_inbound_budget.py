@@ -80,19 +80,28 @@ def test_a_lapsed_transfer_counts_until_the_sweep_may_remove_what_it_staged(
 ) -> None:
     """From review: expired transfers were not counted, though what they received stays on
     disk until the sweep (evidence_orphan_hours later): a peer letting short-lived transfers
-    lapse could stage without limit."""
+    lapse could stage without limit. Their bytes count; their number does not (transfers
+    that lapsed while the node was down must not keep new ones out for days)."""
     ar = fresh_ar
-    ar.node.settings = replace_settings(ar, max_inbound_transfers_per_peer=1)
-    lapsing = _announcement(ar, ttl=timedelta(seconds=2))  # times are to the second
+    ar.node.settings = replace_settings(ar, max_inbound_bytes_per_peer=3000)
+    lapsing = _announcement(ar, 2000, ttl=timedelta(seconds=2))  # times are to the second
     assert ar.http.post(ANNOUNCE, json=lapsing).status_code == 202
     time.sleep(2.5)  # it has expired: no part can arrive for it any more
-    refused = ar.http.post(ANNOUNCE, json=_announcement(ar))
+    refused = ar.http.post(ANNOUNCE, json=_announcement(ar, 2000))
     assert (refused.status_code, refused.json()["error"]) == (429, "too_many_transfers")
+    assert "1 lapsed ones await removal" in refused.json()["detail"]
+    # Within the bytes left, and whatever the number of lapsed ones: taken.
+    ar.node.settings = replace_settings(
+        ar, max_inbound_bytes_per_peer=3000, max_inbound_transfers_per_peer=1
+    )
+    taken = ar.http.post(ANNOUNCE, json=_announcement(ar, 500))
+    assert taken.status_code == 202, taken.text
     # Once the sweep may remove it, it counts no more.
     ar.node.settings = replace_settings(
-        ar, max_inbound_transfers_per_peer=1, evidence_orphan_hours=0
+        ar, max_inbound_transfers_per_peer=16, evidence_orphan_hours=0
     )
-    assert ar.http.post(ANNOUNCE, json=_announcement(ar)).status_code == 202
+    swept = ar.http.post(ANNOUNCE, json=_announcement(ar, 2000))
+    assert swept.status_code == 202, swept.text
 
 
 def replace_settings(ar: Harness, **changes: Any) -> Any:

@@ -108,3 +108,26 @@ def test_a_body_of_millions_of_values_is_refused_unparsed(node: LocalNode, path:
     # The body itself is held (30 MiB) and scanned; parsing it would have taken ~700 MiB.
     assert _peak_rss_mib(node) - before < 160
     assert httpx.get(node.url + "/readyz", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "encoded",
+    [
+        "[1]".encode("utf-16-le"),
+        "[1]".encode("utf-16"),  # with its byte order mark
+        "[1]".encode("utf-32"),
+        b"\xef\xbb\xbf[1]",  # UTF-8's byte order mark
+    ],
+    ids=["utf-16-le", "utf-16", "utf-32", "utf-8-bom"],
+)
+def test_only_utf_8_json_is_parsed(encoded: bytes) -> None:
+    """From review: `json.loads` of bytes takes UTF-16 and UTF-32 too, which the value count
+    does not read as JSON: 32 MiB of `[1,1,...]` in UTF-16 went uncounted and built 5.6
+    million values. RFC 8259 asks for UTF-8: the rest is not JSON here."""
+    from app.deps import strict_json
+    from app.p2p.refusals import parse_json
+
+    assert parse_json(encoded) is None
+    with pytest.raises(json.JSONDecodeError):
+        strict_json(encoded)
+    assert parse_json(b"[1]") == [1]
