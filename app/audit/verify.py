@@ -119,11 +119,12 @@ def check_batch(
             fields = loads(data)
             if type(fields) is not dict:
                 return None
-            time = fields.get("time")
+            time, idx = fields.get("time"), fields.get("idx")
             if (
                 type(time) is not str
                 or time < last_time
-                or fields.get("idx") != position
+                or type(idx) is not int  # `true` equals 1 in Python: not an index
+                or idx != position
                 or fields.get("prev_leaf", _MISSING) != link
             ):
                 return None
@@ -312,7 +313,7 @@ class LogVerifier:
         except (orjson.JSONDecodeError, KeyError, TypeError):
             self._problem(position, f"entry {position} is not a valid audit entry")
             fields, claimed, time = {}, position, ""
-        if claimed != position:
+        if type(claimed) is not int or claimed != position:
             in_place = False
             # An entry out of place: deleted before it (claims more), inserted or moved
             # (claims less, the same index as an earlier one). Name the earlier position.

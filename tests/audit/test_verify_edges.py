@@ -215,3 +215,17 @@ def test_a_damaged_entry_is_shown_as_it_is_not_a_500(tmp_path: Path) -> None:
         }
     finally:
         engine.dispose()
+
+
+def test_an_index_written_as_true_is_no_index(tmp_path: Path) -> None:
+    """Python's `True == 1` let an entry claiming `"idx": true` pass at position 1 (from an
+    auditor's review)."""
+    keys = NodeKeys.generate()
+    out = _export(tmp_path, keys)
+    entries = (out / EXPORT_ENTRIES).read_bytes().splitlines()
+    assert b'"idx":1,' in entries[1]
+    entries[1] = entries[1].replace(b'"idx":1,', b'"idx":true,')
+    (out / EXPORT_ENTRIES).write_bytes(b"\n".join(entries) + b"\n")
+    report = verify_export(out)
+    assert not report.ok
+    assert "claims index True" in report.problems[0].message
