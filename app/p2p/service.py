@@ -18,6 +18,7 @@ from sqlalchemy import Table, delete, select
 from sqlalchemy.orm import Session
 
 from app.audit.log import Event, record, record_many
+from app.auth.throttle import Limits, auth_limits, register_refusal
 from app.crypto import envelope as env
 from app.crypto.encoding import load_canonical_object, parse_time, utc_now
 from app.crypto.receipts import SignedReceipt, issue_receipt
@@ -93,6 +94,8 @@ class Stored:
     envelope_hash: str
 
 
+# Repeats of one message audited one by one in a window (then counted): docs/audit.md.
+REPEATS_AUDITED = 10
 _MESSAGES = cast(Table, Message.__table__)
 _STORED = select(
     _MESSAGES.c.id,
@@ -113,17 +116,30 @@ def stored_message(session: Session, msg_id: str) -> Stored | None:
 def answer_repeat(
     session: Session, node: Node, header: env.Header, existing: Stored, **details: object
 ) -> Accepted:
-    """A repeat of an envelope we hold (posted whole or announced): on record, and answered
-    with its stored receipt."""
-    record(
+    """A repeat of an envelope we hold (posted whole or announced): answered with its stored
+    receipt, and on record, up to REPEATS_AUDITED times per message a window. A sender that
+    lost our answer repeats it a few times; anyone holding a copy of the envelope (a proxy
+    on the way) could repeat it without end, each repeat an entry of the log for ever (from
+    review): past the limit, repeats are counted, and the count is audited (`auth.throttled`
+    when it starts, `auth.throttle_ended` with the number left out). Never refused: a
+    genuine sender must always get its receipt."""
+    window = auth_limits(node.settings).window
+    verdict = register_refusal(
         session,
+        [f"repeat:{header.msg_id}"],
+        Limits(REPEATS_AUDITED, window, window),
         actor=f"peer:{header.from_authority}",
-        action="envelope.repeated",
-        request_id=existing.request_id,
-        msg_id=header.msg_id,
-        peer=header.from_authority,
-        details={"envelope_hash": existing.envelope_hash, **details},
     )
+    if verdict.audit:
+        record(
+            session,
+            actor=f"peer:{header.from_authority}",
+            action="envelope.repeated",
+            request_id=existing.request_id,
+            msg_id=header.msg_id,
+            peer=header.from_authority,
+            details={"envelope_hash": existing.envelope_hash, **details},
+        )
     return Accepted(receipt=_stored_receipt(session, node, existing), created=False)
 
 
