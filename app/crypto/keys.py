@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -219,6 +220,8 @@ def _load_retired(keys_dir: Path, passphrase: bytes | None) -> tuple[RetiredKey,
 
 
 def load_keys(keys_dir: Path, *, passphrase: bytes | None = None) -> NodeKeys:
+    if any(_staged(keys_dir).values()):
+        finish_interrupted_rotation(keys_dir, passphrase)
     keys = NodeKeys(
         signing=SigningKey(_read_secret(keys_dir / KEY_FILES["signing"], "signing", passphrase)),
         encryption=PrivateKey(
@@ -243,10 +246,13 @@ def rotate_keys(
 ) -> tuple[NodeKeys, NodeKeys]:
     """Replace the signing and encryption keys; the old signing key signs the new ones.
 
-    Order matters for a crash: the retired key is saved first (nothing is lost), then the
-    chain, then the new keys; `load_keys` refuses the mixed state an interruption leaves
-    between the last two, rather than run with keys its peers cannot verify. The log key
-    is not rotated: peers witness checkpoints with it.
+    Order matters for a crash: the retired key is saved first (nothing is lost; saved again
+    as it is by a rotation tried again), then the new keys staged beside the current ones
+    (`*.key.next`), then the chain that names them, then the staged keys put in place. An
+    interruption before the chain leaves the old keys in use (the staged ones are dropped);
+    after it, the next `load_keys` puts the staged keys in place (`finish_interrupted_rotation`):
+    either way, the node never runs with keys its chain does not name. The log key is not
+    rotated: peers witness checkpoints with it.
     """
     old = load_keys(keys_dir, passphrase=passphrase)
     now = utc_now()
@@ -263,7 +269,7 @@ def rotate_keys(
     )
     retired_dir = keys_dir / RETIRED_DIR
     retired_dir.mkdir(exist_ok=True, mode=0o700)
-    write_private(
+    write_private(  # the same key again if an earlier attempt saved it and stopped
         retired_dir / f"encryption-{old.encryption_kid}.key",
         encode_key_file(
             "encryption",
@@ -271,18 +277,78 @@ def rotate_keys(
             passphrase=passphrase,
             extra={"retired_at": format_time(now), "accept_until": format_time(now + overlap)},
         ),
+        replace=True,
     )
+    staged = _staged_paths(keys_dir)
+    for kind, secret in (("signing", bytes(new_signing)), ("encryption", bytes(new_encryption))):
+        write_private(
+            staged[kind], encode_key_file(kind, secret, passphrase=passphrase), replace=True
+        )
     chain = [item.to_wire() for item in (*old.rotations, rotation)]
     write_private(
         keys_dir / ROTATIONS_FILE, json.dumps(chain, indent=1).encode() + b"\n", replace=True
     )
-    for kind, secret in (("signing", bytes(new_signing)), ("encryption", bytes(new_encryption))):
-        write_private(
-            keys_dir / KEY_FILES[kind],
-            encode_key_file(kind, secret, passphrase=passphrase),
-            replace=True,
-        )
+    _put_in_place(keys_dir, staged)
     return old, load_keys(keys_dir, passphrase=passphrase)
+
+
+STAGED_SUFFIX = ".next"  # a rotation's new key, written before the chain names it
+
+
+def _staged_paths(keys_dir: Path) -> dict[str, Path]:
+    return {
+        kind: keys_dir / (KEY_FILES[kind] + STAGED_SUFFIX) for kind in ("signing", "encryption")
+    }
+
+
+def _staged(keys_dir: Path) -> dict[str, bool]:
+    return {kind: path.exists() for kind, path in _staged_paths(keys_dir).items()}
+
+
+def _put_in_place(keys_dir: Path, staged: dict[str, Path]) -> None:
+    for kind, path in staged.items():
+        if path.exists():
+            os.replace(path, keys_dir / KEY_FILES[kind])
+    _sync_folder(keys_dir)
+
+
+def _sync_folder(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def finish_interrupted_rotation(keys_dir: Path, passphrase: bytes | None) -> None:
+    """A rotation stopped with new keys staged (`rotate_keys`): those its chain names go in
+    place (it stopped after the chain was written: peers may already follow it); any other
+    is dropped (it stopped before: the old keys stay, and a new rotation can run)."""
+    rotations = _load_rotations(keys_dir)
+    named = rotations[-1].new if rotations else None
+    staged = _staged_paths(keys_dir)
+    keep: dict[str, Path] = {}
+    try:
+        for kind, path in staged.items():
+            if not path.exists():
+                continue
+            secret = _read_secret(path, kind, passphrase)
+            public = (
+                bytes(SigningKey(secret).verify_key)
+                if kind == "signing"
+                else bytes(PrivateKey(secret).public_key)
+            )
+            expected = None if named is None else getattr(named, kind)
+            if expected is not None and hmac.compare_digest(public, expected):
+                keep[kind] = path
+            else:
+                path.unlink()
+        _put_in_place(keys_dir, keep)
+    except OSError as exc:
+        raise KeyFileError(
+            f"a key rotation in {keys_dir} was interrupted, and completing it needs write "
+            f"access to that folder ({exc.strerror}): run `entraide keys show` once with it"
+        ) from exc
 
 
 def protect_keys(keys_dir: Path, *, passphrase: bytes, current: bytes | None = None) -> int:

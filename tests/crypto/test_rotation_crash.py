@@ -1,0 +1,86 @@
+"""A key rotation stopped half way (a full disk, a power cut) leaves a node that starts with a
+consistent set of keys, and a rotation that can run again (from a recovery review: a retry
+failed for ever on the retired key already saved, and a stop after the chain was written
+left a node that would not start)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from app.crypto import keys as keys_module
+from app.crypto.keys import (
+    ROTATIONS_FILE,
+    NodeKeys,
+    load_keys,
+    rotate_keys,
+    save_keys,
+)
+
+OVERLAP = timedelta(days=7)
+
+
+def _node_keys(tmp_path: Path) -> Path:
+    folder = tmp_path / "keys"
+    save_keys(folder, NodeKeys.generate(), passphrase=None)
+    return folder
+
+
+def _rotate(folder: Path) -> tuple[NodeKeys, NodeKeys]:
+    return rotate_keys(folder, authority_id="ES/MJ", passphrase=None, overlap=OVERLAP)
+
+
+def test_a_rotation_stopped_before_its_chain_keeps_the_old_keys_and_runs_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = _node_keys(tmp_path)
+    before = load_keys(folder)
+    real_write = keys_module.write_private
+
+    def full_disk(path: Path, content: bytes, *, replace: bool = False) -> None:
+        if path.name == ROTATIONS_FILE:
+            raise OSError(28, "No space left on device")
+        real_write(path, content, replace=replace)
+
+    monkeypatch.setattr(keys_module, "write_private", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        _rotate(folder)
+    monkeypatch.undo()
+    after_crash = load_keys(folder)  # the staged keys the chain never named are dropped
+    assert after_crash.signing_public == before.signing_public
+    assert after_crash.rotations == ()
+    assert not list(folder.glob("*.next"))
+    old, new = _rotate(folder)  # and a rotation runs again
+    assert old.signing_public == before.signing_public
+    assert len(new.rotations) == 1
+    assert new.signing_public != before.signing_public
+
+
+def test_a_rotation_stopped_after_its_chain_is_completed_at_the_next_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = _node_keys(tmp_path)
+    before = load_keys(folder)
+    real_replace = keys_module.os.replace
+    moved: list[str] = []
+
+    def power_cut(source: Path, target: Path) -> None:
+        if str(source).endswith(".next"):
+            if moved:  # the first staged key went in place, the second never does
+                raise OSError(5, "Input/output error")
+            moved.append(str(source))
+        real_replace(source, target)
+
+    monkeypatch.setattr(keys_module.os, "replace", power_cut)
+    with pytest.raises(OSError, match="Input/output"):
+        _rotate(folder)
+    monkeypatch.undo()
+    assert len(moved) == 1
+    started = load_keys(folder)  # the chain names the staged keys: they go in place
+    assert len(started.rotations) == 1
+    assert started.signing_public == started.rotations[-1].new.signing
+    assert started.encryption_public == started.rotations[-1].new.encryption
+    assert started.signing_public != before.signing_public
+    assert not list(folder.glob("*.next"))
