@@ -517,6 +517,35 @@ def peers_list() -> None:
         node.close()
 
 
+@peers_app.command("accept-restore")
+def peers_accept_restore(
+    authority_id: Annotated[str, typer.Argument(help="The peer's authority id, e.g. AR/MPF")],
+    reason: Annotated[
+        str, typer.Option(help="Who told you of the restore, when, and from which backup")
+    ],
+) -> None:
+    """The peer's operator told you, out of band, that its node was restored from a backup:
+    close the split-view alarms its restored log raised here, and witness its log afresh
+    from its next checkpoint. What was witnessed before is kept, set aside; all is audited."""
+    from app.audit.witness import accept_restored_log
+    from app.db import unit_of_work
+
+    node = _node(_settings())
+    try:
+        with unit_of_work(node.sessions) as session:
+            rebased = accept_restored_log(
+                session, authority=authority_id, reason=reason, actor=_operator()
+            )
+    finally:
+        node.close()
+    largest = f" (up to size {rebased.largest[0]})" if rebased.largest is not None else ""
+    typer.echo(
+        f"{rebased.set_aside} checkpoints of {authority_id} witnessed before are set aside"
+        f"{largest}, {rebased.alarms_resolved} alarms closed; its next checkpoint is "
+        "witnessed as a new start"
+    )
+
+
 @peers_app.command("suspend")
 def peers_suspend(
     authority_id: Annotated[str, typer.Argument(help="The peer's authority id, e.g. AR/MPF")],

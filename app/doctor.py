@@ -271,7 +271,13 @@ def check_database(settings: Settings, engine: Engine) -> Iterator[Finding]:
                 OutboxItem.state.in_(("queued", "in_flight", "retry"))
             )
         )
-        alarms = list(connection.execute(select(WitnessAlarm.peer_authority).distinct()))
+        alarms = list(
+            connection.execute(
+                select(WitnessAlarm.peer_authority)
+                .where(WitnessAlarm.resolved_at.is_(None))
+                .distinct()
+            )
+        )
     if failed:
         yield Finding(
             WARN,
@@ -291,7 +297,9 @@ def check_database(settings: Settings, engine: Engine) -> Iterator[Finding]:
             FAIL,
             "audit",
             f"{peer} showed two different histories of its audit log "
-            "(a witness alarm): tell its operator and your security officer",
+            "(a witness alarm): tell its operator and your security officer; if its operator "
+            "tells you it restored its node from a backup, `entraide peers accept-restore "
+            f"{peer} --reason ...` closes it (docs/operations.md §5)",
         )
 
 

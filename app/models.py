@@ -370,6 +370,10 @@ class WitnessedCheckpoint(Base):
     note: Mapped[str] = mapped_column(Text)
     cosignature: Mapped[str | None] = mapped_column(Text, nullable=True)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # Set when our operator accepted that the peer's log was restored from a backup
+    # (`entraide peers accept-restore`): no longer what its new checkpoints are checked
+    # against. Kept, with its cosignature, as what the peer showed then.
+    set_aside_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class WitnessAlarm(Base):
@@ -383,6 +387,9 @@ class WitnessAlarm(Base):
     known_note: Mapped[str] = mapped_column(Text)
     new_note: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # Closed by our operator, saying why (a restore its operator told them of, out of band).
+    resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    resolution: Mapped[str | None] = mapped_column(String(500), nullable=True)
 
 
 class PeerKey(Base):

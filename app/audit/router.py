@@ -104,6 +104,8 @@ def alarms(session: SessionDep, principal: AuditorDep) -> list[dict[str, Any]]:
             "known_checkpoint": alarm.known_note,
             "new_checkpoint": alarm.new_note,
             "created_at": alarm.created_at,
+            "resolved_at": alarm.resolved_at,
+            "resolution": alarm.resolution,
         }
         for alarm in rows
     ]
@@ -123,6 +125,7 @@ def witnessed(
             "root_hash": row.root_hash.hex(),
             "cosigned": cosigned_note(row),
             "received_at": row.received_at,
+            "set_aside_at": row.set_aside_at,
         }
         for row in session.scalars(statement)
     ]

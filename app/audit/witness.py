@@ -27,7 +27,7 @@ from functools import partial
 import httpx
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -38,7 +38,7 @@ from app.audit.note import SIGNATURE_PREFIX, Checkpoint, NoteError, open_note
 from app.auth.throttle import counter_row
 from app.crypto.encoding import utc_now
 from app.db import unit_of_work
-from app.errors import PeerError
+from app.errors import BadRequest, NotFound, PeerError
 from app.models import AuthThrottle, Peer, WitnessAlarm, WitnessedCheckpoint
 from app.peers.client import CONSISTENCY_PATH, read_json_bounded
 
@@ -112,7 +112,10 @@ def parse_peer_checkpoint(peer: Peer, note: str) -> Observed:
 def largest_known(session: Session, authority_id: str) -> WitnessedCheckpoint | None:
     return session.scalar(
         select(WitnessedCheckpoint)
-        .where(WitnessedCheckpoint.peer_authority == authority_id)
+        .where(
+            WitnessedCheckpoint.peer_authority == authority_id,
+            WitnessedCheckpoint.set_aside_at.is_(None),
+        )
         .order_by(WitnessedCheckpoint.size.desc(), WitnessedCheckpoint.id.desc())
         .limit(1)
     )
@@ -195,6 +198,7 @@ def observe(
             WitnessedCheckpoint.peer_authority == peer.authority_id,
             WitnessedCheckpoint.size == checkpoint.size,
             WitnessedCheckpoint.root_hash != checkpoint.root_hash,
+            WitnessedCheckpoint.set_aside_at.is_(None),
         )
     )
     if same_size is not None:
@@ -208,6 +212,9 @@ def observe(
         )
     )
     if existing is not None:
+        # One set aside at a restore and shown again: the restored log's own past (the
+        # backup's checkpoint), consistent with what it shows now. Taken up again.
+        existing.set_aside_at = None
         return existing
     witnessed = WitnessedCheckpoint(
         peer_authority=peer.authority_id,
@@ -317,6 +324,68 @@ def witness_receipt_checkpoint(
         return isinstance(outcome, WitnessedCheckpoint)
     log.warning("could not witness %s's checkpoint: other workers kept witnessing", authority)
     return False
+
+
+@dataclass(frozen=True)
+class Rebased:
+    set_aside: int  # witnessed checkpoints no longer checked against
+    largest: tuple[int, str] | None  # (size, root) of the largest of them
+    alarms_resolved: int
+
+
+def accept_restored_log(session: Session, *, authority: str, reason: str, actor: str) -> Rebased:
+    """The peer's operator told ours, out of band, that its node was restored from a backup:
+    its log went back to the backup's checkpoint and grew again from there, and every
+    checkpoint it signs now contradicts what we witnessed since (a split view, as a fork
+    would). What we witnessed is set aside (kept, as what the peer showed then), the alarms
+    it raised are closed with the reason, and its next checkpoint is taken as a new start.
+    An operator who accepts a fork this way has it on record (`witness.rebased`)."""
+    reason = reason.strip()
+    if not reason or len(reason) > 500:
+        raise BadRequest(
+            "say in at most 500 characters how the peer's operator told you of the restore",
+            code="invalid_reason",
+        )
+    peer = session.scalar(select(Peer).where(Peer.authority_id == authority).with_for_update())
+    if peer is None:
+        raise NotFound(f"{authority} is not a pinned peer", code="unknown_peer")
+    largest = largest_known(session, authority)
+    now = utc_now()
+    set_aside = session.execute(
+        update(WitnessedCheckpoint)
+        .where(
+            WitnessedCheckpoint.peer_authority == authority,
+            WitnessedCheckpoint.set_aside_at.is_(None),
+        )
+        .values(set_aside_at=now)
+        .returning(WitnessedCheckpoint.id)
+    ).all()
+    resolved = session.execute(
+        update(WitnessAlarm)
+        .where(WitnessAlarm.peer_authority == authority, WitnessAlarm.resolved_at.is_(None))
+        .values(resolved_at=now, resolution=reason)
+        .returning(WitnessAlarm.id)
+    ).all()
+    session.execute(delete(AuthThrottle).where(AuthThrottle.key == _unproven_key(authority)))
+    rebased = Rebased(
+        set_aside=len(set_aside),
+        largest=None if largest is None else (largest.size, largest.root_hash.hex()),
+        alarms_resolved=len(resolved),
+    )
+    record(
+        session,
+        actor=actor,
+        action="witness.rebased",
+        peer=authority,
+        details={
+            "reason": reason,
+            "set_aside": rebased.set_aside,
+            "largest_size": rebased.largest[0] if rebased.largest else None,
+            "largest_root": rebased.largest[1] if rebased.largest else None,
+            "alarms_resolved": rebased.alarms_resolved,
+        },
+    )
+    return rebased
 
 
 def _unproven_key(authority: str) -> str:

@@ -207,7 +207,14 @@ class NodeCollector(Collector):
             # The worker's own one-query read (the newest checkpoint through its primary key),
             # not a scan of every checkpoint on each scrape.
             log_progress = read_progress(session)
-            alarms = session.scalar(select(func.count()).select_from(WitnessAlarm)) or 0
+            alarms = (
+                session.scalar(
+                    select(func.count())
+                    .select_from(WitnessAlarm)
+                    .where(WitnessAlarm.resolved_at.is_(None))
+                )
+                or 0
+            )
             peers = session.scalar(select(func.count()).select_from(Peer)) or 0
             overdue = overdue_counts(session, now=now)
 

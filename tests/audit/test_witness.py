@@ -16,12 +16,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.audit.checkpoints import log_origin
 from app.audit.merkle import consistency_proof_from_leaves, leaf_hash, root_from_leaf_hashes
 from app.audit.note import Checkpoint, sign_note
-from app.audit.witness import witness_receipt_checkpoint
+from app.audit.witness import accept_restored_log, witness_receipt_checkpoint
 from app.crypto.encoding import utc_now
 from app.crypto.keys import NodeKeys
 from app.db import make_engine, make_session_factory, unit_of_work
+from app.errors import NotFound
 from app.migrate import upgrade
-from app.models import AuthThrottle, Peer, WitnessAlarm, WitnessedCheckpoint
+from app.models import AuditEntry, AuthThrottle, Peer, WitnessAlarm, WitnessedCheckpoint
 from tests.conftest import Databases
 
 PEER = "AR/MPF"
@@ -155,3 +156,53 @@ def test_a_peer_that_never_proves_its_checkpoints_raises_one_alarm(witnessing: W
     assert witness(_peer_answering(SHOWN_TO_A, lambda: None), SHOWN_TO_A)
     with unit_of_work(sessions) as session:
         assert session.get(AuthThrottle, f"witness-unproven:{PEER}") is None
+
+
+def test_a_restore_its_operator_told_of_is_accepted_and_witnessed_afresh(
+    witnessing: Witnessing,
+) -> None:
+    """From a recovery review: a peer restored from a backup shows a log that went back to
+    the backup's checkpoint and grew again differently, and every checkpoint it signed then
+    raised an alarm here, for ever (no command closed one). Once its operator has told ours
+    out of band, `accept_restored_log` sets what we witnessed aside (kept, with the reason
+    on record) and its next checkpoints are witnessed again, without an alarm."""
+    sessions, witness = witnessing.sessions, witnessing.witness
+    backup = COMMON  # the restored node's log up to the backup's checkpoint
+    before = SHOWN_TO_A  # what it had grown to before it was lost
+    after = COMMON + [leaf_hash(f"after the restore {n}".encode()) for n in range(12)]
+    assert witness(_peer_answering(before, lambda: None), backup)
+    assert witness(_peer_answering(before, lambda: None), before)
+    restored = _peer_answering(after, lambda: None)
+    assert not witness(restored, after)  # size 22 does not extend size 20: an alarm
+    with unit_of_work(sessions) as session:
+        assert len(list(session.scalars(select(WitnessAlarm)))) == 1
+        rebased = accept_restored_log(
+            session,
+            authority=PEER,
+            reason="AR/MPF restored from its backup of 2026-11-28 (phone, J. Pérez)",
+            actor="operator:test",
+        )
+    assert (rebased.set_aside, rebased.alarms_resolved) == (2, 1)
+    assert rebased.largest == (20, root_from_leaf_hashes(before).hex())
+    # The backup's own checkpoint is taken up again, then the restored log goes on.
+    assert witness(restored, backup)
+    assert witness(restored, after[:16])
+    assert witness(restored, after)
+    with unit_of_work(sessions) as session:
+        (alarm,) = session.scalars(select(WitnessAlarm))
+        assert alarm.resolved_at is not None
+        assert alarm.resolution is not None
+        assert "phone" in alarm.resolution
+        live = session.execute(
+            select(WitnessedCheckpoint.size)
+            .where(WitnessedCheckpoint.set_aside_at.is_(None))
+            .order_by(WitnessedCheckpoint.size)
+        ).scalars()
+        assert list(live) == [10, 16, 22]
+        entries = session.scalars(
+            select(AuditEntry.entry).where(AuditEntry.action == "witness.rebased")
+        ).all()
+    assert len(entries) == 1
+    # Nothing to accept for a peer that is not pinned.
+    with unit_of_work(sessions) as session, pytest.raises(NotFound):
+        accept_restored_log(session, authority="XX/NONE", reason="x", actor="operator:test")
