@@ -19,8 +19,7 @@ from sqlalchemy import select, update
 
 from app.cli import _cancelled_says
 from app.crypto.encoding import utc_now
-from app.crypto.receipts import Receipt as ReceiptBody
-from app.crypto.receipts import SignedReceipt
+from app.crypto.receipts import issue_receipt, verify_receipt
 from app.db import unit_of_work
 from app.delivery import outbox
 from app.delivery.settle import Outcome, settle
@@ -261,17 +260,30 @@ def test_a_request_whose_receipt_came_goes_back_to_delivered_not_queued(
     withdrawn = ar.reply(request_id, {"type": "withdrawal", "text": "No longer needed."})
     assert withdrawn.status_code == 201, withdrawn.text
     assert ar.status(request_id) == "withdrawn"
-    receipt = ReceiptBody(
-        msg_id=request_id,
-        envelope_hash="0" * 64,
-        from_authority="ES/MJ",
-        to_authority="AR/MPF",
-        received_at=utc_now(),
-        status="received",
+    with unit_of_work(ar.node.sessions) as session:
+        envelope_hash = session.scalar(
+            select(Message.envelope_hash).where(Message.msg_id == request_id)
+        )
+    assert envelope_hash is not None
+    # As ES/MJ signs it (every read of the request verifies it again).
+    signed = issue_receipt(
+        ar.peer_keys.signing,
         signer_kid=ar.peer_keys.signing_kid,
+        msg_id=request_id,
+        envelope_hash=envelope_hash,
+        from_authority="AR/MPF",
+        to_authority="ES/MJ",
+        received_at=utc_now(),
         checkpoint=None,
     )
-    signed = SignedReceipt(body=b"{}", signature=bytes(64))  # settlement stores, not checks
+    receipt = verify_receipt(
+        signed,
+        signer_public=ar.peer_keys.signing_public,
+        msg_id=request_id,
+        envelope_hash=envelope_hash,
+        from_authority="AR/MPF",
+        to_authority="ES/MJ",
+    )
     _settle_with(
         ar,
         request_id,
