@@ -132,13 +132,17 @@ def test_a_post_that_could_outlive_its_lease_renews_it_first(
         (429, "soon", None),
         (429, "", None),
         (429, "-5", None),
+        (429, "\u00b2", None),  # a digit to str.isdigit, not to int()
+        (429, "\u0661\u0662", None),  # Arabic-Indic digits: not HTTP's
         (400, "120", None),  # only where RFC 9110 gives it that meaning here
     ],
 )
 def test_retry_after_is_read_as_rfc_9110_says(
     status: int, value: str, seconds: float | None
 ) -> None:
-    response = httpx.Response(status, headers={"retry-after": value} if value else {})
+    # As bytes, as they come off the wire (httpx encodes str headers as ASCII).
+    raw = [(b"retry-after", value.encode())] if value else []
+    response = httpx.Response(status, headers=raw)
     assert retry_after_of(response, NOW) == seconds
 
 

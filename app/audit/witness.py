@@ -176,6 +176,7 @@ def observe(
     checked_against: WitnessedCheckpoint | None,
     own_authority: str,
     log_key: SigningKey,
+    reference: WitnessedCheckpoint | None = None,
 ) -> WitnessedCheckpoint | WitnessAlarm:
     """Store the outcome of `check_consistency` against `checked_against`: an alarm, or a
     cosigned checkpoint.
@@ -187,8 +188,13 @@ def observe(
     """
     session.scalar(select(Peer.id).where(Peer.id == peer.id).with_for_update())
     known = largest_known(session, peer.authority_id)
-    if reason is not None:  # about the note it was checked against, whatever moved since
-        against = checked_against.note if checked_against else ""
+    if checked_against is not None and checked_against.id != (known.id if known else None):
+        # Set aside meanwhile (a restore accepted) or overtaken: check again, rather than
+        # raise an alarm about a history the operator has just accepted (from review).
+        raise KnownMoved
+    reference = reference or checked_against
+    if reason is not None:  # about the note it was checked against
+        against = reference.note if reference else ""
         return _alarm(session, peer, reason, against, observed.note)
     if (known.id if known else None) != (checked_against.id if checked_against else None):
         raise KnownMoved
@@ -285,6 +291,7 @@ def witness_receipt_checkpoint(
             if peer is None:
                 return False
             known = largest_known(session, authority)
+            set_aside = [] if known is not None else _set_aside(session, authority)
         if known is not None and known.note == note:
             # The very note we checked and cosigned already (receipts repeat the receiver's
             # latest checkpoint until it signs a new one): checking again would change nothing.
@@ -294,12 +301,13 @@ def witness_receipt_checkpoint(
         except WitnessError as exc:
             log.warning("could not witness %s's checkpoint: %s", authority, exc)
             return False
+        fetch = partial(fetch_consistency_proof, http, peer.public_url)
+        reference = known
         try:
-            reason = check_consistency(
-                known,
-                observed,
-                partial(fetch_consistency_proof, http, peer.public_url),
-            )
+            if known is None and set_aside:
+                reference, reason = _after_restore(set_aside, observed, fetch)
+            else:
+                reason = check_consistency(known, observed, fetch)
         except WitnessError as exc:
             log.warning("could not witness %s's checkpoint: %s", authority, exc)
             _proof_refused(sessions, peer, known, observed)
@@ -314,6 +322,7 @@ def witness_receipt_checkpoint(
                     checked_against=known,
                     own_authority=own_authority,
                     log_key=log_key,
+                    reference=reference,
                 )
         except KnownMoved:
             continue
@@ -386,6 +395,47 @@ def accept_restored_log(session: Session, *, authority: str, reason: str, actor:
         },
     )
     return rebased
+
+
+# After a restore was accepted, the set-aside checkpoints a new one is checked against (the
+# largest first, each a proof to fetch): one of them must be a past of the restored log.
+ANCHOR_TRIES = 5
+
+
+def _set_aside(session: Session, authority: str) -> list[WitnessedCheckpoint]:
+    return list(
+        session.scalars(
+            select(WitnessedCheckpoint)
+            .where(
+                WitnessedCheckpoint.peer_authority == authority,
+                WitnessedCheckpoint.set_aside_at.is_not(None),
+            )
+            .order_by(WitnessedCheckpoint.size.desc(), WitnessedCheckpoint.id.desc())
+            .limit(200)
+        )
+    )
+
+
+def _after_restore(
+    set_aside: list[WitnessedCheckpoint], observed: Observed, fetch: ProofFetcher
+) -> tuple[WitnessedCheckpoint | None, str | None]:
+    """The first checkpoint after an accepted restore: the restored log is the backup's
+    and grew from there, so it extends some checkpoint witnessed before (one no larger than
+    its backup). Checked against the largest ones it could extend; none proven: an alarm.
+    A log smaller than all of them is taken as a new start (nothing here can be a past of
+    it yet)."""
+    size = observed.checkpoint.size
+    candidates = [item for item in set_aside if item.size <= size][:ANCHOR_TRIES]
+    for candidate in candidates:
+        if check_consistency(candidate, observed, fetch) is None:
+            return candidate, None
+    if not candidates:
+        return None, None
+    tried = ", ".join(str(item.size) for item in candidates)
+    return candidates[0], (
+        f"after its restore was accepted, its log extends none of the checkpoints witnessed "
+        f"before (sizes {tried})"
+    )
 
 
 def _unproven_key(authority: str) -> str:

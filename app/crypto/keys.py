@@ -249,8 +249,9 @@ def rotate_keys(
     Order matters for a crash: the retired key is saved first (nothing is lost; saved again
     as it is by a rotation tried again), then the new keys staged beside the current ones
     (`*.key.next`), then the chain that names them, then the staged keys put in place. An
-    interruption before the chain leaves the old keys in use (the staged ones are dropped);
-    after it, the next `load_keys` puts the staged keys in place (`finish_interrupted_rotation`):
+    interruption before the chain leaves the old keys in use (the staged ones are written
+    over by the next rotation); after it, the next `load_keys` puts the staged keys in place
+    (`finish_interrupted_rotation`):
     either way, the node never runs with keys its chain does not name. The log key is not
     rotated: peers witness checkpoints with it.
     """
@@ -284,6 +285,7 @@ def rotate_keys(
         write_private(
             staged[kind], encode_key_file(kind, secret, passphrase=passphrase), replace=True
         )
+    _sync_folder(keys_dir)  # the staged keys are on disk before any chain names them
     chain = [item.to_wire() for item in (*old.rotations, rotation)]
     write_private(
         keys_dir / ROTATIONS_FILE, json.dumps(chain, indent=1).encode() + b"\n", replace=True
@@ -307,8 +309,10 @@ def _staged(keys_dir: Path) -> dict[str, bool]:
 
 def _put_in_place(keys_dir: Path, staged: dict[str, Path]) -> None:
     for kind, path in staged.items():
-        if path.exists():
+        try:
             os.replace(path, keys_dir / KEY_FILES[kind])
+        except FileNotFoundError:
+            pass  # put in place already (another process loading the keys meanwhile)
     _sync_folder(keys_dir)
 
 
@@ -320,10 +324,16 @@ def _sync_folder(folder: Path) -> None:
         os.close(descriptor)
 
 
-def finish_interrupted_rotation(keys_dir: Path, passphrase: bytes | None) -> None:
+def finish_interrupted_rotation(
+    keys_dir: Path, passphrase: bytes | None, *, drop_unnamed: bool = False
+) -> None:
     """A rotation stopped with new keys staged (`rotate_keys`): those its chain names go in
-    place (it stopped after the chain was written: peers may already follow it); any other
-    is dropped (it stopped before: the old keys stay, and a new rotation can run)."""
+    place (it stopped after the chain was written: peers may already follow it). Any other
+    is left alone: a rotation stopped before its chain (the old keys stay in use, and the
+    next rotation writes over it), or one under way in another process right now, whose
+    keys deleting would leave its chain naming keys that exist nowhere (from review).
+    `drop_unnamed` (`protect_keys`, run by an operator, never beside a rotation) removes
+    them: unprotected private keys nothing will use."""
     rotations = _load_rotations(keys_dir)
     named = rotations[-1].new if rotations else None
     staged = _staged_paths(keys_dir)
@@ -332,7 +342,12 @@ def finish_interrupted_rotation(keys_dir: Path, passphrase: bytes | None) -> Non
         for kind, path in staged.items():
             if not path.exists():
                 continue
-            secret = _read_secret(path, kind, passphrase)
+            try:
+                secret = _read_secret(path, kind, passphrase)
+            except (KeyFileError, FileNotFoundError):
+                if not path.exists():
+                    continue  # put in place meanwhile by another process
+                raise
             public = (
                 bytes(SigningKey(secret).verify_key)
                 if kind == "signing"
@@ -341,9 +356,10 @@ def finish_interrupted_rotation(keys_dir: Path, passphrase: bytes | None) -> Non
             expected = None if named is None else getattr(named, kind)
             if expected is not None and hmac.compare_digest(public, expected):
                 keep[kind] = path
-            else:
-                path.unlink()
-        _put_in_place(keys_dir, keep)
+            elif drop_unnamed:
+                path.unlink(missing_ok=True)
+        if keep:
+            _put_in_place(keys_dir, keep)
     except OSError as exc:
         raise KeyFileError(
             f"a key rotation in {keys_dir} was interrupted, and completing it needs write "
@@ -354,6 +370,9 @@ def finish_interrupted_rotation(keys_dir: Path, passphrase: bytes | None) -> Non
 def protect_keys(keys_dir: Path, *, passphrase: bytes, current: bytes | None = None) -> int:
     """Rewrite every private key file under `passphrase` (from plain, or from `current`)."""
     _chosen(passphrase)
+    # A rotation stopped half way first: its keys in place (then protected), or, never named
+    # by its chain, removed (else they would stay on disk unprotected).
+    finish_interrupted_rotation(keys_dir, current, drop_unnamed=True)
     paths = [(keys_dir / name, kind) for kind, name in KEY_FILES.items()]
     paths += [(path, "encryption") for path in sorted((keys_dir / RETIRED_DIR).glob("*.key"))]
     for path, kind in paths:

@@ -216,9 +216,12 @@ def _within_peer_budget(session: Session, node: Node, header: env.Header) -> Non
             live += 1
         declared += sum(info.length for info in other.parts[1:])
     # One transfer is always taken, whatever its size (the per-request limit bounds it):
-    # a budget smaller than one transfer would otherwise turn it away for ever.
+    # a budget smaller than one transfer would otherwise turn it away for ever. Lapsed ones
+    # have a cap of their own, several times the live one: each is a row (up to a 64 KiB
+    # header) read at every announcement (from review: else without limit in number).
     if (live or lapsed) and (
         live >= settings.max_inbound_transfers_per_peer
+        or lapsed >= LAPSED_PER_LIVE * settings.max_inbound_transfers_per_peer
         or declared > settings.max_inbound_bytes_per_peer
     ):
         raise TooManyTransfers(
@@ -228,6 +231,9 @@ def _within_peer_budget(session: Session, node: Node, header: env.Header) -> Non
             f"{settings.max_inbound_bytes_per_peer} bytes); announce it again once some have "
             "completed"
         )
+
+
+LAPSED_PER_LIVE = 4
 
 
 class TooManyTransfers(EntraideError):

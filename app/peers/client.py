@@ -44,7 +44,7 @@ def retry_after_of(response: httpx.Response, now: datetime) -> float | None:
     value = response.headers.get("retry-after", "").strip()
     if not value:
         return None
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # "²".isdigit() too, which int() refuses
         seconds = float(int(value[:12]))
     else:
         try:

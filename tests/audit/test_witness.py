@@ -206,3 +206,22 @@ def test_a_restore_its_operator_told_of_is_accepted_and_witnessed_afresh(
     # Nothing to accept for a peer that is not pinned.
     with unit_of_work(sessions) as session, pytest.raises(NotFound):
         accept_restored_log(session, authority="XX/NONE", reason="x", actor="operator:test")
+
+
+def test_after_an_accepted_restore_a_log_that_extends_nothing_witnessed_is_an_alarm(
+    witnessing: Witnessing,
+) -> None:
+    """From review: once a restore was accepted, the next checkpoint was taken as a new start
+    whatever it held, a log rewritten from its first entry too. The restored log is its
+    backup's and grew from there: it must extend a checkpoint witnessed before."""
+    sessions, witness = witnessing.sessions, witnessing.witness
+    assert witness(_peer_answering(SHOWN_TO_A, lambda: None), COMMON)
+    assert witness(_peer_answering(SHOWN_TO_A, lambda: None), SHOWN_TO_A)
+    with unit_of_work(sessions) as session:
+        accept_restored_log(session, authority=PEER, reason="told", actor="operator:test")
+    rewritten = [leaf_hash(f"forged {n}".encode()) for n in range(30)]
+    assert not witness(_peer_answering(rewritten, lambda: None), rewritten)
+    with unit_of_work(sessions) as session:
+        (alarm,) = session.scalars(select(WitnessAlarm))
+        assert alarm.resolved_at is None
+        assert alarm.reason.startswith("after its restore was accepted, its log extends none")

@@ -5,6 +5,7 @@ left a node that would not start)."""
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from app.crypto.keys import (
     ROTATIONS_FILE,
     NodeKeys,
     load_keys,
+    protect_keys,
     rotate_keys,
     save_keys,
 )
@@ -48,11 +50,10 @@ def test_a_rotation_stopped_before_its_chain_keeps_the_old_keys_and_runs_again(
     with pytest.raises(OSError, match="No space left"):
         _rotate(folder)
     monkeypatch.undo()
-    after_crash = load_keys(folder)  # the staged keys the chain never named are dropped
+    after_crash = load_keys(folder)  # staged keys no chain names are not used
     assert after_crash.signing_public == before.signing_public
     assert after_crash.rotations == ()
-    assert not list(folder.glob("*.next"))
-    old, new = _rotate(folder)  # and a rotation runs again
+    old, new = _rotate(folder)  # and a rotation runs again (writing over them)
     assert old.signing_public == before.signing_public
     assert len(new.rotations) == 1
     assert new.signing_public != before.signing_public
@@ -84,3 +85,50 @@ def test_a_rotation_stopped_after_its_chain_is_completed_at_the_next_start(
     assert started.encryption_public == started.rotations[-1].new.encryption
     assert started.signing_public != before.signing_public
     assert not list(folder.glob("*.next"))
+
+
+def test_keys_loaded_while_a_rotation_runs_leave_its_staged_keys_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From review: a load (a doctor run, a worker starting) between the staging and the
+    chain deleted the staged keys as leftovers; the chain then named keys that existed
+    nowhere, and the node never started again."""
+    folder = _node_keys(tmp_path)
+    real_write = keys_module.write_private
+
+    def load_meanwhile(path: Path, content: bytes, *, replace: bool = False) -> None:
+        if path.name == ROTATIONS_FILE:
+            load_keys(folder)  # another process, just before the chain is written
+        real_write(path, content, replace=replace)
+
+    monkeypatch.setattr(keys_module, "write_private", load_meanwhile)
+    _old, new = _rotate(folder)
+    monkeypatch.undo()
+    started = load_keys(folder)
+    assert started.signing_public == new.signing_public == new.rotations[-1].new.signing
+
+
+def test_protecting_keys_finishes_or_removes_a_stopped_rotations_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From review: `keys protect` left staged keys unprotected, and the next start put
+    them in place: a node whose signing and encryption keys were on disk in clear."""
+    folder = _node_keys(tmp_path)
+    real_replace = keys_module.os.replace
+
+    def power_cut(source: Path, target: Path) -> None:
+        if str(source).endswith(".next"):
+            raise OSError(5, "Input/output error")
+        real_replace(source, target)
+
+    monkeypatch.setattr(keys_module.os, "replace", power_cut)
+    with pytest.raises(OSError, match="Input/output"):
+        _rotate(folder)
+    monkeypatch.undo()
+    passphrase = b"a long passphrase for the keys"
+    protect_keys(folder, passphrase=passphrase)
+    assert not list(folder.glob("*.next"))
+    for name in ("signing.key", "encryption.key", "log.key"):
+        assert json.loads((folder / name).read_text())["v"] == 2  # protected
+    keys = load_keys(folder, passphrase=passphrase)
+    assert keys.signing_public == keys.rotations[-1].new.signing
