@@ -119,13 +119,7 @@ def replace_peer_key(
     revoke_current_keys(session, peer, now)
     # Transfers it announced were checked under the keys now revoked, and their parts need
     # no signature: dropped (what they received is then cleaned up). The peer sends again.
-    dropped = len(
-        session.scalars(
-            delete(InboundTransfer)
-            .where(InboundTransfer.sender_authority == peer.authority_id)
-            .returning(InboundTransfer.id)
-        ).all()
-    )
+    dropped = _drop_transfers(session, peer.authority_id)
     _take_identity(session, peer, identity, base_url, now)
     record(
         session,
@@ -191,13 +185,7 @@ def suspend_peer(session: Session, *, authority_id: str, reason: str, actor: str
             .returning(OutboxItem.id)
         ).all()
     )
-    dropped = len(
-        session.scalars(
-            delete(InboundTransfer)
-            .where(InboundTransfer.sender_authority == peer.authority_id)
-            .returning(InboundTransfer.id)
-        ).all()
-    )
+    dropped = _drop_transfers(session, peer.authority_id)
     record(
         session,
         actor=actor,
@@ -231,6 +219,17 @@ def resume_peer(session: Session, *, authority_id: str, actor: str) -> Peer:
         details={"suspended_at": suspended_at.isoformat()},
     )
     return peer
+
+
+def _drop_transfers(session: Session, authority_id: str) -> int:
+    """The inbound transfers a peer announced (what they received is then cleaned up)."""
+    return len(
+        session.scalars(
+            delete(InboundTransfer)
+            .where(InboundTransfer.sender_authority == authority_id)
+            .returning(InboundTransfer.id)
+        ).all()
+    )
 
 
 def _locked_peer(session: Session, authority_id: str) -> Peer:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from app.localnodes import LocalNode
-from tests.conftest import BACKENDS, make_databases
+from tests.conftest import BACKENDS
 from tests.e2e.conftest import (
     EXAMPLE,
     audit_details,
@@ -20,29 +20,15 @@ from tests.e2e.conftest import (
     wait_delivered,
     wait_for,
 )
+from tests.ops.nodes import pinned_pair
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def pair(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[LocalNode, LocalNode]]:
-    databases = make_databases(request.param, tmp_path_factory.mktemp("db"))
-    base = tmp_path_factory.mktemp("suspension-nodes")
-    es = LocalNode("ES/MJ", "Ministerio", base / "es", databases.new("es"))
-    ar = LocalNode("AR/MPF", "Fiscal", base / "ar", databases.new("ar"))
-    try:
-        for node in (es, ar):
-            node.init()
-            for role in ("admin", "officer", "auditor"):
-                node.create_client(role, role)
-            node.start()
-        es.pin(ar)
-        ar.pin(es)
-        yield es, ar
-    finally:
-        es.stop()
-        ar.stop()
-        databases.drop_all()
+    with pinned_pair(request.param, tmp_path_factory.mktemp("suspension")) as nodes:
+        yield nodes.es, nodes.ar
 
 
 def _delivery(node: LocalNode, request_id: str) -> dict[str, Any]:
