@@ -599,7 +599,9 @@ def read_request(
         action="request.read",
         request_id=case.id,
         peer=case.peer_authority,
-        details={"messages": len(views)},
+        # The newest message shown, beside how many: which messages this read decrypted, for
+        # a court asking whether an officer had read a reply (from an auditor's review).
+        details={"messages": len(views), "last_msg_id": views[-1].msg_id if views else None},
     )
     state = lifecycle.parse_state(case.status)
     return schemas.RequestDetail(
