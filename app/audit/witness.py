@@ -21,13 +21,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import partial
 
 import httpx
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -177,6 +177,7 @@ def observe(
     own_authority: str,
     log_key: SigningKey,
     reference: WitnessedCheckpoint | None = None,
+    anchor: WitnessedCheckpoint | None = None,
 ) -> WitnessedCheckpoint | WitnessAlarm:
     """Store the outcome of `check_consistency` against `checked_against`: an alarm, or a
     cosigned checkpoint.
@@ -188,16 +189,24 @@ def observe(
     """
     session.scalar(select(Peer.id).where(Peer.id == peer.id).with_for_update())
     known = largest_known(session, peer.authority_id)
-    if checked_against is not None and checked_against.id != (known.id if known else None):
-        # Set aside meanwhile (a restore accepted) or overtaken: check again, rather than
-        # raise an alarm about a history the operator has just accepted (from review).
+    if checked_against is not None and _set_aside_since(session, checked_against):
+        # An operator accepted a restore of the peer's log meanwhile: the history checked
+        # against is no longer the one to hold the peer to. Check again.
         raise KnownMoved
     reference = reference or checked_against
-    if reason is not None:  # about the note it was checked against
+    if reason is not None:  # about the note it was checked against, whatever moved since
         against = reference.note if reference else ""
         return _alarm(session, peer, reason, against, observed.note)
     if (known.id if known else None) != (checked_against.id if checked_against else None):
         raise KnownMoved
+    if anchor is not None:
+        # The restored log proven to extend this checkpoint of before: taken up again, it
+        # marks the peer's witnessing as anchored to what was witnessed before its restore.
+        session.execute(
+            update(WitnessedCheckpoint)
+            .where(WitnessedCheckpoint.id == anchor.id)
+            .values(set_aside_at=None)
+        )
     checkpoint = observed.checkpoint
     same_size = session.scalar(
         select(WitnessedCheckpoint).where(
@@ -291,7 +300,7 @@ def witness_receipt_checkpoint(
             if peer is None:
                 return False
             known = largest_known(session, authority)
-            set_aside = [] if known is not None else _set_aside(session, authority)
+            unanchored = _unanchored(session, authority)
         if known is not None and known.note == note:
             # The very note we checked and cosigned already (receipts repeat the receiver's
             # latest checkpoint until it signs a new one): checking again would change nothing.
@@ -302,12 +311,13 @@ def witness_receipt_checkpoint(
             log.warning("could not witness %s's checkpoint: %s", authority, exc)
             return False
         fetch = partial(fetch_consistency_proof, http, peer.public_url)
-        reference = known
+        reference, anchor = known, None
         try:
-            if known is None and set_aside:
-                reference, reason = _after_restore(set_aside, observed, fetch)
-            else:
-                reason = check_consistency(known, observed, fetch)
+            reason = check_consistency(known, observed, fetch)
+            if reason is None and unanchored is not None:
+                anchor, reason = _after_restore(sessions, authority, unanchored, observed, fetch)
+                if reason is not None:
+                    reference = anchor
         except WitnessError as exc:
             log.warning("could not witness %s's checkpoint: %s", authority, exc)
             _proof_refused(sessions, peer, known, observed)
@@ -323,6 +333,7 @@ def witness_receipt_checkpoint(
                     own_authority=own_authority,
                     log_key=log_key,
                     reference=reference,
+                    anchor=anchor if reason is None else None,
                 )
         except KnownMoved:
             continue
@@ -397,44 +408,75 @@ def accept_restored_log(session: Session, *, authority: str, reason: str, actor:
     return rebased
 
 
-# After a restore was accepted, the set-aside checkpoints a new one is checked against (the
-# largest first, each a proof to fetch): one of them must be a past of the restored log.
-ANCHOR_TRIES = 5
+def _set_aside_since(session: Session, checked_against: WitnessedCheckpoint) -> bool:
+    now = session.scalar(
+        select(WitnessedCheckpoint.set_aside_at).where(WitnessedCheckpoint.id == checked_against.id)
+    )
+    return now is not None and checked_against.set_aside_at is None
 
 
-def _set_aside(session: Session, authority: str) -> list[WitnessedCheckpoint]:
-    return list(
-        session.scalars(
-            select(WitnessedCheckpoint)
-            .where(
-                WitnessedCheckpoint.peer_authority == authority,
-                WitnessedCheckpoint.set_aside_at.is_not(None),
-            )
-            .order_by(WitnessedCheckpoint.size.desc(), WitnessedCheckpoint.id.desc())
-            .limit(200)
+def _unanchored(session: Session, authority: str) -> datetime | None:
+    """When an operator last accepted a restore of the peer's log, if no checkpoint of
+    before it has been proven a past of the restored log since (None: nothing to prove)."""
+    rebased = session.scalar(
+        select(func.max(WitnessedCheckpoint.set_aside_at)).where(
+            WitnessedCheckpoint.peer_authority == authority
         )
     )
+    if rebased is None:
+        return None
+    anchored = session.scalar(
+        select(WitnessedCheckpoint.id)
+        .where(
+            WitnessedCheckpoint.peer_authority == authority,
+            WitnessedCheckpoint.set_aside_at.is_(None),
+            WitnessedCheckpoint.received_at <= rebased,
+        )
+        .limit(1)
+    )
+    return None if anchored is not None else rebased
 
 
 def _after_restore(
-    set_aside: list[WitnessedCheckpoint], observed: Observed, fetch: ProofFetcher
+    sessions: sessionmaker[Session],
+    authority: str,
+    rebased: datetime,
+    observed: Observed,
+    fetch: ProofFetcher,
 ) -> tuple[WitnessedCheckpoint | None, str | None]:
-    """The first checkpoint after an accepted restore: the restored log is the backup's
-    and grew from there, so it extends some checkpoint witnessed before (one no larger than
-    its backup). Checked against the largest ones it could extend; none proven: an alarm.
-    A log smaller than all of them is taken as a new start (nothing here can be a past of
-    it yet)."""
+    """A checkpoint of a log whose restore an operator accepted, not yet anchored: the
+    restored log is its backup's and grew from there, so it must extend a checkpoint
+    witnessed before (one no larger than the backup), and extends none above the backup.
+    The largest it extends is found by bisection (a proof per step); none: an alarm. A log
+    still smaller than every one of them is witnessed, and checked again as it grows, until
+    one is proven its past (from review: taken as a new start, it let a rewritten log in)."""
     size = observed.checkpoint.size
-    candidates = [item for item in set_aside if item.size <= size][:ANCHOR_TRIES]
-    for candidate in candidates:
-        if check_consistency(candidate, observed, fetch) is None:
-            return candidate, None
+    with unit_of_work(sessions) as session:
+        candidates = list(
+            session.scalars(
+                select(WitnessedCheckpoint)
+                .where(
+                    WitnessedCheckpoint.peer_authority == authority,
+                    WitnessedCheckpoint.set_aside_at == rebased,
+                    WitnessedCheckpoint.size <= size,
+                )
+                .order_by(WitnessedCheckpoint.size, WitnessedCheckpoint.id)
+            )
+        )
     if not candidates:
         return None, None
-    tried = ", ".join(str(item.size) for item in candidates)
+    low, high, found = 0, len(candidates) - 1, None
+    while low <= high:
+        middle = (low + high) // 2
+        if check_consistency(candidates[middle], observed, fetch) is None:
+            found, low = candidates[middle], middle + 1
+        else:
+            high = middle - 1
+    if found is not None:
+        return found, None
     return candidates[0], (
         f"after its restore was accepted, its log extends none of the checkpoints witnessed "
-        f"before (sizes {tried})"
+        f"before (the smallest of size {candidates[0].size})"
     )
 
 

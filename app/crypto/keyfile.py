@@ -58,12 +58,18 @@ def write_private(path: Path, content: bytes, *, replace: bool = False) -> None:
     if replace and target.exists():
         target.unlink()
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(content)
-        handle.flush()
-        os.fsync(handle.fileno())
-    if replace:
-        os.replace(target, path)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(content)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if replace:
+            os.replace(target, path)
+    except BaseException:
+        # Never a partial or temporary key file left behind (a full disk): it may hold a
+        # private key that no later command knows to protect or remove (from review).
+        target.unlink(missing_ok=True)
+        raise
 
 
 def _box_key(passphrase: bytes, salt: bytes, opslimit: int, memlimit: int) -> bytes:

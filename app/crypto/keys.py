@@ -8,9 +8,14 @@ purpose from touching the others.
 
 from __future__ import annotations
 
+import fcntl
 import hmac
 import json
 import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -220,9 +225,38 @@ def _load_retired(keys_dir: Path, passphrase: bytes | None) -> tuple[RetiredKey,
 
 
 def load_keys(keys_dir: Path, *, passphrase: bytes | None = None) -> NodeKeys:
+    # A rotation in another process can put its keys in place between our reads of the
+    # key files and of the chain: a mismatch is read again before it is an error.
+    for _ in range(LOAD_ATTEMPTS - 1):
+        keys = _load(keys_dir, passphrase)
+        if _named_by_chain(keys):
+            return keys
+        time.sleep(0.2)
+    keys = _load(keys_dir, passphrase)
+    if not _named_by_chain(keys):
+        raise KeyFileError(
+            f"the keys in {keys_dir} are not the ones its last rotation introduced, read "
+            f"{LOAD_ATTEMPTS} times: a rotation under way would have ended by now; if this "
+            "persists, the folder was changed by hand or partly restored: restore the whole "
+            "keys folder from its latest backup"
+        )
+    return keys
+
+
+LOAD_ATTEMPTS = 3
+
+
+def _named_by_chain(keys: NodeKeys) -> bool:
+    if not keys.rotations:
+        return True
+    last = keys.rotations[-1].new
+    return last.signing == keys.signing_public and last.encryption == keys.encryption_public
+
+
+def _load(keys_dir: Path, passphrase: bytes | None) -> NodeKeys:
     if any(_staged(keys_dir).values()):
         finish_interrupted_rotation(keys_dir, passphrase)
-    keys = NodeKeys(
+    return NodeKeys(
         signing=SigningKey(_read_secret(keys_dir / KEY_FILES["signing"], "signing", passphrase)),
         encryption=PrivateKey(
             _read_secret(keys_dir / KEY_FILES["encryption"], "encryption", passphrase)
@@ -231,14 +265,6 @@ def load_keys(keys_dir: Path, *, passphrase: bytes | None = None) -> NodeKeys:
         retired=_load_retired(keys_dir, passphrase),
         rotations=_load_rotations(keys_dir),
     )
-    if keys.rotations:
-        last = keys.rotations[-1].new
-        if last.signing != keys.signing_public or last.encryption != keys.encryption_public:
-            raise KeyFileError(
-                f"the keys in {keys_dir} are not the ones its last rotation introduced: "
-                "a rotation was interrupted; restore the keys directory from its backup"
-            )
-    return keys
 
 
 def rotate_keys(
@@ -255,6 +281,13 @@ def rotate_keys(
     either way, the node never runs with keys its chain does not name. The log key is not
     rotated: peers witness checkpoints with it.
     """
+    with keys_folder_lock(keys_dir):
+        return _rotate(keys_dir, authority_id=authority_id, passphrase=passphrase, overlap=overlap)
+
+
+def _rotate(
+    keys_dir: Path, *, authority_id: str, passphrase: bytes | None, overlap: timedelta
+) -> tuple[NodeKeys, NodeKeys]:
     old = load_keys(keys_dir, passphrase=passphrase)
     now = utc_now()
     new_signing, new_encryption = SigningKey.generate(), PrivateKey.generate()
@@ -294,7 +327,38 @@ def rotate_keys(
     return old, load_keys(keys_dir, passphrase=passphrase)
 
 
+_held = threading.local()  # keys folders this thread holds the lock of (it is re-entered)
+
+
+@contextmanager
+def keys_folder_lock(keys_dir: Path) -> Iterator[None]:
+    """The commands that change key files (`keys rotate`, `keys protect`, finishing a
+    rotation) one at a time: a rotation's staged keys are not yet named by its chain, and
+    another command must not take them for a leftover (from review). Advisory (flock) on a
+    lock file in the folder; a folder that takes no new file (read-only) takes no change
+    either, so nothing to lock."""
+    held: set[str] = getattr(_held, "folders", set())
+    _held.folders = held
+    name = str(keys_dir.resolve())
+    if name in held:
+        yield
+        return
+    try:
+        descriptor = os.open(keys_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        held.add(name)
+        yield
+    finally:
+        held.discard(name)
+        os.close(descriptor)
+
+
 STAGED_SUFFIX = ".next"  # a rotation's new key, written before the chain names it
+LOCK_FILE = ".lock"  # keys_folder_lock
 
 
 def _staged_paths(keys_dir: Path) -> dict[str, Path]:
@@ -334,6 +398,11 @@ def finish_interrupted_rotation(
     keys deleting would leave its chain naming keys that exist nowhere (from review).
     `drop_unnamed` (`protect_keys`, run by an operator, never beside a rotation) removes
     them: unprotected private keys nothing will use."""
+    with keys_folder_lock(keys_dir):
+        _finish(keys_dir, passphrase, drop_unnamed=drop_unnamed)
+
+
+def _finish(keys_dir: Path, passphrase: bytes | None, *, drop_unnamed: bool) -> None:
     rotations = _load_rotations(keys_dir)
     named = rotations[-1].new if rotations else None
     staged = _staged_paths(keys_dir)
@@ -370,9 +439,17 @@ def finish_interrupted_rotation(
 def protect_keys(keys_dir: Path, *, passphrase: bytes, current: bytes | None = None) -> int:
     """Rewrite every private key file under `passphrase` (from plain, or from `current`)."""
     _chosen(passphrase)
+    with keys_folder_lock(keys_dir):
+        return _protect(keys_dir, passphrase=passphrase, current=current)
+
+
+def _protect(keys_dir: Path, *, passphrase: bytes, current: bytes | None) -> int:
     # A rotation stopped half way first: its keys in place (then protected), or, never named
-    # by its chain, removed (else they would stay on disk unprotected).
+    # by its chain, removed (else they would stay on disk unprotected); and the temporary
+    # file of a write that failed, which may hold a private key in clear.
     finish_interrupted_rotation(keys_dir, current, drop_unnamed=True)
+    for leftover in (*keys_dir.glob("*.new"), *(keys_dir / RETIRED_DIR).glob("*.new")):
+        leftover.unlink(missing_ok=True)
     paths = [(keys_dir / name, kind) for kind, name in KEY_FILES.items()]
     paths += [(path, "encryption") for path in sorted((keys_dir / RETIRED_DIR).glob("*.key"))]
     for path, kind in paths:

@@ -212,16 +212,44 @@ def test_after_an_accepted_restore_a_log_that_extends_nothing_witnessed_is_an_al
     witnessing: Witnessing,
 ) -> None:
     """From review: once a restore was accepted, the next checkpoint was taken as a new start
-    whatever it held, a log rewritten from its first entry too. The restored log is its
-    backup's and grew from there: it must extend a checkpoint witnessed before."""
+    whatever it held; a log rewritten from its first entry too, even one shown small first
+    and grown later. The restored log must extend a checkpoint witnessed before."""
     sessions, witness = witnessing.sessions, witnessing.witness
     assert witness(_peer_answering(SHOWN_TO_A, lambda: None), COMMON)
     assert witness(_peer_answering(SHOWN_TO_A, lambda: None), SHOWN_TO_A)
     with unit_of_work(sessions) as session:
         accept_restored_log(session, authority=PEER, reason="told", actor="operator:test")
-    rewritten = [leaf_hash(f"forged {n}".encode()) for n in range(30)]
-    assert not witness(_peer_answering(rewritten, lambda: None), rewritten)
+    rewritten = [leaf_hash(f"forged {n}".encode()) for n in range(40)]
+    forger = _peer_answering(rewritten, lambda: None)
+    assert witness(forger, rewritten[:3])  # smaller than all witnessed before: not yet known
+    assert not witness(forger, rewritten)  # grown past them, it extends none: an alarm
     with unit_of_work(sessions) as session:
         (alarm,) = session.scalars(select(WitnessAlarm))
         assert alarm.resolved_at is None
         assert alarm.reason.startswith("after its restore was accepted, its log extends none")
+
+
+def test_a_restored_log_shown_past_many_lost_checkpoints_finds_its_backup_by_bisection(
+    witnessing: Witnessing,
+) -> None:
+    """From review: only the five largest earlier checkpoints were tried, all from the lost
+    history once the restored log had grown past them: alarms for ever."""
+    sessions, witness = witnessing.sessions, witnessing.witness
+    lost = SHOWN_TO_A
+    old = _peer_answering(lost, lambda: None)
+    for size in (10, 12, 14, 16, 18, 20):  # the backup was taken at 14
+        assert witness(old, lost[:size])
+    restored_log = lost[:14] + [leaf_hash(f"after {n}".encode()) for n in range(10)]
+    with unit_of_work(sessions) as session:
+        accept_restored_log(session, authority=PEER, reason="told", actor="operator:test")
+    restored = _peer_answering(restored_log, lambda: None)
+    assert witness(restored, restored_log[:22])
+    assert witness(restored, restored_log)
+    with unit_of_work(sessions) as session:
+        assert list(session.scalars(select(WitnessAlarm))) == []
+        live = session.scalars(
+            select(WitnessedCheckpoint.size)
+            .where(WitnessedCheckpoint.set_aside_at.is_(None))
+            .order_by(WitnessedCheckpoint.size)
+        )
+        assert list(live) == [14, 22, 24]  # the backup's checkpoint, taken up again

@@ -6,11 +6,14 @@ left a node that would not start)."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
+from app.crypto import keyfile as keyfile_module
 from app.crypto import keys as keys_module
 from app.crypto.keys import (
     ROTATIONS_FILE,
@@ -132,3 +135,51 @@ def test_protecting_keys_finishes_or_removes_a_stopped_rotations_keys(
         assert json.loads((folder / name).read_text())["v"] == 2  # protected
     keys = load_keys(folder, passphrase=passphrase)
     assert keys.signing_public == keys.rotations[-1].new.signing
+
+
+def test_keys_protect_during_a_rotation_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From review: `keys protect` run while a rotation was under way took its staged keys
+    for leftovers and removed them; the chain then named keys that existed nowhere. The
+    commands that change key files now take the keys folder's lock in turn."""
+    folder = _node_keys(tmp_path)
+    passphrase = b"a long passphrase for the keys"
+    real_write = keys_module.write_private
+    protecting: list[threading.Thread] = []
+
+    def protect_meanwhile(path: Path, content: bytes, *, replace: bool = False) -> None:
+        if path.name == ROTATIONS_FILE and not protecting:
+            thread = threading.Thread(
+                target=protect_keys, args=(folder,), kwargs={"passphrase": passphrase}
+            )
+            protecting.append(thread)
+            thread.start()
+            time.sleep(0.3)  # it would have run by now, were it not waiting
+        real_write(path, content, replace=replace)
+
+    monkeypatch.setattr(keys_module, "write_private", protect_meanwhile)
+    _old, new = _rotate(folder)
+    monkeypatch.undo()
+    protecting[0].join(timeout=30)
+    keys = load_keys(folder, passphrase=passphrase)  # protected after the rotation
+    assert keys.signing_public == new.signing_public == keys.rotations[-1].new.signing
+
+
+def test_a_failed_write_or_its_leftover_leaves_no_key_in_clear(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = _node_keys(tmp_path)
+
+    def full_disk(_descriptor: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(keyfile_module.os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        _rotate(folder)
+    monkeypatch.undo()
+    assert not list(folder.rglob("*.new"))  # the temporary file went with the failure
+    # One left by an older version, or a kill between write and rename: protect removes it.
+    (folder / "encryption.key.new").write_bytes(b"{}")
+    protect_keys(folder, passphrase=b"a long passphrase for the keys")
+    assert not list(folder.rglob("*.new"))
