@@ -523,6 +523,13 @@ def peers_accept_restore(
     reason: Annotated[
         str, typer.Option(help="Who told you of the restore, when, and from which backup")
     ],
+    without_anchor: Annotated[
+        bool,
+        typer.Option(
+            help="Take its next checkpoint as a new start, unchecked (a backup older than all "
+            "you witnessed, or a log started again from empty): confirm this with its operator"
+        ),
+    ] = False,
 ) -> None:
     """The peer's operator told you, out of band, that its node was restored from a backup:
     close the split-view alarms its restored log raised here, and witness its log afresh
@@ -534,15 +541,23 @@ def peers_accept_restore(
     try:
         with unit_of_work(node.sessions) as session:
             rebased = accept_restored_log(
-                session, authority=authority_id, reason=reason, actor=_operator()
+                session,
+                authority=authority_id,
+                reason=reason,
+                actor=_operator(),
+                require_anchor=not without_anchor,
             )
     finally:
         node.close()
     largest = f" (up to size {rebased.largest[0]})" if rebased.largest is not None else ""
+    then = (
+        "its new checkpoints must extend one witnessed before (else an alarm again)"
+        if rebased.anchor_required
+        else "its next checkpoint is witnessed as a new start"
+    )
     typer.echo(
         f"{rebased.set_aside} checkpoints of {authority_id} witnessed before are set aside"
-        f"{largest}, {rebased.alarms_resolved} alarms closed; its next checkpoint is "
-        "witnessed as a new start"
+        f"{largest}, {rebased.alarms_resolved} alarms closed; {then}"
     )
 
 

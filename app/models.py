@@ -82,6 +82,10 @@ class Peer(Base):
     # its pin and key history stay, for what was exchanged before.
     suspended_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     suspended_reason: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    # Set when our operator accepted a restore of this peer's log (`peers accept-restore`):
+    # its new checkpoints must be proven to extend one witnessed before, a witnessed
+    # checkpoint with an id up to this one; cleared once one is (app/audit/witness.py).
+    witness_anchor_max_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class ApiClient(Base):

@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from functools import partial
 
 import httpx
@@ -61,6 +61,19 @@ class WitnessError(Exception):
 class Observed:
     checkpoint: Checkpoint
     note: str
+
+
+@dataclass(frozen=True)
+class Earlier:
+    """A checkpoint witnessed before a restore was accepted, as the anchor search reads it."""
+
+    id: int
+    size: int
+    root_hash: bytes
+    note: str
+
+
+Witnessed = WitnessedCheckpoint | Earlier
 
 
 def witness_name(authority_id: str) -> str:
@@ -143,7 +156,7 @@ def _alarm(session: Session, peer: Peer, reason: str, known: str, new: str) -> W
 
 
 def check_consistency(
-    known: WitnessedCheckpoint | None, observed: Observed, fetch: ProofFetcher
+    known: Witnessed | None, observed: Observed, fetch: ProofFetcher
 ) -> str | None:
     """None if `observed` is consistent with what we know; otherwise the reason. Pure but for
     `fetch`, which asks the peer for a consistency proof between two sizes."""
@@ -176,8 +189,8 @@ def observe(
     checked_against: WitnessedCheckpoint | None,
     own_authority: str,
     log_key: SigningKey,
-    reference: WitnessedCheckpoint | None = None,
-    anchor: WitnessedCheckpoint | None = None,
+    reference: Witnessed | None = None,
+    anchor: Witnessed | None = None,
 ) -> WitnessedCheckpoint | WitnessAlarm:
     """Store the outcome of `check_consistency` against `checked_against`: an alarm, or a
     cosigned checkpoint.
@@ -200,13 +213,14 @@ def observe(
     if (known.id if known else None) != (checked_against.id if checked_against else None):
         raise KnownMoved
     if anchor is not None:
-        # The restored log proven to extend this checkpoint of before: taken up again, it
-        # marks the peer's witnessing as anchored to what was witnessed before its restore.
+        # The restored log proven to extend this checkpoint of before: taken up again, and
+        # the peer's witnessing anchored to what was witnessed before its restore.
         session.execute(
             update(WitnessedCheckpoint)
             .where(WitnessedCheckpoint.id == anchor.id)
             .values(set_aside_at=None)
         )
+        session.execute(update(Peer).where(Peer.id == peer.id).values(witness_anchor_max_id=None))
     checkpoint = observed.checkpoint
     same_size = session.scalar(
         select(WitnessedCheckpoint).where(
@@ -300,7 +314,6 @@ def witness_receipt_checkpoint(
             if peer is None:
                 return False
             known = largest_known(session, authority)
-            unanchored = _unanchored(session, authority)
         if known is not None and known.note == note:
             # The very note we checked and cosigned already (receipts repeat the receiver's
             # latest checkpoint until it signs a new one): checking again would change nothing.
@@ -311,11 +324,14 @@ def witness_receipt_checkpoint(
             log.warning("could not witness %s's checkpoint: %s", authority, exc)
             return False
         fetch = partial(fetch_consistency_proof, http, peer.public_url)
-        reference, anchor = known, None
+        reference: Witnessed | None = known
+        anchor: Witnessed | None = None
         try:
             reason = check_consistency(known, observed, fetch)
-            if reason is None and unanchored is not None:
-                anchor, reason = _after_restore(sessions, authority, unanchored, observed, fetch)
+            if reason is None and peer.witness_anchor_max_id is not None:
+                anchor, reason = _after_restore(
+                    sessions, peer, peer.witness_anchor_max_id, observed, fetch
+                )
                 if reason is not None:
                     reference = anchor
         except WitnessError as exc:
@@ -351,15 +367,20 @@ class Rebased:
     set_aside: int  # witnessed checkpoints no longer checked against
     largest: tuple[int, str] | None  # (size, root) of the largest of them
     alarms_resolved: int
+    anchor_required: bool
 
 
-def accept_restored_log(session: Session, *, authority: str, reason: str, actor: str) -> Rebased:
+def accept_restored_log(
+    session: Session, *, authority: str, reason: str, actor: str, require_anchor: bool = True
+) -> Rebased:
     """The peer's operator told ours, out of band, that its node was restored from a backup:
     its log went back to the backup's checkpoint and grew again from there, and every
     checkpoint it signs now contradicts what we witnessed since (a split view, as a fork
-    would). What we witnessed is set aside (kept, as what the peer showed then), the alarms
-    it raised are closed with the reason, and its next checkpoint is taken as a new start.
-    An operator who accepts a fork this way has it on record (`witness.rebased`)."""
+    would). What we witnessed is set aside (kept, as what the peer showed then) and the
+    alarms it raised are closed with the reason. Its new checkpoints must then be proven to
+    extend one witnessed before (`_after_restore`); `require_anchor=False` takes the next as
+    a new start (a backup older than all we witnessed, or a log started again from empty):
+    the operator's explicit choice, on record. Either way in `witness.rebased`."""
     reason = reason.strip()
     if not reason or len(reason) > 500:
         raise BadRequest(
@@ -370,6 +391,12 @@ def accept_restored_log(session: Session, *, authority: str, reason: str, actor:
     if peer is None:
         raise NotFound(f"{authority} is not a pinned peer", code="unknown_peer")
     largest = largest_known(session, authority)
+    newest = session.scalar(
+        select(func.max(WitnessedCheckpoint.id)).where(
+            WitnessedCheckpoint.peer_authority == authority
+        )
+    )
+    peer.witness_anchor_max_id = newest if require_anchor else None
     now = utc_now()
     set_aside = session.execute(
         update(WitnessedCheckpoint)
@@ -391,6 +418,7 @@ def accept_restored_log(session: Session, *, authority: str, reason: str, actor:
         set_aside=len(set_aside),
         largest=None if largest is None else (largest.size, largest.root_hash.hex()),
         alarms_resolved=len(resolved),
+        anchor_required=peer.witness_anchor_max_id is not None,
     )
     record(
         session,
@@ -403,6 +431,7 @@ def accept_restored_log(session: Session, *, authority: str, reason: str, actor:
             "largest_size": rebased.largest[0] if rebased.largest else None,
             "largest_root": rebased.largest[1] if rebased.largest else None,
             "alarms_resolved": rebased.alarms_resolved,
+            "anchor_required": rebased.anchor_required,
         },
     )
     return rebased
@@ -415,35 +444,13 @@ def _set_aside_since(session: Session, checked_against: WitnessedCheckpoint) -> 
     return now is not None and checked_against.set_aside_at is None
 
 
-def _unanchored(session: Session, authority: str) -> datetime | None:
-    """When an operator last accepted a restore of the peer's log, if no checkpoint of
-    before it has been proven a past of the restored log since (None: nothing to prove)."""
-    rebased = session.scalar(
-        select(func.max(WitnessedCheckpoint.set_aside_at)).where(
-            WitnessedCheckpoint.peer_authority == authority
-        )
-    )
-    if rebased is None:
-        return None
-    anchored = session.scalar(
-        select(WitnessedCheckpoint.id)
-        .where(
-            WitnessedCheckpoint.peer_authority == authority,
-            WitnessedCheckpoint.set_aside_at.is_(None),
-            WitnessedCheckpoint.received_at <= rebased,
-        )
-        .limit(1)
-    )
-    return None if anchored is not None else rebased
-
-
 def _after_restore(
     sessions: sessionmaker[Session],
-    authority: str,
-    rebased: datetime,
+    peer: Peer,
+    anchor_max_id: int,
     observed: Observed,
     fetch: ProofFetcher,
-) -> tuple[WitnessedCheckpoint | None, str | None]:
+) -> tuple[Witnessed | None, str | None]:
     """A checkpoint of a log whose restore an operator accepted, not yet anchored: the
     restored log is its backup's and grew from there, so it must extend a checkpoint
     witnessed before (one no larger than the backup), and extends none above the backup.
@@ -452,17 +459,23 @@ def _after_restore(
     one is proven its past (from review: taken as a new start, it let a rewritten log in)."""
     size = observed.checkpoint.size
     with unit_of_work(sessions) as session:
-        candidates = list(
-            session.scalars(
-                select(WitnessedCheckpoint)
+        candidates = [
+            Earlier(*row)
+            for row in session.execute(
+                select(
+                    WitnessedCheckpoint.id,
+                    WitnessedCheckpoint.size,
+                    WitnessedCheckpoint.root_hash,
+                    WitnessedCheckpoint.note,
+                )
                 .where(
-                    WitnessedCheckpoint.peer_authority == authority,
-                    WitnessedCheckpoint.set_aside_at == rebased,
+                    WitnessedCheckpoint.peer_authority == peer.authority_id,
+                    WitnessedCheckpoint.id <= anchor_max_id,
                     WitnessedCheckpoint.size <= size,
                 )
                 .order_by(WitnessedCheckpoint.size, WitnessedCheckpoint.id)
             )
-        )
+        ]
     if not candidates:
         return None, None
     low, high, found = 0, len(candidates) - 1, None

@@ -47,7 +47,7 @@ from app.backup.sealed import PassphraseError, seal, unseal
 from app.config import Settings
 from app.crypto.encoding import b64d, b64e, format_time, utc_now
 from app.crypto.identity import build_identity_document
-from app.crypto.keys import IDENTITY_FILE, keys_exist
+from app.crypto.keys import IDENTITY_FILE, keys_exist, keys_folder_lock
 from app.crypto.signing import sign, verify
 from app.db import make_engine, unit_of_work
 from app.migrate import alembic_config, pending, upgrade
@@ -202,7 +202,10 @@ def create_backup(
                 private: dict[str, Any] | None = None
                 if include_private_keys:
                     assert passphrase is not None  # noqa: S101  # checked above
-                    sealed, private = seal(_private_keys_tar(settings.keys_dir), passphrase)
+                    # Not in the middle of a rotation: its chain and its keys together.
+                    with keys_folder_lock(settings.keys_dir):
+                        keys_tar = _private_keys_tar(settings.keys_dir)
+                    sealed, private = seal(keys_tar, passphrase)
                     (staging / PRIVATE_MEMBER).write_bytes(sealed)
                 members = sorted(
                     path.relative_to(staging).as_posix()

@@ -343,18 +343,31 @@ def keys_folder_lock(keys_dir: Path) -> Iterator[None]:
     if name in held:
         yield
         return
-    try:
-        descriptor = os.open(keys_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError:
+    descriptor = _locked(keys_dir / LOCK_FILE)
+    if descriptor is None:
         yield
         return
+    held.add(name)
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
-        held.add(name)
         yield
     finally:
         held.discard(name)
         os.close(descriptor)
+
+
+def _locked(path: Path) -> int | None:
+    """A descriptor holding the lock at `path`; None where none can be had (a read-only
+    folder, a file system without flock): changes then go unlocked, as before the lock."""
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+    except OSError:
+        os.close(descriptor)
+        return None
+    return descriptor
 
 
 STAGED_SUFFIX = ".next"  # a rotation's new key, written before the chain names it

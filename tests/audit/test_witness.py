@@ -253,3 +253,29 @@ def test_a_restored_log_shown_past_many_lost_checkpoints_finds_its_backup_by_bis
             .order_by(WitnessedCheckpoint.size)
         )
         assert list(live) == [14, 22, 24]  # the backup's checkpoint, taken up again
+
+
+def test_a_restore_older_than_all_witnessed_can_be_accepted_without_an_anchor(
+    witnessing: Witnessing,
+) -> None:
+    """From review: a peer restored from a backup older than every checkpoint witnessed (or
+    started again from empty) extends none of them, and accepting its restore again changed
+    nothing: alarms for ever. Its operator's word can be taken without an anchor, on record."""
+    sessions, witness = witnessing.sessions, witnessing.witness
+    assert witness(_peer_answering(SHOWN_TO_A, lambda: None), SHOWN_TO_A)
+    with unit_of_work(sessions) as session:
+        accept_restored_log(session, authority=PEER, reason="told", actor="operator:test")
+    afresh = [leaf_hash(f"started again {n}".encode()) for n in range(30)]
+    assert not witness(_peer_answering(afresh, lambda: None), afresh)  # an alarm
+    with unit_of_work(sessions) as session:
+        rebased = accept_restored_log(
+            session,
+            authority=PEER,
+            reason="its log started again from empty (phone, J. Pérez)",
+            actor="operator:test",
+            require_anchor=False,
+        )
+    assert (rebased.alarms_resolved, rebased.anchor_required) == (1, False)
+    assert witness(_peer_answering(afresh, lambda: None), afresh)
+    with unit_of_work(sessions) as session:
+        assert all(alarm.resolved_at for alarm in session.scalars(select(WitnessAlarm)))
