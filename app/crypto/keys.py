@@ -31,6 +31,7 @@ from app.crypto.keyfile import (
     write_private,
 )
 from app.crypto.rotation import Rotation, RotationError, make_rotation, parse_rotation
+from app.durable import sync_folder
 
 KEY_FILES = {"signing": "signing.key", "encryption": "encryption.key", "log": "log.key"}
 IDENTITY_FILE = "node.json"
@@ -318,7 +319,7 @@ def _rotate(
         write_private(
             staged[kind], encode_key_file(kind, secret, passphrase=passphrase), replace=True
         )
-    _sync_folder(keys_dir)  # the staged keys are on disk before any chain names them
+    sync_folder(keys_dir)  # the staged keys are on disk before any chain names them
     chain = [item.to_wire() for item in (*old.rotations, rotation)]
     write_private(
         keys_dir / ROTATIONS_FILE, json.dumps(chain, indent=1).encode() + b"\n", replace=True
@@ -390,15 +391,7 @@ def _put_in_place(keys_dir: Path, staged: dict[str, Path]) -> None:
             os.replace(path, keys_dir / KEY_FILES[kind])
         except FileNotFoundError:
             pass  # put in place already (another process loading the keys meanwhile)
-    _sync_folder(keys_dir)
-
-
-def _sync_folder(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    sync_folder(keys_dir)
 
 
 def finish_interrupted_rotation(
