@@ -20,7 +20,51 @@ from typing import Any
 import httpx
 
 
+class _PortRange:
+    """Ports handed out in turn from a fixed range, when one is set (`use_port_range`).
+
+    The kernel's choice (port 0) is random over the ephemeral range, which every outgoing
+    connection also draws from: two processes starting nodes side by side (test workers) could
+    each be given the same port between asking and binding. A range of one's own, below the
+    ephemeral range and walked in order, gives no port twice in a run."""
+
+    def __init__(self) -> None:
+        self.ports: range | None = None
+        self.next = 0
+
+    def take(self) -> int | None:
+        if self.ports is None:
+            return None
+        for _ in range(len(self.ports)):
+            port = self.ports[self.next % len(self.ports)]
+            self.next += 1
+            if _bindable(port):
+                return port
+        raise RuntimeError(f"no free port left in {self.ports.start}-{self.ports.stop - 1}")
+
+
+_RANGE = _PortRange()
+
+
+def use_port_range(low: int, high: int) -> None:
+    """Take later ports from low..high-1 (each process its own range), starting anywhere in it."""
+    _RANGE.ports = range(low, high)
+    _RANGE.next = (os.getpid() * 7919) % (high - low)
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def free_port() -> int:
+    taken = _RANGE.take()
+    if taken is not None:
+        return taken
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]

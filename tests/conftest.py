@@ -14,8 +14,15 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from app.localnodes import use_port_range
+
 PG_ADMIN = os.environ.get("ENTRAIDE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 BACKENDS = ["sqlite", "postgresql"]
+
+# Test workers (pytest-xdist, `-n`) start nodes side by side: each takes its ports from a range
+# of its own, below the kernel's ephemeral range (32768 and up), so no two get the same port.
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+use_port_range(20000 + 1500 * (_WORKER % 8), 21500 + 1500 * (_WORKER % 8))
 
 
 def _pg_available() -> bool:
