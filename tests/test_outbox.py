@@ -8,14 +8,14 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import func, insert, select, text, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import event, func, insert, select, text, update
+from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 
 from app.crypto.encoding import utc_now
 from app.crypto.receipts import Receipt as ReceiptBody
 from app.crypto.receipts import SignedReceipt
 from app.db import commit_without_waiting, make_engine, make_session_factory, unit_of_work
-from app.delivery import outbox
+from app.delivery import admin, outbox
 from app.delivery.settle import Outcome, settle, settle_batch
 from app.delivery.worker import (
     PRELOAD_BYTES,
@@ -23,9 +23,11 @@ from app.delivery.worker import (
     ROUND_PRELOAD_BYTES,
     Job,
     RoundBudget,
+    classify,
     group_jobs,
     round_preload,
 )
+from app.errors import Conflict
 from app.migrate import upgrade
 from app.models import (
     AuditEntry,
@@ -195,7 +197,7 @@ def test_a_refusal_past_the_deadline_fails_loudly(
 ) -> None:
     _, factory = sessions
     row, claim = _expired_claim(factory, timedelta(seconds=1))
-    refused = Outcome(outbox.RETRY, "HTTP 503 database_unavailable", http_status=503)
+    refused = Outcome(outbox.RETRY, "HTTP 429 too_many_requests", http_status=429)
     with unit_of_work(factory) as session:
         assert settle(session, claim, refused, worker="w")
     state, error = _state(factory, row)
@@ -275,6 +277,56 @@ def test_a_first_attempt_past_the_deadline_keeps_asking_only_if_the_peer_may_hol
     with unit_of_work(factory) as session:
         assert settle(session, claim, outcome, worker="w")
     assert _state(factory, row)[0] == state
+    with unit_of_work(factory) as session:
+        # From a review: the give-up's wording was written on the attempt, which then no
+        # longer read "could not connect", and a peer never reached was taken to hold it
+        # (the request's move was never put back).
+        assert outbox.peer_may_hold(session, row) == (state == outbox.RETRY)
+        errors = session.scalars(
+            select(DeliveryAttempt.error).where(DeliveryAttempt.outbox_id == row)
+        )
+        assert list(errors) == [outcome.error]
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "may_hold"),
+    [(503, "database_unavailable", True), (503, "storage_unavailable", False), (429, "", False)],
+)
+def test_a_peers_failing_database_may_have_committed(
+    sessions: tuple[str, sessionmaker[Session]], status: int, code: str, may_hold: bool
+) -> None:
+    """A peer answers 503 database_unavailable also when its commit went through and only the
+    sync after it failed (or PostgreSQL's connection broke at COMMIT): it may hold it."""
+    _, factory = sessions
+    with unit_of_work(factory) as session:
+        (row,) = _queue(session, 1)
+    with unit_of_work(factory) as session:
+        (claim,) = outbox.claim_due(session, now=utc_now(), lease=LEASE, limit=1, owner="w")
+    answered = classify(status, {"error": code} if code else None)
+    with unit_of_work(factory) as session:
+        assert settle(session, claim, answered, worker="w")
+    with unit_of_work(factory) as session:
+        assert outbox.peer_may_hold(session, row) is may_hold
+
+
+def test_a_stopping_worker_records_the_posts_it_could_not_settle(
+    sessions: tuple[str, sessionmaker[Session]],
+) -> None:
+    """From a review: a post whose settlement failed went back to the queue with no trace, so
+    the peer that may hold it was taken not to (a cancel then put the request's move back)."""
+    _, factory = sessions
+    with unit_of_work(factory) as session:
+        posted, unposted = _queue(session, 2)
+    with unit_of_work(factory) as session:
+        claims = outbox.claim_due(session, now=utc_now(), lease=LEASE, limit=2, owner="me")
+    assert len(claims) == 2
+    with unit_of_work(factory) as session:
+        released = outbox.release_owned(session, owner="me", now=utc_now(), unsettled={posted})
+        assert released == 2
+    with unit_of_work(factory) as session:
+        assert outbox.peer_may_hold(session, posted)
+        assert not outbox.peer_may_hold(session, unposted)
+    assert _state(factory, posted)[0] == _state(factory, unposted)[0] == outbox.RETRY
 
 
 def _receipt(received_at: datetime) -> ReceiptBody:
@@ -679,3 +731,30 @@ def test_a_running_total_another_process_inserted_first_is_added_to(
         session.execute(outbox._upsert(session, "attempts:lease_expired", 2))
     with unit_of_work(factory) as session:
         assert session.get(DeliveryCounter, "attempts:lease_expired").value == 3  # type: ignore[union-attr]
+
+
+def test_a_cancel_sees_a_claim_committed_before_its_lock(
+    sessions: tuple[str, sessionmaker[Session]],
+) -> None:
+    """From a review: cancel read the row, a worker's claim committed, and cancel's lock then
+    kept the copy read before it (the identity map): it cancelled a delivery being posted,
+    whose receipt was then thrown away and whose move was put back."""
+    backend, factory = sessions
+    if backend == "sqlite":
+        pytest.skip("SQLite runs one writer at a time: the claim cannot come in between")
+    with unit_of_work(factory) as session:
+        (row,) = _queue(session, 1)
+    claimed: list[outbox.Claim] = []
+
+    def claim_before_the_lock(state: ORMExecuteState) -> None:
+        if claimed or getattr(state.statement, "_for_update_arg", None) is None:
+            return
+        with unit_of_work(factory) as worker:
+            claimed.extend(outbox.claim_due(worker, now=utc_now(), lease=LEASE, limit=1, owner="w"))
+
+    with unit_of_work(factory) as session:
+        event.listen(session, "do_orm_execute", claim_before_the_lock)
+        with pytest.raises(Conflict, match="in_flight"):
+            admin.cancel_delivery(session, delivery_id=row, actor="operator:test")
+    assert [claim.outbox_id for claim in claimed] == [row]
+    assert _state(factory, row)[0] == outbox.IN_FLIGHT

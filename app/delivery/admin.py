@@ -63,7 +63,9 @@ def _attempts(session: Session, outbox_id: int) -> list[DeliveryAttempt]:
 
 
 def _locked(session: Session, delivery_id: int) -> tuple[OutboxItem, Message]:
-    item = session.get(OutboxItem, delivery_id, with_for_update=True)
+    # populate_existing: a copy read before the lock (cancel_delivery's) is read again, or
+    # the state checked would be the one before a worker's claim committed meanwhile.
+    item = session.get(OutboxItem, delivery_id, with_for_update=True, populate_existing=True)
     message = session.get(Message, item.message_id) if item is not None else None
     if item is None or message is None:
         raise NotFound(f"no delivery {delivery_id}", code="unknown_delivery")

@@ -206,14 +206,31 @@ def claim_due(
 
 # Answers after which the envelope may have been stored all the same: a server error (the
 # peer may have committed before failing) and a gateway's (a proxy in front of the peer gave
-# up waiting, or lost the answer). 503 and 408 say the request was not processed.
+# up waiting, or lost the answer). 503 and 408 say the request was not processed, but for
+# the database's 503 below.
 UNCERTAIN_STATUSES = (500, 502, 504)
+# A peer's 503 that its database failed may come after its COMMIT (SQLite committed and the
+# sync then failed; PostgreSQL's connection broke during the COMMIT): uncertain as a 500.
+UNCERTAIN_503 = "HTTP 503 database_unavailable"
+
+
+def answer_may_hold(status: int | None, error: str | None) -> bool:
+    """Whether one attempt's outcome leaves the peer possibly holding the envelope (the rule
+    `peer_may_hold` applies to the recorded attempts)."""
+    if status is None:
+        return not (error or "").startswith(NOT_SENT)
+    return (
+        200 <= status < 300
+        or status in UNCERTAIN_STATUSES
+        or (status == 503 and (error or "").startswith(UNCERTAIN_503))
+    )
 
 
 def peer_may_hold(session: Session, outbox_id: int) -> bool:
     """Whether an attempt so far ended without telling us the peer does not hold the
     envelope: no answer once the envelope was on its way (a transport error after the
-    connection was made), a 2xx whose receipt did not check out, a server or gateway error,
+    connection was made), a 2xx whose receipt did not check out, a server or gateway error
+    (or the peer's database failing, which may come after its commit),
     or a claim taken over when its lease ran out (its outcome unknown, `claim_due`). A
     connection that could not be made sent nothing; a peer that answered every attempt with
     a refusal holds nothing."""
@@ -226,6 +243,8 @@ def peer_may_hold(session: Session, outbox_id: int) -> bool:
                 & ~func.coalesce(DeliveryAttempt.error, "").like(f"{NOT_SENT}%"),
                 DeliveryAttempt.http_status.between(200, 299),
                 DeliveryAttempt.http_status.in_(UNCERTAIN_STATUSES),
+                (DeliveryAttempt.http_status == 503)
+                & func.coalesce(DeliveryAttempt.error, "").like(f"{UNCERTAIN_503}%"),
             ),
         )
         .limit(1)
@@ -252,8 +271,36 @@ def renew(session: Session, claim: Claim, *, now: datetime, lease: timedelta) ->
     return bool(getattr(result, "rowcount", 0))
 
 
-def release_owned(session: Session, *, owner: str, now: datetime) -> int:
-    """A stopping worker hands back the rows it claimed but did not get to: due at once."""
+def release_owned(
+    session: Session, *, owner: str, now: datetime, unsettled: Collection[int] = ()
+) -> int:
+    """A stopping worker hands back the rows it claimed: due at once. `unsettled`: rows it
+    posted whose outcome it could not record (their settlement failed); the peer may hold
+    them, so each gets an attempt of unknown outcome, as a lease taken over does."""
+    if unsettled:
+        rows = session.execute(
+            select(OutboxItem.id, OutboxItem.attempts, OutboxItem.updated_at).where(
+                OutboxItem.id.in_(list(unsettled)),
+                OutboxItem.state == IN_FLIGHT,
+                OutboxItem.lease_owner == owner,
+            )
+        ).all()
+        for row in rows:
+            session.add(
+                DeliveryAttempt(
+                    outbox_id=row.id,
+                    attempt=row.attempts,
+                    worker=owner,
+                    started_at=row.updated_at or now,
+                    finished_at=now,
+                    outcome=LEASE_EXPIRED,
+                    http_status=None,
+                    error="released unsettled: the outcome of this attempt is unknown",
+                )
+            )
+        if rows:
+            add_to_counters(session, {f"attempts:{LEASE_EXPIRED}": len(rows)})
+        session.flush()
     result = session.execute(
         update(OutboxItem)
         .where(OutboxItem.state == IN_FLIGHT, OutboxItem.lease_owner == owner)

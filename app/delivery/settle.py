@@ -162,10 +162,7 @@ def _may_hold_it(session: Session, item: OutboxItem, outcome: Outcome) -> bool:
     """Whether the peer may hold the envelope: this attempt or an earlier one ended with no
     answer (a transport error), a 2xx whose receipt did not check out, a server or gateway
     error, or was taken over unrecorded (outbox.peer_may_hold)."""
-    status = outcome.http_status
-    if status is not None and (200 <= status < 300 or status in outbox.UNCERTAIN_STATUSES):
-        return True
-    if status is None and not (outcome.error or "").startswith(outbox.NOT_SENT):
+    if outbox.answer_may_hold(outcome.http_status, outcome.error):
         return True
     return outbox.peer_may_hold(session, item.id)
 
@@ -242,7 +239,9 @@ def _apply(
             finished_at=now,
             outcome=state,
             http_status=outcome.http_status,
-            error=outbox.truncate_error(error) if error else None,
+            # What this attempt met, as it met it: `peer_may_hold` reads it (a connection never
+            # made sent nothing), so the give-up's wording stays on the row and in the log.
+            error=outbox.truncate_error(outcome.error) if outcome.error else None,
         )
     )
     events.append(

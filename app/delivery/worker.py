@@ -273,6 +273,9 @@ class Worker:
         # answers slowly) is settled by the round in which it ends, and the rounds between
         # go on claiming and posting everything else.
         self._in_flight: dict[Future[list[Outcome | None]], list[Job]] = {}
+        # Rows posted whose settlement failed: still ours until their lease runs out, and the
+        # peer may hold them (a stop records that, see release).
+        self._unsettled: set[int] = set()
 
     def run(self) -> None:
         log.info("delivery worker %s started", self.id)
@@ -310,7 +313,9 @@ class Worker:
     def release(self) -> None:
         try:
             with unit_of_work(self.node.sessions) as session:
-                released = outbox.release_owned(session, owner=self.id, now=utc_now())
+                released = outbox.release_owned(
+                    session, owner=self.id, now=utc_now(), unsettled=self._unsettled
+                )
         except Exception as exc:  # the lease will expire instead
             log.warning("could not release claimed rows (%s)", type(exc).__name__)
             return
@@ -431,7 +436,11 @@ class Worker:
             ),
             key=lambda result: result[0].outbox_id,
         )
-        settled = self._settle(results)
+        try:
+            settled = self._settle(results)
+        except Exception:
+            self._unsettled.update(claim.outbox_id for claim, _ in results)
+            raise
         # Witness each new checkpoint note the receipts carried (a repeated note is skipped).
         for (claim, outcome), ok in zip(results, settled, strict=True):
             note = outcome.receipt.checkpoint if outcome.receipt is not None else None
