@@ -17,6 +17,9 @@ Services raise these; one handler in `app.main` turns them into
 
 from __future__ import annotations
 
+# An answer to HEAD has no body: a refusal's code travels in this header instead.
+ERROR_HEADER = "entraide-error"
+
 
 class EntraideError(Exception):
     status_code: int = 500

@@ -30,7 +30,7 @@ from app.db import DurabilityLost
 from app.delivery.router import router as deliveries_router
 from app.delivery.worker import Worker
 from app.deps import DUPLICATE_KEY, P2P_UNBLOCKED, p2p_blocked_for, refuse_p2p_body
-from app.errors import EntraideError, EnvelopeRefused
+from app.errors import ERROR_HEADER, EntraideError, EnvelopeRefused
 from app.evidence.blobstore import StorageFailed
 from app.evidence.p2p_router import router as evidence_p2p_router
 from app.evidence.router import router as evidence_router
@@ -278,6 +278,8 @@ def install_error_handlers(app: FastAPI) -> None:
         response = _error(exc.status_code, exc.code, exc.detail)
         if exc.status_code == 401:
             response.headers["www-authenticate"] = 'Bearer realm="entraide"'
+        if _request.method == "HEAD":  # an answer to HEAD has no body: its code goes here
+            response.headers[ERROR_HEADER] = exc.code
         retry_after = getattr(exc, "retry_after", None)
         if isinstance(retry_after, int):  # TooManyRequests, TooManyTransfers
             response.headers["retry-after"] = str(retry_after)

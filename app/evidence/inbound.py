@@ -75,8 +75,10 @@ def _declared_parts(header: bytes) -> int:
 def _manifest(header: env.Header, manifest_part: bytes, content_key: bytes) -> env.Opened:
     """Steps 26 to 30 for part 0, and for each attachment the length its size implies."""
     info = header.parts[0]
-    if len(manifest_part) != info.length:
-        raise env.EnvelopeError("truncated_part", "part 0 is not its declared length")
+    if len(manifest_part) < info.length:  # step 26's codes, as for an inline envelope
+        raise env.EnvelopeError("truncated_part", "part 0 is shorter than its declared length")
+    if len(manifest_part) > info.length:
+        raise env.EnvelopeError("malformed_envelope", "part 0 is longer than its declared length")
     if not hmac.compare_digest(sha256_hex(manifest_part), info.sha256):
         raise env.EnvelopeError("part_hash_mismatch", "part 0 hash does not match")
     msg_id = header.msg_id_bytes

@@ -30,7 +30,7 @@ from app.evidence.stream import check_blob, decrypt_stream, read_blob
 from app.models import BlobPart, Message
 from app.node import Node
 from app.peers.keys import stored_envelope_signer
-from app.requests.store import load_envelope
+from app.requests.store import load_envelope, row_disagrees
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +82,11 @@ def open_stored_head(
                 problem = "its signature does not verify"
             else:
                 header = env.parse_header(head.header, count)
-                content_key = _content_key(node, header)
-                opened = _manifest(header, head.parts[0], content_key)
-                return header, opened, content_key
+                problem = row_disagrees(message, header)
+                if problem is None:
+                    content_key = _content_key(node, header)
+                    opened = _manifest(header, head.parts[0], content_key)
+                    return header, opened, content_key
         except env.EnvelopeError as exc:
             problem = f"it does not open ({exc.code})"
     raise StoredEvidenceCorrupt(

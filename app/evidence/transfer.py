@@ -21,7 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.crypto.encoding import b64d, load_canonical_object, utc_now
-from app.errors import PeerError
+from app.errors import ERROR_HEADER, PeerError
 from app.evidence.blobstore import BlobStore
 from app.evidence.stream import CIPHER_CHUNK
 from app.models import BlobPart, Message
@@ -132,7 +132,9 @@ def send_streamed(
         url = f"{base_url}/p2p/v1/evidence/envelopes/{msg_id}/parts/{part.index}"
         head = http.head(url, headers=headers)
         if head.status_code != 204:
-            return PeerAnswer(head.status_code, None, retry_after_of(head, utc_now()))
+            return PeerAnswer(
+                head.status_code, _head_refusal(head), retry_after_of(head, utc_now())
+            )
         offset = _offset(head)
         while offset < part.length:
             end = min(part.length, offset + sizer.next_bytes())
@@ -161,6 +163,16 @@ def send_streamed(
     # and the peer, now complete, answers with the receipt.
     with http.stream("POST", announce_url, content=content, headers=json_headers) as response:
         return _answer(response)
+
+
+def _head_refusal(head: httpx.Response) -> dict[str, str] | None:
+    """A refused HEAD's code, which has no body to carry it: in its `Entraide-Error` header,
+    or, from a peer that sends none, `unknown_transfer` for a 404 (section 8.5: announce
+    again). Without it a retryable refusal read as a final one, and failed the delivery."""
+    code = head.headers.get(ERROR_HEADER) or (
+        "unknown_transfer" if head.status_code == 404 else None
+    )
+    return {"error": code} if code else None
 
 
 def _msg_id(wire: dict[str, object]) -> str:

@@ -103,6 +103,20 @@ def revoke_current_keys(session: Session, peer: Peer, now: datetime) -> None:
     session.flush()
 
 
+def retire_dropped_encryption_key(
+    session: Session, authority: str, kid: str, now: datetime
+) -> None:
+    """A peer pinned again with a new encryption key (same signing key, no rotation): from now
+    on an envelope naming the old one as its sender's key is refused (docs/protocol.md
+    section 5.3, step 19). What was exchanged under it stays readable: the archive is opened
+    with this node's own keys, never the peer's encryption key."""
+    row = _history(session, authority, ENCRYPTION, kid)
+    if row is not None:
+        row.superseded_at = row.superseded_at or now
+        row.revoked_at = row.revoked_at or now
+        session.flush()
+
+
 def remember_current_keys(session: Session, peer: Peer, now: datetime) -> None:
     """Record a freshly pinned peer's keys in its history."""
     _remember(

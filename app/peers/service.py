@@ -16,7 +16,12 @@ from app.delivery import outbox
 from app.errors import BadRequest, Conflict, NotFound
 from app.models import InboundTransfer, OutboxItem, Peer
 from app.peers.client import check_peer_url, fetch_identity
-from app.peers.keys import apply_rotation, remember_current_keys, revoke_current_keys
+from app.peers.keys import (
+    apply_rotation,
+    remember_current_keys,
+    retire_dropped_encryption_key,
+    revoke_current_keys,
+)
 
 
 class FingerprintMismatch(BadRequest):
@@ -50,6 +55,15 @@ def pin_peer(
         raise BadRequest("a node cannot pin itself", code="self_pin")
     peer = session.scalar(select(Peer).where(Peer.authority_id == identity.authority_id))
     now = utc_now()
+    # Pinned again under the same signing key: an encryption key it no longer publishes was
+    # not rotated away (no signed statement says until when it stays valid), only dropped.
+    dropped_encryption_kid = (
+        peer.encryption_kid
+        if peer is not None
+        and peer.fingerprint == identity.fingerprint
+        and peer.encryption_kid != identity.encryption.kid
+        else None
+    )
     if peer is not None and peer.fingerprint != identity.fingerprint:
         # Re-adding a peer that rotated: accepted only along its chain from our pin.
         path = identity.rotation_path(peer.signing_key)
@@ -65,6 +79,8 @@ def pin_peer(
         peer = Peer(authority_id=identity.authority_id, added_at=now)
         session.add(peer)
     _take_identity(session, peer, identity, url, now)
+    if dropped_encryption_kid is not None:
+        retire_dropped_encryption_key(session, peer.authority_id, dropped_encryption_kid, now)
     return peer
 
 

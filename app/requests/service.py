@@ -56,7 +56,7 @@ from app.peers.keys import (
 from app.peers.service import refuse_if_suspended
 from app.requests import access, conversation, deadlines, lifecycle, moves, schemas
 from app.requests.status import QUEUED
-from app.requests.store import StoredMessage, load_envelope, store_envelope
+from app.requests.store import StoredMessage, load_envelope, row_disagrees, store_envelope
 
 OUTBOUND = "outbound"
 INBOUND = "inbound"
@@ -451,8 +451,10 @@ def _open_stored(session: Session, node: Node, message: Message) -> Opened:
         problem = "its signature does not verify"
     if problem is None:
         try:
-            _, opened = open_envelope(envelope, node.keys)
-            return opened
+            header, opened = open_envelope(envelope, node.keys)
+            problem = row_disagrees(message, header)
+            if problem is None:
+                return opened
         except EnvelopeError as exc:
             problem = f"it does not open ({exc.code})"
     raise StoredEnvelopeCorrupt(

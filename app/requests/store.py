@@ -10,6 +10,7 @@ from typing import cast
 from sqlalchemy import Table, select
 from sqlalchemy.orm import Session
 
+from app.crypto.encoding import format_time
 from app.crypto.envelope import Header, WireEnvelope
 from app.models import CaseFile, Message, Part
 
@@ -73,6 +74,24 @@ def store_envelope(
         ],
     )
     return StoredMessage(message_id, header.msg_id, size)
+
+
+def row_disagrees(message: Message, header: Header) -> str | None:
+    """What of a message's row differs from its signed header, or None. The row's routing
+    columns are copies of the header's (store_envelope): a row altered in the database (moved
+    to another conversation, backdated) must not be shown under the header's signature."""
+    copies: dict[str, tuple[object, object]] = {
+        "msg_id": (message.msg_id, header.msg_id),
+        "conversation": (message.request_id, header.conversation_id),
+        "sender": (message.sender_authority, header.from_authority),
+        "recipient": (message.recipient_authority, header.to_authority),
+        "in_reply_to": (message.in_reply_to, header.in_reply_to),
+        # To the second, as signed: an envelope sealed here keeps its row's finer time.
+        "created_at": (format_time(message.created_at), format_time(header.created_at)),
+        "expires_at": (format_time(message.expires_at), format_time(header.expires_at)),
+    }
+    differ = [name for name, (stored, signed) in copies.items() if stored != signed]
+    return f"its row's {', '.join(differ)} differ from its signed header" if differ else None
 
 
 def load_envelope(session: Session, message: Message) -> WireEnvelope:

@@ -14,6 +14,8 @@ import httpx
 import pytest
 
 from app.crypto.encoding import b64e, canonical_json
+from app.delivery import outbox
+from app.delivery.worker import classify
 from app.errors import PeerError
 from app.evidence import transfer
 from app.evidence.blobstore import DirectoryBlobStore
@@ -121,3 +123,38 @@ def test_the_segment_length_follows_the_client_timeout() -> None:
         assert transfer._segment_seconds(http) == 12.0
     with httpx.Client(timeout=httpx.Timeout(10.0, read=None)) as http:
         assert transfer._segment_seconds(http) == transfer.DEFAULT_SEGMENT_SECONDS
+
+
+class RefusingHead(Peer):
+    """Refuses HEAD as a receiver that no longer has the transfer (its operator suspended us,
+    or replaced our key, between two parts), with or without the refusal's code header."""
+
+    def __init__(self, length: int, status: int, code: str | None) -> None:
+        super().__init__(length)
+        self.status, self.code = status, code
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "HEAD":
+            headers = {"entraide-error": self.code} if self.code else {}
+            return httpx.Response(self.status, headers=headers)
+        return super().__call__(request)
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "state"),
+    [
+        (404, "unknown_transfer", outbox.RETRY),
+        (404, None, outbox.RETRY),  # section 8.5: HEAD's 404 is unknown_transfer
+        (409, "part_out_of_order", outbox.RETRY),
+        (400, "expired", outbox.FAILED),
+    ],
+)
+def test_a_refused_head_is_read_by_its_code(
+    tmp_path: Path, status: int, code: str | None, state: str
+) -> None:
+    """From a review: a refused HEAD was read without its code (it has no body), so a
+    retryable refusal failed the delivery for good, as a final one."""
+    store, part, _ = _blob(tmp_path, CIPHER_CHUNK)
+    answer = _send(RefusingHead(part.length, status, code), store, part)
+    outcome = classify(answer.status, answer.body, answer.retry_after)
+    assert (outcome.state, outcome.error) == (state, f"HTTP {status} {code or 'unknown_transfer'}")

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 
 import httpx
 
-from app.crypto.encoding import b64d, parse_time, utc_now
+from app.crypto.encoding import b64d, b64e, parse_time, utc_now
 from app.crypto.envelope import Attachment, Recipient, WireEnvelope, seal
 from app.crypto.randomness import SystemRandomness
 from app.evidence.stream import CIPHER_CHUNK
@@ -169,4 +169,21 @@ def test_asking_for_the_offset_of_no_transfer_is_refused_and_audited(fresh_ar: H
     before = len(ar.audit("envelope.refused"))
     asked = ar.http.head(f"/p2p/v1/evidence/envelopes/{'ab' * 16}/parts/1")
     assert asked.status_code == 404
+    assert asked.headers["entraide-error"] == "unknown_transfer"  # HEAD has no body for it
     assert ar.audit("envelope.refused")[before:] == [("peer:unknown", "unknown_transfer", None)]
+
+
+def test_an_announced_manifest_part_is_held_to_step_26s_codes(ar: Harness) -> None:
+    """Part 0 of an announcement, too short or too long: `truncated_part` or
+    `malformed_envelope`, as the same part in an inline envelope (a too long one was
+    refused as truncated)."""
+    wire = ar._seal({"kind": "request", "document": example_document()}, None, None).to_wire()
+    parts = wire["parts"]
+    assert isinstance(parts, list)
+    manifest = b64d(parts[0])
+    for changed, code in (
+        (manifest[:-1], "truncated_part"),
+        (manifest + b"\0", "malformed_envelope"),
+    ):
+        refused = _announce(ar, {**wire, "parts": [b64e(changed), *parts[1:]]})
+        assert (refused.status_code, refused.json()["error"]) == (400, code), refused.text

@@ -114,3 +114,47 @@ def test_a_stored_receipt_is_checked_again_before_it_is_shown(ar: Harness) -> No
     with unit_of_work(ar.node.sessions) as session:
         session.execute(update(Receipt).where(Receipt.id == receipt_id).values(signature=original))
     assert ar.http.get(url, headers=ar.as_("officer")).status_code == 200
+
+
+@pytest.mark.parametrize("column", ["conversation", "created_at", "in_reply_to"])
+def test_a_row_moved_or_backdated_is_not_shown_under_its_signature(
+    ar: Harness, column: str
+) -> None:
+    """From a protocol review: the row's routing columns were shown as they stood, after only
+    the header was checked. A message moved to another conversation, backdated or re-linked
+    in the database read as verified there. Refused now, and nothing is changed by it."""
+    first, moved = ar.receive_request(), ar.receive_request()
+    changes: dict[str, object] = {
+        "conversation": {"request_id": first},
+        "created_at": {"created_at": datetime(2024, 1, 1, tzinfo=UTC)},
+        "in_reply_to": {"in_reply_to": first},
+    }[column]
+    with unit_of_work(ar.node.sessions) as session:
+        original = session.execute(
+            select(Message.request_id, Message.created_at, Message.in_reply_to).where(
+                Message.msg_id == moved
+            )
+        ).one()
+        session.execute(update(Message).where(Message.msg_id == moved).values(**changes))
+    shown_under = first if column == "conversation" else moved
+    reads = len(ar.audit("request.read"))
+    response = ar.http.get(f"/api/v1/requests/{shown_under}", headers=ar.as_("officer"))
+    assert response.status_code == 500, response.text
+    assert response.json()["error"] == "stored_envelope_corrupt"
+    assert "differ from its signed header" in response.json()["detail"]
+    assert ar.audit("request.read")[reads:] == [
+        ("client:officer", "stored_envelope_corrupt", shown_under)
+    ]
+    with unit_of_work(ar.node.sessions) as session:
+        session.execute(
+            update(Message)
+            .where(Message.msg_id == moved)
+            .values(
+                request_id=original.request_id,
+                created_at=original.created_at,
+                in_reply_to=original.in_reply_to,
+            )
+        )
+    for request_id in (first, moved):
+        again = ar.http.get(f"/api/v1/requests/{request_id}", headers=ar.as_("officer"))
+        assert again.status_code == 200, again.text
