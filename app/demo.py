@@ -286,9 +286,7 @@ def run_demo(workdir: Path | None = None) -> int:
     )
     try:
         for node in (spain, argentina):
-            node.init()
-            node.create_client("admin", "admin")
-            node.create_client("officer", "officer")
+            node.init(clients={"admin": ("admin",), "officer": ("officer",)})
             node.start()
             _say("node up", f"{node.authority_id} at {node.url}, fingerprint {node.fingerprint}")
         spain.pin(argentina)

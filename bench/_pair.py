@@ -93,9 +93,7 @@ def make_pair(workdir: Path, es_url: str, ar_url: str) -> Pair:
     ar = LocalNode(*RECEIVER, workdir / "ar", ar_url, extra_env=env)
     pair = Pair(es, ar)
     for node in pair.nodes:
-        node.init()
-        node.create_client("admin", "admin")
-        node.create_client("officer", "officer")
+        node.init(clients={"admin": ("admin",), "officer": ("officer",)})
     pair.start()
     es.pin(ar)
     ar.pin(es)

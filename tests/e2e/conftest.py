@@ -39,10 +39,7 @@ class Network:
 
 
 def _prepare(node: LocalNode) -> None:
-    node.init()
-    node.create_client("admin", "admin")
-    node.create_client("officer", "officer")
-    node.create_client("auditor", "auditor")
+    node.init(clients={role: (role,) for role in ("admin", "officer", "auditor")})
     node.start()
 
 

@@ -24,9 +24,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalNode, 
     ar = LocalNode("AR/MPF", "Fiscal", base / "ar", f"sqlite:///{base}/ar.db", extra_env=fast)
     try:
         for node in (es, ar):
-            node.init()
-            for role in ("admin", "officer", "auditor"):
-                node.create_client(role, role)
+            node.init(clients={role: (role,) for role in ("admin", "officer", "auditor")})
             node.start()
         es.pin(ar)
         ar.pin(es)

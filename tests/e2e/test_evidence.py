@@ -16,17 +16,18 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from app.crypto.envelope import CHUNK_BYTES
 from app.db import make_engine
 from app.localnodes import LocalNode
-from app.models import DeliveryAttempt, EvidenceUpload
+from app.models import DeliveryAttempt, EvidenceUpload, Message
 from tests.conftest import BACKENDS, Databases, make_databases
 from tests.e2e.conftest import EXAMPLE, audit_details, wait_for
 
@@ -40,9 +41,7 @@ class Pair:
 
 
 def _prepare(node: LocalNode) -> None:
-    node.init()
-    node.create_client("admin", "admin")
-    node.create_client("officer", "officer")
+    node.init(clients={"admin": ("admin",), "officer": ("officer",)})
     node.start()
 
 
@@ -476,6 +475,30 @@ def test_a_damaged_blob_is_refused_at_download_on_both_sides(pair: Pair, damage:
         assert refused[-1]["outcome"] == "stored_envelope_corrupt"
         target.write_bytes(original)
         assert download(node, href)[0] == data
+        if damage == "altered":
+            _backdated_row_is_refused(node, draft["id"], href)
+
+
+def _backdated_row_is_refused(node: LocalNode, msg_id: str, href: str) -> None:
+    """The message row's copies of its signed header are checked too (a protocol review: a
+    row backdated in the database read as verified); nothing is changed by the refusal."""
+    engine = make_engine(node.database_url)
+    try:
+        with engine.begin() as connection:
+            where = Message.msg_id == msg_id
+            created = connection.scalar(select(Message.created_at).where(where))
+            connection.execute(
+                update(Message).where(where).values(created_at=datetime(2024, 1, 1, tzinfo=UTC))
+            )
+        with node.client("officer") as http:
+            response = http.get(href)
+        assert response.status_code == 500
+        assert "differ from its signed header" in response.json()["detail"]
+        with engine.begin() as connection:
+            connection.execute(update(Message).where(where).values(created_at=created))
+        assert download(node, href)[1] is not None
+    finally:
+        engine.dispose()
 
 
 def test_a_download_checks_its_blob_with_no_transaction_open(pair: Pair) -> None:

@@ -32,9 +32,7 @@ def test_the_sender_waits_as_long_as_the_peer_asked(tmp_path: Path) -> None:
     )
     try:
         for node in (es, ar):
-            node.init()
-            node.create_client("admin", "admin")
-            node.create_client("officer", "officer")
+            node.init(clients={"admin": ("admin",), "officer": ("officer",)})
             node.start()
         es.pin(ar)
         ar.pin(es)

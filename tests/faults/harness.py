@@ -185,8 +185,7 @@ class Pair:
 
 
 def _prepare(node: LocalNode) -> None:
-    node.init()
-    node.create_client(ADMIN, "admin", "officer")
+    node.init(clients={ADMIN: ("admin", "officer")})
     node.start()
 
 

@@ -20,9 +20,7 @@ class Pair:
 
 
 def prepare(node: LocalNode, *, start: bool = True) -> None:
-    node.init()
-    node.create_client("admin", "admin")
-    node.create_client("officer", "officer")
+    node.init(clients={"admin": ("admin",), "officer": ("officer",)})
     if start:
         node.start()
 

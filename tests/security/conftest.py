@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from app.localnodes import LocalNode
+from app.localnodes import LocalNode, client_command
 
 CREDENTIALS = ("none", "expired", "revoked", "officer", "auditor", "admin", "officer+auditor")
 ALL_ROLES = ("officer", "auditor", "admin")
@@ -26,9 +26,7 @@ def prepare(nodes: Sequence[LocalNode], clients: Sequence[str] = ("admin", "offi
     """`entraide init`, one client per role named after it, `entraide serve`: in parallel."""
 
     def one(node: LocalNode) -> None:
-        node.init()
-        for name in clients:
-            node.create_client(name, name)
+        node.init(clients={name: (name,) for name in clients})
         node.start()
 
     with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
@@ -37,15 +35,17 @@ def prepare(nodes: Sequence[LocalNode], clients: Sequence[str] = ("admin", "offi
 
 def with_credentials(node: LocalNode) -> LocalNode:
     """Clients for every credential of the matrix, made with the operator's commands."""
-    node.create_client("revoked", *ALL_ROLES)
-    node.cli("clients", "revoke", "revoked")
-    args = ["clients", "create", "short-lived", "--expires-in", "1s"]
-    for role in ALL_ROLES:
-        args += ["--role", role]
-    node.tokens["expired"] = node.cli(*args).stdout.strip().splitlines()[-1]
-    for role in ALL_ROLES:
-        node.create_client(role, role)
-    node.create_client("officer+auditor", "officer", "auditor")
+    clients = {role: (role,) for role in ALL_ROLES} | {"officer+auditor": ("officer", "auditor")}
+    outputs = node.cli_in_turn(  # one process for them all
+        client_command("revoked", ALL_ROLES),
+        ["clients", "revoke", "revoked"],
+        [*client_command("short-lived", ALL_ROLES), "--expires-in", "1s"],
+        *(client_command(name, roles) for name, roles in clients.items()),
+    )
+    node.tokens["revoked"] = outputs[0].strip().splitlines()[-1]
+    node.tokens["expired"] = outputs[2].strip().splitlines()[-1]
+    for name, output in zip(clients, outputs[3:], strict=True):
+        node.tokens[name] = output.strip().splitlines()[-1]
     time.sleep(1.1)  # the short-lived token is now expired
     return node
 

@@ -30,9 +30,7 @@ def node(
         "ES/MJ", "Ministerio de Justicia", tmp_path_factory.mktemp("es"), databases.new("es")
     )
     try:
-        local.init()
-        for role in ("admin", "officer", "auditor"):
-            local.create_client(role, role)
+        local.init(clients={role: (role,) for role in ("admin", "officer", "auditor")})
         local.start()
         yield local
     finally:

@@ -59,10 +59,7 @@ def throttle_row(node: LocalNode, key: str) -> AuthThrottle | None:
 def two_processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalNode, ...]]:
     first = new_node(tmp_path_factory.mktemp("throttle"), **LIMITS)
     # The LocalNode defaults lift the limits for other suites; these tests want them low.
-    first.init()
-    first.create_client("officer", "officer")
-    first.create_client("gone", "officer")
-    first.create_client("auditor", "auditor")
+    first.init(clients={"officer": ("officer",), "gone": ("officer",), "auditor": ("auditor",)})
     first.cli("clients", "revoke", "gone")
     second = replace(first, port=free_port(), process=None)
     try:
