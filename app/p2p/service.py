@@ -281,8 +281,12 @@ def admit_opened(
     """Steps 31 on of section 9 for an envelope whose parts all checked out: content, the
     conversation's lifecycle, storage (`store`: the parts in rows, or in the blob store for
     streamed parts; returns the message's id), audit entries and the signed receipt."""
-    # Locked: two messages of one conversation arriving together must not lose a status.
-    case = session.get(CaseFile, header.conversation_id, with_for_update=True)
+    # Locked: two messages of one conversation arriving together must not lose a status. Read
+    # again under the lock (populate_existing): a copy an earlier envelope of the same batch
+    # loaded may predate a change another transaction committed since.
+    case = session.get(
+        CaseFile, header.conversation_id, with_for_update=True, populate_existing=True
+    )
     if case is not None and case.peer_authority != header.from_authority:
         raise _refuse("unknown_conversation", "no such conversation with this sender", 409)
     if case is not None:
