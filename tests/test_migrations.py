@@ -17,6 +17,7 @@ from app.audit.merkle import EMPTY_ROOT, CompactRange
 from app.audit.service import prove_consistency
 from app.crypto.encoding import utc_now
 from app.db import make_engine, make_session_factory, unit_of_work
+from app.delivery import outbox
 from app.migrate import ROOT, alembic_config, pending, upgrade
 from app.models import (
     AuditEntry,
@@ -148,5 +149,53 @@ def test_delivery_counters_start_from_the_stored_history(databases: Databases) -
             assert kept == {"attempts:delivered": 1, "attempts:retry": 2, "delivered": 1}
         command.downgrade(alembic_config(url), BEFORE_DELIVERY_COUNTERS)
         assert not inspect(engine).has_table("delivery_counters")
+    finally:
+        engine.dispose()
+
+
+def test_attempts_given_up_before_b5d2e8f17a40_keep_the_error_they_met(
+    databases: Databases,
+) -> None:
+    """A delivery given up at its deadline before the fix wrote the give-up's wording on its
+    last attempt: a peer never reached read as one that may hold the message."""
+    url = databases.new("attempt-errors")
+    upgrade(url, "c7e3b5a90f12")
+    engine = make_engine(url)
+    sessions = make_session_factory(engine)
+    met = {
+        "never reached": "gave up at the routine deadline; last error: transport: ConnectError",
+        "no answer": "gave up at the urgent deadline; last error: transport: ReadTimeout",
+        "plain": "transport: ConnectError",
+    }
+    try:
+        with unit_of_work(sessions) as session:
+            rows = dict(zip(met, _queue(session, 3), strict=True))
+            now = utc_now()
+            for name, row in rows.items():
+                session.add(
+                    DeliveryAttempt(
+                        outbox_id=row,
+                        attempt=1,
+                        worker="w",
+                        started_at=now,
+                        finished_at=now,
+                        outcome="failed",
+                        error=met[name],
+                    )
+                )
+        with unit_of_work(sessions) as session:
+            assert outbox.peer_may_hold(session, rows["never reached"])  # the defect
+        upgrade(url)
+        with unit_of_work(sessions) as session:
+            errors = dict(
+                session.execute(select(DeliveryAttempt.outbox_id, DeliveryAttempt.error)).all()
+            )
+            assert errors == {
+                rows["never reached"]: "transport: ConnectError",
+                rows["no answer"]: "transport: ReadTimeout",
+                rows["plain"]: "transport: ConnectError",
+            }
+            assert not outbox.peer_may_hold(session, rows["never reached"])
+            assert outbox.peer_may_hold(session, rows["no answer"])
     finally:
         engine.dispose()

@@ -279,11 +279,14 @@ def release_owned(
     them, so each gets an attempt of unknown outcome, as a lease taken over does."""
     if unsettled:
         rows = session.execute(
-            select(OutboxItem.id, OutboxItem.attempts, OutboxItem.updated_at).where(
+            select(OutboxItem.id, OutboxItem.attempts, OutboxItem.updated_at)
+            .where(
                 OutboxItem.id.in_(list(unsettled)),
                 OutboxItem.state == IN_FLIGHT,
                 OutboxItem.lease_owner == owner,
             )
+            # Locked: another worker taking the row over meanwhile records the attempt itself.
+            .with_for_update(skip_locked=True)
         ).all()
         for row in rows:
             session.add(

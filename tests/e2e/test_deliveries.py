@@ -74,7 +74,9 @@ def test_operator_cancels_one_waiting_delivery_and_retries_another(
     assert "document" not in waiting[0]
 
     with es.client("admin") as http:
-        cancelled = http.post(f"/api/v1/admin/deliveries/{by_request[drop]['id']}/cancel")
+        url = f"/api/v1/admin/deliveries/{by_request[drop]['id']}/cancel"
+        # Refused (409) while an attempt is under way: the worker keeps retrying meanwhile.
+        cancelled = wait_for("a cancel between two attempts", lambda: _unless_in_flight(http, url))
         assert cancelled.json() == {"id": by_request[drop]["id"], "state": "cancelled"}
         again = http.post(f"/api/v1/admin/deliveries/{by_request[drop]['id']}/cancel")
         assert again.status_code == 409
@@ -134,3 +136,9 @@ def test_stopping_the_node_leaves_no_delivery_in_flight(pair: tuple[LocalNode, L
         lambda: not _deliveries(es, state="retry") and not _deliveries(es, state="queued"),
         timeout=60,
     )
+
+
+def _unless_in_flight(http: httpx.Client, url: str) -> httpx.Response | None:
+    answer = http.post(url)
+    in_flight = answer.status_code == 409 and "in_flight" in answer.json()["detail"]
+    return None if in_flight else answer

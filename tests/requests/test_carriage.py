@@ -81,7 +81,7 @@ def test_a_bad_chunk_from_anyone_keeps_the_chunks_stored_before_it(fresh_ar: Har
 def test_parts_of_an_expired_transfer_are_refused(fresh_ar: Harness) -> None:
     ar = fresh_ar
     envelope = _request_from_es(
-        ar, [Attachment("letter.txt", "text/plain", b"letter of request")], ttl=timedelta(seconds=2)
+        ar, [Attachment("letter.txt", "text/plain", b"letter of request")], ttl=timedelta(seconds=5)
     )
     wire = envelope.to_wire()
     msg_id = json.loads(envelope.header)["msg_id"]

@@ -84,9 +84,9 @@ def test_a_lapsed_transfer_counts_until_the_sweep_may_remove_what_it_staged(
     that lapsed while the node was down must not keep new ones out for days)."""
     ar = fresh_ar
     ar.node.settings = replace_settings(ar, max_inbound_bytes_per_peer=3000)
-    lapsing = _announcement(ar, 2000, ttl=timedelta(seconds=2))  # times are to the second
+    lapsing = _announcement(ar, 2000, ttl=timedelta(seconds=5))  # times are to the second
     assert ar.http.post(ANNOUNCE, json=lapsing).status_code == 202
-    time.sleep(2.5)  # it has expired: no part can arrive for it any more
+    time.sleep(5.5)  # it has expired: no part can arrive for it any more
     refused = ar.http.post(ANNOUNCE, json=_announcement(ar, 2000))
     assert (refused.status_code, refused.json()["error"]) == (429, "too_many_transfers")
     assert "1 lapsed ones await removal" in refused.json()["detail"]

@@ -55,7 +55,7 @@ def test_a_string_left_open_is_scanned_once(raw: bytes) -> None:
     this runs on (the bound is a guard against the quadratic scan, not a speed target)."""
     started = time.perf_counter()
     json_values_exceed(raw)
-    assert time.perf_counter() - started < 1.0
+    assert time.perf_counter() - started < 5.0
 
 
 def test_the_largest_documents_are_far_below_the_limit() -> None:
