@@ -16,22 +16,11 @@ from app.delivery import outbox
 from app.delivery import worker as worker_module
 from app.delivery.settle import Outcome, settle_batch
 from app.delivery.worker import Worker
-from app.models import Message, OutboxItem
+from app.models import OutboxItem
 from tests.requests.conftest import Harness
+from tests.requests.test_lost_moves import ACK, _delivery_id
 
-ACK = {"type": "acknowledgement", "text": "Registered."}
 LEASE = timedelta(seconds=300)
-
-
-def _outbox_id(ar: Harness, msg_id: str) -> int:
-    with unit_of_work(ar.node.sessions) as session:
-        found = session.scalar(
-            select(OutboxItem.id)
-            .join(Message, Message.id == OutboxItem.message_id)
-            .where(Message.msg_id == msg_id)
-        )
-    assert found is not None
-    return int(found)
 
 
 def test_only_the_posts_whose_settlement_failed_are_recorded_at_a_stop(
@@ -43,7 +32,7 @@ def test_only_the_posts_whose_settlement_failed_are_recorded_at_a_stop(
         request_id = ar.receive_request()
         sent = ar.reply(request_id, ACK)
         assert sent.status_code == 201, sent.text
-        rows.append(_outbox_id(ar, sent.json()["msg_id"]))
+        rows.append(_delivery_id(ar, sent.json()["msg_id"]))
     settled_row, failing_row = rows
     worker = Worker(ar.node)
     try:
