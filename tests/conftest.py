@@ -25,6 +25,20 @@ _WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or
 use_port_range(20000 + 1500 * (_WORKER % 8), 21500 + 1500 * (_WORKER % 8))
 
 
+# The slowest files first. Each file runs whole in one test process (`--dist loadfile`), handed
+# out in collection order: a long file handed out last kept one process busy for minutes
+# after the others had finished. No file depends on another's having run.
+SLOW_FIRST = ("tests/faults/", "tests/e2e/", "tests/ops/", "tests/security/test_schemathesis.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        found = (index for index, prefix in enumerate(SLOW_FIRST) if item.nodeid.startswith(prefix))
+        return next(found, len(SLOW_FIRST))
+
+    items.sort(key=rank)  # stable: a file's tests keep their order
+
+
 def _pg_available() -> bool:
     try:
         with psycopg.connect(PG_ADMIN, connect_timeout=3):
