@@ -21,6 +21,8 @@ from typing import Any
 
 import httpx
 
+from app.forkserver import ForkedProcess, ForkServer
+
 
 class _PortRange:
     """Ports handed out in turn from a fixed range, when one is set (`use_port_range`).
@@ -63,6 +65,17 @@ def _bindable(port: int) -> bool:
         return True
 
 
+_FORKS: list[ForkServer] = []
+
+
+def use_fork_server() -> None:
+    """Start later `entraide` processes of this process's nodes by forking them from a server
+    that has imported the application once (app.forkserver), instead of a new interpreter
+    each: for test suites, which start hundreds. Benchmarks and the demo never call it."""
+    if not _FORKS:
+        _FORKS.append(ForkServer())
+
+
 def free_port() -> int:
     taken = _RANGE.take()
     if taken is not None:
@@ -102,7 +115,7 @@ class LocalNode:
     database_url: str
     port: int = field(default_factory=free_port)
     extra_env: dict[str, str] = field(default_factory=dict)
-    process: subprocess.Popen[bytes] | None = None
+    process: subprocess.Popen[bytes] | ForkedProcess | None = None
     fingerprint: str = ""
     tokens: dict[str, str] = field(default_factory=dict)
     # "https" when the node is given a certificate (ENTRAIDE_TLS_CERT in extra_env); `verify`
@@ -140,7 +153,17 @@ class LocalNode:
         return env
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
+        result = self._run(args)
+        if check and result.returncode != 0:
+            raise RuntimeError(
+                f"entraide {' '.join(args)} failed ({result.returncode}): {result.stderr[-2000:]}"
+            )
+        return result
+
+    def _run(self, args: Sequence[str]) -> subprocess.CompletedProcess[str]:
+        if _FORKS:
+            return _FORKS[0].run(args, self.env(), timeout=120)
+        return subprocess.run(
             [sys.executable, "-m", "app", *args],
             env=self.env(),
             capture_output=True,
@@ -148,17 +171,17 @@ class LocalNode:
             timeout=120,
             check=False,
         )
-        if check and result.returncode != 0:
-            raise RuntimeError(
-                f"entraide {' '.join(args)} failed ({result.returncode}): {result.stderr[-2000:]}"
-            )
-        return result
 
     def cli_in_turn(self, *commands: Sequence[str]) -> list[str]:
         """Several commands run in turn by one process, as `entraide` runs each alone (the
         same entry point, the same environment), stopping at the first that fails; returns
         each one's output. One interpreter start instead of one each (about a second of CPU
         each, mostly imports), for setting nodes up."""
+        if _FORKS:  # each fork costs little: run them one by one
+            outputs = []
+            for args in commands:
+                outputs.append(self.cli(*args).stdout)
+            return outputs
         result = subprocess.run(
             [sys.executable, "-c", _IN_TURN, json.dumps([list(args) for args in commands])],
             env=self.env(),
@@ -194,14 +217,17 @@ class LocalNode:
         return token
 
     def start(self, timeout: float = 30.0) -> None:
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
-            env=self.env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
+        serve = ["serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        with self.log_path.open("ab") as log:
+            if _FORKS:
+                self.process = _FORKS[0].spawn(serve, self.env(), log.fileno(), log.fileno())
+            else:
+                self.process = subprocess.Popen(
+                    [sys.executable, "-m", "app", *serve],
+                    env=self.env(),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from app.localnodes import use_port_range
+from app.localnodes import use_fork_server, use_port_range
 
 PG_ADMIN = os.environ.get("ENTRAIDE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 BACKENDS = ["sqlite", "postgresql"]
@@ -23,6 +23,10 @@ BACKENDS = ["sqlite", "postgresql"]
 # of its own, below the kernel's ephemeral range (32768 and up), so no two get the same port.
 _WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
 use_port_range(20000 + 1500 * (_WORKER % 8), 21500 + 1500 * (_WORKER % 8))
+# Nodes and commands are forked from an interpreter that has imported the application once
+# (app/forkserver.py): a new interpreter costs about a second of CPU in imports, and the suite
+# starts several hundred. The footprint tests and the benchmarks start theirs with exec.
+use_fork_server()
 
 
 # The slowest files first. Each file runs whole in one test process (`--dist loadfile`), handed
