@@ -4,8 +4,10 @@ An `entraide` process spends about a second of CPU importing FastAPI, SQLAlchemy
 alembic and the application before it does anything; a test suite that starts a few hundred
 nodes and commands on two cores spends minutes on that alone. A fork server imports them
 once. Each command is then a fork of it that runs `app.cli.main` as the console script does,
-with the arguments, environment, working directory and standard streams it is given: a real
-process, with its own pid, signals and exit status, running the code as shipped.
+with the arguments, environment, working directory and standard streams it is given, and ends
+as the interpreter ends (its threads joined, exit handlers run, exceptions reported by the
+interpreter): a real process, with its own pid, signals and exit status, running the code as
+shipped.
 
 For test suites only (tests/conftest.py turns it on, `app.localnodes.use_fork_server`): the
 processes share the server's hash seed, /proc/PID/environ shows the server's environment (the
@@ -13,15 +15,18 @@ process's own is set after the fork), and they skip the start-up an operator's n
 through, which the benchmarks and the footprint tests measure (they start nodes with exec).
 
 The protocol runs over a Unix SOCK_SEQPACKET pair (a message is one packet, and descriptors
-ride with it): {"run": argv, "env": ..., "cwd": ...} with the child's stdin, stdout and stderr
-as descriptors, answered by {"pid": pid} with a pidfd of the child (a handle on that process,
-never on a later one given the same pid); {"status": pid}, once the pidfd says the child has
-ended, answered by {"status": returncode} as subprocess gives it (-N for signal N).
+ride with it); every request carries an id its answer repeats, so an answer left unread by an
+interrupted caller is recognised and dropped. {"run": argv, "env": ..., "cwd": ...} with the
+child's stdin, stdout and stderr as descriptors is answered by {"pid": pid} with a pidfd of
+the child (a handle on that process, never on a later one given the same pid); {"status":
+pid}, once the pidfd says the child has ended, by {"status": returncode} as subprocess gives
+it (-N for signal N).
 """
 
 from __future__ import annotations
 
 import atexit
+import itertools
 import json
 import os
 import select
@@ -31,7 +36,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -43,11 +47,19 @@ _PRELOAD = ("app.cli", "app.main", "app.node", "app.tls", "app.delivery.worker",
 _SERVER = "import sys; from app.forkserver import serve; serve(int(sys.argv[1]))"
 
 
+class ForkServerError(RuntimeError):
+    pass
+
+
 class ForkedProcess:
     """A command forked by the server, with what tests use of subprocess.Popen."""
 
-    def __init__(self, server: ForkServer, args: list[str], pid: int, pidfd: int) -> None:
+    def __init__(
+        self, server: ForkServer, generation: int, args: list[str], pid: int, pidfd: int
+    ) -> None:
         self._server = server
+        self._generation = generation
+        self._lock = threading.Lock()  # one collection, as Popen's wait lock
         self.args = args
         self.pid = pid
         self._pidfd: int | None = pidfd
@@ -66,11 +78,12 @@ class ForkedProcess:
         return self._collect()
 
     def send_signal(self, sig: int) -> None:
-        if self.returncode is None and self._pidfd is not None:
-            try:
-                signal.pidfd_send_signal(self._pidfd, sig)
-            except ProcessLookupError:  # ended (not yet collected): as Popen, nothing to do
-                pass
+        with self._lock:
+            if self.returncode is None and self._pidfd is not None:
+                try:
+                    signal.pidfd_send_signal(self._pidfd, sig)
+                except ProcessLookupError:  # ended (not yet collected): as Popen, nothing
+                    pass
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
@@ -79,21 +92,27 @@ class ForkedProcess:
         self.send_signal(signal.SIGKILL)
 
     def _ended(self, timeout: float | None) -> bool:
-        if self._pidfd is None:
+        pidfd = self._pidfd
+        if pidfd is None:
             return True
-        readable, _, _ = select.select([self._pidfd], [], [], timeout)
-        return bool(readable)
+        poller = select.poll()  # not select(): descriptors past 1023 are valid here
+        poller.register(pidfd, select.POLLIN)
+        return bool(poller.poll(None if timeout is None else timeout * 1000))
 
     def _collect(self) -> int:
-        self.returncode = returncode = self._server.status(self.pid)
+        with self._lock:
+            if self.returncode is None:
+                self.returncode = self._server.status(self.pid, self._generation)
+                self._close()
+            return self.returncode
+
+    def _close(self) -> None:
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
-        return returncode
 
     def __del__(self) -> None:
-        if self._pidfd is not None:
-            os.close(self._pidfd)
+        self._close()  # the server reaps the process on its own (see serve)
 
 
 class ForkServer:
@@ -103,6 +122,9 @@ class ForkServer:
         self._lock = threading.Lock()
         self._socket: socket.socket | None = None
         self._process: subprocess.Popen[bytes] | None = None
+        self._ids = itertools.count()
+        self.generation = 0  # a new server after one died: its processes' statuses are lost
+        self.log_path = ""
 
     def spawn(
         self,
@@ -115,15 +137,11 @@ class ForkServer:
         """`entraide *args` with this environment, its output on these descriptors."""
         request = {"run": list(args), "env": dict(env), "cwd": cwd or os.getcwd()}
         with open(os.devnull, "rb") as stdin, self._lock:
-            connection = self._connected()
-            socket.send_fds(
-                connection, [json.dumps(request).encode()], [stdin.fileno(), stdout, stderr]
-            )
-            data, fds, _, _ = socket.recv_fds(connection, _MAX_MESSAGE, 1)
-        answer = json.loads(data)
-        if "error" in answer or not fds:
-            raise RuntimeError(f"fork server could not start entraide: {answer.get('error')}")
-        return ForkedProcess(self, ["entraide", *args], answer["pid"], fds[0])
+            answer, fds = self._ask(request, [stdin.fileno(), stdout, stderr])
+            generation = self.generation
+        if "pid" not in answer or not fds:
+            raise ForkServerError(f"could not start entraide: {answer.get('error')}")
+        return ForkedProcess(self, generation, ["entraide", *args], answer["pid"], fds[0])
 
     def run(
         self, args: Sequence[str], env: Mapping[str, str], timeout: float
@@ -133,7 +151,7 @@ class ForkServer:
             process = self.spawn(args, env, out.fileno(), err.fileno())
             try:
                 returncode = process.wait(timeout)
-            except subprocess.TimeoutExpired:
+            except BaseException:  # a timeout, an interrupt: as subprocess.run, no leftover
                 process.kill()
                 process.wait()
                 raise
@@ -142,41 +160,93 @@ class ForkServer:
             stdout, stderr = out.read().decode(), err.read().decode()
         return subprocess.CompletedProcess(process.args, returncode, stdout, stderr)
 
-    def status(self, pid: int) -> int:
+    def status(self, pid: int, generation: int) -> int:
         with self._lock:
-            connection = self._connected()
-            connection.send(json.dumps({"status": pid}).encode())
-            returncode: int = json.loads(connection.recv(_MAX_MESSAGE))["status"]
+            if generation != self.generation:
+                raise ForkServerError(f"the fork server died: the exit status of {pid} is lost")
+            answer, _ = self._ask({"status": pid}, [])
+        if "status" not in answer:
+            raise ForkServerError(f"no exit status for {pid}: {answer.get('error')}")
+        returncode: int = answer["status"]
         return returncode
 
     def close(self) -> None:
         with self._lock:
-            if self._socket is not None:
-                self._socket.close()  # the server reads the end of its socket and exits
-                self._socket = None
-            if self._process is not None:
-                self._process.wait(timeout=10)
-                self._process = None
+            self._stop()
+
+    def _ask(self, request: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+        """One request and its answer (the lock held). A caller interrupted between the two
+        leaves its answer queued: the next one skips it by its id."""
+        connection = self._connected()
+        request["id"] = ident = next(self._ids)
+        try:
+            socket.send_fds(connection, [json.dumps(request).encode()], fds)
+            while True:
+                data, received, _, _ = socket.recv_fds(connection, _MAX_MESSAGE, 1)
+                if not data:
+                    raise ForkServerError(f"the fork server ended; see {self.log_path}")
+                for fd in received:
+                    os.set_inheritable(fd, False)
+                answer: dict[str, Any] = json.loads(data)
+                if answer.get("id") == ident:
+                    return answer, received
+                _drop_stale(received)
+        except OSError as exc:
+            raise ForkServerError(f"the fork server is gone ({exc}); see {self.log_path}") from exc
 
     def _connected(self) -> socket.socket:
+        if self._process is not None and self._process.poll() is not None:
+            self._stop()  # died: the next server starts afresh
+            self.generation += 1
         if self._socket is None:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            self._process = subprocess.Popen(
-                [sys.executable, "-c", _SERVER, str(theirs.fileno())],
-                pass_fds=[theirs.fileno()],
-                stdin=subprocess.DEVNULL,
+            log = tempfile.NamedTemporaryFile(  # handed to the server, closed below
+                prefix="entraide-forkserver-", suffix=".log", delete=False
             )
+            self.log_path = log.name
+            with log:
+                self._process = subprocess.Popen(
+                    [sys.executable, "-c", _SERVER, str(theirs.fileno())],
+                    pass_fds=[theirs.fileno()],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                )
             theirs.close()
             self._socket = ours
             atexit.register(self.close)
         return self._socket
+
+    def _stop(self) -> None:
+        if self._socket is not None:
+            self._socket.close()  # the server reads the end of its socket and exits
+            self._socket = None
+        if self._process is not None:
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+            self._process = None
+
+
+def _drop_stale(fds: list[int]) -> None:
+    """The answer of an interrupted spawn: nobody will ever wait for that process."""
+    for fd in fds:
+        try:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.close(fd)
 
 
 # The server's end.
 
 
 def serve(fd: int) -> None:
-    """Import the application, then fork a command for each request until the socket ends."""
+    """Import the application, then fork a command for each request until the socket ends.
+    In a child, returns only by raising what `entraide` ended with (SystemExit at the least),
+    for the interpreter to end the process as it ends `python -m app`."""
     connection = socket.socket(fileno=fd)
     from app.cli import _skip_unused_imports
 
@@ -185,67 +255,69 @@ def serve(fd: int) -> None:
         __import__(module)
     if threading.active_count() != 1:  # forking a threaded process copies held locks
         raise RuntimeError("an import started a thread; the fork server cannot fork safely")
+    ended: dict[int, int] = {}  # reaped children's statuses, until asked for
     while True:
         data, fds, _, _ = socket.recv_fds(connection, _MAX_MESSAGE, 3)
         if not data:
             return
+        for descriptor in fds:
+            os.set_inheritable(descriptor, False)
         request: dict[str, Any] = json.loads(data)
+        _reap(ended)
         if "status" in request:
-            _, status = os.waitpid(request["status"], 0)
-            connection.send(json.dumps({"status": os.waitstatus_to_exitcode(status)}).encode())
+            answer = _status(ended, request["status"])
+            connection.send(json.dumps({**answer, "id": request["id"]}).encode())
             continue
         try:
             pid = os.fork()
         except OSError as exc:
             for descriptor in fds:
                 os.close(descriptor)
-            connection.send(json.dumps({"error": str(exc)}).encode())
+            connection.send(json.dumps({"error": str(exc), "id": request["id"]}).encode())
             continue
         if pid == 0:
             connection.close()
-            _child(request, fds)  # never returns
+            _child(request, fds)
+            raise SystemExit(0)  # main() returned: a command that ended well
         for descriptor in fds:
             os.close(descriptor)
         pidfd = os.pidfd_open(pid)
-        socket.send_fds(connection, [json.dumps({"pid": pid}).encode()], [pidfd])
+        answer = {"pid": pid, "id": request["id"]}
+        socket.send_fds(connection, [json.dumps(answer).encode()], [pidfd])
         os.close(pidfd)
 
 
+def _reap(ended: dict[int, int]) -> None:
+    """Collect every child that has ended (a caller may never ask for one)."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        ended[pid] = os.waitstatus_to_exitcode(status)
+
+
+def _status(ended: dict[int, int], pid: int) -> dict[str, Any]:
+    if pid not in ended:
+        try:
+            _, status = os.waitpid(pid, 0)  # asked once its pidfd said it has ended
+        except ChildProcessError:
+            return {"error": f"{pid} is not a child of the fork server, or was collected"}
+        ended[pid] = os.waitstatus_to_exitcode(status)
+    return {"status": ended.pop(pid)}
+
+
 def _child(request: dict[str, Any], fds: list[int]) -> None:
-    """Become `entraide *args`, then end as an interpreter ends: the threads it started
-    joined, its exit handlers run, its streams flushed."""
-    code = 1
-    try:
-        for target, descriptor in enumerate(fds):
-            os.dup2(descriptor, target)
-            os.close(descriptor)
-        os.environ.clear()
-        os.environ.update(request["env"])
-        os.chdir(request["cwd"])
-        sys.argv = ["entraide", *request["run"]]
-        from app.cli import main
+    """Become `entraide *args`; what it raises goes to the interpreter, as it would."""
+    for target, descriptor in enumerate(fds):
+        os.dup2(descriptor, target)
+        os.close(descriptor)
+    os.environ.clear()
+    os.environ.update(request["env"])
+    os.chdir(request["cwd"])
+    sys.argv = ["entraide", *request["run"]]
+    from app.cli import main
 
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = _exit_code(exc.code)
-    except KeyboardInterrupt:
-        code = 128 + signal.SIGINT
-    except BaseException:
-        traceback.print_exc()
-    try:
-        threading._shutdown()  # type: ignore[attr-defined]  # what Py_Finalize does first
-        atexit._run_exitfuncs()
-        sys.stdout.flush()
-        sys.stderr.flush()
-    finally:
-        os._exit(code)
-
-
-def _exit_code(code: object) -> int:
-    if code is None:
-        return 0
-    if isinstance(code, int):
-        return code & 0xFF
-    sys.stderr.write(f"{code}\n")  # as the interpreter does for sys.exit("message")
-    return 1
+    main()

@@ -68,12 +68,14 @@ def _bindable(port: int) -> bool:
 _FORKS: list[ForkServer] = []
 
 
-def use_fork_server() -> None:
+def use_fork_server(enabled: bool = True) -> None:
     """Start later `entraide` processes of this process's nodes by forking them from a server
     that has imported the application once (app.forkserver), instead of a new interpreter
     each: for test suites, which start hundreds. Benchmarks and the demo never call it."""
-    if not _FORKS:
+    if enabled and not _FORKS:
         _FORKS.append(ForkServer())
+    elif not enabled and _FORKS:
+        _FORKS.pop().close()
 
 
 def free_port() -> int:

@@ -25,8 +25,9 @@ _WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or
 use_port_range(20000 + 1500 * (_WORKER % 8), 21500 + 1500 * (_WORKER % 8))
 # Nodes and commands are forked from an interpreter that has imported the application once
 # (app/forkserver.py): a new interpreter costs about a second of CPU in imports, and the suite
-# starts several hundred. The footprint tests and the benchmarks start theirs with exec.
-use_fork_server()
+# starts several hundred. ENTRAIDE_TEST_FORK=0 starts each with exec, as an operator does
+# (tests/test_forkserver.py does so once; the footprint tests and the benchmarks always do).
+use_fork_server(os.environ.get("ENTRAIDE_TEST_FORK", "1") != "0")
 
 
 # The slowest files first. Each file runs whole in one test process (`--dist loadfile`), handed
