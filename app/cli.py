@@ -795,23 +795,66 @@ def deliveries_cancel(delivery_id: Annotated[int, typer.Argument()]) -> None:
 
 
 @audit_app.command("checkpoint")
-def audit_checkpoint() -> None:
+def audit_checkpoint(
+    adopt: Annotated[
+        bool,
+        typer.Option(
+            "--adopt",
+            help="With no record of what the log key signed (a node from before the record, "
+            "or the record lost): verify the log, then record and sign its head",
+        ),
+    ] = False,
+) -> None:
     """Sign a checkpoint of the audit log now and print it."""
     from app.audit.checkpoints import sign_checkpoint
     from app.db import unit_of_work
+    from app.errors import EntraideError
 
     node = _node(_settings())
     try:
         with unit_of_work(node.sessions) as session:
+            if adopt:
+                _adopt_log(session, node)
             note = sign_checkpoint(
                 session,
                 authority_id=node.authority_id,
                 log_key=node.keys.log,
                 anchor=node.log_anchor,
             ).note
+    except EntraideError as exc:
+        raise _fail(exc.detail) from exc
     finally:
         node.close()
     typer.echo(note, nl=False)
+
+
+def _adopt_log(session: Session, node: Node) -> None:
+    """Record the log's head as what the log key signed, once the log verifies, and say so
+    in the log itself (the checkpoint signed next covers the entry)."""
+    from app.audit.log import read_head, record
+    from app.audit.service import verify_database
+
+    if node.log_anchor.read() is not None:
+        raise _fail(
+            f"{node.log_anchor.path} exists: nothing to adopt (a log that does not extend it "
+            "is restored from a backup, docs/operations.md §8)"
+        )
+    report = verify_database(
+        session, authority_id=node.authority_id, log_public=node.keys.log_public
+    )
+    if report.first is not None:
+        raise _fail(
+            f"the audit log does not verify, so it is not adopted: entry {report.first.idx}: "
+            f"{report.first.message}"
+        )
+    head = read_head(session)
+    node.log_anchor.reset(head.size, head.root_hash)
+    record(
+        session,
+        actor=_operator(),
+        action="audit.log_adopted",
+        details={"size": head.size, "root": head.root_hash.hex()},
+    )
 
 
 @audit_app.command("export")

@@ -7,7 +7,6 @@ changes the node; peers are only asked for their public identity document.
 
 from __future__ import annotations
 
-import os
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,16 +20,16 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from app.audit.anchor import LogRolledBack, Signed, SignedLogAnchor
-from app.audit.checkpoints import read_progress
+from app.audit.checkpoints import log_verifier, read_progress
 from app.audit.log import read_head
 from app.config import LEASE_MARGIN_SECONDS, Settings, longest_exchange_seconds
 from app.crypto.encoding import utc_now
 from app.crypto.identity import IdentityError, parse_identity_document
-from app.crypto.keys import IDENTITY_FILE, KEY_FILES, load_identity
+from app.crypto.keys import IDENTITY_FILE, KEY_FILES, load_identity, load_keys
 from app.db import make_engine, make_session_factory, read_snapshot
 from app.errors import PeerError
-from app.models import AuditCheckpoint, OutboxItem, Peer, WitnessAlarm
-from app.node import load_node
+from app.models import OutboxItem, Peer, WitnessAlarm
+from app.node import key_passphrase, load_node
 from app.obs.health import current_heads, expected_heads, unknown_revisions
 from app.obs.metrics import key_dates
 from app.peers.client import IDENTITY_PATH, make_http_client, read_json_bounded
@@ -427,11 +426,7 @@ def check_signed_log(settings: Settings, engine: Engine) -> Iterator[Finding]:
     except LogRolledBack as exc:
         yield Finding(FAIL, "audit", exc.detail)
         return
-    folder = anchor.path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent  # the node creates the missing folders
-    # The record is replaced by a rename: the folder must take new files.
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+    if not anchor.writable():
         yield Finding(
             WARN,
             "audit",
@@ -441,7 +436,7 @@ def check_signed_log(settings: Settings, engine: Engine) -> Iterator[Finding]:
         )
         return
     try:
-        problem, checkpoints = _log_against_record(anchor, signed, engine)
+        problem = _log_against_record(anchor, signed, engine)
     except Exception as exc:  # the check itself failed: never an OK beside it
         yield Finding(
             FAIL,
@@ -450,21 +445,11 @@ def check_signed_log(settings: Settings, engine: Engine) -> Iterator[Finding]:
         )
         return
     if problem is not None:
+        what = problem if signed is None else f"audit log rolled back or rewritten: {problem}"
         yield Finding(
             FAIL,
             "audit",
-            f"audit log rolled back or rewritten: {problem}; the node signs no checkpoint "
-            "until it is resolved (docs/operations.md §8)",
-        )
-        return
-    if signed is None and checkpoints:
-        yield Finding(
-            WARN,
-            "audit",
-            f"no record at {anchor.path} of what the log key signed, though it signed "
-            f"{checkpoints} checkpoint(s): a node from before this record, or the record was "
-            "moved or lost (copy log-signed.json there if you have it); "
-            "`entraide audit checkpoint` writes it",
+            f"{what}; the node signs no checkpoint until it is resolved (docs/operations.md §8)",
         )
         return
     held = "nothing signed yet" if signed is None else f"checkpoint of {signed.size} entries"
@@ -474,9 +459,14 @@ def check_signed_log(settings: Settings, engine: Engine) -> Iterator[Finding]:
 def check_checkpoints(settings: Settings, engine: Engine) -> Iterator[Finding]:
     """Entries left unsigned long after checkpoints were due: until signed, whoever can write
     to the database can rewrite them without a trace (docs/audit.md §4)."""
+    try:  # the log key's public half checks the latest checkpoint's note
+        identity = load_identity(settings.keys_dir)
+        keys = load_keys(settings.keys_dir, passphrase=key_passphrase(settings))
+    except Exception:  # check_keys says why
+        return
     try:
         with read_snapshot(make_session_factory(engine)) as session:
-            progress = read_progress(session)
+            progress = read_progress(session, log_verifier(identity.authority_id, keys.log_public))
     except Exception:  # no database or no schema yet: check_database says which
         return
     if progress is None or progress.size <= progress.last_checkpoint_size:
@@ -497,24 +487,20 @@ def check_checkpoints(settings: Settings, engine: Engine) -> Iterator[Finding]:
 
 def _log_against_record(
     anchor: SignedLogAnchor, signed: Signed | None, engine: Engine
-) -> tuple[str | None, int | None]:
-    """(why the log does not extend the record, how many checkpoints it holds); both None
-    when there is no database or no schema yet (check_database says which)."""
+) -> str | None:
+    """Why the log does not extend the record (or there is none though checkpoints were
+    signed); None too when there is no database or no schema yet (check_database says which)."""
     try:
         with read_snapshot(make_session_factory(engine)) as session:
             try:
                 head = read_head(session)
-                checkpoints = session.scalar(select(func.count()).select_from(AuditCheckpoint))
             except Exception:  # no schema yet
-                return None, None
-            if signed is None:
-                return None, int(checkpoints or 0)
+                return None
             # Against the record read before the log: one read now could be of a checkpoint
-            # signed meanwhile, newer than this snapshot.
-            found = anchor.problem(session, head.size, head.root_hash, signed=signed)
-            return found, int(checkpoints or 0)
+            # signed meanwhile, newer than this snapshot. None: none yet, or missing.
+            return anchor.problem(session, head.size, head.root_hash, signed=signed)
     except OperationalError:  # unreachable
-        return None, None
+        return None
 
 
 def diagnose(settings: Settings) -> list[Finding]:

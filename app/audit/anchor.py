@@ -11,7 +11,10 @@ ever forward), and no checkpoint is signed, nor a live log verified, unless the 
 it: the same size and root, or a consistency proof from it that verifies.
 
 Restoring a backup moves the log back on purpose: `entraide restore` records the restored
-head in its place (`reset`).
+head in its place (`reset`). A missing record where the database holds checkpoints is an alarm
+too (deleting the file would otherwise switch the check off): a node from before the record,
+or one whose record was lost, adopts its log with `entraide audit checkpoint --adopt`, which
+verifies the log first and is audited.
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.audit.merkle import verify_consistency
 from app.audit.service import prove_consistency
 from app.config import Settings
 from app.errors import EntraideError
+from app.models import AuditCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +79,7 @@ class SignedLogAnchor:
             document = json.loads(path.read_text(encoding="utf-8"))
             return Signed(int(document["size"]), bytes.fromhex(document["root"]))
         except (FileNotFoundError, NotADirectoryError):
-            return None  # a node from before this record: it starts at the next checkpoint
+            return None  # nothing signed yet, or lost: `problem` tells which
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise LogRolledBack(
                 f"{path} cannot be read ({type(exc).__name__}); it records what this "
@@ -89,7 +94,7 @@ class SignedLogAnchor:
         after could be of a checkpoint newer than that log)."""
         signed = signed if signed is not None else self.read()
         if signed is None:
-            return None
+            return self._missing(session)
         if size < signed.size:
             return (
                 f"the log holds {size} entries, but this node signed a checkpoint of "
@@ -109,6 +114,28 @@ class SignedLogAnchor:
         if verify_consistency(signed.size, size, signed.root, root, proof):
             return None
         return f"the log's first {signed.size} entries are not those this node signed"
+
+    def writable(self) -> bool:
+        """Whether the record's folder (or the nearest one that exists: the node creates the
+        rest) takes new files: the record is replaced by a rename."""
+        folder = self.path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
+
+    def _missing(self, session: Session) -> str | None:
+        """No record: fine before the first checkpoint, an alarm after (deleted, lost, or a
+        node from before the record, whose operator adopts the log). Where no record can be
+        written, the node cannot tell a rolled-back log and signs on (doctor warns)."""
+        signed = session.scalar(select(func.count()).select_from(AuditCheckpoint))
+        if not signed or not self.writable():
+            return None
+        return (
+            f"there is no record at {self.path} of what this node's log key signed, though "
+            f"the database holds {signed} signed checkpoint(s): it was deleted or lost, or "
+            "this node predates it; put it back from its backup, or check the log (`entraide "
+            "audit verify --db`) and adopt it (`entraide audit checkpoint --adopt`)"
+        )
 
     def check(self, session: Session, size: int, root: bytes) -> None:
         found = self.problem(session, size, root)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Protocol
 
 from nacl.signing import SigningKey
@@ -18,7 +19,14 @@ from sqlalchemy.orm import Session
 
 from app.audit.index import INDEX_BATCH, catch_up
 from app.audit.log import HEAD_ID, lock_head, mark_checkpointed
-from app.audit.note import Checkpoint, Verifier, format_verifier_key, sign_note
+from app.audit.note import (
+    Checkpoint,
+    NoteError,
+    Verifier,
+    format_verifier_key,
+    open_note,
+    sign_note,
+)
 from app.crypto.encoding import utc_now
 from app.errors import EntraideError
 from app.models import AuditCheckpoint, AuditHead, AuditIndex
@@ -59,20 +67,15 @@ class Anchor(Protocol):
 
 def sign_checkpoint(
     session: Session, *, authority_id: str, log_key: SigningKey, anchor: Anchor | None = None
-) -> AuditCheckpoint:
-    """Sign the current head, unless a checkpoint of this size exists already. With `anchor`,
+) -> SignedCheckpoint:
+    """Sign the current head, unless the latest checkpoint covers it already. With `anchor`,
     only a head that extends what was signed before (LogRolledBack otherwise), and what is
     signed is recorded there once committed."""
     head = lock_head(session)
     if anchor is not None:
         anchor.check(session, head.size, head.root_hash)
-    existing = session.scalar(
-        select(AuditCheckpoint)
-        .where(AuditCheckpoint.size == head.size)
-        .order_by(AuditCheckpoint.id.desc())
-        .limit(1)
-    )
-    if existing is not None:
+    existing = latest_signed(session, log_verifier(authority_id, bytes(log_key.verify_key)))
+    if existing is not None and (existing.size, existing.root_hash) == (head.size, head.root_hash):
         # Recorded too (forward only: nothing if it is already): a node from before the
         # record gets one on its first checkpoint, even with nothing new to sign.
         _remember_after_commit(session, anchor, head.size, head.root_hash)
@@ -89,7 +92,52 @@ def sign_checkpoint(
     mark_checkpointed(session)
     session.flush()
     _remember_after_commit(session, anchor, head.size, head.root_hash)
-    return checkpoint
+    return SignedCheckpoint(head.size, head.root_hash, checkpoint.note, checkpoint.created_at)
+
+
+@dataclass(frozen=True)
+class SignedCheckpoint:
+    """A checkpoint as its note says, the note's signature checked with the log key: never
+    as the row's `size` and `root_hash` columns say, which anyone with SQL access can change
+    without the key (a size raised past the log's stops every checkpoint after it; a stale
+    row given the head's size is handed out as covering it)."""
+
+    size: int
+    root_hash: bytes
+    note: str
+    created_at: datetime
+
+
+# The newest rows by id, of which the largest checkpoint whose note verifies is the latest.
+# Normally the newest row; forged or reordered rows fall back to an older genuine one, or to
+# none (a new checkpoint is then due and signed; the anchor guards against a rolled-back log).
+LATEST_LOOKBACK = 16
+
+
+@lru_cache(maxsize=256)
+def opened_checkpoint(note: str, origin: str, log_public: bytes) -> Checkpoint | None:
+    """The checkpoint a note signs with this log key, or None. Cached: the worker and every
+    receipt read the same few notes, and a note that verified once always will."""
+    try:
+        text, _ = open_note(note, [Verifier(origin, log_public)])
+        checkpoint = Checkpoint.parse(text)
+    except NoteError:
+        return None
+    return checkpoint if checkpoint.origin == origin else None
+
+
+def latest_signed(session: Session, verifier: Verifier) -> SignedCheckpoint | None:
+    rows = session.execute(
+        select(AuditCheckpoint.note, AuditCheckpoint.created_at)
+        .order_by(AuditCheckpoint.id.desc())
+        .limit(LATEST_LOOKBACK)
+    ).all()
+    latest: SignedCheckpoint | None = None
+    for note, created_at in rows:
+        opened = opened_checkpoint(note, verifier.name, verifier.public_key)
+        if opened is not None and (latest is None or opened.size > latest.size):
+            latest = SignedCheckpoint(opened.size, opened.root_hash, note, created_at)
+    return latest
 
 
 def _remember_after_commit(session: Session, anchor: Anchor | None, size: int, root: bytes) -> None:
@@ -137,28 +185,30 @@ class Progress:
     indexed: int  # entries in the query index (app/audit/index.py)
 
 
-def read_progress(session: Session) -> Progress | None:
-    """What the worker's log upkeep needs, in one query.
+_LONG_AGO = datetime.fromtimestamp(0, UTC)
 
-    How far checkpoints reach is read from the checkpoints themselves, not from the head
-    row's `last_checkpoint_size`: a number anyone with SQL access could raise to stop every
-    checkpoint, leaving new entries unsigned (and rewritable) for as long as they liked. A
-    forged checkpoint row would fail `entraide audit verify` instead."""
-    latest = select(AuditCheckpoint.created_at).order_by(AuditCheckpoint.id.desc()).limit(1)
-    signed = select(func.max(AuditCheckpoint.size))
+
+def read_progress(session: Session, verifier: Verifier) -> Progress | None:
+    """What the worker's log upkeep needs.
+
+    How far checkpoints reach is read from the latest checkpoint's signed note, not from the
+    head row's `last_checkpoint_size` nor a checkpoint row's `size`: numbers anyone with SQL
+    access could raise to stop every checkpoint, leaving new entries unsigned (and
+    rewritable) for as long as they liked. Its time, which no signature covers, counts only
+    if it is not in the future (a row dated ahead would put off every checkpoint due by
+    time)."""
     indexed = select(func.max(AuditIndex.idx))
     row = session.execute(
-        select(
-            AuditHead.size,
-            func.coalesce(signed.scalar_subquery(), 0),
-            latest.scalar_subquery(),
-            indexed.scalar_subquery(),
-        ).where(AuditHead.id == HEAD_ID)
+        select(AuditHead.size, indexed.scalar_subquery()).where(AuditHead.id == HEAD_ID)
     ).one_or_none()
     if row is None:
         return None
-    size, checkpointed, latest_at, largest = row
-    return Progress(size, checkpointed, latest_at, 0 if largest is None else largest + 1)
+    size, largest = row
+    latest = latest_signed(session, verifier)
+    if latest is None:
+        return Progress(size, 0, None, 0 if largest is None else largest + 1)
+    latest_at = latest.created_at if latest.created_at <= utc_now() else _LONG_AGO
+    return Progress(size, latest.size, latest_at, 0 if largest is None else largest + 1)
 
 
 def maybe_checkpoint(
@@ -169,9 +219,9 @@ def maybe_checkpoint(
     every: int,
     seconds: float,
     anchor: Anchor | None = None,
-) -> AuditCheckpoint | None:
+) -> SignedCheckpoint | None:
     """The delivery worker's upkeep of the log: index new entries, sign a checkpoint if due."""
-    progress = read_progress(session)
+    progress = read_progress(session, log_verifier(authority_id, bytes(log_key.verify_key)))
     if progress is None:
         return None
     due = checkpoint_due(progress, progress.latest_checkpoint_at, every=every, seconds=seconds)
@@ -186,7 +236,3 @@ def maybe_checkpoint(
         # point, stopping every delivery with it is not (peers see no new checkpoint).
         log.warning("no checkpoint signed: %s", exc.code)
         return None
-
-
-def latest_checkpoint(session: Session) -> AuditCheckpoint | None:
-    return session.scalar(select(AuditCheckpoint).order_by(AuditCheckpoint.size.desc()).limit(1))

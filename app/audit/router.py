@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Query
 from sqlalchemy import select
 
 from app.audit import service
-from app.audit.checkpoints import latest_checkpoint, log_verifier_key, sign_checkpoint
+from app.audit.checkpoints import latest_signed, log_verifier, log_verifier_key, sign_checkpoint
 from app.audit.witness import cosigned_note, largest_known
 from app.clock import UtcMoment
 from app.deps import PEER_SIGNED, AuditorDep, NodeDep, SessionDep, UnitOfWorkRoute
@@ -50,7 +50,7 @@ def list_entries(
 
 @router.get("/checkpoint")
 def get_checkpoint(session: SessionDep, node: NodeDep, principal: AuditorDep) -> dict[str, Any]:
-    checkpoint = latest_checkpoint(session)
+    checkpoint = latest_signed(session, log_verifier(node.authority_id, node.keys.log_public))
     if checkpoint is None:
         raise NotFound("no checkpoint has been signed yet", code="no_checkpoint")
     return {

@@ -7,7 +7,7 @@ import hmac
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from app.audit.checkpoints import (
     log_origin,
     log_verifier,
     log_verifier_key,
+    opened_checkpoint,
     sign_checkpoint,
 )
 from app.audit.index import MAX_TAIL, index_entries, indexed_size
@@ -35,7 +36,7 @@ from app.audit.merkle import (
 )
 from app.audit.note import parse_verifier_key
 from app.audit.verify import LogVerifier, Problem, Report
-from app.crypto.encoding import format_time
+from app.crypto.encoding import format_time, utc_now
 from app.errors import BadRequest, EntraideError, NotFound
 from app.models import AuditCheckpoint, AuditEntry, AuditIndex, AuditNode
 from app.node import Node
@@ -316,6 +317,7 @@ def verify_database(
             Problem(report.entries - 1, "the log head's root differs from the entries' root")
         )
     report.problems.extend(_column_problems(session))
+    report.problems.extend(_checkpoint_row_problems(session, authority_id, log_public))
     if report.first is None:  # entries contiguous and signed: what the subtrees must hash
         report.problems.extend(_node_problems(session, subtrees.levels()))
     if report.first is None and anchor is not None:
@@ -403,6 +405,44 @@ def _entry_time(value: object) -> str:
         return format_time(value)
     text = str(value)  # SQLite: naive UTC text, "YYYY-MM-DD HH:MM:SS[.ffffff]"
     return f"{text[:10]}T{text[11:19]}Z"
+
+
+def _checkpoint_row_problems(
+    session: Session, authority_id: str, log_public: bytes
+) -> Iterator[Problem]:
+    """Checkpoint rows whose columns say something else than their signed note.
+
+    The node reads how far its checkpoints reach from the notes (app/audit/checkpoints.py),
+    but a size or root edited beside a genuine note is still a forged row, and a date ahead
+    of the clock (no signature covers it) would have put off checkpoints due by time. Notes
+    that do not verify are the main pass's to report."""
+    origin = log_origin(authority_id)
+    rows = session.execute(
+        select(
+            AuditCheckpoint.id,
+            AuditCheckpoint.size,
+            AuditCheckpoint.root_hash,
+            AuditCheckpoint.note,
+            AuditCheckpoint.created_at,
+        ).order_by(AuditCheckpoint.id)
+    )
+    ahead = utc_now() + timedelta(minutes=5)
+    for row_id, size, root_hash, note, created_at in rows:
+        opened = opened_checkpoint(note, origin, log_public)
+        if opened is None:
+            continue
+        if (size, bytes(root_hash)) != (opened.size, opened.root_hash):
+            yield Problem(
+                opened.size,
+                f"checkpoint row {row_id} says {size} entries and root {bytes(root_hash).hex()}"
+                f" but its signed note says {opened.size} entries and root "
+                f"{opened.root_hash.hex()}",
+            )
+        if created_at > ahead:
+            yield Problem(
+                opened.size,
+                f"checkpoint row {row_id} is dated {created_at.isoformat()}, in the future",
+            )
 
 
 def _column_problems(session: Session) -> Iterator[Problem]:

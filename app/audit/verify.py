@@ -31,11 +31,13 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import orjson
 
 from app.audit.merkle import CompactRange, covering_subtrees, leaf_hash, subtree_levels
 from app.audit.note import Checkpoint, NoteError, Verifier, open_note
+from app.crypto.encoding import TIMESTAMP, format_time, utc_now
 
 
 @dataclass(frozen=True, order=True)
@@ -89,6 +91,15 @@ class Checked:
     last_leaf: str
 
 
+FUTURE_MARGIN = timedelta(minutes=5)
+
+
+def _horizon() -> str:
+    """Entry times past this are in the future: the log's times were pushed ahead (a forged
+    entry, or a clock set forward), and every later entry takes that time (app/audit/log.py)."""
+    return format_time(utc_now() + FUTURE_MARGIN)
+
+
 def check_batch(
     start: int, entries: Sequence[bytes], stored: Stored, checkpoints: Iterable[int]
 ) -> Checked | None:
@@ -103,7 +114,7 @@ def check_batch(
     """
     if not entries or (stored is not None and stored != list(range(start, start + len(entries)))):
         return None
-    sha256, loads = hashlib.sha256, orjson.loads
+    sha256, loads, stamp, horizon = hashlib.sha256, orjson.loads, TIMESTAMP.fullmatch, _horizon()
     leaves: list[bytes] = []
     keep = leaves.append
     position, last_time = start, ""
@@ -123,6 +134,8 @@ def check_batch(
             if (
                 type(time) is not str
                 or time < last_time
+                or time > horizon
+                or not stamp(time)
                 or type(idx) is not int  # `true` equals 1 in Python: not an index
                 or idx != position
                 or fields.get("prev_leaf", _MISSING) != link
@@ -193,6 +206,7 @@ class LogVerifier:
         self._compact = CompactRange()
         self._expected = 0
         self._last_time = ""
+        self._horizon = _horizon()
         self._last_leaf: str | None = None
         self._chain_breaks: list[int] = []
         self._last_good_checkpoint = 0
@@ -312,16 +326,20 @@ class LogVerifier:
             time = fields["time"]
         except (orjson.JSONDecodeError, KeyError, TypeError):
             self._problem(position, f"entry {position} is not a valid audit entry")
-            fields, claimed, time = {}, position, ""
+            fields, claimed, time = {}, position, None
         if type(claimed) is not int or claimed != position:
             in_place = False
             # An entry out of place: deleted before it (claims more), inserted or moved
             # (claims less, the same index as an earlier one). Name the earlier position.
             first = min(claimed, position) if type(claimed) is int and claimed >= 0 else position
             self._problem(first, f"entry at position {position} claims index {claimed}")
-        if isinstance(time, str) and time < self._last_time:
+        if fields and not (isinstance(time, str) and TIMESTAMP.fullmatch(time)):
+            self._problem(position, f"entry {position}: its time is not a timestamp ({time!r:.40})")
+        elif isinstance(time, str) and time < self._last_time:
             self._problem(position, f"entry {position}: time goes backwards ({time})")
         elif isinstance(time, str):
+            if time > self._horizon:
+                self._problem(position, f"entry {position} is dated in the future ({time})")
             self._last_time = time
         # The hash chain names altered entries; entries out of place are named above.
         if in_place and "prev_leaf" in fields and fields["prev_leaf"] != self._last_leaf:

@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.audit.checkpoints import read_progress
+from app.audit.checkpoints import log_verifier, read_progress
 from app.crypto.encoding import parse_time, utc_now
 from app.delivery import outbox
 from app.models import DeliveryCounter, Peer, WitnessAlarm
@@ -134,6 +134,7 @@ class NodeCollector(Collector):
     def __init__(self, node: Node, worker_alive: Callable[[], bool | None]) -> None:
         self.node = node
         self.worker_alive = worker_alive
+        self._log_verifier = log_verifier(node.authority_id, node.keys.log_public)
 
     def describe(self) -> Iterable[Metric]:
         """The families `collect` yields, without values, for the registry's name check.
@@ -206,7 +207,7 @@ class NodeCollector(Collector):
             }
             # The worker's own one-query read (the newest checkpoint through its primary key),
             # not a scan of every checkpoint on each scrape.
-            log_progress = read_progress(session)
+            log_progress = read_progress(session, self._log_verifier)
             alarms = (
                 session.scalar(
                     select(func.count())

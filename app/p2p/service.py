@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from sqlalchemy import Table, delete, select
 from sqlalchemy.orm import Session
 
+from app.audit.checkpoints import latest_signed, log_verifier
 from app.audit.log import Event, record, record_many
 from app.auth.throttle import Limits, auth_limits, register_refusal
 from app.crypto import envelope as env
@@ -25,7 +26,7 @@ from app.crypto.receipts import SignedReceipt, issue_receipt
 from app.domain.document import RequestDocument
 from app.domain.messages import MessageDocument
 from app.errors import EnvelopeRefused
-from app.models import AuditCheckpoint, CaseFile, InboundTransfer, Message, Receipt
+from app.models import CaseFile, InboundTransfer, Message, Receipt
 from app.node import Node
 from app.peers.keys import (
     PinnedKeys,
@@ -48,9 +49,6 @@ class Accepted:
 
 
 _LATEST_NOTE = "entraide.latest_note"
-# Core, not the ORM: the note alone, and no flush of the arrival's rows before it.
-_CHECKPOINTS = cast(Table, AuditCheckpoint.__table__)
-_LATEST_NOTE_QUERY = select(_CHECKPOINTS.c.note).order_by(_CHECKPOINTS.c.size.desc()).limit(1)
 
 
 def _refuse(code: str, detail: str, status: int = 400) -> EnvelopeRefused:
@@ -68,8 +66,9 @@ def _check_time(node: Node, header: env.Header) -> None:
         raise _refuse("malformed_header", "the envelope's lifetime is invalid")
 
 
-def _latest_note(session: Session) -> str | None:
-    """The latest signed checkpoint of our log: the sender witnesses it (DESIGN.md 5).
+def _latest_note(session: Session, node: Node) -> str | None:
+    """The latest signed checkpoint of our log, its signature checked (a row's columns could
+    name a stale one): the sender witnesses it (DESIGN.md 5).
 
     Read once a transaction: a batch's receipts (app/p2p/batch.py) all carry the checkpoint
     that was the latest when the batch began, one query instead of one per envelope."""
@@ -78,7 +77,8 @@ def _latest_note(session: Session) -> str | None:
     if seen is not None and transaction is not None and seen[0] is transaction:
         note: str | None = seen[1]
         return note
-    note = session.connection().execute(_LATEST_NOTE_QUERY).scalar()
+    latest = latest_signed(session, log_verifier(node.authority_id, node.keys.log_public))
+    note = None if latest is None else latest.note
     session.info[_LATEST_NOTE] = (transaction, note)
     return note
 
@@ -361,7 +361,7 @@ def admit_opened(
         from_authority=header.from_authority,
         to_authority=header.to_authority,
         received_at=now,
-        checkpoint=_latest_note(session),
+        checkpoint=_latest_note(session, node),
     )
     # Whatever `store` left pending (a streamed envelope's parts), before the receipt's insert.
     session.flush()

@@ -204,18 +204,44 @@ def test_moving_the_record_keeps_what_was_signed(tmp_path: Path) -> None:
     assert "entries were removed from the database" in verified.stdout + verified.stderr
 
 
-def test_a_node_from_before_the_record_gets_one_on_its_next_checkpoint(tmp_path: Path) -> None:
-    """Upgraded from before `log-signed.json`: checkpoints and no record. doctor says so and
-    names the command, which writes the record even with nothing new to sign."""
+def test_a_node_from_before_the_record_adopts_its_log(tmp_path: Path) -> None:
+    """Upgraded from before `log-signed.json`, or the record lost: checkpoints and no record.
+    Nothing is signed until the operator adopts the log, which must verify first."""
     url = f"sqlite:///{tmp_path / 'es.db'}"
     node = LocalNode("ES/MJ", "Ministerio de Justicia", tmp_path / "es", url)
     node.init()
     (node.keys_dir / "log-signed.json").unlink()  # as before the record existed
-    warned = node.cli("doctor", check=False).stdout
-    assert "a node from before this record" in warned, warned
-    assert "`entraide audit checkpoint` writes it" in warned
-    node.cli("audit", "checkpoint")  # nothing new to sign
+    doctor = node.cli("doctor", check=False)
+    assert doctor.returncode != 0
+    assert "there is no record at" in doctor.stdout, doctor.stdout
+    assert "`entraide audit checkpoint --adopt`" in doctor.stdout
+    refused = node.cli("audit", "checkpoint", check=False)
+    assert refused.returncode == 1
+    assert "there is no record at" in refused.stderr
+    assert node.cli("audit", "verify", "--db", check=False).returncode != 0
+    node.cli("audit", "checkpoint", "--adopt")
     assert SignedLogAnchor(node.keys_dir / "log-signed.json").read() is not None
     doctor = node.cli("doctor", check=False).stdout
-    assert "ok    audit" in doctor or "signed log record" in doctor
-    assert "a node from before this record" not in doctor
+    assert "signed log record" in doctor
+    assert "there is no record" not in doctor
+    adopted = node.cli("audit", "verify", "--db")
+    assert adopted.returncode == 0
+    again = node.cli("audit", "checkpoint", "--adopt", check=False)
+    assert again.returncode == 1
+    assert "nothing to adopt" in again.stderr
+
+
+def test_deleting_the_record_does_not_let_a_rolled_back_log_be_signed(
+    log: Log, tmp_path: Path
+) -> None:
+    log.append(3)
+    log.sign(log.anchor)
+    log.copy_to(tmp_path / "older.db")
+    log.append(4)
+    assert log.sign(log.anchor) == 7
+    log.put_back(tmp_path / "older.db")
+    log.anchor.path.unlink()  # what a writer of the record's folder can do without any key
+    log.append(1)
+    with pytest.raises(LogRolledBack, match="there is no record at"):
+        log.sign(log.anchor)
+    assert any("there is no record at" in problem for problem in log.problems())

@@ -22,9 +22,10 @@ import pytest
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.audit.anchor import RECORD_FILE, SignedLogAnchor
 from app.audit.checkpoints import sign_checkpoint
 from app.audit.index import index_entries
-from app.audit.log import record
+from app.audit.log import read_head, record
 from app.audit.merkle import leaf_hash
 from app.audit.service import verify_database
 from app.crypto.encoding import canonical_json
@@ -228,6 +229,9 @@ def test_cli_verify_db_names_the_first_bad_entry(log: Log, tmp_path: Path) -> No
     keys_dir = tmp_path / "keys"
     save_keys(keys_dir, log.keys)
     save_identity(keys_dir, NodeIdentity(AUTHORITY, "Ministerio", "http://127.0.0.1:1"))
+    with unit_of_work(log.sessions) as session:  # the node's record of what it signed
+        head = read_head(session)
+    SignedLogAnchor(keys_dir / RECORD_FILE).reset(head.size, head.root_hash)
     env = {**os.environ, "ENTRAIDE_DATABASE_URL": log.url, "ENTRAIDE_KEYS_DIR": str(keys_dir)}
 
     def run() -> subprocess.CompletedProcess[str]:

@@ -4,6 +4,7 @@ empty log. Both were accepted before a review (nothing signed covered what they 
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from sqlalchemy import select
 
 from app.audit.checkpoints import log_origin, log_verifier, log_verifier_key, sign_checkpoint
 from app.audit.log import record
-from app.audit.merkle import leaf_hash, verify_inclusion
+from app.audit.merkle import CompactRange, leaf_hash, verify_inclusion
 from app.audit.note import Checkpoint, sign_note
 from app.audit.service import (
     EXPORT_CHECKPOINTS,
@@ -23,6 +24,7 @@ from app.audit.service import (
     verify_export,
 )
 from app.audit.verify import LogVerifier
+from app.crypto.encoding import canonical_json, format_time, utc_now
 from app.crypto.keys import NodeKeys
 from app.db import make_engine, make_session_factory, read_snapshot, unit_of_work
 from app.migrate import upgrade
@@ -229,3 +231,42 @@ def test_an_index_written_as_true_is_no_index(tmp_path: Path) -> None:
     report = verify_export(out)
     assert not report.ok
     assert "claims index True" in report.problems[0].message
+
+
+def _signed_entries(keys: NodeKeys, times: list[object]) -> tuple[list[bytes], str]:
+    """Entries with these times, chained and signed by the log key: only the times are odd."""
+    origin = log_origin(AUTHORITY)
+    entries: list[bytes] = []
+    last: str | None = None
+    tree = CompactRange()
+    for idx, time in enumerate(times):
+        fields = {"v": 1, "idx": idx, "time": time, "actor": "node", "action": "test.event"}
+        data = canonical_json({**fields, "details": {}, "prev_leaf": last})
+        entries.append(data)
+        leaf = leaf_hash(data)
+        last = leaf.hex()
+        tree.append(leaf)
+    body = Checkpoint(origin=origin, size=len(times), root_hash=tree.root()).format()
+    return entries, sign_note(body, origin, keys.log)
+
+
+def test_entry_times_must_be_timestamps_and_not_in_the_future() -> None:
+    """A signed log whose entries' times are not timestamps (null, a number, text after the
+    Z) or are dated ahead of the clock verified (from an auditor's review)."""
+    keys = NodeKeys.generate()
+    now = utc_now()
+    ahead = format_time(now + timedelta(days=30))
+    times: list[object] = [format_time(now), None, 17, format_time(now) + " junk", ahead]
+    entries, note = _signed_entries(keys, times)
+    verifier = LogVerifier(log_verifier(AUTHORITY, keys.log_public), log_origin(AUTHORITY), [note])
+    verifier.feed_many(entries, None)
+    assert [problem.message for problem in verifier.finish().problems] == [
+        "entry 1: its time is not a timestamp (None)",
+        "entry 2: its time is not a timestamp (17)",
+        f"entry 3: its time is not a timestamp ('{format_time(now)} junk')",
+        f"entry 4 is dated in the future ({ahead})",
+    ]
+    good, note = _signed_entries(keys, [format_time(now)] * 3)
+    verifier = LogVerifier(log_verifier(AUTHORITY, keys.log_public), log_origin(AUTHORITY), [note])
+    verifier.feed_many(good, None)
+    assert verifier.finish().ok

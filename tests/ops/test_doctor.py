@@ -171,7 +171,7 @@ def test_doctor_warns_of_entries_left_unsigned_long_after_checkpoints_were_due(
     from app.audit.checkpoints import sign_checkpoint
     from app.audit.log import record
     from app.config import Settings
-    from app.crypto.keys import NodeKeys
+    from app.crypto.keys import NodeIdentity, NodeKeys, save_identity, save_keys
     from app.db import make_engine, make_session_factory, unit_of_work
     from app.doctor import check_checkpoints
     from app.migrate import upgrade
@@ -180,12 +180,15 @@ def test_doctor_warns_of_entries_left_unsigned_long_after_checkpoints_were_due(
     url = make_databases("sqlite", tmp_path).new("log")
     upgrade(url)
     engine = make_engine(url)
-    settings = Settings(database_url=url)
+    keys = NodeKeys.generate()  # the doctor reads the checkpoints' notes with the log key
+    save_keys(tmp_path / "keys", keys)
+    save_identity(tmp_path / "keys", NodeIdentity("ES/MJ", "Ministerio", "http://127.0.0.1:1"))
+    settings = Settings(database_url=url, keys_dir=tmp_path / "keys")
     try:
         sessions = make_session_factory(engine)
         with unit_of_work(sessions) as session:
             record(session, actor="node", action="test.event")
-            sign_checkpoint(session, authority_id="ES/MJ", log_key=NodeKeys.generate().log)
+            sign_checkpoint(session, authority_id="ES/MJ", log_key=keys.log)
         assert list(check_checkpoints(settings, engine)) == []  # everything signed
         with unit_of_work(sessions) as session:
             record(session, actor="node", action="test.unsigned")

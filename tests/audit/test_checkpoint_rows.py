@@ -1,0 +1,141 @@
+"""A checkpoint row's columns are not what was signed: its note is.
+
+An insider with SQL access and no log key can edit a row's `size`, `root_hash` or
+`created_at`. Each test does so and checks that the node still signs what it must, hands out
+only a checkpoint that covers what it says, and that `audit verify --db` names the row. On
+SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.audit.checkpoints import (
+    latest_signed,
+    log_verifier,
+    maybe_checkpoint,
+    opened_checkpoint,
+    sign_checkpoint,
+)
+from app.audit.log import read_head, record
+from app.audit.service import verify_database
+from app.crypto.encoding import utc_now
+from app.crypto.keys import NodeKeys
+from app.db import make_engine, make_session_factory, unit_of_work
+from app.migrate import upgrade
+from app.models import AuditCheckpoint
+from tests.conftest import Databases
+
+AUTHORITY = "ES/MJ"
+
+
+@dataclass
+class Log:
+    keys: NodeKeys
+    sessions: sessionmaker[Session]
+
+    def add(self, session: Session, count: int) -> None:
+        for number in range(count):
+            record(session, actor="client:officer", action="request.read", details={"n": number})
+
+    def sign(self, session: Session) -> None:
+        sign_checkpoint(session, authority_id=AUTHORITY, log_key=self.keys.log)
+
+    def upkeep(self, session: Session, *, every: int, seconds: float) -> int | None:
+        signed = maybe_checkpoint(
+            session, authority_id=AUTHORITY, log_key=self.keys.log, every=every, seconds=seconds
+        )
+        return None if signed is None else signed.size
+
+    def problems(self, session: Session) -> list[str]:
+        report = verify_database(session, authority_id=AUTHORITY, log_public=self.keys.log_public)
+        return [problem.message for problem in report.problems]
+
+
+@pytest.fixture
+def log(databases: Databases) -> Iterator[Log]:
+    url = databases.new("audit")
+    upgrade(url)
+    engine = make_engine(url)
+    made = Log(NodeKeys.generate(), make_session_factory(engine))
+    with unit_of_work(made.sessions) as session:
+        for _ in range(3):
+            made.add(session, 4)
+            made.sign(session)
+    yield made
+    engine.dispose()
+
+
+def _newest_row(session: Session) -> int:
+    newest: int = session.scalar(select(func.max(AuditCheckpoint.id)))
+    return newest
+
+
+def test_a_size_raised_in_a_row_does_not_stop_checkpoints(log: Log) -> None:
+    with unit_of_work(log.sessions) as session:
+        newest = _newest_row(session)
+        session.execute(
+            update(AuditCheckpoint).where(AuditCheckpoint.id == newest).values(size=2**62)
+        )
+        log.add(session, 1)
+        # Due after one new entry: the entry is signed, not left rewritable.
+        assert log.upkeep(session, every=1, seconds=3600) == read_head(session).size == 13
+        assert any("says 4611686018427387904 entries" in p for p in log.problems(session))
+
+
+def test_a_stale_row_given_the_heads_size_is_not_handed_out_as_covering_it(log: Log) -> None:
+    with unit_of_work(log.sessions) as session:
+        log.add(session, 2)
+        head = read_head(session)
+        oldest = session.scalar(select(func.min(AuditCheckpoint.id)))
+        session.execute(
+            update(AuditCheckpoint)
+            .where(AuditCheckpoint.id == oldest)
+            .values(size=head.size, root_hash=head.root_hash)
+        )
+        signed = sign_checkpoint(session, authority_id=AUTHORITY, log_key=log.keys.log)
+        opened = opened_checkpoint(signed.note, f"entraide.log/{AUTHORITY}", log.keys.log_public)
+        assert opened is not None
+        assert (
+            (opened.size, opened.root_hash) == (head.size, head.root_hash) == (14, signed.root_hash)
+        )
+        assert any(f"checkpoint row {oldest} says 14 entries" in p for p in log.problems(session))
+
+
+def test_a_row_dated_ahead_does_not_put_off_checkpoints_due_by_time(log: Log) -> None:
+    with unit_of_work(log.sessions) as session:
+        newest = _newest_row(session)
+        ahead = utc_now() + timedelta(days=30)
+        session.execute(
+            update(AuditCheckpoint).where(AuditCheckpoint.id == newest).values(created_at=ahead)
+        )
+        log.add(session, 1)
+        assert log.upkeep(session, every=1000, seconds=60) == 13
+        assert any("in the future" in problem for problem in log.problems(session))
+
+
+def test_forged_rows_are_passed_over_for_the_latest_genuine_one(log: Log) -> None:
+    verifier = log_verifier(AUTHORITY, log.keys.log_public)
+    with unit_of_work(log.sessions) as session:
+        genuine = latest_signed(session, verifier)
+        assert genuine is not None
+        assert genuine.size == 12
+        forged = NodeKeys.generate()  # a note signed with another key, of a larger size
+        log.add(session, 5)
+        sign_checkpoint(session, authority_id=AUTHORITY, log_key=forged.log)
+        garbage = {
+            "size": 2**40,
+            "root_hash": bytes(32),
+            "note": "not a note",
+            "created_at": utc_now(),
+        }
+        session.execute(insert(AuditCheckpoint).values(**garbage))
+        latest = latest_signed(session, verifier)
+        assert latest is not None
+        assert (latest.size, latest.note) == (12, genuine.note)
