@@ -14,6 +14,9 @@ from collections.abc import Sequence
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.config import Settings
+from app.errors import PayloadTooLarge
+
 
 class HeaderLimit:
     def __init__(
@@ -73,3 +76,15 @@ def json_values_exceed(raw: bytes, limit: int = MAX_JSON_VALUES) -> bool:
             if count > limit:
                 return True
     return False
+
+
+def refuse_over_wire_limit(settings: Settings, sealed: int, parts: int) -> None:
+    """The peer applies the same body limit to an envelope (or a streamed one's announcement:
+    its header and part 0) as we do to submissions; refuse now what it would refuse later,
+    rather than accept a request that can never arrive. `sealed`: the bytes sent in base64."""
+    wire_size = 4 * -(-sealed // 3) + 4 * parts + 1024
+    if wire_size > settings.max_body_bytes:
+        raise PayloadTooLarge(
+            f"sealed, this would be about {wire_size} bytes, over the "
+            f"{settings.max_body_bytes}-byte limit between nodes"
+        )

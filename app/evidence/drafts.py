@@ -45,6 +45,7 @@ from app.evidence import schemas
 from app.evidence.blobstore import BlobError, DirectoryBlobStore, UploadBusy
 from app.evidence.seal import StreamedAttachment, seal_streamed
 from app.evidence.stream import CIPHER_CHUNK, FinishedPart, PartWriter, chunk_count
+from app.limits import refuse_over_wire_limit
 from app.models import BlobPart, CaseFile, EvidenceDraft, EvidenceUpload, Message, Part
 from app.node import Node
 from app.peers.service import get_peer, refuse_if_suspended
@@ -119,10 +120,6 @@ def create_draft(
             )
     if sum(item.size for item in body.attachments) > settings.max_evidence_request_bytes:
         raise PayloadTooLarge(f"attachments exceed {settings.max_evidence_request_bytes} bytes")
-    peer = get_peer(session, body.to)
-    refuse_if_suspended(peer.authority_id, peer.suspended_at)
-    msg_id = bytes(random_bytes(MSG_ID_BYTES))
-    content_key = bytes(random_bytes(KEY_BYTES))
     sealed = canonical_json(
         {
             "document": document.model_dump(mode="json"),
@@ -131,6 +128,13 @@ def create_draft(
             ],
         }
     )
+    # Part 0 goes to the peer with the header, in one body under its limit: refused now if
+    # the document alone (encrypted later, with the attachments' hashes) is over it.
+    refuse_over_wire_limit(settings, len(sealed), 1)
+    peer = get_peer(session, body.to)
+    refuse_if_suspended(peer.authority_id, peer.suspended_at)
+    msg_id = bytes(random_bytes(MSG_ID_BYTES))
+    content_key = bytes(random_bytes(KEY_BYTES))
     now = utc_now()
     draft = EvidenceDraft(
         id=msg_id.hex(),
@@ -420,6 +424,7 @@ def submit_draft(
         ttl=timedelta(seconds=node.settings.envelope_ttl_seconds),
         manifest_stream_header=None,
     )
+    refuse_over_wire_limit(node.settings, len(head.header) + len(head.manifest_part), 1)
     document = RequestDocument.model_validate(content["document"])
     case = CaseFile(
         id=draft.id,

@@ -158,6 +158,7 @@ async def put_part(
         if (
             not target.done
             and declared is not None
+            and upload_offset <= target.length  # past the end: an offset mismatch (below)
             and (not declared.isdigit() or int(declared) > target.length - upload_offset)
         ):
             raise EnvelopeRefused("too_large", "more bytes than the part's length", status_code=413)

@@ -12,6 +12,7 @@ declared size does), encrypted chunk by chunk, and never held whole in memory.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Annotated
 
@@ -19,7 +20,8 @@ from fastapi import APIRouter, Header, Path, Request, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from app.auth.refusals import already_audited
+from app.audit.log import record_alone
+from app.auth.refusals import already_audited, audit_refusal
 from app.auth.service import Principal
 from app.crypto.envelope import EnvelopeError
 from app.db import unit_of_work
@@ -81,7 +83,10 @@ def _offset_headers(offset: int, size: int, *, complete: bool = False) -> dict[s
     }
 
 
-def _offset_mismatch(offset: int, size: int) -> Response:
+async def _offset_mismatch(request: Request, node: Node, offset: int, size: int) -> Response:
+    """409 with where to resume: answered, not raised (the headers go with it), and audited
+    as every refusal of a token holder is (app/auth/refusals.py)."""
+    await run_in_threadpool(audit_refusal, request.scope, node, 409, "offset_mismatch")
     return Response(
         status_code=409,
         content=b'{"error":"offset_mismatch","detail":"resume from Upload-Offset"}',
@@ -165,16 +170,27 @@ async def upload(
         raise Conflict(
             "another upload of this attachment is in progress", code="upload_busy"
         ) from exc
-    except EnvelopeError:
+    except EnvelopeError as exc:
         # The stored chunks no longer open (the staging file was damaged on disk): they are
         # dropped, and the client starts the attachment again, as after any offset mismatch.
         store.discard_upload(found.upload_id)
         await run_in_threadpool(_restart, node, found)
-        return _offset_mismatch(0, found.size)
+        await run_in_threadpool(
+            functools.partial(
+                record_alone,
+                node.sessions,
+                actor="node",
+                action="evidence.upload_restarted",
+                outcome=exc.code,
+                request_id=draft_id,
+                details={"attachment": index, "detail": exc.detail},
+            )
+        )
+        return await _offset_mismatch(request, node, 0, found.size)
     keep = True
     try:
         if upload_offset != writer.durable_offset:
-            return _offset_mismatch(writer.durable_offset, found.size)
+            return await _offset_mismatch(request, node, writer.durable_offset, found.size)
         try:
             # Encrypted in a worker thread while the next batch arrives.
             await feed_in_thread(request.stream(), writer.write_all)

@@ -45,6 +45,7 @@ from app.domain.document import RequestDocument
 from app.domain.messages import MessageDocument, MessageType
 from app.errors import BadRequest, EntraideError, NotFound, PayloadTooLarge
 from app.evidence.reading import has_blob_parts, open_stored_head
+from app.limits import refuse_over_wire_limit
 from app.models import CaseFile, Message, OutboxItem, Receipt
 from app.node import Node
 from app.peers.keys import (
@@ -140,15 +141,8 @@ def _seal_and_queue(
         ttl=timedelta(seconds=node.settings.envelope_ttl_seconds),
         randomness=SystemRandomness(),
     )
-    # The peer applies the same body limit to the envelope as we do to submissions; refuse
-    # now what it would refuse later, rather than accept a request that can never arrive.
     sealed = len(envelope.header) + sum(len(part) for part in envelope.parts)
-    wire_size = 4 * -(-sealed // 3) + 4 * len(envelope.parts) + 1024
-    if wire_size > node.settings.max_body_bytes:
-        raise PayloadTooLarge(
-            f"sealed, this would be about {wire_size} bytes, over the "
-            f"{node.settings.max_body_bytes}-byte limit between nodes"
-        )
+    refuse_over_wire_limit(node.settings, sealed, len(envelope.parts))
     return envelope, parse_header(envelope.header, len(envelope.parts))
 
 
