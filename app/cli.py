@@ -812,15 +812,16 @@ def audit_checkpoint(
 
     node = _node(_settings())
     try:
-        with unit_of_work(node.sessions) as session:
-            if adopt:
-                _adopt_log(session, node)
-            note = sign_checkpoint(
-                session,
-                authority_id=node.authority_id,
-                log_key=node.keys.log,
-                anchor=node.log_anchor,
-            ).note
+        if adopt:
+            note = _adopt_log(node)
+        else:
+            with unit_of_work(node.sessions) as session:
+                note = sign_checkpoint(
+                    session,
+                    authority_id=node.authority_id,
+                    log_key=node.keys.log,
+                    anchor=node.log_anchor,
+                ).note
     except EntraideError as exc:
         raise _fail(exc.detail) from exc
     finally:
@@ -828,33 +829,45 @@ def audit_checkpoint(
     typer.echo(note, nl=False)
 
 
-def _adopt_log(session: Session, node: Node) -> None:
-    """Record the log's head as what the log key signed, once the log verifies, and say so
-    in the log itself (the checkpoint signed next covers the entry)."""
-    from app.audit.log import read_head, record
+def _adopt_log(node: Node) -> str:
+    """Verify the log (in a snapshot: the node goes on appending), then, if what it holds now
+    extends what verified, say so in the log, sign it, and record that as what the log key
+    signed. Returns the checkpoint's note."""
+    from app.audit.anchor import Signed
+    from app.audit.checkpoints import sign_checkpoint
+    from app.audit.log import lock_head, record
     from app.audit.service import verify_database
+    from app.db import read_snapshot, unit_of_work
 
     if node.log_anchor.read() is not None:
         raise _fail(
             f"{node.log_anchor.path} exists: nothing to adopt (a log that does not extend it "
             "is restored from a backup, docs/operations.md §8)"
         )
-    report = verify_database(
-        session, authority_id=node.authority_id, log_public=node.keys.log_public
-    )
+    with read_snapshot(node.sessions) as session:
+        report = verify_database(
+            session, authority_id=node.authority_id, log_public=node.keys.log_public
+        )
     if report.first is not None:
         raise _fail(
             f"the audit log does not verify, so it is not adopted: entry {report.first.idx}: "
             f"{report.first.message}"
         )
-    head = read_head(session)
-    node.log_anchor.reset(head.size, head.root_hash)
-    record(
-        session,
-        actor=_operator(),
-        action="audit.log_adopted",
-        details={"size": head.size, "root": head.root_hash.hex()},
-    )
+    verified = Signed(report.entries, report.root)
+    with unit_of_work(node.sessions) as session:
+        head = lock_head(session)
+        changed = node.log_anchor.problem(session, head.size, head.root_hash, signed=verified)
+        if changed is not None:
+            raise _fail(f"the audit log changed since it was verified: {changed}")
+        record(
+            session,
+            actor=_operator(),
+            action="audit.log_adopted",
+            details={"size": verified.size, "root": verified.root.hex()},
+        )
+        checkpoint = sign_checkpoint(session, authority_id=node.authority_id, log_key=node.keys.log)
+    node.log_anchor.reset(checkpoint.size, checkpoint.root_hash)
+    return checkpoint.note
 
 
 @audit_app.command("export")

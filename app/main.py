@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from app.audit.log import record_alone
 from app.audit.router import p2p_router as audit_p2p_router
 from app.audit.router import router as audit_router
-from app.auth.refusals import audit_refusal, should_audit
+from app.auth.refusals import record_refusal
 from app.auth.throttle import TooManyRequests
 from app.config import Settings, get_settings
 from app.crypto.encoding import utc_now
@@ -238,7 +238,7 @@ async def _record_body_refusal(scope: Scope, detail: str) -> None:
     client; a peer API caller's counts against its address, as any refused envelope."""
     node = scope["app"].state.node
     if not _p2p_body(scope):
-        await _record_refusal(scope, node, 413, "too_large")
+        await record_refusal(scope, node, 413, "too_large")
         return
     try:
         await run_in_threadpool(refuse_p2p_body, node, _source(scope), detail)
@@ -255,18 +255,7 @@ async def _on_record(
 ) -> None:
     """A local API refusal of a token holder, audited (app/auth/refusals.py). The answer goes
     out even if the log cannot take the entry: the failure is logged instead."""
-    await _record_refusal(request.scope, request.app.state.node, status, code, exc)
-
-
-async def _record_refusal(
-    scope: Scope, node: Node, status: int, code: str, exc: BaseException | None = None
-) -> None:
-    if not should_audit(scope, status, exc):
-        return
-    try:
-        await run_in_threadpool(audit_refusal, scope, node, status, code)
-    except Exception as failure:
-        log.error("could not audit a refused call (%s)", type(failure).__name__)
+    await record_refusal(request.scope, request.app.state.node, status, code, exc)
 
 
 def install_error_handlers(app: FastAPI) -> None:

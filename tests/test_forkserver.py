@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -80,6 +81,10 @@ def test_a_long_running_process_answers_signals_and_waits(
         assert node.poll() is None
         with pytest.raises(subprocess.TimeoutExpired):
             node.wait(timeout=0.2)
+        deadline = time.monotonic() + 30
+        while b"started" not in (tmp_path / "out.log").read_bytes():  # its handler is set
+            assert time.monotonic() < deadline, "the worker did not start"
+            time.sleep(0.05)
         node.terminate()  # the worker stops on SIGTERM and exits 0
         assert node.wait(timeout=30) == 0
         assert node.poll() == 0

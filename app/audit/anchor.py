@@ -133,8 +133,8 @@ class SignedLogAnchor:
         return (
             f"there is no record at {self.path} of what this node's log key signed, though "
             f"the database holds {signed} signed checkpoint(s): it was deleted or lost, or "
-            "this node predates it; put it back from its backup, or check the log (`entraide "
-            "audit verify --db`) and adopt it (`entraide audit checkpoint --adopt`)"
+            "this node predates it; put it back from its backup, or adopt the log as it is: "
+            "`entraide audit checkpoint --adopt` verifies it first"
         )
 
     def check(self, session: Session, size: int, root: bytes) -> None:

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from app.audit.index import INDEX_BATCH, catch_up
 from app.audit.log import HEAD_ID, lock_head, mark_checkpointed
 from app.audit.note import (
+    MAX_NOTE_BYTES,
     Checkpoint,
     NoteError,
     Verifier,
@@ -108,10 +109,14 @@ class SignedCheckpoint:
     created_at: datetime
 
 
-# The newest rows by id, of which the largest checkpoint whose note verifies is the latest.
-# Normally the newest row; forged or reordered rows fall back to an older genuine one, or to
-# none (a new checkpoint is then due and signed; the anchor guards against a rolled-back log).
-LATEST_LOOKBACK = 16
+# Rows are read by their size column, largest first, a page at a time: the first whose note
+# verifies and agrees with its columns is the latest checkpoint (columns raised past their
+# note, forged notes and copies are passed over; an id cannot be trusted to say which row is
+# newest: PostgreSQL takes any id an INSERT names without moving its sequence). Past
+# LATEST_PAGES pages of forged rows, none: a checkpoint is then due each round, and `audit
+# verify --db` names every one of those rows.
+LATEST_PAGE = 16
+LATEST_PAGES = 64
 
 
 @lru_cache(maxsize=256)
@@ -127,17 +132,23 @@ def opened_checkpoint(note: str, origin: str, log_public: bytes) -> Checkpoint |
 
 
 def latest_signed(session: Session, verifier: Verifier) -> SignedCheckpoint | None:
-    rows = session.execute(
-        select(AuditCheckpoint.note, AuditCheckpoint.created_at)
-        .order_by(AuditCheckpoint.id.desc())
-        .limit(LATEST_LOOKBACK)
-    ).all()
-    latest: SignedCheckpoint | None = None
-    for note, created_at in rows:
-        opened = opened_checkpoint(note, verifier.name, verifier.public_key)
-        if opened is not None and (latest is None or opened.size > latest.size):
-            latest = SignedCheckpoint(opened.size, opened.root_hash, note, created_at)
-    return latest
+    query = select(
+        AuditCheckpoint.size,
+        AuditCheckpoint.root_hash,
+        AuditCheckpoint.note,
+        AuditCheckpoint.created_at,
+    ).order_by(AuditCheckpoint.size.desc(), AuditCheckpoint.id.desc())
+    for page in range(LATEST_PAGES):
+        rows = session.execute(query.offset(page * LATEST_PAGE).limit(LATEST_PAGE)).all()
+        for size, root_hash, note, created_at in rows:
+            if len(note) > MAX_NOTE_BYTES:  # no note of ours; nor kept in the cache
+                continue
+            opened = opened_checkpoint(note, verifier.name, verifier.public_key)
+            if opened is not None and (opened.size, opened.root_hash) == (size, bytes(root_hash)):
+                return SignedCheckpoint(opened.size, opened.root_hash, note, created_at)
+        if len(rows) < LATEST_PAGE:
+            return None
+    return None
 
 
 def _remember_after_commit(session: Session, anchor: Anchor | None, size: int, root: bytes) -> None:
@@ -186,6 +197,7 @@ class Progress:
 
 
 _LONG_AGO = datetime.fromtimestamp(0, UTC)
+DATE_MARGIN = timedelta(minutes=5)
 
 
 def read_progress(session: Session, verifier: Verifier) -> Progress | None:
@@ -207,7 +219,10 @@ def read_progress(session: Session, verifier: Verifier) -> Progress | None:
     latest = latest_signed(session, verifier)
     if latest is None:
         return Progress(size, 0, None, 0 if largest is None else largest + 1)
-    latest_at = latest.created_at if latest.created_at <= utc_now() else _LONG_AGO
+    # Its date, which no signature covers: a little ahead (another process's clock) is now,
+    # far ahead counts as long ago (a date set ahead would put off checkpoints due by time).
+    now = utc_now()
+    latest_at = min(latest.created_at, now) if latest.created_at <= now + DATE_MARGIN else _LONG_AGO
     return Progress(size, latest.size, latest_at, 0 if largest is None else largest + 1)
 
 

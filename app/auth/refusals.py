@@ -15,10 +15,12 @@ a client's mistakes must not stop its work.
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 from starlette.types import Scope
 
 from app.audit.log import record
@@ -26,6 +28,8 @@ from app.auth.service import Principal, TokenRefused, authenticate
 from app.auth.throttle import auth_limits, register_refusal
 from app.db import unit_of_work
 from app.node import Node
+
+log = logging.getLogger(__name__)
 
 AUDITED = "_entraide_audited"
 LOCAL_API = "/api/v1/"
@@ -99,3 +103,16 @@ def audit_refusal(scope: Scope, node: Node, status: int, code: str) -> None:
                 else None,
                 details=details,
             )
+
+
+async def record_refusal(
+    scope: Scope, node: Node, status: int, code: str, exc: BaseException | None = None
+) -> None:
+    """`audit_refusal` for a route about to answer: the answer goes out even if the log
+    cannot take the entry (the failure is logged instead)."""
+    if not should_audit(scope, status, exc):
+        return
+    try:
+        await run_in_threadpool(audit_refusal, scope, node, status, code)
+    except Exception as failure:
+        log.error("could not audit a refused call (%s)", type(failure).__name__)

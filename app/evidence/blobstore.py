@@ -229,7 +229,7 @@ class DirectoryUpload:
         # The staging file's own name is flushed with its first sync: acknowledged bytes
         # survive a power cut only if the file that holds them does.
         self._name_synced = False
-        self._suspended: tuple[int, int] | None = None  # (inode, size) when last suspended
+        self._suspended: tuple[int, int, int, int] | None = None  # when last suspended (_identity)
         self._flushing: Future[None] | None = None
         # A flush that failed: the kernel reports a write-back error once, so it is kept and
         # raised by every later write and sync, never taken for durable again.
@@ -322,8 +322,7 @@ class DirectoryUpload:
 
     def suspend(self) -> None:
         self._wait_flushed()
-        stat = os.fstat(self._file.fileno())
-        self._suspended = (stat.st_ino, stat.st_size)
+        self._suspended = _identity(os.fstat(self._file.fileno()))
         fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
 
     def resume(self) -> bool:
@@ -336,7 +335,7 @@ class DirectoryUpload:
         except FileNotFoundError:
             return False  # removed meanwhile (the draft expired, say): start again
         stat = os.fstat(self._file.fileno())
-        return named == stat.st_ino and (stat.st_ino, stat.st_size) == self._suspended
+        return named == stat.st_ino and _identity(stat) == self._suspended
 
     def close(self) -> None:
         """Close, after the flush in flight (its descriptor number could be reused). A failed
@@ -454,3 +453,11 @@ class DirectoryBlobStore:
 def blob_root(blob_dir: Path | None, keys_dir: Path) -> Path:
     """ENTRAIDE_BLOB_DIR, or `blobs` next to the node's keys directory."""
     return blob_dir if blob_dir is not None else keys_dir.resolve().parent / "blobs"
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    """What must not have changed while an upload was suspended for its hashes, kept from
+    the bytes as they arrived, to still be those of the file: the same file, its size, and
+    its change time (any write sets it, and no one can set it back; the modification time
+    can be, with utime)."""
+    return (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)

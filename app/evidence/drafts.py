@@ -83,10 +83,17 @@ def _href(draft_id: str, index: int) -> str:
     return f"/api/v1/evidence/drafts/{draft_id}/attachments/{index}"
 
 
+def uploaded(store: DirectoryBlobStore, row: EvidenceUpload) -> bool:
+    """Complete, and its blob still there: a blob lost since (a damaged disk, an older
+    restore of the blob folder) makes the attachment one to upload again, not a draft that
+    can be neither completed nor submitted."""
+    return row.digest is not None and store.exists(row.digest)
+
+
 def staged_offset(store: DirectoryBlobStore, row: EvidenceUpload) -> int:
     """The durable offset without decrypting anything: whole stored chunks, never the last."""
     if row.digest is not None:
-        return row.size
+        return row.size if store.exists(row.digest) else 0
     path = store.uploads / upload_id(row.draft_id, row.part_index)
     try:
         stored = path.stat().st_size
@@ -229,7 +236,7 @@ def draft_view(
                 name=content["attachments"][row.part_index - 1]["name"],
                 size=row.size,
                 offset=staged_offset(store, row),
-                complete=row.digest is not None,
+                complete=uploaded(store, row),
                 href=_href(draft.id, row.part_index),
             )
             for row in _uploads(session, draft)
@@ -253,8 +260,17 @@ class UploadTarget:
 
 
 def upload_target(
-    session: Session, node: Node, *, draft_id: str, index: int, principal: Principal
+    session: Session,
+    node: Node,
+    store: DirectoryBlobStore,
+    *,
+    draft_id: str,
+    index: int,
+    principal: Principal,
+    start_again: bool = False,
 ) -> tuple[UploadTarget, EvidenceUpload]:
+    """With `start_again` (in a unit of work, before an upload): an attachment whose blob is
+    gone is made one to upload again (`uploaded`)."""
     draft = get_draft(session, draft_id, principal)
     row = session.scalar(
         select(EvidenceUpload).where(
@@ -263,6 +279,8 @@ def upload_target(
     )
     if row is None:
         raise NotFound("no such attachment in this draft", code="unknown_attachment")
+    if start_again and draft.state == OPEN and row.digest is not None and not uploaded(store, row):
+        _start_again(session, row, lost=row.digest)
     msg_id = bytes.fromhex(draft.id)
     content_key = _content_key(node, draft)
     target = UploadTarget(
@@ -276,6 +294,24 @@ def upload_target(
         complete=row.digest is not None or draft.state != OPEN,
     )
     return target, row
+
+
+def _start_again(session: Session, row: EvidenceUpload, *, lost: str) -> None:
+    """An attachment whose blob is gone: uploaded again from its first byte, under a new
+    stream header (the lost blob's key stream is never used again), and on record."""
+    row.digest = None
+    row.length = None
+    row.plaintext_sha256 = None
+    row.stream_header = bytes(random_bytes(STREAM_HEADER_BYTES))
+    record(
+        session,
+        actor="node",
+        action="evidence.upload_restarted",
+        outcome="blob_missing",
+        request_id=row.draft_id,
+        details={"attachment": row.part_index, "detail": f"blob {lost} is missing"},
+    )
+    session.flush()
 
 
 def renew_stream_header(session: Session, *, draft_id: str, index: int) -> None:

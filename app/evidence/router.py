@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from app.audit.log import record_alone
-from app.auth.refusals import already_audited, audit_refusal
+from app.auth.refusals import already_audited, record_refusal
 from app.auth.service import Principal
 from app.crypto.envelope import EnvelopeError
 from app.db import unit_of_work
@@ -86,7 +86,7 @@ def _offset_headers(offset: int, size: int, *, complete: bool = False) -> dict[s
 async def _offset_mismatch(request: Request, node: Node, offset: int, size: int) -> Response:
     """409 with where to resume: answered, not raised (the headers go with it), and audited
     as every refusal of a token holder is (app/auth/refusals.py)."""
-    await run_in_threadpool(audit_refusal, request.scope, node, 409, "offset_mismatch")
+    await record_refusal(request.scope, node, 409, "offset_mismatch")
     return Response(
         status_code=409,
         content=b'{"error":"offset_mismatch","detail":"resume from Upload-Offset"}',
@@ -100,12 +100,14 @@ def upload_offset(
     draft_id: DraftId, index: Index, session: SessionDep, node: NodeDep, principal: OfficerDep
 ) -> Response:
     _check_visible(node, draft_id, principal)
+    store = blob_store(node.settings)
     _, row = drafts.upload_target(
-        session, node, draft_id=draft_id, index=index, principal=principal
+        session, node, store, draft_id=draft_id, index=index, principal=principal
     )
-    offset = drafts.staged_offset(blob_store(node.settings), row)
+    offset = drafts.staged_offset(store, row)
     return Response(
-        status_code=204, headers=_offset_headers(offset, row.size, complete=row.digest is not None)
+        status_code=204,
+        headers=_offset_headers(offset, row.size, complete=drafts.uploaded(store, row)),
     )
 
 
@@ -148,7 +150,13 @@ async def upload(
         _check_visible(node, draft_id, principal)
         with unit_of_work(node.sessions) as session:
             found, _ = drafts.upload_target(
-                session, node, draft_id=draft_id, index=index, principal=principal
+                session,
+                node,
+                blob_store(node.settings),
+                draft_id=draft_id,
+                index=index,
+                principal=principal,
+                start_again=True,
             )
             return found
 
@@ -175,17 +183,20 @@ async def upload(
         # dropped, and the client starts the attachment again, as after any offset mismatch.
         store.discard_upload(found.upload_id)
         await run_in_threadpool(_restart, node, found)
-        await run_in_threadpool(
-            functools.partial(
-                record_alone,
-                node.sessions,
-                actor="node",
-                action="evidence.upload_restarted",
-                outcome=exc.code,
-                request_id=draft_id,
-                details={"attachment": index, "detail": exc.detail},
+        try:
+            await run_in_threadpool(
+                functools.partial(
+                    record_alone,
+                    node.sessions,
+                    actor="node",
+                    action="evidence.upload_restarted",
+                    outcome=exc.code,
+                    request_id=draft_id,
+                    details={"attachment": index, "detail": exc.detail},
+                )
             )
-        )
+        except Exception as failure:  # the client must still be told where to resume
+            log.error("could not audit a restarted upload (%s)", type(failure).__name__)
         return await _offset_mismatch(request, node, 0, found.size)
     keep = True
     try:

@@ -17,6 +17,7 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.audit.checkpoints import (
+    LATEST_PAGE,
     latest_signed,
     log_verifier,
     maybe_checkpoint,
@@ -126,16 +127,31 @@ def test_forged_rows_are_passed_over_for_the_latest_genuine_one(log: Log) -> Non
         genuine = latest_signed(session, verifier)
         assert genuine is not None
         assert genuine.size == 12
+        oldest = session.execute(
+            select(AuditCheckpoint.size, AuditCheckpoint.root_hash, AuditCheckpoint.note)
+            .order_by(AuditCheckpoint.id)
+            .limit(1)
+        ).one()
         forged = NodeKeys.generate()  # a note signed with another key, of a larger size
         log.add(session, 5)
         sign_checkpoint(session, authority_id=AUTHORITY, log_key=forged.log)
-        garbage = {
-            "size": 2**40,
-            "root_hash": bytes(32),
-            "note": "not a note",
-            "created_at": utc_now(),
-        }
-        session.execute(insert(AuditCheckpoint).values(**garbage))
+        # Rows at ids above any the node will take (PostgreSQL's sequence does not move for
+        # them): garbage with a huge size, and copies of the oldest genuine note as it is.
+        for number in range(3 * LATEST_PAGE):
+            garbage = {"size": 2**40, "root_hash": bytes(32), "note": "not a note"}
+            copy = {"size": oldest.size, "root_hash": oldest.root_hash, "note": oldest.note}
+            for offset, row in ((0, garbage), (1, copy)):
+                session.execute(
+                    insert(AuditCheckpoint).values(
+                        id=2_000_000_000 + 2 * number + offset, created_at=utc_now(), **row
+                    )
+                )
         latest = latest_signed(session, verifier)
         assert latest is not None
         assert (latest.size, latest.note) == (12, genuine.note)
+        # And the node signs the new entries once, then hands that checkpoint out.
+        assert log.upkeep(session, every=1, seconds=3600) == 17
+        assert log.upkeep(session, every=1, seconds=3600) is None
+        signed = latest_signed(session, verifier)
+        assert signed is not None
+        assert signed.size == 17

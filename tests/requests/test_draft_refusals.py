@@ -7,11 +7,22 @@ an offset past its end is an offset mismatch, not "too large"."""
 from __future__ import annotations
 
 import json
+import os
+import time
+from datetime import timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
-from app.crypto.encoding import b64d
+from app.crypto.encoding import b64d, utc_now
+from app.crypto.envelope import Attachment, Recipient, seal
+from app.crypto.randomness import SystemRandomness
+from app.db import unit_of_work
+from app.evidence.inbound import receive_upload_id
+from app.evidence.node_store import blob_store
+from app.evidence.stream import CHUNK_BYTES
+from app.models import EvidenceUpload
 from tests.requests.conftest import EXAMPLE, Harness, example_document
 
 
@@ -67,6 +78,9 @@ def test_an_upload_at_the_wrong_offset_is_refused_on_record(ar: Harness) -> None
     entries = ar.audit("api.refused")
     assert len(entries) == refusals + 1
     assert entries[-1][1] == "offset_mismatch"
+    # Finished, so that no writer is left open in this process's cache.
+    done = ar.http.patch(href, content=b"abc", headers={**ar.as_("officer"), "upload-offset": "0"})
+    assert done.status_code == 204, done.text
 
 
 def test_a_part_sent_past_its_end_is_an_offset_mismatch(ar: Harness) -> None:
@@ -85,3 +99,76 @@ def test_a_part_sent_past_its_end_is_an_offset_mismatch(ar: Harness) -> None:
     )
     assert (past.status_code, past.json()["error"]) == (409, "offset_mismatch"), past.text
     assert past.headers["upload-offset"] == "0"
+    whole = ar.http.put(
+        f"/p2p/v1/evidence/envelopes/{msg_id}/parts/1",
+        content=part,
+        headers={"upload-offset": "0"},
+    )
+    assert whole.status_code in (200, 201), whole.text  # and no receiver left open
+
+
+def test_a_part_damaged_on_disk_between_two_puts_gets_no_receipt(ar: Harness) -> None:
+    """The receiver kept between two PUTs held the hashes of the bytes as they arrived: a
+    staging file altered in between (same file, same size) was published, and a receipt
+    signed for it, though its blob no longer matched the signed hash."""
+    data = os.urandom(2 * CHUNK_BYTES + 1000)
+    wire = seal(
+        sender_keys=ar.peer_keys,
+        sender_authority="ES/MJ",
+        recipient=Recipient("AR/MPF", ar.node.keys.encryption_public),
+        content={"kind": "request", "document": example_document()},
+        attachments=[Attachment("disk.img", "application/octet-stream", data)],
+        conversation_id=None,
+        in_reply_to=None,
+        created_at=utc_now(),
+        ttl=timedelta(days=1),
+        randomness=SystemRandomness(),
+    ).to_wire()
+    announced = ar.http.post(
+        "/p2p/v1/evidence/envelopes", json={**wire, "parts": wire["parts"][:1]}
+    )
+    assert announced.status_code == 202, announced.text
+    msg_id = json.loads(b64d(wire["header"]))["msg_id"]
+    part, href = b64d(wire["parts"][1]), f"/p2p/v1/evidence/envelopes/{msg_id}/parts/1"
+    first = ar.http.put(href, content=part[: len(part) // 2], headers={"upload-offset": "0"})
+    assert first.status_code == 204, first.text
+    offset = int(first.headers["upload-offset"])
+    assert offset > 0
+    staging = blob_store(ar.node.settings).uploads / receive_upload_id(msg_id, 1)
+    time.sleep(0.05)  # past the file system's clock tick: the change time moves
+    with staging.open("r+b") as stored:
+        stored.seek(100)
+        byte = stored.read(1)
+        stored.seek(100)
+        stored.write(bytes([byte[0] ^ 1]))
+    rest = ar.http.put(href, content=part[offset:], headers={"upload-offset": str(offset)})
+    assert (rest.status_code, rest.json()["error"]) == (409, "offset_mismatch"), rest.text
+    assert rest.headers["upload-offset"] == "0"
+    assert ar.audit("evidence.part_restarted")[-1][0] == "node"
+    again = ar.http.put(href, content=part, headers={"upload-offset": "0"})
+    assert again.status_code in (200, 201), again.text
+
+
+def test_an_attachment_whose_blob_is_lost_is_uploaded_again(ar: Harness) -> None:
+    """Its blob gone (a damaged disk, an older copy of the blob folder put back), a complete
+    attachment was stuck: complete to every route, and the draft never submittable."""
+    created = ar.post("/api/v1/evidence/drafts", _draft_body())
+    assert created.status_code == 201, created.text
+    draft_id, href = created.json()["id"], created.json()["attachments"][0]["href"]
+    headers = {**ar.as_("officer"), "upload-offset": "0"}
+    assert ar.http.patch(href, content=b"abc", headers=headers).status_code == 204
+    with unit_of_work(ar.node.sessions) as session:
+        digest = session.scalar(
+            select(EvidenceUpload.digest).where(EvidenceUpload.draft_id == draft_id)
+        )
+    assert digest is not None
+    (blob_store(ar.node.settings).blobs / digest[:2] / digest[2:4] / digest).unlink()
+    view = ar.get(f"/api/v1/evidence/drafts/{draft_id}").json()["attachments"][0]
+    assert (view["complete"], view["offset"]) == (False, 0)
+    head = ar.http.head(href, headers=ar.as_("officer"))
+    assert (head.headers["upload-complete"], head.headers["upload-offset"]) == ("?0", "0")
+    refused = ar.post(f"/api/v1/evidence/drafts/{draft_id}/submit", {})
+    assert (refused.status_code, refused.json()["error"]) == (409, "incomplete")
+    assert ar.http.patch(href, content=b"abc", headers=headers).status_code == 204
+    assert ar.audit("evidence.upload_restarted")[-1][1:] == ("blob_missing", draft_id)
+    assert ar.post(f"/api/v1/evidence/drafts/{draft_id}/submit", {}).status_code == 201
