@@ -20,7 +20,6 @@ from sqlalchemy.orm import Session
 from app.audit.index import INDEX_BATCH, catch_up
 from app.audit.log import HEAD_ID, lock_head, mark_checkpointed
 from app.audit.note import (
-    MAX_NOTE_BYTES,
     Checkpoint,
     NoteError,
     Verifier,
@@ -117,9 +116,11 @@ class SignedCheckpoint:
 # verify --db` names every one of those rows.
 LATEST_PAGE = 16
 LATEST_PAGES = 64
+# Our notes: an origin, a size, a root and one signature line, a few hundred bytes.
+OUR_NOTE_BYTES = 1024
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=LATEST_PAGE * LATEST_PAGES)
 def opened_checkpoint(note: str, origin: str, log_public: bytes) -> Checkpoint | None:
     """The checkpoint a note signs with this log key, or None. Cached: the worker and every
     receipt read the same few notes, and a note that verified once always will."""
@@ -132,16 +133,25 @@ def opened_checkpoint(note: str, origin: str, log_public: bytes) -> Checkpoint |
 
 
 def latest_signed(session: Session, verifier: Verifier) -> SignedCheckpoint | None:
-    query = select(
-        AuditCheckpoint.size,
-        AuditCheckpoint.root_hash,
-        AuditCheckpoint.note,
-        AuditCheckpoint.created_at,
-    ).order_by(AuditCheckpoint.size.desc(), AuditCheckpoint.id.desc())
+    query = (
+        select(
+            AuditCheckpoint.size,
+            AuditCheckpoint.root_hash,
+            AuditCheckpoint.note,
+            AuditCheckpoint.created_at,
+        )
+        .where(
+            # Never one of more entries than the log holds (a note signed before a restore, put
+            # back: it covers no log there is now).
+            AuditCheckpoint.size
+            <= select(AuditHead.size).where(AuditHead.id == HEAD_ID).scalar_subquery()
+        )
+        .order_by(AuditCheckpoint.size.desc(), AuditCheckpoint.id.desc())
+    )
     for page in range(LATEST_PAGES):
         rows = session.execute(query.offset(page * LATEST_PAGE).limit(LATEST_PAGE)).all()
         for size, root_hash, note, created_at in rows:
-            if len(note) > MAX_NOTE_BYTES:  # no note of ours; nor kept in the cache
+            if len(note) > OUR_NOTE_BYTES:  # no note of ours; nor kept in the cache
                 continue
             opened = opened_checkpoint(note, verifier.name, verifier.public_key)
             if opened is not None and (opened.size, opened.root_hash) == (size, bytes(root_hash)):

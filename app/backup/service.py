@@ -39,7 +39,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.audit.checkpoints import sign_checkpoint
-from app.audit.log import read_head, record, record_alone
+from app.audit.log import record, record_alone
 from app.audit.service import verify_database
 from app.audit.verify import Report
 from app.backup.dump import current_revisions, dump_database, holds_data, load_database
@@ -567,6 +567,7 @@ def record_restore(
     }
     if report.first is not None:
         details["first_problem"] = report.first.message
+    signed = None
     try:
         with unit_of_work(node.sessions) as session:
             record(
@@ -578,15 +579,13 @@ def record_restore(
             )
             if report.ok:
                 # The log moved back to the backup's on purpose: what was signed since is
-                # no longer this node's to extend (app/audit/anchor.py).
-                head = read_head(session)
-                node.log_anchor.reset(head.size, head.root_hash)
-                sign_checkpoint(
-                    session,
-                    authority_id=node.authority_id,
-                    log_key=node.keys.log,
-                    anchor=node.log_anchor,
+                # no longer this node's to extend (app/audit/anchor.py). Signed without the
+                # record, which is then replaced by this checkpoint, once it is committed.
+                signed = sign_checkpoint(
+                    session, authority_id=node.authority_id, log_key=node.keys.log
                 )
+        if signed is not None:
+            node.log_anchor.reset(signed.size, signed.root_hash)
     except Exception as exc:
         # The log writes through the driver's own cursor: its errors come unwrapped.
         if report.ok or not isinstance(exc, (SQLAlchemyError, _driver_error(node, "Error"))):

@@ -272,11 +272,14 @@ def upload_target(
     """With `start_again` (in a unit of work, before an upload): an attachment whose blob is
     gone is made one to upload again (`uploaded`)."""
     draft = get_draft(session, draft_id, principal)
-    row = session.scalar(
-        select(EvidenceUpload).where(
-            EvidenceUpload.draft_id == draft.id, EvidenceUpload.part_index == index
-        )
+    query = select(EvidenceUpload).where(
+        EvidenceUpload.draft_id == draft.id, EvidenceUpload.part_index == index
     )
+    # Locked to start it again (PostgreSQL; SQLite's writer lock is held already): of two
+    # uploads at once, one renews the stream header, and the other sees it renewed.
+    if start_again:
+        query = query.with_for_update().execution_options(populate_existing=True)
+    row = session.scalar(query)
     if row is None:
         raise NotFound("no such attachment in this draft", code="unknown_attachment")
     if start_again and draft.state == OPEN and row.digest is not None and not uploaded(store, row):

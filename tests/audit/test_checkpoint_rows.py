@@ -8,6 +8,7 @@ SQLite and PostgreSQL.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -25,6 +26,7 @@ from app.audit.checkpoints import (
     sign_checkpoint,
 )
 from app.audit.log import read_head, record
+from app.audit.note import Checkpoint, sign_note
 from app.audit.service import verify_database
 from app.crypto.encoding import utc_now
 from app.crypto.keys import NodeKeys
@@ -155,3 +157,19 @@ def test_forged_rows_are_passed_over_for_the_latest_genuine_one(log: Log) -> Non
         signed = latest_signed(session, verifier)
         assert signed is not None
         assert signed.size == 17
+
+
+def test_a_genuine_note_of_a_longer_log_is_not_taken_for_the_latest(log: Log) -> None:
+    """A note the log key signed before a restore, of more entries than the log now holds,
+    put back in the table: it covers no log there is, and stopped every checkpoint."""
+    origin = f"entraide.log/{AUTHORITY}"
+    body = Checkpoint(origin=origin, size=30, root_hash=os.urandom(32)).format()
+    note = sign_note(body, origin, log.keys.log)
+    with unit_of_work(log.sessions) as session:
+        row = {"size": 30, "root_hash": Checkpoint.parse(body).root_hash, "note": note}
+        session.execute(insert(AuditCheckpoint).values(created_at=utc_now(), **row))
+        signed = latest_signed(session, log_verifier(AUTHORITY, log.keys.log_public))
+        assert signed is not None
+        assert signed.size == 12
+        log.add(session, 1)
+        assert log.upkeep(session, every=1, seconds=3600) == 13
