@@ -93,14 +93,19 @@ class Harness:
     # --- ES/MJ, the peer ----------------------------------------------------------------
 
     def _seal(
-        self, content: dict[str, Any], conversation: str | None, in_reply_to: str | None
+        self,
+        content: dict[str, Any],
+        conversation: str | None,
+        in_reply_to: str | None,
+        attachments: list[Attachment] | None = None,
     ) -> WireEnvelope:
+        letter = Attachment("letter.txt", "text/plain", b"letter of request")
         return seal(
             sender_keys=self.peer_keys,
             sender_authority="ES/MJ",
             recipient=Recipient("AR/MPF", self.node.keys.encryption_public),
             content=content,
-            attachments=[Attachment("letter.txt", "text/plain", b"letter of request")],
+            attachments=[letter] if attachments is None else attachments,
             conversation_id=conversation,
             in_reply_to=in_reply_to,
             created_at=utc_now(),

@@ -9,15 +9,13 @@ from __future__ import annotations
 import json
 import os
 import time
-from datetime import timedelta
 from typing import Any
 
 import pytest
 from sqlalchemy import select
 
-from app.crypto.encoding import b64d, utc_now
-from app.crypto.envelope import Attachment, Recipient, seal
-from app.crypto.randomness import SystemRandomness
+from app.crypto.encoding import b64d
+from app.crypto.envelope import Attachment
 from app.db import unit_of_work
 from app.evidence.inbound import receive_upload_id
 from app.evidence.node_store import blob_store
@@ -112,18 +110,9 @@ def test_a_part_damaged_on_disk_between_two_puts_gets_no_receipt(ar: Harness) ->
     staging file altered in between (same file, same size) was published, and a receipt
     signed for it, though its blob no longer matched the signed hash."""
     data = os.urandom(2 * CHUNK_BYTES + 1000)
-    wire = seal(
-        sender_keys=ar.peer_keys,
-        sender_authority="ES/MJ",
-        recipient=Recipient("AR/MPF", ar.node.keys.encryption_public),
-        content={"kind": "request", "document": example_document()},
-        attachments=[Attachment("disk.img", "application/octet-stream", data)],
-        conversation_id=None,
-        in_reply_to=None,
-        created_at=utc_now(),
-        ttl=timedelta(days=1),
-        randomness=SystemRandomness(),
-    ).to_wire()
+    content = {"kind": "request", "document": example_document()}
+    disk = Attachment("disk.img", "application/octet-stream", data)
+    wire = ar._seal(content, None, None, attachments=[disk]).to_wire()
     announced = ar.http.post(
         "/p2p/v1/evidence/envelopes", json={**wire, "parts": wire["parts"][:1]}
     )
