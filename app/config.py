@@ -103,6 +103,8 @@ class Settings(BaseModel):
     max_inbound_bytes_per_peer: int = Field(default=512 * 1024**3, ge=0)
     # Unfinished uploads and unreferenced blobs older than this are removed by cleanup.
     evidence_orphan_hours: float = Field(default=72.0, gt=0)
+    # Open drafts with no upload activity for this long are discarded, with their uploads.
+    evidence_draft_days: float = Field(default=30.0, gt=0)
 
     # Envelope lifetime and tolerated clock skew between nodes.
     envelope_ttl_seconds: int = 7 * 24 * 3600

@@ -8,7 +8,8 @@ received goes, with its row (were it announced again, it would be refused as exp
 Everything else older than `evidence_orphan_hours` goes; the grace period covers a blob
 finalised whose row is not yet committed.
 
-`OrphanSweep` runs it from a node's background loop, at most once per period: the pass
+`OrphanSweep` runs it from a node's background loop, at most once per period, after
+discarding the open drafts idle for `evidence_draft_days` (app/evidence/drafts.py): the pass
 reads rows (only the columns it needs: a transfer's row holds its manifest part, megabytes),
 removes files and abandoned transfers' rows, and is safe to run in several processes at once
 (a file or row already removed by another is skipped).
@@ -16,6 +17,7 @@ removes files and abandoned transfers' rows, and is safe to run in several proce
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -28,6 +30,7 @@ from app.clock import Every
 from app.crypto import envelope as env
 from app.crypto.encoding import utc_now
 from app.db import unit_of_work
+from app.evidence import drafts
 from app.evidence.blobstore import DirectoryBlobStore
 from app.evidence.inbound import announced_header
 from app.evidence.node_store import blob_store
@@ -124,9 +127,11 @@ class OrphanSweep:
         if not self._every.due():
             return None
         settings = self.node.settings
+        store = blob_store(settings)
+        self.discard_idle_drafts(store)
         with unit_of_work(self.node.sessions) as session:
             removed = cleanup_orphans(
-                session, blob_store(settings), older_than_hours=settings.evidence_orphan_hours
+                session, store, older_than_hours=settings.evidence_orphan_hours
             )
         if any(removed):
             log.info(
@@ -134,3 +139,20 @@ class OrphanSweep:
                 *removed,
             )
         return removed
+
+    def discard_idle_drafts(self, store: DirectoryBlobStore) -> int:
+        """In a transaction of its own, committed before the files go."""
+        with contextlib.ExitStack() as held:
+            with unit_of_work(self.node.sessions) as session:
+                discarded = drafts.discard_idle_drafts(
+                    session,
+                    store,
+                    held,
+                    idle_days=self.node.settings.evidence_draft_days,
+                    now=utc_now(),
+                )
+            for each in discarded:
+                drafts.remove_discarded(store, each)
+        if discarded:
+            log.info("evidence cleanup discarded %d drafts idle for too long", len(discarded))
+        return len(discarded)

@@ -1,4 +1,4 @@
-"""`entraide requests send|download`: large evidence through a node's local API.
+"""`entraide requests send|download|discard`: large evidence through a node's local API.
 
 Talks HTTP to the node (ENTRAIDE_URL, ENTRAIDE_TOKEN, or --url/--token), like any authority
 system would: a draft is created with the attachments' sizes, each file is uploaded in pieces
@@ -175,7 +175,11 @@ def send(
                 for path in files
             ]
             created = _check(http.post("/api/v1/evidence/drafts", json=body), 201)
-            typer.echo(f"draft {created['id']} (resume with --draft {created['id']})", err=True)
+            typer.echo(
+                f"draft {created['id']} (resume with --draft {created['id']}; "
+                f"or give it up: entraide requests discard {created['id']})",
+                err=True,
+            )
         else:
             created = _check(http.get(f"/api/v1/evidence/drafts/{draft}"), 200)
         if len(created["attachments"]) != len(files):
@@ -189,6 +193,18 @@ def send(
                 _upload(http, item["href"], path, progress)
         submitted = _check(http.post(f"/api/v1/evidence/drafts/{created['id']}/submit"), 201)
     typer.echo(submitted["id"])
+
+
+@requests_app.command("discard")
+def discard(
+    draft: Annotated[str, typer.Argument(help="the draft's id, as `send` printed it")],
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Discard an open draft that will not be sent: its uploads are removed at the node."""
+    with _reaching(_client(url, token)) as http:
+        _check(http.delete(f"/api/v1/evidence/drafts/{draft}"), 204)
+    typer.echo(f"draft {draft} discarded")
 
 
 @requests_app.command("download")

@@ -10,11 +10,12 @@ unit of work. Plaintext is never written anywhere.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from nacl.encoding import RawEncoder
@@ -23,7 +24,7 @@ from nacl.hash import blake2b
 from nacl.public import SealedBox
 from nacl.secret import SecretBox
 from nacl.utils import random as random_bytes
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from app.audit.log import record
@@ -381,6 +382,15 @@ class WriterCache:
         with self._lock:
             self._writers[upload] = (writer, time.monotonic())
 
+    def forget(self, upload_ids: tuple[str, ...]) -> None:
+        """Closes the idle writers of uploads just discarded: each holds its removed staging
+        file open, and the disk space with it."""
+        with self._lock:
+            idle = [self._writers.pop(name, None) for name in upload_ids]
+        for cached in idle:
+            if cached is not None:
+                cached[0].close()
+
     def close(self) -> None:
         with self._lock:
             for writer, _ in self._writers.values():
@@ -397,11 +407,19 @@ def record_uploaded(
             EvidenceUpload.part_index == target.index,
         )
     )
-    if row is None:  # pragma: no cover - the row was read before the upload began
-        raise NotFound("no such attachment in this draft", code="unknown_attachment")
+    if row is None:
+        # Discarded while its last bytes arrived: the blob just published is named by no
+        # row, and the hourly sweep removes it (app/evidence/cleanup.py).
+        raise NotFound("no such draft", code="unknown_draft")
     row.digest = part.digest
     row.length = part.length
     row.plaintext_sha256 = part.plaintext_sha256
+    # A draft's last activity: one idle for `evidence_draft_days` is discarded (below).
+    session.execute(
+        update(EvidenceDraft)
+        .where(EvidenceDraft.id == target.draft_id)
+        .values(updated_at=utc_now())
+    )
     record(
         session,
         actor=actor_of(principal),
@@ -409,6 +427,144 @@ def record_uploaded(
         msg_id=target.draft_id,
         details={"index": target.index, "size": part.plaintext_size, "sha256": part.digest},
     )
+
+
+# --- discarding ---------------------------------------------------------------------------
+
+BY_AUTHOR = "by_author"
+EXPIRED = "expired"
+
+
+@dataclass(frozen=True)
+class Discarded:
+    """What a discarded draft leaves in the blob store, to remove once its rows are gone."""
+
+    draft_id: str
+    upload_ids: tuple[str, ...]
+    digests: tuple[str, ...]
+
+
+def _hold_uploads(
+    store: DirectoryBlobStore, held: contextlib.ExitStack, draft_id: str, indexes: list[int]
+) -> None:
+    """Locks every staging file of the draft until `held` closes (after the commit): an
+    upload running on any process of the node holds one, and raises UploadBusy here; one
+    that starts meanwhile is refused as busy, and its next try finds the draft gone."""
+    for index in indexes:
+        held.enter_context(store.upload(upload_id(draft_id, index)))
+
+
+def _discard(
+    session: Session,
+    draft: EvidenceDraft,
+    uploads: list[EvidenceUpload],
+    *,
+    actor: str,
+    outcome: str,
+) -> Discarded:
+    """Removes the draft's rows, on record, in the caller's unit of work (its staging files
+    locked by the caller). With its row goes the only copy of its content key (`key_wrap`):
+    whatever of its ciphertext remains on a disk, or in a backup of the blob folder, no
+    longer opens."""
+    session.execute(delete(EvidenceUpload).where(EvidenceUpload.draft_id == draft.id))
+    session.delete(draft)
+    record(
+        session,
+        actor=actor,
+        action="evidence.draft_discarded",
+        outcome=outcome,
+        msg_id=draft.id,
+        peer=draft.peer_authority,
+        details={
+            "attachments": len(uploads),
+            "complete": sum(1 for row in uploads if row.digest is not None),
+            "bytes": sum(row.size for row in uploads),
+        },
+    )
+    session.flush()
+    return Discarded(
+        draft_id=draft.id,
+        upload_ids=tuple(upload_id(draft.id, row.part_index) for row in uploads),
+        digests=tuple(row.digest for row in uploads if row.digest is not None),
+    )
+
+
+def discard_draft(
+    session: Session,
+    store: DirectoryBlobStore,
+    held: contextlib.ExitStack,
+    *,
+    draft_id: str,
+    principal: Principal,
+) -> Discarded:
+    """Its author's `DELETE`: an open draft goes, with its uploads; a submitted one is a
+    request, and stays."""
+    draft = get_draft(session, draft_id, principal, lock=True)
+    if draft.state != OPEN:
+        raise Conflict("this draft was submitted: it is a request now", code="draft_submitted")
+    uploads = _uploads(session, draft)
+    try:
+        _hold_uploads(store, held, draft.id, [row.part_index for row in uploads])
+    except UploadBusy as exc:
+        raise Conflict(
+            "an upload of this draft is in progress; discard it once that request ends",
+            code="upload_busy",
+        ) from exc
+    return _discard(session, draft, uploads, actor=actor_of(principal), outcome=BY_AUTHOR)
+
+
+def discard_idle_drafts(
+    session: Session,
+    store: DirectoryBlobStore,
+    held: contextlib.ExitStack,
+    *,
+    idle_days: float,
+    now: datetime,
+) -> list[Discarded]:
+    """Open drafts untouched for `idle_days` (no upload finished, no staging file written
+    since), abandoned by the system that made them, go with their uploads, on record. One
+    that is being submitted or uploaded to right now is skipped: it is not idle."""
+    cutoff = now - timedelta(days=idle_days)
+    query = (
+        select(EvidenceDraft)
+        .where(EvidenceDraft.state == OPEN, EvidenceDraft.updated_at < cutoff)
+        .order_by(EvidenceDraft.updated_at)
+        .limit(100)  # the rest in the next sweep, an hour later
+        .with_for_update(skip_locked=True)
+    )
+    discarded = []
+    for draft in list(session.scalars(query)):
+        uploads = _uploads(session, draft)
+        indexes = [row.part_index for row in uploads]
+        if any(_written_since(store, upload_id(draft.id, i), cutoff) for i in indexes):
+            continue
+        locks = contextlib.ExitStack()
+        try:
+            _hold_uploads(store, locks, draft.id, indexes)
+        except BlobError:  # being uploaded to (UploadBusy), or unreadable: not this time
+            locks.close()
+            continue
+        held.enter_context(locks)
+        discarded.append(_discard(session, draft, uploads, actor="node", outcome=EXPIRED))
+    return discarded
+
+
+def _written_since(store: DirectoryBlobStore, name: str, cutoff: datetime) -> bool:
+    try:
+        mtime = (store.uploads / name).stat().st_mtime
+    except FileNotFoundError:
+        return False
+    return mtime >= cutoff.timestamp()
+
+
+def remove_discarded(store: DirectoryBlobStore, discarded: Discarded) -> None:
+    """After the commit (and while the staging files are still locked): the files go now
+    rather than with the hourly sweep. A blob is named by its ciphertext's hash, under a
+    key only this draft had: no other row can name it."""
+    for name in discarded.upload_ids:
+        store.discard_upload(name)
+    for digest in discarded.digests:
+        store.delete(digest)
 
 
 # --- submitting ---------------------------------------------------------------------------

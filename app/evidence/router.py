@@ -5,6 +5,7 @@
     HEAD  /api/v1/evidence/drafts/{id}/attachments/{index}     Upload-Offset: durable offset
     PATCH /api/v1/evidence/drafts/{id}/attachments/{index}     bytes from Upload-Offset on
     POST  /api/v1/evidence/drafts/{id}/submit                  seal and queue
+    DELETE /api/v1/evidence/drafts/{id}                        discard an open draft
 
 Upload bodies are streamed (the node's body limit does not apply to the PATCH route: the
 declared size does), encrypted chunk by chunk, and never held whole in memory.
@@ -12,6 +13,7 @@ declared size does), encrypted chunk by chunk, and never held whole in memory.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from typing import Annotated
@@ -251,3 +253,19 @@ def submit_draft(
         session, node, blob_store(node.settings), draft_id=draft_id, principal=principal
     )
     return Submitted(id=case.id, msg_id=message.msg_id, status=case.status, delivery="queued")
+
+
+@router.delete("/drafts/{draft_id}", status_code=204)
+def discard_draft(draft_id: DraftId, node: NodeDep, principal: OfficerDep) -> Response:
+    _check_visible(node, draft_id, principal)
+    store = blob_store(node.settings)
+    # The staging files stay locked until the rows' removal is committed: no upload can
+    # write into a draft that is going, nor find it gone half-way.
+    with contextlib.ExitStack() as held:
+        with unit_of_work(node.sessions) as session:
+            discarded = drafts.discard_draft(
+                session, store, held, draft_id=draft_id, principal=principal
+            )
+        drafts.remove_discarded(store, discarded)
+    _writers.forget(discarded.upload_ids)
+    return Response(status_code=204)
