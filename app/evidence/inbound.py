@@ -14,7 +14,7 @@ from __future__ import annotations
 import hmac
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -337,22 +337,67 @@ def get_transfer(session: Session, msg_id: str, *, lock: bool = False) -> Inboun
     return transfer
 
 
+class TransferDamaged(EntraideError):
+    """A transfer's stored announcement no longer opens: its header or part 0 altered or
+    damaged in the database, or the key it was sealed to gone. Never the sender's doing (the
+    announcement opened when it was stored), so never refused in its name: the row is dropped
+    (`drop_damaged`) and the sender told to announce again, as for a transfer this node does
+    not know (protocol.md section 8.5); it still holds the envelope."""
+
+    status_code = 404
+    code = "unknown_transfer"
+
+    def __init__(self, transfer: InboundTransfer, cause: env.EnvelopeError) -> None:
+        super().__init__("no envelope with this id is being received; announce it again")
+        self.row_id = transfer.id
+        self.msg_id = transfer.msg_id
+        self.sender = transfer.sender_authority
+        self.cause = cause
+
+
+def drop_damaged(session: Session, damaged: TransferDamaged) -> None:
+    """On record, in a transaction of its own; only the row found damaged (a fresh
+    announcement of the same envelope, made meanwhile, stays)."""
+    session.execute(delete(InboundTransfer).where(InboundTransfer.id == damaged.row_id))
+    record(
+        session,
+        actor="node",
+        action="evidence.transfer_dropped",
+        outcome=damaged.cause.code,
+        msg_id=damaged.msg_id,
+        peer=damaged.sender,
+        details={"detail": damaged.cause.detail[:200]},
+    )
+
+
 @dataclass(frozen=True)
 class PartTarget:
     msg_id: str
     index: int
     length: int
     offset: int
-    kwargs: dict[str, Any]
+    kwargs: dict[str, Any] = field(repr=False)  # the part's key: never in a log or traceback
     done: bool
     sender: str = ""  # the authority that announced it (signed); not who sends the bytes
 
 
 def part_target(
-    session: Session, node: Node, store: DirectoryBlobStore, *, msg_id: str, index: int
+    session: Session,
+    node: Node,
+    store: DirectoryBlobStore,
+    *,
+    msg_id: str,
+    index: int,
+    open_keys: bool = True,
 ) -> PartTarget:
+    """Where part `index` stands, refused if no part may arrive now. With `open_keys`, also
+    what receiving it needs: the content key unsealed and the manifest decrypted, work that
+    a caller who only asks where to resume (anyone who knows the message id) does not get."""
     transfer = get_transfer(session, msg_id)
-    header = transfer_header(transfer)
+    try:
+        header = transfer_header(transfer)
+    except env.EnvelopeError as exc:
+        raise TransferDamaged(transfer, exc) from exc
     if not 1 <= index < len(header.parts):
         raise EnvelopeRefused("unknown_part", "the envelope has no such part", status_code=404)
     info = header.parts[index]
@@ -367,15 +412,21 @@ def part_target(
         raise _refuse("expired", "the envelope has expired")
     if index != done + 1:
         raise EnvelopeRefused("part_out_of_order", f"send part {done + 1} first", status_code=409)
-    content_key = _content_key(node, header)
-    opened = _manifest(header, transfer.manifest_part, content_key)
+    offset = received_offset(store, transfer, header, index, done)
+    if not open_keys:
+        return PartTarget(msg_id, index, info.length, offset, {}, False, transfer.sender_authority)
+    try:
+        content_key = _content_key(node, header)
+        opened = _manifest(header, transfer.manifest_part, content_key)
+    except env.EnvelopeError as exc:
+        raise TransferDamaged(transfer, exc) from exc
     entry = opened.manifest["attachments"][index - 1]
     msg = header.msg_id_bytes
     return PartTarget(
         msg_id,
         index,
         info.length,
-        received_offset(store, transfer, header, index, done),
+        offset,
         {
             "key": env.part_key(content_key, msg, index),
             "ad": env.part_ad(msg, index),

@@ -11,6 +11,7 @@ is checked against the signed header (its length and hash) and authenticated chu
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Path, Request, Response
@@ -32,6 +33,7 @@ from app.evidence.stream import PartReceiver
 from app.p2p.refusals import audit_refusals, json_body
 from app.p2p.service import Accepted
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/p2p/v1/evidence", tags=["p2p"], dependencies=[Depends(PEER_SIGNED)])
 
 MsgId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
@@ -80,11 +82,28 @@ async def announce(request: Request, node: NodeDep) -> JSONResponse:
     return JSONResponse({"parts": announced.offsets}, status_code=202)
 
 
-def _target(node: NodeDep, msg_id: str, index: int) -> inbound.PartTarget:
-    with unit_of_work(node.sessions) as session:
-        return inbound.part_target(
-            session, node, blob_store(node.settings), msg_id=msg_id, index=index
+def _target(
+    node: NodeDep, msg_id: str, index: int, *, open_keys: bool = True
+) -> inbound.PartTarget:
+    try:
+        with unit_of_work(node.sessions) as session:
+            return inbound.part_target(
+                session,
+                node,
+                blob_store(node.settings),
+                msg_id=msg_id,
+                index=index,
+                open_keys=open_keys,
+            )
+    except inbound.TransferDamaged as damaged:
+        log.error(
+            "inbound transfer %s no longer opens (%s): dropped, for its sender to announce again",
+            msg_id,
+            damaged.cause.code,
         )
+        with unit_of_work(node.sessions) as session:
+            inbound.drop_damaged(session, damaged)
+        raise
 
 
 def _headers(offset: int, length: int) -> dict[str, str]:
@@ -94,7 +113,10 @@ def _headers(offset: int, length: int) -> dict[str, str]:
 @router.head("/envelopes/{msg_id}/parts/{index}")
 async def part_offset(msg_id: MsgId, index: Index, request: Request, node: NodeDep) -> Response:
     try:
-        target = await run_in_threadpool(_target, node, msg_id, index)
+        # No key is opened to say where to resume: anyone may ask.
+        target = await run_in_threadpool(
+            functools.partial(_target, node, msg_id, index, open_keys=False)
+        )
     except EnvelopeRefused as refused:  # anyone may ask: audited and counted as a PUT is
         await run_in_threadpool(
             _refused_part, node, msg_id, index, refused, source_address(request)

@@ -17,10 +17,10 @@ from sqlalchemy import select
 from app.crypto.encoding import b64d
 from app.crypto.envelope import Attachment
 from app.db import unit_of_work
-from app.evidence.inbound import receive_upload_id
+from app.evidence.inbound import PartTarget, receive_upload_id
 from app.evidence.node_store import blob_store
 from app.evidence.stream import CHUNK_BYTES
-from app.models import EvidenceUpload
+from app.models import EvidenceUpload, InboundTransfer
 from tests.requests.conftest import EXAMPLE, Harness, example_document
 
 
@@ -161,3 +161,57 @@ def test_an_attachment_whose_blob_is_lost_is_uploaded_again(ar: Harness) -> None
     assert ar.http.patch(href, content=b"abc", headers=headers).status_code == 204
     assert ar.audit("evidence.upload_restarted")[-1][1:] == ("blob_missing", draft_id)
     assert ar.post(f"/api/v1/evidence/drafts/{draft_id}/submit", {}).status_code == 201
+
+
+def _announce_streamed(ar: Harness) -> tuple[dict[str, Any], str, str]:
+    """An envelope with one attachment announced (part 0 only): (wire, msg_id, part 1's href)."""
+    content = {"kind": "request", "document": example_document()}
+    wire = ar._seal(content, None, None).to_wire()
+    announced = ar.http.post(
+        "/p2p/v1/evidence/envelopes", json={**wire, "parts": wire["parts"][:1]}
+    )
+    assert announced.status_code == 202, announced.text
+    msg_id = json.loads(b64d(wire["header"]))["msg_id"]
+    return wire, msg_id, f"/p2p/v1/evidence/envelopes/{msg_id}/parts/1"
+
+
+def _alter_transfer(ar: Harness, msg_id: str, column: str) -> None:
+    with unit_of_work(ar.node.sessions) as session:
+        transfer = session.scalars(
+            select(InboundTransfer).where(InboundTransfer.msg_id == msg_id)
+        ).one()
+        kept = getattr(transfer, column)
+        setattr(transfer, column, kept[:-1] + bytes([kept[-1] ^ 1]))
+
+
+def test_asking_where_a_part_stands_opens_no_key(ar: Harness) -> None:
+    """Anyone who knows a message id may ask where its part stands (HEAD): answered from the
+    stored bytes alone. The content key was unsealed and the manifest decrypted (megabytes,
+    for many attachments) for every such question."""
+    _, msg_id, href = _announce_streamed(ar)
+    # Nothing can decrypt part 0 now: only a caller that needs the key would notice.
+    _alter_transfer(ar, msg_id, "manifest_part")
+    head = ar.http.head(href)
+    assert (head.status_code, head.headers["upload-offset"]) == (204, "0")
+    target = PartTarget(msg_id, 1, 9, 0, {"key": b"k" * 32}, False)
+    assert "kk" not in repr(target)
+
+
+@pytest.mark.parametrize("column", ["manifest_part", "header"])
+def test_a_transfer_damaged_in_storage_is_announced_again(ar: Harness, column: str) -> None:
+    """Its stored announcement no longer opening (the database altered or damaged), a part
+    got a 500, and every retry of its sender the same until the envelope expired. The row is
+    dropped, on record, and the sender told to announce again: it still holds the envelope."""
+    wire, msg_id, href = _announce_streamed(ar)
+    _alter_transfer(ar, msg_id, column)
+    part = b64d(wire["parts"][1])
+    put = ar.http.put(href, content=part, headers={"upload-offset": "0"})
+    assert (put.status_code, put.json()["error"]) == (404, "unknown_transfer"), put.text
+    dropped = [entry for entry in ar.audit("evidence.transfer_dropped") if entry[0] == "node"]
+    assert dropped, "the drop is on record"
+    head = ar.http.head(href)  # the row is gone: what the sender hears until it announces
+    assert (head.status_code, head.headers["entraide-error"]) == (404, "unknown_transfer")
+    again = ar.http.post("/p2p/v1/evidence/envelopes", json={**wire, "parts": wire["parts"][:1]})
+    assert again.status_code == 202, again.text
+    put = ar.http.put(href, content=part, headers={"upload-offset": "0"})
+    assert put.status_code == 201, put.text
