@@ -8,14 +8,17 @@
     ├── Conflict (409)
     ├── PayloadTooLarge (413)
     ├── PeerError (502)             a peer answered badly or not at all
-    └── EnvelopeRefused (4xx)       a P2P envelope failed one of the receiver's checks;
-                                    `code` names the check (see docs/protocol.md)
+    ├── EnvelopeRefused (4xx)       a P2P envelope failed one of the receiver's checks;
+    │                               `code` names the check (see docs/protocol.md)
+    └── StoredEnvelopeCorrupt (500) what this node stored no longer checks out: never input
 
 Services raise these; one handler in `app.main` turns them into
 `{"error": code, "detail": detail}`. Messages never contain secrets or request content.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 # An answer to HEAD has no body: a refusal's code travels in this header instead.
 ERROR_HEADER = "entraide-error"
@@ -75,3 +78,15 @@ class EnvelopeRefused(EntraideError):
     def __init__(self, code: str, detail: str, *, status_code: int = 400) -> None:
         super().__init__(detail, code=code)
         self.status_code = status_code
+
+
+class StoredEnvelopeCorrupt(EntraideError):
+    """A stored envelope (or its receipt) no longer opens or verifies: storage was altered
+    or damaged. Never input.
+
+    `audit`: the entry recording the read it stopped (outcome `stored_envelope_corrupt`),
+    written by the error handler once the route's transaction has rolled back."""
+
+    status_code = 500
+    code = "stored_envelope_corrupt"
+    audit: dict[str, Any] | None = None

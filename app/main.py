@@ -30,7 +30,7 @@ from app.db import DurabilityLost
 from app.delivery.router import router as deliveries_router
 from app.delivery.worker import Worker
 from app.deps import DUPLICATE_KEY, P2P_UNBLOCKED, p2p_blocked_for, refuse_p2p_body
-from app.errors import ERROR_HEADER, EntraideError, EnvelopeRefused
+from app.errors import ERROR_HEADER, EntraideError, EnvelopeRefused, StoredEnvelopeCorrupt
 from app.evidence.blobstore import StorageFailed
 from app.evidence.p2p_router import router as evidence_p2p_router
 from app.evidence.router import router as evidence_router
@@ -47,7 +47,6 @@ from app.public import openapi_router
 from app.public import router as public_router
 from app.requests.admin_router import router as request_admin_router
 from app.requests.router import router as requests_router
-from app.requests.service import StoredEnvelopeCorrupt
 
 log = logging.getLogger(__name__)
 

@@ -126,6 +126,27 @@ def verify_receipt(
     """Check the signature, then that the receipt is for exactly the envelope we sent."""
     if not verify(signer_public, DOMAIN_RECEIPT, signed.body, signed.signature):
         raise ReceiptError("receipt signature does not verify")
+    return check_statement(
+        signed,
+        signer_kid=signer_kid,
+        msg_id=msg_id,
+        envelope_hash=envelope_hash,
+        from_authority=from_authority,
+        to_authority=to_authority,
+    )
+
+
+def check_statement(
+    signed: SignedReceipt,
+    *,
+    signer_kid: str | None = None,
+    msg_id: str,
+    envelope_hash: str,
+    from_authority: str,
+    to_authority: str,
+) -> Receipt:
+    """The statement alone, its signature NOT checked: that it is a version 1 receipt of
+    acceptance for exactly this envelope. `verify_receipt` checks the signature first."""
     try:
         body: dict[str, Any] = load_canonical_object(signed.body)
         if set(body) != RECEIPT_FIELDS or not is_int(body["v"]) or body["v"] != 1:

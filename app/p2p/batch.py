@@ -23,10 +23,10 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.audit.log import Event, deferred_entries, record_many
+from app.audit.log import Event, deferred_entries, record_alone, record_many
 from app.crypto import envelope as env
 from app.db import unit_of_work
-from app.errors import EnvelopeRefused
+from app.errors import EnvelopeRefused, StoredEnvelopeCorrupt
 from app.models import Peer
 from app.node import Node
 from app.obs.logs import accept_request_id, current_request_id, request_context
@@ -148,7 +148,7 @@ def _admit(session: Session, node: Node, wire: object, entries: list[Event]) -> 
     try:
         with session.begin_nested():
             accepted = accept_envelope(session, node, wire=wire, may_refresh=False)
-    except EnvelopeRefused:
+    except (EnvelopeRefused, StoredEnvelopeCorrupt):
         del entries[kept:]  # rolled back with the savepoint: nothing of it happened
         raise
     return ItemAnswer(201 if accepted.created else 200, dict(accepted.receipt.to_wire()))
@@ -173,6 +173,7 @@ def accept_batch(node: Node, batch: Batch, *, source: str) -> list[ItemAnswer]:
     refresh_unknown_signers(node, wires)
     answers: list[ItemAnswer] = []
     refusals: list[tuple[object, EnvelopeRefused]] = []
+    corrupt: list[StoredEnvelopeCorrupt] = []
     try:
         with unit_of_work(node.sessions) as session:
             with deferred_entries(session) as entries:
@@ -193,10 +194,21 @@ def accept_batch(node: Node, batch: Batch, *, source: str) -> list[ItemAnswer]:
                     except EnvelopeRefused as refusal:
                         refusals.append((wire, refusal))
                         answers.append(_refused(refusal))
+                    except StoredEnvelopeCorrupt as damage:
+                        # Ours to mend, not the sender's: this one answered 500 (retried
+                        # later), the rest of the batch goes on.
+                        corrupt.append(damage)
+                        answers.append(
+                            ItemAnswer(500, {"error": damage.code, "detail": damage.detail})
+                        )
             record_many(session, entries)
     finally:
         if refusals:
             audit_refusals(node, refusals, source=source)
+        for found in corrupt:
+            log.error("%s", found.detail)
+            if found.audit is not None:
+                record_alone(node.sessions, **found.audit)
     _log_answers(batch, answers)
     return answers
 

@@ -21,11 +21,18 @@ from app.audit.checkpoints import latest_signed, log_verifier
 from app.audit.log import Event, record, record_many
 from app.auth.throttle import Limits, auth_limits, register_refusal
 from app.crypto import envelope as env
-from app.crypto.encoding import load_canonical_object, parse_time, utc_now
-from app.crypto.receipts import SignedReceipt, issue_receipt
+from app.crypto.encoding import DecodeError, format_time, load_canonical_object, utc_now
+from app.crypto.receipts import Receipt as VerifiedReceipt
+from app.crypto.receipts import (
+    ReceiptError,
+    SignedReceipt,
+    check_statement,
+    issue_receipt,
+    verify_receipt,
+)
 from app.domain.document import RequestDocument
 from app.domain.messages import MessageDocument
-from app.errors import EnvelopeRefused
+from app.errors import EnvelopeRefused, StoredEnvelopeCorrupt
 from app.models import CaseFile, InboundTransfer, Message, Receipt
 from app.node import Node
 from app.peers.keys import (
@@ -92,6 +99,8 @@ class Stored:
     request_id: str
     direction: str
     envelope_hash: str
+    sender_authority: str
+    received_at: datetime | None
 
 
 # Repeats of one message audited one by one in a window (then counted): docs/audit.md.
@@ -103,6 +112,8 @@ _STORED = select(
     _MESSAGES.c.request_id,
     _MESSAGES.c.direction,
     _MESSAGES.c.envelope_hash,
+    _MESSAGES.c.sender_authority,
+    _MESSAGES.c.received_at,
 )
 _RECEIPT = select(RECEIPTS.c.body, RECEIPTS.c.signature)
 
@@ -145,26 +156,68 @@ def answer_repeat(
 
 def _stored_receipt(session: Session, node: Node, message: Stored) -> SignedReceipt:
     """The receipt of an envelope we hold, for a sender that lost our first answer. Signed
-    again with our current key if the stored one is not (a rotation or a replaced key since):
-    the same statement, its time unchanged, that the sender can verify with the key it pins;
-    the receipt as first issued stays stored."""
+    again with our current key if the stored one is not (a rotation since): the same
+    statement, its time unchanged, that the sender can verify with the key it pins; the
+    receipt as first issued stays stored. The stored one is checked first, signature and
+    statement, against the message it is for: signing again whatever the row says would sign
+    any statement an insider wrote there (from review)."""
     row = session.connection().execute(_RECEIPT.where(RECEIPTS.c.message_id == message.id)).first()
-    if row is None:  # an inbound message always has its receipt in the same transaction
-        raise RuntimeError(f"inbound message {message.msg_id} has no stored receipt")
-    stored = SignedReceipt(body=row.body, signature=row.signature)
-    body = load_canonical_object(stored.body)
-    if body.get("signer_kid") == node.keys.signing_kid:
-        return stored
-    return issue_receipt(
-        node.keys.signing,
-        signer_kid=node.keys.signing_kid,
-        msg_id=str(body["msg_id"]),
-        envelope_hash=str(body["envelope_hash"]),
-        from_authority=str(body["from"]),
-        to_authority=str(body["to"]),
-        received_at=parse_time(body["received_at"]),
-        checkpoint=body["checkpoint"] if isinstance(body["checkpoint"], str) else None,
-    )
+    if row is None:
+        corrupt = StoredEnvelopeCorrupt(f"inbound message {message.msg_id} has no stored receipt")
+    else:
+        stored = SignedReceipt(body=row.body, signature=row.signature)
+        try:
+            receipt = _checked_receipt(node, message, stored)
+        except (ReceiptError, DecodeError) as exc:
+            corrupt = StoredEnvelopeCorrupt(
+                f"the stored receipt of inbound message {message.msg_id} does not check out: "
+                f"{str(exc)[:120]}"
+            )
+        else:
+            if receipt.signer_kid == node.keys.signing_kid:
+                return stored
+            return issue_receipt(
+                node.keys.signing,
+                signer_kid=node.keys.signing_kid,
+                msg_id=receipt.msg_id,
+                envelope_hash=receipt.envelope_hash,
+                from_authority=receipt.from_authority,
+                to_authority=receipt.to_authority,
+                received_at=receipt.received_at,
+                checkpoint=receipt.checkpoint,
+            )
+    corrupt.audit = {
+        "actor": "node",
+        "action": "envelope.repeated",
+        "outcome": StoredEnvelopeCorrupt.code,
+        "request_id": message.request_id,
+        "msg_id": message.msg_id,
+        "peer": message.sender_authority,
+        "details": {"detail": corrupt.detail[:200]},
+    }
+    raise corrupt
+
+
+def _checked_receipt(node: Node, message: Stored, stored: SignedReceipt) -> VerifiedReceipt:
+    kid = load_canonical_object(stored.body).get("signer_kid")
+    public = node.keys.signing_public_for(kid) if isinstance(kid, str) and kid.isascii() else None
+    expected = {
+        "msg_id": message.msg_id,
+        "envelope_hash": message.envelope_hash,
+        "from_authority": message.sender_authority,
+        "to_authority": node.authority_id,
+    }
+    if public is not None:
+        return verify_receipt(stored, signer_public=public, signer_kid=kid, **expected)
+    # Signed with a key this node no longer has (replaced outside a rotation, after a
+    # compromise): its signature cannot be checked, so only what the message's own row says
+    # is signed again, its time included.
+    receipt = check_statement(stored, **expected)
+    if message.received_at is None or format_time(receipt.received_at) != format_time(
+        message.received_at
+    ):
+        raise ReceiptError("its time is not the message's")
+    return receipt
 
 
 def _check_content(

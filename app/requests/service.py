@@ -43,7 +43,12 @@ from app.delivery import outbox
 from app.delivery.outbox import CANCELLED, FAILED
 from app.domain.document import RequestDocument
 from app.domain.messages import MessageDocument, MessageType
-from app.errors import BadRequest, EntraideError, NotFound, PayloadTooLarge
+from app.errors import (
+    BadRequest,
+    NotFound,
+    PayloadTooLarge,
+    StoredEnvelopeCorrupt,
+)
 from app.evidence.reading import has_blob_parts, open_stored_head
 from app.limits import refuse_over_wire_limit
 from app.models import CaseFile, Message, OutboxItem, Receipt
@@ -61,17 +66,6 @@ from app.requests.store import StoredMessage, load_envelope, row_disagrees, stor
 
 OUTBOUND = "outbound"
 INBOUND = "inbound"
-
-
-class StoredEnvelopeCorrupt(EntraideError):
-    """A stored envelope no longer opens: storage was altered or damaged. Never input.
-
-    `audit`: the entry recording the read it stopped (outcome `stored_envelope_corrupt`),
-    written by the error handler once the route's transaction has rolled back."""
-
-    status_code = 500
-    code = "stored_envelope_corrupt"
-    audit: dict[str, Any] | None = None
 
 
 @contextmanager
