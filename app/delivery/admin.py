@@ -11,8 +11,9 @@ from sqlalchemy.orm import Session
 from app.audit.log import Event, record, record_many
 from app.crypto.encoding import utc_now
 from app.delivery import outbox
+from app.delivery.retry import delivery_deadline
 from app.errors import Conflict, NotFound
-from app.models import DeliveryAttempt, Message, OutboxItem
+from app.models import CaseFile, DeliveryAttempt, Message, OutboxItem
 from app.requests import moves
 
 
@@ -91,7 +92,11 @@ def retry_delivery(
     previous = item.state
     item.state = outbox.QUEUED
     item.next_attempt_at = moment
-    item.expires_at = message.expires_at
+    # The urgency's own deadline from now, as for a delivery just queued: an emergency
+    # retried gives up (loudly) within hours, not when its envelope expires days later.
+    case = session.get(CaseFile, message.request_id)
+    urgency = case.urgency if case is not None else "routine"
+    item.expires_at = delivery_deadline(moment, urgency, message.expires_at)
     item.updated_at = moment
     record(
         session,
