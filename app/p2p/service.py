@@ -341,7 +341,9 @@ def admit_opened(
         CaseFile, header.conversation_id, with_for_update=True, populate_existing=True
     )
     if case is not None and case.peer_authority != header.from_authority:
-        raise _refuse("unknown_conversation", "no such conversation with this sender", 409)
+        # Worded as for an id never used: another peer's conversation is not for this one
+        # to learn of (from review).
+        raise _refuse("unknown_conversation", "no such conversation", 409)
     if case is not None:
         # Step 18 again, under the lock: two copies of one message (a retry after a timeout,
         # PostgreSQL) both passed it before either was stored; the second, seeing the status
