@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from collections.abc import Iterator
@@ -134,6 +135,23 @@ def test_claim_lease_reclaim_and_fencing(sessions: tuple[str, sessionmaker[Sessi
             (2, "w2", "retry"),
         ]
         assert outbox.peer_may_hold(session, row)
+    # In the audit trail too, as every attempt is: the only sign there that the peer may hold it.
+    assert _unknown_attempts(factory) == [
+        (1, "lease expired: the outcome of this attempt is unknown")
+    ]
+
+
+def _unknown_attempts(factory: sessionmaker[Session]) -> list[tuple[int, str]]:
+    with unit_of_work(factory) as session:
+        entries = session.scalars(
+            select(AuditEntry.entry)
+            .where(AuditEntry.action == "delivery.attempt", AuditEntry.outcome == "lease_expired")
+            .order_by(AuditEntry.idx)
+        )
+        return [
+            (json.loads(e)["details"]["attempt"], json.loads(e)["details"]["error"])
+            for e in entries
+        ]
 
 
 def test_nothing_due_is_not_claimed(sessions: tuple[str, sessionmaker[Session]]) -> None:
@@ -327,6 +345,9 @@ def test_a_stopping_worker_records_the_posts_it_could_not_settle(
         assert outbox.peer_may_hold(session, posted)
         assert not outbox.peer_may_hold(session, unposted)
     assert _state(factory, posted)[0] == _state(factory, unposted)[0] == outbox.RETRY
+    assert _unknown_attempts(factory) == [
+        (1, "released unsettled: the outcome of this attempt is unknown")
+    ]
 
 
 def _receipt(received_at: datetime) -> ReceiptBody:

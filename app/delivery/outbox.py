@@ -22,6 +22,7 @@ from typing import Any, cast
 from sqlalchemy import Table, case, event, exists, func, or_, select, true, update
 from sqlalchemy.orm import Session
 
+from app.audit.log import Event, record_many
 from app.delivery.retry import delivery_deadline
 from app.models import CaseFile, DeliveryAttempt, DeliveryCounter, Message, OutboxItem, Peer
 from app.obs.logs import current_request_id
@@ -147,7 +148,7 @@ def claim_due(
         (CaseFile.urgency == "emergency", 0), (CaseFile.urgency == "urgent", 1), else_=2
     )
     statement = (
-        select(OutboxItem, Message.size_bytes)
+        select(OutboxItem, Message.size_bytes, Message.msg_id, Message.request_id)
         .join(Message, Message.id == OutboxItem.message_id)
         .join(CaseFile, CaseFile.id == Message.request_id)
         .where(
@@ -169,14 +170,15 @@ def claim_due(
         .with_for_update(skip_locked=True, of=OutboxItem)
     )
     claims = []
-    unknown = 0
-    for item, size in session.execute(statement).tuples():
+    unknown: list[Event] = []
+    for item, size, msg_id, request_id in session.execute(statement).tuples():
         if admit is not None and not admit(size):
             continue
         if item.state == IN_FLIGHT:
             # Taken over from a worker whose lease ran out (it died, or its settlement
             # failed): its post may have reached the peer, and nothing recorded it. On record
             # as an attempt whose outcome is unknown, which `peer_may_hold` counts.
+            error = "lease expired: the outcome of this attempt is unknown"
             session.add(
                 DeliveryAttempt(
                     outbox_id=item.id,
@@ -186,10 +188,12 @@ def claim_due(
                     finished_at=now,
                     outcome=LEASE_EXPIRED,
                     http_status=None,
-                    error="lease expired: the outcome of this attempt is unknown",
+                    error=error,
                 )
             )
-            unknown += 1
+            unknown.append(
+                _unknown_outcome(msg_id, request_id, item.peer_authority, item.attempts, error)
+            )
         item.state = IN_FLIGHT
         item.lease_until = now + lease
         item.lease_owner = owner
@@ -199,9 +203,24 @@ def claim_due(
             Claim(item.id, item.message_id, item.peer_authority, item.attempts, item.trace_id, now)
         )
     if unknown:
-        add_to_counters(session, {f"attempts:{LEASE_EXPIRED}": unknown})
+        add_to_counters(session, {f"attempts:{LEASE_EXPIRED}": len(unknown)})
+        record_many(session, unknown)
     session.flush()
     return claims
+
+
+def _unknown_outcome(msg_id: str, request_id: str, peer: str, attempt: int, error: str) -> Event:
+    """Every attempt is in the audit trail (DESIGN.md 5), one whose outcome is unknown too:
+    the only sign, there, that the peer may hold the envelope (from review)."""
+    return Event(
+        actor="node",
+        action="delivery.attempt",
+        outcome=LEASE_EXPIRED,
+        request_id=request_id,
+        msg_id=msg_id,
+        peer=peer,
+        details={"attempt": attempt, "error": error},
+    )
 
 
 # Answers after which the envelope may have been stored all the same: a server error (the
@@ -279,15 +298,24 @@ def release_owned(
     them, so each gets an attempt of unknown outcome, as a lease taken over does."""
     if unsettled:
         rows = session.execute(
-            select(OutboxItem.id, OutboxItem.attempts, OutboxItem.updated_at)
+            select(
+                OutboxItem.id,
+                OutboxItem.attempts,
+                OutboxItem.updated_at,
+                OutboxItem.peer_authority,
+                Message.msg_id,
+                Message.request_id,
+            )
+            .join(Message, Message.id == OutboxItem.message_id)
             .where(
                 OutboxItem.id.in_(list(unsettled)),
                 OutboxItem.state == IN_FLIGHT,
                 OutboxItem.lease_owner == owner,
             )
             # Locked: another worker taking the row over meanwhile records the attempt itself.
-            .with_for_update(skip_locked=True)
+            .with_for_update(skip_locked=True, of=OutboxItem)
         ).all()
+        error = "released unsettled: the outcome of this attempt is unknown"
         for row in rows:
             session.add(
                 DeliveryAttempt(
@@ -298,11 +326,20 @@ def release_owned(
                     finished_at=now,
                     outcome=LEASE_EXPIRED,
                     http_status=None,
-                    error="released unsettled: the outcome of this attempt is unknown",
+                    error=error,
                 )
             )
         if rows:
             add_to_counters(session, {f"attempts:{LEASE_EXPIRED}": len(rows)})
+            record_many(
+                session,
+                [
+                    _unknown_outcome(
+                        row.msg_id, row.request_id, row.peer_authority, row.attempts, error
+                    )
+                    for row in rows
+                ],
+            )
         session.flush()
     result = session.execute(
         update(OutboxItem)
