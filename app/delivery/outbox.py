@@ -44,6 +44,8 @@ MAX_ERROR_CHARS = 500
 NOT_SENT = "transport: Connect"
 # A claim taken over after its lease ran out: whatever its post did went unrecorded.
 LEASE_EXPIRED = "lease_expired"
+# Set in `session.info` by a claim that wrote audit entries (a lease taken over).
+AUDITED = "outbox.audited"
 
 
 def enqueue(
@@ -104,7 +106,8 @@ def add_to_counters(session: Session, tally: dict[str, int]) -> None:
         )
         if not getattr(changed, "rowcount", 0):  # a total not seen before
             # Another process may insert it at the same moment (a worker's claim holds no
-            # lock of the audit log): one of the two adds to the other's row.
+            # lock of the audit log unless it took a lease over): one of the two adds to the
+            # other's row.
             session.execute(_upsert(session, name, tally[name]))
 
 
@@ -203,8 +206,12 @@ def claim_due(
             Claim(item.id, item.message_id, item.peer_authority, item.attempts, item.trace_id, now)
         )
     if unknown:
-        add_to_counters(session, {f"attempts:{LEASE_EXPIRED}": len(unknown)})
+        # The audit head first, then the counters, as every settlement takes them.
         record_many(session, unknown)
+        add_to_counters(session, {f"attempts:{LEASE_EXPIRED}": len(unknown)})
+        # Entries of the log: their commit waits for the disk like any other's (a claim's
+        # alone need not, app/delivery/worker.py), or their positions could be reused.
+        session.info[AUDITED] = True
     session.flush()
     return claims
 
@@ -330,7 +337,6 @@ def release_owned(
                 )
             )
         if rows:
-            add_to_counters(session, {f"attempts:{LEASE_EXPIRED}": len(rows)})
             record_many(
                 session,
                 [
@@ -340,6 +346,7 @@ def release_owned(
                     for row in rows
                 ],
             )
+            add_to_counters(session, {f"attempts:{LEASE_EXPIRED}": len(rows)})
         session.flush()
     result = session.execute(
         update(OutboxItem)

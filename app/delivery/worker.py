@@ -369,10 +369,11 @@ class Worker:
                 skip=posting_now,
             )
             jobs = load_jobs(session, claims)
-            if claims and not signed:
+            if claims and not signed and not session.info.get(outbox.AUDITED):
                 # A claim lost in a power cut only means the rows are claimed and posted
                 # again; no need to wait for the disk before posting. A new checkpoint must
-                # wait: peers may fetch it as soon as it is committed.
+                # wait: peers may fetch it as soon as it is committed; so must audit
+                # entries (a lease taken over).
                 commit_without_waiting(session)
         # Claimed again: a post of ours it had, unsettled, is on record as of unknown outcome
         # since (claim_due records a lease taken over, ours included).

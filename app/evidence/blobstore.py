@@ -151,6 +151,9 @@ class Upload(Protocol):
         """Take it again (UploadBusy if another request writes it now); False if it changed
         meanwhile, and the caller rebuilds what it knows from what it holds."""
 
+    def removed(self) -> bool:
+        """No longer the upload of its name (discarded, or finished, by another process)."""
+
 
 class BlobStore(Protocol):
     def upload(self, upload_id: str) -> Upload:
@@ -245,6 +248,9 @@ class DirectoryUpload:
 
     def size(self) -> int:
         return os.fstat(self._file.fileno()).st_size
+
+    def removed(self) -> bool:
+        return not self._is_named()
 
     def write(self, data: bytes) -> None:
         self._raise_failed()

@@ -128,7 +128,10 @@ class OrphanSweep:
             return None
         settings = self.node.settings
         store = blob_store(settings)
-        self.discard_idle_drafts(store)
+        try:
+            self.discard_idle_drafts(store)
+        except Exception as exc:  # the orphan sweep below must run all the same
+            log.error("evidence cleanup could not discard idle drafts (%s)", type(exc).__name__)
         with unit_of_work(self.node.sessions) as session:
             removed = cleanup_orphans(
                 session, store, older_than_hours=settings.evidence_orphan_hours
@@ -141,18 +144,23 @@ class OrphanSweep:
         return removed
 
     def discard_idle_drafts(self, store: DirectoryBlobStore) -> int:
-        """In a transaction of its own, committed before the files go."""
-        with contextlib.ExitStack() as held:
-            with unit_of_work(self.node.sessions) as session:
-                discarded = drafts.discard_idle_drafts(
-                    session,
-                    store,
-                    held,
-                    idle_days=self.node.settings.evidence_draft_days,
-                    now=utc_now(),
-                )
-            for each in discarded:
-                drafts.remove_discarded(store, each)
-        if discarded:
-            log.info("evidence cleanup discarded %d drafts idle for too long", len(discarded))
-        return len(discarded)
+        """One draft per transaction, its files removed once it is committed: a sweep holds
+        the staging files of one draft at a time, never thousands."""
+        idle_days, now = self.node.settings.evidence_draft_days, utc_now()
+        with unit_of_work(self.node.sessions) as session:
+            candidates = drafts.idle_draft_ids(session, idle_days=idle_days, now=now)
+        count = 0
+        for draft_id in candidates:
+            with contextlib.ExitStack() as held:
+                with unit_of_work(self.node.sessions) as session:
+                    discarded = drafts.discard_if_idle(
+                        session, store, held, draft_id=draft_id, idle_days=idle_days, now=now
+                    )
+                if discarded is not None:
+                    drafts.remove_discarded(store, discarded)
+                    count += 1
+        # This process's idle writers of what was just removed let its space go.
+        drafts.WRITERS.purge()
+        if count:
+            log.info("evidence cleanup discarded %d drafts idle for too long", count)
+        return count

@@ -300,6 +300,21 @@ def upload_target(
     return target, row
 
 
+def upload_is_open(session: Session, *, draft_id: str, index: int) -> bool:
+    """Is the attachment still one of an open draft? Asked again once its staging file is
+    locked: a discard needs that lock, so the answer holds until the upload lets it go."""
+    found = session.scalar(
+        select(EvidenceUpload.id)
+        .join(EvidenceDraft, EvidenceDraft.id == EvidenceUpload.draft_id)
+        .where(
+            EvidenceUpload.draft_id == draft_id,
+            EvidenceUpload.part_index == index,
+            EvidenceDraft.state == OPEN,
+        )
+    )
+    return found is not None
+
+
 def _start_again(session: Session, row: EvidenceUpload, *, lost: str) -> None:
     """An attachment whose blob is gone: uploaded again from its first byte, under a new
     stream header (the lost blob's key stream is never used again), and on record."""
@@ -342,13 +357,20 @@ class WriterCache:
         self._lock = threading.Lock()
         self._writers: dict[str, tuple[PartWriter, float]] = {}
 
-    def take(self, store: DirectoryBlobStore, target: UploadTarget) -> PartWriter:
+    def purge(self) -> None:
+        """Closes the writers idle too long, and those whose staging file was removed (a
+        draft discarded through another process, or by the sweep): each holds its file's
+        space allocated while it stays open."""
         now = time.monotonic()
         with self._lock:
             for name, (idle, since) in list(self._writers.items()):
-                if now - since > IDLE_WRITER_SECONDS:
+                if now - since > IDLE_WRITER_SECONDS or idle.removed():
                     idle.close()
                     del self._writers[name]
+
+    def take(self, store: DirectoryBlobStore, target: UploadTarget) -> PartWriter:
+        self.purge()
+        with self._lock:
             cached = self._writers.pop(target.upload_id, None)
         if cached is not None:
             writer = cached[0]
@@ -398,28 +420,36 @@ class WriterCache:
             self._writers.clear()
 
 
+# The writers of this process, kept between requests (app/evidence/router.py); the hourly
+# sweep purges them too (app/evidence/cleanup.py).
+WRITERS = WriterCache()
+
+
 def record_uploaded(
     session: Session, *, target: UploadTarget, part: FinishedPart, principal: Principal
 ) -> None:
+    # The draft's row first, as a discard takes it (then the attachments'): taken in the
+    # other order, a discard and the end of an upload could each wait for the other
+    # (PostgreSQL). It also marks the draft's last activity: one idle for
+    # `evidence_draft_days` is discarded (below).
+    touched = session.execute(
+        update(EvidenceDraft)
+        .where(EvidenceDraft.id == target.draft_id, EvidenceDraft.state == OPEN)
+        .values(updated_at=utc_now())
+    )
     row = session.scalar(
         select(EvidenceUpload).where(
             EvidenceUpload.draft_id == target.draft_id,
             EvidenceUpload.part_index == target.index,
         )
     )
-    if row is None:
+    if not getattr(touched, "rowcount", 0) or row is None:
         # Discarded while its last bytes arrived: the blob just published is named by no
         # row, and the hourly sweep removes it (app/evidence/cleanup.py).
         raise NotFound("no such draft", code="unknown_draft")
     row.digest = part.digest
     row.length = part.length
     row.plaintext_sha256 = part.plaintext_sha256
-    # A draft's last activity: one idle for `evidence_draft_days` is discarded (below).
-    session.execute(
-        update(EvidenceDraft)
-        .where(EvidenceDraft.id == target.draft_id)
-        .values(updated_at=utc_now())
-    )
     record(
         session,
         actor=actor_of(principal),
@@ -513,40 +543,54 @@ def discard_draft(
     return _discard(session, draft, uploads, actor=actor_of(principal), outcome=BY_AUTHOR)
 
 
-def discard_idle_drafts(
+def idle_draft_ids(session: Session, *, idle_days: float, now: datetime) -> list[str]:
+    """Open drafts untouched for `idle_days` (no upload finished since), oldest first, at
+    most 100 a sweep (the rest an hour later)."""
+    cutoff = now - timedelta(days=idle_days)
+    return list(
+        session.scalars(
+            select(EvidenceDraft.id)
+            .where(EvidenceDraft.state == OPEN, EvidenceDraft.updated_at < cutoff)
+            .order_by(EvidenceDraft.updated_at)
+            .limit(100)
+        )
+    )
+
+
+def discard_if_idle(
     session: Session,
     store: DirectoryBlobStore,
     held: contextlib.ExitStack,
     *,
+    draft_id: str,
     idle_days: float,
     now: datetime,
-) -> list[Discarded]:
-    """Open drafts untouched for `idle_days` (no upload finished, no staging file written
-    since), abandoned by the system that made them, go with their uploads, on record. One
-    that is being submitted or uploaded to right now is skipped: it is not idle."""
+) -> Discarded | None:
+    """One draft abandoned by the system that made them (idle for `idle_days`: no upload
+    finished and no staging file written since) goes with its uploads, on record, in the
+    caller's unit of work. None if it is not idle after all: being submitted or uploaded
+    to right now, or written to lately."""
     cutoff = now - timedelta(days=idle_days)
-    query = (
+    draft = session.scalar(
         select(EvidenceDraft)
-        .where(EvidenceDraft.state == OPEN, EvidenceDraft.updated_at < cutoff)
-        .order_by(EvidenceDraft.updated_at)
-        .limit(100)  # the rest in the next sweep, an hour later
+        .where(
+            EvidenceDraft.id == draft_id,
+            EvidenceDraft.state == OPEN,
+            EvidenceDraft.updated_at < cutoff,
+        )
         .with_for_update(skip_locked=True)
     )
-    discarded = []
-    for draft in list(session.scalars(query)):
-        uploads = _uploads(session, draft)
-        indexes = [row.part_index for row in uploads]
-        if any(_written_since(store, upload_id(draft.id, i), cutoff) for i in indexes):
-            continue
-        locks = contextlib.ExitStack()
-        try:
-            _hold_uploads(store, locks, draft.id, indexes)
-        except BlobError:  # being uploaded to (UploadBusy), or unreadable: not this time
-            locks.close()
-            continue
-        held.enter_context(locks)
-        discarded.append(_discard(session, draft, uploads, actor="node", outcome=EXPIRED))
-    return discarded
+    if draft is None:
+        return None
+    uploads = _uploads(session, draft)
+    indexes = [row.part_index for row in uploads]
+    if any(_written_since(store, upload_id(draft.id, i), cutoff) for i in indexes):
+        return None
+    try:
+        _hold_uploads(store, held, draft.id, indexes)
+    except BlobError:  # being uploaded to (UploadBusy), or unreadable: not this time
+        return None
+    return _discard(session, draft, uploads, actor="node", outcome=EXPIRED)
 
 
 def _written_since(store: DirectoryBlobStore, name: str, cutoff: datetime) -> bool:

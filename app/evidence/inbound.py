@@ -569,7 +569,10 @@ def complete_held(
                 "unknown_transfer", "no envelope with this id is being received", status_code=404
             )
         return Accepted(receipt=_stored_receipt(session, node, existing), created=False)
-    header = transfer_header(transfer)
+    try:
+        header = transfer_header(transfer)
+    except env.EnvelopeError as exc:
+        raise TransferDamaged(transfer, exc) from exc
     if held_parts(store, transfer, header) != len(header.parts) - 1:
         return None
     return complete(session, node, transfer, header)
@@ -590,7 +593,8 @@ def complete(
     try:
         opened = _manifest(header, transfer.manifest_part, _content_key(node, header))
     except env.EnvelopeError as exc:
-        raise _refuse(exc.code, exc.detail) from exc
+        # It opened when it was announced: what no longer does is what this node stored.
+        raise TransferDamaged(transfer, exc) from exc
 
     def store(case: CaseFile, now: Any) -> int:
         message = Message(

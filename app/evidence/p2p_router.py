@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Path, Request, Response
 from fastapi.responses import JSONResponse
@@ -34,6 +35,7 @@ from app.p2p.refusals import audit_refusals, json_body
 from app.p2p.service import Accepted
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 router = APIRouter(prefix="/p2p/v1/evidence", tags=["p2p"], dependencies=[Depends(PEER_SIGNED)])
 
 MsgId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
@@ -43,15 +45,34 @@ _receivers = inbound.ReceiverCache()
 WHOLE_PART_CHECKS = frozenset({"part_hash_mismatch", "manifest_mismatch"})
 
 
+def _dropping_damaged(node: NodeDep, work: Callable[[], T]) -> T:
+    """`work`, and if it finds a transfer's stored announcement damaged, the row dropped (in
+    a transaction of its own: `work`'s rolled back) for its sender to announce again."""
+    try:
+        return work()
+    except inbound.TransferDamaged as damaged:
+        log.error(
+            "inbound transfer %s no longer opens (%s): dropped, for its sender to announce again",
+            damaged.msg_id,
+            damaged.cause.code,
+        )
+        with unit_of_work(node.sessions) as session:
+            inbound.drop_damaged(session, damaged)
+        raise
+
+
+def _announce_once(node: NodeDep, wire: object) -> inbound.Announced:
+    with unit_of_work(node.sessions) as session:
+        return inbound.announce(session, node, blob_store(node.settings), wire=wire)
+
+
 def _announce(node: NodeDep, wire: object) -> inbound.Announced:
     try:
-        with unit_of_work(node.sessions) as session:
-            return inbound.announce(session, node, blob_store(node.settings), wire=wire)
+        return _dropping_damaged(node, lambda: _announce_once(node, wire))
     except IntegrityError:
         # Two copies of one announcement raced past the check for a transfer (PostgreSQL,
         # parallel retries): the loser rolled back, and a second look finds the winner's.
-        with unit_of_work(node.sessions) as session:
-            return inbound.announce(session, node, blob_store(node.settings), wire=wire)
+        return _dropping_damaged(node, lambda: _announce_once(node, wire))
 
 
 @router.post(
@@ -85,7 +106,7 @@ async def announce(request: Request, node: NodeDep) -> JSONResponse:
 def _target(
     node: NodeDep, msg_id: str, index: int, *, open_keys: bool = True
 ) -> inbound.PartTarget:
-    try:
+    def find() -> inbound.PartTarget:
         with unit_of_work(node.sessions) as session:
             return inbound.part_target(
                 session,
@@ -95,15 +116,8 @@ def _target(
                 index=index,
                 open_keys=open_keys,
             )
-    except inbound.TransferDamaged as damaged:
-        log.error(
-            "inbound transfer %s no longer opens (%s): dropped, for its sender to announce again",
-            msg_id,
-            damaged.cause.code,
-        )
-        with unit_of_work(node.sessions) as session:
-            inbound.drop_damaged(session, damaged)
-        raise
+
+    return _dropping_damaged(node, find)
 
 
 def _headers(offset: int, length: int) -> dict[str, str]:
@@ -162,8 +176,12 @@ def _completed(
         )
     if not last:
         return None
-    with unit_of_work(node.sessions) as session:
-        return inbound.complete_held(session, node, store, msg_id=msg_id)
+
+    def complete() -> Accepted | None:
+        with unit_of_work(node.sessions) as session:
+            return inbound.complete_held(session, node, store, msg_id=msg_id)
+
+    return _dropping_damaged(node, complete)
 
 
 @router.put("/envelopes/{msg_id}/parts/{index}", status_code=204)

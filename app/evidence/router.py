@@ -43,7 +43,7 @@ router = APIRouter(prefix="/api/v1/evidence", tags=["evidence"], route_class=Uni
 
 DraftId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
 Index = Annotated[int, Path(ge=1, le=63)]
-_writers = drafts.WriterCache()
+_writers = drafts.WRITERS
 
 
 @router.post("/drafts", status_code=201)
@@ -200,6 +200,12 @@ async def upload(
         except Exception as failure:  # the client must still be told where to resume
             log.error("could not audit a restarted upload (%s)", type(failure).__name__)
         return await _offset_mismatch(request, node, 0, found.size)
+    if not await run_in_threadpool(_still_open, node, found):
+        # Discarded since this request read its draft: under the staging file's lock now,
+        # nothing is written for it (the file just opened goes, as the discard's did).
+        writer.close()
+        store.discard_upload(found.upload_id)
+        raise NotFound("no such draft", code="unknown_draft")
     keep = True
     try:
         if upload_offset != writer.durable_offset:
@@ -228,6 +234,11 @@ async def upload(
             _writers.put_back(found.upload_id, writer)
         else:
             writer.close()
+
+
+def _still_open(node: Node, found: drafts.UploadTarget) -> bool:
+    with unit_of_work(node.sessions) as session:
+        return drafts.upload_is_open(session, draft_id=found.draft_id, index=found.index)
 
 
 def _refuse_overrun(node: Node, found: drafts.UploadTarget, writer: PartWriter, start: int) -> None:

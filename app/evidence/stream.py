@@ -260,6 +260,11 @@ class PartWriter:
         request writes it now)."""
         return self._upload.resume()
 
+    def removed(self) -> bool:
+        """Its staging object discarded meanwhile (its draft, say): this writer only keeps
+        the removed file's space allocated."""
+        return self._upload.removed()
+
     def stored_past(self, offset: int) -> bool:
         """Whether chunks past the whole-chunk `offset` were encrypted and written."""
         return self._upload.size() > offset // CHUNK_BYTES * CIPHER_CHUNK

@@ -207,8 +207,11 @@ def accept_batch(node: Node, batch: Batch, *, source: str) -> list[ItemAnswer]:
             audit_refusals(node, refusals, source=source)
         for found in corrupt:
             log.error("%s", found.detail)
-            if found.audit is not None:
-                record_alone(node.sessions, **found.audit)
+            try:
+                if found.audit is not None:
+                    record_alone(node.sessions, **found.audit)
+            except Exception as failure:  # the batch's answers still go out; the log line stays
+                log.error("could not audit a corrupt stored receipt (%s)", type(failure).__name__)
     _log_answers(batch, answers)
     return answers
 

@@ -8,6 +8,7 @@ refused envelope leaves exactly one trace and stores nothing.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -211,13 +212,14 @@ def _checked_receipt(node: Node, message: Stored, stored: SignedReceipt) -> Veri
         return verify_receipt(stored, signer_public=public, signer_kid=kid, **expected)
     # Signed with a key this node no longer has (replaced outside a rotation, after a
     # compromise): its signature cannot be checked, so only what the message's own row says
-    # is signed again, its time included.
+    # is signed again, its time included, and no checkpoint (one the row cannot vouch for).
+    # An insider who edits both rows can still choose that time: docs/threat-model.md.
     receipt = check_statement(stored, **expected)
     if message.received_at is None or format_time(receipt.received_at) != format_time(
         message.received_at
     ):
         raise ReceiptError("its time is not the message's")
-    return receipt
+    return dataclasses.replace(receipt, checkpoint=None)
 
 
 def _check_content(

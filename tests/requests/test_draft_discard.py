@@ -150,6 +150,16 @@ def test_a_draft_being_uploaded_to_is_not_discarded_under_the_upload(ar: Harness
     assert ar.post(f"/api/v1/evidence/drafts/{draft_id}/submit", {}).status_code == 201
 
 
+def _open_files() -> list[str]:
+    links = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            links.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # closed meanwhile
+            continue
+    return links
+
+
 def _age(ar: Harness, draft_id: str, days: float) -> None:
     """As if the draft had last been touched `days` ago, its staging files too."""
     with unit_of_work(ar.node.sessions) as session:
@@ -188,6 +198,9 @@ def test_the_sweep_discards_drafts_idle_too_long(ar: Harness) -> None:
     assert _discards(ar, idle) == [
         ("node", "expired", {"attachments": 1, "complete": 0, "bytes": 2 * drafts.CHUNK_BYTES})
     ]
+    # The idle draft's writer, kept by this process between its PATCHes, let its removed
+    # staging file go: no descriptor holds its space.
+    assert not [link for link in _open_files() if idle in link]
     for kept in (recent_upload, young, submitted):
         assert _exists(ar, kept)
         assert _discards(ar, kept) == []

@@ -6,13 +6,14 @@ an offset past its end is an offset mismatch, not "too large"."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from app.crypto.encoding import b64d
 from app.crypto.envelope import Attachment
@@ -82,13 +83,7 @@ def test_an_upload_at_the_wrong_offset_is_refused_on_record(ar: Harness) -> None
 
 
 def test_a_part_sent_past_its_end_is_an_offset_mismatch(ar: Harness) -> None:
-    content = {"kind": "request", "document": example_document()}
-    wire = ar._seal(content, None, None).to_wire()
-    announced = ar.http.post(
-        "/p2p/v1/evidence/envelopes", json={**wire, "parts": wire["parts"][:1]}
-    )
-    assert announced.status_code == 202, announced.text
-    msg_id = json.loads(b64d(wire["header"]))["msg_id"]
+    wire, msg_id, _ = _announce_streamed(ar)
     part = b64d(wire["parts"][1])
     past = ar.http.put(
         f"/p2p/v1/evidence/envelopes/{msg_id}/parts/1",
@@ -215,3 +210,28 @@ def test_a_transfer_damaged_in_storage_is_announced_again(ar: Harness, column: s
     assert again.status_code == 202, again.text
     put = ar.http.put(href, content=part, headers={"upload-offset": "0"})
     assert put.status_code == 201, put.text
+
+
+def test_a_transfer_held_whole_but_damaged_is_announced_again_not_refused(ar: Harness) -> None:
+    """Every part held, its completion was left to a repeated announcement, which found the
+    stored part 0 no longer opening and refused the envelope in its sender's name (400, a
+    delivery failed for good) for what was this node's own storage."""
+    wire, msg_id, href = _announce_streamed(ar)
+    part = b64d(wire["parts"][1])
+    store = blob_store(ar.node.settings)
+    with store.upload(f"test-{msg_id}") as upload:  # as if part 1 had been received whole
+        upload.write(part)
+        store.finalise(upload, hashlib.sha256(part).hexdigest())
+    with unit_of_work(ar.node.sessions) as session:
+        session.execute(
+            update(InboundTransfer).where(InboundTransfer.msg_id == msg_id).values(parts_done=1)
+        )
+    _alter_transfer(ar, msg_id, "manifest_part")
+    head = {**wire, "parts": wire["parts"][:1]}
+
+    again = ar.http.post("/p2p/v1/evidence/envelopes", json=head)
+
+    assert (again.status_code, again.json()["error"]) == (404, "unknown_transfer"), again.text
+    assert ar.audit("evidence.transfer_dropped")[-1][0] == "node"
+    assert ar.http.post("/p2p/v1/evidence/envelopes", json=head).status_code == 202
+    assert ar.http.put(href, content=part, headers={"upload-offset": "0"}).status_code == 201

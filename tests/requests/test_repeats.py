@@ -130,3 +130,4 @@ def test_a_stored_receipt_of_a_key_no_longer_held_is_signed_again_as_its_message
         decode_receipt(first.json()), signer_public=keys.signing_public, **expected
     )
     assert again.received_at == before.received_at
+    assert again.checkpoint is None  # nothing the message's row can vouch for
