@@ -161,11 +161,16 @@ def token_cache(request: Request) -> TokenCache:
     return cache
 
 
-def _bearer_token(request: Request) -> str:
-    header = request.headers.get("authorization", "")
+def _bearer_token(request: Request) -> str | None:
+    """The bearer token. None if the header is there but holds none (another scheme, an
+    empty token): a failed authentication, counted and audited as one (api.md section 1),
+    where a request without the header is only refused."""
+    header = request.headers.get("authorization")
+    if header is None:
+        raise Unauthenticated("a bearer token is required", code="missing_token")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthenticated("a bearer token is required", code="missing_token")
+        return None
     return token.strip()
 
 
@@ -182,6 +187,9 @@ class Policy:
     async def __call__(self, request: Request, node: NodeDep) -> Principal:
         token = _bearer_token(request)
         source = source_address(request)
+        if token is None:  # refused there, on record, and never let through here
+            await run_in_threadpool(self._authenticate, request, node, None, source)
+            raise Unauthenticated("a bearer token is required", code="missing_token")
         cache = token_cache(request)
         digest, now = hash_token(token), utc_now()
         principal = cache.get(digest, source, now)
@@ -197,7 +205,9 @@ class Policy:
         request.state.principal = principal
         return principal
 
-    def _authenticate(self, request: Request, node: Node, token: str, source: str) -> Principal:
+    def _authenticate(
+        self, request: Request, node: Node, token: str | None, source: str
+    ) -> Principal:
         address_key = f"address:{address_unit(source)}"
         # Authentication gets its own short transaction: a refused token must not depend on
         # (or roll back) the route's unit of work. A blocked address is refused before its
@@ -207,6 +217,8 @@ class Policy:
             retry_after = blocked_for(session, [address_key])
             if retry_after is None:
                 try:
+                    if token is None:
+                        raise TokenRefused("a bearer token is required", code="missing_token")
                     principal = authenticate(session, token)
                 except TokenRefused as exc:
                     refused = exc
@@ -230,7 +242,8 @@ class Policy:
                     actor=f"address:{source}",
                     action="auth.failed",
                     outcome=refused.code,
-                    details={"route": request.url.path[:200]},
+                    # The route's template, never the path: the caller's own text.
+                    details={"route": route_of(request.scope)},
                 )
         if verdict.retry_after is not None:
             raise TooManyRequests(verdict.retry_after) from refused

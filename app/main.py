@@ -37,6 +37,7 @@ from app.evidence.router import router as evidence_router
 from app.limits import MAX_JSON_VALUES, HeaderLimit, json_values_exceed
 from app.node import Node, load_node
 from app.obs.health import expected_heads
+from app.obs.labels import ROUTE_TABLE, route_table
 from app.obs.metrics import Metrics
 from app.obs.middleware import Observability
 from app.obs.router import router as metrics_router
@@ -124,7 +125,9 @@ class LimitsAndHeaders:
 
         if b"%00" in bytes(scope.get("query_string", b"")):
             # Never meaningful, and PostgreSQL cannot compare text holding it: refused the
-            # same on both backends, before anything reads the query.
+            # same on both backends, before anything reads the query; on record, as every
+            # refusal of a token holder is (app/auth/refusals.py).
+            await record_refusal(scope, scope["app"].state.node, 400, "invalid_request")
             await _refuse(
                 send_with_headers, 400, "invalid_request", "a query parameter holds a NUL"
             )
@@ -427,6 +430,7 @@ def create_app(settings: Settings | None = None, *, node: Node | None = None) ->
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
+    setattr(app.state, ROUTE_TABLE, route_table(ROUTERS))
     install_openapi(app, ROUTERS)
     app.add_middleware(LimitsAndHeaders, max_body_bytes=settings.max_body_bytes)
     # Outside the body limit: headers are refused before any body is read.

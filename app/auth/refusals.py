@@ -28,6 +28,7 @@ from app.auth.service import Principal, TokenRefused, authenticate
 from app.auth.throttle import auth_limits, register_refusal
 from app.db import unit_of_work
 from app.node import Node
+from app.obs.labels import method_of, template_of
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,10 @@ def already_audited(exc: BaseException) -> BaseException:
 
 
 def route_of(scope: Scope) -> str:
-    """The method and the route's template (`/api/v1/requests/{request_id}`): the path itself
-    may carry whatever the caller sent (before routing, its first 200 characters)."""
-    route = scope.get("route")
-    template = getattr(route, "path", None) or str(scope.get("path", ""))[:200]
-    return f"{scope.get('method', '')} {template}"
+    """The method and the route's template (`/api/v1/requests/{request_id}`), never the
+    path: it may carry whatever the caller sent, a name or an account number, which the
+    audit log would keep for good (app/obs/labels.py)."""
+    return f"{method_of(scope)} {template_of(scope)}"
 
 
 def should_audit(scope: Scope, status: int, exc: BaseException | None) -> bool:

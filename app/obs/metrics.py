@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OUTBOX_STATES = (outbox.QUEUED, outbox.IN_FLIGHT, outbox.RETRY, outbox.DELIVERED, outbox.FAILED)
-UNMATCHED_ROUTE = "unmatched"
 
 
 class Metrics:

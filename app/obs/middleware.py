@@ -9,8 +9,9 @@ from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.obs.labels import method_of, template_of
 from app.obs.logs import REQUEST_ID_HEADER, accept_request_id, request_context
-from app.obs.metrics import UNMATCHED_ROUTE, Metrics
+from app.obs.metrics import Metrics
 
 log = logging.getLogger("entraide.access")
 
@@ -60,9 +61,8 @@ class Observability:
                 await self.app(scope, receive, send_with_id)
             finally:
                 elapsed = time.perf_counter() - started
-                route = scope.get("route")
-                template = getattr(route, "path", None) or UNMATCHED_ROUTE
-                method = str(scope.get("method", ""))
+                template = template_of(scope)
+                method = method_of(scope)
                 self.metrics.observe_request(method, template, status, elapsed)
                 client = scope.get("client")
                 log.info(

@@ -19,9 +19,10 @@ from collections.abc import Sequence
 from sqlalchemy import ColumnElement, delete, exists, false, or_, select
 from sqlalchemy.orm import Session
 
-from app.audit.log import record, record_alone
+from app.audit.log import record
 from app.auth.refusals import already_audited
 from app.auth.service import Principal, Role
+from app.auth.throttle import auth_limits, register_refusal
 from app.crypto.encoding import utc_now
 from app.db import unit_of_work
 from app.errors import BadRequest, Conflict, NotFound
@@ -61,15 +62,27 @@ def check_visible(node: Node, *, request_id: str, principal: Principal, action: 
         hidden = case is not None and not may_see(session, case, principal)
         peer = case.peer_authority if case is not None else None
     if hidden:
-        record_alone(
-            node.sessions,
-            actor=f"client:{principal.name}",
-            action=action,
-            outcome=REFUSED,
-            request_id=request_id,
-            peer=peer,
-            details={"reason": "not named on a restricted request"},
-        )
+        # On record until the client reaches the refusal limit, then counted (as its calls
+        # outside its role are, app/deps.py): an officer looping over a restricted id must
+        # not grow the log without end. The answer stays 404 throughout: a 429 here would
+        # tell a restricted id from one never used.
+        with unit_of_work(node.sessions) as session:
+            verdict = register_refusal(
+                session,
+                [f"forbidden:{principal.client_id}"],
+                auth_limits(node.settings),
+                actor=f"client:{principal.name}",
+            )
+            if verdict.audit:
+                record(
+                    session,
+                    actor=f"client:{principal.name}",
+                    action=action,
+                    outcome=REFUSED,
+                    request_id=request_id,
+                    peer=peer,
+                    details={"reason": "not named on a restricted request"},
+                )
         raise already_audited(NotFound("no such request", code="unknown_request"))
 
 
