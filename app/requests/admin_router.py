@@ -9,11 +9,11 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Path
-from sqlalchemy import select, true
+from sqlalchemy import exists, select, true
 from sqlalchemy.orm import Session
 
 from app.deps import AdminDep, SessionDep, UnitOfWorkRoute
-from app.models import CaseFile
+from app.models import CaseFile, RequestOfficer
 from app.requests import access, schemas
 from app.requests.service import get_case
 
@@ -36,11 +36,14 @@ def _view(session: Session, case: CaseFile) -> schemas.RestrictionView:
 
 @router.get("/restricted")
 def list_restricted(session: SessionDep, principal: AdminDep) -> list[schemas.RestrictionView]:
-    """Restricted requests, newest first: those with no officer named are seen by nobody."""
+    """Restricted requests, those with no officer named first (seen by nobody: they wait for
+    an administrator), then newest first, up to 500: past that, the oldest ones with officers
+    named are left out, never one that waits (from review)."""
+    named = exists().where(RequestOfficer.request_id == CaseFile.id)
     cases = session.scalars(
         select(CaseFile)
         .where(CaseFile.restricted == true())
-        .order_by(CaseFile.created_at.desc(), CaseFile.id.desc())
+        .order_by(named, CaseFile.created_at.desc(), CaseFile.id.desc())
         .limit(500)
     )
     return [_view(session, case) for case in cases]

@@ -193,3 +193,13 @@ def test_a_restriction_made_just_after_the_check_still_holds(
     seen = ar.get(path, "alice")
     assert seen.status_code == 200
     assert seen.json()["status"] == "delivered"  # bob's acknowledgement was not sent
+
+
+def test_requests_waiting_for_names_are_listed_first(fresh_ar: Harness) -> None:
+    """The list stops at 500: newest first, one that waited for names longest could fall
+    off it, the very request the list is for."""
+    waiting = fresh_ar.receive_request(confidentiality=NEED_TO_KNOW)
+    named = fresh_ar.receive_request(confidentiality=NEED_TO_KNOW)
+    assert _officers(fresh_ar, named, ["alice"]).status_code == 200
+    listed = fresh_ar.get("/api/v1/admin/requests/restricted", "admin").json()
+    assert [(r["id"], r["officers"]) for r in listed] == [(waiting, []), (named, ["alice"])]
