@@ -179,7 +179,7 @@ def register_refusal(
 
 
 PRUNE_BATCH = 500
-REFUSAL_KEYS = ("address:", "client:", "p2p:", "forbidden:", "refused:", "repeat:")
+REFUSAL_KEYS = ("address:", "client:", "p2p:", "forbidden:", "refused:", "repeat:", "hidden:")
 
 
 def prune_idle(session: Session, limits: Limits, now: datetime | None = None) -> int:

@@ -300,15 +300,20 @@ def upload_target(
     return target, row
 
 
-def upload_is_open(session: Session, *, draft_id: str, index: int) -> bool:
-    """Is the attachment still one of an open draft? Asked again once its staging file is
-    locked: a discard needs that lock, so the answer holds until the upload lets it go."""
+def upload_is_current(session: Session, target: UploadTarget) -> bool:
+    """Is `target` still what to write: an unfinished attachment of an open draft, under the
+    stream header it was read with? Asked again once its staging file is locked: a discard
+    and a start again (`renew_stream_header`, after its file went) both follow that lock or
+    its file's removal, so the answer holds until the upload lets the lock go. Bytes written
+    under a header renewed since would reuse a key stream whose ciphertext may remain."""
     found = session.scalar(
         select(EvidenceUpload.id)
         .join(EvidenceDraft, EvidenceDraft.id == EvidenceUpload.draft_id)
         .where(
-            EvidenceUpload.draft_id == draft_id,
-            EvidenceUpload.part_index == index,
+            EvidenceUpload.draft_id == target.draft_id,
+            EvidenceUpload.part_index == target.index,
+            EvidenceUpload.stream_header == target.stream_header,
+            EvidenceUpload.digest.is_(None),
             EvidenceDraft.state == OPEN,
         )
     )
@@ -349,6 +354,13 @@ def renew_stream_header(session: Session, *, draft_id: str, index: int) -> None:
     )
 
 
+def _removed(writer: PartWriter) -> bool:
+    try:
+        return writer.removed()
+    except OSError:  # cannot tell (a stale network file system): not kept on that doubt
+        return True
+
+
 class WriterCache:
     """Writers kept between a client's successive PATCH requests in this process, so that
     only a restart (or a long pause) costs a rebuild from the stored chunks."""
@@ -356,6 +368,7 @@ class WriterCache:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._writers: dict[str, tuple[PartWriter, float]] = {}
+        self._timer: threading.Timer | None = None
 
     def purge(self) -> None:
         """Closes the writers idle too long, and those whose staging file was removed (a
@@ -364,9 +377,20 @@ class WriterCache:
         now = time.monotonic()
         with self._lock:
             for name, (idle, since) in list(self._writers.items()):
-                if now - since > IDLE_WRITER_SECONDS or idle.removed():
+                if now - since > IDLE_WRITER_SECONDS or _removed(idle):
                     idle.close()
                     del self._writers[name]
+            self._timer = None
+            if self._writers:  # the rest are looked at again once they could be idle
+                self._schedule()
+
+    def _schedule(self) -> None:
+        """A purge IDLE_WRITER_SECONDS from now, if none is due (with `_lock` held): a
+        process whose clients stop uploading closes its writers all the same."""
+        if self._timer is None:
+            self._timer = threading.Timer(IDLE_WRITER_SECONDS + 1, self.purge)
+            self._timer.daemon = True
+            self._timer.start()
 
     def take(self, store: DirectoryBlobStore, target: UploadTarget) -> PartWriter:
         self.purge()
@@ -403,6 +427,7 @@ class WriterCache:
             return
         with self._lock:
             self._writers[upload] = (writer, time.monotonic())
+            self._schedule()
 
     def forget(self, upload_ids: tuple[str, ...]) -> None:
         """Closes the idle writers of uploads just discarded: each holds its removed staging

@@ -531,7 +531,10 @@ def part_received(
     whose predecessor has not arrived yet, say: 425, tried again) must not undo the count,
     or the sender would send the whole last part again on every attempt."""
     transfer = get_transfer(session, msg_id, lock=True)
-    header = transfer_header(transfer)
+    try:
+        header = transfer_header(transfer)
+    except env.EnvelopeError as exc:
+        raise TransferDamaged(transfer, exc) from exc
     if transfer.parts_done < index:
         transfer.parts_done = index
         transfer.updated_at = utc_now()

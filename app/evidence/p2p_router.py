@@ -170,11 +170,14 @@ def _completed(
 ) -> Accepted | None:
     store = blob_store(node.settings)
     receiver.finalise(store)
-    with unit_of_work(node.sessions) as session:
-        last = inbound.part_received(
-            session, node, store, msg_id=msg_id, index=index, from_offset=from_offset
-        )
-    if not last:
+
+    def count() -> bool:
+        with unit_of_work(node.sessions) as session:
+            return inbound.part_received(
+                session, node, store, msg_id=msg_id, index=index, from_offset=from_offset
+            )
+
+    if not _dropping_damaged(node, count):
         return None
 
     def complete() -> Accepted | None:

@@ -200,12 +200,21 @@ async def upload(
         except Exception as failure:  # the client must still be told where to resume
             log.error("could not audit a restarted upload (%s)", type(failure).__name__)
         return await _offset_mismatch(request, node, 0, found.size)
-    if not await run_in_threadpool(_still_open, node, found):
-        # Discarded since this request read its draft: under the staging file's lock now,
-        # nothing is written for it (the file just opened goes, as the discard's did).
+    try:
+        current = await run_in_threadpool(_still_current, node, found)
+    except BaseException:
+        writer.close()
+        raise
+    if not current:
+        # Discarded since this request read its draft, or started again under a new stream
+        # header: under the staging file's lock now, nothing is written for what it read
+        # (the file just opened goes, as the discard's did; the client asks HEAD again).
         writer.close()
         store.discard_upload(found.upload_id)
-        raise NotFound("no such draft", code="unknown_draft")
+        raise Conflict(
+            "this attachment was discarded or started again meanwhile; ask HEAD where to resume",
+            code="upload_changed",
+        )
     keep = True
     try:
         if upload_offset != writer.durable_offset:
@@ -236,9 +245,9 @@ async def upload(
             writer.close()
 
 
-def _still_open(node: Node, found: drafts.UploadTarget) -> bool:
+def _still_current(node: Node, found: drafts.UploadTarget) -> bool:
     with unit_of_work(node.sessions) as session:
-        return drafts.upload_is_open(session, draft_id=found.draft_id, index=found.index)
+        return drafts.upload_is_current(session, found)
 
 
 def _refuse_overrun(node: Node, found: drafts.UploadTarget, writer: PartWriter, start: int) -> None:

@@ -62,14 +62,15 @@ def check_visible(node: Node, *, request_id: str, principal: Principal, action: 
         hidden = case is not None and not may_see(session, case, principal)
         peer = case.peer_authority if case is not None else None
     if hidden:
-        # On record until the client reaches the refusal limit, then counted (as its calls
-        # outside its role are, app/deps.py): an officer looping over a restricted id must
-        # not grow the log without end. The answer stays 404 throughout: a 429 here would
-        # tell a restricted id from one never used.
+        # On record until the client reaches the refusal limit, then counted: an officer
+        # looping over a restricted id must not grow the log without end. A key of its own,
+        # never blocking anything: the answer stays 404 throughout, and no other answer of
+        # this client's changes with it (a 429 anywhere would tell a restricted id from one
+        # never used).
         with unit_of_work(node.sessions) as session:
             verdict = register_refusal(
                 session,
-                [f"forbidden:{principal.client_id}"],
+                [f"hidden:{principal.client_id}"],
                 auth_limits(node.settings),
                 actor=f"client:{principal.name}",
             )

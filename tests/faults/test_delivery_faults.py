@@ -230,8 +230,8 @@ def test_four_workers_deliver_one_backlog_on_postgresql(shared_pg: Databases, la
 BODY_LIMIT = 28 * 1024
 
 
-def _posts(pair: Pair, route: str) -> float:
-    """POSTs the receiver answered on `route`, from its /metrics."""
+def _posts(pair: Pair, route: str, status: str | None = None) -> float:
+    """POSTs the receiver answered on `route` (with `status`), from its /metrics."""
     text = httpx.get(pair.receiver.url + "/metrics", timeout=10).text
     return sum(
         sample.value
@@ -240,6 +240,7 @@ def _posts(pair: Pair, route: str) -> float:
         if sample.name == "entraide_http_requests_total"
         and sample.labels.get("route") == route
         and sample.labels.get("method") == "POST"
+        and status in (None, sample.labels.get("status"))
     )
 
 
@@ -289,9 +290,10 @@ def test_a_batch_over_the_peers_body_limit_goes_one_by_one(lab: Lab) -> None:
     ledger = pair.ledger(accepted)
     ledger.check()
     assert ledger.delivered == 5
-    # The batch was refused before routing (the body limit), hence no route in its metric.
-    assert _posts(pair, "unmatched") == 1
-    assert _posts(pair, "/p2p/v1/envelopes/batch") == 0
+    # The batch was refused before routing (the body limit): its metric names the route it
+    # was for all the same, with the 413.
+    assert _posts(pair, "/p2p/v1/envelopes/batch") == 1
+    assert _posts(pair, "/p2p/v1/envelopes/batch", "413") == 1
     assert _posts(pair, "/p2p/v1/envelopes") == 5
 
 

@@ -88,4 +88,8 @@ def test_need_to_know_refusals_are_bounded_and_always_404(fresh_ar: Harness) -> 
     assert answers == {(404, "unknown_request")}  # a 429 would tell it from an unknown id
     refused = [e for e in _entries(ar, since, "request.read") if e["actor"] == "client:bob"]
     assert len(refused) == limit
-    assert [e["details"]["key"] for e in _entries(ar, since, "auth.throttled")] == ["forbidden"]
+    assert [e["details"]["key"] for e in _entries(ar, since, "auth.throttled")] == ["hidden"]
+    # Nothing else of bob's answers tells what these calls were: his calls outside his role
+    # are counted apart, and refused 403 as before.
+    forbidden = ar.get("/api/v1/admin/requests/restricted", "bob")
+    assert (forbidden.status_code, forbidden.json()["error"]) == (403, "forbidden")
