@@ -518,9 +518,9 @@ def _discard(
     outcome: str,
 ) -> Discarded:
     """Removes the draft's rows, on record, in the caller's unit of work (its staging files
-    locked by the caller). With its row goes the only copy of its content key (`key_wrap`):
-    whatever of its ciphertext remains on a disk, or in a backup of the blob folder, no
-    longer opens."""
+    locked by the caller). With its row goes the node's copy of its content key (`key_wrap`):
+    whatever of its ciphertext remains on its disk no longer opens with what the node holds
+    (a database backup taken before keeps the key: docs/operations.md)."""
     session.execute(delete(EvidenceUpload).where(EvidenceUpload.draft_id == draft.id))
     session.delete(draft)
     record(
