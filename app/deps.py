@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.audit.log import record
 from app.auth.cache import TokenCache
-from app.auth.refusals import already_audited, route_of
+from app.auth.refusals import already_audited, record_counted, route_of
 from app.auth.service import Principal, Role, TokenRefused, authenticate, hash_token
 from app.auth.throttle import (
     Limits,
@@ -256,21 +256,14 @@ def _record_forbidden(request: Request, node: Node, principal: Principal, allowe
     limit, then counted (the next `auth.throttled` says how many) and answered 429, so no
     client can flood the log with them. Only the forbidden calls are held back: the client's
     own work goes on."""
-    with unit_of_work(node.sessions) as session:
-        verdict = register_refusal(
-            session,
-            [f"forbidden:{principal.client_id}"],
-            auth_limits(node.settings),
-            actor=f"client:{principal.name}",
-        )
-        if verdict.audit:
-            record(
-                session,
-                actor=f"client:{principal.name}",
-                action="auth.forbidden",
-                outcome="forbidden",
-                details={"route": route_of(request.scope), "requires": allowed},
-            )
+    verdict = record_counted(
+        node,
+        f"forbidden:{principal.client_id}",
+        actor=f"client:{principal.name}",
+        action="auth.forbidden",
+        outcome="forbidden",
+        details={"route": route_of(request.scope), "requires": allowed},
+    )
     if verdict.retry_after is not None:
         raise TooManyRequests(verdict.retry_after)
 

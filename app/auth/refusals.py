@@ -25,7 +25,7 @@ from starlette.types import Scope
 
 from app.audit.log import record
 from app.auth.service import Principal, TokenRefused, authenticate
-from app.auth.throttle import auth_limits, register_refusal
+from app.auth.throttle import Verdict, auth_limits, register_refusal
 from app.db import unit_of_work
 from app.node import Node
 from app.obs.labels import method_of, template_of
@@ -36,6 +36,20 @@ AUDITED = "_entraide_audited"
 LOCAL_API = "/api/v1/"
 NOT_HERE = frozenset({401, 429})  # entries of their own (auth.failed, auth.throttled)
 _REQUEST_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def record_counted(
+    node: Node, key: str, *, actor: str, action: str, outcome: str, **fields: Any
+) -> Verdict:
+    """A refusal of a known client, on record until `key` reaches the refusal limit, then
+    counted (the next `auth.throttled` says how many), in a transaction of its own: no
+    client can grow the log without end with them. The verdict says whether `key` is now
+    blocked; the caller decides whether that changes its answer."""
+    with unit_of_work(node.sessions) as session:
+        verdict = register_refusal(session, [key], auth_limits(node.settings), actor=actor)
+        if verdict.audit:
+            record(session, actor=actor, action=action, outcome=outcome, **fields)
+    return verdict
 
 
 def already_audited(exc: BaseException) -> BaseException:

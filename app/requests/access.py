@@ -20,9 +20,8 @@ from sqlalchemy import ColumnElement, delete, exists, false, or_, select
 from sqlalchemy.orm import Session
 
 from app.audit.log import record
-from app.auth.refusals import already_audited
+from app.auth.refusals import already_audited, record_counted
 from app.auth.service import Principal, Role
-from app.auth.throttle import auth_limits, register_refusal
 from app.crypto.encoding import utc_now
 from app.db import unit_of_work
 from app.errors import BadRequest, Conflict, NotFound
@@ -67,23 +66,16 @@ def check_visible(node: Node, *, request_id: str, principal: Principal, action: 
         # never blocking anything: the answer stays 404 throughout, and no other answer of
         # this client's changes with it (a 429 anywhere would tell a restricted id from one
         # never used).
-        with unit_of_work(node.sessions) as session:
-            verdict = register_refusal(
-                session,
-                [f"hidden:{principal.client_id}"],
-                auth_limits(node.settings),
-                actor=f"client:{principal.name}",
-            )
-            if verdict.audit:
-                record(
-                    session,
-                    actor=f"client:{principal.name}",
-                    action=action,
-                    outcome=REFUSED,
-                    request_id=request_id,
-                    peer=peer,
-                    details={"reason": "not named on a restricted request"},
-                )
+        record_counted(
+            node,
+            f"hidden:{principal.client_id}",
+            actor=f"client:{principal.name}",
+            action=action,
+            outcome=REFUSED,
+            request_id=request_id,
+            peer=peer,
+            details={"reason": "not named on a restricted request"},
+        )
         raise already_audited(NotFound("no such request", code="unknown_request"))
 
 

@@ -26,11 +26,8 @@ def _held(name: str) -> list[str]:
     return [link for link in links if name in link]
 
 
-def test_a_writer_of_a_removed_staging_file_is_closed(tmp_path: Path) -> None:
-    store = DirectoryBlobStore(tmp_path / "blobs")
-    cache = drafts.WriterCache()
-    name = drafts.upload_id("a" * 32, 1)
-    writer = PartWriter.open(
+def _writer(store: DirectoryBlobStore, name: str) -> PartWriter:
+    return PartWriter.open(
         store,
         name,
         key=bytes(random_bytes(KEY_BYTES)),
@@ -38,17 +35,17 @@ def test_a_writer_of_a_removed_staging_file_is_closed(tmp_path: Path) -> None:
         stream_header=bytes(random_bytes(STREAM_HEADER_BYTES)),
         size=10,
     )
+
+
+def test_a_writer_of_a_removed_staging_file_is_closed(tmp_path: Path) -> None:
+    store = DirectoryBlobStore(tmp_path / "blobs")
+    cache = drafts.WriterCache()
+    name = drafts.upload_id("a" * 32, 1)
+    writer = _writer(store, name)
     writer.write(b"12345")
     cache.put_back(name, writer)
     kept = drafts.upload_id("b" * 32, 1)
-    other = PartWriter.open(
-        store,
-        kept,
-        key=bytes(random_bytes(KEY_BYTES)),
-        ad=b"ad",
-        stream_header=bytes(random_bytes(STREAM_HEADER_BYTES)),
-        size=10,
-    )
+    other = _writer(store, kept)
     cache.put_back(kept, other)
     try:
         assert _held(name)
