@@ -8,6 +8,7 @@ purpose from touching the others.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hmac
 import json
@@ -177,6 +178,10 @@ def save_keys(keys_dir: Path, keys: NodeKeys, *, passphrase: bytes | None = None
     if passphrase is not None:
         _chosen(passphrase)
     keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # mkdir's mode applies only to a folder it makes: one already there (the checkout's own
+    # `keys/`, 0755 from git) is closed too, or the node's own checks refuse it at once.
+    with contextlib.suppress(OSError):  # not ours to change: `doctor` says what to run
+        keys_dir.chmod(0o700)
     secrets = {
         "signing": bytes(keys.signing),
         "encryption": bytes(keys.encryption),

@@ -163,9 +163,22 @@ def send(
     """Create a draft, upload each attached file (resumable), then submit the request."""
     files = _files(attach or [])
     body = _request_body(request) if draft is None else {}
+    inline = body.get("attachments")
+    if inline:
+        # Sent as given, they would be dropped without a word (the letter of request in the
+        # project's own example, say): each is to be a file of its own.
+        names = ", ".join(
+            str(item.get("name")) if isinstance(item, dict) else "?"
+            for item in (inline if isinstance(inline, list) else [inline])
+        )
+        typer.echo(
+            f"error: {request} holds attachments inline ({names}); this command sends only "
+            "files given with --attach: save each to a file and attach it",
+            err=True,
+        )
+        raise typer.Exit(2)
     with _reaching(_client(url, token)) as http:
         if draft is None:
-            body.pop("attachments", None)
             body["attachments"] = [
                 {
                     "name": path.name,
@@ -175,23 +188,28 @@ def send(
                 for path in files
             ]
             created = _check(http.post("/api/v1/evidence/drafts", json=body), 201)
-            typer.echo(
-                f"draft {created['id']} (resume with --draft {created['id']}; "
-                f"or give it up: entraide requests discard {created['id']})",
-                err=True,
-            )
+            typer.echo(f"draft {created['id']}", err=True)
         else:
             created = _check(http.get(f"/api/v1/evidence/drafts/{draft}"), 200)
         if len(created["attachments"]) != len(files):
             typer.echo("error: give the same files, in the same order, as the draft's", err=True)
             raise typer.Exit(2)
-        with _progress() as progress:
-            for item, path in zip(created["attachments"], files, strict=True):
-                if path.stat().st_size != item["size"]:
-                    typer.echo(f"error: {path} is not the size the draft declared", err=True)
-                    raise typer.Exit(2)
-                _upload(http, item["href"], path, progress)
-        submitted = _check(http.post(f"/api/v1/evidence/drafts/{created['id']}/submit"), 201)
+        try:
+            with _progress() as progress:
+                for item, path in zip(created["attachments"], files, strict=True):
+                    if path.stat().st_size != item["size"]:
+                        typer.echo(f"error: {path} is not the size the draft declared", err=True)
+                        raise typer.Exit(2)
+                    _upload(http, item["href"], path, progress)
+            submitted = _check(http.post(f"/api/v1/evidence/drafts/{created['id']}/submit"), 201)
+        except (typer.Exit, httpx.HTTPError, KeyboardInterrupt):
+            # Only then is there a draft to resume or give up: a submitted one is a request.
+            typer.echo(
+                f"the draft stays open: resume with --draft {created['id']}, "
+                f"or give it up: entraide requests discard {created['id']}",
+                err=True,
+            )
+            raise
     typer.echo(submitted["id"])
 
 

@@ -4,6 +4,7 @@ saying so and a non-zero exit, never a traceback, and nothing is created at the 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -39,6 +40,8 @@ def _entraide(*args: str) -> subprocess.CompletedProcess[str]:
         ("request not JSON", "is not JSON"),
         ("request not an object", "must hold a JSON object"),
         ("node unreachable", "cannot reach the node at http://127.0.0.1:"),
+        # Sent as given, the project's own example lost its letter of request without a word.
+        ("attachments inline", "holds attachments inline (letter.txt); this command sends"),
     ],
 )
 def test_send_says_what_is_wrong_in_one_line(tmp_path: Path, case: str, says: str) -> None:
@@ -54,6 +57,9 @@ def test_send_says_what_is_wrong_in_one_line(tmp_path: Path, case: str, says: st
         request.write_text("to: AR/MPF")
     elif case == "request not an object":
         request.write_text("[1, 2]")
+    elif case == "attachments inline":
+        inline = [{"name": "letter.txt", "media_type": "text/plain", "content_base64": "aGk="}]
+        request.write_text(json.dumps({"to": "AR/MPF", "document": {}, "attachments": inline}))
     done = _entraide("send", str(request), "--attach", str(attachment))
     assert done.returncode != 0
     assert says in done.stderr, done.stderr

@@ -118,3 +118,16 @@ def test_passphrase_sources(tmp_path: Path) -> None:
     os.close(fd)
     with pytest.raises(KeyFileError, match="not UTF-8"):
         read_passphrase(None, path)
+
+
+def test_init_closes_a_keys_folder_that_was_already_there(tmp_path: Path) -> None:
+    """The checkout ships `keys/` (its README and .gitignore), 0755 from git: `init` wrote its
+    keys into it and left it open, so the node's own `doctor` failed straight after `init`
+    (from an operator's review)."""
+    node = new_node(tmp_path)
+    node.keys_dir.mkdir(parents=True, mode=0o755)
+    node.keys_dir.chmod(0o755)
+    (node.keys_dir / "README.md").write_text("key material lives here\n")
+    node.init()
+    assert node.keys_dir.stat().st_mode & 0o777 == 0o700
+    assert (node.keys_dir / "README.md").exists()
