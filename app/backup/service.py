@@ -47,11 +47,11 @@ from app.backup.sealed import PassphraseError, seal, unseal
 from app.config import Settings
 from app.crypto.encoding import b64d, b64e, format_time, utc_now
 from app.crypto.identity import build_identity_document
-from app.crypto.keys import IDENTITY_FILE, keys_exist, keys_folder_lock
+from app.crypto.keys import IDENTITY_FILE, KEY_FILES, keys_exist, keys_folder_lock, load_keys
 from app.crypto.signing import sign, verify
 from app.db import make_engine, unit_of_work
 from app.migrate import alembic_config, pending, upgrade
-from app.node import Node, load_node
+from app.node import Node, key_passphrase, load_node
 
 FORMAT = "entraide-backup"
 FORMAT_VERSION = 1
@@ -120,6 +120,29 @@ def _private_keys_tar(keys_dir: Path) -> bytes:
             with path.open("rb") as handle:
                 tar.addfile(info, handle)
     return buffer.getvalue()
+
+
+def _check_keys_unchanged(settings: Settings, node: Node) -> None:
+    """The keys about to be copied are the node's own, files of their own (from review): a
+    key file that is a symbolic link (a secret mount) was left out without a word, and the
+    backup, said to hold the private keys, restored none; keys rotated since this backup
+    began would be copied under a manifest naming and signed by the old ones, a backup no
+    restore accepts. Either is refused now, not found at restore."""
+    for name in KEY_FILES.values():
+        path = settings.keys_dir / name
+        if path.is_symlink() or not path.is_file():
+            raise BackupError(
+                f"{path} is not a file of its own (a symbolic link?): its key would not be "
+                "in the backup; back up where it comes from, or copy it into the keys folder"
+            )
+    now = load_keys(settings.keys_dir, passphrase=key_passphrase(settings))
+    if (now.signing_public, now.encryption_public) != (
+        node.keys.signing_public,
+        node.keys.encryption_public,
+    ):
+        raise BackupError(
+            "the node's keys changed while the backup ran (a rotation?): run it again"
+        )
 
 
 def _checkpoint_before_copy(session: Session, node: Node, *, private_keys: bool) -> str:
@@ -204,6 +227,7 @@ def create_backup(
                     assert passphrase is not None  # noqa: S101  # checked above
                     # Not in the middle of a rotation: its chain and its keys together.
                     with keys_folder_lock(settings.keys_dir):
+                        _check_keys_unchanged(settings, node)
                         keys_tar = _private_keys_tar(settings.keys_dir)
                     sealed, private = seal(keys_tar, passphrase)
                     (staging / PRIVATE_MEMBER).write_bytes(sealed)
@@ -231,17 +255,25 @@ def create_backup(
                 descriptor = os.open(
                     partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600
                 )
-                with os.fdopen(descriptor, "wb") as raw:
-                    with tarfile.open(fileobj=raw, mode="w:gz") as tar:
-                        _add_bytes(tar, MANIFEST, manifest_bytes)
-                        _add_bytes(tar, SIGNATURE, b64e(signature).encode())
-                        for name in members:
-                            tar.add(
-                                str(staging / name), arcname=name, recursive=False, filter=_private
-                            )
-                    raw.flush()
-                    os.fsync(raw.fileno())
-                os.replace(partial, out)
+                try:
+                    with os.fdopen(descriptor, "wb") as raw:
+                        with tarfile.open(fileobj=raw, mode="w:gz") as tar:
+                            _add_bytes(tar, MANIFEST, manifest_bytes)
+                            _add_bytes(tar, SIGNATURE, b64e(signature).encode())
+                            for name in members:
+                                tar.add(
+                                    str(staging / name),
+                                    arcname=name,
+                                    recursive=False,
+                                    filter=_private,
+                                )
+                        raw.flush()
+                        os.fsync(raw.fileno())
+                    os.replace(partial, out)
+                except BaseException:
+                    # A full disk, say: the database and the sealed keys are not left behind.
+                    partial.unlink(missing_ok=True)
+                    raise
         except BaseException as exc:
             if checkpoint is not None:  # its entry says a backup was made: it was not
                 _record_failed_backup(node, exc)
@@ -401,6 +433,22 @@ def _restore_keys(settings: Settings, archive: _Archive, passphrase: bytes | Non
                 _check_manifest_signature(probe, archive)
             finally:
                 probe.close()
+            # Checked as staged, installed as staged: a file left in the keys folder (the
+            # identity or rotation chain of another node, once its keys were deleted) would
+            # win over the one checked, and a node be restored under another's name (from
+            # review). An identical one is fine; a different one stops the restore.
+            clashes = [
+                str(keys_dir / path.relative_to(staged))
+                for path in sorted(staged.rglob("*"))
+                if path.is_file()
+                and (keys_dir / path.relative_to(staged)).exists()
+                and (keys_dir / path.relative_to(staged)).read_bytes() != path.read_bytes()
+            ]
+            if clashes:
+                raise BackupError(
+                    f"{', '.join(clashes)} already there and not the backup's: move them out "
+                    f"of {keys_dir}, then restore again"
+                )
             keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             for path in sorted(staged.rglob("*")):
                 target = keys_dir / path.relative_to(staged)

@@ -372,3 +372,39 @@ def test_a_backup_that_could_not_be_written_is_recorded_as_failed(
     finally:
         engine.dispose()
     assert outcomes == [("backup.created", "ok"), ("backup.created", "failed")]
+
+
+def test_a_backup_refuses_key_files_it_would_leave_out(tmp_path: Path) -> None:
+    """From review: a key file that is a symbolic link (a secret mounted from elsewhere) was
+    skipped, and the backup, said to hold the private keys, restored none; and a failure
+    while writing left the whole database and sealed keys in `<out>.partial`."""
+    databases = make_databases("sqlite", tmp_path)
+    node = _initialised(tmp_path, databases.new("es"))
+    mounted = tmp_path / "secrets"
+    mounted.mkdir(mode=0o700)
+    key = node.keys_dir / "signing.key"
+    (mounted / "signing.key").write_bytes(key.read_bytes())
+    (mounted / "signing.key").chmod(0o600)
+    key.unlink()
+    key.symlink_to(mounted / "signing.key")
+    out = tmp_path / "keys.tar.gz"
+    with pytest.raises(BackupError, match=r"signing\.key is not a file of its own"):
+        backup_of(node, out, PASSPHRASE.encode())
+    assert not out.exists()
+    assert not out.with_name(out.name + ".partial").exists()
+
+
+def test_a_restore_into_a_folder_holding_another_nodes_files_is_refused(tmp_path: Path) -> None:
+    """From review: restoring into a keys folder whose key files were deleted but whose other
+    files stayed (another node's identity) checked the backup's files and installed the old
+    ones: a node restored under another's name."""
+    databases = make_databases("sqlite", tmp_path)
+    node = _initialised(tmp_path, databases.new("es"))
+    sealed = backup_of(node, tmp_path / "sealed.tar.gz", PASSPHRASE.encode())
+    other = LocalNode("AR/MPF", "Ministerio Publico Fiscal", tmp_path / "other", databases.new("o"))
+    other.init()
+    for key in other.keys_dir.glob("*.key"):
+        key.unlink()
+    with pytest.raises(BackupError, match="already there and not the backup's"):
+        restore_into(databases.new("fresh"), other.keys_dir, sealed, PASSPHRASE.encode())
+    assert not any(other.keys_dir.glob("*.key"))  # nothing installed
