@@ -61,6 +61,7 @@ def keys_rotate(
     from app.cli import _fail, _node, _operator, _settings
     from app.crypto.keyfile import KeyFileError
     from app.crypto.keys import format_fingerprint, load_identity, rotate_keys
+    from app.crypto.rotation import RotationError
     from app.db import unit_of_work
     from app.node import key_passphrase
 
@@ -75,7 +76,8 @@ def keys_rotate(
             passphrase=key_passphrase(settings),
             overlap=timedelta(days=overlap_days),
         )
-    except (KeyFileError, OSError) as exc:
+    except (KeyFileError, RotationError, OSError) as exc:
+        # RotationError: the chain's length limit, say; nothing was written.
         raise _fail(str(exc)) from exc
     node = _node(settings)
     try:

@@ -25,7 +25,8 @@ from app.audit.log import read_head
 from app.config import LEASE_MARGIN_SECONDS, Settings, longest_exchange_seconds
 from app.crypto.encoding import utc_now
 from app.crypto.identity import IdentityError, parse_identity_document
-from app.crypto.keys import IDENTITY_FILE, KEY_FILES, load_identity, load_keys
+from app.crypto.keyfile import KeyFileError, stored_plain
+from app.crypto.keys import IDENTITY_FILE, KEY_FILES, load_identity, load_keys, retired_files
 from app.db import make_engine, make_session_factory, read_snapshot
 from app.errors import PeerError
 from app.models import OutboxItem, Peer, WitnessAlarm
@@ -33,6 +34,7 @@ from app.node import key_passphrase, load_node
 from app.obs.health import current_heads, expected_heads, unknown_revisions
 from app.obs.metrics import key_dates
 from app.peers.client import IDENTITY_PATH, make_http_client, read_json_bounded
+from app.tls import client_context
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 KEY_ROTATE_AFTER = timedelta(days=365)
@@ -195,6 +197,17 @@ def check_keys(settings: Settings) -> Iterator[Finding]:
         yield Finding(FAIL, "keys", f"the keys do not load: {exc}")
         return
     node.close()
+    if key_passphrase(settings) is not None:
+        # Loaded all the same (a keys backup from before `keys protect`, put back): the
+        # node runs on keys anyone who copies the folder can use (from review).
+        for path in [*(keys_dir / name for name in KEY_FILES.values()), *retired_files(keys_dir)]:
+            if stored_plain(path):
+                yield Finding(
+                    FAIL,
+                    "keys",
+                    f"{path} is stored in plain form although a key passphrase is set: "
+                    "run `entraide keys protect`",
+                )
     now = utc_now()
     for purpose, (created, expires) in key_dates(keys_dir).items():
         if expires is not None and expires <= now:
@@ -511,7 +524,14 @@ def diagnose(settings: Settings) -> list[Finding]:
         findings += check_checkpoints(settings, engine)
         findings += check_database(settings, engine)
         timeout = min(settings.peer_timeout_seconds, PEER_TIMEOUT_SECONDS)
-        with make_http_client(timeout) as http:
+        try:
+            # As the worker reaches them: its CA bundle and client certificate (from
+            # review: with the system's CAs, a private-CA deployment read "unreachable").
+            tls = client_context(settings)
+        except (KeyFileError, OSError, ValueError) as exc:
+            findings.append(Finding(FAIL, "tls", f"the TLS client settings do not load: {exc}"))
+            tls = None
+        with make_http_client(timeout, tls=tls) as http:
             findings += check_peers(settings, engine, http)
     finally:
         engine.dispose()

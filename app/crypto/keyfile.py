@@ -196,3 +196,13 @@ def read_passphrase(value: str | None, file: Path | None) -> bytes | None:
     if not value:
         raise KeyFileError("the key passphrase is empty")
     return value.encode()
+
+
+def stored_plain(path: Path) -> bool:
+    """Is this key file of the plain form (version 1), its secret readable by whoever reads
+    the file? False for a protected one, or one that cannot be read as a key file at all."""
+    try:
+        document = json.loads(path.read_bytes()[:MAX_KEY_FILE_BYTES])
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(document, dict) and document.get("v") == 1

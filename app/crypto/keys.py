@@ -500,3 +500,8 @@ def load_identity(keys_dir: Path) -> NodeIdentity:
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise KeyFileError(f"{path} is not a valid node identity file") from exc
+
+
+def retired_files(keys_dir: Path) -> list[Path]:
+    """The retired keys' files (`RETIRED_DIR`), for checks of every key file the node has."""
+    return sorted(path for path in (keys_dir / RETIRED_DIR).glob("*") if path.is_file())

@@ -255,3 +255,21 @@ def test_a_database_of_a_newer_version_is_named_as_such(tmp_path: Path) -> None:
         assert result.returncode == 1, output
         assert "migrated by a newer version of Entraide (revision f0f0f0f0f0f0" in output
         assert "Traceback" not in output
+
+
+def test_doctor_fails_keys_stored_plain_on_a_node_with_a_passphrase(tmp_path: Path) -> None:
+    """From review: plain key files load on a node whose operator set a passphrase (a keys
+    backup from before `keys protect`, put back), and nothing said so."""
+    node = LocalNode(
+        "ES/MJ", "Ministerio de Justicia", tmp_path / "es", f"sqlite:///{tmp_path}/es.db"
+    )
+    node.init()
+    node.extra_env["ENTRAIDE_KEY_PASSPHRASE"] = "a key passphrase, long enough"
+    report = node.cli("doctor", check=False).stdout
+    plain = [line for line in report.splitlines() if "stored in plain form" in line]
+    assert len(plain) == 3, report
+    assert all(line.startswith(FAIL) for line in plain)
+    assert "run `entraide keys protect`" in plain[0]
+    protect = node.cli("keys", "protect", check=False)
+    assert protect.returncode == 0, protect.stdout + protect.stderr
+    assert "stored in plain form" not in node.cli("doctor", check=False).stdout
