@@ -29,7 +29,8 @@ from app.crypto.keyfile import KeyFileError, stored_plain
 from app.crypto.keys import IDENTITY_FILE, KEY_FILES, load_identity, load_keys, retired_files
 from app.db import make_engine, make_session_factory, read_snapshot
 from app.errors import PeerError
-from app.models import OutboxItem, Peer, WitnessAlarm
+from app.evidence.node_store import blob_store
+from app.models import BlobPart, OutboxItem, Peer, WitnessAlarm
 from app.node import key_passphrase, load_node
 from app.obs.health import current_heads, expected_heads, unknown_revisions
 from app.obs.metrics import key_dates
@@ -243,6 +244,10 @@ def redacted_url(url: str) -> str:
         return "(unparseable URL)"
 
 
+# Blobs whose presence `doctor` checks, at most (a stat each).
+MAX_BLOBS_CHECKED = 100_000
+
+
 def check_database(settings: Settings, engine: Engine) -> Iterator[Finding]:
     """Reachable and current; then the state a busy operator should know about."""
     try:
@@ -304,6 +309,7 @@ def check_database(settings: Settings, engine: Engine) -> Iterator[Finding]:
             f"a message has waited {hours:.1f} h for delivery: "
             "see `entraide deliveries list --stuck-minutes 60`",
         )
+    yield from _missing_blobs(settings, engine)
     for (peer,) in alarms:
         yield Finding(
             FAIL,
@@ -312,6 +318,31 @@ def check_database(settings: Settings, engine: Engine) -> Iterator[Finding]:
             "(a witness alarm): tell its operator and your security officer; if its operator "
             "tells you it restored its node from a backup, `entraide peers accept-restore "
             f"{peer} --reason ...` closes it (docs/operations.md §5)",
+        )
+
+
+def _missing_blobs(settings: Settings, engine: Engine) -> Iterator[Finding]:
+    """Evidence that stored messages name and the blob folder no longer holds: after a
+    restore without the blob folder (it is not in `entraide backup`), a download said only
+    `stored_envelope_corrupt` (from an operator's review). Up to MAX_BLOBS_CHECKED of them,
+    one `stat` each."""
+    with engine.connect() as connection:
+        digests = list(connection.scalars(select(BlobPart.digest).limit(MAX_BLOBS_CHECKED)))
+    if not digests:
+        return
+    try:
+        store = blob_store(settings)
+    except OSError as exc:
+        yield Finding(FAIL, "evidence", f"the evidence folder cannot be opened: {exc}")
+        return
+    missing = sum(1 for digest in digests if not store.exists(digest))
+    if missing:
+        yield Finding(
+            FAIL,
+            "evidence",
+            f"{missing} of {len(digests)} evidence blobs that stored messages name are not in "
+            f"{store.root}: put back the evidence folder from its own backup (ENTRAIDE_BLOB_DIR, "
+            "docs/operations.md §5); until then their downloads fail",
         )
 
 
