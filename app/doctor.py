@@ -381,7 +381,8 @@ def _check_peer(
     log_kid: str,
 ) -> Iterator[Finding]:
     area = f"peer {authority}"
-    if url.startswith("http://") and not settings.allow_insecure_http:
+    refused = url.startswith("http://") and not settings.allow_insecure_http
+    if refused:
         yield Finding(
             FAIL,
             area,
@@ -443,6 +444,8 @@ def _check_peer(
             "(its checkpoints no longer verify here): ask its operator why; pinning it again "
             "(`entraide peers add URL --fingerprint …`) takes the new one",
         )
+    elif refused:  # an "ok" beside the FAIL above would read as cancelling it
+        yield Finding(WARN, area, f"reachable at {url}, keys current, but not delivered to (above)")
     else:
         yield Finding(OK, area, f"reachable at {url}, keys current")
     try:

@@ -6,13 +6,18 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
 
+import httpx
 import pytest
 from alembic import command
 from alembic.script import ScriptDirectory
 
-from app.doctor import FAIL, OK, WARN, clock_verdict, skew_from_date_header
+from app.config import Settings
+from app.crypto.identity import build_identity_document
+from app.crypto.keys import NodeIdentity, NodeKeys
+from app.doctor import FAIL, OK, WARN, _check_peer, clock_verdict, skew_from_date_header
 from app.localnodes import LocalNode
 from app.migrate import alembic_config
+from app.peers.client import IDENTITY_PATH
 from tests.conftest import make_databases
 
 
@@ -273,3 +278,37 @@ def test_doctor_fails_keys_stored_plain_on_a_node_with_a_passphrase(tmp_path: Pa
     protect = node.cli("keys", "protect", check=False)
     assert protect.returncode == 0, protect.stdout + protect.stderr
     assert "stored in plain form" not in node.cli("doctor", check=False).stdout
+
+
+def test_a_peer_pinned_at_plain_http_is_not_also_reported_ok(tmp_path: Path) -> None:
+    """From an operator's review: the FAIL ("the worker will not deliver there") was followed
+    by "ok ... reachable, keys current", which read as cancelling it. The peer here answers as
+    a node does (its identity document); only its address is plain HTTP."""
+    keys = NodeKeys.generate()
+    identity = NodeIdentity("AR/MPF", "Ministerio Publico Fiscal", "http://ar.example")
+    document = build_identity_document(identity, keys, issued_at=datetime.now(UTC))
+
+    def peer(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == IDENTITY_PATH
+        return httpx.Response(
+            200, json=document, headers={"date": format_datetime(datetime.now(UTC), usegmt=True)}
+        )
+
+    settings = Settings(database_url=f"sqlite:///{tmp_path}/x.db", keys_dir=tmp_path / "keys")
+    with httpx.Client(transport=httpx.MockTransport(peer)) as http:
+        findings = list(
+            _check_peer(
+                settings,
+                http,
+                "AR/MPF",
+                "http://ar.example",
+                keys.fingerprint,
+                keys.encryption_kid,
+                keys.log_kid,
+            )
+        )
+    levels = [(f.level, f.message.split(":")[0]) for f in findings if f.area == "peer AR/MPF"]
+    assert levels[0] == (FAIL, "pinned at plain-HTTP http")
+    assert OK not in [level for level, _ in levels[:2]]
+    assert levels[1][0] == WARN
+    assert "but not delivered to" in findings[1].message
