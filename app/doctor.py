@@ -29,7 +29,7 @@ from app.crypto.keyfile import KeyFileError, stored_plain
 from app.crypto.keys import IDENTITY_FILE, KEY_FILES, load_identity, load_keys, retired_files
 from app.db import make_engine, make_session_factory, read_snapshot
 from app.errors import PeerError
-from app.evidence.node_store import blob_store
+from app.evidence.blobstore import blob_root
 from app.models import BlobPart, OutboxItem, Peer, WitnessAlarm
 from app.node import key_passphrase, load_node
 from app.obs.health import current_heads, expected_heads, unknown_revisions
@@ -245,7 +245,7 @@ def redacted_url(url: str) -> str:
 
 
 # Blobs whose presence `doctor` checks, at most (a stat each).
-MAX_BLOBS_CHECKED = 100_000
+MAX_BLOBS_CHECKED = 10_000
 
 
 def check_database(settings: Settings, engine: Engine) -> Iterator[Finding]:
@@ -325,23 +325,34 @@ def _missing_blobs(settings: Settings, engine: Engine) -> Iterator[Finding]:
     """Evidence that stored messages name and the blob folder no longer holds: after a
     restore without the blob folder (it is not in `entraide backup`), a download said only
     `stored_envelope_corrupt` (from an operator's review). Up to MAX_BLOBS_CHECKED of them,
-    one `stat` each."""
+    a `stat` each; nothing is created (a volume not mounted is to be seen, not covered)."""
     with engine.connect() as connection:
         digests = list(connection.scalars(select(BlobPart.digest).limit(MAX_BLOBS_CHECKED)))
     if not digests:
         return
-    try:
-        store = blob_store(settings)
-    except OSError as exc:
-        yield Finding(FAIL, "evidence", f"the evidence folder cannot be opened: {exc}")
+    root = blob_root(settings.blob_dir, settings.keys_dir)
+    if not (root / "blobs").is_dir():
+        yield Finding(
+            FAIL,
+            "evidence",
+            f"the evidence folder {root} is missing (a volume not mounted?), and stored "
+            "messages name evidence in it: put it back (ENTRAIDE_BLOB_DIR, docs/operations.md §5)",
+        )
         return
-    missing = sum(1 for digest in digests if not store.exists(digest))
+
+    def held(digest: str) -> bool:
+        try:
+            return (root / "blobs" / digest[:2] / digest[2:4] / digest).is_file()
+        except (OSError, ValueError):  # unreadable, or a damaged row's name: not held
+            return False
+
+    missing = sum(1 for digest in digests if not held(digest))
     if missing:
         yield Finding(
             FAIL,
             "evidence",
             f"{missing} of {len(digests)} evidence blobs that stored messages name are not in "
-            f"{store.root}: put back the evidence folder from its own backup (ENTRAIDE_BLOB_DIR, "
+            f"{root}: put back the evidence folder from its own backup (ENTRAIDE_BLOB_DIR, "
             "docs/operations.md §5); until then their downloads fail",
         )
 

@@ -19,6 +19,7 @@ checkpoints and against the checkpoint in the manifest, and records the restore 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -47,7 +48,15 @@ from app.backup.sealed import PassphraseError, seal, unseal
 from app.config import Settings
 from app.crypto.encoding import b64d, b64e, format_time, utc_now
 from app.crypto.identity import build_identity_document
-from app.crypto.keys import IDENTITY_FILE, KEY_FILES, keys_exist, keys_folder_lock, load_keys
+from app.crypto.keys import (
+    IDENTITY_FILE,
+    KEY_FILES,
+    RETIRED_DIR,
+    ROTATIONS_FILE,
+    keys_exist,
+    keys_folder_lock,
+    load_keys,
+)
 from app.crypto.signing import sign, verify
 from app.db import make_engine, unit_of_work
 from app.migrate import alembic_config, pending, upgrade
@@ -107,8 +116,31 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _names_the_node(relative: Path) -> bool:
+    """A file of the keys folder that says whose node it is: its identity, keys and rotation
+    chain (not the signed-log record, which changes at every checkpoint, nor a README)."""
+    parts = relative.parts
+    return parts[0] == RETIRED_DIR or relative.name in {
+        IDENTITY_FILE,
+        ROTATIONS_FILE,
+        *KEY_FILES.values(),
+    }
+
+
+def _refuse_linked_keys(keys_dir: Path) -> None:
+    """Key material that is a symbolic link (a secret mounted from elsewhere) would not be
+    in the backup (links are never followed into it): refused before anything is copied."""
+    for path in sorted(keys_dir.rglob("*")):
+        if path.is_symlink() and _names_the_node(path.relative_to(keys_dir)):
+            raise BackupError(
+                f"{path} is not a file of its own (a symbolic link): its key would not be in "
+                "the backup; back up where it comes from, or copy it into the keys folder"
+            )
+
+
 def _private_keys_tar(keys_dir: Path) -> bytes:
     """Every regular file of the keys folder (current and retired keys), but node.json."""
+    _refuse_linked_keys(keys_dir)
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         for path in sorted(keys_dir.rglob("*")):
@@ -128,13 +160,7 @@ def _check_keys_unchanged(settings: Settings, node: Node) -> None:
     backup, said to hold the private keys, restored none; keys rotated since this backup
     began would be copied under a manifest naming and signed by the old ones, a backup no
     restore accepts. Either is refused now, not found at restore."""
-    for name in KEY_FILES.values():
-        path = settings.keys_dir / name
-        if path.is_symlink() or not path.is_file():
-            raise BackupError(
-                f"{path} is not a file of its own (a symbolic link?): its key would not be "
-                "in the backup; back up where it comes from, or copy it into the keys folder"
-            )
+    _refuse_linked_keys(settings.keys_dir)
     now = load_keys(settings.keys_dir, passphrase=key_passphrase(settings))
     if (now.signing_public, now.encryption_public) != (
         node.keys.signing_public,
@@ -183,6 +209,8 @@ def create_backup(
     out.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(out.parent, os.W_OK | os.X_OK):
         raise BackupError(f"cannot write into {out.parent}")
+    if include_private_keys:  # before the database is dumped and the log told of a backup
+        _refuse_linked_keys(settings.keys_dir)
     node = load_node(settings)
     try:
         # The copy covers a signed checkpoint: a restore proves the log it brings back extends
@@ -441,6 +469,7 @@ def _restore_keys(settings: Settings, archive: _Archive, passphrase: bytes | Non
                 str(keys_dir / path.relative_to(staged))
                 for path in sorted(staged.rglob("*"))
                 if path.is_file()
+                and _names_the_node(path.relative_to(staged))
                 and (keys_dir / path.relative_to(staged)).exists()
                 and (keys_dir / path.relative_to(staged)).read_bytes() != path.read_bytes()
             ]
@@ -450,6 +479,8 @@ def _restore_keys(settings: Settings, archive: _Archive, passphrase: bytes | Non
                     f"of {keys_dir}, then restore again"
                 )
             keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with contextlib.suppress(OSError):  # one there already (the checkout's keys/)
+                keys_dir.chmod(0o700)
             for path in sorted(staged.rglob("*")):
                 target = keys_dir / path.relative_to(staged)
                 if path.is_dir():

@@ -202,13 +202,18 @@ def send(
                         raise typer.Exit(2)
                     _upload(http, item["href"], path, progress)
             submitted = _check(http.post(f"/api/v1/evidence/drafts/{created['id']}/submit"), 201)
-        except (typer.Exit, httpx.HTTPError, KeyboardInterrupt):
-            # Only then is there a draft to resume or give up: a submitted one is a request.
+        except (typer.Exit, httpx.HTTPError, KeyboardInterrupt, OSError) as exc:
+            # Only then is there a draft to resume or give up: a submitted one is a request
+            # (and a submission whose answer was lost may have been one).
+            if isinstance(exc, OSError):
+                typer.echo(f"error: cannot read an attached file: {exc}", err=True)
             typer.echo(
-                f"the draft stays open: resume with --draft {created['id']}, "
+                f"the draft may still be open: resume with --draft {created['id']}, "
                 f"or give it up: entraide requests discard {created['id']}",
                 err=True,
             )
+            if isinstance(exc, OSError):
+                raise typer.Exit(1) from exc
             raise
     typer.echo(submitted["id"])
 

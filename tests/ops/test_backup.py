@@ -408,3 +408,21 @@ def test_a_restore_into_a_folder_holding_another_nodes_files_is_refused(tmp_path
     with pytest.raises(BackupError, match="already there and not the backup's"):
         restore_into(databases.new("fresh"), other.keys_dir, sealed, PASSPHRASE.encode())
     assert not any(other.keys_dir.glob("*.key"))  # nothing installed
+
+
+def test_a_restore_keeps_what_does_not_say_whose_node_it_is(tmp_path: Path) -> None:
+    """From re-review: the clash check compared every file, and refused a restore whose keys
+    folder still held the node's own signed-log record (it changes at every checkpoint) or a
+    README of another version; only files that say whose node it is may clash. The folder
+    is closed (0700) as `init` closes it."""
+    databases = make_databases("sqlite", tmp_path)
+    node = _initialised(tmp_path, databases.new("es"))
+    (node.keys_dir / "README.md").write_text("keys live here\n")
+    sealed = backup_of(node, tmp_path / "sealed.tar.gz", PASSPHRASE.encode())
+    target = tmp_path / "restored" / "keys"
+    target.mkdir(parents=True, mode=0o755)
+    target.chmod(0o755)
+    (target / "README.md").write_text("another version of the README\n")
+    assert restore_into(databases.new("fresh"), target, sealed, PASSPHRASE.encode()).ok
+    assert (target / "README.md").read_text() == "another version of the README\n"
+    assert target.stat().st_mode & 0o777 == 0o700
