@@ -390,6 +390,10 @@ class Worker:
         return posting
 
     def _deliver_group(self, group: list[Job]) -> list[Outcome | None]:
+        if self._suspended_since_claim(group[0].claim.peer_authority):
+            # `peers suspend` stops every exchange at once: what was claimed just before it
+            # is not posted either (from review), and waits, untried, for a resumption.
+            return [Outcome(outbox.RETRY, "peer suspended before the post") for _ in group]
         if len(group) == 1 or group[0].base_url in self._no_batch:
             return [self._deliver_one(job) for job in group]
         try:
@@ -397,6 +401,19 @@ class Worker:
         except Exception as exc:  # as for one post: the batch is tried again, not lost
             log.error("delivery of a batch failed unexpectedly: %s", type(exc).__name__)
             return [Outcome(outbox.RETRY, f"internal: {type(exc).__name__}") for _ in group]
+
+    def _suspended_since_claim(self, authority: str) -> bool:
+        """One indexed read per post (not per envelope): the claim skipped suspended peers,
+        but a suspension may have come since, while this round's earlier posts ran."""
+        try:
+            with self.node.sessions() as session:
+                suspended = session.scalar(
+                    select(Peer.suspended_at).where(Peer.authority_id == authority)
+                )
+        except Exception as exc:  # the post's own outcome will say what the database does
+            log.warning("could not read a peer's suspension (%s)", type(exc).__name__)
+            return False
+        return suspended is not None
 
     def _deliver_one(self, job: Job) -> Outcome | None:
         if self._stop.is_set():

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.crypto.encoding import utc_now
@@ -16,7 +16,7 @@ from app.delivery import outbox
 from app.delivery import worker as worker_module
 from app.delivery.settle import Outcome, settle_batch
 from app.delivery.worker import Worker
-from app.models import OutboxItem
+from app.models import OutboxItem, Peer
 from tests.requests.conftest import Harness
 from tests.requests.test_lost_moves import ACK, _delivery_id
 
@@ -64,3 +64,30 @@ def test_only_the_posts_whose_settlement_failed_are_recorded_at_a_stop(
         assert outbox.peer_may_hold(session, failing_row)
         states = dict(session.execute(select(OutboxItem.id, OutboxItem.state)).all())
     assert states[settled_row] == states[failing_row] == outbox.RETRY
+
+
+def test_a_peer_suspended_after_the_claim_gets_no_post(fresh_ar: Harness) -> None:
+    """From review: the claim skips suspended peers, but what it took just before `peers
+    suspend` was posted all the same, to the URL and keys as claimed. It waits now, untried."""
+    ar = fresh_ar
+    request_id = ar.receive_request()
+    sent = ar.reply(request_id, ACK)
+    assert sent.status_code == 201, sent.text
+    row = _delivery_id(ar, sent.json()["msg_id"])
+    worker = Worker(ar.node)
+    try:
+        with unit_of_work(ar.node.sessions) as session:
+            claims = outbox.claim_due(
+                session, now=utc_now(), lease=LEASE, limit=10, owner=worker.id
+            )
+            jobs = worker_module.load_jobs(session, claims)
+        assert [job.claim.outbox_id for job in jobs] == [row]
+        with unit_of_work(ar.node.sessions) as session:
+            session.execute(
+                update(Peer).where(Peer.authority_id == "ES/MJ").values(suspended_at=utc_now())
+            )
+        outcomes = worker._deliver_group(jobs)
+        assert outcomes == [Outcome(outbox.RETRY, "peer suspended before the post")]
+    finally:
+        worker._pool.shutdown()
+        worker.http.close()
