@@ -44,6 +44,8 @@ MAX_ERROR_CHARS = 500
 NOT_SENT = "transport: Connect"
 # A claim taken over after its lease ran out: whatever its post did went unrecorded.
 LEASE_EXPIRED = "lease_expired"
+# Where a suspended peer's deliveries wait: past any deadline, until a resumption.
+SUSPENDED_FOR = timedelta(days=36500)
 # Set in `session.info` by a claim that wrote audit entries (a lease taken over).
 AUDITED = "outbox.audited"
 
@@ -295,6 +297,33 @@ def renew(session: Session, claim: Claim, *, now: datetime, lease: timedelta) ->
         .values(lease_until=now + lease, updated_at=now)
     )
     return bool(getattr(result, "rowcount", 0))
+
+
+def hand_back_unposted(
+    session: Session, claims: Collection[Claim], *, owner: str, now: datetime
+) -> None:
+    """Claims never posted (their peer suspended since): the rows as they were before the
+    claim, waiting out of the due range as a suspension leaves its peer's rows (a
+    resumption makes them due). No attempt is recorded: none was made. Only rows still ours,
+    at this claim's attempt (fencing)."""
+    for claim in claims:
+        session.execute(
+            update(OutboxItem)
+            .where(
+                OutboxItem.id == claim.outbox_id,
+                OutboxItem.state == IN_FLIGHT,
+                OutboxItem.lease_owner == owner,
+                OutboxItem.attempts == claim.attempts,
+            )
+            .values(
+                state=case((OutboxItem.attempts == 1, QUEUED), else_=RETRY),
+                attempts=OutboxItem.attempts - 1,
+                lease_until=None,
+                lease_owner=None,
+                next_attempt_at=now + SUSPENDED_FOR,
+                updated_at=now,
+            )
+        )
 
 
 def release_owned(

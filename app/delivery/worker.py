@@ -28,7 +28,7 @@ from app.auth.throttle import ThrottlePrune
 from app.config import LEASE_MARGIN_SECONDS, Settings, longest_exchange_seconds
 from app.crypto.encoding import utc_now
 from app.crypto.receipts import ReceiptError, decode_receipt
-from app.db import PeriodicJob, commit_without_waiting, unit_of_work
+from app.db import PeriodicJob, commit_without_waiting, read_snapshot, unit_of_work
 from app.delivery import outbox
 from app.delivery.settle import Outcome, settle_batch
 from app.errors import PeerError
@@ -392,8 +392,11 @@ class Worker:
     def _deliver_group(self, group: list[Job]) -> list[Outcome | None]:
         if self._suspended_since_claim(group[0].claim.peer_authority):
             # `peers suspend` stops every exchange at once: what was claimed just before it
-            # is not posted either (from review), and waits, untried, for a resumption.
-            return [Outcome(outbox.RETRY, "peer suspended before the post") for _ in group]
+            # is not posted either (from review). Handed back as if never claimed, waiting
+            # for a resumption like the rest: no attempt is recorded, for none was made (an
+            # attempt without an answer would count as one the peer may hold).
+            self._hand_back_unposted([job.claim for job in group])
+            return [None for _ in group]
         if len(group) == 1 or group[0].base_url in self._no_batch:
             return [self._deliver_one(job) for job in group]
         try:
@@ -403,10 +406,11 @@ class Worker:
             return [Outcome(outbox.RETRY, f"internal: {type(exc).__name__}") for _ in group]
 
     def _suspended_since_claim(self, authority: str) -> bool:
-        """One indexed read per post (not per envelope): the claim skipped suspended peers,
-        but a suspension may have come since, while this round's earlier posts ran."""
+        """One indexed read per group of posts to a peer (not per envelope): the claim
+        skipped suspended peers, but a suspension may have come since, while this round's
+        earlier posts ran. A snapshot read: it waits for no writer (SQLite)."""
         try:
-            with self.node.sessions() as session:
+            with read_snapshot(self.node.sessions) as session:
                 suspended = session.scalar(
                     select(Peer.suspended_at).where(Peer.authority_id == authority)
                 )
@@ -414,6 +418,13 @@ class Worker:
             log.warning("could not read a peer's suspension (%s)", type(exc).__name__)
             return False
         return suspended is not None
+
+    def _hand_back_unposted(self, claims: list[outbox.Claim]) -> None:
+        try:
+            with unit_of_work(self.node.sessions) as session:
+                outbox.hand_back_unposted(session, claims, owner=self.id, now=utc_now())
+        except Exception as exc:  # their leases run out; a later claim records them
+            log.warning("could not hand back unposted deliveries (%s)", type(exc).__name__)
 
     def _deliver_one(self, job: Job) -> Outcome | None:
         if self._stop.is_set():

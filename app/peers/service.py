@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 
 import httpx
 from sqlalchemy import delete, select, update
@@ -153,10 +153,6 @@ def replace_peer_key(
     return peer
 
 
-# Where a suspended peer's deliveries wait: past any deadline, until a resumption.
-SUSPENDED_FOR = timedelta(days=36500)
-
-
 class PeerSuspended(Conflict):
     code = "peer_suspended"
 
@@ -197,7 +193,7 @@ def suspend_peer(session: Session, *, authority_id: str, reason: str, actor: str
                 OutboxItem.peer_authority == peer.authority_id,
                 OutboxItem.state.in_((outbox.QUEUED, outbox.RETRY)),
             )
-            .values(next_attempt_at=now + SUSPENDED_FOR)
+            .values(next_attempt_at=now + outbox.SUSPENDED_FOR)
             .returning(OutboxItem.id)
         ).all()
     )

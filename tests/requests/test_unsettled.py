@@ -16,7 +16,7 @@ from app.delivery import outbox
 from app.delivery import worker as worker_module
 from app.delivery.settle import Outcome, settle_batch
 from app.delivery.worker import Worker
-from app.models import OutboxItem, Peer
+from app.models import DeliveryAttempt, OutboxItem, Peer
 from tests.requests.conftest import Harness
 from tests.requests.test_lost_moves import ACK, _delivery_id
 
@@ -86,8 +86,20 @@ def test_a_peer_suspended_after_the_claim_gets_no_post(fresh_ar: Harness) -> Non
             session.execute(
                 update(Peer).where(Peer.authority_id == "ES/MJ").values(suspended_at=utc_now())
             )
-        outcomes = worker._deliver_group(jobs)
-        assert outcomes == [Outcome(outbox.RETRY, "peer suspended before the post")]
+        assert worker._deliver_group(jobs) == [None]  # not posted, nothing to settle
     finally:
         worker._pool.shutdown()
         worker.http.close()
+    # Handed back as if never claimed, waiting for the resumption with its peer's other
+    # rows; no attempt on record (an attempt without an answer counts as one the peer may
+    # hold: a cancel would then keep the request's move, and the deadline wait for ever).
+    with unit_of_work(ar.node.sessions) as session:
+        item = session.get(OutboxItem, row)
+        assert item is not None
+        assert (item.state, item.attempts, item.lease_owner) == (outbox.QUEUED, 0, None)
+        assert item.next_attempt_at > utc_now() + timedelta(days=3650)
+        assert not outbox.peer_may_hold(session, row)
+        assert (
+            session.scalar(select(DeliveryAttempt.id).where(DeliveryAttempt.outbox_id == row))
+            is None
+        )
