@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import getpass
+import json
 import logging
 import os
 import signal
 import sys
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
     from typer import _click as click  # typer's own copy of Click, whose classes it extends
 
+    from app.audit.cosignature import Cosigned
     from app.config import Settings
     from app.models import OutboxItem, Peer
     from app.node import Node
@@ -345,8 +348,11 @@ def _unreachable(settings: Settings, exc: OperationalError) -> typer.Exit:
 
 @keys_app.command("show")
 def keys_show() -> None:
-    """Print the node's fingerprint and key ids."""
-    from app.crypto.keys import KeyFileError, format_fingerprint, load_keys
+    """Print the node's fingerprint, key ids, and the keys auditors check its log and its
+    cosignatures with."""
+    from app.audit.checkpoints import log_verifier_key
+    from app.audit.cosignature import format_cosigner_key, witness_name
+    from app.crypto.keys import KeyFileError, format_fingerprint, load_identity, load_keys
     from app.node import key_passphrase
 
     settings = _settings()
@@ -358,6 +364,14 @@ def keys_show() -> None:
     typer.echo(f"encryption key id: {keys.encryption_kid}")
     typer.echo(f"log key id:        {keys.log_kid}")
     typer.echo(f"fingerprint:       {format_fingerprint(keys.fingerprint)}")
+    try:
+        authority_id = load_identity(settings.keys_dir).authority_id
+    except KeyFileError:
+        return  # keys without a node (a restore under way): no key names to give
+    # What an auditor passes to `audit verify`: this log's key, and this node's as a witness.
+    typer.echo(f"log key:           {log_verifier_key(authority_id, keys.log)}")
+    witness_key = format_cosigner_key(witness_name(authority_id), keys.log.verify_key)
+    typer.echo(f"witness key:       {witness_key}")
 
 
 def _share_the_gil() -> None:
@@ -904,6 +918,17 @@ def audit_verify(
     log_key: Annotated[
         str | None, typer.Option(help="The log's verifier key, to use instead of the export's")
     ] = None,
+    cosigned: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="A checkpoint of this log cosigned by a witness (its answer to GET "
+            "/p2p/v1/audit/cosignature): the cosignature must verify and the log extend it"
+        ),
+    ] = None,
+    witness_key: Annotated[
+        list[str] | None,
+        typer.Option(help="A witness's key (`entraide keys show` on the witness's node)"),
+    ] = None,
 ) -> None:
     """Check an exported (or the live) audit log; exit 1 naming the first bad entry."""
     from app.audit.note import NoteError
@@ -916,6 +941,8 @@ def audit_verify(
         raise _fail(f"cannot read the checkpoint {checkpoint}: {exc}") from exc
     if db == (folder is not None):
         raise _fail("give either an export folder or --db")
+    witnessed = _cosigned_checkpoints(cosigned or [], witness_key or [])
+    extends = [(item.label, item.note) for item in witnessed]
     if db:
         node = _node(_settings())
         try:
@@ -926,6 +953,7 @@ def audit_verify(
                     authority_id=node.authority_id,
                     log_public=node.keys.log_public,
                     earlier=earlier,
+                    extends=extends,
                     anchor=node.log_anchor,
                 )
         finally:
@@ -933,7 +961,7 @@ def audit_verify(
     else:
         assert folder is not None  # noqa: S101  # checked just above
         try:
-            report = verify_export(folder, earlier=earlier, log_key=log_key)
+            report = verify_export(folder, earlier=earlier, extends=extends, log_key=log_key)
         except (OSError, ValueError, KeyError, NoteError) as exc:
             raise _fail(f"cannot read the export: {exc}") from exc
     if report.first is not None:
@@ -951,6 +979,63 @@ def audit_verify(
             f"  {report.entries - report.signed} entries after the newest checkpoint "
             f"(size {report.signed}) are not signed yet"
         )
+    for item in witnessed:
+        for found in item.cosignatures:
+            typer.echo(
+                f"  {item.source}: cosigned by {found.name} at "
+                f"{found.time.isoformat(timespec='seconds')}; the log extends it"
+            )
+
+
+@dataclass(frozen=True)
+class _Witnessed:
+    source: str  # the file's name
+    label: str  # how the verifier names it
+    note: str
+    cosignatures: list[Cosigned]
+
+
+def _cosigned_checkpoints(files: list[Path], keys: list[str]) -> list[_Witnessed]:
+    """Each `--cosigned` note with its label and its verified cosignatures; exit 1 (as a
+    failed verification) when one carries no valid cosignature by the witness keys given."""
+    from app.audit.cosignature import check_cosignatures, parse_cosigner_key
+    from app.audit.note import NoteError
+
+    if bool(files) != bool(keys):
+        raise _fail(
+            "--cosigned and --witness-key go together: the notes, and whose "
+            "cosignatures to check on them"
+        )
+    try:
+        cosigners = [parse_cosigner_key(key) for key in keys]
+    except NoteError as exc:
+        raise _fail(f"cannot read the witness key: {exc}") from exc
+    found: list[_Witnessed] = []
+    for path in files:
+        try:
+            note = _note_in(path.read_text())
+        except (OSError, UnicodeError, ValueError) as exc:
+            raise _fail(f"cannot read the cosigned checkpoint {path}: {exc}") from exc
+        try:
+            cosignatures = check_cosignatures(note, cosigners)
+        except NoteError as exc:
+            typer.secho(f"FAILED: {path}: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=1) from exc
+        names = " and ".join(sorted({item.name for item in cosignatures}))
+        label = f"the checkpoint in {path.name} cosigned by {names}"
+        found.append(_Witnessed(path.name, label, note, cosignatures))
+    return found
+
+
+def _note_in(text: str) -> str:
+    """A note as saved from the witness's answer: the JSON `{"note": ...}` or the note."""
+    if not text.lstrip().startswith("{"):
+        return text
+    document = json.loads(text)
+    note = document.get("note") if isinstance(document, dict) else None
+    if not isinstance(note, str):
+        raise ValueError('a JSON answer without a "note"')
+    return note
 
 
 @app.command()

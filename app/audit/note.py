@@ -136,8 +136,11 @@ class Verifier:
         return True
 
 
-def _split_key(parts: list[str], what: str) -> tuple[str, bytes, bytes]:
-    """``[name, key ID hex, base64 key]`` -> (name, key ID, Ed25519 key bytes)."""
+def split_key(
+    parts: list[str], what: str, algorithm: int = ALG_ED25519
+) -> tuple[str, bytes, bytes]:
+    """``[name, key ID hex, base64 key]`` -> (name, key ID, Ed25519 key bytes); `algorithm`
+    is the key's type byte (0x01 for a note signer, 0x04 for a tlog cosigner)."""
     name, id_hex, key_b64 = parts
     if not _is_valid_name(name):
         raise MalformedKey(f"invalid key name in {what}")
@@ -147,7 +150,7 @@ def _split_key(parts: list[str], what: str) -> tuple[str, bytes, bytes]:
         raw = _b64decode_strict(key_b64)
     except ValueError as exc:
         raise MalformedKey(f"key in {what} is not canonical base64") from exc
-    if len(raw) != 1 + _PUBLIC_KEY_SIZE or raw[0] != ALG_ED25519:
+    if len(raw) != 1 + _PUBLIC_KEY_SIZE or raw[0] != algorithm:
         raise MalformedKey(f"{what} is not an Ed25519 key")
     return name, bytes.fromhex(id_hex), raw[1:]
 
@@ -157,7 +160,7 @@ def parse_verifier_key(vkey: str) -> Verifier:
     parts = vkey.split("+", 2)
     if len(parts) != 3:
         raise MalformedKey("a verifier key is name+keyid+key")
-    name, claimed_id, public_key = _split_key(parts, "verifier key")
+    name, claimed_id, public_key = split_key(parts, "verifier key")
     verifier = Verifier(name, public_key)
     if verifier.key_id != claimed_id:
         raise MalformedKey("verifier key ID does not match its name and public key")
@@ -174,7 +177,7 @@ def parse_signer_key(skey: str) -> tuple[str, SigningKey]:
     parts = skey.split("+", 4)
     if len(parts) != 5 or parts[:2] != ["PRIVATE", "KEY"]:
         raise MalformedKey("a signer key is PRIVATE+KEY+name+keyid+key")
-    name, claimed_id, seed = _split_key(parts[2:], "signer key")
+    name, claimed_id, seed = split_key(parts[2:], "signer key")
     signing_key = SigningKey(seed)
     # The ID commits to the public key, so it can only be checked after deriving it.
     if key_id(name, bytes(signing_key.verify_key)) != claimed_id:
@@ -216,18 +219,7 @@ def open_note(note: str | bytes, verifiers: Iterable[Verifier]) -> tuple[str, li
     :class:`BadSignature` if any trusted key's signature fails, even when another one verifies.
     """
     trusted = _index_verifiers(verifiers)
-    msg = _decode_note(note)
-    split = msg.rfind("\n\n")
-    if split < 0:
-        raise MalformedNote("no blank line before the signatures")
-    text, block = msg[: split + 1], msg[split + 2 :]
-    if not block.endswith("\n"):
-        raise MalformedNote("a note ends with a signature line and a newline")
-    lines = block[:-1].split("\n")
-    if len(lines) > MAX_SIGNATURES:
-        raise MalformedNote(f"more than {MAX_SIGNATURES} signatures")
-    signatures = [_parse_signature_line(line) for line in lines]
-
+    text, signatures = split_note(note)
     raw_text = text.encode()
     signers: list[str] = []
     for name, sig_key_id, signature in signatures:
@@ -241,6 +233,22 @@ def open_note(note: str | bytes, verifiers: Iterable[Verifier]) -> tuple[str, li
     if not signers:
         raise UnknownKey("the note has no signature by a trusted key")
     return text, signers
+
+
+def split_note(note: str | bytes) -> tuple[str, list[tuple[str, bytes, bytes]]]:
+    """A note's text and its signature lines as (name, key ID, the rest of the blob), none
+    of them checked: `open_note` checks the signers', a cosignature's reader its own."""
+    msg = _decode_note(note)
+    split = msg.rfind("\n\n")
+    if split < 0:
+        raise MalformedNote("no blank line before the signatures")
+    text, block = msg[: split + 1], msg[split + 2 :]
+    if not block.endswith("\n"):
+        raise MalformedNote("a note ends with a signature line and a newline")
+    lines = block[:-1].split("\n")
+    if len(lines) > MAX_SIGNATURES:
+        raise MalformedNote(f"more than {MAX_SIGNATURES} signatures")
+    return text, [_parse_signature_line(line) for line in lines]
 
 
 def _index_verifiers(verifiers: Iterable[Verifier]) -> dict[tuple[str, bytes], Verifier]:

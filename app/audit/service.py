@@ -281,6 +281,7 @@ def verify_database(
     authority_id: str,
     log_public: bytes,
     earlier: str | None = None,
+    extends: Sequence[tuple[str, str]] = (),
     anchor: Anchor | None = None,
 ) -> Report:
     """`audit verify --db`: the live log against its own signed checkpoints.
@@ -298,6 +299,7 @@ def verify_database(
         log_origin(authority_id),
         _checkpoint_notes(session),
         earlier,
+        extends=extends,
     )
     subtrees = _Subtrees()
     for indexes, entries in _stored_entries(session):
@@ -590,9 +592,14 @@ def _export_note(number: int, line: str) -> str:
 
 
 def verify_export(
-    folder: Path, *, earlier: str | None = None, log_key: str | None = None
+    folder: Path,
+    *,
+    earlier: str | None = None,
+    extends: Sequence[tuple[str, str]] = (),
+    log_key: str | None = None,
 ) -> Report:
-    """`audit verify DIR`: needs nothing but the folder (and optionally a saved checkpoint).
+    """`audit verify DIR`: needs nothing but the folder (and optionally a saved checkpoint,
+    and checkpoints cosigned by witnesses, as labelled notes in `extends`).
 
     The export carries the log's verifier key for convenience; an auditor who has the key
     from elsewhere (the node's identity document, an earlier audit) passes it as `log_key`.
@@ -605,7 +612,7 @@ def verify_export(
         )
         if line.strip()
     ]
-    checker = LogVerifier(verifier_key, verifier_key.name, notes, earlier)
+    checker = LogVerifier(verifier_key, verifier_key.name, notes, earlier, extends=extends)
     with (folder / EXPORT_ENTRIES).open("rb") as handle:
         rest = b""
         while chunk := handle.read(READ_BYTES):

@@ -188,6 +188,7 @@ class LogVerifier:
         notes: Iterable[str],
         earlier: str | None = None,
         *,
+        extends: Sequence[tuple[str, str]] = (),
         batch_size: int = BATCH_SIZE,
         workers: int | None = None,
     ) -> None:
@@ -197,11 +198,14 @@ class LogVerifier:
         self._roots: dict[int, list[_Signed]] = {}
         for number, note in enumerate(notes, 1):
             self._add_checkpoint(f"checkpoint #{number}", note)
-        self._earlier: _Signed | None = None
-        if earlier is not None:
-            checked = self._check_note("the earlier checkpoint", earlier)
+        # Checkpoints the auditor brings (saved at an earlier audit, cosigned by a witness,
+        # each with its label): the log must extend every one of them.
+        brought = [("the earlier checkpoint", earlier)] if earlier is not None else []
+        self._brought: list[_Signed] = []
+        for label, note in [*brought, *extends]:
+            checked = self._check_note(label, note)
             if checked is not None:
-                self._earlier = checked
+                self._brought.append(checked)
                 self._roots.setdefault(checked.checkpoint.size, []).append(checked)
         self._compact = CompactRange()
         self._expected = 0
@@ -363,8 +367,8 @@ class LogVerifier:
 
     def _mismatch(self, item: _Signed) -> None:
         size = item.checkpoint.size
-        if item is self._earlier:
-            message = f"the log is not consistent with the earlier checkpoint of size {size}"
+        if any(item is brought for brought in self._brought):
+            message = f"the log is not consistent with {item.label} of size {size}"
         else:
             message = f"{item.label} (size {size}) does not match the entries"
         self._ranges.append((self._last_good_checkpoint, size, message))

@@ -15,8 +15,6 @@ The cosignature is made with the node's log key. The message starts with the fix
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -25,16 +23,16 @@ from datetime import timedelta
 from functools import partial
 
 import httpx
-from nacl.exceptions import BadSignatureError
-from nacl.signing import SigningKey, VerifyKey
+from nacl.signing import SigningKey
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.audit.checkpoints import log_origin, log_verifier
+from app.audit.cosignature import cosign, witness_name
 from app.audit.log import record
 from app.audit.merkle import verify_consistency
-from app.audit.note import SIGNATURE_PREFIX, Checkpoint, NoteError, open_note
+from app.audit.note import Checkpoint, NoteError, open_note
 from app.auth.throttle import counter_row
 from app.crypto.encoding import utc_now
 from app.db import unit_of_work
@@ -44,8 +42,6 @@ from app.peers.client import CONSISTENCY_PATH, read_json_bounded
 
 log = logging.getLogger(__name__)
 
-COSIGNATURE_HEADER = "cosignature/v1\n"
-COSIGNATURE_KEY_TYPE = b"\x04"
 WITNESS_ATTEMPTS = 3  # checks of one note when other workers witness the same peer meanwhile
 # A peer that answers no consistency proof for this long, while it shows new checkpoints: alarm.
 UNPROVEN_ALARM_AFTER = timedelta(hours=24)
@@ -74,41 +70,6 @@ class Earlier:
 
 
 Witnessed = WitnessedCheckpoint | Earlier
-
-
-def witness_name(authority_id: str) -> str:
-    return f"entraide.witness/{authority_id}"
-
-
-def cosigner_key_id(name: str, public_key: bytes) -> bytes:
-    return hashlib.sha256(name.encode() + b"\n" + COSIGNATURE_KEY_TYPE + public_key).digest()[:4]
-
-
-def cosign(checkpoint_text: str, *, name: str, key: SigningKey, timestamp: int) -> str:
-    """One signature line, `— name base64(key id || u64 timestamp || Ed25519 signature)`."""
-    message = f"{COSIGNATURE_HEADER}time {timestamp}\n{checkpoint_text}".encode()
-    signature = key.sign(message).signature
-    blob = cosigner_key_id(name, bytes(key.verify_key)) + timestamp.to_bytes(8, "big") + signature
-    return f"{SIGNATURE_PREFIX}{name} {base64.b64encode(blob).decode()}\n"
-
-
-def verify_cosignature(checkpoint_text: str, line: str, *, name: str, public_key: bytes) -> bool:
-    prefix = f"{SIGNATURE_PREFIX}{name} "
-    if not line.startswith(prefix):
-        return False
-    try:
-        blob = base64.b64decode(line[len(prefix) :].strip(), validate=True)
-    except ValueError:
-        return False
-    if len(blob) != 4 + 8 + 64 or blob[:4] != cosigner_key_id(name, public_key):
-        return False
-    timestamp = int.from_bytes(blob[4:12], "big")
-    message = f"{COSIGNATURE_HEADER}time {timestamp}\n{checkpoint_text}".encode()
-    try:
-        VerifyKey(public_key).verify(message, blob[12:])
-    except BadSignatureError:
-        return False
-    return True
 
 
 def parse_peer_checkpoint(peer: Peer, note: str) -> Observed:

@@ -14,10 +14,10 @@ from sqlalchemy import delete, select, update
 
 from app.audit.anchor import SignedLogAnchor
 from app.audit.checkpoints import log_origin
+from app.audit.cosignature import verify_cosignature, witness_name
 from app.audit.log import STORED_LEVEL
 from app.audit.merkle import CompactRange, leaf_hash, verify_inclusion
 from app.audit.note import Checkpoint, open_note, parse_verifier_key, sign_note
-from app.audit.witness import verify_cosignature, witness_name
 from app.crypto.encoding import canonical_json
 from app.crypto.identity import parse_identity_document
 from app.crypto.keys import load_keys
@@ -261,12 +261,25 @@ def test_a_node_that_rewrites_history_is_caught_by_its_peer(
     assert verify_cosignature(
         body + "\n", cosignature, name=witness_name("ES/MJ"), public_key=identity.log.public_key
     )
+    # So can AR's auditor, with ES's witness key (`keys show` on ES): AR's log extends it.
+    saved = ar.workdir / "cosigned-by-es.note"
+    saved.write_text(note)
+    shown_keys = es.cli("keys", "show").stdout
+    witness_key = shown_keys.split("witness key:", 1)[1].split()[0]
+    assert witness_key.startswith(witness_name("ES/MJ") + "+")
+    by_witness = ["--cosigned", str(saved), "--witness-key", witness_key]
+    verified = ar.cli("audit", "verify", "--db", *by_witness)
+    assert f"cosigned by {witness_name('ES/MJ')}" in verified.stdout
 
     # AR rewrites its past, re-signing every checkpoint: its own verification still passes...
     ar.stop()
     _rewrite_history(ar)
     ar.start()
     assert ar.cli("audit", "verify", "--db").returncode == 0
+    # ...but not against what its witness cosigned: the auditor catches it without the witness.
+    caught = ar.cli("audit", "verify", "--db", *by_witness, check=False)
+    assert caught.returncode == 1
+    assert "the log is not consistent with the checkpoint in cosigned-by-es.note" in caught.stderr
     with ar.client("auditor") as http:
         assert http.post("/api/v1/audit/checkpoint").json()["size"] > shown["size"]
 
