@@ -107,6 +107,14 @@ def _published_key(keys: dict[str, Any], purpose: str) -> PublishedKey:
     return PublishedKey(kid=kid, public_key=public_key)
 
 
+def issued_at_of(document: bytes) -> datetime | None:
+    """When a stored (already verified) identity document says it was issued."""
+    try:
+        return parse_time(load_canonical_object(document).get("issued_at"))
+    except DecodeError:
+        return None
+
+
 def parse_identity_document(wire: object) -> PeerIdentity:
     """Check shape and self-signature; the caller still checks the pinned fingerprint."""
     if not isinstance(wire, dict) or set(wire) != {"document", "signature"}:

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from app.audit.log import record
 from app.auth.throttle import counter_row
 from app.crypto.encoding import DecodeError, parse_time, utc_now
-from app.crypto.envelope import EnvelopeError, parse_header
+from app.crypto.envelope import HEX_ID, EnvelopeError, parse_header
 from app.crypto.identity import IdentityError, PeerIdentity, parse_identity_document
 from app.crypto.keys import NodeKeys
 from app.crypto.receipts import Receipt, ReceiptError, SignedReceipt, verify_receipt
@@ -73,6 +73,12 @@ def _remember(
         session.add(row)
     row.superseded_at = superseded_at
     return row
+
+
+def was_revoked(session: Session, authority: str, purpose: str, kid: str) -> bool:
+    """Whether `kid` is one of `authority`'s keys that was dropped or revoked."""
+    row = _history(session, authority, purpose, kid)
+    return row is not None and row.revoked_at is not None
 
 
 def revoke_current_keys(session: Session, peer: Peer, now: datetime) -> None:
@@ -438,4 +444,6 @@ def claimed_signer_kid(signed: SignedReceipt) -> str | None:
     except (ValueError, RecursionError):
         return None
     kid = body.get("signer_kid") if isinstance(body, dict) else None
-    return kid if isinstance(kid, str) and len(kid) == 32 else None
+    # A key id's own form only: anything else would reach the key lookups' comparisons
+    # (hmac.compare_digest refuses non-ASCII text with a TypeError).
+    return kid if isinstance(kid, str) and HEX_ID.fullmatch(kid) else None

@@ -10,17 +10,24 @@ from sqlalchemy.orm import Session
 
 from app.audit.log import record
 from app.crypto.encoding import utc_now
-from app.crypto.identity import IdentityError, PeerIdentity, parse_identity_document
+from app.crypto.identity import (
+    IdentityError,
+    PeerIdentity,
+    issued_at_of,
+    parse_identity_document,
+)
 from app.crypto.keys import fingerprints_match, normalise_fingerprint
 from app.delivery import outbox
 from app.errors import BadRequest, Conflict, NotFound
 from app.models import InboundTransfer, OutboxItem, Peer
 from app.peers.client import check_peer_url, fetch_identity
 from app.peers.keys import (
+    ENCRYPTION,
     apply_rotation,
     remember_current_keys,
     retire_dropped_encryption_key,
     revoke_current_keys,
+    was_revoked,
 )
 
 
@@ -54,6 +61,8 @@ def pin_peer(
     if identity.authority_id == own_authority:
         raise BadRequest("a node cannot pin itself", code="self_pin")
     peer = session.scalar(select(Peer).where(Peer.authority_id == identity.authority_id))
+    if peer is not None and peer.fingerprint == identity.fingerprint:
+        _refuse_stale(session, peer, identity)
     now = utc_now()
     # Pinned again under the same signing key: an encryption key it no longer publishes was
     # not rotated away (no signed statement says until when it stays valid), only dropped.
@@ -82,6 +91,28 @@ def pin_peer(
     if dropped_encryption_kid is not None:
         retire_dropped_encryption_key(session, peer.authority_id, dropped_encryption_kid, now)
     return peer
+
+
+def _refuse_stale(session: Session, peer: Peer, identity: PeerIdentity) -> None:
+    """An identity document signed with the pinned key, but older than the one pinned or
+    publishing a key of the peer's that was dropped: a stale copy (an old mirror, an old
+    instance, an address an attacker serves it from). The fingerprint cannot tell it from
+    the current one, and taking it would seal to a key the peer gave up (perhaps because
+    it leaked)."""
+    served = f"the node at this address serves an identity document of {peer.authority_id}"
+    check = "a stale copy, not the node itself: check the address with its operator"
+    pinned_issued = issued_at_of(peer.identity_document)
+    if pinned_issued is not None and identity.issued_at < pinned_issued:
+        raise StaleIdentity(
+            f"{served} issued {identity.issued_at.isoformat(timespec='seconds')}, older than "
+            f"the one pinned (issued {pinned_issued.isoformat(timespec='seconds')}): {check}"
+        )
+    if was_revoked(session, peer.authority_id, ENCRYPTION, identity.encryption.kid):
+        raise StaleIdentity(f"{served} with an encryption key it dropped: {check}")
+
+
+class StaleIdentity(Conflict):
+    code = "stale_identity"
 
 
 def _take_identity(

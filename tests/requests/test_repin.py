@@ -5,10 +5,19 @@ refused from then on (step 19, `unknown_key`); what was received before stays re
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import datetime, timedelta
 
+import pytest
 from nacl.public import PrivateKey
+from sqlalchemy import select
 
-from app.crypto.keys import NodeKeys
+from app.crypto.encoding import utc_now
+from app.crypto.identity import build_identity_document, parse_identity_document
+from app.crypto.keys import NodeIdentity, NodeKeys
+from app.db import unit_of_work
+from app.models import Peer
+from app.node import Node
+from app.peers.service import StaleIdentity, pin_peer
 from tests.requests.conftest import Harness, _pin_es, example_document
 
 
@@ -26,3 +35,49 @@ def test_an_encryption_key_dropped_at_a_repin_is_refused(fresh_ar: Harness) -> N
     assert renewed.receive_request()
     shown = fresh_ar.http.get(f"/api/v1/requests/{before}", headers=fresh_ar.as_("officer"))
     assert shown.status_code == 200, shown.text
+
+
+def _pin_es_issued(node: Node, keys: NodeKeys, issued_at: datetime) -> None:
+    document = build_identity_document(
+        NodeIdentity("ES/MJ", "Ministerio de Justicia", "http://es.invalid"),
+        keys,
+        issued_at=issued_at,
+    )
+    with unit_of_work(node.sessions) as session:
+        pin_peer(
+            session,
+            identity=parse_identity_document(document),
+            url="http://es.invalid",
+            own_authority="AR/MPF",
+        )
+
+
+def _pinned_encryption_kid(node: Node) -> str:
+    with unit_of_work(node.sessions) as session:
+        kid = session.scalar(select(Peer.encryption_kid).where(Peer.authority_id == "ES/MJ"))
+    assert kid is not None
+    return kid
+
+
+def test_a_stale_identity_document_does_not_bring_a_dropped_key_back(fresh_ar: Harness) -> None:
+    """A copy of the peer's identity document from before it changed its encryption key
+    (signed with the same signing key, so the fingerprint matches) is refused: taking it
+    would seal to the key the peer dropped, perhaps because it leaked."""
+    old = fresh_ar.peer_keys  # pinned when the harness started, with a document issued then
+    new = NodeKeys(signing=old.signing, encryption=PrivateKey.generate(), log=old.log)
+    then = utc_now()
+    _pin_es_issued(fresh_ar.node, new, then + timedelta(minutes=1))  # the peer's new key
+    new_kid = _pinned_encryption_kid(fresh_ar.node)
+
+    with pytest.raises(StaleIdentity, match="older than the one pinned"):
+        _pin_es_issued(fresh_ar.node, old, then - timedelta(minutes=1))
+    # Issued later (no one else can sign a copy with its date changed: this is the peer
+    # itself going back to a key it dropped): refused all the same.
+    with pytest.raises(StaleIdentity, match="with an encryption key it dropped"):
+        _pin_es_issued(fresh_ar.node, old, then + timedelta(minutes=2))
+    assert _pinned_encryption_kid(fresh_ar.node) == new_kid
+
+    # The current document pinned again, or a newer one with the same keys: accepted.
+    _pin_es_issued(fresh_ar.node, new, then + timedelta(minutes=1))
+    _pin_es_issued(fresh_ar.node, new, then + timedelta(minutes=3))
+    assert _pinned_encryption_kid(fresh_ar.node) == new_kid

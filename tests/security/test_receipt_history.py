@@ -91,6 +91,19 @@ def test_a_stored_receipt_signed_before_the_rotation_verifies(
     assert _verify(ar, second, before, sealed_at=rotated_at - timedelta(minutes=6)) is not None
 
 
+@pytest.mark.parametrize("kid", ["\u00e9" * 32, "AB" * 16, "x" * 32, 32])
+def test_a_receipt_naming_no_key_id_is_refused_as_a_bad_receipt(
+    rotated: tuple[Harness, NodeKeys, datetime], kid: object
+) -> None:
+    # A broken or hostile peer's receipt names a signer that is no key id (unsigned: the
+    # first check already fails): a refused receipt, not an error in the worker (non-ASCII
+    # text reached hmac.compare_digest, which raised a TypeError, and with it the batch).
+    ar, second, _ = rotated
+    body = json.dumps({"signer_kid": kid, "received_at": "2026-11-29T12:00:00Z"}).encode()
+    with pytest.raises(ReceiptError):
+        _verify(ar, second, SignedReceipt(body, bytes(64)), sealed_at=utc_now())
+
+
 def test_the_old_key_signs_nothing_after_its_rotation(
     rotated: tuple[Harness, NodeKeys, datetime],
 ) -> None:
