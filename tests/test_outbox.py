@@ -168,6 +168,48 @@ def test_nothing_due_is_not_claimed(sessions: tuple[str, sessionmaker[Session]])
         assert outbox.claim_due(session, now=utc_now(), lease=LEASE, limit=10, owner="w") == []
 
 
+def test_a_conversations_messages_are_delivered_in_the_order_written(
+    sessions: tuple[str, sessionmaker[Session]],
+) -> None:
+    """A later message of a request waits while an earlier one is queued, backing off or
+    being posted: out of order, the peer applied the later move first, then the earlier
+    one on top, to a state its sender never had (from review). Other requests go on."""
+    _, factory = sessions
+    with unit_of_work(factory) as session:
+        first, second, third, other = _queue(session, 4)
+        conversation = session.get(Message, session.get(OutboxItem, first).message_id)  # type: ignore[union-attr]
+        assert conversation is not None
+        for row in (second, third):
+            item = session.get(OutboxItem, row)
+            assert item is not None
+            message = session.get(Message, item.message_id)
+            assert message is not None
+            message.request_id = conversation.request_id
+
+    def claimed() -> list[int]:
+        with unit_of_work(factory) as session:
+            claims = outbox.claim_due(session, now=utc_now(), lease=LEASE, limit=10, owner="w")
+        return sorted(claim.outbox_id for claim in claims)
+
+    assert claimed() == [first, other]
+    assert claimed() == []  # the first is being posted: the second waits for its outcome
+    with unit_of_work(factory) as session:
+        item = session.get(OutboxItem, first)
+        assert item is not None
+        item.state, item.next_attempt_at = outbox.RETRY, utc_now() + timedelta(hours=1)
+    assert claimed() == []  # backing off: the second still waits (it was due all along)
+    with unit_of_work(factory) as session:
+        item = session.get(OutboxItem, first)
+        assert item is not None
+        item.state = outbox.DELIVERED
+    assert claimed() == [second]  # and the third after it, once it is settled
+    with unit_of_work(factory) as session:
+        item = session.get(OutboxItem, second)
+        assert item is not None
+        item.state = outbox.FAILED  # lost for good: what follows it goes on
+    assert claimed() == [third]
+
+
 def test_stopping_worker_releases_its_rows(sessions: tuple[str, sessionmaker[Session]]) -> None:
     _, factory = sessions
     with unit_of_work(factory) as session:

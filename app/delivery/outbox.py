@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, case, event, exists, func, or_, select, true, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Exists, Table, case, event, exists, func, or_, select, true, update
+from sqlalchemy.orm import Session, aliased
 
 from app.audit.log import Event, record_many
 from app.delivery.retry import delivery_deadline
@@ -170,6 +170,7 @@ def claim_due(
             )
         )
         .where(OutboxItem.id.not_in(list(skip)) if skip else true())
+        .where(~_earlier_pending())
         .order_by(priority, OutboxItem.next_attempt_at, OutboxItem.id)
         .limit(limit)
         .with_for_update(skip_locked=True, of=OutboxItem)
@@ -216,6 +217,24 @@ def claim_due(
         session.info[AUDITED] = True
     session.flush()
     return claims
+
+
+def _earlier_pending() -> Exists:
+    """An earlier message of the same request still on its way to the peer (queued, backing
+    off or being posted). A conversation's messages are delivered in the order they were
+    written, each once the one before it is settled: the peer judges each against the state
+    its sender saw. Out of order, a later one (sent from a state the earlier one made, but
+    naming a message of the peer's as the one it follows, so not held back there) was
+    applied before it, and the earlier one then on top, to a state its sender never had:
+    the two nodes disagreed for good (from review)."""
+    earlier, its_message = aliased(OutboxItem), aliased(Message)
+    return (
+        exists()
+        .where(its_message.request_id == Message.request_id)
+        .where(earlier.message_id == its_message.id)
+        .where(earlier.id < OutboxItem.id)
+        .where(earlier.state.in_(PENDING))
+    )
 
 
 def _unknown_outcome(msg_id: str, request_id: str, peer: str, attempt: int, error: str) -> Event:
