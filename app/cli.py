@@ -202,6 +202,7 @@ def init(
     from app.audit.checkpoints import sign_checkpoint
     from app.audit.log import record
     from app.config import Settings
+    from app.crypto.identity import MAX_NAME_CHARS, MAX_URL_CHARS
     from app.crypto.keys import (
         KeyFileError,
         NodeIdentity,
@@ -213,6 +214,7 @@ def init(
     )
     from app.db import unit_of_work
     from app.node import key_passphrase, load_node
+    from app.oneline import is_one_line
 
     settings = _settings()
     keys_dir = settings.keys_dir
@@ -220,6 +222,11 @@ def init(
         Settings(authority_id=authority_id)
     except ValueError as exc:
         raise _fail(f"{authority_id!r} is not an authority id like ES/MJ") from exc
+    # What peers accept in an identity document (app/crypto/identity.py), or none could pin us.
+    if not 0 < len(name) <= MAX_NAME_CHARS or not is_one_line(name):
+        raise _fail(f"the name is one line of 1 to {MAX_NAME_CHARS} characters")
+    if len(public_url) > MAX_URL_CHARS or not is_one_line(public_url):
+        raise _fail(f"the public URL is one line of at most {MAX_URL_CHARS} characters")
     if keys_exist(keys_dir):
         raise _fail(f"{keys_dir} already holds keys; refusing to overwrite them")
     # The database first: unreachable, nothing is created, and `init` can simply run again.

@@ -38,6 +38,7 @@ from app.crypto.encoding import utc_now
 from app.db import unit_of_work
 from app.errors import BadRequest, NotFound, PeerError
 from app.models import AuthThrottle, Peer, WitnessAlarm, WitnessedCheckpoint
+from app.oneline import is_one_line
 from app.peers.client import CONSISTENCY_PATH, read_json_bounded
 
 log = logging.getLogger(__name__)
@@ -343,9 +344,10 @@ def accept_restored_log(
     a new start (a backup older than all we witnessed, or a log started again from empty):
     the operator's explicit choice, on record. Either way in `witness.rebased`."""
     reason = reason.strip()
-    if not reason or len(reason) > 500:
+    if not reason or len(reason) > 500 or not is_one_line(reason):
         raise BadRequest(
-            "say in at most 500 characters how the peer's operator told you of the restore",
+            "say in one line of at most 500 characters, without control characters, how the "
+            "peer's operator told you of the restore",
             code="invalid_reason",
         )
     peer = session.scalar(select(Peer).where(Peer.authority_id == authority).with_for_update())

@@ -26,6 +26,7 @@ from app.crypto.encoding import (
 from app.crypto.keys import NodeIdentity, NodeKeys, fingerprint, key_id
 from app.crypto.rotation import Rotation, RotationError, parse_chain, path_from
 from app.crypto.signing import DOMAIN_IDENTITY, sign, verify
+from app.oneline import is_one_line
 
 IDENTITY_TYPE = "entraide.node-identity"
 # Room for the full rotation chain (at most 32 statements of under 1 KiB each, base64).
@@ -96,6 +97,10 @@ def build_identity_document(
     }
 
 
+MAX_NAME_CHARS = 200
+MAX_URL_CHARS = 500
+
+
 def _published_key(keys: dict[str, Any], purpose: str) -> PublishedKey:
     entry = keys.get(purpose)
     if not isinstance(entry, dict):
@@ -140,6 +145,14 @@ def parse_identity_document(wire: object) -> PeerIdentity:
             raise IdentityError("identity document has an invalid authority id")
         if not isinstance(name, str) or not isinstance(url, str):
             raise IdentityError("identity document lacks a name or public URL")
+        # Printed to operators (`peers list`) and kept in the audit trail: one plain line.
+        if not 0 < len(name) <= MAX_NAME_CHARS or not is_one_line(name):
+            raise IdentityError(
+                f"identity document's name is not one line of 1 to {MAX_NAME_CHARS} "
+                "characters without control characters"
+            )
+        if len(url) > MAX_URL_CHARS or not is_one_line(url):
+            raise IdentityError("identity document's public URL is not one plain line")
         encryption = _published_key(keys, "encryption")
         rotations: tuple[Rotation, ...] = ()
         if "rotations" in body:

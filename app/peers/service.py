@@ -20,6 +20,7 @@ from app.crypto.keys import fingerprints_match, normalise_fingerprint
 from app.delivery import outbox
 from app.errors import BadRequest, Conflict, NotFound
 from app.models import InboundTransfer, OutboxItem, Peer
+from app.oneline import is_one_line
 from app.peers.client import check_peer_url, fetch_identity
 from app.peers.keys import (
     ENCRYPTION,
@@ -204,9 +205,11 @@ def suspend_peer(session: Session, *, authority_id: str, reason: str, actor: str
     its queued deliveries wait. Its keys stay, so what was exchanged before stays
     verifiable; transfers it announced are dropped (sent again after a resumption)."""
     reason = reason.strip()
-    if not reason or len(reason) > 500:
+    if not reason or len(reason) > 500 or not is_one_line(reason):
         raise BadRequest(
-            "say in at most 500 characters why exchanges are suspended", code="invalid_reason"
+            "say in one line of at most 500 characters, without control characters, why "
+            "exchanges are suspended",
+            code="invalid_reason",
         )
     peer = _locked_peer(session, authority_id)
     if peer.suspended_at is not None:

@@ -798,6 +798,29 @@ def test_another_nodes_valid_document_does_not_match_the_pin() -> None:
     assert not fingerprints_match(format_fingerprint(fr().keys.fingerprint), impostor.fingerprint)
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("name", "Evil\r\nAR/MPF\tactive"),  # forges a line of `peers list`
+        ("name", "Evil\x1b[31m"),  # a terminal escape
+        ("name", "Evil\x00Name"),
+        ("name", "Evil \u202eNAM"),  # shown in another order than it is stored
+        ("name", "\x85next line"),  # a C1 control
+        ("name", ""),
+        ("name", "x" * 201),
+        ("public_url", "https://node.example\n"),
+        ("public_url", "https://node.example/" + "x" * 500),
+    ],
+)
+def test_an_identity_whose_name_or_url_is_not_one_plain_line_is_refused(
+    field: str, value: str
+) -> None:
+    # Signed by the peer's own key: the fingerprint matches, and the text is still refused.
+    body = {**_identity_body(fr()), field: value}
+    with pytest.raises(IdentityError, match="one"):
+        parse_identity_document(_signed_identity(body, fr()))
+
+
 def test_tampered_identity_document_is_refused() -> None:
     wire = _identity(fr())
     document = b64d(wire["document"]).replace(b"https://node.example", b"https://evil.example")

@@ -79,6 +79,11 @@ def test_suspended_peer_is_refused_both_ways_and_nothing_is_lost(
             "/api/v1/admin/peers/suspend", json={"authority_id": "XX/NONE", "reason": "x"}
         )
         assert unknown.status_code == 404
+        for forged in ("a\r\nAR/MPF\tactive", "a\x00b", "a\x1b[2Jb"):  # lines of `peers list`
+            refused = http.post(
+                "/api/v1/admin/peers/suspend", json={"authority_id": "ES/MJ", "reason": forged}
+            )
+            assert (refused.status_code, refused.json()["error"]) == (400, "invalid_reason")
         (listed,) = http.get("/api/v1/admin/peers").json()
         assert listed["suspended_at"] is not None
     assert "SUSPENDED since" in ar.cli("peers", "list").stdout

@@ -1,0 +1,18 @@
+"""Text that an operator's terminal or a log prints as one line, exactly as it reads.
+
+For names and reasons that come from outside (a peer's identity document, an operator's
+reason) and are printed by `entraide peers list` and kept in the audit trail: a line break
+there forges a second line, an escape sequence recolours or rewrites the terminal, and a
+bidirectional override shows the text in another order than it is stored.
+"""
+
+from __future__ import annotations
+
+import re
+
+# C0 controls and DEL, C1 controls, and the bidirectional embeddings, overrides and isolates.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def is_one_line(text: str) -> bool:
+    return _UNSAFE.search(text) is None
