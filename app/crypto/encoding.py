@@ -50,8 +50,16 @@ def load_canonical_object(data: bytes) -> dict[str, Any]:
             object_pairs_hook=_no_duplicates,
             parse_constant=_no_constants,
         )
-    except (ValueError, RecursionError) as exc:
-        raise DecodeError(f"not UTF-8 JSON: {exc}") from exc
+    except DecodeError:
+        raise  # the hooks' own words
+    except UnicodeDecodeError as exc:
+        raise DecodeError(f"not UTF-8 (byte {exc.start})") from exc
+    except json.JSONDecodeError as exc:
+        raise DecodeError(f"not JSON ({exc.msg} at byte {exc.pos})") from exc
+    except RecursionError as exc:
+        raise DecodeError("not JSON this side reads: nested too deeply") from exc
+    except ValueError as exc:  # the interpreter's own limits (a number of 4,300 digits)
+        raise DecodeError("not JSON this side reads: a number too long") from exc
     if not isinstance(value, dict):
         raise DecodeError("not a JSON object")
     try:

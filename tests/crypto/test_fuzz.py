@@ -349,3 +349,27 @@ def test_mutated_key_files_raise_only_key_file_errors(data: st.DataObject) -> No
         decode_key_file(blob, kind="signing", passphrase=b"fuzz passphrase")
     except KeyFileError:
         pass
+
+
+def test_a_refusal_of_bad_json_names_the_problem_not_the_interpreters_internals() -> None:
+    """What a peer sent is refused in the protocol's words: the details go back to the
+    sender and into the audit trail for good, and said which Python function failed."""
+    from app.crypto.encoding import DecodeError, load_canonical_object
+
+    cases = {
+        b'{"\xff":1}': "not UTF-8 (byte 2)",
+        b'{"v":' + b"1" * 5000 + b"}": "a number too long",
+        b"[" * 30000: "nested too deeply",
+        b'{"v":}': "not JSON (Expecting value at byte 5)",
+        b'{"a":1,"a":1}': "duplicate key",
+    }
+    for data, words in cases.items():
+        try:
+            load_canonical_object(data)
+        except DecodeError as exc:
+            message = str(exc)
+        else:
+            raise AssertionError(f"{data[:20]!r} was accepted")
+        assert words in message
+        for internal in ("codec", "sys.", "recursion", "Exceeds the limit"):
+            assert internal not in message
