@@ -21,7 +21,7 @@ from sqlalchemy.exc import OperationalError
 
 from app.audit.anchor import LogRolledBack, Signed, SignedLogAnchor
 from app.audit.checkpoints import log_verifier, read_progress
-from app.audit.log import read_head
+from app.audit.log import LogDamaged, read_head
 from app.config import LEASE_MARGIN_SECONDS, Settings, longest_exchange_seconds
 from app.crypto.encoding import utc_now
 from app.crypto.identity import IdentityError, parse_identity_document
@@ -552,6 +552,8 @@ def _log_against_record(
         with read_snapshot(make_session_factory(engine)) as session:
             try:
                 head = read_head(session)
+            except LogDamaged as exc:
+                return exc.detail
             except Exception:  # no schema yet
                 return None
             # Against the record read before the log: one read now could be of a checkpoint

@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 from app.audit.merkle import CompactRange, leaf_hash
 from app.crypto.encoding import DecodeError, canonical_json, format_time, parse_time, utc_now
 from app.db import unit_of_work
+from app.errors import EntraideError
 from app.models import AuditEntry, AuditHead
 
 log = logging.getLogger(__name__)
@@ -181,28 +182,63 @@ def _read(cursor: DBAPICursor, sql: _Statements, statement: str) -> Head:
     if row is None:
         raise RuntimeError("the audit log head row is missing; run the migrations")
     size, compact_range, root_hash, last_leaf_hash, updated_at = row
+    # The head's shortcuts are what every append builds on: taken on trust, an edited one
+    # would have the node extend, and sign, a tree no entries make. Checked against each
+    # other and against the last entry; any disagreement stops the log (fail closed).
+    try:
+        compact = CompactRange.from_bytes(bytes(compact_range))
+        root, last_leaf = bytes(root_hash), _optional_bytes(last_leaf_hash)
+    except (ValueError, TypeError) as exc:
+        raise LogDamaged("the audit log's head row does not parse") from exc
+    if compact.size != size or compact.root() != root:
+        raise LogDamaged("the audit log's head row holds a tree that is not its root")
+    last_entry = _last_entry(cursor, sql, size)
+    if last_entry is not None and last_leaf is not None and leaf_hash(last_entry) != last_leaf:
+        raise LogDamaged("the audit log's head row does not name its last entry")
     return Head(
         size=size,
-        compact=CompactRange.from_bytes(bytes(compact_range)),
-        root_hash=bytes(root_hash),
-        last_leaf_hash=bytes(last_leaf_hash) if last_leaf_hash is not None else None,
-        last_time=_last_entry_time(cursor, sql, size, updated_at),
+        compact=compact,
+        root_hash=root,
+        last_leaf_hash=last_leaf,
+        last_time=_last_entry_time(last_entry, sql, size, updated_at),
     )
 
 
+class LogDamaged(EntraideError):
+    """The audit log's stored head disagrees with itself or its entries: it was altered or
+    damaged. Nothing is appended to it (and so nothing audited is done) until it is
+    repaired; `entraide audit verify --db` names what is wrong. Never input."""
+
+    status_code = 500
+    code = "audit_log_damaged"
+
+
+def _optional_bytes(value: Any) -> bytes | None:
+    return None if value is None else bytes(value)
+
+
+def _last_entry(cursor: DBAPICursor, sql: _Statements, size: int) -> bytes | None:
+    if size == 0:
+        return None
+    cursor.execute(sql.last_entry, (size - 1,))
+    row = cursor.fetchone()
+    if row is None:
+        raise LogDamaged(f"the audit log's last entry ({size - 1}) is missing")
+    value = row[0]
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
 def _last_entry_time(
-    cursor: DBAPICursor, sql: _Statements, size: int, updated: Any
+    last_entry: bytes | None, sql: _Statements, size: int, updated: Any
 ) -> datetime | None:
     """The time the last entry itself carries (hashed into the log), not the head row's copy:
     one UPDATE of that copy to a far future would otherwise stamp every later entry with it,
     since entry times never go back (`_entry_time`)."""
     head_time = sql.read_time(updated) if updated is not None else None
-    if size == 0:
+    if last_entry is None:
         return head_time
-    cursor.execute(sql.last_entry, (size - 1,))
-    row = cursor.fetchone()
     try:
-        entry_time = parse_time(orjson.loads(bytes(row[0])).get("time")) if row else None
+        entry_time = parse_time(orjson.loads(last_entry).get("time"))
     except (orjson.JSONDecodeError, AttributeError, DecodeError):
         entry_time = None
     if entry_time is None:  # `entraide audit verify` reports the entry itself

@@ -24,7 +24,7 @@ from app.audit.checkpoints import (
     sign_checkpoint,
 )
 from app.audit.index import MAX_TAIL, index_entries, indexed_size
-from app.audit.log import STORED_LEVEL, read_head
+from app.audit.log import STORED_LEVEL, LogDamaged, read_head
 from app.audit.merkle import (
     RangeHasher,
     consistency_proof,
@@ -189,9 +189,11 @@ def _rarest_filter(
 def entry_view(entry: AuditEntry) -> dict[str, Any]:
     # From the bytes shown, not the stored column: entry bytes altered in the database with
     # their column left alone then fail the auditor's inclusion proof instead of passing it.
-    digest = leaf_hash(entry.entry).hex()
+    data = stored_bytes(entry.entry)
+    digest = leaf_hash(data).hex()
     try:
-        fields = json.loads(entry.entry)
+        # NaN and infinities are no JSON an entry is written with (nor one an answer holds).
+        fields = json.loads(data, parse_constant=_no_constant)
     except (ValueError, UnicodeError, RecursionError):
         fields = None
     if not isinstance(fields, dict):
@@ -200,10 +202,24 @@ def entry_view(entry: AuditEntry) -> dict[str, Any]:
         return {
             "idx": entry.idx,
             "malformed": True,
-            "entry_base64": base64.b64encode(bytes(entry.entry)).decode(),
+            "entry_base64": base64.b64encode(data).decode(),
             "leaf_hash": digest,
         }
     return {**fields, "leaf_hash": digest}
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} in an entry")
+
+
+def stored_bytes(value: object) -> bytes:
+    """An entry's bytes as the driver returns them: text where a row was rewritten as text
+    (SQLite keeps whatever type it is given), which hashes as its UTF-8 bytes."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape")
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    return str(value).encode()
 
 
 def _node_reader(session: Session) -> RangeHasher:
@@ -306,7 +322,11 @@ def verify_database(
         verifier.feed_many(entries, indexes)
         subtrees.feed(entries)
     report = verifier.finish()
-    head = read_head(session)
+    try:
+        head = read_head(session)
+    except LogDamaged as exc:
+        report.problems.append(Problem(report.entries, exc.detail))
+        return report
     if head.size != report.entries:
         report.problems.append(
             Problem(
@@ -472,7 +492,7 @@ def _column_problems(session: Session) -> Iterator[Problem]:
     width = len(_ENTRY_COLUMNS)
     for rows in _driver_rows(session, _COLUMNS_QUERY, "entraide_audit_columns"):
         for row in rows:
-            idx, entry = row[0], bytes(row[1])
+            idx, entry = row[0], stored_bytes(row[1])
             try:
                 fields = orjson.loads(entry)
             except orjson.JSONDecodeError:
@@ -534,7 +554,7 @@ def _stored_entries(session: Session) -> Iterator[tuple[list[int], list[bytes]]]
     query = "SELECT idx, entry FROM audit_entries ORDER BY idx"
     for rows in _driver_rows(session, query, "entraide_audit_verify"):
         indexes, entries = zip(*rows, strict=True)
-        yield list(indexes), [bytes(entry) for entry in entries]
+        yield list(indexes), [stored_bytes(entry) for entry in entries]
 
 
 def _driver_rows(session: Session, query: str, name: str) -> Iterator[Sequence[Any]]:

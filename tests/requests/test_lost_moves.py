@@ -236,8 +236,9 @@ def test_a_successor_refused_until_a_lost_predecessor_comes_is_undone_with_it(
     request_id = ar.receive_request()
     ack_id = ar.reply(request_id, ACK).json()["msg_id"]
     accept_id = ar.reply(request_id, ACCEPT).json()["msg_id"]
-    _claim_and_settle(ar, accept_id, None, None)  # no answer: a timeout
     _claim_and_settle(ar, ack_id, *REFUSED_FOR_GOOD)
+    # Posted after the acknowledgement is settled (a conversation's messages go in order).
+    _claim_and_settle(ar, accept_id, None, None)  # no answer: a timeout
     waiting = {"error": "predecessor_missing", "detail": "x"}
     _claim_and_settle(ar, accept_id, 425, waiting)
     assert ar.status(request_id) == "delivered"

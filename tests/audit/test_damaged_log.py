@@ -1,0 +1,115 @@
+"""A log whose stored rows were edited: the node stops appending rather than build on an
+edited head (it signed a tree no entries make, or linked the next entry to a leaf that is
+not the last one), and the verifier and the auditor's views name the damage instead of
+failing with a Python error (from review)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import select, text, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.audit.log import LogDamaged, record
+from app.audit.service import entry_view, verify_database
+from app.crypto.keys import NodeKeys
+from app.db import make_engine, make_session_factory, read_snapshot, unit_of_work
+from app.migrate import upgrade
+from app.models import AuditEntry, AuditHead
+from tests.conftest import Databases
+
+AUTHORITY = "ES/MJ"
+
+
+@pytest.fixture
+def log_url(databases: Databases) -> str:
+    url = databases.new("damaged")
+    upgrade(url)
+    engine = make_engine(url)
+    try:
+        with unit_of_work(make_session_factory(engine)) as session:
+            for number in range(5):
+                record(session, actor="node", action="test.event", details={"n": number})
+    finally:
+        engine.dispose()
+    return url
+
+
+@pytest.fixture
+def fresh(log_url: str) -> Iterator[sessionmaker[Session]]:
+    """A new engine: no head cached in this process, as in a node started after the edit."""
+    engine = make_engine(log_url)
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+def _edit(log_url: str, **values: object) -> None:
+    engine = make_engine(log_url)
+    try:
+        with unit_of_work(make_session_factory(engine)) as session:
+            session.execute(update(AuditHead).values(**values))
+    finally:
+        engine.dispose()
+
+
+def _entries(factory: sessionmaker[Session]) -> int:
+    with unit_of_work(factory) as session:
+        return len(session.scalars(select(AuditEntry.idx)).all())
+
+
+def _problems(factory: sessionmaker[Session]) -> list[str]:
+    keys = NodeKeys.generate()  # no checkpoint signed: the log key plays no part here
+    with read_snapshot(factory) as session:
+        report = verify_database(session, authority_id=AUTHORITY, log_public=keys.log_public)
+    return [problem.message for problem in report.problems]
+
+
+@pytest.mark.parametrize(
+    ("edit", "words"),
+    [
+        ({"last_leaf_hash": b"\x11" * 32}, "does not name its last entry"),
+        ({"compact_range": b"\x00" * 7}, "does not parse"),
+    ],
+)
+def test_an_edited_head_stops_the_log(
+    log_url: str, fresh: sessionmaker[Session], edit: dict[str, object], words: str
+) -> None:
+    _edit(log_url, **edit)
+    with pytest.raises(LogDamaged, match=words), unit_of_work(fresh) as session:
+        record(session, actor="node", action="test.event", details={"n": 5})
+    assert _entries(fresh) == 5  # nothing appended on top of it
+    assert any(words in problem for problem in _problems(fresh))
+
+
+def test_a_head_whose_tree_is_not_its_root_stops_the_log(
+    log_url: str, fresh: sessionmaker[Session]
+) -> None:
+    with unit_of_work(fresh) as session:
+        head = session.get(AuditHead, 1)
+        assert head is not None
+        compact = bytearray(head.compact_range)
+    compact[-1] ^= 1  # one of the right edge's hashes, the size and root left alone
+    _edit(log_url, compact_range=bytes(compact))
+    with pytest.raises(LogDamaged, match="not its root"), unit_of_work(fresh) as session:
+        record(session, actor="node", action="test.event", details={"n": 5})
+    assert _entries(fresh) == 5
+
+
+def test_an_entry_rewritten_as_text_or_with_nan_is_shown_and_verified(
+    log_url: str, fresh: sessionmaker[Session], databases: Databases
+) -> None:
+    if databases.backend == "sqlite":  # SQLite keeps whatever type it is given
+        with unit_of_work(fresh) as session:
+            session.execute(text("UPDATE audit_entries SET entry = CAST(entry AS TEXT)"))
+        assert _problems(fresh) == []  # the same bytes, the same leaves
+    with unit_of_work(fresh) as session:
+        entry = session.scalars(select(AuditEntry).where(AuditEntry.idx == 3)).one()
+        entry.entry = b'{"idx":3,"x":NaN}'
+    with unit_of_work(fresh) as session:
+        rows = session.scalars(select(AuditEntry).order_by(AuditEntry.idx))
+        shown = {entry.idx: entry_view(entry) for entry in rows}
+    json.dumps(list(shown.values()), allow_nan=False)  # what the auditor's API answers with
+    assert shown[3]["malformed"] is True
+    assert any("entry 3" in problem for problem in _problems(fresh))
