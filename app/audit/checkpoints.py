@@ -27,7 +27,8 @@ from app.audit.note import (
     open_note,
     sign_note,
 )
-from app.crypto.encoding import utc_now
+from app.audit.verify import FUTURE_MARGIN, TIME_EXTENSION
+from app.crypto.encoding import format_time, utc_now
 from app.errors import EntraideError
 from app.models import AuditCheckpoint, AuditHead, AuditIndex
 
@@ -81,12 +82,24 @@ def sign_checkpoint(
         _remember_after_commit(session, anchor, head.size, head.root_hash)
         return existing
     origin = log_origin(authority_id)
-    body = Checkpoint(origin=origin, size=head.size, root_hash=head.root_hash).format()
+    now = utc_now()
+    if head.last_time is not None and head.last_time > now + FUTURE_MARGIN:
+        # Entries never go back in time: one dated ahead (an edited last entry) stamps every
+        # later one with its time. The checkpoint says when it was signed, so `audit verify`
+        # names them for good; this says so now.
+        log.error(
+            "the audit log's last entry is dated %s, after this node's clock (%s): its time "
+            "was pushed ahead; `entraide audit verify --db` names the entries",
+            format_time(head.last_time),
+            format_time(now),
+        )
+    signed_at = (f"{TIME_EXTENSION}{format_time(now)}",)
+    body = Checkpoint(origin, head.size, head.root_hash, extensions=signed_at).format()
     checkpoint = AuditCheckpoint(
         size=head.size,
         root_hash=head.root_hash,
         note=sign_note(body, origin, log_key),
-        created_at=utc_now(),
+        created_at=now,
     )
     session.add(checkpoint)
     mark_checkpointed(session)

@@ -37,7 +37,7 @@ import orjson
 
 from app.audit.merkle import CompactRange, covering_subtrees, leaf_hash, subtree_levels
 from app.audit.note import Checkpoint, NoteError, Verifier, open_note
-from app.crypto.encoding import TIMESTAMP, format_time, utc_now
+from app.crypto.encoding import TIMESTAMP, format_time, parse_time, utc_now
 
 
 @dataclass(frozen=True, order=True)
@@ -68,6 +68,23 @@ class _Signed:
     label: str
     checkpoint: Checkpoint
 
+    @property
+    def signed_at(self) -> str | None:
+        return signed_time(self.checkpoint)
+
+
+TIME_EXTENSION = "time "
+"""A checkpoint's extension line `time <RFC 3339>`: when the node signed it (by its clock)."""
+
+
+def signed_time(checkpoint: Checkpoint) -> str | None:
+    """When a checkpoint says it was signed; None for one without the line (before it)."""
+    for line in checkpoint.extensions:
+        moment = line.removeprefix(TIME_EXTENSION)
+        if moment != line and TIMESTAMP.fullmatch(moment):
+            return moment
+    return None
+
 
 _MISSING = object()
 
@@ -85,6 +102,7 @@ class Checked:
 
     subtrees: list[tuple[int, bytes]]
     at_checkpoints: dict[int, list[tuple[int, bytes]]]  # checkpoint size: subtrees up to it
+    times_at: dict[int, str]  # checkpoint size: the time of the last entry it covers
     first_time: str
     last_time: str
     first_prev_leaf: object
@@ -92,6 +110,11 @@ class Checked:
 
 
 FUTURE_MARGIN = timedelta(minutes=5)
+
+
+def _later(moment: str) -> str:
+    """`moment` plus the clock difference tolerated between an entry and its signing."""
+    return format_time(parse_time(moment) + FUTURE_MARGIN)
 
 
 def _horizon() -> str:
@@ -118,6 +141,8 @@ def check_batch(
     leaves: list[bytes] = []
     keep = leaves.append
     position, last_time = start, ""
+    last_of = {size - 1 for size in checkpoints}
+    times_at: dict[int, str] = {}
     try:
         first = loads(entries[0])
         # The first entry's link is the caller's to check; every later one names the leaf
@@ -144,6 +169,8 @@ def check_batch(
             leaf = sha256(b"\x00" + data).digest()
             keep(leaf)
             link, last_time = leaf.hex(), time
+            if position in last_of:
+                times_at[position + 1] = time
             position += 1
     except orjson.JSONDecodeError:
         return None
@@ -151,6 +178,7 @@ def check_batch(
     return Checked(
         subtrees=covering_subtrees(levels, len(leaves)),
         at_checkpoints={size: covering_subtrees(levels, size - start) for size in checkpoints},
+        times_at=times_at,
         first_time=first["time"],
         last_time=last_time,
         first_prev_leaf=first_prev_leaf,
@@ -305,7 +333,7 @@ class LogVerifier:
                 upto = self._compact.copy()
                 for level, digest in subtrees:
                     upto.append_subtree(level, digest)
-                self._check_roots(size, upto.root())
+                self._check_roots(size, upto.root(), checked.times_at.get(size))
             for level, digest in checked.subtrees:
                 self._compact.append_subtree(level, digest)
             self._expected += len(entries)
@@ -356,14 +384,24 @@ class LogVerifier:
         self._compact.append(leaf)
         self._expected += 1
         if self._compact.size in self._roots:
-            self._check_roots(self._compact.size, self._compact.root())
+            self._check_roots(self._compact.size, self._compact.root(), self._last_time)
 
-    def _check_roots(self, size: int, root: bytes) -> None:
+    def _check_roots(self, size: int, root: bytes, last_time: str | None) -> None:
         for item in self._roots[size]:
             if item.checkpoint.root_hash != root:
                 self._mismatch(item)
-            else:
-                self._last_good_checkpoint = item.checkpoint.size
+                continue
+            self._last_good_checkpoint = item.checkpoint.size
+            signed_at = item.signed_at
+            if signed_at is not None and last_time and last_time > _later(signed_at):
+                # The node signed it before the time its entries carry: their times were
+                # pushed ahead (entry times never go back, so one edited entry dated in the
+                # future stamps every later one), and no longer read as when things happened.
+                self._problem(
+                    size - 1,
+                    f"entry {size - 1} is dated {last_time}, after {item.label} that covers "
+                    f"it was signed ({signed_at}): the log's times were pushed ahead",
+                )
 
     def _mismatch(self, item: _Signed) -> None:
         size = item.checkpoint.size

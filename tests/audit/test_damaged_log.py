@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import timedelta
 
+import orjson
 import pytest
 from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.audit.checkpoints import sign_checkpoint
 from app.audit.log import LogDamaged, record
+from app.audit.merkle import CompactRange, leaf_hash
 from app.audit.service import entry_view, verify_database
+from app.crypto.encoding import format_time, utc_now
 from app.crypto.keys import NodeKeys
 from app.db import make_engine, make_session_factory, read_snapshot, unit_of_work
 from app.migrate import upgrade
@@ -113,3 +118,50 @@ def test_an_entry_rewritten_as_text_or_with_nan_is_shown_and_verified(
     json.dumps(list(shown.values()), allow_nan=False)  # what the auditor's API answers with
     assert shown[3]["malformed"] is True
     assert any("entry 3" in problem for problem in _problems(fresh))
+
+
+def test_entry_times_pushed_ahead_are_named_for_good(
+    log_url: str, fresh: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An insider re-dates the log's last (unsigned) entry a month ahead and mends the head
+    with public hashing alone: every later entry takes that time (times never go back), and
+    the node signs them. The checkpoint says when it was signed, so the verifier names the
+    entries even once the forged date has passed (it said nothing then)."""
+    future = format_time(utc_now() + timedelta(days=30))
+    with fresh.begin() as session:
+        rows = session.execute(text("SELECT idx, entry FROM audit_entries ORDER BY idx")).all()
+        idx, data = rows[-1]
+        fields = orjson.loads(bytes(data))
+        fields["time"] = future
+        edited = orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)
+        session.execute(
+            update(AuditEntry)
+            .where(AuditEntry.idx == idx)
+            .values(entry=edited, leaf_hash=leaf_hash(edited))
+        )
+        compact = CompactRange()
+        for row in [*rows[:-1], (idx, edited)]:
+            compact.append(leaf_hash(bytes(row[1])))
+        session.execute(
+            update(AuditHead).values(
+                compact_range=compact.to_bytes(),
+                root_hash=compact.root(),
+                last_leaf_hash=leaf_hash(edited),
+            )
+        )
+    keys = NodeKeys.generate()
+    for number in range(3):
+        with unit_of_work(fresh) as session:
+            record(session, actor="node", action="test.later", details={"n": number})
+    with unit_of_work(fresh) as session:
+        sign_checkpoint(session, authority_id=AUTHORITY, log_key=keys.log)
+
+    def problems() -> list[str]:
+        with read_snapshot(fresh) as session:
+            report = verify_database(session, authority_id=AUTHORITY, log_public=keys.log_public)
+        return [problem.message for problem in report.problems]
+
+    assert any("pushed ahead" in problem for problem in problems())
+    later = utc_now() + timedelta(days=31)  # the forged date has passed
+    monkeypatch.setattr("app.audit.verify.utc_now", lambda: later)
+    assert any(f"entry 7 is dated {future}, after checkpoint" in problem for problem in problems())
