@@ -289,17 +289,18 @@ def p2p_blocked_for(node: Node, source: str) -> int | None:
         return blocked_for(session, [f"p2p:{address_unit(source)}"])
 
 
-def refuse_p2p_body(node: Node, source: str, detail: str) -> None:
-    """A P2P body refused before it was read as an envelope (too large): counted against the
-    address, and audited until it is throttled, like any refused envelope."""
+def refuse_p2p_call(node: Node, source: str, code: str, detail: str) -> None:
+    """A P2P call refused before any route's own checks (a body too large, headers too large,
+    a path, method, header or query that does not parse): counted against the address, and
+    audited until it is throttled, like any refused envelope."""
     with unit_of_work(node.sessions) as session:
         if record_p2p_refusal(session, node, source):
             record(
                 session,
                 actor=f"address:{source}",
                 action="envelope.refused",
-                outcome="too_large",
-                details={"code": "too_large", "detail": detail},
+                outcome=code,
+                details={"code": code, "detail": detail},
             )
 
 

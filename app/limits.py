@@ -9,7 +9,7 @@ clients simple, and the `error` code says which part).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -20,22 +20,27 @@ from app.errors import PayloadTooLarge
 
 class HeaderLimit:
     def __init__(
-        self, app: ASGIApp, max_bytes: int, headers: Sequence[tuple[bytes, bytes]] = ()
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+        on_refused: Callable[[Scope, str], Awaitable[None]] | None = None,
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.headers = list(headers)
+        self.on_refused = on_refused  # puts the refusal on record (app.main)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
             size += sum(len(name) + len(value) + 4 for name, value in scope.get("headers", []))
             if size > self.max_bytes:
+                detail = f"request target and headers larger than {self.max_bytes} bytes"
+                if self.on_refused is not None:
+                    await self.on_refused(scope, detail)
                 response = JSONResponse(
-                    {
-                        "error": "headers_too_large",
-                        "detail": f"request target and headers larger than {self.max_bytes} bytes",
-                    },
+                    {"error": "headers_too_large", "detail": detail},
                     status_code=413,
                     headers={"connection": "close"},
                 )

@@ -29,7 +29,7 @@ from app.crypto.identity import build_identity_document
 from app.db import DurabilityLost
 from app.delivery.router import router as deliveries_router
 from app.delivery.worker import Worker
-from app.deps import DUPLICATE_KEY, P2P_UNBLOCKED, p2p_blocked_for, refuse_p2p_body
+from app.deps import DUPLICATE_KEY, P2P_UNBLOCKED, p2p_blocked_for, refuse_p2p_call
 from app.errors import ERROR_HEADER, EntraideError, EnvelopeRefused, StoredEnvelopeCorrupt
 from app.evidence.blobstore import StorageFailed
 from app.evidence.p2p_router import router as evidence_p2p_router
@@ -50,6 +50,8 @@ from app.requests.admin_router import router as request_admin_router
 from app.requests.router import router as requests_router
 
 log = logging.getLogger(__name__)
+
+P2P_API = "/p2p/"
 
 # Every route of the application, by router: tests walk these to check each declares a policy.
 ROUTERS = (
@@ -128,6 +130,7 @@ class LimitsAndHeaders:
             # same on both backends, before anything reads the query; on record, as every
             # refusal of a token holder is (app/auth/refusals.py).
             await record_refusal(scope, scope["app"].state.node, 400, "invalid_request")
+            await _record_p2p_refusal(scope, "invalid_request", "a query parameter holds a NUL")
             await _refuse(
                 send_with_headers, 400, "invalid_request", "a query parameter holds a NUL"
             )
@@ -238,14 +241,29 @@ def _source(scope: Scope) -> str:
 async def _record_body_refusal(scope: Scope, detail: str) -> None:
     """A body refused as too large: a local API caller's refusal is audited for its token's
     client; a peer API caller's counts against its address, as any refused envelope."""
-    node = scope["app"].state.node
     if not _p2p_body(scope):
-        await record_refusal(scope, node, 413, "too_large")
+        await record_refusal(scope, scope["app"].state.node, 413, "too_large")
+        return
+    await _record_p2p_refusal(scope, "too_large", detail)
+
+
+async def _record_p2p_refusal(scope: Scope, code: str, detail: str) -> None:
+    """A call to the peer API refused before its route's own checks ran (they audit theirs):
+    counted against the address and on record until it is throttled (app/deps.py)."""
+    if not str(scope.get("path", "")).startswith(P2P_API):
         return
     try:
-        await run_in_threadpool(refuse_p2p_body, node, _source(scope), detail)
+        await run_in_threadpool(
+            refuse_p2p_call, scope["app"].state.node, _source(scope), code, detail
+        )
     except Exception as failure:  # the answer still goes out
-        log.error("could not record a refused peer body (%s)", type(failure).__name__)
+        log.error("could not record a refused peer call (%s)", type(failure).__name__)
+
+
+async def _record_header_refusal(scope: Scope, detail: str) -> None:
+    """`HeaderLimit`'s 413, on record as any other refusal (from review: it was not)."""
+    await record_refusal(scope, scope["app"].state.node, 413, "headers_too_large")
+    await _record_p2p_refusal(scope, "headers_too_large", detail)
 
 
 def _error(status: int, code: str, detail: str, **extra: Any) -> JSONResponse:
@@ -298,6 +316,9 @@ def install_error_handlers(app: FastAPI) -> None:
             for error in exc.errors()[:50]
         ]
         await _on_record(_request, 422, "invalid_request", exc)
+        await _record_p2p_refusal(
+            _request.scope, "invalid_request", "the request does not match the schema"
+        )
         return _error(
             422, "invalid_request", "the request does not match the schema", fields=fields
         )
@@ -371,6 +392,7 @@ def install_error_handlers(app: FastAPI) -> None:
             # nested, a number of thousands of digits): a code of ours, documented.
             code, detail = "invalid_json", "the body could not be parsed as JSON"
         await _on_record(_request, exc.status_code, code, exc)
+        await _record_p2p_refusal(_request.scope, code, detail)
         response = _error(exc.status_code, code, detail)
         for name, value in (exc.headers or {}).items():  # a 405's Allow
             response.headers[name] = value
@@ -435,7 +457,10 @@ def create_app(settings: Settings | None = None, *, node: Node | None = None) ->
     app.add_middleware(LimitsAndHeaders, max_body_bytes=settings.max_body_bytes)
     # Outside the body limit: headers are refused before any body is read.
     app.add_middleware(
-        HeaderLimit, max_bytes=settings.max_http_header_bytes, headers=SECURITY_HEADERS
+        HeaderLimit,
+        max_bytes=settings.max_http_header_bytes,
+        headers=SECURITY_HEADERS,
+        on_refused=_record_header_refusal,
     )
     # Outermost, so the request id and the counters cover every answer, 413s included.
     app.state.metrics = Metrics()

@@ -10,10 +10,13 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import select
 
 from app.config import Settings
+from app.db import make_engine
 from app.localnodes import LocalNode
 from app.main import SECURITY_HEADERS, create_app
+from app.models import AuditEntry
 from tests.security.conftest import headers, new_node, prepare
 
 MAX_BODY = 64 * 1024
@@ -46,6 +49,55 @@ def _error(response: httpx.Response, status: int, code: str) -> None:
     assert set(response.json()) <= {"error", "detail", "fields"}
     for name, value in SECURITY_HEADERS:
         assert response.headers.get(name.decode()) == value.decode()
+
+
+def _refusals(node: LocalNode) -> list[tuple[str, str]]:
+    engine = make_engine(node.database_url)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(
+                select(AuditEntry.action, AuditEntry.outcome)
+                .where(AuditEntry.action.in_(("api.refused", "envelope.refused")))
+                .order_by(AuditEntry.idx)
+            ).all()
+    finally:
+        engine.dispose()
+    return [(action, outcome) for action, outcome in rows]
+
+
+def test_refusals_before_any_route_runs_are_on_record(node: LocalNode) -> None:
+    """Refused before a route's own checks (which audit theirs): headers too large, a NUL
+    in a peer's query, a method or a header the peer API does not take. A token holder's is
+    an `api.refused` of its client, a peer API caller's counts against its address (from
+    review: none of these were on record)."""
+    before = len(_refusals(node))
+    officer = headers(node, "officer")
+    padded = {"x": "a" * 9000}
+    refused = [
+        httpx.get(node.url + "/api/v1/requests", params=padded, headers=officer),
+        httpx.post(node.url + "/p2p/v1/envelopes", params=padded, json={}),
+        httpx.post(node.url + "/p2p/v1/envelopes?x=%00", json={}),
+        httpx.get(node.url + "/p2p/v1/envelopes"),
+        httpx.put(
+            node.url + "/p2p/v1/evidence/envelopes/xyz/parts/1",
+            content=b"abc",
+            headers={"upload-offset": "-5"},
+        ),
+    ]
+    assert [(answer.status_code, answer.json().get("error")) for answer in refused] == [
+        (413, "headers_too_large"),
+        (413, "headers_too_large"),
+        (400, "invalid_request"),
+        (405, "method_not_allowed"),
+        (422, "invalid_request"),
+    ]
+    assert _refusals(node)[before:] == [
+        ("api.refused", "headers_too_large"),
+        ("envelope.refused", "headers_too_large"),
+        ("envelope.refused", "invalid_request"),
+        ("envelope.refused", "method_not_allowed"),
+        ("envelope.refused", "invalid_request"),
+    ]
 
 
 def test_bodies_over_the_limit_are_refused_before_anything_else(node: LocalNode) -> None:
