@@ -88,8 +88,9 @@ def sign_checkpoint(
         # later one with its time. The checkpoint says when it was signed, so `audit verify`
         # names them for good; this says so now.
         log.error(
-            "the audit log's last entry is dated %s, after this node's clock (%s): its time "
-            "was pushed ahead; `entraide audit verify --db` names the entries",
+            "the audit log's last entry is dated %s, after this node's clock (%s): the clock "
+            "was set back after running fast, or the entry's time was pushed ahead; "
+            "`entraide audit verify --db` names the entries no checkpoint was signed at",
             format_time(head.last_time),
             format_time(now),
         )

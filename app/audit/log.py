@@ -137,7 +137,11 @@ def _statements(dialect: Dialect) -> _Statements:
         read=sql(_READ),
         # SQLite has no row locks: BEGIN IMMEDIATE (app/db.py) already serialises writers.
         lock=sql(_READ if sqlite else _READ + " FOR UPDATE"),
-        last_entry=sql(_LAST_ENTRY),
+        # As bytes even where a row was rewritten as text (SQLite keeps any type it is
+        # given, and its driver cannot decode text that is not UTF-8).
+        last_entry=sql(
+            _LAST_ENTRY.replace("entry", "CAST(entry AS BLOB)", 1) if sqlite else _LAST_ENTRY
+        ),
         update_head=sql(_UPDATE_HEAD),
         insert_entry=sql(_INSERT_ENTRY),
         combined=not sqlite,
@@ -193,7 +197,7 @@ def _read(cursor: DBAPICursor, sql: _Statements, statement: str) -> Head:
     if compact.size != size or compact.root() != root:
         raise LogDamaged("the audit log's head row holds a tree that is not its root")
     last_entry = _last_entry(cursor, sql, size)
-    if last_entry is not None and last_leaf is not None and leaf_hash(last_entry) != last_leaf:
+    if last_entry is not None and (last_leaf is None or leaf_hash(last_entry) != last_leaf):
         raise LogDamaged("the audit log's head row does not name its last entry")
     return Head(
         size=size,

@@ -15,6 +15,7 @@ from app.clock import UtcMoment
 from app.deps import PEER_SIGNED, AuditorDep, NodeDep, SessionDep, UnitOfWorkRoute
 from app.errors import NotFound
 from app.models import WitnessAlarm, WitnessedCheckpoint
+from app.plainint import PlainInt
 
 router = APIRouter(prefix="/api/v1/audit", tags=["audit"], route_class=UnitOfWorkRoute)
 p2p_router = APIRouter(
@@ -25,7 +26,7 @@ p2p_router = APIRouter(
 )
 
 Name = Annotated[str | None, Query(max_length=140)]
-Size = Annotated[int | None, Query(ge=0, le=2**62)]
+Size = Annotated[PlainInt | None, Query(ge=0, le=2**62)]
 
 
 @router.get("")
@@ -41,7 +42,7 @@ def list_entries(
     peer: Name = None,
     outcome: Name = None,
     cursor: Size = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    limit: Annotated[PlainInt, Query(ge=1, le=500)] = 100,
 ) -> dict[str, Any]:
     where = service.EntryFilter(since, until, actor, action, request_id, peer, outcome)
     rows, next_cursor = service.query_entries(session, where=where, before=cursor, limit=limit)
@@ -78,7 +79,7 @@ def new_checkpoint(session: SessionDep, node: NodeDep, principal: AuditorDep) ->
 def inclusion(
     session: SessionDep,
     principal: AuditorDep,
-    index: Annotated[int, Query(ge=0, le=2**62)],
+    index: Annotated[PlainInt, Query(ge=0, le=2**62)],
     size: Size = None,
 ) -> dict[str, Any]:
     return service.prove_inclusion(session, index=index, size=size)
@@ -88,7 +89,7 @@ def inclusion(
 def consistency(
     session: SessionDep,
     principal: AuditorDep,
-    first: Annotated[int, Query(ge=0, le=2**62)],
+    first: Annotated[PlainInt, Query(ge=0, le=2**62)],
     second: Size = None,
 ) -> dict[str, Any]:
     return service.prove_consistency(session, first=first, second=second)
@@ -134,8 +135,8 @@ def witnessed(
 @p2p_router.get("/consistency")
 def peer_consistency(
     session: SessionDep,
-    first: Annotated[int, Query(ge=0, le=2**62)],
-    second: Annotated[int, Query(ge=0, le=2**62)],
+    first: Annotated[PlainInt, Query(ge=0, le=2**62)],
+    second: Annotated[PlainInt, Query(ge=0, le=2**62)],
 ) -> dict[str, Any]:
     """Hashes only: lets a witness check that our log only ever grew."""
     return service.prove_consistency(session, first=first, second=second)

@@ -326,8 +326,10 @@ def verify_database(
         head = read_head(session)
     except LogDamaged as exc:
         report.problems.append(Problem(report.entries, exc.detail))
-        return report
-    if head.size != report.entries:
+        head = None
+    if head is None:
+        pass  # named just above; the other checks below still run
+    elif head.size != report.entries:
         report.problems.append(
             Problem(
                 min(head.size, report.entries),
@@ -410,7 +412,7 @@ def _node_problems(session: Session, expected: dict[tuple[int, int], bytes]) -> 
 _ENTRY_COLUMNS = ("actor", "action", "outcome", "request_id", "msg_id", "peer")
 _INDEX_COLUMNS = ("actor", "action", "outcome", "request_id", "peer")
 _COLUMNS_QUERY = (
-    "SELECT e.idx, e.entry, e.leaf_hash, e.recorded_at,"
+    "SELECT e.idx, {entry}, e.leaf_hash, e.recorded_at,"
     " e.actor, e.action, e.outcome, e.request_id, e.msg_id, e.peer,"
     " i.idx, i.recorded_at, i.actor, i.action, i.outcome, i.request_id, i.peer"
     " FROM audit_entries e LEFT JOIN audit_index i ON i.idx = e.idx ORDER BY e.idx"
@@ -490,7 +492,11 @@ def _column_problems(session: Session) -> Iterator[Problem]:
         yield Problem(idx, f"the query index holds an entry {idx} that the log does not")
     indexed = indexed_size(session)
     width = len(_ENTRY_COLUMNS)
-    for rows in _driver_rows(session, _COLUMNS_QUERY, "entraide_audit_columns"):
+    for rows in _driver_rows(
+        session,
+        _COLUMNS_QUERY.format(entry=_as_bytes(session, "e.entry")),
+        "entraide_audit_columns",
+    ):
         for row in rows:
             idx, entry = row[0], stored_bytes(row[1])
             try:
@@ -551,10 +557,19 @@ def _stored_entries(session: Session) -> Iterator[tuple[list[int], list[bytes]]]
     Straight from the driver: a log has millions of rows, and building a result row object
     for each would cost more than checking it.
     """
-    query = "SELECT idx, entry FROM audit_entries ORDER BY idx"
+    query = _ENTRIES_QUERY.format(entry=_as_bytes(session, "entry"))
     for rows in _driver_rows(session, query, "entraide_audit_verify"):
         indexes, entries = zip(*rows, strict=True)
         yield list(indexes), [stored_bytes(entry) for entry in entries]
+
+
+_ENTRIES_QUERY = "SELECT idx, {entry} FROM audit_entries ORDER BY idx"
+
+
+def _as_bytes(session: Session, column: str) -> str:
+    """An entry column read as bytes even where a row was rewritten as text: SQLite keeps
+    any type it is given, and its driver cannot decode text that is not UTF-8."""
+    return f"CAST({column} AS BLOB)" if session.get_bind().dialect.name == "sqlite" else column
 
 
 def _driver_rows(session: Session, query: str, name: str) -> Iterator[Sequence[Any]]:
@@ -587,7 +602,7 @@ def export_log(session: Session, node: Node, out: Path) -> tuple[int, int]:
     with (out / EXPORT_ENTRIES).open("wb") as handle:
         statement = select(AuditEntry.entry).order_by(AuditEntry.idx)
         for (data,) in session.execute(statement.execution_options(yield_per=5000)):
-            handle.write(data + b"\n")
+            handle.write(stored_bytes(data) + b"\n")
             count += 1
     notes = _checkpoint_notes(session)
     with (out / EXPORT_CHECKPOINTS).open("w") as handle:

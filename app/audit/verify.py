@@ -37,7 +37,7 @@ import orjson
 
 from app.audit.merkle import CompactRange, covering_subtrees, leaf_hash, subtree_levels
 from app.audit.note import Checkpoint, NoteError, Verifier, open_note
-from app.crypto.encoding import TIMESTAMP, format_time, parse_time, utc_now
+from app.crypto.encoding import TIMESTAMP, DecodeError, format_time, parse_time, utc_now
 
 
 @dataclass(frozen=True, order=True)
@@ -78,10 +78,15 @@ TIME_EXTENSION = "time "
 
 
 def signed_time(checkpoint: Checkpoint) -> str | None:
-    """When a checkpoint says it was signed; None for one without the line (before it)."""
+    """When a checkpoint says it was signed, as a time a margin can be added to; None for one
+    without the line (signed before it was added) or with one that is no such time."""
     for line in checkpoint.extensions:
         moment = line.removeprefix(TIME_EXTENSION)
         if moment != line and TIMESTAMP.fullmatch(moment):
+            try:
+                parse_time(moment) + FUTURE_MARGIN
+            except (DecodeError, OverflowError):
+                return None
             return moment
     return None
 
@@ -242,6 +247,7 @@ class LogVerifier:
         self._last_leaf: str | None = None
         self._chain_breaks: list[int] = []
         self._last_good_checkpoint = 0
+        self._latest_signed_at = ""  # the latest signing time of the checkpoints checked
         self._ranges: list[tuple[int, int, str]] = []
         if batch_size < 1 or batch_size & (batch_size - 1):
             raise ValueError("the batch size is a power of two")
@@ -393,14 +399,22 @@ class LogVerifier:
                 continue
             self._last_good_checkpoint = item.checkpoint.size
             signed_at = item.signed_at
-            if signed_at is not None and last_time and last_time > _later(signed_at):
-                # The node signed it before the time its entries carry: their times were
-                # pushed ahead (entry times never go back, so one edited entry dated in the
-                # future stamps every later one), and no longer read as when things happened.
+            if signed_at is None:
+                continue
+            # Against the latest signing time so far, not this one's alone: a node whose clock
+            # ran fast, then was set right, signs the entries that took the fast time (times
+            # never go back) after checkpoints it signed at that time already.
+            latest = max(signed_at, self._latest_signed_at)
+            self._latest_signed_at = latest
+            if last_time and last_time > _later(latest):
+                # No checkpoint was signed at the time its entries carry: their times were
+                # pushed ahead (entry times never go back, so one entry edited to a future date
+                # stamps every later one), and no longer say when things happened.
                 self._problem(
                     size - 1,
                     f"entry {size - 1} is dated {last_time}, after {item.label} that covers "
-                    f"it was signed ({signed_at}): the log's times were pushed ahead",
+                    f"it was signed ({signed_at}), as was every checkpoint before it: the "
+                    "log's times were pushed ahead",
                 )
 
     def _mismatch(self, item: _Signed) -> None:

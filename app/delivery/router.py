@@ -13,10 +13,11 @@ from pydantic import BaseModel
 
 from app.delivery import admin
 from app.deps import AdminDep, SessionDep, UnitOfWorkRoute
+from app.plainint import PlainInt
 
 router = APIRouter(prefix="/api/v1/admin/deliveries", tags=["admin"], route_class=UnitOfWorkRoute)
 
-DeliveryId = Annotated[int, Path(ge=1, le=2**62)]
+DeliveryId = Annotated[PlainInt, Path(ge=1, le=2**62)]
 
 
 class AttemptView(BaseModel):
@@ -85,10 +86,10 @@ def list_deliveries(
     principal: AdminDep,
     state: Literal["queued", "in_flight", "retry", "delivered", "failed", "cancelled"]
     | None = None,
-    stuck_minutes: Annotated[int | None, Query(ge=0, le=525_600)] = None,
+    stuck_minutes: Annotated[PlainInt | None, Query(ge=0, le=525_600)] = None,
     peer: Annotated[str | None, Query(max_length=40)] = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    cursor: Annotated[int | None, Query(ge=1, le=2**62)] = None,
+    limit: Annotated[PlainInt, Query(ge=1, le=500)] = 100,
+    cursor: Annotated[PlainInt | None, Query(ge=1, le=2**62)] = None,
 ) -> DeliveryPage:
     stuck = timedelta(minutes=stuck_minutes) if stuck_minutes is not None else None
     rows, next_cursor = admin.list_deliveries(

@@ -19,6 +19,7 @@ from typing import Annotated, Literal, Self
 from pydantic import (
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -78,6 +79,17 @@ Email = Annotated[
 Phone = Annotated[str, StringConstraints(max_length=16, pattern=r"^\+[1-9][0-9]{6,14}$")]
 
 Loc = tuple[str | int, ...]
+
+
+def _integer_only(value: object) -> object:
+    # JSON `true` and `1.0` equal 1 in Python, and pydantic's lax mode takes them for it.
+    if type(value) is not int:
+        raise PydanticCustomError("int_type", "a version number is an integer")
+    return value
+
+
+# Only version 1 exists; `true` or `1.0` (which equal 1 in Python) are not versions.
+SchemaVersion = Annotated[Literal[1], BeforeValidator(_integer_only)]
 
 
 class DomainModel(BaseModel):
@@ -452,7 +464,7 @@ class Deadline(DomainModel):
 
 
 class RequestDocument(DomainModel):
-    schema_version: Literal[1] = 1
+    schema_version: SchemaVersion = 1
     requesting_authority: AuthorityId
     requested_authority: AuthorityId
     request_type: RequestType

@@ -13,7 +13,7 @@ import datetime as dt
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from enum import StrEnum
-from typing import Annotated, Literal, Self
+from typing import Annotated, Self
 
 from pydantic import AwareDatetime, Field, StringConstraints, model_validator
 
@@ -24,6 +24,7 @@ from app.domain.document import (
     LongText,
     References,
     RefId,
+    SchemaVersion,
     Text,
     _reject,
 )
@@ -144,7 +145,7 @@ _REQUIRED_CODES = {
 
 
 class MessageDocument(DomainModel):
-    schema_version: Literal[1] = 1
+    schema_version: SchemaVersion = 1
     type: MessageType
     text: LongText
     references: References | None = None

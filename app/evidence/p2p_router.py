@@ -33,13 +33,14 @@ from app.evidence.pump import feed_in_thread
 from app.evidence.stream import PartReceiver
 from app.p2p.refusals import audit_refusals, json_body
 from app.p2p.service import Accepted
+from app.plainint import PlainInt
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 router = APIRouter(prefix="/p2p/v1/evidence", tags=["p2p"], dependencies=[Depends(PEER_SIGNED)])
 
 MsgId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
-Index = Annotated[int, Path(ge=1, le=63)]
+Index = Annotated[PlainInt, Path(ge=1, le=63)]
 _receivers = inbound.ReceiverCache()
 # Checks of a whole part, made once every chunk has opened (app/evidence/stream.py).
 WHOLE_PART_CHECKS = frozenset({"part_hash_mismatch", "manifest_mismatch"})
@@ -193,7 +194,7 @@ async def put_part(
     index: Index,
     request: Request,
     node: NodeDep,
-    upload_offset: Annotated[int, Header(ge=0)],
+    upload_offset: Annotated[PlainInt, Header(ge=0)],
 ) -> Response:
     try:
         target = await run_in_threadpool(_target, node, msg_id, index)

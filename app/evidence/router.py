@@ -35,6 +35,7 @@ from app.evidence.node_store import blob_store
 from app.evidence.pump import feed_in_thread
 from app.evidence.stream import PartWriter, UploadError
 from app.node import Node
+from app.plainint import PlainInt
 from app.requests import access
 from app.requests.schemas import Submitted
 
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1/evidence", tags=["evidence"], route_class=UnitOfWorkRoute)
 
 DraftId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
-Index = Annotated[int, Path(ge=1, le=63)]
+Index = Annotated[PlainInt, Path(ge=1, le=63)]
 _writers = drafts.WRITERS
 
 
@@ -146,7 +147,7 @@ async def upload(
     request: Request,
     node: NodeDep,
     principal: OfficerDep,
-    upload_offset: Annotated[int, Header(ge=0)],
+    upload_offset: Annotated[PlainInt, Header(ge=0)],
 ) -> Response:
     def target() -> drafts.UploadTarget:
         _check_visible(node, draft_id, principal)

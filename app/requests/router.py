@@ -14,6 +14,7 @@ from app.clock import ClockDep, UtcMoment
 from app.db import unit_of_work
 from app.deps import NodeDep, OfficerDep, SessionDep, UnitOfWorkRoute
 from app.evidence.download import plan_streamed, streamed_response
+from app.plainint import PlainInt
 from app.requests import access, idempotency, schemas, service
 
 router = APIRouter(prefix="/api/v1/requests", tags=["requests"], route_class=UnitOfWorkRoute)
@@ -85,7 +86,7 @@ def list_requests(
     direction: Literal["inbound", "outbound"] | None = None,
     status: Annotated[str | None, Query(max_length=40)] = None,
     peer: Annotated[str | None, Query(max_length=40)] = None,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    limit: Annotated[PlainInt, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
     overdue: bool | None = None,
     due_before: UtcMoment | None = None,
@@ -154,7 +155,7 @@ def add_message(
 def download_attachment(
     request_id: RequestId,
     msg_id: MsgId,
-    index: Annotated[int, Path(ge=1, le=1000)],
+    index: Annotated[PlainInt, Path(ge=1, le=1000)],
     node: NodeDep,
     principal: OfficerDep,
 ) -> Response:

@@ -14,15 +14,16 @@ import pytest
 from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.audit.checkpoints import sign_checkpoint
-from app.audit.log import LogDamaged, record
+from app.audit.checkpoints import log_origin, sign_checkpoint
+from app.audit.log import LogDamaged, read_head, record
 from app.audit.merkle import CompactRange, leaf_hash
+from app.audit.note import Checkpoint, sign_note
 from app.audit.service import entry_view, verify_database
 from app.crypto.encoding import format_time, utc_now
 from app.crypto.keys import NodeKeys
 from app.db import make_engine, make_session_factory, read_snapshot, unit_of_work
 from app.migrate import upgrade
-from app.models import AuditEntry, AuditHead
+from app.models import AuditCheckpoint, AuditEntry, AuditHead
 from tests.conftest import Databases
 
 AUTHORITY = "ES/MJ"
@@ -76,6 +77,7 @@ def _problems(factory: sessionmaker[Session]) -> list[str]:
     [
         ({"last_leaf_hash": b"\x11" * 32}, "does not name its last entry"),
         ({"compact_range": b"\x00" * 7}, "does not parse"),
+        ({"last_leaf_hash": None}, "does not name its last entry"),
     ],
 )
 def test_an_edited_head_stops_the_log(
@@ -165,3 +167,52 @@ def test_entry_times_pushed_ahead_are_named_for_good(
     later = utc_now() + timedelta(days=31)  # the forged date has passed
     monkeypatch.setattr("app.audit.verify.utc_now", lambda: later)
     assert any(f"entry 7 is dated {future}, after checkpoint" in problem for problem in problems())
+
+
+def test_a_clock_set_right_after_running_fast_is_not_taken_for_pushed_times(
+    log_url: str, fresh: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node's clock ran an hour fast: entries and a checkpoint carry that time. Set right,
+    the entries after it keep the last entry's time until the clock catches up (times never
+    go back), and the checkpoint that covers them is signed at the right time: they were
+    signed at their time already (by the checkpoint of the fast hour), nothing was pushed."""
+    keys = NodeKeys.generate()
+    fast = utc_now() + timedelta(hours=1)
+    for module in ("app.audit.log", "app.audit.checkpoints"):
+        monkeypatch.setattr(f"{module}.utc_now", lambda: fast)
+    with unit_of_work(fresh) as session:
+        record(session, actor="node", action="test.fast")
+        sign_checkpoint(session, authority_id=AUTHORITY, log_key=keys.log)
+    for module in ("app.audit.log", "app.audit.checkpoints"):
+        monkeypatch.setattr(f"{module}.utc_now", utc_now)
+    with unit_of_work(fresh) as session:
+        record(session, actor="node", action="test.set_right")
+        sign_checkpoint(session, authority_id=AUTHORITY, log_key=keys.log)
+    later = fast + timedelta(minutes=1)  # the verifier's clock: nothing dated in the future
+    for module in ("app.audit.verify", "app.audit.service"):
+        monkeypatch.setattr(f"{module}.utc_now", lambda: later)
+    with read_snapshot(fresh) as session:
+        report = verify_database(session, authority_id=AUTHORITY, log_public=keys.log_public)
+    assert report.ok, report.problems
+
+
+@pytest.mark.parametrize("line", ["time 9999-12-31T23:59:59Z", "time 2026-02-30T00:00:00Z"])
+def test_a_checkpoint_with_a_time_that_is_no_date_is_checked_without_it(
+    log_url: str, fresh: sessionmaker[Session], line: str
+) -> None:
+    keys = NodeKeys.generate()
+    with unit_of_work(fresh) as session:
+        head = read_head(session)
+        origin = log_origin(AUTHORITY)
+        body = Checkpoint(origin, head.size, head.root_hash, extensions=(line,)).format()
+        session.add(
+            AuditCheckpoint(
+                size=head.size,
+                root_hash=head.root_hash,
+                note=sign_note(body, origin, keys.log),
+                created_at=utc_now(),
+            )
+        )
+    with read_snapshot(fresh) as session:
+        report = verify_database(session, authority_id=AUTHORITY, log_public=keys.log_public)
+    assert report.ok, report.problems

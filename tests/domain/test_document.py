@@ -134,6 +134,14 @@ def test_unknown_fields_are_refused(
     assert _errors(doc) == [(loc, "extra_forbidden")]
 
 
+@pytest.mark.parametrize("version", [True, 1.0, "1"])
+def test_a_schema_version_that_only_equals_1_is_refused(
+    doc: dict[str, Any], version: object
+) -> None:
+    doc["schema_version"] = version  # `true == 1` in Python: taken for version 1 before
+    assert [loc for loc, _ in _errors(doc)] == [("schema_version",)]
+
+
 def test_unknown_schema_version_is_refused(doc: dict[str, Any]) -> None:
     doc["schema_version"] = 2
 
