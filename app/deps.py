@@ -28,10 +28,11 @@ from app.auth.throttle import (
     address_unit,
     auth_limits,
     blocked_for,
+    is_blocked,
     register_refusal,
 )
 from app.crypto.encoding import utc_now
-from app.db import unit_of_work
+from app.db import read_snapshot, unit_of_work
 from app.errors import Forbidden, Unauthenticated
 from app.node import Node
 from app.tls import CertificateRefused, check_peer_certificate
@@ -292,7 +293,12 @@ def p2p_blocked_for(node: Node, source: str) -> int | None:
 def refuse_p2p_call(node: Node, source: str, code: str, detail: str) -> None:
     """A P2P call refused before any route's own checks (a body too large, headers too large,
     a path, method, header or query that does not parse): counted against the address, and
-    audited until it is throttled, like any refused envelope."""
+    audited until it is throttled, like any refused envelope. Once the address is blocked,
+    nothing is written (a read only): calls that cost their sender nothing must not each
+    cost a write."""
+    with read_snapshot(node.sessions) as session:
+        if is_blocked(session, f"p2p:{address_unit(source)}"):
+            return
     with unit_of_work(node.sessions) as session:
         if record_p2p_refusal(session, node, source):
             record(

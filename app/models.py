@@ -213,9 +213,14 @@ class OutboxItem(Base):
     """Delivery of one outbound message; written in the same transaction as the message."""
 
     __tablename__ = "outbox"
+    # A request's deliveries in the order they were queued: the claim holds a message back
+    # while an earlier one of its request is pending (app/delivery/outbox.py).
+    __table_args__ = (Index("ix_outbox_request_id_id", "request_id", "id"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     message_id: Mapped[int] = mapped_column(ForeignKey("messages.id"), unique=True)
+    # The message's request, copied here so that the claim's order check reads one index.
+    request_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     peer_authority: Mapped[str] = mapped_column(String(40))
     state: Mapped[str] = mapped_column(String(16), index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

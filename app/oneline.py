@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import re
 
-# C0 controls and DEL, C1 controls, and the bidirectional embeddings, overrides and isolates.
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# C0 controls and DEL, C1 controls, the line and paragraph separators (`splitlines` breaks
+# on them), and the bidirectional marks, embeddings, overrides and isolates.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 def is_one_line(text: str) -> bool:

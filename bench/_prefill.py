@@ -56,7 +56,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "parts": "id message_id part_index ciphertext".split(),
     "outbox": (
         "id message_id peer_authority state attempts next_attempt_at lease_until last_error "
-        "created_at delivered_at expires_at lease_owner trace_id updated_at"
+        "created_at delivered_at expires_at lease_owner trace_id updated_at request_id"
     ).split(),
     "delivery_attempts": (
         "id outbox_id attempt worker started_at finished_at outcome http_status error"
@@ -435,6 +435,7 @@ def _fill(
                     None,
                     rng.randbytes(16).hex(),
                     later,
+                    msg_id,  # the request's id: a request is its first message's id here
                 )
             )
             ids["delivery_attempts"] += 1

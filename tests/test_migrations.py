@@ -27,6 +27,7 @@ from app.models import (
     Base,
     DeliveryAttempt,
     DeliveryCounter,
+    Message,
     OutboxItem,
 )
 from tests.conftest import Databases
@@ -197,5 +198,28 @@ def test_attempts_given_up_before_b5d2e8f17a40_keep_the_error_they_met(
             }
             assert not outbox.peer_may_hold(session, rows["never reached"])
             assert outbox.peer_may_hold(session, rows["no answer"])
+    finally:
+        engine.dispose()
+
+
+def test_deliveries_queued_before_f2b7c4d9e815_know_their_request(databases: Databases) -> None:
+    """The claim's order check reads the outbox's own request column: rows queued before it
+    existed get it from their message, or they would never be held back."""
+    url = databases.new("outbox-request")
+    upgrade(url, "b5d2e8f17a40")
+    engine = make_engine(url)
+    sessions = make_session_factory(engine)
+    try:
+        with unit_of_work(sessions) as session:
+            rows = _queue(session, 2)
+        upgrade(url)
+        with unit_of_work(sessions) as session:
+            found = session.execute(
+                select(OutboxItem.request_id, Message.request_id)
+                .join(Message, Message.id == OutboxItem.message_id)
+                .where(OutboxItem.id.in_(rows))
+            ).all()
+        assert len(found) == 2
+        assert all(copied == original for copied, original in found)
     finally:
         engine.dispose()

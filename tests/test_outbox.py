@@ -13,6 +13,7 @@ from sqlalchemy import event, func, insert, select, text, update
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 
 from app.crypto.encoding import utc_now
+from app.crypto.keys import NodeKeys
 from app.crypto.receipts import Receipt as ReceiptBody
 from app.crypto.receipts import SignedReceipt
 from app.db import commit_without_waiting, make_engine, make_session_factory, unit_of_work
@@ -37,8 +38,10 @@ from app.models import (
     DeliveryCounter,
     Message,
     OutboxItem,
+    Peer,
     PeerKey,
 )
+from tests.audit.test_witness import _peer
 from tests.conftest import Databases
 
 LEASE = timedelta(seconds=60)
@@ -179,12 +182,14 @@ def test_a_conversations_messages_are_delivered_in_the_order_written(
         first, second, third, other = _queue(session, 4)
         conversation = session.get(Message, session.get(OutboxItem, first).message_id)  # type: ignore[union-attr]
         assert conversation is not None
-        for row in (second, third):
+        for row in (first, second, third, other):
             item = session.get(OutboxItem, row)
             assert item is not None
             message = session.get(Message, item.message_id)
             assert message is not None
-            message.request_id = conversation.request_id
+            if row != other:
+                message.request_id = conversation.request_id
+            item.request_id = message.request_id  # as `enqueue` writes it
 
     def claimed() -> list[int]:
         with unit_of_work(factory) as session:
@@ -821,3 +826,64 @@ def test_a_cancel_sees_a_claim_committed_before_its_lock(
             admin.cancel_delivery(session, delivery_id=row, actor="operator:test")
     assert [claim.outbox_id for claim in claimed] == [row]
     assert _state(factory, row)[0] == outbox.IN_FLIGHT
+
+
+def _one_conversation(factory: sessionmaker[Session], count: int) -> list[int]:
+    """`count` deliveries of one request, queued in order, as `enqueue` writes them."""
+    with unit_of_work(factory) as session:
+        rows = _queue(session, count)
+        items = [session.get(OutboxItem, row) for row in rows]
+        messages = [session.get(Message, item.message_id) for item in items if item is not None]
+        for item, message in zip(items, messages, strict=True):
+            assert item is not None
+            assert message is not None
+            message.request_id = messages[0].request_id  # type: ignore[union-attr]
+            item.request_id = message.request_id
+    return rows
+
+
+def test_a_retry_never_posts_a_message_after_a_later_one_of_its_request(
+    sessions: tuple[str, sessionmaker[Session]],
+) -> None:
+    _, factory = sessions
+    first, second = _one_conversation(factory, 2)
+    with unit_of_work(factory) as session:
+        session.execute(update(OutboxItem).where(OutboxItem.id == first).values(state="failed"))
+    with unit_of_work(factory) as session:  # the later one still waits: the retry is in order
+        admin.retry_delivery(session, delivery_id=first, actor="operator:test")
+    with unit_of_work(factory) as session:
+        session.execute(update(OutboxItem).where(OutboxItem.id == first).values(state="failed"))
+        session.execute(update(OutboxItem).where(OutboxItem.id == second).values(state="delivered"))
+    with pytest.raises(Conflict, match="out of order") as refused, unit_of_work(factory) as s:
+        admin.retry_delivery(s, delivery_id=first, actor="operator:test")
+    assert refused.value.code == "overtaken"
+    assert _state(factory, first)[0] == outbox.FAILED
+
+
+def test_a_claim_handed_back_after_its_peer_resumed_is_due_at_once(
+    sessions: tuple[str, sessionmaker[Session]],
+) -> None:
+    """The worker read the peer as suspended, the operator resumed it (a resumption makes
+    due the rows that wait, not one in flight), then the claim was handed back: due now,
+    not a century away with every later message of its request behind it (from review)."""
+    _, factory = sessions
+    with unit_of_work(factory) as session:
+        (row,) = _queue(session, 1)
+        session.add(_peer(NodeKeys.generate()))  # AR/MPF, the rows' peer
+    with unit_of_work(factory) as session:
+        (claim,) = outbox.claim_due(session, now=utc_now(), lease=LEASE, limit=1, owner="w")
+    now = utc_now()
+    with unit_of_work(factory) as session:  # not suspended (any more): due at once
+        outbox.hand_back_unposted(session, [claim], owner="w", now=now)
+    with unit_of_work(factory) as session:
+        item = session.get(OutboxItem, row)
+        assert item is not None
+        assert (item.state, item.attempts, item.next_attempt_at) == (outbox.QUEUED, 0, now)
+        (claim,) = outbox.claim_due(session, now=utc_now(), lease=LEASE, limit=1, owner="w")
+        session.execute(update(Peer).values(suspended_at=now, suspended_reason="test"))
+    with unit_of_work(factory) as session:  # still suspended: waits for a resumption
+        outbox.hand_back_unposted(session, [claim], owner="w", now=now)
+    with unit_of_work(factory) as session:
+        item = session.get(OutboxItem, row)
+        assert item is not None
+        assert item.next_attempt_at == now + outbox.SUSPENDED_FOR

@@ -138,6 +138,14 @@ def blocked_for(session: Session, keys: Sequence[str], now: datetime | None = No
     return None
 
 
+def is_blocked(session: Session, key: str, now: datetime | None = None) -> bool:
+    """Whether `key` is blocked now; reads only (`blocked_for` also counts the attempt)."""
+    row = session.get(AuthThrottle, key)
+    return (
+        row is not None and row.blocked_until is not None and (now or utc_now()) < row.blocked_until
+    )
+
+
 def register_refusal(
     session: Session,
     keys: Sequence[str],

@@ -55,7 +55,7 @@ def load_canonical_object(data: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise DecodeError(f"not UTF-8 (byte {exc.start})") from exc
     except json.JSONDecodeError as exc:
-        raise DecodeError(f"not JSON ({exc.msg} at byte {exc.pos})") from exc
+        raise DecodeError(f"not JSON ({exc.msg} at character {exc.pos})") from exc
     except RecursionError as exc:
         raise DecodeError("not JSON this side reads: nested too deeply") from exc
     except ValueError as exc:  # the interpreter's own limits (a number of 4,300 digits)

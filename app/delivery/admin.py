@@ -82,6 +82,7 @@ def retry_delivery(
     item, message = _locked(session, delivery_id)
     if item.state not in (outbox.RETRY, outbox.FAILED, outbox.QUEUED):
         raise Conflict(f"a delivery in state {item.state} cannot be retried", code="not_retryable")
+    _refuse_if_overtaken(session, item)
     moves.check_retry(item)
     moves.kept_move_retried(item)
     if message.expires_at <= moment:
@@ -108,6 +109,28 @@ def retry_delivery(
         details={"delivery": item.id, "from_state": previous},
     )
     return item
+
+
+def _refuse_if_overtaken(session: Session, item: OutboxItem) -> None:
+    """A conversation's messages reach the peer in the order they were written (claim_due):
+    once a later one is delivered or being posted, this one, retried, would be applied on
+    top of it, to a state its sender never had (from review)."""
+    later = session.scalar(
+        select(OutboxItem.id)
+        .where(
+            OutboxItem.request_id == item.request_id,
+            OutboxItem.id > item.id,
+            OutboxItem.state.in_((outbox.IN_FLIGHT, outbox.DELIVERED)),
+        )
+        .limit(1)
+    )
+    if item.request_id is not None and later is not None:
+        raise Conflict(
+            f"a later message of this request (delivery {later}) has reached the peer or is "
+            "being posted: this one, retried now, would arrive after it, out of order; if it "
+            "is still needed, write it again as a new message",
+            code="overtaken",
+        )
 
 
 def cancel_delivery(session: Session, *, delivery_id: int, actor: str) -> OutboxItem:

@@ -67,6 +67,7 @@ def enqueue(
         OUTBOX.insert(),
         {
             "message_id": message_id,
+            "request_id": case.id,
             "peer_authority": case.peer_authority,
             "state": QUEUED,
             "attempts": 0,
@@ -227,11 +228,10 @@ def _earlier_pending() -> Exists:
     naming a message of the peer's as the one it follows, so not held back there) was
     applied before it, and the earlier one then on top, to a state its sender never had:
     the two nodes disagreed for good (from review)."""
-    earlier, its_message = aliased(OutboxItem), aliased(Message)
+    earlier = aliased(OutboxItem)
     return (
         exists()
-        .where(its_message.request_id == Message.request_id)
-        .where(earlier.message_id == its_message.id)
+        .where(earlier.request_id == OutboxItem.request_id)
         .where(earlier.id < OutboxItem.id)
         .where(earlier.state.in_(PENDING))
     )
@@ -324,7 +324,18 @@ def hand_back_unposted(
     """Claims never posted (their peer suspended since): the rows as they were before the
     claim, waiting out of the due range as a suspension leaves its peer's rows (a
     resumption makes them due). No attempt is recorded: none was made. Only rows still ours,
-    at this claim's attempt (fencing)."""
+    at this claim's attempt (fencing).
+
+    The peer's row is locked and read again first, as `peers resume` locks it: resumed since
+    the caller read it, the rows are due at once (a resumption makes due only the rows that
+    wait, not these, still in flight then: they would have waited a century)."""
+    suspended = {
+        authority: session.scalar(
+            select(Peer.suspended_at).where(Peer.authority_id == authority).with_for_update()
+        )
+        is not None
+        for authority in sorted({claim.peer_authority for claim in claims})
+    }
     for claim in claims:
         session.execute(
             update(OutboxItem)
@@ -339,7 +350,7 @@ def hand_back_unposted(
                 attempts=OutboxItem.attempts - 1,
                 lease_until=None,
                 lease_owner=None,
-                next_attempt_at=now + SUSPENDED_FOR,
+                next_attempt_at=now + SUSPENDED_FOR if suspended[claim.peer_authority] else now,
                 updated_at=now,
             )
         )

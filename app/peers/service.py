@@ -95,13 +95,16 @@ def pin_peer(
 
 
 def _refuse_stale(session: Session, peer: Peer, identity: PeerIdentity) -> None:
-    """An identity document signed with the pinned key, but older than the one pinned or
-    publishing a key of the peer's that was dropped: a stale copy (an old mirror, an old
-    instance, an address an attacker serves it from). The fingerprint cannot tell it from
-    the current one, and taking it would seal to a key the peer gave up (perhaps because
-    it leaked)."""
+    """An identity document signed with the pinned key, with keys other than those pinned,
+    older than the one pinned or publishing a key of the peer's that was dropped: a stale
+    copy (an old mirror, an old instance, an address an attacker serves it from). The
+    fingerprint cannot tell it from the current one, and taking it would seal to a key the
+    peer gave up (perhaps because it leaked)."""
     served = f"the node at this address serves an identity document of {peer.authority_id}"
     check = "a stale copy, not the node itself: check the address with its operator"
+    same_keys = (identity.encryption.kid, identity.log.kid) == (peer.encryption_kid, peer.log_kid)
+    if same_keys:
+        return  # nothing to roll back (each replica of a node issues its own at its start)
     pinned_issued = issued_at_of(peer.identity_document)
     if pinned_issued is not None and identity.issued_at < pinned_issued:
         raise StaleIdentity(

@@ -806,6 +806,8 @@ def test_another_nodes_valid_document_does_not_match_the_pin() -> None:
         ("name", "Evil\x00Name"),
         ("name", "Evil \u202eNAM"),  # shown in another order than it is stored
         ("name", "\x85next line"),  # a C1 control
+        ("name", "Evil\u2028AR/MPF"),  # a line separator: `splitlines` breaks on it
+        ("name", "Evil\u200fName"),  # a right-to-left mark
         ("name", ""),
         ("name", "x" * 201),
         ("public_url", "https://node.example\n"),

@@ -360,7 +360,7 @@ def test_a_refusal_of_bad_json_names_the_problem_not_the_interpreters_internals(
         b'{"\xff":1}': "not UTF-8 (byte 2)",
         b'{"v":' + b"1" * 5000 + b"}": "a number too long",
         b"[" * 30000: "nested too deeply",
-        b'{"v":}': "not JSON (Expecting value at byte 5)",
+        b'{"v":}': "not JSON (Expecting value at character 5)",
         b'{"a":1,"a":1}': "duplicate key",
     }
     for data, words in cases.items():

@@ -209,6 +209,39 @@ def test_oversized_peer_bodies_are_counted_and_a_blocked_address_is_not_read(
     assert count(first, "envelope.refused") == before + 3
 
 
+def test_a_blocked_address_costs_no_write_with_calls_refused_before_any_route(
+    two_processes: tuple[LocalNode, ...],
+) -> None:
+    """Paths and methods the peer API does not have are counted against the address, and
+    audited, until it is blocked; then answered with reads only (from review: each was a
+    write transaction, which a caller could send without end at no cost of its own)."""
+    first, _ = two_processes
+    with client_from("127.0.2.4") as http:
+        answers = [http.get(first.url + "/p2p/v1/nothing").status_code for _ in range(6)]
+    assert set(answers) == {404}
+    engine = make_engine(first.database_url)
+    try:
+        with engine.connect() as connection:
+            row = connection.execute(
+                select(AuthThrottle.blocked_until, AuthThrottle.suppressed).where(
+                    AuthThrottle.key == "p2p:127.0.2.4"
+                )
+            ).one()
+    finally:
+        engine.dispose()
+    blocked_until, suppressed = row
+    assert blocked_until is not None  # blocked by these refusals alone
+    assert suppressed == 0  # and nothing written for those that came after
+    audited = [
+        json.loads(entry)
+        for entry in _entries(first, "envelope.refused")
+        if json.loads(entry)["actor"] == "address:127.0.2.4"
+    ]
+    assert audited
+    assert all(entry["outcome"] == "not_found" for entry in audited)
+    assert len(audited) < 6
+
+
 def _entries(node: LocalNode, action: str) -> list[bytes]:
     engine = make_engine(node.database_url)
     try:
