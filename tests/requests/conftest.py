@@ -156,11 +156,11 @@ class Harness:
             return [(actor, outcome, request_id) for actor, outcome, request_id in rows]
 
 
-def _pin_es(node: Node, es_keys: NodeKeys) -> None:
+def _pin_es(node: Node, es_keys: NodeKeys, issued_at: datetime | None = None) -> None:
     document = build_identity_document(
         NodeIdentity("ES/MJ", "Ministerio de Justicia", "http://es.invalid"),
         es_keys,
-        issued_at=utc_now(),
+        issued_at=issued_at or utc_now(),
     )
     with unit_of_work(node.sessions) as session:
         pin_peer(

@@ -5,19 +5,18 @@ refused from then on (step 19, `unknown_key`); what was received before stays re
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import pytest
 from nacl.public import PrivateKey
 from sqlalchemy import select
 
 from app.crypto.encoding import utc_now
-from app.crypto.identity import build_identity_document, parse_identity_document
-from app.crypto.keys import NodeIdentity, NodeKeys
+from app.crypto.keys import NodeKeys
 from app.db import unit_of_work
 from app.models import Peer
 from app.node import Node
-from app.peers.service import StaleIdentity, pin_peer
+from app.peers.service import StaleIdentity
 from tests.requests.conftest import Harness, _pin_es, example_document
 
 
@@ -37,21 +36,6 @@ def test_an_encryption_key_dropped_at_a_repin_is_refused(fresh_ar: Harness) -> N
     assert shown.status_code == 200, shown.text
 
 
-def _pin_es_issued(node: Node, keys: NodeKeys, issued_at: datetime) -> None:
-    document = build_identity_document(
-        NodeIdentity("ES/MJ", "Ministerio de Justicia", "http://es.invalid"),
-        keys,
-        issued_at=issued_at,
-    )
-    with unit_of_work(node.sessions) as session:
-        pin_peer(
-            session,
-            identity=parse_identity_document(document),
-            url="http://es.invalid",
-            own_authority="AR/MPF",
-        )
-
-
 def _pinned_encryption_kid(node: Node) -> str:
     with unit_of_work(node.sessions) as session:
         kid = session.scalar(select(Peer.encryption_kid).where(Peer.authority_id == "ES/MJ"))
@@ -66,20 +50,20 @@ def test_a_stale_identity_document_does_not_bring_a_dropped_key_back(fresh_ar: H
     old = fresh_ar.peer_keys  # pinned when the harness started, with a document issued then
     new = NodeKeys(signing=old.signing, encryption=PrivateKey.generate(), log=old.log)
     then = utc_now()
-    _pin_es_issued(fresh_ar.node, new, then + timedelta(minutes=1))  # the peer's new key
+    _pin_es(fresh_ar.node, new, then + timedelta(minutes=1))  # the peer's new key
     new_kid = _pinned_encryption_kid(fresh_ar.node)
 
     with pytest.raises(StaleIdentity, match="older than the one pinned"):
-        _pin_es_issued(fresh_ar.node, old, then - timedelta(minutes=1))
+        _pin_es(fresh_ar.node, old, then - timedelta(minutes=1))
     # Issued later (no one else can sign a copy with its date changed: this is the peer
     # itself going back to a key it dropped): refused all the same.
     with pytest.raises(StaleIdentity, match="with an encryption key it dropped"):
-        _pin_es_issued(fresh_ar.node, old, then + timedelta(minutes=2))
+        _pin_es(fresh_ar.node, old, then + timedelta(minutes=2))
     assert _pinned_encryption_kid(fresh_ar.node) == new_kid
 
     # The current document pinned again, a newer one with the same keys, or an older one
     # with the same keys (each replica of a node issues its own when it starts): accepted.
-    _pin_es_issued(fresh_ar.node, new, then + timedelta(minutes=1))
-    _pin_es_issued(fresh_ar.node, new, then + timedelta(minutes=3))
-    _pin_es_issued(fresh_ar.node, new, then)
+    _pin_es(fresh_ar.node, new, then + timedelta(minutes=1))
+    _pin_es(fresh_ar.node, new, then + timedelta(minutes=3))
+    _pin_es(fresh_ar.node, new, then)
     assert _pinned_encryption_kid(fresh_ar.node) == new_kid
