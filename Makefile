@@ -37,6 +37,7 @@ bench: bytecode
 	$(BIN)/python bench/request_steps.py --requests 150 --runs 3
 	$(BIN)/python bench/audit.py --entries 100000 --runs 1
 	$(BIN)/python bench/soak.py --requests 100
+	$(BIN)/python bench/claim.py --stored 100000 --due 5000 --runs 1
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

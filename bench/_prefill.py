@@ -38,6 +38,7 @@ from app.audit.merkle import CompactRange, leaf_hash
 from app.audit.note import Checkpoint, sign_note
 from app.crypto.encoding import canonical_json, format_time
 from app.crypto.keys import load_keys
+from app.delivery.outbox import priority_of
 from app.localnodes import LocalNode
 from bench._pair import Pair, Probe
 
@@ -56,7 +57,8 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "parts": "id message_id part_index ciphertext".split(),
     "outbox": (
         "id message_id peer_authority state attempts next_attempt_at lease_until last_error "
-        "created_at delivered_at expires_at lease_owner trace_id updated_at request_id"
+        "created_at delivered_at expires_at lease_owner trace_id updated_at request_id "
+        "priority size_bytes"
     ).split(),
     "delivery_attempts": (
         "id outbox_id attempt worker started_at finished_at outcome http_status error"
@@ -361,13 +363,14 @@ def _fill(
         ids["messages"] += 1
         message_id = ids["messages"]
         requested = (created + timedelta(days=rng.randrange(10, 60))).date()
+        urgency = rng.choice(["routine", "urgent"])
         rows["requests"].append(
             (
                 msg_id,
                 direction,
                 peer,
                 "delivered",
-                rng.choice(["routine", "urgent"]),
+                urgency,
                 created,
                 later,
                 requested,
@@ -436,6 +439,8 @@ def _fill(
                     rng.randbytes(16).hex(),
                     later,
                     msg_id,  # the request's id: a request is its first message's id here
+                    priority_of(urgency),
+                    template["size_bytes"],
                 )
             )
             ids["delivery_attempts"] += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from typing import Any
 
 from alembic import command
@@ -124,7 +125,7 @@ def test_delivery_counters_start_from_the_stored_history(databases: Databases) -
     sessions = make_session_factory(engine)
     try:
         with unit_of_work(sessions) as session:
-            rows = _queue(session, 3)
+            rows = _queue(session, 3, before_a3c9=True)
             now = utc_now()
             for number, (row, outcome) in enumerate(
                 zip(rows, ["delivered", "retry", "retry"], strict=True)
@@ -170,7 +171,7 @@ def test_attempts_given_up_before_b5d2e8f17a40_keep_the_error_they_met(
     }
     try:
         with unit_of_work(sessions) as session:
-            rows = dict(zip(met, _queue(session, 3), strict=True))
+            rows = dict(zip(met, _queue(session, 3, before_a3c9=True), strict=True))
             now = utc_now()
             for name, row in rows.items():
                 session.add(
@@ -211,7 +212,7 @@ def test_deliveries_queued_before_f2b7c4d9e815_know_their_request(databases: Dat
     sessions = make_session_factory(engine)
     try:
         with unit_of_work(sessions) as session:
-            rows = _queue(session, 2)
+            rows = _queue(session, 2, before_a3c9=True)
         upgrade(url)
         with unit_of_work(sessions) as session:
             found = session.execute(
@@ -221,5 +222,39 @@ def test_deliveries_queued_before_f2b7c4d9e815_know_their_request(databases: Dat
             ).all()
         assert len(found) == 2
         assert all(copied == original for copied, original in found)
+    finally:
+        engine.dispose()
+
+
+def test_deliveries_queued_before_a3c9e71d5b20_keep_their_place_in_the_claim(
+    databases: Databases,
+) -> None:
+    """The claim orders and budgets rows by the outbox's own priority and size: rows queued
+    before those columns existed get them from their request and message, so an emergency
+    queued then still goes first, and a large envelope still waits for a round that can
+    take it."""
+    url = databases.new("outbox-claim-order")
+    upgrade(url, "f2b7c4d9e815")
+    engine = make_engine(url)
+    sessions = make_session_factory(engine)
+    try:
+        with unit_of_work(sessions) as session:
+            routine = _queue(session, 1, before_a3c9=True)
+            large = _queue(session, 1, size=10 * 2**20, before_a3c9=True)
+            urgent = _queue(session, 1, urgency="urgent", before_a3c9=True)
+            emergency = _queue(session, 1, urgency="emergency", before_a3c9=True)
+        upgrade(url)
+        with unit_of_work(sessions) as session:
+            claims = outbox.claim_due(
+                session,
+                now=utc_now() + timedelta(seconds=1),
+                lease=timedelta(seconds=60),
+                limit=10,
+                owner="w",
+                max_size=2**20,
+            )
+            assert [claim.outbox_id for claim in claims] == [*emergency, *urgent, *routine]
+            sizes = dict(session.execute(select(OutboxItem.id, OutboxItem.size_bytes)).all())
+            assert sizes[large[0]] == 10 * 2**20
     finally:
         engine.dispose()

@@ -19,12 +19,20 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Exists, Table, case, event, exists, func, or_, select, true, update
+from sqlalchemy import Exists, Table, case, event, exists, func, or_, select, text, true, update
 from sqlalchemy.orm import Session, aliased
 
 from app.audit.log import Event, record_many
 from app.delivery.retry import delivery_deadline
-from app.models import CaseFile, DeliveryAttempt, DeliveryCounter, Message, OutboxItem, Peer
+from app.models import (
+    OUTBOX_WAITING,
+    CaseFile,
+    DeliveryAttempt,
+    DeliveryCounter,
+    Message,
+    OutboxItem,
+    Peer,
+)
 from app.obs.logs import current_request_id
 
 OUTBOX = cast(Table, OutboxItem.__table__)
@@ -55,6 +63,7 @@ def enqueue(
     wake: threading.Event,
     *,
     message_id: int,
+    size_bytes: int,
     case: CaseFile,
     now: datetime,
     message_expires_at: datetime,
@@ -70,6 +79,8 @@ def enqueue(
             "request_id": case.id,
             "peer_authority": case.peer_authority,
             "state": QUEUED,
+            "priority": priority_of(case.urgency),
+            "size_bytes": size_bytes,
             "attempts": 0,
             "next_attempt_at": now,
             "created_at": now,
@@ -81,6 +92,16 @@ def enqueue(
         },
     )
     wake_after_commit(session, wake)
+
+
+def priority_of(urgency: str) -> int:
+    """Where a delivery stands in the claim's order: emergencies, then urgent, then the rest
+    (the migration a3c9e71d5b20 fills rows queued before it with the same rule)."""
+    return {"emergency": 0, "urgent": 1}.get(urgency, 2)
+
+
+# Most pressing first, then oldest due first: the order of the claim's index.
+CLAIM_ORDER = (OutboxItem.priority, OutboxItem.next_attempt_at, OutboxItem.id)
 
 
 def wake_after_commit(session: Session, wake: threading.Event) -> None:
@@ -150,37 +171,49 @@ def claim_due(
     what one round holds in memory. `max_size`: only envelopes up to this size (so that
     large ones a round cannot take do not fill its `limit`). `skip`: rows the caller is
     still posting (its lease may have run out during a long post: not posted twice)."""
-    priority = case(
-        (CaseFile.urgency == "emergency", 0), (CaseFile.urgency == "urgent", 1), else_=2
-    )
-    statement = (
-        select(OutboxItem, Message.size_bytes, Message.msg_id, Message.request_id)
-        .join(Message, Message.id == OutboxItem.message_id)
-        .join(CaseFile, CaseFile.id == Message.request_id)
-        .where(
-            or_(
-                OutboxItem.state.in_((QUEUED, RETRY)) & (OutboxItem.next_attempt_at <= now),
-                (OutboxItem.state == IN_FLIGHT) & (OutboxItem.lease_until < now),
+    due = [
+        # Rows waiting for their turn: an ordered scan of the claim's partial index that
+        # stops at `limit`, locking no row past it (another worker claims those at once).
+        text(OUTBOX_WAITING[session.get_bind().dialect.name]) & (OutboxItem.next_attempt_at <= now),
+        # Taken over from a worker whose lease ran out: a few rounds' rows at most are in
+        # flight, read through the index on state.
+        (OutboxItem.state == IN_FLIGHT) & (OutboxItem.lease_until < now),
+    ]
+    rows: list[OutboxItem] = []
+    for condition in due:
+        statement = (
+            select(OutboxItem)
+            .where(condition)
+            .where(OutboxItem.size_bytes <= max_size if max_size is not None else true())
+            # Deliveries to a peer whose exchanges are suspended wait, untried, for a
+            # resumption.
+            .where(
+                ~exists().where(
+                    Peer.authority_id == OutboxItem.peer_authority,
+                    Peer.suspended_at.is_not(None),
+                )
             )
+            .where(OutboxItem.id.not_in(list(skip)) if skip else true())
+            .where(~_earlier_pending())
+            .order_by(*CLAIM_ORDER)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
         )
-        .where(Message.size_bytes <= max_size if max_size is not None else true())
-        # Deliveries to a peer whose exchanges are suspended wait, untried, for a resumption.
-        .where(
-            ~exists().where(
-                Peer.authority_id == OutboxItem.peer_authority, Peer.suspended_at.is_not(None)
-            )
+        rows.extend(session.scalars(statement))
+    # Most pressing first across both: the order one query over all of them gave.
+    rows.sort(key=lambda item: (item.priority, item.next_attempt_at, item.id))
+    chosen = [item for item in rows[:limit] if admit is None or admit(item.size_bytes)]
+    # The messages' ids for the audit entries of leases taken over (rare): one read.
+    taken_over = [item.message_id for item in chosen if item.state == IN_FLIGHT]
+    ids: dict[int, tuple[str, str]] = {}
+    if taken_over:
+        found = session.execute(
+            select(Message.id, Message.msg_id, Message.request_id).where(Message.id.in_(taken_over))
         )
-        .where(OutboxItem.id.not_in(list(skip)) if skip else true())
-        .where(~_earlier_pending())
-        .order_by(priority, OutboxItem.next_attempt_at, OutboxItem.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True, of=OutboxItem)
-    )
+        ids = {row.id: (row.msg_id, row.request_id) for row in found}
     claims = []
     unknown: list[Event] = []
-    for item, size, msg_id, request_id in session.execute(statement).tuples():
-        if admit is not None and not admit(size):
-            continue
+    for item in chosen:
         if item.state == IN_FLIGHT:
             # Taken over from a worker whose lease ran out (it died, or its settlement
             # failed): its post may have reached the peer, and nothing recorded it. On record
@@ -198,6 +231,7 @@ def claim_due(
                     error=error,
                 )
             )
+            msg_id, request_id = ids[item.message_id]
             unknown.append(
                 _unknown_outcome(msg_id, request_id, item.peer_authority, item.attempts, error)
             )

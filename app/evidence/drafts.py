@@ -744,6 +744,7 @@ def submit_draft(
         session,
         node.outbox_signal,
         message_id=message.id,
+        size_bytes=size,
         case=case,
         now=now,
         message_expires_at=message.expires_at,

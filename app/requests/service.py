@@ -161,6 +161,7 @@ def _store_outbound(
         session,
         node.outbox_signal,
         message_id=message.id,
+        size_bytes=message.size_bytes,
         case=case,
         now=utc_now(),
         message_expires_at=header.expires_at,

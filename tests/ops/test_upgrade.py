@@ -29,6 +29,7 @@ from app.crypto.identity import build_identity_document, parse_identity_document
 from app.crypto.keys import NodeIdentity, NodeKeys, save_identity, save_keys
 from app.crypto.randomness import SystemRandomness
 from app.db import make_engine, unit_of_work
+from app.delivery.outbox import priority_of
 from app.migrate import pending, upgrade
 from app.node import load_node
 from app.requests.service import read_request
@@ -321,10 +322,20 @@ def test_a_first_release_database_upgrades_to_head_losing_nothing(
         assert not pending(engine, url)
         assert counts(engine, (*FIRST_TABLES, "audit_entries")) == before
         with engine.connect() as connection:
-            outbox = connection.execute(sa.text("SELECT state, attempts, expires_at FROM outbox"))
-            state, attempts, expires_at = outbox.one()
+            outbox = connection.execute(
+                sa.text("SELECT state, attempts, expires_at, priority, size_bytes FROM outbox")
+            )
+            state, attempts, expires_at, priority, size = outbox.one()
+            urgency, sealed_size = connection.execute(
+                sa.text(
+                    "SELECT requests.urgency, messages.size_bytes FROM messages "
+                    "JOIN requests ON requests.id = messages.request_id"
+                )
+            ).one()
         assert (state, attempts) == ("retry", 2)
         assert expires_at is not None  # the delivery deadline was filled from the envelope's
+        # The claim's order and budget, filled from the message and its request.
+        assert (priority, size) == (priority_of(urgency), sealed_size)
     finally:
         engine.dispose()
 
