@@ -162,7 +162,7 @@ def create_draft(
             draft_id=draft.id,
             part_index=index,
             size=item.size,
-            stream_header=bytes(random_bytes(STREAM_HEADER_BYTES)),
+            stream_header=new_stream_header(),
         )
         for index, item in enumerate(body.attachments, 1)
     )
@@ -320,13 +320,43 @@ def upload_is_current(session: Session, target: UploadTarget) -> bool:
     return found is not None
 
 
+def new_stream_header() -> bytes:
+    return bytes(random_bytes(STREAM_HEADER_BYTES))
+
+
+def start_stream(session: Session, target: UploadTarget, stream_header: bytes) -> bool:
+    """Put `stream_header` in place of the one `target` was read with, for an attachment
+    whose staging file holds nothing yet (its lock held): every encryption from the first
+    byte is under a header never used before. Whatever may remain of an earlier start (a
+    blob published but not recorded, or one another request is recording, a torn first
+    chunk) was made under another key stream (from review). False, and nothing changed, if
+    the attachment is no longer as read (`upload_is_current`)."""
+    opened = (
+        select(EvidenceDraft.id)
+        .where(EvidenceDraft.id == target.draft_id, EvidenceDraft.state == OPEN)
+        .exists()
+    )
+    changed = session.execute(
+        update(EvidenceUpload)
+        .where(
+            EvidenceUpload.draft_id == target.draft_id,
+            EvidenceUpload.part_index == target.index,
+            EvidenceUpload.stream_header == target.stream_header,
+            EvidenceUpload.digest.is_(None),
+            opened,
+        )
+        .values(stream_header=stream_header)
+    )
+    return bool(getattr(changed, "rowcount", 0))
+
+
 def _start_again(session: Session, row: EvidenceUpload, *, lost: str) -> None:
     """An attachment whose blob is gone: uploaded again from its first byte, under a new
     stream header (the lost blob's key stream is never used again), and on record."""
     row.digest = None
     row.length = None
     row.plaintext_sha256 = None
-    row.stream_header = bytes(random_bytes(STREAM_HEADER_BYTES))
+    row.stream_header = new_stream_header()
     record(
         session,
         actor="node",
@@ -338,19 +368,22 @@ def _start_again(session: Session, row: EvidenceUpload, *, lost: str) -> None:
     session.flush()
 
 
-def renew_stream_header(session: Session, *, draft_id: str, index: int) -> None:
+def renew_stream_header(session: Session, target: UploadTarget) -> None:
     """A new stream header for an attachment started again from its first byte: chunks
     encrypted under the old one and thrown away must never be encrypted again, with other
-    bytes, under the same key stream (app/evidence/router.py)."""
+    bytes, under the same key stream (app/evidence/router.py). Only while the row still has
+    the header `target` wrote under: another request that started the attachment since, under
+    a header of its own, keeps it (its chunks are under that one, from review)."""
     session.execute(
         update(EvidenceUpload)
         .where(
-            EvidenceUpload.draft_id == draft_id,
-            EvidenceUpload.part_index == index,
+            EvidenceUpload.draft_id == target.draft_id,
+            EvidenceUpload.part_index == target.index,
+            EvidenceUpload.stream_header == target.stream_header,
             # Never under a finished attachment: its blob opens with the header it has.
             EvidenceUpload.digest.is_(None),
         )
-        .values(stream_header=bytes(random_bytes(STREAM_HEADER_BYTES)))
+        .values(stream_header=new_stream_header())
     )
 
 
@@ -399,7 +432,9 @@ class WriterCache:
         if cached is not None:
             writer = cached[0]
             try:
-                if writer.resume():
+                # Under the header the row has now: one renewed since (a restart) means
+                # what this writer holds is not what the attachment is any more.
+                if writer.stream_header == target.stream_header and writer.resume():
                     return writer
             except UploadBusy:
                 writer.close()  # written elsewhere now: rebuilt when that request is over
@@ -450,6 +485,10 @@ class WriterCache:
 WRITERS = WriterCache()
 
 
+# A Conflict's code for an upload whose attachment changed under it (app/evidence/router.py).
+UPLOAD_CHANGED = "upload_changed"
+
+
 def record_uploaded(
     session: Session, *, target: UploadTarget, part: FinishedPart, principal: Principal
 ) -> None:
@@ -463,15 +502,28 @@ def record_uploaded(
         .values(updated_at=utc_now())
     )
     row = session.scalar(
-        select(EvidenceUpload).where(
+        select(EvidenceUpload)
+        .where(
             EvidenceUpload.draft_id == target.draft_id,
             EvidenceUpload.part_index == target.index,
         )
+        # Locked until recorded: a start again (`start_stream`) waits, then finds it done
+        # (PostgreSQL; SQLite's writer lock is held already, from review).
+        .with_for_update()
+        .execution_options(populate_existing=True)
     )
     if not getattr(touched, "rowcount", 0) or row is None:
         # Discarded while its last bytes arrived: the blob just published is named by no
         # row, and the hourly sweep removes it (app/evidence/cleanup.py).
         raise NotFound("no such draft", code="unknown_draft")
+    if row.digest is not None or row.stream_header != target.stream_header:
+        # Another request started the attachment again meanwhile (under a header of its
+        # own): its bytes, not these, are what it will record; this blob is named by no
+        # row and swept like a discarded one. Never replaced silently (from review).
+        raise Conflict(
+            "this attachment was started again by another upload; ask HEAD where to resume",
+            code=UPLOAD_CHANGED,
+        )
     row.digest = part.digest
     row.length = part.length
     row.plaintext_sha256 = part.plaintext_sha256

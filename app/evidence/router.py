@@ -14,6 +14,7 @@ declared size does), encrypted chunk by chunk, and never held whole in memory.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 from typing import Annotated
@@ -122,6 +123,11 @@ def _finish(
     try:
         with unit_of_work(node.sessions) as session:
             drafts.record_uploaded(session, target=target, part=part, principal=principal)
+    except Conflict as exc:
+        if exc.code == drafts.UPLOAD_CHANGED:
+            raise  # started again by another request, under a header of its own
+        _restart(node, target)
+        raise
     except Exception:
         # Published but not recorded: the attachment starts again from its first byte
         # (HEAD says 0), and must not do so under the key stream that made this blob.
@@ -135,7 +141,7 @@ def _restart(node: Node, target: drafts.UploadTarget) -> None:
     database refuses this too, the next request fails the same way and nothing is written."""
     try:
         with unit_of_work(node.sessions) as session:
-            drafts.renew_stream_header(session, draft_id=target.draft_id, index=target.index)
+            drafts.renew_stream_header(session, target)
     except Exception as exc:
         log.warning("could not renew an attachment's stream header (%s)", type(exc).__name__)
 
@@ -201,21 +207,33 @@ async def upload(
         except Exception as failure:  # the client must still be told where to resume
             log.error("could not audit a restarted upload (%s)", type(failure).__name__)
         return await _offset_mismatch(request, node, 0, found.size)
+    # Nothing stored yet: the attachment starts from its first byte under a new header.
+    fresh = drafts.new_stream_header() if writer.durable_offset == 0 else None
     try:
-        current = await run_in_threadpool(_still_current, node, found)
+        current = await run_in_threadpool(_still_current, node, found, fresh)
     except BaseException:
         writer.close()
         raise
     if not current:
         # Discarded since this request read its draft, or started again under a new stream
         # header: under the staging file's lock now, nothing is written for what it read
-        # (the file just opened goes, as the discard's did; the client asks HEAD again).
+        # (the client asks HEAD again). An empty file goes (this request may have just
+        # opened it, after a discard); one holding chunks is another request's progress,
+        # made under the header that request put in place since this one read it.
+        if fresh is not None:  # removed while still locked: nobody starts in it meanwhile
+            store.discard_upload(found.upload_id)
         writer.close()
-        store.discard_upload(found.upload_id)
         raise Conflict(
             "this attachment was discarded or started again meanwhile; ask HEAD where to resume",
-            code="upload_changed",
+            code=drafts.UPLOAD_CHANGED,
         )
+    if fresh is not None:
+        try:
+            writer.start_stream(fresh)
+        except BaseException:
+            writer.close()
+            raise
+        found = dataclasses.replace(found, stream_header=fresh)
     keep = True
     try:
         if upload_offset != writer.durable_offset:
@@ -246,8 +264,11 @@ async def upload(
             writer.close()
 
 
-def _still_current(node: Node, found: drafts.UploadTarget) -> bool:
+def _still_current(node: Node, found: drafts.UploadTarget, fresh: bytes | None) -> bool:
+    """Whether `found` is still what to write (`fresh`: and now under that header)."""
     with unit_of_work(node.sessions) as session:
+        if fresh is not None:
+            return drafts.start_stream(session, found, fresh)
         return drafts.upload_is_current(session, found)
 
 
@@ -263,7 +284,7 @@ def _refuse_overrun(node: Node, found: drafts.UploadTarget, writer: PartWriter, 
     writer.rewind(0)
     blob_store(node.settings).discard_upload(found.upload_id)
     with unit_of_work(node.sessions) as session:
-        drafts.renew_stream_header(session, draft_id=found.draft_id, index=found.index)
+        drafts.renew_stream_header(session, found)
 
 
 @router.post("/drafts/{draft_id}/submit", status_code=201)

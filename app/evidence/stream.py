@@ -134,6 +134,7 @@ class PartWriter:
         self._ad = ad
         self.size = size
         self._chunks_total = chunk_count(size)
+        self.stream_header = stream_header
         self._state = _new_state(key, stream_header)
         self._plain_hash = BesideHash()
         self._cipher_hash = BesideHash()
@@ -160,7 +161,11 @@ class PartWriter:
         writer = cls(
             store.upload(upload_id), key=key, ad=ad, stream_header=stream_header, size=size
         )
-        writer._rebuild()
+        try:
+            writer._rebuild()
+        except BaseException:  # chunks that do not open (EnvelopeError), a disk error
+            writer.close()
+            raise
         return writer
 
     @property
@@ -199,6 +204,17 @@ class PartWriter:
             self._cipher_hash.update(chunk)
             self._chunks_done += 1
         self.resumed_bytes = self._chunks_done * CHUNK_BYTES
+
+    def start_stream(self, stream_header: bytes) -> None:
+        """Encrypt from the first byte under `stream_header` instead: only while nothing is
+        stored (app/evidence/drafts.py, `start_stream`)."""
+        if self._chunks_done or self.finished is not None or self._upload.size():
+            raise AssertionError("a part's key stream changed after chunks were stored")
+        self._pending.clear()
+        self.stream_header = stream_header
+        self._state = _new_state(self._key, stream_header)
+        self._plain_hash = BesideHash()
+        self._cipher_hash = BesideHash()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self.broken:
