@@ -33,6 +33,7 @@ from app.delivery.worker import (
 from app.errors import Conflict
 from app.migrate import upgrade
 from app.models import (
+    OUTBOX_WAITING,
     AuditEntry,
     CaseFile,
     DeliveryAttempt,
@@ -324,6 +325,23 @@ def test_the_claim_reads_the_waiting_rows_through_their_partial_index(
             )
             assert "ix_outbox_claim_order" in plan, plan
             assert "Sort" not in plan, plan
+    # The index is partial as the migration made it (alembic's comparison of models and
+    # migrations does not look at an index's condition): over the waiting rows alone.
+    with engine.connect() as connection:
+        if backend == "sqlite":
+            made = connection.exec_driver_sql(
+                "SELECT sql FROM sqlite_master WHERE name = 'ix_outbox_claim_order'"
+            ).scalar_one()
+            assert made.endswith(f"WHERE {OUTBOX_WAITING['sqlite']}"), made
+        else:
+            made = connection.exec_driver_sql(
+                "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_outbox_claim_order'"
+            ).scalar_one()
+            condition = made.split(" WHERE ", 1)[1]
+            for state in ("'queued'", "'retry'"):
+                assert state in condition, made
+            for state in ("in_flight", "delivered", "failed", "cancelled"):
+                assert state not in condition, made
 
 
 def _expired_claim(

@@ -19,7 +19,20 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Exists, Table, case, event, exists, func, or_, select, text, true, update
+from sqlalchemy import (
+    Exists,
+    Table,
+    TextClause,
+    case,
+    event,
+    exists,
+    func,
+    or_,
+    select,
+    text,
+    true,
+    update,
+)
 from sqlalchemy.orm import Session, aliased
 
 from app.audit.log import Event, record_many
@@ -100,6 +113,13 @@ def priority_of(urgency: str) -> int:
     return {"emergency": 0, "urgent": 1}.get(urgency, 2)
 
 
+def waiting(session: Session) -> TextClause:
+    """The rows waiting for their turn, written as the claim's partial index is on this
+    database (app.models.OUTBOX_WAITING; another than the two would get the standard form)."""
+    dialect = session.get_bind().dialect.name
+    return text(OUTBOX_WAITING.get(dialect, OUTBOX_WAITING["postgresql"]))
+
+
 # Most pressing first, then oldest due first: the order of the claim's index.
 CLAIM_ORDER = (OutboxItem.priority, OutboxItem.next_attempt_at, OutboxItem.id)
 
@@ -174,7 +194,7 @@ def claim_due(
     due = [
         # Rows waiting for their turn: an ordered scan of the claim's partial index that
         # stops at `limit`, locking no row past it (another worker claims those at once).
-        text(OUTBOX_WAITING[session.get_bind().dialect.name]) & (OutboxItem.next_attempt_at <= now),
+        waiting(session) & (OutboxItem.next_attempt_at <= now),
         # Taken over from a worker whose lease ran out: a few rounds' rows at most are in
         # flight, read through the index on state.
         (OutboxItem.state == IN_FLIGHT) & (OutboxItem.lease_until < now),

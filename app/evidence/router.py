@@ -188,6 +188,13 @@ async def upload(
             "another upload of this attachment is in progress", code="upload_busy"
         ) from exc
     except EnvelopeError as exc:
+        if not await run_in_threadpool(_still_current, node, found, None):
+            # Not damage: another request started the attachment again since this one read
+            # it, and stored chunks under its own header; they stay (from review).
+            raise Conflict(
+                "this attachment was started again meanwhile; ask HEAD where to resume",
+                code=drafts.UPLOAD_CHANGED,
+            ) from exc
         # The stored chunks no longer open (the staging file was damaged on disk): they are
         # dropped, and the client starts the attachment again, as after any offset mismatch.
         store.discard_upload(found.upload_id)
@@ -207,8 +214,11 @@ async def upload(
         except Exception as failure:  # the client must still be told where to resume
             log.error("could not audit a restarted upload (%s)", type(failure).__name__)
         return await _offset_mismatch(request, node, 0, found.size)
-    # Nothing stored yet: the attachment starts from its first byte under a new header.
-    fresh = drafts.new_stream_header() if writer.durable_offset == 0 else None
+    # Nothing stored yet, and the client sends the first byte: the attachment starts from it
+    # under a new header. Not for a request at another offset, refused below: a client's
+    # stray resend must not start again an attachment another request is finishing.
+    starts = writer.durable_offset == 0 and upload_offset == 0
+    fresh = drafts.new_stream_header() if starts else None
     try:
         current = await run_in_threadpool(_still_current, node, found, fresh)
     except BaseException:

@@ -225,3 +225,17 @@ def test_a_kept_writer_is_not_used_under_a_header_renewed_since(ar: Harness) -> 
     assert done.status_code == 204, done.text
     submitted = ar.post(f"/api/v1/evidence/drafts/{draft_id}/submit", {})
     assert submitted.status_code == 201, submitted.text
+
+
+def test_a_request_at_another_offset_starts_nothing_again(ar: Harness) -> None:
+    """A client's stray resend at an offset the node does not hold (while, say, the request
+    that sent the last bytes is being recorded) is refused, and starts nothing: a new header
+    there would have refused the finishing request its record (from review)."""
+    draft_id, href = _draft(ar, 2 * CHUNK_BYTES)
+    header = _header(ar, draft_id)
+    stray = ar.http.patch(
+        href, content=b"x" * 10, headers={**ar.as_("officer"), "upload-offset": str(CHUNK_BYTES)}
+    )
+    assert (stray.status_code, stray.json()["error"]) == (409, "offset_mismatch")
+    assert stray.headers["upload-offset"] == "0"
+    assert _header(ar, draft_id) == header
