@@ -24,7 +24,7 @@ from nacl.hash import blake2b
 from nacl.public import SealedBox
 from nacl.secret import SecretBox
 from nacl.utils import random as random_bytes
-from sqlalchemy import delete, select, update
+from sqlalchemy import ColumnElement, delete, select, update
 from sqlalchemy.orm import Session
 
 from app.audit.log import record
@@ -309,13 +309,7 @@ def upload_is_current(session: Session, target: UploadTarget) -> bool:
     found = session.scalar(
         select(EvidenceUpload.id)
         .join(EvidenceDraft, EvidenceDraft.id == EvidenceUpload.draft_id)
-        .where(
-            EvidenceUpload.draft_id == target.draft_id,
-            EvidenceUpload.part_index == target.index,
-            EvidenceUpload.stream_header == target.stream_header,
-            EvidenceUpload.digest.is_(None),
-            EvidenceDraft.state == OPEN,
-        )
+        .where(*_unfinished_under(target), EvidenceDraft.state == OPEN)
     )
     return found is not None
 
@@ -338,16 +332,21 @@ def start_stream(session: Session, target: UploadTarget, stream_header: bytes) -
     )
     changed = session.execute(
         update(EvidenceUpload)
-        .where(
-            EvidenceUpload.draft_id == target.draft_id,
-            EvidenceUpload.part_index == target.index,
-            EvidenceUpload.stream_header == target.stream_header,
-            EvidenceUpload.digest.is_(None),
-            opened,
-        )
+        .where(*_unfinished_under(target), opened)
         .values(stream_header=stream_header)
     )
     return bool(getattr(changed, "rowcount", 0))
+
+
+def _unfinished_under(target: UploadTarget) -> tuple[ColumnElement[bool], ...]:
+    """`target`'s attachment while unfinished and still under the header it was read with
+    (never a finished one: its blob opens with the header it has)."""
+    return (
+        EvidenceUpload.draft_id == target.draft_id,
+        EvidenceUpload.part_index == target.index,
+        EvidenceUpload.stream_header == target.stream_header,
+        EvidenceUpload.digest.is_(None),
+    )
 
 
 def _start_again(session: Session, row: EvidenceUpload, *, lost: str) -> None:
@@ -376,13 +375,7 @@ def renew_stream_header(session: Session, target: UploadTarget) -> None:
     a header of its own, keeps it (its chunks are under that one, from review)."""
     session.execute(
         update(EvidenceUpload)
-        .where(
-            EvidenceUpload.draft_id == target.draft_id,
-            EvidenceUpload.part_index == target.index,
-            EvidenceUpload.stream_header == target.stream_header,
-            # Never under a finished attachment: its blob opens with the header it has.
-            EvidenceUpload.digest.is_(None),
-        )
+        .where(*_unfinished_under(target))
         .values(stream_header=new_stream_header())
     )
 
