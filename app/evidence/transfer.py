@@ -34,6 +34,9 @@ FIRST_SEGMENT_CHUNKS = 32
 MIN_SEGMENT_CHUNKS = 4
 MAX_SEGMENT_CHUNKS = 4096
 DEFAULT_SEGMENT_SECONDS = 30.0
+# Rounds over the parts within one attempt: the peer may ask again for a part whose blob it
+# lost (section 8.5); past these, the delivery is retried later rather than looping.
+PART_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -124,10 +127,39 @@ def send_streamed(
     json_headers = {**headers, "content-type": "application/json"}
     with http.stream("POST", announce_url, content=content, headers=json_headers) as response:
         answer = _answer(response)
-    if answer.status != 202:
-        return answer
     msg_id = _msg_id(wire)
     sizer = SegmentSizer(_segment_seconds(http))
+    rounds = 0
+    while answer.status == 202:
+        if rounds == PART_ROUNDS:
+            raise PeerError("the peer still asks for parts it was sent")  # retried later
+        rounds += 1
+        refused = _send_parts(
+            http, base_url, msg_id, parts, store, sizer, headers=headers, keep_alive=keep_alive
+        )
+        if refused is not None:
+            return refused  # the receipt (200, 201) or a refusal
+        # Every part was there (an earlier attempt's answer was lost): announce again, and
+        # the peer, now complete, answers with the receipt. Or it asks again for a part
+        # whose blob it found gone meanwhile (202, its offsets): sent again, not given up.
+        with http.stream("POST", announce_url, content=content, headers=json_headers) as response:
+            answer = _answer(response)
+    return answer
+
+
+def _send_parts(
+    http: httpx.Client,
+    base_url: str,
+    msg_id: str,
+    parts: list[StreamedPart],
+    store: BlobStore,
+    sizer: SegmentSizer,
+    *,
+    headers: dict[str, str],
+    keep_alive: Callable[[], bool],
+) -> PeerAnswer | None:
+    """Each part from where the peer holds it; the peer's answer if it ends the exchange (a
+    receipt or a refusal), None once every part is there."""
     for part in parts:
         url = f"{base_url}/p2p/v1/evidence/envelopes/{msg_id}/parts/{part.index}"
         head = http.head(url, headers=headers)
@@ -153,16 +185,13 @@ def send_streamed(
             ) as response:
                 answer = _answer(response)
             if answer.status != 204:
-                return answer  # the receipt (200, 201) or a refusal
+                return answer
             reached = _offset(response)
             if reached <= offset:  # the delivery is retried later, from the peer's offset
                 raise PeerError("the peer's offset did not advance")
             sizer.observe(reached - offset, time.monotonic() - started)
             offset = reached
-    # Every part was already there (an earlier attempt's answer was lost): announce again,
-    # and the peer, now complete, answers with the receipt.
-    with http.stream("POST", announce_url, content=content, headers=json_headers) as response:
-        return _answer(response)
+    return None
 
 
 def _head_refusal(head: httpx.Response) -> dict[str, str] | None:
