@@ -207,6 +207,12 @@ def get_settings() -> Settings:
 LEASE_MARGIN_SECONDS = 5.0
 
 
+def body_idle_seconds(settings: Settings) -> float:
+    """How long a request's body may send nothing before the node takes its sender for gone
+    (app/evidence/pump.py): twice a peer's own read timeout."""
+    return 2 * settings.peer_timeout_seconds
+
+
 def longest_exchange_seconds(settings: Settings) -> float:
     """The longest one exchange with a peer can last: the connection (at most 10 s of the
     timeout) and the client's deadline of four timeouts (app/peers/client.py)."""

@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from app.audit.log import record, record_alone
+from app.config import body_idle_seconds
 from app.crypto import envelope as env
 from app.db import unit_of_work
 from app.deps import PEER_SIGNED, NodeDep, record_p2p_refusal, source_address
@@ -29,7 +30,7 @@ from app.errors import EnvelopeRefused
 from app.evidence import inbound
 from app.evidence.blobstore import UploadBusy
 from app.evidence.node_store import blob_store
-from app.evidence.pump import feed_in_thread
+from app.evidence.pump import feed_in_thread, until_idle
 from app.evidence.stream import PartReceiver
 from app.p2p.refusals import audit_refusals, json_body
 from app.p2p.service import Accepted
@@ -253,7 +254,9 @@ async def put_part(
             )
         try:
             # Checked and stored in a worker thread while the next batch arrives.
-            await feed_in_thread(request.stream(), receiver.write_all)
+            await feed_in_thread(
+                until_idle(request.stream(), body_idle_seconds(node.settings)), receiver.write_all
+            )
         except ClientDisconnect:
             await run_in_threadpool(receiver.checkpoint)
             raise

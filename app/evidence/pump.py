@@ -8,10 +8,11 @@ writer the caller is about to checkpoint or close.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 
 import anyio
 import anyio.to_thread
+from starlette.requests import ClientDisconnect
 
 BATCH_BYTES = 1 << 20
 
@@ -66,3 +67,20 @@ async def feed_in_thread(
         raise received
     if batch:
         await anyio.to_thread.run_sync(sink, batch)
+
+
+async def until_idle(chunks: AsyncIterable[bytes], seconds: float) -> AsyncIterator[bytes]:
+    """`chunks`, ended as a disconnect when none arrives for `seconds`. A sender whose
+    connection went silent without closing (power lost, a NAT's state dropped) otherwise held
+    its part's staging file locked, and every retry refused as busy, until the node restarted:
+    the server gives a request's body no deadline of its own (from review)."""
+    iterator = aiter(chunks)
+    while True:
+        with anyio.move_on_after(seconds) as waited:
+            try:
+                data = await anext(iterator)
+            except StopAsyncIteration:
+                return
+        if waited.cancelled_caught:
+            raise ClientDisconnect()  # handled as the client's going: what it sent is kept
+        yield data

@@ -26,6 +26,7 @@ from starlette.requests import ClientDisconnect
 from app.audit.log import record_alone
 from app.auth.refusals import already_audited, record_refusal
 from app.auth.service import Principal
+from app.config import body_idle_seconds
 from app.crypto.envelope import EnvelopeError
 from app.db import unit_of_work
 from app.deps import NodeDep, OfficerDep, SessionDep, UnitOfWorkRoute
@@ -33,7 +34,7 @@ from app.errors import Conflict, NotFound, PayloadTooLarge
 from app.evidence import drafts, schemas
 from app.evidence.blobstore import UploadBusy
 from app.evidence.node_store import blob_store
-from app.evidence.pump import feed_in_thread
+from app.evidence.pump import feed_in_thread, until_idle
 from app.evidence.stream import PartWriter, UploadError
 from app.node import Node
 from app.plainint import PlainInt
@@ -250,7 +251,9 @@ async def upload(
             return await _offset_mismatch(request, node, writer.durable_offset, found.size)
         try:
             # Encrypted in a worker thread while the next batch arrives.
-            await feed_in_thread(request.stream(), writer.write_all)
+            await feed_in_thread(
+                until_idle(request.stream(), body_idle_seconds(node.settings)), writer.write_all
+            )
         except ClientDisconnect:
             await run_in_threadpool(writer.checkpoint)
             raise

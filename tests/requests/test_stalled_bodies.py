@@ -1,0 +1,99 @@
+"""A request whose body goes silent without its connection closing (the sender lost power, a
+NAT dropped the connection's state) is taken for gone after a while: it held its part's or
+attachment's staging file locked, and every retry was refused as busy, until the node
+restarted (from review). What it sent is kept, as after a disconnect."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from urllib.parse import urlsplit
+
+import pytest
+
+from app.crypto.encoding import b64d
+from app.evidence.drafts import upload_id
+from app.evidence.inbound import receive_upload_id
+from app.evidence.node_store import blob_store
+from tests.requests.conftest import Harness
+from tests.requests.test_transfer_parts_again import _sealed
+from tests.requests.test_upload_key_streams import _draft
+
+
+def _stall(
+    ar: Harness, method: str, path: str, headers: dict[str, str], length: int
+) -> socket.socket:
+    """Send a request's head and the start of its body, then nothing (the socket stays open)."""
+    address = urlsplit(str(ar.http.base_url))
+    stalled = socket.create_connection((address.hostname, address.port))
+    lines = [f"{method} {path} HTTP/1.1", f"host: {address.netloc}", f"content-length: {length}"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    stalled.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + b"\0" * 100)
+    return stalled
+
+
+def _locked(ar: Harness, upload_id: str) -> None:
+    """Wait until the silent request holds the staging file (it creates it, locked)."""
+    staging = blob_store(ar.node.settings).uploads / upload_id
+    deadline = time.monotonic() + 10
+    while not staging.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def _until(answer: object, deadline: float) -> None:
+    assert time.monotonic() < deadline, answer
+    time.sleep(0.2)
+
+
+def test_a_part_whose_sender_went_silent_is_not_kept_busy(
+    ar: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ar.node.settings, "peer_timeout_seconds", 0.5)  # silent for 1 s: gone
+    wire, parts = _sealed(ar)  # parts of several chunks each
+    announced = ar.http.post(
+        "/p2p/v1/evidence/envelopes", json={**wire, "parts": wire["parts"][:1]}
+    )
+    assert announced.status_code == 202, announced.text
+    msg_id = json.loads(b64d(wire["header"]))["msg_id"]
+    href = f"/p2p/v1/evidence/envelopes/{msg_id}/parts/1"
+    part = parts[1]
+    headers = {"upload-offset": "0", "content-type": "application/octet-stream"}
+    stalled = _stall(ar, "PUT", href, headers, len(part))
+    _locked(ar, receive_upload_id(msg_id, 1))
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            answer = ar.http.put(href, content=part, headers=headers)
+            if answer.status_code != 409 or answer.json()["error"] != "part_busy":
+                break
+            _until(answer, deadline)
+        # Part 1 whole (part 2 still to come): taken as soon as the silent one was let go.
+        assert answer.status_code == 204, answer.text
+        assert answer.headers["upload-offset"] == str(len(part))
+    finally:
+        stalled.close()
+
+
+def test_an_attachment_whose_uploader_went_silent_is_not_kept_busy(
+    ar: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ar.node.settings, "peer_timeout_seconds", 0.5)
+    data = os.urandom(1000)
+    draft_id, href = _draft(ar, len(data))
+    headers = {**ar.as_("officer"), "upload-offset": "0"}
+    stalled = _stall(ar, "PATCH", href, headers, len(data))
+    _locked(ar, upload_id(draft_id, 1))
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            answer = ar.http.patch(href, content=data, headers=headers)
+            if answer.status_code != 409 or answer.json()["error"] != "upload_busy":
+                break
+            _until(answer, deadline)
+        assert answer.status_code == 204, answer.text
+        assert answer.headers["upload-complete"] == "?1"
+    finally:
+        stalled.close()
