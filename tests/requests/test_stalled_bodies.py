@@ -9,8 +9,10 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 
 from app.crypto.encoding import b64d
@@ -43,9 +45,16 @@ def _locked(ar: Harness, upload_id: str) -> None:
         time.sleep(0.02)
 
 
-def _until(answer: object, deadline: float) -> None:
-    assert time.monotonic() < deadline, answer
-    time.sleep(0.2)
+def _once_free(send: Callable[[], httpx.Response], busy: str) -> httpx.Response:
+    """Send again while refused as busy (the silent request holds the file), for 15 s at
+    most; the first other answer."""
+    deadline = time.monotonic() + 15
+    while True:
+        answer = send()
+        if answer.status_code != 409 or answer.json()["error"] != busy:
+            return answer
+        assert time.monotonic() < deadline, answer
+        time.sleep(0.2)
 
 
 def test_a_part_whose_sender_went_silent_is_not_kept_busy(
@@ -64,12 +73,7 @@ def test_a_part_whose_sender_went_silent_is_not_kept_busy(
     stalled = _stall(ar, "PUT", href, headers, len(part))
     _locked(ar, receive_upload_id(msg_id, 1))
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            answer = ar.http.put(href, content=part, headers=headers)
-            if answer.status_code != 409 or answer.json()["error"] != "part_busy":
-                break
-            _until(answer, deadline)
+        answer = _once_free(lambda: ar.http.put(href, content=part, headers=headers), "part_busy")
         # Part 1 whole (part 2 still to come): taken as soon as the silent one was let go.
         assert answer.status_code == 204, answer.text
         assert answer.headers["upload-offset"] == str(len(part))
@@ -87,12 +91,9 @@ def test_an_attachment_whose_uploader_went_silent_is_not_kept_busy(
     stalled = _stall(ar, "PATCH", href, headers, len(data))
     _locked(ar, upload_id(draft_id, 1))
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            answer = ar.http.patch(href, content=data, headers=headers)
-            if answer.status_code != 409 or answer.json()["error"] != "upload_busy":
-                break
-            _until(answer, deadline)
+        answer = _once_free(
+            lambda: ar.http.patch(href, content=data, headers=headers), "upload_busy"
+        )
         assert answer.status_code == 204, answer.text
         assert answer.headers["upload-complete"] == "?1"
     finally:
