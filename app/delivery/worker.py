@@ -31,10 +31,10 @@ from app.crypto.receipts import ReceiptError, decode_receipt
 from app.db import PeriodicJob, commit_without_waiting, read_snapshot, unit_of_work
 from app.delivery import outbox
 from app.delivery.settle import Outcome, settle_batch
-from app.errors import PeerError
+from app.errors import PeerError, StoredEnvelopeCorrupt
 from app.evidence.cleanup import OrphanSweep
 from app.evidence.node_store import blob_store
-from app.evidence.transfer import StreamedPart, blob_parts, send_streamed
+from app.evidence.transfer import StoredPartCorrupt, StreamedPart, blob_parts, send_streamed
 from app.models import BlobPart, Message, Peer
 from app.node import Node
 from app.obs.logs import request_context
@@ -534,6 +534,13 @@ class Worker:
                 )
             else:
                 answer = self._post(job.base_url + ENVELOPES_PATH, wire, claim.trace_id)
+        except StoredPartCorrupt as exc:
+            # Our own blob, not the peer: failed (loudly, in the audit trail and the log) for
+            # an operator to put the blob back from a backup and retry the delivery.
+            log.error(
+                "delivery of message %s: its stored evidence is damaged (%s)", job.msg_id, exc
+            )
+            return Outcome(outbox.FAILED, f"{StoredEnvelopeCorrupt.code}: {exc}")
         except (httpx.HTTPError, PeerError) as exc:
             return Outcome(outbox.RETRY, f"transport: {type(exc).__name__}")
         return self._outcome(job, *answer)

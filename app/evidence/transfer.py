@@ -7,6 +7,11 @@ outlast the client's deadline however large the part. A broken connection costs 
 chunk it cut: the next attempt resumes at the peer's durable offset. The peer's answer to the
 last part, or to a repeated announce once everything arrived, is the signed receipt, handled
 exactly as the answer to an inline envelope.
+
+The sender's own blobs are checked before they can be blamed on the peer: each part's length
+before the announce (cheap: a truncated or missing blob is found before anything is sent),
+and its whole ciphertext hash when the peer refuses what it was sent as damaged. A blob that
+fails either is `StoredPartCorrupt`: the node's own fault, which no retry mends.
 """
 
 from __future__ import annotations
@@ -15,15 +20,17 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import httpx
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.crypto.encoding import b64d, load_canonical_object, utc_now
+from app.crypto.envelope import EnvelopeError
 from app.errors import ERROR_HEADER, PeerError
-from app.evidence.blobstore import BlobStore
-from app.evidence.stream import CIPHER_CHUNK
+from app.evidence.blobstore import BlobError, BlobStore
+from app.evidence.stream import CIPHER_CHUNK, check_blob
 from app.models import BlobPart, Message
 from app.peers.client import PeerAnswer, read_json_bounded, retry_after_of
 
@@ -37,6 +44,17 @@ DEFAULT_SEGMENT_SECONDS = 30.0
 # Rounds over the parts within one attempt: the peer may ask again for a part whose blob it
 # lost (section 8.5); past these, the delivery is retried later rather than looping.
 PART_ROUNDS = 3
+# The peer's refusals of a part's bytes as damaged: the sender's own blob is checked before
+# the refusal is taken for the peer's answer (the blob may be what is damaged).
+DAMAGE_REFUSALS = frozenset(
+    {"decrypt_failed", "part_hash_mismatch", "truncated_part", "malformed_envelope"}
+)
+
+
+class StoredPartCorrupt(Exception):
+    """The sender's own blob of a part is not what it sealed: missing, of another length, or
+    with another hash. Not the peer's fault, and no attempt mends it until the blob is put
+    back (from a backup). The message names the part and what is wrong, nothing secret."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +117,7 @@ def _body(
 ) -> Iterator[bytes]:
     renewed = time.monotonic()
     left = end - offset
-    with store.open(part.digest) as blob:
+    with _open(store, part) as blob:
         blob.seek(offset)
         while left and (chunk := blob.read(min(READ_BYTES, left))):
             left -= len(chunk)
@@ -109,6 +127,37 @@ def _body(
                     raise PeerError("the delivery was taken over by another worker")
                 renewed = time.monotonic()
             yield chunk
+    if left:  # cut short while it was being sent: the body would end before its length
+        raise StoredPartCorrupt(f"part {part.index}: the blob ended {left} bytes early")
+
+
+def _open(store: BlobStore, part: StreamedPart) -> BinaryIO:
+    try:
+        return store.open(part.digest)
+    except BlobError as exc:
+        raise StoredPartCorrupt(f"part {part.index}: the blob is missing") from exc
+
+
+def check_lengths(store: BlobStore, parts: list[StreamedPart]) -> None:
+    """Every part's blob is there with its sealed length, before anything is sent."""
+    for part in parts:
+        try:
+            size = store.size(part.digest)
+        except BlobError as exc:
+            raise StoredPartCorrupt(f"part {part.index}: the blob is missing") from exc
+        if size != part.length:
+            raise StoredPartCorrupt(
+                f"part {part.index}: the blob holds {size} bytes, not {part.length}"
+            )
+
+
+def check_own_blob(store: BlobStore, part: StreamedPart) -> None:
+    """The whole blob against the hash the signed header gives it (one streaming pass)."""
+    with _open(store, part) as blob:
+        try:
+            check_blob(blob, length=part.length, sha256=part.digest)
+        except EnvelopeError as exc:
+            raise StoredPartCorrupt(f"part {part.index}: {exc.detail}") from exc
 
 
 def send_streamed(
@@ -121,7 +170,10 @@ def send_streamed(
     headers: dict[str, str],
     keep_alive: Callable[[], bool],
 ) -> PeerAnswer:
-    """Returns the peer's final answer: a receipt (200/201) or a refusal."""
+    """Returns the peer's final answer: a receipt (200/201) or a refusal. Raises
+    StoredPartCorrupt if a part's own blob is damaged, PeerError or httpx's errors if the
+    exchange broke off."""
+    check_lengths(store, parts)
     announce_url = base_url + ANNOUNCE_PATH
     content = json.dumps(wire).encode()
     json_headers = {**headers, "content-type": "application/json"}
@@ -185,6 +237,8 @@ def _send_parts(
             ) as response:
                 answer = _answer(response)
             if answer.status != 204:
+                if _refused_as_damaged(answer):
+                    check_own_blob(store, part)  # ours, or the peer's to answer for
                 return answer
             reached = _offset(response)
             if reached <= offset:  # the delivery is retried later, from the peer's offset
@@ -192,6 +246,11 @@ def _send_parts(
             sizer.observe(reached - offset, time.monotonic() - started)
             offset = reached
     return None
+
+
+def _refused_as_damaged(answer: PeerAnswer) -> bool:
+    body = answer.body
+    return isinstance(body, dict) and body.get("error") in DAMAGE_REFUSALS
 
 
 def _head_refusal(head: httpx.Response) -> dict[str, str] | None:

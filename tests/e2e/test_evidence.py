@@ -480,6 +480,66 @@ def test_a_damaged_blob_is_refused_at_download_on_both_sides(pair: Pair, damage:
             _backdated_row_is_refused(node, draft["id"], href)
 
 
+def _delivery_of(node: LocalNode, request_id: str) -> dict[str, Any]:
+    with node.client("admin") as http:
+        response = http.get("/api/v1/admin/deliveries", params={"limit": 20})
+    assert response.status_code == 200, response.text
+    found = [d for d in response.json()["items"] if d["request_id"] == request_id]
+    assert len(found) == 1, found
+    delivery: dict[str, Any] = found[0]
+    return delivery
+
+
+@pytest.mark.parametrize("damage", ["altered", "truncated", "missing"])
+def test_a_senders_damaged_blob_fails_its_delivery_as_its_own_fault(
+    pair: Pair, damage: str
+) -> None:
+    """The sender's own blob of a part damaged before it went (a disk, a bad restore): the
+    delivery fails as `stored_envelope_corrupt`, the sender's fault, audited and logged there,
+    not as the peer's refusal nor as an internal error retried until it expires (from
+    review); once the blob is put back, an operator's retry delivers it whole."""
+    size = 3 * MIB + 5
+    data = os.urandom(size)
+    draft = create_draft(pair.es, [size])
+    with pair.es.client("officer") as http:
+        upload(http, draft["attachments"][0]["href"], data, piece=size)
+    refused_before = len(audit_details(pair.ar, "envelope.refused"))
+    pair.ar.stop()  # the delivery waits while the blob is damaged
+    try:
+        submit(pair.es, draft["id"])
+        target = newest_blob(pair.es, size + 4 * 17)
+        original = target.read_bytes()
+        if damage == "altered":
+            target.write_bytes(original[:1000] + bytes([original[1000] ^ 1]) + original[1001:])
+        elif damage == "truncated":
+            target.write_bytes(original[: len(original) - CHUNK])
+        else:
+            target.unlink()
+    finally:
+        pair.ar.start()
+
+    def failed() -> dict[str, Any] | None:
+        delivery = _delivery_of(pair.es, draft["id"])
+        return delivery if delivery["state"] == "failed" else None
+
+    delivery = wait_for("the delivery to fail", failed, timeout=60)
+    assert delivery["last_error"].startswith("stored_envelope_corrupt: part 1: "), delivery
+    attempts = [d for d in audit_details(pair.es, "delivery.attempt") if d["outcome"] == "failed"]
+    assert attempts[-1]["error"].startswith("stored_envelope_corrupt: part 1: ")
+    # Not the peer's doing: nothing of this message was received as damaged there, bar the
+    # one refused chunk of the altered blob, which the peer cannot tell from an attack.
+    refused = audit_details(pair.ar, "envelope.refused")[refused_before:]
+    assert len(refused) <= (1 if damage == "altered" else 0), refused
+    target.write_bytes(original)
+    with pair.es.client("admin") as http:
+        retried = http.post(f"/api/v1/admin/deliveries/{delivery['id']}/retry")
+    assert retried.status_code == 200, retried.text
+    wait_receipt(pair.es, draft["id"])
+    received = wait_for("the request at AR", lambda: detail(pair.ar, draft["id"]))
+    got, _ = download(pair.ar, received["messages"][0]["attachments"][0]["href"])
+    assert got == data
+
+
 def _backdated_row_is_refused(node: LocalNode, msg_id: str, href: str) -> None:
     """The message row's copies of its signed header are checked too (a protocol review: a
     row backdated in the database read as verified); nothing is changed by the refusal."""
