@@ -509,6 +509,11 @@ class EvidenceUpload(Base):
     stream_header: Mapped[bytes] = mapped_column(LargeBinary)
     digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
     length: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # The plaintext's SHA-256 once complete, sealed (app/evidence/drafts.py `seal_sha256`):
+    # in clear it would let a copy of the database confirm which known file was sent.
+    sealed_sha256: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    # Only uploads completed before migration b5d2e8f31a47, of drafts open then: erased at
+    # their submission or discard. Never set now.
     plaintext_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 

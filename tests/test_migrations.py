@@ -8,10 +8,11 @@ import sys
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, delete, insert, inspect, select, update
+from sqlalchemy import Engine, delete, insert, inspect, select, text, update
 
 from app.audit.log import STORED_LEVEL, record
 from app.audit.merkle import EMPTY_ROOT, CompactRange
@@ -256,5 +257,53 @@ def test_deliveries_queued_before_a3c9e71d5b20_keep_their_place_in_the_claim(
             assert [claim.outbox_id for claim in claims] == [*emergency, *urgent, *routine]
             sizes = dict(session.execute(select(OutboxItem.id, OutboxItem.size_bytes)).all())
             assert sizes[large[0]] == 10 * 2**20
+    finally:
+        engine.dispose()
+
+
+def test_plaintext_hashes_in_clear_are_erased_where_a_sealed_manifest_holds_them(
+    databases: Databases,
+) -> None:
+    """Before b5d2e8f31a47 an upload's plaintext SHA-256 was kept in clear, and after its
+    draft was submitted too (from review): the migration erases those of submitted drafts
+    (their manifests carry them, sealed) and keeps those of open drafts, which their
+    submission needs and erases; going back is refused while a sealed hash would be lost."""
+    url = databases.new("sealed-sha256")
+    upgrade(url, "a3c9e71d5b20")
+    engine = make_engine(url)
+    now = utc_now()
+    try:
+        with engine.begin() as connection:
+            for draft, state in (("a" * 32, "submitted"), ("b" * 32, "open")):
+                connection.execute(
+                    text(
+                        "INSERT INTO evidence_drafts (id, peer_authority, created_by, state, "
+                        "key_kid, key_wrap, sealed_content, created_at, updated_at) VALUES "
+                        "(:id, 'AR/MPF', 'client:officer', :state, 'k', :blob, :blob, :now, :now)"
+                    ),
+                    {"id": draft, "state": state, "blob": b"\x00", "now": now},
+                )
+                connection.execute(
+                    text(
+                        "INSERT INTO evidence_uploads (draft_id, part_index, size, "
+                        "stream_header, digest, length, plaintext_sha256) VALUES "
+                        "(:id, 1, 5, :blob, :digest, 22, :plain)"
+                    ),
+                    {"id": draft, "blob": b"\x00" * 24, "digest": "d" * 64, "plain": "e" * 64},
+                )
+        upgrade(url)
+        with engine.begin() as connection:
+            rows = dict(
+                connection.execute(
+                    text("SELECT draft_id, plaintext_sha256 FROM evidence_uploads")
+                ).all()
+            )
+            assert rows == {"a" * 32: None, "b" * 32: "e" * 64}
+            connection.execute(
+                text("UPDATE evidence_uploads SET plaintext_sha256 = NULL, sealed_sha256 = :s"),
+                {"s": b"sealed"},
+            )
+        with pytest.raises(RuntimeError, match="submit or discard those drafts"):
+            command.downgrade(alembic_config(url), "a3c9e71d5b20")
     finally:
         engine.dispose()

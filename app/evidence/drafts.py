@@ -56,6 +56,7 @@ from app.requests.status import QUEUED
 OPEN = "open"
 SUBMITTED = "submitted"
 PERSON_DRAFT = b"entraide:draft:1"
+PERSON_UPLOAD_SHA256 = b"entraide:upsha:1"
 IDLE_WRITER_SECONDS = 300.0
 
 
@@ -74,6 +75,32 @@ def _draft_key(content_key: bytes, msg_id: bytes) -> bytes:
     return bytes(
         blake2b(msg_id, digest_size=32, key=content_key, person=PERSON_DRAFT, encoder=RawEncoder)
     )
+
+
+def _sha256_box(attachment_key: bytes) -> SecretBox:
+    """The box an attachment's plaintext SHA-256 is kept in until its draft is sealed: keyed
+    from its part key (so bound to its draft and index), apart from the part's own stream."""
+    return SecretBox(
+        blake2b(
+            b"", digest_size=32, key=attachment_key, person=PERSON_UPLOAD_SHA256, encoder=RawEncoder
+        )
+    )
+
+
+def seal_sha256(attachment_key: bytes, sha256: str) -> bytes:
+    return bytes(_sha256_box(attachment_key).encrypt(bytes.fromhex(sha256)))
+
+
+def open_sha256(attachment_key: bytes, row: EvidenceUpload) -> str:
+    """The attachment's plaintext SHA-256: sealed, or (uploaded before it was) in clear."""
+    if row.sealed_sha256 is None:
+        if row.plaintext_sha256 is None:
+            raise DraftCorrupt(f"attachment {row.part_index} has no recorded hash")
+        return row.plaintext_sha256
+    try:
+        return bytes(_sha256_box(attachment_key).decrypt(row.sealed_sha256)).hex()
+    except CryptoError as exc:
+        raise DraftCorrupt(f"attachment {row.part_index}'s recorded hash does not open") from exc
 
 
 def upload_id(draft_id: str, index: int) -> str:
@@ -354,6 +381,7 @@ def _start_again(session: Session, row: EvidenceUpload, *, lost: str) -> None:
     stream header (the lost blob's key stream is never used again), and on record."""
     row.digest = None
     row.length = None
+    row.sealed_sha256 = None
     row.plaintext_sha256 = None
     row.stream_header = new_stream_header()
     record(
@@ -519,7 +547,8 @@ def record_uploaded(
         )
     row.digest = part.digest
     row.length = part.length
-    row.plaintext_sha256 = part.plaintext_sha256
+    row.sealed_sha256 = seal_sha256(target.key, part.plaintext_sha256)
+    row.plaintext_sha256 = None
     record(
         session,
         actor=actor_of(principal),
@@ -721,7 +750,9 @@ def submit_draft(
                 part=FinishedPart(
                     digest=str(row.digest),
                     length=int(row.length or 0),
-                    plaintext_sha256=str(row.plaintext_sha256),
+                    plaintext_sha256=open_sha256(
+                        part_key(content_key, msg_id, row.part_index), row
+                    ),
                     plaintext_size=row.size,
                 ),
             )
@@ -803,6 +834,8 @@ def submit_draft(
         peer=peer.authority_id,
         details={"envelope_hash": head.envelope_hash, "size": size},
     )
+    for row in uploads:  # a hash in clear from before it was sealed: the manifest holds it
+        row.plaintext_sha256 = None
     draft.state = SUBMITTED
     draft.updated_at = now
     return case, message

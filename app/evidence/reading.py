@@ -174,7 +174,8 @@ def record_download(
         request_id=plan.request_id,
         msg_id=plan.msg_id,
         peer=plan.peer,
-        details={"index": plan.index, "sha256": plan.sha256, "streamed": True},
+        # The blob's hash (the signed header's), never the plaintext's (app.requests.service).
+        details={"index": plan.index, "part_sha256": plan.part.sha256, "streamed": True},
     )
 
 

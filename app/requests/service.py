@@ -421,6 +421,10 @@ def _signer_key(session: Session, node: Node, message: Message, envelope: WireEn
     return key or b""
 
 
+def _part_sha256(message: Message, index: int, attachments: int) -> str:
+    return parse_header(message.header, attachments + 1).parts[index].sha256
+
+
 def _open_stored(session: Session, node: Node, message: Message) -> Opened:
     """Re-check what was stored before showing it: a row planted or altered in the database
     (by someone without the sender's signing key) must not read as a genuine message."""
@@ -647,7 +651,10 @@ def read_attachment(
         request_id=case.id,
         msg_id=message.msg_id,
         peer=case.peer_authority,
-        details={"index": index, "sha256": entry["sha256"]},
+        # The part's ciphertext hash, as the signed header gives it, not the plaintext's: an
+        # audit trail in clear must not confirm which known file was read (DESIGN.md section
+        # 3); the manifest, opened by the node, ties one to the other for a court.
+        details={"index": index, "part_sha256": _part_sha256(message, index, len(listed))},
     )
     return Download(
         name=str(entry["name"]),

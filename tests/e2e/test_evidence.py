@@ -27,7 +27,7 @@ from sqlalchemy import select, update
 from app.crypto.envelope import CHUNK_BYTES
 from app.db import make_engine
 from app.localnodes import LocalNode
-from app.models import DeliveryAttempt, EvidenceUpload, Message
+from app.models import Base, DeliveryAttempt, EvidenceUpload, Message
 from tests.conftest import BACKENDS, Databases, make_databases
 from tests.e2e.conftest import EXAMPLE, audit_details, wait_for
 
@@ -478,6 +478,49 @@ def test_a_damaged_blob_is_refused_at_download_on_both_sides(pair: Pair, damage:
         assert download(node, href)[0] == data
         if damage == "altered":
             _backdated_row_is_refused(node, draft["id"], href)
+
+
+def _where_in_clear(node: LocalNode, secrets: list[bytes]) -> list[str]:
+    """Every table.column of the node's database holding one of `secrets` (as text or bytes)."""
+    engine = make_engine(node.database_url)
+    found = []
+    try:
+        with engine.connect() as connection:
+            for table in Base.metadata.sorted_tables:
+                for row in connection.execute(select(table)):
+                    for column, value in row._mapping.items():
+                        data = value.encode() if isinstance(value, str) else value
+                        if isinstance(data, bytes) and any(s in data for s in secrets):
+                            found.append(f"{table.name}.{column}")
+    finally:
+        engine.dispose()
+    return found
+
+
+def test_an_attachments_plaintext_hash_is_never_stored_in_clear(pair: Pair) -> None:
+    """Only routing metadata is in clear (DESIGN.md section 3): a copy of either database must
+    not confirm which known file was sent, while it is uploaded, once sent and received, or
+    once downloaded and audited (from two reviews: the upload's row kept it, and so did the
+    download's audit entry)."""
+    size = CHUNK + 1
+    data = os.urandom(size)
+    digest = hashlib.sha256(data).digest()
+    secrets = [digest, digest.hex().encode(), digest.hex().upper().encode()]
+    draft = create_draft(pair.es, [size])
+    with pair.es.client("officer") as http:
+        upload(http, draft["attachments"][0]["href"], data, piece=size)
+    assert _where_in_clear(pair.es, secrets) == []
+    submit(pair.es, draft["id"])
+    sent = wait_receipt(pair.es, draft["id"])
+    received = wait_for("the request at AR", lambda: detail(pair.ar, draft["id"]))
+    for node, view in ((pair.ar, received), (pair.es, sent)):
+        attachment = view["messages"][0]["attachments"][0]
+        got, shown = download(node, attachment["href"])
+        assert (got, shown) == (data, digest.hex())  # shown to the reader, checked
+        assert _where_in_clear(node, secrets) == []
+        entry = audit_details(node, "attachment.downloaded")[-1]
+        assert entry["index"] == 1
+        assert len(entry["part_sha256"]) == 64
 
 
 def _delivery_of(node: LocalNode, request_id: str) -> dict[str, Any]:

@@ -19,11 +19,12 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+from app.crypto.envelope import part_key
 from app.db import unit_of_work
 from app.evidence import blobstore, drafts
 from app.evidence.node_store import blob_store
 from app.evidence.stream import CHUNK_BYTES, CIPHER_CHUNK
-from app.models import EvidenceUpload
+from app.models import EvidenceDraft, EvidenceUpload
 from tests.requests.conftest import EXAMPLE, Harness
 
 
@@ -164,7 +165,10 @@ def test_an_upload_that_finishes_while_another_starts_again_replaces_nothing(
     with unit_of_work(ar.node.sessions) as session:
         row = session.scalar(select(EvidenceUpload).where(EvidenceUpload.draft_id == draft_id))
         assert row is not None
-        digest, plain = row.digest, row.plaintext_sha256
+        draft = session.get(EvidenceDraft, draft_id)
+        assert draft is not None
+        key = part_key(drafts._content_key(ar.node, draft), bytes.fromhex(draft_id), 1)
+        digest, plain = row.digest, drafts.open_sha256(key, row)
     assert plain == hashlib.sha256(bytes_b).hexdigest()  # B's evidence, recorded once
     assert store.exists(str(digest))
     blobs = _blobs_of_size(ar, size + 17)
