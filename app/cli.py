@@ -1088,8 +1088,9 @@ def backup(
     )
     if not summary.checkpoint:
         typer.secho(
-            "the backup holds no signed checkpoint (a database one schema behind, or an audit "
-            "log that could not take an entry): run `entraide audit verify --db`",
+            "the backup holds no signed checkpoint: the database is behind this version's "
+            "schema (run `entraide migrate`, then `entraide audit verify --db`), or its audit "
+            "log could not take an entry (run `entraide audit verify --db`)",
             err=True,
         )
 

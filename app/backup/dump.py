@@ -65,18 +65,22 @@ def decode_value(value: object) -> object:
 
 
 @contextmanager
-def _snapshot(url: str) -> Iterator[Connection]:
-    """A connection that sees one consistent state of the whole database."""
+def _snapshot(url: str, scratch: Path) -> Iterator[Connection]:
+    """A connection that sees one consistent state of the whole database. A SQLite database
+    is copied into `scratch` (the backup's own staging folder, beside its output: the
+    system's temporary folder may be too small, and holds no copy if the backup dies)."""
     if url.startswith("sqlite"):
         source_path = make_url(url).database
         if not source_path or not Path(source_path).exists():
             raise FileNotFoundError(f"no SQLite database at {source_path!r}")
-        with tempfile.TemporaryDirectory(prefix="entraide-snapshot-") as folder:
+        with tempfile.TemporaryDirectory(dir=scratch, prefix="snapshot-") as folder:
             copy = Path(folder) / "snapshot.db"
             source = sqlite3.connect(source_path)
             target = sqlite3.connect(copy)
             try:
                 source.backup(target)
+            except sqlite3.Error as exc:  # a full disk, an unreadable source
+                raise OSError(f"could not copy the database for the backup: {exc}") from exc
             finally:
                 target.close()
                 source.close()
@@ -109,9 +113,11 @@ def _data_tables(connection: Connection) -> list[Table]:
     return [table for table in metadata.sorted_tables if table.name != VERSION_TABLE]
 
 
-def dump_database(url: str, open_member: Callable[[str], IO[bytes]]) -> dict[str, Any]:
+def dump_database(
+    url: str, open_member: Callable[[str], IO[bytes]], *, scratch: Path
+) -> dict[str, Any]:
     """Write one `<table>.jsonl` member per table; return the dialect, revision and counts."""
-    with _snapshot(url) as connection:
+    with _snapshot(url, scratch) as connection:
         revisions = schema_revisions(connection)
         counts: dict[str, int] = {}
         for table in _data_tables(connection):
@@ -136,17 +142,21 @@ def dump_database(url: str, open_member: Callable[[str], IO[bytes]]) -> dict[str
         }
 
 
+# Rows the migrations seed in a new database, which hold nothing yet: the empty audit log's
+# head, and running totals at zero (a freshly migrated database is a restore's target).
+_SEEDED_EMPTY = {"audit_head": "size", "delivery_counters": "value"}
+
+
 def holds_data(engine: Engine) -> list[str]:
-    """Tables that hold rows, other than the empty audit log's head row."""
+    """Tables that hold rows, other than those the migrations seed while still empty."""
     busy = []
     with engine.connect() as connection:
         for table in _data_tables(connection):
-            count = connection.scalar(select(func.count()).select_from(table)) or 0
-            if table.name == "audit_head" and count <= 1:
-                size = connection.scalar(select(table.c.size)) if count else 0
-                if not size:
-                    continue
-            if count:
+            statement = select(func.count()).select_from(table)
+            seeded = _SEEDED_EMPTY.get(table.name)
+            if seeded is not None:
+                statement = statement.where(func.coalesce(table.c[seeded], 0) != 0)
+            if connection.scalar(statement):
                 busy.append(table.name)
     return busy
 

@@ -206,7 +206,8 @@ def create_backup(
             "--include-private-keys needs a passphrase: --passphrase-file FILE or "
             "ENTRAIDE_BACKUP_PASSPHRASE"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if not out.parent.is_dir():  # an unmounted backup volume must not fill the root disk
+        raise BackupError(f"{out.parent} is not a folder: create it (or mount it) first")
     if not os.access(out.parent, os.W_OK | os.X_OK):
         raise BackupError(f"cannot write into {out.parent}")
     if include_private_keys:  # before the database is dumped and the log told of a backup
@@ -246,7 +247,10 @@ def create_backup(
                 def open_member(name: str) -> IO[bytes]:
                     return (staging / DATABASE_DIR / name).open("wb")
 
-                database = dump_database(settings.database_url, open_member)
+                with tempfile.TemporaryDirectory(dir=out.parent, prefix=".entraide-db-") as scratch:
+                    database = dump_database(
+                        settings.database_url, open_member, scratch=Path(scratch)
+                    )
                 shutil.copyfile(settings.keys_dir / IDENTITY_FILE, staging / NODE_MEMBER)
                 document = build_identity_document(node.identity, node.keys, issued_at=utc_now())
                 (staging / IDENTITY_MEMBER).write_text(json.dumps(document, indent=1) + "\n")
@@ -341,10 +345,13 @@ class _Archive:
         self.members = {member.name: member for member in tar.getmembers() if member.isreg()}
         manifest_bytes = self._read(MANIFEST, limit=MAX_MANIFEST_BYTES)
         try:
-            self.manifest: dict[str, Any] = json.loads(manifest_bytes)
+            manifest = json.loads(manifest_bytes)
             self.signature = b64d(self._read(SIGNATURE, limit=1024).decode(), length=64)
         except ValueError as exc:
             raise BackupError("the backup's manifest is not readable") from exc
+        if not isinstance(manifest, dict):
+            raise BackupError("this file is not an Entraide backup (its manifest is no object)")
+        self.manifest: dict[str, Any] = manifest
         self.manifest_bytes = manifest_bytes
         if self.manifest.get("format") != FORMAT or self.manifest.get("version") != FORMAT_VERSION:
             raise BackupError("this file is not an Entraide backup (format 1)")

@@ -29,7 +29,12 @@ _WELL_FORMED = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{7,63}")
 _request_id: ContextVar[str | None] = ContextVar("entraide_request_id", default=None)
 
 # LogRecord attributes that are not "extra" fields given by the caller.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+# uvicorn's `color_message` repeats the message with a terminal's colour codes: not a field.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "color_message",
+}
 
 
 def new_request_id() -> str:

@@ -6,6 +6,7 @@ import gzip
 import io
 import json
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,10 @@ from app.auth.service import Role, create_client
 from app.backup.sealed import PassphraseError, read_passphrase
 from app.backup.service import BackupError, create_backup, restore_backup
 from app.config import Settings
+from app.crypto.encoding import b64e
 from app.db import make_engine, make_session_factory, unit_of_work
 from app.localnodes import LocalNode
+from app.migrate import upgrade
 from app.models import AuditEntry, AuditHead
 from app.node import load_node
 from tests.conftest import BACKENDS, make_databases
@@ -67,6 +70,7 @@ def test_a_restored_node_reads_old_requests_and_continues_its_audit_log(
         secret.write_text(PASSPHRASE)
         secret.chmod(0o600)
         archive = tmp_path / "backups" / "es.tar.gz"
+        archive.parent.mkdir(mode=0o700)
         # Taken while the node runs, as an operator's nightly job would.
         es.cli(
             "backup",
@@ -426,3 +430,54 @@ def test_a_restore_keeps_what_does_not_say_whose_node_it_is(tmp_path: Path) -> N
     assert restore_into(databases.new("fresh"), target, sealed, PASSPHRASE.encode()).ok
     assert (target / "README.md").read_text() == "another version of the README\n"
     assert target.stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_backup_restores_into_a_freshly_migrated_database(tmp_path: Path, backend: str) -> None:
+    """The documented PostgreSQL and compose set-up migrates a new database before anything
+    else: the running totals a migration seeds at zero are not data (from review: every such
+    restore was refused as 'already holds data (delivery_counters)')."""
+    source = make_databases("sqlite", tmp_path)
+    (tmp_path / "target").mkdir()
+    target = make_databases(backend, tmp_path / "target")
+    try:
+        node = _initialised(tmp_path, source.new("es"))
+        archive = backup_of(node, tmp_path / "es.tar.gz")
+        url = target.new("migrated")
+        upgrade(url)
+        assert restore_into(url, node.keys_dir, archive, None).ok
+    finally:
+        target.drop_all()
+
+
+def test_a_backup_whose_manifest_is_no_object_is_refused_in_plain_words(tmp_path: Path) -> None:
+    """From review: a manifest of `[]` raised AttributeError (a traceback to the operator)."""
+    forged = tmp_path / "forged.tar.gz"
+    with tarfile.open(forged, "w:gz") as tar:
+        for name, data in (("manifest.json", b"[]"), ("manifest.sig", b64e(bytes(64)).encode())):
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    databases = make_databases("sqlite", tmp_path)
+    with pytest.raises(BackupError, match="its manifest is no object"):
+        restore_into(databases.new("fresh"), tmp_path / "keys", forged, None)
+
+
+def test_a_backup_needs_its_folder_and_no_room_in_the_temporary_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From review: a missing output folder was created (an unmounted backup volume filled
+    the root disk unnoticed), and a SQLite node's database was copied into the system's
+    temporary folder first (too small there: a raw sqlite3 error; a copy left behind)."""
+    databases = make_databases("sqlite", tmp_path)
+    node = _initialised(tmp_path, databases.new("es"))
+    with pytest.raises(BackupError, match="is not a folder"):
+        backup_of(node, tmp_path / "unmounted" / "es.tar.gz")
+    assert not (tmp_path / "unmounted").exists()
+    # A temporary folder nothing can be written to (one that is not there: root writes
+    # through any mode): the backup is staged beside its output, nothing outside it.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-folder"))
+    out = tmp_path / "backups"
+    out.mkdir()
+    backup_of(node, out / "es.tar.gz")
+    assert [path.name for path in out.iterdir()] == ["es.tar.gz"]

@@ -203,3 +203,16 @@ def test_a_logged_exception_shows_its_frames_never_its_text(formatter: logging.F
     assert "Martin" not in line
     for shown in ("RuntimeError", "ValueError", "in decode", "Exception in ASGI application"):
         assert shown in line
+
+
+def test_json_log_lines_carry_no_terminal_colour_codes() -> None:
+    """uvicorn adds `color_message`, its message with colour codes, to its records (from
+    review: JSON lines carried raw escape sequences)."""
+    record = logging.LogRecord(
+        "uvicorn.error", logging.INFO, __file__, 1, "Started server process [%d]", (7,), None
+    )
+    record.color_message = "Started server process [\x1b[36m%d\x1b[0m]"
+    line = JsonFormatter().format(record)
+    assert "\x1b" not in json.loads(line).get("color_message", "")
+    assert json.loads(line)["message"] == "Started server process [7]"
+    assert "color_message" not in json.loads(line)
