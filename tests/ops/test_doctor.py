@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
@@ -18,7 +19,7 @@ from app.doctor import FAIL, OK, WARN, _check_peer, clock_verdict, skew_from_dat
 from app.localnodes import LocalNode
 from app.migrate import alembic_config
 from app.peers.client import IDENTITY_PATH
-from tests.conftest import make_databases
+from tests.conftest import make_databases, require_postgres
 
 
 def _previous_revision(url: str) -> str:
@@ -312,3 +313,17 @@ def test_a_peer_pinned_at_plain_http_is_not_also_reported_ok(tmp_path: Path) -> 
     assert OK not in [level for level, _ in levels[:2]]
     assert levels[1][0] == WARN
     assert "but not delivered to" in findings[1].message
+
+
+def test_a_database_missing_on_a_running_server_is_not_called_unreachable(
+    tmp_path: Path,
+) -> None:
+    """From an operator's walk-through: a URL naming a database not created yet sent the
+    operator chasing the network ('cannot reach ... is it running?')."""
+    require_postgres()
+    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/entraide_missing_{os.urandom(4).hex()}"
+    node = LocalNode("ES/MJ", "x", tmp_path / "es", url)
+    result = node.cli("migrate", check=False)
+    assert result.returncode == 1
+    assert "the server has no such database: create it" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
