@@ -113,6 +113,9 @@ class Settings(BaseModel):
     # Delivery.
     run_worker: bool = True
     worker_poll_seconds: float = 0.5
+    # How often each delivery worker says it is alive (app/delivery/heartbeat.py); one
+    # silent for three periods is taken for gone by /readyz, /metrics and doctor.
+    worker_heartbeat_seconds: float = Field(default=10.0, gt=0, le=3600)
     peer_timeout_seconds: float = 30.0
     # How long a claimed delivery is a worker's alone. A post may last up to
     # `longest_exchange_seconds`; a worker renews the lease before a post that could

@@ -28,6 +28,7 @@ from app.crypto.identity import IdentityError, parse_identity_document
 from app.crypto.keyfile import KeyFileError, stored_plain
 from app.crypto.keys import IDENTITY_FILE, KEY_FILES, load_identity, load_keys, retired_files
 from app.db import make_engine, make_session_factory, read_snapshot
+from app.delivery import heartbeat
 from app.errors import PeerError
 from app.evidence.blobstore import blob_root
 from app.models import BlobPart, OutboxItem, Peer, WitnessAlarm
@@ -288,6 +289,9 @@ def check_database(settings: Settings, engine: Engine) -> Iterator[Finding]:
                 OutboxItem.state.in_(("queued", "in_flight", "retry"))
             )
         )
+        workers = heartbeat.alive(
+            connection, now=now, every_seconds=settings.worker_heartbeat_seconds
+        )
         alarms = list(
             connection.execute(
                 select(WitnessAlarm.peer_authority)
@@ -300,6 +304,15 @@ def check_database(settings: Settings, engine: Engine) -> Iterator[Finding]:
             WARN,
             "deliveries",
             f"{failed} deliveries failed for good: see `entraide deliveries list --state failed`",
+        )
+    if oldest is not None and not workers:
+        silent = round(settings.worker_heartbeat_seconds * heartbeat.MISSED_BEATS)
+        yield Finding(
+            FAIL,
+            "deliveries",
+            f"messages wait for delivery and no delivery worker has reported in the last "
+            f"{silent} s: start `entraide serve` (it runs one unless ENTRAIDE_RUN_WORKER=false) "
+            "or `entraide worker`",
         )
     if oldest is not None and now - oldest > STUCK_AFTER:
         hours = (now - oldest).total_seconds() / 3600

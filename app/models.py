@@ -472,6 +472,16 @@ class AuthThrottle(Base):
     suppressed: Mapped[int] = mapped_column(Integer)
 
 
+class WorkerHeartbeat(Base):
+    """A running delivery worker, whatever process runs it (app/delivery/heartbeat.py)."""
+
+    __tablename__ = "worker_heartbeats"
+
+    worker_id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 class EvidenceDraft(Base):
     """A request being prepared with large evidence (app/evidence): attachments are streamed
     into the blob store, encrypted as they arrive, before the envelope is sealed.

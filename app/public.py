@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 
 from app.crypto.encoding import utc_now
 from app.db import unit_of_work
+from app.delivery import heartbeat
 from app.delivery.outbox import queue_stats
 from app.deps import PUBLIC, AnyRoleDep, NodeDep
 from app.node import Node
@@ -52,11 +53,20 @@ def readyz(request: Request, node: NodeDep) -> JSONResponse:
 
 
 def _backlog(node: Node) -> dict[str, Any]:
-    """The delivery backlog, for operators and load balancers: counts and oldest age."""
+    """The delivery backlog, for operators and load balancers: counts and oldest age, and
+    how many delivery workers run in any process (a report: this process serves the API
+    whether or not one runs, and submissions wait in the outbox meanwhile)."""
+    now = utc_now()
     try:
         with unit_of_work(node.sessions) as session:
             stats = queue_stats(session)
+            every = node.settings.worker_heartbeat_seconds
+            workers = heartbeat.alive(session, now=now, every_seconds=every)
     except Exception as exc:  # readiness never fails on its own report
         return {"error": type(exc).__name__}
-    age = (utc_now() - stats.oldest_pending_at).total_seconds() if stats.oldest_pending_at else 0
-    return {"by_state": stats.by_state, "oldest_pending_age_seconds": round(age, 1)}
+    age = (now - stats.oldest_pending_at).total_seconds() if stats.oldest_pending_at else 0
+    return {
+        "by_state": stats.by_state,
+        "oldest_pending_age_seconds": round(age, 1),
+        "workers": workers,
+    }

@@ -29,7 +29,7 @@ from app.config import LEASE_MARGIN_SECONDS, Settings, longest_exchange_seconds
 from app.crypto.encoding import utc_now
 from app.crypto.receipts import ReceiptError, decode_receipt
 from app.db import PeriodicJob, commit_without_waiting, read_snapshot, unit_of_work
-from app.delivery import outbox
+from app.delivery import heartbeat, outbox
 from app.delivery.settle import Outcome, settle_batch
 from app.errors import PeerError, StoredEnvelopeCorrupt
 from app.evidence.cleanup import OrphanSweep
@@ -267,6 +267,10 @@ class Worker:
         # days (hourly too).
         self._prune = ThrottlePrune(node.settings, node.sessions)
         self._forget_keys = PeriodicJob(node.sessions, idempotency.prune, every_seconds=3600.0)
+        # This worker's row, for whoever watches the node (heartbeat.py).
+        self._beat = PeriodicJob(
+            node.sessions, self._heartbeat, every_seconds=node.settings.worker_heartbeat_seconds
+        )
         # Peers that answered a batch as an older node would: posted one by one from then on.
         self._no_batch: set[str] = set()
         # Posts under way, across rounds: a slow one (a long evidence transfer, a peer that
@@ -281,6 +285,7 @@ class Worker:
         log.info("delivery worker %s started", self.id)
         while not self._stop.is_set():
             try:
+                self._beat.run_due()
                 handled = self.run_once()
                 self._sweep.run_due()
                 self._prune.run_due()
@@ -310,12 +315,17 @@ class Worker:
         self._stop.set()
         self.node.outbox_signal.set()
 
+    def _heartbeat(self, session: Session) -> int:
+        heartbeat.beat(session, self.id, now=utc_now())
+        return 0
+
     def release(self) -> None:
         try:
             with unit_of_work(self.node.sessions) as session:
                 released = outbox.release_owned(
                     session, owner=self.id, now=utc_now(), unsettled=self._unsettled
                 )
+                heartbeat.stopped(session, self.id)
         except Exception as exc:  # the lease will expire instead
             log.warning("could not release claimed rows (%s)", type(exc).__name__)
             return

@@ -29,7 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from app.audit.checkpoints import log_verifier, read_progress
 from app.crypto.encoding import parse_time, utc_now
-from app.delivery import outbox
+from app.delivery import heartbeat, outbox
 from app.models import DeliveryCounter, Peer, WitnessAlarm
 from app.node import Node
 from app.requests.overdue import overdue_counts
@@ -117,6 +117,7 @@ NODE_GAUGES = (
     "entraide_key_age_seconds",
     "entraide_key_expires_in_seconds",
     "entraide_worker_alive",
+    "entraide_delivery_workers",
     "entraide_database_up",
     "entraide_outbox_messages",
     "entraide_outbox_oldest_pending_age_seconds",
@@ -216,8 +217,16 @@ class NodeCollector(Collector):
                 or 0
             )
             peers = session.scalar(select(func.count()).select_from(Peer)) or 0
+            workers = heartbeat.alive(
+                session, now=now, every_seconds=self.node.settings.worker_heartbeat_seconds
+            )
             overdue = overdue_counts(session, now=now)
 
+        yield GaugeMetricFamily(
+            "entraide_delivery_workers",
+            "Delivery workers of this node running, in any process (their heartbeats).",
+            value=workers,
+        )
         queue = GaugeMetricFamily(
             "entraide_outbox_messages", "Outbound messages by delivery state.", labels=["state"]
         )

@@ -369,3 +369,43 @@ def test_a_slow_post_does_not_hold_up_the_next_deliveries(lab: Lab) -> None:
     proxy.release()
     pair.wait_delivered(2, timeout=30)
     pair.ledger(first + second).check()
+
+
+def _workers_seen(pair: Pair) -> tuple[float, int]:
+    """What the API process says of the node's delivery workers: the metric, and /readyz."""
+    text = httpx.get(pair.sender.url + "/metrics", timeout=10).text
+    gauge = next(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "entraide_delivery_workers"
+        for sample in family.samples
+    )
+    ready = httpx.get(pair.sender.url + "/readyz", timeout=10)
+    assert ready.status_code == 200, ready.text  # the API serves whether or not one runs
+    workers: int = ready.json()["delivery"]["workers"]
+    return gauge, workers
+
+
+def test_a_node_whose_workers_run_apart_tells_when_none_runs(lab: Lab) -> None:
+    """From an operator's walk-through: with deliveries in `entraide worker` processes, no
+    metric, readiness report or doctor check could tell that none was running (a killed
+    worker left requests queued while everything said all was well)."""
+    pair = lab.pair(
+        sender_env={"ENTRAIDE_RUN_WORKER": "false", "ENTRAIDE_WORKER_HEARTBEAT_SECONDS": "0.5"}
+    )
+    pair.start()
+    assert _workers_seen(pair) == (0, 0)
+    pair.submit(1)
+    doctor = pair.sender.cli("doctor", check=False)
+    assert "no delivery worker has reported in the last 2 s" in doctor.stdout, doctor.stdout
+    assert doctor.returncode != 0
+
+    first = pair.start_worker("first")
+    wait_until("the worker reported", lambda: _workers_seen(pair) == (1, 1))
+    pair.wait_delivered(1, timeout=30)
+    second = pair.start_worker("second")
+    wait_until("both workers reported", lambda: _workers_seen(pair) == (2, 2))
+    first.stop()  # a clean stop says so at once
+    assert _workers_seen(pair) == (1, 1)
+    second.kill()  # a killed one is taken for gone after three silent periods
+    wait_until("the killed worker is taken for gone", lambda: _workers_seen(pair) == (0, 0))
