@@ -222,6 +222,10 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor.execute(f"PRAGMA synchronous={'NORMAL' if group_sync else 'FULL'}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_SECONDS * 1000}")
+        # What is deleted or overwritten is zeroed on disk, not left in free pages (an erased
+        # value must not stay readable in a copy of the file). Debian builds SQLite with it
+        # on; upstream's default is off, so it is asked for, not assumed.
+        cursor.execute("PRAGMA secure_delete=ON")
         cursor.close()
 
     @event.listens_for(engine, "begin")

@@ -8,9 +8,10 @@ chunk it cut: the next attempt resumes at the peer's durable offset. The peer's 
 last part, or to a repeated announce once everything arrived, is the signed receipt, handled
 exactly as the answer to an inline envelope.
 
-The sender's own blobs are checked before they can be blamed on the peer: each part's length
-before the announce (cheap: a truncated or missing blob is found before anything is sent),
-and its whole ciphertext hash when the peer refuses what it was sent as damaged. A blob that
+The sender's own blobs are checked before they can be blamed on the peer: a part's length
+before any of it is sent (cheap: a truncated or missing blob is found before its bytes go;
+a part the peer already holds whole is not looked at), and its whole ciphertext hash when the
+peer refuses what it was sent as damaged, for good. A blob that
 fails either is `StoredPartCorrupt`: the node's own fault, which no retry mends.
 """
 
@@ -138,26 +139,45 @@ def _open(store: BlobStore, part: StreamedPart) -> BinaryIO:
         raise StoredPartCorrupt(f"part {part.index}: the blob is missing") from exc
 
 
-def check_lengths(store: BlobStore, parts: list[StreamedPart]) -> None:
-    """Every part's blob is there with its sealed length, before anything is sent."""
-    for part in parts:
-        try:
-            size = store.size(part.digest)
-        except BlobError as exc:
-            raise StoredPartCorrupt(f"part {part.index}: the blob is missing") from exc
-        if size != part.length:
-            raise StoredPartCorrupt(
-                f"part {part.index}: the blob holds {size} bytes, not {part.length}"
-            )
+def check_length(store: BlobStore, part: StreamedPart) -> None:
+    """The part's blob is there with its sealed length, before any of it is sent."""
+    try:
+        size = store.size(part.digest)
+    except BlobError as exc:
+        raise StoredPartCorrupt(f"part {part.index}: the blob is missing") from exc
+    if size != part.length:
+        raise StoredPartCorrupt(
+            f"part {part.index}: the blob holds {size} bytes, not {part.length}"
+        )
 
 
-def check_own_blob(store: BlobStore, part: StreamedPart) -> None:
-    """The whole blob against the hash the signed header gives it (one streaming pass)."""
+def check_own_blob(store: BlobStore, part: StreamedPart, keep_alive: Callable[[], bool]) -> None:
+    """The whole blob against the hash the signed header gives it (one streaming pass, the
+    lease kept as while sending: a part may be tens of GiB)."""
     with _open(store, part) as blob:
         try:
-            check_blob(blob, length=part.length, sha256=part.digest)
+            check_blob(
+                _Renewing(blob, keep_alive),  # type: ignore[arg-type]  # read() is all it uses
+                length=part.length,
+                sha256=part.digest,
+            )
         except EnvelopeError as exc:
             raise StoredPartCorrupt(f"part {part.index}: {exc.detail}") from exc
+
+
+class _Renewing:
+    """A blob read to its end, renewing the delivery's lease every 10 s of reading."""
+
+    def __init__(self, blob: BinaryIO, keep_alive: Callable[[], bool]) -> None:
+        self._blob, self._keep_alive = blob, keep_alive
+        self._renewed = time.monotonic()
+
+    def read(self, size: int) -> bytes:
+        if time.monotonic() - self._renewed > 10:
+            if not self._keep_alive():
+                raise PeerError("the delivery was taken over by another worker")
+            self._renewed = time.monotonic()
+        return self._blob.read(size)
 
 
 def send_streamed(
@@ -173,7 +193,6 @@ def send_streamed(
     """Returns the peer's final answer: a receipt (200/201) or a refusal. Raises
     StoredPartCorrupt if a part's own blob is damaged, PeerError or httpx's errors if the
     exchange broke off."""
-    check_lengths(store, parts)
     announce_url = base_url + ANNOUNCE_PATH
     content = json.dumps(wire).encode()
     json_headers = {**headers, "content-type": "application/json"}
@@ -220,6 +239,8 @@ def _send_parts(
                 head.status_code, _head_refusal(head), retry_after_of(head, utc_now())
             )
         offset = _offset(head)
+        if offset < part.length:  # a part the peer holds whole is not read (nor needed)
+            check_length(store, part)
         while offset < part.length:
             end = min(part.length, offset + sizer.next_bytes())
             put_headers = {
@@ -238,7 +259,7 @@ def _send_parts(
                 answer = _answer(response)
             if answer.status != 204:
                 if _refused_as_damaged(answer):
-                    check_own_blob(store, part)  # ours, or the peer's to answer for
+                    check_own_blob(store, part, keep_alive)  # ours, or the peer's to answer for
                 return answer
             reached = _offset(response)
             if reached <= offset:  # the delivery is retried later, from the peer's offset
@@ -249,8 +270,11 @@ def _send_parts(
 
 
 def _refused_as_damaged(answer: PeerAnswer) -> bool:
+    """A final refusal of the part's bytes as damaged (400, as the receiver sends it). Not
+    any other status: a peer answering 503 with such a code would make every retry read a
+    whole blob (from review), and a retried delivery is checked when it is refused for good."""
     body = answer.body
-    return isinstance(body, dict) and body.get("error") in DAMAGE_REFUSALS
+    return answer.status == 400 and isinstance(body, dict) and body.get("error") in DAMAGE_REFUSALS
 
 
 def _head_refusal(head: httpx.Response) -> dict[str, str] | None:

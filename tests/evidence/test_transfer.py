@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -158,3 +159,105 @@ def test_a_refused_head_is_read_by_its_code(
     answer = _send(RefusingHead(part.length, status, code), store, part)
     outcome = classify(answer.status, answer.body, answer.retry_after)
     assert (outcome.state, outcome.error) == (state, f"HTTP {status} {code or 'unknown_transfer'}")
+
+
+class _Counting(DirectoryBlobStore):
+    """The sender's store, counting the bytes read from its blobs (and able to lose some)."""
+
+    def __init__(self, root: Path, *, cut: int = 0) -> None:
+        super().__init__(root)
+        self.read = 0
+        self.cut = cut
+
+    def open(self, digest: str) -> Any:
+        store, blob = self, super().open(digest)
+        end = blob.seek(0, os.SEEK_END) - self.cut
+        blob.seek(0)
+
+        class Reader:
+            def __enter__(self) -> Reader:
+                return self
+
+            def __exit__(self, *_: object) -> None:
+                blob.close()
+
+            def seek(self, offset: int) -> None:
+                blob.seek(offset)
+
+            def read(self, size: int) -> bytes:
+                data: bytes = blob.read(max(0, min(size, end - blob.tell())))
+                store.read += len(data)
+                return data
+
+        return Reader()
+
+
+def _counting(tmp_path: Path, chunks: int, *, cut: int = 0) -> tuple[_Counting, StreamedPart]:
+    _, part, _ = _blob(tmp_path, chunks * CIPHER_CHUNK)
+    return _Counting(tmp_path / "blobs", cut=cut), part
+
+
+def _answers(post: httpx.Response, put: httpx.Response | None = None) -> Any:
+    def peer(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            return post
+        if request.method == "HEAD":
+            return httpx.Response(204, headers={"upload-offset": "0"})
+        request.read()
+        assert put is not None
+        return put
+
+    return peer
+
+
+def _send_to(peer: Any, store: DirectoryBlobStore, part: StreamedPart) -> PeerAnswer:
+    header = b64e(canonical_json({"msg_id": MSG_ID}))
+    with httpx.Client(transport=httpx.MockTransport(peer), timeout=30.0) as http:
+        return send_streamed(
+            http,
+            "http://peer",
+            {"v": 1, "header": header, "signature": "", "parts": []},
+            [part],
+            store,
+            headers={},
+            keep_alive=lambda: True,
+        )
+
+
+def test_a_peer_holding_the_whole_envelope_gets_no_look_at_the_senders_blob(
+    tmp_path: Path,
+) -> None:
+    """Its receipt was lost, then the sender's blob: the peer's stored receipt still comes
+    back (from review: the lengths were checked before the announce, and the delivery of an
+    envelope the peer held failed as the sender's damaged storage)."""
+    store, part = _counting(tmp_path, 2)
+    store.delete(part.digest)
+    answer = _send_to(_answers(httpx.Response(200, json={"receipt": "stored"})), store, part)
+    assert answer.status == 200
+
+
+def test_a_refusal_that_is_not_final_never_reads_the_whole_blob(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer answering 503 with a damage code would have had every retry hash the whole
+    blob (tens of GiB) (from review); a final refusal (400) is checked against the sender's
+    own blob once, and stays the peer's answer when the blob is sound."""
+    monkeypatch.setattr(transfer, "FIRST_SEGMENT_CHUNKS", 2)
+    store, part = _counting(tmp_path, 8)
+    refusal = {"error": "decrypt_failed", "detail": "a part chunk failed authentication"}
+    announced = httpx.Response(202, json={"parts": [{"index": 1, "offset": 0}]})
+    busy = _send_to(_answers(announced, httpx.Response(503, json=refusal)), store, part)
+    assert busy.status == 503
+    assert store.read == 2 * CIPHER_CHUNK  # the one segment sent, nothing more
+    store.read = 0
+    final = _send_to(_answers(announced, httpx.Response(400, json=refusal)), store, part)
+    assert final.status == 400  # the blob is sound: the peer's refusal stands
+    assert store.read == 2 * CIPHER_CHUNK + part.length
+
+
+def test_a_blob_cut_short_while_it_is_sent_is_the_senders_fault(tmp_path: Path) -> None:
+    """Not h11's 'too little data' (an internal error retried until the deadline)."""
+    store, part = _counting(tmp_path, 3, cut=CIPHER_CHUNK)
+    announced = httpx.Response(202, json={"parts": [{"index": 1, "offset": 0}]})
+    with pytest.raises(transfer.StoredPartCorrupt, match="part 1: the blob ended"):
+        _send_to(_answers(announced, httpx.Response(204)), store, part)
