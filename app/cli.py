@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 from dataclasses import dataclass
 from datetime import datetime
@@ -422,9 +423,18 @@ def serve(
             "ENTRAIDE_ALLOW_INSECURE_HTTP is on: peers may be reached over plain HTTP. "
             "Use this only for development and tests."
         )
+    # Bound before anything starts: a port in use is said in plain words, before the
+    # delivery worker could claim a delivery (uvicorn binds after the app's start-up).
+    try:
+        listening = socket.create_server(
+            (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET
+        )
+    except OSError as exc:
+        node.close()
+        raise _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     _share_the_gil()
     # log_config=None: uvicorn's records go through our (JSON) handler like everything else.
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings, node=node),
         host=host,
         port=port,
@@ -433,6 +443,7 @@ def serve(
         access_log=False,
         **tls,
     )
+    uvicorn.Server(config).run(sockets=[listening])
 
 
 @app.command()

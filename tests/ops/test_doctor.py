@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
@@ -327,3 +328,17 @@ def test_a_database_missing_on_a_running_server_is_not_called_unreachable(
     assert result.returncode == 1
     assert "the server has no such database: create it" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_serve_on_a_port_in_use_says_so_before_starting_anything(tmp_path: Path) -> None:
+    """From an operator's walk-through: the only sign was a JSON log line from uvicorn, after
+    the delivery worker had started (and could claim deliveries) and the application had
+    said 'startup complete'."""
+    node = LocalNode("ES/MJ", "x", tmp_path / "es", f"sqlite:///{tmp_path / 'es.db'}")
+    node.init()
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = node.cli("serve", "--port", str(port), check=False)
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
+    assert "delivery worker" not in result.stdout + result.stderr
