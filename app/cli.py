@@ -1122,6 +1122,13 @@ def restore(
         Path | None,
         typer.Option(help="File holding the passphrase (else ENTRAIDE_BACKUP_PASSPHRASE)"),
     ] = None,
+    keys_from: Annotated[
+        Path | None,
+        typer.Option(
+            help="A backup of this node made with --include-private-keys, for its keys, when "
+            "FILE has none and the keys folder is empty (a nightly backup on a new machine)"
+        ),
+    ] = None,
 ) -> None:
     """Restore a backup into a fresh node (empty database; empty keys folder or the node's
     own keys), then verify the whole audit log."""
@@ -1138,6 +1145,7 @@ def restore(
             archive_path=file,
             passphrase=read_passphrase(passphrase_file),
             actor=_operator(),
+            keys_from=keys_from,
         )
     except (BackupError, PassphraseError, KeyFileError, OSError, ValueError) as exc:
         raise _fail(str(exc)) from exc

@@ -448,9 +448,16 @@ def _write_private_keys(
                 handle.write(source.read())
 
 
-def _restore_keys(settings: Settings, archive: _Archive, passphrase: bytes | None) -> list[Path]:
+def _restore_keys(
+    settings: Settings,
+    archive: _Archive,
+    passphrase: bytes | None,
+    keys_archive: _Archive | None = None,
+) -> list[Path]:
     """Put the backed-up node's keys in place (or check those present). Returns the files
-    written (none when the node's own keys were there)."""
+    written (none when the node's own keys were there). `keys_archive`: another backup of
+    the same node holding its private keys (the documented routine keeps them apart from the
+    nightly backups), whose keys must be the ones `archive` was signed with."""
     keys_dir = settings.keys_dir
     written: list[Path] = []
     if not keys_exist(keys_dir):
@@ -459,13 +466,16 @@ def _restore_keys(settings: Settings, archive: _Archive, passphrase: bytes | Non
         keys_dir.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=keys_dir.parent, prefix=".entraide-keys-") as tmp:
             staged = Path(tmp) / "keys"
-            _write_private_keys(staged, archive, passphrase, shown=keys_dir)
+            _write_private_keys(staged, keys_archive or archive, passphrase, shown=keys_dir)
             (staged / IDENTITY_FILE).write_bytes(archive.read(NODE_MEMBER))
             probe = load_node(settings.model_copy(update={"keys_dir": staged}))
             try:
-                # Both checks before any key is moved in: a refused backup leaves no keys.
-                _check_public_keys(probe, archive.manifest, "in the backup")
+                # Every check before any key is moved in: a refused backup leaves no keys.
+                where = "in the backup" if keys_archive is None else "in the keys backup"
+                _check_public_keys(probe, archive.manifest, where)
                 _check_manifest_signature(probe, archive)
+                if keys_archive is not None:  # and that file is the node's own, unaltered
+                    _check_manifest_signature(probe, keys_archive)
             finally:
                 probe.close()
             # Checked as staged, installed as staged: a file left in the keys folder (the
@@ -580,13 +590,15 @@ def _damaged(archive_path: Path, exc: BaseException) -> BackupError:
     )
 
 
-def restore_backup(
-    settings: Settings, *, archive_path: Path, passphrase: bytes | None, actor: str
-) -> RestoreSummary:
-    broken = (tarfile.TarError, EOFError, zlib.error)
+_BROKEN = (tarfile.TarError, EOFError, zlib.error)
+
+
+@contextlib.contextmanager
+def _opened(archive_path: Path) -> Iterator[_Archive]:
+    """A backup file read whole, every member checked against its manifest."""
     try:
         tar = tarfile.open(archive_path, mode="r:gz")
-    except broken as exc:
+    except _BROKEN as exc:
         raise _damaged(archive_path, exc) from exc
     except OSError as exc:
         raise BackupError(f"cannot read {archive_path}: {exc.strerror or exc}") from exc
@@ -595,13 +607,34 @@ def restore_backup(
             # Read to its end (every member's hash is checked here): a file cut short or
             # altered in transit fails in the compressed stream, before anything is written.
             archive = _Archive(tar)
-        except (*broken, OSError) as exc:
+        except (*_BROKEN, OSError) as exc:
             raise _damaged(archive_path, exc) from exc
+        yield archive
+
+
+def restore_backup(
+    settings: Settings,
+    *,
+    archive_path: Path,
+    passphrase: bytes | None,
+    actor: str,
+    keys_from: Path | None = None,
+) -> RestoreSummary:
+    """`keys_from`: a backup of the same node with its private keys, for a backup without
+    them restored where the keys folder is empty (a replacement machine)."""
+    with contextlib.ExitStack() as stack:
+        archive = stack.enter_context(_opened(archive_path))
+        keys_archive = stack.enter_context(_opened(keys_from)) if keys_from else None
         created = _new_sqlite_file(settings.database_url)
         written: list[Path] = []
         try:
             check_target_empty(settings)
-            written = _restore_keys(settings, archive, passphrase)
+            if keys_archive is not None and keys_exist(settings.keys_dir):
+                raise BackupError(
+                    f"{settings.keys_dir} holds keys already: --keys-from is for an empty "
+                    "keys folder (leave it out to restore with the keys there)"
+                )
+            written = _restore_keys(settings, archive, passphrase, keys_archive)
             tables = _restore_database(settings, archive)
         except BaseException:
             # Refused: "changes nothing" includes not leaving keys, nor an empty database

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 
 from app.audit.log import record
 from app.audit.service import verify_database
@@ -481,3 +481,48 @@ def test_a_backup_needs_its_folder_and_no_room_in_the_temporary_one(
     out.mkdir()
     backup_of(node, out / "es.tar.gz")
     assert [path.name for path in out.iterdir()] == ["es.tar.gz"]
+
+
+def test_a_nightly_backup_restores_on_a_new_machine_with_the_keys_backups_keys(
+    tmp_path: Path,
+) -> None:
+    """The documented routine keeps the private keys out of the nightly backups: restoring the
+    latest nightly on a replacement machine (empty keys folder) was refused, and the keys
+    backup brought back its own, older, database (from review). `--keys-from` takes only
+    the keys; another node's keys backup, or a keys folder already filled, is refused."""
+    databases = make_databases("sqlite", tmp_path)
+    node = _initialised(tmp_path, databases.new("es"))
+    keys = backup_of(node, tmp_path / "keys.tar.gz", PASSPHRASE.encode())
+    with unit_of_work(make_session_factory(make_engine(node.database_url))) as session:
+        create_client(session, name="after-the-keys-backup", roles={Role.OFFICER})
+    nightly = backup_of(node, tmp_path / "nightly.tar.gz")
+    other = LocalNode("FR/DACG", "Direction", tmp_path / "other", databases.new("other"))
+    other.init()
+    others_keys = backup_of(other, tmp_path / "others-keys.tar.gz", PASSPHRASE.encode())
+
+    new_keys = tmp_path / "new" / "keys"
+
+    def restore(keys_from: Path, url: str) -> Report:
+        settings = Settings(database_url=url, keys_dir=new_keys)
+        return restore_backup(
+            settings,
+            archive_path=nightly,
+            passphrase=PASSPHRASE.encode(),
+            actor="test",
+            keys_from=keys_from,
+        ).report
+
+    with pytest.raises(BackupError, match="in the keys backup"):
+        restore(others_keys, databases.new("refused"))
+    assert not new_keys.exists() or not any(new_keys.iterdir())
+    url = databases.new("new")
+    assert restore(keys, url).ok
+    restored = make_engine(url)
+    try:
+        with restored.connect() as connection:
+            names = set(connection.scalars(text("SELECT name FROM api_clients")))
+        assert "after-the-keys-backup" in names  # the nightly's data, not the keys backup's
+    finally:
+        restored.dispose()
+    with pytest.raises(BackupError, match="holds keys already"):
+        restore(keys, databases.new("again"))
