@@ -6,7 +6,6 @@ import getpass
 import json
 import logging
 import os
-import re
 import signal
 import socket
 import sys
@@ -347,16 +346,12 @@ def _refuse_a_used_database(settings: Settings) -> None:
 def _unreachable(settings: Settings, exc: OperationalError) -> typer.Exit:
     """The database cannot be reached: said in plain words (no traceback, no password: the
     URL is shown as `doctor` shows it)."""
-    from app.doctor import redacted_url
+    from app.doctor import redacted_url, server_refusal
 
     url = redacted_url(settings.database_url)
-    # The server answered, so it is no network fault: said so. libpq gives a refused
-    # connection no error code, only the server's message (quoted by psycopg).
-    said = str(exc.orig)
-    if re.search(r'FATAL:\s+database ".*" does not exist', said):
-        return _fail(f"{url}: the server has no such database: create it, then `entraide init`")
-    if re.search(r'FATAL:\s+(role ".*" does not exist|.*authentication failed)', said):
-        return _fail(f"{url}: the server refused the user or password in ENTRAIDE_DATABASE_URL")
+    refused = server_refusal(exc.orig or exc)
+    if refused is not None:
+        return _fail(f"{url}: {refused}")
     return _fail(
         f"cannot reach {url} "
         f"({type(exc.orig).__name__}): is it running, and is ENTRAIDE_DATABASE_URL right?"

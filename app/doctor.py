@@ -7,6 +7,7 @@ changes the node; peers are only asked for their public identity document.
 
 from __future__ import annotations
 
+import re
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -249,16 +250,34 @@ def redacted_url(url: str) -> str:
 MAX_BLOBS_CHECKED = 10_000
 
 
+def server_refusal(exc: BaseException) -> str | None:
+    """What a PostgreSQL server that answered said was wrong with the connection, in plain
+    words, or None (no answer: a network fault). libpq gives a refused connection no error
+    code, only the server's message (quoted by psycopg); never printed, it may name users."""
+    said = str(exc)
+    if re.search(r'FATAL:\s+database ".*" does not exist', said):
+        return (
+            "the server has no database of that name: check ENTRAIDE_DATABASE_URL, or create "
+            "the database, then run the command again"
+        )
+    if re.search(r'FATAL:\s+(role ".*" does not exist|.*authentication failed)', said):
+        return "the server refused the user or password in ENTRAIDE_DATABASE_URL"
+    return None
+
+
 def check_database(settings: Settings, engine: Engine) -> Iterator[Finding]:
     """Reachable and current; then the state a busy operator should know about."""
     try:
         with engine.connect() as connection:
             current = set(current_heads(connection))
     except Exception as exc:  # any driver failure: unreachable, wrong credentials, no file
+        refused = server_refusal(getattr(exc, "orig", exc))
         yield Finding(
             FAIL,
             "database",
-            f"cannot reach {redacted_url(settings.database_url)} "
+            f"{redacted_url(settings.database_url)}: {refused}"
+            if refused
+            else f"cannot reach {redacted_url(settings.database_url)} "
             f"({type(exc).__name__}): is it running, and is the URL right?",
         )
         return
@@ -289,9 +308,7 @@ def check_database(settings: Settings, engine: Engine) -> Iterator[Finding]:
                 OutboxItem.state.in_(("queued", "in_flight", "retry"))
             )
         )
-        workers = heartbeat.alive(
-            connection, now=now, every_seconds=settings.worker_heartbeat_seconds
-        )
+        workers = heartbeat.alive(connection)
         alarms = list(
             connection.execute(
                 select(WitnessAlarm.peer_authority)
@@ -306,13 +323,14 @@ def check_database(settings: Settings, engine: Engine) -> Iterator[Finding]:
             f"{failed} deliveries failed for good: see `entraide deliveries list --state failed`",
         )
     if oldest is not None and not workers:
-        silent = round(settings.worker_heartbeat_seconds * heartbeat.MISSED_BEATS)
+        # A warning: a node stopped for maintenance, or just restored, has messages waiting
+        # and no worker yet; starting it is what the operator does next.
         yield Finding(
-            FAIL,
+            WARN,
             "deliveries",
-            f"messages wait for delivery and no delivery worker has reported in the last "
-            f"{silent} s: start `entraide serve` (it runs one unless ENTRAIDE_RUN_WORKER=false) "
-            "or `entraide worker`",
+            "messages wait for delivery and no delivery worker is running (none has a "
+            "current heartbeat): start `entraide serve` (it runs one unless "
+            "ENTRAIDE_RUN_WORKER=false) or `entraide worker`",
         )
     if oldest is not None and now - oldest > STUCK_AFTER:
         hours = (now - oldest).total_seconds() / 3600

@@ -476,6 +476,8 @@ class WorkerHeartbeat(Base):
     worker_id: Mapped[str] = mapped_column(String(80), primary_key=True)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime)
     seen_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # Until when this row vouches for the worker (its own period, on the database's clock).
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
 
 
 class EvidenceDraft(Base):

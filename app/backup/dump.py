@@ -107,10 +107,15 @@ def schema_revisions(connection: Connection) -> list[str]:
     return sorted(str(row[0]) for row in rows)
 
 
+# Not the node's data: the migrations' own record, and which workers run now (a restore must
+# not bring back workers that ran when the backup was taken, nor name their hosts).
+_NOT_DATA = {VERSION_TABLE, "worker_heartbeats"}
+
+
 def _data_tables(connection: Connection) -> list[Table]:
     metadata = MetaData()
     metadata.reflect(bind=connection)
-    return [table for table in metadata.sorted_tables if table.name != VERSION_TABLE]
+    return [table for table in metadata.sorted_tables if table.name not in _NOT_DATA]
 
 
 def dump_database(
@@ -172,7 +177,7 @@ def load_database(
     """Replace every row of the (migrated, otherwise empty) database with the backup's."""
     with engine.begin() as connection:
         tables = {table.name: table for table in _data_tables(connection)}
-        missing = sorted(set(expected) - set(tables))
+        missing = sorted(set(expected) - set(tables) - _NOT_DATA)
         if missing:
             raise ValueError(f"the database lacks the backed-up tables {', '.join(missing)}")
         for table in reversed(list(tables.values())):

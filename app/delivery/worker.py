@@ -267,10 +267,6 @@ class Worker:
         # days (hourly too).
         self._prune = ThrottlePrune(node.settings, node.sessions)
         self._forget_keys = PeriodicJob(node.sessions, idempotency.prune, every_seconds=3600.0)
-        # This worker's row, for whoever watches the node (heartbeat.py).
-        self._beat = PeriodicJob(
-            node.sessions, self._heartbeat, every_seconds=node.settings.worker_heartbeat_seconds
-        )
         # Peers that answered a batch as an older node would: posted one by one from then on.
         self._no_batch: set[str] = set()
         # Posts under way, across rounds: a slow one (a long evidence transfer, a peer that
@@ -283,9 +279,12 @@ class Worker:
 
     def run(self) -> None:
         log.info("delivery worker %s started", self.id)
+        # Its own thread: a round may wait minutes on a slow peer (witnessing a checkpoint)
+        # without the worker looking dead, and a failed beat costs no round (from review).
+        beating = threading.Thread(target=self._beat, name="delivery-heartbeat", daemon=True)
+        beating.start()
         while not self._stop.is_set():
             try:
-                self._beat.run_due()
                 handled = self.run_once()
                 self._sweep.run_due()
                 self._prune.run_due()
@@ -299,6 +298,7 @@ class Worker:
                 self.node.outbox_signal.clear()
         self._finish_in_flight()
         self._pool.shutdown(wait=True)
+        beating.join()
         self.release()
         log.info("delivery worker %s stopped", self.id)
 
@@ -315,9 +315,21 @@ class Worker:
         self._stop.set()
         self.node.outbox_signal.set()
 
-    def _heartbeat(self, session: Session) -> int:
-        heartbeat.beat(session, self.id, now=utc_now())
-        return 0
+    def _beat(self) -> None:
+        """This worker's row, for whoever watches the node (heartbeat.py), until it stops."""
+        every = self.node.settings.worker_heartbeat_seconds
+        failing = False
+        while True:
+            try:
+                with unit_of_work(self.node.sessions) as session:
+                    heartbeat.beat(session, self.id, every_seconds=every)
+                failing = False
+            except Exception as exc:  # the database is down: the rounds say so too
+                if not failing:
+                    log.warning("delivery worker heartbeat failed (%s)", type(exc).__name__)
+                failing = True
+            if self._stop.wait(every):
+                return
 
     def release(self) -> None:
         try:

@@ -217,9 +217,7 @@ class NodeCollector(Collector):
                 or 0
             )
             peers = session.scalar(select(func.count()).select_from(Peer)) or 0
-            workers = heartbeat.alive(
-                session, now=now, every_seconds=self.node.settings.worker_heartbeat_seconds
-            )
+            workers = heartbeat.alive(session)
             overdue = overdue_counts(session, now=now)
 
         yield GaugeMetricFamily(

@@ -397,8 +397,7 @@ def test_a_node_whose_workers_run_apart_tells_when_none_runs(lab: Lab) -> None:
     assert _workers_seen(pair) == (0, 0)
     pair.submit(1)
     doctor = pair.sender.cli("doctor", check=False)
-    assert "no delivery worker has reported in the last 2 s" in doctor.stdout, doctor.stdout
-    assert doctor.returncode != 0
+    assert "no delivery worker is running" in doctor.stdout, doctor.stdout
 
     first = pair.start_worker("first")
     wait_until("the worker reported", lambda: _workers_seen(pair) == (1, 1))

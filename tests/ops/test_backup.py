@@ -21,6 +21,7 @@ from app.backup.service import BackupError, create_backup, restore_backup
 from app.config import Settings
 from app.crypto.encoding import b64e
 from app.db import make_engine, make_session_factory, unit_of_work
+from app.delivery import heartbeat
 from app.localnodes import LocalNode
 from app.migrate import upgrade
 from app.models import AuditEntry, AuditHead
@@ -442,7 +443,11 @@ def test_a_backup_restores_into_a_freshly_migrated_database(tmp_path: Path, back
     target = make_databases(backend, tmp_path / "target")
     try:
         node = _initialised(tmp_path, source.new("es"))
+        with unit_of_work(make_session_factory(make_engine(node.database_url))) as session:
+            heartbeat.beat(session, "host:1:worker", every_seconds=600)
         archive = backup_of(node, tmp_path / "es.tar.gz")
+        with tarfile.open(archive) as tar:  # which workers ran then is no data to restore
+            assert "database/worker_heartbeats.jsonl" not in tar.getnames()
         url = target.new("migrated")
         upgrade(url)
         assert restore_into(url, node.keys_dir, archive, None).ok

@@ -326,8 +326,12 @@ def test_a_database_missing_on_a_running_server_is_not_called_unreachable(
     node = LocalNode("ES/MJ", "x", tmp_path / "es", url)
     result = node.cli("migrate", check=False)
     assert result.returncode == 1
-    assert "the server has no such database: create it" in result.stderr, result.stderr
+    # Not "then `entraide init`": after a restore refused so, init would fill the database.
+    assert "the server has no database of that name: check" in result.stderr, result.stderr
+    assert "run the command again" in result.stderr
     assert "Traceback" not in result.stderr
+    doctor = node.cli("doctor", check=False)
+    assert "the server has no database of that name" in doctor.stdout, doctor.stdout
 
 
 def test_serve_on_a_port_in_use_says_so_before_starting_anything(tmp_path: Path) -> None:
