@@ -1060,6 +1060,10 @@ def _note_in(text: str) -> str:
     return note
 
 
+def _exit_on_sigterm(_signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(128 + signal.SIGTERM)
+
+
 @app.command()
 def backup(
     out: Annotated[Path, typer.Option(help="The backup file to write (refuses to overwrite)")],
@@ -1084,6 +1088,10 @@ def backup(
 
     settings = _settings()
     _sqlite_file_exists(settings)  # else a backup of an empty database it just created
+    # Stopped by a timer's or systemd's SIGTERM: unwound like an error, so that its staging
+    # folder (a whole copy of the database) and partial file are removed, not left hidden in
+    # the backups folder (from review).
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         passphrase = read_passphrase(passphrase_file) if include_private_keys else None
         summary = create_backup(

@@ -239,9 +239,18 @@ def check_keys(settings: Settings) -> Iterator[Finding]:
     )
 
 
+# libpq's connection parameters that hold a secret, when given in the URL's query.
+_SECRET_PARAMETERS = {"password", "sslpassword"}
+
+
 def redacted_url(url: str) -> str:
+    """The URL without its password, in its user part or its query (`?password=`)."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
+        hidden = {key: "***" for key in parsed.query if key.lower() in _SECRET_PARAMETERS}
+        if hidden:
+            parsed = parsed.update_query_dict(hidden)
+        return parsed.render_as_string(hide_password=True)
     except Exception:  # a URL SQLAlchemy cannot parse is reported elsewhere
         return "(unparseable URL)"
 

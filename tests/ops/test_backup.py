@@ -5,8 +5,13 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import signal
+import sqlite3
+import subprocess
+import sys
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -531,3 +536,35 @@ def test_a_nightly_backup_restores_on_a_new_machine_with_the_keys_backups_keys(
         restored.dispose()
     with pytest.raises(BackupError, match="holds keys already"):
         restore(keys, databases.new("again"))
+
+
+def test_a_backup_stopped_by_sigterm_leaves_nothing_in_the_backups_folder(
+    tmp_path: Path,
+) -> None:
+    """A timer's or systemd's SIGTERM killed the backup where it stood: its staging folder (a
+    whole copy of the database) and its partial file stayed, hidden, in a folder that may be
+    copied off site (from review)."""
+    databases = make_databases("sqlite", tmp_path)
+    node = _initialised(tmp_path, databases.new("es"))
+    database = sqlite3.connect(node.database_url.removeprefix("sqlite:///"))
+    with database:  # enough to keep the backup busy for a while
+        database.execute("CREATE TABLE filler (id INTEGER PRIMARY KEY, data BLOB)")
+        database.execute("INSERT INTO filler (data) VALUES (randomblob(100 * 1024 * 1024))")
+    database.close()
+    out = tmp_path / "backups"
+    out.mkdir()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app", "backup", "--out", str(out / "es.tar.gz")],
+        env=node.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 60
+    while not any(out.iterdir()):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert list(out.iterdir()) == []

@@ -16,7 +16,15 @@ from alembic.script import ScriptDirectory
 from app.config import Settings
 from app.crypto.identity import build_identity_document
 from app.crypto.keys import NodeIdentity, NodeKeys
-from app.doctor import FAIL, OK, WARN, _check_peer, clock_verdict, skew_from_date_header
+from app.doctor import (
+    FAIL,
+    OK,
+    WARN,
+    _check_peer,
+    clock_verdict,
+    redacted_url,
+    skew_from_date_header,
+)
 from app.localnodes import LocalNode
 from app.migrate import alembic_config
 from app.peers.client import IDENTITY_PATH
@@ -346,3 +354,12 @@ def test_serve_on_a_port_in_use_says_so_before_starting_anything(tmp_path: Path)
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
     assert "delivery worker" not in result.stdout + result.stderr
+
+
+def test_a_password_given_in_the_urls_query_is_hidden_too() -> None:
+    """libpq takes `?password=`: it was shown in every message naming the URL (from review)."""
+    shown = redacted_url(
+        "postgresql+psycopg://entraide:S3cret@db/x?password=S3cret2&sslmode=require"
+    )
+    assert "S3cret" not in shown
+    assert "sslmode=require" in shown
