@@ -86,6 +86,10 @@ app.add_typer(peers_app, name="peers")
 app.add_typer(clients_app, name="clients")
 audit_app = typer.Typer(no_args_is_help=True, help="The tamper-evident audit log.")
 app.add_typer(audit_app, name="audit")
+proof_app = typer.Typer(
+    no_args_is_help=True, help="Custody proofs: what was sent and received (auditors, courts)."
+)
+app.add_typer(proof_app, name="proof")
 cli_security.register(keys_app, peers_app)
 deliveries_app = typer.Typer(no_args_is_help=True, help="Outbound deliveries (operators).")
 app.add_typer(deliveries_app, name="deliveries")
@@ -928,6 +932,68 @@ def audit_export(
     finally:
         node.close()
     typer.echo(f"exported {entries} entries and {checkpoints} checkpoints to {out}")
+
+
+@proof_app.command("verify")
+def proof_verify(
+    proof: Annotated[
+        Path, typer.Argument(help="A custody proof (GET .../messages/{msg_id}/proof)")
+    ],
+    file: Annotated[
+        Path | None, typer.Option(help="A file to check against an attachment of the proof")
+    ] = None,
+    attachment: Annotated[int, typer.Option(help="Which attachment --file should be (from 1)")] = 1,
+) -> None:
+    """Check a custody proof offline (no node, no database, no key of yours): the sender's
+    signature, the sealed manifest, the receiver's signed receipt; with --file, that the file
+    is that attachment. Exit 1 naming the first check that fails."""
+    import hashlib
+
+    from app.crypto.encoding import format_time
+    from app.crypto.proof import MAX_PROOF_BYTES, ProofError, verify_proof
+
+    try:
+        with proof.open("rb") as handle:
+            raw = handle.read(MAX_PROOF_BYTES + 1)
+        if len(raw) > MAX_PROOF_BYTES:
+            raise _fail(f"{proof} is larger than a custody proof can be")
+        checked = verify_proof(json.loads(raw))
+    except (OSError, ValueError) as exc:  # ProofError and JSON errors are ValueErrors
+        kind = "not a custody proof" if not isinstance(exc, ProofError) else "REFUSED"
+        raise _fail(f"{proof}: {kind}: {exc}") from exc
+    typer.echo(f"custody proof of message {checked.msg_id}: verified")
+    typer.echo(f"  envelope hash   {checked.envelope_hash}")
+    typer.echo(
+        f"  sent by         {checked.sender} on {format_time(checked.created_at)}, "
+        f"signing key id {checked.sender_kid}"
+    )
+    typer.echo(
+        f"  received by     {checked.receiver} on {format_time(checked.received_at)}, "
+        f"signing key id {checked.receiver_kid}"
+    )
+    for item in checked.attachments:
+        typer.echo(
+            f"  attachment {item.index}    {item.name} ({item.media_type}), {item.size} bytes, "
+            f"SHA-256 {item.sha256}"
+        )
+    typer.echo(
+        "Compare both key ids with those the two authorities publish (`entraide keys show`): "
+        "the proof cannot say whose keys they are."
+    )
+    if file is None:
+        return
+    digest = hashlib.sha256()
+    try:
+        with file.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    except OSError as exc:
+        raise _fail(f"cannot read {file}: {exc.strerror or exc}") from exc
+    if not checked.attachment_matches(attachment, digest.hexdigest()):
+        raise _fail(
+            f"{file} (SHA-256 {digest.hexdigest()}) is NOT attachment {attachment} of this proof"
+        )
+    typer.echo(f"{file} is attachment {attachment}: SHA-256 {digest.hexdigest()}")
 
 
 @audit_app.command("verify")

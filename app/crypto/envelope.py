@@ -560,8 +560,22 @@ def decrypt_parts(header: Header, parts: Sequence[bytes], content_key: bytes) ->
 
 def check_manifest(header: Header, plaintexts: Sequence[bytes]) -> Opened:
     """The inner manifest must name the same sender, addressee and message as the header."""
+    manifest = bind_manifest(header, plaintexts[0])
+    listed = manifest["attachments"]
+    if len(listed) != len(plaintexts) - 1:
+        raise EnvelopeError("manifest_mismatch", "the manifest lists other attachments")
+    for entry, data in zip(listed, plaintexts[1:], strict=True):
+        if entry["size"] != len(data) or entry["sha256"] != sha256_hex(data):
+            raise EnvelopeError("manifest_mismatch", "an attachment differs from the manifest")
+    return Opened(manifest=manifest, attachments=list(plaintexts[1:]))
+
+
+def bind_manifest(header: Header, plaintext: bytes) -> dict[str, Any]:
+    """The opened manifest (part 0), bound to its header: same message, sender, addressee and
+    conversation, one well-formed entry per attachment part. Not the attachments themselves
+    (check_manifest, or a custody proof's reader with the file in hand)."""
     try:
-        manifest = load_canonical_object(plaintexts[0])
+        manifest = load_canonical_object(plaintext)
     except DecodeError as exc:
         raise EnvelopeError("manifest_mismatch", "the inner manifest is not JSON") from exc
     bound = (
@@ -577,14 +591,12 @@ def check_manifest(header: Header, plaintexts: Sequence[bytes]) -> Opened:
     if not bound:
         raise EnvelopeError("manifest_mismatch", "the inner manifest does not match the header")
     listed = manifest.get("attachments")
-    if not isinstance(listed, list) or len(listed) != len(plaintexts) - 1:
+    if not isinstance(listed, list) or len(listed) != len(header.parts) - 1:
         raise EnvelopeError("manifest_mismatch", "the manifest lists other attachments")
-    for number, (entry, data) in enumerate(zip(listed, plaintexts[1:], strict=True), 1):
+    for number, entry in enumerate(listed, 1):
         if not _valid_attachment_entry(entry, number):
             raise EnvelopeError("manifest_mismatch", f"attachment {number} is described badly")
-        if entry["size"] != len(data) or entry["sha256"] != sha256_hex(data):
-            raise EnvelopeError("manifest_mismatch", "an attachment differs from the manifest")
-    return Opened(manifest=manifest, attachments=list(plaintexts[1:]))
+    return manifest
 
 
 ATTACHMENT_FIELDS = {"index", "name", "media_type", "size", "sha256"}

@@ -25,7 +25,6 @@ from app.audit.log import record
 from app.crypto import envelope as env
 from app.crypto.encoding import (
     DecodeError,
-    canonical_json,
     load_canonical_object,
     sha256_hex,
     utc_now,
@@ -88,19 +87,9 @@ def _manifest(header: env.Header, manifest_part: bytes, content_key: bytes) -> e
         env.part_ad(msg_id, 0),
         info.stream_header,
     )
-    try:
-        manifest = load_canonical_object(plain)
-    except DecodeError as exc:
-        raise env.EnvelopeError("manifest_mismatch", "the inner manifest is not JSON") from exc
-    # check_manifest binds the manifest to the header; its attachment checks need the
-    # plaintext, so they run here on sizes and, as each part arrives, on hashes.
-    listed = manifest.get("attachments")
-    if not isinstance(listed, list) or len(listed) != len(header.parts) - 1:
-        raise env.EnvelopeError("manifest_mismatch", "the manifest lists other attachments")
-    env.check_manifest(header, [canonical_json(dict(manifest, attachments=[]))])
-    for number, entry in enumerate(listed, 1):
-        if not env._valid_attachment_entry(entry, number):  # the same rule as check_manifest
-            raise env.EnvelopeError("manifest_mismatch", f"attachment {number} is described badly")
+    # Bound to the header here; the attachments' hashes are checked as each part arrives.
+    manifest = env.bind_manifest(header, plain)
+    for number, entry in enumerate(manifest["attachments"], 1):
         if env.ciphertext_length(entry["size"]) != header.parts[number].length:
             raise env.EnvelopeError("manifest_mismatch", "an attachment differs from the manifest")
     return env.Opened(manifest=manifest, attachments=[])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 from fastapi import APIRouter, Path, Query, Response
@@ -15,7 +15,7 @@ from app.db import unit_of_work
 from app.deps import NodeDep, OfficerDep, SessionDep, UnitOfWorkRoute
 from app.evidence.download import plan_streamed, streamed_response
 from app.plainint import PlainInt
-from app.requests import access, idempotency, schemas, service
+from app.requests import access, idempotency, proof, schemas, service
 
 router = APIRouter(prefix="/api/v1/requests", tags=["requests"], route_class=UnitOfWorkRoute)
 
@@ -145,6 +145,20 @@ def add_message(
         return _once(node, principal, idempotency_key, route, body, response, submit)
     with unit_of_work(node.sessions) as session:  # as submit_request: in this thread
         return submit(session)
+
+
+@router.get("/{request_id}/messages/{msg_id}/proof")
+def custody_proof(
+    request_id: RequestId, msg_id: MsgId, node: NodeDep, principal: OfficerDep
+) -> dict[str, Any]:
+    """A custody proof of one message (app/crypto/proof.py): what the sender signed, the
+    manifest it sealed, and the receiver's signed receipt, checkable offline with `entraide
+    proof verify`. It holds the envelope's content key: handle it as the request itself."""
+    access.check_visible(node, request_id=request_id, principal=principal, action=proof.ACTION)
+    with unit_of_work(node.sessions) as session:
+        return proof.custody_proof(
+            session, node, request_id=request_id, msg_id=msg_id, principal=principal
+        )
 
 
 @router.get(

@@ -523,6 +523,50 @@ def test_an_attachments_plaintext_hash_is_never_stored_in_clear(pair: Pair) -> N
         assert len(entry["part_sha256"]) == 64
 
 
+def test_either_side_proves_what_was_sent_and_received_to_a_court(
+    pair: Pair, tmp_path: Path
+) -> None:
+    """Issue 6: "the receipt plus the manifest prove what was sent and received". Each node
+    exports a custody proof of the message (audited), which `entraide proof verify` checks
+    with no node, database or key of its own, and against the files themselves."""
+    sizes = [CHUNK + 1, 7]
+    files = [os.urandom(size) for size in sizes]
+    draft = create_draft(pair.es, sizes)
+    with pair.es.client("officer") as http:
+        for attachment, data in zip(draft["attachments"], files, strict=True):
+            upload(http, attachment["href"], data, piece=len(data))
+    submit(pair.es, draft["id"])
+    wait_receipt(pair.es, draft["id"])
+    wait_for("the request at AR", lambda: detail(pair.ar, draft["id"]))
+    on_disk = []
+    for index, data in enumerate(files, 1):
+        path = tmp_path / f"evidence-{index}.bin"
+        path.write_bytes(data)
+        on_disk.append(path)
+    for node in (pair.es, pair.ar):
+        with node.client("officer") as http:
+            answer = http.get(f"/api/v1/requests/{draft['id']}/messages/{draft['id']}/proof")
+        assert answer.status_code == 200, answer.text
+        proof = tmp_path / f"proof-{node.authority_id.replace('/', '-')}.json"
+        proof.write_text(answer.text)
+        assert audit_details(node, "proof.exported")[-1]["outcome"] == "ok"
+        for index, path in enumerate(on_disk, 1):
+            checked = node.cli(
+                "proof", "verify", str(proof), "--file", str(path), "--attachment", str(index)
+            )
+            assert f"is attachment {index}" in checked.stdout
+        assert "received by     AR/MPF" in checked.stdout
+        wrong = node.cli("proof", "verify", str(proof), "--file", str(on_disk[1]), check=False)
+        assert wrong.returncode == 1
+        assert "is NOT attachment 1" in wrong.stderr
+        altered = json.loads(answer.text)
+        altered["receipt"] = altered["receipt"].replace("A", "B", 1)
+        proof.write_text(json.dumps(altered))
+        refused = node.cli("proof", "verify", str(proof), check=False)
+        assert refused.returncode == 1
+        assert "REFUSED" in refused.stderr
+
+
 def _delivery_of(node: LocalNode, request_id: str) -> dict[str, Any]:
     with node.client("admin") as http:
         response = http.get("/api/v1/admin/deliveries", params={"limit": 20})

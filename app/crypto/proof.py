@@ -1,0 +1,202 @@
+"""Custody proofs: what was sent and received, checkable by anyone, offline, without a node.
+
+A proof is one JSON document for one message: the envelope's header bytes and the sender's
+signature over them, the receiver's signed receipt for exactly that header, both signers'
+public keys, part 0 (the inner manifest, as the header lists it: length and SHA-256) and the
+envelope's content key. Checking it (`verify_proof`, `entraide proof verify`):
+
+1. the sender's signature over the header (domain-separated, DESIGN.md section 4);
+2. the key commitment in the signed header against the content key: the key cannot be one
+   chosen afterwards to open part 0 to another text (secretstream alone commits to no key);
+3. part 0 against the header (length, SHA-256), then opened under its part key: the manifest,
+   bound to the header (message, sender, addressee, conversation), lists each attachment's
+   name, size and plaintext SHA-256, and carries the request's document;
+4. the receiver's signature over the receipt, and the receipt's statement: this message id,
+   this header's hash (the envelope hash), these two authorities.
+
+So a file whose SHA-256 is an attachment's is what the sender signed for and the receiver
+signed as received. What the proof cannot say is whose keys these are: the reader compares
+the key ids it prints with those each authority publishes (`entraide keys show`), out of band.
+The content key opens the whole envelope: a proof is handled as the request itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from app.crypto import envelope as env
+from app.crypto.encoding import (
+    DecodeError,
+    b64d,
+    b64e,
+    key_id,
+    load_canonical_object,
+    sha256_hex,
+)
+from app.crypto.receipts import ReceiptError, SignedReceipt, verify_receipt
+from app.crypto.signing import DOMAIN_ENVELOPE, verify
+
+PROOF_TYPE = "entraide.custody-proof"
+PROOF_VERSION = 1
+FIELDS = {
+    "v",
+    "type",
+    "header",
+    "signature",
+    "sender_key",
+    "manifest_part",
+    "content_key",
+    "receipt",
+    "receipt_signature",
+    "receiver_key",
+}
+MAX_PROOF_BYTES = 8 * 1024 * 1024
+
+
+class ProofError(ValueError):
+    """A proof that is malformed or fails a check: the message says which, in plain words."""
+
+
+@dataclass(frozen=True)
+class Attachment:
+    index: int
+    name: str
+    media_type: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class VerifiedProof:
+    msg_id: str
+    envelope_hash: str
+    sender: str
+    sender_kid: str
+    receiver: str
+    receiver_kid: str
+    created_at: datetime
+    received_at: datetime
+    document: dict[str, Any]
+    attachments: list[Attachment]
+
+    def attachment_matches(self, index: int, data_sha256: str) -> bool:
+        listed = next((item for item in self.attachments if item.index == index), None)
+        return listed is not None and hmac.compare_digest(listed.sha256, data_sha256)
+
+
+def build_proof(
+    *,
+    header: bytes,
+    signature: bytes,
+    sender_key: bytes,
+    manifest_part: bytes,
+    content_key: bytes,
+    receipt: SignedReceipt,
+    receiver_key: bytes,
+) -> dict[str, Any]:
+    return {
+        "v": PROOF_VERSION,
+        "type": PROOF_TYPE,
+        "header": b64e(header),
+        "signature": b64e(signature),
+        "sender_key": b64e(sender_key),
+        "manifest_part": b64e(manifest_part),
+        "content_key": b64e(content_key),
+        "receipt": b64e(receipt.body),
+        "receipt_signature": b64e(receipt.signature),
+        "receiver_key": b64e(receiver_key),
+    }
+
+
+def _field(document: dict[str, Any], name: str, length: int | None = None) -> bytes:
+    value = document[name]
+    if not isinstance(value, str):
+        raise ProofError(f"'{name}' must be base64 text")
+    try:
+        return b64d(value, length=length)
+    except DecodeError as exc:
+        raise ProofError(f"'{name}' is not valid base64: {exc}") from exc
+
+
+def verify_proof(document: object) -> VerifiedProof:
+    """Every check of the module's docstring, in order; the first that fails is raised."""
+    if not isinstance(document, dict) or set(document) != FIELDS:
+        raise ProofError(f"a custody proof is an object with exactly {sorted(FIELDS)}")
+    if document["v"] != PROOF_VERSION or document["type"] != PROOF_TYPE:
+        raise ProofError("not a version 1 Entraide custody proof")
+    header_bytes = _field(document, "header")
+    sender_key = _field(document, "sender_key", 32)
+    receiver_key = _field(document, "receiver_key", 32)
+    content_key = _field(document, "content_key", env.KEY_BYTES)
+    manifest_part = _field(document, "manifest_part")
+    if not verify(sender_key, DOMAIN_ENVELOPE, header_bytes, _field(document, "signature", 64)):
+        raise ProofError("the sender's signature over the header does not verify")
+    try:
+        declared = load_canonical_object(header_bytes).get("parts")
+        header = env.parse_header(header_bytes, len(declared) if isinstance(declared, list) else 0)
+    except (DecodeError, env.EnvelopeError) as exc:
+        raise ProofError(f"the header is not a version 1 envelope header: {exc}") from exc
+    if header.from_sig_kid != key_id(sender_key):
+        raise ProofError("the header names another signing key than the sender key given")
+    try:
+        env.check_commitment(header, content_key)
+    except env.EnvelopeError as exc:
+        raise ProofError("the content key is not the one the signed header commits to") from exc
+    info = header.parts[0]
+    if len(manifest_part) != info.length or not hmac.compare_digest(
+        sha256_hex(manifest_part), info.sha256
+    ):
+        raise ProofError("part 0 is not the one the signed header lists (length or SHA-256)")
+    msg_id = header.msg_id_bytes
+    try:
+        plain = env.decrypt_part(
+            manifest_part,
+            env.part_key(content_key, msg_id, 0),
+            env.part_ad(msg_id, 0),
+            info.stream_header,
+        )
+        manifest = env.bind_manifest(header, plain)
+    except env.EnvelopeError as exc:
+        raise ProofError(f"part 0 does not open as this envelope's manifest: {exc}") from exc
+    envelope_hash = hashlib.sha256(header_bytes).hexdigest()
+    signed = SignedReceipt(
+        body=_field(document, "receipt"), signature=_field(document, "receipt_signature", 64)
+    )
+    try:
+        receipt = verify_receipt(
+            signed,
+            signer_public=receiver_key,
+            signer_kid=key_id(receiver_key),
+            msg_id=header.msg_id,
+            envelope_hash=envelope_hash,
+            from_authority=header.from_authority,
+            to_authority=header.to_authority,
+        )
+    except ReceiptError as exc:
+        raise ProofError(f"the receipt is not the receiver's for this envelope: {exc}") from exc
+    content = manifest.get("content")
+    return VerifiedProof(
+        msg_id=header.msg_id,
+        envelope_hash=envelope_hash,
+        sender=header.from_authority,
+        sender_kid=header.from_sig_kid,
+        receiver=header.to_authority,
+        receiver_kid=receipt.signer_kid,
+        created_at=header.created_at,
+        received_at=receipt.received_at,
+        document=content.get("document", {}) if isinstance(content, dict) else {},
+        attachments=[
+            Attachment(
+                index=entry["index"],
+                name=entry["name"],
+                media_type=entry["media_type"],
+                size=entry["size"],
+                sha256=entry["sha256"],
+            )
+            for entry in manifest["attachments"]
+        ],
+    )
