@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from app.crypto import envelope as env
@@ -33,6 +33,7 @@ from app.crypto.encoding import (
     DecodeError,
     b64d,
     b64e,
+    is_int,
     key_id,
     load_canonical_object,
     sha256_hex,
@@ -55,6 +56,9 @@ FIELDS = {
     "receiver_key",
 }
 MAX_PROOF_BYTES = 8 * 1024 * 1024
+# The skew between two nodes' clocks a receiver tolerates (app.config's default): a receipt
+# is for a time within the envelope's lifetime, give or take it.
+CLOCK_SKEW_SECONDS = 300
 
 
 class ProofError(ValueError):
@@ -117,22 +121,31 @@ def _field(document: dict[str, Any], name: str, length: int | None = None) -> by
     if not isinstance(value, str):
         raise ProofError(f"'{name}' must be base64 text")
     try:
-        return b64d(value, length=length)
+        data = b64d(value, length=length)
     except DecodeError as exc:
         raise ProofError(f"'{name}' is not valid base64: {exc}") from exc
+    if b64e(data) != value:  # one spelling per value: a proof is not malleable
+        raise ProofError(f"'{name}' is not in canonical base64")
+    return data
 
 
 def verify_proof(document: object) -> VerifiedProof:
     """Every check of the module's docstring, in order; the first that fails is raised."""
     if not isinstance(document, dict) or set(document) != FIELDS:
         raise ProofError(f"a custody proof is an object with exactly {sorted(FIELDS)}")
-    if document["v"] != PROOF_VERSION or document["type"] != PROOF_TYPE:
+    if (
+        not is_int(document["v"])
+        or document["v"] != PROOF_VERSION
+        or document["type"] != PROOF_TYPE
+    ):
         raise ProofError("not a version 1 Entraide custody proof")
     header_bytes = _field(document, "header")
     sender_key = _field(document, "sender_key", 32)
     receiver_key = _field(document, "receiver_key", 32)
     content_key = _field(document, "content_key", env.KEY_BYTES)
     manifest_part = _field(document, "manifest_part")
+    if hmac.compare_digest(sender_key, receiver_key):
+        raise ProofError("the receipt is signed with the sender's own key, not a receiver's")
     if not verify(sender_key, DOMAIN_ENVELOPE, header_bytes, _field(document, "signature", 64)):
         raise ProofError("the sender's signature over the header does not verify")
     try:
@@ -140,6 +153,8 @@ def verify_proof(document: object) -> VerifiedProof:
         header = env.parse_header(header_bytes, len(declared) if isinstance(declared, list) else 0)
     except (DecodeError, env.EnvelopeError) as exc:
         raise ProofError(f"the header is not a version 1 envelope header: {exc}") from exc
+    if not header.parts:
+        raise ProofError("the header lists no part 0 (the manifest)")
     if header.from_sig_kid != key_id(sender_key):
         raise ProofError("the header names another signing key than the sender key given")
     try:
@@ -178,6 +193,9 @@ def verify_proof(document: object) -> VerifiedProof:
         )
     except ReceiptError as exc:
         raise ProofError(f"the receipt is not the receiver's for this envelope: {exc}") from exc
+    skew = timedelta(seconds=CLOCK_SKEW_SECONDS)
+    if not header.created_at - skew <= receipt.received_at <= header.expires_at + skew:
+        raise ProofError("the receipt's time is outside the envelope's lifetime")
     content = manifest.get("content")
     return VerifiedProof(
         msg_id=header.msg_id,

@@ -419,6 +419,14 @@ def read_blob(reader: BinaryIO, read_bytes: int = CIPHER_CHUNK) -> Iterator[byte
         yield chunk
 
 
+class StoredChunkDamaged(EnvelopeError):
+    """A chunk stored earlier no longer opens; those before `offset` did."""
+
+    def __init__(self, cause: EnvelopeError, *, offset: int) -> None:
+        super().__init__(cause.code, cause.detail)
+        self.offset = offset
+
+
 class PartReceiver:
     """Takes a part's ciphertext as it arrives from a peer, checking it while it streams.
 
@@ -464,6 +472,9 @@ class PartReceiver:
         # never used again, and its part restarts from what is stored.
         self.failed = False
         self.opened_at = 0  # the offset it was opened (rebuilt from disk) at
+        # Set by `open` when a stored chunk no longer opened: where the part was cut back to,
+        # and why; for the caller to put on record once.
+        self.cut_back: tuple[int, EnvelopeError] | None = None
 
     @classmethod
     def open(
@@ -480,7 +491,8 @@ class PartReceiver:
         plaintext_sha256: str,
     ) -> PartReceiver:
         upload = store.upload(upload_id)
-        try:
+
+        def rebuilt() -> PartReceiver:
             receiver = cls(
                 upload,
                 key=key,
@@ -492,6 +504,18 @@ class PartReceiver:
                 plaintext_sha256=plaintext_sha256,
             )
             receiver._rebuild()
+            return receiver
+
+        try:
+            try:
+                receiver = rebuilt()
+            except StoredChunkDamaged as damaged:
+                # A stored chunk no longer opens (this node's disk: each was checked before it
+                # was stored). The chunks before it still do: cut back to them, not to 0, so
+                # that the sender resends the damage, not the whole part (from review).
+                upload.truncate(damaged.offset)
+                receiver = rebuilt()
+                receiver.cut_back = (damaged.offset, damaged)
         except BaseException:
             upload.close()
             raise
@@ -511,7 +535,10 @@ class PartReceiver:
         for number, chunk in enumerate(self._upload.read_chunks(CIPHER_CHUNK)):
             if number >= whole:  # pragma: no cover - truncated above
                 break
-            self._pull(chunk, store=False)
+            try:
+                self._pull(chunk, store=False)
+            except EnvelopeError as exc:
+                raise StoredChunkDamaged(exc, offset=number * CIPHER_CHUNK) from exc
 
     def _pull(self, chunk: bytes, *, store: bool) -> None:
         try:

@@ -34,7 +34,7 @@ from app.crypto.receipts import (
 from app.domain.document import RequestDocument
 from app.domain.messages import MessageDocument
 from app.errors import EnvelopeRefused, StoredEnvelopeCorrupt
-from app.models import CaseFile, InboundTransfer, Message, Receipt
+from app.models import AuditEntry, CaseFile, InboundTransfer, Message, Receipt
 from app.node import Node
 from app.peers.keys import (
     PinnedKeys,
@@ -168,7 +168,7 @@ def _stored_receipt(session: Session, node: Node, message: Stored) -> SignedRece
     else:
         stored = SignedReceipt(body=row.body, signature=row.signature)
         try:
-            receipt = _checked_receipt(node, message, stored)
+            receipt = _checked_receipt(session, node, message, stored)
         except (ReceiptError, DecodeError) as exc:
             corrupt = StoredEnvelopeCorrupt(
                 f"the stored receipt of inbound message {message.msg_id} does not check out: "
@@ -199,7 +199,9 @@ def _stored_receipt(session: Session, node: Node, message: Stored) -> SignedRece
     raise corrupt
 
 
-def _checked_receipt(node: Node, message: Stored, stored: SignedReceipt) -> VerifiedReceipt:
+def _checked_receipt(
+    session: Session, node: Node, message: Stored, stored: SignedReceipt
+) -> VerifiedReceipt:
     kid = load_canonical_object(stored.body).get("signer_kid")
     public = node.keys.signing_public_for(kid) if isinstance(kid, str) and kid.isascii() else None
     expected = {
@@ -212,14 +214,34 @@ def _checked_receipt(node: Node, message: Stored, stored: SignedReceipt) -> Veri
         return verify_receipt(stored, signer_public=public, signer_kid=kid, **expected)
     # Signed with a key this node no longer has (replaced outside a rotation, after a
     # compromise): its signature cannot be checked, so only what the message's own row says
-    # is signed again, its time included, and no checkpoint (one the row cannot vouch for).
-    # An insider who edits both rows can still choose that time: docs/threat-model.md.
+    # is signed again, its time included, and no checkpoint (one the row cannot vouch for);
+    # and only if the Merkle log holds the receipt this node issued for that envelope. The
+    # rows alone made the node sign a receipt for an envelope it had refused, for anyone who
+    # could write them (from review): docs/threat-model.md.
+    if not _issued_on_record(session, message):
+        raise ReceiptError("no receipt.issued entry of the audit log vouches for it")
     receipt = check_statement(stored, **expected)
     if message.received_at is None or format_time(receipt.received_at) != format_time(
         message.received_at
     ):
         raise ReceiptError("its time is not the message's")
     return dataclasses.replace(receipt, checkpoint=None)
+
+
+def _issued_on_record(session: Session, message: Stored) -> bool:
+    entries = session.scalars(
+        select(AuditEntry.entry).where(
+            AuditEntry.action == "receipt.issued", AuditEntry.msg_id == message.msg_id
+        )
+    )
+    for entry in entries:
+        try:
+            details = load_canonical_object(entry).get("details")
+        except DecodeError:
+            continue
+        if isinstance(details, dict) and details.get("envelope_hash") == message.envelope_hash:
+            return True
+    return False
 
 
 def _check_content(

@@ -4,15 +4,18 @@ one is refused, naming the check that failed."""
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
 
 from app.crypto import envelope as env
-from app.crypto.encoding import b64d, b64e, sha256_hex
+from app.crypto.encoding import b64d, b64e, canonical_json, sha256_hex
 from app.crypto.proof import ProofError, build_proof, verify_proof
 from app.crypto.receipts import issue_receipt
+from app.crypto.signing import DOMAIN_ENVELOPE, sign
 from tests.crypto.test_envelope import NOW, Node, data, de, fr, it, seal
 
 FILES = [data(3000), b"", data(1)]
@@ -80,10 +83,40 @@ def _other_key(field: str, node: Callable[[], Node]) -> Callable[[dict[str, Any]
     return change
 
 
+def _receipt_of(proof: dict[str, Any], signer: Node, **changes: Any) -> None:
+    """The receipt replaced by one `signer` signs for this very envelope."""
+    statement = json.loads(b64d(proof["receipt"]))
+    arguments: dict[str, Any] = {
+        "signer_kid": signer.keys.signing_kid,
+        "msg_id": statement["msg_id"],
+        "envelope_hash": statement["envelope_hash"],
+        "from_authority": statement["from"],
+        "to_authority": statement["to"],
+        "received_at": NOW,
+        "checkpoint": None,
+    }
+    arguments.update(changes)
+    forged = issue_receipt(signer.keys.signing, **arguments)
+    proof["receipt"], proof["receipt_signature"] = b64e(forged.body), b64e(forged.signature)
+
+
 def _forged_by_the_sender(proof: dict[str, Any]) -> None:
-    """The sender signs a receipt of its own: it is not the receiver's key."""
-    forged = _proof(fr(), it())
-    proof["receipt"], proof["receipt_signature"] = forged["receipt"], forged["receipt_signature"]
+    """The sender signs a receipt of its own for this envelope, and gives its own key as the
+    receiver's (from review: it verified)."""
+    _receipt_of(proof, fr())
+    proof["receiver_key"] = proof["sender_key"]
+
+
+def _received_before_it_was_made(proof: dict[str, Any]) -> None:
+    _receipt_of(proof, de(), received_at=NOW - timedelta(days=1))
+
+
+def _another_spelling(proof: dict[str, Any]) -> None:
+    """The same signature bytes, with the last base64 digit's unused bits set."""
+    text = proof["signature"]
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    last = text[-3]
+    proof["signature"] = text[:-3] + alphabet[alphabet.index(last) ^ 1] + "=="
 
 
 def _another_content_key(proof: dict[str, Any]) -> None:
@@ -102,7 +135,9 @@ def _another_content_key(proof: dict[str, Any]) -> None:
         (_flip("receipt"), "the receipt is not the receiver's for this envelope"),
         (_flip("receipt_signature"), "the receipt is not the receiver's for this envelope"),
         (_other_key("receiver_key", it), "the receipt is not the receiver's for this envelope"),
-        (_forged_by_the_sender, "the receipt is not the receiver's for this envelope"),
+        (_forged_by_the_sender, "signed with the sender's own key"),
+        (_received_before_it_was_made, "outside the envelope's lifetime"),
+        (_another_spelling, "not in canonical base64"),
     ],
 )
 def test_an_altered_or_forged_proof_is_refused(
@@ -114,9 +149,20 @@ def test_an_altered_or_forged_proof_is_refused(
         verify_proof(proof)
 
 
+def test_a_header_without_parts_is_refused_not_a_crash() -> None:
+    proof = _proof()
+    header = json.loads(b64d(proof["header"]))
+    header["parts"] = []
+    raw = canonical_json(header)
+    proof["header"] = b64e(raw)
+    proof["signature"] = b64e(sign(fr().keys.signing, DOMAIN_ENVELOPE, raw))
+    with pytest.raises(ProofError, match=r"no part 0|not a version 1 envelope header"):
+        verify_proof(proof)
+
+
 @pytest.mark.parametrize(
     "document",
-    [None, [], {}, {"v": 1}, {**dict.fromkeys(range(3))}, "proof"],
+    [None, [], {}, {"v": 1}, {**dict.fromkeys(range(3))}, "proof", {"v": True}],
 )
 def test_what_is_no_proof_is_refused_in_plain_words(document: object) -> None:
     with pytest.raises(ProofError, match="custody proof"):

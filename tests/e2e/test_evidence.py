@@ -313,20 +313,29 @@ def test_a_receiver_killed_mid_part_resumes_without_resending(pair: Pair) -> Non
     assert got == data
 
 
-def test_a_receivers_damaged_staging_restarts_the_part_without_failing_it(pair: Pair) -> None:
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_a_receivers_damaged_staging_restarts_the_part_without_failing_it(
+    pair: Pair, chunk: int
+) -> None:
     """What the receiver stored of a part no longer opens (its disk's fault, not the
-    sender's): it starts the part again and says where, as for any unknown offset. It was
-    refused with a final code, and the sender failed a delivery the next attempt completes."""
+    sender's): it cuts the part back to the chunks before the damage (each was checked when
+    it arrived) and says where to resume, as for any unknown offset. It was refused with a
+    final code, and the sender failed a delivery the next attempt completes; then every
+    earlier chunk was thrown away with it, and sent again (from review)."""
     data, draft, staging = _receiver_killed_mid_part(pair, 48 * MIB, 8 * MIB)
+    cipher_chunk = CHUNK + 17
     with staging.open("r+b") as stored:
-        stored.seek(100)
+        stored.seek(chunk * cipher_chunk + 100)
         byte = stored.read(1)
-        stored.seek(100)
+        stored.seek(chunk * cipher_chunk + 100)
         stored.write(bytes([byte[0] ^ 1]))
     pair.ar.start()
     wait_receipt(pair.es, draft["id"], timeout=180)
-    restarted = audit_details(pair.ar, "evidence.part_restarted")
-    assert [d["outcome"] for d in restarted if d.get("part") == 1][-1:] == ["decrypt_failed"]
+    restarted = [d for d in audit_details(pair.ar, "evidence.part_restarted") if d["part"] == 1]
+    assert restarted[-1]["outcome"] == "decrypt_failed"
+    assert restarted[-1]["from_offset"] == chunk * cipher_chunk
+    completed = [d for d in audit_details(pair.ar, "evidence.part_received") if d["index"] == 1]
+    assert completed[-1]["from_offset"] == chunk * cipher_chunk  # not one byte more was resent
     received = wait_for("the request at AR", lambda: detail(pair.ar, draft["id"]))
     got, _ = download(pair.ar, received["messages"][0]["attachments"][0]["href"])
     assert got == data
@@ -523,6 +532,13 @@ def test_an_attachments_plaintext_hash_is_never_stored_in_clear(pair: Pair) -> N
         assert len(entry["part_sha256"]) == 64
 
 
+def _signing_kid(node: LocalNode) -> str:
+    shown = node.cli("keys", "show").stdout
+    return next(
+        line.split()[-1] for line in shown.splitlines() if line.startswith("signing key id")
+    )
+
+
 def test_either_side_proves_what_was_sent_and_received_to_a_court(
     pair: Pair, tmp_path: Path
 ) -> None:
@@ -556,6 +572,25 @@ def test_either_side_proves_what_was_sent_and_received_to_a_court(
             )
             assert f"is attachment {index}" in checked.stdout
         assert "received by     AR/MPF" in checked.stdout
+        assert "Key ids NOT checked" in checked.stdout
+        # The key ids each authority publishes, read out of band: pinned, or refused.
+        kids = [_signing_kid(side) for side in (pair.es, pair.ar)]
+        pinned = node.cli(
+            "proof", "verify", str(proof), "--sender-kid", kids[0], "--receiver-kid", kids[1]
+        )
+        assert "Both key ids are those given." in pinned.stdout
+        swapped = node.cli(
+            "proof",
+            "verify",
+            str(proof),
+            "--sender-kid",
+            kids[1],
+            "--receiver-kid",
+            kids[0],
+            check=False,
+        )
+        assert swapped.returncode == 1
+        assert "the sender's key id is" in swapped.stderr
         wrong = node.cli("proof", "verify", str(proof), "--file", str(on_disk[1]), check=False)
         assert wrong.returncode == 1
         assert "is NOT attachment 1" in wrong.stderr

@@ -13,7 +13,7 @@ from app.crypto.encoding import canonical_json
 from app.crypto.envelope import WireEnvelope
 from app.crypto.receipts import decode_receipt, verify_receipt
 from app.db import unit_of_work
-from app.models import Message, Receipt
+from app.models import AuditEntry, Message, Receipt
 from app.p2p.service import REPEATS_AUDITED
 from tests.requests.conftest import Harness, example_document
 
@@ -131,3 +131,34 @@ def test_a_stored_receipt_of_a_key_no_longer_held_is_signed_again_as_its_message
     )
     assert again.received_at == before.received_at
     assert again.checkpoint is None  # nothing the message's row can vouch for
+
+
+def test_a_stored_receipt_no_key_checks_is_signed_again_only_if_the_log_issued_it(
+    ar: Harness,
+) -> None:
+    """From review: the two rows alone (a message and a receipt naming a key this node never
+    had) made the node sign a receipt for an envelope it had refused, for anyone who could
+    write them, and a custody proof of it verified. Signed again only if the Merkle log holds
+    the `receipt.issued` entry of that envelope."""
+    envelope = _envelope(ar)
+    assert ar.post_envelope(envelope).status_code == 201
+    msg_id = json.loads(envelope.header)["msg_id"]
+    original = _rewrite_receipt(ar, msg_id, signer_kid="ff" * 16)
+    with unit_of_work(ar.node.sessions) as session:  # as if the log never issued it
+        session.execute(
+            update(AuditEntry)
+            .where(AuditEntry.action == "receipt.issued", AuditEntry.msg_id == msg_id)
+            .values(msg_id="0" * 32)
+        )
+    try:
+        repeat = ar.post_envelope(envelope)
+        assert (repeat.status_code, repeat.json()["error"]) == (500, "stored_envelope_corrupt")
+    finally:
+        with unit_of_work(ar.node.sessions) as session:
+            session.execute(
+                update(AuditEntry)
+                .where(AuditEntry.action == "receipt.issued", AuditEntry.msg_id == "0" * 32)
+                .values(msg_id=msg_id)
+            )
+    assert ar.post_envelope(envelope).status_code == 200  # on record again: signed again
+    _put_back(ar, msg_id, original)
