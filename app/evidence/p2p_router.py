@@ -244,23 +244,23 @@ async def put_part(
             status_code=409,
             headers=_headers(0, target.length),
         )
-    if receiver.cut_back is not None:  # cut back to the chunks that still open: on record
-        offset, damage = receiver.cut_back
-        receiver.cut_back = None
-        await run_in_threadpool(
-            functools.partial(
-                record_alone,
-                node.sessions,
-                actor="node",
-                action="evidence.part_restarted",
-                outcome=damage.code,
-                msg_id=msg_id,
-                peer=target.sender or None,
-                details={"part": index, "detail": damage.detail, "from_offset": offset},
-            )
-        )
     keep = True  # for the sender's next request, unless the part is done or refused
     try:
+        if receiver.cut_back is not None:  # cut back to the chunks that still open: on record
+            offset, damage = receiver.cut_back
+            await run_in_threadpool(
+                functools.partial(
+                    record_alone,
+                    node.sessions,
+                    actor="node",
+                    action="evidence.part_restarted",
+                    outcome=damage.code,
+                    msg_id=msg_id,
+                    peer=target.sender or None,
+                    details={"part": index, "detail": damage.detail, "from_offset": offset},
+                )
+            )
+            receiver.cut_back = None  # recorded: not again by the next request it serves
         if upload_offset != receiver.durable_offset:
             return JSONResponse(
                 {"error": "offset_mismatch", "detail": "resume from Upload-Offset"},

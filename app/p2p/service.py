@@ -9,17 +9,21 @@ refused envelope leaves exactly one trace and stores nothing.
 from __future__ import annotations
 
 import dataclasses
+import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import cast
 
 from pydantic import ValidationError
-from sqlalchemy import Table, delete, select
+from sqlalchemy import LargeBinary, Table, delete, select
+from sqlalchemy import cast as sql_cast
 from sqlalchemy.orm import Session
 
 from app.audit.checkpoints import latest_signed, log_verifier
+from app.audit.index import indexed_size
 from app.audit.log import Event, record, record_many
+from app.audit.merkle import leaf_hash
 from app.auth.throttle import Limits, auth_limits, register_refusal
 from app.crypto import envelope as env
 from app.crypto.encoding import DecodeError, format_time, load_canonical_object, utc_now
@@ -34,7 +38,7 @@ from app.crypto.receipts import (
 from app.domain.document import RequestDocument
 from app.domain.messages import MessageDocument
 from app.errors import EnvelopeRefused, StoredEnvelopeCorrupt
-from app.models import AuditEntry, CaseFile, InboundTransfer, Message, Receipt
+from app.models import AuditEntry, AuditIndex, CaseFile, InboundTransfer, Message, Receipt
 from app.node import Node
 from app.peers.keys import (
     PinnedKeys,
@@ -229,17 +233,48 @@ def _checked_receipt(
 
 
 def _issued_on_record(session: Session, message: Stored) -> bool:
-    entries = session.scalars(
-        select(AuditEntry.entry).where(
-            AuditEntry.action == "receipt.issued", AuditEntry.msg_id == message.msg_id
+    """Whether the log holds the receipt this node issued for this very envelope: an entry
+    whose hashed bytes (not its query columns, which the log does not hash) say so. Found
+    through the auditor's index by request, and in the tail not indexed yet by message."""
+    indexed = indexed_size(session)
+    candidates = set(
+        session.scalars(
+            select(AuditIndex.idx).where(
+                AuditIndex.request_id == message.request_id,
+                AuditIndex.action == "receipt.issued",
+            )
         )
     )
-    for entry in entries:
+    candidates.update(
+        session.scalars(
+            select(AuditEntry.idx).where(
+                AuditEntry.idx >= indexed, AuditEntry.msg_id == message.msg_id
+            )
+        )
+    )
+    if not candidates:
+        return False
+    rows = session.execute(
+        select(sql_cast(AuditEntry.entry, LargeBinary), AuditEntry.leaf_hash).where(
+            AuditEntry.idx.in_(sorted(candidates))
+        )
+    )
+    for raw, stored_leaf in rows:
+        entry = raw.encode() if isinstance(raw, str) else bytes(raw)
+        if not hmac.compare_digest(leaf_hash(entry), bytes(stored_leaf)):
+            continue  # not the bytes the log committed to
         try:
-            details = load_canonical_object(entry).get("details")
+            fields = load_canonical_object(entry)
         except DecodeError:
             continue
-        if isinstance(details, dict) and details.get("envelope_hash") == message.envelope_hash:
+        details = fields.get("details")
+        if (
+            fields.get("action") == "receipt.issued"
+            and fields.get("outcome") == "ok"
+            and fields.get("msg_id") == message.msg_id
+            and isinstance(details, dict)
+            and details.get("envelope_hash") == message.envelope_hash
+        ):
             return True
     return False
 

@@ -108,7 +108,7 @@ def _forged_by_the_sender(proof: dict[str, Any]) -> None:
 
 
 def _received_before_it_was_made(proof: dict[str, Any]) -> None:
-    _receipt_of(proof, de(), received_at=NOW - timedelta(days=1))
+    _receipt_of(proof, de(), received_at=NOW - timedelta(days=2))
 
 
 def _another_spelling(proof: dict[str, Any]) -> None:
@@ -136,7 +136,7 @@ def _another_content_key(proof: dict[str, Any]) -> None:
         (_flip("receipt_signature"), "the receipt is not the receiver's for this envelope"),
         (_other_key("receiver_key", it), "the receipt is not the receiver's for this envelope"),
         (_forged_by_the_sender, "signed with the sender's own key"),
-        (_received_before_it_was_made, "outside the envelope's lifetime"),
+        (_received_before_it_was_made, "received before it was made"),
         (_another_spelling, "not in canonical base64"),
     ],
 )

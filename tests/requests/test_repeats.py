@@ -139,16 +139,29 @@ def test_a_stored_receipt_no_key_checks_is_signed_again_only_if_the_log_issued_i
     """From review: the two rows alone (a message and a receipt naming a key this node never
     had) made the node sign a receipt for an envelope it had refused, for anyone who could
     write them, and a custody proof of it verified. Signed again only if the Merkle log holds
-    the `receipt.issued` entry of that envelope."""
+    the `receipt.issued` entry of that envelope: in the bytes it hashed, not in the columns
+    queries read (relabelling another entry of the envelope does not do)."""
     envelope = _envelope(ar)
     assert ar.post_envelope(envelope).status_code == 201
     msg_id = json.loads(envelope.header)["msg_id"]
     original = _rewrite_receipt(ar, msg_id, signer_kid="ff" * 16)
-    with unit_of_work(ar.node.sessions) as session:  # as if the log never issued it
-        session.execute(
+    entries = {}
+    with unit_of_work(ar.node.sessions) as session:
+        for action in ("receipt.issued", "envelope.received"):
+            row = session.scalar(
+                select(AuditEntry).where(AuditEntry.action == action, AuditEntry.msg_id == msg_id)
+            )
+            assert row is not None
+            entries[action] = (row.idx, bytes(row.entry))
+        issued_idx, issued = entries["receipt.issued"]
+        received_idx, _ = entries["envelope.received"]
+        session.execute(  # the log's entry altered: no longer the bytes it committed to
             update(AuditEntry)
-            .where(AuditEntry.action == "receipt.issued", AuditEntry.msg_id == msg_id)
-            .values(msg_id="0" * 32)
+            .where(AuditEntry.idx == issued_idx)
+            .values(entry=issued.replace(b"receipt.issued", b"receipt.issueD"))
+        )
+        session.execute(  # another entry of the envelope, relabelled in its columns
+            update(AuditEntry).where(AuditEntry.idx == received_idx).values(action="receipt.issued")
         )
     try:
         repeat = ar.post_envelope(envelope)
@@ -156,9 +169,12 @@ def test_a_stored_receipt_no_key_checks_is_signed_again_only_if_the_log_issued_i
     finally:
         with unit_of_work(ar.node.sessions) as session:
             session.execute(
+                update(AuditEntry).where(AuditEntry.idx == issued_idx).values(entry=issued)
+            )
+            session.execute(
                 update(AuditEntry)
-                .where(AuditEntry.action == "receipt.issued", AuditEntry.msg_id == "0" * 32)
-                .values(msg_id=msg_id)
+                .where(AuditEntry.idx == received_idx)
+                .values(action="envelope.received")
             )
     assert ar.post_envelope(envelope).status_code == 200  # on record again: signed again
     _put_back(ar, msg_id, original)
