@@ -570,6 +570,22 @@ def check_manifest(header: Header, plaintexts: Sequence[bytes]) -> Opened:
     return Opened(manifest=manifest, attachments=list(plaintexts[1:]))
 
 
+def open_manifest_part(header: Header, part: bytes, content_key: bytes) -> dict[str, Any]:
+    """Part 0 checked against the header (length, SHA-256: step 26's codes), opened, and its
+    manifest bound to the header, without the attachments' parts (a streamed envelope's, or
+    a custody proof's)."""
+    info = header.parts[0]
+    if len(part) < info.length:
+        raise EnvelopeError("truncated_part", "part 0 is shorter than its declared length")
+    if len(part) > info.length:
+        raise EnvelopeError("malformed_envelope", "part 0 is longer than its declared length")
+    if not hmac.compare_digest(sha256_hex(part), info.sha256):
+        raise EnvelopeError("part_hash_mismatch", "part 0 hash does not match")
+    msg_id = header.msg_id_bytes
+    key = part_key(content_key, msg_id, 0)
+    return bind_manifest(header, decrypt_part(part, key, part_ad(msg_id, 0), info.stream_header))
+
+
 def bind_manifest(header: Header, plaintext: bytes) -> dict[str, Any]:
     """The opened manifest (part 0), bound to its header: same message, sender, addressee and
     conversation, one well-formed entry per attachment part. Not the attachments themselves

@@ -36,7 +36,6 @@ from app.crypto.encoding import (
     is_int,
     key_id,
     load_canonical_object,
-    sha256_hex,
 )
 from app.crypto.receipts import ReceiptError, SignedReceipt, verify_receipt
 from app.crypto.signing import DOMAIN_ENVELOPE, verify
@@ -162,22 +161,10 @@ def verify_proof(document: object) -> VerifiedProof:
         env.check_commitment(header, content_key)
     except env.EnvelopeError as exc:
         raise ProofError("the content key is not the one the signed header commits to") from exc
-    info = header.parts[0]
-    if len(manifest_part) != info.length or not hmac.compare_digest(
-        sha256_hex(manifest_part), info.sha256
-    ):
-        raise ProofError("part 0 is not the one the signed header lists (length or SHA-256)")
-    msg_id = header.msg_id_bytes
     try:
-        plain = env.decrypt_part(
-            manifest_part,
-            env.part_key(content_key, msg_id, 0),
-            env.part_ad(msg_id, 0),
-            info.stream_header,
-        )
-        manifest = env.bind_manifest(header, plain)
+        manifest = env.open_manifest_part(header, manifest_part, content_key)
     except env.EnvelopeError as exc:
-        raise ProofError(f"part 0 does not open as this envelope's manifest: {exc}") from exc
+        raise ProofError(f"part 0 is not this envelope's manifest ({exc.code}): {exc}") from exc
     envelope_hash = hashlib.sha256(header_bytes).hexdigest()
     signed = SignedReceipt(
         body=_field(document, "receipt"), signature=_field(document, "receipt_signature", 64)

@@ -11,7 +11,6 @@ transaction with the stored message. Nothing but checked ciphertext is ever stor
 
 from __future__ import annotations
 
-import hmac
 import threading
 import time
 from dataclasses import dataclass, field
@@ -73,22 +72,8 @@ def _declared_parts(header: bytes) -> int:
 
 def _manifest(header: env.Header, manifest_part: bytes, content_key: bytes) -> env.Opened:
     """Steps 26 to 30 for part 0, and for each attachment the length its size implies."""
-    info = header.parts[0]
-    if len(manifest_part) < info.length:  # step 26's codes, as for an inline envelope
-        raise env.EnvelopeError("truncated_part", "part 0 is shorter than its declared length")
-    if len(manifest_part) > info.length:
-        raise env.EnvelopeError("malformed_envelope", "part 0 is longer than its declared length")
-    if not hmac.compare_digest(sha256_hex(manifest_part), info.sha256):
-        raise env.EnvelopeError("part_hash_mismatch", "part 0 hash does not match")
-    msg_id = header.msg_id_bytes
-    plain = env.decrypt_part(
-        manifest_part,
-        env.part_key(content_key, msg_id, 0),
-        env.part_ad(msg_id, 0),
-        info.stream_header,
-    )
     # Bound to the header here; the attachments' hashes are checked as each part arrives.
-    manifest = env.bind_manifest(header, plain)
+    manifest = env.open_manifest_part(header, manifest_part, content_key)
     for number, entry in enumerate(manifest["attachments"], 1):
         if env.ciphertext_length(entry["size"]) != header.parts[number].length:
             raise env.EnvelopeError("manifest_mismatch", "an attachment differs from the manifest")

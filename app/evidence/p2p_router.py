@@ -189,6 +189,21 @@ def _completed(
     return _dropping_damaged(node, complete)
 
 
+def _restarted(
+    node: NodeDep, target: inbound.PartTarget, damage: env.EnvelopeError, offset: int
+) -> None:
+    """On record: what this node stored of a part no longer opened; it resumes at `offset`."""
+    record_alone(
+        node.sessions,
+        actor="node",
+        action="evidence.part_restarted",
+        outcome=damage.code,
+        msg_id=target.msg_id,
+        peer=target.sender or None,
+        details={"part": target.index, "detail": damage.detail, "from_offset": offset},
+    )
+
+
 @router.put("/envelopes/{msg_id}/parts/{index}", status_code=204)
 async def put_part(
     msg_id: MsgId,
@@ -227,18 +242,7 @@ async def put_part(
         # sender where, as for any other offset it does not know: a refusal in its own
         # name would be final, and fail a delivery that the next attempt completes.
         store.discard_upload(inbound.receive_upload_id(msg_id, index))
-        await run_in_threadpool(
-            functools.partial(
-                record_alone,
-                node.sessions,
-                actor="node",
-                action="evidence.part_restarted",
-                outcome=exc.code,
-                msg_id=msg_id,
-                peer=target.sender or None,
-                details={"part": index, "detail": exc.detail},
-            )
-        )
+        await run_in_threadpool(_restarted, node, target, exc, 0)
         return JSONResponse(
             {"error": "offset_mismatch", "detail": "resume from Upload-Offset"},
             status_code=409,
@@ -248,18 +252,7 @@ async def put_part(
     try:
         if receiver.cut_back is not None:  # cut back to the chunks that still open: on record
             offset, damage = receiver.cut_back
-            await run_in_threadpool(
-                functools.partial(
-                    record_alone,
-                    node.sessions,
-                    actor="node",
-                    action="evidence.part_restarted",
-                    outcome=damage.code,
-                    msg_id=msg_id,
-                    peer=target.sender or None,
-                    details={"part": index, "detail": damage.detail, "from_offset": offset},
-                )
-            )
+            await run_in_threadpool(_restarted, node, target, damage, offset)
             receiver.cut_back = None  # recorded: not again by the next request it serves
         if upload_offset != receiver.durable_offset:
             return JSONResponse(

@@ -130,7 +130,7 @@ def _another_content_key(proof: dict[str, Any]) -> None:
         (_flip("signature"), "sender's signature over the header does not verify"),
         (_other_key("sender_key", it), "sender's signature over the header does not verify"),
         (_another_content_key, "not the one the signed header commits to"),
-        (_flip("manifest_part"), "part 0 is not the one the signed header lists"),
+        (_flip("manifest_part"), "part 0 is not this envelope's manifest"),
         (_other_receipt, "the receipt is not the receiver's for this envelope"),
         (_flip("receipt"), "the receipt is not the receiver's for this envelope"),
         (_flip("receipt_signature"), "the receipt is not the receiver's for this envelope"),

@@ -63,7 +63,7 @@ class Peer:
         return httpx.Response(204, headers={"upload-offset": str(len(self.held))})
 
 
-def _send(peer: Peer, store: DirectoryBlobStore, part: StreamedPart) -> PeerAnswer:
+def _send(peer: Any, store: DirectoryBlobStore, part: StreamedPart) -> PeerAnswer:
     header = b64e(canonical_json({"msg_id": MSG_ID}))
     with httpx.Client(transport=httpx.MockTransport(peer), timeout=30.0) as http:
         return send_streamed(
@@ -210,20 +210,6 @@ def _answers(post: httpx.Response, put: httpx.Response | None = None) -> Any:
     return peer
 
 
-def _send_to(peer: Any, store: DirectoryBlobStore, part: StreamedPart) -> PeerAnswer:
-    header = b64e(canonical_json({"msg_id": MSG_ID}))
-    with httpx.Client(transport=httpx.MockTransport(peer), timeout=30.0) as http:
-        return send_streamed(
-            http,
-            "http://peer",
-            {"v": 1, "header": header, "signature": "", "parts": []},
-            [part],
-            store,
-            headers={},
-            keep_alive=lambda: True,
-        )
-
-
 def test_a_peer_holding_the_whole_envelope_gets_no_look_at_the_senders_blob(
     tmp_path: Path,
 ) -> None:
@@ -232,7 +218,7 @@ def test_a_peer_holding_the_whole_envelope_gets_no_look_at_the_senders_blob(
     envelope the peer held failed as the sender's damaged storage)."""
     store, part = _counting(tmp_path, 2)
     store.delete(part.digest)
-    answer = _send_to(_answers(httpx.Response(200, json={"receipt": "stored"})), store, part)
+    answer = _send(_answers(httpx.Response(200, json={"receipt": "stored"})), store, part)
     assert answer.status == 200
 
 
@@ -246,11 +232,11 @@ def test_a_refusal_that_is_not_final_never_reads_the_whole_blob(
     store, part = _counting(tmp_path, 8)
     refusal = {"error": "decrypt_failed", "detail": "a part chunk failed authentication"}
     announced = httpx.Response(202, json={"parts": [{"index": 1, "offset": 0}]})
-    busy = _send_to(_answers(announced, httpx.Response(503, json=refusal)), store, part)
+    busy = _send(_answers(announced, httpx.Response(503, json=refusal)), store, part)
     assert busy.status == 503
     assert store.read == 2 * CIPHER_CHUNK  # the one segment sent, nothing more
     store.read = 0
-    final = _send_to(_answers(announced, httpx.Response(400, json=refusal)), store, part)
+    final = _send(_answers(announced, httpx.Response(400, json=refusal)), store, part)
     assert final.status == 400  # the blob is sound: the peer's refusal stands
     assert store.read == 2 * CIPHER_CHUNK + part.length
 
@@ -260,4 +246,4 @@ def test_a_blob_cut_short_while_it_is_sent_is_the_senders_fault(tmp_path: Path) 
     store, part = _counting(tmp_path, 3, cut=CIPHER_CHUNK)
     announced = httpx.Response(202, json={"parts": [{"index": 1, "offset": 0}]})
     with pytest.raises(transfer.StoredPartCorrupt, match="part 1: the blob ended"):
-        _send_to(_answers(announced, httpx.Response(204)), store, part)
+        _send(_answers(announced, httpx.Response(204)), store, part)
