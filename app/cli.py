@@ -424,13 +424,17 @@ def serve(
         )
     # Bound before anything starts: a port in use is said in plain words, before the
     # delivery worker could claim a delivery (uvicorn binds after the app's start-up).
+    # As uvicorn binds it (an IPv6 host as the system's default makes it: on Linux, taking
+    # IPv4 too; socket.create_server would make it IPv6 only).
+    listening = socket.socket(family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     try:
-        listening = socket.create_server(
-            (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET
-        )
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind((host, port))
     except OSError as exc:
+        listening.close()
         node.close()
         raise _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    listening.set_inheritable(True)
     _share_the_gil()
     # log_config=None: uvicorn's records go through our (JSON) handler like everything else.
     config = uvicorn.Config(

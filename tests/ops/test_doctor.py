@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+import time
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
@@ -363,3 +366,34 @@ def test_a_password_given_in_the_urls_query_is_hidden_too() -> None:
     )
     assert "S3cret" not in shown
     assert "sslmode=require" in shown
+
+
+@pytest.mark.skipif(not socket.has_dualstack_ipv6(), reason="no dual-stack IPv6 here")
+def test_serve_on_the_ipv6_any_address_takes_ipv4_too(tmp_path: Path) -> None:
+    """`--host ::` listened on IPv4 as well when uvicorn bound it (Linux's default); binding
+    the port before the start must not make it IPv6 only (from my own review)."""
+    node = LocalNode("ES/MJ", "x", tmp_path / "es", f"sqlite:///{tmp_path / 'es.db'}")
+    node.init()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app", "serve", "--host", "::", "--port", str(port)],
+        env=node.env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert process.poll() is None, "serve exited"
+            assert time.monotonic() < deadline, "no answer on IPv4"
+            time.sleep(0.1)
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
