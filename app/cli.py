@@ -368,6 +368,7 @@ def keys_show() -> None:
     cosignatures with."""
     from app.audit.checkpoints import log_verifier_key
     from app.audit.cosignature import format_cosigner_key, witness_name
+    from app.crypto.encoding import format_time
     from app.crypto.keys import KeyFileError, format_fingerprint, load_identity, load_keys
     from app.node import key_passphrase
 
@@ -380,6 +381,12 @@ def keys_show() -> None:
     typer.echo(f"encryption key id: {keys.encryption_kid}")
     typer.echo(f"log key id:        {keys.log_kid}")
     typer.echo(f"fingerprint:       {format_fingerprint(keys.fingerprint)}")
+    # What a custody proof made before a rotation names (`entraide proof verify --*-kid`).
+    for rotation in reversed(keys.rotations):
+        typer.echo(
+            f"earlier signing:   {rotation.old.signing_kid} "
+            f"(until rotation {rotation.seq}, {format_time(rotation.rotated_at)})"
+        )
     try:
         authority_id = load_identity(settings.keys_dir).authority_id
     except KeyFileError:
@@ -1270,6 +1277,33 @@ def restore(
         "when: their nodes witnessed your log after this backup and will report a split view "
         "(docs/operations.md §5)"
     )
+    drafts, pending = _unsettled_at_backup(settings)
+    if drafts or pending:
+        # What the backup cannot know the end of: a draft submitted since is held by its peer
+        # under the same id, which refuses it again as `replayed` (from a backup review).
+        typer.echo(
+            f"when the backup was taken, {drafts} evidence drafts were open and {pending} "
+            "deliveries had not been receipted: ask the peers' operators what they hold of "
+            "them before submitting or retrying any (`entraide deliveries list`)"
+        )
+
+
+def _unsettled_at_backup(settings: Settings) -> tuple[int, int]:
+    from sqlalchemy import func, select
+
+    from app.db import make_engine
+    from app.models import EvidenceDraft, OutboxItem
+
+    engine = make_engine(settings.database_url)
+    try:
+        with engine.connect() as connection:
+            drafts = connection.scalar(select(func.count()).where(EvidenceDraft.state == "open"))
+            pending = connection.scalar(
+                select(func.count()).where(OutboxItem.state.in_(("queued", "in_flight", "retry")))
+            )
+    finally:
+        engine.dispose()
+    return int(drafts or 0), int(pending or 0)
 
 
 @app.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -568,3 +569,29 @@ def test_a_backup_stopped_by_sigterm_leaves_nothing_in_the_backups_folder(
     process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGTERM
     assert list(out.iterdir()) == []
+
+
+def test_a_restore_says_what_was_unsettled_when_the_backup_was_taken(tmp_path: Path) -> None:
+    """From the backup review: a draft open when the backup was taken may have been submitted
+    since, and its peer then refuses it again as `replayed`; the restore says so."""
+    databases = make_databases("sqlite", tmp_path)
+    node = _initialised(tmp_path, databases.new("es"))
+    engine = make_engine(node.database_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO evidence_drafts (id, peer_authority, created_by, state, "
+                    "key_kid, key_wrap, sealed_content, created_at, updated_at) VALUES "
+                    "(:id, 'AR/MPF', 'client:officer', 'open', 'k', :b, :b, :now, :now)"
+                ),
+                {"id": "a" * 32, "b": b"\x00", "now": "2026-11-29 12:00:00.000000"},
+            )
+    finally:
+        engine.dispose()
+    archive = backup_of(node, tmp_path / "es.tar.gz")
+    moved = LocalNode("ES/MJ", "x", tmp_path / "moved", databases.new("moved"))
+    moved.workdir.mkdir()
+    shutil.copytree(node.keys_dir, moved.keys_dir)
+    out = moved.cli("restore", str(archive))
+    assert "1 evidence drafts were open and 0 deliveries had not been receipted" in out.stdout

@@ -136,6 +136,9 @@ def test_rotation_keeps_both_directions_and_the_archive(trio: dict[str, LocalNod
     assert new.rotation_path(old.signing.public_key) == list(new.rotations)
     (entry,) = audit(ar, "key.rotated")
     assert entry[1]["old_signing_kid"] == old.signing.kid
+    # What a custody proof made before the rotation names: published beside the current one.
+    shown = ar.cli("keys", "show").stdout
+    assert f"earlier signing:   {old.signing.kid} (until rotation 1," in shown
     assert entry[1]["new_signing_kid"] == new.signing.kid
 
     # ES → AR, ES still pinning AR's old keys: sealed to the old encryption key, accepted in
