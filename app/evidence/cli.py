@@ -238,10 +238,14 @@ def download(
     token: TokenOption = None,
 ) -> None:
     """Download every attachment of a request, each checked against the manifest's SHA-256."""
-    out.mkdir(parents=True, exist_ok=True)
     with _reaching(_client(url, token)) as http:
         detail = _check(http.get(f"/api/v1/requests/{request_id}"), 200)
         entries = [entry for message in detail["messages"] for entry in message["attachments"]]
+        if not entries:
+            typer.echo(f"request {request_id} has no attachment: nothing was written", err=True)
+            return
+        # Only now: a mistyped id or a refused token left an empty folder behind.
+        out.mkdir(parents=True, exist_ok=True)
         names = file_names([entry["name"] for entry in entries])
         taken = [name for name in names if (out / name).exists() or (out / name).is_symlink()]
         if taken:

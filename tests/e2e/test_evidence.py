@@ -783,6 +783,10 @@ def test_cli_sends_and_downloads_with_attachments(pair: Pair, tmp_path: Path) ->
     again = entraide(pair.ar, "download", request_id, "--out", str(tmp_path / "got"), exit_code=1)
     assert "already in" in again
     assert (tmp_path / "got" / "mailbox.pst").read_bytes() == files[0].read_bytes()
+    # A request the node does not know: said, and no empty folder left behind.
+    unknown = entraide(pair.ar, "download", "ab" * 16, "--out", str(tmp_path / "no"), exit_code=1)
+    assert "HTTP 404" in unknown
+    assert not (tmp_path / "no").exists()
 
 
 def test_node_memory_stays_flat_under_an_address_space_limit(

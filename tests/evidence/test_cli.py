@@ -71,6 +71,7 @@ def test_download_from_an_unreachable_node_says_so(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "cannot reach the node at http://127.0.0.1:" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr + done.stdout
+    assert not (tmp_path / "got").exists()  # no empty folder left for a download that failed
 
 
 def test_each_attachment_gets_a_file_of_its_own() -> None:
