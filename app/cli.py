@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import hmac
 import json
 import logging
 import os
@@ -244,6 +245,7 @@ def init(
         raise _fail(str(exc)) from exc
     save_identity(keys_dir, NodeIdentity(authority_id, name, public_url.rstrip("/")))
     node = load_node(settings)
+    node.log_anchor.start()
     try:
         with unit_of_work(node.sessions) as session:
             for purpose, kid in (
@@ -1028,6 +1030,33 @@ def proof_verify(
     typer.echo(f"{file} is attachment {attachment}: SHA-256 {digest.hexdigest()}")
 
 
+def _check_trusted_log_key(node: Node, given: str) -> None:
+    """`audit verify --db --log-key K`: the node's checkpoints are signed with the key in
+    its keys folder, which an insider can replace; K is the key the auditor trusts (from an
+    earlier audit, the node's identity document when it was pinned). It was ignored with
+    --db (from review: any key, even garbage, verified)."""
+    from app.audit.checkpoints import log_verifier
+    from app.audit.note import MalformedKey, parse_verifier_key
+
+    try:
+        trusted = parse_verifier_key(given.strip())
+    except MalformedKey as exc:
+        raise _fail(f"--log-key is not a log verifier key (name+keyid+key): {exc}") from exc
+    own = log_verifier(node.authority_id, node.keys.log_public)
+    if trusted.name != own.name:
+        raise _fail(f"--log-key is the key of log {trusted.name}; this node's log is {own.name}")
+    if not hmac.compare_digest(trusted.public_key, own.public_key):
+        typer.secho(
+            f"FAILED: this node's log key (key id {own.key_id.hex()}) is not the one you "
+            f"trust (key id {trusted.key_id.hex()}): its checkpoints are not signed by that "
+            "key. A log key never changes (`keys rotate` keeps it): the key file was "
+            "replaced, or this is not the node you audited",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(code=1)
+
+
 @audit_app.command("verify")
 def audit_verify(
     folder: Annotated[Path | None, typer.Argument(help="An export folder")] = None,
@@ -1066,6 +1095,8 @@ def audit_verify(
     if db:
         node = _node(_settings())
         try:
+            if log_key is not None:
+                _check_trusted_log_key(node, log_key)
             # A snapshot that holds off no writer: the node goes on serving while it runs.
             with read_snapshot(node.sessions) as session:
                 report = verify_database(
@@ -1197,6 +1228,7 @@ def backup(
             out=out,
             include_private_keys=include_private_keys,
             passphrase=passphrase,
+            actor=_operator(),
         )
     except (BackupError, PassphraseError, KeyFileError, OSError, ValueError) as exc:
         raise _fail(str(exc)) from exc

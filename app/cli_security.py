@@ -108,9 +108,11 @@ def keys_rotate(
 
 def keys_protect() -> None:
     """Encrypt every key file under ENTRAIDE_KEY_PASSPHRASE(_FILE) (Argon2id, secretbox)."""
-    from app.cli import _fail, _settings
+    from app.audit.log import record
+    from app.cli import _fail, _node, _operator, _settings
     from app.crypto.keyfile import KeyFileError
     from app.crypto.keys import protect_keys
+    from app.db import unit_of_work
     from app.node import key_passphrase
 
     settings = _settings()
@@ -118,9 +120,19 @@ def keys_protect() -> None:
         passphrase = key_passphrase(settings)
         if passphrase is None:
             raise KeyFileError("set ENTRAIDE_KEY_PASSPHRASE or ENTRAIDE_KEY_PASSPHRASE_FILE first")
-        count = protect_keys(settings.keys_dir, passphrase=passphrase, current=passphrase)
     except (KeyFileError, OSError) as exc:
         raise _fail(str(exc)) from exc
+    # The database first, as `keys rotate` does: a change to the key files goes on record
+    # (it was not, from review), so one that could not be recorded is not made.
+    node = _node(settings)
+    try:
+        count = protect_keys(settings.keys_dir, passphrase=passphrase, current=passphrase)
+        with unit_of_work(node.sessions) as session:
+            record(session, actor=_operator(), action="key.protected", details={"files": count})
+    except (KeyFileError, OSError) as exc:
+        raise _fail(str(exc)) from exc
+    finally:
+        node.close()
     typer.echo(f"{count} key files are protected by the passphrase")
 
 

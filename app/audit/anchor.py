@@ -29,7 +29,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.audit.merkle import verify_consistency
+from app.audit.merkle import EMPTY_ROOT, verify_consistency
 from app.audit.service import prove_consistency
 from app.config import Settings
 from app.errors import EntraideError
@@ -94,7 +94,7 @@ class SignedLogAnchor:
         after could be of a checkpoint newer than that log)."""
         signed = signed if signed is not None else self.read()
         if signed is None:
-            return self._missing(session)
+            return self._missing(session, size)
         if size < signed.size:
             return (
                 f"the log holds {size} entries, but this node signed a checkpoint of "
@@ -123,18 +123,26 @@ class SignedLogAnchor:
             folder = folder.parent
         return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
 
-    def _missing(self, session: Session) -> str | None:
-        """No record: fine before the first checkpoint, an alarm after (deleted, lost, or a
-        node from before the record, whose operator adopts the log). Where no record can be
-        written, the node cannot tell a rolled-back log and signs on (doctor warns)."""
-        signed = session.scalar(select(func.count()).select_from(AuditCheckpoint))
-        if not signed or not self.writable():
+    def _missing(self, session: Session, size: int) -> str | None:
+        """No record: fine for a log with no entry yet, an alarm otherwise (deleted, lost, or
+        a node from before the record, whose operator adopts the log). `init` signs its first
+        checkpoint in the transaction of its first entries, so a log that holds entries and
+        no checkpoint is not a new one: its checkpoints were deleted along with the record
+        (from review: that switched the check off). Where no record can be written, the node
+        cannot tell a rolled-back log and signs on (doctor warns)."""
+        signed = session.scalar(select(func.count()).select_from(AuditCheckpoint)) or 0
+        if (not signed and not size) or not self.writable():
             return None
+        held = (
+            f"the database holds {signed} signed checkpoint(s)"
+            if signed
+            else f"the log holds {size} entries and no signed checkpoint (deleted with it?)"
+        )
         return (
             f"there is no record at {self.path} of what this node's log key signed, though "
-            f"the database holds {signed} signed checkpoint(s): it was deleted or lost, or "
-            "this node predates it; put it back from its backup, or adopt the log as it is: "
-            "`entraide audit checkpoint --adopt` verifies it first"
+            f"{held}: it was deleted or lost, or this node predates it; put it back from its "
+            "backup, or adopt the log as it is: `entraide audit checkpoint --adopt` verifies "
+            "it first"
         )
 
     def check(self, session: Session, size: int, root: bytes) -> None:
@@ -153,6 +161,12 @@ class SignedLogAnchor:
         if signed is not None and signed.size >= size:
             return
         self.reset(size, root)
+
+    def start(self) -> None:
+        """A new log's record, before its first entry: nothing signed yet, and every log
+        extends the empty one. From then on a missing record is an alarm, whatever else
+        was deleted with it."""
+        self.reset(0, EMPTY_ROOT)
 
     def reset(self, size: int, root: bytes) -> None:
         document = json.dumps({"v": 1, "size": size, "root": root.hex()}).encode()

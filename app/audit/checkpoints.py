@@ -8,6 +8,7 @@ checkpoints of the same size.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -250,6 +251,27 @@ def read_progress(session: Session, verifier: Verifier) -> Progress | None:
     return Progress(size, latest.size, latest_at, 0 if largest is None else largest + 1)
 
 
+class CheckpointClock:
+    """How long this process has seen the log's newest checkpoint stay the newest, on its own
+    monotonic clock. A checkpoint row's date is no one's signature: dated a few minutes ahead
+    (within DATE_MARGIN, which replicas' clocks need), and again after each checkpoint, it
+    put off every checkpoint due by time until `every` entries piled up, leaving them
+    unsigned and rewritable (from review). This bounds that: a checkpoint is due once this
+    process has seen the same one newest for `seconds` with entries after it, whatever the
+    row says."""
+
+    def __init__(self) -> None:
+        self._size: int | None = None
+        self._since = 0.0
+
+    def overdue(self, newest_size: int, seconds: float) -> bool:
+        now = time.monotonic()
+        if newest_size != self._size:
+            self._size, self._since = newest_size, now
+            return False
+        return now - self._since >= seconds
+
+
 def maybe_checkpoint(
     session: Session,
     *,
@@ -258,12 +280,16 @@ def maybe_checkpoint(
     every: int,
     seconds: float,
     anchor: Anchor | None = None,
+    clock: CheckpointClock | None = None,
 ) -> SignedCheckpoint | None:
     """The delivery worker's upkeep of the log: index new entries, sign a checkpoint if due."""
     progress = read_progress(session, log_verifier(authority_id, bytes(log_key.verify_key)))
     if progress is None:
         return None
     due = checkpoint_due(progress, progress.latest_checkpoint_at, every=every, seconds=seconds)
+    if clock is not None:
+        overdue = clock.overdue(progress.last_checkpoint_size, seconds)
+        due = due or (overdue and progress.size > progress.last_checkpoint_size)
     # In batches; everything up to the new checkpoint when one is signed.
     catch_up(session, size=progress.size, indexed=progress.indexed, batch=1 if due else INDEX_BATCH)
     if not due:

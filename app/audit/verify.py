@@ -442,9 +442,18 @@ class LogVerifier:
             self._problem(named, f"entry {named} was altered (its hash no longer links)")
         for start, end, message in self._ranges:
             if named is None or not start <= named < end:
-                # With every link inside the range intact, only the range's last entry can
-                # have changed: any earlier one would have broken the link to its successor.
-                self._problem(end - 1, f"{message}: entry {end - 1} was altered")
+                # Every link inside the range is intact, yet its root is not the signed one.
+                # Links are hashes anyone can recompute, so it may be any entry of the range
+                # that was changed, removed or inserted with the links rebuilt after it, not
+                # only its last one (from review: that sent an examiner to the wrong entry).
+                where = (
+                    f"entry {end - 1} was altered"
+                    if end - start == 1
+                    else f"entries {start} to {end - 1} were changed, or entries removed or "
+                    "inserted there with the links after them rebuilt (the last checkpoint "
+                    f"that matches covers {start})"
+                )
+                self._problem(end - 1, f"{message}: {where}")
         size = self._compact.size
         for item in self._roots.get(0, []):  # never reached by appending: checked here
             if item.checkpoint.root_hash != CompactRange().root():

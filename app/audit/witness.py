@@ -283,8 +283,9 @@ def witness_receipt_checkpoint(
         try:
             observed = parse_peer_checkpoint(peer, note)
         except WitnessError as exc:
-            log.warning("could not witness %s's checkpoint: %s", authority, exc)
+            _unverifiable(sessions, peer, known, note, str(exc))
             return False
+        _verifiable_again(sessions, authority)
         fetch = partial(fetch_consistency_proof, http, peer.public_url)
         reference: Witnessed | None = known
         anchor: Witnessed | None = None
@@ -454,6 +455,40 @@ def _after_restore(
         f"after its restore was accepted, its log extends none of the checkpoints witnessed "
         f"before (the smallest of size {candidates[0].size})"
     )
+
+
+def _unverifiable_key(authority: str) -> str:
+    return f"witness-unverifiable:{authority}"
+
+
+def _unverifiable(
+    sessions: sessionmaker[Session],
+    peer: Peer,
+    known: WitnessedCheckpoint | None,
+    note: str,
+    reason: str,
+) -> None:
+    """A receipt the peer signed carries a checkpoint its pinned log key did not sign (or
+    no checkpoint of its log): its log key was replaced, or its node shows us a log that is
+    not the one it committed to. Only logged before, while a witness exists for exactly
+    this (from review: a swapped log key passed every other check). One alarm for a run of
+    them, until a checkpoint verifies again."""
+    with unit_of_work(sessions) as session:
+        row = counter_row(session, _unverifiable_key(peer.authority_id), utc_now())
+        row.failures += 1
+        if row.suppressed:
+            log.warning("could not witness %s's checkpoint: %s", peer.authority_id, reason)
+            return
+        row.suppressed = 1
+        _alarm(session, peer, reason, known.note if known else "", note)
+
+
+def _verifiable_again(sessions: sessionmaker[Session], authority: str) -> None:
+    """Ends a run of unverifiable checkpoints (one DELETE per new checkpoint witnessed)."""
+    with unit_of_work(sessions) as session:
+        session.execute(
+            delete(AuthThrottle).where(AuthThrottle.key == _unverifiable_key(authority))
+        )
 
 
 def _unproven_key(authority: str) -> str:

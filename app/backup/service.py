@@ -171,10 +171,10 @@ def _check_keys_unchanged(settings: Settings, node: Node) -> None:
         )
 
 
-def _checkpoint_before_copy(session: Session, node: Node, *, private_keys: bool) -> str:
+def _checkpoint_before_copy(session: Session, node: Node, *, private_keys: bool, actor: str) -> str:
     record(
         session,
-        actor="node",
+        actor=actor,
         action="backup.created",
         details={"private_keys": private_keys},
     )
@@ -183,11 +183,11 @@ def _checkpoint_before_copy(session: Session, node: Node, *, private_keys: bool)
     ).note
 
 
-def _record_failed_backup(node: Node, exc: BaseException) -> None:
+def _record_failed_backup(node: Node, exc: BaseException, actor: str) -> None:
     try:
         record_alone(
             node.sessions,
-            actor="node",
+            actor=actor,
             action="backup.created",
             outcome="failed",
             details={"error": type(exc).__name__},
@@ -197,8 +197,15 @@ def _record_failed_backup(node: Node, exc: BaseException) -> None:
 
 
 def create_backup(
-    settings: Settings, *, out: Path, include_private_keys: bool, passphrase: bytes | None
+    settings: Settings,
+    *,
+    out: Path,
+    include_private_keys: bool,
+    passphrase: bytes | None,
+    actor: str = "node",
 ) -> BackupSummary:
+    """`actor`: who asked for it (the command names its operator: a backup may hold the
+    node's private keys, and its entry said only `node`, from review)."""
     if out.exists():
         raise BackupError(f"{out} exists; refusing to overwrite it")
     if include_private_keys and passphrase is None:
@@ -222,7 +229,7 @@ def create_backup(
             try:
                 with unit_of_work(node.sessions) as session:
                     checkpoint = _checkpoint_before_copy(
-                        session, node, private_keys=include_private_keys
+                        session, node, private_keys=include_private_keys, actor=actor
                     )
             except Exception as exc:
                 # A log too damaged to take an entry (its head behind its entries, say) is
@@ -308,7 +315,7 @@ def create_backup(
                     raise
         except BaseException as exc:
             if checkpoint is not None:  # its entry says a backup was made: it was not
-                _record_failed_backup(node, exc)
+                _record_failed_backup(node, exc, actor)
             raise
     finally:
         node.close()

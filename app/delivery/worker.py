@@ -22,7 +22,7 @@ import httpx
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.audit.checkpoints import maybe_checkpoint
+from app.audit.checkpoints import CheckpointClock, maybe_checkpoint
 from app.audit.witness import witness_receipt_checkpoint
 from app.auth.throttle import ThrottlePrune
 from app.config import LEASE_MARGIN_SECONDS, Settings, longest_exchange_seconds
@@ -261,6 +261,7 @@ class Worker:
         # Per peer, the last checkpoint note witnessed and stored: the receiver's receipts
         # repeat it until it signs a new one, and a note once witnessed stays witnessed.
         self._witnessed: dict[str, str] = {}
+        self._checkpoint_clock = CheckpointClock()
         # Abandoned evidence uploads and unreferenced blobs, swept from this loop (hourly).
         self._sweep = OrphanSweep(node)
         # Refusal counters of addresses that stopped sending, and idempotency keys past their
@@ -472,6 +473,7 @@ class Worker:
             every=settings.audit_checkpoint_every,
             seconds=settings.audit_checkpoint_seconds,
             anchor=self.node.log_anchor,
+            clock=self._checkpoint_clock,
         )
         return checkpoint is not None
 

@@ -25,6 +25,7 @@ from app.crypto.keys import NodeKeys
 from app.db import make_engine, make_session_factory, read_snapshot, unit_of_work
 from app.localnodes import LocalNode
 from app.migrate import upgrade
+from app.models import AuditCheckpoint
 
 AUTHORITY = "ES/MJ"
 
@@ -70,13 +71,10 @@ def log(tmp_path: Path) -> Iterator[Log]:
     upgrade(f"sqlite:///{path}")
     engine = make_engine(f"sqlite:///{path}")
     (tmp_path / "keys").mkdir(mode=0o700)
+    anchor = SignedLogAnchor(tmp_path / "keys" / "log-signed.json")
+    anchor.start()  # as `init` does
     try:
-        yield Log(
-            path,
-            NodeKeys.generate(),
-            SignedLogAnchor(tmp_path / "keys" / "log-signed.json"),
-            make_session_factory(engine),
-        )
+        yield Log(path, NodeKeys.generate(), anchor, make_session_factory(engine))
     finally:
         engine.dispose()
 
@@ -245,3 +243,26 @@ def test_deleting_the_record_does_not_let_a_rolled_back_log_be_signed(
     with pytest.raises(LogRolledBack, match="there is no record at"):
         log.sign(log.anchor)
     assert any("there is no record at" in problem for problem in log.problems())
+
+
+def test_deleting_the_record_and_every_checkpoint_does_not_switch_the_check_off(
+    log: Log,
+) -> None:
+    """From review: with the record and every checkpoint row deleted, a log cut back and
+    re-linked looked like a new one, and the node signed it. `init` signs its first
+    checkpoint with its first entries, so entries and no checkpoint is an alarm."""
+    log.append(3)
+    log.sign(log.anchor)
+    log.append(2)
+    with unit_of_work(log.sessions) as session:
+        session.query(AuditCheckpoint).delete()
+    log.anchor.path.unlink()
+    with pytest.raises(LogRolledBack, match="holds 5 entries and no signed checkpoint"):
+        log.sign(log.anchor)
+    assert any("no signed checkpoint" in problem for problem in log.problems())
+
+
+def test_a_new_log_with_no_entry_needs_no_record(log: Log) -> None:
+    log.anchor.path.unlink()
+    assert log.problems() == []
+    assert log.sign(log.anchor) == 0

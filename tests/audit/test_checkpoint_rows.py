@@ -9,6 +9,7 @@ SQLite and PostgreSQL.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -18,7 +19,9 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.audit.checkpoints import (
+    DATE_MARGIN,
     LATEST_PAGE,
+    CheckpointClock,
     latest_signed,
     log_verifier,
     maybe_checkpoint,
@@ -121,6 +124,38 @@ def test_a_row_dated_ahead_does_not_put_off_checkpoints_due_by_time(log: Log) ->
         log.add(session, 1)
         assert log.upkeep(session, every=1000, seconds=60) == 13
         assert any("in the future" in problem for problem in log.problems(session))
+
+
+def test_a_row_dated_a_little_ahead_puts_checkpoints_off_for_one_period_at_most(
+    log: Log,
+) -> None:
+    """From review: dated just inside the margin replicas' clocks need (and again after each
+    checkpoint), a row put off every checkpoint due by time. The worker's own clock bounds
+    that to one period from when it first saw the row newest."""
+    clock = CheckpointClock()
+
+    def upkeep(session: Session) -> int | None:
+        signed = maybe_checkpoint(
+            session,
+            authority_id=AUTHORITY,
+            log_key=log.keys.log,
+            every=1000,
+            seconds=0.5,
+            clock=clock,
+        )
+        return None if signed is None else signed.size
+
+    with unit_of_work(log.sessions) as session:
+        newest = _newest_row(session)
+        ahead = utc_now() + DATE_MARGIN - timedelta(seconds=30)
+        session.execute(
+            update(AuditCheckpoint).where(AuditCheckpoint.id == newest).values(created_at=ahead)
+        )
+        log.add(session, 1)
+        assert upkeep(session) is None  # the row says it is new
+        time.sleep(0.6)
+        assert log.upkeep(session, every=1000, seconds=0.5) is None  # the row alone: put off
+        assert upkeep(session) == 13  # the process's own clock: due
 
 
 def test_forged_rows_are_passed_over_for_the_latest_genuine_one(log: Log) -> None:

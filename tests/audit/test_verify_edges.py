@@ -270,3 +270,29 @@ def test_entry_times_must_be_timestamps_and_not_in_the_future() -> None:
     verifier = LogVerifier(log_verifier(AUTHORITY, keys.log_public), log_origin(AUTHORITY), [note])
     verifier.feed_many(good, None)
     assert verifier.finish().ok
+
+
+def test_an_entry_changed_with_the_links_rebuilt_is_placed_in_its_range(tmp_path: Path) -> None:
+    """From review: links are hashes anyone can recompute. An entry edited with every later
+    link rebuilt was reported as "entry 31 was altered" (the range's last entry), sending an
+    examiner to the wrong entry; the report now names the range it is in."""
+    keys = NodeKeys.generate()
+    out = _export(tmp_path, keys)
+    lines = (out / EXPORT_ENTRIES).read_bytes().splitlines()
+    previous: bytes | None = None
+    for number, line in enumerate(lines):
+        fields = json.loads(line)
+        if number == 20:
+            fields["actor"] = "client:someone-else"
+        if number > 20:
+            assert previous is not None
+            fields["prev_leaf"] = previous.hex()
+        lines[number] = canonical_json(fields) if number >= 20 else line
+        previous = leaf_hash(lines[number])
+    (out / EXPORT_ENTRIES).write_bytes(b"\n".join(lines) + b"\n")
+    report = verify_export(out)
+    assert report.first is not None
+    assert "(size 32) does not match the entries: entries 16 to 31 were changed" in (
+        report.first.message
+    )
+    assert "the last checkpoint that matches covers 16" in report.first.message

@@ -279,3 +279,41 @@ def test_a_restore_older_than_all_witnessed_can_be_accepted_without_an_anchor(
     assert witness(_peer_answering(afresh, lambda: None), afresh)
     with unit_of_work(sessions) as session:
         assert all(alarm.resolved_at for alarm in session.scalars(select(WitnessAlarm)))
+
+
+def test_a_checkpoint_not_signed_by_the_pinned_log_key_raises_one_alarm(
+    witnessing: Witnessing,
+) -> None:
+    """From review: a peer whose log key was swapped (its old checkpoints deleted, its log
+    rewritten) showed checkpoints its pinned log key never signed, in receipts it did sign;
+    that was only a warning in our log file. Now an alarm, once for a run of them."""
+    sessions = witnessing.sessions
+    nobody = httpx.Client(transport=httpx.MockTransport(lambda _: httpx.Response(500)))
+    assert witnessing.witness(nobody, COMMON)
+    swapped = NodeKeys.generate()
+
+    def shown(leaves: list[bytes]) -> bool:
+        return witness_receipt_checkpoint(
+            sessions,
+            nobody,
+            authority=PEER,
+            note=_note(swapped, leaves),
+            own_authority="ES/MJ",
+            log_key=witnessing.own_keys.log,
+        )
+
+    assert not shown(SHOWN_TO_B[:12])
+    assert not shown(SHOWN_TO_B[:14])
+    with unit_of_work(sessions) as session:
+        (alarm,) = session.scalars(select(WitnessAlarm))
+        assert "does not verify" in alarm.reason
+        assert alarm.new_note == _note(swapped, SHOWN_TO_B[:12])
+        entries = session.scalars(
+            select(AuditEntry.action).where(AuditEntry.action == "witness.alarm")
+        ).all()
+        assert entries == ["witness.alarm"]
+    # A checkpoint of the pinned key ends the run: a later swap is an alarm again.
+    assert witnessing.witness(_peer_answering(SHOWN_TO_A, lambda: None), SHOWN_TO_A[:12])
+    assert not shown(SHOWN_TO_B[:16])
+    with unit_of_work(sessions) as session:
+        assert len(session.scalars(select(WitnessAlarm)).all()) == 2

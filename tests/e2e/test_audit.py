@@ -13,14 +13,14 @@ import pytest
 from sqlalchemy import delete, select, update
 
 from app.audit.anchor import SignedLogAnchor
-from app.audit.checkpoints import log_origin
+from app.audit.checkpoints import log_origin, log_verifier_key
 from app.audit.cosignature import verify_cosignature, witness_name
 from app.audit.log import STORED_LEVEL
 from app.audit.merkle import CompactRange, leaf_hash, verify_inclusion
 from app.audit.note import Checkpoint, open_note, parse_verifier_key, sign_note
 from app.crypto.encoding import canonical_json
 from app.crypto.identity import parse_identity_document
-from app.crypto.keys import load_keys
+from app.crypto.keys import NodeKeys, load_keys
 from app.db import make_engine, make_session_factory, unit_of_work
 from app.localnodes import LocalNode
 from app.models import AuditCheckpoint, AuditEntry, AuditHead, AuditIndex, AuditNode
@@ -186,6 +186,28 @@ def test_export_then_verify_offline_and_catch_an_edit(
     failed = es.cli("audit", "verify", str(out), check=False)
     assert failed.returncode == 1
     assert "entry 9 was altered" in failed.stderr
+
+
+def test_verify_db_checks_the_log_key_the_auditor_trusts(
+    pair: tuple[LocalNode, LocalNode], tmp_path: Path
+) -> None:
+    """From review: `audit verify --db --log-key K` ignored K (even garbage verified), so an
+    insider who replaced the node's log key and re-signed a rewritten log passed the check
+    an auditor is told to run with the key saved at the last audit."""
+    es, _ = pair
+    out = tmp_path / "export"
+    es.cli("audit", "export", "--out", str(out))
+    trusted = (out / "log.vkey").read_text().strip()
+    assert es.cli("audit", "verify", "--db", "--log-key", trusted).stdout.startswith("OK: ")
+    other = log_verifier_key(es.authority_id, NodeKeys.generate().log)
+    replaced = es.cli("audit", "verify", "--db", "--log-key", other, check=False)
+    assert replaced.returncode == 1
+    assert "FAILED: this node's log key" in replaced.stderr
+    assert "is not the one you trust" in replaced.stderr
+    garbage = es.cli("audit", "verify", "--db", "--log-key", "garbage", check=False)
+    assert garbage.returncode == 1
+    assert "--log-key is not a log verifier key" in garbage.stderr
+    assert "Traceback" not in garbage.stderr
 
 
 def _rewrite_history(node: LocalNode) -> None:

@@ -131,6 +131,17 @@ def test_a_restored_node_reads_old_requests_and_continues_its_audit_log(
         actions = audit_actions(restored.database_url)
         assert len(actions) > size_after_restore
         assert "backup.created" in actions
+        # Who took it: a backup may hold the private keys (its entry said `node`, from review).
+        engine = make_engine(restored.database_url)
+        try:
+            with engine.connect() as connection:
+                takers = connection.scalars(
+                    select(AuditEntry.actor).where(AuditEntry.action == "backup.created")
+                ).all()
+        finally:
+            engine.dispose()
+        assert takers
+        assert all(actor.startswith("operator:") for actor in takers), takers
         assert actions.index("node.restored") < actions.index("request.read", size_after_restore)
 
 

@@ -8,9 +8,12 @@ import os
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from app.crypto.keyfile import KeyFileError, decode_key_file, encode_key_file, read_passphrase
+from app.db import make_engine
 from app.localnodes import LocalNode
+from app.models import AuditEntry
 from tests.security.conftest import new_node
 
 PASSPHRASE = "correct horse battery staple, but longer"
@@ -87,6 +90,17 @@ def test_keys_protect_encrypts_an_existing_node(tmp_path: Path) -> None:
     node.extra_env["ENTRAIDE_KEY_PASSPHRASE"] = PASSPHRASE
     assert "3 key files are protected" in node.cli("keys", "protect").stdout
     assert node.cli("keys", "show").stdout == before
+    # On record, by whom (it was not, from review: a change to the key files).
+    engine = make_engine(node.database_url)
+    try:
+        with engine.connect() as connection:
+            protected = connection.execute(
+                select(AuditEntry.actor).where(AuditEntry.action == "key.protected")
+            ).all()
+    finally:
+        engine.dispose()
+    assert len(protected) == 1
+    assert protected[0].actor.startswith("operator:")
     for name in ("signing.key", "encryption.key", "log.key"):
         created = json.loads((node.keys_dir / name).read_text())["created_at"]
         assert created == "2024-10-01T00:00:00Z"
