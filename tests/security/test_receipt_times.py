@@ -297,6 +297,17 @@ def test_a_rotation_dated_in_the_future_is_not_followed(
             engine.dispose()
         assert ends == [None, None]  # no key of the peer's ends in 9999
         still_reads(es, request_id)
+        # Nor when an operator pins the peer again with its new fingerprint.
+        with es.client("admin") as http:
+            repinned = http.post(
+                "/api/v1/admin/peers",
+                json={"url": peer.url, "fingerprint": format_fingerprint(new.fingerprint)},
+            )
+        assert (repinned.status_code, repinned.json()["error"]) == (
+            400,
+            "invalid_identity_document",
+        ), repinned.text
+        assert "rotation 1 is dated 9999-12-31T23:59:59Z" in repinned.json()["detail"]
     finally:
         peer.document, peer.receipt_signer = genuine, None
     wait_delivered(es, request_id)
