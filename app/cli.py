@@ -11,7 +11,7 @@ import signal
 import socket
 import sys
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Annotated
@@ -514,6 +514,7 @@ def peers_add(
             fingerprint=fingerprint,
             own_authority=node.authority_id,
             allow_insecure_http=settings.allow_insecure_http,
+            clock_skew=timedelta(seconds=settings.clock_skew_seconds),
             http=http,
             actor=_operator(),
         )
@@ -751,7 +752,6 @@ def deliveries_list(
     limit: Annotated[int, typer.Option(help="At most this many rows")] = 50,
 ) -> None:
     """List deliveries, newest first: id, state, attempts, peer, request, last error."""
-    from datetime import timedelta
 
     from app.db import unit_of_work
     from app.delivery.admin import list_deliveries

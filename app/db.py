@@ -277,7 +277,22 @@ def make_engine(url: str) -> Engine:
         )
         _configure_sqlite(engine)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+    engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+    _configure_postgresql(engine)
+    return engine
+
+
+def _configure_postgresql(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _in_utc(dbapi_connection: Any, _record: Any) -> None:
+        # A timestamptz is read back in the session's time zone, which is the server's or the
+        # database's setting (or PGTZ) unless set: in one east of UTC, the latest instant
+        # stored (9999-12-31T23:59:59Z) is past what the driver reads (year 10000), and the
+        # request, its proof and the whole backup can no longer be read. In UTC every stored
+        # instant reads back. Committed: a SET in a transaction rolled back is undone.
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute("SET TIME ZONE 'UTC'")
+        dbapi_connection.commit()
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

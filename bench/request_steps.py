@@ -171,6 +171,7 @@ def journey(
                     msg_id=job.msg_id,
                     envelope_hash=job.envelope_hash,
                     from_authority=job.sender,
+                    sealed_at=job.sealed_at or utc_now(),
                 )
             outcome = Outcome(outbox.DELIVERED, http_status=201, signed=signed, receipt=receipt)
             results.append((job.claim, outcome))

@@ -12,7 +12,10 @@ envelope's content key. Checking it (`verify_proof`, `entraide proof verify`):
    bound to the header (message, sender, addressee, conversation), lists each attachment's
    name, size and plaintext SHA-256, and carries the request's document;
 4. the receiver's signature over the receipt, and the receipt's statement: this message id,
-   this header's hash (the envelope hash), these two authorities.
+   this header's hash (the envelope hash), these two authorities;
+5. the receipt's time, by the rule the sender applied when it accepted the receipt
+   (`receipts.check_received_at`): at most a day before the header's `created_at`, at most a
+   day ahead of the checker's clock.
 
 So a file whose SHA-256 is an attachment's is what the sender signed for and the receiver
 signed as received. What the proof cannot say is whose keys these are: the reader compares
@@ -25,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from app.crypto import envelope as env
@@ -36,8 +39,9 @@ from app.crypto.encoding import (
     is_int,
     key_id,
     load_canonical_object,
+    utc_now,
 )
-from app.crypto.receipts import ReceiptError, SignedReceipt, verify_receipt
+from app.crypto.receipts import ReceiptError, SignedReceipt, check_received_at, verify_receipt
 from app.crypto.signing import DOMAIN_ENVELOPE, verify
 
 PROOF_TYPE = "entraide.custody-proof"
@@ -55,10 +59,6 @@ FIELDS = {
     "receiver_key",
 }
 MAX_PROOF_BYTES = 8 * 1024 * 1024
-# Far more than any receiver tolerates between its clock and a sender's (300 s by default,
-# configurable): a receipt dated earlier than this before the envelope was made is false. No
-# upper bound: an envelope completed late (evidence resumed near its expiry) is receipted then.
-MAX_CLOCK_SKEW_SECONDS = 24 * 3600
 
 
 class ProofError(ValueError):
@@ -129,8 +129,9 @@ def _field(document: dict[str, Any], name: str, length: int | None = None) -> by
     return data
 
 
-def verify_proof(document: object) -> VerifiedProof:
-    """Every check of the module's docstring, in order; the first that fails is raised."""
+def verify_proof(document: object, *, now: datetime | None = None) -> VerifiedProof:
+    """Every check of the module's docstring, in order; the first that fails is raised.
+    `now` is the checker's clock (the current time unless given)."""
     if not isinstance(document, dict) or set(document) != FIELDS:
         raise ProofError(f"a custody proof is an object with exactly {sorted(FIELDS)}")
     if (
@@ -181,8 +182,12 @@ def verify_proof(document: object) -> VerifiedProof:
         )
     except ReceiptError as exc:
         raise ProofError(f"the receipt is not the receiver's for this envelope: {exc}") from exc
-    if receipt.received_at < header.created_at - timedelta(seconds=MAX_CLOCK_SKEW_SECONDS):
-        raise ProofError("the receipt says the envelope was received before it was made")
+    try:
+        check_received_at(
+            receipt, created_at=header.created_at, now=utc_now() if now is None else now
+        )
+    except ReceiptError as exc:
+        raise ProofError(str(exc)) from exc
     content = manifest.get("content")
     return VerifiedProof(
         msg_id=header.msg_id,

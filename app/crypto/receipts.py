@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from nacl.signing import SigningKey
@@ -39,6 +39,13 @@ RECEIPT_FIELDS = {
     "checkpoint",
 }
 MAX_RECEIPT_BYTES = 16 * 1024
+# How far a receipt's `received_at` may lie outside the time it can have been received in:
+# after the envelope was made (its `created_at`) and before the receipt is checked. A
+# receiver refuses an envelope created more than its clock skew ahead of its own clock (300 s
+# by default, docs/protocol.md section 9 step 21), so a day is far more than any correct
+# receiver's clock is off. No bound from `expires_at`: a streamed envelope whose parts were
+# all held before it expired may be completed, and receipted, after it.
+RECEIPT_TIME_MARGIN = timedelta(hours=24)
 
 
 class ReceiptError(ValueError):
@@ -64,6 +71,27 @@ class Receipt:
     status: str
     signer_kid: str
     checkpoint: str | None
+
+
+def check_received_at(receipt: Receipt, *, created_at: datetime, now: datetime) -> Receipt:
+    """The one rule on a receipt's time, for the sender that accepts it and for anyone who
+    checks a custody proof later (app/crypto/proof.py): within a day of the time between the
+    envelope's `created_at` and `now`, the checker's clock. A time outside it is false: a
+    receipt is refused, not stored, so it never makes a request look delivered, never breaks
+    a custody proof, and never reaches the database (a year 9999 read back in a time zone
+    east of UTC is past what the driver reads)."""
+    if receipt.received_at < created_at - RECEIPT_TIME_MARGIN:
+        raise ReceiptError(
+            "the receipt says the envelope was received before it was made "
+            f"({format_time(receipt.received_at)}, more than a day before its created_at "
+            f"{format_time(created_at)})"
+        )
+    if receipt.received_at > now + RECEIPT_TIME_MARGIN:
+        raise ReceiptError(
+            "the receipt says the envelope was received in the future "
+            f"({format_time(receipt.received_at)}, more than a day after the time it is checked)"
+        )
+    return receipt
 
 
 def issue_receipt(

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from nacl.public import PrivateKey
@@ -194,3 +194,16 @@ def path_from(chain: Sequence[Rotation], pinned_signing: bytes) -> list[Rotation
         if link.old.signing == pinned_signing:
             return list(chain[position:])
     return None
+
+
+def check_path_times(path: Sequence[Rotation], *, now: datetime, skew: timedelta) -> None:
+    """Each link of a path about to be followed was made by now, within the clock skew: a
+    node dates a rotation when it makes it (`entraide keys rotate`), and each link's
+    `rotated_at` is stored as the end of the replaced keys' validity. A later one is false
+    (and a year 9999 read back in a time zone east of UTC is past what the driver reads)."""
+    for link in path:
+        if link.rotated_at > now + skew:
+            raise RotationError(
+                f"rotation {link.seq} is dated {format_time(link.rotated_at)}, later than "
+                "this node's clock allows (the clock skew tolerated between nodes)"
+            )

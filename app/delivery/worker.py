@@ -644,6 +644,8 @@ class Worker:
         to be tried again, or refused for good."""
         if status not in (200, 201):
             return classify(status, body, retry_after)
+        if job.sealed_at is None:  # load_jobs fills it for every job that is posted
+            raise RuntimeError(f"outbox row {job.claim.outbox_id} was posted without its message")
         try:
             signed = decode_receipt(body)
             # A receipt signed by a new key of the peer: follow its signed key rotation.

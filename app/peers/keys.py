@@ -29,8 +29,14 @@ from app.crypto.encoding import DecodeError, parse_time, utc_now
 from app.crypto.envelope import HEX_ID, EnvelopeError, parse_header
 from app.crypto.identity import IdentityError, PeerIdentity, parse_identity_document
 from app.crypto.keys import NodeKeys
-from app.crypto.receipts import Receipt, ReceiptError, SignedReceipt, verify_receipt
-from app.crypto.rotation import Rotation
+from app.crypto.receipts import (
+    Receipt,
+    ReceiptError,
+    SignedReceipt,
+    check_received_at,
+    verify_receipt,
+)
+from app.crypto.rotation import Rotation, RotationError, check_path_times
 from app.db import unit_of_work
 from app.errors import PeerError
 from app.models import Peer, PeerKey
@@ -248,10 +254,12 @@ def refresh_peer_keys(
         path = identity.rotation_path(pinned)
         if path is None:
             raise IdentityError("the new keys are not signed by a chain from the pinned key")
+        skew = timedelta(seconds=node.settings.clock_skew_seconds)
+        check_path_times(path, now=utc_now(), skew=skew)
     except PeerError as exc:
         log.warning("could not fetch %s's identity document: %s", authority, exc.code)
         return None
-    except IdentityError as exc:
+    except (IdentityError, RotationError) as exc:
         with unit_of_work(node.sessions) as session:
             record(
                 session,
@@ -367,12 +375,42 @@ def verify_peer_receipt(
     msg_id: str,
     envelope_hash: str,
     from_authority: str,
-    sealed_at: datetime | None = None,
+    sealed_at: datetime,
 ) -> Receipt:
     """Verify a receipt with the pinned key; if it names another key, the peer may have
     rotated: follow its signed rotation and verify with the new pin. `sealed_at`, when our
-    envelope was sealed, lets a receipt signed before a rotation verify with the key of
-    then (never one the peer had already rotated away from when we sealed)."""
+    envelope was sealed (its `created_at`), lets a receipt signed before a rotation verify
+    with the key of then (never one the peer had already rotated away from when we sealed),
+    and bounds the time the receipt may claim (`check_received_at`, the rule custody proofs
+    are checked by): a receipt dated outside it is refused as any bad receipt is."""
+    receipt = _verified_receipt(
+        node,
+        http,
+        signed,
+        authority=authority,
+        signer_public=signer_public,
+        signer_kid=signer_kid,
+        msg_id=msg_id,
+        envelope_hash=envelope_hash,
+        from_authority=from_authority,
+        sealed_at=sealed_at,
+    )
+    return check_received_at(receipt, created_at=sealed_at, now=utc_now())
+
+
+def _verified_receipt(
+    node: Node,
+    http: httpx.Client,
+    signed: SignedReceipt,
+    *,
+    authority: str,
+    signer_public: bytes,
+    signer_kid: str,
+    msg_id: str,
+    envelope_hash: str,
+    from_authority: str,
+    sealed_at: datetime,
+) -> Receipt:
     expected = {
         "msg_id": msg_id,
         "envelope_hash": envelope_hash,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from fastapi import APIRouter
 
 from app.audit.log import record_alone
@@ -27,6 +29,7 @@ def add_peer(body: AddPeer, session: SessionDep, node: NodeDep, principal: Admin
                 fingerprint=body.fingerprint,
                 own_authority=node.authority_id,
                 allow_insecure_http=node.settings.allow_insecure_http,
+                clock_skew=timedelta(seconds=node.settings.clock_skew_seconds),
                 http=http,
                 actor=actor,
             )

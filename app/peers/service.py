@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import httpx
 from sqlalchemy import delete, select, update
@@ -17,6 +17,7 @@ from app.crypto.identity import (
     parse_identity_document,
 )
 from app.crypto.keys import fingerprints_match, normalise_fingerprint
+from app.crypto.rotation import RotationError, check_path_times
 from app.delivery import outbox
 from app.errors import BadRequest, Conflict, NotFound
 from app.models import InboundTransfer, OutboxItem, Peer
@@ -57,8 +58,11 @@ def pin_peer(
     identity: PeerIdentity,
     url: str,
     own_authority: str,
+    clock_skew: timedelta,
     actor: str = "node",
 ) -> Peer:
+    """Pin `identity` at `url`, or re-pin a pinned peer along its signed rotation chain
+    (whose links may be dated at most `clock_skew` ahead of this node's clock)."""
     if identity.authority_id == own_authority:
         raise BadRequest("a node cannot pin itself", code="self_pin")
     peer = session.scalar(select(Peer).where(Peer.authority_id == identity.authority_id))
@@ -77,6 +81,11 @@ def pin_peer(
     if peer is not None and peer.fingerprint != identity.fingerprint:
         # Re-adding a peer that rotated: accepted only along its chain from our pin.
         path = identity.rotation_path(peer.signing_key)
+        if path:
+            try:
+                check_path_times(path, now=now, skew=clock_skew)
+            except RotationError as exc:
+                raise BadRequest(str(exc), code="invalid_identity_document") from exc
         if not path:
             raise Conflict(
                 f"{identity.authority_id} is already pinned with another signing key: it must "
@@ -306,6 +315,7 @@ def add_peer(
     fingerprint: str,
     own_authority: str,
     allow_insecure_http: bool,
+    clock_skew: timedelta,
     http: httpx.Client,
     actor: str,
 ) -> Peer:
@@ -314,7 +324,12 @@ def add_peer(
     identity = verify_identity(fetch_identity(http, base_url), expected_fingerprint=fingerprint)
     existed = session.scalar(select(Peer.id).where(Peer.authority_id == identity.authority_id))
     peer = pin_peer(
-        session, identity=identity, url=base_url, own_authority=own_authority, actor=actor
+        session,
+        identity=identity,
+        url=base_url,
+        own_authority=own_authority,
+        clock_skew=clock_skew,
+        actor=actor,
     )
     record(
         session,

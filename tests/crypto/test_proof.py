@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -111,6 +111,12 @@ def _received_before_it_was_made(proof: dict[str, Any]) -> None:
     _receipt_of(proof, de(), received_at=NOW - timedelta(days=2))
 
 
+def _received_in_the_future(proof: dict[str, Any]) -> None:
+    """A receipt dated 9999: a sender refuses it (receipts.check_received_at), so a proof
+    that carries one was not made from what a sender accepted."""
+    _receipt_of(proof, de(), received_at=datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC))
+
+
 def _another_spelling(proof: dict[str, Any]) -> None:
     """The same signature bytes, with the last base64 digit's unused bits set."""
     text = proof["signature"]
@@ -137,6 +143,7 @@ def _another_content_key(proof: dict[str, Any]) -> None:
         (_other_key("receiver_key", it), "the receipt is not the receiver's for this envelope"),
         (_forged_by_the_sender, "signed with the sender's own key"),
         (_received_before_it_was_made, "received before it was made"),
+        (_received_in_the_future, "received in the future"),
         (_another_spelling, "not in canonical base64"),
     ],
 )
