@@ -1,17 +1,22 @@
-"""Request-header and JSON limits, checked before anything else reads the request.
+"""Request-header, body and JSON limits, checked before anything else reads the request.
 
-Bodies are bounded by `LimitsAndHeaders` (app.main); `HeaderLimit` bounds what comes before
-the body: the request line's target and all header fields together. Answers 413 with the usual error
-body, like an oversized body (HTTP also has 431 for this; one status for "too large" keeps
-clients simple, and the `error` code says which part).
+Bodies are read by `read_body` for `LimitsAndHeaders` (app.main), within a size and within
+deadlines; `HeaderLimit` bounds what comes before the body: the request line's target and
+all header fields together. Answers 413 with the usual error body, like an oversized body
+(HTTP also has 431 for this; one status for "too large" keeps clients simple, and the
+`error` code says which part).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable, Sequence
+import time
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from typing import Any
 
+import anyio
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.config import Settings
@@ -49,6 +54,61 @@ class HeaderLimit:
                 await send({"type": "http.response.body", "body": response.body})
                 return
         await self.app(scope, receive, send)
+
+
+# The slowest a body read whole may arrive, on average, once the idle period (twice the peer
+# timeout) has passed: 256 kbit/s, a poor satellite or mobile link. A 32 MiB body has 60 s
+# plus 1,024 s by default. A byte every few seconds never leaves a body idle, yet held its
+# connection, and what it had sent, for as long as its sender liked (from review).
+MIN_BODY_BYTES_PER_SECOND = 32 * 1024
+
+
+class BodyTooLarge(Exception):
+    """The body is over the limit; what was read of it is dropped."""
+
+
+class BodyTimedOut(Exception):
+    """The body stalled, or fell behind the slowest rate; `detail` says which."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+async def read_body(receive: Receive, *, max_bytes: int, idle_seconds: float) -> bytes:
+    """The whole body, at most `max_bytes`, read within two deadlines: it may send nothing
+    for at most `idle_seconds` (as a streamed body, app/evidence/pump.py), and must arrive
+    at MIN_BODY_BYTES_PER_SECOND on average, counted after the first `idle_seconds`.
+
+    Raises BodyTooLarge, BodyTimedOut, or ClientDisconnect when the client leaves first. The
+    server gives a body no deadline of its own: without these, a silent or trickling one was
+    held, unanswered, for as long as its connection stayed open (from review)."""
+    started = last = time.monotonic()
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        idle_due = last + idle_seconds
+        rate_due = started + idle_seconds + size / MIN_BODY_BYTES_PER_SECOND
+        message: MutableMapping[str, Any] | None = None
+        with anyio.move_on_after(max(0.0, min(idle_due, rate_due) - time.monotonic())):
+            message = await receive()
+        if message is None:
+            if idle_due <= rate_due:
+                raise BodyTimedOut(f"the body sent nothing for {idle_seconds:g} s")
+            raise BodyTimedOut(
+                f"the body arrived slower than {MIN_BODY_BYTES_PER_SECOND} bytes per second"
+            )
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk: bytes = message.get("body", b"")
+        if chunk:
+            last = time.monotonic()
+            size += len(chunk)
+            if size > max_bytes:
+                raise BodyTooLarge()
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 # The values a JSON body may hold. The largest valid document (app/domain, every list at its

@@ -23,7 +23,7 @@ from app.audit.router import p2p_router as audit_p2p_router
 from app.audit.router import router as audit_router
 from app.auth.refusals import record_refusal
 from app.auth.throttle import TooManyRequests
-from app.config import Settings, get_settings
+from app.config import Settings, body_idle_seconds, get_settings
 from app.crypto.encoding import utc_now
 from app.crypto.identity import build_identity_document
 from app.db import DurabilityLost
@@ -34,7 +34,14 @@ from app.errors import ERROR_HEADER, EntraideError, EnvelopeRefused, StoredEnvel
 from app.evidence.blobstore import StorageFailed
 from app.evidence.p2p_router import router as evidence_p2p_router
 from app.evidence.router import router as evidence_router
-from app.limits import MAX_JSON_VALUES, HeaderLimit, json_values_exceed
+from app.limits import (
+    MAX_JSON_VALUES,
+    BodyTimedOut,
+    BodyTooLarge,
+    HeaderLimit,
+    json_values_exceed,
+    read_body,
+)
 from app.node import Node, load_node
 from app.obs.health import expected_heads
 from app.obs.labels import ROUTE_TABLE, route_table
@@ -79,6 +86,9 @@ STREAMED_BODIES = (
 # Methods whose local API calls carry a body: refused before it is read without a token.
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
+# The status of a request whose client left before its end (nginx's): no answer is read.
+CLIENT_GONE = 499
+
 # Below this a body holds too few JSON values to cost anything to parse (app/limits.py).
 JSON_CHECK_BYTES = 64 * 1024
 
@@ -105,15 +115,17 @@ async def _refuse(
 
 class LimitsAndHeaders:
     """Refuse oversized bodies before any parsing (413), bodies whose JSON would hold too many
-    values too (app/limits.py), and add security headers.
+    values too (app/limits.py), bodies that stall or trickle (408), and add security headers.
 
-    The body is read here, up to the limit, and replayed to the app: the app never sees a
-    body over the limit, however it is sent (Content-Length or chunked).
+    The body is read here, up to the limit and within its deadlines (`read_body`), and
+    replayed to the app: the app never sees a body over the limit, however it is sent
+    (Content-Length or chunked). Streamed bodies (STREAMED_BODIES) are their routes' own.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
-        self.max_body_bytes = max_body_bytes
+        self.settings = settings
+        self.max_body_bytes = settings.max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -188,26 +200,41 @@ class LimitsAndHeaders:
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
             await self._too_large(scope, send_with_headers)
             return
-        chunks: list[bytes] = []
-        size = 0
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                await self._too_large(scope, send_with_headers)
-                return
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
+        try:
+            body = await read_body(
+                receive,
+                max_bytes=self.max_body_bytes,
+                idle_seconds=body_idle_seconds(self.settings),
+            )
+        except BodyTooLarge:
+            await self._too_large(scope, send_with_headers)
+            return
+        except BodyTimedOut as stalled:
+            # What it sent is dropped with it; the connection is closed, or the server would
+            # wait for the rest of the declared length before it took another request.
+            await _record_body_refusal(scope, 408, "body_timeout", stalled.detail)
+            await _refuse(
+                send_with_headers,
+                408,
+                "body_timeout",
+                stalled.detail,
+                headers={"connection": "close"},
+            )
+            return
+        except ClientDisconnect:
+            # Nobody reads this answer: it is for the access log and the metrics, which
+            # otherwise counted the client's going as the node's fault (500, from review).
+            log.info("the client closed the connection before the end of its request")
+            await send_with_headers(
+                {"type": "http.response.start", "status": CLIENT_GONE, "headers": []}
+            )
+            await send_with_headers({"type": "http.response.body", "body": b""})
+            return
         # Small bodies cannot hold enough values to matter, and are not worth a thread hop.
         if len(body) > JSON_CHECK_BYTES and await run_in_threadpool(json_values_exceed, body):
             detail = f"the body holds more than {MAX_JSON_VALUES} JSON values"
             # On record before the answer: the caller may query the log once it has it.
-            await _record_body_refusal(scope, detail)
+            await _record_body_refusal(scope, 413, "too_large", detail)
             await _refuse(send_with_headers, 413, "too_large", detail)
             return
         replayed = False
@@ -225,7 +252,7 @@ class LimitsAndHeaders:
         self, scope: Scope, send: Callable[[MutableMapping[str, Any]], Awaitable[None]]
     ) -> None:
         detail = f"body larger than {self.max_body_bytes} bytes"
-        await _record_body_refusal(scope, detail)
+        await _record_body_refusal(scope, 413, "too_large", detail)
         await _refuse(send, 413, "too_large", detail)
 
 
@@ -238,13 +265,14 @@ def _source(scope: Scope) -> str:
     return str(client[0])[:60] if client else "unknown"
 
 
-async def _record_body_refusal(scope: Scope, detail: str) -> None:
-    """A body refused as too large: a local API caller's refusal is audited for its token's
-    client; a peer API caller's counts against its address, as any refused envelope."""
+async def _record_body_refusal(scope: Scope, status: int, code: str, detail: str) -> None:
+    """A body refused as too large, or too slow: a local API caller's refusal is audited for
+    its token's client; a peer API caller's counts against its address, as any refused
+    envelope."""
     if not _p2p_body(scope):
-        await record_refusal(scope, scope["app"].state.node, 413, "too_large")
+        await record_refusal(scope, scope["app"].state.node, status, code)
         return
-    await _record_p2p_refusal(scope, "too_large", detail)
+    await _record_p2p_refusal(scope, code, detail)
 
 
 async def _record_p2p_refusal(scope: Scope, code: str, detail: str) -> None:
@@ -319,9 +347,12 @@ def install_error_handlers(app: FastAPI) -> None:
         await _record_p2p_refusal(
             _request.scope, "invalid_request", "the request does not match the schema"
         )
-        return _error(
+        response = _error(
             422, "invalid_request", "the request does not match the schema", fields=fields
         )
+        if _request.method == "HEAD":  # as for the domain's refusals: no body to say it
+            response.headers[ERROR_HEADER] = "invalid_request"
+        return response
 
     @app.exception_handler(OperationalError)
     async def _database_down(_request: Request, exc: OperationalError) -> JSONResponse:
@@ -356,7 +387,7 @@ def install_error_handlers(app: FastAPI) -> None:
         # answer, and it is no fault of the node (an upload or a peer's part resumes from its
         # offset). Not logged as an error.
         log.info("the client closed the connection before the end of its request")
-        return Response(status_code=499)
+        return Response(status_code=CLIENT_GONE)
 
     @app.exception_handler(StorageFailed)
     async def _storage_failed(_request: Request, exc: StorageFailed) -> JSONResponse:
@@ -454,7 +485,7 @@ def create_app(settings: Settings | None = None, *, node: Node | None = None) ->
         app.include_router(router)
     setattr(app.state, ROUTE_TABLE, route_table(ROUTERS))
     install_openapi(app, ROUTERS)
-    app.add_middleware(LimitsAndHeaders, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(LimitsAndHeaders, settings=settings)
     # Outside the body limit: headers are refused before any body is read.
     app.add_middleware(
         HeaderLimit,
