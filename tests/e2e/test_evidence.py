@@ -7,6 +7,7 @@ byte for byte, with the manifest's SHA-256 shown and checked.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -787,6 +788,60 @@ def test_cli_sends_and_downloads_with_attachments(pair: Pair, tmp_path: Path) ->
     unknown = entraide(pair.ar, "download", "ab" * 16, "--out", str(tmp_path / "no"), exit_code=1)
     assert "HTTP 404" in unknown
     assert not (tmp_path / "no").exists()
+
+
+def test_cli_downloads_attachments_whose_names_are_too_long_for_a_file(
+    pair: Pair, tmp_path: Path
+) -> None:
+    """Names the API accepts (255 characters) but a file system does not (255 bytes, with
+    the partial file's `.` and `.partial`): each was an ENAMETOOLONG traceback that stopped
+    the whole download."""
+    import subprocess
+    import sys
+
+    names = ["a" * 251 + ".txt", "é" * 128, "€" * 90, "€" * 90]
+    contents = [os.urandom(n + 1) for n in range(len(names))]
+    body = {key: EXAMPLE[key] for key in ("to", "document")}
+    body["attachments"] = [
+        {"name": name, "content_base64": base64.b64encode(data).decode()}
+        for name, data in zip(names, contents, strict=True)
+    ]
+    with pair.es.client("officer") as http:
+        response = http.post("/api/v1/requests", json=body)
+    assert response.status_code == 201, response.text
+    request_id = response.json()["id"]
+    wait_for("the request at AR", lambda: detail(pair.ar, request_id))
+
+    def entraide(*args: str) -> subprocess.CompletedProcess[str]:
+        env = {
+            **os.environ,
+            "ENTRAIDE_URL": pair.ar.url,
+            "ENTRAIDE_TOKEN": pair.ar.tokens["officer"],
+        }
+        return subprocess.run(
+            [sys.executable, "-m", "app", "requests", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    done = entraide("download", request_id, "--out", str(tmp_path / "got"))
+    assert done.returncode == 0, done.stderr
+    saved = [line.split("  ", 1)[1] for line in done.stdout.splitlines()]
+    assert len(set(saved)) == len(names)
+    for name, data, file_name in zip(names, contents, saved, strict=True):
+        assert (tmp_path / "got" / file_name).read_bytes() == data
+        assert name.startswith(file_name.removesuffix(".txt").removesuffix(" (2)"))
+    assert saved[0].endswith(".txt")
+    assert saved[3].endswith(" (2)")
+    # A folder that cannot be written in: one line saying so, not a traceback.
+    (tmp_path / "a-file").write_text("")
+    done = entraide("download", request_id, "--out", str(tmp_path / "a-file"))
+    assert done.returncode == 1
+    assert "cannot write into" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_node_memory_stays_flat_under_an_address_space_limit(
