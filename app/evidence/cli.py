@@ -93,6 +93,13 @@ def _files(paths: list[Path]) -> list[Path]:
     return paths
 
 
+def _media_type(path: Path) -> str:
+    # Lower case, as the protocol spells media types (they are case-insensitive): Python guesses
+    # `audio/AMR` and `application/vnd.ms-excel.sheet.macroEnabled.12`, which nodes before
+    # this one refused (422).
+    return (mimetypes.guess_type(path.name)[0] or "application/octet-stream").lower()
+
+
 def _check(response: httpx.Response, *expected: int) -> Any:
     if response.status_code not in expected:
         typer.echo(f"error: HTTP {response.status_code}: {response.text[:500]}", err=True)
@@ -182,7 +189,7 @@ def send(
             body["attachments"] = [
                 {
                     "name": path.name,
-                    "media_type": mimetypes.guess_type(path.name)[0] or "application/octet-stream",
+                    "media_type": _media_type(path),
                     "size": path.stat().st_size,
                 }
                 for path in files

@@ -748,7 +748,15 @@ def test_cli_sends_and_downloads_with_attachments(pair: Pair, tmp_path: Path) ->
     files = []
     (tmp_path / "copy").mkdir()
     # Two attachments of one name (from two folders): both are kept at download.
-    for name, size in (("mailbox.pst", 2 * MIB + 7), ("empty.txt", 0), ("copy/mailbox.pst", 9)):
+    # Python guesses `application/vnd.ms-excel.sheet.macroEnabled.12` and `audio/AMR` for the
+    # last two: media types are case-insensitive, and they are sent in lower case.
+    for name, size in (
+        ("mailbox.pst", 2 * MIB + 7),
+        ("empty.txt", 0),
+        ("copy/mailbox.pst", 9),
+        ("ledger.xlsm", 5),
+        ("call.amr", 3),
+    ):
         path = tmp_path / name
         path.write_bytes(os.urandom(size))
         files.append(path)
@@ -775,11 +783,18 @@ def test_cli_sends_and_downloads_with_attachments(pair: Pair, tmp_path: Path) ->
     wait_receipt(pair.es, request_id)
     wait_for("the request at AR", lambda: detail(pair.ar, request_id))
     listing = entraide(pair.ar, "download", request_id, "--out", str(tmp_path / "got"))
-    for path, saved in zip(files, ["mailbox.pst", "empty.txt", "mailbox (2).pst"], strict=True):
+    saved_as = ["mailbox.pst", "empty.txt", "mailbox (2).pst", "ledger.xlsm", "call.amr"]
+    for path, saved in zip(files, saved_as, strict=True):
         got = tmp_path / "got" / saved
         assert got.read_bytes() == path.read_bytes()
         assert got.stat().st_mode & 0o777 == 0o600  # decrypted evidence: this user's only
         assert f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {saved}" in listing
+    received = detail(pair.ar, request_id)
+    assert received is not None
+    assert [item["media_type"] for item in received["messages"][0]["attachments"][3:]] == [
+        "application/vnd.ms-excel.sheet.macroenabled.12",
+        "audio/amr",
+    ]
     # Again into the same folder: nothing is overwritten, and it says why.
     again = entraide(pair.ar, "download", request_id, "--out", str(tmp_path / "got"), exit_code=1)
     assert "already in" in again

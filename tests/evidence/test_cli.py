@@ -133,6 +133,14 @@ def test_a_name_no_file_system_can_take_is_written_with_a_question_mark() -> Non
     assert file_names(["\ud800evidence.bin"]) == ["?evidence.bin"]
 
 
+def test_a_guessed_media_type_is_sent_in_lower_case() -> None:
+    from app.evidence.cli import _media_type
+
+    assert _media_type(Path("call.amr")) == "audio/amr"
+    assert _media_type(Path("ledger.xlsm")) == "application/vnd.ms-excel.sheet.macroenabled.12"
+    assert _media_type(Path("no-extension")) == "application/octet-stream"
+
+
 def test_a_checked_download_is_published_without_hard_links(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
