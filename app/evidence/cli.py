@@ -198,6 +198,15 @@ def send(
             typer.echo(f"draft {created['id']}", err=True)
         else:
             created = _check(http.get(f"/api/v1/evidence/drafts/{draft}"), 200)
+            if created.get("state") == "submitted":
+                # Neither resumed nor discarded: it is a request now (its id is the draft's).
+                typer.echo(
+                    f"error: draft {draft} was already submitted: it is request {draft} "
+                    f"(see it with GET /api/v1/requests/{draft}, or "
+                    f"entraide requests download {draft}); nothing was sent again",
+                    err=True,
+                )
+                raise typer.Exit(1)
         if len(created["attachments"]) != len(files):
             typer.echo("error: give the same files, in the same order, as the draft's", err=True)
             raise typer.Exit(2)

@@ -780,6 +780,11 @@ def test_cli_sends_and_downloads_with_attachments(pair: Pair, tmp_path: Path) ->
     sent = entraide(pair.es, "send", str(request), *attach)
     assert sent.count("\n") == 1  # stdout holds the request id alone, for scripts
     request_id = sent.strip()
+    # Resumed once submitted: said so, not advice to resume or discard it (both refused).
+    again = entraide(pair.es, "send", str(request), "--draft", request_id, *attach, exit_code=1)
+    assert f"draft {request_id} was already submitted: it is request {request_id}" in again
+    assert "discard" not in again
+    assert "--draft" not in again
     wait_receipt(pair.es, request_id)
     wait_for("the request at AR", lambda: detail(pair.ar, request_id))
     listing = entraide(pair.ar, "download", request_id, "--out", str(tmp_path / "got"))
