@@ -64,3 +64,15 @@ def test_admin_routes_need_admin_and_request_routes_need_officer() -> None:
         elif route.path.startswith("/api/v1/requests"):
             assert isinstance(marker, Policy)
             assert {role.value for role in marker.roles} == {"officer"}
+
+
+def test_the_upload_offset_route_declares_the_204_it_answers() -> None:
+    """The OpenAPI document said 200 for HEAD .../attachments/{index}; the node answers 204
+    (with Upload-Offset), as a schema-driven client then refuses."""
+    from app.config import Settings
+    from app.main import create_app
+
+    path = "/api/v1/evidence/drafts/{draft_id}/attachments/{index}"
+    responses = create_app(Settings()).openapi()["paths"][path]["head"]["responses"]
+    assert "204" in responses
+    assert "200" not in responses

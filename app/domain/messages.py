@@ -46,6 +46,11 @@ class MessageType(StrEnum):
     STATUS_ANSWER = "status_answer"
     NOTE = "note"
 
+    @property
+    def with_article(self) -> str:
+        """`an acknowledgement`, `a closure`: as error details name a message."""
+        return f"{'an' if self.value[0] in 'aeiou' else 'a'} {self.value}"
+
 
 class RefusalGround(StrEnum):
     """Grounds for refusing assistance. Bank secrecy (UNTOC 18(8)) and the fiscal nature of
@@ -170,7 +175,7 @@ class MessageDocument(DomainModel):
                 code, msg = _REQUIRED_CODES[(self.type, name)]
                 problems.append(((name,), code, msg, None))
             elif present and name not in allowed:
-                msg = f"a {self.type.value} message does not carry {name}"
+                msg = f"{self.type.with_article} message does not carry {name}"
                 problems.append(((name,), "field_not_allowed", msg, None))
         refs = [item.ref for item in self.evidence]
         counts = Counter(refs)

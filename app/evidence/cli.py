@@ -15,7 +15,7 @@ import mimetypes
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -91,6 +91,13 @@ def _files(paths: list[Path]) -> list[Path]:
             typer.echo(f"error: {path} is not a readable file", err=True)
             raise typer.Exit(2)
     return paths
+
+
+def _media_type(path: Path) -> str:
+    # Lower case, as the protocol spells media types (they are case-insensitive): Python guesses
+    # `audio/AMR` and `application/vnd.ms-excel.sheet.macroEnabled.12`, which nodes before
+    # this one refused (422).
+    return (mimetypes.guess_type(path.name)[0] or "application/octet-stream").lower()
 
 
 def _check(response: httpx.Response, *expected: int) -> Any:
@@ -182,7 +189,7 @@ def send(
             body["attachments"] = [
                 {
                     "name": path.name,
-                    "media_type": mimetypes.guess_type(path.name)[0] or "application/octet-stream",
+                    "media_type": _media_type(path),
                     "size": path.stat().st_size,
                 }
                 for path in files
@@ -191,6 +198,15 @@ def send(
             typer.echo(f"draft {created['id']}", err=True)
         else:
             created = _check(http.get(f"/api/v1/evidence/drafts/{draft}"), 200)
+            if created.get("state") == "submitted":
+                # Neither resumed nor discarded: it is a request now (its id is the draft's).
+                typer.echo(
+                    f"error: draft {draft} was already submitted: it is request {draft} "
+                    f"(see it with GET /api/v1/requests/{draft}, or "
+                    f"entraide requests download {draft}); nothing was sent again",
+                    err=True,
+                )
+                raise typer.Exit(1)
         if len(created["attachments"]) != len(files):
             typer.echo("error: give the same files, in the same order, as the draft's", err=True)
             raise typer.Exit(2)
@@ -244,10 +260,14 @@ def download(
         if not entries:
             typer.echo(f"request {request_id} has no attachment: nothing was written", err=True)
             return
-        # Only now: a mistyped id or a refused token left an empty folder behind.
-        out.mkdir(parents=True, exist_ok=True)
         names = file_names([entry["name"] for entry in entries])
-        taken = [name for name in names if (out / name).exists() or (out / name).is_symlink()]
+        try:
+            # Only now: a mistyped id or a refused token left an empty folder behind.
+            out.mkdir(parents=True, exist_ok=True)
+            taken = [name for name in names if (out / name).exists() or (out / name).is_symlink()]
+        except OSError as exc:
+            typer.echo(f"error: cannot write into {out}: {exc.strerror or exc}", err=True)
+            raise typer.Exit(1) from exc
         if taken:
             typer.echo(
                 f"error: {', '.join(taken)} already in {out}: nothing is overwritten; "
@@ -263,31 +283,78 @@ def download(
         typer.echo(f"{entry['sha256']}  {name}")
 
 
+# Linux and most file systems take names of at most 255 bytes; a download is first written
+# as `.{name}.partial`, 9 bytes more.
+NAME_MAX = 255
+PARTIAL = len(b"..partial")
+
+
 def file_names(names: list[str]) -> list[str]:
     """Where each attachment goes in the folder: its own name, never a path (a peer chooses
     it), one file each (two attachments of one name, a reply's and a request's say, are
     both kept: `evidence (2).bin`, a name no attachment has), and a name that is no file name
-    (`..`) by its place."""
+    (`..`) by its place. A name too long for the file system (255 bytes, its partial file's
+    included) is shortened on a character boundary, its extension kept when it fits, and
+    never to a name another attachment has."""
+    limit = NAME_MAX - PARTIAL
     bases = []
     for number, name in enumerate(names, start=1):
-        base = Path(name).name
+        base = _encodable(Path(name).name)
         bases.append(base if base not in {"", ".", ".."} else f"attachment-{number}")
-    # Every attachment's own name is its own first: a copy never takes one of them.
-    taken = set(bases)
+    # Every attachment's own name (one that fits) is its own first: no copy or shortened
+    # name takes one of them.
+    taken = {base for base in bases if _length(base) <= limit}
     chosen: list[str] = []
     seen: set[str] = set()
     for base in bases:
-        if base not in seen:
+        if base not in seen and _length(base) <= limit:
             seen.add(base)
             chosen.append(base)
             continue
-        stem, dot, suffix = base.partition(".") if not base.startswith(".") else (base, "", "")
+        stem, extension = _split(base, limit)
+        candidate = _shorten(stem, extension, limit)
         copy = 2
-        while (candidate := f"{stem} ({copy}){dot}{suffix}") in taken:
+        while candidate in taken or candidate in seen:
+            candidate = _shorten(stem, f" ({copy}){extension}", limit)
             copy += 1
         taken.add(candidate)
+        seen.add(candidate)
         chosen.append(candidate)
     return chosen
+
+
+def _encodable(name: str) -> str:
+    """A lone surrogate (JSON can spell one) cannot be a file name: it becomes `?`."""
+    try:
+        os.fsencode(name)
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "replace").decode("utf-8")
+    return name
+
+
+def _length(name: str) -> int:
+    return len(os.fsencode(name))
+
+
+def _split(base: str, limit: int) -> tuple[str, str]:
+    """`evidence` and `.tar.gz`: a copy's number goes between them. An extension that
+    would leave the stem less than half the room is none (the name is cut at its end)."""
+    if base.startswith("."):
+        return base, ""
+    stem, dot, suffix = base.partition(".")
+    extension = dot + suffix
+    if _length(extension) > limit // 2:
+        return base, ""
+    return stem, extension
+
+
+def _shorten(stem: str, tail: str, limit: int) -> str:
+    """`stem` cut, on a character boundary, so that `stem + tail` fits in `limit` bytes."""
+    room = limit - _length(tail)
+    stem = stem[:room]  # a character takes a byte at least
+    while _length(stem) > room:
+        stem = stem[:-1]
+    return stem + tail
 
 
 def _download(http: httpx.Client, entry: dict[str, Any], target: Path, progress: Progress) -> None:
@@ -314,6 +381,15 @@ def _download(http: httpx.Client, entry: dict[str, Any], target: Path, progress:
     except httpx.HTTPError as exc:
         partial.unlink(missing_ok=True)
         typer.echo(f"error: {name}: the download broke off ({exc}); nothing was kept", err=True)
+        raise typer.Exit(1) from exc
+    except OSError as exc:  # a full disk, a folder one may not write in
+        with suppress(OSError):
+            partial.unlink(missing_ok=True)
+        typer.echo(
+            f"error: {name}: cannot be written in {target.parent} ({exc.strerror or exc}); "
+            "nothing was kept",
+            err=True,
+        )
         raise typer.Exit(1) from exc
     if digest.hexdigest() != entry["sha256"]:
         partial.unlink(missing_ok=True)

@@ -100,7 +100,7 @@ async def _offset_mismatch(request: Request, node: Node, offset: int, size: int)
     )
 
 
-@router.head("/drafts/{draft_id}/attachments/{index}")
+@router.head("/drafts/{draft_id}/attachments/{index}", status_code=204)
 def upload_offset(
     draft_id: DraftId, index: Index, session: SessionDep, node: NodeDep, principal: OfficerDep
 ) -> Response:

@@ -37,13 +37,35 @@ class FingerprintMismatch(BadRequest):
     code = "fingerprint_mismatch"
 
 
+HEX_DIGITS = frozenset("0123456789abcdef")
+
+
+def check_fingerprint(fingerprint: str) -> None:
+    """Before any call to the peer: a typo is the operator's to correct, not something to
+    ask the peer (`peer_unreachable`) or blame on its operator (`fingerprint_mismatch`)."""
+    digits = normalise_fingerprint(fingerprint)
+    if not set(digits) <= HEX_DIGITS:
+        raise BadRequest(
+            "a fingerprint is 64 hexadecimal digits (0-9, a-f), grouped or not by spaces, "
+            "':' or '-': this one holds other characters; copy it again from what the "
+            "peer's operator read to you",
+            code="invalid_fingerprint",
+        )
+    if len(digits) != 64:
+        raise BadRequest(
+            "a fingerprint is 64 hexadecimal digits (0-9, a-f), grouped or not by spaces, "
+            f"':' or '-': this one has {len(digits)}; copy it again from what the peer's "
+            "operator read to you",
+            code="invalid_fingerprint",
+        )
+
+
 def verify_identity(document: object, *, expected_fingerprint: str) -> PeerIdentity:
+    check_fingerprint(expected_fingerprint)
     try:
         identity = parse_identity_document(document)
     except IdentityError as exc:
         raise BadRequest(str(exc), code="invalid_identity_document") from exc
-    if len(normalise_fingerprint(expected_fingerprint)) != 64:
-        raise BadRequest("a fingerprint is 64 hexadecimal digits", code="invalid_fingerprint")
     if not fingerprints_match(expected_fingerprint, identity.fingerprint):
         raise FingerprintMismatch(
             "the node at this URL presents a different key than the fingerprint you were "
@@ -160,6 +182,7 @@ def replace_peer_key(
     can sign one too). Its operator made new keys and read you the new fingerprint out of
     band; this pins them and revokes the old ones, which verify nothing new again, whatever
     time it claims, while what was received under them before stays verifiable."""
+    check_fingerprint(fingerprint)
     base_url = check_peer_url(url, allow_insecure_http=allow_insecure_http)
     identity = verify_identity(fetch_identity(http, base_url), expected_fingerprint=fingerprint)
     peer = session.scalar(
@@ -320,6 +343,7 @@ def add_peer(
     actor: str,
 ) -> Peer:
     """Fetch the peer's identity document, check it against the fingerprint, and pin it."""
+    check_fingerprint(fingerprint)
     base_url = check_peer_url(url, allow_insecure_http=allow_insecure_http)
     identity = verify_identity(fetch_identity(http, base_url), expected_fingerprint=fingerprint)
     existed = session.scalar(select(Peer.id).where(Peer.authority_id == identity.authority_id))

@@ -151,7 +151,7 @@ def transition(state: State, sender: Role, message: MessageType) -> State:
     after = sources.get(effective)
     if after is None:
         raise TransitionNotAllowed(
-            f"a {message.value} message from the {sender.value} authority is not allowed "
+            f"{message.with_article} message from the {sender.value} authority is not allowed "
             f"while the request is {state.value}"
         )
     return state if after is effective else after

@@ -9,7 +9,9 @@ from datetime import date, datetime
 from typing import Annotated, Any, Self
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -22,13 +24,47 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from app.config import AUTHORITY_ID_PATTERN
 from app.domain.document import RequestDocument
 from app.domain.messages import MessageDocument
+from app.oneline import is_one_line
 
 AuthorityId = Annotated[str, StringConstraints(pattern=AUTHORITY_ID_PATTERN)]
+
+
+def _one_line(name: str) -> str:
+    # Shown in file lists and terminals at both ends: a C1 control or a bidirectional override
+    # (`evil\u202etxt.exe` reads `evilexe.txt`) would show another name than the file has.
+    # The local API only: what peers may send is the protocol's rule (protocol.md §6.2).
+    if not is_one_line(name):
+        raise PydanticCustomError(
+            "string_pattern_mismatch",
+            "a file name has no control, line separator or bidirectional formatting character",
+        )
+    return name
+
+
 FileName = Annotated[
-    str, StringConstraints(min_length=1, max_length=255, pattern=r"^[^/\\\x00-\x1f\x7f]+$")
+    str,
+    StringConstraints(min_length=1, max_length=255, pattern=r"^[^/\\\x00-\x1f\x7f]+$"),
+    AfterValidator(_one_line),
 ]
+
+
+def _lower_type_and_keys(value: object) -> object:
+    # Media types and their parameter names are case-insensitive (RFC 9110 §8.3.1): what
+    # Python's mimetypes guesses (`audio/AMR`) is taken, spelt as the protocol wants it (lower
+    # case: peers compare it byte for byte). A parameter's value keeps its case.
+    if not isinstance(value, str):
+        return value
+    head, *parameters = value.split(";")
+    spelt = [head.lower()]
+    for parameter in parameters:
+        key, equals, rest = parameter.partition("=")
+        spelt.append(key.lower() + equals + rest)
+    return ";".join(spelt)
+
+
 MediaType = Annotated[
     str,
+    BeforeValidator(_lower_type_and_keys),
     StringConstraints(
         max_length=255,
         pattern=r"^[a-z0-9!#$&^_.+-]{1,63}/[a-z0-9!#$&^_.+-]{1,63}"

@@ -51,7 +51,7 @@ from app.errors import (
 )
 from app.evidence.reading import has_blob_parts, open_stored_head
 from app.limits import refuse_over_wire_limit
-from app.models import CaseFile, Message, OutboxItem, Receipt
+from app.models import CaseFile, Message, OutboxItem, Peer, Receipt
 from app.node import Node
 from app.peers.keys import (
     PinnedKeys,
@@ -599,14 +599,17 @@ def read_request(
         details={"messages": len(views), "last_msg_id": views[-1].msg_id if views else None},
     )
     state = lifecycle.parse_state(case.status)
+    # What can be sent now: nothing while exchanges with the peer are suspended (each would
+    # be refused, 409 peer_suspended), so that a screen offers only buttons that work.
+    sendable = session.scalar(
+        select(Peer.id).where(Peer.authority_id == case.peer_authority, Peer.suspended_at.is_(None))
+    )
+    allowed = lifecycle.allowed_messages(state, lifecycle.role_of(case.direction))
     return schemas.RequestDetail(
         **summary(case, now=now).model_dump(),
         document=views[0].content if views else {},
         messages=views,
-        allowed_messages=[
-            message.value
-            for message in lifecycle.allowed_messages(state, lifecycle.role_of(case.direction))
-        ],
+        allowed_messages=[message.value for message in allowed] if sendable is not None else [],
     )
 
 

@@ -109,6 +109,14 @@ def test_a_field_that_does_not_belong_to_the_type_is_refused(
     assert _errors({"text": "x", **data}) == [((field,), "field_not_allowed")]
 
 
+def test_a_field_not_allowed_names_the_type_with_the_right_article() -> None:
+    with pytest.raises(ValidationError) as caught:
+        MessageDocument.model_validate(
+            {"type": "acknowledgement", "text": "x", "until": "2027-01-15"}
+        )
+    assert caught.value.errors()[0]["msg"] == "an acknowledgement message does not carry until"
+
+
 @pytest.mark.parametrize(
     "data",
     [

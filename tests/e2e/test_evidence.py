@@ -7,6 +7,7 @@ byte for byte, with the manifest's SHA-256 shown and checked.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -747,7 +748,15 @@ def test_cli_sends_and_downloads_with_attachments(pair: Pair, tmp_path: Path) ->
     files = []
     (tmp_path / "copy").mkdir()
     # Two attachments of one name (from two folders): both are kept at download.
-    for name, size in (("mailbox.pst", 2 * MIB + 7), ("empty.txt", 0), ("copy/mailbox.pst", 9)):
+    # Python guesses `application/vnd.ms-excel.sheet.macroEnabled.12` and `audio/AMR` for the
+    # last two: media types are case-insensitive, and they are sent in lower case.
+    for name, size in (
+        ("mailbox.pst", 2 * MIB + 7),
+        ("empty.txt", 0),
+        ("copy/mailbox.pst", 9),
+        ("ledger.xlsm", 5),
+        ("call.amr", 3),
+    ):
         path = tmp_path / name
         path.write_bytes(os.urandom(size))
         files.append(path)
@@ -771,14 +780,26 @@ def test_cli_sends_and_downloads_with_attachments(pair: Pair, tmp_path: Path) ->
     sent = entraide(pair.es, "send", str(request), *attach)
     assert sent.count("\n") == 1  # stdout holds the request id alone, for scripts
     request_id = sent.strip()
+    # Resumed once submitted: said so, not advice to resume or discard it (both refused).
+    again = entraide(pair.es, "send", str(request), "--draft", request_id, *attach, exit_code=1)
+    assert f"draft {request_id} was already submitted: it is request {request_id}" in again
+    assert "discard" not in again
+    assert "--draft" not in again
     wait_receipt(pair.es, request_id)
     wait_for("the request at AR", lambda: detail(pair.ar, request_id))
     listing = entraide(pair.ar, "download", request_id, "--out", str(tmp_path / "got"))
-    for path, saved in zip(files, ["mailbox.pst", "empty.txt", "mailbox (2).pst"], strict=True):
+    saved_as = ["mailbox.pst", "empty.txt", "mailbox (2).pst", "ledger.xlsm", "call.amr"]
+    for path, saved in zip(files, saved_as, strict=True):
         got = tmp_path / "got" / saved
         assert got.read_bytes() == path.read_bytes()
         assert got.stat().st_mode & 0o777 == 0o600  # decrypted evidence: this user's only
         assert f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {saved}" in listing
+    received = detail(pair.ar, request_id)
+    assert received is not None
+    assert [item["media_type"] for item in received["messages"][0]["attachments"][3:]] == [
+        "application/vnd.ms-excel.sheet.macroenabled.12",
+        "audio/amr",
+    ]
     # Again into the same folder: nothing is overwritten, and it says why.
     again = entraide(pair.ar, "download", request_id, "--out", str(tmp_path / "got"), exit_code=1)
     assert "already in" in again
@@ -787,6 +808,60 @@ def test_cli_sends_and_downloads_with_attachments(pair: Pair, tmp_path: Path) ->
     unknown = entraide(pair.ar, "download", "ab" * 16, "--out", str(tmp_path / "no"), exit_code=1)
     assert "HTTP 404" in unknown
     assert not (tmp_path / "no").exists()
+
+
+def test_cli_downloads_attachments_whose_names_are_too_long_for_a_file(
+    pair: Pair, tmp_path: Path
+) -> None:
+    """Names the API accepts (255 characters) but a file system does not (255 bytes, with
+    the partial file's `.` and `.partial`): each was an ENAMETOOLONG traceback that stopped
+    the whole download."""
+    import subprocess
+    import sys
+
+    names = ["a" * 251 + ".txt", "é" * 128, "€" * 90, "€" * 90]
+    contents = [os.urandom(n + 1) for n in range(len(names))]
+    body = {key: EXAMPLE[key] for key in ("to", "document")}
+    body["attachments"] = [
+        {"name": name, "content_base64": base64.b64encode(data).decode()}
+        for name, data in zip(names, contents, strict=True)
+    ]
+    with pair.es.client("officer") as http:
+        response = http.post("/api/v1/requests", json=body)
+    assert response.status_code == 201, response.text
+    request_id = response.json()["id"]
+    wait_for("the request at AR", lambda: detail(pair.ar, request_id))
+
+    def entraide(*args: str) -> subprocess.CompletedProcess[str]:
+        env = {
+            **os.environ,
+            "ENTRAIDE_URL": pair.ar.url,
+            "ENTRAIDE_TOKEN": pair.ar.tokens["officer"],
+        }
+        return subprocess.run(
+            [sys.executable, "-m", "app", "requests", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    done = entraide("download", request_id, "--out", str(tmp_path / "got"))
+    assert done.returncode == 0, done.stderr
+    saved = [line.split("  ", 1)[1] for line in done.stdout.splitlines()]
+    assert len(set(saved)) == len(names)
+    for name, data, file_name in zip(names, contents, saved, strict=True):
+        assert (tmp_path / "got" / file_name).read_bytes() == data
+        assert name.startswith(file_name.removesuffix(".txt").removesuffix(" (2)"))
+    assert saved[0].endswith(".txt")
+    assert saved[3].endswith(" (2)")
+    # A folder that cannot be written in: one line saying so, not a traceback.
+    (tmp_path / "a-file").write_text("")
+    done = entraide("download", request_id, "--out", str(tmp_path / "a-file"))
+    assert done.returncode == 1
+    assert "cannot write into" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_node_memory_stays_flat_under_an_address_space_limit(

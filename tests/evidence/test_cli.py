@@ -94,6 +94,53 @@ def test_each_attachment_gets_a_file_of_its_own() -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["a" * 251 + ".txt", "é" * 128, "€" * 90, "x." + "y" * 253, "." + "z" * 254],
+    ids=["255 bytes", "256 bytes of é", "270 bytes of €", "long extension", "dot file"],
+)
+def test_a_name_too_long_for_the_file_system_is_shortened(name: str) -> None:
+    """Linux takes names of 255 bytes at most, and the download is first written as
+    `.{name}.partial`: a name the API accepts (255 characters) was ENAMETOOLONG, and one such
+    name stopped the download of every attachment of the request."""
+    (chosen,) = file_names([name])
+    assert len(os.fsencode(f".{chosen}.partial")) <= 255
+    assert name.startswith(chosen.removesuffix(".txt"))  # cut on a character boundary
+    assert len(os.fsencode(chosen)) > 200  # as much of the name as fits
+    if name.endswith(".txt"):
+        assert chosen.endswith(".txt")  # its extension kept
+
+
+def test_shortened_names_are_neither_copies_nor_another_attachments_name() -> None:
+    long = "évidence-" + "a" * 300
+    fits = file_names([long])[0]
+    names = file_names([long + ".pdf", long + ".pdf", long, fits, long + "-other", "short"])
+    assert len(set(names)) == len(names)
+    assert names[3] == fits  # an attachment's own name is its own
+    assert names[5] == "short"
+    assert names[0].endswith(".pdf")
+    assert names[1].endswith(" (2).pdf")
+    for chosen in names:
+        assert len(os.fsencode(f".{chosen}.partial")) <= 255
+    # A copy's number fits too, however many copies.
+    many = file_names(["€" * 90] * 12)
+    assert len(set(many)) == 12
+    assert many[11].endswith(" (12)")
+    assert all(len(os.fsencode(f".{chosen}.partial")) <= 255 for chosen in many)
+
+
+def test_a_name_no_file_system_can_take_is_written_with_a_question_mark() -> None:
+    assert file_names(["\ud800evidence.bin"]) == ["?evidence.bin"]
+
+
+def test_a_guessed_media_type_is_sent_in_lower_case() -> None:
+    from app.evidence.cli import _media_type
+
+    assert _media_type(Path("call.amr")) == "audio/amr"
+    assert _media_type(Path("ledger.xlsm")) == "application/vnd.ms-excel.sheet.macroenabled.12"
+    assert _media_type(Path("no-extension")) == "application/octet-stream"
+
+
 def test_a_checked_download_is_published_without_hard_links(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

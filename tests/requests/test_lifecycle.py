@@ -159,6 +159,18 @@ def test_refusals_name_the_side_and_the_state() -> None:
     assert "requesting authority does not send acceptance" in refused.value.detail
 
 
+def test_refusals_name_the_message_with_the_right_article() -> None:
+    """`a acknowledgement message ...` read the error details before."""
+    with pytest.raises(TransitionNotAllowed) as caught:
+        transition(State.CLOSED, R, M.ACKNOWLEDGEMENT)
+    assert caught.value.detail.startswith("an acknowledgement message from the requested")
+    assert [m.with_article for m in (M.ACCEPTANCE, M.RESULT, M.ADDITIONAL_INFORMATION)] == [
+        "an acceptance",
+        "a result",
+        "an additional_information",
+    ]
+
+
 def test_terminal_states_accept_nothing() -> None:
     assert {State.CLOSED, State.WITHDRAWN} == TERMINAL
     for state, sender, message in itertools.product(TERMINAL, Role, MessageType):

@@ -234,6 +234,48 @@ def test_hostile_peer_urls_are_refused_with_a_code(node: LocalNode, url: str) ->
     assert response.json()["error"] in {"invalid_peer_url", "peer_unreachable"}
 
 
+@pytest.mark.parametrize(
+    ("fingerprint", "says"),
+    [
+        ("1DBD", "this one has 4"),
+        ("0" * 63, "this one has 63"),
+        ("ab" * 32 + "0", "this one has 65"),
+        ("z" * 64, "holds other characters"),
+        ("AB:" * 31 + "ABCD", "this one has 66"),
+        ("ab" * 31 + "a\u0431", "holds other characters"),  # a Cyrillic letter
+    ],
+)
+def test_a_malformed_fingerprint_is_refused_before_the_peer_is_asked(
+    node: LocalNode, fingerprint: str, says: str
+) -> None:
+    """It was checked only once the identity document was fetched: a typo gave
+    `502 peer_unreachable` (nothing listens at port 9), or, from a reachable peer,
+    `fingerprint_mismatch`, which tells the operator to doubt the peer's operator."""
+    with node.client("admin") as http:
+        response = http.post(
+            "/api/v1/admin/peers", json={"url": "http://127.0.0.1:9", "fingerprint": fingerprint}
+        )
+    _error(response, 400, "invalid_fingerprint")
+    assert "64 hexadecimal digits" in response.json()["detail"]
+    assert says in response.json()["detail"]
+    engine = make_engine(node.database_url)
+    try:
+        with engine.connect() as connection:
+            outcome = connection.scalar(
+                select(AuditEntry.outcome)
+                .where(AuditEntry.action == "peer.add")
+                .order_by(AuditEntry.idx.desc())
+                .limit(1)
+            )
+    finally:
+        engine.dispose()
+    assert outcome == "invalid_fingerprint"  # on record, as every pinning refused
+    done = node.cli("peers", "add", "http://127.0.0.1:9", "--fingerprint", fingerprint, check=False)
+    assert done.returncode == 1
+    assert says in done.stderr, done.stderr
+    assert "could not reach" not in done.stderr
+
+
 def test_cors_is_closed_and_methods_answer_with_allow(node: LocalNode) -> None:
     origin = {"origin": "https://evil.example", "access-control-request-method": "POST"}
     preflight = httpx.options(node.url + "/api/v1/requests", headers=origin)
