@@ -106,9 +106,12 @@ class Settings(BaseModel):
     # Open drafts with no upload activity for this long are discarded, with their uploads.
     evidence_draft_days: float = Field(default=30.0, gt=0)
 
-    # Envelope lifetime and tolerated clock skew between nodes.
-    envelope_ttl_seconds: int = 7 * 24 * 3600
-    clock_skew_seconds: int = 300
+    # Envelope lifetime and tolerated clock skew between nodes. A lifetime over 30 days is
+    # refused by every receiver (docs/protocol.md §9 step 23); a skew over an hour would let
+    # this node sign receipts dated further from the truth than senders accept (a day,
+    # app/crypto/receipts.py) and take rotations dated far ahead.
+    envelope_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=1, le=30 * 24 * 3600)
+    clock_skew_seconds: int = Field(default=300, ge=0, le=3600)
 
     # Delivery.
     run_worker: bool = True

@@ -87,6 +87,9 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         ("ENTRAIDE_TIME_LIMITS", "[1, 2]", "time_limits"),
         ("ENTRAIDE_LOG_LEVEL", "LOUD", "log_level"),
         ("ENTRAIDE_MAX_EVIDENCE_ATTACHMENTS", "0", "max_evidence_attachments"),
+        # Past what receivers accept (30 days), and past what receipts may be off (from review).
+        ("ENTRAIDE_ENVELOPE_TTL_SECONDS", str(31 * 24 * 3600), "envelope_ttl_seconds"),
+        ("ENTRAIDE_CLOCK_SKEW_SECONDS", "86401", "clock_skew_seconds"),
     ],
 )
 def test_bad_settings_name_their_field(
