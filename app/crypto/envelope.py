@@ -558,9 +558,10 @@ def decrypt_parts(header: Header, parts: Sequence[bytes], content_key: bytes) ->
     ]
 
 
-def check_manifest(header: Header, plaintexts: Sequence[bytes]) -> Opened:
-    """The inner manifest must name the same sender, addressee and message as the header."""
-    manifest = bind_manifest(header, plaintexts[0])
+def check_manifest(header: Header, plaintexts: Sequence[bytes], *, stored: bool = False) -> Opened:
+    """The inner manifest must name the same sender, addressee and message as the header.
+    `stored`: reopening an envelope this node accepted earlier (bind_manifest)."""
+    manifest = bind_manifest(header, plaintexts[0], stored=stored)
     listed = manifest["attachments"]
     if len(listed) != len(plaintexts) - 1:
         raise EnvelopeError("manifest_mismatch", "the manifest lists other attachments")
@@ -570,10 +571,12 @@ def check_manifest(header: Header, plaintexts: Sequence[bytes]) -> Opened:
     return Opened(manifest=manifest, attachments=list(plaintexts[1:]))
 
 
-def open_manifest_part(header: Header, part: bytes, content_key: bytes) -> dict[str, Any]:
+def open_manifest_part(
+    header: Header, part: bytes, content_key: bytes, *, stored: bool = False
+) -> dict[str, Any]:
     """Part 0 checked against the header (length, SHA-256: step 26's codes), opened, and its
     manifest bound to the header, without the attachments' parts (a streamed envelope's, or
-    a custody proof's)."""
+    a custody proof's). `stored`: as for bind_manifest."""
     info = header.parts[0]
     if len(part) < info.length:
         raise EnvelopeError("truncated_part", "part 0 is shorter than its declared length")
@@ -583,17 +586,47 @@ def open_manifest_part(header: Header, part: bytes, content_key: bytes) -> dict[
         raise EnvelopeError("part_hash_mismatch", "part 0 hash does not match")
     msg_id = header.msg_id_bytes
     key = part_key(content_key, msg_id, 0)
-    return bind_manifest(header, decrypt_part(part, key, part_ad(msg_id, 0), info.stream_header))
+    plaintext = decrypt_part(part, key, part_ad(msg_id, 0), info.stream_header)
+    return bind_manifest(header, plaintext, stored=stored)
 
 
-def bind_manifest(header: Header, plaintext: bytes) -> dict[str, Any]:
-    """The opened manifest (part 0), bound to its header: same message, sender, addressee and
-    conversation, one well-formed entry per attachment part. Not the attachments themselves
-    (check_manifest, or a custody proof's reader with the file in hand)."""
+# The inner manifest's members (docs/protocol.md §6.2), and those of its `content`
+# (docs/domain.md): a member no schema defines would travel unseen, never shown to the
+# receiving officer yet covered by the receipt and a custody proof (from review). The
+# envelope layer checks the manifest's; the receiver checks the content's after step 30
+# (app/p2p/service.py), and a custody proof's reader both (app/crypto/proof.py).
+MANIFEST_FIELDS = frozenset(
+    {
+        "v",
+        "type",
+        "msg_id",
+        "from",
+        "to",
+        "conversation_id",
+        "in_reply_to",
+        "content",
+        "attachments",
+    }
+)
+CONTENT_FIELDS = frozenset({"kind", "document"})
+
+
+def bind_manifest(header: Header, plaintext: bytes, *, stored: bool = False) -> dict[str, Any]:
+    """The opened manifest (part 0), bound to its header: exactly the members of version 1,
+    the same message, sender, addressee and conversation, one well-formed entry per
+    attachment part. Not the attachments themselves (check_manifest, or a custody proof's
+    reader with the file in hand).
+
+    `stored`: an envelope this node accepted earlier, reopened for a reader; its member set
+    is not checked again, so that one accepted before receivers checked it stays readable
+    (reported as storage altered, it would be lost to its officer)."""
     try:
         manifest = load_canonical_object(plaintext)
     except DecodeError as exc:
         raise EnvelopeError("manifest_mismatch", "the inner manifest is not JSON") from exc
+    if not stored and manifest.keys() != MANIFEST_FIELDS:
+        # Said without the members' names: they are the sender's, decrypted.
+        raise EnvelopeError("manifest_mismatch", "the inner manifest has other members than v1's")
     bound = (
         manifest.get("type") == MANIFEST_TYPE
         and is_int(manifest.get("v"))
@@ -654,4 +687,5 @@ def open_envelope(envelope: WireEnvelope, keys: NodeKeys) -> tuple[Header, Opene
     content_key = unwrap_content_key(header, keys, kid=kid)
     check_commitment(header, content_key)
     check_parts(header, envelope.parts)
-    return header, check_manifest(header, decrypt_parts(header, envelope.parts, content_key))
+    plaintexts = decrypt_parts(header, envelope.parts, content_key)
+    return header, check_manifest(header, plaintexts, stored=True)

@@ -10,7 +10,9 @@ envelope's content key. Checking it (`verify_proof`, `entraide proof verify`):
    chosen afterwards to open part 0 to another text (secretstream alone commits to no key);
 3. part 0 against the header (length, SHA-256), then opened under its part key: the manifest,
    bound to the header (message, sender, addressee, conversation), lists each attachment's
-   name, size and plaintext SHA-256, and carries the request's document;
+   name, size and plaintext SHA-256, and carries the request's document; neither it nor its
+   content has a member the protocol does not define, as a receiver refuses (one would be
+   attested yet shown to no reader);
 4. the receiver's signature over the receipt, and the receipt's statement: this message id,
    this header's hash (the envelope hash), these two authorities;
 5. the receipt's time, by the rule the sender applied when it accepted the receipt
@@ -166,6 +168,17 @@ def verify_proof(document: object, *, now: datetime | None = None) -> VerifiedPr
         manifest = env.open_manifest_part(header, manifest_part, content_key)
     except env.EnvelopeError as exc:
         raise ProofError(f"part 0 is not this envelope's manifest ({exc.code}): {exc}") from exc
+    content = manifest["content"]
+    if (
+        not isinstance(content, dict)
+        or content.keys() != env.CONTENT_FIELDS
+        or content["kind"] not in ("request", "message")
+        or not isinstance(content["document"], dict)
+    ):
+        raise ProofError(
+            "the manifest's content is not a version 1 message: an object with exactly "
+            "'kind' (request or message) and 'document' (an object)"
+        )
     envelope_hash = hashlib.sha256(header_bytes).hexdigest()
     signed = SignedReceipt(
         body=_field(document, "receipt"), signature=_field(document, "receipt_signature", 64)
@@ -188,7 +201,6 @@ def verify_proof(document: object, *, now: datetime | None = None) -> VerifiedPr
         )
     except ReceiptError as exc:
         raise ProofError(str(exc)) from exc
-    content = manifest.get("content")
     return VerifiedProof(
         msg_id=header.msg_id,
         envelope_hash=envelope_hash,
@@ -198,7 +210,7 @@ def verify_proof(document: object, *, now: datetime | None = None) -> VerifiedPr
         receiver_kid=receipt.signer_kid,
         created_at=header.created_at,
         received_at=receipt.received_at,
-        document=content.get("document", {}) if isinstance(content, dict) else {},
+        document=content["document"],
         attachments=[
             Attachment(
                 index=entry["index"],

@@ -70,10 +70,13 @@ def _declared_parts(header: bytes) -> int:
     return len(parts)
 
 
-def _manifest(header: env.Header, manifest_part: bytes, content_key: bytes) -> env.Opened:
-    """Steps 26 to 30 for part 0, and for each attachment the length its size implies."""
+def _manifest(
+    header: env.Header, manifest_part: bytes, content_key: bytes, *, stored: bool = False
+) -> env.Opened:
+    """Steps 26 to 30 for part 0, and for each attachment the length its size implies.
+    `stored`: a message this node accepted earlier, reopened (env.bind_manifest)."""
     # Bound to the header here; the attachments' hashes are checked as each part arrives.
-    manifest = env.open_manifest_part(header, manifest_part, content_key)
+    manifest = env.open_manifest_part(header, manifest_part, content_key, stored=stored)
     for number, entry in enumerate(manifest["attachments"], 1):
         if env.ciphertext_length(entry["size"]) != header.parts[number].length:
             raise env.EnvelopeError("manifest_mismatch", "an attachment differs from the manifest")

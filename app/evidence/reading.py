@@ -85,7 +85,7 @@ def open_stored_head(
                 problem = row_disagrees(message, header)
                 if problem is None:
                     content_key = _content_key(node, header)
-                    opened = _manifest(header, head.parts[0], content_key)
+                    opened = _manifest(header, head.parts[0], content_key, stored=True)
                     return header, opened, content_key
         except env.EnvelopeError as exc:
             problem = f"it does not open ({exc.code})"

@@ -286,6 +286,12 @@ def _check_content(
     content = opened.manifest.get("content")
     if not isinstance(content, dict):
         raise _refuse("invalid_content", "the manifest has no content", 422)
+    if content.keys() != env.CONTENT_FIELDS:
+        # As the document's own models refuse members they do not define: one beside it would
+        # be receipted yet never shown to the officer. Its names are the sender's: not said.
+        raise _refuse(
+            "invalid_content", "the content has other members than 'kind' and 'document'", 422
+        )
     kind = content.get("kind")
     try:
         if kind == "request":

@@ -34,6 +34,7 @@ from app.crypto.receipts import (
     verify_receipt,
 )
 from app.crypto.signing import DOMAIN_ENVELOPE, DOMAIN_IDENTITY, DOMAIN_RECEIPT, sign
+from tests.crypto.forge import reseal_manifest
 
 CHUNK = env.CHUNK_BYTES
 LIMITS = {"max_parts": 64, "max_header_bytes": 64 * 1024}
@@ -911,3 +912,58 @@ def test_a_manifest_entry_spells_its_hash_in_lowercase_hex(sha256: str, valid: b
 
     entry = {"index": 1, "name": "a.txt", "media_type": "text/plain", "size": 1, "sha256": sha256}
     assert _valid_attachment_entry(entry, 1) is valid
+
+
+# --- the manifest's member set (§6.2, §9 step 29) ------------------------------------------
+
+
+def _with(**members: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda manifest: manifest.update(members)
+
+
+def _without(name: str) -> Callable[[dict[str, Any]], None]:
+    return lambda manifest: manifest.pop(name)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        _with(note="HIDDEN-NOTE"),  # a member no reader is shown, yet receipted (from review)
+        _with(Content={"kind": "request"}),
+        _without("in_reply_to"),  # read as null before: the manifest must say it
+        _without("content"),
+        _without("attachments"),
+        _without("v"),
+    ],
+    ids=["extra", "extra-capitalised", "no-in_reply_to", "no-content", "no-attachments", "no-v"],
+)
+def test_a_manifest_with_other_members_than_v1s_is_manifest_mismatch(
+    change: Callable[[dict[str, Any]], None],
+) -> None:
+    forged = reseal_manifest(seal(), fr().keys, change)
+    assert refusal(forged) == "manifest_mismatch"
+    header = env.parse_header(forged.header, len(forged.parts))
+    content_key = content_key_of(forged, de())
+    with pytest.raises(env.EnvelopeError) as caught:  # a streamed envelope's part 0 alone
+        env.open_manifest_part(header, forged.parts[0], content_key)
+    assert caught.value.code == "manifest_mismatch"
+    assert "HIDDEN" not in caught.value.detail
+
+
+def test_a_resealed_manifest_with_v1s_members_is_received() -> None:
+    """The forgery helper itself changes nothing else: the refusals above are the members'."""
+    forged = reseal_manifest(seal(), fr().keys, _with(in_reply_to=None))
+    _, opened = receive(forged.to_wire(), de(), fr().keys.signing_public)
+    assert opened.manifest.keys() == env.MANIFEST_FIELDS
+
+
+def test_a_stored_envelope_is_reopened_whatever_its_manifests_members() -> None:
+    """One a receiver accepted before it checked the member set stays readable to its
+    officer: reported as storage altered, it would be lost (env.bind_manifest)."""
+    forged = reseal_manifest(seal(), fr().keys, _with(note="accepted earlier"))
+    _, opened = env.open_envelope(forged, de().keys)
+    assert opened.manifest["note"] == "accepted earlier"
+    header = env.parse_header(forged.header, len(forged.parts))
+    content_key = content_key_of(forged, de())
+    manifest = env.open_manifest_part(header, forged.parts[0], content_key, stored=True)
+    assert manifest["note"] == "accepted earlier"

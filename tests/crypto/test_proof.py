@@ -16,14 +16,24 @@ from app.crypto.encoding import b64d, b64e, canonical_json, sha256_hex
 from app.crypto.proof import ProofError, build_proof, verify_proof
 from app.crypto.receipts import issue_receipt
 from app.crypto.signing import DOMAIN_ENVELOPE, sign
+from tests.crypto.forge import reseal_manifest
 from tests.crypto.test_envelope import NOW, Node, data, de, fr, it, seal
 
 FILES = [data(3000), b"", data(1)]
+# What a node puts in a manifest (docs/domain.md); the receiver refuses any other member.
+CONTENT = {"kind": "request", "document": {"summary": "relevés bancaires"}}
 
 
-def _proof(sender: Node | None = None, receiver: Node | None = None) -> dict[str, Any]:
+def _proof(
+    sender: Node | None = None,
+    receiver: Node | None = None,
+    change: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """`change`: the manifest as the sender's keys could forge it (tests/crypto/forge.py)."""
     sender, receiver = sender or fr(), receiver or de()
-    wire = seal(sender, receiver, attachments=FILES)
+    wire = seal(sender, receiver, attachments=FILES, content=CONTENT)
+    if change is not None:
+        wire = reseal_manifest(wire, sender.keys, change)
     header = env.parse_header(wire.header, len(wire.parts))
     content_key = env.unwrap_content_key(header, sender.keys, kid=header.from_enc_kid)
     receipt = issue_receipt(
@@ -174,3 +184,35 @@ def test_a_header_without_parts_is_refused_not_a_crash() -> None:
 def test_what_is_no_proof_is_refused_in_plain_words(document: object) -> None:
     with pytest.raises(ProofError, match="custody proof"):
         verify_proof(document)
+
+
+def _content(**changes: object) -> Callable[[dict[str, Any]], None]:
+    def change(manifest: dict[str, Any]) -> None:
+        manifest["content"] = {**manifest["content"], **changes}
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        (lambda m: m.update(note="HIDDEN-NOTE"), r"part 0 is not this envelope's manifest"),
+        (lambda m: m.pop("in_reply_to"), r"part 0 is not this envelope's manifest"),
+        (_content(annex="HIDDEN-ANNEX"), "content is not a version 1 message"),
+        (lambda m: m["content"].pop("document"), "content is not a version 1 message"),
+        (_content(kind="reply"), "content is not a version 1 message"),
+        (_content(document=["a list"]), "content is not a version 1 message"),
+        (lambda m: m.update(content="text"), "content is not a version 1 message"),
+    ],
+    ids=["manifest-extra", "no-in_reply_to", "content-extra", "no-document", "kind", "list", "str"],
+)
+def test_a_proof_of_what_a_receiver_refuses_is_refused(
+    change: Callable[[dict[str, Any]], None], says: str
+) -> None:
+    """A member no schema defines would be attested by the receipt yet shown to no reader:
+    the receiver refuses it (docs/protocol.md §9), and so does a proof's reader, whose
+    receipt a receiver that did not check could have signed (from review)."""
+    proof = _proof(change=change)
+    with pytest.raises(ProofError, match=says) as caught:
+        verify_proof(proof)
+    assert "HIDDEN" not in str(caught.value)

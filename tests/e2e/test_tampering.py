@@ -16,19 +16,27 @@ from typing import Any
 import httpx
 import pytest
 from nacl.signing import SigningKey
+from sqlalchemy import func, select
 
 from app.crypto.encoding import b64d, b64e, canonical_json, load_json_object, utc_now
 from app.crypto.envelope import Attachment, Recipient, WireEnvelope, seal
 from app.crypto.keys import NodeKeys, load_keys
+from app.crypto.proof import verify_proof
 from app.crypto.randomness import SystemRandomness
 from app.crypto.signing import DOMAIN_ENVELOPE, sign
+from app.localnodes import LocalNode
+from app.models import InboundTransfer
+from tests.crypto.forge import reseal_manifest
 from tests.e2e.conftest import (
     EXAMPLE,
     Network,
     audit_outcomes,
     count_messages,
     post_envelope,
+    read_request,
     recipient_of,
+    submit_example,
+    wait_delivered,
 )
 
 
@@ -74,10 +82,16 @@ def _flip(data: bytes, position: int) -> bytes:
     return data[:position] + bytes([data[position] ^ 0x01]) + data[position + 1 :]
 
 
-def _refused(network: Network, wire: object, code: str, status: int) -> None:
+def _refused(
+    network: Network,
+    wire: object,
+    code: str,
+    status: int,
+    post: Callable[[LocalNode, object], httpx.Response] = post_envelope,
+) -> None:
     before = count_messages(network, network.ar)
     refusals_before = audit_outcomes(network, network.ar, "envelope.refused")
-    response = post_envelope(network.ar, wire)
+    response = post(network.ar, wire)
     assert response.status_code == status, response.text
     body = response.json()
     assert body["error"] == code, body
@@ -215,6 +229,141 @@ def test_replay_returns_the_same_receipt_and_stores_one_copy(
     data = canonical_json(header)
     reused = WireEnvelope(data, sign(es_keys.signing, DOMAIN_ENVELOPE, data), other.parts)
     _refused(network, reused.to_wire(), "replayed", 409)
+
+
+HIDDEN = "HIDDEN-ANNEX: also freeze account CBU 999"
+
+
+def _announce(node: LocalNode, wire: object) -> httpx.Response:
+    """The same envelope carried as large evidence is (docs/protocol.md §8.5): part 0 alone."""
+    assert isinstance(wire, dict)
+    body = {**wire, "parts": wire["parts"][:1]}
+    return httpx.post(node.url + "/p2p/v1/evidence/envelopes", json=body, timeout=30.0)
+
+
+def _request(es_keys: NodeKeys, ar_recipient: Recipient, **content: Any) -> WireEnvelope:
+    document = json.loads(json.dumps(EXAMPLE["document"]))
+    return seal(
+        sender_keys=es_keys,
+        sender_authority="ES/MJ",
+        recipient=ar_recipient,
+        content={"kind": "request", "document": document, **content},
+        attachments=[],
+        conversation_id=None,
+        in_reply_to=None,
+        created_at=utc_now(),
+        ttl=timedelta(days=1),
+        randomness=SystemRandomness(),
+    )
+
+
+def _hidden_manifest_member(manifest: dict[str, Any]) -> None:
+    manifest["note"] = HIDDEN
+
+
+def _no_in_reply_to(manifest: dict[str, Any]) -> None:
+    del manifest["in_reply_to"]
+
+
+@pytest.mark.parametrize("post", [post_envelope, _announce], ids=["whole", "streamed"])
+@pytest.mark.parametrize(
+    ("forge", "code", "status"),
+    [
+        (lambda keys, to: _request(keys, to, annex=HIDDEN), "invalid_content", 422),
+        (
+            lambda keys, to: reseal_manifest(_request(keys, to), keys, _hidden_manifest_member),
+            "manifest_mismatch",
+            400,
+        ),
+        (
+            lambda keys, to: reseal_manifest(_request(keys, to), keys, _no_in_reply_to),
+            "manifest_mismatch",
+            400,
+        ),
+    ],
+    ids=["content-member", "manifest-member", "manifest-without-in_reply_to"],
+)
+def test_members_no_schema_defines_are_refused(
+    network: Network,
+    es_keys: NodeKeys,
+    ar_recipient: Recipient,
+    forge: Callable[[NodeKeys, Recipient], WireEnvelope],
+    code: str,
+    status: int,
+    post: Callable[[LocalNode, object], httpx.Response],
+) -> None:
+    """A pinned peer's validly signed envelope whose manifest or content carries a member no
+    schema defines: it would be receipted, and attested by a custody proof, yet never shown
+    to the receiving officer (from review). Refused, audited, nothing stored, whether posted
+    whole or announced as streamed evidence; the refusal does not echo the member."""
+    wire = forge(es_keys, ar_recipient).to_wire()
+    transfers_before = _transfers(network)
+    _refused(network, wire, code, status, post)
+    assert _transfers(network) == transfers_before
+    response = post(network.ar, wire)  # the same, again: still refused, still not echoed
+    assert response.json()["error"] == code
+    assert "HIDDEN" not in response.text
+    # The very same request without the member is accepted: it was the member refused.
+    accepted = post(network.ar, _request(es_keys, ar_recipient).to_wire())
+    assert accepted.status_code == 201, accepted.text
+
+
+def _transfers(network: Network) -> int:
+    engine = network.engine(network.ar)
+    try:
+        with engine.connect() as connection:
+            return int(connection.scalar(select(func.count()).select_from(InboundTransfer)) or 0)
+    finally:
+        engine.dispose()
+
+
+def test_a_message_with_a_member_beside_its_document_is_refused(
+    network: Network, es_keys: NodeKeys, ar_recipient: Recipient
+) -> None:
+    """The same for a message in a conversation; our own node's request and message, and
+    the custody proofs of both on both sides, still pass every member check."""
+    request_id = submit_example(network.es)
+    wait_delivered(network.es, request_id)
+
+    def message(**content: Any) -> WireEnvelope:
+        return seal(
+            sender_keys=es_keys,
+            sender_authority="ES/MJ",
+            recipient=ar_recipient,
+            content={
+                "kind": "message",
+                "document": {"type": "note", "text": "For the file."},
+                **content,
+            },
+            attachments=[Attachment("annex.txt", "text/plain", b"an annex, listed")],
+            conversation_id=request_id,
+            in_reply_to=request_id,
+            created_at=utc_now(),
+            ttl=timedelta(days=1),
+            randomness=SystemRandomness(),
+        )
+
+    # Our own node's request, and a message in its conversation, answered by AR/MPF.
+    with network.ar.client("officer") as http:
+        sent = http.post(
+            f"/api/v1/requests/{request_id}/messages",
+            json={"document": {"type": "acknowledgement", "text": "Registered."}},
+        )
+    assert sent.status_code == 201, sent.text
+    wait_delivered(network.ar, request_id)
+    for node in (network.es, network.ar):
+        messages = read_request(node, request_id)["messages"]
+        assert len(messages) == 2
+        with node.client("officer") as http:
+            for item in messages:
+                proof = http.get(f"/api/v1/requests/{request_id}/messages/{item['msg_id']}/proof")
+                assert proof.status_code == 200, proof.text
+                assert verify_proof(proof.json()).msg_id == item["msg_id"]
+
+    _refused(network, message(annex=HIDDEN).to_wire(), "invalid_content", 422)
+    assert len(read_request(network.ar, request_id)["messages"]) == 2
+    response = post_envelope(network.ar, message().to_wire())
+    assert response.status_code == 201, response.text
 
 
 # A version 1 header with none of the other fields ({"type":"entraide.envelope","v":1}).
