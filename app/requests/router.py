@@ -16,6 +16,7 @@ from app.deps import NodeDep, OfficerDep, SessionDep, UnitOfWorkRoute
 from app.evidence.download import plan_streamed, streamed_response
 from app.plainint import PlainInt
 from app.requests import access, idempotency, proof, schemas, service
+from app.requests.lifecycle import State
 
 router = APIRouter(prefix="/api/v1/requests", tags=["requests"], route_class=UnitOfWorkRoute)
 
@@ -84,7 +85,8 @@ def list_requests(
     session: SessionDep,
     principal: OfficerDep,
     direction: Literal["inbound", "outbound"] | None = None,
-    status: Annotated[str | None, Query(max_length=40)] = None,
+    # One of the statuses: a misspelt one was an empty page, which read as "none".
+    status: State | None = None,
     peer: Annotated[str | None, Query(max_length=40)] = None,
     limit: Annotated[PlainInt, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
@@ -96,7 +98,7 @@ def list_requests(
     return service.list_requests(
         session,
         direction=direction,
-        status=status,
+        status=None if status is None else status.value,
         peer=peer,
         limit=limit,
         cursor=cursor,

@@ -46,6 +46,7 @@ def node(
         ("officer", f"/api/v1/requests?cursor={CURSOR}"),
         ("officer", f"/api/v1/requests?cursor={NUL_CURSOR}"),
         ("officer", "/api/v1/requests?status=%00"),
+        ("officer", "/api/v1/requests?status=executd"),  # misspelt: was an empty page
         ("officer", "/api/v1/requests?peer=%00"),
         ("auditor", f"/api/v1/audit?since={FAR_EAST}"),
         ("auditor", f"/api/v1/audit?until={FAR_WEST}"),
