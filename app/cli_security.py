@@ -108,6 +108,8 @@ def keys_rotate(
 
 def keys_protect() -> None:
     """Encrypt every key file under ENTRAIDE_KEY_PASSPHRASE(_FILE) (Argon2id, secretbox)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from app.audit.log import record
     from app.cli import _fail, _node, _operator, _settings
     from app.crypto.keyfile import KeyFileError
@@ -122,15 +124,22 @@ def keys_protect() -> None:
             raise KeyFileError("set ENTRAIDE_KEY_PASSPHRASE or ENTRAIDE_KEY_PASSPHRASE_FILE first")
     except (KeyFileError, OSError) as exc:
         raise _fail(str(exc)) from exc
-    # The database first, as `keys rotate` does: a change to the key files goes on record
-    # (it was not, from review), so one that could not be recorded is not made.
+    # A change to the key files goes on record (it was not, from review): the entry is
+    # written first, in a transaction that commits only once the files are protected, so
+    # a change that cannot be recorded is not made, and a failed one leaves no entry.
     node = _node(settings)
     try:
-        count = protect_keys(settings.keys_dir, passphrase=passphrase, current=passphrase)
         with unit_of_work(node.sessions) as session:
-            record(session, actor=_operator(), action="key.protected", details={"files": count})
+            record(session, actor=_operator(), action="key.protected", details={})
+            session.flush()
+            count = protect_keys(settings.keys_dir, passphrase=passphrase, current=passphrase)
     except (KeyFileError, OSError) as exc:
         raise _fail(str(exc)) from exc
+    except SQLAlchemyError as exc:
+        raise _fail(
+            f"the change could not be recorded in the audit log ({type(exc).__name__}); "
+            "the key files were not changed"
+        ) from exc
     finally:
         node.close()
     typer.echo(f"{count} key files are protected by the passphrase")

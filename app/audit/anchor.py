@@ -124,20 +124,24 @@ class SignedLogAnchor:
         return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
 
     def _missing(self, session: Session, size: int) -> str | None:
-        """No record: fine for a log with no entry yet, an alarm otherwise (deleted, lost, or
-        a node from before the record, whose operator adopts the log). `init` signs its first
-        checkpoint in the transaction of its first entries, so a log that holds entries and
-        no checkpoint is not a new one: its checkpoints were deleted along with the record
-        (from review: that switched the check off). Where no record can be written, the node
-        cannot tell a rolled-back log and signs on (doctor warns)."""
-        signed = session.scalar(select(func.count()).select_from(AuditCheckpoint)) or 0
-        if (not signed and not size) or not self.writable():
+        """No record: an alarm wherever one can be written. `init` writes it before the
+        log's first entry, so no log is without one; deleted, lost, or a node from before
+        the record (whose operator adopts the log). Only a log that holds entries or
+        checkpoints was an alarm before, and a writer who deleted those too, with the
+        record, made a log that looked new (from review). Where no record can be written,
+        the node cannot tell a rolled-back log and signs on (doctor warns)."""
+        if not self.writable():
             return None
-        held = (
-            f"the database holds {signed} signed checkpoint(s)"
-            if signed
-            else f"the log holds {size} entries and no signed checkpoint (deleted with it?)"
-        )
+        signed = session.scalar(select(func.count()).select_from(AuditCheckpoint)) or 0
+        if signed:
+            held = f"the database holds {signed} signed checkpoint(s)"
+        elif size:
+            held = f"the log holds {size} entries and no signed checkpoint (deleted with it?)"
+        else:
+            held = (
+                "`entraide init` wrote one before the log's first entry (the log, its "
+                "checkpoints and the record were all deleted?)"
+            )
         return (
             f"there is no record at {self.path} of what this node's log key signed, though "
             f"{held}: it was deleted or lost, or this node predates it; put it back from its "
@@ -162,11 +166,22 @@ class SignedLogAnchor:
             return
         self.reset(size, root)
 
-    def start(self) -> None:
+    def start(self) -> bool:
         """A new log's record, before its first entry: nothing signed yet, and every log
         extends the empty one. From then on a missing record is an alarm, whatever else
-        was deleted with it."""
-        self.reset(0, EMPTY_ROOT)
+        was deleted with it. False where it cannot be written (the node then runs without
+        one, as `doctor` says; `init` goes on, from review)."""
+        try:
+            self.reset(0, EMPTY_ROOT)
+        except OSError as exc:
+            log.warning(
+                "could not write the record of what the log key signed at %s (%s): this "
+                "node cannot tell a rolled-back audit log from the database alone",
+                self.path,
+                exc.strerror,
+            )
+            return False
+        return True
 
     def reset(self, size: int, root: bytes) -> None:
         document = json.dumps({"v": 1, "size": size, "root": root.hex()}).encode()

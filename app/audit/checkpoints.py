@@ -266,7 +266,10 @@ class CheckpointClock:
 
     def overdue(self, newest_size: int, seconds: float) -> bool:
         now = time.monotonic()
-        if newest_size != self._size:
+        # Only a checkpoint larger than any seen restarts the count: a row deleted and put
+        # back (the newest seen going from N to an older N' and back) restarted it every
+        # time, and put checkpoints off for good (from review).
+        if self._size is None or newest_size > self._size:
             self._size, self._since = newest_size, now
             return False
         return now - self._since >= seconds

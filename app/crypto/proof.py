@@ -131,9 +131,22 @@ def _field(document: dict[str, Any], name: str, length: int | None = None) -> by
     return data
 
 
-def verify_proof(document: object, *, now: datetime | None = None) -> VerifiedProof:
+def _content_members(content: dict[str, Any], *, earlier_rules: bool) -> bool:
+    if earlier_rules:
+        return env.CONTENT_FIELDS <= content.keys()
+    return content.keys() == env.CONTENT_FIELDS
+
+
+def verify_proof(
+    document: object, *, now: datetime | None = None, earlier_rules: bool = False
+) -> VerifiedProof:
     """Every check of the module's docstring, in order; the first that fails is raised.
-    `now` is the checker's clock (the current time unless given)."""
+    `now` is the checker's clock (the current time unless given).
+
+    `earlier_rules`: only for a node telling its own stored rows apart, never for a proof
+    handed out: without the checks added on 2026-11-29 (no member beyond the protocol's in
+    the manifest or its content, the receipt's time within a day), which messages and
+    receipts accepted before then may fail although nothing was altered."""
     if not isinstance(document, dict) or set(document) != FIELDS:
         raise ProofError(f"a custody proof is an object with exactly {sorted(FIELDS)}")
     if (
@@ -165,13 +178,13 @@ def verify_proof(document: object, *, now: datetime | None = None) -> VerifiedPr
     except env.EnvelopeError as exc:
         raise ProofError("the content key is not the one the signed header commits to") from exc
     try:
-        manifest = env.open_manifest_part(header, manifest_part, content_key)
+        manifest = env.open_manifest_part(header, manifest_part, content_key, stored=earlier_rules)
     except env.EnvelopeError as exc:
         raise ProofError(f"part 0 is not this envelope's manifest ({exc.code}): {exc}") from exc
     content = manifest["content"]
     if (
         not isinstance(content, dict)
-        or content.keys() != env.CONTENT_FIELDS
+        or not _content_members(content, earlier_rules=earlier_rules)
         or content["kind"] not in ("request", "message")
         or not isinstance(content["document"], dict)
     ):
@@ -196,9 +209,10 @@ def verify_proof(document: object, *, now: datetime | None = None) -> VerifiedPr
     except ReceiptError as exc:
         raise ProofError(f"the receipt is not the receiver's for this envelope: {exc}") from exc
     try:
-        check_received_at(
-            receipt, created_at=header.created_at, now=utc_now() if now is None else now
-        )
+        if not earlier_rules:
+            check_received_at(
+                receipt, created_at=header.created_at, now=utc_now() if now is None else now
+            )
     except ReceiptError as exc:
         raise ProofError(str(exc)) from exc
     return VerifiedProof(

@@ -13,6 +13,8 @@ import hashlib
 import json
 import mimetypes
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -275,16 +277,27 @@ def download(
                 err=True,
             )
             raise typer.Exit(1)
-        with _progress() as progress:
-            for entry, name in zip(entries, names, strict=True):
-                _download(http, entry, out / name, progress)
+        # Partial files in a folder of their own, made for this run: named `.NAME.partial`
+        # beside the others, a peer's attachment of that name was deleted when the file it
+        # shadows was downloaded (and so was a user's own file of that name; from review).
+        try:
+            staging = Path(tempfile.mkdtemp(prefix=".entraide-download-", dir=out))
+        except OSError as exc:
+            typer.echo(f"error: cannot write into {out}: {exc.strerror or exc}", err=True)
+            raise typer.Exit(1) from exc
+        try:
+            with _progress() as progress:
+                for number, (entry, name) in enumerate(zip(entries, names, strict=True)):
+                    _download(http, entry, out / name, staging / f"{number}.partial", progress)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     # As `sha256sum` prints them: `sha256sum -c` in the folder checks the files again.
     for entry, name in zip(entries, names, strict=True):
         typer.echo(f"{entry['sha256']}  {name}")
 
 
-# Linux and most file systems take names of at most 255 bytes; a download is first written
-# as `.{name}.partial`, 9 bytes more.
+# Linux and most file systems take names of at most 255 bytes; names are kept 9 bytes short
+# of it (room for `.{name}.partial` when partial files lay beside them; kept, so names stay).
 NAME_MAX = 255
 PARTIAL = len(b"..partial")
 
@@ -357,9 +370,10 @@ def _shorten(stem: str, tail: str, limit: int) -> str:
     return stem + tail
 
 
-def _download(http: httpx.Client, entry: dict[str, Any], target: Path, progress: Progress) -> None:
+def _download(
+    http: httpx.Client, entry: dict[str, Any], target: Path, partial: Path, progress: Progress
+) -> None:
     name = target.name
-    partial = target.with_name(f".{name}.partial")
     task = progress.add_task(name, total=entry["size"])
     digest = hashlib.sha256()
     try:
@@ -371,7 +385,6 @@ def _download(http: httpx.Client, entry: dict[str, Any], target: Path, progress:
                 typer.echo(f"error: {name}: the node reports another SHA-256", err=True)
                 raise typer.Exit(1)
             # Decrypted evidence: readable by this user only, as the node's own files are.
-            partial.unlink(missing_ok=True)  # a leftover keeps its mode through O_TRUNC
             descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(descriptor, "wb") as sink:
                 for data in response.iter_bytes(READ):

@@ -47,7 +47,18 @@ def custody_proof(
     try:
         checked = verify_proof(proof)
     except ProofError as exc:
-        raise _corrupt(message, str(exc)) from exc
+        try:
+            verify_proof(proof, earlier_rules=True)
+        except ProofError:
+            raise _corrupt(message, str(exc)) from exc
+        # Intact, but accepted before the checks a proof's reader now applies: a proof that
+        # fails in front of its reader is not given, and no tampering is alleged (this was
+        # 500 stored_envelope_corrupt, from review).
+        raise Conflict(
+            "no custody proof can be given for this message: it was accepted before "
+            f"2026-11-29 and would fail today's checks ({exc}); its stored rows are intact",
+            code="not_provable",
+        ) from exc
     record(
         session,
         actor=actor_of(principal),

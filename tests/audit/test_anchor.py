@@ -262,7 +262,21 @@ def test_deleting_the_record_and_every_checkpoint_does_not_switch_the_check_off(
     assert any("no signed checkpoint" in problem for problem in log.problems())
 
 
-def test_a_new_log_with_no_entry_needs_no_record(log: Log) -> None:
+def test_deleting_the_record_with_the_whole_log_does_not_switch_the_check_off(log: Log) -> None:
+    """From review: with the record, every checkpoint and every entry deleted, the log
+    looked new and the node signed it (and wrote a new record). `init` writes the record
+    before the first entry: a missing one is always an alarm where it can be written."""
     log.anchor.path.unlink()
-    assert log.problems() == []
-    assert log.sign(log.anchor) == 0
+    assert any("`entraide init` wrote one" in problem for problem in log.problems())
+    with pytest.raises(LogRolledBack, match="there is no record at"):
+        log.sign(log.anchor)
+
+
+def test_a_record_that_cannot_be_written_leaves_the_node_without_one(tmp_path: Path) -> None:
+    """`init` goes on where the record cannot be written (it stopped half way, keys saved
+    and no entry, from review); such a node signs on, as `doctor` warns."""
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    anchor = SignedLogAnchor(blocked / "log-signed.json")
+    assert anchor.start() is False
+    assert not anchor.writable()

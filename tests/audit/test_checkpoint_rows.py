@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.audit.checkpoints import (
@@ -156,6 +156,46 @@ def test_a_row_dated_a_little_ahead_puts_checkpoints_off_for_one_period_at_most(
         time.sleep(0.6)
         assert log.upkeep(session, every=1000, seconds=0.5) is None  # the row alone: put off
         assert upkeep(session) == 13  # the process's own clock: due
+
+
+def test_hiding_the_newest_row_again_and_again_does_not_restart_the_workers_clock(
+    log: Log,
+) -> None:
+    """From review: deleting the newest checkpoint row and putting it back, faster than once
+    a period, made the newest seen alternate and restarted the count each time."""
+    clock = CheckpointClock()
+
+    def upkeep(session: Session) -> int | None:
+        signed = maybe_checkpoint(
+            session,
+            authority_id=AUTHORITY,
+            log_key=log.keys.log,
+            every=1000,
+            seconds=0.5,
+            clock=clock,
+        )
+        return None if signed is None else signed.size
+
+    with unit_of_work(log.sessions) as session:
+        newest = _newest_row(session)
+        ahead = utc_now() + DATE_MARGIN - timedelta(seconds=30)
+        session.execute(update(AuditCheckpoint).values(created_at=ahead))  # every row
+        row = session.execute(select(AuditCheckpoint).where(AuditCheckpoint.id == newest)).one()
+        saved = {column.key: getattr(row[0], column.key) for column in AuditCheckpoint.__table__.c}
+        log.add(session, 1)
+    signed: int | None = None
+    deadline = time.monotonic() + 3
+    hidden = False
+    while signed is None and time.monotonic() < deadline:
+        with unit_of_work(log.sessions) as session:
+            if hidden:
+                session.execute(insert(AuditCheckpoint).values(**saved))
+            else:
+                session.execute(delete(AuditCheckpoint).where(AuditCheckpoint.id == newest))
+            hidden = not hidden
+            signed = upkeep(session)
+        time.sleep(0.1)
+    assert signed == 13
 
 
 def test_forged_rows_are_passed_over_for_the_latest_genuine_one(log: Log) -> None:

@@ -922,3 +922,43 @@ def test_node_memory_stays_flat_under_an_address_space_limit(
     for node in (pair.es, pair.ar):
         assert node.process is not None
         assert node.process.poll() is None  # still running, under its limit
+
+
+def test_cli_downloads_never_delete_a_file_named_like_a_partial_one(
+    pair: Pair, tmp_path: Path
+) -> None:
+    """From review: partial files were `.NAME.partial` beside the others, so a peer's
+    attachment `.x.partial` was deleted when attachment `x` was downloaded (and so was a
+    user's own file of that name). They are now in a folder of their own, removed after."""
+    import subprocess
+    import sys
+
+    names = [".x.partial", "x"]
+    contents = [b"first, named like a partial file", b"second"]
+    body = {key: EXAMPLE[key] for key in ("to", "document")}
+    body["attachments"] = [
+        {"name": name, "content_base64": base64.b64encode(data).decode()}
+        for name, data in zip(names, contents, strict=True)
+    ]
+    with pair.es.client("officer") as http:
+        response = http.post("/api/v1/requests", json=body)
+    assert response.status_code == 201, response.text
+    request_id = response.json()["id"]
+    wait_for("the request at AR", lambda: detail(pair.ar, request_id))
+    out = tmp_path / "got"
+    out.mkdir()
+    (out / ".y.partial").write_bytes(b"the user's own")
+    env = {**os.environ, "ENTRAIDE_URL": pair.ar.url, "ENTRAIDE_TOKEN": pair.ar.tokens["officer"]}
+    done = subprocess.run(
+        [sys.executable, "-m", "app", "requests", "download", request_id, "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert sorted(path.name for path in out.iterdir()) == [".x.partial", ".y.partial", "x"]
+    assert (out / ".x.partial").read_bytes() == contents[0]
+    assert (out / "x").read_bytes() == contents[1]
+    assert (out / ".y.partial").read_bytes() == b"the user's own"
