@@ -54,8 +54,13 @@ class Signed:
 
 
 class SignedLogAnchor:
-    def __init__(self, path: Path, *, moved_from: Path | None = None) -> None:
+    def __init__(
+        self, path: Path, *, moved_from: Path | None = None, keys_dir: Path | None = None
+    ) -> None:
         self.path = path
+        # The node's keys folder: a log with nothing in it and no record is a node not yet
+        # initialised (no keys: `doctor` says that), not an alarm.
+        self.keys_dir = keys_dir
         # The record kept before ENTRAIDE_SIGNED_LOG_FILE moved it: read until the new one
         # exists (setting the variable must not drop what the node already signed).
         self.moved_from = moved_from
@@ -64,8 +69,8 @@ class SignedLogAnchor:
     def of(cls, settings: Settings) -> SignedLogAnchor:
         in_keys = settings.keys_dir / RECORD_FILE
         if settings.signed_log_file is None:
-            return cls(in_keys)
-        return cls(settings.signed_log_file, moved_from=in_keys)
+            return cls(in_keys, keys_dir=settings.keys_dir)
+        return cls(settings.signed_log_file, moved_from=in_keys, keys_dir=settings.keys_dir)
 
     def read(self) -> Signed | None:
         found = self._read(self.path)
@@ -133,6 +138,8 @@ class SignedLogAnchor:
         if not self.writable():
             return None
         signed = session.scalar(select(func.count()).select_from(AuditCheckpoint)) or 0
+        if not signed and not size and not self._initialised():
+            return None
         if signed:
             held = f"the database holds {signed} signed checkpoint(s)"
         elif size:
@@ -148,6 +155,11 @@ class SignedLogAnchor:
             "backup, or adopt the log as it is: `entraide audit checkpoint --adopt` verifies "
             "it first"
         )
+
+    def _initialised(self) -> bool:
+        from app.crypto.keys import keys_exist  # app.crypto.keys reads settings: not at import
+
+        return self.keys_dir is None or keys_exist(self.keys_dir)
 
     def check(self, session: Session, size: int, root: bytes) -> None:
         found = self.problem(session, size, root)

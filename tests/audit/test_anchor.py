@@ -20,8 +20,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.audit.anchor import LogRolledBack, SignedLogAnchor
 from app.audit.checkpoints import maybe_checkpoint, sign_checkpoint
 from app.audit.log import record
+from app.audit.merkle import EMPTY_ROOT
 from app.audit.service import verify_database
-from app.crypto.keys import NodeKeys
+from app.crypto.keys import NodeKeys, save_keys
 from app.db import make_engine, make_session_factory, read_snapshot, unit_of_work
 from app.localnodes import LocalNode
 from app.migrate import upgrade
@@ -280,3 +281,19 @@ def test_a_record_that_cannot_be_written_leaves_the_node_without_one(tmp_path: P
     anchor = SignedLogAnchor(blocked / "log-signed.json")
     assert anchor.start() is False
     assert not anchor.writable()
+
+
+def test_a_node_not_yet_initialised_is_no_alarm(tmp_path: Path) -> None:
+    """`entraide migrate` (or `doctor`) before `init`: an empty log, no keys, no record."""
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    upgrade(url)
+    keys_dir = tmp_path / "keys"
+    anchor = SignedLogAnchor(keys_dir / "log-signed.json", keys_dir=keys_dir)
+    engine = make_engine(url)
+    try:
+        with read_snapshot(make_session_factory(engine)) as session:
+            assert anchor.problem(session, 0, EMPTY_ROOT) is None
+            save_keys(keys_dir, NodeKeys.generate())
+            assert anchor.problem(session, 0, EMPTY_ROOT) is not None  # keys, no record
+    finally:
+        engine.dispose()
