@@ -416,6 +416,7 @@ def serve(
     import uvicorn
 
     from app.crypto.keys import KeyFileError
+    from app.lingering import LingeringH11Protocol
     from app.main import create_app
     from app.tls import server_options
 
@@ -453,7 +454,8 @@ def serve(
         log_level="info",
         log_config=None,
         access_log=False,
-        **tls,
+        # A connection answered before its body's end closes without losing the answer.
+        **{"http": LingeringH11Protocol, **tls},
     )
     uvicorn.Server(config).run(sockets=[listening])
 

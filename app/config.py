@@ -88,6 +88,10 @@ class Settings(BaseModel):
     max_envelope_parts: int = 64
     max_header_bytes: int = 64 * 1024
     max_attachment_bytes: int = 16 * 1024 * 1024
+    # Request bodies held in memory at once, by this process (JSON bodies are read whole
+    # before anything checks them): default 4 x max_body_bytes, at least max_body_bytes. One
+    # source address (an IPv6 /64) may hold half of it, at least one body. More waits (503).
+    max_buffered_body_bytes: int | None = Field(default=None, ge=1)
 
     # Large evidence (app/evidence): sealed parts in a blob store outside the database,
     # uploaded and transferred in streams. The blob directory defaults to `blobs` next to
@@ -179,6 +183,16 @@ class Settings(BaseModel):
             check_override_key(key)
         return value
 
+    @model_validator(mode="after")
+    def _room_for_one_body(self) -> Settings:
+        budget = self.max_buffered_body_bytes
+        if budget is not None and budget < self.max_body_bytes:
+            raise ValueError(
+                f"max_buffered_body_bytes ({budget}) must be at least "
+                f"max_body_bytes ({self.max_body_bytes}): else no body of that size is ever read"
+            )
+        return self
+
     @field_validator("database_url")
     @classmethod
     def _known_database(cls, value: str) -> str:
@@ -217,6 +231,13 @@ def body_idle_seconds(settings: Settings) -> float:
     """How long a request's body may send nothing before the node takes its sender for gone
     (app/evidence/pump.py): twice a peer's own read timeout."""
     return 2 * settings.peer_timeout_seconds
+
+
+def buffered_body_budget(settings: Settings) -> tuple[int, int]:
+    """The bytes of request bodies the process may hold in memory, in all and per source
+    address (half, but at least one body of the largest size)."""
+    total = settings.max_buffered_body_bytes or 4 * settings.max_body_bytes
+    return total, min(total, max(total // 2, settings.max_body_bytes))
 
 
 def longest_exchange_seconds(settings: Settings) -> float:

@@ -67,6 +67,64 @@ class BodyTooLarge(Exception):
     """The body is over the limit; what was read of it is dropped."""
 
 
+class NoRoomForBody(Exception):
+    """The bodies held in memory already fill the node's budget, or their source's share of
+    it; what was read of this one is dropped."""
+
+
+class BodyBudget:
+    """The bytes of request bodies this process holds in memory, in all and per source.
+
+    The deadlines of `read_body` bound how long a body may take, not how many are held at
+    once: a client that sent almost a whole body at once and then a byte per idle period held
+    it for about 18 minutes, and as many connections as it liked held as many bodies (from
+    review). A legitimate body over a slow link takes about as long, so the memory is what is
+    bounded. Everything here runs on the event loop: plain counters suffice."""
+
+    def __init__(self, total: int, per_source: int) -> None:
+        self.total = total
+        self.per_source = per_source
+        self.held = 0
+        self._by_source: dict[str, int] = {}
+
+    def take(self, source: str, size: int) -> bool:
+        """Reserve `size` more bytes for a body from `source`, if both bounds allow it."""
+        mine = self._by_source.get(source, 0)
+        if self.held + size > self.total or mine + size > self.per_source:
+            return False
+        self.held += size
+        self._by_source[source] = mine + size
+        return True
+
+    def give_back(self, source: str, size: int) -> None:
+        self.held -= size
+        left = self._by_source.get(source, 0) - size
+        if left > 0:
+            self._by_source[source] = left
+        else:
+            self._by_source.pop(source, None)  # the table holds only sources holding bytes
+
+
+class Reservation:
+    """What one request's body holds of a `BodyBudget`, given back at once by `release`
+    (which the caller runs in a `finally`, once the request has been handled)."""
+
+    def __init__(self, budget: BodyBudget, source: str) -> None:
+        self.budget = budget
+        self.source = source
+        self.size = 0
+
+    def take(self, size: int) -> bool:
+        if not self.budget.take(self.source, size):
+            return False
+        self.size += size
+        return True
+
+    def release(self) -> None:
+        self.budget.give_back(self.source, self.size)
+        self.size = 0
+
+
 class BodyTimedOut(Exception):
     """The body stalled, or fell behind the slowest rate; `detail` says which."""
 
@@ -75,12 +133,20 @@ class BodyTimedOut(Exception):
         self.detail = detail
 
 
-async def read_body(receive: Receive, *, max_bytes: int, idle_seconds: float) -> bytes:
+async def read_body(
+    receive: Receive,
+    *,
+    max_bytes: int,
+    idle_seconds: float,
+    reservation: Reservation | None = None,
+) -> bytes:
     """The whole body, at most `max_bytes`, read within two deadlines: it may send nothing
     for at most `idle_seconds` (as a streamed body, app/evidence/pump.py), and must arrive
-    at MIN_BODY_BYTES_PER_SECOND on average, counted after the first `idle_seconds`.
+    at MIN_BODY_BYTES_PER_SECOND on average, counted after the first `idle_seconds`. Each
+    chunk is reserved in `reservation` before it is kept; the caller releases it.
 
-    Raises BodyTooLarge, BodyTimedOut, or ClientDisconnect when the client leaves first. The
+    Raises BodyTooLarge, BodyTimedOut, NoRoomForBody (the reservation failed), or
+    ClientDisconnect when the client leaves first. The
     server gives a body no deadline of its own: without these, a silent or trickling one was
     held, unanswered, for as long as its connection stayed open (from review)."""
     started = last = time.monotonic()
@@ -106,6 +172,8 @@ async def read_body(receive: Receive, *, max_bytes: int, idle_seconds: float) ->
             size += len(chunk)
             if size > max_bytes:
                 raise BodyTooLarge()
+            if reservation is not None and not reservation.take(len(chunk)):
+                raise NoRoomForBody()
             chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)

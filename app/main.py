@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -22,8 +23,8 @@ from app.audit.log import record_alone
 from app.audit.router import p2p_router as audit_p2p_router
 from app.audit.router import router as audit_router
 from app.auth.refusals import record_refusal
-from app.auth.throttle import TooManyRequests
-from app.config import Settings, body_idle_seconds, get_settings
+from app.auth.throttle import TooManyRequests, address_unit
+from app.config import Settings, body_idle_seconds, buffered_body_budget, get_settings
 from app.crypto.encoding import utc_now
 from app.crypto.identity import build_identity_document
 from app.db import DurabilityLost
@@ -36,9 +37,12 @@ from app.evidence.p2p_router import router as evidence_p2p_router
 from app.evidence.router import router as evidence_router
 from app.limits import (
     MAX_JSON_VALUES,
+    BodyBudget,
     BodyTimedOut,
     BodyTooLarge,
     HeaderLimit,
+    NoRoomForBody,
+    Reservation,
     json_values_exceed,
     read_body,
 )
@@ -85,6 +89,9 @@ STREAMED_BODIES = (
 
 # Methods whose local API calls carry a body: refused before it is read without a token.
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# The paths whose routes take a body (of BODY_METHODS): the only bodies read here. Any other
+# request goes to the app unread; its route answers 404 or 405, or has no use for a body.
+BODY_PATHS = ("/api/v1/", "/p2p/")
 
 # The status of a request whose client left before its end (nginx's): no answer is read.
 CLIENT_GONE = 499
@@ -117,24 +124,49 @@ class LimitsAndHeaders:
     """Refuse oversized bodies before any parsing (413), bodies whose JSON would hold too many
     values too (app/limits.py), bodies that stall or trickle (408), and add security headers.
 
-    The body is read here, up to the limit and within its deadlines (`read_body`), and
-    replayed to the app: the app never sees a body over the limit, however it is sent
-    (Content-Length or chunked). Streamed bodies (STREAMED_BODIES) are their routes' own.
+    The body is read here, up to the limit, within its deadlines (`read_body`) and within
+    the memory budget (`BodyBudget`, 503 `busy` beyond it), and replayed to the app: the app
+    never sees a body over the limit, however it is sent (Content-Length or chunked). Only
+    bodies of BODY_METHODS on BODY_PATHS are read; streamed bodies (STREAMED_BODIES) are
+    their routes' own.
     """
 
-    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings, budget: BodyBudget) -> None:
         self.app = app
         self.settings = settings
         self.max_body_bytes = settings.max_body_bytes
+        self.budget = budget
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
 
+        headers = dict(scope.get("headers", []))
+        body_ended = b"transfer-encoding" not in headers and headers.get(
+            b"content-length", b"0"
+        ) in (b"0", b"")
+
+        async def receive_tracked() -> MutableMapping[str, Any]:
+            nonlocal body_ended
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                body_ended = True
+            return message
+
         async def send_with_headers(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
+                extra = list(SECURITY_HEADERS)
+                if not body_ended and not any(
+                    name.lower() == b"connection" for name, _ in message.get("headers", [])
+                ):
+                    # Answered before the end of its body (a refusal here, a route that
+                    # did not read it): the connection is closed. Else the server (h11 or
+                    # httptools) reads the rest of the body to reuse the connection, and a
+                    # byte of it cancels the keep-alive timer, which nothing re-arms: the
+                    # connection stayed open for as long as its client liked (from review).
+                    extra.append((b"connection", b"close"))
+                message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
         if b"%00" in bytes(scope.get("query_string", b"")):
@@ -147,7 +179,6 @@ class LimitsAndHeaders:
                 send_with_headers, 400, "invalid_request", "a query parameter holds a NUL"
             )
             return
-        headers = dict(scope.get("headers", []))
         if (
             scope.get("method") in BODY_METHODS
             and str(scope.get("path", "")).startswith("/api/v1/")
@@ -163,11 +194,11 @@ class LimitsAndHeaders:
                 headers={"www-authenticate": 'Bearer realm="entraide"'},
             )
             return
-        if any(
+        if not _buffered(scope) or any(
             scope.get("method") == method and str(scope.get("path", "")).startswith(prefix)
             for method, prefix in STREAMED_BODIES
         ):
-            await self.app(scope, receive, send_with_headers)
+            await self.app(scope, receive_tracked, send_with_headers)
             return
         if _p2p_body(scope):
             # A throttled address gets its 429 before its body is read or scanned, not after
@@ -192,7 +223,7 @@ class LimitsAndHeaders:
                     429,
                     blocked.code,
                     blocked.detail,
-                    headers={"retry-after": str(retry_after), "connection": "close"},
+                    headers={"retry-after": str(retry_after)},
                 )
                 return
             scope[P2P_UNBLOCKED] = True
@@ -200,42 +231,71 @@ class LimitsAndHeaders:
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
             await self._too_large(scope, send_with_headers)
             return
+        reservation = Reservation(self.budget, address_unit(_source(scope)))
+        try:
+            await self._read_and_replay(scope, receive_tracked, send_with_headers, reservation)
+        finally:
+            # Whatever ended the request (its answer, a refusal, a timeout, the client's
+            # going, an exception): what its body held is free for the next.
+            reservation.release()
+
+    async def _read_and_replay(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
+        reservation: Reservation,
+    ) -> None:
         try:
             body = await read_body(
                 receive,
                 max_bytes=self.max_body_bytes,
                 idle_seconds=body_idle_seconds(self.settings),
+                reservation=reservation,
             )
         except BodyTooLarge:
-            await self._too_large(scope, send_with_headers)
+            await self._too_large(scope, send)
             return
         except BodyTimedOut as stalled:
             # What it sent is dropped with it; the connection is closed, or the server would
             # wait for the rest of the declared length before it took another request.
             await _record_body_refusal(scope, 408, "body_timeout", stalled.detail)
+            await _refuse(send, 408, "body_timeout", stalled.detail)
+            return
+        except NoRoomForBody:
+            # Load shed, not a refusal of the input: neither audited nor counted against the
+            # address (a peer may meet it while another fills the budget). A sender retries
+            # a 503, not before Retry-After: by then a stalled body holding memory is gone.
+            retry_after = max(1, math.ceil(body_idle_seconds(self.settings)))
+            log.warning(
+                "request body from %s refused (503 busy): request bodies held in memory fill "
+                "the budget (%d of %d bytes held; at most %d per source address)",
+                reservation.source,
+                self.budget.held,
+                self.budget.total,
+                self.budget.per_source,
+            )
             await _refuse(
-                send_with_headers,
-                408,
-                "body_timeout",
-                stalled.detail,
-                headers={"connection": "close"},
+                send,
+                503,
+                "busy",
+                "the node holds too many request bodies; retry later",
+                headers={"retry-after": str(retry_after)},
             )
             return
         except ClientDisconnect:
             # Nobody reads this answer: it is for the access log and the metrics, which
             # otherwise counted the client's going as the node's fault (500, from review).
             log.info("the client closed the connection before the end of its request")
-            await send_with_headers(
-                {"type": "http.response.start", "status": CLIENT_GONE, "headers": []}
-            )
-            await send_with_headers({"type": "http.response.body", "body": b""})
+            await send({"type": "http.response.start", "status": CLIENT_GONE, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
             return
         # Small bodies cannot hold enough values to matter, and are not worth a thread hop.
         if len(body) > JSON_CHECK_BYTES and await run_in_threadpool(json_values_exceed, body):
             detail = f"the body holds more than {MAX_JSON_VALUES} JSON values"
             # On record before the answer: the caller may query the log once it has it.
             await _record_body_refusal(scope, 413, "too_large", detail)
-            await _refuse(send_with_headers, 413, "too_large", detail)
+            await _refuse(send, 413, "too_large", detail)
             return
         replayed = False
 
@@ -246,7 +306,7 @@ class LimitsAndHeaders:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send_with_headers)
+        await self.app(scope, replay, send)
 
     async def _too_large(
         self, scope: Scope, send: Callable[[MutableMapping[str, Any]], Awaitable[None]]
@@ -254,6 +314,10 @@ class LimitsAndHeaders:
         detail = f"body larger than {self.max_body_bytes} bytes"
         await _record_body_refusal(scope, 413, "too_large", detail)
         await _refuse(send, 413, "too_large", detail)
+
+
+def _buffered(scope: Scope) -> bool:
+    return scope.get("method") in BODY_METHODS and str(scope.get("path", "")).startswith(BODY_PATHS)
 
 
 def _p2p_body(scope: Scope) -> bool:
@@ -485,7 +549,9 @@ def create_app(settings: Settings | None = None, *, node: Node | None = None) ->
         app.include_router(router)
     setattr(app.state, ROUTE_TABLE, route_table(ROUTERS))
     install_openapi(app, ROUTERS)
-    app.add_middleware(LimitsAndHeaders, settings=settings)
+    # One budget for the process: every request body this app reads is held in it.
+    budget = BodyBudget(*buffered_body_budget(settings))
+    app.add_middleware(LimitsAndHeaders, settings=settings, budget=budget)
     # Outside the body limit: headers are refused before any body is read.
     app.add_middleware(
         HeaderLimit,
@@ -495,6 +561,7 @@ def create_app(settings: Settings | None = None, *, node: Node | None = None) ->
     )
     # Outermost, so the request id and the counters cover every answer, 413s included.
     app.state.metrics = Metrics()
+    app.state.metrics.buffered_body_bytes.set_function(lambda: budget.held)
     app.add_middleware(Observability, metrics=app.state.metrics)
     return app
 

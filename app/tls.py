@@ -28,11 +28,11 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Receive, Scope, Send
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from app.config import Settings
 from app.crypto.keyfile import KeyFileError, check_private_mode
 from app.errors import Forbidden
+from app.lingering import LingeringH11Protocol
 from app.models import Peer
 
 
@@ -98,8 +98,9 @@ def _with_client_cert(app: ASGIApp, pem: str) -> ASGIApp:
     return wrapped
 
 
-class PeerCertProtocol(H11Protocol):
-    """Uvicorn's h11 protocol, handing the verified client certificate to the app."""
+class PeerCertProtocol(LingeringH11Protocol):
+    """Uvicorn's h11 protocol (lingering, app/lingering.py), handing the verified client
+    certificate to the app."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn narrows the type the same way
         super().connection_made(transport)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
@@ -63,6 +63,11 @@ class Metrics:
             "entraide_envelopes_refused",
             "Envelopes from peers refused by this process, by refusal code.",
             ["code"],
+            registry=self.registry,
+        )
+        self.buffered_body_bytes = Gauge(
+            "entraide_buffered_body_bytes",
+            "Bytes of request bodies this process holds in memory (app/limits.py BodyBudget).",
             registry=self.registry,
         )
         self._node_collector: NodeCollector | None = None

@@ -33,6 +33,7 @@ from app.crypto.identity import build_identity_document, parse_identity_document
 from app.crypto.keys import NodeIdentity, NodeKeys, save_identity, save_keys
 from app.crypto.randomness import SystemRandomness
 from app.db import unit_of_work
+from app.lingering import LingeringH11Protocol
 from app.localnodes import free_port
 from app.main import create_app
 from app.migrate import ROOT, upgrade
@@ -192,7 +193,14 @@ def serve_node(
     app.dependency_overrides[get_clock] = lambda: clock
     port = free_port()
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            access_log=False,
+            http=LingeringH11Protocol,  # as `entraide serve` runs it
+        )
     )
     thread = threading.Thread(target=server.run, name="ar-node", daemon=True)
     thread.start()
