@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -58,6 +58,24 @@ class Log:
             session, authority_id=AUTHORITY, log_key=self.keys.log, every=every, seconds=seconds
         )
         return None if signed is None else signed.size
+
+    def clocked_upkeep(
+        self, clock: CheckpointClock, *, seconds: float
+    ) -> Callable[[Session], int | None]:
+        """The worker's upkeep with its own clock (never due by count here)."""
+
+        def upkeep(session: Session) -> int | None:
+            signed = maybe_checkpoint(
+                session,
+                authority_id=AUTHORITY,
+                log_key=self.keys.log,
+                every=1000,
+                seconds=seconds,
+                clock=clock,
+            )
+            return None if signed is None else signed.size
+
+        return upkeep
 
     def problems(self, session: Session) -> list[str]:
         report = verify_database(session, authority_id=AUTHORITY, log_public=self.keys.log_public)
@@ -132,18 +150,7 @@ def test_a_row_dated_a_little_ahead_puts_checkpoints_off_for_one_period_at_most(
     """From review: dated just inside the margin replicas' clocks need (and again after each
     checkpoint), a row put off every checkpoint due by time. The worker's own clock bounds
     that to one period from when it first saw the row newest."""
-    clock = CheckpointClock()
-
-    def upkeep(session: Session) -> int | None:
-        signed = maybe_checkpoint(
-            session,
-            authority_id=AUTHORITY,
-            log_key=log.keys.log,
-            every=1000,
-            seconds=0.5,
-            clock=clock,
-        )
-        return None if signed is None else signed.size
+    upkeep = log.clocked_upkeep(CheckpointClock(), seconds=0.5)
 
     with unit_of_work(log.sessions) as session:
         newest = _newest_row(session)
@@ -163,18 +170,7 @@ def test_hiding_the_newest_row_again_and_again_does_not_restart_the_workers_cloc
 ) -> None:
     """From review: deleting the newest checkpoint row and putting it back, faster than once
     a period, made the newest seen alternate and restarted the count each time."""
-    clock = CheckpointClock()
-
-    def upkeep(session: Session) -> int | None:
-        signed = maybe_checkpoint(
-            session,
-            authority_id=AUTHORITY,
-            log_key=log.keys.log,
-            every=1000,
-            seconds=0.5,
-            clock=clock,
-        )
-        return None if signed is None else signed.size
+    upkeep = log.clocked_upkeep(CheckpointClock(), seconds=0.5)
 
     with unit_of_work(log.sessions) as session:
         newest = _newest_row(session)

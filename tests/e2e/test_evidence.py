@@ -810,6 +810,21 @@ def test_cli_sends_and_downloads_with_attachments(pair: Pair, tmp_path: Path) ->
     assert not (tmp_path / "no").exists()
 
 
+def _sent_with_inline_attachments(pair: Pair, names: list[str], contents: list[bytes]) -> str:
+    """A request from ES/MJ with these attachments (names a peer may choose), once at AR/MPF."""
+    body = {key: EXAMPLE[key] for key in ("to", "document")}
+    body["attachments"] = [
+        {"name": name, "content_base64": base64.b64encode(data).decode()}
+        for name, data in zip(names, contents, strict=True)
+    ]
+    with pair.es.client("officer") as http:
+        response = http.post("/api/v1/requests", json=body)
+    assert response.status_code == 201, response.text
+    request_id: str = response.json()["id"]
+    wait_for("the request at AR", lambda: detail(pair.ar, request_id))
+    return request_id
+
+
 def test_cli_downloads_attachments_whose_names_are_too_long_for_a_file(
     pair: Pair, tmp_path: Path
 ) -> None:
@@ -821,16 +836,7 @@ def test_cli_downloads_attachments_whose_names_are_too_long_for_a_file(
 
     names = ["a" * 251 + ".txt", "é" * 128, "€" * 90, "€" * 90]
     contents = [os.urandom(n + 1) for n in range(len(names))]
-    body = {key: EXAMPLE[key] for key in ("to", "document")}
-    body["attachments"] = [
-        {"name": name, "content_base64": base64.b64encode(data).decode()}
-        for name, data in zip(names, contents, strict=True)
-    ]
-    with pair.es.client("officer") as http:
-        response = http.post("/api/v1/requests", json=body)
-    assert response.status_code == 201, response.text
-    request_id = response.json()["id"]
-    wait_for("the request at AR", lambda: detail(pair.ar, request_id))
+    request_id = _sent_with_inline_attachments(pair, names, contents)
 
     def entraide(*args: str) -> subprocess.CompletedProcess[str]:
         env = {
@@ -935,16 +941,7 @@ def test_cli_downloads_never_delete_a_file_named_like_a_partial_one(
 
     names = [".x.partial", "x"]
     contents = [b"first, named like a partial file", b"second"]
-    body = {key: EXAMPLE[key] for key in ("to", "document")}
-    body["attachments"] = [
-        {"name": name, "content_base64": base64.b64encode(data).decode()}
-        for name, data in zip(names, contents, strict=True)
-    ]
-    with pair.es.client("officer") as http:
-        response = http.post("/api/v1/requests", json=body)
-    assert response.status_code == 201, response.text
-    request_id = response.json()["id"]
-    wait_for("the request at AR", lambda: detail(pair.ar, request_id))
+    request_id = _sent_with_inline_attachments(pair, names, contents)
     out = tmp_path / "got"
     out.mkdir()
     (out / ".y.partial").write_bytes(b"the user's own")
