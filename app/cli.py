@@ -96,6 +96,10 @@ deliveries_app = typer.Typer(no_args_is_help=True, help="Outbound deliveries (op
 app.add_typer(deliveries_app, name="deliveries")
 
 
+# How long `serve` lets requests under way finish after SIGTERM (systemd's stop waits 90 s).
+SHUTDOWN_GRACE_SECONDS = 30
+
+
 def _operator() -> str:
     try:
         return f"operator:{getpass.getuser()}"
@@ -454,6 +458,10 @@ def serve(
         log_level="info",
         log_config=None,
         access_log=False,
+        # On SIGTERM, requests under way get this long, then are cancelled: a body read
+        # within its deadlines may take minutes (a trickle), and systemd kills at 90 s
+        # (from review). A request cancelled so got no answer; its client asks again.
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS,
         # A connection answered before its body's end closes without losing the answer.
         **{"http": LingeringH11Protocol, **tls},
     )

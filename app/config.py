@@ -89,8 +89,9 @@ class Settings(BaseModel):
     max_header_bytes: int = 64 * 1024
     max_attachment_bytes: int = 16 * 1024 * 1024
     # Request bodies held in memory at once, by this process (JSON bodies are read whole
-    # before anything checks them): default 4 x max_body_bytes, at least max_body_bytes. One
-    # source address (an IPv6 /64) may hold half of it, at least one body. More waits (503).
+    # before anything checks them): default 8 x max_body_bytes, at least max_body_bytes. One
+    # source address (an IPv6 /64) may hold half of it, at least one body: by default four,
+    # as many as a peer's delivery worker posts at once (worker_concurrency). More: 503.
     max_buffered_body_bytes: int | None = Field(default=None, ge=1)
 
     # Large evidence (app/evidence): sealed parts in a blob store outside the database,
@@ -236,7 +237,9 @@ def body_idle_seconds(settings: Settings) -> float:
 def buffered_body_budget(settings: Settings) -> tuple[int, int]:
     """The bytes of request bodies the process may hold in memory, in all and per source
     address (half, but at least one body of the largest size)."""
-    total = settings.max_buffered_body_bytes or 4 * settings.max_body_bytes
+    # Eight bodies: half of it is four, what one peer's worker may post at once (with four
+    # in all, a third large envelope from one peer was refused half way, from review).
+    total = settings.max_buffered_body_bytes or 8 * settings.max_body_bytes
     return total, min(total, max(total // 2, settings.max_body_bytes))
 
 

@@ -96,6 +96,13 @@ class BodyBudget:
         self._by_source[source] = mine + size
         return True
 
+    def largest(self) -> tuple[str, int] | None:
+        """The source holding the most, and how much: who fills the budget (a refused
+        caller is more often its victim)."""
+        if not self._by_source:
+            return None
+        return max(self._by_source.items(), key=lambda item: item[1])
+
     def give_back(self, source: str, size: int) -> None:
         self.held -= size
         left = self._by_source.get(source, 0) - size

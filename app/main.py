@@ -267,13 +267,17 @@ class LimitsAndHeaders:
             # address (a peer may meet it while another fills the budget). A sender retries
             # a 503, not before Retry-After: by then a stalled body holding memory is gone.
             retry_after = max(1, math.ceil(body_idle_seconds(self.settings)))
+            holder, holding = self.budget.largest() or ("nobody", 0)
             log.warning(
                 "request body from %s refused (503 busy): request bodies held in memory fill "
-                "the budget (%d of %d bytes held; at most %d per source address)",
+                "the budget (%d of %d bytes held; at most %d per source address; the most, "
+                "%d bytes, by %s)",
                 reservation.source,
                 self.budget.held,
                 self.budget.total,
                 self.budget.per_source,
+                holding,
+                holder,
             )
             await _refuse(
                 send,

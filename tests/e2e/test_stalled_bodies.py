@@ -28,6 +28,7 @@ from app.db import make_engine
 from app.localnodes import LocalNode
 from app.models import AuditEntry
 from tests.conftest import BACKENDS, make_databases
+from tests.e2e.conftest import wait_for
 
 # ENTRAIDE_PEER_TIMEOUT_SECONDS=0.5: a body silent for 2 x 0.5 s is refused.
 IDLE_SECONDS = 1.0
@@ -392,6 +393,17 @@ def test_bodies_held_in_memory_are_bounded_per_source_and_in_all(small_node: Loc
         # The whole budget (192 KiB) cannot take a fourth, from a source holding nothing.
         _busy(_hold(node, "127.0.0.4"))
         _wait_held(node, 3 * HELD)
+        # The log names who holds the most, not only the caller turned away (its victim).
+        wait_for(
+            "the busy warning",
+            lambda: "(503 busy)" in node.log_path.read_text(errors="replace"),
+        )
+        warning = next(
+            line
+            for line in node.log_path.read_text(errors="replace").splitlines()
+            if "request body from 127.0.0.4 refused (503 busy)" in line
+        )
+        assert "bytes, by 127.0.0." in warning
         # A client that leaves frees what it held; the next body is read and handled.
         held.pop(0).close()
         _wait_held(node, 2 * HELD)

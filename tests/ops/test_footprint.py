@@ -173,3 +173,14 @@ def test_a_node_process_does_without_what_it_never_uses(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "imported:"
+
+
+def test_a_peers_default_worker_fits_in_a_receivers_default_body_budget() -> None:
+    """From review: with a budget of four bodies, half per source, a peer's worker posting
+    four large envelopes at once (its default concurrency) had its third refused half way."""
+    from app.config import buffered_body_budget
+
+    settings = Settings()
+    total, per_source = buffered_body_budget(settings)
+    assert per_source >= settings.worker_concurrency * settings.max_body_bytes
+    assert total == 2 * per_source  # two sources fill it, never one
