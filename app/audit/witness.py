@@ -485,10 +485,7 @@ def _unverifiable(
 
 def _verifiable_again(sessions: sessionmaker[Session], authority: str) -> None:
     """Ends a run of unverifiable checkpoints (one DELETE per new checkpoint witnessed)."""
-    with unit_of_work(sessions) as session:
-        session.execute(
-            delete(AuthThrottle).where(AuthThrottle.key == _unverifiable_key(authority))
-        )
+    _end_run(sessions, _unverifiable_key(authority))
 
 
 def _unproven_key(authority: str) -> str:
@@ -523,5 +520,10 @@ def _proof_refused(
 
 
 def _proof_given(sessions: sessionmaker[Session], authority: str) -> None:
+    _end_run(sessions, _unproven_key(authority))
+
+
+def _end_run(sessions: sessionmaker[Session], key: str) -> None:
+    """A run of failures counted under `key` is over: its next failure alarms again."""
     with unit_of_work(sessions) as session:
-        session.execute(delete(AuthThrottle).where(AuthThrottle.key == _unproven_key(authority)))
+        session.execute(delete(AuthThrottle).where(AuthThrottle.key == key))

@@ -39,16 +39,31 @@ BUFFERED_P2P_ROUTES = ("/p2p/v1/envelopes", "/p2p/v1/envelopes/batch", "/p2p/v1/
 def node(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalNode]:
+    yield from _serving(
+        request,
+        tmp_path_factory,
+        {"ENTRAIDE_PEER_TIMEOUT_SECONDS": str(IDLE_SECONDS / 2)},
+        clients={"officer": ("officer",)},
+    )
+
+
+def _serving(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    env: dict[str, str],
+    clients: dict[str, tuple[str, ...]] | None = None,
+) -> Iterator[LocalNode]:
+    """AR/MPF with these settings, on the fixture's backend, until the module ends."""
     databases = make_databases(request.param, tmp_path_factory.mktemp("db"))
     ar = LocalNode(
         "AR/MPF",
         "Ministerio Publico Fiscal",
         tmp_path_factory.mktemp("nodes") / "ar",
         databases.new("ar"),
-        extra_env={"ENTRAIDE_PEER_TIMEOUT_SECONDS": str(IDLE_SECONDS / 2)},
+        extra_env=env,
     )
     try:
-        ar.init(clients={"officer": ("officer",)})
+        ar.init(clients=clients)
         ar.start()
         yield ar
     finally:
@@ -307,25 +322,15 @@ HELD = 60 * 1024
 def small_node(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalNode]:
-    databases = make_databases(request.param, tmp_path_factory.mktemp("db"))
-    ar = LocalNode(
-        "AR/MPF",
-        "Ministerio Publico Fiscal",
-        tmp_path_factory.mktemp("nodes") / "ar",
-        databases.new("ar"),
-        extra_env={
+    yield from _serving(
+        request,
+        tmp_path_factory,
+        {
             "ENTRAIDE_PEER_TIMEOUT_SECONDS": "5",
             "ENTRAIDE_MAX_BODY_BYTES": str(SMALL_BODY),
             "ENTRAIDE_MAX_BUFFERED_BODY_BYTES": str(BUDGET),
         },
     )
-    try:
-        ar.init()
-        ar.start()
-        yield ar
-    finally:
-        ar.stop()
-        databases.drop_all()
 
 
 def _held_bytes(node: LocalNode) -> float:
