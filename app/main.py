@@ -34,6 +34,7 @@ from app.deps import DUPLICATE_KEY, P2P_UNBLOCKED, p2p_blocked_for, refuse_p2p_c
 from app.errors import ERROR_HEADER, EntraideError, EnvelopeRefused, StoredEnvelopeCorrupt
 from app.evidence.blobstore import StorageFailed
 from app.evidence.p2p_router import router as evidence_p2p_router
+from app.evidence.router import replies as evidence_replies_router
 from app.evidence.router import router as evidence_router
 from app.limits import (
     MAX_JSON_VALUES,
@@ -77,6 +78,7 @@ ROUTERS = (
     audit_p2p_router,
     metrics_router,
     evidence_router,
+    evidence_replies_router,
     evidence_p2p_router,
 )
 

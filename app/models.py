@@ -481,8 +481,9 @@ class WorkerHeartbeat(Base):
 
 
 class EvidenceDraft(Base):
-    """A request being prepared with large evidence (app/evidence): attachments are streamed
-    into the blob store, encrypted as they arrive, before the envelope is sealed.
+    """A request, or a message of one, being prepared with large evidence (app/evidence):
+    attachments are streamed into the blob store, encrypted as they arrive, before the
+    envelope is sealed.
 
     The message id, the content key and each attachment's stream header are fixed here, at
     creation. The content key is stored sealed to this node's own encryption key
@@ -494,6 +495,9 @@ class EvidenceDraft(Base):
     __tablename__ = "evidence_drafts"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)  # the envelope's msg_id
+    # The request a reply answers; null for a draft that opens a request (whose id is then
+    # the request's).
+    request_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     peer_authority: Mapped[str] = mapped_column(String(40))
     created_by: Mapped[str] = mapped_column(String(120))
     state: Mapped[str] = mapped_column(String(12))  # open | submitted

@@ -1,4 +1,4 @@
-"""`entraide requests send|download|discard`: large evidence through a node's local API.
+"""`entraide requests send|reply|download|discard`: large evidence through a node's local API.
 
 Talks HTTP to the node (ENTRAIDE_URL, ENTRAIDE_TOKEN, or --url/--token), like any authority
 system would: a draft is created with the attachments' sizes, each file is uploaded in pieces
@@ -159,6 +159,96 @@ def _upload(http: httpx.Client, href: str, path: Path, progress: Progress) -> No
             time.sleep(min(30.0, 0.5 * 2**failures))
 
 
+def _refuse_inline(path: Path, body: dict[str, Any]) -> None:
+    inline = body.get("attachments")
+    if inline:
+        # Sent as given, they would be dropped without a word (the letter of request in the
+        # project's own example, say): each is to be a file of its own.
+        names = ", ".join(
+            str(item.get("name")) if isinstance(item, dict) else "?"
+            for item in (inline if isinstance(inline, list) else [inline])
+        )
+        typer.echo(
+            f"error: {path} holds attachments inline ({names}); this command sends only "
+            "files given with --attach: save each to a file and attach it",
+            err=True,
+        )
+        raise typer.Exit(2)
+
+
+def _declared(files: list[Path]) -> list[dict[str, Any]]:
+    return [
+        {"name": path.name, "media_type": _media_type(path), "size": path.stat().st_size}
+        for path in files
+    ]
+
+
+def _send_draft(
+    http: httpx.Client,
+    body: dict[str, Any],
+    files: list[Path],
+    draft: str | None,
+    *,
+    submitted_already: str,
+    request_id: str | None = None,
+) -> dict[str, Any]:
+    """Create the draft (a new request's, or with `request_id` a reply's), or find the one to
+    resume; upload each file (resumable), submit. Returns the node's answer to the submission."""
+    if draft is None:
+        body["attachments"] = _declared(files)
+        route = (
+            "/api/v1/evidence/drafts"
+            if request_id is None
+            else f"/api/v1/requests/{request_id}/messages/drafts"
+        )
+        created = _check(http.post(route, json=body), 201)
+        typer.echo(f"draft {created['id']}", err=True)
+    else:
+        created = _check(http.get(f"/api/v1/evidence/drafts/{draft}"), 200)
+        answered = created.get("request_id")
+        if answered != request_id:
+            resume = (
+                f"it opens a new request: resume it with `entraide requests send FILE --draft "
+                f"{draft}`"
+                if answered is None
+                else f"it answers request {answered}: resume it with `entraide requests reply "
+                f"{answered} FILE --draft {draft}`"
+            )
+            typer.echo(f"error: draft {draft} is not this command's: {resume}", err=True)
+            raise typer.Exit(2)
+        if created.get("state") == "submitted":
+            # Neither resumed nor discarded: it was sent.
+            typer.echo(f"error: draft {draft} was already submitted: {submitted_already}", err=True)
+            raise typer.Exit(1)
+    if len(created["attachments"]) != len(files):
+        typer.echo("error: give the same files, in the same order, as the draft's", err=True)
+        raise typer.Exit(2)
+    try:
+        with _progress() as progress:
+            for item, path in zip(created["attachments"], files, strict=True):
+                if path.stat().st_size != item["size"]:
+                    typer.echo(f"error: {path} is not the size the draft declared", err=True)
+                    raise typer.Exit(2)
+                _upload(http, item["href"], path, progress)
+        submitted: dict[str, Any] = _check(
+            http.post(f"/api/v1/evidence/drafts/{created['id']}/submit"), 201
+        )
+    except (typer.Exit, httpx.HTTPError, KeyboardInterrupt, OSError) as exc:
+        # Only then is there a draft to resume or give up: a submitted one was sent (and a
+        # submission whose answer was lost may have been).
+        if isinstance(exc, OSError):
+            typer.echo(f"error: cannot read an attached file: {exc}", err=True)
+        typer.echo(
+            f"the draft may still be open: resume with --draft {created['id']}, "
+            f"or give it up: entraide requests discard {created['id']}",
+            err=True,
+        )
+        if isinstance(exc, OSError):
+            raise typer.Exit(1) from exc
+        raise
+    return submitted
+
+
 @requests_app.command("send")
 def send(
     request: Annotated[
@@ -172,68 +262,92 @@ def send(
     """Create a draft, upload each attached file (resumable), then submit the request."""
     files = _files(attach or [])
     body = _request_body(request) if draft is None else {}
-    inline = body.get("attachments")
-    if inline:
-        # Sent as given, they would be dropped without a word (the letter of request in the
-        # project's own example, say): each is to be a file of its own.
-        names = ", ".join(
-            str(item.get("name")) if isinstance(item, dict) else "?"
-            for item in (inline if isinstance(inline, list) else [inline])
-        )
-        typer.echo(
-            f"error: {request} holds attachments inline ({names}); this command sends only "
-            "files given with --attach: save each to a file and attach it",
-            err=True,
-        )
-        raise typer.Exit(2)
+    _refuse_inline(request, body)
     with _reaching(_client(url, token)) as http:
-        if draft is None:
-            body["attachments"] = [
-                {
-                    "name": path.name,
-                    "media_type": _media_type(path),
-                    "size": path.stat().st_size,
-                }
-                for path in files
-            ]
-            created = _check(http.post("/api/v1/evidence/drafts", json=body), 201)
-            typer.echo(f"draft {created['id']}", err=True)
-        else:
-            created = _check(http.get(f"/api/v1/evidence/drafts/{draft}"), 200)
-            if created.get("state") == "submitted":
-                # Neither resumed nor discarded: it is a request now (its id is the draft's).
-                typer.echo(
-                    f"error: draft {draft} was already submitted: it is request {draft} "
-                    f"(see it with GET /api/v1/requests/{draft}, or "
-                    f"entraide requests download {draft}); nothing was sent again",
-                    err=True,
-                )
-                raise typer.Exit(1)
-        if len(created["attachments"]) != len(files):
-            typer.echo("error: give the same files, in the same order, as the draft's", err=True)
-            raise typer.Exit(2)
-        try:
-            with _progress() as progress:
-                for item, path in zip(created["attachments"], files, strict=True):
-                    if path.stat().st_size != item["size"]:
-                        typer.echo(f"error: {path} is not the size the draft declared", err=True)
-                        raise typer.Exit(2)
-                    _upload(http, item["href"], path, progress)
-            submitted = _check(http.post(f"/api/v1/evidence/drafts/{created['id']}/submit"), 201)
-        except (typer.Exit, httpx.HTTPError, KeyboardInterrupt, OSError) as exc:
-            # Only then is there a draft to resume or give up: a submitted one is a request
-            # (and a submission whose answer was lost may have been one).
-            if isinstance(exc, OSError):
-                typer.echo(f"error: cannot read an attached file: {exc}", err=True)
+        submitted = _send_draft(
+            http,
+            body,
+            files,
+            draft,
+            # A new request's id is its draft's.
+            submitted_already=f"it is request {draft} (see it with GET /api/v1/requests/"
+            f"{draft}, or entraide requests download {draft}); nothing was sent again",
+        )
+    typer.echo(submitted["id"])
+
+
+def _file_sha256(path: Path, progress: Progress) -> str:
+    digest = hashlib.sha256()
+    task = progress.add_task(f"checking {path.name}", total=path.stat().st_size)
+    with path.open("rb") as source:
+        while data := source.read(READ):
+            digest.update(data)
+            progress.advance(task, len(data))
+    return digest.hexdigest()
+
+
+def _check_attested(document: Any, files: list[Path]) -> None:
+    """Evidence that names an attached file must attest its SHA-256: checked here, before a
+    byte is uploaded (the node checks it again at submission, when a mistake would cost
+    the whole upload)."""
+    evidence = document.get("evidence") if isinstance(document, dict) else None
+    named = [
+        (number, item)
+        for number, item in enumerate(evidence if isinstance(evidence, list) else [])
+        if isinstance(item, dict) and isinstance(item.get("attachment"), int)
+    ]
+    hashes: dict[int, str] = {}
+    with _progress() as progress:
+        for _, item in named:
+            index = item["attachment"]
+            if 1 <= index <= len(files) and index not in hashes:
+                hashes[index] = _file_sha256(files[index - 1], progress)
+    for number, item in named:
+        index = item["attachment"]
+        if index in hashes and str(item.get("sha256", "")).lower() != hashes[index]:
             typer.echo(
-                f"the draft may still be open: resume with --draft {created['id']}, "
-                f"or give it up: entraide requests discard {created['id']}",
+                f"error: document.evidence[{number}] attests a SHA-256 that is not that of "
+                f"{files[index - 1]} (attachment {index}): {hashes[index]}",
                 err=True,
             )
-            if isinstance(exc, OSError):
-                raise typer.Exit(1) from exc
-            raise
-    typer.echo(submitted["id"])
+            raise typer.Exit(2)
+
+
+@requests_app.command("reply")
+def reply(
+    request_id: Annotated[str, typer.Argument(help="the request to answer")],
+    message: Annotated[
+        Path,
+        typer.Argument(
+            help="JSON file: {document} as for POST /api/v1/requests/{id}/messages "
+            "(a result's evidence names its file by --attach order: attachment 1, 2, ...)"
+        ),
+    ],
+    attach: Annotated[list[Path] | None, typer.Option("--attach", help="a file to attach")] = None,
+    draft: Annotated[str | None, typer.Option(help="continue this draft's uploads")] = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Send a message of a request (a result with its evidence, say), its files streamed
+    and resumable as `send`'s. Prints the message's id."""
+    files = _files(attach or [])
+    body: dict[str, Any] = {}
+    if draft is None:
+        given = _request_body(message)
+        _refuse_inline(message, given)
+        _check_attested(given.get("document"), files)
+        body = {"document": given.get("document")}
+    with _reaching(_client(url, token)) as http:
+        submitted = _send_draft(
+            http,
+            body,
+            files,
+            draft,
+            submitted_already=f"it is message {draft} of request {request_id} (see it with "
+            f"GET /api/v1/requests/{request_id}); nothing was sent again",
+            request_id=request_id,
+        )
+    typer.echo(submitted["msg_id"])
 
 
 @requests_app.command("discard")

@@ -41,16 +41,25 @@ from app.crypto.envelope import (
 )
 from app.delivery import outbox
 from app.domain.document import RequestDocument
-from app.errors import BadRequest, Conflict, EntraideError, NotFound, PayloadTooLarge
+from app.domain.messages import MessageDocument, MessageType
+from app.errors import (
+    BadRequest,
+    Conflict,
+    EntraideError,
+    NotFound,
+    PayloadTooLarge,
+)
 from app.evidence import schemas
 from app.evidence.blobstore import BlobError, DirectoryBlobStore, UploadBusy
-from app.evidence.seal import StreamedAttachment, seal_streamed
+from app.evidence.seal import SealedHead, StreamedAttachment, seal_streamed
 from app.evidence.stream import CIPHER_CHUNK, FinishedPart, PartWriter, chunk_count
 from app.limits import refuse_over_wire_limit
 from app.models import BlobPart, CaseFile, EvidenceDraft, EvidenceUpload, Message, Part
 from app.node import Node
+from app.peers.keys import PinnedKeys
 from app.peers.service import get_peer, refuse_if_suspended
-from app.requests import conversation
+from app.requests import conversation, lifecycle, moves
+from app.requests.service import message_to_follow, pinned_peer, visible_case
 from app.requests.status import QUEUED
 
 OPEN = "open"
@@ -133,10 +142,7 @@ def staged_offset(store: DirectoryBlobStore, row: EvidenceUpload) -> int:
 # --- creating -----------------------------------------------------------------------------
 
 
-def create_draft(
-    session: Session, node: Node, *, body: schemas.CreateDraft, principal: Principal
-) -> EvidenceDraft:
-    settings = node.settings
+def _requested_peer(session: Session, node: Node, body: schemas.CreateDraft) -> str:
     document = body.document
     if document.requesting_authority != node.authority_id:
         raise BadRequest(
@@ -145,6 +151,46 @@ def create_draft(
         )
     if document.requested_authority != body.to:
         raise BadRequest("document.requested_authority must equal 'to'", code="recipient_mismatch")
+    return body.to
+
+
+def _answered_request(
+    session: Session, request_id: str, body: schemas.CreateReplyDraft, principal: Principal
+) -> CaseFile:
+    """The request a reply answers, if this officer may see it, and if its message may be
+    sent from where the request is now: refused before any byte is uploaded (and judged
+    again at submission, the request may move meanwhile)."""
+    case = visible_case(session, request_id, principal)
+    lifecycle.on_send(
+        lifecycle.parse_state(case.status), lifecycle.role_of(case.direction), body.document.type
+    )
+    return case
+
+
+def _sealed_document(body: schemas.CreateDraft | schemas.CreateReplyDraft) -> dict[str, Any]:
+    if isinstance(body, schemas.CreateReplyDraft):
+        return body.document.wire_form()  # as add_message seals it
+    return body.document.model_dump(mode="json")
+
+
+def create_draft(
+    session: Session,
+    node: Node,
+    *,
+    body: schemas.CreateDraft | schemas.CreateReplyDraft,
+    principal: Principal,
+    request_id: str | None = None,
+) -> EvidenceDraft:
+    """A new request's draft (`CreateDraft`), or a reply's on `request_id`."""
+    settings = node.settings
+    case = None
+    if isinstance(body, schemas.CreateReplyDraft):
+        if request_id is None:
+            raise TypeError("a reply's draft names its request")
+        case = _answered_request(session, request_id, body, principal)
+        to = case.peer_authority
+    else:
+        to = _requested_peer(session, node, body)
     if len(body.attachments) > settings.max_evidence_attachments:
         raise PayloadTooLarge(f"more than {settings.max_evidence_attachments} attachments")
     for number, item in enumerate(body.attachments, start=1):
@@ -157,7 +203,7 @@ def create_draft(
         raise PayloadTooLarge(f"attachments exceed {settings.max_evidence_request_bytes} bytes")
     sealed = canonical_json(
         {
-            "document": document.model_dump(mode="json"),
+            "document": _sealed_document(body),
             "attachments": [
                 {"name": item.name, "media_type": item.media_type} for item in body.attachments
             ],
@@ -166,14 +212,15 @@ def create_draft(
     # Part 0 goes to the peer with the header, in one body under its limit: refused now if
     # the document alone (encrypted later, with the attachments' hashes) is over it.
     refuse_over_wire_limit(settings, len(sealed), 1)
-    peer = get_peer(session, body.to)
+    peer = get_peer(session, to)
     refuse_if_suspended(peer.authority_id, peer.suspended_at)
     msg_id = bytes(random_bytes(MSG_ID_BYTES))
     content_key = bytes(random_bytes(KEY_BYTES))
     now = utc_now()
     draft = EvidenceDraft(
         id=msg_id.hex(),
-        peer_authority=body.to,
+        request_id=None if case is None else case.id,
+        peer_authority=to,
         created_by=principal.name,
         state=OPEN,
         key_kid=node.keys.encryption_kid,
@@ -193,16 +240,20 @@ def create_draft(
         )
         for index, item in enumerate(body.attachments, 1)
     )
+    details: dict[str, Any] = {
+        "attachments": len(body.attachments),
+        "bytes": sum(item.size for item in body.attachments),
+    }
+    if isinstance(body, schemas.CreateReplyDraft):
+        details["type"] = body.document.type.value
     record(
         session,
         actor=actor_of(principal),
         action="evidence.draft_created",
+        request_id=draft.request_id,
         msg_id=draft.id,
-        peer=body.to,
-        details={
-            "attachments": len(body.attachments),
-            "bytes": sum(item.size for item in body.attachments),
-        },
+        peer=to,
+        details=details,
     )
     session.flush()
     return draft
@@ -216,6 +267,13 @@ def get_draft(
     if draft is None or draft.created_by != principal.name:
         raise NotFound("no such draft", code="unknown_draft")
     return draft
+
+
+def request_of(session: Session, draft_id: str) -> str:
+    """The request whose need-to-know rule covers a draft: the one a reply answers, or the
+    one a new request's draft becomes (same id)."""
+    answered = session.scalar(select(EvidenceDraft.request_id).where(EvidenceDraft.id == draft_id))
+    return answered or draft_id
 
 
 def _uploads(session: Session, draft: EvidenceDraft) -> list[EvidenceUpload]:
@@ -257,6 +315,7 @@ def draft_view(
     return schemas.DraftView(
         id=draft.id,
         to=draft.peer_authority,
+        request_id=draft.request_id,
         state=draft.state,
         attachments=[
             schemas.UploadView(
@@ -731,17 +790,48 @@ def submit_draft(
     if missing:
         raise Conflict(f"attachments {missing} are not completely uploaded", code="incomplete")
     content_key, content = _opened_content(node, draft)
-    peer = get_peer(session, draft.peer_authority)
-    refuse_if_suspended(peer.authority_id, peer.suspended_at)
     msg_id = bytes.fromhex(draft.id)
-    now = utc_now()
+    hashes = [open_sha256(part_key(content_key, msg_id, row.part_index), row) for row in uploads]
+    if draft.request_id is None:
+        case, head = _seal_request(session, node, draft, content, uploads, hashes, principal)
+    else:
+        case, head = _seal_reply(session, node, draft, content, uploads, hashes, principal)
+    message = _queue_sealed(session, node, draft, case, head, uploads, principal)
+    for row in uploads:  # a hash in clear from before it was sealed: the manifest holds it
+        row.plaintext_sha256 = None
+    draft.state = SUBMITTED
+    draft.updated_at = message.created_at
+    return case, message
+
+
+@dataclass(frozen=True)
+class _Sealed:
+    head: SealedHead
+    created_at: datetime
+    in_reply_to: str | None
+    moved: dict[str, object]  # the move the message made to its request, if any
+
+
+def _seal(
+    node: Node,
+    draft: EvidenceDraft,
+    content: dict[str, Any],
+    uploads: list[EvidenceUpload],
+    hashes: list[str],
+    *,
+    peer: PinnedKeys,
+    sealed_content: dict[str, Any],
+    case_id: str | None,
+    in_reply_to: str | None,
+    now: datetime,
+) -> SealedHead:
     head = seal_streamed(
         sender_keys=node.keys,
         sender_authority=node.authority_id,
         recipient=Recipient(peer.authority_id, peer.encryption_key),
-        msg_id=msg_id,
-        content_key=content_key,
-        content={"kind": "request", "document": content["document"]},
+        msg_id=bytes.fromhex(draft.id),
+        content_key=_content_key(node, draft),
+        content=sealed_content,
         attachments=[
             StreamedAttachment(
                 name=content["attachments"][row.part_index - 1]["name"],
@@ -750,21 +840,46 @@ def submit_draft(
                 part=FinishedPart(
                     digest=str(row.digest),
                     length=int(row.length or 0),
-                    plaintext_sha256=open_sha256(
-                        part_key(content_key, msg_id, row.part_index), row
-                    ),
+                    plaintext_sha256=sha256,
                     plaintext_size=row.size,
                 ),
             )
-            for row in uploads
+            for row, sha256 in zip(uploads, hashes, strict=True)
         ],
-        conversation_id=None,
-        in_reply_to=None,
+        conversation_id=case_id,
+        in_reply_to=in_reply_to,
         created_at=now,
         ttl=timedelta(seconds=node.settings.envelope_ttl_seconds),
         manifest_stream_header=None,
     )
     refuse_over_wire_limit(node.settings, len(head.header) + len(head.manifest_part), 1)
+    return head
+
+
+def _seal_request(
+    session: Session,
+    node: Node,
+    draft: EvidenceDraft,
+    content: dict[str, Any],
+    uploads: list[EvidenceUpload],
+    hashes: list[str],
+    principal: Principal,
+) -> tuple[CaseFile, _Sealed]:
+    """A draft that opens a request: its id is the request's."""
+    peer = pinned_peer(session, draft.peer_authority)
+    now = utc_now()
+    head = _seal(
+        node,
+        draft,
+        content,
+        uploads,
+        hashes,
+        peer=peer,
+        sealed_content={"kind": "request", "document": content["document"]},
+        case_id=None,
+        in_reply_to=None,
+        now=now,
+    )
     document = RequestDocument.model_validate(content["document"])
     case = CaseFile(
         id=draft.id,
@@ -778,26 +893,98 @@ def submit_draft(
     conversation.set_deadlines(case, node.settings, document, now=now)
     session.add(case)
     session.flush()
-    actor = actor_of(principal)
     record(
         session,
-        actor=actor,
+        actor=actor_of(principal),
         action="request.submitted",
         request_id=case.id,
         msg_id=draft.id,
         peer=peer.authority_id,
         details={"attachments": len(uploads), "urgency": case.urgency, "streamed": True},
     )
+    return case, _Sealed(head, now, None, {})
+
+
+def _seal_reply(
+    session: Session,
+    node: Node,
+    draft: EvidenceDraft,
+    content: dict[str, Any],
+    uploads: list[EvidenceUpload],
+    hashes: list[str],
+    principal: Principal,
+) -> tuple[CaseFile, _Sealed]:
+    """A draft that answers a request: judged, sealed and moved as `add_message` does for a
+    message with inline attachments (app/requests/service.py), from where the request is now."""
+    case = visible_case(session, str(draft.request_id), principal, lock=True)
+    document = MessageDocument.model_validate(content["document"])
+    mismatched = [loc for loc, _code, _message, _value in document.attachment_problems(hashes)]
+    if mismatched:
+        # Where, not what: the hashes are the evidence's, and error bodies reach logs.
+        where = ", ".join(".".join(str(part) for part in ("document", *loc)) for loc in mismatched)
+        raise Conflict(
+            f"the SHA-256 attested at {where} is not that of the uploaded attachment: "
+            "discard this draft and declare the right hash",
+            code="evidence_hash_mismatch",
+        )
+    before = moves.Before.of(case)
+    now = utc_now()
+    conversation.send(case, document=document, now=now)
+    peer = pinned_peer(session, case.peer_authority)
+    follows = message_to_follow(session, case.id)
+    head = _seal(
+        node,
+        draft,
+        content,
+        uploads,
+        hashes,
+        peer=peer,
+        sealed_content={"kind": "message", "document": content["document"]},
+        case_id=case.id,
+        in_reply_to=follows,
+        now=now,
+    )
+    if document.type is MessageType.ADDITIONAL_INFORMATION_REQUEST:
+        case.question_msg_id = draft.id  # the answer must follow this one
+    record(
+        session,
+        actor=actor_of(principal),
+        action="message.submitted",
+        request_id=case.id,
+        msg_id=draft.id,
+        peer=case.peer_authority,
+        details={
+            "type": document.type.value,
+            "status": case.status,
+            "attachments": len(uploads),
+            "streamed": True,
+        },
+    )
+    return case, _Sealed(head, now, follows, moves.move_columns(before, case))
+
+
+def _queue_sealed(
+    session: Session,
+    node: Node,
+    draft: EvidenceDraft,
+    case: CaseFile,
+    sealed: _Sealed,
+    uploads: list[EvidenceUpload],
+    principal: Principal,
+) -> Message:
+    """Store the sealed head with its parts in the blob store, queue it, on record."""
+    head = sealed.head
     size = len(head.header) + len(head.manifest_part) + sum(int(r.length or 0) for r in uploads)
+    expires_at = sealed.created_at + timedelta(seconds=node.settings.envelope_ttl_seconds)
     message = Message(
         msg_id=draft.id,
         request_id=case.id,
         direction="outbound",
         sender_authority=node.authority_id,
-        recipient_authority=peer.authority_id,
-        in_reply_to=None,
-        created_at=now,
-        expires_at=now + timedelta(seconds=node.settings.envelope_ttl_seconds),
+        recipient_authority=case.peer_authority,
+        in_reply_to=sealed.in_reply_to,
+        created_at=sealed.created_at,
+        expires_at=expires_at,
         received_at=None,
         header=head.header,
         signature=head.signature,
@@ -822,20 +1009,17 @@ def submit_draft(
         message_id=message.id,
         size_bytes=size,
         case=case,
-        now=now,
-        message_expires_at=message.expires_at,
+        now=sealed.created_at,
+        message_expires_at=expires_at,
+        moved=sealed.moved or None,
     )
     record(
         session,
-        actor=actor,
+        actor=actor_of(principal),
         action="envelope.sealed",
         request_id=case.id,
         msg_id=draft.id,
-        peer=peer.authority_id,
+        peer=case.peer_authority,
         details={"envelope_hash": head.envelope_hash, "size": size},
     )
-    for row in uploads:  # a hash in clear from before it was sealed: the manifest holds it
-        row.plaintext_sha256 = None
-    draft.state = SUBMITTED
-    draft.updated_at = now
-    return case, message
+    return message

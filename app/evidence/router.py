@@ -1,6 +1,7 @@
 """Local API for large evidence (role: officer): drafts, resumable uploads, submission.
 
     POST  /api/v1/evidence/drafts                              declare document + attachments
+    POST  /api/v1/requests/{id}/messages/drafts                the same, for a reply
     GET   /api/v1/evidence/drafts/{id}                         progress of each attachment
     HEAD  /api/v1/evidence/drafts/{id}/attachments/{index}     Upload-Offset: durable offset
     PATCH /api/v1/evidence/drafts/{id}/attachments/{index}     bytes from Upload-Offset on
@@ -43,8 +44,11 @@ from app.requests.schemas import Submitted
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1/evidence", tags=["evidence"], route_class=UnitOfWorkRoute)
+# A reply's draft is made on its request, beside POST /api/v1/requests/{id}/messages.
+replies = APIRouter(prefix="/api/v1/requests", tags=["evidence"], route_class=UnitOfWorkRoute)
 
 DraftId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
+RequestId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
 Index = Annotated[PlainInt, Path(ge=1, le=63)]
 _writers = drafts.WRITERS
 
@@ -57,12 +61,34 @@ def create_draft(
     return drafts.draft_view(session, node, blob_store(node.settings), draft)
 
 
+@replies.post("/{request_id}/messages/drafts", status_code=201)
+def create_reply_draft(
+    request_id: RequestId,
+    body: schemas.CreateReplyDraft,
+    session: SessionDep,
+    node: NodeDep,
+    principal: OfficerDep,
+) -> schemas.DraftView:
+    """A message of this request with large evidence (a result, say): uploaded and submitted
+    on the draft routes below, then sent as `POST .../messages` sends one."""
+    access.check_visible(
+        node, request_id=request_id, principal=principal, action="evidence.draft_created"
+    )
+    draft = drafts.create_draft(
+        session, node, body=body, principal=principal, request_id=request_id
+    )
+    return drafts.draft_view(session, node, blob_store(node.settings), draft)
+
+
 def _check_visible(node: Node, draft_id: str, principal: Principal) -> None:
-    """A submitted draft is a request (same id): once an administrator restricts it to other
-    officers, its author no longer sees it here either (refused as unknown, audited)."""
+    """A submitted draft is a request (same id), and a reply's draft belongs to the request
+    it answers: once an administrator restricts that request to other officers, the draft's
+    author no longer sees the draft here either (refused as unknown, audited)."""
+    with unit_of_work(node.sessions) as session:
+        request_id = drafts.request_of(session, draft_id)
     try:
         access.check_visible(
-            node, request_id=draft_id, principal=principal, action="evidence.draft_read"
+            node, request_id=request_id, principal=principal, action="evidence.draft_read"
         )
     except NotFound as exc:
         # What an id never used gets on these routes: `unknown_request` here would tell
@@ -304,6 +330,7 @@ def _refuse_overrun(node: Node, found: drafts.UploadTarget, writer: PartWriter, 
 def submit_draft(
     draft_id: DraftId, session: SessionDep, node: NodeDep, principal: OfficerDep
 ) -> Submitted:
+    _check_visible(node, draft_id, principal)
     case, message = drafts.submit_draft(
         session, node, blob_store(node.settings), draft_id=draft_id, principal=principal
     )

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Self
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from app.domain.document import RequestDocument
+from app.domain.messages import MessageDocument
 from app.requests.schemas import AuthorityId, FileName, MediaType, Strict
 
 
@@ -20,6 +24,34 @@ class CreateDraft(Strict):
     attachments: list[DeclaredAttachment] = Field(default_factory=list, max_length=63)
 
 
+class CreateReplyDraft(Strict):
+    """A message of a request this node holds, with large evidence: what a requested
+    authority returns when it executes a request (or a requesting one sends in reply). The
+    request is the route's (`POST /api/v1/requests/{id}/messages/drafts`)."""
+
+    document: MessageDocument
+    attachments: list[DeclaredAttachment] = Field(default_factory=list, max_length=63)
+
+    @model_validator(mode="after")
+    def _evidence_names_declared_attachments(self) -> Self:
+        """Evidence that names an attachment must name one declared here, and two items
+        naming one attachment must attest the same hash. That each hash is the attachment's
+        is checked when it is submitted, once every byte has been uploaded and hashed."""
+        attested = [""] * len(self.attachments)
+        for item in self.document.evidence:
+            if item.attachment is not None and item.attachment <= len(attested):
+                attested[item.attachment - 1] = attested[item.attachment - 1] or item.sha256
+        details = [
+            InitErrorDetails(
+                type=PydanticCustomError(code, message), loc=("document", *loc), input=value
+            )
+            for loc, code, message, value in self.document.attachment_problems(attested)
+        ]
+        if details:
+            raise ValidationError.from_exception_data(type(self).__name__, details)
+        return self
+
+
 class UploadView(Strict):
     index: int
     name: str
@@ -32,5 +64,6 @@ class UploadView(Strict):
 class DraftView(Strict):
     id: str
     to: str
+    request_id: str | None = None  # the request a reply answers; none for a new request
     state: str
     attachments: list[UploadView]

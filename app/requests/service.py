@@ -105,7 +105,7 @@ def _attachments(node: Node, items: list[schemas.InlineAttachment]) -> list[Atta
     return attachments
 
 
-def _pinned_peer(session: Session, authority_id: str) -> PinnedKeys:
+def pinned_peer(session: Session, authority_id: str) -> PinnedKeys:
     peer = pinned_keys(session, authority_id)
     if peer is None:  # as app.peers.service.get_peer says it
         raise NotFound(f"{authority_id} is not a pinned peer", code="unknown_peer")
@@ -190,7 +190,7 @@ def submit_request(
         )
     if document.requested_authority != body.to:
         raise BadRequest("document.requested_authority must equal 'to'", code="recipient_mismatch")
-    peer = _pinned_peer(session, body.to)
+    peer = pinned_peer(session, body.to)
     envelope, header = _seal_and_queue(
         session,
         node,
@@ -256,6 +256,22 @@ def visible_case(
     return case
 
 
+def message_to_follow(session: Session, request_id: str) -> str | None:
+    """The message a new one of this request replies to (its `in_reply_to`): the latest.
+    The peer accepts a message only after the one it replies to; a message of ours the peer
+    refused for good will never be there, so it is not the one to follow."""
+    return session.scalar(
+        select(Message.msg_id)
+        .outerjoin(OutboxItem, OutboxItem.message_id == Message.id)
+        .where(
+            Message.request_id == request_id,
+            or_(OutboxItem.id.is_(None), OutboxItem.state.not_in((FAILED, CANCELLED))),
+        )
+        .order_by(Message.id.desc())
+        .limit(1)
+    )
+
+
 def add_message(
     session: Session,
     node: Node,
@@ -269,19 +285,8 @@ def add_message(
     # The lifecycle judges the move before anything is sealed: 409 message_not_allowed or
     # transition_not_allowed, and the peer applies the same rule when the envelope arrives.
     conversation.send(case, document=body.document, now=utc_now())
-    peer = _pinned_peer(session, case.peer_authority)
-    # The peer accepts a message only after the one it replies to; a message of ours the peer
-    # refused for good will never be there, so it is not the one to follow.
-    latest = session.scalar(
-        select(Message.msg_id)
-        .outerjoin(OutboxItem, OutboxItem.message_id == Message.id)
-        .where(
-            Message.request_id == case.id,
-            or_(OutboxItem.id.is_(None), OutboxItem.state.not_in((FAILED, CANCELLED))),
-        )
-        .order_by(Message.id.desc())
-        .limit(1)
-    )
+    peer = pinned_peer(session, case.peer_authority)
+    latest = message_to_follow(session, case.id)
     envelope, header = _seal_and_queue(
         session,
         node,
