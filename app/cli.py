@@ -43,8 +43,9 @@ if TYPE_CHECKING:
 
 
 class _Commands(TyperGroup):
-    """The root group. `requests` (app/evidence/cli.py, with an HTTP client and progress bars)
-    is imported only when it runs or the help lists it: Click's documented lazy subcommand."""
+    """The root group. `requests` (app/evidence/cli.py, with an HTTP client and progress bars,
+    and app/requests/cli.py) is imported only when it runs or the help lists it: Click's
+    documented lazy subcommand."""
 
     LAZY = "requests"
 
@@ -63,7 +64,8 @@ class _Commands(TyperGroup):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name != self.LAZY:
             return super().get_command(ctx, cmd_name)
-        from app.evidence.cli import requests_app
+        # The group is app/evidence/cli.py's; this import adds `list` and `show` to it.
+        from app.requests.cli import requests_app
 
         group = typer.main.get_group(requests_app)
         group.name = cmd_name

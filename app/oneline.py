@@ -17,3 +17,9 @@ _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u
 
 def is_one_line(text: str) -> bool:
     return _UNSAFE.search(text) is None
+
+
+def one_line(text: str, replacement: str = "?") -> str:
+    """The text with each such character replaced: what a peer chose (an attachment's name,
+    a delivery error) printed on a terminal as it reads, never as the terminal obeys it."""
+    return _UNSAFE.sub(replacement, text)

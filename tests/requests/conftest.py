@@ -117,9 +117,9 @@ class Harness:
     def post_envelope(self, envelope: WireEnvelope) -> httpx.Response:
         return self.http.post("/p2p/v1/envelopes", json=envelope.to_wire())
 
-    def receive_request(self, **changes: Any) -> str:
+    def receive_request(self, attachments: list[Attachment] | None = None, **changes: Any) -> str:
         content = {"kind": "request", "document": example_document(**changes)}
-        envelope = self._seal(content, None, None)
+        envelope = self._seal(content, None, None, attachments)
         response = self.post_envelope(envelope)
         assert response.status_code == 201, response.text
         request_id = json.loads(envelope.header)["msg_id"]

@@ -1,0 +1,98 @@
+"""`entraide requests list|show` against a node whose clock the test holds (tests/requests/
+conftest.py), so that deadlines pass, and whose peer chooses what the names say.
+
+The commands run as a person runs them (`python -m app requests ...`, ENTRAIDE_URL and
+ENTRAIDE_TOKEN), against the real application served on a loopback port."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from typing import Any
+
+from app.crypto.encoding import utc_now
+from app.crypto.envelope import Attachment
+from tests.requests.conftest import Harness
+
+
+def entraide(ar: Harness, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **{key: value for key, value in os.environ.items() if not key.startswith("ENTRAIDE_")},
+        "ENTRAIDE_URL": str(ar.http.base_url),
+        "ENTRAIDE_TOKEN": ar.tokens["officer"],
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "app", "requests", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def api_items(ar: Harness, **params: Any) -> dict[str, dict[str, Any]]:
+    response = ar.get("/api/v1/requests", limit=200, **params)
+    assert response.status_code == 200, response.text
+    assert response.json()["next_cursor"] is None
+    return {item["id"]: item for item in response.json()["items"]}
+
+
+def test_the_table_marks_what_is_overdue_by_the_nodes_clock(ar: Harness) -> None:
+    waiting = ar.receive_request(urgency={"level": "routine"})
+    acknowledged = ar.receive_request(urgency={"level": "routine"})
+    reply = {"type": "acknowledgement", "text": "Registered."}
+    assert ar.reply(acknowledged, reply).status_code == 201
+    mine = {waiting, acknowledged}
+    # Eight days on: the acknowledgement (a week by default) is late, the decision is not.
+    ar.clock.now = utc_now() + timedelta(days=8)
+    try:
+        listed = api_items(ar)
+        assert listed[waiting]["overdue"]
+        assert not listed[acknowledged]["overdue"]
+        rows = {
+            line.split()[0]: line.split()
+            for line in entraide(ar, "list", "--all").stdout.splitlines()[1:]
+        }
+        for request_id in mine:
+            item = listed[request_id]
+            assert rows[request_id][3] == item["status"]
+            assert (rows[request_id][-1] == "OVERDUE") == item["overdue"]
+        overdue = json.loads(entraide(ar, "list", "--overdue", "--all", "--json").stdout)
+        assert [item["id"] for item in overdue] == list(api_items(ar, overdue=True))
+        assert waiting in {item["id"] for item in overdue}
+        assert acknowledged not in {item["id"] for item in overdue}
+        others = json.loads(entraide(ar, "list", "--not-overdue", "--all", "--json").stdout)
+        assert acknowledged in {item["id"] for item in others}
+        assert waiting not in {item["id"] for item in others}
+        shown = entraide(ar, "show", waiting).stdout
+        due = listed[waiting]["due_at"]
+        assert f"due         {due[:10]} {due[11:16]} UTC, OVERDUE" in shown
+    finally:
+        ar.clock.now = None
+
+
+def test_names_a_peer_chose_are_printed_as_they_read(ar: Harness) -> None:
+    """A peer may name an attachment with a bidirectional override (`evil\u202etxt.exe`
+    reads `evilexe.txt`) or a C1 control (U+009B opens an escape sequence on some terminals);
+    the protocol allows both (protocol.md §6.2): each is printed as `?`."""
+    names = ["evil\u202etxt.exe", "[red]report\x9b31m.pdf"]
+    request_id = ar.receive_request(
+        attachments=[Attachment(name, "text/plain", b"x" * 1500) for name in names],
+        urgency={"level": "routine"},
+    )
+    shown = entraide(ar, "show", request_id).stdout
+    assert "1. evil?txt.exe  text/plain  1.5 KiB (1500 bytes)" in shown
+    assert "2. [red]report?31m.pdf  text/plain" in shown  # markup printed, not obeyed
+    assert "\u202e" not in shown
+    assert "\x9b" not in shown
+    # --json: the names as the API gives them, escaped to ASCII for a terminal.
+    raw = entraide(ar, "show", request_id, "--json").stdout
+    assert raw.isascii()
+    attachments = json.loads(raw)["messages"][0]["attachments"]
+    assert [item["name"] for item in attachments] == names
