@@ -549,6 +549,7 @@ def peers_replace_key(
             url=url,
             fingerprint=fingerprint,
             allow_insecure_http=settings.allow_insecure_http,
+            clock_skew=timedelta(seconds=settings.clock_skew_seconds),
             http=http,
             actor=_operator(),
         )
