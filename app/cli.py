@@ -551,6 +551,7 @@ def peers_replace_key(
             url=url,
             fingerprint=fingerprint,
             allow_insecure_http=settings.allow_insecure_http,
+            clock_skew=timedelta(seconds=settings.clock_skew_seconds),
             http=http,
             actor=_operator(),
         )
@@ -1102,13 +1103,15 @@ def audit_verify(
         raise _fail(f"cannot read the checkpoint {checkpoint}: {exc}") from exc
     if db == (folder is not None):
         raise _fail("give either an export folder or --db")
-    witnessed = _cosigned_checkpoints(cosigned or [], witness_key or [])
-    extends = [(item.label, item.note) for item in witnessed]
     if db:
         node = _node(_settings())
         try:
             if log_key is not None:
                 _check_trusted_log_key(node, log_key)
+            witnessed = _cosigned_checkpoints(
+                cosigned or [], witness_key or [], log_public=node.keys.log_public
+            )
+            extends = [(item.label, item.note) for item in witnessed]
             # A snapshot that holds off no writer: the node goes on serving while it runs.
             with read_snapshot(node.sessions) as session:
                 report = verify_database(
@@ -1123,6 +1126,10 @@ def audit_verify(
             node.close()
     else:
         assert folder is not None  # noqa: S101  # checked just above
+        witnessed = _cosigned_checkpoints(
+            cosigned or [], witness_key or [], log_public=_export_log_key(folder, log_key)
+        )
+        extends = [(item.label, item.note) for item in witnessed]
         try:
             report = verify_export(folder, earlier=earlier, extends=extends, log_key=log_key)
         except (OSError, ValueError, KeyError, NoteError) as exc:
@@ -1158,10 +1165,25 @@ class _Witnessed:
     cosignatures: list[Cosigned]
 
 
-def _cosigned_checkpoints(files: list[Path], keys: list[str]) -> list[_Witnessed]:
+def _export_log_key(folder: Path, log_key: str | None) -> bytes | None:
+    """The public key of the log an export is checked against: `--log-key`, else the
+    export's own (None if neither reads: `verify_export` then says why)."""
+    from app.audit.note import NoteError, parse_verifier_key
+    from app.audit.service import EXPORT_KEY
+
+    try:
+        return parse_verifier_key(log_key or (folder / EXPORT_KEY).read_text().strip()).public_key
+    except (OSError, UnicodeError, NoteError):
+        return None
+
+
+def _cosigned_checkpoints(
+    files: list[Path], keys: list[str], *, log_public: bytes | None
+) -> list[_Witnessed]:
     """Each `--cosigned` note with its label and its verified cosignatures; exit 1 (as a
-    failed verification) when one carries no valid cosignature by the witness keys given."""
-    from app.audit.cosignature import check_cosignatures, parse_cosigner_key
+    failed verification) when one carries no valid cosignature by the witness keys given.
+    A witness key that is the log's own (`log_public`) is refused before any is checked."""
+    from app.audit.cosignature import check_cosignatures, parse_cosigner_key, refuse_the_log_key
     from app.audit.note import NoteError
 
     if bool(files) != bool(keys):
@@ -1173,6 +1195,11 @@ def _cosigned_checkpoints(files: list[Path], keys: list[str]) -> list[_Witnessed
         cosigners = [parse_cosigner_key(key) for key in keys]
     except NoteError as exc:
         raise _fail(f"cannot read the witness key: {exc}") from exc
+    if log_public is not None:
+        try:
+            refuse_the_log_key(cosigners, log_public)
+        except NoteError as exc:
+            raise _fail(str(exc)) from exc
     found: list[_Witnessed] = []
     for path in files:
         try:

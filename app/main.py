@@ -347,9 +347,12 @@ async def _record_body_refusal(scope: Scope, status: int, code: str, detail: str
 
 async def _record_p2p_refusal(scope: Scope, code: str, detail: str) -> None:
     """A call to the peer API refused before its route's own checks ran (they audit theirs):
-    counted against the address and on record until it is throttled (app/deps.py)."""
+    counted against the address and on record until it is throttled (app/deps.py), and in
+    `entraide_envelopes_refused_total` as the routes' refusals are (a body that stalls or is
+    too large was in no count a dashboard watches)."""
     if not str(scope.get("path", "")).startswith(P2P_API):
         return
+    scope["app"].state.metrics.envelope_refused(code)
     try:
         await run_in_threadpool(
             refuse_p2p_call, scope["app"].state.node, _source(scope), code, detail

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -110,6 +111,23 @@ def parse_cosigner_key(vkey: str) -> Cosigner:
     if cosigner.key_id != claimed_id:
         raise MalformedKey("the witness key's ID does not match its name and public key")
     return cosigner
+
+
+class LogKeyAsWitness(NoteError):
+    """A witness key given is the log's own key."""
+
+
+def refuse_the_log_key(cosigners: Iterable[Cosigner], log_public: bytes) -> None:
+    """A witness's cosignature is worth something because another party holds the key: one
+    by the log's own key is the log's operator vouching for itself (the `cosignature/v1`
+    line keeps it from passing for the log's signature, not for a witness's)."""
+    for cosigner in cosigners:
+        if hmac.compare_digest(cosigner.public_key, log_public):
+            raise LogKeyAsWitness(
+                f"the witness key {cosigner.name} is this log's own key: its cosignatures are "
+                "the log's operator vouching for itself, not a witness; give the key of "
+                "another node's witness (`entraide keys show` on that node)"
+            )
 
 
 @dataclass(frozen=True)

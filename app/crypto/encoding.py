@@ -121,8 +121,10 @@ def utc_now() -> datetime:
 
 
 def format_time(moment: datetime) -> str:
-    """RFC 3339 UTC with second precision and a literal Z: one spelling per instant."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """RFC 3339 UTC with second precision and a literal Z: one spelling per instant, the one
+    `parse_time` reads (strftime's %Y does not pad a year before 1000 on glibc: year 1 was
+    written `1-01-01T...`, in refusals that quote a peer's time)."""
+    return moment.astimezone(UTC).isoformat(timespec="seconds")[:19] + "Z"
 
 
 TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")

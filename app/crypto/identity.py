@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from app.config import AUTHORITY_ID_PATTERN
@@ -112,12 +112,27 @@ def _published_key(keys: dict[str, Any], purpose: str) -> PublishedKey:
     return PublishedKey(kid=kid, public_key=public_key)
 
 
-def issued_at_of(document: bytes) -> datetime | None:
-    """When a stored (already verified) identity document says it was issued."""
+def issued_at_of(
+    document: bytes, *, now: datetime | None = None, skew: timedelta = timedelta()
+) -> datetime | None:
+    """When a stored (already verified) identity document says it was issued; with `now`,
+    None for a date later than `now` and `skew` allow (pinned before `check_issued_at`)."""
     try:
-        return parse_time(load_canonical_object(document).get("issued_at"))
+        issued = parse_time(load_canonical_object(document).get("issued_at"))
     except DecodeError:
         return None
+    return None if now is not None and issued > now + skew else issued
+
+
+def check_issued_at(identity: PeerIdentity, *, now: datetime, skew: timedelta) -> None:
+    """A node dates its identity document by its clock when it starts serving it: a date
+    later than this node's clock allows is false. Pinned, a year 9999 would have made every
+    later document of the peer look like a stale copy of it (`_refuse_stale`), for good."""
+    if identity.issued_at > now + skew:
+        raise IdentityError(
+            f"identity document is dated {format_time(identity.issued_at)}, later than this "
+            "node's clock allows (the clock skew tolerated between nodes)"
+        )
 
 
 def parse_identity_document(wire: object) -> PeerIdentity:

@@ -196,14 +196,40 @@ def path_from(chain: Sequence[Rotation], pinned_signing: bytes) -> list[Rotation
     return None
 
 
-def check_path_times(path: Sequence[Rotation], *, now: datetime, skew: timedelta) -> None:
+# How far back of what it follows a link may be dated: a node dates a rotation by its clock
+# when it makes it, after the document we pinned its old key from was issued and after the
+# link before it. A day is far more than any correct node's clock is corrected by meanwhile.
+ROTATION_TIME_MARGIN = timedelta(hours=24)
+
+
+def check_path_times(
+    path: Sequence[Rotation], *, now: datetime, skew: timedelta, since: datetime | None = None
+) -> None:
     """Each link of a path about to be followed was made by now, within the clock skew: a
     node dates a rotation when it makes it (`entraide keys rotate`), and each link's
     `rotated_at` is stored as the end of the replaced keys' validity. A later one is false
-    (and a year 9999 read back in a time zone east of UTC is past what the driver reads)."""
+    (and a year 9999 read back in a time zone east of UTC is past what the driver reads).
+    Nor is a link dated more than a day before what it follows: `since`, when the identity
+    document the pinned key was taken from was issued (that key was current then), or the
+    link before it (a year 1 would end the replaced keys before they were made)."""
+    previous: Rotation | None = None
+    floor = None if since is None else since - ROTATION_TIME_MARGIN
     for link in path:
         if link.rotated_at > now + skew:
             raise RotationError(
                 f"rotation {link.seq} is dated {format_time(link.rotated_at)}, later than "
                 "this node's clock allows (the clock skew tolerated between nodes)"
             )
+        if previous is not None and link.rotated_at < previous.rotated_at - ROTATION_TIME_MARGIN:
+            raise RotationError(
+                f"rotation {link.seq} is dated {format_time(link.rotated_at)}, more than a day "
+                f"before rotation {previous.seq} ({format_time(previous.rotated_at)}), which "
+                "introduced the keys it replaces"
+            )
+        if previous is None and floor is not None and since is not None and link.rotated_at < floor:
+            raise RotationError(
+                f"rotation {link.seq} is dated {format_time(link.rotated_at)}, more than a day "
+                "before the identity document pinned with the keys it replaces was issued "
+                f"({format_time(since)})"
+            )
+        previous = link

@@ -200,6 +200,26 @@ class MessageDocument(DomainModel):
                 msg = "the attested SHA-256 is not the attachment's"
                 yield ("evidence", i, "sha256"), "evidence_hash_mismatch", msg, None
 
+    def date_problems(
+        self, *, today: dt.date, latest: dt.datetime
+    ) -> Iterable[tuple[Loc, str, str, object]]:
+        """Dates this node's officer gives, judged by this node's clock as it seals them:
+        a postponement until `today` (UTC) or before ends before it is received, making the
+        request overdue at once; evidence obtained after `latest` (now plus the clock skew) is
+        not yet obtained. Not for a received message: it was dated by its sender's clock, and
+        may arrive days later (retries), so a correct peer can send a date past by then."""
+        if self.until is not None and self.until <= today:
+            msg = "a postponement lasts until a date after today (UTC)"
+            yield ("until",), "postponement_until_past", msg, None
+        for i, item in enumerate(self.evidence):
+            if item.obtained_at > latest:
+                msg = "evidence cannot have been obtained later than now"
+                yield ("evidence", i, "obtained_at"), "evidence_in_future", msg, None
+            for j, event in enumerate(item.custody):
+                if event.at > latest:
+                    msg = "a custody event cannot be later than now"
+                    yield ("evidence", i, "custody", j, "at"), "custody_in_future", msg, None
+
     def wire_form(self) -> dict[str, object]:
         """The JSON sealed in an envelope: fields left at their defaults are omitted, so a
         message of a type older nodes know looks to them exactly as it always did."""

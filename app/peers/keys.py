@@ -27,7 +27,13 @@ from app.audit.log import record
 from app.auth.throttle import counter_row
 from app.crypto.encoding import DecodeError, parse_time, utc_now
 from app.crypto.envelope import HEX_ID, EnvelopeError, parse_header
-from app.crypto.identity import IdentityError, PeerIdentity, parse_identity_document
+from app.crypto.identity import (
+    IdentityError,
+    PeerIdentity,
+    check_issued_at,
+    issued_at_of,
+    parse_identity_document,
+)
 from app.crypto.keys import NodeKeys
 from app.crypto.receipts import (
     Receipt,
@@ -241,7 +247,8 @@ def refresh_peer_keys(
         suspended = peer is not None and peer.suspended_at is not None and not force
         if peer is None or suspended or (not force and not _due(session, authority, interval, now)):
             return None
-        url, pinned = peer.public_url, peer.signing_key
+        url, pinned, pinned_document = peer.public_url, peer.signing_key, peer.identity_document
+    skew = timedelta(seconds=node.settings.clock_skew_seconds)
     try:
         if http is None:
             with peer_http_client(node.settings) as client:
@@ -254,8 +261,11 @@ def refresh_peer_keys(
         path = identity.rotation_path(pinned)
         if path is None:
             raise IdentityError("the new keys are not signed by a chain from the pinned key")
-        skew = timedelta(seconds=node.settings.clock_skew_seconds)
-        check_path_times(path, now=utc_now(), skew=skew)
+        if path:  # the document is taken only along a rotation: its dates, then
+            checked_at = utc_now()
+            check_issued_at(identity, now=checked_at, skew=skew)
+            since = issued_at_of(pinned_document, now=checked_at, skew=skew)
+            check_path_times(path, now=checked_at, skew=skew, since=since)
     except PeerError as exc:
         log.warning("could not fetch %s's identity document: %s", authority, exc.code)
         return None

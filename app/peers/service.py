@@ -13,6 +13,7 @@ from app.crypto.encoding import utc_now
 from app.crypto.identity import (
     IdentityError,
     PeerIdentity,
+    check_issued_at,
     issued_at_of,
     parse_identity_document,
 )
@@ -87,10 +88,19 @@ def pin_peer(
     (whose links may be dated at most `clock_skew` ahead of this node's clock)."""
     if identity.authority_id == own_authority:
         raise BadRequest("a node cannot pin itself", code="self_pin")
-    peer = session.scalar(select(Peer).where(Peer.authority_id == identity.authority_id))
-    if peer is not None and peer.fingerprint == identity.fingerprint:
-        _refuse_stale(session, peer, identity)
     now = utc_now()
+    try:
+        check_issued_at(identity, now=now, skew=clock_skew)
+    except IdentityError as exc:
+        raise BadRequest(str(exc), code="invalid_identity_document") from exc
+    peer = session.scalar(select(Peer).where(Peer.authority_id == identity.authority_id))
+    # When the pinned document was issued, unless it is later than the clock allows (one
+    # pinned before that was checked): then it tells nothing.
+    pinned_issued = (
+        None if peer is None else issued_at_of(peer.identity_document, now=now, skew=clock_skew)
+    )
+    if peer is not None and peer.fingerprint == identity.fingerprint:
+        _refuse_stale(session, peer, identity, pinned_issued)
     # Pinned again under the same signing key: an encryption key it no longer publishes was
     # not rotated away (no signed statement says until when it stays valid), only dropped.
     dropped_encryption_kid = (
@@ -105,7 +115,7 @@ def pin_peer(
         path = identity.rotation_path(peer.signing_key)
         if path:
             try:
-                check_path_times(path, now=now, skew=clock_skew)
+                check_path_times(path, now=now, skew=clock_skew, since=pinned_issued)
             except RotationError as exc:
                 raise BadRequest(str(exc), code="invalid_identity_document") from exc
         if not path:
@@ -125,7 +135,9 @@ def pin_peer(
     return peer
 
 
-def _refuse_stale(session: Session, peer: Peer, identity: PeerIdentity) -> None:
+def _refuse_stale(
+    session: Session, peer: Peer, identity: PeerIdentity, pinned_issued: datetime | None
+) -> None:
     """An identity document signed with the pinned key, with keys other than those pinned,
     older than the one pinned or publishing a key of the peer's that was dropped: a stale
     copy (an old mirror, an old instance, an address an attacker serves it from). The
@@ -136,7 +148,6 @@ def _refuse_stale(session: Session, peer: Peer, identity: PeerIdentity) -> None:
     same_keys = (identity.encryption.kid, identity.log.kid) == (peer.encryption_kid, peer.log_kid)
     if same_keys:
         return  # nothing to roll back (each replica of a node issues its own at its start)
-    pinned_issued = issued_at_of(peer.identity_document)
     if pinned_issued is not None and identity.issued_at < pinned_issued:
         raise StaleIdentity(
             f"{served} issued {identity.issued_at.isoformat(timespec='seconds')}, older than "
@@ -175,6 +186,7 @@ def replace_peer_key(
     url: str,
     fingerprint: str,
     allow_insecure_http: bool,
+    clock_skew: timedelta,
     http: httpx.Client,
     actor: str,
 ) -> Peer:
@@ -198,6 +210,10 @@ def replace_peer_key(
             code="same_key",
         )
     now = utc_now()
+    try:
+        check_issued_at(identity, now=now, skew=clock_skew)
+    except IdentityError as exc:
+        raise BadRequest(str(exc), code="invalid_identity_document") from exc
     old_fingerprint, old_signing_kid = peer.fingerprint, peer.signing_kid
     revoke_current_keys(session, peer, now)
     # Transfers it announced were checked under the keys now revoked, and their parts need

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 from fastapi import APIRouter, Path, Query, Response
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
 from app.clock import ClockDep, UtcMoment
 from app.db import unit_of_work
 from app.deps import NodeDep, OfficerDep, SessionDep, UnitOfWorkRoute
+from app.domain.messages import MessageDocument
 from app.evidence.download import plan_streamed, streamed_response
 from app.plainint import PlainInt
 from app.requests import access, idempotency, proof, schemas, service
@@ -123,6 +126,19 @@ def read_request(
     )
 
 
+def _check_dates(document: MessageDocument, now: datetime, skew_seconds: int) -> None:
+    """A 422 like the schema's, at the field: dates judged by this node's clock."""
+    problems = document.date_problems(
+        today=now.astimezone(UTC).date(), latest=now + timedelta(seconds=skew_seconds)
+    )
+    errors = [
+        {"type": code, "loc": ("body", "document", *loc), "msg": msg, "input": value}
+        for loc, code, msg, value in problems
+    ]
+    if errors:
+        raise RequestValidationError(errors)
+
+
 @router.post("/{request_id}/messages", status_code=201)
 def add_message(
     request_id: RequestId,
@@ -130,6 +146,7 @@ def add_message(
     node: NodeDep,
     principal: OfficerDep,
     response: Response,
+    clock: ClockDep,
     idempotency_key: idempotency.KeyHeader = None,
 ) -> schemas.Submitted:
     access.check_visible(
@@ -137,6 +154,9 @@ def add_message(
     )
 
     def submit(session: Session) -> schemas.Submitted:
+        # Here, not before: a submission repeated under its Idempotency-Key gets the answer
+        # it had, even once the date it gave has passed.
+        _check_dates(body.document, clock(), node.settings.clock_skew_seconds)
         case, message = service.add_message(
             session, node, request_id=request_id, body=body, principal=principal
         )

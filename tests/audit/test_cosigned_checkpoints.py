@@ -28,6 +28,7 @@ from app.audit.note import Checkpoint, MalformedKey, format_verifier_key, sign_n
 from app.audit.service import EXPORT_CHECKPOINTS, verify_export
 from app.cli import app
 from app.crypto.keys import NodeKeys
+from app.localnodes import LocalNode
 from tests.audit.test_verify_edges import AUTHORITY, _export
 
 WITNESS = witness_name("AR/MPF")
@@ -174,3 +175,43 @@ def test_audit_verify_checks_cosigned_checkpoints(tmp_path: Path) -> None:
     code, output = _verify(str(out), "--cosigned", str(saved), "--witness-key", witness_key)
     assert code == 1
     assert 'without a "note"' in output
+
+
+def test_a_witness_key_that_is_the_logs_own_key_is_refused(tmp_path: Path) -> None:
+    """From review: a cosignature made with the log's own key (which the node's operator
+    holds) was accepted as a witness's, under any witness name; it proves nothing a witness
+    saw. Refused where witness keys are given, whatever the note holds."""
+    keys = NodeKeys.generate()
+    out = _export(tmp_path, keys)
+    own = format_cosigner_key(WITNESS, keys.log.verify_key)
+    saved = tmp_path / "cosignature.json"
+    saved.write_text(json.dumps({"note": _cosigned(_note_of_size(out, 32), keys.log)}))
+    for extra in ([], ["--log-key", (out / "log.vkey").read_text().strip()]):
+        code, output = _verify(str(out), "--cosigned", str(saved), "--witness-key", own, *extra)
+        assert code == 1, output
+        assert f"the witness key {WITNESS} is this log's own key" in output
+    # With another witness's key beside it, still refused: the operator meant it as one.
+    other = format_cosigner_key(WITNESS, SigningKey.generate().verify_key)
+    code, output = _verify(
+        str(out), "--cosigned", str(saved), "--witness-key", other, "--witness-key", own
+    )
+    assert code == 1, output
+    assert "is this log's own key" in output
+
+
+def test_a_live_log_refuses_its_own_witness_key(tmp_path: Path) -> None:
+    """`audit verify --db` with the witness key `keys show` prints on the same node: the
+    mistake an auditor copying keys from the node it audits makes."""
+    node = LocalNode(
+        "ES/MJ", "Ministerio de Justicia", tmp_path / "es", f"sqlite:///{tmp_path / 'es.db'}"
+    )
+    node.init()
+    shown = node.cli("keys", "show").stdout
+    own = next(line.split()[-1] for line in shown.splitlines() if line.startswith("witness key:"))
+    saved = tmp_path / "cosignature.json"
+    saved.write_text(json.dumps({"note": "anything"}))
+    verified = node.cli(
+        "audit", "verify", "--db", "--cosigned", str(saved), "--witness-key", own, check=False
+    )
+    assert verified.returncode == 1
+    assert "witness key entraide.witness/ES/MJ is this log's own key" in verified.stderr

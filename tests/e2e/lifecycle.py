@@ -147,7 +147,7 @@ def test_the_full_life_of_a_request_seen_alike_by_both_nodes(network: Network) -
                 "type": "postponement",
                 "text": "Postponed.",
                 "reason": "The bank's compliance office asked for two weeks.",
-                "until": "2026-12-15",
+                "until": str((utc_now() + timedelta(days=16)).date()),
             },
             "postponed",
         ),

@@ -202,6 +202,43 @@ def test_a_client_that_leaves_mid_body_is_counted_499_not_500(node: LocalNode, p
     assert f"POST {path} 500" not in log
 
 
+def _counted(node: LocalNode, code: str) -> float:
+    text = httpx.get(node.url + "/metrics", timeout=10).text
+    series = re.escape(f'entraide_envelopes_refused_total{{code="{code}"}}')
+    found = re.search(rf"^{series} (\S+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_peer_body_refused_before_its_route_is_counted_as_a_refused_envelope(
+    node: LocalNode,
+) -> None:
+    """From review: the routes' refusals were counted in entraide_envelopes_refused_total,
+    not a peer's body refused 408 or 413 before the route ran, though audited alike; a local
+    API caller's is not a peer's envelope, and not counted there."""
+    stalled, large = _counted(node, "body_timeout"), _counted(node, "too_large")
+    connection = _open(node, "/p2p/v1/envelopes", 100_000)
+    try:
+        connection.sendall(b'{"v": 1, "header": "')
+        assert _answer(connection)[0] == 408
+    finally:
+        connection.close()
+    connection = _open(node, "/p2p/v1/envelopes", 10**9)  # declared over the limit
+    try:
+        assert _head_and_body(connection)[0] == 413
+    finally:
+        connection.close()
+    assert _counted(node, "body_timeout") == stalled + 1
+    assert _counted(node, "too_large") == large + 1
+    token = f"authorization: Bearer {node.tokens['officer']}"
+    connection = _open(node, "/api/v1/requests", 100_000, token)
+    try:
+        connection.sendall(b'{"document": {')
+        assert _answer(connection)[0] == 408
+    finally:
+        connection.close()
+    assert _counted(node, "body_timeout") == stalled + 1
+
+
 def test_a_head_refused_as_malformed_carries_its_code_in_a_header(node: LocalNode) -> None:
     """Section 8.5: an answer to HEAD has no body, so a refusal's code is in `Entraide-Error`;
     a path that does not validate was a bare 422."""

@@ -34,7 +34,7 @@ POSTPONE = {
     "type": "postponement",
     "text": "Postponed.",
     "reason": "Pending a court order.",
-    "until": "2027-03-01",
+    "until": str((utc_now() + timedelta(days=90)).date()),  # after today, as it must be
 }
 
 
@@ -130,7 +130,10 @@ def test_a_cancelled_postponement_puts_back_the_status_and_the_date_before_it(
     assert postponed.status_code == 201, postponed.text
     msg_id = postponed.json()["msg_id"]
     shown = ar.get(f"/api/v1/requests/{request_id}").json()
-    assert (shown["status"], shown["deadlines"]["postponed_until"]) == ("postponed", "2027-03-01")
+    assert (shown["status"], shown["deadlines"]["postponed_until"]) == (
+        "postponed",
+        POSTPONE["until"],
+    )
 
     cancelled = ar.post(f"/api/v1/admin/deliveries/{_delivery_id(ar, msg_id)}/cancel", {}, "admin")
     assert cancelled.status_code == 200, cancelled.text

@@ -3,6 +3,7 @@ sides (the sender at submission, the receiver when the envelope arrives), storin
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 from typing import Any
@@ -95,6 +96,96 @@ def test_evidence_must_attest_the_hash_of_its_attachment(ar: Harness) -> None:
     accepted = ar.post(path, {**body, "attachments": [attachment]})
     assert accepted.status_code == 201, accepted.text
     assert accepted.json()["status"] == "executed"
+
+
+def _item(obtained_at: str, *custody_at: str) -> dict[str, Any]:
+    return {
+        "ref": "E1",
+        "description": "Statements",
+        "obtained_at": obtained_at,
+        "sha256": "0" * 64,
+        "use_limitation": "Proceedings DP 1873/2026 only.",
+        "custody": [{"at": at, "action": "sealed", "by": "Officer"} for at in custody_at],
+    }
+
+
+def test_dates_are_judged_by_the_nodes_clock_at_submission(ar: Harness) -> None:
+    """From review: a postponement until 2020-01-01 made the request overdue at once, and
+    evidence could be obtained in the future. Refused at the field, audited; what the
+    clock skew allows, and the first day after today, are taken."""
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    today = now.date()
+    ar.clock.now = now
+    try:
+        request_id = ar.receive_request()
+        for document in (ACK, {"type": "acceptance", "text": "Accepted."}):
+            assert ar.reply(request_id, document).status_code == 201
+        refused = len(ar.audit("api.refused"))
+        for until in ("2020-01-01", str(today - dt.timedelta(days=1)), str(today)):
+            postponement = {"type": "postponement", "text": "Later.", "reason": "A trial."}
+            answer = ar.reply(request_id, {**postponement, "until": until})
+            assert _fields(answer) == [(("body", "document", "until"), "postponement_until_past")]
+            assert answer.json()["fields"][0]["msg"] == (
+                "a postponement lasts until a date after today (UTC)"
+            )
+        later = (now + dt.timedelta(minutes=6)).isoformat()  # past the 5 minutes of skew
+        result = {"type": "partial_result", "text": "Part."}
+        answer = ar.reply(request_id, {**result, "evidence": [_item(later, later)]})
+        assert _fields(answer) == [
+            (("body", "document", "evidence", 0, "obtained_at"), "evidence_in_future"),
+            (("body", "document", "evidence", 0, "custody", 0, "at"), "custody_in_future"),
+        ]
+        earlier = (now - dt.timedelta(days=2)).isoformat()
+        answer = ar.reply(request_id, {**result, "evidence": [_item(earlier, earlier, later)]})
+        assert _fields(answer) == [
+            (("body", "document", "evidence", 0, "custody", 1, "at"), "custody_in_future")
+        ]
+        assert [entry[1] for entry in ar.audit("api.refused")[refused:]] == ["invalid_request"] * 5
+        assert ar.status(request_id) == "accepted"
+        assert ar.messages(request_id) == 3  # nothing sealed, nothing queued
+        # Tomorrow, and within the clock skew (a case system's clock a little ahead): taken.
+        tomorrow = str(today + dt.timedelta(days=1))
+        answer = ar.reply(request_id, {**postponement, "until": tomorrow})
+        assert answer.status_code == 201, answer.text
+        assert ar.status(request_id) == "postponed"
+        assert ar.reply(request_id, {"type": "acceptance", "text": "Resumed."}).status_code == 201
+        soon = (now + dt.timedelta(minutes=4)).isoformat()
+        answer = ar.reply(request_id, {**result, "evidence": [_item(soon, soon)]})
+        assert answer.status_code == 201, answer.text
+        assert ar.status(request_id) == "partially_executed"
+    finally:
+        ar.clock.now = None
+
+
+def test_a_received_postponement_already_over_is_taken(ar: Harness) -> None:
+    """A peer's message is dated by its clock, and may arrive days after it was sealed (its
+    delivery retried): a correct peer can send a postponement whose date has passed by then,
+    or evidence a few minutes ahead of this clock. Taken as sent; the request is overdue at
+    once, which is so: the postponement is over."""
+    later = (dt.datetime.now(dt.UTC) + dt.timedelta(minutes=6)).isoformat()
+    postponement = {"type": "postponement", "text": "Later.", "reason": "A trial."}
+    conversations = {
+        "postponed": [ACK, {**postponement, "until": "2020-01-01"}],
+        "partially_executed": [
+            ACK,
+            {"type": "acceptance", "text": "Accepted."},
+            {"type": "partial_result", "text": "Part.", "evidence": [_item(later, later)]},
+        ],
+    }
+    ids = {}
+    for status, documents in conversations.items():
+        sent = ar.post("/api/v1/requests", _outbound())
+        assert sent.status_code == 201, sent.text
+        request_id = ids[status] = sent.json()["id"]
+        ar.last_msg[request_id] = request_id
+        for document in documents:
+            answer = ar.peer_sends(request_id, document)
+            assert answer.status_code == 201, answer.text
+        assert ar.status(request_id) == status
+    detail = ar.get(f"/api/v1/requests/{ids['postponed']}").json()
+    assert detail["deadlines"]["postponed_until"] == "2020-01-01"
+    overdue = [item["id"] for item in ar.get("/api/v1/requests", overdue="true").json()["items"]]
+    assert ids["postponed"] in overdue
 
 
 # --- forbidden moves, at the sender ------------------------------------------------------------

@@ -35,7 +35,7 @@ from app.crypto.identity import build_identity_document
 from app.crypto.keys import NodeIdentity, NodeKeys, format_fingerprint
 from app.crypto.receipts import SignedReceipt
 from app.crypto.rotation import make_rotation
-from app.crypto.signing import DOMAIN_IDENTITY, DOMAIN_RECEIPT, sign
+from app.crypto.signing import DOMAIN_IDENTITY, DOMAIN_RECEIPT, DOMAIN_ROTATION, sign
 from app.db import make_engine
 from app.localnodes import LocalNode
 from app.models import AuditEntry, Message, PeerKey, Receipt
@@ -241,49 +241,101 @@ def test_a_receipt_dated_now_is_accepted_and_proves(pair: tuple[LocalNode, Hosti
     assert proof.status_code == 200, proof.text
 
 
-def _rotated_document(peer: HostilePeer, new: NodeKeys) -> dict[str, str]:
-    """The peer's identity document after a rotation, validly signed, dated 9999-12-31."""
-    rotation = make_rotation(
+def _signed_document(
+    peer: HostilePeer, keys: NodeKeys, issued_at: str, **extra: Any
+) -> dict[str, str]:
+    """The peer's identity document with `keys`, self-signed, dated `issued_at` as spelled."""
+    wire = build_identity_document(
+        NodeIdentity(PEER, "Bundesamt für Justiz", peer.url), keys, issued_at=utc_now()
+    )
+    body = {**json.loads(base64.b64decode(wire["document"])), "issued_at": issued_at, **extra}
+    raw = canonical_json(body)
+    return {
+        "document": base64.b64encode(raw).decode(),
+        "signature": base64.b64encode(sign(keys.signing, DOMAIN_IDENTITY, raw)).decode(),
+    }
+
+
+def _rotated_document(
+    peer: HostilePeer, new: NodeKeys, *, rotated_at: str, issued_at: str
+) -> dict[str, str]:
+    """The peer's identity document after a rotation, validly signed, with the times given
+    spelled as the protocol spells them (section 2.4), year 1 included."""
+    old = make_rotation(
         authority_id=PEER,
         seq=1,
         old_signing=peer.keys.signing,
         old_encryption=peer.keys.encryption,
         new_signing=new.signing,
         new_encryption=new.encryption,
-        rotated_at=LAST,
-        accepted_until=LAST,
+        rotated_at=utc_now(),
+        accepted_until=utc_now(),
     )
-    wire = build_identity_document(
-        NodeIdentity(PEER, "Bundesamt für Justiz", peer.url),
-        NodeKeys(new.signing, new.encryption, peer.keys.log, rotations=()),
-        issued_at=utc_now(),
-    )
-    body = json.loads(base64.b64decode(wire["document"]))
-    body["rotations"] = [rotation.to_wire()]
-    raw = canonical_json(body)
-    return {
-        "document": base64.b64encode(raw).decode(),
-        "signature": base64.b64encode(sign(new.signing, DOMAIN_IDENTITY, raw)).decode(),
+    statement = {
+        **json.loads(old.statement),
+        "rotated_at": rotated_at,
+        "old_encryption_accepted_until": "9999-12-31T23:59:59Z",
     }
+    raw = canonical_json(statement)
+    rotation = {
+        "statement": base64.b64encode(raw).decode(),
+        "signature": base64.b64encode(sign(peer.keys.signing, DOMAIN_ROTATION, raw)).decode(),
+    }
+    keys = NodeKeys(new.signing, new.encryption, peer.keys.log, rotations=())
+    return _signed_document(peer, keys, issued_at, rotations=[rotation])
 
 
-def test_a_rotation_dated_in_the_future_is_not_followed(
-    pair: tuple[LocalNode, HostilePeer],
+NOW = "now"  # _rotated_document's times: the peer's clock
+
+
+@pytest.mark.parametrize(
+    ("rotated_at", "issued_at", "says"),
+    [
+        (
+            "9999-12-31T23:59:59Z",
+            NOW,
+            "rotation 1 is dated 9999-12-31T23:59:59Z, later than this node's clock allows",
+        ),
+        (  # from review: the keys it replaced ended before they were made
+            "0001-01-01T00:00:00Z",
+            NOW,
+            "rotation 1 is dated 0001-01-01T00:00:00Z, more than a day before the identity "
+            "document pinned with the keys it replaces was issued",
+        ),
+        (  # from review: pinned, every later document of the peer's looked stale beside it
+            NOW,
+            "9999-12-31T23:59:59Z",
+            "identity document is dated 9999-12-31T23:59:59Z, later than this node's clock",
+        ),
+    ],
+    ids=["rotated-9999", "rotated-0001", "issued-9999"],
+)
+def test_a_rotation_with_implausible_times_is_not_followed(
+    pair: tuple[LocalNode, HostilePeer], rotated_at: str, issued_at: str, says: str
 ) -> None:
     es, peer = pair
     new = NodeKeys(SigningKey.generate(), PrivateKey.generate(), peer.keys.log)
     genuine = peer.document
-    peer.document = _rotated_document(peer, new)
+    now = format_time(utc_now())
+    peer.document = _rotated_document(
+        peer,
+        new,
+        rotated_at=now if rotated_at == NOW else rotated_at,
+        issued_at=now if issued_at == NOW else issued_at,
+    )
     peer.receipt_signer = new.signing
+    refusals = len([e for e in audited(es, "peer.keys_changed") if e["outcome"] != "ok"])
     try:
         request_id = submit(es)
         attempt = first_attempt(es, request_id)
         refused = wait_for(
             "the refused rotation",
-            lambda: [e for e in audited(es, "peer.keys_changed") if e["outcome"] != "ok"],
+            lambda: [e for e in audited(es, "peer.keys_changed") if e["outcome"] != "ok"][
+                refusals:
+            ],
         )
         assert [e["outcome"] for e in refused] == ["rotation_refused"]
-        assert "rotation 1 is dated 9999-12-31T23:59:59Z" in refused[0]["details"]["reason"]
+        assert says in refused[0]["details"]["reason"]
         assert attempt["outcome"] == "retry"
         assert attempt["details"]["error"].startswith("bad receipt: ")
         with es.client("admin") as http:
@@ -295,7 +347,7 @@ def test_a_rotation_dated_in_the_future_is_not_followed(
                 ends = connection.scalars(select(PeerKey.superseded_at)).all()
         finally:
             engine.dispose()
-        assert ends == [None, None]  # no key of the peer's ends in 9999
+        assert ends == [None, None]  # no key of the peer's ends in 9999, nor in year 1
         still_reads(es, request_id)
         # Nor when an operator pins the peer again with its new fingerprint.
         with es.client("admin") as http:
@@ -307,7 +359,41 @@ def test_a_rotation_dated_in_the_future_is_not_followed(
             400,
             "invalid_identity_document",
         ), repinned.text
-        assert "rotation 1 is dated 9999-12-31T23:59:59Z" in repinned.json()["detail"]
+        assert says in repinned.json()["detail"]
     finally:
         peer.document, peer.receipt_signer = genuine, None
     wait_delivered(es, request_id)
+
+
+def test_an_identity_document_dated_in_the_future_is_not_pinned(
+    pair: tuple[LocalNode, HostilePeer],
+) -> None:
+    """From review: pinned again with its own keys and a document dated 9999-12-31, the peer
+    could no longer be pinned with a new encryption key (its genuine document, issued now,
+    was refused as a stale copy, older than the one pinned), until it was removed."""
+    es, peer = pair
+    fingerprint = format_fingerprint(peer.keys.fingerprint)
+    peer.document = _signed_document(peer, peer.keys, "9999-12-31T23:59:59Z")
+    with es.client("admin") as http:
+        refused = http.post(
+            "/api/v1/admin/peers", json={"url": peer.url, "fingerprint": fingerprint}
+        )
+    assert (refused.status_code, refused.json()["error"]) == (
+        400,
+        "invalid_identity_document",
+    ), refused.text
+    assert refused.json()["detail"] == (
+        "identity document is dated 9999-12-31T23:59:59Z, later than this node's clock "
+        "allows (the clock skew tolerated between nodes)"
+    )
+    assert [e["outcome"] for e in audited(es, "peer.add")][-1:] == ["invalid_identity_document"]
+    # Its genuine document with a new encryption key, issued now, is pinned.
+    peer.keys = NodeKeys(peer.keys.signing, PrivateKey.generate(), peer.keys.log)
+    peer.document = _signed_document(peer, peer.keys, format_time(utc_now()))
+    with es.client("admin") as http:
+        pinned = http.post(
+            "/api/v1/admin/peers", json={"url": peer.url, "fingerprint": fingerprint}
+        )
+    assert pinned.status_code == 201, pinned.text
+    assert pinned.json()["encryption_kid"] == peer.keys.encryption_kid
+    wait_delivered(es, submit(es))
