@@ -13,6 +13,7 @@ import hashlib
 import json
 import mimetypes
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -33,7 +34,12 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-requests_app = typer.Typer(no_args_is_help=True, help="Send and download requests with evidence.")
+from app.oneline import one_line
+
+requests_app = typer.Typer(
+    no_args_is_help=True,
+    help="Requests at a terminal: list, show, send, reply (evidence streamed), download.",
+)
 
 PIECE = 8 << 20
 READ = 1 << 20
@@ -43,19 +49,40 @@ UrlOption = Annotated[str | None, typer.Option(help="node URL (default: $ENTRAID
 TokenOption = Annotated[str | None, typer.Option(help="API token (default: $ENTRAIDE_TOKEN)")]
 
 
+# What a node's token is made of: a token copied with a space, a line break or a character
+# outside ASCII would be echoed by httpx's error about the header, token and all.
+TOKEN = re.compile(r"[!-~]+")
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    typer.echo(f"error: {one_line(message)}", err=True)
+    return typer.Exit(code)
+
+
 def _client(url: str | None, token: str | None) -> httpx.Client:
     url = url or os.environ.get("ENTRAIDE_URL")
     token = token or os.environ.get("ENTRAIDE_TOKEN")
     if not url or not token:
-        typer.echo(
-            "error: give --url and --token, or set ENTRAIDE_URL and ENTRAIDE_TOKEN", err=True
+        raise fail("give --url and --token, or set ENTRAIDE_URL and ENTRAIDE_TOKEN", 2)
+    if not TOKEN.fullmatch(token):
+        raise fail(
+            "the token holds a space, a line break or a character outside ASCII, which no "
+            "token of a node has: check how it was copied (ENTRAIDE_TOKEN or --token)",
+            2,
         )
-        raise typer.Exit(2)
-    return httpx.Client(
-        base_url=url.rstrip("/"),
-        headers={"authorization": f"Bearer {token}"},
-        timeout=httpx.Timeout(60.0, connect=10.0),
-    )
+    try:
+        return httpx.Client(
+            base_url=url.rstrip("/"),
+            headers={"authorization": f"Bearer {token}"},
+            timeout=httpx.Timeout(60.0, connect=10.0),
+        )
+    except httpx.InvalidURL as exc:
+        raise fail(f"the node URL is not a URL: {exc}", 2) from exc
+
+
+def where(http: httpx.Client) -> str:
+    # Never a password written into the URL (https://user:secret@host).
+    return str(http.base_url.copy_with(username=None, password=None))
 
 
 @contextmanager
@@ -64,9 +91,10 @@ def _reaching(http: httpx.Client) -> Iterator[httpx.Client]:
     message, not a traceback; the upload's own retries handle a link that breaks mid-way."""
     try:
         yield http
-    except httpx.HTTPError as exc:
-        typer.echo(f"error: cannot reach the node at {http.base_url}: {exc}", err=True)
-        raise typer.Exit(1) from exc
+    except httpx.UnsupportedProtocol as exc:  # `localhost:8600`, as one types it
+        raise fail(f"the node URL {where(http)} needs https:// (or http://) in front", 2) from exc
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        raise fail(f"cannot reach the node at {where(http)}: {exc}") from exc
     finally:
         http.close()
 

@@ -27,6 +27,7 @@ from starlette.requests import ClientDisconnect
 from app.audit.log import record_alone
 from app.auth.refusals import already_audited, record_refusal
 from app.auth.service import Principal
+from app.clock import ClockDep
 from app.config import body_idle_seconds
 from app.crypto.envelope import EnvelopeError
 from app.db import unit_of_work
@@ -40,6 +41,7 @@ from app.evidence.stream import PartWriter, UploadError
 from app.node import Node
 from app.plainint import PlainInt
 from app.requests import access
+from app.requests.router import check_dates
 from app.requests.schemas import Submitted
 
 log = logging.getLogger(__name__)
@@ -68,12 +70,14 @@ def create_reply_draft(
     session: SessionDep,
     node: NodeDep,
     principal: OfficerDep,
+    clock: ClockDep,
 ) -> schemas.DraftView:
     """A message of this request with large evidence (a result, say): uploaded and submitted
     on the draft routes below, then sent as `POST .../messages` sends one."""
     access.check_visible(
         node, request_id=request_id, principal=principal, action="evidence.draft_created"
     )
+    check_dates(body.document, clock(), node.settings.clock_skew_seconds)
     draft = drafts.create_draft(
         session, node, body=body, principal=principal, request_id=request_id
     )

@@ -11,10 +11,8 @@ printed with control and bidirectional characters replaced, and the token is nev
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, date, datetime, time
 from enum import StrEnum
 from typing import Annotated, Any
@@ -25,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from app.evidence.cli import TokenOption, UrlOption, _client, requests_app
+from app.evidence.cli import TokenOption, UrlOption, _client, _reaching, fail, requests_app, where
 from app.oneline import one_line
 
 # The group, with `list` and `show` on it: what app/cli.py loads as `entraide requests`.
@@ -35,7 +33,6 @@ REQUEST_ID = re.compile(r"[0-9a-f]{32}")
 # What an Authorization header can carry: the node's tokens are `ent_` and URL-safe base64.
 # A line break or a space (a token file copied with its CRLF) made httpx refuse the header
 # in an error message that quoted it, token and all.
-TOKEN = re.compile(r"[!-~]+")
 PAGE = 50
 PAGE_ALL = 200  # --all: the largest page the node serves, the fewest round trips
 WIDE = 200  # the table's width when printed to a pipe: more than any row needs
@@ -47,42 +44,6 @@ HINTS = {
     "or expired",
     403: "this token is not an officer's: ask the node's operator for one",
 }
-
-
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    typer.echo(f"error: {one_line(message)}", err=True)
-    return typer.Exit(code)
-
-
-def _connect(url: str | None, token: str | None) -> httpx.Client:
-    token = token or os.environ.get("ENTRAIDE_TOKEN")
-    if token and not TOKEN.fullmatch(token):
-        raise _fail(
-            "the token holds a space, a line break or a character outside ASCII, which no "
-            "token of a node has: check how it was copied (ENTRAIDE_TOKEN or --token)",
-            2,
-        )
-    try:
-        return _client(url, token)
-    except httpx.InvalidURL as exc:
-        raise _fail(f"the node URL is not a URL: {exc}", 2) from exc
-
-
-def _where(http: httpx.Client) -> str:
-    # Never a password written into the URL (https://user:secret@host).
-    return str(http.base_url.copy_with(username=None, password=None))
-
-
-@contextmanager
-def _talking(http: httpx.Client) -> Iterator[httpx.Client]:
-    try:
-        yield http
-    except httpx.UnsupportedProtocol as exc:  # `localhost:8600`, as one types it
-        raise _fail(f"the node URL {_where(http)} needs https:// (or http://) in front", 2) from exc
-    except (httpx.HTTPError, httpx.InvalidURL) as exc:
-        raise _fail(f"cannot reach the node at {_where(http)}: {exc}") from exc
-    finally:
-        http.close()
 
 
 def _refusal(response: httpx.Response) -> str:
@@ -117,13 +78,13 @@ def _field(item: dict[str, Any]) -> str:
 def _get(http: httpx.Client, path: str, params: dict[str, str] | None = None) -> dict[str, Any]:
     response = http.get(path, params=params)
     if response.status_code != 200:
-        raise _fail(_refusal(response))
+        raise fail(_refusal(response))
     try:
         answer = response.json()
     except ValueError:
         answer = None
     if not isinstance(answer, dict):
-        raise _fail(f"the answer of {_where(http)} is not a node's: is it an Entraide node's URL?")
+        raise fail(f"the answer of {where(http)} is not a node's: is it an Entraide node's URL?")
     return answer
 
 
@@ -230,7 +191,7 @@ def list_requests(
         if value is not None
     }
     items: list[dict[str, Any]] = []
-    with _talking(_connect(url, token)) as http:
+    with _reaching(_client(url, token)) as http:
         for _ in range(MAX_PAGES):
             query = params if cursor is None else {**params, "cursor": cursor}
             page = _get(http, "/api/v1/requests", query)
@@ -239,7 +200,7 @@ def list_requests(
             if not every or not cursor:
                 break
         else:
-            raise _fail(f"more than {MAX_PAGES} pages: narrow the list with its filters")
+            raise fail(f"more than {MAX_PAGES} pages: narrow the list with its filters")
     if as_json:
         _print_json(items)
     elif items:
@@ -295,8 +256,8 @@ def show(
     its audit log (request.read)."""
     # Checked here: `x/../..` would otherwise be another route of the node.
     if not REQUEST_ID.fullmatch(request_id):
-        raise _fail("a request's id is 32 lower-case hex digits, as `requests list` shows", 2)
-    with _talking(_connect(url, token)) as http:
+        raise fail("a request's id is 32 lower-case hex digits, as `requests list` shows", 2)
+    with _reaching(_client(url, token)) as http:
         detail = _get(http, f"/api/v1/requests/{request_id}")
     if as_json:
         _print_json(detail)

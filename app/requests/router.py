@@ -126,7 +126,7 @@ def read_request(
     )
 
 
-def _check_dates(document: MessageDocument, now: datetime, skew_seconds: int) -> None:
+def check_dates(document: MessageDocument, now: datetime, skew_seconds: int) -> None:
     """A 422 like the schema's, at the field: dates judged by this node's clock."""
     problems = document.date_problems(
         today=now.astimezone(UTC).date(), latest=now + timedelta(seconds=skew_seconds)
@@ -156,7 +156,7 @@ def add_message(
     def submit(session: Session) -> schemas.Submitted:
         # Here, not before: a submission repeated under its Idempotency-Key gets the answer
         # it had, even once the date it gave has passed.
-        _check_dates(body.document, clock(), node.settings.clock_skew_seconds)
+        check_dates(body.document, clock(), node.settings.clock_skew_seconds)
         case, message = service.add_message(
             session, node, request_id=request_id, body=body, principal=principal
         )

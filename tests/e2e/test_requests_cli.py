@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from app.localnodes import LocalNode, free_port
@@ -212,7 +213,7 @@ def one_line_refusal(done: subprocess.CompletedProcess[str], says: str, code: in
 
 
 def test_refusals_and_an_unreachable_node_are_one_line_without_the_token(
-    network: Network,
+    network: Network, tmp_path: Path
 ) -> None:
     es = network.es
     unknown = "ab" * 16
@@ -238,10 +239,12 @@ def test_refusals_and_an_unreachable_node_are_one_line_without_the_token(
     # A token copied with its line ending: httpx's own message quoted it, token and all.
     token = es.tokens["officer"]
     for copied in (token + "\r", token + "\n", f"{token[:8]} {token[8:]}"):
-        mangled = entraide(es, "list", token=copied)
-        one_line_refusal(mangled, "line break", code=2)
-        assert token[4:] not in mangled.stderr
-        assert token[8:] not in mangled.stderr
+        # Every command of the group: `download` quoted it too (from review).
+        for args in (("list",), ("download", unknown, "--out", str(tmp_path / "x"))):
+            mangled = entraide(es, *args, token=copied)
+            one_line_refusal(mangled, "line break", code=2)
+            assert token[4:] not in mangled.stderr
+            assert token[8:] not in mangled.stderr
     # Nothing listens there.
     nowhere = f"http://127.0.0.1:{free_port()}"
     for args in (("list",), ("show", unknown)):

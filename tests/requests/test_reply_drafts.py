@@ -264,3 +264,17 @@ def test_an_unknown_request_is_refused_as_unknown(ar: Harness) -> None:
     body = _draft_body("0" * 32, _result([b"x"]), [b"x"])
     refused = _create(ar, body)
     assert (refused.status_code, refused.json()["error"]) == (404, "unknown_request")
+
+
+def test_evidence_dated_after_now_is_refused_at_the_field(ar: Harness) -> None:
+    request_id = _accepted_request(ar)
+    document = _result([b"records"])
+    document["evidence"][0]["obtained_at"] = "2999-01-01T00:00:00Z"
+
+    refused = _create(ar, _draft_body(request_id, document, [b"records"]))
+
+    assert refused.status_code == 422, refused.text
+    assert [(f["loc"], f["type"]) for f in refused.json()["fields"]] == [
+        (["body", "document", "evidence", 0, "obtained_at"], "evidence_in_future")
+    ]
+    assert _drafts_of(ar, request_id) == []
