@@ -54,8 +54,9 @@ def keys_rotate(
 ) -> None:
     """Replace the signing and encryption keys; the old signing key signs the new ones.
 
-    Restart the node afterwards. Peers pick the new keys up at their next contact; the old
-    encryption key is kept, protected like the others, so archived requests stay readable.
+    A running node (serve, workers) takes the new keys up at its next use of them, without
+    a restart. Peers pick them up at their next contact; the old encryption key is kept,
+    protected like the others, so archived requests stay readable.
     """
     from app.audit.log import record
     from app.cli import _fail, _node, _operator, _settings
@@ -101,7 +102,10 @@ def keys_rotate(
         node.close()
     typer.echo(f"rotated: signing key {old.signing_kid} -> {new.signing_kid}")
     typer.echo(f"         encryption key {old.encryption_kid} -> {new.encryption_kid}")
-    typer.echo("restart the node; peers follow the signed rotation at their next contact.")
+    typer.echo(
+        "the running node publishes the new keys from its next request (no restart); "
+        "peers follow the signed rotation at their next contact."
+    )
     typer.echo("new fingerprint (for peers that pin from scratch):")
     typer.echo(format_fingerprint(new.fingerprint))
 

@@ -25,8 +25,6 @@ from app.audit.router import router as audit_router
 from app.auth.refusals import record_refusal
 from app.auth.throttle import TooManyRequests, address_unit
 from app.config import Settings, body_idle_seconds, buffered_body_budget, get_settings
-from app.crypto.encoding import utc_now
-from app.crypto.identity import build_identity_document
 from app.db import DurabilityLost
 from app.delivery.router import router as deliveries_router
 from app.delivery.worker import Worker
@@ -518,9 +516,6 @@ def create_app(settings: Settings | None = None, *, node: Node | None = None) ->
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         node = loaded.pop() if loaded else load_node(settings)
         app.state.node = node
-        app.state.identity_document = build_identity_document(
-            node.identity, node.keys, issued_at=utc_now()
-        )
         worker: Worker | None = None
         app.state.worker_thread = None
         app.state.migration_heads = expected_heads()

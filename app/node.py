@@ -11,7 +11,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.crypto.keyfile import read_passphrase
-from app.crypto.keys import NodeIdentity, NodeKeys, load_identity, load_keys
+from app.crypto.keyring import KeyRing
+from app.crypto.keys import NodeIdentity, NodeKeys, load_identity
 from app.db import make_engine, make_session_factory
 
 if TYPE_CHECKING:
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 class Node:
     settings: Settings
     identity: NodeIdentity
-    keys: NodeKeys
+    keyring: KeyRing
     engine: Engine
     sessions: sessionmaker[Session]
     # Set when new outbound work is committed, so the in-process worker need not wait for
@@ -32,6 +33,18 @@ class Node:
     @property
     def authority_id(self) -> str:
         return self.identity.authority_id
+
+    @property
+    def keys(self) -> NodeKeys:
+        """The keys the keys folder holds now: a rotation made by `entraide keys rotate` in
+        another process is followed without a restart (app/crypto/keyring.py). Read it once
+        where a key and its id go together: a rotation may land between two reads."""
+        return self.keyring.current().keys
+
+    @property
+    def identity_document(self) -> dict[str, str]:
+        """The self-signed identity document publishing the current keys."""
+        return self.keyring.current().document
 
     @property
     def log_anchor(self) -> SignedLogAnchor:
@@ -59,11 +72,13 @@ def load_node(settings: Settings) -> Node:
         )
     if settings.public_url and settings.public_url != identity.public_url:
         identity = NodeIdentity(identity.authority_id, identity.name, settings.public_url)
+    # Read again at each reload, as a restart would: the file may have been updated since.
+    keyring = KeyRing.load(settings.keys_dir, identity, passphrase=lambda: key_passphrase(settings))
     engine = make_engine(settings.database_url)
     return Node(
         settings=settings,
         identity=identity,
-        keys=load_keys(settings.keys_dir, passphrase=key_passphrase(settings)),
+        keyring=keyring,
         engine=engine,
         sessions=make_session_factory(engine),
     )

@@ -21,9 +21,9 @@ openapi_router = APIRouter(tags=["public"])
 
 
 @router.get("/.well-known/entraide/node")
-def identity_document(request: Request) -> dict[str, str]:
-    document: dict[str, str] = request.app.state.identity_document
-    return document
+def identity_document(node: NodeDep) -> dict[str, str]:
+    # Built when the keys were (re)loaded: after `keys rotate`, the new keys and their chain.
+    return node.identity_document
 
 
 @openapi_router.get("/api/v1/openapi.json", include_in_schema=False)

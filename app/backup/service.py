@@ -53,6 +53,7 @@ from app.crypto.keys import (
     KEY_FILES,
     RETIRED_DIR,
     ROTATIONS_FILE,
+    NodeKeys,
     keys_exist,
     keys_folder_lock,
     load_keys,
@@ -99,12 +100,12 @@ class RestoreSummary:
     recorded: bool = True  # False: the log was too damaged to take the restore's entry
 
 
-def _public_keys(node: Node) -> dict[str, str]:
+def _public_keys(keys: NodeKeys) -> dict[str, str]:
     return {
-        "signing": b64e(node.keys.signing_public),
-        "encryption": b64e(node.keys.encryption_public),
-        "log": b64e(node.keys.log_public),
-        "fingerprint": node.keys.fingerprint,
+        "signing": b64e(keys.signing_public),
+        "encryption": b64e(keys.encryption_public),
+        "log": b64e(keys.log_public),
+        "fingerprint": keys.fingerprint,
     }
 
 
@@ -154,7 +155,7 @@ def _private_keys_tar(keys_dir: Path) -> bytes:
     return buffer.getvalue()
 
 
-def _check_keys_unchanged(settings: Settings, node: Node) -> None:
+def _check_keys_unchanged(settings: Settings, keys: NodeKeys) -> None:
     """The keys about to be copied are the node's own, files of their own (from review): a
     key file that is a symbolic link (a secret mount) was left out without a word, and the
     backup, said to hold the private keys, restored none; keys rotated since this backup
@@ -162,10 +163,7 @@ def _check_keys_unchanged(settings: Settings, node: Node) -> None:
     restore accepts. Either is refused now, not found at restore."""
     _refuse_linked_keys(settings.keys_dir)
     now = load_keys(settings.keys_dir, passphrase=key_passphrase(settings))
-    if (now.signing_public, now.encryption_public) != (
-        node.keys.signing_public,
-        node.keys.encryption_public,
-    ):
+    if (now.signing_public, now.encryption_public) != (keys.signing_public, keys.encryption_public):
         raise BackupError(
             "the node's keys changed while the backup ran (a rotation?): run it again"
         )
@@ -220,6 +218,10 @@ def create_backup(
     if include_private_keys:  # before the database is dumped and the log told of a backup
         _refuse_linked_keys(settings.keys_dir)
     node = load_node(settings)
+    # One set of keys for the whole backup: the node follows a rotation made meanwhile
+    # (app/crypto/keyring.py), and a manifest naming one set signed by another, or keys
+    # copied under a manifest naming others, is a backup no restore accepts.
+    keys = node.keys
     try:
         # The copy covers a signed checkpoint: a restore proves the log it brings back extends
         # it. A database still one schema behind the code (backed up before an upgrade) is
@@ -259,14 +261,14 @@ def create_backup(
                         settings.database_url, open_member, scratch=Path(scratch)
                     )
                 shutil.copyfile(settings.keys_dir / IDENTITY_FILE, staging / NODE_MEMBER)
-                document = build_identity_document(node.identity, node.keys, issued_at=utc_now())
+                document = build_identity_document(node.identity, keys, issued_at=utc_now())
                 (staging / IDENTITY_MEMBER).write_text(json.dumps(document, indent=1) + "\n")
                 private: dict[str, Any] | None = None
                 if include_private_keys:
                     assert passphrase is not None  # noqa: S101  # checked above
                     # Not in the middle of a rotation: its chain and its keys together.
                     with keys_folder_lock(settings.keys_dir):
-                        _check_keys_unchanged(settings, node)
+                        _check_keys_unchanged(settings, keys)
                         keys_tar = _private_keys_tar(settings.keys_dir)
                     sealed, private = seal(keys_tar, passphrase)
                     (staging / PRIVATE_MEMBER).write_bytes(sealed)
@@ -282,12 +284,12 @@ def create_backup(
                     "authority_id": node.authority_id,
                     "database": database,
                     "audit_checkpoint": checkpoint,
-                    "public_keys": _public_keys(node),
+                    "public_keys": _public_keys(keys),
                     "private_keys": private,
                     "files": {name: _sha256_file(staging / name) for name in members},
                 }
                 manifest_bytes = json.dumps(manifest, indent=1, sort_keys=True).encode()
-                signature = sign(node.keys.signing, DOMAIN_BACKUP, manifest_bytes)
+                signature = sign(keys.signing, DOMAIN_BACKUP, manifest_bytes)
                 partial = out.with_name(out.name + ".partial")
                 # Never an existing file's mode, nor a link planted in a shared folder.
                 partial.unlink(missing_ok=True)
@@ -410,7 +412,7 @@ class _Archive:
 
 
 def _check_public_keys(node: Node, manifest: dict[str, Any], source: str) -> None:
-    if _public_keys(node) != manifest.get("public_keys"):
+    if _public_keys(node.keys) != manifest.get("public_keys"):
         raise BackupError(
             f"the keys {source} are not the keys of the node this backup was made from "
             f"({manifest.get('authority_id')}), as they stood when it was made: another "

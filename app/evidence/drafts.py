@@ -217,14 +217,15 @@ def create_draft(
     msg_id = bytes(random_bytes(MSG_ID_BYTES))
     content_key = bytes(random_bytes(KEY_BYTES))
     now = utc_now()
+    keys = node.keys  # once: the wrap and its key id from the same rotation
     draft = EvidenceDraft(
         id=msg_id.hex(),
         request_id=None if case is None else case.id,
         peer_authority=to,
         created_by=principal.name,
         state=OPEN,
-        key_kid=node.keys.encryption_kid,
-        key_wrap=bytes(SealedBox(node.keys.encryption.public_key).encrypt(content_key)),
+        key_kid=keys.encryption_kid,
+        key_wrap=bytes(SealedBox(keys.encryption.public_key).encrypt(content_key)),
         sealed_content=bytes(SecretBox(_draft_key(content_key, msg_id)).encrypt(sealed)),
         created_at=now,
         updated_at=now,

@@ -179,11 +179,12 @@ def _stored_receipt(session: Session, node: Node, message: Stored) -> SignedRece
                 f"{str(exc)[:120]}"
             )
         else:
-            if receipt.signer_kid == node.keys.signing_kid:
+            keys = node.keys  # once: a key and its id from the same rotation
+            if receipt.signer_kid == keys.signing_kid:
                 return stored
             return issue_receipt(
-                node.keys.signing,
-                signer_kid=node.keys.signing_kid,
+                keys.signing,
+                signer_kid=keys.signing_kid,
                 msg_id=receipt.msg_id,
                 envelope_hash=receipt.envelope_hash,
                 from_authority=receipt.from_authority,
@@ -473,9 +474,10 @@ def admit_opened(
             ),
         ],
     )
+    keys = node.keys  # once: a key and its id from the same rotation
     receipt = issue_receipt(
-        node.keys.signing,
-        signer_kid=node.keys.signing_kid,
+        keys.signing,
+        signer_kid=keys.signing_kid,
         msg_id=header.msg_id,
         envelope_hash=envelope_hash,
         from_authority=header.from_authority,
@@ -491,7 +493,7 @@ def admit_opened(
             "message_id": message_id,
             "body": receipt.body,
             "signature": receipt.signature,
-            "signer_kid": node.keys.signing_kid,
+            "signer_kid": keys.signing_kid,
             "received_at": now,
             "stored_at": now,
         },

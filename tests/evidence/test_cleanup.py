@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.config import Settings
 from app.crypto.encoding import b64d, utc_now
 from app.crypto.envelope import parse_header
+from app.crypto.keyring import KeyRing
 from app.crypto.keys import NodeIdentity, NodeKeys
 from app.db import make_engine, unit_of_work
 from app.evidence import cleanup
@@ -96,10 +97,13 @@ def test_the_sweep_runs_once_per_period(databases: Databases, tmp_path: Path) ->
     engine = make_engine(url)
     Base.metadata.create_all(engine)
     settings = Settings(database_url=url, keys_dir=tmp_path / "keys", blob_dir=tmp_path / "blobs")
+    identity = NodeIdentity("ES/MJ", "Ministerio de Justicia", "http://127.0.0.1:1")
     node = Node(
         settings=settings,
-        identity=NodeIdentity("ES/MJ", "Ministerio de Justicia", "http://127.0.0.1:1"),
-        keys=NodeKeys.generate(),
+        identity=identity,
+        keyring=KeyRing(
+            settings.keys_dir, identity, NodeKeys.generate(), stamp=None, passphrase=lambda: None
+        ),
         engine=engine,
         sessions=sessionmaker(engine),
     )

@@ -13,7 +13,9 @@ import sys
 import tarfile
 import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select, text, update
@@ -22,10 +24,12 @@ from app.audit.log import record
 from app.audit.service import verify_database
 from app.audit.verify import Report
 from app.auth.service import Role, create_client
+from app.backup import service as backup_service
 from app.backup.sealed import PassphraseError, read_passphrase
 from app.backup.service import BackupError, create_backup, restore_backup
 from app.config import Settings
 from app.crypto.encoding import b64e
+from app.crypto.keys import rotate_keys
 from app.db import make_engine, make_session_factory, unit_of_work
 from app.delivery import heartbeat
 from app.localnodes import LocalNode
@@ -414,6 +418,32 @@ def test_a_backup_refuses_key_files_it_would_leave_out(tmp_path: Path) -> None:
         backup_of(node, out, PASSPHRASE.encode())
     assert not out.exists()
     assert not out.with_name(out.name + ".partial").exists()
+
+
+def test_a_rotation_while_a_backup_runs_is_refused_not_mixed_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node follows a rotation without a restart (app/crypto/keyring.py): a backup must
+    not, or its identity document, manifest, signature and key files would name two sets of
+    keys, a backup no restore accepts. It keeps the keys it started with and refuses."""
+    databases = make_databases("sqlite", tmp_path)
+    node = _initialised(tmp_path, databases.new("es"))
+    real_dump = backup_service.dump_database
+
+    def rotated_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        # `entraide keys rotate` in another process, while the database is being copied.
+        rotate_keys(node.keys_dir, authority_id="ES/MJ", passphrase=None, overlap=timedelta(1))
+        return real_dump(*args, **kwargs)
+
+    monkeypatch.setattr(backup_service, "dump_database", rotated_meanwhile)
+    out = tmp_path / "rotated.tar.gz"
+    with pytest.raises(BackupError, match=r"keys changed while the backup ran"):
+        backup_of(node, out, PASSPHRASE.encode())
+    assert not out.exists()
+    monkeypatch.undo()
+    backup_of(node, out, PASSPHRASE.encode())  # run again, it holds the new keys
+    restored = restore_into(databases.new("again"), tmp_path / "restored", out, PASSPHRASE.encode())
+    assert restored.ok
 
 
 def test_a_restore_into_a_folder_holding_another_nodes_files_is_refused(tmp_path: Path) -> None:

@@ -126,7 +126,7 @@ def test_rotation_keeps_both_directions_and_the_archive(trio: dict[str, LocalNod
 
     ar.stop()
     rotated = ar.cli("keys", "rotate", "--overlap-days", "7")
-    assert "restart the node" in rotated.stdout
+    assert "no restart" in rotated.stdout
     ar.start()
     new = identity(ar)
     assert new.signing.kid != old.signing.kid
