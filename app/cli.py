@@ -902,6 +902,7 @@ def _adopt_log(node: Node) -> str:
     from app.audit.anchor import Signed
     from app.audit.checkpoints import sign_checkpoint
     from app.audit.log import lock_head, record
+    from app.audit.mac import mac_key
     from app.audit.service import verify_database
     from app.db import read_snapshot, unit_of_work
 
@@ -912,7 +913,10 @@ def _adopt_log(node: Node) -> str:
         )
     with read_snapshot(node.sessions) as session:
         report = verify_database(
-            session, authority_id=node.authority_id, log_public=node.keys.log_public
+            session,
+            authority_id=node.authority_id,
+            log_public=node.keys.log_public,
+            mac_key=mac_key(node.keys.log),
         )
     if report.first is not None:
         raise _fail(
@@ -1093,6 +1097,7 @@ def audit_verify(
     ] = None,
 ) -> None:
     """Check an exported (or the live) audit log; exit 1 naming the first bad entry."""
+    from app.audit.mac import mac_key
     from app.audit.note import NoteError
     from app.audit.service import verify_database, verify_export
     from app.db import read_snapshot
@@ -1121,6 +1126,7 @@ def audit_verify(
                     earlier=earlier,
                     extends=extends,
                     anchor=node.log_anchor,
+                    mac_key=mac_key(node.keys.log),
                 )
         finally:
             node.close()
@@ -1145,9 +1151,15 @@ def audit_verify(
         f"root {report.root.hex()}"
     )
     if report.entries > report.signed:  # a live log: its newest entries await a checkpoint
+        unsigned = report.entries - report.signed
+        vouched = (
+            "each carries its MAC"
+            if not report.without_mac
+            else f"{report.without_mac} of them appended before MACs, with none"
+        )
         typer.echo(
-            f"  {report.entries - report.signed} entries after the newest checkpoint "
-            f"(size {report.signed}) are not signed yet"
+            f"  {unsigned} entries after the newest checkpoint (size {report.signed}) are not "
+            f"signed yet ({vouched})"
         )
     for item in witnessed:
         for found in item.cosignatures:

@@ -321,6 +321,9 @@ class AuditEntry(Base):
     # Merkle tree commits to; the columns are only for queries.
     entry: Mapped[bytes] = mapped_column(LargeBinary)
     leaf_hash: Mapped[bytes] = mapped_column(LargeBinary)
+    # Keyed BLAKE2b of `entry` under a key derived from the log key (app/audit/mac.py): what
+    # protects an entry no checkpoint signs yet. NULL: appended before MACs (docs/audit.md §4).
+    mac: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
 
 
 class AuditIndex(Base):

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.audit.mac import append_with
 from app.config import Settings
 from app.crypto.keyfile import read_passphrase
 from app.crypto.keyring import KeyRing
@@ -29,6 +30,11 @@ class Node:
     # Set when new outbound work is committed, so the in-process worker need not wait for
     # its next poll. Only a hint: the outbox table is the source of truth.
     outbox_signal: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        # Whatever appends through this node's sessions holds its log key: each entry gets its
+        # MAC (app/audit/mac.py), in the server, `entraide worker` and every CLI command alike.
+        append_with(self.sessions, self.keys.log)
 
     @property
     def authority_id(self) -> str:

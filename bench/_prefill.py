@@ -34,6 +34,7 @@ import psycopg
 
 from app.audit.checkpoints import log_origin
 from app.audit.log import STORED_LEVEL
+from app.audit.mac import MACS_EXTENSION, entry_mac, mac_key
 from app.audit.merkle import CompactRange, leaf_hash
 from app.audit.note import Checkpoint, sign_note
 from app.crypto.encoding import canonical_json, format_time
@@ -65,7 +66,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     ).split(),
     "receipts": "id message_id body signature signer_kid received_at stored_at".split(),
     "audit_entries": (
-        "idx recorded_at actor action outcome request_id msg_id peer entry leaf_hash"
+        "idx recorded_at actor action outcome request_id msg_id peer entry leaf_hash mac"
     ).split(),
     "audit_nodes": "level position hash".split(),
     "audit_index": "idx recorded_at actor action outcome request_id peer".split(),
@@ -190,6 +191,7 @@ class AuditTail:
         self.last_leaf: bytes | None = bytes(row[2]) if row[2] is not None else None
         self.origin = log_origin(node.authority_id)
         self.log_key = load_keys(node.keys_dir).log
+        self.mac_key = mac_key(self.log_key)  # each entry's MAC, as the node's appends write it
         self.checkpoint_id = int(
             writer.scalar("SELECT coalesce(max(id), 0) FROM audit_checkpoints")
         )
@@ -243,12 +245,27 @@ class AuditTail:
         self.last_leaf = leaf
         self.moment = moment
         self.entries.append(
-            (idx, moment, actor, action, outcome, request_id, msg_id, peer, data, leaf)
+            (
+                idx,
+                moment,
+                actor,
+                action,
+                outcome,
+                request_id,
+                msg_id,
+                peer,
+                data,
+                leaf,
+                entry_mac(self.mac_key, data),
+            )
         )
         self.index.append((idx, moment, actor, action, outcome, request_id, peer))
         if self.compact.size % CHECKPOINT_EVERY == 0:
             body = Checkpoint(
-                origin=self.origin, size=self.compact.size, root_hash=self.compact.root()
+                origin=self.origin,
+                size=self.compact.size,
+                root_hash=self.compact.root(),
+                extensions=(MACS_EXTENSION,),  # as the node's: the entries after it carry MACs
             ).format()
             self.checkpoint_id += 1
             self.checkpoints.append(

@@ -81,6 +81,7 @@ from app.audit import witness as audit_witness  # noqa: E402
 from app.audit.checkpoints import log_origin, sign_checkpoint  # noqa: E402
 from app.audit.index import INDEX_BATCH  # noqa: E402
 from app.audit.log import Event  # noqa: E402
+from app.audit.mac import MACS_EXTENSION, entry_mac, mac_key  # noqa: E402
 from app.audit.merkle import CompactRange, leaf_hash  # noqa: E402
 from app.audit.note import Checkpoint, sign_note  # noqa: E402
 from app.audit.service import (  # noqa: E402
@@ -453,7 +454,7 @@ class BigLog:
 
 
 ENTRY_COLUMNS = ["idx", "recorded_at", "actor", "action", "outcome", "request_id", "msg_id"]
-ENTRY_COLUMNS += ["peer", "entry", "leaf_hash"]
+ENTRY_COLUMNS += ["peer", "entry", "leaf_hash", "mac"]
 INDEX_COLUMNS = ["idx", "recorded_at", "actor", "action", "outcome", "request_id", "peer"]
 NODE_COLUMNS = ["level", "position", "hash"]
 
@@ -516,6 +517,7 @@ def build_log(url: str, workdir: Path, *, entries: int, rng: random.Random) -> B
     settings = Settings(database_url=url, keys_dir=workdir / "unused-keys")
     node = Node(settings=settings, identity=identity, keys=keys, engine=engine, sessions=sessions)
     origin = log_origin(AUTHORITY)
+    entries_key = mac_key(keys.log)
     compact = CompactRange()
     last_leaf: bytes | None = None
     end = utc_now() - timedelta(hours=1)
@@ -578,11 +580,13 @@ def build_log(url: str, workdir: Path, *, entries: int, rng: random.Random) -> B
         last_leaf = leaf_hash(data)
         compact.append(last_leaf, visit=keep)
         row = (idx, bulk.to_db_time(moment), event.actor, event.action, event.outcome)
-        rows.append((*row, event.request_id, event.msg_id, event.peer, data, last_leaf))
+        mac = entry_mac(entries_key, data)  # as `record` writes it
+        rows.append((*row, event.request_id, event.msg_id, event.peer, data, last_leaf, mac))
         if rng.random() < 0.02:
             sample.append({**fields, "recorded_at": moment})
         if compact.size % CHECKPOINT_EVERY == 0:
-            body = Checkpoint(origin=origin, size=compact.size, root_hash=compact.root()).format()
+            marked = (MACS_EXTENSION,)  # as the node's: the entries after it carry MACs
+            body = Checkpoint(origin, compact.size, compact.root(), extensions=marked).format()
             notes.append(
                 {
                     "size": compact.size,

@@ -2,7 +2,8 @@
 
 A checkpoint is signed every N entries or T seconds (by whichever delivery worker notices
 first) and on demand. Signing locks the log head, so two workers never sign two different
-checkpoints of the same size.
+checkpoints of the same size, and checks first that every entry since the latest checkpoint
+carries its MAC (app/audit/mac.py): nothing is signed over an entry no key vouches for.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from app.audit.index import INDEX_BATCH, catch_up
 from app.audit.log import HEAD_ID, lock_head, mark_checkpointed
+from app.audit.mac import MACS_EXTENSION, check_macs, mac_key
 from app.audit.note import (
     Checkpoint,
     NoteError,
@@ -59,12 +61,27 @@ def log_verifier_key(authority_id: str, log_key: SigningKey) -> str:
     return format_verifier_key(log_origin(authority_id), log_key.verify_key)
 
 
+class SignedSize(Protocol):
+    @property
+    def size(self) -> int: ...
+
+
 class Anchor(Protocol):
     """What the log key signed, kept outside the database (app/audit/anchor.py)."""
 
+    def read(self) -> SignedSize | None: ...
     def problem(self, session: Session, size: int, root: bytes) -> str | None: ...
     def check(self, session: Session, size: int, root: bytes) -> None: ...
     def remember(self, size: int, root: bytes) -> None: ...
+
+
+class LogRewritten(EntraideError):
+    """An entry no checkpoint covers yet carries no valid MAC (app/audit/mac.py): it was
+    written or rewritten by someone without the log key. Never input, an alarm: nothing is
+    signed over it."""
+
+    status_code = 500
+    code = "audit_log_rewritten"
 
 
 def sign_checkpoint(
@@ -82,6 +99,18 @@ def sign_checkpoint(
         # record gets one on its first checkpoint, even with nothing new to sign.
         _remember_after_commit(session, anchor, head.size, head.root_hash)
         return existing
+    # Nothing signs what no key vouches for: every entry since the latest checkpoint must
+    # carry its MAC (app/audit/mac.py), or a database writer's rewrite would be signed here.
+    found = check_macs(
+        session,
+        mac_key(log_key),
+        start=0 if existing is None else existing.size,
+        end=head.size,
+        legacy=not macs_required(existing, anchor),
+    ).problem
+    if found is not None:
+        log.critical("audit log rolled back or rewritten: %s", found[1])
+        raise LogRewritten(found[1])
     origin = log_origin(authority_id)
     now = utc_now()
     if head.last_time is not None and head.last_time > now + FUTURE_MARGIN:
@@ -95,8 +124,8 @@ def sign_checkpoint(
             format_time(head.last_time),
             format_time(now),
         )
-    signed_at = (f"{TIME_EXTENSION}{format_time(now)}",)
-    body = Checkpoint(origin, head.size, head.root_hash, extensions=signed_at).format()
+    extensions = (f"{TIME_EXTENSION}{format_time(now)}", MACS_EXTENSION)
+    body = Checkpoint(origin, head.size, head.root_hash, extensions=extensions).format()
     checkpoint = AuditCheckpoint(
         size=head.size,
         root_hash=head.root_hash,
@@ -107,7 +136,26 @@ def sign_checkpoint(
     mark_checkpointed(session)
     session.flush()
     _remember_after_commit(session, anchor, head.size, head.root_hash)
-    return SignedCheckpoint(head.size, head.root_hash, checkpoint.note, checkpoint.created_at)
+    return SignedCheckpoint(
+        head.size, head.root_hash, checkpoint.note, checkpoint.created_at, macs_after=True
+    )
+
+
+def macs_required(latest: SignedCheckpoint | None, anchor: Anchor | None) -> bool:
+    """Must every entry after `latest` carry a MAC? Yes once a checkpoint says so (signed by a
+    node of this version), or once the record beside the keys reaches past `latest`: then
+    checkpoints were removed from the database (to make an older one, signed before MACs,
+    the latest), and no entry is let off. No while the latest checkpoint was signed by a node
+    of an earlier version, or there is none (a first release signed none): the entries after
+    it may have been appended by one (before the upgrade, or by a process of it still
+    running), which could not MAC them (docs/audit.md §4)."""
+    if latest is not None and latest.macs_after:
+        return True
+    try:
+        record = anchor.read() if anchor is not None else None
+    except EntraideError:  # unreadable: what it says is unknown, so nothing is let off
+        return True
+    return record is not None and record.size > (0 if latest is None else latest.size)
 
 
 @dataclass(frozen=True)
@@ -121,6 +169,7 @@ class SignedCheckpoint:
     root_hash: bytes
     note: str
     created_at: datetime
+    macs_after: bool = False  # its note says every later entry carries a MAC
 
 
 # Rows are read by their size column, largest first, a page at a time: the first whose note
@@ -170,7 +219,8 @@ def latest_signed(session: Session, verifier: Verifier) -> SignedCheckpoint | No
                 continue
             opened = opened_checkpoint(note, verifier.name, verifier.public_key)
             if opened is not None and (opened.size, opened.root_hash) == (size, bytes(root_hash)):
-                return SignedCheckpoint(opened.size, opened.root_hash, note, created_at)
+                macs = MACS_EXTENSION in opened.extensions
+                return SignedCheckpoint(opened.size, opened.root_hash, note, created_at, macs)
         if len(rows) < LATEST_PAGE:
             return None
     return None

@@ -8,7 +8,9 @@ Each entry is one leaf of the node's RFC 9162 Merkle tree. Appending locks the s
 row (contiguous indexes), extends the stored compact range, and stores the hashes of the
 large perfect subtrees the new leaf completes (for proofs; see `STORED_LEVEL`). Each entry
 also records the previous leaf's hash: redundant with the tree, but it lets a verifier name
-exactly which entry was altered instead of only which checkpoint stopped matching.
+exactly which entry was altered instead of only which checkpoint stopped matching. Beside its
+bytes, each entry gets a MAC under a key derived from the log key (app/audit/mac.py): until a
+checkpoint signs it, that is what keeps a database writer without the keys from rewriting it.
 
 Appends sit on the request path, several per request, so they are written as plain SQL
 through the DB-API cursor of the transaction's own connection (no ORM unit of work, no
@@ -34,6 +36,7 @@ from sqlalchemy import Dialect
 from sqlalchemy.engine.interfaces import DBAPICursor
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
+from app.audit.mac import MAC_KEY_INFO, entry_mac
 from app.audit.merkle import CompactRange, leaf_hash
 from app.crypto.encoding import DecodeError, canonical_json, format_time, parse_time, utc_now
 from app.db import unit_of_work
@@ -97,10 +100,10 @@ _UPDATE_HEAD = (
 )
 _INTO_ENTRIES = (
     "INSERT INTO audit_entries "
-    "(idx, recorded_at, actor, action, outcome, request_id, msg_id, peer, entry, leaf_hash) "
+    "(idx, recorded_at, actor, action, outcome, request_id, msg_id, peer, entry, leaf_hash, mac) "
 )
-_INSERT_ENTRY = _INTO_ENTRIES + "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-_SELECT_ENTRY = "SELECT %s, %s, %s, %s, %s, %s, %s, %s, %s, %s FROM head"
+_INSERT_ENTRY = _INTO_ENTRIES + "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_SELECT_ENTRY = "SELECT %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s FROM head"
 
 
 @functools.cache
@@ -169,6 +172,7 @@ class _Held:
     sql: _Statements
     head: Head
     locked: bool  # the head row is locked and `head` is what it holds
+    mac_key: bytes | None  # app/audit/mac.py; None: this session only reads or signs
 
 
 def _cursor(session: Session) -> tuple[DBAPICursor, _Statements]:
@@ -268,6 +272,7 @@ def _hold(session: Session) -> _Held:
     held: _Held | None = session.info.get(_HELD_HEAD)
     if held is not None and held.transaction is current:
         return held
+    key: bytes | None = session.info.get(MAC_KEY_INFO)
     cursor, sql = _cursor(session)
     # session.connection() has begun a transaction if there was none.
     transaction = session.get_nested_transaction() or session.get_transaction()
@@ -275,9 +280,9 @@ def _hold(session: Session) -> _Held:
         raise RuntimeError("no transaction to append the audit entry in")
     last = _last_written.get(session.get_bind())
     if last is None:
-        held = _Held(transaction, cursor, sql, _read(cursor, sql, sql.lock), locked=True)
+        held = _Held(transaction, cursor, sql, _read(cursor, sql, sql.lock), True, key)
     else:
-        held = _Held(transaction, cursor, sql, last, locked=False)
+        held = _Held(transaction, cursor, sql, last, False, key)
     session.info[_HELD_HEAD] = held
     return held
 
@@ -434,7 +439,9 @@ def _entry_time(head: Head) -> datetime:
 
 def _append(held: _Held, events: Sequence[Event]) -> list[int] | None:
     """Write entries on top of `held.head`; None if the head row is no longer that."""
-    head, sql, cursor = held.head, held.sql, held.cursor
+    head, sql, cursor, key = held.head, held.sql, held.cursor, held.mac_key
+    if key is None:  # an entry without its MAC would stop the next checkpoint: never written
+        raise RuntimeError("this session holds no audit MAC key (app.audit.mac.append_with)")
     compact, last_leaf = head.compact.copy(), head.last_leaf_hash
     nodes: list[tuple[int, int, bytes]] = []
 
@@ -474,6 +481,7 @@ def _append(held: _Held, events: Sequence[Event]) -> list[int] | None:
                 event.peer,
                 entry,
                 last_leaf,
+                entry_mac(key, entry),
             )
         )
         compact.append(last_leaf, visit=keep)

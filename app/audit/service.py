@@ -17,14 +17,17 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from app.audit.checkpoints import (
     Anchor,
+    latest_signed,
     log_origin,
     log_verifier,
     log_verifier_key,
+    macs_required,
     opened_checkpoint,
     sign_checkpoint,
 )
 from app.audit.index import MAX_TAIL, index_entries, indexed_size
 from app.audit.log import STORED_LEVEL, LogDamaged, read_head
+from app.audit.mac import check_macs
 from app.audit.merkle import (
     RangeHasher,
     consistency_proof,
@@ -299,8 +302,10 @@ def verify_database(
     earlier: str | None = None,
     extends: Sequence[tuple[str, str]] = (),
     anchor: Anchor | None = None,
+    mac_key: bytes | None = None,
 ) -> Report:
-    """`audit verify --db`: the live log against its own signed checkpoints.
+    """`audit verify --db`: the live log against its own signed checkpoints, and, with the
+    log's MAC key (app/audit/mac.py), the entries no checkpoint covers yet against their MACs.
 
     In one snapshot: a running node appends while the check streams its entries, and under
     PostgreSQL's default (read committed) each statement would see a later log than the one
@@ -340,6 +345,20 @@ def verify_database(
         report.problems.append(
             Problem(report.entries - 1, "the log head's root differs from the entries' root")
         )
+    if mac_key is not None:
+        # Links are hashes anyone can recompute: past the latest checkpoint only the MACs
+        # tell a rewritten entry (the rule the next checkpoint applies before signing).
+        latest = latest_signed(session, log_verifier(authority_id, log_public))
+        checked = check_macs(
+            session,
+            mac_key,
+            start=0 if latest is None else latest.size,
+            end=report.entries,
+            legacy=not macs_required(latest, anchor),
+        )
+        report.without_mac = checked.without_mac
+        if checked.problem is not None:
+            report.problems.append(Problem(*checked.problem))
     report.problems.extend(_column_problems(session))
     report.problems.extend(_checkpoint_row_problems(session, authority_id, log_public))
     if report.first is None:  # entries contiguous and signed: what the subtrees must hash

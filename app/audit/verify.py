@@ -51,6 +51,7 @@ class Report:
     entries: int = 0
     checkpoints: int = 0
     signed: int = 0  # entries covered by the largest signed checkpoint
+    without_mac: int = 0  # (--db) entries after it let off with no MAC: appended before MACs
     root: bytes = b""
     problems: list[Problem] = field(default_factory=list)
 

@@ -41,6 +41,7 @@ from sqlalchemy.orm import Session
 
 from app.audit.checkpoints import sign_checkpoint
 from app.audit.log import record, record_alone
+from app.audit.mac import mac_key
 from app.audit.service import verify_database
 from app.audit.verify import Report
 from app.backup.dump import current_revisions, dump_database, holds_data, load_database
@@ -662,6 +663,7 @@ def restore_backup(
                 authority_id=node.authority_id,
                 log_public=node.keys.log_public,
                 earlier=archive.manifest.get("audit_checkpoint"),
+                mac_key=mac_key(node.keys.log),
             )
         recorded = record_restore(
             node,

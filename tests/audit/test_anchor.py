@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.audit.anchor import LogRolledBack, SignedLogAnchor
 from app.audit.checkpoints import maybe_checkpoint, sign_checkpoint
 from app.audit.log import record
+from app.audit.mac import append_with
 from app.audit.merkle import EMPTY_ROOT
 from app.audit.service import verify_database
 from app.crypto.keys import NodeKeys, save_keys
@@ -74,8 +75,9 @@ def log(tmp_path: Path) -> Iterator[Log]:
     (tmp_path / "keys").mkdir(mode=0o700)
     anchor = SignedLogAnchor(tmp_path / "keys" / "log-signed.json")
     anchor.start()  # as `init` does
+    keys = NodeKeys.generate()
     try:
-        yield Log(path, NodeKeys.generate(), anchor, make_session_factory(engine))
+        yield Log(path, keys, anchor, append_with(make_session_factory(engine), keys.log))
     finally:
         engine.dispose()
 

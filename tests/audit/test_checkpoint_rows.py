@@ -29,6 +29,7 @@ from app.audit.checkpoints import (
     sign_checkpoint,
 )
 from app.audit.log import read_head, record
+from app.audit.mac import append_with
 from app.audit.note import Checkpoint, sign_note
 from app.audit.service import verify_database
 from app.crypto.encoding import utc_now
@@ -87,7 +88,8 @@ def log(databases: Databases) -> Iterator[Log]:
     url = databases.new("audit")
     upgrade(url)
     engine = make_engine(url)
-    made = Log(NodeKeys.generate(), make_session_factory(engine))
+    keys = NodeKeys.generate()
+    made = Log(keys, append_with(make_session_factory(engine), keys.log))
     with unit_of_work(made.sessions) as session:
         for _ in range(3):
             made.add(session, 4)
@@ -207,7 +209,16 @@ def test_forged_rows_are_passed_over_for_the_latest_genuine_one(log: Log) -> Non
         ).one()
         forged = NodeKeys.generate()  # a note signed with another key, of a larger size
         log.add(session, 5)
-        sign_checkpoint(session, authority_id=AUTHORITY, log_key=forged.log)
+        head, origin = read_head(session), f"entraide.log/{AUTHORITY}"
+        body = Checkpoint(origin=origin, size=head.size, root_hash=head.root_hash).format()
+        session.add(
+            AuditCheckpoint(
+                size=head.size,
+                root_hash=head.root_hash,
+                note=sign_note(body, origin, forged.log),
+                created_at=utc_now(),
+            )
+        )
         # Rows at ids above any the node will take (PostgreSQL's sequence does not move for
         # them): garbage with a huge size, and copies of the oldest genuine note as it is.
         for number in range(3 * LATEST_PAGE):

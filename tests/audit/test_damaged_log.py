@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.audit.checkpoints import log_origin, sign_checkpoint
 from app.audit.log import LogDamaged, read_head, record
+from app.audit.mac import append_with, entry_mac, mac_key
 from app.audit.merkle import CompactRange, leaf_hash
 from app.audit.note import Checkpoint, sign_note
 from app.audit.service import entry_view, verify_database
@@ -27,6 +28,8 @@ from app.models import AuditCheckpoint, AuditEntry, AuditHead
 from tests.conftest import Databases
 
 AUTHORITY = "ES/MJ"
+KEYS = NodeKeys.generate()  # the node's: its entries' MACs and its checkpoints
+KEY = mac_key(KEYS.log)
 
 
 @pytest.fixture
@@ -35,7 +38,7 @@ def log_url(databases: Databases) -> str:
     upgrade(url)
     engine = make_engine(url)
     try:
-        with unit_of_work(make_session_factory(engine)) as session:
+        with unit_of_work(append_with(make_session_factory(engine), KEYS.log)) as session:
             for number in range(5):
                 record(session, actor="node", action="test.event", details={"n": number})
     finally:
@@ -47,14 +50,14 @@ def log_url(databases: Databases) -> str:
 def fresh(log_url: str) -> Iterator[sessionmaker[Session]]:
     """A new engine: no head cached in this process, as in a node started after the edit."""
     engine = make_engine(log_url)
-    yield make_session_factory(engine)
+    yield append_with(make_session_factory(engine), KEYS.log)
     engine.dispose()
 
 
 def _edit(log_url: str, **values: object) -> None:
     engine = make_engine(log_url)
     try:
-        with unit_of_work(make_session_factory(engine)) as session:
+        with unit_of_work(append_with(make_session_factory(engine), KEYS.log)) as session:
             session.execute(update(AuditHead).values(**values))
     finally:
         engine.dispose()
@@ -66,7 +69,7 @@ def _entries(factory: sessionmaker[Session]) -> int:
 
 
 def _problems(factory: sessionmaker[Session]) -> list[str]:
-    keys = NodeKeys.generate()  # no checkpoint signed: the log key plays no part here
+    keys = KEYS  # no checkpoint signed: the log key plays no part here
     with read_snapshot(factory) as session:
         report = verify_database(session, authority_id=AUTHORITY, log_public=keys.log_public)
     return [problem.message for problem in report.problems]
@@ -128,7 +131,9 @@ def test_entry_times_pushed_ahead_are_named_for_good(
     """An insider re-dates the log's last (unsigned) entry a month ahead and mends the head
     with public hashing alone: every later entry takes that time (times never go back), and
     the node signs them. The checkpoint says when it was signed, so the verifier names the
-    entries even once the forged date has passed (it said nothing then)."""
+    entries even once the forged date has passed (it said nothing then). (Entries now carry
+    a MAC, which the node checks before signing, tests/audit/test_entry_macs.py: this
+    insider also holds the log key, or it is the upgrade's window, docs/audit.md §4.)"""
     future = format_time(utc_now() + timedelta(days=30))
     with fresh.begin() as session:
         rows = session.execute(text("SELECT idx, entry FROM audit_entries ORDER BY idx")).all()
@@ -139,7 +144,7 @@ def test_entry_times_pushed_ahead_are_named_for_good(
         session.execute(
             update(AuditEntry)
             .where(AuditEntry.idx == idx)
-            .values(entry=edited, leaf_hash=leaf_hash(edited))
+            .values(entry=edited, leaf_hash=leaf_hash(edited), mac=entry_mac(KEY, edited))
         )
         compact = CompactRange()
         for row in [*rows[:-1], (idx, edited)]:
@@ -151,7 +156,7 @@ def test_entry_times_pushed_ahead_are_named_for_good(
                 last_leaf_hash=leaf_hash(edited),
             )
         )
-    keys = NodeKeys.generate()
+    keys = KEYS
     for number in range(3):
         with unit_of_work(fresh) as session:
             record(session, actor="node", action="test.later", details={"n": number})
@@ -176,7 +181,7 @@ def test_a_clock_set_right_after_running_fast_is_not_taken_for_pushed_times(
     the entries after it keep the last entry's time until the clock catches up (times never
     go back), and the checkpoint that covers them is signed at the right time: they were
     signed at their time already (by the checkpoint of the fast hour), nothing was pushed."""
-    keys = NodeKeys.generate()
+    keys = KEYS
     fast = utc_now() + timedelta(hours=1)
     for module in ("app.audit.log", "app.audit.checkpoints"):
         monkeypatch.setattr(f"{module}.utc_now", lambda: fast)
@@ -200,7 +205,7 @@ def test_a_clock_set_right_after_running_fast_is_not_taken_for_pushed_times(
 def test_a_checkpoint_with_a_time_that_is_no_date_is_checked_without_it(
     log_url: str, fresh: sessionmaker[Session], line: str
 ) -> None:
-    keys = NodeKeys.generate()
+    keys = KEYS
     with unit_of_work(fresh) as session:
         head = read_head(session)
         origin = log_origin(AUTHORITY)

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from nacl.signing import SigningKey
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -18,6 +19,7 @@ from app.audit import log as audit_log
 from app.audit.checkpoints import maybe_checkpoint
 from app.audit.index import INDEX_BATCH, MAX_TAIL, index_entries, indexed_size
 from app.audit.log import record
+from app.audit.mac import append_with
 from app.audit.service import EntryFilter, query_entries
 from app.crypto.keys import NodeKeys
 from app.db import make_engine, make_session_factory, unit_of_work
@@ -56,7 +58,7 @@ def log(databases: Databases, monkeypatch: pytest.MonkeyPatch) -> Iterator[Log]:
     url = databases.new("index")
     upgrade(url)
     engine = make_engine(url)
-    sessions = make_session_factory(engine)
+    sessions = append_with(make_session_factory(engine), SigningKey.generate())
     clock = Clock()
     monkeypatch.setattr(audit_log, "utc_now", clock)
     rng = random.Random(3)
@@ -148,8 +150,8 @@ def test_the_worker_indexes_in_batches_and_at_checkpoints(databases: Databases) 
     url = databases.new("upkeep")
     upgrade(url)
     engine = make_engine(url)
-    sessions = make_session_factory(engine)
     keys = NodeKeys.generate()
+    sessions = append_with(make_session_factory(engine), keys.log)
 
     def append(count: int) -> None:
         with unit_of_work(sessions) as session:

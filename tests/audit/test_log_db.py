@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from nacl.signing import SigningKey
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -27,6 +28,7 @@ from app.audit.checkpoints import (
     sign_checkpoint,
 )
 from app.audit.log import STORED_LEVEL, Event, entry_bytes, record, record_many
+from app.audit.mac import append_with
 from app.audit.merkle import root_from_leaf_hashes, verify_consistency, verify_inclusion
 from app.audit.note import Checkpoint, open_note
 from app.audit.service import prove_consistency, prove_inclusion, verify_database
@@ -45,8 +47,8 @@ def test_proofs_from_stored_nodes_verify_against_signed_checkpoints(databases: D
     url = databases.new("proofs")
     upgrade(url)
     engine = make_engine(url)
-    sessions = make_session_factory(engine)
     keys = NodeKeys.generate()
+    sessions = append_with(make_session_factory(engine), keys.log)
     notes: dict[int, str] = {}
     try:
         with unit_of_work(sessions) as session:
@@ -113,7 +115,7 @@ def test_proofs_across_stored_and_recomputed_subtrees(databases: Databases) -> N
     url = databases.new("large-proofs")
     upgrade(url)
     engine = make_engine(url)
-    sessions = make_session_factory(engine)
+    sessions = append_with(make_session_factory(engine), SigningKey.generate())
     sizes = [255, 256, 257, 511, 512, 700, 1023, 1100]
     try:
         with unit_of_work(sessions) as session:
@@ -165,8 +167,8 @@ def test_writers_that_share_a_log_keep_it_contiguous(databases: Databases) -> No
     url = databases.new("writers")
     upgrade(url)
     engines = [make_engine(url), make_engine(url)]  # two processes, as to the log
-    writers = [make_session_factory(engine) for engine in engines]
     keys = NodeKeys.generate()
+    writers = [append_with(make_session_factory(engine), keys.log) for engine in engines]
     expected = 0
     try:
         for turn in range(12):
@@ -211,8 +213,8 @@ def test_verifying_a_live_log_reads_one_snapshot_and_holds_off_no_append(
     url = databases.new("live")
     upgrade(url)
     engine = make_engine(url)
-    sessions = make_session_factory(engine)
     keys = NodeKeys.generate()
+    sessions = append_with(make_session_factory(engine), keys.log)
 
     def append(count: int) -> None:
         with unit_of_work(sessions) as session:
@@ -258,8 +260,8 @@ def test_entry_times_never_go_back_when_a_clock_does(
     url = databases.new("clock")
     upgrade(url)
     engines = [make_engine(url), make_engine(url)]
-    ahead, on_time = (make_session_factory(engine) for engine in engines)
     keys = NodeKeys.generate()
+    ahead, on_time = (append_with(make_session_factory(engine), keys.log) for engine in engines)
     later = utc_now() + timedelta(hours=1)
     try:
         with unit_of_work(on_time) as session:  # the on-time writer's head is now cached
@@ -304,7 +306,7 @@ def test_an_altered_head_row_neither_stops_checkpoints_nor_dates_entries_ahead(
     keys = NodeKeys.generate()
     engine = make_engine(url)
     try:
-        with unit_of_work(make_session_factory(engine)) as session:
+        with unit_of_work(append_with(make_session_factory(engine), keys.log)) as session:
             for number in range(3):
                 record(session, actor="node", action="test.event", details={"n": number})
             sign_checkpoint(session, authority_id="ES/MJ", log_key=keys.log)
@@ -318,7 +320,7 @@ def test_an_altered_head_row_neither_stops_checkpoints_nor_dates_entries_ahead(
         engine.dispose()
     engine = make_engine(url)
     try:
-        sessions = make_session_factory(engine)
+        sessions = append_with(make_session_factory(engine), keys.log)
         with caplog.at_level(logging.ERROR, logger="app.audit.log"):
             with unit_of_work(sessions) as session:
                 record(session, actor="node", action="test.after")

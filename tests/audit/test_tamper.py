@@ -26,6 +26,7 @@ from app.audit.anchor import RECORD_FILE, SignedLogAnchor
 from app.audit.checkpoints import sign_checkpoint
 from app.audit.index import index_entries
 from app.audit.log import read_head, record
+from app.audit.mac import append_with
 from app.audit.merkle import leaf_hash
 from app.audit.service import verify_database
 from app.crypto.encoding import canonical_json
@@ -54,7 +55,7 @@ def log(databases: Databases) -> Iterator[Log]:
     upgrade(url)
     engine = make_engine(url)
     keys = NodeKeys.generate()
-    sessions = make_session_factory(engine)
+    sessions = append_with(make_session_factory(engine), keys.log)
     actions = ["request.submitted", "envelope.sealed", "delivery.attempt", "request.read"]
     with unit_of_work(sessions) as session:
         for number in range(ENTRIES):

@@ -8,10 +8,12 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from nacl.signing import SigningKey
 from sqlalchemy import select
 
 from app.audit.checkpoints import log_origin, log_verifier, log_verifier_key, sign_checkpoint
 from app.audit.log import record
+from app.audit.mac import append_with
 from app.audit.merkle import CompactRange, leaf_hash, verify_inclusion
 from app.audit.note import Checkpoint, sign_note
 from app.audit.service import (
@@ -39,7 +41,7 @@ def _export(tmp_path: Path, keys: NodeKeys) -> Path:
     upgrade(url)
     engine = make_engine(url)
     try:
-        with unit_of_work(make_session_factory(engine)) as session:
+        with unit_of_work(append_with(make_session_factory(engine), keys.log)) as session:
             for number in range(40):
                 record(session, actor="node", action="test.event", details={"n": number})
                 if number + 1 in (16, 32, 40):
@@ -95,7 +97,7 @@ def test_an_entry_altered_in_the_database_fails_its_inclusion_proof(tmp_path: Pa
     url = f"sqlite:///{tmp_path / 'log.db'}"
     upgrade(url)
     engine = make_engine(url)
-    sessions = make_session_factory(engine)
+    sessions = append_with(make_session_factory(engine), keys.log)
     try:
         with unit_of_work(sessions) as session:
             for number in range(8):
@@ -133,7 +135,7 @@ def test_a_stored_subtree_hash_edited_in_the_database_fails_verify_db(
     url = f"sqlite:///{tmp_path / 'log.db'}"
     upgrade(url)
     engine = make_engine(url)
-    sessions = make_session_factory(engine)
+    sessions = append_with(make_session_factory(engine), keys.log)
 
     def verify() -> list[str]:
         with read_snapshot(sessions) as session:
@@ -198,7 +200,7 @@ def test_a_damaged_entry_is_shown_as_it_is_not_a_500(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'log.db'}"
     upgrade(url)
     engine = make_engine(url)
-    sessions = make_session_factory(engine)
+    sessions = append_with(make_session_factory(engine), SigningKey.generate())
     try:
         with unit_of_work(sessions) as session:
             record(session, actor="node", action="test.event")

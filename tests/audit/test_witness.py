@@ -14,6 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.audit.checkpoints import log_origin
+from app.audit.mac import append_with
 from app.audit.merkle import consistency_proof_from_leaves, leaf_hash, root_from_leaf_hashes
 from app.audit.note import Checkpoint, sign_note
 from app.audit.witness import accept_restored_log, witness_receipt_checkpoint
@@ -99,11 +100,12 @@ def witnessing(databases: Databases) -> Iterator[Witnessing]:
     url = databases.new("witness")
     upgrade(url)
     engine = make_engine(url)
-    sessions = make_session_factory(engine)
+    own_keys = NodeKeys.generate()
+    sessions = append_with(make_session_factory(engine), own_keys.log)
     peer_keys = NodeKeys.generate()
     with unit_of_work(sessions) as session:
         session.add(_peer(peer_keys))
-    yield Witnessing(sessions, peer_keys, NodeKeys.generate())
+    yield Witnessing(sessions, peer_keys, own_keys)
     engine.dispose()
 
 

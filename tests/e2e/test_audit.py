@@ -16,6 +16,7 @@ from app.audit.anchor import SignedLogAnchor
 from app.audit.checkpoints import log_origin, log_verifier_key
 from app.audit.cosignature import verify_cosignature, witness_name
 from app.audit.log import STORED_LEVEL
+from app.audit.mac import entry_mac, mac_key
 from app.audit.merkle import CompactRange, leaf_hash, verify_inclusion
 from app.audit.note import Checkpoint, open_note, parse_verifier_key, sign_note
 from app.crypto.encoding import canonical_json
@@ -212,7 +213,7 @@ def test_verify_db_checks_the_log_key_the_auditor_trusts(
 
 def _rewrite_history(node: LocalNode) -> None:
     """What an insider holding the log key (the keys folder) could do: edit an old entry and
-    rebuild and re-sign everything, the record of what was signed beside the keys included,
+    rebuild, re-MAC and re-sign everything, the record of what was signed beside the keys included,
     so that the node's own verification still passes."""
     keys = load_keys(node.keys_dir)
     engine = make_engine(node.database_url)
@@ -235,6 +236,7 @@ def _rewrite_history(node: LocalNode) -> None:
                 data["prev_leaf"] = previous.hex() if previous else None
                 entry.entry = canonical_json(data)
                 entry.leaf_hash = leaf_hash(entry.entry)
+                entry.mac = entry_mac(mac_key(keys.log), entry.entry)  # the key makes MACs too
                 previous = entry.leaf_hash
 
                 def keep(level: int, position: int, digest: bytes) -> None:

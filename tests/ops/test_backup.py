@@ -21,6 +21,7 @@ import pytest
 from sqlalchemy import func, select, text, update
 
 from app.audit.log import record
+from app.audit.mac import append_with
 from app.audit.service import verify_database
 from app.audit.verify import Report
 from app.auth.service import Role, create_client
@@ -29,7 +30,7 @@ from app.backup.sealed import PassphraseError, read_passphrase
 from app.backup.service import BackupError, create_backup, restore_backup
 from app.config import Settings
 from app.crypto.encoding import b64e
-from app.crypto.keys import rotate_keys
+from app.crypto.keys import load_keys, rotate_keys
 from app.db import make_engine, make_session_factory, unit_of_work
 from app.delivery import heartbeat
 from app.localnodes import LocalNode
@@ -350,7 +351,8 @@ def test_a_log_that_cannot_take_an_entry_is_backed_up_and_restored_without_crash
     try:  # the head row put back behind two later entries
         with engine.connect() as connection:
             head = connection.execute(select(AuditHead)).one()._asdict()
-        with unit_of_work(make_session_factory(engine)) as session:
+        keyed = append_with(make_session_factory(engine), load_keys(node.keys_dir).log)
+        with unit_of_work(keyed) as session:
             for number in range(2):
                 record(session, actor="node", action="test.later", details={"n": number})
         with engine.begin() as connection:

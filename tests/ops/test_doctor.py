@@ -16,6 +16,7 @@ import pytest
 from alembic import command
 from alembic.script import ScriptDirectory
 
+from app.audit.mac import append_with
 from app.config import Settings
 from app.crypto.identity import build_identity_document
 from app.crypto.keys import NodeIdentity, NodeKeys
@@ -203,7 +204,7 @@ def test_doctor_warns_of_entries_left_unsigned_long_after_checkpoints_were_due(
     save_identity(tmp_path / "keys", NodeIdentity("ES/MJ", "Ministerio", "http://127.0.0.1:1"))
     settings = Settings(database_url=url, keys_dir=tmp_path / "keys")
     try:
-        sessions = make_session_factory(engine)
+        sessions = append_with(make_session_factory(engine), keys.log)
         with unit_of_work(sessions) as session:
             record(session, actor="node", action="test.event")
             sign_checkpoint(session, authority_id="ES/MJ", log_key=keys.log)

@@ -1,0 +1,328 @@
+"""Entries no checkpoint covers yet are protected by their MAC, under a key only the node holds.
+
+Hash links are hashes anyone can recompute: someone who could write to the database but not
+read the keys folder rewrote the newest entries, rebuilt the links after them, and the next
+checkpoint signed the forgery; `audit verify --db` said OK. Each entry now carries a keyed
+BLAKE2b of its bytes (app/audit/mac.py), written by whichever process appends it, and
+checked before a checkpoint signs it and by `audit verify --db` (docs/audit.md §4).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from sqlalchemy import Engine, LargeBinary, delete, select, text, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.audit.anchor import SignedLogAnchor
+from app.audit.checkpoints import (
+    latest_signed,
+    log_origin,
+    log_verifier,
+    maybe_checkpoint,
+    sign_checkpoint,
+)
+from app.audit.log import read_head, record
+from app.audit.merkle import CompactRange, leaf_hash
+from app.audit.note import Checkpoint, Verifier, sign_note
+from app.audit.service import verify_database
+from app.audit.verify import Report
+from app.config import Settings
+from app.crypto.encoding import format_time, utc_now
+from app.crypto.keys import NodeKeys, load_keys
+from app.db import make_engine, make_session_factory, read_snapshot, unit_of_work
+from app.localnodes import LocalNode
+from app.migrate import upgrade
+from app.models import AuditCheckpoint, AuditEntry, AuditHead
+from app.node import load_node
+from tests.conftest import Databases
+from tests.faults.harness import new_pair, wait_until
+
+AUTHORITY = "ES/MJ"
+BEFORE_MACS = "a7c2e9d41f08"
+
+
+def _rewrite(engine: Engine, idx: int, details: dict[str, Any]) -> None:
+    """What a database writer without the keys does: entry `idx` given other details, the
+    links after it and the head rebuilt with public hashing alone (the MACs left as they
+    were: computing new ones takes the key)."""
+    with engine.begin() as connection:
+        rows = connection.execute(text("SELECT idx, entry FROM audit_entries ORDER BY idx")).all()
+        compact, previous = CompactRange(), None
+        for number, data in rows:
+            fields = orjson.loads(bytes(data))
+            if number == idx:
+                fields["details"] = details
+            if number > idx:
+                fields["prev_leaf"] = previous.hex() if previous else None
+            entry = orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)
+            previous = leaf_hash(entry)
+            compact.append(previous)
+            if number >= idx:
+                connection.execute(
+                    update(AuditEntry)
+                    .where(AuditEntry.idx == number)
+                    .values(entry=entry, leaf_hash=previous)
+                )
+        connection.execute(
+            update(AuditHead).values(
+                compact_range=compact.to_bytes(), root_hash=compact.root(), last_leaf_hash=previous
+            )
+        )
+
+
+def _client_created(engine: Engine, name: str) -> int:
+    with engine.connect() as connection:
+        for idx, data in connection.execute(
+            select(AuditEntry.idx, AuditEntry.entry).where(AuditEntry.action == "client.created")
+        ):
+            if orjson.loads(bytes(data))["details"]["client"] == name:
+                return int(idx)
+    raise AssertionError(f"no client.created entry for {name}")
+
+
+def test_an_unsigned_entry_rewritten_with_its_links_rebuilt_is_never_signed(
+    databases: Databases, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The insider changes which client `clients create` made (an entry a CLI process
+    appended after `init`'s checkpoint), and rebuilds the links and the head: `audit verify
+    --db` names the entry, and neither `audit checkpoint` nor the worker's upkeep signs it."""
+    node = LocalNode(AUTHORITY, "Ministerio de Justicia", tmp_path / "es", databases.new("es"))
+    node.init(clients={"cms": ("officer",), "auditor": ("auditor",)})
+    assert node.cli("audit", "verify", "--db").stdout.startswith("OK: ")
+
+    engine = make_engine(node.database_url)
+    try:
+        forged = _client_created(engine, "auditor")
+        _rewrite(engine, forged, {"client": "intruder", "expires_at": None, "roles": ["admin"]})
+    finally:
+        engine.dispose()
+    why = f"entry {forged} does not carry its MAC, and no checkpoint covers it"
+    verify = node.cli("audit", "verify", "--db", check=False)
+    assert verify.returncode == 1
+    assert f"FAILED: {why}" in verify.stderr
+    signed = node.cli("audit", "checkpoint", check=False)
+    assert signed.returncode == 1
+    assert why in signed.stderr
+    assert "entraide.log/" not in signed.stdout  # no note printed
+
+    loaded = load_node(Settings(database_url=node.database_url, keys_dir=node.keys_dir))
+    try:
+        with caplog.at_level(logging.CRITICAL, logger="app.audit.checkpoints"):
+            with unit_of_work(loaded.sessions) as session:
+                upkeep = maybe_checkpoint(
+                    session,
+                    authority_id=AUTHORITY,
+                    log_key=loaded.keys.log,
+                    every=1,
+                    seconds=0,
+                    anchor=loaded.log_anchor,
+                )
+        assert upkeep is None  # and deliveries go on: the upkeep raises nothing
+        assert f"audit log rolled back or rewritten: {why}" in caplog.text
+        with unit_of_work(loaded.sessions) as session:
+            latest = latest_signed(session, _verifier(loaded.keys))
+        assert latest is not None
+        assert latest.size <= forged
+    finally:
+        loaded.close()
+
+
+def _verifier(keys: NodeKeys) -> Verifier:
+    return log_verifier(AUTHORITY, keys.log_public)
+
+
+def _problems(sessions: sessionmaker[Session], keys: NodeKeys, anchor: SignedLogAnchor) -> Report:
+    from app.audit.mac import mac_key
+
+    with read_snapshot(sessions) as session:
+        return verify_database(
+            session,
+            authority_id=AUTHORITY,
+            log_public=keys.log_public,
+            anchor=anchor,
+            mac_key=mac_key(keys.log),
+        )
+
+
+def _append(sessions: sessionmaker[Session], count: int, tag: str = "event") -> None:
+    with unit_of_work(sessions) as session:
+        for number in range(count):
+            record(session, actor="node", action=f"test.{tag}", details={"n": number})
+
+
+def _sign(sessions: sessionmaker[Session], keys: NodeKeys, anchor: SignedLogAnchor | None) -> Any:
+    with unit_of_work(sessions) as session:
+        return sign_checkpoint(session, authority_id=AUTHORITY, log_key=keys.log, anchor=anchor)
+
+
+def _sign_before_macs(engine: Engine, keys: NodeKeys, anchor: SignedLogAnchor) -> int:
+    """A checkpoint as a node of the version before MACs signed it: no `entry-macs` line."""
+    with make_session_factory(engine).begin() as session:
+        head = read_head(session)
+        origin = log_origin(AUTHORITY)
+        body = Checkpoint(
+            origin, head.size, head.root_hash, extensions=(f"time {format_time(utc_now())}",)
+        ).format()
+        session.add(
+            AuditCheckpoint(
+                size=head.size,
+                root_hash=head.root_hash,
+                note=sign_note(body, origin, keys.log),
+                created_at=utc_now(),
+            )
+        )
+    anchor.reset(head.size, head.root_hash)
+    return head.size
+
+
+def test_entries_from_before_macs_are_signed_once_then_every_entry_needs_one(
+    databases: Databases, tmp_path: Path
+) -> None:
+    """A node upgraded with entries after its last checkpoint: they have no MAC (the
+    migration holds no key). The newest checkpoint was signed before MACs, so they are let
+    off, and the next checkpoint signs them, saying `entry-macs`; from then on an entry
+    without a MAC is refused, even once the checkpoints that say so are deleted."""
+    from app.audit.checkpoints import LogRewritten
+    from app.audit.mac import MACS_EXTENSION, append_with
+
+    url = databases.new("upgraded")
+    upgrade(url, BEFORE_MACS)
+    engine = make_engine(url)
+    keys = NodeKeys.generate()
+    sessions = append_with(make_session_factory(engine), keys.log)
+    (tmp_path / "keys").mkdir(mode=0o700)
+    anchor = SignedLogAnchor(tmp_path / "keys" / "log-signed.json")
+    anchor.start()
+    try:
+        # The log as the version before left it: appends wrote no MAC (there was no column
+        # for one; today's appends write it, so the column is there only while they write).
+        blob = LargeBinary().compile(dialect=engine.dialect)
+        with engine.begin() as connection:
+            connection.execute(text(f"ALTER TABLE audit_entries ADD COLUMN mac {blob}"))
+        _append(sessions, 7, "before")
+        with engine.begin() as connection:
+            connection.execute(text("ALTER TABLE audit_entries DROP COLUMN mac"))
+        assert _sign_before_macs(engine, keys, anchor) == 7
+        with engine.begin() as connection:
+            connection.execute(text(f"ALTER TABLE audit_entries ADD COLUMN mac {blob}"))
+        _append(sessions, 3, "unsigned_before")
+        with engine.begin() as connection:
+            connection.execute(text("ALTER TABLE audit_entries DROP COLUMN mac"))
+        engine.dispose()
+        upgrade(url)
+
+        report = _problems(sessions, keys, anchor)
+        assert report.problems == []
+        assert (report.entries, report.signed, report.without_mac) == (10, 7, 3)
+        _append(sessions, 2, "after")  # with MACs
+        signed = _sign(sessions, keys, anchor)
+        assert signed.size == 12
+        assert signed.note.splitlines()[4] == MACS_EXTENSION
+        assert _problems(sessions, keys, anchor).problems == []
+
+        _append(sessions, 2, "newest")
+        with engine.begin() as connection:  # an insider's entry: no MAC, as before MACs
+            connection.execute(update(AuditEntry).where(AuditEntry.idx == 13).values(mac=None))
+        why = "entry 13 carries no MAC, and no checkpoint covers it"
+        with pytest.raises(LogRewritten, match=why):
+            _sign(sessions, keys, anchor)
+        assert [problem.message for problem in _problems(sessions, keys, anchor).problems] == [
+            f"{why}: it was written, or its MAC removed, without the log key"
+        ]
+        # The checkpoints that say `entry-macs` deleted: the newest left is from before MACs,
+        # but the record beside the keys reaches past it, so no entry is let off.
+        with engine.begin() as connection:
+            connection.execute(delete(AuditCheckpoint).where(AuditCheckpoint.size > 7))
+        with pytest.raises(LogRewritten, match="entry 7 carries no MAC"):
+            _sign(sessions, keys, anchor)
+    finally:
+        engine.dispose()
+
+
+def test_a_mac_that_does_not_match_is_refused_even_before_the_first_checkpoint_with_macs(
+    databases: Databases, tmp_path: Path
+) -> None:
+    """Letting entries from before MACs off never lets a wrong MAC through: an entry
+    rewritten as it stands (its MAC kept) or given another entry's MAC."""
+    from app.audit.checkpoints import LogRewritten
+    from app.audit.mac import append_with
+
+    url = databases.new("mixed")
+    upgrade(url)
+    engine = make_engine(url)
+    keys = NodeKeys.generate()
+    sessions = append_with(make_session_factory(engine), keys.log)
+    try:
+        _append(sessions, 4)
+        with engine.begin() as connection:
+            first = connection.scalar(select(AuditEntry.mac).where(AuditEntry.idx == 0))
+            connection.execute(update(AuditEntry).where(AuditEntry.idx == 2).values(mac=first))
+        with pytest.raises(LogRewritten, match="entry 2 does not carry its MAC"):
+            _sign(sessions, keys, None)
+        other = NodeKeys.generate()  # MACs under another node's key: not this log's
+        with pytest.raises(LogRewritten, match="entry 0 does not carry its MAC"):
+            _sign(sessions, other, None)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.e2e
+def test_entries_of_an_entraide_worker_process_carry_their_macs(
+    databases: Databases, tmp_path: Path
+) -> None:
+    """The delivery worker, as its own `entraide worker` process, appends the attempts and
+    receipts of what it delivers: each with its MAC under the node's key, and the same
+    worker signs them (its own check passes)."""
+    from app.audit.mac import mac_key, mac_matches
+
+    pair = new_pair(
+        tmp_path,
+        databases.new("es"),
+        databases.new("ar"),
+        sender_env={"ENTRAIDE_RUN_WORKER": "false", "ENTRAIDE_AUDIT_CHECKPOINT_EVERY": "1"},
+    )
+    try:
+        pair.start()
+        pair.submit(2)
+        worker = pair.start_worker("macs", ENTRAIDE_AUDIT_CHECKPOINT_EVERY="1")
+        pair.wait_delivered(2, timeout=60)
+        engine = make_engine(pair.sender.database_url)
+        key = mac_key(load_keys(pair.sender.keys_dir).log)
+        try:
+
+            def attempts() -> list[int]:
+                with engine.connect() as connection:
+                    return list(
+                        connection.scalars(
+                            select(AuditEntry.idx).where(AuditEntry.action == "delivery.attempt")
+                        )
+                    )
+
+            def signed_over(idx: int) -> bool:
+                with make_session_factory(engine)() as session:
+                    latest = latest_signed(session, _verifier(load_keys(pair.sender.keys_dir)))
+                return latest is not None and latest.size > idx and latest.macs_after
+
+            wait_until("the worker recorded its attempts", lambda: len(attempts()) == 2)
+            wait_until("the worker signed over them", lambda: signed_over(max(attempts())))
+            with engine.connect() as connection:
+                rows = connection.execute(
+                    select(AuditEntry.idx, AuditEntry.entry, AuditEntry.mac).order_by(
+                        AuditEntry.idx
+                    )
+                ).all()
+        finally:
+            engine.dispose()
+        assert [idx for idx, entry, mac in rows if not mac_matches(key, entry, mac)] == []
+        worker.stop()
+        pair.submit(1)  # entries no checkpoint covers yet (no worker), for `verify --db`
+        verified = pair.sender.cli("audit", "verify", "--db")
+        assert verified.stdout.startswith("OK: ")
+        assert "are not signed yet (each carries its MAC)" in verified.stdout
+    finally:
+        pair.close()
