@@ -15,7 +15,7 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from nacl.encoding import RawEncoder
@@ -270,6 +270,17 @@ def get_draft(
     return draft
 
 
+def is_open_draft_of(session: Session, draft_id: str, principal: Principal) -> bool:
+    found = session.scalar(
+        select(EvidenceDraft.id).where(
+            EvidenceDraft.id == draft_id,
+            EvidenceDraft.created_by == principal.name,
+            EvidenceDraft.state == OPEN,
+        )
+    )
+    return found is not None
+
+
 def request_of(session: Session, draft_id: str) -> str:
     """The request whose need-to-know rule covers a draft: the one a reply answers, or the
     one a new request's draft becomes (same id)."""
@@ -345,6 +356,14 @@ class UploadTarget:
     ad: bytes
     stream_header: bytes
     complete: bool
+    request_id: str = ""  # whose audit trail its entries join (`trail_of`)
+
+
+def trail_of(draft: EvidenceDraft) -> str:
+    """The request a draft's audit entries are filed under: the one a reply answers, or the
+    one a new request's draft becomes (same id), so that an auditor following one request
+    sees its drafts' uploads and discards too."""
+    return draft.request_id or draft.id
 
 
 def upload_target(
@@ -371,7 +390,7 @@ def upload_target(
     if row is None:
         raise NotFound("no such attachment in this draft", code="unknown_attachment")
     if start_again and draft.state == OPEN and row.digest is not None and not uploaded(store, row):
-        _start_again(session, row, lost=row.digest)
+        _start_again(session, row, lost=row.digest, draft=draft)
     msg_id = bytes.fromhex(draft.id)
     content_key = _content_key(node, draft)
     target = UploadTarget(
@@ -383,6 +402,7 @@ def upload_target(
         ad=part_ad(msg_id, index),
         stream_header=row.stream_header,
         complete=row.digest is not None or draft.state != OPEN,
+        request_id=trail_of(draft),
     )
     return target, row
 
@@ -436,7 +456,7 @@ def _unfinished_under(target: UploadTarget) -> tuple[ColumnElement[bool], ...]:
     )
 
 
-def _start_again(session: Session, row: EvidenceUpload, *, lost: str) -> None:
+def _start_again(session: Session, row: EvidenceUpload, *, lost: str, draft: EvidenceDraft) -> None:
     """An attachment whose blob is gone: uploaded again from its first byte, under a new
     stream header (the lost blob's key stream is never used again), and on record."""
     row.digest = None
@@ -449,7 +469,8 @@ def _start_again(session: Session, row: EvidenceUpload, *, lost: str) -> None:
         actor="node",
         action="evidence.upload_restarted",
         outcome="blob_missing",
-        request_id=row.draft_id,
+        request_id=trail_of(draft),
+        msg_id=draft.id,
         details={"attachment": row.part_index, "detail": f"blob {lost} is missing"},
     )
     session.flush()
@@ -613,6 +634,7 @@ def record_uploaded(
         session,
         actor=actor_of(principal),
         action="evidence.uploaded",
+        request_id=target.request_id or target.draft_id,
         msg_id=target.draft_id,
         details={"index": target.index, "size": part.plaintext_size, "sha256": part.digest},
     )
@@ -662,6 +684,7 @@ def _discard(
         actor=actor,
         action="evidence.draft_discarded",
         outcome=outcome,
+        request_id=trail_of(draft),
         msg_id=draft.id,
         peer=draft.peer_authority,
         details={
@@ -780,7 +803,9 @@ def submit_draft(
     *,
     draft_id: str,
     principal: Principal,
+    now: datetime | None = None,
 ) -> tuple[CaseFile, Message]:
+    """`now`: the moment a reply's dates are judged against (the route's clock)."""
     draft = get_draft(session, draft_id, principal, lock=True)
     if draft.state != OPEN:
         raise Conflict("this draft was already submitted", code="draft_submitted")
@@ -796,7 +821,9 @@ def submit_draft(
     if draft.request_id is None:
         case, head = _seal_request(session, node, draft, content, uploads, hashes, principal)
     else:
-        case, head = _seal_reply(session, node, draft, content, uploads, hashes, principal)
+        case, head = _seal_reply(
+            session, node, draft, content, uploads, hashes, principal, now or utc_now()
+        )
     message = _queue_sealed(session, node, draft, case, head, uploads, principal)
     for row in uploads:  # a hash in clear from before it was sealed: the manifest holds it
         row.plaintext_sha256 = None
@@ -914,11 +941,24 @@ def _seal_reply(
     uploads: list[EvidenceUpload],
     hashes: list[str],
     principal: Principal,
+    judged_at: datetime,
 ) -> tuple[CaseFile, _Sealed]:
     """A draft that answers a request: judged, sealed and moved as `add_message` does for a
-    message with inline attachments (app/requests/service.py), from where the request is now."""
+    message with inline attachments (app/requests/service.py), from where the request is now,
+    and its dates by the clock now: a postponement drafted for tomorrow and submitted days
+    later would make the request overdue at once (from review)."""
     case = visible_case(session, str(draft.request_id), principal, lock=True)
     document = MessageDocument.model_validate(content["document"])
+    skew = timedelta(seconds=node.settings.clock_skew_seconds)
+    dated = list(
+        document.date_problems(today=judged_at.astimezone(UTC).date(), latest=judged_at + skew)
+    )
+    if dated:
+        where = ", ".join(".".join(str(part) for part in ("document", *loc)) for loc, *_ in dated)
+        raise Conflict(
+            f"{where}: {dated[0][2]}, as the draft stands now: discard it and make another",
+            code=dated[0][1],
+        )
     mismatched = [loc for loc, _code, _message, _value in document.attachment_problems(hashes)]
     if mismatched:
         # Where, not what: the hashes are the evidence's, and error bodies reach logs.

@@ -18,9 +18,12 @@ import contextlib
 import dataclasses
 import functools
 import logging
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Request, Response
+from pydantic import BaseModel
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
@@ -40,7 +43,7 @@ from app.evidence.pump import feed_in_thread, until_idle
 from app.evidence.stream import PartWriter, UploadError
 from app.node import Node
 from app.plainint import PlainInt
-from app.requests import access
+from app.requests import access, idempotency
 from app.requests.router import check_dates
 from app.requests.schemas import Submitted
 
@@ -55,33 +58,72 @@ Index = Annotated[PlainInt, Path(ge=1, le=63)]
 _writers = drafts.WRITERS
 
 
+def _created_once(
+    node: Node,
+    principal: Principal,
+    key: str | None,
+    route: str,
+    body: BaseModel,
+    response: Response,
+    create: Callable[[Session], schemas.DraftView],
+) -> schemas.DraftView:
+    """A draft made once per Idempotency-Key (app/requests/idempotency.py), as submissions
+    are: a create repeated after a lost answer gets that answer (the draft as it was made:
+    GET it for its progress), not a second draft nobody knows of."""
+    answer = idempotency.answer_once(
+        node.sessions,
+        principal,
+        key,
+        idempotency.fingerprint(route, body),
+        lambda session: (201, create(session)),
+    )
+    if answer.replayed:
+        response.headers[idempotency.REPLAYED_HEADER] = "true"
+    return schemas.DraftView.model_validate(answer.body)
+
+
 @router.post("/drafts", status_code=201)
 def create_draft(
-    body: schemas.CreateDraft, session: SessionDep, node: NodeDep, principal: OfficerDep
+    body: schemas.CreateDraft,
+    node: NodeDep,
+    principal: OfficerDep,
+    response: Response,
+    idempotency_key: idempotency.KeyHeader = None,
 ) -> schemas.DraftView:
-    draft = drafts.create_draft(session, node, body=body, principal=principal)
-    return drafts.draft_view(session, node, blob_store(node.settings), draft)
+    def create(session: Session) -> schemas.DraftView:
+        draft = drafts.create_draft(session, node, body=body, principal=principal)
+        return drafts.draft_view(session, node, blob_store(node.settings), draft)
+
+    route = "POST /api/v1/evidence/drafts"
+    return _created_once(node, principal, idempotency_key, route, body, response, create)
 
 
 @replies.post("/{request_id}/messages/drafts", status_code=201)
 def create_reply_draft(
     request_id: RequestId,
     body: schemas.CreateReplyDraft,
-    session: SessionDep,
     node: NodeDep,
     principal: OfficerDep,
     clock: ClockDep,
+    response: Response,
+    idempotency_key: idempotency.KeyHeader = None,
 ) -> schemas.DraftView:
     """A message of this request with large evidence (a result, say): uploaded and submitted
     on the draft routes below, then sent as `POST .../messages` sends one."""
     access.check_visible(
         node, request_id=request_id, principal=principal, action="evidence.draft_created"
     )
-    check_dates(body.document, clock(), node.settings.clock_skew_seconds)
-    draft = drafts.create_draft(
-        session, node, body=body, principal=principal, request_id=request_id
-    )
-    return drafts.draft_view(session, node, blob_store(node.settings), draft)
+
+    def create(session: Session) -> schemas.DraftView:
+        # Here, as add_message does: a repeat under its key gets the answer it had.
+        check_dates(body.document, clock(), node.settings.clock_skew_seconds)
+        draft = drafts.create_draft(
+            session, node, body=body, principal=principal, request_id=request_id
+        )
+        return drafts.draft_view(session, node, blob_store(node.settings), draft)
+
+    route = f"POST /api/v1/requests/{request_id}/messages/drafts"
+    return _created_once(node, principal, idempotency_key, route, body, response, create)
 
 
 def _check_visible(node: Node, draft_id: str, principal: Principal) -> None:
@@ -238,7 +280,8 @@ async def upload(
                     actor="node",
                     action="evidence.upload_restarted",
                     outcome=exc.code,
-                    request_id=draft_id,
+                    request_id=found.request_id or draft_id,
+                    msg_id=draft_id,
                     details={"attachment": index, "detail": exc.detail},
                 )
             )
@@ -332,18 +375,30 @@ def _refuse_overrun(node: Node, found: drafts.UploadTarget, writer: PartWriter, 
 
 @router.post("/drafts/{draft_id}/submit", status_code=201)
 def submit_draft(
-    draft_id: DraftId, session: SessionDep, node: NodeDep, principal: OfficerDep
+    draft_id: DraftId, session: SessionDep, node: NodeDep, principal: OfficerDep, clock: ClockDep
 ) -> Submitted:
     _check_visible(node, draft_id, principal)
     case, message = drafts.submit_draft(
-        session, node, blob_store(node.settings), draft_id=draft_id, principal=principal
+        session,
+        node,
+        blob_store(node.settings),
+        draft_id=draft_id,
+        principal=principal,
+        now=clock(),
     )
     return Submitted(id=case.id, msg_id=message.msg_id, status=case.status, delivery="queued")
 
 
 @router.delete("/drafts/{draft_id}", status_code=204)
 def discard_draft(draft_id: DraftId, node: NodeDep, principal: OfficerDep) -> Response:
-    _check_visible(node, draft_id, principal)
+    # Its author may give up an open draft of theirs even once its request is restricted to
+    # others (a reply's): the discard tells them nothing they did not know, and the draft
+    # would otherwise keep its content key and uploads until the idle sweep (from review).
+    # A submitted one is a request or a message now: hidden as such.
+    with unit_of_work(node.sessions) as session:
+        own_open = drafts.is_open_draft_of(session, draft_id, principal)
+    if not own_open:
+        _check_visible(node, draft_id, principal)
     store = blob_store(node.settings)
     # The staging files stay locked until the rows' removal is committed: no upload can
     # write into a draft that is going, nor find it gone half-way.

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+from datetime import timedelta
 from typing import Any
 
 import httpx
 import pytest
 from sqlalchemy import select
 
+from app.crypto.encoding import utc_now
 from app.db import unit_of_work
 from app.models import EvidenceDraft, OutboxItem
 from tests.requests.conftest import Harness
@@ -248,6 +250,10 @@ def test_a_restricted_request_is_unknown_to_officers_not_named_on_it(
         assert [answer.status_code for answer in answers] == [404, 404, 404]
         assert answers[0].json()["error"] == answers[2].json()["error"] == "unknown_draft"
         assert ar.get(f"/api/v1/requests/{request_id}", "alice").json()["status"] == "accepted"
+        # Its author may still give it up: it would keep its key and uploads for a month.
+        gone = ar.http.delete(f"/api/v1/evidence/drafts/{draft['id']}", headers=ar.as_("officer"))
+        assert gone.status_code == 204, gone.text
+        assert _drafts_of(ar, request_id) == []
     refused_now = [
         entry
         for action in ("evidence.draft_read", "evidence.draft_created")
@@ -278,3 +284,65 @@ def test_evidence_dated_after_now_is_refused_at_the_field(ar: Harness) -> None:
         (["body", "document", "evidence", 0, "obtained_at"], "evidence_in_future")
     ]
     assert _drafts_of(ar, request_id) == []
+
+
+def test_a_postponement_drafted_days_ago_is_judged_again_at_submission(ar: Harness) -> None:
+    """Uploads may take days: a postponement until what was tomorrow when it was drafted
+    would, sent now, make the request overdue at once (as POST .../messages refuses)."""
+    request_id = _accepted_request(ar)
+    drafted = utc_now() - timedelta(days=3)
+    document = {
+        "type": "postponement",
+        "text": "Execution postponed: the account is under a domestic freeze.",
+        "reason": "ongoing domestic proceedings",
+        "until": (drafted + timedelta(days=1)).date().isoformat(),
+    }
+    files = [b"order of the domestic court"]
+    ar.clock.now = drafted
+    try:
+        draft = _create(ar, _draft_body(request_id, document, files)).json()
+    finally:
+        ar.clock.now = None
+    _upload_all(ar, draft, files, "officer")
+    before = ar.messages(request_id)
+
+    refused = _submit(ar, draft["id"])
+
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["error"] == "postponement_until_past"
+    assert "document.until" in refused.json()["detail"]
+    assert ar.status(request_id) == "accepted"
+    assert ar.messages(request_id) == before
+    assert ar.get(f"/api/v1/evidence/drafts/{draft['id']}").json()["state"] == "open"
+
+
+def test_a_reply_drafts_uploads_and_discard_are_on_its_requests_trail(ar: Harness) -> None:
+    request_id = _accepted_request(ar)
+    files = [b"records"]
+    draft = _create(ar, _draft_body(request_id, _result(files), files)).json()
+    _upload_all(ar, draft, files, "officer")
+    gone = ar.http.delete(f"/api/v1/evidence/drafts/{draft['id']}", headers=ar.as_("officer"))
+    assert gone.status_code == 204
+
+    for action in ("evidence.draft_created", "evidence.uploaded", "evidence.draft_discarded"):
+        assert ar.audit(action)[-1][2] == request_id, action
+
+
+def test_a_create_repeated_under_its_idempotency_key_is_one_draft(ar: Harness) -> None:
+    request_id = _accepted_request(ar)
+    files = [b"records"]
+    body = _draft_body(request_id, _result(files), files)
+    path = f"/api/v1/requests/{request_id}/messages/drafts"
+    headers = {**ar.as_("officer"), "idempotency-key": f"reply-{request_id}"}
+    payload = {key: value for key, value in body.items() if key != "request_id"}
+
+    first = ar.http.post(path, json=payload, headers=headers)
+    again = ar.http.post(path, json=payload, headers=headers)
+    changed = payload | {"document": {**payload["document"], "text": "Another result."}}
+    other = ar.http.post(path, json=changed, headers=headers)
+
+    assert (first.status_code, again.status_code) == (201, 201)
+    assert again.json()["id"] == first.json()["id"]
+    assert again.headers.get("idempotent-replayed") == "true"
+    assert (other.status_code, other.json()["error"]) == (422, "idempotency_key_reused")
+    assert len(_drafts_of(ar, request_id)) == 1
