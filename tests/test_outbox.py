@@ -10,9 +10,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
+from nacl.signing import SigningKey
 from sqlalchemy import event, func, insert, select, text, update
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 
+from app.audit.mac import append_with
 from app.crypto.encoding import utc_now
 from app.crypto.keys import NodeKeys
 from app.crypto.receipts import Receipt as ReceiptBody
@@ -54,7 +56,8 @@ def sessions(databases: Databases) -> Iterator[tuple[str, sessionmaker[Session]]
     url = databases.new("outbox")
     upgrade(url)
     engine = make_engine(url)
-    yield databases.backend, make_session_factory(engine)
+    # Its entries carry MACs, as a node's do (app/audit/mac.py), under a key of the test's.
+    yield databases.backend, append_with(make_session_factory(engine), SigningKey.generate())
     engine.dispose()
 
 

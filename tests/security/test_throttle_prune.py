@@ -9,9 +9,11 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from nacl.signing import SigningKey
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.audit.mac import MAC_KEY_INFO, mac_key
 from app.auth.throttle import (
     PRUNE_BATCH,
     Limits,
@@ -45,7 +47,8 @@ def test_idle_counters_go_and_live_ones_stay(databases: Databases) -> None:
     upgrade(url)
     engine = make_engine(url)
     try:
-        with Session(engine) as session:
+        # Its entries carry MACs, as a node's do (app/audit/mac.py), under a key of the test's.
+        with Session(engine, info={MAC_KEY_INFO: mac_key(SigningKey.generate())}) as session:
             refuse(session, "address:192.0.2.1", 1, T0)  # one refusal, long ago
             refuse(session, "address:192.0.2.2", 3, T0)  # blocked, then kept sending
             assert blocked_for(session, ["address:192.0.2.2"], T0 + timedelta(minutes=1))
