@@ -228,7 +228,11 @@ def check_path_times(
                 f"before rotation {previous.seq} ({format_time(previous.rotated_at)}), which "
                 "introduced the keys it replaces"
             )
-        if previous is None and since is not None and link.rotated_at + ROTATION_TIME_MARGIN < since:
+        if (
+            previous is None
+            and since is not None
+            and link.rotated_at + ROTATION_TIME_MARGIN < since
+        ):
             raise RotationError(
                 f"rotation {link.seq} is dated {format_time(link.rotated_at)}, more than a day "
                 "before the identity document pinned with the keys it replaces was issued "
