@@ -290,17 +290,20 @@ def p2p_blocked_for(node: Node, source: str) -> int | None:
         return blocked_for(session, [f"p2p:{address_unit(source)}"])
 
 
-def refuse_p2p_call(node: Node, source: str, code: str, detail: str) -> None:
+def refuse_p2p_call(node: Node, source: str, code: str, detail: str) -> bool:
     """A P2P call refused before any route's own checks (a body too large, headers too large,
     a path, method, header or query that does not parse): counted against the address, and
     audited until it is throttled, like any refused envelope. Once the address is blocked,
     nothing is written (a read only): calls that cost their sender nothing must not each
-    cost a write."""
+    cost a write. True if the refusal was counted: only then does it count in
+    `entraide_envelopes_refused_total`, as a route's refusal stops counting there once its
+    address is answered 429."""
     with read_snapshot(node.sessions) as session:
         if is_blocked(session, f"p2p:{address_unit(source)}"):
-            return
+            return False
     with unit_of_work(node.sessions) as session:
-        if record_p2p_refusal(session, node, source):
+        counted = record_p2p_refusal(session, node, source)
+        if counted:
             record(
                 session,
                 actor=f"address:{source}",
@@ -308,6 +311,7 @@ def refuse_p2p_call(node: Node, source: str, code: str, detail: str) -> None:
                 outcome=code,
                 details={"code": code, "detail": detail},
             )
+    return counted
 
 
 class PeerTransport(Public):

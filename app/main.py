@@ -347,16 +347,20 @@ async def _record_p2p_refusal(scope: Scope, code: str, detail: str) -> None:
     """A call to the peer API refused before its route's own checks ran (they audit theirs):
     counted against the address and on record until it is throttled (app/deps.py), and in
     `entraide_envelopes_refused_total` as the routes' refusals are (a body that stalls or is
-    too large was in no count a dashboard watches)."""
+    too large was in no count a dashboard watches). Only while the address is counted: a
+    blocked one's calls cost it nothing, and each one counted there would let it raise the
+    figure operators alert on without limit (from review)."""
     if not str(scope.get("path", "")).startswith(P2P_API):
         return
-    scope["app"].state.metrics.envelope_refused(code)
     try:
-        await run_in_threadpool(
+        counted = await run_in_threadpool(
             refuse_p2p_call, scope["app"].state.node, _source(scope), code, detail
         )
     except Exception as failure:  # the answer still goes out
         log.error("could not record a refused peer call (%s)", type(failure).__name__)
+        return
+    if counted:
+        scope["app"].state.metrics.envelope_refused(code)
 
 
 async def _record_header_refusal(scope: Scope, detail: str) -> None:

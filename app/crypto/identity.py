@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from app.config import AUTHORITY_ID_PATTERN
@@ -124,14 +124,26 @@ def issued_at_of(
     return None if now is not None and issued > now + skew else issued
 
 
+# No node issued a document before this protocol existed: an earlier date is a clock gone
+# wrong or a forgery.
+EARLIEST_ISSUED_AT = datetime(2000, 1, 1, tzinfo=UTC)
+
+
 def check_issued_at(identity: PeerIdentity, *, now: datetime, skew: timedelta) -> None:
     """A node dates its identity document by its clock when it starts serving it: a date
     later than this node's clock allows is false. Pinned, a year 9999 would have made every
-    later document of the peer look like a stale copy of it (`_refuse_stale`), for good."""
+    later document of the peer look like a stale copy of it (`_refuse_stale`), for good. A
+    date before 2000 is as false: pinned, it is the floor of the first rotation's date
+    (`check_path_times`), and a year 1 made that floor no floor at all (from review)."""
     if identity.issued_at > now + skew:
         raise IdentityError(
             f"identity document is dated {format_time(identity.issued_at)}, later than this "
             "node's clock allows (the clock skew tolerated between nodes)"
+        )
+    if identity.issued_at < EARLIEST_ISSUED_AT:
+        raise IdentityError(
+            f"identity document is dated {format_time(identity.issued_at)}, earlier than "
+            f"any node issued one ({format_time(EARLIEST_ISSUED_AT)})"
         )
 
 

@@ -212,21 +212,27 @@ def check_path_times(
     Nor is a link dated more than a day before what it follows: `since`, when the identity
     document the pinned key was taken from was issued (that key was current then), or the
     link before it (a year 1 would end the replaced keys before they were made)."""
+    # The margin is added to the link's date, never taken from the other: a date of year 1
+    # minus a day is no date (OverflowError, a 500 instead of a refusal; from review). A
+    # link reaching the sums is dated no later than the clock allows, so they cannot overflow.
     previous: Rotation | None = None
-    floor = None if since is None else since - ROTATION_TIME_MARGIN
     for link in path:
         if link.rotated_at > now + skew:
             raise RotationError(
                 f"rotation {link.seq} is dated {format_time(link.rotated_at)}, later than "
                 "this node's clock allows (the clock skew tolerated between nodes)"
             )
-        if previous is not None and link.rotated_at < previous.rotated_at - ROTATION_TIME_MARGIN:
+        if previous is not None and link.rotated_at + ROTATION_TIME_MARGIN < previous.rotated_at:
             raise RotationError(
                 f"rotation {link.seq} is dated {format_time(link.rotated_at)}, more than a day "
                 f"before rotation {previous.seq} ({format_time(previous.rotated_at)}), which "
                 "introduced the keys it replaces"
             )
-        if previous is None and floor is not None and since is not None and link.rotated_at < floor:
+        if (
+            previous is None
+            and since is not None
+            and link.rotated_at + ROTATION_TIME_MARGIN < since
+        ):
             raise RotationError(
                 f"rotation {link.seq} is dated {format_time(link.rotated_at)}, more than a day "
                 "before the identity document pinned with the keys it replaces was issued "

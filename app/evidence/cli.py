@@ -59,6 +59,43 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+# Said after the node's own words: what a person at a terminal does about it.
+HINTS = {
+    401: "the node did not take the token (ENTRAIDE_TOKEN or --token): mistyped, revoked "
+    "or expired",
+    403: "this token is not an officer's: ask the node's operator for one",
+}
+
+
+def _refusal(response: httpx.Response) -> str:
+    """The node's refusal as one line: its code and detail (docs/api.md §7), the first
+    fields a 422 names, and what to do. A body that is not the node's JSON (a proxy's error
+    page) is not echoed: only its status."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    words = [f"HTTP {response.status_code}"]
+    if isinstance(body, dict) and body.get("error"):
+        words[0] += f" {body['error']}"
+        if body.get("detail"):
+            words[0] += f": {body['detail']}"
+        fields = body.get("fields")
+        if isinstance(fields, list):
+            words.extend(_field(item) for item in fields[:3] if isinstance(item, dict))
+    else:
+        words[0] += f" {response.reason_phrase}"
+    if response.status_code in HINTS:
+        words.append(HINTS[response.status_code])
+    return "; ".join(words)[:600]
+
+
+def _field(item: dict[str, Any]) -> str:
+    loc = [str(part) for part in item.get("loc") or []]
+    at = ".".join(loc[1:] if len(loc) > 1 else loc)  # `status`, not `query.status`
+    return f"{at}: {item.get('msg', '')}"
+
+
 def _client(url: str | None, token: str | None) -> httpx.Client:
     url = url or os.environ.get("ENTRAIDE_URL")
     token = token or os.environ.get("ENTRAIDE_TOKEN")
@@ -131,17 +168,29 @@ def _media_type(path: Path) -> str:
 
 
 def _check(response: httpx.Response, *expected: int) -> Any:
+    """The node's answer, or its refusal as one line (a proxy's error page echoed whole was
+    a dozen lines of HTML; from review)."""
     if response.status_code not in expected:
-        typer.echo(f"error: HTTP {response.status_code}: {response.text[:500]}", err=True)
-        raise typer.Exit(1)
-    return response.json() if response.content else None
+        raise fail(_refusal(response))
+    if not response.content:
+        return None
+    try:
+        return response.json()
+    except ValueError as exc:  # a proxy's page answered 200, a URL that is not a node's
+        request = response.request
+        raise fail(
+            f"the answer to {request.method} {request.url.path} is not a node's (not JSON): "
+            "is the URL an Entraide node's?"
+        ) from exc
 
 
 def _progress() -> Progress:
     # On stderr, as every other message: stdout carries only the result (the request id,
     # the checked files), for scripts to read; the bar's last refresh left a blank line there.
+    # Descriptions are file names, a peer's among them: printed, never read as Rich markup
+    # (`Report [final].pdf` showed as `Report .pdf`; from review).
     return Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         DownloadColumn(binary_units=True),
         TransferSpeedColumn(),
@@ -413,12 +462,10 @@ def download(
             typer.echo(f"error: cannot write into {out}: {exc.strerror or exc}", err=True)
             raise typer.Exit(1) from exc
         if taken:
-            typer.echo(
-                f"error: {', '.join(taken)} already in {out}: nothing is overwritten; "
-                "download into another --out folder",
-                err=True,
+            raise fail(
+                f"{', '.join(taken)} already in {out}: nothing is overwritten; "
+                "download into another --out folder"
             )
-            raise typer.Exit(1)
         # Partial files in a folder of their own, made for this run: named `.NAME.partial`
         # beside the others, a peer's attachment of that name was deleted when the file it
         # shadows was downloaded (and so was a user's own file of that name; from review).
@@ -433,9 +480,10 @@ def download(
                     _download(http, entry, out / name, staging / f"{number}.partial", progress)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    # As `sha256sum` prints them: `sha256sum -c` in the folder checks the files again.
+    # As `sha256sum` prints them: `sha256sum -c` in the folder checks the files again, so
+    # each line names the file as written (`file_names`: nothing there to replace).
     for entry, name in zip(entries, names, strict=True):
-        typer.echo(f"{entry['sha256']}  {name}")
+        typer.echo(f"{one_line(str(entry['sha256']))}  {one_line(name)}")
 
 
 # Linux and most file systems take names of at most 255 bytes; names are kept 9 bytes short
@@ -450,19 +498,27 @@ def file_names(names: list[str]) -> list[str]:
     both kept: `evidence (2).bin`, a name no attachment has), and a name that is no file name
     (`..`) by its place. A name too long for the file system (255 bytes, its partial file's
     included) is shortened on a character boundary, its extension kept when it fits, and
-    never to a name another attachment has."""
+    never to a name another attachment has.
+
+    Control, line-breaking and bidirectional formatting characters, which the protocol lets a
+    peer put in a name, become `_`: `invoice\u202efdp.exe` written as is shows as
+    `invoiceexe.pdf` in every file manager and listing, an executable passed off as a
+    document (from review). `_`, not `?`: a glob character, refused by FAT and NTFS."""
     limit = NAME_MAX - PARTIAL
-    bases = []
+    bases, own = [], []
     for number, name in enumerate(names, start=1):
-        base = _encodable(Path(name).name)
-        bases.append(base if base not in {"", ".", ".."} else f"attachment-{number}")
-    # Every attachment's own name (one that fits) is its own first: no copy or shortened
-    # name takes one of them.
-    taken = {base for base in bases if _length(base) <= limit}
+        base = Path(name).name
+        base = base if base not in {"", ".", ".."} else f"attachment-{number}"
+        written = one_line(_encodable(base), "_")
+        bases.append(written)
+        own.append(written == base)
+    # Every attachment's own name (one that fits) is its own first: no copy, shortened or
+    # replaced name takes one of them (`a\u202eb` is not `a_b`, another attachment's name).
+    taken = {base for base, mine in zip(bases, own, strict=True) if mine and _length(base) <= limit}
     chosen: list[str] = []
     seen: set[str] = set()
-    for base in bases:
-        if base not in seen and _length(base) <= limit:
+    for base, mine in zip(bases, own, strict=True):
+        if mine and base not in seen and _length(base) <= limit:
             seen.add(base)
             chosen.append(base)
             continue
@@ -524,8 +580,7 @@ def _download(
                 response.read()
                 _check(response, 200)
             if response.headers.get("x-entraide-sha256") != entry["sha256"]:
-                typer.echo(f"error: {name}: the node reports another SHA-256", err=True)
-                raise typer.Exit(1)
+                raise fail(f"{name}: the node reports another SHA-256")
             # Decrypted evidence: readable by this user only, as the node's own files are.
             descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(descriptor, "wb") as sink:
@@ -535,21 +590,17 @@ def _download(
                     progress.advance(task, len(data))
     except httpx.HTTPError as exc:
         partial.unlink(missing_ok=True)
-        typer.echo(f"error: {name}: the download broke off ({exc}); nothing was kept", err=True)
-        raise typer.Exit(1) from exc
+        raise fail(f"{name}: the download broke off ({exc}); nothing was kept") from exc
     except OSError as exc:  # a full disk, a folder one may not write in
         with suppress(OSError):
             partial.unlink(missing_ok=True)
-        typer.echo(
-            f"error: {name}: cannot be written in {target.parent} ({exc.strerror or exc}); "
-            "nothing was kept",
-            err=True,
-        )
-        raise typer.Exit(1) from exc
+        raise fail(
+            f"{name}: cannot be written in {target.parent} ({exc.strerror or exc}); "
+            "nothing was kept"
+        ) from exc
     if digest.hexdigest() != entry["sha256"]:
         partial.unlink(missing_ok=True)
-        typer.echo(f"error: {name}: SHA-256 differs from the manifest; nothing was kept", err=True)
-        raise typer.Exit(1)
+        raise fail(f"{name}: SHA-256 differs from the manifest; nothing was kept")
     _publish(partial, target)
 
 

@@ -23,7 +23,16 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from app.evidence.cli import TokenOption, UrlOption, _client, _reaching, fail, requests_app, where
+from app.evidence.cli import (
+    TokenOption,
+    UrlOption,
+    _client,
+    _reaching,
+    _refusal,
+    fail,
+    requests_app,
+    where,
+)
 from app.oneline import one_line
 
 # The group, with `list` and `show` on it: what app/cli.py loads as `entraide requests`.
@@ -37,42 +46,6 @@ PAGE = 50
 PAGE_ALL = 200  # --all: the largest page the node serves, the fewest round trips
 WIDE = 200  # the table's width when printed to a pipe: more than any row needs
 MAX_PAGES = 10_000  # --all stops, said, rather than follow a cursor that never ends
-
-# Said after the node's own words: what a person at a terminal does about it.
-HINTS = {
-    401: "the node did not take the token (ENTRAIDE_TOKEN or --token): mistyped, revoked "
-    "or expired",
-    403: "this token is not an officer's: ask the node's operator for one",
-}
-
-
-def _refusal(response: httpx.Response) -> str:
-    """The node's refusal as one line: its code and detail (docs/api.md §7), the first
-    fields a 422 names, and what to do. A body that is not the node's JSON (a proxy's error
-    page) is not echoed: only its status."""
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    words = [f"HTTP {response.status_code}"]
-    if isinstance(body, dict) and body.get("error"):
-        words[0] += f" {body['error']}"
-        if body.get("detail"):
-            words[0] += f": {body['detail']}"
-        fields = body.get("fields")
-        if isinstance(fields, list):
-            words.extend(_field(item) for item in fields[:3] if isinstance(item, dict))
-    else:
-        words[0] += f" {response.reason_phrase}"
-    if response.status_code in HINTS:
-        words.append(HINTS[response.status_code])
-    return "; ".join(words)[:600]
-
-
-def _field(item: dict[str, Any]) -> str:
-    loc = [str(part) for part in item.get("loc") or []]
-    where = ".".join(loc[1:] if len(loc) > 1 else loc)  # `status`, not `query.status`
-    return f"{where}: {item.get('msg', '')}"
 
 
 def _get(http: httpx.Client, path: str, params: dict[str, str] | None = None) -> dict[str, Any]:
@@ -211,8 +184,11 @@ def list_requests(
     else:
         typer.echo("no request matches", err=True)
     if cursor and not every:
-        # On stderr, as a note: stdout stays the table or the JSON.
-        typer.echo(f"more: add --cursor {cursor} for the next page, or --all", err=True)
+        # On stderr, as a note: stdout stays the table or the JSON. The cursor is the node's
+        # text, printed as it reads whatever it holds (a proxy or a node gone wrong).
+        typer.echo(
+            f"more: add --cursor {one_line(str(cursor))} for the next page, or --all", err=True
+        )
 
 
 def _table(items: list[dict[str, Any]]) -> Table:

@@ -70,3 +70,30 @@ def test_a_link_dated_more_than_a_day_before_what_it_follows_is_refused() -> Non
     # Without a date for the pinned document (none that this clock allows), the first link
     # has no floor but the others still do.
     check_path_times(_chain(first), now=NOW, skew=SKEW, since=None)
+
+
+def test_links_and_pins_of_year_1_are_judged_not_an_overflow() -> None:
+    """From review: a day taken from year 1 is no date: a path whose link before is dated
+    year 1, or followed from a document pinned as issued in year 1 (pinned before such dates
+    were refused), raised OverflowError (a 500 at `peers add`, the refresh stopped) instead
+    of being judged."""
+    first = datetime(1, 1, 1, tzinfo=UTC)
+    check_path_times(_chain(first, first), now=NOW, skew=SKEW, since=None)
+    check_path_times(_chain(NOW - DAY), now=NOW, skew=SKEW, since=first)
+    check_path_times(_chain(first), now=NOW, skew=SKEW, since=first + DAY)
+    with pytest.raises(
+        RotationError,
+        match=r"rotation 1 is dated 0001-01-01T00:00:00Z, more than a day before the identity "
+        r"document pinned with the keys it replaces was issued \(0001-01-02T00:00:01Z\)",
+    ):
+        check_path_times(
+            _chain(first), now=NOW, skew=SKEW, since=first + DAY + timedelta(seconds=1)
+        )
+    with pytest.raises(
+        RotationError,
+        match=r"rotation 2 is dated 0001-01-01T00:00:00Z, more than a day before rotation 1 "
+        r"\(0001-01-02T00:00:01Z\)",
+    ):
+        check_path_times(
+            _chain(first + DAY + timedelta(seconds=1), first), now=NOW, skew=SKEW, since=None
+        )

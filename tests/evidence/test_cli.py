@@ -8,6 +8,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -16,10 +19,10 @@ from app.evidence.cli import file_names
 from app.localnodes import free_port
 
 
-def _entraide(*args: str) -> subprocess.CompletedProcess[str]:
+def _entraide(*args: str, url: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
-        "ENTRAIDE_URL": f"http://127.0.0.1:{free_port()}",  # nothing listens there
+        "ENTRAIDE_URL": url or f"http://127.0.0.1:{free_port()}",  # nothing listens there
         "ENTRAIDE_TOKEN": "not-a-real-token",
     }
     return subprocess.run(
@@ -133,6 +136,22 @@ def test_a_name_no_file_system_can_take_is_written_with_a_question_mark() -> Non
     assert file_names(["\ud800evidence.bin"]) == ["?evidence.bin"]
 
 
+def test_control_and_bidirectional_characters_are_not_written_in_a_file_name() -> None:
+    """From review: a peer's `invoice\u202efdp.exe` was written as is, a file that every
+    file manager shows as `invoiceexe.pdf`. Each such character becomes `_`, and a name so
+    made takes no other attachment's own name."""
+    assert file_names(["invoice\u202efdp.exe", "a\x85b\u2028c\u2066.txt", "\x1b[2Jx"]) == [
+        "invoice_fdp.exe",
+        "a_b_c_.txt",
+        "_[2Jx",
+    ]
+    assert file_names(["a\u202eb.pdf", "a_b.pdf", "a\u2067b.pdf"]) == [
+        "a_b (2).pdf",
+        "a_b.pdf",
+        "a_b (3).pdf",
+    ]
+
+
 def test_a_guessed_media_type_is_sent_in_lower_case() -> None:
     from app.evidence.cli import _media_type
 
@@ -165,3 +184,73 @@ def test_a_checked_download_is_published_without_hard_links(
     with pytest.raises(typer.Exit):
         cli._publish(partial, target)
     assert target.read_bytes() == b"checked"  # not overwritten
+
+
+NGINX_502 = (
+    b"<html>\n<head><title>502 Bad Gateway</title></head>\n<body>\n"
+    b"<center><h1>502 Bad Gateway</h1></center>\n<hr><center>nginx</center>\n</body>\n</html>\n"
+)
+
+
+@pytest.fixture(scope="module")
+def gateway() -> Iterator[str]:
+    """What may stand between the command and a node: a proxy whose node is down (502, an
+    HTML page), a page served 200 at a URL that is no node's, a list page whose cursor holds
+    escape sequences (a node gone wrong). A fake at the network edge; the command is real."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.startswith("/api/v1/requests?"):
+                page = {"items": [], "next_cursor": "abc\x1b]0;PWNED\x07\x1b[2J\u202e"}
+                self._answer(200, json.dumps(page).encode(), "application/json")
+            else:
+                self._answer(200, b"<html><body>Welcome</body></html>", "text/html")
+
+        def do_DELETE(self) -> None:
+            self._answer(502, NGINX_502, "text/html")
+
+        def _answer(self, status: int, body: bytes, media_type: str) -> None:
+            self.send_response(status)
+            self.send_header("content-type", media_type)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_proxys_error_page_is_one_line(gateway: str) -> None:
+    """From review: `discard` (and every command of this module) echoed a body that is not
+    the node's JSON verbatim: an nginx 502 page came out as 8 lines of HTML. Now one line,
+    as `requests list` and `show` say a refusal."""
+    done = _entraide("discard", "b" * 32, url=gateway)
+    assert done.returncode == 1
+    assert done.stderr == "error: HTTP 502 Bad Gateway\n"
+    assert done.stdout == ""
+
+
+def test_a_page_that_is_not_a_nodes_answer_is_said_so(gateway: str, tmp_path: Path) -> None:
+    done = _entraide("download", "ab" * 16, "--out", str(tmp_path / "got"), url=gateway)
+    assert done.returncode == 1
+    assert done.stderr == (
+        f"error: the answer to GET /api/v1/requests/{'ab' * 16} is not a node's (not JSON): "
+        "is the URL an Entraide node's?\n"
+    )
+    assert not (tmp_path / "got").exists()
+
+
+def test_the_cursor_list_prints_is_printed_as_it_reads(gateway: str) -> None:
+    done = _entraide("list", url=gateway)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == (
+        "no request matches\nmore: add --cursor abc?]0;PWNED??[2J? for the next page, or --all\n"
+    )

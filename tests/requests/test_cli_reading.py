@@ -6,11 +6,13 @@ ENTRAIDE_TOKEN), against the real application served on a loopback port."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from app.crypto.encoding import utc_now
@@ -18,13 +20,13 @@ from app.crypto.envelope import Attachment
 from tests.requests.conftest import Harness
 
 
-def entraide(ar: Harness, *args: str) -> subprocess.CompletedProcess[str]:
+def run(ar: Harness, *args: str) -> subprocess.CompletedProcess[str]:
     env = {
         **{key: value for key, value in os.environ.items() if not key.startswith("ENTRAIDE_")},
         "ENTRAIDE_URL": str(ar.http.base_url),
         "ENTRAIDE_TOKEN": ar.tokens["officer"],
     }
-    done = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "app", "requests", *args],
         env=env,
         capture_output=True,
@@ -32,6 +34,10 @@ def entraide(ar: Harness, *args: str) -> subprocess.CompletedProcess[str]:
         timeout=120,
         check=False,
     )
+
+
+def entraide(ar: Harness, *args: str) -> subprocess.CompletedProcess[str]:
+    done = run(ar, *args)
     assert done.returncode == 0, done.stderr
     return done
 
@@ -96,3 +102,44 @@ def test_names_a_peer_chose_are_printed_as_they_read(ar: Harness) -> None:
     assert raw.isascii()
     attachments = json.loads(raw)["messages"][0]["attachments"]
     assert [item["name"] for item in attachments] == names
+
+
+def test_a_download_writes_and_prints_a_peers_names_as_they_read(
+    ar: Harness, tmp_path: Path
+) -> None:
+    """From review: `download` wrote and printed a peer's names raw. `invoice\u202efdp.exe`
+    (a right-to-left override, which the protocol lets a peer send) was a file every file
+    manager shows as `invoiceexe.pdf`, printed so in the `sha256sum` lines, the progress bar
+    and the "already in" refusal; and the bar read names as markup (`Report [final].pdf`
+    showed as `Report .pdf`). Such characters become `_` in the name written, and each line
+    names the file as written, so `sha256sum -c` still checks them."""
+    names = ["Report [final].pdf", "invoice\u202efdp.exe", "a\x85b\u2028c.txt"]
+    contents = [f"evidence {number}".encode() for number in range(len(names))]
+    request_id = ar.receive_request(
+        attachments=[
+            Attachment(name, "application/pdf", data)
+            for name, data in zip(names, contents, strict=True)
+        ],
+        urgency={"level": "routine"},
+    )
+    out = tmp_path / "got"
+    done = entraide(ar, "download", request_id, "--out", str(out))
+    written = ["Report [final].pdf", "invoice_fdp.exe", "a_b_c.txt"]
+    assert sorted(path.name for path in out.iterdir()) == sorted(written)
+    lines = done.stdout.splitlines()
+    assert lines[-3:] == [
+        f"{hashlib.sha256(data).hexdigest()}  {name}"
+        for data, name in zip(contents, written, strict=True)
+    ]
+    for line in lines[-3:]:  # as `sha256sum -c` reads them in the folder
+        digest, name = line.split("  ", 1)
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
+    assert "Report [final].pdf" in done.stderr  # the progress bar: printed, not markup
+    for shown in (done.stdout, done.stderr):
+        assert not {"\u202e", "\x85", "\u2028"} & set(shown)
+    again = run(ar, "download", request_id, "--out", str(out))
+    assert again.returncode == 1
+    assert again.stderr == (
+        f"error: Report [final].pdf, invoice_fdp.exe, a_b_c.txt already in {out}: nothing is "
+        "overwritten; download into another --out folder\n"
+    )
