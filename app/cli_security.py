@@ -12,11 +12,15 @@ from __future__ import annotations
 import re
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from app.crypto.encoding import utc_now
+
+if TYPE_CHECKING:
+    from app.config import Settings
+    from app.crypto.keys import NodeIdentity, NodeKeys
 
 # Each command imports what it needs when it runs (see app.cli).
 
@@ -55,15 +59,16 @@ def keys_rotate(
     """Replace the signing and encryption keys; the old signing key signs the new ones.
 
     A running node (serve, workers) takes the new keys up at its next use of them, without
-    a restart. Peers pick them up at their next contact; the old encryption key is kept,
+    a restart; the command then reads the node's identity document and says whether it
+    did. Peers pick them up at their next contact; the old encryption key is kept,
     protected like the others, so archived requests stay readable.
     """
-    from app.audit.log import record
+    from app.audit.rotations import record_rotations
     from app.cli import _fail, _node, _operator, _settings
     from app.crypto.keyfile import KeyFileError
-    from app.crypto.keys import format_fingerprint, load_identity, rotate_keys
+    from app.crypto.keys import format_fingerprint, keys_folder_lock, load_identity, rotate_keys
     from app.crypto.rotation import RotationError
-    from app.db import unit_of_work
+    from app.db import make_engine, make_session_factory, unit_of_work
     from app.node import key_passphrase
 
     settings = _settings()
@@ -71,43 +76,88 @@ def keys_rotate(
     node.close()
     try:
         identity = load_identity(settings.keys_dir)
-        old, new = rotate_keys(
-            settings.keys_dir,
-            authority_id=identity.authority_id,
-            passphrase=key_passphrase(settings),
-            overlap=timedelta(days=overlap_days),
-        )
-    except (KeyFileError, RotationError, OSError) as exc:
-        # RotationError: the chain's length limit, say; nothing was written.
+        passphrase = key_passphrase(settings)
+    except (KeyFileError, OSError) as exc:
         raise _fail(str(exc)) from exc
-    node = _node(settings)
-    try:
-        with unit_of_work(node.sessions) as session:
-            record(
-                session,
-                actor=_operator(),
-                action="key.rotated",
-                details={
-                    "old_signing_kid": old.signing_kid,
-                    "new_signing_kid": new.signing_kid,
-                    "old_encryption_kid": old.encryption_kid,
-                    "new_encryption_kid": new.encryption_kid,
-                    "seq": len(new.rotations),
-                    "old_encryption_accepted_until": new.rotations[
-                        -1
-                    ].old_encryption_accepted_until.isoformat(),
-                },
+    # The folder's lock from the rotation to its entry: a running node that loads the new
+    # keys meanwhile finds the entry and writes none of its own (app/audit/rotations.py).
+    with keys_folder_lock(settings.keys_dir):
+        try:
+            old, new = rotate_keys(
+                settings.keys_dir,
+                authority_id=identity.authority_id,
+                passphrase=passphrase,
+                overlap=timedelta(days=overlap_days),
             )
-    finally:
-        node.close()
+        except (KeyFileError, RotationError, OSError) as exc:
+            # RotationError: the chain's length limit, say; nothing was written.
+            raise _fail(str(exc)) from exc
+        # The database alone, not the node (its keys again: an Argon2id derivation per key
+        # file, while the running node's reload waits for the lock).
+        engine = make_engine(settings.database_url)
+        try:
+            with unit_of_work(make_session_factory(engine)) as session:
+                record_rotations(session, new, after_seq=len(old.rotations), actor=_operator())
+        finally:
+            engine.dispose()
     typer.echo(f"rotated: signing key {old.signing_kid} -> {new.signing_kid}")
     typer.echo(f"         encryption key {old.encryption_kid} -> {new.encryption_kid}")
-    typer.echo(
-        "the running node publishes the new keys from its next request (no restart); "
-        "peers follow the signed rotation at their next contact."
-    )
+    _tell_whether_the_node_follows(settings, identity, new, protected=passphrase is not None)
     typer.echo("new fingerprint (for peers that pin from scratch):")
     typer.echo(format_fingerprint(new.fingerprint))
+
+
+# How long `keys rotate` waits for the running node to publish the new keys: a reload of
+# protected keys takes an Argon2id derivation per key file, about a second in all.
+FOLLOW_SECONDS = 10.0
+
+
+def _tell_whether_the_node_follows(
+    settings: Settings, identity: NodeIdentity, new: NodeKeys, *, protected: bool
+) -> None:
+    """Say what the running node does now, not what it should (from review: the command said
+    the node published the new keys while it went on with the old ones)."""
+    import time
+
+    from app.obs.published import Unreadable, difference, node_url, read_published, reload_check
+
+    url = node_url(settings, identity)
+    deadline = time.monotonic() + FOLLOW_SECONDS
+    while True:
+        try:
+            published = read_published(settings, url)
+        except Unreadable as exc:
+            typer.echo(
+                f"no running node answered at {url} ({exc}): a node started later uses the new "
+                f"keys; one running elsewhere should publish signing key {new.signing_kid} "
+                "(check with `entraide doctor` there)."
+            )
+            return
+        if difference(published, new) is None:
+            typer.echo(
+                f"the running node at {url} publishes the new keys (no restart needed); "
+                "peers follow the signed rotation at their next contact."
+            )
+            return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.25)
+    lines = [
+        f"warning: the running node at {url} still publishes signing key "
+        f"{published.signing.kid}: it did not load the new keys, and peers that refresh pin "
+        "its old ones until it does."
+    ]
+    why = reload_check(settings, url)
+    if why is not None:
+        lines.append(f"its /readyz says: {why}")
+    if protected:
+        lines.append(
+            "the key files are protected by a passphrase: a node running without "
+            "ENTRAIDE_KEY_PASSPHRASE or ENTRAIDE_KEY_PASSPHRASE_FILE cannot load them; "
+            "restart it with one (docs/operations.md §3)."
+        )
+    for line in lines:
+        typer.echo(line, err=True)
 
 
 def keys_protect() -> None:

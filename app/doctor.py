@@ -27,7 +27,15 @@ from app.config import LEASE_MARGIN_SECONDS, Settings, longest_exchange_seconds
 from app.crypto.encoding import utc_now
 from app.crypto.identity import IdentityError, parse_identity_document
 from app.crypto.keyfile import KeyFileError, stored_plain
-from app.crypto.keys import IDENTITY_FILE, KEY_FILES, load_identity, load_keys, retired_files
+from app.crypto.keys import (
+    IDENTITY_FILE,
+    KEY_FILES,
+    NodeIdentity,
+    NodeKeys,
+    load_identity,
+    load_keys,
+    retired_files,
+)
 from app.db import make_engine, make_session_factory, read_snapshot
 from app.delivery import heartbeat
 from app.errors import PeerError
@@ -36,6 +44,7 @@ from app.models import BlobPart, OutboxItem, Peer, WitnessAlarm
 from app.node import key_passphrase, load_node
 from app.obs.health import current_heads, expected_heads, unknown_revisions
 from app.obs.metrics import key_dates
+from app.obs.published import Unreadable, difference, node_url, read_published
 from app.peers.client import IDENTITY_PATH, make_http_client, read_json_bounded
 from app.tls import client_context
 
@@ -234,8 +243,42 @@ def check_keys(settings: Settings) -> Iterator[Finding]:
                 f"the {purpose} key is {(now - created).days} days old: "
                 "consider `entraide keys rotate`",
             )
+    keys = node.keyring.state().generation.keys
     yield Finding(
-        OK, "keys", f"keys load, {node.authority_id}, fingerprint {node.keys.fingerprint[:16]}…"
+        OK, "keys", f"keys load, {node.authority_id}, fingerprint {keys.fingerprint[:16]}…"
+    )
+    yield from check_running_keys(settings, node.identity, keys)
+
+
+def check_running_keys(
+    settings: Settings, identity: NodeIdentity, keys: NodeKeys
+) -> Iterator[Finding]:
+    """Does the running node use the keys the files hold? After a rotation it could not load
+    (operations.md §3), it goes on signing with and publishing the old ones, and the files
+    alone say nothing of it (from review)."""
+    url = node_url(settings, identity)
+    try:
+        published = read_published(settings, url)
+    except Unreadable as exc:
+        yield Finding(
+            WARN,
+            "keys",
+            f"the running node could not be read at {url} ({exc}): whether it uses the keys of "
+            "the files is not checked; if it runs, see its /readyz (`keys_reload`)",
+        )
+        return
+    differs = difference(published, keys)
+    if differs is None:
+        yield Finding(OK, "keys", f"the running node at {url} publishes these keys")
+        return
+    yield Finding(
+        FAIL,
+        "keys",
+        f"the running node at {url} does not use the keys of the files: {differs}. It did "
+        "not load the last rotation (its log and /readyz say why: often, the key files are "
+        "protected and the node runs without ENTRAIDE_KEY_PASSPHRASE(_FILE)); peers that "
+        "refresh pin its old keys. Fix the cause: a node reading ENTRAIDE_KEY_PASSPHRASE_FILE "
+        "tries again within a minute; otherwise restart it",
     )
 
 

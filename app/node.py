@@ -2,22 +2,33 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.audit.mac import append_with
 from app.config import Settings
 from app.crypto.keyfile import read_passphrase
 from app.crypto.keyring import KeyRing
-from app.crypto.keys import NodeIdentity, NodeKeys, load_identity
-from app.db import make_engine, make_session_factory
+from app.crypto.keys import (
+    NodeIdentity,
+    NodeKeys,
+    keys_folder_lock,
+    load_identity,
+    rotation_staged,
+)
+from app.db import make_engine, make_session_factory, unit_of_work
+from app.errors import EntraideError
 
 if TYPE_CHECKING:
     from app.audit.anchor import SignedLogAnchor
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,6 +70,27 @@ class Node:
 
         return SignedLogAnchor.of(self.settings)
 
+    def record_rotations(self, *, after_seq: int) -> None:
+        """Put on record the rotations of the keys in use past `after_seq` that no entry
+        names yet (app/audit/rotations.py): a rotation this process made take effect."""
+        from app.audit.rotations import record_rotations  # app.audit imports this module
+
+        keys = self.keyring.state().generation.keys
+        try:
+            with keys_folder_lock(self.settings.keys_dir), unit_of_work(self.sessions) as session:
+                written = record_rotations(session, keys, after_seq=after_seq, actor="node")
+        except (SQLAlchemyError, EntraideError) as exc:
+            # The keys are in use all the same; the log says what the audit trail lacks.
+            log.error(
+                "the rotation of the keys to signing key %s took effect here but could not be "
+                "recorded in the audit log (%s)",
+                keys.signing_kid,
+                type(exc).__name__,
+            )
+            return
+        for seq in written:
+            log.info("key rotation %d recorded in the audit log (it took effect here)", seq)
+
     def close(self) -> None:
         self.engine.dispose()
 
@@ -78,13 +110,23 @@ def load_node(settings: Settings) -> Node:
         )
     if settings.public_url and settings.public_url != identity.public_url:
         identity = NodeIdentity(identity.authority_id, identity.name, settings.public_url)
+    # A rotation stopped half way is finished by the load below: on record then (its CLI
+    # may have stopped before its own entry).
+    stopped = rotation_staged(settings.keys_dir)
     # Read again at each reload, as a restart would: the file may have been updated since.
     keyring = KeyRing.load(settings.keys_dir, identity, passphrase=lambda: key_passphrase(settings))
     engine = make_engine(settings.database_url)
-    return Node(
+    node = Node(
         settings=settings,
         identity=identity,
         keyring=keyring,
         engine=engine,
         sessions=make_session_factory(engine),
     )
+    keyring.on_rotation = lambda before, _keys: node.record_rotations(
+        after_seq=len(before.rotations)
+    )
+    rotations = len(keyring.state().generation.keys.rotations)
+    if stopped and rotations:
+        node.record_rotations(after_seq=rotations - 1)
+    return node

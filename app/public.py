@@ -14,7 +14,7 @@ from app.delivery import heartbeat
 from app.delivery.outbox import queue_stats
 from app.deps import PUBLIC, AnyRoleDep, NodeDep
 from app.node import Node
-from app.obs.health import OK, readiness
+from app.obs.health import DEGRADING, OK, readiness
 
 router = APIRouter(tags=["public"], dependencies=[Depends(PUBLIC)])
 openapi_router = APIRouter(tags=["public"])
@@ -42,14 +42,15 @@ def readyz(request: Request, node: NodeDep) -> JSONResponse:
     thread: threading.Thread | None = request.app.state.worker_thread
     checks = readiness(node, heads=request.app.state.migration_heads, worker=thread)
     failing = [name for name, value in checks.items() if value != OK]
+    out = [name for name in failing if name not in DEGRADING]
     body: dict[str, Any] = {
-        "status": "not_ready" if failing else "ready",
+        "status": "not_ready" if out else "degraded" if failing else "ready",
         "checks": checks,
         "failing": failing,
     }
     if "database" not in failing:
         body["delivery"] = _backlog(node)
-    return JSONResponse(body, status_code=503 if failing else 200)
+    return JSONResponse(body, status_code=503 if out else 200)
 
 
 def _backlog(node: Node) -> dict[str, Any]:

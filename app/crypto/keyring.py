@@ -12,17 +12,26 @@ for a rotation under way to finish, and two processes (serve and a worker) finis
 rotation that stopped half way put its staged keys in place one after the other. A reload
 that fails (a passphrase no longer configured, a read-only folder with a rotation to finish)
 keeps the keys in use, says why in the log, and is tried again after a while or at the next
-change: the node stays what it was before the rotation, as it would have without this.
+change: the node stays what it was before the rotation, as it would have without this. The
+failure is kept (`state()`), for /readyz, the metrics and `doctor` to say it: a node that goes
+on with keys its folder no longer holds must not look as if it had followed (from review).
+
+Only the thread that reloads waits (on the folder's lock, then an Argon2id derivation per key
+file with protected keys: over a second); the others go on with the keys in use meanwhile, as
+they would have a moment before the rotation, unless they need the new keys (`wait=True`: an
+envelope sealed to a key the node does not hold yet).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from app.crypto.encoding import utc_now
@@ -61,6 +70,48 @@ class Generation:
     stamp: Stamp
 
 
+@dataclass(frozen=True)
+class ReloadFailure:
+    """Why the keys the folder holds now could not be loaded (the keys in use stay)."""
+
+    # The loader's message without the keys folder's path: it is shown on /readyz, which
+    # answers without a token. It names files and settings, never key material.
+    reason: str
+    since: datetime  # the first failure of this run of failures
+    at: datetime  # the latest
+    stamp: Stamp  # the chain it failed on
+    tried: float  # the ring's clock at the latest, for the retry delay
+
+
+@dataclass(frozen=True)
+class KeyRingState:
+    """What a process serves, read without loading anything (/readyz, metrics)."""
+
+    generation: Generation
+    failure: ReloadFailure | None
+    # The chain on disk is the one the keys in use came with (False for a moment after a
+    # rotation, until the next use of the keys reloads them; and after a failure).
+    follows_disk: bool
+    reloading: bool
+
+
+# Told of a reload that brought a longer chain: the keys before and after (app/node.py
+# records the rotations in the audit log). It must not raise: the reload is done.
+RotationListener = Callable[[NodeKeys, NodeKeys], None]
+
+
+def chain_length(keys_dir: Path) -> int | None:
+    """How many rotations the chain on disk holds (not verified: a count for the metrics);
+    None when it cannot be read."""
+    try:
+        wire = json.loads((keys_dir / ROTATIONS_FILE).read_bytes())
+    except FileNotFoundError:
+        return 0
+    except (OSError, ValueError, RecursionError):
+        return None
+    return len(wire) if isinstance(wire, list) else None
+
+
 class KeyRing:
     def __init__(
         self,
@@ -76,9 +127,10 @@ class KeyRing:
         self.identity = identity
         self._passphrase = passphrase
         self._clock = clock
-        self._generation = self._publish(keys, stamp)
+        # Swapped as one, so a reader never sees new keys beside the old failure.
+        self._held: tuple[Generation, ReloadFailure | None] = (self._publish(keys, stamp), None)
         self._lock = threading.Lock()
-        self._failed: tuple[Stamp, float] | None = None
+        self.on_rotation: RotationListener | None = None
 
     @classmethod
     def load(
@@ -94,33 +146,66 @@ class KeyRing:
         document = build_identity_document(self.identity, keys, issued_at=utc_now())
         return Generation(keys, document, stamp)
 
-    def current(self) -> Generation:
-        """The keys the folder holds now. One stat when nothing changed; callers that use
-        several parts of the keys together (a key and its id) take one generation once."""
-        generation = self._generation
-        stamp = chain_stamp(self.keys_dir)
-        if stamp == generation.stamp or self._waiting(stamp):
-            return generation
-        with self._lock:  # one thread reloads; the others wait for its result
-            generation = self._generation
-            stamp = chain_stamp(self.keys_dir)
-            if stamp == generation.stamp or self._waiting(stamp):
-                return generation
-            return self._reload(generation)
+    @property
+    def failure(self) -> ReloadFailure | None:
+        return self._held[1]
 
-    def _waiting(self, stamp: Stamp) -> bool:
-        failed = self._failed
-        return (
-            failed is not None and failed[0] == stamp and self._clock() - failed[1] < RETRY_SECONDS
+    def state(self) -> KeyRingState:
+        """The keys in use and how they stand against the folder: one stat, no reload, no
+        wait (/readyz must answer while a reload waits for a rotation to end)."""
+        generation, failure = self._held
+        return KeyRingState(
+            generation=generation,
+            failure=failure,
+            follows_disk=chain_stamp(self.keys_dir) == generation.stamp,
+            reloading=self._lock.locked(),
         )
 
-    def _reload(self, before: Generation) -> Generation:
+    def current(self, *, wait: bool = False) -> Generation:
+        """The keys the folder holds now. One stat when nothing changed; callers that use
+        several parts of the keys together (a key and its id) take one generation once.
+
+        When the chain changed, the first thread to see it reloads (and waits for that); the
+        others get the keys in use until it is done, unless `wait`: then they wait for it."""
+        generation, failure = self._held
+        stamp = chain_stamp(self.keys_dir)
+        if stamp == generation.stamp or self._waiting(failure, stamp):
+            return generation
+        if not self._lock.acquire(blocking=wait):
+            return generation  # another thread is reloading: the keys in use meanwhile
+        try:
+            generation, failure = self._held
+            stamp = chain_stamp(self.keys_dir)
+            if stamp == generation.stamp or self._waiting(failure, stamp):
+                return generation
+            return self._reload(generation, failure)
+        finally:
+            self._lock.release()
+
+    def _waiting(self, failure: ReloadFailure | None, stamp: Stamp) -> bool:
+        return (
+            failure is not None
+            and failure.stamp == stamp
+            and self._clock() - failure.tried < RETRY_SECONDS
+        )
+
+    def _reload(self, before: Generation, failed: ReloadFailure | None) -> Generation:
         try:
             with keys_folder_lock(self.keys_dir):  # a rotation under way ends first
                 stamp = chain_stamp(self.keys_dir)
                 keys = load_keys(self.keys_dir, passphrase=self._passphrase())
         except (KeyFileError, OSError) as exc:
-            self._failed = (chain_stamp(self.keys_dir), self._clock())
+            now = utc_now()
+            self._held = (
+                before,
+                ReloadFailure(
+                    reason=self._without_folder(str(exc)),
+                    since=now if failed is None else failed.since,
+                    at=now,
+                    stamp=chain_stamp(self.keys_dir),
+                    tried=self._clock(),
+                ),
+            )
             # The message names files and what to do, never key material.
             log.error(
                 "the keys in %s changed but could not be loaded; still using signing key %s "
@@ -131,9 +216,8 @@ class KeyRing:
                 exc,
             )
             return before
-        self._failed = None
         generation = self._publish(keys, stamp)
-        self._generation = generation
+        self._held = (generation, None)
         if keys.signing_public != before.keys.signing_public:
             log.info(
                 "keys reloaded after a rotation: signing key %s -> %s, encryption key %s -> %s",
@@ -142,4 +226,10 @@ class KeyRing:
                 before.keys.encryption_kid,
                 keys.encryption_kid,
             )
+        if len(keys.rotations) > len(before.keys.rotations) and self.on_rotation is not None:
+            self.on_rotation(before.keys, keys)  # after the swap: the others need not wait
         return generation
+
+    def _without_folder(self, message: str) -> str:
+        folder = str(self.keys_dir)
+        return message.replace(folder + os.sep, "").replace(folder, "the keys folder")

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -93,6 +93,10 @@ class NodeKeys:
     log: SigningKey
     retired: tuple[RetiredKey, ...] = ()
     rotations: tuple[Rotation, ...] = ()
+    # By purpose, the created and expiry times of the files these keys were read from:
+    # what a running node reports as the age of the keys it uses (not of the files now on
+    # disk, which a rotation it could not load has replaced). Empty for generated keys.
+    dates: dict[str, KeyDates] = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def signing_public(self) -> bytes:
@@ -153,6 +157,21 @@ class NodeKeys:
     @classmethod
     def generate(cls) -> NodeKeys:
         return cls(SigningKey.generate(), PrivateKey.generate(), SigningKey.generate())
+
+
+KeyDates = tuple[datetime | None, datetime | None]  # created, expires
+
+
+def file_dates(document: dict[str, object]) -> KeyDates:
+    """A key file's public `created_at` and `expires_at` members (None if absent or bad)."""
+    found: list[datetime | None] = []
+    for member in ("created_at", "expires_at"):
+        value = document.get(member)
+        try:
+            found.append(parse_time(value) if isinstance(value, str) and value else None)
+        except ValueError:
+            found.append(None)
+    return found[0], found[1]
 
 
 def keys_exist(keys_dir: Path) -> bool:
@@ -262,14 +281,18 @@ def _named_by_chain(keys: NodeKeys) -> bool:
 def _load(keys_dir: Path, passphrase: bytes | None) -> NodeKeys:
     if any(_staged(keys_dir).values()):
         finish_interrupted_rotation(keys_dir, passphrase)
+    secrets: dict[str, bytes] = {}
+    dates: dict[str, KeyDates] = {}
+    for kind, name in KEY_FILES.items():
+        secrets[kind], document = read_key_file(keys_dir / name, kind=kind, passphrase=passphrase)
+        dates[kind] = file_dates(document)
     return NodeKeys(
-        signing=SigningKey(_read_secret(keys_dir / KEY_FILES["signing"], "signing", passphrase)),
-        encryption=PrivateKey(
-            _read_secret(keys_dir / KEY_FILES["encryption"], "encryption", passphrase)
-        ),
-        log=SigningKey(_read_secret(keys_dir / KEY_FILES["log"], "log", passphrase)),
+        signing=SigningKey(secrets["signing"]),
+        encryption=PrivateKey(secrets["encryption"]),
+        log=SigningKey(secrets["log"]),
         retired=_load_retired(keys_dir, passphrase),
         rotations=_load_rotations(keys_dir),
+        dates=dates,
     )
 
 
@@ -388,6 +411,11 @@ def _staged_paths(keys_dir: Path) -> dict[str, Path]:
 
 def _staged(keys_dir: Path) -> dict[str, bool]:
     return {kind: path.exists() for kind, path in _staged_paths(keys_dir).items()}
+
+
+def rotation_staged(keys_dir: Path) -> bool:
+    """New keys of a rotation stopped half way (or under way) wait beside the current ones."""
+    return any(_staged(keys_dir).values())
 
 
 def _put_in_place(keys_dir: Path, staged: dict[str, Path]) -> None:

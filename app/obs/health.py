@@ -17,6 +17,8 @@ from pathlib import Path
 
 from sqlalchemy import Connection, Engine, inspect, text
 
+from app.crypto.encoding import format_time
+from app.crypto.keyring import KeyRingState
 from app.db import durability_failure
 from app.node import Node
 
@@ -106,10 +108,31 @@ def _database_checks(node: Node, heads: frozenset[str]) -> dict[str, str]:
     return checks
 
 
+# Failing checks that leave the process in service (200, `"status": "degraded"`): a node
+# whose reload of rotated keys failed still serves consistently with the keys it had, as it
+# would have before the rotation; taking it out would stop every exchange (on every replica
+# sharing the keys folder and its configuration) for what only delays the rotation.
+DEGRADING = frozenset({"keys_reload"})
+
+
+def keys_reload_check(state: KeyRingState) -> str:
+    failure = state.failure
+    if failure is None:
+        return OK
+    keys = state.generation.keys
+    return (
+        f"failing: the keys folder changed (a rotation) but this process could not load it "
+        f"since {format_time(failure.since)} (last try {format_time(failure.at)}): "
+        f"{failure.reason}; it still signs with and publishes signing key {keys.signing_kid} "
+        f"(rotation {len(keys.rotations)}) (docs/operations.md §3)"
+    )
+
+
 def readiness(
     node: Node, *, heads: frozenset[str], worker: threading.Thread | None
 ) -> dict[str, str]:
-    """Every check, `ok` or `failing: <why>`: database, migrations, keys, delivery worker."""
+    """Every check, `ok` or `failing: <why>`: database, migrations, keys, the reload of
+    rotated keys, delivery worker."""
     checks: dict[str, str] = {}
     lost = durability_failure(node.engine)
     if lost is not None:  # no transaction starts any more: say why, not "unreachable"
@@ -118,8 +141,10 @@ def readiness(
     else:
         checks.update(_database_checks(node, heads))
     # Keys are loaded before the server accepts connections; a node without them never
-    # starts. The check is listed so an operator sees it was made.
-    checks["keys"] = OK if getattr(node, "keys", None) is not None else "failing: not loaded"
+    # starts. Read without loading them again: a reload may be waiting for a rotation.
+    state = node.keyring.state()
+    checks["keys"] = OK
+    checks["keys_reload"] = keys_reload_check(state)
     if node.settings.run_worker:
         alive = worker is not None and worker.is_alive()
         checks["worker"] = OK if alive else "failing: the delivery worker thread is not running"

@@ -29,6 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from app.audit.checkpoints import log_verifier, read_progress
 from app.crypto.encoding import parse_time, utc_now
+from app.crypto.keyring import chain_length
 from app.delivery import heartbeat, outbox
 from app.models import DeliveryCounter, Peer, WitnessAlarm
 from app.node import Node
@@ -121,6 +122,8 @@ def key_dates(keys_dir: Path) -> dict[str, tuple[datetime | None, datetime | Non
 NODE_GAUGES = (
     "entraide_key_age_seconds",
     "entraide_key_expires_in_seconds",
+    "entraide_keys_reload_failed",
+    "entraide_key_rotations",
     "entraide_worker_alive",
     "entraide_delivery_workers",
     "entraide_database_up",
@@ -175,17 +178,21 @@ class NodeCollector(Collector):
         yield from families
 
     def _keys(self, now: datetime) -> Iterable[Metric]:
+        # The keys this process uses, not the files: after a rotation it could not load,
+        # the files are new and the keys in use are not (from review). Read without a reload.
+        state = self.node.keyring.state()
+        keys = state.generation.keys
         age = GaugeMetricFamily(
             "entraide_key_age_seconds",
-            "Age of the node's own keys, by purpose.",
+            "Age of the keys this process uses, by purpose.",
             labels=["purpose"],
         )
         expiry = GaugeMetricFamily(
             "entraide_key_expires_in_seconds",
-            "Time left before a key of the node expires (negative: expired), by purpose.",
+            "Time left before a key this process uses expires (negative: expired), by purpose.",
             labels=["purpose"],
         )
-        for purpose, (created, expires) in key_dates(self.node.settings.keys_dir).items():
+        for purpose, (created, expires) in sorted(keys.dates.items()):
             created_age = _age(now, created)
             if created_age is not None:
                 age.add_metric([purpose], created_age)
@@ -193,6 +200,23 @@ class NodeCollector(Collector):
                 expiry.add_metric([purpose], (expires - now).total_seconds())
         yield age
         yield expiry
+        yield GaugeMetricFamily(
+            "entraide_keys_reload_failed",
+            "1 if this process could not load the keys folder after it changed (a rotation) "
+            "and still uses its previous keys; /readyz says why (keys_reload).",
+            value=1.0 if state.failure is not None else 0.0,
+        )
+        rotations = GaugeMetricFamily(
+            "entraide_key_rotations",
+            "Rotations in the chain of the keys this process uses (in_use) and in the keys "
+            "folder (on_disk): they differ after a rotation this process has not loaded.",
+            labels=["keys"],
+        )
+        rotations.add_metric(["in_use"], len(keys.rotations))
+        on_disk = chain_length(self.node.settings.keys_dir)
+        if on_disk is not None:
+            rotations.add_metric(["on_disk"], on_disk)
+        yield rotations
 
     def _database(self, now: datetime) -> Iterable[Metric]:
         with self.node.sessions() as session:

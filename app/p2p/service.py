@@ -383,7 +383,11 @@ def check_encryption_keys(
     been retired or replaced since (refusing it would make a delivered request failed)."""
     if not peer_encryption_kid_known(session, peer, header.from_enc_kid):
         raise _refuse("unknown_key", "the sender's encryption key is not the one pinned here", 403)
-    if not node.keys.accepts_encryption_kid(header.to_enc_kid, utc_now()):
+    now = utc_now()
+    if not node.keys.accepts_encryption_kid(header.to_enc_kid, now) and (
+        # Perhaps our new key, which another thread is loading right now: wait for it.
+        not node.keyring.current(wait=True).keys.accepts_encryption_kid(header.to_enc_kid, now)
+    ):
         # A retired key of ours past its overlap period, or none of ours at all.
         raise _refuse("unknown_recipient_key", "the envelope is sealed for another key of ours")
 
