@@ -34,7 +34,7 @@ import psycopg
 
 from app.audit.checkpoints import log_origin
 from app.audit.log import STORED_LEVEL
-from app.audit.mac import MACS_EXTENSION, entry_mac, mac_key
+from app.audit.mac import MACS_EXTENSION, entry_mac, mac_key, macs_of
 from app.audit.merkle import CompactRange, leaf_hash
 from app.audit.note import Checkpoint, sign_note
 from app.crypto.encoding import canonical_json, format_time
@@ -188,6 +188,7 @@ class AuditTail:
             "WHERE idx < %s ON CONFLICT (idx) DO NOTHING",
             [self.compact.size],
         )
+        self.last_entry: tuple[int, bytes] | None = None
         self.last_leaf: bytes | None = bytes(row[2]) if row[2] is not None else None
         self.origin = log_origin(node.authority_id)
         self.log_key = load_keys(node.keys_dir).log
@@ -243,6 +244,7 @@ class AuditTail:
             ),
         )
         self.last_leaf = leaf
+        self.last_entry = (idx, data)
         self.moment = moment
         self.entries.append(
             (
@@ -290,6 +292,13 @@ class AuditTail:
 
     def close(self, writer: Writer) -> None:
         last_checkpoint = self.compact.size - self.compact.size % CHECKPOINT_EVERY
+        if self.last_entry is not None:
+            # As `record` leaves it: the entry the head ends on vouches for the head's root.
+            idx, data = self.last_entry
+            writer.execute(
+                "UPDATE audit_entries SET mac = %s WHERE idx = %s",
+                (macs_of(self.mac_key, data, self.compact.root()), idx),
+            )
         writer.execute(
             "UPDATE audit_head SET size = %s, compact_range = %s, root_hash = %s, "
             "last_leaf_hash = %s, last_checkpoint_size = %s, updated_at = %s WHERE id = 1",

@@ -107,6 +107,7 @@ def sign_checkpoint(
         start=0 if existing is None else existing.size,
         end=head.size,
         legacy=not macs_required(existing, anchor),
+        head_root=head.root_hash,  # what is signed is the head's root: vouched for, or not signed
     ).problem
     if found is not None:
         log.critical("audit log rolled back or rewritten: %s", found[1])

@@ -36,7 +36,7 @@ from sqlalchemy import Dialect
 from sqlalchemy.engine.interfaces import DBAPICursor
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
-from app.audit.mac import MAC_KEY_INFO, entry_mac
+from app.audit.mac import MAC_KEY_INFO, entry_mac, macs_of
 from app.audit.merkle import CompactRange, leaf_hash
 from app.crypto.encoding import DecodeError, canonical_json, format_time, parse_time, utc_now
 from app.db import unit_of_work
@@ -488,6 +488,9 @@ def _append(held: _Held, events: Sequence[Event]) -> list[int] | None:
     if not rows:
         return []
     root = compact.root()
+    # The entry the head now ends on vouches for its root (app/audit/mac.py `head_mac`).
+    *last_row, _ = rows[-1]
+    rows[-1] = (*last_row, macs_of(key, last_row[8], root))
     new_head = (compact.size, compact.to_bytes(), root, last_leaf, moment, HEAD_ID)
     expected = (head.size, head.root_hash)
     if sql.combined:

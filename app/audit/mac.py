@@ -14,6 +14,13 @@ never the signing key itself and no other keyed hash of the node can be mistaken
 Every process that appends holds the node's keys (`app.node.Node` sets the key on its session
 factory); a session without it cannot append (fail closed: an entry without a MAC would stop
 the next checkpoint).
+
+What a checkpoint signs is the head row's root, not the entries: a writer who left the
+entries and their MACs alone but put a root of their own making in the head row (with its
+compact range) had it signed, then swapped the entry to match (from review). So the last
+entry of each append also carries a second MAC, of its bytes and the tree root just after
+it (`head_mac`): a checkpoint signs the head's root only if the entry the head ends on
+vouches for it, and the root can then only be one the key's holder computed.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from app.models import AuditEntry
 
 PERSON_MAC_KEY = b"entraide:amkey:1"
 PERSON_ENTRY_MAC = b"entraide:amac:v1"
+PERSON_HEAD_MAC = b"entraide:ahead:1"
 MAC_BYTES = 32
 MAC_KEY_INFO = "entraide_audit_mac_key"
 """`Session.info`: the key appends MAC their entries with (set on a node's session factory)."""
@@ -55,8 +63,36 @@ def entry_mac(key: bytes, entry: bytes) -> bytes:
     )
 
 
+def head_mac(key: bytes, entry: bytes, root: bytes) -> bytes:
+    """The MAC binding the tree root the log had just after `entry` to it (the root is
+    fixed-length, after the entry: no two pairs give one input)."""
+    return blake2b(
+        entry + root, digest_size=MAC_BYTES, key=key, person=PERSON_HEAD_MAC, encoder=RawEncoder
+    )
+
+
+def macs_of(key: bytes, entry: bytes, root_after: bytes | None = None) -> bytes:
+    """The `mac` column of an entry: its MAC, and for the last entry of an append (the one
+    the head then ends on) the MAC of the root after it too."""
+    mac = entry_mac(key, entry)
+    return mac if root_after is None else mac + head_mac(key, entry, root_after)
+
+
 def mac_matches(key: bytes, entry: bytes, mac: bytes | None) -> bool:
-    return mac is not None and hmac.compare_digest(entry_mac(key, entry), mac)
+    return (
+        mac is not None
+        and len(mac) in (MAC_BYTES, 2 * MAC_BYTES)
+        and hmac.compare_digest(entry_mac(key, entry), mac[:MAC_BYTES])
+    )
+
+
+def head_matches(key: bytes, entry: bytes, mac: bytes | None, root: bytes) -> bool:
+    """Does the entry a head ends on vouch for the head's root?"""
+    return (
+        mac is not None
+        and len(mac) == 2 * MAC_BYTES
+        and hmac.compare_digest(head_mac(key, entry, root), mac[MAC_BYTES:])
+    )
 
 
 def append_with(sessions: sessionmaker[Session], log_key: SigningKey) -> sessionmaker[Session]:
@@ -74,8 +110,17 @@ class MacCheck:
     without_mac: int  # entries let off with no MAC (`legacy`)
 
 
-def check_macs(session: Session, key: bytes, *, start: int, end: int, legacy: bool) -> MacCheck:
-    """Whether entries `start` to `end - 1` are all what the key's holder appended.
+def check_macs(
+    session: Session,
+    key: bytes,
+    *,
+    start: int,
+    end: int,
+    legacy: bool,
+    head_root: bytes | None = None,
+) -> MacCheck:
+    """Whether entries `start` to `end - 1` are all what the key's holder appended, and with
+    `head_root`, whether the last of them vouches for that root (`head_mac`).
 
     Each must be there and carry the MAC of its bytes. With `legacy`, an entry with no MAC at
     all (NULL: appended by a node of an earlier version, which had none) passes; a MAC that
@@ -113,6 +158,20 @@ def check_macs(session: Session, key: bytes, *, start: int, end: int, legacy: bo
                         idx,
                         f"entry {idx} does not carry its MAC, and no checkpoint covers it: it "
                         "was rewritten or inserted without the log key",
+                    ),
+                    without_mac,
+                )
+            if (
+                idx == end - 1
+                and head_root is not None
+                and mac is not None
+                and not head_matches(key, bytes(entry), bytes(mac), head_root)
+            ):
+                return MacCheck(
+                    (
+                        idx,
+                        f"the log head's root is not one entry {idx} was appended under: the "
+                        "head was rewritten without the log key",
                     ),
                     without_mac,
                 )

@@ -355,6 +355,7 @@ def verify_database(
             start=0 if latest is None else latest.size,
             end=report.entries,
             legacy=not macs_required(latest, anchor),
+            head_root=None if head is None else head.root_hash,
         )
         report.without_mac = checked.without_mac
         if checked.problem is not None:

@@ -132,6 +132,58 @@ def test_an_unsigned_entry_rewritten_with_its_links_rebuilt_is_never_signed(
         loaded.close()
 
 
+def _forge_head(engine: Engine, idx: int, details: dict[str, Any]) -> tuple[bytes, bytes]:
+    """The insider's other way (from review): the entries and their MACs left alone, only
+    the head row given the root and compact range of a log whose entry `idx` (the last)
+    says otherwise, and that entry's leaf column to match. Returns the forged entry and the
+    forged root, to swap in once the node has signed that root."""
+    with engine.begin() as connection:
+        rows = connection.execute(text("SELECT idx, entry FROM audit_entries ORDER BY idx")).all()
+        assert rows[-1][0] == idx, "the forged entry is the last"
+        compact, forged = CompactRange(), b""
+        for number, data in rows:
+            if number == idx:
+                fields = orjson.loads(bytes(data))
+                fields["details"] = details
+                forged = orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)
+                data = forged
+            compact.append(leaf_hash(bytes(data)))
+        connection.execute(
+            update(AuditEntry).where(AuditEntry.idx == idx).values(leaf_hash=leaf_hash(forged))
+        )
+        connection.execute(
+            update(AuditHead).values(compact_range=compact.to_bytes(), root_hash=compact.root())
+        )
+    return forged, compact.root()
+
+
+def test_a_head_given_a_root_of_the_writers_making_is_not_signed(
+    databases: Databases, tmp_path: Path
+) -> None:
+    """The entries' MACs were checked, but what a checkpoint signs is the head row's root:
+    a database writer put there the root of a log whose last entry made an intruder an
+    administrator, had the node sign it, then swapped the entry in; every check said OK
+    afterwards (from review). The entry the head ends on now vouches for the root."""
+    node = LocalNode(AUTHORITY, "Ministerio de Justicia", tmp_path / "es", databases.new("es"))
+    node.init(clients={"cms": ("officer",), "auditor": ("auditor",)})
+    engine = make_engine(node.database_url)
+    try:
+        last = _client_created(engine, "auditor")
+        with engine.connect() as connection:
+            size = connection.execute(select(AuditHead.size)).scalar_one()
+        assert last == size - 1, "`clients create auditor` appended the log's last entry"
+        _forge_head(engine, last, {"client": "intruder", "expires_at": None, "roles": ["admin"]})
+        why = f"the log head's root is not one entry {last} was appended under"
+        signed = node.cli("audit", "checkpoint", check=False)
+        assert signed.returncode == 1, signed.stdout
+        assert why in signed.stderr
+        assert "entraide.log/" not in signed.stdout  # nothing signed
+        verify = node.cli("audit", "verify", "--db", check=False)
+        assert verify.returncode == 1
+    finally:
+        engine.dispose()
+
+
 def _verifier(keys: NodeKeys) -> Verifier:
     return log_verifier(AUTHORITY, keys.log_public)
 
