@@ -63,6 +63,7 @@ def keys_rotate(
     did. Peers pick them up at their next contact; the old encryption key is kept,
     protected like the others, so archived requests stay readable.
     """
+    from app.audit.mac import append_with
     from app.audit.rotations import record_rotations
     from app.cli import _fail, _node, _operator, _settings
     from app.crypto.keyfile import KeyFileError
@@ -96,7 +97,10 @@ def keys_rotate(
         # file, while the running node's reload waits for the lock).
         engine = make_engine(settings.database_url)
         try:
-            with unit_of_work(make_session_factory(engine)) as session:
+            # Its entry carries its MAC (app/audit/mac.py): the log key, which no rotation
+            # changes, is the one loaded already.
+            sessions = append_with(make_session_factory(engine), new.log)
+            with unit_of_work(sessions) as session:
                 record_rotations(session, new, after_seq=len(old.rotations), actor=_operator())
         finally:
             engine.dispose()

@@ -16,7 +16,7 @@ from app.audit.anchor import SignedLogAnchor
 from app.audit.checkpoints import log_origin, log_verifier_key
 from app.audit.cosignature import verify_cosignature, witness_name
 from app.audit.log import STORED_LEVEL
-from app.audit.mac import entry_mac, mac_key
+from app.audit.mac import entry_mac, mac_key, macs_of
 from app.audit.merkle import CompactRange, leaf_hash, verify_inclusion
 from app.audit.note import Checkpoint, open_note, parse_verifier_key, sign_note
 from app.crypto.encoding import canonical_json
@@ -245,6 +245,8 @@ def _rewrite_history(node: LocalNode) -> None:
 
                 compact.append(entry.leaf_hash, visit=keep)
                 roots[compact.size] = compact.root()
+            # And the head MAC of the entry the head ends on (app/audit/mac.py).
+            entries[-1].mac = macs_of(mac_key(keys.log), entries[-1].entry, compact.root())
             head = session.get(AuditHead, 1)
             assert head is not None
             head.compact_range, head.root_hash = compact.to_bytes(), compact.root()

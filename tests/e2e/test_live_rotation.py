@@ -361,8 +361,9 @@ def test_a_reload_that_fails_is_said_by_readyz_metrics_doctor_and_the_cli(solo: 
     assert (ready.status_code, ready.json()["status"]) == (200, "ready")
     assert metric(ar, "entraide_keys_reload_failed") == 0.0
     assert metric(ar, "entraide_key_rotations", keys="in_use") == 1.0
+    # Made after `before_rotation`, dated to the second (rounded down): at most 1 s older.
     assert metric(ar, "entraide_key_age_seconds", purpose="signing") < (
-        time.time() - before_rotation
+        time.time() - before_rotation + 1.0
     )
     doctor = ar.cli("doctor", check=False)
     assert f"the running node at {ar.url} publishes these keys" in doctor.stdout
