@@ -70,16 +70,9 @@ def _created_once(
     """A draft made once per Idempotency-Key (app/requests/idempotency.py), as submissions
     are: a create repeated after a lost answer gets that answer (the draft as it was made:
     GET it for its progress), not a second draft nobody knows of."""
-    answer = idempotency.answer_once(
-        node.sessions,
-        principal,
-        key,
-        idempotency.fingerprint(route, body),
-        lambda session: (201, create(session)),
+    return idempotency.answered_once(
+        node.sessions, principal, key, route, body, response, create, schemas.DraftView
     )
-    if answer.replayed:
-        response.headers[idempotency.REPLAYED_HEADER] = "true"
-    return schemas.DraftView.model_validate(answer.body)
 
 
 @router.post("/drafts", status_code=201)

@@ -19,9 +19,9 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
-from fastapi import Header
+from fastapi import Header, Response
 from pydantic import BaseModel
 from sqlalchemy import delete
 from sqlalchemy.exc import IntegrityError
@@ -32,6 +32,8 @@ from app.crypto.encoding import utc_now
 from app.db import unit_of_work
 from app.errors import EntraideError
 from app.models import IdempotencyKey
+
+Model = TypeVar("Model", bound=BaseModel)
 
 IDEMPOTENCY_DAYS = 7
 REPLAYED_HEADER = "Idempotent-Replayed"
@@ -110,6 +112,26 @@ def answer_once(
                 raise
             # Another call with this key committed first: read its answer.
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def answered_once(
+    sessions: sessionmaker[Session],
+    principal: Principal,
+    key: str | None,
+    route: str,
+    body: BaseModel,
+    response: Response,
+    make: Callable[[Session], Model],
+    model: type[Model],
+) -> Model:
+    """A route's call under the caller's Idempotency-Key: `make` once (a created answer,
+    201), its answer again for a repeat, with the replay header."""
+    answer = answer_once(
+        sessions, principal, key, fingerprint(route, body), lambda session: (201, make(session))
+    )
+    if answer.replayed:
+        response.headers[REPLAYED_HEADER] = "true"
+    return model.model_validate(answer.body)
 
 
 def prune(session: Session, now: datetime | None = None) -> int:

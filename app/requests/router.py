@@ -49,16 +49,9 @@ def _once(
     submit: Callable[[Session], schemas.Submitted],
 ) -> schemas.Submitted:
     """A submission under the caller's Idempotency-Key (app/requests/idempotency.py)."""
-    answer = idempotency.answer_once(
-        node.sessions,
-        principal,
-        key,
-        idempotency.fingerprint(route, body),
-        lambda session: (201, submit(session)),
+    return idempotency.answered_once(
+        node.sessions, principal, key, route, body, response, submit, schemas.Submitted
     )
-    if answer.replayed:
-        response.headers[idempotency.REPLAYED_HEADER] = "true"
-    return schemas.Submitted.model_validate(answer.body)
 
 
 @router.post("", status_code=201)
