@@ -870,16 +870,30 @@ def audit_checkpoint(
             "or the record lost): verify the log, then record and sign its head",
         ),
     ] = False,
+    accept_without_mac: Annotated[
+        bool,
+        typer.Option(
+            "--accept-without-mac",
+            help="Entries after the latest checkpoint that carry no MAC (appended by a process "
+            "of an earlier version left running through an upgrade): show them, and with "
+            "--yes give them their MACs, on record, and sign",
+        ),
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="accept the entries shown")] = False,
 ) -> None:
     """Sign a checkpoint of the audit log now and print it."""
     from app.audit.checkpoints import sign_checkpoint
     from app.db import unit_of_work
     from app.errors import EntraideError
 
+    if adopt and accept_without_mac:
+        raise _fail("give --adopt or --accept-without-mac, not both")
     node = _node(_settings())
     try:
         if adopt:
             note = _adopt_log(node)
+        elif accept_without_mac:
+            note = _accept_without_mac(node, yes=yes)
         else:
             with unit_of_work(node.sessions) as session:
                 note = sign_checkpoint(
@@ -938,6 +952,85 @@ def _adopt_log(node: Node) -> str:
         checkpoint = sign_checkpoint(session, authority_id=node.authority_id, log_key=node.keys.log)
     node.log_anchor.reset(checkpoint.size, checkpoint.root_hash)
     return checkpoint.note
+
+
+def _accept_without_mac(node: Node, *, yes: bool) -> str:
+    """The way out of an upgrade during which a process of the earlier version appended after
+    this version's first checkpoint (docs/operations.md §7): its entries carry no MAC, and no
+    checkpoint is signed over them. The log must verify in every other way (links, signed
+    checkpoints, the head against the entries, the record of what was signed); an entry whose
+    MAC does not match is never accepted. The operator, who holds the keys and so could MAC
+    anything, sees each entry and accepts them with --yes: on record, then signed."""
+    from sqlalchemy import LargeBinary, cast, select, update
+
+    from app.audit.checkpoints import latest_signed, log_verifier, sign_checkpoint
+    from app.audit.log import lock_head, record
+    from app.audit.mac import mac_key, mac_matches, macs_of
+    from app.audit.service import verify_database
+    from app.db import read_snapshot, unit_of_work
+    from app.models import AuditEntry
+    from app.oneline import one_line
+
+    with read_snapshot(node.sessions) as session:
+        # Everything but the MACs (no key given): those are looked at below, one by one.
+        report = verify_database(
+            session,
+            authority_id=node.authority_id,
+            log_public=node.keys.log_public,
+            anchor=node.log_anchor,
+        )
+    if report.first is not None:
+        raise _fail(
+            f"the audit log does not verify, so nothing is accepted: entry {report.first.idx}: "
+            f"{report.first.message}"
+        )
+    key = mac_key(node.keys.log)
+    with unit_of_work(node.sessions) as session:
+        head = lock_head(session)
+        if (head.size, head.root_hash) != (report.entries, report.root):
+            raise _fail("the audit log changed while it was verified: run the command again")
+        latest = latest_signed(session, log_verifier(node.authority_id, node.keys.log_public))
+        rows = session.execute(
+            select(AuditEntry.idx, cast(AuditEntry.entry, LargeBinary), AuditEntry.mac)
+            .where(AuditEntry.idx >= (0 if latest is None else latest.size))
+            .order_by(AuditEntry.idx)
+        ).all()
+        for idx, entry, mac in rows:
+            if mac is not None and not mac_matches(key, bytes(entry), bytes(mac)):
+                raise _fail(
+                    f"entry {idx} carries a MAC that does not match: it was rewritten without "
+                    "the log key, and is not accepted (restore the last backup)"
+                )
+        missing = [(int(idx), bytes(entry)) for idx, entry, mac in rows if mac is None]
+        if not missing:
+            raise _fail("every entry after the latest checkpoint carries its MAC: none to accept")
+        for idx, entry in missing:
+            shown = json.loads(entry)
+            typer.echo(
+                one_line(
+                    f"entry {idx}  {shown.get('time')}  {shown.get('actor')}  "
+                    f"{shown.get('action')}  {shown.get('outcome')}"
+                ),
+                err=True,
+            )
+        if not yes:
+            raise _fail(
+                f"{len(missing)} entries above carry no MAC: if they are what your node's "
+                "processes did, run again with --yes to accept them"
+            )
+        for idx, entry in missing:
+            session.execute(
+                update(AuditEntry).where(AuditEntry.idx == idx).values(mac=macs_of(key, entry))
+            )
+        record(
+            session,
+            actor=_operator(),
+            action="audit.entries_accepted",
+            details={"first": missing[0][0], "last": missing[-1][0], "count": len(missing)},
+        )
+        return sign_checkpoint(
+            session, authority_id=node.authority_id, log_key=node.keys.log, anchor=node.log_anchor
+        ).note
 
 
 @audit_app.command("export")

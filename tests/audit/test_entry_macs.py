@@ -378,3 +378,63 @@ def test_entries_of_an_entraide_worker_process_carry_their_macs(
         assert "are not signed yet (each carries its MAC)" in verified.stdout
     finally:
         pair.close()
+
+
+def _last_idx(engine: Engine) -> int:
+    with engine.connect() as connection:
+        return int(connection.execute(select(AuditHead.size)).scalar_one()) - 1
+
+
+def _set_mac(engine: Engine, idx: int, mac: bytes | None) -> None:
+    with engine.begin() as connection:
+        connection.execute(update(AuditEntry).where(AuditEntry.idx == idx).values(mac=mac))
+
+
+def test_an_old_processs_entries_after_the_first_checkpoint_are_accepted_on_record(
+    databases: Databases, tmp_path: Path
+) -> None:
+    """A process of the earlier version left running through the upgrade appends an entry
+    after this version's first checkpoint: it has no MAC, and no checkpoint is signed again
+    (from review: no old process can start against the migrated database to sign over it,
+    so the log was stuck for good). The operator sees the entries and accepts them, on
+    record; an entry whose MAC does not match is never accepted."""
+    node = LocalNode(AUTHORITY, "Ministerio de Justicia", tmp_path / "es", databases.new("es"))
+    node.init(clients={"cms": ("officer",)})
+    node.cli("audit", "checkpoint")  # this version's: `entry-macs` from here on
+    node.cli("clients", "create", "late-worker", "--role", "officer")
+    engine = make_engine(node.database_url)
+    try:
+        old = _last_idx(engine)
+        _set_mac(engine, old, None)  # as the earlier version's INSERT writes it
+        stuck = node.cli("audit", "checkpoint", check=False)
+        assert stuck.returncode == 1
+        assert f"entry {old} carries no MAC" in stuck.stderr
+
+        shown = node.cli("audit", "checkpoint", "--accept-without-mac", check=False)
+        assert shown.returncode == 1
+        assert f"entry {old} " in shown.stderr
+        assert "client.created" in shown.stderr
+        assert "run again with --yes" in shown.stderr
+        with engine.connect() as connection:
+            assert (
+                connection.execute(select(AuditEntry.mac).where(AuditEntry.idx == old)).scalar_one()
+                is None
+            )
+
+        accepted = node.cli("audit", "checkpoint", "--accept-without-mac", "--yes")
+        assert accepted.stdout.startswith("entraide.log/")
+        assert node.cli("audit", "verify", "--db").stdout.startswith("OK: ")
+        with engine.connect() as connection:
+            entry = connection.execute(
+                select(AuditEntry.entry).where(AuditEntry.action == "audit.entries_accepted")
+            ).scalar_one()
+        assert orjson.loads(bytes(entry))["details"] == {"first": old, "last": old, "count": 1}
+
+        # An entry rewritten without the key (its MAC no longer fits) is not accepted.
+        node.cli("clients", "create", "another", "--role", "officer")
+        _set_mac(engine, _last_idx(engine), b"\x00" * 32)
+        refused = node.cli("audit", "checkpoint", "--accept-without-mac", "--yes", check=False)
+        assert refused.returncode == 1
+        assert "carries a MAC that does not match" in refused.stderr
+    finally:
+        engine.dispose()
