@@ -31,6 +31,7 @@ from app.localnodes import LocalNode
 from app.models import Base, DeliveryAttempt, EvidenceUpload, Message
 from tests.conftest import BACKENDS, Databases, make_databases
 from tests.e2e.conftest import EXAMPLE, audit_details, wait_for
+from tests.requests_cli import requests_output, run_requests
 
 CHUNK = CHUNK_BYTES
 MIB = 1 << 20
@@ -742,8 +743,6 @@ def _feed_and_restore(fifo: Path, kept: Path, data: bytes) -> None:
 
 
 def test_cli_sends_and_downloads_with_attachments(pair: Pair, tmp_path: Path) -> None:
-    import subprocess
-    import sys
 
     files = []
     (tmp_path / "copy").mkdir()
@@ -764,17 +763,8 @@ def test_cli_sends_and_downloads_with_attachments(pair: Pair, tmp_path: Path) ->
     request.write_text(json.dumps({key: EXAMPLE[key] for key in ("to", "document")}))
 
     def entraide(node: LocalNode, *args: str, exit_code: int = 0) -> str:
-        env = {**os.environ, "ENTRAIDE_URL": node.url, "ENTRAIDE_TOKEN": node.tokens["officer"]}
-        done = subprocess.run(
-            [sys.executable, "-m", "app", "requests", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        assert done.returncode == exit_code, done.stderr
-        return done.stdout if exit_code == 0 else done.stderr
+        token = node.tokens["officer"]
+        return requests_output(node.url, token, *args, exit_code=exit_code)
 
     attach = [argument for path in files for argument in ("--attach", str(path))]
     sent = entraide(pair.es, "send", str(request), *attach)
@@ -832,26 +822,13 @@ def test_cli_downloads_attachments_whose_names_are_too_long_for_a_file(
     the partial file's `.` and `.partial`): each was an ENAMETOOLONG traceback that stopped
     the whole download."""
     import subprocess
-    import sys
 
     names = ["a" * 251 + ".txt", "é" * 128, "€" * 90, "€" * 90]
     contents = [os.urandom(n + 1) for n in range(len(names))]
     request_id = _sent_with_inline_attachments(pair, names, contents)
 
     def entraide(*args: str) -> subprocess.CompletedProcess[str]:
-        env = {
-            **os.environ,
-            "ENTRAIDE_URL": pair.ar.url,
-            "ENTRAIDE_TOKEN": pair.ar.tokens["officer"],
-        }
-        return subprocess.run(
-            [sys.executable, "-m", "app", "requests", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        return run_requests(pair.ar.url, pair.ar.tokens["officer"], *args)
 
     done = entraide("download", request_id, "--out", str(tmp_path / "got"))
     assert done.returncode == 0, done.stderr

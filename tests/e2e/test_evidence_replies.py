@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,7 @@ from tests.e2e.conftest import (
     wait_for,
 )
 from tests.e2e.test_evidence import download, upload
+from tests.requests_cli import requests_output
 
 MIB = 1 << 20
 
@@ -199,14 +198,4 @@ def _drafts(node: Any) -> int:
 
 
 def _entraide(node: Any, *args: str, exit_code: int = 0) -> str:
-    env = {**os.environ, "ENTRAIDE_URL": node.url, "ENTRAIDE_TOKEN": node.tokens["officer"]}
-    done = subprocess.run(
-        [sys.executable, "-m", "app", "requests", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == exit_code, done.stderr
-    return done.stdout if exit_code == 0 else done.stderr
+    return requests_output(node.url, node.tokens["officer"], *args, exit_code=exit_code)

@@ -9,34 +9,22 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from app.localnodes import LocalNode, free_port
 from tests.e2e.conftest import EXAMPLE, Network, read_request, wait_delivered, wait_for
+from tests.requests_cli import run_requests
 
 
 def entraide(
     node: LocalNode, *args: str, token: str | None = None, url: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    env = {
-        **{key: value for key, value in os.environ.items() if not key.startswith("ENTRAIDE_")},
-        "ENTRAIDE_URL": url or node.url,
-        "ENTRAIDE_TOKEN": node.tokens["officer"] if token is None else token,
-        "COLUMNS": "200",  # a wide terminal: one table row per request
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "app", "requests", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    token = node.tokens["officer"] if token is None else token
+    # A wide terminal: one table row per request.
+    return run_requests(url or node.url, token, *args, env={"COLUMNS": "200"})
 
 
 def succeeds(node: LocalNode, *args: str) -> subprocess.CompletedProcess[str]:

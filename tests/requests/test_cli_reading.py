@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
-import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -18,22 +16,11 @@ from typing import Any
 from app.crypto.encoding import utc_now
 from app.crypto.envelope import Attachment
 from tests.requests.conftest import Harness
+from tests.requests_cli import run_requests
 
 
 def run(ar: Harness, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **{key: value for key, value in os.environ.items() if not key.startswith("ENTRAIDE_")},
-        "ENTRAIDE_URL": str(ar.http.base_url),
-        "ENTRAIDE_TOKEN": ar.tokens["officer"],
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "app", "requests", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_requests(str(ar.http.base_url), ar.tokens["officer"], *args)
 
 
 def entraide(ar: Harness, *args: str) -> subprocess.CompletedProcess[str]:

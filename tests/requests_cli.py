@@ -1,0 +1,34 @@
+"""`entraide requests ...` run as an officer at a terminal runs it: a process of its own,
+given the node's URL and a token in its environment (and nothing else of the tests')."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+
+
+def run_requests(
+    url: str, token: str, *args: str, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "app", "requests", *args],
+        env={
+            **{key: value for key, value in os.environ.items() if not key.startswith("ENTRAIDE_")},
+            "ENTRAIDE_URL": url,
+            "ENTRAIDE_TOKEN": token,
+            **(env or {}),
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def requests_output(url: str, token: str, *args: str, exit_code: int = 0) -> str:
+    """Its stdout, or its stderr when it is to fail with `exit_code`."""
+    done = run_requests(url, token, *args)
+    assert done.returncode == exit_code, done.stderr
+    return done.stdout if exit_code == 0 else done.stderr
