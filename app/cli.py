@@ -525,6 +525,7 @@ def peers_add(
             url=url,
             fingerprint=fingerprint,
             own_authority=node.authority_id,
+            own_keys=node.keys,
             allow_insecure_http=settings.allow_insecure_http,
             clock_skew=timedelta(seconds=settings.clock_skew_seconds),
             http=http,
@@ -546,10 +547,11 @@ def peers_replace_key(
     from app.peers.service import replace_peer_key
 
     peer = _pin_with(
-        lambda session, _node, settings, http: replace_peer_key(
+        lambda session, node, settings, http: replace_peer_key(
             session,
             url=url,
             fingerprint=fingerprint,
+            own_keys=node.keys,
             allow_insecure_http=settings.allow_insecure_http,
             clock_skew=timedelta(seconds=settings.clock_skew_seconds),
             http=http,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from app.config import AUTHORITY_ID_PATTERN
@@ -24,7 +24,13 @@ from app.crypto.encoding import (
     parse_time,
 )
 from app.crypto.keys import NodeIdentity, NodeKeys, fingerprint, key_id
-from app.crypto.rotation import Rotation, RotationError, parse_chain, path_from
+from app.crypto.rotation import (
+    EARLIEST_KEY_DATE,
+    Rotation,
+    RotationError,
+    parse_chain,
+    path_from,
+)
 from app.crypto.signing import DOMAIN_IDENTITY, sign, verify
 from app.oneline import is_one_line
 
@@ -126,7 +132,7 @@ def issued_at_of(
 
 # No node issued a document before this protocol existed: an earlier date is a clock gone
 # wrong or a forgery.
-EARLIEST_ISSUED_AT = datetime(2000, 1, 1, tzinfo=UTC)
+EARLIEST_ISSUED_AT = EARLIEST_KEY_DATE
 
 
 def check_issued_at(identity: PeerIdentity, *, now: datetime, skew: timedelta) -> None:
@@ -144,6 +150,21 @@ def check_issued_at(identity: PeerIdentity, *, now: datetime, skew: timedelta) -
         raise IdentityError(
             f"identity document is dated {format_time(identity.issued_at)}, earlier than "
             f"any node issued one ({format_time(EARLIEST_ISSUED_AT)})"
+        )
+
+
+def check_not_own_keys(identity: PeerIdentity, own: NodeKeys) -> None:
+    """A peer that publishes one of this node's own public keys is a copy of this node (a
+    keys folder copied to set up another authority's node) or pretends to hold what it
+    cannot: pinned, envelopes sealed to it open here and checkpoints signed here pass as its
+    own. Each node makes its own keys (`entraide init`)."""
+    ours = {own.signing_public, own.encryption_public, own.log_public}
+    theirs = (identity.signing, identity.encryption, identity.log)
+    if any(key.public_key in ours for key in theirs):
+        raise IdentityError(
+            f"{identity.authority_id} publishes a public key of this node's own: a copy of "
+            "this node's keys folder, not another authority's node (each node makes its own "
+            "keys with `entraide init`)"
         )
 
 

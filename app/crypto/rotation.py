@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from nacl.public import PrivateKey
@@ -202,6 +202,11 @@ def path_from(chain: Sequence[Rotation], pinned_signing: bytes) -> list[Rotation
 ROTATION_TIME_MARGIN = timedelta(hours=24)
 
 
+# No node made keys, issued an identity document or rotated before this: a date earlier is
+# false (and a year 1 ended the keys it replaced before they were made).
+EARLIEST_KEY_DATE = datetime(2000, 1, 1, tzinfo=UTC)
+
+
 def check_path_times(
     path: Sequence[Rotation], *, now: datetime, skew: timedelta, since: datetime | None = None
 ) -> None:
@@ -217,6 +222,11 @@ def check_path_times(
     # link reaching the sums is dated no later than the clock allows, so they cannot overflow.
     previous: Rotation | None = None
     for link in path:
+        if link.rotated_at < EARLIEST_KEY_DATE:
+            raise RotationError(
+                f"rotation {link.seq} is dated {format_time(link.rotated_at)}, earlier than "
+                f"any node made keys ({format_time(EARLIEST_KEY_DATE)})"
+            )
         if link.rotated_at > now + skew:
             raise RotationError(
                 f"rotation {link.seq} is dated {format_time(link.rotated_at)}, later than "

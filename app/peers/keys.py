@@ -31,6 +31,7 @@ from app.crypto.identity import (
     IdentityError,
     PeerIdentity,
     check_issued_at,
+    check_not_own_keys,
     issued_at_of,
     parse_identity_document,
 )
@@ -258,6 +259,7 @@ def refresh_peer_keys(
         identity = parse_identity_document(document)
         if identity.authority_id != authority:
             raise IdentityError("the document at the pinned URL is another authority's")
+        check_not_own_keys(identity, node.keys)
         path = identity.rotation_path(pinned)
         if path is None:
             raise IdentityError("the new keys are not signed by a chain from the pinned key")

@@ -28,6 +28,7 @@ def add_peer(body: AddPeer, session: SessionDep, node: NodeDep, principal: Admin
                 url=body.url,
                 fingerprint=body.fingerprint,
                 own_authority=node.authority_id,
+                own_keys=node.keys,
                 allow_insecure_http=node.settings.allow_insecure_http,
                 clock_skew=timedelta(seconds=node.settings.clock_skew_seconds),
                 http=http,

@@ -14,10 +14,11 @@ from app.crypto.identity import (
     IdentityError,
     PeerIdentity,
     check_issued_at,
+    check_not_own_keys,
     issued_at_of,
     parse_identity_document,
 )
-from app.crypto.keys import fingerprints_match, normalise_fingerprint
+from app.crypto.keys import NodeKeys, fingerprints_match, normalise_fingerprint
 from app.crypto.rotation import RotationError, check_path_times
 from app.delivery import outbox
 from app.errors import BadRequest, Conflict, NotFound
@@ -81,6 +82,7 @@ def pin_peer(
     identity: PeerIdentity,
     url: str,
     own_authority: str,
+    own_keys: NodeKeys,
     clock_skew: timedelta,
     actor: str = "node",
 ) -> Peer:
@@ -88,6 +90,7 @@ def pin_peer(
     (whose links may be dated at most `clock_skew` ahead of this node's clock)."""
     if identity.authority_id == own_authority:
         raise BadRequest("a node cannot pin itself", code="self_pin")
+    refuse_own_keys(identity, own_keys)
     now = utc_now()
     try:
         check_issued_at(identity, now=now, skew=clock_skew)
@@ -133,6 +136,13 @@ def pin_peer(
     if dropped_encryption_kid is not None:
         retire_dropped_encryption_key(session, peer.authority_id, dropped_encryption_kid, now)
     return peer
+
+
+def refuse_own_keys(identity: PeerIdentity, own_keys: NodeKeys) -> None:
+    try:
+        check_not_own_keys(identity, own_keys)
+    except IdentityError as exc:
+        raise BadRequest(str(exc), code="own_keys") from exc
 
 
 def _refuse_stale(
@@ -185,6 +195,7 @@ def replace_peer_key(
     *,
     url: str,
     fingerprint: str,
+    own_keys: NodeKeys,
     allow_insecure_http: bool,
     clock_skew: timedelta,
     http: httpx.Client,
@@ -209,6 +220,7 @@ def replace_peer_key(
             f"{identity.authority_id} already has this key pinned: nothing to replace",
             code="same_key",
         )
+    refuse_own_keys(identity, own_keys)
     now = utc_now()
     try:
         check_issued_at(identity, now=now, skew=clock_skew)
@@ -353,6 +365,7 @@ def add_peer(
     url: str,
     fingerprint: str,
     own_authority: str,
+    own_keys: NodeKeys,
     allow_insecure_http: bool,
     clock_skew: timedelta,
     http: httpx.Client,
@@ -368,6 +381,7 @@ def add_peer(
         identity=identity,
         url=base_url,
         own_authority=own_authority,
+        own_keys=own_keys,
         clock_skew=clock_skew,
         actor=actor,
     )

@@ -169,6 +169,7 @@ def _pin_es(node: Node, es_keys: NodeKeys, issued_at: datetime | None = None) ->
             identity=parse_identity_document(document),
             url="http://es.invalid",
             own_authority="AR/MPF",
+            own_keys=node.keys,
             clock_skew=timedelta(seconds=node.settings.clock_skew_seconds),
         )
 

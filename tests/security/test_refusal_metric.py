@@ -48,3 +48,25 @@ def test_a_blocked_address_no_longer_raises_the_refused_envelopes_metric(
         assert _refused(ar, "rate_limited") == 0
         audited = [outcome for _, outcome, _ in ar.audit("envelope.refused")]
         assert audited == ["invalid_request", "malformed_envelope", "malformed_envelope"]
+
+
+def test_envelopes_refused_inside_a_batch_are_counted_as_single_posts_are(
+    databases: Databases, tmp_path: Path
+) -> None:
+    """From an earlier note: a batch is answered 200 with one refusal per envelope; those
+    were audited but raised no count, so a peer sending only batches of bad envelopes never
+    showed on the figure operators alert on."""
+    with serve_node(databases.new("ar"), tmp_path) as ar:
+        single = ar.http.post("/p2p/v1/envelopes", json={"v": 1})
+        assert (single.status_code, single.json()["error"]) == (400, "malformed_envelope")
+        assert _refused(ar, "malformed_envelope") == 1
+        batch = ar.http.post(
+            "/p2p/v1/envelopes/batch",
+            json={"v": 1, "request_ids": [None, None], "envelopes": [{"v": 1}, {"v": 1}]},
+        )
+        assert batch.status_code == 200, batch.text
+        codes = [(item["status"], item["error"]) for item in batch.json()["results"]]
+        assert codes == [(400, "malformed_envelope")] * 2
+        assert _refused(ar, "malformed_envelope") == 3
+        audited = [outcome for _, outcome, _ in ar.audit("envelope.refused")]
+        assert audited == ["malformed_envelope"] * 3
