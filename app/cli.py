@@ -464,6 +464,9 @@ def serve(
         # within its deadlines may take minutes (a trickle), and systemd kills at 90 s
         # (from review). A request cancelled so got no answer; its client asks again.
         timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS,
+        # X-Forwarded-* believed only from the proxies the operator names (Settings).
+        proxy_headers=bool(settings.trusted_proxies),
+        forwarded_allow_ips=settings.trusted_proxies or None,
         # A connection answered before its body's end closes without losing the answer.
         **{"http": LingeringH11Protocol, **tls},
     )
@@ -723,6 +726,7 @@ def clients_list() -> None:
     from app.auth.service import list_clients
     from app.crypto.encoding import utc_now
     from app.db import unit_of_work
+    from app.oneline import one_line
 
     node = _node(_settings())
     try:
@@ -733,7 +737,9 @@ def clients_list() -> None:
                 if not client.revoked_at and client.expires_at and client.expires_at <= now:
                     state = "expired"
                 expiry = client.expires_at.isoformat() if client.expires_at else "never"
-                typer.echo(f"{client.name}\t{client.roles}\t{state}\texpires {expiry}")
+                # one_line: a name made before names were checked may hold anything.
+                name = one_line(client.name)
+                typer.echo(f"{name}\t{client.roles}\t{state}\texpires {expiry}")
     finally:
         node.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import types
@@ -82,6 +83,11 @@ class Settings(BaseModel):
     # Plain HTTP between nodes exposes routing metadata and invites downgrade; only tests
     # and the local demo may turn this on.
     allow_insecure_http: bool = False
+    # The reverse proxies (addresses or networks, comma-separated) whose X-Forwarded-For and
+    # X-Forwarded-Proto the node believes. None by default: any process that reached the
+    # port from loopback could otherwise name the address that audit entries record and the
+    # throttles count (from review: uvicorn trusts 127.0.0.1 unless told otherwise).
+    trusted_proxies: str = ""
 
     # Hostile-input bounds, checked before any cryptographic work.
     max_body_bytes: int = 32 * 1024 * 1024
@@ -193,6 +199,20 @@ class Settings(BaseModel):
                 f"max_body_bytes ({self.max_body_bytes}): else no body of that size is ever read"
             )
         return self
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxy_addresses(cls, value: str) -> str:
+        entries = [entry.strip() for entry in value.split(",") if entry.strip()]
+        for entry in entries:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{entry[:60]!r} is not an IP address or network: list the reverse "
+                    "proxies' addresses, comma-separated (e.g. 127.0.0.1,10.0.0.0/24)"
+                ) from None
+        return ",".join(entries)
 
     @field_validator("database_url")
     @classmethod

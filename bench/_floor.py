@@ -69,6 +69,7 @@ def main() -> None:
         log_level="info",
         log_config=None,
         access_log=False,
+        proxy_headers=False,  # as serve's, with no trusted proxy named (the default)
     )
 
 

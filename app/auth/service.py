@@ -7,6 +7,7 @@ and lookups by hash stay constant-time with respect to the secret.
 from __future__ import annotations
 
 import hmac
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.crypto.encoding import sha256_hex, utc_now
-from app.errors import Conflict, NotFound, Unauthenticated
+from app.errors import BadRequest, Conflict, NotFound, Unauthenticated
 from app.models import ApiClient
 
 TOKEN_PREFIX = "ent_"  # noqa: S105  # a recognisable prefix, not a secret
@@ -40,9 +41,25 @@ def hash_token(token: str) -> str:
     return sha256_hex(token.encode())
 
 
+# Letters and digits of ASCII, then . _ @ + -: a name is read in `clients list`, in audit
+# entries and in a request's list of officers, where a control character, a bidi override
+# or a lookalike (`ofﬁcer`, with the ligature ﬁ) misled whoever read it (from review).
+CLIENT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,99}$"
+
+
+def check_client_name(name: str) -> None:
+    if re.fullmatch(CLIENT_NAME_PATTERN, name) is None:
+        raise BadRequest(
+            "a client's name is 1 to 100 ASCII letters, digits and . _ @ + -, starting with a "
+            "letter or a digit",
+            code="invalid_client_name",
+        )
+
+
 def create_client(
     session: Session, *, name: str, roles: set[Role], expires_at: datetime | None = None
 ) -> tuple[ApiClient, str]:
+    check_client_name(name)
     if session.scalar(select(ApiClient).where(ApiClient.name == name)) is not None:
         raise Conflict(f"an API client named {name!r} exists already", code="client_exists")
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)

@@ -21,6 +21,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from app.auth.service import CLIENT_NAME_PATTERN
 from app.config import AUTHORITY_ID_PATTERN
 from app.domain.document import RequestDocument
 from app.domain.messages import MessageDocument
@@ -202,7 +203,8 @@ class RequestDetail(RequestSummary):
     allowed_messages: list[str]
 
 
-OfficerName = Annotated[str, StringConstraints(min_length=1, max_length=100)]
+# Named as clients are (app/auth/service.py): a lookalike of a client's name is refused.
+OfficerName = Annotated[str, StringConstraints(pattern=CLIENT_NAME_PATTERN)]
 
 
 class SetOfficers(Strict):

@@ -1,0 +1,65 @@
+"""Names of API clients (app/auth/service.py `check_client_name`).
+
+From review: `clients create` took any name: an escape sequence or a line break forged rows
+of `clients list` on the operator's terminal, a bidi override reversed it, and a lookalike
+(`ofﬁcer`, with the ligature ﬁ) could be named among a restricted request's officers in
+place of the real `officer`, who then lost sight of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from app.localnodes import LocalNode
+from tests.security.conftest import new_node, prepare
+
+REFUSED = [
+    "ZZINJ\x1b[31mred\nFAKE\tactive",
+    "ZZINJ\u202eoff",
+    "of\ufb01cer",
+    "",
+    ".officer",
+    "a" * 101,
+    "two words",
+]
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNode]:
+    local = new_node(tmp_path_factory.mktemp("names"))
+    try:
+        prepare([local])
+        yield local
+    finally:
+        local.stop()
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_a_name_outside_the_rule_is_refused_and_nothing_is_created(
+    node: LocalNode, name: str
+) -> None:
+    done = node.cli("clients", "create", name, "--role", "officer", check=False)
+    assert done.returncode == 1
+    assert "a client's name is 1 to 100 ASCII letters, digits and . _ @ + -" in done.stderr
+    assert "token" not in done.stdout
+    listed = node.cli("clients", "list").stdout.splitlines()
+    assert [line.split("\t")[0] for line in listed] == ["admin", "officer"]
+
+
+def test_names_of_systems_and_people_are_taken(node: LocalNode) -> None:
+    for name in ("case-system.prod", "maria.lopez@mj.es", "officer+auditor", "A" * 100):
+        node.cli("clients", "create", name, "--role", "officer")
+    names = [line.split("\t")[0] for line in node.cli("clients", "list").stdout.splitlines()]
+    assert {"case-system.prod", "maria.lopez@mj.es", "officer+auditor", "A" * 100} <= set(names)
+
+
+def test_a_lookalike_is_not_taken_among_a_requests_officers(node: LocalNode) -> None:
+    with node.client("admin") as http:
+        response = http.put(
+            "/api/v1/admin/requests/" + "a" * 32 + "/officers",
+            json={"officers": ["of\ufb01cer"]},
+        )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"] == "invalid_request"
