@@ -21,8 +21,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from app.audit.anchor import LogRolledBack, Signed, SignedLogAnchor
-from app.audit.checkpoints import log_verifier, read_progress
+from app.audit.checkpoints import latest_signed, log_verifier, macs_required, read_progress
 from app.audit.log import LogDamaged, read_head
+from app.audit.mac import check_macs, mac_key
 from app.config import LEASE_MARGIN_SECONDS, Settings, longest_exchange_seconds
 from app.crypto.encoding import utc_now
 from app.crypto.identity import IdentityError, parse_identity_document
@@ -626,6 +627,50 @@ def check_checkpoints(settings: Settings, engine: Engine) -> Iterator[Finding]:
     )
 
 
+def check_entry_macs(settings: Settings, engine: Engine) -> Iterator[Finding]:
+    """The entries no checkpoint covers yet carry the MACs the log key gave them
+    (docs/audit.md §4): what the next checkpoint checks before it signs, and refuses to sign
+    over, said here rather than only in the worker's log (from an earlier note: doctor said
+    nothing of a rewritten entry until the next checkpoint failed)."""
+    try:
+        identity = load_identity(settings.keys_dir)
+        keys = load_keys(settings.keys_dir, passphrase=key_passphrase(settings))
+    except Exception:  # check_keys says why
+        return
+    anchor = SignedLogAnchor.of(settings)
+    try:
+        with read_snapshot(make_session_factory(engine)) as session:
+            head = read_head(session)
+            latest = latest_signed(session, log_verifier(identity.authority_id, keys.log_public))
+            start = 0 if latest is None else latest.size
+            checked = check_macs(
+                session,
+                mac_key(keys.log),
+                start=start,
+                end=head.size,
+                legacy=not macs_required(latest, anchor),
+                head_root=head.root_hash if head.size > start else None,
+            )
+    except Exception:  # no database, no schema, or a damaged head: other checks say which
+        return
+    if checked.problem is not None:
+        yield Finding(
+            FAIL,
+            "audit",
+            f"audit log rolled back or rewritten: {checked.problem[1]}; the node signs no "
+            "checkpoint over it (docs/operations.md §8)",
+        )
+        return
+    if checked.without_mac:
+        yield Finding(
+            WARN,
+            "audit",
+            f"{checked.without_mac} audit entries after the latest checkpoint carry no MAC "
+            "(appended by a process of an earlier version): the next checkpoint signs them "
+            "as they are",
+        )
+
+
 def _log_against_record(
     anchor: SignedLogAnchor, signed: Signed | None, engine: Engine
 ) -> str | None:
@@ -652,6 +697,7 @@ def diagnose(settings: Settings) -> list[Finding]:
     try:
         findings += check_signed_log(settings, engine)
         findings += check_checkpoints(settings, engine)
+        findings += check_entry_macs(settings, engine)
         findings += check_database(settings, engine)
         timeout = min(settings.peer_timeout_seconds, PEER_TIMEOUT_SECONDS)
         try:

@@ -94,6 +94,7 @@ def test_an_unsigned_entry_rewritten_with_its_links_rebuilt_is_never_signed(
     node = LocalNode(AUTHORITY, "Ministerio de Justicia", tmp_path / "es", databases.new("es"))
     node.init(clients={"cms": ("officer",), "auditor": ("auditor",)})
     assert node.cli("audit", "verify", "--db").stdout.startswith("OK: ")
+    assert "rewritten" not in node.cli("doctor", check=False).stdout
 
     engine = make_engine(node.database_url)
     try:
@@ -109,6 +110,9 @@ def test_an_unsigned_entry_rewritten_with_its_links_rebuilt_is_never_signed(
     assert signed.returncode == 1
     assert why in signed.stderr
     assert "entraide.log/" not in signed.stdout  # no note printed
+    doctor = node.cli("doctor", check=False)  # said by the operator's check too
+    assert doctor.returncode != 0
+    assert f"audit log rolled back or rewritten: {why}" in doctor.stdout + doctor.stderr
 
     loaded = load_node(Settings(database_url=node.database_url, keys_dir=node.keys_dir))
     try:
@@ -180,6 +184,9 @@ def test_a_head_given_a_root_of_the_writers_making_is_not_signed(
         assert "entraide.log/" not in signed.stdout  # nothing signed
         verify = node.cli("audit", "verify", "--db", check=False)
         assert verify.returncode == 1
+        doctor = node.cli("doctor", check=False)
+        assert doctor.returncode != 0
+        assert why in doctor.stdout + doctor.stderr
     finally:
         engine.dispose()
 
