@@ -79,7 +79,9 @@ def test_suspended_peer_is_refused_both_ways_and_nothing_is_lost(
             "/api/v1/admin/peers/suspend", json={"authority_id": "XX/NONE", "reason": "x"}
         )
         assert unknown.status_code == 404
-        for forged in ("a\r\nAR/MPF\tactive", "a\x00b", "a\x1b[2Jb"):  # lines of `peers list`
+        # Lines of `peers list` forged, and (from review: 422 from the schema, not the
+        # documented code) a reason too long or empty.
+        for forged in ("a\r\nAR/MPF\tactive", "a\x00b", "a\x1b[2Jb", "a" * 501, "", "  "):
             refused = http.post(
                 "/api/v1/admin/peers/suspend", json={"authority_id": "ES/MJ", "reason": forged}
             )
