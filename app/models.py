@@ -20,6 +20,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     false,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -248,8 +249,10 @@ class OutboxItem(Base):
     # Copied from the message and its request when queued (neither ever changes), so that
     # the claim orders and budgets its rows without joining them: 0 emergency, 1 urgent,
     # 2 routine (app/delivery/outbox.py, `priority_of`), and the envelope's sealed size.
-    priority: Mapped[int] = mapped_column(SmallInteger)
-    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    # Server defaults for a process of an earlier release, which queues without them while
+    # an upgrade is under way (migration c4e8b2d61f37): routine, and budgeted as empty.
+    priority: Mapped[int] = mapped_column(SmallInteger, server_default=text("2"))
+    size_bytes: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

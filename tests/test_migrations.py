@@ -270,6 +270,38 @@ def test_deliveries_queued_before_a3c9e71d5b20_keep_their_place_in_the_claim(
         engine.dispose()
 
 
+def test_a_process_of_an_earlier_release_can_still_queue_after_the_migration(
+    databases: Databases,
+) -> None:
+    """From review: between `entraide migrate` and its restart, a `serve` of a release before
+    a3c9e71d5b20 queued deliveries without `priority` and `size_bytes`, and every submission
+    it took answered 500 (NOT NULL). Its rows now take the defaults: queued, and claimed."""
+    url = databases.new("outbox-order-defaults")
+    upgrade(url)
+    engine = make_engine(url)
+    sessions = append_with(make_session_factory(engine), SigningKey.generate())
+    try:
+        with unit_of_work(sessions) as session:
+            (old,) = _queue(session, 1, before_a3c9=True)  # the INSERT of such a process
+            (new,) = _queue(session, 1, urgency="urgent")
+        with unit_of_work(sessions) as session:
+            stored = session.execute(
+                select(OutboxItem.priority, OutboxItem.size_bytes).where(OutboxItem.id == old)
+            ).one()
+            assert tuple(stored) == (2, 0)
+            claims = outbox.claim_due(
+                session,
+                now=utc_now() + timedelta(seconds=1),
+                lease=timedelta(seconds=60),
+                limit=10,
+                owner="w",
+                max_size=2**20,
+            )
+            assert [claim.outbox_id for claim in claims] == [new, old]
+    finally:
+        engine.dispose()
+
+
 def test_plaintext_hashes_in_clear_are_erased_where_a_sealed_manifest_holds_them(
     databases: Databases,
 ) -> None:
