@@ -108,10 +108,12 @@ def _check_officers(session: Session, names: Sequence[str]) -> None:
 
 def restrict(session: Session, *, case: CaseFile, officers: Sequence[str], actor: str) -> list[str]:
     """Name the officers who may see `case` here (replacing any earlier list). An empty list
-    lifts the restriction, except on a request its sender marked need-to-know."""
+    lifts the restriction, except on a request received marked need-to-know: the requesting
+    authority asked for it there. At the requesting node the request started unrestricted,
+    and a restriction its administrator chose is theirs to lift (from review: it could not)."""
     names = sorted(set(officers))
     _check_officers(session, names)
-    if not names and case.handling == "need_to_know":
+    if not names and case.handling == "need_to_know" and case.direction == "inbound":
         raise Conflict(
             "the requesting authority marked this request need-to-know: name at least one officer",
             code="restriction_required",

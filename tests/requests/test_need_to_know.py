@@ -116,6 +116,29 @@ def test_an_administrator_may_restrict_any_request_and_lift_it(ar: Harness) -> N
     assert ar.audit("request.unrestricted")[-1] == ("client:admin", "ok", request_id)
 
 
+def test_a_request_this_node_marked_need_to_know_can_be_unrestricted_here(
+    ar: Harness,
+) -> None:
+    """From review: at the requesting node, a request its officer marked need-to-know starts
+    unrestricted; once an administrator restricted it there, `[]` answered 409
+    `restriction_required` for good. That rule is the receiving node's."""
+    body: dict[str, Any] = json.loads(json.dumps(EXAMPLE))
+    body["to"] = "ES/MJ"
+    body["document"].update(requesting_authority="AR/MPF", requested_authority="ES/MJ")
+    body["document"]["confidentiality"]["level"] = "need_to_know"
+    sent = ar.post("/api/v1/requests", body)
+    assert sent.status_code == 201, sent.text
+    request_id = sent.json()["id"]
+    path = f"/api/v1/requests/{request_id}"
+    assert ar.get(path, "bob").json()["restricted"] is False
+    assert _officers(ar, request_id, ["alice"]).json()["restricted"] is True
+    assert ar.get(path, "bob").status_code == 404
+    lifted = _officers(ar, request_id, [])
+    assert lifted.status_code == 200, lifted.text
+    assert (lifted.json()["handling"], lifted.json()["restricted"]) == ("need_to_know", False)
+    assert ar.get(path, "bob").status_code == 200
+
+
 def test_only_active_officers_can_be_named_and_only_by_an_administrator(ar: Harness) -> None:
     request_id = ar.receive_request()
     for names in (["auditor"], ["admin"], ["nobody"], ["alice", "nobody"]):
