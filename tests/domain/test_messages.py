@@ -196,6 +196,18 @@ def test_evidence_must_match_the_attachment_it_names() -> None:
     assert list(unattached.attachment_problems([])) == []
 
 
+def test_evidence_may_name_any_of_the_63_attachments_a_message_may_carry() -> None:
+    """From an earlier note: an item could name attachments 1 to 32 only, while a reply's
+    evidence draft may be allowed 63 (ENTRAIDE_MAX_EVIDENCE_ATTACHMENTS), so the evidence
+    in the last 31 of them could not be attested."""
+    last = MessageDocument.model_validate(
+        {"type": "result", "text": "x", "evidence": [_evidence(attachment=63)]}
+    )
+    assert list(last.attachment_problems([REPORT_SHA] * 63)) == []
+    beyond = {"type": "result", "text": "x", "evidence": [_evidence(attachment=64)]}
+    assert _errors(beyond) == [(("evidence", 0, "attachment"), "less_than_equal")]
+
+
 def test_wire_form_omits_defaults_so_older_nodes_read_older_types() -> None:
     note = MessageDocument.model_validate({"type": "note", "text": "Hola."})
     assert note.wire_form() == {"type": "note", "text": "Hola."}
