@@ -1366,6 +1366,8 @@ def backup(
     from app.backup.sealed import PassphraseError, read_passphrase
     from app.backup.service import BackupError, create_backup
     from app.crypto.keys import KeyFileError
+    from app.db import undecodable_column
+    from app.errors import StoredDataCorrupt
 
     settings = _settings()
     _sqlite_file_exists(settings)  # else a backup of an empty database it just created
@@ -1385,12 +1387,29 @@ def backup(
     except (BackupError, PassphraseError, KeyFileError, OSError, ValueError) as exc:
         raise _fail(str(exc)) from exc
     except OperationalError as exc:
+        column = undecodable_column(exc)
+        if column is not None:  # damage the node itself met (its checkpoint), not the copy
+            damage = StoredDataCorrupt.of_column(column).detail
+            raise _fail(
+                f"the backup's audit entry could not be written: {damage}; run `entraide "
+                "doctor` and `entraide audit verify --db`"
+            ) from exc
         raise _unreachable(settings, exc) from exc
     rows = sum(summary.tables.values())
     keys = "with the private keys (sealed)" if summary.private_keys else "without private keys"
     typer.echo(
         f"backup written to {summary.path}: {len(summary.tables)} tables, {rows} rows, {keys}"
     )
+    # Told, not refused: a copy of a damaged database is what its operator needs most.
+    for found in summary.damaged:
+        row = ", ".join(f"{key}={value}" for key, value in found["row"].items())
+        typer.secho(
+            f"damaged: {found['table']} row {row or '?'}, column {found['column']}: text that "
+            "is not UTF-8, which the node cannot read; copied as its raw bytes (listed in the "
+            "manifest's database.damaged): the database was altered or damaged, run "
+            "`entraide doctor`",
+            err=True,
+        )
     if not summary.checkpoint:
         typer.secho(
             "the backup holds no signed checkpoint: the database is behind this version's "

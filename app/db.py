@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
+import re
+import sqlite3
 import threading
 import time
 import weakref
@@ -374,3 +376,21 @@ class PeriodicJob:
             return None
         with unit_of_work(self.sessions) as session:
             return self.job(session)
+
+
+# sqlite3's words for a TEXT value that is not UTF-8 (a BLOB rewritten as text by a hand edit,
+# a damaged page): the whole row is unreadable. Followed by the text, which is not repeated.
+_UNDECODABLE = re.compile(r"Could not decode to UTF-8 column '([^']{1,64})'")
+
+
+def undecodable_column(exc: BaseException) -> str | None:
+    """The column of a stored value the driver cannot read, if that is what `exc` is (a
+    SQLAlchemy error or the driver's own); None for any other failure. Damage to one row,
+    not a database out of reach: SQLite raises it as an OperationalError, as it does a locked
+    or missing database. PostgreSQL has no such case: its bytea holds bytes only, and a
+    UTF8 database only valid UTF-8 text (it refuses the rest when written)."""
+    orig = getattr(exc, "orig", None) or exc
+    if not isinstance(orig, sqlite3.OperationalError):
+        return None
+    found = _UNDECODABLE.match(str(orig))
+    return found.group(1) if found else None

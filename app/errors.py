@@ -10,7 +10,8 @@
     ├── PeerError (502)             a peer answered badly or not at all
     ├── EnvelopeRefused (4xx)       a P2P envelope failed one of the receiver's checks;
     │                               `code` names the check (see docs/protocol.md)
-    └── StoredEnvelopeCorrupt (500) what this node stored no longer checks out: never input
+    ├── StoredEnvelopeCorrupt (500) what this node stored no longer checks out: never input
+    └── StoredDataCorrupt (500)     a stored row the database driver cannot read at all
 
 Services raise these; one handler in `app.main` turns them into
 `{"error": code, "detail": detail}`. Messages never contain secrets or request content.
@@ -90,3 +91,18 @@ class StoredEnvelopeCorrupt(EntraideError):
     status_code = 500
     code = "stored_envelope_corrupt"
     audit: dict[str, Any] | None = None
+
+
+class StoredDataCorrupt(EntraideError):
+    """A stored value the database driver cannot read (SQLite TEXT that is not UTF-8):
+    damage to a row, not a database out of reach (that is 503 `database_unavailable`)."""
+
+    status_code = 500
+    code = "stored_data_corrupt"
+
+    @classmethod
+    def of_column(cls, column: str) -> StoredDataCorrupt:
+        return cls(
+            f"a value stored in column '{column}' cannot be read (text that is not UTF-8): "
+            "storage was altered or damaged; tell the operator"
+        )

@@ -25,11 +25,17 @@ from app.audit.router import router as audit_router
 from app.auth.refusals import record_refusal
 from app.auth.throttle import TooManyRequests, address_unit
 from app.config import Settings, body_idle_seconds, buffered_body_budget, get_settings
-from app.db import DurabilityLost
+from app.db import DurabilityLost, undecodable_column
 from app.delivery.router import router as deliveries_router
 from app.delivery.worker import Worker
 from app.deps import DUPLICATE_KEY, P2P_UNBLOCKED, p2p_blocked_for, refuse_p2p_call
-from app.errors import ERROR_HEADER, EntraideError, EnvelopeRefused, StoredEnvelopeCorrupt
+from app.errors import (
+    ERROR_HEADER,
+    EntraideError,
+    EnvelopeRefused,
+    StoredDataCorrupt,
+    StoredEnvelopeCorrupt,
+)
 from app.evidence.blobstore import StorageFailed
 from app.evidence.p2p_router import router as evidence_p2p_router
 from app.evidence.router import replies as evidence_replies_router
@@ -431,6 +437,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(OperationalError)
     async def _database_down(_request: Request, exc: OperationalError) -> JSONResponse:
+        column = undecodable_column(exc)
+        if column is not None:
+            # One damaged row, not a database out of reach: "retry later" would never help,
+            # and /readyz says ready meanwhile (from review). The value is not logged.
+            damage = StoredDataCorrupt.of_column(column)
+            log.error("%s %s: %s", _request.method, _request.url.path, damage.detail)
+            return _error(damage.status_code, damage.code, damage.detail)
         log.error("database unavailable: %s", type(exc.orig).__name__)
         return _error(503, "database_unavailable", "the database is unavailable; retry later")
 

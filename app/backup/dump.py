@@ -26,6 +26,7 @@ from sqlalchemy import (
     MetaData,
     Table,
     create_engine,
+    event,
     func,
     inspect,
     make_url,
@@ -37,6 +38,20 @@ from app.db import make_engine
 
 VERSION_TABLE = "alembic_version"
 BATCH_ROWS = 500
+
+
+class UndecodableText(bytes):
+    """A SQLite TEXT value that is not UTF-8 (a BLOB rewritten as text by a hand edit, a
+    damaged page), as its raw bytes. The driver refuses to read such a row at all; a backup
+    of a damaged database is exactly what its operator needs, so it is copied, as bytes,
+    and named in the manifest (`damaged`)."""
+
+
+def _text_or_raw(raw: bytes) -> str | bytes:
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return UndecodableText(raw)
 
 
 def encode_value(value: object) -> object:
@@ -85,6 +100,11 @@ def _snapshot(url: str, scratch: Path) -> Iterator[Connection]:
                 target.close()
                 source.close()
             engine = create_engine(f"sqlite:///{copy}")
+
+            @event.listens_for(engine, "connect")
+            def _raw_when_undecodable(connection: sqlite3.Connection, _record: object) -> None:
+                connection.text_factory = _text_or_raw
+
             try:
                 with engine.connect() as connection:
                     yield connection
@@ -121,22 +141,34 @@ def _data_tables(connection: Connection) -> list[Table]:
 def dump_database(
     url: str, open_member: Callable[[str], IO[bytes]], *, scratch: Path
 ) -> dict[str, Any]:
-    """Write one `<table>.jsonl` member per table; return the dialect, revision and counts."""
+    """Write one `<table>.jsonl` member per table; return the dialect, revision and counts,
+    and `damaged`: where a value that cannot be read as stored was copied as its bytes (each
+    `{table, column, row}`, `row` the primary key's values)."""
     with _snapshot(url, scratch) as connection:
         revisions = schema_revisions(connection)
         counts: dict[str, int] = {}
+        damaged: list[dict[str, Any]] = []
         for table in _data_tables(connection):
             columns = [column.name for column in table.columns]
+            keys = [column.name for column in table.primary_key.columns]
             count = 0
             with open_member(f"{table.name}.jsonl") as handle:
                 statement = select(table)
-                if table.primary_key.columns:
+                if keys:
                     statement = statement.order_by(*table.primary_key.columns)
                 result = connection.execution_options(yield_per=BATCH_ROWS).execute(statement)
                 for row in result:
-                    document = {
-                        key: encode_value(value) for key, value in zip(columns, row, strict=True)
-                    }
+                    values = dict(zip(columns, row, strict=True))
+                    damaged += [
+                        {
+                            "table": table.name,
+                            "column": column,
+                            "row": {key: encode_value(values[key]) for key in keys},
+                        }
+                        for column, value in values.items()
+                        if isinstance(value, UndecodableText)
+                    ]
+                    document = {key: encode_value(value) for key, value in values.items()}
                     handle.write(json.dumps(document, separators=(",", ":")).encode() + b"\n")
                     count += 1
             counts[table.name] = count
@@ -144,6 +176,7 @@ def dump_database(
             "dialect": connection.dialect.name,
             "schema_revisions": revisions,
             "tables": counts,
+            "damaged": damaged,
         }
 
 

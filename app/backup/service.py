@@ -30,7 +30,7 @@ import tarfile
 import tempfile
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
@@ -90,6 +90,8 @@ class BackupSummary:
     private_keys: bool
     schema_revisions: list[str]
     checkpoint: bool = True  # False: copied without a signed checkpoint (see create_backup)
+    # Values the database could not give as stored, copied as their bytes (app/backup/dump.py).
+    damaged: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -328,6 +330,7 @@ def create_backup(
         private_keys=include_private_keys,
         schema_revisions=database["schema_revisions"],
         checkpoint=checkpoint is not None,
+        damaged=database["damaged"],
     )
 
 

@@ -30,8 +30,9 @@ from app.errors import EnvelopeRefused
 from app.evidence import inbound
 from app.evidence.blobstore import UploadBusy
 from app.evidence.node_store import blob_store
-from app.evidence.pump import feed_in_thread, until_idle
+from app.evidence.pump import body_timed_out, feed_in_thread, until_idle
 from app.evidence.stream import PartReceiver
+from app.limits import BodyTimedOut
 from app.p2p.refusals import audit_refusals, json_body
 from app.p2p.service import Accepted
 from app.plainint import PlainInt
@@ -268,6 +269,16 @@ async def put_part(
         except ClientDisconnect:
             await run_in_threadpool(receiver.checkpoint)
             raise
+        except BodyTimedOut as stalled:
+            # The sender may still be there: told, with where to resume (its whole chunks are
+            # kept), and counted against its address as a silent JSON body is (app/main.py).
+            offset = await run_in_threadpool(receiver.checkpoint)
+            refusal = EnvelopeRefused("body_timeout", stalled.detail, status_code=408)
+            await run_in_threadpool(
+                _refused_part, node, msg_id, index, refusal, source_address(request)
+            )
+            request.app.state.metrics.envelope_refused(refusal.code)
+            return body_timed_out(stalled, _headers(offset, target.length))
         except env.EnvelopeError as exc:
             keep = False
             refusal = EnvelopeRefused(exc.code, exc.detail)

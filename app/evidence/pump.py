@@ -12,7 +12,9 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable
 
 import anyio
 import anyio.to_thread
-from starlette.requests import ClientDisconnect
+from fastapi.responses import JSONResponse
+
+from app.limits import BodyTimedOut
 
 BATCH_BYTES = 1 << 20
 
@@ -70,10 +72,12 @@ async def feed_in_thread(
 
 
 async def until_idle(chunks: AsyncIterable[bytes], seconds: float) -> AsyncIterator[bytes]:
-    """`chunks`, ended as a disconnect when none arrives for `seconds`. A sender whose
+    """`chunks`, ended with BodyTimedOut when none arrives for `seconds`. A sender whose
     connection went silent without closing (power lost, a NAT's state dropped) otherwise held
     its part's staging file locked, and every retry refused as busy, until the node restarted:
-    the server gives a request's body no deadline of its own (from review)."""
+    the server gives a request's body no deadline of its own (from review). Not a disconnect:
+    the client may still be there to read the route's 408 and its offset (from review: it
+    got a bare 499, meant for the logs of a client that left)."""
     iterator = aiter(chunks)
     while True:
         with anyio.move_on_after(seconds) as waited:
@@ -82,5 +86,16 @@ async def until_idle(chunks: AsyncIterable[bytes], seconds: float) -> AsyncItera
             except StopAsyncIteration:
                 return
         if waited.cancelled_caught:
-            raise ClientDisconnect()  # handled as the client's going: what it sent is kept
+            raise BodyTimedOut(f"the body sent nothing for {seconds:g} s")
         yield data
+
+
+def body_timed_out(stalled: BodyTimedOut, headers: dict[str, str]) -> JSONResponse:
+    """The answer to a streamed body that went silent: 408 `body_timeout` as a JSON body's,
+    with `headers` saying where to resume, and the connection closed (the rest of the
+    declared body would otherwise be awaited before the next request)."""
+    return JSONResponse(
+        {"error": "body_timeout", "detail": stalled.detail},
+        status_code=408,
+        headers={**headers, "connection": "close"},
+    )

@@ -39,8 +39,9 @@ from app.errors import Conflict, NotFound, PayloadTooLarge
 from app.evidence import drafts, schemas
 from app.evidence.blobstore import UploadBusy
 from app.evidence.node_store import blob_store
-from app.evidence.pump import feed_in_thread, until_idle
+from app.evidence.pump import body_timed_out, feed_in_thread, until_idle
 from app.evidence.stream import PartWriter, UploadError
+from app.limits import BodyTimedOut
 from app.node import Node
 from app.plainint import PlainInt
 from app.requests import access, idempotency
@@ -323,6 +324,12 @@ async def upload(
         except ClientDisconnect:
             await run_in_threadpool(writer.checkpoint)
             raise
+        except BodyTimedOut as stalled:
+            # The client may still be there: told, with where to resume (its whole chunks
+            # are kept), on record as a silent JSON body is (app/main.py).
+            offset = await run_in_threadpool(writer.checkpoint)
+            await record_refusal(request.scope, node, 408, "body_timeout")
+            return body_timed_out(stalled, _offset_headers(offset, found.size))
         except UploadError as exc:
             # More than declared: the client is sending something else than it announced,
             # so none of this request's bytes are kept (HEAD says where to start again).

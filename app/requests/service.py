@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import or_, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from app.audit.log import Event, record, record_many
@@ -39,6 +40,7 @@ from app.crypto.randomness import SystemRandomness
 from app.crypto.receipts import Receipt as VerifiedReceipt
 from app.crypto.receipts import ReceiptError, SignedReceipt, verify_receipt
 from app.crypto.signing import DOMAIN_ENVELOPE, verify
+from app.db import undecodable_column
 from app.delivery import outbox
 from app.delivery.outbox import CANCELLED, FAILED
 from app.domain.document import RequestDocument
@@ -70,13 +72,31 @@ INBOUND = "inbound"
 
 @contextmanager
 def audited_if_corrupt(**entry: Any) -> Iterator[None]:
-    """A read stopped by a damaged stored envelope leaves its trace in the audit log."""
+    """A read stopped by a damaged stored envelope leaves its trace in the audit log. A row
+    the driver cannot read at all (SQLite TEXT that is not UTF-8 in place of its bytes) is
+    the same damage, told as such (from review: it was 503 "retry later")."""
+
+    def audited(exc: StoredEnvelopeCorrupt) -> StoredEnvelopeCorrupt:
+        exc.audit = {**entry, "outcome": StoredEnvelopeCorrupt.code}
+        exc.audit["details"] = {**entry.get("details", {}), "detail": exc.detail[:200]}
+        return exc
+
     try:
         yield
     except StoredEnvelopeCorrupt as exc:
-        exc.audit = {**entry, "outcome": StoredEnvelopeCorrupt.code}
-        exc.audit["details"] = {**entry.get("details", {}), "detail": exc.detail[:200]}
+        audited(exc)
         raise
+    except OperationalError as exc:
+        column = undecodable_column(exc)
+        if column is None:
+            raise
+        which = entry.get("msg_id") or entry.get("request_id")
+        raise audited(
+            StoredEnvelopeCorrupt(
+                f"a stored message of {which}: its column '{column}' cannot be read (text "
+                "that is not UTF-8); storage was altered or damaged"
+            )
+        ) from exc
 
 
 @dataclass(frozen=True)
@@ -577,17 +597,17 @@ def read_request(
     # view is consistent when the case is the same before and after reading them; else again.
     for _ in range(3):
         seen = (case.status, case.updated_at)
-        messages = list(
-            session.scalars(
-                select(Message).where(Message.request_id == case.id).order_by(Message.id)
-            )
-        )
         with audited_if_corrupt(
             actor=actor_of(principal),
             action="request.read",
             request_id=case.id,
             peer=case.peer_authority,
         ):
+            messages = list(
+                session.scalars(
+                    select(Message).where(Message.request_id == case.id).order_by(Message.id)
+                )
+            )
             views = [_message_view(session, node, case, message) for message in messages]
         session.refresh(case)
         if (case.status, case.updated_at) == seen:

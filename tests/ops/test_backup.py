@@ -13,6 +13,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from contextlib import closing
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -638,3 +639,31 @@ def test_a_restore_says_what_was_unsettled_when_the_backup_was_taken(tmp_path: P
     shutil.copytree(node.keys_dir, moved.keys_dir)
     out = moved.cli("restore", str(archive))
     assert "1 evidence drafts were open and 0 deliveries had not been receipted" in out.stdout
+
+
+def test_a_value_sqlite_cannot_decode_is_backed_up_and_named(tmp_path: Path) -> None:
+    """From review: one BLOB turned into TEXT that is not UTF-8 failed the whole backup with
+    "cannot reach sqlite:///…: is it running?" (while `doctor` said it was reachable). A copy
+    of a damaged database is what its operator needs most: written, the value as its bytes,
+    and the damage named by table, row and column."""
+    databases = make_databases("sqlite", tmp_path)
+    node = _initialised(tmp_path, databases.new("es"))
+    path = node.database_url.removeprefix("sqlite:///")
+    with closing(sqlite3.connect(path)) as raw, raw:
+        raw.execute(
+            "INSERT INTO delivery_counters (name, value) VALUES (CAST(X'FFFE41' AS TEXT), 1)"
+        )
+    archive = tmp_path / "damaged.tar.gz"
+    made = node.cli("backup", "--out", str(archive), check=False)
+    assert made.returncode == 0, made.stderr
+    assert "backup written to" in made.stdout
+    assert "damaged: delivery_counters row name=" in made.stderr
+    assert "column name: text that is not UTF-8" in made.stderr
+    assert "cannot reach" not in made.stdout + made.stderr
+    with tarfile.open(archive) as tar:
+        manifest = json.loads(tar.extractfile("manifest.json").read())  # type: ignore[union-attr]
+        rows = tar.extractfile("database/delivery_counters.jsonl").read()  # type: ignore[union-attr]
+    assert manifest["database"]["damaged"] == [
+        {"table": "delivery_counters", "column": "name", "row": {"name": {"b64": "//5B"}}}
+    ]
+    assert b'{"name":{"b64":"//5B"},"value":1}' in rows

@@ -5,11 +5,13 @@ the refusal: once the bytes are put back, the request reads again."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable
+from contextlib import closing
 from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import make_url, select, update
 
 from app.db import unit_of_work
 from app.models import Message, Part, Receipt
@@ -158,3 +160,55 @@ def test_a_row_moved_or_backdated_is_not_shown_under_its_signature(
     for request_id in (first, moved):
         again = ar.http.get(f"/api/v1/requests/{request_id}", headers=ar.as_("officer"))
         assert again.status_code == 200, again.text
+
+
+def _text_signature(ar: Harness, msg_id: str) -> Callable[[], None]:
+    """Store a message's signature (a BLOB) as TEXT that is not UTF-8, as a damaged page or a
+    hand edit in `sqlite3` may: SQLite then refuses to read the row at all."""
+    path = make_url(ar.node.settings.database_url).database
+    assert path is not None
+    with closing(sqlite3.connect(path)) as raw, raw:
+        original = raw.execute("SELECT signature FROM messages WHERE msg_id = ?", (msg_id,))
+        signature = original.fetchone()[0]
+        raw.execute(
+            "UPDATE messages SET signature = CAST(X'FFFE41' AS TEXT) WHERE msg_id = ?", (msg_id,)
+        )
+
+    def restore() -> None:
+        with closing(sqlite3.connect(path)) as raw, raw:
+            raw.execute("UPDATE messages SET signature = ? WHERE msg_id = ?", (signature, msg_id))
+
+    return restore
+
+
+def test_a_row_sqlite_cannot_decode_is_damage_not_an_unavailable_database(ar: Harness) -> None:
+    """From review: a BLOB turned into TEXT that is not UTF-8 was answered `503
+    database_unavailable` "retry later" (while /readyz said ready), as if the database could
+    not be reached. It is damage, told and audited as the same damage as bytes is."""
+    if not ar.node.settings.database_url.startswith("sqlite"):
+        pytest.skip("PostgreSQL's bytea holds bytes only, and its text only valid UTF-8")
+    request_id = ar.receive_request()
+    restore = _text_signature(ar, request_id)
+    try:
+        reads = len(ar.audit("request.read"))
+        response = ar.http.get(f"/api/v1/requests/{request_id}", headers=ar.as_("officer"))
+        assert response.status_code == 500, response.text
+        assert response.json()["error"] == "stored_envelope_corrupt"
+        assert request_id in response.json()["detail"]
+        assert "signature" in response.json()["detail"]
+        assert ar.audit("request.read")[reads:] == [
+            ("client:officer", "stored_envelope_corrupt", request_id)
+        ]
+        # Another read of the row: the same damage, named, never "retry later".
+        proof = ar.http.get(
+            f"/api/v1/requests/{request_id}/messages/{request_id}/proof",
+            headers=ar.as_("officer"),
+        )
+        assert proof.status_code == 500, proof.text
+        assert proof.json()["error"] in {"stored_envelope_corrupt", "stored_data_corrupt"}
+        assert "signature" in proof.json()["detail"]
+        assert ar.http.get("/readyz").status_code == 200
+    finally:
+        restore()
+    again = ar.http.get(f"/api/v1/requests/{request_id}", headers=ar.as_("officer"))
+    assert again.status_code == 200, again.text

@@ -1,7 +1,9 @@
 """A request whose body goes silent without its connection closing (the sender lost power, a
 NAT dropped the connection's state) is taken for gone after a while: it held its part's or
 attachment's staging file locked, and every retry was refused as busy, until the node
-restarted (from review). What it sent is kept, as after a disconnect."""
+restarted (from review). What it sent is kept, as after a disconnect, and the client, which
+may still be there, is told: 408 `body_timeout` as JSON with the offset to resume from, on
+record as a silent JSON body's refusal (from review: it got a bare 499 and an empty body)."""
 
 from __future__ import annotations
 
@@ -34,6 +36,18 @@ def _stall(
     lines += [f"{name}: {value}" for name, value in headers.items()]
     stalled.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + b"\0" * 100)
     return stalled
+
+
+def _answer(stalled: socket.socket) -> tuple[int, dict[str, str], dict[str, object]]:
+    """The answer the silent request gets, read to the end of the connection."""
+    stalled.settimeout(15)
+    received = b""
+    while chunk := stalled.recv(65536):
+        received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (x.partition(":") for x in lines)}
+    return int(status_line.split()[1]), headers, json.loads(body)
 
 
 def _locked(ar: Harness, upload_id: str) -> None:
@@ -73,6 +87,14 @@ def test_a_part_whose_sender_went_silent_is_not_kept_busy(
     stalled = _stall(ar, "PUT", href, headers, len(part))
     _locked(ar, receive_upload_id(msg_id, 1))
     try:
+        refused = len(ar.audit("envelope.refused"))
+        status, told, body = _answer(stalled)
+        assert status == 408, body
+        assert body == {"error": "body_timeout", "detail": "the body sent nothing for 1 s"}
+        head = ar.http.head(href)
+        assert told["upload-offset"] == head.headers["upload-offset"]
+        assert told["upload-length"] == str(len(part))
+        assert ar.audit("envelope.refused")[refused:] == [("peer:unknown", "body_timeout", None)]
         answer = _once_free(lambda: ar.http.put(href, content=part, headers=headers), "part_busy")
         # Part 1 whole (part 2 still to come): taken as soon as the silent one was let go.
         assert answer.status_code == 204, answer.text
@@ -91,6 +113,14 @@ def test_an_attachment_whose_uploader_went_silent_is_not_kept_busy(
     stalled = _stall(ar, "PATCH", href, headers, len(data))
     _locked(ar, upload_id(draft_id, 1))
     try:
+        refused = len(ar.audit("api.refused"))
+        status, told, body = _answer(stalled)
+        assert status == 408, body
+        assert body == {"error": "body_timeout", "detail": "the body sent nothing for 1 s"}
+        head = ar.http.head(href, headers=ar.as_("officer"))
+        assert told["upload-offset"] == head.headers["upload-offset"]
+        assert told["upload-length"] == str(len(data))
+        assert ar.audit("api.refused")[refused:] == [("client:officer", "body_timeout", draft_id)]
         answer = _once_free(
             lambda: ar.http.patch(href, content=data, headers=headers), "upload_busy"
         )
