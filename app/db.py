@@ -383,6 +383,30 @@ class PeriodicJob:
 _UNDECODABLE = re.compile(r"Could not decode to UTF-8 column '([^']{1,64})'")
 
 
+# SQLSTATE of PostgreSQL's disk_full (class 53, insufficient resources).
+PG_DISK_FULL = "53100"
+
+
+def driver_error_name(exc: BaseException) -> str:
+    """The driver's name for a failure (SQLITE_FULL, SQLSTATE 53100, ...), never its
+    message: a message may quote a value (a key of a unique index, say)."""
+    orig = getattr(exc, "orig", None) or exc
+    sqlite_name = getattr(orig, "sqlite_errorname", None)
+    if isinstance(sqlite_name, str):
+        return sqlite_name
+    sqlstate = getattr(orig, "sqlstate", None)
+    if isinstance(sqlstate, str):
+        return f"SQLSTATE {sqlstate}"
+    return type(orig).__name__
+
+
+def database_full(exc: BaseException) -> bool:
+    """Whether `exc` says the database's disk (or the size allowed it) is full: not an
+    outage that passes by itself, but one the operator ends by making room (from review:
+    answered `503 database_unavailable`, logged as a class name, /readyz ready)."""
+    return driver_error_name(exc) in ("SQLITE_FULL", f"SQLSTATE {PG_DISK_FULL}")
+
+
 def undecodable_column(exc: BaseException) -> str | None:
     """The column of a stored value the driver cannot read, if that is what `exc` is (a
     SQLAlchemy error or the driver's own); None for any other failure. Damage to one row,

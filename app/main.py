@@ -25,7 +25,7 @@ from app.audit.router import router as audit_router
 from app.auth.refusals import record_refusal
 from app.auth.throttle import TooManyRequests, address_unit
 from app.config import Settings, body_idle_seconds, buffered_body_budget, get_settings
-from app.db import DurabilityLost, undecodable_column
+from app.db import DurabilityLost, database_full, driver_error_name, undecodable_column
 from app.delivery.router import router as deliveries_router
 from app.delivery.worker import Worker
 from app.deps import DUPLICATE_KEY, P2P_UNBLOCKED, p2p_blocked_for, refuse_p2p_call
@@ -52,7 +52,7 @@ from app.limits import (
     read_body,
 )
 from app.node import Node, load_node
-from app.obs.health import expected_heads
+from app.obs.health import StorageFull, expected_heads
 from app.obs.labels import ROUTE_TABLE, route_table
 from app.obs.metrics import Metrics
 from app.obs.middleware import Observability
@@ -444,7 +444,16 @@ def install_error_handlers(app: FastAPI) -> None:
             damage = StoredDataCorrupt.of_column(column)
             log.error("%s %s: %s", _request.method, _request.url.path, damage.detail)
             return _error(damage.status_code, damage.code, damage.detail)
-        log.error("database unavailable: %s", type(exc.orig).__name__)
+        if database_full(exc):
+            _request.app.state.storage_full.note("database")
+            log.error("database full (%s): nothing was stored", driver_error_name(exc))
+            return _error(
+                507,
+                "insufficient_storage",
+                "this node's database is full: nothing of this call was stored; retry once "
+                "its operator has made room",
+            )
+        log.error("database unavailable: %s", driver_error_name(exc))
         return _error(503, "database_unavailable", "the database is unavailable; retry later")
 
     @app.exception_handler(DataError)
@@ -483,6 +492,7 @@ def install_error_handlers(app: FastAPI) -> None:
         # upload or part resumes from its offset once the operator has made room.
         log.error("evidence storage: %s", exc)
         if exc.full:
+            _request.app.state.storage_full.note("evidence storage")
             return _error(
                 507,
                 "insufficient_storage",
@@ -582,6 +592,7 @@ def create_app(settings: Settings | None = None, *, node: Node | None = None) ->
     )
     # Outermost, so the request id and the counters cover every answer, 413s included.
     app.state.metrics = Metrics()
+    app.state.storage_full = StorageFull()
     app.state.metrics.buffered_body_bytes.set_function(lambda: budget.held)
     app.add_middleware(Observability, metrics=app.state.metrics)
     return app

@@ -40,7 +40,12 @@ def healthz() -> dict[str, str]:
 @router.get("/readyz")
 def readyz(request: Request, node: NodeDep) -> JSONResponse:
     thread: threading.Thread | None = request.app.state.worker_thread
-    checks = readiness(node, heads=request.app.state.migration_heads, worker=thread)
+    checks = readiness(
+        node,
+        heads=request.app.state.migration_heads,
+        worker=thread,
+        storage_full=request.app.state.storage_full,
+    )
     failing = [name for name, value in checks.items() if value != OK]
     out = [name for name in failing if name not in DEGRADING]
     body: dict[str, Any] = {

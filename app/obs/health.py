@@ -12,12 +12,14 @@ from __future__ import annotations
 import ast
 import re
 import threading
+import time
+from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 
 from sqlalchemy import Connection, Engine, inspect, text
 
-from app.crypto.encoding import format_time
+from app.crypto.encoding import format_time, utc_now
 from app.crypto.keyring import KeyRingState
 from app.db import durability_failure
 from app.node import Node
@@ -128,11 +130,42 @@ def keys_reload_check(state: KeyRingState) -> str:
     )
 
 
+class StorageFull:
+    """When this process last found its database or evidence storage full (a write answered
+    507): /readyz fails `storage` for a minute after each, since nothing can be stored until
+    the operator makes room, and a read-only `SELECT 1` says nothing of it (from review:
+    every write answered 503 while /readyz said ready)."""
+
+    WINDOW_SECONDS = 60.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: tuple[float, datetime, str] | None = None
+
+    def note(self, what: str) -> None:
+        with self._lock:
+            self._last = (time.monotonic(), utc_now(), what)
+
+    def check(self) -> str:
+        with self._lock:
+            last = self._last
+        if last is None or time.monotonic() - last[0] > self.WINDOW_SECONDS:
+            return OK
+        return (
+            f"failing: the {last[2]} was full at {format_time(last[1])}: writes are refused "
+            "(507 insufficient_storage) until room is made"
+        )
+
+
 def readiness(
-    node: Node, *, heads: frozenset[str], worker: threading.Thread | None
+    node: Node,
+    *,
+    heads: frozenset[str],
+    worker: threading.Thread | None,
+    storage_full: StorageFull | None = None,
 ) -> dict[str, str]:
-    """Every check, `ok` or `failing: <why>`: database, migrations, keys, the reload of
-    rotated keys, delivery worker."""
+    """Every check, `ok` or `failing: <why>`: database, migrations, storage, keys, the
+    reload of rotated keys, delivery worker."""
     checks: dict[str, str] = {}
     lost = durability_failure(node.engine)
     if lost is not None:  # no transaction starts any more: say why, not "unreachable"
@@ -140,6 +173,8 @@ def readiness(
         checks["migrations"] = "failing: unknown, the database takes no transaction"
     else:
         checks.update(_database_checks(node, heads))
+    if storage_full is not None:
+        checks["storage"] = storage_full.check()
     # Keys are loaded before the server accepts connections; a node without them never
     # starts. Read without loading them again: a reload may be waiting for a rotation.
     state = node.keyring.state()
