@@ -279,7 +279,8 @@ def init(
 
 @app.command()
 def migrate() -> None:
-    """Bring the database schema to the latest migration."""
+    """Bring the database schema to the latest migration (and, from a release before the
+    record of what the log key signed, adopt the audit log once it verifies)."""
     settings = _settings()
     before = _schema_revisions(settings)
     _upgrade(settings)
@@ -293,6 +294,55 @@ def migrate() -> None:
             f"database migrated: {', '.join(before) or 'empty'} -> {', '.join(after)}; "
             "start this version's processes now"
         )
+        _adopt_after_upgrade(settings, before)
+
+
+def _adopt_after_upgrade(settings: Settings, before: list[str]) -> None:
+    """A database last run by a release that kept no record of what the log key signed
+    (app/audit/anchor.py) has none: adopted here, as `entraide restore` records a restored
+    log, once it verifies against its own signed checkpoints. Every node upgraded as §7 says
+    raised the rolled-back alarm until its operator found `audit checkpoint --adopt` (from
+    review). Only for such a schema: a record missing beside a database of the record's
+    time or later was deleted, and stays the alarm it is."""
+    from app.audit.adopt import RECORD_INTRODUCED_AT, adopt_log
+    from app.audit.anchor import SignedLogAnchor
+    from app.crypto.keys import keys_exist
+    from app.errors import EntraideError
+    from app.migrate import older_than
+
+    anchor = SignedLogAnchor.of(settings)
+    if not before or not older_than(settings.database_url, before, RECORD_INTRODUCED_AT):
+        return
+    if not keys_exist(settings.keys_dir) or not anchor.writable():
+        return  # no node yet (`init` writes the record), or none can be kept (doctor warns)
+    try:
+        if anchor.read() is not None:
+            return
+    except EntraideError:
+        return  # unreadable: the alarm says so, and nothing is adopted over it
+    unadopted = (
+        "the database predates the record of what the log key signed, and its audit log was "
+        "not adopted"
+    )
+    try:
+        node = _node(settings)
+    except typer.Exit:
+        typer.echo(f"{unadopted}: once the keys load, run `entraide audit checkpoint --adopt`")
+        raise
+    try:
+        checkpoint = adopt_log(node, actor=_operator(), details={"schema_before": before})
+    except EntraideError as exc:
+        raise _fail(
+            f"{unadopted}: {exc.detail}; do not start the node before you know why "
+            "(docs/operations.md §8)"
+        ) from exc
+    finally:
+        node.close()
+    typer.echo(
+        "audit log adopted (the database predates the record of what the log key signed): "
+        f"it verified against this node's own signed checkpoints; {anchor.path} now records "
+        f"the checkpoint of {checkpoint.size} entries signed over it (audit.log_adopted)"
+    )
 
 
 def _schema_revisions(settings: Settings) -> list[str]:
@@ -890,6 +940,7 @@ def audit_checkpoint(
     yes: Annotated[bool, typer.Option("--yes", help="accept the entries shown")] = False,
 ) -> None:
     """Sign a checkpoint of the audit log now and print it."""
+    from app.audit.adopt import adopt_log
     from app.audit.checkpoints import sign_checkpoint
     from app.db import unit_of_work
     from app.errors import EntraideError
@@ -899,7 +950,7 @@ def audit_checkpoint(
     node = _node(_settings())
     try:
         if adopt:
-            note = _adopt_log(node)
+            note = adopt_log(node, actor=_operator()).note
         elif accept_without_mac:
             note = _accept_without_mac(node, yes=yes)
         else:
@@ -915,51 +966,6 @@ def audit_checkpoint(
     finally:
         node.close()
     typer.echo(note, nl=False)
-
-
-def _adopt_log(node: Node) -> str:
-    """Verify the log (in a snapshot: the node goes on appending), then, if what it holds now
-    extends what verified, say so in the log, sign it, and record that as what the log key
-    signed. Returns the checkpoint's note."""
-    from app.audit.anchor import Signed
-    from app.audit.checkpoints import sign_checkpoint
-    from app.audit.log import lock_head, record
-    from app.audit.mac import mac_key
-    from app.audit.service import verify_database
-    from app.db import read_snapshot, unit_of_work
-
-    if node.log_anchor.read() is not None:
-        raise _fail(
-            f"{node.log_anchor.path} exists: nothing to adopt (a log that does not extend it "
-            "is restored from a backup, docs/operations.md §8)"
-        )
-    with read_snapshot(node.sessions) as session:
-        report = verify_database(
-            session,
-            authority_id=node.authority_id,
-            log_public=node.keys.log_public,
-            mac_key=mac_key(node.keys.log),
-        )
-    if report.first is not None:
-        raise _fail(
-            f"the audit log does not verify, so it is not adopted: entry {report.first.idx}: "
-            f"{report.first.message}"
-        )
-    verified = Signed(report.entries, report.root)
-    with unit_of_work(node.sessions) as session:
-        head = lock_head(session)
-        changed = node.log_anchor.problem(session, head.size, head.root_hash, signed=verified)
-        if changed is not None:
-            raise _fail(f"the audit log changed since it was verified: {changed}")
-        record(
-            session,
-            actor=_operator(),
-            action="audit.log_adopted",
-            details={"size": verified.size, "root": verified.root.hex()},
-        )
-        checkpoint = sign_checkpoint(session, authority_id=node.authority_id, log_key=node.keys.log)
-    node.log_anchor.reset(checkpoint.size, checkpoint.root_hash)
-    return checkpoint.note
 
 
 def _accept_without_mac(node: Node, *, yes: bool) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from alembic import command
@@ -22,6 +23,15 @@ def alembic_config(url: str) -> Config:
 
 def upgrade(url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(url), revision)
+
+
+def older_than(url: str, revisions: Sequence[str], revision: str) -> bool:
+    """True when every one of `revisions` comes before `revision` (an ancestor, not itself);
+    False for one this code does not know (a newer version's)."""
+    script = ScriptDirectory.from_config(alembic_config(url))
+    earlier = {each.revision for each in script.iterate_revisions(revision, "base")}
+    earlier.discard(revision)
+    return bool(revisions) and all(each in earlier for each in revisions)
 
 
 def pending(engine: Engine, url: str) -> bool:

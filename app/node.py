@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
@@ -63,9 +64,11 @@ class Node:
         """The self-signed identity document publishing the current keys."""
         return self.keyring.current().document
 
-    @property
+    @cached_property
     def log_anchor(self) -> SignedLogAnchor:
-        """What this node's log key signed, outside the database (app/audit/anchor.py)."""
+        """What this node's log key signed, outside the database (app/audit/anchor.py). One
+        for the node's life: it remembers which alarm it logged last (logged once, not at
+        every worker round)."""
         from app.audit.anchor import SignedLogAnchor  # app.audit imports this module
 
         return SignedLogAnchor.of(self.settings)

@@ -14,7 +14,8 @@ Restoring a backup moves the log back on purpose: `entraide restore` records the
 head in its place (`reset`). A missing record where the database holds checkpoints is an alarm
 too (deleting the file would otherwise switch the check off): a node from before the record,
 or one whose record was lost, adopts its log with `entraide audit checkpoint --adopt`, which
-verifies the log first and is audited.
+verifies the log first and is audited (app/audit/adopt.py; `entraide migrate` does it by itself
+for a schema from before the record).
 """
 
 from __future__ import annotations
@@ -64,6 +65,10 @@ class SignedLogAnchor:
         # The record kept before ENTRAIDE_SIGNED_LOG_FILE moved it: read until the new one
         # exists (setting the variable must not drop what the node already signed).
         self.moved_from = moved_from
+        # The problem last logged as an alarm, until a checkpoint is signed again: the worker
+        # tries every round (twice a second by default), and logged the same CRITICAL line
+        # each time, about 90 a minute, until the operator acted (from review).
+        self._alarmed: object = None
 
     @classmethod
     def of(cls, settings: Settings) -> SignedLogAnchor:
@@ -162,14 +167,35 @@ class SignedLogAnchor:
         return self.keys_dir is None or keys_exist(self.keys_dir)
 
     def check(self, session: Session, size: int, root: bytes) -> None:
-        found = self.problem(session, size, root)
+        try:
+            signed = self.read()
+        except LogRolledBack as exc:  # unreadable
+            self.alarm(("unreadable", exc.detail), exc.detail)
+            raise
+        found = self.problem(session, size, root, signed=signed)
         if found is not None:
-            log.critical("audit log rolled back or rewritten: %s", found)
+            # One problem per record: a log that no longer extends it never will again, and
+            # a missing record stays missing, however many entries are appended meanwhile.
+            self.alarm(("rolled back", signed), found)
             raise LogRolledBack(found)
+
+    def alarm(self, problem: object, message: str) -> None:
+        """Log `message` as critical once for each distinct `problem`, not again while it
+        lasts (each caller still refuses to sign: `doctor` and `audit verify --db` say it
+        whenever they run, and `entraide_audit_last_checkpoint_age_seconds` keeps growing)."""
+        if problem == self._alarmed:
+            return
+        self._alarmed = problem
+        log.critical(
+            "audit log rolled back or rewritten: %s; no checkpoint is signed until it is "
+            "resolved (docs/operations.md §8)",
+            message,
+        )
 
     def remember(self, size: int, root: bytes) -> None:
         """After the checkpoint's commit: forward only (another process may have recorded a
         later one meanwhile; a record left a little behind only checks a little less)."""
+        self._alarmed = None  # signed again: a problem from now on is a new one
         try:
             signed = self.read()
         except LogRolledBack:

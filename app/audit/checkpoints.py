@@ -73,6 +73,7 @@ class Anchor(Protocol):
     def problem(self, session: Session, size: int, root: bytes) -> str | None: ...
     def check(self, session: Session, size: int, root: bytes) -> None: ...
     def remember(self, size: int, root: bytes) -> None: ...
+    def alarm(self, problem: object, message: str) -> None: ...
 
 
 class LogRewritten(EntraideError):
@@ -110,7 +111,10 @@ def sign_checkpoint(
         head_root=head.root_hash,  # what is signed is the head's root: vouched for, or not signed
     ).problem
     if found is not None:
-        log.critical("audit log rolled back or rewritten: %s", found[1])
+        if anchor is not None:
+            anchor.alarm(("rewritten", found), found[1])  # once, not at every worker round
+        else:
+            log.critical("audit log rolled back or rewritten: %s", found[1])
         raise LogRewritten(found[1])
     origin = log_origin(authority_id)
     now = utc_now()
@@ -348,10 +352,15 @@ def maybe_checkpoint(
     catch_up(session, size=progress.size, indexed=progress.indexed, batch=1 if due else INDEX_BATCH)
     if not due:
         return None
+    from app.audit.anchor import LogRolledBack  # app.audit.anchor imports this module
+
     try:
         return sign_checkpoint(session, authority_id=authority_id, log_key=log_key, anchor=anchor)
-    except EntraideError as exc:  # LogRolledBack: no checkpoint, deliveries go on
-        # Logged critical where found; signing nothing more over a rewritten log is the
-        # point, stopping every delivery with it is not (peers see no new checkpoint).
+    except (LogRolledBack, LogRewritten):
+        # Logged critical where found, once per problem (not at every round, from review);
+        # signing nothing more over a rewritten log is the point, stopping every delivery
+        # with it is not (peers see no new checkpoint).
+        return None
+    except EntraideError as exc:  # no checkpoint, deliveries go on
         log.warning("no checkpoint signed: %s", exc.code)
         return None
