@@ -22,6 +22,31 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from app.config import Settings
 from app.errors import PayloadTooLarge
 
+# Methods whose local API calls carry a body: refused before it is read without a token.
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# The paths whose routes take a body (of BODY_METHODS): the only bodies `LimitsAndHeaders`
+# (app.main) reads. Any other request goes to the app unread; its route answers 404 or 405,
+# or has no use for a body.
+BODY_PATHS = ("/api/v1/", "/p2p/")
+# Evidence bodies (app/evidence) are streamed to their route, never buffered: each such
+# route enforces its own bound, the attachment's declared size or the part's signed length.
+STREAMED_BODIES = (
+    ("PATCH", "/api/v1/evidence/drafts/"),
+    ("PUT", "/p2p/v1/evidence/envelopes/"),
+)
+
+
+def streamed_body(method: str, path: str) -> bool:
+    """Whether this request's body is bytes streamed to its route (evidence)."""
+    return any(method == verb and path.startswith(prefix) for verb, prefix in STREAMED_BODIES)
+
+
+def buffered_body(method: str, path: str) -> bool:
+    """Whether `LimitsAndHeaders` reads this request's body whole before its route runs
+    (and may answer 408 body_timeout, 413 too_large or 503 busy for it)."""
+    reads = method in BODY_METHODS and path.startswith(BODY_PATHS)
+    return reads and not streamed_body(method, path)
+
 
 class HeaderLimit:
     def __init__(

@@ -41,6 +41,7 @@ from app.evidence.p2p_router import router as evidence_p2p_router
 from app.evidence.router import replies as evidence_replies_router
 from app.evidence.router import router as evidence_router
 from app.limits import (
+    BODY_METHODS,
     MAX_JSON_VALUES,
     BodyBudget,
     BodyTimedOut,
@@ -48,6 +49,7 @@ from app.limits import (
     HeaderLimit,
     NoRoomForBody,
     Reservation,
+    buffered_body,
     json_values_exceed,
     read_body,
 )
@@ -86,19 +88,6 @@ ROUTERS = (
     evidence_p2p_router,
 )
 
-# Evidence bodies (app/evidence) are streamed to their route, never buffered here: each such
-# route enforces its own bound, the attachment's declared size or the part's signed length.
-STREAMED_BODIES = (
-    ("PATCH", "/api/v1/evidence/drafts/"),
-    ("PUT", "/p2p/v1/evidence/envelopes/"),
-)
-
-# Methods whose local API calls carry a body: refused before it is read without a token.
-BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-# The paths whose routes take a body (of BODY_METHODS): the only bodies read here. Any other
-# request goes to the app unread; its route answers 404 or 405, or has no use for a body.
-BODY_PATHS = ("/api/v1/", "/p2p/")
-
 # The status of a request whose client left before its end (nginx's): no answer is read.
 CLIENT_GONE = 499
 
@@ -133,8 +122,8 @@ class LimitsAndHeaders:
     The body is read here, up to the limit, within its deadlines (`read_body`) and within
     the memory budget (`BodyBudget`, 503 `busy` beyond it), and replayed to the app: the app
     never sees a body over the limit, however it is sent (Content-Length or chunked). Only
-    bodies of BODY_METHODS on BODY_PATHS are read; streamed bodies (STREAMED_BODIES) are
-    their routes' own.
+    bodies of BODY_METHODS on BODY_PATHS are read (`buffered_body`, app/limits.py); streamed
+    bodies (STREAMED_BODIES) are their routes' own.
     """
 
     def __init__(self, app: ASGIApp, settings: Settings, budget: BodyBudget) -> None:
@@ -200,10 +189,7 @@ class LimitsAndHeaders:
                 headers={"www-authenticate": 'Bearer realm="entraide"'},
             )
             return
-        if not _buffered(scope) or any(
-            scope.get("method") == method and str(scope.get("path", "")).startswith(prefix)
-            for method, prefix in STREAMED_BODIES
-        ):
+        if not buffered_body(str(scope.get("method")), str(scope.get("path", ""))):
             await self.app(scope, receive_tracked, send_with_headers)
             return
         if _p2p_body(scope):
@@ -324,10 +310,6 @@ class LimitsAndHeaders:
         detail = f"body larger than {self.max_body_bytes} bytes"
         await _record_body_refusal(scope, 413, "too_large", detail)
         await _refuse(send, 413, "too_large", detail)
-
-
-def _buffered(scope: Scope) -> bool:
-    return scope.get("method") in BODY_METHODS and str(scope.get("path", "")).startswith(BODY_PATHS)
 
 
 def _p2p_body(scope: Scope) -> bool:

@@ -33,6 +33,7 @@ from app.evidence.node_store import blob_store
 from app.evidence.pump import body_timed_out, feed_in_thread, until_idle
 from app.evidence.stream import PartReceiver
 from app.limits import BodyTimedOut
+from app.openapi import RECEIPT_ANSWER
 from app.p2p.refusals import audit_refusals, json_body
 from app.p2p.service import Accepted
 from app.plainint import PlainInt
@@ -87,6 +88,11 @@ def _announce(node: NodeDep, wire: object) -> inbound.Announced:
             "content": {"application/json": {"schema": {"type": "object"}}},
         }
     },
+    # The envelope is held already (a repeat), or has no part left to send: its receipt.
+    responses={
+        200: {"description": "Held already: its stored receipt", **RECEIPT_ANSWER},
+        201: {"description": "Accepted whole: the receipt", **RECEIPT_ANSWER},
+    },
 )
 async def announce(request: Request, node: NodeDep) -> JSONResponse:
     wire = await json_body(request)
@@ -127,7 +133,7 @@ def _headers(offset: int, length: int) -> dict[str, str]:
     return {"upload-offset": str(offset), "upload-length": str(length)}
 
 
-@router.head("/envelopes/{msg_id}/parts/{index}")
+@router.head("/envelopes/{msg_id}/parts/{index}", status_code=204)
 async def part_offset(msg_id: MsgId, index: Index, request: Request, node: NodeDep) -> Response:
     try:
         # No key is opened to say where to resume: anyone may ask.
@@ -205,7 +211,11 @@ def _restarted(
     )
 
 
-@router.put("/envelopes/{msg_id}/parts/{index}", status_code=204)
+@router.put(
+    "/envelopes/{msg_id}/parts/{index}",
+    status_code=204,
+    responses={201: {"description": "The envelope's last part: its receipt", **RECEIPT_ANSWER}},
+)
 async def put_part(
     msg_id: MsgId,
     index: Index,

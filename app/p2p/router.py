@@ -10,18 +10,13 @@ from starlette.concurrency import run_in_threadpool
 from app.db import unit_of_work
 from app.deps import PEER_SIGNED, NodeDep, source_address
 from app.errors import EnvelopeRefused
+from app.openapi import RECEIPT_SCHEMA
 from app.p2p.batch import accept_batch, parse_batch
 from app.p2p.refusals import audit_refusals, json_body
 from app.p2p.service import Accepted, accept_envelope
 from app.peers.client import MAX_BATCH_ENVELOPES
 
 router = APIRouter(prefix="/p2p/v1", tags=["p2p"], dependencies=[Depends(PEER_SIGNED)])
-
-RECEIPT_SCHEMA = {
-    "type": "object",
-    "required": ["receipt", "signature"],
-    "properties": {"receipt": {"type": "string"}, "signature": {"type": "string"}},
-}
 
 
 def _accept(node: NodeDep, wire: object) -> Accepted:

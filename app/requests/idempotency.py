@@ -37,11 +37,12 @@ Model = TypeVar("Model", bound=BaseModel)
 
 IDEMPOTENCY_DAYS = 7
 REPLAYED_HEADER = "Idempotent-Replayed"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 # Printable ASCII without spaces or quotes: UUIDs, ULIDs, case numbers with separators.
 KeyHeader = Annotated[
     str | None,
-    Header(alias="Idempotency-Key", pattern=r"^[A-Za-z0-9._:/+=-]{1,100}$"),
+    Header(alias=IDEMPOTENCY_HEADER, pattern=r"^[A-Za-z0-9._:/+=-]{1,100}$"),
 ]
 
 

@@ -179,7 +179,13 @@ def custody_proof(
 @router.get(
     "/{request_id}/messages/{msg_id}/attachments/{index}",
     response_class=Response,
-    responses={200: {"content": {"application/octet-stream": {}}}},
+    responses={
+        200: {
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            }
+        }
+    },
 )
 def download_attachment(
     request_id: RequestId,

@@ -24,8 +24,10 @@ import httpx
 import pytest
 from sqlalchemy import select as select_rows
 
+from app.config import Settings
 from app.db import make_engine
 from app.localnodes import LocalNode
+from app.main import create_app
 from app.models import AuditEntry
 from tests.conftest import BACKENDS, make_databases
 from tests.e2e.conftest import wait_for
@@ -99,6 +101,11 @@ def _answer(connection: socket.socket) -> tuple[int, dict[str, str], dict[str, A
     return int(status_line.split()[1]), headers, json.loads(body)
 
 
+def _documented(path: str, method: str = "post") -> set[str]:
+    """The statuses the node's OpenAPI description lists for this operation."""
+    return set(create_app(Settings()).openapi()["paths"][path][method]["responses"])
+
+
 def _refusals(node: LocalNode, action: str, outcome: str) -> list[dict[str, Any]]:
     engine = make_engine(node.database_url)
     try:
@@ -127,6 +134,7 @@ def test_a_silent_body_is_refused_408_on_record_and_let_go(node: LocalNode, path
         connection.close()
     assert status == 408, body
     assert body["error"] == "body_timeout"
+    assert "408" in _documented(path)  # from review: the description did not list it
     assert f"nothing for {IDLE_SECONDS:g} s" in body["detail"]
     assert headers["connection"] == "close"
     assert IDLE_SECONDS * 0.9 <= waited < IDLE_SECONDS + 5
@@ -168,6 +176,7 @@ def test_a_silent_body_on_the_local_api_is_refused_408_on_record(node: LocalNode
         connection.close()
     assert status == 408, body
     assert body["error"] == "body_timeout"
+    assert "408" in _documented("/api/v1/requests")
     entries = _refusals(node, "api.refused", "body_timeout")
     assert len(entries) == before + 1
     assert entries[-1]["actor"] == "client:officer"
@@ -411,6 +420,8 @@ def _busy(connection: socket.socket) -> None:
     assert body["error"] == "busy"
     assert headers["retry-after"] == "10"  # the idle period: a stalled body is gone by then
     assert headers["connection"] == "close"
+    documented = create_app(Settings()).openapi()["paths"]["/p2p/v1/envelopes"]["post"]
+    assert "Retry-After" in documented["responses"]["503"]["headers"]
 
 
 def test_bodies_held_in_memory_are_bounded_per_source_and_in_all(small_node: LocalNode) -> None:
