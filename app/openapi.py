@@ -59,7 +59,8 @@ REASONS = {
     403: "The token lacks the route's role (P2P: client certificate refused)",
     404: "No such object",
     408: "The body sent nothing for the idle period, or arrived too slowly (`body_timeout`): "
-    "none of it is kept; send the call again",
+    "a body read whole is not kept (send the call again); an upload or a part keeps its whole "
+    "chunks (resume from Upload-Offset)",
     409: "Conflicts with the current state",
     413: "Body or headers over the limit",
     421: "Envelope addressed to another authority",
@@ -70,7 +71,8 @@ REASONS = {
     502: "A peer could not be reached or answered badly",
     503: "The database (or, for evidence, its storage) is unavailable; or (`busy`) the request "
     "bodies held in memory fill the node's budget: retry after Retry-After",
-    507: "The evidence storage is full: resume from the offset once there is room",
+    507: "The database, or the evidence storage, is full: nothing more was stored; retry (or "
+    "resume from the offset) once there is room",
 }
 ALWAYS = {413, 503}
 WITH_TOKEN = {401, 403, 429}
@@ -218,7 +220,8 @@ def error_statuses(route: APIRoute, method: str) -> set[int]:
     elif has_input:
         statuses.add(422)
     if route.path.startswith(STORES_EVIDENCE) and method in {"PATCH", "PUT"}:
-        statuses.add(507)
+        # A streamed body that goes quiet is answered 408 too, its whole chunks kept.
+        statuses |= {408, 507}
     if buffered_body(method, route.path):
         statuses |= BUFFERED_BODY
     if (method, route.path) in OPENS_STORED:

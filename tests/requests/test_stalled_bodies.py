@@ -59,6 +59,13 @@ def _locked(ar: Harness, upload_id: str) -> None:
         time.sleep(0.02)
 
 
+def _documented(ar: Harness, path: str, method: str) -> dict[str, object]:
+    """The answers /openapi.json lists for an operation (a client generated from it)."""
+    spec = ar.http.get("/api/v1/openapi.json", headers=ar.as_("officer")).json()
+    responses: dict[str, object] = spec["paths"][path][method]["responses"]
+    return responses
+
+
 def _once_free(send: Callable[[], httpx.Response], busy: str) -> httpx.Response:
     """Send again while refused as busy (the silent request holds the file), for 15 s at
     most; the first other answer."""
@@ -95,6 +102,7 @@ def test_a_part_whose_sender_went_silent_is_not_kept_busy(
         assert told["upload-offset"] == head.headers["upload-offset"]
         assert told["upload-length"] == str(len(part))
         assert ar.audit("envelope.refused")[refused:] == [("peer:unknown", "body_timeout", None)]
+        assert "408" in _documented(ar, "/p2p/v1/evidence/envelopes/{msg_id}/parts/{index}", "put")
         answer = _once_free(lambda: ar.http.put(href, content=part, headers=headers), "part_busy")
         # Part 1 whole (part 2 still to come): taken as soon as the silent one was let go.
         assert answer.status_code == 204, answer.text
@@ -121,6 +129,10 @@ def test_an_attachment_whose_uploader_went_silent_is_not_kept_busy(
         assert told["upload-offset"] == head.headers["upload-offset"]
         assert told["upload-length"] == str(len(data))
         assert ar.audit("api.refused")[refused:] == [("client:officer", "body_timeout", draft_id)]
+        documented = _documented(
+            ar, "/api/v1/evidence/drafts/{draft_id}/attachments/{index}", "patch"
+        )
+        assert "408" in documented
         answer = _once_free(
             lambda: ar.http.patch(href, content=data, headers=headers), "upload_busy"
         )
