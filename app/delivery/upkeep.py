@@ -21,7 +21,7 @@ from sqlalchemy import exists, or_, update
 from sqlalchemy.orm import Session
 
 from app.delivery import heartbeat
-from app.delivery.outbox import IN_FLIGHT, QUEUED, RETRY, SUSPENDED_FOR
+from app.delivery.outbox import IN_FLIGHT, SUSPENDED_FOR, waiting
 from app.delivery.retry import POLICIES
 from app.models import OutboxItem, Peer, WorkerHeartbeat
 from app.peers.client import MAX_RETRY_AFTER_SECONDS
@@ -69,7 +69,9 @@ def due_after_clock_step(session: Session, *, now: datetime) -> int:
         .where(
             OutboxItem.next_attempt_at > now + PLANNED_AHEAD_MAX,
             OutboxItem.next_attempt_at < now + SUSPENDED_FOR / 2,
-            OutboxItem.state.in_((QUEUED, RETRY)),
+            # As the claim writes it: on SQLite, kept off the index on state (every waiting
+            # row) for the range of the index on the next attempt (none, as a rule).
+            waiting(session),
             ~suspended,
         )
         .values(next_attempt_at=now)
