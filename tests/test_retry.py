@@ -11,6 +11,7 @@ import pytest
 
 from app.config import Settings
 from app.delivery import outbox
+from app.delivery.clocksteps import ClockWatch
 from app.delivery.retry import (
     BASE_SECONDS,
     CAP_SECONDS,
@@ -161,3 +162,31 @@ def test_the_next_attempt_waits_for_what_the_peer_asked_within_the_deadline() ->
 def test_only_a_retry_keeps_the_peers_retry_after() -> None:
     assert classify(429, {"error": "rate_limited"}, 60.0).retry_after == 60.0
     assert classify(400, {"error": "malformed_envelope"}, 60.0).retry_after is None
+
+
+@pytest.mark.parametrize("urgency", sorted(POLICIES))
+def test_past_the_deadline_by_a_clock_not_believed_the_delivery_is_tried_again(
+    urgency: str,
+) -> None:
+    deadline = NOW - timedelta(hours=1)
+    assert next_attempt(NOW, 3, urgency, deadline) is None
+    when = next_attempt(NOW, 3, urgency, deadline, give_up=False, rng=random.Random(1))
+    assert when is not None
+    assert NOW < when <= NOW + timedelta(seconds=POLICIES[urgency].cap_seconds)
+
+
+def test_a_step_of_the_wall_clock_holds_give_ups_for_a_while() -> None:
+    watch = ClockWatch(hold_seconds=900)
+    watch.observe(NOW, 100.0)
+    # An hour on both clocks, with NTP's slew: no step.
+    watch.observe(NOW + timedelta(hours=1, seconds=3), 3700.0)
+    assert watch.steady(3700.0)
+    # A day ahead within a second: a step; and back seven seconds later: another.
+    watch.observe(NOW + timedelta(hours=26), 3701.0)
+    assert not watch.steady(3701.0)
+    watch.observe(NOW + timedelta(hours=1, seconds=10), 3708.0)
+    assert not watch.steady(3708.0 + 899)
+    assert watch.steady(3708.0 + 900)  # past the hold: the wall clock is believed again
+    # A step back is one too.
+    watch.observe(NOW - timedelta(hours=2), 4700.0)
+    assert not watch.steady(4700.0)

@@ -63,13 +63,15 @@ def next_attempt(
     *,
     not_before: datetime | None = None,
     rng: random.Random | None = None,
+    give_up: bool = True,
 ) -> datetime | None:
     """When to try again after a failed attempt (never before `not_before`, the time the
     peer asked us to wait for, nor after the deadline), or None when the deadline has
-    passed."""
+    passed. `give_up=False`: `now` is not to be believed (the clock just stepped,
+    app/delivery/clocksteps.py): past the deadline, the next attempt after the backoff."""
     when = now + backoff(attempts, policy=policy_for(urgency), rng=rng)
     if not_before is not None:
         when = max(when, not_before)
     if deadline is not None and now >= deadline:
-        return None
+        return None if give_up else when
     return min(when, deadline) if deadline is not None else when

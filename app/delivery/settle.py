@@ -49,12 +49,18 @@ def settle(session: Session, claim: outbox.Claim, outcome: Outcome, *, worker: s
 
 
 def settle_batch(
-    session: Session, results: Sequence[tuple[outbox.Claim, Outcome]], *, worker: str
+    session: Session,
+    results: Sequence[tuple[outbox.Claim, Outcome]],
+    *,
+    worker: str,
+    clock_steady: bool = True,
 ) -> list[bool]:
     """Apply a batch's outcomes in one transaction: its rows are read with one query per table
     (the outbox rows locked, in id order so two workers never wait on each other in a cycle),
     written together at the commit, and made durable by one commit instead of one each.
-    Per claim: False if the claim was lost (lease expired and retaken)."""
+    Per claim: False if the claim was lost (lease expired and retaken). `clock_steady=False`:
+    this host's wall clock stepped lately (app/delivery/clocksteps.py), so no deadline fails
+    a delivery now; it is tried again after its backoff."""
     if not results:
         return []
     now = utc_now()
@@ -109,6 +115,7 @@ def settle_batch(
             events,
             worker=worker,
             now=now,
+            give_up=clock_steady,
             first_receipts=first_receipts,
             lost=lost,
         )
@@ -195,6 +202,7 @@ def _apply(
     *,
     worker: str,
     now: datetime,
+    give_up: bool,
     first_receipts: list[CaseFile],
     lost: list[tuple[OutboxItem, Message]],
 ) -> None:
@@ -216,8 +224,21 @@ def _apply(
         # A peer shedding load (429, 503) may say when to come back: not before then.
         not_before = now + timedelta(seconds=outcome.retry_after) if outcome.retry_after else None
         when = next_attempt(
-            now, claim.attempts, case.urgency, item.expires_at, not_before=not_before
+            now,
+            claim.attempts,
+            case.urgency,
+            item.expires_at,
+            not_before=not_before,
+            give_up=give_up,
         )
+        if not give_up and item.expires_at is not None and now >= item.expires_at:
+            log.warning(
+                "delivery of request %s to %s is past its %s deadline by this host's clock, "
+                "which stepped lately: tried again rather than given up",
+                message.request_id,
+                claim.peer_authority,
+                case.urgency,
+            )
         if when is None and item.expires_at is not None and _may_hold_it(session, item, outcome):
             # The peer may hold the envelope and only our copy of its receipt was lost. Keep
             # asking (a repeat is answered with the stored receipt, even after expiry) until

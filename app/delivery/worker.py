@@ -29,7 +29,8 @@ from app.config import LEASE_MARGIN_SECONDS, Settings, longest_exchange_seconds
 from app.crypto.encoding import utc_now
 from app.crypto.receipts import ReceiptError, decode_receipt
 from app.db import PeriodicJob, commit_without_waiting, read_snapshot, unit_of_work
-from app.delivery import heartbeat, outbox
+from app.delivery import heartbeat, outbox, upkeep
+from app.delivery.clocksteps import ClockWatch, boot_clock
 from app.delivery.settle import Outcome, settle_batch
 from app.errors import PeerError, StoredEnvelopeCorrupt
 from app.evidence.cleanup import OrphanSweep
@@ -268,6 +269,15 @@ class Worker:
         # days (hourly too).
         self._prune = ThrottlePrune(node.settings, node.sessions)
         self._forget_keys = PeriodicJob(node.sessions, idempotency.prune, every_seconds=3600.0)
+        # Leases of dead workers cut short, rows planned by a clock that was ahead made due
+        # (app/delivery/upkeep.py): every heartbeat period, from the rounds, the first at once.
+        self._upkeep = PeriodicJob(
+            node.sessions, self.outbox_upkeep, every_seconds=node.settings.worker_heartbeat_seconds
+        )
+        # The wall clock against the boot clock: no deadline fails a delivery just after a
+        # step (app/delivery/clocksteps.py).
+        self._clock = ClockWatch()
+        self._clock.observe(utc_now(), boot_clock())
         # Peers that answered a batch as an older node would: posted one by one from then on.
         self._no_batch: set[str] = set()
         # Posts under way, across rounds: a slow one (a long evidence transfer, a peer that
@@ -352,6 +362,8 @@ class Worker:
         never holds up the claims and posts of everything else. Returns the rows claimed and
         settled (0: nothing to do)."""
         concurrency = self.node.settings.worker_concurrency
+        self._clock_steady()
+        self._upkeep.run_due()
         if len(self._in_flight) < concurrency:
             posting = self._claim_and_post(concurrency)
         else:  # every posting thread busy: claim nothing yet, but keep signing checkpoints
@@ -368,6 +380,31 @@ class Worker:
         # 0 with slow posts under way: the loop waits on the signal, which new work, a stop
         # and the end of any post set.
         return len(posting) + len(done)
+
+    def outbox_upkeep(self, session: Session) -> int:
+        """Leases of workers gone cut short and rows planned by a clock that was ahead made
+        due, for this round's claim (app/delivery/upkeep.py). Returns the rows changed."""
+        now = utc_now()
+        every = self.node.settings.worker_heartbeat_seconds
+        reclaimed = upkeep.reclaim_orphaned(
+            session,
+            owner=self.id,
+            now=now,
+            grace=timedelta(seconds=every * heartbeat.MISSED_BEATS),
+        )
+        if reclaimed:
+            log.warning("%s deliveries of workers gone (no heartbeat) taken over", reclaimed)
+        planned_ahead = upkeep.due_after_clock_step(session, now=now)
+        if planned_ahead:
+            log.warning(
+                "%s deliveries planned by a clock that was ahead made due now", planned_ahead
+            )
+        return reclaimed + planned_ahead
+
+    def _clock_steady(self) -> bool:
+        boot = boot_clock()
+        self._clock.observe(utc_now(), boot)
+        return self._clock.steady(boot)
 
     def _claim_and_post(self, concurrency: int) -> list[Future[list[Outcome | None]]]:
         lease = timedelta(seconds=self.node.settings.lease_seconds)
@@ -516,7 +553,9 @@ class Worker:
             return []
         try:
             with unit_of_work(self.node.sessions) as session:
-                return settle_batch(session, results, worker=self.id)
+                return settle_batch(
+                    session, results, worker=self.id, clock_steady=self._clock_steady()
+                )
         except Exception as exc:
             if len(results) == 1:
                 self._unsettled.add(results[0][0].outbox_id)

@@ -43,11 +43,15 @@ def test_only_the_posts_whose_settlement_failed_are_recorded_at_a_stop(
         assert sorted(claim.outbox_id for claim in claims) == sorted(rows)
 
         def settle_but_one(
-            session: Session, results: Sequence[tuple[outbox.Claim, Outcome]], *, worker: str
+            session: Session,
+            results: Sequence[tuple[outbox.Claim, Outcome]],
+            *,
+            worker: str,
+            clock_steady: bool = True,
         ) -> list[bool]:
             if any(claim.outbox_id == failing_row for claim, _ in results):
                 raise RuntimeError("the database went away")
-            return settle_batch(session, results, worker=worker)
+            return settle_batch(session, results, worker=worker, clock_steady=clock_steady)
 
         monkeypatch.setattr(worker_module, "settle_batch", settle_but_one)
         never_reached = Outcome(outbox.RETRY, "transport: ConnectError")

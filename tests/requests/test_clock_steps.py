@@ -1,0 +1,117 @@
+"""A delivery worker whose host's wall clock steps (from a review of reliability, confirmed
+with `faketime` on real nodes): a forward jump of a day for a few seconds gave up every
+pending urgent and emergency delivery "at its deadline" and left the others planned a day
+ahead; a step back of two hours held every retry back two hours. The worker's clock is
+moved here as the wall clock moves, the boot clock it checks it against going on."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from app.crypto.encoding import utc_now
+from app.db import unit_of_work
+from app.delivery import outbox
+from app.delivery import settle as settle_module
+from app.delivery import worker as worker_module
+from app.delivery.worker import Worker
+from app.models import Message, OutboxItem
+from tests.requests.conftest import EXAMPLE, Harness
+
+# The delivery's peer, ES/MJ, is pinned at http://es.invalid: every attempt is a
+# ConnectError, as with a peer down.
+
+
+def _submit(ar: Harness, urgency: str) -> str:
+    body: dict[str, Any] = json.loads(json.dumps(EXAMPLE))
+    body["to"] = "ES/MJ"
+    body["document"].update(requesting_authority="AR/MPF", requested_authority="ES/MJ")
+    body["document"]["urgency"]["level"] = urgency
+    submitted = ar.post("/api/v1/requests", body)
+    assert submitted.status_code == 201, submitted.text
+    request_id: str = submitted.json()["id"]
+    return request_id
+
+
+def _row(ar: Harness, request_id: str) -> tuple[str, int, datetime, str | None]:
+    with unit_of_work(ar.node.sessions) as session:
+        item = session.scalars(
+            select(OutboxItem)
+            .join(Message, Message.id == OutboxItem.message_id)
+            .where(Message.request_id == request_id)
+        ).one()
+        return item.state, item.attempts, item.next_attempt_at, item.last_error
+
+
+@pytest.fixture
+def worker(fresh_ar: Harness, monkeypatch: pytest.MonkeyPatch) -> Iterator[Worker]:
+    # Its upkeep every 0.2 s rather than every 10 s.
+    monkeypatch.setattr(fresh_ar.node.settings, "worker_heartbeat_seconds", 0.2)
+    worker = Worker(fresh_ar.node)
+    try:
+        yield worker
+    finally:
+        worker._finish_in_flight()
+        worker._pool.shutdown()
+        worker.http.close()
+
+
+def _set_clock(monkeypatch: pytest.MonkeyPatch, offset: timedelta) -> None:
+    """The wall clock the worker reads (its claims, its settlements) moved by `offset`."""
+    moved: Callable[[], datetime] = lambda: utc_now() + offset  # noqa: E731
+    for module in (worker_module, settle_module):
+        monkeypatch.setattr(module, "utc_now", moved)
+
+
+def _rounds_until(
+    worker: Worker, ar: Harness, request_id: str, attempts: int, timeout: float = 20.0
+) -> tuple[str, int, datetime, str | None]:
+    deadline = time.monotonic() + timeout
+    while True:
+        worker.run_once()
+        row = _row(ar, request_id)
+        if row[1] >= attempts and row[0] != outbox.IN_FLIGHT:
+            return row
+        if time.monotonic() > deadline:
+            return row
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("urgency", ["emergency", "urgent"])
+def test_a_forward_jump_of_a_day_gives_up_no_delivery(
+    fresh_ar: Harness, worker: Worker, monkeypatch: pytest.MonkeyPatch, urgency: str
+) -> None:
+    ar = fresh_ar
+    request_id = _submit(ar, urgency)
+    state, attempts, _, error = _rounds_until(worker, ar, request_id, 1)
+    assert (state, attempts) == (outbox.RETRY, 1), error
+
+    _set_clock(monkeypatch, timedelta(hours=25))  # past the deadline of both
+    state, attempts, planned, error = _rounds_until(worker, ar, request_id, 2)
+    assert attempts == 2
+    assert state == outbox.RETRY, error  # not "gave up at the deadline": seconds went by
+    assert planned > utc_now() + timedelta(hours=24)  # planned by the clock ahead
+
+    monkeypatch.undo()  # the clock put right: the next attempt comes now, not in a day
+    state, attempts, planned, error = _rounds_until(worker, ar, request_id, 3)
+    assert (state, attempts) == (outbox.RETRY, 3), error
+    assert planned < utc_now() + timedelta(hours=1)
+
+
+def test_a_clock_stepped_back_two_hours_holds_no_retry_back(
+    fresh_ar: Harness, worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ar = fresh_ar
+    request_id = _submit(ar, "routine")
+    state, attempts, _, error = _rounds_until(worker, ar, request_id, 1)
+    assert (state, attempts) == (outbox.RETRY, 1), error
+
+    _set_clock(monkeypatch, -timedelta(hours=2))
+    state, attempts, _, error = _rounds_until(worker, ar, request_id, 2, timeout=10)
+    assert (state, attempts) == (outbox.RETRY, 2), error

@@ -1,0 +1,120 @@
+"""A worker's upkeep of the outbox (app/delivery/upkeep.py), on SQLite and PostgreSQL: leases
+of workers gone are cut short for the next claim, and rows planned by a clock that was ahead
+are made due (both from a review of reliability)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+from nacl.signing import SigningKey
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.audit.mac import append_with
+from app.crypto.encoding import utc_now
+from app.crypto.keys import NodeKeys
+from app.db import make_engine, make_session_factory, unit_of_work
+from app.delivery import heartbeat, outbox, upkeep
+from app.migrate import upgrade
+from app.models import DeliveryAttempt, OutboxItem, WorkerHeartbeat
+from tests.audit.test_witness import _peer
+from tests.conftest import Databases
+from tests.test_outbox import _queue
+
+LEASE = timedelta(seconds=300)
+GRACE = timedelta(seconds=30)
+
+
+@pytest.fixture
+def sessions(databases: Databases) -> Iterator[sessionmaker[Session]]:
+    url = databases.new("upkeep")
+    upgrade(url)
+    engine = make_engine(url)
+    yield append_with(make_session_factory(engine), SigningKey.generate())
+    engine.dispose()
+
+
+def _claim_one(factory: sessionmaker[Session], owner: str) -> outbox.Claim:
+    with unit_of_work(factory) as session:
+        (claim,) = outbox.claim_due(session, now=utc_now(), lease=LEASE, limit=1, owner=owner)
+    return claim
+
+
+def test_leases_of_workers_without_a_live_heartbeat_are_taken_over(
+    sessions: sessionmaker[Session],
+) -> None:
+    """A worker killed held its rows for the whole lease (300 s), emergencies included,
+    although the node was back in seconds."""
+    with unit_of_work(sessions) as session:
+        _queue(session, 4, urgency="emergency")
+    dead = _claim_one(sessions, "dead")  # beat once, then killed
+    alive = _claim_one(sessions, "alive")  # beating, posting a long transfer
+    _claim_one(sessions, "starting")  # claimed before its first beat
+    mine = _claim_one(sessions, "me")  # the worker doing the upkeep
+    with unit_of_work(sessions) as session:
+        heartbeat.beat(session, "dead", every_seconds=10)
+        heartbeat.beat(session, "alive", every_seconds=10)
+        session.execute(
+            update(WorkerHeartbeat)
+            .where(WorkerHeartbeat.worker_id == "dead")
+            .values(expires_at=heartbeat.database_now(session) - timedelta(seconds=1))
+        )
+        # Claimed a minute ago (the dead one's before its death), except the one starting.
+        session.execute(
+            update(OutboxItem)
+            .where(OutboxItem.id.in_([dead.outbox_id, alive.outbox_id, mine.outbox_id]))
+            .values(updated_at=utc_now() - timedelta(minutes=1))
+        )
+
+    with unit_of_work(sessions) as session:
+        cut = upkeep.reclaim_orphaned(session, owner="me", now=utc_now(), grace=GRACE)
+    assert cut == 1
+    with unit_of_work(sessions) as session:
+        claims = outbox.claim_due(session, now=utc_now(), lease=LEASE, limit=10, owner="next")
+        assert [(claim.outbox_id, claim.attempts) for claim in claims] == [(dead.outbox_id, 2)]
+        # Taken over as any lease run out is: the first attempt's outcome is unknown.
+        outcomes = session.execute(
+            select(DeliveryAttempt.attempt, DeliveryAttempt.outcome, DeliveryAttempt.worker)
+        ).all()
+        assert [tuple(row) for row in outcomes] == [(1, outbox.LEASE_EXPIRED, "dead")]
+    # Nothing else to cut: the others are alive, starting or the caller's own.
+    with unit_of_work(sessions) as session:
+        assert upkeep.reclaim_orphaned(session, owner="me", now=utc_now(), grace=GRACE) == 0
+
+
+def test_rows_planned_by_a_clock_that_was_ahead_are_made_due(
+    sessions: sessionmaker[Session],
+) -> None:
+    """A clock stepped back two hours held every retry back two hours."""
+    with unit_of_work(sessions) as session:
+        stepped, asked_to_wait, suspended = _queue(session, 3)
+        other = _peer(NodeKeys.generate())
+        other.authority_id = "FR/MJ"
+        other.suspended_at = utc_now()
+        other.suspended_reason = "test"
+        session.add(other)
+    now = utc_now()
+    planned = {
+        stepped: now + timedelta(hours=2),  # planned before the clock stepped back 2 h
+        asked_to_wait: now + timedelta(seconds=3500),  # a peer's Retry-After of an hour
+        suspended: now + outbox.SUSPENDED_FOR,  # waiting for its peer's resumption
+    }
+    with unit_of_work(sessions) as session:
+        for row, when in planned.items():
+            session.execute(
+                update(OutboxItem)
+                .where(OutboxItem.id == row)
+                .values(state=outbox.RETRY, next_attempt_at=when)
+            )
+        session.execute(
+            update(OutboxItem).where(OutboxItem.id == suspended).values(peer_authority="FR/MJ")
+        )
+        assert outbox.claim_due(session, now=utc_now(), lease=LEASE, limit=10, owner="w") == []
+
+    with unit_of_work(sessions) as session:
+        assert upkeep.due_after_clock_step(session, now=utc_now()) == 1
+    with unit_of_work(sessions) as session:
+        claims = outbox.claim_due(session, now=utc_now(), lease=LEASE, limit=10, owner="w")
+    assert [claim.outbox_id for claim in claims] == [stepped]
