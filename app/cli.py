@@ -471,6 +471,7 @@ def serve(
     _skip_unused_imports()
     import uvicorn
 
+    from app.config import trusted_proxy_hosts
     from app.crypto.keys import KeyFileError
     from app.lingering import LingeringH11Protocol
     from app.main import create_app
@@ -516,7 +517,7 @@ def serve(
         timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS,
         # X-Forwarded-* believed only from the proxies the operator names (Settings).
         proxy_headers=bool(settings.trusted_proxies),
-        forwarded_allow_ips=settings.trusted_proxies or None,
+        forwarded_allow_ips=trusted_proxy_hosts(settings.trusted_proxies) or None,
         # A connection answered before its body's end closes without losing the answer.
         **{"http": LingeringH11Protocol, **tls},
     )

@@ -53,6 +53,19 @@ def environment_values(model: type[BaseModel], environ: dict[str, str]) -> dict[
     return values
 
 
+def trusted_proxy_hosts(trusted_proxies: str) -> list[str]:
+    """ENTRAIDE_TRUSTED_PROXIES as uvicorn compares them, each IPv4 address or network with
+    its IPv4-mapped IPv6 form too: a node listening on `::` sees a proxy at 127.0.0.1 as
+    ::ffff:127.0.0.1, and believed nothing from it (from review)."""
+    hosts: list[str] = []
+    for entry in filter(None, trusted_proxies.split(",")):
+        network = ipaddress.ip_network(entry, strict=False)
+        hosts.append(entry)
+        if isinstance(network, ipaddress.IPv4Network):
+            hosts.append(f"::ffff:{network.network_address}/{96 + network.prefixlen}")
+    return hosts
+
+
 class Settings(BaseModel):
     """Read from ENTRAIDE_* environment variables; values given to the constructor win.
 

@@ -66,8 +66,9 @@ REASONS = {
     421: "Envelope addressed to another authority",
     422: "Does not match the schema",
     429: "Too many refused attempts from this address or client; see Retry-After",
-    500: "What this node stored no longer checks out (`stored_envelope_corrupt`): storage was "
-    "altered or damaged, never the caller's input; tell the node's operator",
+    500: "What this node stored no longer checks out (`stored_envelope_corrupt`) or cannot be "
+    "read (`stored_data_corrupt`): storage was altered or damaged, never the caller's input; "
+    "tell the node's operator",
     502: "A peer could not be reached or answered badly",
     503: "The database (or, for evidence, its storage) is unavailable; or (`busy`) the request "
     "bodies held in memory fill the node's budget: retry after Retry-After",
@@ -139,12 +140,14 @@ ANSWER_HEADERS: dict[tuple[str, str], dict[str, dict[str, Any]]] = {
     ("HEAD", DRAFT_UPLOAD): {"204": _upload_state(required=True)},
     ("PATCH", DRAFT_UPLOAD): {
         "204": _upload_state(required=True),
+        "408": _upload_state(required=True, complete=False),  # a stall: where to resume
         "409": _upload_state(required=False),
     },
     ("HEAD", PEER_PART): {"204": _upload_state(required=True, complete=False)},
     ("PUT", PEER_PART): {
         "201": _upload_state(required=True, complete=False),
         "204": _upload_state(required=True, complete=False),
+        "408": _upload_state(required=True, complete=False),
         "409": _upload_state(required=False, complete=False),
     },
     ("GET", DOWNLOAD): {
@@ -205,6 +208,11 @@ def error_statuses(route: APIRoute, method: str) -> set[int]:
         route.dependant.path_params or route.dependant.query_params or route.body_field
     )
     statuses = set(ALWAYS)
+    if isinstance(marker, (Policy, PeerTransport)):
+        # Every such call reads rows and writes at least an audit entry: a stored value the
+        # database cannot read (500 stored_data_corrupt) or a full database (507) can meet
+        # any of them (from review: listed on evidence routes only).
+        statuses |= {500, 507}
     if isinstance(marker, Policy):
         statuses |= WITH_TOKEN | WITH_INPUT
         if route.path.startswith("/api/v1/admin/peers"):

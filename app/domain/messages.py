@@ -105,9 +105,11 @@ class EvidenceItem(DomainModel):
     obtained_at: AwareDatetime  # when it was obtained
     obtained_from: Label | None = None  # from whom: a bank, a provider, a witness
     sha256: Sha256Hex  # of the item as sent; for an attached item, of the attachment's bytes
-    # Its index among the attachments: up to 63, as many as a message may carry (from an
-    # earlier note: 32, while evidence drafts may be allowed 63 attachments).
-    attachment: int | None = Field(default=None, ge=1, le=63)
+    # Its index among the attachments: 1 to 32, as protocol v1 has it (peers of earlier
+    # releases refuse more, and a result refused so never arrives: from review). A draft
+    # allowed more attachments (ENTRAIDE_MAX_EVIDENCE_ATTACHMENTS up to 63) attests the
+    # first 32 by index; the others travel, hashed in the manifest, without an item.
+    attachment: int | None = Field(default=None, ge=1, le=32)
     use_limitation: Text  # UNTOC 18(19): the proceedings it may be used in
     custody: tuple[CustodyEvent, ...] = Field(default=(), max_length=50)
 

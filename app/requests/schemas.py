@@ -21,7 +21,6 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from app.auth.service import CLIENT_NAME_PATTERN
 from app.config import AUTHORITY_ID_PATTERN
 from app.domain.document import RequestDocument
 from app.domain.messages import MessageDocument
@@ -203,8 +202,10 @@ class RequestDetail(RequestSummary):
     allowed_messages: list[str]
 
 
-# Named as clients are (app/auth/service.py): a lookalike of a client's name is refused.
-OfficerName = Annotated[str, StringConstraints(pattern=CLIENT_NAME_PATTERN)]
+# A client's name, which `access.restrict` checks names an active officer: names are
+# spelled as `clients create` allows (app/auth/service.py) since 2026-11-30, and one made
+# before stays nameable (from review: refused here, such an officer could never be named).
+OfficerName = Annotated[str, StringConstraints(min_length=1, max_length=100)]
 
 
 class SetOfficers(Strict):

@@ -196,15 +196,15 @@ def test_evidence_must_match_the_attachment_it_names() -> None:
     assert list(unattached.attachment_problems([])) == []
 
 
-def test_evidence_may_name_any_of_the_63_attachments_a_message_may_carry() -> None:
-    """From an earlier note: an item could name attachments 1 to 32 only, while a reply's
-    evidence draft may be allowed 63 (ENTRAIDE_MAX_EVIDENCE_ATTACHMENTS), so the evidence
-    in the last 31 of them could not be attested."""
+def test_evidence_names_attachments_1_to_32_as_protocol_v1_has_it() -> None:
+    """An earlier change let an item name attachments up to 63; peers of earlier releases
+    refuse that, and the result never arrived (from review, with a peer of the earlier
+    release): the protocol's limit stays 32 until every peer takes more."""
     last = MessageDocument.model_validate(
-        {"type": "result", "text": "x", "evidence": [_evidence(attachment=63)]}
+        {"type": "result", "text": "x", "evidence": [_evidence(attachment=32)]}
     )
-    assert list(last.attachment_problems([REPORT_SHA] * 63)) == []
-    beyond = {"type": "result", "text": "x", "evidence": [_evidence(attachment=64)]}
+    assert list(last.attachment_problems([REPORT_SHA] * 32)) == []
+    beyond = {"type": "result", "text": "x", "evidence": [_evidence(attachment=33)]}
     assert _errors(beyond) == [(("evidence", 0, "attachment"), "less_than_equal")]
 
 

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
+from app.crypto.encoding import utc_now
 from app.db import unit_of_work
-from app.models import CaseFile
+from app.models import ApiClient, CaseFile
 from app.node import Node
 from app.requests import access
 from tests.requests.conftest import EXAMPLE, Harness
@@ -137,6 +138,30 @@ def test_a_request_this_node_marked_need_to_know_can_be_unrestricted_here(
     assert lifted.status_code == 200, lifted.text
     assert (lifted.json()["handling"], lifted.json()["restricted"]) == ("need_to_know", False)
     assert ar.get(path, "bob").status_code == 200
+
+
+def test_a_client_named_before_the_naming_rule_can_still_be_named_an_officer(
+    ar: Harness,
+) -> None:
+    """From review: names are checked at `clients create` since 2026-11-30, and the same
+    rule on the officers list refused a client an earlier release had named "Jean Dupont"
+    (422): such an officer could never be given a restricted request. The list takes any
+    active officer's name; a lookalike of one (`ofﬁcer`, ligature ﬁ) names no client."""
+    with unit_of_work(ar.node.sessions) as session:
+        session.add(
+            ApiClient(
+                name="Jean Dupont",
+                token_hash="0" * 64,
+                roles="officer",
+                created_at=utc_now(),
+            )
+        )
+    request_id = ar.receive_request()
+    named = _officers(ar, request_id, ["Jean Dupont"])
+    assert named.status_code == 200, named.text
+    assert named.json()["officers"] == ["Jean Dupont"]
+    lookalike = _officers(ar, request_id, ["of\ufb01cer"])
+    assert (lookalike.status_code, lookalike.json()["error"]) == (400, "unknown_officer")
 
 
 def test_only_active_officers_can_be_named_and_only_by_an_administrator(ar: Harness) -> None:

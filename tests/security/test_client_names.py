@@ -53,13 +53,3 @@ def test_names_of_systems_and_people_are_taken(node: LocalNode) -> None:
         node.cli("clients", "create", name, "--role", "officer")
     names = [line.split("\t")[0] for line in node.cli("clients", "list").stdout.splitlines()]
     assert {"case-system.prod", "maria.lopez@mj.es", "officer+auditor", "A" * 100} <= set(names)
-
-
-def test_a_lookalike_is_not_taken_among_a_requests_officers(node: LocalNode) -> None:
-    with node.client("admin") as http:
-        response = http.put(
-            "/api/v1/admin/requests/" + "a" * 32 + "/officers",
-            json={"officers": ["of\ufb01cer"]},
-        )
-    assert response.status_code == 422, response.text
-    assert response.json()["error"] == "invalid_request"

@@ -9,6 +9,7 @@ officer's address blocked by failing in its name.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+from app.config import trusted_proxy_hosts
 from app.db import make_engine
 from app.localnodes import LocalNode
 from app.models import AuditEntry
@@ -98,3 +100,21 @@ def test_a_trusted_proxy_that_is_no_address_is_refused_before_anything_runs(
         "network: list the reverse proxies' addresses, comma-separated (e.g. "
         "127.0.0.1,10.0.0.0/24)"
     ]
+
+
+def test_ipv4_proxies_are_trusted_in_their_ipv6_mapped_form_too() -> None:
+    """From review: a node listening on `::` sees a proxy at 127.0.0.1 as ::ffff:127.0.0.1,
+    which uvicorn compared literally: nothing was believed from the proxy the operator named."""
+    hosts = trusted_proxy_hosts("127.0.0.1,10.0.0.0/24,::1")
+    assert hosts == [
+        "127.0.0.1",
+        "::ffff:127.0.0.1/128",
+        "10.0.0.0/24",
+        "::ffff:10.0.0.0/120",
+        "::1",
+    ]
+    mapped = ipaddress.ip_address("::ffff:10.0.0.77")
+    assert any(
+        "/" in host and mapped in ipaddress.ip_network(host) for host in hosts if ":" in host
+    )
+    assert trusted_proxy_hosts("") == []
