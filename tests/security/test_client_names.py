@@ -8,7 +8,10 @@ place of the real `officer`, who then lost sight of it.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +66,20 @@ def test_a_lookalike_is_not_taken_among_a_requests_officers(node: LocalNode) -> 
         )
     assert response.status_code == 422, response.text
     assert response.json()["error"] == "invalid_request"
+
+
+def test_a_damaged_client_row_is_named_in_one_line(tmp_path: Path) -> None:
+    """From review: `clients list` over a row whose stored text is not UTF-8 printed a
+    traceback quoting the damaged value. One line now, naming the column, exit 1."""
+    local = new_node(tmp_path)
+    local.init(clients={"admin": ("admin",), "officer": ("officer",)})
+    with closing(sqlite3.connect(local.database_url.removeprefix("sqlite:///"))) as db:
+        db.execute("UPDATE api_clients SET roles = CAST(X'C328FF' AS TEXT) WHERE name='officer'")
+        db.commit()
+    done = local.cli("clients", "list", check=False)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "error: a value stored in column 'api_clients.roles' cannot be read (text that is not "
+        "UTF-8): storage was altered or damaged; tell the operator"
+    ]
+    assert "Traceback" not in done.stderr
