@@ -774,25 +774,37 @@ def clients_create(
 @clients_app.command("list")
 def clients_list() -> None:
     """List API clients (never their tokens)."""
+    from sqlalchemy.exc import OperationalError
+
     from app.auth.service import list_clients
     from app.crypto.encoding import utc_now
-    from app.db import unit_of_work
+    from app.db import undecodable_column, unit_of_work
+    from app.errors import StoredDataCorrupt
     from app.oneline import one_line
 
     node = _node(_settings())
     try:
         with unit_of_work(node.sessions) as session:
             now = utc_now()
-            for client in list_clients(session):
-                state = "revoked" if client.revoked_at else "active"
-                if not client.revoked_at and client.expires_at and client.expires_at <= now:
-                    state = "expired"
-                expiry = client.expires_at.isoformat() if client.expires_at else "never"
-                # one_line: a name made before names were checked may hold anything.
-                name = one_line(client.name)
-                typer.echo(f"{name}\t{client.roles}\t{state}\texpires {expiry}")
+            clients = list_clients(session)
+    except OperationalError as exc:
+        column = undecodable_column(exc)
+        if column is None:
+            raise
+        # One line naming the column, never a traceback quoting the damaged value (from
+        # review).
+        column = column.removeprefix("api_clients_")  # as the ORM may label it
+        raise _fail(StoredDataCorrupt.of_column(f"api_clients.{column}").detail) from exc
     finally:
         node.close()
+    for client in clients:
+        state = "revoked" if client.revoked_at else "active"
+        if not client.revoked_at and client.expires_at and client.expires_at <= now:
+            state = "expired"
+        expiry = client.expires_at.isoformat() if client.expires_at else "never"
+        # one_line: a name made before names were checked may hold anything.
+        name = one_line(client.name)
+        typer.echo(f"{name}\t{client.roles}\t{state}\texpires {expiry}")
 
 
 @clients_app.command("revoke")

@@ -691,6 +691,52 @@ def _log_against_record(
         return None
 
 
+def check_damaged_deliveries(engine: Engine) -> list[Finding]:
+    """Deliveries still in play whose stored text SQLite cannot read (not UTF-8): the worker
+    sets each aside as failed when it meets it (app/delivery/damage.py), but this finds them
+    before, and after a repair. Read as bytes and decoded here (SQL has no test of UTF-8):
+    only the backlog's rows (queued, in flight, retry, failed) and their messages, which the
+    worker and the operator's commands read, never the history. PostgreSQL stores only valid
+    UTF-8 text: nothing to look for there."""
+    from sqlalchemy import LargeBinary, String, Table, cast
+
+    from app.delivery.outbox import BACKLOG, OUTBOX
+    from app.models import Message
+
+    if engine.dialect.name != "sqlite":
+        return []
+    messages: Table = Message.__table__  # type: ignore[assignment]  # a declarative table
+    found: dict[str, set[int]] = {}
+    try:
+        with engine.connect() as connection:
+            for table, key in ((OUTBOX, OUTBOX.c.id), (messages, OUTBOX.c.id)):
+                texts = [column for column in table.c if isinstance(column.type, String)]
+                statement = select(key, *(cast(column, LargeBinary) for column in texts))
+                if table is messages:
+                    statement = statement.join_from(
+                        OUTBOX, messages, messages.c.id == OUTBOX.c.message_id
+                    )
+                for row in connection.execute(statement.where(OUTBOX.c.state.in_(BACKLOG))):
+                    for column, value in zip(texts, row[1:], strict=True):
+                        try:
+                            bytes(value or b"").decode("utf-8")
+                        except UnicodeDecodeError:
+                            found.setdefault(f"{table.name}.{column.name}", set()).add(row[0])
+    except OperationalError:  # unreachable, or no schema: check_database says which
+        return []
+    return [
+        Finding(
+            FAIL,
+            "deliveries",
+            f"column {column} of {len(rows)} deliveries (outbox ids "
+            f"{', '.join(str(row) for row in sorted(rows)[:10])}) holds a value that cannot be "
+            "read (stored value damaged): put the value back from a backup, then retry or "
+            "cancel the delivery (`entraide deliveries`, docs/operations.md)",
+        )
+        for column, rows in sorted(found.items())
+    ]
+
+
 def diagnose(settings: Settings) -> list[Finding]:
     findings = [*check_configuration(settings), *check_keys(settings)]
     engine = make_engine(settings.database_url)
@@ -699,6 +745,7 @@ def diagnose(settings: Settings) -> list[Finding]:
         findings += check_checkpoints(settings, engine)
         findings += check_entry_macs(settings, engine)
         findings += check_database(settings, engine)
+        findings += check_damaged_deliveries(engine)
         timeout = min(settings.peer_timeout_seconds, PEER_TIMEOUT_SECONDS)
         try:
             # As the worker reaches them: its CA bundle and client certificate (from

@@ -54,11 +54,12 @@ from app.limits import (
     read_body,
 )
 from app.node import Node, load_node
-from app.obs.health import StorageFull, expected_heads
+from app.obs.health import expected_heads
 from app.obs.labels import ROUTE_TABLE, route_table
 from app.obs.metrics import Metrics
 from app.obs.middleware import Observability
 from app.obs.router import router as metrics_router
+from app.obs.storage import StorageFull
 from app.openapi import install_openapi
 from app.p2p.router import router as p2p_router
 from app.peers.router import router as peers_router
@@ -525,6 +526,8 @@ def create_app(settings: Settings | None = None, *, node: Node | None = None) ->
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         node = loaded.pop() if loaded else load_node(settings)
         app.state.node = node
+        # The node's: its in-process delivery worker notes a full database there too.
+        app.state.storage_full = node.storage_full
         worker: Worker | None = None
         app.state.worker_thread = None
         app.state.migration_heads = expected_heads()

@@ -25,6 +25,7 @@ from app.crypto.keys import (
 )
 from app.db import make_engine, make_session_factory, unit_of_work
 from app.errors import EntraideError
+from app.obs.storage import StorageFull
 
 if TYPE_CHECKING:
     from app.audit.anchor import SignedLogAnchor
@@ -42,6 +43,10 @@ class Node:
     # Set when new outbound work is committed, so the in-process worker need not wait for
     # its next poll. Only a hint: the outbox table is the source of truth.
     outbox_signal: threading.Event = field(default_factory=threading.Event)
+    # When this process last found its storage full: noted by the HTTP handlers and the
+    # in-process delivery worker alike, read by /readyz (from review: a full database met by
+    # the worker alone left /readyz `storage: ok`).
+    storage_full: StorageFull = field(default_factory=StorageFull)
 
     def __post_init__(self) -> None:
         # Whatever appends through this node's sessions holds its log key: each entry gets its

@@ -28,8 +28,16 @@ from app.auth.throttle import ThrottlePrune
 from app.config import LEASE_MARGIN_SECONDS, Settings, longest_exchange_seconds
 from app.crypto.encoding import utc_now
 from app.crypto.receipts import ReceiptError, decode_receipt
-from app.db import PeriodicJob, commit_without_waiting, read_snapshot, unit_of_work
-from app.delivery import heartbeat, outbox, upkeep
+from app.db import (
+    PeriodicJob,
+    commit_without_waiting,
+    database_full,
+    driver_error_name,
+    read_snapshot,
+    undecodable_column,
+    unit_of_work,
+)
+from app.delivery import damage, heartbeat, outbox, upkeep
 from app.delivery.clocksteps import ClockWatch, boot_clock
 from app.delivery.settle import Outcome, settle_batch
 from app.errors import PeerError, StoredEnvelopeCorrupt
@@ -301,9 +309,9 @@ class Worker:
                 self._prune.run_due()
                 self._forget_keys.run_due()
             except Exception as exc:  # a database outage must not kill the worker
-                log.error("delivery round failed (%s); retrying", type(exc).__name__)
-                handled = 0
-                self._stop.wait(min(self.node.settings.worker_poll_seconds * 4, 5.0))
+                handled = self._round_failed(exc)
+                if handled == 0:
+                    self._stop.wait(min(self.node.settings.worker_poll_seconds * 4, 5.0))
             if handled == 0:
                 self.node.outbox_signal.wait(self.node.settings.worker_poll_seconds)
                 self.node.outbox_signal.clear()
@@ -312,6 +320,56 @@ class Worker:
         beating.join()
         self.release()
         log.info("delivery worker %s stopped", self.id)
+
+    def _round_failed(self, exc: Exception) -> int:
+        """Say what failed a round, by the driver's code (never its message: it may quote a
+        value), and deal with what the worker can: a full database is noted for /readyz, and
+        rows whose stored values cannot be read are set aside. Returns the rows set aside
+        (the next round need not wait then)."""
+        column = undecodable_column(exc)
+        if column is not None:
+            return self._set_aside_damaged(column)
+        if database_full(exc):
+            self.node.storage_full.note("database")
+            log.error(
+                "delivery round failed: database full (%s); nothing can be recorded until "
+                "room is made; retrying",
+                driver_error_name(exc),
+            )
+            return 0
+        log.error("delivery round failed (%s); retrying", driver_error_name(exc))
+        return 0
+
+    def _set_aside_damaged(self, column: str) -> int:
+        """One row whose stored value cannot be read must not stop every delivery (from
+        review): such rows are marked failed, named in the log (never their values)."""
+        try:
+            with unit_of_work(self.node.sessions) as session:
+                damaged = damage.set_aside_damaged(session, now=utc_now())
+        except Exception as exc:
+            log.error(
+                "delivery round failed: a value stored in column '%s' cannot be read, and the "
+                "rows holding it could not be set aside (%s); retrying",
+                column,
+                driver_error_name(exc),
+            )
+            return 0
+        for row in damaged:
+            log.error(
+                "delivery of outbox row %s set aside as failed: a value stored in column '%s' "
+                "cannot be read (stored value damaged); repair it, then retry or cancel the "
+                "delivery (docs/operations.md)",
+                row.outbox_id,
+                row.column,
+            )
+        if not damaged:
+            log.error(
+                "delivery round failed: a value stored in column '%s' cannot be read, in no "
+                "outbox row waiting or its message (a peer's row?); run `entraide doctor`; "
+                "retrying",
+                column,
+            )
+        return len(damaged)
 
     def _finish_in_flight(self) -> None:
         """At a stop: the posts under way finish (none starts), and what they got is kept."""

@@ -12,17 +12,16 @@ from __future__ import annotations
 import ast
 import re
 import threading
-import time
-from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 
 from sqlalchemy import Connection, Engine, inspect, text
 
-from app.crypto.encoding import format_time, utc_now
+from app.crypto.encoding import format_time
 from app.crypto.keyring import KeyRingState
 from app.db import durability_failure
 from app.node import Node
+from app.obs.storage import StorageFull
 
 OK = "ok"
 
@@ -128,33 +127,6 @@ def keys_reload_check(state: KeyRingState) -> str:
         f"{failure.reason}; it still signs with and publishes signing key {keys.signing_kid} "
         f"(rotation {len(keys.rotations)}) (docs/operations.md §3)"
     )
-
-
-class StorageFull:
-    """When this process last found its database or evidence storage full (a write answered
-    507): /readyz fails `storage` for a minute after each, since nothing can be stored until
-    the operator makes room, and a read-only `SELECT 1` says nothing of it (from review:
-    every write answered 503 while /readyz said ready)."""
-
-    WINDOW_SECONDS = 60.0
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._last: tuple[float, datetime, str] | None = None
-
-    def note(self, what: str) -> None:
-        with self._lock:
-            self._last = (time.monotonic(), utc_now(), what)
-
-    def check(self) -> str:
-        with self._lock:
-            last = self._last
-        if last is None or time.monotonic() - last[0] > self.WINDOW_SECONDS:
-            return OK
-        return (
-            f"failing: the {last[2]} was full at {format_time(last[1])}: writes are refused "
-            "(507 insufficient_storage) until room is made"
-        )
 
 
 def readiness(

@@ -8,7 +8,10 @@ place of the real `officer`, who then lost sight of it.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +56,20 @@ def test_names_of_systems_and_people_are_taken(node: LocalNode) -> None:
         node.cli("clients", "create", name, "--role", "officer")
     names = [line.split("\t")[0] for line in node.cli("clients", "list").stdout.splitlines()]
     assert {"case-system.prod", "maria.lopez@mj.es", "officer+auditor", "A" * 100} <= set(names)
+
+
+def test_a_damaged_client_row_is_named_in_one_line(tmp_path: Path) -> None:
+    """From review: `clients list` over a row whose stored text is not UTF-8 printed a
+    traceback quoting the damaged value. One line now, naming the column, exit 1."""
+    local = new_node(tmp_path)
+    local.init(clients={"admin": ("admin",), "officer": ("officer",)})
+    with closing(sqlite3.connect(local.database_url.removeprefix("sqlite:///"))) as db:
+        db.execute("UPDATE api_clients SET roles = CAST(X'C328FF' AS TEXT) WHERE name='officer'")
+        db.commit()
+    done = local.cli("clients", "list", check=False)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "error: a value stored in column 'api_clients.roles' cannot be read (text that is not "
+        "UTF-8): storage was altered or damaged; tell the operator"
+    ]
+    assert "Traceback" not in done.stderr

@@ -1,0 +1,42 @@
+"""When this process last found its storage full: held by the node (app/node.py), so the HTTP
+handlers and the delivery worker alike note it, and /readyz reads it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime
+
+from app.crypto.encoding import format_time, utc_now
+
+OK = "ok"
+
+
+class StorageFull:
+    """When this process last found its database or evidence storage full (a write answered
+    507, or a worker's round failed on it): /readyz fails `storage` for a minute after each,
+    since nothing can be stored until the operator makes room, and a read-only `SELECT 1`
+    says nothing of it (from review: every write answered 503 while /readyz said ready; then,
+    a full database met by the worker alone left /readyz `storage: ok`)."""
+
+    WINDOW_SECONDS = 60.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: tuple[float, datetime, str] | None = None
+
+    def note(self, what: str) -> None:
+        with self._lock:
+            self._last = (time.monotonic(), utc_now(), what)
+
+    def check(self) -> str:
+        with self._lock:
+            last = self._last
+        if last is None or time.monotonic() - last[0] > self.WINDOW_SECONDS:
+            return OK
+        # Past tense: room may have been made since; this says only when it was last full.
+        return (
+            f"failing: the {last[2]} was full at {format_time(last[1])} (within the last "
+            "minute): writes were refused (507 insufficient_storage); once room is made, "
+            "this clears a minute after the last refusal"
+        )
