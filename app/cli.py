@@ -286,59 +286,82 @@ def migrate() -> None:
     _upgrade(settings)
     after = _schema_revisions(settings)
     if before == after:
-        typer.echo(f"database schema is current ({', '.join(after) or 'none'})")
+        done = f"database schema is current ({', '.join(after) or 'none'})"
+    else:
+        done = f"database migrated: {', '.join(before) or 'empty'} -> {', '.join(after)}"
+    # Said last, once the record is there: a node that signs nothing is not "done" (a rerun
+    # after a failed adoption said "current" and exited 0 while doctor failed, from review).
+    adopted = _the_record_after_migrating(settings, before if before != after else [], done)
+    if adopted is not None:
+        typer.echo(adopted)
+    if before == after:
+        typer.echo(done)
     else:
         # Processes of the version before now report not ready (/readyz: migrations) until
         # the new version replaces them (docs/operations.md §7).
-        typer.echo(
-            f"database migrated: {', '.join(before) or 'empty'} -> {', '.join(after)}; "
-            "start this version's processes now"
-        )
-        _adopt_after_upgrade(settings, before)
+        typer.echo(f"{done}; start this version's processes now")
 
 
-def _adopt_after_upgrade(settings: Settings, before: list[str]) -> None:
-    """A database last run by a release that kept no record of what the log key signed
-    (app/audit/anchor.py) has none: adopted here, as `entraide restore` records a restored
-    log, once it verifies against its own signed checkpoints. Every node upgraded as §7 says
-    raised the rolled-back alarm until its operator found `audit checkpoint --adopt` (from
-    review). Only for such a schema: a record missing beside a database of the record's
-    time or later was deleted, and stays the alarm it is."""
-    from app.audit.adopt import RECORD_INTRODUCED_AT, adopt_log
+def _the_record_after_migrating(settings: Settings, moved_from: list[str], done: str) -> str | None:
+    """The record of what the log key signed (app/audit/anchor.py), once the schema is
+    current: there (None); or adopted, for a database last run by a release that kept none
+    (what to say); or the command fails saying what to do, as the node would sign nothing.
+
+    Every node upgraded as §7 says raised the rolled-back alarm until its operator found
+    `audit checkpoint --adopt` (from review): such a log is adopted here, as `entraide
+    restore` records a restored one, once it verifies against its own signed checkpoints.
+    Only where those checkpoints show no release that kept the record (app/audit/adopt.py):
+    the schema it moved from is the database writer's to set, and a record missing beside a
+    log such a release ran was deleted, and stays the alarm it is."""
+    from app.audit.adopt import RECORD_INTRODUCED_AT, RecordWasKept, adopt_from_before_the_record
     from app.audit.anchor import SignedLogAnchor
     from app.crypto.keys import keys_exist
     from app.errors import EntraideError
     from app.migrate import older_than
 
     anchor = SignedLogAnchor.of(settings)
-    if not before or not older_than(settings.database_url, before, RECORD_INTRODUCED_AT):
-        return
     if not keys_exist(settings.keys_dir) or not anchor.writable():
-        return  # no node yet (`init` writes the record), or none can be kept (doctor warns)
+        return None  # no node yet (`init` writes the record), or none can be kept (doctor warns)
     try:
         if anchor.read() is not None:
-            return
-    except EntraideError:
-        return  # unreadable: the alarm says so, and nothing is adopted over it
-    unadopted = (
-        "the database predates the record of what the log key signed, and its audit log was "
-        "not adopted"
+            return None
+    except EntraideError as exc:  # unreadable: nothing is adopted over it
+        raise _fail(
+            f"{done}, but {exc.detail}; until then the node signs no checkpoint "
+            "(docs/operations.md §8)"
+        ) from exc
+    missing = f"{done}, but there is no record at {anchor.path} of what this node's log key signed"
+    next_step = (
+        "put it back from the keys backup; without one, find out why it is missing (the log "
+        "may have been rolled back: docs/operations.md §8), then `entraide audit checkpoint "
+        "--adopt` adopts the log if it verifies"
     )
+    if not moved_from or not older_than(settings.database_url, moved_from, RECORD_INTRODUCED_AT):
+        raise _fail(f"{missing}: {next_step}")
     try:
         node = _node(settings)
     except typer.Exit:
-        typer.echo(f"{unadopted}: once the keys load, run `entraide audit checkpoint --adopt`")
+        typer.secho(
+            f"error: {missing}, and the audit log was not adopted: once the keys load, run "
+            "`entraide audit checkpoint --adopt`",
+            fg=typer.colors.RED,
+            err=True,
+        )
         raise
     try:
-        checkpoint = adopt_log(node, actor=_operator(), details={"schema_before": before})
+        checkpoint = adopt_from_before_the_record(node, actor=_operator(), schema_before=moved_from)
+    except RecordWasKept as exc:
+        raise _fail(
+            f"{missing}, and the audit log is not adopted by itself: {exc.detail}: {next_step}"
+        ) from exc
     except EntraideError as exc:
         raise _fail(
-            f"{unadopted}: {exc.detail}; do not start the node before you know why "
-            "(docs/operations.md §8)"
+            f"{missing}, and the audit log was not adopted: {exc.detail}; do not start the "
+            "node before you know why: restore the last good backup (docs/operations.md §8)"
         ) from exc
     finally:
         node.close()
-    typer.echo(
+    return (
         "audit log adopted (the database predates the record of what the log key signed): "
         f"it verified against this node's own signed checkpoints; {anchor.path} now records "
         f"the checkpoint of {checkpoint.size} entries signed over it (audit.log_adopted)"

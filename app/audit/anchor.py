@@ -15,7 +15,7 @@ head in its place (`reset`). A missing record where the database holds checkpoin
 too (deleting the file would otherwise switch the check off): a node from before the record,
 or one whose record was lost, adopts its log with `entraide audit checkpoint --adopt`, which
 verifies the log first and is audited (app/audit/adopt.py; `entraide migrate` does it by itself
-for a schema from before the record).
+for a log whose signed checkpoints are all from before the record).
 """
 
 from __future__ import annotations

@@ -7,6 +7,13 @@ checkpoint was signed, and `serve` logged the alarm at every worker round, until
 found `entraide audit checkpoint --adopt`. `entraide migrate` now adopts such a log when it
 verifies; a record deleted beside a database of the record's schema or later stays an alarm.
 
+From a later review: the schema a database was migrated from is its writer's to set (`alembic
+downgrade`), so that alone let a writer who deleted the record have `migrate` adopt a log they
+rolled back. What the log key signed decides now: a checkpoint signed by a release that kept
+the record (any extension line), or no signed checkpoint at all, and `migrate` adopts nothing.
+And `migrate` says it is done only once the record is there: missing or unreadable, it says
+what to do and exits 1, however often it runs.
+
 The database is built at the schema of the release before the record (79b5e8c), and filled
 as that release filled it: entries without MACs, checkpoints signed without extensions, no
 record beside the keys. On SQLite and PostgreSQL.
@@ -14,11 +21,14 @@ record beside the keys. On SQLite and PostgreSQL.
 
 from __future__ import annotations
 
+import sqlite3
 import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from alembic import command
-from sqlalchemy import Engine, LargeBinary, select, text
+from sqlalchemy import Engine, LargeBinary, delete, select, text, update
 
 from app.audit.adopt import RECORD_INTRODUCED_AT
 from app.audit.anchor import SignedLogAnchor
@@ -32,11 +42,13 @@ from app.db import make_engine, make_session_factory, unit_of_work
 from app.localnodes import LocalNode
 from app.migrate import alembic_config, upgrade
 from app.models import AuditCheckpoint, AuditEntry
-from tests.conftest import Databases
+from tests.conftest import Databases, _admin_execute
 
 AUTHORITY = "ES/MJ"
 BEFORE_THE_RECORD = "49a8eff55d00"  # the schema of 79b5e8c, the release the review upgraded
 ALARM = "audit log rolled back or rewritten"
+BEFORE_RECORDS_SCHEMA = f"{RECORD_INTRODUCED_AT}-1"  # c3a9e1d24f70, the writer's pick
+ADOPT = "`entraide audit checkpoint --adopt`"
 
 
 def _node(databases: Databases, tmp_path: Path) -> LocalNode:
@@ -134,6 +146,8 @@ def test_migrate_adopts_the_log_of_a_node_from_before_the_record(
     migrated = node.cli("migrate").stdout
     assert f"database migrated: {BEFORE_THE_RECORD} -> " in migrated
     assert "audit log adopted" in migrated, migrated
+    # Done is said last, once the record is there.
+    assert migrated.index("audit log adopted") < migrated.index("start this version's processes")
     record_file = node.keys_dir / "log-signed.json"
     assert str(record_file) in migrated
     recorded = SignedLogAnchor(record_file).read()
@@ -151,7 +165,9 @@ def test_migrate_adopts_the_log_of_a_node_from_before_the_record(
     assert f"signed log record {record_file}" in doctor, doctor
     assert node.cli("audit", "verify", "--db").returncode == 0
     node.cli("audit", "checkpoint")
-    assert "database schema is current" in node.cli("migrate").stdout  # adopted once
+    again = node.cli("migrate")  # adopted once
+    assert "database schema is current" in again.stdout
+    assert not again.stderr
     signed = _checkpoints(node.database_url)
 
     # The node's worker signs what comes next, and raises no alarm.
@@ -173,7 +189,11 @@ def test_a_record_deleted_beside_a_current_database_stays_an_alarm(
     node.init()
     record_file = node.keys_dir / "log-signed.json"
     record_file.unlink()
-    assert "database schema is current" in node.cli("migrate").stdout
+    migrated = node.cli("migrate", check=False)
+    assert migrated.returncode == 1, migrated.stdout
+    assert "database schema is current" in migrated.stderr
+    assert f"there is no record at {record_file}" in migrated.stderr
+    assert ADOPT in migrated.stderr
     assert not record_file.exists()
     doctor = node.cli("doctor", check=False)
     assert doctor.returncode == 1
@@ -204,10 +224,160 @@ def test_a_record_deleted_beside_a_database_of_the_records_schema_stays_an_alarm
     node.init()
     (node.keys_dir / "log-signed.json").unlink()
     command.downgrade(alembic_config(node.database_url), RECORD_INTRODUCED_AT)
-    migrated = node.cli("migrate").stdout
+    result = node.cli("migrate", check=False)
+    assert result.returncode == 1, result.stdout
+    migrated = result.stdout + result.stderr
     assert f"database migrated: {RECORD_INTRODUCED_AT} -> " in migrated
-    assert "adopted" not in migrated
+    assert "audit log adopted" not in migrated
+    assert ADOPT in migrated
     assert not (node.keys_dir / "log-signed.json").exists()
     doctor = node.cli("doctor", check=False)
     assert doctor.returncode == 1
     assert "there is no record at" in doctor.stdout
+
+
+def _put_back_later(databases: Databases, url: str) -> Callable[[], None]:
+    """A copy of the database as it is now, and what puts it back in its place (a writer's
+    rollback: the whole database as it was, on either backend)."""
+    if databases.backend == "sqlite":
+        path = url.removeprefix("sqlite:///")
+        saved = f"{path}.saved"
+
+        def copy(source: str, target: str) -> None:
+            with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
+                src.backup(dst)
+
+        copy(path, saved)
+        return lambda: copy(saved, path)
+    name = url.rsplit("/", 1)[1]
+    saved = f"entraide_test_{uuid.uuid4().hex}"
+    _admin_execute(f'CREATE DATABASE "{saved}" TEMPLATE "{name}"')
+    databases.created.append(saved)
+
+    def put_back() -> None:
+        _admin_execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        _admin_execute(f'CREATE DATABASE "{name}" TEMPLATE "{saved}"')
+
+    return put_back
+
+
+def _stays_unadopted(node: LocalNode, *, entries: int) -> None:
+    record_file = node.keys_dir / "log-signed.json"
+    assert not record_file.exists()
+    engine = make_engine(node.database_url)
+    try:
+        assert "audit.log_adopted" not in _actions(engine)
+        assert len(_actions(engine)) == entries
+    finally:
+        engine.dispose()
+    doctor = node.cli("doctor", check=False)
+    assert doctor.returncode == 1
+    assert f"there is no record at {record_file}" in doctor.stdout
+    assert node.cli("audit", "verify", "--db", check=False).returncode == 1
+
+
+def test_a_rolled_back_log_with_its_schema_put_back_is_not_adopted(
+    databases: Databases, tmp_path: Path
+) -> None:
+    """From review: a database writer deletes the record, puts back an older copy of the
+    database and runs `alembic downgrade` below the record's schema; `serve` then says "run
+    `entraide migrate`", and migrate adopted the rolled-back log: doctor and verify said OK,
+    the entries deleted gone without a trace. The older copy's checkpoints were signed by a
+    release that kept the record: nothing is adopted, and migrate says what to do."""
+    node = _node(databases, tmp_path)
+    node.init()
+    node.create_client("a1", "admin")
+    node.cli("audit", "checkpoint")
+    put_back = _put_back_later(databases, node.database_url)
+    for name in ("a2", "a3", "a4", "a5"):
+        node.create_client(name, "admin")
+    node.cli("audit", "checkpoint")
+
+    (node.keys_dir / "log-signed.json").unlink()
+    put_back()
+    command.downgrade(alembic_config(node.database_url), BEFORE_RECORDS_SCHEMA)
+    refused = node.cli("serve", "--port", str(node.port), check=False)
+    assert "run `entraide migrate`" in refused.stderr, refused.stderr
+
+    migrated = node.cli("migrate", check=False)
+    assert migrated.returncode == 1, migrated.stdout
+    assert "start this version's processes" not in migrated.stdout
+    assert "audit log adopted" not in migrated.stdout
+    said = migrated.stderr
+    assert "database migrated: " in said
+    assert "not adopted by itself" in said, said
+    assert "signed by a release that kept the record" in said
+    assert "'entry-macs'" in said
+    assert ADOPT in said
+    _stays_unadopted(node, entries=4)
+
+
+def test_a_log_whose_checkpoints_were_all_deleted_is_not_adopted_by_migrate(
+    databases: Databases, tmp_path: Path
+) -> None:
+    """The same writer, who also deletes every checkpoint (those of a release that kept the
+    record would say so): a log nothing signed is not taken for an old node's either, as every
+    release since checkpoints signs one at `init`."""
+    node = _node(databases, tmp_path)
+    node.init()
+    node.create_client("a1", "admin")
+    (node.keys_dir / "log-signed.json").unlink()
+    engine = make_engine(node.database_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(delete(AuditCheckpoint))
+    finally:
+        engine.dispose()
+    command.downgrade(alembic_config(node.database_url), BEFORE_RECORDS_SCHEMA)
+
+    migrated = node.cli("migrate", check=False)
+    assert migrated.returncode == 1, migrated.stdout
+    assert "no checkpoint in the database verifies under this node's log key" in migrated.stderr
+    assert ADOPT in migrated.stderr
+    _stays_unadopted(node, entries=4)
+
+
+def test_migrate_says_done_only_once_the_log_is_adopted(
+    databases: Databases, tmp_path: Path
+) -> None:
+    """From review: when adoption failed (the log does not verify), migrate had already said
+    "start this version's processes now", and run again it said "database schema is current"
+    and exited 0 while doctor failed."""
+    node = _node(databases, tmp_path)
+    _as_before_the_record(node)
+    engine = make_engine(node.database_url)
+    try:
+        with engine.begin() as connection:  # an entry a checkpoint covers, edited
+            entry = connection.scalar(select(AuditEntry.entry).where(AuditEntry.idx == 3))
+            edited = bytes(entry).replace(b"client.created", b"client.deleted")
+            connection.execute(update(AuditEntry).where(AuditEntry.idx == 3).values(entry=edited))
+    finally:
+        engine.dispose()
+
+    first = node.cli("migrate", check=False)
+    assert first.returncode == 1, first.stdout
+    assert "start this version's processes" not in first.stdout
+    assert f"database migrated: {BEFORE_THE_RECORD} -> " in first.stderr
+    assert "the audit log was not adopted: the audit log does not verify" in first.stderr
+    assert "do not start the node before you know why" in first.stderr
+
+    again = node.cli("migrate", check=False)
+    assert again.returncode == 1, again.stdout
+    assert "database schema is current" in again.stderr
+    assert "there is no record at" in again.stderr
+    assert ADOPT in again.stderr
+    assert node.cli("doctor", check=False).returncode == 1
+
+
+def test_migrate_fails_on_an_unreadable_record(databases: Databases, tmp_path: Path) -> None:
+    """From review: with the record emptied, migrate said nothing of it and exited 0."""
+    node = _node(databases, tmp_path)
+    node.init()
+    record_file = node.keys_dir / "log-signed.json"
+    record_file.write_text("")
+    migrated = node.cli("migrate", check=False)
+    assert migrated.returncode == 1, migrated.stdout
+    assert "database schema is current" in migrated.stderr
+    assert f"{record_file} cannot be read" in migrated.stderr
+    assert "restore it from its backup" in migrated.stderr
+    assert record_file.read_text() == ""
