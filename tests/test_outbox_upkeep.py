@@ -68,9 +68,15 @@ def test_leases_of_workers_without_a_live_heartbeat_are_taken_over(
             .values(updated_at=utc_now() - timedelta(minutes=1))
         )
 
+    # The heartbeats as the worker "me" watches them, on its boot clock: first seen at 0,
+    # again 31 s later (three periods and more), "alive" having beaten between.
+    watch = upkeep.HeartbeatWatch(every_seconds=10)
     with unit_of_work(sessions) as session:
-        cut = upkeep.reclaim_orphaned(session, owner="me", now=utc_now(), grace=GRACE)
-    assert cut == 1
+        assert _reclaim(session, watch, boot=0.0) == 0
+    with unit_of_work(sessions) as session:
+        heartbeat.beat(session, "alive", every_seconds=10)
+    with unit_of_work(sessions) as session:
+        assert _reclaim(session, watch, boot=31.0) == 1
     with unit_of_work(sessions) as session:
         claims = outbox.claim_due(session, now=utc_now(), lease=LEASE, limit=10, owner="next")
         assert [(claim.outbox_id, claim.attempts) for claim in claims] == [(dead.outbox_id, 2)]
@@ -81,13 +87,23 @@ def test_leases_of_workers_without_a_live_heartbeat_are_taken_over(
         assert [tuple(row) for row in outcomes] == [(1, outbox.LEASE_EXPIRED, "dead")]
     # Nothing else to cut: the others are alive, starting or the caller's own.
     with unit_of_work(sessions) as session:
-        assert upkeep.reclaim_orphaned(session, owner="me", now=utc_now(), grace=GRACE) == 0
+        heartbeat.beat(session, "alive", every_seconds=10)
+    with unit_of_work(sessions) as session:
+        assert _reclaim(session, watch, boot=62.0) == 0
+
+
+def _reclaim(session: Session, watch: upkeep.HeartbeatWatch, *, boot: float) -> int:
+    return upkeep.reclaim_orphaned(
+        session, owner="me", now=utc_now(), grace=GRACE, watch=watch, boot=boot
+    )
 
 
 def test_rows_planned_by_a_clock_that_was_ahead_are_made_due(
     sessions: sessionmaker[Session],
 ) -> None:
-    """A clock stepped back two hours held every retry back two hours."""
+    """A clock stepped back two hours held every retry back two hours. A worker whose clock
+    is behind the others' by less than any wait does not take a peer's Retry-After for that
+    (from review: 6 min behind, it pulled a Retry-After of an hour forward)."""
     with unit_of_work(sessions) as session:
         stepped, asked_to_wait, suspended = _queue(session, 3)
         other = _peer(NodeKeys.generate())
@@ -96,17 +112,18 @@ def test_rows_planned_by_a_clock_that_was_ahead_are_made_due(
         other.suspended_reason = "test"
         session.add(other)
     now = utc_now()
-    planned = {
-        stepped: now + timedelta(hours=2),  # planned before the clock stepped back 2 h
-        asked_to_wait: now + timedelta(seconds=3500),  # a peer's Retry-After of an hour
-        suspended: now + outbox.SUSPENDED_FOR,  # waiting for its peer's resumption
+    ahead = now + timedelta(hours=2)  # the clock before it stepped back 2 h
+    planned = {  # when planned, for when
+        stepped: (ahead, ahead + timedelta(seconds=30)),
+        asked_to_wait: (now, now + timedelta(seconds=3600)),  # a peer's Retry-After: an hour
+        suspended: (now, now + outbox.SUSPENDED_FOR),  # waiting for its peer's resumption
     }
     with unit_of_work(sessions) as session:
-        for row, when in planned.items():
+        for row, (at, when) in planned.items():
             session.execute(
                 update(OutboxItem)
                 .where(OutboxItem.id == row)
-                .values(state=outbox.RETRY, next_attempt_at=when)
+                .values(state=outbox.RETRY, next_attempt_at=when, updated_at=at)
             )
         session.execute(
             update(OutboxItem).where(OutboxItem.id == suspended).values(peer_authority="FR/MJ")
@@ -114,7 +131,9 @@ def test_rows_planned_by_a_clock_that_was_ahead_are_made_due(
         assert outbox.claim_due(session, now=utc_now(), lease=LEASE, limit=10, owner="w") == []
 
     with unit_of_work(sessions) as session:
-        assert upkeep.due_after_clock_step(session, now=utc_now()) == 1
+        # The upkeep of a worker whose clock is 6 min behind: the hour asked for is kept.
+        behind = utc_now() - timedelta(minutes=6)
+        assert upkeep.due_after_clock_step(session, now=behind) == 1
     with unit_of_work(sessions) as session:
         claims = outbox.claim_due(session, now=utc_now(), lease=LEASE, limit=10, owner="w")
     assert [claim.outbox_id for claim in claims] == [stepped]

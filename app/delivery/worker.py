@@ -282,6 +282,14 @@ class Worker:
         self._upkeep = PeriodicJob(
             node.sessions, self.outbox_upkeep, every_seconds=node.settings.worker_heartbeat_seconds
         )
+        self._heartbeats = upkeep.HeartbeatWatch(node.settings.worker_heartbeat_seconds)
+        # The heartbeat goes on until the posts under way have ended, a stop included: a
+        # worker that stopped beating at once was taken for dead while it still posted, and
+        # its post was sent again by another (from review).
+        self._beat_stop = threading.Event()
+        # Boot-clock times since when this worker's beats came without a gap another worker
+        # could take for its death, and of the last one: None until the first beat.
+        self._beats: tuple[float, float] | None = None
         # The wall clock against the boot clock: no deadline fails a delivery just after a
         # step (app/delivery/clocksteps.py).
         self._clock = ClockWatch()
@@ -315,10 +323,13 @@ class Worker:
             if handled == 0:
                 self.node.outbox_signal.wait(self.node.settings.worker_poll_seconds)
                 self.node.outbox_signal.clear()
-        self._finish_in_flight()
-        self._pool.shutdown(wait=True)
-        beating.join()
-        self.release()
+        try:
+            self._finish_in_flight()
+            self._pool.shutdown(wait=True)
+        finally:
+            self._beat_stop.set()
+            beating.join()
+        self.release()  # removes the heartbeat row too
         log.info("delivery worker %s stopped", self.id)
 
     def _round_failed(self, exc: Exception) -> int:
@@ -385,20 +396,32 @@ class Worker:
         self.node.outbox_signal.set()
 
     def _beat(self) -> None:
-        """This worker's row, for whoever watches the node (heartbeat.py), until it stops."""
+        """This worker's row, for whoever watches the node (heartbeat.py), until its last
+        post has ended."""
         every = self.node.settings.worker_heartbeat_seconds
         failing = False
         while True:
             try:
                 with unit_of_work(self.node.sessions) as session:
                     heartbeat.beat(session, self.id, every_seconds=every)
+                self._beats = self._after_beat(self._beats, boot_clock(), every)
                 failing = False
             except Exception as exc:  # the database is down: the rounds say so too
                 if not failing:
                     log.warning("delivery worker heartbeat failed (%s)", type(exc).__name__)
                 failing = True
-            if self._stop.wait(every):
+            if self._beat_stop.wait(every):
                 return
+
+    @staticmethod
+    def _after_beat(
+        beats: tuple[float, float] | None, boot: float, every: float
+    ) -> tuple[float, float]:
+        """A gap of more than `MISSED_BEATS - 1` periods (one of margin) may have let
+        another worker take this one for dead (upkeep.HeartbeatWatch): a new run begins."""
+        if beats is None or boot - beats[1] > every * (heartbeat.MISSED_BEATS - 1):
+            return (boot, boot)
+        return (beats[0], boot)
 
     def release(self) -> None:
         try:
@@ -444,12 +467,18 @@ class Worker:
         due, for this round's claim (app/delivery/upkeep.py). Returns the rows changed."""
         now = utc_now()
         every = self.node.settings.worker_heartbeat_seconds
-        reclaimed = upkeep.reclaim_orphaned(
-            session,
-            owner=self.id,
-            now=now,
-            grace=timedelta(seconds=every * heartbeat.MISSED_BEATS),
-        )
+        reclaimed = 0
+        # Just after a step of this host's clock, the times of the rows in flight are not
+        # judged: their leases run out instead, if their owners are gone.
+        if self._clock_steady():
+            reclaimed = upkeep.reclaim_orphaned(
+                session,
+                owner=self.id,
+                now=now,
+                grace=timedelta(seconds=every * heartbeat.MISSED_BEATS),
+                watch=self._heartbeats,
+                boot=boot_clock(),
+            )
         if reclaimed:
             log.warning("%s deliveries of workers gone (no heartbeat) taken over", reclaimed)
         planned_ahead = upkeep.due_after_clock_step(session, now=now)
@@ -669,17 +698,31 @@ class Worker:
     def _started_late(self, claim: outbox.Claim) -> bool:
         """True if the lease had to be renewed and was lost: another worker has the row.
 
-        The claim set the lease; it is renewed (a write, doubling as the fencing check) only
-        when the longest post could outlive what is left of it (a post starting late, behind
-        slow posts of the same round, or a lease set shorter than a post may last): a lease
-        not yet run out is ours alone, and only an expired lease is reclaimed, so no other
-        worker posts the same envelope while ours is still being posted.
+        The claim set the lease; it is renewed (a write, doubling as the fencing check) when
+        the longest post could outlive what is left of it (a post starting late, behind slow
+        posts of the same round, or a lease set shorter than a post may last), and when this
+        worker's heartbeat has not run without a gap since the claim: a lease is cut short
+        (upkeep.py) only once its owner's heartbeat stood still for three periods, so a
+        lease not run out, of a worker beating all along, is ours alone, and no other worker
+        posts the same envelope while ours is still being posted.
         """
         settings = self.node.settings
+        boot = boot_clock()
         elapsed = utc_now() - claim.claimed_at
-        if not renew_before_post(elapsed, settings):
+        if self._beating_since_claim(boot, elapsed) and not renew_before_post(elapsed, settings):
             return False
         return not self._renew(claim, timedelta(seconds=settings.lease_seconds))
+
+    def _beating_since_claim(self, boot: float, elapsed: timedelta) -> bool:
+        """Whether this worker's beats ran without a gap from a claim `elapsed` ago (by the
+        wall clock, believed only if it did not step lately) to now."""
+        beats = self._beats
+        if beats is None or elapsed < timedelta(0) or not self._clock.steady(boot):
+            return False
+        since, last = beats
+        every = self.node.settings.worker_heartbeat_seconds
+        gap_now = boot - last > every * (heartbeat.MISSED_BEATS - 1)
+        return not gap_now and since <= boot - elapsed.total_seconds()
 
     def _deliver_batch(self, group: list[Job]) -> list[Outcome | None]:
         """One post for several envelopes to one peer; each gets the outcome its own post

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -172,6 +173,34 @@ def test_a_node_killed_during_a_post_takes_it_over_on_postgresql(
     proxy = lab.proxy(pair.receiver.port)
     pair.start(sender_pins_receiver_at=proxy.url)
     _node_killed_during_its_post(pair, proxy)
+
+
+def test_a_worker_stopped_during_a_post_beats_until_it_ends(lab: Lab) -> None:
+    """`entraide worker` stopped (SIGTERM) while its post is held finishes the post; it used
+    to stop beating at once, and another worker took the delivery over three beats later
+    and posted it again while the first post was still open (from review)."""
+    pair = lab.pair(sender_env={**LEASE_AT_ITS_DEFAULT, "ENTRAIDE_RUN_WORKER": "false"})
+    proxy = lab.proxy(pair.receiver.port)
+    pair.start(sender_pins_receiver_at=proxy.url)
+    stopping = pair.start_worker("A")
+    proxy.force("hold")
+    accepted = pair.submit(1)
+    proxy.wait_for("held_total", 1, timeout=30)
+    proxy.force(None)  # a second post would go through
+    posts = proxy.snapshot()["requests"]
+    pair.start_worker("B")
+    stopping.process.send_signal(signal.SIGTERM)
+    # Three missed beats (3 s), the upkeep's period and a margin: B would have taken it over.
+    time.sleep(6)
+    assert stopping.process.poll() is None  # still waiting for its post
+    assert proxy.snapshot()["requests"] == posts
+    proxy.release()
+    assert stopping.process.wait(timeout=30) == 0
+    pair.wait_delivered(1, timeout=20)
+    ledger = pair.ledger(accepted)
+    ledger.check()
+    assert ledger.attempts == {1: 1}
+    assert proxy.snapshot()["requests"] == posts
 
 
 def test_random_network_faults_during_a_burst(lab: Lab) -> None:
