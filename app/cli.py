@@ -1041,7 +1041,11 @@ def _accept_without_mac(node: Node, *, yes: bool) -> str:
             raise _fail("the audit log changed while it was verified: run the command again")
         latest = latest_signed(session, log_verifier(node.authority_id, node.keys.log_public))
         rows = session.execute(
-            select(AuditEntry.idx, cast(AuditEntry.entry, LargeBinary), AuditEntry.mac)
+            select(
+                AuditEntry.idx,
+                cast(AuditEntry.entry, LargeBinary),
+                cast(AuditEntry.mac, LargeBinary),  # as bytes, even rewritten as text
+            )
             .where(AuditEntry.idx >= (0 if latest is None else latest.size))
             .order_by(AuditEntry.idx)
         ).all()

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 from sqlalchemy import Engine, func, select
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from app.audit.anchor import LogRolledBack, Signed, SignedLogAnchor
 from app.audit.checkpoints import latest_signed, log_verifier, macs_required, read_progress
@@ -640,7 +640,10 @@ def check_entry_macs(settings: Settings, engine: Engine) -> Iterator[Finding]:
     anchor = SignedLogAnchor.of(settings)
     try:
         with read_snapshot(make_session_factory(engine)) as session:
-            head = read_head(session)
+            try:
+                head = read_head(session)
+            except Exception:  # no schema, or a damaged head: other checks say which
+                return
             latest = latest_signed(session, log_verifier(identity.authority_id, keys.log_public))
             start = 0 if latest is None else latest.size
             checked = check_macs(
@@ -651,7 +654,17 @@ def check_entry_macs(settings: Settings, engine: Engine) -> Iterator[Finding]:
                 legacy=not macs_required(latest, anchor),
                 head_root=head.root_hash if head.size > start else None,
             )
-    except Exception:  # no database, no schema, or a damaged head: other checks say which
+    except DBAPIError:  # no database: check_database says so
+        return
+    except Exception as exc:  # the check itself failed: never "No problem found" beside it
+        # A MAC rewritten as text made it raise TypeError, and doctor said nothing while
+        # the worker's rounds failed (from review).
+        yield Finding(
+            FAIL,
+            "audit",
+            f"the MACs of the audit entries no checkpoint covers could not be checked "
+            f"({type(exc).__name__}): run `entraide audit verify --db`",
+        )
         return
     if checked.problem is not None:
         yield Finding(

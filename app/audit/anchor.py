@@ -54,6 +54,15 @@ class Signed:
     root: bytes
 
 
+@dataclass(frozen=True)
+class RolledBackTo:
+    """A rollback as alarmed: the record the log failed, and the log's size and root then."""
+
+    signed: Signed | None
+    size: int
+    root: bytes
+
+
 class SignedLogAnchor:
     def __init__(
         self, path: Path, *, moved_from: Path | None = None, keys_dir: Path | None = None
@@ -174,10 +183,24 @@ class SignedLogAnchor:
             raise
         found = self.problem(session, size, root, signed=signed)
         if found is not None:
-            # One problem per record: a log that no longer extends it never will again, and
-            # a missing record stays missing, however many entries are appended meanwhile.
-            self.alarm(("rolled back", signed), found)
+            self.alarm(self._rolled_back(signed, size, root), found)
             raise LogRolledBack(found)
+
+    def _rolled_back(self, signed: Signed | None, size: int, root: bytes) -> RolledBackTo:
+        """The problem a log of `size` entries under `root` is, against `signed`: the one last
+        alarmed while the log only grew from it (a log that no longer extends the record
+        never will again, and a missing record stays missing, however many entries are
+        appended meanwhile), a new one once it went back further or was rewritten at the
+        same size. Keyed on the record alone, a second, larger rollback after the first was
+        never logged (from review)."""
+        last = self._alarmed
+        if (
+            isinstance(last, RolledBackTo)
+            and last.signed == signed
+            and (size > last.size or (size == last.size and hmac.compare_digest(root, last.root)))
+        ):
+            return last
+        return RolledBackTo(signed, size, root)
 
     def alarm(self, problem: object, message: str) -> None:
         """Log `message` as critical once for each distinct `problem`, not again while it

@@ -16,7 +16,7 @@ from functools import lru_cache
 from typing import Protocol
 
 from nacl.signing import SigningKey
-from sqlalchemy import event, func, select
+from sqlalchemy import LargeBinary, cast, event, func, select
 from sqlalchemy.orm import Session
 
 from app.audit.index import INDEX_BATCH, catch_up
@@ -205,7 +205,9 @@ def latest_signed(session: Session, verifier: Verifier) -> SignedCheckpoint | No
     query = (
         select(
             AuditCheckpoint.size,
-            AuditCheckpoint.root_hash,
+            # As bytes even where a row was rewritten as text (SQLite keeps any type): a
+            # forged row is passed over, it does not raise in every worker round.
+            cast(AuditCheckpoint.root_hash, LargeBinary),
             AuditCheckpoint.note,
             AuditCheckpoint.created_at,
         )

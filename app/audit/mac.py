@@ -130,8 +130,14 @@ def check_macs(
     while expected < end:
         rows = session.execute(
             # As bytes even where a row was rewritten as text (SQLite keeps any type it is
-            # given, and its driver cannot decode text that is not UTF-8).
-            select(AuditEntry.idx, cast(AuditEntry.entry, LargeBinary), AuditEntry.mac)
+            # given, and its driver cannot decode text that is not UTF-8): the MAC too, or a
+            # MAC rewritten as text raised TypeError instead of being refused, and stopped
+            # every delivery with the worker's round (from review).
+            select(
+                AuditEntry.idx,
+                cast(AuditEntry.entry, LargeBinary),
+                cast(AuditEntry.mac, LargeBinary),
+            )
             .where(AuditEntry.idx >= expected, AuditEntry.idx < end)
             .order_by(AuditEntry.idx)
             .limit(PAGE)

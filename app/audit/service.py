@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import ColumnElement, select
+from sqlalchemy import ColumnElement, LargeBinary, cast, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from app.audit.checkpoints import (
@@ -233,17 +233,21 @@ def _node_reader(session: Session) -> RangeHasher:
 
     def read(level: int, position: int) -> bytes:
         if level >= STORED_LEVEL:
-            node = session.get(AuditNode, (level, position))
-            if node is None:
+            stored = session.scalar(
+                select(cast(AuditNode.hash, LargeBinary)).where(
+                    AuditNode.level == level, AuditNode.position == position
+                )
+            )
+            if stored is None:
                 raise NotFound(
                     f"the log has no subtree {level}/{position}", code="proof_unavailable"
                 )
-            return node.hash
+            return bytes(stored)
         start = position << level
         first = start - start % block
         if first not in blocks:
             rows = session.execute(
-                select(AuditEntry.idx, AuditEntry.leaf_hash)
+                select(AuditEntry.idx, cast(AuditEntry.leaf_hash, LargeBinary))
                 .where(AuditEntry.idx >= first, AuditEntry.idx < first + block)
                 .order_by(AuditEntry.idx)
             )
@@ -409,7 +413,7 @@ def _node_problems(session: Session, expected: dict[tuple[int, int], bytes]) -> 
     stored = {
         (level, position): digest
         for level, position, digest in session.execute(
-            select(AuditNode.level, AuditNode.position, AuditNode.hash)
+            select(AuditNode.level, AuditNode.position, cast(AuditNode.hash, LargeBinary))
         )
     }
     for (level, position), digest in sorted(expected.items()):
@@ -432,7 +436,7 @@ def _node_problems(session: Session, expected: dict[tuple[int, int], bytes]) -> 
 _ENTRY_COLUMNS = ("actor", "action", "outcome", "request_id", "msg_id", "peer")
 _INDEX_COLUMNS = ("actor", "action", "outcome", "request_id", "peer")
 _COLUMNS_QUERY = (
-    "SELECT e.idx, {entry}, e.leaf_hash, e.recorded_at,"
+    "SELECT e.idx, {entry}, {leaf_hash}, e.recorded_at,"
     " e.actor, e.action, e.outcome, e.request_id, e.msg_id, e.peer,"
     " i.idx, i.recorded_at, i.actor, i.action, i.outcome, i.request_id, i.peer"
     " FROM audit_entries e LEFT JOIN audit_index i ON i.idx = e.idx ORDER BY e.idx"
@@ -465,7 +469,7 @@ def _checkpoint_row_problems(
         select(
             AuditCheckpoint.id,
             AuditCheckpoint.size,
-            AuditCheckpoint.root_hash,
+            cast(AuditCheckpoint.root_hash, LargeBinary),
             AuditCheckpoint.note,
             AuditCheckpoint.created_at,
         ).order_by(AuditCheckpoint.id)
@@ -514,7 +518,9 @@ def _column_problems(session: Session) -> Iterator[Problem]:
     width = len(_ENTRY_COLUMNS)
     for rows in _driver_rows(
         session,
-        _COLUMNS_QUERY.format(entry=_as_bytes(session, "e.entry")),
+        _COLUMNS_QUERY.format(
+            entry=_as_bytes(session, "e.entry"), leaf_hash=_as_bytes(session, "e.leaf_hash")
+        ),
         "entraide_audit_columns",
     ):
         for row in rows:

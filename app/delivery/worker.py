@@ -271,6 +271,8 @@ class Worker:
         # repeat it until it signs a new one, and a note once witnessed stays witnessed.
         self._witnessed: dict[str, str] = {}
         self._checkpoint_clock = CheckpointClock()
+        # The audit upkeep's last failure, logged once (app/audit/checkpoints.py).
+        self._upkeep_failure: str | None = None
         # Abandoned evidence uploads and unreferenced blobs, swept from this loop (hourly).
         self._sweep = OrphanSweep(node)
         # Refusal counters of addresses that stopped sending, and idempotency keys past their
@@ -588,17 +590,38 @@ class Worker:
             return Outcome(outbox.RETRY, f"internal: {type(exc).__name__}")
 
     def _checkpoint_if_due(self, session: Session) -> bool:
-        """True if a new checkpoint was signed."""
+        """True if a new checkpoint was signed.
+
+        In a savepoint, and nothing it raises ends the round: the log's upkeep runs in the
+        round's transaction, before the claim, and one failure of it (a MAC rewritten as
+        text raised TypeError) failed every round, so nothing was delivered while /readyz
+        said ready (from review). A failed upkeep signs nothing, says so, and leaves the
+        transaction as it found it for the claim."""
         settings = self.node.settings
-        checkpoint = maybe_checkpoint(
-            session,
-            authority_id=self.node.authority_id,
-            log_key=self.node.keys.log,
-            every=settings.audit_checkpoint_every,
-            seconds=settings.audit_checkpoint_seconds,
-            anchor=self.node.log_anchor,
-            clock=self._checkpoint_clock,
-        )
+        try:
+            with session.begin_nested():
+                checkpoint = maybe_checkpoint(
+                    session,
+                    authority_id=self.node.authority_id,
+                    log_key=self.node.keys.log,
+                    every=settings.audit_checkpoint_every,
+                    seconds=settings.audit_checkpoint_seconds,
+                    anchor=self.node.log_anchor,
+                    clock=self._checkpoint_clock,
+                )
+        except Exception as exc:  # deliveries go on; no checkpoint until it is resolved
+            failure = f"{type(exc).__name__}: {exc}"
+            if failure != self._upkeep_failure:  # once per problem, not at every round
+                self._upkeep_failure = failure
+                log.error(
+                    "the audit log's upkeep failed (%s): no checkpoint is signed until it is "
+                    "resolved; deliveries go on; run `entraide audit verify --db` "
+                    "(docs/operations.md §8)",
+                    type(exc).__name__,
+                    exc_info=True,
+                )
+            return False
+        self._upkeep_failure = None
         return checkpoint is not None
 
     def _renew(self, claim: outbox.Claim, lease: timedelta) -> bool:

@@ -256,9 +256,9 @@ def _issued_on_record(session: Session, message: Stored) -> bool:
     if not candidates:
         return False
     rows = session.execute(
-        select(sql_cast(AuditEntry.entry, LargeBinary), AuditEntry.leaf_hash).where(
-            AuditEntry.idx.in_(sorted(candidates))
-        )
+        select(
+            sql_cast(AuditEntry.entry, LargeBinary), sql_cast(AuditEntry.leaf_hash, LargeBinary)
+        ).where(AuditEntry.idx.in_(sorted(candidates)))
     )
     for raw, stored_leaf in rows:
         entry = raw.encode() if isinstance(raw, str) else bytes(raw)

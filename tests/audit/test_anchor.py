@@ -8,6 +8,7 @@ Someone who can write to the database but holds no key puts back an older copy o
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sqlite3
 from collections.abc import Iterator
@@ -299,3 +300,49 @@ def test_a_node_not_yet_initialised_is_no_alarm(tmp_path: Path) -> None:
             assert anchor.problem(session, 0, EMPTY_ROOT) is not None  # keys, no record
     finally:
         engine.dispose()
+
+
+def test_a_rollback_is_alarmed_once_and_again_when_it_goes_further_back(
+    log: Log, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The worker's upkeep tries every round: the alarm is logged once for a rollback, not
+    at each round nor at each entry appended over it, and again when the log is put back
+    further (from review: keyed on the record alone, the second was never logged)."""
+    log.append(10)
+    log.sign(log.anchor)
+    log.copy_to(tmp_path / "at-10.db")
+    log.append(10)
+    log.sign(log.anchor)
+    log.copy_to(tmp_path / "at-20.db")
+    log.append(10)
+    assert log.sign(log.anchor) == 30
+
+    def upkeep() -> None:
+        with unit_of_work(log.sessions) as session:
+            maybe_checkpoint(
+                session,
+                authority_id=AUTHORITY,
+                log_key=log.keys.log,
+                every=1,
+                seconds=0,
+                anchor=log.anchor,
+            )
+
+    def alarms() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL]
+
+    with caplog.at_level(logging.CRITICAL, logger="app.audit.anchor"):
+        log.put_back(tmp_path / "at-20.db")
+        log.append(1)
+        upkeep()
+        upkeep()
+        log.append(2)  # the node goes on appending: the same problem
+        upkeep()
+        assert len(alarms()) == 1
+        assert "the log holds 21 entries, but this node signed a checkpoint of 30" in alarms()[0]
+        log.put_back(tmp_path / "at-10.db")  # further back
+        log.append(1)
+        upkeep()
+        upkeep()
+        assert len(alarms()) == 2
+        assert "the log holds 11 entries, but this node signed a checkpoint of 30" in alarms()[1]

@@ -10,6 +10,7 @@ checked before a checkpoint signs it and by `audit verify --db` (docs/audit.md Â
 from __future__ import annotations
 
 import logging
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -445,3 +446,84 @@ def test_an_old_processs_entries_after_the_first_checkpoint_are_accepted_on_reco
         assert "carries a MAC that does not match" in refused.stderr
     finally:
         engine.dispose()
+
+
+def _set_text_mac(database: Path, idx: int) -> None:
+    """What a database writer can do on SQLite, which keeps any type it is given."""
+    with sqlite3.connect(database) as connection:
+        connection.execute("UPDATE audit_entries SET mac = 'x' WHERE idx = ?", (idx,))
+
+
+def test_a_mac_rewritten_as_text_is_refused_as_a_wrong_one(tmp_path: Path) -> None:
+    """From review: a MAC rewritten as TEXT made `audit verify --db` and `audit checkpoint`
+    crash (TypeError) and doctor say "No problem found"; it is refused as a wrong MAC is."""
+    database = tmp_path / "es.db"
+    node = LocalNode(AUTHORITY, "Ministerio de Justicia", tmp_path / "es", f"sqlite:///{database}")
+    node.init(clients={"cms": ("officer",)})
+    node.cli("audit", "checkpoint")
+    node.cli("clients", "create", "late", "--role", "officer")  # no checkpoint covers it
+    engine = make_engine(node.database_url)
+    try:
+        forged = _last_idx(engine)
+    finally:
+        engine.dispose()
+    _set_text_mac(database, forged)
+    why = f"entry {forged} does not carry its MAC, and no checkpoint covers it"
+    verify = node.cli("audit", "verify", "--db", check=False)
+    assert verify.returncode == 1
+    assert f"FAILED: {why}" in verify.stderr
+    assert "Traceback" not in verify.stderr
+    signed = node.cli("audit", "checkpoint", check=False)
+    assert signed.returncode == 1
+    assert why in signed.stderr
+    assert "Traceback" not in signed.stderr
+    doctor = node.cli("doctor", check=False)
+    assert doctor.returncode != 0
+    assert f"audit log rolled back or rewritten: {why}" in doctor.stdout + doctor.stderr
+    accepted = node.cli("audit", "checkpoint", "--accept-without-mac", "--yes", check=False)
+    assert accepted.returncode == 1
+    assert "carries a MAC that does not match" in accepted.stderr
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("tamper", ["mac as text", "checkpoint date unreadable"])
+def test_a_failing_log_upkeep_does_not_stop_deliveries(tmp_path: Path, tamper: str) -> None:
+    """From review: the worker's log upkeep runs in the round's transaction, before the claim;
+    a MAC rewritten as TEXT made it raise TypeError every round, and nothing was delivered
+    while /readyz said ready. That rewrite is refused with the alarm; and whatever else makes
+    the upkeep fail (a checkpoint row's date made unreadable) is logged once, the transaction
+    left usable for the claim: deliveries go on."""
+    database = tmp_path / "es.db"
+    pair = new_pair(
+        tmp_path,
+        f"sqlite:///{database}",
+        f"sqlite:///{tmp_path / 'ar.db'}",
+        sender_env={"ENTRAIDE_RUN_WORKER": "false", "ENTRAIDE_AUDIT_CHECKPOINT_EVERY": "1"},
+    )
+    try:
+        pair.start()
+        pair.submit(1)
+        engine = make_engine(pair.sender.database_url)
+        try:
+            forged = _last_idx(engine)
+        finally:
+            engine.dispose()
+        if tamper == "mac as text":
+            _set_text_mac(database, forged)
+            expected = ('"critical"', f"entry {forged} does not carry its MAC")
+        else:
+            with sqlite3.connect(database) as connection:
+                connection.execute("UPDATE audit_checkpoints SET created_at = 'garbage'")
+            expected = ('"error"', "the audit log's upkeep failed (ValueError)")
+        worker = pair.start_worker("tampered", ENTRAIDE_AUDIT_CHECKPOINT_EVERY="1")
+        pair.wait_delivered(1, timeout=60)
+        pair.submit(1)  # and the next one too, the problem still standing
+        pair.wait_delivered(2, timeout=60)
+        worker.stop()
+        logged = worker.log_path.read_text()
+        assert "delivery round failed" not in logged
+        level, message = expected
+        alarms = [line for line in logged.splitlines() if level in line and message in line]
+        assert len(alarms) == 1  # once, not at every round
+    finally:
+        pair.close()
