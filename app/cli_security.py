@@ -123,6 +123,8 @@ def _tell_whether_the_node_follows(
     the node published the new keys while it went on with the old ones)."""
     import time
 
+    import httpx
+
     from app.obs.published import Unreadable, difference, node_url, read_published, reload_check
 
     url = node_url(settings, identity)
@@ -131,6 +133,12 @@ def _tell_whether_the_node_follows(
         try:
             published = read_published(settings, url)
         except Unreadable as exc:
+            # A node that answers nothing now may be busy a moment (its reload of the keys,
+            # a loaded host: seen in CI); one not listening at all is said at once.
+            refused = isinstance(exc.__cause__, httpx.ConnectError)
+            if not refused and time.monotonic() < deadline:
+                time.sleep(0.25)
+                continue
             typer.echo(
                 f"no running node answered at {url} ({exc}): a node started later uses the new "
                 f"keys; one running elsewhere should publish signing key {new.signing_kid} "
