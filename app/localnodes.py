@@ -78,6 +78,23 @@ def use_fork_server(enabled: bool = True) -> None:
         _FORKS.pop().close()
 
 
+def run_entraide(
+    args: Sequence[str], env: Mapping[str, str], timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """`entraide *args` with exactly this environment, as subprocess.run(capture_output=True,
+    text=True): forked from the fork server when it is in use, else a new interpreter."""
+    if _FORKS:
+        return _FORKS[0].run(args, env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "app", *args],
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def free_port() -> int:
     taken = _RANGE.take()
     if taken is not None:
@@ -163,16 +180,7 @@ class LocalNode:
         return result
 
     def _run(self, args: Sequence[str]) -> subprocess.CompletedProcess[str]:
-        if _FORKS:
-            return _FORKS[0].run(args, self.env(), timeout=120)
-        return subprocess.run(
-            [sys.executable, "-m", "app", *args],
-            env=self.env(),
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        return run_entraide(args, self.env())
 
     def cli_in_turn(self, *commands: Sequence[str]) -> list[str]:
         """Several commands run in turn by one process, as `entraide` runs each alone (the

@@ -5,25 +5,22 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Mapping
+
+from app.localnodes import run_entraide
 
 
 def run_requests(
     url: str, token: str, *args: str, env: Mapping[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "app", "requests", *args],
-        env={
+    return run_entraide(
+        ["requests", *args],
+        {
             **{key: value for key, value in os.environ.items() if not key.startswith("ENTRAIDE_")},
             "ENTRAIDE_URL": url,
             "ENTRAIDE_TOKEN": token,
             **(env or {}),
         },
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
     )
 
 

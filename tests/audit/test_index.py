@@ -123,7 +123,9 @@ def test_query_pages_equal_a_filter_over_every_entry(log: Log) -> None:
         for _ in range(60):
             where = _random_filter(rng, log)
             expected = [entry.idx for entry in everything if _matches(entry, where)]
-            limit = rng.choice([1, 7, 50, 1000])
+            # Pages of one only over short results: over hundreds they are the same check
+            # as pages of seven, a query per entry.
+            limit = rng.choice([1, 7, 50, 1000] if len(expected) <= 60 else [7, 50, 1000])
             found: list[int] = []
             before: int | None = None
             while True:
