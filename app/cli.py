@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
     from typer import _click as click  # typer's own copy of Click, whose classes it extends
 
+    from app.audit.anchor import Signed, SignedLogAnchor
     from app.audit.cosignature import Cosigned
     from app.config import Settings
     from app.models import OutboxItem, Peer
@@ -304,8 +305,9 @@ def migrate() -> None:
 
 def _the_record_after_migrating(settings: Settings, moved_from: list[str], done: str) -> str | None:
     """The record of what the log key signed (app/audit/anchor.py), once the schema is
-    current: there (None); or adopted, for a database last run by a release that kept none
-    (what to say); or the command fails saying what to do, as the node would sign nothing.
+    current: there, and the log extends it (None); or adopted, for a database last run by a
+    release that kept none (what to say); or the command fails saying what to do, as the
+    node would sign nothing.
 
     Every node upgraded as §7 says raised the rolled-back alarm until its operator found
     `audit checkpoint --adopt` (from review): such a log is adopted here, as `entraide
@@ -323,13 +325,15 @@ def _the_record_after_migrating(settings: Settings, moved_from: list[str], done:
     if not keys_exist(settings.keys_dir) or not anchor.writable():
         return None  # no node yet (`init` writes the record), or none can be kept (doctor warns)
     try:
-        if anchor.read() is not None:
-            return None
+        signed = anchor.read()
     except EntraideError as exc:  # unreadable: nothing is adopted over it
         raise _fail(
             f"{done}, but {exc.detail}; until then the node signs no checkpoint "
             "(docs/operations.md §8)"
         ) from exc
+    if signed is not None:
+        _the_log_extends(settings, anchor, signed, done)
+        return None
     missing = f"{done}, but there is no record at {anchor.path} of what this node's log key signed"
     next_step = (
         "put it back from the keys backup; without one, find out why it is missing (the log "
@@ -366,6 +370,25 @@ def _the_record_after_migrating(settings: Settings, moved_from: list[str], done:
         f"it verified against this node's own signed checkpoints; {anchor.path} now records "
         f"the checkpoint of {checkpoint.size} entries signed over it (audit.log_adopted)"
     )
+
+
+def _the_log_extends(
+    settings: Settings, anchor: SignedLogAnchor, signed: Signed, done: str
+) -> None:
+    """Fail, in doctor's words, where the log does not extend the record: an older copy of
+    the database put back, or one edited. `migrate` said "done" and exited 0 over that while
+    doctor failed, and an upgrade script that reads only its exit status went on to start the
+    node (from review). The schema stays migrated: nothing is lost, nothing is adopted."""
+    from app.db import make_engine
+    from app.doctor import SIGNS_NOTHING, log_against_record, rolled_back
+
+    engine = make_engine(settings.database_url)
+    try:
+        problem = log_against_record(anchor, signed, engine)
+    finally:
+        engine.dispose()
+    if problem is not None:
+        raise _fail(f"{done}, but {rolled_back(problem)}; {SIGNS_NOTHING}")
 
 
 def _schema_revisions(settings: Settings) -> list[str]:

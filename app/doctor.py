@@ -21,7 +21,13 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from app.audit.anchor import LogRolledBack, Signed, SignedLogAnchor
-from app.audit.checkpoints import latest_signed, log_verifier, macs_required, read_progress
+from app.audit.checkpoints import (
+    checkpoint_dates,
+    latest_signed,
+    log_verifier,
+    macs_required,
+    read_progress,
+)
 from app.audit.log import LogDamaged, read_head
 from app.audit.mac import check_macs, mac_key
 from app.config import LEASE_MARGIN_SECONDS, Settings, longest_exchange_seconds
@@ -578,7 +584,7 @@ def check_signed_log(settings: Settings, engine: Engine) -> Iterator[Finding]:
         )
         return
     try:
-        problem = _log_against_record(anchor, signed, engine)
+        problem = log_against_record(anchor, signed, engine)
     except Exception as exc:  # the check itself failed: never an OK beside it
         yield Finding(
             FAIL,
@@ -587,12 +593,8 @@ def check_signed_log(settings: Settings, engine: Engine) -> Iterator[Finding]:
         )
         return
     if problem is not None:
-        what = problem if signed is None else f"audit log rolled back or rewritten: {problem}"
-        yield Finding(
-            FAIL,
-            "audit",
-            f"{what}; the node signs no checkpoint until it is resolved (docs/operations.md §8)",
-        )
+        what = problem if signed is None else rolled_back(problem)
+        yield Finding(FAIL, "audit", f"{what}; {SIGNS_NOTHING}")
         return
     held = "nothing signed yet" if signed is None else f"checkpoint of {signed.size} entries"
     yield Finding(OK, "audit", f"signed log record {anchor.path} ({held})")
@@ -624,6 +626,29 @@ def check_checkpoints(settings: Settings, engine: Engine) -> Iterator[Finding]:
         f"signed checkpoint, and none was signed since {last.isoformat(timespec='seconds')}: "
         "if the node is running, its delivery worker is not (it signs them), or signing "
         "fails (see its log); until signed, they could be rewritten without a trace",
+    )
+
+
+def check_checkpoint_dates(engine: Engine) -> Iterator[Finding]:
+    """Checkpoint rows whose date the database driver cannot read: damaged storage. Their
+    notes still count (no signature covers the date), and `audit verify --db` fails naming
+    them until they are put back (from review: it crashed, and doctor said nothing)."""
+    try:
+        with read_snapshot(make_session_factory(engine)) as session:
+            dates = checkpoint_dates(session)
+    except DBAPIError:  # no database or no schema yet: check_database says which
+        return
+    damaged = sorted(row for row, date in dates.items() if date is None)
+    if not damaged:
+        return
+    rows = "row" if len(damaged) == 1 else "rows"
+    shown = ", ".join(map(str, damaged[:10])) + (", …" if len(damaged) > 10 else "")
+    yield Finding(
+        FAIL,
+        "audit",
+        f"the date (created_at) of audit checkpoint {rows} {shown} cannot be read (stored "
+        "value damaged): put it back from a backup (no signature covers it: the checkpoint "
+        "still counts); `entraide audit verify --db` names each",
     )
 
 
@@ -684,7 +709,15 @@ def check_entry_macs(settings: Settings, engine: Engine) -> Iterator[Finding]:
         )
 
 
-def _log_against_record(
+def rolled_back(problem: str) -> str:
+    """The alarm as doctor and `entraide migrate` say it (the worker logs it so too)."""
+    return f"audit log rolled back or rewritten: {problem}"
+
+
+SIGNS_NOTHING = "the node signs no checkpoint until it is resolved (docs/operations.md §8)"
+
+
+def log_against_record(
     anchor: SignedLogAnchor, signed: Signed | None, engine: Engine
 ) -> str | None:
     """Why the log does not extend the record (or there is none though checkpoints were
@@ -756,6 +789,7 @@ def diagnose(settings: Settings) -> list[Finding]:
     try:
         findings += check_signed_log(settings, engine)
         findings += check_checkpoints(settings, engine)
+        findings += check_checkpoint_dates(engine)
         findings += check_entry_macs(settings, engine)
         findings += check_database(settings, engine)
         findings += check_damaged_deliveries(engine)

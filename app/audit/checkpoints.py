@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -17,6 +18,7 @@ from typing import Protocol
 
 from nacl.signing import SigningKey
 from sqlalchemy import LargeBinary, cast, event, func, select
+from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.orm import Session
 
 from app.audit.index import INDEX_BATCH, catch_up
@@ -32,6 +34,7 @@ from app.audit.note import (
 )
 from app.audit.verify import FUTURE_MARGIN, TIME_EXTENSION
 from app.crypto.encoding import format_time, utc_now
+from app.db import undecodable_column
 from app.errors import EntraideError
 from app.models import AuditCheckpoint, AuditHead, AuditIndex
 
@@ -173,7 +176,7 @@ class SignedCheckpoint:
     size: int
     root_hash: bytes
     note: str
-    created_at: datetime
+    created_at: datetime | None  # None: the row's date cannot be read (checkpoint_dates)
     macs_after: bool = False  # its note says every later entry carries a MAC
 
 
@@ -204,12 +207,12 @@ def opened_checkpoint(note: str, origin: str, log_public: bytes) -> Checkpoint |
 def latest_signed(session: Session, verifier: Verifier) -> SignedCheckpoint | None:
     query = (
         select(
+            AuditCheckpoint.id,
             AuditCheckpoint.size,
             # As bytes even where a row was rewritten as text (SQLite keeps any type): a
             # forged row is passed over, it does not raise in every worker round.
             cast(AuditCheckpoint.root_hash, LargeBinary),
             AuditCheckpoint.note,
-            AuditCheckpoint.created_at,
         )
         .where(
             # Never one of more entries than the log holds (a note signed before a restore, put
@@ -221,16 +224,58 @@ def latest_signed(session: Session, verifier: Verifier) -> SignedCheckpoint | No
     )
     for page in range(LATEST_PAGES):
         rows = session.execute(query.offset(page * LATEST_PAGE).limit(LATEST_PAGE)).all()
-        for size, root_hash, note, created_at in rows:
+        for row_id, size, root_hash, note in rows:
             if len(note) > OUR_NOTE_BYTES:  # no note of ours; nor kept in the cache
                 continue
             opened = opened_checkpoint(note, verifier.name, verifier.public_key)
             if opened is not None and (opened.size, opened.root_hash) == (size, bytes(root_hash)):
                 macs = MACS_EXTENSION in opened.extensions
+                # Its date alone, read apart: a damaged one is not what was signed.
+                created_at = checkpoint_dates(session, [row_id]).get(row_id)
                 return SignedCheckpoint(opened.size, opened.root_hash, note, created_at, macs)
         if len(rows) < LATEST_PAGE:
             return None
     return None
+
+
+def checkpoint_dates(
+    session: Session, rows: Sequence[int] | None = None
+) -> dict[int, datetime | None]:
+    """Each checkpoint row's date (of `rows`, or of every row), None where the stored value
+    cannot be read: damaged storage, which `audit verify --db` and doctor name. No signature
+    covers a row's date, so a damaged one takes nothing from its checkpoint; read with the
+    rest, it failed every command and call that read the latest checkpoint, receipts
+    included (from review). All at once; row by row only once that fails."""
+    statement = select(AuditCheckpoint.id, AuditCheckpoint.created_at)
+    if rows is not None:
+        statement = statement.where(AuditCheckpoint.id.in_(rows))
+    try:
+        return dict(session.execute(statement).tuples().all())
+    except _DATE_ERRORS as exc:
+        if not _date_unreadable(exc):
+            raise
+    found: dict[int, datetime | None] = {}
+    for row in rows if rows is not None else session.scalars(select(AuditCheckpoint.id)).all():
+        try:
+            found[row] = session.scalar(
+                select(AuditCheckpoint.created_at).where(AuditCheckpoint.id == row)
+            )
+        except _DATE_ERRORS as exc:
+            if not _date_unreadable(exc):
+                raise
+            found[row] = None
+    return found
+
+
+# What reading back a date the driver cannot read raises: SQLite's text that is no date
+# (ValueError) or a value that is no text (TypeError), PostgreSQL's `infinity`, which
+# Python's datetime cannot hold (DataError, raised by the driver as it reads: the
+# transaction goes on), and SQLite's text that is not UTF-8 (app/db.py).
+_DATE_ERRORS = (ValueError, TypeError, OverflowError, DataError, OperationalError)
+
+
+def _date_unreadable(exc: Exception) -> bool:
+    return not isinstance(exc, OperationalError) or undecodable_column(exc) is not None
 
 
 def _remember_after_commit(session: Session, anchor: Anchor | None, size: int, root: bytes) -> None:
@@ -303,8 +348,9 @@ def read_progress(session: Session, verifier: Verifier) -> Progress | None:
         return Progress(size, 0, None, 0 if largest is None else largest + 1)
     # Its date, which no signature covers: a little ahead (another process's clock) is now,
     # far ahead counts as long ago (a date set ahead would put off checkpoints due by time).
-    now = utc_now()
-    latest_at = min(latest.created_at, now) if latest.created_at <= now + DATE_MARGIN else _LONG_AGO
+    # Unreadable (damaged storage): long ago too, so a checkpoint with a readable one is due.
+    now, at = utc_now(), latest.created_at
+    latest_at = min(at, now) if at is not None and at <= now + DATE_MARGIN else _LONG_AGO
     return Progress(size, latest.size, latest_at, 0 if largest is None else largest + 1)
 
 

@@ -17,6 +17,7 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from app.audit.checkpoints import (
     Anchor,
+    checkpoint_dates,
     latest_signed,
     log_origin,
     log_verifier,
@@ -463,20 +464,29 @@ def _checkpoint_row_problems(
     The node reads how far its checkpoints reach from the notes (app/audit/checkpoints.py),
     but a size or root edited beside a genuine note is still a forged row, and a date ahead
     of the clock (no signature covers it) would have put off checkpoints due by time. Notes
-    that do not verify are the main pass's to report."""
+    that do not verify are the main pass's to report; a date that cannot be read at all
+    (damaged storage) is named here, whatever the note."""
     origin = log_origin(authority_id)
+    dates = checkpoint_dates(session)
     rows = session.execute(
         select(
             AuditCheckpoint.id,
             AuditCheckpoint.size,
             cast(AuditCheckpoint.root_hash, LargeBinary),
             AuditCheckpoint.note,
-            AuditCheckpoint.created_at,
         ).order_by(AuditCheckpoint.id)
     )
     ahead = utc_now() + timedelta(minutes=5)
-    for row_id, size, root_hash, note, created_at in rows:
+    for row_id, size, root_hash, note in rows:
         opened = opened_checkpoint(note, origin, log_public)
+        created_at = dates.get(row_id)
+        if created_at is None and row_id in dates:
+            yield Problem(
+                0 if opened is None else opened.size,
+                f"checkpoint row {row_id}: its date (created_at) cannot be read: the stored "
+                "value was altered or damaged (no signature covers it: the checkpoint's note "
+                "still counts); put the value back from a backup",
+            )
         if opened is None:
             continue
         if (size, bytes(root_hash)) != (opened.size, opened.root_hash):
@@ -486,7 +496,7 @@ def _checkpoint_row_problems(
                 f" but its signed note says {opened.size} entries and root "
                 f"{opened.root_hash.hex()}",
             )
-        if created_at > ahead:
+        if created_at is not None and created_at > ahead:
             yield Problem(
                 opened.size,
                 f"checkpoint row {row_id} is dated {created_at.isoformat()}, in the future",

@@ -381,3 +381,73 @@ def test_migrate_fails_on_an_unreadable_record(databases: Databases, tmp_path: P
     assert f"{record_file} cannot be read" in migrated.stderr
     assert "restore it from its backup" in migrated.stderr
     assert record_file.read_text() == ""
+
+
+def _schema(url: str) -> list[str]:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            return sorted(connection.scalars(text("SELECT version_num FROM alembic_version")))
+    finally:
+        engine.dispose()
+
+
+def test_migrate_fails_while_the_log_does_not_extend_the_record(
+    databases: Databases, tmp_path: Path
+) -> None:
+    """From review: with the record there but the database's log rolled back (an older copy
+    of the database put back), `migrate` migrated and exited 0 while doctor failed, and an
+    upgrade script that checks only migrate's exit status went on to start the node. It
+    still migrates (nothing is lost), then says the alarm in doctor's words and exits 1, at
+    every run while it holds: rolled back, and then grown past the record without extending
+    it."""
+    node = _node(databases, tmp_path)
+    node.init()
+    node.create_client("a1", "admin")
+    node.cli("audit", "checkpoint")
+    put_back = _put_back_later(databases, node.database_url)
+    for name in ("a2", "a3"):
+        node.create_client(name, "admin")
+    node.cli("audit", "checkpoint")
+    record_file = node.keys_dir / "log-signed.json"
+    recorded = record_file.read_bytes()
+    signed = SignedLogAnchor(record_file).read()
+    assert signed is not None
+
+    put_back()
+    command.downgrade(alembic_config(node.database_url), "-1")  # an upgrade for it to run
+    before = _schema(node.database_url)
+    engine = make_engine(node.database_url)
+    try:
+        held = len(_actions(engine))
+    finally:
+        engine.dispose()
+    assert held < signed.size
+
+    first = node.cli("migrate", check=False)
+    assert first.returncode == 1, first.stdout
+    assert "start this version's processes" not in first.stdout
+    said = first.stderr
+    assert f"database migrated: {before[0]} -> " in said, said
+    assert (
+        f"{ALARM}: the log holds {held} entries, but this node signed a checkpoint of "
+        f"{signed.size}: entries were removed from the database" in said
+    ), said
+    assert "docs/operations.md §8" in said
+    assert "Traceback" not in said
+    assert _schema(node.database_url) != before  # migrated all the same
+    assert record_file.read_bytes() == recorded  # nothing adopted over it
+    doctor = node.cli("doctor", check=False)
+    assert doctor.returncode == 1
+    assert f"{ALARM}: the log holds {held} entries" in doctor.stdout
+
+    for name in ("b1", "b2", "b3"):  # longer than what was signed, not extending it
+        node.create_client(name, "admin")
+    again = node.cli("migrate", check=False)
+    assert again.returncode == 1, again.stdout
+    assert "database schema is current" in again.stderr
+    assert (
+        f"{ALARM}: the log's first {signed.size} entries are not those this node signed"
+        in again.stderr
+    ), again.stderr
+    assert record_file.read_bytes() == recorded
