@@ -839,8 +839,7 @@ def clients_list() -> None:
             raise
         # One line naming the column, never a traceback quoting the damaged value (from
         # review).
-        column = column.removeprefix("api_clients_")  # as the ORM may label it
-        raise _fail(StoredDataCorrupt.of_column(f"api_clients.{column}").detail) from exc
+        raise _fail(StoredDataCorrupt.of_column(column).detail) from exc
     finally:
         node.close()
     for client in clients:

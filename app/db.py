@@ -14,9 +14,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Column, Engine, Table, create_engine, event
+from sqlalchemy.engine import ExceptionContext
+from sqlalchemy.exc import DataError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import PoolProxiedConnection
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import ColumnElement
 
 BUSY_TIMEOUT_SECONDS = 30
 MUTEX_WAIT_SECONDS = 10
@@ -242,6 +246,10 @@ def _configure_sqlite(engine: Engine) -> None:
         # can fail with SQLITE_BUSY without waiting, which busy_timeout cannot help.
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
+    @event.listens_for(engine, "handle_error")
+    def _on_error(context: ExceptionContext) -> None:
+        _name_undecodable(context)
+
     @event.listens_for(engine, "checkin")
     def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
         # Normally released at COMMIT or ROLLBACK; this catches a connection invalidated
@@ -381,6 +389,31 @@ class PeriodicJob:
 # sqlite3's words for a TEXT value that is not UTF-8 (a BLOB rewritten as text by a hand edit,
 # a damaged page): the whole row is unreadable. Followed by the text, which is not repeated.
 _UNDECODABLE = re.compile(r"Could not decode to UTF-8 column '([^']{1,64})'")
+# Where `_name_undecodable` leaves the column's "table.column" on the driver's exception.
+_TABLE_COLUMN = "entraide_table_column"
+
+
+def _name_undecodable(context: ExceptionContext) -> None:
+    """sqlite3 names the column of a value it cannot decode as the query named it: its label
+    (`requests_peer_authority`, `peer_authority_1`) or its bare name, never its table (from
+    review: `stored_data_corrupt` said either, by route). The statement's own columns, in
+    the context of its execution, say which table's column that is."""
+    original = context.original_exception
+    found = _UNDECODABLE.match(str(original)) if isinstance(original, sqlite3.Error) else None
+    compiled = getattr(context.execution_context, "compiled", None)
+    if found is None or not isinstance(compiled, SQLCompiler):
+        return
+    named = {  # SQLAlchemy's own record of the columns, by which its results map each row
+        f"{base.table.name}.{base.name}"
+        for entry in compiled._result_columns
+        if found.group(1) in (entry.name, entry.keyname)
+        for element in entry.objects
+        if isinstance(element, ColumnElement)
+        for base in element.base_columns
+        if isinstance(base, Column) and isinstance(base.table, Table)
+    }
+    if len(named) == 1:  # two columns of one name: left as sqlite3 named it
+        setattr(original, _TABLE_COLUMN, named.pop())
 
 
 # SQLSTATE of PostgreSQL's disk_full (class 53, insufficient resources).
@@ -409,12 +442,29 @@ def database_full(exc: BaseException) -> bool:
 
 def undecodable_column(exc: BaseException) -> str | None:
     """The column of a stored value the driver cannot read, if that is what `exc` is (a
-    SQLAlchemy error or the driver's own); None for any other failure. Damage to one row,
-    not a database out of reach: SQLite raises it as an OperationalError, as it does a locked
-    or missing database. PostgreSQL has no such case: its bytea holds bytes only, and a
-    UTF8 database only valid UTF-8 text (it refuses the rest when written)."""
+    SQLAlchemy error or the driver's own); None for any other failure. Named `table.column`
+    when the query that met it says which (`_name_undecodable`), else as sqlite3 named it.
+    Damage to one row, not a database out of reach: SQLite raises it as an
+    OperationalError, as it does a locked or missing database. PostgreSQL has no such case:
+    its bytea holds bytes only, and a UTF8 database only valid UTF-8 text (it refuses the
+    rest when written)."""
     orig = getattr(exc, "orig", None) or exc
     if not isinstance(orig, sqlite3.OperationalError):
         return None
     found = _UNDECODABLE.match(str(orig))
-    return found.group(1) if found else None
+    if found is None:
+        return None
+    named = getattr(orig, _TABLE_COLUMN, None)
+    return named if isinstance(named, str) else found.group(1)
+
+
+def unreadable_value(exc: BaseException) -> bool:
+    """Whether `exc`, met while reading rows, says a stored value cannot be given back as its
+    column's type: text SQLite cannot decode; a value PostgreSQL's driver cannot load (a
+    time of 'infinity', or past the year 9999); a value the model cannot parse (SQLite: a
+    time that is no time). Only for reads: a DataError of a write is the value written."""
+    return (
+        undecodable_column(exc) is not None
+        or isinstance(exc, DataError)
+        or isinstance(exc, ValueError | OverflowError)
+    )

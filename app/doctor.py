@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 from sqlalchemy import Engine, func, select
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
 
 from app.audit.anchor import LogRolledBack, Signed, SignedLogAnchor
 from app.audit.checkpoints import (
@@ -53,6 +53,7 @@ from app.obs.health import current_heads, expected_heads, unknown_revisions
 from app.obs.metrics import key_dates
 from app.obs.published import Unreadable, difference, node_url, read_published
 from app.peers.client import IDENTITY_PATH, make_http_client, read_json_bounded
+from app.peers.damage import find_damaged_peers
 from app.tls import client_context
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -449,19 +450,25 @@ def _missing_blobs(settings: Settings, engine: Engine) -> Iterator[Finding]:
 
 def check_peers(settings: Settings, engine: Engine, http: httpx.Client) -> Iterator[Finding]:
     try:
-        with engine.connect() as connection:
+        with read_snapshot(make_session_factory(engine)) as session:
+            # A damaged row (check_damaged_peers names it) must not hide the others' checks.
+            damaged = [peer.row_id for peer in find_damaged_peers(session)]
             peers = list(
-                connection.execute(
+                session.execute(
                     select(
                         Peer.authority_id,
                         Peer.public_url,
                         Peer.fingerprint,
                         Peer.encryption_kid,
                         Peer.log_kid,
-                    ).order_by(Peer.authority_id)
-                )
+                    )
+                    .where(Peer.id.not_in(damaged))
+                    .order_by(Peer.authority_id)
+                ).tuples()
             )
     except Exception:  # the database findings already say why
+        return
+    if damaged and not peers:
         return
     if not peers:
         yield Finding(
@@ -783,6 +790,28 @@ def check_damaged_deliveries(engine: Engine) -> list[Finding]:
     ]
 
 
+def check_damaged_peers(engine: Engine) -> list[Finding]:
+    """Peer rows holding a value the database cannot give back (app/peers/damage.py): the
+    worker holds their deliveries back, and every exchange with the peer fails, until the
+    value is put back. Both backends: PostgreSQL keeps a time of 'infinity' its driver
+    cannot give back."""
+    try:
+        with read_snapshot(make_session_factory(engine)) as session:
+            damaged = find_damaged_peers(session)
+    except (OperationalError, ProgrammingError):  # unreachable, no schema: check_database
+        return []
+    return [
+        Finding(
+            FAIL,
+            f"peer {peer.authority}" if peer.authority else f"peers row id={peer.row_id}",
+            f"a value stored in column {', '.join(peer.columns)} of its row cannot be read "
+            "(stored value damaged): its deliveries wait, and exchanges with it fail; put the "
+            "value back from a backup (docs/operations.md §5)",
+        )
+        for peer in damaged
+    ]
+
+
 def diagnose(settings: Settings) -> list[Finding]:
     findings = [*check_configuration(settings), *check_keys(settings)]
     engine = make_engine(settings.database_url)
@@ -793,6 +822,7 @@ def diagnose(settings: Settings) -> list[Finding]:
         findings += check_entry_macs(settings, engine)
         findings += check_database(settings, engine)
         findings += check_damaged_deliveries(engine)
+        findings += check_damaged_peers(engine)
         timeout = min(settings.peer_timeout_seconds, PEER_TIMEOUT_SECONDS)
         try:
             # As the worker reaches them: its CA bundle and client certificate (from

@@ -37,7 +37,7 @@ DAMAGED = StoredDataCorrupt.code
 @dataclass(frozen=True)
 class DamagedRow:
     outbox_id: int
-    column: str  # "table.column", as the driver named it
+    column: str  # "table.column"
 
 
 def weighed_ids(session: Session, *, now: datetime) -> list[int]:
@@ -65,7 +65,7 @@ def _unreadable(session: Session, ids: list[int]) -> str | None:
         column = undecodable_column(exc)
         if column is None:
             raise
-        return f"outbox.{column}"
+        return column
     messages = select(outbox.OUTBOX.c.message_id).where(outbox.OUTBOX.c.id.in_(ids))
     try:
         session.execute(select(MESSAGES).where(MESSAGES.c.id.in_(messages))).all()
@@ -73,7 +73,7 @@ def _unreadable(session: Session, ids: list[int]) -> str | None:
         column = undecodable_column(exc)
         if column is None:
             raise
-        return f"messages.{column}"
+        return column
     return None
 
 

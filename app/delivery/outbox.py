@@ -184,13 +184,15 @@ def claim_due(
     admit: Callable[[int], bool] | None = None,
     max_size: int | None = None,
     skip: Collection[int] = (),
+    skip_peers: Collection[str] = (),
 ) -> list[Claim]:
     """Claim up to `limit` due rows, most pressing first (emergencies, then urgent, then
     routine; oldest due first within each). `admit`, given each row's envelope size in that
     order, may leave a row out (it stays queued for a later round): the worker's budget of
     what one round holds in memory. `max_size`: only envelopes up to this size (so that
     large ones a round cannot take do not fill its `limit`). `skip`: rows the caller is
-    still posting (its lease may have run out during a long post: not posted twice)."""
+    still posting (its lease may have run out during a long post: not posted twice).
+    `skip_peers`: peers whose deliveries the caller holds back (their row cannot be read)."""
     due = [
         # Rows waiting for their turn: an ordered scan of the claim's partial index that
         # stops at `limit`, locking no row past it (another worker claims those at once).
@@ -214,6 +216,7 @@ def claim_due(
                 )
             )
             .where(OutboxItem.id.not_in(list(skip)) if skip else true())
+            .where(OutboxItem.peer_authority.not_in(sorted(skip_peers)) if skip_peers else true())
             .where(~_earlier_pending())
             .order_by(*CLAIM_ORDER)
             .limit(limit)

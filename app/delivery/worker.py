@@ -36,9 +36,11 @@ from app.db import (
     read_snapshot,
     undecodable_column,
     unit_of_work,
+    unreadable_value,
 )
 from app.delivery import damage, heartbeat, outbox, upkeep
 from app.delivery.clocksteps import ClockWatch, boot_clock
+from app.delivery.held_peers import HeldPeers
 from app.delivery.settle import Outcome, settle_batch
 from app.errors import PeerError, StoredEnvelopeCorrupt
 from app.evidence.cleanup import OrphanSweep
@@ -57,6 +59,7 @@ from app.peers.client import (
     read_json_bounded,
     retry_after_of,
 )
+from app.peers.damage import PEERS
 from app.peers.keys import verify_peer_receipt
 from app.requests import idempotency
 from app.requests.store import load_envelope, load_envelopes
@@ -305,6 +308,9 @@ class Worker:
         # Rows posted whose settlement failed: still ours until their lease runs out, and the
         # peer may hold them (a stop records that, see release).
         self._unsettled: set[int] = set()
+        # Peers whose row cannot be read: their deliveries are not claimed until it reads
+        # again (a round reading such a row failed, and every delivery with it).
+        self._held = HeldPeers(node.sessions, every_seconds=node.settings.worker_heartbeat_seconds)
 
     def run(self) -> None:
         log.info("delivery worker %s started", self.id)
@@ -336,12 +342,26 @@ class Worker:
 
     def _round_failed(self, exc: Exception) -> int:
         """Say what failed a round, by the driver's code (never its message: it may quote a
-        value), and deal with what the worker can: a full database is noted for /readyz, and
-        rows whose stored values cannot be read are set aside. Returns the rows set aside
-        (the next round need not wait then)."""
+        value), and deal with what the worker can: a full database is noted for /readyz,
+        outbox rows whose stored values cannot be read are set aside, and the deliveries of a
+        peer whose row cannot be read held back. Returns the rows set aside or the peers
+        held (the next round need not wait then)."""
         column = undecodable_column(exc)
+        if column is not None and not column.startswith(f"{PEERS.name}."):
+            set_aside = self._set_aside_damaged(column)
+            if set_aside:
+                return set_aside
+        if column is not None or unreadable_value(exc):
+            held = self._held.hold_damaged()
+            if held:
+                return held
         if column is not None:
-            return self._set_aside_damaged(column)
+            log.error(
+                "delivery round failed: a value stored in column '%s' cannot be read, and no "
+                "delivery or peer was found holding it; run `entraide doctor`; retrying",
+                column,
+            )
+            return 0
         if database_full(exc):
             self.node.storage_full.note("database")
             log.error(
@@ -374,13 +394,6 @@ class Worker:
                 "delivery (docs/operations.md)",
                 row.outbox_id,
                 row.column,
-            )
-        if not damaged:
-            log.error(
-                "delivery round failed: a value stored in column '%s' cannot be read, in no "
-                "outbox row waiting or its message (a peer's row?); run `entraide doctor`; "
-                "retrying",
-                column,
             )
         return len(damaged)
 
@@ -447,6 +460,7 @@ class Worker:
         concurrency = self.node.settings.worker_concurrency
         self._clock_steady()
         self._upkeep.run_due()
+        self._held.release_repaired()
         if len(self._in_flight) < concurrency:
             posting = self._claim_and_post(concurrency)
         else:  # every posting thread busy: claim nothing yet, but keep signing checkpoints
@@ -516,6 +530,7 @@ class Worker:
                 # No large one this round: they must not fill its claims either.
                 max_size=PRELOAD_BYTES if large == 0 else None,
                 skip=posting_now,
+                skip_peers=self._held.authorities(),
             )
             jobs = load_jobs(session, claims)
             if claims and not signed and not session.info.get(outbox.AUDITED):

@@ -212,3 +212,44 @@ def test_a_row_sqlite_cannot_decode_is_damage_not_an_unavailable_database(ar: Ha
         restore()
     again = ar.http.get(f"/api/v1/requests/{request_id}", headers=ar.as_("officer"))
     assert again.status_code == 200, again.text
+
+
+@pytest.mark.parametrize(
+    ("table", "column", "route"),
+    [
+        # The read of one request labels its columns (`requests_peer_authority`), the list
+        # does not (`status`): both are named as the table's column.
+        ("requests", "peer_authority", "/api/v1/requests/{id}"),
+        ("requests", "status", "/api/v1/requests"),
+        ("peers", "name", "/api/v1/admin/peers"),
+    ],
+)
+def test_a_value_sqlite_cannot_decode_is_named_by_its_table_and_column(
+    ar: Harness, table: str, column: str, route: str
+) -> None:
+    """From review: `stored_data_corrupt` named the query's label of the column on some
+    routes (`requests_peer_authority`), its bare name on others, never its table."""
+    if not ar.node.settings.database_url.startswith("sqlite"):
+        pytest.skip("PostgreSQL's text holds only valid UTF-8")
+    request_id = ar.receive_request()
+    key, row = ("id", request_id) if table == "requests" else ("authority_id", "ES/MJ")
+    path = make_url(ar.node.settings.database_url).database
+    assert path is not None
+    with closing(sqlite3.connect(path)) as raw, raw:
+        select_ = f"SELECT {column} FROM {table} WHERE {key} = ?"  # noqa: S608
+        (original,) = raw.execute(select_, (row,)).fetchone()
+        raw.execute(
+            f"UPDATE {table} SET {column} = CAST(X'C328FF' AS TEXT) WHERE {key} = ?",  # noqa: S608
+            (row,),
+        )
+    try:
+        client = "admin" if "/admin/" in route else "officer"
+        response = ar.http.get(route.format(id=request_id), headers=ar.as_(client))
+    finally:
+        with closing(sqlite3.connect(path)) as raw, raw:
+            raw.execute(f"UPDATE {table} SET {column} = ? WHERE {key} = ?", (original, row))  # noqa: S608
+    assert response.status_code == 500, response.text
+    assert response.json()["error"] == "stored_data_corrupt"
+    assert (
+        f"a value stored in column '{table}.{column}' cannot be read" in (response.json()["detail"])
+    )

@@ -4,6 +4,8 @@ From review: one waiting outbox row holding TEXT that is not UTF-8 stopped every
 claim reads each row it weighs), the log said only "delivery round failed
 (OperationalError)", /readyz said ready and `doctor` found nothing. And a full database met
 by the worker alone (no API write) left /readyz `storage: ok` and never named SQLITE_FULL.
+A peer's row that cannot be read stopped every delivery too, to every peer (the round reads
+the rows of the peers it claimed for), and `doctor` did not look at the peers table.
 """
 
 from __future__ import annotations
@@ -14,16 +16,22 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
+from datetime import timedelta
 from typing import Any
 
+import httpx
 import pytest
-from sqlalchemy import event, make_url, select
+from sqlalchemy import event, make_url, select, text
 
+from app import doctor
+from app.crypto.encoding import utc_now
+from app.crypto.identity import build_identity_document, parse_identity_document
+from app.crypto.keys import NodeIdentity, NodeKeys
 from app.db import unit_of_work
 from app.delivery.worker import Worker
-from app.doctor import check_damaged_deliveries
 from app.models import OutboxItem
-from tests.requests.conftest import Harness
+from app.peers.service import pin_peer
+from tests.requests.conftest import Harness, example_document
 from tests.requests.test_lost_moves import ACK, _delivery_id
 
 DAMAGED = "CAST(X'C328FF' AS TEXT)"
@@ -85,7 +93,9 @@ def test_a_damaged_outbox_row_is_set_aside_and_the_others_go_on(
         (authority,) = original.fetchone()
         db.execute(f"UPDATE outbox SET peer_authority = {DAMAGED} WHERE id = ?", (damaged,))  # noqa: S608
         db.commit()
-    assert [finding.level for finding in check_damaged_deliveries(ar.node.engine)] == ["FAIL"]
+    assert [finding.level for finding in doctor.check_damaged_deliveries(ar.node.engine)] == [
+        "FAIL"
+    ]
     with caplog.at_level(logging.ERROR, logger="app.delivery.worker"), _running(Worker(ar.node)):
         # The other row is tried (ES's address does not resolve: a retry, one attempt).
         assert _wait(lambda: _state(ar, other)[1] >= 1), _state(ar, other)
@@ -111,7 +121,7 @@ def test_a_damaged_outbox_row_is_set_aside_and_the_others_go_on(
     with closing(sqlite3.connect(path)) as db:
         db.execute("UPDATE outbox SET peer_authority = ? WHERE id = ?", (authority, damaged))
         db.commit()
-    assert check_damaged_deliveries(ar.node.engine) == []
+    assert doctor.check_damaged_deliveries(ar.node.engine) == []
     with unit_of_work(ar.node.sessions) as session:
         item = session.scalar(select(OutboxItem).where(OutboxItem.id == damaged))
         assert item is not None
@@ -153,3 +163,109 @@ def test_a_full_database_met_by_the_worker_alone_fails_readiness(
         event.remove(engine, "connect", _no_room)
         engine.dispose()
     assert rows
+
+
+def _pin(ar: Harness, authority: str) -> None:
+    document = build_identity_document(
+        NodeIdentity(authority, "Ministère de la Justice", "http://fr.invalid"),
+        NodeKeys.generate(),
+        issued_at=utc_now(),
+    )
+    with unit_of_work(ar.node.sessions) as session:
+        pin_peer(
+            session,
+            identity=parse_identity_document(document),
+            url="http://fr.invalid",
+            own_authority="AR/MPF",
+            own_keys=ar.node.keys,
+            clock_skew=timedelta(seconds=ar.node.settings.clock_skew_seconds),
+        )
+
+
+def _request_to(ar: Harness, authority: str) -> int:
+    document = example_document(requesting_authority="AR/MPF", requested_authority=authority)
+    sent = ar.post("/api/v1/requests", {"to": authority, "document": document})
+    assert sent.status_code == 201, sent.text
+    return _delivery_id(ar, sent.json()["msg_id"])
+
+
+def _tried(ar: Harness, row: int) -> tuple[str, int]:
+    with unit_of_work(ar.node.sessions) as session:
+        state, attempts = session.execute(
+            select(OutboxItem.state, OutboxItem.attempts).where(OutboxItem.id == row)
+        ).one()
+    return str(state), int(attempts)
+
+
+# How each backend's peer row is damaged: SQLite stores what it is given (text that is not
+# UTF-8, a time that is no time); PostgreSQL keeps a time its driver cannot give back.
+DAMAGES = {
+    ("sqlite", "text"): ("name", "CAST(X'C328FF' AS TEXT)"),
+    ("sqlite", "time"): ("added_at", "'not a time'"),
+    ("postgresql", "time"): ("added_at", "'infinity'"),
+}
+
+
+def _damage_peer(ar: Harness, damage: str) -> tuple[str, Callable[[], None]]:
+    """Damage FR/MJ's row; returns the column and how to put the value back."""
+    backend = ar.node.engine.dialect.name
+    if (backend, damage) not in DAMAGES:
+        pytest.skip("PostgreSQL's text holds only valid UTF-8")
+    column, value = DAMAGES[backend, damage]
+    where = "WHERE authority_id = 'FR/MJ'"
+    with ar.node.engine.begin() as connection:
+        (original,) = connection.execute(text(f"SELECT {column} FROM peers {where}")).one()  # noqa: S608
+        connection.execute(text(f"UPDATE peers SET {column} = {value} {where}"))  # noqa: S608
+
+    def repair() -> None:
+        with ar.node.engine.begin() as connection:
+            connection.execute(
+                text(f"UPDATE peers SET {column} = :original {where}"),  # noqa: S608
+                {"original": original},
+            )
+
+    return column, repair
+
+
+@pytest.mark.parametrize("damage", ["text", "time"])
+def test_a_peer_row_that_cannot_be_read_holds_only_its_own_deliveries(
+    fresh_ar: Harness, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
+    ar = fresh_ar
+    _pin(ar, "FR/MJ")
+    to_fr, to_es = _request_to(ar, "FR/MJ"), _outbound(ar)
+    column, repair = _damage_peer(ar, damage)
+    with caplog.at_level(logging.INFO), _running(Worker(ar.node)):
+        # ES/MJ's deliveries go on (its address does not resolve: a retry, one attempt), a
+        # later one too, while FR/MJ's waits untried.
+        assert _wait(lambda: _tried(ar, to_es)[1] >= 1), _tried(ar, to_es)
+        later = _outbound(ar)
+        assert _wait(lambda: _tried(ar, later)[1] >= 1), _tried(ar, later)
+        assert _tried(ar, to_fr) == ("queued", 0)
+        # Repaired, its deliveries go too (within a heartbeat period).
+        repair()
+        assert _wait(lambda: _tried(ar, to_fr)[1] >= 1, seconds=30), _tried(ar, to_fr)
+    assert (
+        f"deliveries to FR/MJ held: a value stored in column 'peers.{column}' of its row "
+        "cannot be read (stored value damaged)"
+    ) in caplog.text
+    assert "deliveries to FR/MJ resume: its row reads again" in caplog.text
+    for shown in ("\ufffd", "\\x", "not a time", "infinity"):  # never the value
+        assert shown not in caplog.text
+    assert ar.audit("peer.unreadable") == [("node", "stored_data_corrupt", None)]
+
+
+@pytest.mark.parametrize("damage", ["text", "time"])
+def test_doctor_names_a_peer_row_that_cannot_be_read(fresh_ar: Harness, damage: str) -> None:
+    ar = fresh_ar
+    _pin(ar, "FR/MJ")
+    column, repair = _damage_peer(ar, damage)
+    findings = doctor.check_damaged_peers(ar.node.engine)
+    assert [(finding.level, finding.area) for finding in findings] == [("FAIL", "peer FR/MJ")]
+    assert f"column peers.{column} of its row" in findings[0].message
+    # The other peers are still checked (both unreachable here), the damaged one not again.
+    with httpx.Client(timeout=5) as http:
+        checked = doctor.check_peers(ar.node.settings, ar.node.engine, http)
+        assert {finding.area for finding in checked} == {"peer ES/MJ"}
+    repair()
+    assert doctor.check_damaged_peers(ar.node.engine) == []
