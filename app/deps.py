@@ -269,6 +269,18 @@ def _record_forbidden(request: Request, node: Node, principal: Principal, allowe
         raise TooManyRequests(verdict.retry_after)
 
 
+class MetricsPolicy(Policy):
+    """/metrics: the policy's token (a scraper's `monitor`, or an `admin`), unless the
+    operator restricts it at the proxy instead (`ENTRAIDE_METRICS_PUBLIC`). Its counters
+    say when envelopes arrive, and the fact of a request is confidential (DESIGN.md 1), to
+    anyone who reaches the listener peers reach: from a security review."""
+
+    async def __call__(self, request: Request, node: NodeDep) -> Principal | None:  # type: ignore[override]  # None: no token asked for while the operator opted out
+        if node.settings.metrics_public:
+            return None
+        return await super().__call__(request, node)
+
+
 class Public:
     """Marks a route that deliberately needs no token, and says why."""
 
@@ -363,6 +375,7 @@ PEER_SIGNED = PeerTransport("peer-to-peer: every envelope is authenticated by it
 OFFICER = Policy(Role.OFFICER)
 AUDITOR = Policy(Role.AUDITOR)
 ADMIN = Policy(Role.ADMIN)
+METRICS = MetricsPolicy(Role.MONITOR, Role.ADMIN)
 
 ANY_ROLE = Policy(Role.OFFICER, Role.AUDITOR, Role.ADMIN)
 

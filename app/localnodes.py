@@ -272,6 +272,12 @@ class LocalNode:
             verify=self.verify,
         )
 
+    def metrics(self, client: str = "monitor") -> httpx.Response:
+        """GET /metrics as a Prometheus scraper sends it: with the token of `client` (one
+        made with `--role monitor`, or an admin's)."""
+        headers = {"authorization": f"Bearer {self.tokens[client]}"}
+        return httpx.get(self.url + "/metrics", headers=headers, timeout=10.0, verify=self.verify)
+
     def pin(self, other: LocalNode, admin: str = "admin") -> Any:
         with self.client(admin) as http:
             response = http.post(

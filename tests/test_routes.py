@@ -37,7 +37,6 @@ def test_only_identity_health_and_p2p_are_public() -> None:
     assert public == [
         "/.well-known/entraide/node",
         "/healthz",
-        "/metrics",
         "/p2p/v1/audit/consistency",
         "/p2p/v1/audit/cosignature",
         "/p2p/v1/envelopes",
@@ -64,6 +63,20 @@ def test_admin_routes_need_admin_and_request_routes_need_officer() -> None:
         elif route.path.startswith("/api/v1/requests"):
             assert isinstance(marker, Policy)
             assert {role.value for role in marker.roles} == {"officer"}
+
+
+def test_metrics_need_a_monitor_or_an_admin_and_the_monitor_role_nothing_else() -> None:
+    """The counters say when envelopes arrive (from a security review): a scraper's token
+    (`monitor`) or an operator's (`admin`) reads them, and a scraper's token opens no other
+    route."""
+    for route in api_routes():
+        (marker,) = _markers(route)
+        roles = {role.value for role in marker.roles} if isinstance(marker, Policy) else set()
+        if route.path == "/metrics":
+            assert isinstance(marker, Policy)
+            assert roles == {"monitor", "admin"}
+        else:
+            assert "monitor" not in roles, route.path
 
 
 def test_the_upload_offset_route_declares_the_204_it_answers() -> None:

@@ -27,6 +27,8 @@ class Role(StrEnum):
     OFFICER = "officer"
     AUDITOR = "auditor"
     ADMIN = "admin"
+    # A Prometheus scraper's: /metrics and nothing else (an admin may read them too).
+    MONITOR = "monitor"
 
 
 @dataclass(frozen=True)

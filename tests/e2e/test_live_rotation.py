@@ -261,7 +261,7 @@ def solo(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Solo]:
     )
     solo: Solo | None = None
     try:
-        ar.init(clients={"auditor": ("auditor",)})
+        ar.init(clients={"auditor": ("auditor",), "monitor": ("monitor",)})
         ar.start()
         worker_log = ar.workdir / "worker.log"
         solo = Solo(ar, _start_worker_loaded(ar, worker_log), worker_log)
@@ -298,7 +298,7 @@ def rotations_recorded(node: LocalNode) -> list[tuple[str, int]]:
 
 
 def metric(node: LocalNode, name: str, **labels: str) -> float:
-    text = httpx.get(node.url + "/metrics", timeout=10).text
+    text = node.metrics().text
     wanted = ",".join(f'{key}="{value}"' for key, value in labels.items())
     line = f"{name}{{{wanted}}} " if labels else f"{name} "
     (found,) = [row for row in text.splitlines() if row.startswith(line)]

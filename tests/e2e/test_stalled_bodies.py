@@ -65,7 +65,7 @@ def _serving(
         extra_env=env,
     )
     try:
-        ar.init(clients=clients)
+        ar.init(clients={**(clients or {}), "monitor": ("monitor",)})  # for node.metrics()
         ar.start()
         yield ar
     finally:
@@ -184,7 +184,7 @@ def test_a_silent_body_on_the_local_api_is_refused_408_on_record(node: LocalNode
 
 
 def _served(node: LocalNode, path: str, status: int) -> float:
-    text = httpx.get(node.url + "/metrics", timeout=10).text
+    text = node.metrics().text
     series = re.escape(
         f'entraide_http_requests_total{{method="POST",route="{path}",status="{status}"}}'
     )
@@ -212,7 +212,7 @@ def test_a_client_that_leaves_mid_body_is_counted_499_not_500(node: LocalNode, p
 
 
 def _counted(node: LocalNode, code: str) -> float:
-    text = httpx.get(node.url + "/metrics", timeout=10).text
+    text = node.metrics().text
     series = re.escape(f'entraide_envelopes_refused_total{{code="{code}"}}')
     found = re.search(rf"^{series} (\S+)$", text, re.MULTILINE)
     return float(found.group(1)) if found else 0.0
@@ -380,7 +380,7 @@ def small_node(
 
 
 def _held_bytes(node: LocalNode) -> float:
-    text = httpx.get(node.url + "/metrics", timeout=10).text
+    text = node.metrics().text
     found = re.search(r"^entraide_buffered_body_bytes (\S+)$", text, re.MULTILINE)
     assert found is not None, "no entraide_buffered_body_bytes gauge"
     return float(found.group(1))

@@ -32,7 +32,7 @@ from sqlalchemy import func, select
 from app.models import Message, OutboxItem, Receipt
 from tests.conftest import Databases, make_databases
 from tests.faults.conftest import Lab
-from tests.faults.harness import Pair, Submitter, wait_until
+from tests.faults.harness import ADMIN, Pair, Submitter, wait_until
 from tests.faults.pg import PostgresUnavailable, PrivatePostgres
 from tests.faults.proxy import FaultProxy, Faults
 
@@ -308,7 +308,7 @@ BODY_LIMIT = 28 * 1024
 
 def _posts(pair: Pair, route: str, status: str | None = None) -> float:
     """POSTs the receiver answered on `route` (with `status`), from its /metrics."""
-    text = httpx.get(pair.receiver.url + "/metrics", timeout=10).text
+    text = pair.receiver.metrics(ADMIN).text
     return sum(
         sample.value
         for family in text_string_to_metric_families(text)
@@ -449,7 +449,7 @@ def test_a_slow_post_does_not_hold_up_the_next_deliveries(lab: Lab) -> None:
 
 def _workers_seen(pair: Pair) -> tuple[float, int]:
     """What the API process says of the node's delivery workers: the metric, and /readyz."""
-    text = httpx.get(pair.sender.url + "/metrics", timeout=10).text
+    text = pair.sender.metrics(ADMIN).text
     gauge = next(
         sample.value
         for family in text_string_to_metric_families(text)

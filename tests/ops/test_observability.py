@@ -28,7 +28,7 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def scrape(node: LocalNode) -> tuple[str, Samples]:
-    response = httpx.get(node.url + "/metrics", timeout=10.0)  # no token: scrapers have none
+    response = node.metrics("prometheus")  # a monitor client's token, as operators give one
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     samples: Samples = {}
@@ -58,6 +58,8 @@ def log_lines(node: LocalNode) -> list[dict[str, object]]:
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     with pinned_pair("sqlite", tmp_path_factory.mktemp("observability")) as nodes:
+        for node in (nodes.es, nodes.ar):
+            node.create_client("prometheus", "monitor")  # what operations.md section 6 says
         yield nodes
 
 

@@ -224,6 +224,7 @@ def serve_node(
                 ("bob", Role.OFFICER),
                 ("admin", Role.ADMIN),
                 ("auditor", Role.AUDITOR),
+                ("monitor", Role.MONITOR),  # a Prometheus scraper's, for /metrics
             ]:
                 if not again:  # served again: the clients exist (no token of theirs here)
                     tokens[name] = create_client(session, name=name, roles={role})[1]

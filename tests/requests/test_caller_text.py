@@ -35,7 +35,7 @@ def _entries(ar: Harness, since: int, action: str | None = None) -> list[dict[st
 def test_a_method_of_the_callers_own_is_no_metric_label(fresh_ar: Harness) -> None:
     answer = fresh_ar.http.request("XQZMETHOD1", "/healthz")
     assert answer.status_code == 405
-    metrics = fresh_ar.http.get("/metrics").text
+    metrics = fresh_ar.get("/metrics", client="monitor").text
     assert "XQZMETHOD1" not in metrics
     assert 'method="other"' in metrics
 

@@ -176,17 +176,18 @@ def test_overdue_requests_are_counted_in_metrics(fresh_ar: Harness) -> None:
     )
     ar.receive_request(urgency=_routine())
     assert _ids(ar, overdue="true") == {late}
-    # A restricted one, as late, is not counted: /metrics takes no token, and the difference
-    # with an officer's own list would count the requests hidden from them (from review).
+    # A restricted one, as late, is not counted: /metrics is no officer's (a scraper's token,
+    # or anyone's with ENTRAIDE_METRICS_PUBLIC), and the difference with an officer's own
+    # list would count the requests hidden from them (from review).
     hidden = ar.receive_request(
         urgency={"level": "urgent", "reason": "A hearing.", "requested_date": str(yesterday)},
         confidentiality={"level": "need_to_know", "use_limitation": "Only in DP 1873/2026."},
     )
     assert hidden not in _ids(ar, overdue="true")
-    metrics = ar.http.get("/metrics").text
+    metrics = ar.get("/metrics", client="monitor").text
     assert 'entraide_requests_overdue{direction="inbound",status="delivered"} 1.0' in metrics
     assert ar.reply(late, {"type": "acknowledgement", "text": "Registered."}).status_code == 201
-    metrics = ar.http.get("/metrics").text
+    metrics = ar.get("/metrics", client="monitor").text
     assert 'entraide_requests_overdue{direction="inbound",status="acknowledged"} 1.0' in metrics
     assert 'status="delivered"' not in metrics.split("entraide_requests_overdue", 1)[1]
 

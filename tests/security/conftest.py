@@ -11,8 +11,17 @@ import pytest
 
 from app.localnodes import LocalNode, client_command
 
-CREDENTIALS = ("none", "expired", "revoked", "officer", "auditor", "admin", "officer+auditor")
-ALL_ROLES = ("officer", "auditor", "admin")
+CREDENTIALS = (
+    "none",
+    "expired",
+    "revoked",
+    "officer",
+    "auditor",
+    "admin",
+    "monitor",
+    "officer+auditor",
+)
+ALL_ROLES = ("officer", "auditor", "admin", "monitor")
 
 
 def new_node(base: Path, authority: str = "ES/MJ", **env: str) -> LocalNode:

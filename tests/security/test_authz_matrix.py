@@ -97,6 +97,18 @@ def test_the_matrix_covers_the_separation_of_duties() -> None:
         assert expected(route, "auditor") == "forbidden", route.path
         assert expected(route, "admin") == "forbidden", route.path
         assert expected(route, "officer") == "allowed", route.path
+    # The counters say when envelopes arrive: a scraper's token or an operator's, and the
+    # scraper's opens nothing else (from a security review).
+    for route in api_routes():
+        if route.path == "/metrics":
+            assert [expected(route, role) for role in ("monitor", "admin")] == ["allowed"] * 2
+            assert [expected(route, role) for role in ("officer", "auditor", "none")] == [
+                "forbidden",
+                "forbidden",
+                "missing_token",
+            ]
+        elif not isinstance(_policy(route), Public):
+            assert expected(route, "monitor") == "forbidden", route.path
     assert len(CASES) >= len(CREDENTIALS) * 20
 
 

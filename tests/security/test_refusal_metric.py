@@ -17,7 +17,7 @@ from tests.requests.conftest import Harness, serve_node
 
 
 def _refused(ar: Harness, code: str) -> float:
-    text = ar.http.get("/metrics").text
+    text = ar.get("/metrics", client="monitor").text
     series = re.escape(f'entraide_envelopes_refused_total{{code="{code}"}}')
     found = re.search(rf"^{series} (\S+)$", text, re.MULTILINE)
     return float(found.group(1)) if found else 0.0
