@@ -405,7 +405,9 @@ def _name_undecodable(context: ExceptionContext) -> None:
         return
     named = {  # SQLAlchemy's own record of the columns, by which its results map each row
         f"{base.table.name}.{base.name}"
-        for entry in compiled._result_columns
+        # A private attribute: should a SQLAlchemy release drop it, the column keeps
+        # sqlite3's name (a test pins the table.column form), the error is not masked.
+        for entry in getattr(compiled, "_result_columns", ())
         if found.group(1) in (entry.name, entry.keyname)
         for element in entry.objects
         if isinstance(element, ColumnElement)
