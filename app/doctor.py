@@ -150,6 +150,14 @@ def _configuration_findings(settings: Settings) -> Iterator[Finding]:
             "configuration",
             "ENTRAIDE_ALLOW_INSECURE_HTTP is on: only for development and tests",
         )
+    if settings.metrics_public:
+        yield Finding(
+            WARN,
+            "configuration",
+            "ENTRAIDE_METRICS_PUBLIC is on: /metrics answers without a token, and its "
+            "counters say when envelopes arrive; only behind a proxy that restricts it "
+            "(docs/operations.md section 6)",
+        )
     if settings.max_inbound_bytes_per_peer < settings.max_evidence_request_bytes:
         yield Finding(
             WARN,

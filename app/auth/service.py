@@ -110,6 +110,17 @@ def authenticate(session: Session, token: str) -> Principal:
     return Principal(
         client_id=client.id,
         name=client.name,
-        roles=frozenset(Role(role) for role in client.roles.split(",") if role),
+        roles=known_roles(client.roles),
         expires_at=client.expires_at,
     )
+
+
+def known_roles(stored: str) -> frozenset[Role]:
+    """The roles of a client's stored list that this release knows. One a later release
+    added (a database shared during an upgrade, or a release rolled back) grants nothing
+    here: an earlier release raised on it and answered 500 to every call with that token
+    (from review, when `monitor` came)."""
+    return frozenset(Role(role) for role in stored.split(",") if role in _ROLE_NAMES)
+
+
+_ROLE_NAMES = frozenset(role.value for role in Role)

@@ -182,6 +182,16 @@ def test_doctor_warns_of_a_lease_the_worker_must_renew_before_every_post(
     assert bool(said) is warned
 
 
+@pytest.mark.parametrize("public", [True, False])
+def test_doctor_warns_of_metrics_served_without_a_token(public: bool) -> None:
+    from app.config import Settings
+    from app.doctor import WARN, check_configuration
+
+    findings = check_configuration(Settings(metrics_public=public))
+    said = [f for f in findings if "ENTRAIDE_METRICS_PUBLIC" in f.message]
+    assert [f.level for f in said] == ([WARN] if public else [])
+
+
 def test_doctor_warns_of_entries_left_unsigned_long_after_checkpoints_were_due(
     tmp_path: Path,
 ) -> None:
