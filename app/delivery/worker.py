@@ -45,7 +45,8 @@ from app.delivery.settle import Outcome, settle_batch
 from app.errors import PeerError, StoredEnvelopeCorrupt
 from app.evidence.cleanup import OrphanSweep
 from app.evidence.node_store import blob_store
-from app.evidence.transfer import StoredPartCorrupt, StreamedPart, blob_parts, send_streamed
+from app.evidence.transfer import StoredPartCorrupt, StreamedPart, blob_parts
+from app.evidence.whole import TooLargeForOnePost, send_evidence
 from app.models import BlobPart, Message, Peer
 from app.node import Node
 from app.obs.logs import request_context
@@ -301,6 +302,9 @@ class Worker:
         self._clock.observe(utc_now(), boot_clock())
         # Peers that answered a batch as an older node would: posted one by one from then on.
         self._no_batch: set[str] = set()
+        # Peers that answered an announcement of streamed parts as an older node would: sent
+        # whole what fits from then on (app/evidence/whole.py).
+        self._no_streaming: set[str] = set()
         # Posts under way, across rounds: a slow one (a long evidence transfer, a peer that
         # answers slowly) is settled by the round in which it ends, and the rounds between
         # go on claiming and posting everything else.
@@ -711,12 +715,14 @@ class Worker:
         # the stored receipt; if not, it refuses it as expired, a definite answer.
         try:
             if job.streamed:
-                answer = send_streamed(
+                answer = send_evidence(
                     self.http,
                     job.base_url,
                     wire,
                     job.streamed,
                     blob_store(self.node.settings),
+                    max_body_bytes=self.node.settings.max_body_bytes,
+                    without_parts=self._no_streaming,
                     headers={"x-request-id": claim.trace_id} if claim.trace_id else {},
                     keep_alive=lambda: self._renew(claim, lease),
                 )
@@ -729,6 +735,10 @@ class Worker:
                 "delivery of message %s: its stored evidence is damaged (%s)", job.msg_id, exc
             )
             return Outcome(outbox.FAILED, f"{StoredEnvelopeCorrupt.code}: {exc}")
+        except TooLargeForOnePost as exc:
+            # A peer without streamed parts (docs/protocol.md section 8.5): final, as its 404
+            # was, with the reason an operator needs (retried by hand once the peer has it).
+            return Outcome(outbox.FAILED, str(exc), http_status=exc.status)
         except (httpx.HTTPError, PeerError) as exc:
             return Outcome(outbox.RETRY, f"transport: {type(exc).__name__}")
         return self._outcome(job, *answer)

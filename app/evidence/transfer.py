@@ -50,6 +50,17 @@ PART_ROUNDS = 3
 DAMAGE_REFUSALS = frozenset(
     {"decrypt_failed", "part_hash_mismatch", "truncated_part", "malformed_envelope"}
 )
+# Answers to the announcement from a peer without section 8.5: the route is unknown to it.
+NOT_STREAMING = frozenset({404, 405})
+
+
+class TakesNoStreamedParts(Exception):
+    """The peer answered the announcement as a node without section 8.5 does: the route is
+    unknown to it (404, 405). It still takes the envelope whole, by section 8.2."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"the peer answered the announcement HTTP {status}")
+        self.status = status
 
 
 class StoredPartCorrupt(Exception):
@@ -72,7 +83,7 @@ def blob_parts(session: Session, message: Message) -> list[StreamedPart]:
     return [StreamedPart(row.part_index, row.digest, row.length) for row in rows]
 
 
-def _answer(response: httpx.Response) -> PeerAnswer:
+def read_answer(response: httpx.Response) -> PeerAnswer:
     try:
         body = read_json_bounded(response)
     except PeerError:
@@ -118,7 +129,7 @@ def _body(
 ) -> Iterator[bytes]:
     renewed = time.monotonic()
     left = end - offset
-    with _open(store, part) as blob:
+    with open_blob(store, part) as blob:
         blob.seek(offset)
         while left and (chunk := blob.read(min(READ_BYTES, left))):
             left -= len(chunk)
@@ -132,7 +143,7 @@ def _body(
         raise StoredPartCorrupt(f"part {part.index}: the blob ended {left} bytes early")
 
 
-def _open(store: BlobStore, part: StreamedPart) -> BinaryIO:
+def open_blob(store: BlobStore, part: StreamedPart) -> BinaryIO:
     try:
         return store.open(part.digest)
     except BlobError as exc:
@@ -154,7 +165,7 @@ def check_length(store: BlobStore, part: StreamedPart) -> None:
 def check_own_blob(store: BlobStore, part: StreamedPart, keep_alive: Callable[[], bool]) -> None:
     """The whole blob against the hash the signed header gives it (one streaming pass, the
     lease kept as while sending: a part may be tens of GiB)."""
-    with _open(store, part) as blob:
+    with open_blob(store, part) as blob:
         try:
             check_blob(
                 _Renewing(blob, keep_alive),  # type: ignore[arg-type]  # read() is all it uses
@@ -191,13 +202,15 @@ def send_streamed(
     keep_alive: Callable[[], bool],
 ) -> PeerAnswer:
     """Returns the peer's final answer: a receipt (200/201) or a refusal. Raises
-    StoredPartCorrupt if a part's own blob is damaged, PeerError or httpx's errors if the
-    exchange broke off."""
+    TakesNoStreamedParts if the peer has no section 8.5, StoredPartCorrupt if a part's own
+    blob is damaged, PeerError or httpx's errors if the exchange broke off."""
     announce_url = base_url + ANNOUNCE_PATH
     content = json.dumps(wire).encode()
     json_headers = {**headers, "content-type": "application/json"}
     with http.stream("POST", announce_url, content=content, headers=json_headers) as response:
-        answer = _answer(response)
+        answer = read_answer(response)
+    if answer.status in NOT_STREAMING:
+        raise TakesNoStreamedParts(answer.status)
     msg_id = _msg_id(wire)
     sizer = SegmentSizer(_segment_seconds(http))
     rounds = 0
@@ -214,7 +227,7 @@ def send_streamed(
         # the peer, now complete, answers with the receipt. Or it asks again for a part
         # whose blob it found gone meanwhile (202, its offsets): sent again, not given up.
         with http.stream("POST", announce_url, content=content, headers=json_headers) as response:
-            answer = _answer(response)
+            answer = read_answer(response)
     return answer
 
 
@@ -256,7 +269,7 @@ def _send_parts(
                 content=_body(store, part, offset, end, keep_alive),
                 headers=put_headers,
             ) as response:
-                answer = _answer(response)
+                answer = read_answer(response)
             if answer.status != 204:
                 if _refused_as_damaged(answer):
                     check_own_blob(store, part, keep_alive)  # ours, or the peer's to answer for

@@ -7,7 +7,9 @@ answers as docs/protocol.md section 8.5 says.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from app.evidence import transfer
 from app.evidence.blobstore import DirectoryBlobStore
 from app.evidence.stream import CIPHER_CHUNK
 from app.evidence.transfer import SegmentSizer, StreamedPart, send_streamed
+from app.evidence.whole import TooLargeForOnePost, send_evidence
 from app.peers.client import PeerAnswer
 
 MSG_ID = "ab" * 16
@@ -247,3 +250,98 @@ def test_a_blob_cut_short_while_it_is_sent_is_the_senders_fault(tmp_path: Path) 
     announced = httpx.Response(202, json={"parts": [{"index": 1, "offset": 0}]})
     with pytest.raises(transfer.StoredPartCorrupt, match="part 1: the blob ended"):
         _send(_answers(announced, httpx.Response(204)), store, part)
+
+
+class WithoutStreaming:
+    """A peer of an older version: no section 8.5 routes; keeps the whole envelope posted."""
+
+    def __init__(self, status: int = 404) -> None:
+        self.status = status
+        self.posted: list[bytes] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/p2p/v1/envelopes":
+            self.posted.append(request.read())
+            return httpx.Response(201, json={"receipt": "signed"})
+        return httpx.Response(self.status, json={"error": "not_found", "detail": "Not Found"})
+
+
+def _send_evidence(
+    peer: Callable[[httpx.Request], httpx.Response],
+    store: DirectoryBlobStore,
+    part: StreamedPart,
+    max_body: int,
+    without_parts: set[str] | None = None,
+) -> PeerAnswer:
+    wire: dict[str, object] = {
+        "v": 1,
+        "header": b64e(canonical_json({"msg_id": MSG_ID})),
+        "signature": "c2ln",
+        "parts": ["bWFuaWZlc3Q="],
+    }
+    with httpx.Client(transport=httpx.MockTransport(peer), timeout=30.0) as http:
+        return send_evidence(
+            http,
+            "http://peer",
+            wire,
+            [part],
+            store,
+            max_body_bytes=max_body,
+            without_parts=set() if without_parts is None else without_parts,
+            headers={},
+            keep_alive=lambda: True,
+        )
+
+
+@pytest.mark.parametrize("status", [404, 405])
+def test_a_peer_without_streamed_parts_gets_the_envelope_whole(tmp_path: Path, status: int) -> None:
+    """Section 8.5: such a peer takes the envelope by section 8.2 (from review: it was failed
+    as `HTTP 404 not_found`). The size the limit is checked against is the body's, exactly."""
+    store, part, data = _blob(tmp_path, 2 * CIPHER_CHUNK + 18)
+    peer = WithoutStreaming(status)
+    fits = len(json.dumps({"v": 1, "header": "", "signature": "", "parts": []})) + 4 * 10**6
+    answer = _send_evidence(peer, store, part, fits)
+    assert (answer.status, answer.body) == (201, {"receipt": "signed"})
+    [body] = peer.posted
+    assert json.loads(body)["parts"] == ["bWFuaWZlc3Q=", b64e(data)]
+    exact = len(body)
+    assert _send_evidence(WithoutStreaming(status), store, part, exact).status == 201
+    with pytest.raises(TooLargeForOnePost, match=f"HTTP {status}.* over the {exact - 1}-byte"):
+        _send_evidence(WithoutStreaming(status), store, part, exact - 1)
+
+
+def test_a_damaged_blob_is_not_posted_whole(tmp_path: Path) -> None:
+    store, part, data = _blob(tmp_path, CIPHER_CHUNK)
+    path = next(p for p in (tmp_path / "blobs").rglob("*") if p.is_file() and p.stat().st_size)
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    peer = WithoutStreaming()
+    with pytest.raises(transfer.StoredPartCorrupt, match="part 1: the part's hash"):
+        _send_evidence(peer, store, part, 1 << 30)
+    assert peer.posted == []
+
+
+def test_a_peer_found_without_streamed_parts_is_sent_whole_at_once(tmp_path: Path) -> None:
+    """As for batches (section 8.6), from then on: each announcement it refused would count
+    against our address there, as a refused call does here. One too large for a single post
+    is announced all the same, in case the peer has gained section 8.5 since."""
+    store, part, data = _blob(tmp_path, CIPHER_CHUNK)
+    known: set[str] = set()
+    peer = WithoutStreaming()
+    assert _send_evidence(peer, store, part, 1 << 30, known).status == 201
+    assert known == {"http://peer"}
+    calls: list[str] = []
+
+    def watched(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        return peer(request)
+
+    assert _send_evidence(watched, store, part, 1 << 30, known).status == 201
+    assert calls == ["/p2p/v1/envelopes"]
+    with pytest.raises(TooLargeForOnePost):
+        _send_evidence(watched, store, part, 1000, known)
+    assert calls[1:] == ["/p2p/v1/evidence/envelopes"]
+    # A peer that has gained them is streamed to, and no longer known as without them.
+    streaming = Peer(part.length)
+    assert _send_evidence(streaming, store, part, 1000, known).status == 201
+    assert bytes(streaming.held) == data
+    assert known == set()

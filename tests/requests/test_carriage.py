@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 
 import httpx
@@ -187,3 +188,35 @@ def test_an_announced_manifest_part_is_held_to_step_26s_codes(ar: Harness) -> No
     ):
         refused = _announce(ar, {**wire, "parts": [b64e(changed), *parts[1:]]})
         assert (refused.status_code, refused.json()["error"]) == (400, code), refused.text
+
+
+def test_bytes_past_a_parts_end_are_refused_by_their_framing(fresh_ar: Harness) -> None:
+    """Section 8.5: a Content-Length past the part's end is refused before any byte is read
+    (413 too_large); a chunked body is read, and refused at the first byte past the end
+    (400 malformed_envelope), the whole chunks before it kept."""
+    ar = fresh_ar
+    evidence = bytes(range(256)) * (10 * 1024)  # 2.5 MiB: three chunks
+    envelope = _request_from_es(
+        ar, [Attachment("ledger.bin", "application/octet-stream", evidence)]
+    )
+    wire = envelope.to_wire()
+    msg_id = json.loads(envelope.header)["msg_id"]
+    url = f"/p2p/v1/evidence/envelopes/{msg_id}/parts/1"
+    part = b64d(wire["parts"][1])
+    assert _announce(ar, wire).status_code == 202
+    declared = _put_part(ar, msg_id, part + b"!")
+    assert (declared.status_code, declared.json()["error"]) == (413, "too_large")
+    assert declared.headers["connection"] == "close"
+    assert ar.http.head(url).headers["upload-offset"] == "0"
+
+    def chunked() -> Iterator[bytes]:
+        yield part[:CIPHER_CHUNK]
+        time.sleep(0.2)  # read (and stored) before the rest arrives
+        yield part[CIPHER_CHUNK:] + b"!"
+
+    refused = ar.http.put(url, content=chunked(), headers={"upload-offset": "0"})
+    assert (refused.status_code, refused.json()["error"]) == (400, "malformed_envelope")
+    kept = int(ar.http.head(url).headers["upload-offset"])
+    assert kept >= CIPHER_CHUNK
+    assert kept % CIPHER_CHUNK == 0
+    assert _put_part(ar, msg_id, part[kept:], kept).status_code == 201

@@ -44,6 +44,16 @@ def _raw(node: LocalNode, request: bytes) -> bytes:
         return sock.recv(4096)
 
 
+def _raw_to_close(node: LocalNode, request: bytes) -> bytes:
+    """The whole answer to such bytes, the connection closed after it."""
+    with socket.create_connection(("127.0.0.1", node.port), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        while data := sock.recv(4096):
+            answer += data
+        return answer
+
+
 def _error(response: httpx.Response, status: int, code: str) -> None:
     assert (response.status_code, response.json()["error"]) == (status, code), response.text
     assert set(response.json()) <= {"error", "detail", "fields"}
@@ -116,6 +126,15 @@ def test_bodies_over_the_limit_are_refused_before_anything_else(node: LocalNode)
     _error(httpx.post(node.url + "/p2p/v1/envelopes", content=chunks()), 413, "too_large")
     lying = b"POST /p2p/v1/envelopes HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n"
     assert _raw(node, lying).startswith(b"HTTP/1.1 413")
+    # A length that is no decimal number, or of more than 20 digits, never reaches the node:
+    # the HTTP layer (h11) answers it 400 in plain text (docs/protocol.md section 9, step 1).
+    for length in (b"abc", b"-1", b"+5", b"1e3", b"0x10", b"9" * 21):
+        head = b"POST /p2p/v1/envelopes HTTP/1.1\r\nHost: x\r\nContent-Length: " + length
+        answer = _raw_to_close(node, head + b"\r\n\r\n{}")
+        assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer
+        assert answer.endswith(b"\r\n\r\nInvalid HTTP request received."), answer
+    twenty = b"POST /p2p/v1/envelopes HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"9" * 20
+    assert _raw(node, twenty + b"\r\n\r\n").startswith(b"HTTP/1.1 413")
 
 
 def test_headers_over_the_limit_are_refused(node: LocalNode) -> None:
