@@ -1121,16 +1121,24 @@ def audit_export(
     node = _node(_settings())
     try:
         with unit_of_work(node.sessions) as session:
-            entries, checkpoints = export_log(session, node, out)
+            exported = export_log(session, node, out)
             record(
                 session,
                 actor=_operator(),
                 action="audit.exported",
-                details={"entries": entries, "checkpoints": checkpoints},
+                details={"entries": exported.entries, "checkpoints": exported.checkpoints},
             )
     finally:
         node.close()
-    typer.echo(f"exported {entries} entries and {checkpoints} checkpoints to {out}")
+    for row in exported.unreadable:
+        typer.echo(
+            f"checkpoint row {row}: its note cannot be read (damaged storage), left out; "
+            "run `entraide audit verify --db`",
+            err=True,
+        )
+    typer.echo(
+        f"exported {exported.entries} entries and {exported.checkpoints} checkpoints to {out}"
+    )
 
 
 @proof_app.command("verify")

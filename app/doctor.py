@@ -23,6 +23,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
 from app.audit.anchor import LogRolledBack, Signed, SignedLogAnchor
 from app.audit.checkpoints import (
     checkpoint_dates,
+    checkpoint_notes,
     latest_signed,
     log_verifier,
     macs_required,
@@ -667,6 +668,29 @@ def check_checkpoint_dates(engine: Engine) -> Iterator[Finding]:
     )
 
 
+def check_checkpoint_notes(engine: Engine) -> Iterator[Finding]:
+    """Checkpoint rows whose note the database driver cannot read: damaged storage. The node
+    passes them over as no note of its own (the latest one that reads is signed over and
+    handed out); what they held is lost to the database until put back (from review: they
+    crashed `audit verify --db`, failed every receipt, and doctor said nothing)."""
+    try:
+        with read_snapshot(make_session_factory(engine)) as session:
+            damaged = [row for row, note in checkpoint_notes(session) if note is None]
+    except DBAPIError:  # no database or no schema yet: check_database says which
+        return
+    if not damaged:
+        return
+    rows = "row" if len(damaged) == 1 else "rows"
+    shown = ", ".join(map(str, damaged[:10])) + (", …" if len(damaged) > 10 else "")
+    yield Finding(
+        FAIL,
+        "audit",
+        f"the note of audit checkpoint {rows} {shown} cannot be read (stored value damaged): "
+        "passed over, it counts as no checkpoint of this log; put it back from a backup; "
+        "`entraide audit verify --db` names each",
+    )
+
+
 def check_entry_macs(settings: Settings, engine: Engine) -> Iterator[Finding]:
     """The entries no checkpoint covers yet carry the MACs the log key gave them
     (docs/audit.md §4): what the next checkpoint checks before it signs, and refuses to sign
@@ -827,6 +851,7 @@ def diagnose(settings: Settings) -> list[Finding]:
         findings += check_signed_log(settings, engine)
         findings += check_checkpoints(settings, engine)
         findings += check_checkpoint_dates(engine)
+        findings += check_checkpoint_notes(engine)
         findings += check_entry_macs(settings, engine)
         findings += check_database(settings, engine)
         findings += check_damaged_deliveries(engine)

@@ -28,7 +28,9 @@ from app.audit.checkpoints import (
     SignedCheckpoint,
     log_origin,
     opened_checkpoint,
+    readable_note,
     sign_checkpoint,
+    stored_note,
 )
 from app.audit.log import lock_head, record
 from app.audit.mac import mac_key
@@ -77,10 +79,12 @@ def kept_a_record(session: Session, *, authority_id: str, log_public: bytes) -> 
     `init`, and a writer who deleted them all with the record would leave no trace of a
     release that kept one."""
     origin = log_origin(authority_id)
-    notes = session.scalars(select(AuditCheckpoint.note).order_by(AuditCheckpoint.size))
+    rows = session.scalars(select(stored_note(session)).order_by(AuditCheckpoint.size))
     signed = 0
-    for note in notes:
-        if len(note) > OUR_NOTE_BYTES:  # none of ours (as latest_signed passes them over)
+    for stored in rows:
+        note = readable_note(stored)
+        # None of ours, as latest_signed passes them over: too long, or not text at all.
+        if note is None or len(note) > OUR_NOTE_BYTES:
             continue
         opened = opened_checkpoint(note, origin, log_public)
         if opened is None:

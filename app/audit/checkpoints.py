@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
-from typing import Protocol
+from typing import Any, Protocol
 
 from nacl.signing import SigningKey
-from sqlalchemy import LargeBinary, cast, event, func, select
+from sqlalchemy import ColumnElement, LargeBinary, cast, event, func, select
 from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -212,7 +212,7 @@ def latest_signed(session: Session, verifier: Verifier) -> SignedCheckpoint | No
             # As bytes even where a row was rewritten as text (SQLite keeps any type): a
             # forged row is passed over, it does not raise in every worker round.
             cast(AuditCheckpoint.root_hash, LargeBinary),
-            AuditCheckpoint.note,
+            stored_note(session),
         )
         .where(
             # Never one of more entries than the log holds (a note signed before a restore, put
@@ -224,8 +224,11 @@ def latest_signed(session: Session, verifier: Verifier) -> SignedCheckpoint | No
     )
     for page in range(LATEST_PAGES):
         rows = session.execute(query.offset(page * LATEST_PAGE).limit(LATEST_PAGE)).all()
-        for row_id, size, root_hash, note in rows:
-            if len(note) > OUR_NOTE_BYTES:  # no note of ours; nor kept in the cache
+        for row_id, size, root_hash, stored in rows:
+            note = readable_note(stored)
+            # One that cannot be read (damaged storage) is no note of ours either: named by
+            # `audit verify --db` and doctor, it failed every receipt here (from review).
+            if note is None or len(note) > OUR_NOTE_BYTES:  # nor kept in the cache
                 continue
             opened = opened_checkpoint(note, verifier.name, verifier.public_key)
             if opened is not None and (opened.size, opened.root_hash) == (size, bytes(root_hash)):
@@ -236,6 +239,37 @@ def latest_signed(session: Session, verifier: Verifier) -> SignedCheckpoint | No
         if len(rows) < LATEST_PAGE:
             return None
     return None
+
+
+def stored_note(session: Session) -> ColumnElement[Any]:
+    """The note column as the driver can always give it back, for `readable_note`. SQLite
+    keeps any value in it, and its driver fails the whole query on text that is not UTF-8
+    (a damaged page, a hand edit): read as bytes there. PostgreSQL holds valid text only,
+    and its cast of text to bytea would parse backslashes: read as it is."""
+    if session.get_bind().dialect.name == "sqlite":
+        return cast(AuditCheckpoint.note, LargeBinary)
+    return AuditCheckpoint.note.expression
+
+
+def readable_note(stored: object) -> str | None:
+    """A note as `stored_note` read it, or None where the stored value is no text (damaged
+    storage, which `audit verify --db` and doctor name): never a note of ours."""
+    if isinstance(stored, str):
+        return stored
+    if isinstance(stored, bytes | memoryview):
+        try:
+            return bytes(stored).decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return None
+
+
+def checkpoint_notes(session: Session) -> list[tuple[int, str | None]]:
+    """Each checkpoint row's id and note, by id; None where the note cannot be read."""
+    rows = session.execute(
+        select(AuditCheckpoint.id, stored_note(session)).order_by(AuditCheckpoint.id)
+    )
+    return [(row_id, readable_note(stored)) for row_id, stored in rows]
 
 
 def checkpoint_dates(

@@ -18,13 +18,16 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 from app.audit.checkpoints import (
     Anchor,
     checkpoint_dates,
+    checkpoint_notes,
     latest_signed,
     log_origin,
     log_verifier,
     log_verifier_key,
     macs_required,
     opened_checkpoint,
+    readable_note,
     sign_checkpoint,
+    stored_note,
 )
 from app.audit.index import MAX_TAIL, index_entries, indexed_size
 from app.audit.log import STORED_LEVEL, LogDamaged, read_head
@@ -296,7 +299,9 @@ def prove_consistency(session: Session, *, first: int, second: int | None) -> di
 
 
 def _checkpoint_notes(session: Session) -> list[str]:
-    return list(session.scalars(select(AuditCheckpoint.note).order_by(AuditCheckpoint.id)))
+    """The notes that can be read, by row: one that cannot is no checkpoint of this log
+    (`_checkpoint_row_problems` names its row as damaged storage)."""
+    return [note for _, note in checkpoint_notes(session) if note is not None]
 
 
 def verify_database(
@@ -464,8 +469,8 @@ def _checkpoint_row_problems(
     The node reads how far its checkpoints reach from the notes (app/audit/checkpoints.py),
     but a size or root edited beside a genuine note is still a forged row, and a date ahead
     of the clock (no signature covers it) would have put off checkpoints due by time. Notes
-    that do not verify are the main pass's to report; a date that cannot be read at all
-    (damaged storage) is named here, whatever the note."""
+    that do not verify are the main pass's to report; a note or a date that cannot be read
+    at all (damaged storage) is named here, by row and column, never by its value."""
     origin = log_origin(authority_id)
     dates = checkpoint_dates(session)
     rows = session.execute(
@@ -473,12 +478,22 @@ def _checkpoint_row_problems(
             AuditCheckpoint.id,
             AuditCheckpoint.size,
             cast(AuditCheckpoint.root_hash, LargeBinary),
-            AuditCheckpoint.note,
+            stored_note(session),
         ).order_by(AuditCheckpoint.id)
     )
     ahead = utc_now() + timedelta(minutes=5)
-    for row_id, size, root_hash, note in rows:
-        opened = opened_checkpoint(note, origin, log_public)
+    for row_id, size, root_hash, stored in rows:
+        note = readable_note(stored)
+        if note is None:
+            # The node passes it over (no note of ours): the checkpoint it held, if any, is
+            # lost to the database until the value is put back.
+            yield Problem(
+                0,
+                f"checkpoint row {row_id}: its note (column note) cannot be read: the stored "
+                "value was altered or damaged; it counts as no checkpoint of this log until "
+                "it is put back from a backup",
+            )
+        opened = None if note is None else opened_checkpoint(note, origin, log_public)
         created_at = dates.get(row_id)
         if created_at is None and row_id in dates:
             yield Problem(
@@ -628,8 +643,17 @@ def _driver_rows(session: Session, query: str, name: str) -> Iterator[Sequence[A
         cursor.close()
 
 
-def export_log(session: Session, node: Node, out: Path) -> tuple[int, int]:
-    """Write entries, checkpoints and the public log key: all an auditor needs, offline."""
+@dataclass(frozen=True)
+class Exported:
+    entries: int
+    checkpoints: int
+    unreadable: list[int]  # checkpoint rows left out: their note cannot be read
+
+
+def export_log(session: Session, node: Node, out: Path) -> Exported:
+    """Write entries, checkpoints and the public log key: all an auditor needs, offline.
+    A checkpoint row whose note cannot be read (damaged storage) holds no note to export:
+    left out, and said (the export ends with a checkpoint of all its entries anyway)."""
     sign_checkpoint(
         session, authority_id=node.authority_id, log_key=node.keys.log, anchor=node.log_anchor
     )
@@ -640,14 +664,15 @@ def export_log(session: Session, node: Node, out: Path) -> tuple[int, int]:
         for (data,) in session.execute(statement.execution_options(yield_per=5000)):
             handle.write(stored_bytes(data) + b"\n")
             count += 1
-    notes = _checkpoint_notes(session)
+    stored = checkpoint_notes(session)
+    notes = [note for _, note in stored if note is not None]
     with (out / EXPORT_CHECKPOINTS).open("w") as handle:
         for note in notes:
             handle.write(json.dumps({"note": note}) + "\n")
     (out / EXPORT_KEY).write_text(log_verifier_key(node.authority_id, node.keys.log) + "\n")
     info = {"authority_id": node.authority_id, "origin": log_origin(node.authority_id)}
     (out / EXPORT_INFO).write_text(json.dumps(info, indent=1) + "\n")
-    return count, len(notes)
+    return Exported(count, len(notes), [row for row, note in stored if note is None])
 
 
 def _export_note(number: int, line: str) -> str:

@@ -486,14 +486,15 @@ def test_a_mac_rewritten_as_text_is_refused_as_a_wrong_one(tmp_path: Path) -> No
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("tamper", ["mac as text", "checkpoint note unreadable"])
+@pytest.mark.parametrize("tamper", ["mac as text", "query index gone"])
 def test_a_failing_log_upkeep_does_not_stop_deliveries(tmp_path: Path, tamper: str) -> None:
     """From review: the worker's log upkeep runs in the round's transaction, before the claim;
     a MAC rewritten as TEXT made it raise TypeError every round, and nothing was delivered
     while /readyz said ready. That rewrite is refused with the alarm; and whatever else makes
-    the upkeep fail (a checkpoint row's note made text that is not UTF-8) is logged once, the
-    transaction left usable for the claim: deliveries go on. (A row's date made unreadable
-    no longer fails it: tests/audit/test_checkpoint_dates.py.)"""
+    the upkeep fail (here the query index's table dropped) is logged once, the transaction
+    left usable for the claim: deliveries go on. (A checkpoint row's date or note made
+    unreadable no longer fails it: tests/audit/test_checkpoint_dates.py,
+    tests/audit/test_checkpoint_notes.py.)"""
     database = tmp_path / "es.db"
     pair = new_pair(
         tmp_path,
@@ -514,7 +515,7 @@ def test_a_failing_log_upkeep_does_not_stop_deliveries(tmp_path: Path, tamper: s
             expected = ('"critical"', f"entry {forged} does not carry its MAC")
         else:
             with sqlite3.connect(database) as connection:
-                connection.execute("UPDATE audit_checkpoints SET note = CAST(X'FFFE' AS TEXT)")
+                connection.execute("DROP TABLE audit_index")
             expected = ('"error"', "the audit log's upkeep failed (OperationalError)")
         worker = pair.start_worker("tampered", ENTRAIDE_AUDIT_CHECKPOINT_EVERY="1")
         pair.wait_delivered(1, timeout=60)
