@@ -11,12 +11,12 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Column, Engine, Table, create_engine, event
 from sqlalchemy.engine import ExceptionContext
-from sqlalchemy.exc import DataError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -304,6 +304,10 @@ def _configure_postgresql(engine: Engine) -> None:
             cursor.execute("SET TIME ZONE 'UTC'")
         dbapi_connection.commit()
 
+    @event.listens_for(engine, "handle_error")
+    def _on_error(context: ExceptionContext) -> None:
+        _name_unloadable(context)
+
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
@@ -400,22 +404,85 @@ def _name_undecodable(context: ExceptionContext) -> None:
     the context of its execution, say which table's column that is."""
     original = context.original_exception
     found = _UNDECODABLE.match(str(original)) if isinstance(original, sqlite3.Error) else None
-    compiled = getattr(context.execution_context, "compiled", None)
-    if found is None or not isinstance(compiled, SQLCompiler):
+    if found is None:
         return
+    named = _table_column(context, found.group(1))
+    if named is not None:
+        setattr(original, _TABLE_COLUMN, named)
+
+
+def _table_column(context: ExceptionContext, label: str) -> str | None:
+    """The `table.column` of the statement's result column the driver named `label`, if
+    one only."""
+    compiled = getattr(context.execution_context, "compiled", None)
+    if not isinstance(compiled, SQLCompiler):
+        return None
     named = {  # SQLAlchemy's own record of the columns, by which its results map each row
         f"{base.table.name}.{base.name}"
-        # A private attribute: should a SQLAlchemy release drop it, the column keeps
-        # sqlite3's name (a test pins the table.column form), the error is not masked.
+        # A private attribute: should a SQLAlchemy release drop it, the column keeps the
+        # driver's name (a test pins the table.column form), the error is not masked.
         for entry in getattr(compiled, "_result_columns", ())
-        if found.group(1) in (entry.name, entry.keyname)
+        if label in (entry.name, entry.keyname)
         for element in entry.objects
         if isinstance(element, ColumnElement)
         for base in element.base_columns
         if isinstance(base, Column) and isinstance(base.table, Table)
     }
-    if len(named) == 1:  # two columns of one name: left as sqlite3 named it
-        setattr(original, _TABLE_COLUMN, named.pop())
+    return named.pop() if len(named) == 1 else None  # two of one name: left unnamed
+
+
+# Set by `_name_unloadable` on a psycopg DataError raised while loading fetched rows.
+_UNLOADABLE = "entraide_unloadable"
+
+
+def _name_unloadable(context: ExceptionContext) -> None:
+    """psycopg loads each value of a result as it is fetched, and raises DataError for one
+    Python cannot hold (a time of 'infinity', or past the year 9999). Raised while fetching
+    (SQLAlchemy passes no statement then: the statement ran) and by psycopg itself (no
+    SQLSTATE: the server refused nothing), it is a value read back, damaged storage; any
+    other DataError is the server's or psycopg's refusal of what the statement sent (a NUL
+    character), the caller's input (from review: both answered `400 invalid_value`)."""
+    import psycopg  # only a PostgreSQL engine has this listener
+
+    original = context.original_exception
+    if (
+        context.statement is not None
+        or context.execution_context is None
+        or not isinstance(original, psycopg.DataError)
+        or original.sqlstate is not None
+    ):
+        return
+    setattr(original, _UNLOADABLE, True)
+    # The execution's cursor: SQLAlchemy declares `context.cursor` but leaves it unset.
+    label = _unloadable_label(getattr(context.execution_context, "cursor", None))
+    if label is not None:
+        setattr(original, _TABLE_COLUMN, _table_column(context, label) or label)
+
+
+def _unloadable_label(cursor: Any) -> str | None:
+    """The driver's name of the first result column holding a value psycopg cannot load: its
+    error does not say. Each value fetched is loaded again, only after such a failure."""
+    import psycopg
+    from psycopg import pq
+
+    result = getattr(cursor, "pgresult", None)
+    fields = getattr(cursor, "description", None)
+    if result is None or not fields:
+        return None
+    loaders = []
+    for number, field in enumerate(fields):
+        kind = cursor.adapters.get_loader(field.type_code, pq.Format(result.fformat(number)))
+        loaders.append(kind(field.type_code, cursor) if kind is not None else None)
+    for row in range(result.ntuples):
+        for number, loader in enumerate(loaders):
+            value = result.get_value(row, number)
+            if loader is None or value is None:
+                continue
+            try:
+                loader.load(value)
+            except psycopg.DataError:
+                return str(fields[number].name)
+    return None
 
 
 # SQLSTATE of PostgreSQL's disk_full (class 53, insufficient resources).
@@ -443,13 +510,14 @@ def database_full(exc: BaseException) -> bool:
 
 
 def undecodable_column(exc: BaseException) -> str | None:
-    """The column of a stored value the driver cannot read, if that is what `exc` is (a
-    SQLAlchemy error or the driver's own); None for any other failure. Named `table.column`
+    """The column of stored text SQLite cannot decode, if that is what `exc` is (a
+    SQLAlchemy error or the driver's own); None for any other failure (`unreadable` knows
+    every kind of unreadable value). Named `table.column`
     when the query that met it says which (`_name_undecodable`), else as sqlite3 named it.
     Damage to one row, not a database out of reach: SQLite raises it as an
-    OperationalError, as it does a locked or missing database. PostgreSQL has no such case:
+    OperationalError, as it does a locked or missing database. PostgreSQL has no such text:
     its bytea holds bytes only, and a UTF8 database only valid UTF-8 text (it refuses the
-    rest when written)."""
+    rest when written); what it keeps and cannot give back is a time (`_name_unloadable`)."""
     orig = getattr(exc, "orig", None) or exc
     if not isinstance(orig, sqlite3.OperationalError):
         return None
@@ -460,13 +528,42 @@ def undecodable_column(exc: BaseException) -> str | None:
     return named if isinstance(named, str) else found.group(1)
 
 
-def unreadable_value(exc: BaseException) -> bool:
-    """Whether `exc`, met while reading rows, says a stored value cannot be given back as its
-    column's type: text SQLite cannot decode; a value PostgreSQL's driver cannot load (a
-    time of 'infinity', or past the year 9999); a value the model cannot parse (SQLite: a
-    time that is no time). Only for reads: a DataError of a write is the value written."""
-    return (
-        undecodable_column(exc) is not None
-        or isinstance(exc, DataError)
-        or isinstance(exc, ValueError | OverflowError)
-    )
+class UnreadableValue(ValueError):
+    """A stored value its column's type cannot give back, met while reading rows (SQLite: a
+    time that is no time; app/models.py `UTCDateTime`): damage to the row. A ValueError, as
+    the parser's own error was; its text names the column, never the value."""
+
+    def __init__(self, column: str | None, why: str) -> None:
+        where = f"column '{column}'" if column is not None else "a column"
+        super().__init__(f"a value stored in {where} cannot be read ({why})")
+        self.column = column
+        self.why = why
+
+
+UNDECODABLE_TEXT = "text that is not UTF-8"
+NO_TIME = "a time that is no time"
+UNLOADABLE = "a time or other value the database driver cannot load"
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    column: str | None  # "table.column" where the statement says which
+    why: str  # what kind of value, never the value
+
+
+def unreadable(exc: BaseException) -> Unreadable | None:
+    """What `exc` says of a stored value that cannot be given back as its column's type,
+    when that is what it is: text SQLite cannot decode; a value psycopg cannot load as it
+    fetches rows (`_name_unloadable`); a time SQLite holds that is no time. None for any
+    other failure: a value the statement sent and the database refused (a DataError of a
+    write, or of a comparison) is the caller's input, a locked database an outage."""
+    if isinstance(exc, UnreadableValue):
+        return Unreadable(exc.column, exc.why)
+    column = undecodable_column(exc)
+    if column is not None:
+        return Unreadable(column, UNDECODABLE_TEXT)
+    orig = getattr(exc, "orig", None) or exc
+    if not getattr(orig, _UNLOADABLE, False):
+        return None
+    named = getattr(orig, _TABLE_COLUMN, None)
+    return Unreadable(named if isinstance(named, str) else None, UNLOADABLE)

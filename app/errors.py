@@ -11,7 +11,7 @@
     ├── EnvelopeRefused (4xx)       a P2P envelope failed one of the receiver's checks;
     │                               `code` names the check (see docs/protocol.md)
     ├── StoredEnvelopeCorrupt (500) what this node stored no longer checks out: never input
-    └── StoredDataCorrupt (500)     a stored row the database driver cannot read at all
+    └── StoredDataCorrupt (500)     a stored value the database cannot give back: never input
 
 Services raise these; one handler in `app.main` turns them into
 `{"error": code, "detail": detail}`. Messages never contain secrets or request content.
@@ -94,15 +94,22 @@ class StoredEnvelopeCorrupt(EntraideError):
 
 
 class StoredDataCorrupt(EntraideError):
-    """A stored value the database driver cannot read (SQLite TEXT that is not UTF-8):
-    damage to a row, not a database out of reach (that is 503 `database_unavailable`)."""
+    """A stored value the database cannot give back as its column's type (SQLite: text that
+    is not UTF-8, a time that is no time; PostgreSQL: a time its driver cannot load, such
+    as 'infinity'): damage to a row, not a database out of reach (that is 503
+    `database_unavailable`), nor the caller's input (400 `invalid_value`).
+
+    `audit`: as for StoredEnvelopeCorrupt, when the read it stopped is audited."""
 
     status_code = 500
     code = "stored_data_corrupt"
+    audit: dict[str, Any] | None = None
 
     @classmethod
-    def of_column(cls, column: str) -> StoredDataCorrupt:
+    def of_column(
+        cls, column: str | None, why: str = "text that is not UTF-8"
+    ) -> StoredDataCorrupt:
+        where = f"a value stored in column '{column}'" if column is not None else "a stored value"
         return cls(
-            f"a value stored in column '{column}' cannot be read (text that is not UTF-8): "
-            "storage was altered or damaged; tell the operator"
+            f"{where} cannot be read ({why}): storage was altered or damaged; tell the operator"
         )

@@ -25,7 +25,14 @@ from app.audit.router import router as audit_router
 from app.auth.refusals import record_refusal
 from app.auth.throttle import TooManyRequests, address_unit
 from app.config import Settings, body_idle_seconds, buffered_body_budget, get_settings
-from app.db import DurabilityLost, database_full, driver_error_name, undecodable_column
+from app.db import (
+    DurabilityLost,
+    Unreadable,
+    UnreadableValue,
+    database_full,
+    driver_error_name,
+    unreadable,
+)
 from app.delivery.router import router as deliveries_router
 from app.delivery.worker import Worker
 from app.deps import DUPLICATE_KEY, P2P_UNBLOCKED, p2p_blocked_for, refuse_p2p_call
@@ -387,16 +394,28 @@ def install_error_handlers(app: FastAPI) -> None:
         return response
 
     @app.exception_handler(StoredEnvelopeCorrupt)
-    async def _corrupt(request: Request, exc: StoredEnvelopeCorrupt) -> JSONResponse:
+    @app.exception_handler(StoredDataCorrupt)
+    async def _corrupt(
+        request: Request, exc: StoredEnvelopeCorrupt | StoredDataCorrupt
+    ) -> JSONResponse:
         # Tampering or damage found while reading: an operator must look, and the read it
         # stopped is in the audit log (its own transaction: the route's has rolled back).
-        log.error("%s", exc.detail)
+        log.error("%s %s: %s", request.method, request.url.path, exc.detail)
         if exc.audit is not None:
             try:
                 await run_in_threadpool(record_alone, request.app.state.node.sessions, **exc.audit)
             except Exception as failure:  # the answer still goes out; the log line stays
-                log.error("could not audit a corrupt stored envelope (%s)", type(failure).__name__)
+                log.error("could not audit a corrupt stored value (%s)", type(failure).__name__)
         return _error(exc.status_code, exc.code, exc.detail)
+
+    async def _damaged(request: Request, found: Unreadable) -> JSONResponse:
+        # One damaged row, not a database out of reach nor the caller's input: "retry later"
+        # or "your value" would never help (from review). The value is never logged.
+        return await _corrupt(request, StoredDataCorrupt.of_column(found.column, found.why))
+
+    @app.exception_handler(UnreadableValue)
+    async def _unreadable_value(request: Request, exc: UnreadableValue) -> JSONResponse:
+        return await _damaged(request, Unreadable(exc.column, exc.why))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -420,13 +439,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(OperationalError)
     async def _database_down(_request: Request, exc: OperationalError) -> JSONResponse:
-        column = undecodable_column(exc)
-        if column is not None:
-            # One damaged row, not a database out of reach: "retry later" would never help,
-            # and /readyz says ready meanwhile (from review). The value is not logged.
-            damage = StoredDataCorrupt.of_column(column)
-            log.error("%s %s: %s", _request.method, _request.url.path, damage.detail)
-            return _error(damage.status_code, damage.code, damage.detail)
+        found = unreadable(exc)
+        if found is not None:  # /readyz says ready meanwhile: no outage
+            return await _damaged(_request, found)
         if database_full(exc):
             _request.app.state.storage_full.note("database")
             log.error("database full (%s): nothing was stored", driver_error_name(exc))
@@ -441,6 +456,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(DataError)
     async def _unstorable(_request: Request, exc: DataError) -> JSONResponse:
+        found = unreadable(exc)
+        if found is not None:  # a value read back that the driver cannot load: not input
+            return await _damaged(_request, found)
         # PostgreSQL refuses some values the schemas let through (a NUL character in a text
         # parameter): the caller's input, not a fault. The value itself is not logged.
         log.warning("a value was refused by the database: %s", type(exc.orig).__name__)

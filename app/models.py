@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, date, datetime
 
 from sqlalchemy import (
@@ -25,6 +26,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from app.db import NO_TIME, UnreadableValue
+
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -39,6 +42,26 @@ class UTCDateTime(TypeDecorator[datetime]):
 
     impl = DateTime(timezone=True)
     cache_ok = True
+    # "table.column", set once every table is defined (`_name_time_columns`): SQLite keeps
+    # any text, and a time that is no time is damage to that column (from review: it was
+    # the parser's bare ValueError, a 500 `internal_error`, quoting the value).
+    column: str | None = None
+
+    def result_processor(
+        self, dialect: Dialect, coltype: object
+    ) -> Callable[[object], datetime | None] | None:
+        parse = super().result_processor(dialect, coltype)
+        if parse is None:  # not so: `process_result_value` is one
+            return None
+        column = self.column
+
+        def read(value: object) -> datetime | None:
+            try:
+                return parse(value)
+            except (ValueError, TypeError, OverflowError):
+                raise UnreadableValue(column, NO_TIME) from None  # its text quotes the value
+
+        return read
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
@@ -569,3 +592,22 @@ class InboundTransfer(Base):
     parts_done: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+def _name_time_columns(metadata: MetaData) -> None:
+    """Each time column's type names its column (`UTCDateTime.column`): a mapped column has
+    a type of its own, so the name goes with every read of it (labelled, in a join). A type
+    shared by two columns names neither."""
+    columns: dict[int, list[tuple[UTCDateTime, str]]] = {}
+    for table in metadata.tables.values():
+        for column in table.c:
+            if isinstance(column.type, UTCDateTime):
+                named = (column.type, f"{table.name}.{column.name}")
+                columns.setdefault(id(column.type), []).append(named)
+    for uses in columns.values():
+        if len(uses) == 1:
+            type_, name = uses[0]
+            type_.column = name
+
+
+_name_time_columns(Base.metadata)

@@ -1,15 +1,16 @@
-"""Outbox rows the database driver cannot read, set aside so that the others go on.
+"""Outbox rows the database cannot give back, set aside so that the others go on.
 
-From review: one waiting row holding a value SQLite cannot decode (TEXT that is not UTF-8:
-a hand edit, a damaged page) failed every claim, since the claim reads each row it weighs;
-nothing was delivered any more, while the worker's log said only "OperationalError". When a
-round meets such a value, the worker finds the rows a claim weighs by their ids alone
+From review: one waiting row holding a value the database driver cannot read failed every
+claim, since the claim reads each row it weighs; nothing was delivered any more, while the
+worker's log said only "OperationalError". Such a value is SQLite text that is not UTF-8 or a
+time that is no time, or on PostgreSQL a time its driver cannot load ('infinity', past the
+year 9999: from review, only SQLite's text was handled, and such a row still failed every
+round). When a round meets one, the worker finds the rows a claim weighs by their ids alone
 (integers, always readable), reads them a chunk at a time (a chunk that fails, row by row),
-each with its message, and marks each row it cannot read `failed`: its last error names the
-column (never the value), an audit entry and the log say so. The operator repairs the value,
-then retries the delivery (`POST /api/v1/admin/deliveries/{id}/retry`) or cancels it.
-
-PostgreSQL has no such case (app/db.py `undecodable_column`): there this finds nothing.
+each with its message, each read in a savepoint, and marks each row it cannot read `failed`:
+its last error names the column (never the value), an audit entry and the log say so. The
+operator repairs the value, then retries the delivery (`POST
+/api/v1/admin/deliveries/{id}/retry`) or cancels it.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from datetime import datetime
 from typing import cast
 
 from sqlalchemy import Table, or_, select, update
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
+from sqlalchemy.sql import Select
 
 from app.audit.log import Event, record_many
-from app.db import undecodable_column
+from app.db import Unreadable, UnreadableValue, unreadable
 from app.delivery import outbox
 from app.errors import StoredDataCorrupt
 from app.models import Message, OutboxItem
@@ -38,6 +40,7 @@ DAMAGED = StoredDataCorrupt.code
 class DamagedRow:
     outbox_id: int
     column: str  # "table.column"
+    why: str  # the kind of value, never the value
 
 
 def weighed_ids(session: Session, *, now: datetime) -> list[int]:
@@ -57,24 +60,41 @@ def weighed_ids(session: Session, *, now: datetime) -> list[int]:
     )
 
 
-def _unreadable(session: Session, ids: list[int]) -> str | None:
-    """The column of the first value of these rows (or their messages) that cannot be read."""
+def _reads(session: Session, statement: Select[tuple[object, ...]]) -> Unreadable | None:
+    """What of these rows cannot be read, if anything. In a savepoint: a failed read ends no
+    transaction. Any other failure (the database out of reach) is raised."""
     try:
-        session.execute(select(outbox.OUTBOX).where(outbox.OUTBOX.c.id.in_(ids))).all()
-    except OperationalError as exc:
-        column = undecodable_column(exc)
-        if column is None:
+        with session.begin_nested():
+            session.execute(statement).all()
+    except (DBAPIError, UnreadableValue) as exc:
+        found = unreadable(exc)
+        if found is None:
             raise
-        return column
-    messages = select(outbox.OUTBOX.c.message_id).where(outbox.OUTBOX.c.id.in_(ids))
-    try:
-        session.execute(select(MESSAGES).where(MESSAGES.c.id.in_(messages))).all()
-    except OperationalError as exc:
-        column = undecodable_column(exc)
-        if column is None:
-            raise
-        return column
+        return found
     return None
+
+
+def _message_of(ids: list[int]) -> Select[tuple[int]]:
+    return select(outbox.OUTBOX.c.message_id).where(outbox.OUTBOX.c.id.in_(ids))
+
+
+def _unreadable(session: Session, ids: list[int]) -> Unreadable | None:
+    """The first value of these rows (or their messages) that cannot be read."""
+    return _reads(session, select(outbox.OUTBOX).where(outbox.OUTBOX.c.id.in_(ids))) or _reads(
+        session, select(MESSAGES).where(MESSAGES.c.id.in_(_message_of(ids)))
+    )
+
+
+def _column(session: Session, outbox_id: int) -> str:
+    """The column that cannot be read, one read each, where the driver did not say which."""
+    for table, row in (
+        (outbox.OUTBOX, outbox.OUTBOX.c.id == outbox_id),
+        (MESSAGES, MESSAGES.c.id.in_(_message_of([outbox_id]))),
+    ):
+        for column in table.c:
+            if _reads(session, select(column).where(row)) is not None:
+                return f"{table.name}.{column.name}"
+    return "unknown"  # the row read whole failed, each column alone read: not seen
 
 
 def find_damaged(session: Session, *, now: datetime) -> list[DamagedRow]:
@@ -85,9 +105,10 @@ def find_damaged(session: Session, *, now: datetime) -> list[DamagedRow]:
         if _unreadable(session, chunk) is None:
             continue
         for outbox_id in chunk:
-            column = _unreadable(session, [outbox_id])
-            if column is not None:
-                found.append(DamagedRow(outbox_id, column))
+            damage = _unreadable(session, [outbox_id])
+            if damage is not None:
+                column = damage.column or _column(session, outbox_id)
+                found.append(DamagedRow(outbox_id, column, damage.why))
     return found
 
 
@@ -97,7 +118,7 @@ def set_aside_damaged(session: Session, *, now: datetime) -> list[DamagedRow]:
     damaged = find_damaged(session, now=now)
     events = []
     for row in damaged:
-        detail = StoredDataCorrupt.of_column(row.column).detail
+        detail = StoredDataCorrupt.of_column(row.column, row.why).detail
         session.execute(
             update(OutboxItem)
             .where(OutboxItem.id == row.outbox_id)
@@ -136,8 +157,8 @@ def _names(session: Session, outbox_id: int) -> tuple[str | None, str | None]:
                 == select(OutboxItem.message_id).where(OutboxItem.id == outbox_id).scalar_subquery()
             )
         ).first()
-    except OperationalError as exc:
-        if undecodable_column(exc) is None:
+    except (DBAPIError, UnreadableValue) as exc:
+        if unreadable(exc) is None:
             raise
         return None, None
     return (row.msg_id, row.request_id) if row is not None else (None, None)

@@ -30,13 +30,13 @@ from app.crypto.encoding import utc_now
 from app.crypto.receipts import ReceiptError, decode_receipt
 from app.db import (
     PeriodicJob,
+    Unreadable,
     commit_without_waiting,
     database_full,
     driver_error_name,
     read_snapshot,
-    undecodable_column,
     unit_of_work,
-    unreadable_value,
+    unreadable,
 )
 from app.delivery import damage, heartbeat, outbox, upkeep
 from app.delivery.clocksteps import ClockWatch, boot_clock
@@ -350,20 +350,20 @@ class Worker:
         outbox rows whose stored values cannot be read are set aside, and the deliveries of a
         peer whose row cannot be read held back. Returns the rows set aside or the peers
         held (the next round need not wait then)."""
-        column = undecodable_column(exc)
-        if column is not None and not column.startswith(f"{PEERS.name}."):
-            set_aside = self._set_aside_damaged(column)
+        found = unreadable(exc)
+        if found is not None and not (found.column or "").startswith(f"{PEERS.name}."):
+            set_aside = self._set_aside_damaged(found)
             if set_aside:
                 return set_aside
-        if column is not None or unreadable_value(exc):
+        if found is not None:
             held = self._held.hold_damaged()
             if held:
                 return held
-        if column is not None:
             log.error(
-                "delivery round failed: a value stored in column '%s' cannot be read, and no "
-                "delivery or peer was found holding it; run `entraide doctor`; retrying",
-                column,
+                "delivery round failed: a value stored in column '%s' cannot be read (%s), and "
+                "no delivery or peer was found holding it; run `entraide doctor`; retrying",
+                found.column or "unknown",
+                found.why,
             )
             return 0
         if database_full(exc):
@@ -377,7 +377,7 @@ class Worker:
         log.error("delivery round failed (%s); retrying", driver_error_name(exc))
         return 0
 
-    def _set_aside_damaged(self, column: str) -> int:
+    def _set_aside_damaged(self, found: Unreadable) -> int:
         """One row whose stored value cannot be read must not stop every delivery (from
         review): such rows are marked failed, named in the log (never their values)."""
         try:
@@ -387,7 +387,7 @@ class Worker:
             log.error(
                 "delivery round failed: a value stored in column '%s' cannot be read, and the "
                 "rows holding it could not be set aside (%s); retrying",
-                column,
+                found.column or "unknown",
                 driver_error_name(exc),
             )
             return 0

@@ -21,7 +21,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Select
 
-from app.db import unreadable_value
+from app.db import UnreadableValue, unreadable
 from app.models import Peer
 
 PEERS = cast(Table, Peer.__table__)
@@ -66,8 +66,8 @@ def _reads(session: Session, statement: Select[tuple[object, ...]]) -> bool:
     try:
         with session.begin_nested():
             session.execute(statement).all()
-    except (DBAPIError, ValueError, OverflowError) as exc:
-        if not unreadable_value(exc):
+    except (DBAPIError, UnreadableValue) as exc:
+        if unreadable(exc) is None:
             raise
         return False
     return True

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import or_, select
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from app.audit.log import Event, record, record_many
@@ -40,7 +40,7 @@ from app.crypto.randomness import SystemRandomness
 from app.crypto.receipts import Receipt as VerifiedReceipt
 from app.crypto.receipts import ReceiptError, SignedReceipt, verify_receipt
 from app.crypto.signing import DOMAIN_ENVELOPE, verify
-from app.db import undecodable_column
+from app.db import UnreadableValue, unreadable
 from app.delivery import outbox
 from app.delivery.outbox import CANCELLED, FAILED
 from app.domain.document import RequestDocument
@@ -49,6 +49,7 @@ from app.errors import (
     BadRequest,
     NotFound,
     PayloadTooLarge,
+    StoredDataCorrupt,
     StoredEnvelopeCorrupt,
 )
 from app.evidence.reading import has_blob_parts, open_stored_head
@@ -70,33 +71,43 @@ OUTBOUND = "outbound"
 INBOUND = "inbound"
 
 
+# The tables of what a peer sent or this node sealed: damage there is the message's.
+ENVELOPE_TABLES = frozenset({"messages", "parts", "receipts", "blob_parts"})
+
+
 @contextmanager
 def audited_if_corrupt(**entry: Any) -> Iterator[None]:
-    """A read stopped by a damaged stored envelope leaves its trace in the audit log. A row
-    the driver cannot read at all (SQLite TEXT that is not UTF-8 in place of its bytes) is
-    the same damage, told as such (from review: it was 503 "retry later")."""
+    """A read stopped by a damaged stored envelope leaves its trace in the audit log. A value
+    the database cannot give back at all (SQLite TEXT that is not UTF-8 in place of its
+    bytes, a PostgreSQL time of 'infinity') is the same damage, told as such (from review:
+    it was 503 "retry later"): the message's when it is in the message's rows, else
+    `stored_data_corrupt` naming the row's column (from review: a damaged `peers.name`
+    was told as "a stored message of ..." damaged)."""
 
-    def audited(exc: StoredEnvelopeCorrupt) -> StoredEnvelopeCorrupt:
-        exc.audit = {**entry, "outcome": StoredEnvelopeCorrupt.code}
+    def audited(exc: StoredEnvelopeCorrupt | StoredDataCorrupt) -> None:
+        exc.audit = {**entry, "outcome": exc.code}
         exc.audit["details"] = {**entry.get("details", {}), "detail": exc.detail[:200]}
-        return exc
 
     try:
         yield
-    except StoredEnvelopeCorrupt as exc:
+    except (StoredEnvelopeCorrupt, StoredDataCorrupt) as exc:
         audited(exc)
         raise
-    except OperationalError as exc:
-        column = undecodable_column(exc)
-        if column is None:
+    except (DBAPIError, UnreadableValue) as exc:
+        found = unreadable(exc)
+        if found is None:
             raise
-        which = entry.get("msg_id") or entry.get("request_id")
-        raise audited(
-            StoredEnvelopeCorrupt(
-                f"a stored message of {which}: its column '{column}' cannot be read (text "
-                "that is not UTF-8); storage was altered or damaged"
+        damage: StoredEnvelopeCorrupt | StoredDataCorrupt
+        if found.column is not None and found.column.split(".")[0] in ENVELOPE_TABLES:
+            which = entry.get("msg_id") or entry.get("request_id")
+            damage = StoredEnvelopeCorrupt(
+                f"a stored message of {which}: its column '{found.column}' cannot be read "
+                f"({found.why}); storage was altered or damaged"
             )
-        ) from exc
+        else:
+            damage = StoredDataCorrupt.of_column(found.column, found.why)
+        audited(damage)
+        raise damage from exc
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,12 @@ the refusal: once the bytes are put back, the request reads again."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
-from contextlib import closing
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
 from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import make_url, select, update
+from sqlalchemy import make_url, select, text, update
 
 from app.db import unit_of_work
 from app.models import Message, Part, Receipt
@@ -253,3 +253,104 @@ def test_a_value_sqlite_cannot_decode_is_named_by_its_table_and_column(
     assert (
         f"a value stored in column '{table}.{column}' cannot be read" in (response.json()["detail"])
     )
+
+
+# A time each backend keeps but cannot give back: SQLite stores any text; PostgreSQL keeps
+# 'infinity', which its driver cannot load into a Python datetime (psycopg's DataError).
+NO_TIME = {"sqlite": "'not a time'", "postgresql": "'infinity'"}
+
+
+@contextmanager
+def _damaged(
+    ar: Harness, table: str, column: str, key: str, row: str, value: str
+) -> Iterator[None]:
+    where = f"WHERE {key} = :row"
+    with ar.node.engine.begin() as connection:
+        (original,) = connection.execute(
+            text(f"SELECT {column} FROM {table} {where}"),  # noqa: S608
+            {"row": row},
+        ).one()
+        connection.execute(text(f"UPDATE {table} SET {column} = {value} {where}"), {"row": row})  # noqa: S608
+    try:
+        yield
+    finally:
+        with ar.node.engine.begin() as connection:
+            connection.execute(
+                text(f"UPDATE {table} SET {column} = :original {where}"),  # noqa: S608
+                {"original": original, "row": row},
+            )
+
+
+@pytest.mark.parametrize(
+    ("table", "column", "route"),
+    [
+        ("peers", "added_at", "/api/v1/admin/peers"),
+        ("requests", "created_at", "/api/v1/requests/{id}"),
+        ("requests", "updated_at", "/api/v1/requests"),
+    ],
+)
+def test_a_stored_time_that_cannot_be_read_is_damage_not_the_callers_input(
+    ar: Harness, table: str, column: str, route: str
+) -> None:
+    """From review: on PostgreSQL a time of 'infinity' read back answered `400 invalid_value`
+    ("a value in the request cannot be stored"), blaming the caller, and on SQLite a time
+    that is no time `500 internal_error`, a bug. Both are damaged storage, named as such."""
+    request_id = ar.receive_request()
+    key, row = ("id", request_id) if table == "requests" else ("authority_id", "ES/MJ")
+    client = "admin" if "/admin/" in route else "officer"
+    value = NO_TIME[ar.node.engine.dialect.name]
+    with _damaged(ar, table, column, key, row, value):
+        response = ar.http.get(route.format(id=request_id), headers=ar.as_(client))
+    assert response.status_code == 500, response.text
+    assert response.json()["error"] == "stored_data_corrupt", response.text
+    detail = response.json()["detail"]
+    assert f"a value stored in column '{table}.{column}' cannot be read" in detail
+    assert "infinity" not in detail
+    assert "not a time" not in detail
+    again = ar.http.get(route.format(id=request_id), headers=ar.as_(client))
+    assert again.status_code == 200, again.text
+
+
+# What each backend lets a peer's row hold that it cannot give back.
+PEER_DAMAGE = {
+    "sqlite": ("name", "CAST(X'C328FF' AS TEXT)"),
+    "postgresql": ("added_at", "'infinity'"),
+}
+
+
+def test_a_damaged_peer_row_met_reading_a_request_is_not_blamed_on_its_message(
+    ar: Harness,
+) -> None:
+    """From review: reading a request whose peer's row was damaged answered
+    `stored_envelope_corrupt`, "a stored message of ...: its column 'peers.name'", sending
+    the operator to the message. The peer's row is what is damaged, and it is named."""
+    request_id = ar.receive_request()
+    column, value = PEER_DAMAGE[ar.node.engine.dialect.name]
+    reads = len(ar.audit("request.read"))
+    with _damaged(ar, "peers", column, "authority_id", "ES/MJ", value):
+        response = ar.http.get(f"/api/v1/requests/{request_id}", headers=ar.as_("officer"))
+    assert response.status_code == 500, response.text
+    assert response.json()["error"] == "stored_data_corrupt", response.text
+    assert f"column 'peers.{column}' cannot be read" in response.json()["detail"]
+    assert "message" not in response.json()["detail"]
+    assert ar.audit("request.read")[reads:] == [
+        ("client:officer", "stored_data_corrupt", request_id)
+    ]
+    again = ar.http.get(f"/api/v1/requests/{request_id}", headers=ar.as_("officer"))
+    assert again.status_code == 200, again.text
+
+
+def test_a_value_of_the_call_the_database_refuses_is_still_the_callers_input(
+    ar: Harness,
+) -> None:
+    """The other side of the above: a DataError met sending the caller's value (PostgreSQL
+    takes no NUL in text) stays `400 invalid_value`, never damage."""
+    if ar.node.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite stores and compares a NUL like any character")
+    response = ar.http.post(
+        "/api/v1/admin/peers/suspend",
+        headers=ar.as_("admin"),
+        json={"authority_id": "ES/MJ\u0000", "reason": "a review"},
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "invalid_value"

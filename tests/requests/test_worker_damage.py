@@ -269,3 +269,59 @@ def test_doctor_names_a_peer_row_that_cannot_be_read(fresh_ar: Harness, damage: 
         assert {finding.area for finding in checked} == {"peer ES/MJ"}
     repair()
     assert doctor.check_damaged_peers(ar.node.engine) == []
+
+
+# A time each backend keeps but cannot give back: SQLite stores any text; PostgreSQL keeps
+# 'infinity', which its driver cannot load into a Python datetime.
+NO_TIME = {"sqlite": "'not a time'", "postgresql": "'infinity'"}
+
+
+@pytest.mark.parametrize("table", ["outbox", "messages"])
+def test_a_delivery_whose_time_cannot_be_read_is_set_aside_on_either_backend(
+    fresh_ar: Harness, caplog: pytest.LogCaptureFixture, table: str
+) -> None:
+    """From review: the set-aside knew only SQLite's text that is not UTF-8; an outbox (or
+    message) row holding a time the driver cannot give back (PostgreSQL 'infinity', SQLite a
+    time that is no time) still failed every delivery round, every other delivery with it."""
+    ar = fresh_ar
+    damaged, other = _outbound(ar), _outbound(ar)
+    where = (
+        "WHERE id = :damaged"
+        if table == "outbox"
+        else "WHERE id = (SELECT message_id FROM outbox WHERE id = :damaged)"
+    )
+    value = NO_TIME[ar.node.engine.dialect.name]
+    with ar.node.engine.begin() as connection:
+        (original,) = connection.execute(
+            text(f"SELECT created_at FROM {table} {where}"),  # noqa: S608
+            {"damaged": damaged},
+        ).one()
+        connection.execute(
+            text(f"UPDATE {table} SET created_at = {value} {where}"),  # noqa: S608
+            {"damaged": damaged},
+        )
+    with caplog.at_level(logging.ERROR, logger="app.delivery.worker"), _running(Worker(ar.node)):
+        # The other row is tried (ES's address does not resolve: a retry, one attempt).
+        assert _wait(lambda: _tried(ar, other)[1] >= 1), caplog.text
+    with ar.node.engine.connect() as connection:
+        state, attempts = connection.execute(
+            text("SELECT state, attempts FROM outbox WHERE id = :id"), {"id": damaged}
+        ).one()
+    assert (state, attempts) == ("failed", 0)
+    assert (
+        f"delivery of outbox row {damaged} set aside as failed: a value stored in column "
+        f"'{table}.created_at' cannot be read (stored value damaged)"
+    ) in caplog.text
+    for shown in ("not a time", "infinity"):  # never the value
+        assert shown not in caplog.text
+    assert ar.audit("delivery.failed")[-1][1] == "stored_data_corrupt"
+    # Repaired, it is retried like any other.
+    with ar.node.engine.begin() as connection:
+        connection.execute(
+            text(f"UPDATE {table} SET created_at = :original {where}"),  # noqa: S608
+            {"original": original, "damaged": damaged},
+        )
+    retried = ar.http.post(
+        f"/api/v1/admin/deliveries/{damaged}/retry", headers=ar.as_("admin"), json={}
+    )
+    assert retried.status_code == 200, retried.text
