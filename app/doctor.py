@@ -16,7 +16,7 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import httpx
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, inspect, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
 
@@ -48,7 +48,7 @@ from app.db import make_engine, make_session_factory, read_snapshot
 from app.delivery import heartbeat
 from app.errors import PeerError
 from app.evidence.blobstore import blob_root
-from app.models import BlobPart, OutboxItem, Peer, WitnessAlarm
+from app.models import AuditHead, BlobPart, OutboxItem, Peer, WitnessAlarm
 from app.node import key_passphrase, load_node
 from app.obs.health import current_heads, expected_heads, unknown_revisions
 from app.obs.metrics import key_dates
@@ -767,8 +767,16 @@ def log_against_record(
                 head = read_head(session)
             except LogDamaged as exc:
                 return exc.detail
-            except Exception:  # no schema yet
-                return None
+            except Exception as exc:
+                if not inspect(engine).has_table(AuditHead.__tablename__):
+                    return None  # no schema yet
+                # A value of the head row the driver cannot read: passed as "no schema",
+                # `migrate` and doctor said all was well (from review). Its class only: the
+                # driver's message may quote the stored value.
+                return (
+                    f"the audit log's head row cannot be read ({type(exc).__name__}): the "
+                    "database was altered or damaged"
+                )
             # Against the record read before the log: one read now could be of a checkpoint
             # signed meanwhile, newer than this snapshot. None: none yet, or missing.
             return anchor.problem(session, head.size, head.root_hash, signed=signed)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -39,7 +40,7 @@ from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 from app.audit.mac import MAC_KEY_INFO, entry_mac, macs_of
 from app.audit.merkle import CompactRange, leaf_hash
 from app.crypto.encoding import DecodeError, canonical_json, format_time, parse_time, utc_now
-from app.db import unit_of_work
+from app.db import undecodable_column, unit_of_work
 from app.errors import EntraideError
 from app.models import AuditEntry, AuditHead
 
@@ -185,10 +186,22 @@ def _cursor(session: Session) -> tuple[DBAPICursor, _Statements]:
 
 
 def _read(cursor: DBAPICursor, sql: _Statements, statement: str) -> Head:
-    cursor.execute(statement, (HEAD_ID,))
-    row = cursor.fetchone()
+    try:
+        cursor.execute(statement, (HEAD_ID,))
+        row = cursor.fetchone()
+    except Exception as exc:
+        if not _value_unreadable(exc):
+            raise
+        # Named, not the driver's message: it quotes the stored value (from review: every
+        # audited command ended in a traceback that showed it).
+        raise LogDamaged(
+            "the audit log's head row cannot be read (a stored value damaged): the database "
+            "was altered or damaged"
+        ) from None
     if row is None:
-        raise RuntimeError("the audit log head row is missing; run the migrations")
+        # The migration that made the table wrote the row; none now is a deleted one (from
+        # review: "run the migrations" sent the operator round, migrations doing nothing).
+        raise LogDamaged("the audit log's head row is missing: the database was altered")
     size, compact_range, root_hash, last_leaf_hash, updated_at = row
     # The head's shortcuts are what every append builds on: taken on trust, an edited one
     # would have the node extend, and sign, a tree no entries make. Checked against each
@@ -297,6 +310,19 @@ def _lock(held: _Held) -> Head:
 def lock_head(session: Session) -> Head:
     """The head, locked for the rest of the transaction; appends in it keep it current."""
     return _lock(_hold(session))
+
+
+def _value_unreadable(exc: Exception) -> bool:
+    """A value of the row the driver cannot give back: SQLite's text that is not UTF-8, or
+    one psycopg cannot load as it fetches (no SQLSTATE: the server refused nothing)."""
+    if undecodable_column(exc) is not None:
+        return True
+    psycopg = sys.modules.get("psycopg")
+    return (
+        psycopg is not None
+        and isinstance(exc, psycopg.DataError)
+        and getattr(exc, "sqlstate", None) is None
+    )
 
 
 def read_head(session: Session) -> Head:

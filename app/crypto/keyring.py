@@ -81,6 +81,9 @@ class ReloadFailure:
     at: datetime  # the latest
     stamp: Stamp  # the chain it failed on
     tried: float  # the ring's clock at the latest, for the retry delay
+    # How many rotations that chain holds (None: unreadable): `keys rotate` tells a failure
+    # of its own rotation from one left by an earlier rotation (from review).
+    rotation: int | None = None
 
 
 @dataclass(frozen=True)
@@ -204,6 +207,7 @@ class KeyRing:
                     at=now,
                     stamp=chain_stamp(self.keys_dir),
                     tried=self._clock(),
+                    rotation=chain_length(self.keys_dir),
                 ),
             )
             # The message names files and what to do, never key material.

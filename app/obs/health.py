@@ -121,8 +121,9 @@ def keys_reload_check(state: KeyRingState) -> str:
     if failure is None:
         return OK
     keys = state.generation.keys
+    rotation = "a rotation" if failure.rotation is None else f"rotation {failure.rotation}"
     return (
-        f"failing: the keys folder changed (a rotation) but this process could not load it "
+        f"failing: the keys folder changed ({rotation}) but this process could not load it "
         f"since {format_time(failure.since)} (last try {format_time(failure.at)}): "
         f"{failure.reason}; it still signs with and publishes signing key {keys.signing_kid} "
         f"(rotation {len(keys.rotations)}) (docs/operations.md §3)"

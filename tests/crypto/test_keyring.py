@@ -33,6 +33,7 @@ from app.crypto.keys import (
 from app.localnodes import LocalNode
 from app.models import AuditEntry
 from app.node import Node, load_node
+from app.obs.health import keys_reload_check
 from tests.conftest import Databases
 
 OVERLAP = timedelta(days=7)
@@ -256,6 +257,10 @@ def test_a_failed_reload_is_kept_with_its_reason_until_a_reload_succeeds(tmp_pat
     assert "signing.key is protected by a passphrase" in failure.reason
     assert str(folder) not in failure.reason  # shown on /readyz, which takes no token
     assert failure.since == failure.at
+    # The chain it failed on, said: `keys rotate` tells a failure of its own rotation from
+    # one an earlier rotation left, which the reload under way may mend (from review).
+    assert failure.rotation == len(new.rotations) == 1
+    assert "the keys folder changed (rotation 1) but" in keys_reload_check(state)
 
     now[0] += RETRY_SECONDS + 1  # tried again: still failing, since the first time
     assert ring.current() is started

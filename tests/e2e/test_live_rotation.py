@@ -331,6 +331,7 @@ def test_a_reload_that_fails_is_said_by_readyz_metrics_doctor_and_the_cli(solo: 
     assert body["status"] == "degraded"
     assert body["failing"] == ["keys_reload"]
     check = body["checks"]["keys_reload"]
+    assert "the keys folder changed (rotation 1) but" in check  # this rotation's failure
     assert "signing.key is protected by a passphrase" in check
     assert f"publishes signing key {old.signing.kid} (rotation 0)" in check
     assert str(ar.keys_dir) not in check

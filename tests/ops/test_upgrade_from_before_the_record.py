@@ -451,3 +451,36 @@ def test_migrate_fails_while_the_log_does_not_extend_the_record(
         in again.stderr
     ), again.stderr
     assert record_file.read_bytes() == recorded
+
+
+def test_a_head_row_deleted_or_unreadable_fails_migrate_and_doctor(
+    databases: Databases, tmp_path: Path
+) -> None:
+    """From review: a deleted audit head row, or one holding a value the driver cannot read,
+    passed as "no schema yet": `migrate` exited 0 and doctor found no problem, while every
+    audited action failed saying "run the migrations", which did nothing."""
+    node = _node(databases, tmp_path)
+    node.init()
+    node.create_client("a1", "admin")
+    node.cli("audit", "checkpoint")
+    sqlite = node.database_url.startswith("sqlite")
+    damages = ["DELETE FROM audit_head"]
+    if sqlite:  # text SQLite cannot decode, in place of the head's time
+        damages.insert(0, "UPDATE audit_head SET updated_at = CAST(X'FF00FE' AS TEXT)")
+    for damage in damages:
+        engine = make_engine(node.database_url)
+        try:
+            with engine.begin() as connection:
+                connection.execute(text(damage))
+        finally:
+            engine.dispose()
+        migrated = node.cli("migrate", check=False)
+        assert migrated.returncode == 1, (damage, migrated.stdout)
+        assert "the audit log's head row" in migrated.stderr, migrated.stderr
+        assert "Traceback" not in migrated.stderr
+        doctor = node.cli("doctor", check=False)
+        assert doctor.returncode == 1, doctor.stdout
+        assert "the audit log's head row" in doctor.stdout
+        refused = node.cli("clients", "create", "a2", "--role", "admin", check=False)
+        assert refused.returncode != 0
+        assert "run the migrations" not in refused.stderr + refused.stdout
