@@ -235,6 +235,8 @@ def test_a_peer_row_that_cannot_be_read_holds_only_its_own_deliveries(
     _pin(ar, "FR/MJ")
     to_fr, to_es = _request_to(ar, "FR/MJ"), _outbound(ar)
     column, repair = _damage_peer(ar, damage)
+    # Held rows are read again once a heartbeat period: a short one, for the repair below.
+    ar.node.settings = ar.node.settings.model_copy(update={"worker_heartbeat_seconds": 1.0})
     with caplog.at_level(logging.INFO), _running(Worker(ar.node)):
         # ES/MJ's deliveries go on (its address does not resolve: a retry, one attempt), a
         # later one too, while FR/MJ's waits untried.
