@@ -657,15 +657,19 @@ def check_checkpoint_dates(engine: Engine) -> Iterator[Finding]:
     damaged = sorted(row for row, date in dates.items() if date is None)
     if not damaged:
         return
-    rows = "row" if len(damaged) == 1 else "rows"
-    shown = ", ".join(map(str, damaged[:10])) + (", …" if len(damaged) > 10 else "")
     yield Finding(
         FAIL,
         "audit",
-        f"the date (created_at) of audit checkpoint {rows} {shown} cannot be read (stored "
+        f"the date (created_at) of audit checkpoint {_rows(damaged)} cannot be read (stored "
         "value damaged): put it back from a backup (no signature covers it: the checkpoint "
         "still counts); `entraide audit verify --db` names each",
     )
+
+
+def _rows(ids: list[int]) -> str:
+    """`row 4` or `rows 4, 9, …` (the first ten)."""
+    shown = ", ".join(map(str, ids[:10])) + (", …" if len(ids) > 10 else "")
+    return f"{'row' if len(ids) == 1 else 'rows'} {shown}"
 
 
 def check_checkpoint_notes(engine: Engine) -> Iterator[Finding]:
@@ -680,12 +684,10 @@ def check_checkpoint_notes(engine: Engine) -> Iterator[Finding]:
         return
     if not damaged:
         return
-    rows = "row" if len(damaged) == 1 else "rows"
-    shown = ", ".join(map(str, damaged[:10])) + (", …" if len(damaged) > 10 else "")
     yield Finding(
         FAIL,
         "audit",
-        f"the note of audit checkpoint {rows} {shown} cannot be read (stored value damaged): "
+        f"the note of audit checkpoint {_rows(damaged)} cannot be read (stored value damaged): "
         "passed over, it counts as no checkpoint of this log; put it back from a backup; "
         "`entraide audit verify --db` names each",
     )
