@@ -33,7 +33,7 @@ from app.db import make_engine, make_session_factory, unit_of_work
 from app.migrate import upgrade
 from app.models import AuditCheckpoint, WitnessedCheckpoint
 from tests.conftest import Databases
-from tests.faults.harness import new_pair
+from tests.faults.harness import new_pair, wait_until
 
 AUTHORITY = "ES/MJ"
 # What the driver cannot give back as text: not UTF-8, with a NUL inside.
@@ -49,6 +49,11 @@ def _damage_note(url: str, row: int) -> None:
             f"UPDATE audit_checkpoints SET note = {UNREADABLE} WHERE id = ?",  # noqa: S608
             (row,),
         )
+
+
+def _witnessed(engine: Engine) -> list[str]:
+    with engine.connect() as connection:
+        return list(connection.scalars(select(WitnessedCheckpoint.note)))
 
 
 def _note_damage(row: int) -> str:
@@ -171,9 +176,10 @@ def test_a_damaged_note_is_named_and_deliveries_to_the_node_go_on(tmp_path: Path
         # Receipts: the sender's deliveries go through, witnessing the genuine checkpoint.
         pair.submit(1)
         pair.wait_delivered(1, timeout=30)
-        with pair.engine(pair.sender).connect() as connection:
-            witnessed = connection.scalars(select(WitnessedCheckpoint.note)).all()
-        assert witnessed == [genuine]
+        # The worker witnesses a receipt's checkpoint after it has settled the delivery.
+        sender = pair.engine(pair.sender)
+        wait_until("the sender to witness a checkpoint", lambda: _witnessed(sender))
+        assert _witnessed(sender) == [genuine]
         with receiver.client("auditor") as http:
             answer = http.get("/api/v1/audit/checkpoint")
         assert answer.status_code == 200, answer.text
