@@ -28,6 +28,7 @@ from app.audit.checkpoints import (
     log_verifier,
     macs_required,
     read_progress,
+    unsized_checkpoints,
 )
 from app.audit.log import LogDamaged, read_head
 from app.audit.mac import check_macs, mac_key
@@ -672,25 +673,27 @@ def _rows(ids: list[int]) -> str:
     return f"{'row' if len(ids) == 1 else 'rows'} {shown}"
 
 
-def check_checkpoint_notes(engine: Engine) -> Iterator[Finding]:
-    """Checkpoint rows whose note the database driver cannot read: damaged storage. The node
-    passes them over as no note of its own (the latest one that reads is signed over and
-    handed out); what they held is lost to the database until put back (from review: they
-    crashed `audit verify --db`, failed every receipt, and doctor said nothing)."""
+def check_checkpoint_rows(engine: Engine) -> Iterator[Finding]:
+    """Checkpoint rows whose note the database driver cannot read, or whose size is no
+    number (SQLite keeps any value): damaged storage. The node passes them over as no
+    checkpoint of its own (the latest genuine one is signed over and handed out); what they
+    held is lost to the database until put back (from review: they crashed `audit verify
+    --db`, a note failed every receipt, and doctor said nothing)."""
     try:
         with read_snapshot(make_session_factory(engine)) as session:
-            damaged = [row for row, note in checkpoint_notes(session) if note is None]
+            notes = [row for row, note in checkpoint_notes(session) if note is None]
+            damaged = {"note": notes, "size": unsized_checkpoints(session)}
     except DBAPIError:  # no database or no schema yet: check_database says which
         return
-    if not damaged:
-        return
-    yield Finding(
-        FAIL,
-        "audit",
-        f"the note of audit checkpoint {_rows(damaged)} cannot be read (stored value damaged): "
-        "passed over, it counts as no checkpoint of this log; put it back from a backup; "
-        "`entraide audit verify --db` names each",
-    )
+    for column, rows in damaged.items():
+        if rows:
+            yield Finding(
+                FAIL,
+                "audit",
+                f"the {column} of audit checkpoint {_rows(rows)} cannot be read (stored value "
+                "damaged): passed over, it counts as no checkpoint of this log; put it back "
+                "from a backup; `entraide audit verify --db` names each",
+            )
 
 
 def check_entry_macs(settings: Settings, engine: Engine) -> Iterator[Finding]:
@@ -861,7 +864,7 @@ def diagnose(settings: Settings) -> list[Finding]:
         findings += check_signed_log(settings, engine)
         findings += check_checkpoints(settings, engine)
         findings += check_checkpoint_dates(engine)
-        findings += check_checkpoint_notes(engine)
+        findings += check_checkpoint_rows(engine)
         findings += check_entry_macs(settings, engine)
         findings += check_database(settings, engine)
         findings += check_damaged_deliveries(engine)

@@ -17,7 +17,7 @@ from functools import lru_cache
 from typing import Any, Protocol
 
 from nacl.signing import SigningKey
-from sqlalchemy import ColumnElement, LargeBinary, cast, event, func, null, select
+from sqlalchemy import ColumnElement, LargeBinary, case, cast, event, func, null, select
 from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -221,7 +221,7 @@ def _latest_signed(session: Session, verifier: Verifier, *, dated: bool) -> Sign
     query = (
         select(
             AuditCheckpoint.id,
-            AuditCheckpoint.size,
+            stored_size(session),
             # As bytes even where a row was rewritten as text (SQLite keeps any type): a
             # forged row is passed over, it does not raise in every worker round.
             cast(AuditCheckpoint.root_hash, LargeBinary),
@@ -255,6 +255,21 @@ def _latest_signed(session: Session, verifier: Verifier, *, dated: bool) -> Sign
     return None
 
 
+# An expression, built once: built at each call, it cost every receipt's read of the latest
+# checkpoint more than the query itself takes SQLite to run.
+_INTEGER_SIZE = case((func.typeof(AuditCheckpoint.size) == "integer", AuditCheckpoint.size))
+
+
+def stored_size(session: Session) -> ColumnElement[Any]:
+    """The size column where it holds a number of entries, else NULL (never NULL otherwise).
+    SQLite keeps any value in it, and its driver fails the whole query on text that is not
+    UTF-8 (a damaged page, a hand edit): text, bytes and fractions are read as NULL there,
+    never handed back. PostgreSQL's bigint holds integers only: read as it is."""
+    if session.get_bind().dialect.name == "sqlite":
+        return _INTEGER_SIZE
+    return AuditCheckpoint.size.expression
+
+
 def stored_note(session: Session) -> ColumnElement[Any]:
     """The note column as the driver can always give it back, for `readable_note`. SQLite
     keeps any value in it, and its driver fails the whole query on text that is not UTF-8
@@ -284,6 +299,13 @@ def checkpoint_notes(session: Session) -> list[tuple[int, str | None]]:
         select(AuditCheckpoint.id, stored_note(session)).order_by(AuditCheckpoint.id)
     )
     return [(row_id, readable_note(stored)) for row_id, stored in rows]
+
+
+def unsized_checkpoints(session: Session) -> list[int]:
+    """The checkpoint rows, by id, whose size is no number of entries (`stored_size`):
+    passed over as no checkpoint of this log, as one whose note cannot be read."""
+    statement = select(AuditCheckpoint.id).where(stored_size(session).is_(None))
+    return list(session.scalars(statement.order_by(AuditCheckpoint.id)))
 
 
 def checkpoint_dates(

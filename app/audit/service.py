@@ -28,6 +28,7 @@ from app.audit.checkpoints import (
     readable_note,
     sign_checkpoint,
     stored_note,
+    stored_size,
 )
 from app.audit.index import MAX_TAIL, index_entries, indexed_size
 from app.audit.log import STORED_LEVEL, LogDamaged, read_head
@@ -469,14 +470,14 @@ def _checkpoint_row_problems(
     The node reads how far its checkpoints reach from the notes (app/audit/checkpoints.py),
     but a size or root edited beside a genuine note is still a forged row, and a date ahead
     of the clock (no signature covers it) would have put off checkpoints due by time. Notes
-    that do not verify are the main pass's to report; a note or a date that cannot be read
-    at all (damaged storage) is named here, by row and column, never by its value."""
+    that do not verify are the main pass's to report; a note, a size or a date that cannot be
+    read at all (damaged storage) is named here, by row and column, never by its value."""
     origin = log_origin(authority_id)
     dates = checkpoint_dates(session)
     rows = session.execute(
         select(
             AuditCheckpoint.id,
-            AuditCheckpoint.size,
+            stored_size(session),
             cast(AuditCheckpoint.root_hash, LargeBinary),
             stored_note(session),
         ).order_by(AuditCheckpoint.id)
@@ -494,6 +495,13 @@ def _checkpoint_row_problems(
                 "it is put back from a backup",
             )
         opened = None if note is None else opened_checkpoint(note, origin, log_public)
+        if size is None:  # passed over as well: its columns do not say what its note does
+            yield Problem(
+                0 if opened is None else opened.size,
+                f"checkpoint row {row_id}: its size (column size) cannot be read: the stored "
+                "value was altered or damaged; it counts as no checkpoint of this log until "
+                "it is put back from a backup",
+            )
         created_at = dates.get(row_id)
         if created_at is None and row_id in dates:
             yield Problem(
@@ -504,7 +512,7 @@ def _checkpoint_row_problems(
             )
         if opened is None:
             continue
-        if (size, bytes(root_hash)) != (opened.size, opened.root_hash):
+        if size is not None and (size, bytes(root_hash)) != (opened.size, opened.root_hash):
             yield Problem(
                 opened.size,
                 f"checkpoint row {row_id} says {size} entries and root {bytes(root_hash).hex()}"
