@@ -530,8 +530,9 @@ def undecodable_column(exc: BaseException) -> str | None:
 
 class UnreadableValue(ValueError):
     """A stored value its column's type cannot give back, met while reading rows (SQLite: a
-    time that is no time; app/models.py `UTCDateTime`): damage to the row. A ValueError, as
-    the parser's own error was; its text names the column, never the value."""
+    time or date that is none; app/models.py `UTCDateTime`, `CheckedDate`): damage to the
+    row. A ValueError, as the parser's own error was; its text names the column, never the
+    value."""
 
     def __init__(self, column: str | None, why: str) -> None:
         where = f"column '{column}'" if column is not None else "a column"
@@ -542,6 +543,7 @@ class UnreadableValue(ValueError):
 
 UNDECODABLE_TEXT = "text that is not UTF-8"
 NO_TIME = "a time that is no time"
+NO_DATE = "a date that is no date"
 UNLOADABLE = "a time or other value the database driver cannot load"
 
 

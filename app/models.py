@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, date, datetime
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -26,7 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from app.db import NO_TIME, UnreadableValue
+from app.db import NO_DATE, NO_TIME, UnreadableValue
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -37,14 +38,29 @@ NAMING_CONVENTION = {
 }
 
 
+def _checked(
+    parse: Callable[[object], Any], column: str | None, why: str
+) -> Callable[[object], Any]:
+    """`parse`, raising for a stored value it cannot read UnreadableValue, which names the
+    column and never the value: SQLite keeps any text in a time or date column, and such a
+    value is damage to that column (from review: it was the parser's bare ValueError, a 500
+    `internal_error` whose log line quoted the value)."""
+
+    def read(value: object) -> Any:
+        try:
+            return parse(value)
+        except (ValueError, TypeError, OverflowError):
+            raise UnreadableValue(column, why) from None  # its text quotes the value
+
+    return read
+
+
 class UTCDateTime(TypeDecorator[datetime]):
     """Timezone-aware UTC on every backend (SQLite stores naive values)."""
 
     impl = DateTime(timezone=True)
     cache_ok = True
-    # "table.column", set once every table is defined (`_name_time_columns`): SQLite keeps
-    # any text, and a time that is no time is damage to that column (from review: it was
-    # the parser's bare ValueError, a 500 `internal_error`, quoting the value).
+    # "table.column", set once every table is defined (`_name_time_columns`).
     column: str | None = None
 
     def result_processor(
@@ -53,15 +69,7 @@ class UTCDateTime(TypeDecorator[datetime]):
         parse = super().result_processor(dialect, coltype)
         if parse is None:  # not so: `process_result_value` is one
             return None
-        column = self.column
-
-        def read(value: object) -> datetime | None:
-            try:
-                return parse(value)
-            except (ValueError, TypeError, OverflowError):
-                raise UnreadableValue(column, NO_TIME) from None  # its text quotes the value
-
-        return read
+        return _checked(parse, self.column, NO_TIME)
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
@@ -74,6 +82,21 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class CheckedDate(TypeDecorator[date]):
+    """A calendar date, read as `UTCDateTime` is: a stored value that is no date is damage
+    named by its column."""
+
+    impl = Date
+    cache_ok = True
+    column: str | None = None  # as UTCDateTime's
+
+    def result_processor(
+        self, dialect: Dialect, coltype: object
+    ) -> Callable[[object], date | None] | None:
+        parse = super().result_processor(dialect, coltype)
+        return None if parse is None else _checked(parse, self.column, NO_DATE)
 
 
 class Base(DeclarativeBase):
@@ -159,11 +182,11 @@ class CaseFile(Base):
     # Deadlines (app/requests/deadlines.py), routing metadata like the status they follow:
     # the requested date, each stage's limit, the end of a postponement, and the deadline
     # the request is working towards in its current state.
-    requested_date: Mapped[date | None] = mapped_column(Date, nullable=True)
+    requested_date: Mapped[date | None] = mapped_column(CheckedDate, nullable=True)
     acknowledge_by: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     decide_by: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     execute_by: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
-    postponed_until: Mapped[date | None] = mapped_column(Date, nullable=True)
+    postponed_until: Mapped[date | None] = mapped_column(CheckedDate, nullable=True)
     due_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True, index=True)
     # Need-to-know (app/requests/access.py): the handling the requesting authority asked for,
     # and whether only the officers named in request_officers may see the request here.
@@ -295,7 +318,7 @@ class OutboxItem(Base):
     # went. None for a message that moved nothing (a note, a status query, the request).
     moved_from: Mapped[str | None] = mapped_column(String(32), nullable=True)
     moved_to: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    postponed_before: Mapped[date | None] = mapped_column(Date, nullable=True)
+    postponed_before: Mapped[date | None] = mapped_column(CheckedDate, nullable=True)
     question_before: Mapped[str | None] = mapped_column(String(32), nullable=True)
     move_undone_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     # Lost too, but a message after it held its move then: undone once those are lost.
@@ -595,13 +618,13 @@ class InboundTransfer(Base):
 
 
 def _name_time_columns(metadata: MetaData) -> None:
-    """Each time column's type names its column (`UTCDateTime.column`): a mapped column has
-    a type of its own, so the name goes with every read of it (labelled, in a join). A type
-    shared by two columns names neither."""
-    columns: dict[int, list[tuple[UTCDateTime, str]]] = {}
+    """Each time or date column's type names its column (`UTCDateTime.column`): a mapped
+    column has a type of its own, so the name goes with every read of it (labelled, in a
+    join). A type shared by two columns names neither."""
+    columns: dict[int, list[tuple[UTCDateTime | CheckedDate, str]]] = {}
     for table in metadata.tables.values():
         for column in table.c:
-            if isinstance(column.type, UTCDateTime):
+            if isinstance(column.type, UTCDateTime | CheckedDate):
                 named = (column.type, f"{table.name}.{column.name}")
                 columns.setdefault(id(column.type), []).append(named)
     for uses in columns.values():

@@ -354,3 +354,25 @@ def test_a_value_of_the_call_the_database_refuses_is_still_the_callers_input(
     )
     assert response.status_code == 400, response.text
     assert response.json()["error"] == "invalid_value"
+
+
+# A date each backend keeps but cannot give back (PostgreSQL's 'infinity' again).
+NO_DATE = {"sqlite": "'not a date'", "postgresql": "'infinity'"}
+
+
+@pytest.mark.parametrize("route", ["/api/v1/requests/{id}", "/api/v1/requests"])
+def test_a_stored_date_that_cannot_be_read_is_damage_not_a_bug(ar: Harness, route: str) -> None:
+    """From review: a date column (a request's requested date) holding a date that is no
+    date answered `500 internal_error` on SQLite, the parser's bare error, as times did."""
+    request_id = ar.receive_request()
+    value = NO_DATE[ar.node.engine.dialect.name]
+    with _damaged(ar, "requests", "requested_date", "id", request_id, value):
+        response = ar.http.get(route.format(id=request_id), headers=ar.as_("officer"))
+    assert response.status_code == 500, response.text
+    assert response.json()["error"] == "stored_data_corrupt", response.text
+    detail = response.json()["detail"]
+    assert "a value stored in column 'requests.requested_date' cannot be read" in detail
+    assert "not a date" not in detail
+    assert "infinity" not in detail
+    again = ar.http.get(route.format(id=request_id), headers=ar.as_("officer"))
+    assert again.status_code == 200, again.text
