@@ -95,6 +95,19 @@ def run_entraide(
     )
 
 
+def spawn_entraide(
+    args: Sequence[str], env: Mapping[str, str], log: int
+) -> subprocess.Popen[bytes] | ForkedProcess:
+    """`entraide *args` started with exactly this environment, its output (stdout and stderr)
+    on the descriptor `log`: forked from the fork server when it is in use, else a new
+    interpreter. For long-running commands (`serve`, `worker`)."""
+    if _FORKS:
+        return _FORKS[0].spawn(args, env, log, log)
+    return subprocess.Popen(
+        [sys.executable, "-m", "app", *args], env=dict(env), stdout=log, stderr=subprocess.STDOUT
+    )
+
+
 def free_port() -> int:
     taken = _RANGE.take()
     if taken is not None:
@@ -229,15 +242,7 @@ class LocalNode:
     def start(self, timeout: float = 30.0) -> None:
         serve = ["serve", "--host", "127.0.0.1", "--port", str(self.port)]
         with self.log_path.open("ab") as log:
-            if _FORKS:
-                self.process = _FORKS[0].spawn(serve, self.env(), log.fileno(), log.fileno())
-            else:
-                self.process = subprocess.Popen(
-                    [sys.executable, "-m", "app", *serve],
-                    env=self.env(),
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
+            self.process = spawn_entraide(serve, self.env(), log.fileno())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -30,7 +29,8 @@ from sqlalchemy import Engine, create_engine, func, select
 from app.crypto.identity import parse_identity_document
 from app.crypto.receipts import ReceiptError, SignedReceipt, verify_receipt
 from app.db import make_engine
-from app.localnodes import LocalNode
+from app.forkserver import ForkedProcess
+from app.localnodes import LocalNode, spawn_entraide
 from app.migrate import ROOT
 from app.models import AuditEntry, Message, OutboxItem, Receipt
 
@@ -58,7 +58,7 @@ def reader_engine(url: str) -> Engine:
 class WorkerProcess:
     """An `entraide worker` process with the same environment as its node."""
 
-    process: subprocess.Popen[bytes]
+    process: subprocess.Popen[bytes] | ForkedProcess
     log_path: Path
 
     def kill(self) -> None:
@@ -114,12 +114,7 @@ class Pair:
     def start_worker(self, label: str, **env: str) -> WorkerProcess:
         log_path = self.sender.workdir / f"worker-{label}.log"
         with log_path.open("ab") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "app", "worker"],
-                env={**self.sender.env(), **env},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+            process = spawn_entraide(["worker"], {**self.sender.env(), **env}, log.fileno())
         worker = WorkerProcess(process, log_path)
         self.workers.append(worker)
         return worker
