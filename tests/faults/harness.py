@@ -120,11 +120,15 @@ class Pair:
         return worker
 
     def close(self) -> None:
-        # Every process gets its stop even if an earlier one fails to stop.
+        # Every process gets its stop even if another fails to stop; all at once, as a stop
+        # is mostly a wait for the process to wind down (four workers one after the other
+        # took seconds).
         stops: list[Callable[[], None]] = [worker.stop for worker in self.workers]
         stops += [self.sender.stop, self.receiver.stop]
-        stops += [engine.dispose for engine in self._engines.values()]
-        run_all(stops)
+        try:
+            run_all(stops, at_once=True)
+        finally:
+            run_all([engine.dispose for engine in self._engines.values()])
 
     # --- traffic ---------------------------------------------------------------------------
 
@@ -373,14 +377,23 @@ def build_ledger(pair: Pair, accepted: list[str]) -> Ledger:
     )
 
 
-def run_all(steps: list[Callable[[], None]]) -> None:
-    """Run every step; then raise the first failure, if any."""
-    failures: list[BaseException] = []
-    for step in steps:
+def run_all(steps: list[Callable[[], None]], *, at_once: bool = False) -> None:
+    """Run every step (side by side in threads if `at_once`); then raise the first failure,
+    if any."""
+
+    def attempt(step: Callable[[], None]) -> Exception | None:
         try:
             step()
         except Exception as exc:  # collected and re-raised below, after the other steps
-            failures.append(exc)
+            return exc
+        return None
+
+    if at_once and len(steps) > 1:
+        with ThreadPoolExecutor(max_workers=len(steps)) as pool:
+            outcomes = list(pool.map(attempt, steps))
+    else:
+        outcomes = [attempt(step) for step in steps]
+    failures = [failure for failure in outcomes if failure is not None]
     if failures:
         raise failures[0]
 
