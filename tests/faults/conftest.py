@@ -1,4 +1,5 @@
-"""A lab per test: node pairs and fault proxies, every one stopped when the test ends."""
+"""A lab per test: node pairs and fault proxies, every one stopped when the test ends; a
+database factory on the shared PostgreSQL."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import Databases, make_databases
 from tests.faults.harness import Pair, new_pair, run_all
 from tests.faults.proxy import FaultProxy, Faults
 
@@ -62,3 +64,12 @@ def lab(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Lab]:
         yield lab
     finally:
         lab.close()
+
+
+@pytest.fixture
+def shared_pg(tmp_path: Path) -> Iterator[Databases]:
+    databases = make_databases("postgresql", tmp_path)
+    try:
+        yield databases
+    finally:
+        databases.drop_all()
