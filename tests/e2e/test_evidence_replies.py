@@ -28,7 +28,7 @@ from tests.e2e.conftest import (
     wait_delivered,
     wait_for,
 )
-from tests.e2e.test_evidence import download, upload
+from tests.e2e.evidence import download, upload
 from tests.requests_cli import requests_output
 
 MIB = 1 << 20

@@ -26,9 +26,9 @@ import pytest
 from app.localnodes import LocalNode
 from tests.conftest import BACKENDS, make_databases
 from tests.e2e.conftest import wait_for
-from tests.e2e.test_evidence import (
-    _delivery_of,
+from tests.e2e.evidence import (
     create_draft,
+    delivery_of,
     detail,
     download,
     submit,
@@ -152,7 +152,7 @@ def _send_evidence(pair: Pair, data: bytes) -> str:
 
 
 def _settled(node: LocalNode, request_id: str) -> dict[str, Any] | None:
-    delivery = _delivery_of(node, request_id)
+    delivery = delivery_of(node, request_id)
     return delivery if delivery["state"] in ("delivered", "failed") else None
 
 
