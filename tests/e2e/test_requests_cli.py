@@ -2,7 +2,8 @@
 
 ES/MJ sends requests to AR/MPF through the local API; the commands are run as a person runs
 them (`python -m app requests ...`, ENTRAIDE_URL and ENTRAIDE_TOKEN), and what they print is
-checked against what the same API answers."""
+checked against what the same API answers. (Refusals, and a node that cannot be reached:
+test_requests_cli_refusals.py; two files, so that two test processes share them.)"""
 
 from __future__ import annotations
 
@@ -11,10 +12,9 @@ import hashlib
 import json
 import subprocess
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
-from app.localnodes import LocalNode, free_port
+from app.localnodes import LocalNode
 from tests.e2e.conftest import EXAMPLE, Network, read_request, wait_delivered, wait_for
 from tests.requests_cli import run_requests
 
@@ -189,56 +189,3 @@ def test_show_prints_the_conversation_as_the_api_reads_it(network: Network) -> N
     at_ar = succeeds(ar, "show", request_id).stdout
     assert ["inbound,", "from", "ES/MJ"] in [line.split() for line in at_ar.splitlines()]
     assert "\n2. acknowledgement, outbound: AR/MPF -> ES/MJ" in at_ar
-
-
-def one_line_refusal(done: subprocess.CompletedProcess[str], says: str, code: int = 1) -> None:
-    assert done.returncode == code, (done.returncode, done.stderr)
-    assert done.stdout == ""
-    assert "Traceback" not in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
-    assert done.stderr.startswith("error: ")
-    assert says in done.stderr, done.stderr
-
-
-def test_refusals_and_an_unreachable_node_are_one_line_without_the_token(
-    network: Network, tmp_path: Path
-) -> None:
-    es = network.es
-    unknown = "ab" * 16
-    one_line_refusal(entraide(es, "show", unknown), "HTTP 404 unknown_request")
-    one_line_refusal(
-        entraide(es, "list", "--token", "ent_not-a-token"),
-        "HTTP 401",
-    )
-    wrong = "ent_" + "x" * 43
-    refused = entraide(es, "show", unknown, token=wrong)
-    one_line_refusal(refused, "the node did not take the token")
-    assert wrong not in refused.stderr
-    # An auditor's token reads the audit log, not requests.
-    one_line_refusal(entraide(es, "list", token=es.tokens["auditor"]), "HTTP 403", code=1)
-    assert es.tokens["auditor"] not in entraide(es, "list", token=es.tokens["auditor"]).stderr
-    # The node's 422s, with the field they name.
-    one_line_refusal(entraide(es, "list", "--status", "recieved"), "HTTP 422 invalid_request")
-    assert "status: Input should be" in entraide(es, "list", "--status", "recieved").stderr
-    naive = entraide(es, "list", "--due-before", "2026-12-07T12:00:00")
-    one_line_refusal(naive, "due_before:")
-    # Refused here, before any call: an id that is not one (it would be another route).
-    one_line_refusal(entraide(es, "show", "../admin/peers"), "32 lower-case hex digits", code=2)
-    # A token copied with its line ending: httpx's own message quoted it, token and all.
-    token = es.tokens["officer"]
-    for copied in (token + "\r", token + "\n", f"{token[:8]} {token[8:]}"):
-        # Every command of the group: `download` quoted it too (from review).
-        for args in (("list",), ("download", unknown, "--out", str(tmp_path / "x"))):
-            mangled = entraide(es, *args, token=copied)
-            one_line_refusal(mangled, "line break", code=2)
-            assert token[4:] not in mangled.stderr
-            assert token[8:] not in mangled.stderr
-    # Nothing listens there.
-    nowhere = f"http://127.0.0.1:{free_port()}"
-    for args in (("list",), ("show", unknown)):
-        one_line_refusal(entraide(es, *args, url=nowhere), f"cannot reach the node at {nowhere}")
-    one_line_refusal(entraide(es, "list", url="http://[::1"), "not a URL", code=2)
-    one_line_refusal(entraide(es, "list", url="localhost:8600"), "needs https://", code=2)
-    # Never the token, whatever the refusal.
-    for done in (refused, naive):
-        assert token not in done.stderr + done.stdout
