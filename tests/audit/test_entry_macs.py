@@ -5,6 +5,9 @@ read the keys folder rewrote the newest entries, rebuilt the links after them, a
 checkpoint signed the forgery; `audit verify --db` said OK. Each entry now carries a keyed
 BLAKE2b of its bytes (app/audit/mac.py), written by whichever process appends it, and
 checked before a checkpoint signs it and by `audit verify --db` (docs/audit.md §4).
+
+The entries of `entraide worker` processes, and their log upkeep failing, are in
+test_entry_macs_workers.py (two files, so that two test processes share them).
 """
 
 from __future__ import annotations
@@ -34,16 +37,17 @@ from app.audit.service import verify_database
 from app.audit.verify import Report
 from app.config import Settings
 from app.crypto.encoding import format_time, utc_now
-from app.crypto.keys import NodeKeys, load_keys
+from app.crypto.keys import NodeKeys
 from app.db import make_engine, make_session_factory, read_snapshot, unit_of_work
 from app.localnodes import LocalNode
 from app.migrate import upgrade
 from app.models import AuditCheckpoint, AuditEntry, AuditHead
 from app.node import load_node
 from tests.conftest import Databases
-from tests.faults.harness import new_pair, wait_until
 
 AUTHORITY = "ES/MJ"
+
+
 BEFORE_MACS = "a7c2e9d41f08"
 
 
@@ -331,63 +335,6 @@ def test_a_mac_that_does_not_match_is_refused_even_before_the_first_checkpoint_w
         engine.dispose()
 
 
-@pytest.mark.e2e
-def test_entries_of_an_entraide_worker_process_carry_their_macs(
-    databases: Databases, tmp_path: Path
-) -> None:
-    """The delivery worker, as its own `entraide worker` process, appends the attempts and
-    receipts of what it delivers: each with its MAC under the node's key, and the same
-    worker signs them (its own check passes)."""
-    from app.audit.mac import mac_key, mac_matches
-
-    pair = new_pair(
-        tmp_path,
-        databases.new("es"),
-        databases.new("ar"),
-        sender_env={"ENTRAIDE_RUN_WORKER": "false", "ENTRAIDE_AUDIT_CHECKPOINT_EVERY": "1"},
-    )
-    try:
-        pair.start()
-        pair.submit(2)
-        worker = pair.start_worker("macs", ENTRAIDE_AUDIT_CHECKPOINT_EVERY="1")
-        pair.wait_delivered(2, timeout=60)
-        engine = make_engine(pair.sender.database_url)
-        key = mac_key(load_keys(pair.sender.keys_dir).log)
-        try:
-
-            def attempts() -> list[int]:
-                with engine.connect() as connection:
-                    return list(
-                        connection.scalars(
-                            select(AuditEntry.idx).where(AuditEntry.action == "delivery.attempt")
-                        )
-                    )
-
-            def signed_over(idx: int) -> bool:
-                with make_session_factory(engine)() as session:
-                    latest = latest_signed(session, _verifier(load_keys(pair.sender.keys_dir)))
-                return latest is not None and latest.size > idx and latest.macs_after
-
-            wait_until("the worker recorded its attempts", lambda: len(attempts()) == 2)
-            wait_until("the worker signed over them", lambda: signed_over(max(attempts())))
-            with engine.connect() as connection:
-                rows = connection.execute(
-                    select(AuditEntry.idx, AuditEntry.entry, AuditEntry.mac).order_by(
-                        AuditEntry.idx
-                    )
-                ).all()
-        finally:
-            engine.dispose()
-        assert [idx for idx, entry, mac in rows if not mac_matches(key, entry, mac)] == []
-        worker.stop()
-        pair.submit(1)  # entries no checkpoint covers yet (no worker), for `verify --db`
-        verified = pair.sender.cli("audit", "verify", "--db")
-        assert verified.stdout.startswith("OK: ")
-        assert "are not signed yet (each carries its MAC)" in verified.stdout
-    finally:
-        pair.close()
-
-
 def _last_idx(engine: Engine) -> int:
     with engine.connect() as connection:
         return int(connection.execute(select(AuditHead.size)).scalar_one()) - 1
@@ -483,49 +430,3 @@ def test_a_mac_rewritten_as_text_is_refused_as_a_wrong_one(tmp_path: Path) -> No
     accepted = node.cli("audit", "checkpoint", "--accept-without-mac", "--yes", check=False)
     assert accepted.returncode == 1
     assert "carries a MAC that does not match" in accepted.stderr
-
-
-@pytest.mark.e2e
-@pytest.mark.parametrize("tamper", ["mac as text", "query index gone"])
-def test_a_failing_log_upkeep_does_not_stop_deliveries(tmp_path: Path, tamper: str) -> None:
-    """From review: the worker's log upkeep runs in the round's transaction, before the claim;
-    a MAC rewritten as TEXT made it raise TypeError every round, and nothing was delivered
-    while /readyz said ready. That rewrite is refused with the alarm; and whatever else makes
-    the upkeep fail (here the query index's table dropped) is logged once, the transaction
-    left usable for the claim: deliveries go on. (A checkpoint row's date or note made
-    unreadable no longer fails it: tests/audit/test_checkpoint_dates.py,
-    tests/audit/test_checkpoint_notes.py.)"""
-    database = tmp_path / "es.db"
-    pair = new_pair(
-        tmp_path,
-        f"sqlite:///{database}",
-        f"sqlite:///{tmp_path / 'ar.db'}",
-        sender_env={"ENTRAIDE_RUN_WORKER": "false", "ENTRAIDE_AUDIT_CHECKPOINT_EVERY": "1"},
-    )
-    try:
-        pair.start()
-        pair.submit(1)
-        engine = make_engine(pair.sender.database_url)
-        try:
-            forged = _last_idx(engine)
-        finally:
-            engine.dispose()
-        if tamper == "mac as text":
-            _set_text_mac(database, forged)
-            expected = ('"critical"', f"entry {forged} does not carry its MAC")
-        else:
-            with sqlite3.connect(database) as connection:
-                connection.execute("DROP TABLE audit_index")
-            expected = ('"error"', "the audit log's upkeep failed (OperationalError)")
-        worker = pair.start_worker("tampered", ENTRAIDE_AUDIT_CHECKPOINT_EVERY="1")
-        pair.wait_delivered(1, timeout=60)
-        pair.submit(1)  # and the next one too, the problem still standing
-        pair.wait_delivered(2, timeout=60)
-        worker.stop()
-        logged = worker.log_path.read_text()
-        assert "delivery round failed" not in logged
-        level, message = expected
-        alarms = [line for line in logged.splitlines() if level in line and message in line]
-        assert len(alarms) == 1  # once, not at every round
-    finally:
-        pair.close()
