@@ -101,9 +101,10 @@ class Settings(BaseModel):
     # port from loopback could otherwise name the address that audit entries record and the
     # throttles count (from review: uvicorn trusts 127.0.0.1 unless told otherwise).
     trusted_proxies: str = ""
-    # /metrics without a token. Off by default: its counters say when envelopes arrive (the
-    # fact of a request is confidential) to anyone reaching the listener peers reach; only
-    # for a node whose reverse proxy restricts /metrics (docs/operations.md section 6).
+    # /metrics, and /readyz's delivery backlog, without a token. Off by default: they say
+    # when envelopes arrive and requests are sent (the fact of a request is confidential) to
+    # anyone reaching the listener peers reach; only for a node whose reverse proxy restricts
+    # both (docs/operations.md section 6).
     metrics_public: bool = False
 
     # Hostile-input bounds, checked before any cryptographic work.

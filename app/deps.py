@@ -186,6 +186,18 @@ class Policy:
         self.roles = frozenset(roles)
 
     async def __call__(self, request: Request, node: NodeDep) -> Principal:
+        principal = await self.authenticated(request, node)
+        if not principal.roles & self.roles:
+            allowed = ", ".join(sorted(self.roles))
+            refused = Forbidden(f"this operation requires the role {allowed}")
+            await run_in_threadpool(_record_forbidden, request, node, principal, allowed)
+            raise already_audited(refused)
+        request.state.principal = principal
+        return principal
+
+    async def authenticated(self, request: Request, node: Node) -> Principal:
+        """The token's client, whatever its roles; a refused token is answered 401 (or 429),
+        counted and on record."""
         token = _bearer_token(request)
         source = source_address(request)
         if token is None:  # refused there, on record, and never let through here
@@ -198,13 +210,11 @@ class Policy:
             # The database, in the thread pool as a sync dependency would be.
             principal = await run_in_threadpool(self._authenticate, request, node, token, source)
             cache.put(digest, source, principal, now, expires_at=principal.expires_at)
-        if not principal.roles & self.roles:
-            allowed = ", ".join(sorted(self.roles))
-            refused = Forbidden(f"this operation requires the role {allowed}")
-            await run_in_threadpool(_record_forbidden, request, node, principal, allowed)
-            raise already_audited(refused)
-        request.state.principal = principal
         return principal
+
+    def waived(self, node: Node) -> bool:
+        """Whether the operator lifted this policy (only /metrics' can be)."""
+        return False
 
     def _authenticate(
         self, request: Request, node: Node, token: str | None, source: str
@@ -276,9 +286,12 @@ class MetricsPolicy(Policy):
     anyone who reaches the listener peers reach: from a security review."""
 
     async def __call__(self, request: Request, node: NodeDep) -> Principal | None:  # type: ignore[override]  # None: no token asked for while the operator opted out
-        if node.settings.metrics_public:
+        if self.waived(node):
             return None
         return await super().__call__(request, node)
+
+    def waived(self, node: Node) -> bool:
+        return node.settings.metrics_public
 
 
 class Public:
@@ -289,6 +302,37 @@ class Public:
 
     def __call__(self) -> None:
         return None
+
+
+class PublicWithDetails(Public):
+    """Marks a public route whose answer holds more for a token of `policy`'s roles
+    (/readyz: its status for load balancers, its delivery backlog for a monitor).
+
+    The dependency says whether to show it. Without a bearer token, no: nothing is looked
+    up, written or counted, and a blocked address is answered all the same (a load
+    balancer's probe never authenticates, and must never be throttled or audited). Another
+    scheme, or `Bearer` alone, asks for nothing either: no token is needed here. A bearer
+    token sent is authenticated as on any route: an unknown, revoked or expired one is
+    answered 401, counted and on record, and 429 once its address (or client) is blocked,
+    so guessing tokens here is as visible and as bounded as anywhere. A valid token without
+    the roles gets the public answer, as if sent none, with nothing on record: the route is
+    public, nothing was refused (a case system that sends its officer token with every call,
+    as deploy/exchange.py does, must not be told its node is not ready). Where the operator
+    lifted `policy`, yes, without looking at any token."""
+
+    def __init__(self, reason: str, policy: Policy) -> None:
+        super().__init__(reason)
+        self.policy = policy
+
+    async def __call__(self, request: Request, node: NodeDep) -> bool:  # type: ignore[override]  # a dependency with its own parameters
+        if self.policy.waived(node):
+            return True
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return False
+        principal = await self.policy.authenticated(request, node)
+        request.state.principal = principal
+        return bool(principal.roles & self.policy.roles)
 
 
 # Set in a P2P request's scope by the body limit (app/main.py), which looked for a block
@@ -376,6 +420,11 @@ OFFICER = Policy(Role.OFFICER)
 AUDITOR = Policy(Role.AUDITOR)
 ADMIN = Policy(Role.ADMIN)
 METRICS = MetricsPolicy(Role.MONITOR, Role.ADMIN)
+# The delivery backlog says when this node sends requests and how many, as the metrics do.
+READINESS = PublicWithDetails(
+    "readiness: its status for load balancers; the delivery backlog for whom /metrics admits",
+    METRICS,
+)
 
 ANY_ROLE = Policy(Role.OFFICER, Role.AUDITOR, Role.ADMIN)
 

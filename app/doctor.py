@@ -156,9 +156,9 @@ def _configuration_findings(settings: Settings) -> Iterator[Finding]:
         yield Finding(
             WARN,
             "configuration",
-            "ENTRAIDE_METRICS_PUBLIC is on: /metrics answers without a token, and its "
-            "counters say when envelopes arrive; only behind a proxy that restricts it "
-            "(docs/operations.md section 6)",
+            "ENTRAIDE_METRICS_PUBLIC is on: /metrics and /readyz's delivery backlog answer "
+            "without a token, and they say when envelopes arrive and requests are sent; only "
+            "behind a proxy that restricts both (docs/operations.md section 6)",
         )
     if settings.max_inbound_bytes_per_peer < settings.max_evidence_request_bytes:
         yield Finding(

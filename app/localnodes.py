@@ -283,6 +283,12 @@ class LocalNode:
         headers = {"authorization": f"Bearer {self.tokens[client]}"}
         return httpx.get(self.url + "/metrics", headers=headers, timeout=10.0, verify=self.verify)
 
+    def readyz(self, client: str | None = None) -> httpx.Response:
+        """GET /readyz as a load balancer asks it (no token: the status, no backlog), or with
+        the token of `client` (a monitor's or an admin's: the delivery backlog too)."""
+        headers = {} if client is None else {"authorization": f"Bearer {self.tokens[client]}"}
+        return httpx.get(self.url + "/readyz", headers=headers, timeout=10.0, verify=self.verify)
+
     def pin(self, other: LocalNode, admin: str = "admin") -> Any:
         with self.client(admin) as http:
             response = http.post(

@@ -70,7 +70,7 @@ from app.obs.storage import StorageFull
 from app.openapi import install_openapi
 from app.p2p.router import router as p2p_router
 from app.peers.router import router as peers_router
-from app.public import openapi_router
+from app.public import openapi_router, readiness_router
 from app.public import router as public_router
 from app.requests.admin_router import router as request_admin_router
 from app.requests.router import router as requests_router
@@ -82,6 +82,7 @@ P2P_API = "/p2p/"
 # Every route of the application, by router: tests walk these to check each declares a policy.
 ROUTERS = (
     public_router,
+    readiness_router,
     openapi_router,
     requests_router,
     request_admin_router,

@@ -20,7 +20,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 from starlette.routing import BaseRoute
 
-from app.deps import PeerTransport, Policy, Public
+from app.deps import PeerTransport, Policy, Public, PublicWithDetails
 from app.errors import ERROR_HEADER
 from app.limits import buffered_body, streamed_body
 from app.requests.idempotency import IDEMPOTENCY_HEADER, REPLAYED_HEADER
@@ -213,6 +213,11 @@ def error_statuses(route: APIRoute, method: str) -> set[int]:
         # database cannot read (500 stored_data_corrupt) or a full database (507) can meet
         # any of them (from review: listed on evidence routes only).
         statuses |= {500, 507}
+    if isinstance(marker, PublicWithDetails):
+        # A token, if one is sent, is authenticated as on a Policy route: refused (401,
+        # 429), read from rows (500), its refusal audited (507). Never 403: a valid token
+        # without the roles gets the public answer.
+        statuses |= {401, 429, 500, 507}
     if isinstance(marker, Policy):
         statuses |= WITH_TOKEN | WITH_INPUT
         if route.path.startswith("/api/v1/admin/peers"):
@@ -271,9 +276,19 @@ def document_errors(schema: dict[str, Any], routes: Sequence[BaseRoute]) -> dict
                 operation["requestBody"] = STREAMED_REQUEST_BODY
             responses = operation.setdefault("responses", {})
             for status in sorted(error_statuses(route, method)):
+                # A status the route declares itself (/readyz's 503) may still be an
+                # `Error` from elsewhere (the database, while a token is checked).
+                own = responses.get(str(status), {})
+                declared = own.get("content", {}).get("application/json", {}).get("schema")
                 responses[str(status)] = {
-                    "description": REASONS[status],
-                    "content": {"application/json": {"schema": reference}},
+                    "description": own.get("description", REASONS[status]),
+                    "content": {
+                        "application/json": {
+                            "schema": reference
+                            if declared is None
+                            else {"anyOf": [declared, reference]}
+                        }
+                    },
                 }
             _document_headers(route, method, responses, buffered_body(method, route.path))
     schema["components"]["schemas"].pop("HTTPValidationError", None)

@@ -1,9 +1,10 @@
-"""Public routes: the identity document, liveness and readiness. No token, on purpose."""
+"""Public routes: the identity document, liveness and readiness. No token, on purpose;
+readiness shows its delivery backlog only to a token /metrics admits (app/deps.py READINESS)."""
 
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
@@ -12,12 +13,40 @@ from app.crypto.encoding import utc_now
 from app.db import unit_of_work
 from app.delivery import heartbeat
 from app.delivery.outbox import queue_stats
-from app.deps import PUBLIC, AnyRoleDep, NodeDep
+from app.deps import PUBLIC, READINESS, AnyRoleDep, NodeDep
 from app.node import Node
 from app.obs.health import DEGRADING, OK, readiness
 
 router = APIRouter(tags=["public"], dependencies=[Depends(PUBLIC)])
 openapi_router = APIRouter(tags=["public"])
+# Its own router: /readyz declares READINESS, which also says whether to show the backlog.
+readiness_router = APIRouter(tags=["public"])
+
+BacklogShownDep = Annotated[bool, Depends(READINESS)]
+
+_STRINGS = {"type": "object", "additionalProperties": {"type": "string"}}
+READINESS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["status", "checks", "failing"],
+    "properties": {
+        "status": {"type": "string", "enum": ["ready", "degraded", "not_ready"]},
+        "checks": {**_STRINGS, "description": "each check: `ok` or `failing: <why>`"},
+        "failing": {"type": "array", "items": {"type": "string"}},
+        "delivery": {
+            "type": "object",
+            "description": "the delivery backlog: only for the token of a `monitor` or "
+            "`admin` client (or to anyone with ENTRAIDE_METRICS_PUBLIC), and only while the "
+            "database answers",
+            "properties": {
+                "by_state": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "oldest_pending_age_seconds": {"type": "number"},
+                "workers": {"anyOf": [{"type": "integer"}, _STRINGS]},
+                "error": {"type": "string"},
+            },
+        },
+    },
+}
+READINESS_ANSWER = {"content": {"application/json": {"schema": READINESS_SCHEMA}}}
 
 
 @router.get("/.well-known/entraide/node")
@@ -37,8 +66,28 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
-def readyz(request: Request, node: NodeDep) -> JSONResponse:
+@readiness_router.get(
+    "/readyz",
+    responses={
+        200: {"description": "Ready, or degraded (only `keys_reload` fails)", **READINESS_ANSWER},
+        503: {
+            "description": "Not ready: `failing` names the checks (an `Error` only if the "
+            "database fails while a token is checked)",
+            **READINESS_ANSWER,
+        },
+    },
+)
+@readiness_router.head(
+    "/readyz",
+    responses={200: {"description": "Ready, or degraded"}, 503: {"description": "Not ready"}},
+)
+def readyz(request: Request, node: NodeDep, backlog_shown: BacklogShownDep) -> JSONResponse:
+    """Readiness, for load balancers: its status code needs no token (docs/api.md §2.1).
+
+    The delivery backlog (`delivery`) says when this node sends requests and how many: it is
+    shown only to the bearer token of a `monitor` or `admin` client, as /metrics is; another
+    valid token gets the public answer. A token sent is authenticated as on any route (401,
+    429); send none from a load balancer."""
     thread: threading.Thread | None = request.app.state.worker_thread
     checks = readiness(
         node,
@@ -53,13 +102,13 @@ def readyz(request: Request, node: NodeDep) -> JSONResponse:
         "checks": checks,
         "failing": failing,
     }
-    if "database" not in failing:
+    if backlog_shown and request.method != "HEAD" and "database" not in failing:
         body["delivery"] = _backlog(node)
     return JSONResponse(body, status_code=503 if out else 200)
 
 
 def _backlog(node: Node) -> dict[str, Any]:
-    """The delivery backlog, for operators and load balancers: counts and oldest age, and
+    """The delivery backlog, for operators (a monitor's token): counts and oldest age, and
     how many delivery workers run in any process (a report: this process serves the API
     whether or not one runs, and submissions wait in the outbox meanwhile)."""
     now = utc_now()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi.routing import APIRoute
 
-from app.deps import Policy, Public
+from app.deps import METRICS, Policy, Public, PublicWithDetails
 from app.main import ROUTERS
 
 
@@ -47,6 +47,8 @@ def test_only_identity_health_and_p2p_are_public() -> None:
         "/p2p/v1/evidence/envelopes",
         "/p2p/v1/evidence/envelopes/{msg_id}/parts/{index}",
         "/p2p/v1/evidence/envelopes/{msg_id}/parts/{index}",
+        # GET and HEAD (a load balancer's probe may be either).
+        "/readyz",
         "/readyz",
     ]
 
@@ -89,3 +91,14 @@ def test_the_upload_offset_route_declares_the_204_it_answers() -> None:
     responses = create_app(Settings()).openapi()["paths"][path]["head"]["responses"]
     assert "204" in responses
     assert "200" not in responses
+
+
+def test_readiness_shows_its_backlog_to_whom_the_metrics_policy_admits() -> None:
+    """The delivery backlog says when requests are sent and how many, as the metrics do (from
+    review): /readyz is public for its status, and its details are /metrics' policy's."""
+    ready = [route for route in api_routes() if route.path == "/readyz"]
+    assert sorted(method for route in ready for method in route.methods) == ["GET", "HEAD"]
+    for route in ready:
+        (marker,) = _markers(route)
+        assert isinstance(marker, PublicWithDetails)
+        assert marker.policy is METRICS

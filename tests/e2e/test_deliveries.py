@@ -61,9 +61,10 @@ def test_operator_cancels_one_waiting_delivery_and_retries_another(
         lambda: (rows := _deliveries(es, state="retry")) and len(rows) == 2 and rows,
     )
     by_request = {row["request_id"]: row for row in waiting}
-    backlog = httpx.get(es.url + "/readyz").json()["delivery"]
+    backlog = es.readyz("admin").json()["delivery"]
     assert backlog["by_state"]["retry"] == 2
     assert backlog["oldest_pending_age_seconds"] >= 0
+    assert "delivery" not in es.readyz().json()  # not for a load balancer, nor for peers
     assert by_request[keep]["last_error"].startswith("transport:")
     assert by_request[keep]["history"][0]["outcome"] == "retry"
     assert by_request[keep]["next_attempt_at"] is not None
