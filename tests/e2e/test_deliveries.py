@@ -61,8 +61,13 @@ def test_operator_cancels_one_waiting_delivery_and_retries_another(
         lambda: (rows := _deliveries(es, state="retry")) and len(rows) == 2 and rows,
     )
     by_request = {row["request_id"]: row for row in waiting}
-    backlog = es.readyz("admin").json()["delivery"]
-    assert backlog["by_state"]["retry"] == 2
+    # The worker retries them meanwhile (each is in flight for a moment): read until both wait.
+    backlog = wait_for(
+        "/readyz to count both as waiting for retry",
+        lambda: (
+            (found := es.readyz("admin").json()["delivery"])["by_state"].get("retry") == 2 and found
+        ),
+    )
     assert backlog["oldest_pending_age_seconds"] >= 0
     assert "delivery" not in es.readyz().json()  # not for a load balancer, nor for peers
     assert by_request[keep]["last_error"].startswith("transport:")
