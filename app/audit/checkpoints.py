@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from nacl.signing import SigningKey
 from sqlalchemy import ColumnElement, LargeBinary, case, cast, event, func, null, select
 from sqlalchemy.exc import DataError, OperationalError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from app.audit.index import INDEX_BATCH, catch_up
 from app.audit.log import HEAD_ID, lock_head, mark_checkpointed
@@ -275,9 +275,14 @@ def stored_note(session: Session) -> ColumnElement[Any]:
     keeps any value in it, and its driver fails the whole query on text that is not UTF-8
     (a damaged page, a hand edit): read as bytes there. PostgreSQL holds valid text only,
     and its cast of text to bytea would parse backslashes: read as it is."""
+    return stored_text(session, AuditCheckpoint.note)
+
+
+def stored_text(session: Session, column: InstrumentedAttribute[Any]) -> ColumnElement[Any]:
+    """A text column as `stored_note` reads the note, for `readable_note`."""
     if session.get_bind().dialect.name == "sqlite":
-        return cast(AuditCheckpoint.note, LargeBinary)
-    return AuditCheckpoint.note.expression
+        return cast(column, LargeBinary)
+    return column.expression
 
 
 def readable_note(stored: object) -> str | None:
@@ -315,26 +320,38 @@ def checkpoint_dates(
     cannot be read: damaged storage, which `audit verify --db` and doctor name. No signature
     covers a row's date, so a damaged one takes nothing from its checkpoint; read with the
     rest, it failed every command and call that read the latest checkpoint, receipts
-    included (from review). All at once; row by row only once that fails."""
-    statement = select(AuditCheckpoint.id, AuditCheckpoint.created_at)
+    included (from review)."""
+    dates, unreadable = column_dates(session, AuditCheckpoint.id, AuditCheckpoint.created_at, rows)
+    return {**dates, **dict.fromkeys(unreadable)}
+
+
+def column_dates(
+    session: Session,
+    key: InstrumentedAttribute[int],
+    column: InstrumentedAttribute[Any],
+    rows: Sequence[int] | None = None,
+) -> tuple[dict[int, datetime | None], set[int]]:
+    """Each row's date in `column` (of `rows`, or of every row), and apart the rows whose
+    stored value cannot be read (damaged storage). All at once; row by row only once that
+    fails."""
+    statement = select(key, column)
     if rows is not None:
-        statement = statement.where(AuditCheckpoint.id.in_(rows))
+        statement = statement.where(key.in_(rows))
     try:
-        return dict(session.execute(statement).tuples().all())
+        return dict(session.execute(statement).tuples().all()), set()
     except _DATE_ERRORS as exc:
         if not _date_unreadable(exc):
             raise
     found: dict[int, datetime | None] = {}
-    for row in rows if rows is not None else session.scalars(select(AuditCheckpoint.id)).all():
+    unreadable: set[int] = set()
+    for row in rows if rows is not None else session.scalars(select(key)).all():
         try:
-            found[row] = session.scalar(
-                select(AuditCheckpoint.created_at).where(AuditCheckpoint.id == row)
-            )
+            found[row] = session.scalar(select(column).where(key == row))
         except _DATE_ERRORS as exc:
             if not _date_unreadable(exc):
                 raise
-            found[row] = None
-    return found
+            unreadable.add(row)
+    return found, unreadable
 
 
 # What reading back a date the driver cannot read raises: SQLite's text that is no date
