@@ -28,10 +28,13 @@ from app.audit.checkpoints import (
     log_verifier,
     macs_required,
     read_progress,
+    readable_note,
+    stored_text,
     unsized_checkpoints,
 )
 from app.audit.log import LogDamaged, read_head
 from app.audit.mac import check_macs, mac_key
+from app.audit.witnessed import find_damage
 from app.config import LEASE_MARGIN_SECONDS, Settings, longest_exchange_seconds
 from app.crypto.encoding import utc_now
 from app.crypto.identity import IdentityError, parse_identity_document
@@ -696,6 +699,33 @@ def check_checkpoint_rows(engine: Engine) -> Iterator[Finding]:
             )
 
 
+def check_witnessed_rows(engine: Engine) -> Iterator[Finding]:
+    """Peers' checkpoints this node witnessed whose row holds a value that cannot be read,
+    or a size or root that is not its note's (app/audit/witnessed.py): a check of the peer's
+    checkpoints that reads one is held (from review: witnessing stopped, silently)."""
+    try:
+        with read_snapshot(make_session_factory(engine)) as session:
+            peers = session.execute(select(stored_text(session, Peer.authority_id))).scalars()
+            damage = find_damage(session, [peer for peer in map(readable_note, peers) if peer])
+    except DBAPIError:  # no database or no schema yet: check_database says which
+        return
+    for column, rows in damage.rows.items():
+        yield Finding(
+            FAIL,
+            "audit",
+            f"the {column} of witnessed checkpoint {_rows(rows)} cannot be read or is not what "
+            "the row's note says (stored value damaged): put it back from a backup, or set the "
+            "row aside (docs/operations.md §8)",
+        )
+    for peer in damage.held:
+        yield Finding(
+            FAIL,
+            f"peer {peer}",
+            "its witnessing is held: none of its checkpoints is checked or cosigned until that "
+            "row is put back or set aside (deliveries go on)",
+        )
+
+
 def check_entry_macs(settings: Settings, engine: Engine) -> Iterator[Finding]:
     """The entries no checkpoint covers yet carry the MACs the log key gave them
     (docs/audit.md §4): what the next checkpoint checks before it signs, and refuses to sign
@@ -865,6 +895,7 @@ def diagnose(settings: Settings) -> list[Finding]:
         findings += check_checkpoints(settings, engine)
         findings += check_checkpoint_dates(engine)
         findings += check_checkpoint_rows(engine)
+        findings += check_witnessed_rows(engine)
         findings += check_entry_macs(settings, engine)
         findings += check_database(settings, engine)
         findings += check_damaged_deliveries(engine)

@@ -33,10 +33,18 @@ from app.audit.cosignature import cosign, witness_name
 from app.audit.log import record
 from app.audit.merkle import verify_consistency
 from app.audit.note import Checkpoint, NoteError, open_note
+from app.audit.witnessed import (
+    Stored,
+    WitnessedDamaged,
+    describe,
+    largest_known,
+    read,
+    read_checked,
+)
 from app.auth.throttle import counter_row
 from app.crypto.encoding import utc_now
 from app.db import unit_of_work
-from app.errors import BadRequest, NotFound, PeerError
+from app.errors import BadRequest, NotFound, PeerError, StoredDataCorrupt
 from app.models import AuthThrottle, Peer, WitnessAlarm, WitnessedCheckpoint
 from app.oneline import is_one_line
 from app.peers.client import CONSISTENCY_PATH, read_json_bounded
@@ -60,19 +68,6 @@ class Observed:
     note: str
 
 
-@dataclass(frozen=True)
-class Earlier:
-    """A checkpoint witnessed before a restore was accepted, as the anchor search reads it."""
-
-    id: int
-    size: int
-    root_hash: bytes
-    note: str
-
-
-Witnessed = WitnessedCheckpoint | Earlier
-
-
 def parse_peer_checkpoint(peer: Peer, note: str) -> Observed:
     try:
         text, _ = open_note(note, [log_verifier(peer.authority_id, peer.log_key)])
@@ -82,18 +77,6 @@ def parse_peer_checkpoint(peer: Peer, note: str) -> Observed:
     if checkpoint.origin != log_origin(peer.authority_id):
         raise WitnessError(f"checkpoint from {peer.authority_id} names log {checkpoint.origin}")
     return Observed(checkpoint, note)
-
-
-def largest_known(session: Session, authority_id: str) -> WitnessedCheckpoint | None:
-    return session.scalar(
-        select(WitnessedCheckpoint)
-        .where(
-            WitnessedCheckpoint.peer_authority == authority_id,
-            WitnessedCheckpoint.set_aside_at.is_(None),
-        )
-        .order_by(WitnessedCheckpoint.size.desc(), WitnessedCheckpoint.id.desc())
-        .limit(1)
-    )
 
 
 def _alarm(session: Session, peer: Peer, reason: str, known: str, new: str) -> WitnessAlarm:
@@ -117,9 +100,7 @@ def _alarm(session: Session, peer: Peer, reason: str, known: str, new: str) -> W
     return alarm
 
 
-def check_consistency(
-    known: Witnessed | None, observed: Observed, fetch: ProofFetcher
-) -> str | None:
+def check_consistency(known: Stored | None, observed: Observed, fetch: ProofFetcher) -> str | None:
     """None if `observed` is consistent with what we know; otherwise the reason. Pure but for
     `fetch`, which asks the peer for a consistency proof between two sizes."""
     if known is None:
@@ -148,19 +129,20 @@ def observe(
     peer: Peer,
     observed: Observed,
     reason: str | None,
-    checked_against: WitnessedCheckpoint | None,
+    checked_against: Stored | None,
     own_authority: str,
     log_key: SigningKey,
-    reference: Witnessed | None = None,
-    anchor: Witnessed | None = None,
-) -> WitnessedCheckpoint | WitnessAlarm:
-    """Store the outcome of `check_consistency` against `checked_against`: an alarm, or a
-    cosigned checkpoint.
+    reference: Stored | None = None,
+    anchor: Stored | None = None,
+) -> bool:
+    """Store the outcome of `check_consistency` against `checked_against`: an alarm (False),
+    or a cosigned checkpoint (True).
 
     The check ran outside any transaction (it may fetch a proof from the peer), so two
     workers may each have checked a different checkpoint against the same one. The peer's
     row is locked here and the largest known read again: if it moved, `KnownMoved`, and the
-    caller checks again, so that two histories are never both cosigned.
+    caller checks again, so that two histories are never both cosigned. WitnessedDamaged if
+    a row read here is damaged (app/audit/witnessed.py).
     """
     session.scalar(select(Peer.id).where(Peer.id == peer.id).with_for_update())
     known = largest_known(session, peer.authority_id)
@@ -171,7 +153,8 @@ def observe(
     reference = reference or checked_against
     if reason is not None:  # about the note it was checked against, whatever moved since
         against = reference.note if reference else ""
-        return _alarm(session, peer, reason, against, observed.note)
+        _alarm(session, peer, reason, against, observed.note)
+        return False
     if (known.id if known else None) != (checked_against.id if checked_against else None):
         raise KnownMoved
     if anchor is not None:
@@ -184,29 +167,32 @@ def observe(
         )
         session.execute(update(Peer).where(Peer.id == peer.id).values(witness_anchor_max_id=None))
     checkpoint = observed.checkpoint
-    same_size = session.scalar(
-        select(WitnessedCheckpoint).where(
-            WitnessedCheckpoint.peer_authority == peer.authority_id,
-            WitnessedCheckpoint.size == checkpoint.size,
-            WitnessedCheckpoint.root_hash != checkpoint.root_hash,
-            WitnessedCheckpoint.set_aside_at.is_(None),
-        )
+    same_size = read_checked(
+        session,
+        peer.authority_id,
+        (WitnessedCheckpoint.size == checkpoint.size)
+        & (WitnessedCheckpoint.root_hash != checkpoint.root_hash)
+        & WitnessedCheckpoint.set_aside_at.is_(None),
     )
-    if same_size is not None:
+    if same_size:
         reason = f"two roots for size {checkpoint.size}"
-        return _alarm(session, peer, reason, same_size.note, observed.note)
-    existing = session.scalar(
-        select(WitnessedCheckpoint).where(
-            WitnessedCheckpoint.peer_authority == peer.authority_id,
-            WitnessedCheckpoint.size == checkpoint.size,
-            WitnessedCheckpoint.root_hash == checkpoint.root_hash,
-        )
+        _alarm(session, peer, reason, same_size[0].note, observed.note)
+        return False
+    existing = read_checked(
+        session,
+        peer.authority_id,
+        (WitnessedCheckpoint.size == checkpoint.size)
+        & (WitnessedCheckpoint.root_hash == checkpoint.root_hash),
     )
-    if existing is not None:
+    if existing:
         # One set aside at a restore and shown again: the restored log's own past (the
         # backup's checkpoint), consistent with what it shows now. Taken up again.
-        existing.set_aside_at = None
-        return existing
+        session.execute(
+            update(WitnessedCheckpoint)
+            .where(WitnessedCheckpoint.id == existing[0].id)
+            .values(set_aside_at=None)
+        )
+        return True
     witnessed = WitnessedCheckpoint(
         peer_authority=peer.authority_id,
         size=checkpoint.size,
@@ -229,12 +215,7 @@ def observe(
         details={"size": checkpoint.size, "root": checkpoint.root_hash.hex()},
     )
     session.flush()
-    return witnessed
-
-
-def cosigned_note(witnessed: WitnessedCheckpoint) -> str:
-    """The peer's checkpoint note with our cosignature line appended."""
-    return witnessed.note + (witnessed.cosignature or "")
+    return True
 
 
 def fetch_consistency_proof(
@@ -271,11 +252,15 @@ def witness_receipt_checkpoint(
     skip that same note when the next receipt repeats it.
     """
     for _ in range(WITNESS_ATTEMPTS):
-        with unit_of_work(sessions) as session:
-            peer = session.scalar(select(Peer).where(Peer.authority_id == authority))
-            if peer is None:
-                return False
-            known = largest_known(session, authority)
+        try:
+            with unit_of_work(sessions) as session:
+                peer = session.scalar(select(Peer).where(Peer.authority_id == authority))
+                if peer is None:
+                    return False
+                known = largest_known(session, authority)
+        except WitnessedDamaged as exc:
+            _hold(sessions, exc)
+            return False
         if known is not None and known.note == note:
             # The very note we checked and cosigned already (receipts repeat the receiver's
             # latest checkpoint until it signs a new one): checking again would change nothing.
@@ -287,8 +272,8 @@ def witness_receipt_checkpoint(
             return False
         _verifiable_again(sessions, authority)
         fetch = partial(fetch_consistency_proof, http, peer.public_url)
-        reference: Witnessed | None = known
-        anchor: Witnessed | None = None
+        reference: Stored | None = known
+        anchor: Stored | None = None
         try:
             reason = check_consistency(known, observed, fetch)
             if reason is None and peer.witness_anchor_max_id is not None:
@@ -303,7 +288,7 @@ def witness_receipt_checkpoint(
             return False
         try:
             with unit_of_work(sessions) as session:
-                outcome = observe(
+                witnessed = observe(
                     session,
                     peer=peer,
                     observed=observed,
@@ -314,13 +299,17 @@ def witness_receipt_checkpoint(
                     reference=reference,
                     anchor=anchor if reason is None else None,
                 )
+                _resume(session, authority)
         except KnownMoved:
             continue
         except IntegrityError:
             return True  # another worker stored the same checkpoint first
-        if isinstance(outcome, WitnessedCheckpoint) and reason is None and known is not None:
+        except WitnessedDamaged as exc:  # damaged since the first read
+            _hold(sessions, exc)
+            return False
+        if witnessed and reason is None and known is not None:
             _proof_given(sessions, authority)
-        return isinstance(outcome, WitnessedCheckpoint)
+        return witnessed
     log.warning("could not witness %s's checkpoint: other workers kept witnessing", authority)
     return False
 
@@ -354,7 +343,10 @@ def accept_restored_log(
     peer = session.scalar(select(Peer).where(Peer.authority_id == authority).with_for_update())
     if peer is None:
         raise NotFound(f"{authority} is not a pinned peer", code="unknown_peer")
-    largest = largest_known(session, authority)
+    try:
+        largest = largest_known(session, authority)
+    except WitnessedDamaged:  # set aside with the rest; doctor names it
+        largest = None
     newest = session.scalar(
         select(func.max(WitnessedCheckpoint.id)).where(
             WitnessedCheckpoint.peer_authority == authority
@@ -401,11 +393,15 @@ def accept_restored_log(
     return rebased
 
 
-def _set_aside_since(session: Session, checked_against: WitnessedCheckpoint) -> bool:
+def _set_aside_since(session: Session, checked_against: Stored) -> bool:
+    """Read live (largest_known reads no other): set aside since?"""
     now = session.scalar(
-        select(WitnessedCheckpoint.set_aside_at).where(WitnessedCheckpoint.id == checked_against.id)
+        select(WitnessedCheckpoint.id).where(
+            WitnessedCheckpoint.id == checked_against.id,
+            WitnessedCheckpoint.set_aside_at.is_not(None),
+        )
     )
-    return now is not None and checked_against.set_aside_at is None
+    return now is not None
 
 
 def _after_restore(
@@ -414,32 +410,26 @@ def _after_restore(
     anchor_max_id: int,
     observed: Observed,
     fetch: ProofFetcher,
-) -> tuple[Witnessed | None, str | None]:
+) -> tuple[Stored | None, str | None]:
     """A checkpoint of a log whose restore an operator accepted, not yet anchored: the
     restored log is its backup's and grew from there, so it must extend a checkpoint
     witnessed before (one no larger than the backup), and extends none above the backup.
     The largest it extends is found by bisection (a proof per step); none: an alarm. A log
     still smaller than every one of them is witnessed, and checked again as it grows, until
-    one is proven its past (from review: taken as a new start, it let a rewritten log in)."""
+    one is proven its past (from review: taken as a new start, it let a rewritten log in).
+    A damaged one is no candidate: set aside, as the others, by the operator who accepted
+    the restore (doctor names it)."""
     size = observed.checkpoint.size
     with unit_of_work(sessions) as session:
-        candidates = [
-            Earlier(*row)
-            for row in session.execute(
-                select(
-                    WitnessedCheckpoint.id,
-                    WitnessedCheckpoint.size,
-                    WitnessedCheckpoint.root_hash,
-                    WitnessedCheckpoint.note,
-                )
-                .where(
-                    WitnessedCheckpoint.peer_authority == peer.authority_id,
-                    WitnessedCheckpoint.id <= anchor_max_id,
-                    WitnessedCheckpoint.size <= size,
-                )
-                .order_by(WitnessedCheckpoint.size, WitnessedCheckpoint.id)
-            )
-        ]
+        rows = read(
+            session,
+            (WitnessedCheckpoint.peer_authority == peer.authority_id)
+            & (WitnessedCheckpoint.id <= anchor_max_id)
+            & (WitnessedCheckpoint.size <= size),
+            WitnessedCheckpoint.size,
+            WitnessedCheckpoint.id,
+        )
+    candidates = [row for row in rows if isinstance(row, Stored)]
     if not candidates:
         return None, None
     low, high, found = 0, len(candidates) - 1, None
@@ -457,6 +447,52 @@ def _after_restore(
     )
 
 
+def _held_key(authority: str) -> str:
+    return f"witness-held:{authority}"
+
+
+def _hold(sessions: sessionmaker[Session], damaged: WitnessedDamaged) -> None:
+    """Rows a check of the peer's checkpoints reads are damaged (app/audit/witnessed.py):
+    nothing is checked against anything else, cosigned, or alarmed against the peer (the
+    damage is ours) until they read again or are set aside. Said once for a run of them
+    (recorded and logged), not at every receipt: from review, a TypeError was logged at
+    every round, and nothing else said so."""
+    authority = damaged.authority
+    with unit_of_work(sessions) as session:
+        if session.get(AuthThrottle, _held_key(authority)) is not None:
+            return
+        row = counter_row(session, _held_key(authority), utc_now())
+        if row.suppressed:  # another worker said so meanwhile
+            return
+        row.suppressed = 1
+        record(
+            session,
+            actor="node",
+            action="witness.held",
+            outcome=StoredDataCorrupt.code,
+            peer=authority,
+            details={"rows": [item.id for item in damaged.rows], "columns": damaged.columns},
+        )
+    log.error(
+        "witnessing of %s held: witnessed checkpoint %s cannot be read, or is not what its "
+        "note says (stored value damaged): none of its checkpoints is checked, cosigned or "
+        "alarmed until the row is put back from a backup or set aside; deliveries go on; "
+        "run `entraide doctor` (docs/operations.md §8)",
+        authority,
+        describe(damaged.rows),
+    )
+
+
+def _resume(session: Session, authority: str) -> None:
+    """A check of the peer's checkpoints ran to its end (the rows it read were put back, or
+    set aside): a hold is over. One primary-key read per check."""
+    if session.get(AuthThrottle, _held_key(authority)) is None:
+        return
+    session.execute(delete(AuthThrottle).where(AuthThrottle.key == _held_key(authority)))
+    record(session, actor="node", action="witness.resumed", peer=authority)
+    log.warning("witnessing of %s resumes: the witnessed checkpoints it reads are sound", authority)
+
+
 def _unverifiable_key(authority: str) -> str:
     return f"witness-unverifiable:{authority}"
 
@@ -464,7 +500,7 @@ def _unverifiable_key(authority: str) -> str:
 def _unverifiable(
     sessions: sessionmaker[Session],
     peer: Peer,
-    known: WitnessedCheckpoint | None,
+    known: Stored | None,
     note: str,
     reason: str,
 ) -> None:
@@ -495,7 +531,7 @@ def _unproven_key(authority: str) -> str:
 def _proof_refused(
     sessions: sessionmaker[Session],
     peer: Peer,
-    known: WitnessedCheckpoint | None,
+    known: Stored | None,
     observed: Observed,
 ) -> None:
     """A peer that keeps showing checkpoints but gives no proof that they extend what it
