@@ -167,12 +167,15 @@ def test_a_damaged_anchor_holds_witnessing_until_it_is_put_back(
     for said in (json.dumps(held["details"]), named.message):
         assert not any(quoted in said.lower() for quoted in QUOTED), said
 
-    # Put back: the fork is caught against it again, and the honest log witnessed.
+    # Put back: resumed at the next receipt (one repeating that very checkpoint too), the
+    # fork caught against it again, and the honest log witnessed.
     with witness.engine.begin() as connection:
         connection.execute(
             text(f"UPDATE witnessed_checkpoints SET {column} = :kept WHERE id = 2"),  # noqa: S608
             {"kept": kept},
         )
+    assert witness.shown(SHOWN_TO_A, HONEST)
+    assert len(witness.entries("witness.resumed")) == 1
     assert not witness.shown(FORKED, FORKED)
     assert witness.alarms() == ["no valid consistency proof from size 20 to 22"]
     assert witness.shown(HONEST, HONEST)
