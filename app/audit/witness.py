@@ -396,7 +396,7 @@ def accept_restored_log(
 
 
 def _set_aside_since(session: Session, checked_against: Stored) -> bool:
-    """Read live (largest_known reads no other): set aside since?"""
+    """Was `checked_against` (a live row: largest_known reads no other) set aside since?"""
     now = session.scalar(
         select(WitnessedCheckpoint.id).where(
             WitnessedCheckpoint.id == checked_against.id,
