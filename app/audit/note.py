@@ -329,6 +329,10 @@ class Checkpoint:
         origin, size, root_b64, *extensions = lines
         if not _TREE_SIZE.fullmatch(size):
             raise MalformedCheckpoint("tree size is not a decimal without leading zeros")
+        # Before int(): Python refuses to convert more than 4,300 digits (a ValueError, not
+        # a NoteError: from review, a damaged stored note stopped every witnessing round).
+        if len(size) > len(str(_MAX_TREE_SIZE)):
+            raise MalformedCheckpoint(f"tree size is past {_MAX_TREE_SIZE}")
         try:
             root_hash = _b64decode_strict(root_b64)
         except ValueError as exc:

@@ -34,6 +34,7 @@ from app.audit.log import record
 from app.audit.merkle import verify_consistency
 from app.audit.note import Checkpoint, NoteError, open_note
 from app.audit.witnessed import (
+    MAX_SIZE,
     Stored,
     WitnessedDamaged,
     describe,
@@ -76,6 +77,13 @@ def parse_peer_checkpoint(peer: Peer, note: str) -> Observed:
         raise WitnessError(f"checkpoint from {peer.authority_id} does not verify: {exc}") from exc
     if checkpoint.origin != log_origin(peer.authority_id):
         raise WitnessError(f"checkpoint from {peer.authority_id} names log {checkpoint.origin}")
+    if checkpoint.size > MAX_SIZE:
+        # No log grows so large; stored, such a size reads as damage of ours and holds the
+        # peer's witnessing for good, so the peer could fork unseen (from review).
+        raise WitnessError(
+            f"checkpoint from {peer.authority_id} claims {checkpoint.size} entries, past the "
+            f"{MAX_SIZE} a witnessed checkpoint may have"
+        )
     return Observed(checkpoint, note)
 
 

@@ -341,6 +341,7 @@ ROOT_B64 = "CsUYapGGPo4dkMgIAUqom/Xajj7h2fB2MPA3j2jxq2I="
         f"origin\n\u0665\n{ROOT_B64}\n",  # ARABIC-INDIC DIGIT FIVE: int() would take it
         f"origin\n1_000\n{ROOT_B64}\n",
         f"origin\n{2**64}\n{ROOT_B64}\n",
+        f"origin\n{'9' * 5000}\n{ROOT_B64}\n",  # past what int() converts: a ValueError
         f"origin\n\n{ROOT_B64}\n",
         "origin\n5\n\n",
         f"origin\n5\n{ROOT_B64.rstrip('=')}\n",

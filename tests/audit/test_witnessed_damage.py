@@ -25,9 +25,12 @@ import pytest
 from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.audit.checkpoints import log_origin
 from app.audit.mac import append_with
 from app.audit.merkle import leaf_hash
+from app.audit.note import Checkpoint, sign_note
 from app.audit.witness import witness_receipt_checkpoint
+from app.audit.witnessed import MAX_SIZE
 from app.crypto.keys import NodeKeys
 from app.db import make_engine, make_session_factory, unit_of_work
 from app.migrate import upgrade
@@ -261,3 +264,28 @@ def test_witnessed_rows_read_for_a_forked_history_are_never_passed_over(
     with witness.engine.connect() as connection:
         sizes = list(connection.scalars(select(WitnessedCheckpoint.size)))
     assert sorted(sizes) == [-1, 10]
+
+
+@pytest.mark.parametrize("databases", ["sqlite", "postgresql"], indirect=True)
+def test_a_size_past_what_is_stored_is_refused_not_stored_as_damage(witness: Witness) -> None:
+    """From review: a peer's checkpoint claiming more than 2^62 entries (its note signed, its
+    proof the peer's to make) was stored, then read back as damage of ours: the peer's
+    witnessing was held for good, and a fork after it went unseen. It is refused and alarmed
+    as a checkpoint that does not verify."""
+    origin = log_origin(PEER)
+    huge = Checkpoint(origin=origin, size=MAX_SIZE + 1, root_hash=bytes(32))
+    note = sign_note(huge.format(), origin, witness.peer_keys.log)
+    shown = witness_receipt_checkpoint(
+        witness.sessions,
+        _answering(HONEST, lambda: None),
+        authority=PEER,
+        note=note,
+        own_authority="ES/MJ",
+        log_key=witness.own_keys.log,
+    )
+    assert not shown
+    assert witness.rows() == [1, 2]
+    (alarm,) = witness.alarms()
+    assert f"past the {MAX_SIZE}" in alarm
+    assert witness.entries("witness.held") == []
+    assert witness.shown(HONEST, HONEST)  # the honest log is witnessed again after it
