@@ -276,8 +276,7 @@ def test_a_process_of_an_earlier_release_can_still_queue_after_the_migration(
     """From review: between `entraide migrate` and its restart, a `serve` of a release before
     a3c9e71d5b20 queued deliveries without `priority` and `size_bytes`, and every submission
     it took answered 500 (NOT NULL). Its rows now take the defaults: queued, and claimed."""
-    url = databases.new("outbox-order-defaults")
-    upgrade(url)
+    url = databases.new("outbox-order-defaults", migrated=True)
     engine = make_engine(url)
     sessions = append_with(make_session_factory(engine), SigningKey.generate())
     try:

@@ -33,7 +33,6 @@ from app.delivery.worker import (
     round_preload,
 )
 from app.errors import Conflict
-from app.migrate import upgrade
 from app.models import (
     OUTBOX_WAITING,
     AuditEntry,
@@ -53,8 +52,7 @@ LEASE = timedelta(seconds=60)
 
 @pytest.fixture
 def sessions(databases: Databases) -> Iterator[tuple[str, sessionmaker[Session]]]:
-    url = databases.new("outbox")
-    upgrade(url)
+    url = databases.new("outbox", migrated=True)
     engine = make_engine(url)
     # Its entries carry MACs, as a node's do (app/audit/mac.py), under a key of the test's.
     yield databases.backend, append_with(make_session_factory(engine), SigningKey.generate())

@@ -17,7 +17,6 @@ from app.crypto.encoding import utc_now
 from app.crypto.keys import NodeKeys
 from app.db import make_engine, make_session_factory, unit_of_work
 from app.delivery import heartbeat, outbox, upkeep
-from app.migrate import upgrade
 from app.models import DeliveryAttempt, OutboxItem, WorkerHeartbeat
 from tests.audit.test_witness import _peer
 from tests.conftest import Databases
@@ -29,8 +28,7 @@ GRACE = timedelta(seconds=30)
 
 @pytest.fixture
 def sessions(databases: Databases) -> Iterator[sessionmaker[Session]]:
-    url = databases.new("upkeep")
-    upgrade(url)
+    url = databases.new("upkeep", migrated=True)
     engine = make_engine(url)
     yield append_with(make_session_factory(engine), SigningKey.generate())
     engine.dispose()

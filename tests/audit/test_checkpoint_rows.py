@@ -35,7 +35,6 @@ from app.audit.service import verify_database
 from app.crypto.encoding import utc_now
 from app.crypto.keys import NodeKeys
 from app.db import make_engine, make_session_factory, unit_of_work
-from app.migrate import upgrade
 from app.models import AuditCheckpoint
 from tests.conftest import Databases
 
@@ -85,8 +84,7 @@ class Log:
 
 @pytest.fixture
 def log(databases: Databases) -> Iterator[Log]:
-    url = databases.new("audit")
-    upgrade(url)
+    url = databases.new("audit", migrated=True)
     engine = make_engine(url)
     keys = NodeKeys.generate()
     made = Log(keys, append_with(make_session_factory(engine), keys.log))

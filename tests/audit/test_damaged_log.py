@@ -23,7 +23,6 @@ from app.audit.service import entry_view, verify_database
 from app.crypto.encoding import format_time, utc_now
 from app.crypto.keys import NodeKeys
 from app.db import make_engine, make_session_factory, read_snapshot, unit_of_work
-from app.migrate import upgrade
 from app.models import AuditCheckpoint, AuditEntry, AuditHead
 from tests.conftest import Databases
 
@@ -34,8 +33,7 @@ KEY = mac_key(KEYS.log)
 
 @pytest.fixture
 def log_url(databases: Databases) -> str:
-    url = databases.new("damaged")
-    upgrade(url)
+    url = databases.new("damaged", migrated=True)
     engine = make_engine(url)
     try:
         with unit_of_work(append_with(make_session_factory(engine), KEYS.log)) as session:

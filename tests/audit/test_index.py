@@ -23,7 +23,6 @@ from app.audit.mac import append_with
 from app.audit.service import EntryFilter, query_entries
 from app.crypto.keys import NodeKeys
 from app.db import make_engine, make_session_factory, unit_of_work
-from app.migrate import upgrade
 from app.models import AuditEntry
 from tests.conftest import Databases
 
@@ -55,8 +54,7 @@ class Clock:
 
 @pytest.fixture
 def log(databases: Databases, monkeypatch: pytest.MonkeyPatch) -> Iterator[Log]:
-    url = databases.new("index")
-    upgrade(url)
+    url = databases.new("index", migrated=True)
     engine = make_engine(url)
     sessions = append_with(make_session_factory(engine), SigningKey.generate())
     clock = Clock()
@@ -149,8 +147,7 @@ def test_a_query_indexes_a_long_tail_first(log: Log) -> None:
 
 
 def test_the_worker_indexes_in_batches_and_at_checkpoints(databases: Databases) -> None:
-    url = databases.new("upkeep")
-    upgrade(url)
+    url = databases.new("upkeep", migrated=True)
     engine = make_engine(url)
     keys = NodeKeys.generate()
     sessions = append_with(make_session_factory(engine), keys.log)

@@ -36,7 +36,6 @@ from app.audit.verify import Report
 from app.crypto.encoding import canonical_json, format_time, utc_now
 from app.crypto.keys import NodeKeys
 from app.db import make_engine, make_session_factory, read_snapshot, unit_of_work
-from app.migrate import upgrade
 from app.models import AuditEntry, AuditHead, AuditNode
 from tests.conftest import BACKENDS, Databases, make_databases
 
@@ -44,8 +43,7 @@ SIZES = [1, 2, 3, 5, 8, 13, 21, 37]
 
 
 def test_proofs_from_stored_nodes_verify_against_signed_checkpoints(databases: Databases) -> None:
-    url = databases.new("proofs")
-    upgrade(url)
+    url = databases.new("proofs", migrated=True)
     engine = make_engine(url)
     keys = NodeKeys.generate()
     sessions = append_with(make_session_factory(engine), keys.log)
@@ -112,8 +110,7 @@ def test_checkpoint_schedule_rule() -> None:
 def test_proofs_across_stored_and_recomputed_subtrees(databases: Databases) -> None:
     """Past 2**STORED_LEVEL entries a proof mixes stored subtrees with subtrees hashed again
     from leaf hashes; only the large ones are stored."""
-    url = databases.new("large-proofs")
-    upgrade(url)
+    url = databases.new("large-proofs", migrated=True)
     engine = make_engine(url)
     sessions = append_with(make_session_factory(engine), SigningKey.generate())
     sizes = [255, 256, 257, 511, 512, 700, 1023, 1100]
@@ -164,8 +161,7 @@ def test_entry_bytes_are_canonical_json(fields: dict[str, Any], details: dict[An
 def test_writers_that_share_a_log_keep_it_contiguous(databases: Databases) -> None:
     """Each process appends on top of the head it last wrote; another writer's appends, or a
     transaction of its own rolled back, make it read the head again, never fork the log."""
-    url = databases.new("writers")
-    upgrade(url)
+    url = databases.new("writers", migrated=True)
     engines = [make_engine(url), make_engine(url)]  # two processes, as to the log
     keys = NodeKeys.generate()
     writers = [append_with(make_session_factory(engine), keys.log) for engine in engines]
@@ -210,8 +206,7 @@ def test_verifying_a_live_log_reads_one_snapshot_and_holds_off_no_append(
     nothing (every request it served waited, then failed) until the check was done. The
     node's append here commits while the check is under way, which verifies what it saw."""
     databases = make_databases(backend, tmp_path)
-    url = databases.new("live")
-    upgrade(url)
+    url = databases.new("live", migrated=True)
     engine = make_engine(url)
     keys = NodeKeys.generate()
     sessions = append_with(make_session_factory(engine), keys.log)
@@ -257,8 +252,7 @@ def test_entry_times_never_go_back_when_a_clock_does(
     """A verifier reports a time going backwards as a fault of the log: a clock stepped back,
     or a replica whose clock lags another's, must not write one. Two writers, as two
     processes sharing the log: one whose clock runs an hour ahead, then one on time."""
-    url = databases.new("clock")
-    upgrade(url)
+    url = databases.new("clock", migrated=True)
     engines = [make_engine(url), make_engine(url)]
     keys = NodeKeys.generate()
     ahead, on_time = (append_with(make_session_factory(engine), keys.log) for engine in engines)
@@ -301,8 +295,7 @@ def test_an_altered_head_row_neither_stops_checkpoints_nor_dates_entries_ahead(
     access could change to leave later entries unsigned (rewritable at leisure) or stamped in
     the future: how far checkpoints reach is read from the checkpoints, and the last entry's
     time from the entry (a fresh engine: a process that starts after the change)."""
-    url = databases.new("head")
-    upgrade(url)
+    url = databases.new("head", migrated=True)
     keys = NodeKeys.generate()
     engine = make_engine(url)
     try:

@@ -32,7 +32,7 @@ from app.audit.service import verify_database
 from app.crypto.encoding import canonical_json
 from app.crypto.keys import NodeIdentity, NodeKeys, save_identity, save_keys
 from app.db import make_engine, make_session_factory, unit_of_work
-from app.migrate import ROOT, upgrade
+from app.migrate import ROOT
 from app.models import AuditCheckpoint, AuditEntry, AuditIndex
 from tests.conftest import Databases
 
@@ -51,8 +51,7 @@ class Log:
 
 @pytest.fixture
 def log(databases: Databases) -> Iterator[Log]:
-    url = databases.new("audit")
-    upgrade(url)
+    url = databases.new("audit", migrated=True)
     engine = make_engine(url)
     keys = NodeKeys.generate()
     sessions = append_with(make_session_factory(engine), keys.log)

@@ -29,16 +29,15 @@ from app.audit.verify import LogVerifier
 from app.crypto.encoding import canonical_json, format_time, utc_now
 from app.crypto.keys import NodeKeys
 from app.db import make_engine, make_session_factory, read_snapshot, unit_of_work
-from app.migrate import upgrade
 from app.models import AuditCheckpoint, AuditEntry, AuditNode
+from tests.conftest import migrated_sqlite
 
 AUTHORITY = "ES/MJ"
 
 
 def _export(tmp_path: Path, keys: NodeKeys) -> Path:
     """A log of 40 entries signed at 16, 32 and, as `audit export` does, at the end."""
-    url = f"sqlite:///{tmp_path / 'log.db'}"
-    upgrade(url)
+    url = migrated_sqlite(tmp_path / "log.db")
     engine = make_engine(url)
     try:
         with unit_of_work(append_with(make_session_factory(engine), keys.log)) as session:
@@ -94,8 +93,7 @@ def test_an_entry_altered_in_the_database_fails_its_inclusion_proof(tmp_path: Pa
     """Someone with SQL access edits an entry's bytes and leaves its leaf_hash column: the
     API shows the edited entry, and its proof must not verify (it did, with the column)."""
     keys = NodeKeys.generate()
-    url = f"sqlite:///{tmp_path / 'log.db'}"
-    upgrade(url)
+    url = migrated_sqlite(tmp_path / "log.db")
     engine = make_engine(url)
     sessions = append_with(make_session_factory(engine), keys.log)
     try:
@@ -132,8 +130,7 @@ def test_a_stored_subtree_hash_edited_in_the_database_fails_verify_db(
     every peer's consistency check across it raise a split-view alarm against this node,
     while `audit verify --db` (which read only the entries) said OK."""
     keys = NodeKeys.generate()
-    url = f"sqlite:///{tmp_path / 'log.db'}"
-    upgrade(url)
+    url = migrated_sqlite(tmp_path / "log.db")
     engine = make_engine(url)
     sessions = append_with(make_session_factory(engine), keys.log)
 
@@ -197,8 +194,7 @@ def test_an_export_cut_back_fails_against_a_checkpoint_fetched_afterwards(
 
 
 def test_a_damaged_entry_is_shown_as_it_is_not_a_500(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'log.db'}"
-    upgrade(url)
+    url = migrated_sqlite(tmp_path / "log.db")
     engine = make_engine(url)
     sessions = append_with(make_session_factory(engine), SigningKey.generate())
     try:

@@ -22,7 +22,6 @@ from app.crypto.encoding import utc_now
 from app.crypto.keys import NodeKeys
 from app.db import make_engine, make_session_factory, unit_of_work
 from app.errors import NotFound
-from app.migrate import upgrade
 from app.models import AuditEntry, AuthThrottle, Peer, WitnessAlarm, WitnessedCheckpoint
 from tests.conftest import Databases
 
@@ -97,8 +96,7 @@ class Witnessing:
 
 @pytest.fixture
 def witnessing(databases: Databases) -> Iterator[Witnessing]:
-    url = databases.new("witness")
-    upgrade(url)
+    url = databases.new("witness", migrated=True)
     engine = make_engine(url)
     own_keys = NodeKeys.generate()
     sessions = append_with(make_session_factory(engine), own_keys.log)

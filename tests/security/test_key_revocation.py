@@ -10,7 +10,6 @@ from sqlalchemy import select
 from app.crypto.encoding import utc_now
 from app.crypto.keys import NodeKeys
 from app.db import make_engine, make_session_factory, unit_of_work
-from app.migrate import upgrade
 from app.models import Peer, PeerKey
 from app.peers.keys import SIGNING, peer_signing_key, revoke_current_keys
 from tests.audit.test_witness import PEER, _peer
@@ -18,8 +17,7 @@ from tests.conftest import Databases
 
 
 def test_every_key_of_a_compromised_peer_is_revoked(databases: Databases) -> None:
-    url = databases.new("revoke")
-    upgrade(url)
+    url = databases.new("revoke", migrated=True)
     engine = make_engine(url)
     sessions = make_session_factory(engine)
     stolen, rotated = NodeKeys.generate(), NodeKeys.generate()

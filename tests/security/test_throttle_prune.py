@@ -25,7 +25,6 @@ from app.auth.throttle import (
 )
 from app.config import Settings
 from app.db import make_engine
-from app.migrate import upgrade
 from app.models import AuditEntry, AuthThrottle
 from tests.conftest import Databases, make_databases
 
@@ -43,8 +42,7 @@ def keys(session: Session) -> set[str]:
 
 
 def test_idle_counters_go_and_live_ones_stay(databases: Databases) -> None:
-    url = databases.new()
-    upgrade(url)
+    url = databases.new(migrated=True)
     engine = make_engine(url)
     try:
         # Its entries carry MACs, as a node's do (app/audit/mac.py), under a key of the test's.
@@ -89,8 +87,7 @@ def test_idle_counters_go_and_live_ones_stay(databases: Databases) -> None:
 def test_many_counters_are_pruned_in_batches_and_the_sweep_runs_hourly(
     databases: Databases,
 ) -> None:
-    url = databases.new()
-    upgrade(url)
+    url = databases.new(migrated=True)
     engine = make_engine(url)
     sessions = sessionmaker(engine)
     try:
@@ -129,8 +126,7 @@ def test_a_refusal_counted_while_its_row_is_pruned_is_counted_again(tmp_path: Pa
     meanwhile found the row there (its insert did nothing), waited for the lock, then found
     nothing: a 500 instead of a 401. It counts on a new row instead."""
     databases = make_databases("postgresql", tmp_path)
-    url = databases.new()
-    upgrade(url)
+    url = databases.new(migrated=True)
     engine = make_engine(url)
     sessions = sessionmaker(engine)
     try:
