@@ -36,7 +36,7 @@ from app.db import unit_of_work
 from app.lingering import LingeringH11Protocol
 from app.localnodes import free_port
 from app.main import create_app
-from app.migrate import ROOT, upgrade
+from app.migrate import ROOT
 from app.models import AuditEntry, Message
 from app.node import Node
 from app.peers.service import pin_peer
@@ -178,14 +178,14 @@ def _pin_es(node: Node, es_keys: NodeKeys, issued_at: datetime | None = None) ->
 def serve_node(
     url: str, workdir: Path, *, keys: NodeKeys | None = None, es_keys: NodeKeys | None = None
 ) -> Iterator[Harness]:
-    """`keys` (AR/MPF's) and `es_keys`: to serve the same node again, as after a restart."""
+    """AR/MPF on the database at `url`, migrated to head (`Databases.new(..., migrated=True)`,
+    `migrated_sqlite`). `keys` (AR/MPF's) and `es_keys`: to serve the same node again, as
+    after a restart."""
     keys_dir = workdir / "keys"
     save_keys(keys_dir, keys or NodeKeys.generate())
     save_identity(
         keys_dir, NodeIdentity("AR/MPF", "Ministerio Publico Fiscal", "http://ar.invalid")
     )
-    if es_keys is None:
-        upgrade(url)
     settings = Settings(
         database_url=url, keys_dir=keys_dir, run_worker=False, allow_insecure_http=True
     )
@@ -243,7 +243,8 @@ def ar(
     entries before and after, so they do not depend on each other."""
     databases = make_databases(request.param, tmp_path_factory.mktemp("db"))
     try:
-        with serve_node(databases.new("ar"), tmp_path_factory.mktemp("ar")) as harness:
+        ar_db = databases.new("ar", migrated=True)
+        with serve_node(ar_db, tmp_path_factory.mktemp("ar")) as harness:
             yield harness
     finally:
         databases.drop_all()
@@ -252,5 +253,5 @@ def ar(
 @pytest.fixture
 def fresh_ar(databases: Databases, tmp_path: Path) -> Iterator[Harness]:
     """A node of its own, for tests that look at every request the node holds."""
-    with serve_node(databases.new("ar"), tmp_path) as harness:
+    with serve_node(databases.new("ar", migrated=True), tmp_path) as harness:
         yield harness

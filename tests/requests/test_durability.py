@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import DurabilityLost, durability_failure, make_engine, make_session_factory
 from app.db import unit_of_work as unit
+from tests.conftest import migrated_sqlite
 from tests.requests.conftest import example_document, serve_node
 
 
@@ -127,7 +128,7 @@ def test_a_sync_that_cannot_open_the_file_fails_only_its_commit(
 def test_a_node_whose_sync_failed_answers_503_and_is_not_ready(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with serve_node(f"sqlite:///{tmp_path / 'ar.db'}", tmp_path / "ar") as ar:
+    with serve_node(migrated_sqlite(tmp_path / "ar.db"), tmp_path / "ar") as ar:
         ar.receive_request()
         restore = _failing_fsync(monkeypatch)
         refused = ar.post_envelope(

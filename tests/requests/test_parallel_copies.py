@@ -28,7 +28,7 @@ from tests.requests.conftest import Harness, serve_node
 def ar_pg(tmp_path: Path) -> Iterator[Harness]:
     databases = make_databases("postgresql", tmp_path)
     try:
-        with serve_node(databases.new("ar"), tmp_path / "ar") as harness:
+        with serve_node(databases.new("ar", migrated=True), tmp_path / "ar") as harness:
             yield harness
     finally:
         databases.drop_all()

@@ -18,6 +18,7 @@ from sqlalchemy import event, func, select
 
 from app.db import database_full, driver_error_name, unit_of_work
 from app.models import CaseFile, OutboxItem
+from tests.conftest import migrated_sqlite
 from tests.requests.conftest import EXAMPLE, serve_node
 
 
@@ -31,7 +32,7 @@ def _request() -> dict[str, Any]:
 def test_a_full_sqlite_database_answers_507_and_fails_readiness(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with serve_node(f"sqlite:///{tmp_path / 'ar.db'}", tmp_path / "ar") as ar:
+    with serve_node(migrated_sqlite(tmp_path / "ar.db"), tmp_path / "ar") as ar:
         assert ar.post("/api/v1/requests", _request()).status_code == 201
         with unit_of_work(ar.node.sessions) as session:
             stored = session.scalar(select(func.count()).select_from(CaseFile))

@@ -33,7 +33,7 @@ def test_the_unit_of_an_address(address: str, unit: str) -> None:
 
 
 def test_refusals_from_one_ipv6_64_share_one_limit(databases: Databases, tmp_path: Path) -> None:
-    with serve_node(databases.new("ar"), tmp_path) as ar:
+    with serve_node(databases.new("ar", migrated=True), tmp_path) as ar:
         ar.node.settings.p2p_refusal_limit = 3  # this test's node only
         audited = []
         for host in range(1, 7):  # a new address for every refusal

@@ -28,7 +28,7 @@ from tests.requests.conftest import Harness, serve_node
 @pytest.fixture
 def ar(databases: Databases, tmp_path: Path) -> Iterator[Harness]:
     """A node of its own: the throttle tests block its only address."""
-    with serve_node(databases.new("ar"), tmp_path) as harness:
+    with serve_node(databases.new("ar", migrated=True), tmp_path) as harness:
         yield harness
 
 

@@ -26,6 +26,7 @@ from app.crypto.receipts import (
 from app.db import unit_of_work
 from app.models import Peer, PeerKey
 from app.peers.keys import verify_peer_receipt
+from tests.conftest import migrated_sqlite
 from tests.requests.conftest import Harness, example_document, serve_node
 
 MSG_ID = "ab" * 16
@@ -36,7 +37,7 @@ ENVELOPE_HASH = "cd" * 32
 def rotated(tmp_path: Path) -> Iterator[tuple[Harness, NodeKeys, datetime]]:
     """AR/MPF has ES/MJ pinned, then follows a rotation of ES/MJ's signing key: the first
     key is kept in the history, superseded at the returned moment."""
-    with serve_node(f"sqlite:///{tmp_path / 'ar.db'}", tmp_path / "ar") as ar:
+    with serve_node(migrated_sqlite(tmp_path / "ar.db"), tmp_path / "ar") as ar:
         first = ar.peer_keys
         second = NodeKeys.generate()
         rotated_at = utc_now() - timedelta(hours=1)
@@ -156,7 +157,7 @@ def test_a_repeat_after_our_key_changed_gets_the_receipt_signed_with_the_new_key
     """Our signing key changed (a rotation, or a key replaced after a compromise, which the
     sender then no longer trusts) after we stored an envelope whose receipt the sender lost:
     its repeat gets the same receipt, time unchanged, signed with our current key."""
-    url = f"sqlite:///{tmp_path / 'ar.db'}"
+    url = migrated_sqlite(tmp_path / "ar.db")
     first = NodeKeys.generate()
     envelope, stored, _, es_keys = _stored_before_a_key_change(url, tmp_path, first)
     replaced = NodeKeys(
@@ -186,7 +187,7 @@ def test_a_repeat_after_our_encryption_key_changed_still_gets_its_receipt(
     envelope whose receipt its sender lost: its repeat, inline or announced for the part
     transfer, gets the stored receipt (it was sealed to a key valid when it arrived), while a
     new envelope sealed to the old key is refused as before."""
-    url = f"sqlite:///{tmp_path / 'ar.db'}"
+    url = migrated_sqlite(tmp_path / "ar.db")
     first = NodeKeys.generate()
     envelope, stored, late, es_keys = _stored_before_a_key_change(url, tmp_path, first)
     replaced = NodeKeys(

@@ -26,7 +26,7 @@ def _refused(ar: Harness, code: str) -> float:
 def test_a_blocked_address_no_longer_raises_the_refused_envelopes_metric(
     databases: Databases, tmp_path: Path
 ) -> None:
-    with serve_node(databases.new("ar"), tmp_path) as ar:
+    with serve_node(databases.new("ar", migrated=True), tmp_path) as ar:
         ar.node.settings.p2p_refusal_limit = 3  # this test's node only
         # Counted while the address is: a refusal before the route, then two of the route's.
         nul = ar.http.get("/p2p/v1/envelopes?x=%00")
@@ -56,7 +56,7 @@ def test_envelopes_refused_inside_a_batch_are_counted_as_single_posts_are(
     """From an earlier note: a batch is answered 200 with one refusal per envelope; those
     were audited but raised no count, so a peer sending only batches of bad envelopes never
     showed on the figure operators alert on."""
-    with serve_node(databases.new("ar"), tmp_path) as ar:
+    with serve_node(databases.new("ar", migrated=True), tmp_path) as ar:
         single = ar.http.post("/p2p/v1/envelopes", json={"v": 1})
         assert (single.status_code, single.json()["error"]) == (400, "malformed_envelope")
         assert _refused(ar, "malformed_envelope") == 1
