@@ -27,8 +27,8 @@ from app.audit.service import verify_database
 from app.crypto.keys import NodeKeys, save_keys
 from app.db import make_engine, make_session_factory, read_snapshot, unit_of_work
 from app.localnodes import LocalNode
-from app.migrate import upgrade
 from app.models import AuditCheckpoint
+from tests.conftest import migrated_sqlite
 
 AUTHORITY = "ES/MJ"
 
@@ -71,8 +71,7 @@ class Log:
 @pytest.fixture
 def log(tmp_path: Path) -> Iterator[Log]:
     path = tmp_path / "log.db"
-    upgrade(f"sqlite:///{path}")
-    engine = make_engine(f"sqlite:///{path}")
+    engine = make_engine(migrated_sqlite(path))
     (tmp_path / "keys").mkdir(mode=0o700)
     anchor = SignedLogAnchor(tmp_path / "keys" / "log-signed.json")
     anchor.start()  # as `init` does
@@ -151,7 +150,7 @@ def test_a_log_that_only_grows_is_signed_and_recorded_once_committed(log: Log) -
 def test_the_record_goes_where_it_is_told_when_the_keys_are_read_only(tmp_path: Path) -> None:
     """docker-compose.yml mounts the keys read-only: ENTRAIDE_SIGNED_LOG_FILE puts the record
     in a writable place, and `doctor` says when there is none."""
-    url = f"sqlite:///{tmp_path / 'es.db'}"
+    url = migrated_sqlite(tmp_path / "es.db")
     node = LocalNode("ES/MJ", "Ministerio de Justicia", tmp_path / "es", url)
     node.init()
     # Where nothing can be written (root ignores modes: a path through a file stands in for
@@ -193,7 +192,7 @@ def test_moving_the_record_keeps_what_was_signed(tmp_path: Path) -> None:
     """ENTRAIDE_SIGNED_LOG_FILE set on a node that kept its record in the keys folder: the
     record there still counts until the new one is written, so a database put back between
     the two is caught (it was taken for a node that had signed nothing)."""
-    url = f"sqlite:///{tmp_path / 'es.db'}"
+    url = migrated_sqlite(tmp_path / "es.db")
     node = LocalNode("ES/MJ", "Ministerio de Justicia", tmp_path / "es", url)
     node.init()
     shutil.copy(tmp_path / "es.db", tmp_path / "older.db")
@@ -209,7 +208,7 @@ def test_moving_the_record_keeps_what_was_signed(tmp_path: Path) -> None:
 def test_a_node_from_before_the_record_adopts_its_log(tmp_path: Path) -> None:
     """Upgraded from before `log-signed.json`, or the record lost: checkpoints and no record.
     Nothing is signed until the operator adopts the log, which must verify first."""
-    url = f"sqlite:///{tmp_path / 'es.db'}"
+    url = migrated_sqlite(tmp_path / "es.db")
     node = LocalNode("ES/MJ", "Ministerio de Justicia", tmp_path / "es", url)
     node.init()
     (node.keys_dir / "log-signed.json").unlink()  # as before the record existed
@@ -288,8 +287,7 @@ def test_a_record_that_cannot_be_written_leaves_the_node_without_one(tmp_path: P
 
 def test_a_node_not_yet_initialised_is_no_alarm(tmp_path: Path) -> None:
     """`entraide migrate` (or `doctor`) before `init`: an empty log, no keys, no record."""
-    url = f"sqlite:///{tmp_path / 'fresh.db'}"
-    upgrade(url)
+    url = migrated_sqlite(tmp_path / "fresh.db")
     keys_dir = tmp_path / "keys"
     anchor = SignedLogAnchor(keys_dir / "log-signed.json", keys_dir=keys_dir)
     engine = make_engine(url)

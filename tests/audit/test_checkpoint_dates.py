@@ -66,7 +66,8 @@ def _damage(url: str, backend: str, rows: list[int]) -> None:
 def test_a_checkpoint_date_that_cannot_be_read_is_named_not_a_traceback(
     databases: Databases, tmp_path: Path
 ) -> None:
-    node = LocalNode(AUTHORITY, "Ministerio de Justicia", tmp_path / "es", databases.new("es"))
+    es_db = databases.new("es", migrated=True)
+    node = LocalNode(AUTHORITY, "Ministerio de Justicia", tmp_path / "es", es_db)
     node.extra_env["ENTRAIDE_AUDIT_CHECKPOINT_EVERY"] = "1"
     node.init(clients={"auditor": ("auditor",)})
     node.cli("audit", "checkpoint")

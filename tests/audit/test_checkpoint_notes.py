@@ -32,9 +32,8 @@ from app.audit.note import open_note, parse_verifier_key
 from app.audit.service import verify_database
 from app.crypto.keys import NodeKeys
 from app.db import make_engine, make_session_factory, unit_of_work
-from app.migrate import upgrade
 from app.models import AuditCheckpoint, WitnessedCheckpoint
-from tests.conftest import Databases
+from tests.conftest import Databases, migrated_sqlite
 from tests.faults.harness import new_pair, wait_until
 
 AUTHORITY = "ES/MJ"
@@ -91,8 +90,7 @@ class Log:
 
 @pytest.fixture
 def log(databases: Databases) -> Iterator[Log]:
-    url = databases.new("audit")
-    upgrade(url)
+    url = databases.new("audit", migrated=True)
     engine = make_engine(url)
     keys = NodeKeys.generate()
     made = Log(
@@ -156,8 +154,8 @@ def test_a_damaged_row_is_named_and_deliveries_to_the_node_go_on(
     checkpoint, its auditor is handed that one, and the commands name the row and exit 1."""
     pair = new_pair(
         tmp_path,
-        f"sqlite:///{tmp_path / 'es.db'}",
-        f"sqlite:///{tmp_path / 'ar.db'}",
+        migrated_sqlite(tmp_path / "es.db"),
+        migrated_sqlite(tmp_path / "ar.db"),
         # No checkpoint of the receiver's own while the test runs: its receipts can only
         # carry one that was there before the damage.
         receiver_env={

@@ -30,6 +30,7 @@ from app.cli import app
 from app.crypto.keys import NodeKeys
 from app.localnodes import LocalNode
 from tests.audit.test_verify_edges import AUTHORITY, _export
+from tests.conftest import migrated_sqlite
 
 WITNESS = witness_name("AR/MPF")
 WHEN = int(datetime(2026, 11, 29, 12, 0, tzinfo=UTC).timestamp())
@@ -202,9 +203,8 @@ def test_a_witness_key_that_is_the_logs_own_key_is_refused(tmp_path: Path) -> No
 def test_a_live_log_refuses_its_own_witness_key(tmp_path: Path) -> None:
     """`audit verify --db` with the witness key `keys show` prints on the same node: the
     mistake an auditor copying keys from the node it audits makes."""
-    node = LocalNode(
-        "ES/MJ", "Ministerio de Justicia", tmp_path / "es", f"sqlite:///{tmp_path / 'es.db'}"
-    )
+    url = migrated_sqlite(tmp_path / "es.db")
+    node = LocalNode("ES/MJ", "Ministerio de Justicia", tmp_path / "es", url)
     node.init()
     shown = node.cli("keys", "show").stdout
     own = next(line.split()[-1] for line in shown.splitlines() if line.startswith("witness key:"))

@@ -43,7 +43,7 @@ from app.localnodes import LocalNode
 from app.migrate import upgrade
 from app.models import AuditCheckpoint, AuditEntry, AuditHead
 from app.node import load_node
-from tests.conftest import Databases
+from tests.conftest import Databases, migrated_sqlite
 
 AUTHORITY = "ES/MJ"
 
@@ -96,7 +96,8 @@ def test_an_unsigned_entry_rewritten_with_its_links_rebuilt_is_never_signed(
     """The insider changes which client `clients create` made (an entry a CLI process
     appended after `init`'s checkpoint), and rebuilds the links and the head: `audit verify
     --db` names the entry, and neither `audit checkpoint` nor the worker's upkeep signs it."""
-    node = LocalNode(AUTHORITY, "Ministerio de Justicia", tmp_path / "es", databases.new("es"))
+    es_db = databases.new("es", migrated=True)
+    node = LocalNode(AUTHORITY, "Ministerio de Justicia", tmp_path / "es", es_db)
     node.init(clients={"cms": ("officer",), "auditor": ("auditor",)})
     assert node.cli("audit", "verify", "--db").stdout.startswith("OK: ")
     assert "rewritten" not in node.cli("doctor", check=False).stdout
@@ -173,7 +174,8 @@ def test_a_head_given_a_root_of_the_writers_making_is_not_signed(
     a database writer put there the root of a log whose last entry made an intruder an
     administrator, had the node sign it, then swapped the entry in; every check said OK
     afterwards (from review). The entry the head ends on now vouches for the root."""
-    node = LocalNode(AUTHORITY, "Ministerio de Justicia", tmp_path / "es", databases.new("es"))
+    es_db = databases.new("es", migrated=True)
+    node = LocalNode(AUTHORITY, "Ministerio de Justicia", tmp_path / "es", es_db)
     node.init(clients={"cms": ("officer",), "auditor": ("auditor",)})
     engine = make_engine(node.database_url)
     try:
@@ -316,8 +318,7 @@ def test_a_mac_that_does_not_match_is_refused_even_before_the_first_checkpoint_w
     from app.audit.checkpoints import LogRewritten
     from app.audit.mac import append_with
 
-    url = databases.new("mixed")
-    upgrade(url)
+    url = databases.new("mixed", migrated=True)
     engine = make_engine(url)
     keys = NodeKeys.generate()
     sessions = append_with(make_session_factory(engine), keys.log)
@@ -353,7 +354,8 @@ def test_an_old_processs_entries_after_the_first_checkpoint_are_accepted_on_reco
     (from review: no old process can start against the migrated database to sign over it,
     so the log was stuck for good). The operator sees the entries and accepts them, on
     record; an entry whose MAC does not match is never accepted."""
-    node = LocalNode(AUTHORITY, "Ministerio de Justicia", tmp_path / "es", databases.new("es"))
+    es_db = databases.new("es", migrated=True)
+    node = LocalNode(AUTHORITY, "Ministerio de Justicia", tmp_path / "es", es_db)
     node.init(clients={"cms": ("officer",)})
     node.cli("audit", "checkpoint")  # this version's: `entry-macs` from here on
     node.cli("clients", "create", "late-worker", "--role", "officer")
@@ -405,7 +407,9 @@ def test_a_mac_rewritten_as_text_is_refused_as_a_wrong_one(tmp_path: Path) -> No
     """From review: a MAC rewritten as TEXT made `audit verify --db` and `audit checkpoint`
     crash (TypeError) and doctor say "No problem found"; it is refused as a wrong MAC is."""
     database = tmp_path / "es.db"
-    node = LocalNode(AUTHORITY, "Ministerio de Justicia", tmp_path / "es", f"sqlite:///{database}")
+    node = LocalNode(
+        AUTHORITY, "Ministerio de Justicia", tmp_path / "es", migrated_sqlite(database)
+    )
     node.init(clients={"cms": ("officer",)})
     node.cli("audit", "checkpoint")
     node.cli("clients", "create", "late", "--role", "officer")  # no checkpoint covers it

@@ -16,7 +16,7 @@ from app.crypto.keys import load_keys
 from app.db import make_engine, make_session_factory
 from app.models import AuditEntry
 from tests.audit.test_entry_macs import _last_idx, _set_text_mac, _verifier
-from tests.conftest import Databases
+from tests.conftest import Databases, migrated_sqlite
 from tests.faults.harness import new_pair, wait_until
 
 
@@ -31,8 +31,8 @@ def test_entries_of_an_entraide_worker_process_carry_their_macs(
 
     pair = new_pair(
         tmp_path,
-        databases.new("es"),
-        databases.new("ar"),
+        databases.new("es", migrated=True),
+        databases.new("ar", migrated=True),
         sender_env={"ENTRAIDE_RUN_WORKER": "false", "ENTRAIDE_AUDIT_CHECKPOINT_EVERY": "1"},
     )
     try:
@@ -90,8 +90,8 @@ def test_a_failing_log_upkeep_does_not_stop_deliveries(tmp_path: Path, tamper: s
     database = tmp_path / "es.db"
     pair = new_pair(
         tmp_path,
-        f"sqlite:///{database}",
-        f"sqlite:///{tmp_path / 'ar.db'}",
+        migrated_sqlite(database),
+        migrated_sqlite(tmp_path / "ar.db"),
         sender_env={"ENTRAIDE_RUN_WORKER": "false", "ENTRAIDE_AUDIT_CHECKPOINT_EVERY": "1"},
     )
     try:

@@ -385,7 +385,7 @@ def test_a_rotation_made_to_take_effect_by_the_node_is_recorded_once(
     database) finish a stopped rotation at once: one `key.rotated` entry, actor node. The
     next command that loads the keys (the CLI's load_node) finishes another: recorded too,
     and the running processes that reload it afterwards add none (from review: no entry)."""
-    local = LocalNode("ES/MJ", "Ministerio", tmp_path / "es", databases.new("es"))
+    local = LocalNode("ES/MJ", "Ministerio", tmp_path / "es", databases.new("es", migrated=True))
     local.init()
     settings = Settings(database_url=local.database_url, keys_dir=local.keys_dir)
     nodes = [load_node(settings), load_node(settings)]

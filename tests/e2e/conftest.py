@@ -50,11 +50,12 @@ def network(
     databases = make_databases(request.param, tmp_path_factory.mktemp("db"))
     base = tmp_path_factory.mktemp("nodes")
     nodes = [
-        LocalNode("ES/MJ", "Ministerio de Justicia", base / "es", databases.new("es")),
-        LocalNode("AR/MPF", "Ministerio Publico Fiscal", base / "ar", databases.new("ar")),
-        LocalNode(
-            "FR/DACG", "Direction des affaires criminelles", base / "fr", databases.new("fr")
-        ),
+        LocalNode(authority, name, base / label, databases.new(label, migrated=True))
+        for authority, name, label in (
+            ("ES/MJ", "Ministerio de Justicia", "es"),
+            ("AR/MPF", "Ministerio Publico Fiscal", "ar"),
+            ("FR/DACG", "Direction des affaires criminelles", "fr"),
+        )
     ]
     try:
         with ThreadPoolExecutor(max_workers=3) as pool:

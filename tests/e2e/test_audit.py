@@ -25,6 +25,7 @@ from app.crypto.keys import NodeKeys, load_keys
 from app.db import make_engine, make_session_factory, unit_of_work
 from app.localnodes import LocalNode
 from app.models import AuditCheckpoint, AuditEntry, AuditHead, AuditIndex, AuditNode
+from tests.conftest import migrated_sqlite
 from tests.e2e.conftest import EXAMPLE, wait_for
 
 SETUP = ["key.created"] * 3 + ["client.created"] * 3 + ["peer.added"]
@@ -34,8 +35,12 @@ SETUP = ["key.created"] * 3 + ["client.created"] * 3 + ["peer.added"]
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalNode, LocalNode]]:
     base = tmp_path_factory.mktemp("audit-nodes")
     quiet = {"ENTRAIDE_AUDIT_CHECKPOINT_SECONDS": "3600"}  # checkpoints only when asked
-    es = LocalNode("ES/MJ", "Ministerio", base / "es", f"sqlite:///{base}/es.db", extra_env=quiet)
-    ar = LocalNode("AR/MPF", "Fiscal", base / "ar", f"sqlite:///{base}/ar.db", extra_env=quiet)
+    es = LocalNode(
+        "ES/MJ", "Ministerio", base / "es", migrated_sqlite(base / "es.db"), extra_env=quiet
+    )
+    ar = LocalNode(
+        "AR/MPF", "Fiscal", base / "ar", migrated_sqlite(base / "ar.db"), extra_env=quiet
+    )
     try:
         for node in (es, ar):
             node.init(clients={role: (role,) for role in ("admin", "officer", "auditor")})

@@ -13,6 +13,7 @@ from sqlalchemy import select
 from app.db import make_engine
 from app.localnodes import LocalNode
 from app.models import OutboxItem
+from tests.conftest import migrated_sqlite
 from tests.e2e.conftest import EXAMPLE, audit_details, read_request, wait_for
 
 
@@ -20,8 +21,10 @@ from tests.e2e.conftest import EXAMPLE, audit_details, read_request, wait_for
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalNode, LocalNode]]:
     base = tmp_path_factory.mktemp("delivery-nodes")
     fast = {"ENTRAIDE_PEER_TIMEOUT_SECONDS": "3", "ENTRAIDE_LEASE_SECONDS": "5"}
-    es = LocalNode("ES/MJ", "Ministerio", base / "es", f"sqlite:///{base}/es.db", extra_env=fast)
-    ar = LocalNode("AR/MPF", "Fiscal", base / "ar", f"sqlite:///{base}/ar.db", extra_env=fast)
+    es = LocalNode(
+        "ES/MJ", "Ministerio", base / "es", migrated_sqlite(base / "es.db"), extra_env=fast
+    )
+    ar = LocalNode("AR/MPF", "Fiscal", base / "ar", migrated_sqlite(base / "ar.db"), extra_env=fast)
     try:
         for node in (es, ar):
             node.init(clients={role: (role,) for role in ("admin", "officer", "auditor")})

@@ -121,10 +121,11 @@ def pair(
         "ES/MJ",
         "Ministerio de Justicia",
         base / "es",
-        databases.new("es"),
+        databases.new("es", migrated=True),
         extra_env={"ENTRAIDE_MAX_BODY_BYTES": str(ES_MAX_BODY)},
     )
-    ar = LocalNode("AR/MPF", "Ministerio Publico Fiscal", base / "ar", databases.new("ar"))
+    ar_db = databases.new("ar", migrated=True)
+    ar = LocalNode("AR/MPF", "Ministerio Publico Fiscal", base / "ar", ar_db)
     try:
         for node in (es, ar):
             node.init(clients={"admin": ("admin",), "officer": ("officer",)})

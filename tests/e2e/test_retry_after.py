@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 
 from app.localnodes import LocalNode
+from tests.conftest import migrated_sqlite
 from tests.e2e.conftest import submit_example, wait_for
 
 BLOCK_SECONDS = 300
@@ -26,9 +27,9 @@ def test_the_sender_waits_as_long_as_the_peer_asked(tmp_path: Path) -> None:
         "ENTRAIDE_P2P_REFUSAL_LIMIT": "2",
         "ENTRAIDE_AUTH_BLOCK_SECONDS": str(BLOCK_SECONDS),
     }
-    es = LocalNode("ES/MJ", "Ministerio", tmp_path / "es", f"sqlite:///{tmp_path}/es.db")
+    es = LocalNode("ES/MJ", "Ministerio", tmp_path / "es", migrated_sqlite(tmp_path / "es.db"))
     ar = LocalNode(
-        "AR/MPF", "Fiscal", tmp_path / "ar", f"sqlite:///{tmp_path}/ar.db", extra_env=limits
+        "AR/MPF", "Fiscal", tmp_path / "ar", migrated_sqlite(tmp_path / "ar.db"), extra_env=limits
     )
     try:
         for node in (es, ar):

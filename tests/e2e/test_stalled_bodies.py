@@ -61,7 +61,7 @@ def _serving(
         "AR/MPF",
         "Ministerio Publico Fiscal",
         tmp_path_factory.mktemp("nodes") / "ar",
-        databases.new("ar"),
+        databases.new("ar", migrated=True),
         extra_env=env,
     )
     try:

@@ -26,10 +26,12 @@ def prepare(node: LocalNode, *, start: bool = True) -> None:
 
 
 @contextmanager
-def pinned_pair(backend: str, tmp_path: Path) -> Iterator[Pair]:
+def pinned_pair(backend: str, tmp_path: Path, *, migrated: bool = True) -> Iterator[Pair]:
+    """`migrated=False`: on empty databases, which `init` migrates."""
     databases = make_databases(backend, tmp_path)
-    es = LocalNode("ES/MJ", "Ministerio de Justicia", tmp_path / "es", databases.new("es"))
-    ar = LocalNode("AR/MPF", "Ministerio Publico Fiscal", tmp_path / "ar", databases.new("ar"))
+    es_db, ar_db = databases.new("es", migrated=migrated), databases.new("ar", migrated=migrated)
+    es = LocalNode("ES/MJ", "Ministerio de Justicia", tmp_path / "es", es_db)
+    ar = LocalNode("AR/MPF", "Ministerio Publico Fiscal", tmp_path / "ar", ar_db)
     pair = Pair(es, ar, databases)
     try:
         with ThreadPoolExecutor(max_workers=2) as pool:

@@ -35,7 +35,6 @@ from app.crypto.keys import load_keys, rotate_keys
 from app.db import make_engine, make_session_factory, unit_of_work
 from app.delivery import heartbeat
 from app.localnodes import LocalNode
-from app.migrate import upgrade
 from app.models import AuditEntry, AuditHead
 from app.node import load_node
 from tests.conftest import BACKENDS, make_databases
@@ -179,7 +178,7 @@ def restore_into(url: str, keys_dir: Path, archive: Path, passphrase: bytes | No
 
 def test_restore_refuses_what_would_lose_or_mix_data(tmp_path: Path) -> None:
     databases = make_databases("sqlite", tmp_path)
-    node = _initialised(tmp_path, databases.new("es"))
+    node = _initialised(tmp_path, databases.new("es", migrated=True))
     plain = backup_of(node, tmp_path / "plain.tar.gz")
     sealed = backup_of(node, tmp_path / "sealed.tar.gz", PASSPHRASE.encode())
     # Never overwrite a backup; never a short passphrase, nor one on the command line.
@@ -207,7 +206,9 @@ def test_restore_refuses_what_would_lose_or_mix_data(tmp_path: Path) -> None:
     assert not fresh_keys.exists() or not any(fresh_keys.iterdir())
     assert not Path(fresh_url.removeprefix("sqlite:///")).exists()
     # Another node's keys in the keys folder: refused.
-    other = LocalNode("FR/DACG", "Direction", tmp_path / "other", databases.new("other"))
+    other = LocalNode(
+        "FR/DACG", "Direction", tmp_path / "other", databases.new("other", migrated=True)
+    )
     other.init()
     with pytest.raises(BackupError, match="not the keys of the node"):
         restore_into(databases.new("mixed"), other.keys_dir, plain, None)
@@ -217,7 +218,7 @@ def test_restore_refuses_what_would_lose_or_mix_data(tmp_path: Path) -> None:
 
 def test_a_damaged_backup_is_refused_before_anything_is_written(tmp_path: Path) -> None:
     databases = make_databases("sqlite", tmp_path)
-    node = _initialised(tmp_path, databases.new("es"))
+    node = _initialised(tmp_path, databases.new("es", migrated=True))
     good = backup_of(node, tmp_path / "good.tar.gz", PASSPHRASE.encode())
     # Alter one row of the audit log inside the archive, keeping it a valid tar.gz.
     damaged = tmp_path / "damaged.tar.gz"
@@ -238,7 +239,7 @@ def test_a_backup_whose_manifest_is_not_the_signed_one_leaves_no_keys(tmp_path: 
     """From a recovery review: the manifest's signature was checked after the backup's keys
     had been moved into the keys folder, and a refusal left them there."""
     databases = make_databases("sqlite", tmp_path)
-    node = _initialised(tmp_path, databases.new("es"))
+    node = _initialised(tmp_path, databases.new("es", migrated=True))
     good = backup_of(node, tmp_path / "good.tar.gz", PASSPHRASE.encode())
     forged = tmp_path / "forged.tar.gz"
     with tarfile.open(good) as source, tarfile.open(forged, "w:gz") as target:
@@ -265,7 +266,7 @@ def test_a_backup_file_cut_short_or_overwritten_is_refused_in_plain_words(
     way): `entraide restore` says so and writes nothing; it ended in a traceback, or in a
     bare 'Aborted.'."""
     databases = make_databases("sqlite", tmp_path)
-    node = _initialised(tmp_path, databases.new("es"))
+    node = _initialised(tmp_path, databases.new("es", migrated=True))
     good = backup_of(node, tmp_path / "good.tar.gz", PASSPHRASE.encode()).read_bytes()
     broken = tmp_path / "broken.tar.gz"
     if harm == "truncated":
@@ -282,7 +283,7 @@ def test_a_backup_file_cut_short_or_overwritten_is_refused_in_plain_words(
 
 def test_a_restore_whose_log_fails_is_recorded_as_failed(tmp_path: Path) -> None:
     databases = make_databases("sqlite", tmp_path)
-    node = _initialised(tmp_path, databases.new("es"))
+    node = _initialised(tmp_path, databases.new("es", migrated=True))
     engine = make_engine(node.database_url)
     try:  # the log altered before the backup was taken: the backup itself is intact
         with engine.begin() as connection:
@@ -310,7 +311,7 @@ def test_a_sqlite_node_moves_to_postgresql_by_backup_and_restore(tmp_path: Path)
     sqlite = make_databases("sqlite", tmp_path)
     postgres = make_databases("postgresql", tmp_path)
     try:
-        node = _initialised(tmp_path, sqlite.new("es"))
+        node = _initialised(tmp_path, sqlite.new("es", migrated=True))
         archive = backup_of(node, tmp_path / "es.tar.gz", PASSPHRASE.encode())
         moved = LocalNode("ES/MJ", "x", tmp_path / "pg", postgres.new("es"))
         moved.workdir.mkdir()
@@ -347,7 +348,7 @@ def test_a_log_that_cannot_take_an_entry_is_backed_up_and_restored_without_crash
     appended on it: the backup keeps it as it is (evidence), and the restore says what is
     wrong instead of an IntegrityError, in both commands."""
     databases = make_databases("sqlite", tmp_path)
-    node = _initialised(tmp_path, databases.new("es"))
+    node = _initialised(tmp_path, databases.new("es", migrated=True))
     engine = make_engine(node.database_url)
     try:  # the head row put back behind two later entries
         with engine.connect() as connection:
@@ -379,7 +380,7 @@ def test_a_backup_that_could_not_be_written_is_recorded_as_failed(
 ) -> None:
     """From an operator's review: the log said `backup.created ok` for a backup whose file was
     never written (its entry is made first, so that the copy covers a checkpoint of it)."""
-    node = _initialised(tmp_path, make_databases("sqlite", tmp_path).new("es"))
+    node = _initialised(tmp_path, make_databases("sqlite", tmp_path).new("es", migrated=True))
 
     def full_disk(*_args: object, **_kwargs: object) -> object:
         raise OSError(28, "No space left on device")
@@ -408,7 +409,7 @@ def test_a_backup_refuses_key_files_it_would_leave_out(tmp_path: Path) -> None:
     skipped, and the backup, said to hold the private keys, restored none; and a failure
     while writing left the whole database and sealed keys in `<out>.partial`."""
     databases = make_databases("sqlite", tmp_path)
-    node = _initialised(tmp_path, databases.new("es"))
+    node = _initialised(tmp_path, databases.new("es", migrated=True))
     mounted = tmp_path / "secrets"
     mounted.mkdir(mode=0o700)
     key = node.keys_dir / "signing.key"
@@ -430,7 +431,7 @@ def test_a_rotation_while_a_backup_runs_is_refused_not_mixed_in(
     not, or its identity document, manifest, signature and key files would name two sets of
     keys, a backup no restore accepts. It keeps the keys it started with and refuses."""
     databases = make_databases("sqlite", tmp_path)
-    node = _initialised(tmp_path, databases.new("es"))
+    node = _initialised(tmp_path, databases.new("es", migrated=True))
     real_dump = backup_service.dump_database
 
     def rotated_meanwhile(*args: Any, **kwargs: Any) -> Any:
@@ -454,9 +455,10 @@ def test_a_restore_into_a_folder_holding_another_nodes_files_is_refused(tmp_path
     files stayed (another node's identity) checked the backup's files and installed the old
     ones: a node restored under another's name."""
     databases = make_databases("sqlite", tmp_path)
-    node = _initialised(tmp_path, databases.new("es"))
+    node = _initialised(tmp_path, databases.new("es", migrated=True))
     sealed = backup_of(node, tmp_path / "sealed.tar.gz", PASSPHRASE.encode())
-    other = LocalNode("AR/MPF", "Ministerio Publico Fiscal", tmp_path / "other", databases.new("o"))
+    other_db = databases.new("other", migrated=True)
+    other = LocalNode("AR/MPF", "Ministerio Publico Fiscal", tmp_path / "other", other_db)
     other.init()
     for key in other.keys_dir.glob("*.key"):
         key.unlink()
@@ -471,7 +473,7 @@ def test_a_restore_keeps_what_does_not_say_whose_node_it_is(tmp_path: Path) -> N
     README of another version; only files that say whose node it is may clash. The folder
     is closed (0700) as `init` closes it."""
     databases = make_databases("sqlite", tmp_path)
-    node = _initialised(tmp_path, databases.new("es"))
+    node = _initialised(tmp_path, databases.new("es", migrated=True))
     (node.keys_dir / "README.md").write_text("keys live here\n")
     sealed = backup_of(node, tmp_path / "sealed.tar.gz", PASSPHRASE.encode())
     target = tmp_path / "restored" / "keys"
@@ -492,14 +494,13 @@ def test_a_backup_restores_into_a_freshly_migrated_database(tmp_path: Path, back
     (tmp_path / "target").mkdir()
     target = make_databases(backend, tmp_path / "target")
     try:
-        node = _initialised(tmp_path, source.new("es"))
+        node = _initialised(tmp_path, source.new("es", migrated=True))
         with unit_of_work(make_session_factory(make_engine(node.database_url))) as session:
             heartbeat.beat(session, "host:1:worker", every_seconds=600)
         archive = backup_of(node, tmp_path / "es.tar.gz")
         with tarfile.open(archive) as tar:  # which workers ran then is no data to restore
             assert "database/worker_heartbeats.jsonl" not in tar.getnames()
-        url = target.new("migrated")
-        upgrade(url)
+        url = target.new("migrated", migrated=True)
         assert restore_into(url, node.keys_dir, archive, None).ok
     finally:
         target.drop_all()
@@ -525,7 +526,7 @@ def test_a_backup_needs_its_folder_and_no_room_in_the_temporary_one(
     the root disk unnoticed), and a SQLite node's database was copied into the system's
     temporary folder first (too small there: a raw sqlite3 error; a copy left behind)."""
     databases = make_databases("sqlite", tmp_path)
-    node = _initialised(tmp_path, databases.new("es"))
+    node = _initialised(tmp_path, databases.new("es", migrated=True))
     with pytest.raises(BackupError, match="is not a folder"):
         backup_of(node, tmp_path / "unmounted" / "es.tar.gz")
     assert not (tmp_path / "unmounted").exists()
@@ -546,12 +547,14 @@ def test_a_nightly_backup_restores_on_a_new_machine_with_the_keys_backups_keys(
     backup brought back its own, older, database (from review). `--keys-from` takes only
     the keys; another node's keys backup, or a keys folder already filled, is refused."""
     databases = make_databases("sqlite", tmp_path)
-    node = _initialised(tmp_path, databases.new("es"))
+    node = _initialised(tmp_path, databases.new("es", migrated=True))
     keys = backup_of(node, tmp_path / "keys.tar.gz", PASSPHRASE.encode())
     with unit_of_work(make_session_factory(make_engine(node.database_url))) as session:
         create_client(session, name="after-the-keys-backup", roles={Role.OFFICER})
     nightly = backup_of(node, tmp_path / "nightly.tar.gz")
-    other = LocalNode("FR/DACG", "Direction", tmp_path / "other", databases.new("other"))
+    other = LocalNode(
+        "FR/DACG", "Direction", tmp_path / "other", databases.new("other", migrated=True)
+    )
     other.init()
     others_keys = backup_of(other, tmp_path / "others-keys.tar.gz", PASSPHRASE.encode())
 
@@ -590,7 +593,7 @@ def test_a_backup_stopped_by_sigterm_leaves_nothing_in_the_backups_folder(
     whole copy of the database) and its partial file stayed, hidden, in a folder that may be
     copied off site (from review)."""
     databases = make_databases("sqlite", tmp_path)
-    node = _initialised(tmp_path, databases.new("es"))
+    node = _initialised(tmp_path, databases.new("es", migrated=True))
     database = sqlite3.connect(node.database_url.removeprefix("sqlite:///"))
     with database:  # enough to keep the backup busy for a while
         database.execute("CREATE TABLE filler (id INTEGER PRIMARY KEY, data BLOB)")
@@ -619,7 +622,7 @@ def test_a_restore_says_what_was_unsettled_when_the_backup_was_taken(tmp_path: P
     """From the backup review: a draft open when the backup was taken may have been submitted
     since, and its peer then refuses it again as `replayed`; the restore says so."""
     databases = make_databases("sqlite", tmp_path)
-    node = _initialised(tmp_path, databases.new("es"))
+    node = _initialised(tmp_path, databases.new("es", migrated=True))
     engine = make_engine(node.database_url)
     try:
         with engine.begin() as connection:
@@ -647,7 +650,7 @@ def test_a_value_sqlite_cannot_decode_is_backed_up_and_named(tmp_path: Path) -> 
     of a damaged database is what its operator needs most: written, the value as its bytes,
     and the damage named by table, row and column."""
     databases = make_databases("sqlite", tmp_path)
-    node = _initialised(tmp_path, databases.new("es"))
+    node = _initialised(tmp_path, databases.new("es", migrated=True))
     path = node.database_url.removeprefix("sqlite:///")
     with closing(sqlite3.connect(path)) as raw, raw:
         raw.execute(

@@ -51,8 +51,11 @@ BEFORE_RECORDS_SCHEMA = f"{RECORD_INTRODUCED_AT}-1"  # c3a9e1d24f70, the writer'
 ADOPT = "`entraide audit checkpoint --adopt`"
 
 
-def _node(databases: Databases, tmp_path: Path) -> LocalNode:
-    node = LocalNode(AUTHORITY, "Ministerio de Justicia", tmp_path / "es", databases.new("es"))
+def _node(databases: Databases, tmp_path: Path, *, migrated: bool = False) -> LocalNode:
+    """On an empty database (an older schema is built on it, or `init` migrates it and the
+    test then downgrades it), or with `migrated` on one at the latest migration."""
+    url = databases.new("es", migrated=migrated)
+    node = LocalNode(AUTHORITY, "Ministerio de Justicia", tmp_path / "es", url)
     # Checkpoints at every new entry: the worker's upkeep tries at each round.
     node.extra_env.update(
         {"ENTRAIDE_AUDIT_CHECKPOINT_EVERY": "1", "ENTRAIDE_AUDIT_CHECKPOINT_SECONDS": "1"}
@@ -185,7 +188,7 @@ def test_a_record_deleted_beside_a_current_database_stays_an_alarm(
 ) -> None:
     """The tamper case the alarm is for: `migrate` adopts nothing over it, and the running
     node says it once, not at every round of its worker."""
-    node = _node(databases, tmp_path)
+    node = _node(databases, tmp_path, migrated=True)
     node.init()
     record_file = node.keys_dir / "log-signed.json"
     record_file.unlink()
@@ -371,7 +374,7 @@ def test_migrate_says_done_only_once_the_log_is_adopted(
 
 def test_migrate_fails_on_an_unreadable_record(databases: Databases, tmp_path: Path) -> None:
     """From review: with the record emptied, migrate said nothing of it and exited 0."""
-    node = _node(databases, tmp_path)
+    node = _node(databases, tmp_path, migrated=True)
     node.init()
     record_file = node.keys_dir / "log-signed.json"
     record_file.write_text("")
@@ -459,7 +462,7 @@ def test_a_head_row_deleted_or_unreadable_fails_migrate_and_doctor(
     """From review: a deleted audit head row, or one holding a value the driver cannot read,
     passed as "no schema yet": `migrate` exited 0 and doctor found no problem, while every
     audited action failed saying "run the migrations", which did nothing."""
-    node = _node(databases, tmp_path)
+    node = _node(databases, tmp_path, migrated=True)
     node.init()
     node.create_client("a1", "admin")
     node.cli("audit", "checkpoint")

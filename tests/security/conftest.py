@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from app.localnodes import LocalNode, client_command
+from tests.conftest import migrated_sqlite
 
 CREDENTIALS = (
     "none",
@@ -24,11 +25,15 @@ CREDENTIALS = (
 ALL_ROLES = ("officer", "auditor", "admin", "monitor")
 
 
-def new_node(base: Path, authority: str = "ES/MJ", **env: str) -> LocalNode:
+def new_node(
+    base: Path, authority: str = "ES/MJ", *, migrated: bool = True, **env: str
+) -> LocalNode:
+    """A node on a SQLite database at the latest migration (`init` finds nothing to migrate),
+    or with `migrated=False` on none: `init` creates the file."""
     label = authority.split("/")[0].lower()
-    return LocalNode(
-        authority, f"Node {authority}", base / label, f"sqlite:///{base / label}.db", extra_env=env
-    )
+    path = base / f"{label}.db"
+    url = migrated_sqlite(path) if migrated else f"sqlite:///{path}"
+    return LocalNode(authority, f"Node {authority}", base / label, url, extra_env=env)
 
 
 def prepare(nodes: Sequence[LocalNode], clients: Sequence[str] = ("admin", "officer")) -> None:

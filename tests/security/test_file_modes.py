@@ -19,7 +19,7 @@ def _mode(path: Path) -> int:
 def test_a_node_and_its_commands_write_for_their_user_only(tmp_path: Path) -> None:
     previous = os.umask(0o022)  # the usual default: others may read what is created
     try:
-        node = new_node(tmp_path)
+        node = new_node(tmp_path, migrated=False)  # the database file is the node's to create
         prepare([node])
         node.stop()
         database = Path(node.database_url.removeprefix("sqlite:///"))

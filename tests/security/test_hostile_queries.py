@@ -26,9 +26,8 @@ def node(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalNode]:
     databases = make_databases(request.param, tmp_path_factory.mktemp("db"))
-    local = LocalNode(
-        "ES/MJ", "Ministerio de Justicia", tmp_path_factory.mktemp("es"), databases.new("es")
-    )
+    url = databases.new("es", migrated=True)
+    local = LocalNode("ES/MJ", "Ministerio de Justicia", tmp_path_factory.mktemp("es"), url)
     try:
         local.init(clients={role: (role,) for role in ("admin", "officer", "auditor")})
         local.start()

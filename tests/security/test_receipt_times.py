@@ -123,10 +123,10 @@ def pair(
     databases = make_databases(request.param, tmp_path_factory.mktemp("db"))
     # East of UTC, as a server set to local time in Madrid: year 9999 read there is 10000.
     env = {"ENTRAIDE_PEER_REFRESH_SECONDS": "0", "PGTZ": "Europe/Madrid"}
+    url = databases.new("es", migrated=True)
     es = LocalNode(
-        "ES/MJ", "Ministerio de Justicia", tmp_path_factory.mktemp("es"), databases.new("es"),
-        extra_env=env,
-    )  # fmt: skip
+        "ES/MJ", "Ministerio de Justicia", tmp_path_factory.mktemp("es"), url, extra_env=env
+    )
     peer = HostilePeer()
     try:
         peer.start()
