@@ -67,6 +67,54 @@ def test_alembic_upgrade_head_on_an_empty_database(databases: Databases) -> None
         engine.dispose()
 
 
+def _schema_and_rows(url: str) -> tuple[object, dict[str, list[dict[str, Any]]]]:
+    """Every table's columns, indexes and constraints, and every row, as read back."""
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            found = inspect(connection)
+            schema = {
+                name: [
+                    repr(part)
+                    for part in (
+                        found.get_columns(name),
+                        found.get_pk_constraint(name),
+                        found.get_foreign_keys(name),
+                        found.get_unique_constraints(name),
+                        found.get_check_constraints(name),
+                        sorted(index["name"] or "" for index in found.get_indexes(name)),
+                    )
+                ]
+                for name in found.get_table_names()
+            }
+            rows = {
+                table.name: [dict(row._mapping) for row in connection.execute(select(table))]
+                for table in Base.metadata.sorted_tables
+            }
+            rows["alembic_version"] = [
+                dict(row._mapping)
+                for row in connection.execute(text("SELECT * FROM alembic_version"))
+            ]
+    finally:
+        engine.dispose()
+    return schema, rows
+
+
+def test_a_migrated_copy_is_what_the_migrations_make(databases: Databases) -> None:
+    """The tests' migrated databases are copies of one migrated once per test process
+    (tests/conftest.py): they stand for `alembic upgrade head` on an empty database only while
+    no migration writes what differs from one run to the next. The one such value, the empty
+    log's head row's date, is a time already past when the copy is used."""
+    url = databases.new("from-empty")
+    upgrade(url)
+    schema, rows = _schema_and_rows(url)
+    copy_schema, copy_rows = _schema_and_rows(databases.new("copy", migrated=True))
+    assert copy_schema == schema
+    for head in (*rows["audit_head"], *copy_rows["audit_head"]):
+        assert head.pop("updated_at") <= utc_now()
+    assert copy_rows == rows
+
+
 def test_audit_index_revision_keeps_the_log_provable_both_ways(databases: Databases) -> None:
     """49a8eff55d00 indexes the existing log, drops the small subtrees; downgrading puts the
     small subtrees back exactly as appends used to store them."""
