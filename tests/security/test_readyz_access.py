@@ -38,7 +38,7 @@ PUBLIC_KEYS = {"status", "checks", "failing"}
 def ar(databases: Databases, tmp_path: Path) -> Iterator[Harness]:
     """A node of its own, with one delivery waiting (no worker runs): a backlog to hide.
     The throttle tests block its only address."""
-    with serve_node(databases.new("ar"), tmp_path) as harness:
+    with serve_node(databases.new("ar", migrated=True), tmp_path) as harness:
         document = example_document(requesting_authority="AR/MPF", requested_authority="ES/MJ")
         submitted = harness.post("/api/v1/requests", {"to": "ES/MJ", "document": document})
         assert submitted.status_code == 201, submitted.text
