@@ -32,13 +32,14 @@ from app.crypto.envelope import Attachment, Recipient, WireEnvelope, seal
 from app.crypto.identity import build_identity_document, parse_identity_document
 from app.crypto.keys import NodeIdentity, NodeKeys, save_identity, save_keys
 from app.crypto.randomness import SystemRandomness
-from app.db import unit_of_work
+from app.db import make_engine, unit_of_work
 from app.lingering import LingeringH11Protocol
 from app.localnodes import free_port
 from app.main import create_app
 from app.migrate import ROOT
 from app.models import AuditEntry, Message
 from app.node import Node
+from app.obs.health import schema_pending
 from app.peers.service import pin_peer
 from tests.conftest import BACKENDS, Databases, make_databases
 
@@ -186,6 +187,12 @@ def serve_node(
     save_identity(
         keys_dir, NodeIdentity("AR/MPF", "Ministerio Publico Fiscal", "http://ar.invalid")
     )
+    engine = make_engine(url)
+    try:  # an empty one fails later, half way through the start-up, on a missing table
+        pending = schema_pending(engine)
+    finally:
+        engine.dispose()
+    assert not pending, "serve_node serves a database migrated to head: new(..., migrated=True)"
     settings = Settings(
         database_url=url, keys_dir=keys_dir, run_worker=False, allow_insecure_http=True
     )
