@@ -379,6 +379,34 @@ class DirectoryBlobStore:
     def upload_exists(self, upload_id: str) -> bool:
         return (self.uploads / _check_upload_id(upload_id)).exists()
 
+    def wait_unwritten(self, upload_id: str, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for no request to be writing the upload: True once
+        none is (or there is no such upload), False if one still is.
+
+        A client that loses its link asks at once where to resume, while the request it broke
+        off may still be taking in what reached the node before keeping its whole chunks:
+        the staging file then holds fewer chunks than it will, and the client would send
+        again bytes the node is about to keep (or be refused as busy)."""
+        path = self.uploads / _check_upload_id(upload_id)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return True
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    # Shared and let go at once (the descriptor is closed): only learns that
+                    # the writer, who holds it exclusively while it writes, is done.
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    return True
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        return False
+                    time.sleep(0.02)
+        finally:
+            os.close(fd)
+
     def discard_upload(self, upload_id: str) -> None:
         path = self.uploads / _check_upload_id(upload_id)
         try:

@@ -29,8 +29,11 @@ async def feed_in_thread(
 
     `sink` runs in a worker thread on one batch while the next batch is received. An
     exception from `sink` stops the receiving and is raised; one from `chunks` (a client
-    that disconnects) is raised once the batch in flight is done. The last batch, shorter
-    than `batch_bytes`, is given before this returns.
+    that disconnects, a body gone silent) is raised once what was received before it has
+    been given to `sink` too: the caller keeps its whole chunks, and the client resumes
+    after them (dropped, up to a batch of bytes that had reached the node was sent again
+    after every broken link). The last batch, shorter than `batch_bytes`, is given before
+    this returns.
     """
     failures: list[Exception] = []
 
@@ -65,10 +68,10 @@ async def feed_in_thread(
             received = exc
     if failures:
         raise failures[0]
-    if received is not None:
-        raise received
     if batch:
         await anyio.to_thread.run_sync(sink, batch)
+    if received is not None:
+        raise received
 
 
 async def until_idle(chunks: AsyncIterable[bytes], seconds: float) -> AsyncIterator[bytes]:

@@ -37,7 +37,7 @@ from app.db import unit_of_work
 from app.deps import NodeDep, OfficerDep, SessionDep, UnitOfWorkRoute
 from app.errors import Conflict, NotFound, PayloadTooLarge
 from app.evidence import drafts, schemas
-from app.evidence.blobstore import UploadBusy
+from app.evidence.blobstore import DirectoryBlobStore, UploadBusy
 from app.evidence.node_store import blob_store
 from app.evidence.pump import body_timed_out, feed_in_thread, until_idle
 from app.evidence.stream import PartWriter, UploadError
@@ -49,6 +49,10 @@ from app.requests.router import check_dates
 from app.requests.schemas import Submitted
 
 log = logging.getLogger(__name__)
+
+# How long `HEAD` waits for a PATCH of the same attachment still under way (one whose client
+# has gone keeps what reached the node within a second or two); past it, the offset so far.
+RESUME_WAIT_SECONDS = 10.0
 router = APIRouter(prefix="/api/v1/evidence", tags=["evidence"], route_class=UnitOfWorkRoute)
 # A reply's draft is made on its request, beside POST /api/v1/requests/{id}/messages.
 replies = APIRouter(prefix="/api/v1/requests", tags=["evidence"], route_class=UnitOfWorkRoute)
@@ -168,18 +172,33 @@ async def _offset_mismatch(request: Request, node: Node, offset: int, size: int)
 
 @router.head("/drafts/{draft_id}/attachments/{index}", status_code=204)
 def upload_offset(
-    draft_id: DraftId, index: Index, session: SessionDep, node: NodeDep, principal: OfficerDep
+    draft_id: DraftId, index: Index, node: NodeDep, principal: OfficerDep
 ) -> Response:
     _check_visible(node, draft_id, principal)
     store = blob_store(node.settings)
-    _, row = drafts.upload_target(
-        session, node, store, draft_id=draft_id, index=index, principal=principal
-    )
-    offset = drafts.staged_offset(store, row)
-    return Response(
-        status_code=204,
-        headers=_offset_headers(offset, row.size, complete=drafts.uploaded(store, row)),
-    )
+    where = functools.partial(_where_to_resume, node, store, draft_id, index, principal)
+    _, _, complete = where()  # first: who may ask, and whether there is anything to wait for
+    if not complete:
+        # A client asks as soon as its link broke; the request that broke may still be
+        # keeping its whole chunks. Answered once it has: its offset is where to go on from.
+        store.wait_unwritten(drafts.upload_id(draft_id, index), RESUME_WAIT_SECONDS)
+    offset, size, complete = where()
+    return Response(status_code=204, headers=_offset_headers(offset, size, complete=complete))
+
+
+def _where_to_resume(
+    node: Node,
+    store: DirectoryBlobStore,
+    draft_id: str,
+    index: int,
+    principal: Principal,
+) -> tuple[int, int, bool]:
+    """An attachment's durable offset, its size, and whether it is complete."""
+    with unit_of_work(node.sessions) as session:
+        _, row = drafts.upload_target(
+            session, node, store, draft_id=draft_id, index=index, principal=principal
+        )
+        return drafts.staged_offset(store, row), row.size, drafts.uploaded(store, row)
 
 
 def _finish(

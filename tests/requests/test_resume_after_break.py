@@ -1,0 +1,105 @@
+"""A client whose link broke asks `HEAD` where to resume at once, while the request that
+broke may still be keeping what reached the node: answered then, the offset was short of the
+chunks that request went on to keep, and the client sent them again or was refused as busy
+(seen under load: 8.9 MB sent twice over five breaks of a 9 MiB upload). `HEAD` waits for
+the request under way, for a while, and answers where it ended."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from app.evidence import router
+from app.evidence.drafts import upload_id
+from app.evidence.node_store import blob_store
+from app.evidence.stream import CHUNK_BYTES, CIPHER_CHUNK
+from tests.requests.conftest import Harness
+from tests.requests.test_upload_key_streams import _draft
+
+
+def _patch_then_hold(ar: Harness, href: str, data: bytes, sent: int) -> socket.socket:
+    """A PATCH of all of `data` whose client sends the first `sent` bytes, then nothing."""
+    address = urlsplit(str(ar.http.base_url))
+    held = socket.create_connection((address.hostname, address.port))
+    lines = [f"PATCH {href} HTTP/1.1", f"host: {address.netloc}", f"content-length: {len(data)}"]
+    lines += [f"{name}: {value}" for name, value in ar.as_("officer").items()]
+    lines.append("upload-offset: 0")
+    held.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + data[:sent])
+    return held
+
+
+def _staged(ar: Harness, draft_id: str, chunks: int) -> None:
+    """Wait until the node has written `chunks` whole chunks of what it was sent."""
+    staging = blob_store(ar.node.settings).uploads / upload_id(draft_id, 1)
+    deadline = time.monotonic() + 20
+    while not (staging.exists() and staging.stat().st_size >= chunks * CIPHER_CHUNK):
+        assert time.monotonic() < deadline, "the node never wrote what it was sent"
+        time.sleep(0.02)
+
+
+def _head_in_thread(ar: Harness, href: str) -> tuple[threading.Thread, list[httpx.Response]]:
+    answers: list[httpx.Response] = []
+    headers = ar.as_("officer")
+    asking = threading.Thread(target=lambda: answers.append(ar.http.head(href, headers=headers)))
+    asking.start()
+    return asking, answers
+
+
+def test_head_asked_as_the_link_breaks_answers_where_the_broken_request_ended(
+    ar: Harness,
+) -> None:
+    """Every whole chunk that reached the node is kept, the ones received after the last
+    batch handed to the encryption too (they were dropped: up to 1 MiB sent again)."""
+    data = os.urandom(4 * CHUNK_BYTES + 5)
+    draft_id, href = _draft(ar, len(data))
+    held = _patch_then_hold(ar, href, data, 3 * CHUNK_BYTES + 100)
+    _staged(ar, draft_id, 1)
+    asking, answers = _head_in_thread(ar, href)
+    asking.join(1.0)
+    assert not answers, "HEAD answered while a PATCH of the attachment was still under way"
+    held.close()  # the link breaks: the node keeps the three whole chunks, lets the file go
+    asking.join(20)
+    assert answers, "HEAD never answered once the link broke"
+    assert answers[0].status_code == 204
+    assert answers[0].headers["upload-offset"] == str(3 * CHUNK_BYTES)
+    # Taken at once from there: nothing sent again but the broken chunk, never refused busy.
+    rest = ar.http.patch(
+        href,
+        content=data[3 * CHUNK_BYTES :],
+        headers={**ar.as_("officer"), "upload-offset": str(3 * CHUNK_BYTES)},
+    )
+    assert rest.status_code == 204, rest.text
+    assert rest.headers["upload-complete"] == "?1"
+
+
+def test_head_does_not_wait_for_ever_on_a_request_still_sending(
+    ar: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another client may be sending the attachment, alive but slow: `HEAD` gives the offset
+    so far once it has waited its while (a PATCH from it is then refused as busy)."""
+    monkeypatch.setattr(router, "RESUME_WAIT_SECONDS", 1.0)
+    data = os.urandom(3 * CHUNK_BYTES + 5)
+    draft_id, href = _draft(ar, len(data))
+    held = _patch_then_hold(ar, href, data, 2 * CHUNK_BYTES + 100)
+    try:
+        _staged(ar, draft_id, 1)
+        started = time.monotonic()
+        answer = ar.http.head(href, headers=ar.as_("officer"))
+        assert time.monotonic() - started >= 1.0
+        assert answer.status_code == 204
+        assert int(answer.headers["upload-offset"]) in (0, CHUNK_BYTES, 2 * CHUNK_BYTES)
+        busy = ar.http.patch(
+            href,
+            content=data[:CHUNK_BYTES],
+            headers={**ar.as_("officer"), "upload-offset": answer.headers["upload-offset"]},
+        )
+        assert busy.status_code == 409, busy.text
+        assert busy.json()["error"] == "upload_busy"
+    finally:
+        held.close()
