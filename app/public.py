@@ -62,6 +62,7 @@ def openapi_schema(request: Request, principal: AnyRoleDep) -> dict[str, Any]:
 
 
 @router.get("/healthz")
+@router.head("/healthz")  # a load balancer's probe may be either (it was 405)
 def healthz() -> dict[str, str]:
     return {"status": "ok"}
 

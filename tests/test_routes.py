@@ -36,6 +36,8 @@ def test_only_identity_health_and_p2p_are_public() -> None:
     public = sorted(route.path for route in api_routes() if is_public(route))
     assert public == [
         "/.well-known/entraide/node",
+        # GET and HEAD, as /readyz.
+        "/healthz",
         "/healthz",
         "/p2p/v1/audit/consistency",
         "/p2p/v1/audit/cosignature",
