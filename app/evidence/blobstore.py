@@ -379,9 +379,10 @@ class DirectoryBlobStore:
     def upload_exists(self, upload_id: str) -> bool:
         return (self.uploads / _check_upload_id(upload_id)).exists()
 
-    def wait_unwritten(self, upload_id: str, timeout: float) -> bool:
-        """Wait up to `timeout` seconds for no request to be writing the upload: True once
-        none is (or there is no such upload), False if one still is.
+    def being_written(self, upload_id: str) -> bool:
+        """Whether a request is writing the upload now (it holds the staging file's lock).
+        Does not wait: a caller that must, polls (a thread blocked on the lock is one the
+        node's other requests lack).
 
         A client that loses its link asks at once where to resume, while the request it broke
         off may still be taking in what reached the node before keeping its whole chunks:
@@ -391,21 +392,16 @@ class DirectoryBlobStore:
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
-            return True
-        deadline = time.monotonic() + timeout
+            return False
         try:
-            while True:
-                try:
-                    # Shared and let go at once (the descriptor is closed): only learns that
-                    # the writer, who holds it exclusively while it writes, is done.
-                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                    return True
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        return False
-                    time.sleep(0.02)
+            # Shared and let go at once (the descriptor is closed): only learns whether the
+            # writer, which holds it exclusively while it writes, is there.
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
         finally:
             os.close(fd)
+        return False
 
     def discard_upload(self, upload_id: str) -> None:
         path = self.uploads / _check_upload_id(upload_id)

@@ -21,6 +21,7 @@ import logging
 from collections.abc import Callable
 from typing import Annotated
 
+import anyio
 from fastapi import APIRouter, Header, Path, Request, Response
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
@@ -171,18 +172,23 @@ async def _offset_mismatch(request: Request, node: Node, offset: int, size: int)
 
 
 @router.head("/drafts/{draft_id}/attachments/{index}", status_code=204)
-def upload_offset(
+async def upload_offset(
     draft_id: DraftId, index: Index, node: NodeDep, principal: OfficerDep
 ) -> Response:
-    _check_visible(node, draft_id, principal)
+    await run_in_threadpool(_check_visible, node, draft_id, principal)
     store = blob_store(node.settings)
     where = functools.partial(_where_to_resume, node, store, draft_id, index, principal)
-    _, _, complete = where()  # first: who may ask, and whether there is anything to wait for
+    # First: who may ask, and whether there is anything to wait for.
+    _, _, complete = await run_in_threadpool(where)
     if not complete:
         # A client asks as soon as its link broke; the request that broke may still be
         # keeping its whole chunks. Answered once it has: its offset is where to go on from.
-        store.wait_unwritten(drafts.upload_id(draft_id, index), RESUME_WAIT_SECONDS)
-    offset, size, complete = where()
+        # Polled on the event loop, holding no thread the node's other requests need.
+        staging = drafts.upload_id(draft_id, index)
+        deadline = anyio.current_time() + RESUME_WAIT_SECONDS
+        while store.being_written(staging) and anyio.current_time() < deadline:
+            await anyio.sleep(0.02)
+    offset, size, complete = await run_in_threadpool(where)
     return Response(status_code=204, headers=_offset_headers(offset, size, complete=complete))
 
 

@@ -10,6 +10,7 @@ import os
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 import httpx
@@ -101,5 +102,31 @@ def test_head_does_not_wait_for_ever_on_a_request_still_sending(
         )
         assert busy.status_code == 409, busy.text
         assert busy.json()["error"] == "upload_busy"
+    finally:
+        held.close()
+
+
+def test_waiting_heads_hold_no_thread_other_requests_need(
+    ar: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More waiting HEADs than the node has threads for its routes (40): a route that needs
+    one still answers at once (a HEAD that waited in a thread would have held them all)."""
+    monkeypatch.setattr(router, "RESUME_WAIT_SECONDS", 6.0)
+    data = os.urandom(3 * CHUNK_BYTES + 5)
+    draft_id, href = _draft(ar, len(data))
+    held = _patch_then_hold(ar, href, data, 2 * CHUNK_BYTES + 100)
+    headers = ar.as_("officer")
+    try:
+        _staged(ar, draft_id, 1)
+        with ThreadPoolExecutor(max_workers=45) as pool:
+            waiting = [pool.submit(ar.http.head, href, headers=headers) for _ in range(45)]
+            time.sleep(1.0)
+            assert not any(head.done() for head in waiting)
+            started = time.monotonic()
+            alive = ar.http.get("/healthz")  # a sync route: it runs in one of those threads
+            assert alive.status_code == 200
+            assert time.monotonic() - started < 3.0
+            held.close()
+            assert {head.result(timeout=20).status_code for head in waiting} == {204}
     finally:
         held.close()
