@@ -209,6 +209,26 @@ def _pieces(path: Path, offset: int, progress: Progress, task: Any) -> Any:
             yield data
 
 
+# Refusals of a PATCH that say only "ask HEAD where to resume" (docs/api.md §4.8): another
+# request of the attachment was under way (the one a broken link left, still keeping its
+# chunks, or another client's), the node's offset moved meanwhile, or the body went silent.
+RESUME_REFUSALS = frozenset({"offset_mismatch", "upload_busy", "upload_changed", "body_timeout"})
+
+
+class _AskAgain(Exception):
+    """A PATCH refused with one of RESUME_REFUSALS: tried again from HEAD's answer."""
+
+
+def _ask_again(response: httpx.Response) -> _AskAgain | None:
+    if response.status_code not in (408, 409):
+        return None
+    try:
+        code = response.json().get("error")
+    except (ValueError, AttributeError):
+        return None
+    return _AskAgain(_refusal(response)) if code in RESUME_REFUSALS else None
+
+
 def _upload(http: httpx.Client, href: str, path: Path, progress: Progress) -> None:
     size = path.stat().st_size
     task = progress.add_task(path.name, total=size)
@@ -226,9 +246,11 @@ def _upload(http: httpx.Client, href: str, path: Path, progress: Progress) -> No
                 content=_pieces(path, offset, progress, task),
                 headers={"upload-offset": str(offset), "content-length": str(length)},
             )
+            if again := _ask_again(response):
+                raise again
             _check(response, 204)
             failures = 0
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, _AskAgain) as exc:
             failures += 1
             if failures > RETRIES:
                 typer.echo(f"error: upload of {path} keeps failing: {exc}", err=True)

@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -22,6 +23,7 @@ from app.evidence.node_store import blob_store
 from app.evidence.stream import CHUNK_BYTES, CIPHER_CHUNK
 from tests.requests.conftest import Harness
 from tests.requests.test_upload_key_streams import _draft
+from tests.requests_cli import run_requests
 
 
 def _patch_then_hold(ar: Harness, href: str, data: bytes, sent: int) -> socket.socket:
@@ -130,3 +132,38 @@ def test_waiting_heads_hold_no_thread_other_requests_need(
             assert {head.result(timeout=20).status_code for head in waiting} == {204}
     finally:
         held.close()
+
+
+def test_the_cli_asks_again_where_to_resume_when_told_to(
+    ar: Harness, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`entraide requests send --draft` whose PATCH is refused as busy (the attachment still
+    held by a request its link left) asks HEAD again, and finishes once the node let the
+    attachment go. It gave up at the first such refusal, one the API says to ask again."""
+    monkeypatch.setattr(router, "RESUME_WAIT_SECONDS", 0.2)
+    data = os.urandom(3 * CHUNK_BYTES + 5)
+    draft_id, href = _draft(ar, len(data))
+    evidence = tmp_path / "e.bin"
+    evidence.write_bytes(data)
+    held = _patch_then_hold(ar, href, data, 2 * CHUNK_BYTES + 100)
+    try:
+        _staged(ar, draft_id, 1)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            sending = pool.submit(
+                run_requests,
+                str(ar.http.base_url),
+                ar.tokens["officer"],
+                *("send", str(evidence), "--draft", draft_id, "--attach", str(evidence)),
+            )
+            deadline = time.monotonic() + 60
+            while ("client:officer", "upload_busy", draft_id) not in ar.audit("api.refused"):
+                assert not sending.done(), sending.result().stderr
+                assert time.monotonic() < deadline, "the CLI's PATCH was never refused as busy"
+                time.sleep(0.1)
+            held.close()  # the link breaks: the node lets the attachment go
+            done = sending.result(timeout=180)
+    finally:
+        held.close()
+    assert done.returncode == 0, done.stderr
+    assert "upload_busy" not in done.stderr
+    assert ar.get(f"/api/v1/evidence/drafts/{draft_id}").json()["state"] == "submitted"
