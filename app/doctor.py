@@ -111,6 +111,32 @@ def _mode_problem(path: Path, *, directory: bool = False) -> str | None:
     return None
 
 
+class UnlockedKeys:
+    """The node's identity and keys, read and unlocked once for all the checks of a run:
+    with a passphrase, each unlock costs a second of CPU or more (three made a `doctor`
+    4.3 s). A failure is kept too: check_keys says why, and the others pass over it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._loaded: tuple[NodeIdentity, NodeKeys] | Exception | None = None
+
+    def keep(self, identity: NodeIdentity, keys: NodeKeys) -> None:
+        self._loaded = (identity, keys)
+
+    def get(self) -> tuple[NodeIdentity, NodeKeys]:
+        """Raises what loading them raised."""
+        if self._loaded is None:
+            keys_dir = self._settings.keys_dir
+            try:
+                passphrase = key_passphrase(self._settings)
+                self._loaded = (load_identity(keys_dir), load_keys(keys_dir, passphrase=passphrase))
+            except Exception as exc:  # kept, and raised again to each caller
+                self._loaded = exc
+        if isinstance(self._loaded, Exception):
+            raise self._loaded
+        return self._loaded
+
+
 def check_configuration(settings: Settings) -> Iterator[Finding]:
     findings = list(_configuration_findings(settings))
     yield from findings
@@ -192,7 +218,7 @@ def _configuration_findings(settings: Settings) -> Iterator[Finding]:
         )
 
 
-def check_keys(settings: Settings) -> Iterator[Finding]:
+def check_keys(settings: Settings, unlocked: UnlockedKeys | None = None) -> Iterator[Finding]:
     keys_dir = settings.keys_dir
     if not keys_dir.is_dir():
         yield Finding(
@@ -265,6 +291,8 @@ def check_keys(settings: Settings) -> Iterator[Finding]:
                 "consider `entraide keys rotate`",
             )
     keys = node.keyring.state().generation.keys
+    if unlocked is not None:
+        unlocked.keep(load_identity(keys_dir), keys)
     yield Finding(
         OK, "keys", f"keys load, {node.authority_id}, fingerprint {keys.fingerprint[:16]}…"
     )
@@ -620,12 +648,13 @@ def check_signed_log(settings: Settings, engine: Engine) -> Iterator[Finding]:
     yield Finding(OK, "audit", f"signed log record {anchor.path} ({held})")
 
 
-def check_checkpoints(settings: Settings, engine: Engine) -> Iterator[Finding]:
+def check_checkpoints(
+    settings: Settings, engine: Engine, unlocked: UnlockedKeys | None = None
+) -> Iterator[Finding]:
     """Entries left unsigned long after checkpoints were due: until signed, whoever can write
     to the database can rewrite them without a trace (docs/audit.md §4)."""
     try:  # the log key's public half checks the latest checkpoint's note
-        identity = load_identity(settings.keys_dir)
-        keys = load_keys(settings.keys_dir, passphrase=key_passphrase(settings))
+        identity, keys = (unlocked or UnlockedKeys(settings)).get()
     except Exception:  # check_keys says why
         return
     try:
@@ -726,14 +755,15 @@ def check_witnessed_rows(engine: Engine) -> Iterator[Finding]:
         )
 
 
-def check_entry_macs(settings: Settings, engine: Engine) -> Iterator[Finding]:
+def check_entry_macs(
+    settings: Settings, engine: Engine, unlocked: UnlockedKeys | None = None
+) -> Iterator[Finding]:
     """The entries no checkpoint covers yet carry the MACs the log key gave them
     (docs/audit.md §4): what the next checkpoint checks before it signs, and refuses to sign
     over, said here rather than only in the worker's log (from an earlier note: doctor said
     nothing of a rewritten entry until the next checkpoint failed)."""
     try:
-        identity = load_identity(settings.keys_dir)
-        keys = load_keys(settings.keys_dir, passphrase=key_passphrase(settings))
+        identity, keys = (unlocked or UnlockedKeys(settings)).get()
     except Exception:  # check_keys says why
         return
     anchor = SignedLogAnchor.of(settings)
@@ -888,15 +918,16 @@ def check_damaged_peers(engine: Engine) -> list[Finding]:
 
 
 def diagnose(settings: Settings) -> list[Finding]:
-    findings = [*check_configuration(settings), *check_keys(settings)]
+    unlocked = UnlockedKeys(settings)
+    findings = [*check_configuration(settings), *check_keys(settings, unlocked)]
     engine = make_engine(settings.database_url)
     try:
         findings += check_signed_log(settings, engine)
-        findings += check_checkpoints(settings, engine)
+        findings += check_checkpoints(settings, engine, unlocked)
         findings += check_checkpoint_dates(engine)
         findings += check_checkpoint_rows(engine)
         findings += check_witnessed_rows(engine)
-        findings += check_entry_macs(settings, engine)
+        findings += check_entry_macs(settings, engine, unlocked)
         findings += check_database(settings, engine)
         findings += check_damaged_deliveries(engine)
         findings += check_damaged_peers(engine)

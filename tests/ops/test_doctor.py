@@ -407,3 +407,32 @@ def test_serve_on_the_ipv6_any_address_takes_ipv4_too(tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.wait(timeout=20)
+
+
+def test_doctor_unlocks_passphrase_protected_keys_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each unlock derives a key from the passphrase (Argon2id, a fraction of a second of
+    CPU per file): a `doctor` that unlocked the keys for three of its checks took 4 s."""
+    import nacl.pwhash.argon2id
+
+    from app.doctor import diagnose
+
+    url = migrated_sqlite(tmp_path / "es.db")
+    node = LocalNode("ES/MJ", "Ministerio de Justicia", tmp_path / "es", url)
+    node.init()
+    passphrase = "a key passphrase, long enough"
+    node.extra_env["ENTRAIDE_KEY_PASSPHRASE"] = passphrase
+    node.cli("keys", "protect")
+    derived: list[int] = []
+    kdf = nacl.pwhash.argon2id.kdf
+
+    def counted(*args: object, **kwargs: object) -> bytes:
+        derived.append(1)
+        return kdf(*args, **kwargs)
+
+    monkeypatch.setattr(nacl.pwhash.argon2id, "kdf", counted)
+    settings = Settings(database_url=url, keys_dir=node.keys_dir, key_passphrase=passphrase)
+    findings = diagnose(settings)
+    assert any(f.area == "keys" and f.message.startswith("keys load") for f in findings)
+    assert len(derived) == 3  # the signing, encryption and log keys, each once
