@@ -90,6 +90,18 @@ _SQLITE_SIZE = case((func.typeof(W.size) == "integer", W.size))
 _SQLITE_ROOT = case((func.typeof(W.root_hash) == "blob", W.root_hash))
 
 
+# A set-aside date that no date reads as is not NULL: `set_aside_at IS NULL` took the row for
+# set aside, passed it over, and checked the peer's next checkpoints against an older one (a
+# history forked since was cosigned; from review). SQLite keeps any value (a number, bytes,
+# text of no time: `datetime()` gives NULL for it); PostgreSQL keeps `infinity`, which the
+# driver cannot give back.
+_NO_SET_ASIDE_DATE = {
+    "sqlite": (func.typeof(W.set_aside_at) != "text") | func.datetime(W.set_aside_at).is_(None),
+    "postgresql": ~func.isfinite(W.set_aside_at),
+}
+SET_ASIDE_DAMAGED = 2  # the part of the anchor statement that reads them
+
+
 def _columns(dialect: str) -> tuple[ColumnElement[Any], ...]:
     size: ColumnElement[Any] = W.size.expression
     root: ColumnElement[Any] = W.root_hash.expression  # bigint and bytea hold nothing else
@@ -157,7 +169,10 @@ def largest_known(session: Session, authority: str) -> Stored | None:
     newest is damaged: taken as it is, or passed over, it could let a forked history
     through. One statement (a witness's check reads it twice)."""
     statement = _anchor_statement(session.get_bind().dialect.name)
-    found = [(part, _row(*row)) for part, *row in session.execute(statement, {"peer": authority})]
+    found = [
+        (part, Damaged(row[0], ("set_aside_at",)) if part == SET_ASIDE_DAMAGED else _row(*row))
+        for part, *row in session.execute(statement, {"peer": authority})
+    ]
     damaged = {row.id: row for _, row in found if isinstance(row, Damaged)}
     if damaged:
         raise WitnessedDamaged(authority, list(damaged.values()))
@@ -181,6 +196,13 @@ def _anchor_statement(dialect: str) -> CompoundSelect[Any]:
     ]
     if dialect == "sqlite":
         parts.append(select(literal(1), *columns).where(live).order_by(W.id.desc()).limit(1))
+    if dialect in _NO_SET_ASIDE_DATE:
+        set_aside = (W.peer_authority == bindparam("peer")) & W.set_aside_at.is_not(None)
+        parts.append(
+            select(literal(SET_ASIDE_DAMAGED), *columns).where(
+                set_aside, _NO_SET_ASIDE_DATE[dialect]
+            )
+        )
     return union_all(*(select(part.subquery()) for part in parts))
 
 

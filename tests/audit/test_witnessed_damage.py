@@ -289,3 +289,28 @@ def test_a_size_past_what_is_stored_is_refused_not_stored_as_damage(witness: Wit
     assert f"past the {MAX_SIZE}" in alarm
     assert witness.entries("witness.held") == []
     assert witness.shown(HONEST, HONEST)  # the honest log is witnessed again after it
+
+
+@pytest.mark.parametrize("databases", ["sqlite", "postgresql"], indirect=True)
+def test_an_anchor_whose_set_aside_date_cannot_be_read_holds_witnessing(
+    witness: Witness,
+) -> None:
+    """A `set_aside_at` that is no date (SQLite keeps any value, PostgreSQL `infinity`) is
+    not NULL: the anchor was taken for set aside and passed over, and the forked history,
+    proven consistent with the row of size 10, was cosigned (from review)."""
+    no_date = NO_DATE[witness.backend]
+    witness.execute(f"UPDATE witnessed_checkpoints SET set_aside_at = {no_date} WHERE id = 2")  # noqa: S608
+    assert not witness.shown(FORKED, FORKED)
+    assert not witness.shown(HONEST, HONEST)
+    assert witness.alarms() == []
+    (held,) = witness.entries("witness.held")
+    assert held["details"] == {"rows": [2], "columns": ["set_aside_at"]}, held
+    from app.doctor import check_witnessed_rows
+
+    findings = list(check_witnessed_rows(witness.engine))
+    assert any(f.message.startswith("its witnessing is held") for f in findings), findings
+    witness.execute("UPDATE witnessed_checkpoints SET set_aside_at = NULL WHERE id = 2")
+    assert not witness.shown(FORKED, FORKED)
+    assert witness.alarms() == ["no valid consistency proof from size 20 to 22"]
+    assert witness.shown(HONEST, HONEST)
+    assert len(witness.entries("witness.resumed")) == 1
