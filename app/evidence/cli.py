@@ -461,6 +461,28 @@ def discard(
     typer.echo(f"draft {draft} discarded")
 
 
+@requests_app.command("edit-draft")
+def edit_draft(
+    draft: Annotated[str, typer.Argument(help="the open draft's id, as `send` printed it")],
+    document: Annotated[
+        Path,
+        typer.Argument(
+            help="JSON file holding the new document, as the one `send` or `reply` took"
+        ),
+    ],
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Replace an open draft's document (a hash attested wrongly, a date passed), its uploads
+    kept; then finish it with `send` or `reply` and `--draft`."""
+    body = _request_body(document)
+    _refuse_inline(document, body)
+    with _reaching(_client(url, token)) as http:
+        path = f"/api/v1/evidence/drafts/{draft}/document"
+        _check(http.put(path, json={"document": body.get("document")}), 200)
+    typer.echo(f"draft {draft}: document replaced")
+
+
 @requests_app.command("download")
 def download(
     request_id: Annotated[str, typer.Argument(help="the request's id")],

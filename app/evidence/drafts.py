@@ -343,6 +343,85 @@ def draft_view(
     )
 
 
+# --- editing ------------------------------------------------------------------------------
+
+
+def declared_attachments(
+    session: Session, node: Node, draft: EvidenceDraft
+) -> list[dict[str, Any]]:
+    """The draft's attachments as declared at its creation: what a new document is judged
+    against (evidence names them by index)."""
+    _, content = _opened_content(node, draft)
+    return [
+        {"name": item["name"], "media_type": item["media_type"], "size": row.size}
+        for item, row in zip(content["attachments"], _uploads(session, draft), strict=True)
+    ]
+
+
+def _refuse_if_submitted(draft: EvidenceDraft) -> None:
+    if draft.state != OPEN:
+        raise Conflict(
+            "this draft was submitted: read or answer it as a request now",
+            code="draft_submitted",
+        )
+
+
+def read_document(session: Session, node: Node, draft: EvidenceDraft, principal: Principal) -> Any:
+    """Its author reads what an open draft will send (decrypted: on record, as a request's
+    read is). A submitted one is read as the request or message it became."""
+    _refuse_if_submitted(draft)
+    _, content = _opened_content(node, draft)
+    record(
+        session,
+        actor=actor_of(principal),
+        action="evidence.draft_document_read",
+        request_id=trail_of(draft),
+        msg_id=draft.id,
+        peer=draft.peer_authority,
+    )
+    return content["document"]
+
+
+def replace_document(
+    session: Session,
+    node: Node,
+    draft: EvidenceDraft,
+    body: schemas.CreateDraft | schemas.CreateReplyDraft,
+    principal: Principal,
+) -> Any:
+    """Its author's `PUT .../document`: an open draft's document replaced, judged as at its
+    creation, its recipient, the request it answers and its attachments (uploaded or not)
+    unchanged. A wrong hash attested, or a date passed while tens of GiB uploaded, no longer
+    costs the draft and its uploads. `body` is the draft's creation body with the new
+    document (validated by the caller)."""
+    _refuse_if_submitted(draft)
+    if isinstance(body, schemas.CreateReplyDraft):
+        _answered_request(session, str(draft.request_id), body, principal)
+    else:
+        _requested_peer(session, node, body)
+    content_key, content = _opened_content(node, draft)
+    document = _sealed_document(body)
+    sealed = canonical_json({"document": document, "attachments": content["attachments"]})
+    refuse_over_wire_limit(node.settings, len(sealed), 1)
+    draft.sealed_content = bytes(
+        SecretBox(_draft_key(content_key, bytes.fromhex(draft.id))).encrypt(sealed)
+    )
+    draft.updated_at = utc_now()
+    details: dict[str, Any] = {}
+    if isinstance(body, schemas.CreateReplyDraft):
+        details["type"] = body.document.type.value
+    record(
+        session,
+        actor=actor_of(principal),
+        action="evidence.draft_edited",
+        request_id=trail_of(draft),
+        msg_id=draft.id,
+        peer=draft.peer_authority,
+        details=details,
+    )
+    return document
+
+
 # --- uploading ----------------------------------------------------------------------------
 
 
@@ -956,7 +1035,8 @@ def _seal_reply(
     if dated:
         where = ", ".join(".".join(str(part) for part in ("document", *loc)) for loc, *_ in dated)
         raise Conflict(
-            f"{where}: {dated[0][2]}, as the draft stands now: discard it and make another",
+            f"{where}: {dated[0][2]}, as the draft stands now: replace its document "
+            f"(PUT /api/v1/evidence/drafts/{draft.id}/document)",
             code=dated[0][1],
         )
     mismatched = [loc for loc, _code, _message, _value in document.attachment_problems(hashes)]
@@ -965,7 +1045,8 @@ def _seal_reply(
         where = ", ".join(".".join(str(part) for part in ("document", *loc)) for loc in mismatched)
         raise Conflict(
             f"the SHA-256 attested at {where} is not that of the uploaded attachment: "
-            "discard this draft and declare the right hash",
+            f"replace the draft's document with the right hash (PUT "
+            f"/api/v1/evidence/drafts/{draft.id}/document): its uploads are kept",
             code="evidence_hash_mismatch",
         )
     before = moves.Before.of(case)

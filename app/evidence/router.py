@@ -3,6 +3,7 @@
     POST  /api/v1/evidence/drafts                              declare document + attachments
     POST  /api/v1/requests/{id}/messages/drafts                the same, for a reply
     GET   /api/v1/evidence/drafts/{id}                         progress of each attachment
+    GET, PUT /api/v1/evidence/drafts/{id}/document             read or replace its document
     HEAD  /api/v1/evidence/drafts/{id}/attachments/{index}     Upload-Offset: durable offset
     PATCH /api/v1/evidence/drafts/{id}/attachments/{index}     bytes from Upload-Offset on
     POST  /api/v1/evidence/drafts/{id}/submit                  seal and queue
@@ -18,12 +19,13 @@ import contextlib
 import dataclasses
 import functools
 import logging
-from collections.abc import Callable
-from typing import Annotated
+from collections.abc import Callable, Mapping
+from typing import Annotated, TypeVar
 
 import anyio
 from fastapi import APIRouter, Header, Path, Request, Response
-from pydantic import BaseModel
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
@@ -62,6 +64,7 @@ DraftId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
 RequestId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
 Index = Annotated[PlainInt, Path(ge=1, le=63)]
 _writers = drafts.WRITERS
+Body = TypeVar("Body", bound=BaseModel)
 
 
 def _created_once(
@@ -148,6 +151,52 @@ def read_draft(
     _check_visible(node, draft_id, principal)
     draft = drafts.get_draft(session, draft_id, principal)
     return drafts.draft_view(session, node, blob_store(node.settings), draft)
+
+
+@router.get("/drafts/{draft_id}/document")
+def read_document(
+    draft_id: DraftId, session: SessionDep, node: NodeDep, principal: OfficerDep
+) -> schemas.DraftDocument:
+    _check_visible(node, draft_id, principal)
+    draft = drafts.get_draft(session, draft_id, principal)
+    return schemas.DraftDocument(document=drafts.read_document(session, node, draft, principal))
+
+
+@router.put("/drafts/{draft_id}/document")
+def replace_document(
+    draft_id: DraftId,
+    body: schemas.ReplaceDocument,
+    session: SessionDep,
+    node: NodeDep,
+    principal: OfficerDep,
+    clock: ClockDep,
+) -> schemas.DraftDocument:
+    """An open draft's document replaced, its attachments kept: judged as the route that made
+    the draft judges it (a new request's, or a reply's with its dates and its evidence's
+    attachments)."""
+    _check_visible(node, draft_id, principal)
+    draft = drafts.get_draft(session, draft_id, principal, lock=True)
+    made = {
+        "document": body.document,
+        "attachments": drafts.declared_attachments(session, node, draft),
+    }
+    judged: schemas.CreateDraft | schemas.CreateReplyDraft
+    if draft.request_id is None:
+        judged = _validated(schemas.CreateDraft, {"to": draft.peer_authority, **made})
+    else:
+        judged = _validated(schemas.CreateReplyDraft, made)
+        check_dates(judged.document, clock(), node.settings.clock_skew_seconds)
+    document = drafts.replace_document(session, node, draft, judged, principal)
+    return schemas.DraftDocument(document=document)
+
+
+def _validated(model: type[Body], payload: Mapping[str, object]) -> Body:
+    """The 422 the route that made the draft answers for this body, at the same fields."""
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        errors = [{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]
+        raise RequestValidationError(errors) from None
 
 
 def _offset_headers(offset: int, size: int, *, complete: bool = False) -> dict[str, str]:

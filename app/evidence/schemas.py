@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Self
+from typing import Any, Self
 
 from pydantic import Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -67,3 +67,14 @@ class DraftView(Strict):
     request_id: str | None = None  # the request a reply answers; none for a new request
     state: str
     attachments: list[UploadView]
+
+
+class ReplaceDocument(Strict):
+    """`PUT /api/v1/evidence/drafts/{id}/document`: the draft's new document, a request's
+    (§4.1) or a message's (§4.4) as the draft is, judged as at the draft's creation."""
+
+    document: dict[str, Any]
+
+
+class DraftDocument(Strict):
+    document: dict[str, Any]
