@@ -436,6 +436,7 @@ class UploadTarget:
     stream_header: bytes
     complete: bool
     request_id: str = ""  # whose audit trail its entries join (`trail_of`)
+    submitted: bool = False  # its draft is a request (or a message) now
 
 
 def trail_of(draft: EvidenceDraft) -> str:
@@ -482,6 +483,7 @@ def upload_target(
         stream_header=row.stream_header,
         complete=row.digest is not None or draft.state != OPEN,
         request_id=trail_of(draft),
+        submitted=draft.state != OPEN,
     )
     return target, row
 

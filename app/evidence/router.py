@@ -311,6 +311,8 @@ async def upload(
             return found
 
     found = await run_in_threadpool(target)
+    if found.submitted:  # as a second submit or a discard is told (docs/api.md)
+        raise Conflict("this draft was submitted: it is a request now", code="draft_submitted")
     if found.complete:
         raise Conflict("this attachment is already complete", code="upload_complete")
     declared = request.headers.get("content-length")

@@ -235,3 +235,23 @@ def test_a_transfer_held_whole_but_damaged_is_announced_again_not_refused(ar: Ha
     assert ar.audit("evidence.transfer_dropped")[-1][0] == "node"
     assert ar.http.post("/p2p/v1/evidence/envelopes", json=head).status_code == 202
     assert ar.http.put(href, content=part, headers={"upload-offset": "0"}).status_code == 201
+
+
+def test_an_upload_to_a_complete_attachment_or_a_submitted_draft_says_which(ar: Harness) -> None:
+    """From review: an upload after submission was told `upload_complete`, which the API
+    keeps for an open draft's finished attachment; a submitted draft is `draft_submitted`, as
+    a second submit and a discard are told."""
+    created = ar.post("/api/v1/evidence/drafts", _draft_body())
+    draft_id, href = created.json()["id"], created.json()["attachments"][0]["href"]
+
+    def patch() -> Any:
+        return ar.http.patch(
+            href, content=b"abc", headers={**ar.as_("officer"), "upload-offset": "0"}
+        )
+
+    assert patch().status_code == 204
+    again = patch()
+    assert (again.status_code, again.json()["error"]) == (409, "upload_complete")
+    assert ar.post(f"/api/v1/evidence/drafts/{draft_id}/submit", {}).status_code == 201
+    after = patch()
+    assert (after.status_code, after.json()["error"]) == (409, "draft_submitted")
