@@ -539,7 +539,7 @@ def accept_envelope(
     except env.EnvelopeError as exc:
         raise _refuse(exc.code, exc.detail) from exc
 
-    return admit_opened(
+    accepted = admit_opened(
         session,
         node,
         header=header,
@@ -556,3 +556,13 @@ def accept_envelope(
             ).id
         ),
     )
+    # A streamed transfer of it begun before (a sender may change carriage between attempts)
+    # has nothing more to receive: it goes, as when a repeat is announced
+    # (app/evidence/inbound.py). Left, it counted against the peer's transfers under way
+    # until it expired (a peer that switched to whole posts was refused new announcements,
+    # 429, for days) and HEAD still asked for its parts (from review). What it staged goes
+    # with the clean-up sweep, as any transfer's whose row is gone. An envelope of part 0
+    # alone completes at its announcement: none can be left.
+    if len(header.parts) > 1:
+        session.execute(delete(InboundTransfer).where(InboundTransfer.msg_id == header.msg_id))
+    return accepted

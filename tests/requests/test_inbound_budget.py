@@ -4,13 +4,14 @@ retried by its sender) until some complete or expire. One under way is answered 
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import delete
 
-from app.crypto.encoding import utc_now
+from app.crypto.encoding import b64d, utc_now
 from app.crypto.envelope import Attachment, Recipient, seal
 from app.crypto.randomness import SystemRandomness
 from app.db import unit_of_work
@@ -24,6 +25,13 @@ def _announcement(
     ar: Harness, size: int = 64, ttl: timedelta = timedelta(days=1)
 ) -> dict[str, Any]:
     """A new request from ES/MJ with one attachment, as announced: its header and manifest."""
+    wire = _whole(ar, size, ttl)
+    wire["parts"] = wire["parts"][:1]
+    return wire
+
+
+def _whole(ar: Harness, size: int = 64, ttl: timedelta = timedelta(days=1)) -> dict[str, Any]:
+    """A new request from ES/MJ with one attachment, every part of it."""
     envelope = seal(
         sender_keys=ar.peer_keys,
         sender_authority="ES/MJ",
@@ -36,9 +44,7 @@ def _announcement(
         ttl=ttl,
         randomness=SystemRandomness(),
     )
-    wire = envelope.to_wire()
-    wire["parts"] = wire["parts"][:1]
-    return wire
+    return envelope.to_wire()
 
 
 def test_a_peer_has_only_so_many_transfers_under_way(fresh_ar: Harness) -> None:
@@ -58,6 +64,34 @@ def test_a_peer_has_only_so_many_transfers_under_way(fresh_ar: Harness) -> None:
     assert len(ar.audit("envelope.refused")) == refused_before
     # One already under way is answered as before (its sender resumes it).
     assert ar.http.post(ANNOUNCE, json=first).status_code == 202
+
+
+def test_a_transfer_whose_envelope_was_then_posted_whole_is_under_way_no_more(
+    fresh_ar: Harness,
+) -> None:
+    """From review: a sender may carry an envelope it announced as a whole post instead
+    (protocol.md §8.5). Its transfer stayed, counted as under way until it expired (days):
+    a peer that did so `limit` times had every new announcement refused (429), and HEAD
+    still asked for the parts of an envelope accepted long before."""
+    ar = fresh_ar
+    limit = 2
+    ar.node.settings = replace_settings(ar, max_inbound_transfers_per_peer=limit)
+    carried_whole = [_whole(ar) for _ in range(limit)]
+    for wire in carried_whole:
+        announced = ar.http.post(ANNOUNCE, json={**wire, "parts": wire["parts"][:1]})
+        assert announced.status_code == 202, announced.text
+        accepted = ar.http.post("/p2p/v1/envelopes", json=wire)
+        assert accepted.status_code == 201, accepted.text
+    msg_id = json.loads(b64d(carried_whole[0]["header"]))["msg_id"]
+
+    head = ar.http.head(f"{ANNOUNCE}/{msg_id}/parts/1")
+    assert (head.status_code, head.headers.get("entraide-error")) == (404, "unknown_transfer")
+    assert ar.http.post(ANNOUNCE, json=_announcement(ar)).status_code == 202
+    # Announced again, it is answered with the receipt of the envelope posted whole.
+    again = ar.http.post(
+        ANNOUNCE, json={**carried_whole[0], "parts": carried_whole[0]["parts"][:1]}
+    )
+    assert again.status_code == 200, again.text
 
 
 def test_a_peer_has_only_so_many_bytes_under_way(fresh_ar: Harness) -> None:
