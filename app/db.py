@@ -351,6 +351,23 @@ def read_snapshot(factory: sessionmaker[Session]) -> Iterator[Session]:
 
 
 @contextmanager
+def reading(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """A short read that writes nothing, for checks asked on every call (is this address
+    blocked?): on SQLite a deferred transaction, which waits for no writer and holds none
+    off (a unit of work takes the writer's lock up front, so each check queued behind, and
+    held up, every write of the node); on PostgreSQL an ordinary one (READ COMMITTED: no
+    snapshot to pin, no isolation level to set and reset)."""
+    session = factory()
+    try:
+        if session.get_bind().dialect.name == "sqlite":
+            session.connection(execution_options={READ_SNAPSHOT: True})
+        yield session
+    finally:
+        session.rollback()  # nothing was written
+        session.close()
+
+
+@contextmanager
 def unit_of_work(factory: sessionmaker[Session]) -> Iterator[Session]:
     """Commit if the block succeeds, roll back if it raises. Services only flush."""
     session = factory()

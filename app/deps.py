@@ -32,7 +32,7 @@ from app.auth.throttle import (
     register_refusal,
 )
 from app.crypto.encoding import utc_now
-from app.db import read_snapshot, unit_of_work
+from app.db import read_snapshot, reading, unit_of_work
 from app.errors import Forbidden, Unauthenticated
 from app.node import Node
 from app.tls import CertificateRefused, check_peer_certificate
@@ -341,9 +341,14 @@ P2P_UNBLOCKED = "entraide.p2p_unblocked"
 
 
 def p2p_blocked_for(node: Node, source: str) -> int | None:
-    """Seconds an address whose envelopes keep being refused must still wait, or None."""
+    """Seconds an address whose envelopes keep being refused must still wait, or None. Asked
+    of every P2P call: read first, written (the attempt counted) only for a blocked one."""
+    key = f"p2p:{address_unit(source)}"
+    with reading(node.sessions) as session:
+        if not is_blocked(session, key):
+            return None
     with unit_of_work(node.sessions) as session:
-        return blocked_for(session, [f"p2p:{address_unit(source)}"])
+        return blocked_for(session, [key])
 
 
 def refuse_p2p_call(node: Node, source: str, code: str, detail: str) -> bool:
@@ -376,20 +381,19 @@ class PeerTransport(Public):
 
     def __call__(self, request: Request, node: NodeDep) -> None:  # type: ignore[override]  # a dependency with its own parameters
         source = source_address(request)
+        # Both checks read only, outside the writer's turn: every P2P call asks them, and
+        # each took SQLite's write lock (queued behind, and holding up, the node's writes).
+        if not request.scope.get(P2P_UNBLOCKED):  # not asked already, before the body
+            retry_after = p2p_blocked_for(node, source)
+            if retry_after is not None:
+                raise TooManyRequests(retry_after)
         refused: CertificateRefused | None = None
-        with unit_of_work(node.sessions) as session:
-            retry_after = (
-                None
-                if request.scope.get(P2P_UNBLOCKED)
-                else blocked_for(session, [f"p2p:{address_unit(source)}"])
-            )
-            if retry_after is None:
+        if node.settings.p2p_require_client_cert:
+            with reading(node.sessions) as session:
                 try:
                     check_peer_certificate(session, node.settings, request.scope)
                 except CertificateRefused as exc:
                     refused = exc
-        if retry_after is not None:
-            raise TooManyRequests(retry_after)
         if refused is not None:
             # Counted against the address like a refused envelope, and audited until it is
             # throttled: a certificate probe is an authentication failure (DESIGN.md 5).

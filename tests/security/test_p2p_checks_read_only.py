@@ -1,0 +1,73 @@
+"""Every P2P call is asked, before its route runs, whether its address is blocked (and with
+mutual TLS whether its certificate is pinned). Those checks only read, yet each took SQLite's
+write lock up front: every call queued behind the node's writes (another call's, the delivery
+worker's, a backup's) and held up the next one. They now wait for no writer; an address that
+is blocked still has its attempt counted, which writes."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from sqlalchemy import select
+
+from app.auth.throttle import address_unit
+from app.db import unit_of_work
+from app.deps import p2p_blocked_for, record_p2p_refusal
+from app.models import AuthThrottle
+from tests.conftest import make_databases
+from tests.requests.conftest import serve_node
+
+HELD_SECONDS = 4.0
+
+
+def _hold_the_write_lock(path: str, taken: threading.Event) -> None:
+    holder = sqlite3.connect(path, timeout=0)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        taken.set()
+        time.sleep(HELD_SECONDS)
+        holder.rollback()
+    finally:
+        holder.close()
+
+
+def test_the_block_check_waits_for_no_writer(tmp_path: Path) -> None:
+    url = make_databases("sqlite", tmp_path).new("ar", migrated=True)
+    with serve_node(url, tmp_path) as ar:
+        taken = threading.Event()
+        writer = threading.Thread(
+            target=_hold_the_write_lock, args=(url.removeprefix("sqlite:///"), taken)
+        )
+        writer.start()
+        try:
+            assert taken.wait(10)
+            started = time.monotonic()
+            assert p2p_blocked_for(ar.node, "192.0.2.7") is None
+            waited = time.monotonic() - started
+        finally:
+            writer.join()
+        # It waited for the writer to finish (HELD_SECONDS) before.
+        assert waited < HELD_SECONDS / 2, waited
+
+        # A blocked address: answered with its wait, and the attempt counted.
+        ar.node.settings.p2p_refusal_limit = 1
+        for _ in range(2):
+            with unit_of_work(ar.node.sessions) as session:
+                record_p2p_refusal(session, ar.node, "192.0.2.9")
+        key = f"p2p:{address_unit('192.0.2.9')}"
+
+        def suppressed() -> int:
+            with unit_of_work(ar.node.sessions) as session:
+                return int(
+                    session.scalar(select(AuthThrottle.suppressed).where(AuthThrottle.key == key))
+                    or 0
+                )
+
+        before = suppressed()
+        retry_after = p2p_blocked_for(ar.node, "192.0.2.9")
+        assert retry_after is not None
+        assert retry_after > 0
+        assert suppressed() == before + 1
