@@ -62,6 +62,17 @@ def get_session(node: NodeDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
+def get_reading_session(node: NodeDep) -> Iterator[Session]:
+    with reading(node.sessions) as session:
+        yield session
+
+
+# A route that only reads, for anyone (the proofs peers fetch to witness our log): on SQLite
+# it waits for no writer and holds none off, so calls that cost their sender nothing cannot
+# queue the node's writes behind them.
+ReadingDep = Annotated[Session, Depends(get_reading_session, scope="function")]
+
+
 def commit_on_return(endpoint: Callable[P, R]) -> Callable[P, R]:
     """Commit a sync route's `session` in the route's own worker thread as it returns.
 

@@ -12,7 +12,7 @@ from app.audit import service
 from app.audit.checkpoints import latest_signed, log_verifier, log_verifier_key, sign_checkpoint
 from app.audit.witnessed import WitnessedDamaged, cosigned, listing, view
 from app.clock import UtcMoment
-from app.deps import PEER_SIGNED, AuditorDep, NodeDep, SessionDep, UnitOfWorkRoute
+from app.deps import PEER_SIGNED, AuditorDep, NodeDep, ReadingDep, SessionDep, UnitOfWorkRoute
 from app.errors import NotFound, StoredDataCorrupt
 from app.models import WitnessAlarm
 from app.plainint import PlainInt
@@ -123,7 +123,7 @@ def witnessed(
 
 @p2p_router.get("/consistency")
 def peer_consistency(
-    session: SessionDep,
+    session: ReadingDep,
     first: Annotated[PlainInt, Query(ge=0, le=2**62)],
     second: Annotated[PlainInt, Query(ge=0, le=2**62)],
 ) -> dict[str, Any]:
@@ -133,7 +133,7 @@ def peer_consistency(
 
 @p2p_router.get("/cosignature")
 def peer_cosignature(
-    session: SessionDep, authority: Annotated[str, Query(max_length=40)]
+    session: ReadingDep, authority: Annotated[str, Query(max_length=40)]
 ) -> dict[str, str]:
     """The latest checkpoint of `authority`'s log that this node cosigned, with the cosignature."""
     try:

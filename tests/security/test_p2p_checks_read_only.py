@@ -2,7 +2,8 @@
 mutual TLS whether its certificate is pinned). Those checks only read, yet each took SQLite's
 write lock up front: every call queued behind the node's writes (another call's, the delivery
 worker's, a backup's) and held up the next one. They now wait for no writer; an address that
-is blocked still has its attempt counted, which writes."""
+is blocked still has its attempt counted, which writes. So do the proofs anyone may fetch to
+witness the node's log: a caller who pays nothing for them could hold the node's writes off."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from app.audit.log import read_head, record
 from app.auth.throttle import address_unit
 from app.db import unit_of_work
 from app.deps import p2p_blocked_for, record_p2p_refusal
@@ -71,3 +73,29 @@ def test_the_block_check_waits_for_no_writer(tmp_path: Path) -> None:
         assert retry_after is not None
         assert retry_after > 0
         assert suppressed() == before + 1
+
+
+def test_a_consistency_proof_waits_for_no_writer(tmp_path: Path) -> None:
+    url = make_databases("sqlite", tmp_path).new("ar", migrated=True)
+    with serve_node(url, tmp_path) as ar:
+        for _ in range(3):  # a log to prove something of
+            with unit_of_work(ar.node.sessions) as session:
+                record(session, actor="node", action="node.started")
+        with unit_of_work(ar.node.sessions) as session:
+            size = read_head(session).size
+        assert size >= 3
+        taken = threading.Event()
+        writer = threading.Thread(
+            target=_hold_the_write_lock, args=(url.removeprefix("sqlite:///"), taken)
+        )
+        writer.start()
+        try:
+            assert taken.wait(10)
+            started = time.monotonic()
+            answer = ar.http.get("/p2p/v1/audit/consistency", params={"first": 1, "second": size})
+            waited = time.monotonic() - started
+        finally:
+            writer.join()
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["second"] == size
+        assert waited < HELD_SECONDS / 2, waited
