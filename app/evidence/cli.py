@@ -338,8 +338,10 @@ def _send_draft(
         if isinstance(exc, OSError):
             typer.echo(f"error: cannot read an attached file: {exc}", err=True)
         typer.echo(
-            f"the draft may still be open: resume with --draft {created['id']}, "
-            f"or give it up: entraide requests discard {created['id']}",
+            f"the draft may still be open: resume with --draft {created['id']} (its uploads "
+            f"are kept; a document refused at submission can be replaced first: entraide "
+            f"requests edit-draft {created['id']} FILE), or give it up: entraide requests "
+            f"discard {created['id']}",
             err=True,
         )
         if isinstance(exc, OSError):
