@@ -349,8 +349,9 @@ def draft_view(
 def declared_attachments(
     session: Session, node: Node, draft: EvidenceDraft
 ) -> list[dict[str, Any]]:
-    """The draft's attachments as declared at its creation: what a new document is judged
-    against (evidence names them by index)."""
+    """An open draft's attachments as declared at its creation: what a new document is
+    judged against (evidence names them by index). A submitted one has none to edit."""
+    _refuse_if_submitted(draft)
     _, content = _opened_content(node, draft)
     return [
         {"name": item["name"], "media_type": item["media_type"], "size": row.size}

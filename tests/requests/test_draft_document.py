@@ -240,9 +240,14 @@ def test_a_submitted_draft_is_read_and_answered_as_its_request(ar: Harness) -> N
     assert _submit(ar, draft["id"]).status_code == 201
     edits = len(ar.audit("evidence.draft_edited"))
 
-    answers = [_document_of(ar, draft["id"]), _replace(ar, draft["id"], _result(files))]
+    answers = [
+        _document_of(ar, draft["id"]),
+        _replace(ar, draft["id"], _result(files)),
+        _replace(ar, draft["id"], {"type": "result"}),  # said before what is wrong with it
+    ]
 
     assert [(a.status_code, a.json()["error"]) for a in answers] == [
+        (409, "draft_submitted"),
         (409, "draft_submitted"),
         (409, "draft_submitted"),
     ]
