@@ -13,7 +13,9 @@ read, is no size or root of a log, or is not what its note says (nor a note one 
 damage: the caller holds its peer's witnessing until the row is put back or set aside.
 
 A check reads, in one statement on the table's indexes, the peer's largest row, any whose
-size is no size of a log, and on SQLite its newest: as fast as the one read it replaces,
+size is no size of a log, and its newest (its largest too, as a witness stores no checkpoint
+smaller than its anchor, so that a size rewritten lower on it is read): as fast as the one
+read it replaces,
 however many checkpoints the peer has shown (a scan of them all cost 20 ms on SQLite and
 130 ms on PostgreSQL at 100,000). Doctor reads those, and the newest DOCTOR_ROWS rows.
 """
@@ -165,8 +167,8 @@ def read(
 
 def largest_known(session: Session, authority: str) -> Stored | None:
     """The peer's largest witnessed checkpoint not set aside: what its next ones are checked
-    against. WitnessedDamaged if it, or any whose size is no size of a log, or (SQLite) the
-    newest is damaged: taken as it is, or passed over, it could let a forked history
+    against. WitnessedDamaged if it, or any whose size is no size of a log, or the newest
+    is damaged: taken as it is, or passed over, it could let a forked history
     through. One statement (a witness's check reads it twice)."""
     statement = _anchor_statement(session.get_bind().dialect.name)
     found = [
@@ -182,11 +184,11 @@ def largest_known(session: Session, authority: str) -> Stored | None:
 @lru_cache(maxsize=4)
 def _anchor_statement(dialect: str) -> CompoundSelect[Any]:
     """The largest live row (part 0); any whose size is no size of a log (SQLite sorts text
-    and bytes above every number: past MAX_SIZE); and on SQLite the newest, where a size
-    lowered to a fraction (or below the others) would pass the anchor over. Each on the
-    (peer, size, root) index, or SQLite's (peer) index, which orders a peer's rows by id.
-    PostgreSQL's bigint holds no fraction, and its (peer) index no order of ids: a size
-    rewritten as a smaller number is a rewrite no type tells, as a deleted row is."""
+    and bytes above every number: past MAX_SIZE); and the newest, where a size lowered to a
+    fraction or below the others would pass the anchor over: a witness stores no checkpoint
+    smaller than its anchor (app/audit/witness.py), so a peer's largest row is its newest
+    (but for rows stored before that rule, or a row set aside and taken up again). Each on
+    the (peer, size, root) index or the (peer, id) one."""
     live = (W.peer_authority == bindparam("peer")) & W.set_aside_at.is_(None)
     columns = _columns(dialect)
     parts = [
@@ -194,8 +196,7 @@ def _anchor_statement(dialect: str) -> CompoundSelect[Any]:
         select(literal(1), *columns).where(live, W.size < 0),
         select(literal(1), *columns).where(live, W.size > MAX_SIZE),
     ]
-    if dialect == "sqlite":
-        parts.append(select(literal(1), *columns).where(live).order_by(W.id.desc()).limit(1))
+    parts.append(select(literal(1), *columns).where(live).order_by(W.id.desc()).limit(1))
     if dialect in _NO_SET_ASIDE_DATE:
         set_aside = (W.peer_authority == bindparam("peer")) & W.set_aside_at.is_not(None)
         parts.append(

@@ -314,3 +314,34 @@ def test_an_anchor_whose_set_aside_date_cannot_be_read_holds_witnessing(
     assert witness.alarms() == ["no valid consistency proof from size 20 to 22"]
     assert witness.shown(HONEST, HONEST)
     assert len(witness.entries("witness.resumed")) == 1
+
+
+@pytest.mark.parametrize("databases", ["sqlite", "postgresql"], indirect=True)
+def test_an_older_checkpoint_shown_late_is_consistent_and_not_stored(witness: Witness) -> None:
+    """A receipt settled after a newer one's carries an older checkpoint: proven a prefix of
+    the anchor, it is consistent (no alarm), and not stored, so that the peer's largest row
+    stays its newest, which every check reads."""
+    assert witness.shown(HONEST[:15], HONEST)
+    assert witness.rows() == [1, 2]
+    assert witness.alarms() == []
+    assert not witness.shown(FORKED, FORKED)
+    assert witness.alarms() == ["no valid consistency proof from size 20 to 22"]
+
+
+@pytest.mark.parametrize("databases", ["sqlite", "postgresql"], indirect=True)
+def test_the_largest_row_lowered_below_the_others_holds_witnessing(witness: Witness) -> None:
+    """From review: the anchor's size rewritten as a smaller size a log could have passed the
+    row over whenever a check did not read it: on PostgreSQL always (no newest row was read),
+    on SQLite once an older checkpoint shown late was stored after it (the newest row was that
+    one). The row of size 10 became the anchor and the forked history, proven consistent with
+    it, was cosigned. Now the older checkpoint is not stored, the newest row is read on both
+    backends, and it is the anchor: read, its size is not its note's."""
+    assert witness.shown(HONEST[:5], HONEST)  # stored as row 3 before
+    witness.execute("UPDATE witnessed_checkpoints SET size = 4 WHERE id = 2")
+
+    assert not witness.shown(FORKED, FORKED)
+
+    assert witness.alarms() == []
+    (held,) = witness.entries("witness.held")
+    assert held["details"] == {"rows": [2], "columns": ["size"]}, held
+    assert witness.rows() == [1, 2]
