@@ -22,7 +22,7 @@ from app.models import AuthThrottle
 from tests.conftest import make_databases
 from tests.requests.conftest import serve_node
 
-HELD_SECONDS = 4.0
+HELD_SECONDS = 2.0
 
 
 def _hold_the_write_lock(path: str, taken: threading.Event) -> None:
