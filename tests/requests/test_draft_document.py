@@ -31,6 +31,7 @@ from tests.requests.test_reply_drafts import (
     _accepted_request,
     _create,
     _draft_body,
+    _postponement_drafted_days_ago,
     _result,
     _submit,
     _upload_all,
@@ -128,20 +129,7 @@ def test_a_wrong_hash_is_corrected_without_uploading_again(ar: Harness) -> None:
 
 def test_a_postponement_whose_date_passed_is_given_a_new_one(ar: Harness) -> None:
     request_id = _accepted_request(ar)
-    drafted = utc_now() - timedelta(days=3)
-    postponement = {
-        "type": "postponement",
-        "text": "Execution postponed: the account is under a domestic freeze.",
-        "reason": "ongoing domestic proceedings",
-        "until": (drafted + timedelta(days=1)).date().isoformat(),
-    }
-    files = [b"order of the domestic court"]
-    ar.clock.now = drafted
-    try:
-        draft = _create(ar, _draft_body(request_id, postponement, files)).json()
-    finally:
-        ar.clock.now = None
-    _upload_all(ar, draft, files, "officer")
+    postponement, draft = _postponement_drafted_days_ago(ar, request_id)
     assert _submit(ar, draft["id"]).json()["error"] == "postponement_until_past"
 
     # Judged by today's clock, as POST .../messages judges a message.

@@ -286,10 +286,11 @@ def test_evidence_dated_after_now_is_refused_at_the_field(ar: Harness) -> None:
     assert _drafts_of(ar, request_id) == []
 
 
-def test_a_postponement_drafted_days_ago_is_judged_again_at_submission(ar: Harness) -> None:
-    """Uploads may take days: a postponement until what was tomorrow when it was drafted
-    would, sent now, make the request overdue at once (as POST .../messages refuses)."""
-    request_id = _accepted_request(ar)
+def _postponement_drafted_days_ago(
+    ar: Harness, request_id: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A postponement until what was tomorrow three days ago, drafted then, its file uploaded
+    since: (its document, the draft)."""
     drafted = utc_now() - timedelta(days=3)
     document = {
         "type": "postponement",
@@ -304,6 +305,14 @@ def test_a_postponement_drafted_days_ago_is_judged_again_at_submission(ar: Harne
     finally:
         ar.clock.now = None
     _upload_all(ar, draft, files, "officer")
+    return document, draft
+
+
+def test_a_postponement_drafted_days_ago_is_judged_again_at_submission(ar: Harness) -> None:
+    """Uploads may take days: a postponement until what was tomorrow when it was drafted
+    would, sent now, make the request overdue at once (as POST .../messages refuses)."""
+    request_id = _accepted_request(ar)
+    _, draft = _postponement_drafted_days_ago(ar, request_id)
     before = ar.messages(request_id)
 
     refused = _submit(ar, draft["id"])

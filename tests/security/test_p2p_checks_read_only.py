@@ -10,7 +10,9 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy import select
 
@@ -23,6 +25,7 @@ from tests.conftest import make_databases
 from tests.requests.conftest import serve_node
 
 HELD_SECONDS = 2.0
+T = TypeVar("T")
 
 
 def _hold_the_write_lock(path: str, taken: threading.Event) -> None:
@@ -36,21 +39,30 @@ def _hold_the_write_lock(path: str, taken: threading.Event) -> None:
         holder.close()
 
 
+def _while_a_writer_holds_the_lock(url: str, call: Callable[[], T]) -> tuple[T, float]:
+    """`call`'s answer, and how long it took, while another connection holds the write lock
+    for HELD_SECONDS."""
+    taken = threading.Event()
+    writer = threading.Thread(
+        target=_hold_the_write_lock, args=(url.removeprefix("sqlite:///"), taken)
+    )
+    writer.start()
+    try:
+        assert taken.wait(10)
+        started = time.monotonic()
+        answer = call()
+        return answer, time.monotonic() - started
+    finally:
+        writer.join()
+
+
 def test_the_block_check_waits_for_no_writer(tmp_path: Path) -> None:
     url = make_databases("sqlite", tmp_path).new("ar", migrated=True)
     with serve_node(url, tmp_path) as ar:
-        taken = threading.Event()
-        writer = threading.Thread(
-            target=_hold_the_write_lock, args=(url.removeprefix("sqlite:///"), taken)
+        blocked, waited = _while_a_writer_holds_the_lock(
+            url, lambda: p2p_blocked_for(ar.node, "192.0.2.7")
         )
-        writer.start()
-        try:
-            assert taken.wait(10)
-            started = time.monotonic()
-            assert p2p_blocked_for(ar.node, "192.0.2.7") is None
-            waited = time.monotonic() - started
-        finally:
-            writer.join()
+        assert blocked is None
         # It waited for the writer to finish (HELD_SECONDS) before.
         assert waited < HELD_SECONDS / 2, waited
 
@@ -84,18 +96,10 @@ def test_a_consistency_proof_waits_for_no_writer(tmp_path: Path) -> None:
         with unit_of_work(ar.node.sessions) as session:
             size = read_head(session).size
         assert size >= 3
-        taken = threading.Event()
-        writer = threading.Thread(
-            target=_hold_the_write_lock, args=(url.removeprefix("sqlite:///"), taken)
+        answer, waited = _while_a_writer_holds_the_lock(
+            url,
+            lambda: ar.http.get("/p2p/v1/audit/consistency", params={"first": 1, "second": size}),
         )
-        writer.start()
-        try:
-            assert taken.wait(10)
-            started = time.monotonic()
-            answer = ar.http.get("/p2p/v1/audit/consistency", params={"first": 1, "second": size})
-            waited = time.monotonic() - started
-        finally:
-            writer.join()
         assert answer.status_code == 200, answer.text
         assert answer.json()["second"] == size
         assert waited < HELD_SECONDS / 2, waited
