@@ -458,8 +458,8 @@ class WitnessedCheckpoint(Base):
             "peer_authority",
             "set_aside_at",
         ),
-        # A peer's newest row, read by every witness check: its largest (a size rewritten
-        # lower on it is read, not passed over).
+        # A peer's newest row, read by every witness check: mostly its largest (a size
+        # rewritten lower on it is then read, not passed over).
         Index("ix_witnessed_checkpoints_peer_authority_id", "peer_authority", "id"),
     )
 

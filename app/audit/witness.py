@@ -201,13 +201,6 @@ def observe(
             .values(set_aside_at=None)
         )
         return True
-    if known is not None and checkpoint.size < known.size:
-        # Proven a prefix of the anchor: an older checkpoint, from a receipt settled after a
-        # newer one's. Consistent, and nothing to record: a peer's rows then grow in size
-        # with their ids, so that its largest is its newest, which every check reads
-        # (app/audit/witnessed.py). Stored, it made the largest a row no check read, whose
-        # size rewritten lower passed it over (from review).
-        return True
     witnessed = WitnessedCheckpoint(
         peer_authority=peer.authority_id,
         size=checkpoint.size,

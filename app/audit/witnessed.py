@@ -13,9 +13,8 @@ read, is no size or root of a log, or is not what its note says (nor a note one 
 damage: the caller holds its peer's witnessing until the row is put back or set aside.
 
 A check reads, in one statement on the table's indexes, the peer's largest row, any whose
-size is no size of a log, and its newest (its largest too, as a witness stores no checkpoint
-smaller than its anchor, so that a size rewritten lower on it is read): as fast as the one
-read it replaces,
+size is no size of a log, and its newest (its largest, but when an older checkpoint was shown
+after a newer one): as fast as the one read it replaces,
 however many checkpoints the peer has shown (a scan of them all cost 20 ms on SQLite and
 130 ms on PostgreSQL at 100,000). Doctor reads those, and the newest DOCTOR_ROWS rows.
 """
@@ -185,10 +184,12 @@ def largest_known(session: Session, authority: str) -> Stored | None:
 def _anchor_statement(dialect: str) -> CompoundSelect[Any]:
     """The largest live row (part 0); any whose size is no size of a log (SQLite sorts text
     and bytes above every number: past MAX_SIZE); and the newest, where a size lowered to a
-    fraction or below the others would pass the anchor over: a witness stores no checkpoint
-    smaller than its anchor (app/audit/witness.py), so a peer's largest row is its newest
-    (but for rows stored before that rule, or a row set aside and taken up again). Each on
-    the (peer, size, root) index or the (peer, id) one."""
+    fraction or below the others would pass the anchor over: a peer's checkpoints mostly
+    arrive in order, so its largest row is mostly its newest. Not when an older checkpoint
+    was shown after a newer one (a receipt settled late): it is stored, as what a restore of
+    the peer may be proven to extend (`_after_restore`), and the largest, no longer the
+    newest, is read by its size alone. Each on the (peer, size, root) index or the (peer,
+    id) one."""
     live = (W.peer_authority == bindparam("peer")) & W.set_aside_at.is_(None)
     columns = _columns(dialect)
     parts = [

@@ -539,7 +539,18 @@ def accept_envelope(
     except env.EnvelopeError as exc:
         raise _refuse(exc.code, exc.detail) from exc
 
-    accepted = admit_opened(
+    # A streamed transfer of it begun before (a sender may change carriage between attempts)
+    # has nothing more to receive: it goes with this transaction, as when a repeat is
+    # announced (app/evidence/inbound.py); a refusal below rolls it back. Left, it counted
+    # against the peer's transfers under way until it expired (a peer that switched to whole
+    # posts was refused new announcements, 429, for days) and HEAD still asked for its parts
+    # (from review). Its row locked first, as a part's completion locks it before the case
+    # and the audit log's head (a delete after them deadlocked with one on PostgreSQL; from
+    # review). What it staged goes with the clean-up sweep, as any transfer's whose row is
+    # gone. An envelope of part 0 alone completes at its announcement: none can be left.
+    if len(header.parts) > 1:
+        session.execute(delete(InboundTransfer).where(InboundTransfer.msg_id == header.msg_id))
+    return admit_opened(
         session,
         node,
         header=header,
@@ -556,13 +567,3 @@ def accept_envelope(
             ).id
         ),
     )
-    # A streamed transfer of it begun before (a sender may change carriage between attempts)
-    # has nothing more to receive: it goes, as when a repeat is announced
-    # (app/evidence/inbound.py). Left, it counted against the peer's transfers under way
-    # until it expired (a peer that switched to whole posts was refused new announcements,
-    # 429, for days) and HEAD still asked for its parts (from review). What it staged goes
-    # with the clean-up sweep, as any transfer's whose row is gone. An envelope of part 0
-    # alone completes at its announcement: none can be left.
-    if len(header.parts) > 1:
-        session.execute(delete(InboundTransfer).where(InboundTransfer.msg_id == header.msg_id))
-    return accepted

@@ -1,9 +1,9 @@
 """witnessed_checkpoints gets an index on (peer_authority, id): every witness check reads the
 peer's newest row, on PostgreSQL as on SQLite
 
-A witness no longer stores a checkpoint smaller than its anchor, so a peer's largest row is
-its newest; reading the newest, the check reads a size rewritten lower on the largest, which
-it passed over on PostgreSQL (its (peer_authority) index has no order of ids; from review).
+A peer's checkpoints mostly arrive in order, so its largest row is mostly its newest: reading
+the newest, the check reads a size rewritten lower on the largest, which it passed over on
+PostgreSQL (its (peer_authority) index has no order of ids; from review).
 
 Revision ID: e7b2c9d4a153
 Revises: d5f1a8c3e296

@@ -317,3 +317,28 @@ def test_a_checkpoint_not_signed_by_the_pinned_log_key_raises_one_alarm(
     assert not shown(SHOWN_TO_B[:16])
     with unit_of_work(sessions) as session:
         assert len(session.scalars(select(WitnessAlarm)).all()) == 2
+
+
+def test_an_older_checkpoint_shown_late_is_what_a_restore_is_proven_to_extend(
+    witnessing: Witnessing,
+) -> None:
+    """A receipt settled after a newer one's carries an older checkpoint: stored, it is what
+    the peer's log, restored from a backup taken between the two, is proven to extend. Left
+    unstored (tried, from a review of that change), the restored log extended nothing
+    witnessed and raised a split-view alarm against an honest peer."""
+    sessions, witness = witnessing.sessions, witnessing.witness
+    lost = SHOWN_TO_A + [leaf_hash(f"more {n}".encode()) for n in range(20)]  # 40 leaves
+    before = _peer_answering(lost, lambda: None)
+    assert witness(before, lost[:30])
+    assert witness(before, lost[:20])  # the older receipt, settled after
+    backup = lost[:25]
+    restored_log = backup + [leaf_hash(f"after {n}".encode()) for n in range(15)]
+    with unit_of_work(sessions) as session:
+        accept_restored_log(session, authority=PEER, reason="told by phone", actor="admin:test")
+    restored = _peer_answering(restored_log, lambda: None)
+
+    assert witness(restored, restored_log[:27])
+    assert witness(restored, restored_log[:35])
+
+    with unit_of_work(sessions) as session:
+        assert list(session.scalars(select(WitnessAlarm.reason))) == []

@@ -317,26 +317,13 @@ def test_an_anchor_whose_set_aside_date_cannot_be_read_holds_witnessing(
 
 
 @pytest.mark.parametrize("databases", ["sqlite", "postgresql"], indirect=True)
-def test_an_older_checkpoint_shown_late_is_consistent_and_not_stored(witness: Witness) -> None:
-    """A receipt settled after a newer one's carries an older checkpoint: proven a prefix of
-    the anchor, it is consistent (no alarm), and not stored, so that the peer's largest row
-    stays its newest, which every check reads."""
-    assert witness.shown(HONEST[:15], HONEST)
-    assert witness.rows() == [1, 2]
-    assert witness.alarms() == []
-    assert not witness.shown(FORKED, FORKED)
-    assert witness.alarms() == ["no valid consistency proof from size 20 to 22"]
-
-
-@pytest.mark.parametrize("databases", ["sqlite", "postgresql"], indirect=True)
-def test_the_largest_row_lowered_below_the_others_holds_witnessing(witness: Witness) -> None:
-    """From review: the anchor's size rewritten as a smaller size a log could have passed the
-    row over whenever a check did not read it: on PostgreSQL always (no newest row was read),
-    on SQLite once an older checkpoint shown late was stored after it (the newest row was that
-    one). The row of size 10 became the anchor and the forked history, proven consistent with
-    it, was cosigned. Now the older checkpoint is not stored, the newest row is read on both
-    backends, and it is the anchor: read, its size is not its note's."""
-    assert witness.shown(HONEST[:5], HONEST)  # stored as row 3 before
+def test_the_newest_row_lowered_below_the_others_holds_witnessing(witness: Witness) -> None:
+    """From review: the anchor, the peer's newest row, its size rewritten as a smaller size a
+    log could have (below the next row's): PostgreSQL read no newest row, passed it over, took
+    the row of size 10 for the anchor and cosigned the forked history, proven consistent with
+    it. Now both backends read the newest: its size is not its note's, and witnessing is held.
+    (When an older checkpoint was shown after it, the largest is no longer the newest, and is
+    read by its size alone: docs/audit.md §7.)"""
     witness.execute("UPDATE witnessed_checkpoints SET size = 4 WHERE id = 2")
 
     assert not witness.shown(FORKED, FORKED)

@@ -5,16 +5,19 @@ retried by its sender) until some complete or expire. One under way is answered 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import delete
 
+from app.audit.log import record
 from app.crypto.encoding import b64d, utc_now
 from app.crypto.envelope import Attachment, Recipient, seal
 from app.crypto.randomness import SystemRandomness
 from app.db import unit_of_work
+from app.evidence.inbound import get_transfer
 from app.models import InboundTransfer
 from tests.requests.conftest import Harness, example_document
 
@@ -140,3 +143,35 @@ def test_a_lapsed_transfer_counts_until_the_sweep_may_remove_what_it_staged(
 
 def replace_settings(ar: Harness, **changes: Any) -> Any:
     return ar.node.settings.model_copy(update=changes)
+
+
+def test_a_whole_post_while_a_part_completes_waits_its_turn(fresh_ar: Harness) -> None:
+    """From review: the transfer's row was deleted after the envelope's audit entries, which
+    lock the audit log's head, while a part completing locks the transfer first, then the
+    head: on PostgreSQL the two deadlocked (the whole post answered 503). The row is now
+    locked first, as the part's completion does."""
+    ar = fresh_ar
+    wire = _whole(ar)
+    assert ar.http.post(ANNOUNCE, json={**wire, "parts": wire["parts"][:1]}).status_code == 202
+    msg_id = json.loads(b64d(wire["header"]))["msg_id"]
+    locked = threading.Event()
+    ended: list[str] = []
+
+    def part_completes() -> None:  # as inbound.part_received: the transfer, then the log
+        with unit_of_work(ar.node.sessions) as session:
+            get_transfer(session, msg_id, lock=True)
+            locked.set()
+            time.sleep(1.0)
+            record(session, actor="peer:ES/MJ", action="evidence.part_received", msg_id=msg_id)
+        ended.append("committed")
+
+    part = threading.Thread(target=part_completes)
+    part.start()
+    try:
+        assert locked.wait(10)
+        whole = ar.http.post("/p2p/v1/envelopes", json=wire)
+    finally:
+        part.join()
+
+    assert whole.status_code == 201, whole.text
+    assert ended == ["committed"]
