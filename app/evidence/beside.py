@@ -59,18 +59,27 @@ class BesideHash:
     the helper thread after `update` returns.
     """
 
-    __slots__ = ("_hash", "_pending")
+    __slots__ = ("_before_last", "_hash", "_pending")
 
     def __init__(self) -> None:
         self._hash = hashlib.sha256()
+        self._before_last: hashlib._Hash | None = None
         self._pending: Future[None] | None = None
 
     def update(self, data: bytes) -> None:
         self._wait()
+        self._before_last = self._hash.copy()  # a few hundred bytes: for `undo_last`
         if len(data) < BESIDE_MIN_BYTES:
             self._hash.update(data)
         else:
             self._pending = run_beside(lambda: self._hash.update(data))
+
+    def undo_last(self) -> None:
+        """Forget the last update: its buffer was queued beside a check it then failed."""
+        self._wait()
+        if self._before_last is None:
+            raise RuntimeError("no update to undo")
+        self._hash, self._before_last = self._before_last, None
 
     def hexdigest(self) -> str:
         self._wait()

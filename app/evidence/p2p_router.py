@@ -28,7 +28,7 @@ from app.db import unit_of_work
 from app.deps import PEER_SIGNED, NodeDep, record_p2p_refusal, source_address
 from app.errors import EnvelopeRefused
 from app.evidence import inbound
-from app.evidence.blobstore import UploadBusy
+from app.evidence.blobstore import BlobError, UploadBusy
 from app.evidence.node_store import blob_store
 from app.evidence.pump import body_timed_out, feed_in_thread, until_idle
 from app.evidence.stream import PartReceiver
@@ -47,6 +47,16 @@ Index = Annotated[PlainInt, Path(ge=1, le=63)]
 _receivers = inbound.ReceiverCache()
 # Checks of a whole part, made once every chunk has opened (app/evidence/stream.py).
 WHOLE_PART_CHECKS = frozenset({"part_hash_mismatch", "manifest_mismatch"})
+
+
+def _kept_after_refusal(receiver: PartReceiver) -> bool:
+    if receiver.failed:
+        return False
+    try:
+        receiver.checkpoint()
+    except (OSError, BlobError):
+        return False  # the next request rebuilds it from what is on disk
+    return True
 
 
 def _dropping_damaged(node: NodeDep, work: Callable[[], T]) -> T:
@@ -290,15 +300,19 @@ async def put_part(
             request.app.state.metrics.envelope_refused(refusal.code)
             return body_timed_out(stalled, _headers(offset, target.length))
         except env.EnvelopeError as exc:
-            keep = False
             refusal = EnvelopeRefused(exc.code, exc.detail)
             if exc.code in WHOLE_PART_CHECKS:
                 # Every chunk opened, yet the whole part is not what the header and manifest
                 # say: made so by whoever holds the content key. Start it again.
+                keep = False
                 store.discard_upload(inbound.receive_upload_id(msg_id, index))
-            # Otherwise a chunk failed (bytes that do not open, or past the part's end): it
-            # was never stored, and the chunks before it are authentic. Kept, so that anyone
-            # who knows the message id cannot undo the sender's progress with a bad chunk.
+            else:
+                # A chunk failed (bytes that do not open, or past the part's end): it was
+                # never stored, and the chunks before it are authentic. Kept, so that anyone
+                # who knows the message id cannot undo the sender's progress with a bad
+                # chunk; the receiver too, unless the failure left it unusable, and the good
+                # chunks of this request made durable as a break's are.
+                keep = await run_in_threadpool(_kept_after_refusal, receiver)
             await run_in_threadpool(
                 _refused_part, node, msg_id, index, refusal, source_address(request)
             )

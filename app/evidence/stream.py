@@ -427,6 +427,10 @@ class StoredChunkDamaged(EnvelopeError):
         self.offset = offset
 
 
+class _ChunkUnopened(EnvelopeError):
+    """A chunk failed authentication and changed nothing in the receiver."""
+
+
 class PartReceiver:
     """Takes a part's ciphertext as it arrives from a peer, checking it while it streams.
 
@@ -468,8 +472,9 @@ class PartReceiver:
         self._stored = 0
         self._pending = Pieces()
         self.complete = False
-        # A chunk that failed its check (or its write) was hashed already: the receiver is
-        # never used again, and its part restarts from what is stored.
+        # Set when the receiver's state may no longer be its stored chunks' (a chunk that
+        # opened but carried the wrong tag, a failed write): it is never used again, and its
+        # part restarts from what is stored. A chunk that does not open leaves it as it was.
         self.failed = False
         self.opened_at = 0  # the offset it was opened (rebuilt from disk) at
         # Set by `open` when a stored chunk no longer opened: where the part was cut back to,
@@ -543,21 +548,26 @@ class PartReceiver:
     def _pull(self, chunk: bytes, *, store: bool) -> None:
         try:
             self._pull_chunk(chunk, store=store)
+        except _ChunkUnopened:
+            raise
         except BaseException:
             self.failed = True
             raise
 
     def _pull_chunk(self, chunk: bytes, *, store: bool) -> None:
         final = self._chunks_done == self._chunks_total - 1
-        # The ciphertext is hashed beside the pull, the plaintext beside the write. A chunk
-        # that fails is never stored, and the receiver is not used again after a failure.
+        # The ciphertext is hashed beside the pull, the plaintext beside the write.
         self._cipher_hash.update(chunk)
         try:
             message, tag = sodium.crypto_secretstream_xchacha20poly1305_pull(
                 self._state, chunk, self._ad
             )
         except (CryptoError, ValueError) as exc:
-            raise EnvelopeError("decrypt_failed", "a part chunk failed authentication") from exc
+            # libsodium changes the state only once a chunk's tag is authentic; with the
+            # chunk taken out of the hash, the receiver is as it was, so one bad chunk from
+            # anyone who knows the msg_id costs no rebuild (reading back the whole part).
+            self._cipher_hash.undo_last()
+            raise _ChunkUnopened("decrypt_failed", "a part chunk failed authentication") from exc
         if tag != (TAG_FINAL if final else TAG_MESSAGE):
             raise EnvelopeError("decrypt_failed", "a part chunk carries the wrong tag")
         self._plain_hash.update(message)

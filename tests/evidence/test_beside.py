@@ -12,6 +12,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import nacl.bindings as sodium
 import pytest
 
 from app.crypto.envelope import CHUNK_BYTES, EnvelopeError
@@ -243,7 +244,8 @@ def test_a_writer_whose_checkpoint_failed_is_not_reused(
     cache.close()
 
 
-def test_a_receiver_whose_chunk_failed_is_not_reused(tmp_path: Path) -> None:
+def _receiving(tmp_path: Path) -> tuple[PartReceiver, bytes, bytes]:
+    """A receiver for a two-chunk part, the part's ciphertext, and its stream's key."""
     store = DirectoryBlobStore(tmp_path)
     key, ad, stream_header = bytes(range(32)), b"ad", bytes(24)
     plain = os.urandom(2 * CHUNK_BYTES)
@@ -264,17 +266,52 @@ def test_a_receiver_whose_chunk_failed_is_not_reused(tmp_path: Path) -> None:
         plaintext_size=len(plain),
         plaintext_sha256=part.plaintext_sha256,
     )
-    tampered = bytearray(ciphertext[:CIPHER_CHUNK])
-    tampered[100] ^= 1
+    return receiver, ciphertext, key
+
+
+def test_a_chunk_that_does_not_open_leaves_the_receiver_as_it_was(tmp_path: Path) -> None:
+    """Anyone who knows a transfer's msg_id can send a bad chunk: the receiver goes on from
+    where it was (its state, both hashes), with no rebuild from the stored chunks."""
+    receiver, ciphertext, _ = _receiving(tmp_path)
+    receiver.write(ciphertext[:CIPHER_CHUNK])
+    for bad in (bytes(CIPHER_CHUNK), _flipped(ciphertext[CIPHER_CHUNK:], 100)):
+        with pytest.raises(EnvelopeError) as refused:
+            receiver.write(bad)
+        assert refused.value.code == "decrypt_failed"
+        assert not receiver.failed
+        receiver.drop_pending()
+        assert receiver.stored_matches()
+        assert receiver.durable_offset == CIPHER_CHUNK
+    receiver.write(ciphertext[CIPHER_CHUNK:])  # the hashes check out at the part's end
+    assert receiver.complete
+    receiver.close()
+
+
+def test_a_chunk_that_opens_with_the_wrong_tag_ends_the_receiver(tmp_path: Path) -> None:
+    """Only the content key's holder can make one; the stream state has moved on, so the
+    receiver is never used again and the part resumes from what is stored."""
+    receiver, ciphertext, key = _receiving(tmp_path)
+    state = sodium.crypto_secretstream_xchacha20poly1305_state()
+    sodium.crypto_secretstream_xchacha20poly1305_init_pull(state, bytes(24), key)
+    early_end = sodium.crypto_secretstream_xchacha20poly1305_push(
+        state, bytes(CHUNK_BYTES), b"ad", sodium.crypto_secretstream_xchacha20poly1305_TAG_FINAL
+    )
     with pytest.raises(EnvelopeError):
-        receiver.write(bytes(tampered))
+        receiver.write(early_end)
     assert receiver.failed
     assert not receiver.stored_matches()
     assert receiver.durable_offset == 0
     with pytest.raises(RuntimeError):
         receiver.write(ciphertext[:CIPHER_CHUNK])
     receiver.close()
-    assert (store.uploads / "receiving1").stat().st_size == 0  # nothing of it stored
+    staged = DirectoryBlobStore(tmp_path).uploads / "receiving1"
+    assert staged.stat().st_size == 0  # nothing of it stored
+
+
+def _flipped(data: bytes, at: int) -> bytes:
+    changed = bytearray(data)
+    changed[at] ^= 1
+    return bytes(changed)
 
 
 def test_an_upload_resumes_through_another_replica_and_back(tmp_path: Path) -> None:
@@ -299,3 +336,14 @@ def test_an_upload_resumes_through_another_replica_and_back(tmp_path: Path) -> N
     assert finished.plaintext_sha256 == hashlib.sha256(data).hexdigest()
     first.close()
     second.close()
+
+
+def test_a_hash_forgets_its_last_update_small_or_beside() -> None:
+    for size in (10, BESIDE_MIN_BYTES, 3 * BESIDE_MIN_BYTES):
+        digest = BesideHash()
+        digest.update(b"kept" * size)
+        digest.update(os.urandom(size))
+        digest.undo_last()
+        assert digest.hexdigest() == hashlib.sha256(b"kept" * size).hexdigest()
+        with pytest.raises(RuntimeError):
+            digest.undo_last()  # one update back, not two
