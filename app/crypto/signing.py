@@ -15,6 +15,7 @@ DOMAIN_ENVELOPE = b"entraide/v1/envelope-header\x00"
 DOMAIN_RECEIPT = b"entraide/v1/receipt\x00"
 DOMAIN_IDENTITY = b"entraide/v1/node-identity\x00"
 DOMAIN_ROTATION = b"entraide/v1/key-rotation\x00"
+DOMAIN_PART_PUT = b"entraide/v1/part-put\x00"
 
 SIGNATURE_BYTES = 64
 

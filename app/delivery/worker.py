@@ -84,6 +84,9 @@ RETRYABLE_CODES = {
     "offset_mismatch",
     "part_out_of_order",
     "unknown_transfer",
+    # Our part's signature, by our current signing key: the peer may not have followed our
+    # rotation yet (it does at our next envelope).
+    "bad_part_signature",
     # The peer's operator suspended exchanges with us, perhaps for a while (docs/operations.md).
     "peer_suspended",
 }
@@ -725,6 +728,7 @@ class Worker:
                     without_parts=self._no_streaming,
                     headers={"x-request-id": claim.trace_id} if claim.trace_id else {},
                     keep_alive=lambda: self._renew(claim, lease),
+                    signing_key=self.node.keys.signing,
                 )
             else:
                 answer = self._post(job.base_url + ENVELOPES_PATH, wire, claim.trace_id)

@@ -28,6 +28,8 @@ from app.crypto.encoding import (
     sha256_hex,
     utc_now,
 )
+from app.crypto.part_put import HEADER as PART_PUT_HEADER
+from app.crypto.part_put import part_put_signed
 from app.crypto.receipts import SignedReceipt
 from app.errors import EntraideError, EnvelopeRefused
 from app.evidence.blobstore import BlobError, DirectoryBlobStore, UploadBusy
@@ -45,6 +47,7 @@ from app.p2p.service import (
     check_sender,
     stored_message,
 )
+from app.peers.keys import peer_signing_key, pinned_keys
 
 
 @dataclass(frozen=True)
@@ -358,6 +361,42 @@ class PartTarget:
     sender: str = ""  # the authority that announced it (signed); not who sends the bytes
 
 
+@dataclass(frozen=True)
+class SignedPut:
+    offset: int  # its Upload-Offset
+    signature: str | None  # its Entraide-Part-Signature, as received
+
+
+def _check_signed(
+    session: Session,
+    transfer: InboundTransfer,
+    header: env.Header,
+    index: int,
+    put: SignedPut | None,
+) -> None:
+    """A part's PUT is its sender's alone (protocol.md section 8.5): signed with the key that
+    signed the envelope, or with the sender's current key (it may have rotated since)."""
+    if put is None or put.signature is None:
+        raise EnvelopeRefused(
+            "bad_part_signature",
+            f"a part's PUT must carry its sender's {PART_PUT_HEADER} header",
+            status_code=403,
+        )
+    keys: list[bytes] = []
+    peer = pinned_keys(session, transfer.sender_authority)
+    if peer is not None:
+        keys.append(peer.signing_key)
+        signer = peer_signing_key(session, peer, header.from_sig_kid, signed_at=header.created_at)
+        if signer is not None and signer != peer.signing_key:
+            keys.append(signer)
+    if not part_put_signed(keys, transfer.envelope_hash, index, put.offset, put.signature):
+        raise EnvelopeRefused(
+            "bad_part_signature",
+            f"the {PART_PUT_HEADER} header is not a signature of this PUT by its sender",
+            status_code=403,
+        )
+
+
 def part_target(
     session: Session,
     node: Node,
@@ -366,15 +405,20 @@ def part_target(
     msg_id: str,
     index: int,
     open_keys: bool = True,
+    put: SignedPut | None = None,
 ) -> PartTarget:
     """Where part `index` stands, refused if no part may arrive now. With `open_keys`, also
     what receiving it needs: the content key unsealed and the manifest decrypted, work that
-    a caller who only asks where to resume (anyone who knows the message id) does not get."""
+    a caller who only asks where to resume (anyone who knows the message id) does not get:
+    that caller's bytes are taken only from the envelope's sender, whose signature of the
+    PUT (`put`) is checked first."""
     transfer = get_transfer(session, msg_id)
     try:
         header = transfer_header(transfer)
     except env.EnvelopeError as exc:
         raise TransferDamaged(transfer, exc) from exc
+    if open_keys:
+        _check_signed(session, transfer, header, index, put)
     if not 1 <= index < len(header.parts):
         raise EnvelopeRefused("unknown_part", "the envelope has no such part", status_code=404)
     info = header.parts[index]

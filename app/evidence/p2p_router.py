@@ -123,7 +123,12 @@ async def announce(request: Request, node: NodeDep) -> JSONResponse:
 
 
 def _target(
-    node: NodeDep, msg_id: str, index: int, *, open_keys: bool = True
+    node: NodeDep,
+    msg_id: str,
+    index: int,
+    *,
+    open_keys: bool = True,
+    put: inbound.SignedPut | None = None,
 ) -> inbound.PartTarget:
     def find() -> inbound.PartTarget:
         with unit_of_work(node.sessions) as session:
@@ -134,6 +139,7 @@ def _target(
                 msg_id=msg_id,
                 index=index,
                 open_keys=open_keys,
+                put=put,
             )
 
     return _dropping_damaged(node, find)
@@ -232,9 +238,17 @@ async def put_part(
     request: Request,
     node: NodeDep,
     upload_offset: Annotated[PlainInt, Header(ge=0)],
+    entraide_part_signature: Annotated[
+        str | None,
+        Header(
+            description="b64 of the sender's signature of this PUT (docs/protocol.md §8.5); "
+            "refused without it (`403 bad_part_signature`)"
+        ),
+    ] = None,
 ) -> Response:
     try:
-        target = await run_in_threadpool(_target, node, msg_id, index)
+        put = inbound.SignedPut(upload_offset, entraide_part_signature)
+        target = await run_in_threadpool(functools.partial(_target, node, msg_id, index, put=put))
         declared = request.headers.get("content-length")
         if (
             not target.done

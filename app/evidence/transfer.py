@@ -24,11 +24,14 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 import httpx
+from nacl.signing import SigningKey
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.crypto.encoding import b64d, load_canonical_object, utc_now
+from app.crypto.encoding import b64d, load_canonical_object, sha256, utc_now
 from app.crypto.envelope import EnvelopeError
+from app.crypto.part_put import HEADER as PART_PUT_HEADER
+from app.crypto.part_put import sign_part_put
 from app.errors import ERROR_HEADER, PeerError
 from app.evidence.blobstore import BlobError, BlobStore
 from app.evidence.stream import CIPHER_CHUNK, check_blob
@@ -200,6 +203,7 @@ def send_streamed(
     *,
     headers: dict[str, str],
     keep_alive: Callable[[], bool],
+    signing_key: SigningKey,
 ) -> PeerAnswer:
     """Returns the peer's final answer: a receipt (200/201) or a refusal. Raises
     TakesNoStreamedParts if the peer has no section 8.5, StoredPartCorrupt if a part's own
@@ -212,6 +216,11 @@ def send_streamed(
     if answer.status in NOT_STREAMING:
         raise TakesNoStreamedParts(answer.status)
     msg_id = _msg_id(wire)
+    envelope_hash = sha256(b64d(str(wire["header"]))).hex()
+
+    def signed(index: int, offset: int) -> str:
+        return sign_part_put(signing_key, envelope_hash, index, offset)
+
     sizer = SegmentSizer(_segment_seconds(http))
     rounds = 0
     while answer.status == 202:
@@ -219,7 +228,15 @@ def send_streamed(
             raise PeerError("the peer still asks for parts it was sent")  # retried later
         rounds += 1
         refused = _send_parts(
-            http, base_url, msg_id, parts, store, sizer, headers=headers, keep_alive=keep_alive
+            http,
+            base_url,
+            msg_id,
+            parts,
+            store,
+            sizer,
+            headers=headers,
+            keep_alive=keep_alive,
+            signed=signed,
         )
         if refused is not None:
             return refused  # the receipt (200, 201) or a refusal
@@ -241,6 +258,7 @@ def _send_parts(
     *,
     headers: dict[str, str],
     keep_alive: Callable[[], bool],
+    signed: Callable[[int, int], str],
 ) -> PeerAnswer | None:
     """Each part from where the peer holds it; the peer's answer if it ends the exchange (a
     receipt or a refusal), None once every part is there."""
@@ -259,6 +277,7 @@ def _send_parts(
             put_headers = {
                 **headers,
                 "upload-offset": str(offset),
+                PART_PUT_HEADER: signed(part.index, offset),
                 "content-length": str(end - offset),
                 "content-type": "application/octet-stream",
             }

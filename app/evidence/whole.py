@@ -18,6 +18,7 @@ import logging
 from collections.abc import Callable
 
 import httpx
+from nacl.signing import SigningKey
 
 from app.crypto.encoding import b64e
 from app.evidence.blobstore import BlobStore
@@ -60,6 +61,7 @@ def send_evidence(
     without_parts: set[str],
     headers: dict[str, str],
     keep_alive: Callable[[], bool],
+    signing_key: SigningKey,
 ) -> PeerAnswer:
     """The peer's final answer, as `send_streamed` gives it. `max_body_bytes`: the limit a
     peer is held to for a single post, this node's own (section 7). `without_parts`: the
@@ -73,7 +75,14 @@ def send_evidence(
         return post_whole(http, base_url, wire, parts, store, headers=headers)
     try:
         answer = send_streamed(
-            http, base_url, wire, parts, store, headers=headers, keep_alive=keep_alive
+            http,
+            base_url,
+            wire,
+            parts,
+            store,
+            headers=headers,
+            keep_alive=keep_alive,
+            signing_key=signing_key,
         )
     except TakesNoStreamedParts as older:
         without_parts.add(base_url)

@@ -32,6 +32,7 @@ from app.crypto import envelope as env
 from app.crypto.encoding import b64d
 from app.crypto.identity import build_identity_document, parse_identity_document
 from app.crypto.keys import NodeIdentity, NodeKeys, format_fingerprint
+from app.crypto.part_put import sign_part_put
 from app.crypto.randomness import SeededRandomness
 from app.crypto.receipts import decode_receipt, issue_receipt, verify_receipt
 
@@ -45,6 +46,7 @@ CASES: list[dict[str, Any]] = VECTORS["cases"]
 DOMAIN_ENVELOPE = b"entraide/v1/envelope-header\x00"
 DOMAIN_RECEIPT = b"entraide/v1/receipt\x00"
 DOMAIN_IDENTITY = b"entraide/v1/node-identity\x00"
+DOMAIN_PART_PUT = b"entraide/v1/part-put\x00"
 PERSON_PART_KEY = b"entraide:part:v1"
 PERSON_COMMITMENT = b"entraide:comm:v1"
 PERSON_RANDOMNESS = b"entraide:rand:v1"
@@ -104,6 +106,7 @@ def test_constants_are_those_of_the_document() -> None:
     assert bytes.fromhex(constants["domain_envelope_hex"]) == DOMAIN_ENVELOPE
     assert bytes.fromhex(constants["domain_receipt_hex"]) == DOMAIN_RECEIPT
     assert bytes.fromhex(constants["domain_identity_hex"]) == DOMAIN_IDENTITY
+    assert bytes.fromhex(constants["domain_part_put_hex"]) == DOMAIN_PART_PUT
     assert bytes.fromhex(constants["person_part_key_hex"]) == PERSON_PART_KEY
     assert bytes.fromhex(constants["person_commitment_hex"]) == PERSON_COMMITMENT
     assert bytes.fromhex(constants["person_randomness_hex"]) == PERSON_RANDOMNESS
@@ -124,6 +127,25 @@ def test_vectors_file_is_what_the_generator_writes(monkeypatch: pytest.MonkeyPat
     monkeypatch.setitem(sys.modules, spec.name, generate)
     spec.loader.exec_module(generate)
     assert generate.build_vectors() == VECTORS
+
+
+def test_a_part_puts_signature_is_built_from_the_document(case: dict[str, Any]) -> None:
+    """Section 8.5: what the sender of a streamed part signs, and the code signs the same
+    (Ed25519 signatures are deterministic)."""
+    sender = case["inputs"]["sender"]
+    public = bytes.fromhex(NODES[sender]["signing"]["public_key_hex"])
+    puts = case["part_puts"]
+    assert [put["index"] for put in puts] == [part["index"] for part in case["parts"][1:]]
+    for put in puts:
+        data = f"{case['envelope_hash_hex']}/{put['index']}/{put['offset']}".encode("ascii")
+        assert data.decode("ascii") == put["data_text"]
+        message = DOMAIN_PART_PUT + sha256(data)
+        assert message.hex() == put["signature_message_hex"]
+        sodium.crypto_sign_open(b64(put["signature_b64"]) + message, public)
+        made = sign_part_put(
+            keys_of(sender).signing, case["envelope_hash_hex"], put["index"], put["offset"]
+        )
+        assert made == put["signature_b64"]
 
 
 def test_values_quoted_in_the_document_are_those_of_the_vectors() -> None:

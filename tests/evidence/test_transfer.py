@@ -15,8 +15,11 @@ from typing import Any
 
 import httpx
 import pytest
+from nacl.signing import SigningKey
 
 from app.crypto.encoding import b64e, canonical_json
+from app.crypto.part_put import HEADER as PART_PUT_HEADER
+from app.crypto.part_put import part_put_signed
 from app.delivery import outbox
 from app.delivery.worker import classify
 from app.errors import PeerError
@@ -28,6 +31,9 @@ from app.evidence.whole import TooLargeForOnePost, send_evidence
 from app.peers.client import PeerAnswer
 
 MSG_ID = "ab" * 16
+SENDER_KEY = SigningKey.generate()
+# The envelope hash of the header these tests announce: what each PUT's signature names.
+ENVELOPE_HASH = hashlib.sha256(canonical_json({"msg_id": MSG_ID})).hexdigest()
 
 
 def _blob(tmp_path: Path, size: int) -> tuple[DirectoryBlobStore, StreamedPart, bytes]:
@@ -56,6 +62,8 @@ class Peer:
             return httpx.Response(204, headers={"upload-offset": str(len(self.held))})
         offset = int(request.headers["upload-offset"])
         assert offset == len(self.held)
+        signature = request.headers.get(PART_PUT_HEADER)
+        assert part_put_signed([bytes(SENDER_KEY.verify_key)], ENVELOPE_HASH, 1, offset, signature)
         body = request.read()
         assert int(request.headers["content-length"]) == len(body)
         self.puts.append((offset, len(body)))
@@ -77,6 +85,7 @@ def _send(peer: Any, store: DirectoryBlobStore, part: StreamedPart) -> PeerAnswe
             store,
             headers={},
             keep_alive=lambda: True,
+            signing_key=SENDER_KEY,
         )
 
 
@@ -290,6 +299,7 @@ def _send_evidence(
             without_parts=set() if without_parts is None else without_parts,
             headers={},
             keep_alive=lambda: True,
+            signing_key=SENDER_KEY,
         )
 
 

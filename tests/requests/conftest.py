@@ -31,13 +31,15 @@ from app.crypto.encoding import utc_now
 from app.crypto.envelope import Attachment, Recipient, WireEnvelope, seal
 from app.crypto.identity import build_identity_document, parse_identity_document
 from app.crypto.keys import NodeIdentity, NodeKeys, save_identity, save_keys
+from app.crypto.part_put import HEADER as PART_PUT_HEADER
+from app.crypto.part_put import sign_part_put
 from app.crypto.randomness import SystemRandomness
 from app.db import make_engine, unit_of_work
 from app.lingering import LingeringH11Protocol
 from app.localnodes import free_port
 from app.main import create_app
 from app.migrate import ROOT
-from app.models import AuditEntry, Message
+from app.models import AuditEntry, InboundTransfer, Message
 from app.node import Node
 from app.obs.health import schema_pending
 from app.peers.service import pin_peer
@@ -93,6 +95,16 @@ class Harness:
         return response
 
     # --- ES/MJ, the peer ----------------------------------------------------------------
+
+    def signed_put(self, msg_id: str, offset: int, index: int = 1) -> dict[str, str]:
+        """The headers ES/MJ's node sends with a part's PUT: where it starts, signed for the
+        envelope announced under `msg_id` (any envelope, if none is)."""
+        with unit_of_work(self.node.sessions) as session:
+            envelope_hash = session.scalar(
+                select(InboundTransfer.envelope_hash).where(InboundTransfer.msg_id == msg_id)
+            )
+        signature = sign_part_put(self.peer_keys.signing, envelope_hash or "0" * 64, index, offset)
+        return {"upload-offset": str(offset), PART_PUT_HEADER: signature}
 
     def _seal(
         self,

@@ -18,11 +18,15 @@ from sqlalchemy import select
 
 from app.crypto.encoding import b64d, b64e, parse_time, utc_now
 from app.crypto.envelope import Attachment, Recipient, WireEnvelope, seal
+from app.crypto.keys import NodeKeys
+from app.crypto.part_put import HEADER as PART_PUT_HEADER
+from app.crypto.part_put import sign_part_put
 from app.crypto.randomness import SystemRandomness
 from app.db import unit_of_work
 from app.evidence.stream import CIPHER_CHUNK
 from app.models import AuditEntry
 from tests.requests.conftest import Harness, example_document
+from tests.requests.test_stalled_bodies import _stall
 
 
 def test_an_envelope_received_inline_during_its_transfer_is_receipted_once(
@@ -123,6 +127,51 @@ def _part_received_from(ar: Harness) -> list[int]:
     return [json.loads(entry)["details"]["from_offset"] for entry in entries]
 
 
+def test_a_part_is_taken_from_its_sender_alone(fresh_ar: Harness) -> None:
+    """Anyone who knows a msg_id (it is in every part URL, so in access logs) could hold a
+    part busy with a trickled body, or send it bad chunks. A PUT is signed by the envelope's
+    sender (protocol.md section 8.5), refused otherwise before a byte of its body is read."""
+    ar = fresh_ar
+    envelope = _request_from_es(
+        ar, [Attachment("ledger.bin", "application/octet-stream", bytes(3 * CIPHER_CHUNK))]
+    )
+    wire = envelope.to_wire()
+    msg_id = json.loads(envelope.header)["msg_id"]
+    part = b64d(wire["parts"][1])
+    assert _announce(ar, wire).status_code == 202
+    url = f"/p2p/v1/evidence/envelopes/{msg_id}/parts/1"
+    envelope_hash = envelope.envelope_hash
+    stranger = NodeKeys.generate().signing
+    unsigned = {"upload-offset": "0"}
+    refusals = {
+        "no signature": unsigned,
+        "not base64": {**unsigned, PART_PUT_HEADER: "not base64!"},
+        "a stranger's key": {
+            **unsigned,
+            PART_PUT_HEADER: sign_part_put(stranger, envelope_hash, 1, 0),
+        },
+        "another offset": ar.signed_put(msg_id, CIPHER_CHUNK) | unsigned,
+        "another part": ar.signed_put(msg_id, 0, index=2) | unsigned,
+    }
+    # The one that trickles: answered at once, and the part is not held busy meanwhile.
+    trickling = _stall(ar, "PUT", url, refusals.pop("no signature"), len(part))
+    trickling.settimeout(10)
+    answered = b""
+    while b"}" not in answered and (received := trickling.recv(65536)):
+        answered += received  # the head and the error's body, not the end of the connection
+    assert answered.startswith(b"HTTP/1.1 403"), answered
+    assert b"bad_part_signature" in answered
+    assert b"connection: close" in answered.lower()
+    for case, headers in refusals.items():
+        refused = ar.http.put(url, content=part[:100], headers=headers)
+        assert (refused.status_code, refused.json()["error"]) == (403, "bad_part_signature"), case
+    assert [outcome for _, outcome, _ in ar.audit("envelope.refused")] == ["bad_part_signature"] * 5
+    assert ar.http.head(url).headers["upload-offset"] == "0"
+    done = _put_part(ar, msg_id, part)  # its sender's, signed, while the trickle goes on
+    assert done.status_code == 201, done.text
+    trickling.close()
+
+
 def test_parts_of_an_expired_transfer_are_refused(fresh_ar: Harness) -> None:
     ar = fresh_ar
     envelope = _request_from_es(
@@ -170,7 +219,7 @@ def _announce(ar: Harness, wire: dict[str, object]) -> httpx.Response:
 
 def _put_part(ar: Harness, msg_id: str, body: bytes, offset: int = 0) -> httpx.Response:
     """Part 1's bytes from `offset`."""
-    headers = {"upload-offset": str(offset), "content-type": "application/octet-stream"}
+    headers = {**ar.signed_put(msg_id, offset), "content-type": "application/octet-stream"}
     return ar.http.put(
         f"/p2p/v1/evidence/envelopes/{msg_id}/parts/1", content=body, headers=headers
     )
@@ -258,7 +307,7 @@ def test_bytes_past_a_parts_end_are_refused_by_their_framing(fresh_ar: Harness) 
         time.sleep(0.2)  # read (and stored) before the rest arrives
         yield part[CIPHER_CHUNK:] + b"!"
 
-    refused = ar.http.put(url, content=chunked(), headers={"upload-offset": "0"})
+    refused = ar.http.put(url, content=chunked(), headers=ar.signed_put(msg_id, 0))
     assert (refused.status_code, refused.json()["error"]) == (400, "malformed_envelope")
     kept = int(ar.http.head(url).headers["upload-offset"])
     assert kept >= CIPHER_CHUNK

@@ -88,14 +88,14 @@ def test_a_part_sent_past_its_end_is_an_offset_mismatch(ar: Harness) -> None:
     past = ar.http.put(
         f"/p2p/v1/evidence/envelopes/{msg_id}/parts/1",
         content=part,
-        headers={"upload-offset": str(len(part) + 5)},
+        headers=ar.signed_put(msg_id, len(part) + 5),
     )
     assert (past.status_code, past.json()["error"]) == (409, "offset_mismatch"), past.text
     assert past.headers["upload-offset"] == "0"
     whole = ar.http.put(
         f"/p2p/v1/evidence/envelopes/{msg_id}/parts/1",
         content=part,
-        headers={"upload-offset": "0"},
+        headers=ar.signed_put(msg_id, 0),
     )
     assert whole.status_code in (200, 201), whole.text  # and no receiver left open
 
@@ -114,7 +114,7 @@ def test_a_part_damaged_on_disk_between_two_puts_gets_no_receipt(ar: Harness) ->
     assert announced.status_code == 202, announced.text
     msg_id = json.loads(b64d(wire["header"]))["msg_id"]
     part, href = b64d(wire["parts"][1]), f"/p2p/v1/evidence/envelopes/{msg_id}/parts/1"
-    first = ar.http.put(href, content=part[: len(part) // 2], headers={"upload-offset": "0"})
+    first = ar.http.put(href, content=part[: len(part) // 2], headers=ar.signed_put(msg_id, 0))
     assert first.status_code == 204, first.text
     offset = int(first.headers["upload-offset"])
     assert offset > 0
@@ -125,11 +125,11 @@ def test_a_part_damaged_on_disk_between_two_puts_gets_no_receipt(ar: Harness) ->
         byte = stored.read(1)
         stored.seek(100)
         stored.write(bytes([byte[0] ^ 1]))
-    rest = ar.http.put(href, content=part[offset:], headers={"upload-offset": str(offset)})
+    rest = ar.http.put(href, content=part[offset:], headers=ar.signed_put(msg_id, offset))
     assert (rest.status_code, rest.json()["error"]) == (409, "offset_mismatch"), rest.text
     assert rest.headers["upload-offset"] == "0"
     assert ar.audit("evidence.part_restarted")[-1][0] == "node"
-    again = ar.http.put(href, content=part, headers={"upload-offset": "0"})
+    again = ar.http.put(href, content=part, headers=ar.signed_put(msg_id, 0))
     assert again.status_code in (200, 201), again.text
 
 
@@ -200,7 +200,7 @@ def test_a_transfer_damaged_in_storage_is_announced_again(ar: Harness, column: s
     wire, msg_id, href = _announce_streamed(ar)
     _alter_transfer(ar, msg_id, column)
     part = b64d(wire["parts"][1])
-    put = ar.http.put(href, content=part, headers={"upload-offset": "0"})
+    put = ar.http.put(href, content=part, headers=ar.signed_put(msg_id, 0))
     assert (put.status_code, put.json()["error"]) == (404, "unknown_transfer"), put.text
     dropped = [entry for entry in ar.audit("evidence.transfer_dropped") if entry[0] == "node"]
     assert dropped, "the drop is on record"
@@ -208,7 +208,7 @@ def test_a_transfer_damaged_in_storage_is_announced_again(ar: Harness, column: s
     assert (head.status_code, head.headers["entraide-error"]) == (404, "unknown_transfer")
     again = ar.http.post("/p2p/v1/evidence/envelopes", json={**wire, "parts": wire["parts"][:1]})
     assert again.status_code == 202, again.text
-    put = ar.http.put(href, content=part, headers={"upload-offset": "0"})
+    put = ar.http.put(href, content=part, headers=ar.signed_put(msg_id, 0))
     assert put.status_code == 201, put.text
 
 
@@ -234,7 +234,7 @@ def test_a_transfer_held_whole_but_damaged_is_announced_again_not_refused(ar: Ha
     assert (again.status_code, again.json()["error"]) == (404, "unknown_transfer"), again.text
     assert ar.audit("evidence.transfer_dropped")[-1][0] == "node"
     assert ar.http.post("/p2p/v1/evidence/envelopes", json=head).status_code == 202
-    assert ar.http.put(href, content=part, headers={"upload-offset": "0"}).status_code == 201
+    assert ar.http.put(href, content=part, headers=ar.signed_put(msg_id, 0)).status_code == 201
 
 
 def test_an_upload_to_a_complete_attachment_or_a_submitted_draft_says_which(ar: Harness) -> None:

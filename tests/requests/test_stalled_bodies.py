@@ -91,7 +91,7 @@ def test_a_part_whose_sender_went_silent_is_not_kept_busy(
     msg_id = json.loads(b64d(wire["header"]))["msg_id"]
     href = f"/p2p/v1/evidence/envelopes/{msg_id}/parts/1"
     part = parts[1]
-    headers = {"upload-offset": "0", "content-type": "application/octet-stream"}
+    headers = {**ar.signed_put(msg_id, 0), "content-type": "application/octet-stream"}
     stalled = _stall(ar, "PUT", href, headers, len(part))
     _locked(ar, receive_upload_id(msg_id, 1))
     try:

@@ -112,6 +112,7 @@ def test_a_part_the_receiver_lost_is_sent_again_not_given_up(ar: Harness, tmp_pa
             store,
             headers={},
             keep_alive=lambda: True,
+            signing_key=ar.peer_keys.signing,
         )
     assert store.done  # the receiver did lose the first part mid-transfer
     assert answer.status in (200, 201), (answer.status, answer.body)

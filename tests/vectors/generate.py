@@ -29,10 +29,17 @@ from app.crypto import envelope as env
 from app.crypto.encoding import b64d, b64e, format_time, sha256, sha256_hex
 from app.crypto.identity import build_identity_document
 from app.crypto.keys import NodeIdentity, NodeKeys, format_fingerprint
+from app.crypto.part_put import part_put_data, sign_part_put
 from app.crypto.randomness import SeededRandomness
 from app.crypto.receipts import issue_receipt
 from app.crypto.rotation import make_rotation
-from app.crypto.signing import DOMAIN_ENVELOPE, DOMAIN_IDENTITY, DOMAIN_RECEIPT, DOMAIN_ROTATION
+from app.crypto.signing import (
+    DOMAIN_ENVELOPE,
+    DOMAIN_IDENTITY,
+    DOMAIN_PART_PUT,
+    DOMAIN_RECEIPT,
+    DOMAIN_ROTATION,
+)
 
 OUTPUT = Path(__file__).with_name("envelope-v1.json")
 
@@ -275,6 +282,18 @@ def describe_chunks(ciphertext: bytes, plaintext_size: int) -> list[dict[str, An
     return chunks
 
 
+def describe_part_put(key: SigningKey, envelope_hash: str, index: int) -> dict[str, Any]:
+    """The signature the sender's first PUT of part `index` carries (section 8.5)."""
+    data = part_put_data(envelope_hash, index, 0)
+    return {
+        "index": index,
+        "offset": 0,
+        "data_text": data.decode("ascii"),
+        "signature_message_hex": (DOMAIN_PART_PUT + sha256(data)).hex(),
+        "signature_b64": sign_part_put(key, envelope_hash, index, 0),
+    }
+
+
 def build_case(case: Case) -> dict[str, Any]:
     sender, recipient = node_keys(case.sender), node_keys(case.recipient)
     randomness = RecordingRandomness(case.seed)
@@ -398,6 +417,10 @@ def build_case(case: Case) -> dict[str, Any]:
         "envelope_hash_hex": envelope.envelope_hash,
         "signature_message_hex": (DOMAIN_ENVELOPE + sha256(envelope.header)).hex(),
         "signature_b64": b64e(envelope.signature),
+        "part_puts": [
+            describe_part_put(sender.signing, envelope.envelope_hash, info.index)
+            for info in header.parts[1:]
+        ],
         "wire": envelope.to_wire() if small else None,
         "receipt": {
             "signer": case.recipient,
@@ -502,6 +525,7 @@ def build_vectors() -> dict[str, Any]:
             "domain_receipt_hex": DOMAIN_RECEIPT.hex(),
             "domain_identity_hex": DOMAIN_IDENTITY.hex(),
             "domain_rotation_hex": DOMAIN_ROTATION.hex(),
+            "domain_part_put_hex": DOMAIN_PART_PUT.hex(),
             "person_part_key_hex": env.PERSON_PART_KEY.hex(),
             "person_commitment_hex": env.PERSON_COMMITMENT.hex(),
             "person_randomness_hex": b"entraide:rand:v1".hex(),
