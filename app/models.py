@@ -134,6 +134,9 @@ class Peer(Base):
     # its new checkpoints must be proven to extend one witnessed before, a witnessed
     # checkpoint with an id up to this one; cleared once one is (app/audit/witness.py).
     witness_anchor_max_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # When this peer first signed a streamed part's PUT (protocol.md §8.5): from then on its
+    # parts are taken only signed. Unset, it runs a release from before those signatures.
+    part_signatures_since: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class ApiClient(Base):

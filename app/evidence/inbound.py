@@ -47,7 +47,7 @@ from app.p2p.service import (
     check_sender,
     stored_message,
 )
-from app.peers.keys import peer_signing_key, pinned_keys
+from app.peers.keys import peer_signing_key
 
 
 @dataclass(frozen=True)
@@ -367,34 +367,49 @@ class SignedPut:
     signature: str | None  # its Entraide-Part-Signature, as received
 
 
+class BadPartSignature(EnvelopeRefused):
+    """A part's PUT with a signature that does not verify. `sender`: the transfer's, whose
+    keys the caller may refresh (it may have rotated since it sealed the envelope)."""
+
+    def __init__(self, sender: str) -> None:
+        super().__init__(
+            "bad_part_signature",
+            f"the {PART_PUT_HEADER} header is not a signature of this PUT by its sender",
+            status_code=403,
+        )
+        self.sender = sender
+
+
 def _check_signed(
     session: Session,
     transfer: InboundTransfer,
     header: env.Header,
     index: int,
-    put: SignedPut | None,
+    put: SignedPut,
 ) -> None:
     """A part's PUT is its sender's alone (protocol.md section 8.5): signed with the key that
-    signed the envelope, or with the sender's current key (it may have rotated since)."""
-    if put is None or put.signature is None:
+    signed the envelope, or with the sender's current key (it may have rotated since). A peer
+    that never signed one runs a release from before these signatures: its PUTs are taken
+    unsigned until its first signed one, so that authorities need not upgrade all at once."""
+    peer = session.scalar(select(Peer).where(Peer.authority_id == transfer.sender_authority))
+    if put.signature is None:
+        if peer is not None and peer.part_signatures_since is None:
+            return
         raise EnvelopeRefused(
             "bad_part_signature",
             f"a part's PUT must carry its sender's {PART_PUT_HEADER} header",
             status_code=403,
         )
     keys: list[bytes] = []
-    peer = pinned_keys(session, transfer.sender_authority)
     if peer is not None:
         keys.append(peer.signing_key)
         signer = peer_signing_key(session, peer, header.from_sig_kid, signed_at=header.created_at)
         if signer is not None and signer != peer.signing_key:
             keys.append(signer)
     if not part_put_signed(keys, transfer.envelope_hash, index, put.offset, put.signature):
-        raise EnvelopeRefused(
-            "bad_part_signature",
-            f"the {PART_PUT_HEADER} header is not a signature of this PUT by its sender",
-            status_code=403,
-        )
+        raise BadPartSignature(transfer.sender_authority)
+    if peer is not None and peer.part_signatures_since is None:
+        peer.part_signatures_since = utc_now()  # from now on, its parts come signed
 
 
 def part_target(
@@ -418,7 +433,7 @@ def part_target(
     except env.EnvelopeError as exc:
         raise TransferDamaged(transfer, exc) from exc
     if open_keys:
-        _check_signed(session, transfer, header, index, put)
+        _check_signed(session, transfer, header, index, put or SignedPut(0, None))
     if not 1 <= index < len(header.parts):
         raise EnvelopeRefused("unknown_part", "the envelope has no such part", status_code=404)
     info = header.parts[index]

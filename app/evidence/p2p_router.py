@@ -36,6 +36,7 @@ from app.limits import BodyTimedOut
 from app.openapi import RECEIPT_ANSWER
 from app.p2p.refusals import audit_refusals, json_body
 from app.p2p.service import Accepted
+from app.peers.keys import refresh_peer_keys
 from app.plainint import PlainInt
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,21 @@ def _target(
     return _dropping_damaged(node, find)
 
 
+def _signed_target(
+    node: NodeDep, msg_id: str, index: int, put: inbound.SignedPut
+) -> inbound.PartTarget:
+    try:
+        return _target(node, msg_id, index, put=put)
+    except inbound.BadPartSignature as refused:
+        # Perhaps the sender rotated its keys since it sealed the envelope, and signs with
+        # its new key: follow its signed rotation (docs/protocol.md §5.4), as for an envelope
+        # signed with a key not pinned here, then check once more. At most once per peer
+        # refresh interval, whoever sends bad signatures.
+        if refresh_peer_keys(node, refused.sender) is None:
+            raise
+    return _target(node, msg_id, index, put=put)
+
+
 def _headers(offset: int, length: int) -> dict[str, str]:
     return {"upload-offset": str(offset), "upload-length": str(length)}
 
@@ -248,7 +264,7 @@ async def put_part(
 ) -> Response:
     try:
         put = inbound.SignedPut(upload_offset, entraide_part_signature)
-        target = await run_in_threadpool(functools.partial(_target, node, msg_id, index, put=put))
+        target = await run_in_threadpool(_signed_target, node, msg_id, index, put)
         declared = request.headers.get("content-length")
         if (
             not target.done
@@ -314,18 +330,18 @@ async def put_part(
             request.app.state.metrics.envelope_refused(refusal.code)
             return body_timed_out(stalled, _headers(offset, target.length))
         except env.EnvelopeError as exc:
+            keep = False  # unless known fit to keep, below (a cancellation meanwhile)
             refusal = EnvelopeRefused(exc.code, exc.detail)
             if exc.code in WHOLE_PART_CHECKS:
                 # Every chunk opened, yet the whole part is not what the header and manifest
                 # say: made so by whoever holds the content key. Start it again.
-                keep = False
                 store.discard_upload(inbound.receive_upload_id(msg_id, index))
             else:
                 # A chunk failed (bytes that do not open, or past the part's end): it was
-                # never stored, and the chunks before it are authentic. Kept, so that anyone
-                # who knows the message id cannot undo the sender's progress with a bad
-                # chunk; the receiver too, unless the failure left it unusable, and the good
-                # chunks of this request made durable as a break's are.
+                # never stored, and the chunks before it are authentic. Kept, so that a bad
+                # chunk does not undo the sender's progress; the receiver too, unless the
+                # failure left it unusable, and the good chunks of this request made durable
+                # as a break's are.
                 keep = await run_in_threadpool(_kept_after_refusal, receiver)
             await run_in_threadpool(
                 _refused_part, node, msg_id, index, refusal, source_address(request)

@@ -130,7 +130,8 @@ def _part_received_from(ar: Harness) -> list[int]:
 def test_a_part_is_taken_from_its_sender_alone(fresh_ar: Harness) -> None:
     """Anyone who knows a msg_id (it is in every part URL, so in access logs) could hold a
     part busy with a trickled body, or send it bad chunks. A PUT is signed by the envelope's
-    sender (protocol.md section 8.5), refused otherwise before a byte of its body is read."""
+    sender (protocol.md section 8.5), refused otherwise before a byte of its body is read,
+    once the sender has signed one (before, it may run a release without signatures)."""
     ar = fresh_ar
     envelope = _request_from_es(
         ar, [Attachment("ledger.bin", "application/octet-stream", bytes(3 * CIPHER_CHUNK))]
@@ -140,21 +141,23 @@ def test_a_part_is_taken_from_its_sender_alone(fresh_ar: Harness) -> None:
     part = b64d(wire["parts"][1])
     assert _announce(ar, wire).status_code == 202
     url = f"/p2p/v1/evidence/envelopes/{msg_id}/parts/1"
-    envelope_hash = envelope.envelope_hash
+    first = _put_part(ar, msg_id, part[:CIPHER_CHUNK])  # signed
+    assert first.headers["upload-offset"] == str(CIPHER_CHUNK), first.text
+    at = CIPHER_CHUNK
     stranger = NodeKeys.generate().signing
-    unsigned = {"upload-offset": "0"}
+    unsigned = {"upload-offset": str(at)}
     refusals = {
         "no signature": unsigned,
         "not base64": {**unsigned, PART_PUT_HEADER: "not base64!"},
         "a stranger's key": {
             **unsigned,
-            PART_PUT_HEADER: sign_part_put(stranger, envelope_hash, 1, 0),
+            PART_PUT_HEADER: sign_part_put(stranger, envelope.envelope_hash, 1, at),
         },
-        "another offset": ar.signed_put(msg_id, CIPHER_CHUNK) | unsigned,
-        "another part": ar.signed_put(msg_id, 0, index=2) | unsigned,
+        "another offset": ar.signed_put(msg_id, 0) | unsigned,
+        "another part": ar.signed_put(msg_id, at, index=2) | unsigned,
     }
     # The one that trickles: answered at once, and the part is not held busy meanwhile.
-    trickling = _stall(ar, "PUT", url, refusals.pop("no signature"), len(part))
+    trickling = _stall(ar, "PUT", url, refusals.pop("no signature"), len(part) - at)
     trickling.settimeout(10)
     answered = b""
     while b"}" not in answered and (received := trickling.recv(65536)):
@@ -163,13 +166,44 @@ def test_a_part_is_taken_from_its_sender_alone(fresh_ar: Harness) -> None:
     assert b"bad_part_signature" in answered
     assert b"connection: close" in answered.lower()
     for case, headers in refusals.items():
-        refused = ar.http.put(url, content=part[:100], headers=headers)
+        refused = ar.http.put(url, content=part[at : at + 100], headers=headers)
         assert (refused.status_code, refused.json()["error"]) == (403, "bad_part_signature"), case
     assert [outcome for _, outcome, _ in ar.audit("envelope.refused")] == ["bad_part_signature"] * 5
-    assert ar.http.head(url).headers["upload-offset"] == "0"
-    done = _put_part(ar, msg_id, part)  # its sender's, signed, while the trickle goes on
+    assert ar.http.head(url).headers["upload-offset"] == str(at)
+    done = _put_part(ar, msg_id, part[at:], at)  # its sender's, while the trickle goes on
     assert done.status_code == 201, done.text
     trickling.close()
+
+
+def test_a_sender_that_never_signed_a_part_sends_them_unsigned(fresh_ar: Harness) -> None:
+    """A peer on a release from before part signatures: its PUTs are taken, so that
+    authorities need not all upgrade at once, until its first signed one."""
+    ar = fresh_ar
+    first, second = (
+        _request_from_es(ar, [Attachment("a.bin", "application/octet-stream", bytes(100))])
+        for _ in range(2)
+    )
+    for envelope in (first, second):
+        assert _announce(ar, envelope.to_wire()).status_code == 202
+    older = ar.http.put(
+        f"/p2p/v1/evidence/envelopes/{_msg_id(first)}/parts/1",
+        content=first.parts[1],
+        headers={"upload-offset": "0"},
+    )
+    assert older.status_code == 201, older.text
+    assert _put_part(ar, _msg_id(second), second.parts[1][:50]).status_code == 204  # signed
+    third = _request_from_es(ar, [Attachment("c.bin", "application/octet-stream", bytes(100))])
+    assert _announce(ar, third.to_wire()).status_code == 202
+    unsigned = ar.http.put(
+        f"/p2p/v1/evidence/envelopes/{_msg_id(third)}/parts/1",
+        content=third.parts[1],
+        headers={"upload-offset": "0"},
+    )
+    assert (unsigned.status_code, unsigned.json()["error"]) == (403, "bad_part_signature")
+
+
+def _msg_id(envelope: WireEnvelope) -> str:
+    return str(json.loads(envelope.header)["msg_id"])
 
 
 def test_parts_of_an_expired_transfer_are_refused(fresh_ar: Harness) -> None:

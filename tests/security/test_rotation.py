@@ -20,6 +20,7 @@ genuine one is followed.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import threading
 from collections.abc import Iterator
@@ -38,6 +39,8 @@ from app.crypto.encoding import b64d, canonical_json, utc_now
 from app.crypto.envelope import Attachment, Recipient, seal
 from app.crypto.identity import build_identity_document, parse_identity_document
 from app.crypto.keys import NodeIdentity, NodeKeys, format_fingerprint
+from app.crypto.part_put import HEADER as PART_PUT_HEADER
+from app.crypto.part_put import sign_part_put
 from app.crypto.randomness import SystemRandomness
 from app.crypto.rotation import Rotation, make_rotation
 from app.crypto.signing import DOMAIN_IDENTITY, DOMAIN_ROTATION, sign
@@ -255,10 +258,12 @@ def _envelope_from(
     ).to_wire()
 
 
-def _rotation(old: NodeKeys, new: NodeKeys, signer: SigningKey, seq: int = 1) -> Rotation:
+def _rotation(
+    old: NodeKeys, new: NodeKeys, signer: SigningKey, seq: int = 1, authority: str = "IT/MG"
+) -> Rotation:
     """A rotation statement from `old` to `new`, signed by `signer` (forged unless old's)."""
     genuine = make_rotation(
-        authority_id="IT/MG",
+        authority_id=authority,
         seq=seq,
         old_signing=old.signing,
         old_encryption=old.encryption,
@@ -355,6 +360,59 @@ def test_forged_rotation_is_refused_and_the_genuine_one_followed(
         assert peers["IT/MG"]["log_kid"] == first.log_kid
         last = [entry for outcome, entry in audit(es, "peer.keys_changed") if outcome == "ok"][-1]
         assert last["log_key"].startswith("kept")
+    finally:
+        server.close()
+
+
+def test_a_sender_rotated_mid_transfer_signs_its_parts_with_its_new_key(
+    trio: dict[str, LocalNode],
+) -> None:
+    """A sender signs each part's PUT with the key it holds now (protocol.md section 8.5),
+    not the one that sealed the envelope, which a rotation took away: the receiver follows
+    the sender's signed rotation and takes the part (it was refused until the receiver saw
+    an envelope signed with the new key, perhaps never on a one-way link)."""
+    es, authority = trio["es"], "GR/YD"
+    server = IdentityServer()
+    try:
+        first = NodeKeys.generate()
+        server.document = _document(first, server.url, authority)
+        with es.client("admin") as http:
+            pinned = http.post(
+                "/api/v1/admin/peers",
+                json={"url": server.url, "fingerprint": format_fingerprint(first.fingerprint)},
+            )
+        assert pinned.status_code == 201, pinned.text
+        wire = _envelope_from(first, es, authority)
+        announced = httpx.post(
+            es.url + "/p2p/v1/evidence/envelopes",
+            json={**wire, "parts": wire["parts"][:1]},
+            timeout=30,
+        )
+        assert announced.status_code == 202, announced.text
+        header = b64d(wire["header"])
+        envelope_hash = hashlib.sha256(header).hexdigest()
+        url = f"{es.url}/p2p/v1/evidence/envelopes/{json.loads(header)['msg_id']}/parts/1"
+        part = b64d(wire["parts"][1])
+
+        def put(signer: SigningKey) -> httpx.Response:
+            signature = sign_part_put(signer, envelope_hash, 1, 0)
+            headers = {"upload-offset": "0", PART_PUT_HEADER: signature}
+            return httpx.put(url, content=part, headers=headers, timeout=30)
+
+        stranger = put(SigningKey.generate())  # the document fetched again: no rotation
+        assert (stranger.status_code, stranger.json()["error"]) == (403, "bad_part_signature")
+        second = NodeKeys(SigningKey.generate(), PrivateKey.generate(), first.log)
+        server.document = _document(
+            NodeKeys(second.signing, second.encryption, first.log, rotations=()),
+            server.url,
+            authority,
+            rotations=[_rotation(first, second, first.signing, authority=authority).to_wire()],
+        )
+        rotated = put(second.signing)
+        assert rotated.status_code == 201, rotated.text
+        with es.client("admin") as http:
+            peers = {peer["authority_id"]: peer for peer in http.get("/api/v1/admin/peers").json()}
+        assert peers[authority]["signing_kid"] == second.signing_kid
     finally:
         server.close()
 
