@@ -493,7 +493,12 @@ def check_peers(settings: Settings, engine: Engine, http: httpx.Client) -> Itera
     try:
         with read_snapshot(make_session_factory(engine)) as session:
             # A damaged row (check_damaged_peers names it) must not hide the others' checks.
-            damaged = [peer.row_id for peer in find_damaged_peers(session)]
+            try:
+                damaged = [peer.row_id for peer in find_damaged_peers(session)]
+            except DBAPIError:
+                # A schema behind this version's (migrations pending: the database findings
+                # say so) lacks a column the scan reads; the peers are checked all the same.
+                damaged = []
             peers = list(
                 session.execute(
                     select(

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from app.audit.log import record
@@ -47,7 +47,7 @@ from app.p2p.service import (
     check_sender,
     stored_message,
 )
-from app.peers.keys import peer_signing_key
+from app.peers.keys import peer_signing_key, pinned_keys
 
 
 @dataclass(frozen=True)
@@ -391,9 +391,12 @@ def _check_signed(
     signed the envelope, or with the sender's current key (it may have rotated since). A peer
     that never signed one runs a release from before these signatures: its PUTs are taken
     unsigned until its first signed one, so that authorities need not upgrade all at once."""
-    peer = session.scalar(select(Peer).where(Peer.authority_id == transfer.sender_authority))
+    authority = transfer.sender_authority
+    peer = pinned_keys(session, authority)
+    # Core reads, as for every P2P call's keys (app/peers/keys.py): not the whole row.
+    signs = session.scalar(select(Peer.part_signatures_since).where(Peer.authority_id == authority))
     if put.signature is None:
-        if peer is not None and peer.part_signatures_since is None:
+        if peer is not None and signs is None:
             return
         raise EnvelopeRefused(
             "bad_part_signature",
@@ -407,9 +410,13 @@ def _check_signed(
         if signer is not None and signer != peer.signing_key:
             keys.append(signer)
     if not part_put_signed(keys, transfer.envelope_hash, index, put.offset, put.signature):
-        raise BadPartSignature(transfer.sender_authority)
-    if peer is not None and peer.part_signatures_since is None:
-        peer.part_signatures_since = utc_now()  # from now on, its parts come signed
+        raise BadPartSignature(authority)
+    if signs is None:  # from now on, its parts come signed
+        session.execute(
+            update(Peer)
+            .where(Peer.authority_id == authority, Peer.part_signatures_since.is_(None))
+            .values(part_signatures_since=utc_now())
+        )
 
 
 def part_target(

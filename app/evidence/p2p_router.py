@@ -189,10 +189,10 @@ def _refused_part(
     *,
     sender: str | None = None,
 ) -> None:
-    """Counted against the sending address like any refused envelope (a part needs no
-    signature of its own: anyone who knows a message id can send one), and audited until
-    that address is throttled. `sender`: the envelope's own (signed) sender, for a refusal
-    of the envelope itself once its parts are all in; a refused part's bytes are anyone's."""
+    """Counted against the sending address like any refused envelope (anyone who knows a
+    message id can send a part; only a signed one is taken), and audited until that address
+    is throttled. `sender`: the envelope's own (signed) sender, for a refusal of the envelope
+    itself once its parts are all in; a refused part's bytes are anyone's."""
     with unit_of_work(node.sessions) as session:
         if record_p2p_refusal(session, node, source):
             record(

@@ -228,8 +228,9 @@ def replace_peer_key(
         raise BadRequest(str(exc), code="invalid_identity_document") from exc
     old_fingerprint, old_signing_kid = peer.fingerprint, peer.signing_kid
     revoke_current_keys(session, peer, now)
-    # Transfers it announced were checked under the keys now revoked, and their parts need
-    # no signature: dropped (what they received is then cleaned up). The peer sends again.
+    # Transfers it announced were checked under the keys now revoked (and their parts may
+    # come signed by them): dropped (what they received is then cleaned up). The peer sends
+    # again.
     dropped = _drop_transfers(session, peer.authority_id)
     _take_identity(session, peer, identity, base_url, now)
     record(
