@@ -18,9 +18,9 @@ RUN useradd --system --uid 10001 --home-dir /var/lib/entraide --shell /usr/sbin/
 
 WORKDIR /opt/entraide
 # Dependencies first, so a code change does not reinstall them.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY app/__init__.py app/py.typed ./app/
-RUN pip install --editable . && rm -rf app
+RUN pip install --constraint constraints.txt --editable . && rm -rf app
 # The code, the migrations (alembic.ini next to them: `alembic upgrade head` works from
 # here) and the deployment helpers. Installed in place: the node finds its migrations
 # relative to its own code.

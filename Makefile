@@ -4,13 +4,21 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint serve bench bytecode clean
+.PHONY: demo test lint serve bench bytecode clean constraints
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
+
+# Every dependency at the newest release pyproject.toml allows, written to constraints.txt
+# (its comment first): test it before committing it.
+constraints:
+	rm -rf .venv-resolve && $(PYTHON) -m venv .venv-resolve
+	.venv-resolve/bin/pip install --quiet -e '.[dev]'
+	{ grep '^#' constraints.txt; .venv-resolve/bin/pip freeze --exclude-editable; } > constraints.new
+	mv constraints.new constraints.txt && rm -rf .venv-resolve
 
 # Byte-compiled once, here, rather than by each process: with PYTHONDONTWRITEBYTECODE set
 # (as in the Dockerfile) every `entraide` process would otherwise compile the whole app
