@@ -24,7 +24,7 @@ from starlette.requests import ClientDisconnect
 from app.audit.log import record, record_alone
 from app.config import body_idle_seconds
 from app.crypto import envelope as env
-from app.db import unit_of_work
+from app.db import reading, unit_of_work
 from app.deps import PEER_SIGNED, NodeDep, record_p2p_refusal, source_address
 from app.errors import EnvelopeRefused
 from app.evidence import inbound
@@ -132,7 +132,9 @@ def _target(
     put: inbound.SignedPut | None = None,
 ) -> inbound.PartTarget:
     def find() -> inbound.PartTarget:
-        with unit_of_work(node.sessions) as session:
+        # Where a part stands, which anyone may ask, only reads: on SQLite it then waits for
+        # no writer and holds none off. A PUT may write (the peer's first signed part).
+        with (unit_of_work if open_keys else reading)(node.sessions) as session:
             return inbound.part_target(
                 session,
                 node,
