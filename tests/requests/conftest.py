@@ -27,7 +27,7 @@ from sqlalchemy import select
 from app.auth.service import Role, create_client
 from app.clock import get_clock
 from app.config import Settings
-from app.crypto.encoding import utc_now
+from app.crypto.encoding import b64d, utc_now
 from app.crypto.envelope import Attachment, Recipient, WireEnvelope, seal
 from app.crypto.identity import build_identity_document, parse_identity_document
 from app.crypto.keys import NodeIdentity, NodeKeys, save_identity, save_keys
@@ -95,6 +95,18 @@ class Harness:
         return response
 
     # --- ES/MJ, the peer ----------------------------------------------------------------
+
+    def announce_streamed(self) -> tuple[dict[str, Any], str, str]:
+        """A request with one attachment announced (part 0 only): (wire, msg_id, part 1's
+        href)."""
+        content = {"kind": "request", "document": example_document()}
+        wire = self._seal(content, None, None).to_wire()
+        announced = self.http.post(
+            "/p2p/v1/evidence/envelopes", json={**wire, "parts": wire["parts"][:1]}
+        )
+        assert announced.status_code == 202, announced.text
+        msg_id = json.loads(b64d(wire["header"]))["msg_id"]
+        return wire, msg_id, f"/p2p/v1/evidence/envelopes/{msg_id}/parts/1"
 
     def signed_put(self, msg_id: str, offset: int, index: int = 1) -> dict[str, str]:
         """The headers ES/MJ's node sends with a part's PUT: where it starts, signed for the

@@ -83,7 +83,7 @@ def test_an_upload_at_the_wrong_offset_is_refused_on_record(ar: Harness) -> None
 
 
 def test_a_part_sent_past_its_end_is_an_offset_mismatch(ar: Harness) -> None:
-    wire, msg_id, _ = _announce_streamed(ar)
+    wire, msg_id, _ = ar.announce_streamed()
     part = b64d(wire["parts"][1])
     past = ar.http.put(
         f"/p2p/v1/evidence/envelopes/{msg_id}/parts/1",
@@ -158,18 +158,6 @@ def test_an_attachment_whose_blob_is_lost_is_uploaded_again(ar: Harness) -> None
     assert ar.post(f"/api/v1/evidence/drafts/{draft_id}/submit", {}).status_code == 201
 
 
-def _announce_streamed(ar: Harness) -> tuple[dict[str, Any], str, str]:
-    """An envelope with one attachment announced (part 0 only): (wire, msg_id, part 1's href)."""
-    content = {"kind": "request", "document": example_document()}
-    wire = ar._seal(content, None, None).to_wire()
-    announced = ar.http.post(
-        "/p2p/v1/evidence/envelopes", json={**wire, "parts": wire["parts"][:1]}
-    )
-    assert announced.status_code == 202, announced.text
-    msg_id = json.loads(b64d(wire["header"]))["msg_id"]
-    return wire, msg_id, f"/p2p/v1/evidence/envelopes/{msg_id}/parts/1"
-
-
 def _alter_transfer(ar: Harness, msg_id: str, column: str) -> None:
     with unit_of_work(ar.node.sessions) as session:
         transfer = session.scalars(
@@ -183,7 +171,7 @@ def test_asking_where_a_part_stands_opens_no_key(ar: Harness) -> None:
     """Anyone who knows a message id may ask where its part stands (HEAD): answered from the
     stored bytes alone. The content key was unsealed and the manifest decrypted (megabytes,
     for many attachments) for every such question."""
-    _, msg_id, href = _announce_streamed(ar)
+    _, msg_id, href = ar.announce_streamed()
     # Nothing can decrypt part 0 now: only a caller that needs the key would notice.
     _alter_transfer(ar, msg_id, "manifest_part")
     head = ar.http.head(href)
@@ -197,7 +185,7 @@ def test_a_transfer_damaged_in_storage_is_announced_again(ar: Harness, column: s
     """Its stored announcement no longer opening (the database altered or damaged), a part
     got a 500, and every retry of its sender the same until the envelope expired. The row is
     dropped, on record, and the sender told to announce again: it still holds the envelope."""
-    wire, msg_id, href = _announce_streamed(ar)
+    wire, msg_id, href = ar.announce_streamed()
     _alter_transfer(ar, msg_id, column)
     part = b64d(wire["parts"][1])
     put = ar.http.put(href, content=part, headers=ar.signed_put(msg_id, 0))
@@ -216,7 +204,7 @@ def test_a_transfer_held_whole_but_damaged_is_announced_again_not_refused(ar: Ha
     """Every part held, its completion was left to a repeated announcement, which found the
     stored part 0 no longer opening and refused the envelope in its sender's name (400, a
     delivery failed for good) for what was this node's own storage."""
-    wire, msg_id, href = _announce_streamed(ar)
+    wire, msg_id, href = ar.announce_streamed()
     part = b64d(wire["parts"][1])
     store = blob_store(ar.node.settings)
     with store.upload(f"test-{msg_id}") as upload:  # as if part 1 had been received whole

@@ -7,7 +7,6 @@ witness the node's log: a caller who pays nothing for them could hold the node's
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
 import time
@@ -19,12 +18,11 @@ from sqlalchemy import select
 
 from app.audit.log import read_head, record
 from app.auth.throttle import address_unit
-from app.crypto.encoding import b64d
 from app.db import unit_of_work
 from app.deps import p2p_blocked_for, record_p2p_refusal
 from app.models import AuthThrottle
 from tests.conftest import make_databases
-from tests.requests.conftest import example_document, serve_node
+from tests.requests.conftest import serve_node
 
 HELD_SECONDS = 2.0
 T = TypeVar("T")
@@ -112,15 +110,7 @@ def test_asking_where_a_part_stands_waits_for_no_writer(tmp_path: Path) -> None:
     are counted): each HEAD took the writer's lock, and queued behind every write."""
     url = make_databases("sqlite", tmp_path).new("ar", migrated=True)
     with serve_node(url, tmp_path) as ar:
-        content = {"kind": "request", "document": example_document()}
-        wire = ar._seal(content, None, None).to_wire()
-        announced = ar.http.post(
-            "/p2p/v1/evidence/envelopes", json={**wire, "parts": wire["parts"][:1]}
-        )
-        assert announced.status_code == 202, announced.text
-        msg_id = json.loads(b64d(wire["header"]))["msg_id"]
-        answer, waited = _while_a_writer_holds_the_lock(
-            url, lambda: ar.http.head(f"/p2p/v1/evidence/envelopes/{msg_id}/parts/1")
-        )
+        _, _, href = ar.announce_streamed()
+        answer, waited = _while_a_writer_holds_the_lock(url, lambda: ar.http.head(href))
         assert (answer.status_code, answer.headers["upload-offset"]) == (204, "0")
         assert waited < HELD_SECONDS / 2, waited
