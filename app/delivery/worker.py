@@ -85,7 +85,8 @@ RETRYABLE_CODES = {
     "part_out_of_order",
     "unknown_transfer",
     # Our part's signature, by our current signing key: the peer may not have followed our
-    # rotation yet (it does at our next envelope).
+    # rotation yet (it fetches our identity document on such a signature, at most once per
+    # its refresh interval).
     "bad_part_signature",
     # The peer's operator suspended exchanges with us, perhaps for a while (docs/operations.md).
     "peer_suspended",

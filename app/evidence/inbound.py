@@ -364,7 +364,7 @@ class PartTarget:
 @dataclass(frozen=True)
 class SignedPut:
     offset: int  # its Upload-Offset
-    signature: str | None  # its Entraide-Part-Signature, as received
+    signature: str | None = field(repr=False)  # its Entraide-Part-Signature, as received
 
 
 class BadPartSignature(EnvelopeRefused):

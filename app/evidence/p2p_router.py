@@ -28,7 +28,7 @@ from app.db import reading, unit_of_work
 from app.deps import PEER_SIGNED, NodeDep, record_p2p_refusal, source_address
 from app.errors import EnvelopeRefused
 from app.evidence import inbound
-from app.evidence.blobstore import BlobError, UploadBusy
+from app.evidence.blobstore import UploadBusy
 from app.evidence.node_store import blob_store
 from app.evidence.pump import body_timed_out, feed_in_thread, until_idle
 from app.evidence.stream import PartReceiver
@@ -55,7 +55,7 @@ def _kept_after_refusal(receiver: PartReceiver) -> bool:
         return False
     try:
         receiver.checkpoint()
-    except (OSError, BlobError):
+    except Exception:  # whatever it is, the refusal is still answered and audited
         return False  # the next request rebuilds it from what is on disk
     return True
 
