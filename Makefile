@@ -13,7 +13,9 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 # Every dependency at the newest release pyproject.toml allows, written to constraints.txt
-# (its comment first): test it before committing it.
+# (its comment first): test it before committing it. pip resolves through your own pip
+# configuration: where it adds local wheel folders or mirrors, check that what it pinned
+# is on PyPI (`pip download --isolated --no-deps -r constraints.txt`).
 constraints:
 	rm -rf .venv-resolve && $(PYTHON) -m venv .venv-resolve
 	.venv-resolve/bin/pip install --quiet -e '.[dev]'
