@@ -663,7 +663,8 @@ def peers_replace_key(
 
 @peers_app.command("list")
 def peers_list() -> None:
-    """List pinned peers (and whether exchanges with them are suspended)."""
+    """List pinned peers (and whether exchanges with them are suspended, and whether they
+    run a release that signs its streamed parts)."""
     from app.crypto.keys import format_fingerprint
     from app.db import unit_of_work
     from app.peers.service import list_peers
@@ -678,9 +679,11 @@ def peers_list() -> None:
                     if peer.suspended_at is not None
                     else ""
                 )
+                # During a rolling upgrade: which peers still send their parts unsigned.
+                unsigned = "\tparts unsigned" if peer.part_signatures_since is None else ""
                 typer.echo(
                     f"{peer.authority_id}\t{peer.name}\t{peer.public_url}\t"
-                    f"{format_fingerprint(peer.fingerprint)}{suspended}"
+                    f"{format_fingerprint(peer.fingerprint)}{suspended}{unsigned}"
                 )
     finally:
         node.close()

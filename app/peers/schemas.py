@@ -42,6 +42,9 @@ class PeerView(BaseModel):
     updated_at: datetime
     suspended_at: datetime | None = None
     suspended_reason: str | None = None
+    # When the peer first signed a streamed part (protocol.md §8.5): null while it runs a
+    # release from before those signatures, whose parts are taken unsigned.
+    part_signatures_since: datetime | None = None
 
     @classmethod
     def of(cls, peer: Peer) -> PeerView:
@@ -57,4 +60,5 @@ class PeerView(BaseModel):
             updated_at=peer.updated_at,
             suspended_at=peer.suspended_at,
             suspended_reason=peer.suspended_reason,
+            part_signatures_since=peer.part_signatures_since,
         )

@@ -191,7 +191,9 @@ def test_a_sender_that_never_signed_a_part_sends_them_unsigned(fresh_ar: Harness
         headers={"upload-offset": "0"},
     )
     assert older.status_code == 201, older.text
+    assert _signs_parts_since(ar) is None  # what an operator sees during the upgrade
     assert _put_part(ar, _msg_id(second), second.parts[1][:50]).status_code == 204  # signed
+    assert _signs_parts_since(ar) is not None
     third = _request_from_es(ar, [Attachment("c.bin", "application/octet-stream", bytes(100))])
     assert _announce(ar, third.to_wire()).status_code == 202
     unsigned = ar.http.put(
@@ -200,6 +202,14 @@ def test_a_sender_that_never_signed_a_part_sends_them_unsigned(fresh_ar: Harness
         headers={"upload-offset": "0"},
     )
     assert (unsigned.status_code, unsigned.json()["error"]) == (403, "bad_part_signature")
+
+
+def _signs_parts_since(ar: Harness) -> str | None:
+    listed = ar.get("/api/v1/admin/peers", client="admin")
+    assert listed.status_code == 200, listed.text
+    (es,) = [peer for peer in listed.json() if peer["authority_id"] == "ES/MJ"]
+    since: str | None = es["part_signatures_since"]
+    return since
 
 
 def _msg_id(envelope: WireEnvelope) -> str:
