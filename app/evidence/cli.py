@@ -215,11 +215,29 @@ def _pieces(path: Path, offset: int, progress: Progress, task: Any) -> Any:
 RESUME_REFUSALS = frozenset({"offset_mismatch", "upload_busy", "upload_changed", "body_timeout"})
 
 
+# Answers that say "not now" rather than "no": a reverse proxy whose node is restarting
+# (502, 504), the node's evidence storage or database out of reach for a moment (503), too
+# many calls from this address (429). The upload waits, as long as the answer's Retry-After
+# asks (within NOT_NOW_LONGEST) or its own back-off, and asks HEAD again: the node keeps every
+# chunk it stored. `507` (the node's storage full) waits for its operator: the command ends
+# saying how to resume. (Before: a 20 GiB upload ended at the first 503 of a node restarting
+# behind its proxy, and a HEAD answered 502 was read as offset 0.)
+NOT_NOW = frozenset({429, 502, 503, 504})
+NOT_NOW_LONGEST = 60.0
+
+
 class _AskAgain(Exception):
-    """A PATCH refused with one of RESUME_REFUSALS: tried again from HEAD's answer."""
+    """A PATCH refused with one of RESUME_REFUSALS, or an answer of NOT_NOW: tried again
+    from HEAD's answer, after `wait` seconds at least."""
+
+    def __init__(self, message: str, wait: float = 0.0) -> None:
+        super().__init__(message)
+        self.wait = wait
 
 
 def _ask_again(response: httpx.Response) -> _AskAgain | None:
+    if response.status_code in NOT_NOW:
+        return _AskAgain(_refusal(response), _retry_after(response))
     if response.status_code not in (408, 409):
         return None
     try:
@@ -229,6 +247,13 @@ def _ask_again(response: httpx.Response) -> _AskAgain | None:
     return _AskAgain(_refusal(response)) if code in RESUME_REFUSALS else None
 
 
+def _retry_after(response: httpx.Response) -> float:
+    """The seconds an answer's Retry-After asks for (RFC 9110 §10.2.3: an HTTP date is taken
+    as no advice), at most NOT_NOW_LONGEST."""
+    value = response.headers.get("retry-after", "").strip()
+    return min(float(value), NOT_NOW_LONGEST) if value.isdigit() else 0.0
+
+
 def _upload(http: httpx.Client, href: str, path: Path, progress: Progress) -> None:
     size = path.stat().st_size
     task = progress.add_task(path.name, total=size)
@@ -236,6 +261,9 @@ def _upload(http: httpx.Client, href: str, path: Path, progress: Progress) -> No
     while True:
         try:
             head = http.head(href)
+            if again := _ask_again(head):
+                raise again
+            _check(head, 204)
             offset = int(head.headers.get("upload-offset", "0"))
             progress.update(task, completed=offset)
             if head.headers.get("upload-complete") == "?1":
@@ -253,9 +281,16 @@ def _upload(http: httpx.Client, href: str, path: Path, progress: Progress) -> No
         except (httpx.HTTPError, _AskAgain) as exc:
             failures += 1
             if failures > RETRIES:
-                typer.echo(f"error: upload of {path} keeps failing: {exc}", err=True)
+                typer.echo(f"error: upload of {path} keeps failing: {one_line(str(exc))}", err=True)
                 raise typer.Exit(1) from exc
-            time.sleep(min(30.0, 0.5 * 2**failures))
+            wait = max(min(30.0, 0.5 * 2**failures), getattr(exc, "wait", 0.0))
+            progress.console.print(
+                f"{path.name}: {one_line(str(exc))}; trying again in {wait:g} s",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,  # one line, as a log keeps it
+            )
+            time.sleep(wait)
 
 
 def _refuse_inline(path: Path, body: dict[str, Any]) -> None:

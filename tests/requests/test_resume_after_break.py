@@ -165,5 +165,8 @@ def test_the_cli_asks_again_where_to_resume_when_told_to(
     finally:
         held.close()
     assert done.returncode == 0, done.stderr
-    assert "upload_busy" not in done.stderr
+    # Said as a wait, not as the end of the command.
+    assert "error:" not in done.stderr
+    assert "e.bin: HTTP 409 upload_busy: " in done.stderr
+    assert "; trying again in " in done.stderr
     assert ar.get(f"/api/v1/evidence/drafts/{draft_id}").json()["state"] == "submitted"
