@@ -12,11 +12,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from sqlalchemy.exc import DataError, OperationalError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.audit.log import record_alone
@@ -378,6 +379,25 @@ async def _on_record(
     await record_refusal(request.scope, request.app.state.node, status, code, exc)
 
 
+def slash_twin(request: Request) -> str | None:
+    """The path the caller meant when it differs from a route's by a trailing slash
+    (`/readyz/`), as a reference relative to the caller's own URL: Starlette's redirect
+    named the Host header's authority, so anyone could have a node answer a redirect to
+    any host (`Host: evil.example`), which a cache or proxy in front could keep and serve.
+    None when no route has that path: a 404 then."""
+    path = request.url.path
+    twin = path.rstrip("/") if path.endswith("/") else path + "/"
+    # Only a path beginning with a single slash is a path relative to the caller's URL
+    # (`//host` is another host's); no route of ours is anything else.
+    if not twin.startswith("/") or twin.startswith("//"):
+        return None
+    scope = {**request.scope, "path": twin}
+    if not any(route.matches(scope)[0] != Match.NONE for route in request.app.router.routes):
+        return None
+    query = request.url.query
+    return twin + (f"?{query}" if query else "")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EntraideError)
     async def _domain(_request: Request, exc: EntraideError) -> JSONResponse:
@@ -515,7 +535,9 @@ def install_error_handlers(app: FastAPI) -> None:
         return _error(500, "internal_error", "an internal error occurred; it has been logged")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(_request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404 and (twin := slash_twin(_request)) is not None:
+            return RedirectResponse(twin, status_code=307)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         detail = str(exc.detail)
         if exc.status_code == 400:
@@ -580,6 +602,9 @@ def create_app(settings: Settings | None = None, *, node: Node | None = None) ->
         summary="Gateway for sealed international cooperation requests",
     )
     install_error_handlers(app)
+    # A path one slash off a route's is redirected by the 404 handler (`slash_twin`), with a
+    # Location of our making rather than Starlette's, built from the Host header.
+    app.router.redirect_slashes = False
     for router in ROUTERS:
         app.include_router(router)
     setattr(app.state, ROUTE_TABLE, route_table(ROUTERS))

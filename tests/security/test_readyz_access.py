@@ -202,3 +202,34 @@ def test_the_description_says_who_sees_the_backlog_and_what_a_token_may_answer()
     schema = get["responses"]["200"]["content"]["application/json"]["schema"]
     assert schema["required"] == ["status", "checks", "failing"]  # delivery: not for all
     assert "monitor" in schema["properties"]["delivery"]["description"]
+
+
+@pytest.mark.parametrize(
+    ("path", "location"),
+    [
+        ("/readyz/", "/readyz"),
+        ("/readyz//?verbose=1", "/readyz?verbose=1"),
+        ("/api/v1/requests/", "/api/v1/requests"),
+        ("/p2p/v1/envelopes/", "/p2p/v1/envelopes"),
+        ("/.well-known/entraide/", None),
+        ("//evil.example/", None),
+        ("//evil.example", None),
+        ("/no/such/route/", None),
+    ],
+)
+def test_a_path_a_slash_off_a_route_is_redirected_on_this_host(
+    ar: Harness, path: str, location: str | None
+) -> None:
+    """Starlette's redirect of `/readyz/` to `/readyz` named the Host header's
+    authority (`Location: http://evil.example/readyz`), so anyone could have the node answer
+    a redirect to any host, which a cache or a proxy in front could keep for others. Now the
+    Location is a path, relative to the URL the caller used; a path no route has is a 404,
+    and nothing is redirected to another host, whatever the path."""
+    answer = ar.http.get(path, headers={"host": "evil.example"})
+    if location is None:
+        assert answer.status_code == 404, answer.text
+        assert answer.json()["error"] == "not_found"
+        assert "location" not in answer.headers
+        return
+    assert answer.status_code == 307, answer.text
+    assert answer.headers["location"] == location
