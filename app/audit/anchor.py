@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session
 from app.audit.merkle import EMPTY_ROOT, verify_consistency
 from app.audit.service import prove_consistency
 from app.config import Settings
+from app.durable import sync_folder
 from app.errors import EntraideError
 from app.models import AuditCheckpoint
 
@@ -255,3 +256,4 @@ class SignedLogAnchor:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(partial, self.path)
+        sync_folder(self.path.parent)  # the rename too, or a power cut may undo it

@@ -49,6 +49,7 @@ from app.backup.sealed import PassphraseError, seal, unseal
 from app.config import Settings
 from app.crypto.encoding import b64d, b64e, format_time, utc_now
 from app.crypto.identity import build_identity_document
+from app.crypto.keyfile import write_private
 from app.crypto.keys import (
     IDENTITY_FILE,
     KEY_FILES,
@@ -61,6 +62,7 @@ from app.crypto.keys import (
 )
 from app.crypto.signing import sign, verify
 from app.db import make_engine, unit_of_work
+from app.durable import sync_folder
 from app.migrate import alembic_config, pending, upgrade
 from app.node import Node, key_passphrase, load_node
 
@@ -459,6 +461,8 @@ def _write_private_keys(
             descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(descriptor, "wb") as handle, source:
                 handle.write(source.read())
+                handle.flush()
+                os.fsync(handle.fileno())
 
 
 def _restore_keys(
@@ -480,7 +484,7 @@ def _restore_keys(
         with tempfile.TemporaryDirectory(dir=keys_dir.parent, prefix=".entraide-keys-") as tmp:
             staged = Path(tmp) / "keys"
             _write_private_keys(staged, keys_archive or archive, passphrase, shown=keys_dir)
-            (staged / IDENTITY_FILE).write_bytes(archive.read(NODE_MEMBER))
+            write_private(staged / IDENTITY_FILE, archive.read(NODE_MEMBER))
             probe = load_node(settings.model_copy(update={"keys_dir": staged}))
             try:
                 # Every check before any key is moved in: a refused backup leaves no keys.
@@ -518,9 +522,13 @@ def _restore_keys(
                 elif not target.exists():
                     os.replace(path, target)
                     written.append(target)
+            # Durable before the database's rows are loaded: a power cut must not leave a
+            # restored database whose keys (retired ones among them) were never on disk.
+            for folder in sorted({keys_dir, *(target.parent for target in written)}):
+                sync_folder(folder)
         return written
     if not (keys_dir / IDENTITY_FILE).exists():
-        (keys_dir / IDENTITY_FILE).write_bytes(archive.read(NODE_MEMBER))
+        write_private(keys_dir / IDENTITY_FILE, archive.read(NODE_MEMBER))
         written.append(keys_dir / IDENTITY_FILE)
     node = load_node(settings)
     try:

@@ -25,6 +25,7 @@ from nacl.secret import SecretBox
 from nacl.utils import random
 
 from app.crypto.encoding import DecodeError, b64d, b64e, format_time, is_int, utc_now
+from app.durable import sync_folder
 
 KDF_ALG = "argon2id13"
 # 64 MiB and 3 passes: about 0.15 s per file on a small server, so a node with a handful of
@@ -53,7 +54,10 @@ def check_private_mode(path: Path) -> None:
 
 def write_private(path: Path, content: bytes, *, replace: bool = False) -> None:
     """Create a 0600 file. O_EXCL: never overwrite a key by accident; `replace` writes a
-    temporary file and renames it over the old one, so a crash leaves one or the other."""
+    temporary file and renames it over the old one, so a crash leaves one or the other.
+    Durable when this returns: the bytes synced, then the folder that names the file (a
+    power cut could otherwise lose the entry of a file whose bytes were on disk: a retired
+    encryption key, say, that archived requests need; from review)."""
     target = path.with_name(path.name + ".new") if replace else path
     if replace and target.exists():
         target.unlink()
@@ -65,6 +69,7 @@ def write_private(path: Path, content: bytes, *, replace: bool = False) -> None:
             os.fsync(handle.fileno())
         if replace:
             os.replace(target, path)
+        sync_folder(path.parent)
     except BaseException:
         # Never a partial or temporary key file left behind (a full disk): it may hold a
         # private key that no later command knows to protect or remove (from review).

@@ -512,7 +512,10 @@ def save_identity(keys_dir: Path, identity: NodeIdentity) -> None:
         "name": identity.name,
         "public_url": identity.public_url,
     }
-    (keys_dir / IDENTITY_FILE).write_text(json.dumps(document, indent=1) + "\n")
+    # Synced as the keys are: `init` records them in the database right after.
+    write_private(
+        keys_dir / IDENTITY_FILE, (json.dumps(document, indent=1) + "\n").encode(), replace=True
+    )
 
 
 def load_identity(keys_dir: Path) -> NodeIdentity:

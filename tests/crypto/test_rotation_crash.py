@@ -6,6 +6,7 @@ left a node that would not start)."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from datetime import timedelta
@@ -16,11 +17,14 @@ import pytest
 from app.crypto import keyfile as keyfile_module
 from app.crypto import keys as keys_module
 from app.crypto.keys import (
+    IDENTITY_FILE,
     ROTATIONS_FILE,
+    NodeIdentity,
     NodeKeys,
     load_keys,
     protect_keys,
     rotate_keys,
+    save_identity,
     save_keys,
 )
 
@@ -183,3 +187,59 @@ def test_a_failed_write_or_its_leftover_leaves_no_key_in_clear(
     (folder / "encryption.key.new").write_bytes(b"{}")
     protect_keys(folder, passphrase=b"a long passphrase for the keys")
     assert not list(folder.rglob("*.new"))
+
+
+def _on_disk_record(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """What reaches the disk, in order: ("sync", path) for each fsync (a file's or a
+    folder's) and ("rename", target) for each os.replace."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(descriptor: int) -> None:
+        real_fsync(descriptor)
+        events.append(("sync", os.readlink(f"/proc/self/fd/{descriptor}")))
+
+    def replace(source: str | Path, target: str | Path) -> None:
+        real_replace(source, target)
+        events.append(("rename", str(Path(target).resolve())))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+def test_a_retired_key_is_on_disk_before_the_new_keys_take_its_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From review: the retired encryption key (archived requests need it) was renamed into
+    `retired/` and that folder never synced, so a power cut after the new keys were put in
+    place could lose it, and every request sealed to it. Now every key file is durable,
+    folder entry included, before the next step; and so are the files `init` writes."""
+    folder = _node_keys(tmp_path).resolve()
+    before = load_keys(folder)
+    events = _on_disk_record(monkeypatch)
+    _rotate(folder)
+    retired = str(folder / "retired" / f"encryption-{before.encryption_kid}.key")
+    in_place = events.index(("rename", str(folder / "encryption.key")))
+    saved = events.index(("rename", retired))
+    assert ("sync", retired + ".new") in events[:saved]  # its bytes, then its name
+    assert ("sync", str(folder / "retired")) in events[saved:in_place]
+    chain = events.index(("rename", str(folder / ROTATIONS_FILE)))
+    assert ("sync", str(folder)) in events[chain:in_place]
+
+
+def test_init_leaves_its_key_files_and_identity_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = (tmp_path / "keys").resolve()
+    events = _on_disk_record(monkeypatch)
+    save_keys(folder, NodeKeys.generate(), passphrase=None)
+    save_identity(folder, NodeIdentity("ES/MJ", "Ministerio de Justicia", "https://es.example"))
+    for name in ("signing.key", "encryption.key", "log.key", IDENTITY_FILE):
+        written = next(
+            i
+            for i, event in enumerate(events)
+            if event[1] in (str(folder / name), str(folder / (name + ".new")))
+        )
+        assert ("sync", str(folder)) in events[written + 1 :], name
+    assert (folder / IDENTITY_FILE).stat().st_mode & 0o777 == 0o600
