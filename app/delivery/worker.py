@@ -42,6 +42,7 @@ from app.delivery import damage, heartbeat, outbox, upkeep
 from app.delivery.clocksteps import ClockWatch, boot_clock
 from app.delivery.held_peers import HeldPeers
 from app.delivery.settle import Outcome, settle_batch
+from app.delivery.witnessing import Witnessing
 from app.errors import PeerError, StoredEnvelopeCorrupt
 from app.evidence.cleanup import OrphanSweep
 from app.evidence.node_store import blob_store
@@ -94,6 +95,8 @@ RETRYABLE_CODES = {
 RETRYABLE_STATUS = {408, 425, 429}
 # A batch's outcomes are settled together once all are in, or whatever is in after this long.
 SETTLE_WAIT_SECONDS = 1.0
+# At a stop, how long a checkpoint check under way may take to end (it may wait on a peer).
+WITNESS_STOP_SECONDS = 2.0
 # Envelopes up to this size are read with the claim, while a round's preloaded envelopes total
 # at most ROUND_PRELOAD_BYTES; others (up to the 32 MiB body limit) are read by the thread that
 # posts them, so a round never holds more than a few of them in memory.
@@ -275,9 +278,9 @@ class Worker:
         self._pool = ThreadPoolExecutor(
             max_workers=node.settings.worker_concurrency, thread_name_prefix="delivery"
         )
-        # Per peer, the last checkpoint note witnessed and stored: the receiver's receipts
-        # repeat it until it signs a new one, and a note once witnessed stays witnessed.
-        self._witnessed: dict[str, str] = {}
+        # The checkpoint notes receipts carry, checked in a thread of their own: a check may
+        # wait on the peer for a proof, and no round waits for it (app/delivery/witnessing.py).
+        self.witnessing = Witnessing(self._witness)
         self._checkpoint_clock = CheckpointClock()
         # The audit upkeep's last failure, logged once (app/audit/checkpoints.py).
         self._upkeep_failure: str | None = None
@@ -322,8 +325,8 @@ class Worker:
 
     def run(self) -> None:
         log.info("delivery worker %s started", self.id)
-        # Its own thread: a round may wait minutes on a slow peer (witnessing a checkpoint)
-        # without the worker looking dead, and a failed beat costs no round (from review).
+        # Its own thread: a round may wait on a slow peer without the worker looking dead,
+        # and a failed beat costs no round (from review).
         beating = threading.Thread(target=self._beat, name="delivery-heartbeat", daemon=True)
         beating.start()
         while not self._stop.is_set():
@@ -342,6 +345,7 @@ class Worker:
         try:
             self._finish_in_flight()
             self._pool.shutdown(wait=True)
+            self.witnessing.stop(WITNESS_STOP_SECONDS)
         finally:
             self._beat_stop.set()
             beating.join()
@@ -663,23 +667,21 @@ class Worker:
             key=lambda result: result[0].outbox_id,
         )
         settled = self._settle(results)
-        # Witness each new checkpoint note the receipts carried (a repeated note is skipped).
+        # Each new checkpoint note the receipts carried is witnessed beside the rounds.
         for (claim, outcome), ok in zip(results, settled, strict=True):
             note = outcome.receipt.checkpoint if outcome.receipt is not None else None
-            if (
-                ok
-                and note is not None
-                and self._witnessed.get(claim.peer_authority) != note
-                and witness_receipt_checkpoint(
-                    self.node.sessions,
-                    self.http,
-                    authority=claim.peer_authority,
-                    note=note,
-                    own_authority=self.node.authority_id,
-                    log_key=self.node.keys.log,
-                )
-            ):
-                self._witnessed[claim.peer_authority] = note
+            if ok and note is not None:
+                self.witnessing.submit(claim.peer_authority, note)
+
+    def _witness(self, peer: str, note: str) -> bool:
+        return witness_receipt_checkpoint(
+            self.node.sessions,
+            self.http,
+            authority=peer,
+            note=note,
+            own_authority=self.node.authority_id,
+            log_key=self.node.keys.log,
+        )
 
     def _settle(self, results: list[tuple[outbox.Claim, Outcome]]) -> list[bool]:
         if not results:
