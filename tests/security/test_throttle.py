@@ -270,3 +270,51 @@ def _entries(node: LocalNode, action: str) -> list[bytes]:
             return list(connection.scalars(statement.order_by(AuditEntry.idx)))
     finally:
         engine.dispose()
+
+
+MALFORMED_BODIES = [b"{not json", b'{"to": "FR/MJ", "to": "ES/MJ"}', b"[" * 5000 + b"]" * 5000]
+
+
+def test_a_token_is_judged_before_a_body_that_does_not_parse(
+    two_processes: tuple[LocalNode, ...],
+) -> None:
+    """From review: FastAPI parses a JSON body before it solves any dependency, so a revoked
+    or a guessed token with a body that did not parse got `422` (or `400 invalid_json`): not
+    refused, not counted, not on record, and an address blocked for its failures was still
+    answered so, its bodies parsed in full. The token is judged first now."""
+    first, second = two_processes
+    before = count(first, "auth.failed")
+    guessed = {"authorization": "Bearer ent_guessing_again"}
+    answers = []
+    with client_from("127.0.4.1") as http:
+        for number, body in enumerate(MALFORMED_BODIES + MALFORMED_BODIES[:1]):
+            node = (first, second)[number % 2]
+            headers = {**guessed, "content-type": "application/json"}
+            response = http.post(node.url + "/api/v1/requests", content=body, headers=headers)
+            answers.append((response.status_code, response.json()["error"]))
+        # Blocked: a valid token with a body that does not parse is not read either.
+        officer = {"authorization": f"Bearer {first.tokens['officer']}"}
+        blocked = http.post(first.url + "/api/v1/requests", content=b"{", headers=officer)
+    assert answers == [(401, "invalid_token")] * LIMIT
+    assert (blocked.status_code, blocked.json()["error"]) == (429, "rate_limited")
+    assert count(first, "auth.failed") == before + LIMIT
+    # A valid token: the body's own refusal, as before, and on record as the client's.
+    with client_from("127.0.4.2") as http:
+        officer_call = http.post(
+            first.url + "/api/v1/requests",
+            content=b"{not json",
+            headers={**officer, "content-type": "application/json"},
+        )
+        auditor = {"authorization": f"Bearer {first.tokens['auditor']}"}
+        outside_role = http.post(
+            first.url + "/api/v1/requests",
+            content=b"{not json",
+            headers={**auditor, "content-type": "application/json"},
+        )
+    assert (officer_call.status_code, officer_call.json()["error"]) == (422, "invalid_request")
+    # Outside its role: refused as such (429 once the auditor's refusals reached the limit,
+    # as the test above leaves them), never a 422 for a body it may not send at all.
+    assert (outside_role.status_code, outside_role.json()["error"]) in (
+        (403, "forbidden"),
+        (429, "rate_limited"),
+    )
