@@ -185,6 +185,8 @@ def claim_due(
     max_size: int | None = None,
     skip: Collection[int] = (),
     skip_peers: Collection[str] = (),
+    take_over: bool = True,
+    alive: Collection[str] = (),
 ) -> list[Claim]:
     """Claim up to `limit` due rows, most pressing first (emergencies, then urgent, then
     routine; oldest due first within each). `admit`, given each row's envelope size in that
@@ -192,15 +194,25 @@ def claim_due(
     what one round holds in memory. `max_size`: only envelopes up to this size (so that
     large ones a round cannot take do not fill its `limit`). `skip`: rows the caller is
     still posting (its lease may have run out during a long post: not posted twice).
-    `skip_peers`: peers whose deliveries the caller holds back (their row cannot be read)."""
+    `skip_peers`: peers whose deliveries the caller holds back (their row cannot be read).
+    `take_over`: whether rows whose lease ran out by `now` are taken too (not just after a
+    step of the caller's clock: its `now` may be what ran the leases out); never those of
+    the workers `alive` (their heartbeats beat: a lease of theirs ran out by a clock, theirs
+    or the caller's, not because they are gone)."""
     due = [
         # Rows waiting for their turn: an ordered scan of the claim's partial index that
         # stops at `limit`, locking no row past it (another worker claims those at once).
         waiting(session) & (OutboxItem.next_attempt_at <= now),
+    ]
+    if take_over:
         # Taken over from a worker whose lease ran out: a few rounds' rows at most are in
         # flight, read through the index on state.
-        (OutboxItem.state == IN_FLIGHT) & (OutboxItem.lease_until < now),
-    ]
+        expired = (OutboxItem.state == IN_FLIGHT) & (OutboxItem.lease_until < now)
+        if alive:
+            expired &= or_(
+                OutboxItem.lease_owner.is_(None), OutboxItem.lease_owner.not_in(sorted(alive))
+            )
+        due.append(expired)
     rows: list[OutboxItem] = []
     for condition in due:
         statement = (

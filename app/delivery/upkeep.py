@@ -87,6 +87,20 @@ class HeartbeatWatch:
             if boot - watched[owner].since >= watched[owner].period * heartbeat.MISSED_BEATS
         }
 
+    def beating(self, boot: float) -> frozenset[str]:
+        """Workers whose heartbeat row this worker saw change within `MISSED_BEATS` of their
+        periods, as of its last look (`still`), or has watched for less than that: alive as
+        far as it can tell. A lease of theirs that ran out by some clock is not theirs to
+        lose (from review: a forward step of a host's clock, or another host's clock ahead
+        of the owner's, took over a delivery its owner was posting)."""
+        return frozenset(
+            owner
+            for owner, sighting in self._sightings.items()
+            if owner is not None
+            and sighting.seen_at is not None
+            and boot - sighting.since < sighting.period * heartbeat.MISSED_BEATS
+        )
+
 
 def reclaim_orphaned(
     session: Session,

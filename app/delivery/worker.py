@@ -532,6 +532,7 @@ class Worker:
         # claimed envelopes, read with one query per table.
         with unit_of_work(self.node.sessions) as session:
             signed = self._checkpoint_if_due(session)
+            steady = self._clock_steady()
             claims = outbox.claim_due(
                 session,
                 now=utc_now(),
@@ -543,6 +544,10 @@ class Worker:
                 max_size=PRELOAD_BYTES if large == 0 else None,
                 skip=posting_now,
                 skip_peers=self._held.authorities(),
+                # As for the upkeep's takeovers: no lease judged by a clock that just stepped,
+                # and none of a worker whose heartbeat beats (operations.md §4).
+                take_over=steady,
+                alive=self._heartbeats.beating(boot_clock()) - {self.id},
             )
             jobs = load_jobs(session, claims)
             if claims and not signed and not session.info.get(outbox.AUDITED):

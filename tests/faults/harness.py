@@ -38,7 +38,8 @@ EXAMPLE: dict[str, Any] = json.loads((ROOT / "docs" / "examples" / "request.json
 ADMIN = "ops"  # one API client with the admin and officer roles, to save a CLI run per node
 
 # Short timeouts so a scenario runs in seconds: a lost answer costs one peer timeout, and a
-# killed worker's rows come back after one lease.
+# killed worker's rows come back after one lease (if it left no heartbeat; else once its
+# heartbeat has stood still for three of its periods).
 FAST_DELIVERY = {
     "ENTRAIDE_WORKER_POLL_SECONDS": "0.1",
     "ENTRAIDE_PEER_TIMEOUT_SECONDS": "3",

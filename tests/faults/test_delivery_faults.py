@@ -85,9 +85,15 @@ def test_receiver_killed_mid_burst_then_restarted(lab: Lab) -> None:
 
 def test_worker_killed_between_posting_and_storing_the_receipt(lab: Lab) -> None:
     # The worker is a separate `entraide worker` process; its peer timeout is long so that
-    # it is still waiting for the held answer when it is killed.
+    # it is still waiting for the held answer when it is killed. Its rows are taken over
+    # once its heartbeat has stood still for three periods (a second each here), however
+    # short the lease: a lease run out is not enough while the owner may be beating.
     pair = lab.pair(
-        sender_env={"ENTRAIDE_RUN_WORKER": "false", "ENTRAIDE_PEER_TIMEOUT_SECONDS": "30"}
+        sender_env={
+            "ENTRAIDE_RUN_WORKER": "false",
+            "ENTRAIDE_PEER_TIMEOUT_SECONDS": "30",
+            "ENTRAIDE_WORKER_HEARTBEAT_SECONDS": "1",
+        }
     )
     proxy = lab.proxy(pair.receiver.port)
     pair.start(sender_pins_receiver_at=proxy.url)

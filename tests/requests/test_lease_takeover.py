@@ -7,6 +7,7 @@ The delivery's peer, ES/MJ, is pinned at http://es.invalid: a post is a ConnectE
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -149,3 +150,57 @@ def test_a_post_whose_lease_was_taken_over_in_a_gap_of_its_heartbeat_is_not_sent
     assert outcome is not None
     assert outcome.error == "transport: ConnectError"
     assert _lease(ar, job.claim) == claimed
+
+
+def _keep_beating(ar: Harness, owner: str, stop: threading.Event) -> threading.Thread:
+    def beat() -> None:
+        while not stop.is_set():
+            _beat(ar, owner)
+            stop.wait(EVERY / 2)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("how", ["stepped", "ahead"])
+def test_a_lease_run_out_by_a_clock_is_not_taken_from_a_worker_that_beats(
+    fresh_ar: Harness, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """From review: the claim took over any row whose lease had run out by the claimer's
+    clock, so a forward step of a host's clock (`stepped`), or on PostgreSQL another host's
+    clock ahead of the owner's (`ahead`), took a delivery its owner was posting: sent twice
+    at once, the owner's receipt thrown away. Now no lease is taken over just after a step,
+    nor ever from a worker whose heartbeat beats."""
+    ar = fresh_ar
+    monkeypatch.setattr(ar.node.settings, "worker_heartbeat_seconds", EVERY)
+    claim = _claimed_a_minute_ago(ar, "A")
+    stop = threading.Event()
+    beating = _keep_beating(ar, "A", stop)
+    if how == "stepped":
+        other = Worker(ar.node)  # started before its host's clock stepped
+        _set_clock(monkeypatch, timedelta(minutes=10))
+    else:
+        _set_clock(monkeypatch, timedelta(minutes=10))
+        other = Worker(ar.node)  # on a host whose clock is ten minutes ahead
+    try:
+        for _ in range(heartbeat.MISSED_BEATS + 2):  # past the time a silent one is dead
+            other.run_once()
+            assert _lease(ar, claim)[0] == "A"
+            time.sleep(EVERY)
+        other._finish_in_flight()
+        # Once A stops beating, its deliveries are taken over after three of its periods
+        # (`ahead`: the clock is steady; `stepped` waits out the step's hold, see below).
+        stop.set()
+        beating.join()
+        if how == "ahead":
+            deadline = time.monotonic() + 10
+            while _lease(ar, claim)[0] == "A":
+                assert time.monotonic() < deadline, "never taken over from a silent worker"
+                other.run_once()
+                time.sleep(EVERY)
+    finally:
+        stop.set()
+        other._finish_in_flight()
+        other._pool.shutdown()
+        other.http.close()
