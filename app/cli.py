@@ -61,6 +61,13 @@ class _Commands(TyperGroup):
         except EntraideError as exc:  # the node's own refusal (an audit log rolled back, say)
             typer.secho(f"error: {exc.detail}", fg=typer.colors.RED, err=True)
             raise typer.Exit(code=1) from exc
+        except PermissionError as exc:
+            # The node's files read by another user (the command run without `sudo -u`, or
+            # as root without privileges): said so, not a traceback (from review).
+            from app.doctor import permission_denied
+
+            typer.secho(f"error: {permission_denied(exc)}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=1) from exc
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name != self.LAZY:
@@ -108,6 +115,15 @@ def _operator() -> str:
         return f"operator:{getpass.getuser()}"
     except (KeyError, OSError):
         return "operator:unknown"
+
+
+def _said(exc: Exception) -> str:
+    """An error as the command says it: a file it may not read as what to do about it."""
+    if isinstance(exc, PermissionError):
+        from app.doctor import permission_denied
+
+        return permission_denied(exc)
+    return str(exc)
 
 
 def _fail(message: str) -> typer.Exit:
@@ -1464,7 +1480,7 @@ def backup(
             actor=_operator(),
         )
     except (BackupError, PassphraseError, KeyFileError, OSError, ValueError) as exc:
-        raise _fail(str(exc)) from exc
+        raise _fail(_said(exc)) from exc
     except OperationalError as exc:
         column = undecodable_column(exc)
         if column is not None:  # damage the node itself met (its checkpoint), not the copy
@@ -1531,7 +1547,7 @@ def restore(
             keys_from=keys_from,
         )
     except (BackupError, PassphraseError, KeyFileError, OSError, ValueError) as exc:
-        raise _fail(str(exc)) from exc
+        raise _fail(_said(exc)) from exc
     except OperationalError as exc:
         raise _unreachable(settings, exc) from exc
     rows = sum(summary.tables.values())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -922,18 +922,41 @@ def check_damaged_peers(engine: Engine) -> list[Finding]:
     ]
 
 
+def permission_denied(exc: PermissionError) -> str:
+    """What a file the command may not read means: almost always the command run as another
+    user than the node's (docs/operations.md §1)."""
+    where = f" {exc.filename}" if exc.filename else ""
+    return (
+        f"cannot read or write{where}: permission denied: run the command as the user the "
+        "node runs as, the owner of its keys folder (docs/operations.md §1)"
+    )
+
+
+def _as_allowed(area: str, check: Callable[[], Iterable[Finding]]) -> list[Finding]:
+    """A check's findings, or, where it met a file it may not read, that finding: the other
+    checks still run (from review: a traceback, doctor's first words to an operator who ran
+    it as root without privileges, or as another user)."""
+    try:
+        return list(check())
+    except PermissionError as exc:
+        return [Finding(FAIL, area, permission_denied(exc))]
+
+
 def diagnose(settings: Settings) -> list[Finding]:
     unlocked = UnlockedKeys(settings)
-    findings = [*check_configuration(settings), *check_keys(settings, unlocked)]
+    findings = [
+        *_as_allowed("configuration", lambda: check_configuration(settings)),
+        *_as_allowed("keys", lambda: check_keys(settings, unlocked)),
+    ]
     engine = make_engine(settings.database_url)
     try:
-        findings += check_signed_log(settings, engine)
-        findings += check_checkpoints(settings, engine, unlocked)
+        findings += _as_allowed("audit", lambda: check_signed_log(settings, engine))
+        findings += _as_allowed("audit", lambda: check_checkpoints(settings, engine, unlocked))
         findings += check_checkpoint_dates(engine)
         findings += check_checkpoint_rows(engine)
         findings += check_witnessed_rows(engine)
-        findings += check_entry_macs(settings, engine, unlocked)
-        findings += check_database(settings, engine)
+        findings += _as_allowed("audit", lambda: check_entry_macs(settings, engine, unlocked))
+        findings += _as_allowed("database", lambda: check_database(settings, engine))
         findings += check_damaged_deliveries(engine)
         findings += check_damaged_peers(engine)
         timeout = min(settings.peer_timeout_seconds, PEER_TIMEOUT_SECONDS)

@@ -100,6 +100,8 @@ class SignedLogAnchor:
             return Signed(int(document["size"]), bytes.fromhex(document["root"]))
         except (FileNotFoundError, NotADirectoryError):
             return None  # nothing signed yet, or lost: `problem` tells which
+        except PermissionError:
+            raise  # not damage: the command runs as a user who may not read it (doctor says)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise LogRolledBack(
                 f"{path} cannot be read ({type(exc).__name__}); it records what this "
