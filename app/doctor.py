@@ -7,6 +7,7 @@ changes the node; peers are only asked for their public identity document.
 
 from __future__ import annotations
 
+import pwd
 import re
 import stat
 from collections.abc import Callable, Iterable, Iterator
@@ -109,6 +110,44 @@ def _mode_problem(path: Path, *, directory: bool = False) -> str | None:
             f"run: chmod {fix} {path}"
         )
     return None
+
+
+def _owner_problems(keys_dir: Path, settings: Settings) -> Iterator[str]:
+    """Files of the node that its user, the keys folder's owner, may not read: written by
+    another user (`restore` or `init` run as root, from review: the keys and the SQLite file
+    root's, mode 0600, a node that could not start and a doctor, run as root, that said
+    nothing was wrong)."""
+    owner = keys_dir.stat().st_uid
+    paths = [path for path in keys_dir.rglob("*") if path.is_file() or path.is_dir()]
+    database = sqlite_file(settings.database_url)
+    if database is not None and database.exists():
+        paths += [database, *(database.with_name(database.name + end) for end in ("-wal", "-shm"))]
+    others = sorted(str(path) for path in paths if path.exists() and path.stat().st_uid != owner)
+    if others:
+        yield (
+            f"{', '.join(others[:5])}{' …' if len(others) > 5 else ''} not owned by the keys "
+            f"folder's owner (uid {owner}), the user the node runs as: it may not read them; "
+            f"run: chown -R {_user_name(owner)} {keys_dir}"
+            + (f" {database}*" if database is not None else "")
+        )
+
+
+def sqlite_file(database_url: str) -> Path | None:
+    """The file of a SQLite database URL; None for another database, or no URL."""
+    try:
+        url = make_url(database_url)
+    except Exception:  # reported by check_configuration
+        return None
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    return Path(url.database)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 class UnlockedKeys:
@@ -248,6 +287,9 @@ def check_keys(settings: Settings, unlocked: UnlockedKeys | None = None) -> Iter
     if not (keys_dir / IDENTITY_FILE).exists():
         problems += 1
         yield Finding(FAIL, "keys", f"{keys_dir / IDENTITY_FILE} (the node's identity) is missing")
+    for problem in _owner_problems(keys_dir, settings):
+        problems += 1
+        yield Finding(FAIL, "keys", problem)
     if problems:
         return
     try:

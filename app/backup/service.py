@@ -422,9 +422,11 @@ def _check_public_keys(node: Node, manifest: dict[str, Any], source: str) -> Non
         raise BackupError(
             f"the keys {source} are not the keys of the node this backup was made from "
             f"({manifest.get('authority_id')}), as they stood when it was made: another "
-            "node's, or this node's since a key rotation. Restore into an empty keys folder, "
-            "with a backup made with --include-private-keys after that rotation, or the "
-            "keys backup taken with this one"
+            "node's, or this node's after a key rotation made since this backup. A backup is "
+            "restored with the keys it was made with: restore on its own (into an empty keys "
+            "folder) the keys backup taken after that rotation, whose data are newer than "
+            "this backup's; or give --keys-from a keys backup taken before that rotation, "
+            "then rotate the keys again at once (docs/operations.md §5)"
         )
 
 

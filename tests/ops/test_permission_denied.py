@@ -86,3 +86,29 @@ def test_doctor_says_which_file_it_may_not_read_and_checks_the_rest(
     assert any(line.split()[1] == "keys" for line in said)
     # The database was readable: its own check ran, and found the node's schema.
     assert any(line.split()[1] == "database" for line in done.stdout.splitlines())
+
+
+def test_doctor_names_files_the_nodes_user_may_not_read(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """From review: `restore` (or `init`) run as root leaves the keys and the SQLite file
+    root's, mode 0600: the node, running as its own user, cannot read them, and `doctor`
+    run as root said there was no problem. The keys folder's owner is the node's user."""
+    base = tmp_path_factory.mktemp("owners")
+    node = LocalNode("ES/MJ", "Ministerio de Justicia", base / "es", f"sqlite:///{base}/es.db")
+    node.init()
+    os.chown(node.keys_dir, NOBODY, NOBODY)  # the service's folder; its files left root's
+    done = subprocess.run(
+        [sys.executable, "-m", "app", "doctor"],
+        env=node.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    (line,) = [line for line in done.stdout.splitlines() if "not owned by" in line]
+    assert line.startswith("FAIL  keys")
+    assert str(node.keys_dir / "encryption.key") in line
+    assert f"{base}/es.db," in line
+    assert f"run: chown -R nobody {node.keys_dir} {base}/es.db*" in line
