@@ -1552,6 +1552,24 @@ def restore(
         raise _unreachable(settings, exc) from exc
     rows = sum(summary.tables.values())
     typer.echo(f"restored {summary.authority_id}: {len(summary.tables)} tables, {rows} rows")
+    # What the backup said was damaged is damaged still: said again here, where it lands
+    # (from review: into PostgreSQL, bytes that are not UTF-8 became a plausible text, the
+    # `\x...` of those bytes, and nothing said so; doctor cannot tell it from a value).
+    postgresql = not settings.database_url.startswith("sqlite")
+    for found in summary.damaged:
+        where = ", ".join(f"{key}={value}" for key, value in dict(found.get("row") or {}).items())
+        typer.secho(
+            f"damaged: {found.get('table')} row {where or '?'}, column {found.get('column')}: "
+            "copied by the backup as the raw bytes of text that was not UTF-8, and restored "
+            + (
+                "as the text `\\x...` of those bytes (PostgreSQL holds no text that is not "
+                "UTF-8): not the value it was; put it right from an older backup"
+                if postgresql
+                else "as those bytes: the node cannot read the row until it is put right "
+                "(`entraide doctor` names it)"
+            ),
+            err=True,
+        )
     report = summary.report
     if report.first is not None:
         typer.secho(f"audit log FAILED verification: {report.first.message}", err=True)

@@ -103,6 +103,8 @@ class RestoreSummary:
     keys_restored: bool
     report: Report
     recorded: bool = True  # False: the log was too damaged to take the restore's entry
+    # Values the backup copied as their bytes (BackupSummary.damaged), restored so.
+    damaged: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _public_keys(keys: NodeKeys) -> dict[str, str]:
@@ -693,7 +695,16 @@ def restore_backup(
         keys_restored=keys_restored,
         report=report,
         recorded=recorded,
+        damaged=_damaged_in(archive.manifest),
     )
+
+
+def _damaged_in(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    database = manifest.get("database")
+    damaged = database.get("damaged") if isinstance(database, dict) else None
+    if not isinstance(damaged, list):
+        return []
+    return [found for found in damaged if isinstance(found, dict)]
 
 
 def record_restore(

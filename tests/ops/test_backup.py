@@ -670,3 +670,36 @@ def test_a_value_sqlite_cannot_decode_is_backed_up_and_named(tmp_path: Path) -> 
         {"table": "delivery_counters", "column": "name", "row": {"name": {"b64": "//5B"}}}
     ]
     assert b'{"name":{"b64":"//5B"},"value":1}' in rows
+
+
+@pytest.mark.parametrize("target", ["sqlite", "postgresql"])
+def test_a_damaged_value_restored_is_said_to_be_damaged(tmp_path: Path, target: str) -> None:
+    """From review: restored into PostgreSQL, the bytes of such a value became the text
+    `\\xfffe41` (a plausible value; `doctor` cannot tell it from one), with exit 0 and not a
+    word. `restore` names each damaged value again, and what it became."""
+    databases = make_databases("sqlite", tmp_path)
+    node = _initialised(tmp_path, databases.new("es", migrated=True))
+    path = node.database_url.removeprefix("sqlite:///")
+    with closing(sqlite3.connect(path)) as raw, raw:
+        raw.execute(
+            "INSERT INTO delivery_counters (name, value) VALUES (CAST(X'FFFE41' AS TEXT), 1)"
+        )
+    archive = tmp_path / "damaged.tar.gz"
+    node.cli("backup", "--out", str(archive))
+    (tmp_path / "target").mkdir()
+    elsewhere = make_databases(target, tmp_path / "target")
+    try:
+        moved = LocalNode("ES/MJ", "x", tmp_path / "moved", elsewhere.new("moved"))
+        moved.workdir.mkdir()
+        shutil.copytree(node.keys_dir, moved.keys_dir)
+        restored = moved.cli("restore", str(archive), check=False)
+    finally:
+        elsewhere.drop_all()
+    assert restored.returncode == 0, restored.stderr
+    (line,) = [line for line in restored.stderr.splitlines() if line.startswith("damaged: ")]
+    assert line.startswith("damaged: delivery_counters row name=")
+    assert "column name: copied by the backup as the raw bytes of text that was not UTF-8" in line
+    if target == "postgresql":
+        assert "restored as the text `\\x...` of those bytes" in line
+    else:
+        assert "restored as those bytes: the node cannot read the row" in line
