@@ -1,8 +1,9 @@
 """Integers in paths, queries and headers, spelt one way only.
 
 Pydantic's lax mode reads `+1`, ` 1`, `1_0` (ten) and `1.0` as integers: a caller's typo
-taken for another number instead of refused (from review). Text must be plain decimal digits;
-JSON bodies, whose numbers are already numbers, are not concerned.
+taken for another number instead of refused (from review). Text must be plain decimal digits.
+In JSON bodies an integer is a JSON integer: their models use pydantic's StrictInt, which
+refuses `"1_0"`, `true` and `2.0` alike.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
     StringConstraints,
     ValidationError,
     model_validator,
@@ -411,7 +412,8 @@ class ConfidentialityLevel(StrEnum):
 
 
 class Confidentiality(DomainModel):
-    confidential: bool = True
+    # StrictBool: lax mode read `"no"`, `"0"`, `"off"` and `0` as false.
+    confidential: StrictBool = True
     level: ConfidentialityLevel = ConfidentialityLevel.STANDARD
     use_limitation: Text | None = None
 

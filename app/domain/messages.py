@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from enum import StrEnum
 from typing import Annotated, Self
 
-from pydantic import AwareDatetime, Field, StringConstraints, model_validator
+from pydantic import AwareDatetime, Field, StrictInt, StringConstraints, model_validator
 
 from app.domain.document import (
     DomainModel,
@@ -109,7 +109,7 @@ class EvidenceItem(DomainModel):
     # releases refuse more, and a result refused so never arrives: from review). A draft
     # allowed more attachments (ENTRAIDE_MAX_EVIDENCE_ATTACHMENTS up to 63) attests the
     # first 32 by index; the others travel, hashed in the manifest, without an item.
-    attachment: int | None = Field(default=None, ge=1, le=32)
+    attachment: StrictInt | None = Field(default=None, ge=1, le=32)
     use_limitation: Text  # UNTOC 18(19): the proceedings it may be used in
     custody: tuple[CustodyEvent, ...] = Field(default=(), max_length=50)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Self
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, StrictInt, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from app.domain.document import RequestDocument
@@ -15,7 +15,8 @@ from app.requests.schemas import AuthorityId, FileName, MediaType, Strict
 class DeclaredAttachment(Strict):
     name: FileName
     media_type: MediaType = "application/octet-stream"
-    size: int = Field(ge=0)
+    # StrictInt: JSON's `"1_0"`, `true` and `2.0` are no sizes (lax mode read 10, 1 and 2).
+    size: StrictInt = Field(ge=0)
 
 
 class CreateDraft(Strict):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -346,3 +347,33 @@ def test_a_number_in_a_query_or_header_is_plain_decimal_digits(
     assert httpx.get(
         node.url + "/api/v1/requests", params={"limit": "10"}, headers=officer
     ).is_success
+
+
+EXAMPLE = json.loads((Path(__file__).parents[2] / "docs" / "examples" / "request.json").read_text())
+
+
+@pytest.mark.parametrize("spelling", ["1_0", " 7 ", "7", True, 2.0, 1e3])
+def test_a_number_in_a_body_is_a_json_integer(node: LocalNode, spelling: object) -> None:
+    """From review: a draft declared `"size": "1_0"`, `true`, `" 7 "` or `2.0` was created
+    with sizes 10, 1, 7 and 2 (pydantic's lax mode), an upload then possible at that size
+    alone: a typo taken for another number, as in queries before PlainInt."""
+    officer = headers(node, "officer")
+    body = {key: EXAMPLE[key] for key in ("to", "document")}
+    body["attachments"] = [{"name": "image.dd", "size": spelling}]
+    created = httpx.post(node.url + "/api/v1/evidence/drafts", json=body, headers=officer)
+    _error(created, 422, "invalid_request")
+    assert created.json()["fields"][0]["loc"] == ["body", "attachments", 0, "size"]
+
+
+@pytest.mark.parametrize("spelling", ["no", "false", "0", "off", 0, 0.0])
+def test_confidentiality_is_a_json_boolean(node: LocalNode, spelling: object) -> None:
+    """Lax mode read these as `false`: a request meant confidential sent as not, on a typo."""
+    officer = headers(node, "officer")
+    body = {key: EXAMPLE[key] for key in ("to", "document")}
+    document = json.loads(json.dumps(body["document"]))
+    document["confidentiality"] = {"confidential": spelling, "level": "standard"}
+    body["document"] = document
+    submitted = httpx.post(node.url + "/api/v1/requests", json=body, headers=officer)
+    _error(submitted, 422, "invalid_request")
+    locations = [field["loc"] for field in submitted.json()["fields"]]
+    assert ["body", "document", "confidentiality", "confidential"] in locations
