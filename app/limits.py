@@ -20,7 +20,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.config import Settings
-from app.errors import PayloadTooLarge
+from app.errors import ERROR_HEADER, PayloadTooLarge
 
 # Methods whose local API calls carry a body: refused before it is read without a token.
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -75,6 +75,8 @@ class HeaderLimit:
                     headers={"connection": "close"},
                 )
                 raw = [*response.raw_headers, *self.headers]
+                if scope.get("method") == "HEAD":  # no body to say it (api.md)
+                    raw.append((ERROR_HEADER.encode(), b"headers_too_large"))
                 await send({"type": "http.response.start", "status": 413, "headers": raw})
                 await send({"type": "http.response.body", "body": response.body})
                 return

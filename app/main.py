@@ -181,7 +181,12 @@ class LimitsAndHeaders:
             await record_refusal(scope, scope["app"].state.node, 400, "invalid_request")
             await _record_p2p_refusal(scope, "invalid_request", "a query parameter holds a NUL")
             await _refuse(
-                send_with_headers, 400, "invalid_request", "a query parameter holds a NUL"
+                send_with_headers,
+                400,
+                "invalid_request",
+                "a query parameter holds a NUL",
+                # An answer to HEAD has no body: its code goes in a header (api.md).
+                headers={ERROR_HEADER: "invalid_request"} if scope.get("method") == "HEAD" else {},
             )
             return
         if (
@@ -398,6 +403,18 @@ def slash_twin(request: Request) -> str | None:
     return twin + (f"?{query}" if query else "")
 
 
+def _allowed(request: Request) -> set[str]:
+    """Every method of the path, for a 405's Allow (RFC 9110 §15.5.6): Starlette names the
+    methods of the first route of that path alone (`allow: POST` where GET is served too;
+    from review)."""
+    methods: set[str] = set()
+    # The routers' own routes (the app's hold each included router as one entry).
+    for route in getattr(request.app.state, ROUTE_TABLE, ()):
+        if route.matches(request.scope)[0] != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return methods
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EntraideError)
     async def _domain(_request: Request, exc: EntraideError) -> JSONResponse:
@@ -549,6 +566,10 @@ def install_error_handlers(app: FastAPI) -> None:
         response = _error(exc.status_code, code, detail)
         for name, value in (exc.headers or {}).items():  # a 405's Allow
             response.headers[name] = value
+        if exc.status_code == 405:
+            response.headers["allow"] = ", ".join(sorted(_allowed(_request)))
+        if _request.method == "HEAD":  # no body to say it: as for the domain's refusals
+            response.headers[ERROR_HEADER] = code
         return response
 
 

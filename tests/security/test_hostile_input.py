@@ -377,3 +377,41 @@ def test_confidentiality_is_a_json_boolean(node: LocalNode, spelling: object) ->
     _error(submitted, 422, "invalid_request")
     locations = [field["loc"] for field in submitted.json()["fields"]]
     assert ["body", "document", "confidentiality", "confidential"] in locations
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("DELETE", "/api/v1/requests", {"GET", "POST"}),
+        ("OPTIONS", "/api/v1/evidence/drafts/" + "ab" * 16, {"GET", "DELETE"}),
+        ("OPTIONS", "/api/v1/evidence/drafts/" + "ab" * 16 + "/attachments/1", {"HEAD", "PATCH"}),
+        ("POST", "/healthz", {"GET", "HEAD"}),
+    ],
+)
+def test_a_405_names_every_method_of_the_path(
+    node: LocalNode, method: str, path: str, allowed: set[str]
+) -> None:
+    """From review: Allow named the methods of the path's first route alone (`POST` where
+    GET is served too), which RFC 9110 §15.5.6 and generated clients read as the whole list."""
+    answer = httpx.request(method, node.url + path, headers=headers(node, "officer"))
+    _error(answer, 405, "method_not_allowed")
+    assert allowed <= {name.strip() for name in answer.headers["allow"].split(",")}
+
+
+@pytest.mark.parametrize(
+    ("target", "extra", "status", "code"),
+    [
+        ("/api/v1/nope", {}, 404, "not_found"),
+        ("/api/v1/evidence/drafts/" + "ab" * 16 + "/submit", {}, 405, "method_not_allowed"),
+        ("/api/v1/requests?x=%00", {}, 400, "invalid_request"),
+        ("/healthz", {"x-padding": "p" * 9000}, 413, "headers_too_large"),
+    ],
+)
+def test_a_refused_head_says_its_code_in_a_header(
+    node: LocalNode, target: str, extra: dict[str, str], status: int, code: str
+) -> None:
+    """An answer to HEAD has no body: api.md promises its code in `Entraide-Error`, which
+    these refusals, made before any route, left out (from review)."""
+    answer = httpx.head(node.url + target, headers={**headers(node, "officer"), **extra})
+    assert answer.status_code == status
+    assert answer.headers["entraide-error"] == code
