@@ -644,11 +644,8 @@ def test_a_restore_says_what_was_unsettled_when_the_backup_was_taken(tmp_path: P
     assert "1 evidence drafts were open and 0 deliveries had not been receipted" in out.stdout
 
 
-def test_a_value_sqlite_cannot_decode_is_backed_up_and_named(tmp_path: Path) -> None:
-    """From review: one BLOB turned into TEXT that is not UTF-8 failed the whole backup with
-    "cannot reach sqlite:///…: is it running?" (while `doctor` said it was reachable). A copy
-    of a damaged database is what its operator needs most: written, the value as its bytes,
-    and the damage named by table, row and column."""
+def _with_a_damaged_value(tmp_path: Path) -> LocalNode:
+    """A SQLite node whose delivery_counters holds text that is not UTF-8 (a hand edit)."""
     databases = make_databases("sqlite", tmp_path)
     node = _initialised(tmp_path, databases.new("es", migrated=True))
     path = node.database_url.removeprefix("sqlite:///")
@@ -656,6 +653,15 @@ def test_a_value_sqlite_cannot_decode_is_backed_up_and_named(tmp_path: Path) -> 
         raw.execute(
             "INSERT INTO delivery_counters (name, value) VALUES (CAST(X'FFFE41' AS TEXT), 1)"
         )
+    return node
+
+
+def test_a_value_sqlite_cannot_decode_is_backed_up_and_named(tmp_path: Path) -> None:
+    """From review: one BLOB turned into TEXT that is not UTF-8 failed the whole backup with
+    "cannot reach sqlite:///…: is it running?" (while `doctor` said it was reachable). A copy
+    of a damaged database is what its operator needs most: written, the value as its bytes,
+    and the damage named by table, row and column."""
+    node = _with_a_damaged_value(tmp_path)
     archive = tmp_path / "damaged.tar.gz"
     made = node.cli("backup", "--out", str(archive), check=False)
     assert made.returncode == 0, made.stderr
@@ -677,13 +683,7 @@ def test_a_damaged_value_restored_is_said_to_be_damaged(tmp_path: Path, target: 
     """From review: restored into PostgreSQL, the bytes of such a value became the text
     `\\xfffe41` (a plausible value; `doctor` cannot tell it from one), with exit 0 and not a
     word. `restore` names each damaged value again, and what it became."""
-    databases = make_databases("sqlite", tmp_path)
-    node = _initialised(tmp_path, databases.new("es", migrated=True))
-    path = node.database_url.removeprefix("sqlite:///")
-    with closing(sqlite3.connect(path)) as raw, raw:
-        raw.execute(
-            "INSERT INTO delivery_counters (name, value) VALUES (CAST(X'FFFE41' AS TEXT), 1)"
-        )
+    node = _with_a_damaged_value(tmp_path)
     archive = tmp_path / "damaged.tar.gz"
     node.cli("backup", "--out", str(archive))
     (tmp_path / "target").mkdir()
