@@ -114,6 +114,14 @@ ROUND_CLAIMS = MAX_BATCH_ENVELOPES
 NO_BATCH_STATUS = {404, 405}
 
 
+def is_success(status: int) -> bool:
+    return 200 <= status < 300
+
+
+def _is_status(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def worker_id() -> str:
     return f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
@@ -821,29 +829,47 @@ class Worker:
             # Refused as a whole (too large for the peer or for a proxy in between, or not
             # understood): each envelope may still go on its own, which settles it for good.
             return [self._deliver_one(job) for job in jobs]
-        if status != 200:
+        if not is_success(status):
             return [classify(status, body, retry_after) for _ in jobs]
+        # Any success with one answer per envelope is read as the protocol's 200 (a 201 or
+        # 207 failed every envelope for good, their receipts unread: from review).
         answers = body.get("results") if isinstance(body, dict) else None
         if not isinstance(answers, list) or len(answers) != len(jobs):
             log.warning("peer at %s answered a batch with no answer per envelope", base_url)
             return [self._deliver_one(job) for job in jobs]
-        outcomes: list[Outcome | None] = []
-        for job, answer in zip(jobs, answers, strict=True):
-            item_status = answer.get("status") if isinstance(answer, dict) else None
-            if not isinstance(item_status, int) or isinstance(item_status, bool):
-                outcomes.append(Outcome(outbox.RETRY, "bad batch answer", http_status=status))
-                continue
-            item = {key: value for key, value in answer.items() if key != "status"}
-            outcomes.append(self._outcome(job, item_status, item))
-        return outcomes
+        return [
+            self._item_outcome(job, answer, status)
+            for job, answer in zip(jobs, answers, strict=True)
+        ]
+
+    def _item_outcome(self, job: Job, answer: object, batch_status: int) -> Outcome:
+        """One envelope's answer within a batch. What breaks on it (the fetch of the peer's
+        identity its receipt sent us to, a database read) costs that envelope alone another
+        post: the others' receipts are kept (from review)."""
+        if not isinstance(answer, dict) or not _is_status(answer.get("status")):
+            return Outcome(outbox.RETRY, "bad batch answer", http_status=batch_status)
+        item = {key: value for key, value in answer.items() if key != "status"}
+        try:
+            with request_context(job.claim.trace_id):
+                return self._outcome(job, answer["status"], item)
+        except Exception as exc:
+            log.error(
+                "delivery of outbox row %s failed unexpectedly: %s",
+                job.claim.outbox_id,
+                type(exc).__name__,
+            )
+            return Outcome(outbox.RETRY, f"internal: {type(exc).__name__}")
 
     def _outcome(
         self, job: Job, status: int, body: object, retry_after: float | None = None
     ) -> Outcome:
         """What the peer's answer to one envelope means: delivered with a verified receipt,
         to be tried again, or refused for good."""
-        if status not in (200, 201):
+        if not is_success(status):
             return classify(status, body, retry_after)
+        # A success is read as one: with no valid receipt (a 202 or 204 included) the
+        # envelope is posted again, never failed for good, since the peer may hold it and
+        # answers a repeat with the receipt it stored.
         if job.sealed_at is None:  # load_jobs fills it for every job that is posted
             raise RuntimeError(f"outbox row {job.claim.outbox_id} was posted without its message")
         try:
