@@ -48,9 +48,9 @@ from app.evidence.blobstore import StorageFailed
 from app.evidence.p2p_router import router as evidence_p2p_router
 from app.evidence.router import replies as evidence_replies_router
 from app.evidence.router import router as evidence_router
+from app.jsonvalues import MAX_JSON_VALUES, json_values_exceed
 from app.limits import (
     BODY_METHODS,
-    MAX_JSON_VALUES,
     BodyBudget,
     BodyTimedOut,
     BodyTooLarge,
@@ -58,7 +58,6 @@ from app.limits import (
     NoRoomForBody,
     Reservation,
     buffered_body,
-    json_values_exceed,
     read_body,
 )
 from app.node import Node, load_node

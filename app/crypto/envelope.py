@@ -37,6 +37,7 @@ from app.crypto.encoding import (
 from app.crypto.keys import NodeKeys, key_id
 from app.crypto.randomness import Randomness
 from app.crypto.signing import DOMAIN_ENVELOPE, sign, verify
+from app.jsonvalues import MAX_JSON_VALUES, json_values_exceed
 
 VERSION = 1
 ENVELOPE_TYPE = "entraide.envelope"
@@ -620,6 +621,12 @@ def bind_manifest(header: Header, plaintext: bytes, *, stored: bool = False) -> 
     `stored`: an envelope this node accepted earlier, reopened for a reader; its member set
     is not checked again, so that one accepted before receivers checked it stays readable
     (reported as storage altered, it would be lost to its officer)."""
+    if not stored and json_values_exceed(plaintext, MAX_JSON_VALUES):
+        # Step 27a: counted before it is parsed, as a body is at step 1, which saw only its
+        # ciphertext (from review: 7 million empty lists, 28 MB, cost 690 MiB and 8 s).
+        raise EnvelopeError(
+            "too_large", f"the inner manifest holds more than {MAX_JSON_VALUES} JSON values"
+        )
     try:
         manifest = load_canonical_object(plaintext)
     except DecodeError as exc:

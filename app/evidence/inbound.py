@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -238,7 +240,7 @@ def announce(session: Session, node: Node, store: DirectoryBlobStore, *, wire: o
             raise _refuse("too_large", f"more than {settings.max_envelope_parts} parts", 413)
         header = env.parse_header(head.header, count)
     except env.EnvelopeError as exc:
-        raise _refuse(exc.code, exc.detail, 413 if exc.code == "too_large" else 400) from exc
+        raise _refuse(exc.code, exc.detail) from exc
     peer = check_sender(session, node, head, header)
     envelope_hash = sha256_hex(head.header)
     existing = stored_message(session, header.msg_id)
@@ -419,6 +421,40 @@ def _check_signed(
         )
 
 
+class AttachmentsOpened:
+    """The size and plaintext hash of each attachment, by envelope hash, for the transfers
+    whose parts are arriving in this process.
+
+    Each PUT of a part needs its attachment's entry of the manifest; decrypting and parsing
+    part 0 again for each (up to the body limit and 250,000 values) let a peer make the node
+    do that work at will with empty PUTs, answered 204 and so never counted against it (from
+    review). The entries are a function of the envelope hash alone (the header it covers
+    names part 0's hash, and part 0 was checked against it at the announcement); the content
+    key is still unwrapped for each PUT, which keys the part."""
+
+    def __init__(self, most: int = 256) -> None:
+        self._most = most
+        self._lock = threading.Lock()
+        self._kept: OrderedDict[str, list[tuple[int, str]]] = OrderedDict()
+
+    def of(self, envelope_hash: str, opened: Callable[[], env.Opened]) -> list[tuple[int, str]]:
+        with self._lock:
+            entries = self._kept.get(envelope_hash)
+            if entries is not None:
+                self._kept.move_to_end(envelope_hash)
+                return entries
+        listed = opened().manifest["attachments"]
+        entries = [(int(entry["size"]), str(entry["sha256"])) for entry in listed]
+        with self._lock:
+            self._kept[envelope_hash] = entries
+            while len(self._kept) > self._most:
+                self._kept.popitem(last=False)
+        return entries
+
+
+_ATTACHMENTS = AttachmentsOpened()
+
+
 def part_target(
     session: Session,
     node: Node,
@@ -460,10 +496,11 @@ def part_target(
         return PartTarget(msg_id, index, info.length, offset, {}, False, transfer.sender_authority)
     try:
         content_key = _content_key(node, header)
-        opened = _manifest(header, transfer.manifest_part, content_key)
+        plaintext_size, plaintext_sha256 = _ATTACHMENTS.of(
+            transfer.envelope_hash, lambda: _manifest(header, transfer.manifest_part, content_key)
+        )[index - 1]
     except env.EnvelopeError as exc:
         raise TransferDamaged(transfer, exc) from exc
-    entry = opened.manifest["attachments"][index - 1]
     msg = header.msg_id_bytes
     return PartTarget(
         msg_id,
@@ -476,8 +513,8 @@ def part_target(
             "stream_header": info.stream_header,
             "length": info.length,
             "sha256": info.sha256,
-            "plaintext_size": entry["size"],
-            "plaintext_sha256": entry["sha256"],
+            "plaintext_size": plaintext_size,
+            "plaintext_sha256": plaintext_sha256,
         },
         False,
         transfer.sender_authority,

@@ -63,7 +63,9 @@ class Accepted:
 _LATEST_NOTE = "entraide.latest_note"
 
 
-def _refuse(code: str, detail: str, status: int = 400) -> EnvelopeRefused:
+def _refuse(code: str, detail: str, status: int | None = None) -> EnvelopeRefused:
+    if status is None:  # §9's tables: every `too_large` is a 413, the other codes 400
+        status = 413 if code == "too_large" else 400
     return EnvelopeRefused(code, detail, status_code=status)
 
 
@@ -517,7 +519,7 @@ def accept_envelope(
             raise _refuse("too_large", "header too large", 413)
         header = env.parse_header(envelope.header, len(envelope.parts))
     except env.EnvelopeError as exc:
-        raise _refuse(exc.code, exc.detail, 413 if exc.code == "too_large" else 400) from exc
+        raise _refuse(exc.code, exc.detail) from exc
 
     peer = check_sender(session, node, envelope, header, may_refresh=may_refresh)
 

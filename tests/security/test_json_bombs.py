@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.limits import MAX_JSON_VALUES, json_values_exceed
+from app.jsonvalues import MAX_JSON_VALUES, json_values_exceed
 from app.localnodes import LocalNode
 from tests.security.conftest import new_node, prepare
 
