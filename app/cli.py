@@ -1275,7 +1275,11 @@ def audit_verify(
     folder: Annotated[Path | None, typer.Argument(help="An export folder")] = None,
     db: Annotated[bool, typer.Option("--db", help="Verify the live database instead")] = False,
     checkpoint: Annotated[
-        Path | None, typer.Option(help="A checkpoint note saved earlier: the log must extend it")
+        list[Path] | None,
+        typer.Option(
+            help="A checkpoint note saved earlier (repeat for several): the log must extend "
+            "every one"
+        ),
     ] = None,
     log_key: Annotated[
         str | None, typer.Option(help="The log's verifier key, to use instead of the export's")
@@ -1298,10 +1302,9 @@ def audit_verify(
     from app.audit.service import verify_database, verify_export
     from app.db import read_snapshot
 
-    try:
-        earlier = checkpoint.read_text() if checkpoint else None
-    except (OSError, UnicodeError) as exc:
-        raise _fail(f"cannot read the checkpoint {checkpoint}: {exc}") from exc
+    # Every one given is checked: an option given twice kept only the last, so a rewritten
+    # log re-signed by its node passed beside the current checkpoint (from review).
+    earlier = _saved_checkpoints(checkpoint or [])
     if db == (folder is not None):
         raise _fail("give either an export folder or --db")
     if db:
@@ -1312,14 +1315,13 @@ def audit_verify(
             witnessed = _cosigned_checkpoints(
                 cosigned or [], witness_key or [], log_public=node.keys.log_public
             )
-            extends = [(item.label, item.note) for item in witnessed]
+            extends = [*earlier, *((item.label, item.note) for item in witnessed)]
             # A snapshot that holds off no writer: the node goes on serving while it runs.
             with read_snapshot(node.sessions) as session:
                 report = verify_database(
                     session,
                     authority_id=node.authority_id,
                     log_public=node.keys.log_public,
-                    earlier=earlier,
                     extends=extends,
                     anchor=node.log_anchor,
                     mac_key=mac_key(node.keys.log),
@@ -1331,9 +1333,9 @@ def audit_verify(
         witnessed = _cosigned_checkpoints(
             cosigned or [], witness_key or [], log_public=_export_log_key(folder, log_key)
         )
-        extends = [(item.label, item.note) for item in witnessed]
+        extends = [*earlier, *((item.label, item.note) for item in witnessed)]
         try:
-            report = verify_export(folder, earlier=earlier, extends=extends, log_key=log_key)
+            report = verify_export(folder, extends=extends, log_key=log_key)
         except (OSError, ValueError, KeyError, NoteError) as exc:
             raise _fail(f"cannot read the export: {exc}") from exc
     if report.first is not None:
@@ -1363,6 +1365,20 @@ def audit_verify(
                 f"  {item.source}: cosigned by {found.name} at "
                 f"{found.time.isoformat(timespec='seconds')}; the log extends it"
             )
+
+
+def _saved_checkpoints(paths: list[Path]) -> list[tuple[str, str]]:
+    """Each `--checkpoint` note with the label the verifier names it by: "the earlier
+    checkpoint", or with its file's name when there are several."""
+    saved = []
+    for path in paths:
+        try:
+            note = path.read_text()
+        except (OSError, UnicodeError) as exc:
+            raise _fail(f"cannot read the checkpoint {path}: {exc}") from exc
+        label = "the earlier checkpoint" if len(paths) == 1 else f"the checkpoint in {path.name}"
+        saved.append((label, note))
+    return saved
 
 
 @dataclass(frozen=True)
@@ -1429,7 +1445,10 @@ def _note_in(text: str) -> str:
     """A note as saved from the witness's answer: the JSON `{"note": ...}` or the note."""
     if not text.lstrip().startswith("{"):
         return text
-    document = json.loads(text)
+    try:
+        document = json.loads(text)
+    except RecursionError as exc:  # a traceback, not an answer (from review)
+        raise ValueError("JSON nested too deeply to be a witness's answer") from exc
     note = document.get("note") if isinstance(document, dict) else None
     if not isinstance(note, str):
         raise ValueError('a JSON answer without a "note"')

@@ -311,6 +311,18 @@ def test_a_node_that_rewrites_history_is_caught_by_its_peer(
     caught = ar.cli("audit", "verify", "--db", *by_witness, check=False)
     assert caught.returncode == 1
     assert "the log is not consistent with the checkpoint in cosigned-by-es.note" in caught.stderr
+    # Nor against the checkpoint its auditor saved, beside the (re-signed) current one, as
+    # audit.md tells: each `--checkpoint` is checked (only the last one was, from review).
+    saved_before = ar.workdir / "shown.note"
+    saved_before.write_text(shown["note"])
+    with ar.client("auditor") as http:
+        current = ar.workdir / "current.note"
+        current.write_text(http.get("/api/v1/audit/checkpoint").json()["note"])
+    for notes in ([saved_before, current], [current, saved_before]):
+        given = [part for note in notes for part in ("--checkpoint", str(note))]
+        caught = ar.cli("audit", "verify", "--db", *given, check=False)
+        assert caught.returncode == 1, caught.stdout
+        assert "the log is not consistent with the checkpoint in shown.note" in caught.stderr
     with ar.client("auditor") as http:
         assert http.post("/api/v1/audit/checkpoint").json()["size"] > shown["size"]
 
