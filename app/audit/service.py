@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from sqlalchemy import ColumnElement, LargeBinary, cast, select
@@ -68,7 +68,7 @@ class EntryFilter:
 
 def query_entries(
     session: Session, *, where: EntryFilter, before: int | None, limit: int
-) -> tuple[list[AuditEntry], int | None]:
+) -> tuple[list[StoredEntry], int | None]:
     """Newest first; `before` is the cursor (an index), so pages never overlap or shift.
 
     Entries not yet in the query index (the tail, app/audit/index.py) are the newest: they
@@ -117,12 +117,28 @@ def query_entries(
         found += _indexed_matches(session, equal, low, top, limit + 1 - len(found))
     more = len(found) > limit
     page = found[:limit]
-    rows = list(
-        session.scalars(
-            select(AuditEntry).where(AuditEntry.idx.in_(page)).order_by(AuditEntry.idx.desc())
+    rows = [
+        StoredEntry(idx, stored_bytes(entry))
+        for idx, entry in session.execute(
+            select(AuditEntry.idx, _entry_bytes())
+            .where(AuditEntry.idx.in_(page))
+            .order_by(AuditEntry.idx.desc())
         )
-    )
+    ]
     return rows, (page[-1] if more and page else None)
+
+
+class StoredEntry(NamedTuple):
+    idx: int
+    entry: bytes  # as stored, whether or not it still parses
+
+
+def _entry_bytes() -> ColumnElement[bytes]:
+    """The entry column read as bytes even where a row was rewritten as text that is not
+    UTF-8 (SQLite keeps any type it is given, and its driver cannot decode such text): the
+    whole page, or the proof, failed 500 then, where audit.md shows such an entry as it is
+    (from review). A no-op on PostgreSQL's bytea."""
+    return cast(AuditEntry.entry, LargeBinary)
 
 
 def _indexed_matches(
@@ -194,10 +210,10 @@ def _rarest_filter(
     return rarest
 
 
-def entry_view(entry: AuditEntry) -> dict[str, Any]:
+def entry_view(entry: StoredEntry) -> dict[str, Any]:
     # From the bytes shown, not the stored column: entry bytes altered in the database with
     # their column left alone then fail the auditor's inclusion proof instead of passing it.
-    data = stored_bytes(entry.entry)
+    data = entry.entry
     digest = leaf_hash(data).hex()
     try:
         # NaN and infinities are no JSON an entry is written with (nor one an answer holds).
@@ -275,14 +291,14 @@ def prove_inclusion(session: Session, *, index: int, size: int | None) -> dict[s
         raise BadRequest(
             f"need 0 <= index < size <= {head.size} (the log's size)", code="invalid_proof_range"
         )
-    entry = session.get(AuditEntry, index)
+    entry = session.scalar(select(_entry_bytes()).where(AuditEntry.idx == index))
     if entry is None:
         raise NotFound(f"entry {index} is missing", code="unknown_entry")
     proof = inclusion_proof(index, tree_size, _node_reader(session))
     return {
         "index": index,
         "tree_size": tree_size,
-        "leaf_hash": leaf_hash(entry.entry).hex(),  # as entry_view: from the bytes
+        "leaf_hash": leaf_hash(stored_bytes(entry)).hex(),  # as entry_view: from the bytes
         "proof": [digest.hex() for digest in proof],
     }
 

@@ -5,6 +5,7 @@ failing with a Python error (from review)."""
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 from datetime import timedelta
@@ -19,7 +20,13 @@ from app.audit.log import LogDamaged, read_head, record
 from app.audit.mac import append_with, entry_mac, mac_key
 from app.audit.merkle import CompactRange, leaf_hash
 from app.audit.note import Checkpoint, sign_note
-from app.audit.service import entry_view, verify_database
+from app.audit.service import (
+    EntryFilter,
+    entry_view,
+    prove_inclusion,
+    query_entries,
+    verify_database,
+)
 from app.crypto.encoding import format_time, utc_now
 from app.crypto.keys import NodeKeys
 from app.db import make_engine, make_session_factory, read_snapshot, unit_of_work
@@ -112,14 +119,46 @@ def test_an_entry_rewritten_as_text_or_with_nan_is_shown_and_verified(
         with unit_of_work(fresh) as session:
             session.execute(text("UPDATE audit_entries SET entry = CAST(entry AS TEXT)"))
         assert _problems(fresh) == []  # the same bytes, the same leaves
+        with unit_of_work(fresh) as session:  # text hashed as its bytes: a 500 (from review)
+            proven = prove_inclusion(session, index=2, size=None)
+        assert proven["leaf_hash"] == _shown(fresh)[2]["leaf_hash"]
     with unit_of_work(fresh) as session:
         entry = session.scalars(select(AuditEntry).where(AuditEntry.idx == 3)).one()
         entry.entry = b'{"idx":3,"x":NaN}'
-    with unit_of_work(fresh) as session:
-        rows = session.scalars(select(AuditEntry).order_by(AuditEntry.idx))
-        shown = {entry.idx: entry_view(entry) for entry in rows}
+    shown = _shown(fresh)
     json.dumps(list(shown.values()), allow_nan=False)  # what the auditor's API answers with
     assert shown[3]["malformed"] is True
+    assert any("entry 3" in problem for problem in _problems(fresh))
+
+
+def _shown(factory: sessionmaker[Session], **where: str) -> dict[int, dict[str, object]]:
+    """The entries as the auditor's API lists them (app/audit/router.py), by index."""
+    with unit_of_work(factory) as session:
+        rows, _ = query_entries(session, where=EntryFilter(**where), before=None, limit=100)
+        return {entry.idx: entry_view(entry) for entry in rows}
+
+
+def test_an_entry_rewritten_as_text_that_is_not_utf_8_is_shown_as_it_is(
+    fresh: sessionmaker[Session], databases: Databases
+) -> None:
+    """From review: SQLite's driver cannot read such text, and every page holding the entry
+    (every filtered query reading the tail, an inclusion proof of it) failed 500, where
+    audit.md says it is shown as it is, so that the rest of the page can be read."""
+    if databases.backend != "sqlite":
+        pytest.skip("PostgreSQL's bytea column holds bytes only")
+    with unit_of_work(fresh) as session:
+        session.execute(
+            text("UPDATE audit_entries SET entry = CAST(X'7b22ff' AS TEXT) WHERE idx = 3")
+        )
+    shown = _shown(fresh)
+    assert sorted(shown) == [0, 1, 2, 3, 4]
+    assert shown[3]["malformed"] is True
+    assert shown[3]["entry_base64"] == base64.b64encode(b'{"\xff').decode()
+    # Found by its columns, as before, and shown as it is.
+    assert _shown(fresh, action="test.event")[3]["malformed"] is True
+    with unit_of_work(fresh) as session:
+        proven = prove_inclusion(session, index=3, size=None)
+    assert proven["leaf_hash"] == shown[3]["leaf_hash"] == leaf_hash(b'{"\xff').hex()
     assert any("entry 3" in problem for problem in _problems(fresh))
 
 
