@@ -235,6 +235,21 @@ def open_note(note: str | bytes, verifiers: Iterable[Verifier]) -> tuple[str, li
     return text, signers
 
 
+def signed_only_by(note: str, verifier: Verifier) -> str:
+    """The note with the signature lines of `verifier`'s key only, the others dropped.
+
+    A witness keeps and cosigns a peer's note in this form: a note may carry up to
+    MAX_SIGNATURES lines, and one with them all plus our cosignature would be read by no
+    one (from review: 99 junk lines made every cosignature of ours on it unverifiable)."""
+    text, signatures = split_note(note)
+    kept = [
+        f"{SIGNATURE_PREFIX}{name} {base64.b64encode(key_hash + signature).decode()}\n"
+        for name, key_hash, signature in signatures
+        if (name, key_hash) == (verifier.name, verifier.key_id)
+    ]
+    return f"{text}\n{''.join(kept)}"
+
+
 def split_note(note: str | bytes) -> tuple[str, list[tuple[str, bytes, bytes]]]:
     """A note's text and its signature lines as (name, key ID, the rest of the blob), none
     of them checked: `open_note` checks the signers', a cosignature's reader its own."""

@@ -32,7 +32,7 @@ from app.audit.checkpoints import log_origin, log_verifier
 from app.audit.cosignature import cosign, witness_name
 from app.audit.log import record
 from app.audit.merkle import verify_consistency
-from app.audit.note import Checkpoint, NoteError, open_note
+from app.audit.note import Checkpoint, NoteError, open_note, signed_only_by
 from app.audit.witnessed import (
     MAX_SIZE,
     Stored,
@@ -70,9 +70,11 @@ class Observed:
 
 
 def parse_peer_checkpoint(peer: Peer, note: str) -> Observed:
+    verifier = log_verifier(peer.authority_id, peer.log_key)
     try:
-        text, _ = open_note(note, [log_verifier(peer.authority_id, peer.log_key)])
+        text, _ = open_note(note, [verifier])
         checkpoint = Checkpoint.parse(text)
+        note = signed_only_by(note, verifier)  # what we keep, and cosign
     except NoteError as exc:
         raise WitnessError(f"checkpoint from {peer.authority_id} does not verify: {exc}") from exc
     if checkpoint.origin != log_origin(peer.authority_id):

@@ -26,9 +26,11 @@ from app.audit.cosignature import (
 )
 from app.audit.note import Checkpoint, MalformedKey, format_verifier_key, sign_note, split_note
 from app.audit.service import EXPORT_CHECKPOINTS, verify_export
+from app.audit.witness import parse_peer_checkpoint
 from app.cli import app
 from app.crypto.keys import NodeKeys
 from app.localnodes import LocalNode
+from app.models import Peer
 from tests.audit.test_verify_edges import AUTHORITY, _export
 from tests.conftest import migrated_sqlite
 
@@ -215,3 +217,19 @@ def test_a_live_log_refuses_its_own_witness_key(tmp_path: Path) -> None:
     )
     assert verified.returncode == 1
     assert "witness key entraide.witness/ES/MJ is this log's own key" in verified.stderr
+
+
+def test_a_note_full_of_other_signatures_is_cosigned_readable(tmp_path: Path) -> None:
+    """From review: a peer's note may carry 100 signature lines; kept as it came, with our
+    cosignature appended it had 101, which no reader takes, so the witness's evidence could be
+    spoilt by the node it watches. The witness keeps the log key's own line only."""
+    keys, witness = NodeKeys.generate(), SigningKey.generate()
+    note = _note_of_size(_export(tmp_path, keys), 32)
+    junk = "".join(f"— junk{n} {base64.b64encode(bytes(5)).decode()}\n" for n in range(99))
+    crowded = note + junk
+    assert len(split_note(crowded)[1]) == 100  # as many as a note may carry
+    peer = Peer(authority_id=AUTHORITY, log_key=keys.log_public)
+    observed = parse_peer_checkpoint(peer, crowded)
+    assert observed.note == note  # the log key's line alone
+    trusted = parse_cosigner_key(format_cosigner_key(WITNESS, witness.verify_key))
+    assert check_cosignatures(_cosigned(observed.note, witness), [trusted])
