@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import hashlib
 import hmac
 import json
 import logging
@@ -1171,20 +1172,25 @@ def proof_verify(
     attachment: Annotated[int, typer.Option(help="Which attachment --file should be (from 1)")] = 1,
     sender_kid: Annotated[
         str | None,
-        typer.Option(help="The sender's signing key id, as its authority publishes it"),
+        typer.Option(
+            help="The sender's signing key id, or its fingerprint, as its authority "
+            "publishes them (`entraide keys show`)"
+        ),
     ] = None,
     receiver_kid: Annotated[
         str | None,
-        typer.Option(help="The receiver's signing key id, as its authority publishes it"),
+        typer.Option(
+            help="The receiver's signing key id, or its fingerprint, as its authority "
+            "publishes them (`entraide keys show`)"
+        ),
     ] = None,
 ) -> None:
     """Check a custody proof offline (no node, no database, no key of yours): the sender's
     signature, the sealed manifest, the receiver's signed receipt; with --file, that the file
     is that attachment; with --sender-kid and --receiver-kid, that the keys are those the
     authorities publish. Exit 1 naming the first check that fails."""
-    import hashlib
-
     from app.crypto.encoding import format_time
+    from app.crypto.keys import fingerprint, format_fingerprint
     from app.crypto.proof import MAX_PROOF_BYTES, ProofError, verify_proof
 
     try:
@@ -1196,12 +1202,20 @@ def proof_verify(
     except (OSError, ValueError, RecursionError) as exc:  # ProofError is a ValueError
         kind = "not a custody proof" if not isinstance(exc, ProofError) else "REFUSED"
         raise _fail(f"{proof}: {kind}: {str(exc)[:300]}") from exc
-    for role, given, found in (
-        ("sender", sender_kid, checked.sender_kid),
-        ("receiver", receiver_kid, checked.receiver_kid),
+    for role, given, kid, key in (
+        ("sender", sender_kid, checked.sender_kid, checked.sender_key),
+        ("receiver", receiver_kid, checked.receiver_kid, checked.receiver_key),
     ):
-        if given is not None and given.strip().lower() != found:
-            raise _fail(f"{proof}: REFUSED: the {role}'s key id is {found}, not {given}")
+        if given is not None and not _is_key(given, kid, key):
+            raise _fail(
+                f"{proof}: REFUSED: the {role}'s key id is {kid} (fingerprint "
+                f"{format_fingerprint(fingerprint(key))}), not {given.strip()}"
+            )
+    # The file before a word is printed: "verified" on the output, then a refusal on the
+    # error stream, read as verified by a script that reads the output (from review).
+    file_sha256 = _file_sha256(file) if file is not None else None
+    if file_sha256 is not None and not checked.attachment_matches(attachment, file_sha256):
+        raise _fail(f"{file} (SHA-256 {file_sha256}) is NOT attachment {attachment} of this proof")
     typer.echo(f"custody proof of message {checked.msg_id}: verified")
     typer.echo(f"  envelope hash   {checked.envelope_hash}")
     typer.echo(
@@ -1226,9 +1240,23 @@ def proof_verify(
             "cannot say whose keys they are."
         )
     else:
-        typer.echo("Both key ids are those given.")
-    if file is None:
-        return
+        typer.echo("Both keys are those given.")
+    if file_sha256 is not None:
+        typer.echo(f"{file} is attachment {attachment}: SHA-256 {file_sha256}")
+
+
+def _is_key(given: str, kid: str, key: bytes) -> bool:
+    """Whether `given` names the key: its key id, or its fingerprint as operators read it
+    out (grouped, any case), which they exchange when they pin each other (from review: a
+    fingerprint read out by phone got a REFUSED on a valid proof)."""
+    from app.crypto.keys import fingerprint, fingerprints_match, normalise_fingerprint
+
+    if len(normalise_fingerprint(given)) == len(fingerprint(key)):
+        return fingerprints_match(given, fingerprint(key))
+    return hmac.compare_digest(given.strip().lower().encode(), kid.encode())
+
+
+def _file_sha256(file: Path) -> str:
     digest = hashlib.sha256()
     try:
         with file.open("rb") as handle:
@@ -1236,11 +1264,7 @@ def proof_verify(
                 digest.update(chunk)
     except OSError as exc:
         raise _fail(f"cannot read {file}: {exc.strerror or exc}") from exc
-    if not checked.attachment_matches(attachment, digest.hexdigest()):
-        raise _fail(
-            f"{file} (SHA-256 {digest.hexdigest()}) is NOT attachment {attachment} of this proof"
-        )
-    typer.echo(f"{file} is attachment {attachment}: SHA-256 {digest.hexdigest()}")
+    return digest.hexdigest()
 
 
 def _check_trusted_log_key(node: Node, given: str) -> None:

@@ -82,8 +82,10 @@ class VerifiedProof:
     envelope_hash: str
     sender: str
     sender_kid: str
+    sender_key: bytes
     receiver: str
     receiver_kid: str
+    receiver_key: bytes
     created_at: datetime
     received_at: datetime
     document: dict[str, Any]
@@ -220,8 +222,10 @@ def verify_proof(
         envelope_hash=envelope_hash,
         sender=header.from_authority,
         sender_kid=header.from_sig_kid,
+        sender_key=sender_key,
         receiver=header.to_authority,
         receiver_kid=receipt.signer_kid,
+        receiver_key=receiver_key,
         created_at=header.created_at,
         received_at=receipt.received_at,
         document=content["document"],

@@ -133,6 +133,12 @@ def _signing_kid(node: LocalNode) -> str:
     )
 
 
+def _fingerprint(node: LocalNode) -> str:
+    shown = node.cli("keys", "show").stdout
+    lines = shown.splitlines()
+    return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("fingerprint"))
+
+
 def test_either_side_proves_what_was_sent_and_received_to_a_court(
     pair: Pair, tmp_path: Path
 ) -> None:
@@ -155,6 +161,7 @@ def test_either_side_proves_what_was_sent_and_received_to_a_court(
         on_disk.append(path)
     # The key ids each authority publishes, read out of band (once: both proofs use them).
     kids = [_signing_kid(side) for side in (pair.es, pair.ar)]
+    prints = [_fingerprint(side) for side in (pair.es, pair.ar)]
     for node in (pair.es, pair.ar):
         with node.client("officer") as http:
             answer = http.get(f"/api/v1/requests/{draft['id']}/messages/{draft['id']}/proof")
@@ -173,7 +180,19 @@ def test_either_side_proves_what_was_sent_and_received_to_a_court(
         pinned = node.cli(
             "proof", "verify", str(proof), "--sender-kid", kids[0], "--receiver-kid", kids[1]
         )
-        assert "Both key ids are those given." in pinned.stdout
+        assert "Both keys are those given." in pinned.stdout
+        # Or the fingerprints the operators read to each other when they pinned (`init`,
+        # `keys show`): grouped, any case (from review: refused on a valid proof).
+        by_fingerprint = node.cli(
+            "proof",
+            "verify",
+            str(proof),
+            "--sender-kid",
+            prints[0],
+            "--receiver-kid",
+            prints[1].replace(" ", "").lower(),
+        )
+        assert "Both keys are those given." in by_fingerprint.stdout
         swapped = node.cli(
             "proof",
             "verify",
@@ -186,9 +205,11 @@ def test_either_side_proves_what_was_sent_and_received_to_a_court(
         )
         assert swapped.returncode == 1
         assert "the sender's key id is" in swapped.stderr
+        assert prints[0] in swapped.stderr  # named as the operator knows it too
         wrong = node.cli("proof", "verify", str(proof), "--file", str(on_disk[1]), check=False)
         assert wrong.returncode == 1
         assert "is NOT attachment 1" in wrong.stderr
+        assert "verified" not in wrong.stdout  # a script reading the output is not misled
         altered = json.loads(answer.text)
         altered["receipt"] = altered["receipt"].replace("A", "B", 1)
         proof.write_text(json.dumps(altered))
