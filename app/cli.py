@@ -199,7 +199,19 @@ def _node(settings: Settings) -> Node:
         if newer:
             raise _fail(NEWER_SCHEMA.format(revisions=", ".join(sorted(newer))))
         raise _fail("the database is not at the latest schema; run `entraide migrate`")
+    _refuse_another_nodes_database(node)
     return node
+
+
+def _refuse_another_nodes_database(node: Node) -> None:
+    from app.audit.checkpoints import ANOTHER_NODES_DATABASE, foreign_log
+    from app.db import read_snapshot
+
+    with read_snapshot(node.sessions) as session:
+        foreign = foreign_log(session, node.authority_id, node.keys.log_public)
+    if foreign is not None:
+        node.close()
+        raise _fail(ANOTHER_NODES_DATABASE.format(why=foreign, keys=node.settings.keys_dir))
 
 
 def _sqlite_file_exists(settings: Settings) -> None:

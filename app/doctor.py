@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -23,8 +24,10 @@ from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
 
 from app.audit.anchor import LogRolledBack, Signed, SignedLogAnchor
 from app.audit.checkpoints import (
+    ANOTHER_NODES_DATABASE,
     checkpoint_dates,
     checkpoint_notes,
+    foreign_log,
     latest_signed,
     log_verifier,
     macs_required,
@@ -695,6 +698,26 @@ def check_signed_log(settings: Settings, engine: Engine) -> Iterator[Finding]:
     yield Finding(OK, "audit", f"signed log record {anchor.path} ({held})")
 
 
+def check_database_owner(
+    settings: Settings, engine: Engine, unlocked: UnlockedKeys | None = None
+) -> Iterator[Finding]:
+    """The database and the keys folder are one node's (the checks after this one would
+    read another node's log as this one's, rolled back or rewritten)."""
+    try:
+        identity, keys = (unlocked or UnlockedKeys(settings)).get()
+    except Exception:  # check_keys says why
+        return
+    try:
+        with read_snapshot(make_session_factory(engine)) as session:
+            foreign = foreign_log(session, identity.authority_id, keys.log_public)
+    except Exception:  # no database or no schema yet: check_database says which
+        return
+    if foreign is not None:
+        yield Finding(
+            FAIL, "database", ANOTHER_NODES_DATABASE.format(why=foreign, keys=settings.keys_dir)
+        )
+
+
 def check_checkpoints(
     settings: Settings, engine: Engine, unlocked: UnlockedKeys | None = None
 ) -> Iterator[Finding]:
@@ -992,12 +1015,15 @@ def diagnose(settings: Settings) -> list[Finding]:
     ]
     engine = make_engine(settings.database_url)
     try:
-        findings += _as_allowed("audit", lambda: check_signed_log(settings, engine))
-        findings += _as_allowed("audit", lambda: check_checkpoints(settings, engine, unlocked))
-        findings += check_checkpoint_dates(engine)
-        findings += check_checkpoint_rows(engine)
-        findings += check_witnessed_rows(engine)
-        findings += _as_allowed("audit", lambda: check_entry_macs(settings, engine, unlocked))
+        owner = _as_allowed("database", partial(check_database_owner, settings, engine, unlocked))
+        findings += owner
+        if not owner:  # another node's log, checked with these keys, reads as rewritten
+            findings += _as_allowed("audit", lambda: check_signed_log(settings, engine))
+            findings += _as_allowed("audit", lambda: check_checkpoints(settings, engine, unlocked))
+            findings += check_checkpoint_dates(engine)
+            findings += check_checkpoint_rows(engine)
+            findings += check_witnessed_rows(engine)
+            findings += _as_allowed("audit", lambda: check_entry_macs(settings, engine, unlocked))
         findings += _as_allowed("database", lambda: check_database(settings, engine))
         findings += check_damaged_deliveries(engine)
         findings += check_damaged_peers(engine)

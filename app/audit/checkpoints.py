@@ -255,6 +255,45 @@ def _latest_signed(session: Session, verifier: Verifier, *, dated: bool) -> Sign
     return None
 
 
+# The newest checkpoints read to tell whose log a database holds.
+OWNER_PROBE = 8
+ANOTHER_NODES_DATABASE = (
+    "{why}: ENTRAIDE_DATABASE_URL names another node's database, or ENTRAIDE_KEYS_DIR "
+    "({keys}) another node's keys; check both (nothing was changed)"
+)
+
+
+def foreign_log(session: Session, authority_id: str, log_public: bytes) -> str | None:
+    """Why this database's audit log is not this node's, or None.
+
+    A log key never changes (`keys rotate` keeps it), so the newest checkpoints of a node's
+    own database verify with its key. When none of them does and every one that reads names
+    another log, or this log under another key, the keys and the database are of two nodes
+    (a copied settings file, a mistyped database URL): the node said "rolled back or
+    rewritten", served as ready, and took envelopes into the other node's database (from
+    review). None where there is no checkpoint, or none that reads: other checks name those."""
+    own = log_origin(authority_id)
+    rows = session.execute(
+        select(stored_note(session))
+        .order_by(AuditCheckpoint.size.desc(), AuditCheckpoint.id.desc())
+        .limit(OWNER_PROBE)
+    ).scalars()
+    origins = set()
+    for stored in rows:
+        note = readable_note(stored)
+        if note is None:
+            continue
+        if opened_checkpoint(note, own, log_public) is not None:
+            return None
+        origins.add(note.split("\n", 1)[0])
+    if not origins:
+        return None
+    others = sorted(origin.removeprefix("entraide.log/") for origin in origins - {own})
+    if others:
+        return f"the database holds the audit log of {' and '.join(others)}, not {authority_id}'s"
+    return f"the database's audit log is signed by another log key than {authority_id}'s"
+
+
 # An expression, built once: built at each call, it cost every receipt's read of the latest
 # checkpoint more than the query itself takes SQLite to run.
 _INTEGER_SIZE = case((func.typeof(AuditCheckpoint.size) == "integer", AuditCheckpoint.size))
