@@ -269,6 +269,7 @@ def init(
         raise _fail(f"the name is one line of 1 to {MAX_NAME_CHARS} characters")
     if len(public_url) > MAX_URL_CHARS or not is_one_line(public_url):
         raise _fail(f"the public URL is one line of at most {MAX_URL_CHARS} characters")
+    _check_public_url(public_url, settings)
     if keys_exist(keys_dir):
         raise _fail(f"{keys_dir} already holds keys; refusing to overwrite them")
     # The database first: unreachable, nothing is created, and `init` can simply run again.
@@ -457,6 +458,29 @@ def _upgrade(settings: Settings) -> None:
         raise _fail(NEWER_SCHEMA.format(revisions=", ".join(sorted(newer)))) from exc
 
 
+def _check_public_url(public_url: str, settings: Settings) -> None:
+    """The URL peers pin and reach: `entraide.example` or a plain-HTTP one were taken, and
+    peers then could not pin the node, or would have to allow plain HTTP (from review)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(public_url)
+        parts.port  # noqa: B018  # raises on a port that is not a number
+    except ValueError:
+        parts = urlsplit("")
+    if parts.scheme not in ("https", "http") or not parts.hostname or parts.query or parts.fragment:
+        raise _fail(
+            f"the public URL {public_url!r} is not a URL peers can reach: give it whole, "
+            "e.g. https://entraide.mjusticia.example"
+        )
+    if parts.scheme == "http" and not settings.allow_insecure_http:
+        raise _fail(
+            f"the public URL {public_url} is plain HTTP: peers need HTTPS (put the node behind "
+            "a TLS proxy, docs/operations.md §1); ENTRAIDE_ALLOW_INSECURE_HTTP=true allows it "
+            "for development and tests only"
+        )
+
+
 def _refuse_a_used_database(settings: Settings) -> None:
     """New keys over another node's database would leave it unable to open what it received
     or to verify its own audit log (its keys are what made them): refused (from review)."""
@@ -483,12 +507,19 @@ def _refuse_a_used_database(settings: Settings) -> None:
 def _unreachable(settings: Settings, exc: OperationalError) -> typer.Exit:
     """The database cannot be reached: said in plain words (no traceback, no password: the
     URL is shown as `doctor` shows it)."""
-    from app.doctor import redacted_url, server_refusal
+    from app.doctor import redacted_url, server_refusal, sqlite_file
 
     url = redacted_url(settings.database_url)
     refused = server_refusal(exc.orig or exc)
     if refused is not None:
         return _fail(f"{url}: {refused}")
+    database = sqlite_file(settings.database_url)
+    if database is not None and not database.parent.is_dir():
+        # A file in a folder that is not there: no server to be running (from review).
+        return _fail(
+            f"the folder {database.parent} of the database does not exist: create it (as the "
+            "user the node runs as), or correct ENTRAIDE_DATABASE_URL"
+        )
     return _fail(
         f"cannot reach {url} "
         f"({type(exc.orig).__name__}): is it running, and is ENTRAIDE_DATABASE_URL right?"

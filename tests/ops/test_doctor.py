@@ -436,3 +436,37 @@ def test_doctor_unlocks_passphrase_protected_keys_once(
     findings = diagnose(settings)
     assert any(f.area == "keys" and f.message.startswith("keys load") for f in findings)
     assert len(derived) == 3  # the signing, encryption and log keys, each once
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("entraide.example", "is not a URL peers can reach"),
+        ("https://", "is not a URL peers can reach"),
+        ("https://es.example:port", "is not a URL peers can reach"),
+        ("https://es.example/?x=1", "is not a URL peers can reach"),
+        ("http://es.example", "is plain HTTP: peers need HTTPS"),
+    ],
+)
+def test_init_takes_only_a_public_url_peers_can_pin(tmp_path: Path, url: str, said: str) -> None:
+    """From an operator's review: `init --public-url entraide.example` made a node no peer
+    could pin, and `doctor` said "No problem found"; a plain-HTTP URL was taken silently."""
+    node = LocalNode("ES/MJ", "x", tmp_path / "es", migrated_sqlite(tmp_path / "es.db"))
+    node.extra_env["ENTRAIDE_ALLOW_INSECURE_HTTP"] = "false"
+    args = ["init", "--authority-id", "ES/MJ", "--name", "x", "--public-url", url]
+    result = node.cli(*args, check=False)
+    assert result.returncode == 1
+    assert said in result.stderr
+    assert not node.keys_dir.exists()
+
+
+def test_init_in_a_folder_that_does_not_exist_says_so(tmp_path: Path) -> None:
+    """From an operator's review: "cannot reach sqlite:///…: is it running?" for a path
+    whose folder was not made."""
+    missing = tmp_path / "nodir" / "x.db"
+    node = LocalNode("ES/MJ", "x", tmp_path / "es", f"sqlite:///{missing}")
+    args = ["init", "--authority-id", "ES/MJ", "--name", "x", "--public-url", "https://es.example"]
+    result = node.cli(*args, check=False)
+    assert result.returncode == 1
+    assert f"the folder {missing.parent} of the database does not exist" in result.stderr
+    assert not node.keys_dir.exists()
