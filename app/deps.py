@@ -34,7 +34,7 @@ from app.auth.throttle import (
 )
 from app.crypto.encoding import utc_now
 from app.db import read_snapshot, reading, unit_of_work
-from app.errors import Forbidden, Unauthenticated
+from app.errors import Forbidden, Unauthenticated, UnsupportedMediaType
 from app.node import Node
 from app.tls import CertificateRefused, check_peer_certificate
 
@@ -153,6 +153,7 @@ class UnitOfWorkRoute(APIRoute):
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         policy = _policy_of(self.dependant)
+        takes_json = self.body_field is not None
 
         async def strict(request: Request) -> Response:
             strict_request = StrictJsonRequest(request.scope, request.receive)
@@ -163,9 +164,26 @@ class UnitOfWorkRoute(APIRoute):
                 # unrefused, uncounted and off the record (from review). The policy runs
                 # first; the route's own dependency finds the token in the cache.
                 await policy(strict_request, request.app.state.node)
+            if takes_json:
+                _refuse_other_media(request)
             return await handler(strict_request)
 
         return strict
+
+
+def _refuse_other_media(request: Request) -> None:
+    """A JSON body sent as another type: FastAPI hands it to the model as raw bytes, and
+    the caller read `422 Input should be a valid dictionary` about a body that was one (from
+    review). No Content-Type is read as JSON, as FastAPI reads it."""
+    given = request.headers.get("content-type")
+    if given is None:
+        return
+    media = given.split(";", 1)[0].strip().lower()
+    kind, _, subtype = media.partition("/")
+    if kind != "application" or not (subtype == "json" or subtype.endswith("+json")):
+        raise UnsupportedMediaType(
+            f"the body is sent as {media or 'nothing'}: send it as application/json"
+        )
 
 
 # The methods whose body FastAPI reads before the route's dependencies run.

@@ -66,6 +66,11 @@ class PayloadTooLarge(EntraideError):
     code = "too_large"
 
 
+class UnsupportedMediaType(EntraideError):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
 class PeerError(EntraideError):
     status_code = 502
     code = "peer_error"

@@ -20,7 +20,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 from starlette.routing import BaseRoute
 
-from app.deps import PeerTransport, Policy, Public, PublicWithDetails
+from app.deps import PeerTransport, Policy, Public, PublicWithDetails, UnitOfWorkRoute
 from app.errors import ERROR_HEADER
 from app.limits import buffered_body, streamed_body
 from app.requests.idempotency import IDEMPOTENCY_HEADER, REPLAYED_HEADER
@@ -63,6 +63,7 @@ REASONS = {
     "chunks (resume from Upload-Offset)",
     409: "Conflicts with the current state",
     413: "Body or headers over the limit",
+    415: "A JSON body sent as another type (`unsupported_media_type`): send application/json",
     421: "Envelope addressed to another authority",
     422: "Does not match the schema",
     429: "Too many refused attempts from this address or client; see Retry-After",
@@ -237,6 +238,8 @@ def error_statuses(route: APIRoute, method: str) -> set[int]:
         statuses |= {408, 507}
     if buffered_body(method, route.path):
         statuses |= BUFFERED_BODY
+    if isinstance(route, UnitOfWorkRoute) and route.body_field is not None:
+        statuses.add(415)  # a JSON body sent as another type
     if (method, route.path) in OPENS_STORED:
         statuses.add(500)
     return statuses

@@ -380,6 +380,40 @@ def test_confidentiality_is_a_json_boolean(node: LocalNode, spelling: object) ->
 
 
 @pytest.mark.parametrize(
+    ("media", "status"),
+    [
+        ("text/plain", 415),
+        ("application/x-www-form-urlencoded", 415),
+        ("multipart/form-data; boundary=x", 415),
+        # JSON: the route's own answer (this node pins no peer to send it to).
+        ("application/json; charset=utf-8", 404),
+        ("application/merge-patch+json", 404),
+    ],
+)
+def test_a_json_body_sent_as_another_type_is_415(node: LocalNode, media: str, status: int) -> None:
+    """From an operator's review: a valid request sent as text/plain was answered 422 "Input
+    should be a valid dictionary", about a body that was one."""
+    body = json.dumps({key: EXAMPLE[key] for key in ("to", "document")}).encode()
+    sent = httpx.post(
+        node.url + "/api/v1/requests",
+        content=body,
+        headers={**headers(node, "officer"), "content-type": media},
+    )
+    if status == 415:
+        _error(sent, 415, "unsupported_media_type")
+        assert "application/json" in sent.json()["detail"]
+    else:
+        assert sent.status_code == status, sent.text
+    # Only a caller with the route's token learns that: the token is judged first.
+    unknown = httpx.post(
+        node.url + "/api/v1/requests",
+        content=body,
+        headers={"authorization": "Bearer ent_unknown", "content-type": media},
+    )
+    assert unknown.status_code == 401
+
+
+@pytest.mark.parametrize(
     ("method", "path", "allowed"),
     [
         ("DELETE", "/api/v1/requests", {"GET", "POST"}),
