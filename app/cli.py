@@ -909,7 +909,7 @@ def clients_list() -> None:
         state = "revoked" if client.revoked_at else "active"
         if not client.revoked_at and client.expires_at and client.expires_at <= now:
             state = "expired"
-        expiry = client.expires_at.isoformat() if client.expires_at else "never"
+        expiry = client.expires_at.isoformat(timespec="seconds") if client.expires_at else "never"
         # one_line: a name made before names were checked may hold anything.
         name = one_line(client.name)
         typer.echo(f"{name}\t{client.roles}\t{state}\texpires {expiry}")
