@@ -96,6 +96,10 @@ class Settings(BaseModel):
     # Plain HTTP between nodes exposes routing metadata and invites downgrade; only tests
     # and the local demo may turn this on.
     allow_insecure_http: bool = False
+    # Streamed parts' PUTs are taken unsigned from a peer never seen signing one (a release
+    # from before part signatures, docs/operations.md §7) unless this is on: once every peer
+    # runs a release that signs, nothing but the sender's signature is taken from the first.
+    part_signatures_required: bool = False
     # The reverse proxies (addresses or networks, comma-separated) whose X-Forwarded-For and
     # X-Forwarded-Proto the node believes. None by default: any process that reached the
     # port from loopback could otherwise name the address that audit entries record and the

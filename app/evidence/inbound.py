@@ -388,17 +388,21 @@ def _check_signed(
     header: env.Header,
     index: int,
     put: SignedPut,
+    *,
+    required: bool,
 ) -> None:
     """A part's PUT is its sender's alone (protocol.md section 8.5): signed with the key that
     signed the envelope, or with the sender's current key (it may have rotated since). A peer
     that never signed one runs a release from before these signatures: its PUTs are taken
-    unsigned until its first signed one, so that authorities need not upgrade all at once."""
+    unsigned until its first signed one, so that authorities need not upgrade all at once,
+    unless the operator `required` signatures of every peer
+    (ENTRAIDE_PART_SIGNATURES_REQUIRED: every peer runs a release that signs)."""
     authority = transfer.sender_authority
     peer = pinned_keys(session, authority)
     # Core reads, as for every P2P call's keys (app/peers/keys.py): not the whole row.
     signs = session.scalar(select(Peer.part_signatures_since).where(Peer.authority_id == authority))
     if put.signature is None:
-        if peer is not None and signs is None:
+        if peer is not None and signs is None and not required:
             return
         raise EnvelopeRefused(
             "bad_part_signature",
@@ -476,7 +480,14 @@ def part_target(
     except env.EnvelopeError as exc:
         raise TransferDamaged(transfer, exc) from exc
     if open_keys:
-        _check_signed(session, transfer, header, index, put or SignedPut(0, None))
+        _check_signed(
+            session,
+            transfer,
+            header,
+            index,
+            put or SignedPut(0, None),
+            required=node.settings.part_signatures_required,
+        )
     if not 1 <= index < len(header.parts):
         raise EnvelopeRefused("unknown_part", "the envelope has no such part", status_code=404)
     info = header.parts[index]

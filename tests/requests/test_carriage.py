@@ -204,6 +204,24 @@ def test_a_sender_that_never_signed_a_part_sends_them_unsigned(fresh_ar: Harness
     assert (unsigned.status_code, unsigned.json()["error"]) == (403, "bad_part_signature")
 
 
+def test_an_operator_may_require_signed_parts_of_every_peer(fresh_ar: Harness) -> None:
+    """From an operator's review: a peer pinned today sends its parts unsigned until its
+    first signed one, and nothing could require signatures from the first (a transfer's
+    message id, in proxy logs, then let anyone feed or hold its parts)."""
+    ar = fresh_ar
+    ar.node.settings.part_signatures_required = True  # this test's node only
+    envelope = _request_from_es(ar, [Attachment("a.bin", "application/octet-stream", bytes(100))])
+    assert _announce(ar, envelope.to_wire()).status_code == 202
+    assert _signs_parts_since(ar) is None  # never seen signing
+    unsigned = ar.http.put(
+        f"/p2p/v1/evidence/envelopes/{_msg_id(envelope)}/parts/1",
+        content=envelope.parts[1],
+        headers={"upload-offset": "0"},
+    )
+    assert (unsigned.status_code, unsigned.json()["error"]) == (403, "bad_part_signature")
+    assert _put_part(ar, _msg_id(envelope), envelope.parts[1]).status_code == 201  # signed
+
+
 def _signs_parts_since(ar: Harness) -> str | None:
     listed = ar.get("/api/v1/admin/peers", client="admin")
     assert listed.status_code == 200, listed.text
