@@ -39,6 +39,7 @@ from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from app.audit.mac import MAC_KEY_INFO, entry_mac, macs_of
 from app.audit.merkle import CompactRange, leaf_hash
+from app.audit.verify import ENTRY_VERSION
 from app.crypto.encoding import DecodeError, canonical_json, format_time, parse_time, utc_now
 from app.db import undecodable_column, unit_of_work
 from app.errors import EntraideError
@@ -50,7 +51,6 @@ HEAD_ID = 1
 # Lags shorter than this (replicas' clocks a few milliseconds apart) are mended silently.
 CLOCK_BEHIND_WARNING = timedelta(seconds=1)
 MAX_DETAIL_CHARS = 500
-ENTRY_VERSION = 1
 STORED_LEVEL = 8
 """`audit_nodes` holds the perfect subtrees of 2**8 leaves and more. A smaller one is hashed
 again from its entries' leaf hashes (at most 128 of them) when a proof asks for it: an append

@@ -129,6 +129,11 @@ def _horizon() -> str:
     return format_time(utc_now() + FUTURE_MARGIN)
 
 
+# The version of the entries this verifier reads, and app/audit/log.py writes: an entry of
+# another is named, never read as if it were one (from review: any `v` passed).
+ENTRY_VERSION = 1
+
+
 def check_batch(
     start: int, entries: Sequence[bytes], stored: Stored, checkpoints: Iterable[int]
 ) -> Checked | None:
@@ -169,6 +174,8 @@ def check_batch(
                 or not stamp(time)
                 or type(idx) is not int  # `true` equals 1 in Python: not an index
                 or idx != position
+                or type(fields.get("v")) is not int
+                or fields["v"] != ENTRY_VERSION
                 or fields.get("prev_leaf", _MISSING) != link
             ):
                 return None
@@ -372,6 +379,13 @@ class LogVerifier:
             # (claims less, the same index as an earlier one). Name the earlier position.
             first = min(claimed, position) if type(claimed) is int and claimed >= 0 else position
             self._problem(first, f"entry at position {position} claims index {claimed}")
+        version = fields.get("v")
+        if fields and (type(version) is not int or version != ENTRY_VERSION):
+            self._problem(
+                position,
+                f"entry {position} is of version {version!r:.20}: this verifier reads version "
+                f"{ENTRY_VERSION}",
+            )
         if fields and not (isinstance(time, str) and TIMESTAMP.fullmatch(time)):
             self._problem(position, f"entry {position}: its time is not a timestamp ({time!r:.40})")
         elif isinstance(time, str) and time < self._last_time:

@@ -294,3 +294,32 @@ def test_an_entry_changed_with_the_links_rebuilt_is_placed_in_its_range(tmp_path
         report.first.message
     )
     assert "the last checkpoint that matches covers 16" in report.first.message
+
+
+@pytest.mark.parametrize("version", [2, 0, "1", True, None])
+def test_an_entry_of_another_version_is_named(version: object) -> None:
+    """From an auditor's review: the verifier never read an entry's `v`, so entries of a
+    format it does not know (`"v": 2`) passed as if it did."""
+    keys = NodeKeys.generate()
+    entries, _ = _signed_entries(keys, [format_time(utc_now())] * 3)
+    fields = json.loads(entries[1])
+    if version is None:
+        del fields["v"]
+    else:
+        fields["v"] = version
+    entries[1] = canonical_json(fields)
+    # Re-linked and signed as the node would: only the version is wrong.
+    fields = json.loads(entries[2])
+    fields["prev_leaf"] = leaf_hash(entries[1]).hex()
+    entries[2] = canonical_json(fields)
+    compact = CompactRange()
+    for entry in entries:
+        compact.append(leaf_hash(entry))
+    origin = log_origin(AUTHORITY)
+    note = sign_note(Checkpoint(origin, 3, compact.root()).format(), origin, keys.log)
+    checker = LogVerifier(log_verifier(AUTHORITY, keys.log_public), origin, [note])
+    for entry in entries:
+        checker.feed(entry)
+    report = checker.finish()
+    assert report.first is not None
+    assert report.first.message.startswith("entry 1 is of version"), report.first.message
