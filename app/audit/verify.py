@@ -408,10 +408,13 @@ class LogVerifier:
             self._check_roots(self._compact.size, self._compact.root(), self._last_time)
 
     def _check_roots(self, size: int, root: bytes, last_time: str | None) -> None:
+        # Mismatches first: their range starts at the last checkpoint that matched below this
+        # size, never at a match of this very size (from review: "entries 5 to 4").
+        matched = [item for item in self._roots[size] if item.checkpoint.root_hash == root]
         for item in self._roots[size]:
             if item.checkpoint.root_hash != root:
-                self._mismatch(item)
-                continue
+                self._mismatch(item, matched[0] if matched else None)
+        for item in matched:
             self._last_good_checkpoint = item.checkpoint.size
             signed_at = item.signed_at
             if signed_at is None:
@@ -432,12 +435,18 @@ class LogVerifier:
                     "log's times were pushed ahead",
                 )
 
-    def _mismatch(self, item: _Signed) -> None:
+    def _mismatch(self, item: _Signed, twin: _Signed | None) -> None:
         size = item.checkpoint.size
         if any(item is brought for brought in self._brought):
             message = f"the log is not consistent with {item.label} of size {size}"
         else:
             message = f"{item.label} (size {size}) does not match the entries"
+        if twin is not None:
+            # Both verify with the log key: it signed two different logs of this size.
+            message += (
+                f", which {twin.label} of the same size matches: the log key signed two "
+                f"different logs of {size} entries"
+            )
         self._ranges.append((self._last_good_checkpoint, size, message))
 
     def finish(self) -> Report:

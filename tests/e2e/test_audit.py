@@ -323,6 +323,11 @@ def test_a_node_that_rewrites_history_is_caught_by_its_peer(
         caught = ar.cli("audit", "verify", "--db", *given, check=False)
         assert caught.returncode == 1, caught.stdout
         assert "the log is not consistent with the checkpoint in shown.note" in caught.stderr
+        # Its own re-signed checkpoint of that size matches the rewritten entries: said so,
+        # and the range starts below it ("entries S to S-1" before, from review).
+        assert "the log key signed two different logs" in caught.stderr
+        size = shown["size"]
+        assert f"entries {size} to {size - 1}" not in caught.stderr
     with ar.client("auditor") as http:
         assert http.post("/api/v1/audit/checkpoint").json()["size"] > shown["size"]
 
