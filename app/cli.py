@@ -172,8 +172,10 @@ def _setting_problems(exc: ValidationError) -> list[str]:
     ]
 
 
-def _node(settings: Settings) -> Node:
-    """The node of an existing database and keys folder, or the command ends saying why."""
+def _node(settings: Settings, *, another_nodes_database: bool = False) -> Node:
+    """The node of an existing database and keys folder, or the command ends saying why.
+    `another_nodes_database`: said as a warning, not refused (`audit verify --db`, the
+    auditor's tool, runs whatever the node's state)."""
     from sqlalchemy.exc import OperationalError
 
     from app.crypto.keys import KeyFileError
@@ -199,19 +201,24 @@ def _node(settings: Settings) -> Node:
         if newer:
             raise _fail(NEWER_SCHEMA.format(revisions=", ".join(sorted(newer))))
         raise _fail("the database is not at the latest schema; run `entraide migrate`")
-    _refuse_another_nodes_database(node)
+    _refuse_another_nodes_database(node, warn_only=another_nodes_database)
     return node
 
 
-def _refuse_another_nodes_database(node: Node) -> None:
+def _refuse_another_nodes_database(node: Node, *, warn_only: bool) -> None:
     from app.audit.checkpoints import ANOTHER_NODES_DATABASE, foreign_log
     from app.db import read_snapshot
 
     with read_snapshot(node.sessions) as session:
         foreign = foreign_log(session, node.authority_id, node.keys.log_public)
-    if foreign is not None:
-        node.close()
-        raise _fail(ANOTHER_NODES_DATABASE.format(why=foreign, keys=node.settings.keys_dir))
+    if foreign is None:
+        return
+    said = ANOTHER_NODES_DATABASE.format(why=foreign, keys=node.settings.keys_dir)
+    if warn_only:
+        typer.secho(f"warning: {said}", fg=typer.colors.YELLOW, err=True)
+        return
+    node.close()
+    raise _fail(said)
 
 
 def _sqlite_file_exists(settings: Settings) -> None:
@@ -1375,7 +1382,7 @@ def audit_verify(
     if db == (folder is not None):
         raise _fail("give either an export folder or --db")
     if db:
-        node = _node(_settings())
+        node = _node(_settings(), another_nodes_database=True)
         try:
             if log_key is not None:
                 _check_trusted_log_key(node, log_key)

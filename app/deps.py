@@ -172,12 +172,14 @@ class UnitOfWorkRoute(APIRoute):
 
 
 def _refuse_other_media(request: Request) -> None:
-    """A JSON body sent as another type: FastAPI hands it to the model as raw bytes, and
-    the caller read `422 Input should be a valid dictionary` about a body that was one (from
-    review). No Content-Type is read as JSON, as FastAPI reads it."""
-    given = request.headers.get("content-type")
-    if given is None:
+    """A JSON body sent as another type, or with none: FastAPI (its strict content type)
+    hands it to the model as raw bytes, and the caller read `422 Input should be a valid
+    dictionary` about a body that was one (from review). A call without a body is the
+    route's to judge (a body may be optional)."""
+    length = request.headers.get("content-length")
+    if length in (None, "0") and "transfer-encoding" not in request.headers:
         return
+    given = request.headers.get("content-type", "")
     media = given.split(";", 1)[0].strip().lower()
     kind, _, subtype = media.partition("/")
     if kind != "application" or not (subtype == "json" or subtype.endswith("+json")):

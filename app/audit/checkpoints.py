@@ -266,18 +266,27 @@ ANOTHER_NODES_DATABASE = (
 def foreign_log(session: Session, authority_id: str, log_public: bytes) -> str | None:
     """Why this database's audit log is not this node's, or None.
 
-    A log key never changes (`keys rotate` keeps it), so the newest checkpoints of a node's
-    own database verify with its key. When none of them does and every one that reads names
-    another log, or this log under another key, the keys and the database are of two nodes
-    (a copied settings file, a mistyped database URL): the node said "rolled back or
-    rewritten", served as ready, and took envelopes into the other node's database (from
-    review). None where there is no checkpoint, or none that reads: other checks name those."""
+    A log key never changes (`keys rotate` keeps it), so the checkpoints of a node's own
+    database verify with its key. When none of its first and newest ones does and every one
+    that reads names another log, or this log under another key, the keys and the database
+    are of two nodes (a copied settings file, a mistyped database URL): the node said
+    "rolled back or rewritten", served as ready, and took envelopes into the other node's
+    database (from review). None where there is no checkpoint, or none that reads: other
+    checks name those."""
     own = log_origin(authority_id)
-    rows = session.execute(
-        select(stored_note(session))
-        .order_by(AuditCheckpoint.size.desc(), AuditCheckpoint.id.desc())
-        .limit(OWNER_PROBE)
-    ).scalars()
+    # The first checkpoints (`init` signs one) as well as the newest: someone who may write
+    # to the database but holds no log key can add rows no key of ours signed, not make the
+    # node's first ones its own (from review: eight forged rows made a node "another's").
+    rows = [
+        *session.execute(
+            select(stored_note(session)).order_by(AuditCheckpoint.id).limit(OWNER_PROBE)
+        ).scalars(),
+        *session.execute(
+            select(stored_note(session))
+            .order_by(AuditCheckpoint.size.desc(), AuditCheckpoint.id.desc())
+            .limit(OWNER_PROBE)
+        ).scalars(),
+    ]
     origins = set()
     for stored in rows:
         note = readable_note(stored)

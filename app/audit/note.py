@@ -236,18 +236,24 @@ def open_note(note: str | bytes, verifiers: Iterable[Verifier]) -> tuple[str, li
 
 
 def signed_only_by(note: str, verifier: Verifier) -> str:
-    """The note with the signature lines of `verifier`'s key only, the others dropped.
+    """The note with one signature line of `verifier`'s key, the others dropped (a note
+    `open_note` accepted with that key: it has one).
 
     A witness keeps and cosigns a peer's note in this form: a note may carry up to
     MAX_SIGNATURES lines, and one with them all plus our cosignature would be read by no
     one (from review: 99 junk lines made every cosignature of ours on it unverifiable)."""
     text, signatures = split_note(note)
-    kept = [
-        f"{SIGNATURE_PREFIX}{name} {base64.b64encode(key_hash + signature).decode()}\n"
-        for name, key_hash, signature in signatures
-        if (name, key_hash) == (verifier.name, verifier.key_id)
-    ]
-    return f"{text}\n{''.join(kept)}"
+    kept = next(
+        (
+            f"{SIGNATURE_PREFIX}{name} {base64.b64encode(key_hash + signature).decode()}\n"
+            for name, key_hash, signature in signatures
+            if (name, key_hash) == (verifier.name, verifier.key_id)
+        ),
+        None,
+    )  # the first: the same line a hundred times was a hundred lines (from review)
+    if kept is None:
+        raise UnknownKey("the note has no signature by the key")
+    return f"{text}\n{kept}"
 
 
 def split_note(note: str | bytes) -> tuple[str, list[tuple[str, bytes, bytes]]]:

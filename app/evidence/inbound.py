@@ -436,7 +436,9 @@ class AttachmentsOpened:
     names part 0's hash, and part 0 was checked against it at the announcement); the content
     key is still unwrapped for each PUT, which keys the part."""
 
-    def __init__(self, most: int = 256) -> None:
+    # Every transfer several peers may have under way at once (16 each by default): a
+    # full cache only costs a PUT the opening it did before.
+    def __init__(self, most: int = 1024) -> None:
         self._most = most
         self._lock = threading.Lock()
         self._kept: OrderedDict[str, list[tuple[int, str]]] = OrderedDict()

@@ -233,3 +233,8 @@ def test_a_note_full_of_other_signatures_is_cosigned_readable(tmp_path: Path) ->
     assert observed.note == note  # the log key's line alone
     trusted = parse_cosigner_key(format_cosigner_key(WITNESS, witness.verify_key))
     assert check_cosignatures(_cosigned(observed.note, witness), [trusted])
+    # Nor the log key's own line a hundred times (from review): one is kept.
+    own_line = note.split("\n\n", 1)[1]
+    repeated = note + own_line * 99
+    assert len(split_note(repeated)[1]) == 100
+    assert parse_peer_checkpoint(peer, repeated).note == note

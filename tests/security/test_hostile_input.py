@@ -385,19 +385,21 @@ def test_confidentiality_is_a_json_boolean(node: LocalNode, spelling: object) ->
         ("text/plain", 415),
         ("application/x-www-form-urlencoded", 415),
         ("multipart/form-data; boundary=x", 415),
+        (None, 415),  # none: FastAPI reads it as bytes too (from review)
         # JSON: the route's own answer (this node pins no peer to send it to).
         ("application/json; charset=utf-8", 404),
         ("application/merge-patch+json", 404),
     ],
 )
-def test_a_json_body_sent_as_another_type_is_415(node: LocalNode, media: str, status: int) -> None:
+def test_a_json_body_sent_as_another_type_is_415(
+    node: LocalNode, media: str | None, status: int
+) -> None:
     """From an operator's review: a valid request sent as text/plain was answered 422 "Input
     should be a valid dictionary", about a body that was one."""
     body = json.dumps({key: EXAMPLE[key] for key in ("to", "document")}).encode()
+    typed = {} if media is None else {"content-type": media}
     sent = httpx.post(
-        node.url + "/api/v1/requests",
-        content=body,
-        headers={**headers(node, "officer"), "content-type": media},
+        node.url + "/api/v1/requests", content=body, headers={**headers(node, "officer"), **typed}
     )
     if status == 415:
         _error(sent, 415, "unsupported_media_type")
@@ -408,9 +410,12 @@ def test_a_json_body_sent_as_another_type_is_415(node: LocalNode, media: str, st
     unknown = httpx.post(
         node.url + "/api/v1/requests",
         content=body,
-        headers={"authorization": "Bearer ent_unknown", "content-type": media},
+        headers={"authorization": "Bearer ent_unknown", **typed},
     )
     assert unknown.status_code == 401
+    # No body at all is the route's to judge, whatever the type (here: the body is required).
+    empty = httpx.post(node.url + "/api/v1/requests", headers={**headers(node, "officer"), **typed})
+    assert empty.status_code == 422, empty.text
 
 
 @pytest.mark.parametrize(
