@@ -1455,6 +1455,44 @@ def _saved_checkpoints(paths: list[Path]) -> list[tuple[str, str]]:
     return saved
 
 
+@audit_app.command("check-entry")
+def audit_check_entry(
+    proof: Annotated[
+        Path, typer.Argument(help="The answer of GET /api/v1/audit/proofs/inclusion, saved")
+    ],
+    checkpoint: Annotated[
+        Path,
+        typer.Option(help="A checkpoint of the log (GET /api/v1/audit/checkpoint), saved"),
+    ],
+    log_key: Annotated[
+        str, typer.Option(help="The log's verifier key, as you hold it (not the node's word)")
+    ],
+) -> None:
+    """Check one audit entry offline: that the log the checkpoint signs holds it at its
+    index. Prints the entry; exit 1 naming what does not hold."""
+    from app.audit.entry_proof import EntryProofError, check_entry
+    from app.audit.note import NoteError, parse_verifier_key
+
+    try:
+        verifier = parse_verifier_key(log_key.strip())
+    except NoteError as exc:
+        raise _fail(f"--log-key is not a log verifier key (name+keyid+key): {exc}") from exc
+    try:
+        document = json.loads(proof.read_bytes())
+        note = _note_in(checkpoint.read_text())
+    except (OSError, UnicodeError, ValueError, RecursionError) as exc:
+        raise _fail(f"cannot read the proof or the checkpoint: {str(exc)[:300]}") from exc
+    try:
+        proven = check_entry(document, note, verifier)
+    except EntryProofError as exc:
+        raise _fail(f"REFUSED: {exc}") from exc
+    typer.echo(
+        f"entry {proven.index} is in the log of {proven.size} entries that {verifier.name} signed:"
+    )
+    # Escaped, on one line: the entry's texts are the node's and its callers'.
+    typer.echo(json.dumps(proven.entry, sort_keys=True))
+
+
 @dataclass(frozen=True)
 class _Witnessed:
     source: str  # the file's name

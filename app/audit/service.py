@@ -300,6 +300,8 @@ def prove_inclusion(session: Session, *, index: int, size: int | None) -> dict[s
         "tree_size": tree_size,
         "leaf_hash": leaf_hash(stored_bytes(entry)).hex(),  # as entry_view: from the bytes
         "proof": [digest.hex() for digest in proof],
+        # The bytes the leaf hashes: what `entraide audit check-entry` proves offline.
+        "entry_base64": base64.b64encode(stored_bytes(entry)).decode(),
     }
 
 
