@@ -62,6 +62,12 @@ class UploadView(Strict):
     href: str
 
 
+class DraftCreated(Strict):
+    """What an Idempotency-Key keeps of a draft's creation (app/evidence/router.py)."""
+
+    id: str
+
+
 class DraftView(Strict):
     id: str
     to: str

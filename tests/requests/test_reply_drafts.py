@@ -9,6 +9,7 @@ tests/e2e/test_evidence_replies.py.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from datetime import timedelta
 from typing import Any
@@ -19,7 +20,7 @@ from sqlalchemy import select
 
 from app.crypto.encoding import utc_now
 from app.db import unit_of_work
-from app.models import EvidenceDraft, OutboxItem
+from app.models import EvidenceDraft, IdempotencyKey, OutboxItem
 from tests.requests.conftest import Harness
 
 ACK = {"type": "acknowledgement", "text": "Registered."}
@@ -355,3 +356,20 @@ def test_a_create_repeated_under_its_idempotency_key_is_one_draft(ar: Harness) -
     assert again.headers.get("idempotent-replayed") == "true"
     assert (other.status_code, other.json()["error"]) == (422, "idempotency_key_reused")
     assert len(_drafts_of(ar, request_id)) == 1
+    # The answer kept under the key is the draft's id alone: its view names the attachments,
+    # case content the draft keeps sealed, which lay in clear for days (from review).
+    assert again.json() == first.json()  # rebuilt from the draft itself
+    with unit_of_work(ar.node.sessions) as session:
+        kept = session.scalar(
+            select(IdempotencyKey.response).where(IdempotencyKey.key == f"reply-{request_id}")
+        )
+    assert kept is not None
+    assert json.loads(kept) == {"id": first.json()["id"]}
+    for name in (item["name"] for item in payload["attachments"]):
+        assert name not in kept
+    # Discarded: a repeat finds no draft, as for any unknown one (it was answered "open").
+    draft = f"/api/v1/evidence/drafts/{first.json()['id']}"
+    gone = ar.http.delete(draft, headers=ar.as_("officer"))
+    assert gone.status_code == 204
+    late = ar.http.post(path, json=payload, headers=headers)
+    assert (late.status_code, late.json()["error"]) == (404, "unknown_draft")
