@@ -555,12 +555,17 @@ def download(
         except OSError as exc:
             typer.echo(f"error: cannot write into {out}: {exc.strerror or exc}", err=True)
             raise typer.Exit(1) from exc
+        kept = False
         try:
             with _progress() as progress:
                 for number, (entry, name) in enumerate(zip(entries, names, strict=True)):
                     _download(http, entry, out / name, staging / f"{number}.partial", progress)
+        except _CheckedFileKept:
+            kept = True  # its folder stays: the message names the file in it
+            raise typer.Exit(1) from None
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            if not kept:
+                shutil.rmtree(staging, ignore_errors=True)
     # As `sha256sum` prints them: `sha256sum -c` in the folder checks the files again, so
     # each line names the file as written (`file_names`: nothing there to replace).
     for entry, name in zip(entries, names, strict=True):
@@ -685,6 +690,10 @@ def _download(
     _publish(partial, target)
 
 
+class _CheckedFileKept(Exception):
+    """A downloaded and checked file could not take its name: kept where it is."""
+
+
 def _publish(partial: Path, target: Path) -> None:
     """The checked file under its name, never over a file that appeared meanwhile: a hard
     link fails if the name is taken. On a file system without hard links (FAT, some network
@@ -708,6 +717,8 @@ def _publish(partial: Path, target: Path) -> None:
                 f"is kept as {partial}",
                 err=True,
             )
-            raise typer.Exit(1) from None
+            # Not an Exit: the run's staging folder, which holds it, must stay (it was
+            # removed, the file with it, from review).
+            raise _CheckedFileKept from None
         return
     partial.unlink(missing_ok=True)

@@ -186,6 +186,29 @@ def test_a_checked_download_is_published_without_hard_links(
     assert target.read_bytes() == b"checked"  # not overwritten
 
 
+def test_a_checked_download_that_cannot_take_its_name_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From review: "the checked file is kept as …" named a file in the run's staging folder,
+    which was then removed with it (tens of GB downloaded and checked, gone). The caller
+    keeps that folder when told so."""
+    import errno
+
+    from app.evidence import cli
+
+    def refused(*_args: object) -> None:
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(cli.os, "link", refused)
+    monkeypatch.setattr(Path, "rename", refused)
+    partial, target = tmp_path / "0.partial", tmp_path / "evidence.bin"
+    partial.write_bytes(b"checked")
+    with pytest.raises(cli._CheckedFileKept):
+        cli._publish(partial, target)
+    assert partial.read_bytes() == b"checked"
+    assert not target.exists()
+
+
 NGINX_502 = (
     b"<html>\n<head><title>502 Bad Gateway</title></head>\n<body>\n"
     b"<center><h1>502 Bad Gateway</h1></center>\n<hr><center>nginx</center>\n</body>\n</html>\n"
