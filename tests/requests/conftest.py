@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -35,6 +35,7 @@ from app.crypto.part_put import HEADER as PART_PUT_HEADER
 from app.crypto.part_put import sign_part_put
 from app.crypto.randomness import SystemRandomness
 from app.db import make_engine, unit_of_work
+from app.delivery.worker import Worker
 from app.lingering import LingeringH11Protocol
 from app.localnodes import free_port
 from app.main import create_app
@@ -180,6 +181,21 @@ class Harness:
                 .order_by(AuditEntry.idx)
             )
             return [(actor, outcome, request_id) for actor, outcome, request_id in rows]
+
+
+@contextmanager
+def worker_against(
+    node: Node, handle: Callable[[httpx.Request], httpx.Response]
+) -> Iterator[Worker]:
+    """A real delivery worker of `node`, its peer a fake at the HTTP edge (`handle`)."""
+    worker = Worker(node, http=httpx.Client(transport=httpx.MockTransport(handle)))
+    try:
+        yield worker
+    finally:
+        worker._finish_in_flight()
+        worker.witnessing.stop(5.0)
+        worker._pool.shutdown()
+        worker.http.close()
 
 
 def _pin_es(node: Node, es_keys: NodeKeys, issued_at: datetime | None = None) -> None:

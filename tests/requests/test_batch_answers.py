@@ -30,7 +30,7 @@ from app.crypto.receipts import issue_receipt
 from app.db import unit_of_work
 from app.delivery.worker import Worker
 from app.models import OutboxItem
-from tests.requests.conftest import EXAMPLE, Harness
+from tests.requests.conftest import EXAMPLE, Harness, worker_against
 
 Answer = Callable[[list[dict[str, Any]]], httpx.Response]
 
@@ -101,14 +101,8 @@ def peer(fresh_ar: Harness) -> Peer:
 
 @pytest.fixture
 def worker(fresh_ar: Harness, peer: Peer) -> Iterator[Worker]:
-    worker = Worker(fresh_ar.node, http=httpx.Client(transport=httpx.MockTransport(peer.handle)))
-    try:
+    with worker_against(fresh_ar.node, peer.handle) as worker:
         yield worker
-    finally:
-        worker._finish_in_flight()
-        worker.witnessing.stop(5.0)
-        worker._pool.shutdown()
-        worker.http.close()
 
 
 def _round(worker: Worker) -> None:

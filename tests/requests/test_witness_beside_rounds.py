@@ -32,7 +32,7 @@ from app.crypto.receipts import issue_receipt
 from app.db import unit_of_work
 from app.delivery.worker import Worker
 from app.models import OutboxItem
-from tests.requests.conftest import EXAMPLE, Harness
+from tests.requests.conftest import EXAMPLE, Harness, worker_against
 
 
 def _note(keys: NodeKeys, size: int) -> str:
@@ -103,15 +103,11 @@ def peer(fresh_ar: Harness) -> SlowProofPeer:
 
 @pytest.fixture
 def worker(fresh_ar: Harness, peer: SlowProofPeer) -> Iterator[Worker]:
-    worker = Worker(fresh_ar.node, http=httpx.Client(transport=httpx.MockTransport(peer.handle)))
-    try:
-        yield worker
-    finally:
-        peer.answer.set()
-        worker._finish_in_flight()
-        worker.witnessing.stop(5.0)
-        worker._pool.shutdown()
-        worker.http.close()
+    with worker_against(fresh_ar.node, peer.handle) as worker:
+        try:
+            yield worker
+        finally:
+            peer.answer.set()  # before the worker is stopped: it waits for the check
 
 
 def test_a_peer_slow_to_prove_its_checkpoint_holds_up_no_delivery(
