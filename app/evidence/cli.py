@@ -293,6 +293,12 @@ def _upload(http: httpx.Client, href: str, path: Path, progress: Progress) -> No
             time.sleep(wait)
 
 
+def _version(path: Path) -> tuple[int, int, int]:
+    """What changes when a file is written: its size, modification time and inode."""
+    found = path.stat()
+    return found.st_size, found.st_mtime_ns, found.st_ino
+
+
 def _refuse_inline(path: Path, body: dict[str, Any]) -> None:
     inline = body.get("attachments")
     if inline:
@@ -358,12 +364,24 @@ def _send_draft(
         typer.echo("error: give the same files, in the same order, as the draft's", err=True)
         raise typer.Exit(2)
     try:
+        # As each file was before its upload: one rewritten in place meanwhile (same size)
+        # was sent as a mix of both, every later hash check passing (from review).
+        before = [_version(path) for path in files]
         with _progress() as progress:
             for item, path in zip(created["attachments"], files, strict=True):
                 if path.stat().st_size != item["size"]:
                     typer.echo(f"error: {path} is not the size the draft declared", err=True)
                     raise typer.Exit(2)
                 _upload(http, item["href"], path, progress)
+        for path, version in zip(files, before, strict=True):
+            if _version(path) != version:
+                typer.echo(
+                    f"error: {path} changed while it was uploaded: not submitted; give the "
+                    f"draft up (entraide requests discard {created['id']}) and send the file "
+                    "again once it no longer changes",
+                    err=True,
+                )
+                raise typer.Exit(1)
         submitted: dict[str, Any] = _check(
             http.post(f"/api/v1/evidence/drafts/{created['id']}/submit"), 201
         )

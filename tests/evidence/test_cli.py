@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import pytest
 
 from app.evidence.cli import file_names
@@ -207,6 +208,45 @@ def test_a_checked_download_that_cannot_take_its_name_is_kept(
         cli._publish(partial, target)
     assert partial.read_bytes() == b"checked"
     assert not target.exists()
+
+
+def test_a_file_rewritten_while_it_uploads_is_not_submitted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """From review: a file rewritten in place (same size) while `requests send` uploaded it
+    went as a mix of both, and every hash check after passed (they check what was uploaded).
+    The node is a fake at the HTTP edge; the rewrite happens while the node takes the bytes."""
+    import typer
+
+    from app.evidence import cli
+
+    evidence = tmp_path / "ledger.bin"
+    evidence.write_bytes(b"A" * 1000)
+    href = "/api/v1/evidence/drafts/" + "d" * 32 + "/attachments/1"
+    state = {"offset": 0, "submitted": False}
+
+    def node(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST" and request.url.path == "/api/v1/evidence/drafts":
+            item = {"index": 1, "name": "ledger.bin", "size": 1000, "offset": 0}
+            created = {"id": "d" * 32, "state": "open", "attachments": [{**item, "href": href}]}
+            return httpx.Response(201, json=created)
+        if request.method == "HEAD":
+            done = {"upload-complete": "?1"} if state["offset"] == 1000 else {}
+            return httpx.Response(204, headers={"upload-offset": str(state["offset"]), **done})
+        if request.method == "PATCH":
+            state["offset"] += len(request.read())
+            evidence.write_bytes(b"B" * 1000)  # someone saves over it meanwhile
+            return httpx.Response(204, headers={"upload-offset": str(state["offset"])})
+        state["submitted"] = True
+        return httpx.Response(201, json={"id": "d" * 32})
+
+    body: dict[str, object] = {"to": "AR/MPF", "document": {}}
+    with httpx.Client(transport=httpx.MockTransport(node), base_url="http://node") as http:
+        with pytest.raises(typer.Exit) as ended:
+            cli._send_draft(http, body, [evidence], None, submitted_already="")
+    assert ended.value.exit_code == 1
+    assert state == {"offset": 1000, "submitted": False}
+    assert "changed while it was uploaded: not submitted" in capsys.readouterr().err
 
 
 NGINX_502 = (
