@@ -26,7 +26,7 @@ from app.audit.checkpoints import CheckpointClock, maybe_checkpoint
 from app.audit.witness import witness_receipt_checkpoint
 from app.auth.throttle import ThrottlePrune
 from app.config import LEASE_MARGIN_SECONDS, Settings, longest_exchange_seconds
-from app.crypto.encoding import utc_now
+from app.crypto.encoding import is_int, utc_now
 from app.crypto.receipts import ReceiptError, decode_receipt
 from app.db import (
     PeriodicJob,
@@ -116,10 +116,6 @@ NO_BATCH_STATUS = {404, 405}
 
 def is_success(status: int) -> bool:
     return 200 <= status < 300
-
-
-def _is_status(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def worker_id() -> str:
@@ -846,7 +842,7 @@ class Worker:
         """One envelope's answer within a batch. What breaks on it (the fetch of the peer's
         identity its receipt sent us to, a database read) costs that envelope alone another
         post: the others' receipts are kept (from review)."""
-        if not isinstance(answer, dict) or not _is_status(answer.get("status")):
+        if not isinstance(answer, dict) or not is_int(answer.get("status")):
             return Outcome(outbox.RETRY, "bad batch answer", http_status=batch_status)
         item = {key: value for key, value in answer.items() if key != "status"}
         try:
