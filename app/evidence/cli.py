@@ -382,6 +382,8 @@ def _send_draft(
                     err=True,
                 )
                 raise typer.Exit(1)
+        if draft is not None:
+            _check_resumed(http, draft, files)
         submitted: dict[str, Any] = _check(
             http.post(f"/api/v1/evidence/drafts/{created['id']}/submit"), 201
         )
@@ -401,6 +403,24 @@ def _send_draft(
             raise typer.Exit(1) from exc
         raise
     return submitted
+
+
+def _check_resumed(http: httpx.Client, draft: str, files: list[Path]) -> None:
+    """A resumed draft's uploads began in an earlier run: a file changed between the runs
+    (in its uploaded part or after it) would go as a mix of both versions, the node hashing
+    what it received. Each file's SHA-256 is compared with the one the node computed, before
+    anything is submitted (the check within one run, `_version`, cannot see it)."""
+    view = _check(http.get(f"/api/v1/evidence/drafts/{draft}"), 200)
+    with _progress() as progress:
+        for item, path in zip(view["attachments"], files, strict=True):
+            if item.get("sha256") != _file_sha256(path, progress):
+                typer.echo(
+                    f"error: {path} is not the file whose upload this draft holds (it changed "
+                    f"since that upload began): not submitted; give the draft up (entraide "
+                    f"requests discard {draft}) and send the file again",
+                    err=True,
+                )
+                raise typer.Exit(1)
 
 
 @requests_app.command("send")

@@ -323,23 +323,31 @@ def _opened_content(node: Node, draft: EvidenceDraft) -> tuple[bytes, dict[str, 
 def draft_view(
     session: Session, node: Node, store: DirectoryBlobStore, draft: EvidenceDraft
 ) -> schemas.DraftView:
-    _, content = _opened_content(node, draft)
+    content_key, content = _opened_content(node, draft)
+    msg_id = bytes.fromhex(draft.id)
+
+    def view(row: EvidenceUpload) -> schemas.UploadView:
+        complete = uploaded(store, row)
+        return schemas.UploadView(
+            index=row.part_index,
+            name=content["attachments"][row.part_index - 1]["name"],
+            size=row.size,
+            offset=staged_offset(store, row),
+            complete=complete,
+            href=_href(draft.id, row.part_index),
+            sha256=(
+                open_sha256(part_key(content_key, msg_id, row.part_index), row)
+                if complete
+                else None
+            ),
+        )
+
     return schemas.DraftView(
         id=draft.id,
         to=draft.peer_authority,
         request_id=draft.request_id,
         state=draft.state,
-        attachments=[
-            schemas.UploadView(
-                index=row.part_index,
-                name=content["attachments"][row.part_index - 1]["name"],
-                size=row.size,
-                offset=staged_offset(store, row),
-                complete=uploaded(store, row),
-                href=_href(draft.id, row.part_index),
-            )
-            for row in _uploads(session, draft)
-        ],
+        attachments=[view(row) for row in _uploads(session, draft)],
     )
 
 

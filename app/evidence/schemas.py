@@ -60,6 +60,9 @@ class UploadView(Strict):
     offset: int
     complete: bool
     href: str
+    # The plaintext SHA-256 the node computed as the bytes arrived, once complete: what the
+    # attachment will be sent as (a client resuming an upload checks its file against it).
+    sha256: str | None = None
 
 
 class DraftCreated(Strict):

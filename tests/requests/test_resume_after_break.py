@@ -6,6 +6,7 @@ the request under way, for a while, and answers where it ended."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import threading
@@ -169,4 +170,54 @@ def test_the_cli_asks_again_where_to_resume_when_told_to(
     assert "error:" not in done.stderr
     assert "e.bin: HTTP 409 upload_busy: " in done.stderr
     assert "; trying again in " in done.stderr
+    assert ar.get(f"/api/v1/evidence/drafts/{draft_id}").json()["state"] == "submitted"
+
+
+def test_a_resumed_draft_whose_file_changed_between_runs_is_not_submitted(
+    ar: Harness, tmp_path: Path
+) -> None:
+    """The first chunk uploaded from one version of a file, the rest from a later one (same
+    size): `send --draft` would have submitted the mix, the node hashing what it received.
+    The draft shows the SHA-256 the node computed, and the command compares the file with
+    it before submitting anything."""
+    first = os.urandom(2 * CHUNK_BYTES + 5)
+    draft_id, href = _draft(ar, len(first))
+    began = ar.http.patch(
+        href,
+        content=first[:CHUNK_BYTES],
+        headers={**ar.as_("officer"), "upload-offset": "0"},
+    )
+    assert began.status_code == 204, began.text
+    evidence = tmp_path / "e.bin"
+    evidence.write_bytes(os.urandom(len(first)))  # rewritten between the two runs
+    resumed = run_requests(
+        str(ar.http.base_url),
+        ar.tokens["officer"],
+        *("send", str(evidence), "--draft", draft_id, "--attach", str(evidence)),
+    )
+    assert resumed.returncode == 1, resumed.stderr
+    assert "is not the file whose upload this draft holds" in resumed.stderr
+    view = ar.get(f"/api/v1/evidence/drafts/{draft_id}").json()
+    assert view["state"] == "open"
+    mixed = first[:CHUNK_BYTES] + evidence.read_bytes()[CHUNK_BYTES:]
+    assert view["attachments"][0]["complete"] is True
+    assert view["attachments"][0]["sha256"] == hashlib.sha256(mixed).hexdigest()
+
+
+def test_a_resumed_draft_of_the_same_file_is_submitted(ar: Harness, tmp_path: Path) -> None:
+    data = os.urandom(2 * CHUNK_BYTES + 5)
+    draft_id, href = _draft(ar, len(data))
+    assert ar.get(f"/api/v1/evidence/drafts/{draft_id}").json()["attachments"][0]["sha256"] is None
+    began = ar.http.patch(
+        href, content=data[:CHUNK_BYTES], headers={**ar.as_("officer"), "upload-offset": "0"}
+    )
+    assert began.status_code == 204, began.text
+    evidence = tmp_path / "e.bin"
+    evidence.write_bytes(data)
+    resumed = run_requests(
+        str(ar.http.base_url),
+        ar.tokens["officer"],
+        *("send", str(evidence), "--draft", draft_id, "--attach", str(evidence)),
+    )
+    assert resumed.returncode == 0, resumed.stderr
     assert ar.get(f"/api/v1/evidence/drafts/{draft_id}").json()["state"] == "submitted"
