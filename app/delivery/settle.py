@@ -26,6 +26,7 @@ from app.models import (
     PeerKey,
     Receipt,
 )
+from app.peers.keys import SIGNING
 from app.requests import moves
 from app.requests.status import status_after_receipt
 
@@ -139,24 +140,35 @@ def _without_revoked_signers(
 ) -> Sequence[tuple[outbox.Claim, Outcome]]:
     """A receipt verified with a key that an operator revoked meanwhile (`entraide peers
     replace-key`: a delivery under way keeps the key it started with) proves nothing: the
-    attempt is tried again, with the peer's new key. One query for the batch's signers."""
-    signers = {
-        outcome.receipt.signer_kid
-        for _, outcome in results
-        if outcome.state == outbox.DELIVERED and outcome.receipt is not None
-    }
+    attempt is tried again, with the peer's new key. One query for the batch's signers.
+
+    A key id is the recipient's own signing key's: one peer's revoked key of either purpose
+    may carry the key id of another's signing key (a peer may publish any 32 bytes as its
+    encryption key), and blocked every receipt of that other peer (from review)."""
+
+    def signer(claim: outbox.Claim, outcome: Outcome) -> tuple[str, str] | None:
+        if outcome.state != outbox.DELIVERED or outcome.receipt is None:
+            return None
+        return claim.peer_authority, outcome.receipt.signer_kid
+
+    signers = {key for claim, outcome in results if (key := signer(claim, outcome))}
     if not signers:
         return results
-    revoked = set(
-        session.scalars(
-            select(PeerKey.kid).where(PeerKey.kid.in_(signers), PeerKey.revoked_at.is_not(None))
+    revoked = {
+        (authority, kid)
+        for authority, kid in session.execute(
+            select(PeerKey.peer_authority, PeerKey.kid).where(
+                PeerKey.kid.in_({kid for _, kid in signers}),
+                PeerKey.purpose == SIGNING,
+                PeerKey.revoked_at.is_not(None),
+            )
         )
-    )
+    }
     if not revoked:
         return results
     retry = Outcome(outbox.RETRY, "bad receipt: signed by a revoked key of the peer")
     return [
-        (claim, retry if outcome.receipt and outcome.receipt.signer_kid in revoked else outcome)
+        (claim, retry if signer(claim, outcome) in revoked else outcome)
         for claim, outcome in results
     ]
 
