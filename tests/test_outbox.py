@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -991,3 +993,55 @@ def test_a_claim_handed_back_after_its_peer_resumed_is_due_at_once(
         item = session.get(OutboxItem, row)
         assert item is not None
         assert item.next_attempt_at == now + outbox.SUSPENDED_FOR
+
+
+@pytest.mark.parametrize("first_in", ["retry", "claim"])
+def test_a_retry_and_a_later_messages_claim_at_once_keep_the_order(
+    sessions: tuple[str, sessionmaker[Session]], first_in: str
+) -> None:
+    """An operator's retry of an earlier failed message and a worker's claim of a later one,
+    each in a transaction the other cannot see yet: each checked a row the other was writing,
+    both committed, and the later message was posted before the earlier one (PostgreSQL;
+    from review). Whichever comes first, the other now waits for it and sees it."""
+    backend, factory = sessions
+    if backend == "sqlite":
+        pytest.skip("SQLite runs one writer at a time: neither can come in between")
+    first, second = _one_conversation(factory, 2)
+    with unit_of_work(factory) as session:
+        session.execute(update(OutboxItem).where(OutboxItem.id == first).values(state="failed"))
+        session.execute(update(OutboxItem).where(OutboxItem.id == second).values(state="retry"))
+    operator, worker = factory(), factory()
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            if first_in == "retry":
+                admin.retry_delivery(operator, delivery_id=first, actor="operator:test")
+                operator.flush()
+                claiming = pool.submit(
+                    outbox.claim_due, worker, now=utc_now(), lease=LEASE, limit=8, owner="w"
+                )
+                claims = claiming.result(timeout=10)  # the later row, locked, is skipped
+                worker.commit()
+                operator.commit()
+                assert [claim.outbox_id for claim in claims] == []
+                with unit_of_work(factory) as session:  # then in order: the earlier one only
+                    claims = outbox.claim_due(
+                        session, now=utc_now(), lease=LEASE, limit=8, owner="w"
+                    )
+                assert [claim.outbox_id for claim in claims] == [first]
+            else:
+                claims = outbox.claim_due(worker, now=utc_now(), lease=LEASE, limit=8, owner="w")
+                assert [claim.outbox_id for claim in claims] == [second]
+                retrying = pool.submit(
+                    admin.retry_delivery, operator, delivery_id=first, actor="operator:test"
+                )
+                time.sleep(0.5)
+                assert not retrying.done(), "the retry did not wait for the claim under way"
+                worker.commit()
+                with pytest.raises(Conflict, match="out of order") as refused:
+                    retrying.result(timeout=10)
+                assert refused.value.code == "overtaken"
+                operator.rollback()
+                assert _state(factory, first)[0] == outbox.FAILED
+    finally:
+        operator.close()
+        worker.close()

@@ -114,17 +114,24 @@ def retry_delivery(
 def _refuse_if_overtaken(session: Session, item: OutboxItem) -> None:
     """A conversation's messages reach the peer in the order they were written (claim_due):
     once a later one is delivered or being posted, this one, retried, would be applied on
-    top of it, to a state its sender never had (from review)."""
-    later = session.scalar(
-        select(OutboxItem.id)
-        .where(
-            OutboxItem.request_id == item.request_id,
-            OutboxItem.id > item.id,
-            OutboxItem.state.in_((outbox.IN_FLIGHT, outbox.DELIVERED)),
-        )
-        .limit(1)
+    top of it, to a state its sender never had (from review).
+
+    The later rows are locked (in id order, after this one, as every writer takes them):
+    read unlocked, a worker's claim of one, not yet committed, was not seen, nor this retry
+    by the claim, and both committed (PostgreSQL; from review). Locked, a claim under way
+    is waited for and seen, and a claim after this skips the locked rows."""
+    if item.request_id is None:
+        return
+    later_rows = session.execute(
+        select(OutboxItem.id, OutboxItem.state)
+        .where(OutboxItem.request_id == item.request_id, OutboxItem.id > item.id)
+        .order_by(OutboxItem.id)
+        .with_for_update()
+    ).all()
+    later = next(
+        (row.id for row in later_rows if row.state in (outbox.IN_FLIGHT, outbox.DELIVERED)), None
     )
-    if item.request_id is not None and later is not None:
+    if later is not None:
         raise Conflict(
             f"a later message of this request (delivery {later}) has reached the peer or is "
             "being posted: this one, retried now, would arrive after it, out of order; if it "
