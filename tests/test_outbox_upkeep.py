@@ -90,6 +90,28 @@ def test_leases_of_workers_without_a_live_heartbeat_are_taken_over(
         assert _reclaim(session, watch, boot=62.0) == 0
 
 
+def test_heartbeats_looked_at_long_ago_take_over_nothing(sessions: sessionmaker[Session]) -> None:
+    """While a step of the clock is held (15 min), the upkeep does not look at heartbeats: the
+    first claim after the hold read every worker as silent and took over a live worker's
+    delivery (from review). A look older than three periods says nothing."""
+    with unit_of_work(sessions) as session:
+        heartbeat.beat(session, "alive", every_seconds=10)
+    watch = upkeep.HeartbeatWatch(every_seconds=10)
+    assert not watch.current(0.0)  # never looked
+    with unit_of_work(sessions) as session:
+        _reclaim(session, watch, boot=0.0)
+    assert watch.current(29.0)
+    assert watch.beating(29.0) == {"alive"}
+    assert not watch.current(905.0)  # the hold over, this round's upkeep not yet due
+    assert watch.beating(905.0) == frozenset()  # why the claim must not take over
+    with unit_of_work(sessions) as session:
+        heartbeat.beat(session, "alive", every_seconds=10)
+    with unit_of_work(sessions) as session:
+        _reclaim(session, watch, boot=906.0)
+    assert watch.current(906.0)
+    assert watch.beating(906.0) == {"alive"}
+
+
 def _reclaim(session: Session, watch: upkeep.HeartbeatWatch, *, boot: float) -> int:
     return upkeep.reclaim_orphaned(
         session, owner="me", now=utc_now(), grace=GRACE, watch=watch, boot=boot

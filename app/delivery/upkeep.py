@@ -59,6 +59,7 @@ class HeartbeatWatch:
     def __init__(self, every_seconds: float) -> None:
         self.every_seconds = every_seconds  # the period assumed of an owner with no row
         self._sightings: dict[str | None, Sighting] = {}
+        self._looked_at: float | None = None  # boot clock of the last look (`still`)
 
     def still(
         self,
@@ -81,11 +82,23 @@ class HeartbeatWatch:
             since = last.since if last is not None and last.seen_at == seen_at else boot
             watched[owner] = Sighting(seen_at, since, period)
         self._sightings = watched  # owners neither beating nor holding leases are forgotten
+        self._looked_at = boot
         return {
             owner: watched[owner].seen_at
             for owner in owners
             if boot - watched[owner].since >= watched[owner].period * heartbeat.MISSED_BEATS
         }
+
+    def current(self, boot: float) -> bool:
+        """Whether the last look is recent enough for `beating` to be believed: within
+        `MISSED_BEATS` of this worker's periods. The upkeep looks every period, but not while
+        a step of the clock is held (app/delivery/clocksteps.py): the first claim after the
+        hold read sightings 15 minutes old, no worker beating, and took over a live worker's
+        delivery (from review). Until the next look, no lease is taken over."""
+        return (
+            self._looked_at is not None
+            and boot - self._looked_at < self.every_seconds * heartbeat.MISSED_BEATS
+        )
 
     def beating(self, boot: float) -> frozenset[str]:
         """Workers whose heartbeat row this worker saw change within `MISSED_BEATS` of their

@@ -537,6 +537,7 @@ class Worker:
         with unit_of_work(self.node.sessions) as session:
             signed = self._checkpoint_if_due(session)
             steady = self._clock_steady()
+            boot = boot_clock()
             claims = outbox.claim_due(
                 session,
                 now=utc_now(),
@@ -549,9 +550,10 @@ class Worker:
                 skip=posting_now,
                 skip_peers=self._held.authorities(),
                 # As for the upkeep's takeovers: no lease judged by a clock that just stepped,
-                # and none of a worker whose heartbeat beats (operations.md §4).
-                take_over=steady,
-                alive=self._heartbeats.beating(boot_clock()) - {self.id},
+                # and none of a worker whose heartbeat beats (operations.md §4), as far as a
+                # recent look at the heartbeats tells.
+                take_over=steady and self._heartbeats.current(boot),
+                alive=self._heartbeats.beating(boot) - {self.id},
             )
             jobs = load_jobs(session, claims)
             if claims and not signed and not session.info.get(outbox.AUDITED):

@@ -13,15 +13,16 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from app.crypto.encoding import utc_now
 from app.db import unit_of_work
-from app.delivery import outbox
+from app.delivery import heartbeat, outbox
 from app.delivery import settle as settle_module
 from app.delivery import worker as worker_module
+from app.delivery.clocksteps import boot_clock
 from app.delivery.worker import Worker
-from app.models import Message, OutboxItem
+from app.models import Message, OutboxItem, WorkerHeartbeat
 from tests.requests.conftest import EXAMPLE, Harness
 
 # The delivery's peer, ES/MJ, is pinned at http://es.invalid: every attempt is a
@@ -115,3 +116,42 @@ def test_a_clock_stepped_back_two_hours_holds_no_retry_back(
     _set_clock(monkeypatch, -timedelta(hours=2))
     state, attempts, _, error = _rounds_until(worker, ar, request_id, 2, timeout=10)
     assert (state, attempts) == (outbox.RETRY, 2), error
+
+
+def test_the_first_claim_after_a_held_step_takes_over_no_live_workers_delivery(
+    fresh_ar: Harness, worker: Worker
+) -> None:
+    """While a step of its clock is held (15 min), a worker does not look at heartbeats; its
+    first claim after the hold read the last look, 15 minutes old, as "no worker beating",
+    and took over a delivery another worker, beating all along, was posting (its lease run
+    out by this worker's clock only; from review). Not before a look at the heartbeats."""
+    ar = fresh_ar
+    request_id = _submit(ar, "routine")
+    with unit_of_work(ar.node.sessions) as session:
+        heartbeat.beat(session, "other", every_seconds=0.2)
+        rows = {
+            row.worker_id: (row.seen_at, row.expires_at)
+            for row in session.execute(
+                select(
+                    WorkerHeartbeat.worker_id, WorkerHeartbeat.seen_at, WorkerHeartbeat.expires_at
+                )
+            )
+        }
+    worker._heartbeats.still(rows, set(), boot_clock() - 905)  # the look before the hold
+    with unit_of_work(ar.node.sessions) as session:
+        heartbeat.beat(session, "other", every_seconds=0.2)  # beating all along
+        session.execute(
+            update(OutboxItem)
+            .where(OutboxItem.request_id == request_id)
+            .values(
+                state=outbox.IN_FLIGHT,
+                lease_owner="other",
+                attempts=1,
+                lease_until=utc_now() - timedelta(seconds=1),
+                updated_at=utc_now(),
+            )
+        )
+    assert worker._claim_and_post(4) == []
+    with unit_of_work(ar.node.sessions) as session:
+        item = session.scalars(select(OutboxItem).where(OutboxItem.request_id == request_id)).one()
+        assert (item.state, item.lease_owner, item.attempts) == (outbox.IN_FLIGHT, "other", 1)
