@@ -27,8 +27,8 @@ from app.crypto import envelope as env
 from app.db import reading, unit_of_work
 from app.deps import PEER_SIGNED, NodeDep, record_p2p_refusal, source_address
 from app.errors import EnvelopeRefused
-from app.evidence import inbound
-from app.evidence.blobstore import UploadBusy
+from app.evidence import holders, inbound
+from app.evidence.blobstore import DirectoryBlobStore, UploadBusy
 from app.evidence.node_store import blob_store
 from app.evidence.pump import body_timed_out, feed_in_thread, until_idle
 from app.evidence.stream import PartReceiver
@@ -46,6 +46,7 @@ router = APIRouter(prefix="/p2p/v1/evidence", tags=["p2p"], dependencies=[Depend
 MsgId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
 Index = Annotated[PlainInt, Path(ge=1, le=63)]
 _receivers = inbound.ReceiverCache()
+_holders = holders.PartHolders()
 # Checks of a whole part, made once every chunk has opened (app/evidence/stream.py).
 WHOLE_PART_CHECKS = frozenset({"part_hash_mismatch", "manifest_mismatch"})
 
@@ -286,7 +287,7 @@ async def put_part(
         return Response(status_code=204, headers=_headers(target.length, target.length))
     store = blob_store(node.settings)
     try:
-        receiver = await run_in_threadpool(_receivers.take, store, target)
+        receiver = await _take(node, store, target, put)
     except UploadBusy as exc:
         raise EnvelopeRefused("part_busy", "this part is being received", status_code=409) from exc
     except env.EnvelopeError as exc:
@@ -301,6 +302,54 @@ async def put_part(
             status_code=409,
             headers=_headers(0, target.length),
         )
+    name = inbound.receive_upload_id(msg_id, index)
+    holder = _holders.hold(name, lambda: receiver.durable_offset)
+    try:
+        return await _receive(request, node, target, upload_offset, receiver, holder)
+    finally:
+        _holders.let_go(name, holder)
+
+
+async def _take(
+    node: NodeDep, store: DirectoryBlobStore, target: inbound.PartTarget, put: inbound.SignedPut
+) -> PartReceiver:
+    """The part's receiver; held by a PUT that stored nothing for a while, taken from it by
+    a signed PUT at the offset it stands at (app/evidence/holders.py). UploadBusy if held."""
+    try:
+        return await run_in_threadpool(_receivers.take, store, target)
+    except UploadBusy:
+        name = inbound.receive_upload_id(target.msg_id, target.index)
+        stalled_for = body_idle_seconds(node.settings) * holders.STALLED_IDLE_PERIODS
+        holder = _holders.stalled(name, put.offset, stalled_for)
+        if put.signature is None or holder is None or not await holders.take_over(holder):
+            raise
+    receiver = await run_in_threadpool(_receivers.take, store, target)
+    await run_in_threadpool(
+        functools.partial(
+            record_alone,
+            node.sessions,
+            actor="node",
+            action="evidence.part_taken_over",
+            outcome="stalled",
+            msg_id=target.msg_id,
+            peer=target.sender or None,
+            details={"part": target.index, "offset": put.offset},
+        )
+    )
+    return receiver
+
+
+async def _receive(
+    request: Request,
+    node: NodeDep,
+    target: inbound.PartTarget,
+    upload_offset: int,
+    receiver: PartReceiver,
+    holder: holders.Holder,
+) -> Response:
+    """A PUT's body into the part, from `upload_offset` (its header), once it holds the part."""
+    msg_id, index = target.msg_id, target.index
+    store = blob_store(node.settings)
     keep = True  # for the sender's next request, unless the part is done or refused
     try:
         if receiver.cut_back is not None:  # cut back to the chunks that still open: on record
@@ -315,9 +364,22 @@ async def put_part(
             )
         try:
             # Checked and stored in a worker thread while the next batch arrives.
-            await feed_in_thread(
-                until_idle(request.stream(), body_idle_seconds(node.settings)), receiver.write_all
-            )
+            with holder.scope:
+                await feed_in_thread(
+                    until_idle(request.stream(), body_idle_seconds(node.settings)),
+                    holder.storing(receiver.write_all),
+                )
+            if holder.scope.cancelled_caught:  # taken over: its whole chunks kept
+                offset = await run_in_threadpool(receiver.checkpoint)
+                return JSONResponse(
+                    {
+                        "error": "part_busy",
+                        "detail": "another PUT of this part, signed by its sender, took it "
+                        "over: this one stored no chunk for too long",
+                    },
+                    status_code=409,
+                    headers={**_headers(offset, target.length), "connection": "close"},
+                )
         except ClientDisconnect:
             await run_in_threadpool(receiver.checkpoint)
             raise

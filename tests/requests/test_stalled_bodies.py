@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -110,6 +111,59 @@ def test_a_part_whose_sender_went_silent_is_not_kept_busy(
         assert answer.headers["upload-offset"] == str(len(part))
     finally:
         stalled.close()
+
+
+def _trickle(stalled: socket.socket, stop: threading.Event) -> None:
+    """A byte every 0.2 s, never enough for a chunk, never silent for the idle limit."""
+    try:
+        while not stop.wait(0.2):
+            stalled.sendall(b"\0")
+    except OSError:  # the node closed the connection: its answer is read after
+        return
+
+
+def test_a_part_held_by_a_replayed_put_that_stores_nothing_is_taken_over(
+    ar: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PUT's signature covers its envelope, part and offset, not a time: replayed by
+    whoever captured it, with a trickled body that never makes a chunk, it held the part, the
+    real sender refused `part_busy`, for as long as it went on (from review). A signed PUT
+    at the offset where the part stands takes it over once the holder stored no chunk for
+    two idle limits; before that, it is refused busy as ever."""
+    monkeypatch.setattr(ar.node.settings, "peer_timeout_seconds", 0.5)  # idle limit 1 s
+    wire, parts = _sealed(ar)
+    announced = ar.http.post(
+        "/p2p/v1/evidence/envelopes", json={**wire, "parts": wire["parts"][:1]}
+    )
+    assert announced.status_code == 202, announced.text
+    msg_id = json.loads(b64d(wire["header"]))["msg_id"]
+    href = f"/p2p/v1/evidence/envelopes/{msg_id}/parts/1"
+    part = parts[1]
+    headers = {**ar.signed_put(msg_id, 0), "content-type": "application/octet-stream"}
+    replayed = _stall(ar, "PUT", href, headers, len(part))
+    stop = threading.Event()
+    trickling = threading.Thread(target=_trickle, args=(replayed, stop))
+    trickling.start()
+    try:
+        _locked(ar, receive_upload_id(msg_id, 1))
+        busy = ar.http.put(href, content=part, headers=headers)
+        assert busy.status_code == 409, busy.text
+        assert busy.json()["error"] == "part_busy"
+        time.sleep(2.2)  # two idle limits without a chunk stored
+        taken = ar.http.put(href, content=part, headers=headers)
+        assert taken.status_code == 204, taken.text
+        assert taken.headers["upload-offset"] == str(len(part))
+        stop.set()
+        trickling.join(5)
+        status, told, body = _answer(replayed)
+        assert status == 409, body
+        assert body["error"] == "part_busy"
+        assert "took it over" in str(body["detail"])
+        assert told["upload-offset"] == "0"
+        assert ar.audit("evidence.part_taken_over") == [("node", "stalled", None)]
+    finally:
+        stop.set()
+        replayed.close()
 
 
 def test_an_attachment_whose_uploader_went_silent_is_not_kept_busy(
