@@ -575,6 +575,14 @@ def _share_the_gil() -> None:
     sys.setswitchinterval(GIL_SWITCH_SECONDS)
 
 
+def _start_process() -> None:
+    """What a long-running process of the node (serve, worker) sets for itself first."""
+    from app.openfiles import raise_open_files_limit
+
+    _share_the_gil()
+    raise_open_files_limit()
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
@@ -615,7 +623,7 @@ def serve(
         node.close()
         raise _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     listening.set_inheritable(True)
-    _share_the_gil()
+    _start_process()
     # log_config=None: uvicorn's records go through our (JSON) handler like everything else.
     config = uvicorn.Config(
         create_app(settings, node=node),
@@ -645,7 +653,7 @@ def worker() -> None:
 
     settings = _settings()
     node = _node(settings)
-    _share_the_gil()
+    _start_process()
     runner = Worker(node)
 
     def _stop(_signum: int, _frame: FrameType | None) -> None:

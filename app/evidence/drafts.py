@@ -52,7 +52,13 @@ from app.errors import (
 from app.evidence import schemas
 from app.evidence.blobstore import BlobError, DirectoryBlobStore, UploadBusy
 from app.evidence.seal import SealedHead, StreamedAttachment, seal_streamed
-from app.evidence.stream import CIPHER_CHUNK, FinishedPart, PartWriter, chunk_count
+from app.evidence.stream import (
+    CIPHER_CHUNK,
+    FinishedPart,
+    PartWriter,
+    chunk_count,
+    least_recent_past,
+)
 from app.limits import refuse_over_wire_limit
 from app.models import BlobPart, CaseFile, EvidenceDraft, EvidenceUpload, Message, Part
 from app.node import Node
@@ -67,6 +73,11 @@ SUBMITTED = "submitted"
 PERSON_DRAFT = b"entraide:draft:1"
 PERSON_UPLOAD_SHA256 = b"entraide:upsha:1"
 IDLE_WRITER_SECONDS = 300.0
+# Writers kept between requests, each holding its staging file open: past this many, the
+# longest unused is closed (its next request rebuilds it from the stored chunks). Unbounded,
+# one officer's 1,088 one-byte PATCHes held 990 files open after it left, and the node ran
+# out of descriptors for its database (from review).
+MOST_KEPT_WRITERS = 128
 
 
 class DraftCorrupt(EntraideError):
@@ -654,7 +665,10 @@ class WriterCache:
             return
         with self._lock:
             self._writers[upload] = (writer, time.monotonic())
+            evicted = least_recent_past(self._writers, MOST_KEPT_WRITERS)
             self._schedule()
+        for old in evicted:
+            old.close()
 
     def forget(self, upload_ids: tuple[str, ...]) -> None:
         """Closes the idle writers of uploads just discarded: each holds its removed staging

@@ -35,7 +35,7 @@ from app.crypto.part_put import part_put_signed
 from app.crypto.receipts import SignedReceipt
 from app.errors import EntraideError, EnvelopeRefused
 from app.evidence.blobstore import BlobError, DirectoryBlobStore, UploadBusy
-from app.evidence.stream import CIPHER_CHUNK, PartReceiver
+from app.evidence.stream import CIPHER_CHUNK, PartReceiver, least_recent_past
 from app.models import BlobPart, CaseFile, InboundTransfer, Message, Part, Peer
 from app.node import Node
 from app.p2p.service import (
@@ -59,6 +59,11 @@ class Announced:
 
 
 IDLE_RECEIVER_SECONDS = 300.0
+# Receivers kept between a sender's PUTs, each holding its staging file open: past this
+# many, the least recently used is closed (rebuilt from its stored chunks if needed again),
+# as upload writers are (app/evidence/drafts.py: unbounded, they ran the node out of file
+# descriptors).
+MOST_KEPT_RECEIVERS = 128
 
 
 def receive_upload_id(msg_id: str, index: int) -> str:
@@ -602,6 +607,9 @@ class ReceiverCache:
                 receiver,
                 time.monotonic(),
             )
+            evicted = least_recent_past(self._kept, MOST_KEPT_RECEIVERS)
+        for old in evicted:
+            old.close()
 
     def close(self) -> None:
         with self._lock:

@@ -19,7 +19,7 @@ import hmac
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import nacl.bindings as sodium
 from nacl.exceptions import CryptoError
@@ -34,6 +34,8 @@ from app.crypto.envelope import (
 )
 from app.evidence.beside import BesideHash
 from app.evidence.blobstore import BlobStore, Upload
+
+Kept = TypeVar("Kept")
 
 CIPHER_CHUNK = CHUNK_BYTES + ABYTES
 
@@ -635,3 +637,10 @@ class PartReceiver:
 
     def close(self) -> None:
         self._upload.close()
+
+
+def least_recent_past(kept: dict[str, tuple[Kept, float]], most: int) -> list[Kept]:
+    """Take the least recently kept entries out of `kept` until it holds `most`, and return
+    them to be closed: a cache of writers or receivers (a dict keeps insertion order, and
+    each entry is taken out while in use and put back after it)."""
+    return [kept.pop(next(iter(kept)))[0] for _ in range(len(kept) - most)]
