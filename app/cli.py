@@ -950,13 +950,19 @@ def clients_revoke(name: Annotated[str, typer.Argument()]) -> None:
     typer.echo(f"revoked {name}")
 
 
+# Bounded as the API bounds it: past the column's range, PostgreSQL raised a traceback where
+# SQLite said "no delivery" (from review). outbox.MAX_ID, not imported: commands load lazily.
+DeliveryIdArgument = Annotated[int, typer.Argument(min=1, max=2**31 - 1)]
+
+
 @deliveries_app.command("list")
 def deliveries_list(
     state: Annotated[str | None, typer.Option(help="queued, in_flight, retry, failed, ...")] = None,
     stuck_minutes: Annotated[
-        int | None, typer.Option(help="Only undelivered rows queued longer than this")
+        int | None,
+        typer.Option(help="Only undelivered rows queued longer than this", min=0, max=525_600),
     ] = None,
-    limit: Annotated[int, typer.Option(help="At most this many rows")] = 50,
+    limit: Annotated[int, typer.Option(help="At most this many rows", min=1, max=10_000)] = 50,
 ) -> None:
     """List deliveries, newest first: id, state, attempts, peer, request, last error."""
 
@@ -1042,13 +1048,13 @@ def _cancelled_says(session: Session, item: OutboxItem) -> str:
 
 
 @deliveries_app.command("retry")
-def deliveries_retry(delivery_id: Annotated[int, typer.Argument()]) -> None:
+def deliveries_retry(delivery_id: DeliveryIdArgument) -> None:
     """Make a waiting or failed delivery due now."""
     _delivery_action(delivery_id, "retry")
 
 
 @deliveries_app.command("cancel")
-def deliveries_cancel(delivery_id: Annotated[int, typer.Argument()]) -> None:
+def deliveries_cancel(delivery_id: DeliveryIdArgument) -> None:
     """Stop trying to deliver. A message that never reached the peer puts its request's
     status back to where it was before it; says so, or that the peer may hold it."""
     _delivery_action(delivery_id, "cancel")

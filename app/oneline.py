@@ -11,8 +11,13 @@ from __future__ import annotations
 import re
 
 # C0 controls and DEL, C1 controls, the line and paragraph separators (`splitlines` breaks
-# on them), and the bidirectional marks, embeddings, overrides and isolates.
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+# on them), the bidirectional marks, embeddings, overrides and isolates, and lone
+# surrogates: no UTF-8 encodes them, so neither a database nor a terminal takes one (a
+# suspension's reason holding one was a 500, from review; a command-line argument of bytes
+# that are not UTF-8 arrives so).
+_UNSAFE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
 
 
 def is_one_line(text: str) -> bool:

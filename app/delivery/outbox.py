@@ -58,6 +58,9 @@ FAILED = "failed"
 CANCELLED = "cancelled"
 STATES = (QUEUED, IN_FLIGHT, RETRY, DELIVERED, FAILED, CANCELLED)
 PENDING = (QUEUED, IN_FLIGHT, RETRY)
+# The largest delivery id: `outbox.id` is an INTEGER column (four bytes on PostgreSQL, which
+# refuses a larger value as out of range, where SQLite found no such row; from review).
+MAX_ID = 2**31 - 1
 BACKLOG = (*PENDING, FAILED)  # what /readyz reports; delivered and cancelled are history
 MAX_ERROR_CHARS = 500
 # How an attempt whose connection could not be made is recorded (httpx's ConnectError and

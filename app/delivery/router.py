@@ -11,13 +11,13 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel
 
-from app.delivery import admin
+from app.delivery import admin, outbox
 from app.deps import AdminDep, SessionDep, UnitOfWorkRoute
 from app.plainint import PlainInt
 
 router = APIRouter(prefix="/api/v1/admin/deliveries", tags=["admin"], route_class=UnitOfWorkRoute)
 
-DeliveryId = Annotated[PlainInt, Path(ge=1, le=2**62)]
+DeliveryId = Annotated[PlainInt, Path(ge=1, le=outbox.MAX_ID)]
 
 
 class AttemptView(BaseModel):
@@ -89,7 +89,7 @@ def list_deliveries(
     stuck_minutes: Annotated[PlainInt | None, Query(ge=0, le=525_600)] = None,
     peer: Annotated[str | None, Query(max_length=40)] = None,
     limit: Annotated[PlainInt, Query(ge=1, le=500)] = 100,
-    cursor: Annotated[PlainInt | None, Query(ge=1, le=2**62)] = None,
+    cursor: Annotated[PlainInt | None, Query(ge=1, le=outbox.MAX_ID)] = None,
 ) -> DeliveryPage:
     stuck = timedelta(minutes=stuck_minutes) if stuck_minutes is not None else None
     rows, next_cursor = admin.list_deliveries(

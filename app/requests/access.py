@@ -27,6 +27,7 @@ from app.db import unit_of_work
 from app.errors import BadRequest, Conflict, NotFound
 from app.models import ApiClient, CaseFile, RequestOfficer
 from app.node import Node
+from app.oneline import is_one_line
 
 REFUSED = "refused_need_to_know"
 
@@ -92,7 +93,10 @@ def officers_of(session: Session, case: CaseFile) -> list[str]:
 def _check_officers(session: Session, names: Sequence[str]) -> None:
     now = utc_now()
     for name in names:
-        client = session.scalar(select(ApiClient).where(ApiClient.name == name))
+        # No client's name holds a control character or a lone surrogate, and PostgreSQL
+        # refuses to compare with text holding a NUL (400 invalid_value there, from review).
+        found = is_one_line(name)
+        client = session.scalar(select(ApiClient).where(ApiClient.name == name)) if found else None
         usable = (
             client is not None
             and client.revoked_at is None

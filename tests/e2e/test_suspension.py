@@ -4,6 +4,7 @@ a resumption lets both go through. Nothing is lost on either side."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -80,10 +81,13 @@ def test_suspended_peer_is_refused_both_ways_and_nothing_is_lost(
         )
         assert unknown.status_code == 404
         # Lines of `peers list` forged, and (from review: 422 from the schema, not the
-        # documented code) a reason too long or empty.
-        for forged in ("a\r\nAR/MPF\tactive", "a\x00b", "a\x1b[2Jb", "a" * 501, "", "  "):
-            refused = http.post(
-                "/api/v1/admin/peers/suspend", json={"authority_id": "ES/MJ", "reason": forged}
+        # documented code) a reason too long or empty; a lone surrogate (a 500, from review).
+        forged_reasons = ("a\r\nAR/MPF\tactive", "a\x00b", "a\x1b[2Jb", "a" * 501, "", "  ")
+        for forged in (*forged_reasons, "ok \udfff ok"):
+            refused = http.post(  # as JSON escapes it: httpx's own encoding refuses a surrogate
+                "/api/v1/admin/peers/suspend",
+                content=json.dumps({"authority_id": "ES/MJ", "reason": forged}),
+                headers={"content-type": "application/json"},
             )
             assert (refused.status_code, refused.json()["error"]) == (400, "invalid_reason")
         (listed,) = http.get("/api/v1/admin/peers").json()

@@ -86,3 +86,41 @@ def test_a_refused_peer_url_never_records_its_password(node: LocalNode) -> None:
             assert "hunter2" not in response.text
     recorded = json.dumps(audit_details(node, "peer.add"))
     assert "hunter2" not in recorded
+
+
+@pytest.mark.parametrize(
+    ("method", "target"),
+    [
+        ("GET", "/api/v1/admin/deliveries?cursor=3000000000"),
+        ("POST", "/api/v1/admin/deliveries/3000000000/retry"),
+        ("POST", "/api/v1/admin/deliveries/4611686018427387904/cancel"),
+    ],
+)
+def test_delivery_ids_past_the_columns_range_are_refused_alike(
+    node: LocalNode, method: str, target: str
+) -> None:
+    """A delivery id is an INTEGER (four bytes on PostgreSQL): past its range, PostgreSQL
+    answered 400 invalid_value where SQLite found no such row (from review). Both 422 now."""
+    with node.client("admin") as http:
+        response = http.request(method, target)
+    assert response.status_code == 422, response.text
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ("deliveries", "retry", "3000000000"),
+        ("deliveries", "cancel", "0"),
+        ("deliveries", "list", "--limit", "-2"),
+        ("deliveries", "list", "--limit", "99999999999999999999"),
+        ("deliveries", "list", "--stuck-minutes", "9999999999"),
+    ],
+)
+def test_delivery_commands_refuse_values_out_of_range_alike(
+    node: LocalNode, arguments: tuple[str, ...]
+) -> None:
+    """PostgreSQL gave a traceback, SQLite "no delivery" or every row (from review)."""
+    result = node.cli(*arguments, check=False)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "Invalid value" in result.stderr
