@@ -1673,6 +1673,15 @@ def restore(
             "FILE has none and the keys folder is empty (a nightly backup on a new machine)"
         ),
     ] = None,
+    move_log_back: Annotated[
+        bool,
+        typer.Option(
+            "--move-log-back",
+            help="The keys folder's record says the log key signed more than the backup "
+            "holds: move it back to the backup (this node is being put back; never with a "
+            "live node's keys folder)",
+        ),
+    ] = False,
 ) -> None:
     """Restore a backup into a fresh node (empty database; empty keys folder or the node's
     own keys), then verify the whole audit log."""
@@ -1690,6 +1699,7 @@ def restore(
             passphrase=read_passphrase(passphrase_file),
             actor=_operator(),
             keys_from=keys_from,
+            move_log_back=move_log_back,
         )
     except (BackupError, PassphraseError, KeyFileError, OSError, ValueError) as exc:
         raise _fail(_said(exc)) from exc

@@ -39,9 +39,11 @@ from alembic.util.exc import CommandError
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from app.audit.anchor import LogRolledBack, SignedLogAnchor
 from app.audit.checkpoints import sign_checkpoint
 from app.audit.log import record, record_alone
 from app.audit.mac import mac_key
+from app.audit.note import Checkpoint, NoteError, split_note
 from app.audit.service import verify_database
 from app.audit.verify import Report
 from app.backup.dump import current_revisions, dump_database, holds_data, load_database
@@ -644,9 +646,12 @@ def restore_backup(
     passphrase: bytes | None,
     actor: str,
     keys_from: Path | None = None,
+    move_log_back: bool = False,
 ) -> RestoreSummary:
     """`keys_from`: a backup of the same node with its private keys, for a backup without
-    them restored where the keys folder is empty (a replacement machine)."""
+    them restored where the keys folder is empty (a replacement machine). `move_log_back`:
+    the operator's word that the record of what the log key signed, ahead of the backup,
+    is to be moved back to it (`_refuse_moving_back`)."""
     with contextlib.ExitStack() as stack:
         archive = stack.enter_context(_opened(archive_path))
         keys_archive = stack.enter_context(_opened(keys_from)) if keys_from else None
@@ -660,6 +665,8 @@ def restore_backup(
                     "keys folder (leave it out to restore with the keys there)"
                 )
             written = _restore_keys(settings, archive, passphrase, keys_archive)
+            if not move_log_back:
+                _refuse_moving_back(settings, archive.manifest, written)
             tables = _restore_database(settings, archive)
         except BaseException:
             # Refused: "changes nothing" includes not leaving keys, nor an empty database
@@ -697,6 +704,55 @@ def restore_backup(
         recorded=recorded,
         damaged=_damaged_in(archive.manifest),
     )
+
+
+def _refuse_moving_back(settings: Settings, manifest: dict[str, Any], written: list[Path]) -> None:
+    """A restore moves the record of what the log key signed (`log-signed.json`) back to
+    the backup's log, and signs over it. Where the record says the key signed more than the
+    backup holds, that record may be a live node's: a restore drill on its host, with its
+    keys folder, made the live node find its own log "rolled back", and sign nothing more,
+    while the same key signed a second history, a fork its peers report as a split view
+    (from review). Refused unless the operator says that is the point. A record this
+    restore just wrote (from the backup's keys, into an empty keys folder) is no live
+    node's."""
+    anchor = SignedLogAnchor.of(settings)
+    found = anchor.path if anchor.path.exists() or anchor.moved_from is None else anchor.moved_from
+    if found in written:
+        return
+    try:
+        signed = anchor.read()
+    except LogRolledBack as exc:
+        raise BackupError(f"{exc.detail}; or add --move-log-back to replace it") from exc
+    if signed is None:
+        return
+    at_backup = _backup_checkpoint(manifest)
+    if at_backup is not None and (
+        signed.size < at_backup.size  # older than the backup (a keys backup's): moved on
+        or (signed.size, signed.root) == (at_backup.size, at_backup.root_hash)
+    ):
+        return
+    backup_holds = f"{at_backup.size} entries" if at_backup is not None else "an unsigned log"
+    raise BackupError(
+        f"{anchor.path} records that this node's log key signed a log of {signed.size} "
+        f"entries; the backup's was signed at {backup_holds}. Restoring moves the log back "
+        "and that record with it: a node still running with these keys would find its own "
+        "log rolled back and sign nothing more. To put this node back to the backup, add "
+        "--move-log-back (and tell your peers, docs/operations.md §5). For a restore drill, "
+        "use a copy of the keys folder (cp -a) and a signed-log file of its own, never the "
+        "live node's, then add --move-log-back"
+    )
+
+
+def _backup_checkpoint(manifest: dict[str, Any]) -> Checkpoint | None:
+    """The checkpoint the backup's log was signed at, as its manifest (signed) holds it."""
+    note = manifest.get("audit_checkpoint")
+    if not isinstance(note, str):
+        return None
+    try:
+        text, _ = split_note(note)
+        return Checkpoint.parse(text)
+    except NoteError:
+        return None
 
 
 def _damaged_in(manifest: dict[str, Any]) -> list[dict[str, Any]]:

@@ -170,9 +170,22 @@ def backup_of(node: LocalNode, out: Path, passphrase: bytes | None = None) -> Pa
     return out
 
 
-def restore_into(url: str, keys_dir: Path, archive: Path, passphrase: bytes | None) -> Report:
+def restore_into(
+    url: str,
+    keys_dir: Path,
+    archive: Path,
+    passphrase: bytes | None,
+    *,
+    move_log_back: bool = False,
+) -> Report:
     settings = Settings(database_url=url, keys_dir=keys_dir)
-    summary = restore_backup(settings, archive_path=archive, passphrase=passphrase, actor="test")
+    summary = restore_backup(
+        settings,
+        archive_path=archive,
+        passphrase=passphrase,
+        actor="test",
+        move_log_back=move_log_back,
+    )
     return summary.report
 
 
@@ -212,8 +225,18 @@ def test_restore_refuses_what_would_lose_or_mix_data(tmp_path: Path) -> None:
     other.init()
     with pytest.raises(BackupError, match="not the keys of the node"):
         restore_into(databases.new("mixed"), other.keys_dir, plain, None)
-    # With the node's own keys already in place, the plain backup is enough.
-    assert restore_into(databases.new("own-keys"), node.keys_dir, plain, None).ok
+    # With the node's own keys already in place, the plain backup is enough, once the
+    # operator says the log is to move back: its record says the key signed more since (the
+    # sealed backup's checkpoint), and it may be a live node's (from review: a restore drill
+    # with the live keys folder made the live node find its log "rolled back").
+    own_keys = databases.new("own-keys")
+    record = (node.keys_dir / "log-signed.json").read_bytes()
+    with pytest.raises(BackupError, match="add --move-log-back") as refused:
+        restore_into(own_keys, node.keys_dir, plain, None)
+    assert "signed a log of" in str(refused.value)
+    assert (node.keys_dir / "log-signed.json").read_bytes() == record  # the live node's
+    assert not Path(own_keys.removeprefix("sqlite:///")).exists()  # nothing written
+    assert restore_into(own_keys, node.keys_dir, plain, None, move_log_back=True).ok
 
 
 def test_a_damaged_backup_is_refused_before_anything_is_written(tmp_path: Path) -> None:
