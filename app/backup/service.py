@@ -39,7 +39,7 @@ from alembic.util.exc import CommandError
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from app.audit.anchor import LogRolledBack, SignedLogAnchor
+from app.audit.anchor import RECORD_FILE, LogRolledBack, SignedLogAnchor
 from app.audit.checkpoints import sign_checkpoint
 from app.audit.log import record, record_alone
 from app.audit.mac import mac_key
@@ -148,15 +148,25 @@ def _refuse_linked_keys(keys_dir: Path) -> None:
             )
 
 
-def _private_keys_tar(keys_dir: Path) -> bytes:
-    """Every regular file of the keys folder (current and retired keys), but node.json."""
+def _private_keys_tar(keys_dir: Path, signed_log_file: Path | None = None) -> bytes:
+    """Every regular file of the keys folder (current and retired keys), but node.json, and
+    the record of what the log key signed (`signed_log_file`, ENTRAIDE_SIGNED_LOG_FILE) as
+    the keys folder's `log-signed.json`, where it is restored and read from until the new
+    file exists: kept elsewhere (docker-compose.yml), it was missing from the keys backup
+    the documentation says to put it back from (from review)."""
     _refuse_linked_keys(keys_dir)
+    files = [
+        (path, path.relative_to(keys_dir).as_posix())
+        for path in sorted(keys_dir.rglob("*"))
+        if not path.is_symlink() and path.is_file() and path.name != IDENTITY_FILE
+    ]
+    if signed_log_file is not None and signed_log_file.is_file():
+        files = [(path, name) for path, name in files if name != RECORD_FILE]
+        files.append((signed_log_file, RECORD_FILE))
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for path in sorted(keys_dir.rglob("*")):
-            if path.is_symlink() or not path.is_file() or path.name == IDENTITY_FILE:
-                continue
-            info = tar.gettarinfo(str(path), arcname=path.relative_to(keys_dir).as_posix())
+        for path, name in files:
+            info = tar.gettarinfo(str(path), arcname=name)
             info.uid = info.gid = 0
             info.uname = info.gname = ""
             with path.open("rb") as handle:
@@ -278,7 +288,7 @@ def create_backup(
                     # Not in the middle of a rotation: its chain and its keys together.
                     with keys_folder_lock(settings.keys_dir):
                         _check_keys_unchanged(settings, keys)
-                        keys_tar = _private_keys_tar(settings.keys_dir)
+                        keys_tar = _private_keys_tar(settings.keys_dir, settings.signed_log_file)
                     sealed, private = seal(keys_tar, passphrase)
                     (staging / PRIVATE_MEMBER).write_bytes(sealed)
                 members = sorted(
