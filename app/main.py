@@ -44,7 +44,9 @@ from app.errors import (
     StoredDataCorrupt,
     StoredEnvelopeCorrupt,
 )
+from app.evidence import drafts
 from app.evidence.blobstore import StorageFailed
+from app.evidence.p2p_router import close_kept_receivers
 from app.evidence.p2p_router import router as evidence_p2p_router
 from app.evidence.router import replies as evidence_replies_router
 from app.evidence.router import router as evidence_router
@@ -608,6 +610,10 @@ def create_app(settings: Settings | None = None, *, node: Node | None = None) ->
                 worker.stop()
                 app.state.worker_thread.join(timeout=4 * settings.peer_timeout_seconds + 10)
                 worker.http.close()
+            # The files kept open between a client's or a peer's requests: the next
+            # request (of another app of this process, in tests) rebuilds from the disk.
+            drafts.WRITERS.close()
+            close_kept_receivers()
             node.close()
 
     app = FastAPI(

@@ -333,13 +333,18 @@ UNCERTAIN_STATUSES = (500, 502, 504)
 UNCERTAIN_503 = "HTTP 503 database_unavailable"
 
 
+def is_success(status: int) -> bool:
+    """A 2xx: whatever its body, the peer took the post (app/delivery/worker.py)."""
+    return 200 <= status < 300
+
+
 def answer_may_hold(status: int | None, error: str | None) -> bool:
     """Whether one attempt's outcome leaves the peer possibly holding the envelope (the rule
     `peer_may_hold` applies to the recorded attempts)."""
     if status is None:
         return not (error or "").startswith(NOT_SENT)
     return (
-        200 <= status < 300
+        is_success(status)
         or status in UNCERTAIN_STATUSES
         or (status == 503 and (error or "").startswith(UNCERTAIN_503))
     )

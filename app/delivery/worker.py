@@ -114,10 +114,6 @@ ROUND_CLAIMS = MAX_BATCH_ENVELOPES
 NO_BATCH_STATUS = {404, 405}
 
 
-def is_success(status: int) -> bool:
-    return 200 <= status < 300
-
-
 def worker_id() -> str:
     return f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
@@ -827,7 +823,7 @@ class Worker:
             # Refused as a whole (too large for the peer or for a proxy in between, or not
             # understood): each envelope may still go on its own, which settles it for good.
             return [self._deliver_one(job) for job in jobs]
-        if not is_success(status):
+        if not outbox.is_success(status):
             return [classify(status, body, retry_after) for _ in jobs]
         # Any success with one answer per envelope is read as the protocol's 200 (a 201 or
         # 207 failed every envelope for good, their receipts unread: from review).
@@ -863,7 +859,7 @@ class Worker:
     ) -> Outcome:
         """What the peer's answer to one envelope means: delivered with a verified receipt,
         to be tried again, or refused for good."""
-        if not is_success(status):
+        if not outbox.is_success(status):
             return classify(status, body, retry_after)
         # A success is read as one: with no valid receipt (a 202 or 204 included) the
         # envelope is posted again, never failed for good, since the peer may hold it and

@@ -684,6 +684,9 @@ class WriterCache:
             for writer, _ in self._writers.values():
                 writer.close()
             self._writers.clear()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
 
 
 # The writers of this process, kept between requests (app/evidence/router.py); the hourly

@@ -51,6 +51,11 @@ _holders = holders.PartHolders()
 WHOLE_PART_CHECKS = frozenset({"part_hash_mismatch", "manifest_mismatch"})
 
 
+def close_kept_receivers() -> None:
+    """At the app's shutdown: each kept receiver holds its staging file open."""
+    _receivers.close()
+
+
 def _kept_after_refusal(receiver: PartReceiver) -> bool:
     if receiver.failed:
         return False

@@ -15,7 +15,10 @@ from nacl.utils import random as random_bytes
 from app.crypto.envelope import KEY_BYTES, STREAM_HEADER_BYTES, ciphertext_length
 from app.evidence import drafts, inbound
 from app.evidence.blobstore import DirectoryBlobStore
-from app.evidence.stream import PartWriter
+from app.evidence.stream import CHUNK_BYTES, PartWriter
+from tests.conftest import Databases
+from tests.requests.conftest import serve_node
+from tests.requests.test_upload_key_streams import _draft
 
 
 def _held(name: str) -> list[str]:
@@ -136,3 +139,20 @@ def test_no_more_receivers_are_kept_than_the_limit(
         assert held == [False, False, True, True]
     finally:
         cache.close()
+
+
+def test_a_node_shutting_down_closes_the_writers_it_kept(
+    databases: Databases, tmp_path: Path
+) -> None:
+    """Each kept writer holds its staging file open: they stayed open after the app stopped
+    (ResourceWarnings in the suite; a process serving apps in turn held them all)."""
+    with serve_node(databases.new("ar", migrated=True), tmp_path) as ar:
+        draft_id, href = _draft(ar, 2 * CHUNK_BYTES)
+        began = ar.http.patch(
+            href,
+            content=b"\0" * CHUNK_BYTES,
+            headers={**ar.as_("officer"), "upload-offset": "0"},
+        )
+        assert began.status_code == 204, began.text
+        assert _held(drafts.upload_id(draft_id, 1))  # kept for the client's next PATCH
+    assert _held(drafts.upload_id(draft_id, 1)) == []
