@@ -293,28 +293,38 @@ class Policy:
             raise TooManyRequests(retry_after)
         if refused is None:
             return principal
-        # A refusal may block an address: recently trusted tokens are checked again.
-        token_cache(request).clear()
-        keys = [address_key]
-        if refused.client_id is not None:
-            keys.append(f"client:{refused.client_id}")
-        with unit_of_work(node.sessions) as session:
-            verdict = register_refusal(
-                session, keys, auth_limits(node.settings), actor=f"address:{source}"
-            )
-            if verdict.audit:
-                # Never the token itself: only the fact, the reason and where it came from.
-                record(
-                    session,
-                    actor=f"address:{source}",
-                    action="auth.failed",
-                    outcome=refused.code,
-                    # The route's template, never the path: the caller's own text.
-                    details={"route": route_of(request.scope)},
-                )
-        if verdict.retry_after is not None:
-            raise TooManyRequests(verdict.retry_after) from refused
+        retry_after = record_token_refused(request, node, refused, source)
+        if retry_after is not None:
+            raise TooManyRequests(retry_after) from refused
         raise refused
+
+
+def record_token_refused(
+    request: Request, node: Node, refused: TokenRefused, source: str
+) -> int | None:
+    """A refused token counted against its address and client, and on record as
+    `auth.failed` until they are throttled; the seconds the address is now blocked for, if
+    it is. At a call's start, or while it lasts (app/auth/lasting.py)."""
+    # A refusal may block an address: recently trusted tokens are checked again.
+    token_cache(request).clear()
+    keys = [f"address:{address_unit(source)}"]
+    if refused.client_id is not None:
+        keys.append(f"client:{refused.client_id}")
+    with unit_of_work(node.sessions) as session:
+        verdict = register_refusal(
+            session, keys, auth_limits(node.settings), actor=f"address:{source}"
+        )
+        if verdict.audit:
+            # Never the token itself: only the fact, the reason and where it came from.
+            record(
+                session,
+                actor=f"address:{source}",
+                action="auth.failed",
+                outcome=refused.code,
+                # The route's template, never the path: the caller's own text.
+                details={"route": route_of(request.scope)},
+            )
+    return verdict.retry_after
 
 
 def _record_forbidden(request: Request, node: Node, principal: Principal, allowed: str) -> None:

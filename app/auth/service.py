@@ -115,6 +115,19 @@ def authenticate(session: Session, token: str) -> Principal:
     )
 
 
+def withdrawn(session: Session, client_id: int) -> TokenRefused | None:
+    """Why a client authenticated earlier may no longer act: its token revoked or expired
+    since (a call that lasts, app/auth/lasting.py); None while it may."""
+    row = session.execute(
+        select(ApiClient.revoked_at, ApiClient.expires_at).where(ApiClient.id == client_id)
+    ).one_or_none()
+    if row is None or row.revoked_at is not None:
+        return TokenRefused("token revoked", code="revoked_token", client_id=client_id)
+    if row.expires_at is not None and row.expires_at <= utc_now():
+        return TokenRefused("token expired", code="expired_token", client_id=client_id)
+    return None
+
+
 def known_roles(stored: str) -> frozenset[Role]:
     """The roles of a client's stored list that this release knows. One a later release
     added (a database shared during an upgrade, or a release rolled back) grants nothing

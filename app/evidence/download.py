@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Generator, Iterator
 from urllib.parse import quote
 
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy.orm import Session
 
+from app.audit.log import record_alone
+from app.auth.lasting import StillAllowed, TokenWithdrawn
 from app.auth.service import Principal
 from app.db import unit_of_work
 from app.evidence.node_store import blob_store
@@ -21,12 +25,40 @@ from app.evidence.reading import (
 from app.node import Node
 from app.requests.service import actor_of, message_of, visible_case
 
+log = logging.getLogger(__name__)
+
 
 def _disposition(name: str) -> str:
     fallback = "".join(
         ch if ch.isascii() and ch.isprintable() and ch not in '"\\' else "_" for ch in name
     )
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name)}"
+
+
+def _while_allowed(
+    node: Node, plan: PlannedDownload, principal: Principal, chunks: Generator[bytes, None, None]
+) -> Iterator[bytes]:
+    """The plaintext, for as long as the client's token is valid (app/auth/lasting.py): a
+    download stopped so ends as a broken transfer, never as a short file taken for whole."""
+    try:
+        yield from StillAllowed(node, principal).through(chunks)
+    except TokenWithdrawn as stopped:
+        log.warning(
+            "download of %s/%s stopped: the client's token was withdrawn (%s)",
+            plan.msg_id,
+            plan.index,
+            stopped.refused.code,
+        )
+        record_alone(
+            node.sessions,
+            actor=actor_of(principal),
+            action="attachment.downloaded",
+            outcome=stopped.refused.code,
+            request_id=plan.request_id,
+            msg_id=plan.msg_id,
+            details={"index": plan.index, "detail": "stopped: the token was withdrawn meanwhile"},
+        )
+        raise
 
 
 def plan_streamed(
@@ -60,7 +92,7 @@ def streamed_response(
         return JSONResponse({"error": "stored_envelope_corrupt", "detail": detail}, status_code=500)
     # The media type is the peer's claim: reported, never used to render the bytes.
     return StreamingResponse(
-        download_chunks(node, store, plan, actor=actor),
+        _while_allowed(node, plan, principal, download_chunks(node, store, plan, actor=actor)),
         media_type="application/octet-stream",
         headers={
             "content-length": str(plan.size),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass, field
 
 from sqlalchemy import select
@@ -181,7 +181,7 @@ def record_download(
 
 def download_chunks(
     node: Node, store: BlobStore, plan: PlannedDownload, *, actor: str
-) -> Iterator[bytes]:
+) -> Generator[bytes, None, None]:
     """The plaintext, decrypted as it is sent (final tag and manifest hash checked)."""
     try:
         with store.open(plan.part.sha256) as blob:

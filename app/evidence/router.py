@@ -25,19 +25,28 @@ from typing import Annotated, TypeVar
 import anyio
 from fastapi import APIRouter, Header, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from app.audit.log import record_alone
+from app.auth.lasting import StillAllowed, TokenWithdrawn
 from app.auth.refusals import already_audited, record_refusal
 from app.auth.service import Principal
 from app.clock import ClockDep
 from app.config import body_idle_seconds
 from app.crypto.envelope import EnvelopeError
 from app.db import unit_of_work
-from app.deps import NodeDep, OfficerDep, SessionDep, UnitOfWorkRoute
+from app.deps import (
+    NodeDep,
+    OfficerDep,
+    SessionDep,
+    UnitOfWorkRoute,
+    record_token_refused,
+    source_address,
+)
 from app.errors import Conflict, NotFound, PayloadTooLarge
 from app.evidence import drafts, schemas
 from app.evidence.blobstore import DirectoryBlobStore, UploadBusy
@@ -410,13 +419,28 @@ async def upload(
         if upload_offset != writer.durable_offset:
             return await _offset_mismatch(request, node, writer.durable_offset, found.size)
         try:
-            # Encrypted in a worker thread while the next batch arrives.
+            # Encrypted in a worker thread while the next batch arrives, for as long as the
+            # officer's token is valid (app/auth/lasting.py).
             await feed_in_thread(
-                until_idle(request.stream(), body_idle_seconds(node.settings)), writer.write_all
+                until_idle(request.stream(), body_idle_seconds(node.settings)),
+                StillAllowed(node, principal).around(writer.write_all),
             )
         except ClientDisconnect:
             await run_in_threadpool(writer.checkpoint)
             raise
+        except TokenWithdrawn as stopped:
+            # Its whole chunks are kept, as after a break: the draft is its author's still,
+            # to resume under a valid token or discard.
+            await run_in_threadpool(writer.checkpoint)
+            refused = stopped.refused
+            await run_in_threadpool(
+                record_token_refused, request, node, refused, source_address(request)
+            )
+            return JSONResponse(
+                {"error": refused.code, "detail": f"{refused.detail} while the upload lasted"},
+                status_code=401,
+                headers={"connection": "close"},
+            )
         except BodyTimedOut as stalled:
             # The client may still be there: told, with where to resume (its whole chunks
             # are kept), on record as a silent JSON body is (app/main.py).

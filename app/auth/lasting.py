@@ -1,0 +1,67 @@
+"""Calls that last: a client's token checked again while its upload or download goes on.
+
+A token is checked when a call begins. An upload or a download of evidence may last hours
+(tens of GiB over a slow link): revoked meanwhile, because it leaked, its call went on to the
+end, and a download went on handing the evidence to whoever held it (from review). While
+such a call lasts, the client's token is read again every RECHECK_SECONDS, in the worker
+thread that already does the call's work; once it is revoked or expired, the call stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Generator, Iterator
+from typing import TypeVar
+
+from app.auth.service import Principal, TokenRefused, withdrawn
+from app.db import reading
+from app.node import Node
+
+RECHECK_SECONDS = 5.0
+T = TypeVar("T")
+
+
+class TokenWithdrawn(Exception):
+    """The client's token was revoked, or expired, while its call lasted."""
+
+    def __init__(self, refused: TokenRefused) -> None:
+        super().__init__(refused.detail)
+        self.refused = refused
+
+
+class StillAllowed:
+    def __init__(self, node: Node, principal: Principal, every: float | None = None) -> None:
+        self.node = node
+        self.principal = principal
+        self.every = RECHECK_SECONDS if every is None else every
+        self._due = time.monotonic() + self.every
+
+    def check(self) -> None:
+        """TokenWithdrawn if the token was revoked or expired; reads it at most once per
+        period (blocking: call it from a worker thread)."""
+        now = time.monotonic()
+        if now < self._due:
+            return
+        self._due = now + self.every
+        with reading(self.node.sessions) as session:
+            refused = withdrawn(session, self.principal.client_id)
+        if refused is not None:
+            raise TokenWithdrawn(refused)
+
+    def around(self, sink: Callable[[T], None]) -> Callable[[T], None]:
+        """`sink`, the token checked before each batch it takes."""
+
+        def checked(batch: T) -> None:
+            self.check()
+            sink(batch)
+
+        return checked
+
+    def through(self, chunks: Generator[bytes, None, None]) -> Iterator[bytes]:
+        """`chunks`, the token checked before each is handed on (and `chunks` closed, its
+        files with it, once stopped)."""
+        with contextlib.closing(chunks):
+            for chunk in chunks:
+                self.check()
+                yield chunk
