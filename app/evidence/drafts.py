@@ -331,6 +331,15 @@ def _opened_content(node: Node, draft: EvidenceDraft) -> tuple[bytes, dict[str, 
     return content_key, content
 
 
+def _shown_sha256(content_key: bytes, msg_id: bytes, row: EvidenceUpload) -> str | None:
+    """A complete attachment's hash for its draft's view; null if its record no longer
+    opens (the view is how its author finds the draft to discard; submission refuses it)."""
+    try:
+        return open_sha256(part_key(content_key, msg_id, row.part_index), row)
+    except DraftCorrupt:
+        return None
+
+
 def draft_view(
     session: Session, node: Node, store: DirectoryBlobStore, draft: EvidenceDraft
 ) -> schemas.DraftView:
@@ -346,11 +355,7 @@ def draft_view(
             offset=staged_offset(store, row),
             complete=complete,
             href=_href(draft.id, row.part_index),
-            sha256=(
-                open_sha256(part_key(content_key, msg_id, row.part_index), row)
-                if complete
-                else None
-            ),
+            sha256=_shown_sha256(content_key, msg_id, row) if complete else None,
         )
 
     return schemas.DraftView(

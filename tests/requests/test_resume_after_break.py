@@ -17,11 +17,14 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from sqlalchemy import update
 
+from app.db import unit_of_work
 from app.evidence import router
 from app.evidence.drafts import upload_id
 from app.evidence.node_store import blob_store
 from app.evidence.stream import CHUNK_BYTES, CIPHER_CHUNK
+from app.models import EvidenceUpload
 from tests.requests.conftest import Harness
 from tests.requests.test_upload_key_streams import _draft
 from tests.requests_cli import run_requests
@@ -221,3 +224,22 @@ def test_a_resumed_draft_of_the_same_file_is_submitted(ar: Harness, tmp_path: Pa
     )
     assert resumed.returncode == 0, resumed.stderr
     assert ar.get(f"/api/v1/evidence/drafts/{draft_id}").json()["state"] == "submitted"
+
+
+def test_a_draft_whose_recorded_hash_no_longer_opens_is_still_shown(ar: Harness) -> None:
+    """Its view shows no hash then (a 500 made the draft unreachable, even to discard it;
+    from review); `send --draft` refuses to submit it, and so does the node."""
+    data = os.urandom(5)
+    draft_id, href = _draft(ar, len(data))
+    done = ar.http.patch(href, content=data, headers={**ar.as_("officer"), "upload-offset": "0"})
+    assert done.status_code == 204, done.text
+    with unit_of_work(ar.node.sessions) as session:
+        session.execute(
+            update(EvidenceUpload)
+            .where(EvidenceUpload.draft_id == draft_id)
+            .values(sealed_sha256=b"\0" * 48)
+        )
+    view = ar.get(f"/api/v1/evidence/drafts/{draft_id}")
+    assert view.status_code == 200, view.text
+    assert view.json()["attachments"][0]["complete"] is True
+    assert view.json()["attachments"][0]["sha256"] is None
