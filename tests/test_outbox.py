@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +45,7 @@ from app.models import (
     Peer,
     PeerKey,
 )
+from app.requests import moves
 from tests.audit.test_witness import _peer
 from tests.conftest import Databases
 
@@ -1002,7 +1002,8 @@ def test_a_retry_and_a_later_messages_claim_at_once_keep_the_order(
     """An operator's retry of an earlier failed message and a worker's claim of a later one,
     each in a transaction the other cannot see yet: each checked a row the other was writing,
     both committed, and the later message was posted before the earlier one (PostgreSQL;
-    from review). Whichever comes first, the other now waits for it and sees it."""
+    from review). Whichever comes first, the other sees it: the claim skips the rows the
+    retry locked, and the retry, finding a later row locked, is refused as busy."""
     backend, factory = sessions
     if backend == "sqlite":
         pytest.skip("SQLite runs one writer at a time: neither can come in between")
@@ -1034,14 +1035,57 @@ def test_a_retry_and_a_later_messages_claim_at_once_keep_the_order(
                 retrying = pool.submit(
                     admin.retry_delivery, operator, delivery_id=first, actor="operator:test"
                 )
-                time.sleep(0.5)
-                assert not retrying.done(), "the retry did not wait for the claim under way"
-                worker.commit()
-                with pytest.raises(Conflict, match="out of order") as refused:
+                # Not waited for (a settlement locks the earlier rows after its own: waiting
+                # made a deadlock, from review): busy, to be asked again.
+                with pytest.raises(Conflict, match="ask again") as refused:
                     retrying.result(timeout=10)
-                assert refused.value.code == "overtaken"
+                assert refused.value.code == "delivery_busy"
                 operator.rollback()
+                worker.commit()
+                with pytest.raises(Conflict, match="out of order") as overtaken:
+                    with unit_of_work(factory) as session:  # asked again: the claim is seen
+                        admin.retry_delivery(session, delivery_id=first, actor="operator:test")
+                assert overtaken.value.code == "overtaken"
                 assert _state(factory, first)[0] == outbox.FAILED
     finally:
         operator.close()
         worker.close()
+
+
+def test_a_retry_never_waits_on_a_settlement_of_a_later_message(
+    sessions: tuple[str, sessionmaker[Session]],
+) -> None:
+    """A settlement locks its own row, then the request's earlier rows whose move it may
+    undo; a retry that waited on the later row made a cycle: PostgreSQL's deadlock error for
+    one of them (from review). The retry is refused as busy; the settlement goes on."""
+    backend, factory = sessions
+    if backend == "sqlite":
+        pytest.skip("SQLite runs one writer at a time: neither can come in between")
+    first, second = _one_conversation(factory, 2)
+    now = utc_now()
+    with unit_of_work(factory) as session:  # the earlier one failed, its move kept
+        session.execute(
+            update(OutboxItem)
+            .where(OutboxItem.id == first)
+            .values(state="failed", move_kept_at=now, moved_from="queued", moved_to="sent")
+        )
+        session.execute(update(OutboxItem).where(OutboxItem.id == second).values(state="retry"))
+    worker, operator = factory(), factory()
+    try:
+        (claim,) = outbox.claim_due(worker, now=utc_now(), lease=LEASE, limit=8, owner="w")
+        assert claim.outbox_id == second
+        # As settle_batch takes them: its own row first ...
+        item = worker.get(OutboxItem, second, with_for_update=True, populate_existing=True)
+        assert item is not None
+        message = worker.get(Message, item.message_id)
+        assert message is not None
+        with pytest.raises(Conflict, match="ask again"):
+            admin.retry_delivery(operator, delivery_id=first, actor="operator:test")
+        operator.rollback()
+        item.state = outbox.FAILED
+        # ... then the earlier rows whose moves it undoes: nothing of the retry's in the way.
+        moves.undo_if_lost(worker, item, message, now=utc_now(), why="failed")
+        worker.commit()
+    finally:
+        worker.close()
+        operator.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.audit.log import Event, record, record_many
@@ -116,18 +116,28 @@ def _refuse_if_overtaken(session: Session, item: OutboxItem) -> None:
     once a later one is delivered or being posted, this one, retried, would be applied on
     top of it, to a state its sender never had (from review).
 
-    The later rows are locked (in id order, after this one, as every writer takes them):
-    read unlocked, a worker's claim of one, not yet committed, was not seen, nor this retry
-    by the claim, and both committed (PostgreSQL; from review). Locked, a claim under way
-    is waited for and seen, and a claim after this skips the locked rows."""
+    The later rows are locked: read unlocked, a worker's claim of one, not yet committed,
+    was not seen, nor this retry by the claim, and both committed (PostgreSQL; from review).
+    Locked, a claim after this skips them. One held by another transaction now (a claim or
+    a settlement under way) is not waited for: a settlement locks this request's earlier
+    rows after its own, and waiting made a cycle (from review: a deadlock); the retry is
+    refused as busy, to be asked again in a moment."""
     if item.request_id is None:
         return
+    later_of_request = (OutboxItem.request_id == item.request_id, OutboxItem.id > item.id)
     later_rows = session.execute(
         select(OutboxItem.id, OutboxItem.state)
-        .where(OutboxItem.request_id == item.request_id, OutboxItem.id > item.id)
+        .where(*later_of_request)
         .order_by(OutboxItem.id)
-        .with_for_update()
+        .with_for_update(skip_locked=True)
     ).all()
+    counted = select(func.count()).select_from(OutboxItem).where(*later_of_request)
+    if len(later_rows) < (session.scalar(counted) or 0):
+        raise Conflict(
+            "a later message of this request is being posted or settled at this moment: "
+            "ask again in a few seconds",
+            code="delivery_busy",
+        )
     later = next(
         (row.id for row in later_rows if row.state in (outbox.IN_FLIGHT, outbox.DELIVERED)), None
     )
