@@ -718,13 +718,14 @@ def restore_backup(
 
 def _refuse_moving_back(settings: Settings, manifest: dict[str, Any], written: list[Path]) -> None:
     """A restore moves the record of what the log key signed (`log-signed.json`) back to
-    the backup's log, and signs over it. Where the record says the key signed more than the
-    backup holds, that record may be a live node's: a restore drill on its host, with its
-    keys folder, made the live node find its own log "rolled back", and sign nothing more,
-    while the same key signed a second history, a fork its peers report as a split view
-    (from review). Refused unless the operator says that is the point. A record this
-    restore just wrote (from the backup's keys, into an empty keys folder) is no live
-    node's."""
+    the backup's log, signs over it, and records that. A record that says the key signed as
+    much as the backup holds, or more, may be a live node's: a restore drill on its host,
+    with its keys folder, made the live node find its own log "rolled back" (even a quiet
+    one, whose record was the backup's own: the restore signs one entry more), and sign
+    nothing more, while the same key signed a second history, a fork its peers report as a
+    split view (from review). Refused unless the operator says that is the point. A record
+    this restore just wrote (from the backup's keys, into an empty keys folder), or one
+    older than the backup (no node that made this backup has it), is no live node's."""
     anchor = SignedLogAnchor.of(settings)
     found = anchor.path if anchor.path.exists() or anchor.moved_from is None else anchor.moved_from
     if found in written:
@@ -736,17 +737,15 @@ def _refuse_moving_back(settings: Settings, manifest: dict[str, Any], written: l
     if signed is None:
         return
     at_backup = _backup_checkpoint(manifest)
-    if at_backup is not None and (
-        signed.size < at_backup.size  # older than the backup (a keys backup's): moved on
-        or (signed.size, signed.root) == (at_backup.size, at_backup.root_hash)
-    ):
-        return
+    if at_backup is not None and signed.size < at_backup.size:
+        return  # older than the backup (an older keys backup's)
     backup_holds = f"{at_backup.size} entries" if at_backup is not None else "an unsigned log"
     raise BackupError(
         f"{anchor.path} records that this node's log key signed a log of {signed.size} "
-        f"entries; the backup's was signed at {backup_holds}. Restoring moves the log back "
-        "and that record with it: a node still running with these keys would find its own "
-        "log rolled back and sign nothing more. To put this node back to the backup, add "
+        f"entries; the backup's was signed at {backup_holds}. Restoring signs over the "
+        "backup's log and moves that record to it: a node still running with these keys "
+        "would find its own log rolled back and sign nothing more. To put this node back to "
+        "the backup, add "
         "--move-log-back (and tell your peers, docs/operations.md §5). For a restore drill, "
         "use a copy of the keys folder (cp -a) and a signed-log file of its own, never the "
         "live node's, then add --move-log-back"
