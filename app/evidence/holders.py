@@ -7,7 +7,9 @@ chunk, within the idle limit: the real sender was refused `409 part_busy` for as
 went on (from review). A PUT whose signature verifies, at the offset where the part stands,
 takes the part over from one that has stored no chunk for STALLED_IDLE_PERIODS idle limits;
 one that stores chunks is never taken over. Within one process only: a PUT held by another
-replica behind the same address is waited out as before.
+replica behind the same address is waited out as before. This bounds one replay; replays
+repeated as each is taken over still hold the part (nothing tells them from the sender's own
+PUTs): the remedy is a fresh element in the signature, a protocol change (from review).
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ class Holder:
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     released: anyio.Event = field(default_factory=anyio.Event)
     stored_at: float = field(default_factory=time.monotonic)  # its start, or its last chunk
+    # Its last chunk stored as it was cancelled (a thread's work is not cut short): it
+    # completed the part, and its taker has nothing to take (from review).
+    completed: bool = False
 
     def storing(self, sink: Callable[[list[bytes]], None]) -> Callable[[list[bytes]], None]:
         """`sink`, noting when it stores a chunk (it runs in a worker thread)."""
@@ -74,6 +79,10 @@ class PartHolders:
         if holder is None or holder.offset() != offset or not holder.stalled(seconds):
             return None
         return holder
+
+
+class PartCompleted(Exception):
+    """The PUT taken over completed the part as it let it go."""
 
 
 async def take_over(holder: Holder) -> bool:

@@ -293,6 +293,8 @@ async def put_part(
     store = blob_store(node.settings)
     try:
         receiver = await _take(node, store, target, put)
+    except holders.PartCompleted:
+        return Response(status_code=204, headers=_headers(target.length, target.length))
     except UploadBusy as exc:
         raise EnvelopeRefused("part_busy", "this part is being received", status_code=409) from exc
     except env.EnvelopeError as exc:
@@ -328,6 +330,8 @@ async def _take(
         holder = _holders.stalled(name, put.offset, stalled_for)
         if put.signature is None or holder is None or not await holders.take_over(holder):
             raise
+        if holder.completed:
+            raise holders.PartCompleted() from None
     receiver = await run_in_threadpool(_receivers.take, store, target)
     await run_in_threadpool(
         functools.partial(
@@ -374,7 +378,7 @@ async def _receive(
                     until_idle(request.stream(), body_idle_seconds(node.settings)),
                     holder.storing(receiver.write_all),
                 )
-            if holder.scope.cancelled_caught:  # taken over: its whole chunks kept
+            if holder.scope.cancelled_caught and not receiver.complete:  # taken over
                 offset = await run_in_threadpool(receiver.checkpoint)
                 return JSONResponse(
                     {
@@ -420,6 +424,7 @@ async def _receive(
             offset = await run_in_threadpool(receiver.checkpoint)
             return Response(status_code=204, headers=_headers(offset, target.length))
         keep = False
+        holder.completed = True  # a PUT taking the part over meanwhile finds it done
         try:
             accepted = await run_in_threadpool(
                 _completed, node, msg_id, index, receiver, receiver.opened_at
