@@ -504,6 +504,8 @@ def _unloadable_label(cursor: Any) -> str | None:
 
 # SQLSTATE of PostgreSQL's disk_full (class 53, insufficient resources).
 PG_DISK_FULL = "53100"
+# SQLSTATE read_only_sql_transaction: a standby, or a database set read-only.
+PG_READ_ONLY = "25006"
 
 
 def driver_error_name(exc: BaseException) -> str:
@@ -524,6 +526,21 @@ def database_full(exc: BaseException) -> bool:
     outage that passes by itself, but one the operator ends by making room (from review:
     answered `503 database_unavailable`, logged as a class name, /readyz ready)."""
     return driver_error_name(exc) in ("SQLITE_FULL", f"SQLSTATE {PG_DISK_FULL}")
+
+
+def database_unwritable(exc: BaseException) -> str | None:
+    """What keeps the database from taking any write, if `exc` says so: a read-only file or
+    folder, a file-size limit, a standby. Like a full disk, not an outage that passes by
+    itself (from review: every write answered 503 while /readyz said ready and doctor found
+    no problem); None for any other failure."""
+    name = driver_error_name(exc)
+    if name.startswith("SQLITE_READONLY"):
+        return f"is read-only ({name}: check the file's and its folder's owner and mode)"
+    if name == "SQLITE_IOERR_WRITE":
+        return f"could not be written ({name}: a file-size or quota limit, or the disk)"
+    if name == f"SQLSTATE {PG_READ_ONLY}":
+        return f"is read-only ({name}: a standby, or default_transaction_read_only)"
+    return None
 
 
 def undecodable_column(exc: BaseException) -> str | None:

@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
-from sqlalchemy.exc import DataError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, InternalError, OperationalError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -31,6 +31,7 @@ from app.db import (
     Unreadable,
     UnreadableValue,
     database_full,
+    database_unwritable,
     driver_error_name,
     unreadable,
 )
@@ -477,7 +478,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return response
 
     @app.exception_handler(OperationalError)
-    async def _database_down(_request: Request, exc: OperationalError) -> JSONResponse:
+    async def _database_down(_request: Request, exc: DBAPIError) -> JSONResponse:
         found = unreadable(exc)
         if found is not None:  # /readyz says ready meanwhile: no outage
             return await _damaged(_request, found)
@@ -490,8 +491,22 @@ def install_error_handlers(app: FastAPI) -> None:
                 "this node's database is full: nothing of this call was stored; retry once "
                 "its operator has made room",
             )
-        log.error("database unavailable: %s", driver_error_name(exc))
+        unwritable = database_unwritable(exc)
+        if unwritable is not None:
+            _request.app.state.storage_full.note("database", unwritable)
+            log.error("database unavailable: the database %s", unwritable)
+        else:
+            log.error("database unavailable: %s", driver_error_name(exc))
         return _error(503, "database_unavailable", "the database is unavailable; retry later")
+
+    @app.exception_handler(InternalError)
+    async def _database_refused(_request: Request, exc: InternalError) -> JSONResponse:
+        # PostgreSQL's read-only transaction (a standby, default_transaction_read_only) is
+        # an InternalError to the driver: a 500 per write (from review), where it is the
+        # database out of reach for writes, as a read-only SQLite file is.
+        if database_unwritable(exc) is not None:
+            return await _database_down(_request, exc)
+        return await _bug(_request, exc)
 
     @app.exception_handler(DataError)
     async def _unstorable(_request: Request, exc: DataError) -> JSONResponse:

@@ -33,6 +33,7 @@ from app.db import (
     Unreadable,
     commit_without_waiting,
     database_full,
+    database_unwritable,
     driver_error_name,
     read_snapshot,
     unit_of_work,
@@ -381,6 +382,11 @@ class Worker:
                 "room is made; retrying",
                 driver_error_name(exc),
             )
+            return 0
+        unwritable = database_unwritable(exc)
+        if unwritable is not None:
+            self.node.storage_full.note("database", unwritable)
+            log.error("delivery round failed: the database %s; retrying", unwritable)
             return 0
         log.error("delivery round failed (%s); retrying", driver_error_name(exc))
         return 0

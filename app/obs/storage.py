@@ -23,20 +23,28 @@ class StorageFull:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._last: tuple[float, datetime, str] | None = None
+        self._last: tuple[float, datetime, str, str | None] | None = None
 
-    def note(self, what: str) -> None:
+    def note(self, what: str, why: str | None = None) -> None:
+        """`what` (the database, evidence storage) was full, or, with `why`, took no write
+        for that reason (read-only, say: app/db.py `database_unwritable`)."""
         with self._lock:
-            self._last = (time.monotonic(), utc_now(), what)
+            self._last = (time.monotonic(), utc_now(), what, why)
 
     def check(self) -> str:
         with self._lock:
             last = self._last
         if last is None or time.monotonic() - last[0] > self.WINDOW_SECONDS:
             return OK
+        _, at, what, why = last
+        if why is not None:
+            return (
+                f"failing: the {what} {why}, at {format_time(at)} (within the last minute): "
+                "writes were refused (503); this clears a minute after the last refusal"
+            )
         # Past tense: room may have been made since; this says only when it was last full.
         return (
-            f"failing: the {last[2]} was full at {format_time(last[1])} (within the last "
+            f"failing: the {what} was full at {format_time(at)} (within the last "
             "minute): writes were refused (507 insufficient_storage); once room is made, "
             "this clears a minute after the last refusal"
         )

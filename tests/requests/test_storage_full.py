@@ -18,7 +18,7 @@ from sqlalchemy import event, func, select
 
 from app.db import database_full, driver_error_name, unit_of_work
 from app.models import CaseFile, OutboxItem
-from tests.conftest import migrated_sqlite
+from tests.conftest import Databases, migrated_sqlite
 from tests.requests.conftest import EXAMPLE, serve_node
 
 
@@ -76,3 +76,40 @@ def test_postgresqls_disk_full_is_told_apart_by_its_sqlstate() -> None:
     assert driver_error_name(psycopg.errors.DiskFull()) == "SQLSTATE 53100"
     assert not database_full(psycopg.errors.AdminShutdown())
     assert not database_full(psycopg.OperationalError("connection refused"))
+
+
+def test_a_database_that_takes_no_write_fails_readiness(
+    databases: Databases, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A read-only database file (its owner or mode changed, a file-size limit; on
+    PostgreSQL a standby): every write answered 503 while /readyz said ready, and nothing
+    said why (from review). /readyz fails `storage`, and the log says what it is."""
+    backend = databases.backend
+    with serve_node(databases.new("ar", migrated=True), tmp_path / "ar") as ar:
+        assert ar.post("/api/v1/requests", _request()).status_code == 201
+        engine = ar.node.engine
+
+        @event.listens_for(engine, "connect")
+        def _read_only(dbapi_connection: Any, _record: Any) -> None:
+            if backend == "sqlite":
+                dbapi_connection.execute("PRAGMA query_only = 1")
+            else:
+                with dbapi_connection.cursor() as cursor:
+                    cursor.execute("SET default_transaction_read_only = on")
+                dbapi_connection.commit()  # as app/db.py sets its time zone: kept
+
+        engine.dispose()
+        try:
+            with caplog.at_level(logging.ERROR, logger="app.main"):
+                refused = ar.post("/api/v1/requests", _request())
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["error"] == "database_unavailable"
+            assert "database unavailable: the database is read-only (" in caplog.text
+            ready = ar.http.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.json()["checks"]["storage"].startswith(
+                "failing: the database is read-only ("
+            )
+        finally:
+            event.remove(engine, "connect", _read_only)
+            engine.dispose()
