@@ -7,8 +7,10 @@ changes the node; peers are only asked for their public identity document.
 
 from __future__ import annotations
 
+import os
 import pwd
 import re
+import shutil
 import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -444,6 +446,7 @@ def check_database(settings: Settings, engine: Engine) -> Iterator[Finding]:
         )
         return
     yield Finding(OK, "database", f"reachable ({engine.dialect.name}), schema current")
+    yield from check_writable(settings, engine)
     now = utc_now()
     with engine.connect() as connection:
         failed = connection.scalar(
@@ -498,6 +501,61 @@ def check_database(settings: Settings, engine: Engine) -> Iterator[Finding]:
         )
 
 
+# Free space below which a volume the node writes to is reported: failing under the first
+# (a few requests' worth of rows or one chunk of evidence), and a warning under the share.
+FREE_BYTES_FAILING = 256 * 2**20
+FREE_SHARE_WARNING = 0.05
+
+
+def check_writable(settings: Settings, engine: Engine) -> Iterator[Finding]:
+    """Whether the node can write what it must: its database (a read-only file or folder, a
+    read-only PostgreSQL), and room on the volumes of its database and evidence. Each made
+    every write fail while doctor said "No problem found" (from review). Run as the node's
+    user: an administrator may write where the node cannot."""
+    folders: list[tuple[str, Path]] = []
+    database = sqlite_file(settings.database_url)
+    if database is not None:
+        folders.append(("database", database.parent))
+        for path in (database, database.parent):  # the folder: its journal and WAL
+            if path.exists() and not os.access(path, os.W_OK):
+                yield Finding(
+                    FAIL,
+                    "database",
+                    f"{path} is not writable by this user ({_user_name(os.getuid())}): every "
+                    "write is refused (503); give it back to the node's user (chown, chmod u+w)",
+                )
+    else:
+        with engine.connect() as connection:
+            read_only = connection.exec_driver_sql("SHOW transaction_read_only").scalar()
+        if read_only == "on":
+            yield Finding(
+                FAIL,
+                "database",
+                "the database takes no write (transaction_read_only is on: a standby, or "
+                "default_transaction_read_only): point ENTRAIDE_DATABASE_URL at the primary",
+            )
+    folders.append(("evidence", blob_root(settings.blob_dir, settings.keys_dir)))
+    for what, folder in folders:
+        try:
+            usage = shutil.disk_usage(folder)
+        except OSError:
+            continue  # a folder missing is said by its own check
+        if usage.free < FREE_BYTES_FAILING:
+            yield Finding(
+                FAIL,
+                "storage",
+                f"the {what} volume ({folder}) has {usage.free // 2**20} MiB free: writes "
+                "will be refused (507); make room",
+            )
+        elif usage.free < usage.total * FREE_SHARE_WARNING:
+            yield Finding(
+                WARN,
+                "storage",
+                f"the {what} volume ({folder}) is {100 - 100 * usage.free // usage.total}% "
+                f"full ({usage.free // 2**20} MiB free)",
+            )
+
+
 def _missing_blobs(settings: Settings, engine: Engine) -> Iterator[Finding]:
     """Evidence that stored messages name and the blob folder no longer holds: after a
     restore without the blob folder (it is not in `entraide backup`), a download said only
@@ -509,11 +567,15 @@ def _missing_blobs(settings: Settings, engine: Engine) -> Iterator[Finding]:
         return
     root = blob_root(settings.blob_dir, settings.keys_dir)
     if not (root / "blobs").is_dir():
+        # Its subfolder, not the folder: an operator who made the folder again found
+        # "missing" said of a folder that was there (from review).
         yield Finding(
             FAIL,
             "evidence",
-            f"the evidence folder {root} is missing (a volume not mounted?), and stored "
-            "messages name evidence in it: put it back (ENTRAIDE_BLOB_DIR, docs/operations.md §5)",
+            f"the evidence folder {root / 'blobs'} is missing (a volume not mounted?), and "
+            "stored messages name evidence in it: put it back (ENTRAIDE_BLOB_DIR, "
+            "docs/operations.md §5), then restart the node, which makes its subfolders as it "
+            "starts",
         )
         return
 

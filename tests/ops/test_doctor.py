@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,16 +16,19 @@ import httpx
 import pytest
 from alembic import command
 from alembic.script import ScriptDirectory
+from sqlalchemy.engine import make_url
 
 from app.audit.mac import append_with
 from app.config import Settings
 from app.crypto.identity import build_identity_document
 from app.crypto.keys import NodeIdentity, NodeKeys
+from app.db import make_engine
 from app.doctor import (
     FAIL,
     OK,
     WARN,
     _check_peer,
+    check_writable,
     clock_verdict,
     redacted_url,
     skew_from_date_header,
@@ -32,7 +36,7 @@ from app.doctor import (
 from app.localnodes import LocalNode
 from app.migrate import alembic_config
 from app.peers.client import IDENTITY_PATH
-from tests.conftest import make_databases, migrated_sqlite, require_postgres
+from tests.conftest import _admin_execute, make_databases, migrated_sqlite, require_postgres
 
 
 def _previous_revision(url: str) -> str:
@@ -470,3 +474,47 @@ def test_init_in_a_folder_that_does_not_exist_says_so(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert f"the folder {missing.parent} of the database does not exist" in result.stderr
     assert not node.keys_dir.exists()
+
+
+def test_doctor_fails_a_database_that_takes_no_write(tmp_path: Path) -> None:
+    """A read-only PostgreSQL database (a standby, default_transaction_read_only): every
+    write refused while doctor said "No problem found" (from review)."""
+    databases = make_databases("postgresql", tmp_path)
+    try:
+        url = databases.new("ro", migrated=True)
+        name = make_url(url).database
+        _admin_execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+        settings = Settings(database_url=url, keys_dir=tmp_path / "keys")
+        engine = make_engine(url)
+        try:
+            found = list(check_writable(settings, engine))
+        finally:
+            engine.dispose()
+        assert [(finding.level, finding.area) for finding in found] == [(FAIL, "database")]
+        assert "transaction_read_only is on" in found[0].message
+    finally:
+        databases.drop_all()
+
+
+def test_doctor_fails_a_volume_without_room(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk under the database or the evidence: /readyz failed, doctor said nothing
+    (from review). What `shutil.disk_usage` says of the volume is what the check reads."""
+    url = migrated_sqlite(tmp_path / "node.db")
+    settings = Settings(database_url=url, keys_dir=tmp_path / "keys")
+    usage = shutil._ntuple_diskusage  # type: ignore[attr-defined]
+    free = {"full": usage(10 * 2**30, 10 * 2**30 - 2**20, 2**20), "tight": usage(100, 97, 3)}
+    engine = make_engine(url)
+    try:
+        monkeypatch.setattr(shutil, "disk_usage", lambda _path: free["full"])
+        found = [(f.level, f.area) for f in check_writable(settings, engine)]
+        assert found == [(FAIL, "storage"), (FAIL, "storage")]  # database, evidence
+        monkeypatch.setattr(shutil, "disk_usage", lambda _path: free["tight"])
+        found = [(f.level, f.area) for f in check_writable(settings, engine)]
+        assert found == [(FAIL, "storage"), (FAIL, "storage")]  # 3 bytes: under 256 MiB
+        monkeypatch.setattr(shutil, "disk_usage", lambda _path: usage(2**40, 2**40 - 2**35, 2**35))
+        found = [(f.level, f.area) for f in check_writable(settings, engine)]
+        assert found == [(WARN, "storage"), (WARN, "storage")]  # 32 GiB of 1 TiB: 97% full
+    finally:
+        engine.dispose()
