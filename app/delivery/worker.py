@@ -41,6 +41,7 @@ from app.db import (
 )
 from app.delivery import damage, heartbeat, outbox, upkeep
 from app.delivery.clocksteps import ClockWatch, boot_clock
+from app.delivery.failing_peers import FailingPeers
 from app.delivery.held_peers import HeldPeers
 from app.delivery.settle import Outcome, settle_batch
 from app.delivery.witnessing import Witnessing
@@ -297,6 +298,7 @@ class Worker:
             node.sessions, self.outbox_upkeep, every_seconds=node.settings.worker_heartbeat_seconds
         )
         self._heartbeats = upkeep.HeartbeatWatch(node.settings.worker_heartbeat_seconds)
+        self._failing_peers = FailingPeers()
         # The heartbeat goes on until the posts under way have ended, a stop included: a
         # worker that stopped beating at once was taken for dead while it still posted, and
         # its post was sent again by another (from review).
@@ -680,6 +682,11 @@ class Worker:
             key=lambda result: result[0].outbox_id,
         )
         settled = self._settle(results)
+        self._failing_peers.observe(
+            (claim.peer_authority, outcome)
+            for (claim, outcome), ok in zip(results, settled, strict=True)
+            if ok
+        )
         # Each new checkpoint note the receipts carried is witnessed beside the rounds.
         for (claim, outcome), ok in zip(results, settled, strict=True):
             note = outcome.receipt.checkpoint if outcome.receipt is not None else None

@@ -7,6 +7,7 @@ moved here as the wall clock moves, the boot clock it checks it against going on
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
@@ -21,6 +22,8 @@ from app.delivery import heartbeat, outbox
 from app.delivery import settle as settle_module
 from app.delivery import worker as worker_module
 from app.delivery.clocksteps import boot_clock
+from app.delivery.failing_peers import FailingPeers
+from app.delivery.settle import Outcome
 from app.delivery.worker import Worker
 from app.models import Message, OutboxItem, WorkerHeartbeat
 from tests.requests.conftest import EXAMPLE, Harness
@@ -155,3 +158,33 @@ def test_the_first_claim_after_a_held_step_takes_over_no_live_workers_delivery(
     with unit_of_work(ar.node.sessions) as session:
         item = session.scalars(select(OutboxItem).where(OutboxItem.request_id == request_id)).one()
         assert (item.state, item.lease_owner, item.attempts) == (outbox.IN_FLIGHT, "other", 1)
+
+
+def test_a_peers_failing_deliveries_are_said_once_in_the_log(
+    fresh_ar: Harness, worker: Worker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Retried deliveries were recorded but never logged until they gave up for good, days
+    later (from review: a peer down, and nothing in the log). Once when they start failing,
+    not at every attempt."""
+    request_id = _submit(fresh_ar, "emergency")
+    with caplog.at_level(logging.INFO, logger="app.delivery.failing_peers"):
+        state, attempts, _, error = _rounds_until(worker, fresh_ar, request_id, 3, timeout=60)
+    assert attempts >= 3, (state, error)
+    said = [r.getMessage() for r in caplog.records if r.name == "app.delivery.failing_peers"]
+    assert len(said) == 1, said
+    assert said[0].startswith("deliveries to ES/MJ are failing (transport: ConnectError)")
+
+
+def test_a_peers_deliveries_succeeding_again_are_said_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    peers = FailingPeers()
+    failed = Outcome(outbox.RETRY, "transport: ConnectError")
+    delivered = Outcome(outbox.DELIVERED)
+    with caplog.at_level(logging.INFO, logger="app.delivery.failing_peers"):
+        peers.observe([("ES/MJ", failed), ("ES/MJ", failed), ("FR/MJ", delivered)])
+        peers.observe([("ES/MJ", delivered), ("ES/MJ", delivered)])
+    said = [r.getMessage() for r in caplog.records if r.name == "app.delivery.failing_peers"]
+    assert len(said) == 2, said
+    assert said[0].startswith("deliveries to ES/MJ are failing (transport: ConnectError)")
+    assert said[1] == "deliveries to ES/MJ succeed again"
