@@ -44,7 +44,7 @@ from app.crypto.receipts import (
     verify_receipt,
 )
 from app.crypto.rotation import Rotation, RotationError, check_path_times
-from app.db import reading, unit_of_work
+from app.db import unit_of_work
 from app.errors import PeerError
 from app.models import Peer, PeerKey
 from app.node import Node
@@ -260,10 +260,6 @@ def refresh_peer_keys(
         if identity.authority_id != authority:
             raise IdentityError("the document at the pinned URL is another authority's")
         check_not_own_keys(identity, node.keys)
-        with reading(node.sessions) as session:
-            other = another_peers_key(session, identity)
-        if other is not None:
-            raise IdentityError(f"the new keys include a public key pinned for {other}")
         path = identity.rotation_path(pinned)
         if path is None:
             raise IdentityError("the new keys are not signed by a chain from the pinned key")
@@ -322,35 +318,6 @@ _PINNED = select(
     _PEERS.c.encryption_key,
     _PEERS.c.suspended_at,
 )
-
-
-def another_peers_key(session: Session, identity: PeerIdentity) -> str | None:
-    """The authority of another pinned peer that published one of `identity`'s public keys,
-    now or before. A key's id is its holder's alone: an encryption key is any 32 bytes, so a
-    peer could publish another's signing key as its own, and each lookup by key id that
-    forgot whose it is took one peer's key for the other's (from review: a revoked key of
-    one blocked the receipts of another). Each node makes its own keys."""
-    published = [
-        identity.signing.public_key,
-        identity.encryption.public_key,
-        identity.log.public_key,
-    ]
-    others = (PeerKey.peer_authority != identity.authority_id,)
-    found = session.scalar(
-        select(PeerKey.peer_authority).where(PeerKey.public_key.in_(published), *others).limit(1)
-    )
-    if found is not None:
-        return found
-    return session.scalar(
-        select(Peer.authority_id)
-        .where(
-            Peer.authority_id != identity.authority_id,
-            Peer.signing_key.in_(published)
-            | Peer.encryption_key.in_(published)
-            | Peer.log_key.in_(published),
-        )
-        .limit(1)
-    )
 
 
 def pinned_keys(session: Session, authority_id: str) -> PinnedKeys | None:

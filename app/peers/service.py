@@ -27,7 +27,6 @@ from app.oneline import is_one_line
 from app.peers.client import check_peer_url, fetch_identity
 from app.peers.keys import (
     ENCRYPTION,
-    another_peers_key,
     apply_rotation,
     remember_current_keys,
     retire_dropped_encryption_key,
@@ -92,13 +91,6 @@ def pin_peer(
     if identity.authority_id == own_authority:
         raise BadRequest("a node cannot pin itself", code="self_pin")
     refuse_own_keys(identity, own_keys)
-    other = another_peers_key(session, identity)
-    if other is not None:
-        raise BadRequest(
-            f"{identity.authority_id} publishes a public key pinned for {other}: each node "
-            "makes its own keys (`entraide init`); ask its operator",
-            code="keys_of_another_peer",
-        )
     now = utc_now()
     try:
         check_issued_at(identity, now=now, skew=clock_skew)

@@ -10,11 +10,9 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import SimpleNamespace
-from typing import cast
 
 import pytest
-from nacl.public import PrivateKey, PublicKey
+from nacl.public import PrivateKey
 from nacl.signing import SigningKey
 from sqlalchemy import select
 
@@ -138,30 +136,3 @@ def test_a_pinned_peer_whose_new_document_claims_our_log_key_is_not_followed(
         ).one()
     assert entry.outcome == "rotation_refused"
     assert "copy of this node's keys folder" in json.loads(entry.entry)["details"]["reason"]
-
-
-def test_a_peer_publishing_another_peers_key_is_not_pinned(ar: Harness) -> None:
-    """An encryption key is any 32 bytes: a peer published another's signing key as its own
-    encryption key, and once that key was revoked (re-pinned with a new one), every receipt of
-    the other peer, signed with the key of the same id, was taken for one signed by a revoked
-    key (from review). Each node's keys are its own: refused, on record."""
-    honest = ar.peer_keys  # ES/MJ's, pinned
-    # Only its public half is published: any 32 bytes, here ES/MJ's signing key.
-    published = cast(PrivateKey, SimpleNamespace(public_key=PublicKey(honest.signing_public)))
-    hostile = NodeKeys(SigningKey.generate(), published, SigningKey.generate())
-    with identity_served({}) as url:
-        pass
-    document = build_identity_document(
-        NodeIdentity("XX/EVIL", "Hostile", url), hostile, issued_at=utc_now()
-    )
-    with identity_served(document) as url:
-        response = ar.http.post(
-            "/api/v1/admin/peers",
-            json={"url": url, "fingerprint": fingerprint(hostile.signing_public)},
-            headers=ar.as_("admin"),
-        )
-    assert response.status_code == 400, response.text
-    assert response.json()["error"] == "keys_of_another_peer"
-    assert "pinned for ES/MJ" in response.json()["detail"]
-    with unit_of_work(ar.node.sessions) as session:
-        assert session.scalar(select(Peer).where(Peer.authority_id == "XX/EVIL")) is None
