@@ -10,13 +10,19 @@ thread that already does the call's work; once it is revoked or expired, the cal
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Generator, Iterator
 from typing import TypeVar
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from app.auth.service import Principal, TokenRefused, withdrawn
+from app.crypto.encoding import utc_now
 from app.db import reading
 from app.node import Node
+
+log = logging.getLogger(__name__)
 
 RECHECK_SECONDS = 5.0
 T = TypeVar("T")
@@ -39,13 +45,30 @@ class StillAllowed:
 
     def check(self) -> None:
         """TokenWithdrawn if the token was revoked or expired; reads it at most once per
-        period (blocking: call it from a worker thread)."""
+        period (blocking: call it from a worker thread). A read that fails (a database
+        failing over, a pool exhausted) stops nothing: tried again next period. A call of
+        hours made thousands of these reads, and one failing cut a download that cannot be
+        resumed (from review); its expiry needs no read."""
         now = time.monotonic()
         if now < self._due:
             return
         self._due = now + self.every
-        with reading(self.node.sessions) as session:
-            refused = withdrawn(session, self.principal.client_id)
+        expires = self.principal.expires_at
+        if expires is not None and expires <= utc_now():
+            raise TokenWithdrawn(
+                TokenRefused(
+                    "token expired", code="expired_token", client_id=self.principal.client_id
+                )
+            )
+        try:
+            with reading(self.node.sessions) as session:
+                refused = withdrawn(session, self.principal.client_id)
+        except (SQLAlchemyError, TimeoutError) as exc:
+            log.warning(
+                "could not read again whether a client's token is valid (%s); the call goes on",
+                type(exc).__name__,
+            )
+            return
         if refused is not None:
             raise TokenWithdrawn(refused)
 

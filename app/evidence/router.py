@@ -25,7 +25,6 @@ from typing import Annotated, TypeVar
 import anyio
 from fastapi import APIRouter, Header, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -35,6 +34,7 @@ from app.audit.log import record_alone
 from app.auth.lasting import StillAllowed, TokenWithdrawn
 from app.auth.refusals import already_audited, record_refusal
 from app.auth.service import Principal
+from app.auth.throttle import TooManyRequests
 from app.clock import ClockDep
 from app.config import body_idle_seconds
 from app.crypto.envelope import EnvelopeError
@@ -432,15 +432,14 @@ async def upload(
             # Its whole chunks are kept, as after a break: the draft is its author's still,
             # to resume under a valid token or discard.
             await run_in_threadpool(writer.checkpoint)
-            refused = stopped.refused
-            await run_in_threadpool(
-                record_token_refused, request, node, refused, source_address(request)
+            # Answered as any refused token is (401 with WWW-Authenticate, or 429 once its
+            # address is blocked), and counted the same (from review).
+            retry_after = await run_in_threadpool(
+                record_token_refused, request, node, stopped.refused, source_address(request)
             )
-            return JSONResponse(
-                {"error": refused.code, "detail": f"{refused.detail} while the upload lasted"},
-                status_code=401,
-                headers={"connection": "close"},
-            )
+            if retry_after is not None:
+                raise TooManyRequests(retry_after) from stopped
+            raise stopped.refused from stopped
         except BodyTimedOut as stalled:
             # The client may still be there: told, with where to resume (its whole chunks
             # are kept), on record as a silent JSON body is (app/main.py).

@@ -11,7 +11,8 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import update
+from sqlalchemy import event, update
+from sqlalchemy.exc import OperationalError
 
 from app.auth import lasting
 from app.auth.service import Role, create_client
@@ -98,8 +99,40 @@ def test_an_upload_stops_once_its_token_is_revoked(
     )
     assert stopped.status_code == 401, stopped.text
     assert stopped.json()["error"] == "revoked_token"
+    assert stopped.headers["www-authenticate"] == 'Bearer realm="entraide"'  # as any 401
     assert [outcome for _, outcome, _ in ar.audit("auth.failed")[refused_before:]] == [
         "revoked_token"
     ]
     staging = blob_store(ar.node.settings).uploads / upload_id(draft_id, 1)
     assert staging.stat().st_size in (0, CIPHER_CHUNK)  # nothing past what it checked
+
+
+def test_a_failed_read_of_the_token_stops_no_download(
+    ar: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call of hours reads the token thousands of times: one read failing (a database
+    failing over) cut a download that cannot be resumed (from review). It goes on."""
+    _, headers = _officer(ar)
+    data = b"\\2" * (2 * CHUNK_BYTES + 5)
+    draft_id, href = _draft(ar, headers, len(data))
+    uploaded = ar.http.patch(href, content=data, headers={**headers, "upload-offset": "0"})
+    assert uploaded.status_code == 204, uploaded.text
+    submitted = ar.http.post(f"/api/v1/evidence/drafts/{draft_id}/submit", headers=headers)
+    assert submitted.status_code == 201, submitted.text
+    view = ar.http.get(f"/api/v1/requests/{draft_id}", headers=headers).json()
+    attachment = view["messages"][0]["attachments"][0]["href"]
+    monkeypatch.setattr(lasting, "RECHECK_SECONDS", 0.0)
+    engine = ar.node.engine
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _failing_over(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        # The re-check's read alone (by the client's id), as a database failing over.
+        if "api_clients.revoked_at" in statement and "WHERE api_clients.id" in statement:
+            raise OperationalError(statement, {}, Exception("the server closed the connection"))
+
+    try:
+        received: list[bytes] = []
+        _read(ar, attachment, headers, received)
+    finally:
+        event.remove(engine, "before_cursor_execute", _failing_over)
+    assert b"".join(received) == data
