@@ -36,9 +36,6 @@ class Holder:
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     released: anyio.Event = field(default_factory=anyio.Event)
     stored_at: float = field(default_factory=time.monotonic)  # its start, or its last chunk
-    # Its last chunk stored as it was cancelled (a thread's work is not cut short): it
-    # completed the part, and its taker has nothing to take (from review).
-    completed: bool = False
 
     def storing(self, sink: Callable[[list[bytes]], None]) -> Callable[[list[bytes]], None]:
         """`sink`, noting when it stores a chunk (it runs in a worker thread)."""

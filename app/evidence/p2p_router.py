@@ -330,7 +330,12 @@ async def _take(
         holder = _holders.stalled(name, put.offset, stalled_for)
         if put.signature is None or holder is None or not await holders.take_over(holder):
             raise
-        if holder.completed:
+        # The holder may have completed the part as it was cancelled (a thread's work is not
+        # cut short): what the database says now, not what this request read before.
+        now = await run_in_threadpool(
+            functools.partial(_target, node, target.msg_id, target.index, open_keys=False)
+        )
+        if now.done:
             raise holders.PartCompleted() from None
     receiver = await run_in_threadpool(_receivers.take, store, target)
     await run_in_threadpool(
@@ -424,7 +429,6 @@ async def _receive(
             offset = await run_in_threadpool(receiver.checkpoint)
             return Response(status_code=204, headers=_headers(offset, target.length))
         keep = False
-        holder.completed = True  # a PUT taking the part over meanwhile finds it done
         try:
             accepted = await run_in_threadpool(
                 _completed, node, msg_id, index, receiver, receiver.opened_at
