@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from app.audit.log import Event, record, record_many
 from app.crypto.encoding import utc_now
+from app.db import driver_error_name
 from app.delivery import outbox
 from app.delivery.retry import delivery_deadline
 from app.errors import Conflict, NotFound
@@ -111,6 +113,10 @@ def retry_delivery(
     return item
 
 
+# SQLSTATE lock_not_available: a row a NOWAIT lock found held.
+LOCK_NOT_AVAILABLE = "55P03"
+
+
 def _refuse_if_overtaken(session: Session, item: OutboxItem) -> None:
     """A conversation's messages reach the peer in the order they were written (claim_due):
     once a later one is delivered or being posted, this one, retried, would be applied on
@@ -121,23 +127,25 @@ def _refuse_if_overtaken(session: Session, item: OutboxItem) -> None:
     Locked, a claim after this skips them. One held by another transaction now (a claim or
     a settlement under way) is not waited for: a settlement locks this request's earlier
     rows after its own, and waiting made a cycle (from review: a deadlock); the retry is
-    refused as busy, to be asked again in a moment."""
+    refused as busy (NOWAIT: one statement, no window for a row committed meanwhile to
+    pass for a locked one), to be asked again in a moment."""
     if item.request_id is None:
         return
-    later_of_request = (OutboxItem.request_id == item.request_id, OutboxItem.id > item.id)
-    later_rows = session.execute(
-        select(OutboxItem.id, OutboxItem.state)
-        .where(*later_of_request)
-        .order_by(OutboxItem.id)
-        .with_for_update(skip_locked=True)
-    ).all()
-    counted = select(func.count()).select_from(OutboxItem).where(*later_of_request)
-    if len(later_rows) < (session.scalar(counted) or 0):
+    try:
+        later_rows = session.execute(
+            select(OutboxItem.id, OutboxItem.state)
+            .where(OutboxItem.request_id == item.request_id, OutboxItem.id > item.id)
+            .order_by(OutboxItem.id)
+            .with_for_update(nowait=True)
+        ).all()
+    except OperationalError as exc:
+        if driver_error_name(exc) != f"SQLSTATE {LOCK_NOT_AVAILABLE}":
+            raise
         raise Conflict(
             "a later message of this request is being posted or settled at this moment: "
             "ask again in a few seconds",
             code="delivery_busy",
-        )
+        ) from exc
     later = next(
         (row.id for row in later_rows if row.state in (outbox.IN_FLIGHT, outbox.DELIVERED)), None
     )
