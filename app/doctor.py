@@ -515,6 +515,8 @@ def check_writable(settings: Settings, engine: Engine) -> Iterator[Finding]:
     folders: list[tuple[str, Path]] = []
     database = sqlite_file(settings.database_url)
     if database is not None:
+        # Where SQLite writes: beside the file a link points to (its journal and WAL).
+        database = database.resolve()
         folders.append(("database", database.parent))
         for path in (database, database.parent):  # the folder: its journal and WAL
             if path.exists() and not os.access(path, os.W_OK):
@@ -524,7 +526,7 @@ def check_writable(settings: Settings, engine: Engine) -> Iterator[Finding]:
                     f"{path} is not writable by this user ({_user_name(os.getuid())}): every "
                     "write is refused (503); give it back to the node's user (chown, chmod u+w)",
                 )
-    else:
+    elif engine.dialect.name == "postgresql":
         with engine.connect() as connection:
             read_only = connection.exec_driver_sql("SHOW transaction_read_only").scalar()
         if read_only == "on":

@@ -17,6 +17,7 @@ from app.delivery.settle import Outcome
 from app.oneline import one_line
 
 log = logging.getLogger(__name__)
+TRANSPORT = "transport: "  # the worker's word for an attempt that got no answer
 
 
 class FailingPeers:
@@ -31,7 +32,7 @@ class FailingPeers:
                 if peer in self._failing:
                     self._failing.discard(peer)
                     log.info("deliveries to %s succeed again", peer)
-            elif peer not in self._failing:
+            elif _peer_failing(outcome) and peer not in self._failing:
                 self._failing.add(peer)
                 log.warning(
                     "deliveries to %s are failing (%s); retried as planned, said once until "
@@ -39,3 +40,12 @@ class FailingPeers:
                     peer,
                     one_line(outcome.error or f"HTTP {outcome.http_status}"),
                 )
+
+
+def _peer_failing(outcome: Outcome) -> bool:
+    """The peer out of reach or failing (no answer, a 5xx): not one envelope refused, a
+    busy peer's 429 (a healthy peer answers them between successes: said as failing and
+    succeeding again at every round, from review), nor this node's own trouble."""
+    if outcome.http_status is None:
+        return (outcome.error or "").startswith(TRANSPORT)
+    return outcome.http_status >= 500

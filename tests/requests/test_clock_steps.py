@@ -184,6 +184,11 @@ def test_a_peers_deliveries_succeeding_again_are_said_once(
     with caplog.at_level(logging.INFO, logger="app.delivery.failing_peers"):
         peers.observe([("ES/MJ", failed), ("ES/MJ", failed), ("FR/MJ", delivered)])
         peers.observe([("ES/MJ", delivered), ("ES/MJ", delivered)])
+        # A busy peer's 429, one envelope refused, this node's own trouble: not the peer.
+        busy = Outcome(outbox.RETRY, "HTTP 429", http_status=429)
+        refused = Outcome(outbox.FAILED, "HTTP 409 replayed", http_status=409)
+        ours = Outcome(outbox.FAILED, "stored_envelope_corrupt: part 1: the blob is missing")
+        peers.observe([("ES/MJ", busy), ("ES/MJ", refused), ("ES/MJ", ours)])
     said = [r.getMessage() for r in caplog.records if r.name == "app.delivery.failing_peers"]
     assert len(said) == 2, said
     assert said[0].startswith("deliveries to ES/MJ are failing (transport: ConnectError)")
