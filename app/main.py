@@ -47,6 +47,7 @@ from app.errors import (
 )
 from app.evidence import drafts
 from app.evidence.blobstore import StorageFailed
+from app.evidence.node_store import blob_store
 from app.evidence.p2p_router import close_kept_receivers
 from app.evidence.p2p_router import router as evidence_p2p_router
 from app.evidence.router import replies as evidence_replies_router
@@ -604,6 +605,10 @@ def create_app(settings: Settings | None = None, *, node: Node | None = None) ->
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         node = loaded.pop() if loaded else load_node(settings)
         app.state.node = node
+        try:  # its folders made now: /readyz says if they go missing later
+            blob_store(settings)
+        except OSError as exc:
+            log.error("the evidence folder cannot be made (%s): /readyz says so", exc.strerror)
         # The node's: its in-process delivery worker notes a full database there too.
         app.state.storage_full = node.storage_full
         worker: Worker | None = None

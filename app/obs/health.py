@@ -20,6 +20,7 @@ from sqlalchemy import Connection, Engine, inspect, text
 from app.crypto.encoding import format_time
 from app.crypto.keyring import KeyRingState
 from app.db import durability_failure
+from app.evidence.blobstore import blob_root
 from app.node import Node
 from app.obs.storage import StorageFull
 
@@ -130,6 +131,22 @@ def keys_reload_check(state: KeyRingState) -> str:
     )
 
 
+def _evidence_folder_check(node: Node) -> str:
+    """The evidence folder's two subfolders, made as the node starts: removed since (a
+    volume unmounted, a folder deleted), every upload failed `503 storage_unavailable` and
+    every transfer of evidence for good, while /readyz said ready (from review). They are
+    not made again here: an unmounted volume's mount point would take the evidence."""
+    root = blob_root(node.settings.blob_dir, node.settings.keys_dir)
+    missing = [name for name in ("blobs", "uploads") if not (root / name).is_dir()]
+    if not missing:
+        return OK
+    return (
+        f"failing: the evidence folder {root} lacks {' and '.join(missing)} (a volume not "
+        "mounted, a folder removed?): evidence can be neither received nor sent; put it "
+        "back, then restart the node"
+    )
+
+
 def readiness(
     node: Node,
     *,
@@ -148,6 +165,8 @@ def readiness(
         checks.update(_database_checks(node, heads))
     if storage_full is not None:
         checks["storage"] = storage_full.check()
+        if checks["storage"] == OK:
+            checks["storage"] = _evidence_folder_check(node)
     # Keys are loaded before the server accepts connections; a node without them never
     # starts. Read without loading them again: a reload may be waiting for a rotation.
     state = node.keyring.state()

@@ -9,6 +9,7 @@ message), /readyz fails `storage` for a minute, and nothing is half stored.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import pytest
 from sqlalchemy import event, func, select
 
 from app.db import database_full, driver_error_name, unit_of_work
+from app.evidence.node_store import blob_store
 from app.models import CaseFile, OutboxItem
 from tests.conftest import Databases, migrated_sqlite
 from tests.requests.conftest import EXAMPLE, serve_node
@@ -113,3 +115,19 @@ def test_a_database_that_takes_no_write_fails_readiness(
         finally:
             event.remove(engine, "connect", _read_only)
             engine.dispose()
+
+
+def test_an_evidence_folder_gone_fails_readiness(tmp_path: Path) -> None:
+    """Removed while the node runs (a volume unmounted): every upload failed 503 and every
+    evidence transfer for good while /readyz said ready (from review)."""
+    with serve_node(migrated_sqlite(tmp_path / "ar.db"), tmp_path / "ar") as ar:
+        assert ar.http.get("/readyz").status_code == 200
+        root = blob_store(ar.node.settings).root
+        shutil.rmtree(root)
+        ready = ar.http.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["checks"]["storage"] == (
+            f"failing: the evidence folder {root} lacks blobs and uploads (a volume not "
+            "mounted, a folder removed?): evidence can be neither received nor sent; put it "
+            "back, then restart the node"
+        )
