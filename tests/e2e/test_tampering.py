@@ -102,7 +102,11 @@ def _refused(
 
 def test_flipped_header_byte(network: Network, es_keys: NodeKeys, ar_recipient: Recipient) -> None:
     envelope = _seal(es_keys, "ES/MJ", ar_recipient)
-    position = envelope.header.index(b'"created_at"') + 20
+    # The tens of the seconds of `created_at` (YYYY-MM-DDTHH:MM:SSZ): flipped, still 0 to 5, so
+    # the header stays well formed whatever the date. It flipped the month's units: from
+    # December on, month 13, refused as malformed before the signature was checked.
+    value = envelope.header.index(b'"created_at":"') + len(b'"created_at":"')
+    position = value + len("YYYY-MM-DDTHH:MM:")
     tampered = WireEnvelope(_flip(envelope.header, position), envelope.signature, envelope.parts)
     _refused(network, tampered.to_wire(), "bad_signature", 400)
 
