@@ -25,6 +25,7 @@ from app.node import Node
 log = logging.getLogger(__name__)
 
 RECHECK_SECONDS = 5.0
+FAILED_READ_RETRY_SECONDS = 30.0
 T = TypeVar("T")
 
 
@@ -42,6 +43,7 @@ class StillAllowed:
         self.principal = principal
         self.every = RECHECK_SECONDS if every is None else every
         self._due = time.monotonic() + self.every
+        self._failed = False  # a read failed during this call (said once)
 
     def check(self) -> None:
         """TokenWithdrawn if the token was revoked or expired; reads it at most once per
@@ -49,10 +51,8 @@ class StillAllowed:
         failing over, a pool exhausted) stops nothing: tried again next period. A call of
         hours made thousands of these reads, and one failing cut a download that cannot be
         resumed (from review); its expiry needs no read."""
-        now = time.monotonic()
-        if now < self._due:
+        if time.monotonic() < self._due:
             return
-        self._due = now + self.every
         expires = self.principal.expires_at
         if expires is not None and expires <= utc_now():
             raise TokenWithdrawn(
@@ -64,11 +64,20 @@ class StillAllowed:
             with reading(self.node.sessions) as session:
                 refused = withdrawn(session, self.principal.client_id)
         except (SQLAlchemyError, TimeoutError) as exc:
-            log.warning(
-                "could not read again whether a client's token is valid (%s); the call goes on",
-                type(exc).__name__,
-            )
+            # Next try a period from now, not from before this read: one that failed after
+            # its timeout made every chunk read again, and log, while the database was out
+            # of reach (from review). Said once per call.
+            self._due = time.monotonic() + max(self.every, FAILED_READ_RETRY_SECONDS)
+            if not self._failed:
+                self._failed = True
+                log.warning(
+                    "could not read again whether a client's token is valid (%s); the call "
+                    "goes on, and its token is read again every %g s",
+                    type(exc).__name__,
+                    max(self.every, FAILED_READ_RETRY_SECONDS),
+                )
             return
+        self._due = time.monotonic() + self.every
         if refused is not None:
             raise TokenWithdrawn(refused)
 

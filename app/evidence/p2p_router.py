@@ -295,6 +295,11 @@ async def put_part(
         receiver = await _take(node, store, target, put)
     except holders.PartCompleted:
         return Response(status_code=204, headers=_headers(target.length, target.length))
+    except EnvelopeRefused as refused:  # the part read again after a takeover: as any
+        await run_in_threadpool(
+            _refused_part, node, msg_id, index, refused, source_address(request)
+        )
+        raise
     except UploadBusy as exc:
         raise EnvelopeRefused("part_busy", "this part is being received", status_code=409) from exc
     except env.EnvelopeError as exc:
@@ -332,9 +337,17 @@ async def _take(
             raise
         # The holder may have completed the part as it was cancelled (a thread's work is not
         # cut short): what the database says now, not what this request read before.
-        now = await run_in_threadpool(
-            functools.partial(_target, node, target.msg_id, target.index, open_keys=False)
-        )
+        try:
+            now = await run_in_threadpool(
+                functools.partial(_target, node, target.msg_id, target.index, open_keys=False)
+            )
+        except EnvelopeRefused as refused:
+            if refused.code != "unknown_transfer":
+                raise
+            # The holder completed the envelope's last part: the transfer is gone, the
+            # envelope accepted. Told the part is done, the sender announces again and gets
+            # the stored receipt (a 404 made it wait a retry's backoff; from review).
+            raise holders.PartCompleted() from None
         if now.done:
             raise holders.PartCompleted() from None
     receiver = await run_in_threadpool(_receivers.take, store, target)

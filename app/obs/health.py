@@ -137,7 +137,10 @@ def _evidence_folder_check(node: Node) -> str:
     every transfer of evidence for good, while /readyz said ready (from review). They are
     not made again here: an unmounted volume's mount point would take the evidence."""
     root = blob_root(node.settings.blob_dir, node.settings.keys_dir)
-    missing = [name for name in ("blobs", "uploads") if not (root / name).is_dir()]
+    try:
+        missing = [name for name in ("blobs", "uploads") if not (root / name).is_dir()]
+    except OSError as exc:  # not searchable by the node's user: said, not a 500 (from review)
+        return f"failing: the evidence folder {root} cannot be read ({exc.strerror})"
     if not missing:
         return OK
     return (
