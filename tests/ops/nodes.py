@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
 
 from app.localnodes import LocalNode
 from tests.conftest import Databases, make_databases
@@ -43,3 +49,37 @@ def pinned_pair(backend: str, tmp_path: Path, *, migrated: bool = True) -> Itera
         for node in (pair.es, pair.ar):
             node.stop()
         databases.drop_all()
+
+
+@contextmanager
+def serving(
+    node: LocalNode, *options: str, preexec_fn: Callable[[], None] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`entraide serve` of an initialised node, with `options`, on a free port of its own,
+    answering `/healthz` on 127.0.0.1; stopped after. For what `LocalNode.start` cannot
+    set: the listening host, the process's limits."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app", "serve", *options, "--port", str(port)],
+        env=node.env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=preexec_fn,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert process.poll() is None, "serve exited"
+            assert time.monotonic() < deadline, "serve never answered on 127.0.0.1"
+            time.sleep(0.1)
+        yield process
+    finally:
+        process.terminate()
+        process.wait(timeout=20)

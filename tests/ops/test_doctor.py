@@ -5,9 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import subprocess
-import sys
-import time
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
@@ -37,6 +34,7 @@ from app.localnodes import LocalNode
 from app.migrate import alembic_config
 from app.peers.client import IDENTITY_PATH
 from tests.conftest import _admin_execute, make_databases, migrated_sqlite, require_postgres
+from tests.ops.nodes import serving
 
 
 def _previous_revision(url: str) -> str:
@@ -388,29 +386,8 @@ def test_serve_on_the_ipv6_any_address_takes_ipv4_too(tmp_path: Path) -> None:
     the port before the start must not make it IPv6 only (from my own review)."""
     node = LocalNode("ES/MJ", "x", tmp_path / "es", migrated_sqlite(tmp_path / "es.db"))
     node.init()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app", "serve", "--host", "::", "--port", str(port)],
-        env=node.env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert process.poll() is None, "serve exited"
-            assert time.monotonic() < deadline, "no answer on IPv4"
-            time.sleep(0.1)
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
+    with serving(node, "--host", "::"):
+        pass  # it answered on 127.0.0.1
 
 
 def test_doctor_unlocks_passphrase_protected_keys_once(

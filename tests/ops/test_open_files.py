@@ -5,18 +5,16 @@ longer be synced (from review)."""
 from __future__ import annotations
 
 import resource
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from app.localnodes import LocalNode
 from app.openfiles import WANTED
 from tests.conftest import migrated_sqlite
+from tests.ops.nodes import serving
 
 PROBE = (
     "import resource; from app.openfiles import raise_open_files_limit; "
@@ -60,28 +58,5 @@ def test_a_running_node_has_raised_it(tmp_path: Path) -> None:
         pytest.skip(f"this host's hard limit ({hard}) leaves nothing to raise")
     node = LocalNode("ES/MJ", "x", tmp_path / "es", migrated_sqlite(tmp_path / "es.db"))
     node.init()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app", "serve", "--port", str(port)],
-        env=node.env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        preexec_fn=lambda: _lowered_to(256),
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert process.poll() is None, "serve exited"
-            assert time.monotonic() < deadline, "serve never answered"
-            time.sleep(0.1)
+    with serving(node, preexec_fn=lambda: _lowered_to(256)) as process:
         assert _soft_limit(process.pid) == wanted
-    finally:
-        process.terminate()
-        process.wait(timeout=20)

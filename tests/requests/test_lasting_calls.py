@@ -53,6 +53,17 @@ def _draft(ar: Harness, headers: dict[str, str], size: int) -> tuple[str, str]:
     return created.json()["id"], created.json()["attachments"][0]["href"]
 
 
+def _sent(ar: Harness, headers: dict[str, str], data: bytes) -> tuple[str, str]:
+    """A request sent with `data` as its streamed attachment: its id, the attachment's href."""
+    draft_id, href = _draft(ar, headers, len(data))
+    uploaded = ar.http.patch(href, content=data, headers={**headers, "upload-offset": "0"})
+    assert uploaded.status_code == 204, uploaded.text
+    submitted = ar.http.post(f"/api/v1/evidence/drafts/{draft_id}/submit", headers=headers)
+    assert submitted.status_code == 201, submitted.text
+    view = ar.http.get(f"/api/v1/requests/{draft_id}", headers=headers).json()
+    return draft_id, str(view["messages"][0]["attachments"][0]["href"])
+
+
 def _read(ar: Harness, url: str, headers: dict[str, str], received: list[bytes]) -> None:
     with ar.http.stream("GET", url, headers=headers) as streamed:
         assert streamed.status_code == 200  # let in by the token trusted a moment ago
@@ -63,14 +74,8 @@ def test_a_download_stops_once_its_token_is_revoked(
     ar: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     name, headers = _officer(ar)
-    draft_id, href = _draft(ar, headers, 2 * CHUNK_BYTES + 5)
     data = b"\1" * (2 * CHUNK_BYTES + 5)
-    uploaded = ar.http.patch(href, content=data, headers={**headers, "upload-offset": "0"})
-    assert uploaded.status_code == 204, uploaded.text
-    submitted = ar.http.post(f"/api/v1/evidence/drafts/{draft_id}/submit", headers=headers)
-    assert submitted.status_code == 201, submitted.text
-    view = ar.http.get(f"/api/v1/requests/{draft_id}", headers=headers).json()
-    attachment = view["messages"][0]["attachments"][0]["href"]
+    draft_id, attachment = _sent(ar, headers, data)
     whole = ar.http.get(attachment, headers=headers)  # while the token is valid: all of it
     assert whole.status_code == 200
     assert whole.content == data
@@ -113,14 +118,8 @@ def test_a_failed_read_of_the_token_stops_no_download(
     """A call of hours reads the token thousands of times: one read failing (a database
     failing over) cut a download that cannot be resumed (from review). It goes on."""
     _, headers = _officer(ar)
-    data = b"\\2" * (2 * CHUNK_BYTES + 5)
-    draft_id, href = _draft(ar, headers, len(data))
-    uploaded = ar.http.patch(href, content=data, headers={**headers, "upload-offset": "0"})
-    assert uploaded.status_code == 204, uploaded.text
-    submitted = ar.http.post(f"/api/v1/evidence/drafts/{draft_id}/submit", headers=headers)
-    assert submitted.status_code == 201, submitted.text
-    view = ar.http.get(f"/api/v1/requests/{draft_id}", headers=headers).json()
-    attachment = view["messages"][0]["attachments"][0]["href"]
+    data = b"\2" * (2 * CHUNK_BYTES + 5)
+    _, attachment = _sent(ar, headers, data)
     monkeypatch.setattr(lasting, "RECHECK_SECONDS", 0.0)
     engine = ar.node.engine
     failed: list[str] = []
