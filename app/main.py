@@ -46,6 +46,7 @@ from app.errors import (
     StoredEnvelopeCorrupt,
 )
 from app.evidence import drafts
+from app.evidence.arrivals import CountArrivals
 from app.evidence.blobstore import StorageFailed
 from app.evidence.node_store import blob_store
 from app.evidence.p2p_router import close_kept_receivers
@@ -658,6 +659,9 @@ def create_app(settings: Settings | None = None, *, node: Node | None = None) ->
     # One budget for the process: every request body this app reads is held in it.
     budget = BodyBudget(*buffered_body_budget(settings))
     app.add_middleware(LimitsAndHeaders, settings=settings, budget=budget)
+    # Before any check that waits (a token read, a body's budget): HEAD tells a client where
+    # to resume only once every PATCH of that attachment the node has begun is done.
+    app.add_middleware(CountArrivals)
     # Outside the body limit: headers are refused before any body is read.
     app.add_middleware(
         HeaderLimit,

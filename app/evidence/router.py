@@ -49,6 +49,7 @@ from app.deps import (
 )
 from app.errors import Conflict, NotFound, PayloadTooLarge
 from app.evidence import drafts, schemas
+from app.evidence.arrivals import ARRIVALS
 from app.evidence.blobstore import DirectoryBlobStore, UploadBusy
 from app.evidence.node_store import blob_store
 from app.evidence.pump import body_timed_out, feed_in_thread, until_idle
@@ -259,9 +260,12 @@ async def upload_offset(
         # A client asks as soon as its link broke; the request that broke may still be
         # keeping its whole chunks. Answered once it has: its offset is where to go on from.
         # Polled on the event loop, holding no thread the node's other requests need.
+        # A PATCH not yet holding the staging file counts as well (app/evidence/arrivals.py).
         staging = drafts.upload_id(draft_id, index)
         deadline = anyio.current_time() + RESUME_WAIT_SECONDS
-        while store.being_written(staging) and anyio.current_time() < deadline:
+        while (
+            store.being_written(staging) or ARRIVALS.under_way(staging)
+        ) and anyio.current_time() < deadline:
             await anyio.sleep(0.02)
     offset, size, complete = await run_in_threadpool(where)
     return Response(status_code=204, headers=_offset_headers(offset, size, complete=complete))

@@ -17,13 +17,14 @@ import random
 import resource
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import Engine, select, text
 
 from app.db import make_engine
 from app.localnodes import LocalNode
@@ -170,6 +171,57 @@ def test_an_upload_interrupted_at_random_offsets_resumes(pair: Pair) -> None:
     received = wait_for("the request at AR", lambda: detail(pair.ar, submitted["id"]))
     got, _ = download(pair.ar, received["messages"][0]["attachments"][0]["href"])
     assert got == data
+
+
+def test_head_waits_for_a_patch_that_has_arrived_but_not_begun(pair: Pair) -> None:
+    """A client whose link broke asks HEAD at once; the PATCH it broke off may not have
+    reached the attachment's staging file yet (on a busy node, its token and draft still
+    being read). HEAD waits for it and says where it left off, not the offset from before
+    it: otherwise the client sent those bytes again and met that PATCH's 409 upload_busy.
+    Here the PATCH is held at the row the node locks to start writing (PostgreSQL)."""
+    if not pair.es.database_url.startswith("postgresql"):
+        pytest.skip("SQLite has one writer at a time: the test's lock would hold HEAD too")
+    data = os.urandom(2 * CHUNK)
+    draft = create_draft(pair.es, [len(data) + 1])
+    href = draft["attachments"][0]["href"]
+    engine = make_engine(pair.es.database_url)
+    try:
+        with (
+            engine.connect() as holding,
+            pair.es.client("officer") as patching,
+            pair.es.client("officer") as asking,
+            ThreadPoolExecutor(max_workers=2) as pool,
+        ):
+            transaction = holding.begin()
+            holding.execute(
+                select(EvidenceUpload.id)
+                .where(EvidenceUpload.draft_id == draft["id"])
+                .with_for_update()
+            )
+            patched = pool.submit(
+                patching.patch, href, content=data, headers={"upload-offset": "0"}
+            )
+            wait_for("the PATCH held at the row", lambda: _waiting_on_a_lock(engine))
+            head = pool.submit(head_offset, asking, href)
+            time.sleep(1.0)
+            assert not head.done(), "HEAD answered while the PATCH was under way"
+            transaction.rollback()
+            assert patched.result(timeout=30).status_code == 204
+            assert head.result(timeout=30) == 2 * CHUNK
+    finally:
+        engine.dispose()
+
+
+def _waiting_on_a_lock(engine: Engine) -> bool | None:
+    # A connection of its own: a transaction sees pg_stat_activity as it first read it.
+    with engine.connect() as connection:
+        waiting = connection.scalar(
+            text(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+        )
+    return True if waiting else None
 
 
 def test_declared_sizes_over_the_limits_are_refused_early(pair: Pair) -> None:
