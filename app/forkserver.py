@@ -330,9 +330,10 @@ def _end(code: object) -> None:
         sys.stderr.write(f"{code}\n")
         status = 1
     try:
-        for thread in threading.enumerate():
-            if thread is not threading.current_thread() and not thread.daemon:
-                thread.join()
+        # What the interpreter calls first as it ends (wait_for_thread_shutdown): threading's
+        # own exit callbacks (an idle ThreadPoolExecutor's workers are told to end), then
+        # every non-daemon thread joined.
+        getattr(threading, "_shutdown")()  # noqa: B009 (private: not in the type stubs)
         atexit._run_exitfuncs()
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
