@@ -26,6 +26,7 @@ it (-N for signal N).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import itertools
 import json
@@ -37,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -281,11 +283,15 @@ def serve(fd: int) -> None:
             continue
         if pid == 0:
             connection.close()
+            code: object = 0  # main() returned: a command that ended well
             try:
                 _child(request, fds)
             except SystemExit as exc:
-                _end(exc.code)
-            _end(0)  # main() returned: a command that ended well
+                # Ended outside the handler, as the interpreter clears the exception before
+                # it ends: its traceback would keep the command's frames, and whatever only
+                # they hold, from being finalised (from review).
+                code = exc.code
+            _end(code)
         for descriptor in fds:
             os.close(descriptor)
         pidfd = os.pidfd_open(pid)
@@ -319,9 +325,10 @@ def _status(ended: dict[int, int], pid: int) -> dict[str, Any]:
 def _end(code: object) -> None:
     """End a child as the interpreter ends a process that raised SystemExit(code): its
     threads joined, its exit handlers run (logging's flush among them), its standard streams
-    flushed; but not its teardown of every module and object, which in a fork of this large
-    process touched every page the two shared and took a copy of each: about 0.35 s of CPU
-    per command on a 2-core machine, a command taking 0.1 s (the suite starts hundreds)."""
+    flushed (status 120 if that fails, as the interpreter's); but not its teardown of every
+    module and object, which in a fork of this large process touched every page the two
+    shared and took a copy of each: about 0.35 s of CPU per command on a 2-core machine, a
+    command taking 0.1 s (the suite starts hundreds)."""
     if code is None:
         status = 0
     elif isinstance(code, int):
@@ -332,11 +339,19 @@ def _end(code: object) -> None:
     try:
         # What the interpreter calls first as it ends (wait_for_thread_shutdown): threading's
         # own exit callbacks (an idle ThreadPoolExecutor's workers are told to end), then
-        # every non-daemon thread joined.
-        getattr(threading, "_shutdown")()  # noqa: B009 (private: not in the type stubs)
-        atexit._run_exitfuncs()
+        # every non-daemon thread joined. A failure is reported, and the ending goes on.
+        try:
+            getattr(threading, "_shutdown")()  # noqa: B009 (private: not in the type stubs)
+        except Exception:
+            traceback.print_exc()
+        atexit._run_exitfuncs()  # reports what a handler raises, and runs the others
         for stream in (sys.stdout, sys.stderr):
-            stream.flush()
+            try:
+                stream.flush()
+            except Exception as exc:
+                with contextlib.suppress(OSError):
+                    os.write(2, f"Exception ignored while flushing: {exc!r}\n".encode())
+                status = 120
     finally:
         os._exit(status & 0xFF)
 

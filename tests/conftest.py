@@ -7,6 +7,7 @@ skipped, except in CI (`CI=true`), where a missing PostgreSQL is a failure.
 
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 import tempfile
@@ -36,24 +37,44 @@ use_fork_server(os.environ.get("ENTRAIDE_TEST_FORK", "1") != "0")
 
 
 # The slowest files first. Each file runs whole in one test process (`--dist loadfile`), handed
-# out in collection order: a long file handed out last kept one process busy for minutes
-# after the others had finished. No file depends on another's having run.
-# The longest single files lead (measured with `--durations=0`, 2026-12-01).
-SLOW_FIRST = (
+# out in collection order (`--no-loadscope-reorder`: pytest-xdist otherwise hands out first
+# the files of most tests, and a long file of one test ran last, alone, for minutes). No file
+# depends on another's having run. The twenty longest by `--durations=0` (2026-12-01), then
+# the folders of real nodes, then the rest; within a rank, the files of most tests first.
+SLOWEST = (
     "tests/security/test_schemathesis.py",
     "tests/ops/test_backup.py",
     "tests/e2e/test_evidence.py",
     "tests/ops/test_upgrade_from_before_the_record.py",
-    "tests/faults/",
-    "tests/e2e/",
-    "tests/ops/",
+    "tests/faults/test_delivery_faults.py",
+    "tests/e2e/test_exchange.py",
+    "tests/e2e/test_evidence_stored.py",
+    "tests/e2e/test_live_rotation.py",
+    "tests/e2e/test_live_rotation_reload.py",
+    "tests/faults/test_delivery_workers.py",
+    "tests/faults/test_delivery_network.py",
+    "tests/e2e/test_stalled_bodies.py",
+    "tests/e2e/test_evidence_replies.py",
+    "tests/security/test_authz_matrix.py",
+    "tests/requests/test_carriage.py",
+    "tests/ops/test_deploy.py",
+    "tests/audit/test_witnessed_damage.py",
+    "tests/e2e/test_suspension.py",
+    "tests/e2e/test_tampering.py",
+    "tests/e2e/test_requests_cli.py",
 )
+SLOW_FOLDERS = ("tests/faults/", "tests/e2e/", "tests/ops/")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def rank(item: pytest.Item) -> int:
-        found = (index for index, prefix in enumerate(SLOW_FIRST) if item.nodeid.startswith(prefix))
-        return next(found, len(SLOW_FIRST))
+    tests_in = collections.Counter(item.nodeid.partition("::")[0] for item in items)
+
+    def rank(item: pytest.Item) -> tuple[int, int]:
+        path = item.nodeid.partition("::")[0]
+        if path in SLOWEST:
+            return SLOWEST.index(path), 0
+        found = (n for n, folder in enumerate(SLOW_FOLDERS) if path.startswith(folder))
+        return len(SLOWEST) + next(found, len(SLOW_FOLDERS)), -tests_in[path]
 
     items.sort(key=rank)  # stable: a file's tests keep their order
 

@@ -201,11 +201,13 @@ def test_head_waits_for_a_patch_that_has_arrived_but_not_begun(pair: Pair) -> No
             patched = pool.submit(
                 patching.patch, href, content=data, headers={"upload-offset": "0"}
             )
-            wait_for("the PATCH held at the row", lambda: _waiting_on_a_lock(engine))
-            head = pool.submit(head_offset, asking, href)
-            time.sleep(1.0)
-            assert not head.done(), "HEAD answered while the PATCH was under way"
-            transaction.rollback()
+            try:
+                wait_for("the PATCH held at the row", lambda: _waiting_on_a_lock(engine))
+                head = pool.submit(head_offset, asking, href)
+                time.sleep(1.0)
+                assert not head.done(), "HEAD answered while the PATCH was under way"
+            finally:  # the PATCH let go, whatever happened: the pool waits for it
+                transaction.rollback()
             assert patched.result(timeout=30).status_code == 204
             assert head.result(timeout=30) == 2 * CHUNK
     finally:

@@ -33,6 +33,7 @@ from app.main import create_app
 from tests.security.conftest import ALL_ROLES, new_node, prepare
 
 MAX_EXAMPLES = 15
+UNFUZZED_PATH = "/api/v1/admin/peers"  # its POST fetches the URL it is given
 CHECKS = [
     not_a_server_error,
     status_code_conformance,
@@ -44,15 +45,14 @@ CHECKS = [
 
 @pytest.fixture(scope="module")
 def api_schema() -> BaseSchema:
-    return schemathesis.openapi.from_dict(create_app(Settings()).openapi()).exclude(
-        method="POST", path="/api/v1/admin/peers"
-    )
+    return schemathesis.openapi.from_dict(create_app(Settings()).openapi())
 
 
 # Loaded as the test runs, not as it is collected: building every operation's cases (its
 # coverage phase above all) took 12 s of CPU in each test process, two of which never ran it.
 # One test, each operation a subtest of it, its failures reported by operation.
-schema = schemathesis.pytest.from_fixture("api_schema")
+# The exclusion is the lazy schema's: one made in the fixture is dropped (from review).
+schema = schemathesis.pytest.from_fixture("api_schema").exclude(method="POST", path=UNFUZZED_PATH)
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,8 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalNode
         peer.stop()
 
 
+# One test for every operation now, not one each: the suite's 300 s per test is too short.
+@pytest.mark.timeout(900)
 @schema.parametrize()
 @settings(
     max_examples=MAX_EXAMPLES,
@@ -80,6 +82,7 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalNode
 def test_live_api_matches_its_schema(
     case: schemathesis.Case, fuzzed: tuple[LocalNode, str]
 ) -> None:
+    assert case.operation.label != f"POST {UNFUZZED_PATH}", "must never be fuzzed"
     node, token = fuzzed
     case.call_and_validate(
         base_url=node.url,
