@@ -38,7 +38,7 @@ use_fork_server(os.environ.get("ENTRAIDE_TEST_FORK", "1") != "0")
 
 # The slowest files first. Each file runs whole in one test process (`--dist loadfile`), handed
 # out in collection order (`--no-loadscope-reorder`: pytest-xdist otherwise hands out first
-# the files of most tests, and a long file of one test ran last, alone, for minutes). No file
+# the files of most tests, whatever their length, so that this order was never followed). No file
 # depends on another's having run. The twenty longest by `--durations=0` (2026-12-01), then
 # the folders of real nodes, then the rest; within a rank, the files of most tests first.
 SLOWEST = (
