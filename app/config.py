@@ -138,6 +138,13 @@ class Settings(BaseModel):
     evidence_orphan_hours: float = Field(default=72.0, gt=0)
     # Open drafts with no upload activity for this long are discarded, with their uploads.
     evidence_draft_days: float = Field(default=30.0, gt=0)
+    # What one API client may have open at once (drafts, and the bytes their attachments
+    # declare, which is what their uploads may stage on disk): one token cannot fill this
+    # node's evidence storage with drafts it never submits. More: 409 until some are
+    # submitted, discarded, or discarded as idle. As for a peer's transfers, one draft is
+    # always taken, whatever its size (the per-request limit bounds it).
+    max_open_drafts_per_client: int = Field(default=64, ge=1)
+    max_open_draft_bytes_per_client: int = Field(default=512 * 1024**3, ge=0)
 
     # Envelope lifetime and tolerated clock skew between nodes. A lifetime over 30 days is
     # refused by every receiver (docs/protocol.md §9 step 23); a skew over an hour would let

@@ -560,6 +560,9 @@ class EvidenceDraft(Base):
     """
 
     __tablename__ = "evidence_drafts"
+    # A client's open drafts, counted at each creation (their number is bounded per client,
+    # app/evidence/drafts.py), among all the submitted ones that stay.
+    __table_args__ = (Index("ix_evidence_drafts_created_by_state", "created_by", "state"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)  # the envelope's msg_id
     # The request a reply answers; null for a draft that opens a request (whose id is then

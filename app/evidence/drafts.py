@@ -24,7 +24,7 @@ from nacl.hash import blake2b
 from nacl.public import SealedBox
 from nacl.secret import SecretBox
 from nacl.utils import random as random_bytes
-from sqlalchemy import ColumnElement, delete, select, update
+from sqlalchemy import ColumnElement, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from app.audit.log import record
@@ -60,7 +60,15 @@ from app.evidence.stream import (
     least_recent_past,
 )
 from app.limits import refuse_over_wire_limit
-from app.models import BlobPart, CaseFile, EvidenceDraft, EvidenceUpload, Message, Part
+from app.models import (
+    ApiClient,
+    BlobPart,
+    CaseFile,
+    EvidenceDraft,
+    EvidenceUpload,
+    Message,
+    Part,
+)
 from app.node import Node
 from app.peers.keys import PinnedKeys
 from app.peers.service import get_peer, refuse_if_suspended
@@ -178,6 +186,42 @@ def _answered_request(
     return case
 
 
+def _refuse_over_client_budget(
+    session: Session, node: Node, principal: Principal, declared: int
+) -> None:
+    """A client's open drafts, in number and in the bytes their attachments declare, are
+    bounded (Settings.max_open_drafts_per_client): an officer's token that opened drafts
+    without end could stage evidence until the node's disk was full. Checked under a lock on
+    the client's row, so two creations at once cannot both take the last place."""
+    settings = node.settings
+    session.execute(
+        select(ApiClient.id).where(ApiClient.id == principal.client_id).with_for_update()
+    )
+    count, size = session.execute(
+        select(
+            func.count(func.distinct(EvidenceDraft.id)),
+            func.coalesce(func.sum(EvidenceUpload.size), 0),
+        )
+        .select_from(EvidenceDraft)
+        .outerjoin(EvidenceUpload, EvidenceUpload.draft_id == EvidenceDraft.id)
+        .where(EvidenceDraft.created_by == principal.name, EvidenceDraft.state == OPEN)
+    ).one()
+    # One draft is always taken, whatever its size: the per-request limit bounds it, and a
+    # budget smaller than one request would otherwise refuse it for ever.
+    if count and (
+        count >= settings.max_open_drafts_per_client
+        or size + declared > settings.max_open_draft_bytes_per_client
+    ):
+        raise Conflict(
+            f"this client has {count} open drafts declaring {size} bytes (at most "
+            f"{settings.max_open_drafts_per_client} drafts and "
+            f"{settings.max_open_draft_bytes_per_client} bytes, this one's {declared} "
+            "included): submit or discard some first (DELETE /api/v1/evidence/drafts/{id}); "
+            f"a draft idle for {settings.evidence_draft_days:g} days is discarded",
+            code="too_many_open_drafts",
+        )
+
+
 def _sealed_document(body: schemas.CreateDraft | schemas.CreateReplyDraft) -> dict[str, Any]:
     if isinstance(body, schemas.CreateReplyDraft):
         return body.document.wire_form()  # as add_message seals it
@@ -210,7 +254,8 @@ def create_draft(
             raise PayloadTooLarge(
                 f"attachment {number} exceeds {settings.max_evidence_attachment_bytes} bytes"
             )
-    if sum(item.size for item in body.attachments) > settings.max_evidence_request_bytes:
+    declared = sum(item.size for item in body.attachments)
+    if declared > settings.max_evidence_request_bytes:
         raise PayloadTooLarge(f"attachments exceed {settings.max_evidence_request_bytes} bytes")
     sealed = canonical_json(
         {
@@ -225,6 +270,7 @@ def create_draft(
     refuse_over_wire_limit(settings, len(sealed), 1)
     peer = get_peer(session, to)
     refuse_if_suspended(peer.authority_id, peer.suspended_at)
+    _refuse_over_client_budget(session, node, principal, declared)
     msg_id = bytes(random_bytes(MSG_ID_BYTES))
     content_key = bytes(random_bytes(KEY_BYTES))
     now = utc_now()
@@ -252,10 +298,7 @@ def create_draft(
         )
         for index, item in enumerate(body.attachments, 1)
     )
-    details: dict[str, Any] = {
-        "attachments": len(body.attachments),
-        "bytes": sum(item.size for item in body.attachments),
-    }
+    details: dict[str, Any] = {"attachments": len(body.attachments), "bytes": declared}
     if isinstance(body, schemas.CreateReplyDraft):
         details["type"] = body.document.type.value
     record(

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -243,3 +244,96 @@ def test_an_upload_to_a_complete_attachment_or_a_submitted_draft_says_which(ar: 
     assert ar.post(f"/api/v1/evidence/drafts/{draft_id}/submit", {}).status_code == 201
     after = patch()
     assert (after.status_code, after.json()["error"]) == (409, "draft_submitted")
+
+
+def _draft_of(size: int) -> dict[str, Any]:
+    body = _draft_body()
+    body["attachments"][0]["size"] = size
+    return body
+
+
+def _create(ar: Harness, client: str, size: int = 3) -> Any:
+    return ar.post("/api/v1/evidence/drafts", _draft_of(size), client=client)
+
+
+def _too_many(response: Any) -> None:
+    assert (response.status_code, response.json()["error"]) == (409, "too_many_open_drafts"), (
+        response.text
+    )
+    assert "submit or discard some first" in response.json()["detail"]
+
+
+def test_a_clients_open_drafts_are_bounded_in_number(
+    ar: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unbounded, one officer's token could open drafts without end, each staging up to the
+    per-request limit on disk (a note's finding): past the client's budget a new draft is
+    refused, on record, and a place comes back as soon as one is discarded or submitted."""
+    monkeypatch.setattr(ar.node.settings, "max_open_drafts_per_client", 2)
+    first, second = _create(ar, "bob"), _create(ar, "bob")
+    assert (first.status_code, second.status_code) == (201, 201), second.text
+    created = len(ar.audit("evidence.draft_created"))
+
+    _too_many(refused := _create(ar, "bob"))
+    assert "this client has 2 open drafts declaring 6 bytes" in refused.json()["detail"]
+    assert len(ar.audit("evidence.draft_created")) == created  # nothing made
+    assert ar.audit("api.refused")[-1][:2] == ("client:bob", "too_many_open_drafts")
+    other = _create(ar, "alice")
+    assert other.status_code == 201  # another client's budget is its own
+
+    gone = ar.http.delete(f"/api/v1/evidence/drafts/{first.json()['id']}", headers=ar.as_("bob"))
+    assert gone.status_code == 204, gone.text
+    third = _create(ar, "bob")
+    assert third.status_code == 201, third.text
+    _too_many(_create(ar, "bob"))
+
+    # A submitted draft is a request on its way: no longer open, no longer counted.
+    href = second.json()["attachments"][0]["href"]
+    sent = ar.http.patch(href, content=b"abc", headers={**ar.as_("bob"), "upload-offset": "0"})
+    assert sent.status_code == 204, sent.text
+    submitted = ar.post(f"/api/v1/evidence/drafts/{second.json()['id']}/submit", {}, "bob")
+    assert submitted.status_code == 201, submitted.text
+    fourth = _create(ar, "bob")
+    assert fourth.status_code == 201, fourth.text
+    for client, draft in (("bob", third), ("bob", fourth), ("alice", other)):
+        ar.http.delete(f"/api/v1/evidence/drafts/{draft.json()['id']}", headers=ar.as_(client))
+
+
+def test_a_clients_open_drafts_are_bounded_in_declared_bytes(
+    ar: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a client's open drafts declare is what their uploads may stage: bounded too. One
+    draft is always taken, whatever its size (the per-request limit bounds it), or a budget
+    under one request's size would refuse that client for ever."""
+    monkeypatch.setattr(ar.node.settings, "max_open_draft_bytes_per_client", 5)
+    alone = _create(ar, "bob", size=8)
+    assert alone.status_code == 201, alone.text
+    _too_many(refused := _create(ar, "bob", size=0))
+    assert "declaring 8 bytes" in refused.json()["detail"]
+    drafts = [alone.json()["id"]]
+    gone = ar.http.delete(f"/api/v1/evidence/drafts/{drafts.pop()}", headers=ar.as_("bob"))
+    assert gone.status_code == 204
+    for size in (3, 2):
+        made = _create(ar, "bob", size=size)
+        assert made.status_code == 201, made.text
+        drafts.append(made.json()["id"])
+    _too_many(_create(ar, "bob", size=1))  # 3 + 2 + 1 > 5
+    for draft_id in drafts:
+        ar.http.delete(f"/api/v1/evidence/drafts/{draft_id}", headers=ar.as_("bob"))
+
+
+def test_drafts_made_at_once_never_exceed_the_budget(
+    ar: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counted under a lock on the client's row: creations at once cannot all take the last
+    place (PostgreSQL runs them side by side; SQLite one writer at a time)."""
+    monkeypatch.setattr(ar.node.settings, "max_open_drafts_per_client", 3)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(lambda _: _create(ar, "bob"), range(8)))
+    made = [answer for answer in answers if answer.status_code == 201]
+    assert len(made) == 3, [answer.text for answer in answers]
+    for answer in answers:
+        if answer.status_code != 201:
+            _too_many(answer)
+    for answer in made:
+        ar.http.delete(f"/api/v1/evidence/drafts/{answer.json()['id']}", headers=ar.as_("bob"))
