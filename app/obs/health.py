@@ -113,8 +113,11 @@ def _database_checks(node: Node, heads: frozenset[str]) -> dict[str, str]:
 # Failing checks that leave the process in service (200, `"status": "degraded"`): a node
 # whose reload of rotated keys failed still serves consistently with the keys it had, as it
 # would have before the rotation; taking it out would stop every exchange (on every replica
-# sharing the keys folder and its configuration) for what only delays the rotation.
-DEGRADING = frozenset({"keys_reload"})
+# sharing the keys folder and its configuration) for what only delays the rotation. Likewise
+# evidence storage full or gone: requests, messages and receipts (in the database) still
+# flow, and only evidence waits (uploads and peers' parts resume from their offsets); out of
+# service, every replica sharing that volume would stop every exchange.
+DEGRADING = frozenset({"keys_reload", "evidence"})
 
 
 def keys_reload_check(state: KeyRingState) -> str:
@@ -157,8 +160,8 @@ def readiness(
     worker: threading.Thread | None,
     storage_full: StorageFull | None = None,
 ) -> dict[str, str]:
-    """Every check, `ok` or `failing: <why>`: database, migrations, storage, keys, the
-    reload of rotated keys, delivery worker."""
+    """Every check, `ok` or `failing: <why>`: database, migrations, storage (the
+    database's), evidence (its storage), keys, the reload of rotated keys, delivery worker."""
     checks: dict[str, str] = {}
     lost = durability_failure(node.engine)
     if lost is not None:  # no transaction starts any more: say why, not "unreachable"
@@ -167,9 +170,10 @@ def readiness(
     else:
         checks.update(_database_checks(node, heads))
     if storage_full is not None:
-        checks["storage"] = storage_full.check()
-        if checks["storage"] == OK:
-            checks["storage"] = _evidence_folder_check(node)
+        checks["storage"] = storage_full.check("database")
+        checks["evidence"] = storage_full.check("evidence storage")
+        if checks["evidence"] == OK:
+            checks["evidence"] = _evidence_folder_check(node)
     # Keys are loaded before the server accepts connections; a node without them never
     # starts. Read without loading them again: a reload may be waiting for a rotation.
     state = node.keyring.state()

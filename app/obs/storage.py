@@ -14,29 +14,30 @@ OK = "ok"
 
 class StorageFull:
     """When this process last found its database or evidence storage full (a write answered
-    507, or a worker's round failed on it): /readyz fails `storage` for a minute after each,
-    since nothing can be stored until the operator makes room, and a read-only `SELECT 1`
-    says nothing of it (from review: every write answered 503 while /readyz said ready; then,
-    a full database met by the worker alone left /readyz `storage: ok`)."""
+    507, or a worker's round failed on it), for each of the two: /readyz fails it for a
+    minute after each, since nothing can be stored there until the operator makes room, and
+    a read-only `SELECT 1` says nothing of it (from review: every write answered 503 while
+    /readyz said ready; then, a full database met by the worker alone left /readyz
+    `storage: ok`)."""
 
     WINDOW_SECONDS = 60.0
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._last: tuple[float, datetime, str, str | None] | None = None
+        self._last: dict[str, tuple[float, datetime, str | None]] = {}
 
     def note(self, what: str, why: str | None = None) -> None:
         """`what` (the database, evidence storage) was full, or, with `why`, took no write
         for that reason (read-only, say: app/db.py `database_unwritable`)."""
         with self._lock:
-            self._last = (time.monotonic(), utc_now(), what, why)
+            self._last[what] = (time.monotonic(), utc_now(), why)
 
-    def check(self) -> str:
+    def check(self, what: str) -> str:
         with self._lock:
-            last = self._last
+            last = self._last.get(what)
         if last is None or time.monotonic() - last[0] > self.WINDOW_SECONDS:
             return OK
-        _, at, what, why = last
+        _, at, why = last
         if why is not None:
             return (
                 f"failing: the {what} {why}, at {format_time(at)} (within the last minute): "

@@ -30,7 +30,7 @@ from app.db import make_engine
 from app.localnodes import LocalNode
 from app.models import DeliveryAttempt, EvidenceUpload
 from tests.conftest import BACKENDS
-from tests.e2e.conftest import EXAMPLE, audit_details, wait_for
+from tests.e2e.conftest import EXAMPLE, audit_details, submit_example, wait_for
 from tests.e2e.evidence import (
     CHUNK,
     MIB,
@@ -350,6 +350,12 @@ def test_a_full_disk_refuses_an_upload_with_507_and_loses_nothing(pair: Pair) ->
             assert response.json()["error"] == "insufficient_storage"
             held = head_offset(http, href)
             assert limit - 2 * CHUNK < held < limit
+            # Said by /readyz, but not out of service: requests without evidence still flow.
+            ready = httpx.get(pair.es.url + "/readyz", timeout=10).json()
+            assert (ready["status"], ready["failing"]) == ("degraded", ["evidence"]), ready
+            assert ready["checks"]["evidence"].startswith("failing: the evidence storage was full")
+            assert ready["checks"]["storage"] == "ok"
+            submit_example(pair.es)  # asserts 201
             # Still full: refused again, and what was stored stays.
             response = http.patch(href, content=data[held:], headers={"upload-offset": str(held)})
             assert response.status_code == 507, response.text

@@ -117,16 +117,20 @@ def test_a_database_that_takes_no_write_fails_readiness(
             engine.dispose()
 
 
-def test_an_evidence_folder_gone_fails_readiness(tmp_path: Path) -> None:
+def test_an_evidence_folder_gone_degrades_readiness(tmp_path: Path) -> None:
     """Removed while the node runs (a volume unmounted): every upload failed 503 and every
-    evidence transfer for good while /readyz said ready (from review)."""
+    evidence transfer for good while /readyz said ready (from review). Said now, as
+    `degraded`: requests without evidence still flow, so the node stays in service."""
     with serve_node(migrated_sqlite(tmp_path / "ar.db"), tmp_path / "ar") as ar:
-        assert ar.http.get("/readyz").status_code == 200
+        assert ar.http.get("/readyz").json()["status"] == "ready"
         root = blob_store(ar.node.settings).root
         shutil.rmtree(root)
         ready = ar.http.get("/readyz")
-        assert ready.status_code == 503
-        assert ready.json()["checks"]["storage"] == (
+        assert ready.status_code == 200
+        assert (ready.json()["status"], ready.json()["failing"]) == ("degraded", ["evidence"])
+        assert ready.json()["checks"]["storage"] == "ok"
+        assert ar.post("/api/v1/requests", _request()).status_code == 201
+        assert ready.json()["checks"]["evidence"] == (
             f"failing: the evidence folder {root} lacks blobs and uploads (a volume not "
             "mounted, a folder removed?): evidence can be neither received nor sent; put it "
             "back, then restart the node"
