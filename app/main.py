@@ -71,7 +71,7 @@ from app.obs.labels import ROUTE_TABLE, route_table
 from app.obs.metrics import Metrics
 from app.obs.middleware import Observability
 from app.obs.router import router as metrics_router
-from app.obs.storage import StorageFull
+from app.obs.storage import DATABASE, EVIDENCE, StorageFull
 from app.openapi import install_openapi
 from app.p2p.router import router as p2p_router
 from app.peers.router import router as peers_router
@@ -485,7 +485,7 @@ def install_error_handlers(app: FastAPI) -> None:
         if found is not None:  # /readyz says ready meanwhile: no outage
             return await _damaged(_request, found)
         if database_full(exc):
-            _request.app.state.storage_full.note("database")
+            _request.app.state.storage_full.note(DATABASE)
             log.error("database full (%s): nothing was stored", driver_error_name(exc))
             return _error(
                 507,
@@ -495,7 +495,7 @@ def install_error_handlers(app: FastAPI) -> None:
             )
         unwritable = database_unwritable(exc)
         if unwritable is not None:
-            _request.app.state.storage_full.note("database", unwritable)
+            _request.app.state.storage_full.note(DATABASE, unwritable)
             log.error("database unavailable: the database %s", unwritable)
         else:
             log.error("database unavailable: %s", driver_error_name(exc))
@@ -549,7 +549,7 @@ def install_error_handlers(app: FastAPI) -> None:
         # upload or part resumes from its offset once the operator has made room.
         log.error("evidence storage: %s", exc)
         if exc.full:
-            _request.app.state.storage_full.note("evidence storage")
+            _request.app.state.storage_full.note(EVIDENCE)
             return _error(
                 507,
                 "insufficient_storage",

@@ -70,7 +70,10 @@ def healthz() -> dict[str, str]:
 @readiness_router.get(
     "/readyz",
     responses={
-        200: {"description": "Ready, or degraded (only `keys_reload` fails)", **READINESS_ANSWER},
+        200: {
+            "description": "Ready, or degraded (only `keys_reload` or `evidence` fails)",
+            **READINESS_ANSWER,
+        },
         503: {
             "description": "Not ready: `failing` names the checks (an `Error` only if the "
             "database fails while a token is checked)",

@@ -83,6 +83,10 @@ def revoke_client(session: Session, *, name: str) -> ApiClient:
         raise NotFound(f"no API client named {name!r}", code="unknown_client")
     if client.revoked_at is None:
         client.revoked_at = utc_now()
+        # Written now, before the caller's audit entry (written through a cursor of its own,
+        # which does not flush the session): the client's row, then the log's head, as a
+        # draft's creation takes them; in the other order the two deadlocked (PostgreSQL).
+        session.flush()
     return client
 
 

@@ -53,6 +53,7 @@ from app.evidence.whole import TooLargeForOnePost, send_evidence
 from app.models import BlobPart, Message, Peer
 from app.node import Node
 from app.obs.logs import request_context
+from app.obs.storage import DATABASE
 from app.peers.client import (
     BATCH_PATH,
     ENVELOPES_PATH,
@@ -378,7 +379,7 @@ class Worker:
             )
             return 0
         if database_full(exc):
-            self.node.storage_full.note("database")
+            self.node.storage_full.note(DATABASE)
             log.error(
                 "delivery round failed: database full (%s); nothing can be recorded until "
                 "room is made; retrying",
@@ -387,7 +388,7 @@ class Worker:
             return 0
         unwritable = database_unwritable(exc)
         if unwritable is not None:
-            self.node.storage_full.note("database", unwritable)
+            self.node.storage_full.note(DATABASE, unwritable)
             log.error("delivery round failed: the database %s; retrying", unwritable)
             return 0
         log.error("delivery round failed (%s); retrying", driver_error_name(exc))

@@ -194,10 +194,14 @@ def _refuse_over_client_budget(
     without end could stage evidence until the node's disk was full. Checked under a lock on
     the client's row, so two creations at once cannot both take the last place."""
     settings = node.settings
+    # FOR NO KEY UPDATE: creations of one client take turns, while the foreign keys of its
+    # idempotency rows (a share lock on this row, taken before) do not deadlock with it.
     session.execute(
-        select(ApiClient.id).where(ApiClient.id == principal.client_id).with_for_update()
+        select(ApiClient.id)
+        .where(ApiClient.id == principal.client_id)
+        .with_for_update(key_share=True)
     )
-    count, size = session.execute(
+    count, declared_before = session.execute(
         select(
             func.count(func.distinct(EvidenceDraft.id)),
             func.coalesce(func.sum(EvidenceUpload.size), 0),
@@ -206,6 +210,7 @@ def _refuse_over_client_budget(
         .outerjoin(EvidenceUpload, EvidenceUpload.draft_id == EvidenceDraft.id)
         .where(EvidenceDraft.created_by == principal.name, EvidenceDraft.state == OPEN)
     ).one()
+    size = int(declared_before)  # PostgreSQL's SUM of a BIGINT is a NUMERIC
     # One draft is always taken, whatever its size: the per-request limit bounds it, and a
     # budget smaller than one request would otherwise refuse it for ever.
     if count and (

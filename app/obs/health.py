@@ -22,7 +22,7 @@ from app.crypto.keyring import KeyRingState
 from app.db import durability_failure
 from app.evidence.blobstore import blob_root
 from app.node import Node
-from app.obs.storage import StorageFull
+from app.obs.storage import DATABASE, EVIDENCE, StorageFull
 
 OK = "ok"
 
@@ -114,9 +114,11 @@ def _database_checks(node: Node, heads: frozenset[str]) -> dict[str, str]:
 # whose reload of rotated keys failed still serves consistently with the keys it had, as it
 # would have before the rotation; taking it out would stop every exchange (on every replica
 # sharing the keys folder and its configuration) for what only delays the rotation. Likewise
-# evidence storage full or gone: requests, messages and receipts (in the database) still
-# flow, and only evidence waits (uploads and peers' parts resume from their offsets); out of
-# service, every replica sharing that volume would stop every exchange.
+# evidence storage found full: requests, messages and receipts (in the database) still flow,
+# and only evidence waits (uploads and peers' parts resume from their offsets); out of
+# service, every replica sharing that volume would stop every exchange. Not an evidence
+# folder gone (`evidence_folder`): one replica's mount failed, until it is restarted, and the
+# others can take its evidence (from review).
 DEGRADING = frozenset({"keys_reload", "evidence"})
 
 
@@ -161,7 +163,8 @@ def readiness(
     storage_full: StorageFull | None = None,
 ) -> dict[str, str]:
     """Every check, `ok` or `failing: <why>`: database, migrations, storage (the
-    database's), evidence (its storage), keys, the reload of rotated keys, delivery worker."""
+    database's), evidence (its storage found full), evidence_folder, keys, the reload of
+    rotated keys, delivery worker."""
     checks: dict[str, str] = {}
     lost = durability_failure(node.engine)
     if lost is not None:  # no transaction starts any more: say why, not "unreachable"
@@ -170,10 +173,9 @@ def readiness(
     else:
         checks.update(_database_checks(node, heads))
     if storage_full is not None:
-        checks["storage"] = storage_full.check("database")
-        checks["evidence"] = storage_full.check("evidence storage")
-        if checks["evidence"] == OK:
-            checks["evidence"] = _evidence_folder_check(node)
+        checks["storage"] = storage_full.check(DATABASE)
+        checks["evidence"] = storage_full.check(EVIDENCE)
+        checks["evidence_folder"] = _evidence_folder_check(node)
     # Keys are loaded before the server accepts connections; a node without them never
     # starts. Read without loading them again: a reload may be waiting for a rotation.
     state = node.keyring.state()

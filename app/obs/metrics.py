@@ -33,6 +33,7 @@ from app.crypto.keyring import chain_length
 from app.delivery import heartbeat, outbox
 from app.models import DeliveryCounter, Peer, WitnessAlarm
 from app.node import Node
+from app.obs.storage import DATABASE, EVIDENCE
 from app.requests.overdue import overdue_counts
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ NODE_GAUGES = (
     "entraide_worker_alive",
     "entraide_delivery_workers",
     "entraide_database_up",
+    "entraide_storage_full",
     "entraide_outbox_messages",
     "entraide_outbox_oldest_pending_age_seconds",
     "entraide_audit_log_entries",
@@ -165,6 +167,15 @@ class NodeCollector(Collector):
                 "1 if this process's in-process delivery worker is running.",
                 value=1.0 if alive else 0.0,
             )
+        full = GaugeMetricFamily(
+            "entraide_storage_full",
+            "1 if this process found the database or the evidence storage full (or taking no "
+            "write) within the last minute; /readyz says when (storage, evidence).",
+            labels=["storage"],
+        )
+        for label, what in (("database", DATABASE), ("evidence", EVIDENCE)):
+            full.add_metric([label], 1.0 if self.node.storage_full.failing(what) else 0.0)
+        yield full
         try:
             families = list(self._database(now))
         except SQLAlchemyError as exc:

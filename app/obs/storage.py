@@ -10,6 +10,8 @@ from datetime import datetime
 from app.crypto.encoding import format_time, utc_now
 
 OK = "ok"
+DATABASE = "database"
+EVIDENCE = "evidence storage"
 
 
 class StorageFull:
@@ -32,10 +34,20 @@ class StorageFull:
         with self._lock:
             self._last[what] = (time.monotonic(), utc_now(), why)
 
-    def check(self, what: str) -> str:
+    def _recent(self, what: str) -> tuple[float, datetime, str | None] | None:
         with self._lock:
             last = self._last.get(what)
         if last is None or time.monotonic() - last[0] > self.WINDOW_SECONDS:
+            return None
+        return last
+
+    def failing(self, what: str) -> bool:
+        """Whether `what` refused a write within the last minute (for /metrics)."""
+        return self._recent(what) is not None
+
+    def check(self, what: str) -> str:
+        last = self._recent(what)
+        if last is None:
             return OK
         _, at, why = last
         if why is not None:

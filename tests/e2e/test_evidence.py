@@ -356,6 +356,10 @@ def test_a_full_disk_refuses_an_upload_with_507_and_loses_nothing(pair: Pair) ->
             assert ready["checks"]["evidence"].startswith("failing: the evidence storage was full")
             assert ready["checks"]["storage"] == "ok"
             submit_example(pair.es)  # asserts 201
+            with pair.es.client("admin") as admin:
+                metrics = admin.get("/metrics").text
+            assert 'entraide_storage_full{storage="evidence"} 1.0' in metrics
+            assert 'entraide_storage_full{storage="database"} 0.0' in metrics
             # Still full: refused again, and what was stored stays.
             response = http.patch(href, content=data[held:], headers={"upload-offset": str(held)})
             assert response.status_code == 507, response.text

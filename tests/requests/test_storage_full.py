@@ -61,6 +61,8 @@ def test_a_full_sqlite_database_answers_507_and_fails_readiness(
         ready = ar.http.get("/readyz")
         assert ready.status_code == 503
         assert ready.json()["checks"]["storage"].startswith("failing: the database was full at")
+        metrics = ar.get("/metrics", client="monitor").text
+        assert 'entraide_storage_full{storage="database"} 1.0' in metrics
         event.remove(engine, "connect", _no_room)
         engine.dispose()
         accepted = sum(answer.status_code == 201 for answer in refused)
@@ -117,20 +119,19 @@ def test_a_database_that_takes_no_write_fails_readiness(
             engine.dispose()
 
 
-def test_an_evidence_folder_gone_degrades_readiness(tmp_path: Path) -> None:
+def test_an_evidence_folder_gone_fails_readiness(tmp_path: Path) -> None:
     """Removed while the node runs (a volume unmounted): every upload failed 503 and every
-    evidence transfer for good while /readyz said ready (from review). Said now, as
-    `degraded`: requests without evidence still flow, so the node stays in service."""
+    evidence transfer for good while /readyz said ready (from review). Not ready, unlike
+    evidence storage found full (degraded): one replica's folder is gone until it restarts,
+    and another replica can take its evidence (from review)."""
     with serve_node(migrated_sqlite(tmp_path / "ar.db"), tmp_path / "ar") as ar:
         assert ar.http.get("/readyz").json()["status"] == "ready"
         root = blob_store(ar.node.settings).root
         shutil.rmtree(root)
         ready = ar.http.get("/readyz")
-        assert ready.status_code == 200
-        assert (ready.json()["status"], ready.json()["failing"]) == ("degraded", ["evidence"])
-        assert ready.json()["checks"]["storage"] == "ok"
-        assert ar.post("/api/v1/requests", _request()).status_code == 201
-        assert ready.json()["checks"]["evidence"] == (
+        assert ready.status_code == 503
+        assert ready.json()["failing"] == ["evidence_folder"]
+        assert ready.json()["checks"]["evidence_folder"] == (
             f"failing: the evidence folder {root} lacks blobs and uploads (a volume not "
             "mounted, a folder removed?): evidence can be neither received nor sent; put it "
             "back, then restart the node"
