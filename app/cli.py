@@ -1696,7 +1696,7 @@ def restore(
         summary = restore_backup(
             settings,
             archive_path=file,
-            passphrase=read_passphrase(passphrase_file),
+            passphrase=read_passphrase(passphrase_file, choosing=False),
             actor=_operator(),
             keys_from=keys_from,
             move_log_back=move_log_back,
@@ -1745,8 +1745,8 @@ def restore(
     )
     typer.echo(
         "before you start the node, tell your peers' operators that you restored it, and from "
-        "when: their nodes witnessed your log after this backup and will report a split view "
-        "(docs/operations.md §5)"
+        "when: a peer that witnessed your log after this backup (each receipt your node gave "
+        "carried it) will report a split view (docs/operations.md §5)"
     )
     drafts, pending = _unsettled_at_backup(settings)
     if drafts or pending:

@@ -556,6 +556,8 @@ def check_writable(settings: Settings, engine: Engine) -> Iterator[Finding]:
                 f"the {what} volume ({folder}) is {100 - 100 * usage.free // usage.total}% "
                 f"full ({usage.free // 2**20} MiB free)",
             )
+        else:  # said, so that an operator sees it was checked (from a walkthrough)
+            yield Finding(OK, "storage", f"the {what} volume has {usage.free // 2**30} GiB free")
 
 
 def _missing_blobs(settings: Settings, engine: Engine) -> Iterator[Finding]:
@@ -717,14 +719,17 @@ def _check_peer(
         yield Finding(WARN, area, "sent no usable Date header: clock skew unknown")
         return
     verdict = clock_verdict(skew, settings.clock_skew_seconds)
+    area = f"clock vs {authority}"
     if verdict != OK:
         whose = "ahead of" if skew > 0 else "behind"
         yield Finding(
             verdict,
-            f"clock vs {authority}",
+            area,
             f"its clock is {abs(skew):.0f} s {whose} ours (envelopes are refused beyond "
             f"{settings.clock_skew_seconds} s): check NTP on both nodes",
         )
+    else:
+        yield Finding(OK, area, f"within {max(1, round(abs(skew)))} s of ours")
 
 
 def check_signed_log(settings: Settings, engine: Engine) -> Iterator[Finding]:

@@ -32,7 +32,12 @@ class PassphraseError(ValueError):
     """No passphrase, a weak one, or the wrong one."""
 
 
-def read_passphrase(path: Path | None) -> bytes | None:
+def read_passphrase(path: Path | None, *, choosing: bool = True) -> bytes | None:
+    """The passphrase from `path`, or else from the environment. `choosing`: one that
+    seals a new backup, held to the minimum length; to open one (restore), any length: a
+    short one is then simply the wrong one, and told so when it does not open the keys (it
+    was told "must have at least 12 characters", advice on choosing one; from an operator's
+    walkthrough)."""
     if path is not None:
         mode = path.stat().st_mode
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
@@ -42,7 +47,7 @@ def read_passphrase(path: Path | None) -> bytes | None:
         text = os.environ.get(PASSPHRASE_ENV, "")
         if not text:
             return None
-    if len(text) < MIN_PASSPHRASE_CHARS:
+    if choosing and len(text) < MIN_PASSPHRASE_CHARS:
         raise PassphraseError(
             f"the passphrase must have at least {MIN_PASSPHRASE_CHARS} characters"
         )

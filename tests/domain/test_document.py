@@ -460,3 +460,16 @@ def test_message_refusals(
         MessageDocument.model_validate(data)
 
     assert [(tuple(e["loc"]), e["type"]) for e in caught.value.errors()] == expected
+
+
+def test_the_example_for_the_command_line_is_the_apis_example() -> None:
+    """`entraide requests send` takes attachments as files (README): docs/examples/send.json
+    and letter-of-request.txt are request.json's request and its inline letter, kept the
+    same."""
+    body = _body()
+    (inline,) = body.pop("attachments")
+    folder = EXAMPLE.parent
+    assert json.loads((folder / "send.json").read_text(encoding="utf-8")) == body
+    letter = (folder / "letter-of-request.txt").read_bytes()
+    assert letter == base64.b64decode(inline["content_base64"])
+    assert inline["name"] == "letter-of-request.txt"

@@ -479,3 +479,25 @@ def test_cli_downloads_never_delete_a_file_named_like_a_partial_one(
     assert (out / ".x.partial").read_bytes() == contents[0]
     assert (out / "x").read_bytes() == contents[1]
     assert (out / ".y.partial").read_bytes() == b"the user's own"
+
+
+def test_the_readmes_send_command_sends_the_projects_example(pair: Pair, tmp_path: Path) -> None:
+    """README's `entraide requests send` with the project's own example files: its request
+    (docs/examples/request.json) holds its letter inline, which `send` refuses, so an operator
+    trying the command from the documentation had to decode it first (from an operator's
+    walkthrough). docs/examples/send.json and letter-of-request.txt are that example as
+    `send` takes it (tests/domain/test_document.py checks they stay the same request)."""
+    examples = Path(__file__).resolve().parents[2] / "docs" / "examples"
+    letter = examples / "letter-of-request.txt"
+    token = pair.es.tokens["officer"]
+    sent = requests_output(
+        pair.es.url, token, "send", str(examples / "send.json"), "--attach", str(letter)
+    )
+    request_id = sent.strip()
+    wait_receipt(pair.es, request_id)
+    wait_for("the request at AR", lambda: detail(pair.ar, request_id))
+    out = tmp_path / "got"
+    requests_output(
+        pair.ar.url, pair.ar.tokens["officer"], "download", request_id, "--out", str(out)
+    )
+    assert (out / "letter-of-request.txt").read_bytes() == letter.read_bytes()

@@ -216,6 +216,10 @@ def test_restore_refuses_what_would_lose_or_mix_data(tmp_path: Path) -> None:
     # file is left where there was none.
     with pytest.raises(PassphraseError, match="passphrase does not open"):
         restore_into(fresh_url, fresh_keys, sealed, b"not the right passphrase at all")
+    # A short one, to open: the wrong one, not advice on choosing one (it was "at least 12").
+    short = read_passphrase(passphrase_file(tmp_path, "short"), choosing=False)
+    with pytest.raises(PassphraseError, match="passphrase does not open"):
+        restore_into(fresh_url, fresh_keys, sealed, short)
     assert not fresh_keys.exists() or not any(fresh_keys.iterdir())
     assert not Path(fresh_url.removeprefix("sqlite:///")).exists()
     # Another node's keys in the keys folder: refused.

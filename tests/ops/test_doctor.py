@@ -61,6 +61,11 @@ def test_doctor_names_each_problem_then_passes_once_they_are_fixed(tmp_path: Pat
         assert healthy.returncode == 0, healthy.stdout + healthy.stderr
         assert "No problem found." in healthy.stdout
         assert f"reachable at {ar.url}, keys current" in healthy.stdout
+        # What was checked and found well is said too: an operator saw no line of the clock
+        # or the free space the documentation says doctor checks (from a walkthrough).
+        assert "clock vs AR/MPF" in healthy.stdout
+        assert "s of ours" in healthy.stdout
+        assert "the database volume has" in healthy.stdout
 
         # Break three things, as they break in real life.
         ar.stop()  # the peer is down
