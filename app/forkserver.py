@@ -3,7 +3,7 @@
 An `entraide` process spends about a second of CPU importing FastAPI, SQLAlchemy, pydantic,
 alembic and the application before it does anything; a test suite that starts a few hundred
 nodes and commands on two cores spends minutes on that alone. A fork server imports them
-once. Each command is then a fork of it that runs `app.cli.main` as the console script does,
+once. Each command is then a fork of it that runs `app.launch.main` as the console script does,
 with the arguments, environment, working directory and standard streams it is given, and ends
 as the interpreter ends (its threads joined, exit handlers run, streams flushed, exceptions
 reported by the interpreter) but for the teardown of its modules (`_end`): a real process,
@@ -43,10 +43,19 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 _MAX_MESSAGE = 1 << 20
-# What `entraide serve` imports (after skipping what a node never uses, as app.cli does), and
-# no more: a forked node holds what an exec'd one would, for the tests that bound its memory.
-# Other commands import the rest (alembic for `init` and `migrate`) when they run.
-_PRELOAD = ("app.cli", "app.main", "app.node", "app.tls", "app.delivery.worker", "uvicorn")
+# What `entraide serve` imports (after skipping what a node never uses, as app/nodeproc.py
+# does), and the command module every other command builds (app.cli, with typer: 1.8 MiB a
+# forked node holds and an exec'd one does not; the tests that bound a node's memory bound
+# its growth). Other commands import the rest (alembic for `init` and `migrate`) as they run.
+_PRELOAD = (
+    "app.cli",
+    "app.launch",
+    "app.main",
+    "app.node",
+    "app.tls",
+    "app.delivery.worker",
+    "uvicorn",
+)
 _SERVER = "import sys; from app.forkserver import serve; serve(int(sys.argv[1]))"
 
 
@@ -251,9 +260,9 @@ def serve(fd: int) -> None:
     In a child, never returns: ends the process as `python -m app` ends (`_end`), or raises
     what else `entraide` raised, for the interpreter to report and end with."""
     connection = socket.socket(fileno=fd)
-    from app.cli import _skip_unused_imports
+    from app.nodeproc import skip_unused_imports
 
-    _skip_unused_imports()
+    skip_unused_imports()
     for module in _PRELOAD:
         __import__(module)
     if threading.active_count() != 1:  # forking a threaded process copies held locks
@@ -365,6 +374,6 @@ def _child(request: dict[str, Any], fds: list[int]) -> None:
     os.environ.update(request["env"])
     os.chdir(request["cwd"])
     sys.argv = ["entraide", *request["run"]]
-    from app.cli import main
+    from app.launch import main
 
     main()

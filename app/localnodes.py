@@ -120,15 +120,15 @@ def free_port() -> int:
 
 _SEPARATOR = "\x1eentraide-command"
 # Runs `entraide` commands in turn in one interpreter (LocalNode.cli_in_turn): each as the
-# console script runs it (app.cli.main, which exits with the command's status).
+# console script runs it (app.launch.main, which exits with the command's status).
 _IN_TURN = f"""
 import json, sys
-from app import cli
+from app import launch
 for args in json.loads(sys.argv[1]):
     print({_SEPARATOR!r}, flush=True)
     sys.argv = ["entraide", *args]
     try:
-        cli.main()
+        launch.main()
     except SystemExit as exc:
         if exc.code not in (0, None):
             raise

@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--database-url", required=True)
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
-    # The options of app.cli.serve, word for word (TLS aside: the node runs plain HTTP here).
+    # The options of app.nodeproc.serve, word for word (TLS aside: the node runs plain HTTP here).
     uvicorn.run(
         create_floor_app(args.database_url),
         host="127.0.0.1",

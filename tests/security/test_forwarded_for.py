@@ -1,5 +1,5 @@
 """Whose address a node records and throttles: X-Forwarded-For is believed only from the
-proxies named in ENTRAIDE_TRUSTED_PROXIES (app/config.py, app/cli.py `serve`).
+proxies named in ENTRAIDE_TRUSTED_PROXIES (app/config.py, app/nodeproc.py `serve`).
 
 From review: `serve` left uvicorn's default, which believes X-Forwarded-For from 127.0.0.1,
 so any process reaching the node's port from loopback chose the address of its audit
