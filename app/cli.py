@@ -125,10 +125,6 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(code=1)
 
 
-def _skip_unused_imports() -> None:
-    nodeproc.skip_unused_imports()
-
-
 def _said_failed(failed: nodeproc.CommandFailed) -> typer.Exit:
     """A node's command that could not start (app/nodeproc.py), said in red at a terminal."""
     for line in failed.lines:
@@ -470,7 +466,9 @@ def keys_show() -> None:
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on")] = nodeproc.DEFAULT_HOST,
-    port: Annotated[int, typer.Option(help="Port to listen on")] = nodeproc.DEFAULT_PORT,
+    port: Annotated[
+        int, typer.Option(help="Port to listen on", min=0, max=65535)
+    ] = nodeproc.DEFAULT_PORT,
 ) -> None:
     """Run the node: local API, P2P API and the in-process delivery worker."""
     # `entraide serve` in its plain forms runs nodeproc.serve without this module

@@ -50,6 +50,11 @@ def run_node_process(run: Callable[[], None]) -> int:
     nodeproc.prepare_process()
     try:
         run()
+    except KeyboardInterrupt:
+        # Ctrl-C at a terminal: uvicorn shuts down, then raises the signal again, which
+        # asyncio hands back as KeyboardInterrupt. Ended quietly, 130, as typer ends it (from
+        # review: a traceback).
+        return 130
     except nodeproc.CommandFailed as exc:
         return _said(*exc.lines)
     except EntraideError as exc:  # the node's own refusal (an audit log rolled back, say)
@@ -62,7 +67,9 @@ def run_node_process(run: Callable[[], None]) -> int:
 
 
 def _said(*lines: str) -> int:
-    sys.stderr.write("".join(f"error: {line}\n" for line in lines))
+    # In red at a terminal, as typer's `secho` says them; plain for a log.
+    red, plain = ("\x1b[31m", "\x1b[0m") if sys.stderr.isatty() else ("", "")
+    sys.stderr.write("".join(f"{red}error: {line}{plain}\n" for line in lines))
     return 1
 
 

@@ -151,8 +151,8 @@ def test_a_node_process_does_without_what_it_never_uses(tmp_path: Path) -> None:
     pydantic.v1 or pydantic-settings; and the application still builds its schema."""
     probe = (
         "import sys\n"
-        "from app import cli\n"
-        "cli._skip_unused_imports()\n"
+        "from app import nodeproc\n"
+        "nodeproc.skip_unused_imports()\n"
         "import httpx, uvicorn\n"
         "from app.config import Settings\n"
         "from app.main import create_app\n"

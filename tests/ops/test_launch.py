@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -101,41 +102,92 @@ def test_a_node_that_cannot_start_says_why_the_same_either_way(
     assert "Traceback" not in quick.stderr
 
 
-def test_an_execd_node_imports_no_command_line_framework(tmp_path: Path) -> None:
-    """A node started as an operator starts it (a new interpreter, `python -m app serve`)
-    serves, stops on SIGTERM, and never imported typer or app.cli."""
-    node = LocalNode("ES/MJ", "Ministerio", tmp_path, migrated_sqlite(tmp_path / "es.db"))
-    node.init()
-    log = tmp_path / "serve.log"
+def _exec(node: LocalNode, log: Path, *args: str) -> subprocess.Popen[bytes]:
+    """`python -X importtime -m app ARGS` as an operator starts it: a new interpreter."""
     with log.open("wb") as output:
-        process = subprocess.Popen(
-            [sys.executable, "-X", "importtime", "-m", "app", "serve", "--port", str(node.port)],
+        return subprocess.Popen(
+            [sys.executable, "-X", "importtime", "-m", "app", *args],
             env=node.env(),
             stdout=output,
             stderr=subprocess.STDOUT,
         )
+
+
+def _until(
+    what: str, process: subprocess.Popen[bytes], log: Path, ready: Callable[[], bool]
+) -> None:
+    deadline = time.monotonic() + 60
+    while not ready():
+        assert process.poll() is None, log.read_text()[-2000:]
+        assert time.monotonic() < deadline, f"{what}: not in 60 s"
+        time.sleep(0.1)
+
+
+def _serving(node: LocalNode) -> bool:
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, log.read_text()[-2000:]
-            assert time.monotonic() < deadline, "not ready in 60 s"
-            try:
-                if httpx.get(node.url + "/readyz", timeout=1.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        ended = process.wait(timeout=60)
-    imported = {
+        return httpx.get(node.url + "/readyz", timeout=1.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _imports(log: Path) -> set[str]:
+    return {
         line.rsplit("|", 1)[1].strip()
         for line in log.read_text().splitlines()
         if line.startswith("import time:")
     }
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> LocalNode:
+    made = LocalNode("ES/MJ", "Ministerio", tmp_path, migrated_sqlite(tmp_path / "es.db"))
+    made.init()
+    return made
+
+
+def test_an_execd_node_imports_no_command_line_framework(node: LocalNode, tmp_path: Path) -> None:
+    """A node started as an operator starts it (a new interpreter, `python -m app serve`)
+    serves, stops on SIGTERM, and never imported typer or app.cli."""
+    log = tmp_path / "serve.log"
+    process = _exec(node, log, "serve", "--port", str(node.port))
+    try:
+        _until("ready", process, log, lambda: _serving(node))
+    finally:
+        process.send_signal(signal.SIGTERM)
+        ended = process.wait(timeout=60)
     # uvicorn shuts down, then ends by the signal it was sent, as systemd expects of it.
     assert ended == -signal.SIGTERM, log.read_text()[-2000:]
     assert "Application shutdown complete." in log.read_text()
+    imported = _imports(log)
     assert {"app.nodeproc", "app.main", "uvicorn"} <= imported
     # (click itself is uvicorn's, for its own command line; typer carries a copy of its own.)
     assert not {"typer", "app.cli", "app.cli_security"} & imported
+
+
+def test_an_execd_worker_imports_no_command_line_framework(node: LocalNode, tmp_path: Path) -> None:
+    log = tmp_path / "worker.log"
+    process = _exec(node, log, "worker")
+    try:
+        _until("started", process, log, lambda: "delivery worker" in log.read_text())
+    finally:
+        process.send_signal(signal.SIGTERM)
+        ended = process.wait(timeout=60)
+    assert ended == 0, log.read_text()[-2000:]
+    imported = _imports(log)
+    assert {"app.nodeproc", "app.delivery.worker"} <= imported
+    assert not {"typer", "app.cli", "app.cli_security"} & imported
+
+
+def test_ctrl_c_ends_a_node_quietly(node: LocalNode, tmp_path: Path) -> None:
+    """From review: uvicorn raises SIGINT again once shut down, which asyncio hands back as
+    KeyboardInterrupt, and the quick path printed its traceback; typer ends it with 130."""
+    log = tmp_path / "serve.log"
+    process = _exec(node, log, "serve", "--port", str(node.port))
+    try:
+        _until("ready", process, log, lambda: _serving(node))
+    finally:
+        process.send_signal(signal.SIGINT)
+        ended = process.wait(timeout=60)
+    assert ended == 130, log.read_text()[-2000:]
+    assert "Traceback" not in log.read_text()
+    assert "Application shutdown complete." in log.read_text()
