@@ -138,6 +138,17 @@ def _imports(log: Path) -> set[str]:
     }
 
 
+def _served_until(node: LocalNode, log: Path, sent: signal.Signals) -> int:
+    """`entraide serve`, exec'd, until it is ready; then `sent`. Its exit status."""
+    process = _exec(node, log, "serve", "--port", str(node.port))
+    try:
+        _until("ready", process, log, lambda: _serving(node))
+    finally:
+        process.send_signal(sent)
+        ended = process.wait(timeout=60)
+    return ended
+
+
 @pytest.fixture
 def node(tmp_path: Path) -> LocalNode:
     made = LocalNode("ES/MJ", "Ministerio", tmp_path, migrated_sqlite(tmp_path / "es.db"))
@@ -149,12 +160,7 @@ def test_an_execd_node_imports_no_command_line_framework(node: LocalNode, tmp_pa
     """A node started as an operator starts it (a new interpreter, `python -m app serve`)
     serves, stops on SIGTERM, and never imported typer or app.cli."""
     log = tmp_path / "serve.log"
-    process = _exec(node, log, "serve", "--port", str(node.port))
-    try:
-        _until("ready", process, log, lambda: _serving(node))
-    finally:
-        process.send_signal(signal.SIGTERM)
-        ended = process.wait(timeout=60)
+    ended = _served_until(node, log, signal.SIGTERM)
     # uvicorn shuts down, then ends by the signal it was sent, as systemd expects of it.
     assert ended == -signal.SIGTERM, log.read_text()[-2000:]
     assert "Application shutdown complete." in log.read_text()
@@ -182,12 +188,7 @@ def test_ctrl_c_ends_a_node_quietly(node: LocalNode, tmp_path: Path) -> None:
     """From review: uvicorn raises SIGINT again once shut down, which asyncio hands back as
     KeyboardInterrupt, and the quick path printed its traceback; typer ends it with 130."""
     log = tmp_path / "serve.log"
-    process = _exec(node, log, "serve", "--port", str(node.port))
-    try:
-        _until("ready", process, log, lambda: _serving(node))
-    finally:
-        process.send_signal(signal.SIGINT)
-        ended = process.wait(timeout=60)
+    ended = _served_until(node, log, signal.SIGINT)
     assert ended == 130, log.read_text()[-2000:]
     assert "Traceback" not in log.read_text()
     assert "Application shutdown complete." in log.read_text()
