@@ -48,6 +48,7 @@ from app.crypto.keyfile import KeyFileError, stored_plain
 from app.crypto.keys import (
     IDENTITY_FILE,
     KEY_FILES,
+    RESTORE_STAGING_PREFIX,
     NodeIdentity,
     NodeKeys,
     load_identity,
@@ -262,8 +263,28 @@ def _configuration_findings(settings: Settings) -> Iterator[Finding]:
         )
 
 
+def _restores_left_staged(keys_dir: Path) -> Iterator[Finding]:
+    """Private keys a killed restore left beside the keys folder: a copy nobody would look
+    for, outside the folder that backups and operators guard (last notes)."""
+    try:
+        left = sorted(
+            path for path in keys_dir.parent.glob(RESTORE_STAGING_PREFIX + "*") if path.is_dir()
+        )
+    except OSError:
+        return  # the keys folder's own check says what cannot be read
+    for path in left:
+        yield Finding(
+            WARN,
+            "keys",
+            f"{path} holds keys unsealed by a restore that did not finish (killed?): a copy of "
+            f"private keys outside the keys folder; once no restore runs, remove it: "
+            f"rm -r {path}",
+        )
+
+
 def check_keys(settings: Settings, unlocked: UnlockedKeys | None = None) -> Iterator[Finding]:
     keys_dir = settings.keys_dir
+    yield from _restores_left_staged(keys_dir)
     if not keys_dir.is_dir():
         yield Finding(
             FAIL,

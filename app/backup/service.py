@@ -55,6 +55,7 @@ from app.crypto.keyfile import write_private
 from app.crypto.keys import (
     IDENTITY_FILE,
     KEY_FILES,
+    RESTORE_STAGING_PREFIX,
     RETIRED_DIR,
     ROTATIONS_FILE,
     NodeKeys,
@@ -497,7 +498,7 @@ def _restore_keys(
         # Stage next to the keys folder, check, then move: a wrong passphrase or a damaged
         # backup leaves the keys folder as it was.
         keys_dir.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=keys_dir.parent, prefix=".entraide-keys-") as tmp:
+        with tempfile.TemporaryDirectory(dir=keys_dir.parent, prefix=RESTORE_STAGING_PREFIX) as tmp:
             staged = Path(tmp) / "keys"
             _write_private_keys(staged, keys_archive or archive, passphrase, shown=keys_dir)
             write_private(staged / IDENTITY_FILE, archive.read(NODE_MEMBER))

@@ -41,6 +41,9 @@ ROTATIONS_FILE = "rotations.json"
 # Retired private encryption keys, kept (protected like the others) so archived envelopes
 # sealed to them stay readable.
 RETIRED_DIR = "retired"
+# Where `entraide restore` unseals a backup's keys, beside the keys folder, before it moves
+# them in (app/backup/service.py); a restore killed meanwhile leaves one behind (doctor).
+RESTORE_STAGING_PREFIX = ".entraide-keys-"
 
 __all__ = ["KeyFileError", "NodeKeys", "RetiredKey", "key_id", "load_keys", "save_keys"]
 

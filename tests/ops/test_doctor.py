@@ -18,13 +18,14 @@ from sqlalchemy.engine import make_url
 from app.audit.mac import append_with
 from app.config import Settings
 from app.crypto.identity import build_identity_document
-from app.crypto.keys import NodeIdentity, NodeKeys
+from app.crypto.keys import RESTORE_STAGING_PREFIX, NodeIdentity, NodeKeys
 from app.db import make_engine
 from app.doctor import (
     FAIL,
     OK,
     WARN,
     _check_peer,
+    check_keys,
     check_writable,
     clock_verdict,
     redacted_url,
@@ -500,3 +501,22 @@ def test_doctor_fails_a_volume_without_room(
         assert found == [(WARN, "storage"), (WARN, "storage")]  # 32 GiB of 1 TiB: 97% full
     finally:
         engine.dispose()
+
+
+def test_doctor_warns_of_keys_a_killed_restore_left_beside_the_keys_folder(
+    tmp_path: Path,
+) -> None:
+    """`restore` unseals a backup's keys into a folder beside the keys folder before moving
+    them in; killed meanwhile, it leaves private keys where nobody looks (last notes)."""
+    settings = Settings(database_url="sqlite://", keys_dir=tmp_path / "keys")
+    staged = tmp_path / f"{RESTORE_STAGING_PREFIX}a1b2c3"
+    (staged / "keys").mkdir(parents=True)
+    (staged / "keys" / "signing.key").write_text("{}")
+    (tmp_path / f"{RESTORE_STAGING_PREFIX}file").write_text("not a restore's folder")
+    warned = [f for f in check_keys(settings) if f.level == WARN]
+    assert [finding.message for finding in warned] == [
+        f"{staged} holds keys unsealed by a restore that did not finish (killed?): a copy of "
+        f"private keys outside the keys folder; once no restore runs, remove it: rm -r {staged}"
+    ]
+    shutil.rmtree(staged)
+    assert not [f for f in check_keys(settings) if f.level == WARN]
