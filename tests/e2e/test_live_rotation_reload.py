@@ -184,7 +184,7 @@ def test_a_reload_that_fails_is_said_by_readyz_metrics_doctor_and_the_cli(solo: 
         time.time() - before_rotation + 1.0
     )
     doctor = ar.cli("doctor", check=False)
-    assert f"the running node at {ar.url} publishes these keys" in doctor.stdout
+    assert f"the node answering at {ar.url} publishes these keys" in doctor.stdout
     # One entry, the operator's: the restarted processes found it (no second one, "node").
     ((actor, seq),) = rotations_recorded(ar)
     assert (actor.startswith("operator:"), seq) == (True, 1)
