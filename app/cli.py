@@ -1512,6 +1512,9 @@ def restore(
     from app.crypto.keys import KeyFileError
 
     settings = _settings()
+    # Stopped (systemd, `timeout`), it unwinds as on Ctrl-C: the folder where it unseals the
+    # keys goes with it, not left holding them (from review).
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         summary = restore_backup(
             settings,

@@ -7,9 +7,11 @@ changes the node; peers are only asked for their public identity document.
 
 from __future__ import annotations
 
+import math
 import os
 import pwd
 import re
+import shlex
 import shutil
 import stat
 from collections.abc import Callable, Iterable, Iterator
@@ -265,20 +267,30 @@ def _configuration_findings(settings: Settings) -> Iterator[Finding]:
 
 def _restores_left_staged(keys_dir: Path) -> Iterator[Finding]:
     """Private keys a killed restore left beside the keys folder: a copy nobody would look
-    for, outside the folder that backups and operators guard (last notes)."""
+    for, outside the folder that backups and operators guard (last notes). Only folders as
+    `tempfile` names them, this user's own and no link: the parent may be a shared folder
+    (`/tmp`, a restore drill's), where anyone could make one named to turn the command shown
+    into another (from review)."""
+    staged = re.compile(re.escape(RESTORE_STAGING_PREFIX) + r"[a-z0-9_]{8}")
     try:
         left = sorted(
-            path for path in keys_dir.parent.glob(RESTORE_STAGING_PREFIX + "*") if path.is_dir()
+            path
+            for path in keys_dir.parent.glob(RESTORE_STAGING_PREFIX + "*")
+            if staged.fullmatch(path.name)
+            and not path.is_symlink()
+            and path.is_dir()
+            and path.lstat().st_uid == os.getuid()
         )
     except OSError:
         return  # the keys folder's own check says what cannot be read
     for path in left:
+        where = shlex.quote(str(path.absolute()))
         yield Finding(
             WARN,
             "keys",
-            f"{path} holds keys unsealed by a restore that did not finish (killed?): a copy of "
-            f"private keys outside the keys folder; once no restore runs, remove it: "
-            f"rm -r {path}",
+            f"{where} holds keys unsealed by a restore that did not finish (killed?): a copy "
+            f"of private keys outside the keys folder; once no restore runs, remove it: "
+            f"rm -r {where}",
         )
 
 
@@ -380,7 +392,7 @@ def check_running_keys(
         yield Finding(
             WARN,
             "keys",
-            f"the running node could not be read at {url} ({exc}): whether it uses the keys of "
+            f"the node at {url} could not be read ({exc}): whether it uses the keys of "
             "the files is not checked; if it runs, see its /readyz (`keys_reload`)",
         )
         return
@@ -393,7 +405,7 @@ def check_running_keys(
     yield Finding(
         FAIL,
         "keys",
-        f"the running node at {url} does not use the keys of the files: {differs}. It did "
+        f"the node answering at {url} does not use the keys of the files: {differs}. It did "
         "not load the last rotation (its log and /readyz say why: often, the key files are "
         "protected and the node runs without ENTRAIDE_KEY_PASSPHRASE(_FILE)); peers that "
         "refresh pin its old keys. Fix the cause: a node reading ENTRAIDE_KEY_PASSPHRASE_FILE "
@@ -580,7 +592,9 @@ def check_writable(settings: Settings, engine: Engine) -> Iterator[Finding]:
                 f"full ({usage.free // 2**20} MiB free)",
             )
         else:  # said, so that an operator sees it was checked (from a walkthrough)
-            yield Finding(OK, "storage", f"the {what} volume has {usage.free // 2**30} GiB free")
+            yield Finding(
+                OK, "storage", f"the {what} volume ({folder}) has {usage.free / 2**30:.1f} GiB free"
+            )
 
 
 def _missing_blobs(settings: Settings, engine: Engine) -> Iterator[Finding]:
@@ -752,7 +766,8 @@ def _check_peer(
             f"{settings.clock_skew_seconds} s): check NTP on both nodes",
         )
     else:
-        yield Finding(OK, area, f"within {max(1, round(abs(skew)))} s of ours")
+        # The Date header has whole seconds: the skew may be up to a second more.
+        yield Finding(OK, area, f"within {math.ceil(abs(skew)) + 1} s of ours")
 
 
 def check_signed_log(settings: Settings, engine: Engine) -> Iterator[Finding]:

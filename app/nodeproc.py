@@ -251,11 +251,10 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
     try:
         listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listening.bind((host, port))
-    except (OSError, OverflowError) as exc:  # OverflowError: a port past 65535
+    except OSError as exc:  # a port past 65535 never comes here (both parsers bound it)
         listening.close()
         node.close()
-        why = exc.strerror if isinstance(exc, OSError) else None
-        raise CommandFailed(f"cannot listen on {host}:{port}: {why or exc}") from exc
+        raise CommandFailed(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     listening.set_inheritable(True)
     _start_process()
     # log_config=None: uvicorn's records go through our (JSON) handler like everything else.

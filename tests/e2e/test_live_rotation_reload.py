@@ -164,7 +164,7 @@ def test_a_reload_that_fails_is_said_by_readyz_metrics_doctor_and_the_cli(solo: 
 
     doctor = ar.cli("doctor", check=False)
     assert doctor.returncode == 1, doctor.stdout
-    assert f"the running node at {ar.url} does not use the keys of the files" in doctor.stdout
+    assert f"the node answering at {ar.url} does not use the keys of the files" in doctor.stdout
     assert f"publishes signing key {old.signing.kid} (rotation 0)" in doctor.stdout
 
     # Fixed: restarted with the passphrase, the node and its worker take the new keys up.

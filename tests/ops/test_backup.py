@@ -107,6 +107,14 @@ def test_a_restored_node_reads_old_requests_and_continues_its_audit_log(
             port=es.port,
         )
         restored.workdir.mkdir()
+        # A short wrong passphrase is the wrong one, not advice on choosing one (walkthrough).
+        short = tmp_path / "short.pass"
+        short.write_text("wrong\n")
+        short.chmod(0o600)
+        wrong = restored.cli("restore", str(archive), "--passphrase-file", str(short), check=False)
+        assert wrong.returncode == 1
+        assert "the passphrase does not open the backup's private keys" in wrong.stderr
+        assert "at least" not in wrong.stderr
         out = restored.cli("restore", str(archive), "--passphrase-file", str(secret))
         assert "audit log verified" in out.stdout, out.stdout + out.stderr
         restored.tokens = dict(es.tokens)  # API clients come back with the database

@@ -66,7 +66,7 @@ def test_doctor_names_each_problem_then_passes_once_they_are_fixed(tmp_path: Pat
         # or the free space the documentation says doctor checks (from a walkthrough).
         assert "clock vs AR/MPF" in healthy.stdout
         assert "s of ours" in healthy.stdout
-        assert "the database volume has" in healthy.stdout
+        assert "the database volume (" in healthy.stdout
 
         # Break three things, as they break in real life.
         ar.stop()  # the peer is down
@@ -507,16 +507,21 @@ def test_doctor_warns_of_keys_a_killed_restore_left_beside_the_keys_folder(
     tmp_path: Path,
 ) -> None:
     """`restore` unseals a backup's keys into a folder beside the keys folder before moving
-    them in; killed meanwhile, it leaves private keys where nobody looks (last notes)."""
+    them in; killed meanwhile, it leaves private keys where nobody looks (last notes). Only
+    a folder as `tempfile` names it, this user's, no link: in a shared parent (/tmp) anyone
+    could name one so that the command shown runs theirs (from review)."""
     settings = Settings(database_url="sqlite://", keys_dir=tmp_path / "keys")
-    staged = tmp_path / f"{RESTORE_STAGING_PREFIX}a1b2c3"
+    staged = tmp_path / f"{RESTORE_STAGING_PREFIX}a1b2c3_9"
     (staged / "keys").mkdir(parents=True)
     (staged / "keys" / "signing.key").write_text("{}")
-    (tmp_path / f"{RESTORE_STAGING_PREFIX}file").write_text("not a restore's folder")
+    (tmp_path / f"{RESTORE_STAGING_PREFIX}file0000").write_text("not a restore's folder")
+    (tmp_path / f"{RESTORE_STAGING_PREFIX}$(touch pwned)").mkdir()
+    (tmp_path / f"{RESTORE_STAGING_PREFIX}linked00").symlink_to(staged)
     warned = [f for f in check_keys(settings) if f.level == WARN]
     assert [finding.message for finding in warned] == [
-        f"{staged} holds keys unsealed by a restore that did not finish (killed?): a copy of "
-        f"private keys outside the keys folder; once no restore runs, remove it: rm -r {staged}"
+        f"{staged} holds keys unsealed by a restore that did not finish (killed?): a copy "
+        f"of private keys outside the keys folder; once no restore runs, remove it: "
+        f"rm -r {staged}"
     ]
     shutil.rmtree(staged)
     assert not [f for f in check_keys(settings) if f.level == WARN]

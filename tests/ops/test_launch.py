@@ -145,7 +145,11 @@ def _served_until(node: LocalNode, log: Path, sent: signal.Signals) -> int:
         _until("ready", process, log, lambda: _serving(node))
     finally:
         process.send_signal(sent)
-        ended = process.wait(timeout=60)
+        try:
+            ended = process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()  # not left running past the test
+            raise
     return ended
 
 
@@ -154,6 +158,15 @@ def node(tmp_path: Path) -> LocalNode:
     made = LocalNode("ES/MJ", "Ministerio", tmp_path, migrated_sqlite(tmp_path / "es.db"))
     made.init()
     return made
+
+
+def test_a_port_out_of_range_is_a_usage_error(tmp_path: Path) -> None:
+    """Past 65535 the full command line refuses it (it was an OverflowError's traceback)."""
+    node = LocalNode("ES/MJ", "Ministerio", tmp_path, f"sqlite:///{tmp_path / 'none.db'}")
+    refused = _entraide(node.env(), "serve", "--port", "+70000")
+    assert refused.returncode == 2, refused.stderr
+    assert "65535" in refused.stderr
+    assert "Traceback" not in refused.stderr
 
 
 def test_an_execd_node_imports_no_command_line_framework(node: LocalNode, tmp_path: Path) -> None:
