@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     import httpx
-    from pydantic import ValidationError
     from sqlalchemy.exc import OperationalError
     from sqlalchemy.orm import Session
     from typer import _click as click  # typer's own copy of Click, whose classes it extends
@@ -139,10 +138,6 @@ def _settings() -> Settings:
         raise _said_failed(exc) from exc
 
 
-def _setting_problems(exc: ValidationError) -> list[str]:
-    return nodeproc.setting_problems(exc)
-
-
 def _node(settings: Settings, *, another_nodes_database: bool = False) -> Node:
     """The node of an existing database and keys folder, or the command ends saying why.
     `another_nodes_database`: said as a warning, not refused (`audit verify --db`, the
@@ -245,9 +240,9 @@ def migrate() -> None:
     """Bring the database schema to the latest migration (and, from a release before the
     record of what the log key signed, adopt the audit log once it verifies)."""
     settings = _settings()
-    before = _schema_revisions(settings)
+    before = nodeproc.schema_revisions(settings)
     _upgrade(settings)
-    after = _schema_revisions(settings)
+    after = nodeproc.schema_revisions(settings)
     if before == after:
         done = f"database schema is current ({', '.join(after) or 'none'})"
     else:
@@ -353,10 +348,6 @@ def _the_log_extends(
         raise _fail(f"{done}, but {rolled_back(problem)}; {SIGNS_NOTHING}")
 
 
-def _schema_revisions(settings: Settings) -> list[str]:
-    return nodeproc.schema_revisions(settings)
-
-
 def _upgrade(settings: Settings) -> None:
     """Migrate, or say in plain words why the database cannot be reached (no traceback, no
     password: the URL is shown as `doctor` shows it)."""
@@ -372,7 +363,7 @@ def _upgrade(settings: Settings) -> None:
     except OperationalError as exc:
         raise _unreachable(settings, exc) from exc
     except CommandError as exc:  # "Can't locate revision": a database of a newer version
-        newer = unknown_revisions(frozenset(_schema_revisions(settings)))
+        newer = unknown_revisions(frozenset(nodeproc.schema_revisions(settings)))
         if not newer:
             raise _fail(f"cannot migrate: {exc}") from exc
         raise _fail(NEWER_SCHEMA.format(revisions=", ".join(sorted(newer)))) from exc
@@ -1611,7 +1602,7 @@ def doctor() -> None:
     try:
         settings = Settings()
     except ValidationError as exc:
-        for line in _setting_problems(exc):
+        for line in nodeproc.setting_problems(exc):
             typer.echo(f"FAIL  configuration   {line}")
         raise typer.Exit(code=1) from exc
     findings = diagnose(settings)
