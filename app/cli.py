@@ -19,6 +19,7 @@ from typer.core import TyperGroup
 
 from app import cli_security, nodeproc
 from app.auth.service import Role
+from app.recovery import cli as recovery_cli
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -99,6 +100,7 @@ proof_app = typer.Typer(
 )
 app.add_typer(proof_app, name="proof")
 cli_security.register(keys_app, peers_app)
+recovery_cli.register(peers_app)
 deliveries_app = typer.Typer(no_args_is_help=True, help="Outbound deliveries (operators).")
 app.add_typer(deliveries_app, name="deliveries")
 
@@ -1561,6 +1563,11 @@ def restore(
         "before you start the node, tell your peers' operators that you restored it, and from "
         "when: a peer that witnessed your log after this backup (each receipt your node gave "
         "carried it) will report a split view (docs/operations.md §5)"
+    )
+    typer.echo(
+        f"then take back from each peer what you exchanged after this backup "
+        f"({summary.backup_created_at}): `entraide peers recover PEER` for each of "
+        "`entraide peers list`, before officers use the node (docs/operations.md §5)"
     )
     drafts, pending = _unsettled_at_backup(settings)
     if drafts or pending:

@@ -77,6 +77,7 @@ from app.p2p.router import router as p2p_router
 from app.peers.router import router as peers_router
 from app.public import openapi_router, readiness_router
 from app.public import router as public_router
+from app.recovery.router import router as recovery_router
 from app.requests.admin_router import router as request_admin_router
 from app.requests.router import router as requests_router
 
@@ -100,6 +101,7 @@ ROUTERS = (
     evidence_router,
     evidence_replies_router,
     evidence_p2p_router,
+    recovery_router,
 )
 
 # The status of a request whose client left before its end (nginx's): no answer is read.

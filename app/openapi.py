@@ -64,7 +64,7 @@ REASONS = {
     409: "Conflicts with the current state",
     413: "Body or headers over the limit",
     415: "A JSON body sent as another type (`unsupported_media_type`): send application/json",
-    421: "Envelope addressed to another authority",
+    421: "Envelope (or recovery request) addressed to another authority",
     422: "Does not match the schema",
     429: "Too many refused attempts from this address or client; see Retry-After",
     500: "What this node stored no longer checks out (`stored_envelope_corrupt`) or cannot be "
@@ -82,6 +82,10 @@ WITH_INPUT = {400, 404, 409, 422}
 P2P = {403, 429}
 ENVELOPES = {400, 403, 409, 421, 422}
 BATCH = {400}  # malformed_batch; each envelope's own refusal is inside the 200's answers
+# A restored peer's signed request for what we exchanged (app/recovery): malformed or stale
+# (400), not its key's (403), addressed to another authority (421).
+RECOVERY = "/p2p/v1/recovery"
+RECOVERY_REFUSALS = {400, 403, 421}
 # A body read whole before the route runs (app/limits.py): 408 body_timeout, 413 too_large,
 # 503 busy (with Retry-After), whatever the route does with it.
 BUFFERED_BODY = {408, 413, 503}
@@ -231,6 +235,8 @@ def error_statuses(route: APIRoute, method: str) -> set[int]:
             statuses |= BATCH
         if route.path == PEER_PART:
             statuses.add(409)
+        if route.path == RECOVERY:
+            statuses |= RECOVERY_REFUSALS
     elif has_input:
         statuses.add(422)
     if route.path.startswith(STORES_EVIDENCE) and method in {"PATCH", "PUT"}:

@@ -49,6 +49,8 @@ def test_only_identity_health_and_p2p_are_public() -> None:
         "/p2p/v1/evidence/envelopes",
         "/p2p/v1/evidence/envelopes/{msg_id}/parts/{index}",
         "/p2p/v1/evidence/envelopes/{msg_id}/parts/{index}",
+        # A restored peer asks for what it exchanged with us: its request is signed.
+        "/p2p/v1/recovery",
         # GET and HEAD (a load balancer's probe may be either).
         "/readyz",
         "/readyz",

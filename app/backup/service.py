@@ -108,6 +108,8 @@ class RestoreSummary:
     recorded: bool = True  # False: the log was too damaged to take the restore's entry
     # Values the backup copied as their bytes (BackupSummary.damaged), restored so.
     damaged: list[dict[str, Any]] = field(default_factory=list)
+    # When the backup was taken, as its manifest says (what `peers recover` starts from).
+    backup_created_at: str = "?"
 
 
 def _public_keys(keys: NodeKeys) -> dict[str, str]:
@@ -714,6 +716,7 @@ def restore_backup(
         report=report,
         recorded=recorded,
         damaged=_damaged_in(archive.manifest),
+        backup_created_at=str(archive.manifest.get("created_at")),
     )
 
 

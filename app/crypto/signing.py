@@ -16,6 +16,7 @@ DOMAIN_RECEIPT = b"entraide/v1/receipt\x00"
 DOMAIN_IDENTITY = b"entraide/v1/node-identity\x00"
 DOMAIN_ROTATION = b"entraide/v1/key-rotation\x00"
 DOMAIN_PART_PUT = b"entraide/v1/part-put\x00"
+DOMAIN_RECOVERY = b"entraide/v1/recovery-request\x00"
 
 SIGNATURE_BYTES = 64
 

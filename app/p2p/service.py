@@ -60,6 +60,15 @@ class Accepted:
     created: bool  # False when this was a repeat answered with the stored receipt
 
 
+@dataclass(frozen=True)
+class Recovered:
+    """Our own receipt of an envelope we took before a restore, as the peer kept it
+    (app/recovery): taken back as it was, when it was, instead of issued anew."""
+
+    signed: SignedReceipt
+    receipt: VerifiedReceipt
+
+
 _LATEST_NOTE = "entraide.latest_note"
 
 
@@ -69,12 +78,14 @@ def _refuse(code: str, detail: str, status: int | None = None) -> EnvelopeRefuse
     return EnvelopeRefused(code, detail, status_code=status)
 
 
-def _check_time(node: Node, header: env.Header) -> None:
+def _check_time(node: Node, header: env.Header, *, taken_before: bool = False) -> None:
+    """Steps 21 to 23. `taken_before`: an envelope our own receipt says we took in its
+    lifetime (app/recovery), which may have run out since."""
     now = utc_now()
     skew = timedelta(seconds=node.settings.clock_skew_seconds)
     if header.created_at > now + skew:
         raise _refuse("not_yet_valid", "the envelope was created in the future")
-    if header.expires_at <= now:
+    if header.expires_at <= now and not taken_before:
         raise _refuse("expired", "the envelope has expired")
     if header.expires_at - header.created_at > MAX_TTL or header.expires_at < header.created_at:
         raise _refuse("malformed_header", "the envelope's lifetime is invalid")
@@ -282,7 +293,7 @@ def _issued_on_record(session: Session, message: Stored) -> bool:
     return False
 
 
-def _check_content(
+def check_content(
     header: env.Header, opened: env.Opened, case: CaseFile | None
 ) -> RequestDocument | MessageDocument:
     """Validate the decrypted document against our schema."""
@@ -402,10 +413,13 @@ def admit_opened(
     envelope_hash: str,
     opened: env.Opened,
     store: Callable[[CaseFile, datetime], int],
+    recovered: Recovered | None = None,
 ) -> Accepted:
     """Steps 31 on of section 9 for an envelope whose parts all checked out: content, the
     conversation's lifecycle, storage (`store`: the parts in rows, or in the blob store for
-    streamed parts; returns the message's id), audit entries and the signed receipt."""
+    streamed parts; returns the message's id), audit entries and the signed receipt.
+    `recovered`: the receipt we gave it before a restore, kept instead of a new one, and
+    its time the time the request moved (app/recovery)."""
     # Locked: two messages of one conversation arriving together must not lose a status. Read
     # again under the lock (populate_existing): a copy an earlier envelope of the same batch
     # loaded may predate a change another transaction committed since.
@@ -431,9 +445,9 @@ def admit_opened(
                 )
                 return answer_repeat(session, node, header, existing)
             raise _refuse("replayed", "this message id was already used for another envelope", 409)
-    document = _check_content(header, opened, case)
+    document = check_content(header, opened, case)
 
-    now = utc_now()
+    now = utc_now() if recovered is None else recovered.receipt.received_at
     if case is None and isinstance(document, RequestDocument):
         message_type = "request"
         case = conversation.open_inbound(
@@ -450,26 +464,25 @@ def admit_opened(
         conversation.receive(
             session, case, in_reply_to=header.in_reply_to, document=document, now=now
         )
-    else:  # _check_content pairs a request with a new conversation, a message with a known one
+    else:  # check_content pairs a request with a new conversation, a message with a known one
         raise _refuse("invalid_content", "unexpected content", 422)
     message_id = store(case, now)
     actor = f"peer:{header.from_authority}"
+    received = Event(
+        actor=actor,
+        action="envelope.received",
+        request_id=case.id,
+        msg_id=header.msg_id,
+        peer=header.from_authority,
+        details={"envelope_hash": envelope_hash, "type": message_type, "status": case.status},
+    )
+    if recovered is not None:
+        return _keep_recovered(session, received, message_id, recovered)
     # Both entries in one statement: one round trip to PostgreSQL, not two.
     record_many(
         session,
         [
-            Event(
-                actor=actor,
-                action="envelope.received",
-                request_id=case.id,
-                msg_id=header.msg_id,
-                peer=header.from_authority,
-                details={
-                    "envelope_hash": envelope_hash,
-                    "type": message_type,
-                    "status": case.status,
-                },
-            ),
+            received,
             Event(
                 actor="node",
                 action="receipt.issued",
@@ -507,9 +520,53 @@ def admit_opened(
     return Accepted(receipt=receipt, created=True)
 
 
-def accept_envelope(
-    session: Session, node: Node, *, wire: object, may_refresh: bool = True
+def _keep_recovered(
+    session: Session, received: Event, message_id: int, recovered: Recovered
 ) -> Accepted:
+    """The envelope taken back after a restore, with the receipt we gave it then."""
+    record_many(
+        session,
+        [
+            dataclasses.replace(received, details={**received.details, "recovered": True}),
+            Event(
+                actor="node",
+                action="receipt.recovered",
+                request_id=received.request_id,
+                msg_id=received.msg_id,
+                peer=received.peer,
+                details={
+                    "envelope_hash": recovered.receipt.envelope_hash,
+                    "received_at": format_time(recovered.receipt.received_at),
+                },
+            ),
+        ],
+    )
+    session.flush()
+    session.connection().execute(
+        RECEIPTS.insert(),
+        {
+            "message_id": message_id,
+            "body": recovered.signed.body,
+            "signature": recovered.signed.signature,
+            "signer_kid": recovered.receipt.signer_kid,
+            "received_at": recovered.receipt.received_at,
+            "stored_at": utc_now(),
+        },
+    )
+    return Accepted(receipt=recovered.signed, created=True)
+
+
+def accept_envelope(
+    session: Session,
+    node: Node,
+    *,
+    wire: object,
+    may_refresh: bool = True,
+    recovered: Recovered | None = None,
+) -> Accepted:
+    """`recovered`: an envelope we took before a restore, taken back from the peer that kept
+    it with our receipt (app/recovery): its lifetime may have run out since, and the receipt
+    we signed then proves we took it in time."""
     settings = node.settings
     try:
         envelope = env.decode_wire(
@@ -531,7 +588,7 @@ def accept_envelope(
             return answer_repeat(session, node, header, existing)
         raise _refuse("replayed", "this message id was already used for another envelope", 409)
     check_encryption_keys(session, node, peer, header)
-    _check_time(node, header)
+    _check_time(node, header, taken_before=recovered is not None)
 
     try:
         content_key = env.unwrap_content_key(header, node.keys, kid=header.to_enc_kid)
@@ -568,4 +625,5 @@ def accept_envelope(
                 received_at=now,
             ).id
         ),
+        recovered=recovered,
     )

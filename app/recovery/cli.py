@@ -1,0 +1,102 @@
+"""`entraide peers recover`: after a restore, take back what a peer holds of the exchange."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+if TYPE_CHECKING:
+    from app.node import Node
+
+# A backup is taken while the node runs: what it holds and what it lacks meet around its
+# time, by this node's own clock. An hour before is asked for too (what is here already
+# is only counted).
+MARGIN = timedelta(hours=1)
+
+
+def peers_recover(
+    authority_id: Annotated[str, typer.Argument(help="The peer's authority id, e.g. AR/MPF")],
+    since: Annotated[
+        str | None,
+        typer.Option(
+            help="Ask for what was exchanged from this time (YYYY-MM-DDTHH:MM:SSZ); default: "
+            "an hour before the backup this node was last restored from"
+        ),
+    ] = None,
+) -> None:
+    """After `entraide restore`: take back from a peer what the two exchanged after the backup
+    (its messages to us with our receipts, ours to it with its receipts), in the order this
+    node first took them. Run it for each peer before officers use the node again."""
+    from app.cli import _fail, _node, _operator, _settings
+    from app.crypto.encoding import DecodeError, format_time
+    from app.errors import EntraideError
+    from app.peers.client import peer_http_client
+    from app.recovery.recover import parse_since, recover
+
+    settings = _settings()
+    node = _node(settings)
+    try:
+        try:
+            start = parse_since(since) if since is not None else _last_restore(node) - MARGIN
+        except DecodeError as exc:
+            raise _fail(f"--since: {exc}") from exc
+        except LookupError as exc:
+            raise _fail(str(exc)) from exc
+        typer.echo(f"asking {authority_id} for what was exchanged since {format_time(start)}")
+        try:
+            with peer_http_client(settings) as http:
+                summary = recover(node, http, peer=authority_id, since=start, actor=_operator())
+        except EntraideError as exc:
+            raise _fail(exc.detail) from exc
+    finally:
+        node.close()
+    typer.echo(
+        f"{summary.listed} messages listed: {summary.received} of {authority_id}'s and "
+        f"{summary.sent} of ours taken back, {summary.already} here already"
+    )
+    for entry in summary.failed:
+        typer.secho(
+            f"not taken back: {entry.role} message {entry.msg_id} of request "
+            f"{entry.request_id or '?'}: {entry.error}",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+    if summary.failed:
+        typer.echo(
+            f"{len(summary.failed)} messages not taken back: see above, and ask "
+            f"{authority_id}'s operator about them (docs/operations.md §5)",
+            err=True,
+        )
+        raise typer.Exit(code=1)
+
+
+def _last_restore(node: Node) -> datetime:
+    """When the backup this node was last restored from was taken (its `node.restored`)."""
+    from sqlalchemy import select
+
+    from app.crypto.encoding import parse_time
+    from app.db import reading
+    from app.models import AuditEntry
+
+    with reading(node.sessions) as session:
+        entry = session.scalar(
+            select(AuditEntry.entry)
+            .where(AuditEntry.action == "node.restored")
+            .order_by(AuditEntry.idx.desc())
+            .limit(1)
+        )
+    if entry is None:
+        raise LookupError("this node was never restored from a backup: give --since")
+    try:
+        return parse_time(json.loads(entry)["details"]["backup_created_at"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise LookupError(
+            "the log's record of the last restore names no backup time: give --since"
+        ) from exc
+
+
+def register(peers_app: typer.Typer) -> None:
+    peers_app.command("recover")(peers_recover)

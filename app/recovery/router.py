@@ -1,0 +1,121 @@
+"""P2P: a restored peer asks for what it exchanged with this node (app/recovery/serve.py)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from app.audit.log import record
+from app.crypto.encoding import format_time, utc_now
+from app.db import reading, unit_of_work
+from app.deps import PEER_SIGNED, NodeDep, record_p2p_refusal, source_address
+from app.node import Node
+from app.p2p.refusals import json_body
+from app.peers.keys import peer_signing_key, pinned_keys
+from app.recovery.request import (
+    RecoveryRefused,
+    RecoveryRequest,
+    check_request,
+    parse_request,
+)
+from app.recovery.serve import list_page
+
+router = APIRouter(prefix="/p2p/v1", tags=["p2p"], dependencies=[Depends(PEER_SIGNED)])
+
+
+def _answer(node: Node, wire: object) -> tuple[RecoveryRequest, dict[str, Any]]:
+    request, body, signature = parse_request(wire)
+    with reading(node.sessions) as session:
+        peer = pinned_keys(session, request.from_authority)
+        if peer is None:
+            raise RecoveryRefused("unknown_sender", "the sender is not a pinned peer", 403)
+        key = peer_signing_key(session, peer, request.sig_kid, signed_at=request.created_at)
+        if key is None:
+            raise RecoveryRefused(
+                "unknown_key", "the request is signed with a key not pinned here", 403
+            )
+        check_request(
+            request,
+            body,
+            signature,
+            signer_public=key,
+            own_authority=node.authority_id,
+            now=utc_now(),
+            skew=timedelta(seconds=max(node.settings.clock_skew_seconds, 60)),
+        )
+        if peer.suspended_at is not None:  # said only to the key's holder, as for envelopes
+            raise RecoveryRefused(
+                "peer_suspended", "this node has suspended exchanges with your authority", 403
+            )
+        page = list_page(session, request)
+    with unit_of_work(node.sessions) as session:
+        record(
+            session,
+            actor=f"peer:{request.from_authority}",
+            action="recovery.served",
+            peer=request.from_authority,
+            details={
+                "since": format_time(request.since),
+                "after": request.after,
+                "entries": len(page["entries"]),
+                "more": page["next"] is not None,
+            },
+        )
+    return request, page
+
+
+def _refused(node: Node, wire: object, refusal: RecoveryRefused, source: str) -> None:
+    claimed = None
+    if isinstance(wire, dict):
+        try:
+            claimed = parse_request(wire)[0].from_authority
+        except RecoveryRefused:
+            pass
+    with unit_of_work(node.sessions) as session:
+        if record_p2p_refusal(session, node, source):
+            record(
+                session,
+                actor=f"peer:{claimed}" if claimed else f"address:{source}",
+                action="recovery.refused",
+                outcome=refusal.code,
+                peer=claimed,
+                details={"code": refusal.code, "detail": refusal.detail, "claimed": True},
+            )
+
+
+@router.post(
+    "/recovery",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["request", "signature"],
+                        "properties": {
+                            "request": {"type": "string"},
+                            "signature": {"type": "string"},
+                        },
+                    }
+                }
+            },
+        }
+    },
+)
+async def recovery_page(request: Request, node: NodeDep) -> JSONResponse:
+    """What this node and the signing peer exchanged since a time, one page: for a peer
+    restored from a backup (docs/protocol.md §8.8)."""
+    wire = await json_body(request)
+    try:
+        if wire is None:
+            raise RecoveryRefused("malformed_recovery_request", "the body is not JSON")
+        _request, page = await run_in_threadpool(_answer, node, wire)
+    except RecoveryRefused as refusal:
+        await run_in_threadpool(_refused, node, wire, refusal, source_address(request))
+        raise
+    return JSONResponse(page)

@@ -1,0 +1,101 @@
+"""The peer's side of a recovery: what it exchanged with the restored node, page by page.
+
+Both directions, in the order the restored node first took them, by its own clock: a
+message of its own by the time it sealed it (its signed `created_at`, when it moved its
+request), one of ours by the time its receipt says it took it. Each comes with the receipt
+that proves it was taken: ours for its messages, its own for ours. Messages of ours it has
+not receipted are not listed: our delivery worker is still sending them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, exists, or_, select
+from sqlalchemy.orm import Session
+
+from app.crypto.encoding import b64e, format_time
+from app.models import BlobPart, Message, Receipt
+from app.recovery.request import RecoveryRequest, cursor_of, split_cursor
+from app.requests.store import load_envelopes
+
+# A page: at most this many messages, and past the first, at most this many sealed bytes
+# (a restored node reads a page whole; an envelope is at most the body limit).
+PAGE_ENTRIES = 100
+PAGE_BYTES = 16 * 1024 * 1024
+YOURS = "yours"  # sent by the asking node, received here
+OURS = "ours"  # sent from here, receipted by the asking node
+
+
+@dataclass(frozen=True)
+class Listed:
+    message: Message
+    role: str
+    at: datetime
+    receipt_body: bytes
+    receipt_signature: bytes
+    streamed: bool
+
+
+def _side(session: Session, request: RecoveryRequest, role: str) -> list[Listed]:
+    own = request.from_authority
+    if role == YOURS:
+        at = Message.created_at
+        mine = (Message.direction == "inbound") & (Message.sender_authority == own)
+    else:
+        at = Receipt.received_at
+        mine = (Message.direction == "outbound") & (Message.recipient_authority == own)
+    where = [mine, at >= request.since]
+    if request.after is not None:
+        after_at, after_id = split_cursor(request.after)
+        where.append(or_(at > after_at, and_(at == after_at, Message.msg_id > after_id)))
+    streamed = exists().where(BlobPart.message_id == Message.id)
+    rows = session.execute(
+        select(Message, at, Receipt.body, Receipt.signature, streamed)
+        .join(Receipt, Receipt.message_id == Message.id)
+        .where(*where)
+        .order_by(at, Message.msg_id)
+        .limit(PAGE_ENTRIES)
+    ).all()
+    return [Listed(row[0], role, row[1], row[2], row[3], bool(row[4])) for row in rows]
+
+
+def list_page(session: Session, request: RecoveryRequest) -> dict[str, Any]:
+    """One page of the exchange with the asking node, from its cursor on."""
+    yours, ours = _side(session, request, YOURS), _side(session, request, OURS)
+    both = yours + ours
+    both.sort(key=lambda listed: (listed.at, listed.message.msg_id))
+    page: list[Listed] = []
+    size = 0
+    for listed in both[:PAGE_ENTRIES]:
+        cost = 0 if listed.streamed else listed.message.size_bytes
+        if page and size + cost > PAGE_BYTES:
+            break
+        page.append(listed)
+        size += cost
+    envelopes = load_envelopes(session, [item.message for item in page if not item.streamed])
+    entries = []
+    for item in page:
+        envelope = envelopes.get(item.message.id)
+        entries.append(
+            {
+                "role": item.role,
+                "msg_id": item.message.msg_id,
+                "at": format_time(item.at),
+                # A message with streamed evidence is listed without it: its parts are
+                # carried by the evidence transfer, not in a page.
+                "streamed": item.streamed,
+                "envelope": None if item.streamed or envelope is None else envelope.to_wire(),
+                "receipt": {
+                    "receipt": b64e(item.receipt_body),
+                    "signature": b64e(item.receipt_signature),
+                },
+            }
+        )
+    # More after this page: some listed rows did not fit, or a side may have had more rows.
+    more = len(page) < len(both) or PAGE_ENTRIES in (len(yours), len(ours))
+    last = page[-1] if page else None
+    following = cursor_of(last.at, last.message.msg_id) if more and last is not None else None
+    return {"v": 1, "entries": entries, "next": following}

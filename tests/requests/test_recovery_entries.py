@@ -1,0 +1,238 @@
+"""What a restored node takes back from a peer's recovery listing (app/recovery/recover.py),
+entry by entry, on a real node in process: only what its own keys and the peer's pinned key
+prove, whatever the peer lists. The peer here is the attacker: its listing is made by hand."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from app.crypto.encoding import format_time, utc_now
+from app.crypto.envelope import Attachment, Recipient, WireEnvelope, seal
+from app.crypto.keys import NodeKeys
+from app.crypto.randomness import SystemRandomness
+from app.crypto.receipts import SignedReceipt, issue_receipt
+from app.db import unit_of_work
+from app.models import CaseFile, Message, OutboxItem, Receipt
+from app.recovery import recover
+from app.recovery.recover import ALREADY, RECOVERED, Entry, Unrecoverable
+from tests.requests.conftest import Harness, example_document
+
+LETTER = Attachment("letter.txt", "text/plain", b"letter of request")
+
+
+def _sealed(
+    sender: NodeKeys,
+    sender_authority: str,
+    recipient: NodeKeys,
+    recipient_authority: str,
+    *,
+    created_at: datetime | None = None,
+) -> WireEnvelope:
+    requesting = {"requesting_authority": sender_authority}
+    document = example_document(**requesting, requested_authority=recipient_authority)
+    return seal(
+        sender_keys=sender,
+        sender_authority=sender_authority,
+        recipient=Recipient(recipient_authority, recipient.encryption_public),
+        content={"kind": "request", "document": document},
+        attachments=[LETTER],
+        conversation_id=None,
+        in_reply_to=None,
+        created_at=created_at or utc_now(),
+        ttl=timedelta(days=1),
+        randomness=SystemRandomness(),
+    )
+
+
+def _receipt(
+    signer: NodeKeys,
+    envelope: WireEnvelope,
+    *,
+    sender: str,
+    recipient: str,
+    at: datetime | None = None,
+    kid: str | None = None,
+) -> SignedReceipt:
+    header = json.loads(envelope.header)
+    return issue_receipt(
+        signer.signing,
+        signer_kid=kid or signer.signing_kid,
+        msg_id=header["msg_id"],
+        envelope_hash=envelope.envelope_hash,
+        from_authority=sender,
+        to_authority=recipient,
+        received_at=at or utc_now(),
+        checkpoint=None,
+    )
+
+
+def _entry(role: str, envelope: WireEnvelope, receipt: SignedReceipt) -> Entry:
+    header = json.loads(envelope.header)
+    return Entry(
+        role=role,
+        msg_id=header["msg_id"],
+        at=format_time(utc_now()),
+        in_reply_to=None,
+        request_id=header["conversation_id"],
+        wire=envelope.to_wire(),
+        receipt=receipt.to_wire(),
+        streamed=False,
+    )
+
+
+def _apply(harness: Harness, entry: Entry) -> str:
+    with httpx.Client(timeout=5) as http:
+        return recover._apply(harness.node, http, entry, peer="ES/MJ")
+
+
+def _stored(harness: Harness, msg_id: str) -> dict[str, Any] | None:
+    with unit_of_work(harness.node.sessions) as session:
+        message = session.scalar(select(Message).where(Message.msg_id == msg_id))
+        if message is None:
+            return None
+        case = session.get(CaseFile, message.request_id)
+        receipt = session.scalar(select(Receipt).where(Receipt.message_id == message.id))
+        outbox = session.scalar(select(OutboxItem).where(OutboxItem.message_id == message.id))
+        assert case is not None
+        assert receipt is not None
+        return {
+            "direction": message.direction,
+            "status": case.status,
+            "receipt": receipt.body,
+            "outbox": None if outbox is None else outbox.state,
+        }
+
+
+def test_a_peer_message_comes_back_only_with_this_nodes_own_receipt_of_it(
+    fresh_ar: Harness,
+) -> None:
+    ar, es = fresh_ar.node.keys, fresh_ar.peer_keys
+    envelope = _sealed(es, "ES/MJ", ar, "AR/MPF")
+    msg_id = json.loads(envelope.header)["msg_id"]
+    other = _sealed(es, "ES/MJ", ar, "AR/MPF")
+    given = {"sender": "ES/MJ", "recipient": "AR/MPF"}
+    refused = [
+        # Signed by the peer itself, which proves nothing of what we took.
+        (_receipt(es, envelope, **given), "not signed by a key of this node"),
+        # Ours, but for another envelope.
+        (_receipt(ar, other, **given), "not for the envelope"),
+        # Ours, but dated after the envelope expired: never given so.
+        (
+            _receipt(ar, envelope, **given, at=utc_now() + timedelta(hours=25)),
+            "received in the future",
+        ),
+    ]
+    for receipt, said in refused:
+        with pytest.raises(Unrecoverable, match=said):
+            _apply(fresh_ar, _entry("received", envelope, receipt))
+        assert _stored(fresh_ar, msg_id) is None
+    ours = _receipt(ar, envelope, **given)
+    assert _apply(fresh_ar, _entry("received", envelope, ours)) == RECOVERED
+    assert _stored(fresh_ar, msg_id) == {
+        "direction": "inbound",
+        "status": "delivered",
+        "receipt": ours.body,  # the one given then, not a new one
+        "outbox": None,
+    }
+    assert _apply(fresh_ar, _entry("received", envelope, ours)) == ALREADY
+    assert [outcome for _, outcome, _ in fresh_ar.audit("receipt.recovered")] == ["ok"]
+
+
+def test_a_peer_message_whose_lifetime_ran_out_comes_back_on_our_receipt(
+    fresh_ar: Harness,
+) -> None:
+    ar, es = fresh_ar.node.keys, fresh_ar.peer_keys
+    sealed_at = utc_now() - timedelta(days=3)
+    envelope = _sealed(es, "ES/MJ", ar, "AR/MPF", created_at=sealed_at)
+    # Posted now, it is refused: it expired two days ago.
+    posted = fresh_ar.post_envelope(envelope)
+    assert (posted.status_code, posted.json()["error"]) == (400, "expired")
+    given = {"sender": "ES/MJ", "recipient": "AR/MPF"}
+    late = _receipt(ar, envelope, **given, at=sealed_at + timedelta(days=1, seconds=1))
+    with pytest.raises(Unrecoverable, match="after the envelope expired"):
+        _apply(fresh_ar, _entry("received", envelope, late))
+    taken = _receipt(ar, envelope, **given, at=sealed_at + timedelta(minutes=1))
+    assert _apply(fresh_ar, _entry("received", envelope, taken)) == RECOVERED
+
+
+def test_a_message_of_ours_comes_back_only_as_our_key_and_the_peers_prove_it(
+    fresh_ar: Harness,
+) -> None:
+    ar, es = fresh_ar.node.keys, fresh_ar.peer_keys
+    given = {"sender": "AR/MPF", "recipient": "ES/MJ"}
+    # Sealed by the peer in our name: its header does not verify with a key of ours.
+    forged = _sealed(es, "AR/MPF", NodeKeys.generate(), "ES/MJ")
+    with pytest.raises(Unrecoverable, match="a key this node does not hold"):
+        _apply(fresh_ar, _entry("sent", forged, _receipt(es, forged, **given)))
+    envelope = _sealed(ar, "AR/MPF", es, "ES/MJ")
+    msg_id = json.loads(envelope.header)["msg_id"]
+    # Ours, with a receipt not signed by the peer's pinned key (signed by ours, naming its).
+    bad = _receipt(ar, envelope, **given, kid=es.signing_kid)
+    with pytest.raises(Unrecoverable, match="signature does not verify"):
+        _apply(fresh_ar, _entry("sent", envelope, bad))
+    # Ours to another peer than the one listing it.
+    elsewhere = _sealed(ar, "AR/MPF", es, "FR/MJ")
+    with pytest.raises(Unrecoverable, match="not one of ours to this peer"):
+        _apply(fresh_ar, _entry("sent", elsewhere, _receipt(es, elsewhere, **given)))
+    assert _stored(fresh_ar, msg_id) is None
+    receipt = _receipt(es, envelope, **given)
+    assert _apply(fresh_ar, _entry("sent", envelope, receipt)) == RECOVERED
+    # As delivered, with the peer's receipt: nothing is queued to be sent again.
+    assert _stored(fresh_ar, msg_id) == {
+        "direction": "outbound",
+        "status": "delivered",
+        "receipt": receipt.body,
+        "outbox": "delivered",
+    }
+    assert _apply(fresh_ar, _entry("sent", envelope, receipt)) == ALREADY
+
+
+def test_within_one_second_a_message_goes_after_the_one_it_follows() -> None:
+    def entry(msg_id: str, at: str, follows: str | None = None) -> Entry:
+        return Entry("received", msg_id, at, follows, "r", None, None, False)
+
+    first, second = "2026-12-01T10:00:00Z", "2026-12-01T10:00:01Z"
+    listed = [
+        entry("a", first),
+        entry("b", second, follows="c"),  # listed first (its id), made after c
+        entry("c", second, follows="a"),
+        entry("d", second, follows="b"),
+    ]
+    assert [item.msg_id for item in recover._in_order(listed)] == ["a", "c", "b", "d"]
+
+
+def test_the_listing_pages_through_ties_without_losing_or_repeating_one(
+    fresh_ar: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.recovery import serve
+    from app.recovery.request import sign_request
+
+    ids = [fresh_ar.receive_request() for _ in range(7)]  # most within one second
+    monkeypatch.setattr(serve, "PAGE_ENTRIES", 3)
+    es = fresh_ar.peer_keys
+    seen: list[str] = []
+    after = None
+    for _ in range(10):
+        body = sign_request(
+            es.signing,
+            sig_kid=es.signing_kid,
+            from_authority="ES/MJ",
+            to_authority="AR/MPF",
+            since=utc_now() - timedelta(hours=1),
+            after=after,
+            created_at=utc_now(),
+        )
+        page = fresh_ar.http.post("/p2p/v1/recovery", json=body)
+        assert page.status_code == 200, page.text
+        seen += [entry["msg_id"] for entry in page.json()["entries"]]
+        after = page.json()["next"]
+        if after is None:
+            break
+    assert sorted(seen) == sorted(ids)
+    assert len(seen) == len(set(seen)) == 7
