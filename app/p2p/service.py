@@ -237,7 +237,7 @@ def _checked_receipt(
     # rows alone made the node sign a receipt for an envelope it had refused, for anyone who
     # could write them (from review): docs/threat-model.md.
     if not _issued_on_record(session, message):
-        raise ReceiptError("no receipt.issued entry of the audit log vouches for it")
+        raise ReceiptError("no receipt.issued (or .recovered) entry of the log vouches for it")
     receipt = check_statement(stored, **expected)
     if message.received_at is None or format_time(receipt.received_at) != format_time(
         message.received_at
@@ -255,7 +255,7 @@ def _issued_on_record(session: Session, message: Stored) -> bool:
         session.scalars(
             select(AuditIndex.idx).where(
                 AuditIndex.request_id == message.request_id,
-                AuditIndex.action == "receipt.issued",
+                AuditIndex.action.in_(("receipt.issued", "receipt.recovered")),
             )
         )
     )
@@ -283,7 +283,8 @@ def _issued_on_record(session: Session, message: Stored) -> bool:
             continue
         details = fields.get("details")
         if (
-            fields.get("action") == "receipt.issued"
+            # Issued here, or taken back with the message after a restore (app/recovery).
+            fields.get("action") in ("receipt.issued", "receipt.recovered")
             and fields.get("outcome") == "ok"
             and fields.get("msg_id") == message.msg_id
             and isinstance(details, dict)
@@ -388,7 +389,12 @@ def check_sender(
 
 
 def check_encryption_keys(
-    session: Session, node: Node, peer: PinnedKeys, header: env.Header
+    session: Session,
+    node: Node,
+    peer: PinnedKeys,
+    header: env.Header,
+    *,
+    at: datetime | None = None,
 ) -> None:
     """Steps 19 and 20: both encryption keys, for an envelope not yet stored. A repeat of one
     we hold skips them: it was sealed to keys valid when it first arrived, and its sender,
@@ -396,7 +402,8 @@ def check_encryption_keys(
     been retired or replaced since (refusing it would make a delivered request failed)."""
     if not peer_encryption_kid_known(session, peer, header.from_enc_kid):
         raise _refuse("unknown_key", "the sender's encryption key is not the one pinned here", 403)
-    now = utc_now()
+    # `at`: when our receipt says we took it (app/recovery), our keys judged as they were then.
+    now = at or utc_now()
     if not node.keys.accepts_encryption_kid(header.to_enc_kid, now) and (
         # Perhaps our new key, which another thread is loading right now: wait for it.
         not node.keyring.current(wait=True).keys.accepts_encryption_kid(header.to_enc_kid, now)
@@ -587,7 +594,8 @@ def accept_envelope(
         if existing.direction == "inbound" and existing.envelope_hash == envelope.envelope_hash:
             return answer_repeat(session, node, header, existing)
         raise _refuse("replayed", "this message id was already used for another envelope", 409)
-    check_encryption_keys(session, node, peer, header)
+    taken_at = recovered.receipt.received_at if recovered is not None else None
+    check_encryption_keys(session, node, peer, header, at=taken_at)
     _check_time(node, header, taken_before=recovered is not None)
 
     try:

@@ -53,9 +53,14 @@ def peers_recover(
             raise _fail(exc.detail) from exc
     finally:
         node.close()
+    settled = (
+        f", {summary.settled} of ours here but unreceipted now delivered with its receipt"
+        if summary.settled
+        else ""
+    )
     typer.echo(
         f"{summary.listed} messages listed: {summary.received} of {authority_id}'s and "
-        f"{summary.sent} of ours taken back, {summary.already} here already"
+        f"{summary.sent} of ours taken back{settled}, {summary.already} here already"
     )
     for entry in summary.failed:
         typer.secho(

@@ -1,12 +1,17 @@
 """The restored node's side of a recovery: ask a peer for what the two exchanged since a
 time (app/recovery/serve.py), and take each message back in the order it was first taken.
 
+Nothing of the peer's listing is believed but what our keys and the peer's pinned key prove.
 A message of the peer's is taken back through the ordinary acceptance (every check of the
-protocol, the request's lifecycle) with the receipt we signed for it then, which the peer
-kept: only what that receipt proves we took comes back, and its lifetime may have run out
-since. A message of ours comes back only if its header verifies with one of our own keys and
-the peer's receipt with the peer's; it is opened with our own key's wrap, judged by the
-lifecycle as when our officer sent it, and stored as delivered, with that receipt.
+protocol but the expiry, the request's lifecycle) with the receipt we signed for it then,
+which the peer kept: only what that receipt proves we took comes back. A message of ours
+comes back only if its header verifies with one of our own keys (valid when it was sealed)
+and the peer's receipt with the peer's; it is opened with our own key's wrap, judged by the
+lifecycle as when our officer sent it, and stored as delivered, with that receipt. The order
+is ours too: each entry's time is the one these signatures carry (our seal, our receipt), an
+entry listed at another time is refused, and entries are sorted here, not in the peer's
+order. Completeness is the one thing taken on trust: a peer that leaves a message out is
+not caught (the later messages of its request then fail their predecessor check).
 
 A message that cannot be taken back is reported, with why, and holds back the later messages
 of its request, as a delivery does.
@@ -14,18 +19,21 @@ of its request, as a delivery does.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import httpx
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.audit.log import record
+from app.audit.log import Event, record, record_many
 from app.crypto import envelope as env
 from app.crypto.encoding import DecodeError, format_time, parse_time, utc_now
+from app.crypto.keys import NodeKeys
 from app.crypto.receipts import Receipt as VerifiedReceipt
 from app.crypto.receipts import (
     ReceiptError,
@@ -39,7 +47,7 @@ from app.delivery import outbox
 from app.domain.document import RequestDocument
 from app.domain.messages import MessageDocument, MessageType
 from app.errors import EntraideError, PeerError
-from app.models import CaseFile, Peer
+from app.models import CaseFile, Message, OutboxItem, Peer
 from app.node import Node
 from app.p2p.service import (
     RECEIPTS,
@@ -58,18 +66,22 @@ from app.requests.store import store_envelope
 
 RECOVERY_PATH = "/p2p/v1/recovery"
 # A page holds at most 16 MiB of sealed envelopes (serve.PAGE_BYTES), or one envelope of up
-# to the body limit; as base64 and JSON, about a third more.
-MAX_PAGE_BYTES = 64 * 1024 * 1024
+# to the peer's body limit; as base64 and JSON, about a third more. Peers run alike limits.
+MIN_PAGE_BYTES = 64 * 1024 * 1024
 MAX_PAGES = 100_000
 RECOVERED = "recovered"
 ALREADY = "already here"
+SETTLED = "already here, now receipted"
+HEX_ID = re.compile(r"[0-9a-f]{32}")
+TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 
 
 @dataclass
 class Entry:
-    """A listed message: the peer's word for its role and time, checked as it is applied."""
+    """A listed message: the peer's word for its role, place and time, checked as it is
+    applied (`at`, to the second as signed; `request_id` and `in_reply_to` to order it)."""
 
-    role: str
+    role: str  # "received" (the peer's message to us) or "sent" (ours to it)
     msg_id: str
     at: str
     in_reply_to: str | None
@@ -86,19 +98,20 @@ class Summary:
     received: int = 0  # the peer's messages taken back
     sent: int = 0  # our own messages taken back
     already: int = 0
+    settled: int = 0  # ours here already, undelivered: now delivered with the peer's receipt
     failed: list[Entry] = field(default_factory=list)
 
 
 class Unrecoverable(Exception):
-    """This message cannot be taken back (said in the summary), or not yet."""
+    """This message cannot be taken back (said in the summary)."""
 
 
-def fetch_all(
+def pages(
     node: Node, http: httpx.Client, *, peer_url: str, peer: str, since: datetime
-) -> list[Entry]:
-    """Every page the peer lists for us since `since`, in its order."""
-    entries: list[Entry] = []
+) -> Iterator[list[Entry]]:
+    """The peer's listing for us since `since`, a page at a time."""
     after: str | None = None
+    limit = max(MIN_PAGE_BYTES, 2 * node.settings.max_body_bytes)
     for _ in range(MAX_PAGES):
         keys = node.keys
         body = sign_request(
@@ -110,18 +123,18 @@ def fetch_all(
             after=after,
             created_at=utc_now(),
         )
-        page = _post(http, peer_url + RECOVERY_PATH, body)
-        entries.extend(_entry(item) for item in page["entries"])
+        page = _post(http, peer_url + RECOVERY_PATH, body, limit)
+        yield [_entry(item) for item in page["entries"]]
         after = page["next"]
         if after is None:
-            return entries
+            return
     raise PeerError("the peer's listing did not end", code="peer_bad_response")
 
 
-def _post(http: httpx.Client, url: str, body: dict[str, str]) -> dict[str, Any]:
+def _post(http: httpx.Client, url: str, body: dict[str, str], limit: int) -> dict[str, Any]:
     try:
         with http.stream("POST", url, json=body) as response:
-            answer = read_json_bounded(response, max_bytes=MAX_PAGE_BYTES)
+            answer = read_json_bounded(response, max_bytes=limit)
             status = response.status_code
     except httpx.HTTPError as exc:
         raise PeerError(
@@ -129,8 +142,9 @@ def _post(http: httpx.Client, url: str, body: dict[str, str]) -> dict[str, Any]:
         ) from exc
     if status != 200:
         said = answer.get("detail") if isinstance(answer, dict) else None
+        shown = str(said)[:300].encode("ascii", "backslashreplace").decode()
         raise PeerError(
-            f"the peer refused the recovery request (HTTP {status}: {str(said)[:300]})",
+            f"the peer refused the recovery request (HTTP {status}: {shown})",
             code="peer_refused",
         )
     if (
@@ -143,43 +157,47 @@ def _post(http: httpx.Client, url: str, body: dict[str, str]) -> dict[str, Any]:
 
 
 def _entry(item: object) -> Entry:
-    if not isinstance(item, dict) or item.get("role") not in (OURS, YOURS):
+    """An entry as listed; its ids and time in their forms (they are shown and recorded)."""
+    if (
+        not isinstance(item, dict)
+        or item.get("role") not in (OURS, YOURS)
+        or not _id(item.get("msg_id"))
+        or not (isinstance(item.get("at"), str) and TIME.fullmatch(item["at"]))
+        or not all(
+            _id(item.get(key)) or item.get(key) is None for key in ("request_id", "in_reply_to")
+        )
+    ):
         raise PeerError("the peer's listing holds a malformed entry", code="peer_bad_response")
     wire = item.get("envelope")
-    header = _claimed_header(wire)
     return Entry(
         # The peer's "ours" is our "received"; kept in our words from here on.
         role="received" if item["role"] == OURS else "sent",
-        msg_id=str(item.get("msg_id"))[:32],
-        at=str(item.get("at")),
-        in_reply_to=header.in_reply_to if header is not None else None,
-        request_id=header.conversation_id if header is not None else None,
+        msg_id=item["msg_id"],
+        at=item["at"],
+        in_reply_to=item.get("in_reply_to"),
+        request_id=item.get("request_id"),
         wire=wire if isinstance(wire, dict) else None,
         receipt=item.get("receipt"),
         streamed=item.get("streamed") is True,
     )
 
 
-def _claimed_header(wire: object) -> env.Header | None:
-    """An entry's header as it claims, unverified: only to order and group entries."""
-    try:
-        envelope = env.decode_wire(wire, max_parts=10_000, max_header_bytes=1 << 20)
-        return env.parse_header(envelope.header, len(envelope.parts))
-    except env.EnvelopeError:
-        return None
+def _id(value: object) -> bool:
+    return isinstance(value, str) and HEX_ID.fullmatch(value) is not None
 
 
-def _in_order(entries: list[Entry]) -> list[Entry]:
-    """The peer's order (by our clock, to the second), and within one second a message after
-    the one it follows: our answer and the question it answers, made within a second, are
-    listed by their ids."""
+def in_order(entries: list[Entry]) -> list[Entry]:
+    """By our clock (to the second), and within one second a message after the one it
+    follows: our answer and the question it answers, made within a second, are listed by
+    their ids."""
     ordered: list[Entry] = []
+    rest = sorted(entries, key=lambda entry: (entry.at, entry.msg_id))
     index = 0
-    while index < len(entries):
+    while index < len(rest):
         end = index
-        while end < len(entries) and entries[end].at == entries[index].at:
+        while end < len(rest) and rest[end].at == rest[index].at:
             end += 1
-        group = entries[index:end]
+        group = rest[index:end]
         while group:
             waiting = {entry.msg_id for entry in group}
             ready = next((entry for entry in group if entry.in_reply_to not in waiting), group[0])
@@ -198,35 +216,34 @@ def recover(
     actor: str,
     progress: Callable[[Entry, str], None] | None = None,
 ) -> Summary:
-    """Take back what `peer` lists since `since`; each message in a transaction of its own."""
+    """Take back what `peer` lists since `since`; each message in a transaction of its own,
+    a page at a time (a second's entries that a page boundary cut wait for the next page)."""
     with unit_of_work(node.sessions) as session:
-        row = session.query(Peer).filter(Peer.authority_id == peer).one_or_none()
-        if row is None:
-            raise PeerError(f"{peer} is not a pinned peer", code="unknown_peer")
-        peer_url = row.public_url
-    entries = fetch_all(node, http, peer_url=peer_url, peer=peer, since=since)
-    summary = Summary(listed=len(entries))
+        peer_url = session.scalar(select(Peer.public_url).where(Peer.authority_id == peer))
+    if peer_url is None:
+        raise PeerError(f"{peer} is not a pinned peer", code="unknown_peer")
+    summary = Summary()
     held: set[str] = set()
-    for entry in _in_order(entries):
-        if entry.request_id is not None and entry.request_id in held:
-            entry.error = "held back: an earlier message of its request was not taken back"
-            continue
-        try:
-            outcome = _apply(node, http, entry, peer=peer)
-        except Unrecoverable as exc:
-            entry.error = str(exc)
-            if entry.request_id is not None:
-                held.add(entry.request_id)
-            continue
-        if outcome == ALREADY:
-            summary.already += 1
-        elif entry.role == "received":
-            summary.received += 1
-        else:
-            summary.sent += 1
-        if progress is not None:
-            progress(entry, outcome)
-    summary.failed = [entry for entry in entries if entry.error is not None]
+    waiting: list[Entry] = []
+    taken_until = ""  # the latest second taken: a page listing an earlier one is out of order
+    listing = pages(node, http, peer_url=peer_url, peer=peer, since=since)
+    for page in listing:
+        summary.listed += len(page)
+        for entry in page:
+            if entry.at < taken_until:
+                entry.error = f"listed after the messages of {taken_until}, but taken before"
+                summary.failed.append(entry)
+                if entry.request_id is not None:
+                    held.add(entry.request_id)
+            else:
+                waiting.append(entry)
+        last = max((entry.at for entry in page), default=None)
+        if last is not None:
+            taken_until = max(taken_until, last)
+        ready = [entry for entry in waiting if entry.at != last]
+        waiting = [entry for entry in waiting if entry.at == last]
+        _take_all(node, http, ready, peer, summary, held, progress)
+    _take_all(node, http, waiting, peer, summary, held, progress)
     with unit_of_work(node.sessions) as session:
         record(
             session,
@@ -240,10 +257,45 @@ def recover(
                 "received": summary.received,
                 "sent": summary.sent,
                 "already": summary.already,
+                "settled": summary.settled,
                 "not_recovered": [entry.msg_id for entry in summary.failed][:100],
             },
         )
     return summary
+
+
+def _take_all(
+    node: Node,
+    http: httpx.Client,
+    entries: list[Entry],
+    peer: str,
+    summary: Summary,
+    held: set[str],
+    progress: Callable[[Entry, str], None] | None,
+) -> None:
+    for entry in in_order(entries):
+        if entry.request_id is not None and entry.request_id in held:
+            entry.error = "held back: an earlier message of its request was not taken back"
+            summary.failed.append(entry)
+            continue
+        try:
+            outcome = _apply(node, http, entry, peer=peer)
+        except Unrecoverable as exc:
+            entry.error = str(exc)
+            summary.failed.append(entry)
+            if entry.request_id is not None:
+                held.add(entry.request_id)
+            continue
+        if outcome == ALREADY:
+            summary.already += 1
+        elif outcome == SETTLED:
+            summary.settled += 1
+        elif entry.role == "received":
+            summary.received += 1
+        else:
+            summary.sent += 1
+        if progress is not None:
+            progress(entry, outcome)
 
 
 def _apply(node: Node, http: httpx.Client, entry: Entry, *, peer: str) -> str:
@@ -253,9 +305,21 @@ def _apply(node: Node, http: httpx.Client, entry: Entry, *, peer: str) -> str:
             "operator to send it again"
         )
     try:
+        envelope = env.decode_wire(
+            entry.wire,
+            max_parts=node.settings.max_envelope_parts,
+            max_header_bytes=node.settings.max_header_bytes,
+        )
+        header = env.parse_header(envelope.header, len(envelope.parts))
+        if (header.msg_id, header.conversation_id, header.in_reply_to) != (
+            entry.msg_id,
+            entry.request_id,
+            entry.in_reply_to,
+        ):
+            raise Unrecoverable("it is listed under other ids than its header's")
         if entry.role == "received":
-            return _take_received(node, entry, peer=peer)
-        return _take_sent(node, http, entry, peer=peer)
+            return _take_received(node, entry, envelope, header, peer=peer)
+        return _take_sent(node, http, entry, envelope, header, peer=peer)
     except (EntraideError, ReceiptError, env.EnvelopeError, DecodeError) as exc:
         detail = getattr(exc, "detail", None) or str(exc)
         code = getattr(exc, "code", None)
@@ -264,14 +328,19 @@ def _apply(node: Node, http: httpx.Client, entry: Entry, *, peer: str) -> str:
         raise Unrecoverable("stored meanwhile; run the recovery again") from exc
 
 
-def _take_received(node: Node, entry: Entry, *, peer: str) -> str:
+def _listed_when_signed(entry: Entry, signed_at: datetime) -> None:
+    """The time the entry is listed at must be the one our signature gave it: the order we
+    take entries in is then the order we first took them, whatever the peer's."""
+    if entry.at != format_time(signed_at):
+        raise Unrecoverable(
+            f"it is listed at {entry.at}, but was taken at {format_time(signed_at)}"
+        )
+
+
+def _take_received(
+    node: Node, entry: Entry, envelope: env.WireEnvelope, header: env.Header, *, peer: str
+) -> str:
     """A message of the peer's: our own receipt of it first, then the ordinary acceptance."""
-    envelope = env.decode_wire(
-        entry.wire,
-        max_parts=node.settings.max_envelope_parts,
-        max_header_bytes=node.settings.max_header_bytes,
-    )
-    header = env.parse_header(envelope.header, len(envelope.parts))
     signed = decode_receipt(entry.receipt)
     claimed = claimed_signer_kid(signed)
     ours = node.keys.signing_public_for(claimed) if claimed is not None else None
@@ -286,12 +355,13 @@ def _take_received(node: Node, entry: Entry, *, peer: str) -> str:
         from_authority=peer,
         to_authority=node.authority_id,
     )
-    # Dated as any receipt must be, and within the envelope's lifetime: we never receipted
-    # an envelope that had expired, so a receipt that says so was not given by this node
-    # as it runs (its key taken, or a bug): nothing is taken back on it.
+    # Dated as any receipt must be, within the envelope's lifetime (we never receipted an
+    # expired one), by a key of ours that was ours then.
     check_received_at(receipt, created_at=header.created_at, now=utc_now())
     if receipt.received_at >= header.expires_at:
         raise Unrecoverable("its receipt is dated after the envelope expired")
+    _own_key_then(node.keys, receipt.signer_kid, receipt.received_at)
+    _listed_when_signed(entry, receipt.received_at)
     with unit_of_work(node.sessions) as session:
         if stored_message(session, header.msg_id) is not None:
             return ALREADY
@@ -299,26 +369,39 @@ def _take_received(node: Node, entry: Entry, *, peer: str) -> str:
     return RECOVERED
 
 
-def _take_sent(node: Node, http: httpx.Client, entry: Entry, *, peer: str) -> str:
+def _own_key_then(keys: NodeKeys, kid: str, at: datetime) -> bytes:
+    """Our signing key `kid`, if it was ours at `at`: the current one, or one rotated away
+    after `at` (a key rotated away, or taken, signs nothing dated after its rotation)."""
+    if kid == keys.signing_kid:
+        return keys.signing_public
+    for rotation in keys.rotations:
+        if rotation.old.signing_kid == kid:
+            if at > rotation.rotated_at:
+                raise Unrecoverable(f"signed by a key of this node rotated away before {at}")
+            return rotation.old.signing
+    raise Unrecoverable("it is signed with a key this node does not hold")
+
+
+def _take_sent(
+    node: Node,
+    http: httpx.Client,
+    entry: Entry,
+    envelope: env.WireEnvelope,
+    header: env.Header,
+    *,
+    peer: str,
+) -> str:
     """A message of ours the peer took: verified with our own key, opened with our own wrap."""
-    settings = node.settings
-    envelope = env.decode_wire(
-        entry.wire,
-        max_parts=settings.max_envelope_parts,
-        max_header_bytes=settings.max_header_bytes,
-    )
-    header = env.parse_header(envelope.header, len(envelope.parts))
     if header.from_authority != node.authority_id or header.to_authority != peer:
         raise Unrecoverable("the envelope is not one of ours to this peer")
-    own_key = node.keys.signing_public_for(header.from_sig_kid)
-    if own_key is None:
-        raise Unrecoverable("it is signed with a key this node does not hold")
+    own_key = _own_key_then(node.keys, header.from_sig_kid, header.created_at)
     env.verify_header_signature(envelope, own_key)
+    _listed_when_signed(entry, header.created_at)
     signed = decode_receipt(entry.receipt)
     with unit_of_work(node.sessions) as session:
         pinned = pinned_keys(session, peer)
-        if pinned is None:
-            raise Unrecoverable(f"{peer} is not a pinned peer")
+    if pinned is None:
+        raise Unrecoverable(f"{peer} is not a pinned peer")
     receipt = verify_peer_receipt(
         node,
         http,
@@ -331,19 +414,113 @@ def _take_sent(node: Node, http: httpx.Client, entry: Entry, *, peer: str) -> st
         from_authority=node.authority_id,
         sealed_at=header.created_at,
     )
+    if receipt.received_at >= header.expires_at:
+        raise Unrecoverable("the peer's receipt is dated after the envelope expired")
     content_key = env.unwrap_content_key(header, node.keys, kid=header.from_enc_kid)
     env.check_commitment(header, content_key)
     env.check_parts(header, envelope.parts)
     opened = env.check_manifest(header, env.decrypt_parts(header, envelope.parts, content_key))
     with unit_of_work(node.sessions) as session:
-        if stored_message(session, header.msg_id) is not None:
-            return ALREADY
+        stored = stored_message(session, header.msg_id)
+        if stored is not None:
+            if stored.direction != "outbound" or stored.envelope_hash != envelope.envelope_hash:
+                raise Unrecoverable("another envelope is stored here under its id")
+            return _settle_stored(session, stored.id, signed, receipt)
         case = session.get(CaseFile, header.conversation_id, with_for_update=True)
         if case is not None and case.peer_authority != peer:
             raise Unrecoverable("its request is one with another peer here")
+        if (
+            header.in_reply_to is not None
+            and case is not None
+            and not _known(session, case.id, header.in_reply_to)
+        ):
+            # As the peer judged it when it arrived: a message follows the one it names.
+            raise Unrecoverable(f"the message it follows ({header.in_reply_to}) is not here")
         document = check_content(header, opened, case)
         _store_sent(session, node, envelope, header, document, case, signed, receipt)
     return RECOVERED
+
+
+def _known(session: Session, request_id: str, msg_id: str) -> bool:
+    found = session.scalar(
+        select(Message.id).where(Message.request_id == request_id, Message.msg_id == msg_id)
+    )
+    return found is not None
+
+
+def _settle_stored(
+    session: Session, message_id: int, signed: SignedReceipt, receipt: VerifiedReceipt
+) -> str:
+    """A message of ours the backup holds as not yet receipted, which the peer took: its
+    delivery settled with the peer's receipt, as the worker settles one (its request then
+    delivered, if it was the request). One a worker is posting right now is left to it (the
+    peer answers the repeat with the same receipt); one given up stays as it is (its move
+    may have been undone: the operator settles it with the peer's operator)."""
+    item = session.scalar(
+        select(OutboxItem).where(OutboxItem.message_id == message_id).with_for_update()
+    )
+    if item is None or item.state not in (outbox.QUEUED, outbox.RETRY):
+        return ALREADY
+    now = utc_now()
+    message = session.get(Message, message_id)
+    case = session.get(CaseFile, item.request_id, with_for_update=True)
+    if message is None or case is None:  # rows are never deleted
+        return ALREADY
+    session.execute(
+        update(OutboxItem)
+        .where(OutboxItem.id == item.id)
+        .values(
+            state=outbox.DELIVERED,
+            delivered_at=now,
+            last_error=None,
+            lease_until=None,
+            lease_owner=None,
+            updated_at=now,
+        )
+    )
+    session.flush()
+    _store_receipt(session, message_id, signed, receipt, now)
+    if message.in_reply_to is None:
+        case.status = status_after_receipt(case.status)
+        case.updated_at = now
+    record_many(
+        session,
+        [
+            Event(
+                actor="node",
+                action="receipt.received",
+                request_id=case.id,
+                msg_id=message.msg_id,
+                peer=case.peer_authority,
+                details={
+                    "envelope_hash": message.envelope_hash,
+                    "signer_kid": receipt.signer_kid,
+                    "recovered": True,
+                },
+            )
+        ],
+    )
+    return SETTLED
+
+
+def _store_receipt(
+    session: Session,
+    message_id: int,
+    signed: SignedReceipt,
+    receipt: VerifiedReceipt,
+    now: datetime,
+) -> None:
+    session.connection().execute(
+        RECEIPTS.insert(),
+        {
+            "message_id": message_id,
+            "body": signed.body,
+            "signature": signed.signature,
+            "signer_kid": receipt.signer_kid,
+            "received_at": receipt.received_at,
+            "stored_at": now,
+        },
+    )
 
 
 def _store_sent(
@@ -403,17 +580,7 @@ def _store_sent(
             **moved,
         },
     )
-    session.connection().execute(
-        RECEIPTS.insert(),
-        {
-            "message_id": message.id,
-            "body": signed.body,
-            "signature": signed.signature,
-            "signer_kid": receipt.signer_kid,
-            "received_at": receipt.received_at,
-            "stored_at": now,
-        },
-    )
+    _store_receipt(session, message.id, signed, receipt, now)
     record(
         session,
         actor="node",

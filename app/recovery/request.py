@@ -105,6 +105,8 @@ def parse_request(wire: object) -> tuple[RecoveryRequest, bytes, bytes]:
         after = fields["after"]
         if after is not None and not (isinstance(after, str) and CURSOR.fullmatch(after)):
             raise RecoveryRefused("malformed_recovery_request", "the cursor is malformed")
+        if after is not None:
+            split_cursor(after)  # a time that is no time (month 13) is refused here
         request = RecoveryRequest(
             from_authority=fields["from"],
             to_authority=fields["to"],

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Scope
 
 from app.audit.log import record
 from app.crypto.encoding import format_time, utc_now
@@ -23,16 +24,24 @@ from app.recovery.request import (
     parse_request,
 )
 from app.recovery.serve import list_page
+from app.tls import check_peer_certificate
 
 router = APIRouter(prefix="/p2p/v1", tags=["p2p"], dependencies=[Depends(PEER_SIGNED)])
 
 
-def _answer(node: Node, wire: object) -> tuple[RecoveryRequest, dict[str, Any]]:
+def _answer(node: Node, wire: object, scope: Scope) -> tuple[RecoveryRequest, dict[str, Any]]:
     request, body, signature = parse_request(wire)
     with reading(node.sessions) as session:
         peer = pinned_keys(session, request.from_authority)
         if peer is None:
             raise RecoveryRefused("unknown_sender", "the sender is not a pinned peer", 403)
+        # With mutual TLS, the caller's certificate must be the signer's own: a request
+        # captured and replayed within its freshness window comes from another connection.
+        presented = check_peer_certificate(session, node.settings, scope)
+        if presented is not None and presented != request.from_authority:
+            raise RecoveryRefused(
+                "certificate_mismatch", "the client certificate is another peer's", 403
+            )
         key = peer_signing_key(session, peer, request.sig_kid, signed_at=request.created_at)
         if key is None:
             raise RecoveryRefused(
@@ -114,7 +123,7 @@ async def recovery_page(request: Request, node: NodeDep) -> JSONResponse:
     try:
         if wire is None:
             raise RecoveryRefused("malformed_recovery_request", "the body is not JSON")
-        _request, page = await run_in_threadpool(_answer, node, wire)
+        _request, page = await run_in_threadpool(_answer, node, wire, request.scope)
     except RecoveryRefused as refusal:
         await run_in_threadpool(_refused, node, wire, refusal, source_address(request))
         raise

@@ -83,6 +83,10 @@ def list_page(session: Session, request: RecoveryRequest) -> dict[str, Any]:
             {
                 "role": item.role,
                 "msg_id": item.message.msg_id,
+                # Routing metadata both nodes hold: where it stands in its conversation,
+                # for the asking node to order and hold back what it cannot take back.
+                "request_id": item.message.request_id,
+                "in_reply_to": item.message.in_reply_to,
                 "at": format_time(item.at),
                 # A message with streamed evidence is listed without it: its parts are
                 # carried by the evidence transfer, not in a page.

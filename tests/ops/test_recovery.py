@@ -97,6 +97,9 @@ def test_a_restored_node_takes_back_what_it_exchanged_after_its_backup(
         wait_delivered(es, first)
         _send(ar, first, {"type": "acknowledgement", "text": "Registered."})
         _agreed(pair, first, "acknowledged")
+        # One of ours not yet receipted when the backup is taken: its peer is down.
+        ar.stop()
+        unreceipted = submit_example(es)
         secret = tmp_path / "pass"
         secret.write_text(PASSPHRASE)
         secret.chmod(0o600)
@@ -106,6 +109,8 @@ def test_a_restored_node_takes_back_what_it_exchanged_after_its_backup(
             "backup", "--out", str(archive), "--include-private-keys", "--passphrase-file",
             str(secret),
         )  # fmt: skip
+        ar.start()
+        _agreed(pair, unreceipted, "delivered")
 
         # After the backup, both ways: the peer's question and our answer (each follows the
         # other), a request the peer opened, one we opened.
@@ -119,7 +124,8 @@ def test_a_restored_node_takes_back_what_it_exchanged_after_its_backup(
         _agreed(pair, theirs, "delivered")
         ours = submit_example(es)
         _agreed(pair, ours, "delivered")
-        before = {request: _view(es, request) for request in (first, theirs, ours)}
+        requests = (first, theirs, ours, unreceipted)
+        before = {request: _view(es, request) for request in requests}
         es.stop()
 
         # The machine is lost; restored from the backup, the node lacks all of that.
@@ -133,16 +139,17 @@ def test_a_restored_node_takes_back_what_it_exchanged_after_its_backup(
         assert "entraide peers recover" in out.stdout, out.stdout
 
         recovered = restored.cli("peers", "recover", "AR/MPF")
-        assert "3 of AR/MPF's and 2 of ours taken back" in recovered.stdout, (
-            recovered.stdout + recovered.stderr
-        )
+        said = recovered.stdout + recovered.stderr
+        assert "3 of AR/MPF's and 2 of ours taken back" in recovered.stdout, said
+        # The one the backup holds unreceipted is delivered with the peer's receipt.
+        assert "1 of ours here but unreceipted now delivered" in recovered.stdout, said
         # Asked again: all here already, nothing twice.
         again = restored.cli("peers", "recover", "AR/MPF")
         assert "0 of AR/MPF's and 0 of ours taken back" in again.stdout, again.stdout
         try:
             restored.start()
             pair.es = restored  # stopped with the pair
-            after = {request: _view(restored, request) for request in (first, theirs, ours)}
+            after = {request: _view(restored, request) for request in requests}
             # The same messages in the same order, the same statuses, and the same receipts,
             # signed when they were first given.
             assert after == before
@@ -211,6 +218,8 @@ def test_the_listing_is_given_only_to_the_peer_itself_and_fresh(tmp_path: Path) 
             (signed(created_at=now - timedelta(hours=1)), 400, "stale_request"),
             (signed(sig_kid="0" * 32), 403, "unknown_key"),
             (signed(after="2026-01-01T00:00:00Z/zz"), 400, "malformed_recovery_request"),
+            # A cursor of the right shape whose time is no time (it was a 500, from review).
+            (signed(after=f"2026-13-45T99:99:99Z/{'a' * 32}"), 400, "malformed_recovery_request"),
         ]
         for body, status, code in refusals:
             response = _post(ar, body)

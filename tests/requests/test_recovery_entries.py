@@ -72,13 +72,19 @@ def _receipt(
     )
 
 
-def _entry(role: str, envelope: WireEnvelope, receipt: SignedReceipt) -> Entry:
+def _entry(
+    role: str, envelope: WireEnvelope, receipt: SignedReceipt, at: str | None = None
+) -> Entry:
+    """As a peer lists it: at the time our signature gave it (our seal, our receipt)."""
     header = json.loads(envelope.header)
+    if at is None:
+        signed = header["created_at"] if role == "sent" else json.loads(receipt.body)
+        at = signed if role == "sent" else signed["received_at"]
     return Entry(
         role=role,
         msg_id=header["msg_id"],
-        at=format_time(utc_now()),
-        in_reply_to=None,
+        at=at,
+        in_reply_to=header["in_reply_to"],
         request_id=header["conversation_id"],
         wire=envelope.to_wire(),
         receipt=receipt.to_wire(),
@@ -132,7 +138,15 @@ def test_a_peer_message_comes_back_only_with_this_nodes_own_receipt_of_it(
         with pytest.raises(Unrecoverable, match=said):
             _apply(fresh_ar, _entry("received", envelope, receipt))
         assert _stored(fresh_ar, msg_id) is None
-    ours = _receipt(ar, envelope, **given)
+    ours = _receipt(ar, envelope, **given, at=utc_now() - timedelta(seconds=5))
+    # Listed at another time than our receipt's, or under another id: not where it was taken.
+    later = format_time(utc_now())
+    with pytest.raises(Unrecoverable, match=r"listed at .* but was taken at"):
+        _apply(fresh_ar, _entry("received", envelope, ours, at=later))
+    renamed = _entry("received", envelope, ours)
+    renamed.request_id = "0" * 32
+    with pytest.raises(Unrecoverable, match="listed under other ids"):
+        _apply(fresh_ar, renamed)
     assert _apply(fresh_ar, _entry("received", envelope, ours)) == RECOVERED
     assert _stored(fresh_ar, msg_id) == {
         "direction": "inbound",
@@ -204,7 +218,7 @@ def test_within_one_second_a_message_goes_after_the_one_it_follows() -> None:
         entry("c", second, follows="a"),
         entry("d", second, follows="b"),
     ]
-    assert [item.msg_id for item in recover._in_order(listed)] == ["a", "c", "b", "d"]
+    assert [item.msg_id for item in recover.in_order(listed)] == ["a", "c", "b", "d"]
 
 
 def test_the_listing_pages_through_ties_without_losing_or_repeating_one(
@@ -236,3 +250,30 @@ def test_the_listing_pages_through_ties_without_losing_or_repeating_one(
             break
     assert sorted(seen) == sorted(ids)
     assert len(seen) == len(set(seen)) == 7
+
+
+def test_a_message_with_streamed_evidence_holds_back_the_rest_of_its_request(
+    fresh_ar: Harness,
+) -> None:
+    """A page carries no streamed parts: such a message is not taken back, nor (as a
+    delivery waits for the one before it) the later messages of its request."""
+    ar, es = fresh_ar.node.keys, fresh_ar.peer_keys
+    envelope = _sealed(es, "ES/MJ", ar, "AR/MPF")
+    later = _entry("received", envelope, _receipt(ar, envelope, sender="ES/MJ", recipient="AR/MPF"))
+    streamed = Entry(
+        role="received",
+        msg_id="f" * 32,
+        at="2000-01-01T00:00:00Z",  # before the other
+        in_reply_to=None,
+        request_id=later.request_id,
+        wire=None,
+        receipt=None,
+        streamed=True,
+    )
+    summary = recover.Summary()
+    with httpx.Client(timeout=5) as http:
+        recover._take_all(fresh_ar.node, http, [later, streamed], "ES/MJ", summary, set(), None)
+    assert [entry.msg_id for entry in summary.failed] == [streamed.msg_id, later.msg_id]
+    assert "streamed evidence" in (streamed.error or "")
+    assert later.error == "held back: an earlier message of its request was not taken back"
+    assert _stored(fresh_ar, later.msg_id) is None

@@ -22,9 +22,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from sqlalchemy import select
 
+from app.crypto.encoding import utc_now
+from app.crypto.keys import load_keys
 from app.db import make_engine
 from app.localnodes import LocalNode
 from app.models import AuditEntry
+from app.recovery.request import sign_request
 from tests.e2e.conftest import read_request, submit_example, wait_delivered
 from tests.security.conftest import new_node, prepare
 
@@ -200,3 +203,34 @@ def test_peer_server_certificates_are_verified(tls_pair: tuple[LocalNode, LocalN
         es.extra_env["ENTRAIDE_TLS_CA"] = saved
     assert result.returncode == 1
     assert "could not reach the peer" in result.stderr
+
+
+def test_a_recovery_listing_over_mutual_tls_is_given_to_the_signers_own_certificate(
+    tls_pair: tuple[LocalNode, LocalNode], pki: Authority
+) -> None:
+    """`POST /p2p/v1/recovery` (app/recovery) with mutual TLS: the signer's own pinned
+    certificate gets the listing; without one, the gate refuses as for any P2P call."""
+    es, ar = tls_pair
+    wait_delivered(es, submit_example(es))
+    keys = load_keys(es.keys_dir)
+    body = sign_request(
+        keys.signing,
+        sig_kid=keys.signing_kid,
+        from_authority="ES/MJ",
+        to_authority="AR/MPF",
+        since=utc_now() - timedelta(hours=1),
+        after=None,
+        created_at=utc_now(),
+    )
+
+    def listing(cert: tuple[Path, Path] | None) -> httpx.Response:
+        context = ssl.create_default_context(cafile=str(pki.path))
+        if cert is not None:
+            context.load_cert_chain(str(cert[0]), str(cert[1]))
+        return httpx.post(ar.url + "/p2p/v1/recovery", json=body, verify=context, timeout=10)
+
+    own = listing((pki.folder / "es-client.crt", pki.folder / "es-client.key"))
+    assert own.status_code == 200, own.text
+    assert {entry["role"] for entry in own.json()["entries"]} == {"yours"}
+    missing = listing(None)
+    assert (missing.status_code, missing.json()["error"]) == (403, "client_certificate_required")
