@@ -31,7 +31,7 @@ def peers_recover(
     (its messages to us with our receipts, ours to it with its receipts), in the order this
     node first took them. Run it for each peer before officers use the node again."""
     from app.cli import _fail, _node, _operator, _settings
-    from app.crypto.encoding import DecodeError, format_time
+    from app.crypto.encoding import DecodeError, format_time, utc_now
     from app.errors import EntraideError
     from app.peers.client import peer_http_client
     from app.recovery.recover import parse_since, recover
@@ -45,10 +45,17 @@ def peers_recover(
             raise _fail(f"--since: {exc}") from exc
         except LookupError as exc:
             raise _fail(str(exc)) from exc
-        typer.echo(f"asking {authority_id} for what was exchanged since {format_time(start)}")
+        if start > utc_now():
+            raise _fail(f"--since {format_time(start)} is in the future: nothing to ask for")
+
+        def started() -> None:
+            typer.echo(f"asking {authority_id} for what was exchanged since {format_time(start)}")
+
         try:
             with peer_http_client(settings) as http:
-                summary = recover(node, http, peer=authority_id, since=start, actor=_operator())
+                summary = recover(
+                    node, http, peer=authority_id, since=start, actor=_operator(), started=started
+                )
         except EntraideError as exc:
             raise _fail(exc.detail) from exc
     finally:
@@ -59,7 +66,8 @@ def peers_recover(
         else ""
     )
     typer.echo(
-        f"{summary.listed} messages listed: {summary.received} of {authority_id}'s and "
+        f"{summary.listed} message{'' if summary.listed == 1 else 's'} listed: "
+        f"{summary.received} of {authority_id}'s and "
         f"{summary.sent} of ours taken back{settled}, {summary.already} here already"
     )
     for entry in summary.failed:
@@ -70,8 +78,9 @@ def peers_recover(
             err=True,
         )
     if summary.failed:
+        count = len(summary.failed)
         typer.echo(
-            f"{len(summary.failed)} messages not taken back: see above, and ask "
+            f"{count} message{'s' if count > 1 else ''} not taken back: see above, and ask "
             f"{authority_id}'s operator about them (docs/operations.md §5)",
             err=True,
         )

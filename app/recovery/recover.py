@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
@@ -58,7 +58,7 @@ from app.p2p.service import (
 )
 from app.peers.client import read_json_bounded
 from app.peers.keys import claimed_signer_kid, pinned_keys, verify_peer_receipt
-from app.recovery.request import sign_request
+from app.recovery.request import cursor_of, sign_request
 from app.recovery.serve import OURS, YOURS
 from app.requests import conversation, moves
 from app.requests.status import QUEUED, status_after_receipt
@@ -73,7 +73,7 @@ RECOVERED = "recovered"
 ALREADY = "already here"
 SETTLED = "already here, now receipted"
 HEX_ID = re.compile(r"[0-9a-f]{32}")
-TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
+TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
 
 
 @dataclass
@@ -124,10 +124,17 @@ def pages(
             created_at=utc_now(),
         )
         page = _post(http, peer_url + RECOVERY_PATH, body, limit)
-        yield [_entry(item) for item in page["entries"]]
-        after = page["next"]
-        if after is None:
+        entries = [_entry(item) for item in page["entries"]]
+        yield entries
+        following = page["next"]
+        if following is None:
             return
+        # The cursor is the page's last entry, and moves on: a peer cannot loop us.
+        if not entries or following != cursor_of(parse_time(entries[-1].at), entries[-1].msg_id):
+            raise PeerError("the peer's listing does not move on", code="peer_bad_response")
+        if after is not None and following <= after:
+            raise PeerError("the peer's listing does not move on", code="peer_bad_response")
+        after = following
     raise PeerError("the peer's listing did not end", code="peer_bad_response")
 
 
@@ -188,10 +195,12 @@ def _id(value: object) -> bool:
 
 def in_order(entries: list[Entry]) -> list[Entry]:
     """By our clock (to the second), and within one second a message after the one it
-    follows: our answer and the question it answers, made within a second, are listed by
-    their ids."""
+    follows (our answer and the question it answers, made within a second, are listed by
+    their ids), and ours first."""
     ordered: list[Entry] = []
-    rest = sorted(entries, key=lambda entry: (entry.at, entry.msg_id))
+    # Ours before the peer's within a second: one of ours naming the message a peer's also
+    # names was sealed before that one arrived (else it would name it).
+    rest = sorted(entries, key=lambda entry: (entry.at, entry.role != "sent", entry.msg_id))
     index = 0
     while index < len(rest):
         end = index
@@ -215,19 +224,41 @@ def recover(
     since: datetime,
     actor: str,
     progress: Callable[[Entry, str], None] | None = None,
+    started: Callable[[], None] | None = None,
 ) -> Summary:
     """Take back what `peer` lists since `since`; each message in a transaction of its own,
-    a page at a time (a second's entries that a page boundary cut wait for the next page)."""
+    a page at a time (a second's entries that a page boundary cut wait for the next page).
+    `started`: called once the peer is known, before it is asked."""
     with unit_of_work(node.sessions) as session:
         peer_url = session.scalar(select(Peer.public_url).where(Peer.authority_id == peer))
     if peer_url is None:
         raise PeerError(f"{peer} is not a pinned peer", code="unknown_peer")
+    if started is not None:
+        started()
     summary = Summary()
+    try:
+        _take_listing(node, http, peer, peer_url, since, summary, progress)
+    except PeerError as exc:
+        # What was taken back stays (each in its own transaction): on record, as interrupted.
+        _record(node, actor, peer, since, summary, outcome="interrupted", error=exc.detail)
+        raise
+    _record(node, actor, peer, since, summary, outcome="ok" if not summary.failed else "partial")
+    return summary
+
+
+def _take_listing(
+    node: Node,
+    http: httpx.Client,
+    peer: str,
+    peer_url: str,
+    since: datetime,
+    summary: Summary,
+    progress: Callable[[Entry, str], None] | None,
+) -> None:
     held: set[str] = set()
     waiting: list[Entry] = []
-    taken_until = ""  # the latest second taken: a page listing an earlier one is out of order
-    listing = pages(node, http, peer_url=peer_url, peer=peer, since=since)
-    for page in listing:
+    taken_until = ""  # the latest second listed: a page listing an earlier one is out of order
+    for page in pages(node, http, peer_url=peer_url, peer=peer, since=since):
         summary.listed += len(page)
         for entry in page:
             if entry.at < taken_until:
@@ -244,24 +275,38 @@ def recover(
         waiting = [entry for entry in waiting if entry.at == last]
         _take_all(node, http, ready, peer, summary, held, progress)
     _take_all(node, http, waiting, peer, summary, held, progress)
+
+
+def _record(
+    node: Node,
+    actor: str,
+    peer: str,
+    since: datetime,
+    summary: Summary,
+    *,
+    outcome: str,
+    error: str | None = None,
+) -> None:
+    details: dict[str, object] = {
+        "since": format_time(since),
+        "listed": summary.listed,
+        "received": summary.received,
+        "sent": summary.sent,
+        "already": summary.already,
+        "settled": summary.settled,
+        "not_recovered": [entry.msg_id for entry in summary.failed][:100],
+    }
+    if error is not None:
+        details["error"] = error
     with unit_of_work(node.sessions) as session:
         record(
             session,
             actor=actor,
             action="peer.recovered",
-            outcome="ok" if not summary.failed else "partial",
+            outcome=outcome,
             peer=peer,
-            details={
-                "since": format_time(since),
-                "listed": summary.listed,
-                "received": summary.received,
-                "sent": summary.sent,
-                "already": summary.already,
-                "settled": summary.settled,
-                "not_recovered": [entry.msg_id for entry in summary.failed][:100],
-            },
+            details=details,
         )
-    return summary
 
 
 def _take_all(
@@ -274,7 +319,15 @@ def _take_all(
     progress: Callable[[Entry, str], None] | None,
 ) -> None:
     for entry in in_order(entries):
-        if entry.request_id is not None and entry.request_id in held:
+        blocked = entry.request_id is not None and entry.request_id in held
+        if (blocked or entry.streamed or entry.wire is None) and _here(node, entry):
+            # The backup holds it (the listing starts before the backup was taken): nothing
+            # to take back, whatever it carries or whatever was not taken before it.
+            summary.already += 1
+            if progress is not None:
+                progress(entry, ALREADY)
+            continue
+        if blocked:
             entry.error = "held back: an earlier message of its request was not taken back"
             summary.failed.append(entry)
             continue
@@ -298,11 +351,22 @@ def _take_all(
             progress(entry, outcome)
 
 
+def _here(node: Node, entry: Entry) -> bool:
+    """Whether a message of this id, in the entry's direction, is stored here."""
+    with unit_of_work(node.sessions) as session:
+        stored = stored_message(session, entry.msg_id)
+    direction = "inbound" if entry.role == "received" else "outbound"
+    return stored is not None and stored.direction == direction
+
+
 def _apply(node: Node, http: httpx.Client, entry: Entry, *, peer: str) -> str:
     if entry.streamed or entry.wire is None:
         raise Unrecoverable(
             "it carries streamed evidence, which a recovery does not carry: ask the peer's "
             "operator to send it again"
+            if entry.role == "received"
+            else "it carries streamed evidence, which a recovery does not carry: the peer "
+            "holds it, with its receipt; your officer sends it again, as a new message"
         )
     try:
         envelope = env.decode_wire(
@@ -360,7 +424,7 @@ def _take_received(
     check_received_at(receipt, created_at=header.created_at, now=utc_now())
     if receipt.received_at >= header.expires_at:
         raise Unrecoverable("its receipt is dated after the envelope expired")
-    _own_key_then(node.keys, receipt.signer_kid, receipt.received_at)
+    _own_key_then(node.keys, receipt.signer_kid, receipt.received_at, _skew(node))
     _listed_when_signed(entry, receipt.received_at)
     with unit_of_work(node.sessions) as session:
         if stored_message(session, header.msg_id) is not None:
@@ -369,14 +433,16 @@ def _take_received(
     return RECOVERED
 
 
-def _own_key_then(keys: NodeKeys, kid: str, at: datetime) -> bytes:
+def _own_key_then(keys: NodeKeys, kid: str, at: datetime, grace: timedelta) -> bytes:
     """Our signing key `kid`, if it was ours at `at`: the current one, or one rotated away
-    after `at` (a key rotated away, or taken, signs nothing dated after its rotation)."""
+    after `at` (a key rotated away, or taken, signs nothing dated after its rotation; but
+    for `grace`, the clock skew: a running node signs with the old key until it has loaded
+    the new one, a moment after the rotation's time)."""
     if kid == keys.signing_kid:
         return keys.signing_public
     for rotation in keys.rotations:
         if rotation.old.signing_kid == kid:
-            if at > rotation.rotated_at:
+            if at > rotation.rotated_at + grace:
                 raise Unrecoverable(f"signed by a key of this node rotated away before {at}")
             return rotation.old.signing
     raise Unrecoverable("it is signed with a key this node does not hold")
@@ -394,7 +460,7 @@ def _take_sent(
     """A message of ours the peer took: verified with our own key, opened with our own wrap."""
     if header.from_authority != node.authority_id or header.to_authority != peer:
         raise Unrecoverable("the envelope is not one of ours to this peer")
-    own_key = _own_key_then(node.keys, header.from_sig_kid, header.created_at)
+    own_key = _own_key_then(node.keys, header.from_sig_kid, header.created_at, _skew(node))
     env.verify_header_signature(envelope, own_key)
     _listed_when_signed(entry, header.created_at)
     signed = decode_receipt(entry.receipt)
@@ -441,6 +507,10 @@ def _take_sent(
     return RECOVERED
 
 
+def _skew(node: Node) -> timedelta:
+    return timedelta(seconds=node.settings.clock_skew_seconds)
+
+
 def _known(session: Session, request_id: str, msg_id: str) -> bool:
     found = session.scalar(
         select(Message.id).where(Message.request_id == request_id, Message.msg_id == msg_id)
@@ -459,8 +529,14 @@ def _settle_stored(
     item = session.scalar(
         select(OutboxItem).where(OutboxItem.message_id == message_id).with_for_update()
     )
+    if item is not None and item.state in (outbox.FAILED, outbox.CANCELLED):
+        raise Unrecoverable(
+            f"it is {item.state} here, but the peer holds it with its receipt: retry its "
+            f"delivery (`entraide deliveries retry {item.id}`), which the peer answers with "
+            "that receipt"
+        )
     if item is None or item.state not in (outbox.QUEUED, outbox.RETRY):
-        return ALREADY
+        return ALREADY  # in flight: its worker gets the same receipt for its post
     now = utc_now()
     message = session.get(Message, message_id)
     case = session.get(CaseFile, item.request_id, with_for_update=True)

@@ -35,7 +35,7 @@ MAX_REQUEST_BYTES = 2048
 AUTHORITY = re.compile(AUTHORITY_ID_PATTERN)
 KID = re.compile(r"[0-9a-f]{32}")
 # A page's cursor: the time the exchange is ordered by, and the message id after it.
-CURSOR = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ/[0-9a-f]{32}")
+CURSOR = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z/[0-9a-f]{32}")
 
 
 class RecoveryRefused(EntraideError):

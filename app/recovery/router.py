@@ -118,7 +118,7 @@ def _refused(node: Node, wire: object, refusal: RecoveryRefused, source: str) ->
 )
 async def recovery_page(request: Request, node: NodeDep) -> JSONResponse:
     """What this node and the signing peer exchanged since a time, one page: for a peer
-    restored from a backup (docs/protocol.md §8.8)."""
+    restored from a backup (docs/protocol.md §8.7)."""
     wire = await json_body(request)
     try:
         if wire is None:

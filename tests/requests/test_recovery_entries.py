@@ -277,3 +277,68 @@ def test_a_message_with_streamed_evidence_holds_back_the_rest_of_its_request(
     assert "streamed evidence" in (streamed.error or "")
     assert later.error == "held back: an earlier message of its request was not taken back"
     assert _stored(fresh_ar, later.msg_id) is None
+
+
+def test_pages_are_taken_in_our_order_with_ties_and_holds_across_their_boundaries(
+    fresh_ar: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop over a listing's pages (pure ordering logic: the pages and each entry's
+    taking are stood in for; what taking checks is shown above)."""
+
+    def entry(name: str, at: str, request: str) -> Entry:
+        return Entry(
+            "received", name * 32, f"2026-12-01T10:00:0{at}Z", None, request * 32, {}, None, False
+        )
+
+    a, b, c = entry("a", "1", "1"), entry("b", "2", "2"), entry("c", "3", "3")
+    d, e, f = entry("d", "3", "3"), entry("e", "2", "4"), entry("f", "4", "4")
+    g = entry("9", "5", "2")  # of b's request, on the next page
+    c.in_reply_to = d.msg_id  # c follows d, within the second the page boundary cut
+    listed = [[a, b, c], [d, e, f, g]]  # the second 3 cut by the page boundary; e out of order
+    monkeypatch.setattr(recover, "pages", lambda *args, **kwargs: iter(listed))
+    monkeypatch.setattr(recover, "_here", lambda node, entry: False)
+    taken: list[str] = []
+
+    def take(node: object, http: object, entry: Entry, *, peer: str) -> str:
+        if entry is b:
+            raise Unrecoverable("refused")
+        taken.append(entry.msg_id[0])
+        return RECOVERED
+
+    monkeypatch.setattr(recover, "_apply", take)
+    with httpx.Client(timeout=5) as http:
+        summary = recover.recover(
+            fresh_ar.node, http, peer="ES/MJ", since=utc_now(), actor="operator:test"
+        )
+    # c waited for d (same second, next page), which it follows; e came after its second had
+    # passed, and holds back f, of its request; b's failure held back g on the next page.
+    assert taken == ["a", "d", "c"]
+    held = "held back: an earlier message of its request was not taken back"
+    assert {item.msg_id[0]: item.error for item in summary.failed} == {
+        "e": "listed after the messages of 2026-12-01T10:00:03Z, but taken before",
+        "f": held,
+        "b": "refused",
+        "9": held,
+    }
+    assert (summary.listed, summary.received) == (7, 3)
+
+
+def test_a_streamed_message_the_backup_holds_is_here_already(fresh_ar: Harness) -> None:
+    """The listing starts before the backup: a message with streamed evidence the restored
+    node holds is counted as here, and holds nothing back (from an operator's walkthrough:
+    it was refused, and blocked its request)."""
+    request_id = fresh_ar.receive_request()
+    streamed = Entry(
+        role="received",
+        msg_id=request_id,
+        at="2000-01-01T00:00:00Z",
+        in_reply_to=None,
+        request_id=request_id,
+        wire=None,
+        receipt=None,
+        streamed=True,
+    )
+    summary = recover.Summary()
+    with httpx.Client(timeout=5) as http:
+        recover._take_all(fresh_ar.node, http, [streamed], "ES/MJ", summary, set(), None)
+    assert (summary.already, summary.failed) == (1, [])
