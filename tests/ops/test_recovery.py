@@ -138,6 +138,10 @@ def test_a_restored_node_takes_back_what_it_exchanged_after_its_backup(
         out = restored.cli("restore", str(archive), "--passphrase-file", str(secret))
         assert "entraide peers recover" in out.stdout, out.stdout
 
+        # Until it is done, doctor says so (a warning: the node may start).
+        warned = restored.cli("doctor", check=False).stdout
+        assert "warn  recovery" in warned, warned
+        assert "`entraide peers recover AR/MPF`" in warned, warned
         recovered = restored.cli("peers", "recover", "AR/MPF")
         said = recovered.stdout + recovered.stderr
         assert "3 of AR/MPF's and 2 of ours taken back" in recovered.stdout, said
@@ -146,6 +150,7 @@ def test_a_restored_node_takes_back_what_it_exchanged_after_its_backup(
         # Asked again: all here already, nothing twice.
         again = restored.cli("peers", "recover", "AR/MPF")
         assert "0 of AR/MPF's and 0 of ours taken back" in again.stdout, again.stdout
+        assert "recovery" not in restored.cli("doctor", check=False).stdout
         try:
             restored.start()
             pair.es = restored  # stopped with the pair
