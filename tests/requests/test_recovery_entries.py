@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -342,3 +343,26 @@ def test_a_streamed_message_the_backup_holds_is_here_already(fresh_ar: Harness) 
     with httpx.Client(timeout=5) as http:
         recover._take_all(fresh_ar.node, http, [streamed], "ES/MJ", summary, set(), None)
     assert (summary.already, summary.failed) == (1, [])
+
+
+def test_our_rotated_away_signing_key_vouches_only_for_what_it_signed_before(
+    tmp_path: Path,
+) -> None:
+    """A key of ours rotated away (or stolen since) proves nothing dated after its rotation,
+    but for the clock skew: a running node signs with it until it loads the new one."""
+    from app.crypto.keys import rotate_keys, save_keys
+
+    save_keys(tmp_path, NodeKeys.generate())
+    old, new = rotate_keys(tmp_path, authority_id="AR/MPF", passphrase=None, overlap=timedelta(1))
+    rotated_at = new.rotations[-1].rotated_at
+    skew = timedelta(minutes=5)
+    kid = old.signing_kid
+    assert recover._own_key_then(new, kid, rotated_at - timedelta(days=1), skew) == (
+        old.signing_public
+    )
+    assert recover._own_key_then(new, kid, rotated_at + skew, skew) == old.signing_public
+    with pytest.raises(Unrecoverable, match="rotated away"):
+        recover._own_key_then(new, kid, rotated_at + skew + timedelta(seconds=1), skew)
+    assert recover._own_key_then(new, new.signing_kid, utc_now(), skew) == new.signing_public
+    with pytest.raises(Unrecoverable, match="does not hold"):
+        recover._own_key_then(new, "0" * 32, utc_now(), skew)

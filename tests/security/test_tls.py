@@ -20,14 +20,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from sqlalchemy import select
+from sqlalchemy import delete, insert, literal, select, update
 
 from app.crypto.encoding import utc_now
 from app.crypto.keys import load_keys
 from app.db import make_engine
 from app.localnodes import LocalNode
-from app.models import AuditEntry
+from app.models import AuditEntry, Peer
 from app.recovery.request import sign_request
+from app.tls import pin_of_certificate_file
 from tests.e2e.conftest import read_request, submit_example, wait_delivered
 from tests.security.conftest import new_node, prepare
 
@@ -234,3 +235,29 @@ def test_a_recovery_listing_over_mutual_tls_is_given_to_the_signers_own_certific
     assert {entry["role"] for entry in own.json()["entries"]} == {"yours"}
     missing = listing(None)
     assert (missing.status_code, missing.json()["error"]) == (403, "client_certificate_required")
+    # Another peer's pinned certificate with ES/MJ's signed request (one captured and
+    # replayed from that peer's connection): refused. AR/MPF's own client certificate is
+    # pinned here, for the test, as a third peer's (a row copied from ES/MJ's).
+    pin = pin_of_certificate_file(pki.folder / "ar-client.crt")
+    engine = make_engine(ar.database_url)
+    peers = Peer.__table__
+    copied = [column for column in peers.c if column.name not in ("id", "authority_id")]
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                insert(peers).from_select(
+                    ["authority_id", *(column.name for column in copied)],
+                    select(literal("FR/MJ"), *copied).where(peers.c.authority_id == "ES/MJ"),
+                )
+            )
+            connection.execute(
+                update(peers)
+                .where(peers.c.authority_id == "FR/MJ")
+                .values(tls_client_cert_sha256=pin)
+            )
+        other = listing((pki.folder / "ar-client.crt", pki.folder / "ar-client.key"))
+        assert (other.status_code, other.json()["error"]) == (403, "certificate_mismatch")
+    finally:
+        with engine.begin() as connection:
+            connection.execute(delete(peers).where(peers.c.authority_id == "FR/MJ"))
+        engine.dispose()
