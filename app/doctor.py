@@ -656,9 +656,10 @@ def check_recovery(engine: Engine) -> list[Finding]:
             + (
                 "not taken back yet"
                 if peer.outcome is None
-                else f"taken back in part (its last `peers recover` ended {peer.outcome})"
+                else "not taken back in full (its last `peers recover` ended "
+                f"{peer.outcome}, or asked from after the backup)"
             )
-            + f": `entraide peers recover {peer.peer}`, before officers use the node "
+            + f": `entraide peers recover {peer.peer}` before you start the node "
             "(docs/operations.md §5)",
         )
         for peer in pending

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Annotated
 
@@ -29,7 +28,7 @@ def peers_recover(
 ) -> None:
     """After `entraide restore`: take back from a peer what the two exchanged after the backup
     (its messages to us with our receipts, ours to it with its receipts), in the order this
-    node first took them. Run it for each peer before officers use the node again."""
+    node first took them. Run it for each peer before you start the node."""
     from app.cli import _fail, _node, _operator, _settings
     from app.crypto.encoding import DecodeError, format_time, utc_now
     from app.errors import EntraideError
@@ -89,27 +88,16 @@ def peers_recover(
 
 def _last_restore(node: Node) -> datetime:
     """When the backup this node was last restored from was taken (its `node.restored`)."""
-    from sqlalchemy import select
-
-    from app.crypto.encoding import parse_time
     from app.db import reading
-    from app.models import AuditEntry
+    from app.recovery.pending import last_restore
 
     with reading(node.sessions) as session:
-        entry = session.scalar(
-            select(AuditEntry.entry)
-            .where(AuditEntry.action == "node.restored")
-            .order_by(AuditEntry.idx.desc())
-            .limit(1)
-        )
-    if entry is None:
+        restore = last_restore(session)
+    if restore is None:
         raise LookupError("this node was never restored from a backup: give --since")
-    try:
-        return parse_time(json.loads(entry)["details"]["backup_created_at"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise LookupError(
-            "the log's record of the last restore names no backup time: give --since"
-        ) from exc
+    if restore.backup_created_at is None:
+        raise LookupError("the log's record of the last restore names no backup time: give --since")
+    return restore.backup_created_at
 
 
 def register(peers_app: typer.Typer) -> None:

@@ -20,8 +20,9 @@ from app.crypto.randomness import SystemRandomness
 from app.crypto.receipts import SignedReceipt, issue_receipt
 from app.db import unit_of_work
 from app.models import CaseFile, Message, OutboxItem, Receipt
-from app.recovery import recover
-from app.recovery.recover import ALREADY, RECOVERED, Entry, Unrecoverable
+from app.recovery import listing, recover, take
+from app.recovery.listing import Entry
+from app.recovery.take import ALREADY, RECOVERED, Unrecoverable
 from tests.requests.conftest import Harness, example_document
 
 LETTER = Attachment("letter.txt", "text/plain", b"letter of request")
@@ -95,7 +96,7 @@ def _entry(
 
 def _apply(harness: Harness, entry: Entry) -> str:
     with httpx.Client(timeout=5) as http:
-        return recover._apply(harness.node, http, entry, peer="ES/MJ")
+        return take.apply(harness.node, http, entry, peer="ES/MJ")
 
 
 def _stored(harness: Harness, msg_id: str) -> dict[str, Any] | None:
@@ -219,7 +220,7 @@ def test_within_one_second_a_message_goes_after_the_one_it_follows() -> None:
         entry("c", second, follows="a"),
         entry("d", second, follows="b"),
     ]
-    assert [item.msg_id for item in recover.in_order(listed)] == ["a", "c", "b", "d"]
+    assert [item.msg_id for item in listing.in_order(listed)] == ["a", "c", "b", "d"]
 
 
 def test_the_listing_pages_through_ties_without_losing_or_repeating_one(
@@ -297,16 +298,16 @@ def test_pages_are_taken_in_our_order_with_ties_and_holds_across_their_boundarie
     c.in_reply_to = d.msg_id  # c follows d, within the second the page boundary cut
     listed = [[a, b, c], [d, e, f, g]]  # the second 3 cut by the page boundary; e out of order
     monkeypatch.setattr(recover, "pages", lambda *args, **kwargs: iter(listed))
-    monkeypatch.setattr(recover, "_here", lambda node, entry: False)
+    monkeypatch.setattr(recover, "here", lambda node, entry: False)
     taken: list[str] = []
 
-    def take(node: object, http: object, entry: Entry, *, peer: str) -> str:
+    def taking(node: object, http: object, entry: Entry, *, peer: str) -> str:
         if entry is b:
             raise Unrecoverable("refused")
         taken.append(entry.msg_id[0])
         return RECOVERED
 
-    monkeypatch.setattr(recover, "_apply", take)
+    monkeypatch.setattr(recover, "apply", taking)
     with httpx.Client(timeout=5) as http:
         summary = recover.recover(
             fresh_ar.node, http, peer="ES/MJ", since=utc_now(), actor="operator:test"
@@ -357,12 +358,10 @@ def test_our_rotated_away_signing_key_vouches_only_for_what_it_signed_before(
     rotated_at = new.rotations[-1].rotated_at
     skew = timedelta(minutes=5)
     kid = old.signing_kid
-    assert recover._own_key_then(new, kid, rotated_at - timedelta(days=1), skew) == (
-        old.signing_public
-    )
-    assert recover._own_key_then(new, kid, rotated_at + skew, skew) == old.signing_public
+    assert take.own_key_then(new, kid, rotated_at - timedelta(days=1), skew) == (old.signing_public)
+    assert take.own_key_then(new, kid, rotated_at + skew, skew) == old.signing_public
     with pytest.raises(Unrecoverable, match="rotated away"):
-        recover._own_key_then(new, kid, rotated_at + skew + timedelta(seconds=1), skew)
-    assert recover._own_key_then(new, new.signing_kid, utc_now(), skew) == new.signing_public
+        take.own_key_then(new, kid, rotated_at + skew + timedelta(seconds=1), skew)
+    assert take.own_key_then(new, new.signing_kid, utc_now(), skew) == new.signing_public
     with pytest.raises(Unrecoverable, match="does not hold"):
-        recover._own_key_then(new, "0" * 32, utc_now(), skew)
+        take.own_key_then(new, "0" * 32, utc_now(), skew)
