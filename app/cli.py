@@ -1566,8 +1566,8 @@ def restore(
     )
     typer.echo(
         f"then take back from each peer what you exchanged after this backup "
-        f"({summary.backup_created_at}): `entraide peers recover PEER` for each of "
-        "`entraide peers list`, before you start the node (docs/operations.md §5)"
+        f"({summary.backup_created_at}): `entraide peers recover --all` (or PEER by PEER), "
+        "before you start the node (docs/operations.md §5)"
     )
     drafts, pending = _unsettled_at_backup(settings)
     if drafts or pending:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 if TYPE_CHECKING:
+    from app.config import Settings
     from app.node import Node
 
 # A backup is taken while the node runs: what it holds and what it lacks meet around its
@@ -17,7 +18,13 @@ MARGIN = timedelta(hours=1)
 
 
 def peers_recover(
-    authority_id: Annotated[str, typer.Argument(help="The peer's authority id, e.g. AR/MPF")],
+    authority_id: Annotated[
+        str | None, typer.Argument(help="The peer's authority id, e.g. AR/MPF")
+    ] = None,
+    every: Annotated[
+        bool,
+        typer.Option("--all", help="Every pinned peer not suspended, one after the other"),
+    ] = False,
     since: Annotated[
         str | None,
         typer.Option(
@@ -28,13 +35,13 @@ def peers_recover(
 ) -> None:
     """After `entraide restore`: take back from a peer what the two exchanged after the backup
     (its messages to us with our receipts, ours to it with its receipts), in the order this
-    node first took them. Run it for each peer before you start the node."""
-    from app.cli import _fail, _node, _operator, _settings
+    node first took them. Run it for each peer (or `--all`) before you start the node."""
+    from app.cli import _fail, _node, _settings
     from app.crypto.encoding import DecodeError, format_time, utc_now
-    from app.errors import EntraideError
-    from app.peers.client import peer_http_client
-    from app.recovery.recover import parse_since, recover
+    from app.recovery.recover import parse_since
 
+    if (authority_id is None) == (not every):
+        raise _fail("name a peer, or give --all")
     settings = _settings()
     node = _node(settings)
     try:
@@ -46,19 +53,54 @@ def peers_recover(
             raise _fail(str(exc)) from exc
         if start > utc_now():
             raise _fail(f"--since {format_time(start)} is in the future: nothing to ask for")
-
-        def started() -> None:
-            typer.echo(f"asking {authority_id} for what was exchanged since {format_time(start)}")
-
-        try:
-            with peer_http_client(settings) as http:
-                summary = recover(
-                    node, http, peer=authority_id, since=start, actor=_operator(), started=started
-                )
-        except EntraideError as exc:
-            raise _fail(exc.detail) from exc
+        peers = [authority_id] if authority_id is not None else _recoverable_peers(node)
+        if not peers:
+            raise _fail("no pinned peer to ask (suspended ones are not asked)")
+        failed = [peer for peer in peers if not _recover_one(node, settings, peer, start)]
     finally:
         node.close()
+    if failed:
+        if len(peers) > 1:
+            typer.echo(f"not in full: {', '.join(failed)}", err=True)
+        raise typer.Exit(code=1)
+
+
+def _recoverable_peers(node: Node) -> list[str]:
+    from sqlalchemy import select
+
+    from app.db import reading
+    from app.models import Peer
+
+    with reading(node.sessions) as session:
+        return list(
+            session.scalars(
+                select(Peer.authority_id)
+                .where(Peer.suspended_at.is_(None))
+                .order_by(Peer.authority_id)
+            )
+        )
+
+
+def _recover_one(node: Node, settings: Settings, authority_id: str, start: datetime) -> bool:
+    """One peer's recovery, said as it goes; False if it did not take back everything (a
+    peer that cannot be asked is said, and the next one asked)."""
+    from app.cli import _operator
+    from app.crypto.encoding import format_time
+    from app.errors import EntraideError
+    from app.peers.client import peer_http_client
+    from app.recovery.recover import recover
+
+    def started() -> None:
+        typer.echo(f"asking {authority_id} for what was exchanged since {format_time(start)}")
+
+    try:
+        with peer_http_client(settings) as http:
+            summary = recover(
+                node, http, peer=authority_id, since=start, actor=_operator(), started=started
+            )
+    except EntraideError as exc:
+        typer.secho(f"error: {exc.detail}", fg=typer.colors.RED, err=True)
+        return False
     settled = (
         f", {summary.settled} of ours here but unreceipted now delivered with its receipt"
         if summary.settled
@@ -83,7 +125,8 @@ def peers_recover(
             f"{authority_id}'s operator about them (docs/operations.md §5)",
             err=True,
         )
-        raise typer.Exit(code=1)
+        return False
+    return True
 
 
 def _last_restore(node: Node) -> datetime:

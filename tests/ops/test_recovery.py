@@ -147,9 +147,14 @@ def test_a_restored_node_takes_back_what_it_exchanged_after_its_backup(
         assert "3 of AR/MPF's and 2 of ours taken back" in recovered.stdout, said
         # The one the backup holds unreceipted is delivered with the peer's receipt.
         assert "1 of ours here but unreceipted now delivered" in recovered.stdout, said
-        # Asked again: all here already, nothing twice.
-        again = restored.cli("peers", "recover", "AR/MPF")
+        # Asked again, of every peer: all here already, nothing twice.
+        again = restored.cli("peers", "recover", "--all")
         assert "0 of AR/MPF's and 0 of ours taken back" in again.stdout, again.stdout
+        unknown = restored.cli("peers", "recover", "FR/MJ", check=False)
+        assert unknown.returncode == 1
+        assert "FR/MJ is not a pinned peer" in unknown.stderr, unknown.stderr
+        neither = restored.cli("peers", "recover", check=False)
+        assert (neither.returncode, "name a peer, or give --all" in neither.stderr) == (1, True)
         assert "recovery" not in restored.cli("doctor", check=False).stdout
         try:
             restored.start()
