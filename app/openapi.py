@@ -85,6 +85,8 @@ BATCH = {400}  # malformed_batch; each envelope's own refusal is inside the 200'
 # A restored peer's signed request for what we exchanged (app/recovery): malformed or stale
 # (400), not its key's (403), addressed to another authority (421).
 RECOVERY = "/p2p/v1/recovery"
+# ... and one streamed part of a listed message: 404 unknown_part or part_missing too.
+RECOVERY_PART = "/p2p/v1/recovery/parts"
 RECOVERY_REFUSALS = {400, 403, 421}
 # A body read whole before the route runs (app/limits.py): 408 body_timeout, 413 too_large,
 # 503 busy (with Retry-After), whatever the route does with it.
@@ -237,6 +239,8 @@ def error_statuses(route: APIRoute, method: str) -> set[int]:
             statuses.add(409)
         if route.path == RECOVERY:
             statuses |= RECOVERY_REFUSALS
+        if route.path == RECOVERY_PART:
+            statuses |= RECOVERY_REFUSALS | {404}
     elif has_input:
         statuses.add(422)
     if route.path.startswith(STORES_EVIDENCE) and method in {"PATCH", "PUT"}:

@@ -51,6 +51,8 @@ def test_only_identity_health_and_p2p_are_public() -> None:
         "/p2p/v1/evidence/envelopes/{msg_id}/parts/{index}",
         # A restored peer asks for what it exchanged with us: its request is signed.
         "/p2p/v1/recovery",
+        # ... and a streamed part of a message it lists: signed the same way.
+        "/p2p/v1/recovery/parts",
         # GET and HEAD (a load balancer's probe may be either).
         "/readyz",
         "/readyz",

@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, select, update
@@ -701,32 +701,12 @@ def complete(
         raise TransferDamaged(transfer, exc) from exc
 
     def store(case: CaseFile, now: Any) -> int:
-        message = Message(
-            msg_id=header.msg_id,
-            request_id=case.id,
-            direction="inbound",
-            sender_authority=header.from_authority,
-            recipient_authority=header.to_authority,
-            in_reply_to=header.in_reply_to,
-            created_at=header.created_at,
-            expires_at=header.expires_at,
-            received_at=now,
-            header=transfer.header,
-            signature=transfer.signature,
-            envelope_hash=transfer.envelope_hash,
-            size_bytes=len(transfer.header) + sum(info.length for info in header.parts),
-        )
-        session.add(message)
-        session.flush()
-        session.add(Part(message_id=message.id, part_index=0, ciphertext=transfer.manifest_part))
-        session.add_all(
-            BlobPart(
-                message_id=message.id, part_index=info.index, digest=info.sha256, length=info.length
-            )
-            for info in header.parts[1:]
+        head = env.WireEnvelope(transfer.header, transfer.signature, [transfer.manifest_part])
+        message_id = store_streamed(
+            session, case=case, header=header, head=head, direction="inbound", received_at=now
         )
         session.delete(transfer)
-        return message.id
+        return message_id
 
     return admit_opened(
         session,
@@ -736,6 +716,46 @@ def complete(
         opened=opened,
         store=store,
     )
+
+
+def store_streamed(
+    session: Session,
+    *,
+    case: CaseFile,
+    header: env.Header,
+    head: env.WireEnvelope,
+    direction: str,
+    received_at: datetime | None,
+) -> int:
+    """A message whose parts past the manifest are in the blob store: its row, part 0 (in
+    `head`, with its header and signature) and a `blob_parts` row for each other part, as
+    its signed header names them. Returns the message's id."""
+    message = Message(
+        msg_id=header.msg_id,
+        request_id=case.id,
+        direction=direction,
+        sender_authority=header.from_authority,
+        recipient_authority=header.to_authority,
+        in_reply_to=header.in_reply_to,
+        created_at=header.created_at,
+        expires_at=header.expires_at,
+        received_at=received_at,
+        header=head.header,
+        signature=head.signature,
+        envelope_hash=head.envelope_hash,
+        size_bytes=len(head.header) + sum(info.length for info in header.parts),
+    )
+    session.add(message)
+    session.flush()
+    session.add(Part(message_id=message.id, part_index=0, ciphertext=head.parts[0]))
+    session.add_all(
+        BlobPart(
+            message_id=message.id, part_index=info.index, digest=info.sha256, length=info.length
+        )
+        for info in header.parts[1:]
+    )
+    session.flush()
+    return message.id
 
 
 def receipt_wire(accepted: Accepted) -> dict[str, str]:

@@ -94,8 +94,8 @@ def _take_listing(
             taken_until = max(taken_until, last)
         ready = [entry for entry in waiting if entry.at != last]
         waiting = [entry for entry in waiting if entry.at == last]
-        _take_all(node, http, ready, peer, summary, held, progress)
-    _take_all(node, http, waiting, peer, summary, held, progress)
+        _take_all(node, http, ready, peer, summary, held, progress, peer_url)
+    _take_all(node, http, waiting, peer, summary, held, progress, peer_url)
 
 
 def _record(
@@ -138,12 +138,13 @@ def _take_all(
     summary: Summary,
     held: set[str],
     progress: Callable[[Entry, str], None] | None,
+    peer_url: str = "",
 ) -> None:
     for entry in in_order(entries):
         blocked = entry.request_id is not None and entry.request_id in held
-        if (blocked or entry.streamed or entry.wire is None) and here(node, entry):
+        if (blocked or entry.wire is None) and here(node, entry):
             # The backup holds it (the listing starts before the backup was taken): nothing
-            # to take back, whatever it carries or whatever was not taken before it.
+            # to take back, whatever was not taken before it.
             summary.already += 1
             if progress is not None:
                 progress(entry, ALREADY)
@@ -153,7 +154,7 @@ def _take_all(
             summary.failed.append(entry)
             continue
         try:
-            outcome = apply(node, http, entry, peer=peer)
+            outcome = apply(node, http, entry, peer=peer, peer_url=peer_url)
         except Unrecoverable as exc:
             entry.error = str(exc)
             summary.failed.append(entry)

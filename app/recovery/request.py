@@ -31,6 +31,9 @@ from app.errors import EntraideError
 VERSION = 1
 REQUEST_TYPE = "entraide.recovery-request"
 FIELDS = {"v", "type", "from", "to", "sig_kid", "since", "after", "created_at"}
+PART_REQUEST_TYPE = "entraide.recovery-part-request"
+PART_FIELDS = {"v", "type", "from", "to", "sig_kid", "msg_id", "index", "offset", "created_at"}
+MSG_ID = re.compile(r"[0-9a-f]{32}")
 MAX_REQUEST_BYTES = 2048
 AUTHORITY = re.compile(AUTHORITY_ID_PATTERN)
 KID = re.compile(r"[0-9a-f]{32}")
@@ -81,27 +84,33 @@ def sign_request(
     return {"request": b64e(body), "signature": b64e(sign(signing_key, DOMAIN_RECOVERY, body))}
 
 
-def parse_request(wire: object) -> tuple[RecoveryRequest, bytes, bytes]:
-    """Shape only: the request, its exact bytes and its signature, nothing verified yet."""
+def _parse(wire: object, kind: str, members: set[str]) -> tuple[dict[str, Any], bytes, bytes]:
+    """The members common to both requests checked (shape only); the rest are the caller's."""
     if not isinstance(wire, dict) or set(wire) != {"request", "signature"}:
         raise RecoveryRefused(
             "malformed_recovery_request", "expected exactly 'request' and 'signature'"
         )
+    body = b64d(wire["request"])
+    signature = b64d(wire["signature"], length=64)
+    if len(body) > MAX_REQUEST_BYTES:
+        raise RecoveryRefused("malformed_recovery_request", "the request is too large")
+    fields: dict[str, Any] = load_canonical_object(body)
+    if set(fields) != members or not is_int(fields["v"]) or fields["v"] != VERSION:
+        raise RecoveryRefused("malformed_recovery_request", f"not a version 1 {kind}")
+    texts = ("type", "from", "to", "sig_kid")
+    if fields["type"] != kind or not all(isinstance(fields[k], str) for k in texts):
+        raise RecoveryRefused("malformed_recovery_request", f"not a version 1 {kind}")
+    if not (AUTHORITY.fullmatch(fields["from"]) and AUTHORITY.fullmatch(fields["to"])):
+        raise RecoveryRefused("malformed_recovery_request", "an authority id is malformed")
+    if not KID.fullmatch(fields["sig_kid"]):
+        raise RecoveryRefused("malformed_recovery_request", "the key id is malformed")
+    return fields, body, signature
+
+
+def parse_request(wire: object) -> tuple[RecoveryRequest, bytes, bytes]:
+    """Shape only: the request, its exact bytes and its signature, nothing verified yet."""
     try:
-        body = b64d(wire["request"])
-        signature = b64d(wire["signature"], length=64)
-        if len(body) > MAX_REQUEST_BYTES:
-            raise RecoveryRefused("malformed_recovery_request", "the request is too large")
-        fields: dict[str, Any] = load_canonical_object(body)
-        if set(fields) != FIELDS or not is_int(fields["v"]) or fields["v"] != VERSION:
-            raise RecoveryRefused("malformed_recovery_request", "not a version 1 recovery request")
-        texts = ("type", "from", "to", "sig_kid")
-        if fields["type"] != REQUEST_TYPE or not all(isinstance(fields[k], str) for k in texts):
-            raise RecoveryRefused("malformed_recovery_request", "not a version 1 recovery request")
-        if not (AUTHORITY.fullmatch(fields["from"]) and AUTHORITY.fullmatch(fields["to"])):
-            raise RecoveryRefused("malformed_recovery_request", "an authority id is malformed")
-        if not KID.fullmatch(fields["sig_kid"]):
-            raise RecoveryRefused("malformed_recovery_request", "the key id is malformed")
+        fields, body, signature = _parse(wire, REQUEST_TYPE, FIELDS)
         after = fields["after"]
         if after is not None and not (isinstance(after, str) and CURSOR.fullmatch(after)):
             raise RecoveryRefused("malformed_recovery_request", "the cursor is malformed")
@@ -120,8 +129,71 @@ def parse_request(wire: object) -> tuple[RecoveryRequest, bytes, bytes]:
     return request, body, signature
 
 
+@dataclass(frozen=True)
+class PartRequest:
+    """For one streamed part of a listed message, from `offset` (docs/protocol.md §8.7)."""
+
+    from_authority: str
+    to_authority: str
+    sig_kid: str
+    msg_id: str
+    index: int
+    offset: int
+    created_at: datetime
+
+
+def sign_part_request(
+    signing_key: SigningKey,
+    *,
+    sig_kid: str,
+    from_authority: str,
+    to_authority: str,
+    msg_id: str,
+    index: int,
+    offset: int,
+    created_at: datetime,
+) -> dict[str, str]:
+    body = canonical_json(
+        {
+            "v": VERSION,
+            "type": PART_REQUEST_TYPE,
+            "from": from_authority,
+            "to": to_authority,
+            "sig_kid": sig_kid,
+            "msg_id": msg_id,
+            "index": index,
+            "offset": offset,
+            "created_at": format_time(created_at),
+        }
+    )
+    return {"request": b64e(body), "signature": b64e(sign(signing_key, DOMAIN_RECOVERY, body))}
+
+
+def parse_part_request(wire: object) -> tuple[PartRequest, bytes, bytes]:
+    """Shape only, as `parse_request`."""
+    try:
+        fields, body, signature = _parse(wire, PART_REQUEST_TYPE, PART_FIELDS)
+        msg_id, index, offset = fields["msg_id"], fields["index"], fields["offset"]
+        if not (isinstance(msg_id, str) and MSG_ID.fullmatch(msg_id)):
+            raise RecoveryRefused("malformed_recovery_request", "the message id is malformed")
+        if not (is_int(index) and 1 <= index < 64 and is_int(offset) and 0 <= offset < 2**62):
+            raise RecoveryRefused("malformed_recovery_request", "the part or offset is malformed")
+        request = PartRequest(
+            from_authority=fields["from"],
+            to_authority=fields["to"],
+            sig_kid=fields["sig_kid"],
+            msg_id=msg_id,
+            index=index,
+            offset=offset,
+            created_at=parse_time(fields["created_at"]),
+        )
+    except DecodeError as exc:
+        raise RecoveryRefused("malformed_recovery_request", f"malformed request: {exc}") from exc
+    return request, body, signature
+
+
 def check_request(
-    request: RecoveryRequest,
+    request: RecoveryRequest | PartRequest,
     body: bytes,
     signature: bytes,
     *,

@@ -9,6 +9,7 @@ not receipted are not listed: our delivery worker is still sending them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -17,8 +18,18 @@ from sqlalchemy import and_, exists, or_, select
 from sqlalchemy.orm import Session
 
 from app.crypto.encoding import b64e, format_time
+from app.evidence.blobstore import DirectoryBlobStore
+from app.evidence.node_store import blob_store
+from app.evidence.stream import CIPHER_CHUNK
 from app.models import BlobPart, Message, Receipt
-from app.recovery.request import RecoveryRequest, cursor_of, split_cursor
+from app.node import Node
+from app.recovery.request import (
+    PartRequest,
+    RecoveryRefused,
+    RecoveryRequest,
+    cursor_of,
+    split_cursor,
+)
 from app.requests.store import load_envelopes
 
 # A page: at most this many messages, and past the first, at most this many sealed bytes
@@ -75,7 +86,7 @@ def list_page(session: Session, request: RecoveryRequest) -> dict[str, Any]:
             break
         page.append(listed)
         size += cost
-    envelopes = load_envelopes(session, [item.message for item in page if not item.streamed])
+    envelopes = load_envelopes(session, [item.message for item in page])
     entries = []
     for item in page:
         envelope = envelopes.get(item.message.id)
@@ -88,10 +99,10 @@ def list_page(session: Session, request: RecoveryRequest) -> dict[str, Any]:
                 "request_id": item.message.request_id,
                 "in_reply_to": item.message.in_reply_to,
                 "at": format_time(item.at),
-                # A message with streamed evidence is listed without it: its parts are
-                # carried by the evidence transfer, not in a page.
                 "streamed": item.streamed,
-                "envelope": None if item.streamed or envelope is None else envelope.to_wire(),
+                # Streamed: its header, signature and part 0 (the manifest) only, as the
+                # announcement of §8.5 carries it; each other part is asked for by itself.
+                "envelope": None if envelope is None else envelope.to_wire(),
                 "receipt": {
                     "receipt": b64e(item.receipt_body),
                     "signature": b64e(item.receipt_signature),
@@ -103,3 +114,51 @@ def list_page(session: Session, request: RecoveryRequest) -> dict[str, Any]:
     last = page[-1] if page else None
     following = cursor_of(last.at, last.message.msg_id) if more and last is not None else None
     return {"v": 1, "entries": entries, "next": following}
+
+
+@dataclass(frozen=True)
+class ListedPart:
+    """A streamed part of a message listed for the asking node, in this node's blob store."""
+
+    store: DirectoryBlobStore
+    digest: str
+    length: int
+
+    def chunks(self, offset: int) -> Iterator[bytes]:
+        with self.store.open(self.digest) as reader:
+            reader.seek(offset)
+            while data := reader.read(CIPHER_CHUNK):
+                yield data
+
+
+def find_part(session: Session, node: Node, request: PartRequest) -> ListedPart:
+    """The part asked for, if its message is one the listing gives the asker: one it sent
+    here, or one sent from here that it receipted."""
+    asker = request.from_authority
+    message = session.scalar(select(Message).where(Message.msg_id == request.msg_id))
+    receipted = message is not None and (
+        session.scalar(select(Receipt.id).where(Receipt.message_id == message.id)) is not None
+    )
+    listed = message is not None and (
+        (message.direction == "inbound" and message.sender_authority == asker)
+        or (message.direction == "outbound" and message.recipient_authority == asker and receipted)
+    )
+    part = (
+        session.scalar(
+            select(BlobPart).where(
+                BlobPart.message_id == message.id, BlobPart.part_index == request.index
+            )
+        )
+        if message is not None and listed
+        else None
+    )
+    if part is None:
+        raise RecoveryRefused("unknown_part", "no such streamed part of a message of yours", 404)
+    if request.offset > part.length:
+        raise RecoveryRefused("bad_offset", f"the part is {part.length} bytes long")
+    store = blob_store(node.settings)
+    if not store.exists(part.digest) or store.size(part.digest) != part.length:
+        raise RecoveryRefused(
+            "part_missing", "this node no longer holds that part's evidence whole", 404
+        )
+    return ListedPart(store, part.digest, part.length)

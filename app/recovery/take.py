@@ -37,17 +37,23 @@ from app.delivery import outbox
 from app.domain.document import RequestDocument
 from app.domain.messages import MessageDocument, MessageType
 from app.errors import EntraideError
+from app.evidence.inbound import _manifest, announced_header, store_streamed
 from app.models import CaseFile, Message, OutboxItem
 from app.node import Node
 from app.p2p.service import (
     RECEIPTS,
     Recovered,
+    _check_time,
     accept_envelope,
+    admit_opened,
     check_content,
+    check_encryption_keys,
+    check_sender,
     stored_message,
 )
 from app.peers.keys import claimed_signer_kid, pinned_keys, verify_peer_receipt
 from app.recovery.listing import Entry
+from app.recovery.parts import PartUnavailable, fetch_parts
 from app.requests import conversation, moves
 from app.requests.status import QUEUED, status_after_receipt
 from app.requests.store import store_envelope
@@ -69,22 +75,26 @@ def here(node: Node, entry: Entry) -> bool:
     return stored is not None and stored.direction == direction
 
 
-def apply(node: Node, http: httpx.Client, entry: Entry, *, peer: str) -> str:
-    if entry.streamed or entry.wire is None:
-        raise Unrecoverable(
-            "it carries streamed evidence, which a recovery does not carry: ask the peer's "
-            "operator to send it again"
-            if entry.role == "received"
-            else "it carries streamed evidence, which a recovery does not carry: the peer "
-            "holds it, with its receipt; your officer sends it again, as a new message"
-        )
+def apply(node: Node, http: httpx.Client, entry: Entry, *, peer: str, peer_url: str = "") -> str:
+    """Take `entry` back, or say why not (Unrecoverable). `peer_url`: where its streamed
+    parts are asked for, if it has any."""
+    if entry.wire is None:
+        raise Unrecoverable("the peer listed it without its envelope")
     try:
         envelope = env.decode_wire(
             entry.wire,
             max_parts=node.settings.max_envelope_parts,
             max_header_bytes=node.settings.max_header_bytes,
         )
-        header = env.parse_header(envelope.header, len(envelope.parts))
+        if entry.streamed:
+            # Its header, signature and part 0, as announced (§8.5); the other parts follow.
+            if len(envelope.parts) != 1:
+                raise Unrecoverable("a streamed message is listed with more than its manifest")
+            header = announced_header(envelope.header)
+            if len(header.parts) < 2:
+                raise Unrecoverable("a streamed message is listed without streamed parts")
+        else:
+            header = env.parse_header(envelope.header, len(envelope.parts))
         if (header.msg_id, header.conversation_id, header.in_reply_to) != (
             entry.msg_id,
             entry.request_id,
@@ -92,12 +102,14 @@ def apply(node: Node, http: httpx.Client, entry: Entry, *, peer: str) -> str:
         ):
             raise Unrecoverable("it is listed under other ids than its header's")
         if entry.role == "received":
-            return _take_received(node, entry, envelope, header, peer=peer)
-        return _take_sent(node, http, entry, envelope, header, peer=peer)
+            return _take_received(node, entry, envelope, header, peer=peer, peer_url=peer_url)
+        return _take_sent(node, http, entry, envelope, header, peer=peer, peer_url=peer_url)
     except (EntraideError, ReceiptError, env.EnvelopeError, DecodeError) as exc:
         detail = getattr(exc, "detail", None) or str(exc)
         code = getattr(exc, "code", None)
         raise Unrecoverable(f"{code}: {detail}" if code else detail) from exc
+    except PartUnavailable as exc:
+        raise Unrecoverable(f"its streamed evidence: {exc}") from exc
     except IntegrityError as exc:  # stored meanwhile by a node process running beside us
         raise Unrecoverable("stored meanwhile; run the recovery again") from exc
 
@@ -112,7 +124,13 @@ def _listed_when_signed(entry: Entry, signed_at: datetime) -> None:
 
 
 def _take_received(
-    node: Node, entry: Entry, envelope: env.WireEnvelope, header: env.Header, *, peer: str
+    node: Node,
+    entry: Entry,
+    envelope: env.WireEnvelope,
+    header: env.Header,
+    *,
+    peer: str,
+    peer_url: str,
 ) -> str:
     """A message of the peer's: our own receipt of it first, then the ordinary acceptance."""
     signed = decode_receipt(entry.receipt)
@@ -136,11 +154,52 @@ def _take_received(
         raise Unrecoverable("its receipt is dated after the envelope expired")
     own_key_then(node.keys, receipt.signer_kid, receipt.received_at, _skew(node))
     _listed_when_signed(entry, receipt.received_at)
+    recovered = Recovered(signed, receipt)
+    if entry.streamed:
+        with unit_of_work(node.sessions) as session:
+            if stored_message(session, header.msg_id) is not None:
+                return ALREADY
+            check_sender(session, node, envelope, header)  # its signature, before its parts
+        fetch_parts(node, peer=peer, peer_url=peer_url, header=header)
+        with unit_of_work(node.sessions) as session:
+            if stored_message(session, header.msg_id) is not None:
+                return ALREADY
+            _admit_streamed(session, node, envelope, header, recovered)
+        return RECOVERED
     with unit_of_work(node.sessions) as session:
         if stored_message(session, header.msg_id) is not None:
             return ALREADY
-        accept_envelope(session, node, wire=entry.wire, recovered=Recovered(signed, receipt))
+        accept_envelope(session, node, wire=entry.wire, recovered=recovered)
     return RECOVERED
+
+
+def _admit_streamed(
+    session: Session,
+    node: Node,
+    head: env.WireEnvelope,
+    header: env.Header,
+    recovered: Recovered,
+) -> None:
+    """A peer's message with streamed parts, all in the blob store and checked: §9's checks
+    of its header and manifest (but the expiry), then stored as a completed transfer is
+    (app/evidence/inbound.py), with our receipt of then."""
+    pinned = check_sender(session, node, head, header)
+    check_encryption_keys(session, node, pinned, header, at=recovered.receipt.received_at)
+    _check_time(node, header, taken_before=True)
+    content_key = env.unwrap_content_key(header, node.keys, kid=header.to_enc_kid)
+    env.check_commitment(header, content_key)
+    opened = _manifest(header, head.parts[0], content_key)
+    admit_opened(
+        session,
+        node,
+        header=header,
+        envelope_hash=head.envelope_hash,
+        opened=opened,
+        store=lambda case, now: store_streamed(
+            session, case=case, header=header, head=head, direction="inbound", received_at=now
+        ),
+        recovered=recovered,
+    )
 
 
 def own_key_then(keys: NodeKeys, kid: str, at: datetime, grace: timedelta) -> bytes:
@@ -166,6 +225,7 @@ def _take_sent(
     header: env.Header,
     *,
     peer: str,
+    peer_url: str,
 ) -> str:
     """A message of ours the peer took: verified with our own key, opened with our own wrap."""
     if header.from_authority != node.authority_id or header.to_authority != peer:
@@ -194,8 +254,15 @@ def _take_sent(
         raise Unrecoverable("the peer's receipt is dated after the envelope expired")
     content_key = env.unwrap_content_key(header, node.keys, kid=header.from_enc_kid)
     env.check_commitment(header, content_key)
-    env.check_parts(header, envelope.parts)
-    opened = env.check_manifest(header, env.decrypt_parts(header, envelope.parts, content_key))
+    if entry.streamed:
+        opened = _manifest(header, envelope.parts[0], content_key)
+        with unit_of_work(node.sessions) as session:
+            held = stored_message(session, header.msg_id) is not None
+        if not held:  # its parts, before the transaction that stores it (one writer)
+            fetch_parts(node, peer=peer, peer_url=peer_url, header=header)
+    else:
+        env.check_parts(header, envelope.parts)
+        opened = env.check_manifest(header, env.decrypt_parts(header, envelope.parts, content_key))
     with unit_of_work(node.sessions) as session:
         stored = stored_message(session, header.msg_id)
         if stored is not None:
@@ -213,7 +280,9 @@ def _take_sent(
             # As the peer judged it when it arrived: a message follows the one it names.
             raise Unrecoverable(f"the message it follows ({header.in_reply_to}) is not here")
         document = check_content(header, opened, case)
-        _store_sent(session, node, envelope, header, document, case, signed, receipt)
+        _store_sent(
+            session, node, envelope, header, document, case, signed, receipt, entry.streamed
+        )
     return RECOVERED
 
 
@@ -318,9 +387,11 @@ def _store_sent(
     case: CaseFile | None,
     signed: SignedReceipt,
     receipt: VerifiedReceipt,
+    streamed: bool,
 ) -> None:
     """Our message as our officer sent it then: the request moved as it moved then (judged by
-    the lifecycle), stored, delivered, with the peer's receipt."""
+    the lifecycle), stored (its streamed parts in the blob store), delivered, with the peer's
+    receipt."""
     sealed_at = header.created_at
     moved: dict[str, object] = {}
     if case is None and isinstance(document, RequestDocument):
@@ -344,19 +415,31 @@ def _store_sent(
         moved = moves.move_columns(before, case)
     else:  # check_content pairs a request with a new conversation, a message with a known one
         raise Unrecoverable("its content does not fit its request")
-    message = store_envelope(
-        session, case=case, envelope=envelope, header=header, direction="outbound", received_at=None
-    )
+    if streamed:
+        message_id = store_streamed(
+            session, case=case, header=header, head=envelope, direction="outbound", received_at=None
+        )
+        size = len(envelope.header) + sum(info.length for info in header.parts)
+    else:
+        stored = store_envelope(
+            session,
+            case=case,
+            envelope=envelope,
+            header=header,
+            direction="outbound",
+            received_at=None,
+        )
+        message_id, size = stored.id, stored.size_bytes
     now = utc_now()
     session.connection().execute(
         outbox.OUTBOX.insert(),
         {
-            "message_id": message.id,
+            "message_id": message_id,
             "request_id": case.id,
             "peer_authority": case.peer_authority,
             "state": outbox.DELIVERED,
             "priority": outbox.priority_of(case.urgency),
-            "size_bytes": message.size_bytes,
+            "size_bytes": size,
             "attempts": 0,
             "next_attempt_at": now,
             "created_at": sealed_at,
@@ -366,7 +449,7 @@ def _store_sent(
             **moved,
         },
     )
-    _store_receipt(session, message.id, signed, receipt, now)
+    _store_receipt(session, message_id, signed, receipt, now)
     record(
         session,
         actor="node",

@@ -4,6 +4,8 @@ backends; the peer's listing endpoint refuses what is not its restored peer's ow
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 from datetime import timedelta
 from pathlib import Path
@@ -17,14 +19,18 @@ from app.crypto.encoding import utc_now
 from app.crypto.keys import load_keys
 from app.db import make_engine
 from app.localnodes import LocalNode
+from app.migrate import ROOT
 from app.models import AuditEntry, OutboxItem
-from app.recovery.request import sign_request
+from app.recovery.request import sign_part_request, sign_request
 from tests.conftest import BACKENDS
 from tests.e2e.conftest import read_request, submit_example, wait_delivered, wait_for
 from tests.ops.nodes import Pair, pinned_pair
 from tests.ops.test_backup import PASSPHRASE
+from tests.requests_cli import requests_output
 
 AR_REQUEST = {"requesting_authority": "AR/MPF", "requested_authority": "ES/MJ"}
+EXAMPLES = ROOT / "docs" / "examples"
+LETTER = EXAMPLES / "letter-of-request.txt"
 
 
 def _send(node: LocalNode, request_id: str, document: dict[str, Any]) -> None:
@@ -73,6 +79,24 @@ def _ar_request(pair: Pair) -> str:
     assert response.status_code == 201, response.text
     request_id: str = response.json()["id"]
     return request_id
+
+
+def _send_streamed(node: LocalNode, request: Path) -> str:
+    """`entraide requests send REQUEST --attach LETTER` at the node: its evidence streamed."""
+    sent = requests_output(
+        node.url, node.tokens["officer"], "send", str(request), "--attach", str(LETTER)
+    )
+    return sent.strip()
+
+
+def _from_ar(tmp_path: Path) -> Path:
+    """The project's example request, sent the other way round."""
+    body = json.loads((EXAMPLES / "send.json").read_text())
+    body["to"] = "ES/MJ"
+    body["document"].update(AR_REQUEST)
+    path = tmp_path / "from-ar.json"
+    path.write_text(json.dumps(body))
+    return path
 
 
 def _view(node: LocalNode, request_id: str) -> dict[str, Any]:
@@ -124,7 +148,12 @@ def test_a_restored_node_takes_back_what_it_exchanged_after_its_backup(
         _agreed(pair, theirs, "delivered")
         ours = submit_example(es)
         _agreed(pair, ours, "delivered")
-        requests = (first, theirs, ours, unreceipted)
+        # And one request each way whose evidence is streamed (not in the envelope).
+        streamed_ours = _send_streamed(es, EXAMPLES / "send.json")
+        _agreed(pair, streamed_ours, "delivered")
+        streamed_theirs = _send_streamed(ar, _from_ar(tmp_path))
+        _agreed(pair, streamed_theirs, "delivered")
+        requests = (first, theirs, ours, unreceipted, streamed_ours, streamed_theirs)
         before = {request: _view(es, request) for request in requests}
         es.stop()
 
@@ -144,7 +173,7 @@ def test_a_restored_node_takes_back_what_it_exchanged_after_its_backup(
         assert "`entraide peers recover AR/MPF`" in warned, warned
         recovered = restored.cli("peers", "recover", "AR/MPF")
         said = recovered.stdout + recovered.stderr
-        assert "3 of AR/MPF's and 2 of ours taken back" in recovered.stdout, said
+        assert "4 of AR/MPF's and 3 of ours taken back" in recovered.stdout, said
         # The one the backup holds unreceipted is delivered with the peer's receipt.
         assert "1 of ours here but unreceipted now delivered" in recovered.stdout, said
         # Asked again, of every peer: all here already, nothing twice.
@@ -163,6 +192,12 @@ def test_a_restored_node_takes_back_what_it_exchanged_after_its_backup(
             # The same messages in the same order, the same statuses, and the same receipts,
             # signed when they were first given.
             assert after == before
+            # The streamed evidence came back from AR/MPF's blob store, byte for byte.
+            for request in (streamed_ours, streamed_theirs):
+                out = tmp_path / f"got-{request}"
+                token = restored.tokens["officer"]
+                requests_output(restored.url, token, "download", request, "--out", str(out))
+                assert (out / LETTER.name).read_bytes() == LETTER.read_bytes()
             # Our own message came back as delivered: nothing sent again.
             engine = make_engine(restored.database_url)
             try:
@@ -172,8 +207,8 @@ def test_a_restored_node_takes_back_what_it_exchanged_after_its_backup(
             finally:
                 engine.dispose()
             assert states == {"delivered"}
-            assert actions.count("receipt.recovered") == 3
-            assert actions.count("message.recovered") == 2
+            assert actions.count("receipt.recovered") == 4
+            assert actions.count("message.recovered") == 3
             assert actions.count("peer.recovered") == 2
             # The conversation goes on from where it was.
             _send(ar, first, {"type": "acceptance", "text": "Accepted."})
@@ -254,3 +289,64 @@ def test_the_listing_is_given_only_to_the_peer_itself_and_fresh(tmp_path: Path) 
             engine.dispose()
         assert outcomes == [code for _, _, code in refusals]
         assert served == ["ES/MJ"]
+
+
+@pytest.mark.e2e
+def test_a_listed_messages_streamed_part_is_given_to_its_peer_alone(tmp_path: Path) -> None:
+    """`POST /p2p/v1/recovery/parts`: the ciphertext of a streamed part of a message the
+    listing gives the asker, from an offset; nothing of any other."""
+    with pinned_pair("sqlite", tmp_path) as pair:
+        es, ar = pair.es, pair.ar
+        streamed = _send_streamed(es, EXAMPLES / "send.json")
+        wait_delivered(es, streamed)
+        keys = load_keys(es.keys_dir)
+        page = _post(ar, _listing(keys)).json()
+        [entry] = page["entries"]
+        assert (entry["role"], entry["streamed"], len(entry["envelope"]["parts"])) == (
+            "yours",
+            True,
+            1,  # its manifest; the letter is asked for by itself
+        )
+        part = json.loads(base64.b64decode(entry["envelope"]["header"]))["parts"][1]
+
+        def asked(**changes: Any) -> httpx.Response:
+            fields: dict[str, Any] = {
+                "sig_kid": keys.signing_kid,
+                "from_authority": "ES/MJ",
+                "to_authority": "AR/MPF",
+                "msg_id": streamed,
+                "index": 1,
+                "offset": 0,
+                "created_at": utc_now(),
+            }
+            fields.update(changes)
+            key = fields.pop("key", keys.signing)
+            with httpx.Client(base_url=ar.url, timeout=30) as http:
+                return http.post("/p2p/v1/recovery/parts", json=sign_part_request(key, **fields))
+
+        whole = asked()
+        assert whole.status_code == 200, whole.text
+        assert len(whole.content) == part["length"]
+        assert hashlib.sha256(whole.content).hexdigest() == part["sha256"]
+        assert asked(offset=10).content == whole.content[10:]
+        refusals = [
+            (asked(offset=part["length"] + 1), 400, "bad_offset"),
+            (asked(index=2), 404, "unknown_part"),
+            (asked(msg_id="0" * 32), 404, "unknown_part"),
+            (asked(key=load_keys(ar.keys_dir).signing), 403, "bad_signature"),
+            (asked(index=0), 400, "malformed_recovery_request"),
+        ]
+        for response, status, code in refusals:
+            assert (response.status_code, response.json().get("error")) == (status, code)
+
+
+def _listing(keys: Any) -> dict[str, str]:
+    return sign_request(
+        keys.signing,
+        sig_kid=keys.signing_kid,
+        from_authority="ES/MJ",
+        to_authority="AR/MPF",
+        since=utc_now() - timedelta(days=1),
+        after=None,
+        created_at=utc_now(),
+    )

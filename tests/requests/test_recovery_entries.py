@@ -4,7 +4,10 @@ prove, whatever the peer lists. The peer here is the attacker: its listing is ma
 
 from __future__ import annotations
 
+import hashlib
+import http.server
 import json
+import threading
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -254,11 +257,11 @@ def test_the_listing_pages_through_ties_without_losing_or_repeating_one(
     assert len(seen) == len(set(seen)) == 7
 
 
-def test_a_message_with_streamed_evidence_holds_back_the_rest_of_its_request(
+def test_a_message_not_taken_back_holds_back_the_rest_of_its_request(
     fresh_ar: Harness,
 ) -> None:
-    """A page carries no streamed parts: such a message is not taken back, nor (as a
-    delivery waits for the one before it) the later messages of its request."""
+    """A message that cannot be taken back (here, listed without its envelope) holds back
+    the later messages of its request, as a delivery waits for the one before it."""
     ar, es = fresh_ar.node.keys, fresh_ar.peer_keys
     envelope = _sealed(es, "ES/MJ", ar, "AR/MPF")
     later = _entry("received", envelope, _receipt(ar, envelope, sender="ES/MJ", recipient="AR/MPF"))
@@ -276,7 +279,7 @@ def test_a_message_with_streamed_evidence_holds_back_the_rest_of_its_request(
     with httpx.Client(timeout=5) as http:
         recover._take_all(fresh_ar.node, http, [later, streamed], "ES/MJ", summary, set(), None)
     assert [entry.msg_id for entry in summary.failed] == [streamed.msg_id, later.msg_id]
-    assert "streamed evidence" in (streamed.error or "")
+    assert "without its envelope" in (streamed.error or "")
     assert later.error == "held back: an earlier message of its request was not taken back"
     assert _stored(fresh_ar, later.msg_id) is None
 
@@ -301,7 +304,7 @@ def test_pages_are_taken_in_our_order_with_ties_and_holds_across_their_boundarie
     monkeypatch.setattr(recover, "here", lambda node, entry: False)
     taken: list[str] = []
 
-    def taking(node: object, http: object, entry: Entry, *, peer: str) -> str:
+    def taking(node: object, http: object, entry: Entry, **where: str) -> str:
         if entry is b:
             raise Unrecoverable("refused")
         taken.append(entry.msg_id[0])
@@ -365,3 +368,54 @@ def test_our_rotated_away_signing_key_vouches_only_for_what_it_signed_before(
     assert take.own_key_then(new, new.signing_kid, utc_now(), skew) == new.signing_public
     with pytest.raises(Unrecoverable, match="does not hold"):
         take.own_key_then(new, "0" * 32, utc_now(), skew)
+
+
+class _Peer(http.server.BaseHTTPRequestHandler):
+    """A peer answering every part request with the bytes it was given (the attacker)."""
+
+    answer = b""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["content-length"]))
+        self.send_response(200)
+        self.send_header("content-length", str(len(self.answer)))
+        self.end_headers()
+        self.wfile.write(self.answer)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_streamed_part_is_kept_only_as_its_signed_header_names_it(fresh_ar: Harness) -> None:
+    """Fetched from the peer, a part is published in the blob store only if its length and
+    SHA-256 are the signed header's; one the store holds already is not asked for."""
+    from types import SimpleNamespace
+
+    from app.crypto.envelope import PartInfo
+    from app.evidence.node_store import blob_store
+    from app.recovery.parts import PartUnavailable, fetch_parts
+
+    good = b"ciphertext of the part"
+    info = PartInfo(1, b"", len(good), hashlib.sha256(good).hexdigest())
+    header = SimpleNamespace(msg_id="e" * 32, parts=[PartInfo(0, b"", 1, "0" * 64), info])
+    store = blob_store(fresh_ar.node.settings)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Peer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        for answer, said in ((b"x" * len(good), "not the one"), (good + b"!", "longer")):
+            _Peer.answer = answer
+            with pytest.raises(PartUnavailable, match=said):
+                fetch_parts(fresh_ar.node, peer="ES/MJ", peer_url=url, header=header)
+            assert not store.exists(info.sha256)
+            assert not store.upload_exists(f"recover-{'e' * 32}-1")
+        _Peer.answer = good
+        fetch_parts(fresh_ar.node, peer="ES/MJ", peer_url=url, header=header)
+        assert store.exists(info.sha256)
+        _Peer.answer = b"never asked"  # held now: not fetched again
+        fetch_parts(fresh_ar.node, peer="ES/MJ", peer_url=url, header=header)
+        with store.open(info.sha256) as reader:
+            assert reader.read() == good
+    finally:
+        server.shutdown()
+        server.server_close()
