@@ -17,7 +17,7 @@ import httpx
 from app.crypto import envelope as env
 from app.crypto.encoding import utc_now
 from app.evidence.beside import BesideHash
-from app.evidence.blobstore import DirectoryBlobStore
+from app.evidence.blobstore import BlobError, DirectoryBlobStore
 from app.evidence.node_store import blob_store
 from app.evidence.stream import check_blob
 from app.node import Node
@@ -54,14 +54,30 @@ def fetch_parts(node: Node, *, peer: str, peer_url: str, header: env.Header) -> 
 
 
 def _held(store: DirectoryBlobStore, info: env.PartInfo) -> bool:
-    if not store.exists(info.sha256) or store.size(info.sha256) != info.length:
-        return False
+    """Whether the store holds the part whole; if so, marked as fresh, so that the sweep of
+    unreferenced blobs (which spares the recent ones) leaves it until its row is stored."""
     try:
+        if not store.exists(info.sha256) or store.size(info.sha256) != info.length:
+            return False
         with store.open(info.sha256) as reader:
             check_blob(reader, length=info.length, sha256=info.sha256)
-    except (env.EnvelopeError, OSError):
-        return False  # damaged here: fetched again, and replaced whole
+        store.touch(info.sha256)
+    except (env.EnvelopeError, OSError, BlobError):
+        return False  # damaged or gone here: fetched again, and replaced whole
     return True
+
+
+def still_held(node: Node, header: env.Header) -> None:
+    """In the transaction that stores the message: every part is still in the store (a
+    sweep may have removed one meanwhile), as a completed transfer is checked."""
+    store = blob_store(node.settings)
+    for info in header.parts[1:]:
+        try:
+            whole = store.exists(info.sha256) and store.size(info.sha256) == info.length
+        except (OSError, BlobError):
+            whole = False
+        if not whole:
+            raise PartUnavailable(f"part {info.index} went missing meanwhile: run it again")
 
 
 def _fetch(
@@ -86,19 +102,21 @@ def _fetch(
         created_at=utc_now(),
     )
     upload_id = f"recover-{msg_id}-{info.index}"
-    store.discard_upload(upload_id)  # what an interrupted run left: fetched anew
-    upload = store.upload(upload_id)
+    try:
+        upload = store.upload(upload_id)  # locked: one writer, whatever runs beside us
+        upload.truncate(0)  # what an interrupted run left: fetched anew
+    except BlobError as exc:
+        raise PartUnavailable(f"part {info.index} cannot be staged here: {exc}") from exc
     published = False
     try:
         digest = BesideHash()
         seen = 0
         with http.stream("POST", peer_url + PARTS_PATH, json=body) as response:
-            if response.status_code != 200:
-                response.read()
+            if response.status_code != 200:  # its body unread: the peer's words, unbounded
                 raise PartUnavailable(
                     f"the peer answered HTTP {response.status_code} for part {info.index}"
                 )
-            for data in response.iter_bytes():
+            for data in response.iter_raw():  # as sent: no decompression asked for
                 seen += len(data)
                 if seen > info.length:
                     raise PartUnavailable(f"part {info.index} is longer than its header says")
@@ -112,6 +130,8 @@ def _fetch(
         raise PartUnavailable(
             f"part {info.index} could not be fetched ({type(exc).__name__}): run it again"
         ) from exc
+    except BlobError as exc:  # a full disk, say: said, and the next message tried
+        raise PartUnavailable(f"part {info.index} could not be stored here: {exc}") from exc
     finally:
         upload.close()
         if not published:

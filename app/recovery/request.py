@@ -176,7 +176,7 @@ def parse_part_request(wire: object) -> tuple[PartRequest, bytes, bytes]:
         msg_id, index, offset = fields["msg_id"], fields["index"], fields["offset"]
         if not (isinstance(msg_id, str) and MSG_ID.fullmatch(msg_id)):
             raise RecoveryRefused("malformed_recovery_request", "the message id is malformed")
-        if not (is_int(index) and 1 <= index < 64 and is_int(offset) and 0 <= offset < 2**62):
+        if not (is_int(index) and 1 <= index < 2**16 and is_int(offset) and 0 <= offset < 2**62):
             raise RecoveryRefused("malformed_recovery_request", "the part or offset is malformed")
         request = PartRequest(
             from_authority=fields["from"],

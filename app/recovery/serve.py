@@ -14,14 +14,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, exists, or_, select
+from sqlalchemy import and_, exists, func, or_, select
 from sqlalchemy.orm import Session
 
 from app.crypto.encoding import b64e, format_time
-from app.evidence.blobstore import DirectoryBlobStore
+from app.evidence.blobstore import BlobError, DirectoryBlobStore
 from app.evidence.node_store import blob_store
 from app.evidence.stream import CIPHER_CHUNK
-from app.models import BlobPart, Message, Receipt
+from app.models import BlobPart, Message, Part, Receipt
 from app.node import Node
 from app.recovery.request import (
     PartRequest,
@@ -48,6 +48,7 @@ class Listed:
     receipt_body: bytes
     receipt_signature: bytes
     streamed: bool
+    part0_bytes: int
 
 
 def _side(session: Session, request: RecoveryRequest, role: str) -> list[Listed]:
@@ -63,14 +64,23 @@ def _side(session: Session, request: RecoveryRequest, role: str) -> list[Listed]
         after_at, after_id = split_cursor(request.after)
         where.append(or_(at > after_at, and_(at == after_at, Message.msg_id > after_id)))
     streamed = exists().where(BlobPart.message_id == Message.id)
+    # What a page carries of it: the whole envelope, or for a streamed one part 0 (with the
+    # header, counted below).
+    carried = (
+        select(func.length(Part.ciphertext))
+        .where(Part.message_id == Message.id, Part.part_index == 0)
+        .scalar_subquery()
+    )
     rows = session.execute(
-        select(Message, at, Receipt.body, Receipt.signature, streamed)
+        select(Message, at, Receipt.body, Receipt.signature, streamed, carried)
         .join(Receipt, Receipt.message_id == Message.id)
         .where(*where)
         .order_by(at, Message.msg_id)
         .limit(PAGE_ENTRIES)
     ).all()
-    return [Listed(row[0], role, row[1], row[2], row[3], bool(row[4])) for row in rows]
+    return [
+        Listed(row[0], role, row[1], row[2], row[3], bool(row[4]), int(row[5] or 0)) for row in rows
+    ]
 
 
 def list_page(session: Session, request: RecoveryRequest) -> dict[str, Any]:
@@ -81,7 +91,8 @@ def list_page(session: Session, request: RecoveryRequest) -> dict[str, Any]:
     page: list[Listed] = []
     size = 0
     for listed in both[:PAGE_ENTRIES]:
-        cost = 0 if listed.streamed else listed.message.size_bytes
+        message = listed.message
+        cost = len(message.header) + listed.part0_bytes if listed.streamed else message.size_bytes
         if page and size + cost > PAGE_BYTES:
             break
         page.append(listed)
@@ -157,7 +168,11 @@ def find_part(session: Session, node: Node, request: PartRequest) -> ListedPart:
     if request.offset > part.length:
         raise RecoveryRefused("bad_offset", f"the part is {part.length} bytes long")
     store = blob_store(node.settings)
-    if not store.exists(part.digest) or store.size(part.digest) != part.length:
+    try:
+        whole = store.exists(part.digest) and store.size(part.digest) == part.length
+    except (BlobError, OSError):  # gone between the two
+        whole = False
+    if not whole:
         raise RecoveryRefused(
             "part_missing", "this node no longer holds that part's evidence whole", 404
         )

@@ -16,7 +16,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 import httpx
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -38,7 +38,7 @@ from app.domain.document import RequestDocument
 from app.domain.messages import MessageDocument, MessageType
 from app.errors import EntraideError
 from app.evidence.inbound import _manifest, announced_header, store_streamed
-from app.models import CaseFile, Message, OutboxItem
+from app.models import CaseFile, InboundTransfer, Message, OutboxItem
 from app.node import Node
 from app.p2p.service import (
     RECEIPTS,
@@ -53,7 +53,7 @@ from app.p2p.service import (
 )
 from app.peers.keys import claimed_signer_kid, pinned_keys, verify_peer_receipt
 from app.recovery.listing import Entry
-from app.recovery.parts import PartUnavailable, fetch_parts
+from app.recovery.parts import PartUnavailable, fetch_parts, still_held
 from app.requests import conversation, moves
 from app.requests.status import QUEUED, status_after_receipt
 from app.requests.store import store_envelope
@@ -185,6 +185,11 @@ def _admit_streamed(
     (app/evidence/inbound.py), with our receipt of then."""
     pinned = check_sender(session, node, head, header)
     check_encryption_keys(session, node, pinned, header, at=recovered.receipt.received_at)
+    # A transfer of it the backup caught under way has nothing more to receive: it goes
+    # (its row locked before the case, as accept_envelope does), or it would count against
+    # the peer's transfers until it expired.
+    session.execute(delete(InboundTransfer).where(InboundTransfer.msg_id == header.msg_id))
+    still_held(node, header)
     _check_time(node, header, taken_before=True)
     content_key = env.unwrap_content_key(header, node.keys, kid=header.to_enc_kid)
     env.check_commitment(header, content_key)
@@ -280,6 +285,8 @@ def _take_sent(
             # As the peer judged it when it arrived: a message follows the one it names.
             raise Unrecoverable(f"the message it follows ({header.in_reply_to}) is not here")
         document = check_content(header, opened, case)
+        if entry.streamed:
+            still_held(node, header)
         _store_sent(
             session, node, envelope, header, document, case, signed, receipt, entry.streamed
         )

@@ -4,10 +4,13 @@ prove, whatever the peer lists. The peer here is the attacker: its listing is ma
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.server
 import json
+import os
 import threading
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -413,9 +416,61 @@ def test_a_streamed_part_is_kept_only_as_its_signed_header_names_it(fresh_ar: Ha
         fetch_parts(fresh_ar.node, peer="ES/MJ", peer_url=url, header=header)
         assert store.exists(info.sha256)
         _Peer.answer = b"never asked"  # held now: not fetched again
+        blob = store.blobs / info.sha256[:2] / info.sha256[2:4] / info.sha256
+        os.utime(blob, (0, 0))  # as a blob that outlived its database would be: old
         fetch_parts(fresh_ar.node, peer="ES/MJ", peer_url=url, header=header)
         with store.open(info.sha256) as reader:
             assert reader.read() == good
+        # Marked as new, so that the sweep of unreferenced blobs spares it until it is named.
+        assert blob.stat().st_mtime > time.time() - 60
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_streamed_message_is_taken_back_and_the_transfer_the_backup_caught_goes(
+    fresh_ar: Harness,
+) -> None:
+    """A peer's message with streamed evidence, whose transfer was under way when the backup
+    was taken: taken back with our receipt, its part fetched and checked, and the transfer's
+    row gone (it counted against the peer's transfers until it expired)."""
+    from app.evidence.node_store import blob_store
+    from app.models import InboundTransfer
+
+    wire, msg_id, _href = fresh_ar.announce_streamed()  # the transfer the backup caught
+    with unit_of_work(fresh_ar.node.sessions) as session:
+        assert session.scalar(select(InboundTransfer.id).where(InboundTransfer.msg_id == msg_id))
+    envelope = WireEnvelope(
+        header=base64.b64decode(wire["header"]),
+        signature=base64.b64decode(wire["signature"]),
+        parts=[base64.b64decode(part) for part in wire["parts"]],
+    )
+    receipt = _receipt(fresh_ar.node.keys, envelope, sender="ES/MJ", recipient="AR/MPF")
+    entry = _entry("received", envelope, receipt)
+    entry.streamed = True
+    entry.wire = {**wire, "parts": wire["parts"][:1]}  # as listed: its manifest alone
+    _Peer.answer = envelope.parts[1]  # the peer holds the part
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Peer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with httpx.Client(timeout=5) as client:
+            url = f"http://127.0.0.1:{server.server_address[1]}"
+            assert take.apply(fresh_ar.node, client, entry, peer="ES/MJ", peer_url=url) == (
+                RECOVERED
+            )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert _stored(fresh_ar, msg_id) == {
+        "direction": "inbound",
+        "status": "delivered",
+        "receipt": receipt.body,
+        "outbox": None,
+    }
+    with unit_of_work(fresh_ar.node.sessions) as session:
+        assert (
+            session.scalar(select(InboundTransfer.id).where(InboundTransfer.msg_id == msg_id))
+            is None
+        )
+    digest = hashlib.sha256(envelope.parts[1]).hexdigest()
+    assert blob_store(fresh_ar.node.settings).exists(digest)
