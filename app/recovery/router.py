@@ -30,6 +30,24 @@ from app.recovery.serve import ListedPart, find_part, list_page
 from app.tls import check_peer_certificate
 
 router = APIRouter(prefix="/p2p/v1", tags=["p2p"], dependencies=[Depends(PEER_SIGNED)])
+# Both routes' body: a request signed by the asking node (app/recovery/request.py).
+SIGNED_REQUEST: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["request", "signature"],
+                    "properties": {
+                        "request": {"type": "string"},
+                        "signature": {"type": "string"},
+                    },
+                }
+            }
+        },
+    }
+}
 
 
 def _authenticate(
@@ -116,23 +134,7 @@ def _refused(node: Node, wire: object, refusal: RecoveryRefused, source: str) ->
 
 @router.post(
     "/recovery",
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["request", "signature"],
-                        "properties": {
-                            "request": {"type": "string"},
-                            "signature": {"type": "string"},
-                        },
-                    }
-                }
-            },
-        }
-    },
+    openapi_extra=SIGNED_REQUEST,
 )
 async def recovery_page(request: Request, node: NodeDep) -> JSONResponse:
     """What this node and the signing peer exchanged since a time, one page: for a peer
@@ -167,23 +169,7 @@ def _part(node: Node, wire: object, scope: Scope) -> tuple[PartRequest, ListedPa
 
 @router.post(
     "/recovery/parts",
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["request", "signature"],
-                        "properties": {
-                            "request": {"type": "string"},
-                            "signature": {"type": "string"},
-                        },
-                    }
-                }
-            },
-        }
-    },
+    openapi_extra=SIGNED_REQUEST,
     responses={200: {"content": {"application/octet-stream": {}}}},
 )
 async def recovery_part(request: Request, node: NodeDep) -> StreamingResponse:
